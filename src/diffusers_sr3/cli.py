@@ -1,0 +1,45 @@
+"""The `sr3` command line (also `python -m diffusers_sr3`). Each subcommand lives in `diffusers_sr3.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Subcommand name -> module in diffusers_sr3.commands with `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "convert": "Convert an original SR3 checkpoint (+ its JSON config) into a pipeline folder.",
+    "upscale": "Super-resolve image files, folders or globs with an SR3 pipeline.",
+    "sample": "Generate images with an unconditional SR3 pipeline.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="sr3", description="SR3 super-resolution on Hugging Face Diffusers.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"diffusers_sr3.commands.{name}")
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (2 with a one-line message for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:
+        print(f"sr3 {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sr3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Convert checkpoints of the original SR3 code (Janspiry/Image-Super-Resolution-via-Iterative-Refinement).
+
+An original checkpoint is `I{iter}_E{epoch}_gen.pth`: a plain state dict of the GaussianDiffusion module (12
+noise-schedule buffers plus the network under `denoise_fn.`), next to the JSON config it was trained with.
+The converted pipeline reproduces the original network and its DDPM sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .models.unet_sr3 import SR3UNet2DModel
+from .noise import make_scheduler
+from .pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
+
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+# Renames inside one original ResnetBlocWithAttn / Downsample / Upsample.
+_BLOCK_RENAMES = (
+    ("res_block.block1.block.0.", "resnet.block1.norm."),
+    ("res_block.block1.block.3.", "resnet.block1.conv."),
+    ("res_block.block2.block.0.", "resnet.block2.norm."),
+    ("res_block.block2.block.3.", "resnet.block2.conv."),
+    ("res_block.noise_func.noise_func.0.", "resnet.embedding_proj."),  # sr3
+    ("res_block.mlp.1.", "resnet.embedding_proj."),  # ddpm
+    ("res_block.res_conv.", "resnet.skip."),
+    ("attn.norm.", "attention.norm."),
+    ("attn.qkv.", "attention.qkv."),
+    ("attn.out.", "attention.proj_out."),
+    ("conv.", "conv."),
+)
+_TOP_RENAMES = {
+    "sr3": {"noise_level_mlp.1.": "noise_level_embedding.linear_1.", "noise_level_mlp.3.": "noise_level_embedding.linear_2."},
+    "ddpm": {"time_mlp.1.": "noise_level_embedding.linear_1.", "time_mlp.3.": "noise_level_embedding.linear_2."},
+}
+_FINAL_RENAMES = {"final_conv.block.0.": "conv_out.norm.", "final_conv.block.3.": "conv_out.conv."}
+
+
+class CheckpointError(ValueError):
+    """The file is not an original SR3 checkpoint, or does not match its config."""
+
+
+def load_original_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """Read an original JSON config; `//` comments (as in the original's config files) are allowed."""
+    if isinstance(config, dict):
+        return config
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        text = "".join(_strip_line_comment(line) for line in handle)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not a valid JSON config: {error}") from None
+    if not isinstance(parsed, dict) or "model" not in parsed:
+        raise CheckpointError(f"{path} is not an original SR3 config (no 'model' section)")
+    return parsed
+
+
+def _strip_line_comment(line: str) -> str:
+    """Drop a `//` comment that is outside a JSON string."""
+    in_string = escaped = False
+    for index, char in enumerate(line):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif line.startswith("//", index):
+            return line[:index] + "\n"
+    return line
+
+
+def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Load an original `_gen.pth` safely (`weights_only=True`: never runs code from the file)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path} is not an original SR3 checkpoint: it cannot be loaded as plain tensors ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
+    if isinstance(state, dict) and {"optimizer", "iter", "epoch"} <= set(state):
+        raise CheckpointError(f"{path} is an optimizer-state file (_opt.pth); pass the matching _gen.pth")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} is not an original SR3 checkpoint: expected a dict of named tensors")
+    state = {key[len("module.") :] if key.startswith("module.") else key: value for key, value in state.items()}
+    if not any(key.startswith("denoise_fn.") for key in state):
+        raise CheckpointError(f"{path} is not an original SR3 checkpoint: it has no 'denoise_fn.*' weights")
+    return state
+
+
+def unet_config_from_original(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The `SR3UNet2DModel` config equivalent to an original config's network."""
+    model = config["model"]
+    unet = model["unet"]
+    kind = model.get("which_model_G", "sr3")
+    if kind not in ("sr3", "ddpm"):
+        raise CheckpointError(f"which_model_G must be 'sr3' or 'ddpm', got {kind!r}")
+    return dict(
+        in_channels=unet["in_channel"],
+        out_channels=unet["out_channel"],
+        block_out_channels=unet["inner_channel"],
+        channel_multipliers=tuple(unet["channel_multiplier"]),
+        layers_per_block=unet["res_blocks"],
+        attention_resolutions=tuple(unet["attn_res"]),
+        sample_size=model["diffusion"]["image_size"],
+        norm_groups=unet.get("norm_groups") or 32,
+        dropout=unet.get("dropout") or 0.0,
+        conditioning_type="noise_level" if kind == "sr3" else "timestep",
+    )
+
+
+def _block_prefixes(num_levels: int, layers_per_block: int) -> Dict[str, str]:
+    """Original flat module prefixes (`downs.N`, `mid.N`, `ups.N`) -> this package's module prefixes."""
+    prefixes = {"downs.0.": "conv_in."}
+    index = 1
+    for level in range(num_levels):
+        for block in range(layers_per_block):
+            prefixes[f"downs.{index}."] = f"down_levels.{level}.blocks.{block}."
+            index += 1
+        if level < num_levels - 1:
+            prefixes[f"downs.{index}."] = f"down_levels.{level}.downsampler."
+            index += 1
+    prefixes["mid.0."], prefixes["mid.1."] = "mid_blocks.0.", "mid_blocks.1."
+    index = 0
+    for position, level in enumerate(reversed(range(num_levels))):
+        for block in range(layers_per_block + 1):
+            prefixes[f"ups.{index}."] = f"up_levels.{position}.blocks.{block}."
+            index += 1
+        if level > 0:
+            prefixes[f"ups.{index}."] = f"up_levels.{position}.upsampler."
+            index += 1
+    return prefixes
+
+
+def convert_state_dict(state: Dict[str, torch.Tensor], unet_config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Rename the original network's weights to `SR3UNet2DModel`'s (schedule buffers are dropped)."""
+    kind = "sr3" if unet_config["conditioning_type"] == "noise_level" else "ddpm"
+    other = "ddpm" if kind == "sr3" else "sr3"
+    network = {key[len("denoise_fn.") :]: value for key, value in state.items() if key.startswith("denoise_fn.")}
+    if any(key.startswith(tuple(_TOP_RENAMES[other])) for key in network):
+        raise CheckpointError(
+            f"the checkpoint holds a {other!r} network but the config says which_model_G {kind!r}"
+        )
+    prefixes = _block_prefixes(len(unet_config["channel_multipliers"]), unet_config["layers_per_block"])
+    converted, unknown = {}, []
+    for key, value in network.items():
+        if key == "time_mlp.0.inv_freq":
+            continue  # a constant the model recomputes
+        new_key = _rename(key, kind, prefixes)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            converted[new_key] = value
+    if unknown:
+        raise CheckpointError(f"the config does not match the weights: unexpected tensors {_listing(unknown)}")
+    return converted
+
+
+def _rename(key: str, kind: str, prefixes: Dict[str, str]) -> Optional[str]:
+    for table in (_TOP_RENAMES[kind], _FINAL_RENAMES):
+        for old, new in table.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            rest = key[len(old) :]
+            if new == "conv_in.":
+                return new + rest
+            for inner_old, inner_new in _BLOCK_RENAMES:
+                if rest.startswith(inner_old):
+                    return new + inner_new + rest[len(inner_old) :]
+            return None
+    return None
+
+
+def _listing(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _schedule_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    schedules = config["model"].get("beta_schedule", {})
+    schedule = schedules.get("val") or schedules.get("train")
+    if not schedule:
+        raise CheckpointError("the config has no model.beta_schedule")
+    return dict(
+        schedule=schedule["schedule"],
+        n_timestep=schedule["n_timestep"],
+        linear_start=schedule.get("linear_start", 1e-4),
+        linear_end=schedule.get("linear_end", 2e-2),
+    )
+
+
+def _upscale_factor(config: Dict[str, Any]) -> int:
+    datasets = config.get("datasets", {})
+    for phase in ("val", "train"):
+        dataset = datasets.get(phase) or {}
+        if dataset.get("l_resolution") and dataset.get("r_resolution"):
+            low, high = int(dataset["l_resolution"]), int(dataset["r_resolution"])
+            if high % low:
+                raise CheckpointError(f"r_resolution {high} is not a multiple of l_resolution {low}")
+            return high // low
+    raise CheckpointError("the config has no datasets l_resolution/r_resolution to take the upscale factor from")
+
+
+def convert_original_checkpoint(
+    checkpoint: Union[str, os.PathLike],
+    config: Union[str, os.PathLike, Dict[str, Any]],
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+) -> SR3BasePipeline:
+    """Turn an original `_gen.pth` checkpoint and its JSON config into an SR3 pipeline.
+
+    Args:
+        checkpoint: path of the `I{iter}_E{epoch}_gen.pth` file.
+        config: the original JSON config (path or parsed dict); `//` comments are allowed.
+        output_dir: if given, the pipeline is saved there (`save_pretrained`).
+
+    Returns:
+        An [`SR3Pipeline`] (conditional models) or [`SR3UnconditionalPipeline`], with a DDPM scheduler that runs
+        the config's sampling (`val`) noise schedule as the original sampler does.
+
+    Raises:
+        CheckpointError: the file is not an original SR3 checkpoint, or its weights do not match the config.
+    """
+    config = load_original_config(config)
+    state = load_original_state_dict(checkpoint)
+    try:
+        unet_config = unet_config_from_original(config)
+    except KeyError as error:
+        raise CheckpointError(f"the config lacks model setting {error}") from None
+    weights = convert_state_dict(state, unet_config)
+    unet = SR3UNet2DModel(**unet_config)
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError(f"the config does not match the weights: missing tensors {_listing(missing)}")
+    wrong = [f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items() if weights[key].shape != value.shape]
+    if wrong:
+        raise CheckpointError(f"the config does not match the weights: shapes differ for {_listing(wrong, 3)}")
+    unet.load_state_dict(weights, strict=True)
+    unet.eval()
+
+    scheduler = make_scheduler("ddpm", **_schedule_config(config))
+    conditional = config["model"].get("diffusion", {}).get("conditional", True)
+    if conditional:
+        pipeline: SR3BasePipeline = SR3Pipeline(unet=unet, scheduler=scheduler, upscale_factor=_upscale_factor(config))
+    else:
+        pipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
+    if output_dir is not None:
+        pipeline.save_pretrained(output_dir)
+    return pipeline
+

@@ -1,0 +1,406 @@
+"""The SR3 denoising UNet (Saharia et al. 2021), as a Diffusers model.
+
+The network predicts the noise in a noisy image from the image (with any conditioning image concatenated
+in front of it on the channel axis) and a per-sample noise level. It knows nothing about noise schedules:
+`diffusers_sr3.noise` maps schedules and scheduler steps to the level this network takes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+CONDITIONING_TYPES = ("noise_level", "timestep")
+
+
+@dataclass
+class SR3UNet2DOutput(BaseOutput):
+    """Output of [`SR3UNet2DModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
+            The network's prediction (the noise, for epsilon-prediction models).
+    """
+
+    sample: torch.Tensor
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal encoding of one scalar per sample, as in the original SR3 and DDPM code.
+
+    Both original network kinds use the same frequencies, `10000 ** (-2i / dim)` for `i < dim // 2`, with
+    the sines first and the cosines after.
+
+    Args:
+        values: `(batch,)` noise levels or timesteps.
+        dim: embedding width (even).
+        scale: multiplies `values` before encoding. The original feeds levels in [0, 1] unscaled, so its
+            highest frequency barely separates them; WaveGrad scales by 5000.
+
+    Returns:
+        `(batch, dim)` float32 embedding.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=values.device) / half
+    frequencies = torch.exp(-math.log(10000.0) * exponent)
+    angles = (values.float() * scale)[:, None] * frequencies[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class NoiseLevelEmbedding(nn.Module):
+    """Sinusoidal encoding followed by Linear -> Swish -> Linear (the original's `noise_level_mlp`)."""
+
+    def __init__(self, channels: int, scale: float):
+        super().__init__()
+        self.channels = channels
+        self.scale = scale
+        self.linear_1 = nn.Linear(channels, channels * 4)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(channels * 4, channels)
+
+    def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
+        encoding = sinusoidal_embedding(noise_level, self.channels, self.scale)
+        encoding = encoding.to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(encoding)))
+
+
+class ConvBlock(nn.Module):
+    """GroupNorm -> Swish -> Dropout -> Conv3x3."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, in_channels)
+        self.act = nn.SiLU()
+        self.dropout = nn.Dropout(dropout)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.dropout(self.act(self.norm(hidden_states))))
+
+
+class ResnetBlock(nn.Module):
+    """Two conv blocks with the noise-level embedding injected between them, plus a skip connection.
+
+    `film_affine=False` adds a projection of the embedding (the original's FiLM "without affine");
+    `film_affine=True` projects to a scale and shift and applies `(1 + scale) * h + shift`.
+    `embedding_act` puts a Swish in front of the projection, as the original DDPM variant does.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        embedding_channels: int,
+        norm_groups: int,
+        dropout: float,
+        film_affine: bool,
+        embedding_act: bool,
+    ):
+        super().__init__()
+        self.film_affine = film_affine
+        self.block1 = ConvBlock(in_channels, out_channels, norm_groups)
+        self.embedding_act = nn.SiLU() if embedding_act else nn.Identity()
+        self.embedding_proj = nn.Linear(embedding_channels, out_channels * (2 if film_affine else 1))
+        self.block2 = ConvBlock(out_channels, out_channels, norm_groups, dropout)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.block1(hidden_states)
+        film = self.embedding_proj(self.embedding_act(embedding))[:, :, None, None]
+        if self.film_affine:
+            scale, shift = film.chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        else:
+            h = h + film
+        h = self.block2(h)
+        return h + self.skip(hidden_states)
+
+
+class SelfAttention(nn.Module):
+    """Single-resolution self-attention with a residual connection, via `scaled_dot_product_attention`."""
+
+    def __init__(self, channels: int, norm_groups: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention_heads={num_heads} does not divide the {channels} channels of a level")
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.qkv = nn.Conv2d(channels, channels * 3, 1, bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = hidden_states.shape
+        qkv = self.qkv(self.norm(hidden_states))
+        # (B, 3C, H, W) -> 3 x (B, heads, HW, head_dim); q, k, v are the three consecutive channel thirds.
+        qkv = qkv.reshape(batch, 3, self.num_heads, channels // self.num_heads, height * width)
+        query, key, value = qkv.permute(1, 0, 2, 4, 3).unbind(0)
+        out = F.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(2, 3).reshape(batch, channels, height, width)
+        return hidden_states + self.proj_out(out)
+
+
+class ResnetAttentionBlock(nn.Module):
+    """A ResNet block, optionally followed by self-attention (the original's `ResnetBlocWithAttn`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, with_attention: bool, attention_heads: int, **resnet_kwargs):
+        super().__init__()
+        self.resnet = ResnetBlock(in_channels, out_channels, **resnet_kwargs)
+        norm_groups = resnet_kwargs["norm_groups"]
+        self.attention = SelfAttention(out_channels, norm_groups, attention_heads) if with_attention else None
+        self.gradient_checkpointing = False
+
+    def _forward(self, hidden_states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.resnet(hidden_states, embedding)
+        if self.attention is not None:
+            hidden_states = self.attention(hidden_states)
+        return hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self._forward, hidden_states, embedding)
+        return self._forward(hidden_states, embedding)
+
+
+class Downsample(nn.Module):
+    """Conv3x3 with stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden_states)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then Conv3x3."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(hidden_states, scale_factor=2.0, mode="nearest"))
+
+
+class DownLevel(nn.Module):
+    """`layers_per_block` blocks at one resolution, then (except at the lowest level) a downsampler."""
+
+    def __init__(self, blocks: Sequence[nn.Module], downsampler: Optional[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsampler = downsampler
+
+
+class UpLevel(nn.Module):
+    """`layers_per_block + 1` blocks at one resolution, then (except at the top level) an upsampler."""
+
+    def __init__(self, blocks: Sequence[nn.Module], upsampler: Optional[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.upsampler = upsampler
+
+
+class SR3UNet2DModel(ModelMixin, ConfigMixin):
+    r"""The SR3 UNet: a DDPM-style UNet conditioned on a continuous noise level (or an integer timestep).
+
+    For super-resolution the input is the bicubic-upsampled low-resolution image concatenated in front of the
+    noisy image (`in_channels = 6`); for unconditional generation it is the noisy image alone (`in_channels=3`).
+
+    Args:
+        in_channels (`int`, defaults to 6): Channels of the input (condition + noisy image).
+        out_channels (`int`, defaults to 3): Channels of the prediction.
+        block_out_channels (`int`, defaults to 64): Base width (the original's `inner_channel`); also the
+            width of the noise-level embedding.
+        channel_multipliers (`Tuple[int]`, defaults to `(1, 2, 4, 8, 8)`): Width multiplier of each
+            resolution level; the input is downsampled `len(channel_multipliers) - 1` times, so height and
+            width must be divisible by `2 ** (len(channel_multipliers) - 1)`.
+        layers_per_block (`int`, defaults to 2): ResNet blocks per level on the way down (the original's
+            `res_blocks`); the way up has one more per level.
+        attention_resolutions (`Tuple[int]`, defaults to `(16,)`): Feature-map sizes, for an input of
+            `sample_size`, at which self-attention follows each ResNet block (the original's `attn_res`).
+            The choice is fixed per level, so other input sizes use the same levels. The middle block always
+            has attention.
+        sample_size (`int`, defaults to 128): The training resolution; it places `attention_resolutions` and is
+            the default output size of unconditional sampling and the tile size of tiled upscaling.
+        norm_groups (`int`, defaults to 32): Groups of every GroupNorm.
+        dropout (`float`, defaults to 0.0): Dropout in the second conv block of every ResNet block.
+        attention_heads (`int`, defaults to 1): Heads of every self-attention layer.
+        conditioning_type (`str`, defaults to `"noise_level"`): `"noise_level"` for the SR3 network (a
+            continuous noise level `sqrt(alpha_bar)` in [0, 1]); `"timestep"` for the original's DDPM network
+            (an integer timestep, with a Swish in front of each block's embedding projection).
+        noise_level_embedding_scale (`float`, defaults to 1.0): Multiplies the level (or timestep) before the
+            sinusoidal encoding. 1.0 reproduces the original networks.
+        film_affine (`bool`, defaults to False): Inject the embedding as scale and shift (`(1 + s) * h + b`)
+            instead of the original's additive FiLM without affine.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 6,
+        out_channels: int = 3,
+        block_out_channels: int = 64,
+        channel_multipliers: Tuple[int, ...] = (1, 2, 4, 8, 8),
+        layers_per_block: int = 2,
+        attention_resolutions: Tuple[int, ...] = (16,),
+        sample_size: int = 128,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+        attention_heads: int = 1,
+        conditioning_type: str = "noise_level",
+        noise_level_embedding_scale: float = 1.0,
+        film_affine: bool = False,
+    ):
+        super().__init__()
+        if conditioning_type not in CONDITIONING_TYPES:
+            raise ValueError(f"conditioning_type must be one of {CONDITIONING_TYPES}, got {conditioning_type!r}")
+        for multiplier in channel_multipliers:
+            if (block_out_channels * multiplier) % norm_groups:
+                raise ValueError(
+                    f"norm_groups={norm_groups} does not divide the width {block_out_channels * multiplier} "
+                    f"(block_out_channels={block_out_channels} x multiplier {multiplier})"
+                )
+        num_levels = len(channel_multipliers)
+        if sample_size % (2 ** (num_levels - 1)):
+            raise ValueError(f"sample_size={sample_size} is not divisible by 2**{num_levels - 1}")
+
+        width = block_out_channels
+        block_kwargs = dict(
+            embedding_channels=width,
+            norm_groups=norm_groups,
+            dropout=dropout,
+            film_affine=film_affine,
+            embedding_act=conditioning_type == "timestep",
+            attention_heads=attention_heads,
+        )
+        level_has_attention = [sample_size // 2**level in attention_resolutions for level in range(num_levels)]
+
+        # Stage 1: embedding and input conv.
+        self.noise_level_embedding = NoiseLevelEmbedding(width, noise_level_embedding_scale)
+        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+
+        # Stage 2: the way down. Every block's and downsampler's output is kept for the skip connections.
+        skip_channels = [width]
+        channels = width
+        down_levels = []
+        for level, multiplier in enumerate(channel_multipliers):
+            blocks = []
+            for _ in range(layers_per_block):
+                blocks.append(
+                    ResnetAttentionBlock(channels, width * multiplier, level_has_attention[level], **block_kwargs)
+                )
+                channels = width * multiplier
+                skip_channels.append(channels)
+            downsampler = None
+            if level < num_levels - 1:
+                downsampler = Downsample(channels)
+                skip_channels.append(channels)
+            down_levels.append(DownLevel(blocks, downsampler))
+        self.down_levels = nn.ModuleList(down_levels)
+
+        # Stage 3: the middle, always with attention in the first block.
+        self.mid_blocks = nn.ModuleList(
+            [
+                ResnetAttentionBlock(channels, channels, True, **block_kwargs),
+                ResnetAttentionBlock(channels, channels, False, **block_kwargs),
+            ]
+        )
+
+        # Stage 4: the way up, each block consuming one skip connection.
+        up_levels = []
+        for level in reversed(range(num_levels)):
+            multiplier = channel_multipliers[level]
+            blocks = []
+            for _ in range(layers_per_block + 1):
+                blocks.append(
+                    ResnetAttentionBlock(
+                        channels + skip_channels.pop(), width * multiplier, level_has_attention[level], **block_kwargs
+                    )
+                )
+                channels = width * multiplier
+            up_levels.append(UpLevel(blocks, Upsample(channels) if level > 0 else None))
+        self.up_levels = nn.ModuleList(up_levels)
+
+        # Stage 5: output.
+        self.conv_out = ConvBlock(channels, out_channels, norm_groups)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width of inputs must be multiples of this."""
+        return 2 ** (len(self.config.channel_multipliers) - 1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        noise_level: Union[torch.Tensor, float, int],
+        return_dict: bool = True,
+    ) -> Union[SR3UNet2DOutput, Tuple[torch.Tensor]]:
+        r"""Predict the noise (or the configured target) in `sample`.
+
+        Args:
+            sample (`torch.Tensor` of shape `(batch, in_channels, height, width)`): The noisy image, with the
+                conditioning image (if any) concatenated in front of it on the channel axis.
+            noise_level (`torch.Tensor` of shape `(batch,)` or `(batch, 1)`, or a number): The noise level
+                `sqrt(alpha_bar)` per sample for `"noise_level"` models; the integer timestep for `"timestep"`
+                models. A number or a one-element tensor applies to the whole batch.
+            return_dict (`bool`, defaults to True): Return an [`SR3UNet2DOutput`] instead of a tuple.
+
+        Returns:
+            [`SR3UNet2DOutput`] or `tuple`: the prediction, `(batch, out_channels, height, width)`.
+        """
+        # 1. Check the input and broadcast the level to one value per sample.
+        batch, channels, height, width = sample.shape
+        if channels != self.config.in_channels:
+            raise ValueError(f"sample has {channels} channels but the model expects {self.config.in_channels}")
+        factor = self.downsampling_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
+            )
+        noise_level = torch.as_tensor(noise_level, device=sample.device).reshape(-1)
+        if noise_level.numel() == 1:
+            noise_level = noise_level.expand(batch)
+        elif noise_level.numel() != batch:
+            raise ValueError(f"noise_level has {noise_level.numel()} values for a batch of {batch}")
+
+        # 2. Embed the noise level.
+        embedding = self.noise_level_embedding(noise_level).to(sample.dtype)
+
+        # 3. Down, keeping every intermediate output for the skip connections.
+        hidden_states = self.conv_in(sample)
+        skips = [hidden_states]
+        for level in self.down_levels:
+            for block in level.blocks:
+                hidden_states = block(hidden_states, embedding)
+                skips.append(hidden_states)
+            if level.downsampler is not None:
+                hidden_states = level.downsampler(hidden_states)
+                skips.append(hidden_states)
+
+        # 4. Middle.
+        for block in self.mid_blocks:
+            hidden_states = block(hidden_states, embedding)
+
+        # 5. Up, concatenating the skips in reverse order.
+        for level in self.up_levels:
+            for block in level.blocks:
+                hidden_states = block(torch.cat([hidden_states, skips.pop()], dim=1), embedding)
+            if level.upsampler is not None:
+                hidden_states = level.upsampler(hidden_states)
+
+        # 6. Output.
+        output = self.conv_out(hidden_states)
+        if not return_dict:
+            return (output,)
+        return SR3UNet2DOutput(sample=output)

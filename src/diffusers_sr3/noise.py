@@ -1,0 +1,216 @@
+"""Noise schedules and noise levels: the one place that knows how SR3's levels relate to schedules.
+
+SR3 networks are conditioned on the continuous noise level `gamma = sqrt(alpha_bar)` in [0, 1]. This module
+holds the original code's beta schedules, builds Diffusers schedulers from them, gives the level to feed the
+network at any step of a Diffusers scheduler, and draws training levels the way SR3 trains.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+BETA_SCHEDULES = ("linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd")
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "deis": DEISMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_ancestral": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+}
+
+
+def make_beta_schedule(
+    schedule: str,
+    n_timestep: int,
+    linear_start: float = 1e-4,
+    linear_end: float = 2e-2,
+    cosine_s: float = 8e-3,
+) -> np.ndarray:
+    """The original SR3 code's beta schedules, in float64, bit for bit.
+
+    Args:
+        schedule: one of `linear`, `quad`, `cosine`, `warmup10`, `warmup50`, `const`, `jsd`.
+        n_timestep: number of diffusion steps T.
+        linear_start: first beta of `linear`, `quad` and the warm-up schedules.
+        linear_end: last beta of those; the constant beta of `const` and after the warm-up.
+        cosine_s: offset of the `cosine` schedule (Nichol & Dhariwal).
+
+    Returns:
+        `(n_timestep,)` float64 array of betas.
+    """
+    if n_timestep < 1:
+        raise ValueError(f"n_timestep must be positive, got {n_timestep}")
+    if schedule == "quad":
+        return np.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=np.float64) ** 2
+    if schedule == "linear":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+    if schedule in ("warmup10", "warmup50"):
+        betas = linear_end * np.ones(n_timestep, dtype=np.float64)
+        warmup_time = int(n_timestep * (0.1 if schedule == "warmup10" else 0.5))
+        betas[:warmup_time] = np.linspace(linear_start, linear_end, warmup_time, dtype=np.float64)
+        return betas
+    if schedule == "const":
+        return linear_end * np.ones(n_timestep, dtype=np.float64)
+    if schedule == "jsd":  # 1/T, 1/(T-1), ..., 1
+        return 1.0 / np.linspace(n_timestep, 1, n_timestep, dtype=np.float64)
+    if schedule == "cosine":
+        timesteps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(timesteps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return (1 - alphas[1:] / alphas[:-1]).clamp(max=0.999).numpy()
+    raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def make_scheduler(
+    name: str = "ddpm",
+    schedule: str = "linear",
+    n_timestep: int = 2000,
+    linear_start: float = 1e-6,
+    linear_end: float = 1e-2,
+    prediction_type: str = "epsilon",
+    **scheduler_kwargs: Any,
+) -> SchedulerMixin:
+    """Build a Diffusers scheduler that runs one of the original's beta schedules.
+
+    The defaults are SR3's: linear betas 1e-6..1e-2 over 2000 steps, epsilon prediction. DDPM uses the
+    original's posterior ("fixed_small" variance, x0 clipped to [-1, 1]).
+
+    Args:
+        name: a key of `SCHEDULERS` (`ddpm`, `ddim`, `dpmsolver`, `unipc`, `deis`, `euler`, ...).
+        schedule, n_timestep, linear_start, linear_end: passed to [`make_beta_schedule`].
+        prediction_type: what the network predicts: `epsilon`, `v_prediction` or `sample`.
+        **scheduler_kwargs: extra scheduler config (override the defaults here).
+
+    Returns:
+        The scheduler, with the betas stored as `trained_betas` so that `from_config` keeps them.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    betas = make_beta_schedule(schedule, n_timestep, linear_start, linear_end)
+    config: Dict[str, Any] = dict(
+        num_train_timesteps=n_timestep,
+        trained_betas=betas.tolist(),
+        prediction_type=prediction_type,
+    )
+    if name in ("ddpm", "ddim"):
+        config.update(clip_sample=True, clip_sample_range=1.0)
+    if name == "ddpm":
+        config.update(variance_type="fixed_small")
+    config.update(scheduler_kwargs)
+    return SCHEDULERS[name].from_config(config)
+
+
+def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any) -> SchedulerMixin:
+    """A scheduler of another kind (a `SCHEDULERS` key) on the same training schedule as `scheduler`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
+
+
+def _current_sigma(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]) -> Optional[torch.Tensor]:
+    """The sigma (`sqrt((1 - alpha_bar) / alpha_bar)`) a sigma-based scheduler is at, or None for others."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(scheduler, "index_for_timestep"):
+        return None
+    step_index = getattr(scheduler, "step_index", None)
+    if step_index is None:
+        step_index = scheduler.index_for_timestep(timestep)
+    return torch.as_tensor(sigmas[step_index], dtype=torch.float64)
+
+
+def noise_level_for_step(
+    scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]
+) -> torch.Tensor:
+    """The noise level `sqrt(alpha_bar)` that the current step of `scheduler` denoises from.
+
+    Sigma-based schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS; Karras sigmas included) track the exact
+    sigma of each step: the level is `1 / sqrt(1 + sigma**2)`. Integer-timestep schedulers without sigmas
+    (DDPM, DDIM) are at `sqrt(alphas_cumprod[t])`. Call it after `scheduler.scale_model_input` for the step.
+
+    Args:
+        scheduler: a Diffusers scheduler after `set_timesteps`.
+        timestep: the current entry of `scheduler.timesteps`.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    sigma = _current_sigma(scheduler, timestep)
+    if sigma is not None:
+        return (1.0 / torch.sqrt(1.0 + sigma**2)).float()
+    alphas_cumprod = scheduler.alphas_cumprod
+    index = int(torch.as_tensor(timestep).round().item())
+    return alphas_cumprod[index].double().sqrt().float()
+
+
+def network_input_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int], conditioning_type: str):
+    """What a network of `conditioning_type` takes at this step: the noise level, or the integer timestep."""
+    if conditioning_type == "timestep":
+        return torch.as_tensor(timestep).round().long()
+    return noise_level_for_step(scheduler, timestep)
+
+
+def sqrt_alphas_cumprod_prev(betas: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """`sqrt([1, alpha_bar_0, ..., alpha_bar_{T-1}])` in float64: the original's table of noise levels."""
+    betas = torch.as_tensor(np.asarray(betas), dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]).sqrt()
+
+
+def sample_training_noise_levels(
+    betas: Union[np.ndarray, torch.Tensor],
+    batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    per_sample_timestep: bool = False,
+) -> torch.Tensor:
+    """Draw continuous training noise levels the SR3 way.
+
+    The original draws one integer `t` in `[1, T]` per batch, then a level per sample uniformly between the
+    neighbouring table entries `sqrt_alphas_cumprod_prev[t - 1]` and `sqrt_alphas_cumprod_prev[t]`.
+    With `per_sample_timestep=True` each sample gets its own `t`, which covers the schedule faster with
+    the same expected distribution.
+
+    Args:
+        betas: the training beta schedule, `(T,)`.
+        batch_size: number of levels to draw.
+        generator: random source (on the CPU).
+        device: where the returned tensor goes.
+        per_sample_timestep: draw `t` per sample instead of per batch.
+
+    Returns:
+        `(batch_size,)` float32 levels in (0, 1].
+    """
+    table = sqrt_alphas_cumprod_prev(betas)
+    num_steps = table.numel() - 1
+    count = batch_size if per_sample_timestep else 1
+    t = torch.randint(1, num_steps + 1, (count,), generator=generator).expand(batch_size)
+    upper, lower = table[t - 1], table[t]
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    return (lower + u * (upper - lower)).float().to(device)
+
+
+def training_betas(scheduler: SchedulerMixin) -> torch.Tensor:
+    """The training betas of a Diffusers scheduler in float64 (exact when they were given as `trained_betas`)."""
+    trained = scheduler.config.get("trained_betas")
+    if trained is not None:
+        return torch.as_tensor(trained, dtype=torch.float64)
+    return torch.as_tensor(scheduler.betas, dtype=torch.float64)

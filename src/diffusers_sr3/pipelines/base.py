@@ -1,0 +1,286 @@
+"""What the SR3 pipelines share: the refinement loop, and a folder layout that both loaders accept.
+
+Folder layout (the on-disk contract). `save_pretrained` writes Diffusers' usual folder, with the SR3 classes
+recorded the way Diffusers loads third-party code:
+
+    model_index.json        "_class_name": ["pipeline_sr3", "SR3Pipeline"], "unet": ["unet_sr3", "SR3UNet2DModel"]
+    pipeline_sr3.py         from diffusers_sr3 import SR3Pipeline
+    unet/unet_sr3.py        from diffusers_sr3 import SR3UNet2DModel
+    unet/config.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json
+
+`DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` runs those one-line files, which
+import the installed package. `SR3Pipeline.from_pretrained(...)` never runs code from the folder: it builds
+the SR3 components itself and loads only configs and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..noise import network_input_for_step
+
+# Module file stems of the classes this package writes into pipeline folders. Never rename these:
+# they are recorded in model_index.json of every saved pipeline.
+REMOTE_CODE_STEMS = {
+    "SR3UNet2DModel": "unet_sr3",
+    "SR3Pipeline": "pipeline_sr3",
+    "SR3UnconditionalPipeline": "pipeline_sr3_unconditional",
+    "SR3CascadePipeline": "pipeline_sr3_cascade",
+}
+
+WEIGHT_PATTERNS = ["model_index.json", "*.json", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
+
+GeneratorInput = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+
+@dataclass
+class SR3PipelineOutput(BaseOutput):
+    """Output of the SR3 pipelines.
+
+    Args:
+        images: the results, as a list of PIL images, a `(B, H, W, 3)` numpy array or a `(B, 3, H, W)` tensor in
+            [0, 1], by `output_type`.
+        intermediates: when `num_intermediates > 0`, the noisy image after evenly spaced refinement steps, in
+            order, each in the same form as `images` (the original's `sr_process` strips); else None.
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    intermediates: Optional[List[Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]]] = None
+
+
+def _classes() -> Dict[str, type]:
+    """The SR3 classes that pipeline folders may name, by class name."""
+    import diffusers_sr3
+
+    return {name: getattr(diffusers_sr3, name) for name in REMOTE_CODE_STEMS if hasattr(diffusers_sr3, name)}
+
+
+def write_remote_code_layout(folder: str) -> None:
+    """Rewrite a saved pipeline folder's model_index.json into the custom-code layout and add the re-exports."""
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    pipeline_name = index["_class_name"]
+    pipeline_name = pipeline_name[-1] if isinstance(pipeline_name, list) else pipeline_name
+    stem = REMOTE_CODE_STEMS[pipeline_name]
+    index["_class_name"] = [stem, pipeline_name]
+    _write_reexport(os.path.join(folder, f"{stem}.py"), pipeline_name)
+    for name, value in index.items():
+        if isinstance(value, list) and len(value) == 2 and value[1] in REMOTE_CODE_STEMS and not name.startswith("_"):
+            index[name] = [REMOTE_CODE_STEMS[value[1]], value[1]]
+            _write_reexport(os.path.join(folder, name, f"{REMOTE_CODE_STEMS[value[1]]}.py"), value[1])
+    with open(index_path, "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _write_reexport(path: str, class_name: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(
+            f'"""Loads {class_name} from the installed diffusers-sr3 package (pip install diffusers-sr3)."""\n\n'
+            f"from diffusers_sr3 import {class_name}  # noqa: F401\n"
+        )
+
+
+def _move_into(staging: str, target: str) -> None:
+    """Move every entry of `staging` into `target`, replacing entries of the same name and keeping others."""
+    os.makedirs(target, exist_ok=True)
+    for entry in sorted(os.listdir(staging)):
+        source, destination = os.path.join(staging, entry), os.path.join(target, entry)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(source, destination)
+
+
+class SR3BasePipeline(DiffusionPipeline):
+    """Base class of the SR3 pipelines: the refinement loop, and saving/loading in the SR3 folder layout."""
+
+    _callback_tensor_inputs = ["latents"]
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _denoise(
+        self,
+        shape: Tuple[int, int, int, int],
+        condition: Optional[torch.Tensor],
+        num_inference_steps: int,
+        generator: GeneratorInput,
+        num_intermediates: int,
+        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]],
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Iterative refinement from pure noise of `shape`, conditioned on `condition` (concatenated in front).
+
+        The noisy image stays float32 whatever the UNet's dtype, so the scheduler's arithmetic is exact; only the
+        network input is cast. Returns the final image and the requested snapshots (float32, [-1, 1] scale).
+        """
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may hold {self._callback_tensor_inputs}, not {unknown}")
+
+        device = self._execution_device
+        dtype = self.unet.dtype
+        conditioning_type = self.unet.config.conditioning_type
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * self.scheduler.init_noise_sigma
+        if condition is not None:
+            condition = condition.to(device=device, dtype=dtype)
+        snapshot_steps = set(np.linspace(0, len(timesteps) - 1, num_intermediates).round().astype(int).tolist())
+        snapshots: List[torch.Tensor] = []
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            # 1. The scheduler's input scaling applies to the noisy image only, never to the condition.
+            model_input = self.scheduler.scale_model_input(latents, t).to(dtype)
+            if condition is not None:
+                model_input = torch.cat([condition, model_input], dim=1)
+            # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
+            level = network_input_for_step(self.scheduler, t, conditioning_type).to(device)
+            model_output = self.unet(model_input, level.expand(shape[0]), return_dict=False)[0].float()
+            # 3. The scheduler's update.
+            latents = self.scheduler.step(model_output, t, latents, generator=generator, return_dict=False)[0]
+            if i in snapshot_steps:
+                snapshots.append(latents.clone())
+            if callback_on_step_end is not None:
+                available = {"latents": latents, "condition": condition}
+                callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+        return latents, snapshots
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Save the pipeline in the SR3 folder layout (see the module docstring).
+
+        The folder is written in a temporary sibling first, so an interrupted save leaves the previous
+        contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
+        With `push_to_hub=True` the folder is then uploaded (`repo_id`, `token`, `private`, `commit_message`).
+        """
+        save_directory = os.fspath(save_directory)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message") if key in kwargs}
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".sr3-save-", dir=parent)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            write_remote_code_layout(staging)
+            _move_into(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = hub_kwargs.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
+            token = hub_kwargs.get("token")
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=hub_kwargs.get("commit_message") or "Upload SR3 pipeline",
+                ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".sr3-*", "logs/**"],
+            )
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
+        """Download a pipeline repo (configs and safetensors weights only, no code) and return its local folder."""
+        from huggingface_hub import snapshot_download
+
+        download_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+            if kwargs.get(key) is not None
+        }
+        return snapshot_download(pretrained_model_name, allow_patterns=WEIGHT_PATTERNS, **download_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):
+        """Load a pipeline saved by this package, from a folder or a Hub repo id, without running its code.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a Hub repo id.
+            **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), `dtype`
+                (e.g. `torch.bfloat16`) for the networks, `variant`, and Hub options (`revision`, `token`,
+                `cache_dir`, `local_files_only`, `force_download`).
+
+        Returns:
+            The pipeline, of class `cls`.
+        """
+        import diffusers
+
+        source = os.fspath(pretrained_model_name_or_path)
+        folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
+        index_path = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"{source} is not a pipeline folder: it has no model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        saved_class = index.get("_class_name")
+        saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
+        if cls.__name__ not in ("SR3BasePipeline", saved_class):
+            raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
+        pipeline_class = _classes().get(saved_class)
+        if pipeline_class is None:
+            raise ValueError(f"{source} holds a {saved_class}, which is not an SR3 pipeline")
+
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        variant = kwargs.pop("variant", None)
+        expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+        init_kwargs: Dict[str, Any] = {}
+        for name in expected:
+            if name in kwargs:
+                init_kwargs[name] = kwargs.pop(name)
+                continue
+            entry = index.get(name)
+            if not isinstance(entry, list) or entry[0] is None:
+                if name in pipeline_class._optional_components:
+                    init_kwargs[name] = None
+                    continue
+                raise ValueError(f"{source}/model_index.json does not name the component {name!r}")
+            library, class_name = entry
+            component_class = _classes().get(class_name)
+            if component_class is None:
+                if library != "diffusers" or not hasattr(diffusers, class_name):
+                    raise ValueError(f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class")
+                component_class = getattr(diffusers, class_name)
+            subfolder = os.path.join(folder, name)
+            if issubclass(component_class, DiffusionPipeline):
+                init_kwargs[name] = component_class.from_pretrained(subfolder, dtype=dtype, variant=variant)
+            elif issubclass(component_class, SchedulerMixin):
+                init_kwargs[name] = component_class.from_pretrained(subfolder)
+            else:
+                init_kwargs[name] = component_class.from_pretrained(
+                    subfolder, dtype=dtype, variant=variant, use_safetensors=True
+                )
+        for name in optional:
+            if name in kwargs:
+                init_kwargs[name] = kwargs.pop(name)
+            elif name in index:
+                init_kwargs[name] = index[name]
+        hub_options = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "trust_remote_code"}
+        unexpected = set(kwargs) - hub_options
+        if unexpected:
+            raise TypeError(f"{pipeline_class.__name__}.from_pretrained got unexpected arguments {sorted(unexpected)}")
+        pipeline = pipeline_class(**init_kwargs)
+        pipeline.register_to_config(_name_or_path=source)
+        return pipeline

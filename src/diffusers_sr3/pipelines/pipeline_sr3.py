@@ -1,0 +1,137 @@
+"""SR3 super-resolution: iterative refinement of a bicubic upsample, with any fitting Diffusers scheduler."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+
+from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
+from ..models.unet_sr3 import SR3UNet2DModel
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from PIL import Image
+        >>> from diffusers_sr3 import SR3Pipeline
+
+        >>> pipe = SR3Pipeline.from_pretrained("path/to/sr3-pipeline")
+        >>> low_res = Image.open("face_16.png")
+        >>> image = pipe(low_res, num_inference_steps=50).images[0]  # 16x16 -> 128x128 for an x8 model
+        >>> image.save("face_128.png")
+        ```
+"""
+
+
+class SR3Pipeline(SR3BasePipeline):
+    r"""Super-resolution by iterative refinement (SR3).
+
+    The low-resolution input is bicubic-upsampled to the output size; starting from noise, the scheduler then
+    refines an image conditioned on that upsample, feeding the UNet the noise level of each step.
+
+    Args:
+        unet ([`SR3UNet2DModel`]): A conditional SR3 UNet (`in_channels = out_channels + 3`).
+        scheduler ([`SchedulerMixin`]): Any Diffusers scheduler for epsilon/v/sample prediction; DDPM reproduces
+            the original sampler, DDIM, DPM-Solver, UniPC and Euler need far fewer steps.
+        upscale_factor (`int`, defaults to 4): The model's super-resolution factor (output size = input size x
+            factor unless `output_size` is given).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "condition"]
+
+    def __init__(self, unet: SR3UNet2DModel, scheduler: SchedulerMixin, upscale_factor: int = 4):
+        super().__init__()
+        if upscale_factor < 1:
+            raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
+        condition_channels = unet.config.in_channels - unet.config.out_channels
+        if condition_channels != 3:
+            raise ValueError(
+                f"SR3Pipeline needs a conditional UNet (in_channels = out_channels + 3); this one has "
+                f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
+            )
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(upscale_factor=int(upscale_factor))
+
+    def prepare_condition(self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """The conditioning batch, `(B, 3, H, W)` in [-1, 1]: `image` bicubic-upsampled to the output size."""
+        low_resolution = images_to_tensor(image)
+        if output_size is None:
+            factor = self.config.upscale_factor
+            output_size = (low_resolution.shape[-2] * factor, low_resolution.shape[-1] * factor)
+        elif isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        if min(output_size) < 1:
+            raise ValueError(f"output_size must be positive, got {output_size}")
+        return upsample_condition(low_resolution, tuple(output_size))
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: ImageInput,
+        num_inference_steps: int = 50,
+        generator: GeneratorInput = None,
+        output_size: Optional[Union[int, Tuple[int, int]]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        num_intermediates: int = 0,
+        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Union[SR3PipelineOutput, Tuple]:
+        r"""Super-resolve one or more images.
+
+        Args:
+            image (PIL image, numpy array, torch tensor, or a list of them): The low-resolution input(s); all of
+                one size. PIL images of any mode are converted to RGB (gray repeated, alpha discarded); numpy
+                arrays are `(H, W[, C])` or `(B, H, W, C)`, uint8 or float in [0, 1]; tensors are `(C, H, W)` or
+                `(B, C, H, W)` float in [0, 1]; C may be 1, 3 or 4.
+            num_inference_steps (`int`, defaults to 50): Refinement steps (scheduler steps).
+            generator (`torch.Generator` or a list of them, one per image): Makes sampling deterministic. Without
+                one the global torch RNG is used, which reproduces the original code under the same seed.
+            output_size (`int` or `(height, width)`, optional): Output size; defaults to the input size times
+                `upscale_factor`. Sizes the UNet cannot divide are padded (by reflection) and cropped back.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (`(B, H, W, 3)` in [0, 1]) or `"pt"`
+                (`(B, 3, H, W)` in [0, 1]).
+            return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
+            num_intermediates (`int`, defaults to 0): Also return the noisy image after this many evenly spaced
+                steps (the last one is the result), to draw the refinement process.
+            callback_on_step_end (`Callable`, optional): Called after each step as
+                `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a dict with a
+                replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale).
+            callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Which of
+                `"latents"` and `"condition"` go into `callback_kwargs`.
+
+        Examples:
+
+        Returns:
+            [`SR3PipelineOutput`] or `tuple`: `(images, intermediates)` when `return_dict` is False.
+        """
+        # 1. Upsample the input to the output size and pad it to what the UNet can divide.
+        condition = self.prepare_condition(image, output_size)
+        condition, (height, width) = pad_to_multiple(condition, self.unet.downsampling_factor)
+        batch, _, padded_height, padded_width = condition.shape
+
+        # 2. Refine from noise.
+        shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
+        result, snapshots = self._denoise(
+            shape,
+            condition,
+            num_inference_steps,
+            generator,
+            num_intermediates,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+        # 3. Crop the padding off and convert.
+        images = postprocess(result[..., :height, :width], output_type)
+        intermediates = [postprocess(s[..., :height, :width], output_type) for s in snapshots] or None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, intermediates)
+        return SR3PipelineOutput(images=images, intermediates=intermediates)
+

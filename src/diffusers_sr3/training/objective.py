@@ -1,0 +1,119 @@
+"""The SR3 training objective: noise the target image, ask the network, compare with the target.
+
+Kept apart from the training loop so that the loss is one small function that can be tested against the
+original code and reused by every training script and study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..models.unet_sr3 import SR3UNet2DModel
+from ..noise import sample_training_noise_levels, sqrt_alphas_cumprod_prev
+
+LOSS_TYPES = ("l1", "l2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class NoisedBatch:
+    """One training batch after noising: what the network sees and what it should predict."""
+
+    network_input: torch.Tensor  # condition (if any) concatenated in front of the noisy image
+    network_level: torch.Tensor  # (B,) noise levels, or integer timesteps for "timestep" networks
+    noise_level: torch.Tensor  # (B,) sqrt(alpha_bar) of each sample, float32
+    target: torch.Tensor
+
+
+def noise_batch(
+    unet: SR3UNet2DModel,
+    betas: torch.Tensor,
+    target_images: torch.Tensor,
+    condition: Optional[torch.Tensor] = None,
+    prediction_type: str = "epsilon",
+    noise: Optional[torch.Tensor] = None,
+    noise_level: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    per_sample_timestep: bool = True,
+) -> NoisedBatch:
+    """Noise `target_images` at a random level (SR3's continuous levels, or DDPM's integer timesteps).
+
+    Args:
+        unet: the network being trained (its config says which kind of level it takes).
+        betas: the training beta schedule, float64 `(T,)` (see `noise.training_betas`).
+        target_images: `(B, C, H, W)` clean images in [-1, 1].
+        condition: `(B, 3, H, W)` upsampled low-resolution images, or None for unconditional training.
+        prediction_type: `epsilon`, `v_prediction` or `sample`.
+        noise, noise_level: fix the draw (tests); otherwise drawn from `generator` / the global RNG.
+        generator: random source.
+        per_sample_timestep: draw an independent step per sample (the original draws one per batch).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    batch = target_images.shape[0]
+    device = target_images.device
+    timestep_network = unet.config.conditioning_type == "timestep"
+    if noise_level is not None:
+        noise_level = noise_level.reshape(-1).float().to(device)
+        network_level = noise_level
+    elif timestep_network:
+        # The original DDPM variant: integer t per sample in [0, T), level sqrt(alpha_bar_t).
+        timesteps = torch.randint(0, betas.numel(), (batch,), generator=generator)
+        noise_level = sqrt_alphas_cumprod_prev(betas)[timesteps + 1].float().to(device)
+        network_level = timesteps.to(device)
+    else:
+        noise_level = sample_training_noise_levels(
+            betas, batch, generator=generator, device=device, per_sample_timestep=per_sample_timestep
+        )
+        network_level = noise_level
+    if noise is None:
+        noise = torch.randn(target_images.shape, generator=generator, dtype=torch.float32).to(device)
+    level = noise_level.view(-1, 1, 1, 1)
+    sigma = (1 - level**2).clamp(min=0).sqrt()
+    noisy = level * target_images + sigma * noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = level * noise - sigma * target_images
+    else:
+        target = target_images
+    network_input = noisy if condition is None else torch.cat([condition, noisy], dim=1)
+    return NoisedBatch(network_input, network_level, noise_level, target)
+
+
+def min_snr_weights(noise_level: torch.Tensor, prediction_type: str, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the chosen prediction target."""
+    alpha_bar = noise_level.double() ** 2
+    snr = alpha_bar / (1 - alpha_bar).clamp(min=1e-12)
+    clipped = snr.clamp(max=snr_gamma)
+    if prediction_type == "epsilon":
+        weights = clipped / snr
+    elif prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped
+    return weights.float()
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    batch: NoisedBatch,
+    loss_type: str = "l1",
+    snr_gamma: Optional[float] = None,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """Mean L1 (SR3's choice) or L2 between prediction and target, optionally min-SNR weighted per sample."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    prediction = prediction.float()
+    error = F.l1_loss(prediction, batch.target, reduction="none")
+    if loss_type == "l2":
+        error = error**2
+    per_sample = error.flatten(1).mean(dim=1)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(batch.noise_level, prediction_type, snr_gamma)
+    return per_sample.mean()
