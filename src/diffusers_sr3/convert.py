@@ -48,7 +48,10 @@ _BLOCK_RENAMES = (
     ("conv.", "conv."),
 )
 _TOP_RENAMES = {
-    "sr3": {"noise_level_mlp.1.": "noise_level_embedding.linear_1.", "noise_level_mlp.3.": "noise_level_embedding.linear_2."},
+    "sr3": {
+        "noise_level_mlp.1.": "noise_level_embedding.linear_1.",
+        "noise_level_mlp.3.": "noise_level_embedding.linear_2.",
+    },
     "ddpm": {"time_mlp.1.": "noise_level_embedding.linear_1.", "time_mlp.3.": "noise_level_embedding.linear_2."},
 }
 _FINAL_RENAMES = {"final_conv.block.0.": "conv_out.norm.", "final_conv.block.3.": "conv_out.conv."}
@@ -101,14 +104,16 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
         raise CheckpointError(
-            f"{path} is not an original SR3 checkpoint: it cannot be loaded as plain tensors ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
+            f"{path} is not an original SR3 checkpoint: it cannot be loaded as plain tensors ({reason})"
         ) from None
     if isinstance(state, dict) and {"optimizer", "iter", "epoch"} <= set(state):
         raise CheckpointError(f"{path} is an optimizer-state file (_opt.pth); pass the matching _gen.pth")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(f"{path} is not an original SR3 checkpoint: expected a dict of named tensors")
     state = {key[len("module.") :] if key.startswith("module.") else key: value for key, value in state.items()}
     if not any(key.startswith("denoise_fn.") for key in state):
@@ -166,9 +171,7 @@ def convert_state_dict(state: Dict[str, torch.Tensor], unet_config: Dict[str, An
     other = "ddpm" if kind == "sr3" else "sr3"
     network = {key[len("denoise_fn.") :]: value for key, value in state.items() if key.startswith("denoise_fn.")}
     if any(key.startswith(tuple(_TOP_RENAMES[other])) for key in network):
-        raise CheckpointError(
-            f"the checkpoint holds a {other!r} network but the config says which_model_G {kind!r}"
-        )
+        raise CheckpointError(f"the checkpoint holds a {other!r} network but the config says which_model_G {kind!r}")
     prefixes = _block_prefixes(len(unet_config["channel_multipliers"]), unet_config["layers_per_block"])
     converted, unknown = {}, []
     for key, value in network.items():
@@ -263,7 +266,11 @@ def convert_original_checkpoint(
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise CheckpointError(f"the config does not match the weights: missing tensors {_listing(missing)}")
-    wrong = [f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items() if weights[key].shape != value.shape]
+    wrong = [
+        f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if weights[key].shape != value.shape
+    ]
     if wrong:
         raise CheckpointError(f"the config does not match the weights: shapes differ for {_listing(wrong, 3)}")
     unet.load_state_dict(weights, strict=True)
@@ -278,4 +285,3 @@ def convert_original_checkpoint(
     if output_dir is not None:
         pipeline.save_pretrained(output_dir)
     return pipeline
-

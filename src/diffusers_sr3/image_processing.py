@@ -14,7 +14,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]]
+ImageInput = Union[
+    PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
+]
 
 
 def _rgb_from_channels(image: torch.Tensor, what: str) -> torch.Tensor:
@@ -63,9 +65,7 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
         raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
     tensor = _rgb_from_channels(tensor, what)
     if tensor.numel() and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
-        raise ValueError(
-            f"{what}: float values must lie in [0, 1], found [{tensor.min():.3f}, {tensor.max():.3f}]"
-        )
+        raise ValueError(f"{what}: float values must lie in [0, 1], found [{tensor.min():.3f}, {tensor.max():.3f}]")
     return tensor.clamp(0, 1)
 
 

@@ -137,9 +137,7 @@ def _current_sigma(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, floa
     return torch.as_tensor(sigmas[step_index], dtype=torch.float64)
 
 
-def noise_level_for_step(
-    scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]
-) -> torch.Tensor:
+def noise_level_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]) -> torch.Tensor:
     """The noise level `sqrt(alpha_bar)` that the current step of `scheduler` denoises from.
 
     Sigma-based schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS; Karras sigmas included) track the exact
@@ -161,7 +159,9 @@ def noise_level_for_step(
     return alphas_cumprod[index].double().sqrt().float()
 
 
-def network_input_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int], conditioning_type: str):
+def network_input_for_step(
+    scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int], conditioning_type: str
+):
     """What a network of `conditioning_type` takes at this step: the noise level, or the integer timestep."""
     if conditioning_type == "timestep":
         return torch.as_tensor(timestep).round().long()
@@ -169,10 +169,12 @@ def network_input_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tens
 
 
 def sqrt_alphas_cumprod_prev(betas: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """`sqrt([1, alpha_bar_0, ..., alpha_bar_{T-1}])` in float64: the original's table of noise levels."""
-    betas = torch.as_tensor(np.asarray(betas), dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    return torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]).sqrt()
+    """`sqrt([1, alpha_bar_0, ..., alpha_bar_{T-1}])` in float64: the original's table of noise levels.
+
+    Computed with numpy exactly as the original does, so the table is bit-identical to its buffers.
+    """
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    return torch.from_numpy(np.sqrt(np.append(1.0, alphas_cumprod)))
 
 
 def sample_training_noise_levels(

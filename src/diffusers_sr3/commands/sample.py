@@ -30,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
     while len(images) < args.num_images:
         count = min(args.batch_size, args.num_images - len(images))
         images += pipeline(
-            batch_size=count, num_inference_steps=args.steps or 100, generator=generator,
-            height=args.size, width=args.size,
+            batch_size=count,
+            num_inference_steps=args.steps or 100,
+            generator=generator,
+            height=args.size,
+            width=args.size,
         ).images
     columns = math.ceil(math.sqrt(len(images)))
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]

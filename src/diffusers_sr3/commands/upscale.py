@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         batch_paths = paths[start : start + args.batch_size]
         batch_images = images[start : start + args.batch_size]
         if len({image.size for image in batch_images}) > 1:
-            outputs = [pipeline(image, num_inference_steps=steps, generator=generator).images[0] for image in batch_images]
+            outputs = [
+                pipeline(image, num_inference_steps=steps, generator=generator).images[0] for image in batch_images
+            ]
         else:
             outputs = pipeline(batch_images, num_inference_steps=steps, generator=generator).images
         for path, result in zip(batch_paths, outputs):

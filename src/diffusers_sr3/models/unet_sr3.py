@@ -150,7 +150,9 @@ class SelfAttention(nn.Module):
 class ResnetAttentionBlock(nn.Module):
     """A ResNet block, optionally followed by self-attention (the original's `ResnetBlocWithAttn`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, with_attention: bool, attention_heads: int, **resnet_kwargs):
+    def __init__(
+        self, in_channels: int, out_channels: int, with_attention: bool, attention_heads: int, **resnet_kwargs
+    ):
         super().__init__()
         self.resnet = ResnetBlock(in_channels, out_channels, **resnet_kwargs)
         norm_groups = resnet_kwargs["norm_groups"]
@@ -244,6 +246,8 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # The level embedding must resolve levels that differ by ~1e-4 (late sampling steps): keep it in float32.
+    _keep_in_fp32_modules = ["noise_level_embedding"]
 
     @register_to_config
     def __init__(

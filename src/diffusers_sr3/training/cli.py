@@ -1,0 +1,29 @@
+"""The command line of the example training scripts: options generated from `TrainingConfig`, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import add_training_arguments, config_from_args
+from .hub import HubUploadError
+
+
+def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
+    """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed)."""
+    from .trainer import train
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_training_arguments(parser, task=task)
+    args = parser.parse_args(argv)
+    try:
+        train(config_from_args(args))
+    except HubUploadError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, ConnectionError, ImportError) as error:
+        parser.error(str(error))
+    return 0

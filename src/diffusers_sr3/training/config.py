@@ -1,0 +1,211 @@
+"""All training options in one dataclass, and the command line generated from it.
+
+`TrainingConfig` is the programmatic interface (`train(TrainingConfig(...))`); `add_training_arguments` turns its
+fields into argparse options (`--field_name`, help from the field metadata) and `config_from_args` maps the parsed
+namespace back, so the example scripts share one definition and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+TASKS = ("sr", "uncond")
+REPORT_TARGETS = ("tensorboard", "wandb", "none", "all")
+
+
+def _option(default: Any, help: str, cli: bool = True, choices: Optional[tuple] = None, **kwargs: Any) -> Any:
+    metadata = {"help": help, "cli": cli, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TrainingConfig:
+    """Every option of SR3 training; the defaults are the SR3 paper's where it gives one.
+
+    Build one in Python and call `diffusers_sr3.training.train(config)`, or use the example scripts, whose
+    command-line options are these fields (`--learning_rate 1e-4`, `--use_ema`, `--no-random_flip`, ...).
+    """
+
+    # What to train.
+    task: str = _option("sr", "`sr` (super-resolution) or `uncond` (unconditional generation)", choices=TASKS)
+    preset: Optional[str] = _option(
+        None,
+        "network configuration of the original project: sr_16_128, sr_64_512, uncond_128, tiny, tiny_uncond "
+        "(default: sr_16_128 / uncond_128 unless --model_config_name_or_path or --resume_from_original is given)",
+    )
+    model_config_name_or_path: Optional[str] = _option(
+        None, "SR3UNet2DModel config.json, or a folder holding one (a pipeline folder's unet/ is found too)"
+    )
+    pretrained_model_name_or_path: Optional[str] = _option(
+        None, "fine-tune the weights of a saved SR3 pipeline (folder or Hub repo id)"
+    )
+    resume_from_original: Optional[str] = _option(
+        None, "fine-tune from an original SR3 checkpoint (I*_E*_gen.pth); needs --original_config"
+    )
+    original_config: Optional[str] = _option(None, "the original JSON config of --resume_from_original")
+    resolution: Optional[int] = _option(None, "training (high-resolution) image size; default: the model's")
+    upscale_factor: Optional[int] = _option(None, "super-resolution factor; default: the preset's, else 4")
+    noise_level_embedding_scale: Optional[float] = _option(
+        None, "multiplies the noise level before its sinusoidal encoding (UNet config; 1.0 = original)"
+    )
+
+    # Diffusion objective.
+    prediction_type: str = _option(
+        "epsilon", "what the network predicts", choices=("epsilon", "v_prediction", "sample")
+    )
+    loss_type: str = _option("l1", "l1 (the paper's choice) or l2", choices=("l1", "l2"))
+    snr_gamma: Optional[float] = _option(None, "min-SNR-gamma loss weighting (e.g. 5.0); default off")
+    per_sample_timestep: bool = _option(False, "draw the step per sample instead of one per batch (SR3's way)")
+    beta_schedule: Optional[str] = _option(None, "noise schedule (default linear)")
+    num_train_timesteps: Optional[int] = _option(None, "diffusion steps T (default 2000, tiny presets 100)")
+    beta_start: Optional[float] = _option(None, "first beta (default 1e-6)")
+    beta_end: Optional[float] = _option(None, "last beta (default 1e-2)")
+
+    # Data.
+    train_data_dir: Optional[str] = _option(
+        None, "image folder (recursive), or the original's prepared layout (hr_N/lr_M folders or its LMDB)"
+    )
+    train_images: Optional[List[str]] = _option(None, "image files to train on")
+    train_dataset: Any = _option(None, "a torch Dataset of high-resolution images (Python only)", cli=False)
+    dataset_name: Optional[str] = _option(
+        None, "a Hub dataset, or a datasets builder for local files (imagefolder, parquet)"
+    )
+    dataset_config_name: Optional[str] = _option(None, "the dataset's configuration name")
+    train_data_files: Optional[List[str]] = _option(None, "local data files (e.g. *.parquet) for datasets")
+    dataset_split: str = _option("train", "dataset split")
+    image_column: str = _option("image", "dataset column holding the images")
+    streaming: bool = _option(False, "stream the dataset instead of downloading/converting it first")
+    cache_dir: Optional[str] = _option(None, "datasets cache folder")
+    max_train_samples: Optional[int] = _option(None, "use only this many training images")
+    random_flip: bool = _option(True, "random horizontal flips")
+    random_crop: bool = _option(False, "random full-scale crops instead of resize + centre crop")
+    lr_blur_sigma: float = _option(0.0, "Gaussian-blur the LR input with sigma uniform in [0, this] (cascades)")
+    dataloader_num_workers: int = _option(0, "dataloader worker processes")
+
+    # Optimisation.
+    train_batch_size: int = _option(16, "batch size per device")
+    max_train_steps: Optional[int] = _option(None, "optimizer steps to run (overrides --num_epochs)")
+    num_epochs: int = _option(100, "epochs, when --max_train_steps is not given")
+    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _option(False, "trade compute for memory")
+    learning_rate: float = _option(1e-4, "peak learning rate (the paper: 1e-4)")
+    scale_lr: bool = _option(False, "multiply the LR by batch size x accumulation x processes")
+    lr_scheduler: str = _option(
+        "constant_with_warmup",
+        "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
+    lr_warmup_steps: int = _option(500, "LR warm-up steps (the paper: 10000)")
+    adam_beta1: float = _option(0.9, "Adam beta1")
+    adam_beta2: float = _option(0.999, "Adam beta2")
+    adam_weight_decay: float = _option(0.0, "AdamW decoupled weight decay")
+    adam_epsilon: float = _option(1e-8, "Adam epsilon")
+    max_grad_norm: Optional[float] = _option(1.0, "clip gradients to this norm (0 or None: no clipping)")
+    mixed_precision: Optional[str] = _option(
+        None, "no, fp16 or bf16 (default: accelerate config)", choices=("no", "fp16", "bf16")
+    )
+    seed: Optional[int] = _option(None, "random seed for a reproducible run")
+    allow_tf32: bool = _option(False, "allow TF32 matmuls on Ampere+ GPUs")
+
+    # EMA.
+    use_ema: bool = _option(False, "keep an exponential moving average of the weights (saved as the model)")
+    ema_decay: float = _option(0.9999, "maximum EMA decay")
+    ema_min_decay: float = _option(0.0, "minimum EMA decay")
+    ema_update_after_step: int = _option(0, "start the EMA after this many steps")
+    ema_use_warmup: bool = _option(False, "EMA warm-up: decay 1 - (1 + step / inv_gamma) ** -power")
+    ema_inv_gamma: float = _option(1.0, "EMA warm-up inverse gamma")
+    ema_power: float = _option(0.75, "EMA warm-up power (3/4 for shorter runs, 2/3 for 1M+ steps)")
+
+    # Output, checkpoints, validation, logging.
+    output_dir: str = _option("sr3-model", "where the pipeline, checkpoints and logs go")
+    checkpointing_steps: int = _option(500, "save a resumable checkpoint every this many steps (0: never)")
+    checkpoints_total_limit: Optional[int] = _option(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: Optional[str] = _option(None, "a checkpoint folder, or `latest` in --output_dir")
+    validation_steps: int = _option(500, "validate every this many steps (0: only at the end)")
+    validation_images: Optional[List[str]] = _option(
+        None, "high-resolution validation images (default: the first training images)"
+    )
+    num_validation_images: int = _option(4, "how many validation images / samples")
+    validation_scheduler: str = _option("dpmsolver", "scheduler for validation sampling (ddpm, ddim, dpmsolver, ...)")
+    validation_steps_count: int = _option(20, "sampling steps at validation")
+    report_to: str = _option("tensorboard", "tracker", choices=REPORT_TARGETS)
+    logging_dir: str = _option("logs", "tracker folder, relative to --output_dir")
+    tracker_project_name: Optional[str] = _option(None, "tracker project / run name (default sr3 or sr3-uncond)")
+
+    # Hub.
+    push_to_hub: bool = _option(False, "upload the final pipeline and model card (never the checkpoints)")
+    hub_model_id: Optional[str] = _option(None, "repo id to push to (default: the output folder's name)")
+    hub_token: Optional[str] = _option(None, "Hub token (default: the saved login)")
+    hub_private: bool = _option(False, "create the repo private")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_validation_images")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        if (self.resume_from_original is None) != (self.original_config is None):
+            raise ValueError("--resume_from_original and --original_config go together")
+        sources = [self.model_config_name_or_path, self.pretrained_model_name_or_path, self.resume_from_original]
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError(
+                "give at most one of --model_config_name_or_path, --pretrained_model_name_or_path and "
+                "--resume_from_original"
+            )
+        if self.lr_blur_sigma < 0:
+            raise ValueError(f"lr_blur_sigma must not be negative, got {self.lr_blur_sigma}")
+        if self.task == "uncond" and self.lr_blur_sigma:
+            raise ValueError("--lr_blur_sigma applies to super-resolution only")
+
+
+def _argument_type(annotation: Any) -> tuple:
+    """(base type, is_list) of a field annotation such as `Optional[List[str]]`."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _argument_type(inner[0])
+    if origin in (list, List):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+    """Add one `--name` option per `TrainingConfig` field; `defaults` overrides field defaults (e.g. `task`)."""
+    hints = typing.get_type_hints(TrainingConfig)
+    for item in dataclasses.fields(TrainingConfig):
+        if not item.metadata.get("cli", True):
+            continue
+        default = defaults.get(item.name, item.default if item.default is not dataclasses.MISSING else None)
+        base, is_list = _argument_type(hints[item.name])
+        kwargs: dict = {"default": default, "help": f"{item.metadata['help']} (default: {default})"}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+            if is_list:
+                kwargs["nargs"] = "+"
+            if item.metadata.get("choices"):
+                kwargs["choices"] = item.metadata["choices"]
+        parser.add_argument(f"--{item.name}", **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:
+    """The `TrainingConfig` of parsed arguments (`overrides` win, e.g. Python-only fields)."""
+    names = {item.name for item in dataclasses.fields(TrainingConfig)}
+    values = {name: value for name, value in vars(args).items() if name in names}
+    values.update(overrides)
+    return TrainingConfig(**values)

@@ -1,0 +1,43 @@
+"""Upload a trained pipeline folder to the Hugging Face Hub, never its checkpoints or logs."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+# Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each).
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*", ".tmp-*/**", ".*", "logs/**"]
+
+
+class HubUploadError(RuntimeError):
+    """The upload failed; the local save is complete and untouched."""
+
+
+def push_folder(
+    output_dir: str, repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False
+) -> str:
+    """Create the repo if needed and upload `output_dir` to it; return the commit URL.
+
+    Raises:
+        HubUploadError: naming the reason and the intact local folder.
+    """
+    from huggingface_hub import HfApi
+
+    repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message="Upload SR3 pipeline trained with diffusers-sr3",
+            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        )
+    except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise HubUploadError(
+            f"upload to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); the trained pipeline "
+            f"is saved and intact in {output_dir}; retry with `hf upload {repo_id} {output_dir} "
+            "--exclude 'checkpoint-*/**' --exclude 'logs/**'`"
+        ) from error
+    return commit.commit_url

@@ -1,0 +1,62 @@
+"""Shared test setup: offline Hub, the shared fixtures folder, and tiny models."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
+# Tiny test models gain nothing from threads, and OpenMP spinning makes them crawl when processes share cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("SR3_SHARED_DIR", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "original_sr3"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still runs in CI)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hub_cache(tmp_path, monkeypatch):
+    """Keep every test away from the user's Hub cache and modules cache."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+
+
+def tiny_unet_config(**overrides):
+    """A ~30k-parameter SR3 UNet config for fast tests (conditional, 3 levels, attention at 8)."""
+    config = dict(
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=8,
+        channel_multipliers=(1, 2, 2),
+        layers_per_block=1,
+        attention_resolutions=(8,),
+        sample_size=32,
+        norm_groups=4,
+    )
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def tiny_unet():
+    from diffusers_sr3 import SR3UNet2DModel
+
+    torch.manual_seed(0)
+    return SR3UNet2DModel(**tiny_unet_config()).eval()
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_unet):
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    pipeline = SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,176 @@
+"""Converting original SR3 checkpoints: parity with the original code, and refusal of anything else."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline
+from diffusers_sr3.cli import main
+from diffusers_sr3.convert import CheckpointError, convert_original_checkpoint, load_original_config
+from diffusers_sr3.noise import network_input_for_step
+
+VARIANTS = ("sr3", "ddpm", "uncond")
+
+
+def convert(variant, **kwargs):
+    return convert_original_checkpoint(
+        FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", FIXTURES / f"{variant}_tiny_config.json", **kwargs
+    )
+
+
+def recorded(variant):
+    return torch.load(FIXTURES / f"{variant}_tiny_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    converted = {variant: convert(variant) for variant in VARIANTS}
+    for pipeline in converted.values():
+        pipeline.set_progress_bar_config(disable=True)
+    return converted
+
+
+def test_converted_kinds_and_configs(pipelines):
+    assert isinstance(pipelines["sr3"], SR3Pipeline) and pipelines["sr3"].config.upscale_factor == 4
+    assert isinstance(pipelines["uncond"], SR3UnconditionalPipeline)
+    assert pipelines["ddpm"].unet.config.conditioning_type == "timestep"
+    for variant, parameters in (("sr3", 166_971), ("ddpm", 166_971), ("uncond", 166_755)):
+        assert sum(p.numel() for p in pipelines[variant].unet.parameters()) == parameters
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_matches_the_original_network(pipelines, variant):
+    io = recorded(variant)
+    unet = pipelines[variant].unet
+    with torch.no_grad():
+        if variant == "ddpm":
+            outputs = [unet(io["x"], io["t"]).sample]
+        else:
+            outputs = [unet(io["x"], io["noise_level"]).sample, unet(io["x"], io["noise_level"].view(-1)).sample]
+    for output in outputs:
+        torch.testing.assert_close(output, io["expected"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_ddpm_step_matches_the_original_posterior(pipelines, variant):
+    io = recorded(variant)
+    pipeline = pipelines[variant]
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+    timestep = torch.tensor(io["post_t"])
+    level = network_input_for_step(scheduler, timestep, pipeline.unet.config.conditioning_type)
+    x_t = io["post_x_t"]
+    network_input = x_t if variant == "uncond" else torch.cat([io["post_condition"], x_t], dim=1)
+    with torch.no_grad():
+        eps = pipeline.unet(network_input, level.expand(2)).sample
+    torch.testing.assert_close(eps, io["post_eps"], atol=1e-5, rtol=0)
+    torch.manual_seed(io["psample_seed"])
+    step = scheduler.step(eps, timestep, x_t)
+    torch.testing.assert_close(step.pred_original_sample, io["post_x_recon"], atol=1e-5, rtol=0)
+    mean = step.prev_sample - io["psample_noise"] * torch.exp(0.5 * torch.as_tensor(io["post_log_variance"]))
+    torch.testing.assert_close(mean, io["post_model_mean"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step.prev_sample, io["psample_out"], atol=1e-5, rtol=0)
+
+
+def test_sr3_sampling_loop_reproduces_the_original(pipelines):
+    """Same global seed, no generator: 100 DDPM steps on the recorded condition match the original's result."""
+    io = recorded("sr3")
+    torch.manual_seed(io["loop_seed"])
+    output = pipelines["sr3"](
+        (io["loop_condition"] + 1) / 2, output_size=32, num_inference_steps=100, output_type="pt", num_intermediates=10
+    )
+    expected = io["loop_out_continuous"]
+    torch.testing.assert_close(output.images * 2 - 1, expected[-1:], atol=1e-4, rtol=0)
+    # The original's sr_process rows 1..10 are the states after steps 99, 88, ..., 0.
+    for snapshot, row in zip(output.intermediates, expected[1:]):
+        torch.testing.assert_close(snapshot * 2 - 1, row[None].clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_unconditional_sampling_loop_reproduces_the_original(pipelines):
+    io = recorded("uncond")
+    torch.manual_seed(io["loop_seed"])
+    output = pipelines["uncond"](batch_size=1, num_inference_steps=100, height=32, width=32, output_type="pt")
+    torch.testing.assert_close(output.images * 2 - 1, io["loop_out_continuous"][-1:], atol=1e-4, rtol=0)
+
+
+def test_config_comments_are_allowed(tmp_path):
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    text = json.dumps(config, indent=2).replace('"name": "sr3_tiny",', '"name": "sr3_tiny", // a comment\n')
+    text = text.replace('"phase": "train",', '"phase": "train", // "quoted // inside a comment"')
+    (tmp_path / "commented.json").write_text("// header comment\n" + text)
+    assert load_original_config(tmp_path / "commented.json") == config
+    pipeline = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", tmp_path / "commented.json")
+    assert isinstance(pipeline, SR3Pipeline)
+
+
+def test_converted_folder_reloads_identically(tmp_path, pipelines):
+    convert("sr3", output_dir=tmp_path / "converted")
+    reloaded = SR3Pipeline.from_pretrained(tmp_path / "converted")
+    io = recorded("sr3")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.unet(io["x"], io["noise_level"]).sample, io["expected"], atol=1e-5, rtol=0)
+    assert reloaded.scheduler.config.num_train_timesteps == 100
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/sr3-should-not-exist",))
+
+
+def test_files_that_are_not_original_checkpoints_are_refused(tmp_path):
+    sr3_config = FIXTURES / "sr3_tiny_config.json"
+    cases = {}
+    cases["optimizer-state file"] = FIXTURES / "sr3_tiny_I10_E1_opt.pth"
+    state = torch.load(FIXTURES / "sr3_tiny_I10_E1_gen.pth", weights_only=True)
+    renamed = {key.replace("denoise_fn.", "net."): value for key, value in state.items()}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    cases["no 'denoise_fn"] = tmp_path / "renamed.pth"
+    with open(tmp_path / "code.pth", "wb") as handle:
+        pickle.dump({"denoise_fn.x": _Payload()}, handle)
+    cases["cannot be loaded as plain tensors"] = tmp_path / "code.pth"
+    (tmp_path / "truncated.pth").write_bytes((FIXTURES / "sr3_tiny_I10_E1_gen.pth").read_bytes()[:5000])
+    cases["cannot be loaded as plain tensors "] = tmp_path / "truncated.pth"
+    for message, path in cases.items():
+        with pytest.raises(CheckpointError, match=message.strip()):
+            convert_original_checkpoint(path, sr3_config)
+    assert not os.path.exists("/tmp/sr3-should-not-exist")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        convert_original_checkpoint(tmp_path / "missing_gen.pth", sr3_config)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config["model"]["unet"]["res_blocks"] = 2
+    with pytest.raises(CheckpointError, match="config does not match the weights"):
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config["model"]["unet"]["inner_channel"] = 16
+    config["model"]["unet"]["norm_groups"] = 8
+    with pytest.raises(CheckpointError, match="shapes differ"):
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+    with pytest.raises(CheckpointError, match="'ddpm' network but the config says which_model_G 'sr3'"):
+        convert_original_checkpoint(FIXTURES / "ddpm_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
+    (tmp_path / "broken.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not a valid JSON config"):
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", tmp_path / "broken.json")
+
+
+def test_convert_command(tmp_path, capsys):
+    output = tmp_path / "pipeline"
+    arguments = ["convert", "--checkpoint", str(FIXTURES / "sr3_tiny_I10_E1_gen.pth")]
+    arguments += ["--config", str(FIXTURES / "sr3_tiny_config.json"), "--output", str(output)]
+    assert main(arguments) == 0
+    assert "SR3Pipeline (166,971 parameters)" in capsys.readouterr().out
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert main(arguments) == 2
+    assert "already holds a pipeline" in capsys.readouterr().err
+    assert main(arguments + ["--overwrite"]) == 0
+    bad = ["convert", "--checkpoint", str(FIXTURES / "sr3_tiny_I10_E1_opt.pth")]
+    bad += ["--config", str(FIXTURES / "sr3_tiny_config.json"), "--output", str(tmp_path / "other")]
+    assert main(bad) == 2
+    assert "optimizer-state file" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

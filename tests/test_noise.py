@@ -1,0 +1,93 @@
+"""diffusers_sr3.noise: the original's schedules, schedulers built from them, and SR3 noise levels."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES
+
+from diffusers_sr3.noise import (
+    BETA_SCHEDULES,
+    SCHEDULERS,
+    make_beta_schedule,
+    make_scheduler,
+    noise_level_for_step,
+    sample_training_noise_levels,
+    sqrt_alphas_cumprod_prev,
+    swap_scheduler,
+    training_betas,
+)
+
+
+@pytest.fixture(scope="module")
+def recorded_schedules():
+    return torch.load(FIXTURES / "schedule.pt", weights_only=True)
+
+
+def test_beta_schedules_match_the_original_bit_for_bit(recorded_schedules):
+    for name, recorded in recorded_schedules.items():
+        options = recorded["schedule_opt"]
+        betas = make_beta_schedule(
+            options["schedule"], options["n_timestep"], options["linear_start"], options["linear_end"]
+        )
+        np.testing.assert_array_equal(betas, recorded["betas"].numpy(), err_msg=name)
+        torch.testing.assert_close(
+            sqrt_alphas_cumprod_prev(betas), recorded["sqrt_alphas_cumprod_prev"], rtol=0, atol=0
+        )
+
+
+def test_every_original_schedule_is_valid():
+    for name in BETA_SCHEDULES:
+        betas = make_beta_schedule(name, 1000, 1e-4, 2e-2)
+        assert betas.shape == (1000,) and betas.dtype == np.float64, name
+        assert np.all(betas > 0) and np.all(betas <= 1), name
+    assert make_beta_schedule("jsd", 4)[-1] == 1.0
+    assert make_beta_schedule("warmup10", 100, 1e-4, 2e-2)[10] == 2e-2
+    with pytest.raises(ValueError, match="unknown beta schedule 'sigmoid'"):
+        make_beta_schedule("sigmoid", 10)
+
+
+def test_scheduler_keeps_the_float64_betas_through_from_config():
+    scheduler = make_scheduler("ddpm", n_timestep=100)
+    assert scheduler.config.variance_type == "fixed_small" and scheduler.config.clip_sample
+    expected = make_beta_schedule("linear", 100, 1e-6, 1e-2)
+    for name in SCHEDULERS:
+        swapped = swap_scheduler(scheduler, name)
+        np.testing.assert_array_equal(training_betas(swapped).numpy(), expected, err_msg=name)
+    with pytest.raises(ValueError, match="unknown scheduler 'plms'"):
+        make_scheduler("plms")
+
+
+def test_ddpm_noise_level_is_the_one_the_original_feeds():
+    io = torch.load(FIXTURES / "sr3_tiny_io.pt", weights_only=True)
+    scheduler = make_scheduler("ddpm", n_timestep=100)
+    scheduler.set_timesteps(100)
+    level = noise_level_for_step(scheduler, io["post_t"])
+    torch.testing.assert_close(level, io["post_noise_level"][0, 0], rtol=0, atol=1e-7)
+
+
+def test_sigma_and_timestep_schedulers_agree_on_the_level():
+    """Euler (sigmas) and DDIM (integer timesteps) step through the same levels on the same timesteps."""
+    base = make_scheduler("ddpm")
+    ddim, euler = swap_scheduler(base, "ddim"), swap_scheduler(base, "euler", timestep_spacing="leading")
+    ddim.set_timesteps(20)
+    euler.set_timesteps(20)
+    for t_ddim, t_euler in zip(ddim.timesteps, euler.timesteps):
+        euler.scale_model_input(torch.zeros(1), t_euler)
+        torch.testing.assert_close(noise_level_for_step(euler, t_euler), noise_level_for_step(ddim, t_ddim))
+        euler.step(torch.zeros(1), t_euler, torch.zeros(1))
+
+
+def test_training_levels_lie_between_neighbouring_table_entries():
+    betas = torch.as_tensor(make_beta_schedule("linear", 50, 1e-4, 0.2))
+    table = sqrt_alphas_cumprod_prev(betas).float()
+    generator = torch.Generator().manual_seed(0)
+    per_batch = sample_training_noise_levels(betas, 64, generator=generator)
+    # One step per batch: all levels fall in one interval [table[t], table[t-1]].
+    t = int(torch.searchsorted(-table, -per_batch.max()))
+    assert torch.all(per_batch <= table[t - 1]) and torch.all(per_batch >= table[t])
+    per_sample = sample_training_noise_levels(betas, 4096, generator=generator, per_sample_timestep=True)
+    assert per_sample.min() >= table[-1] and per_sample.max() <= 1.0
+    assert per_sample.std() > 0.2  # spread over the whole schedule, not one interval
+    # Uniform in t: the fraction below the middle level is about a half.
+    middle = table[25]
+    assert abs((per_sample < middle).float().mean() - 0.5) < 0.05

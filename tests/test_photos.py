@@ -1,0 +1,128 @@
+"""The packaged-photo dataset: discovery, the held-out split of whole photos, and crops."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_sr3 import photos
+from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_crops, photo_name, photo_split
+
+
+def _write_photo(path, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_packaged_photos_are_real_colour_photographs():
+    paths = packaged_photo_paths()
+    names = [photo_name(path) for path in paths]
+    assert "astronaut" in names and "coffee" in names  # scikit-image is a test dependency
+    assert len(set(names)) == len(names)
+    assert names == sorted(names)
+    for excluded in ("camera", "motorcycle_right", "logo", "chessboard_RGB", "text"):
+        assert excluded not in names
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            assert image.mode == "RGB" and min(image.size) >= 256, path
+
+
+def test_packaged_photos_missing_names_providers(monkeypatch, tmp_path):
+    monkeypatch.setattr(photos, "_package_dir", lambda package: None)
+    monkeypatch.setattr(photos, "MATE_NATURE_DIR", tmp_path / "none")
+    monkeypatch.setattr(photos, "PLASMA_WALLPAPER_DIR", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="scikit-image.*mate-backgrounds"):
+        packaged_photo_paths()
+
+
+def test_plasma_wallpaper_name_and_largest_landscape_rendition(monkeypatch, tmp_path):
+    images = tmp_path / "Path" / "contents" / "images"
+    images.mkdir(parents=True)
+    for name in ("640x480.jpg", "1280x800.jpg", "720x1440.jpg"):
+        _write_photo(images / name, 8, 8)
+    monkeypatch.setattr(photos, "_package_dir", lambda package: None)
+    monkeypatch.setattr(photos, "MATE_NATURE_DIR", tmp_path / "none")
+    monkeypatch.setattr(photos, "PLASMA_WALLPAPER_DIR", tmp_path)
+    assert packaged_photo_paths() == [images / "1280x800.jpg"]
+    assert photo_name(images / "1280x800.jpg") == "Path"
+
+
+def test_split_is_deterministic_disjoint_and_whole_photo(tmp_path):
+    paths = [tmp_path / f"photo{i}.png" for i in range(10)]
+    train, held = photo_split(paths, heldout=3)
+    assert len(held) == 3 and len(train) == 7
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(paths)
+    assert photo_split(list(reversed(paths)), heldout=3)[1] == held  # order of the input does not matter
+    assert photo_split(paths, heldout=0.3)[1] == held
+    # Adding photos never moves an already held-out photo out of a larger held-out set of the same rank.
+    assert set(held) <= set(photo_split(paths + [tmp_path / "extra.png"], heldout=4)[1]) | {tmp_path / "extra.png"}
+    train, held = photo_split(paths, heldout=["photo2", "photo5"])
+    assert [photo_name(p) for p in held] == ["photo2", "photo5"]
+
+
+@pytest.mark.parametrize(
+    "heldout, message",
+    [(0, "cannot hold out"), (10, "cannot hold out"), (1.5, "fraction"), (["nope"], "not among"), ([], "each side")],
+)
+def test_split_rejects_bad_requests(tmp_path, heldout, message):
+    paths = [tmp_path / f"photo{i}.png" for i in range(10)]
+    with pytest.raises(ValueError, match=message):
+        photo_split(paths, heldout=heldout)
+
+
+def test_split_rejects_duplicate_names(tmp_path):
+    with pytest.raises(ValueError, match="distinct"):
+        photo_split([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"], heldout=1)
+
+
+def test_grid_crops_cover_the_photo_exactly(tmp_path):
+    path = _write_photo(tmp_path / "a.png", 40, 24)
+    crops = photo_crops([path], size=8, stride=8)
+    assert len(crops) == 5 * 3
+    source = np.asarray(PIL.Image.open(path))
+    np.testing.assert_array_equal(np.asarray(crops[6]), source[8:16, 8:16])  # row 1, column 1
+    tensor = photo_crops([path], size=8, stride=8, output_type="pt")
+    assert tensor.shape == (15, 3, 8, 8) and tensor.dtype == torch.float32
+    assert tensor.min() >= -1 and tensor.max() <= 1
+    np.testing.assert_allclose(((tensor[6].permute(1, 2, 0) + 1) * 127.5).numpy(), source[8:16, 8:16], atol=1e-3)
+
+
+def test_random_crops_are_seeded_and_skip_small_photos(tmp_path):
+    paths = [_write_photo(tmp_path / "big.png", 64, 48, 1), _write_photo(tmp_path / "tiny.png", 8, 8, 2)]
+    first = photo_crops(paths, size=16, count=12, seed=3, output_type="pt")
+    assert first.shape == (12, 3, 16, 16)
+    assert torch.equal(first, photo_crops(paths, size=16, count=12, seed=3, output_type="pt"))
+    assert not torch.equal(first, photo_crops(paths, size=16, count=12, seed=4, output_type="pt"))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        photo_crops([paths[1]], size=32, count=1)
+
+
+def test_max_side_downscales_before_cropping(tmp_path):
+    path = _write_photo(tmp_path / "wide.jpg", 200, 100)
+    assert load_photo(path, max_side=50).size == (50, 25)
+    assert len(photo_crops([path], size=25, stride=25, max_side=50)) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(size=8), "exactly one"),
+        (dict(size=8, count=2, stride=2), "exactly one"),
+        (dict(size=0, count=2), "positive"),
+        (dict(size=8, count=2, output_type="np"), "output_type"),
+    ],
+)
+def test_crop_arguments_are_checked(tmp_path, kwargs, message):
+    path = _write_photo(tmp_path / "a.png", 16, 16)
+    with pytest.raises(ValueError, match=message):
+        photo_crops([path], **kwargs)
+
+
+def test_unreadable_photo_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_photo(bad)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_photo(tmp_path / "missing.png")

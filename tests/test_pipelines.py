@@ -1,0 +1,156 @@
+"""SR3Pipeline and SR3UnconditionalPipeline behaviour: inputs, sizes, outputs, generators, callbacks."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3.noise import swap_scheduler
+
+STEPS = 3
+
+
+def run(pipeline, image, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipeline(image, **kwargs)
+
+
+def test_every_input_kind_gives_the_same_result(tiny_pipeline):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    reference = run(tiny_pipeline, PIL.Image.fromarray(array), output_type="np").images
+    assert reference.shape == (1, 32, 32, 3) and reference.dtype == np.float32
+    as_numpy = run(tiny_pipeline, array, output_type="np").images
+    as_float = run(tiny_pipeline, array.astype(np.float32) / 255, output_type="np").images
+    as_tensor = run(tiny_pipeline, torch.from_numpy(array).permute(2, 0, 1).float() / 255, output_type="np").images
+    for other in (as_numpy, as_float, as_tensor):
+        np.testing.assert_allclose(other, reference, atol=1e-5)
+
+
+def test_gray_and_rgba_inputs_are_converted(tiny_pipeline):
+    gray = PIL.Image.fromarray(np.full((8, 8), 100, dtype=np.uint8), mode="L")
+    rgba = PIL.Image.fromarray(np.full((8, 8, 4), 100, dtype=np.uint8), mode="RGBA")
+    rgb = PIL.Image.fromarray(np.full((8, 8, 3), 100, dtype=np.uint8))
+    outputs = [run(tiny_pipeline, image, output_type="np").images for image in (gray, rgba, rgb)]
+    np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-5)
+    np.testing.assert_allclose(outputs[1], outputs[2], atol=1e-5)
+    two_channel = np.zeros((8, 8, 2), dtype=np.uint8)
+    with pytest.raises(ValueError, match="2 channels"):
+        run(tiny_pipeline, two_channel)
+
+
+def test_batches_lists_and_generator_lists(tiny_pipeline):
+    images = [PIL.Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue")]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    batch = run(tiny_pipeline, images, generator=generators, output_type="pt").images
+    assert batch.shape == (3, 3, 32, 32) and 0 <= batch.min() and batch.max() <= 1
+    # A per-image generator makes each image independent of its batch mates.
+    alone = run(tiny_pipeline, images[1], generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        run(tiny_pipeline, images, generator=generators[:2])
+    with pytest.raises(ValueError, match="same size"):
+        run(tiny_pipeline, [images[0], PIL.Image.new("RGB", (9, 8))])
+
+
+def test_same_seed_same_image_and_pil_output(tiny_pipeline):
+    image = PIL.Image.new("RGB", (8, 8), "orange")
+    first = run(tiny_pipeline, image).images[0]
+    second = run(tiny_pipeline, image).images[0]
+    assert isinstance(first, PIL.Image.Image) and first.size == (32, 32)
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_non_square_and_indivisible_sizes_are_padded_and_cropped(tiny_pipeline):
+    image = PIL.Image.new("RGB", (7, 5), "white")  # x4 -> 28x20; the UNet divides by 4 only after padding
+    result = run(tiny_pipeline, image, output_type="pt").images
+    assert result.shape == (1, 3, 20, 28)
+    odd = run(tiny_pipeline, image, output_size=(23, 30), output_type="pt").images
+    assert odd.shape == (1, 3, 23, 30)
+    square = run(tiny_pipeline, image, output_size=16, output_type="pt").images
+    assert square.shape == (1, 3, 16, 16)
+
+
+def test_padding_does_not_change_the_inside_of_a_divisible_image(tiny_pipeline):
+    """Padding goes to the right/bottom only: a divisible input is untouched, so its result is the reference."""
+    image = PIL.Image.new("RGB", (8, 8), "teal")
+    reference = run(tiny_pipeline, image, output_type="pt").images
+    padded = run(tiny_pipeline, image, output_size=(32, 32), output_type="pt").images
+    torch.testing.assert_close(padded, reference)
+
+
+def test_intermediates_and_callbacks(tiny_pipeline):
+    image = PIL.Image.new("RGB", (8, 8), "gray")
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, int(timestep), tuple(tensors)))
+        return {"latents": tensors["latents"] * 0} if step == STEPS - 1 else {}
+
+    output = run(
+        tiny_pipeline,
+        image,
+        num_intermediates=2,
+        output_type="pt",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "condition"],
+    )
+    assert [step for step, _, _ in seen] == [0, 1, 2]
+    assert seen[0][2] == ("latents", "condition")
+    assert len(output.intermediates) == 2 and output.intermediates[0].shape == (1, 3, 32, 32)
+    # The callback zeroed the final latents: the result is mid-gray.
+    torch.testing.assert_close(output.images, torch.full_like(output.images, 0.5))
+    images, intermediates = run(tiny_pipeline, image, return_dict=False)
+    assert len(images) == 1 and intermediates is None
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        run(tiny_pipeline, image, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver", "unipc", "euler", "heun", "euler_ancestral"])
+def test_schedulers_swap_with_from_config(tiny_pipeline, name):
+    tiny_pipeline.scheduler = swap_scheduler(tiny_pipeline.scheduler, name)
+    result = run(tiny_pipeline, PIL.Image.new("RGB", (8, 8), "pink"), num_inference_steps=4, output_type="np")
+    assert result.images.shape == (1, 32, 32, 3) and np.isfinite(result.images).all()
+
+
+def test_bad_arguments_are_named(tiny_pipeline, tiny_unet):
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="output_type"):
+        run(tiny_pipeline, image, output_type="jpeg")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        run(tiny_pipeline, image, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        run(tiny_pipeline, torch.full((3, 8, 8), 2.0))
+    with pytest.raises(TypeError, match="PIL image, numpy array or torch tensor"):
+        run(tiny_pipeline, "face.png")
+    with pytest.raises(ValueError, match="conditional UNet"):
+        SR3Pipeline(SR3UNet2DModel(**{**tiny_unet.config, "in_channels": 3}), tiny_pipeline.scheduler)
+
+
+def test_unconditional_pipeline():
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(
+        in_channels=3,
+        block_out_channels=8,
+        channel_multipliers=(1, 2),
+        attention_resolutions=(),
+        norm_groups=4,
+        sample_size=16,
+    )
+    pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50))
+    pipeline.set_progress_bar_config(disable=True)
+    generator = [torch.Generator().manual_seed(i) for i in range(2)]
+    output = pipeline(
+        batch_size=2, num_inference_steps=STEPS, generator=generator, output_type="np", num_intermediates=3
+    )
+    assert output.images.shape == (2, 16, 16, 3) and len(output.intermediates) == 3
+    wide = pipeline(batch_size=1, num_inference_steps=STEPS, height=16, width=24, output_type="pt").images
+    assert wide.shape == (1, 3, 16, 24)
+    pil = pipeline(num_inference_steps=STEPS).images
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipeline(num_inference_steps=STEPS, height=15)
+    with pytest.raises(ValueError, match="unconditional UNet"):
+        SR3UnconditionalPipeline(SR3UNet2DModel(in_channels=6, block_out_channels=8, norm_groups=4), pipeline.scheduler)

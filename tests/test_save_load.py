@@ -1,0 +1,118 @@
+"""Pipeline folders: the custom-code layout, both loaders, atomic saves and clear refusals."""
+
+import json
+
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3.pipelines import base
+
+
+def sample(pipeline, **kwargs):
+    return pipeline(
+        PIL.Image.new("RGB", (8, 8), "purple"),
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kwargs,
+    ).images
+
+
+def test_layout_on_disk(tmp_path, tiny_pipeline):
+    tiny_pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_sr3", "SR3Pipeline"]
+    assert index["unet"] == ["unet_sr3", "SR3UNet2DModel"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["upscale_factor"] == 4
+    assert "from diffusers_sr3 import SR3Pipeline" in (tmp_path / "pipeline_sr3.py").read_text()
+    assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.parent.glob(".sr3-save-*"))
+
+
+def test_both_loaders_give_the_same_pipeline(tmp_path, tiny_pipeline):
+    reference = sample(tiny_pipeline)
+    tiny_pipeline.save_pretrained(tmp_path)
+    ours = SR3Pipeline.from_pretrained(tmp_path)
+    ours.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(sample(ours), reference)
+    generic = DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True)
+    generic.set_progress_bar_config(disable=True)
+    assert type(generic) is SR3Pipeline and type(generic.unet) is SR3UNet2DModel
+    torch.testing.assert_close(sample(generic), reference)
+    # Saving what Diffusers loaded writes the same layout again.
+    generic.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["_class_name"][0] == "pipeline_sr3"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(str(tmp_path))
+
+
+def test_loading_options(tmp_path, tiny_pipeline):
+    tiny_pipeline.save_pretrained(tmp_path)
+    bf16 = SR3Pipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.unet.conv_in.weight.dtype == torch.bfloat16
+    bf16.set_progress_bar_config(disable=True)
+    assert sample(bf16).dtype == torch.float32
+    scheduler = DPMSolverMultistepScheduler.from_config(tiny_pipeline.scheduler.config)
+    swapped = SR3Pipeline.from_pretrained(tmp_path, scheduler=scheduler, upscale_factor=2)
+    assert swapped.scheduler is scheduler and swapped.config.upscale_factor == 2
+    assert type(SR3BasePipeline.from_pretrained(tmp_path)) is SR3Pipeline
+    assert type(SR3Pipeline.from_pipe(swapped)) is SR3Pipeline
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        SR3Pipeline.from_pretrained(tmp_path, num_steps=3)
+
+
+def test_unconditional_round_trip_and_wrong_class(tmp_path):
+    unet = SR3UNet2DModel(
+        in_channels=3, block_out_channels=8, channel_multipliers=(1, 2), norm_groups=4, sample_size=16
+    )
+    pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddim", n_timestep=50))
+    pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_sr3_unconditional", "SR3UnconditionalPipeline"]
+    loaded = SR3BasePipeline.from_pretrained(tmp_path)
+    assert type(loaded) is SR3UnconditionalPipeline and type(loaded.scheduler).__name__ == "DDIMScheduler"
+    assert type(DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True)) is SR3UnconditionalPipeline
+    with pytest.raises(ValueError, match="holds a SR3UnconditionalPipeline, not a SR3Pipeline"):
+        SR3Pipeline.from_pretrained(tmp_path)
+
+
+def test_bad_folders_are_named(tmp_path, tiny_pipeline):
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        SR3Pipeline.from_pretrained(tmp_path)
+    tiny_pipeline.save_pretrained(tmp_path / "p")
+    index_path = tmp_path / "p" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["unet"] = ["somewhere", "EvilModel"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a Diffusers or SR3 class"):
+        SR3Pipeline.from_pretrained(tmp_path / "p")
+
+
+def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkeypatch):
+    target = tmp_path / "out"
+    tiny_pipeline.save_pretrained(target)
+    (target / "checkpoint-10").mkdir()
+    (target / "checkpoint-10" / "state.txt").write_text("keep me")
+    before = (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    def crash(folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(base, "write_remote_code_layout", crash)
+    with torch.no_grad():
+        for parameter in tiny_pipeline.unet.parameters():
+            parameter.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_pipeline.save_pretrained(target)
+    assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert (target / "checkpoint-10" / "state.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".sr3-save-*"))
+    monkeypatch.undo()
+    tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint
+    assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
+    assert (target / "checkpoint-10" / "state.txt").exists()

@@ -1,0 +1,327 @@
+"""The training scripts and the shared training core, end to end on CPU with tiny models."""
+
+import glob
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_image_folder, make_lmdb, make_parquet, make_prepared_layout
+
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline
+from diffusers_sr3.presets import PRESETS, get_preset
+from diffusers_sr3.training import TrainingConfig, add_training_arguments, config_from_args, train
+from diffusers_sr3.training.checkpointing import list_checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SR_SCRIPT = os.path.join(REPO, "examples", "train_sr3.py")
+UNCOND_SCRIPT = os.path.join(REPO, "examples", "train_uncond.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two threads on two busy cores make small convolutions 100x slower; one thread is fast and deterministic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fast_options(output_dir, **overrides):
+    """A few-second run: tiny model, batch 2, 4 steps, 2-step validation sampling, no tracker."""
+    options = dict(
+        preset="tiny",
+        output_dir=str(output_dir),
+        train_batch_size=2,
+        max_train_steps=4,
+        checkpointing_steps=0,
+        validation_steps=0,
+        num_validation_images=2,
+        validation_steps_count=2,
+        report_to="none",
+        lr_warmup_steps=1,
+        seed=0,
+    )
+    options.update(overrides)
+    return options
+
+
+def as_argv(options):
+    argv = []
+    for name, value in options.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is False:
+            argv.append(f"--no-{name}")
+        elif isinstance(value, list):
+            argv += [f"--{name}", *map(str, value)]
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+def run_script(script, argv, monkeypatch):
+    """Run an example script as `python script.py argv...` in this process; return its exit status."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name="__main__")
+    return exit_info.value.code
+
+
+def event_contents(log_dir):
+    """Scalar tags (with values) and image tags found in the TensorBoard event files under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, set()
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        accumulator = EventAccumulator(path, size_guidance={"images": 0, "scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+        images.update(accumulator.Tags()["images"])
+    return scalars, images
+
+
+def test_train_sr3_script_end_to_end(tmp_path, monkeypatch):
+    """Local folder with bad images, EMA, checkpoints with a limit, validation to TensorBoard, model card."""
+    data = make_image_folder(str(tmp_path / "images"), count=5)
+    output = tmp_path / "out"
+    options = fast_options(
+        output,
+        train_data_dir=data,
+        use_ema=True,
+        ema_decay=0.9,
+        checkpointing_steps=1,
+        checkpoints_total_limit=2,
+        validation_steps=2,
+        report_to="tensorboard",
+        random_flip=False,
+    )
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+
+    # The pipeline loads and super-resolves; the EMA weights (not the raw ones) were saved.
+    pipeline = SR3Pipeline.from_pretrained(str(output))
+    assert pipeline.config.upscale_factor == 4
+    image = pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32)
+    checkpoints = [os.path.basename(path) for path in list_checkpoints(str(output))]
+    assert checkpoints == ["checkpoint-3", "checkpoint-4"]
+    raw = load_file(str(output / "checkpoint-4" / "model.safetensors"))
+    saved = load_file(str(output / "unet" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(output / "checkpoint-4" / "ema.safetensors"))
+    names = list(pipeline.unet.state_dict())
+    assert any(not torch.equal(raw[name], saved[name]) for name in names), "final weights must be the EMA's"
+    for index, (name, param) in enumerate(pipeline.unet.named_parameters()):
+        torch.testing.assert_close(saved[name], ema[f"{index:05d}"])
+        assert names[index] == name
+
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["num_processes"] == 1
+    assert summary["skipped_at_scan"] == {"unreadable": 1, "small": 1}
+    assert summary["skipped_during_training"] >= 1  # the truncated file, found when decoded
+    assert set(summary["validation"]) == {"psnr", "ssim", "consistency"}
+
+    scalars, images = event_contents(str(output / "logs"))
+    assert len(scalars["train/loss"]) == 4 and len(scalars["train/lr"]) == 4
+    assert len(scalars["val/psnr"]) == 3  # steps 2 and 4, and the final one
+    assert {"val/ssim", "val/consistency", "train/ema_decay"} <= set(scalars)
+    assert "validation" in images
+
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "super-resolution" in card
+    assert "PSNR" in card and "validation.png" in card and "SR3Pipeline.from_pretrained" in card
+    assert (output / "validation.png").is_file()
+
+
+def test_train_uncond_script_end_to_end(tmp_path, monkeypatch):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(
+        output, preset="tiny_uncond", train_data_dir=data, validation_steps=2, report_to="tensorboard"
+    )
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
+    pipeline = SR3UnconditionalPipeline.from_pretrained(str(output))
+    assert pipeline(batch_size=1, num_inference_steps=2, output_type="pt").images.shape == (1, 3, 32, 32)
+    _, images = event_contents(str(output / "logs"))
+    assert "validation" in images
+    assert "unconditional-image-generation" in (output / "README.md").read_text()
+    # The unconditional script refuses a super-resolution model with a clear message.
+    options = fast_options(tmp_path / "bad", preset="tiny", train_data_dir=data)
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 2
+
+
+def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
+    options = fast_options(tmp_path / "out", dataset_name="someone/faces")
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    assert "offline mode is on" in capsys.readouterr().err
+    options = fast_options(tmp_path / "out", train_data_dir=str(tmp_path / "nothing"))
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    if "wandb" not in sys.modules:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            options = fast_options(tmp_path / "out", train_data_dir=str(tmp_path), report_to="wandb")
+            assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+            assert "pip install wandb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["parquet", "imagefolder"])
+def test_streamed_local_datasets(tmp_path, kind):
+    if kind == "parquet":
+        source = dict(dataset_name="parquet", train_data_files=[make_parquet(str(tmp_path / "t.parquet"), count=4)])
+    else:
+        source = dict(dataset_name="imagefolder", train_data_dir=make_image_folder(str(tmp_path / "i"), bad=False))
+    output = train(TrainingConfig(**fast_options(tmp_path / "out", streaming=True, max_train_steps=3, **source)))
+    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    assert summary["global_step"] == 3
+    assert summary["skipped_during_training"] == (1 if kind == "parquet" else 0)
+    assert SR3Pipeline.from_pretrained(output).config.upscale_factor == 4
+    with pytest.raises(ValueError, match="--max_train_steps"):
+        train(TrainingConfig(**fast_options(tmp_path / "o2", streaming=True, max_train_steps=None, **source)))
+
+
+@pytest.mark.parametrize("layout", ["folders", "lmdb"])
+def test_original_prepared_layout(tmp_path, layout):
+    if layout == "folders":
+        root = make_prepared_layout(str(tmp_path / "ffhq_8_32"), count=4)
+    else:
+        root = make_lmdb(str(tmp_path / "ffhq_8_32_lmdb"), count=4)
+    output = train(TrainingConfig(**fast_options(tmp_path / "out", train_data_dir=root, max_train_steps=2)))
+    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    assert summary["global_step"] == 2 and summary["epochs"] == 1
+
+
+def test_programmatic_sources_and_options(tmp_path):
+    """A list of PIL images as a torch dataset, with the objective's options, accumulation and checkpointing."""
+    from test_data import random_image
+
+    images = [random_image(40, 40, index) for index in range(4)]
+    output = train(
+        TrainingConfig(
+            **fast_options(
+                tmp_path / "out",
+                train_dataset=images,
+                prediction_type="v_prediction",
+                loss_type="l2",
+                snr_gamma=5.0,
+                per_sample_timestep=True,
+                noise_level_embedding_scale=1000.0,
+                beta_schedule="cosine",
+                num_train_timesteps=50,
+                gradient_accumulation_steps=2,
+                gradient_checkpointing=True,
+                lr_blur_sigma=1.0,
+                max_train_steps=2,
+                lr_scheduler="cosine",
+            )
+        )
+    )
+    pipeline = SR3Pipeline.from_pretrained(output)
+    # What sampling needs is stored with the model.
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert pipeline.scheduler.config.num_train_timesteps == 50
+    assert pipeline.unet.config.noise_level_embedding_scale == 1000.0
+    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    assert summary["total_batch_size"] == 4 and summary["global_step"] == 2
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_model_sources(tmp_path):
+    """--model_config_name_or_path, --pretrained_model_name_or_path and --resume_from_original."""
+    from conftest import FIXTURES, tiny_unet_config
+    from test_data import random_image
+
+    images = [random_image(32, 32, index) for index in range(2)]
+    config_dir = tmp_path / "cfg"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(json.dumps(tiny_unet_config(dropout=0.1)))
+    first = train(
+        TrainingConfig(
+            **fast_options(
+                tmp_path / "a",
+                preset=None,
+                model_config_name_or_path=str(config_dir),
+                train_dataset=images,
+                max_train_steps=1,
+            )
+        )
+    )
+    assert SR3Pipeline.from_pretrained(first).unet.config.dropout == 0.1
+    # Fine-tuning a saved pipeline starts from its weights and keeps its schedule.
+    second = train(
+        TrainingConfig(
+            **fast_options(
+                tmp_path / "b",
+                preset=None,
+                pretrained_model_name_or_path=first,
+                train_dataset=images,
+                max_train_steps=1,
+                learning_rate=1e-12,
+            )
+        )
+    )
+    before = load_file(os.path.join(first, "unet", "diffusion_pytorch_model.safetensors"))
+    after = load_file(os.path.join(second, "unet", "diffusion_pytorch_model.safetensors"))
+    for name in before:
+        torch.testing.assert_close(before[name], after[name], atol=1e-6, rtol=0)
+    # The original checkpoint: its own network, factor (x4) and 100-step schedule.
+    third = train(
+        TrainingConfig(
+            **fast_options(
+                tmp_path / "c",
+                preset=None,
+                resume_from_original=str(FIXTURES / "sr3_tiny_I10_E1_gen.pth"),
+                original_config=str(FIXTURES / "sr3_tiny_config.json"),
+                train_dataset=images,
+                max_train_steps=1,
+            )
+        )
+    )
+    pipeline = SR3Pipeline.from_pretrained(third)
+    assert pipeline.unet.config.block_out_channels == 8 and pipeline.config.upscale_factor == 4
+    assert pipeline.scheduler.config.num_train_timesteps == 100
+    with pytest.raises(ValueError, match="go together"):
+        TrainingConfig(resume_from_original="x.pth")
+    with pytest.raises(ValueError, match="conditional UNet"):
+        train(TrainingConfig(**fast_options(tmp_path / "d", preset="tiny_uncond", train_dataset=images)))
+
+
+def test_presets_match_the_original_configurations():
+    sr = get_preset("sr_16_128")
+    assert sr.unet["channel_multipliers"] == (1, 2, 4, 8, 8) and sr.unet["dropout"] == 0.2
+    assert (sr.resolution, sr.upscale_factor, sr.unet["layers_per_block"]) == (128, 8, 2)
+    big = get_preset("sr_64_512")
+    assert big.unet["channel_multipliers"] == (1, 2, 4, 8, 8, 16, 16) and big.unet["layers_per_block"] == 1
+    assert (big.resolution, big.unet["dropout"]) == (512, 0.0)
+    uncond = get_preset("uncond_128")
+    assert uncond.unet["in_channels"] == 3 and uncond.upscale_factor is None
+    assert uncond.unet["channel_multipliers"] == (1, 1, 2, 2, 4, 4)
+    for preset in PRESETS.values():
+        assert preset.unet["sample_size"] == preset.resolution
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
+
+
+def test_command_line_maps_onto_the_config():
+    import argparse
+    import dataclasses
+
+    parser = add_training_arguments(argparse.ArgumentParser(), task="uncond")
+    args = parser.parse_args(
+        ["--no-random_flip", "--use_ema", "--train_images", "a.png", "b.png", "--snr_gamma", "5", "--seed", "3"]
+    )
+    config = config_from_args(args)
+    assert config.task == "uncond" and config.random_flip is False and config.use_ema is True
+    assert config.train_images == ["a.png", "b.png"] and config.snr_gamma == 5.0 and config.seed == 3
+    defaults = TrainingConfig(task="uncond")
+    for field in dataclasses.fields(TrainingConfig):
+        if field.name not in ("random_flip", "use_ema", "train_images", "snr_gamma", "seed", "train_dataset"):
+            assert getattr(config, field.name) == getattr(defaults, field.name), field.name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--loss_type", "l3"])
+    with pytest.raises(ValueError, match="train_batch_size must be at least 1"):
+        TrainingConfig(train_batch_size=0)

@@ -1,0 +1,173 @@
+"""Resumable training: N steps == N/2 steps + stop + resume + N/2 steps; interrupted checkpoints never count."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_image_folder
+from test_training import fast_options
+
+from diffusers_sr3.training import Trainer, TrainingConfig, train
+from diffusers_sr3.training.checkpointing import list_checkpoints, resolve_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def resume_options(tmp_path, output, **overrides):
+    # 6 images, batch 2 -> 3 steps per epoch: 8 steps cross two epoch boundaries and the stop (step 4) lies
+    # inside an epoch, so the data order, augmentation draws and the skip-ahead on resume are all exercised.
+    data = os.path.join(str(tmp_path), "images")
+    if not os.path.isdir(data):
+        make_image_folder(data, count=6, size=(48, 48), bad=False)
+    options = fast_options(
+        output,
+        train_data_dir=data,
+        max_train_steps=8,
+        checkpointing_steps=4,
+        use_ema=True,
+        ema_decay=0.9,
+        lr_scheduler="cosine",
+        lr_warmup_steps=3,
+        random_crop=True,
+        lr_blur_sigma=1.0,
+    )
+    options.update(overrides)
+    return TrainingConfig(**options)
+
+
+def weights(folder, name="model.safetensors"):
+    return load_file(os.path.join(folder, name))
+
+
+def assert_same(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    train(resume_options(tmp_path, straight))
+
+    # The interrupted run: it stops right after its step-4 checkpoint, as a killed job would.
+    class Stop(Exception):
+        pass
+
+    trainer = Trainer(resume_options(tmp_path, tmp_path / "resumed"))
+    save = trainer._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Stop()
+
+    trainer._save_checkpoint = save_then_stop
+    with pytest.raises(Stop):
+        trainer.run()
+    resumed = tmp_path / "resumed"
+    assert [os.path.basename(path) for path in list_checkpoints(str(resumed))] == ["checkpoint-4"]
+    assert not (resumed / "model_index.json").exists()
+
+    rerun = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest"))
+    rerun.run()
+    assert rerun.summary["resumed_from"].endswith("checkpoint-4") and rerun.summary["steps_this_run"] == 4
+
+    # Raw weights, EMA weights, optimizer-driven LR and the saved (EMA) pipeline all agree.
+    assert_same(weights(straight / "checkpoint-8"), weights(resumed / "checkpoint-8"))
+    assert_same(
+        weights(straight / "checkpoint-8", "ema.safetensors"), weights(resumed / "checkpoint-8", "ema.safetensors")
+    )
+    assert_same(
+        weights(straight / "unet", "diffusion_pytorch_model.safetensors"),
+        weights(resumed / "unet", "diffusion_pytorch_model.safetensors"),
+    )
+    state = [
+        json.loads((folder / "checkpoint-8" / "training_state.json").read_text()) for folder in (straight, resumed)
+    ]
+    assert state[0] == state[1] and state[0]["global_step"] == 8 and state[0]["ema"]["optimization_step"] == 8
+    scheduler = [
+        torch.load(folder / "checkpoint-8" / "scheduler.bin", weights_only=True) for folder in (straight, resumed)
+    ]
+    assert scheduler[0]["_last_lr"] == scheduler[1]["_last_lr"]
+    # A different seed really changes the result (the comparison above is not vacuous).
+    other = tmp_path / "other"
+    train(resume_options(tmp_path, other, seed=1, max_train_steps=4, checkpointing_steps=4))
+    with pytest.raises(AssertionError):
+        assert_same(weights(straight / "checkpoint-4"), weights(other / "checkpoint-4"))
+
+
+def test_interrupted_checkpoint_never_becomes_latest(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    train(resume_options(tmp_path, output, max_train_steps=2, checkpointing_steps=1, use_ema=False))
+    assert resolve_checkpoint("latest", str(output)).endswith("checkpoint-2")
+
+    # The next run is killed while writing checkpoint-3: accelerate has written part of its state.
+    from accelerate import Accelerator
+
+    real_save_state = Accelerator.save_state
+
+    def killed_mid_write(self, output_dir=None, **kwargs):
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "model.safetensors"), "wb") as handle:
+            handle.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            resume_options(
+                tmp_path,
+                output,
+                max_train_steps=4,
+                checkpointing_steps=1,
+                resume_from_checkpoint="latest",
+                use_ema=False,
+            )
+        )
+    leftovers = [name for name in os.listdir(output) if "checkpoint" in name]
+    assert "checkpoint-3" not in leftovers and any(name.startswith(".tmp-checkpoint-3") for name in leftovers)
+    assert resolve_checkpoint("latest", str(output)).endswith("checkpoint-2")
+    # A checkpoint folder without its completion marker (e.g. copied half-way) is not a candidate either.
+    shutil.copytree(output / "checkpoint-2", output / "checkpoint-9")
+    os.remove(output / "checkpoint-9" / "training_state.json")
+    assert resolve_checkpoint("latest", str(output)).endswith("checkpoint-2")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(output / "checkpoint-9"), str(output))
+    shutil.rmtree(output / "checkpoint-9")
+
+    # Resuming after the crash works from checkpoint-2 and cleans the half-written folder away.
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    trainer = Trainer(
+        resume_options(
+            tmp_path, output, max_train_steps=4, checkpointing_steps=1, resume_from_checkpoint="latest", use_ema=False
+        )
+    )
+    trainer.run()
+    assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["global_step"] == 4
+    assert not [name for name in os.listdir(output) if name.startswith(".tmp")]
+    assert [os.path.basename(path) for path in list_checkpoints(str(output))][-1] == "checkpoint-4"
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
+    trainer = Trainer(
+        resume_options(
+            tmp_path,
+            tmp_path / "new",
+            max_train_steps=1,
+            checkpointing_steps=0,
+            use_ema=False,
+            resume_from_checkpoint="latest",
+        )
+    )
+    trainer.run()
+    assert trainer.summary["resumed_from"] is None and trainer.summary["global_step"] == 1
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        train(resume_options(tmp_path, tmp_path / "x", resume_from_checkpoint=str(tmp_path / "nowhere")))
