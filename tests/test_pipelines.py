@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.noise import swap_scheduler
 
 STEPS = 3

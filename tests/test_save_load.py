@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.pipelines import base
 
 

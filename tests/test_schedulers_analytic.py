@@ -12,7 +12,7 @@ level of a neighbouring step, alpha_bar instead of its root, a scaled condition)
 import pytest
 import torch
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.noise import swap_scheduler
 
 MEAN, STD = 0.1, 0.3

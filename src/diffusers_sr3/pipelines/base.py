@@ -150,7 +150,9 @@ class SR3BasePipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         snapshot_steps = set(np.linspace(0, len(timesteps) - 1, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
