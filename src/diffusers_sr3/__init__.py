@@ -10,13 +10,22 @@ from .noise import (
     sample_training_noise_levels,
     swap_scheduler,
 )
-from .pipelines import SR3BasePipeline, SR3Pipeline, SR3PipelineOutput, SR3UnconditionalPipeline
+from .pipelines import (
+    SR3BasePipeline,
+    SR3CascadePipeline,
+    SR3CascadePipelineOutput,
+    SR3Pipeline,
+    SR3PipelineOutput,
+    SR3UnconditionalPipeline,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "SR3BasePipeline",
+    "SR3CascadePipeline",
+    "SR3CascadePipelineOutput",
     "SR3Pipeline",
     "SR3PipelineOutput",
     "SR3UNet2DModel",

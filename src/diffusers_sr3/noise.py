@@ -210,6 +210,28 @@ def sample_training_noise_levels(
     return (lower + u * (upper - lower)).float().to(device)
 
 
+def augment_condition(
+    condition: torch.Tensor,
+    level: Union[torch.Tensor, float],
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[Union[torch.Generator, list]] = None,
+) -> torch.Tensor:
+    """Noise-conditioning augmentation: `sqrt(1 - s^2) * condition + s * noise` at level `s` in [0, 1).
+
+    Cascaded SR models are trained on conditions noised at random levels (and told the level) so that at
+    sampling time they tolerate the artefacts of the stage before them (Ho et al., "Cascaded Diffusion Models").
+    """
+    level = torch.as_tensor(level, dtype=torch.float32, device=condition.device).reshape(-1, 1, 1, 1)
+    if torch.any(level < 0) or torch.any(level >= 1):
+        raise ValueError("condition noise levels must lie in [0, 1)")
+    if noise is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(condition.shape, generator=generator, device=condition.device, dtype=torch.float32)
+    augmented = (1 - level**2).sqrt() * condition.float() + level * noise
+    return augmented.to(condition.dtype)
+
+
 def training_betas(scheduler: SchedulerMixin) -> torch.Tensor:
     """The training betas of a Diffusers scheduler in float64 (exact when they were given as `trained_betas`)."""
     trained = scheduler.config.get("trained_betas")

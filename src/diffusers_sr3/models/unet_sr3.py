@@ -229,8 +229,10 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             `res_blocks`); the way up has one more per level.
         attention_resolutions (`Tuple[int]`, defaults to `(16,)`): Feature-map sizes, for an input of
             `sample_size`, at which self-attention follows each ResNet block (the original's `attn_res`).
-            The choice is fixed per level, so other input sizes use the same levels. The middle block always
-            has attention.
+            The choice is fixed per level, so other input sizes use the same levels.
+        mid_attention (`bool`, defaults to True): Self-attention in the middle block, as the original always has.
+            Its cost grows with the fourth power of the input size: models that run at high resolution with few
+            levels (e.g. a 256->1024 stage) may turn it off.
         sample_size (`int`, defaults to 128): The training resolution; it places `attention_resolutions` and is
             the default output size of unconditional sampling and the tile size of tiled upscaling.
         norm_groups (`int`, defaults to 32): Groups of every GroupNorm.
@@ -243,11 +245,14 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             sinusoidal encoding. 1.0 reproduces the original networks.
         film_affine (`bool`, defaults to False): Inject the embedding as scale and shift (`(1 + s) * h + b`)
             instead of the original's additive FiLM without affine.
+        condition_noise_embedding (`bool`, defaults to False): Noise-conditioning augmentation (Ho et al.,
+            "Cascaded Diffusion Models"): the model also takes the noise level that was added to its condition
+            (`condition_noise_level`, 0 = clean) through a second embedding of the same kind, summed with the first.
     """
 
     _supports_gradient_checkpointing = True
     # The level embedding must resolve levels that differ by ~1e-4 (late sampling steps): keep it in float32.
-    _keep_in_fp32_modules = ["noise_level_embedding"]
+    _keep_in_fp32_modules = ["noise_level_embedding", "condition_noise_level_embedding"]
 
     @register_to_config
     def __init__(
@@ -258,6 +263,7 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         channel_multipliers: Tuple[int, ...] = (1, 2, 4, 8, 8),
         layers_per_block: int = 2,
         attention_resolutions: Tuple[int, ...] = (16,),
+        mid_attention: bool = True,
         sample_size: int = 128,
         norm_groups: int = 32,
         dropout: float = 0.0,
@@ -265,6 +271,7 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         conditioning_type: str = "noise_level",
         noise_level_embedding_scale: float = 1.0,
         film_affine: bool = False,
+        condition_noise_embedding: bool = False,
     ):
         super().__init__()
         if conditioning_type not in CONDITIONING_TYPES:
@@ -292,6 +299,9 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
 
         # Stage 1: embedding and input conv.
         self.noise_level_embedding = NoiseLevelEmbedding(width, noise_level_embedding_scale)
+        self.condition_noise_level_embedding = (
+            NoiseLevelEmbedding(width, noise_level_embedding_scale) if condition_noise_embedding else None
+        )
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
 
         # Stage 2: the way down. Every block's and downsampler's output is kept for the skip connections.
@@ -313,10 +323,10 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             down_levels.append(DownLevel(blocks, downsampler))
         self.down_levels = nn.ModuleList(down_levels)
 
-        # Stage 3: the middle, always with attention in the first block.
+        # Stage 3: the middle (attention in the first block, unless turned off).
         self.mid_blocks = nn.ModuleList(
             [
-                ResnetAttentionBlock(channels, channels, True, **block_kwargs),
+                ResnetAttentionBlock(channels, channels, mid_attention, **block_kwargs),
                 ResnetAttentionBlock(channels, channels, False, **block_kwargs),
             ]
         )
@@ -344,10 +354,21 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         """Height and width of inputs must be multiples of this."""
         return 2 ** (len(self.config.channel_multipliers) - 1)
 
+    @staticmethod
+    def _per_sample(values, batch: int, device: torch.device, name: str) -> torch.Tensor:
+        """Broadcast a number or a `(B,)`/`(B, 1)` tensor to one value per sample."""
+        values = torch.as_tensor(values, device=device).reshape(-1)
+        if values.numel() == 1:
+            return values.expand(batch)
+        if values.numel() != batch:
+            raise ValueError(f"{name} has {values.numel()} values for a batch of {batch}")
+        return values
+
     def forward(
         self,
         sample: torch.Tensor,
         noise_level: Union[torch.Tensor, float, int],
+        condition_noise_level: Optional[Union[torch.Tensor, float]] = None,
         return_dict: bool = True,
     ) -> Union[SR3UNet2DOutput, Tuple[torch.Tensor]]:
         r"""Predict the noise (or the configured target) in `sample`.
@@ -358,6 +379,8 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             noise_level (`torch.Tensor` of shape `(batch,)` or `(batch, 1)`, or a number): The noise level
                 `sqrt(alpha_bar)` per sample for `"noise_level"` models; the integer timestep for `"timestep"`
                 models. A number or a one-element tensor applies to the whole batch.
+            condition_noise_level (`torch.Tensor` of shape `(batch,)`, or a number, optional): For models with
+                `condition_noise_embedding`: the noise level added to the condition (0 or None = clean).
             return_dict (`bool`, defaults to True): Return an [`SR3UNet2DOutput`] instead of a tuple.
 
         Returns:
@@ -372,14 +395,20 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
             )
-        noise_level = torch.as_tensor(noise_level, device=sample.device).reshape(-1)
-        if noise_level.numel() == 1:
-            noise_level = noise_level.expand(batch)
-        elif noise_level.numel() != batch:
-            raise ValueError(f"noise_level has {noise_level.numel()} values for a batch of {batch}")
+        noise_level = self._per_sample(noise_level, batch, sample.device, "noise_level")
 
-        # 2. Embed the noise level.
-        embedding = self.noise_level_embedding(noise_level).to(sample.dtype)
+        # 2. Embed the noise level (and the condition's augmentation level).
+        embedding = self.noise_level_embedding(noise_level)
+        if self.condition_noise_level_embedding is not None:
+            if condition_noise_level is None:
+                condition_noise_level = 0.0
+            condition_noise_level = self._per_sample(
+                condition_noise_level, batch, sample.device, "condition_noise_level"
+            )
+            embedding = embedding + self.condition_noise_level_embedding(condition_noise_level)
+        elif condition_noise_level is not None:
+            raise ValueError("condition_noise_level was given, but this model has no condition_noise_embedding")
+        embedding = embedding.to(sample.dtype)
 
         # 3. Down, keeping every intermediate output for the skip connections.
         hidden_states = self.conv_in(sample)

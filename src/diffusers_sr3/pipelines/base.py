@@ -125,6 +125,7 @@ class SR3BasePipeline(DiffusionPipeline):
         num_intermediates: int,
         callback_on_step_end: Optional[Callable[..., Dict[str, Any]]],
         callback_on_step_end_tensor_inputs: Sequence[str],
+        condition_noise_level: Optional[float] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterative refinement from pure noise of `shape`, conditioned on `condition` (concatenated in front).
 
@@ -163,7 +164,9 @@ class SR3BasePipeline(DiffusionPipeline):
                 model_input = torch.cat([condition, model_input], dim=1)
             # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
             level = network_input_for_step(self.scheduler, t, conditioning_type).to(device)
-            model_output = self.unet(model_input, level.expand(shape[0]), return_dict=False)[0].float()
+            model_output = self.unet(
+                model_input, level.expand(shape[0]), condition_noise_level=condition_noise_level, return_dict=False
+            )[0].float()
             # 3. The scheduler's update.
             latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             if i in snapshot_steps:

@@ -7,9 +7,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
+from ..noise import augment_condition
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
 
 EXAMPLE_DOC_STRING = """
@@ -38,12 +40,20 @@ class SR3Pipeline(SR3BasePipeline):
             the original sampler, DDIM, DPM-Solver, UniPC and Euler need far fewer steps.
         upscale_factor (`int`, defaults to 4): The model's super-resolution factor (output size = input size x
             factor unless `output_size` is given).
+        condition_noise_level (`float`, defaults to 0.0): For UNets with `condition_noise_embedding`: the default
+            noise level added to the upsampled input before refinement (noise-conditioning augmentation).
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "condition"]
 
-    def __init__(self, unet: SR3UNet2DModel, scheduler: SchedulerMixin, upscale_factor: int = 4):
+    def __init__(
+        self,
+        unet: SR3UNet2DModel,
+        scheduler: SchedulerMixin,
+        upscale_factor: int = 4,
+        condition_noise_level: float = 0.0,
+    ):
         super().__init__()
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
@@ -54,7 +64,7 @@ class SR3Pipeline(SR3BasePipeline):
                 f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
             )
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(upscale_factor=int(upscale_factor))
+        self.register_to_config(upscale_factor=int(upscale_factor), condition_noise_level=float(condition_noise_level))
 
     def prepare_condition(
         self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None
@@ -70,6 +80,23 @@ class SR3Pipeline(SR3BasePipeline):
             raise ValueError(f"output_size must be positive, got {output_size}")
         return upsample_condition(low_resolution, tuple(output_size))
 
+    def _augment_condition(
+        self, condition: torch.Tensor, level: Optional[float], generator: GeneratorInput
+    ) -> Tuple[torch.Tensor, Optional[float]]:
+        """Noise the condition for UNets trained with noise-conditioning augmentation; others take it clean."""
+        if not self.unet.config.get("condition_noise_embedding", False):
+            if level:
+                raise ValueError("condition_noise_level needs a UNet trained with condition_noise_embedding=True")
+            return condition, None
+        level = self.config.condition_noise_level if level is None else float(level)
+        if level == 0:
+            return condition, 0.0
+        if isinstance(generator, list):
+            noise = torch.cat([randn_tensor((1, *condition.shape[1:]), generator=g) for g in generator])
+        else:
+            noise = randn_tensor(condition.shape, generator=generator)
+        return augment_condition(condition, level, noise=noise), level
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -83,6 +110,7 @@ class SR3Pipeline(SR3BasePipeline):
         num_intermediates: int = 0,
         callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        condition_noise_level: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -106,6 +134,9 @@ class SR3Pipeline(SR3BasePipeline):
                 replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale).
             callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Which of
                 `"latents"` and `"condition"` go into `callback_kwargs`.
+            condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
+                `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
+                input is noised at this level (drawn from `generator`) and the level is passed to the network.
 
         Examples:
 
@@ -116,6 +147,7 @@ class SR3Pipeline(SR3BasePipeline):
         condition = self.prepare_condition(image, output_size)
         condition, (height, width) = pad_to_multiple(condition, self.unet.downsampling_factor)
         batch, _, padded_height, padded_width = condition.shape
+        condition, condition_noise_level = self._augment_condition(condition, condition_noise_level, generator)
 
         # 2. Refine from noise.
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
@@ -127,6 +159,7 @@ class SR3Pipeline(SR3BasePipeline):
             num_intermediates,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            condition_noise_level,
         )
 
         # 3. Crop the padding off and convert.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import sample_training_noise_levels, sqrt_alphas_cumprod_prev
+from ..noise import augment_condition, sample_training_noise_levels, sqrt_alphas_cumprod_prev
 
 LOSS_TYPES = ("l1", "l2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -27,6 +27,12 @@ class NoisedBatch:
     network_level: torch.Tensor  # (B,) noise levels, or integer timesteps for "timestep" networks
     noise_level: torch.Tensor  # (B,) sqrt(alpha_bar) of each sample, float32
     target: torch.Tensor
+    condition_noise_level: Optional[torch.Tensor] = None  # (B,) for noise-conditioning augmentation
+
+
+def predict(unet: SR3UNet2DModel, batch: NoisedBatch) -> torch.Tensor:
+    """The network's prediction for a noised batch."""
+    return unet(batch.network_input, batch.network_level, condition_noise_level=batch.condition_noise_level).sample
 
 
 def noise_batch(
@@ -39,6 +45,7 @@ def noise_batch(
     noise_level: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     per_sample_timestep: bool = True,
+    condition_noise_max: float = 0.0,
 ) -> NoisedBatch:
     """Noise `target_images` at a random level (SR3's continuous levels, or DDPM's integer timesteps).
 
@@ -51,6 +58,8 @@ def noise_batch(
         noise, noise_level: fix the draw (tests); otherwise drawn from `generator` / the global RNG.
         generator: random source.
         per_sample_timestep: draw an independent step per sample (the original draws one per batch).
+        condition_noise_max: for models with `condition_noise_embedding`: noise each condition at a level drawn
+            uniformly from [0, condition_noise_max) (noise-conditioning augmentation).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -81,8 +90,14 @@ def noise_batch(
         target = level * noise - sigma * target_images
     else:
         target = target_images
+    condition_noise_level = None
+    if unet.config.get("condition_noise_embedding", False) and condition is not None:
+        condition_noise_level = torch.rand(batch, generator=generator).to(device) * condition_noise_max
+        condition = augment_condition(condition, condition_noise_level, generator=generator)
+    elif condition_noise_max > 0:
+        raise ValueError("condition_noise_max needs a conditional model with condition_noise_embedding=True")
     network_input = noisy if condition is None else torch.cat([condition, noisy], dim=1)
-    return NoisedBatch(network_input, network_level, noise_level, target)
+    return NoisedBatch(network_input, network_level, noise_level, target, condition_noise_level)
 
 
 def min_snr_weights(noise_level: torch.Tensor, prediction_type: str, snr_gamma: float) -> torch.Tensor:

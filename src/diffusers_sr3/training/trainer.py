@@ -177,7 +177,12 @@ class Trainer:
         project = ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
         )
+        # A multi-process launch on a machine without accelerators must ask for CPU explicitly, or Accelerate
+        # starts N independent single-process runs instead of one gloo DDP job.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
         return Accelerator(
+            cpu=launched and not has_accelerator,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             log_with=report_to,

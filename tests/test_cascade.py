@@ -1,0 +1,164 @@
+"""SR3CascadePipeline and noise-conditioning augmentation."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from diffusers_sr3 import (
+    SR3CascadePipeline,
+    SR3Pipeline,
+    SR3UnconditionalPipeline,
+    SR3UNet2DModel,
+    make_scheduler,
+)
+from diffusers_sr3.noise import augment_condition, training_betas
+from diffusers_sr3.training.objective import diffusion_loss, noise_batch, predict
+
+
+def unet(in_channels, sample_size, **overrides):
+    torch.manual_seed(0)
+    config = dict(
+        in_channels=in_channels,
+        block_out_channels=8,
+        channel_multipliers=(1, 2),
+        layers_per_block=1,
+        attention_resolutions=(),
+        mid_attention=False,
+        norm_groups=4,
+        sample_size=sample_size,
+    )
+    config.update(overrides)
+    return SR3UNet2DModel(**config).eval()
+
+
+def faces_cascade():
+    """Three tiny stages shaped like the paper's: 64x64 generator, 64->256, 256->1024."""
+    base = SR3UnconditionalPipeline(unet(3, 64, mid_attention=True), make_scheduler("ddim", n_timestep=50))
+    stage_1 = SR3Pipeline(
+        unet(6, 256, condition_noise_embedding=True),
+        make_scheduler("dpmsolver", n_timestep=50),
+        upscale_factor=4,
+        condition_noise_level=0.1,
+    )
+    stage_2 = SR3Pipeline(unet(6, 1024), make_scheduler("ddim", n_timestep=50), upscale_factor=4)
+    cascade = SR3CascadePipeline.from_stages(base, [stage_1, stage_2])
+    cascade.set_progress_bar_config(disable=True)
+    return cascade
+
+
+@pytest.mark.slow
+def test_three_stage_cascade_makes_a_1024_image_and_round_trips(tmp_path):
+    cascade = faces_cascade()
+    output = cascade(
+        num_inference_steps=[2, 2, 1],
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        return_all_stages=True,
+    )
+    assert output.images.shape == (1, 3, 1024, 1024)
+    assert [tuple(stage.shape[-2:]) for stage in output.stage_images] == [(64, 64), (256, 256), (1024, 1024)]
+    assert torch.isfinite(output.images).all()
+
+    cascade.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_sr3_cascade", "SR3CascadePipeline"]
+    assert index["stage_1"] == ["pipeline_sr3", "SR3Pipeline"] and index["stage_3"] == [None, None]
+    assert (tmp_path / "stage_2" / "unet" / "unet_sr3.py").exists()
+    for loaded in (
+        SR3CascadePipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True),
+    ):
+        assert type(loaded) is SR3CascadePipeline and loaded.stage_3 is None
+        assert loaded.stage_1.config.condition_noise_level == 0.1
+        assert type(loaded.stage_1.scheduler).__name__ == "DPMSolverMultistepScheduler"
+        loaded.set_progress_bar_config(disable=True)
+        # From a user's image: the generator is skipped; only the first SR stage, to keep this fast.
+        small = SR3CascadePipeline.from_stages(None, [loaded.stage_1])
+        small.set_progress_bar_config(disable=True)
+        reference = SR3CascadePipeline.from_stages(None, [cascade.stage_1])
+        reference.set_progress_bar_config(disable=True)
+        start = output.stage_images[0]
+        ours = small(image=start, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt")
+        theirs = reference(
+            image=start, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt"
+        )
+        torch.testing.assert_close(ours.images, theirs.images)
+
+
+def test_cascade_starts_from_an_image_and_checks_its_arguments():
+    base = SR3UnconditionalPipeline(unet(3, 16), make_scheduler("ddim", n_timestep=50))
+    stage = SR3Pipeline(unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    cascade = SR3CascadePipeline.from_stages(base, [stage, stage])
+    cascade.set_progress_bar_config(disable=True)
+    images = cascade(image=torch.rand(2, 3, 8, 8), num_inference_steps=[1, 1], output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+    generated = cascade(batch_size=1, num_inference_steps=1, output_type="pt").images
+    assert generated.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="2 entries for 3 stages"):
+        cascade(num_inference_steps=[1, 1])
+    with pytest.raises(ValueError, match="no base generator"):
+        SR3CascadePipeline.from_stages(None, [stage])()
+    with pytest.raises(ValueError, match="without gaps"):
+        SR3CascadePipeline(stage_2=stage)
+    with pytest.raises(TypeError, match="stage_1 must be an SR3Pipeline"):
+        SR3CascadePipeline(stage_1=base)
+    with pytest.raises(ValueError, match="at most 4"):
+        SR3CascadePipeline.from_stages(None, [stage] * 5)
+
+
+def test_noise_conditioning_augmentation_in_the_model_and_sampling():
+    model = unet(6, 32, condition_noise_embedding=True)
+    sample = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        clean = model(sample, 0.5).sample
+        explicit_clean = model(sample, 0.5, condition_noise_level=0.0).sample
+        noisy = model(sample, 0.5, condition_noise_level=torch.tensor([0.3, 0.3])).sample
+    torch.testing.assert_close(clean, explicit_clean)
+    assert (clean - noisy).abs().max() > 1e-4  # the level reaches the network
+    with pytest.raises(ValueError, match="no condition_noise_embedding"):
+        unet(6, 32)(sample, 0.5, condition_noise_level=0.2)
+
+    pipeline = SR3Pipeline(model, make_scheduler("ddim", n_timestep=50), upscale_factor=2, condition_noise_level=0.2)
+    pipeline.set_progress_bar_config(disable=True)
+    seen = []
+    original_forward = model.forward
+    model.forward = lambda *args, **kwargs: (
+        seen.append(kwargs["condition_noise_level"]) or original_forward(*args, **kwargs)
+    )
+    image = torch.rand(3, 16, 16)
+    pipeline(image, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    pipeline(image, num_inference_steps=2, generator=torch.Generator().manual_seed(0), condition_noise_level=0.0)
+    assert seen == [0.2, 0.2, 0.0, 0.0]
+    plain = SR3Pipeline(unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    with pytest.raises(ValueError, match="needs a UNet trained with condition_noise_embedding"):
+        plain(image, num_inference_steps=1, condition_noise_level=0.3)
+
+
+def test_noise_conditioning_augmentation_in_training():
+    model = unet(6, 32, condition_noise_embedding=True).train()
+    betas = training_betas(make_scheduler("ddpm", n_timestep=50))
+    target, condition = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    generator = torch.Generator().manual_seed(0)
+    batch = noise_batch(model, betas, target, condition, condition_noise_max=0.5, generator=generator)
+    levels = batch.condition_noise_level
+    assert levels.shape == (4,) and torch.all((levels >= 0) & (levels < 0.5)) and levels.std() > 0
+    # The condition the network sees is the augmented one.
+    assert not torch.allclose(batch.network_input[:, :3], condition)
+    loss = diffusion_loss(predict(model, batch), batch)
+    loss.backward()
+    assert model.condition_noise_level_embedding.linear_1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="condition_noise_max needs"):
+        noise_batch(unet(6, 32), betas, target, condition, condition_noise_max=0.5)
+
+
+def test_augment_condition_keeps_variance_and_checks_levels():
+    condition = torch.randn(1, 1, 64, 64)
+    augmented = augment_condition(condition, 0.6, generator=torch.Generator().manual_seed(0))
+    condition, augmented = condition.flatten(), augmented.flatten()
+    assert abs(augmented.std().item() - 1.0) < 0.05
+    correlation = torch.corrcoef(torch.stack([condition, augmented]))[0, 1]
+    assert abs(correlation.item() - 0.8) < 0.03  # sqrt(1 - 0.6^2)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        augment_condition(condition, 1.0)

@@ -1,0 +1,115 @@
+"""Hub upload and download against a loopback Hub (tests/hub_server.py): no network leaves the machine."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from hub_server import HubServer
+from test_data import make_image_folder
+from test_training import SR_SCRIPT, as_argv, fast_options, run_script
+
+from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.training.hub import HubUploadError, push_folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A running loopback Hub that huggingface_hub (and the diffusers loaders) talk to instead of the real one."""
+    from huggingface_hub import constants, hf_api
+
+    with HubServer() as server:
+        # huggingface_hub reads these at import time (tests import it with HF_HUB_OFFLINE=1): patch the values.
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_api.api, "endpoint", server.url)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_loopback_token")
+        yield server
+
+
+def sample(pipeline, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.linspace(0, 1, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    return pipeline(low, num_inference_steps=3, generator=generator, output_type="pt").images
+
+
+def test_push_and_load_back_with_both_loaders(tiny_pipeline, hub, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "saved"
+    tiny_pipeline.save_pretrained(folder)
+    commit_url = push_folder(str(folder), "someone/sr3-tiny", token="hf_loopback_token")
+    assert commit_url.startswith(hub.url + "/someone/sr3-tiny/commit/")
+    assert {"model_index.json", "pipeline_sr3.py", "unet/unet_sr3.py"} <= set(hub.repos["someone/sr3-tiny"])
+
+    expected = sample(tiny_pipeline)
+    safe = SR3Pipeline.from_pretrained("someone/sr3-tiny")
+    torch.testing.assert_close(sample(safe), expected)
+    remote_code = DiffusionPipeline.from_pretrained("someone/sr3-tiny", trust_remote_code=True)
+    assert type(remote_code).__name__ == "SR3Pipeline"
+    remote_code.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(sample(remote_code), expected)
+    # The pipeline's own push_to_hub option goes through the same API.
+    tiny_pipeline.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="someone/sr3-tiny-2")
+    assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["someone/sr3-tiny-2"]
+
+
+def test_training_script_pushes_the_pipeline_but_never_checkpoints(hub, tmp_path, monkeypatch):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(
+        output,
+        train_data_dir=data,
+        checkpointing_steps=1,
+        report_to="tensorboard",
+        push_to_hub=True,
+        hub_model_id="someone/trained-sr3",
+    )
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0, hub.requests
+    assert len(os.listdir(output / "checkpoint-4")) > 0 and (output / "logs").is_dir()
+    uploaded = [path for commit in hub.commits for path in commit["paths"]]
+    assert "README.md" in uploaded and "unet/diffusion_pytorch_model.safetensors" in uploaded
+    assert not [path for path in uploaded if path.startswith(("checkpoint-", ".tmp", "logs/"))]
+    card = hub.repos["someone/trained-sr3"]["README.md"].decode()
+    assert 'SR3Pipeline.from_pretrained("someone/trained-sr3")' in card
+    torch.testing.assert_close(
+        sample(SR3Pipeline.from_pretrained("someone/trained-sr3")), sample(SR3Pipeline.from_pretrained(str(output)))
+    )
+
+
+def test_failed_upload_keeps_the_local_save_and_says_why(hub, tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    hub.fail_commits = 500
+    options = fast_options(output, train_data_dir=data, push_to_hub=True, hub_model_id="someone/failing")
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 1
+    error = capsys.readouterr().err
+    assert "upload to" in error and "someone/failing failed" in error and "500" in error
+    assert f"saved and intact in {output}" in error
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["global_step"] == 4
+    assert SR3Pipeline.from_pretrained(str(output)).config.upscale_factor == 4
+    assert hub.repos["someone/failing"] == {}
+
+    # A Hub that is down (nothing listens on the port): the same clear error, quickly.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.time()
+    with pytest.raises(HubUploadError, match=r"failed \(.*Connect.*\).*saved and intact"):
+        push_folder(str(output), "someone/failing")
+    assert time.time() - started < 30
