@@ -10,14 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_sr3.data import (
-    EpochSampler,
-    PairMaker,
-    build_training_data,
-    decode_image,
-    find_images,
-    prepared_resolutions,
-)
+from diffusers_sr3.commands.common import find_images
+from diffusers_sr3.data import EpochSampler, PairMaker, build_training_data, decode_image, prepared_resolutions
 from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
 
 
@@ -108,7 +102,7 @@ def make_parquet(path, count=4, size=40, corrupt=1):
 
 def test_folder_source_is_recursive_and_skips_bad_images(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"))
-    assert len(find_images(folder)) == 8
+    assert len(find_images([folder])) == 8
     data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, random_flip=False)
     # The header scan drops the corrupt and the too-small file; the truncated one fails only when decoded.
     assert dict(data.skipped_at_scan) == {"unreadable": 1, "small": 1}
@@ -134,7 +128,7 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(FileNotFoundError, match="no images"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "missing"))
@@ -267,8 +261,15 @@ def test_torch_dataset_and_path_list_sources(tmp_path):
     assert len(data.dataset) == 3 and data.dataset[(0, 1)]["hr"].shape == (3, 32, 32)
     as_dicts = build_training_data(resolution=32, upscale_factor=4, train_dataset=[{"image": im} for im in images])
     assert as_dicts.dataset[(0, 0)]["hr"].shape == (3, 32, 32)
+
+    class Images(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from images
+
+    streamed = build_training_data(resolution=32, upscale_factor=4, train_dataset=Images())
+    assert streamed.sampler is None and [s["hr"].shape for s in streamed.dataset] == [(3, 32, 32)] * 3
     folder = make_image_folder(str(tmp_path / "images"), count=2, bad=False)
-    paths = find_images(folder) + [str(tmp_path / "missing.png")]
+    paths = find_images([folder]) + [str(tmp_path / "missing.png")]
     listed = build_training_data(resolution=32, upscale_factor=4, train_images=paths)
     assert len(listed.dataset) == 2 and dict(listed.skipped_at_scan) == {"missing": 1}
     with pytest.raises(ValueError, match="not divisible by the upscale factor"):

@@ -94,11 +94,11 @@ def test_training_script_pushes_the_pipeline_but_never_checkpoints(hub, tmp_path
 def test_failed_upload_keeps_the_local_save_and_says_why(hub, tmp_path, monkeypatch, capsys):
     data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
     output = tmp_path / "out"
-    hub.fail_commits = 500
+    hub.fail_commits = 403  # e.g. a token without write access (not retried, unlike 5xx answers)
     options = fast_options(output, train_data_dir=data, push_to_hub=True, hub_model_id="someone/failing")
     assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 1
     error = capsys.readouterr().err
-    assert "upload to" in error and "someone/failing failed" in error and "500" in error
+    assert "upload to" in error and "someone/failing failed" in error and "403" in error
     assert f"saved and intact in {output}" in error
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["global_step"] == 4
@@ -113,3 +113,20 @@ def test_failed_upload_keeps_the_local_save_and_says_why(hub, tmp_path, monkeypa
     with pytest.raises(HubUploadError, match=r"failed \(.*Connect.*\).*saved and intact"):
         push_folder(str(output), "someone/failing")
     assert time.time() - started < 30
+
+
+@pytest.mark.slow
+def test_server_error_after_retries_is_reported(hub, tmp_path):
+    """A Hub answering 500: huggingface_hub retries with back-off (~25 s), then the error names the status."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "optimizer.bin").write_bytes(b"state")
+    hub.fail_commits = 500
+    with pytest.raises(HubUploadError, match=r"500 Internal Server Error.*saved and intact"):
+        push_folder(str(folder), "someone/flaky")
+    assert (folder / "config.json").read_text() == "{}" and (folder / "checkpoint-1" / "optimizer.bin").exists()
+    hub.fail_commits = None
+    push_folder(str(folder), "someone/flaky")
+    assert set(hub.repos["someone/flaky"]) == {"config.json"}

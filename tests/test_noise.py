@@ -10,6 +10,7 @@ from diffusers_sr3.noise import (
     SCHEDULERS,
     make_beta_schedule,
     make_scheduler,
+    network_inputs_for_schedule,
     noise_level_for_step,
     sample_training_noise_levels,
     sqrt_alphas_cumprod_prev,
@@ -91,3 +92,21 @@ def test_training_levels_lie_between_neighbouring_table_entries():
     # Uniform in t: the fraction below the middle level is about a half.
     middle = table[25]
     assert abs((per_sample < middle).float().mean() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_precomputed_levels_equal_the_per_step_levels(name):
+    """The sampling loop precomputes every step's level; it must equal the level looked up at each step."""
+    scheduler = swap_scheduler(make_scheduler("ddpm", n_timestep=200), name)
+    scheduler.set_timesteps(12)
+    precomputed = network_inputs_for_schedule(scheduler, "noise_level")
+    sample = torch.zeros(1, 3, 2, 2)
+    looked_up = []
+    for t in scheduler.timesteps:
+        scheduler.scale_model_input(sample, t)
+        looked_up.append(noise_level_for_step(scheduler, t))
+        sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+    torch.testing.assert_close(precomputed, torch.stack(looked_up))
+    assert precomputed.shape == (len(scheduler.timesteps),)
+    timesteps = network_inputs_for_schedule(scheduler, "timestep")
+    assert timesteps.dtype == torch.int64

@@ -43,9 +43,9 @@ RECORDER = textwrap.dedent(
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(weights, os.path.join(record_dir, f"weights-rank{rank}.safetensors"))
         info = dict(
-            num_processes=self.accelerator.num_processes,
-            process_index=self.accelerator.process_index,
-            distributed_type=str(self.accelerator.distributed_type),
+            num_processes=self.num_processes,
+            process_index=self.process_index,
+            distributed_type=self.distributed_type,
             writes=writes,
             pid=os.getpid(),
         )

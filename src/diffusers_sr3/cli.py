@@ -12,6 +12,8 @@ COMMANDS = {
     "convert": "Convert an original SR3 checkpoint (+ its JSON config) into a pipeline folder.",
     "upscale": "Super-resolve image files, folders or globs with an SR3 pipeline.",
     "sample": "Generate images with an unconditional SR3 pipeline.",
+    "prepare": "Resize a folder of images into the original's lr_<M>/hr_<N>/sr_<M>_<N> layout, LMDB or parquet.",
+    "eval": "PSNR/SSIM (as the original computes them), consistency and FID of super-resolved images.",
 }
 
 

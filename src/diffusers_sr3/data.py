@@ -29,11 +29,11 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from .commands.common import IMAGE_EXTENSIONS, find_images
 from .image_processing import degrade, images_to_tensor, resize_bicubic, upsample_condition
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 # Builders of `datasets` that read local files rather than a Hub repository.
 LOCAL_BUILDERS = ("imagefolder", "parquet", "arrow", "webdataset", "json", "csv")
 # How many consecutive bad images a sample may skip before the run stops with an error.
@@ -263,6 +263,10 @@ def open_lmdb(path: str) -> Any:
 
     key = (os.getpid(), os.path.realpath(path))
     if key not in _LMDB_ENVIRONMENTS:
+        for inherited in [other for other in _LMDB_ENVIRONMENTS if other[1] == key[1]]:
+            # Opened by the parent before a fork: close this process's copy (the parent's stays open), since
+            # LMDB refuses to open a path that this process already has open.
+            _LMDB_ENVIRONMENTS.pop(inherited).close()
         _LMDB_ENVIRONMENTS[key] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
     return _LMDB_ENVIRONMENTS[key]
 
@@ -407,8 +411,9 @@ class StreamingPairDataset(IterableDataset):
         self.epoch = epoch
 
     def items(self, shuffle: bool) -> Iterator[Tuple[int, Any]]:
-        stream = self.stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer) if shuffle else self.stream
-        if shuffle:
+        stream = self.stream
+        if shuffle and hasattr(stream, "shuffle"):  # a `datasets` stream; plain torch iterables keep their order
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(self.epoch)
         for position, item in enumerate(stream):
             yield position, extract_image(item, self.image_column)
@@ -458,15 +463,6 @@ class TrainingData:
                     break
             return samples
         return [self.dataset.sample(index, augment=False) for index in range(min(count, len(self.dataset)))]
-
-
-def find_images(folder: str) -> List[str]:
-    """Image files under `folder`, recursively, sorted (hidden folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(os.path.join(root, name) for name in sorted(files) if name.lower().endswith(IMAGE_EXTENSIONS))
-    return found
 
 
 def prepared_resolutions(folder: str) -> Optional[Tuple[List[int], List[int]]]:
@@ -617,10 +613,7 @@ def build_training_data(
         if prepared_resolutions(train_data_dir) is not None:
             source = _prepared_source(train_data_dir, resolution, upscale_factor)
         else:
-            files = find_images(train_data_dir)
-            if not files:
-                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_data_dir}")
-            source = FileListSource(files, train_data_dir)
+            source = FileListSource(find_images([train_data_dir]), train_data_dir)
     else:
         raise ValueError(
             "no training data: give --train_data_dir, --dataset_name, --train_data_files, "

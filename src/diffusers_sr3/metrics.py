@@ -212,8 +212,8 @@ def frechet_inception_distance(device: Union[str, torch.device] = "cpu"):
     return FrechetInceptionDistance(feature=InceptionFeatures(), normalize=False).to(device)
 
 
-def inception_score(images: List[torch.Tensor], device: Union[str, torch.device] = "cpu") -> float:
-    """Inception Score of uint8 `(B, 3, H, W)` batches with torchmetrics, when its classifier can be loaded.
+def inception_score_metric(device: Union[str, torch.device] = "cpu"):
+    """torchmetrics' `InceptionScore` (feed it uint8 `(B, 3, H, W)` batches), when its classifier can be loaded.
 
     torchmetrics needs torch-fidelity and its downloaded Inception classifier for the logits; when either is
     missing (always the case offline) this raises a RuntimeError that says so.
@@ -221,9 +221,6 @@ def inception_score(images: List[torch.Tensor], device: Union[str, torch.device]
     try:
         from torchmetrics.image.inception import InceptionScore
 
-        metric = InceptionScore(normalize=False).to(device)
+        return InceptionScore(normalize=False).to(device)
     except Exception as error:  # ImportError without torch-fidelity, a network error when the weights download
         raise RuntimeError(f"{INCEPTION_SCORE_UNAVAILABLE} ({type(error).__name__}: {error})") from None
-    for batch in images:
-        metric.update(batch.to(device=device, dtype=torch.uint8))
-    return float(metric.compute()[0])

@@ -168,6 +168,27 @@ def network_input_for_step(
     return noise_level_for_step(scheduler, timestep)
 
 
+def network_inputs_for_schedule(scheduler: SchedulerMixin, conditioning_type: str) -> torch.Tensor:
+    """The network input of every step of `scheduler.timesteps`, computed once before sampling.
+
+    Equal to `network_input_for_step` at each step (schedulers advance their step index by one per call of
+    `step`), but without per-step lookups or host-device synchronisation.
+
+    Returns:
+        `(len(scheduler.timesteps),)` float32 noise levels, or int64 timesteps for `"timestep"` networks, on
+        the CPU.
+    """
+    timesteps = scheduler.timesteps.detach().cpu()
+    if conditioning_type == "timestep":
+        return timesteps.round().long()
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and hasattr(scheduler, "index_for_timestep"):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()[getattr(scheduler, "begin_index", None) or 0 :]
+        return (1.0 / torch.sqrt(1.0 + sigmas[: len(timesteps)] ** 2)).float()
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).cpu().double()
+    return alphas_cumprod[timesteps.round().long()].sqrt().float()
+
+
 def sqrt_alphas_cumprod_prev(betas: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """`sqrt([1, alpha_bar_0, ..., alpha_bar_{T-1}])` in float64: the original's table of noise levels.
 

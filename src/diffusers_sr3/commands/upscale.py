@@ -1,51 +1,95 @@
-"""`sr3 upscale`: super-resolve image files, folders and globs."""
+"""`sr3 upscale`: super-resolve image files, folders and globs, in seamless tiles when larger than the model."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import List, Tuple
 
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from ..image_processing import load_image
+from ..image_processing import grid, load_image, tensor_to_pil
 from ..pipelines import SR3Pipeline
-from .common import add_model_arguments, find_images, load_pipeline
+from ..tiling import model_tile_size, tiled_super_resolve
+from .common import IMAGE_EXTENSIONS, add_model_arguments, find_images, load_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
     add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=1, help="images refined together (same size only)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images (or tiles of a large image) refined together")
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="tile size at the output resolution for images larger than the model (default: the UNet's sample_size)",
+    )
+    parser.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: tile/4)")
+    parser.add_argument(
+        "--save-process",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="N",
+        help="also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
+    )
 
 
 def _output_path(output: str, source: str, single: bool) -> str:
-    if single and os.path.splitext(output)[1].lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
+    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
         return output
     return os.path.join(output, os.path.splitext(os.path.basename(source))[0] + "_sr.png")
 
 
+def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, int]]:
+    """`(start, stop)` ranges of consecutive images of one size, at most `batch_size` long."""
+    ranges, start = [], 0
+    for index in range(1, len(images) + 1):
+        if index == len(images) or index - start == batch_size or images[index].size != images[start].size:
+            ranges.append((start, index))
+            start = index
+    return ranges
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.save_process < 0:
+        raise ValueError("--save-process takes a positive number of frames")
     paths = find_images(args.inputs)
     images = [load_image(path) for path in paths]  # read everything first: bad files fail before any work
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(leave=False)
+    tile_size = args.tile_size or model_tile_size(pipeline)
+    overlap = tile_size // 4 if args.tile_overlap is None else args.tile_overlap
     steps = args.steps or 50
     generator = torch.Generator("cpu").manual_seed(args.seed)
     single = len(paths) == 1
-    for start in tqdm(range(0, len(paths), args.batch_size), desc="upscaling", unit="batch"):
-        batch_paths = paths[start : start + args.batch_size]
-        batch_images = images[start : start + args.batch_size]
-        if len({image.size for image in batch_images}) > 1:
-            outputs = [
-                pipeline(image, num_inference_steps=steps, generator=generator).images[0] for image in batch_images
-            ]
-        else:
-            outputs = pipeline(batch_images, num_inference_steps=steps, generator=generator).images
-        for path, result in zip(batch_paths, outputs):
-            destination = _output_path(args.output, path, single)
-            os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
-            result.save(destination)
-            print(f"{path} -> {destination} ({result.width}x{result.height})")
+    with tqdm(total=len(paths), desc="upscaling", unit="image") as progress:
+        for start, stop in _batches(images, args.batch_size):
+            output = tiled_super_resolve(
+                pipeline,
+                images[start:stop],
+                tile_size=tile_size,
+                overlap=overlap,
+                tile_batch_size=args.batch_size,
+                num_inference_steps=steps,
+                generator=generator,
+                num_intermediates=args.save_process,
+            )
+            for offset, result in enumerate(output.images):
+                path = paths[start + offset]
+                destination = _output_path(args.output, path, single)
+                os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+                result.save(destination)
+                if args.save_process:
+                    condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
+                    frames = [condition] + [snapshot[offset] for snapshot in output.intermediates]
+                    grid([frames]).save(os.path.splitext(destination)[0] + "_process.png")
+                progress.write(f"{path} -> {destination} ({result.width}x{result.height})")
+                progress.update(1)
     return 0

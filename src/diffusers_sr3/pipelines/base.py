@@ -31,7 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..noise import network_input_for_step
+from ..noise import network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
@@ -144,9 +144,10 @@ class SR3BasePipeline(DiffusionPipeline):
 
         device = self._execution_device
         dtype = self.unet.dtype
-        conditioning_type = self.unet.config.conditioning_type
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        # The level (or timestep) the network takes at each step, computed once: no per-step host syncs.
+        levels = network_inputs_for_schedule(self.scheduler, self.unet.config.conditioning_type).to(device)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         if condition is not None:
@@ -154,6 +155,7 @@ class SR3BasePipeline(DiffusionPipeline):
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
+        unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
         snapshot_steps = set(np.linspace(0, len(timesteps) - 1, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
@@ -163,10 +165,9 @@ class SR3BasePipeline(DiffusionPipeline):
             if condition is not None:
                 model_input = torch.cat([condition, model_input], dim=1)
             # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
-            level = network_input_for_step(self.scheduler, t, conditioning_type).to(device)
-            model_output = self.unet(
-                model_input, level.expand(shape[0]), condition_noise_level=condition_noise_level, return_dict=False
-            )[0].float()
+            model_output = self.unet(model_input, levels[i].expand(shape[0]), return_dict=False, **unet_kwargs)[
+                0
+            ].float()
             # 3. The scheduler's update.
             latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             if i in snapshot_steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import List, Optional
 
@@ -17,10 +18,11 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_training_arguments(parser, task=task)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        train(config_from_args(args))
+        train(config_from_args(args, task=task))
     except HubUploadError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

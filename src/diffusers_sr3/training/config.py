@@ -33,7 +33,9 @@ class TrainingConfig:
     """
 
     # What to train.
-    task: str = _option("sr", "`sr` (super-resolution) or `uncond` (unconditional generation)", choices=TASKS)
+    task: str = _option(
+        "sr", "`sr` (super-resolution) or `uncond` (unconditional generation); each script fixes it", cli=False
+    )
     preset: Optional[str] = _option(
         None,
         "network configuration of the original project: sr_16_128, sr_64_512, uncond_128, tiny, tiny_uncond "

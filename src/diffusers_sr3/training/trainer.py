@@ -23,7 +23,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import TrainingData, build_training_data
+from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import make_scheduler, swap_scheduler, training_betas
@@ -158,7 +158,8 @@ def _tracker_config(config: TrainingConfig) -> Dict[str, Any]:
 class Trainer:
     """Runs one training job described by a [`TrainingConfig`]; `train(config)` is `Trainer(config).run()`.
 
-    After `run()`, `accelerator`, `model` (the unwrapped UNet) and `summary` are available for inspection.
+    After `run()`, `model` (the unwrapped UNet), `summary` (main process), `num_processes`, `process_index` and
+    `distributed_type` are available for inspection.
     """
 
     def __init__(self, config: TrainingConfig):
@@ -196,7 +197,7 @@ class Trainer:
             batch_size=config.train_batch_size,
             sampler=data.sampler,
             num_workers=config.dataloader_num_workers,
-            drop_last=data.sampler is not None and len(data.dataset) >= config.train_batch_size,
+            drop_last=data.sampler is not None,
             # Its own generator: creating an iterator must not consume the global RNG (exact resumes).
             generator=torch.Generator().manual_seed(seed),
             pin_memory=torch.cuda.is_available(),
@@ -206,13 +207,30 @@ class Trainer:
 
     def run(self) -> str:
         """Train, save the pipeline (EMA weights when used) with a model card, push if asked; return the folder."""
+        try:
+            return self._run()
+        finally:
+            # Accelerate keeps its settings in process-wide singletons; clearing them (not the process group) lets
+            # another `train()` in this process (a benchmark sweep, the demo) use other settings.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+
+    def _run(self) -> str:
         config = self.config
         started = time.time()
         accelerator = self.accelerator = self._make_accelerator()
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
+        self.distributed_type = str(accelerator.distributed_type)
+        # The data order and augmentation depend on `seed` only, identically on every process (so the shards
+        # partition each epoch). Noise and dropout draws must differ between processes: their RNG is seeded per
+        # process (DDP broadcasts rank 0's initial weights, so the model still starts the same everywhere).
         seed = config.seed if config.seed is not None else 0
         if config.seed is not None:
-            set_seed(config.seed)
+            set_seed(config.seed, device_specific=True)
+        else:
+            torch.seed()  # torch's default seed is a constant: without this every process would draw the same noise
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
         if accelerator.is_main_process:
@@ -274,7 +292,6 @@ class Trainer:
         )
         if streaming:
             max_train_steps = config.max_train_steps
-            steps_per_epoch = None
         else:
             # Batches per process after sharding, then optimizer steps (the last partial accumulation syncs too).
             batches = math.ceil(len(dataloader) / accelerator.num_processes)
@@ -439,8 +456,6 @@ class Trainer:
         if setup.upscale_factor is None:
             return []
         if config.validation_images:
-            from ..data import FileListSource, PairDataset, PairMaker
-
             maker = PairMaker(setup.resolution, setup.upscale_factor)
             dataset = PairDataset(FileListSource(config.validation_images, "validation_images"), maker)
             return [dataset.sample(index, augment=False) for index in range(len(config.validation_images))]

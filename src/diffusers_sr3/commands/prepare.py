@@ -1,0 +1,311 @@
+"""`sr3 prepare`: turn a folder of images into the original SR3 project's training layout.
+
+Like the original's prepare.py, every image is resized (shorter side, bicubic) and centre-cropped to the LR size
+`M` and to the HR size `N`, and the LR image is bicubic-upsampled back to `N` (the "fake SR" images):
+
+    folder (default)  OUT/lr_<M>/00000.png, OUT/hr_<N>/00000.png, OUT/sr_<M>_<N>/00000.png, ...
+    --lmdb / -l       OUT/data.mdb with keys 'length' -> count, 'lr_<M>_00000', 'hr_<N>_00000', 'sr_<M>_<N>_00000'
+                      -> PNG bytes (the original's LMDB format)
+    --format parquet  OUT/data/train-00000.parquet, ...: a Hugging Face dataset with Image columns `image` (HR),
+                      `lr` and `sr`, and `name` (the source file)
+
+Images are numbered 0, 1, 2, ... in the sorted order of the readable source files (unreadable ones are reported
+and skipped), so numbers are contiguous as the original's data loader needs. Progress is recorded in
+OUT/.sr3_prepare.json after the outputs it covers are on disk (each file written under a temporary name and
+renamed), so an interrupted run continues where it stopped when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import PIL.Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
+
+from .common import IMAGE_EXTENSIONS
+
+STATE_FILE = ".sr3_prepare.json"
+RESAMPLE = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "lanczos": InterpolationMode.LANCZOS,
+    "nearest": InterpolationMode.NEAREST,
+}
+SAVE_EVERY_SECONDS = 2.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", help="folder of source images (searched recursively)")
+    parser.add_argument("--path", dest="path_option", help="same as the positional PATH (the original's option)")
+    parser.add_argument("--out", "--output", dest="output", required=True, help="output folder")
+    parser.add_argument(
+        "--sizes", "--size", default="16,128", help="LR,HR sizes, e.g. 16,128 or 64,512 (default: 16,128)"
+    )
+    parser.add_argument("--n_worker", "--workers", type=int, default=3, help="worker processes (0: none)")
+    parser.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="resize filter")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-l", "--lmdb", action="store_true", help="write the original's LMDB instead of PNG folders")
+    group.add_argument("--format", choices=("folder", "lmdb", "parquet"), default=None, help="output format")
+    parser.add_argument("--shard-size", type=int, default=500, help="rows per parquet file (--format parquet)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a prepared dataset of other settings already in the output"
+    )
+
+
+def parse_sizes(text: str) -> Tuple[int, int]:
+    """`"16,128"` -> `(16, 128)`, checked."""
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sizes must be two integers LR,HR such as 16,128; got {text!r}") from None
+    if not 0 < low < high:
+        raise ValueError(f"--sizes needs 0 < LR < HR, got {low},{high}")
+    return low, high
+
+
+def resize_and_convert(image: PIL.Image.Image, size: int, resample: InterpolationMode) -> PIL.Image.Image:
+    """The original's resize: shorter side to `size`, then the centre `size` x `size` crop."""
+    if image.size != (size, size):
+        image = TF.resize(image, size, resample)
+        image = TF.center_crop(image, size)
+    return image
+
+
+def _png(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, bytes]], Optional[str]]:
+    """One source file -> PNG bytes of its `lr`, `hr` and `sr` images, or `(None, reason)` if unreadable."""
+    path, low, high, resample = job
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            image = opened.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return None, f"{type(error).__name__}: {error}"
+    mode = RESAMPLE[resample]
+    lr = resize_and_convert(image, low, mode)
+    hr = resize_and_convert(image, high, mode)
+    sr = resize_and_convert(lr, high, mode)
+    return {"lr": _png(lr), "hr": _png(hr), "sr": _png(sr)}, None
+
+
+def source_files(folder: str) -> List[str]:
+    """Image files under `folder`, recursively, as sorted paths relative to it (hidden folders skipped)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"source folder not found: {folder}")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found.extend(
+            os.path.relpath(os.path.join(root, name), folder)
+            for name in files
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return sorted(found)
+
+
+def layout(fmt: str, low: int, high: int) -> List[str]:
+    """The names a format writes inside the output folder."""
+    if fmt == "folder":
+        return [f"lr_{low}", f"hr_{high}", f"sr_{low}_{high}"]
+    return ["data.mdb", "lock.mdb"] if fmt == "lmdb" else ["data"]
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)
+
+
+class _Writer:
+    """Writes numbered (lr, hr, sr) triples in one of the three formats."""
+
+    def __init__(self, output: str, fmt: str, low: int, high: int, shard_size: int):
+        self.output, self.format, self.low, self.high, self.shard_size = output, fmt, low, high, shard_size
+        self.names = dict(zip(("lr", "hr", "sr"), layout("folder", low, high)))
+        self.rows: List[Dict[str, object]] = []
+        self.environment = None
+        if fmt == "folder":
+            for name in self.names.values():
+                os.makedirs(os.path.join(output, name), exist_ok=True)
+        elif fmt == "lmdb":
+            import lmdb
+
+            self.environment = lmdb.open(output, map_size=1024**4, readahead=False)
+        else:
+            os.makedirs(os.path.join(output, "data"), exist_ok=True)
+
+    def add(self, index: int, images: Dict[str, bytes], source: str) -> None:
+        if self.format == "folder":
+            for kind, data in images.items():
+                _write_atomic(os.path.join(self.output, self.names[kind], f"{index:05d}.png"), data)
+        elif self.format == "lmdb":
+            with self.environment.begin(write=True) as transaction:  # one atomic transaction per image
+                for kind, data in images.items():
+                    transaction.put(f"{self.names[kind]}_{index:05d}".encode("utf-8"), data)
+                transaction.put(b"length", str(index + 1).encode("utf-8"))
+        else:
+            self.rows.append({"index": index, "source": source, **images})
+
+    def flush(self, final: bool) -> bool:
+        """Write a parquet shard when full (or any rows left when `final`); True if rows were written."""
+        if self.format != "parquet" or not self.rows or (len(self.rows) < self.shard_size and not final):
+            return False
+        import datasets
+
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "lr": datasets.Image(),
+                "sr": datasets.Image(),
+                "name": datasets.Value("string"),
+            }
+        )
+        rows = self.rows
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": row["hr"], "path": None} for row in rows],
+                "lr": [{"bytes": row["lr"], "path": None} for row in rows],
+                "sr": [{"bytes": row["sr"], "path": None} for row in rows],
+                "name": [row["source"] for row in rows],
+            },
+            features=features,
+        )
+        path = os.path.join(self.output, "data", f"train-{rows[0]['index']:05d}.parquet")
+        temporary = os.path.join(self.output, "data", f".{os.path.basename(path)}.tmp")
+        table.to_parquet(temporary)
+        os.replace(temporary, path)
+        self.rows = []
+        return True
+
+    def pending(self) -> int:
+        """Rows held in memory, not yet on disk."""
+        return len(self.rows)
+
+    def close(self) -> None:
+        if self.environment is not None:
+            self.environment.close()
+
+
+def _settings(args: argparse.Namespace, source: str, files: Sequence[str], fmt: str, low: int, high: int) -> Dict:
+    listing = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
+    settings = {"format": fmt, "sizes": [low, high], "resample": args.resample, "source": os.path.abspath(source)}
+    settings.update(files=len(files), files_sha256=listing)
+    if fmt == "parquet":
+        settings["shard_size"] = args.shard_size
+    return settings
+
+
+def _save_state(output: str, state: Dict) -> None:
+    _write_atomic(os.path.join(output, STATE_FILE), (json.dumps(state, indent=2) + "\n").encode("utf-8"))
+
+
+def _load_state(output: str, settings: Dict, overwrite: bool, layout: List[str]) -> Dict:
+    """The progress to resume from; refuses (without --overwrite) an output folder holding anything else."""
+    fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
+    if not os.path.isdir(output) or not os.listdir(output):
+        return fresh
+    state_path = os.path.join(output, STATE_FILE)
+    state = None
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if state.get("settings") == settings:
+            return state
+    if not overwrite:
+        if state is not None:
+            changed = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+            raise FileExistsError(
+                f"{output} holds a dataset prepared with other settings ({', '.join(changed)} differ); pass "
+                "--overwrite to replace it, or choose another output folder"
+            )
+        raise FileExistsError(
+            f"{output} is not empty and was not made by sr3 prepare; choose an empty or new output folder, or pass "
+            "--overwrite to write into it (existing files of the same names are replaced)"
+        )
+    # --overwrite: remove what an earlier prepare run (of any settings) or this format would write, nothing else.
+    stale = set(layout) | {STATE_FILE}
+    if state is not None:
+        low, high = state["settings"]["sizes"]
+        stale |= {name for fmt in ("folder", "lmdb", "parquet") for name in layout(fmt, low, high)}
+    for name in stale:
+        path = os.path.join(output, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    return fresh
+
+
+def run(args: argparse.Namespace) -> int:
+    source = args.path or args.path_option
+    if not source:
+        raise ValueError("give the source image folder (sr3 prepare PATH --out OUT)")
+    if args.path and args.path_option and args.path != args.path_option:
+        raise ValueError("give the source folder once, either as PATH or as --path")
+    low, high = parse_sizes(args.sizes)
+    fmt = "lmdb" if args.lmdb else (args.format or "folder")
+    if args.n_worker < 0 or args.shard_size < 1:
+        raise ValueError("--n_worker must be >= 0 and --shard-size >= 1")
+    files = source_files(source)
+    if os.path.isfile(args.output):
+        raise FileExistsError(f"--out {args.output} is a file, not a folder")
+    settings = _settings(args, source, files, fmt, low, high)
+    state = _load_state(args.output, settings, args.overwrite, layout(fmt, low, high))
+    if state["complete"]:
+        print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped)")
+        return 0
+    os.makedirs(args.output, exist_ok=True)
+
+    writer = _Writer(args.output, fmt, low, high, args.shard_size)
+    jobs = [(os.path.join(source, name), low, high, args.resample) for name in files[state["position"] :]]
+    pool = multiprocessing.get_context("spawn").Pool(args.n_worker) if args.n_worker > 0 and jobs else None
+    results = pool.imap(process_file, jobs, chunksize=4) if pool else map(process_file, jobs)
+    # The state on disk always describes outputs that are on disk: rows held for a parquet shard are not counted.
+    committed = dict(state)
+    last_save = time.monotonic()
+    try:
+        with tqdm(total=len(files), initial=state["position"], desc="preparing", unit="image") as progress:
+            for name, (images, error) in zip(files[state["position"] :], results):
+                if images is None:
+                    state["skipped"][name] = error
+                    progress.write(f"skipped unreadable {os.path.join(source, name)} ({error})")
+                else:
+                    writer.add(state["written"], images, name)
+                    state["written"] += 1
+                state["position"] += 1
+                progress.update(1)
+                if writer.flush(final=False) or (
+                    not writer.pending() and time.monotonic() - last_save > SAVE_EVERY_SECONDS
+                ):
+                    committed = dict(state, skipped=dict(state["skipped"]))
+                    _save_state(args.output, committed)
+                    last_save = time.monotonic()
+        writer.flush(final=True)
+        state["complete"] = True
+    finally:
+        if pool is not None:
+            pool.terminate()
+        writer.close()
+        _save_state(args.output, state if not writer.pending() else committed)
+    kinds = {"folder": "PNG folders", "lmdb": "LMDB", "parquet": "parquet dataset"}[fmt]
+    print(f"wrote {state['written']} images ({low} -> {high}) to {args.output} as {kinds}", end="")
+    print(f"; skipped {len(state['skipped'])} unreadable file(s)" if state["skipped"] else "")
+    return 0
