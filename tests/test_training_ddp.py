@@ -48,6 +48,7 @@ RECORDER = textwrap.dedent(
             distributed_type=self.distributed_type,
             writes=writes,
             pid=os.getpid(),
+            torch_seed=__import__("torch").initial_seed(),
         )
         with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(info, handle)
@@ -100,6 +101,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert [item["process_index"] for item in info] == [0, 1]
     assert all(item["num_processes"] == 2 and "MULTI_CPU" in item["distributed_type"] for item in info)
     assert info[0]["pid"] != info[1]["pid"]
+    # Each process draws its own noise (same seed everywhere would train on duplicated noise).
+    assert info[0]["torch_seed"] != info[1]["torch_seed"]
     # Both ranks end with identical weights.
     first, second = (load_file(str(records / f"weights-rank{rank}.safetensors")) for rank in (0, 1))
     for name in first:

@@ -159,8 +159,8 @@ class _Writer:
         elif self.format == "lmdb":
             with self.environment.begin(write=True) as transaction:  # one atomic transaction per image
                 for kind, data in images.items():
-                    transaction.put(f"{self.names[kind]}_{index:05d}".encode("utf-8"), data)
-                transaction.put(b"length", str(index + 1).encode("utf-8"))
+                    transaction.put(f"{self.names[kind]}_{index:05d}".encode(), data)
+                transaction.put(b"length", str(index + 1).encode())
         else:
             self.rows.append({"index": index, "source": source, **images})
 
@@ -276,7 +276,9 @@ def run(args: argparse.Namespace) -> int:
 
     writer = _Writer(args.output, fmt, low, high, args.shard_size)
     jobs = [(os.path.join(source, name), low, high, args.resample) for name in files[state["position"] :]]
-    pool = multiprocessing.get_context("spawn").Pool(args.n_worker) if args.n_worker > 0 and jobs else None
+    # Fork where possible: the workers only run PIL, and spawned ones would re-import torch (seconds each).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = context.Pool(args.n_worker) if args.n_worker > 0 and jobs else None
     results = pool.imap(process_file, jobs, chunksize=4) if pool else map(process_file, jobs)
     # The state on disk always describes outputs that are on disk: rows held for a parquet shard are not counted.
     committed = dict(state)

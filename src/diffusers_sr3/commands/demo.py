@@ -1,0 +1,244 @@
+"""`sr3 demo`: train a small x4 SR3 model on CPU on photographs that ship with installed packages, then compare
+it with bicubic upsampling on held-out photographs. No downloads.
+
+Whole photographs are split into training and held-out sets (`diffusers_sr3.photos`), so no held-out pixel is
+ever trained on. Training goes through the package's training core (`diffusers_sr3.training.train`) on random
+crops of the training photos; evaluation uses random crops of the held-out photos, degraded with the package's
+degradation, and one whole held-out photo upscaled in seamless tiles. Written to `--output`:
+
+    comparison.png   held-out crops, one per row: LR (nearest) | bicubic | SR3 | HR
+    photo.png        a whole held-out photo: LR (nearest) | bicubic | SR3 (tiled) | HR
+    metrics.md       PSNR / SSIM / consistency of SR3 and bicubic (means over the crops), and what they say
+    metrics.json     the same per image, plus the run's settings and timings
+    model/           the trained pipeline (load it with SR3Pipeline.from_pretrained or `sr3 upscale --model`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from .. import metrics
+from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil
+from ..models.unet_sr3 import SR3UNet2DModel
+from ..noise import swap_scheduler
+from ..pipelines import SR3Pipeline
+from ..tiling import tiled_super_resolve
+
+UPSCALE_FACTOR = 4
+# The training recipe that benchmarks/convergence.py found best for new models on these photographs.
+RECIPE: Dict[str, Any] = dict(
+    prediction_type="v_prediction",
+    per_sample_timestep=True,
+    learning_rate=5e-4,
+    lr_scheduler="constant_with_warmup",
+    lr_warmup_steps=50,
+    max_grad_norm=1.0,
+    use_ema=True,
+    ema_decay=0.999,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="sr3-demo", help="folder for the pictures, metrics and model")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default: 5)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
+    parser.add_argument("--crop-size", type=int, default=32, help="high-resolution crop size; LR is a quarter")
+    parser.add_argument("--width", type=int, default=32, help="UNet inner width (channels of the first level)")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--train-crops", type=int, default=8192, help="random crops drawn from the training photos")
+    parser.add_argument("--eval-crops", type=int, default=8, help="random held-out crops to evaluate")
+    parser.add_argument("--photo-size", type=int, default=128, help="longer side of the whole held-out photo (HR)")
+    parser.add_argument("--inference-steps", type=int, default=50, help="refinement steps (DDIM)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
+
+
+def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
+    """A small SR3 UNet for `crop_size` crops: three levels, attention at the coarsest."""
+    if crop_size % 4 or crop_size < 16:
+        raise ValueError(f"--crop-size must be a multiple of 4 and at least 16, got {crop_size}")
+    return dict(
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=width,
+        channel_multipliers=(1, 2, 4),
+        layers_per_block=2,
+        attention_resolutions=(crop_size // 4,),
+        sample_size=crop_size,
+        norm_groups=min(8, width),
+        dropout=0.0,
+        noise_level_embedding_scale=1000.0,
+    )
+
+
+def _seconds_per_step(config: Dict[str, Any], batch_size: int) -> float:
+    """Time one forward + backward pass of the network on a training batch (after a warm-up pass)."""
+    network = SR3UNet2DModel(**config)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    size = config["sample_size"]
+    batch = torch.randn(batch_size, 6, size, size)
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        loss = network(batch, torch.rand(batch_size)).sample.abs().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        timings.append(time.perf_counter() - start)
+    return min(timings[1:])
+
+
+def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
+    lines = ["| method | PSNR (dB) | SSIM | consistency (MSE x1e5) |", "|---|---|---|---|"]
+    for name, values in rows.items():
+        lines.append(f"| {name} | {values['psnr']:.2f} | {values['ssim']:.4f} | {values['consistency'] * 1e5:.2f} |")
+    return lines
+
+
+def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float]) -> str:
+    better = [
+        name
+        for name, higher_is_better in (("psnr", True), ("ssim", True), ("consistency", False))
+        if (sr3[name] > bicubic[name]) == higher_is_better and sr3[name] != bicubic[name]
+    ]
+    if len(better) == 3:
+        return "SR3 beats bicubic on all three metrics."
+    if not better:
+        return "SR3 does not beat bicubic on any metric at this training budget; train longer (--minutes)."
+    return f"SR3 beats bicubic on {', '.join(better)} only, at this training budget."
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..photos import load_photo, packaged_photo_paths, photo_crops, photo_name, photo_split
+    from ..training import TrainingConfig, train
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if args.minutes <= 0 or args.eval_crops < 1 or args.inference_steps < 1:
+        raise ValueError("--minutes, --eval-crops and --inference-steps must be positive")
+    config = unet_config(args.crop_size, args.width)
+    model_dir = os.path.join(args.output, "model")
+    if os.path.exists(os.path.join(args.output, "metrics.json")) and not args.overwrite:
+        raise FileExistsError(f"{args.output} already holds a demo; pass --overwrite or choose another --output")
+    os.makedirs(args.output, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # 1. Whole photographs split into training and held-out sets.
+    train_paths, heldout_paths = photo_split(packaged_photo_paths(), heldout=0.25)
+    print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
+    print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
+    train_crops = photo_crops(train_paths, args.crop_size, count=args.train_crops, seed=args.seed, max_side=512)
+
+    # 2. Train through the training core, for --steps or as many steps as fit in --minutes.
+    steps = args.steps
+    if steps is None:
+        per_step = _seconds_per_step(config, args.batch_size)
+        steps = max(20, int(args.minutes * 60 / per_step))
+        print(f"about {per_step:.2f} s per step here: training {steps} steps (~{args.minutes:g} min)")
+    with tempfile.TemporaryDirectory() as scratch:
+        config_path = os.path.join(scratch, "config.json")
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        started = time.perf_counter()
+        train(
+            TrainingConfig(
+                task="sr",
+                model_config_name_or_path=config_path,
+                resolution=args.crop_size,
+                upscale_factor=UPSCALE_FACTOR,
+                train_dataset=train_crops,
+                train_batch_size=args.batch_size,
+                max_train_steps=steps,
+                output_dir=model_dir,
+                checkpointing_steps=0,
+                validation_steps=0,
+                num_validation_images=1,
+                validation_scheduler="ddim",
+                validation_steps_count=2,
+                report_to="none",
+                seed=args.seed,
+                **dict(RECIPE, lr_warmup_steps=min(RECIPE["lr_warmup_steps"], max(1, steps // 10))),
+            )
+        )
+        training_seconds = time.perf_counter() - started
+
+    # 3. Super-resolve held-out crops and one whole held-out photo; compare with bicubic.
+    pipeline = SR3Pipeline.from_pretrained(model_dir)
+    pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
+    pipeline.set_progress_bar_config(disable=True)
+    hr = photo_crops(
+        heldout_paths, args.crop_size, count=args.eval_crops, seed=args.seed + 1, max_side=512, output_type="pt"
+    )
+    lr, bicubic = degrade(hr, UPSCALE_FACTOR)
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
+    sr = pipeline(tensor_to_pil(lr), num_inference_steps=args.inference_steps, generator=generator, output_type="pt")
+    sr = sr.images * 2 - 1
+    inference_seconds = time.perf_counter() - started
+    results = {"SR3": metrics.evaluate_batch(sr, hr, lr), "bicubic": metrics.evaluate_batch(bicubic, hr, lr)}
+    means = {name: {key: sum(v) / len(v) for key, v in values.items()} for name, values in results.items()}
+
+    rows = [
+        tensor_to_pil(lr[index : index + 1]) + tensor_to_pil(torch.stack([bicubic[index], sr[index], hr[index]]))
+        for index in range(len(hr))
+    ]
+    grid(rows).save(os.path.join(args.output, "comparison.png"))
+
+    photo = load_photo(heldout_paths[0], max_side=args.photo_size)
+    photo = photo.crop((0, 0, photo.width - photo.width % 4, photo.height - photo.height % 4))
+    photo_hr = images_to_tensor(photo)
+    photo_lr, photo_bicubic = degrade(photo_hr, UPSCALE_FACTOR)
+    photo_sr = tiled_super_resolve(
+        pipeline,
+        tensor_to_pil(photo_lr),
+        num_inference_steps=args.inference_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="pt",
+    ).images
+    photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat([photo_bicubic, photo_sr * 2 - 1, photo_hr]))
+    grid([photo_row]).save(os.path.join(args.output, "photo.png"))
+
+    # 4. Report what was measured.
+    verdict = _verdict(means["SR3"], means["bicubic"])
+    lines = [
+        f"# SR3 demo: x{UPSCALE_FACTOR} super-resolution, {args.crop_size // UPSCALE_FACTOR} -> {args.crop_size}",
+        "",
+        f"Trained {steps} steps (batch {args.batch_size}, {training_seconds / 60:.1f} min on "
+        f"{torch.get_num_threads()} CPU threads) on {len(train_paths)} photographs; evaluated on {len(hr)} random "
+        f"crops of {len(heldout_paths)} held-out photographs ({', '.join(photo_name(p) for p in heldout_paths)}), "
+        f"{args.inference_steps} DDIM steps.",
+        "",
+        *_table(means),
+        "",
+        verdict,
+        "",
+        "Consistency is the SR3 paper's: MSE between the LR input and the bicubic downsample of the output.",
+    ]
+    with open(os.path.join(args.output, "metrics.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    report = {
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "crop_size": args.crop_size,
+        "upscale_factor": UPSCALE_FACTOR,
+        "training_seconds": training_seconds,
+        "inference_seconds": inference_seconds,
+        "train_photos": [photo_name(p) for p in train_paths],
+        "heldout_photos": [photo_name(p) for p in heldout_paths],
+        "mean": means,
+        "per_image": results,
+        "verdict": verdict,
+    }
+    with open(os.path.join(args.output, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+        handle.write("\n")
+    print("\n".join(lines[2:]))
+    print(f"wrote comparison.png, photo.png, metrics.md, metrics.json and the model to {args.output}")
+    return 0

@@ -1,0 +1,132 @@
+"""`sr3 upscale` and `sr3 sample` on real files with tiny saved pipelines."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import SHARED, tiny_unet_config
+
+from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3.cli import main
+
+LR_SAMPLE = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"
+
+
+@pytest.fixture
+def model_dir(tiny_pipeline, tmp_path):
+    folder = tmp_path / "model"
+    tiny_pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_image(path, size, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_upscale_files_folders_and_globs(model_dir, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    write_image(inputs / "a.png", (8, 8), 1)
+    write_image(inputs / "nested" / "b.jpg", (8, 8), 2)
+    write_image(tmp_path / "other" / "c.png", (6, 5), 3)
+    out = tmp_path / "out"
+    arguments = ["upscale", str(inputs), str(tmp_path / "other" / "*.png"), str(LR_SAMPLE)]
+    arguments += ["--model", str(model_dir), "--output", str(out), "--steps", "2", "--batch-size", "2"]
+    assert main(arguments + ["--scheduler", "ddim", "--device", "cpu", "--dtype", "float32"]) == 0
+    sizes = {path.name: PIL.Image.open(path).size for path in out.iterdir()}
+    assert sizes == {"a_sr.png": (32, 32), "b_sr.png": (32, 32), "c_sr.png": (24, 20), "00031_sr.png": (64, 64)}
+    assert "00031_sr.png (64x64)" in capsys.readouterr().out
+    # Same seed, same result; another seed, another.
+    first = np.asarray(PIL.Image.open(out / "a_sr.png"))
+    assert main(arguments + ["--scheduler", "ddim"]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(out / "a_sr.png")), first)
+    assert main(arguments + ["--scheduler", "ddim", "--seed", "1"]) == 0
+    assert not np.array_equal(np.asarray(PIL.Image.open(out / "a_sr.png")), first)
+
+
+def test_upscale_one_file_to_a_file_name_with_the_refinement_strip(model_dir, tmp_path):
+    out = tmp_path / "result.png"
+    assert (
+        main(
+            ["upscale", str(LR_SAMPLE), "--model", str(model_dir), "--output", str(out), "--steps", "3"]
+            + ["--save-process", "3"]
+        )
+        == 0
+    )
+    assert PIL.Image.open(out).size == (64, 64)
+    strip = PIL.Image.open(tmp_path / "result_process.png")
+    assert strip.size == (64 * 4, 64)  # the condition and 3 snapshots
+    strip = np.asarray(strip).astype(int)
+    # The first frame is the bicubic condition: smooth, unlike the noisy first snapshot.
+    roughness = [np.abs(np.diff(strip[:, 64 * k : 64 * (k + 1)], axis=1)).mean() for k in range(2)]
+    assert roughness[0] < roughness[1]
+
+
+def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, monkeypatch):
+    import diffusers_sr3.tiling as tiling
+
+    calls = []
+    original = tiling.TiledNetwork.forward
+
+    def counting_forward(self, sample, noise_level, **kwargs):
+        calls.append(len(self.tiles(*sample.shape[-2:])))
+        return original(self, sample, noise_level, **kwargs)
+
+    monkeypatch.setattr(tiling.TiledNetwork, "forward", counting_forward)
+    source = write_image(tmp_path / "big.png", (20, 14))  # 80x56 output; the model was trained at 32x32
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "2"]
+            + ["--tile-overlap", "8", "--batch-size", "4"]
+        )
+        == 0
+    )
+    assert PIL.Image.open(out / "big_sr.png").size == (80, 56)
+    assert calls == [4 * 3, 4 * 3]  # 2 steps, each over a 4 x 3 grid of 32x32 tiles
+    calls.clear()
+    assert (
+        main(
+            ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
+            + ["--tile-size", "64"]
+        )
+        == 0
+    )
+    assert calls == [2 * 1]
+
+
+def test_upscale_bad_inputs(model_dir, tmp_path, capsys):
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    assert main(["upscale", str(corrupt), "--model", str(model_dir), "--output", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    assert main(["upscale", str(tmp_path / "missing*.png"), "--model", str(model_dir), "--output", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["upscale", str(LR_SAMPLE), "--model", str(tmp_path), "--output", str(out)]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    assert main(["upscale", str(LR_SAMPLE), "--model", str(model_dir), "--output", str(out), "--batch-size", "0"]) == 2
+
+
+def test_sample_writes_a_grid(tmp_path):
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config(in_channels=3, sample_size=16))
+    SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50)).save_pretrained(tmp_path / "uncond")
+    out = tmp_path / "grid.png"
+    assert (
+        main(
+            ["sample", "--model", str(tmp_path / "uncond"), "-n", "5", "--output", str(out), "--steps", "2"]
+            + ["--batch-size", "2", "--scheduler", "ddim"]
+        )
+        == 0
+    )
+    assert PIL.Image.open(out).size == (3 * 16, 2 * 16)
+    grid = np.asarray(PIL.Image.open(out))
+    assert grid[:16, :16].std() > 0 and np.array_equal(grid[16:, 32:], np.full((16, 16, 3), 255))
+
+
+def test_sample_refuses_a_super_resolution_model(model_dir, tmp_path, capsys):
+    assert main(["sample", "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
+    assert "needs a SR3UnconditionalPipeline" in capsys.readouterr().err
