@@ -162,3 +162,23 @@ def test_augment_condition_keeps_variance_and_checks_levels():
     assert abs(correlation.item() - 0.8) < 0.03  # sqrt(1 - 0.6^2)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         augment_condition(condition, 1.0)
+
+
+def test_training_with_noise_conditioning_augmentation(tmp_path):
+    from test_data import make_image_folder
+    from test_training import fast_options
+
+    from diffusers_sr3.training import TrainingConfig, train
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    output = train(
+        TrainingConfig(
+            train_data_dir=str(data),
+            **fast_options(tmp_path / "out", condition_noise_max=0.3, condition_noise_level=0.1, lr_blur_sigma=0.5),
+        )
+    )
+    pipeline = SR3Pipeline.from_pretrained(output)
+    assert pipeline.unet.config.condition_noise_embedding and pipeline.config.condition_noise_level == 0.1
+    assert pipeline.unet.condition_noise_level_embedding is not None
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        TrainingConfig(**fast_options(tmp_path / "bad", condition_noise_max=1.5))

@@ -85,7 +85,7 @@ def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, m
         == 0
     )
     assert PIL.Image.open(out / "big_sr.png").size == (80, 56)
-    assert calls == [4 * 3, 4 * 3]  # 2 steps, each over a 4 x 3 grid of 32x32 tiles
+    assert calls == [3 * 2, 3 * 2]  # 2 steps, each over a 3 x 2 grid of 32x32 tiles
     calls.clear()
     assert (
         main(

@@ -88,6 +88,14 @@ class TrainingConfig:
     random_flip: bool = _option(True, "random horizontal flips")
     random_crop: bool = _option(False, "random full-scale crops instead of resize + centre crop")
     lr_blur_sigma: float = _option(0.0, "Gaussian-blur the LR input with sigma uniform in [0, this] (cascades)")
+    condition_noise_max: float = _option(
+        0.0,
+        "noise-conditioning augmentation (cascades): noise the upsampled LR at a level uniform in [0, this) and give "
+        "the level to the network (a new model gets condition_noise_embedding)",
+    )
+    condition_noise_level: float = _option(
+        0.0, "the augmentation level the saved pipeline samples with by default (with --condition_noise_max)"
+    )
     dataloader_num_workers: int = _option(0, "dataloader worker processes")
 
     # Optimisation.
@@ -171,6 +179,10 @@ class TrainingConfig:
             raise ValueError(f"lr_blur_sigma must not be negative, got {self.lr_blur_sigma}")
         if self.task == "uncond" and self.lr_blur_sigma:
             raise ValueError("--lr_blur_sigma applies to super-resolution only")
+        if not 0 <= self.condition_noise_max < 1 or not 0 <= self.condition_noise_level < 1:
+            raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
+        if self.task == "uncond" and self.condition_noise_max:
+            raise ValueError("--condition_noise_max applies to super-resolution only")
 
 
 def _argument_type(annotation: Any) -> tuple:

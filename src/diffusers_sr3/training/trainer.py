@@ -38,7 +38,7 @@ from .checkpointing import (
 )
 from .config import TrainingConfig
 from .hub import push_folder
-from .objective import diffusion_loss, noise_batch
+from .objective import diffusion_loss, noise_batch, predict
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,13 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     unet_config = {key: value for key, value in unet_config.items() if not key.startswith("_")}
     if config.noise_level_embedding_scale is not None:
         unet_config["noise_level_embedding_scale"] = config.noise_level_embedding_scale
+    if config.condition_noise_max > 0:
+        if weights is not None and not unet_config.get("condition_noise_embedding", False):
+            raise ValueError(
+                "--condition_noise_max needs a model with condition_noise_embedding; the weights being fine-tuned "
+                "have none (start a new model, or train without noise-conditioning augmentation)"
+            )
+        unet_config["condition_noise_embedding"] = True
 
     conditional = unet_config["in_channels"] != unet_config["out_channels"]
     if config.task == "sr" and unet_config["in_channels"] != unet_config["out_channels"] + 3:
@@ -379,8 +386,9 @@ class Trainer:
                         batch.get("condition"),
                         prediction_type=config.prediction_type,
                         per_sample_timestep=config.per_sample_timestep,
+                        condition_noise_max=config.condition_noise_max,
                     )
-                    prediction = unet(noised.network_input, noised.network_level).sample
+                    prediction = predict(unet, noised)
                     loss = diffusion_loss(
                         prediction, noised, config.loss_type, config.snr_gamma, config.prediction_type
                     )
@@ -492,6 +500,7 @@ class Trainer:
                 config.validation_scheduler,
                 config.validation_steps_count,
                 seed=config.seed or 0,
+                condition_noise_level=config.condition_noise_level,
             )
             model.train()
             if ema is not None:
@@ -517,10 +526,11 @@ class Trainer:
             config.validation_scheduler,
             config.validation_steps_count,
             seed=config.seed or 0,
+            condition_noise_level=config.condition_noise_level,
         )
         log_validation(accelerator, metrics, picture, step)
         picture.save(os.path.join(config.output_dir, "validation.png"))
-        pipeline = build_pipeline(model, setup.scheduler, setup.upscale_factor)
+        pipeline = build_pipeline(model, setup.scheduler, setup.upscale_factor, config.condition_noise_level)
         pipeline.save_pretrained(config.output_dir)
         if ema is not None:
             ema.restore(model.parameters())
