@@ -96,7 +96,7 @@ def test_unmatched_and_mismatched_pairs_are_named(pair_folders, capsys):
     shutil.copy(PAIRS / "odd_37x53_noise_s15_sr.png", sr / "noise_s10_512.png")
     assert main(["eval", "--hr", str(hr), "--sr", str(sr)]) == 2
     error = capsys.readouterr().err
-    assert "differ in size: noise_s10_512 (hr 512x512, sr 37x53)" in error
+    assert "differ in size: noise_s10_512 (hr 512x512, sr 53x37)" in error
 
 
 def test_bad_arguments(pair_folders, tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_bad_arguments(pair_folders, tmp_path, capsys):
 def test_fid_option(tmp_path):
     for kind, folder in (("hr", "hr_512"), ("sr", "sr_64_512")):
         (tmp_path / kind).mkdir()
-        for path in sorted((SAMPLES / folder).glob("*.png")):
+        for path in sorted((SAMPLES / folder).glob("*.png"))[:2]:
             PIL.Image.open(path).resize((128, 128)).save(tmp_path / kind / path.name)
     report_path = tmp_path / "r.json"
     arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "hr"), "--fid", "--json"]

@@ -85,6 +85,56 @@ PRESETS: Dict[str, Preset] = {
         upscale_factor=None,
         description="128x128 unconditional faces (the original's generation config)",
     ),
+    # The SR3 paper's 1024x1024 face cascade: 64x64 generator -> x4 -> x4. Not from the original project (which
+    # never reached it); sized so that the 256->1024 stage runs at batch 1 in well under 24 GiB on a CPU.
+    "uncond_64": Preset(
+        unet=dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=64,
+            channel_multipliers=(1, 2, 4, 8),
+            layers_per_block=2,
+            attention_resolutions=(16, 8),
+            sample_size=64,
+            norm_groups=32,
+            dropout=0.1,
+        ),
+        resolution=64,
+        upscale_factor=None,
+        description="64x64 unconditional faces, the first stage of a 1024x1024 cascade",
+    ),
+    "sr_64_256": Preset(
+        unet=dict(
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=64,
+            channel_multipliers=(1, 2, 4, 8, 8),
+            layers_per_block=2,
+            attention_resolutions=(16,),
+            sample_size=256,
+            norm_groups=32,
+            dropout=0.1,
+        ),
+        resolution=256,
+        upscale_factor=4,
+        description="64x64 -> 256x256, the second stage of a 1024x1024 cascade",
+    ),
+    "sr_256_1024": Preset(
+        unet=dict(
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=16,
+            channel_multipliers=(1, 2, 4, 8, 16, 32, 32),
+            layers_per_block=1,
+            attention_resolutions=(),  # only the middle block attends, at 16x16
+            sample_size=1024,
+            norm_groups=16,
+            dropout=0.0,
+        ),
+        resolution=1024,
+        upscale_factor=4,
+        description="256x256 -> 1024x1024, the last stage of a 1024x1024 cascade",
+    ),
     "tiny": Preset(
         unet=dict(
             in_channels=6,
