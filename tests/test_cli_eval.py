@@ -67,7 +67,7 @@ def test_upscale_outputs_match_their_sources_and_lr_adds_consistency(tmp_path):
 
 
 def test_original_results_layout_with_bicubic_baseline(tmp_path, capsys):
-    for path in sorted((SAMPLES / "hr_512").glob("*.png")):
+    for path in sorted((SAMPLES / "hr_512").glob("*.png"))[:2]:
         step_id = f"1000_{path.stem}"  # the original names results <step>_<index>_<kind>.png
         shutil.copy(path, tmp_path / f"{step_id}_hr.png")
         shutil.copy(SAMPLES / "sr_64_512" / path.name, tmp_path / f"{step_id}_sr.png")
@@ -76,7 +76,7 @@ def test_original_results_layout_with_bicubic_baseline(tmp_path, capsys):
     report_path = tmp_path / "out.json"
     assert main(["eval", "--results", str(tmp_path), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["count"] == 4
+    assert report["count"] == 2
     for values in report["images"].values():
         assert set(values) == {"psnr", "ssim", "consistency", "bicubic_psnr", "bicubic_ssim"}
         assert values["bicubic_psnr"] == values["psnr"]  # the "SR" here is the bicubic image itself
@@ -122,9 +122,7 @@ def test_fid_option(tmp_path):
         for path in sorted((SAMPLES / folder).glob("*.png"))[:2]:
             PIL.Image.open(path).resize((128, 128)).save(tmp_path / kind / path.name)
     report_path = tmp_path / "r.json"
-    arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "hr"), "--fid", "--json"]
-    assert main(arguments + [str(report_path)]) == 0
-    assert abs(json.loads(report_path.read_text())["fid"]) < 1e-2  # a set against itself
-    arguments[4] = str(tmp_path / "sr")
+    # (FID of a set against itself is ~0: tests/test_metrics.py; one Inception load per test keeps this short.)
+    arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--fid", "--json"]
     assert main(arguments + [str(report_path)]) == 0
     assert json.loads(report_path.read_text())["fid"] > 1

@@ -217,7 +217,7 @@ def _save_state(output: str, state: Dict) -> None:
     _write_atomic(os.path.join(output, STATE_FILE), (json.dumps(state, indent=2) + "\n").encode("utf-8"))
 
 
-def _load_state(output: str, settings: Dict, overwrite: bool, layout: List[str]) -> Dict:
+def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) -> Dict:
     """The progress to resume from; refuses (without --overwrite) an output folder holding anything else."""
     fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
     if not os.path.isdir(output) or not os.listdir(output):
@@ -241,7 +241,7 @@ def _load_state(output: str, settings: Dict, overwrite: bool, layout: List[str])
             "--overwrite to write into it (existing files of the same names are replaced)"
         )
     # --overwrite: remove what an earlier prepare run (of any settings) or this format would write, nothing else.
-    stale = set(layout) | {STATE_FILE}
+    stale = set(names) | {STATE_FILE}
     if state is not None:
         low, high = state["settings"]["sizes"]
         stale |= {name for fmt in ("folder", "lmdb", "parquet") for name in layout(fmt, low, high)}

@@ -144,6 +144,10 @@ class SR3BasePipeline(DiffusionPipeline):
 
         device = self._execution_device
         dtype = self.unet.dtype
+        # A UNet moved to channels_last (`unet.to(memory_format=torch.channels_last)`) gets channels_last inputs.
+        conv_in = getattr(self.unet, "conv_in", None)
+        channels_last = conv_in is not None and not conv_in.weight.is_contiguous()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         # The level (or timestep) the network takes at each step, computed once: no per-step host syncs.
@@ -164,6 +168,7 @@ class SR3BasePipeline(DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(latents, t).to(dtype)
             if condition is not None:
                 model_input = torch.cat([condition, model_input], dim=1)
+            model_input = model_input.contiguous(memory_format=memory_format)
             # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
             model_output = self.unet(model_input, levels[i].expand(shape[0]), return_dict=False, **unet_kwargs)[
                 0

@@ -1,0 +1,190 @@
+"""`sr3 prepare`: the original's layout and resizing, LMDB and parquet output, bad files, resuming, clobbering."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import SHARED
+
+from diffusers_sr3.cli import main
+from diffusers_sr3.commands import prepare
+
+PHOTOS = SHARED / "data" / "original_samples" / "ffhq_64_512" / "hr_512"
+
+
+def reference_resize(image, size):
+    """The original's resize_and_convert, written out with PIL: shorter side to `size` (torchvision's rounding),
+    bicubic, then the centre crop (torchvision's offsets)."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    if width <= height:
+        new = (size, int(size * height / width))
+    else:
+        new = (int(size * width / height), size)
+    image = image.resize(new, PIL.Image.BICUBIC)
+    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+@pytest.fixture
+def source(tmp_path):
+    """Two square photos, a wide and a tall crop in a subfolder, and an unreadable file (sorted: a, b, c, d, e)."""
+    folder = tmp_path / "source"
+    (folder / "sub").mkdir(parents=True)
+    photos = sorted(PHOTOS.glob("*.png"))
+    shutil.copy(photos[0], folder / "a.png")
+    PIL.Image.open(photos[1]).convert("RGB").save(folder / "b.jpg", quality=95)
+    PIL.Image.open(photos[2]).crop((0, 100, 512, 300)).save(folder / "sub" / "c.png")  # 512 x 200
+    (folder / "sub" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    PIL.Image.open(photos[3]).crop((50, 0, 250, 512)).save(folder / "sub" / "e.webp", lossless=True)  # 200 x 512
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def read(path):
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def test_folder_layout_matches_the_original_resizing(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,128", "--n_worker", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped unreadable" in captured.err + captured.out and "sub/d.png" in captured.err + captured.out
+    names = ["a.png", "b.jpg", "sub/c.png", "sub/e.webp"]  # readable files, sorted; d.png skipped
+    for folder in ("lr_16", "hr_128", "sr_16_128"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    for index, name in enumerate(names):
+        image = PIL.Image.open(source / name).convert("RGB")
+        lr = reference_resize(image, 16)
+        assert np.array_equal(read(out / "lr_16" / f"{index:05d}.png"), np.asarray(lr))
+        assert np.array_equal(read(out / "hr_128" / f"{index:05d}.png"), np.asarray(reference_resize(image, 128)))
+        # sr = the bicubic upsample of the LR image ("fake SR")
+        assert np.array_equal(read(out / "sr_16_128" / f"{index:05d}.png"), np.asarray(reference_resize(lr, 128)))
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["complete"] and state["written"] == 4 and list(state["skipped"]) == ["sub/d.png"]
+    # Running again finds it complete; worker processes give the same files.
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,128"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(["prepare", str(source), "--out", str(tmp_path / "workers"), "--n_worker", "2"]) == 0
+    for path in out.glob("*/*.png"):
+        assert path.read_bytes() == (tmp_path / "workers" / path.relative_to(out)).read_bytes()
+
+
+def test_lmdb_in_the_original_format_and_read_by_the_training_data(source, tmp_path):
+    import lmdb
+
+    from diffusers_sr3.data import build_training_data
+
+    out = tmp_path / "lmdb"
+    assert main(["prepare", "--path", str(source), "--out", str(out), "--size", "16,64", "-l", "--n_worker", "0"]) == 0
+    folder = tmp_path / "folder"
+    assert main(["prepare", str(source), "--out", str(folder), "--sizes", "16,64", "--n_worker", "0"]) == 0
+    with lmdb.open(str(out), readonly=True, lock=False) as environment, environment.begin() as transaction:
+        keys = sorted(key.decode() for key, _ in transaction.cursor())
+        assert transaction.get(b"length") == b"4"
+        for index in range(4):
+            for key, sub in ((f"hr_64_{index:05d}", "hr_64"), (f"sr_16_64_{index:05d}", "sr_16_64")):
+                stored = np.asarray(PIL.Image.open(io.BytesIO(transaction.get(key.encode()))))
+                assert np.array_equal(stored, read(folder / sub / f"{index:05d}.png"))
+    assert len(keys) == 1 + 3 * 4
+    data = build_training_data(resolution=64, upscale_factor=4, train_data_dir=str(out))
+    assert len(data.dataset) == 4 and data.dataset[0]["lr"].shape == (3, 16, 16)
+
+
+def test_parquet_dataset_for_the_training_scripts(source, tmp_path):
+    import datasets
+
+    from diffusers_sr3.data import build_training_data
+
+    out = tmp_path / "parquet"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,64", "--format", "parquet"]
+    assert main(arguments + ["--shard-size", "3", "--n_worker", "0"]) == 0
+    shards = sorted(str(p) for p in (out / "data").glob("*.parquet"))
+    assert [p.rsplit("/", 1)[1] for p in shards] == ["train-00000.parquet", "train-00003.parquet"]
+    loaded = datasets.load_dataset("parquet", data_files=shards, split="train")
+    assert loaded.column_names == ["image", "lr", "sr", "name"]
+    assert loaded["name"] == ["a.png", "b.jpg", "sub/c.png", "sub/e.webp"]
+    assert loaded[2]["image"].size == (64, 64) and loaded[2]["lr"].size == (16, 16)
+    data = build_training_data(resolution=64, upscale_factor=4, train_data_files=shards)
+    assert len(data.dataset) == 4 and data.dataset[3]["hr"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "parquet", "lmdb"])
+def test_an_interrupted_run_completes_when_run_again(source, tmp_path, monkeypatch, fmt):
+    arguments = ["prepare", str(source), "--sizes", "16,32", "--n_worker", "0", "--format", fmt, "--shard-size", "2"]
+    assert main(arguments + ["--out", str(tmp_path / "clean")]) == 0
+
+    calls = []
+    real = prepare.process_file
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prepare, "process_file", interrupted)
+    out = tmp_path / "resumed"
+    assert main(arguments + ["--out", str(out)]) == 130
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert not state["complete"] and 0 < state["position"] <= 3
+    monkeypatch.setattr(prepare, "process_file", real)
+    assert main(arguments + ["--out", str(out)]) == 0
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["complete"] and state["written"] == 4
+    if fmt == "lmdb":
+        import lmdb
+
+        for folder in ("clean", "resumed"):
+            with lmdb.open(str(tmp_path / folder), readonly=True, lock=False) as environment:
+                with environment.begin() as transaction:
+                    contents = {key: value for key, value in transaction.cursor()}
+            if folder == "clean":
+                expected = contents
+        assert contents == expected
+    else:
+        clean = sorted(p.relative_to(tmp_path / "clean") for p in (tmp_path / "clean").rglob("*") if p.is_file())
+        resumed = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+        assert resumed == clean  # no temporary files left behind
+        for relative in clean:
+            if relative.suffix == ".png":
+                assert (out / relative).read_bytes() == (tmp_path / "clean" / relative).read_bytes()
+            elif relative.suffix == ".parquet":
+                assert PIL.Image.open(io.BytesIO(_first_image(out / relative))).size == (32, 32)
+
+
+def _first_image(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).column("image")[0].as_py()["bytes"]
+
+
+def test_output_folders_are_not_clobbered(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["prepare", str(source), "--out", str(out), "--n_worker", "0"]) == 2
+    assert "not empty" in capsys.readouterr().err and not (out / "lr_16").exists()
+    assert main(["prepare", str(source), "--out", str(out), "--n_worker", "0", "--overwrite"]) == 0
+    assert (out / "precious.txt").read_text() == "keep me" and len(list((out / "hr_128").iterdir())) == 4
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "32,128", "--n_worker", "0"]) == 2
+    assert "other settings (sizes differ)" in capsys.readouterr().err
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "32,128", "--n_worker", "0", "--overwrite"]) == 0
+    assert not (out / "lr_16").exists() and (out / "lr_32").is_dir() and (out / "precious.txt").exists()
+
+
+def test_bad_arguments(source, tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "source folder not found" in capsys.readouterr().err
+    assert main(["prepare", str(source), "--out", str(tmp_path / "o"), "--sizes", "128,16"]) == 2
+    assert "0 < LR < HR" in capsys.readouterr().err
+    assert main(["prepare", str(source), "--out", str(tmp_path / "o"), "--sizes", "16"]) == 2
+    assert "two integers" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["prepare", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no images" in capsys.readouterr().err
