@@ -117,12 +117,13 @@ def test_sample_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
     assert (
         main(
-            ["sample", "--model", str(tmp_path / "uncond"), "-n", "5", "--output", str(out), "--steps", "2"]
-            + ["--batch-size", "2", "--scheduler", "ddim"]
+            ["sample", "--model", str(tmp_path / "uncond"), "-n", "5", "--output", str(out), "--steps", "4"]
+            + ["--batch-size", "2", "--scheduler", "ddim", "--save-process", "3"]
         )
         == 0
     )
     assert PIL.Image.open(out).size == (3 * 16, 2 * 16)
+    assert PIL.Image.open(tmp_path / "grid_process.png").size == (3 * 16, 5 * 16)  # 3 frames for each image
     grid = np.asarray(PIL.Image.open(out))
     assert grid[:16, :16].std() > 0 and np.array_equal(grid[16:, 32:], np.full((16, 16, 3), 255))
 

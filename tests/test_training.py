@@ -353,3 +353,18 @@ def test_trains_on_what_sr3_prepare_writes(tmp_path, fmt):
     output = train(TrainingConfig(**fast_options(tmp_path / "out", max_train_steps=2, **data)))
     summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
     assert summary["global_step"] == 2 and summary["skipped_during_training"] == 0
+
+
+def test_channels_last_and_fused_optimizer_train_the_same_model(tmp_path):
+    from test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    outputs = {}
+    for name, overrides in {
+        "plain": dict(channels_last=False, fused_optimizer=False),
+        "fast": dict(channels_last=True, fused_optimizer=True),
+    }.items():
+        output = train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / name, **overrides)))
+        outputs[name] = SR3Pipeline.from_pretrained(output).unet.state_dict()
+    for key, value in outputs["plain"].items():
+        torch.testing.assert_close(outputs["fast"][key], value, atol=1e-5, rtol=1e-4)

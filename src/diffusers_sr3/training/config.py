@@ -104,6 +104,10 @@ class TrainingConfig:
     num_epochs: int = _option(100, "epochs, when --max_train_steps is not given")
     gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _option(False, "trade compute for memory")
+    channels_last: bool = _option(
+        False, "channels_last memory layout for the UNet and its inputs (faster convolutions)"
+    )
+    fused_optimizer: bool = _option(True, "the fused AdamW kernel where PyTorch has one for the device")
     learning_rate: float = _option(1e-4, "peak learning rate (the paper: 1e-4)")
     scale_lr: bool = _option(False, "multiply the LR by batch size x accumulation x processes")
     lr_scheduler: str = _option(

@@ -249,6 +249,8 @@ class Trainer:
         model.train()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        model.to(memory_format=memory_format)
         betas = training_betas(setup.scheduler)
 
         with accelerator.main_process_first():
@@ -296,6 +298,7 @@ class Trainer:
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
+            fused=config.fused_optimizer or None,
         )
         if streaming:
             max_train_steps = config.max_train_steps
@@ -382,8 +385,10 @@ class Trainer:
                     noised = noise_batch(
                         model,
                         betas,
-                        batch["hr"],
-                        batch.get("condition"),
+                        batch["hr"].contiguous(memory_format=memory_format),
+                        None
+                        if batch.get("condition") is None
+                        else batch["condition"].contiguous(memory_format=memory_format),
                         prediction_type=config.prediction_type,
                         per_sample_timestep=config.per_sample_timestep,
                         condition_noise_max=config.condition_noise_max,
