@@ -154,3 +154,24 @@ def test_unconditional_pipeline():
         pipeline(num_inference_steps=STEPS, height=15)
     with pytest.raises(ValueError, match="unconditional UNet"):
         SR3UnconditionalPipeline(SR3UNet2DModel(in_channels=6, block_out_channels=8, norm_groups=4), pipeline.scheduler)
+
+
+def test_residual_models_refine_the_upsample(tiny_unet):
+    """A residual pipeline adds the refined residual to the bicubic upsample; a zero residual gives the upsample."""
+    from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
+
+    pipeline = SR3Pipeline(tiny_unet, make_scheduler("ddim", n_timestep=100), upscale_factor=4, residual=True)
+    pipeline.set_progress_bar_config(disable=True)
+    image = torch.rand(3, 8, 8)
+
+    def zero_residual(pipe, step, timestep, tensors):
+        return {"latents": tensors["latents"] * 0}
+
+    output = run(pipeline, image, output_type="pt", callback_on_step_end=zero_residual, num_intermediates=1)
+    upsample = (upsample_condition(images_to_tensor(image), (32, 32)) + 1) / 2
+    torch.testing.assert_close(output.images, upsample, atol=1e-6, rtol=0)
+    torch.testing.assert_close(output.intermediates[0], upsample, atol=1e-6, rtol=0)
+    plain = SR3Pipeline(tiny_unet, make_scheduler("ddim", n_timestep=100), upscale_factor=4)
+    plain.set_progress_bar_config(disable=True)
+    zero_image = run(plain, image, output_type="pt", callback_on_step_end=zero_residual).images
+    torch.testing.assert_close(zero_image, torch.full_like(zero_image, 0.5))

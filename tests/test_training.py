@@ -368,3 +368,21 @@ def test_channels_last_and_fused_optimizer_train_the_same_model(tmp_path):
         outputs[name] = SR3Pipeline.from_pretrained(output).unet.state_dict()
     for key, value in outputs["plain"].items():
         torch.testing.assert_close(outputs["fast"][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_residual_training_targets_the_detail_and_is_saved(tmp_path):
+    from test_data import make_image_folder
+
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    output = train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "out", residual=True)))
+    pipeline = SR3Pipeline.from_pretrained(output)
+    assert pipeline.config.residual is True
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    batch = noise_batch(pipeline.unet, betas, hr, condition, prediction_type="sample", residual=True)
+    torch.testing.assert_close(batch.target, hr - condition)
+    with pytest.raises(ValueError, match="residual training needs a condition"):
+        noise_batch(pipeline.unet, betas, hr, None, residual=True)

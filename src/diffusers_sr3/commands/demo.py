@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default: 5)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--crop-size", type=int, default=32, help="high-resolution crop size; LR is a quarter")
-    parser.add_argument("--width", type=int, default=32, help="UNet inner width (channels of the first level)")
+    parser.add_argument("--width", type=int, default=16, help="UNet inner width (channels of the first level)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
     parser.add_argument("--train-crops", type=int, default=8192, help="random crops drawn from the training photos")
     parser.add_argument("--eval-crops", type=int, default=8, help="random held-out crops to evaluate")

@@ -160,7 +160,8 @@ class SR3BasePipeline(DiffusionPipeline):
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
-        snapshot_steps = set(np.linspace(0, len(timesteps) - 1, num_intermediates).round().astype(int).tolist())
+        # Evenly spaced and always ending at the last step (10 of 100 are steps 0, 11, ..., 99, as the original's).
+        snapshot_steps = set(np.linspace(len(timesteps) - 1, 0, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -170,18 +171,17 @@ class SR3BasePipeline(DiffusionPipeline):
                 model_input = torch.cat([condition, model_input], dim=1)
             model_input = model_input.contiguous(memory_format=memory_format)
             # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
-            model_output = self.unet(model_input, levels[i].expand(shape[0]), return_dict=False, **unet_kwargs)[
-                0
-            ].float()
+            noise_level = levels[i].expand(shape[0])
+            model_output = self.unet(model_input, noise_level, return_dict=False, **unet_kwargs)[0].float()
             # 3. The scheduler's update.
             latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
-            if i in snapshot_steps:
-                snapshots.append(latents.clone())
             if callback_on_step_end is not None:
                 available = {"latents": latents, "condition": condition}
                 callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                 latents = callback_outputs.pop("latents", latents)
+            if i in snapshot_steps:
+                snapshots.append(latents.clone())
         return latents, snapshots
 
     def save_pretrained(

@@ -42,6 +42,9 @@ class SR3Pipeline(SR3BasePipeline):
             factor unless `output_size` is given).
         condition_noise_level (`float`, defaults to 0.0): For UNets with `condition_noise_embedding`: the default
             noise level added to the upsampled input before refinement (noise-conditioning augmentation).
+        residual (`bool`, defaults to False): The model diffuses the residual between the high-resolution image and
+            the bicubic upsample (as SRDiff does) instead of the image itself: the result is the upsample plus the
+            refined residual. Set by training with `residual=True`; the original SR3 models diffuse the image.
     """
 
     model_cpu_offload_seq = "unet"
@@ -53,6 +56,7 @@ class SR3Pipeline(SR3BasePipeline):
         scheduler: SchedulerMixin,
         upscale_factor: int = 4,
         condition_noise_level: float = 0.0,
+        residual: bool = False,
     ):
         super().__init__()
         if upscale_factor < 1:
@@ -64,7 +68,11 @@ class SR3Pipeline(SR3BasePipeline):
                 f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
             )
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(upscale_factor=int(upscale_factor), condition_noise_level=float(condition_noise_level))
+        self.register_to_config(
+            upscale_factor=int(upscale_factor),
+            condition_noise_level=float(condition_noise_level),
+            residual=bool(residual),
+        )
 
     def prepare_condition(
         self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None
@@ -147,6 +155,7 @@ class SR3Pipeline(SR3BasePipeline):
         condition = self.prepare_condition(image, output_size)
         condition, (height, width) = pad_to_multiple(condition, self.unet.downsampling_factor)
         batch, _, padded_height, padded_width = condition.shape
+        upsampled = condition
         condition, condition_noise_level = self._augment_condition(condition, condition_noise_level, generator)
 
         # 2. Refine from noise.
@@ -162,9 +171,10 @@ class SR3Pipeline(SR3BasePipeline):
             condition_noise_level,
         )
 
-        # 3. Crop the padding off and convert.
-        images = postprocess(result[..., :height, :width], output_type)
-        intermediates = [postprocess(s[..., :height, :width], output_type) for s in snapshots] or None
+        # 3. Add the refined residual to the upsample (residual models), crop the padding off and convert.
+        offset = upsampled.to(result.device, torch.float32) if self.config.get("residual", False) else 0
+        images = postprocess((offset + result)[..., :height, :width], output_type)
+        intermediates = [postprocess((offset + s)[..., :height, :width], output_type) for s in snapshots] or None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, intermediates)

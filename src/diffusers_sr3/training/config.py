@@ -63,6 +63,9 @@ class TrainingConfig:
     )
     loss_type: str = _option("l1", "l1 (the paper's choice) or l2", choices=("l1", "l2"))
     snr_gamma: Optional[float] = _option(None, "min-SNR-gamma loss weighting (e.g. 5.0); default off")
+    residual: bool = _option(
+        False, "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline)"
+    )
     per_sample_timestep: bool = _option(False, "draw the step per sample instead of one per batch (SR3's way)")
     beta_schedule: Optional[str] = _option(None, "noise schedule (default linear)")
     num_train_timesteps: Optional[int] = _option(None, "diffusion steps T (default 2000, tiny presets 100)")
@@ -185,6 +188,8 @@ class TrainingConfig:
             raise ValueError("--lr_blur_sigma applies to super-resolution only")
         if not 0 <= self.condition_noise_max < 1 or not 0 <= self.condition_noise_level < 1:
             raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
+        if self.task == "uncond" and self.residual:
+            raise ValueError("--residual applies to super-resolution only")
         if self.task == "uncond" and self.condition_noise_max:
             raise ValueError("--condition_noise_max applies to super-resolution only")
 

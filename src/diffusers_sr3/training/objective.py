@@ -46,6 +46,7 @@ def noise_batch(
     generator: Optional[torch.Generator] = None,
     per_sample_timestep: bool = True,
     condition_noise_max: float = 0.0,
+    residual: bool = False,
 ) -> NoisedBatch:
     """Noise `target_images` at a random level (SR3's continuous levels, or DDPM's integer timesteps).
 
@@ -60,9 +61,14 @@ def noise_batch(
         per_sample_timestep: draw an independent step per sample (the original draws one per batch).
         condition_noise_max: for models with `condition_noise_embedding`: noise each condition at a level drawn
             uniformly from [0, condition_noise_max) (noise-conditioning augmentation).
+        residual: diffuse `target_images - condition` (the detail bicubic upsampling misses) instead of the images.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if residual:
+        if condition is None:
+            raise ValueError("residual training needs a condition (super-resolution)")
+        target_images = target_images - condition
     batch = target_images.shape[0]
     device = target_images.device
     timestep_network = unet.config.conditioning_type == "timestep"

@@ -392,6 +392,7 @@ class Trainer:
                         prediction_type=config.prediction_type,
                         per_sample_timestep=config.per_sample_timestep,
                         condition_noise_max=config.condition_noise_max,
+                        residual=config.residual,
                     )
                     prediction = predict(unet, noised)
                     loss = diffusion_loss(
@@ -506,6 +507,7 @@ class Trainer:
                 config.validation_steps_count,
                 seed=config.seed or 0,
                 condition_noise_level=config.condition_noise_level,
+                residual=config.residual,
             )
             model.train()
             if ema is not None:
@@ -532,10 +534,13 @@ class Trainer:
             config.validation_steps_count,
             seed=config.seed or 0,
             condition_noise_level=config.condition_noise_level,
+            residual=config.residual,
         )
         log_validation(accelerator, metrics, picture, step)
         picture.save(os.path.join(config.output_dir, "validation.png"))
-        pipeline = build_pipeline(model, setup.scheduler, setup.upscale_factor, config.condition_noise_level)
+        pipeline = build_pipeline(
+            model, setup.scheduler, setup.upscale_factor, config.condition_noise_level, config.residual
+        )
         pipeline.save_pretrained(config.output_dir)
         if ema is not None:
             ema.restore(model.parameters())

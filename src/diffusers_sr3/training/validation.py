@@ -15,17 +15,22 @@ from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
 
 def build_pipeline(
-    unet: Any, scheduler: Any, upscale_factor: Optional[int], condition_noise_level: float = 0.0
+    unet: Any, scheduler: Any, upscale_factor: Optional[int], condition_noise_level: float = 0.0, residual: bool = False
 ) -> SR3BasePipeline:
     """The SR3 pipeline of a trained UNet: super-resolution when `upscale_factor` is set, else unconditional.
 
-    `condition_noise_level` is the sampling default for models trained with noise-conditioning augmentation.
+    `condition_noise_level` is the sampling default for models trained with noise-conditioning augmentation;
+    `residual` marks models trained on the residual HR - upsample.
     """
     if upscale_factor is None:
         pipeline: SR3BasePipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
     else:
         pipeline = SR3Pipeline(
-            unet=unet, scheduler=scheduler, upscale_factor=upscale_factor, condition_noise_level=condition_noise_level
+            unet=unet,
+            scheduler=scheduler,
+            upscale_factor=upscale_factor,
+            condition_noise_level=condition_noise_level,
+            residual=residual,
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -42,6 +47,7 @@ def run_validation(
     num_inference_steps: int,
     seed: int = 0,
     condition_noise_level: float = 0.0,
+    residual: bool = False,
 ) -> Tuple[Dict[str, float], PIL.Image.Image]:
     """Super-resolve the validation samples (or draw unconditional samples) and measure them.
 
@@ -54,12 +60,15 @@ def run_validation(
         scheduler_name, num_inference_steps: the fast sampler.
         seed: fixes the sampling noise, so successive validations are comparable.
         condition_noise_level: noise-conditioning augmentation level at sampling (models trained with it).
+        residual: the model diffuses the residual HR - upsample.
 
     Returns:
         `(metrics, grid)`: mean PSNR / SSIM / consistency (super-resolution only) and a picture with one row per
         image: LR | bicubic | SR3 | HR, or a grid of unconditional samples.
     """
-    pipeline = build_pipeline(unet, swap_scheduler(scheduler, scheduler_name), upscale_factor, condition_noise_level)
+    pipeline = build_pipeline(
+        unet, swap_scheduler(scheduler, scheduler_name), upscale_factor, condition_noise_level, residual
+    )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if upscale_factor is None:
         images = pipeline(
