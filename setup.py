@@ -20,6 +20,18 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # The packaged default model (pipeline folder: configs, safetensors weights, model card, pictures).
+    package_data={
+        "diffusers_sr3.pretrained": [
+            "*/*.json",
+            "*/*.md",
+            "*/*.png",
+            "*/*.py",
+            "*/*/*.json",
+            "*/*/*.safetensors",
+            "*/*/*.py",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

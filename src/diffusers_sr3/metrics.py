@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Dict, List, Optional, Union
 
 import numpy as np
@@ -46,7 +47,7 @@ INCEPTION_SCORE_UNAVAILABLE = (
 def to_uint8_rgb(image: ArrayImage, what: str = "image") -> np.ndarray:
     """A PIL image or uint8 array as an `(H, W, 3)` uint8 array (gray repeated, alpha dropped)."""
     if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{what}: expected a PIL image or numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -57,12 +58,12 @@ def to_uint8_rgb(image: ArrayImage, what: str = "image") -> np.ndarray:
         raise ValueError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, got {image.shape}")
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
+    return np.array(image[:, :, :3], order="C")  # a writable copy, so torch.from_numpy can share it
 
 
 def _uint8_batch(image: ArrayImage, what: str) -> torch.Tensor:
     """One image as a `(1, 3, H, W)` float64 tensor of uint8 values."""
-    return torch.from_numpy(to_uint8_rgb(image, what).copy()).permute(2, 0, 1)[None].double()
+    return torch.from_numpy(to_uint8_rgb(image, what)).permute(2, 0, 1)[None].double()
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -179,8 +180,10 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, path: Optional[str] = None):
         super().__init__()
-        # TorchScript archives carry no pickled Python objects; the file is the package's own network.
-        self.network = torch.jit.load(path or inception_weights_path(), map_location="cpu").eval()
+        # torch.jit.load runs TorchScript, not arbitrary unpickled Python; the file ships in the installed package.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": no export-format copy
+            self.network = torch.jit.load(path or inception_weights_path(), map_location="cpu").eval()
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = images.shape

@@ -19,13 +19,17 @@ import torch
 from .image_processing import ImageInput
 
 
+def _check_tiles(tile: int, overlap: int) -> None:
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got {tile} and {overlap}")
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, evenly spread, neighbours overlapping >= `overlap`.
 
     A length that fits in one tile gives `[0]` (the tile is then clipped to `length`).
     """
-    if tile < 1 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got {tile} and {overlap}")
+    _check_tiles(tile, overlap)
     if length <= tile:
         return [0]
     count = math.ceil((length - overlap) / (tile - overlap))
@@ -66,7 +70,7 @@ class TiledNetwork(torch.nn.Module):
             raise ValueError(f"tile_size {tile_size} is not a multiple of the UNet's downsampling factor {factor}")
         if batch_size < 1:
             raise ValueError(f"the tile batch size must be at least 1, got {batch_size}")
-        tile_starts(tile_size + 1, tile_size, overlap)  # validates overlap
+        _check_tiles(tile_size, overlap)
         self.network = network
         self.tile_size = tile_size
         self.overlap = overlap

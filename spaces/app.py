@@ -1,0 +1,388 @@
+"""Gradio demo of SR3 super-resolution (the Hugging Face Space of diffusers-sr3).
+
+Upload a photo, pick the scale, sampler, number of refinement steps and seed, and compare the input, a bicubic
+upsample and the SR3 result side by side. Photos larger than the model's training size are refined in seamless
+tiles (`diffusers_sr3.tiling`), so the only limit on the input is `--max-pixels`.
+
+    python spaces/app.py [--model DIR_OR_HUB_ID] [--max-pixels N] [--device cpu|cuda]
+
+The model is `--model`, else the `SR3_MODEL` environment variable, else the model shipped inside the package.
+The server listens on `GRADIO_SERVER_NAME` (default 127.0.0.1) and `GRADIO_SERVER_PORT` (default: the first free
+port from 7860); usage analytics are off and nothing is fetched from the internet.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before gradio is imported: gradio reads it at import time for its own usage reporting.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from diffusers_sr3 import SR3Pipeline  # noqa: E402
+from diffusers_sr3.image_processing import (  # noqa: E402
+    grid,
+    images_to_tensor,
+    resize_bicubic,
+    tensor_to_pil,
+    upsample_condition,
+)
+from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
+from diffusers_sr3.tiling import model_tile_size, tile_starts, tiled_super_resolve  # noqa: E402
+
+# The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
+DEMO_SCHEDULERS = [name for name in ("ddim", "dpmsolver", "unipc", "euler", "ddpm") if name in SCHEDULERS]
+DEFAULT_MAX_PIXELS = 256 * 256
+DEFAULT_STEPS = 50
+MAX_PROCESS_FRAMES = 12
+# Uploads are refused by the server above this size, before any decoding.
+MAX_UPLOAD_SIZE = "25mb"
+MAX_SEED = 2**32 - 1
+EXAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "examples"
+
+
+def resolve_model(model: Optional[str] = None) -> str:
+    """The model to serve: `model`, else `$SR3_MODEL`, else the model packaged with diffusers-sr3."""
+    if model:
+        return model
+    if os.environ.get("SR3_MODEL"):
+        return os.environ["SR3_MODEL"]
+    if importlib.util.find_spec("diffusers_sr3.pretrained") is None:
+        raise ValueError(
+            "no model given and this diffusers-sr3 has no packaged model: pass --model DIR_OR_HUB_ID or set SR3_MODEL"
+        )
+    from diffusers_sr3.pretrained import default_model_path
+
+    return str(default_model_path())
+
+
+def example_images() -> List[str]:
+    """The example photos next to this file (small low-resolution crops of public-domain/CC0 photographs)."""
+    return sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
+
+
+def load_pipeline(model: str, device: Optional[str] = None) -> SR3Pipeline:
+    """Load an `SR3Pipeline` folder or Hub repo id onto `device` (default: CUDA when available)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = SR3Pipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def scale_choices(upscale_factor: int) -> Dict[str, int]:
+    """Menu label -> output scale: the model's factor, then each smaller factor it divides into.
+
+    A smaller scale is the model's output downscaled (antialiased bicubic), so every choice runs the model at the
+    factor it was trained for.
+    """
+    choices = {f"x{upscale_factor}": upscale_factor}
+    for scale in range(upscale_factor - 1, 1, -1):
+        if upscale_factor % scale == 0:
+            choices[f"x{scale} (x{upscale_factor}, then downscaled)"] = scale
+    return choices
+
+
+def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
+    """Open an uploaded file as an RGB image, refusing files that are no image or have more than `max_pixels`.
+
+    The size is checked from the header, before the pixels are decoded. Errors are `gr.Error`s naming `name`
+    (the file name the user uploaded), shown in the page and returned to API clients.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise gr.Error(
+                    f"{name} is {width}x{height} = {width * height:,} pixels; this demo accepts images of at most "
+                    f"{max_pixels:,} pixels (e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}). "
+                    "Crop or downscale it first."
+                )
+            image.load()
+            return image.convert("RGB")
+    except PIL.UnidentifiedImageError:
+        raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
+    except (PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise gr.Error(f"{name} is a damaged or unsupported image: {error}") from None
+
+
+def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
+    """A pipeline like `pipeline`, sharing its UNet, that samples with `scheduler` (a `SCHEDULERS` name).
+
+    Each request gets its own, so the served pipeline never changes. (`from_pipe` would do this too, but it casts
+    the UNet, which warns about its float32-only modules on every call.)
+    """
+    options = {
+        key: pipeline.config[key]
+        for key in inspect.signature(type(pipeline).__init__).parameters
+        if key in pipeline.config and key not in pipeline.components
+    }
+    components = {**pipeline.components, "scheduler": swap_scheduler(pipeline.scheduler, scheduler)}
+    sampler = type(pipeline)(**components, **options)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+@dataclasses.dataclass
+class Result:
+    """What one run of the demo makes: images of `output_size` `(height, width)`, and how the run went."""
+
+    bicubic: PIL.Image.Image
+    sr3: PIL.Image.Image
+    process: Optional[PIL.Image.Image]
+    output_size: Tuple[int, int]
+    tiles: int
+    seconds: float
+
+
+def super_resolve(
+    pipeline: SR3Pipeline,
+    image: PIL.Image.Image,
+    scale: int,
+    steps: int,
+    scheduler: str,
+    seed: int,
+    process_frames: int = 0,
+    progress: Optional[Callable[[Tuple[int, int]], Any]] = None,
+) -> Result:
+    """Super-resolve `image` by `scale` (the model's factor or one it divides into) with SR3 and with bicubic.
+
+    Args:
+        pipeline: the SR3 pipeline; it is not modified (the sampler is swapped in a copy sharing its UNet).
+        image: the low-resolution photo.
+        scale: output size / input size.
+        steps: refinement steps.
+        scheduler: a `diffusers_sr3.noise.SCHEDULERS` name.
+        seed: seed of the sampling noise.
+        process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none).
+        progress: called with `(steps done, steps in total)` after every refinement step.
+    """
+    factor = pipeline.config.upscale_factor
+    if scale < 1 or factor % scale:
+        raise ValueError(f"scale x{scale} is neither the model's factor x{factor} nor a factor it divides into")
+    sampler = with_scheduler(pipeline, scheduler)
+
+    def on_step_end(pipe: SR3Pipeline, index: int, timestep: Any, tensors: Dict[str, Any]) -> Dict[str, Any]:
+        if progress is not None:
+            progress((index + 1, len(pipe.scheduler.timesteps)))
+        return {}
+
+    tile_size = model_tile_size(pipeline)
+    overlap = tile_size // 4
+    width, height = image.size
+    tiles = len(tile_starts(height * factor, tile_size, overlap)) * len(tile_starts(width * factor, tile_size, overlap))
+    started = time.perf_counter()
+    output = tiled_super_resolve(
+        sampler,
+        image,
+        tile_size=tile_size,
+        overlap=overlap,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pt",
+        num_intermediates=min(process_frames, steps),
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=(),
+    )
+    seconds = time.perf_counter() - started
+
+    low_resolution = images_to_tensor(image)
+    output_size = (height * scale, width * scale)
+    sr3 = output.images * 2 - 1
+    if scale != factor:
+        sr3 = resize_bicubic(sr3, output_size)
+    bicubic = upsample_condition(low_resolution, output_size)
+    process = None
+    if process_frames:
+        condition = tensor_to_pil(sampler.prepare_condition(image))
+        process = grid([condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]])
+    return Result(
+        bicubic=tensor_to_pil(bicubic)[0],
+        sr3=tensor_to_pil(sr3)[0],
+        process=process,
+        output_size=output_size,
+        tiles=tiles,
+        seconds=seconds,
+    )
+
+
+def _whole_number(value: Any, what: str, low: int, high: int) -> int:
+    """An integer input from the page or an API client, or a `gr.Error` saying what is allowed."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{what} must be a whole number, got {value!r}") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise gr.Error(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    return int(number)
+
+
+def build_demo(
+    pipeline: SR3Pipeline,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    default_steps: int = DEFAULT_STEPS,
+    examples: Sequence[str] = (),
+) -> gr.Blocks:
+    """The demo's page for `pipeline`: upload, settings, the comparison and the refinement process.
+
+    Args:
+        pipeline: the SR3 pipeline to serve.
+        max_pixels: uploads with more pixels are refused with an error naming both sizes.
+        default_steps: the refinement steps preselected.
+        examples: image files offered as examples.
+    """
+    factor = pipeline.config.upscale_factor
+    scales = scale_choices(factor)
+    max_steps = pipeline.scheduler.config.num_train_timesteps
+    saved = next((name for name, cls in SCHEDULERS.items() if isinstance(pipeline.scheduler, cls)), None)
+    default_scheduler = saved if saved in DEMO_SCHEDULERS and saved != "ddpm" else DEMO_SCHEDULERS[0]
+    tile_size = model_tile_size(pipeline)
+
+    def run(
+        upload: Optional[Dict[str, Any]],
+        scale_label: str,
+        steps: Any,
+        scheduler: str,
+        seed: Any,
+        process_frames: Any,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects the tracker through this default)
+    ) -> Tuple[List[Tuple[PIL.Image.Image, str]], Tuple[PIL.Image.Image, PIL.Image.Image], Any, str]:
+        # Inputs arrive unprocessed (`preprocess=False`): gradio's own image decoding would fail on a non-image
+        # with a generic error before this function could name the problem.
+        if not upload or not upload.get("path"):
+            raise gr.Error("upload an image first")
+        if scale_label not in scales:
+            raise gr.Error(f"scale must be one of {', '.join(scales)}, got {scale_label!r}")
+        if scheduler not in DEMO_SCHEDULERS:
+            raise gr.Error(f"scheduler must be one of {', '.join(DEMO_SCHEDULERS)}, got {scheduler!r}")
+        steps = _whole_number(steps, "steps", 1, max_steps)
+        seed = _whole_number(seed, "seed", 0, MAX_SEED)
+        process_frames = _whole_number(process_frames, "process frames", 0, MAX_PROCESS_FRAMES)
+        name = os.path.basename(upload.get("orig_name") or upload["path"])
+        image = read_upload(upload["path"], name, max_pixels)
+
+        progress((0, steps), desc="refining", unit="steps")
+        result = super_resolve(
+            pipeline,
+            image,
+            scales[scale_label],
+            steps,
+            scheduler,
+            seed,
+            process_frames,
+            lambda done: progress(done, desc="refining", unit="steps"),
+        )
+        height, width = result.output_size
+        nearest = image.resize((width, height), PIL.Image.NEAREST)
+        gallery = [
+            (nearest, f"input {image.width}x{image.height} (nearest neighbour)"),
+            (result.bicubic, f"bicubic {width}x{height}"),
+            (result.sr3, f"SR3 {width}x{height}"),
+        ]
+        info = (
+            f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps, "
+            f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of {tile_size}x{tile_size} · "
+            f"{result.seconds:.1f} s"
+        )
+        process = gr.Image(value=result.process, visible=result.process is not None)
+        return gallery, (result.bicubic, result.sr3), process, info
+
+    # A public Space runs for days: drop uploads and results an hour old, every hour.
+    with gr.Blocks(title="SR3 super-resolution", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# SR3: image super-resolution via iterative refinement\n"
+            f"Upload a photo (at most {max_pixels:,} pixels). The x{factor} SR3 model refines a bicubic upsample "
+            f"from noise, in {tile_size}x{tile_size} tiles blended seamlessly for larger photos. "
+            "More steps are slower and usually sharper; the seed picks the sampling noise."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(
+                    label="low-resolution photo", type="filepath", sources=["upload", "clipboard"], height=280
+                )
+                scale = gr.Radio(list(scales), value=next(iter(scales)), label="scale")
+                steps = gr.Slider(1, max_steps, value=min(default_steps, max_steps), step=1, label="steps")
+                scheduler = gr.Dropdown(DEMO_SCHEDULERS, value=default_scheduler, label="sampler")
+                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                process_frames = gr.Slider(
+                    0, MAX_PROCESS_FRAMES, value=0, step=1, label="refinement-process frames (0: off)"
+                )
+                button = gr.Button("Super-resolve", variant="primary", elem_id="run")
+            with gr.Column(scale=2):
+                info = gr.Markdown(elem_id="info")
+                gallery = gr.Gallery(
+                    label="input | bicubic | SR3",
+                    columns=3,
+                    rows=1,
+                    height="auto",
+                    format="png",
+                    object_fit="contain",
+                    elem_id="gallery",
+                )
+                slider = gr.ImageSlider(label="bicubic ↔ SR3", format="png", elem_id="slider")
+                process = gr.Image(label="refinement process", format="png", visible=False, elem_id="process")
+        if examples:
+            gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
+        button.click(
+            run,
+            inputs=[image, scale, steps, scheduler, seed, process_frames],
+            outputs=[gallery, slider, process, info],
+            api_name="super_resolve",
+            preprocess=False,
+        )
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch(
+    demo: gr.Blocks, server_name: Optional[str] = None, server_port: Optional[int] = None, **kwargs: Any
+) -> Tuple[Any, str, str]:
+    """Serve `demo` locally: server name from `GRADIO_SERVER_NAME` (default 127.0.0.1), no share link, uploads
+    capped at `MAX_UPLOAD_SIZE`, no server-side rendering (no Node.js needed). `kwargs` go to `Blocks.launch`."""
+    return demo.launch(
+        server_name=server_name or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=server_port,
+        share=False,
+        max_file_size=MAX_UPLOAD_SIZE,
+        ssr_mode=False,
+        **kwargs,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="SR3 pipeline folder or Hub repo id (default: $SR3_MODEL, else the packaged model)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=int(os.environ.get("SR3_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+        help=f"largest upload in pixels (default: $SR3_MAX_PIXELS, else {DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.max_pixels < 1:
+        parser.error("--max-pixels must be positive")
+    try:
+        model = resolve_model(args.model)
+    except ValueError as error:
+        parser.error(str(error))
+    launch(build_demo(load_pipeline(model, args.device), args.max_pixels, examples=example_images()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Models that ship inside the package, so a fresh install can upscale a photo with no download.
+
+`sr3-photos-x4`: a 4x natural-photo SR3 model trained by this project on photographs that ship with Python and
+Debian packages (see its model card, `default_model_card()`). It is fully convolutional: `sr3 upscale` applies it
+to photos of any size through tiled upscaling.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_MODEL = "sr3-photos-x4"
+
+
+def default_model_path() -> str:
+    """The folder of the packaged default pipeline (loadable with `SR3Pipeline.from_pretrained`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_MODEL)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(
+            f"the packaged model {DEFAULT_MODEL} is missing from {path}; reinstall diffusers-sr3, or pass --model"
+        )
+    return path
+
+
+def default_model_card() -> str:
+    """The packaged default model's model card (README.md)."""
+    with open(os.path.join(default_model_path(), "README.md"), encoding="utf-8") as handle:
+        return handle.read()

@@ -1,0 +1,232 @@
+"""The Spaces demo (spaces/app.py): its API through gradio_client against a server on 127.0.0.1, on a tiny model."""
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import socket
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from conftest import REPO, SHARED, tiny_unet_config
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from packaging.requirements import Requirement
+
+PHOTO = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
+MAX_PIXELS = 32 * 32
+STEPS = 3
+
+
+def load_app():
+    """Import spaces/app.py (a script, not part of the package) once, as module `sr3_space_app`."""
+    if "sr3_space_app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sr3_space_app", REPO / "spaces" / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sr3_space_app"] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules["sr3_space_app"]
+
+
+def save_tiny_model(folder) -> str:
+    """Save a tiny x4 SR3 pipeline (32x32 tiles, 100-step DDPM schedule) to `folder` and return its path."""
+    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4).save_pretrained(folder)
+    return str(folder)
+
+
+def start_demo(folder, **build_kwargs):
+    """Load the demo's model from a fresh tiny-model folder and serve it on a free port: (app, pipeline, demo, url)."""
+    app = load_app()
+    pipeline = app.load_pipeline(save_tiny_model(folder), device="cpu")
+    demo = app.build_demo(pipeline, **build_kwargs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _, url, _ = app.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+    assert url.startswith(f"http://127.0.0.1:{port}")
+    return app, pipeline, demo, url
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    app, pipeline, demo, url = start_demo(
+        tmp_path_factory.mktemp("space_model"), max_pixels=MAX_PIXELS, examples=load_app().example_images()
+    )
+    yield app, pipeline, Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    demo.close()
+
+
+def predict(client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0):
+    return client.predict(handle_file(str(path)), scale, steps, scheduler, seed, frames, api_name="/super_resolve")
+
+
+def pixels(path) -> np.ndarray:
+    with PIL.Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_api_super_resolves_a_photo(served):
+    app, pipeline, client = served
+    gallery, (slider_bicubic, slider_sr3), process, info = predict(client, PHOTO, frames=2)
+
+    low_resolution = PIL.Image.open(PHOTO).convert("RGB")
+    assert [item["caption"] for item in gallery] == [
+        "input 16x16 (nearest neighbour)",
+        "bicubic 64x64",
+        "SR3 64x64",
+    ]
+    nearest, bicubic, sr3 = (pixels(item["image"]) for item in gallery)
+    assert nearest.shape == bicubic.shape == sr3.shape == (64, 64, 3)
+    np.testing.assert_array_equal(nearest, np.asarray(low_resolution.resize((64, 64), PIL.Image.NEAREST)))
+    np.testing.assert_array_equal(pixels(slider_bicubic), bicubic)
+    np.testing.assert_array_equal(pixels(slider_sr3), sr3)
+
+    # Bicubic is PIL's filter; SR3 is the pipeline's own tiled result with the same sampler, steps and seed.
+    expected_bicubic = np.asarray(low_resolution.resize((64, 64), PIL.Image.BICUBIC), dtype=np.int16)
+    assert np.abs(bicubic - expected_bicubic).max() <= 1
+    from diffusers_sr3.tiling import tiled_super_resolve
+
+    direct = tiled_super_resolve(
+        app.with_scheduler(pipeline, "ddim"),
+        low_resolution,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert np.abs(sr3 - np.asarray(direct, dtype=np.int16)).max() <= 1
+    assert np.abs(sr3 - bicubic).mean() > 1  # an untrained tiny model, but the result is its own, not bicubic
+
+    # The process strip: the upsampled input, then 2 snapshots (the last is the result).
+    assert process["visible"] is True
+    strip = pixels(process["value"])
+    assert strip.shape == (64, 3 * 64, 3)
+    assert np.abs(strip[:, 128:] - sr3).max() <= 1
+    assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "9 tiles of 32x32" in info
+
+
+def test_api_x2_is_the_x4_result_downscaled(served):
+    app, _, client = served
+    from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
+
+    x4 = predict(client, PHOTO, scheduler="euler", seed=7)
+    gallery, _, process, info = predict(client, PHOTO, scale="x2 (x4, then downscaled)", scheduler="euler", seed=7)
+    assert [pixels(item["image"]).shape for item in gallery] == [(32, 32, 3)] * 3
+    downscaled = tensor_to_pil(resize_bicubic(images_to_tensor(PIL.Image.open(x4[0][2]["image"])), (32, 32)))[0]
+    assert np.abs(pixels(gallery[2]["image"]) - np.asarray(downscaled, dtype=np.int16)).max() <= 1
+    assert process["visible"] is False and process["value"] is None
+    assert "16x16 → 32x32" in info and "euler" in info
+
+
+def test_api_same_seed_same_result_other_seed_other_result(served):
+    _, _, client = served
+    first, again, other = (
+        predict(client, PHOTO, scheduler="dpmsolver", seed=seed)[0][2]["image"] for seed in (3, 3, 4)
+    )
+    np.testing.assert_array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1
+
+
+def test_api_refuses_a_file_that_is_no_image(served, tmp_path):
+    _, _, client = served
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file with a .png name\n")
+    with pytest.raises(AppError, match=r"holiday\.png is not an image this demo can read"):
+        predict(client, fake)
+
+
+def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
+    _, _, client = served
+    large = tmp_path / "large.png"
+    PIL.Image.open(PHOTO).resize((40, 30), PIL.Image.BICUBIC).save(large)
+    with pytest.raises(
+        AppError, match=r"large\.png is 40x30 = 1,200 pixels; this demo accepts images of at most 1,024"
+    ):
+        predict(client, large)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(steps=0), "steps must be a whole number from 1 to 100, got 0"),
+        (dict(steps=2.5), "steps must be a whole number from 1 to 100, got 2.5"),
+        (dict(seed=-1), "seed must be a whole number from 0 to 4294967295"),
+        (dict(scheduler="plms"), "scheduler must be one of ddim, dpmsolver, unipc, euler, ddpm, got 'plms'"),
+        (dict(scale="x3"), "scale must be one of x4, x2 (x4, then downscaled), got 'x3'"),
+    ],
+)
+def test_api_refuses_bad_settings(served, arguments, message):
+    _, _, client = served
+    with pytest.raises(AppError, match=re.escape(message)):
+        predict(client, PHOTO, **arguments)
+
+
+def test_progress_follows_the_refinement_steps(served):
+    app, pipeline, _ = served
+    reported = []
+    image = PIL.Image.open(PHOTO).convert("RGB")
+    result = app.super_resolve(pipeline, image, 4, 4, "unipc", seed=0, progress=reported.append)
+    assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert result.sr3.size == (64, 64) and result.process is None
+    assert type(pipeline.scheduler).__name__ == "DDPMScheduler"  # the served pipeline keeps its own sampler
+    with pytest.raises(ValueError, match="scale x3 is neither the model's factor x4"):
+        app.super_resolve(pipeline, image, 3, 1, "ddim", seed=0)
+
+
+def test_scale_choices():
+    app = load_app()
+    assert app.scale_choices(4) == {"x4": 4, "x2 (x4, then downscaled)": 2}
+    assert list(app.scale_choices(8).values()) == [8, 4, 2]
+    assert app.scale_choices(3) == {"x3": 3}
+
+
+def test_model_is_the_argument_else_the_environment_else_the_packaged_one(monkeypatch):
+    app = load_app()
+    monkeypatch.setenv("SR3_MODEL", "from/environment")
+    assert app.resolve_model("from/argument") == "from/argument"
+    assert app.resolve_model(None) == "from/environment"
+    monkeypatch.delenv("SR3_MODEL")
+    if importlib.util.find_spec("diffusers_sr3.pretrained") is None:
+        with pytest.raises(ValueError, match="pass --model DIR_OR_HUB_ID or set SR3_MODEL"):
+            app.resolve_model(None)
+    else:
+        from diffusers_sr3.pretrained import default_model_path
+
+        assert app.resolve_model(None) == str(default_model_path())
+
+
+def test_runs_without_analytics_and_offers_readable_examples(served):
+    app, _, _ = served
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    examples = app.example_images()
+    assert len(examples) >= 3
+    for path in examples:
+        image = app.read_upload(path, os.path.basename(path), app.DEFAULT_MAX_PIXELS)
+        assert image.mode == "RGB" and min(image.size) >= 32
+
+
+def test_space_metadata_and_requirements():
+    readme = (REPO / "spaces" / "README.md").read_text(encoding="utf-8")
+    front_matter = yaml.safe_load(readme.split("---\n")[1])
+    assert {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "pinned", "license"} <= set(
+        front_matter
+    )
+    assert front_matter["sdk"] == "gradio" and (REPO / "spaces" / front_matter["app_file"]).is_file()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", str(front_matter["sdk_version"]))
+    assert len(front_matter["short_description"]) <= 60  # the Hub's limit
+
+    # The Space carries the package folder, so it needs the package's own dependencies (and gradio from the SDK).
+    lines = (REPO / "spaces" / "requirements.txt").read_text().splitlines()
+    listed = {Requirement(line).name.lower() for line in lines if line.strip() and not line.startswith("#")}
+    needed = {
+        Requirement(requirement).name.lower().replace("_", "-")
+        for requirement in importlib.metadata.requires("diffusers-sr3")
+        if "extra ==" not in requirement
+    }
+    assert {name.replace("_", "-") for name in listed} == needed
