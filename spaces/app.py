@@ -13,22 +13,21 @@ port from 7860); usage analytics are off and nothing is fetched from the interne
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import os
+import pathlib
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-# Set before gradio is imported: gradio reads it at import time for its own usage reporting.
+# Set before gradio is imported: no usage analytics and no version check from any Blocks built in this process.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
-import inspect  # noqa: E402
-import pathlib  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
-
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
+import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
@@ -40,10 +39,11 @@ from diffusers_sr3.image_processing import (  # noqa: E402
     upsample_condition,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
+from diffusers_sr3.pretrained import default_model_path  # noqa: E402
 from diffusers_sr3.tiling import model_tile_size, tile_starts, tiled_super_resolve  # noqa: E402
 
 # The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
-DEMO_SCHEDULERS = [name for name in ("ddim", "dpmsolver", "unipc", "euler", "ddpm") if name in SCHEDULERS]
+DEMO_SCHEDULERS = ["ddim", "dpmsolver", "unipc", "euler", "ddpm"]
 DEFAULT_MAX_PIXELS = 256 * 256
 DEFAULT_STEPS = 50
 MAX_PROCESS_FRAMES = 12
@@ -59,13 +59,7 @@ def resolve_model(model: Optional[str] = None) -> str:
         return model
     if os.environ.get("SR3_MODEL"):
         return os.environ["SR3_MODEL"]
-    if importlib.util.find_spec("diffusers_sr3.pretrained") is None:
-        raise ValueError(
-            "no model given and this diffusers-sr3 has no packaged model: pass --model DIR_OR_HUB_ID or set SR3_MODEL"
-        )
-    from diffusers_sr3.pretrained import default_model_path
-
-    return str(default_model_path())
+    return default_model_path()
 
 
 def example_images() -> List[str]:
@@ -110,7 +104,8 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
                     "Crop or downscale it first."
                 )
             image.load()
-            return image.convert("RGB")
+            # Phone photos record their orientation in EXIF: upscale them upright, as the browser shows them.
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
     except PIL.UnidentifiedImageError:
         raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
     except (PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
@@ -246,6 +241,7 @@ def build_demo(
     scales = scale_choices(factor)
     max_steps = pipeline.scheduler.config.num_train_timesteps
     saved = next((name for name, cls in SCHEDULERS.items() if isinstance(pipeline.scheduler, cls)), None)
+    # The saved sampler is preselected unless it is DDPM, which needs far more steps than a demo should take.
     default_scheduler = saved if saved in DEMO_SCHEDULERS and saved != "ddpm" else DEMO_SCHEDULERS[0]
     tile_size = model_tile_size(pipeline)
 
@@ -319,6 +315,8 @@ def build_demo(
                     0, MAX_PROCESS_FRAMES, value=0, step=1, label="refinement-process frames (0: off)"
                 )
                 button = gr.Button("Super-resolve", variant="primary", elem_id="run")
+                if examples:
+                    gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
             with gr.Column(scale=2):
                 info = gr.Markdown(elem_id="info")
                 gallery = gr.Gallery(
@@ -332,8 +330,6 @@ def build_demo(
                 )
                 slider = gr.ImageSlider(label="bicubic ↔ SR3", format="png", elem_id="slider")
                 process = gr.Image(label="refinement process", format="png", visible=False, elem_id="process")
-        if examples:
-            gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
         button.click(
             run,
             inputs=[image, scale, steps, scheduler, seed, process_frames],
@@ -379,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("--max-pixels must be positive")
     try:
         model = resolve_model(args.model)
-    except ValueError as error:
+    except FileNotFoundError as error:
         parser.error(str(error))
     launch(build_demo(load_pipeline(model, args.device), args.max_pixels, examples=example_images()))
 

@@ -55,3 +55,16 @@ def test_verdict_states_what_was_measured():
     assert demo._verdict({"psnr": 24.0, "ssim": 0.75, "consistency": 1e-3}, bicubic) == (
         "SR3 beats bicubic on ssim only, at this training budget."
     )
+
+
+def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch):
+    pytest.importorskip("skimage")
+    measured = demo._seconds_per_step(demo.unet_config(16, 4), batch_size=2)
+    assert 0 < measured < 60
+    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size: 0.5)
+    out = tmp_path / "demo"
+    arguments = ["demo", "--output", str(out), "--minutes", "0.13", "--width", "4", "--crop-size", "16"]
+    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "16"]
+    assert main(arguments + ["--batch-size", "2"]) == 0
+    # 0.13 min = 7.8 s at 0.5 s per step x the loop overhead 1.3 -> 12 steps
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 12

@@ -1,12 +1,15 @@
 """The Spaces demo (spaces/app.py): its API through gradio_client against a server on 127.0.0.1, on a tiny model."""
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
 import re
 import socket
 import sys
+import types
 
+import gradio
 import numpy as np
 import PIL.Image
 import pytest
@@ -16,6 +19,11 @@ from conftest import REPO, SHARED, tiny_unet_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
+
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
+from diffusers_sr3.noise import SCHEDULERS
+from diffusers_sr3.tiling import tiled_super_resolve
 
 PHOTO = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
 MAX_PIXELS = 32 * 32
@@ -34,34 +42,40 @@ def load_app():
 
 def save_tiny_model(folder) -> str:
     """Save a tiny x4 SR3 pipeline (32x32 tiles, 100-step DDPM schedule) to `folder` and return its path."""
-    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-
     torch.manual_seed(0)
     unet = SR3UNet2DModel(**tiny_unet_config()).eval()
     SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4).save_pretrained(folder)
     return str(folder)
 
 
-def start_demo(folder, **build_kwargs):
-    """Load the demo's model from a fresh tiny-model folder and serve it on a free port: (app, pipeline, demo, url)."""
-    app = load_app()
-    pipeline = app.load_pipeline(save_tiny_model(folder), device="cpu")
-    demo = app.build_demo(pipeline, **build_kwargs)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    _, url, _ = app.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
-    assert url.startswith(f"http://127.0.0.1:{port}")
-    return app, pipeline, demo, url
+@contextlib.contextmanager
+def serving(folder, **build_kwargs):
+    """Serve the demo of a fresh tiny model in `folder` on a free port: yields (app, pipeline, demo, url).
+
+    Uploads and results go under `folder` too, not into the machine's shared gradio cache.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(folder / "gradio"))
+        app = load_app()
+        pipeline = app.load_pipeline(save_tiny_model(folder / "model"), device="cpu")
+        demo = app.build_demo(pipeline, **build_kwargs)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        _, url, _ = app.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            assert url.startswith(f"http://127.0.0.1:{port}")
+            yield app, pipeline, demo, url
+        finally:
+            demo.close()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    app, pipeline, demo, url = start_demo(
-        tmp_path_factory.mktemp("space_model"), max_pixels=MAX_PIXELS, examples=load_app().example_images()
-    )
-    yield app, pipeline, Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
-    demo.close()
+    folder = tmp_path_factory.mktemp("space")
+    with serving(folder, max_pixels=MAX_PIXELS, examples=load_app().example_images()) as (app, pipeline, demo, url):
+        client = Client(url, verbose=False, download_files=str(folder / "downloads"))
+        yield types.SimpleNamespace(app=app, pipeline=pipeline, demo=demo, client=client)
 
 
 def predict(client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0):
@@ -74,7 +88,7 @@ def pixels(path) -> np.ndarray:
 
 
 def test_api_super_resolves_a_photo(served):
-    app, pipeline, client = served
+    app, pipeline, client = served.app, served.pipeline, served.client
     gallery, (slider_bicubic, slider_sr3), process, info = predict(client, PHOTO, frames=2)
 
     low_resolution = PIL.Image.open(PHOTO).convert("RGB")
@@ -92,8 +106,6 @@ def test_api_super_resolves_a_photo(served):
     # Bicubic is PIL's filter; SR3 is the pipeline's own tiled result with the same sampler, steps and seed.
     expected_bicubic = np.asarray(low_resolution.resize((64, 64), PIL.Image.BICUBIC), dtype=np.int16)
     assert np.abs(bicubic - expected_bicubic).max() <= 1
-    from diffusers_sr3.tiling import tiled_super_resolve
-
     direct = tiled_super_resolve(
         app.with_scheduler(pipeline, "ddim"),
         low_resolution,
@@ -112,8 +124,7 @@ def test_api_super_resolves_a_photo(served):
 
 
 def test_api_x2_is_the_x4_result_downscaled(served):
-    app, _, client = served
-    from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
+    client = served.client
 
     x4 = predict(client, PHOTO, scheduler="euler", seed=7)
     gallery, _, process, info = predict(client, PHOTO, scale="x2 (x4, then downscaled)", scheduler="euler", seed=7)
@@ -125,7 +136,7 @@ def test_api_x2_is_the_x4_result_downscaled(served):
 
 
 def test_api_same_seed_same_result_other_seed_other_result(served):
-    _, _, client = served
+    client = served.client
     first, again, other = (
         predict(client, PHOTO, scheduler="dpmsolver", seed=seed)[0][2]["image"] for seed in (3, 3, 4)
     )
@@ -134,7 +145,7 @@ def test_api_same_seed_same_result_other_seed_other_result(served):
 
 
 def test_api_refuses_a_file_that_is_no_image(served, tmp_path):
-    _, _, client = served
+    client = served.client
     fake = tmp_path / "holiday.png"
     fake.write_text("this is a text file with a .png name\n")
     with pytest.raises(AppError, match=r"holiday\.png is not an image this demo can read"):
@@ -142,7 +153,7 @@ def test_api_refuses_a_file_that_is_no_image(served, tmp_path):
 
 
 def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
-    _, _, client = served
+    client = served.client
     large = tmp_path / "large.png"
     PIL.Image.open(PHOTO).resize((40, 30), PIL.Image.BICUBIC).save(large)
     with pytest.raises(
@@ -162,13 +173,13 @@ def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
     ],
 )
 def test_api_refuses_bad_settings(served, arguments, message):
-    _, _, client = served
+    client = served.client
     with pytest.raises(AppError, match=re.escape(message)):
         predict(client, PHOTO, **arguments)
 
 
 def test_progress_follows_the_refinement_steps(served):
-    app, pipeline, _ = served
+    app, pipeline = served.app, served.pipeline
     reported = []
     image = PIL.Image.open(PHOTO).convert("RGB")
     result = app.super_resolve(pipeline, image, 4, 4, "unipc", seed=0, progress=reported.append)
@@ -179,7 +190,26 @@ def test_progress_follows_the_refinement_steps(served):
         app.super_resolve(pipeline, image, 3, 1, "ddim", seed=0)
 
 
-def test_scale_choices():
+def test_uploads_are_read_upright_as_rgb(tmp_path):
+    app = load_app()
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned 90 degrees; viewers rotate the picture upright
+    rotated = tmp_path / "phone.jpg"
+    PIL.Image.new("RGB", (20, 10), "red").save(rotated, exif=exif)
+    assert app.read_upload(str(rotated), "phone.jpg", 200).size == (10, 20)
+    palette = tmp_path / "palette.png"
+    PIL.Image.new("P", (8, 6)).save(palette)
+    assert app.read_upload(str(palette), "palette.png", 48).mode == "RGB"
+    truncated = tmp_path / "truncated.png"
+    PIL.Image.open(PHOTO).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(gradio.Error, match="truncated.png is a damaged or unsupported image"):
+        app.read_upload(str(truncated), "truncated.png", 1000)
+
+
+def test_scale_choices_and_samplers():
+    assert set(load_app().DEMO_SCHEDULERS) <= set(SCHEDULERS)
+
     app = load_app()
     assert app.scale_choices(4) == {"x4": 4, "x2 (x4, then downscaled)": 2}
     assert list(app.scale_choices(8).values()) == [8, 4, 2]
@@ -188,22 +218,17 @@ def test_scale_choices():
 
 def test_model_is_the_argument_else_the_environment_else_the_packaged_one(monkeypatch):
     app = load_app()
+    monkeypatch.setattr(app, "default_model_path", lambda: "/packaged/model")
     monkeypatch.setenv("SR3_MODEL", "from/environment")
     assert app.resolve_model("from/argument") == "from/argument"
     assert app.resolve_model(None) == "from/environment"
     monkeypatch.delenv("SR3_MODEL")
-    if importlib.util.find_spec("diffusers_sr3.pretrained") is None:
-        with pytest.raises(ValueError, match="pass --model DIR_OR_HUB_ID or set SR3_MODEL"):
-            app.resolve_model(None)
-    else:
-        from diffusers_sr3.pretrained import default_model_path
-
-        assert app.resolve_model(None) == str(default_model_path())
+    assert app.resolve_model(None) == "/packaged/model"
 
 
 def test_runs_without_analytics_and_offers_readable_examples(served):
-    app, _, _ = served
-    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    app = served.app
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and served.demo.analytics_enabled is False
     examples = app.example_images()
     assert len(examples) >= 3
     for path in examples:

@@ -1,0 +1,137 @@
+"""The Spaces demo end to end in headless Chromium: upload a photo, run, read the result back from the page.
+
+Needs Debian's `chromium` and `chromium-driver` (installed by .ci/run); the test fails, saying how to install
+them, when they are missing.
+"""
+
+import base64
+import io
+import json
+import os
+import shutil
+import urllib.parse
+
+import numpy as np
+import PIL.Image
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_spaces import PHOTO, serving
+
+INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
+STEPS = 3
+WAIT_SECONDS = 60
+
+# Read an <img>'s file the way the page does, as a data: URL.
+FETCH_AS_DATA_URL = """
+const done = arguments[arguments.length - 1];
+fetch(arguments[0]).then(response => response.blob()).then(blob => {
+    const reader = new FileReader();
+    reader.onload = () => done(reader.result);
+    reader.readAsDataURL(blob);
+}).catch(error => done('error: ' + error));
+"""
+
+
+def chromium_paths():
+    """The Chromium browser and its WebDriver, or a failure saying how to install them."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if browser is None or not os.path.isfile(driver):
+        pytest.fail(f"headless Chromium and its WebDriver are needed for this test; install them with: {INSTALL}")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    binary, driver = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1600",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}",
+    ):
+        options.add_argument(argument)
+    # The performance log lists every request the page makes, to check that nothing leaves the machine.
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    chrome.set_script_timeout(WAIT_SECONDS)
+    yield chrome
+    chrome.quit()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("space"), default_steps=STEPS) as (app, pipeline, _, url):
+        yield app, pipeline, url
+
+
+def open_and_upload(browser, url, path):
+    """Load the demo page, upload `path` into the image input and press the button."""
+    browser.get(url)
+    wait = WebDriverWait(browser, WAIT_SECONDS)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
+    # The upload is done when the input shows it (a broken picture for a file that is no image).
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "img[src*='gradio_api/file=']"))
+    browser.find_element(By.ID, "run").click()
+    return wait
+
+
+def test_upload_run_and_read_back_the_result(browser, page):
+    app, pipeline, url = page
+    wait = open_and_upload(browser, url, PHOTO)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery img[alt^='SR3']"))
+
+    info = browser.find_element(By.ID, "info").text
+    assert "16x16 → 64x64" in info and f"ddim, {STEPS} steps, seed 0" in info
+    captions = [img.get_attribute("alt") for img in browser.find_elements(By.CSS_SELECTOR, "#gallery img")]
+    assert captions == ["input 16x16 (nearest neighbour)", "bicubic 64x64", "SR3 64x64"]
+
+    image = browser.find_element(By.CSS_SELECTOR, "#gallery img[alt^='SR3']")
+    wait.until(lambda b: image.get_property("complete") and image.get_property("naturalWidth") > 0)
+    assert (image.get_property("naturalWidth"), image.get_property("naturalHeight")) == (64, 64)
+    data_url = browser.execute_async_script(FETCH_AS_DATA_URL, image.get_attribute("src"))
+    assert data_url.startswith("data:image/png;base64,"), data_url[:100]
+    shown = PIL.Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    assert shown.size == (64, 64)
+
+    # What the page shows is the app's result for the page's defaults (ddim, STEPS steps, seed 0).
+    expected = app.super_resolve(pipeline, PIL.Image.open(PHOTO).convert("RGB"), 4, STEPS, "ddim", seed=0).sr3
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(expected))
+
+    # Offline: every request the page made went to the demo's own server.
+    server = urllib.parse.urlsplit(url).netloc
+    requested = {
+        message["params"]["request"]["url"]
+        for message in (json.loads(entry["message"])["message"] for entry in browser.get_log("performance"))
+        if message["method"] == "Network.requestWillBeSent"
+    }
+    outside = {
+        address
+        for address in requested
+        if urllib.parse.urlsplit(address).scheme in ("http", "https", "ws", "wss")
+        and urllib.parse.urlsplit(address).netloc != server
+    }
+    assert any(urllib.parse.urlsplit(address).netloc == server for address in requested)
+    assert not outside, f"the page fetched from outside the demo server: {sorted(outside)}"
+
+
+def test_a_file_that_is_no_image_gets_a_clear_message(browser, page, tmp_path):
+    _, _, url = page
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is a text file with a .png name\n")
+    wait = open_and_upload(browser, url, fake)
+    message = "notes.png is not an image this demo can read"
+    wait.until(lambda b: message in b.find_element(By.TAG_NAME, "body").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")
