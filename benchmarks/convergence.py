@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import pathlib
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import evaluate_batch, quantize
 from diffusers_sr3.noise import swap_scheduler
@@ -43,12 +44,13 @@ from diffusers_sr3.training import TrainingConfig, train
 
 UPSCALE_FACTOR = 4
 CHANNEL_MULTIPLIERS = (1, 2, 4, 8)
-UNET_OPTIONS = ("noise_level_embedding_scale", "film_affine")
+UNET_OPTIONS = ("noise_level_embedding_scale", "film_affine", "residual_prediction")
 
 # The original project's training recipe, as TrainingConfig fields (plus the two UNet options above).
 ORIGINAL: Dict[str, Any] = dict(
     noise_level_embedding_scale=1.0,
     film_affine=False,
+    residual_prediction=False,
     prediction_type="epsilon",
     loss_type="l1",
     snr_gamma=None,
@@ -80,15 +82,23 @@ ABLATIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
         dict(learning_rate=5e-4, lr_scheduler="constant_with_warmup", lr_warmup_steps=50),
     ),
     "grad_clip_1": ("clip the gradient norm at 1", dict(max_grad_norm=1.0)),
-    "ema": ("EMA of the weights (decay 0.999)", dict(use_ema=True, ema_decay=0.999)),
+    "ema": (
+        "EMA of the weights (decay 1 - (1 + step) ** -0.75, at most 0.999)",
+        dict(use_ema=True, ema_decay=0.999, ema_use_warmup=True),
+    ),
     "film_affine": ("scale-and-shift FiLM instead of the additive embedding", dict(film_affine=True)),
+    "residual_sample": (
+        "predict the clean image as bicubic condition + a residual (output conv starts at zero)",
+        dict(prediction_type="sample", residual_prediction=True),
+    ),
 }
 
 # The defaults for new models that this study found (see docs/convergence.md).
 RECOMMENDED: Dict[str, Any] = dict(
     ORIGINAL,
+    residual_prediction=True,
+    prediction_type="sample",
     noise_level_embedding_scale=1000.0,
-    prediction_type="v_prediction",
     per_sample_timestep=True,
     learning_rate=5e-4,
     lr_scheduler="constant_with_warmup",
@@ -96,6 +106,7 @@ RECOMMENDED: Dict[str, Any] = dict(
     max_grad_norm=1.0,
     use_ema=True,
     ema_decay=0.999,
+    ema_use_warmup=True,
 )
 
 COLUMNS = (
@@ -111,8 +122,12 @@ COLUMNS = (
 
 
 def unet_config(crop_size: int, width: int, settings: Dict[str, Any]) -> Dict[str, Any]:
-    """The issue's network (inner width 32 at 64x64: multipliers 1, 2, 4, 8, attention at 8x8, 2 blocks/level)."""
-    return dict(
+    """The issue's network (inner width 32 at 64x64: multipliers 1, 2, 4, 8, attention at 8x8, 2 blocks/level).
+
+    Raises:
+        ValueError: `settings` ask for a UNet option this version of `SR3UNet2DModel` does not have.
+    """
+    config = dict(
         in_channels=6,
         out_channels=3,
         block_out_channels=width,
@@ -125,6 +140,13 @@ def unet_config(crop_size: int, width: int, settings: Dict[str, Any]) -> Dict[st
         noise_level_embedding_scale=float(settings["noise_level_embedding_scale"]),
         film_affine=bool(settings["film_affine"]),
     )
+    # Only written when used, so that the other runs work with UNets that predate the option.
+    if settings["residual_prediction"]:
+        config["residual_prediction"] = True
+    unknown = set(config) - set(inspect.signature(SR3UNet2DModel.__init__).parameters)
+    if unknown:
+        raise ValueError(f"this SR3UNet2DModel has no option {sorted(unknown)}; update diffusers-sr3")
+    return config
 
 
 def build_crops(

@@ -30,17 +30,10 @@ def _isolated_hub_cache(tmp_path, monkeypatch):
 
 
 def tiny_unet_config(**overrides):
-    """A ~30k-parameter SR3 UNet config for fast tests (conditional, 3 levels, attention at 8)."""
-    config = dict(
-        in_channels=6,
-        out_channels=3,
-        block_out_channels=8,
-        channel_multipliers=(1, 2, 2),
-        layers_per_block=1,
-        attention_resolutions=(8,),
-        sample_size=32,
-        norm_groups=4,
-    )
+    """The `tiny` preset's ~30k-parameter SR3 UNet config (x4, 32x32, 3 levels, attention at 8), for fast tests."""
+    from diffusers_sr3.presets import get_preset
+
+    config = get_preset("tiny").unet_config()
     config.update(overrides)
     return config
 

@@ -55,13 +55,32 @@ def test_targets_follow_the_issue(convergence):
 
 def test_ablations_change_one_setting_each(convergence):
     original = convergence.ORIGINAL
+    # Options that only accompany a change (a warm-up with a learning rate, the target of a residual output).
+    companions = {"lr_scheduler", "lr_warmup_steps", "ema_decay", "ema_use_warmup"}
     for name, (description, change) in convergence.ABLATIONS.items():
         assert description
-        assert name == "original" or len(change.keys() - {"lr_scheduler", "lr_warmup_steps", "ema_decay"}) == 1
+        assert all(original.get(key) != value for key, value in change.items()), name
+        if name != "original":
+            assert len(change.keys() - companions - {"prediction_type"}) <= 1 and change, name
+    assert convergence.ABLATIONS["residual_sample"][1]["prediction_type"] == "sample"
     assert set(convergence.RECOMMENDED) >= set(original)
     config = convergence.unet_config(64, 32, original)
     assert config["attention_resolutions"] == (8,) and config["channel_multipliers"] == (1, 2, 4, 8)
     assert config["noise_level_embedding_scale"] == 1.0 and config["dropout"] == 0.0
+    assert "residual_prediction" not in config  # runs without it work on any SR3UNet2DModel
+
+
+def test_residual_option_is_passed_on_or_refused_clearly(convergence):
+    import inspect
+
+    from diffusers_sr3 import SR3UNet2DModel
+
+    settings = dict(convergence.ORIGINAL, residual_prediction=True)
+    if "residual_prediction" in inspect.signature(SR3UNet2DModel.__init__).parameters:
+        assert convergence.unet_config(16, 8, settings)["residual_prediction"] is True
+    else:
+        with pytest.raises(ValueError, match="no option.*residual_prediction"):
+            convergence.unet_config(16, 8, settings)
 
 
 @pytest.mark.parametrize(

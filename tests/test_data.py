@@ -15,15 +15,6 @@ from diffusers_sr3.data import EpochSampler, PairMaker, build_training_data, dec
 from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on two busy cores make small convolutions 100x slower; one thread is fast and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_image(height, width, seed):
     """A smooth random RGB image (PIL), so downsampling and flips have visible effects."""
     rng = np.random.default_rng(seed)

@@ -14,14 +14,6 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.training.hub import HubUploadError, push_folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def hub(monkeypatch):
     """A running loopback Hub that huggingface_hub (and the diffusers loaders) talk to instead of the real one."""

@@ -21,15 +21,6 @@ SR_SCRIPT = os.path.join(REPO, "examples", "train_sr3.py")
 UNCOND_SCRIPT = os.path.join(REPO, "examples", "train_uncond.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on two busy cores make small convolutions 100x slower; one thread is fast and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fast_options(output_dir, **overrides):
     """A few-second run: tiny model, batch 2, 4 steps, 2-step validation sampling, no tracker."""
     options = dict(
@@ -303,9 +294,10 @@ def test_presets_match_the_original_configurations():
     sr = get_preset("sr_16_128")
     assert sr.unet["channel_multipliers"] == (1, 2, 4, 8, 8) and sr.unet["dropout"] == 0.2
     assert (sr.resolution, sr.upscale_factor, sr.unet["layers_per_block"]) == (128, 8, 2)
-    big = get_preset("sr_64_512")
-    assert big.unet["channel_multipliers"] == (1, 2, 4, 8, 8, 16, 16) and big.unet["layers_per_block"] == 1
-    assert (big.resolution, big.unet["dropout"]) == (512, 0.0)
+    big = get_preset("sr_64_512")  # config/sr_sr3_64_512.json: inner 32, attn_res commented out, 2 res blocks
+    assert big.unet["channel_multipliers"] == (1, 2, 4, 8, 8, 16, 16) and big.unet["layers_per_block"] == 2
+    assert (big.unet["block_out_channels"], big.unet["attention_resolutions"]) == (32, ())
+    assert (big.resolution, big.upscale_factor, big.unet["dropout"]) == (512, 8, 0.0)
     uncond = get_preset("uncond_128")
     assert uncond.unet["in_channels"] == 3 and uncond.upscale_factor is None
     assert uncond.unet["channel_multipliers"] == (1, 1, 2, 2, 4, 4)

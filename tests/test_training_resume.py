@@ -14,14 +14,6 @@ from diffusers_sr3.training import Trainer, TrainingConfig, train
 from diffusers_sr3.training.checkpointing import list_checkpoints, resolve_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resume_options(tmp_path, output, **overrides):
     # 6 images, batch 2 -> 3 steps per epoch: 8 steps cross two epoch boundaries and the stop (step 4) lies
     # inside an epoch, so the data order, augmentation draws and the skip-ahead on resume are all exercised.

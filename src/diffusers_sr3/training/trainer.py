@@ -490,25 +490,13 @@ class Trainer:
     def _validate(
         self, accelerator: Accelerator, model: SR3UNet2DModel, ema: Any, setup: ModelSetup, samples, step: int
     ) -> Tuple[Dict[str, float], Any]:
-        config = self.config
         result: Tuple[Dict[str, float], Any] = ({}, None)
         if accelerator.is_main_process:
             if ema is not None:
                 ema.store(model.parameters())
                 ema.copy_to(model.parameters())
             model.eval()
-            result = run_validation(
-                model,
-                setup.scheduler,
-                setup.upscale_factor,
-                samples,
-                config.num_validation_images,
-                config.validation_scheduler,
-                config.validation_steps_count,
-                seed=config.seed or 0,
-                condition_noise_level=config.condition_noise_level,
-                residual=config.residual,
-            )
+            result = self._run_validation(model, setup, samples)
             model.train()
             if ema is not None:
                 ema.restore(model.parameters())
@@ -518,13 +506,10 @@ class Trainer:
         accelerator.wait_for_everyone()
         return result
 
-    def _save_final(self, accelerator, model, ema, setup, data, samples, step) -> None:
+    def _run_validation(self, model, setup, samples):
+        """Sample the validation images with the configured fast scheduler; `(metrics, picture)`."""
         config = self.config
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        metrics, picture = run_validation(
+        return run_validation(
             model,
             setup.scheduler,
             setup.upscale_factor,
@@ -536,6 +521,14 @@ class Trainer:
             condition_noise_level=config.condition_noise_level,
             residual=config.residual,
         )
+
+    def _save_final(self, accelerator, model, ema, setup, data, samples, step) -> None:
+        config = self.config
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        model.eval()
+        metrics, picture = self._run_validation(model, setup, samples)
         log_validation(accelerator, metrics, picture, step)
         picture.save(os.path.join(config.output_dir, "validation.png"))
         pipeline = build_pipeline(
