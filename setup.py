@@ -14,6 +14,7 @@ extras["test"] = sorted(
         *extras["train"],
         *extras["metrics"],
         *extras["spaces"],
+        *extras["fid"],
         "selenium>=4.20",
         "pyyaml",
         "packaging",

