@@ -194,3 +194,19 @@ def test_fid_with_the_offline_inception_network():
     assert fid.inception(real[:1]).shape == (1, 2048)
     assert abs(same) < 1e-2
     assert different > 50
+
+
+def test_image_quality_diagnostics():
+    from diffusers_sr3.image_processing import degrade
+
+    torch.manual_seed(0)
+    hr = torch.rand(2, 3, 32, 32) * 2 - 1
+    lr, bicubic = degrade(hr, 4)
+    exact = metrics.image_quality(hr, hr, lr)
+    assert exact["colour_error"] == [0.0, 0.0, 0.0] and abs(exact["edge_ratio"] - 1) < 1e-12
+    blurry = metrics.image_quality(bicubic, hr, lr)
+    assert blurry["edge_ratio"] < 0.8 and blurry["psnr"] < exact["psnr"]
+    tinted = metrics.image_quality((hr + 20 / 127.5).clamp(-1, 1), hr, lr)
+    assert all(8 < error <= 20.5 for error in tinted["colour_error"])  # +20 levels, less where clipped at 255
+    noisy = metrics.image_quality((hr + 0.3 * torch.randn_like(hr)).clamp(-1, 1), hr, lr)
+    assert noisy["edge_ratio"] > 1
