@@ -378,3 +378,29 @@ def test_residual_training_targets_the_detail_and_is_saved(tmp_path):
     torch.testing.assert_close(batch.target, hr - condition)
     with pytest.raises(ValueError, match="residual training needs a condition"):
         noise_batch(pipeline.unet, betas, hr, None, residual=True)
+
+
+def test_model_card_has_metadata_results_command_and_both_loaders(tmp_path, monkeypatch):
+    import yaml
+    from test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    options = fast_options(tmp_path / "out")
+    argv = as_argv(dict(options, train_data_dir=str(data)))
+    assert run_script(SR_SCRIPT, argv, monkeypatch) in (0, None)
+    card = (tmp_path / "out" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "diffusers" and "sr3" in metadata["tags"]
+    assert metadata["license"] == "apache-2.0"
+    results = metadata["model-index"][0]["results"][0]
+    assert {metric["type"] for metric in results["metrics"]} == {"psnr", "ssim", "consistency"}
+    assert "accelerate launch " in card and "train_sr3.py" in card and "--max_train_steps 4" in card
+    assert "SR3Pipeline.from_pretrained" in card and "trust_remote_code=True" in card
+    assert "## Limitations" in card and "![LR | bicubic | SR3 | HR](validation.png)" in card
+
+
+def test_training_command_of_a_python_call():
+    from diffusers_sr3.training.config import training_command
+
+    command = training_command(TrainingConfig(preset="tiny", learning_rate=3e-4), argv=["python"])
+    assert "train(TrainingConfig(" in command and "learning_rate=0.0003" in command and "preset='tiny'" in command

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 _METRIC_NAMES = {
     "psnr": ("PSNR (dB)", 1.0, "{:.2f}"),
@@ -26,6 +26,12 @@ def write_model_card(
     metrics: Optional[Dict[str, float]] = None,
     sample_image: Optional[str] = None,
     training_summary: Optional[Dict[str, object]] = None,
+    training_command: Optional[str] = None,
+    base_model: Optional[str] = None,
+    evaluation: Optional[Dict[str, Dict[str, float]]] = None,
+    evaluation_dataset: str = "validation images",
+    limitations: Optional[str] = None,
+    extra_sections: Optional[List[str]] = None,
 ) -> str:
     """Write `README.md` into a saved pipeline folder and return its path.
 
@@ -39,10 +45,32 @@ def write_model_card(
         metrics: validation metrics by name (`psnr`, `ssim`, `consistency`).
         sample_image: a picture inside `output_dir` to show (relative path).
         training_summary: key facts of the run (steps, batch size, ...), shown as a table.
+        training_command: the exact command (or Python call) that trained it.
+        base_model: the Hub id of the model it was fine-tuned from.
+        evaluation: metrics by method (`{"SR3": {...}, "bicubic": {...}}`); SR3's become model-index results.
+        evaluation_dataset: what `evaluation` (or `metrics`) was measured on.
+        limitations: what the model cannot do (a default paragraph otherwise).
+        extra_sections: Markdown sections appended before the usage section.
     """
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     super_resolution = task == "sr"
+    reported = (evaluation or {}).get("SR3") or metrics or {}
+    eval_results = [
+        EvalResult(
+            task_type="image-to-image" if super_resolution else "unconditional-image-generation",
+            dataset_type="custom",
+            dataset_name=evaluation_dataset,
+            metric_type=key,
+            metric_name=_METRIC_NAMES.get(key, (key,))[0],
+            metric_value=round(float(value), 6),
+        )
+        for key, value in reported.items()
+        if isinstance(value, (int, float))
+    ]
     card_data = ModelCardData(
+        model_name=name,
+        eval_results=eval_results or None,
+        base_model=base_model,
         library_name="diffusers",
         license="apache-2.0",
         pipeline_tag="image-to-image" if super_resolution else "unconditional-image-generation",
@@ -80,7 +108,21 @@ def write_model_card(
     if sample_image:
         caption = "LR | bicubic | SR3 | HR" if super_resolution else "samples"
         lines += [f"![{caption}]({sample_image})", "", f"*{caption}*", ""]
-    if metrics:
+    if evaluation:
+        methods = list(evaluation)
+        keys = [key for key in evaluation[methods[0]] if isinstance(evaluation[methods[0]][key], (int, float))]
+        lines += [f"## Evaluation ({evaluation_dataset})", ""]
+        lines += ["| Method | " + " | ".join(_METRIC_NAMES.get(k, (k,))[0] for k in keys) + " |"]
+        lines += ["|---|" + "---|" * len(keys)]
+        for method in methods:
+            cells = []
+            for key in keys:
+                label, scale, form = _METRIC_NAMES.get(key, (key, 1.0, "{:.4g}"))
+                value = evaluation[method].get(key)
+                cells.append("-" if value is None else form.format(value * scale))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    elif metrics:
         lines += ["## Validation metrics", "", "| Metric | Value |", "|---|---|"]
         for key, value in metrics.items():
             label, scale, form = _METRIC_NAMES.get(key, (key, 1.0, "{:.4g}"))
@@ -90,6 +132,21 @@ def write_model_card(
         lines += ["## Training", "", "| Setting | Value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in training_summary.items()]
         lines.append("")
+    if training_command:
+        lines += ["## Training command", "", "```bash" if "\n" not in training_command else "```python"]
+        lines += [training_command, "```", ""]
+    lines += [
+        "## Limitations",
+        "",
+        limitations
+        or "A diffusion model samples a plausible high-resolution image, not the true one: details it adds may be "
+        "invented, so do not use it where exact detail matters (forensics, medicine). It was trained on the data "
+        "above only and will do worse on other kinds of images and degradations than the bicubic downsampling it "
+        "was trained on.",
+        "",
+    ]
+    for section in extra_sections or []:
+        lines += [section.strip(), ""]
     lines += [
         "## How to use",
         "",
@@ -99,6 +156,14 @@ def write_model_card(
         "",
         "```python",
         usage,
+        "```",
+        "",
+        "With Diffusers alone (the folder carries one-line files that import the installed `diffusers_sr3`):",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)',
         "```",
         "",
         "Any Diffusers scheduler fits: "

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -232,3 +235,26 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainingConf
     values = {name: value for name, value in vars(args).items() if name in names}
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -> str:
+    """The exact command that runs this training: the script's command line, or the Python call.
+
+    Args:
+        config: the run's configuration.
+        argv: the process's arguments (default `sys.argv`); used when the run was started from a script.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        script = os.path.relpath(argv[0]) if not os.path.relpath(argv[0]).startswith("..") else argv[0]
+        return "accelerate launch " + shlex.join([script, *argv[1:]])
+    changed = []
+    for item in dataclasses.fields(TrainingConfig):
+        value = getattr(config, item.name)
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if value != default and item.name != "task":
+            shown = "<dataset>" if item.name == "train_dataset" else repr(value)
+            changed.append(f"    {item.name}={shown},")
+    lines = ["from diffusers_sr3.training import TrainingConfig, train", "", "train(TrainingConfig("]
+    lines += [f"    task={config.task!r},", *changed, "))"]
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from .checkpointing import (
     resolve_checkpoint,
     temporary_checkpoint_dir,
 )
-from .config import TrainingConfig
+from .config import TrainingConfig, training_command
 from .hub import push_folder
 from .objective import diffusion_loss, noise_batch, predict
 from .validation import build_pipeline, log_validation, run_validation
@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
 SR3_SCHEDULE = dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
+
+
+def _hub_id(name_or_path: Optional[str]) -> Optional[str]:
+    """A Hub repo id (`owner/name`), or None for local folders and nothing."""
+    if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
+        return None
+    return name_or_path
 
 
 @dataclasses.dataclass
@@ -549,6 +556,8 @@ class Trainer:
             data_description=data.description if not hub_dataset else hub_dataset,
             metrics=metrics,
             sample_image="validation.png",
+            training_command=training_command(config),
+            base_model=_hub_id(config.pretrained_model_name_or_path),
             training_summary={
                 "model": setup.description,
                 "steps": step,
