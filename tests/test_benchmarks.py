@@ -40,3 +40,29 @@ def test_speed_benchmark_reports_every_section(tmp_path):
     assert written["fastest_variant"] == report["fastest_variant"]
     table = (tmp_path / "run.md").read_text()
     assert "| inference variant |" in table and "Training step" in table and "Scaling" in table
+
+
+@pytest.mark.slow
+def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_pipeline):
+    import yaml
+    from conftest import SHARED
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    report = load("model_report").main(
+        [
+            "--model", str(tmp_path / "model"), "--faces", str(SHARED / "data" / "original_samples"),
+            "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2", "--output", str(tmp_path / "r"),
+            "--write-card", "--training-command", "python benchmarks/convergence.py --steps 3000 --output model",
+        ]
+    )  # fmt: skip
+    faces = report["sets"]["original's sample faces"]
+    assert faces["images"] == 9 and faces["size"] == 64  # 64px output from a 32px-trained model: tiled
+    for evaluated in report["sets"].values():
+        for method in ("SR3", "bicubic"):
+            values = evaluated["results"][method]
+            assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(values)
+    assert (tmp_path / "r" / "evaluation.png").exists() and (tmp_path / "model" / "evaluation.png").exists()
+    card = (tmp_path / "model" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
+    assert "held-out photos" in card and "original's sample faces" in card and "convergence.py --steps 3000" in card
