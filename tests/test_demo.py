@@ -11,7 +11,6 @@ from diffusers_sr3.commands import demo
 
 
 def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys):
-    pytest.importorskip("skimage")  # the packaged photographs come from scikit-image (the [metrics] extra) at least
     out = tmp_path / "demo"
     arguments = ["demo", "--output", str(out), "--steps", "2", "--width", "8", "--crop-size", "16"]
     arguments += ["--train-crops", "16", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "40"]
@@ -20,18 +19,19 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys):
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] == 2
     assert not set(report["train_photos"]) & set(report["heldout_photos"])
-    assert set(report["mean"]) == {"SR3", "bicubic"}
-    for method in ("SR3", "bicubic"):
+    assert set(report["mean"]) == {"SR3", "bicubic", demo.PACKAGED}  # the model that ships in the package too
+    for method in ("SR3", "bicubic", demo.PACKAGED):
         assert set(report["per_image"][method]) == {"psnr", "ssim", "consistency"}
         assert all(len(values) == 2 for values in report["per_image"][method].values())
         assert all(math.isfinite(value) for value in report["mean"][method].values())
     # Bicubic on real photo crops is a sane baseline; the verdict states what was measured.
     assert 15 < report["mean"]["bicubic"]["psnr"] < 45
     assert report["verdict"] in printed and report["verdict"] in (out / "metrics.md").read_text()
-    assert PIL.Image.open(out / "comparison.png").size == (4 * 16, 2 * 16)  # LR | bicubic | SR3 | HR per row
+    # LR | bicubic | SR3 | packaged SR3 | HR per row
+    assert PIL.Image.open(out / "comparison.png").size == (5 * 16, 2 * 16)
     # A whole held-out photo (longer side 40, larger than the 16x16 the model was trained at, so tiled).
     photo = PIL.Image.open(out / "photo.png")
-    assert photo.width % 4 == 0 and max(photo.width // 4, photo.height) == 40
+    assert photo.width % 5 == 0 and max(photo.width // 5, photo.height) == 40
     assert (out / "model" / "model_index.json").is_file()
     # The trained model is a normal pipeline folder: `sr3 upscale` takes it.
     assert (
@@ -41,7 +41,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys):
         )
         == 0
     )
-    assert PIL.Image.open(tmp_path / "up.png").size == (4 * 64, 4 * 32)
+    assert PIL.Image.open(tmp_path / "up.png").size == (4 * 80, 4 * 32)
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2
 

@@ -23,9 +23,12 @@ DTYPES = {
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    """--model, --scheduler, --steps, --seed, --device, --dtype."""
-    parser.add_argument("--model", required=model_required, help="pipeline folder or Hub repo id")
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+    """--model (required unless `default_model` names a fallback), --scheduler, --steps, --seed, --device, --dtype."""
+    if default_model:
+        parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
+    else:
+        parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the saved one")
     parser.add_argument("--steps", type=int, default=None, help="refinement steps (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -36,6 +39,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
 def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> SR3BasePipeline:
     """Load `args.model` with the requested scheduler, device and dtype."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model is None:
+        from ..pretrained import default_model_path
+
+        args.model = default_model_path()
     pipeline = SR3BasePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     if expected is not None and not isinstance(pipeline, expected):
         raise ValueError(f"{args.model} holds a {type(pipeline).__name__}; this command needs a {expected.__name__}")

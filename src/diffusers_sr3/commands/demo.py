@@ -1,13 +1,13 @@
 """`sr3 demo`: train a small x4 SR3 model on CPU on photographs that ship with installed packages, then compare
-it with bicubic upsampling on held-out photographs. No downloads.
+it, and the x4 model that ships inside the package, with bicubic upsampling on held-out photographs. No downloads.
 
 Whole photographs are split into training and held-out sets (`diffusers_sr3.photos`), so no held-out pixel is
 ever trained on. Training goes through the package's training core (`diffusers_sr3.training.train`) on random
 crops of the training photos; evaluation uses random crops of the held-out photos, degraded with the package's
 degradation, and one whole held-out photo upscaled in seamless tiles. Written to `--output`:
 
-    comparison.png   held-out crops, one per row: LR (nearest) | bicubic | SR3 | HR
-    photo.png        a whole held-out photo: LR (nearest) | bicubic | SR3 (tiled) | HR
+    comparison.png   held-out crops, one per row: LR (nearest) | bicubic | SR3 | packaged SR3 | HR
+    photo.png        a whole held-out photo: LR (nearest) | bicubic | SR3 (tiled) | packaged SR3 (tiled) | HR
     metrics.md       PSNR / SSIM / consistency of SR3 and bicubic (means over the crops), and what they say
     metrics.json     the same per image, plus the run's settings and timings
     model/           the trained pipeline (load it with SR3Pipeline.from_pretrained or `sr3 upscale --model`)
@@ -32,6 +32,7 @@ from ..pipelines import SR3Pipeline
 from ..tiling import tiled_super_resolve
 
 UPSCALE_FACTOR = 4
+PACKAGED = "SR3 (packaged model)"
 # The training loop's cost beyond the network's forward/backward pass (data, EMA, logging), as a factor.
 LOOP_OVERHEAD = 1.3
 # The training recipe for new models from benchmarks/convergence.py (its RECOMMENDED settings), with the residual
@@ -68,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
+    parser.add_argument(
+        "--packaged",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate the x4 model that ships inside the package (default: on)",
+    )
 
 
 def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
@@ -103,6 +110,21 @@ def _seconds_per_step(config: Dict[str, Any], batch_size: int) -> float:
         optimizer.zero_grad()
         timings.append(time.perf_counter() - start)
     return sum(timings[1:]) / 2
+
+
+def _packaged_pipeline():
+    """The x4 photo model that ships inside the package (DDIM sampling), or None with a note when it is missing."""
+    from ..pretrained import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as error:
+        print(f"note: {error}")
+        return None
+    pipeline = SR3Pipeline.from_pretrained(path)
+    pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
@@ -195,10 +217,20 @@ def run(args: argparse.Namespace) -> int:
     sr = sr.images * 2 - 1
     inference_seconds = time.perf_counter() - started
     results = {"SR3": metrics.evaluate_batch(sr, hr, lr), "bicubic": metrics.evaluate_batch(bicubic, hr, lr)}
+    packaged = _packaged_pipeline() if args.packaged else None
+    packaged_sr = None
+    if packaged is not None:
+        generator = torch.Generator().manual_seed(args.seed)
+        packaged_sr = packaged(
+            tensor_to_pil(lr), num_inference_steps=args.inference_steps, generator=generator, output_type="pt"
+        ).images
+        packaged_sr = packaged_sr * 2 - 1
+        results[PACKAGED] = metrics.evaluate_batch(packaged_sr, hr, lr)
     means = {name: {key: sum(v) / len(v) for key, v in values.items()} for name, values in results.items()}
 
+    outputs = [bicubic, sr] + ([packaged_sr] if packaged_sr is not None else []) + [hr]
     rows = [
-        tensor_to_pil(lr[index : index + 1]) + tensor_to_pil(torch.stack([bicubic[index], sr[index], hr[index]]))
+        tensor_to_pil(lr[index : index + 1]) + tensor_to_pil(torch.stack([part[index] for part in outputs]))
         for index in range(len(hr))
     ]
     grid(rows).save(os.path.join(args.output, "comparison.png"))
@@ -207,19 +239,24 @@ def run(args: argparse.Namespace) -> int:
     photo = photo.crop((0, 0, photo.width - photo.width % 4, photo.height - photo.height % 4))
     photo_hr = images_to_tensor(photo)
     photo_lr, photo_bicubic = degrade(photo_hr, UPSCALE_FACTOR)
-    photo_sr = tiled_super_resolve(
-        pipeline,
-        tensor_to_pil(photo_lr),
-        tile_batch_size=args.batch_size,
-        num_inference_steps=args.inference_steps,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="pt",
-    ).images
-    photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat([photo_bicubic, photo_sr * 2 - 1, photo_hr]))
+    photo_outputs = [photo_bicubic]
+    for model in [pipeline] + ([packaged] if packaged is not None else []):
+        photo_sr = tiled_super_resolve(
+            model,
+            tensor_to_pil(photo_lr),
+            tile_batch_size=args.batch_size,
+            num_inference_steps=args.inference_steps,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pt",
+        ).images
+        photo_outputs.append(photo_sr * 2 - 1)
+    photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat(photo_outputs + [photo_hr]))
     grid([photo_row]).save(os.path.join(args.output, "photo.png"))
 
     # 4. Report what was measured.
     verdict = _verdict(means["SR3"], means["bicubic"])
+    if PACKAGED in means:
+        verdict += " Packaged model: " + _verdict(means[PACKAGED], means["bicubic"]).replace("SR3 ", "it ", 1)
     lines = [
         f"# SR3 demo: x{UPSCALE_FACTOR} super-resolution, {args.crop_size // UPSCALE_FACTOR} -> {args.crop_size}",
         "",

@@ -19,7 +19,7 @@ from .common import IMAGE_EXTENSIONS, add_model_arguments, find_images, load_pip
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, default_model="the x4 photo model that ships with the package")
     parser.add_argument("--batch-size", type=int, default=1, help="images (or tiles of a large image) refined together")
     parser.add_argument(
         "--tile-size",
