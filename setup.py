@@ -60,7 +60,6 @@ setup(
     entry_points={"console_scripts": ["sr3=diffusers_sr3.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
