@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import pathlib
@@ -35,22 +34,23 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
+from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import evaluate_batch, quantize
 from diffusers_sr3.noise import swap_scheduler
 from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
+from diffusers_sr3.presets import NEW_MODEL_RECIPE
 from diffusers_sr3.training import TrainingConfig, train
 
 UPSCALE_FACTOR = 4
 CHANNEL_MULTIPLIERS = (1, 2, 4, 8)
-UNET_OPTIONS = ("noise_level_embedding_scale", "film_affine", "residual_prediction")
+UNET_OPTIONS = ("noise_level_embedding_scale", "film_affine")
 
 # The original project's training recipe, as TrainingConfig fields (plus the two UNet options above).
 ORIGINAL: Dict[str, Any] = dict(
     noise_level_embedding_scale=1.0,
     film_affine=False,
-    residual_prediction=False,
+    residual=False,
     prediction_type="epsilon",
     loss_type="l1",
     snr_gamma=None,
@@ -88,23 +88,13 @@ ABLATIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     ),
     "film_affine": ("scale-and-shift FiLM instead of the additive embedding", dict(film_affine=True)),
     "residual_sample": (
-        "predict the clean image as bicubic condition + a residual (output conv starts at zero)",
-        dict(prediction_type="sample", residual_prediction=True),
+        "diffuse the residual HR - bicubic and predict it directly (the untrained model returns bicubic)",
+        dict(prediction_type="sample", residual=True),
     ),
 }
 
 # The defaults for new models that this study found (see docs/convergence.md).
-RECOMMENDED: Dict[str, Any] = dict(
-    ORIGINAL,
-    residual_prediction=True,
-    prediction_type="sample",
-    noise_level_embedding_scale=1000.0,
-    per_sample_timestep=True,
-    max_grad_norm=1.0,
-    use_ema=True,
-    ema_decay=0.999,
-    ema_use_warmup=True,
-)
+RECOMMENDED: Dict[str, Any] = dict(ORIGINAL, **NEW_MODEL_RECIPE)
 
 COLUMNS = (
     "run",
@@ -119,11 +109,7 @@ COLUMNS = (
 
 
 def unet_config(crop_size: int, width: int, settings: Dict[str, Any]) -> Dict[str, Any]:
-    """The issue's network (inner width 32 at 64x64: multipliers 1, 2, 4, 8, attention at 8x8, 2 blocks/level).
-
-    Raises:
-        ValueError: `settings` ask for a UNet option this version of `SR3UNet2DModel` does not have.
-    """
+    """The issue's network (inner width 32 at 64x64: multipliers 1, 2, 4, 8, attention at 8x8, 2 blocks/level)."""
     config = dict(
         in_channels=6,
         out_channels=3,
@@ -137,12 +123,6 @@ def unet_config(crop_size: int, width: int, settings: Dict[str, Any]) -> Dict[st
         noise_level_embedding_scale=float(settings["noise_level_embedding_scale"]),
         film_affine=bool(settings["film_affine"]),
     )
-    # Only written when used, so that the other runs work with UNets that predate the option.
-    if settings["residual_prediction"]:
-        config["residual_prediction"] = True
-    unknown = set(config) - set(inspect.signature(SR3UNet2DModel.__init__).parameters)
-    if unknown:
-        raise ValueError(f"this SR3UNet2DModel has no option {sorted(unknown)}; update diffusers-sr3")
     return config
 
 

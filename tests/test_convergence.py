@@ -67,20 +67,7 @@ def test_ablations_change_one_setting_each(convergence):
     config = convergence.unet_config(64, 32, original)
     assert config["attention_resolutions"] == (8,) and config["channel_multipliers"] == (1, 2, 4, 8)
     assert config["noise_level_embedding_scale"] == 1.0 and config["dropout"] == 0.0
-    assert "residual_prediction" not in config  # runs without it work on any SR3UNet2DModel
-
-
-def test_residual_option_is_passed_on_or_refused_clearly(convergence):
-    import inspect
-
-    from diffusers_sr3 import SR3UNet2DModel
-
-    settings = dict(convergence.ORIGINAL, residual_prediction=True)
-    if "residual_prediction" in inspect.signature(SR3UNet2DModel.__init__).parameters:
-        assert convergence.unet_config(16, 8, settings)["residual_prediction"] is True
-    else:
-        with pytest.raises(ValueError, match="no option.*residual_prediction"):
-            convergence.unet_config(16, 8, settings)
+    assert convergence.RECOMMENDED["residual"] is True and convergence.RECOMMENDED["prediction_type"] == "sample"
 
 
 @pytest.mark.parametrize(

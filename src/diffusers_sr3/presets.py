@@ -36,6 +36,21 @@ class Preset:
         return copy.deepcopy(self.unet)
 
 
+# How to train a new super-resolution model, found by the convergence study (docs/convergence.md,
+# benchmarks/convergence.py): diffuse the residual HR - bicubic and predict it directly, so an untrained model
+# already returns the bicubic upsample and training only adds detail. `TrainingConfig` fields, plus the UNet's
+# `noise_level_embedding_scale`. Converted original checkpoints keep the original's settings.
+NEW_MODEL_RECIPE: Dict[str, Any] = dict(
+    residual=True,
+    prediction_type="sample",
+    noise_level_embedding_scale=1000.0,
+    per_sample_timestep=True,
+    max_grad_norm=1.0,
+    use_ema=True,
+    ema_decay=0.999,
+    ema_use_warmup=True,
+)
+
 PRESETS: Dict[str, Preset] = {
     "sr_16_128": Preset(
         unet=dict(

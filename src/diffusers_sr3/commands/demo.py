@@ -29,25 +29,15 @@ from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import swap_scheduler
 from ..pipelines import SR3Pipeline
+from ..presets import NEW_MODEL_RECIPE
 from ..tiling import tiled_super_resolve
 
 UPSCALE_FACTOR = 4
 PACKAGED = "SR3 (packaged model)"
 # The training loop's cost beyond the network's forward/backward pass (data, EMA, logging), as a factor.
 LOOP_OVERHEAD = 1.3
-# The training recipe for new models from benchmarks/convergence.py (its RECOMMENDED settings), with the residual
-# target and clean-image prediction: the network refines the detail that bicubic upsampling misses.
-RECIPE: Dict[str, Any] = dict(
-    residual=True,
-    prediction_type="sample",
-    per_sample_timestep=True,
-    learning_rate=5e-4,
-    lr_scheduler="constant_with_warmup",
-    lr_warmup_steps=50,
-    max_grad_norm=1.0,
-    use_ema=True,
-    ema_decay=0.999,
-)
+# The training recipe for new models (the convergence study's), minus the UNet option set in `unet_config`.
+RECIPE: Dict[str, Any] = {key: value for key, value in NEW_MODEL_RECIPE.items() if key != "noise_level_embedding_scale"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +81,7 @@ def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
         sample_size=crop_size,
         norm_groups=min(8, width),
         dropout=0.0,
-        noise_level_embedding_scale=1000.0,
+        noise_level_embedding_scale=NEW_MODEL_RECIPE["noise_level_embedding_scale"],
     )
 
 
@@ -198,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                 validation_steps_count=2,
                 report_to="none",
                 seed=args.seed,
-                **dict(RECIPE, lr_warmup_steps=min(RECIPE["lr_warmup_steps"], max(1, steps // 10))),
+                **RECIPE,
             )
         )
         training_seconds = time.perf_counter() - started
