@@ -15,6 +15,7 @@ import torch
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from ..image_processing import ImageInput, images_to_tensor, postprocess
+from ..tiling import tiled_super_resolve
 from .base import GeneratorInput, SR3BasePipeline
 from .pipeline_sr3 import SR3Pipeline
 from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
@@ -131,6 +132,7 @@ class SR3CascadePipeline(SR3BasePipeline):
         return_dict: bool = True,
         return_all_stages: bool = False,
         condition_noise_level: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        tile_size: Optional[int] = None,
     ) -> Union[SR3CascadePipelineOutput, tuple]:
         r"""Generate (or start from `image`) and super-resolve through every stage.
 
@@ -147,6 +149,8 @@ class SR3CascadePipeline(SR3BasePipeline):
             return_all_stages (`bool`, defaults to False): Also return each stage's output.
             condition_noise_level (`float` or a list, one per SR stage): Noise-conditioning augmentation level
                 for the SR stages that were trained with it (None: each stage's saved default).
+            tile_size (`int`, optional): Refine SR stages whose output is larger than this in overlapping tiles of
+                this size (seamless; `diffusers_sr3.tiling`), to bound memory at high resolution.
 
         Examples:
 
@@ -179,13 +183,12 @@ class SR3CascadePipeline(SR3BasePipeline):
 
         # 3. Every super-resolution stage, on float tensors.
         for stage, stage_steps, level in zip(self.stages, steps, levels):
-            current = stage(
-                current,
-                num_inference_steps=stage_steps or 50,
-                generator=generator,
-                output_type="pt",
-                condition_noise_level=level,
-            ).images
+            call = dict(num_inference_steps=stage_steps or 50, generator=generator, output_type="pt")
+            if tile_size:
+                current = tiled_super_resolve(stage, current, tile_size=tile_size, condition_noise_level=level, **call)
+            else:
+                current = stage(current, condition_noise_level=level, **call)
+            current = current.images
             stage_outputs.append(current)
 
         images = postprocess(current * 2 - 1, output_type)
