@@ -30,7 +30,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, grid, images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.model_card import write_model_card
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
+from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_name, photo_split
 from diffusers_sr3.tiling import tiled_super_resolve
 
 
@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "model": args.model,
         "sampler": type(pipeline.scheduler).__name__,
         "steps": args.steps,
-        "heldout_photos": [path.name for path in heldout_paths],
+        "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
     }
     os.makedirs(args.output, exist_ok=True)
