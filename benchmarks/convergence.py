@@ -32,11 +32,10 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
-from diffusers_sr3.metrics import evaluate_batch, quantize
+from diffusers_sr3.metrics import image_quality
 from diffusers_sr3.noise import swap_scheduler
 from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
 from diffusers_sr3.presets import NEW_MODEL_RECIPE
@@ -137,24 +136,6 @@ def build_crops(
     return train, held, photos
 
 
-def edge_energy(images: torch.Tensor) -> torch.Tensor:
-    """Per-image mean Sobel gradient magnitude of the luminance-like channel mean, `(B,)`."""
-    gray = images.double().mean(dim=1, keepdim=True)
-    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=gray.dtype).view(1, 1, 3, 3)
-    gx, gy = F.conv2d(gray, sobel), F.conv2d(gray, sobel.transpose(2, 3))
-    return (gx**2 + gy**2).sqrt().mean(dim=(1, 2, 3))
-
-
-def image_metrics(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> Dict[str, Any]:
-    """Mean PSNR, SSIM, consistency, per-channel colour error (1/255) and edge energy ratio of outputs `sr`."""
-    per_image = evaluate_batch(sr, hr, lr)
-    sr_uint8, hr_uint8 = quantize(sr), quantize(hr)
-    colour = (sr_uint8.mean(dim=(2, 3)) - hr_uint8.mean(dim=(2, 3))).abs().mean(dim=0)
-    edges = edge_energy(sr_uint8).sum() / edge_energy(hr_uint8).sum().clamp(min=1e-12)
-    means = {name: float(torch.tensor(values, dtype=torch.float64).mean()) for name, values in per_image.items()}
-    return dict(means, colour_error=[round(float(c), 3) for c in colour], edge_ratio=float(edges))
-
-
 def evaluate(
     pipeline: SR3Pipeline,
     hr: torch.Tensor,
@@ -171,7 +152,7 @@ def evaluate(
         images = pipeline(low, num_inference_steps=num_inference_steps, generator=generator, output_type="pt").images
         outputs.append(images.cpu() * 2 - 1)
     sr = torch.cat(outputs)
-    return image_metrics(sr, hr, lr), image_metrics(bicubic, hr, lr), sr
+    return image_quality(sr, hr, lr), image_quality(bicubic, hr, lr), sr
 
 
 def targets(sr: Dict[str, Any], bicubic: Dict[str, Any], steps: int) -> Dict[str, bool]:

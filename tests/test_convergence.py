@@ -28,18 +28,18 @@ def test_metrics_of_a_perfect_and_a_shifted_output(convergence):
 
     hr = _images()
     lr, bicubic = degrade(hr, 4)
-    perfect = convergence.image_metrics(hr, hr, lr)
+    perfect = convergence.image_quality(hr, hr, lr)
     assert perfect["colour_error"] == [0.0, 0.0, 0.0]
     assert perfect["edge_ratio"] == pytest.approx(1.0)
     assert perfect["psnr"] == float("inf") and perfect["ssim"] == pytest.approx(1.0)
     # A green cast of 10/255 shows up in the green channel only; a flat output has no edges.
     shifted = hr.clone()
     shifted[:, 1] += 20 / 255
-    assert convergence.image_metrics(shifted, hr, lr)["colour_error"] == pytest.approx([0.0, 10.0, 0.0], abs=0.01)
+    assert convergence.image_quality(shifted, hr, lr)["colour_error"] == pytest.approx([0.0, 10.0, 0.0], abs=0.01)
     flat = hr.mean(dim=(2, 3), keepdim=True).expand_as(hr)
-    assert convergence.image_metrics(flat, hr, lr)["edge_ratio"] == pytest.approx(0.0, abs=1e-9)
+    assert convergence.image_quality(flat, hr, lr)["edge_ratio"] == pytest.approx(0.0, abs=1e-9)
     # Bicubic upsampling blurs: less edge energy than the original.
-    assert convergence.image_metrics(bicubic, hr, lr)["edge_ratio"] < 1.0
+    assert convergence.image_quality(bicubic, hr, lr)["edge_ratio"] < 1.0
 
 
 def test_targets_follow_the_issue(convergence):

@@ -15,6 +15,7 @@ Unreadable, truncated or too-small images are skipped and counted; nothing usabl
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 import math
@@ -165,17 +166,18 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 # Map-style sources: `len()` and `load(index) -> (high_resolution, low_resolution or None)`.
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """A map-style collection of training images (see the module docstring for the kinds)."""
 
     description = "images"
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The number of images."""
 
+    @abc.abstractmethod
     def load(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The high-resolution image and the stored low-resolution one (or None), `(3, H, W)` in [-1, 1]."""
-        raise NotImplementedError
 
     def name(self, index: int) -> str:
         return f"{self.description}[{index}]"
