@@ -131,3 +131,11 @@ def test_sample_writes_a_grid(tmp_path):
 def test_sample_refuses_a_super_resolution_model(model_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
     assert "needs a SR3UnconditionalPipeline" in capsys.readouterr().err
+
+
+def test_upscale_defaults_to_the_packaged_model(tmp_path):
+    """README: `sr3 upscale photo.jpg --output upscaled/` works on a fresh install with no --model (x4: 16 -> 64)."""
+    photo = tmp_path / "photo.jpg"
+    PIL.Image.open(SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "upscaled"), "--steps", "2"]) == 0
+    assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
