@@ -36,6 +36,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network precision")
 
 
+def add_save_process_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--save-process [N]`: also write N snapshots along the refinement (8 when N is omitted, 0 = off)."""
+    parser.add_argument("--save-process", type=int, nargs="?", const=8, default=0, metavar="N", help=help_text)
+
+
 def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> SR3BasePipeline:
     """Load `args.model` with the requested scheduler, device and dtype."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

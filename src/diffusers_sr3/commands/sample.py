@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..image_processing import grid
 from ..pipelines import SR3UnconditionalPipeline
-from .common import add_model_arguments, load_pipeline
+from .common import add_model_arguments, add_save_process_argument, load_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="grid image file (PNG)")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together")
     parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
-    parser.add_argument(
-        "--save-process",
-        type=int,
-        nargs="?",
-        const=8,
-        default=0,
-        metavar="N",
-        help="also write <output>_process.png: N noisy images along the sampling of each image (default N: 8)",
+    add_save_process_argument(
+        parser,
+        "also write <output>_process.png: N noisy images along the sampling of each image (default N: 8)",
     )
 
 

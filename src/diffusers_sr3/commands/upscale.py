@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..image_processing import grid, load_image, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..tiling import model_tile_size, tiled_super_resolve
-from .common import IMAGE_EXTENSIONS, add_model_arguments, find_images, load_pipeline
+from .common import IMAGE_EXTENSIONS, add_model_arguments, add_save_process_argument, find_images, load_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tile size at the output resolution for images larger than the model (default: the UNet's sample_size)",
     )
     parser.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: tile/4)")
-    parser.add_argument(
-        "--save-process",
-        type=int,
-        nargs="?",
-        const=8,
-        default=0,
-        metavar="N",
-        help="also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
+    add_save_process_argument(
+        parser,
+        "also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
     )
 
 
