@@ -96,24 +96,27 @@ def test_tiny_end_to_end_run_reports_every_column_and_saves_a_pipeline(convergen
     from diffusers_sr3 import SR3Pipeline
 
     output, report = tmp_path / "pipeline", tmp_path / "report"
-    argv = ["--steps", "2", "--crop-size", "16", "--width", "8", "--train-crops", "32", "--eval-crops", "3"]
+    argv = ["--steps", "3", "2", "--crop-size", "16", "--width", "8", "--train-crops", "32", "--eval-crops", "3"]
     argv += ["--inference-steps", "2", "--output", str(output), "--report", str(report), "--ablation", "v_prediction"]
     assert convergence.main(argv) == 0
 
     table = (report / "results.md").read_text()
     header = table.splitlines()[0]
     assert all(column in header for column in convergence.COLUMNS)
-    assert "| v_prediction | 2 |" in table and "| bicubic |" in table
+    assert "| v_prediction | 2 |" in table and "| v_prediction | 3 |" in table and "| bicubic |" in table
     assert table in capsys.readouterr().out
     results = json.loads((report / "results.json").read_text())
-    (run,) = results["runs"]
+    # One run, measured at 2 steps and then resumed from its checkpoint to 3.
+    first, run = results["runs"]
+    assert (first["steps"], run["steps"]) == (2, 3)
+    assert json.loads((output / "training_summary.json").read_text())["steps_this_run"] == 1
     for values in (run["sr3"], results["bicubic"]):
         assert set(values) == {"psnr", "ssim", "consistency", "colour_error", "edge_ratio"}
         assert len(values["colour_error"]) == 3
     assert run["seconds_per_step"] > 0 and len(run["targets"]) == 5
     assert run["settings"]["prediction_type"] == "v_prediction"
     assert not set(results["photos"]["train"]) & set(results["photos"]["heldout"])
-    assert (report / "samples_v_prediction.png").is_file()
+    assert (report / "samples_v_prediction_2.png").is_file() and (report / "samples_v_prediction_3.png").is_file()
 
     pipeline = SR3Pipeline.from_pretrained(output)
     assert pipeline.scheduler.config.prediction_type == "v_prediction"

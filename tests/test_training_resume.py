@@ -96,6 +96,21 @@ def test_resume_gives_the_same_weights(tmp_path):
         assert_same(weights(straight / "checkpoint-4"), weights(other / "checkpoint-4"))
 
 
+def test_a_finished_run_extends_from_an_epoch_boundary(tmp_path):
+    # 3 steps is exactly one epoch: the resumed run skips a whole epoch and must go on with the next one, as the
+    # straight 6-step run does (benchmarks/convergence.py measures one run at several lengths this way).
+    straight = tmp_path / "straight"
+    train(resume_options(tmp_path, straight, max_train_steps=6, checkpointing_steps=3))
+    extended = tmp_path / "extended"
+    train(resume_options(tmp_path, extended, max_train_steps=3, checkpointing_steps=3))
+    trainer = Trainer(
+        resume_options(tmp_path, extended, max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest")
+    )
+    trainer.run()
+    assert trainer.summary["resumed_from"].endswith("checkpoint-3") and trainer.summary["steps_this_run"] == 3
+    assert_same(weights(straight / "checkpoint-6"), weights(extended / "checkpoint-6"))
+
+
 def test_interrupted_checkpoint_never_becomes_latest(tmp_path, monkeypatch):
     output = tmp_path / "out"
     train(resume_options(tmp_path, output, max_train_steps=2, checkpointing_steps=1, use_ema=False))

@@ -431,7 +431,8 @@ class Trainer:
                     self._validate(accelerator, model, ema, setup, validation_samples, global_step)
                 if global_step >= max_train_steps:
                     break
-            if not saw_batch:
+            # A run resumed exactly at the end of an epoch skips every batch of it: that is not an empty dataset.
+            if not saw_batch and batches_in_epoch == 0:
                 raise ValueError(f"{data.description} gave no batch in epoch {epoch}: no usable training images")
             if global_step < max_train_steps:
                 epoch += 1
