@@ -66,3 +66,42 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_pipeline):
     metadata = yaml.safe_load(card.split("---")[1])
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
     assert "held-out photos" in card and "original's sample faces" in card and "convergence.py --steps 3000" in card
+
+
+def test_sampler_study_compares_against_the_reference():
+    samplers = load("samplers")
+    rows = [
+        dict(entry="ddpm:2000", seconds_per_image=100.0, psnr=30.0, ssim=0.80),
+        dict(entry="ddim:10", seconds_per_image=0.5, psnr=29.5, ssim=0.80),  # 0.5 dB worse: not equal
+        dict(entry="ddim:25", seconds_per_image=1.25, psnr=29.8, ssim=0.795),
+        dict(entry="unipc:50", seconds_per_image=2.5, psnr=30.1, ssim=0.801),
+    ]
+    assert samplers.compare(rows) == "ddim:25"
+    assert [row["equal_quality"] for row in rows] == [True, False, True, True]
+    assert rows[2]["speedup"] == pytest.approx(80.0)
+    assert samplers.compare(rows[:2]) is None
+    for bad in ("ddim", "nope:10", "ddim:0", "ddim:x"):
+        with pytest.raises(ValueError, match="scheduler:steps"):
+            samplers.parse_entry(bad)
+
+
+@pytest.mark.slow
+def test_sampler_study_runs_every_entry(tmp_path, tiny_pipeline):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    report = load("samplers").main(
+        [
+            "--model", str(tmp_path / "model"), "--entries", "ddpm:6", "ddim:2", "dpmsolver:3", "--crops", "3",
+            "--crop-size", "32", "--batch-size", "2", "--fid", "--output", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    assert [row["entry"] for row in report["rows"]] == ["ddpm:6", "ddim:2", "dpmsolver:3"]
+    for row in report["rows"] + [report["bicubic"]]:
+        assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(row)
+    reference = report["rows"][0]["seconds_per_image"]
+    assert all(row["speedup"] == pytest.approx(reference / row["seconds_per_image"]) for row in report["rows"])
+    # Different samplers really give different images from the same seed.
+    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 3
+    written = json.loads((tmp_path / "out" / "samplers.json").read_text())
+    assert written["recommended"] == report["recommended"]
+    table = (tmp_path / "out" / "samplers.md").read_text()
+    assert "| ddim | 2 |" in table and "| bicubic | - |" in table and "Recommended:" in table

@@ -1,0 +1,211 @@
+"""The step-count study: how few sampling steps does a trained SR3 model need?
+
+    python benchmarks/samplers.py --output benchmarks/results/samplers     # the packaged model, default entries
+    python benchmarks/samplers.py --model my-model --entries ddpm:2000 ddim:25 unipc:10 --crops 64 --fid
+
+Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
+the split the packaged model and `benchmarks/convergence.py` use) with each `scheduler:steps` entry on the model's
+training schedule, all from the same seed, and reports PSNR, SSIM, consistency, colour error, edge energy
+relative to HR, FID (with --fid; few images make it only indicative) and the wall time per image. The first entry
+is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
+0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the fastest entry of equal
+quality. Writes samplers.json and samplers.md to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.image_processing import degrade
+from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
+from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
+from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
+from diffusers_sr3.pretrained import default_model_path
+
+DEFAULT_ENTRIES = (
+    "ddpm:2000",
+    "ddpm:1000",
+    "ddim:10",
+    "ddim:25",
+    "ddim:50",
+    "ddim:100",
+    "dpmsolver:10",
+    "dpmsolver:25",
+    "dpmsolver:50",
+    "dpmsolver:100",
+    "unipc:10",
+    "unipc:25",
+    "unipc:50",
+    "unipc:100",
+)
+PSNR_TOLERANCE_DB = 0.3
+SSIM_TOLERANCE = 0.01
+
+
+def cpu_name() -> str:
+    """The CPU model as Linux names it (platform.processor() is often empty there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_entry(entry: str) -> Tuple[str, int]:
+    """`"ddim:50"` -> `("ddim", 50)`, refusing unknown schedulers and step counts below 1."""
+    name, _, steps = entry.partition(":")
+    if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"{entry!r}: expected scheduler:steps with a scheduler in {sorted(SCHEDULERS)} and steps >= 1")
+    return name, int(steps)
+
+
+def sample(
+    pipeline: SR3Pipeline, saved: Any, lr: torch.Tensor, scheduler: str, steps: int, batch_size: int, seed: int
+) -> Tuple[torch.Tensor, float]:
+    """SR3 outputs in [-1, 1] for `lr` in [-1, 1] with one sampler, and the wall time per image.
+
+    Every sampler is built from the model's `saved` scheduler, so settings such as clipping carry over unchanged.
+    """
+    pipeline.scheduler = swap_scheduler(saved, scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    outputs = []
+    started = time.perf_counter()
+    for start in range(0, lr.shape[0], batch_size):
+        low = (lr[start : start + batch_size] + 1) / 2
+        images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt").images
+        outputs.append(images * 2 - 1)
+    return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0]
+
+
+def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
+    """Mark each row's speed-up over the first (reference) row and whether it has equal quality; the fastest such."""
+    reference = rows[0]
+    for row in rows:
+        row["speedup"] = reference["seconds_per_image"] / row["seconds_per_image"]
+        row["equal_quality"] = bool(
+            abs(row["psnr"] - reference["psnr"]) <= PSNR_TOLERANCE_DB
+            and abs(row["ssim"] - reference["ssim"]) <= SSIM_TOLERANCE
+        )
+    equal = [row for row in rows[1:] if row["equal_quality"]]
+    return min(equal, key=lambda row: row["seconds_per_image"])["entry"] if equal else None
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    has_fid = "fid" in report["rows"][0]
+    lines = [
+        f"Model: {report['model']}. {report['images']} held-out crops of {report['size']}px, seed {report['seed']}, "
+        f"{report['machine']}. Reference: {report['rows'][0]['entry']}; equal quality = PSNR within "
+        f"{PSNR_TOLERANCE_DB} dB and SSIM within {SSIM_TOLERANCE} of it.",
+        "",
+        "| sampler | steps | PSNR | SSIM | consistency (x1e-5) | colour err R/G/B (/255) | edges / HR |"
+        + (" FID |" if has_fid else "")
+        + " s / image | speed-up | equal quality |",
+        "|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
+    ]
+    for row in report["rows"] + [dict(report["bicubic"], entry="bicubic:-")]:
+        name, steps = row["entry"].split(":")
+        colour = "/".join(f"{c:.2f}" for c in row["colour_error"])
+        cells = [
+            name,
+            steps,
+            f"{row['psnr']:.2f}",
+            f"{row['ssim']:.4f}",
+            f"{row['consistency'] * 1e5:.2f}",
+            colour,
+            f"{row['edge_ratio']:.3f}",
+        ]
+        cells += [f"{row['fid']:.1f}"] if has_fid else []
+        if "seconds_per_image" in row:
+            equal = "yes" if row["equal_quality"] else "no"
+            cells += [f"{row['seconds_per_image']:.2f}", f"{row['speedup']:.0f}x", equal]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Recommended: **{report['recommended'] or 'none of equal quality'}**."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="SR3Pipeline folder (default: the packaged model)")
+    parser.add_argument("--entries", nargs="+", default=list(DEFAULT_ENTRIES), help="scheduler:steps, reference first")
+    parser.add_argument("--crops", type=int, default=8, help="held-out photo crops")
+    parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size")
+    parser.add_argument("--heldout", type=float, default=0.25, help="fraction of whole photos held out")
+    parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fid", action="store_true", help="also FID against the HR crops (offline Inception)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/samplers", help="folder for samplers.json and .md")
+    args = parser.parse_args(argv)
+    try:
+        args.parsed_entries = [parse_entry(entry) for entry in args.entries]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.crops < 1:
+        parser.error(f"--crops must be at least 1, got {args.crops}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    model = args.model or default_model_path()
+    pipeline = SR3Pipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
+    hr = photo_crops(
+        heldout_paths, args.crop_size, count=args.crops, seed=args.seed + 1, max_side=args.max_side, output_type="pt"
+    )
+    lr, bicubic = degrade(hr, pipeline.config.upscale_factor)
+    fid = frechet_inception_distance() if args.fid else None
+    if fid is not None:
+        fid.update(quantize(hr), real=True)
+        fid.reset_real_features = False
+
+    def quality(images: torch.Tensor) -> Dict[str, Any]:
+        values = image_quality(images, hr, lr)
+        if fid is not None:
+            fid.reset()
+            fid.update(quantize(images), real=False)
+            values["fid"] = float(fid.compute())
+        return values
+
+    saved = pipeline.scheduler
+    rows = []
+    for entry, (scheduler, steps) in zip(args.entries, args.parsed_entries):
+        sr, seconds = sample(pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed)
+        rows.append(dict(entry=entry, seconds_per_image=seconds, **quality(sr)))
+        print(json.dumps(rows[-1]), flush=True)
+    report = dict(
+        model=str(model),
+        images=hr.shape[0],
+        size=args.crop_size,
+        seed=args.seed,
+        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        bicubic=quality(bicubic),
+        rows=rows,
+    )
+    report["recommended"] = compare(rows)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "samplers.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    table = markdown(report)
+    with open(os.path.join(args.output, "samplers.md"), "w", encoding="utf-8") as handle:
+        handle.write(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
