@@ -117,13 +117,19 @@ def benchmark_inference(args, peaks: Dict[str, float], flops: float) -> List[Dic
         unet = build_unet(args.preset, variant["dtype"], variant["channels_last"])
         network = torch.compile(unet) if variant["compile"] else unet
         x = model_input(unet, args.batch, size, variant)
-        with torch.no_grad():
-            seconds = median_seconds(
-                lambda network=network, x=x: network(x, levels),
-                args.repeats,
-                args.warmup + (2 if variant["compile"] else 0),
-            )
-            output = network(x, levels).sample.float()
+        try:
+            with torch.no_grad():
+                started = time.perf_counter()
+                output = network(x, levels).sample.float()  # compiles, for the compiled variants
+                first_call = time.perf_counter() - started
+                seconds = median_seconds(lambda network=network, x=x: network(x, levels), args.repeats, args.warmup)
+        except Exception as error:  # torch.compile needs a C++ toolchain and Python headers; report, go on
+            if not variant["compile"]:
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"  {name}: failed: {message}", flush=True)
+            rows.append({"variant": name, "failed": message})
+            continue
         if reference_output is None:
             reference_output, baseline = output, seconds
         error = ((output - reference_output).norm() / reference_output.norm()).item()
@@ -137,6 +143,7 @@ def benchmark_inference(args, peaks: Dict[str, float], flops: float) -> List[Dic
                 "gflops_per_s": achieved,
                 "fraction_of_peak": achieved / peaks[dtype_name],
                 "relative_error_vs_fp32": error,
+                "first_call_seconds": first_call,
             }
         )
         print(f"  {name}: {seconds * 1000:.0f} ms/eval, x{baseline / seconds:.2f}, rel. error {error:.1e}", flush=True)
@@ -145,7 +152,7 @@ def benchmark_inference(args, peaks: Dict[str, float], flops: float) -> List[Dic
 
 def fastest_variant(rows: List[Dict]) -> Dict:
     """The fastest measured variant that the pipeline and scaling sections reuse (compiled ones are not reused)."""
-    eager = [row for row in rows if row["variant"] in INFERENCE_VARIANTS]
+    eager = [row for row in rows if row["variant"] in INFERENCE_VARIANTS and "failed" not in row]
     name = min(eager, key=lambda row: row["seconds_per_eval"])["variant"]
     return {"name": name, **INFERENCE_VARIANTS[name]}
 
@@ -285,13 +292,17 @@ def markdown(report: Dict) -> str:
         f"Model: {report['parameters_m']:.1f}M parameters, {report['gflop_per_eval']:.1f} GFLOP per evaluation "
         f"at {report['resolution']}px, batch 1.",
         "",
-        "| inference variant | ms / eval | speed-up | GFLOP/s | of peak | rel. error vs fp32 |",
-        "|---|---|---|---|---|---|",
+        "| inference variant | ms / eval | speed-up | GFLOP/s | of peak | rel. error vs fp32 | first call (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["inference"]:
+        if "failed" in row:
+            lines.append(f"| {row['variant']} | failed: {row['failed']} | | | | | |")
+            continue
         lines.append(
             f"| {row['variant']} | {row['seconds_per_eval'] * 1000:.0f} | x{row['speedup_vs_plain_fp32']:.2f} | "
-            f"{row['gflops_per_s']:.0f} | {row['fraction_of_peak']:.0%} | {row['relative_error_vs_fp32']:.1e} |"
+            f"{row['gflops_per_s']:.0f} | {row['fraction_of_peak']:.0%} | {row['relative_error_vs_fp32']:.1e} | "
+            f"{row['first_call_seconds']:.1f} |"
         )
     if report.get("pipeline"):
         lines += ["", f"End to end ({report['fastest_variant']}):", ""]
