@@ -248,7 +248,8 @@ def benchmark_training(args) -> List[Dict]:
         command += ["--train-batch", str(args.train_batch), "--train-steps", str(args.train_steps)]
         finished = subprocess.run(command, capture_output=True, text=True)
         if finished.returncode != 0:
-            print(f"  {name}: failed: {finished.stderr.strip().splitlines()[-1]}", flush=True)
+            lines = finished.stderr.strip().splitlines()
+            print(f"  {name}: failed (exit {finished.returncode}): {lines[-1] if lines else ''}", flush=True)
             continue
         result = json.loads(finished.stdout.strip().splitlines()[-1])
         baseline = baseline or result

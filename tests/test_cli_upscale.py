@@ -139,3 +139,24 @@ def test_upscale_defaults_to_the_packaged_model(tmp_path):
     PIL.Image.open(SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
     assert main(["upscale", str(photo), "--output", str(tmp_path / "upscaled"), "--steps", "2"]) == 0
     assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
+
+
+def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path, monkeypatch, model_dir):
+    from diffusers_sr3.commands import upscale
+    from diffusers_sr3.pretrained import DEFAULT_STEPS
+
+    seen = []
+    real = upscale.tiled_super_resolve
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["num_inference_steps"])
+        return real(*args, **dict(kwargs, num_inference_steps=1))
+
+    monkeypatch.setattr(upscale, "tiled_super_resolve", recording)
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "a")]) == 0
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "b"), "--model", str(model_dir)]) == 0
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "c"), "--scheduler", "ddpm"]) == 0
+    # The packaged model with its own sampler: the step-count study's pick; anything else: 50.
+    assert seen == [DEFAULT_STEPS, 50, 50] and DEFAULT_STEPS == 10

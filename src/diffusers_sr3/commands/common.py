@@ -30,7 +30,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional
     else:
         parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the saved one")
-    parser.add_argument("--steps", type=int, default=None, help="refinement steps (default: the pipeline's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="refinement steps (default: 50; 10 with the packaged model and its sampler)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network precision")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..image_processing import grid, load_image, tensor_to_pil
 from ..pipelines import SR3Pipeline
+from ..pretrained import DEFAULT_STEPS
 from ..tiling import model_tile_size, tiled_super_resolve
 from .common import IMAGE_EXTENSIONS, add_model_arguments, add_save_process_argument, find_images, load_pipeline
 
@@ -57,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--save-process takes a positive number of frames")
     paths = find_images(args.inputs)
     images = [load_image(path) for path in paths]  # read everything first: bad files fail before any work
+    packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(leave=False)
     tile_size = args.tile_size or model_tile_size(pipeline)
     overlap = tile_size // 4 if args.tile_overlap is None else args.tile_overlap
-    steps = args.steps or 50
+    steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     single = len(paths) == 1
     with tqdm(total=len(paths), desc="upscaling", unit="image") as progress:
