@@ -87,14 +87,18 @@ class PairMaker:
     lr_blur_sigma: float = 0.0
 
     def crop(self, image: torch.Tensor, generator: Optional[torch.Generator], name: str) -> torch.Tensor:
-        """Square crop of `image` `(3, H, W)` to `resolution` (random or resized-centre); too small is bad."""
+        """Square crop of `image` `(3, H, W)` to `resolution` (random, or centre without a generator, at full scale;
+        or resized-centre); too small is bad."""
         height, width = image.shape[-2:]
         size = self.resolution
         if min(height, width) < size:
             raise BadImageError(f"{name}: {height}x{width} is smaller than the training resolution {size}", "small")
         if self.random_crop:
-            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+            if generator is None:  # no augmentation: the centre crop, at full scale like the random ones
+                top, left = (height - size) // 2, (width - size) // 2
+            else:
+                top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
             return image[:, top : top + size, left : left + size]
         scale = size / min(height, width)
         new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
@@ -454,6 +458,14 @@ class TrainingData:
     sampler: Optional[EpochSampler]
     description: str
     skipped_at_scan: Counter = field(default_factory=Counter)
+
+    def spread_samples(self, count: int) -> List[Dict[str, Any]]:
+        """`count` usable samples evenly spread over the dataset (the first ones when streamed), unaugmented."""
+        if isinstance(self.dataset, StreamingPairDataset):
+            return self.validation_samples(count)
+        size = len(self.dataset)
+        indices = sorted({int(index) for index in np.linspace(0, size - 1, min(count, size)).round()})
+        return [self.dataset.sample(index, augment=False) for index in indices]
 
     def validation_samples(self, count: int) -> List[Dict[str, Any]]:
         """The first `count` usable samples, without augmentation (the fixed validation set)."""

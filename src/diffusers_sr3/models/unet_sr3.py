@@ -248,6 +248,12 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         condition_noise_embedding (`bool`, defaults to False): Noise-conditioning augmentation (Ho et al.,
             "Cascaded Diffusion Models"): the model also takes the noise level that was added to its condition
             (`condition_noise_level`, 0 = clean) through a second embedding of the same kind, summed with the first.
+        pixel_unshuffle_factor (`int`, defaults to 1): Run the UNet on a grid this many times coarser than the image:
+            `pixel_unshuffle` folds each `f x f` patch of the input into channels in front of the first conv, and
+            `pixel_shuffle` unfolds the prediction after the last one. An x4 model with factor 4 runs at the
+            low-resolution grid, about 5x faster per evaluation at the same width. `sample_size` and
+            `attention_resolutions` stay in image pixels and feature-map sizes (the first level is
+            `sample_size // f`). 1 is the original architecture.
     """
 
     _supports_gradient_checkpointing = True
@@ -272,8 +278,11 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         noise_level_embedding_scale: float = 1.0,
         film_affine: bool = False,
         condition_noise_embedding: bool = False,
+        pixel_unshuffle_factor: int = 1,
     ):
         super().__init__()
+        if pixel_unshuffle_factor < 1:
+            raise ValueError(f"pixel_unshuffle_factor must be a positive integer, got {pixel_unshuffle_factor}")
         if conditioning_type not in CONDITIONING_TYPES:
             raise ValueError(f"conditioning_type must be one of {CONDITIONING_TYPES}, got {conditioning_type!r}")
         for multiplier in channel_multipliers:
@@ -283,8 +292,11 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
                     f"(block_out_channels={block_out_channels} x multiplier {multiplier})"
                 )
         num_levels = len(channel_multipliers)
-        if sample_size % (2 ** (num_levels - 1)):
-            raise ValueError(f"sample_size={sample_size} is not divisible by 2**{num_levels - 1}")
+        if sample_size % (pixel_unshuffle_factor * 2 ** (num_levels - 1)):
+            raise ValueError(
+                f"sample_size={sample_size} is not divisible by pixel_unshuffle_factor x 2**{num_levels - 1}"
+            )
+        folded = pixel_unshuffle_factor**2
 
         width = block_out_channels
         block_kwargs = dict(
@@ -295,14 +307,15 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             embedding_act=conditioning_type == "timestep",
             attention_heads=attention_heads,
         )
-        level_has_attention = [sample_size // 2**level in attention_resolutions for level in range(num_levels)]
+        grid_size = sample_size // pixel_unshuffle_factor
+        level_has_attention = [grid_size // 2**level in attention_resolutions for level in range(num_levels)]
 
         # Stage 1: embedding and input conv.
         self.noise_level_embedding = NoiseLevelEmbedding(width, noise_level_embedding_scale)
         self.condition_noise_level_embedding = (
             NoiseLevelEmbedding(width, noise_level_embedding_scale) if condition_noise_embedding else None
         )
-        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * folded, width, 3, padding=1)
 
         # Stage 2: the way down. Every block's and downsampler's output is kept for the skip connections.
         skip_channels = [width]
@@ -347,12 +360,12 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         self.up_levels = nn.ModuleList(up_levels)
 
         # Stage 5: output.
-        self.conv_out = ConvBlock(channels, out_channels, norm_groups)
+        self.conv_out = ConvBlock(channels, out_channels * folded, norm_groups)
 
     @property
     def downsampling_factor(self) -> int:
         """Height and width of inputs must be multiples of this."""
-        return 2 ** (len(self.config.channel_multipliers) - 1)
+        return self.config.get("pixel_unshuffle_factor", 1) * 2 ** (len(self.config.channel_multipliers) - 1)
 
     @staticmethod
     def _per_sample(values, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -410,7 +423,11 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             raise ValueError("condition_noise_level was given, but this model has no condition_noise_embedding")
         embedding = embedding.to(sample.dtype)
 
-        # 3. Down, keeping every intermediate output for the skip connections.
+        # 3. Fold the image onto the network's grid (low-resolution networks), then down, keeping every
+        #    intermediate output for the skip connections.
+        unshuffle = self.config.get("pixel_unshuffle_factor", 1)
+        if unshuffle > 1:
+            sample = F.pixel_unshuffle(sample, unshuffle)
         hidden_states = self.conv_in(sample)
         skips = [hidden_states]
         for level in self.down_levels:
@@ -432,8 +449,10 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             if level.upsampler is not None:
                 hidden_states = level.upsampler(hidden_states)
 
-        # 6. Output.
+        # 6. Output, unfolded back to image pixels.
         output = self.conv_out(hidden_states)
+        if unshuffle > 1:
+            output = F.pixel_shuffle(output, unshuffle)
         if not return_dict:
             return (output,)
         return SR3UNet2DOutput(sample=output)

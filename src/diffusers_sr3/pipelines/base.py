@@ -126,11 +126,14 @@ class SR3BasePipeline(DiffusionPipeline):
         callback_on_step_end: Optional[Callable[..., Dict[str, Any]]],
         callback_on_step_end_tensor_inputs: Sequence[str],
         condition_noise_level: Optional[float] = None,
+        eta: Optional[float] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterative refinement from pure noise of `shape`, conditioned on `condition` (concatenated in front).
 
         The noisy image stays float32 whatever the UNet's dtype, so the scheduler's arithmetic is exact; only the
-        network input is cast. Returns the final image and the requested snapshots (float32, [-1, 1] scale).
+        network input is cast. `eta` goes to schedulers whose `step` takes it (DDIM: 0 is deterministic, 1 adds
+        DDPM-like fresh noise each step). Returns the final image and the requested snapshots (float32, the
+        scale the network works in).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -156,9 +159,12 @@ class SR3BasePipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
+        if eta is not None:
+            if "eta" not in step_parameters:
+                raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(self.scheduler).__name__}")
+            step_kwargs["eta"] = float(eta)
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
         # Evenly spaced and always ending at the last step (10 of 100 are steps 0, 11, ..., 99, as the original's).
         snapshot_steps = set(np.linspace(len(timesteps) - 1, 0, num_intermediates).round().astype(int).tolist())
@@ -183,6 +189,40 @@ class SR3BasePipeline(DiffusionPipeline):
             if i in snapshot_steps:
                 snapshots.append(latents.clone())
         return latents, snapshots
+
+    def _predict_clean_once(
+        self,
+        shape: Tuple[int, int, int, int],
+        condition: Optional[torch.Tensor],
+        generator: GeneratorInput,
+        condition_noise_level: Optional[float] = None,
+    ) -> torch.Tensor:
+        """One network evaluation at the schedule's noisiest level, turned into the clean-image estimate.
+
+        There the noisy input carries almost nothing of the target, so the prediction of a model trained to
+        reconstruct the clean image (x0 or v prediction) estimates its conditional average given the condition:
+        the fidelity-oriented (PSNR) answer, at the cost of one evaluation. Epsilon models cannot give it (their
+        clean estimate divides by a level near zero).
+        """
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("sample", "v_prediction"):
+            raise ValueError(
+                f"the one-evaluation (fidelity) estimate needs a model that predicts the clean image (prediction_type "
+                f"'sample' or 'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
+            )
+        device = self._execution_device
+        alphas_cumprod = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)
+        level = float(alphas_cumprod[-1].sqrt())
+        sigma = (1.0 - level**2) ** 0.5
+        network_level = len(alphas_cumprod) - 1 if self.unet.config.conditioning_type == "timestep" else level
+        noisy = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        model_input = noisy.to(self.unet.dtype)
+        if condition is not None:
+            model_input = torch.cat([condition.to(device=device, dtype=self.unet.dtype), model_input], dim=1)
+        unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
+        levels = torch.full((shape[0],), network_level, device=device)
+        output = self.unet(model_input, levels, return_dict=False, **unet_kwargs)[0].float()
+        return output if prediction_type == "sample" else level * noisy - sigma * output
 
     def save_pretrained(
         self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any

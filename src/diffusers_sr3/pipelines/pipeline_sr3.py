@@ -45,6 +45,9 @@ class SR3Pipeline(SR3BasePipeline):
         residual (`bool`, defaults to False): The model diffuses the residual between the high-resolution image and
             the bicubic upsample (as SRDiff does) instead of the image itself: the result is the upsample plus the
             refined residual. Set by training with `residual=True`; the original SR3 models diffuse the image.
+        residual_scale (`float`, defaults to 1.0): Residual models diffuse `residual_scale * (HR - upsample)`, so
+            that the residual has about unit variance, as the noise schedule assumes; the refined result is divided
+            by it before it is added to the upsample. Measured from the training data by the training script.
     """
 
     model_cpu_offload_seq = "unet"
@@ -57,8 +60,11 @@ class SR3Pipeline(SR3BasePipeline):
         upscale_factor: int = 4,
         condition_noise_level: float = 0.0,
         residual: bool = False,
+        residual_scale: float = 1.0,
     ):
         super().__init__()
+        if not residual_scale > 0:
+            raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
         condition_channels = unet.config.in_channels - unet.config.out_channels
@@ -72,6 +78,7 @@ class SR3Pipeline(SR3BasePipeline):
             upscale_factor=int(upscale_factor),
             condition_noise_level=float(condition_noise_level),
             residual=bool(residual),
+            residual_scale=float(residual_scale),
         )
 
     def prepare_condition(
@@ -105,6 +112,12 @@ class SR3Pipeline(SR3BasePipeline):
             noise = randn_tensor(condition.shape, generator=generator)
         return augment_condition(condition, level, noise=noise), level
 
+    def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
+        if not self.config.get("residual", False):
+            return result
+        return upsampled.to(result.device, torch.float32) + result / self.config.get("residual_scale", 1.0)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -119,6 +132,8 @@ class SR3Pipeline(SR3BasePipeline):
         callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         condition_noise_level: Optional[float] = None,
+        mode: str = "detail",
+        eta: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -145,6 +160,15 @@ class SR3Pipeline(SR3BasePipeline):
             condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
                 `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
                 input is noised at this level (drawn from `generator`) and the level is passed to the network.
+            mode (`str`, defaults to `"detail"`): `"detail"` samples by iterative refinement (SR3): sharp, plausible
+                texture that a sample invents where the input is ambiguous. `"fidelity"` returns the model's
+                estimate of the average answer from ONE network evaluation at the noisiest level (models that
+                predict the clean image, `sample` or `v_prediction`): the highest PSNR/SSIM, smoother texture,
+                `num_inference_steps` times faster. Use fidelity for measurements, documents and faces you must not
+                invent detail on; detail for photos that should look sharp.
+            eta (`float`, optional): Detail mode with schedulers that take it (DDIM): 0 (the default) samples
+                deterministically from the starting noise; up to 1 adds fresh noise at every step (DDPM-like),
+                which gives grainier texture.
 
         Examples:
 
@@ -158,23 +182,30 @@ class SR3Pipeline(SR3BasePipeline):
         upsampled = condition
         condition, condition_noise_level = self._augment_condition(condition, condition_noise_level, generator)
 
-        # 2. Refine from noise.
+        # 2. Refine from noise (detail), or estimate the average answer in one evaluation (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
-        result, snapshots = self._denoise(
-            shape,
-            condition,
-            num_inference_steps,
-            generator,
-            num_intermediates,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            condition_noise_level,
-        )
+        if mode == "detail":
+            result, snapshots = self._denoise(
+                shape,
+                condition,
+                num_inference_steps,
+                generator,
+                num_intermediates,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                condition_noise_level,
+                eta,
+            )
+        elif mode == "fidelity":
+            result = self._predict_clean_once(shape, condition, generator, condition_noise_level)
+            snapshots = [result] if num_intermediates else []
+        else:
+            raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
 
-        # 3. Add the refined residual to the upsample (residual models), crop the padding off and convert.
-        offset = upsampled.to(result.device, torch.float32) if self.config.get("residual", False) else 0
-        images = postprocess((offset + result)[..., :height, :width], output_type)
-        intermediates = [postprocess((offset + s)[..., :height, :width], output_type) for s in snapshots] or None
+        # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
+        images = postprocess(self._to_image(result, upsampled)[..., :height, :width], output_type)
+        intermediates = [postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots]
+        intermediates = intermediates or None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, intermediates)

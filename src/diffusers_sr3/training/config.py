@@ -69,6 +69,11 @@ class TrainingConfig:
     residual: bool = _option(
         False, "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline)"
     )
+    residual_scale: Optional[float] = _option(
+        None,
+        "multiply the residual by this before noising (--residual; stored in the saved pipeline); default: measured "
+        "from the training data so that the residual has unit standard deviation (a fine-tuned model keeps its own)",
+    )
     per_sample_timestep: bool = _option(False, "draw the step per sample instead of one per batch (SR3's way)")
     beta_schedule: Optional[str] = _option(None, "noise schedule (default linear)")
     num_train_timesteps: Optional[int] = _option(None, "diffusion steps T (default 2000, tiny presets 100)")
@@ -193,6 +198,10 @@ class TrainingConfig:
             raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
         if self.task == "uncond" and self.residual:
             raise ValueError("--residual applies to super-resolution only")
+        if self.residual_scale is not None and not self.residual:
+            raise ValueError("--residual_scale applies to residual training (--residual) only")
+        if self.residual_scale is not None and not self.residual_scale > 0:
+            raise ValueError(f"residual_scale must be positive, got {self.residual_scale}")
         if self.task == "uncond" and self.condition_noise_max:
             raise ValueError("--condition_noise_max applies to super-resolution only")
 

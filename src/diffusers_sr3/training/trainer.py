@@ -38,7 +38,7 @@ from .checkpointing import (
 )
 from .config import TrainingConfig, training_command
 from .hub import push_folder
-from .objective import diffusion_loss, noise_batch, predict
+from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
 SR3_SCHEDULE = dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
+
+
+# Training images the residual scale is measured on (without augmentation, so resumed runs measure the same).
+RESIDUAL_SCALE_SAMPLES = 256
 
 
 def _hub_id(name_or_path: Optional[str]) -> Optional[str]:
@@ -64,6 +68,7 @@ class ModelSetup:
     upscale_factor: Optional[int]
     resolution: int
     description: str
+    residual_scale: Optional[float] = None  # a fine-tuned residual model's own scale
 
 
 def _unet_config_file(path: str) -> str:
@@ -77,6 +82,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     """The UNet (fresh from a preset or config, or with pretrained / converted-original weights) and scheduler."""
     weights: Optional[Dict[str, torch.Tensor]] = None
     pretrained_scheduler = None
+    pretrained_residual_scale = None
     upscale_factor = config.upscale_factor
     preset = None
     if config.pretrained_model_name_or_path or config.resume_from_original:
@@ -93,6 +99,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         unet_config = dict(pipeline.unet.config)
         weights = pipeline.unet.state_dict()
         pretrained_scheduler = pipeline.scheduler
+        pretrained_residual_scale = pipeline.config.get("residual_scale") if pipeline.config.get("residual") else None
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
     elif config.model_config_name_or_path:
@@ -155,7 +162,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
             linear_end=schedule["beta_end"],
             prediction_type=config.prediction_type,
         )
-    return ModelSetup(unet, scheduler, upscale_factor, resolution, description)
+    return ModelSetup(unet, scheduler, upscale_factor, resolution, description, pretrained_residual_scale)
 
 
 def _tracker_config(config: TrainingConfig) -> Dict[str, Any]:
@@ -293,6 +300,7 @@ class Trainer:
                 f"{data.description} has {len(data.dataset)} usable images, fewer than --train_batch_size "
                 f"{config.train_batch_size}"
             )
+        self.residual_scale = self._residual_scale(data, setup)
         validation_samples = self._validation_samples(data, setup)
         dataloader = self._make_dataloader(data, seed)
 
@@ -400,6 +408,7 @@ class Trainer:
                         per_sample_timestep=config.per_sample_timestep,
                         condition_noise_max=config.condition_noise_max,
                         residual=config.residual,
+                        residual_scale=self.residual_scale,
                     )
                     prediction = predict(unet, noised)
                     loss = diffusion_loss(
@@ -456,6 +465,7 @@ class Trainer:
                 train_seconds=round(train_seconds, 2),
                 steps_per_second=round((global_step - first_step) / train_seconds, 3) if train_seconds else None,
                 checkpoints=[os.path.basename(path) for path in list_checkpoints(config.output_dir)],
+                residual_scale=self.residual_scale if config.residual else None,
             )
             self._save_final(accelerator, model, ema, setup, data, validation_samples, global_step)
             self.summary["total_seconds"] = round(time.time() - started, 2)
@@ -472,6 +482,27 @@ class Trainer:
         return config.output_dir
 
     # -- pieces of the loop -----------------------------------------------------------------------------------
+
+    def _residual_scale(self, data: TrainingData, setup: ModelSetup) -> float:
+        """The residual scale: given, a fine-tuned model's own, or measured on training images spread over the data.
+
+        Measured without augmentation on a fixed set of images, so a resumed run measures the same value.
+        The scheduler's x0 clipping range follows it (the scaled residual spans twice the image range).
+        """
+        config = self.config
+        if not config.residual:
+            return 1.0
+        scale = config.residual_scale or setup.residual_scale
+        if scale is None:
+            samples = data.spread_samples(RESIDUAL_SCALE_SAMPLES)
+            scale = measure_residual_scale(
+                torch.stack([sample["hr"] for sample in samples]),
+                torch.stack([sample["condition"] for sample in samples]),
+            )
+            logger.info("residual scale %.3g, measured on %d training images", scale, len(samples))
+        if "clip_sample_range" in setup.scheduler.config:
+            setup.scheduler = swap_scheduler(setup.scheduler, "ddpm", clip_sample_range=2.0 * scale)
+        return float(scale)
 
     def _validation_samples(self, data: TrainingData, setup: ModelSetup):
         config = self.config
@@ -528,6 +559,7 @@ class Trainer:
             seed=config.seed or 0,
             condition_noise_level=config.condition_noise_level,
             residual=config.residual,
+            residual_scale=self.residual_scale,
         )
 
     def _save_final(self, accelerator, model, ema, setup, data, samples, step) -> None:
@@ -540,7 +572,12 @@ class Trainer:
         log_validation(accelerator, metrics, picture, step)
         picture.save(os.path.join(config.output_dir, "validation.png"))
         pipeline = build_pipeline(
-            model, setup.scheduler, setup.upscale_factor, config.condition_noise_level, config.residual
+            model,
+            setup.scheduler,
+            setup.upscale_factor,
+            config.condition_noise_level,
+            config.residual,
+            self.residual_scale,
         )
         pipeline.save_pretrained(config.output_dir)
         if ema is not None:
@@ -565,7 +602,8 @@ class Trainer:
                 "total batch size": self.summary["total_batch_size"],
                 "learning rate": f"{config.learning_rate:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
                 "loss": f"{config.loss_type}, {config.prediction_type} prediction"
-                + (f", min-SNR gamma {config.snr_gamma:g}" if config.snr_gamma else ""),
+                + (f", min-SNR gamma {config.snr_gamma:g}" if config.snr_gamma else "")
+                + (f", on the residual x {self.residual_scale:g}" if config.residual else ""),
                 "EMA": f"decay {config.ema_decay:g}" if config.use_ema else "no",
                 "mixed precision": accelerator.mixed_precision,
                 "validation sampler": f"{config.validation_scheduler}, {config.validation_steps_count} steps",

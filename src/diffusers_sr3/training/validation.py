@@ -15,12 +15,17 @@ from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
 
 def build_pipeline(
-    unet: Any, scheduler: Any, upscale_factor: Optional[int], condition_noise_level: float = 0.0, residual: bool = False
+    unet: Any,
+    scheduler: Any,
+    upscale_factor: Optional[int],
+    condition_noise_level: float = 0.0,
+    residual: bool = False,
+    residual_scale: float = 1.0,
 ) -> SR3BasePipeline:
     """The SR3 pipeline of a trained UNet: super-resolution when `upscale_factor` is set, else unconditional.
 
     `condition_noise_level` is the sampling default for models trained with noise-conditioning augmentation;
-    `residual` marks models trained on the residual HR - upsample.
+    `residual` marks models trained on the residual HR - upsample, multiplied by `residual_scale`.
     """
     if upscale_factor is None:
         pipeline: SR3BasePipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
@@ -31,6 +36,7 @@ def build_pipeline(
             upscale_factor=upscale_factor,
             condition_noise_level=condition_noise_level,
             residual=residual,
+            residual_scale=residual_scale,
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -48,6 +54,7 @@ def run_validation(
     seed: int = 0,
     condition_noise_level: float = 0.0,
     residual: bool = False,
+    residual_scale: float = 1.0,
 ) -> Tuple[Dict[str, float], PIL.Image.Image]:
     """Super-resolve the validation samples (or draw unconditional samples) and measure them.
 
@@ -60,14 +67,14 @@ def run_validation(
         scheduler_name, num_inference_steps: the fast sampler.
         seed: fixes the sampling noise, so successive validations are comparable.
         condition_noise_level: noise-conditioning augmentation level at sampling (models trained with it).
-        residual: the model diffuses the residual HR - upsample.
+        residual, residual_scale: the model diffuses the residual HR - upsample, times `residual_scale`.
 
     Returns:
         `(metrics, grid)`: mean PSNR / SSIM / consistency (super-resolution only) and a picture with one row per
         image: LR | bicubic | SR3 | HR, or a grid of unconditional samples.
     """
     pipeline = build_pipeline(
-        unet, swap_scheduler(scheduler, scheduler_name), upscale_factor, condition_noise_level, residual
+        unet, swap_scheduler(scheduler, scheduler_name), upscale_factor, condition_noise_level, residual, residual_scale
     )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if upscale_factor is None:
