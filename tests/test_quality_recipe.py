@@ -1,0 +1,217 @@
+"""The pieces of the recipe that beats bicubic: a network at the low-resolution grid, a residual scaled to unit
+variance (measured, saved, applied everywhere), and two ways to sample one model (fidelity and detail)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_data import make_image_folder
+from test_training import fast_options
+
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3.noise import training_betas
+from diffusers_sr3.presets import get_preset
+from diffusers_sr3.tiling import tiled_super_resolve
+from diffusers_sr3.training import TrainingConfig, train
+from diffusers_sr3.training.objective import measure_residual_scale, noise_batch
+
+
+def lowres_unet(factor=4, **overrides):
+    config = dict(
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=8,
+        channel_multipliers=(1, 2),
+        layers_per_block=1,
+        attention_resolutions=(4,),
+        sample_size=32,
+        norm_groups=4,
+        pixel_unshuffle_factor=factor,
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    return SR3UNet2DModel(**config).eval()
+
+
+class ConstantNetwork(torch.nn.Module):
+    """Stands in for a UNet: predicts `value` everywhere, and records the levels it was asked at."""
+
+    def __init__(self, unet, value):
+        super().__init__()
+        self.inner = unet
+        self.value = value
+        self.levels = []
+
+    config = property(lambda self: self.inner.config)
+    dtype = property(lambda self: self.inner.dtype)
+    device = property(lambda self: self.inner.device)
+    downsampling_factor = property(lambda self: self.inner.downsampling_factor)
+
+    def forward(self, sample, noise_level, return_dict=True, **kwargs):
+        self.levels.append(torch.as_tensor(noise_level).reshape(-1)[0].item())
+        return (torch.full((sample.shape[0], 3, *sample.shape[-2:]), self.value),)
+
+
+def test_a_low_resolution_network_runs_its_unet_on_the_coarse_grid():
+    unet = lowres_unet(factor=4)
+    assert unet.downsampling_factor == 4 * 2
+    assert unet.conv_in.in_channels == 6 * 16 and unet.conv_out.conv.out_channels == 3 * 16
+    seen = []
+    unet.down_levels[0].blocks[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    output = unet(torch.randn(2, 6, 32, 48), torch.rand(2)).sample
+    assert output.shape == (2, 3, 32, 48)
+    assert seen == [torch.Size([2, 8, 8, 12])]  # 32x48 image pixels, 8x12 grid cells
+    # Attention sits where the grid (not the image) has the listed size: sample_size 32 / 4 = 8, then 4.
+    assert unet.down_levels[0].blocks[0].attention is None and unet.down_levels[1].blocks[0].attention is not None
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        unet(torch.randn(1, 6, 36, 32), 0.5)
+    with pytest.raises(ValueError, match="pixel_unshuffle_factor must be a positive"):
+        lowres_unet(factor=0)
+
+
+def test_factor_one_is_the_original_architecture_and_old_configs_load(tmp_path):
+    config = get_preset("tiny").unet_config()
+    old = SR3UNet2DModel(**config)
+    assert old.config.pixel_unshuffle_factor == 1 and old.downsampling_factor == 4
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["pixel_unshuffle_factor"]  # a config written before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = SR3UNet2DModel.from_pretrained(tmp_path)
+    assert loaded.config.pixel_unshuffle_factor == 1
+    x = torch.randn(1, 6, 32, 32)
+    torch.testing.assert_close(loaded(x, 0.3).sample, old(x, 0.3).sample)
+
+
+def test_low_resolution_presets():
+    for name, factor, upscale in (("photos_x4", 4, 4), ("photos_x8", 8, 8)):
+        preset = get_preset(name)
+        unet = SR3UNet2DModel(**preset.unet_config())
+        assert unet.config.pixel_unshuffle_factor == factor == preset.upscale_factor == upscale
+        assert preset.resolution % unet.downsampling_factor == 0
+        assert 14e6 < sum(p.numel() for p in unet.parameters()) < 16e6
+
+
+def test_residual_scale_is_measured_and_scales_the_training_target():
+    torch.manual_seed(0)
+    condition = torch.rand(4, 3, 16, 16) * 2 - 1
+    hr = condition + 0.1 * torch.randn(4, 3, 16, 16)
+    scale = measure_residual_scale(hr, condition)
+    assert scale == pytest.approx(10.0, rel=0.03)
+    with pytest.raises(ValueError, match="residual of these images is zero"):
+        measure_residual_scale(condition, condition)
+    unet = lowres_unet()
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    batch = noise_batch(unet, betas, hr, condition, prediction_type="sample", residual=True, residual_scale=scale)
+    torch.testing.assert_close(batch.target, (hr - condition) * scale)
+    assert float(batch.target.std()) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="residual_scale applies to residual training only"):
+        noise_batch(unet, betas, hr, condition, residual_scale=scale)
+
+
+def residual_pipeline(value, prediction_type="sample", scale=8.0, scheduler="ddim"):
+    unet = ConstantNetwork(lowres_unet(), value)
+    schedule = make_scheduler(scheduler, n_timestep=100, prediction_type=prediction_type, clip_sample=False)
+    pipeline = SR3Pipeline(unet=lowres_unet(), scheduler=schedule, residual=True, residual_scale=scale)
+    vars(pipeline)["unet"] = unet  # the constant network stands in for the UNet
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, unet
+
+
+def bicubic_of(image):
+    from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
+
+    low = images_to_tensor(image)
+    return (upsample_condition(low, (low.shape[-2] * 4, low.shape[-1] * 4)) + 1) / 2
+
+
+def test_fidelity_mode_is_one_evaluation_at_the_noisiest_level_scaled_back():
+    image = torch.rand(1, 3, 8, 8)
+    pipeline, network = residual_pipeline(value=0.8)
+    result = pipeline(image, mode="fidelity", output_type="pt").images
+    assert len(network.levels) == 1
+    noisiest = float(torch.as_tensor(pipeline.scheduler.alphas_cumprod[-1]).sqrt())
+    assert network.levels[0] == pytest.approx(noisiest)
+    # The network predicts the scaled residual 0.8: the image is the upsample plus 0.8 / 8 in [-1, 1] units.
+    expected = (bicubic_of(image) + 0.8 / 8 / 2).clamp(0, 1)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+    # Detail mode with the same network takes num_inference_steps evaluations and lands on the same answer
+    # (a constant x0 prediction is a fixed point of DDIM).
+    detail = pipeline(image, num_inference_steps=4, output_type="pt").images
+    assert len(network.levels) == 5
+    torch.testing.assert_close(detail, expected, atol=1e-4, rtol=0)
+
+
+def test_fidelity_mode_with_v_prediction_and_refusal_for_epsilon():
+    image = torch.rand(1, 3, 8, 8)
+    pipeline, _ = residual_pipeline(value=0.0, prediction_type="v_prediction")
+    generator = torch.Generator().manual_seed(3)
+    result = pipeline(image, mode="fidelity", output_type="pt", generator=generator).images
+    # v = 0 means x0 = level * x_T: a tiny multiple of the starting noise.
+    level = float(torch.as_tensor(pipeline.scheduler.alphas_cumprod[-1]).sqrt())
+    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(3))
+    expected = (bicubic_of(image) + level * noise / 8 / 2).clamp(0, 1)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+    epsilon, _ = residual_pipeline(value=0.0, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="predicts the clean image"):
+        epsilon(image, mode="fidelity")
+    with pytest.raises(ValueError, match="mode must be"):
+        epsilon(image, mode="sharp")
+
+
+def test_eta_goes_to_schedulers_that_take_it():
+    image = torch.rand(1, 3, 8, 8)
+    unet = lowres_unet()
+    ddim = SR3Pipeline(unet, make_scheduler("ddim", n_timestep=100, prediction_type="sample"))
+    ddim.set_progress_bar_config(disable=True)
+    runs = [
+        ddim(image, num_inference_steps=3, eta=eta, generator=torch.Generator().manual_seed(0), output_type="pt")
+        for eta in (0.0, 0.0, 1.0)
+    ]
+    torch.testing.assert_close(runs[0].images, runs[1].images)
+    assert (runs[0].images - runs[2].images).abs().max() > 1e-3
+    ddpm = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100))
+    with pytest.raises(ValueError, match="eta applies to schedulers that take it"):
+        ddpm(image, num_inference_steps=2, eta=0.5)
+
+
+def test_tiled_upscaling_applies_the_residual_scale():
+    image = torch.rand(1, 3, 24, 24)  # 96x96 output: several 32-pixel tiles
+    pipeline, _ = residual_pipeline(value=-0.4)
+    tiled = tiled_super_resolve(pipeline, image, tile_size=32, overlap=8, mode="fidelity", output_type="pt").images
+    torch.testing.assert_close(tiled, (bicubic_of(image) - 0.4 / 8 / 2).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_training_measures_the_scale_saves_it_and_samples_with_it(tmp_path):
+    data = make_image_folder(tmp_path / "images", count=4, bad=False)
+    options = fast_options(tmp_path / "out", residual=True, prediction_type="sample")
+    output = train(TrainingConfig(train_data_dir=str(data), **options))
+    pipeline = SR3Pipeline.from_pretrained(output)
+    assert pipeline.config.residual is True
+    measured = pipeline.config.residual_scale
+    assert 1.0 < measured < 1000.0
+    # The x0 clipping range follows the scale: the scaled residual spans twice the image range.
+    assert pipeline.scheduler.config.clip_sample_range == pytest.approx(2 * measured)
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["residual_scale"] == measured
+    assert "on the residual x" in (tmp_path / "out" / "README.md").read_text()
+    # An explicit scale wins over the measurement.
+    options = fast_options(tmp_path / "fixed", residual=True, prediction_type="sample", residual_scale=5.0)
+    fixed = train(TrainingConfig(train_data_dir=str(data), **options))
+    assert SR3Pipeline.from_pretrained(fixed).config.residual_scale == 5.0
+    with pytest.raises(ValueError, match="applies to residual training"):
+        TrainingConfig(residual_scale=5.0)
+
+
+def test_the_scaled_residual_reaches_unit_variance_on_photos():
+    """The reason for the scale: on real photos the x4 residual is ~10x smaller than the schedule's noise."""
+    from diffusers_sr3.image_processing import degrade
+    from diffusers_sr3.photos import packaged_photo_paths, photo_crops
+
+    crops = photo_crops(packaged_photo_paths()[:4], 64, count=32, seed=0, max_side=512, output_type="pt")
+    _, condition = degrade(crops, 4)
+    scale = measure_residual_scale(crops, condition)
+    assert 4 < scale < 40
+    assert float(((crops - condition) * scale).std()) == pytest.approx(1.0, rel=0.01)
+    assert F.mse_loss(crops, condition) < 0.05
