@@ -203,9 +203,11 @@ class SR3Pipeline(SR3BasePipeline):
             raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
-        images = postprocess(self._to_image(result, upsampled)[..., :height, :width], output_type)
-        intermediates = [postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots]
-        intermediates = intermediates or None
+        def finish(latents: torch.Tensor):
+            return postprocess(self._to_image(latents, upsampled)[..., :height, :width], output_type)
+
+        images = finish(result)
+        intermediates = [finish(snapshot) for snapshot in snapshots] or None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, intermediates)
