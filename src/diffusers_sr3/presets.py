@@ -37,9 +37,12 @@ class Preset:
 
 
 # How to train a new super-resolution model, found by the convergence study (docs/convergence.md,
-# benchmarks/convergence.py): diffuse the residual HR - bicubic and predict it directly, so an untrained model
-# already returns the bicubic upsample and training only adds detail. `TrainingConfig` fields, plus the UNet's
-# `noise_level_embedding_scale`. Converted original checkpoints keep the original's settings.
+# benchmarks/convergence.py) and the recipe study (docs/quality.md, benchmarks/recipe_study.py): diffuse the
+# residual HR - bicubic and predict it directly, so an untrained model already returns the bicubic upsample and
+# training only adds detail; the training script scales the residual to unit variance (`residual_scale`, measured
+# from the data), so the schedule's noise does not drown it. `TrainingConfig` fields, plus the UNet's
+# `noise_level_embedding_scale`. Use it with a low-resolution network (`photos_x4`, `photos_x8`) to train on a CPU.
+# Converted original checkpoints keep the original's settings.
 NEW_MODEL_RECIPE: Dict[str, Any] = dict(
     residual=True,
     prediction_type="sample",
