@@ -10,7 +10,7 @@ from test_data import make_image_folder
 from test_training import fast_options
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.noise import training_betas
+from diffusers_sr3.noise import network_inputs_for_schedule, swap_scheduler, training_betas
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.tiling import tiled_super_resolve
 from diffusers_sr3.training import TrainingConfig, train
@@ -126,33 +126,51 @@ def bicubic_of(image):
     return (upsample_condition(low, (low.shape[-2] * 4, low.shape[-1] * 4)) + 1) / 2
 
 
-def test_fidelity_mode_is_one_evaluation_at_the_noisiest_level_scaled_back():
+def test_fidelity_mode_is_deterministic_ddim_from_the_noise_mean_scaled_back():
     image = torch.rand(1, 3, 8, 8)
-    pipeline, network = residual_pipeline(value=0.8)
+    pipeline, network = residual_pipeline(value=0.8, scheduler="ddpm")
     result = pipeline(image, mode="fidelity", output_type="pt").images
-    assert len(network.levels) == 1
-    noisiest = float(torch.as_tensor(pipeline.scheduler.alphas_cumprod[-1]).sqrt())
-    assert network.levels[0] == pytest.approx(noisiest)
+    assert len(network.levels) == 4  # FIDELITY_STEPS DDIM steps, though the pipeline's own scheduler is DDPM
+    ddim = swap_scheduler(pipeline.scheduler, "ddim")
+    ddim.set_timesteps(4)
+    assert network.levels == pytest.approx(network_inputs_for_schedule(ddim, "noise_level").tolist())
     # The network predicts the scaled residual 0.8: the image is the upsample plus 0.8 / 8 in [-1, 1] units.
     expected = (bicubic_of(image) + 0.8 / 8 / 2).clamp(0, 1)
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
-    # Detail mode with the same network takes num_inference_steps evaluations and lands on the same answer
-    # (a constant x0 prediction is a fixed point of DDIM).
-    detail = pipeline(image, num_inference_steps=4, output_type="pt").images
-    assert len(network.levels) == 5
-    torch.testing.assert_close(detail, expected, atol=1e-4, rtol=0)
+    # Seed-independent: it starts from the mean of the noise.
+    again = pipeline(image, mode="fidelity", output_type="pt", generator=torch.Generator().manual_seed(5)).images
+    torch.testing.assert_close(again, result)
+    assert isinstance(pipeline.scheduler, type(make_scheduler("ddpm")))  # the pipeline keeps its scheduler
+    one = pipeline(image, mode="fidelity", num_inference_steps=1, output_type="pt").images
+    assert len(network.levels) == 4 + 4 + 1
+    torch.testing.assert_close(one, expected, atol=1e-5, rtol=0)
 
 
-def test_fidelity_mode_with_v_prediction_and_refusal_for_epsilon():
+def test_temperature_scales_the_starting_noise_of_detail_mode():
     image = torch.rand(1, 3, 8, 8)
     pipeline, _ = residual_pipeline(value=0.0, prediction_type="v_prediction")
-    generator = torch.Generator().manual_seed(3)
-    result = pipeline(image, mode="fidelity", output_type="pt", generator=generator).images
-    # v = 0 means x0 = level * x_T: a tiny multiple of the starting noise.
-    level = float(torch.as_tensor(pipeline.scheduler.alphas_cumprod[-1]).sqrt())
-    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(3))
-    expected = (bicubic_of(image) + level * noise / 8 / 2).clamp(0, 1)
-    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+    # v = 0 and eta 0: each DDIM step keeps x_t on the ray of the starting noise, so the result is a multiple
+    # of it, proportional to the temperature; at temperature 0 (or in fidelity mode) it is the upsample itself.
+    outputs = [
+        pipeline(
+            image, num_inference_steps=3, temperature=t, output_type="pt", generator=torch.Generator().manual_seed(3)
+        ).images
+        for t in (0.0, 0.5, 1.0)
+    ]
+    fidelity = pipeline(image, mode="fidelity", output_type="pt").images
+    torch.testing.assert_close(outputs[0], bicubic_of(image).clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fidelity, outputs[0], atol=1e-6, rtol=0)
+    interior = ((outputs[2] > 0) & (outputs[2] < 1) & (outputs[1] > 0) & (outputs[1] < 1)).all(dim=1, keepdim=True)
+    interior = interior.expand_as(outputs[2])
+    half, full = (outputs[1] - outputs[0])[interior], (outputs[2] - outputs[0])[interior]
+    torch.testing.assert_close(half * 2, full, atol=1e-5, rtol=1e-3)
+    assert full.abs().max() > 0
+    with pytest.raises(ValueError, match="apply to detail mode"):
+        pipeline(image, mode="fidelity", temperature=0.5)
+
+
+def test_fidelity_mode_refuses_epsilon_models():
+    image = torch.rand(1, 3, 8, 8)
     epsilon, _ = residual_pipeline(value=0.0, prediction_type="epsilon")
     with pytest.raises(ValueError, match="predicts the clean image"):
         epsilon(image, mode="fidelity")

@@ -127,13 +127,16 @@ class SR3BasePipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str],
         condition_noise_level: Optional[float] = None,
         eta: Optional[float] = None,
+        temperature: float = 1.0,
+        scheduler: Optional[SchedulerMixin] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterative refinement from pure noise of `shape`, conditioned on `condition` (concatenated in front).
 
         The noisy image stays float32 whatever the UNet's dtype, so the scheduler's arithmetic is exact; only the
         network input is cast. `eta` goes to schedulers whose `step` takes it (DDIM: 0 is deterministic, 1 adds
-        DDPM-like fresh noise each step). Returns the final image and the requested snapshots (float32, the
-        scale the network works in).
+        DDPM-like fresh noise each step); `temperature` scales the starting noise (0 starts from its mean);
+        `scheduler` replaces the pipeline's for this call. Returns the final image and the requested snapshots
+        (float32, the scale the network works in).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -151,19 +154,20 @@ class SR3BasePipeline(DiffusionPipeline):
         conv_in = getattr(self.unet, "conv_in", None)
         channels_last = conv_in is not None and not conv_in.weight.is_contiguous()
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        scheduler = self.scheduler if scheduler is None else scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
         # The level (or timestep) the network takes at each step, computed once: no per-step host syncs.
-        levels = network_inputs_for_schedule(self.scheduler, self.unet.config.conditioning_type).to(device)
+        levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * (scheduler.init_noise_sigma * temperature)
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
-        step_parameters = inspect.signature(self.scheduler.step).parameters
+        step_parameters = inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
         if eta is not None:
             if "eta" not in step_parameters:
-                raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(self.scheduler).__name__}")
+                raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(scheduler).__name__}")
             step_kwargs["eta"] = float(eta)
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
         # Evenly spaced and always ending at the last step (10 of 100 are steps 0, 11, ..., 99, as the original's).
@@ -172,7 +176,7 @@ class SR3BasePipeline(DiffusionPipeline):
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             # 1. The scheduler's input scaling applies to the noisy image only, never to the condition.
-            model_input = self.scheduler.scale_model_input(latents, t).to(dtype)
+            model_input = scheduler.scale_model_input(latents, t).to(dtype)
             if condition is not None:
                 model_input = torch.cat([condition, model_input], dim=1)
             model_input = model_input.contiguous(memory_format=memory_format)
@@ -180,7 +184,7 @@ class SR3BasePipeline(DiffusionPipeline):
             noise_level = levels[i].expand(shape[0])
             model_output = self.unet(model_input, noise_level, return_dict=False, **unet_kwargs)[0].float()
             # 3. The scheduler's update.
-            latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
+            latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             if callback_on_step_end is not None:
                 available = {"latents": latents, "condition": condition}
                 callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
@@ -189,40 +193,6 @@ class SR3BasePipeline(DiffusionPipeline):
             if i in snapshot_steps:
                 snapshots.append(latents.clone())
         return latents, snapshots
-
-    def _predict_clean_once(
-        self,
-        shape: Tuple[int, int, int, int],
-        condition: Optional[torch.Tensor],
-        generator: GeneratorInput,
-        condition_noise_level: Optional[float] = None,
-    ) -> torch.Tensor:
-        """One network evaluation at the schedule's noisiest level, turned into the clean-image estimate.
-
-        There the noisy input carries almost nothing of the target, so the prediction of a model trained to
-        reconstruct the clean image (x0 or v prediction) estimates its conditional average given the condition:
-        the fidelity-oriented (PSNR) answer, at the cost of one evaluation. Epsilon models cannot give it (their
-        clean estimate divides by a level near zero).
-        """
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type not in ("sample", "v_prediction"):
-            raise ValueError(
-                f"the one-evaluation (fidelity) estimate needs a model that predicts the clean image (prediction_type "
-                f"'sample' or 'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
-            )
-        device = self._execution_device
-        alphas_cumprod = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)
-        level = float(alphas_cumprod[-1].sqrt())
-        sigma = (1.0 - level**2) ** 0.5
-        network_level = len(alphas_cumprod) - 1 if self.unet.config.conditioning_type == "timestep" else level
-        noisy = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        model_input = noisy.to(self.unet.dtype)
-        if condition is not None:
-            model_input = torch.cat([condition.to(device=device, dtype=self.unet.dtype), model_input], dim=1)
-        unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
-        levels = torch.full((shape[0],), network_level, device=device)
-        output = self.unet(model_input, levels, return_dict=False, **unet_kwargs)[0].float()
-        return output if prediction_type == "sample" else level * noisy - sigma * output
 
     def save_pretrained(
         self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any

@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import augment_condition
+from ..noise import augment_condition, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
+
+# Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps).
+DETAIL_STEPS = 50
+FIDELITY_STEPS = 4
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -112,6 +117,12 @@ class SR3Pipeline(SR3BasePipeline):
             noise = randn_tensor(condition.shape, generator=generator)
         return augment_condition(condition, level, noise=noise), level
 
+    def _fidelity_scheduler(self) -> SchedulerMixin:
+        """DDIM on the pipeline's training schedule (the pipeline's own scheduler when it is DDIM)."""
+        if isinstance(self.scheduler, DDIMScheduler):
+            return self.scheduler
+        return swap_scheduler(self.scheduler, "ddim")
+
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
         if not self.config.get("residual", False):
@@ -123,7 +134,7 @@ class SR3Pipeline(SR3BasePipeline):
     def __call__(
         self,
         image: ImageInput,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         generator: GeneratorInput = None,
         output_size: Optional[Union[int, Tuple[int, int]]] = None,
         output_type: str = "pil",
@@ -134,6 +145,7 @@ class SR3Pipeline(SR3BasePipeline):
         condition_noise_level: Optional[float] = None,
         mode: str = "detail",
         eta: Optional[float] = None,
+        temperature: float = 1.0,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -142,7 +154,8 @@ class SR3Pipeline(SR3BasePipeline):
                 one size. PIL images of any mode are converted to RGB (gray repeated, alpha discarded); numpy
                 arrays are `(H, W[, C])` or `(B, H, W, C)`, uint8 or float in [0, 1]; tensors are `(C, H, W)` or
                 `(B, C, H, W)` float in [0, 1]; C may be 1, 3 or 4.
-            num_inference_steps (`int`, defaults to 50): Refinement steps (scheduler steps).
+            num_inference_steps (`int`, optional): Refinement steps (scheduler steps); defaults to 50 in detail mode
+                and 4 in fidelity mode.
             generator (`torch.Generator` or a list of them, one per image): Makes sampling deterministic. Without
                 one the global torch RNG is used, which reproduces the original code under the same seed.
             output_size (`int` or `(height, width)`, optional): Output size; defaults to the input size times
@@ -160,16 +173,16 @@ class SR3Pipeline(SR3BasePipeline):
             condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
                 `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
                 input is noised at this level (drawn from `generator`) and the level is passed to the network.
-            mode (`str`, defaults to `"detail"`): `"detail"` samples by iterative refinement (SR3): sharp, plausible
-                texture that a sample invents where the input is ambiguous. `"fidelity"` returns the model's
-                estimate of the average answer from ONE network evaluation at the noisiest level (models that
-                predict the clean image, `sample` or `v_prediction`): the highest PSNR/SSIM, smoother texture,
-                `num_inference_steps` times faster. Use fidelity for measurements, documents and faces you must not
-                invent detail on; detail for photos that should look sharp.
-            eta (`float`, optional): Detail mode with schedulers that take it (DDIM): 0 (the default) samples
-                deterministically from the starting noise; up to 1 adds fresh noise at every step (DDPM-like),
-                which gives grainier texture.
-
+            mode (`str`, defaults to `"detail"`): `"detail"` samples by iterative refinement (SR3) with the pipeline's
+                scheduler: sharp, plausible texture, invented where the input is ambiguous. `"fidelity"` estimates the
+                average answer instead: deterministic DDIM (eta 0, on the same schedule) from the mean of the starting
+                noise (temperature 0), in a few steps. Highest PSNR/SSIM, smoother texture, and fast. Use fidelity for
+                measurements, documents and faces you must not invent detail on; detail for photos that should look
+                sharp. Fidelity needs a model that predicts the clean image (`sample` or `v_prediction`).
+            eta (`float`, optional): Detail mode, schedulers that take it (DDIM): 0 samples deterministically from
+                the starting noise; up to 1 adds fresh noise at every step (DDPM-like): grainier, sharper texture.
+            temperature (`float`, defaults to 1.0): Detail mode: scales the starting noise. Below 1 trades texture
+                for fidelity (0 is the fidelity mode's start).
         Examples:
 
         Returns:
@@ -182,25 +195,40 @@ class SR3Pipeline(SR3BasePipeline):
         upsampled = condition
         condition, condition_noise_level = self._augment_condition(condition, condition_noise_level, generator)
 
-        # 2. Refine from noise (detail), or estimate the average answer in one evaluation (fidelity).
+        # 2. Refine from noise (detail), or from the noise's mean with deterministic DDIM steps (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
         if mode == "detail":
-            result, snapshots = self._denoise(
-                shape,
-                condition,
-                num_inference_steps,
-                generator,
-                num_intermediates,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-                condition_noise_level,
-                eta,
-            )
+            steps, scheduler = num_inference_steps or DETAIL_STEPS, None
         elif mode == "fidelity":
-            result = self._predict_clean_once(shape, condition, generator, condition_noise_level)
-            snapshots = [result] if num_intermediates else []
+            if eta or temperature != 1.0:
+                raise ValueError("eta and temperature apply to detail mode; fidelity mode is eta 0, temperature 0")
+            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+            if prediction_type not in ("sample", "v_prediction"):
+                raise ValueError(
+                    "fidelity mode needs a model that predicts the clean image (prediction_type 'sample' or "
+                    f"'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
+                )
+            steps, scheduler, eta, temperature = (
+                num_inference_steps or FIDELITY_STEPS,
+                self._fidelity_scheduler(),
+                0.0,
+                0.0,
+            )
         else:
             raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
+        result, snapshots = self._denoise(
+            shape,
+            condition,
+            steps,
+            generator,
+            num_intermediates,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            condition_noise_level,
+            eta=eta,
+            temperature=temperature,
+            scheduler=scheduler,
+        )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
         def finish(latents: torch.Tensor):
