@@ -12,9 +12,9 @@ machine; the study runs one thread (`torch.set_num_threads(1)`).
 
 Data: random crops of the training side of `photo_split(packaged_photo_paths(), heldout=0.25)` at two scales
 (longer side 512 and 1024), plus `--extra` photos; evaluation: `--eval-crops` 64-pixel crops of the held-out
-photos (longer side 512, never trained on). Fidelity = `SR3Pipeline(mode="fidelity")` (4 deterministic DDIM steps from the
-noise's mean), detail = DDIM, `--detail-steps` steps, eta 0. Reported: PSNR and SSIM against bicubic, edge energy relative to HR (bicubic
-is ~0.5: blurry), consistency with the input, how far two seeds' samples differ (0 = the model ignores its noise),
+photos (longer side 512, never trained on). Fidelity = `SR3Pipeline(mode="fidelity")` (4 deterministic DDIM
+steps from the noise's mean), detail = DDIM, `--detail-steps` steps, eta 0. Reported: PSNR and SSIM against
+bicubic, edge energy relative to HR (bicubic is ~0.5: blurry), consistency with the input, how far two seeds' samples differ (0 = the model ignores its noise),
 training steps, and seconds per step. Writes results.json, results.md and one picture per arm (bicubic | fidelity |
 detail | HR, x3 nearest) with --report.
 
