@@ -15,8 +15,8 @@ Data: random crops of the training side of `photo_split(packaged_photo_paths(), 
 photos (longer side 512, never trained on). Fidelity = `SR3Pipeline(mode="fidelity")` (4 deterministic DDIM
 steps from the noise's mean), detail = DDIM, `--detail-steps` steps, eta 0. Reported: PSNR and SSIM against
 bicubic, edge energy relative to HR (bicubic is ~0.6: blurry), consistency with the input, how far two seeds'
-samples differ (0 = the model ignores its noise), training steps, and seconds per step. Writes results.json, results.md and one picture per arm (bicubic | fidelity |
-detail | HR, x3 nearest) with --report.
+samples differ (0 = the model ignores its noise), training steps, and seconds per step. Writes results.json,
+results.md and one picture per arm (bicubic | fidelity | detail | HR, x3 nearest) with --report.
 
 The network, the noise parameterisation, the loss and the sampler are the library's own pieces
 (`SR3UNet2DModel`, `training.objective.noise_batch` / `diffusion_loss`, `SR3Pipeline` with a Diffusers scheduler);
