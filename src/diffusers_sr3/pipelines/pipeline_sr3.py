@@ -198,7 +198,7 @@ class SR3Pipeline(SR3BasePipeline):
         # 2. Refine from noise (detail), or from the noise's mean with deterministic DDIM steps (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
         if mode == "detail":
-            steps, scheduler = num_inference_steps or DETAIL_STEPS, None
+            steps, scheduler = DETAIL_STEPS if num_inference_steps is None else num_inference_steps, None
         elif mode == "fidelity":
             if eta or temperature != 1.0:
                 raise ValueError("eta and temperature apply to detail mode; fidelity mode is eta 0, temperature 0")
@@ -209,7 +209,7 @@ class SR3Pipeline(SR3BasePipeline):
                     f"'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
                 )
             steps, scheduler, eta, temperature = (
-                num_inference_steps or FIDELITY_STEPS,
+                FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
                 self._fidelity_scheduler(),
                 0.0,
                 0.0,
