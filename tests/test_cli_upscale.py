@@ -4,12 +4,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SHARED, tiny_unet_config
+from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
 
-LR_SAMPLE = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"
+LR_SAMPLE = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_sample_refuses_a_super_resolution_model(model_dir, tmp_path, capsys):
 def test_upscale_defaults_to_the_packaged_model(tmp_path):
     """README: `sr3 upscale photo.jpg --output upscaled/` works on a fresh install with no --model (x4: 16 -> 64)."""
     photo = tmp_path / "photo.jpg"
-    PIL.Image.open(SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
+    PIL.Image.open(SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
     assert main(["upscale", str(photo), "--output", str(tmp_path / "upscaled"), "--steps", "2"]) == 0
     assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
 
