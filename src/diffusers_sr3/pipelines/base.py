@@ -210,6 +210,8 @@ class SR3BasePipeline(DiffusionPipeline):
                 f"the one-evaluation (fidelity) estimate needs a model that predicts the clean image (prediction_type "
                 f"'sample' or 'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
             )
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
         device = self._execution_device
         alphas_cumprod = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)
         level = float(alphas_cumprod[-1].sqrt())

@@ -106,11 +106,12 @@ class SR3Pipeline(SR3BasePipeline):
         level = self.config.condition_noise_level if level is None else float(level)
         if level == 0:
             return condition, 0.0
-        if isinstance(generator, list):
-            noise = torch.cat([randn_tensor((1, *condition.shape[1:]), generator=g) for g in generator])
-        else:
-            noise = randn_tensor(condition.shape, generator=generator)
-        return augment_condition(condition, level, noise=noise), level
+        if isinstance(generator, list) and len(generator) != condition.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {condition.shape[0]} images")
+        # Drawn for the execution device as Diffusers pipelines draw: on the generator's device (a CPU generator
+        # gives the same noise everywhere, a CUDA generator draws on CUDA), one image per generator of a list.
+        noise = randn_tensor(condition.shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+        return augment_condition(condition.to(noise.device), level, noise=noise), level
 
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
@@ -204,7 +205,9 @@ class SR3Pipeline(SR3BasePipeline):
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
         images = postprocess(self._to_image(result, upsampled)[..., :height, :width], output_type)
-        intermediates = [postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots]
+        intermediates = [
+            postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots
+        ]
         intermediates = intermediates or None
         self.maybe_free_model_hooks()
         if not return_dict:
