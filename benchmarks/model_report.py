@@ -92,7 +92,7 @@ def markdown(report: Dict[str, Any]) -> str:
     lines = [
         f"Sampler: {report['sampler']}, {report['steps']} steps. FID from few images is only indicative.",
         "",
-        "| test set | method | PSNR | SSIM | consistency (x1e-5) | colour error R/G/B (/255) | edges / HR | FID |",
+        "| test set | method | PSNR | SSIM | consistency (MSE / 1e-5) | colour error R/G/B (/255) | edges / HR | FID |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, evaluated in report["sets"].items():
