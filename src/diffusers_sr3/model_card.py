@@ -7,6 +7,8 @@ from typing import Dict, List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .redaction import redact
+
 # name, the factor from the measured value to the unit the name states, table format. The model-index stores the
 # value in that unit too: consistency is an MSE of about 1e-4, reported (as in the SR3 paper) in units of 1e-5.
 _METRIC_NAMES = {
@@ -176,7 +178,8 @@ def write_model_card(
         "model too.",
         "",
     ]
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
+    card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
