@@ -278,10 +278,11 @@ def test_hub_dataset_fails_fast_offline(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    started = time.time()
     with pytest.raises(ConnectionError, match="offline mode is on"):
         build_training_data(resolution=32, upscale_factor=4, dataset_name="someone/faces")
-    # Online mode with an unreachable Hub: a quick connection failure, not minutes of retries.
+    # Online mode with an unreachable Hub: a quick connection failure, not minutes of retries. (Timed after the first
+    # call, which imports `datasets`: that import alone can take a minute on a busy machine.)
+    started = time.time()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")

@@ -31,7 +31,7 @@ def fine_tune_options(output_dir, **overrides):
         checkpointing_steps=0,
         validation_steps=0,
         num_validation_images=1,
-        validation_steps_count=1,
+        validation_steps_count=2,
         report_to="none",
         seed=0,
     )
