@@ -132,7 +132,7 @@ def markdown(report: Dict[str, Any]) -> str:
         + ". LR inputs are 8-bit for every method. Consistency: MSE between the input and the downsampled output "
         "(images in [0, 1]), shown x1e-5. FID from the offline Inception; below ~1000 images it is indicative.",
         "",
-        "| test set | method | PSNR | SSIM | consistency (x1e-5) | colour error R/G/B (/255) | edges / HR | FID |",
+        "| test set | method | PSNR | SSIM | consistency (MSE / 1e-5) | colour error R/G/B (/255) | edges / HR | FID |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, evaluated in report["sets"].items():

@@ -1,4 +1,4 @@
-"""Shared test setup: offline Hub, the shared fixtures folder, and tiny models."""
+"""Shared test setup: offline Hub, the fixtures that ship with the tests (tests/fixtures), and tiny models."""
 
 import os
 
@@ -14,8 +14,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("SR3_SHARED_DIR", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "original_sr3"
+# Everything the tests read lives in the repository (tests/fixtures/README.md says where each file came from), so a
+# clone passes its tests on any machine.
+FIXTURE_ROOT = REPO / "tests" / "fixtures"
+FIXTURES = FIXTURE_ROOT / "original_sr3"  # parity fixtures from the original SR3 code
+PAIRS = FIXTURE_ROOT / "metric_pairs"  # HR/SR image pairs with known relations
+SAMPLES = FIXTURE_ROOT / "original_samples"  # the original project's LR/HR/bicubic sample faces
 
 
 def pytest_configure(config):

@@ -5,13 +5,12 @@ import shutil
 
 import PIL.Image
 import pytest
-from conftest import SHARED
+from conftest import PAIRS, SAMPLES
 
 from diffusers_sr3 import metrics
 from diffusers_sr3.cli import main
 
-PAIRS = SHARED / "data" / "metric_pairs"
-SAMPLES = SHARED / "data" / "original_samples" / "ffhq_64_512"
+FFHQ = SAMPLES / "ffhq_64_512"
 
 
 def load(path):
@@ -20,7 +19,7 @@ def load(path):
 
 @pytest.fixture
 def pair_folders(tmp_path):
-    """hr/<name>.png and sr/<name>.png from the shared metric pairs (some 128x128, one 512, one 37x53)."""
+    """hr/<name>.png and sr/<name>.png from the metric pairs fixtures (some 128x128, one 512, one 37x53)."""
     for path in PAIRS.glob("*_hr.png"):
         name = path.name[: -len("_hr.png")]
         (tmp_path / "hr").mkdir(exist_ok=True)
@@ -51,7 +50,7 @@ def test_folders_matched_by_name_table_and_json(pair_folders, capsys):
 def test_upscale_outputs_match_their_sources_and_lr_adds_consistency(tmp_path):
     for kind, folder in (("hr", "hr_512"), ("sr", "sr_64_512"), ("lr", "lr_64")):
         (tmp_path / kind).mkdir()
-        for path in sorted((SAMPLES / folder).glob("*.png"))[:2]:
+        for path in sorted((FFHQ / folder).glob("*.png"))[:2]:
             # SR files named like `sr3 upscale` names them: <name>_sr.png
             shutil.copy(path, tmp_path / kind / (f"{path.stem}_sr.png" if kind == "sr" else path.name))
     report_path = tmp_path / "r.json"
@@ -66,12 +65,12 @@ def test_upscale_outputs_match_their_sources_and_lr_adds_consistency(tmp_path):
 
 
 def test_original_results_layout_with_bicubic_baseline(tmp_path, capsys):
-    for path in sorted((SAMPLES / "hr_512").glob("*.png"))[:2]:
+    for path in sorted((FFHQ / "hr_512").glob("*.png"))[:2]:
         step_id = f"1000_{path.stem}"  # the original names results <step>_<index>_<kind>.png
         shutil.copy(path, tmp_path / f"{step_id}_hr.png")
-        shutil.copy(SAMPLES / "sr_64_512" / path.name, tmp_path / f"{step_id}_sr.png")
-        shutil.copy(SAMPLES / "sr_64_512" / path.name, tmp_path / f"{step_id}_inf.png")
-        shutil.copy(SAMPLES / "lr_64" / path.name, tmp_path / f"{step_id}_lr.png")
+        shutil.copy(FFHQ / "sr_64_512" / path.name, tmp_path / f"{step_id}_sr.png")
+        shutil.copy(FFHQ / "sr_64_512" / path.name, tmp_path / f"{step_id}_inf.png")
+        shutil.copy(FFHQ / "lr_64" / path.name, tmp_path / f"{step_id}_lr.png")
     report_path = tmp_path / "out.json"
     assert main(["eval", "--results", str(tmp_path), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
@@ -115,7 +114,7 @@ def test_bad_arguments(pair_folders, tmp_path, capsys):
 def test_fid_option(tmp_path):
     for kind, folder in (("hr", "hr_512"), ("sr", "sr_64_512")):
         (tmp_path / kind).mkdir()
-        for path in sorted((SAMPLES / folder).glob("*.png"))[:2]:
+        for path in sorted((FFHQ / folder).glob("*.png"))[:2]:
             PIL.Image.open(path).resize((128, 128)).save(tmp_path / kind / path.name)
     report_path = tmp_path / "r.json"
     # (FID of a set against itself is ~0: tests/test_metrics.py; one Inception load per test keeps this short.)

@@ -4,12 +4,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SHARED, tiny_unet_config
+from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
 
-LR_SAMPLE = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"
+LR_SAMPLE = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"
 
 
 @pytest.fixture
@@ -40,9 +40,9 @@ def test_upscale_files_folders_and_globs(model_dir, tmp_path, capsys):
     assert "00031_sr.png (64x64)" in capsys.readouterr().out
     # Same seed, same result; another seed, another.
     first = np.asarray(PIL.Image.open(out / "a_sr.png"))
-    assert main(arguments + ["--scheduler", "ddim"]) == 0
+    assert main(arguments + ["--scheduler", "ddim", "--overwrite"]) == 0
     assert np.array_equal(np.asarray(PIL.Image.open(out / "a_sr.png")), first)
-    assert main(arguments + ["--scheduler", "ddim", "--seed", "1"]) == 0
+    assert main(arguments + ["--scheduler", "ddim", "--seed", "1", "--overwrite"]) == 0
     assert not np.array_equal(np.asarray(PIL.Image.open(out / "a_sr.png")), first)
 
 
@@ -90,7 +90,7 @@ def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, m
     assert (
         main(
             ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
-            + ["--tile-size", "64"]
+            + ["--tile-size", "64", "--overwrite"]
         )
         == 0
     )
@@ -136,7 +136,7 @@ def test_sample_refuses_a_super_resolution_model(model_dir, tmp_path, capsys):
 def test_upscale_defaults_to_the_packaged_model(tmp_path):
     """README: `sr3 upscale photo.jpg --output upscaled/` works on a fresh install with no --model (x4: 16 -> 64)."""
     photo = tmp_path / "photo.jpg"
-    PIL.Image.open(SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
+    PIL.Image.open(SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
     assert main(["upscale", str(photo), "--output", str(tmp_path / "upscaled"), "--steps", "2"]) == 0
     assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
 
@@ -160,3 +160,41 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     assert main(["upscale", str(photo), "--output", str(tmp_path / "c"), "--scheduler", "ddpm"]) == 0
     # The packaged model with its own sampler: the step-count study's pick; anything else: 50.
     assert seen == [DEFAULT_STEPS, 50, 50] and DEFAULT_STEPS == 10
+
+
+def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    source = write_image(tmp_path / "in" / "a.png", (8, 8))
+    out = tmp_path / "out"
+    arguments = ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
+    assert main(arguments) == 0
+    previous = (out / "a_sr.png").read_bytes()
+    # An existing result is refused by name, before any work; --overwrite replaces it.
+    assert main(arguments + ["--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{out / 'a_sr.png'} already exists" in error and "--overwrite" in error
+    assert (out / "a_sr.png").read_bytes() == previous
+    assert main(arguments + ["--seed", "1", "--overwrite"]) == 0
+    replaced = (out / "a_sr.png").read_bytes()
+    assert replaced != previous and sorted(path.name for path in out.iterdir()) == ["a_sr.png"]
+    # Two inputs that would land on one file are refused too.
+    other = write_image(tmp_path / "elsewhere" / "a.png", (8, 8), seed=5)
+    assert main(arguments[:2] + [str(other)] + arguments[2:] + ["--overwrite"]) == 2
+    assert "would both be written to" in capsys.readouterr().err
+
+    # A write that fails half-way (disk full, a crash) leaves the previous file and no partial or temporary file.
+    def failing_save(self, stream, format=None, **kwargs):
+        stream.write(b"\x89PNG partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        main(arguments + ["--seed", "2", "--overwrite"])
+    assert sorted(path.name for path in out.iterdir()) == ["a_sr.png"] and (out / "a_sr.png").read_bytes() == replaced
+    with pytest.raises(OSError, match="No space left"):
+        main(["upscale", str(source), "--model", str(model_dir), "--output", str(tmp_path / "new"), "--steps", "1"])
+    assert list((tmp_path / "new").iterdir()) == []
+    with pytest.raises(OSError):
+        upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "direct.png"))
+    assert not list(tmp_path.glob("*direct*"))

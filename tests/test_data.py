@@ -278,13 +278,67 @@ def test_hub_dataset_fails_fast_offline(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    started = time.time()
     with pytest.raises(ConnectionError, match="offline mode is on"):
         build_training_data(resolution=32, upscale_factor=4, dataset_name="someone/faces")
-    # Online mode with an unreachable Hub: a quick connection failure, not minutes of retries.
+    # Online mode with an unreachable Hub: a quick connection failure, not minutes of retries. (Timed after the first
+    # call, which imports `datasets`: that import alone can take a minute on a busy machine.)
+    started = time.time()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(ConnectionError, match="cannot reach the Hugging Face Hub at http://127.0.0.1:9"):
         build_training_data(resolution=32, upscale_factor=4, dataset_name="someone/faces")
     assert time.time() - started < 15
+
+
+def test_hub_check_goes_through_the_hub_client_and_its_proxy(monkeypatch):
+    """Behind a proxy (HTTPS_PROXY / HTTP_PROXY) the Hub is reachable only through it: the check must use it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
+    from diffusers_sr3.data import _check_hub_reachable
+
+    seen = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            seen.append(f"{self.command} {self.path}")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proxy = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        # A host that no resolver knows (RFC 2606): only the proxy can reach it.
+        monkeypatch.setattr(constants, "ENDPOINT", "http://hub.invalid")
+        close_session()  # the client reads the proxy settings when it is made
+        _check_hub_reachable("someone/faces")
+        assert seen == ["HEAD http://hub.invalid/"]
+        # The proxy gone: the client's failure becomes the same clear message.
+        server.shutdown()
+        server.server_close()
+        close_session()
+        with pytest.raises(ConnectionError, match="cannot reach the Hugging Face Hub at http://hub.invalid"):
+            _check_hub_reachable("someone/faces")
+    finally:
+        server.shutdown()
+        server.server_close()
+        monkeypatch.undo()
+        close_session()

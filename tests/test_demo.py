@@ -5,16 +5,31 @@ import math
 
 import PIL.Image
 import pytest
+import torch
 
+from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import demo
+from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
 
 
-def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys):
+def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatch):
+    # What each method is given: SR3's low-resolution input, and the arguments of every evaluation.
+    sr3_inputs, evaluated = [], []
+    real_call, real_evaluate = SR3Pipeline.__call__, demo.metrics.evaluate_batch
+    monkeypatch.setattr(
+        SR3Pipeline, "__call__", lambda self, image, **kw: sr3_inputs.append(image) or real_call(self, image, **kw)
+    )
+    monkeypatch.setattr(demo.metrics, "evaluate_batch", lambda *a: evaluated.append(a) or real_evaluate(*a))
     out = tmp_path / "demo"
     arguments = ["demo", "--output", str(out), "--steps", "2", "--width", "8", "--crop-size", "16"]
     arguments += ["--train-crops", "16", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "40"]
     assert main(arguments + ["--batch-size", "4"]) == 0
+    # SR3 and bicubic start from the same 8-bit low-resolution pixels (SR3 takes pictures, uint8).
+    sr3_low = images_to_tensor(next(image for image in sr3_inputs if isinstance(image, list)))  # the held-out crops
+    (_, hr, sr3_lr), (bicubic, _, bicubic_lr) = evaluated[:2]
+    assert torch.equal(bicubic_lr, sr3_low) and torch.equal(sr3_lr, sr3_low)
+    assert torch.equal(bicubic, upsample_condition(sr3_low, tuple(hr.shape[-2:])))
     printed = capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] == 2

@@ -122,3 +122,44 @@ def test_server_error_after_retries_is_reported(hub, tmp_path):
     hub.fail_commits = None
     push_folder(str(folder), "someone/flaky")
     assert set(hub.repos["someone/flaky"]) == {"config.json"}
+
+
+def test_no_token_is_written_logged_or_uploaded(hub, tmp_path, monkeypatch, capsys, caplog):
+    """A real run with --hub_token and HF_TOKEN: no file, console line, log record or upload holds either token."""
+    import logging
+
+    option_token = "hf_" + "OptionTokenX7" * 3  # shaped like a Hub token
+    environment_token = "env-secret-0123456789"  # not shaped like one: only its value identifies it
+    monkeypatch.setenv("HF_TOKEN", environment_token)
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(
+        output,
+        train_data_dir=data,
+        checkpointing_steps=2,
+        validation_steps=2,
+        report_to="tensorboard",
+        push_to_hub=True,
+        hub_model_id="someone/secret-sr3",
+        hub_token=option_token,
+    )
+    caplog.set_level(logging.INFO)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0, hub.requests
+    secrets = [option_token.encode(), environment_token.encode()]
+
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.name.startswith("events.out.tfevents") for path in written)  # tracker hparams included
+    assert any("checkpoint-" in str(path) for path in written)
+    for path in written:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in secrets), f"a token was written to {path}"
+    captured = capsys.readouterr()
+    console = (captured.out + captured.err + caplog.text).encode()
+    assert not any(secret in console for secret in secrets), "a token reached the console or the logs"
+    uploaded = hub.repos["someone/secret-sr3"]
+    assert "README.md" in uploaded and "training_summary.json" in uploaded
+    for path, content in uploaded.items():
+        assert not any(secret in content for secret in secrets), f"a token was uploaded in {path}"
+    # The card still says how the model was trained, with the token's place marked.
+    card = uploaded["README.md"].decode()
+    assert "--hub_token '<redacted>'" in card and "--max_train_steps 4" in card

@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SAMPLES
 
 from diffusers_sr3.image_processing import (
     degrade,
@@ -15,8 +15,6 @@ from diffusers_sr3.image_processing import (
     resize_bicubic,
     upsample_condition,
 )
-
-SAMPLES = SHARED / "data" / "original_samples"
 
 
 @pytest.mark.parametrize(

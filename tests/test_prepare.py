@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import SHARED
+from conftest import SAMPLES
 
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import prepare
 
-PHOTOS = SHARED / "data" / "original_samples" / "ffhq_64_512" / "hr_512"
+PHOTOS = SAMPLES / "ffhq_64_512" / "hr_512"
 
 
 def reference_resize(image, size):

@@ -3,7 +3,7 @@
 import re
 import shutil
 
-from conftest import FIXTURES, REPO, SHARED
+from conftest import FIXTURES, REPO, SAMPLES
 
 
 def python_blocks(section):
@@ -16,9 +16,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     code = python_blocks("Python quickstart")[0]
     code = code.replace("I640000_E37_gen.pth", str(FIXTURES / "sr3_tiny_I10_E1_gen.pth"))
     code = code.replace("config/sr_sr3_16_128.json", str(FIXTURES / "sr3_tiny_config.json"))
-    shutil.copy(
-        SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png", tmp_path / "face_16.png"
-    )
+    shutil.copy(SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png", tmp_path / "face_16.png")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     from PIL import Image

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED, tiny_unet_config
+from conftest import REPO, SAMPLES, tiny_unet_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
@@ -25,7 +25,7 @@ from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, ten
 from diffusers_sr3.noise import SCHEDULERS
 from diffusers_sr3.tiling import tiled_super_resolve
 
-PHOTO = SHARED / "data" / "original_samples" / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
+PHOTO = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
 MAX_PIXELS = 32 * 32
 STEPS = 3
 

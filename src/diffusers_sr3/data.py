@@ -508,25 +508,27 @@ def _prepared_source(folder: str, resolution: int, upscale_factor: Optional[int]
 
 
 def _check_hub_reachable(dataset_name: str) -> None:
-    """Fail fast, with a clear message, when a Hub dataset cannot be reached (instead of hanging on retries)."""
-    import socket
-    import urllib.parse
+    """Fail fast, with a clear message, when a Hub dataset cannot be reached (instead of hanging on retries).
 
+    The probe goes through huggingface_hub's own HTTP client (the one `datasets` downloads with), so it honours the
+    same settings: HF_ENDPOINT, HTTPS_PROXY / HTTP_PROXY / NO_PROXY, and the client factory a user may install. Any
+    HTTP answer means the Hub is reachable; only a transport failure (DNS, refused, proxy, timeout) stops training.
+    """
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise ConnectionError(
             f"--dataset_name {dataset_name!r} needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE / "
             "HF_DATASETS_OFFLINE); train from local data with --train_data_dir or --train_data_files instead"
         )
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname, port), timeout=5).close()
-    except OSError as error:
+        get_session().head(constants.ENDPOINT, timeout=5, follow_redirects=False)
+    except Exception as error:  # the client's transport errors have no common public base class across versions
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
         raise ConnectionError(
-            f"--dataset_name {dataset_name!r}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({error}); "
-            "check the network or train from local data with --train_data_dir or --train_data_files"
+            f"--dataset_name {dataset_name!r}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}); "
+            "check the network (and HTTPS_PROXY) or train from local data with --train_data_dir or --train_data_files"
         ) from None
 
 

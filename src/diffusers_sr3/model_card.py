@@ -7,10 +7,16 @@ from typing import Dict, List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .redaction import redact
+
+# name, the factor from the measured value to the unit the name states, table format. The model-index stores the
+# value in that unit too: consistency is an MSE of about 1e-4, reported (as in the SR3 paper) in units of 1e-5.
 _METRIC_NAMES = {
     "psnr": ("PSNR (dB)", 1.0, "{:.2f}"),
     "ssim": ("SSIM", 1.0, "{:.4f}"),
-    "consistency": ("Consistency (MSE x 1e-5, lower is better)", 1e5, "{:.2f}"),
+    "consistency": ("Consistency (MSE in units of 1e-5, lower is better)", 1e5, "{:.2f}"),
+    "edge_ratio": ("Edge energy relative to HR", 1.0, "{:.3f}"),
+    "fid": ("FID (few images: indicative only)", 1.0, "{:.1f}"),
 }
 
 
@@ -62,7 +68,7 @@ def write_model_card(
             dataset_name=evaluation_dataset,
             metric_type=key,
             metric_name=_METRIC_NAMES.get(key, (key,))[0],
-            metric_value=round(float(value), 6),
+            metric_value=round(float(value) * _METRIC_NAMES.get(key, (key, 1.0))[1], 6),
         )
         for key, value in reported.items()
         if isinstance(value, (int, float))
@@ -172,7 +178,8 @@ def write_model_card(
         "model too.",
         "",
     ]
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
+    card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path

@@ -101,7 +101,9 @@ def make_scheduler(
         **scheduler_kwargs: extra scheduler config (override the defaults here).
 
     Returns:
-        The scheduler, with the betas stored as `trained_betas` so that `from_config` keeps them.
+        The scheduler, with the betas stored as `trained_betas` so that `from_config` keeps them. Its config states
+        the schedule truthfully beside them: `beta_schedule` is this module's name of it, `beta_start` / `beta_end`
+        its first and last beta (Diffusers would otherwise show its unused defaults, 1e-4 and 0.02).
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
@@ -109,6 +111,9 @@ def make_scheduler(
     config: Dict[str, Any] = dict(
         num_train_timesteps=n_timestep,
         trained_betas=betas.tolist(),
+        beta_schedule=schedule,
+        beta_start=float(betas[0]),
+        beta_end=float(betas[-1]),
         prediction_type=prediction_type,
     )
     if name in ("ddpm", "ddim"):

@@ -25,7 +25,7 @@ from typing import Any, Dict, List
 import torch
 
 from .. import metrics
-from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil
+from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import swap_scheduler
 from ..pipelines import SR3Pipeline
@@ -117,8 +117,24 @@ def _packaged_pipeline():
     return pipeline
 
 
+def low_resolution_inputs(high_resolution: torch.Tensor):
+    """The inputs every method gets: the degraded images as 8-bit pictures, and their bicubic upsample.
+
+    SR3 takes the low-resolution images as PIL images (uint8); bicubic must start from exactly those pixels, not
+    from the float downsample before rounding, or the comparison favours one method by the rounding.
+
+    Returns:
+        `(low_resolution_pil, low_resolution, bicubic)`: the PIL images, the same as a `(B, 3, h, w)` tensor in
+        [-1, 1], and their bicubic upsample to the high-resolution size.
+    """
+    low, _ = degrade(high_resolution, UPSCALE_FACTOR)
+    low_pil = tensor_to_pil(low)
+    low = images_to_tensor(low_pil)
+    return low_pil, low, upsample_condition(low, tuple(high_resolution.shape[-2:]))
+
+
 def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
-    lines = ["| method | PSNR (dB) | SSIM | consistency (MSE x1e5) |", "|---|---|---|---|"]
+    lines = ["| method | PSNR (dB) | SSIM | consistency (MSE / 1e-5) |", "|---|---|---|---|"]
     for name, values in rows.items():
         lines.append(f"| {name} | {values['psnr']:.2f} | {values['ssim']:.4f} | {values['consistency'] * 1e5:.2f} |")
     return lines
@@ -200,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
     hr = photo_crops(
         heldout_paths, args.crop_size, count=args.eval_crops, seed=args.seed + 1, max_side=512, output_type="pt"
     )
-    lr, bicubic = degrade(hr, UPSCALE_FACTOR)
+    lr_pil, lr, bicubic = low_resolution_inputs(hr)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
-    sr = pipeline(tensor_to_pil(lr), num_inference_steps=args.inference_steps, generator=generator, output_type="pt")
+    sr = pipeline(lr_pil, num_inference_steps=args.inference_steps, generator=generator, output_type="pt")
     sr = sr.images * 2 - 1
     inference_seconds = time.perf_counter() - started
     results = {"SR3": metrics.evaluate_batch(sr, hr, lr), "bicubic": metrics.evaluate_batch(bicubic, hr, lr)}
@@ -212,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     if packaged is not None:
         generator = torch.Generator().manual_seed(args.seed)
         packaged_sr = packaged(
-            tensor_to_pil(lr), num_inference_steps=args.inference_steps, generator=generator, output_type="pt"
+            lr_pil, num_inference_steps=args.inference_steps, generator=generator, output_type="pt"
         ).images
         packaged_sr = packaged_sr * 2 - 1
         results[PACKAGED] = metrics.evaluate_batch(packaged_sr, hr, lr)
@@ -228,12 +244,12 @@ def run(args: argparse.Namespace) -> int:
     photo = load_photo(heldout_paths[0], max_side=args.photo_size)
     photo = photo.crop((0, 0, photo.width - photo.width % 4, photo.height - photo.height % 4))
     photo_hr = images_to_tensor(photo)
-    photo_lr, photo_bicubic = degrade(photo_hr, UPSCALE_FACTOR)
+    photo_lr_pil, photo_lr, photo_bicubic = low_resolution_inputs(photo_hr)
     photo_outputs = [photo_bicubic]
     for model in [pipeline] + ([packaged] if packaged is not None else []):
         photo_sr = tiled_super_resolve(
             model,
-            tensor_to_pil(photo_lr),
+            photo_lr_pil,
             tile_batch_size=args.batch_size,
             num_inference_steps=args.inference_steps,
             generator=torch.Generator().manual_seed(args.seed),

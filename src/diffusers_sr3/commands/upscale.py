@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import uuid
 from typing import List, Tuple
 
 import PIL.Image
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tile size at the output resolution for images larger than the model (default: the UNet's sample_size)",
     )
     parser.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: tile/4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_save_process_argument(
         parser,
         "also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
@@ -39,6 +41,48 @@ def _output_path(output: str, source: str, single: bool) -> str:
     if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
         return output
     return os.path.join(output, os.path.splitext(os.path.basename(source))[0] + "_sr.png")
+
+
+def _check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
+    """Refuse, before any work, `(input, output)` writes to existing files (unless `overwrite`) or one file twice."""
+    seen = {}
+    for path, destination in writes:
+        if destination in seen:
+            raise ValueError(
+                f"{seen[destination]} and {path} would both be written to {destination}; upscale them into "
+                "separate --output folders"
+            )
+        seen[destination] = path
+        if os.path.exists(destination) and not overwrite:
+            raise FileExistsError(
+                f"{destination} already exists; pass --overwrite to replace it, or choose another --output"
+            )
+
+
+def save_atomically(image: PIL.Image.Image, destination: str) -> None:
+    """Write `image` to `destination` through a temporary file in the same folder, then rename it into place.
+
+    An interrupted or failing write leaves `destination` as it was (absent, or the previous file), never a
+    truncated image; the rename is atomic on one filesystem.
+    """
+    folder = os.path.dirname(destination) or "."
+    os.makedirs(folder, exist_ok=True)
+    extension = os.path.splitext(destination)[1].lower()
+    image_format = PIL.Image.registered_extensions().get(extension, "PNG")
+    # A fresh name beside the destination (same filesystem: the rename is atomic), created with the usual permissions.
+    temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temporary, "xb") as stream:
+            image.save(stream, format=image_format)
+        os.replace(temporary, destination)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _process_path(destination: str) -> str:
+    return os.path.splitext(destination)[0] + "_process.png"
 
 
 def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, int]]:
@@ -57,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     if args.save_process < 0:
         raise ValueError("--save-process takes a positive number of frames")
     paths = find_images(args.inputs)
+    single = len(paths) == 1
+    destinations = [_output_path(args.output, path, single) for path in paths]
+    writes = list(zip(paths, destinations))
+    if args.save_process:
+        writes += [(path, _process_path(destination)) for path, destination in writes]
+    _check_destinations(writes, args.overwrite)
     images = [load_image(path) for path in paths]  # read everything first: bad files fail before any work
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
@@ -65,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     overlap = tile_size // 4 if args.tile_overlap is None else args.tile_overlap
     steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    single = len(paths) == 1
     with tqdm(total=len(paths), desc="upscaling", unit="image") as progress:
         for start, stop in _batches(images, args.batch_size):
             output = tiled_super_resolve(
@@ -79,14 +128,12 @@ def run(args: argparse.Namespace) -> int:
                 num_intermediates=args.save_process,
             )
             for offset, result in enumerate(output.images):
-                path = paths[start + offset]
-                destination = _output_path(args.output, path, single)
-                os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
-                result.save(destination)
+                path, destination = paths[start + offset], destinations[start + offset]
+                save_atomically(result, destination)
                 if args.save_process:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
                     frames = [condition] + [snapshot[offset] for snapshot in output.intermediates]
-                    grid([frames]).save(os.path.splitext(destination)[0] + "_process.png")
+                    save_atomically(grid([frames]), _process_path(destination))
                 progress.write(f"{path} -> {destination} ({result.width}x{result.height})")
                 progress.update(1)
     return 0

@@ -88,6 +88,35 @@ def write_remote_code_layout(folder: str) -> None:
         handle.write("\n")
 
 
+def write_truthful_configs(folder: str) -> None:
+    """Make a saved folder's JSON configs state only what is used, and nothing of the machine that saved them.
+
+    - `_name_or_path` (where the pipeline was loaded from: a local path such as /home/user/run) is dropped from
+      model_index.json and every component config: it describes the saving machine, not the model.
+    - A scheduler config with `trained_betas` gets `beta_start` / `beta_end` equal to the first and last trained beta
+      (Diffusers leaves its unused defaults, 1e-4 and 0.02, beside the betas actually used).
+    """
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            if not isinstance(config, dict):
+                continue
+            changed = config.pop("_name_or_path", None) is not None
+            betas = config.get("trained_betas")
+            if isinstance(betas, list) and betas:
+                truthful = {"beta_start": float(betas[0]), "beta_end": float(betas[-1])}
+                changed = changed or any(config.get(key) != value for key, value in truthful.items())
+                config.update(truthful)
+            if changed:
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump(config, handle, indent=2, sort_keys=True)
+                    handle.write("\n")
+
+
 def _write_reexport(path: str, class_name: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -213,6 +242,7 @@ class SR3BasePipeline(DiffusionPipeline):
         try:
             super().save_pretrained(staging, **kwargs)
             write_remote_code_layout(staging)
+            write_truthful_configs(staging)
             _move_into(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -111,11 +111,12 @@ class SR3Pipeline(SR3BasePipeline):
         level = self.config.condition_noise_level if level is None else float(level)
         if level == 0:
             return condition, 0.0
-        if isinstance(generator, list):
-            noise = torch.cat([randn_tensor((1, *condition.shape[1:]), generator=g) for g in generator])
-        else:
-            noise = randn_tensor(condition.shape, generator=generator)
-        return augment_condition(condition, level, noise=noise), level
+        if isinstance(generator, list) and len(generator) != condition.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {condition.shape[0]} images")
+        # Drawn for the execution device as Diffusers pipelines draw: on the generator's device (a CPU generator
+        # gives the same noise everywhere, a CUDA generator draws on CUDA), one image per generator of a list.
+        noise = randn_tensor(condition.shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+        return augment_condition(condition.to(noise.device), level, noise=noise), level
 
     def _fidelity_scheduler(self) -> SchedulerMixin:
         """DDIM on the pipeline's training schedule (the pipeline's own scheduler when it is DDIM)."""

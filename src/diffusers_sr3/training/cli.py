@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
 from .hub import HubUploadError
 
@@ -21,11 +22,12 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
     add_training_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    install_log_redaction()
     try:
         train(config_from_args(args, task=task))
     except HubUploadError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, ConnectionError, ImportError) as error:
-        parser.error(str(error))
+        parser.error(redact(str(error)))
     return 0

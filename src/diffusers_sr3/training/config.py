@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from ..redaction import REDACTED, is_secret_name, redact, redact_argv
+
 TASKS = ("sr", "uncond")
 REPORT_TARGETS = ("tensorboard", "wandb", "none", "all")
 
@@ -61,18 +63,29 @@ class TrainingConfig:
     )
 
     # Diffusion objective.
-    prediction_type: str = _option(
-        "epsilon", "what the network predicts", choices=("epsilon", "v_prediction", "sample")
+    # The objective fields below default to None: "epsilon / not residual / 0.0 for a new model, and a fine-tuned
+    # model's own" (`resolve_objective`), so that a fine-tuned pipeline keeps what its weights were trained for.
+    prediction_type: Optional[str] = _option(
+        None,
+        "what the network predicts (default: epsilon for a new model; a fine-tuned model's own)",
+        choices=("epsilon", "v_prediction", "sample"),
     )
     loss_type: str = _option("l1", "l1 (the paper's choice) or l2", choices=("l1", "l2"))
     snr_gamma: Optional[float] = _option(None, "min-SNR-gamma loss weighting (e.g. 5.0); default off")
-    residual: bool = _option(
-        False, "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline)"
+    residual: Optional[bool] = _option(
+        None,
+        "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline; default: off "
+        "for a new model, a fine-tuned model's own)",
     )
     residual_scale: Optional[float] = _option(
         None,
         "multiply the residual by this before noising (--residual; stored in the saved pipeline); default: measured "
         "from the training data so that the residual has unit standard deviation (a fine-tuned model keeps its own)",
+    )
+    allow_objective_change: bool = _option(
+        False,
+        "let explicit --residual / --prediction_type / --residual_scale differ from those of the model being "
+        "fine-tuned (its weights then start from a different objective: it is retrained, not fine-tuned)",
     )
     per_sample_timestep: bool = _option(False, "draw the step per sample instead of one per batch (SR3's way)")
     beta_schedule: Optional[str] = _option(None, "noise schedule (default linear)")
@@ -104,8 +117,10 @@ class TrainingConfig:
         "noise-conditioning augmentation (cascades): noise the upsampled LR at a level uniform in [0, this) and give "
         "the level to the network (a new model gets condition_noise_embedding)",
     )
-    condition_noise_level: float = _option(
-        0.0, "the augmentation level the saved pipeline samples with by default (with --condition_noise_max)"
+    condition_noise_level: Optional[float] = _option(
+        None,
+        "the augmentation level the saved pipeline samples with by default (with --condition_noise_max; default: 0 "
+        "for a new model, a fine-tuned model's own)",
     )
     dataloader_num_workers: int = _option(0, "dataloader worker processes")
 
@@ -165,7 +180,9 @@ class TrainingConfig:
     # Hub.
     push_to_hub: bool = _option(False, "upload the final pipeline and model card (never the checkpoints)")
     hub_model_id: Optional[str] = _option(None, "repo id to push to (default: the output folder's name)")
-    hub_token: Optional[str] = _option(None, "Hub token (default: the saved login)")
+    hub_token: Optional[str] = _option(
+        None, "Hub token (default: the saved login); never written to the model card, logs or trackers", repr=False
+    )
     hub_private: bool = _option(False, "create the repo private")
 
     def __post_init__(self) -> None:
@@ -194,11 +211,13 @@ class TrainingConfig:
             raise ValueError(f"lr_blur_sigma must not be negative, got {self.lr_blur_sigma}")
         if self.task == "uncond" and self.lr_blur_sigma:
             raise ValueError("--lr_blur_sigma applies to super-resolution only")
-        if not 0 <= self.condition_noise_max < 1 or not 0 <= self.condition_noise_level < 1:
+        if not 0 <= self.condition_noise_max < 1 or not 0 <= (self.condition_noise_level or 0.0) < 1:
             raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
         if self.task == "uncond" and self.residual:
             raise ValueError("--residual applies to super-resolution only")
-        if self.residual_scale is not None and not self.residual:
+        # Unset, `residual` is the fine-tuned pipeline's own (checked once it is known) or off for a new model.
+        may_be_residual = self.residual or (self.residual is None and self.pretrained_model_name_or_path is not None)
+        if self.residual_scale is not None and not may_be_residual:
             raise ValueError("--residual_scale applies to residual training (--residual) only")
         if self.residual_scale is not None and not self.residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {self.residual_scale}")
@@ -247,7 +266,10 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainingConf
 
 
 def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -> str:
-    """The exact command that runs this training: the script's command line, or the Python call.
+    """The command that runs this training: the script's command line, or the Python call, with secrets redacted.
+
+    It goes into the model card, which `--push_to_hub` publishes: tokens (`--hub_token`, `hub_token=`, values that
+    look like Hub tokens or equal `HF_TOKEN`) are replaced by `<redacted>` (`diffusers_sr3.redaction`).
 
     Args:
         config: the run's configuration.
@@ -256,14 +278,19 @@ def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -
     argv = list(sys.argv if argv is None else argv)
     if argv and argv[0].endswith(".py"):
         script = os.path.relpath(argv[0]) if not os.path.relpath(argv[0]).startswith("..") else argv[0]
-        return "accelerate launch " + shlex.join([script, *argv[1:]])
+        return redact("accelerate launch " + shlex.join(redact_argv([script, *argv[1:]])))
     changed = []
     for item in dataclasses.fields(TrainingConfig):
         value = getattr(config, item.name)
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         if value != default and item.name != "task":
-            shown = "<dataset>" if item.name == "train_dataset" else repr(value)
+            if item.name == "train_dataset":
+                shown = "<dataset>"
+            elif is_secret_name(item.name):
+                shown = repr(REDACTED)
+            else:
+                shown = repr(value)
             changed.append(f"    {item.name}={shown},")
     lines = ["from diffusers_sr3.training import TrainingConfig, train", "", "train(TrainingConfig("]
     lines += [f"    task={config.task!r},", *changed, "))"]
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..redaction import redact
+
 # Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each).
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*", ".tmp-*/**", ".*", "logs/**"]
 
@@ -34,7 +36,7 @@ def push_folder(
             ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         )
     except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
         raise HubUploadError(
             f"upload to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); the trained pipeline "
             f"is saved and intact in {output_dir}; retry with `hf upload {repo_id} {output_dir} "

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import make_scheduler, swap_scheduler, training_betas
+from ..noise import SCHEDULERS, make_scheduler, swap_scheduler, training_betas
 from ..presets import get_preset
+from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .checkpointing import (
     finish_checkpoint,
     list_checkpoints,
@@ -69,6 +70,74 @@ class ModelSetup:
     resolution: int
     description: str
     residual_scale: Optional[float] = None  # a fine-tuned residual model's own scale
+    # The objective, resolved: the options as given, else a fine-tuned model's own, else a new model's defaults.
+    residual: bool = False
+    prediction_type: str = "epsilon"
+    condition_noise_level: float = 0.0
+    # The sampler a fine-tuned pipeline was saved with (a `SCHEDULERS` key): the saved result samples the same way.
+    sampler: Optional[str] = None
+
+
+# What a new model trains with when the options leave the objective unset.
+NEW_MODEL_OBJECTIVE = dict(residual=False, prediction_type="epsilon", condition_noise_level=0.0)
+
+
+def resolve_objective(config: TrainingConfig, pipeline: Any = None, source: str = "") -> Dict[str, Any]:
+    """The objective to train: what the options set, the rest from the model being fine-tuned (`pipeline`), else
+    a new model's defaults.
+
+    A fine-tuned model's weights only make sense for the objective they were trained on: an explicit option that
+    changes it (residual <-> image, another prediction type, another residual scale) is refused unless
+    `allow_objective_change` says the retraining is meant. The sampling default `condition_noise_level` may change.
+
+    Returns:
+        `residual`, `prediction_type`, `condition_noise_level` and `residual_scale` (None: measure it, or unused).
+    """
+    if pipeline is None:
+        resolved = {
+            key: NEW_MODEL_OBJECTIVE[key] if getattr(config, key) is None else getattr(config, key)
+            for key in NEW_MODEL_OBJECTIVE
+        }
+        resolved["residual_scale"] = config.residual_scale
+        return resolved
+    own_residual = bool(pipeline.config.get("residual", False))
+    own = dict(
+        residual=own_residual,
+        prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"),
+        condition_noise_level=float(pipeline.config.get("condition_noise_level", 0.0) or 0.0),
+        residual_scale=float(pipeline.config.get("residual_scale", 1.0)) if own_residual else None,
+    )
+    resolved = dict(own)
+    changes = []
+    for key, option in (
+        ("residual", "--residual" if config.residual else "--no-residual"),
+        ("prediction_type", f"--prediction_type {config.prediction_type}"),
+    ):
+        value = getattr(config, key)
+        if value is not None and value != own[key]:
+            changes.append(f"{option} (the model's own: {own[key]!r})")
+            resolved[key] = value
+    if config.condition_noise_level is not None:
+        resolved["condition_noise_level"] = config.condition_noise_level
+    if config.residual_scale is not None:
+        if own["residual_scale"] is not None and not math.isclose(
+            config.residual_scale, own["residual_scale"], rel_tol=1e-6
+        ):
+            changes.append(f"--residual_scale {config.residual_scale:g} (the model's own: {own['residual_scale']:g})")
+        resolved["residual_scale"] = config.residual_scale
+    if not resolved["residual"]:
+        resolved["residual_scale"] = None
+        if config.residual_scale is not None:
+            raise ValueError(f"--residual_scale applies to residual models; {source} is not one")
+    if changes and not config.allow_objective_change:
+        raise ValueError(
+            f"{', '.join(changes)} would change the objective {source} was trained with: its weights are meaningless "
+            "for another one. Leave these options unset to fine-tune the model as it is, or pass "
+            "--allow_objective_change to retrain it with the new objective on purpose"
+        )
+    if changes:
+        logger.warning("retraining %s with a changed objective: %s", source, ", ".join(changes))
+    return resolved
 
 
 def _unet_config_file(path: str) -> str:
@@ -96,16 +165,20 @@ def build_model(config: TrainingConfig) -> ModelSetup:
 
             pipeline = SR3BasePipeline.from_pretrained(config.pretrained_model_name_or_path)
             description = f"fine-tuned from {config.pretrained_model_name_or_path}"
+        source = config.resume_from_original or config.pretrained_model_name_or_path
+        objective = resolve_objective(config, pipeline, source)
         unet_config = dict(pipeline.unet.config)
         weights = pipeline.unet.state_dict()
         pretrained_scheduler = pipeline.scheduler
-        pretrained_residual_scale = pipeline.config.get("residual_scale") if pipeline.config.get("residual") else None
+        pretrained_residual_scale = objective["residual_scale"]
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
     elif config.model_config_name_or_path:
+        objective = resolve_objective(config)
         unet_config = dict(SR3UNet2DModel.load_config(_unet_config_file(config.model_config_name_or_path)))
         description = f"config {config.model_config_name_or_path}"
     else:
+        objective = resolve_objective(config)
         preset_name = config.preset or DEFAULT_PRESETS[config.task]
         preset = get_preset(preset_name)
         unet_config = preset.unet_config()
@@ -150,7 +223,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         beta_end=config.beta_end,
     )
     if pretrained_scheduler is not None and all(value is None for value in schedule_options.values()):
-        scheduler = swap_scheduler(pretrained_scheduler, "ddpm", prediction_type=config.prediction_type)
+        scheduler = swap_scheduler(pretrained_scheduler, "ddpm", prediction_type=objective["prediction_type"])
     else:
         defaults = preset.scheduler if preset else SR3_SCHEDULE
         schedule = {key: defaults[key] if value is None else value for key, value in schedule_options.items()}
@@ -160,19 +233,33 @@ def build_model(config: TrainingConfig) -> ModelSetup:
             n_timestep=schedule["num_train_timesteps"],
             linear_start=schedule["beta_start"],
             linear_end=schedule["beta_end"],
-            prediction_type=config.prediction_type,
+            prediction_type=objective["prediction_type"],
         )
-    return ModelSetup(unet, scheduler, upscale_factor, resolution, description, pretrained_residual_scale)
+    sampler = None
+    if pretrained_scheduler is not None:
+        sampler = next((name for name, kind in SCHEDULERS.items() if type(pretrained_scheduler) is kind), None)
+    return ModelSetup(
+        unet,
+        scheduler,
+        upscale_factor,
+        resolution,
+        description,
+        pretrained_residual_scale,
+        residual=objective["residual"],
+        prediction_type=objective["prediction_type"],
+        condition_noise_level=objective["condition_noise_level"],
+        sampler=sampler,
+    )
 
 
 def _tracker_config(config: TrainingConfig) -> Dict[str, Any]:
-    """The options as flat scalars (what TensorBoard's hparams accept)."""
+    """The options as flat scalars (what TensorBoard's hparams accept), without secrets (wandb uploads them)."""
     flat = {}
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if item.name in ("hub_token", "train_dataset"):
             continue
-        flat[item.name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        flat[item.name] = redact_value(value if isinstance(value, (int, float, str, bool)) else str(value))
     return flat
 
 
@@ -241,6 +328,9 @@ class Trainer:
     def _run(self) -> str:
         config = self.config
         started = time.time()
+        # The token may be any string: known literally, it is redacted wherever it would be written or logged.
+        register_secret(config.hub_token)
+        install_log_redaction()
         accelerator = self.accelerator = self._make_accelerator()
         self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
         self.distributed_type = str(accelerator.distributed_type)
@@ -259,6 +349,15 @@ class Trainer:
             remove_stale_temporaries(config.output_dir)
 
         setup = build_model(config)
+        # From here on the objective is the resolved one (a fine-tuned model's own unless set); the options as given
+        # stay in `self.options` for the training command.
+        self.options = config
+        config = self.config = dataclasses.replace(
+            config,
+            residual=setup.residual,
+            prediction_type=setup.prediction_type,
+            condition_noise_level=setup.condition_noise_level,
+        )
         model = self.model = setup.unet
         model.train()
         if config.gradient_checkpointing:
@@ -469,8 +568,12 @@ class Trainer:
             )
             self._save_final(accelerator, model, ema, setup, data, validation_samples, global_step)
             self.summary["total_seconds"] = round(time.time() - started, 2)
+            # The file travels with the model (and to the Hub): folder names only, not this machine's paths.
+            written = dict(self.summary, output_dir=os.path.basename(os.path.abspath(config.output_dir)))
+            if resumed_from:
+                written["resumed_from"] = os.path.basename(os.path.normpath(resumed_from))
             with open(os.path.join(config.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-                json.dump(self.summary, handle, indent=2)
+                json.dump(redact_value(written), handle, indent=2)
             self._print_summary()
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -573,7 +676,7 @@ class Trainer:
         picture.save(os.path.join(config.output_dir, "validation.png"))
         pipeline = build_pipeline(
             model,
-            setup.scheduler,
+            swap_scheduler(setup.scheduler, setup.sampler) if setup.sampler else setup.scheduler,
             setup.upscale_factor,
             config.condition_noise_level,
             config.residual,
@@ -594,7 +697,7 @@ class Trainer:
             data_description=data.description if not hub_dataset else hub_dataset,
             metrics=metrics,
             sample_image="validation.png",
-            training_command=training_command(config),
+            training_command=training_command(self.options),
             base_model=_hub_id(config.pretrained_model_name_or_path),
             training_summary={
                 "model": setup.description,
@@ -629,7 +732,7 @@ class Trainer:
         if summary["checkpoints"]:
             lines.append(f"  checkpoints: {', '.join(summary['checkpoints'])}")
         lines.append(f"  pipeline saved to {summary['output_dir']} (model card README.md, validation.png)")
-        print("\n".join(lines), flush=True)
+        print(redact("\n".join(lines)), flush=True)
 
 
 def _broadcast_path(accelerator: Accelerator, path: Optional[str]) -> str:

@@ -1,0 +1,47 @@
+"""A clean clone passes its tests anywhere: every file the tests read ships in tests/fixtures, documented."""
+
+import re
+
+from conftest import FIXTURE_ROOT, FIXTURES, PAIRS, REPO, SAMPLES
+
+# What reaching outside the repository looks like: the CI machine's `../shared` folder and ways of naming it.
+OUTSIDE = re.compile(r"\.\./shared|[\"']shared[\"']|SR3_SHARED_DIR|REPO\.parent|parents\[[2-9]\]|/work/")
+
+
+def test_tests_read_nothing_outside_the_repository():
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if OUTSIDE.search(line) and path.name != "test_fixtures.py":
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, "tests must read fixtures from tests/fixtures:\n" + "\n".join(offenders)
+
+
+def test_fixture_folders_are_in_the_repository_and_documented():
+    readme = (FIXTURE_ROOT / "README.md").read_text(encoding="utf-8")
+    for folder in (FIXTURES, PAIRS, SAMPLES):
+        assert folder.is_dir() and folder.resolve().is_relative_to(REPO.resolve()), folder
+        assert f"## {folder.name}/" in readme, f"tests/fixtures/README.md has no section for {folder.name}/"
+    assert {path.name for path in FIXTURE_ROOT.iterdir() if path.is_dir()} == {
+        "original_sr3",
+        "metric_pairs",
+        "original_samples",
+    }
+    # Every file of the parity folder is named ({sr3,ddpm,uncond} patterns expanded).
+    named = set()
+    for pattern in re.findall(r"`([^`]+\.(?:pth|pt|json|txt))`", readme):
+        named.update(_expand(pattern.rsplit("/", 1)[-1]))
+    missing = {path.name for path in FIXTURES.iterdir()} - named
+    assert not missing, f"tests/fixtures/README.md does not say where these come from: {sorted(missing)}"
+    # Small: the whole folder stays under 10 MB.
+    assert sum(path.stat().st_size for path in FIXTURE_ROOT.rglob("*") if path.is_file()) < 10 * 2**20
+
+
+def _expand(pattern):
+    """Shell-style brace expansion: `{a,b}_x.pt` -> a_x.pt, b_x.pt."""
+    match = re.search(r"\{([^}]+)\}", pattern)
+    if match is None:
+        return [pattern]
+    return [
+        name for option in match.group(1).split(",") for name in _expand(pattern.replace(match.group(0), option, 1))
+    ]
