@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 
 from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import degrade, grid, images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.model_card import write_model_card
@@ -39,7 +40,7 @@ def face_images(folder: str, size: int) -> torch.Tensor:
     paths = sorted(pathlib.Path(folder).glob("*/hr_*/*.png"))
     if not paths:
         raise FileNotFoundError(f"no hr_*/*.png faces under {folder}")
-    faces = [resize_bicubic(images_to_tensor(PIL.Image.open(path)), (size, size)) for path in paths]
+    faces = [resize_bicubic(images_to_tensor(open_image(path)), (size, size)) for path in paths]
     return torch.cat(faces)
 
 

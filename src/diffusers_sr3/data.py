@@ -16,7 +16,6 @@ Unreadable, truncated or too-small images are skipped and counted; nothing usabl
 from __future__ import annotations
 
 import abc
-import io
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
-from .commands.common import IMAGE_EXTENSIONS, find_images
+from .image_io import UnreadableImageError, find_images, image_size, is_image_file, open_image
 from .image_processing import degrade, images_to_tensor, resize_bicubic, upsample_condition
 
 logger = logging.getLogger(__name__)
@@ -51,15 +50,13 @@ class BadImageError(ValueError):
 
 def decode_image(data: Union[bytes, str, PIL.Image.Image, np.ndarray, torch.Tensor], name: str) -> torch.Tensor:
     """Decode an image (encoded bytes, a file path, a PIL image, an array or a tensor) to `(3, H, W)` in [-1, 1]."""
-    if isinstance(data, (bytes, bytearray, str)):
+    if isinstance(data, (bytes, bytearray, str, os.PathLike, PIL.Image.Image)):
         try:
-            with PIL.Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
-                image.load()
-                data = image.convert("RGB")
+            data = open_image(data, name)
         except FileNotFoundError:
             raise BadImageError(f"{name}: file not found", "missing") from None
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise BadImageError(f"{name}: cannot decode image ({error})", "unreadable") from None
+        except UnreadableImageError as error:
+            raise BadImageError(f"{name}: cannot decode image ({error.detail})", "unreadable") from None
     try:
         return images_to_tensor(data, what=name)[0]
     except (TypeError, ValueError) as error:
@@ -209,15 +206,14 @@ class FileListSource(ImageSource):
         kept = []
         for path in self.paths:
             try:
-                with PIL.Image.open(path) as image:
-                    width, height = image.size
+                width, height = image_size(path)
             except FileNotFoundError:
                 bad["missing"] += 1
                 logger.warning("skipping %s: file not found", path)
                 continue
-            except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            except UnreadableImageError as error:
                 bad["unreadable"] += 1
-                logger.warning("skipping %s: cannot read image (%s)", path, error)
+                logger.warning("skipping %s: cannot read image (%s)", path, error.detail)
                 continue
             if min(width, height) < min_size:
                 bad["small"] += 1
@@ -234,7 +230,7 @@ class PreparedFolderSource(ImageSource):
     def __init__(self, root: str, high: int, low: Optional[int]):
         self.root, self.high, self.low = root, high, low
         hr_dir = os.path.join(root, f"hr_{high}")
-        self.names = sorted(name for name in os.listdir(hr_dir) if name.lower().endswith(IMAGE_EXTENSIONS))
+        self.names = sorted(name for name in os.listdir(hr_dir) if is_image_file(name))
         self.description = f"prepared folder {root}"
         if low is not None:
             lr_dir = os.path.join(root, f"lr_{low}")

@@ -14,6 +14,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .image_io import open_image
+
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
 ]
@@ -161,15 +163,8 @@ def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
 
 
 def load_image(path: str) -> PIL.Image.Image:
-    """Open an image file fully (so truncated files fail here), as RGB; errors name the file."""
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    """Open an image file fully, upright (EXIF orientation), as RGB; errors name the file (`image_io.open_image`)."""
+    return open_image(path)
 
 
 def grid(rows: Sequence[Sequence[PIL.Image.Image]], size: Optional[Tuple[int, int]] = None) -> PIL.Image.Image:

@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .image_io import open_image
 from .image_processing import images_to_tensor
 
 # (importable package, folder inside it, file names): photographs shipped in Python packages.
@@ -182,16 +183,8 @@ def photo_split(
 
 def load_photo(path: Union[str, pathlib.Path], max_side: Optional[int] = None) -> PIL.Image.Image:
     """Open a photograph as RGB, downscaled (antialiased bicubic) so that its longer side is at most `max_side`."""
-    try:
-        with PIL.Image.open(path) as image:
-            if max_side is not None:
-                # JPEG decoding at a reduced scale is much faster for the multi-megapixel wallpapers.
-                image.draft("RGB", (max_side, max_side))
-            image = image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"photo not found: {path}") from None
-    except (PIL.UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read photo {path}: {error}") from None
+    # JPEG decoding at a reduced scale (draft) is much faster for the multi-megapixel wallpapers.
+    image = open_image(path, draft_size=max_side)
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
