@@ -148,10 +148,8 @@ def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
     """Convert `(B, 3, H, W)` in [-1, 1] to the pipelines' output types.
 
     `"pil"`: list of PIL images; `"np"`: `(B, H, W, 3)` float32 in [0, 1]; `"pt"`: `(B, 3, H, W)` float32 in
-    [0, 1]; `"raw"`: the tensor unchanged, in [-1, 1].
+    [0, 1].
     """
-    if output_type == "raw":
-        return images
     if output_type == "pil":
         return tensor_to_pil(images)
     unit = ((images.float() + 1) / 2).clamp(0, 1)
@@ -159,7 +157,7 @@ def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
         return unit
     if output_type == "np":
         return unit.permute(0, 2, 3, 1).cpu().numpy()
-    raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'raw', got {output_type!r}")
+    raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
 
 
 def load_image(path: str) -> PIL.Image.Image:
