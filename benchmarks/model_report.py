@@ -31,7 +31,7 @@ from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import degrade, grid, images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.model_card import write_model_card
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_name, photo_split
+from diffusers_sr3.photos import heldout_crops, photo_name
 from diffusers_sr3.tiling import tiled_super_resolve
 
 
@@ -126,9 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     pipeline = SR3Pipeline.from_pretrained(args.model)
     pipeline.set_progress_bar_config(disable=True)
-    _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
-    crops = photo_crops(
-        heldout_paths, args.crop_size, count=args.crops, seed=args.seed + 1, max_side=args.max_side, output_type="pt"
+    crops, heldout_paths = heldout_crops(
+        args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
     )
     fid = frechet_inception_distance()
     sets = {"held-out photos": evaluate_set(pipeline, crops, args, fid)}
