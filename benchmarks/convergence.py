@@ -37,7 +37,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import image_quality
 from diffusers_sr3.noise import swap_scheduler
-from diffusers_sr3.photos import heldout_crops, training_crops
+from diffusers_sr3.photos import study_crops
 from diffusers_sr3.presets import NEW_MODEL_RECIPE
 from diffusers_sr3.training.crops import crop_unet_config, train_on_crops
 
@@ -122,10 +122,9 @@ def build_crops(
     crop_size: int, train_crops: int, eval_crops: int, heldout: float, max_side: Optional[int], seed: int
 ) -> Tuple[List[Any], torch.Tensor, Dict[str, List[str]]]:
     """Training crops (PIL) from the training photos and held-out crops (`(N, 3, S, S)` in [-1, 1])."""
-    train, train_paths = training_crops(crop_size, train_crops, seed=seed, heldout=heldout, max_side=max_side)
-    held, heldout_paths = heldout_crops(crop_size, eval_crops, seed=seed, heldout=heldout, max_side=max_side)
-    photos = {"train": [str(p) for p in train_paths], "heldout": [str(p) for p in heldout_paths]}
-    return train, held, photos
+    crops = study_crops(crop_size, train_crops, eval_crops, seed=seed, heldout=heldout, max_side=max_side)
+    photos = {"train": [str(p) for p in crops.train_photos], "heldout": [str(p) for p in crops.heldout_photos]}
+    return crops.train, crops.heldout, photos
 
 
 def evaluate(

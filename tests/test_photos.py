@@ -18,7 +18,7 @@ from diffusers_sr3.photos import (
     photo_name,
     photo_split,
     register_photo_source,
-    training_crops,
+    study_crops,
 )
 
 
@@ -178,6 +178,9 @@ def test_heldout_and_training_crops_follow_the_shared_recipe(tmp_path):
     assert held == photo_split(paths, heldout=0.25)[1]
     expected = photo_crops(held, 16, count=3, seed=6, max_side=None, output_type="pt")
     torch.testing.assert_close(crops, expected, rtol=0, atol=0)
-    train, train_paths = training_crops(16, count=5, seed=5, heldout=0.25, max_side=None, paths=paths)
-    assert train_paths == photo_split(paths, heldout=0.25)[0] and set(train_paths).isdisjoint(held)
-    assert len(train) == 5 and train[0].size == (16, 16)
+    study = study_crops(16, 5, 3, seed=5, heldout=0.25, max_side=None, paths=paths)
+    torch.testing.assert_close(study.heldout, crops, rtol=0, atol=0)
+    assert study.heldout_photos == held and study.train_photos == photo_split(paths, heldout=0.25)[0]
+    assert set(study.train_photos).isdisjoint(held) and len(study.train) == 5 and study.train[0].size == (16, 16)
+    expected_train = photo_crops(study.train_photos, 16, count=5, seed=5, max_side=None)
+    assert [np.asarray(a).tolist() for a in study.train] == [np.asarray(b).tolist() for b in expected_train]

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import pathlib
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -323,22 +323,6 @@ def photo_crops(
     return images_to_tensor(crops, what="crop")
 
 
-def training_crops(
-    size: int,
-    count: int,
-    seed: int = 0,
-    heldout: Union[int, float, Iterable[str]] = 0.25,
-    max_side: Optional[int] = 512,
-    paths: Optional[Sequence[Union[str, pathlib.Path]]] = None,
-) -> Tuple[List[PIL.Image.Image], List[pathlib.Path]]:
-    """`count` random `size` crops (PIL) of the training side of [`photo_split`], and those photos.
-
-    The training half of the recipe the demo and the convergence study share; see [`heldout_crops`].
-    """
-    train, _ = photo_split(packaged_photo_paths() if paths is None else paths, heldout=heldout)
-    return photo_crops(train, size, count=count, seed=seed, max_side=max_side), train
-
-
 def heldout_crops(
     size: int,
     count: int,
@@ -355,3 +339,28 @@ def heldout_crops(
     """
     _, held = photo_split(packaged_photo_paths() if paths is None else paths, heldout=heldout)
     return photo_crops(held, size, count=count, seed=seed + 1, max_side=max_side, output_type="pt"), held
+
+
+@dataclasses.dataclass
+class StudyCrops:
+    """Crops for a small training study: training crops (PIL) and held-out crops (`(N, 3, S, S)` in [-1, 1]),
+    with the photos each side was drawn from."""
+
+    train: List[PIL.Image.Image]
+    heldout: torch.Tensor
+    train_photos: List[pathlib.Path]
+    heldout_photos: List[pathlib.Path]
+
+
+def study_crops(size: int, train_count: int, heldout_count: int, seed: int = 0, **split: Any) -> StudyCrops:
+    """Training and evaluation crops the way `sr3 demo` and the convergence study draw them.
+
+    Training crops are drawn with `seed` from the training side of the split, held-out ones by [`heldout_crops`]
+    (`seed + 1`). `split` takes [`heldout_crops`]'s `heldout`, `max_side` and `paths`.
+    """
+    held, heldout_photos = heldout_crops(size, heldout_count, seed=seed, **split)
+    max_side = split.pop("max_side", 512)
+    paths = split.pop("paths", None)
+    train_photos, _ = photo_split(packaged_photo_paths() if paths is None else paths, **split)
+    train = photo_crops(train_photos, size, count=train_count, seed=seed, max_side=max_side)
+    return StudyCrops(train, held, train_photos, heldout_photos)

@@ -133,7 +133,7 @@ def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..photos import heldout_crops, load_photo, photo_name, training_crops
+    from ..photos import load_photo, photo_name, study_crops
 
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be at least 1")
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
-    train_crops, train_paths = training_crops(args.crop_size, args.train_crops, seed=args.seed)
-    hr, heldout_paths = heldout_crops(args.crop_size, args.eval_crops, seed=args.seed)
+    crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed)
+    train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
     print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
 
