@@ -151,6 +151,7 @@ def test_unreadable_photo_is_named(tmp_path):
 
 def test_users_register_their_own_photo_sources(monkeypatch, tmp_path):
     monkeypatch.setattr(photos, "PHOTO_SOURCES", list(photos.PHOTO_SOURCES))
+    (tmp_path / "mine" / "nested").mkdir(parents=True)
     for index in range(4):
         _write_photo(tmp_path / "mine" / "nested" / f"mine{index}.png", 40, 30, seed=index)
     (tmp_path / "mine" / "notes.txt").write_text("not a photo")
@@ -163,6 +164,7 @@ def test_users_register_their_own_photo_sources(monkeypatch, tmp_path):
     assert [photo_name(path) for path in only_mine] == [f"mine{index}" for index in range(4)]
     # A package source: a folder inside an installed package (found without importing it), named files only.
     package = tmp_path / "site" / "photo_package"
+    (package / "images").mkdir(parents=True)
     _write_photo(package / "images" / "kept.png", 20, 20)
     _write_photo(package / "images" / "other.png", 20, 20)
     (package / "__init__.py").write_text("")
