@@ -37,9 +37,9 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import image_quality
 from diffusers_sr3.noise import swap_scheduler
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
+from diffusers_sr3.photos import study_crops
 from diffusers_sr3.presets import NEW_MODEL_RECIPE
-from diffusers_sr3.training import TrainingConfig, train
+from diffusers_sr3.training.crops import crop_unet_config, train_on_crops
 
 UPSCALE_FACTOR = 4
 CHANNEL_MULTIPLIERS = (1, 2, 4, 8)
@@ -109,31 +109,22 @@ COLUMNS = (
 
 def unet_config(crop_size: int, width: int, settings: Dict[str, Any]) -> Dict[str, Any]:
     """The issue's network (inner width 32 at 64x64: multipliers 1, 2, 4, 8, attention at 8x8, 2 blocks/level)."""
-    config = dict(
-        in_channels=6,
-        out_channels=3,
-        block_out_channels=width,
-        channel_multipliers=CHANNEL_MULTIPLIERS,
-        layers_per_block=2,
-        attention_resolutions=(crop_size // 8,),
-        sample_size=crop_size,
-        norm_groups=min(32, width),
-        dropout=0.0,
+    return crop_unet_config(
+        crop_size,
+        width,
+        CHANNEL_MULTIPLIERS,
         noise_level_embedding_scale=float(settings["noise_level_embedding_scale"]),
         film_affine=bool(settings["film_affine"]),
     )
-    return config
 
 
 def build_crops(
     crop_size: int, train_crops: int, eval_crops: int, heldout: float, max_side: Optional[int], seed: int
 ) -> Tuple[List[Any], torch.Tensor, Dict[str, List[str]]]:
     """Training crops (PIL) from the training photos and held-out crops (`(N, 3, S, S)` in [-1, 1])."""
-    train_paths, heldout_paths = photo_split(packaged_photo_paths(), heldout=heldout)
-    train = photo_crops(train_paths, crop_size, count=train_crops, seed=seed, max_side=max_side)
-    held = photo_crops(heldout_paths, crop_size, count=eval_crops, seed=seed + 1, max_side=max_side, output_type="pt")
-    photos = {"train": [str(p) for p in train_paths], "heldout": [str(p) for p in heldout_paths]}
-    return train, held, photos
+    crops = study_crops(crop_size, train_crops, eval_crops, seed=seed, heldout=heldout, max_side=max_side)
+    photos = {"train": [str(p) for p in crops.train_photos], "heldout": [str(p) for p in crops.heldout_photos]}
+    return crops.train, crops.heldout, photos
 
 
 def evaluate(
@@ -176,36 +167,22 @@ def run_one(
     500, 1000 and 3000 steps costs 3000 steps; resuming is exact (tests/test_training.py), and nothing in these
     settings depends on the total length (constant learning rate after warm-up, step-based EMA warm-up).
     """
-    os.makedirs(output_dir, exist_ok=True)
-    config_path = os.path.join(output_dir, "study_unet_config.json")
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(unet_config(args.crop_size, args.width, settings), handle, indent=2)
     options = {key: value for key, value in settings.items() if key not in UNET_OPTIONS}
-    train(
-        TrainingConfig(
-            task="sr",
-            model_config_name_or_path=config_path,
-            resolution=args.crop_size,
-            upscale_factor=UPSCALE_FACTOR,
-            train_dataset=train_crops,
-            random_flip=True,
-            train_batch_size=args.batch_size,
-            max_train_steps=steps,
-            output_dir=output_dir,
-            checkpointing_steps=steps,
-            checkpoints_total_limit=1,
-            resume_from_checkpoint="latest",
-            validation_steps=0,
-            num_validation_images=1,
-            validation_scheduler="ddim",
-            validation_steps_count=2,
-            report_to="none",
-            seed=args.seed,
-            tracker_project_name=f"convergence-{name}",
-            **options,
-        )
+    train_on_crops(
+        train_crops,
+        unet_config(args.crop_size, args.width, settings),
+        steps=steps,
+        batch_size=args.batch_size,
+        output_dir=output_dir,
+        seed=args.seed,
+        upscale_factor=UPSCALE_FACTOR,
+        random_flip=True,
+        checkpointing_steps=steps,
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        tracker_project_name=f"convergence-{name}",
+        **options,
     )
-    os.remove(config_path)
     pipeline = SR3Pipeline.from_pretrained(output_dir)
     if args.sampler:
         pipeline.scheduler = swap_scheduler(pipeline.scheduler, args.sampler)

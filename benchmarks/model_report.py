@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 
 from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import (
     degrade,
     grid,
@@ -37,7 +38,7 @@ from diffusers_sr3.image_processing import (
 )
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.model_card import write_model_card
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_name, photo_split
+from diffusers_sr3.photos import heldout_crops, photo_crops, photo_name
 from diffusers_sr3.tiling import tiled_super_resolve
 
 
@@ -46,7 +47,7 @@ def face_images(folder: str, size: int) -> torch.Tensor:
     paths = sorted(pathlib.Path(folder).glob("*/hr_*/*.png"))
     if not paths:
         raise FileNotFoundError(f"no hr_*/*.png faces under {folder}")
-    faces = [resize_bicubic(images_to_tensor(PIL.Image.open(path)), (size, size)) for path in paths]
+    faces = [resize_bicubic(images_to_tensor(open_image(path)), (size, size)) for path in paths]
     return torch.cat(faces)
 
 
@@ -180,9 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     pipeline = SR3Pipeline.from_pretrained(args.model)
     pipeline.set_progress_bar_config(disable=True)
-    _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
-    crops = photo_crops(
-        heldout_paths, args.crop_size, count=args.crops, seed=args.seed + 1, max_side=args.max_side, output_type="pt"
+    crops, heldout_paths = heldout_crops(
+        args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
     )
     fid = None if args.no_fid else frechet_inception_distance()
     sets = {"held-out photos": evaluate_set(pipeline, crops, args, fid)}

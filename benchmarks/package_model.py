@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         summary = os.path.join(args.trained, "training_summary.json")
         if os.path.isfile(summary):
             shutil.copy(summary, os.path.join(staging, "training_summary.json"))
-        for root, folders, files in os.walk(staging):  # mkdtemp's private modes would ship with the wheel
+        for root, _, files in os.walk(staging):  # mkdtemp's private modes would ship with the wheel
             os.chmod(root, 0o755)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o644)

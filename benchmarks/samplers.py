@@ -28,7 +28,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
+from diffusers_sr3.photos import heldout_crops
 from diffusers_sr3.pretrained import default_model_path
 
 DEFAULT_ENTRIES = (
@@ -165,10 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model = args.model or default_model_path()
     pipeline = SR3Pipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
-    _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
-    hr = photo_crops(
-        heldout_paths, args.crop_size, count=args.crops, seed=args.seed + 1, max_side=args.max_side, output_type="pt"
-    )
+    hr, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
     lr, bicubic = degrade(hr, pipeline.config.upscale_factor)
     fid = frechet_inception_distance() if args.fid else None
     if fid is not None:

@@ -27,10 +27,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
-import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
+from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, open_image  # noqa: E402
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
     images_to_tensor,
@@ -95,21 +95,21 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
     (the file name the user uploaded), shown in the page and returned to API clients.
     """
     try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise gr.Error(
-                    f"{name} is {width}x{height} = {width * height:,} pixels; this demo accepts images of at most "
-                    f"{max_pixels:,} pixels (e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}). "
-                    "Crop or downscale it first."
-                )
-            image.load()
-            # Phone photos record their orientation in EXIF: upscale them upright, as the browser shows them.
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
-    except PIL.UnidentifiedImageError:
-        raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
-    except (PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise gr.Error(f"{name} is a damaged or unsupported image: {error}") from None
+        # Upright by its EXIF orientation (phone photos), as the browser shows it.
+        return open_image(path, name, max_pixels=max_pixels)
+    except ImageTooLargeError as error:
+        width, height = error.size
+        raise gr.Error(
+            f"{name} is {width}x{height} = {width * height:,} pixels; this demo accepts images of at most "
+            f"{max_pixels:,} pixels (e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}). "
+            "Crop or downscale it first."
+        ) from None
+    except UnreadableImageError as error:
+        if error.not_an_image:
+            raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
+        raise gr.Error(f"{name} is a damaged or unsupported image: {error.detail}") from None
+    except FileNotFoundError:
+        raise gr.Error(f"{name} was not received; upload it again") from None
 
 
 def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:

@@ -11,7 +11,7 @@ from conftest import FIXTURES
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline
 from diffusers_sr3.cli import main
 from diffusers_sr3.convert import CheckpointError, convert_original_checkpoint, load_original_config
-from diffusers_sr3.noise import network_input_for_step
+from diffusers_sr3.noise import network_inputs_for_schedule
 
 VARIANTS = ("sr3", "ddpm", "uncond")
 
@@ -62,7 +62,8 @@ def test_one_ddpm_step_matches_the_original_posterior(pipelines, variant):
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(scheduler.config.num_train_timesteps)
     timestep = torch.tensor(io["post_t"])
-    level = network_input_for_step(scheduler, timestep, pipeline.unet.config.conditioning_type)
+    inputs = network_inputs_for_schedule(scheduler, pipeline.unet.config.conditioning_type)
+    level = inputs[scheduler.timesteps.cpu() == timestep][0]
     x_t = io["post_x_t"]
     network_input = x_t if variant == "uncond" else torch.cat([io["post_condition"], x_t], dim=1)
     with torch.no_grad():

@@ -299,7 +299,7 @@ def test_hub_check_goes_through_the_hub_client_and_its_proxy(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.utils import close_session
 
-    from diffusers_sr3.data import _check_hub_reachable
+    from diffusers_sr3.data.sources import check_hub_reachable as _check_hub_reachable
 
     seen = []
 
@@ -342,3 +342,29 @@ def test_hub_check_goes_through_the_hub_client_and_its_proxy(monkeypatch):
         server.server_close()
         monkeypatch.undo()
         close_session()
+
+
+def test_the_data_package_is_split_by_job_and_keeps_every_name():
+    import importlib
+
+    import diffusers_sr3.data as data
+
+    jobs = {
+        "decoding": ["BadImageError", "decode_image", "extract_image", "MAX_CONSECUTIVE_BAD"],
+        "pairs": ["PairMaker", "gaussian_blur", "sample_generator"],
+        "sources": ["ImageSource", "FileListSource", "PreparedFolderSource", "LmdbSource", "TorchDatasetSource"],
+        "caching": ["open_lmdb"],
+        "dataset": ["EpochSampler", "PairDataset"],
+        "streaming": ["StreamingPairDataset"],
+        "building": ["TrainingData", "build_training_data"],
+    }
+    for module_name, names in jobs.items():
+        module = importlib.import_module(f"diffusers_sr3.data.{module_name}")
+        for name in names:
+            assert getattr(data, name) is getattr(module, name), name
+    assert sorted(data.__all__) == sorted(set(data.__all__)) and all(hasattr(data, name) for name in data.__all__)
+    # What the lead added stays: spread samples, and a centre crop without a generator for random crops.
+    assert hasattr(data.TrainingData, "spread_samples")
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(3, 8, 8)
+    crop = PairMaker(4, random_crop=True).crop(image, None, "x")
+    torch.testing.assert_close(crop, image[:, 2:6, 2:6])

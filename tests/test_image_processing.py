@@ -76,6 +76,8 @@ def test_conversions_and_output_types():
         images_to_tensor([])
     with pytest.raises(ValueError, match="unsupported numpy dtype"):
         images_to_tensor(array.astype(np.int64))
+    with pytest.raises(ValueError, match="output_type must be 'pil', 'np' or 'pt', got 'raw'"):
+        postprocess(tensor, "raw")  # undocumented and unused: removed
 
 
 def test_load_image_names_the_problem(tmp_path):

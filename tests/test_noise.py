@@ -110,3 +110,36 @@ def test_precomputed_levels_equal_the_per_step_levels(name):
     assert precomputed.shape == (len(scheduler.timesteps),)
     timesteps = network_inputs_for_schedule(scheduler, "timestep")
     assert timesteps.dtype == torch.int64
+
+
+def test_the_sr3_schedule_is_defined_once_and_both_spellings_build_it():
+    from diffusers_sr3.noise import SR3_SCHEDULE
+    from diffusers_sr3.presets import get_preset
+    from diffusers_sr3.training import trainer
+
+    assert dict(SR3_SCHEDULE) == dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
+    assert trainer.SR3_SCHEDULE is SR3_SCHEDULE and get_preset("sr_16_128").scheduler == dict(SR3_SCHEDULE)
+    assert get_preset("tiny").scheduler == dict(SR3_SCHEDULE, num_train_timesteps=100)
+    with pytest.raises(TypeError):
+        SR3_SCHEDULE["beta_end"] = 0.02  # read-only: nobody changes the one definition by accident
+    default = make_scheduler("ddpm")
+    np.testing.assert_array_equal(training_betas(default).numpy(), make_beta_schedule("linear", 2000, 1e-6, 1e-2))
+    new = make_scheduler("ddim", beta_schedule="quad", num_train_timesteps=30, beta_start=1e-4, beta_end=0.02)
+    old = make_scheduler("ddim", schedule="quad", n_timestep=30, linear_start=1e-4, linear_end=0.02)
+    positional = make_scheduler("ddim", "quad", 30, 1e-4, 0.02)
+    assert new.config == old.config == positional.config and new.config.num_train_timesteps == 30
+    with pytest.raises(ValueError, match="n_timestep=30 contradicts num_train_timesteps=40"):
+        make_scheduler("ddpm", num_train_timesteps=40, n_timestep=30)
+
+
+def test_one_path_from_a_step_to_a_level():
+    import diffusers_sr3.noise as noise
+
+    assert not hasattr(noise, "network_input_for_step")  # the per-step duplicate is gone
+    scheduler = make_scheduler("ddim", n_timestep=100)
+    scheduler.set_timesteps(5)
+    levels = network_inputs_for_schedule(scheduler, "noise_level")
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+    expected = alphas_cumprod[scheduler.timesteps].sqrt().float()
+    torch.testing.assert_close(levels, expected, rtol=0, atol=0)
+    torch.testing.assert_close(noise_level_for_step(scheduler, scheduler.timesteps[2]), expected[2], rtol=0, atol=0)

@@ -1,12 +1,25 @@
 """The packaged-photo dataset: discovery, the held-out split of whole photos, and crops."""
 
+import dataclasses
+import pathlib
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from diffusers_sr3 import photos
-from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_crops, photo_name, photo_split
+from diffusers_sr3.photos import (
+    PhotoSource,
+    heldout_crops,
+    load_photo,
+    packaged_photo_paths,
+    photo_crops,
+    photo_name,
+    photo_split,
+    register_photo_source,
+    study_crops,
+)
 
 
 def _write_photo(path, width, height, seed=0):
@@ -28,22 +41,30 @@ def test_packaged_photos_are_real_colour_photographs():
             assert image.mode == "RGB" and min(image.size) >= 256, path
 
 
-def test_packaged_photos_missing_names_providers(monkeypatch, tmp_path):
+def _sources_moved_to(monkeypatch, folder):
+    """The default photo sources, with nothing installed and the Debian folders moved under `folder`."""
     monkeypatch.setattr(photos, "_package_dir", lambda package: None)
-    monkeypatch.setattr(photos, "MATE_NATURE_DIR", tmp_path / "none")
-    monkeypatch.setattr(photos, "PLASMA_WALLPAPER_DIR", tmp_path / "none")
+    moved = [
+        dataclasses.replace(source, folder=folder / pathlib.Path(source.folder).name)
+        if source.package is None
+        else source
+        for source in photos.PHOTO_SOURCES
+    ]
+    monkeypatch.setattr(photos, "PHOTO_SOURCES", moved)
+
+
+def test_packaged_photos_missing_names_providers(monkeypatch, tmp_path):
+    _sources_moved_to(monkeypatch, tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="scikit-image.*mate-backgrounds"):
         packaged_photo_paths()
 
 
 def test_plasma_wallpaper_name_and_largest_landscape_rendition(monkeypatch, tmp_path):
-    images = tmp_path / "Path" / "contents" / "images"
+    images = tmp_path / "wallpapers" / "Path" / "contents" / "images"
     images.mkdir(parents=True)
     for name in ("640x480.jpg", "1280x800.jpg", "720x1440.jpg"):
         _write_photo(images / name, 8, 8)
-    monkeypatch.setattr(photos, "_package_dir", lambda package: None)
-    monkeypatch.setattr(photos, "MATE_NATURE_DIR", tmp_path / "none")
-    monkeypatch.setattr(photos, "PLASMA_WALLPAPER_DIR", tmp_path)
+    _sources_moved_to(monkeypatch, tmp_path)
     assert packaged_photo_paths() == [images / "1280x800.jpg"]
     assert photo_name(images / "1280x800.jpg") == "Path"
 
@@ -126,3 +147,42 @@ def test_unreadable_photo_is_named(tmp_path):
         load_photo(bad)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_photo(tmp_path / "missing.png")
+
+
+def test_users_register_their_own_photo_sources(monkeypatch, tmp_path):
+    monkeypatch.setattr(photos, "PHOTO_SOURCES", list(photos.PHOTO_SOURCES))
+    (tmp_path / "mine" / "nested").mkdir(parents=True)
+    for index in range(4):
+        _write_photo(tmp_path / "mine" / "nested" / f"mine{index}.png", 40, 30, seed=index)
+    (tmp_path / "mine" / "notes.txt").write_text("not a photo")
+    register_photo_source(PhotoSource("my photos", folder=tmp_path / "mine"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_photo_source(PhotoSource("my photos", folder=tmp_path))
+    found = packaged_photo_paths()
+    assert {f"mine{index}" for index in range(4)} <= {photo_name(path) for path in found}
+    only_mine = packaged_photo_paths(sources=[photos.PHOTO_SOURCES[-1]])
+    assert [photo_name(path) for path in only_mine] == [f"mine{index}" for index in range(4)]
+    # A package source: a folder inside an installed package (found without importing it), named files only.
+    package = tmp_path / "site" / "photo_package"
+    (package / "images").mkdir(parents=True)
+    _write_photo(package / "images" / "kept.png", 20, 20)
+    _write_photo(package / "images" / "other.png", 20, 20)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    source = PhotoSource("package photos", "images", ("kept.png", "absent.png"), package="photo_package")
+    assert source.paths() == [package / "images" / "kept.png"]
+    assert PhotoSource("not installed", "images", package="no_such_package_here").paths() == []
+
+
+def test_heldout_and_training_crops_follow_the_shared_recipe(tmp_path):
+    paths = [_write_photo(tmp_path / f"photo{i}.png", 48, 40, seed=i) for i in range(4)]
+    crops, held = heldout_crops(16, count=3, seed=5, heldout=0.25, max_side=None, paths=paths)
+    assert held == photo_split(paths, heldout=0.25)[1]
+    expected = photo_crops(held, 16, count=3, seed=6, max_side=None, output_type="pt")
+    torch.testing.assert_close(crops, expected, rtol=0, atol=0)
+    study = study_crops(16, 5, 3, seed=5, heldout=0.25, max_side=None, paths=paths)
+    torch.testing.assert_close(study.heldout, crops, rtol=0, atol=0)
+    assert study.heldout_photos == held and study.train_photos == photo_split(paths, heldout=0.25)[0]
+    assert set(study.train_photos).isdisjoint(held) and len(study.train) == 5 and study.train[0].size == (16, 16)
+    expected_train = photo_crops(study.train_photos, 16, count=5, seed=5, max_side=None)
+    assert [np.asarray(a).tolist() for a in study.train] == [np.asarray(b).tolist() for b in expected_train]

@@ -404,3 +404,21 @@ def test_training_command_of_a_python_call():
 
     command = training_command(TrainingConfig(preset="tiny", learning_rate=3e-4), argv=["python"])
     assert "train(TrainingConfig(" in command and "learning_rate=0.0003" in command and "preset='tiny'" in command
+
+
+def test_a_unet_config_dict_needs_no_file(tmp_path):
+    """TrainingConfig(unet_config=...) builds that network (Python only), exclusive with the other model sources."""
+    from conftest import tiny_unet_config
+
+    from diffusers_sr3.training.config import add_training_arguments
+    from diffusers_sr3.training.trainer import build_model
+
+    config = tiny_unet_config(dropout=0.1)
+    setup = build_model(TrainingConfig(unet_config=config, resolution=32, upscale_factor=4))
+    assert setup.unet.config.dropout == 0.1 and setup.description == "the given UNet config"
+    assert setup.unet.config.block_out_channels == config["block_out_channels"]
+    assert setup.scheduler.config.num_train_timesteps == 2000  # SR3's schedule
+    with pytest.raises(ValueError, match="at most one of unet_config"):
+        TrainingConfig(unet_config=config, model_config_name_or_path="cfg/")
+    parser = add_training_arguments(__import__("argparse").ArgumentParser())
+    assert "--unet_config" not in parser.format_help()

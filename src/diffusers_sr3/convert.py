@@ -216,10 +216,10 @@ def _schedule_config(config: Dict[str, Any]) -> Dict[str, Any]:
     if not schedule:
         raise CheckpointError("the config has no model.beta_schedule")
     return dict(
-        schedule=schedule["schedule"],
-        n_timestep=schedule["n_timestep"],
-        linear_start=schedule.get("linear_start", 1e-4),
-        linear_end=schedule.get("linear_end", 2e-2),
+        beta_schedule=schedule["schedule"],
+        num_train_timesteps=schedule["n_timestep"],
+        beta_start=schedule.get("linear_start", 1e-4),  # the original's defaults when its config omits them
+        beta_end=schedule.get("linear_end", 2e-2),
     )
 
 

@@ -14,6 +14,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .image_io import open_image
+
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
 ]
@@ -146,10 +148,8 @@ def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
     """Convert `(B, 3, H, W)` in [-1, 1] to the pipelines' output types.
 
     `"pil"`: list of PIL images; `"np"`: `(B, H, W, 3)` float32 in [0, 1]; `"pt"`: `(B, 3, H, W)` float32 in
-    [0, 1]; `"raw"`: the tensor unchanged, in [-1, 1].
+    [0, 1].
     """
-    if output_type == "raw":
-        return images
     if output_type == "pil":
         return tensor_to_pil(images)
     unit = ((images.float() + 1) / 2).clamp(0, 1)
@@ -157,19 +157,12 @@ def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
         return unit
     if output_type == "np":
         return unit.permute(0, 2, 3, 1).cpu().numpy()
-    raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'raw', got {output_type!r}")
+    raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
 
 
 def load_image(path: str) -> PIL.Image.Image:
-    """Open an image file fully (so truncated files fail here), as RGB; errors name the file."""
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    """Open an image file fully, upright (EXIF orientation), as RGB; errors name the file (`image_io.open_image`)."""
+    return open_image(path)
 
 
 def grid(rows: Sequence[Sequence[PIL.Image.Image]], size: Optional[Tuple[int, int]] = None) -> PIL.Image.Image:

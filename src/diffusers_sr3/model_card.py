@@ -60,7 +60,36 @@ def write_model_card(
     """
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     super_resolution = task == "sr"
+    # 1. Hub metadata: library, license, tags, datasets, base model and model-index results.
     reported = (evaluation or {}).get("SR3") or metrics or {}
+    card_data = _card_data(name, super_resolution, reported, evaluation_dataset, datasets, base_model)
+    # 2. What the model is: title, training data, a sample picture.
+    lines = _introduction(super_resolution, upscale_factor, resolution, data_description, sample_image)
+    # 3. How well it does: the evaluation table, or the validation metrics.
+    lines += _results(evaluation, evaluation_dataset, metrics)
+    # 4. How it was trained: the settings and the exact command.
+    lines += _training(training_summary, training_command)
+    # 5. What it cannot do, the caller's own sections, and how to use it.
+    lines += _limitations(limitations)
+    for section in extra_sections or []:
+        lines += [section.strip(), ""]
+    lines += _usage(name, super_resolution)
+    # 6. Write README.md: YAML metadata, then the text.
+    # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
+    card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+    path = os.path.join(output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+def _card_data(
+    name: str,
+    super_resolution: bool,
+    reported: Dict[str, float],
+    evaluation_dataset: str,
+    datasets: Optional[List[str]],
+    base_model: Optional[str],
+) -> ModelCardData:
     eval_results = [
         EvalResult(
             task_type="image-to-image" if super_resolution else "unconditional-image-generation",
@@ -73,7 +102,7 @@ def write_model_card(
         for key, value in reported.items()
         if isinstance(value, (int, float))
     ]
-    card_data = ModelCardData(
+    return ModelCardData(
         model_name=name,
         eval_results=eval_results or None,
         base_model=base_model,
@@ -84,24 +113,20 @@ def write_model_card(
         + (["super-resolution", "image-to-image"] if super_resolution else ["unconditional-image-generation"]),
         datasets=datasets or None,
     )
+
+
+def _introduction(
+    super_resolution: bool,
+    upscale_factor: Optional[int],
+    resolution: Optional[int],
+    data_description: str,
+    sample_image: Optional[str],
+) -> List[str]:
     if super_resolution:
         low = resolution // upscale_factor if resolution and upscale_factor else "?"
         title = f"SR3 x{upscale_factor} super-resolution ({low}px -> {resolution}px)"
-        usage = (
-            "from PIL import Image\n"
-            "from diffusers_sr3 import SR3Pipeline\n\n"
-            f'pipe = SR3Pipeline.from_pretrained("{name}")\n'
-            'low_res = Image.open("input.png")\n'
-            "image = pipe(low_res, num_inference_steps=50).images[0]\n"
-            'image.save("output.png")'
-        )
     else:
         title = f"SR3 unconditional {resolution}x{resolution} image generation"
-        usage = (
-            "from diffusers_sr3 import SR3UnconditionalPipeline\n\n"
-            f'pipe = SR3UnconditionalPipeline.from_pretrained("{name}")\n'
-            "images = pipe(batch_size=4, num_inference_steps=100).images"
-        )
     lines = [
         f"# {title}",
         "",
@@ -114,26 +139,39 @@ def write_model_card(
     if sample_image:
         caption = "LR | bicubic | SR3 | HR" if super_resolution else "samples"
         lines += [f"![{caption}]({sample_image})", "", f"*{caption}*", ""]
+    return lines
+
+
+def _formatted(key: str, value: float) -> str:
+    _, scale, form = _METRIC_NAMES.get(key, (key, 1.0, "{:.4g}"))
+    return form.format(value * scale)
+
+
+def _results(
+    evaluation: Optional[Dict[str, Dict[str, float]]], evaluation_dataset: str, metrics: Optional[Dict[str, float]]
+) -> List[str]:
     if evaluation:
         methods = list(evaluation)
         keys = [key for key in evaluation[methods[0]] if isinstance(evaluation[methods[0]][key], (int, float))]
-        lines += [f"## Evaluation ({evaluation_dataset})", ""]
+        lines = [f"## Evaluation ({evaluation_dataset})", ""]
         lines += ["| Method | " + " | ".join(_METRIC_NAMES.get(k, (k,))[0] for k in keys) + " |"]
         lines += ["|---|" + "---|" * len(keys)]
         for method in methods:
-            cells = []
-            for key in keys:
-                label, scale, form = _METRIC_NAMES.get(key, (key, 1.0, "{:.4g}"))
-                value = evaluation[method].get(key)
-                cells.append("-" if value is None else form.format(value * scale))
+            values = [evaluation[method].get(key) for key in keys]
+            cells = ["-" if value is None else _formatted(key, value) for key, value in zip(keys, values)]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    elif metrics:
-        lines += ["## Validation metrics", "", "| Metric | Value |", "|---|---|"]
-        for key, value in metrics.items():
-            label, scale, form = _METRIC_NAMES.get(key, (key, 1.0, "{:.4g}"))
-            lines.append(f"| {label} | {form.format(value * scale)} |")
-        lines.append("")
+        return lines + [""]
+    if metrics:
+        lines = ["## Validation metrics", "", "| Metric | Value |", "|---|---|"]
+        lines += [
+            f"| {_METRIC_NAMES.get(key, (key,))[0]} | {_formatted(key, value)} |" for key, value in metrics.items()
+        ]
+        return lines + [""]
+    return []
+
+
+def _training(training_summary: Optional[Dict[str, object]], training_command: Optional[str]) -> List[str]:
+    lines: List[str] = []
     if training_summary:
         lines += ["## Training", "", "| Setting | Value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in training_summary.items()]
@@ -141,7 +179,11 @@ def write_model_card(
     if training_command:
         lines += ["## Training command", "", "```bash" if "\n" not in training_command else "```python"]
         lines += [training_command, "```", ""]
-    lines += [
+    return lines
+
+
+def _limitations(limitations: Optional[str]) -> List[str]:
+    return [
         "## Limitations",
         "",
         limitations
@@ -151,9 +193,25 @@ def write_model_card(
         "was trained on.",
         "",
     ]
-    for section in extra_sections or []:
-        lines += [section.strip(), ""]
-    lines += [
+
+
+def _usage(name: str, super_resolution: bool) -> List[str]:
+    if super_resolution:
+        usage = (
+            "from PIL import Image\n"
+            "from diffusers_sr3 import SR3Pipeline\n\n"
+            f'pipe = SR3Pipeline.from_pretrained("{name}")\n'
+            'low_res = Image.open("input.png")\n'
+            "image = pipe(low_res, num_inference_steps=50).images[0]\n"
+            'image.save("output.png")'
+        )
+    else:
+        usage = (
+            "from diffusers_sr3 import SR3UnconditionalPipeline\n\n"
+            f'pipe = SR3UnconditionalPipeline.from_pretrained("{name}")\n'
+            "images = pipe(batch_size=4, num_inference_steps=100).images"
+        )
+    return [
         "## How to use",
         "",
         "```bash",
@@ -178,8 +236,3 @@ def write_model_card(
         "model too.",
         "",
     ]
-    # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
-    card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
-    path = os.path.join(output_dir, "README.md")
-    card.save(path)
-    return path

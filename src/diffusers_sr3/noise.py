@@ -8,7 +8,8 @@ network at any step of a Diffusers scheduler, and draws training levels the way 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Union
+from types import MappingProxyType
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -80,23 +81,38 @@ def make_beta_schedule(
     raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
+# The SR3 noise schedule (the paper's and the original code's default): linear betas 1e-6..1e-2 over 2000 steps.
+# The one definition; keys are Diffusers' scheduler-config names, the spelling for new code.
+SR3_SCHEDULE: Mapping[str, Any] = MappingProxyType(
+    dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
+)
+# The original code's names for the same four settings (its config's `beta_schedule` section).
+ORIGINAL_SCHEDULE_NAMES = {
+    "schedule": "beta_schedule",
+    "n_timestep": "num_train_timesteps",
+    "linear_start": "beta_start",
+    "linear_end": "beta_end",
+}
+
+
 def make_scheduler(
     name: str = "ddpm",
-    schedule: str = "linear",
-    n_timestep: int = 2000,
-    linear_start: float = 1e-6,
-    linear_end: float = 1e-2,
+    beta_schedule: Optional[str] = None,
+    num_train_timesteps: Optional[int] = None,
+    beta_start: Optional[float] = None,
+    beta_end: Optional[float] = None,
     prediction_type: str = "epsilon",
     **scheduler_kwargs: Any,
 ) -> SchedulerMixin:
     """Build a Diffusers scheduler that runs one of the original's beta schedules.
 
-    The defaults are SR3's: linear betas 1e-6..1e-2 over 2000 steps, epsilon prediction. DDPM uses the
-    original's posterior ("fixed_small" variance, x0 clipped to [-1, 1]).
+    Settings not given are `SR3_SCHEDULE`'s: linear betas 1e-6..1e-2 over 2000 steps; epsilon prediction. DDPM
+    uses the original's posterior ("fixed_small" variance, x0 clipped to [-1, 1]).
 
     Args:
         name: a key of `SCHEDULERS` (`ddpm`, `ddim`, `dpmsolver`, `unipc`, `deis`, `euler`, ...).
-        schedule, n_timestep, linear_start, linear_end: passed to [`make_beta_schedule`].
+        beta_schedule, num_train_timesteps, beta_start, beta_end: the schedule (see [`make_beta_schedule`]). The
+            original code's names `schedule`, `n_timestep`, `linear_start`, `linear_end` are accepted too.
         prediction_type: what the network predicts: `epsilon`, `v_prediction` or `sample`.
         **scheduler_kwargs: extra scheduler config (override the defaults here).
 
@@ -107,9 +123,21 @@ def make_scheduler(
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
-    betas = make_beta_schedule(schedule, n_timestep, linear_start, linear_end)
+    given = dict(
+        beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end
+    )
+    for original, key in ORIGINAL_SCHEDULE_NAMES.items():
+        if original in scheduler_kwargs:
+            value = scheduler_kwargs.pop(original)
+            if given[key] is not None and given[key] != value:
+                raise ValueError(f"{original}={value!r} contradicts {key}={given[key]!r}; give one of them")
+            given[key] = value
+    schedule = {key: SR3_SCHEDULE[key] if value is None else value for key, value in given.items()}
+    betas = make_beta_schedule(
+        schedule["beta_schedule"], schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]
+    )
     config: Dict[str, Any] = dict(
-        num_train_timesteps=n_timestep,
+        num_train_timesteps=schedule["num_train_timesteps"],
         trained_betas=betas.tolist(),
         beta_schedule=schedule,
         beta_start=float(betas[0]),
@@ -131,53 +159,27 @@ def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any
     return SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
 
 
-def _current_sigma(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]) -> Optional[torch.Tensor]:
-    """The sigma (`sqrt((1 - alpha_bar) / alpha_bar)`) a sigma-based scheduler is at, or None for others."""
-    sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is None or not hasattr(scheduler, "index_for_timestep"):
-        return None
-    step_index = getattr(scheduler, "step_index", None)
-    if step_index is None:
-        step_index = scheduler.index_for_timestep(timestep)
-    return torch.as_tensor(sigmas[step_index], dtype=torch.float64)
+def _levels(scheduler: SchedulerMixin, timesteps: torch.Tensor, step_indices: torch.Tensor) -> torch.Tensor:
+    """The noise levels `sqrt(alpha_bar)` at steps of `scheduler` (the one place a step becomes a level).
 
-
-def noise_level_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]) -> torch.Tensor:
-    """The noise level `sqrt(alpha_bar)` that the current step of `scheduler` denoises from.
-
-    Sigma-based schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS; Karras sigmas included) track the exact
-    sigma of each step: the level is `1 / sqrt(1 + sigma**2)`. Integer-timestep schedulers without sigmas
-    (DDPM, DDIM) are at `sqrt(alphas_cumprod[t])`. Call it after `scheduler.scale_model_input` for the step.
-
-    Args:
-        scheduler: a Diffusers scheduler after `set_timesteps`.
-        timestep: the current entry of `scheduler.timesteps`.
-
-    Returns:
-        0-dim float32 tensor.
+    Sigma-based schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS; Karras sigmas included) track the exact sigma of
+    each step, `sqrt((1 - alpha_bar) / alpha_bar)`: the level is `1 / sqrt(1 + sigma**2)`, at `step_indices` into
+    `scheduler.sigmas`. Integer-timestep schedulers without sigmas (DDPM, DDIM) are at `sqrt(alphas_cumprod[t])`.
     """
-    sigma = _current_sigma(scheduler, timestep)
-    if sigma is not None:
-        return (1.0 / torch.sqrt(1.0 + sigma**2)).float()
-    alphas_cumprod = scheduler.alphas_cumprod
-    index = int(torch.as_tensor(timestep).round().item())
-    return alphas_cumprod[index].double().sqrt().float()
-
-
-def network_input_for_step(
-    scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int], conditioning_type: str
-):
-    """What a network of `conditioning_type` takes at this step: the noise level, or the integer timestep."""
-    if conditioning_type == "timestep":
-        return torch.as_tensor(timestep).round().long()
-    return noise_level_for_step(scheduler, timestep)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and hasattr(scheduler, "index_for_timestep"):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()[step_indices]
+        return (1.0 / torch.sqrt(1.0 + sigmas**2)).float()
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).cpu().double()
+    return alphas_cumprod[timesteps.round().long()].sqrt().float()
 
 
 def network_inputs_for_schedule(scheduler: SchedulerMixin, conditioning_type: str) -> torch.Tensor:
-    """The network input of every step of `scheduler.timesteps`, computed once before sampling.
+    """What the network takes at every step of `scheduler.timesteps`, computed once before sampling.
 
-    Equal to `network_input_for_step` at each step (schedulers advance their step index by one per call of
-    `step`), but without per-step lookups or host-device synchronisation.
+    Args:
+        scheduler: a Diffusers scheduler after `set_timesteps`.
+        conditioning_type: the UNet's: `"noise_level"` (SR3: `sqrt(alpha_bar)`) or `"timestep"` (DDPM networks).
 
     Returns:
         `(len(scheduler.timesteps),)` float32 noise levels, or int64 timesteps for `"timestep"` networks, on
@@ -186,12 +188,32 @@ def network_inputs_for_schedule(scheduler: SchedulerMixin, conditioning_type: st
     timesteps = scheduler.timesteps.detach().cpu()
     if conditioning_type == "timestep":
         return timesteps.round().long()
-    sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is not None and hasattr(scheduler, "index_for_timestep"):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()[getattr(scheduler, "begin_index", None) or 0 :]
-        return (1.0 / torch.sqrt(1.0 + sigmas[: len(timesteps)] ** 2)).float()
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).cpu().double()
-    return alphas_cumprod[timesteps.round().long()].sqrt().float()
+    begin = getattr(scheduler, "begin_index", None) or 0
+    return _levels(scheduler, timesteps, torch.arange(begin, begin + len(timesteps)))
+
+
+def noise_level_for_step(scheduler: SchedulerMixin, timestep: Union[torch.Tensor, float, int]) -> torch.Tensor:
+    """The noise level `sqrt(alpha_bar)` that the current step of `scheduler` denoises from.
+
+    The same levels as [`network_inputs_for_schedule`], looked up for one step: sigma-based schedulers at their
+    current step index (call it after `scheduler.scale_model_input` for the step), others at `timestep`.
+
+    Args:
+        scheduler: a Diffusers scheduler after `set_timesteps`.
+        timestep: the current entry of `scheduler.timesteps`.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    step_index = getattr(scheduler, "step_index", None)
+    if (
+        step_index is None
+        and hasattr(scheduler, "index_for_timestep")
+        and getattr(scheduler, "sigmas", None) is not None
+    ):
+        step_index = scheduler.index_for_timestep(timestep)
+    step_indices = torch.tensor([step_index or 0])
+    return _levels(scheduler, torch.as_tensor(timestep).detach().cpu().reshape(1), step_indices)[0]
 
 
 def sqrt_alphas_cumprod_prev(betas: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:

@@ -1,83 +1,78 @@
-"""Real photographs that ship inside installed packages, for demos, tests and small training studies.
+"""Real photographs available offline, for demos, tests and small training studies.
 
-This machine has no network, so training and evaluation data come from photographs that packages carry:
+Photographs come from a list of offline photo sources, `PHOTO_SOURCES`, searched in order. The default entries
+are photographs that installed packages carry, so the demo, the benchmarks and the tests need no download:
 scikit-image's `skimage/data`, matplotlib's `sample_data/grace_hopper.jpg`, scikit-learn's
-`datasets/images/{china,flower}.jpg`, and, when the Debian packages are installed, the nature photographs of
-`mate-backgrounds` and `plasma-workspace-wallpapers`. Only real colour photographs are listed: synthetic,
-binary, grayscale and tiny test images are left out, and so is the right half of scikit-image's stereo pair
-(a near-duplicate of the left half would leak between a training and a held-out split).
+`datasets/images/{china,flower}.jpg`, and, on Debian-based systems with the `mate-backgrounds` and
+`plasma-workspace-wallpapers` packages installed, their nature photographs under `/usr/share`. Only real colour
+photographs are listed: synthetic, binary, grayscale and tiny test images are left out, and so is the right half
+of scikit-image's stereo pair (a near-duplicate of the left half would leak between a training and a held-out
+split). Sources that are not installed are skipped.
+
+Add your own photographs with [`register_photo_source`]:
+
+```py
+from diffusers_sr3.photos import PhotoSource, register_photo_source
+
+register_photo_source(PhotoSource("my holiday photos", folder="/data/holiday"))  # every image in the folder
+register_photo_source(PhotoSource("a package's photos", folder="images", package="my_package", files=("a.jpg",)))
+```
 
 Packages are located with `importlib.util.find_spec`, which does not import them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import pathlib
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
 
+from .image_io import open_image, walk_images
 from .image_processing import images_to_tensor
 
-# (importable package, folder inside it, file names): photographs shipped in Python packages.
-PYTHON_PACKAGE_PHOTOS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
-    (
-        "skimage",
-        "data",
-        (
-            "astronaut.png",
-            "chelsea.png",
-            "coffee.png",
-            "hubble_deep_field.jpg",
-            "ihc.png",
-            "motorcycle_left.png",
-            "retina.jpg",
-            "rocket.jpg",
-        ),
-    ),
-    ("matplotlib", "mpl-data/sample_data", ("grace_hopper.jpg",)),
-    ("sklearn", "datasets/images", ("china.jpg", "flower.jpg")),
-)
 
-MATE_NATURE_DIR = pathlib.Path("/usr/share/backgrounds/mate/nature")
-MATE_NATURE_PHOTOS = (
-    "Aqua.jpg",
-    "Blinds.jpg",
-    "Dune.jpg",
-    "FreshFlower.jpg",
-    "Garden.jpg",
-    "GreenMeadow.jpg",
-    "LadyBird.jpg",
-    "RainDrops.jpg",
-    "Storm.jpg",
-    "TwoWings.jpg",
-    "Wood.jpg",
-    "YellowFlower.jpg",
-)
-PLASMA_WALLPAPER_DIR = pathlib.Path("/usr/share/wallpapers")
-# The photographic Plasma wallpapers; the others are renders and drawings.
-PLASMA_PHOTO_WALLPAPERS = (
-    "BytheWater",
-    "ColdRipple",
-    "ColorfulCups",
-    "DarkestHour",
-    "EveningGlow",
-    "FallenLeaf",
-    "Kite",
-    "OneStandsOut",
-    "Path",
-    "Volna",
-    "summer_1am",
-)
+@dataclasses.dataclass(frozen=True)
+class PhotoSource:
+    """A place that holds real photographs offline: a folder, or a folder inside an installed Python package.
 
-PHOTO_PROVIDERS = (
-    "scikit-image (pip install scikit-image), matplotlib (pip install matplotlib), scikit-learn "
-    "(pip install scikit-learn), or the Debian packages mate-backgrounds and plasma-workspace-wallpapers"
-)
+    Args:
+        name: what it is, in words.
+        folder: the folder; relative to the installed `package`'s folder when `package` is given.
+        files: the photographs' file names in `folder` (entries that are missing are skipped); None for every
+            image file in `folder`, recursively.
+        package: an importable top-level package that carries `folder` (found without importing it).
+        provider: how to install the photographs (named in the error when no source has any).
+        resolve: turns `folder / entry` for each entry of `files` into the photograph's path (or None): for
+            layouts where an entry is a folder holding renditions of one photo (Plasma wallpapers).
+    """
+
+    name: str
+    folder: Union[str, pathlib.Path]
+    files: Optional[Tuple[str, ...]] = None
+    package: Optional[str] = None
+    provider: str = ""
+    resolve: Optional[Callable[[pathlib.Path], Optional[pathlib.Path]]] = None
+
+    def paths(self) -> List[pathlib.Path]:
+        """The photographs of this source that exist here (empty when it is not installed)."""
+        root = pathlib.Path(self.folder)
+        if self.package is not None:
+            package_dir = _package_dir(self.package)
+            if package_dir is None:
+                return []
+            root = package_dir / root
+        if not root.is_dir():
+            return []
+        if self.files is None:
+            return [pathlib.Path(path) for path in walk_images(root)]
+        found = [self.resolve(root / name) if self.resolve else root / name for name in self.files]
+        return [path for path in found if path is not None and path.is_file()]
 
 
 def _package_dir(package: str) -> Optional[pathlib.Path]:
@@ -104,6 +99,88 @@ def _largest_wallpaper_image(folder: pathlib.Path) -> Optional[pathlib.Path]:
     return best
 
 
+# The default sources: photographs that ship with Python packages, then (Debian-based systems only) two wallpaper
+# packages' nature photographs. Append to this list, or use `register_photo_source`, to add photographs.
+PHOTO_SOURCES: List[PhotoSource] = [
+    PhotoSource(
+        "scikit-image sample photographs",
+        "data",
+        (
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "hubble_deep_field.jpg",
+            "ihc.png",
+            "motorcycle_left.png",
+            "retina.jpg",
+            "rocket.jpg",
+        ),
+        package="skimage",
+        provider="scikit-image (pip install scikit-image)",
+    ),
+    PhotoSource(
+        "matplotlib sample photograph",
+        "mpl-data/sample_data",
+        ("grace_hopper.jpg",),
+        package="matplotlib",
+        provider="matplotlib (pip install matplotlib)",
+    ),
+    PhotoSource(
+        "scikit-learn sample photographs",
+        "datasets/images",
+        ("china.jpg", "flower.jpg"),
+        package="sklearn",
+        provider="scikit-learn (pip install scikit-learn)",
+    ),
+    PhotoSource(
+        "MATE nature backgrounds (Debian package mate-backgrounds)",
+        "/usr/share/backgrounds/mate/nature",
+        (
+            "Aqua.jpg",
+            "Blinds.jpg",
+            "Dune.jpg",
+            "FreshFlower.jpg",
+            "Garden.jpg",
+            "GreenMeadow.jpg",
+            "LadyBird.jpg",
+            "RainDrops.jpg",
+            "Storm.jpg",
+            "TwoWings.jpg",
+            "Wood.jpg",
+            "YellowFlower.jpg",
+        ),
+        provider="the Debian package mate-backgrounds",
+    ),
+    PhotoSource(
+        # The photographic Plasma wallpapers; the others are renders and drawings.
+        "KDE Plasma photo wallpapers (Debian package plasma-workspace-wallpapers)",
+        "/usr/share/wallpapers",
+        (
+            "BytheWater",
+            "ColdRipple",
+            "ColorfulCups",
+            "DarkestHour",
+            "EveningGlow",
+            "FallenLeaf",
+            "Kite",
+            "OneStandsOut",
+            "Path",
+            "Volna",
+            "summer_1am",
+        ),
+        provider="the Debian package plasma-workspace-wallpapers",
+        resolve=_largest_wallpaper_image,
+    ),
+]
+
+
+def register_photo_source(source: PhotoSource) -> None:
+    """Add a source of photographs to `PHOTO_SOURCES` (after the defaults); see the module docstring."""
+    if any(existing.name == source.name for existing in PHOTO_SOURCES):
+        raise ValueError(f"a photo source named {source.name!r} is already registered")
+    PHOTO_SOURCES.append(source)
+
+
 def photo_name(path: Union[str, pathlib.Path]) -> str:
     """A stable, unique name for a photograph: the file stem, or the wallpaper's name for Plasma wallpapers."""
     path = pathlib.Path(path)
@@ -112,25 +189,20 @@ def photo_name(path: Union[str, pathlib.Path]) -> str:
     return path.stem
 
 
-def packaged_photo_paths() -> List[pathlib.Path]:
-    """Paths of the real colour photographs shipped by the installed packages, sorted by `photo_name`.
+def packaged_photo_paths(sources: Optional[Sequence[PhotoSource]] = None) -> List[pathlib.Path]:
+    """Paths of the photographs of every installed source, sorted by `photo_name`.
+
+    Args:
+        sources: where to look (default: `PHOTO_SOURCES`).
 
     Raises:
-        FileNotFoundError: no such photograph is installed (the message names the packages that provide them).
+        FileNotFoundError: no source has any photograph (the message names what provides them).
     """
-    paths: List[pathlib.Path] = []
-    for package, folder, names in PYTHON_PACKAGE_PHOTOS:
-        root = _package_dir(package)
-        if root is not None:
-            paths.extend(root / folder / name for name in names)
-    paths.extend(MATE_NATURE_DIR / name for name in MATE_NATURE_PHOTOS)
-    for wallpaper in PLASMA_PHOTO_WALLPAPERS:
-        image = _largest_wallpaper_image(PLASMA_WALLPAPER_DIR / wallpaper)
-        if image is not None:
-            paths.append(image)
-    paths = [path for path in paths if path.is_file()]
+    sources = PHOTO_SOURCES if sources is None else sources
+    paths = [path for source in sources for path in source.paths()]
     if not paths:
-        raise FileNotFoundError(f"no packaged photographs found; install one of: {PHOTO_PROVIDERS}")
+        providers = ", ".join(source.provider or source.name for source in sources)
+        raise FileNotFoundError(f"no packaged photographs found; install one of: {providers}")
     return sorted(paths, key=photo_name)
 
 
@@ -181,17 +253,10 @@ def photo_split(
 
 
 def load_photo(path: Union[str, pathlib.Path], max_side: Optional[int] = None) -> PIL.Image.Image:
-    """Open a photograph as RGB, downscaled (antialiased bicubic) so that its longer side is at most `max_side`."""
-    try:
-        with PIL.Image.open(path) as image:
-            if max_side is not None:
-                # JPEG decoding at a reduced scale is much faster for the multi-megapixel wallpapers.
-                image.draft("RGB", (max_side, max_side))
-            image = image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"photo not found: {path}") from None
-    except (PIL.UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read photo {path}: {error}") from None
+    """Open a photograph upright (EXIF orientation) as RGB, downscaled (antialiased bicubic) so that its longer
+    side is at most `max_side`."""
+    # JPEG decoding at a reduced scale (draft) is much faster for the multi-megapixel wallpapers.
+    image = open_image(path, draft_size=max_side)
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -256,3 +321,46 @@ def photo_crops(
     if output_type == "pil":
         return crops
     return images_to_tensor(crops, what="crop")
+
+
+def heldout_crops(
+    size: int,
+    count: int,
+    seed: int = 0,
+    heldout: Union[int, float, Iterable[str]] = 0.25,
+    max_side: Optional[int] = 512,
+    paths: Optional[Sequence[Union[str, pathlib.Path]]] = None,
+) -> Tuple[torch.Tensor, List[pathlib.Path]]:
+    """`count` random `size` crops of the held-out photos, `(count, 3, size, size)` in [-1, 1], and those photos.
+
+    The one recipe for evaluation crops (the demo, the benchmarks, the packaged model's tests): whole photos split
+    by [`photo_split`] (of `paths`, default [`packaged_photo_paths`]), each downscaled to `max_side` first, and
+    crops drawn with `seed + 1`, so they never repeat the draws of training crops made with `seed`.
+    """
+    _, held = photo_split(packaged_photo_paths() if paths is None else paths, heldout=heldout)
+    return photo_crops(held, size, count=count, seed=seed + 1, max_side=max_side, output_type="pt"), held
+
+
+@dataclasses.dataclass
+class StudyCrops:
+    """Crops for a small training study: training crops (PIL) and held-out crops (`(N, 3, S, S)` in [-1, 1]),
+    with the photos each side was drawn from."""
+
+    train: List[PIL.Image.Image]
+    heldout: torch.Tensor
+    train_photos: List[pathlib.Path]
+    heldout_photos: List[pathlib.Path]
+
+
+def study_crops(size: int, train_count: int, heldout_count: int, seed: int = 0, **split: Any) -> StudyCrops:
+    """Training and evaluation crops the way `sr3 demo` and the convergence study draw them.
+
+    Training crops are drawn with `seed` from the training side of the split, held-out ones by [`heldout_crops`]
+    (`seed + 1`). `split` takes [`heldout_crops`]'s `heldout`, `max_side` and `paths`.
+    """
+    held, heldout_photos = heldout_crops(size, heldout_count, seed=seed, **split)
+    max_side = split.pop("max_side", 512)
+    paths = split.pop("paths", None)
+    train_photos, _ = photo_split(packaged_photo_paths() if paths is None else paths, **split)
+    train = photo_crops(train_photos, size, count=train_count, seed=seed, max_side=max_side)
+    return StudyCrops(train, held, train_photos, heldout_photos)

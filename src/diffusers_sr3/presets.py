@@ -2,7 +2,8 @@
 
 Each preset names a complete `SR3UNet2DModel` config plus the training resolution and, for super-resolution
 models, the upscale factor. `norm_groups` is 32 throughout (the original's default when its config omits it).
-The noise schedule of every preset is the original's: linear betas 1e-6..1e-2 over 2000 steps.
+The noise schedule of every preset is `noise.SR3_SCHEDULE` (linear betas 1e-6..1e-2 over 2000 steps; the tiny
+test presets take 100 steps).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
+
+from .noise import SR3_SCHEDULE
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,7 @@ class Preset:
     resolution: int
     upscale_factor: Optional[int]
     description: str
-    scheduler: Dict[str, Any] = field(
-        default_factory=lambda: dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
-    )
+    scheduler: Dict[str, Any] = field(default_factory=lambda: dict(SR3_SCHEDULE))
 
     def unet_config(self) -> Dict[str, Any]:
         """A fresh copy of the UNet config (callers may change it)."""
@@ -207,7 +208,7 @@ PRESETS: Dict[str, Preset] = {
         resolution=32,
         upscale_factor=4,
         description="a ~30k-parameter x4 model for tests and smoke runs (8x8 -> 32x32)",
-        scheduler=dict(beta_schedule="linear", num_train_timesteps=100, beta_start=1e-6, beta_end=1e-2),
+        scheduler=dict(SR3_SCHEDULE, num_train_timesteps=100),
     ),
     "tiny_uncond": Preset(
         unet=dict(
@@ -224,7 +225,7 @@ PRESETS: Dict[str, Preset] = {
         resolution=32,
         upscale_factor=None,
         description="a ~30k-parameter 32x32 unconditional model for tests and smoke runs",
-        scheduler=dict(beta_schedule="linear", num_train_timesteps=100, beta_start=1e-6, beta_end=1e-2),
+        scheduler=dict(SR3_SCHEDULE, num_train_timesteps=100),
     ),
 }
 

@@ -1,18 +1,16 @@
-"""Helpers shared by the subcommands: loading pipelines, choosing devices and dtypes, finding images."""
+"""Helpers shared by the subcommands: loading pipelines, choosing devices and dtypes."""
 
 from __future__ import annotations
 
 import argparse
-import glob
-import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
+from ..image_io import IMAGE_EXTENSIONS, find_images  # noqa: F401 (re-exported: they lived here before)
 from ..noise import SCHEDULERS, swap_scheduler
 from ..pipelines import SR3BasePipeline
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -59,22 +57,3 @@ def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> 
     if args.scheduler:
         pipeline.scheduler = swap_scheduler(pipeline.scheduler, args.scheduler)
     return pipeline.to(device)
-
-
-def find_images(inputs: List[str]) -> List[str]:
-    """Expand files, folders (recursively) and glob patterns into a sorted list of image files."""
-    found: List[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            for root, _, files in os.walk(item):
-                found.extend(os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
-        elif os.path.isfile(item):
-            found.append(item)
-        else:
-            matches = [path for path in glob.glob(item, recursive=True) if os.path.isfile(path)]
-            if not matches:
-                raise FileNotFoundError(f"no such file, folder or matching glob: {item}")
-            found.extend(matches)
-    if not found:
-        raise FileNotFoundError(f"no images found in {' '.join(inputs)}")
-    return sorted(dict.fromkeys(found))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, List
 
@@ -31,6 +30,7 @@ from ..noise import swap_scheduler
 from ..pipelines import SR3Pipeline
 from ..presets import NEW_MODEL_RECIPE
 from ..tiling import tiled_super_resolve
+from ..training.crops import crop_unet_config, train_on_crops
 
 UPSCALE_FACTOR = 4
 PACKAGED = "SR3 (packaged model)"
@@ -71,16 +71,11 @@ def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
     """A small SR3 UNet for `crop_size` crops: three levels, attention at the coarsest."""
     if crop_size % 4 or crop_size < 16:
         raise ValueError(f"--crop-size must be a multiple of 4 and at least 16, got {crop_size}")
-    return dict(
-        in_channels=6,
-        out_channels=3,
-        block_out_channels=width,
-        channel_multipliers=(1, 2, 4),
-        layers_per_block=2,
-        attention_resolutions=(crop_size // 4,),
-        sample_size=crop_size,
-        norm_groups=min(8, width),
-        dropout=0.0,
+    return crop_unet_config(
+        crop_size,
+        width,
+        (1, 2, 4),
+        max_norm_groups=8,
         noise_level_embedding_scale=NEW_MODEL_RECIPE["noise_level_embedding_scale"],
     )
 
@@ -154,8 +149,7 @@ def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..photos import load_photo, packaged_photo_paths, photo_crops, photo_name, photo_split
-    from ..training import TrainingConfig, train
+    from ..photos import load_photo, photo_name, study_crops
 
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be at least 1")
@@ -171,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
-    train_paths, heldout_paths = photo_split(packaged_photo_paths(), heldout=0.25)
+    crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed)
+    train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
     print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
-    train_crops = photo_crops(train_paths, args.crop_size, count=args.train_crops, seed=args.seed, max_side=512)
 
     # 2. Train through the training core, for --steps or as many steps as fit in --minutes.
     steps = args.steps
@@ -182,40 +176,24 @@ def run(args: argparse.Namespace) -> int:
         per_step = _seconds_per_step(config, args.batch_size) * LOOP_OVERHEAD
         steps = max(10, int(args.minutes * 60 / per_step))
         print(f"about {per_step:.2f} s per step here: training {steps} steps (~{args.minutes:g} min)")
-    with tempfile.TemporaryDirectory() as scratch:
-        config_path = os.path.join(scratch, "config.json")
-        with open(config_path, "w", encoding="utf-8") as handle:
-            json.dump(config, handle)
-        started = time.perf_counter()
-        train(
-            TrainingConfig(
-                task="sr",
-                model_config_name_or_path=config_path,
-                resolution=args.crop_size,
-                upscale_factor=UPSCALE_FACTOR,
-                train_dataset=train_crops,
-                train_batch_size=args.batch_size,
-                max_train_steps=steps,
-                output_dir=model_dir,
-                checkpointing_steps=0,
-                validation_steps=0,
-                num_validation_images=1,
-                validation_scheduler="ddim",
-                validation_steps_count=2,
-                report_to="none",
-                seed=args.seed,
-                **RECIPE,
-            )
-        )
-        training_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    train_on_crops(
+        train_crops,
+        config,
+        steps=steps,
+        batch_size=args.batch_size,
+        output_dir=model_dir,
+        seed=args.seed,
+        upscale_factor=UPSCALE_FACTOR,
+        checkpointing_steps=0,
+        **RECIPE,
+    )
+    training_seconds = time.perf_counter() - started
 
     # 3. Super-resolve held-out crops and one whole held-out photo; compare with bicubic.
     pipeline = SR3Pipeline.from_pretrained(model_dir)
     pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
     pipeline.set_progress_bar_config(disable=True)
-    hr = photo_crops(
-        heldout_paths, args.crop_size, count=args.eval_crops, seed=args.seed + 1, max_side=512, output_type="pt"
-    )
     lr_pil, lr, bicubic = low_resolution_inputs(hr)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()

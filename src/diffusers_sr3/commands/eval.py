@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..image_processing import load_image
-from .common import IMAGE_EXTENSIONS
+from ..image_io import is_image_file, open_image, walk_images
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
 MAX_LISTED = 10
@@ -57,15 +56,11 @@ def _folder_images(folder: str, what: str) -> Dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--{what} folder not found: {folder}")
     found: Dict[str, str] = {}
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(root, name)
-            key = _key(os.path.relpath(path, folder))
-            if key in found:
-                raise ValueError(f"--{what}: {found[key]} and {path} both match the name {key!r}")
-            found[key] = path
+    for path in walk_images(folder):
+        key = _key(os.path.relpath(path, folder))
+        if key in found:
+            raise ValueError(f"--{what}: {found[key]} and {path} both match the name {key!r}")
+        found[key] = path
     if not found:
         raise FileNotFoundError(f"no images in the --{what} folder {folder}")
     return found
@@ -77,9 +72,9 @@ def _results_images(folder: str) -> Dict[str, Dict[str, str]]:
         raise FileNotFoundError(f"--results folder not found: {folder}")
     kinds: Dict[str, Dict[str, str]] = {"hr": {}, "sr": {}, "lr": {}, "inf": {}}
     for name in sorted(os.listdir(folder)):
-        stem, extension = os.path.splitext(name)
-        if extension.lower() not in IMAGE_EXTENSIONS:
+        if not is_image_file(name):
             continue
+        stem = os.path.splitext(name)[0]
         for kind in kinds:
             if stem.endswith(f"_{kind}") and len(stem) > len(kind) + 1:
                 kinds[kind][stem[: -len(kind) - 1]] = os.path.join(folder, name)
@@ -149,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     rows: Dict[str, Dict[str, float]] = {}
     size_problems: List[str] = []
     for key, paths in tqdm(pairs.items(), desc="evaluating", unit="image", disable=args.quiet):
-        images = {kind: metrics.to_uint8_rgb(load_image(path), path) for kind, path in paths.items()}
+        images = {kind: metrics.to_uint8_rgb(open_image(path), path) for kind, path in paths.items()}
         hr, sr = images["hr"], images["sr"]
         if sr.shape != hr.shape or ("inf" in images and images["inf"].shape != hr.shape):
             sizes = ", ".join(f"{kind} {image.shape[1]}x{image.shape[0]}" for kind, image in images.items())

@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from .common import IMAGE_EXTENSIONS
+from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
 
 STATE_FILE = ".sr3_prepare.json"
 RESAMPLE = {
@@ -91,11 +91,9 @@ def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, byt
     """One source file -> PNG bytes of its `lr`, `hr` and `sr` images, or `(None, reason)` if unreadable."""
     path, low, high, resample = job
     try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            image = opened.convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return None, f"{type(error).__name__}: {error}"
+        image = open_image(path)
+    except (FileNotFoundError, UnreadableImageError) as error:
+        return None, str(error)
     mode = RESAMPLE[resample]
     lr = resize_and_convert(image, low, mode)
     hr = resize_and_convert(image, high, mode)
@@ -107,17 +105,10 @@ def source_files(folder: str) -> List[str]:
     """Image files under `folder`, recursively, as sorted paths relative to it (hidden folders skipped)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"source folder not found: {folder}")
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(
-            os.path.relpath(os.path.join(root, name), folder)
-            for name in files
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+    found = [os.path.relpath(path, folder) for path in walk_images(folder)]
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    return sorted(found)
+    return found
 
 
 def layout(fmt: str, low: int, high: int) -> List[str]:

@@ -11,11 +11,12 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from ..image_processing import grid, load_image, tensor_to_pil
+from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
+from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pretrained import DEFAULT_STEPS
 from ..tiling import model_tile_size, tiled_super_resolve
-from .common import IMAGE_EXTENSIONS, add_model_arguments, add_save_process_argument, find_images, load_pipeline
+from .common import add_model_arguments, add_save_process_argument, load_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     _check_destinations(writes, args.overwrite)
-    images = [load_image(path) for path in paths]  # read everything first: bad files fail before any work
+    images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(leave=False)

@@ -141,10 +141,6 @@ class SR3BasePipeline(DiffusionPipeline):
 
     _callback_tensor_inputs = ["latents"]
 
-    @property
-    def unet_dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
     def _denoise(
         self,
         shape: Tuple[int, int, int, int],

@@ -14,7 +14,7 @@ import shlex
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..redaction import REDACTED, is_secret_name, redact, redact_argv
 
@@ -48,6 +48,9 @@ class TrainingConfig:
     )
     model_config_name_or_path: Optional[str] = _option(
         None, "SR3UNet2DModel config.json, or a folder holding one (a pipeline folder's unet/ is found too)"
+    )
+    unet_config: Optional[Dict[str, Any]] = _option(
+        None, "an SR3UNet2DModel config as a dict (Python only; like --model_config_name_or_path)", cli=False
     )
     pretrained_model_name_or_path: Optional[str] = _option(
         None, "fine-tune the weights of a saved SR3 pipeline (folder or Hub repo id)"
@@ -201,10 +204,15 @@ class TrainingConfig:
             raise ValueError(f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         if (self.resume_from_original is None) != (self.original_config is None):
             raise ValueError("--resume_from_original and --original_config go together")
-        sources = [self.model_config_name_or_path, self.pretrained_model_name_or_path, self.resume_from_original]
+        sources = [
+            self.unet_config,
+            self.model_config_name_or_path,
+            self.pretrained_model_name_or_path,
+            self.resume_from_original,
+        ]
         if sum(source is not None for source in sources) > 1:
             raise ValueError(
-                "give at most one of --model_config_name_or_path, --pretrained_model_name_or_path and "
+                "give at most one of unet_config, --model_config_name_or_path, --pretrained_model_name_or_path and "
                 "--resume_from_original"
             )
         if self.lr_blur_sigma < 0:

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import SCHEDULERS, make_scheduler, swap_scheduler, training_betas
+from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, swap_scheduler, training_betas
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .checkpointing import (
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
-SR3_SCHEDULE = dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
 
 
 # Training images the residual scale is measured on (without augmentation, so resumed runs measure the same).
@@ -76,6 +75,28 @@ class ModelSetup:
     condition_noise_level: float = 0.0
     # The sampler a fine-tuned pipeline was saved with (a `SCHEDULERS` key): the saved result samples the same way.
     sampler: Optional[str] = None
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """What the training loop works with and where it stands (the prepared objects, the position, the tallies)."""
+
+    unet: Any  # the model as `accelerator.prepare` wrapped it (DDP on several processes)
+    optimizer: Any
+    dataloader: DataLoader
+    lr_scheduler: Any
+    ema: Any
+    max_train_steps: int
+    total_batch: int
+    betas: torch.Tensor  # the training noise schedule, float64
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    resumed_from: Optional[str] = None
+    first_step: int = 0
+    recent_losses: List[float] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    skipped_total: int = 0
 
 
 # What a new model trains with when the options leave the objective unset.
@@ -173,6 +194,10 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         pretrained_residual_scale = objective["residual_scale"]
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
+    elif config.unet_config is not None:
+        objective = resolve_objective(config)
+        unet_config = dict(config.unet_config)
+        description = "the given UNet config"
     elif config.model_config_name_or_path:
         objective = resolve_objective(config)
         unet_config = dict(SR3UNet2DModel.load_config(_unet_config_file(config.model_config_name_or_path)))
@@ -227,14 +252,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     else:
         defaults = preset.scheduler if preset else SR3_SCHEDULE
         schedule = {key: defaults[key] if value is None else value for key, value in schedule_options.items()}
-        scheduler = make_scheduler(
-            "ddpm",
-            schedule=schedule["beta_schedule"],
-            n_timestep=schedule["num_train_timesteps"],
-            linear_start=schedule["beta_start"],
-            linear_end=schedule["beta_end"],
-            prediction_type=objective["prediction_type"],
-        )
+        scheduler = make_scheduler("ddpm", prediction_type=objective["prediction_type"], **schedule)
     sampler = None
     if pretrained_scheduler is not None:
         sampler = next((name for name, kind in SCHEDULERS.items() if type(pretrained_scheduler) is kind), None)
@@ -326,8 +344,31 @@ class Trainer:
             GradientState._reset_state()
 
     def _run(self) -> str:
-        config = self.config
         started = time.time()
+        # 1. Accelerate, the random seeds and the output folder.
+        seed = self._start()
+        # 2. The network and its noise schedule.
+        setup = self._prepare_model()
+        # 3. The training data, and what is measured on it before training: residual scale, validation samples.
+        data = self._load_data(setup, seed)
+        self.residual_scale = self._residual_scale(data, setup)
+        validation_samples = self._validation_samples(data, setup)
+        # 4. Dataloader, optimizer, LR schedule and EMA, prepared for the processes.
+        loop = self._prepare_optimization(setup, data, seed)
+        # 5. Continue from a checkpoint when asked to.
+        self._resume(loop)
+        # 6. The training loop: steps, checkpoints, validation.
+        self._start_tracking(setup, data, loop)
+        self._train_loop(setup, data, loop, validation_samples)
+        # 7. The summary, the saved pipeline with its model card, and the upload.
+        self._finish(setup, data, loop, validation_samples, started)
+        return self.config.output_dir
+
+    # -- the stages of `_run` -----------------------------------------------------------------------------------
+
+    def _start(self) -> int:
+        """Create the accelerator, seed the random sources and prepare the output folder; return the data seed."""
+        config = self.config
         # The token may be any string: known literally, it is redacted wherever it would be written or logged.
         register_secret(config.hub_token)
         install_log_redaction()
@@ -347,7 +388,11 @@ class Trainer:
         if accelerator.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)
             remove_stale_temporaries(config.output_dir)
+        return seed
 
+    def _prepare_model(self) -> ModelSetup:
+        """Build the UNet and scheduler, in training mode with the configured memory options."""
+        config = self.config
         setup = build_model(config)
         # From here on the objective is the resolved one (a fine-tuned model's own unless set); the options as given
         # stay in `self.options` for the training command.
@@ -362,11 +407,14 @@ class Trainer:
         model.train()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        model.to(memory_format=memory_format)
-        betas = training_betas(setup.scheduler)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
+        return setup
 
-        with accelerator.main_process_first():
+    def _load_data(self, setup: ModelSetup, seed: int) -> TrainingData:
+        """The training data for the model's resolution and factor, checked against the batch size."""
+        config = self.config
+        with self.accelerator.main_process_first():
             data = build_training_data(
                 resolution=setup.resolution,
                 upscale_factor=setup.upscale_factor,
@@ -391,18 +439,19 @@ class Trainer:
             logger.warning(
                 "skipped %d unusable images of %s: %s", sum(data.skipped_at_scan.values()), data.description, listed
             )
-        streaming = data.sampler is None
-        if streaming and config.max_train_steps is None:
+        if data.sampler is None and config.max_train_steps is None:
             raise ValueError("streamed data has no length: give --max_train_steps")
-        if not streaming and len(data.dataset) < config.train_batch_size:
+        if data.sampler is not None and len(data.dataset) < config.train_batch_size:
             raise ValueError(
                 f"{data.description} has {len(data.dataset)} usable images, fewer than --train_batch_size "
                 f"{config.train_batch_size}"
             )
-        self.residual_scale = self._residual_scale(data, setup)
-        validation_samples = self._validation_samples(data, setup)
-        dataloader = self._make_dataloader(data, seed)
+        return data
 
+    def _prepare_optimization(self, setup: ModelSetup, data: TrainingData, seed: int) -> _LoopState:
+        """Dataloader, AdamW, the LR schedule over the run's length and EMA, passed through `accelerator.prepare`."""
+        config, accelerator, model = self.config, self.accelerator, self.model
+        dataloader = self._make_dataloader(data, seed)
         learning_rate = config.learning_rate
         if config.scale_lr:
             learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
@@ -414,7 +463,7 @@ class Trainer:
             eps=config.adam_epsilon,
             fused=config.fused_optimizer or None,
         )
-        if streaming:
+        if data.sampler is None:
             max_train_steps = config.max_train_steps
         else:
             # Batches per process after sharding, then optimizer steps (the last partial accumulation syncs too).
@@ -448,130 +497,161 @@ class Trainer:
                 model_config=model.config,
             )
             ema.to(accelerator.device)
+        total_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        betas = training_betas(setup.scheduler)
+        return _LoopState(unet, optimizer, dataloader, lr_scheduler, ema, max_train_steps, total_batch, betas)
 
-        global_step, epoch, batches_done = 0, 0, 0
-        resumed_from = None
-        if config.resume_from_checkpoint:
-            resumed_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-            if resumed_from is None:
-                logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
-            else:
-                accelerator.load_state(resumed_from)
-                state = load_checkpoint_extras(resumed_from, ema)
-                global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
-                logger.info("resumed from %s at step %d (epoch %d)", resumed_from, global_step, epoch)
+    def _resume(self, loop: _LoopState) -> None:
+        """Load the accelerator state, EMA and position of `--resume_from_checkpoint`, if there is one."""
+        config = self.config
+        if not config.resume_from_checkpoint:
+            return
+        loop.resumed_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        if loop.resumed_from is None:
+            logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
+            return
+        self.accelerator.load_state(loop.resumed_from)
+        state = load_checkpoint_extras(loop.resumed_from, loop.ema)
+        loop.global_step, loop.epoch = state["global_step"], state["epoch"]
+        loop.batches_done = state["batches_in_epoch"]
+        logger.info("resumed from %s at step %d (epoch %d)", loop.resumed_from, loop.global_step, loop.epoch)
 
+    def _start_tracking(self, setup: ModelSetup, data: TrainingData, loop: _LoopState) -> None:
+        """Start the trackers (main process) and log what is being trained."""
+        config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             accelerator.init_trackers(
                 config.tracker_project_name or ("sr3" if config.task == "sr" else "sr3-uncond"),
                 config=_tracker_config(config),
             )
-        total_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         logger.info(
             "training %s (%.2fM parameters) on %s: %d steps, batch %d (%d per device x %d processes x %d accumulation)",
             setup.description,
-            sum(p.numel() for p in model.parameters()) / 1e6,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
             data.description,
-            max_train_steps,
-            total_batch,
+            loop.max_train_steps,
+            loop.total_batch,
             config.train_batch_size,
             accelerator.num_processes,
             config.gradient_accumulation_steps,
         )
+
+    def _train_loop(self, setup: ModelSetup, data: TrainingData, loop: _LoopState, validation_samples) -> None:
+        """Run epochs until `max_train_steps` optimizer steps are done, checkpointing and validating on the way."""
+        accelerator = self.accelerator
         progress = tqdm(
-            total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+            total=loop.max_train_steps,
+            initial=loop.global_step,
+            desc="steps",
+            disable=not accelerator.is_local_main_process,
         )
         skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        recent_losses = []
-        first_step, loop_started = global_step, time.time()
-        while global_step < max_train_steps:
-            epoch_loader = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
+        loop.first_step, loop_started = loop.global_step, time.time()
+        while loop.global_step < loop.max_train_steps:
+            dataloader = loop.dataloader
+            epoch_loader = (
+                accelerator.skip_first_batches(dataloader, loop.batches_done) if loop.batches_done else dataloader
+            )
             # Accelerate's loaders pass the epoch on to the sampler (or the streamed dataset) when iterated.
-            epoch_loader.set_epoch(epoch)
-            batches_in_epoch = batches_done
-            batches_done = 0
+            epoch_loader.set_epoch(loop.epoch)
+            batches_in_epoch = loop.batches_done
+            loop.batches_done = 0
             saw_batch = False
             for batch in epoch_loader:
                 saw_batch = True
                 batches_in_epoch += 1
                 skipped += batch["skipped"].sum()
-                with accelerator.accumulate(unet):
-                    noised = noise_batch(
-                        model,
-                        betas,
-                        batch["hr"].contiguous(memory_format=memory_format),
-                        None
-                        if batch.get("condition") is None
-                        else batch["condition"].contiguous(memory_format=memory_format),
-                        prediction_type=config.prediction_type,
-                        per_sample_timestep=config.per_sample_timestep,
-                        condition_noise_max=config.condition_noise_max,
-                        residual=config.residual,
-                        residual_scale=self.residual_scale,
-                    )
-                    prediction = predict(unet, noised)
-                    loss = diffusion_loss(
-                        prediction, noised, config.loss_type, config.snr_gamma, config.prediction_type
-                    )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss = accelerator.gather(loss.detach()).mean().item()
-                recent_losses = (recent_losses + [step_loss])[-100:]
+                step_loss = self._train_step(loop, batch)
                 if not accelerator.sync_gradients:
                     continue
-                if ema is not None:
-                    ema.step(model.parameters())
-                global_step += 1
-                last_lr = lr_scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}")
-                logs = {"train/loss": step_loss, "train/lr": last_lr}
-                if ema is not None:
-                    logs["train/ema_decay"] = ema.cur_decay_value
-                accelerator.log(logs, step=global_step)
-                if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                    self._save_checkpoint(accelerator, ema, global_step, epoch, batches_in_epoch)
-                if config.validation_steps and global_step % config.validation_steps == 0:
-                    self._validate(accelerator, model, ema, setup, validation_samples, global_step)
-                if global_step >= max_train_steps:
+                self._after_optimizer_step(setup, loop, progress, step_loss, batches_in_epoch, validation_samples)
+                if loop.global_step >= loop.max_train_steps:
                     break
             # A run resumed exactly at the end of an epoch skips every batch of it: that is not an empty dataset.
             if not saw_batch and batches_in_epoch == 0:
-                raise ValueError(f"{data.description} gave no batch in epoch {epoch}: no usable training images")
-            if global_step < max_train_steps:
-                epoch += 1
+                raise ValueError(f"{data.description} gave no batch in epoch {loop.epoch}: no usable training images")
+            if loop.global_step < loop.max_train_steps:
+                loop.epoch += 1
         progress.close()
-        train_seconds = time.time() - loop_started
-        skipped_total = int(accelerator.reduce(skipped, reduction="sum").item())
+        loop.train_seconds = time.time() - loop_started
+        loop.skipped_total = int(accelerator.reduce(skipped, reduction="sum").item())
 
+    def _train_step(self, loop: _LoopState, batch: Dict[str, Any]) -> float:
+        """One micro-batch: noise it, predict, take the loss and (when the accumulation syncs) an optimizer step."""
+        config, accelerator, memory_format = self.config, self.accelerator, self.memory_format
+        unet = loop.unet
+        with accelerator.accumulate(unet):
+            noised = noise_batch(
+                self.model,
+                loop.betas,
+                batch["hr"].contiguous(memory_format=memory_format),
+                None if batch.get("condition") is None else batch["condition"].contiguous(memory_format=memory_format),
+                prediction_type=config.prediction_type,
+                per_sample_timestep=config.per_sample_timestep,
+                condition_noise_max=config.condition_noise_max,
+                residual=config.residual,
+                residual_scale=self.residual_scale,
+            )
+            prediction = predict(unet, noised)
+            loss = diffusion_loss(prediction, noised, config.loss_type, config.snr_gamma, config.prediction_type)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+            loop.optimizer.step()
+            loop.lr_scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+        step_loss = accelerator.gather(loss.detach()).mean().item()
+        loop.recent_losses = (loop.recent_losses + [step_loss])[-100:]
+        return step_loss
+
+    def _after_optimizer_step(
+        self, setup: ModelSetup, loop: _LoopState, progress: Any, step_loss: float, batches_in_epoch: int, samples
+    ) -> None:
+        """EMA update, progress and logs, then a checkpoint and validation when due."""
+        config, accelerator = self.config, self.accelerator
+        if loop.ema is not None:
+            loop.ema.step(self.model.parameters())
+        loop.global_step += 1
+        last_lr = loop.lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}")
+        logs = {"train/loss": step_loss, "train/lr": last_lr}
+        if loop.ema is not None:
+            logs["train/ema_decay"] = loop.ema.cur_decay_value
+        accelerator.log(logs, step=loop.global_step)
+        if config.checkpointing_steps and loop.global_step % config.checkpointing_steps == 0:
+            self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
+        if config.validation_steps and loop.global_step % config.validation_steps == 0:
+            self._validate(accelerator, self.model, loop.ema, setup, samples, loop.global_step)
+
+    def _finish(self, setup: ModelSetup, data: TrainingData, loop: _LoopState, samples, started: float) -> None:
+        """Write the summary and the final pipeline (main process), end tracking, and upload when asked to."""
+        config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            steps_this_run, seconds = loop.global_step - loop.first_step, loop.train_seconds
             self.summary = dict(
                 output_dir=config.output_dir,
-                global_step=global_step,
-                steps_this_run=global_step - first_step,
-                epochs=epoch + 1,
-                resumed_from=resumed_from,
+                global_step=loop.global_step,
+                steps_this_run=steps_this_run,
+                epochs=loop.epoch + 1,
+                resumed_from=loop.resumed_from,
                 num_processes=accelerator.num_processes,
-                total_batch_size=total_batch,
-                final_loss=sum(recent_losses) / len(recent_losses) if recent_losses else None,
+                total_batch_size=loop.total_batch,
+                final_loss=sum(loop.recent_losses) / len(loop.recent_losses) if loop.recent_losses else None,
                 skipped_at_scan=dict(data.skipped_at_scan),
-                skipped_during_training=skipped_total,
-                train_seconds=round(train_seconds, 2),
-                steps_per_second=round((global_step - first_step) / train_seconds, 3) if train_seconds else None,
+                skipped_during_training=loop.skipped_total,
+                train_seconds=round(seconds, 2),
+                steps_per_second=round(steps_this_run / seconds, 3) if seconds else None,
                 checkpoints=[os.path.basename(path) for path in list_checkpoints(config.output_dir)],
                 residual_scale=self.residual_scale if config.residual else None,
             )
-            self._save_final(accelerator, model, ema, setup, data, validation_samples, global_step)
+            self._save_final(accelerator, self.model, loop.ema, setup, data, samples, loop.global_step)
             self.summary["total_seconds"] = round(time.time() - started, 2)
             # The file travels with the model (and to the Hub): folder names only, not this machine's paths.
             written = dict(self.summary, output_dir=os.path.basename(os.path.abspath(config.output_dir)))
-            if resumed_from:
-                written["resumed_from"] = os.path.basename(os.path.normpath(resumed_from))
+            if loop.resumed_from:
+                written["resumed_from"] = os.path.basename(os.path.normpath(loop.resumed_from))
             with open(os.path.join(config.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
                 json.dump(redact_value(written), handle, indent=2)
             self._print_summary()
@@ -582,7 +662,6 @@ class Trainer:
                 config.output_dir, config.hub_model_id, config.hub_token, config.hub_private
             )
             logger.info("uploaded to %s", self.summary["hub_commit"])
-        return config.output_dir
 
     # -- pieces of the loop -----------------------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""Making one training sample (HR crop, LR, upsampled condition) from a high-resolution image."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from ..image_processing import degrade, resize_bicubic, upsample_condition
+from .decoding import BadImageError
+
+
+@dataclass
+class PairMaker:
+    """Turns one high-resolution image (and an optional stored low-resolution one) into a training sample.
+
+    Args:
+        resolution: the training (high-resolution) size; images are cropped square to it.
+        upscale_factor: super-resolution factor, or None for unconditional training.
+        random_flip: flip horizontally with probability 1/2.
+        random_crop: take a random `resolution` crop at full scale; otherwise resize the shorter side to
+            `resolution` and take the centre crop.
+        lr_blur_sigma: if > 0, blur the low-resolution image with a Gaussian of sigma uniform in
+            [0, lr_blur_sigma] (the SR3 paper's cascade augmentation).
+    """
+
+    resolution: int
+    upscale_factor: Optional[int] = None
+    random_flip: bool = True
+    random_crop: bool = False
+    lr_blur_sigma: float = 0.0
+
+    def crop(self, image: torch.Tensor, generator: Optional[torch.Generator], name: str) -> torch.Tensor:
+        """Square crop of `image` `(3, H, W)` to `resolution` (random, or centre without a generator, at full scale;
+        or resized-centre); too small is bad."""
+        height, width = image.shape[-2:]
+        size = self.resolution
+        if min(height, width) < size:
+            raise BadImageError(f"{name}: {height}x{width} is smaller than the training resolution {size}", "small")
+        if self.random_crop:
+            if generator is None:  # no augmentation: the centre crop, at full scale like the random ones
+                top, left = (height - size) // 2, (width - size) // 2
+            else:
+                top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+            return image[:, top : top + size, left : left + size]
+        scale = size / min(height, width)
+        new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+        image = resize_bicubic(image[None], new_size)[0]
+        top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+        return image[:, top : top + size, left : left + size]
+
+    def __call__(
+        self,
+        high_resolution: torch.Tensor,
+        low_resolution: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        augment: bool = True,
+        name: str = "image",
+    ) -> Dict[str, torch.Tensor]:
+        """Make `{"hr": (3, R, R)}` (plus `"condition"` for super-resolution), all float32 in [-1, 1].
+
+        A stored `low_resolution` image must be exactly `resolution / upscale_factor` square and its partner
+        exactly `resolution`: stored pairs are never cropped, so they stay aligned.
+        """
+        size = self.resolution
+        if low_resolution is not None:
+            expected = size // self.upscale_factor
+            if tuple(high_resolution.shape[-2:]) != (size, size) or tuple(low_resolution.shape[-2:]) != (
+                expected,
+                expected,
+            ):
+                raise BadImageError(
+                    f"{name}: stored pair is {tuple(high_resolution.shape[-2:])} / {tuple(low_resolution.shape[-2:])}"
+                    f", expected ({size}, {size}) / ({expected}, {expected})",
+                    "size mismatch",
+                )
+        else:
+            high_resolution = self.crop(high_resolution, generator if augment else None, name)
+        if augment and self.random_flip and float(torch.rand((), generator=generator)) < 0.5:
+            high_resolution = high_resolution.flip(-1)
+            low_resolution = None if low_resolution is None else low_resolution.flip(-1)
+        sample = {"hr": high_resolution.float().contiguous()}
+        if self.upscale_factor is None:
+            return sample
+        if low_resolution is None:
+            low_resolution = degrade(high_resolution[None], self.upscale_factor)[0][0]
+        if augment and self.lr_blur_sigma > 0:
+            sigma = float(torch.rand((), generator=generator)) * self.lr_blur_sigma
+            low_resolution = gaussian_blur(low_resolution, sigma)
+        sample["lr"] = low_resolution.float().contiguous()
+        sample["condition"] = upsample_condition(low_resolution[None], (size, size))[0].float().contiguous()
+        return sample
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of `(3, H, W)` with reflect padding; sigma below 0.05 px is a no-op."""
+    if sigma < 0.05:
+        return image
+    from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
+
+    radius = max(1, math.ceil(3 * sigma))
+    kernel = min(2 * radius + 1, 2 * ((min(image.shape[-2:]) - 1) // 2) + 1)
+    return tv_gaussian_blur(image[None], [kernel, kernel], [sigma, sigma])[0]
+
+
+def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The random source of one sample's augmentation: a function of (seed, epoch, position) only, so a
+    resumed run, any number of dataloader workers and any process count give every sample the same draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)

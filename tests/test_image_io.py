@@ -1,0 +1,142 @@
+"""One image walker and one image opener: EXIF orientation, RGB, clear errors, through every entry point."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffusers_sr3.cli import main
+from diffusers_sr3.data import build_training_data
+from diffusers_sr3.image_io import (
+    ImageTooLargeError,
+    UnreadableImageError,
+    find_images,
+    image_size,
+    open_image,
+    walk_images,
+)
+
+ROTATE_90_CLOCKWISE = 6  # EXIF orientation: the stored pixels must be turned 90 degrees clockwise for display
+
+
+def _pixels(width, height, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def phone_photo(folder, name, width, height, seed=0):
+    """A PNG as a phone writes it: stored sideways (`width` x `height`) with an EXIF orientation tag, and the
+    same picture stored upright without a tag (what every reader must see)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = PIL.Image.fromarray(_pixels(width, height, seed))
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = ROTATE_90_CLOCKWISE
+    tagged, upright = folder / f"{name}.png", folder.parent / f"{folder.name}_upright" / f"{name}.png"
+    stored.save(tagged, exif=exif)
+    upright.parent.mkdir(exist_ok=True)
+    stored.transpose(PIL.Image.Transpose.ROTATE_270).save(upright)
+    return tagged, upright
+
+
+def test_open_image_turns_exif_rotated_photos_upright(tmp_path):
+    tagged, upright = phone_photo(tmp_path / "phone", "portrait", 12, 6)
+    assert PIL.Image.open(tagged).size == (12, 6)  # stored sideways
+    image = open_image(tagged)
+    assert image.size == (6, 12) and image.mode == "RGB" and image_size(tagged) == (6, 12)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(PIL.Image.open(upright)))
+    np.testing.assert_array_equal(np.asarray(open_image(tagged.read_bytes())), np.asarray(image))
+
+
+def test_open_image_converts_to_rgb_and_names_the_file_in_errors(tmp_path):
+    PIL.Image.new("P", (4, 4)).save(tmp_path / "palette.png")
+    PIL.Image.new("LA", (4, 4)).save(tmp_path / "gray.png")
+    assert open_image(tmp_path / "palette.png").mode == open_image(tmp_path / "gray.png").mode == "RGB"
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
+        open_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UnreadableImageError, match="cannot read image .*notes.png") as caught:
+        open_image(tmp_path / "notes.png")
+    assert caught.value.not_an_image and isinstance(caught.value, ValueError)
+    PIL.Image.fromarray(_pixels(64, 64)).save(tmp_path / "whole.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])
+    with pytest.raises(UnreadableImageError, match="truncated.png") as caught:
+        open_image(tmp_path / "truncated.png")
+    assert not caught.value.not_an_image
+    with pytest.raises(ImageTooLargeError, match="64x64 = 4,096 pixels") as caught:
+        open_image(tmp_path / "whole.png", max_pixels=4000)
+    assert caught.value.size == (64, 64)
+
+
+def test_one_walker_for_folders_files_and_globs(tmp_path):
+    for relative in ("b.png", "a.JPG", "sub/c.webp", "sub/notes.txt", ".cache/d.png", "sub/.hidden/e.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    expected = [str(tmp_path / name) for name in ("a.JPG", "b.png", "sub/c.webp")]
+    assert walk_images(tmp_path) == expected
+    assert find_images([str(tmp_path), str(tmp_path / "b.png")]) == expected
+    assert find_images([str(tmp_path / "*.png")]) == [str(tmp_path / "b.png")]
+    with pytest.raises(FileNotFoundError, match="no such file, folder or matching glob"):
+        find_images([str(tmp_path / "nothing*.png")])
+
+
+def test_library_modules_do_not_import_the_command_line_layer():
+    import pathlib
+    import re
+
+    import diffusers_sr3
+
+    package = pathlib.Path(diffusers_sr3.__file__).parent
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "commands" not in path.parts
+        and path.name not in ("cli.py", "__main__.py")
+        and re.search(r"^\s*from\s+(\.+|diffusers_sr3\.)commands\b", path.read_text(), re.M)
+    ]
+    assert offenders == []
+
+
+def test_upscale_applies_the_exif_orientation(tiny_pipeline, tmp_path):
+    model = tmp_path / "model"
+    tiny_pipeline.save_pretrained(model)
+    tagged, upright = phone_photo(tmp_path / "phone", "photo", 8, 4)
+    outputs = {}
+    for kind, source in (("tagged", tagged), ("upright", upright)):
+        out = tmp_path / f"out_{kind}.png"
+        arguments = ["upscale", str(source), "--model", str(model), "--output", str(out), "--steps", "2"]
+        assert main(arguments + ["--scheduler", "ddim", "--device", "cpu"]) == 0
+        outputs[kind] = np.asarray(PIL.Image.open(out))
+    assert outputs["tagged"].shape == (32, 16, 3)  # 4x8 upright, x4
+    np.testing.assert_array_equal(outputs["tagged"], outputs["upright"])
+
+
+def test_prepare_applies_the_exif_orientation(tmp_path):
+    tagged, upright = phone_photo(tmp_path / "phone", "photo", 48, 24)
+    for folder in (tagged.parent, upright.parent):
+        assert main(["prepare", str(folder), "--out", str(tmp_path / f"{folder.name}_out"), "--sizes", "4,16"]) == 0
+    for kind in ("hr_16", "lr_4", "sr_4_16"):
+        np.testing.assert_array_equal(
+            np.asarray(PIL.Image.open(tmp_path / "phone_out" / kind / "00000.png")),
+            np.asarray(PIL.Image.open(tmp_path / "phone_upright_out" / kind / "00000.png")),
+        )
+
+
+def test_eval_applies_the_exif_orientation(tmp_path):
+    tagged, upright = phone_photo(tmp_path / "phone", "photo", 32, 16)
+    report = tmp_path / "report.json"
+    assert main(["eval", "--hr", str(upright.parent), "--sr", str(tagged.parent), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["images"]["photo"]["psnr"] == "inf"  # identical once upright
+
+
+def test_training_data_applies_the_exif_orientation(tmp_path):
+    tagged, upright = phone_photo(tmp_path / "phone", "photo", 32, 16)
+    options = dict(resolution=16, upscale_factor=4, random_flip=False)
+    rotated = build_training_data(train_images=[str(tagged)], **options).dataset.sample(0, augment=False)
+    plain = build_training_data(train_images=[str(upright)], **options).dataset.sample(0, augment=False)
+    for key in ("hr", "lr", "condition"):
+        np.testing.assert_array_equal(rotated[key].numpy(), plain[key].numpy())
+    # The folder source and bytes (as `datasets` stores images) go through the same opener.
+    from_folder = build_training_data(train_data_dir=str(tagged.parent), **options).dataset.sample(0, augment=False)
+    np.testing.assert_array_equal(from_folder["hr"].numpy(), plain["hr"].numpy())
+    from_bytes = build_training_data(train_dataset=[{"image": {"bytes": tagged.read_bytes()}}], **options)
+    np.testing.assert_array_equal(from_bytes.dataset.sample(0, augment=False)["hr"].numpy(), plain["hr"].numpy())
