@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -106,10 +106,11 @@ class SR3Pipeline(SR3BasePipeline):
         level = self.config.condition_noise_level if level is None else float(level)
         if level == 0:
             return condition, 0.0
+        device = condition.device
         if isinstance(generator, list):
-            noise = torch.cat([randn_tensor((1, *condition.shape[1:]), generator=g) for g in generator])
+            noise = torch.cat([randn_tensor((1, *condition.shape[1:]), generator=g, device=device) for g in generator])
         else:
-            noise = randn_tensor(condition.shape, generator=generator)
+            noise = randn_tensor(condition.shape, generator=generator, device=device)
         return augment_condition(condition, level, noise=noise), level
 
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
@@ -129,11 +130,12 @@ class SR3Pipeline(SR3BasePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         num_intermediates: int = 0,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end: Optional[StepCallback] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         condition_noise_level: Optional[float] = None,
         mode: str = "detail",
         eta: Optional[float] = None,
+        latents: Optional[torch.Tensor] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -152,11 +154,14 @@ class SR3Pipeline(SR3BasePipeline):
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
             num_intermediates (`int`, defaults to 0): Also return the noisy image after this many evenly spaced
                 steps (the last one is the result), to draw the refinement process.
-            callback_on_step_end (`Callable`, optional): Called after each step as
-                `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a dict with a
-                replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, optional): Called after
+                each step as `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a
+                dict with a replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale) and/or
+                `"condition"` (the upsampled input the next steps are conditioned on, in [-1, 1]). It can read
+                `pipeline.num_timesteps` and stop the refinement early with `pipeline._interrupt = True`.
             callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Which of
-                `"latents"` and `"condition"` go into `callback_kwargs`.
+                `"latents"` and `"condition"` go into `callback_kwargs` (a `PipelineCallback`'s own `tensor_inputs`
+                take its place).
             condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
                 `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
                 input is noised at this level (drawn from `generator`) and the level is passed to the network.
@@ -169,6 +174,9 @@ class SR3Pipeline(SR3BasePipeline):
             eta (`float`, optional): Detail mode with schedulers that take it (DDIM): 0 (the default) samples
                 deterministically from the starting noise; up to 1 adds fresh noise at every step (DDPM-like),
                 which gives grainier texture.
+            latents (`torch.Tensor`, optional): The starting noise, `(batch, 3, height, width)` at the output size
+                padded to the UNet's downsampling factor, unit variance (scaled by the scheduler's `init_noise_sigma`
+                here); drawn from `generator` when not given. In fidelity mode it is the one noisy input.
 
         Examples:
 
@@ -195,16 +203,19 @@ class SR3Pipeline(SR3BasePipeline):
                 callback_on_step_end_tensor_inputs,
                 condition_noise_level,
                 eta,
+                latents,
             )
         elif mode == "fidelity":
-            result = self._predict_clean_once(shape, condition, generator, condition_noise_level)
+            result = self._predict_clean_once(shape, condition, generator, condition_noise_level, latents)
             snapshots = [result] if num_intermediates else []
         else:
             raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
         images = postprocess(self._to_image(result, upsampled)[..., :height, :width], output_type)
-        intermediates = [postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots]
+        intermediates = [
+            postprocess(self._to_image(s, upsampled)[..., :height, :width], output_type) for s in snapshots
+        ]
         intermediates = intermediates or None
         self.maybe_free_model_hooks()
         if not return_dict:
