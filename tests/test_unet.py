@@ -92,10 +92,10 @@ def test_attention_processors_can_be_swapped_and_fused(tiny_unet):
         torch.testing.assert_close(tiny_unet(sample, levels).sample, reference)
 
 
-def _legacy_state_dict(unet):
-    """The state dict as diffusers-sr3 0.1.0 saved it (`attention.norm`, a 1x1-conv `qkv`, `proj_out`)."""
+def _legacy(values):
+    """Tensors by current name -> by the names (and shapes) of diffusers-sr3 0.1.0's 1x1-conv attention."""
     legacy = {}
-    for key, value in unet.state_dict().items():
+    for key, value in values.items():
         path, _, rest = key.partition(".attention.")
         if not rest:
             legacy[key] = value.clone()
@@ -105,9 +105,56 @@ def _legacy_state_dict(unet):
             kind = rest.split(".")[-1]
             legacy[f"{path}.attention.proj_out.{kind}"] = value[:, :, None, None] if kind == "weight" else value
         elif rest == "to_q.weight":
-            parts = [unet.state_dict()[f"{path}.attention.to_{name}.weight"] for name in "qkv"]
+            parts = [values[f"{path}.attention.to_{name}.weight"] for name in "qkv"]
             legacy[f"{path}.attention.qkv.weight"] = torch.cat(parts)[:, :, None, None].clone()
     return legacy
+
+
+def _legacy_state_dict(unet):
+    """The state dict as diffusers-sr3 0.1.0 saved it (`attention.norm`, a 1x1-conv `qkv`, `proj_out`)."""
+    return _legacy(unet.state_dict())
+
+
+def test_training_checkpoints_of_0_1_0_resume_ema_and_optimizer():
+    from diffusers_sr3.models.unet_sr3 import (
+        convert_legacy_optimizer_state,
+        convert_legacy_parameter_list,
+        legacy_parameter_names,
+    )
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).train()
+    names = [name for name, _ in unet.named_parameters()]
+    legacy_names = legacy_parameter_names(unet)
+    assert len(legacy_names) == len(names) - 2 * 3  # 3 attention layers: 7 parameters each, 5 before
+    assert legacy_names == list(_legacy({name: p for name, p in unet.named_parameters()}))
+    # EMA shadow weights: a list in 0.1.0's order.
+    legacy_ema = list(_legacy({name: p.detach() * 2 for name, p in unet.named_parameters()}).values())
+    for converted, (name, parameter) in zip(convert_legacy_parameter_list(unet, legacy_ema), unet.named_parameters()):
+        torch.testing.assert_close(converted, parameter.detach() * 2, msg=name)
+    # AdamW state after one step, as a 0.1.0 checkpoint stores it, loads into the current optimizer.
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    unet(torch.randn(1, 6, 32, 32), 0.5).sample.square().mean().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    moments = {field: {n: state["state"][i][field] for i, n in enumerate(names)} for field in ("exp_avg", "exp_avg_sq")}
+    legacy_moments = {field: list(_legacy(values).values()) for field, values in moments.items()}
+    legacy_state = {
+        "state": {
+            i: {"step": state["state"][0]["step"], **{f: legacy_moments[f][i] for f in legacy_moments}}
+            for i in range(len(legacy_names))
+        },
+        "param_groups": [{**state["param_groups"][0], "params": list(range(len(legacy_names)))}],
+    }
+    fresh = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(legacy_state)  # what a resume did without the conversion
+    fresh.register_load_state_dict_pre_hook(lambda _, loaded: convert_legacy_optimizer_state(unet, loaded))
+    fresh.load_state_dict(legacy_state)
+    for index, name in enumerate(names):
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fresh.state_dict()["state"][index][field], moments[field][name], msg=name)
+    assert convert_legacy_optimizer_state(unet, state) is state  # current checkpoints pass unchanged
 
 
 def test_weights_saved_before_diffusers_attention_still_load(tmp_path, tiny_unet):

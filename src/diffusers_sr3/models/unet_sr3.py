@@ -11,7 +11,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,77 @@ def convert_legacy_attention_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[s
             for projection, part in zip(("to_q", "to_k", "to_v"), thirds):
                 state_dict[f"{path}.{projection}.{kind}"] = part.contiguous()
     return state_dict
+
+
+_ATTENTION_PARAMETER = re.compile(
+    r"^(?P<path>(?:.*\.)?attention)\.(?:group_norm|to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)$"
+)
+
+
+def legacy_parameter_names(model: nn.Module) -> List[str]:
+    """The names of `model.parameters()` in the order diffusers-sr3 0.1.0 registered them.
+
+    Per-parameter lists saved by training checkpoints of 0.1.0 (EMA shadow weights, optimizer moments) follow this
+    order; `convert_legacy_parameter_list` turns such a list into the current order.
+    """
+    names = []
+    for name, _ in model.named_parameters():
+        match = _ATTENTION_PARAMETER.match(name)
+        if match is None:
+            names.append(name)
+        elif name.endswith(".group_norm.weight"):  # the first parameter of each attention layer
+            path = match.group("path")
+            names += [f"{path}.{rest}" for rest in ("norm.weight", "norm.bias", "qkv.weight", "proj_out.weight")]
+            names.append(f"{path}.proj_out.bias")
+    return names
+
+
+def convert_legacy_parameter_list(model: nn.Module, values: Sequence[Any]) -> List[Any]:
+    """Per-parameter values in 0.1.0's order and shapes (EMA weights, Adam moments) -> the model's current ones.
+
+    Tensors shaped like their parameter are converted as weights are (the `qkv` entry splits into q, k, v);
+    anything else (a step count, None) is repeated for each parameter it now stands for.
+    """
+    legacy = legacy_parameter_names(model)
+    if len(values) != len(legacy):
+        raise ValueError(f"{len(values)} values for the {len(legacy)} parameters of a diffusers-sr3 0.1.0 model")
+    converted: Dict[str, Any] = {}
+    for name, value in zip(legacy, values):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            converted.update(convert_legacy_attention_keys({name: value}))
+            continue
+        match = _LEGACY_ATTENTION_KEY.match(name)
+        if match is None:
+            converted[name] = value
+            continue
+        path, kind = match.group("path"), match.group("kind")
+        targets = {"norm": ["group_norm"], "qkv": ["to_q", "to_k", "to_v"], "proj_out": ["to_out.0"]}
+        for target in targets[match.group("name")]:
+            converted[f"{path}.{target}.{kind}"] = value
+    return [converted[name] for name, _ in model.named_parameters()]
+
+
+def convert_legacy_optimizer_state(model: nn.Module, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """A torch optimizer state dict saved for a 0.1.0 model (one parameter group), for the current model.
+
+    Returned unchanged when it already fits. Use as an optimizer `load_state_dict` pre-hook, so that training
+    checkpoints of 0.1.0 resume: `optimizer.register_load_state_dict_pre_hook(lambda o, s: convert...(model, s))`.
+    """
+    legacy, current = legacy_parameter_names(model), [name for name, _ in model.named_parameters()]
+    groups = state_dict.get("param_groups", [])
+    if len(legacy) == len(current) or len(groups) != 1 or len(groups[0]["params"]) != len(legacy):
+        return state_dict
+    states = [state_dict["state"].get(index) or {} for index in groups[0]["params"]]
+    new_states: List[Dict[str, Any]] = [{} for _ in current]
+    for field in dict.fromkeys(field for state in states for field in state):
+        values = convert_legacy_parameter_list(model, [state.get(field) for state in states])
+        for new_state, value in zip(new_states, values):
+            if value is not None:
+                new_state[field] = value
+    return {
+        "state": {index: state for index, state in enumerate(new_states) if state},
+        "param_groups": [{**groups[0], "params": list(range(len(current)))}],
+    }
 
 
 def _legacy_attention_pre_hook(module, state_dict, prefix, *args) -> None:

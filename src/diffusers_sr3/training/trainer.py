@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
-from ..models.unet_sr3 import SR3UNet2DModel
+from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import make_scheduler, swap_scheduler, training_betas
 from ..presets import get_preset
 from .checkpointing import (
@@ -315,6 +315,8 @@ class Trainer:
             eps=config.adam_epsilon,
             fused=config.fused_optimizer or None,
         )
+        # Optimizer states of checkpoints saved by diffusers-sr3 0.1.0 (other attention parameters) still resume.
+        optimizer.register_load_state_dict_pre_hook(lambda _, state: convert_legacy_optimizer_state(model, state))
         if streaming:
             max_train_steps = config.max_train_steps
         else:
@@ -358,7 +360,7 @@ class Trainer:
                 logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
             else:
                 accelerator.load_state(resumed_from)
-                state = load_checkpoint_extras(resumed_from, ema)
+                state = load_checkpoint_extras(resumed_from, ema, model)
                 global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
                 logger.info("resumed from %s at step %d (epoch %d)", resumed_from, global_step, epoch)
 
