@@ -201,8 +201,12 @@ def test_cascade_tiles_large_stages_when_asked():
 def small_cascade():
     base = SR3UnconditionalPipeline(unet(3, 16), make_scheduler("ddim", n_timestep=50))
     stage_1 = SR3Pipeline(unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
-    stage_2 = SR3Pipeline(unet(6, 64, condition_noise_embedding=True), make_scheduler("ddim", n_timestep=50))
-    stage_2.register_to_config(upscale_factor=2, condition_noise_level=0.1)
+    stage_2 = SR3Pipeline(
+        unet(6, 64, condition_noise_embedding=True),
+        make_scheduler("ddim", n_timestep=50),
+        upscale_factor=2,
+        condition_noise_level=0.1,
+    )
     cascade = SR3CascadePipeline.from_stages(base, [stage_1, stage_2])
     cascade.set_progress_bar_config(disable=True)
     return cascade

@@ -154,6 +154,8 @@ def test_training_checkpoints_of_0_1_0_resume_ema_and_optimizer():
     for index, name in enumerate(names):
         for field in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(fresh.state_dict()["state"][index][field], moments[field][name], msg=name)
+    steps = [entry["step"] for entry in fresh.state_dict()["state"].values()]
+    assert len({id(step) for step in steps}) == len(steps)  # step counts are not shared between parameters
     assert convert_legacy_optimizer_state(unet, state) is state  # current checkpoints pass unchanged
 
 

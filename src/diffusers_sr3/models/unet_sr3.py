@@ -225,7 +225,8 @@ def convert_legacy_parameter_list(model: nn.Module, values: Sequence[Any]) -> Li
         path, kind = match.group("path"), match.group("kind")
         targets = {"norm": ["group_norm"], "qkv": ["to_q", "to_k", "to_v"], "proj_out": ["to_out.0"]}
         for target in targets[match.group("name")]:
-            converted[f"{path}.{target}.{kind}"] = value
+            # A copy each: optimizers update step counts in place, which must not be shared between parameters.
+            converted[f"{path}.{target}.{kind}"] = value.clone() if isinstance(value, torch.Tensor) else value
     return [converted[name] for name, _ in model.named_parameters()]
 
 

@@ -233,7 +233,6 @@ class SR3CascadePipeline(SR3BasePipeline):
         all_stages = (
             [postprocess(output * 2 - 1, output_type) for output in stage_outputs] if return_all_stages else None
         )
-        self.maybe_free_model_hooks()
         if not return_dict:
             return (images, all_stages)
         return SR3CascadePipelineOutput(images=images, stage_images=all_stages)
