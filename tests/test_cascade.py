@@ -196,3 +196,62 @@ def test_cascade_tiles_large_stages_when_asked():
     )
     assert tiled.images.shape == whole.images.shape == (1, 3, 64, 64)
     assert (tiled.images - whole.images).abs().mean() < 0.05  # a smooth input: tiles agree with the whole
+
+
+def small_cascade():
+    base = SR3UnconditionalPipeline(unet(3, 16), make_scheduler("ddim", n_timestep=50))
+    stage_1 = SR3Pipeline(unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    stage_2 = SR3Pipeline(
+        unet(6, 64, condition_noise_embedding=True),
+        make_scheduler("ddim", n_timestep=50),
+        upscale_factor=2,
+        condition_noise_level=0.1,
+    )
+    cascade = SR3CascadePipeline.from_stages(base, [stage_1, stage_2])
+    cascade.set_progress_bar_config(disable=True)
+    return cascade
+
+
+def run_cascade(cascade, **kwargs):
+    return cascade(num_inference_steps=[1, 2, 1], generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_cascade_reports_the_device_and_dtype_of_its_stages():
+    cascade = small_cascade()
+    assert cascade.device.type == "cpu" and cascade.dtype == torch.float32
+    cascade.to(torch.bfloat16)
+    assert cascade.dtype == torch.bfloat16
+    cascade.to("meta")  # any device that is not the CPU: the cascade must report it, not a default
+    assert cascade.device.type == "meta" and cascade.stage_2.unet.device.type == "meta"
+
+
+def test_cascade_model_cpu_offload_across_stages():
+    cascade = small_cascade()
+    reference = run_cascade(cascade, output_type="pt")
+    cascade.enable_model_cpu_offload(device="cpu")
+    for pipeline in (cascade.base, cascade.stage_1, cascade.stage_2):
+        assert hasattr(pipeline.unet, "_hf_hook")  # accelerate's offload hook on every stage's network
+    torch.testing.assert_close(run_cascade(cascade, output_type="pt"), reference)
+    assert cascade._execution_device.type == "cpu"
+    cascade.remove_all_hooks()
+
+
+def test_cascade_hands_tensors_between_stages_without_a_cpu_round_trip(monkeypatch):
+    """Stage outputs stay on the stages' device: nothing calls `.cpu()` between stages (only the final `"np"`)."""
+    cascade = small_cascade()
+    reference = run_cascade(cascade, output_type="pt")
+    calls = []
+    original = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        if self.ndim == 4:  # images; the schedule's few step values are read on the host once per stage
+            calls.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    torch.testing.assert_close(run_cascade(cascade, output_type="pt"), reference)
+    image = torch.rand(1, 3, 8, 8)
+    cascade(image=image, num_inference_steps=[1, 1], output_type="pt")
+    assert calls == []
+    run_cascade(cascade, output_type="np")
+    assert calls == [(1, 64, 64, 3)]  # the final conversion to numpy only

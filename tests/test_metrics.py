@@ -11,6 +11,7 @@ Measured agreement (these tolerances are what the assertions demand):
 """
 
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -207,3 +208,58 @@ def test_image_quality_diagnostics():
     assert all(8 < error <= 20.5 for error in tinted["colour_error"])  # +20 levels, less where clipped at 255
     noisy = metrics.image_quality((hr + 0.3 * torch.randn_like(hr)).clamp(-1, 1), hr, lr)
     assert noisy["edge_ratio"] > 1
+
+
+def test_evaluate_module_loads_offline_from_the_installed_package(monkeypatch, tmp_path):
+    """`evaluate.load(path)` of the shipped module: no Hub, the original's numbers, a model-card friendly output."""
+    evaluate = pytest.importorskip("evaluate")
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    path = metrics.evaluate_module_path()
+    assert os.path.isfile(path) and path.startswith(os.path.dirname(metrics.__file__))
+    module = evaluate.load(path)
+    assert module.name == "sr3_metrics"
+    names = [name for name in pair_names() if name != "identical_128"][:3]
+    sr = [load(PAIRS / f"{name}_sr.png") for name in names]
+    hr = [PIL.Image.open(PAIRS / f"{name}_hr.png") for name in names]  # PIL images and arrays both work
+    results = module.compute(predictions=sr, references=hr)
+    assert set(results) == {"psnr", "ssim", "num_images"} and results["num_images"] == 3
+    assert all(isinstance(value, (int, float)) for value in results.values())  # plain numbers for model-index
+    expected_psnr = np.mean([original_psnr(s, load(PAIRS / f"{n}_hr.png")) for s, n in zip(sr, names)])
+    expected_ssim = np.mean([original_ssim(s, load(PAIRS / f"{n}_hr.png")) for s, n in zip(sr, names)])
+    assert results["psnr"] == pytest.approx(expected_psnr, abs=1e-9)
+    assert results["ssim"] == pytest.approx(expected_ssim, abs=1e-10)
+    # Batches added one at a time give the same; per-image values on request.
+    for prediction, reference in zip(sr, hr):
+        module.add(predictions=prediction, references=reference)
+    detailed = module.compute(per_image=True)
+    assert detailed["psnr"] == pytest.approx(results["psnr"], abs=1e-12) and len(detailed["ssim_per_image"]) == 3
+
+
+def test_evaluate_module_sr3_eval_and_validation_agree(tmp_path, capsys):
+    """The three entry points (evaluate module, `sr3 eval`, training validation's `evaluate_batch`) are one code."""
+    import json
+
+    evaluate = pytest.importorskip("evaluate")
+    from diffusers_sr3.cli import main
+
+    triples = [t for t in sample_triples() if t[1].parent.parent.name == "ffhq_64_512"][:2]
+    lr, hr, sr = ([load(t[index]) for t in triples] for index in range(3))
+    module_results = evaluate.load(metrics.evaluate_module_path()).compute(
+        predictions=sr, references=hr, low_resolution=lr
+    )
+    for kind, images in (("lr", lr), ("hr", hr), ("sr", sr)):
+        (tmp_path / kind).mkdir()
+        for index, image in enumerate(images):
+            PIL.Image.fromarray(image).save(tmp_path / kind / f"{index}.png")
+    report = tmp_path / "report.json"
+    folders = ["--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--lr", str(tmp_path / "lr")]
+    assert main(["eval", *folders, "--json", str(report), "--quiet"]) == 0
+    cli_means = json.loads(report.read_text())["mean"]
+
+    def batch(images):
+        return torch.stack([torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1 for image in images])
+
+    validation = metrics.summarize(metrics.evaluate_batch(batch(sr), batch(hr), batch(lr)))
+    for name in ("psnr", "ssim", "consistency"):
+        assert module_results[name] == pytest.approx(cli_means[name], rel=1e-12)
+        assert module_results[name] == pytest.approx(validation[name], rel=1e-9)

@@ -1,10 +1,11 @@
-"""SR3UNet2DModel: shapes, both conditioning kinds, attention, checkpointing, save/load."""
+"""SR3UNet2DModel: shapes, both conditioning kinds, Diffusers attention and memory features, save/load."""
 
 import math
 
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import REPO, tiny_unet_config
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from diffusers_sr3 import SR3UNet2DModel
 
@@ -50,23 +51,210 @@ def test_non_square_inputs():
 
 
 def _reference_attention(attention, hidden_states):
-    """The original SR3 SelfAttention formula (einsum, scale 1/sqrt(C), one head)."""
+    """The original SR3 SelfAttention formula (einsum, scale 1/sqrt(C), one head), from the 1x1-conv weights."""
     batch, channels, height, width = hidden_states.shape
-    qkv = attention.qkv(attention.norm(hidden_states)).view(batch, 1, channels * 3, height, width)
-    query, key, value = qkv.chunk(3, dim=2)
+    qkv_weight = torch.cat([attention.to_q.weight, attention.to_k.weight, attention.to_v.weight])[:, :, None, None]
+    qkv = torch.nn.functional.conv2d(attention.group_norm(hidden_states), qkv_weight)
+    query, key, value = qkv.view(batch, 1, channels * 3, height, width).chunk(3, dim=2)
     weights = torch.einsum("bnchw, bncyx -> bnhwyx", query, key) / math.sqrt(channels)
     weights = torch.softmax(weights.reshape(batch, 1, height, width, -1), -1).view(
         batch, 1, height, width, height, width
     )
-    out = torch.einsum("bnhwyx, bncyx -> bnchw", weights, value)
-    return attention.proj_out(out.reshape(batch, channels, height, width)) + hidden_states
+    out = torch.einsum("bnhwyx, bncyx -> bnchw", weights, value).reshape(batch, channels, height, width)
+    proj = torch.nn.functional.conv2d(out, attention.to_out[0].weight[:, :, None, None], attention.to_out[0].bias)
+    return proj + hidden_states
 
 
-def test_sdpa_attention_matches_the_original_formula(tiny_unet):
+def test_diffusers_attention_matches_the_original_formula(tiny_unet):
     attention = tiny_unet.mid_blocks[0].attention
-    hidden = torch.randn(2, attention.norm.num_channels, 8, 8)
+    assert isinstance(attention, Attention) and isinstance(attention.processor, AttnProcessor2_0)
+    hidden = torch.randn(2, attention.group_norm.num_channels, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(attention(hidden), _reference_attention(attention, hidden), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_processors_can_be_swapped_and_fused(tiny_unet):
+    sample, levels = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        reference = tiny_unet(sample, levels).sample
+        processors = tiny_unet.attn_processors
+        layers = [module for module in tiny_unet.modules() if isinstance(module, Attention)]
+        assert len(layers) == 4  # 8x8 level: one block down, the middle, two blocks up
+        assert len(processors) == 4 and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+        tiny_unet.set_attn_processor(AttnProcessor())  # the plain (non-SDPA) Diffusers processor
+        assert all(isinstance(p, AttnProcessor) for p in tiny_unet.attn_processors.values())
+        torch.testing.assert_close(tiny_unet(sample, levels).sample, reference, atol=1e-5, rtol=1e-5)
+        tiny_unet.set_default_attn_processor()
+        tiny_unet.fuse_qkv_projections()
+        assert all(isinstance(p, FusedAttnProcessor2_0) for p in tiny_unet.attn_processors.values())
+        torch.testing.assert_close(tiny_unet(sample, levels).sample, reference, atol=1e-5, rtol=1e-5)
+        tiny_unet.unfuse_qkv_projections()
+        assert all(isinstance(p, AttnProcessor2_0) for p in tiny_unet.attn_processors.values())
+        assert not [key for key in tiny_unet.state_dict() if "to_qkv" in key]
+        torch.testing.assert_close(tiny_unet(sample, levels).sample, reference)
+
+
+def _legacy(values):
+    """Tensors by current name -> by the names (and shapes) of diffusers-sr3 0.1.0's 1x1-conv attention."""
+    legacy = {}
+    for key, value in values.items():
+        path, _, rest = key.partition(".attention.")
+        if not rest:
+            legacy[key] = value.clone()
+        elif rest.startswith("group_norm."):
+            legacy[f"{path}.attention.norm.{rest.split('.')[-1]}"] = value.clone()
+        elif rest.startswith("to_out.0."):
+            kind = rest.split(".")[-1]
+            legacy[f"{path}.attention.proj_out.{kind}"] = value[:, :, None, None] if kind == "weight" else value
+        elif rest == "to_q.weight":
+            parts = [values[f"{path}.attention.to_{name}.weight"] for name in "qkv"]
+            legacy[f"{path}.attention.qkv.weight"] = torch.cat(parts)[:, :, None, None].clone()
+    return legacy
+
+
+def _legacy_state_dict(unet):
+    """The state dict as diffusers-sr3 0.1.0 saved it (`attention.norm`, a 1x1-conv `qkv`, `proj_out`)."""
+    return _legacy(unet.state_dict())
+
+
+def test_training_checkpoints_of_0_1_0_resume_ema_and_optimizer():
+    from diffusers_sr3.models.unet_sr3 import (
+        convert_legacy_optimizer_state,
+        convert_legacy_parameter_list,
+        legacy_parameter_names,
+    )
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).train()
+    names = [name for name, _ in unet.named_parameters()]
+    legacy_names = legacy_parameter_names(unet)
+    assert len(legacy_names) == len(names) - 2 * 4  # 4 attention layers: 7 parameters each, 5 before
+    assert legacy_names == list(_legacy({name: p for name, p in unet.named_parameters()}))
+    # EMA shadow weights: a list in 0.1.0's order.
+    legacy_ema = list(_legacy({name: p.detach() * 2 for name, p in unet.named_parameters()}).values())
+    for converted, (name, parameter) in zip(convert_legacy_parameter_list(unet, legacy_ema), unet.named_parameters()):
+        torch.testing.assert_close(converted, parameter.detach() * 2, msg=name)
+    # AdamW state after one step, as a 0.1.0 checkpoint stores it, loads into the current optimizer.
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    unet(torch.randn(1, 6, 32, 32), 0.5).sample.square().mean().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    moments = {field: {n: state["state"][i][field] for i, n in enumerate(names)} for field in ("exp_avg", "exp_avg_sq")}
+    legacy_moments = {field: list(_legacy(values).values()) for field, values in moments.items()}
+    legacy_state = {
+        "state": {
+            i: {"step": state["state"][0]["step"], **{f: legacy_moments[f][i] for f in legacy_moments}}
+            for i in range(len(legacy_names))
+        },
+        "param_groups": [{**state["param_groups"][0], "params": list(range(len(legacy_names)))}],
+    }
+    fresh = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(legacy_state)  # what a resume did without the conversion
+    fresh.register_load_state_dict_pre_hook(lambda _, loaded: convert_legacy_optimizer_state(unet, loaded))
+    fresh.load_state_dict(legacy_state)
+    for index, name in enumerate(names):
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fresh.state_dict()["state"][index][field], moments[field][name], msg=name)
+    steps = [entry["step"] for entry in fresh.state_dict()["state"].values()]
+    assert len({id(step) for step in steps}) == len(steps)  # step counts are not shared between parameters
+    assert convert_legacy_optimizer_state(unet, state) is state  # current checkpoints pass unchanged
+
+
+def test_weights_saved_before_diffusers_attention_still_load(tmp_path, tiny_unet):
+    from safetensors.torch import save_file
+
+    legacy = _legacy_state_dict(tiny_unet)
+    assert "mid_blocks.0.attention.qkv.weight" in legacy and not [k for k in legacy if "to_q" in k]
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        reference = tiny_unet(sample, 0.6).sample
+    # A 0.1.0 folder, loaded by from_pretrained (low_cpu_mem_usage=False is refused: _keep_in_fp32_modules) ...
+    tiny_unet.save_config(tmp_path)
+    save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded, info = SR3UNet2DModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.6).sample, reference)
+    # ... and a 0.1.0 state dict (accelerate's resume, hand-written scripts) by load_state_dict.
+    fresh = SR3UNet2DModel(**tiny_unet_config()).eval()
+    fresh.load_state_dict(legacy, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(sample, 0.6).sample, reference)
+    # New saves use Diffusers' attention names.
+    tiny_unet.save_pretrained(tmp_path / "new")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "mid_blocks.0.attention.to_q.weight" in keys and not [k for k in keys if ".qkv." in k]
+
+
+def test_the_packaged_model_saved_with_old_names_loads_completely():
+    from safetensors import safe_open
+
+    folder = REPO / "src" / "diffusers_sr3" / "pretrained" / "sr3-photos-x4" / "unet"
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as handle:
+        assert any(key.endswith("attention.qkv.weight") for key in handle.keys())
+    _, info = SR3UNet2DModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_signal_level_keyword_and_the_deprecated_noise_level(tiny_unet):
+    sample, levels = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        positional = tiny_unet(sample, levels).sample
+        torch.testing.assert_close(tiny_unet(sample, signal_level=levels).sample, positional)
+        with pytest.warns(FutureWarning, match="signal_level"):
+            torch.testing.assert_close(tiny_unet(sample, noise_level=levels).sample, positional)
+        with pytest.raises(TypeError, match="not both"):
+            tiny_unet(sample, levels, noise_level=levels)
+        with pytest.raises(TypeError, match="needs signal_level"):
+            tiny_unet(sample)
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            tiny_unet(sample, levels, timestep=levels)
+
+
+def test_layerwise_casting_keeps_embeddings_and_norms_in_float32(tiny_unet):
+    sample, levels = torch.randn(1, 6, 32, 32), torch.tensor([0.5])
+    with torch.no_grad():
+        reference = tiny_unet(sample, levels).sample
+    tiny_unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert tiny_unet.conv_in.weight.dtype == torch.bfloat16
+    assert tiny_unet.mid_blocks[0].attention.to_q.weight.dtype == torch.bfloat16
+    for kept in (
+        tiny_unet.noise_level_embedding.linear_1.weight,
+        tiny_unet.mid_blocks[0].attention.group_norm.weight,
+        tiny_unet.mid_blocks[0].resnet.block1.norm.weight,
+        tiny_unet.conv_out.norm.weight,
+    ):
+        assert kept.dtype == torch.float32
+    with torch.no_grad():
+        out = tiny_unet(sample, levels).sample
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_on_cpu(tiny_unet, offload_type):
+    sample, levels = torch.randn(1, 6, 32, 32), torch.tensor([0.5])
+    with torch.no_grad():
+        reference = tiny_unet(sample, levels).sample
+        cpu = torch.device("cpu")
+        options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+        tiny_unet.enable_group_offload(cpu, offload_device=cpu, offload_type=offload_type, **options)
+        torch.testing.assert_close(tiny_unet(sample, levels).sample, reference)
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cpu", {"": "cpu"}])
+def test_device_map_and_low_cpu_mem_usage_loading(tmp_path, tiny_unet, device_map):
+    tiny_unet.save_pretrained(tmp_path)
+    assert "ResnetAttentionBlock" in SR3UNet2DModel._no_split_modules
+    sample = torch.randn(1, 6, 32, 32)
+    loaded = SR3UNet2DModel.from_pretrained(tmp_path, device_map=device_map, low_cpu_mem_usage=True)
+    assert loaded.device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.4).sample, tiny_unet(sample, 0.4).sample)
 
 
 def test_attention_placement_follows_attention_resolutions():

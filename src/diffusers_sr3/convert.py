@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .models.unet_sr3 import SR3UNet2DModel
+from .models.unet_sr3 import SR3UNet2DModel, convert_legacy_attention_keys
 from .noise import make_scheduler
 from .pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
@@ -33,7 +33,8 @@ SCHEDULE_BUFFERS = (
     "posterior_mean_coef2",
 )
 
-# Renames inside one original ResnetBlocWithAttn / Downsample / Upsample.
+# Renames inside one original ResnetBlocWithAttn / Downsample / Upsample. The attention weights get this package's
+# first names (a 1x1-conv `qkv`), which `convert_legacy_attention_keys` then splits into Diffusers' `Attention`.
 _BLOCK_RENAMES = (
     ("res_block.block1.block.0.", "resnet.block1.norm."),
     ("res_block.block1.block.3.", "resnet.block1.conv."),
@@ -184,7 +185,7 @@ def convert_state_dict(state: Dict[str, torch.Tensor], unet_config: Dict[str, An
             converted[new_key] = value
     if unknown:
         raise CheckpointError(f"the config does not match the weights: unexpected tensors {_listing(unknown)}")
-    return converted
+    return convert_legacy_attention_keys(converted)
 
 
 def _rename(key: str, kind: str, prefixes: Dict[str, str]) -> Optional[str]:

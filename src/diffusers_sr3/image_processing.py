@@ -56,7 +56,7 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
             raise ValueError(f"{what}: numpy images must be (H, W), (H, W, C) or (B, H, W, C), got {image.shape}")
         tensor = tensor.permute(0, 3, 1, 2)
     elif isinstance(image, torch.Tensor):
-        tensor = image.detach().float().cpu()
+        tensor = image.detach().float()  # stays on its device: a GPU batch is upsampled on the GPU
         if tensor.ndim == 2:
             tensor = tensor[None]
         if tensor.ndim == 3:

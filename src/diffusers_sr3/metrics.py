@@ -20,6 +20,11 @@
 Images given to the scalar functions are uint8 RGB `(H, W, 3)` arrays (gray `(H, W)` is repeated) or PIL images;
 the batch functions take `(B, 3, H, W)` tensors in [-1, 1] and quantize them to uint8 first, as the original's
 evaluation does with its `tensor2img`.
+
+One implementation serves every caller: `sr3 eval` (`pair_metrics`), the training validation (`evaluate_batch`) and
+the Hugging Face `evaluate` module shipped in the package (`evaluate.load(evaluate_module_path())`, offline, which
+calls `image_set_metrics`); all of them end in `psnr_uint8`, `ssim_uint8` and `consistency_unit`, and report means
+with `summarize`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -137,6 +142,49 @@ def consistency(sr: ArrayImage, lr: ArrayImage) -> float:
     sr_tensor = _uint8_batch(sr, "sr") / 127.5 - 1
     lr_tensor = _uint8_batch(lr, "lr") / 127.5 - 1
     return float(consistency_unit(sr_tensor, lr_tensor)[0])
+
+
+def pair_metrics(sr: ArrayImage, hr: ArrayImage, lr: Optional[ArrayImage] = None) -> Dict[str, float]:
+    """`{"psnr", "ssim"[, "consistency"]}` of one output against its ground truth (and its low-resolution input)."""
+    values = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr)}
+    if lr is not None:
+        values["consistency"] = consistency(sr, lr)
+    return values
+
+
+def image_set_metrics(
+    predictions: Sequence[ArrayImage],
+    references: Sequence[ArrayImage],
+    low_resolution: Optional[Sequence[ArrayImage]] = None,
+) -> Dict[str, List[float]]:
+    """Per-image PSNR, SSIM (and consistency with `low_resolution`) of images of any sizes, one list per metric."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    lows = [None] * len(predictions) if low_resolution is None else list(low_resolution)
+    per_image: Dict[str, List[float]] = {}
+    for index, (sr, hr, lr) in enumerate(zip(predictions, references, lows)):
+        sr, hr = to_uint8_rgb(sr, f"prediction {index}"), to_uint8_rgb(hr, f"reference {index}")
+        if sr.shape != hr.shape:
+            raise ValueError(
+                f"prediction {index} is {sr.shape[1]}x{sr.shape[0]}, its reference {hr.shape[1]}x{hr.shape[0]}"
+            )
+        for name, value in pair_metrics(sr, hr, lr).items():
+            per_image.setdefault(name, []).append(value)
+    return per_image
+
+
+def summarize(per_image: Dict[str, Sequence[float]]) -> Dict[str, float]:
+    """The mean of every per-image metric (float64), as `sr3 eval`, validation and the evaluate module report it."""
+    return {name: float(np.mean(np.asarray(values, dtype=np.float64))) for name, values in per_image.items() if values}
+
+
+def evaluate_module_path() -> str:
+    """Path of the Hugging Face `evaluate` module shipped in this package: `evaluate.load(evaluate_module_path())`.
+
+    Loading by path works offline (no Hub look-up); the module computes `psnr`, `ssim` and `consistency` with the
+    functions of this file.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_modules", "sr3_metrics.py")
 
 
 def evaluate_batch(sr: torch.Tensor, hr: torch.Tensor, lr: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:

@@ -120,10 +120,6 @@ def _json_value(value: float):
     return value if math.isfinite(value) else str(value)
 
 
-def _mean(values: List[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
-
-
 def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]
 
@@ -150,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
             sizes = ", ".join(f"{kind} {image.shape[1]}x{image.shape[0]}" for kind, image in images.items())
             size_problems.append(f"{key} ({sizes})")
             continue
-        row = {"psnr": metrics.psnr(sr, hr), "ssim": metrics.ssim(sr, hr)}
-        if "lr" in images:
-            row["consistency"] = metrics.consistency(sr, images["lr"])
+        row = metrics.pair_metrics(sr, hr, images.get("lr"))
         if "inf" in images:
             row["bicubic_psnr"] = metrics.psnr(images["inf"], hr)
             row["bicubic_ssim"] = metrics.ssim(images["inf"], hr)
@@ -166,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(size_problems)} pair(s) differ in size: {_listed(size_problems)}")
 
     columns = list(dict.fromkeys(name for row in rows.values() for name in row))
-    means = {name: _mean([row[name] for row in rows.values() if name in row]) for name in columns}
+    means = metrics.summarize({name: [row[name] for row in rows.values() if name in row] for name in columns})
     extra: Dict[str, Optional[float]] = {}
     if fid is not None:
         extra["fid"] = float(fid.compute())

@@ -8,17 +8,28 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
 CONDITIONING_TYPES = ("noise_level", "timestep")
+
+# Attention weights as saved before attention went through Diffusers' `Attention` (diffusers-sr3 <= 0.1.0, and
+# every folder written by it): `<path>.attention.norm` (GroupNorm), `.qkv` (a bias-free 1x1 conv whose output
+# channels are q, k and v as consecutive thirds) and `.proj_out` (1x1 conv).
+_LEGACY_ATTENTION_KEY = re.compile(
+    r"^(?P<path>(?:.*\.)?attention)\.(?P<name>norm|qkv|proj_out)\.(?P<kind>weight|bias)$"
+)
 
 
 @dataclass
@@ -66,8 +77,8 @@ class NoiseLevelEmbedding(nn.Module):
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(channels * 4, channels)
 
-    def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
-        encoding = sinusoidal_embedding(noise_level, self.channels, self.scale)
+    def forward(self, level: torch.Tensor) -> torch.Tensor:
+        encoding = sinusoidal_embedding(level, self.channels, self.scale)
         encoding = encoding.to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(encoding)))
 
@@ -124,27 +135,129 @@ class ResnetBlock(nn.Module):
         return h + self.skip(hidden_states)
 
 
-class SelfAttention(nn.Module):
-    """Single-resolution self-attention with a residual connection, via `scaled_dot_product_attention`."""
+def self_attention(channels: int, norm_groups: int, num_heads: int = 1) -> Attention:
+    """The SR3 self-attention as Diffusers' `Attention`: GroupNorm, q/k/v projections, output projection, residual.
 
-    def __init__(self, channels: int, norm_groups: int, num_heads: int = 1):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"attention_heads={num_heads} does not divide the {channels} channels of a level")
-        self.num_heads = num_heads
-        self.norm = nn.GroupNorm(norm_groups, channels)
-        self.qkv = nn.Conv2d(channels, channels * 3, 1, bias=False)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+    The same computation as the original's `SelfAttention` (1x1 convs on the normalised feature map, softmax
+    scaled by `1 / sqrt(head_dim)`), so any Diffusers attention processor runs it (`AttnProcessor2_0` by default).
+    """
+    if channels % num_heads:
+        raise ValueError(f"attention_heads={num_heads} does not divide the {channels} channels of a level")
+    return Attention(
+        channels,
+        heads=num_heads,
+        dim_head=channels // num_heads,
+        norm_num_groups=norm_groups,
+        eps=1e-5,
+        bias=False,
+        out_bias=True,
+        residual_connection=True,
+        upcast_softmax=True,
+    )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = hidden_states.shape
-        qkv = self.qkv(self.norm(hidden_states))
-        # (B, 3C, H, W) -> 3 x (B, heads, HW, head_dim); q, k, v are the three consecutive channel thirds.
-        qkv = qkv.reshape(batch, 3, self.num_heads, channels // self.num_heads, height * width)
-        query, key, value = qkv.permute(1, 0, 2, 4, 3).unbind(0)
-        out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(2, 3).reshape(batch, channels, height, width)
-        return hidden_states + self.proj_out(out)
+
+def convert_legacy_attention_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename, in place, attention weights saved by diffusers-sr3 <= 0.1.0 to Diffusers' `Attention` names.
+
+    `attention.norm.*` -> `attention.group_norm.*`; `attention.qkv.weight` `(3C, C, 1, 1)` -> `to_q`, `to_k`,
+    `to_v` `(C, C)` (its consecutive channel thirds); `attention.proj_out.*` -> `attention.to_out.0.*` (the 1x1
+    conv's weight as a `(C, C)` matrix). Other keys, and already converted ones, are left alone.
+
+    Returns:
+        The same dict, for chaining.
+    """
+    for key in [key for key in state_dict if _LEGACY_ATTENTION_KEY.match(key)]:
+        match = _LEGACY_ATTENTION_KEY.match(key)
+        path, name, kind = match.group("path"), match.group("name"), match.group("kind")
+        value = state_dict.pop(key)
+        if name == "norm":
+            state_dict[f"{path}.group_norm.{kind}"] = value
+        elif name == "proj_out":
+            state_dict[f"{path}.to_out.0.{kind}"] = value.reshape(value.shape[0], -1) if kind == "weight" else value
+        else:
+            thirds = value.reshape(value.shape[0], -1).chunk(3, dim=0) if kind == "weight" else value.chunk(3)
+            for projection, part in zip(("to_q", "to_k", "to_v"), thirds):
+                state_dict[f"{path}.{projection}.{kind}"] = part.contiguous()
+    return state_dict
+
+
+_ATTENTION_PARAMETER = re.compile(
+    r"^(?P<path>(?:.*\.)?attention)\.(?:group_norm|to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)$"
+)
+
+
+def legacy_parameter_names(model: nn.Module) -> List[str]:
+    """The names of `model.parameters()` in the order diffusers-sr3 0.1.0 registered them.
+
+    Per-parameter lists saved by training checkpoints of 0.1.0 (EMA shadow weights, optimizer moments) follow this
+    order; `convert_legacy_parameter_list` turns such a list into the current order.
+    """
+    names = []
+    for name, _ in model.named_parameters():
+        match = _ATTENTION_PARAMETER.match(name)
+        if match is None:
+            names.append(name)
+        elif name.endswith(".group_norm.weight"):  # the first parameter of each attention layer
+            path = match.group("path")
+            names += [f"{path}.{rest}" for rest in ("norm.weight", "norm.bias", "qkv.weight", "proj_out.weight")]
+            names.append(f"{path}.proj_out.bias")
+    return names
+
+
+def convert_legacy_parameter_list(model: nn.Module, values: Sequence[Any]) -> List[Any]:
+    """Per-parameter values in 0.1.0's order and shapes (EMA weights, Adam moments) -> the model's current ones.
+
+    Tensors shaped like their parameter are converted as weights are (the `qkv` entry splits into q, k, v);
+    anything else (a step count, None) is repeated for each parameter it now stands for.
+    """
+    legacy = legacy_parameter_names(model)
+    if len(values) != len(legacy):
+        raise ValueError(f"{len(values)} values for the {len(legacy)} parameters of a diffusers-sr3 0.1.0 model")
+    converted: Dict[str, Any] = {}
+    for name, value in zip(legacy, values):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            converted.update(convert_legacy_attention_keys({name: value}))
+            continue
+        match = _LEGACY_ATTENTION_KEY.match(name)
+        if match is None:
+            converted[name] = value
+            continue
+        path, kind = match.group("path"), match.group("kind")
+        targets = {"norm": ["group_norm"], "qkv": ["to_q", "to_k", "to_v"], "proj_out": ["to_out.0"]}
+        for target in targets[match.group("name")]:
+            # A copy each: optimizers update step counts in place, which must not be shared between parameters.
+            converted[f"{path}.{target}.{kind}"] = value.clone() if isinstance(value, torch.Tensor) else value
+    return [converted[name] for name, _ in model.named_parameters()]
+
+
+def convert_legacy_optimizer_state(model: nn.Module, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """A torch optimizer state dict saved for a 0.1.0 model (one parameter group), for the current model.
+
+    Returned unchanged when it already fits. Use as an optimizer `load_state_dict` pre-hook, so that training
+    checkpoints of 0.1.0 resume: `optimizer.register_load_state_dict_pre_hook(lambda o, s: convert...(model, s))`.
+    """
+    legacy, current = legacy_parameter_names(model), [name for name, _ in model.named_parameters()]
+    groups = state_dict.get("param_groups", [])
+    if len(legacy) == len(current) or len(groups) != 1 or len(groups[0]["params"]) != len(legacy):
+        return state_dict
+    states = [state_dict["state"].get(index) or {} for index in groups[0]["params"]]
+    new_states: List[Dict[str, Any]] = [{} for _ in current]
+    for field in dict.fromkeys(field for state in states for field in state):
+        values = convert_legacy_parameter_list(model, [state.get(field) for state in states])
+        for new_state, value in zip(new_states, values):
+            if value is not None:
+                new_state[field] = value
+    return {
+        "state": {index: state for index, state in enumerate(new_states) if state},
+        "param_groups": [{**groups[0], "params": list(range(len(current)))}],
+    }
+
+
+def _legacy_attention_pre_hook(module, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook: old attention key names load into the current model (accelerate resumes too)."""
+    legacy = {key: state_dict.pop(key) for key in list(state_dict) if key.startswith(prefix)}
+    if legacy:
+        state_dict.update(convert_legacy_attention_keys(legacy))
 
 
 class ResnetAttentionBlock(nn.Module):
@@ -156,7 +269,7 @@ class ResnetAttentionBlock(nn.Module):
         super().__init__()
         self.resnet = ResnetBlock(in_channels, out_channels, **resnet_kwargs)
         norm_groups = resnet_kwargs["norm_groups"]
-        self.attention = SelfAttention(out_channels, norm_groups, attention_heads) if with_attention else None
+        self.attention = self_attention(out_channels, norm_groups, attention_heads) if with_attention else None
         self.gradient_checkpointing = False
 
     def _forward(self, hidden_states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -211,7 +324,7 @@ class UpLevel(nn.Module):
         self.upsampler = upsampler
 
 
-class SR3UNet2DModel(ModelMixin, ConfigMixin):
+class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     r"""The SR3 UNet: a DDPM-style UNet conditioned on a continuous noise level (or an integer timestep).
 
     For super-resolution the input is the bicubic-upsampled low-resolution image concatenated in front of the
@@ -254,11 +367,41 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             low-resolution grid, about 5x faster per evaluation at the same width. `sample_size` and
             `attention_resolutions` stay in image pixels and feature-map sizes (the first level is
             `sample_size // f`). 1 is the original architecture.
+
+    Config names and Diffusers' [`UNet2DModel`]: this model keeps the names of its first release, because they are
+    written into the `config.json` of every saved model (a public contract: renaming them would break loading of
+    existing folders and Hub repos for no change in behaviour). The correspondence:
+
+    | SR3UNet2DModel                            | UNet2DModel                                                      |
+    |-------------------------------------------|------------------------------------------------------------------|
+    | `block_out_channels` (int, base width) and | `block_out_channels` (tuple, one width per level):               |
+    | `channel_multipliers` (tuple)             | `tuple(block_out_channels * m for m in channel_multipliers)`     |
+    | `norm_groups`                             | `norm_num_groups`                                                |
+    | `layers_per_block`                        | `layers_per_block` (same meaning: the way up has one more)       |
+    | `attention_resolutions` (feature sizes)   | `down_block_types` / `up_block_types` (`AttnDownBlock2D` levels) |
+    | `attention_heads` (heads per layer)       | `attention_head_dim` (channels per head)                         |
+    | `conditioning_type="timestep"`            | `time_embedding_type="positional"`, `flip_sin_to_cos=False`      |
+    | `noise_level_embedding_scale`             | none (`UNet2DModel` embeds integer timesteps)                    |
+    | `dropout`, `sample_size`, `in_channels`, `out_channels` | same names                                         |
+
+    Attention runs through Diffusers' [`Attention`] and its processors: `set_attn_processor`, `attn_processors`,
+    `set_default_attn_processor`, `fuse_qkv_projections` / `unfuse_qkv_projections` work as on Diffusers' UNets.
+    Weights saved before that (`attention.norm`, `attention.qkv`, `attention.proj_out`) are converted on load, by
+    `from_pretrained` and by `load_state_dict` ([`convert_legacy_attention_keys`]).
     """
 
     _supports_gradient_checkpointing = True
     # The level embedding must resolve levels that differ by ~1e-4 (late sampling steps): keep it in float32.
     _keep_in_fp32_modules = ["noise_level_embedding", "condition_noise_level_embedding"]
+    # Layerwise casting (`enable_layerwise_casting`) stores weights in a low precision dtype between uses; the
+    # level embeddings and every GroupNorm (`norm`, `group_norm`) stay in their dtype.
+    _skip_layerwise_casting_patterns = ["noise_level_embedding", "norm"]
+    # `device_map` placement never splits one of these across devices (a block's skip, FiLM and attention share a
+    # device); the forward moves skip connections to the device of the block that consumes them.
+    _no_split_modules = ["ResnetAttentionBlock", "ConvBlock", "Downsample", "Upsample", "NoiseLevelEmbedding"]
+    _repeated_blocks = ["ResnetAttentionBlock"]
+    # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it.
+    _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
 
     @register_to_config
     def __init__(
@@ -362,10 +505,65 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         # Stage 5: output.
         self.conv_out = ConvBlock(channels, out_channels * folded, norm_groups)
 
+        # Weights saved before attention went through Diffusers' `Attention` load through `load_state_dict` too.
+        self.register_load_state_dict_pre_hook(_legacy_attention_pre_hook)
+
+    def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """`from_pretrained`'s hook for renamed weights: converts the legacy attention keys."""
+        state_dict = super()._fix_state_dict_keys_on_load(state_dict)
+        return convert_legacy_attention_keys(state_dict)
+
+    def set_default_attn_processor(self) -> None:
+        """Use `AttnProcessor2_0` (PyTorch's `scaled_dot_product_attention`) in every attention layer."""
+        self.set_attn_processor(AttnProcessor2_0())
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse every attention layer's q, k and v projections into one matrix product (`FusedAttnProcessor2_0`).
+
+        The output is unchanged (to rounding). `unfuse_qkv_projections` restores the processors used before.
+        """
+        self.original_attn_processors = self.attn_processors
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo `fuse_qkv_projections`: the separate projections and the previous processors again."""
+        original = getattr(self, "original_attn_processors", None)
+        if original is not None:
+            self.set_attn_processor(original)
+            self.original_attn_processors = None
+        for module in self.modules():
+            if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+                # The fused copy is a cache of to_q/to_k/to_v: drop it so state dicts keep one set of weights.
+                if hasattr(module, "to_qkv"):
+                    del module.to_qkv
+                module.fused_projections = False
+
     @property
     def downsampling_factor(self) -> int:
         """Height and width of inputs must be multiples of this."""
         return self.config.get("pixel_unshuffle_factor", 1) * 2 ** (len(self.config.channel_multipliers) - 1)
+
+    @staticmethod
+    def _deprecated_level_keyword(signal_level: Any, deprecated_kwargs: Dict[str, Any]) -> Any:
+        """`noise_level=` (the name before 0.2) still works, with a FutureWarning; anything else is a TypeError."""
+        if "noise_level" in deprecated_kwargs:
+            if signal_level is not None:
+                raise TypeError("give signal_level or its old name noise_level, not both")
+            warnings.warn(
+                "SR3UNet2DModel(noise_level=...) is renamed signal_level (sqrt(alpha_bar), 1 = clean), so that it "
+                "cannot be confused with condition_noise_level (0 = clean); the old keyword will be removed",
+                FutureWarning,
+                stacklevel=3,
+            )
+            signal_level = deprecated_kwargs.pop("noise_level")
+        if deprecated_kwargs:
+            raise TypeError(f"SR3UNet2DModel.forward got unexpected keyword arguments {sorted(deprecated_kwargs)}")
+        if signal_level is None:
+            raise TypeError("SR3UNet2DModel.forward needs signal_level (sqrt(alpha_bar) per sample, or the timestep)")
+        return signal_level
 
     @staticmethod
     def _per_sample(values, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -380,18 +578,26 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
     def forward(
         self,
         sample: torch.Tensor,
-        noise_level: Union[torch.Tensor, float, int],
+        signal_level: Optional[Union[torch.Tensor, float, int]] = None,
         condition_noise_level: Optional[Union[torch.Tensor, float]] = None,
         return_dict: bool = True,
+        **deprecated_kwargs: Any,
     ) -> Union[SR3UNet2DOutput, Tuple[torch.Tensor]]:
         r"""Predict the noise (or the configured target) in `sample`.
+
+        Two levels enter this network, and they run in opposite directions:
+
+        - `signal_level` is how much of the clean image is left in `sample`: `sqrt(alpha_bar)`, **1 = clean**,
+          0 = pure noise (the SR3 paper's noise level; the integer timestep for `"timestep"` models).
+        - `condition_noise_level` is how much noise was added to the conditioning image: **0 = clean**.
 
         Args:
             sample (`torch.Tensor` of shape `(batch, in_channels, height, width)`): The noisy image, with the
                 conditioning image (if any) concatenated in front of it on the channel axis.
-            noise_level (`torch.Tensor` of shape `(batch,)` or `(batch, 1)`, or a number): The noise level
-                `sqrt(alpha_bar)` per sample for `"noise_level"` models; the integer timestep for `"timestep"`
-                models. A number or a one-element tensor applies to the whole batch.
+            signal_level (`torch.Tensor` of shape `(batch,)` or `(batch, 1)`, or a number): `sqrt(alpha_bar)` per
+                sample for `"noise_level"` models (1 = clean); the integer timestep for `"timestep"` models. A number
+                or a one-element tensor applies to the whole batch. Formerly `noise_level=` (still accepted, with a
+                `FutureWarning`).
             condition_noise_level (`torch.Tensor` of shape `(batch,)`, or a number, optional): For models with
                 `condition_noise_embedding`: the noise level added to the condition (0 or None = clean).
             return_dict (`bool`, defaults to True): Return an [`SR3UNet2DOutput`] instead of a tuple.
@@ -400,6 +606,7 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             [`SR3UNet2DOutput`] or `tuple`: the prediction, `(batch, out_channels, height, width)`.
         """
         # 1. Check the input and broadcast the level to one value per sample.
+        signal_level = self._deprecated_level_keyword(signal_level, deprecated_kwargs)
         batch, channels, height, width = sample.shape
         if channels != self.config.in_channels:
             raise ValueError(f"sample has {channels} channels but the model expects {self.config.in_channels}")
@@ -408,10 +615,10 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
             )
-        noise_level = self._per_sample(noise_level, batch, sample.device, "noise_level")
+        signal_level = self._per_sample(signal_level, batch, sample.device, "signal_level")
 
-        # 2. Embed the noise level (and the condition's augmentation level).
-        embedding = self.noise_level_embedding(noise_level)
+        # 2. Embed the signal level (and the condition's augmentation level).
+        embedding = self.noise_level_embedding(signal_level)
         if self.condition_noise_level_embedding is not None:
             if condition_noise_level is None:
                 condition_noise_level = 0.0
@@ -445,7 +652,8 @@ class SR3UNet2DModel(ModelMixin, ConfigMixin):
         # 5. Up, concatenating the skips in reverse order.
         for level in self.up_levels:
             for block in level.blocks:
-                hidden_states = block(torch.cat([hidden_states, skips.pop()], dim=1), embedding)
+                skip = skips.pop().to(hidden_states.device)  # a no-op unless device_map split the model
+                hidden_states = block(torch.cat([hidden_states, skip], dim=1), embedding)
             if level.upsampler is not None:
                 hidden_states = level.upsampler(hidden_states)
 

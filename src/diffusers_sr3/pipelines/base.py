@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -43,8 +44,14 @@ REMOTE_CODE_STEMS = {
 }
 
 WEIGHT_PATTERNS = ["model_index.json", "*.json", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
+# Pickle weights, downloaded only with `use_safetensors=False` (diffusers then loads them with `weights_only=True`).
+PICKLE_WEIGHT_PATTERNS = ["*/*.bin", "*/*/*.bin"]
+# `from_pretrained` options passed on to every model component's `ModelMixin.from_pretrained`.
+MODEL_LOADING_OPTIONS = ("low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict")
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "trust_remote_code")
 
 GeneratorInput = Optional[Union[torch.Generator, List[torch.Generator]]]
+StepCallback = Union[Callable[..., Optional[Dict[str, Any]]], PipelineCallback, MultiPipelineCallbacks]
 
 
 @dataclass
@@ -141,6 +148,36 @@ class SR3BasePipeline(DiffusionPipeline):
 
     _callback_tensor_inputs = ["latents"]
 
+    @property
+    def num_timesteps(self) -> int:
+        """Scheduler steps of the current (or last) refinement, as Diffusers pipelines report it to callbacks."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipeline._interrupt = True` (e.g. in a step callback) to skip the remaining steps of this call."""
+        return getattr(self, "_interrupt", False)
+
+    def prepare_latents(
+        self,
+        shape: Tuple[int, int, int, int],
+        generator: GeneratorInput,
+        device: torch.device,
+        latents: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The starting noise, float32 of `shape` on `device`: drawn from `generator`, or the given `latents`.
+
+        Given latents are unit-variance noise, as drawn here; the caller applies the scheduler's `init_noise_sigma`.
+        """
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} (batch, channels, height, width "
+                "of the output, padded to a multiple of the UNet's downsampling factor)"
+            )
+        return latents.to(device=device, dtype=torch.float32)
+
     def _denoise(
         self,
         shape: Tuple[int, int, int, int],
@@ -148,25 +185,30 @@ class SR3BasePipeline(DiffusionPipeline):
         num_inference_steps: int,
         generator: GeneratorInput,
         num_intermediates: int,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]],
+        callback_on_step_end: Optional[StepCallback],
         callback_on_step_end_tensor_inputs: Sequence[str],
         condition_noise_level: Optional[float] = None,
         eta: Optional[float] = None,
         temperature: float = 1.0,
         scheduler: Optional[SchedulerMixin] = None,
+        latents: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Iterative refinement from pure noise of `shape`, conditioned on `condition` (concatenated in front).
+        """Iterative refinement from noise of `shape` (or the given `latents`), conditioned on `condition`.
 
         The noisy image stays float32 whatever the UNet's dtype, so the scheduler's arithmetic is exact; only the
         network input is cast. `eta` goes to schedulers whose `step` takes it (DDIM: 0 is deterministic, 1 adds
         DDPM-like fresh noise each step); `temperature` scales the starting noise (0 starts from its mean);
-        `scheduler` replaces the pipeline's for this call. Returns the final image and the requested snapshots
-        (float32, the scale the network works in).
+        `scheduler` replaces the pipeline's for this call. A step callback (a function, a `PipelineCallback` or
+        `MultiPipelineCallbacks`) may replace `"latents"` and `"condition"`; setting `pipeline._interrupt` skips the
+        remaining steps. Returns the final image and the requested snapshots (float32, the scale the network works
+        in).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if isinstance(generator, list) and len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
@@ -182,9 +224,11 @@ class SR3BasePipeline(DiffusionPipeline):
         scheduler = self.scheduler if scheduler is None else scheduler
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
-        # The level (or timestep) the network takes at each step, computed once: no per-step host syncs.
-        levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
+        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
+        latents = self.prepare_latents(shape, generator, device, latents)
         latents = latents * (scheduler.init_noise_sigma * temperature)
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
@@ -200,61 +244,73 @@ class SR3BasePipeline(DiffusionPipeline):
         snapshots: List[torch.Tensor] = []
 
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
             # 1. The scheduler's input scaling applies to the noisy image only, never to the condition.
             model_input = scheduler.scale_model_input(latents, t).to(dtype)
             if condition is not None:
                 model_input = torch.cat([condition, model_input], dim=1)
             model_input = model_input.contiguous(memory_format=memory_format)
-            # 2. The network takes the step's noise level (or timestep), not the scheduler's timestep value.
-            noise_level = levels[i].expand(shape[0])
-            model_output = self.unet(model_input, noise_level, return_dict=False, **unet_kwargs)[0].float()
+            # 2. The network takes the step's signal level (or timestep), not the scheduler's timestep value.
+            signal_level = signal_levels[i].expand(shape[0])
+            model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
             # 3. The scheduler's update.
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
+            # 4. The callback may replace the noisy image and the condition.
             if callback_on_step_end is not None:
                 available = {"latents": latents, "condition": condition}
                 callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
+                if condition is not None and "condition" in callback_outputs:
+                    condition = callback_outputs.pop("condition").to(device=device, dtype=dtype)
             if i in snapshot_steps:
                 snapshots.append(latents.clone())
         return latents, snapshots
 
     def save_pretrained(
-        self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Save the pipeline in the SR3 folder layout (see the module docstring).
+        """Save the pipeline with Diffusers' `save_pretrained`, in the SR3 folder layout (see the module docstring).
 
         The folder is written in a temporary sibling first, so an interrupted save leaves the previous
         contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
-        With `push_to_hub=True` the folder is then uploaded (`repo_id`, `token`, `private`, `commit_message`).
+        `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
+        pipeline is then uploaded by Diffusers' `push_to_hub` (`repo_id`, defaulting to the folder's name, `token`,
+        `private`, `commit_message`, `create_pr`): the pipeline's files and a model card, never the other files
+        of `save_directory`.
         """
         save_directory = os.fspath(save_directory)
         hub_kwargs = {
-            key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message") if key in kwargs
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
         }
         parent = os.path.dirname(os.path.abspath(save_directory))
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".sr3-save-", dir=parent)
         try:
-            super().save_pretrained(staging, **kwargs)
+            super().save_pretrained(
+                staging,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                **kwargs,
+            )
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
             _move_into(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = hub_kwargs.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
-            token = hub_kwargs.get("token")
-            repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
-                token=token,
-                commit_message=hub_kwargs.get("commit_message") or "Upload SR3 pipeline",
-                ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".sr3-*", "logs/**"],
-            )
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
@@ -266,7 +322,8 @@ class SR3BasePipeline(DiffusionPipeline):
             for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             if kwargs.get(key) is not None
         }
-        return snapshot_download(pretrained_model_name, allow_patterns=WEIGHT_PATTERNS, **download_kwargs)
+        patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if kwargs.get("use_safetensors") is False else [])
+        return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):
@@ -274,9 +331,12 @@ class SR3BasePipeline(DiffusionPipeline):
 
         Args:
             pretrained_model_name_or_path: a local folder or a Hub repo id.
-            **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), `dtype`
-                (e.g. `torch.bfloat16`) for the networks, `variant`, and Hub options (`revision`, `token`,
-                `cache_dir`, `local_files_only`, `force_download`).
+            **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), and Diffusers'
+                loading options: `dtype` (or its older name `torch_dtype`; a dtype, or a dict by component name
+                with a `"default"`), `variant`, `use_safetensors` (default True: safetensors only; False also
+                loads `.bin` weights, with `weights_only=True`), `low_cpu_mem_usage`, `device_map`, `max_memory`,
+                `offload_folder` (passed to every network's `from_pretrained`), and Hub options (`revision`,
+                `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
 
         Returns:
             The pipeline, of class `cls`.
@@ -298,8 +358,11 @@ class SR3BasePipeline(DiffusionPipeline):
         if pipeline_class is None:
             raise ValueError(f"{source} holds a {saved_class}, which is not an SR3 pipeline")
 
-        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        dtype = torch_dtype if dtype is None else dtype
         variant = kwargs.pop("variant", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
         expected, optional = pipeline_class._get_signature_keys(pipeline_class)
         init_kwargs: Dict[str, Any] = {}
         for name in expected:
@@ -322,28 +385,25 @@ class SR3BasePipeline(DiffusionPipeline):
                 component_class = getattr(diffusers, class_name)
             subfolder = os.path.join(folder, name)
             if issubclass(component_class, DiffusionPipeline):
-                init_kwargs[name] = component_class.from_pretrained(subfolder, dtype=dtype, variant=variant)
+                init_kwargs[name] = component_class.from_pretrained(
+                    subfolder, dtype=dtype, variant=variant, use_safetensors=use_safetensors, **model_options
+                )
             elif issubclass(component_class, SchedulerMixin):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
             else:
                 init_kwargs[name] = component_class.from_pretrained(
-                    subfolder, dtype=dtype, variant=variant, use_safetensors=True
+                    subfolder,
+                    dtype=dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype,
+                    variant=variant,
+                    use_safetensors=True if use_safetensors is None else use_safetensors,
+                    **model_options,
                 )
         for name in optional:
             if name in kwargs:
                 init_kwargs[name] = kwargs.pop(name)
             elif name in index:
                 init_kwargs[name] = index[name]
-        hub_options = {
-            "revision",
-            "token",
-            "cache_dir",
-            "local_files_only",
-            "force_download",
-            "proxies",
-            "trust_remote_code",
-        }
-        unexpected = set(kwargs) - hub_options
+        unexpected = set(kwargs) - set(HUB_OPTIONS)
         if unexpected:
             raise TypeError(f"{pipeline_class.__name__}.from_pretrained got unexpected arguments {sorted(unexpected)}")
         pipeline = pipeline_class(**init_kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DDIMScheduler
@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
 
 # Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps).
 DETAIL_STEPS = 50
@@ -141,12 +141,13 @@ class SR3Pipeline(SR3BasePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         num_intermediates: int = 0,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end: Optional[StepCallback] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         condition_noise_level: Optional[float] = None,
         mode: str = "detail",
         eta: Optional[float] = None,
         temperature: float = 1.0,
+        latents: Optional[torch.Tensor] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -166,11 +167,14 @@ class SR3Pipeline(SR3BasePipeline):
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
             num_intermediates (`int`, defaults to 0): Also return the noisy image after this many evenly spaced
                 steps (the last one is the result), to draw the refinement process.
-            callback_on_step_end (`Callable`, optional): Called after each step as
-                `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a dict with a
-                replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, optional): Called after
+                each step as `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a
+                dict with a replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale) and/or
+                `"condition"` (the upsampled input the next steps are conditioned on, in [-1, 1]). It can read
+                `pipeline.num_timesteps` and stop the refinement early with `pipeline._interrupt = True`.
             callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Which of
-                `"latents"` and `"condition"` go into `callback_kwargs`.
+                `"latents"` and `"condition"` go into `callback_kwargs` (a `PipelineCallback`'s own `tensor_inputs`
+                take its place).
             condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
                 `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
                 input is noised at this level (drawn from `generator`) and the level is passed to the network.
@@ -184,6 +188,10 @@ class SR3Pipeline(SR3BasePipeline):
                 the starting noise; up to 1 adds fresh noise at every step (DDPM-like): grainier, sharper texture.
             temperature (`float`, defaults to 1.0): Detail mode: scales the starting noise. Below 1 trades texture
                 for fidelity (0 is the fidelity mode's start).
+            latents (`torch.Tensor`, optional): The starting noise, `(batch, 3, height, width)` at the output size
+                padded to the UNet's downsampling factor, unit variance (scaled by the scheduler's `init_noise_sigma`
+                and `temperature` here); drawn from `generator` when not given. Fidelity mode starts from zeros.
+
         Examples:
 
         Returns:
@@ -227,13 +235,14 @@ class SR3Pipeline(SR3BasePipeline):
             callback_on_step_end_tensor_inputs,
             condition_noise_level,
             eta=eta,
+            latents=latents,
             temperature=temperature,
             scheduler=scheduler,
         )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
-        def finish(latents: torch.Tensor):
-            return postprocess(self._to_image(latents, upsampled)[..., :height, :width], output_type)
+        def finish(refined: torch.Tensor):
+            return postprocess(self._to_image(refined, upsampled)[..., :height, :width], output_type)
 
         images = finish(result)
         intermediates = [finish(snapshot) for snapshot in snapshots] or None

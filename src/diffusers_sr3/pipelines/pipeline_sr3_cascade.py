@@ -107,6 +107,41 @@ class SR3CascadePipeline(SR3BasePipeline):
             pipeline.to(*args, **kwargs)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the first stage's networks (Diffusers would see no networks here: they are in the stages)."""
+        return self._pipelines()[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._pipelines()[0].dtype
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self._pipelines()[0]._execution_device
+
+    def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str] = None) -> None:
+        """Keep every stage's UNet on the CPU except while it runs (Diffusers' model offloading, across stages).
+
+        Each stage moves its UNet to `device` when its refinement starts and back to the CPU when it ends, so at
+        most one stage's network occupies the accelerator.
+        """
+        for pipeline in self._pipelines():
+            pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str] = None):
+        """Diffusers' sequential (layer by layer) offloading, in every stage."""
+        for pipeline in self._pipelines():
+            pipeline.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def maybe_free_model_hooks(self) -> None:
+        for pipeline in self._pipelines():
+            pipeline.maybe_free_model_hooks()
+
+    def remove_all_hooks(self) -> None:
+        for pipeline in self._pipelines():
+            pipeline.remove_all_hooks()
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """Apply a progress-bar configuration to every stage."""
         for pipeline in self._pipelines():
@@ -151,6 +186,9 @@ class SR3CascadePipeline(SR3BasePipeline):
                 for the SR stages that were trained with it (None: each stage's saved default).
             tile_size (`int`, optional): Refine SR stages whose output is larger than this in overlapping tiles of
                 this size (seamless; `diffusers_sr3.tiling`), to bound memory at high resolution.
+
+        Between stages images stay tensors on the stages' device (no round trip through the CPU); only the final
+        conversion to `output_type` (`"pil"`, `"np"`) moves them to the CPU.
 
         Examples:
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -10,7 +10,7 @@ from diffusers.utils import replace_example_docstring
 
 from ..image_processing import postprocess
 from ..models.unet_sr3 import SR3UNet2DModel
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -54,8 +54,9 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         num_intermediates: int = 0,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end: Optional[StepCallback] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latents: Optional[torch.Tensor] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Generate images from noise.
 
@@ -70,6 +71,8 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
             num_intermediates (`int`, defaults to 0): Also return this many evenly spaced snapshots.
             callback_on_step_end, callback_on_step_end_tensor_inputs: As in [`SR3Pipeline`] (`"latents"` only).
+            latents (`torch.Tensor`, optional): The starting noise, `(batch_size, 3, height, width)`, unit variance;
+                drawn from `generator` when not given.
 
         Examples:
 
@@ -95,6 +98,7 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
             num_intermediates,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            latents=latents,
         )
 
         # 3. Convert.

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models.unet_sr3 import convert_legacy_parameter_list
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
@@ -98,8 +100,11 @@ def finish_checkpoint(
     return final
 
 
-def load_checkpoint_extras(path: str, ema: Optional[Any]) -> Dict[str, Any]:
-    """Read `training_state.json` and restore the EMA (safetensors, no pickle) from a checkpoint."""
+def load_checkpoint_extras(path: str, ema: Optional[Any], model: Optional[Any] = None) -> Dict[str, Any]:
+    """Read `training_state.json` and restore the EMA (safetensors, no pickle) from a checkpoint.
+
+    With `model`, EMA weights saved by diffusers-sr3 0.1.0 (attention before Diffusers' `Attention`) are converted.
+    """
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     if ema is not None:
@@ -107,6 +112,9 @@ def load_checkpoint_extras(path: str, ema: Optional[Any]) -> Dict[str, Any]:
         if not os.path.isfile(ema_path):
             raise FileNotFoundError(f"{path} has no EMA weights ({EMA_FILE}): it was saved without --use_ema")
         shadow = load_file(ema_path)
+        if model is not None and len(shadow) != len(ema.shadow_params):
+            legacy = [shadow[f"{index:05d}"] for index in range(len(shadow))]
+            shadow = {f"{i:05d}": value for i, value in enumerate(convert_legacy_parameter_list(model, legacy))}
         if len(shadow) != len(ema.shadow_params):
             raise ValueError(f"{ema_path} holds {len(shadow)} tensors, the model has {len(ema.shadow_params)}")
         settings = dict(state.get("ema", {}))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
-from ..models.unet_sr3 import SR3UNet2DModel
+from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, swap_scheduler, training_betas
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
@@ -463,6 +463,8 @@ class Trainer:
             eps=config.adam_epsilon,
             fused=config.fused_optimizer or None,
         )
+        # Optimizer states of checkpoints saved by diffusers-sr3 0.1.0 (other attention parameters) still resume.
+        optimizer.register_load_state_dict_pre_hook(lambda _, state: convert_legacy_optimizer_state(model, state))
         if data.sampler is None:
             max_train_steps = config.max_train_steps
         else:
@@ -511,7 +513,7 @@ class Trainer:
             logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
             return
         self.accelerator.load_state(loop.resumed_from)
-        state = load_checkpoint_extras(loop.resumed_from, loop.ema)
+        state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
         loop.global_step, loop.epoch = state["global_step"], state["epoch"]
         loop.batches_done = state["batches_in_epoch"]
         logger.info("resumed from %s at step %d (epoch %d)", loop.resumed_from, loop.global_step, loop.epoch)

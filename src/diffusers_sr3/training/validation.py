@@ -9,7 +9,7 @@ import PIL.Image
 import torch
 
 from ..image_processing import grid, tensor_to_pil
-from ..metrics import evaluate_batch
+from ..metrics import evaluate_batch, summarize
 from ..noise import swap_scheduler
 from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
@@ -90,8 +90,7 @@ def run_validation(
     condition = torch.stack([sample["condition"] for sample in samples])
     sr = pipeline((lr + 1) / 2, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
     sr = sr.images.cpu() * 2 - 1
-    values = evaluate_batch(sr, hr, lr)
-    metrics = {name: float(torch.tensor(per_image, dtype=torch.float64).mean()) for name, per_image in values.items()}
+    metrics = summarize(evaluate_batch(sr, hr, lr))
     columns = [tensor_to_pil(part) for part in (lr, condition, sr, hr)]
     size = (hr.shape[-1], hr.shape[-2])
     return metrics, grid([list(row) for row in zip(*columns)], size=size)

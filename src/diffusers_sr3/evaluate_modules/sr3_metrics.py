@@ -1,0 +1,74 @@
+"""SR3 super-resolution metrics as a Hugging Face `evaluate` module: PSNR, SSIM and the SR3 paper's consistency.
+
+Load it offline from the installed package:
+
+    import evaluate
+    from diffusers_sr3.metrics import evaluate_module_path
+
+    sr3_metrics = evaluate.load(evaluate_module_path())
+    results = sr3_metrics.compute(predictions=sr_images, references=hr_images, low_resolution=lr_images)
+    # {"psnr": 27.1, "ssim": 0.81, "consistency": 2.3e-05, "num_images": 8}
+
+The numbers come from `diffusers_sr3.metrics`, the same code as `sr3 eval` and the training validation.
+"""
+
+import datasets
+import evaluate
+
+from diffusers_sr3 import metrics
+
+_DESCRIPTION = """
+PSNR and SSIM with the original SR3 project's definitions (RGB uint8 images; PSNR = 10 log10(255^2 / MSE) in
+float64; SSIM per channel with an 11x11 Gaussian window, sigma 1.5, over the valid positions, averaged over the
+channels; no border crop), and the SR3 paper's consistency: the MSE, in [0, 1] units, between the low-resolution
+input and the bicubic downsample of the output (the paper reports it x1e5).
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: super-resolved images (PIL images or uint8 `(H, W, 3)` / `(H, W)` arrays).
+    references: the ground-truth high-resolution images, of the same sizes.
+    low_resolution (optional): the low-resolution inputs; adds `consistency`.
+    per_image (`bool`, defaults to False): also return the per-image values (`psnr_per_image`, ...).
+
+Returns:
+    A flat dict of means, ready for a model card's `model-index` results: `psnr` (dB), `ssim`, `consistency`
+    (with `low_resolution`; MSE in [0, 1] units) and `num_images`. Identical pairs give `psnr` = inf.
+
+Example:
+    >>> results = sr3_metrics.compute(predictions=[sr], references=[hr])
+    >>> sorted(results)
+    ['num_images', 'psnr', 'ssim']
+"""
+
+_CITATION = """
+@article{saharia2021image,
+  title={Image Super-Resolution via Iterative Refinement},
+  author={Saharia, Chitwan and Ho, Jonathan and Chan, William and Salimans, Tim and Fleet, David J
+    and Norouzi, Mohammad},
+  journal={arXiv preprint arXiv:2104.07636},
+  year={2021}
+}
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Sr3Metrics(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            module_type="metric",
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
+            reference_urls=["https://arxiv.org/abs/2104.07636"],
+        )
+
+    def _compute(self, predictions, references, low_resolution=None, per_image=False):
+        if low_resolution is not None and len(low_resolution) != len(predictions):
+            raise ValueError(f"{len(low_resolution)} low_resolution images for {len(predictions)} predictions")
+        per_image_values = metrics.image_set_metrics(predictions, references, low_resolution)
+        results = metrics.summarize(per_image_values)
+        if per_image:
+            results.update({f"{name}_per_image": values for name, values in per_image_values.items()})
+        return results
