@@ -84,7 +84,7 @@ def test_tiled_upscale_has_no_seams_on_a_smooth_image():
     def run(**kwargs):
         generator = torch.Generator().manual_seed(0)
         return tiled_super_resolve(
-            pipeline, image, num_inference_steps=4, generator=generator, output_type="pt", **kwargs
+            pipeline, image, tile_size=32, num_inference_steps=4, generator=generator, output_type="pt", **kwargs
         ).images
 
     whole = pipeline(image, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
