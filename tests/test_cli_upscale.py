@@ -8,6 +8,7 @@ from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 LR_SAMPLE = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"
 
@@ -77,15 +78,31 @@ def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, m
     monkeypatch.setattr(tiling.TiledNetwork, "forward", counting_forward)
     source = write_image(tmp_path / "big.png", (20, 14))  # 80x56 output; the model was trained at 32x32
     out = tmp_path / "out"
+    # By default an image that fits the memory budget runs whole: one evaluation per step.
+    assert main(["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "2"]) == 0
+    assert PIL.Image.open(out / "big_sr.png").size == (80, 56)
+    assert calls == [1, 1]
+    calls.clear()
     assert (
         main(
             ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "2"]
-            + ["--tile-overlap", "8", "--batch-size", "4"]
+            + ["--tile-size", "32", "--tile-overlap", "8", "--tile-batch-size", "4"]
         )
         == 0
     )
     assert PIL.Image.open(out / "big_sr.png").size == (80, 56)
     assert calls == [3 * 2, 3 * 2]  # 2 steps, each over a 3 x 2 grid of 32x32 tiles
+    calls.clear()
+    # A smaller memory budget cuts the same image into tiles on its own.
+    assert (
+        main(
+            ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
+            + ["--max-tile-pixels", str(40 * 40)]
+        )
+        == 0
+    )
+    assert calls and calls[0] > 1
+    calls.clear()
     calls.clear()
     assert (
         main(
@@ -198,3 +215,61 @@ def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, t
     with pytest.raises(OSError):
         upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "direct.png"))
     assert not list(tmp_path.glob("*direct*"))
+
+
+def test_upscale_progress_quiet_mode_help_and_onnx_backend(model_dir, tmp_path, capsys):
+    source = write_image(tmp_path / "photo.png", (12, 10))
+    base = ["upscale", str(source), "--model", str(model_dir), "--steps", "2", "--scheduler", "ddim", "--device", "cpu"]
+    assert main(base + ["--output", str(tmp_path / "a.png")]) == 0
+    captured = capsys.readouterr()
+    assert "photo_sr" not in captured.out and "a.png (48x40)" in captured.out
+    assert "step 2/2" in captured.err and "100%" in captured.err  # the bar: steps (and tiles) with elapsed<ETA
+    assert main(base + ["--output", str(tmp_path / "b.png"), "--quiet", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "step" not in captured.err and "%" not in captured.err
+    assert np.array_equal(
+        np.asarray(PIL.Image.open(tmp_path / "a.png")), np.asarray(PIL.Image.open(tmp_path / "b.png"))
+    )
+    # Tiled: the bar counts tiles too.
+    assert main(base + ["--output", str(tmp_path / "c.png"), "--tile-size", "32", "--tile-overlap", "8"]) == 0
+    assert "tile 4/4" in capsys.readouterr().err
+    pytest.importorskip("onnxruntime")
+    import os
+
+    os.environ["SR3_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        assert main(base + ["--output", str(tmp_path / "d.png"), "--backend", "onnx", "--quiet"]) == 0
+    finally:
+        del os.environ["SR3_CACHE_DIR"]
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    eager = np.asarray(PIL.Image.open(tmp_path / "a.png")).astype(int)
+    onnx = np.asarray(PIL.Image.open(tmp_path / "d.png")).astype(int)
+    assert np.abs(eager - onnx).max() <= 1  # fp32 to ~1e-6: at most one rounding step apart
+
+
+def test_upscale_help_states_the_expected_time(capsys):
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = capsys.readouterr().out
+    assert "per output megapixel" in text and "GPU" in text and "--backend" in text and "--quiet" in text
+
+
+def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkeypatch):
+    import diffusers_sr3.tiling as tiling
+
+    calls = []
+    original = tiling.TiledNetwork.forward
+    monkeypatch.setattr(
+        tiling.TiledNetwork, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    from diffusers_sr3 import SR3Pipeline
+
+    pipeline = SR3Pipeline.from_pretrained(model_dir)
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    SR3Pipeline(pipeline.unet, scheduler, upscale_factor=4).save_pretrained(tmp_path / "x0")
+    source = write_image(tmp_path / "photo.png", (12, 10))
+    arguments = ["upscale", str(source), "--model", str(tmp_path / "x0"), "--output", str(tmp_path / "o.png")]
+    assert main(arguments + ["--mode", "fidelity", "--quiet"]) == 0
+    assert len(calls) == FIDELITY_STEPS and PIL.Image.open(tmp_path / "o.png").size == (48, 40)
+    assert main(arguments + ["--mode", "fidelity", "--steps", "2", "--quiet", "--overwrite"]) == 0
+    assert len(calls) == FIDELITY_STEPS + 2

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_unet_config
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.tiling import TiledNetwork, tile_starts, tiled_super_resolve
+from diffusers_sr3.tiling import TiledNetwork, TilePlan, default_overlap, plan_tiles, tile_starts, tiled_super_resolve
 
 
 class LocalNetwork(SR3UNet2DModel):
@@ -84,7 +84,7 @@ def test_tiled_upscale_has_no_seams_on_a_smooth_image():
     def run(**kwargs):
         generator = torch.Generator().manual_seed(0)
         return tiled_super_resolve(
-            pipeline, image, num_inference_steps=4, generator=generator, output_type="pt", **kwargs
+            pipeline, image, tile_size=32, num_inference_steps=4, generator=generator, output_type="pt", **kwargs
         ).images
 
     whole = pipeline(image, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
@@ -123,3 +123,106 @@ def test_bad_tile_settings():
         TiledNetwork(network, tile_size=30, overlap=4)
     with pytest.raises(ValueError, match="overlap"):
         TiledNetwork(network, tile_size=32, overlap=32)
+
+
+def low_resolution_unet():
+    """A tiny UNet at the low-resolution grid like the photos_x4 preset: downsampling factor 4 x 2**2 = 16."""
+    torch.manual_seed(0)
+    return SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4)).eval()
+
+
+def test_plan_runs_untiled_when_the_image_fits_the_budget():
+    network = low_resolution_unet()
+    assert network.downsampling_factor == 16
+    # 1024x1024 output = 256x256 network-grid pixels: the default budget, one tile, one evaluation.
+    assert plan_tiles(network, 1024, 1024) == TilePlan(1024, default_overlap(network), 1)
+    assert plan_tiles(network, 1024, 1024, max_pixels=128 * 128).tile_size < 1024
+    # An explicit tile size keeps the old defaults: a quarter overlap; the batch fills the budget.
+    assert plan_tiles(network, 1024, 1024, tile_size=64) == TilePlan(64, 16, 256 * 256 * 16 // 64**2)
+
+
+@pytest.mark.parametrize("height,width", [(2048, 2048), (2048, 1600), (1600, 3200), (1040, 1040)])
+def test_planned_tiles_fit_the_budget_are_aligned_and_few(height, width):
+    network = low_resolution_unet()
+    budget = 256 * 256
+    tiled = TiledNetwork(network, tile_size=None, overlap=None, batch_size=None, max_pixels=budget)
+    plan = tiled.plan(height, width)
+    tiles = tiled.tiles(height, width)
+    assert plan.tile_size % 16 == 0 and plan.tile_size**2 <= budget * 16
+    assert plan.batch_size * plan.tile_size**2 <= budget * 16
+    for rows, columns, _ in tiles:
+        assert rows.start % 16 == 0 and columns.start % 16 == 0  # the untiled network's unshuffle/stride phase
+        assert rows.stop <= height and columns.stop <= width
+    # Evenly sized tiles: far fewer covered pixels than the old fixed 64px tiles with a quarter overlap.
+    covered = sum((r.stop - r.start) * (c.stop - c.start) for r, c, _ in tiles)
+    assert covered < 1.35 * height * width
+    assert len(tiles) < len(TiledNetwork(network, 64, 16).tiles(height, width)) / 10
+    # Every pixel is covered, and the blending weights sum to a positive value everywhere.
+    _, _, total = tiled._layout(height, width, torch.device("cpu"))
+    assert total.min() > 0
+
+
+def test_aligned_tile_starts():
+    assert tile_starts(100, 32, 8, align=4) == [0, 24, 44, 68]
+    for start in tile_starts(2048, 704, 32, align=16):
+        assert start % 16 == 0
+    starts = tile_starts(2048, 704, 32, align=16)
+    assert starts[-1] + 704 == 2048 and all(a + 704 - b >= 32 for a, b in zip(starts, starts[1:]))
+
+
+def test_layout_is_computed_once_per_size_not_per_step(monkeypatch):
+    network = LocalNetwork(**tiny_unet_config()).eval()
+    network.window = 1
+    tiled = TiledNetwork(network, tile_size=32, overlap=8, batch_size=5)
+    calls = []
+    original = TiledNetwork.tiles
+    monkeypatch.setattr(TiledNetwork, "tiles", lambda self, h, w: calls.append((h, w)) or original(self, h, w))
+    sample = torch.rand(1, 6, 72, 100) * 2 - 1
+    for level in (0.9, 0.5, 0.1):  # three refinement steps
+        output = tiled(sample, torch.tensor([level]))[0]
+        assert torch.allclose(output, network(sample, torch.tensor([level]))[0], atol=1e-6)
+    assert calls == [(72, 100)]
+
+
+def test_untiled_default_matches_the_plain_pipeline_and_counts_evaluations(tiny_pipeline):
+    image = torch.rand(1, 3, 12, 10)
+    calls = []
+    unet = tiny_pipeline.unet
+    handle = unet.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
+    try:
+        tiled = tiled_super_resolve(
+            tiny_pipeline, image, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
+    finally:
+        handle.remove()
+    plain = tiny_pipeline(image, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(tiled, plain.images)
+    assert calls == [(1, 6, 48, 40)] * 3  # one whole-image evaluation per step
+
+
+def test_progress_advances_inside_an_evaluation_and_snaps_to_whole_crops(tiny_pipeline):
+    from diffusers_sr3.progress import UpscaleProgress, block_shares
+
+    unet = tiny_pipeline.unet
+    shares = block_shares(unet)
+    assert len(shares) == 3 * 1 + 2 + 3 * 2 and sum(share for _, share in shares) == pytest.approx(1.0)
+    assert block_shares(LocalNetwork(**tiny_unet_config())) != []  # subclasses keep their blocks
+    assert block_shares(torch.nn.Conv2d(1, 1, 1)) == []
+    seen = []
+    with UpscaleProgress(unet, steps=2, crops_per_step=6, disable=False, leave=False) as progress:
+        hook = unet.mid_blocks[0].register_forward_hook(lambda *_: seen.append(progress.bar.n))
+        tiled_super_resolve(
+            tiny_pipeline,
+            torch.rand(1, 3, 20, 14),
+            tile_size=32,
+            overlap=8,
+            tile_batch_size=2,
+            progress=progress,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+        hook.remove()
+        assert progress.total == progress.done == 12 and progress.bar.n == 12  # 2 steps x 3 x 2 tiles
+    # Mid-evaluation the bar already moved past the last whole count (the ETA exists before a call ends).
+    assert seen and 0 < seen[0] < 2 and any(value % 1 for value in seen)
+    assert not unet.mid_blocks[0]._forward_hooks  # hooks removed on close

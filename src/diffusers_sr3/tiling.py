@@ -6,13 +6,19 @@ condition), in batches, and its per-tile predictions are blended back into one f
 raised-cosine weights that fall smoothly to zero towards the inner tile edges. The scheduler then updates the whole
 image at once, so overlapping tiles cannot drift apart and no seam forms (MultiDiffusion-style blending).
 For a network whose output at a pixel depends only on nearby pixels, the result equals the untiled one.
+
+Speed: the network is convolutional, so an image that fits the memory budget (`DEFAULT_MAX_TILE_PIXELS` network-grid
+pixels per evaluation) runs untiled, in one evaluation per step; a larger one is cut into as few evenly sized
+tiles as the budget allows, batched up to the budget. Tile origins sit on multiples of the UNet's downsampling
+factor, so every tile sees the same pixel-unshuffle and stride phase as the untiled network. The tile layout and
+blending weights are computed once per image size, not per step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -24,16 +30,21 @@ def _check_tiles(tile: int, overlap: int) -> None:
         raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got {tile} and {overlap}")
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> List[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, evenly spread, neighbours overlapping >= `overlap`.
 
-    A length that fits in one tile gives `[0]` (the tile is then clipped to `length`).
+    A length that fits in one tile gives `[0]` (the tile is then clipped to `length`). With `align`, every start is
+    a multiple of `align` (`length` and `tile` should then be multiples of it, so the last tile ends at `length`).
     """
     _check_tiles(tile, overlap)
     if length <= tile:
         return [0]
     count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(index * (length - tile) / (count - 1)) for index in range(count)]
+    while True:
+        starts = [align * round(index * (length - tile) / (count - 1) / align) for index in range(count)]
+        if all(left + tile - right >= overlap for left, right in zip(starts, starts[1:])) or count >= length:
+            return starts
+        count += 1
 
 
 def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
@@ -50,31 +61,113 @@ def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
     return weights
 
 
+# Network-grid pixels (image pixels / pixel_unshuffle_factor**2) per evaluation: a tile's area times the tiles in
+# one batch. 256x256 is a whole 1024x1024 output of the x4 photo model (pixel_unshuffle_factor 4) in one
+# evaluation, with a peak of about 1 GB (benchmarks/upscale.py), and about where larger inputs stop paying off.
+DEFAULT_MAX_TILE_PIXELS = 256 * 256
+
+
+class TilePlan(NamedTuple):
+    """How an image is cut: square tiles of `tile_size` (clipped to the image), `overlap`, `batch_size` per batch."""
+
+    tile_size: int
+    overlap: int
+    batch_size: int
+
+
+def _unshuffle_factor(network: Any) -> int:
+    return int(network.config.get("pixel_unshuffle_factor", 1) or 1)
+
+
+def default_overlap(network: Any) -> int:
+    """Overlap of automatically planned tiles: half the training crop (`sample_size // 2`), on the factor grid."""
+    factor = network.downsampling_factor
+    size = network.config.sample_size
+    size = int(max(size) if isinstance(size, (tuple, list)) else size)
+    return max(factor, (size // 2) // factor * factor)
+
+
+def plan_tiles(
+    network: Any,
+    height: int,
+    width: int,
+    tile_size: Optional[int] = None,
+    overlap: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+) -> TilePlan:
+    """The tiles for a `height x width` network input (already padded to the downsampling factor).
+
+    Without `tile_size`, the image runs untiled when it holds at most `max_pixels` network-grid pixels; otherwise
+    it is cut into the fewest evenly sized tiles that each fit the budget. Without `batch_size`, as many tiles as fit
+    the budget run together. `overlap` defaults to [`default_overlap`] (a quarter of an explicit `tile_size`).
+    """
+    factor = network.downsampling_factor
+    budget = max_pixels * _unshuffle_factor(network) ** 2  # image pixels per evaluation
+    if tile_size is None:
+        overlap = default_overlap(network) if overlap is None else overlap
+        if height * width <= budget:
+            tile_size = math.ceil(max(height, width) / factor) * factor
+        else:
+            largest = max(factor, int(math.isqrt(budget)) // factor * factor)
+            needed = []
+            for length in (height, width):
+                if length <= largest:
+                    needed.append(length)
+                    continue
+                count = math.ceil((length - overlap) / max(1, largest - overlap - factor))
+                needed.append(math.ceil((length + (count - 1) * (overlap + factor)) / count))
+            tile_size = min(largest, math.ceil(max(needed) / factor) * factor)
+            overlap = min(overlap, tile_size - factor)
+    elif overlap is None:
+        overlap = tile_size // 4
+    if batch_size is None:
+        batch_size = max(1, budget // (min(tile_size, height) * min(tile_size, width)))
+    return TilePlan(int(tile_size), int(overlap), int(batch_size))
+
+
 class TiledNetwork(torch.nn.Module):
     """Runs an SR3 UNet over overlapping tiles of its input and blends the outputs (see the module docstring).
 
     Stands in for the pipeline's UNet during one call: same `config`, `dtype`, `device` and call signature.
 
     Args:
-        network: the SR3 UNet.
-        tile_size: tile height and width (the size the network was trained at; a multiple of its downsampling
-            factor).
+        network: the SR3 UNet (or a stand-in with the same call signature, such as an ONNX Runtime backend).
+        tile_size: tile height and width (a multiple of its downsampling factor); None plans tiles per image size
+            with [`plan_tiles`] (untiled when the image fits `max_pixels`).
         overlap: minimum overlap of neighbouring tiles in pixels; blending happens across it.
-        batch_size: tiles run through the network together.
+        batch_size: tiles run through the network together; None fills `max_pixels`.
+        max_pixels: network-grid pixels per evaluation for planned tiles and batches.
+        progress: an object with an `evaluation(count)` context manager, entered around every network call with
+            the number of (image, tile) crops in it (see `diffusers_sr3.progress.UpscaleProgress`).
     """
 
-    def __init__(self, network: torch.nn.Module, tile_size: int, overlap: int, batch_size: int = 4):
+    def __init__(
+        self,
+        network: Any,
+        tile_size: Optional[int],
+        overlap: Optional[int] = None,
+        batch_size: Optional[int] = 4,
+        max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+        progress: Optional[Any] = None,
+    ):
         super().__init__()
         factor = network.downsampling_factor
-        if tile_size % factor:
-            raise ValueError(f"tile_size {tile_size} is not a multiple of the UNet's downsampling factor {factor}")
-        if batch_size < 1:
+        if tile_size is not None:
+            if tile_size % factor:
+                raise ValueError(f"tile_size {tile_size} is not a multiple of the UNet's downsampling factor {factor}")
+            _check_tiles(tile_size, tile_size // 4 if overlap is None else overlap)
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"the tile batch size must be at least 1, got {batch_size}")
-        _check_tiles(tile_size, overlap)
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.network = network
         self.tile_size = tile_size
         self.overlap = overlap
         self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.progress = progress
+        self._layouts: Dict[Tuple[int, int, str], Tuple[TilePlan, list, torch.Tensor]] = {}
 
     @property
     def config(self):
@@ -92,30 +185,60 @@ class TiledNetwork(torch.nn.Module):
     def downsampling_factor(self) -> int:
         return self.network.downsampling_factor
 
+    def plan(self, height: int, width: int) -> TilePlan:
+        """The tile size, overlap and batch size used for a `height x width` input."""
+        return plan_tiles(
+            self.network, height, width, self.tile_size, self.overlap, self.batch_size, max_pixels=self.max_pixels
+        )
+
     def tiles(self, height: int, width: int) -> List[Tuple[slice, slice, torch.Tensor]]:
         """The tiles of a `height x width` input: `(rows, columns, weights)` with `(h, w)` float64 weights."""
+        tile_size, overlap, _ = self.plan(height, width)
+        factor = self.downsampling_factor
         tiles = []
-        rows, columns = (
-            tile_starts(height, self.tile_size, self.overlap),
-            tile_starts(width, self.tile_size, self.overlap),
-        )
+        rows, columns = tile_starts(height, tile_size, overlap, factor), tile_starts(width, tile_size, overlap, factor)
         for i, top in enumerate(rows):
-            tile_height = min(self.tile_size, height)
-            vertical = _ramp(tile_height, self.overlap, rise=i > 0, fall=i < len(rows) - 1)
+            tile_height = min(tile_size, height)
+            vertical = _ramp(tile_height, overlap, rise=i > 0, fall=i < len(rows) - 1)
             for j, left in enumerate(columns):
-                tile_width = min(self.tile_size, width)
-                horizontal = _ramp(tile_width, self.overlap, rise=j > 0, fall=j < len(columns) - 1)
+                tile_width = min(tile_size, width)
+                horizontal = _ramp(tile_width, overlap, rise=j > 0, fall=j < len(columns) - 1)
                 tiles.append(
                     (slice(top, top + tile_height), slice(left, left + tile_width), vertical[:, None] * horizontal)
                 )
         return tiles
 
+    def _layout(self, height: int, width: int, device: torch.device) -> Tuple[TilePlan, list, torch.Tensor]:
+        """Plan, tiles with float32 weights on `device`, and the blending normaliser: computed once per size."""
+        key = (height, width, str(device))
+        if key not in self._layouts:
+            tiles = [
+                (rows, columns, weights.to(device=device, dtype=torch.float32))
+                for rows, columns, weights in self.tiles(height, width)
+            ]
+            total = torch.zeros((height, width), dtype=torch.float32, device=device)
+            for rows, columns, weights in tiles:
+                total[rows, columns] += weights
+            self._layouts[key] = (self.plan(height, width), tiles, total)
+        return self._layouts[key]
+
+    def count_evaluations(self, height: int, width: int, images: int = 1) -> Tuple[int, int]:
+        """`(crops, network calls)` per refinement step for `images` inputs of `height x width`."""
+        tiles = len(self.tiles(height, width))
+        if tiles == 1:
+            return images, 1
+        return images * tiles, math.ceil(images * tiles / self.plan(height, width).batch_size)
+
+    def _evaluation(self, count: int):
+        return self.progress.evaluation(count) if self.progress is not None else contextlib.nullcontext()
+
     def forward(self, sample: torch.Tensor, noise_level: torch.Tensor, return_dict: bool = False, **kwargs: Any):
         """Blend the network's outputs over the tiles of `sample` `(B, C, H, W)`; returns `(output,)`."""
         batch, _, height, width = sample.shape
-        tiles = self.tiles(height, width)
+        plan, tiles, total = self._layout(height, width, sample.device)
         if len(tiles) == 1:
-            return (self.network(sample, noise_level, return_dict=False, **kwargs)[0],)
+            with self._evaluation(batch):
+                return (self.network(sample, noise_level, return_dict=False, **kwargs)[0],)
         per_sample = {
             name: value
             for name, value in {"noise_level": noise_level, **kwargs}.items()
@@ -124,34 +247,38 @@ class TiledNetwork(torch.nn.Module):
         # Every (image, tile) pair in a row: crops of all images at one tile position sit next to each other.
         jobs = [(index, tile) for tile in range(len(tiles)) for index in range(batch)]
         output = None
-        total = torch.zeros((1, 1, height, width), dtype=torch.float32, device=sample.device)
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start : start + self.batch_size]
+        for start in range(0, len(jobs), plan.batch_size):
+            chunk = jobs[start : start + plan.batch_size]
             crops = torch.stack([sample[index, :, tiles[tile][0], tiles[tile][1]] for index, tile in chunk])
             arguments = {name: value for name, value in kwargs.items() if name not in per_sample}
             arguments.update({name: value[[index for index, _ in chunk]] for name, value in per_sample.items()})
             level = arguments.pop("noise_level", noise_level)
-            predicted = self.network(crops, level, return_dict=False, **arguments)[0].float()
+            with self._evaluation(len(chunk)):
+                predicted = self.network(crops, level, return_dict=False, **arguments)[0].float()
             if output is None:
                 output = torch.zeros((batch, predicted.shape[1], height, width), device=sample.device)
             for (index, tile), prediction in zip(chunk, predicted):
                 rows, columns, weights = tiles[tile]
-                weights = weights.to(device=sample.device, dtype=torch.float32)
                 output[index, :, rows, columns] += prediction * weights
-        for rows, columns, weights in tiles:
-            total[0, 0, rows, columns] += weights.to(device=sample.device, dtype=torch.float32)
         return ((output / total).to(sample.dtype),)
 
 
 @contextlib.contextmanager
-def tiled_unet(pipeline: Any, tile_size: int, overlap: int, batch_size: int = 4) -> Iterator[TiledNetwork]:
+def tiled_unet(
+    pipeline: Any,
+    tile_size: Optional[int],
+    overlap: Optional[int] = None,
+    batch_size: Optional[int] = 4,
+    max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+    progress: Optional[Any] = None,
+) -> Iterator[TiledNetwork]:
     """Let `pipeline` refine in tiles for the duration of the `with` block.
 
     The UNet is swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
     save_pretrained writes) never sees the wrapper.
     """
     network = pipeline.unet
-    wrapper = TiledNetwork(network, tile_size, overlap, batch_size)
+    wrapper = TiledNetwork(network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress)
     vars(pipeline)["unet"] = wrapper
     try:
         yield wrapper
@@ -170,25 +297,29 @@ def tiled_super_resolve(
     image: ImageInput,
     tile_size: Optional[int] = None,
     overlap: Optional[int] = None,
-    tile_batch_size: int = 4,
+    tile_batch_size: Optional[int] = None,
+    max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+    progress: Optional[Any] = None,
     **call_kwargs: Any,
 ):
-    """Super-resolve `image` with `pipeline` (an `SR3Pipeline`), in overlapping tiles when the output is larger
-    than a tile.
+    """Super-resolve `image` with `pipeline` (an `SR3Pipeline`): untiled when it fits the memory budget, otherwise
+    in overlapping tiles.
 
     Args:
         pipeline: the SR3 super-resolution pipeline.
         image: the low-resolution input(s), anything the pipeline accepts.
-        tile_size: tile size at the output resolution; defaults to the UNet's `sample_size`.
-        overlap: overlap of neighbouring tiles; defaults to a quarter of the tile size.
-        tile_batch_size: tiles run through the UNet together.
-        **call_kwargs: passed to the pipeline call (`num_inference_steps`, `generator`, `output_type`,
+        tile_size: tile size at the output resolution; defaults to the whole image when it holds at most
+            `max_tile_pixels` network-grid pixels, else the fewest evenly sized tiles that fit ([`plan_tiles`]).
+        overlap: overlap of neighbouring tiles; defaults to half the UNet's `sample_size` (a quarter of an explicit
+            `tile_size`).
+        tile_batch_size: tiles run through the UNet together; defaults to as many as fit `max_tile_pixels`.
+        max_tile_pixels: network-grid pixels (image pixels / pixel_unshuffle_factor**2) per evaluation.
+        progress: see [`TiledNetwork`].
+        **call_kwargs: passed to the pipeline call (`num_inference_steps`, `mode`, `generator`, `output_type`,
             `num_intermediates`, ...).
 
     Returns:
         The pipeline's output (an `SR3PipelineOutput`, or a tuple with `return_dict=False`).
     """
-    tile_size = tile_size or model_tile_size(pipeline)
-    overlap = tile_size // 4 if overlap is None else overlap
-    with tiled_unet(pipeline, tile_size, overlap, tile_batch_size):
+    with tiled_unet(pipeline, tile_size, overlap, tile_batch_size, max_tile_pixels, progress):
         return pipeline(image, **call_kwargs)

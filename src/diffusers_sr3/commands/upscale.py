@@ -1,4 +1,4 @@
-"""`sr3 upscale`: super-resolve image files, folders and globs, in seamless tiles when larger than the model."""
+"""`sr3 upscale`: super-resolve image files, folders and globs, untiled when they fit memory, else in seamless tiles."""
 
 from __future__ import annotations
 
@@ -11,26 +11,75 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..backends import BACKENDS, use_backend
 from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
+from ..pipelines.pipeline_sr3 import FIDELITY_STEPS
 from ..pretrained import DEFAULT_STEPS
-from ..tiling import model_tile_size, tiled_super_resolve
+from ..progress import UpscaleProgress
+from ..tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve
 from .common import add_model_arguments, add_save_process_argument, load_pipeline
+
+# Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed"), see there for the model and machine.
+EXPECTED_TIME = """\
+expected time (the packaged x4 model, 1 megapixel = a 256x256 input upscaled to 1024x1024):
+  2-core x86 CPU (measured, benchmarks/upscale.py): about {cpu_fidelity} s per output megapixel with --mode fidelity,
+    about {cpu_detail} s with the default detail mode and {steps} steps; peak memory about 1 GB.
+  GPU: well under a second per megapixel (an estimate from the network's FLOPs, not measured yet:
+    run benchmarks/gpu_check.sh on a GPU).
+  The progress bar counts every tile and step and shows the remaining time from the first second.
+"""
+CPU_SECONDS_PER_MEGAPIXEL = {"fidelity": 9, "detail": 90}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXPECTED_TIME.format(
+        cpu_fidelity=CPU_SECONDS_PER_MEGAPIXEL["fidelity"], cpu_detail=CPU_SECONDS_PER_MEGAPIXEL["detail"],
+        steps=DEFAULT_STEPS,
+    )  # fmt: skip
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
     add_model_arguments(parser, default_model="the x4 photo model that ships with the package")
-    parser.add_argument("--batch-size", type=int, default=1, help="images (or tiles of a large image) refined together")
+    parser.add_argument(
+        "--mode",
+        choices=("detail", "fidelity"),
+        default="detail",
+        help="detail: iterative refinement (--steps network evaluations; sharp, plausible texture); fidelity: "
+        f"deterministic DDIM from the noise's mean in {FIDELITY_STEPS} steps unless --steps: the model's estimate of "
+        "the average answer (highest PSNR, smoother texture, faster; models that predict the clean image)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images of one size refined together")
     parser.add_argument(
         "--tile-size",
         type=int,
         default=None,
-        help="tile size at the output resolution for images larger than the model (default: the UNet's sample_size)",
+        help="tile size at the output resolution (default: the whole image when it fits the memory budget, else "
+        "the fewest evenly sized tiles that do)",
     )
-    parser.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: tile/4)")
+    parser.add_argument(
+        "--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: half the model's sample_size)"
+    )
+    parser.add_argument(
+        "--tile-batch-size", type=int, default=None, help="tiles run together (default: as many as fit the budget)"
+    )
+    parser.add_argument(
+        "--max-tile-pixels",
+        type=int,
+        default=DEFAULT_MAX_TILE_PIXELS,
+        help=f"memory budget: network-grid pixels per evaluation (default {DEFAULT_MAX_TILE_PIXELS}, about 1 GB "
+        "peak with the packaged model)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="runtime of the network: torch (default), or onnx: ONNX Runtime fp32 on the CPU, exported once and "
+        'cached (pip install "diffusers-sr3[onnx]")',
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars and no per-file lines")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_save_process_argument(
         parser,
@@ -101,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     if args.save_process < 0:
         raise ValueError("--save-process takes a positive number of frames")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     paths = find_images(args.inputs)
     single = len(paths) == 1
     destinations = [_output_path(args.output, path, single) for path in paths]
@@ -111,23 +164,44 @@ def run(args: argparse.Namespace) -> int:
     images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
-    pipeline.set_progress_bar_config(leave=False)
-    tile_size = args.tile_size or model_tile_size(pipeline)
-    overlap = tile_size // 4 if args.tile_overlap is None else args.tile_overlap
-    steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
+    pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
+    if args.mode == "fidelity":
+        steps = args.steps or FIDELITY_STEPS
+    else:
+        steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    with tqdm(total=len(paths), desc="upscaling", unit="image") as progress:
+    tiling = dict(
+        tile_size=args.tile_size,
+        overlap=args.tile_overlap,
+        tile_batch_size=args.tile_batch_size,
+        max_tile_pixels=args.max_tile_pixels,
+    )
+    with (
+        use_backend(pipeline, args.backend, threads=args.threads) as network,
+        tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
+    ):
         for start, stop in _batches(images, args.batch_size):
-            output = tiled_super_resolve(
-                pipeline,
-                images[start:stop],
-                tile_size=tile_size,
-                overlap=overlap,
-                tile_batch_size=args.batch_size,
-                num_inference_steps=steps,
-                generator=generator,
-                num_intermediates=args.save_process,
-            )
+            crops = _crops_per_step(pipeline, network, images[start], stop - start, tiling)
+            name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
+            with UpscaleProgress(
+                network,
+                steps,
+                crops,
+                description=name,
+                disable=args.quiet,
+                leave=single,
+                position=0 if single else 1,
+            ) as progress:
+                output = tiled_super_resolve(
+                    pipeline,
+                    images[start:stop],
+                    progress=progress,
+                    num_inference_steps=steps,
+                    mode=args.mode,
+                    generator=generator,
+                    num_intermediates=args.save_process,
+                    **tiling,
+                )
             for offset, result in enumerate(output.images):
                 path, destination = paths[start + offset], destinations[start + offset]
                 save_atomically(result, destination)
@@ -135,6 +209,22 @@ def run(args: argparse.Namespace) -> int:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
                     frames = [condition] + [snapshot[offset] for snapshot in output.intermediates]
                     save_atomically(grid([frames]), _process_path(destination))
-                progress.write(f"{path} -> {destination} ({result.width}x{result.height})")
-                progress.update(1)
+                if not args.quiet:
+                    overall.write(f"{path} -> {destination} ({result.width}x{result.height})")
+                overall.update(1)
     return 0
+
+
+def _crops_per_step(pipeline: SR3Pipeline, network, image: PIL.Image.Image, images: int, tiling: dict) -> int:
+    """(image, tile) crops the network sees per refinement step for `images` inputs of `image`'s size."""
+    factor = pipeline.config.upscale_factor
+    multiple = network.downsampling_factor
+    height, width = (-(-image.height * factor // multiple) * multiple, -(-image.width * factor // multiple) * multiple)
+    tiled = TiledNetwork(
+        network,
+        tiling["tile_size"],
+        tiling["overlap"],
+        tiling["tile_batch_size"],
+        max_pixels=tiling["max_tile_pixels"],
+    )
+    return tiled.count_evaluations(height, width, images)[0]

@@ -1,0 +1,232 @@
+"""Runtimes for the SR3 UNet other than eager PyTorch: ONNX Runtime (fp32, CPU), an optional extra.
+
+    pip install "diffusers-sr3[onnx]"
+
+```py
+from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.backends import use_backend
+
+pipe = SR3Pipeline.from_pretrained("path/to/pipeline")
+with use_backend(pipe, "onnx"):  # exports the UNet once (cached), then ONNX Runtime runs every evaluation
+    image = pipe(low_res, mode="fidelity").images[0]
+```
+
+or explicitly: `onnx_unet = OnnxUNet.from_unet(pipe.unet)`, then `with swap_unet(pipe, onnx_unet): ...`.
+`sr3 upscale --backend onnx` does the same. [`OnnxUNet`] stands in for the UNet: same `config`, `dtype`, `device`,
+`downsampling_factor` and call signature, so tiling and both pipeline modes work unchanged. The exported graph
+takes any batch, height and width (multiples of the downsampling factor); its output matches eager PyTorch to
+~1e-6 relative (tests/test_backends.py).
+
+Exports are cached by a hash of the UNet's config and weights in `$SR3_CACHE_DIR/onnx` (default
+`~/.cache/diffusers-sr3/onnx`), so only the first run pays the export (seconds to tens of seconds on a CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Optional, Union
+
+import torch
+
+BACKENDS = ("torch", "onnx")
+
+
+def cache_dir() -> str:
+    """Where exported networks are cached: `$SR3_CACHE_DIR`, else `~/.cache/diffusers-sr3`."""
+    return os.environ.get("SR3_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diffusers-sr3")
+
+
+def _require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(
+            'the ONNX backend needs ONNX Runtime: pip install "diffusers-sr3[onnx]" (onnxruntime and onnx)'
+        ) from None
+    return onnxruntime
+
+
+class _Exportable(torch.nn.Module):
+    """The UNet with tensor-only inputs and outputs, as the ONNX exporter wants it."""
+
+    def __init__(self, unet: torch.nn.Module, condition_noise: bool):
+        super().__init__()
+        self.unet = unet
+        self.condition_noise = condition_noise
+
+    def forward(self, sample, noise_level, condition_noise_level=None):
+        kwargs = {"condition_noise_level": condition_noise_level} if self.condition_noise else {}
+        return self.unet(sample, noise_level, return_dict=False, **kwargs)[0]
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """A hash of the UNet's class, config and float32 weights (and the torch version that exports it)."""
+    digest = hashlib.sha256()
+    digest.update(type(unet).__name__.encode())
+    digest.update(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    digest.update(torch.__version__.encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def export_onnx(unet: torch.nn.Module, path: Union[str, os.PathLike], opset: int = 17) -> str:
+    """Export an SR3 UNet (float32, CPU copy) to an ONNX file with dynamic batch, height and width.
+
+    Inputs: `sample` `(B, in_channels, H, W)`, `noise_level` `(B,)` and, for UNets with condition_noise_embedding,
+    `condition_noise_level` `(B,)`; output: `prediction` `(B, out_channels, H, W)`. Written atomically.
+    """
+    import copy
+
+    path = os.fspath(path)
+    network = copy.deepcopy(unet).eval()
+    if network.device.type != "cpu" or network.dtype != torch.float32:
+        network = network.to("cpu", torch.float32)
+    condition_noise = bool(network.config.get("condition_noise_embedding", False))
+    size = network.config.sample_size
+    size = int(max(size) if isinstance(size, (tuple, list)) else size)
+    # Batch 2: a batch of 1 could let the tracer bake the batch size in as a constant.
+    inputs = [torch.zeros(2, network.config.in_channels, size, size), torch.full((2,), 0.5)]
+    names = ["sample", "noise_level"]
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "noise_level": {0: "batch"}}
+    if condition_noise:
+        inputs.append(torch.zeros(2))
+        names.append("condition_noise_level")
+        axes["condition_noise_level"] = {0: "batch"}
+    axes["prediction"] = {0: "batch", 2: "height", 3: "width"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handle, staging = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about the shape checks, which hold for any size
+            torch.onnx.export(
+                _Exportable(network, condition_noise),
+                tuple(inputs),
+                staging,
+                input_names=names,
+                output_names=["prediction"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
+
+
+class OnnxUNet:
+    """An SR3 UNet run by ONNX Runtime (fp32, CPU): a stand-in for `pipeline.unet`.
+
+    Args:
+        path: the exported `.onnx` file (see [`export_onnx`]).
+        config: the UNet's config (a dict or FrozenDict).
+        threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
+        providers: ONNX Runtime execution providers (default: CPU).
+    """
+
+    def __init__(self, path: str, config: Any, threads: Optional[int] = None, providers: Optional[list] = None):
+        onnxruntime = _require_onnxruntime()
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = path
+        self.config = config
+        self.session = onnxruntime.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+        self._inputs = {item.name for item in self.session.get_inputs()}
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: torch.nn.Module,
+        path: Optional[str] = None,
+        threads: Optional[int] = None,
+        providers: Optional[list] = None,
+    ) -> OnnxUNet:
+        """Export `unet` (to `path`, or to the cache keyed by its fingerprint, reusing an earlier export)."""
+        _require_onnxruntime()
+        if path is None:
+            path = os.path.join(cache_dir(), "onnx", f"{type(unet).__name__}-{unet_fingerprint(unet)}.onnx")
+        if not os.path.isfile(path):
+            export_onnx(unet, path)
+        return cls(path, unet.config, threads=threads, providers=providers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.get("pixel_unshuffle_factor", 1) * 2 ** (len(self.config["channel_multipliers"]) - 1)
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        noise_level: Union[torch.Tensor, float, int],
+        condition_noise_level: Optional[Union[torch.Tensor, float]] = None,
+        return_dict: bool = True,
+    ):
+        batch = sample.shape[0]
+        factor = self.downsampling_factor
+        if sample.shape[-2] % factor or sample.shape[-1] % factor:
+            raise ValueError(f"sample size {tuple(sample.shape[-2:])} is not divisible by {factor}")
+
+        def per_sample(values) -> Any:
+            values = torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu()
+            return values.expand(batch).contiguous().numpy() if values.numel() == 1 else values.numpy()
+
+        feeds = {
+            "sample": sample.detach().to("cpu", torch.float32).contiguous().numpy(),
+            "noise_level": per_sample(noise_level),
+        }
+        if "condition_noise_level" in self._inputs:
+            feeds["condition_noise_level"] = per_sample(0.0 if condition_noise_level is None else condition_noise_level)
+        elif condition_noise_level is not None:
+            raise ValueError("condition_noise_level was given, but this model has no condition_noise_embedding")
+        prediction = torch.from_numpy(self.session.run(["prediction"], feeds)[0]).to(sample.device)
+        if not return_dict:
+            return (prediction,)
+        from .models.unet_sr3 import SR3UNet2DOutput
+
+        return SR3UNet2DOutput(sample=prediction)
+
+
+@contextlib.contextmanager
+def swap_unet(pipeline: Any, unet: Any) -> Iterator[Any]:
+    """Run `pipeline` with `unet` in place of its UNet inside the `with` block (its config never sees it)."""
+    original = pipeline.unet
+    vars(pipeline)["unet"] = unet
+    try:
+        yield unet
+    finally:
+        vars(pipeline)["unet"] = original
+
+
+@contextlib.contextmanager
+def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = None) -> Iterator[Any]:
+    """Run `pipeline`'s UNet on `backend` (`"torch"`: unchanged; `"onnx"`: [`OnnxUNet`]) inside the block."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        yield pipeline.unet
+        return
+    if pipeline.unet.device.type != "cpu":
+        raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
+    if pipeline.unet.dtype != torch.float32:
+        raise ValueError("the onnx backend runs in float32: load the pipeline in float32")
+    with swap_unet(pipeline, OnnxUNet.from_unet(pipeline.unet, threads=threads)) as unet:
+        yield unet
