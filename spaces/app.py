@@ -150,6 +150,7 @@ def super_resolve(
     seed: int,
     process_frames: int = 0,
     progress: Optional[Callable[[Tuple[int, int]], Any]] = None,
+    mode: str = "detail",
 ) -> Result:
     """Super-resolve `image` by `scale` (the model's factor or one it divides into) with SR3 and with bicubic.
 
@@ -162,6 +163,9 @@ def super_resolve(
         seed: seed of the sampling noise.
         process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none).
         progress: called with `(steps done, steps in total)` after every refinement step.
+        mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the
+            average answer: deterministic DDIM from the noise's mean in a few steps; `scheduler`, `steps` and `seed`
+            do not apply).
     """
     factor = pipeline.config.upscale_factor
     if scale < 1 or factor % scale:
@@ -183,10 +187,11 @@ def super_resolve(
         image,
         tile_size=tile_size,
         overlap=overlap,
-        num_inference_steps=steps,
+        num_inference_steps=steps if mode == "detail" else None,
+        mode=mode,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pt",
-        num_intermediates=min(process_frames, steps),
+        num_intermediates=min(process_frames, steps) if mode == "detail" else 0,
         callback_on_step_end=on_step_end,
         callback_on_step_end_tensor_inputs=(),
     )
@@ -244,6 +249,9 @@ def build_demo(
     # The saved sampler is preselected unless it is DDPM, which needs far more steps than a demo should take.
     default_scheduler = saved if saved in DEMO_SCHEDULERS and saved != "ddpm" else DEMO_SCHEDULERS[0]
     tile_size = model_tile_size(pipeline)
+    # Models that predict the clean image are shown in both modes side by side; others in detail mode only.
+    clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
+    modes = ("fidelity", "detail") if clean_image_model else ("detail",)
 
     def run(
         upload: Optional[Dict[str, Any]],
@@ -269,27 +277,33 @@ def build_demo(
         image = read_upload(upload["path"], name, max_pixels)
 
         progress((0, steps), desc="refining", unit="steps")
-        result = super_resolve(
-            pipeline,
-            image,
-            scales[scale_label],
-            steps,
-            scheduler,
-            seed,
-            process_frames,
-            lambda done: progress(done, desc="refining", unit="steps"),
-        )
+        results = {}
+        for mode in modes:  # fidelity first: it is fast
+            results[mode] = super_resolve(
+                pipeline,
+                image,
+                scales[scale_label],
+                steps,
+                scheduler,
+                seed,
+                process_frames if mode == "detail" else 0,
+                lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="steps"),
+                mode=mode,
+            )
+        result = results["detail"]
         height, width = result.output_size
         nearest = image.resize((width, height), PIL.Image.NEAREST)
         gallery = [
             (nearest, f"input {image.width}x{image.height} (nearest neighbour)"),
             (result.bicubic, f"bicubic {width}x{height}"),
-            (result.sr3, f"SR3 {width}x{height}"),
         ]
+        for mode, outcome in results.items():
+            label = f"SR3 {mode}" if len(modes) > 1 else "SR3"
+            gallery.append((outcome.sr3, f"{label} {width}x{height}"))
         info = (
             f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps, "
             f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of {tile_size}x{tile_size} · "
-            f"{result.seconds:.1f} s"
+            f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
         )
         process = gr.Image(value=result.process, visible=result.process is not None)
         return gallery, (result.bicubic, result.sr3), process, info
@@ -301,6 +315,12 @@ def build_demo(
             f"Upload a photo (at most {max_pixels:,} pixels). The x{factor} SR3 model refines a bicubic upsample "
             f"from noise, in {tile_size}x{tile_size} tiles blended seamlessly for larger photos. "
             "More steps are slower and usually sharper; the seed picks the sampling noise."
+            + (
+                " **Fidelity** mode (deterministic, fast) gives the most faithful image; **detail** mode (SR3 "
+                "sampling) the sharper texture: both are shown."
+                if clean_image_model
+                else ""
+            )
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -320,8 +340,8 @@ def build_demo(
             with gr.Column(scale=2):
                 info = gr.Markdown(elem_id="info")
                 gallery = gr.Gallery(
-                    label="input | bicubic | SR3",
-                    columns=3,
+                    label="input | bicubic | " + " | ".join(f"SR3 {mode}" for mode in modes),
+                    columns=2 + len(modes),
                     rows=1,
                     height="auto",
                     format="png",

@@ -22,7 +22,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     )
     monkeypatch.setattr(demo.metrics, "evaluate_batch", lambda *a: evaluated.append(a) or real_evaluate(*a))
     out = tmp_path / "demo"
-    arguments = ["demo", "--output", str(out), "--steps", "2", "--width", "8", "--crop-size", "16"]
+    arguments = ["demo", "--output", str(out), "--steps", "2", "--width", "8", "--crop-size", "32"]
     arguments += ["--train-crops", "16", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "40"]
     assert main(arguments + ["--batch-size", "4"]) == 0
     # SR3 and bicubic start from the same 8-bit low-resolution pixels (SR3 takes pictures, uint8).
@@ -34,19 +34,22 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] == 2
     assert not set(report["train_photos"]) & set(report["heldout_photos"])
-    assert set(report["mean"]) == {"SR3", "bicubic", demo.PACKAGED}  # the model that ships in the package too
-    for method in ("SR3", "bicubic", demo.PACKAGED):
+    # Both modes of the model trained here and of the one that ships in the package.
+    methods = {"bicubic"} | {f"{name} {mode}" for name in ("SR3", demo.PACKAGED) for mode in ("fidelity", "detail")}
+    assert set(report["mean"]) == methods
+    for method in methods:
         assert set(report["per_image"][method]) == {"psnr", "ssim", "consistency"}
         assert all(len(values) == 2 for values in report["per_image"][method].values())
         assert all(math.isfinite(value) for value in report["mean"][method].values())
     # Bicubic on real photo crops is a sane baseline; the verdict states what was measured.
     assert 15 < report["mean"]["bicubic"]["psnr"] < 45
     assert report["verdict"] in printed and report["verdict"] in (out / "metrics.md").read_text()
-    # LR | bicubic | SR3 | packaged SR3 | HR per row
-    assert PIL.Image.open(out / "comparison.png").size == (5 * 16, 2 * 16)
-    # A whole held-out photo (longer side 40, larger than the 16x16 the model was trained at, so tiled).
+    assert report["verdict"].startswith("The SR3 model trained here") and "fidelity mode" in report["verdict"]
+    # LR | bicubic | SR3 fidelity | SR3 detail | packaged fidelity | packaged detail | HR per row, magnified x2
+    assert PIL.Image.open(out / "comparison.png").size == (7 * 64, 2 * 64)
+    # A whole held-out photo (longer side 40, larger than the 32x32 the model was trained at).
     photo = PIL.Image.open(out / "photo.png")
-    assert photo.width % 5 == 0 and max(photo.width // 5, photo.height) == 40
+    assert photo.width % 7 == 0 and max(photo.width // 7, photo.height) == 40
     assert (out / "model" / "model_index.json").is_file()
     # The trained model is a normal pipeline folder: `sr3 upscale` takes it.
     assert (
@@ -56,30 +59,31 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
         )
         == 0
     )
-    assert PIL.Image.open(tmp_path / "up.png").size == (4 * 80, 4 * 32)
+    assert PIL.Image.open(tmp_path / "up.png").size == (4 * 7 * 64, 4 * 2 * 64)
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2
 
 
-def test_verdict_states_what_was_measured():
+def test_verdict_states_what_was_measured_in_plain_words():
     bicubic = {"psnr": 25.0, "ssim": 0.7, "consistency": 1e-4}
-    assert demo._verdict({"psnr": 26.0, "ssim": 0.8, "consistency": 5e-5}, bicubic).startswith(
-        "SR3 beats bicubic on all"
+    assert demo._verdict({"psnr": 26.0, "ssim": 0.8, "consistency": 5e-5}, bicubic, "The model") == (
+        "The model beats bicubic in fidelity mode: +1.00 dB PSNR, and better SSIM and consistency."
     )
-    assert "does not beat" in demo._verdict({"psnr": 20.0, "ssim": 0.5, "consistency": 1e-3}, bicubic)
-    assert demo._verdict({"psnr": 24.0, "ssim": 0.75, "consistency": 1e-3}, bicubic) == (
-        "SR3 beats bicubic on ssim only, at this training budget."
+    assert "does not beat bicubic" in demo._verdict({"psnr": 20.0, "ssim": 0.5, "consistency": 1e-3}, bicubic, "It")
+    assert demo._verdict({"psnr": 24.0, "ssim": 0.75, "consistency": 1e-3}, bicubic, "It") == (
+        "It beats bicubic in fidelity mode on SSIM only (-1.00 dB PSNR)."
     )
 
 
 def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch):
     pytest.importorskip("skimage")
-    measured = demo._seconds_per_step(demo.unet_config(16, 4), batch_size=2)
+    measured = demo._seconds_per_step(demo.unet_config(32, 4), batch_size=2)
+    assert demo.unet_config(64, 32)["pixel_unshuffle_factor"] == 4  # the network runs at the low-resolution grid
     assert 0 < measured < 60
     monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size: 0.5)
     out = tmp_path / "demo"
-    arguments = ["demo", "--output", str(out), "--minutes", "0.13", "--width", "4", "--crop-size", "16"]
-    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "16"]
+    arguments = ["demo", "--output", str(out), "--minutes", "0.13", "--width", "4", "--crop-size", "32"]
+    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2"]) == 0
     # 0.13 min = 7.8 s at 0.5 s per step x the loop overhead 1.3 -> 12 steps
     assert json.loads((out / "metrics.json").read_text())["steps"] == 12

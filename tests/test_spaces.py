@@ -255,3 +255,24 @@ def test_space_metadata_and_requirements():
         if "extra ==" not in requirement
     }
     assert {name.replace("_", "-") for name in listed} == needed
+
+
+def test_models_that_predict_the_clean_image_are_shown_in_both_modes():
+    app = load_app()
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
+    image = PIL.Image.open(PHOTO).convert("RGB")
+    fidelity = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    # The Space's fidelity result is the pipeline's own (tiled like the Space: the photo is larger than a tile).
+    direct = tiled_super_resolve(pipeline, image, tile_size=32, overlap=8, mode="fidelity").images[0]
+    assert np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(direct, dtype=np.int16)).max() <= 1
+    detail = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail")
+    assert np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(detail.sr3, dtype=np.int16)).max() > 0
+    labels = [block.label for block in app.build_demo(pipeline).blocks.values() if getattr(block, "label", None)]
+    assert "input | bicubic | SR3 fidelity | SR3 detail" in labels
+    # An epsilon model has no fidelity mode: the page shows detail mode only.
+    epsilon = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
+    labels = [block.label for block in app.build_demo(epsilon).blocks.values() if getattr(block, "label", None)]
+    assert "input | bicubic | SR3 detail" in labels
