@@ -86,7 +86,7 @@ def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, m
     assert (
         main(
             ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "2"]
-            + ["--tile-size", "32", "--tile-overlap", "8", "--tile-batch-size", "4"]
+            + ["--tile-size", "32", "--tile-overlap", "8", "--tile-batch-size", "4", "--overwrite"]
         )
         == 0
     )
@@ -97,12 +97,11 @@ def test_upscale_larger_than_the_model_goes_through_tiles(model_dir, tmp_path, m
     assert (
         main(
             ["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
-            + ["--max-tile-pixels", str(40 * 40)]
+            + ["--max-tile-pixels", str(40 * 40), "--overwrite"]
         )
         == 0
     )
     assert calls and calls[0] > 1
-    calls.clear()
     calls.clear()
     assert (
         main(
@@ -175,8 +174,13 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     assert main(["upscale", str(photo), "--output", str(tmp_path / "a")]) == 0
     assert main(["upscale", str(photo), "--output", str(tmp_path / "b"), "--model", str(model_dir)]) == 0
     assert main(["upscale", str(photo), "--output", str(tmp_path / "c"), "--scheduler", "ddpm"]) == 0
-    # The packaged model with its own sampler: the step-count study's pick; anything else: 50.
-    assert seen == [DEFAULT_STEPS, 50, 50] and DEFAULT_STEPS == 10
+    detail = ["--mode", "detail"]
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "d")] + detail) == 0
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "e"), "--scheduler", "ddpm"] + detail) == 0
+    # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps whatever the
+    # sampler. The test model predicts epsilon: detail mode, 50 steps. Detail mode of the packaged model with its own
+    # sampler takes the step-count study's pick; with another sampler, 50.
+    assert seen == [FIDELITY_STEPS, 50, FIDELITY_STEPS, DEFAULT_STEPS, 50] and DEFAULT_STEPS == 10
 
 
 def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, tmp_path, capsys, monkeypatch):

@@ -55,6 +55,6 @@ def test_architecture_section_matches_the_code():
     from diffusers_sr3.models.unet_sr3 import ResnetBlock, SR3UNet2DModel
     from diffusers_sr3.pipelines.base import SR3BasePipeline
 
-    assert "self.noise_level_embedding(noise_level)" in inspect.getsource(SR3UNet2DModel.forward)
+    assert "self.noise_level_embedding(signal_level)" in inspect.getsource(SR3UNet2DModel.forward)
     assert "self.embedding_proj(" in inspect.getsource(ResnetBlock.forward)
     assert "network_inputs_for_schedule(" in inspect.getsource(SR3BasePipeline._denoise)

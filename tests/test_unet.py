@@ -190,14 +190,23 @@ def test_weights_saved_before_diffusers_attention_still_load(tmp_path, tiny_unet
     assert "mid_blocks.0.attention.to_q.weight" in keys and not [k for k in keys if ".qkv." in k]
 
 
-def test_the_packaged_model_saved_with_old_names_loads_completely():
-    from safetensors import safe_open
+def test_the_packaged_model_saved_with_old_names_loads_completely(tmp_path):
+    """The packaged network written as diffusers-sr3 0.1.0 wrote attention weights loads with nothing missing."""
+    import shutil
+
+    from safetensors.torch import save_file
 
     folder = REPO / "src" / "diffusers_sr3" / "pretrained" / "sr3-photos-x4" / "unet"
-    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as handle:
-        assert any(key.endswith("attention.qkv.weight") for key in handle.keys())
-    _, info = SR3UNet2DModel.from_pretrained(folder, output_loading_info=True)
+    current = SR3UNet2DModel.from_pretrained(folder)
+    old = tmp_path / "unet"
+    old.mkdir()
+    shutil.copy(folder / "config.json", old / "config.json")
+    save_file(_legacy_state_dict(current), str(old / "diffusion_pytorch_model.safetensors"))
+    loaded, info = SR3UNet2DModel.from_pretrained(old, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    sample = torch.randn(1, 6, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.5).sample, current(sample, 0.5).sample)
 
 
 def test_signal_level_keyword_and_the_deprecated_noise_level(tiny_unet):

@@ -139,7 +139,7 @@ def make_scheduler(
     config: Dict[str, Any] = dict(
         num_train_timesteps=schedule["num_train_timesteps"],
         trained_betas=betas.tolist(),
-        beta_schedule=schedule,
+        beta_schedule=schedule["beta_schedule"],
         beta_start=float(betas[0]),
         beta_end=float(betas[-1]),
         prediction_type=prediction_type,

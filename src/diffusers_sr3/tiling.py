@@ -118,7 +118,8 @@ def plan_tiles(
                 count = math.ceil((length - overlap) / max(1, largest - overlap - factor))
                 needed.append(math.ceil((length + (count - 1) * (overlap + factor)) / count))
             tile_size = min(largest, math.ceil(max(needed) / factor) * factor)
-            overlap = min(overlap, tile_size - factor)
+        # One tile covers a small image whole, so its overlap never applies; it only has to be a valid one.
+        overlap = max(0, min(overlap, tile_size - factor))
     elif overlap is None:
         overlap = tile_size // 4
     if batch_size is None:

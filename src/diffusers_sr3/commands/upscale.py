@@ -24,29 +24,35 @@ from .common import add_model_arguments, add_save_process_argument, load_pipelin
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed"), see there for the model and machine.
 EXPECTED_TIME = """\
 expected time (the packaged x4 model, 1 megapixel = a 256x256 input upscaled to 1024x1024):
-  2-core x86 CPU (measured, benchmarks/upscale.py): about {cpu_fidelity} s per output megapixel with --mode fidelity,
-    about {cpu_detail} s with the default detail mode and {steps} steps; peak memory about 1 GB.
+  2-core x86 CPU (measured, benchmarks/upscale.py): about {per_evaluation} s per output megapixel and network
+    evaluation: about {cpu_fidelity} s in the default fidelity mode ({fidelity_steps} steps), about {cpu_detail} s
+    with --mode detail and {steps} steps; peak memory about 1 GB.
   GPU: well under a second per megapixel (an estimate from the network's FLOPs, not measured yet:
     run benchmarks/gpu_check.sh on a GPU).
   The progress bar counts every tile and step and shows the remaining time from the first second.
 """
-CPU_SECONDS_PER_MEGAPIXEL = {"fidelity": 9, "detail": 90}
+# One evaluation of the packaged network per output megapixel, 2 CPU cores (benchmarks/upscale.py).
+CPU_SECONDS_PER_MEGAPIXEL_EVALUATION = 9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXPECTED_TIME.format(
-        cpu_fidelity=CPU_SECONDS_PER_MEGAPIXEL["fidelity"], cpu_detail=CPU_SECONDS_PER_MEGAPIXEL["detail"],
+        per_evaluation=CPU_SECONDS_PER_MEGAPIXEL_EVALUATION,
+        cpu_fidelity=CPU_SECONDS_PER_MEGAPIXEL_EVALUATION * FIDELITY_STEPS,
+        fidelity_steps=FIDELITY_STEPS,
+        cpu_detail=CPU_SECONDS_PER_MEGAPIXEL_EVALUATION * DEFAULT_STEPS,
         steps=DEFAULT_STEPS,
-    )  # fmt: skip
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
     add_model_arguments(parser, default_model="the x4 photo model that ships with the package")
     parser.add_argument(
         "--mode",
-        choices=("detail", "fidelity"),
-        default="detail",
-        help="detail: iterative refinement (--steps network evaluations; sharp, plausible texture); fidelity: "
+        choices=("auto", "detail", "fidelity"),
+        default="auto",
+        help="auto (default): fidelity for models that predict the clean image (the packaged one), else detail; "
+        "detail: iterative refinement (--steps network evaluations; sharp, plausible texture); fidelity: "
         f"deterministic DDIM from the noise's mean in {FIDELITY_STEPS} steps unless --steps: the model's estimate of "
         "the average answer (highest PSNR, smoother texture, faster; models that predict the clean image)",
     )
@@ -165,7 +171,11 @@ def run(args: argparse.Namespace) -> int:
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
-    if args.mode == "fidelity":
+    mode = args.mode
+    if mode == "auto":
+        clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
+        mode = "fidelity" if clean_image_model else "detail"
+    if mode == "fidelity":
         steps = args.steps or FIDELITY_STEPS
     else:
         steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
@@ -197,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                     images[start:stop],
                     progress=progress,
                     num_inference_steps=steps,
-                    mode=args.mode,
+                    mode=mode,
                     generator=generator,
                     num_intermediates=args.save_process,
                     **tiling,
