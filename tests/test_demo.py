@@ -27,7 +27,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     assert main(arguments + ["--batch-size", "4"]) == 0
     # SR3 and bicubic start from the same 8-bit low-resolution pixels (SR3 takes pictures, uint8).
     sr3_low = images_to_tensor(next(image for image in sr3_inputs if isinstance(image, list)))  # the held-out crops
-    (bicubic, hr, bicubic_lr), (_, _, sr3_lr) = evaluated[:2]
+    (bicubic, hr, bicubic_lr), (_, _, sr3_lr) = evaluated[-5:-3]  # the demo's own: bicubic, then SR3
     assert torch.equal(bicubic_lr, sr3_low) and torch.equal(sr3_lr, sr3_low)
     assert torch.equal(bicubic, upsample_condition(sr3_low, tuple(hr.shape[-2:])))
     printed = capsys.readouterr().out
