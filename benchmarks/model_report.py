@@ -39,6 +39,7 @@ from diffusers_sr3.image_processing import (
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.model_card import write_model_card
 from diffusers_sr3.photos import heldout_crops, photo_crops, photo_name
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.tiling import tiled_super_resolve
 
 
@@ -128,7 +129,8 @@ def picture(sets: Dict[str, Dict[str, Any]], rows_per_set: int, magnify: int) ->
 
 def markdown(report: Dict[str, Any]) -> str:
     lines = [
-        f"Fidelity: one evaluation; detail: {report['sampler']}, {report['steps']} steps"
+        f"Fidelity: {FIDELITY_STEPS} deterministic DDIM steps from the noise's mean; detail: {report['sampler']}, "
+        f"{report['steps']} steps"
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + ". LR inputs are 8-bit for every method. Consistency: MSE between the input and the downsampled output "
         "(images in [0, 1]), shown x1e-5. FID from the offline Inception; below ~1000 images it is indicative.",

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import PIL.Image
 import pytest
 from conftest import REPO
 
@@ -44,29 +45,37 @@ def test_speed_benchmark_reports_every_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_pipeline):
+def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     import yaml
     from conftest import SAMPLES
 
-    tiny_pipeline.save_pretrained(tmp_path / "model")
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=10.0)
+    SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=5.0).save_pretrained(tmp_path / "model")
     report = load("model_report").main(
         [
             "--model", str(tmp_path / "model"), "--faces", str(SAMPLES),
-            "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2", "--output", str(tmp_path / "r"),
-            "--write-card", "--training-command", "python benchmarks/convergence.py --steps 3000 --output model",
+            "--unseen", str(SAMPLES / "celebahq_16_128" / "hr_128"), "--unseen-crops", "3", "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2",
+            "--output", str(tmp_path / "r"), "--write-card", "--training-command", "accelerate launch train.py --x 1",
         ]
     )  # fmt: skip
     faces = report["sets"]["original's sample faces"]
     assert faces["images"] == 5 and faces["size"] == 64  # 64px output from a 32px-trained model: tiled
+    assert report["sets"]["never-seen photos"]["images"] == 3
     for evaluated in report["sets"].values():
-        for method in ("SR3", "bicubic"):
+        for method in ("SR3 fidelity", "SR3 detail", "bicubic"):
             values = evaluated["results"][method]
             assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(values)
-    assert (tmp_path / "r" / "evaluation.png").exists() and (tmp_path / "model" / "evaluation.png").exists()
+        assert "two_seeds_differ_255" in evaluated["results"]["SR3 detail"]
+    # Magnified crops: LR | bicubic | fidelity | detail | HR, 3 busiest crops per set and the flattest photo crop.
+    picture = PIL.Image.open(tmp_path / "r" / "evaluation.png")
+    assert picture.width == 5 * 3 * 64 and (tmp_path / "model" / "evaluation.png").exists()
     card = (tmp_path / "model" / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
-    assert "held-out photos" in card and "original's sample faces" in card and "convergence.py --steps 3000" in card
+    assert "held-out photos" in card and "original's sample faces" in card and "train.py --x 1" in card
+    assert "Two ways to sample" in card and "SR3 detail" in card
 
 
 def test_sampler_study_compares_against_the_reference():

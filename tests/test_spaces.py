@@ -109,6 +109,8 @@ def test_api_super_resolves_a_photo(served):
     direct = tiled_super_resolve(
         app.with_scheduler(pipeline, "ddim"),
         low_resolution,
+        tile_size=32,  # the Space refines in tiles of the model's training size, a quarter overlapping
+        overlap=8,
         num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(0),
     ).images[0]
