@@ -56,7 +56,8 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     report = load("model_report").main(
         [
             "--model", str(tmp_path / "model"), "--faces", str(SAMPLES),
-            "--unseen", str(SAMPLES / "celebahq_16_128" / "hr_128"), "--unseen-crops", "3", "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2",
+            "--unseen", str(SAMPLES / "celebahq_16_128" / "hr_128"), "--unseen-crops", "3",
+            "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2",
             "--output", str(tmp_path / "r"), "--write-card", "--training-command", "accelerate launch train.py --x 1",
         ]
     )  # fmt: skip
