@@ -246,7 +246,8 @@ def convert_legacy_optimizer_state(model: nn.Module, state_dict: Dict[str, Any])
         values = convert_legacy_parameter_list(model, [state.get(field) for state in states])
         for new_state, value in zip(new_states, values):
             if value is not None:
-                new_state[field] = value
+                # Split attention projections get their own tensors: an optimizer updates its state in place.
+                new_state[field] = value.clone() if isinstance(value, torch.Tensor) else value
     return {
         "state": {index: state for index, state in enumerate(new_states) if state},
         "param_groups": [{**groups[0], "params": list(range(len(current)))}],
