@@ -246,9 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 MODES_SECTION = """## Two ways to sample
 
-- **Fidelity** (`pipe(image, mode="fidelity")`, `sr3 upscale --mode fidelity`): one network evaluation that
-  estimates the average of all plausible high-resolution images. Highest PSNR and SSIM, fastest; texture stays
-  smooth where the input cannot tell. Use it for measurements, text, documents, faces you must not invent on.
+- **Fidelity** (`pipe(image, mode="fidelity")`, `sr3 upscale` by default): a few deterministic DDIM steps from
+  the mean of the starting noise, an estimate of the average of all plausible high-resolution images. Highest
+  PSNR and SSIM, fastest; texture stays smooth where the input cannot tell. Use it for measurements, text,
+  documents, faces you must not invent on.
 - **Detail** (`pipe(image, mode="detail", num_inference_steps=10)`, `sr3 upscale --mode detail`): SR3's iterative
   refinement draws one plausible image: sharper texture and edges (edge energy near the original's), at a small
   PSNR cost; `eta` (DDIM) adds fresh noise per step for grainier texture.
