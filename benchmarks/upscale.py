@@ -341,18 +341,23 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         max_steps = args.max_measured_steps[min(index, len(args.max_measured_steps) - 1)]
         rows = args.rows if index == 0 or not args.large_rows else args.large_rows
         report["rows"] += measure(args, rows, pairs, size, max_steps, work, env)
+        write_report(report, args.output)  # after every size: a long run that is stopped keeps what it measured
     if args.tile_study:
         pipeline = SR3Pipeline.from_pretrained(args.model)
         pipeline.set_progress_bar_config(disable=True)
         report["tile_study"] = tile_study(pipeline, first_pair, args.tile_study)
 
-    with open(os.path.join(args.output, "upscale.json"), "w", encoding="utf-8") as handle:
+    print("\n" + write_report(report, args.output))
+    return report
+
+
+def write_report(report: Dict, output: str) -> str:
+    with open(os.path.join(output, "upscale.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     text = markdown(report)
-    with open(os.path.join(args.output, "upscale.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(output, "upscale.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    print("\n" + text)
-    return report
+    return text
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
 
 # Network-grid pixels (image pixels / pixel_unshuffle_factor**2) per evaluation: a tile's area times the tiles in
 # one batch. 256x256 is a whole 1024x1024 output of the x4 photo model (pixel_unshuffle_factor 4) in one
-# evaluation, with a peak of about 1 GB (benchmarks/upscale.py), and about where larger inputs stop paying off.
+# evaluation (activations estimated at about 1 GB; benchmarks/upscale.py measures the peak).
 DEFAULT_MAX_TILE_PIXELS = 256 * 256
 
 

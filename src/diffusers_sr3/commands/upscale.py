@@ -18,24 +18,27 @@ from ..progress import UpscaleProgress, evaluations_per_crop
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve
 from .common import IMAGE_EXTENSIONS, add_model_arguments, add_save_process_argument, find_images, load_pipeline
 
-# Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed"), see there for the model and machine.
+# Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
 EXPECTED_TIME = """\
-expected time (the packaged x4 model, 1 megapixel = a 256x256 input upscaled to 1024x1024):
-  2-core x86 CPU (measured, benchmarks/upscale.py): about {cpu_fidelity} s per output megapixel with --mode fidelity,
-    about {cpu_detail} s with the default detail mode and {steps} steps; peak memory about 1 GB.
-  GPU: well under a second per megapixel (an estimate from the network's FLOPs, not measured yet:
-    run benchmarks/gpu_check.sh on a GPU).
-  The progress bar counts every tile and step and shows the remaining time from the first second.
+expected time per output megapixel (a 256x256 input upscaled to 1024x1024 is 1 megapixel), x4 photo model
+(photos_x4 network), measured by benchmarks/upscale.py on 2 CPU cores shared with other jobs:
+  CPU, --mode fidelity: about {cpu_eval} s per megapixel, plus {startup} s start-up (Python, model load)
+  CPU, --mode detail:   about {cpu_eval} s per megapixel per step ({steps} steps by default), plus start-up
+  memory: up to 1 megapixel runs untiled (activations estimated at ~1 GB); larger images run in tiles
+    within the same budget (--max-tile-pixels)
+  GPU: well under 1 s per megapixel per step (an estimate from the network's FLOPs, not measured:
+    run benchmarks/gpu_check.sh on a GPU)
+The progress bar counts every tile of every step and shows the remaining time from the first second.
 """
-CPU_SECONDS_PER_MEGAPIXEL = {"fidelity": 9, "detail": 90}
+CPU_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 12
+STARTUP_SECONDS = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXPECTED_TIME.format(
-        cpu_fidelity=CPU_SECONDS_PER_MEGAPIXEL["fidelity"], cpu_detail=CPU_SECONDS_PER_MEGAPIXEL["detail"],
-        steps=DEFAULT_STEPS,
-    )  # fmt: skip
+        cpu_eval=CPU_SECONDS_PER_MEGAPIXEL_PER_EVALUATION, startup=STARTUP_SECONDS, steps=DEFAULT_STEPS
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
     add_model_arguments(parser, default_model="the x4 photo model that ships with the package")
@@ -65,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tile-pixels",
         type=int,
         default=DEFAULT_MAX_TILE_PIXELS,
-        help=f"memory budget: network-grid pixels per evaluation (default {DEFAULT_MAX_TILE_PIXELS}, about 1 GB "
-        "peak with the packaged model)",
+        help=f"memory budget: network-grid pixels per evaluation (default {DEFAULT_MAX_TILE_PIXELS}, activations "
+        "estimated at about 1 GB with the photos_x4 network)",
     )
     parser.add_argument(
         "--backend",
