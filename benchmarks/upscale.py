@@ -190,8 +190,9 @@ def measure(args, names, pairs: List[Dict[str, Any]], low_size: int, max_steps: 
         if len(step_counts) == 1:
             per_photo = mean[step_counts[0]]
         else:
-            per_step = (mean[max_steps] - mean[1]) / (max_steps - 1)
-            per_photo = mean[1] + (full_steps - 1) * per_step
+            # Noise can make the longer run the faster one: a step never costs less than nothing.
+            per_step = max(0.0, (mean[max_steps] - mean[1]) / (max_steps - 1))
+            per_photo = max(mean[max_steps], mean[1] + (full_steps - 1) * per_step)
             result["measured_seconds_per_photo"] = mean
         result.update(
             extrapolated=len(step_counts) > 1,
