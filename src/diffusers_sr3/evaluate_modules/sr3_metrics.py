@@ -68,7 +68,7 @@ class Sr3Metrics(evaluate.Metric):
         if low_resolution is not None and len(low_resolution) != len(predictions):
             raise ValueError(f"{len(low_resolution)} low_resolution images for {len(predictions)} predictions")
         per_image_values = metrics.image_set_metrics(predictions, references, low_resolution)
-        results = metrics.summarize(per_image_values)
+        results = {**metrics.summarize(per_image_values), "num_images": len(predictions)}
         if per_image:
             results.update({f"{name}_per_image": values for name, values in per_image_values.items()})
         return results
