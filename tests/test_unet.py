@@ -143,7 +143,7 @@ def test_training_checkpoints_of_0_1_0_resume_ema_and_optimizer():
     legacy_moments = {field: list(_legacy(values).values()) for field, values in moments.items()}
     legacy_state = {
         "state": {
-            i: {"step": state["state"][0]["step"], **{f: legacy_moments[f][i] for f in legacy_moments}}
+            i: {"step": state["state"][0]["step"].clone(), **{f: legacy_moments[f][i] for f in legacy_moments}}
             for i in range(len(legacy_names))
         },
         "param_groups": [{**state["param_groups"][0], "params": list(range(len(legacy_names)))}],
