@@ -27,7 +27,8 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     assert main(arguments + ["--batch-size", "4"]) == 0
     # SR3 and bicubic start from the same 8-bit low-resolution pixels (SR3 takes pictures, uint8).
     sr3_low = images_to_tensor(next(image for image in sr3_inputs if isinstance(image, list)))  # the held-out crops
-    (_, hr, sr3_lr), (bicubic, _, bicubic_lr) = evaluated[:2]
+    held_out = [call for call in evaluated if call[1].shape[0] == 2]  # the 2 crops (validation in training has 1)
+    (_, hr, sr3_lr), (bicubic, _, bicubic_lr) = held_out[:2]  # SR3, then bicubic
     assert torch.equal(bicubic_lr, sr3_low) and torch.equal(sr3_lr, sr3_low)
     assert torch.equal(bicubic, upsample_condition(sr3_low, tuple(hr.shape[-2:])))
     printed = capsys.readouterr().out
