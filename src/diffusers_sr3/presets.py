@@ -55,6 +55,20 @@ NEW_MODEL_RECIPE: Dict[str, Any] = dict(
     ema_use_warmup=True,
 )
 
+# The low-resolution presets' network on its 16x16 grid (levels 16, 8, 4; attention at 4): the image-side settings,
+# `sample_size` and `pixel_unshuffle_factor`, are the preset's.
+_LOW_RESOLUTION_UNET: Dict[str, Any] = dict(
+    in_channels=6,
+    out_channels=3,
+    block_out_channels=64,
+    channel_multipliers=(1, 2, 4),
+    layers_per_block=2,
+    attention_resolutions=(4,),
+    norm_groups=32,
+    dropout=0.0,
+    noise_level_embedding_scale=1000.0,
+)
+
 PRESETS: Dict[str, Preset] = {
     "sr_16_128": Preset(
         unet=dict(
@@ -158,37 +172,13 @@ PRESETS: Dict[str, Preset] = {
     # than full-resolution networks of the same width, so they train to beat bicubic on a CPU in hours. The
     # recipe that goes with them is NEW_MODEL_RECIPE (the residual, scaled to unit variance, x0 prediction).
     "photos_x4": Preset(
-        unet=dict(
-            in_channels=6,
-            out_channels=3,
-            block_out_channels=64,
-            channel_multipliers=(1, 2, 4),
-            layers_per_block=2,
-            attention_resolutions=(4,),
-            sample_size=64,
-            norm_groups=32,
-            dropout=0.0,
-            noise_level_embedding_scale=1000.0,
-            pixel_unshuffle_factor=4,
-        ),
+        unet=dict(_LOW_RESOLUTION_UNET, sample_size=64, pixel_unshuffle_factor=4),
         resolution=64,
         upscale_factor=4,
         description="x4 photographs, a 15M-parameter network at the low-resolution grid (16 -> 64 crops)",
     ),
     "photos_x8": Preset(
-        unet=dict(
-            in_channels=6,
-            out_channels=3,
-            block_out_channels=64,
-            channel_multipliers=(1, 2, 4),
-            layers_per_block=2,
-            attention_resolutions=(4,),
-            sample_size=128,
-            norm_groups=32,
-            dropout=0.0,
-            noise_level_embedding_scale=1000.0,
-            pixel_unshuffle_factor=8,
-        ),
+        unet=dict(_LOW_RESOLUTION_UNET, sample_size=128, pixel_unshuffle_factor=8),
         resolution=128,
         upscale_factor=8,
         description="x8 photographs and faces, a 15M-parameter network at the low-resolution grid (16 -> 128)",
