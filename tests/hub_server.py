@@ -85,7 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head:
+        # A HEAD answer has no body, errors included: a stray body would corrupt the next answer on the connection.
+        if not head and self.command != "HEAD":
             self.wfile.write(body)
 
     def _json(self, status: int, payload: object, headers: Optional[Dict[str, str]] = None):
