@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 
 from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.backends import BACKENDS, resolve_backend, use_backend
 from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import (
     degrade,
@@ -63,7 +64,8 @@ def super_resolve(
     outputs = []
     for start in range(0, lr.shape[0], args.batch_size):
         batch = (lr[start : start + args.batch_size] + 1) / 2
-        outputs.append(tiled_super_resolve(pipeline, batch, **options).images * 2 - 1)
+        with use_backend(pipeline, args.backend):
+            outputs.append(tiled_super_resolve(pipeline, batch, **options).images * 2 - 1)
     return torch.cat(outputs)
 
 
@@ -173,6 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--steps", type=int, default=10, help="detail-mode steps with the saved scheduler")
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="as `sr3 upscale --backend` (auto: bf16 autocast on AMX)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fid", action="store_true", help="skip FID (it needs the [fid] extra)")
     parser.add_argument("--magnify", type=int, default=3, help="nearest-neighbour magnification of the pictures")
@@ -196,6 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report = {
         "model": os.path.basename(os.path.normpath(args.model)),
         "sampler": type(pipeline.scheduler).__name__,
+        "backend": resolve_backend(args.backend, pipeline.unet),
         "steps": args.steps,
         "eta": args.eta,
         "heldout_photos": [photo_name(path) for path in heldout_paths],

@@ -13,13 +13,16 @@ against the HR (PSNR, uint8).
 Rows (`--rows`):
 - `bicubic`: the condition alone (the package's antialiased bicubic), timed in-process.
 - `fidelity`, `detail`: the model (`--model`, default the packaged one) with the default settings
-  (untiled when it fits the memory budget), `--mode fidelity` / `--mode detail --steps STEPS`.
+  (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX),
+  `--mode fidelity` / `--mode detail --steps STEPS`.
+- `fidelity, float32`, `detail, float32`: the same in eager float32 (`--backend torch`): the untouched precision
+  the default's PSNR is checked against (within 0.1 dB).
 - `fidelity onnx`, `detail onnx`: the same with `--backend onnx` (exported once before timing: cached).
 - `fidelity, 1 thread`: the same with `--threads 1` (the default is one thread per core).
 - `fidelity, old tiling`: the model on today's tiling (64px tiles, overlap 16, one tile per batch): the
   untouched path the speed-ups are checked against (PSNR within 0.1 dB).
 - `old model, old settings`: today's packaged model (`--old-model`) on today's settings (10 DDIM steps,
-  64px tiles, overlap 16, one tile per batch).
+  64px tiles, overlap 16, one tile per batch, float32).
 Detail runs longer than `--max-measured-steps` (per size, at least 2) are measured at one step and at that many
 steps and extrapolated linearly to the full count (every step costs one evaluation); such rows are marked, and
 their PSNR is that of the shorter run. Timings on shared machines are noisy: compare ratios within one run.
@@ -51,12 +54,15 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade, images_to_tensor, tensor_to_pil
 from diffusers_sr3.metrics import psnr
 from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_name, photo_split
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.pretrained import DEFAULT_STEPS, default_model_path
 
 ROWS = (
     "bicubic",
     "fidelity",
     "detail",
+    "fidelity, float32",
+    "detail, float32",
     "fidelity onnx",
     "detail onnx",
     "fidelity, 1 thread",
@@ -147,11 +153,13 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
     if row == "bicubic":
         return None
     if row == "old model, old settings":
-        return ["--model", args.old_model, "--mode", "detail", "--steps", str(steps), *OLD_TILING]
+        return ["--model", args.old_model, "--mode", "detail", "--steps", str(steps), "--backend", "torch", *OLD_TILING]
     arguments = ["--model", args.model]
     arguments += ["--mode", "fidelity"] if row.startswith("fidelity") else ["--mode", "detail", "--steps", str(steps)]
     if "onnx" in row:
         arguments += ["--backend", "onnx"]
+    if "float32" in row:
+        arguments += ["--backend", "torch"]
     if "old tiling" in row:
         arguments += OLD_TILING
     if "1 thread" in row:
@@ -163,9 +171,14 @@ def measure(args, names, pairs: List[Dict[str, Any]], low_size: int, max_steps: 
     rows = []
     for row in names:
         is_detail = "detail" in row or row.startswith("old model")
-        full_steps = (DEFAULT_STEPS if row.startswith("old model") else args.steps) if is_detail else 1
+        if row == "bicubic":
+            full_steps = 1
+        elif is_detail:
+            full_steps = DEFAULT_STEPS if row.startswith("old model") else args.steps
+        else:
+            full_steps = FIDELITY_STEPS
         # Longer runs: measured at max_steps and at one step, extrapolated linearly (each step costs the same).
-        step_counts = [full_steps] if full_steps <= max_steps else [1, max_steps]
+        step_counts = [full_steps] if full_steps <= max_steps or not is_detail else [1, max_steps]
         result = dict(row=row, size=low_size, steps=full_steps, measured_steps=step_counts)
         seconds, peaks, scores, megapixels = {count: [] for count in step_counts}, [], [], []
         for pair in pairs:

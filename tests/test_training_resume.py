@@ -178,3 +178,29 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
     assert trainer.summary["resumed_from"] is None and trainer.summary["global_step"] == 1
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         train(resume_options(tmp_path, tmp_path / "x", resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_max_train_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    import types
+
+    import diffusers_sr3.training.trainer as trainer_module
+
+    # A clock that advances one minute per reading: the limit of 4.5 minutes is crossed after the 5th step.
+    readings = iter(range(0, 10**6, 60))
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=lambda: float(next(readings))))
+    limited = tmp_path / "limited"
+    trainer = Trainer(resume_options(tmp_path, limited, max_train_minutes=4.5))
+    trainer.run()
+    monkeypatch.undo()
+    assert trainer.summary["global_step"] == 5 and trainer.summary["stopped_by_time_limit"]
+    assert (limited / "model_index.json").exists()  # the pipeline is saved as at a normal end
+    assert [os.path.basename(path) for path in list_checkpoints(str(limited))] == ["checkpoint-4", "checkpoint-5"]
+
+    straight = tmp_path / "straight"
+    train(resume_options(tmp_path, straight))
+    rerun = Trainer(resume_options(tmp_path, limited, resume_from_checkpoint="latest"))
+    rerun.run()
+    assert rerun.summary["steps_this_run"] == 3 and not rerun.summary["stopped_by_time_limit"]
+    assert_same(weights(straight / "checkpoint-8"), weights(limited / "checkpoint-8"))
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        resume_options(tmp_path, tmp_path / "bad", max_train_minutes=0)

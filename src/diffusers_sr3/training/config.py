@@ -131,6 +131,11 @@ class TrainingConfig:
     train_batch_size: int = _option(16, "batch size per device")
     max_train_steps: Optional[int] = _option(None, "optimizer steps to run (overrides --num_epochs)")
     num_epochs: int = _option(100, "epochs, when --max_train_steps is not given")
+    max_train_minutes: Optional[float] = _option(
+        None,
+        "also stop after this many minutes of training (the steps and epochs still bound the run; the model is "
+        "saved as at a normal end, with a checkpoint when checkpointing is on)",
+    )
     gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _option(False, "trade compute for memory")
     channels_last: bool = _option(
@@ -200,6 +205,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         if (self.resume_from_original is None) != (self.original_config is None):

@@ -96,6 +96,7 @@ class _LoopState:
     first_step: int = 0
     recent_losses: List[float] = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0
+    out_of_time: bool = False  # stopped by `max_train_minutes` before `max_train_steps`
     skipped_total: int = 0
 
 
@@ -549,7 +550,7 @@ class Trainer:
         )
         skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
         loop.first_step, loop_started = loop.global_step, time.time()
-        while loop.global_step < loop.max_train_steps:
+        while loop.global_step < loop.max_train_steps and not loop.out_of_time:
             dataloader = loop.dataloader
             epoch_loader = (
                 accelerator.skip_first_batches(dataloader, loop.batches_done) if loop.batches_done else dataloader
@@ -569,14 +570,30 @@ class Trainer:
                 self._after_optimizer_step(setup, loop, progress, step_loss, batches_in_epoch, validation_samples)
                 if loop.global_step >= loop.max_train_steps:
                     break
+                if self._out_of_time(loop_started):
+                    loop.out_of_time = True
+                    logger.info(
+                        f"max_train_minutes ({self.config.max_train_minutes:g}) reached at step {loop.global_step}"
+                    )
+                    if self.config.checkpointing_steps and loop.global_step % self.config.checkpointing_steps:
+                        # A checkpoint where the run stopped, so a resume goes on exactly from here.
+                        self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
+                    break
             # A run resumed exactly at the end of an epoch skips every batch of it: that is not an empty dataset.
             if not saw_batch and batches_in_epoch == 0:
                 raise ValueError(f"{data.description} gave no batch in epoch {loop.epoch}: no usable training images")
-            if loop.global_step < loop.max_train_steps:
+            if loop.global_step < loop.max_train_steps and not loop.out_of_time:
                 loop.epoch += 1
         progress.close()
         loop.train_seconds = time.time() - loop_started
         loop.skipped_total = int(accelerator.reduce(skipped, reduction="sum").item())
+
+    def _out_of_time(self, loop_started: float) -> bool:
+        """Whether `max_train_minutes` have passed; every process stops at the same step if any one's clock says so."""
+        if self.config.max_train_minutes is None:
+            return False
+        over = torch.tensor(int(time.time() - loop_started > self.config.max_train_minutes * 60))
+        return bool(self.accelerator.reduce(over.to(self.accelerator.device), reduction="sum").item())
 
     def _train_step(self, loop: _LoopState, batch: Dict[str, Any]) -> float:
         """One micro-batch: noise it, predict, take the loss and (when the accumulation syncs) an optimizer step."""
@@ -644,6 +661,7 @@ class Trainer:
                 skipped_at_scan=dict(data.skipped_at_scan),
                 skipped_during_training=loop.skipped_total,
                 train_seconds=round(seconds, 2),
+                stopped_by_time_limit=loop.out_of_time,
                 steps_per_second=round(steps_this_run / seconds, 3) if seconds else None,
                 checkpoints=[os.path.basename(path) for path in list_checkpoints(config.output_dir)],
                 residual_scale=self.residual_scale if config.residual else None,
@@ -801,7 +819,8 @@ class Trainer:
             "",
             f"Training finished: {summary['global_step']} steps ({summary['steps_this_run']} in this run, "
             f"{summary['train_seconds']} s, {summary['steps_per_second']} steps/s) on {summary['num_processes']} "
-            f"process(es), total batch {summary['total_batch_size']}.",
+            f"process(es), total batch {summary['total_batch_size']}"
+            + (" (stopped by --max_train_minutes)." if summary["stopped_by_time_limit"] else "."),
             f"  final loss (mean of last steps): {summary['final_loss']:.5f}"
             if summary["final_loss"] is not None
             else "  no step ran in this run",

@@ -1,0 +1,112 @@
+"""The bfloat16 mixed-precision backend: autocast really runs, outputs stay close to float32, `auto` chooses it only
+where bfloat16 is fast, and the UNet is left as it was."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import tiny_unet_config
+
+import diffusers_sr3.backends as backends
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3.backends import AutocastUNet, resolve_backend, use_backend
+from diffusers_sr3.cli import main
+from diffusers_sr3.tiling import tiled_super_resolve
+
+
+def low_resolution_unet(**overrides):
+    torch.manual_seed(0)
+    return SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4, **overrides)).eval()
+
+
+def make_pipeline():
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=4.0)
+    pipeline = SR3Pipeline(low_resolution_unet(), scheduler, upscale_factor=4, residual=True, residual_scale=2.0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_autocast_unet_computes_in_bfloat16_and_answers_in_float32():
+    unet = low_resolution_unet()
+    sample, level = torch.randn(2, 6, 32, 48, generator=torch.Generator().manual_seed(1)), torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        expected = unet(sample, level).sample
+    seen = []
+    hook = unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    network = AutocastUNet(unet)
+    assert network.downsampling_factor == unet.downsampling_factor and network.config == unet.config
+    assert network.dtype == torch.float32 and network.device == unet.device
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = network(sample, level).sample
+        tuple_output = network(sample, level, return_dict=False)[0]
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # the convolutions ran in bfloat16
+    assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, tuple_output)
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.05, error  # bfloat16's 8-bit mantissa: close, but not the float32 answer
+    with pytest.raises(ValueError, match="float32 UNet"):
+        AutocastUNet(low_resolution_unet().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", ["fidelity", "detail"])
+def test_pipeline_on_the_bf16_backend_stays_close_to_float32(mode):
+    pipeline = make_pipeline()
+    unet = pipeline.unet
+    image = torch.rand(1, 3, 20, 36, generator=torch.Generator().manual_seed(3))
+
+    def run(**tiling):
+        generator = torch.Generator().manual_seed(0)
+        return tiled_super_resolve(
+            pipeline, image, mode=mode, num_inference_steps=3, generator=generator, output_type="pt", **tiling
+        ).images
+
+    eager, eager_tiled = run(), run(tile_size=64, overlap=16)
+    with use_backend(pipeline, "bf16") as network:
+        assert isinstance(pipeline.unet, AutocastUNet) and network is pipeline.unet
+        mixed, mixed_tiled = run(), run(tile_size=64, overlap=16)
+    assert pipeline.unet is unet and "unet" in pipeline.config
+    assert all(parameter.is_contiguous() for parameter in unet.parameters())  # memory format restored
+    for got, expected in ((mixed, eager), (mixed_tiled, eager_tiled)):
+        assert not torch.equal(got, expected)
+        difference = (got - expected).abs()
+        assert difference.mean() < 0.5 / 255 and difference.max() < 8 / 255, (difference.mean(), difference.max())
+
+
+def test_auto_picks_bf16_only_for_float32_networks_on_fast_hardware(monkeypatch):
+    unet = low_resolution_unet()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: True)
+    assert resolve_backend("auto", unet) == "bf16"
+    assert resolve_backend("auto", unet.to(torch.bfloat16)) == "torch"  # already low precision: left alone
+    assert resolve_backend("onnx", unet) == "onnx" and resolve_backend("torch", unet) == "torch"
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    assert resolve_backend("auto", unet.to(torch.float32)) == "torch"
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("tensorrt", unet)
+
+
+def test_fast_bfloat16_asks_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert backends.fast_bfloat16("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not backends.fast_bfloat16("cpu")
+    assert not backends.fast_bfloat16("meta")
+
+
+def test_cli_backend_choices(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    make_pipeline().save_pretrained(folder)
+    source = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(source)
+    base = ["upscale", str(source), "--model", str(folder), "--mode", "fidelity", "--quiet", "--device", "cpu"]
+
+    def upscale(name, *extra):
+        assert main(base + ["--output", str(tmp_path / name), *extra]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
+
+    float32, mixed = upscale("torch.png", "--backend", "torch"), upscale("bf16.png", "--backend", "bf16")
+    assert 0 < np.abs(float32 - mixed).max() <= 8 and np.abs(float32 - mixed).mean() < 0.5
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    assert np.array_equal(upscale("auto_slow.png"), float32)  # the default is auto
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: True)
+    assert np.array_equal(upscale("auto_fast.png"), mixed)
