@@ -278,3 +278,29 @@ def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkey
     assert len(calls) == FIDELITY_STEPS and PIL.Image.open(tmp_path / "o.png").size == (48, 40)
     assert main(arguments + ["--mode", "fidelity", "--steps", "2", "--quiet", "--overwrite"]) == 0
     assert len(calls) == FIDELITY_STEPS + 2
+
+
+def test_upscale_detail_knobs_eta_and_temperature(model_dir, tmp_path, monkeypatch):
+    from diffusers_sr3 import SR3Pipeline
+
+    seen = []
+    original = SR3Pipeline.__call__
+    monkeypatch.setattr(
+        SR3Pipeline, "__call__", lambda self, image, **kw: seen.append(kw) or original(self, image, **kw)
+    )
+    source = write_image(tmp_path / "photo.png", (12, 10))
+    base = ["upscale", str(source), "--model", str(model_dir), "--steps", "3", "--scheduler", "ddim", "--quiet"]
+    base += ["--mode", "detail", "--backend", "torch"]
+
+    def upscale(name, *extra):
+        assert main(base + ["--output", str(tmp_path / name), *extra]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
+
+    plain = upscale("plain.png")
+    assert "eta" not in seen[-1] and "temperature" not in seen[-1]  # the pipeline's own defaults
+    stochastic = upscale("eta.png", "--eta", "1")
+    assert seen[-1]["eta"] == 1.0 and not np.array_equal(stochastic, plain)
+    cool = upscale("cool.png", "--temperature", "0.5")
+    assert seen[-1]["temperature"] == 0.5 and not np.array_equal(cool, plain)
+    assert main(base + ["--output", str(tmp_path / "x.png"), "--mode", "fidelity", "--eta", "1"]) == 2
+    assert not (tmp_path / "x.png").exists()
