@@ -2,11 +2,13 @@
 
     python benchmarks/samplers.py --output benchmarks/results/samplers     # the packaged model, default entries
     python benchmarks/samplers.py --model my-model --entries ddpm:2000 ddim:25 unipc:10 --crops 64 --fid
+    python benchmarks/samplers.py --entries fidelity:4 ddim:10 ddim:10:eta=1 ddim:25:eta=1 --crops 256 --fid
 
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
-the split the packaged model and `benchmarks/convergence.py` use) with each `scheduler:steps` entry on the model's
-training schedule, all from the same seed, and reports PSNR, SSIM, consistency, colour error, edge energy
-relative to HR, FID (with --fid; few images make it only indicative) and the wall time per image. The first entry
+the split the packaged model and `benchmarks/convergence.py` use) with each `scheduler:steps[:eta=E][:temperature=T]`
+entry on the model's training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed,
+and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR, FID (with --fid; few images make it
+only indicative) and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
 the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
@@ -25,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.backends import BACKENDS, use_backend
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
@@ -63,31 +66,61 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def parse_entry(entry: str) -> Tuple[str, int]:
-    """`"ddim:50"` -> `("ddim", 50)`, refusing unknown schedulers and step counts below 1."""
-    name, _, steps = entry.partition(":")
-    if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"{entry!r}: expected scheduler:steps with a scheduler in {sorted(SCHEDULERS)} and steps >= 1")
-    return name, int(steps)
+DETAIL_OPTIONS = ("eta", "temperature")
+
+
+def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
+    """`"ddim:50"` -> `("ddim", 50, {})`, `"ddim:10:eta=1"` -> `("ddim", 10, {"eta": 1.0})`, `"fidelity:4"` ->
+    `("fidelity", 4, {})`; refusing unknown schedulers and options and step counts below 1."""
+    name, steps, *options = entry.split(":") + ([""] if ":" not in entry else [])
+    expected = (
+        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T] with a scheduler in "
+        f"{sorted(SCHEDULERS)} or fidelity, and steps >= 1"
+    )
+    if (name not in SCHEDULERS and name != "fidelity") or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(expected)
+    parsed = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            parsed[key] = float(value)
+        except ValueError:
+            raise ValueError(expected) from None
+        if key not in DETAIL_OPTIONS or name == "fidelity":
+            raise ValueError(expected)
+    return name, int(steps), parsed
 
 
 def sample(
-    pipeline: SR3Pipeline, saved: Any, lr: torch.Tensor, scheduler: str, steps: int, batch_size: int, seed: int
+    pipeline: SR3Pipeline,
+    saved: Any,
+    lr: torch.Tensor,
+    scheduler: str,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    options: Optional[Dict[str, float]] = None,
+    backend: str = "torch",
 ) -> Tuple[torch.Tensor, float, int]:
     """SR3 outputs in [-1, 1] for `lr` in [-1, 1] with one sampler, the wall time and network evaluations per image.
 
     Every sampler is built from the model's `saved` scheduler, so settings such as clipping carry over unchanged.
+    `scheduler="fidelity"` runs the pipeline's fidelity mode (deterministic DDIM from the noise's mean).
     """
-    pipeline.scheduler = swap_scheduler(saved, scheduler)
+    fidelity = scheduler == "fidelity"
+    pipeline.scheduler = saved if fidelity else swap_scheduler(saved, scheduler)
+    mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **(options or {}))
     generator = torch.Generator().manual_seed(seed)
     outputs = []
     started = time.perf_counter()
-    for start in range(0, lr.shape[0], batch_size):
-        low = (lr[start : start + batch_size] + 1) / 2
-        images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt").images
-        outputs.append(images * 2 - 1)
+    with use_backend(pipeline, backend):
+        for start in range(0, lr.shape[0], batch_size):
+            low = (lr[start : start + batch_size] + 1) / 2
+            images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
+            outputs.append(images * 2 - 1)
     # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep.
-    return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], len(pipeline.scheduler.timesteps)
+    evaluations = steps if fidelity else len(pipeline.scheduler.timesteps)
+    return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
 
 
 def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
@@ -116,7 +149,8 @@ def markdown(report: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
     ]
     for row in report["rows"] + [dict(report["bicubic"], entry="bicubic:-")]:
-        name, steps = row["entry"].split(":")
+        name, steps, *options = row["entry"].split(":")
+        name = " ".join([name, *options])
         colour = "/".join(f"{c:.2f}" for c in row["colour_error"])
         cells = [
             name,
@@ -148,6 +182,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fid", action="store_true", help="also FID against the HR crops (offline Inception)")
+    parser.add_argument(
+        "--backend", default="torch", choices=BACKENDS, help="as `sr3 upscale --backend` (default: float32)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="benchmarks/results/samplers", help="folder for samplers.json and .md")
     args = parser.parse_args(argv)
@@ -182,8 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     saved = pipeline.scheduler
     rows = []
-    for entry, (scheduler, steps) in zip(args.entries, args.parsed_entries):
-        sr, seconds, evaluations = sample(pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed)
+    for entry, (scheduler, steps, options) in zip(args.entries, args.parsed_entries):
+        sr, seconds, evaluations = sample(
+            pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed, options, args.backend
+        )
         rows.append(dict(entry=entry, evaluations=evaluations, seconds_per_image=seconds, **quality(sr)))
         print(json.dumps(rows[-1]), flush=True)
     report = dict(
@@ -191,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         images=hr.shape[0],
         size=args.crop_size,
         seed=args.seed,
-        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, backend {args.backend}",
         bicubic=quality(bicubic),
         rows=rows,
     )

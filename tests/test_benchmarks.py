@@ -95,9 +95,11 @@ def test_sampler_study_compares_against_the_reference():
     assert [row["equal_quality"] for row in rows] == [True, False, True, True, True]
     assert rows[2]["speedup"] == pytest.approx(80.0)
     assert samplers.compare(rows[:2]) is None
-    for bad in ("ddim", "nope:10", "ddim:0", "ddim:x"):
+    for bad in ("ddim", "nope:10", "ddim:0", "ddim:x", "ddim:10:eta", "ddim:10:beta=1", "fidelity:4:eta=1"):
         with pytest.raises(ValueError, match="scheduler:steps"):
             samplers.parse_entry(bad)
+    assert samplers.parse_entry("ddim:10:eta=1:temperature=0.5") == ("ddim", 10, {"eta": 1.0, "temperature": 0.5})
+    assert samplers.parse_entry("fidelity:4") == ("fidelity", 4, {})
 
 
 @pytest.mark.slow
@@ -133,6 +135,21 @@ def x0_model_dir(tmp_path, tiny_unet):
         tmp_path / "x0-model"
     )
     return tmp_path / "x0-model"
+
+
+@pytest.mark.slow
+def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_dir):
+    report = load("samplers").main(
+        [
+            "--model", str(x0_model_dir), "--entries", "ddim:3", "ddim:3:eta=1", "ddim:3:temperature=0.5",
+            "fidelity:2", "--crops", "2", "--crop-size", "32", "--backend", "bf16", "--output", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2]
+    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 4  # each knob changes the images
+    assert "backend bf16" in report["machine"]
+    table = (tmp_path / "out" / "samplers.md").read_text()
+    assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table
 
 
 @pytest.mark.slow
