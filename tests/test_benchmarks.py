@@ -204,3 +204,16 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
     assert [row["mode"] for row in report["upscale"]] == ["fidelity", "detail"]
     assert all(row["passed"] and row["output"] == "32x32" for row in report["upscale"])
     assert "GPU readiness check on cpu" in (tmp_path / "report" / "gpu_check.md").read_text()
+
+
+def test_training_throughput_times_every_network_and_precision(tmp_path):
+    report = load("training_throughput").main(
+        ["--networks", "tiny", "--steps", "1", "--batch", "2", "--threads", "1", "--output", str(tmp_path)]
+    )
+    assert [(row["network"], row["precision"]) for row in report["rows"]] == [("tiny", "float32"), ("tiny", "bf16")]
+    for row in report["rows"]:
+        assert row["seconds_per_step"] > 0 and row["images_per_second"] == pytest.approx(2 / row["seconds_per_step"])
+    assert report["rows"][0]["speedup"] == 1.0
+    assert load("training_throughput").network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
+    table = (tmp_path / "training_throughput.md").read_text()
+    assert "| tiny | 0.1M | bf16 |" in table and json.loads((tmp_path / "training_throughput.json").read_text())
