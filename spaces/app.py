@@ -1,8 +1,9 @@
 """Gradio demo of SR3 super-resolution (the Hugging Face Space of diffusers-sr3).
 
 Upload a photo, pick the scale, sampler, number of refinement steps and seed, and compare the input, a bicubic
-upsample and the SR3 result side by side. Photos larger than the model's training size are refined in seamless
-tiles (`diffusers_sr3.tiling`), so the only limit on the input is `--max-pixels`.
+upsample and the SR3 result side by side. Photos run as `sr3 upscale` runs them: whole up to about a
+megapixel of output, else in seamless tiles (`diffusers_sr3.tiling`), so the only limit on the input is
+`--max-pixels`; bfloat16 autocast where the hardware multiplies it natively.
 
     python spaces/app.py [--model DIR_OR_HUB_ID] [--max-pixels N] [--device cpu|cuda]
 
@@ -30,6 +31,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
+from diffusers_sr3.backends import use_backend  # noqa: E402
 from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, open_image  # noqa: E402
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
@@ -40,11 +42,13 @@ from diffusers_sr3.image_processing import (  # noqa: E402
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
 from diffusers_sr3.pretrained import default_model_path  # noqa: E402
-from diffusers_sr3.tiling import model_tile_size, tile_starts, tiled_super_resolve  # noqa: E402
+from diffusers_sr3.tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve  # noqa: E402
 
 # The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
 DEMO_SCHEDULERS = ["ddim", "dpmsolver", "unipc", "euler", "ddpm"]
 DEFAULT_MAX_PIXELS = 256 * 256
+# Network-grid pixels per evaluation (memory budget), as `sr3 upscale --max-tile-pixels` defaults to.
+MAX_TILE_PIXELS = DEFAULT_MAX_TILE_PIXELS
 DEFAULT_STEPS = 50
 MAX_PROCESS_FRAMES = 12
 # Uploads are refused by the server above this size, before any decoding.
@@ -138,6 +142,7 @@ class Result:
     process: Optional[PIL.Image.Image]
     output_size: Tuple[int, int]
     tiles: int
+    tile_size: int
     seconds: float
 
 
@@ -177,24 +182,27 @@ def super_resolve(
             progress((index + 1, len(pipe.scheduler.timesteps)))
         return {}
 
-    tile_size = model_tile_size(pipeline)
-    overlap = tile_size // 4
+    # `sr3 upscale`'s defaults: untiled up to about a megapixel of output, else the fewest tiles that fit the memory
+    # budget; bfloat16 autocast where the hardware multiplies it natively.
     width, height = image.size
-    tiles = len(tile_starts(height * factor, tile_size, overlap)) * len(tile_starts(width * factor, tile_size, overlap))
+    multiple = pipeline.unet.downsampling_factor
+    padded = [-(-length * factor // multiple) * multiple for length in (height, width)]
+    tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
+    tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
     started = time.perf_counter()
-    output = tiled_super_resolve(
-        sampler,
-        image,
-        tile_size=tile_size,
-        overlap=overlap,
-        num_inference_steps=steps if mode == "detail" else None,
-        mode=mode,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="pt",
-        num_intermediates=min(process_frames, steps) if mode == "detail" else 0,
-        callback_on_step_end=on_step_end,
-        callback_on_step_end_tensor_inputs=(),
-    )
+    with use_backend(sampler, "auto"):
+        output = tiled_super_resolve(
+            sampler,
+            image,
+            num_inference_steps=steps if mode == "detail" else None,
+            mode=mode,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            num_intermediates=min(process_frames, steps) if mode == "detail" else 0,
+            max_tile_pixels=MAX_TILE_PIXELS,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=(),
+        )
     seconds = time.perf_counter() - started
 
     low_resolution = images_to_tensor(image)
@@ -213,6 +221,7 @@ def super_resolve(
         process=process,
         output_size=output_size,
         tiles=tiles,
+        tile_size=tile_size,
         seconds=seconds,
     )
 
@@ -248,7 +257,6 @@ def build_demo(
     saved = next((name for name, cls in SCHEDULERS.items() if isinstance(pipeline.scheduler, cls)), None)
     # The saved sampler is preselected unless it is DDPM, which needs far more steps than a demo should take.
     default_scheduler = saved if saved in DEMO_SCHEDULERS and saved != "ddpm" else DEMO_SCHEDULERS[0]
-    tile_size = model_tile_size(pipeline)
     # Models that predict the clean image are shown in both modes side by side; others in detail mode only.
     clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
     modes = ("fidelity", "detail") if clean_image_model else ("detail",)
@@ -302,7 +310,8 @@ def build_demo(
             gallery.append((outcome.sr3, f"{label} {width}x{height}"))
         info = (
             f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps, "
-            f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of {tile_size}x{tile_size} · "
+            f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of "
+            f"{result.tile_size}x{result.tile_size} · "
             f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
         )
         process = gr.Image(value=result.process, visible=result.process is not None)
@@ -313,7 +322,7 @@ def build_demo(
         gr.Markdown(
             "# SR3: image super-resolution via iterative refinement\n"
             f"Upload a photo (at most {max_pixels:,} pixels). The x{factor} SR3 model refines a bicubic upsample "
-            f"from noise, in {tile_size}x{tile_size} tiles blended seamlessly for larger photos. "
+            "from noise, whole up to about a megapixel of output and in tiles blended seamlessly beyond. "
             "More steps are slower and usually sharper; the seed picks the sampling noise."
             + (
                 " **Fidelity** mode (deterministic, fast) gives the most faithful image; **detail** mode (SR3 "

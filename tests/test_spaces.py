@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.noise import SCHEDULERS
 from diffusers_sr3.tiling import tiled_super_resolve
@@ -56,6 +56,8 @@ def serving(folder, **build_kwargs):
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(folder / "gradio"))
+        # float32 everywhere, so results compare with the pipeline's own to a rounding step on any CPU
+        patch.setattr(backends, "fast_bfloat16", lambda device: False)
         app = load_app()
         pipeline = app.load_pipeline(save_tiny_model(folder / "model"), device="cpu")
         demo = app.build_demo(pipeline, **build_kwargs)
@@ -108,9 +110,7 @@ def test_api_super_resolves_a_photo(served):
     assert np.abs(bicubic - expected_bicubic).max() <= 1
     direct = tiled_super_resolve(
         app.with_scheduler(pipeline, "ddim"),
-        low_resolution,
-        tile_size=32,  # the Space refines in tiles of the model's training size, a quarter overlapping
-        overlap=8,
+        low_resolution,  # `sr3 upscale`'s tiling: a 64x64 output fits the memory budget, so it runs whole
         num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(0),
     ).images[0]
@@ -122,7 +122,7 @@ def test_api_super_resolves_a_photo(served):
     strip = pixels(process["value"])
     assert strip.shape == (64, 3 * 64, 3)
     assert np.abs(strip[:, 128:] - sr3).max() <= 1
-    assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "9 tiles of 32x32" in info
+    assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "1 tile of 64x64" in info
 
 
 def test_api_x2_is_the_x4_result_downscaled(served):
@@ -259,16 +259,17 @@ def test_space_metadata_and_requirements():
     assert {name.replace("_", "-") for name in listed} == needed
 
 
-def test_models_that_predict_the_clean_image_are_shown_in_both_modes():
+def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch):
     app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
     torch.manual_seed(0)
     unet = SR3UNet2DModel(**tiny_unet_config()).eval()
     scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
     pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
     image = PIL.Image.open(PHOTO).convert("RGB")
     fidelity = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
-    # The Space's fidelity result is the pipeline's own (tiled like the Space: the photo is larger than a tile).
-    direct = tiled_super_resolve(pipeline, image, tile_size=32, overlap=8, mode="fidelity").images[0]
+    # The Space's fidelity result is the pipeline's own (with `sr3 upscale`'s tiling).
+    direct = tiled_super_resolve(pipeline, image, mode="fidelity").images[0]
     assert np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(direct, dtype=np.int16)).max() <= 1
     detail = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail")
     assert np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(detail.sr3, dtype=np.int16)).max() > 0
@@ -278,3 +279,28 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes():
     epsilon = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
     labels = [block.label for block in app.build_demo(epsilon).blocks.values() if getattr(block, "label", None)]
     assert "input | bicubic | SR3 detail" in labels
+
+
+def test_the_space_runs_like_sr3_upscale(monkeypatch):
+    """Untiled while the output fits the memory budget, in the fewest tiles beyond; bf16 where that is fast."""
+    app = load_app()
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4)).eval()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=4.0)
+    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=2.0)
+    image = PIL.Image.open(PHOTO).convert("RGB").resize((40, 24))
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    float32 = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    assert (float32.tiles, float32.tile_size) == (1, 160)  # 160x96 output: one whole-image evaluation
+    direct = tiled_super_resolve(pipeline, image, mode="fidelity").images[0]
+    assert np.array_equal(np.asarray(float32.sr3), np.asarray(direct))
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: True)
+    mixed = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    difference = np.abs(np.asarray(mixed.sr3, dtype=np.int16) - np.asarray(float32.sr3, dtype=np.int16))
+    assert 0 < difference.max() <= 8 and difference.mean() < 0.5
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    monkeypatch.setattr(app, "MAX_TILE_PIXELS", 256)  # a 16x16 network grid per evaluation: 160x96 needs tiles
+    tiled = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    assert tiled.tiles > 1 and tiled.tile_size < 160
+    direct = tiled_super_resolve(pipeline, image, mode="fidelity", max_tile_pixels=256).images[0]
+    assert np.array_equal(np.asarray(tiled.sr3), np.asarray(direct))
