@@ -77,6 +77,11 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
     assert "held-out photos" in card and "original's sample faces" in card and "train.py --x 1" in card
     assert "Two ways to sample" in card and "SR3 detail" in card
+    # The fidelity mode is the model's reported result, under its own name; the picture says what it shows.
+    fidelity = report["sets"]["held-out photos"]["results"]["SR3 fidelity"]
+    psnr = next(m for m in metadata["model-index"][0]["results"][0]["metrics"] if m["type"] == "psnr")
+    assert psnr["value"] == pytest.approx(fidelity["psnr"], abs=1e-5)
+    assert "| SR3 fidelity |" in card and "*LR | bicubic | SR3 fidelity | SR3 detail | HR, magnified x3" in card
 
 
 def test_sampler_study_compares_against_the_reference():

@@ -31,10 +31,12 @@ def write_model_card(
     data_description: str = "",
     metrics: Optional[Dict[str, float]] = None,
     sample_image: Optional[str] = None,
+    sample_caption: Optional[str] = None,
     training_summary: Optional[Dict[str, object]] = None,
     training_command: Optional[str] = None,
     base_model: Optional[str] = None,
     evaluation: Optional[Dict[str, Dict[str, float]]] = None,
+    reported_method: str = "SR3",
     evaluation_dataset: str = "validation images",
     limitations: Optional[str] = None,
     extra_sections: Optional[List[str]] = None,
@@ -50,10 +52,13 @@ def write_model_card(
         data_description: what it was trained on, in words.
         metrics: validation metrics by name (`psnr`, `ssim`, `consistency`).
         sample_image: a picture inside `output_dir` to show (relative path).
+        sample_caption: what the picture shows (default: "LR | bicubic | SR3 | HR", or "samples").
         training_summary: key facts of the run (steps, batch size, ...), shown as a table.
         training_command: the exact command (or Python call) that trained it.
         base_model: the Hub id of the model it was fine-tuned from.
-        evaluation: metrics by method (`{"SR3": {...}, "bicubic": {...}}`); SR3's become model-index results.
+        evaluation: metrics by method (`{"SR3": {...}, "bicubic": {...}}`); `reported_method`'s become the
+            model-index results.
+        reported_method: the `evaluation` entry reported as the model's result (e.g. "SR3 fidelity").
         evaluation_dataset: what `evaluation` (or `metrics`) was measured on.
         limitations: what the model cannot do (a default paragraph otherwise).
         extra_sections: Markdown sections appended before the usage section.
@@ -61,10 +66,10 @@ def write_model_card(
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     super_resolution = task == "sr"
     # 1. Hub metadata: library, license, tags, datasets, base model and model-index results.
-    reported = (evaluation or {}).get("SR3") or metrics or {}
+    reported = (evaluation or {}).get(reported_method) or metrics or {}
     card_data = _card_data(name, super_resolution, reported, evaluation_dataset, datasets, base_model)
     # 2. What the model is: title, training data, a sample picture.
-    lines = _introduction(super_resolution, upscale_factor, resolution, data_description, sample_image)
+    lines = _introduction(super_resolution, upscale_factor, resolution, data_description, sample_image, sample_caption)
     # 3. How well it does: the evaluation table, or the validation metrics.
     lines += _results(evaluation, evaluation_dataset, metrics)
     # 4. How it was trained: the settings and the exact command.
@@ -121,6 +126,7 @@ def _introduction(
     resolution: Optional[int],
     data_description: str,
     sample_image: Optional[str],
+    sample_caption: Optional[str] = None,
 ) -> List[str]:
     if super_resolution:
         low = resolution // upscale_factor if resolution and upscale_factor else "?"
@@ -137,8 +143,9 @@ def _introduction(
     if data_description:
         lines += [f"Training data: {data_description}.", ""]
     if sample_image:
-        caption = "LR | bicubic | SR3 | HR" if super_resolution else "samples"
-        lines += [f"![{caption}]({sample_image})", "", f"*{caption}*", ""]
+        caption = sample_caption or ("LR | bicubic | SR3 | HR" if super_resolution else "samples")
+        alt = caption.split(",")[0]
+        lines += [f"![{alt}]({sample_image})", "", f"*{caption}*", ""]
     return lines
 
 
