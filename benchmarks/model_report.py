@@ -244,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             evaluation_dataset=f"held-out photos, {args.crops} crops of {args.crop_size}px",
             training_command=args.training_command,
             training_summary={
-                key: summary[key]
+                key: round(summary[key], 4) if isinstance(summary[key], float) else summary[key]
                 for key in ("global_step", "total_batch_size", "final_loss", "residual_scale")
                 if summary.get(key) is not None
             }

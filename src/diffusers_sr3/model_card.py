@@ -184,7 +184,9 @@ def _training(training_summary: Optional[Dict[str, object]], training_command: O
         lines += [f"| {key} | {value} |" for key, value in training_summary.items()]
         lines.append("")
     if training_command:
-        lines += ["## Training command", "", "```bash" if "\n" not in training_command else "```python"]
+        # A Python call (`training_command` of a run started from Python) or shell commands, one per line.
+        python = "import " in training_command and "TrainingConfig(" in training_command
+        lines += ["## Training command", "", "```python" if python else "```bash"]
         lines += [training_command, "```", ""]
     return lines
 
