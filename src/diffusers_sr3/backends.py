@@ -1,8 +1,8 @@
 """Runtimes for the SR3 UNet other than eager float32 PyTorch.
 
 - `"bf16"`: PyTorch under bfloat16 autocast with channels-last activations: matrix units (Intel AMX, recent
-  GPUs) run the convolutions and attention in bfloat16 while normalisations, the noise-level embedding and the
-  output stay float32. 3.2x per evaluation on a 2-core Sapphire Rapids CPU, 0.01 dB from float32 on photos
+  GPUs) run the convolutions, attention and linear layers in bfloat16 while normalisations and the output stay
+  float32. 3.2x per evaluation on a 2-core Sapphire Rapids CPU, 0.01 dB from float32 on photos
   (benchmarks/upscale.py). [`AutocastUNet`].
 - `"onnx"`: ONNX Runtime (fp32, CPU), an optional extra: `pip install "diffusers-sr3[onnx]"`. [`OnnxUNet`].
 - `"auto"` (what `sr3 upscale` uses by default): `"bf16"` on hardware with bfloat16 matrix units (see
