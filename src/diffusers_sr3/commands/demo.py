@@ -51,7 +51,7 @@ RECIPE: Dict[str, Any] = {key: value for key, value in NEW_MODEL_RECIPE.items() 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="sr3-demo", help="folder for the pictures, metrics and model")
     parser.add_argument(
-        "--minutes", type=float, default=4.5, help="training time (default: 4.5; the whole demo takes about 5.5)"
+        "--minutes", type=float, default=4.5, help="training time (default: 4.5; the whole demo takes about 5)"
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size; LR is a quarter")
