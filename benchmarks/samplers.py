@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from diffusers_sr3 import SR3Pipeline
-from diffusers_sr3.backends import BACKENDS, use_backend
+from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
@@ -52,18 +51,6 @@ DEFAULT_ENTRIES = (
 )
 PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
-
-
-def cpu_name() -> str:
-    """The CPU model as Linux names it (platform.processor() is often empty there)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 DETAIL_OPTIONS = ("eta", "temperature")

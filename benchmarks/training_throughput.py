@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from diffusers_sr3 import SR3UNet2DModel, make_scheduler
+from diffusers_sr3.backends import cpu_name
 from diffusers_sr3.noise import training_betas
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.training.objective import diffusion_loss, noise_batch, predict
@@ -144,11 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"{name} {precision}: {seconds:.3f} s/step", flush=True)
     for row in rows:
         row["speedup"] = rows[0]["seconds_per_step"] / row["seconds_per_step"]
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None
-    ) if os.path.exists("/proc/cpuinfo") else None  # fmt: skip
     report = dict(
-        machine=f"{cpu or platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         batch=args.batch,
         steps=args.steps,
         rows=rows,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ import PIL.Image
 import torch
 
 from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.backends import cpu_name
 from diffusers_sr3.image_processing import degrade, images_to_tensor, tensor_to_pil
 from diffusers_sr3.metrics import psnr
 from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_name, photo_split
@@ -79,17 +79,6 @@ WRAPPER = (
     "peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
     "print(json.dumps({'returncode': code, 'seconds': seconds, 'peak_rss_gib': peak_kib / 2**20}))\n"
 )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def heldout_pairs(low_size: int, count: int, factor: int = 4) -> List[Dict[str, Any]]:

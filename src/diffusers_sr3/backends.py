@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import tempfile
 from typing import Any, Iterator, Optional, Union
 
@@ -52,6 +53,18 @@ def fast_bfloat16(device: Union[str, torch.device]) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False
+
+
+def cpu_name() -> str:
+    """The CPU model as Linux names it (platform.processor() is often empty there), for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_backend(backend: str, unet: Any) -> str:
