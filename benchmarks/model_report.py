@@ -59,8 +59,8 @@ def super_resolve(
     """SR3 outputs in [-1, 1] for low-resolution inputs in [-1, 1], tiled when larger than a training tile."""
     generator = torch.Generator().manual_seed(args.seed if seed is None else seed)
     options = dict(mode=mode, num_inference_steps=args.steps, generator=generator, output_type="pt")
-    if mode == "detail" and args.eta is not None:
-        options["eta"] = args.eta
+    if mode == "detail":
+        options.update({name: getattr(args, name) for name in ("eta", "strength") if getattr(args, name) is not None})
     outputs = []
     for start in range(0, lr.shape[0], args.batch_size):
         batch = (lr[start : start + args.batch_size] + 1) / 2
@@ -134,6 +134,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"Fidelity: {FIDELITY_STEPS} deterministic DDIM steps from the noise's mean; detail: {report['sampler']}, "
         f"{report['steps']} steps"
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
+        + (f", strength {report['strength']}" if report.get("strength") is not None else "")
         + ". LR inputs are 8-bit for every method. Consistency: MSE between the input and the downsampled output "
         "(images in [0, 1]), shown x1e-5. FID from the offline Inception; below ~1000 images it is indicative.",
         "",
@@ -174,6 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--modes", nargs="+", default=["fidelity", "detail"], choices=["fidelity", "detail"])
     parser.add_argument("--steps", type=int, default=10, help="detail-mode steps with the saved scheduler")
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM)")
+    parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (below 1: from fidelity)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--backend", default="auto", choices=BACKENDS, help="as `sr3 upscale --backend` (auto: bf16 autocast on AMX)"
@@ -204,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "backend": resolve_backend(args.backend, pipeline.unet),
         "steps": args.steps,
         "eta": args.eta,
+        "strength": args.strength,
         "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
     }

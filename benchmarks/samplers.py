@@ -5,8 +5,9 @@
     python benchmarks/samplers.py --entries fidelity:4 ddim:10 ddim:10:eta=1 ddim:25:eta=1 --crops 256 --fid
 
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
-the split the packaged model and `benchmarks/convergence.py` use) with each `scheduler:steps[:eta=E][:temperature=T]`
-entry on the model's training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed,
+the split the packaged model and `benchmarks/convergence.py` use) with each
+`scheduler:steps[:eta=E][:temperature=T][:strength=S]` entry on the model's training schedule (or `fidelity:steps`:
+the pipeline's fidelity mode), all from the same seed,
 and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR, FID (with --fid; few images make it
 only indicative) and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
@@ -31,6 +32,7 @@ from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 from diffusers_sr3.photos import heldout_crops
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.pretrained import default_model_path
 
 DEFAULT_ENTRIES = (
@@ -53,7 +55,7 @@ PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
 
 
-DETAIL_OPTIONS = ("eta", "temperature")
+DETAIL_OPTIONS = ("eta", "temperature", "strength")
 
 
 def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
@@ -61,7 +63,7 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     `("fidelity", 4, {})`; refusing unknown schedulers and options and step counts below 1."""
     name, steps, *options = entry.split(":") + ([""] if ":" not in entry else [])
     expected = (
-        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T] with a scheduler in "
+        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S] with a scheduler in "
         f"{sorted(SCHEDULERS)} or fidelity, and steps >= 1"
     )
     if (name not in SCHEDULERS and name != "fidelity") or not steps.isdigit() or int(steps) < 1:
@@ -105,8 +107,11 @@ def sample(
             low = (lr[start : start + batch_size] + 1) / 2
             images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
             outputs.append(images * 2 - 1)
-    # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep.
-    evaluations = steps if fidelity else len(pipeline.scheduler.timesteps)
+    # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep. Detail below
+    # strength 1 also runs the fidelity answer it starts from.
+    evaluations = pipeline.num_timesteps
+    if not fidelity and (options or {}).get("strength", 1.0) < 1:
+        evaluations += FIDELITY_STEPS
     return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
 
 

@@ -41,7 +41,7 @@ from diffusers_sr3.image_processing import (  # noqa: E402
     upsample_condition,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
-from diffusers_sr3.pretrained import default_model_path  # noqa: E402
+from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, default_model_path  # noqa: E402
 from diffusers_sr3.tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve  # noqa: E402
 
 # The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
@@ -156,6 +156,8 @@ def super_resolve(
     process_frames: int = 0,
     progress: Optional[Callable[[Tuple[int, int]], Any]] = None,
     mode: str = "detail",
+    eta: Optional[float] = None,
+    strength: float = 1.0,
 ) -> Result:
     """Super-resolve `image` by `scale` (the model's factor or one it divides into) with SR3 and with bicubic.
 
@@ -169,8 +171,10 @@ def super_resolve(
         process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none).
         progress: called with `(steps done, steps in total)` after every refinement step.
         mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the
-            average answer: deterministic DDIM from the noise's mean in a few steps; `scheduler`, `steps` and `seed`
-            do not apply).
+            average answer: deterministic DDIM from the noise's mean in a few steps; `scheduler`, `steps`, `seed`,
+            `eta` and `strength` do not apply).
+        eta: detail mode with DDIM: fresh noise per step (0 to 1; None: the scheduler's default, 0).
+        strength: detail mode: the part of the refinement that runs (below 1: from the fidelity answer, noised).
     """
     factor = pipeline.config.upscale_factor
     if scale < 1 or factor % scale:
@@ -179,7 +183,7 @@ def super_resolve(
 
     def on_step_end(pipe: SR3Pipeline, index: int, timestep: Any, tensors: Dict[str, Any]) -> Dict[str, Any]:
         if progress is not None:
-            progress((index + 1, len(pipe.scheduler.timesteps)))
+            progress((index + 1, pipe.num_timesteps))
         return {}
 
     # `sr3 upscale`'s defaults: untiled up to about a megapixel of output, else the fewest tiles that fit the memory
@@ -189,6 +193,7 @@ def super_resolve(
     padded = [-(-length * factor // multiple) * multiple for length in (height, width)]
     tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
     tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
+    detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
     started = time.perf_counter()
     with use_backend(sampler, "auto"):
         output = tiled_super_resolve(
@@ -202,6 +207,7 @@ def super_resolve(
             max_tile_pixels=MAX_TILE_PIXELS,
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=(),
+            **(detail if mode == "detail" else {}),
         )
     seconds = time.perf_counter() - started
 
@@ -237,11 +243,25 @@ def _whole_number(value: Any, what: str, low: int, high: int) -> int:
     return int(number)
 
 
+def _strength(value: Any, default: float) -> float:
+    """Detail strength from the page or an API client (None: `default`), or a `gr.Error` saying what is allowed."""
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"detail strength must be a number in (0, 1], got {value!r}") from None
+    if not 0 < number <= 1:
+        raise gr.Error(f"detail strength must be a number in (0, 1], got {value!r}")
+    return number
+
+
 def build_demo(
     pipeline: SR3Pipeline,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     default_steps: int = DEFAULT_STEPS,
     examples: Sequence[str] = (),
+    detail_defaults: Optional[Dict[str, float]] = None,
 ) -> gr.Blocks:
     """The demo's page for `pipeline`: upload, settings, the comparison and the refinement process.
 
@@ -250,6 +270,8 @@ def build_demo(
         max_pixels: uploads with more pixels are refused with an error naming both sizes.
         default_steps: the refinement steps preselected.
         examples: image files offered as examples.
+        detail_defaults: detail mode's `strength` (preselected) and `eta` (used with DDIM), e.g. the packaged
+            model's `diffusers_sr3.pretrained.DEFAULT_DETAIL_OPTIONS`; default strength 1, the scheduler's eta.
     """
     factor = pipeline.config.upscale_factor
     scales = scale_choices(factor)
@@ -260,6 +282,7 @@ def build_demo(
     # Models that predict the clean image are shown in both modes side by side; others in detail mode only.
     clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
     modes = ("fidelity", "detail") if clean_image_model else ("detail",)
+    detail_defaults = dict(detail_defaults or {})
 
     def run(
         upload: Optional[Dict[str, Any]],
@@ -268,6 +291,7 @@ def build_demo(
         scheduler: str,
         seed: Any,
         process_frames: Any,
+        strength: Any = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects the tracker through this default)
     ) -> Tuple[List[Tuple[PIL.Image.Image, str]], Tuple[PIL.Image.Image, PIL.Image.Image], Any, str]:
         # Inputs arrive unprocessed (`preprocess=False`): gradio's own image decoding would fail on a non-image
@@ -281,6 +305,8 @@ def build_demo(
         steps = _whole_number(steps, "steps", 1, max_steps)
         seed = _whole_number(seed, "seed", 0, MAX_SEED)
         process_frames = _whole_number(process_frames, "process frames", 0, MAX_PROCESS_FRAMES)
+        strength = _strength(strength, detail_defaults.get("strength", 1.0))
+        strength = strength if clean_image_model else 1.0  # detail on top of fidelity needs a fidelity answer
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
 
@@ -297,6 +323,8 @@ def build_demo(
                 process_frames if mode == "detail" else 0,
                 lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="steps"),
                 mode=mode,
+                eta=detail_defaults.get("eta") if scheduler == "ddim" else None,
+                strength=strength,
             )
         result = results["detail"]
         height, width = result.output_size
@@ -309,7 +337,9 @@ def build_demo(
             label = f"SR3 {mode}" if len(modes) > 1 else "SR3"
             gallery.append((outcome.sr3, f"{label} {width}x{height}"))
         info = (
-            f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps, "
+            f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps"
+            + (f" (detail strength {strength:g})" if strength < 1 else "")
+            + ", "
             f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of "
             f"{result.tile_size}x{result.tile_size} · "
             f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
@@ -343,6 +373,14 @@ def build_demo(
                 process_frames = gr.Slider(
                     0, MAX_PROCESS_FRAMES, value=0, step=1, label="refinement-process frames (0: off)"
                 )
+                strength = gr.Slider(
+                    0.05,
+                    1.0,
+                    value=detail_defaults.get("strength", 1.0),
+                    step=0.05,
+                    label="detail strength (1: from pure noise; lower: detail added on top of the fidelity answer)",
+                    visible=clean_image_model,
+                )
                 button = gr.Button("Super-resolve", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
@@ -361,7 +399,7 @@ def build_demo(
                 process = gr.Image(label="refinement process", format="png", visible=False, elem_id="process")
         button.click(
             run,
-            inputs=[image, scale, steps, scheduler, seed, process_frames],
+            inputs=[image, scale, steps, scheduler, seed, process_frames, strength],
             outputs=[gallery, slider, process, info],
             api_name="super_resolve",
             preprocess=False,
@@ -406,7 +444,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model = resolve_model(args.model)
     except FileNotFoundError as error:
         parser.error(str(error))
-    launch(build_demo(load_pipeline(model, args.device), args.max_pixels, examples=example_images()))
+    try:
+        packaged = os.path.samefile(model, default_model_path())
+    except OSError:  # a Hub id, or no packaged model
+        packaged = False
+    demo = build_demo(
+        load_pipeline(model, args.device),
+        args.max_pixels,
+        examples=example_images(),
+        detail_defaults=DEFAULT_DETAIL_OPTIONS if packaged else None,
+    )
+    launch(demo)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def test_sampler_study_compares_against_the_reference():
             samplers.parse_entry(bad)
     assert samplers.parse_entry("ddim:10:eta=1:temperature=0.5") == ("ddim", 10, {"eta": 1.0, "temperature": 0.5})
     assert samplers.parse_entry("fidelity:4") == ("fidelity", 4, {})
+    assert samplers.parse_entry("ddim:10:strength=0.3") == ("ddim", 10, {"strength": 0.3})
 
 
 @pytest.mark.slow
@@ -147,11 +148,13 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
     report = load("samplers").main(
         [
             "--model", str(x0_model_dir), "--entries", "ddim:3", "ddim:3:eta=1", "ddim:3:temperature=0.5",
-            "fidelity:2", "--crops", "2", "--crop-size", "32", "--backend", "bf16", "--output", str(tmp_path / "out"),
+            "fidelity:2", "ddim:10:eta=1:strength=0.3", "--crops", "2", "--crop-size", "32", "--backend", "bf16",
+            "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
-    assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2]
-    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 4  # each knob changes the images
+    # Strength 0.3 of 10 steps: the fidelity answer (4 evaluations), then the last 3 steps.
+    assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2, 4 + 3]
+    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 5  # each knob changes the images
     assert "backend bf16" in report["machine"]
     table = (tmp_path / "out" / "samplers.md").read_text()
     assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table

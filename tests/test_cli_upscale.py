@@ -159,13 +159,14 @@ def test_upscale_defaults_to_the_packaged_model(tmp_path):
 
 def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path, monkeypatch, model_dir):
     from diffusers_sr3.commands import upscale
-    from diffusers_sr3.pretrained import DEFAULT_STEPS
+    from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 
-    seen = []
+    seen, options = [], []
     real = upscale.tiled_super_resolve
 
     def recording(*args, **kwargs):
         seen.append(kwargs["num_inference_steps"])
+        options.append({name: kwargs[name] for name in ("eta", "strength") if name in kwargs})
         return real(*args, **dict(kwargs, num_inference_steps=1))
 
     monkeypatch.setattr(upscale, "tiled_super_resolve", recording)
@@ -181,6 +182,8 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     # sampler. The test model predicts epsilon: detail mode, 50 steps. Detail mode of the packaged model with its own
     # sampler takes the step-count study's pick; with another sampler, 50.
     assert seen == [FIDELITY_STEPS, 50, FIDELITY_STEPS, DEFAULT_STEPS, 50] and DEFAULT_STEPS == 10
+    # ... and its studied detail settings, which another sampler does not inherit.
+    assert options == [{}, {}, {}, DEFAULT_DETAIL_OPTIONS, {}]
 
 
 def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, tmp_path, capsys, monkeypatch):
@@ -304,3 +307,42 @@ def test_upscale_detail_knobs_eta_and_temperature(model_dir, tmp_path, monkeypat
     assert seen[-1]["temperature"] == 0.5 and not np.array_equal(cool, plain)
     assert main(base + ["--output", str(tmp_path / "x.png"), "--mode", "fidelity", "--eta", "1"]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, monkeypatch, capsys):
+    import diffusers_sr3.tiling as tiling
+    from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
+    from diffusers_sr3.progress import UpscaleProgress
+
+    calls, totals = [], []
+    forward, progress_init = tiling.TiledNetwork.forward, UpscaleProgress.__init__
+    monkeypatch.setattr(
+        tiling.TiledNetwork, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw)
+    )
+    monkeypatch.setattr(
+        UpscaleProgress,
+        "__init__",
+        lambda self, network, steps, *a, **kw: totals.append(steps) or progress_init(self, network, steps, *a, **kw),
+    )
+    photo = tmp_path / "photo.png"
+    PIL.Image.open(SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png").save(photo)
+
+    def upscale(name, *extra):
+        calls.clear()
+        arguments = ["upscale", str(photo), "--output", str(tmp_path / name), "--quiet", "--backend", "torch"]
+        assert main(arguments + list(extra)) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(float)
+
+    fidelity = upscale("fidelity.png")
+    detail = upscale("detail.png", "--mode", "detail", "--strength", "1")
+    assert len(calls) == DEFAULT_STEPS and totals[-1] == DEFAULT_STEPS
+    light = upscale("light.png", "--mode", "detail")  # the packaged model's detail strength
+    assert DEFAULT_DETAIL_OPTIONS["strength"] == 0.3
+    # Its 10 detail steps: the fidelity answer's FIDELITY_STEPS, then the last 3 of 10.
+    assert len(calls) == FIDELITY_STEPS + 3 and totals[-1] == FIDELITY_STEPS + 3
+    # Between the fidelity answer and a full refinement from noise.
+    assert 0 < np.abs(light - fidelity).mean() < np.abs(detail - fidelity).mean()
+    for bad in (["--strength", "0"], ["--strength", "1.2"], ["--mode", "fidelity", "--strength", "0.5"]):
+        assert main(["upscale", str(photo), "--output", str(tmp_path / "bad.png"), *bad]) == 2
+        assert "strength" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()

@@ -11,14 +11,17 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import demo
 from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
+from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS
 
 
 def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatch):
     # What each method is given: SR3's low-resolution input, and the arguments of every evaluation.
-    sr3_inputs, evaluated = [], []
+    sr3_inputs, sr3_options, evaluated = [], [], []
     real_call, real_evaluate = SR3Pipeline.__call__, demo.metrics.evaluate_batch
     monkeypatch.setattr(
-        SR3Pipeline, "__call__", lambda self, image, **kw: sr3_inputs.append(image) or real_call(self, image, **kw)
+        SR3Pipeline,
+        "__call__",
+        lambda self, image, **kw: sr3_inputs.append(image) or sr3_options.append(kw) or real_call(self, image, **kw),
     )
     monkeypatch.setattr(demo.metrics, "evaluate_batch", lambda *a: evaluated.append(a) or real_evaluate(*a))
     out = tmp_path / "demo"
@@ -60,8 +63,14 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
         == 0
     )
     assert PIL.Image.open(tmp_path / "up.png").size == (4 * 7 * 64, 4 * 2 * 64)
+    # Detail mode runs with the packaged model's detail settings (DDIM eta 1, from the fidelity answer).
+    details = [kw for kw in sr3_options if kw.get("mode") == "detail"]
+    assert details and all(kw["eta"] == 1.0 and kw["strength"] == DEFAULT_DETAIL_OPTIONS["strength"] for kw in details)
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2
+    capsys.readouterr()
+    assert main(arguments + ["--strength", "1.5"]) == 2
+    assert "--strength must lie in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_verdict_states_what_was_measured_in_plain_words():

@@ -169,6 +169,64 @@ def test_temperature_scales_the_starting_noise_of_detail_mode():
         pipeline(image, mode="fidelity", temperature=0.5)
 
 
+class RecordingNetwork(ConstantNetwork):
+    """A constant network that also records the noisy image it was given at each call."""
+
+    def __init__(self, unet, value):
+        super().__init__(unet, value)
+        self.inputs = []
+
+    def forward(self, sample, noise_level, return_dict=True, **kwargs):
+        self.inputs.append(sample[:, 3:].clone())
+        return super().forward(sample, noise_level, return_dict, **kwargs)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_strength_refines_the_fidelity_answer_over_the_last_part_of_the_schedule(scheduler):
+    image = torch.rand(1, 3, 8, 8)
+    pipeline, _ = residual_pipeline(value=0.6, scheduler=scheduler)
+    network = RecordingNetwork(pipeline.unet.inner, 0.6)
+    vars(pipeline)["unet"] = network
+    result = pipeline(image, num_inference_steps=10, strength=0.3, temperature=0.0, output_type="pt").images
+    # The fidelity answer (4 DDIM steps), then the last 3 of the 10 detail steps: 7 evaluations, not 10.
+    assert len(network.levels) == 4 + 3
+    detail = swap_scheduler(pipeline.scheduler, scheduler)
+    detail.set_timesteps(10)
+    assert network.levels[4:] == pytest.approx(network_inputs_for_schedule(detail, "noise_level")[7:].tolist())
+    # Without noise (temperature 0) the refinement starts from the fidelity answer (0.6, the scaled residual)
+    # noised to its first step, which the network sees as sqrt(alpha_bar) * 0.6 (Euler: after its input scaling).
+    first = network.inputs[4]
+    torch.testing.assert_close(first, torch.full_like(first, 0.6 * network.levels[4]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result, (bicubic_of(image) + 0.6 / 8 / 2).clamp(0, 1), atol=1e-4, rtol=0)
+    # With noise, the start is the fidelity answer plus noise from the generator: the same seed repeats it.
+    for seed in (1, 1, 2):
+        pipeline(
+            image,
+            num_inference_steps=10,
+            strength=0.5,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+        )
+    assert len(network.levels) == 7 + 3 * (4 + 5)
+    starts = [network.inputs[7 + run * 9 + 4] for run in range(3)]
+    torch.testing.assert_close(starts[0], starts[1])
+    assert (starts[0] - starts[2]).abs().max() > 0.1
+
+
+def test_strength_is_checked():
+    image = torch.rand(1, 3, 8, 8)
+    pipeline, _ = residual_pipeline(value=0.0)
+    for strength in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="strength must lie in"):
+            pipeline(image, strength=strength)
+    with pytest.raises(ValueError, match="apply to detail mode"):
+        pipeline(image, mode="fidelity", strength=0.5)
+    epsilon, _ = residual_pipeline(value=0.0, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="strength below 1 needs a model that predicts the clean image"):
+        epsilon(image, strength=0.5)
+    epsilon(image, num_inference_steps=2, strength=1.0)  # full refinements need no clean-image prediction
+
+
 def test_fidelity_mode_refuses_epsilon_models():
     image = torch.rand(1, 3, 8, 8)
     epsilon, _ = residual_pipeline(value=0.0, prediction_type="epsilon")

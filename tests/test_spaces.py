@@ -80,8 +80,10 @@ def served(tmp_path_factory):
         yield types.SimpleNamespace(app=app, pipeline=pipeline, demo=demo, client=client)
 
 
-def predict(client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0):
-    return client.predict(handle_file(str(path)), scale, steps, scheduler, seed, frames, api_name="/super_resolve")
+def predict(client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0, strength=1.0):
+    return client.predict(
+        handle_file(str(path)), scale, steps, scheduler, seed, frames, strength, api_name="/super_resolve"
+    )
 
 
 def pixels(path) -> np.ndarray:
@@ -172,6 +174,8 @@ def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
         (dict(seed=-1), "seed must be a whole number from 0 to 4294967295"),
         (dict(scheduler="plms"), "scheduler must be one of ddim, dpmsolver, unipc, euler, ddpm, got 'plms'"),
         (dict(scale="x3"), "scale must be one of x4, x2 (x4, then downscaled), got 'x3'"),
+        (dict(strength=1.5), "detail strength must be a number in (0, 1], got 1.5"),
+        (dict(strength=0), "detail strength must be a number in (0, 1], got 0"),
     ],
 )
 def test_api_refuses_bad_settings(served, arguments, message):
@@ -275,10 +279,26 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
     assert np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(detail.sr3, dtype=np.int16)).max() > 0
     labels = [block.label for block in app.build_demo(pipeline).blocks.values() if getattr(block, "label", None)]
     assert "input | bicubic | SR3 fidelity | SR3 detail" in labels
+    # Detail strength below 1 adds detail on top of the fidelity answer: between fidelity and full detail.
+    light = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail", eta=1.0, strength=0.3)
+    away = [
+        np.abs(np.asarray(fidelity.sr3, dtype=np.int16) - np.asarray(result.sr3, dtype=np.int16)).mean()
+        for result in (light, detail)
+    ]
+    assert 0 < away[0] < away[1]
+    page = app.build_demo(pipeline, detail_defaults={"strength": 0.3, "eta": 1.0})
+    sliders = [block for block in page.blocks.values() if "detail strength" in (getattr(block, "label", "") or "")]
+    assert len(sliders) == 1 and sliders[0].value == 0.3 and sliders[0].visible
     # An epsilon model has no fidelity mode: the page shows detail mode only.
     epsilon = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
-    labels = [block.label for block in app.build_demo(epsilon).blocks.values() if getattr(block, "label", None)]
+    page = app.build_demo(epsilon)
+    labels = [block.label for block in page.blocks.values() if getattr(block, "label", None)]
     assert "input | bicubic | SR3 detail" in labels
+    assert not [
+        block
+        for block in page.blocks.values()
+        if "detail strength" in (getattr(block, "label", "") or "") and block.visible
+    ]
 
 
 def test_the_space_runs_like_sr3_upscale(monkeypatch):

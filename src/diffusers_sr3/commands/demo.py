@@ -31,6 +31,7 @@ from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import swap_scheduler
 from ..pipelines import SR3Pipeline
 from ..presets import NEW_MODEL_RECIPE
+from ..pretrained import DEFAULT_DETAIL_OPTIONS
 from ..tiling import tiled_super_resolve
 from ..training.crops import crop_unet_config, train_on_crops
 from ..training.trainer import SUMMARY_FILE
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-crops", type=int, default=32, help="random held-out crops to evaluate")
     parser.add_argument("--photo-size", type=int, default=128, help="longer side of the whole held-out photo (HR)")
     parser.add_argument("--inference-steps", type=int, default=10, help="detail-mode refinement steps (DDIM)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_DETAIL_OPTIONS["strength"],
+        help="detail mode: the part of the refinement that runs, from the fidelity answer noised that far (1: from "
+        "pure noise; default: the packaged model's, %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--threads",
@@ -172,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--steps must be at least 1")
     if args.minutes <= 0 or args.eval_crops < 1 or args.inference_steps < 1:
         raise ValueError("--minutes, --eval-crops and --inference-steps must be positive")
+    if not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
+    detail = dict(DEFAULT_DETAIL_OPTIONS, strength=args.strength)
     config = unet_config(args.crop_size, args.width)
     model_dir = os.path.join(args.output, "model")
     if os.path.exists(os.path.join(args.output, "metrics.json")) and not args.overwrite:
@@ -232,9 +243,15 @@ def run(args: argparse.Namespace) -> int:
         for mode in MODES:
             generator = torch.Generator().manual_seed(args.seed)
             steps_of_mode = args.inference_steps if mode == "detail" else None
+            options = detail if mode == "detail" else {}
             with use_backend(model, "auto"):  # bfloat16 autocast where it is fast, as `sr3 upscale` does
                 images = model(
-                    lr_pil, mode=mode, num_inference_steps=steps_of_mode, generator=generator, output_type="pt"
+                    lr_pil,
+                    mode=mode,
+                    num_inference_steps=steps_of_mode,
+                    generator=generator,
+                    output_type="pt",
+                    **options,
                 )
             outputs[f"{name} {mode}"] = images.images * 2 - 1
     inference_seconds = time.perf_counter() - started
@@ -261,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
                     num_inference_steps=args.inference_steps if mode == "detail" else None,
                     generator=torch.Generator().manual_seed(args.seed),
                     output_type="pt",
+                    **(detail if mode == "detail" else {}),
                 ).images
             photo_outputs.append(photo_sr * 2 - 1)
     photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat(photo_outputs + [photo_hr]))
@@ -277,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} CPU threads) on {len(train_paths)} photographs; evaluated on {len(hr)} random "
         f"crops of {len(heldout_paths)} held-out photographs ({', '.join(photo_name(p) for p in heldout_paths)}), "
         f"fidelity mode (deterministic DDIM from the noise's mean) and detail mode ({args.inference_steps} DDIM "
-        "steps). Fidelity mode gives the highest PSNR/SSIM; detail mode the sharper texture.",
+        f"steps, eta {detail['eta']:g}, strength {detail['strength']:g}). Fidelity mode gives the highest PSNR/SSIM; "
+        "detail mode the sharper texture.",
         "",
         *_table(means),
         "",

@@ -15,8 +15,9 @@ from ..backends import BACKENDS, use_backend
 from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
+from ..pipelines.base import steps_to_run
 from ..pipelines.pipeline_sr3 import FIDELITY_STEPS
-from ..pretrained import DEFAULT_STEPS
+from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve
 from .common import add_model_arguments, add_save_process_argument, load_pipeline
@@ -81,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="detail mode: scale of the starting noise (default 1; below 1 trades texture for fidelity)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="detail mode: how much of the refinement runs, in (0, 1] (default 1: from pure noise). Below 1 it "
+        "starts from the fidelity answer, noised part of the way: detail on top of fidelity, less invented the "
+        "lower it is (models that predict the clean image)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images of one size refined together")
     parser.add_argument(
@@ -184,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     if args.save_process < 0:
         raise ValueError("--save-process takes a positive number of frames")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be at least 1")
@@ -203,13 +214,19 @@ def run(args: argparse.Namespace) -> int:
     if mode == "auto":
         clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
         mode = "fidelity" if clean_image_model else "detail"
-    if mode == "fidelity" and (args.eta is not None or args.temperature is not None):
-        raise ValueError("--eta and --temperature apply to detail mode (fidelity mode is eta 0, temperature 0)")
-    detail_options = {name: getattr(args, name) for name in ("eta", "temperature") if getattr(args, name) is not None}
+    detail_names = ("eta", "temperature", "strength")
+    detail_options = {name: getattr(args, name) for name in detail_names if getattr(args, name) is not None}
+    if mode == "fidelity" and detail_options:
+        raise ValueError("--eta, --temperature and --strength apply to detail mode")
     if mode == "fidelity":
-        steps = args.steps or FIDELITY_STEPS
+        steps = evaluations = args.steps or FIDELITY_STEPS
     else:
-        steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
+        steps = evaluations = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
+        if packaged and not args.scheduler:
+            detail_options = {**DEFAULT_DETAIL_OPTIONS, **detail_options}
+        strength = detail_options.get("strength", 1.0)
+        if strength < 1:
+            evaluations = FIDELITY_STEPS + steps_to_run(steps, strength)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,
@@ -226,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
             name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
             with UpscaleProgress(
                 network,
-                steps,
+                evaluations,
                 crops,
                 description=name,
                 disable=args.quiet,

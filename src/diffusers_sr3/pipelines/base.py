@@ -143,6 +143,11 @@ def _move_into(staging: str, target: str) -> None:
         os.replace(source, destination)
 
 
+def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
+    """Scheduler steps a refinement of `strength` runs: the last `strength` of `num_inference_steps`, at least one."""
+    return max(1, round(num_inference_steps * strength))
+
+
 class SR3BasePipeline(DiffusionPipeline):
     """Base class of the SR3 pipelines: the refinement loop, and saving/loading in the SR3 folder layout."""
 
@@ -192,6 +197,8 @@ class SR3BasePipeline(DiffusionPipeline):
         temperature: float = 1.0,
         scheduler: Optional[SchedulerMixin] = None,
         latents: Optional[torch.Tensor] = None,
+        init_sample: Optional[torch.Tensor] = None,
+        strength: float = 1.0,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterative refinement from noise of `shape` (or the given `latents`), conditioned on `condition`.
 
@@ -200,7 +207,9 @@ class SR3BasePipeline(DiffusionPipeline):
         DDPM-like fresh noise each step); `temperature` scales the starting noise (0 starts from its mean);
         `scheduler` replaces the pipeline's for this call. A step callback (a function, a `PipelineCallback` or
         `MultiPipelineCallbacks`) may replace `"latents"` and `"condition"`; setting `pipeline._interrupt` skips the
-        remaining steps. Returns the final image and the requested snapshots (float32, the scale the network works
+        remaining steps. With `init_sample` (a clean estimate in the network's scale) and `strength` below 1, only
+        the last `strength` of the schedule runs, from `init_sample` noised to that level (Diffusers' image-to-image
+        `strength`). Returns the final image and the requested snapshots (float32, the scale the network works
         in).
         """
         if num_inference_steps < 1:
@@ -223,13 +232,23 @@ class SR3BasePipeline(DiffusionPipeline):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scheduler = self.scheduler if scheduler is None else scheduler
         scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        self._interrupt = False
         # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
         signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
         latents = self.prepare_latents(shape, generator, device, latents)
-        latents = latents * (scheduler.init_noise_sigma * temperature)
+        skipped = 0
+        if init_sample is None:
+            latents = latents * (scheduler.init_noise_sigma * temperature)
+        else:
+            # As Diffusers' image-to-image pipelines: skip the first steps, noise the estimate to the first kept one.
+            skipped = (num_inference_steps - steps_to_run(num_inference_steps, strength)) * scheduler.order
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skipped)
+            start = scheduler.timesteps[skipped : skipped + 1]
+            latents = scheduler.add_noise(init_sample.to(device, torch.float32), latents * temperature, start)
+        timesteps = scheduler.timesteps[skipped:]
+        signal_levels = signal_levels[skipped:]
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
         if condition is not None:
             condition = condition.to(device=device, dtype=dtype)
         step_parameters = inspect.signature(scheduler.step).parameters

@@ -124,6 +124,39 @@ class SR3Pipeline(SR3BasePipeline):
             return self.scheduler
         return swap_scheduler(self.scheduler, "ddim")
 
+    def _check_predicts_clean_image(self, feature: str) -> None:
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("sample", "v_prediction"):
+            raise ValueError(
+                f"{feature} needs a model that predicts the clean image (prediction_type 'sample' or "
+                f"'v_prediction'); this one predicts {prediction_type!r}: use mode='detail' with strength 1"
+            )
+
+    def _fidelity_estimate(
+        self,
+        shape: Tuple[int, int, int, int],
+        condition: torch.Tensor,
+        steps: int,
+        condition_noise_level: Optional[float],
+    ) -> torch.Tensor:
+        """The fidelity mode's answer, in the network's scale: where a detail refinement of `strength` < 1 starts."""
+        zeros = torch.zeros(shape, device=self._execution_device)
+        estimate, _ = self._denoise(
+            shape,
+            condition,
+            steps,
+            None,
+            0,
+            None,
+            (),
+            condition_noise_level,
+            eta=0.0,
+            latents=zeros,
+            temperature=0.0,
+            scheduler=self._fidelity_scheduler(),
+        )
+        return estimate
+
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
         if not self.config.get("residual", False):
@@ -148,6 +181,7 @@ class SR3Pipeline(SR3BasePipeline):
         eta: Optional[float] = None,
         temperature: float = 1.0,
         latents: Optional[torch.Tensor] = None,
+        strength: float = 1.0,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -191,6 +225,11 @@ class SR3Pipeline(SR3BasePipeline):
             latents (`torch.Tensor`, optional): The starting noise, `(batch, 3, height, width)` at the output size
                 padded to the UNet's downsampling factor, unit variance (scaled by the scheduler's `init_noise_sigma`
                 and `temperature` here); drawn from `generator` when not given. Fidelity mode starts from zeros.
+            strength (`float`, defaults to 1.0): Detail mode: how much of the refinement to run, as Diffusers'
+                image-to-image `strength`. 1 refines from pure noise (SR3). Below 1, the fidelity answer is noised
+                to that point of the schedule and only the last `strength` of the `num_inference_steps` run: detail
+                is added on top of the fidelity answer, and less is invented the lower it is. Needs a model that
+                predicts the clean image, like fidelity mode.
 
         Examples:
 
@@ -206,17 +245,20 @@ class SR3Pipeline(SR3BasePipeline):
 
         # 2. Refine from noise (detail), or from the noise's mean with deterministic DDIM steps (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        init_sample = None
         if mode == "detail":
             steps, scheduler = DETAIL_STEPS if num_inference_steps is None else num_inference_steps, None
+            if strength < 1:
+                self._check_predicts_clean_image("strength below 1")
+                init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            if eta or temperature != 1.0:
-                raise ValueError("eta and temperature apply to detail mode; fidelity mode is eta 0, temperature 0")
-            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-            if prediction_type not in ("sample", "v_prediction"):
+            if eta or temperature != 1.0 or strength != 1.0:
                 raise ValueError(
-                    "fidelity mode needs a model that predicts the clean image (prediction_type 'sample' or "
-                    f"'v_prediction'); this one predicts {prediction_type!r}: use mode='detail'"
+                    "eta, temperature and strength apply to detail mode; fidelity mode is eta 0, temperature 0"
                 )
+            self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature = (
                 FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
                 self._fidelity_scheduler(),
@@ -238,6 +280,8 @@ class SR3Pipeline(SR3BasePipeline):
             latents=latents,
             temperature=temperature,
             scheduler=scheduler,
+            init_sample=init_sample,
+            strength=strength,
         )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
