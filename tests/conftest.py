@@ -42,6 +42,14 @@ def tiny_unet_config(**overrides):
     return config
 
 
+def low_resolution_unet(**overrides):
+    """A tiny SR3 UNet at the low-resolution grid (pixel-unshuffle 4, as the packaged network), seeded, in eval mode."""
+    from diffusers_sr3 import SR3UNet2DModel
+
+    torch.manual_seed(0)
+    return SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4, **overrides)).eval()
+
+
 @pytest.fixture
 def tiny_unet():
     from diffusers_sr3 import SR3UNet2DModel

@@ -5,18 +5,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import low_resolution_unet
 
 import diffusers_sr3.backends as backends
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3Pipeline, make_scheduler
 from diffusers_sr3.backends import AutocastUNet, resolve_backend, use_backend
 from diffusers_sr3.cli import main
 from diffusers_sr3.tiling import tiled_super_resolve
-
-
-def low_resolution_unet(**overrides):
-    torch.manual_seed(0)
-    return SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4, **overrides)).eval()
 
 
 def make_pipeline():

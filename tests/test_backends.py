@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import low_resolution_unet
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3Pipeline, make_scheduler
 from diffusers_sr3.backends import OnnxUNet, swap_unet, unet_fingerprint, use_backend
 from diffusers_sr3.tiling import tiled_super_resolve
 
@@ -16,11 +16,6 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SR3_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def low_resolution_unet(**overrides):
-    torch.manual_seed(0)
-    return SR3UNet2DModel(**tiny_unet_config(sample_size=64, pixel_unshuffle_factor=4, **overrides)).eval()
 
 
 def test_onnx_unet_matches_eager_for_any_batch_and_size():
