@@ -14,7 +14,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import image_quality
 from diffusers_sr3.photos import heldout_crops
-from diffusers_sr3.pretrained import DEFAULT_STEPS, default_model_card, default_model_path
+from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_card, default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -52,5 +52,12 @@ def test_it_beats_bicubic_in_both_modes(packaged):
     assert fidelity["psnr"] > baseline["psnr"] + 0.5 and fidelity["ssim"] > baseline["ssim"] + 0.01
     assert detail["psnr"] > baseline["psnr"] - 0.5
     assert detail["edge_ratio"] > fidelity["edge_ratio"] > baseline["edge_ratio"]
-    for result in (fidelity, detail):
+    # Its studied detail settings (`sr3 upscale --mode detail`): detail on top of the fidelity answer.
+    generator = torch.Generator().manual_seed(0)
+    studied = packaged(
+        (lr + 1) / 2, num_inference_steps=DEFAULT_STEPS, generator=generator, output_type="pt", **DEFAULT_DETAIL_OPTIONS
+    ).images
+    studied = image_quality(studied * 2 - 1, hr, lr)
+    assert studied["psnr"] > baseline["psnr"] + 0.5 and studied["edge_ratio"] > baseline["edge_ratio"]
+    for result in (fidelity, detail, studied):
         assert result["consistency"] < 2 * baseline["consistency"] and max(result["colour_error"]) < 1.0
