@@ -31,7 +31,8 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
   (--backend torch; CPUs without AMX run float32, and older or busier ones more slowly):
   default (fidelity mode, {fidelity_steps} steps): about {bf16_fidelity:.0f} s for 1 megapixel
     ({fp32_fidelity:.0f} s in float32);
-  --mode detail ({steps} steps): about {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32)
+  --mode detail ({steps} steps at strength {strength:g}: {detail_evaluations} network evaluations): about
+    {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32)
   memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles within the
     same budget (--max-tile-pixels): 1.6 GB for a 3.3-megapixel output
   GPU: well under 1 s per megapixel per step (an estimate from the network's FLOPs, not measured:
@@ -46,6 +47,8 @@ FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 2.9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     bf16, fp32 = BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION, FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION
+    strength = DEFAULT_DETAIL_OPTIONS["strength"]
+    detail_evaluations = FIDELITY_STEPS + steps_to_run(DEFAULT_STEPS, strength)
     parser.epilog = EXPECTED_TIME.format(
         startup=STARTUP_SECONDS,
         bf16_eval=bf16,
@@ -53,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         fidelity_steps=FIDELITY_STEPS,
         bf16_fidelity=STARTUP_SECONDS + bf16 * FIDELITY_STEPS,
         fp32_fidelity=STARTUP_SECONDS + fp32 * FIDELITY_STEPS,
-        bf16_detail=STARTUP_SECONDS + bf16 * DEFAULT_STEPS,
-        fp32_detail=STARTUP_SECONDS + fp32 * DEFAULT_STEPS,
+        bf16_detail=STARTUP_SECONDS + bf16 * detail_evaluations,
+        fp32_detail=STARTUP_SECONDS + fp32 * detail_evaluations,
         steps=DEFAULT_STEPS,
+        strength=strength,
+        detail_evaluations=detail_evaluations,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
