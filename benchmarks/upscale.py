@@ -15,6 +15,7 @@ Rows (`--rows`):
 - `fidelity`, `detail`: the model (`--model`, default the packaged one) with the default settings
   (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX),
   `--mode fidelity` / `--mode detail --steps STEPS`.
+- `fidelity, self-ensemble`: the same with `--self-ensemble` (the 8 orientations' answers averaged).
 - `fidelity, float32`, `detail, float32`: the same in eager float32 (`--backend torch`): the untouched precision
   the default's PSNR is checked against (within 0.1 dB).
 - `fidelity onnx`, `detail onnx`: the same with `--backend onnx` (exported once before timing: cached).
@@ -61,6 +62,7 @@ ROWS = (
     "bicubic",
     "fidelity",
     "detail",
+    "fidelity, self-ensemble",
     "fidelity, float32",
     "detail, float32",
     "fidelity onnx",
@@ -153,6 +155,8 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
         arguments += OLD_TILING
     if "1 thread" in row:
         arguments += ["--threads", "1"]
+    if "self-ensemble" in row:
+        arguments += ["--self-ensemble"]
     return arguments
 
 

@@ -57,7 +57,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
         [
             "--model", str(tmp_path / "model"), "--faces", str(SAMPLES),
             "--unseen", str(SAMPLES / "celebahq_16_128" / "hr_128"), "--unseen-crops", "3",
-            "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2",
+            "--face-size", "64", "--crop-size", "32", "--crops", "4", "--steps", "2", "--self-ensemble",
             "--output", str(tmp_path / "r"), "--write-card", "--training-command", "accelerate launch train.py --x 1",
         ]
     )  # fmt: skip
@@ -65,13 +65,14 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert faces["images"] == 5 and faces["size"] == 64  # 64px output from a 32px-trained model: tiled
     assert report["sets"]["never-seen photos"]["images"] == 3
     for evaluated in report["sets"].values():
-        for method in ("SR3 fidelity", "SR3 detail", "bicubic"):
+        for method in ("SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail", "bicubic"):
             values = evaluated["results"][method]
             assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(values)
         assert "two_seeds_differ_255" in evaluated["results"]["SR3 detail"]
-    # Magnified crops: LR | bicubic | fidelity | detail | HR, 3 busiest crops per set and the flattest photo crop.
+    # Magnified crops: LR | bicubic | fidelity (single, self-ensemble) | detail | HR, 3 busiest crops per set and
+    # the flattest photo crop.
     picture = PIL.Image.open(tmp_path / "r" / "evaluation.png")
-    assert picture.width == 5 * 3 * 64 and (tmp_path / "model" / "evaluation.png").exists()
+    assert picture.width == 6 * 3 * 64 and (tmp_path / "model" / "evaluation.png").exists()
     card = (tmp_path / "model" / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
@@ -81,7 +82,8 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     fidelity = report["sets"]["held-out photos"]["results"]["SR3 fidelity"]
     psnr = next(m for m in metadata["model-index"][0]["results"][0]["metrics"] if m["type"] == "psnr")
     assert psnr["value"] == pytest.approx(fidelity["psnr"], abs=1e-5)
-    assert "| SR3 fidelity |" in card and "*LR | bicubic | SR3 fidelity | SR3 detail | HR, magnified x3" in card
+    assert "| SR3 fidelity |" in card and "| SR3 fidelity (self-ensemble) |" in card
+    assert "*LR | bicubic | SR3 fidelity | SR3 fidelity (self-ensemble) | SR3 detail | HR, magnified x3" in card
 
 
 def test_sampler_study_compares_against_the_reference():
@@ -163,7 +165,14 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
 @pytest.mark.slow
 def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     onnx = importlib.util.find_spec("onnxruntime") is not None
-    rows = ["bicubic", "fidelity", "detail", "fidelity, old tiling", "old model, old settings"]
+    rows = [
+        "bicubic",
+        "fidelity",
+        "detail",
+        "fidelity, self-ensemble",
+        "fidelity, old tiling",
+        "old model, old settings",
+    ]
     rows += ["fidelity onnx"] if onnx else []
     report = load("upscale").main(
         [

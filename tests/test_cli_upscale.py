@@ -283,6 +283,42 @@ def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkey
     assert len(calls) == FIDELITY_STEPS + 2
 
 
+def test_upscale_self_ensemble_averages_eight_orientations_and_counts_them(model_dir, tmp_path, monkeypatch, capsys):
+    from diffusers_sr3 import SR3Pipeline
+    from diffusers_sr3.progress import UpscaleProgress
+
+    progresses = []
+    progress_init = UpscaleProgress.__init__
+    monkeypatch.setattr(
+        UpscaleProgress, "__init__", lambda self, *a, **kw: progresses.append(self) or progress_init(self, *a, **kw)
+    )
+    pipeline = SR3Pipeline.from_pretrained(model_dir)
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    SR3Pipeline(pipeline.unet, scheduler, upscale_factor=4).save_pretrained(tmp_path / "x0")
+    source = write_image(tmp_path / "photo.png", (12, 10))
+    arguments = ["upscale", str(source), "--model", str(tmp_path / "x0"), "--backend", "torch", "--quiet"]
+
+    def upscale(name, *extra):
+        assert main(arguments + ["--output", str(tmp_path / name), *extra]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
+
+    single = upscale("single.png", "--mode", "fidelity", "--tile-size", "32")
+    ensemble = upscale("ensemble.png", "--mode", "fidelity", "--tile-size", "32", "--self-ensemble")
+    assert ensemble.shape == single.shape == (40, 48, 3) and np.abs(ensemble - single).max() > 0
+    # The progress total counts the 8 orientations' tiles (a 40x48 output and its 48x40 quarter-turn).
+    plain, eight = progresses[-2:]
+    assert eight.steps == plain.steps == FIDELITY_STEPS
+    assert eight.crops_per_step == 8 * plain.crops_per_step > 8
+    assert eight.done == eight.total and plain.done == plain.total
+    for bad, message in (
+        (["--mode", "detail"], "--self-ensemble averages fidelity answers"),
+        (["--save-process", "2"], "does not combine with --self-ensemble"),
+    ):
+        assert main(arguments + ["--output", str(tmp_path / "bad.png"), "--self-ensemble", *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_upscale_detail_knobs_eta_and_temperature(model_dir, tmp_path, monkeypatch):
     from diffusers_sr3 import SR3Pipeline
 

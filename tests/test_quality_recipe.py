@@ -291,3 +291,46 @@ def test_the_scaled_residual_reaches_unit_variance_on_photos():
     assert 4 < scale < 40
     assert float(((crops - condition) * scale).std()) == pytest.approx(1.0, rel=0.01)
     assert F.mse_loss(crops, condition) < 0.05
+
+
+def x0_lowres_pipeline():
+    pipeline = SR3Pipeline(
+        lowres_unet(), make_scheduler("ddim", n_timestep=100, prediction_type="sample"), residual=True
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_self_ensemble_averages_the_eight_orientations_turned_back():
+    pipeline = x0_lowres_pipeline()
+    image = torch.rand(2, 3, 8, 12)  # not square: a quarter-turn swaps height and width
+    ensemble = pipeline(image, mode="fidelity", self_ensemble=True, output_type="pt").images
+    assert ensemble.shape == (2, 3, 32, 48)
+
+    # The 8 orientations' answers, each turned back: they differ (the network is not equivariant); their mean is it.
+    def answer_turned_back(turns, mirror):
+        oriented = (image.flip(-1) if mirror else image).rot90(turns, (2, 3))
+        answer = pipeline(oriented, mode="fidelity", output_type="pt").images.rot90(-turns, (2, 3))
+        return answer.flip(-1) if mirror else answer
+
+    answers = [answer_turned_back(turns, mirror) for turns in range(4) for mirror in (False, True)]
+    assert (answers[2] - answers[0]).abs().max() > 1e-3 and (answers[1] - answers[0]).abs().max() > 1e-3
+    torch.testing.assert_close(ensemble, torch.stack(answers).mean(0), atol=1e-5, rtol=0)
+    # The ensemble is equivariant: its answer for a turned or mirrored input is its answer turned or mirrored.
+    for transform, inverse in (
+        (lambda x: x.rot90(1, (2, 3)), lambda x: x.rot90(-1, (2, 3))),
+        (lambda x: x.flip(-2), lambda x: x.flip(-2)),
+    ):
+        again = pipeline(transform(image), mode="fidelity", self_ensemble=True, output_type="pt").images
+        torch.testing.assert_close(inverse(again), ensemble, atol=1e-5, rtol=0)
+    pil = pipeline(image[:1], mode="fidelity", self_ensemble=True, output_size=(36, 40)).images[0]
+    assert pil.size == (40, 36)
+
+
+def test_self_ensemble_is_a_fidelity_mode_option():
+    pipeline = x0_lowres_pipeline()
+    image = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="needs mode='fidelity'"):
+        pipeline(image, mode="detail", self_ensemble=True)
+    with pytest.raises(ValueError, match="no num_intermediates"):
+        pipeline(image, mode="fidelity", self_ensemble=True, num_intermediates=2)

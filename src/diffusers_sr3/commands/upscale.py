@@ -16,7 +16,7 @@ from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pipelines.base import steps_to_run
-from ..pipelines.pipeline_sr3 import FIDELITY_STEPS
+from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve
@@ -30,7 +30,7 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
   {bf16_eval} s with the default backend (bf16 autocast on CPUs with AMX), {fp32_eval} s in float32
   (--backend torch; CPUs without AMX run float32, and older or busier ones more slowly):
   default (fidelity mode, {fidelity_steps} steps): about {bf16_fidelity:.0f} s for 1 megapixel
-    ({fp32_fidelity:.0f} s in float32);
+    ({fp32_fidelity:.0f} s in float32); --self-ensemble: {ensemble} times the evaluations, about {bf16_ensemble:.0f} s;
   --mode detail ({steps} steps at strength {strength:g}: {detail_evaluations} network evaluations): about
     {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32)
   memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles within the
@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         fidelity_steps=FIDELITY_STEPS,
         bf16_fidelity=STARTUP_SECONDS + bf16 * FIDELITY_STEPS,
         fp32_fidelity=STARTUP_SECONDS + fp32 * FIDELITY_STEPS,
+        ensemble=SELF_ENSEMBLE_SIZE,
+        bf16_ensemble=STARTUP_SECONDS + bf16 * FIDELITY_STEPS * SELF_ENSEMBLE_SIZE,
         bf16_detail=STARTUP_SECONDS + bf16 * detail_evaluations,
         fp32_detail=STARTUP_SECONDS + fp32 * detail_evaluations,
         steps=DEFAULT_STEPS,
@@ -95,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="detail mode: how much of the refinement runs, in (0, 1] (default 1: from pure noise). Below 1 it "
         "starts from the fidelity answer, noised part of the way: detail on top of fidelity, less invented the "
         "lower it is (models that predict the clean image)",
+    )
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help=f"fidelity mode: average the answers for the {SELF_ENSEMBLE_SIZE} flips and quarter-turns of the input "
+        f"(higher PSNR and SSIM, +0.1 to +0.2 dB on photos, for {SELF_ENSEMBLE_SIZE} times the time)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images of one size refined together")
     parser.add_argument(
@@ -223,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
     detail_options = {name: getattr(args, name) for name in detail_names if getattr(args, name) is not None}
     if mode == "fidelity" and detail_options:
         raise ValueError("--eta, --temperature and --strength apply to detail mode")
+    if args.self_ensemble and mode != "fidelity":
+        raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
+    if args.self_ensemble and args.save_process:
+        raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
     if mode == "fidelity":
         steps = evaluations = args.steps or FIDELITY_STEPS
     else:
@@ -244,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
     ):
         for start, stop in _batches(images, args.batch_size):
-            crops = _crops_per_step(pipeline, network, images[start], stop - start, tiling)
+            crops = _crops_per_step(pipeline, network, images[start], stop - start, tiling, args.self_ensemble)
             name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
             with UpscaleProgress(
                 network,
@@ -263,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
                     mode=mode,
                     generator=generator,
                     num_intermediates=args.save_process,
+                    self_ensemble=args.self_ensemble,
                     **detail_options,
                     **tiling,
                 )
@@ -279,8 +292,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _crops_per_step(pipeline: SR3Pipeline, network, image: PIL.Image.Image, images: int, tiling: dict) -> int:
-    """(image, tile) crops the network sees per refinement step for `images` inputs of `image`'s size."""
+def _crops_per_step(
+    pipeline: SR3Pipeline, network, image: PIL.Image.Image, images: int, tiling: dict, self_ensemble: bool = False
+) -> int:
+    """(image, tile) crops the network sees per refinement step for `images` inputs of `image`'s size.
+
+    A self-ensemble refines each input in 8 orientations, one after another: 4 of its shape, 4 turned a quarter."""
     factor = pipeline.config.upscale_factor
     multiple = network.downsampling_factor
     height, width = (-(-image.height * factor // multiple) * multiple, -(-image.width * factor // multiple) * multiple)
@@ -291,4 +308,9 @@ def _crops_per_step(pipeline: SR3Pipeline, network, image: PIL.Image.Image, imag
         tiling["tile_batch_size"],
         max_pixels=tiling["max_tile_pixels"],
     )
-    return tiled.count_evaluations(height, width, images)[0]
+    if not self_ensemble:
+        return tiled.count_evaluations(height, width, images)[0]
+    mirrors = SELF_ENSEMBLE_SIZE // 2
+    return mirrors * (
+        tiled.count_evaluations(height, width, images)[0] + tiled.count_evaluations(width, height, images)[0]
+    )

@@ -18,6 +18,10 @@ from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallba
 # Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps).
 DETAIL_STEPS = 50
 FIDELITY_STEPS = 4
+# The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
+# these dims; a flip is its own inverse).
+_MIRRORS = ((), (-1,), (-2,), (-2, -1))
+SELF_ENSEMBLE_SIZE = 2 * len(_MIRRORS)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -157,6 +161,39 @@ class SR3Pipeline(SR3BasePipeline):
         )
         return estimate
 
+    def _self_ensemble(
+        self,
+        image: ImageInput,
+        output_size: Optional[Union[int, Tuple[int, int]]],
+        num_inference_steps: Optional[int],
+        generator: GeneratorInput,
+        condition_noise_level: Optional[float],
+        output_type: str,
+    ):
+        """The mean of the fidelity answers for the input's 8 orientations, each turned back to the input's."""
+        low_resolution = (images_to_tensor(image) + 1) / 2
+        if output_size is None:
+            factor = self.config.upscale_factor
+            output_size = (low_resolution.shape[-2] * factor, low_resolution.shape[-1] * factor)
+        elif isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        total = 0.0
+        # One orientation at a time: the peak memory stays that of a single call.
+        for turns in (0, 1):
+            for dims in _MIRRORS:
+                oriented = torch.rot90(low_resolution, turns, dims=(-2, -1))
+                answer = self(
+                    oriented.flip(dims) if dims else oriented,
+                    num_inference_steps=num_inference_steps,
+                    generator=generator,
+                    output_size=tuple(output_size[::-1]) if turns else tuple(output_size),
+                    output_type="pt",
+                    condition_noise_level=condition_noise_level,
+                    mode="fidelity",
+                ).images
+                total = total + torch.rot90(answer.flip(dims) if dims else answer, -turns, dims=(-2, -1))
+        return postprocess(total / SELF_ENSEMBLE_SIZE * 2 - 1, output_type)
+
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
         if not self.config.get("residual", False):
@@ -182,6 +219,7 @@ class SR3Pipeline(SR3BasePipeline):
         temperature: float = 1.0,
         latents: Optional[torch.Tensor] = None,
         strength: float = 1.0,
+        self_ensemble: bool = False,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -230,12 +268,26 @@ class SR3Pipeline(SR3BasePipeline):
                 to that point of the schedule and only the last `strength` of the `num_inference_steps` run: detail
                 is added on top of the fidelity answer, and less is invented the lower it is. Needs a model that
                 predicts the clean image, like fidelity mode.
+            self_ensemble (`bool`, defaults to False): Fidelity mode: average the answers for the 8 flips and
+                quarter-turns of the input, each turned back (EDSR's geometric self-ensemble). The network's
+                orientation-dependent errors partly cancel: higher PSNR/SSIM (+0.1 to +0.2 dB on photos) for 8 times
+                the network evaluations. Not with `num_intermediates`, `latents` or a step callback.
 
         Examples:
 
         Returns:
             [`SR3PipelineOutput`] or `tuple`: `(images, intermediates)` when `return_dict` is False.
         """
+        if self_ensemble:
+            if mode != "fidelity":
+                raise ValueError("self_ensemble averages fidelity answers: it needs mode='fidelity'")
+            if num_intermediates or latents is not None or callback_on_step_end is not None:
+                raise ValueError("self_ensemble takes no num_intermediates, latents or callback_on_step_end")
+            images = self._self_ensemble(
+                image, output_size, num_inference_steps, generator, condition_noise_level, output_type
+            )
+            return SR3PipelineOutput(images=images, intermediates=None) if return_dict else (images, None)
+
         # 1. Upsample the input to the output size and pad it to what the UNet can divide.
         condition = self.prepare_condition(image, output_size)
         condition, (height, width) = pad_to_multiple(condition, self.unet.downsampling_factor)
