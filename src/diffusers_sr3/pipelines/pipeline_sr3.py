@@ -95,6 +95,12 @@ class SR3Pipeline(SR3BasePipeline):
     ) -> torch.Tensor:
         """The conditioning batch, `(B, 3, H, W)` in [-1, 1]: `image` bicubic-upsampled to the output size."""
         low_resolution = images_to_tensor(image)
+        return upsample_condition(low_resolution, self._output_size(low_resolution, output_size))
+
+    def _output_size(
+        self, low_resolution: torch.Tensor, output_size: Optional[Union[int, Tuple[int, int]]]
+    ) -> Tuple[int, int]:
+        """`(height, width)` of the output: `output_size`, by default the input's size times `upscale_factor`."""
         if output_size is None:
             factor = self.config.upscale_factor
             output_size = (low_resolution.shape[-2] * factor, low_resolution.shape[-1] * factor)
@@ -102,7 +108,7 @@ class SR3Pipeline(SR3BasePipeline):
             output_size = (output_size, output_size)
         if min(output_size) < 1:
             raise ValueError(f"output_size must be positive, got {output_size}")
-        return upsample_condition(low_resolution, tuple(output_size))
+        return tuple(output_size)
 
     def _augment_condition(
         self, condition: torch.Tensor, level: Optional[float], generator: GeneratorInput
@@ -172,21 +178,17 @@ class SR3Pipeline(SR3BasePipeline):
     ):
         """The mean of the fidelity answers for the input's 8 orientations, each turned back to the input's."""
         low_resolution = (images_to_tensor(image) + 1) / 2
-        if output_size is None:
-            factor = self.config.upscale_factor
-            output_size = (low_resolution.shape[-2] * factor, low_resolution.shape[-1] * factor)
-        elif isinstance(output_size, int):
-            output_size = (output_size, output_size)
+        height, width = self._output_size(low_resolution, output_size)
         total = 0.0
         # One orientation at a time: the peak memory stays that of a single call.
         for turns in (0, 1):
+            turned = torch.rot90(low_resolution, turns, dims=(-2, -1))
             for dims in _MIRRORS:
-                oriented = torch.rot90(low_resolution, turns, dims=(-2, -1))
                 answer = self(
-                    oriented.flip(dims) if dims else oriented,
+                    turned.flip(dims) if dims else turned,
                     num_inference_steps=num_inference_steps,
                     generator=generator,
-                    output_size=tuple(output_size[::-1]) if turns else tuple(output_size),
+                    output_size=(width, height) if turns else (height, width),
                     output_type="pt",
                     condition_noise_level=condition_noise_level,
                     mode="fidelity",
