@@ -63,9 +63,9 @@ def super_resolve(
 ) -> torch.Tensor:
     """SR3 outputs in [-1, 1] for low-resolution inputs in [-1, 1], tiled when larger than a training tile."""
     generator = torch.Generator().manual_seed(args.seed if seed is None else seed)
-    options = dict(mode=mode, num_inference_steps=args.steps, generator=generator, output_type="pt")
-    if self_ensemble:
-        options.update(self_ensemble=True)
+    options = dict(
+        mode=mode, num_inference_steps=args.steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
+    )
     if mode == "detail":
         options.update({name: getattr(args, name) for name in ("eta", "strength") if getattr(args, name) is not None})
     outputs = []
