@@ -41,8 +41,16 @@ from diffusers_sr3.image_processing import (  # noqa: E402
     upsample_condition,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
+from diffusers_sr3.pipelines.base import steps_to_run  # noqa: E402
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE  # noqa: E402
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, default_model_path  # noqa: E402
-from diffusers_sr3.tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve  # noqa: E402
+from diffusers_sr3.progress import EvaluationCounter  # noqa: E402
+from diffusers_sr3.tiling import (  # noqa: E402
+    DEFAULT_MAX_TILE_PIXELS,
+    TiledNetwork,
+    crops_per_step,
+    tiled_super_resolve,
+)
 
 # The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
 DEMO_SCHEDULERS = ["ddim", "dpmsolver", "unipc", "euler", "ddpm"]
@@ -158,6 +166,7 @@ def super_resolve(
     mode: str = "detail",
     eta: Optional[float] = None,
     strength: float = 1.0,
+    self_ensemble: bool = False,
 ) -> Result:
     """Super-resolve `image` by `scale` (the model's factor or one it divides into) with SR3 and with bicubic.
 
@@ -169,22 +178,22 @@ def super_resolve(
         scheduler: a `diffusers_sr3.noise.SCHEDULERS` name.
         seed: seed of the sampling noise.
         process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none).
-        progress: called with `(steps done, steps in total)` after every refinement step.
+        progress: called with `(done, total)` after every network evaluation, counted in (tile, step) crops: the
+            refinement steps of an untiled image.
         mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the
             average answer: deterministic DDIM from the noise's mean in a few steps; `scheduler`, `steps`, `seed`,
             `eta` and `strength` do not apply).
         eta: detail mode with DDIM: fresh noise per step (0 to 1; None: the scheduler's default, 0).
         strength: detail mode: the part of the refinement that runs (below 1: from the fidelity answer, noised).
+        self_ensemble: fidelity mode: average the answers for the input's 8 flips and quarter-turns (slightly
+            more faithful, 8 times the evaluations).
     """
     factor = pipeline.config.upscale_factor
     if scale < 1 or factor % scale:
         raise ValueError(f"scale x{scale} is neither the model's factor x{factor} nor a factor it divides into")
+    if self_ensemble and mode != "fidelity":
+        raise ValueError("the self-ensemble averages fidelity answers: it needs mode='fidelity'")
     sampler = with_scheduler(pipeline, scheduler)
-
-    def on_step_end(pipe: SR3Pipeline, index: int, timestep: Any, tensors: Dict[str, Any]) -> Dict[str, Any]:
-        if progress is not None:
-            progress((index + 1, pipe.num_timesteps))
-        return {}
 
     # `sr3 upscale`'s defaults: untiled up to about a megapixel of output, else the fewest tiles that fit the memory
     # budget; bfloat16 autocast where the hardware multiplies it natively.
@@ -194,6 +203,12 @@ def super_resolve(
     tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
     tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
     detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
+    if mode == "fidelity":
+        evaluations = FIDELITY_STEPS
+    else:
+        evaluations = steps if strength == 1 else FIDELITY_STEPS + steps_to_run(steps, strength)
+    crops = crops_per_step(pipeline, image.size, self_ensemble=self_ensemble, max_tile_pixels=MAX_TILE_PIXELS)
+    counter = EvaluationCounter(progress or (lambda done: None), evaluations * crops)
     started = time.perf_counter()
     with use_backend(sampler, "auto"):
         output = tiled_super_resolve(
@@ -205,9 +220,8 @@ def super_resolve(
             output_type="pt",
             num_intermediates=min(process_frames, steps) if mode == "detail" else 0,
             max_tile_pixels=MAX_TILE_PIXELS,
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=(),
-            **(detail if mode == "detail" else {}),
+            progress=counter,
+            **(detail if mode == "detail" else {"self_ensemble": self_ensemble}),
         )
     seconds = time.perf_counter() - started
 
@@ -292,6 +306,7 @@ def build_demo(
         seed: Any,
         process_frames: Any,
         strength: Any = None,
+        self_ensemble: Any = False,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects the tracker through this default)
     ) -> Tuple[List[Tuple[PIL.Image.Image, str]], Tuple[PIL.Image.Image, PIL.Image.Image], Any, str]:
         # Inputs arrive unprocessed (`preprocess=False`): gradio's own image decoding would fail on a non-image
@@ -307,10 +322,13 @@ def build_demo(
         process_frames = _whole_number(process_frames, "process frames", 0, MAX_PROCESS_FRAMES)
         strength = _strength(strength, detail_defaults.get("strength", 1.0))
         strength = strength if clean_image_model else 1.0  # detail on top of fidelity needs a fidelity answer
+        if self_ensemble not in (None, True, False):
+            raise gr.Error(f"self-ensemble must be true or false, got {self_ensemble!r}")
+        self_ensemble = bool(self_ensemble) and clean_image_model
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
 
-        progress((0, steps), desc="refining", unit="steps")
+        progress((0, 1), desc="refining", unit="evaluations")
         results = {}
         for mode in modes:  # fidelity first: it is fast
             results[mode] = super_resolve(
@@ -321,10 +339,11 @@ def build_demo(
                 scheduler,
                 seed,
                 process_frames if mode == "detail" else 0,
-                lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="steps"),
+                lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="evaluations"),
                 mode=mode,
                 eta=detail_defaults.get("eta") if scheduler == "ddim" else None,
                 strength=strength,
+                self_ensemble=self_ensemble and mode == "fidelity",
             )
         result = results["detail"]
         height, width = result.output_size
@@ -335,10 +354,12 @@ def build_demo(
         ]
         for mode, outcome in results.items():
             label = f"SR3 {mode}" if len(modes) > 1 else "SR3"
+            label += " (self-ensemble)" if self_ensemble and mode == "fidelity" else ""
             gallery.append((outcome.sr3, f"{label} {width}x{height}"))
         info = (
             f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps"
             + (f" (detail strength {strength:g})" if strength < 1 else "")
+            + (f", fidelity averaged over {SELF_ENSEMBLE_SIZE} orientations" if self_ensemble else "")
             + ", "
             f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of "
             f"{result.tile_size}x{result.tile_size} · "
@@ -381,6 +402,12 @@ def build_demo(
                     label="detail strength (1: from pure noise; lower: detail added on top of the fidelity answer)",
                     visible=clean_image_model,
                 )
+                self_ensemble = gr.Checkbox(
+                    False,
+                    label=f"fidelity self-ensemble (average of the {SELF_ENSEMBLE_SIZE} flips and quarter-turns: "
+                    f"slightly more faithful, {SELF_ENSEMBLE_SIZE}x the fidelity time)",
+                    visible=clean_image_model,
+                )
                 button = gr.Button("Super-resolve", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
@@ -399,7 +426,7 @@ def build_demo(
                 process = gr.Image(label="refinement process", format="png", visible=False, elem_id="process")
         button.click(
             run,
-            inputs=[image, scale, steps, scheduler, seed, process_frames, strength],
+            inputs=[image, scale, steps, scheduler, seed, process_frames, strength, self_ensemble],
             outputs=[gallery, slider, process, info],
             api_name="super_resolve",
             preprocess=False,

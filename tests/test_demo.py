@@ -73,6 +73,20 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     assert "--strength must lie in (0, 1], got 1.5" in capsys.readouterr().err
 
 
+def test_demo_self_ensemble_adds_a_fidelity_column(tmp_path):
+    out = tmp_path / "demo"
+    arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "8", "--crop-size", "32", "--no-packaged"]
+    arguments += ["--train-crops", "8", "--eval-crops", "2", "--inference-steps", "1", "--photo-size", "32"]
+    assert main(arguments + ["--batch-size", "2", "--self-ensemble"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["mean"]) == ["bicubic", "SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail"]
+    assert report["mean"]["SR3 fidelity (self-ensemble)"] != report["mean"]["SR3 fidelity"]
+    assert "averaged over the input's 8 flips and quarter-turns" in (out / "metrics.md").read_text()
+    # LR | bicubic | SR3 fidelity | SR3 fidelity (self-ensemble) | SR3 detail | HR per row, magnified x2
+    assert PIL.Image.open(out / "comparison.png").size == (6 * 64, 2 * 64)
+    assert PIL.Image.open(out / "photo.png").width % 6 == 0
+
+
 def test_verdict_states_what_was_measured_in_plain_words():
     bicubic = {"psnr": 25.0, "ssim": 0.7, "consistency": 1e-4}
     assert demo._verdict({"psnr": 26.0, "ssim": 0.8, "consistency": 5e-5}, bicubic, "The model") == (

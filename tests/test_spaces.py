@@ -80,9 +80,19 @@ def served(tmp_path_factory):
         yield types.SimpleNamespace(app=app, pipeline=pipeline, demo=demo, client=client)
 
 
-def predict(client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0, strength=1.0):
+def predict(
+    client, path, scale="x4", steps=STEPS, scheduler="ddim", seed=0, frames=0, strength=1.0, self_ensemble=False
+):
     return client.predict(
-        handle_file(str(path)), scale, steps, scheduler, seed, frames, strength, api_name="/super_resolve"
+        handle_file(str(path)),
+        scale,
+        steps,
+        scheduler,
+        seed,
+        frames,
+        strength,
+        self_ensemble,
+        api_name="/super_resolve",
     )
 
 
@@ -176,6 +186,7 @@ def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
         (dict(scale="x3"), "scale must be one of x4, x2 (x4, then downscaled), got 'x3'"),
         (dict(strength=1.5), "detail strength must be a number in (0, 1], got 1.5"),
         (dict(strength=0), "detail strength must be a number in (0, 1], got 0"),
+        (dict(self_ensemble="maybe"), "self-ensemble must be true or false, got 'maybe'"),
     ],
 )
 def test_api_refuses_bad_settings(served, arguments, message):
@@ -289,6 +300,8 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
     page = app.build_demo(pipeline, detail_defaults={"strength": 0.3, "eta": 1.0})
     sliders = [block for block in page.blocks.values() if "detail strength" in (getattr(block, "label", "") or "")]
     assert len(sliders) == 1 and sliders[0].value == 0.3 and sliders[0].visible
+    boxes = [block for block in page.blocks.values() if "self-ensemble" in (getattr(block, "label", "") or "")]
+    assert len(boxes) == 1 and boxes[0].value is False and boxes[0].visible
     # An epsilon model has no fidelity mode: the page shows detail mode only.
     epsilon = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
     page = app.build_demo(epsilon)
@@ -297,8 +310,32 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
     assert not [
         block
         for block in page.blocks.values()
-        if "detail strength" in (getattr(block, "label", "") or "") and block.visible
+        if any(word in (getattr(block, "label", "") or "") for word in ("detail strength", "self-ensemble"))
+        and block.visible
     ]
+
+
+def test_the_fidelity_self_ensemble_is_the_pipelines_with_progress_over_every_orientation(monkeypatch):
+    app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
+    image = PIL.Image.open(PHOTO).convert("RGB").resize((16, 8))  # not square: 4 orientations are turned
+    reported = []
+    ensemble = app.super_resolve(
+        pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity", self_ensemble=True, progress=reported.append
+    )
+    direct = tiled_super_resolve(pipeline, image, mode="fidelity", self_ensemble=True).images[0]
+    assert np.array_equal(np.asarray(ensemble.sr3), np.asarray(direct))
+    single = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    assert np.abs(np.asarray(ensemble.sr3, dtype=np.int16) - np.asarray(single.sr3, dtype=np.int16)).max() > 0
+    # One report per evaluation: 8 orientations of FIDELITY_STEPS evaluations each, untiled at this size.
+    total = app.SELF_ENSEMBLE_SIZE * app.FIDELITY_STEPS
+    assert reported == [(done, total) for done in range(1, total + 1)]
+    with pytest.raises(ValueError, match="the self-ensemble averages fidelity answers"):
+        app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail", self_ensemble=True)
 
 
 def test_the_space_runs_like_sr3_upscale(monkeypatch):
@@ -320,7 +357,11 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     assert 0 < difference.max() <= 8 and difference.mean() < 0.5
     monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
     monkeypatch.setattr(app, "MAX_TILE_PIXELS", 256)  # a 16x16 network grid per evaluation: 160x96 needs tiles
-    tiled = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
+    reported = []
+    tiled = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity", progress=reported.append)
     assert tiled.tiles > 1 and tiled.tile_size < 160
+    # Progress counts every tile of every evaluation, and ends at its total.
+    total = app.FIDELITY_STEPS * tiled.tiles
+    assert reported[-1] == (total, total) and len(reported) > app.FIDELITY_STEPS
     direct = tiled_super_resolve(pipeline, image, mode="fidelity", max_tile_pixels=256).images[0]
     assert np.array_equal(np.asarray(tiled.sr3), np.asarray(direct))

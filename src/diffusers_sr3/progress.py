@@ -10,7 +10,7 @@ start. Networks without blocks (an ONNX Runtime session) advance once per evalua
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 
@@ -131,4 +131,25 @@ class UpscaleProgress:
         self.close()
 
 
-__all__ = ["UpscaleProgress", "block_shares"]
+class EvaluationCounter:
+    """Reports `(crops done, crops in total)` to `report` after every network evaluation: progress for a UI.
+
+    Pass it as `progress=` to `tiled_super_resolve` (or `TiledNetwork`), with `total` = evaluations per crop x
+    [`diffusers_sr3.tiling.crops_per_step`]. Unlike a step callback it also counts the tiles of a step and the
+    orientations of a self-ensemble.
+    """
+
+    def __init__(self, report: Callable[[Tuple[int, int]], Any], total: int):
+        self.report = report
+        self.total = total
+        self.done = 0
+
+    @contextlib.contextmanager
+    def evaluation(self, count: int) -> Iterator[None]:
+        """Around one network call on `count` crops."""
+        yield
+        self.done += count
+        self.report((min(self.done, self.total), self.total))
+
+
+__all__ = ["EvaluationCounter", "UpscaleProgress", "block_shares"]

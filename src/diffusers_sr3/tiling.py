@@ -293,6 +293,33 @@ def model_tile_size(pipeline: Any) -> int:
     return int(max(size) if isinstance(size, (tuple, list)) else size)
 
 
+def crops_per_step(
+    pipeline: Any,
+    image_size: Tuple[int, int],
+    images: int = 1,
+    self_ensemble: bool = False,
+    network: Any = None,
+    tile_size: Optional[int] = None,
+    overlap: Optional[int] = None,
+    tile_batch_size: Optional[int] = None,
+    max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+) -> int:
+    """(image, tile) crops the network sees per refinement step when [`tiled_super_resolve`] runs `pipeline` on
+    `images` inputs of `image_size` `(width, height)` with these tiling settings: what a progress meter counts.
+
+    A self-ensemble refines each input in 8 orientations, one after another: 4 of its shape, 4 turned a quarter.
+    `network` is the network that runs (a backend's); defaults to the pipeline's UNet.
+    """
+    network = pipeline.unet if network is None else network
+    factor, multiple = pipeline.config.upscale_factor, network.downsampling_factor
+    width, height = (-(-length * factor // multiple) * multiple for length in image_size)
+    tiled = TiledNetwork(network, tile_size, overlap, tile_batch_size, max_pixels=max_tile_pixels)
+    crops = tiled.count_evaluations(height, width, images)[0]
+    if not self_ensemble:
+        return crops
+    return 4 * (crops + tiled.count_evaluations(width, height, images)[0])
+
+
 def tiled_super_resolve(
     pipeline: Any,
     image: ImageInput,

@@ -9,6 +9,7 @@ degradation, and one whole held-out photo upscaled in seamless tiles. Written to
     comparison.png   held-out crops, one per row, magnified: LR | bicubic | SR3 fidelity | SR3 detail | packaged SR3
                      fidelity | packaged SR3 detail | HR
     photo.png        a whole held-out photo: LR | bicubic | SR3 fidelity | SR3 detail (tiled) | packaged ... | HR
+                     (with --self-ensemble, a fidelity self-ensemble column after each model's fidelity column)
     metrics.md       PSNR / SSIM / consistency of both SR3 modes and bicubic (means over the crops), and a verdict
     metrics.json     the same per image, plus the run's settings and timings
     model/           the trained pipeline (load it with SR3Pipeline.from_pretrained or `sr3 upscale --model`)
@@ -38,6 +39,7 @@ from ..training.trainer import SUMMARY_FILE
 
 UPSCALE_FACTOR = 4
 MODES = ("fidelity", "detail")
+SELF_ENSEMBLE = "fidelity (self-ensemble)"
 # Five times the shipped model's: at 1000 steps of this small network 1e-3 gave +0.12 dB over bicubic where 2e-4
 # gave +0.02 and 2e-3 learned nothing (docs/quality.md).
 DEMO_LEARNING_RATE = 1e-3
@@ -68,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_DETAIL_OPTIONS["strength"],
         help="detail mode: the part of the refinement that runs, from the fidelity answer noised that far (1: from "
         "pure noise; default: the packaged model's, %(default)s)",
+    )
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="also evaluate fidelity mode averaged over the input's 8 flips and quarter-turns (8x its evaluations)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
@@ -150,6 +157,13 @@ def low_resolution_inputs(high_resolution: torch.Tensor):
     return low_pil, low, upsample_condition(low, tuple(high_resolution.shape[-2:]))
 
 
+def _mode_options(mode: str, inference_steps: int, detail: Dict[str, float]) -> Dict[str, Any]:
+    """The pipeline arguments of one of the demo's modes."""
+    if mode == "detail":
+        return dict(mode="detail", num_inference_steps=inference_steps, **detail)
+    return dict(mode="fidelity", self_ensemble=mode == SELF_ENSEMBLE)
+
+
 def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
     lines = ["| method | PSNR (dB) | SSIM | consistency (MSE / 1e-5) |", "|---|---|---|---|"]
     for name, values in rows.items():
@@ -183,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.strength <= 1:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
     detail = dict(DEFAULT_DETAIL_OPTIONS, strength=args.strength)
+    modes = ("fidelity", SELF_ENSEMBLE, "detail") if args.self_ensemble else MODES
     config = unet_config(args.crop_size, args.width)
     model_dir = os.path.join(args.output, "model")
     if os.path.exists(os.path.join(args.output, "metrics.json")) and not args.overwrite:
@@ -240,18 +255,14 @@ def run(args: argparse.Namespace) -> int:
     outputs = {"bicubic": bicubic}
     started = time.perf_counter()
     for name, model in models.items():
-        for mode in MODES:
+        for mode in modes:
             generator = torch.Generator().manual_seed(args.seed)
-            steps_of_mode = args.inference_steps if mode == "detail" else None
-            options = detail if mode == "detail" else {}
             with use_backend(model, "auto"):  # bfloat16 autocast where it is fast, as `sr3 upscale` does
                 images = model(
                     lr_pil,
-                    mode=mode,
-                    num_inference_steps=steps_of_mode,
                     generator=generator,
                     output_type="pt",
-                    **options,
+                    **_mode_options(mode, args.inference_steps, detail),
                 )
             outputs[f"{name} {mode}"] = images.images * 2 - 1
     inference_seconds = time.perf_counter() - started
@@ -269,16 +280,14 @@ def run(args: argparse.Namespace) -> int:
     photo_lr_pil, photo_lr, photo_bicubic = low_resolution_inputs(photo_hr)
     photo_outputs = [photo_bicubic]
     for model in models.values():
-        for mode in MODES:
+        for mode in modes:
             with use_backend(model, "auto"):
                 photo_sr = tiled_super_resolve(
                     model,
                     photo_lr_pil,
-                    mode=mode,
-                    num_inference_steps=args.inference_steps if mode == "detail" else None,
                     generator=torch.Generator().manual_seed(args.seed),
                     output_type="pt",
-                    **(detail if mode == "detail" else {}),
+                    **_mode_options(mode, args.inference_steps, detail),
                 ).images
             photo_outputs.append(photo_sr * 2 - 1)
     photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat(photo_outputs + [photo_hr]))
@@ -295,8 +304,9 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} CPU threads) on {len(train_paths)} photographs; evaluated on {len(hr)} random "
         f"crops of {len(heldout_paths)} held-out photographs ({', '.join(photo_name(p) for p in heldout_paths)}), "
         f"fidelity mode (deterministic DDIM from the noise's mean) and detail mode ({args.inference_steps} DDIM "
-        f"steps, eta {detail['eta']:g}, strength {detail['strength']:g}). Fidelity mode gives the highest PSNR/SSIM; "
-        "detail mode the sharper texture.",
+        f"steps, eta {detail['eta']:g}, strength {detail['strength']:g})"
+        + (", and fidelity mode averaged over the input's 8 flips and quarter-turns" if args.self_ensemble else "")
+        + ". Fidelity mode gives the highest PSNR/SSIM; detail mode the sharper texture.",
         "",
         *_table(means),
         "",

@@ -19,7 +19,7 @@ from ..pipelines.base import steps_to_run
 from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 from ..progress import UpscaleProgress
-from ..tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, tiled_super_resolve
+from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
 from .common import add_model_arguments, add_save_process_argument, load_pipeline
 
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
@@ -256,7 +256,9 @@ def run(args: argparse.Namespace) -> int:
         tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
     ):
         for start, stop in _batches(images, args.batch_size):
-            crops = _crops_per_step(pipeline, network, images[start], stop - start, tiling, args.self_ensemble)
+            crops = crops_per_step(
+                pipeline, images[start].size, stop - start, args.self_ensemble, network=network, **tiling
+            )
             name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
             with UpscaleProgress(
                 network,
@@ -290,27 +292,3 @@ def run(args: argparse.Namespace) -> int:
                     overall.write(f"{path} -> {destination} ({result.width}x{result.height})")
                 overall.update(1)
     return 0
-
-
-def _crops_per_step(
-    pipeline: SR3Pipeline, network, image: PIL.Image.Image, images: int, tiling: dict, self_ensemble: bool = False
-) -> int:
-    """(image, tile) crops the network sees per refinement step for `images` inputs of `image`'s size.
-
-    A self-ensemble refines each input in 8 orientations, one after another: 4 of its shape, 4 turned a quarter."""
-    factor = pipeline.config.upscale_factor
-    multiple = network.downsampling_factor
-    height, width = (-(-image.height * factor // multiple) * multiple, -(-image.width * factor // multiple) * multiple)
-    tiled = TiledNetwork(
-        network,
-        tiling["tile_size"],
-        tiling["overlap"],
-        tiling["tile_batch_size"],
-        max_pixels=tiling["max_tile_pixels"],
-    )
-    if not self_ensemble:
-        return tiled.count_evaluations(height, width, images)[0]
-    mirrors = SELF_ENSEMBLE_SIZE // 2
-    return mirrors * (
-        tiled.count_evaluations(height, width, images)[0] + tiled.count_evaluations(width, height, images)[0]
-    )
