@@ -274,13 +274,18 @@ def test_space_metadata_and_requirements():
     assert {name.replace("_", "-") for name in listed} == needed
 
 
-def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch):
-    app = load_app()
-    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+def tiny_clean_image_pipeline() -> SR3Pipeline:
+    """A tiny x4 residual pipeline that predicts the clean image, so it has both modes (and the self-ensemble)."""
     torch.manual_seed(0)
     unet = SR3UNet2DModel(**tiny_unet_config()).eval()
     scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
-    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
+    return SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
+
+
+def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch):
+    app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    pipeline = tiny_clean_image_pipeline()
     image = PIL.Image.open(PHOTO).convert("RGB")
     fidelity = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
     # The Space's fidelity result is the pipeline's own (with `sr3 upscale`'s tiling).
@@ -303,7 +308,7 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
     boxes = [block for block in page.blocks.values() if "self-ensemble" in (getattr(block, "label", "") or "")]
     assert len(boxes) == 1 and boxes[0].value is False and boxes[0].visible
     # An epsilon model has no fidelity mode: the page shows detail mode only.
-    epsilon = SR3Pipeline(unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
+    epsilon = SR3Pipeline(pipeline.unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
     page = app.build_demo(epsilon)
     labels = [block.label for block in page.blocks.values() if getattr(block, "label", None)]
     assert "input | bicubic | SR3 detail" in labels
@@ -318,10 +323,7 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
 def test_the_fidelity_self_ensemble_is_the_pipelines_with_progress_over_every_orientation(monkeypatch):
     app = load_app()
     monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
-    torch.manual_seed(0)
-    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
-    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
-    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=True, residual_scale=5.0)
+    pipeline = tiny_clean_image_pipeline()
     image = PIL.Image.open(PHOTO).convert("RGB").resize((16, 8))  # not square: 4 orientations are turned
     reported = []
     ensemble = app.super_resolve(
