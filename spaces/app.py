@@ -41,8 +41,7 @@ from diffusers_sr3.image_processing import (  # noqa: E402
     upsample_condition,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
-from diffusers_sr3.pipelines.base import steps_to_run  # noqa: E402
-from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE  # noqa: E402
+from diffusers_sr3.pipelines.pipeline_sr3 import SELF_ENSEMBLE_SIZE, evaluations_per_crop  # noqa: E402
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, default_model_path  # noqa: E402
 from diffusers_sr3.progress import EvaluationCounter  # noqa: E402
 from diffusers_sr3.tiling import (  # noqa: E402
@@ -203,10 +202,7 @@ def super_resolve(
     tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
     tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
     detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
-    if mode == "fidelity":
-        evaluations = FIDELITY_STEPS
-    else:
-        evaluations = steps if strength == 1 else FIDELITY_STEPS + steps_to_run(steps, strength)
+    evaluations = evaluations_per_crop(mode, steps if mode == "detail" else None, strength)
     crops = crops_per_step(pipeline, image.size, self_ensemble=self_ensemble, max_tile_pixels=MAX_TILE_PIXELS)
     counter = EvaluationCounter(progress or (lambda done: None), evaluations * crops)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from test_training import fast_options
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.noise import network_inputs_for_schedule, swap_scheduler, training_betas
+from diffusers_sr3.pipelines.pipeline_sr3 import evaluations_per_crop
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.tiling import tiled_super_resolve
 from diffusers_sr3.training import TrainingConfig, train
@@ -179,6 +180,19 @@ class RecordingNetwork(ConstantNetwork):
     def forward(self, sample, noise_level, return_dict=True, **kwargs):
         self.inputs.append(sample[:, 3:].clone())
         return super().forward(sample, noise_level, return_dict, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "mode, steps, strength",
+    [("fidelity", None, 1.0), ("fidelity", 6, 1.0), ("detail", 5, 1.0), ("detail", 10, 0.3), ("detail", 10, 0.05)],
+)
+def test_evaluations_per_crop_counts_the_network_calls(mode, steps, strength):
+    pipeline, _ = residual_pipeline(value=0.6)
+    network = RecordingNetwork(pipeline.unet.inner, 0.6)
+    vars(pipeline)["unet"] = network
+    options = {} if mode == "fidelity" else {"strength": strength}
+    pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=steps, mode=mode, output_type="pt", **options)
+    assert len(network.levels) == evaluations_per_crop(mode, steps, strength)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])

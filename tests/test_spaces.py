@@ -23,6 +23,7 @@ from packaging.requirements import Requirement
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.noise import SCHEDULERS
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE
 from diffusers_sr3.tiling import tiled_super_resolve
 
 PHOTO = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
@@ -334,7 +335,7 @@ def test_the_fidelity_self_ensemble_is_the_pipelines_with_progress_over_every_or
     single = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
     assert np.abs(np.asarray(ensemble.sr3, dtype=np.int16) - np.asarray(single.sr3, dtype=np.int16)).max() > 0
     # One report per evaluation: 8 orientations of FIDELITY_STEPS evaluations each, untiled at this size.
-    total = app.SELF_ENSEMBLE_SIZE * app.FIDELITY_STEPS
+    total = SELF_ENSEMBLE_SIZE * FIDELITY_STEPS
     assert reported == [(done, total) for done in range(1, total + 1)]
     with pytest.raises(ValueError, match="the self-ensemble averages fidelity answers"):
         app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail", self_ensemble=True)
@@ -363,7 +364,7 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     tiled = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity", progress=reported.append)
     assert tiled.tiles > 1 and tiled.tile_size < 160
     # Progress counts every tile of every evaluation, and ends at its total.
-    total = app.FIDELITY_STEPS * tiled.tiles
-    assert reported[-1] == (total, total) and len(reported) > app.FIDELITY_STEPS
+    total = FIDELITY_STEPS * tiled.tiles
+    assert reported[-1] == (total, total) and len(reported) > FIDELITY_STEPS
     direct = tiled_super_resolve(pipeline, image, mode="fidelity", max_tile_pixels=256).images[0]
     assert np.array_equal(np.asarray(tiled.sr3), np.asarray(direct))

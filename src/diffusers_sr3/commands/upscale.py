@@ -15,8 +15,7 @@ from ..backends import BACKENDS, use_backend
 from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
-from ..pipelines.base import steps_to_run
-from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE
+from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
@@ -48,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     bf16, fp32 = BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION, FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION
     strength = DEFAULT_DETAIL_OPTIONS["strength"]
-    detail_evaluations = FIDELITY_STEPS + steps_to_run(DEFAULT_STEPS, strength)
+    detail_evaluations = evaluations_per_crop("detail", DEFAULT_STEPS, strength)
     parser.epilog = EXPECTED_TIME.format(
         startup=STARTUP_SECONDS,
         bf16_eval=bf16,
@@ -236,14 +235,12 @@ def run(args: argparse.Namespace) -> int:
     if args.self_ensemble and args.save_process:
         raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
     if mode == "fidelity":
-        steps = evaluations = args.steps or FIDELITY_STEPS
+        steps = args.steps or FIDELITY_STEPS
     else:
-        steps = evaluations = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
+        steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
         if packaged and not args.scheduler:
             detail_options = {**DEFAULT_DETAIL_OPTIONS, **detail_options}
-        strength = detail_options.get("strength", 1.0)
-        if strength < 1:
-            evaluations = FIDELITY_STEPS + steps_to_run(steps, strength)
+    evaluations = evaluations_per_crop(mode, steps, detail_options.get("strength", 1.0))
     generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,

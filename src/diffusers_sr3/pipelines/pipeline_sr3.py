@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
 # Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps).
 DETAIL_STEPS = 50
@@ -22,6 +22,19 @@ FIDELITY_STEPS = 4
 # these dims; a flip is its own inverse).
 _MIRRORS = ((), (-1,), (-2,), (-2, -1))
 SELF_ENSEMBLE_SIZE = 2 * len(_MIRRORS)
+
+
+def evaluations_per_crop(mode: str, num_inference_steps: Optional[int] = None, strength: float = 1.0) -> int:
+    """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments (first-order schedulers).
+
+    Fidelity mode runs its steps; detail mode runs its steps from noise, or below strength 1 the fidelity answer's
+    `FIDELITY_STEPS` and then the last `strength` of its steps. Progress bars and time estimates count with it.
+    """
+    if mode == "fidelity":
+        return FIDELITY_STEPS if num_inference_steps is None else num_inference_steps
+    steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
+    return steps if strength >= 1 else FIDELITY_STEPS + steps_to_run(steps, strength)
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
