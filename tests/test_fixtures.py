@@ -4,7 +4,7 @@ import re
 
 from conftest import FIXTURE_ROOT, FIXTURES, PAIRS, REPO, SAMPLES
 
-# What reaching outside the repository looks like: the CI machine's `../shared` folder and ways of naming it.
+# What reaching outside the repository looks like: the CI machine's shared folder beside the clone, and its names.
 OUTSIDE = re.compile(r"\.\./shared|[\"']shared[\"']|SR3_SHARED_DIR|REPO\.parent|parents\[[2-9]\]|/work/")
 
 
