@@ -178,6 +178,28 @@ def test_pair_maker_flip_keeps_the_pair_aligned():
     assert set(unconditional) == {"hr"}
 
 
+def test_pair_maker_rotations_draw_all_eight_orientations_and_keep_stored_pairs_aligned():
+    hr = images_to_tensor(random_image(32, 32, 5))[0]
+    lr = degrade(hr[None], 4)[0][0]
+    orientations = [torch.rot90(image, turns, dims=(-2, -1)) for image in (hr, hr.flip(-1)) for turns in range(4)]
+    maker = PairMaker(32, 4, random_flip=True, random_rotate=True)
+    seen = set()
+    for seed in range(64):
+        sample = maker(hr, lr, generator=torch.Generator().manual_seed(seed))
+        (index,) = [i for i, image in enumerate(orientations) if torch.equal(sample["hr"], image)]
+        seen.add(index)
+        # The stored LR turned with its HR: it is still the HR's degradation.
+        torch.testing.assert_close(sample["lr"], degrade(sample["hr"][None], 4)[0][0], atol=1e-5, rtol=0)
+    assert seen == set(range(8))
+    # Without rotations a stored pair draws the flip alone, as before the option existed (runs resume exactly).
+    for seed in range(8):
+        flip = float(torch.rand((), generator=torch.Generator().manual_seed(seed))) < 0.5
+        sample = PairMaker(32, 4, random_flip=True)(hr, lr, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sample["hr"], hr.flip(-1) if flip else hr)
+    unaugmented = maker(hr, lr, generator=torch.Generator().manual_seed(0), augment=False)
+    assert torch.equal(unaugmented["hr"], hr)
+
+
 def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):
     root = make_prepared_layout(str(tmp_path / "ffhq_8_32"))
     assert prepared_resolutions(root) == ([32], [8])

@@ -20,6 +20,8 @@ class PairMaker:
         resolution: the training (high-resolution) size; images are cropped square to it.
         upscale_factor: super-resolution factor, or None for unconditional training.
         random_flip: flip horizontally with probability 1/2.
+        random_rotate: turn by a uniformly drawn multiple of 90 degrees. With `random_flip`, every sample is one of
+            the square's 8 flips and quarter-turns with equal probability (EDSR's training augmentation).
         random_crop: take a random `resolution` crop at full scale; otherwise resize the shorter side to
             `resolution` and take the centre crop.
         lr_blur_sigma: if > 0, blur the low-resolution image with a Gaussian of sigma uniform in
@@ -31,6 +33,7 @@ class PairMaker:
     random_flip: bool = True
     random_crop: bool = False
     lr_blur_sigma: float = 0.0
+    random_rotate: bool = False
 
     def crop(self, image: torch.Tensor, generator: Optional[torch.Generator], name: str) -> torch.Tensor:
         """Square crop of `image` `(3, H, W)` to `resolution` (random, or centre without a generator, at full scale;
@@ -82,6 +85,12 @@ class PairMaker:
         if augment and self.random_flip and float(torch.rand((), generator=generator)) < 0.5:
             high_resolution = high_resolution.flip(-1)
             low_resolution = None if low_resolution is None else low_resolution.flip(-1)
+        # Drawn after the flip, and only when asked for, so runs without rotations keep their exact draws.
+        if augment and self.random_rotate:
+            quarter_turns = int(torch.randint(0, 4, (1,), generator=generator))
+            high_resolution = torch.rot90(high_resolution, quarter_turns, dims=(-2, -1))
+            if low_resolution is not None:
+                low_resolution = torch.rot90(low_resolution, quarter_turns, dims=(-2, -1))
         sample = {"hr": high_resolution.float().contiguous()}
         if self.upscale_factor is None:
             return sample

@@ -114,6 +114,9 @@ class TrainingConfig:
     max_train_samples: Optional[int] = _option(None, "use only this many training images")
     random_flip: bool = _option(True, "random horizontal flips")
     random_crop: bool = _option(False, "random full-scale crops instead of resize + centre crop")
+    random_rotate: bool = _option(
+        False, "random quarter-turns; with --random_flip, all 8 flips and rotations of the square crop (EDSR's)"
+    )
     lr_blur_sigma: float = _option(0.0, "Gaussian-blur the LR input with sigma uniform in [0, this] (cascades)")
     condition_noise_max: float = _option(
         0.0,

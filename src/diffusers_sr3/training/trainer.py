@@ -434,6 +434,7 @@ class Trainer:
                 random_crop=config.random_crop,
                 lr_blur_sigma=config.lr_blur_sigma,
                 seed=seed,
+                random_rotate=config.random_rotate,
             )
         if data.skipped_at_scan:
             listed = ", ".join(f"{count} {reason}" for reason, count in sorted(data.skipped_at_scan.items()))
