@@ -63,8 +63,10 @@ def super_resolve(
 ) -> torch.Tensor:
     """SR3 outputs in [-1, 1] for low-resolution inputs in [-1, 1], tiled when larger than a training tile."""
     generator = torch.Generator().manual_seed(args.seed if seed is None else seed)
+    # Each mode at its own step count: fidelity's default is what `sr3 upscale` runs, not detail mode's steps.
+    steps = args.steps if mode == "detail" else args.fidelity_steps
     options = dict(
-        mode=mode, num_inference_steps=args.steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
+        mode=mode, num_inference_steps=steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
     )
     if mode == "detail":
         options.update({name: getattr(args, name) for name in ("eta", "strength") if getattr(args, name) is not None})
@@ -143,7 +145,8 @@ def picture(sets: Dict[str, Dict[str, Any]], rows_per_set: int, magnify: int) ->
 
 def markdown(report: Dict[str, Any]) -> str:
     lines = [
-        f"Fidelity: {FIDELITY_STEPS} deterministic DDIM steps from the noise's mean; detail: {report['sampler']}, "
+        f"Fidelity: {report['fidelity_steps']} deterministic DDIM steps from the noise's mean; detail: "
+        f"{report['sampler']}, "
         f"{report['steps']} steps"
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
@@ -191,6 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
     parser.add_argument("--modes", nargs="+", default=["fidelity", "detail"], choices=["fidelity", "detail"])
     parser.add_argument("--steps", type=int, default=10, help="detail-mode steps with the saved scheduler")
+    parser.add_argument(
+        "--fidelity-steps", type=int, default=FIDELITY_STEPS, help="fidelity-mode steps (default: the pipeline's)"
+    )
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM)")
     parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (below 1: from fidelity)")
     parser.add_argument(
@@ -225,6 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "sampler": type(pipeline.scheduler).__name__,
         "backend": resolve_backend(args.backend, pipeline.unet),
         "steps": args.steps,
+        "fidelity_steps": args.fidelity_steps,
         "eta": args.eta,
         "strength": args.strength,
         "self_ensemble": args.self_ensemble,

@@ -1,11 +1,15 @@
 """The benchmark scripts run end to end (tiny settings) and report every section they promise."""
 
+import argparse
 import importlib.util
 import json
 
 import PIL.Image
 import pytest
+import torch
 from conftest import REPO
+
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 
 def load(name):
@@ -84,6 +88,24 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert psnr["value"] == pytest.approx(fidelity["psnr"], abs=1e-5)
     assert "| SR3 fidelity |" in card and "| SR3 fidelity (self-ensemble) |" in card
     assert "*LR | bicubic | SR3 fidelity | SR3 fidelity (self-ensemble) | SR3 detail | HR, magnified x3" in card
+
+
+def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_unet):
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=10.0)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=5.0)
+    pipeline.set_progress_bar_config(disable=True)
+    model_report = load("model_report")
+    low = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    args = argparse.Namespace(
+        steps=2, fidelity_steps=FIDELITY_STEPS, seed=0, batch_size=2, backend="torch", eta=None, strength=None
+    )
+    reported = model_report.super_resolve(pipeline, low, "fidelity", args)
+    default = pipeline((low + 1) / 2, mode="fidelity", output_type="pt").images * 2 - 1
+    two_steps = pipeline((low + 1) / 2, mode="fidelity", num_inference_steps=2, output_type="pt").images * 2 - 1
+    torch.testing.assert_close(reported, default)
+    assert not torch.allclose(reported, two_steps, atol=1e-4)
 
 
 def test_sampler_study_compares_against_the_reference():
