@@ -373,9 +373,9 @@ def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, mo
     detail = upscale("detail.png", "--mode", "detail", "--strength", "1")
     assert len(calls) == DEFAULT_STEPS and totals[-1] == DEFAULT_STEPS
     light = upscale("light.png", "--mode", "detail")  # the packaged model's detail strength
-    assert DEFAULT_DETAIL_OPTIONS["strength"] == 0.3
-    # Its 10 detail steps: the fidelity answer's FIDELITY_STEPS, then the last 3 of 10.
-    assert len(calls) == FIDELITY_STEPS + 3 and totals[-1] == FIDELITY_STEPS + 3
+    assert DEFAULT_DETAIL_OPTIONS["strength"] == 0.6
+    # Its 10 detail steps: the fidelity answer's FIDELITY_STEPS, then the last 6 of 10.
+    assert len(calls) == FIDELITY_STEPS + 6 and totals[-1] == FIDELITY_STEPS + 6
     # Between the fidelity answer and a full refinement from noise.
     assert 0 < np.abs(light - fidelity).mean() < np.abs(detail - fidelity).mean()
     for bad in (["--strength", "0"], ["--strength", "1.2"], ["--mode", "fidelity", "--strength", "0.5"]):

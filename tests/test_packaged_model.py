@@ -35,7 +35,7 @@ def test_it_is_the_low_resolution_residual_model_with_its_sampler(packaged):
     assert packaged.scheduler.config.prediction_type == "sample"
     with open(os.path.join(default_model_path(), "training_summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
-    assert summary["global_step"] == 54500 and summary["residual_scale"] == packaged.config.residual_scale
+    assert summary["global_step"] == 62500 and summary["residual_scale"] == packaged.config.residual_scale
     card = default_model_card()
     assert "model-index" in card and "--preset photos_x4" in card and "Two ways to sample" in card
 
