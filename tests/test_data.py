@@ -12,6 +12,7 @@ import torch
 
 from diffusers_sr3.commands.common import find_images
 from diffusers_sr3.data import EpochSampler, PairMaker, build_training_data, decode_image, prepared_resolutions
+from diffusers_sr3.data.pairs import film_grain
 from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
 
 
@@ -198,6 +199,47 @@ def test_pair_maker_rotations_draw_all_eight_orientations_and_keep_stored_pairs_
         assert torch.equal(sample["hr"], hr.flip(-1) if flip else hr)
     unaugmented = maker(hr, lr, generator=torch.Generator().manual_seed(0), augment=False)
     assert torch.equal(unaugmented["hr"], hr)
+
+
+def neighbour_correlation(grain):
+    return float(torch.corrcoef(torch.stack([grain[..., :-1].flatten(), grain[..., 1:].flatten()]))[0, 1])
+
+
+def test_film_grain_has_scanned_films_statistics():
+    grain = film_grain(torch.Size((3, 256, 256)), 0.05, torch.Generator().manual_seed(0))
+    assert abs(float(grain.std()) - 0.05) < 1e-6
+    channels = torch.corrcoef(grain.reshape(3, -1))
+    assert all(0.7 < float(channels[i, j]) < 0.8 for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert 0.2 < neighbour_correlation(grain) < 0.33
+    again = film_grain(torch.Size((3, 256, 256)), 0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(grain, again)
+
+
+def test_film_grain_goes_into_the_hr_before_its_lr_is_made(tmp_path):
+    grey = torch.zeros(3, 64, 64)
+    maker = PairMaker(32, 4, random_crop=True, film_grain_max=6, film_grain_probability=1)
+    levels = []
+    for seed in range(24):
+        sample = maker(grey, generator=torch.Generator().manual_seed(seed))
+        levels.append(float(sample["hr"].std()) * 127.5)
+        # The LR is the grainy HR's degradation: the model sees the grain's trace, and learns to draw it only then.
+        torch.testing.assert_close(sample["lr"], degrade(sample["hr"][None], 4)[0][0])
+    assert max(levels) <= 6 + 1e-4 and min(levels) < 2 and max(levels) > 4, levels
+    half = PairMaker(32, 4, random_crop=True, film_grain_max=6)
+    grainy = sum(bool(half(grey, generator=torch.Generator().manual_seed(seed))["hr"].any()) for seed in range(64))
+    assert 20 < grainy < 44
+    assert not maker(grey, augment=False)["hr"].any(), "validation samples get no grain"
+    assert not PairMaker(32, 4, random_crop=True)(grey, generator=torch.Generator())["hr"].any()
+    hr = images_to_tensor(random_image(32, 32, 5))[0]
+    with pytest.raises(ValueError, match="stored pair's LR cannot follow"):
+        maker(hr, degrade(hr[None], 4)[0][0], generator=torch.Generator())
+    # Wired through the data builder, as the training script's --film_grain_max / --film_grain_probability.
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    PIL.Image.new("RGB", (48, 48), (128, 128, 128)).save(folder / "grey.png")
+    options = dict(resolution=32, upscale_factor=4, train_data_dir=str(folder), random_crop=True, film_grain_max=6)
+    assert build_training_data(film_grain_probability=1, **options).dataset[(0, 0)]["hr"].std() > 0
+    assert build_training_data(film_grain_probability=0, **options).dataset[(0, 0)]["hr"].std() == 0
 
 
 def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):

@@ -330,6 +330,21 @@ def test_command_line_maps_onto_the_config():
         TrainingConfig(train_batch_size=0)
 
 
+def test_film_grain_options_are_checked_and_reach_the_config():
+    import argparse
+
+    parser = add_training_arguments(argparse.ArgumentParser(), num_validation_images=2)
+    config = config_from_args(parser.parse_args(["--film_grain_max", "6", "--film_grain_probability", "0.3"]))
+    assert config.film_grain_max == 6.0 and config.film_grain_probability == 0.3
+    assert TrainingConfig().film_grain_max == 0.0
+    with pytest.raises(ValueError, match="film_grain_max must not be negative"):
+        TrainingConfig(film_grain_max=-1)
+    with pytest.raises(ValueError, match="film_grain_probability must lie in"):
+        TrainingConfig(film_grain_max=6, film_grain_probability=1.5)
+    with pytest.raises(ValueError, match="--film_grain_max applies to super-resolution only"):
+        TrainingConfig(task="uncond", film_grain_max=6)
+
+
 @pytest.mark.parametrize("fmt", ["lmdb", "folder", "parquet"])
 def test_trains_on_what_sr3_prepare_writes(tmp_path, fmt):
     """The readers against the real writer: `sr3 prepare` output (LMDB, folders, parquet) trains directly."""

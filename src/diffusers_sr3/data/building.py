@@ -74,13 +74,24 @@ def build_training_data(
     lr_blur_sigma: float = 0.0,
     seed: int = 0,
     random_rotate: bool = False,
+    film_grain_max: float = 0.0,
+    film_grain_probability: float = 0.5,
 ) -> TrainingData:
     """Pick the data source from the options and wrap it for training (see the module docstring).
 
     Exactly one of `train_images`, `train_dataset`, `dataset_name` / `train_data_files`, or `train_data_dir` is
     used, in that order of precedence (`train_data_dir` is the `data_dir` of `dataset_name` when both are given).
     """
-    pair_maker = PairMaker(resolution, upscale_factor, random_flip, random_crop, lr_blur_sigma, random_rotate)
+    pair_maker = PairMaker(
+        resolution,
+        upscale_factor,
+        random_flip,
+        random_crop,
+        lr_blur_sigma,
+        random_rotate,
+        film_grain_max,
+        film_grain_probability,
+    )
     if upscale_factor is not None and resolution % upscale_factor:
         raise ValueError(f"resolution {resolution} is not divisible by the upscale factor {upscale_factor}")
     scan: Counter = Counter()

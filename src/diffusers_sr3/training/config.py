@@ -118,6 +118,12 @@ class TrainingConfig:
         False, "random quarter-turns; with --random_flip, all 8 flips and rotations of the square crop (EDSR's)"
     )
     lr_blur_sigma: float = _option(0.0, "Gaussian-blur the LR input with sigma uniform in [0, this] (cascades)")
+    film_grain_max: float = _option(
+        0.0,
+        "add film-like grain to the HR crop before its LR is made, std uniform in [0, this] 8-bit levels (models "
+        "for film scans; 6 covers Kodak's)",
+    )
+    film_grain_probability: float = _option(0.5, "the fraction of crops that get --film_grain_max grain")
     condition_noise_max: float = _option(
         0.0,
         "noise-conditioning augmentation (cascades): noise the upsampled LR at a level uniform in [0, this) and give "
@@ -229,6 +235,13 @@ class TrainingConfig:
             raise ValueError(f"lr_blur_sigma must not be negative, got {self.lr_blur_sigma}")
         if self.task == "uncond" and self.lr_blur_sigma:
             raise ValueError("--lr_blur_sigma applies to super-resolution only")
+        if self.film_grain_max < 0 or not 0 <= self.film_grain_probability <= 1:
+            raise ValueError(
+                f"film_grain_max must not be negative ({self.film_grain_max}) and film_grain_probability must lie in "
+                f"[0, 1] ({self.film_grain_probability})"
+            )
+        if self.task == "uncond" and self.film_grain_max:
+            raise ValueError("--film_grain_max applies to super-resolution only")
         if not 0 <= self.condition_noise_max < 1 or not 0 <= (self.condition_noise_level or 0.0) < 1:
             raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
         if self.task == "uncond" and self.residual:

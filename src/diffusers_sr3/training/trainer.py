@@ -435,6 +435,8 @@ class Trainer:
                 lr_blur_sigma=config.lr_blur_sigma,
                 seed=seed,
                 random_rotate=config.random_rotate,
+                film_grain_max=config.film_grain_max,
+                film_grain_probability=config.film_grain_probability,
             )
         if data.skipped_at_scan:
             listed = ", ".join(f"{count} {reason}" for reason, count in sorted(data.skipped_at_scan.items()))
