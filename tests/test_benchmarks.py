@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 
@@ -73,6 +74,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
             values = evaluated["results"][method]
             assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(values)
         assert "two_seeds_differ_255" in evaluated["results"]["SR3 detail"]
+        assert sum(values["crops"] for values in evaluated["edges_by_content"].values()) == evaluated["images"]
     # Magnified crops: LR | bicubic | fidelity (single, self-ensemble) | detail | HR, 3 busiest crops per set and
     # the flattest photo crop.
     picture = PIL.Image.open(tmp_path / "r" / "evaluation.png")
@@ -88,6 +90,26 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert psnr["value"] == pytest.approx(fidelity["psnr"], abs=1e-5)
     assert "| SR3 fidelity |" in card and "| SR3 fidelity (self-ensemble) |" in card
     assert "*LR | bicubic | SR3 fidelity | SR3 fidelity (self-ensemble) | SR3 detail | HR, magnified x3" in card
+
+
+def test_model_report_splits_edge_energy_by_how_much_detail_bicubic_keeps():
+    model_report = load("model_report")
+    generator = torch.Generator().manual_seed(0)
+    texture = torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1  # pixel noise: bicubic keeps little of it
+    ramps = torch.linspace(-1, 1, 32).expand(2, 3, 32, 32).clone()  # smooth: bicubic keeps nearly all
+    hr = torch.cat([texture, ramps])
+    bicubic = degrade(hr, 4)[1].clamp(-1, 1)
+    half = (hr + bicubic) / 2
+    table = model_report.edges_by_content(hr, {"bicubic": bicubic, "HR itself": hr, "halfway": half})
+    assert set(table) == {"texture", "edges"}
+    assert table["texture"]["crops"] == 3 and table["edges"]["crops"] == 2
+    assert table["texture"]["bicubic"] < 0.45 <= 0.65 <= table["edges"]["bicubic"]
+    for kind in table.values():
+        assert kind["HR itself"] == pytest.approx(1.0)
+        assert kind["bicubic"] < kind["halfway"] < 1.0
+    crops = torch.cat([texture[:1], ramps[:1]])
+    alone = model_report.edges_by_content(crops, {"bicubic": degrade(crops, 4)[1].clamp(-1, 1), "HR itself": crops})
+    assert alone["texture"]["crops"] == 1 and alone["edges"]["crops"] == 1
 
 
 def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_unet):
