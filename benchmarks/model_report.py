@@ -108,7 +108,6 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
         if mode == "fidelity" and args.self_ensemble:
             outputs[SELF_ENSEMBLE] = super_resolve(pipeline, lr, mode, args, self_ensemble=True)
     results = {name: image_quality(images, hr, lr) for name, images in outputs.items()}
-    by_content = edges_by_content(hr, outputs)
     if "detail" in args.modes:
         other_seed = super_resolve(pipeline, lr, "detail", args, seed=args.seed + 1)
         results["SR3 detail"]["two_seeds_differ_255"] = float((other_seed - outputs["SR3 detail"]).abs().mean()) * 127.5
@@ -119,7 +118,7 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
         "images": hr.shape[0],
         "size": hr.shape[-1],
         "results": results,
-        "edges_by_content": by_content,
+        "edges_by_content": edges_by_content(hr, outputs),
         "tensors": (lr, outputs, hr),
     }
 
@@ -203,8 +202,9 @@ def markdown(report: Dict[str, Any]) -> str:
     methods = list(next(iter(report["sets"].values()))["results"])
     lines += [
         "",
-        "Edge energy relative to the HR's, by kind of crop: texture where bicubic keeps under 45% of the HR's edge "
-        "energy (detail finer than the input's pixels), edges where it keeps 65% or more, mixed between.",
+        "Edge energy relative to the HR's, by kind of crop: texture where bicubic keeps under "
+        f"{CONTENT_BINS[0][2]:.0%} of the HR's edge energy (detail finer than the input's pixels), edges where it "
+        f"keeps {CONTENT_BINS[2][1]:.0%} or more, mixed between.",
         "",
         "| test set | crops | count | " + " | ".join(methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
