@@ -37,7 +37,13 @@ from diffusers_sr3.image_processing import (
     tensor_to_pil,
     upsample_condition,
 )
-from diffusers_sr3.metrics import edge_energy, frechet_inception_distance, image_quality, quantize
+from diffusers_sr3.metrics import (
+    TEXTURE_KEPT_EDGE_SHARE,
+    edge_energy,
+    frechet_inception_distance,
+    image_quality,
+    quantize,
+)
 from diffusers_sr3.model_card import write_model_card
 from diffusers_sr3.photos import heldout_crops, photo_crops, photo_name
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
@@ -125,7 +131,11 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
 
 # Crops grouped by the share of the HR's edge energy that bicubic keeps: little where the detail is finer than the
 # input's pixels (foliage, fabric, grain), most where it is edges the input shows.
-CONTENT_BINS = (("texture", 0.0, 0.45), ("mixed", 0.45, 0.65), ("edges", 0.65, float("inf")))
+CONTENT_BINS = (
+    ("texture", 0.0, TEXTURE_KEPT_EDGE_SHARE),
+    ("mixed", TEXTURE_KEPT_EDGE_SHARE, 0.65),
+    ("edges", 0.65, float("inf")),
+)
 
 
 def edges_by_content(hr: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:

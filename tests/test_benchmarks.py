@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 import json
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -278,3 +279,32 @@ def test_training_throughput_times_every_network_and_precision(tmp_path):
     assert load("training_throughput").network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
     table = (tmp_path / "training_throughput.md").read_text()
     assert "| tiny | 0.1M | bf16 |" in table and json.loads((tmp_path / "training_throughput.json").read_text())
+
+
+def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
+    photo_tiles = load("photo_tiles")
+    monkeypatch.setattr(photo_tiles, "packaged_photo_paths", lambda: [])
+    monkeypatch.setattr(photo_tiles, "photo_split", lambda paths, heldout: ([], []))
+    generator = torch.Generator().manual_seed(0)
+    noise = (torch.rand(64, 64, 3, generator=generator) * 200 + 28).byte()  # detail finer than the x4 LR's pixels
+    ramp = torch.linspace(28, 228, 64).round().byte().view(1, 64, 1).expand(64, 64, 3)  # all of it kept by the LR
+    photo = tmp_path / "halves.png"
+    PIL.Image.fromarray(torch.cat([noise, ramp], dim=1).numpy()).save(photo)
+    output = tmp_path / "tiles"
+    arguments = ["--output", str(output), "--extra", str(photo), "--tile", "64", "--stride", "64", "--scales", "128"]
+    photo_tiles.main(arguments + ["--texture-copies", "2"])
+    assert sorted(path.name for path in output.iterdir()) == [
+        "halves_128_0000.png",
+        "halves_128_0000_texture1.png",
+        "halves_128_0000_texture2.png",
+        "halves_128_0001.png",
+    ]
+    copy = PIL.Image.open(output / "halves_128_0000_texture2.png")
+    assert torch.equal(torch.from_numpy(np.array(copy)), noise)
+    summary = json.loads((tmp_path / "tiles.json").read_text())
+    assert (summary["tiles"], summary["texture_tiles"], summary["texture_copies"]) == (2, 1, 2)
+    plain = tmp_path / "plain"
+    photo_tiles.main(["--output", str(plain), *arguments[2:]])
+    assert sorted(path.name for path in plain.iterdir()) == ["halves_128_0000.png", "halves_128_0001.png"]
+    with pytest.raises(SystemExit):
+        photo_tiles.main(arguments + ["--texture-copies", "-1"])

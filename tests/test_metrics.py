@@ -21,6 +21,7 @@ from conftest import PAIRS, SAMPLES
 from scipy.ndimage import correlate1d
 
 from diffusers_sr3 import metrics
+from diffusers_sr3.image_processing import degrade
 
 
 def original_psnr(img1, img2):
@@ -263,3 +264,17 @@ def test_evaluate_module_sr3_eval_and_validation_agree(tmp_path, capsys):
     for name in ("psnr", "ssim", "consistency"):
         assert module_results[name] == pytest.approx(cli_means[name], rel=1e-12)
         assert module_results[name] == pytest.approx(validation[name], rel=1e-9)
+
+
+def test_kept_edge_share_is_low_for_texture_and_near_one_for_smooth_edges():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, 32, 32, generator=generator) * 1.6 - 0.8  # detail finer than the x4 LR's pixels
+    ramp = torch.linspace(-0.8, 0.8, 32).expand(1, 3, 32, 32)  # smooth: the LR holds all of it
+    shares = metrics.kept_edge_share(torch.cat([noise, ramp]), 4)
+    assert shares.shape == (3,)
+    assert (shares[:2] < metrics.TEXTURE_KEPT_EDGE_SHARE).all()
+    assert 0.9 < shares[2] <= 1.0
+    # The share compares what is saved: the upsample of the LR and the HR, each at 8 bits.
+    upsampled = degrade(ramp, 4)[1]
+    expected = metrics.edge_energy(metrics.quantize(upsampled)) / metrics.edge_energy(metrics.quantize(ramp))
+    assert shares[2] == pytest.approx(float(expected[0]))

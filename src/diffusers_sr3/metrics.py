@@ -39,7 +39,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_processing import resize_bicubic
+from .image_processing import degrade, resize_bicubic
 
 ArrayImage = Union[np.ndarray, PIL.Image.Image]
 
@@ -214,6 +214,18 @@ def edge_energy(images: torch.Tensor) -> torch.Tensor:
     sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=gray.dtype).view(1, 1, 3, 3)
     gx, gy = F.conv2d(gray, sobel), F.conv2d(gray, sobel.transpose(2, 3))
     return (gx**2 + gy**2).sqrt().mean(dim=(1, 2, 3))
+
+
+# Below this share of the HR's edge energy kept by the bicubic upsample, a crop's detail is finer than the LR's pixels
+# (foliage, hair, grain): "texture", which a model must draw rather than sharpen.
+TEXTURE_KEPT_EDGE_SHARE = 0.45
+
+
+def kept_edge_share(high_resolution: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    """Per-image share of the edge energy of `high_resolution` `(B, 3, H, W)` in [-1, 1] that the bicubic upsample
+    of its x`upscale_factor` LR keeps, `(B,)`, both quantized to 8 bits: near 1 for edges, low for texture."""
+    _, upsampled = degrade(high_resolution, upscale_factor)
+    return edge_energy(quantize(upsampled)) / edge_energy(quantize(high_resolution)).clamp(min=1e-12)
 
 
 def image_quality(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> Dict[str, Union[float, List[float]]]:
