@@ -334,24 +334,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 if summary.get(key) is not None
             }
             or None,
-            extra_sections=[MODES_SECTION, "## All results\n\n" + table],
+            extra_sections=[modes_section(args.steps, args.eta, args.strength), "## All results\n\n" + table],
         )
     return report
 
 
-MODES_SECTION = """## Two ways to sample
+def modes_section(steps: int, eta: Optional[float], strength: Optional[float]) -> str:
+    """The card's "Two ways to sample", quoting the detail settings the report measured."""
+    settings = ", ".join(
+        [f"num_inference_steps={steps}"]
+        + [f"{name}={value:g}" for name, value in (("eta", eta), ("strength", strength)) if value is not None]
+    )
+    if strength is not None and strength < 1:
+        refinement = (
+            f"`strength` {strength:g} (this report's setting) refines the fidelity answer over the last {strength:.0%} "
+            "of the schedule, adding texture on top of it. Lower strengths keep more of the fidelity answer (higher "
+            "PSNR, less texture); `strength=1` refines from pure noise: sharper, more invented texture, at a PSNR and "
+            "FID cost."
+        )
+    else:
+        refinement = "It refines from pure noise; `strength` below 1 refines the fidelity answer instead."
+    return f"""## Two ways to sample
 
 - **Fidelity** (`pipe(image, mode="fidelity")`, `sr3 upscale` by default): a few deterministic DDIM steps from
   the mean of the starting noise, an estimate of the average of all plausible high-resolution images. Highest
   PSNR and SSIM, fastest; texture stays smooth where the input cannot tell. Use it for measurements, text,
   documents, faces you must not invent on. `self_ensemble=True` (`sr3 upscale --self-ensemble`) averages the
   answers for the 8 flips and quarter-turns of the input: a little higher PSNR and SSIM for 8 times the time.
-- **Detail** (`pipe(image, mode="detail", num_inference_steps=10, eta=1.0, strength=0.6)`, `sr3 upscale --mode
-  detail`): SR3's iterative refinement draws one plausible image. `strength` 0.6 (this model's studied setting)
-  refines the fidelity answer over the last 60% of the schedule, adding texture on top of it: edges near the HR's,
-  a lower FID than bicubic's. Lower strengths keep more of the fidelity answer (higher PSNR, less
-  texture); `strength=1` refines from pure noise: sharper, more invented texture, at a PSNR and FID cost; `eta`
-  (DDIM) adds fresh noise per step.
+- **Detail** (`pipe(image, mode="detail", {settings})`, `sr3 upscale --mode detail`): SR3's iterative
+  refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.
 """
 
 

@@ -85,6 +85,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
     assert "held-out photos" in card and "original's sample faces" in card and "train.py --x 1" in card
     assert "Two ways to sample" in card and "SR3 detail" in card
+    assert 'mode="detail", num_inference_steps=2)' in card  # the detail settings this report ran
     # The fidelity mode is the model's reported result, under its own name; the picture says what it shows.
     fidelity = report["sets"]["held-out photos"]["results"]["SR3 fidelity"]
     psnr = next(m for m in metadata["model-index"][0]["results"][0]["metrics"] if m["type"] == "psnr")
@@ -111,6 +112,16 @@ def test_model_report_splits_edge_energy_by_how_much_detail_bicubic_keeps():
     crops = torch.cat([texture[:1], ramps[:1]])
     alone = model_report.edges_by_content(crops, {"bicubic": degrade(crops, 4)[1].clamp(-1, 1), "HR itself": crops})
     assert alone["texture"]["crops"] == 1 and alone["edges"]["crops"] == 1
+
+
+def test_model_report_card_quotes_the_detail_settings_it_measured():
+    modes_section = load("model_report").modes_section
+    refined = modes_section(10, 1.0, 0.6)
+    assert 'mode="detail", num_inference_steps=10, eta=1, strength=0.6)' in refined
+    assert "last 60% of the schedule" in refined
+    from_noise = modes_section(25, None, 1.0)
+    assert "num_inference_steps=25, strength=1)" in from_noise and "refines from pure noise" in from_noise
+    assert "last 100%" not in from_noise
 
 
 def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_unet):
