@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 from typing import List
 
 import numpy as np
@@ -61,8 +62,9 @@ def main(argv: List[str] = None) -> None:
                 textured = is_texture(tile, args.upscale_factor)
                 texture += textured
                 copies = args.texture_copies if textured else 0
-                for copy in range(copies + 1):
-                    tile.save(output / (f"{name}.png" if copy == 0 else f"{name}_texture{copy}.png"))
+                tile.save(output / f"{name}.png")
+                for copy in range(1, copies + 1):
+                    shutil.copyfile(output / f"{name}.png", output / f"{name}_texture{copy}.png")
                 written += 1
     summary = dict(
         tiles=written,
