@@ -131,10 +131,11 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
 
 # Crops grouped by the share of the HR's edge energy that bicubic keeps: little where the detail is finer than the
 # input's pixels (foliage, fabric, grain), most where it is edges the input shows.
+EDGES_KEPT_EDGE_SHARE = 0.65
 CONTENT_BINS = (
     ("texture", 0.0, TEXTURE_KEPT_EDGE_SHARE),
-    ("mixed", TEXTURE_KEPT_EDGE_SHARE, 0.65),
-    ("edges", 0.65, float("inf")),
+    ("mixed", TEXTURE_KEPT_EDGE_SHARE, EDGES_KEPT_EDGE_SHARE),
+    ("edges", EDGES_KEPT_EDGE_SHARE, float("inf")),
 )
 
 
