@@ -75,6 +75,12 @@ class TrainingConfig:
     )
     loss_type: str = _option("l1", "l1 (the paper's choice) or l2", choices=("l1", "l2"))
     snr_gamma: Optional[float] = _option(None, "min-SNR-gamma loss weighting (e.g. 5.0); default off")
+    texture_loss_weight: float = _option(
+        0.0,
+        "add this times a phase-free texture loss (L1 between the local amplitude spectra of the predicted and the "
+        "true clean image), weighted per sample by alpha_bar; 0: off",
+    )
+    texture_loss_patch_size: int = _option(8, "patch side of --texture_loss_weight's local spectra")
     residual: Optional[bool] = _option(
         None,
         "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline; default: off "
@@ -254,6 +260,11 @@ class TrainingConfig:
             raise ValueError(f"residual_scale must be positive, got {self.residual_scale}")
         if self.task == "uncond" and self.condition_noise_max:
             raise ValueError("--condition_noise_max applies to super-resolution only")
+        if self.texture_loss_weight < 0 or self.texture_loss_patch_size < 2:
+            raise ValueError(
+                f"texture_loss_weight must not be negative ({self.texture_loss_weight:g}) and texture_loss_patch_size "
+                f"must be at least 2 ({self.texture_loss_patch_size})"
+            )
 
 
 def _argument_type(annotation: Any) -> tuple:

@@ -29,6 +29,7 @@ class NoisedBatch:
     noise_level: torch.Tensor  # (B,) sqrt(alpha_bar) of each sample, float32
     target: torch.Tensor
     condition_noise_level: Optional[torch.Tensor] = None  # (B,) for noise-conditioning augmentation
+    clean: Optional[torch.Tensor] = None  # the image that was noised (the scaled residual for residual training)
 
 
 def predict(unet: SR3UNet2DModel, batch: NoisedBatch) -> torch.Tensor:
@@ -109,7 +110,7 @@ def noise_batch(
     elif condition_noise_max > 0:
         raise ValueError("condition_noise_max needs a conditional model with condition_noise_embedding=True")
     network_input = noisy if condition is None else torch.cat([condition, noisy], dim=1)
-    return NoisedBatch(network_input, network_level, noise_level, target, condition_noise_level)
+    return NoisedBatch(network_input, network_level, noise_level, target, condition_noise_level, target_images)
 
 
 def measure_residual_scale(high_resolution: torch.Tensor, condition: torch.Tensor) -> float:
@@ -139,14 +140,56 @@ def min_snr_weights(noise_level: torch.Tensor, prediction_type: str, snr_gamma: 
     return weights.float()
 
 
+def predicted_clean(prediction: torch.Tensor, batch: NoisedBatch, prediction_type: str) -> torch.Tensor:
+    """The network's estimate of the clean image (x0) of a noised batch, whatever its prediction target."""
+    if prediction_type == "sample":
+        return prediction
+    level = batch.noise_level.view(-1, 1, 1, 1)
+    sigma = (1 - level**2).clamp(min=0).sqrt()
+    noisy = batch.network_input[:, -prediction.shape[1] :]
+    if prediction_type == "v_prediction":
+        return level * noisy - sigma * prediction
+    return (noisy - sigma * prediction) / level.clamp(min=1e-4)
+
+
+def local_amplitude_spectra(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """|FFT| of each non-overlapping `patch_size` patch but its mean (DC) term: `(B, C, H/p, W/p, p * (p/2 + 1) - 1)`.
+
+    The amplitudes say how much texture of each frequency a patch holds and nothing of where it lies (the phase).
+    """
+    height, width = images.shape[-2:]
+    images = images[..., : height - height % patch_size, : width - width % patch_size]
+    patches = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+    amplitudes = torch.fft.rfft2(patches.float(), norm="ortho").abs()
+    # The patch mean (the DC term) is where the texture sits, not texture: the main loss keeps it, signed.
+    return amplitudes.flatten(-2)[..., 1:]
+
+
+def texture_loss(estimate: torch.Tensor, clean: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
+    """Per-sample L1 between the local amplitude spectra of `estimate` and `clean` (see `local_amplitude_spectra`).
+
+    Where the noisy input leaves a texture's exact pixels uncertain, the regression target's optimum is their mean,
+    which is flat; this term is indifferent to where the texture's ripples lie and asks only for their energy.
+    """
+    error = local_amplitude_spectra(estimate, patch_size) - local_amplitude_spectra(clean, patch_size)
+    return error.abs().flatten(1).mean(dim=1)
+
+
 def diffusion_loss(
     prediction: torch.Tensor,
     batch: NoisedBatch,
     loss_type: str = "l1",
     snr_gamma: Optional[float] = None,
     prediction_type: str = "epsilon",
+    texture_weight: float = 0.0,
+    texture_patch_size: int = 8,
 ) -> torch.Tensor:
-    """Mean L1 (SR3's choice) or L2 between prediction and target, optionally min-SNR weighted per sample."""
+    """Mean L1 (SR3's choice) or L2 between prediction and target, optionally min-SNR weighted per sample.
+
+    `texture_weight` adds `texture_loss` on the predicted clean image, weighted per sample by alpha_bar (the share
+    of the noisy input that is signal), so that it acts where the input still shows the image and leaves the
+    noisiest levels, whose answer is the posterior mean that fidelity mode returns, to the regression.
+    """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     prediction = prediction.float()
@@ -156,4 +199,9 @@ def diffusion_loss(
     per_sample = error.flatten(1).mean(dim=1)
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(batch.noise_level, prediction_type, snr_gamma)
+    if texture_weight:
+        if batch.clean is None:
+            raise ValueError("the texture loss needs the clean images of the batch (NoisedBatch.clean)")
+        texture = texture_loss(predicted_clean(prediction, batch, prediction_type), batch.clean, texture_patch_size)
+        per_sample = per_sample + texture_weight * batch.noise_level**2 * texture
     return per_sample.mean()

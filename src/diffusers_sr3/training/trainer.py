@@ -615,7 +615,15 @@ class Trainer:
                 residual_scale=self.residual_scale,
             )
             prediction = predict(unet, noised)
-            loss = diffusion_loss(prediction, noised, config.loss_type, config.snr_gamma, config.prediction_type)
+            loss = diffusion_loss(
+                prediction,
+                noised,
+                config.loss_type,
+                config.snr_gamma,
+                config.prediction_type,
+                texture_weight=config.texture_loss_weight,
+                texture_patch_size=config.texture_loss_patch_size,
+            )
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
@@ -808,6 +816,7 @@ class Trainer:
                 "learning rate": f"{config.learning_rate:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
                 "loss": f"{config.loss_type}, {config.prediction_type} prediction"
                 + (f", min-SNR gamma {config.snr_gamma:g}" if config.snr_gamma else "")
+                + (f", texture loss x{config.texture_loss_weight:g}" if config.texture_loss_weight else "")
                 + (f", on the residual x {self.residual_scale:g}" if config.residual else ""),
                 "EMA": f"decay {config.ema_decay:g}" if config.use_ema else "no",
                 "mixed precision": accelerator.mixed_precision,
