@@ -51,6 +51,8 @@ def test_local_spectra_cover_whole_patches_and_drop_their_means():
     full = torch.fft.rfft2(patch, norm="ortho").abs() ** 2
     assert full.sum() - full[0, 0] < (patch - patch.mean()).pow(2).sum() + 1e-4  # rfft2 stores half the spectrum
     assert spectra[0, 0, 0, 0].pow(2).sum() == pytest.approx((full.sum() - full[0, 0]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="patches of 32 pixels do not fit in 20x17 images"):
+        local_amplitude_spectra(images, 32)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])

@@ -158,6 +158,8 @@ def local_amplitude_spectra(images: torch.Tensor, patch_size: int) -> torch.Tens
     The amplitudes say how much texture of each frequency a patch holds and nothing of where it lies (the phase).
     """
     height, width = images.shape[-2:]
+    if min(height, width) < patch_size:
+        raise ValueError(f"texture loss patches of {patch_size} pixels do not fit in {height}x{width} images")
     images = images[..., : height - height % patch_size, : width - width % patch_size]
     patches = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
     amplitudes = torch.fft.rfft2(patches.float(), norm="ortho").abs()
