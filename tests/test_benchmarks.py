@@ -218,6 +218,36 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
     assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table
 
 
+def test_compare_models_pictures_every_model_on_the_reports_crops(tmp_path, x0_model_dir, capsys):
+    from conftest import SAMPLES
+
+    from diffusers_sr3 import SR3Pipeline
+
+    other = SR3Pipeline.from_pretrained(x0_model_dir)
+    torch.manual_seed(1)
+    other.unet.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in other.unet.state_dict().items()})
+    other.save_pretrained(tmp_path / "other")
+    compare_models = load("compare_models")
+    figure = compare_models.main(
+        [
+            "--model", f"first={x0_model_dir}", "--model", str(tmp_path / "other"),
+            "--unseen", str(SAMPLES / "celebahq_16_128" / "hr_128"), "--unseen-crops", "3", "--crops", "4",
+            "--crop-size", "32", "--rows", "2", "--steps", "2", "--eta", "1", "--output", str(tmp_path / "c.png"),
+        ]
+    )  # fmt: skip
+    # bicubic | first | other | HR; 2 never-seen crops, 2 held-out crops and the flattest held-out crop.
+    assert figure.size == (4 * 3 * 32, 5 * 3 * 32) and PIL.Image.open(tmp_path / "c.png").size == figure.size
+    printed = capsys.readouterr().out
+    assert "bicubic | first | other | HR" in printed
+    lines = {line.split(":")[0].strip(): line for line in printed.splitlines() if "edge energy" in line}
+    assert set(lines) == {"bicubic", "first", "other", "HR"} and "edge energy 1.000" in lines["HR"]
+    assert lines["first"] != lines["other"]  # each model's own images
+    with pytest.raises(FileNotFoundError, match="not a saved pipeline"):
+        compare_models.main(["--model", f"x={tmp_path}", "--output", str(tmp_path / "d.png")])
+    with pytest.raises(ValueError, match="given twice"):
+        compare_models.named_models([f"a={x0_model_dir}", f"a={tmp_path / 'other'}"])
+
+
 @pytest.mark.slow
 def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     onnx = importlib.util.find_spec("onnxruntime") is not None

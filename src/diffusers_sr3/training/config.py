@@ -81,6 +81,14 @@ class TrainingConfig:
         "true clean image), weighted per sample by alpha_bar; 0: off",
     )
     texture_loss_patch_size: int = _option(8, "patch side of --texture_loss_weight's local spectra")
+    adversarial_loss_weight: float = _option(
+        0.0,
+        "add this times an adversarial (hinge) loss from a conditional patch discriminator that judges the predicted "
+        "clean image, weighted per sample by alpha_bar; 0: off",
+    )
+    discriminator_learning_rate: Optional[float] = _option(
+        None, "the discriminator's AdamW learning rate (constant; default: --learning_rate)"
+    )
     residual: Optional[bool] = _option(
         None,
         "diffuse the residual HR - bicubic upsample instead of the image (stored in the saved pipeline; default: off "
@@ -265,6 +273,12 @@ class TrainingConfig:
                 f"texture_loss_weight must not be negative ({self.texture_loss_weight:g}) and texture_loss_patch_size "
                 f"must be at least 2 ({self.texture_loss_patch_size})"
             )
+        if self.adversarial_loss_weight < 0:
+            raise ValueError(f"adversarial_loss_weight must not be negative, got {self.adversarial_loss_weight:g}")
+        if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
+            raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate:g}")
+        if self.discriminator_learning_rate is not None and not self.adversarial_loss_weight:
+            raise ValueError("--discriminator_learning_rate applies with --adversarial_loss_weight only")
 
 
 def _argument_type(annotation: Any) -> tuple:

@@ -29,6 +29,7 @@ from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, swap_scheduler, training_betas
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
+from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
     finish_checkpoint,
     list_checkpoints,
@@ -39,7 +40,7 @@ from .checkpointing import (
 )
 from .config import TrainingConfig, training_command
 from .hub import push_folder
-from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict
+from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict, predicted_clean
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,13 @@ class _LoopState:
     train_seconds: float = 0.0
     out_of_time: bool = False  # stopped by `max_train_minutes` before `max_train_steps`
     skipped_total: int = 0
+    discriminator: Any = None  # with --adversarial_loss_weight: prepared like the unet, checkpointed, never saved
+    discriminator_optimizer: Any = None
+    recent_discriminator_losses: List[float] = dataclasses.field(default_factory=list)
 
+
+# accelerate's name for the second optimizer of a checkpoint: the discriminator's, when one was trained.
+DISCRIMINATOR_OPTIMIZER_FILE = "optimizer_1.bin"
 
 # What a new model trains with when the options leave the objective unset.
 NEW_MODEL_OBJECTIVE = dict(residual=False, prediction_type="epsilon", condition_noise_level=0.0)
@@ -486,6 +493,18 @@ class Trainer:
             num_training_steps=max_train_steps * accelerator.num_processes,
         )
         unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+        discriminator = discriminator_optimizer = None
+        if config.adversarial_loss_weight:
+            # Prepared after the unet, so it is accelerate's second model and optimizer in every checkpoint.
+            self.discriminator = PatchDiscriminator(model.config.in_channels).to(accelerator.device)
+            discriminator_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(),
+                lr=config.discriminator_learning_rate or learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                weight_decay=0.0,
+                eps=config.adam_epsilon,
+            )
+            discriminator, discriminator_optimizer = accelerator.prepare(self.discriminator, discriminator_optimizer)
 
         ema = None
         if config.use_ema:
@@ -505,7 +524,18 @@ class Trainer:
             ema.to(accelerator.device)
         total_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         betas = training_betas(setup.scheduler)
-        return _LoopState(unet, optimizer, dataloader, lr_scheduler, ema, max_train_steps, total_batch, betas)
+        return _LoopState(
+            unet,
+            optimizer,
+            dataloader,
+            lr_scheduler,
+            ema,
+            max_train_steps,
+            total_batch,
+            betas,
+            discriminator=discriminator,
+            discriminator_optimizer=discriminator_optimizer,
+        )
 
     def _resume(self, loop: _LoopState) -> None:
         """Load the accelerator state, EMA and position of `--resume_from_checkpoint`, if there is one."""
@@ -516,6 +546,14 @@ class Trainer:
         if loop.resumed_from is None:
             logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
             return
+        saved_discriminator = os.path.isfile(os.path.join(loop.resumed_from, DISCRIMINATOR_OPTIMIZER_FILE))
+        if saved_discriminator != (loop.discriminator is not None):
+            raise ValueError(
+                f"{loop.resumed_from} was saved {'with' if saved_discriminator else 'without'} a discriminator: "
+                "resume it with "
+                + ("a positive --adversarial_loss_weight" if saved_discriminator else "--adversarial_loss_weight 0")
+                + ", or fine-tune its weights with --pretrained_model_name_or_path instead"
+            )
         self.accelerator.load_state(loop.resumed_from)
         state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
         loop.global_step, loop.epoch = state["global_step"], state["epoch"]
@@ -601,8 +639,8 @@ class Trainer:
     def _train_step(self, loop: _LoopState, batch: Dict[str, Any]) -> float:
         """One micro-batch: noise it, predict, take the loss and (when the accumulation syncs) an optimizer step."""
         config, accelerator, memory_format = self.config, self.accelerator, self.memory_format
-        unet = loop.unet
-        with accelerator.accumulate(unet):
+        unet, discriminator = loop.unet, loop.discriminator
+        with accelerator.accumulate(*([unet] if discriminator is None else [unet, discriminator])):
             noised = noise_batch(
                 self.model,
                 loop.betas,
@@ -624,12 +662,27 @@ class Trainer:
                 texture_weight=config.texture_loss_weight,
                 texture_patch_size=config.texture_loss_patch_size,
             )
+            if discriminator is not None:
+                estimate = predicted_clean(prediction.float(), noised, config.prediction_type)
+                # The unwrapped discriminator, frozen: this term trains the network only (and DDP sees no
+                # discriminator forward whose gradients never come).
+                self.discriminator.requires_grad_(False)
+                adversarial = generator_adversarial_loss(self.discriminator, estimate, noised).mean()
+                self.discriminator.requires_grad_(True)
+                loss = loss + config.adversarial_loss_weight * adversarial
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
             loop.optimizer.step()
             loop.lr_scheduler.step()
             loop.optimizer.zero_grad(set_to_none=True)
+            if discriminator is not None:
+                judge_loss = discriminator_loss(discriminator, estimate, noised)
+                accelerator.backward(judge_loss)
+                loop.discriminator_optimizer.step()
+                loop.discriminator_optimizer.zero_grad(set_to_none=True)
+                judged = accelerator.gather(judge_loss.detach()).mean().item()
+                loop.recent_discriminator_losses = (loop.recent_discriminator_losses + [judged])[-100:]
         step_loss = accelerator.gather(loss.detach()).mean().item()
         loop.recent_losses = (loop.recent_losses + [step_loss])[-100:]
         return step_loss
@@ -648,6 +701,8 @@ class Trainer:
         logs = {"train/loss": step_loss, "train/lr": last_lr}
         if loop.ema is not None:
             logs["train/ema_decay"] = loop.ema.cur_decay_value
+        if loop.recent_discriminator_losses:
+            logs["train/discriminator_loss"] = loop.recent_discriminator_losses[-1]
         accelerator.log(logs, step=loop.global_step)
         if config.checkpointing_steps and loop.global_step % config.checkpointing_steps == 0:
             self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
@@ -817,6 +872,7 @@ class Trainer:
                 "loss": f"{config.loss_type}, {config.prediction_type} prediction"
                 + (f", min-SNR gamma {config.snr_gamma:g}" if config.snr_gamma else "")
                 + (f", texture loss x{config.texture_loss_weight:g}" if config.texture_loss_weight else "")
+                + (f", adversarial loss x{config.adversarial_loss_weight:g}" if config.adversarial_loss_weight else "")
                 + (f", on the residual x {self.residual_scale:g}" if config.residual else ""),
                 "EMA": f"decay {config.ema_decay:g}" if config.use_ema else "no",
                 "mixed precision": accelerator.mixed_precision,
