@@ -41,6 +41,9 @@ RECORDER = textwrap.dedent(
     def recorded_run(self):
         result = run(self)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if getattr(self, "discriminator", None) is not None:
+            weights.update({"discriminator." + k: v.detach().cpu().contiguous()
+                            for k, v in self.discriminator.state_dict().items()})
         save_file(weights, os.path.join(record_dir, f"weights-rank{rank}.safetensors"))
         info = dict(
             num_processes=self.num_processes,
@@ -62,7 +65,8 @@ RECORDER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path):
+@pytest.mark.parametrize("adversarial_loss_weight", [0.0, 0.5])
+def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     data = make_image_folder(str(tmp_path / "images"), count=8, bad=False)
     output = tmp_path / "out"
     records = tmp_path / "records"
@@ -72,6 +76,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     options = fast_options(
         output, train_data_dir=data, max_train_steps=3, checkpointing_steps=2, use_ema=True, validation_steps=2
     )
+    if adversarial_loss_weight:
+        options.update(residual=True, prediction_type="sample", adversarial_loss_weight=adversarial_loss_weight)
     command = [
         sys.executable,
         "-m",
@@ -103,8 +109,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert info[0]["pid"] != info[1]["pid"]
     # Each process draws its own noise (same seed everywhere would train on duplicated noise).
     assert info[0]["torch_seed"] != info[1]["torch_seed"]
-    # Both ranks end with identical weights.
+    # Both ranks end with identical weights (and, when trained, identical discriminators).
     first, second = (load_file(str(records / f"weights-rank{rank}.safetensors")) for rank in (0, 1))
+    assert any(name.startswith("discriminator.") for name in first) == bool(adversarial_loss_weight)
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
     # Only the main process writes the pipeline, the model card and the checkpoint folders.
