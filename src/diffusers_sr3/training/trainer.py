@@ -101,7 +101,7 @@ class _LoopState:
     skipped_total: int = 0
     discriminator: Any = None  # with --adversarial_loss_weight: prepared like the unet, checkpointed, never saved
     discriminator_optimizer: Any = None
-    recent_discriminator_losses: List[float] = dataclasses.field(default_factory=list)
+    last_discriminator_loss: Optional[float] = None
 
 
 # accelerate's name for the second optimizer of a checkpoint: the discriminator's, when one was trained.
@@ -681,8 +681,7 @@ class Trainer:
                 accelerator.backward(judge_loss)
                 loop.discriminator_optimizer.step()
                 loop.discriminator_optimizer.zero_grad(set_to_none=True)
-                judged = accelerator.gather(judge_loss.detach()).mean().item()
-                loop.recent_discriminator_losses = (loop.recent_discriminator_losses + [judged])[-100:]
+                loop.last_discriminator_loss = accelerator.gather(judge_loss.detach()).mean().item()
         step_loss = accelerator.gather(loss.detach()).mean().item()
         loop.recent_losses = (loop.recent_losses + [step_loss])[-100:]
         return step_loss
@@ -701,8 +700,8 @@ class Trainer:
         logs = {"train/loss": step_loss, "train/lr": last_lr}
         if loop.ema is not None:
             logs["train/ema_decay"] = loop.ema.cur_decay_value
-        if loop.recent_discriminator_losses:
-            logs["train/discriminator_loss"] = loop.recent_discriminator_losses[-1]
+        if loop.last_discriminator_loss is not None:
+            logs["train/discriminator_loss"] = loop.last_discriminator_loss
         accelerator.log(logs, step=loop.global_step)
         if config.checkpointing_steps and loop.global_step % config.checkpointing_steps == 0:
             self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
