@@ -186,6 +186,20 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     assert options == [{}, {}, {}, DEFAULT_DETAIL_OPTIONS, {}]
 
 
+def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)
+    out = tmp_path / "out"
+    assert main(["upscale", str(photo), "--output", str(out), "--scheduler", "euler_ancestral"]) == 2
+    assert "cannot sample a model that predicts 'sample'" in capsys.readouterr().err
+    assert not out.exists()
+    for steps in ("0", "-3", "ten"):
+        with pytest.raises(SystemExit) as stopped:  # argparse's usage error
+            main(["upscale", str(photo), "--output", str(out), "--steps", steps])
+        assert stopped.value.code == 2 and "argument --steps" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, tmp_path, capsys, monkeypatch):
     from diffusers_sr3.commands import upscale
 

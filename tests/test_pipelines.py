@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.noise import swap_scheduler
+from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 
 STEPS = 3
 
@@ -113,6 +113,21 @@ def test_schedulers_swap_with_from_config(tiny_pipeline, name):
     tiny_pipeline.scheduler = swap_scheduler(tiny_pipeline.scheduler, name)
     result = run(tiny_pipeline, PIL.Image.new("RGB", (8, 8), "pink"), num_inference_steps=4, output_type="np")
     assert result.images.shape == (1, 32, 32, 3) and np.isfinite(result.images).all()
+
+
+def test_a_scheduler_that_cannot_sample_the_prediction_type_is_refused_before_any_evaluation(tiny_pipeline):
+    clean_image = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    refused = "EulerAncestralDiscreteScheduler cannot sample a model that predicts 'sample'"
+    with pytest.raises(ValueError, match=refused):
+        swap_scheduler(clean_image, "euler_ancestral")
+    assert swap_scheduler(clean_image, "euler").config.prediction_type == "sample"
+    # Assigned directly, as Diffusers users do: refused by the pipeline before the network runs.
+    tiny_pipeline.scheduler = SCHEDULERS["euler_ancestral"].from_config(clean_image.config)
+    evaluations = []
+    tiny_pipeline.unet.register_forward_hook(lambda *_: evaluations.append(1))
+    with pytest.raises(ValueError, match="pick another scheduler"):
+        run(tiny_pipeline, PIL.Image.new("RGB", (8, 8)), mode="detail")
+    assert evaluations == []
 
 
 def test_bad_arguments_are_named(tiny_pipeline, tiny_unet):

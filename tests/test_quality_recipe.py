@@ -183,16 +183,26 @@ class RecordingNetwork(ConstantNetwork):
 
 
 @pytest.mark.parametrize(
-    "mode, steps, strength",
-    [("fidelity", None, 1.0), ("fidelity", 6, 1.0), ("detail", 5, 1.0), ("detail", 10, 0.3), ("detail", 10, 0.05)],
+    "mode, steps, strength, scheduler",
+    [
+        ("fidelity", None, 1.0, "ddim"),
+        ("fidelity", 6, 1.0, "ddim"),
+        ("detail", 5, 1.0, "ddim"),
+        ("detail", 10, 0.3, "ddim"),
+        ("detail", 10, 0.05, "ddim"),
+        ("detail", 5, 1.0, "heun"),  # second order: most steps evaluate twice
+        ("detail", 10, 0.3, "heun"),
+    ],
 )
-def test_evaluations_per_crop_counts_the_network_calls(mode, steps, strength):
-    pipeline, _ = residual_pipeline(value=0.6)
+def test_evaluations_per_crop_counts_the_network_calls(mode, steps, strength, scheduler):
+    pipeline, _ = residual_pipeline(value=0.6, scheduler=scheduler)
     network = RecordingNetwork(pipeline.unet.inner, 0.6)
     vars(pipeline)["unet"] = network
     options = {} if mode == "fidelity" else {"strength": strength}
     pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=steps, mode=mode, output_type="pt", **options)
-    assert len(network.levels) == evaluations_per_crop(mode, steps, strength)
+    assert len(network.levels) == evaluations_per_crop(mode, steps, strength, pipeline.scheduler)
+    if scheduler == "ddim":
+        assert len(network.levels) == evaluations_per_crop(mode, steps, strength)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])

@@ -166,10 +166,47 @@ def make_scheduler(
 
 
 def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any) -> SchedulerMixin:
-    """A scheduler of another kind (a `SCHEDULERS` key) on the same training schedule as `scheduler`."""
+    """A scheduler of another kind (a `SCHEDULERS` key) on the same training schedule as `scheduler`.
+
+    Raises:
+        ValueError: for an unknown name, or a scheduler that cannot sample the model's prediction type (see
+            [`check_scheduler_fits`]).
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
+    swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
+    check_scheduler_fits(swapped)
+    return swapped
+
+
+# (scheduler class, settings) pairs that `check_scheduler_fits` has seen take a step.
+_FITTING_SCHEDULERS: set = set()
+
+
+def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
+    """Refuse a scheduler that cannot turn the network's output (its config's `prediction_type`) into a step.
+
+    Some Diffusers schedulers support only some prediction types (Euler ancestral has no `sample`, the clean image
+    SR3's photo models predict) and say so only inside `step`, after the network's first evaluation. One step of a
+    copy on a single pixel finds out up front, whatever the installed Diffusers supports. Remembered per scheduler
+    class and settings (the betas aside): the tiled upscaler samples many times with one scheduler.
+    """
+    settings = (type(scheduler), repr(sorted((k, v) for k, v in scheduler.config.items() if k != "trained_betas")))
+    if settings in _FITTING_SCHEDULERS:
+        return
+    trial = type(scheduler).from_config(scheduler.config)
+    trial.set_timesteps(2)
+    pixel = torch.zeros(1, 1, 1, 1)
+    timestep = trial.timesteps[0]
+    try:
+        trial.step(pixel, timestep, trial.scale_model_input(pixel, timestep))
+    except NotImplementedError as error:
+        prediction_type = scheduler.config.get("prediction_type")
+        raise ValueError(
+            f"{type(scheduler).__name__} cannot sample a model that predicts {prediction_type!r} (Diffusers: "
+            f"{error}); pick another scheduler, e.g. ddim, ddpm, dpmsolver, unipc or euler"
+        ) from None
+    _FITTING_SCHEDULERS.add(settings)
 
 
 def _levels(scheduler: SchedulerMixin, timesteps: torch.Tensor, step_indices: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,17 @@ DTYPES = {
 }
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a step count of 0 would silently mean the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
     """--model (required unless `default_model` names a fallback), --scheduler, --steps, --seed, --device, --dtype."""
     if default_model:
@@ -30,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the saved one")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=at_least_one,
         default=None,
         help="refinement steps (default: 50; 10 with the packaged model and its sampler)",
     )

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
         if packaged and not args.scheduler:
             detail_options = {**DEFAULT_DETAIL_OPTIONS, **detail_options}
-    evaluations = evaluations_per_crop(mode, steps, detail_options.get("strength", 1.0))
+    evaluations = evaluations_per_crop(mode, steps, detail_options.get("strength", 1.0), pipeline.scheduler)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,

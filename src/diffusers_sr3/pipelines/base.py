@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..noise import network_inputs_for_schedule
+from ..noise import check_scheduler_fits, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
@@ -231,6 +231,7 @@ class SR3BasePipeline(DiffusionPipeline):
         channels_last = conv_in is not None and not conv_in.weight.is_contiguous()
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scheduler = self.scheduler if scheduler is None else scheduler
+        check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
         scheduler.set_timesteps(num_inference_steps, device=device)
         # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
         signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)

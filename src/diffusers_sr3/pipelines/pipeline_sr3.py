@@ -24,16 +24,30 @@ _MIRRORS = ((), (-1,), (-2,), (-2, -1))
 SELF_ENSEMBLE_SIZE = 2 * len(_MIRRORS)
 
 
-def evaluations_per_crop(mode: str, num_inference_steps: Optional[int] = None, strength: float = 1.0) -> int:
-    """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments (first-order schedulers).
+def evaluations_per_crop(
+    mode: str,
+    num_inference_steps: Optional[int] = None,
+    strength: float = 1.0,
+    scheduler: Optional[SchedulerMixin] = None,
+) -> int:
+    """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments.
 
     Fidelity mode runs its steps; detail mode runs its steps from noise, or below strength 1 the fidelity answer's
-    `FIDELITY_STEPS` and then the last `strength` of its steps. Progress bars and time estimates count with it.
+    `FIDELITY_STEPS` and then the last `strength` of its steps. Detail mode counts the timesteps that `scheduler`
+    (the pipeline's) lists, one evaluation each: a second-order scheduler (Heun) lists most steps twice. Without a
+    scheduler, one evaluation per step. Progress bars and time estimates count with it.
     """
     if mode == "fidelity":
         return FIDELITY_STEPS if num_inference_steps is None else num_inference_steps
     steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
-    return steps if strength >= 1 else FIDELITY_STEPS + steps_to_run(steps, strength)
+    listed, order = steps, 1
+    if scheduler is not None:
+        trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
+        trial.set_timesteps(steps)
+        listed, order = len(trial.timesteps), scheduler.order
+    if strength >= 1:
+        return listed
+    return FIDELITY_STEPS + listed - (steps - steps_to_run(steps, strength)) * order
 
 
 EXAMPLE_DOC_STRING = """
