@@ -23,6 +23,7 @@ import pathlib
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import PIL.Image
 import torch
 
@@ -80,7 +81,7 @@ def super_resolve(
     for start in range(0, lr.shape[0], args.batch_size):
         batch = (lr[start : start + args.batch_size] + 1) / 2
         with use_backend(pipeline, args.backend):
-            outputs.append(tiled_super_resolve(pipeline, batch, **options).images * 2 - 1)
+            outputs.append(tiled_super_resolve(pipeline, batch, **options).images.cpu() * 2 - 1)
     return torch.cat(outputs)
 
 
@@ -227,6 +228,20 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUTS = "outputs.npz"
+
+
+def save_outputs(sets: Dict[str, Dict[str, Any]], path: str) -> None:
+    """Every set's HR and outputs as uint8 arrays, keyed `<set>/<method>` and `<set>/HR`, so FID can be computed on
+    another machine (the Inception network need not be where the model runs)."""
+    arrays = {}
+    for name, evaluated in sets.items():
+        _, outputs, hr = evaluated["tensors"]
+        for method, images in {**outputs, "HR": hr}.items():
+            arrays[f"{name}/{method}"] = quantize(images).to(torch.uint8).numpy()
+    np.savez_compressed(path, **arrays)
+
+
 def unseen_crops(folder: str, size: int, count: int, seed: int) -> torch.Tensor:
     """Random crops of photos the project never trained or validated on (e.g. pyiqa's reference BMPs)."""
     paths = sorted(path for path in pathlib.Path(folder).iterdir() if path.suffix.lower() in (".bmp", ".png", ".jpg"))
@@ -264,11 +279,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--no-fid", action="store_true", help="skip FID (it needs the [fid] extra)")
     parser.add_argument("--magnify", type=int, default=3, help="nearest-neighbour magnification of the pictures")
     parser.add_argument("--output", required=True, help="folder for report.json, report.md, evaluation.png")
+    parser.add_argument("--device", default="cpu", help="where the network runs (cuda on a GPU machine)")
+    parser.add_argument(
+        "--save-outputs",
+        action="store_true",
+        help=f"also write every set's HR and outputs, 8-bit, to {OUTPUTS} (FID elsewhere: gpu_quality.py --fid-of)",
+    )
     parser.add_argument("--write-card", action="store_true", help="also write README.md into the model folder")
     parser.add_argument("--training-command", default=None, help="the command that trained the model (card)")
     args = parser.parse_args(argv)
 
-    pipeline = SR3Pipeline.from_pretrained(args.model)
+    pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
     crops, heldout_paths = heldout_crops(
         args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
@@ -298,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     table = markdown(report)
     with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
+    if args.save_outputs:
+        save_outputs(sets, os.path.join(args.output, OUTPUTS))
     figure = picture(sets, rows_per_set=3, magnify=args.magnify)
     figure.save(os.path.join(args.output, "evaluation.png"))
     print(table)

@@ -3,17 +3,21 @@
     python benchmarks/samplers.py --output benchmarks/results/samplers     # the packaged model, default entries
     python benchmarks/samplers.py --model my-model --entries ddpm:2000 ddim:25 unipc:10 --crops 64 --fid
     python benchmarks/samplers.py --entries fidelity:4 ddim:10 ddim:10:eta=1 ddim:25:eta=1 --crops 256 --fid
+    python benchmarks/samplers.py --photos pyiqa_ref_dir/ --entries fidelity:4 ddim:10:eta=1 ddim:50:eta=1 --fid
 
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
-the split the packaged model and `benchmarks/convergence.py` use) with each
+the split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of
+photos never trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
 `scheduler:steps[:eta=E][:temperature=T][:strength=S]` entry on the model's training schedule (or `fidelity:steps`:
 the pipeline's fidelity mode), all from the same seed,
-and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR, FID (with --fid; few images make it
-only indicative) and the wall time per image. The first entry
+and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture
+crops, where bicubic keeps under 45% of the HR's edge energy), FID (with --fid; few images make it only indicative)
+and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
 the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
-ties. Writes samplers.json and samplers.md to --output.
+ties. Writes samplers.json, samplers.md and samplers.png (bicubic | each entry | HR on the most detailed texture crops
+and the flattest crop, magnified) to --output.
 """
 
 from __future__ import annotations
@@ -21,15 +25,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import PIL.Image
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_report  # noqa: E402  (a sibling script: its never-seen crops)
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
-from diffusers_sr3.image_processing import degrade
-from diffusers_sr3.metrics import frechet_inception_distance, image_quality, quantize
+from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
+from diffusers_sr3.metrics import (
+    TEXTURE_KEPT_EDGE_SHARE,
+    edge_energy,
+    frechet_inception_distance,
+    image_quality,
+    kept_edge_share,
+    quantize,
+)
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 from diffusers_sr3.photos import heldout_crops
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
@@ -131,14 +147,16 @@ def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
 def markdown(report: Dict[str, Any]) -> str:
     has_fid = "fid" in report["rows"][0]
     lines = [
-        f"Model: {report['model']}. {report['images']} held-out crops of {report['size']}px, seed {report['seed']}, "
+        f"Model: {report['model']}. {report['images']} crops of {report['size']}px of {report['photos']}, seed "
+        f"{report['seed']}, "
         f"{report['machine']}. Reference: {report['rows'][0]['entry']}; equal quality = PSNR within "
         f"{PSNR_TOLERANCE_DB} dB and SSIM within {SSIM_TOLERANCE} of it.",
         "",
-        "| sampler | steps | PSNR | SSIM | consistency (x1e-5) | colour err R/G/B (/255) | edges / HR |"
+        "| sampler | steps | PSNR | SSIM | consistency (x1e-5) | colour err R/G/B (/255) | edges / HR "
+        f"| texture edges / HR ({report['texture_crops']} crops) |"
         + (" FID |" if has_fid else "")
         + " s / image | speed-up | equal quality |",
-        "|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
     ]
     for row in report["rows"] + [dict(report["bicubic"], entry="bicubic:-")]:
         name, steps, *options = row["entry"].split(":")
@@ -152,6 +170,7 @@ def markdown(report: Dict[str, Any]) -> str:
             f"{row['consistency'] * 1e5:.2f}",
             colour,
             f"{row['edge_ratio']:.3f}",
+            f"{row['texture_edge_ratio']:.3f}" if row["texture_edge_ratio"] is not None else "-",
         ]
         cells += [f"{row['fid']:.1f}"] if has_fid else []
         if "seconds_per_image" in row:
@@ -164,11 +183,27 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def picture(columns: List[torch.Tensor], texture: torch.Tensor, magnify: int) -> PIL.Image.Image:
+    """bicubic | each entry | HR, magnified with nearest neighbour: the 4 most detailed texture crops (where samplers
+    differ most) and the flattest crop (where grain would show)."""
+    hr = columns[-1]
+    detail = hr.flatten(1).std(dim=1)
+    texture_indices = texture.nonzero().flatten()
+    rows = texture_indices[detail[texture_indices].argsort(descending=True)[:4]].tolist() + [int(detail.argmin())]
+    size = (hr.shape[-1] * magnify, hr.shape[-2] * magnify)
+    return grid(
+        [[tensor_to_pil(column[i : i + 1])[0].resize(size, PIL.Image.NEAREST) for column in columns] for i in rows]
+    )
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="SR3Pipeline folder (default: the packaged model)")
     parser.add_argument("--entries", nargs="+", default=list(DEFAULT_ENTRIES), help="scheduler:steps, reference first")
-    parser.add_argument("--crops", type=int, default=8, help="held-out photo crops")
+    parser.add_argument("--crops", type=int, default=8, help="photo crops")
+    parser.add_argument(
+        "--photos", default=None, help="a folder of photos never trained on, instead of the held-out photos"
+    )
     parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size")
     parser.add_argument("--heldout", type=float, default=0.25, help="fraction of whole photos held out")
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
@@ -178,7 +213,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--backend", default="torch", choices=BACKENDS, help="as `sr3 upscale --backend` (default: float32)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="benchmarks/results/samplers", help="folder for samplers.json and .md")
+    parser.add_argument("--magnify", type=int, default=3, help="nearest-neighbour magnification of samplers.png")
+    parser.add_argument(
+        "--output", default="benchmarks/results/samplers", help="folder for samplers.json, .md and .png"
+    )
     args = parser.parse_args(argv)
     try:
         args.parsed_entries = [parse_entry(entry) for entry in args.entries]
@@ -194,8 +232,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model = args.model or default_model_path()
     pipeline = SR3Pipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
-    hr, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
+    if args.photos:
+        hr = model_report.unseen_crops(args.photos, args.crop_size, args.crops, args.seed + 2)
+    else:
+        hr, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
     lr, bicubic = degrade(hr, pipeline.config.upscale_factor)
+    texture = kept_edge_share(hr, pipeline.config.upscale_factor) < TEXTURE_KEPT_EDGE_SHARE
+    texture_hr_edges = edge_energy(quantize(hr[texture])).sum()
     fid = frechet_inception_distance() if args.fid else None
     if fid is not None:
         fid.update(quantize(hr), real=True)
@@ -203,6 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     def quality(images: torch.Tensor) -> Dict[str, Any]:
         values = image_quality(images, hr, lr)
+        # Where the detail is finer than the input's pixels: how much of it a sampler restores.
+        values["texture_edge_ratio"] = (
+            float(edge_energy(quantize(images[texture])).sum() / texture_hr_edges) if texture.any() else None
+        )
         if fid is not None:
             fid.reset()
             fid.update(quantize(images), real=False)
@@ -211,15 +258,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     saved = pipeline.scheduler
     rows = []
+    pictured = [bicubic]
     for entry, (scheduler, steps, options) in zip(args.entries, args.parsed_entries):
         sr, seconds, evaluations = sample(
             pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed, options, args.backend
         )
         rows.append(dict(entry=entry, evaluations=evaluations, seconds_per_image=seconds, **quality(sr)))
+        pictured.append(sr)
         print(json.dumps(rows[-1]), flush=True)
     report = dict(
         model=str(model),
+        photos=args.photos or "held-out photos",
         images=hr.shape[0],
+        texture_crops=int(texture.sum()),
         size=args.crop_size,
         seed=args.seed,
         machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, backend {args.backend}",
@@ -233,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     table = markdown(report)
     with open(os.path.join(args.output, "samplers.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
+    picture(pictured + [hr], texture, args.magnify).save(os.path.join(args.output, "samplers.png"))
     print(table)
     return report
 

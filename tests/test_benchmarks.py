@@ -189,6 +189,31 @@ def test_sampler_study_runs_every_entry(tmp_path, tiny_pipeline):
     assert "| ddim | 2 |" in table and "| bicubic | - |" in table and "Recommended:" in table
 
 
+def test_sampler_study_on_a_folder_of_photos_reports_texture_crops(tmp_path, tiny_pipeline):
+    """--photos: crops of photos never trained on, with the edge energy of the texture crops on its own."""
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)  # detail finer than any LR pixel: texture
+    PIL.Image.fromarray(noise).save(photos / "grain.png")
+    ramp = np.broadcast_to(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (96, 96, 3))
+    PIL.Image.fromarray(np.ascontiguousarray(ramp)).save(photos / "ramp.bmp")
+    report = load("samplers").main(
+        ["--model", str(tmp_path / "model"), "--photos", str(photos), "--entries", "ddim:2", "--crops", "6"]
+        + ["--crop-size", "32", "--output", str(tmp_path / "out")]
+    )
+    assert report["photos"] == str(photos) and report["images"] == 6
+    assert 0 < report["texture_crops"] < 6  # the grain's crops, not the ramp's
+    assert all(row["texture_edge_ratio"] > 0 for row in report["rows"])
+    # Each texture crop's bicubic keeps under 45% of its HR's edge energy, so their sum does too.
+    assert 0 < report["bicubic"]["texture_edge_ratio"] < 0.45
+    assert f"texture edges / HR ({report['texture_crops']} crops)" in (tmp_path / "out" / "samplers.md").read_text()
+    # bicubic | the entry | HR, magnified x3: the texture crops (at most 4) and the flattest crop.
+    rows = min(report["texture_crops"], 4) + 1
+    assert PIL.Image.open(tmp_path / "out" / "samplers.png").size == (3 * 96, rows * 96)
+
+
 @pytest.fixture
 def x0_model_dir(tmp_path, tiny_unet):
     """A tiny residual pipeline that predicts the clean image (fidelity mode needs one), saved to a folder."""
@@ -307,6 +332,35 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
     assert [row["mode"] for row in report["upscale"]] == ["fidelity", "detail"]
     assert all(row["passed"] and row["output"] == "32x32" for row in report["upscale"])
     assert "GPU readiness check on cpu" in (tmp_path / "report" / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu(tmp_path):
+    """The device call's whole path, tiny: tiles, a wider network trained, packaged, evaluated, outputs saved; then
+    FID of the returned outputs here."""
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(unseen / f"photo{index}.png")
+    out = tmp_path / "out"
+    gpu_quality = load("gpu_quality")
+    report = gpu_quality.main(
+        ["--output", str(out), "--width", "32", "--max-steps", "2", "--batch-size", "2", "--workers", "0"]
+        + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3"]
+    )
+    assert report["training"]["width"] == 32 and report["training"]["steps"] == 2
+    assert set(report["sets"]) == {"held-out photos", "never-seen photos"}
+    assert report["sets"]["never-seen photos"]["images"] == 3
+    assert {path.name for path in out.iterdir()} == {"report.json", "report.md", "evaluation.png", "outputs.npz"}
+    saved = np.load(out / "outputs.npz")
+    methods = ["bicubic", "SR3 fidelity", "SR3 detail", "HR"]
+    assert sorted(saved.files) == sorted(f"{name}/{method}" for name in report["sets"] for method in methods)
+    assert saved["never-seen photos/HR"].shape == (3, 3, 64, 64) and saved["never-seen photos/HR"].dtype == np.uint8
+    table = gpu_quality.main(["--fid-of", str(out / "outputs.npz"), "--output", str(tmp_path / "here")])
+    assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
+    returned = json.loads((out / "report.json").read_text())
+    assert json.loads((tmp_path / "here" / "report.json").read_text()) == dict(returned, fid=table)
 
 
 def test_training_throughput_times_every_network_and_precision(tmp_path):
