@@ -186,6 +186,32 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     assert options == [{}, {}, {}, DEFAULT_DETAIL_OPTIONS, {}]
 
 
+def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = np.tile(np.linspace(0, 255, 8).round().astype(np.uint8), (8, 1))  # transparent left, opaque right
+    PIL.Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "logo.png")
+    options = ["--model", str(model_dir), "--steps", "1"]
+    assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.png")] + options) == 0
+    result = PIL.Image.open(tmp_path / "logo_sr.png")
+    expected = PIL.Image.fromarray(alpha).resize((32, 32), PIL.Image.BICUBIC)
+    assert result.mode == "RGBA" and np.array_equal(np.asarray(result.getchannel("A")), np.asarray(expected))
+    # The colours are the network's answer for the RGB alone: as without transparency.
+    PIL.Image.fromarray(rgb).save(tmp_path / "opaque.png")
+    assert main(["upscale", str(tmp_path / "opaque.png"), "--output", str(tmp_path / "opaque_sr.png")] + options) == 0
+    opaque = PIL.Image.open(tmp_path / "opaque_sr.png")
+    assert opaque.mode == "RGB" and np.array_equal(np.asarray(result.convert("RGB")), np.asarray(opaque))
+    # JPEG has no transparency: RGB, as before. A palette PNG's transparent index is transparency too.
+    assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.jpg")] + options) == 0
+    assert PIL.Image.open(tmp_path / "logo_sr.jpg").mode == "RGB"
+    palette = PIL.Image.fromarray(np.repeat(np.array([[0] * 4 + [1] * 4], dtype=np.uint8), 8, axis=0), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.save(tmp_path / "sticker.png", transparency=0)  # index 0, the left half, is transparent
+    assert main(["upscale", str(tmp_path / "sticker.png"), "--output", str(tmp_path / "s.png")] + options) == 0
+    kept = np.asarray(PIL.Image.open(tmp_path / "s.png").getchannel("A"))
+    assert (kept[:, :12] == 0).all() and (kept[:, 20:] == 255).all()
+
+
 def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)

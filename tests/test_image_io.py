@@ -5,6 +5,7 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from diffusers_sr3.cli import main
 from diffusers_sr3.data import build_training_data
@@ -65,6 +66,39 @@ def test_open_image_converts_to_rgb_and_names_the_file_in_errors(tmp_path):
     with pytest.raises(ImageTooLargeError, match="64x64 = 4,096 pixels") as caught:
         open_image(tmp_path / "whole.png", max_pixels=4000)
     assert caught.value.size == (64, 64)
+
+
+def test_16_bit_and_float_images_keep_their_brightness_everywhere(tmp_path, tiny_pipeline):
+    """PIL's convert("RGB") clips 16-bit gray at 255 (a scanner's 16-bit PNG came out white): every reader scales."""
+    from diffusers_sr3.image_processing import images_to_tensor
+    from diffusers_sr3.metrics import to_uint8_rgb
+
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).round().astype(np.uint16)
+    PIL.Image.fromarray(ramp).save(tmp_path / "scan16.png")
+    PIL.Image.fromarray(ramp).save(tmp_path / "scan16.tif")
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    for name in ("scan16.png", "scan16.tif"):
+        assert PIL.Image.open(tmp_path / name).mode.startswith("I")  # what PIL opens them as
+        opened = np.asarray(open_image(tmp_path / name))
+        assert opened.shape == (48, 64, 3) and np.array_equal(opened[..., 1], expected)
+        assert np.array_equal(to_uint8_rgb(PIL.Image.open(tmp_path / name)), opened)
+    # The pipeline's input keeps all 16 bits.
+    tensor = images_to_tensor(PIL.Image.open(tmp_path / "scan16.png"))  # in [-1, 1]
+    torch.testing.assert_close((tensor[0, 2] + 1) / 2, torch.from_numpy(ramp / 65535).float())
+    # 32-bit integer gray holding 16-bit values, and float images in [0, 1] or [0, 255].
+    as_int32 = PIL.Image.fromarray(ramp.astype(np.int32))
+    assert as_int32.mode == "I" and np.array_equal(np.asarray(open_image(as_int32))[..., 0], expected)
+    half = PIL.Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
+    assert half.mode == "F" and (np.asarray(open_image(half)) == 128).all()
+    assert (np.asarray(open_image(PIL.Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32)))) == 200).all()
+    # End to end: `sr3 upscale` of a mid-gray 16-bit scan is mid-gray, not white.
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    PIL.Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "gray16.png")
+    out = tmp_path / "gray16_sr.png"
+    assert (
+        main(["upscale", str(tmp_path / "gray16.png"), "--model", str(tmp_path / "model"), "--output", str(out)]) == 0
+    )
+    assert abs(np.asarray(PIL.Image.open(out)).mean() - 30000 / 257) < 40  # an untrained network adds noise only
 
 
 def test_one_walker_for_folders_files_and_globs(tmp_path):

@@ -13,6 +13,7 @@ import io
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
@@ -76,9 +77,27 @@ def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     return sorted(dict.fromkeys(found))
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` as 8-bit RGB, alpha dropped, gray repeated.
+
+    PIL's own `convert("RGB")` clips 16- and 32-bit gray and float images at 255: a 16-bit PNG or TIFF comes out
+    white. These are scaled from their range instead: 16-bit (`I;16*`, and `I` holding values above 255) by 1/257,
+    float (`F`) from [0, 1] (from [0, 255] when values exceed 1).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        scale = 257.0 if image.mode != "I" or values.max() > 255 else 1.0
+        image = PIL.Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        scale = 255.0 if values.max() <= 1 else 1.0
+        image = PIL.Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def _upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     # Phone photos record their orientation in EXIF: turn them upright, as image viewers and browsers show them.
-    return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    return to_rgb(PIL.ImageOps.exif_transpose(image))
 
 
 @contextlib.contextmanager
@@ -132,6 +151,20 @@ def open_image(
             image.draft("RGB", (draft_size, draft_size))
         image.load()
         return _upright_rgb(image)
+
+
+def open_alpha(path: Union[str, os.PathLike]) -> Optional[PIL.Image.Image]:
+    """The transparency of an image file as an upright `L` image, or None when it has none.
+
+    [`open_image`] gives RGB, which is what the networks take; a caller that writes a result in a format with
+    transparency puts this back. Files without transparency (known from the header) are not decoded.
+    """
+    name = os.fspath(path)
+    with _opened(path, name) as image:
+        if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in image.info:
+            return None
+        image.load()
+        return PIL.ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
 
 
 def image_size(path: Union[str, os.PathLike]) -> Tuple[int, int]:

@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_io import open_image
+from .image_io import open_image, to_rgb
 
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
@@ -36,9 +36,10 @@ def _rgb_from_channels(image: torch.Tensor, what: str) -> torch.Tensor:
 def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what: str) -> torch.Tensor:
     """One input (a single image or a batch) -> (B, 3, H, W) float32 in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")  # RGBA, palette, CMYK, 16-bit: PIL drops alpha and converts
-        image = np.asarray(image)
+        if image.mode.startswith("I;16"):
+            image = np.asarray(image).astype(np.uint16)  # 16-bit gray keeps its precision (uint16 below)
+        else:
+            image = np.asarray(image if image.mode in ("RGB", "L") else to_rgb(image))  # RGBA, palette, CMYK, ...
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8:
             tensor = torch.from_numpy(image.astype(np.float32) / 255.0)

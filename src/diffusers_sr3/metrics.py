@@ -39,6 +39,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .image_io import to_rgb
 from .image_processing import degrade, resize_bicubic
 
 ArrayImage = Union[np.ndarray, PIL.Image.Image]
@@ -55,7 +56,7 @@ INCEPTION_SCORE_UNAVAILABLE = (
 def to_uint8_rgb(image: ArrayImage, what: str = "image") -> np.ndarray:
     """A PIL image or uint8 array as an `(H, W, 3)` uint8 array (gray repeated, alpha dropped)."""
     if isinstance(image, PIL.Image.Image):
-        image = np.array(image.convert("RGB"))
+        image = np.array(to_rgb(image))
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{what}: expected a PIL image or numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, use_backend
-from ..image_io import IMAGE_EXTENSIONS, find_images, open_image
+from ..image_io import IMAGE_EXTENSIONS, find_images, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
@@ -200,6 +200,14 @@ def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, 
     return ranges
 
 
+# Output formats that store transparency (JPEG has none; GIF's is one bit).
+ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+
+
+def _keeps_alpha(destination: str) -> bool:
+    return os.path.splitext(destination)[1].lower() in ALPHA_EXTENSIONS
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -219,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     _check_destinations(writes, args.overwrite)
     images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
+    # The networks see RGB; transparency is resized on its own and put back where the output format keeps it.
+    alphas = [open_alpha(path) if _keeps_alpha(destination) else None for path, destination in zip(paths, destinations)]
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
@@ -280,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             for offset, result in enumerate(output.images):
                 path, destination = paths[start + offset], destinations[start + offset]
+                if alphas[start + offset] is not None:
+                    result = result.copy()
+                    result.putalpha(alphas[start + offset].resize(result.size, PIL.Image.BICUBIC))
                 save_atomically(result, destination)
                 if args.save_process:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
