@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
+from diffusers_sr3.noise import SCHEDULERS, check_scheduler_fits, swap_scheduler
 
 STEPS = 3
 
@@ -121,6 +121,17 @@ def test_a_scheduler_that_cannot_sample_the_prediction_type_is_refused_before_an
     with pytest.raises(ValueError, match=refused):
         swap_scheduler(clean_image, "euler_ancestral")
     assert swap_scheduler(clean_image, "euler").config.prediction_type == "sample"
+    from diffusers import PNDMScheduler
+
+    with pytest.raises(ValueError, match="PNDMScheduler cannot sample a model that predicts 'sample'"):
+        check_scheduler_fits(PNDMScheduler.from_config(clean_image.config))
+    check_scheduler_fits(PNDMScheduler.from_config({**clean_image.config, "prediction_type": "epsilon"}))
+
+    class Quirky(type(clean_image)):  # a trial step that fails for another reason: left to the real run
+        def step(self, *args, **kwargs):
+            raise RuntimeError("not about prediction types")
+
+    check_scheduler_fits(Quirky.from_config(clean_image.config))
     # Assigned directly, as Diffusers users do: refused by the pipeline before the network runs.
     tiny_pipeline.scheduler = SCHEDULERS["euler_ancestral"].from_config(clean_image.config)
     evaluations = []
