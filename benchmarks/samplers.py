@@ -175,7 +175,11 @@ def markdown(report: Dict[str, Any]) -> str:
         cells += [f"{row['fid']:.1f}"] if has_fid else []
         if "seconds_per_image" in row:
             equal = "yes" if row["equal_quality"] else "no"
-            cells += [f"{row['seconds_per_image']:.2f}", f"{row['speedup']:.0f}x", equal]
+            cells += [
+                f"{row['seconds_per_image']:.2f}",
+                f"{row['speedup']:.0f}x" if row["speedup"] >= 10 else f"{row['speedup']:.2g}x",
+                equal,
+            ]
         else:
             cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
