@@ -86,13 +86,15 @@ def fid_of_outputs(path: str) -> Dict[str, Dict[str, float]]:
     names = sorted({key.split("/")[0] for key in saved.files})
     metric = frechet_inception_distance()
     table: Dict[str, Dict[str, float]] = {}
+
+    def images(key: str) -> torch.Tensor:  # back to [-1, 1], which model_report.fids quantizes exactly as saved
+        return torch.from_numpy(saved[key]).float() / 127.5 - 1
+
     for name in names:
         methods = [key.split("/", 1)[1] for key in saved.files if key.startswith(f"{name}/") and key != f"{name}/HR"]
-        as_float = lambda key: torch.from_numpy(saved[key]).float() / 127.5 - 1  # noqa: E731
-        values = model_report.fids(metric, as_float(f"{name}/HR"), [as_float(f"{name}/{m}") for m in methods])
+        values = model_report.fids(metric, images(f"{name}/HR"), [images(f"{name}/{m}") for m in methods])
         fids = dict(zip(methods, values))
-        table[name] = {method: value for method, value in fids.items()}
-        table[name].update({f"{method} / bicubic": value / fids["bicubic"] for method, value in fids.items()})
+        table[name] = dict(fids, **{f"{method} / bicubic": value / fids["bicubic"] for method, value in fids.items()})
     return table
 
 
