@@ -196,23 +196,25 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
         return
     trial = type(scheduler).from_config(scheduler.config)
     pixel = torch.zeros(1, 1, 1, 1)
-    try:
-        trial.set_timesteps(10)
-        timestep = trial.timesteps[0]
-        trial.step(pixel, timestep, trial.scale_model_input(pixel, timestep))
-    except (NotImplementedError, ValueError) as error:
-        # Diffusers says "prediction_type not implemented yet" (Euler ancestral, KDPM2), "Prediction type ... is not
-        # supported" (EDM) or "prediction_type given as ... must be one of" (PNDM, Heun). Anything else the one-pixel
-        # trial trips on is left to the real run to report.
-        if "prediction type" not in str(error).lower().replace("_", " "):
+    # A stochastic step draws from the global generator: the trial must not change what the real run draws.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            trial.set_timesteps(10)
+            timestep = trial.timesteps[0]
+            trial.step(pixel, timestep, trial.scale_model_input(pixel, timestep))
+        except (NotImplementedError, ValueError) as error:
+            # Diffusers says "prediction_type not implemented yet" (Euler ancestral, KDPM2), "Prediction type ... is
+            # not supported" (EDM) or "prediction_type given as ... must be one of" (PNDM, Heun). Anything else the
+            # one-pixel trial trips on is left to the real run to report.
+            if "prediction type" not in str(error).lower().replace("_", " "):
+                return
+            prediction_type = scheduler.config.get("prediction_type")
+            raise ValueError(
+                f"{type(scheduler).__name__} cannot sample a model that predicts {prediction_type!r} (Diffusers: "
+                f"{error}); pick another scheduler, e.g. ddim, ddpm, dpmsolver, unipc or euler"
+            ) from None
+        except Exception:  # noqa: BLE001  (a trial only: the real run reports its own errors)
             return
-        prediction_type = scheduler.config.get("prediction_type")
-        raise ValueError(
-            f"{type(scheduler).__name__} cannot sample a model that predicts {prediction_type!r} (Diffusers: "
-            f"{error}); pick another scheduler, e.g. ddim, ddpm, dpmsolver, unipc or euler"
-        ) from None
-    except Exception:  # noqa: BLE001  (a trial only: the real run reports its own errors)
-        return
     _FITTING_SCHEDULERS.add(settings)
 
 

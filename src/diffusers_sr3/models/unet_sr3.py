@@ -325,6 +325,10 @@ class UpLevel(nn.Module):
         self.upsampler = upsampler
 
 
+# Bytes: PyTorch's CPU allocator aligns every allocation to this; SIMD kernels assume it.
+_ALIGNMENT = 64
+
+
 class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     r"""The SR3 UNet: a DDPM-style UNet conditioned on a continuous noise level (or an integer timestep).
 
@@ -508,6 +512,22 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         # Weights saved before attention went through Diffusers' `Attention` load through `load_state_dict` too.
         self.register_load_state_dict_pre_hook(_legacy_attention_pre_hook)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """Diffusers' `ModelMixin.from_pretrained`, with every weight in memory of its own.
+
+        Loaded weights can be views into the file's buffer at arbitrary byte offsets, and some CPU kernels round
+        differently on unaligned memory: a reloaded model then differed from the one saved in the last bit of its
+        outputs (seen on an AMD EPYC). Copying the unaligned ones (a few ms) makes save -> load bit-exact.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+                    tensor.data = tensor.data.clone()
+        return loaded
 
     def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """`from_pretrained`'s hook for renamed weights: converts the legacy attention keys."""
