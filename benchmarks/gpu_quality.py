@@ -19,8 +19,9 @@ device, is computed back here:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
         && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --photos .gpu/photos --unseen .gpu/unseen \
         --faces .gpu/faces --output $OUT
-    # back here, on the files it returns (report.json, report.md, evaluation.png, outputs.npz): FID, into a report
-    python benchmarks/gpu_quality.py --fid-of RETURNED/outputs.npz --output benchmarks/results/gpu-quality
+    # back here, on the files it returns (report.json, report.md, evaluation.png, one outputs_<set>.npz per test
+    # set, each under the 16 MiB a returned file may have): FID, into a report
+    python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
 
 On a CPU (no GPU found), `--width 32 --max-steps 3 --crops 4 --unseen-crops 4` runs every part in about a minute:
 the test suite does, so the device call is not the first time the script runs.
@@ -79,11 +80,11 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
     return output_dir
 
 
-def fid_of_outputs(path: str) -> Dict[str, Dict[str, float]]:
-    """FID of each method saved in `path` (`model_report.py --save-outputs`) against its set's HR, and as a multiple
-    of bicubic's."""
-    saved = np.load(path)
-    names = sorted({key.split("/")[0] for key in saved.files})
+def fid_of_outputs(paths: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """FID of each method saved in `paths` (`model_report.py --save-outputs`) against its set's HR, and as a
+    multiple of bicubic's."""
+    saved = {key: array for path in paths for key, array in np.load(path).items()}
+    names = sorted({key.split("/")[0] for key in saved})
     metric = frechet_inception_distance()
     table: Dict[str, Dict[str, float]] = {}
 
@@ -91,7 +92,7 @@ def fid_of_outputs(path: str) -> Dict[str, Dict[str, float]]:
         return torch.from_numpy(saved[key]).float() / 127.5 - 1
 
     for name in names:
-        methods = [key.split("/", 1)[1] for key in saved.files if key.startswith(f"{name}/") and key != f"{name}/HR"]
+        methods = [key.split("/", 1)[1] for key in saved if key.startswith(f"{name}/") and key != f"{name}/HR"]
         values = model_report.fids(metric, images(f"{name}/HR"), [images(f"{name}/{m}") for m in methods])
         fids = dict(zip(methods, values))
         table[name] = dict(fids, **{f"{method} / bicubic": value / fids["bicubic"] for method, value in fids.items()})
@@ -102,10 +103,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--fid-of",
-        help="only compute FID of a returned outputs.npz (here, not on the device); with --output, "
-        "its report.json with the FIDs added goes there",
+        nargs="+",
+        help="only compute FID of returned outputs_<set>.npz files (here, not on the device); with --output, "
+        "the report.json beside them, with the FIDs added, goes there",
     )
-    parser.add_argument("--output", help="folder for the report, the picture and outputs.npz")
+    parser.add_argument("--output", help="folder for the report, the picture and the outputs_<set>.npz files")
     parser.add_argument("--photos", nargs="*", default=[], help="extra training photographs (files or folders)")
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
@@ -145,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.fid_of:
         table = fid_of_outputs(args.fid_of)
         print(json.dumps(table, indent=2))
-        returned = os.path.join(os.path.dirname(os.path.abspath(args.fid_of)), "report.json")
+        returned = os.path.join(os.path.dirname(os.path.abspath(args.fid_of[0])), "report.json")
         if args.output and os.path.isfile(returned):  # the returned files are read-only: the report goes elsewhere
             report = dict(json.load(open(returned, encoding="utf-8")), fid=table)
             os.makedirs(args.output, exist_ok=True)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -228,18 +229,24 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-OUTPUTS = "outputs.npz"
+def outputs_file(set_name: str) -> str:
+    """`outputs_<set>.npz`, in letters, digits and dashes: one file per set keeps each under a transfer limit
+    (256 crops of 64px, 4 methods: about 10 MB), and the name survives any file system."""
+    return f"outputs_{re.sub(r'[^A-Za-z0-9]+', '-', set_name).strip('-')}.npz"
 
 
-def save_outputs(sets: Dict[str, Dict[str, Any]], path: str) -> None:
-    """Every set's HR and outputs as uint8 arrays, keyed `<set>/<method>` and `<set>/HR`, so FID can be computed on
-    another machine (the Inception network need not be where the model runs)."""
-    arrays = {}
+def save_outputs(sets: Dict[str, Dict[str, Any]], folder: str) -> List[str]:
+    """Every set's HR and outputs as uint8 arrays, keyed `<set>/<method>` and `<set>/HR`, one file per set (see
+    [`outputs_file`]), so FID can be computed on another machine (the Inception network need not be where the model
+    runs). Returns the paths written."""
+    paths = []
     for name, evaluated in sets.items():
         _, outputs, hr = evaluated["tensors"]
-        for method, images in {**outputs, "HR": hr}.items():
-            arrays[f"{name}/{method}"] = quantize(images).to(torch.uint8).numpy()
-    np.savez_compressed(path, **arrays)
+        arrays = {f"{name}/{method}": quantize(images).to(torch.uint8).numpy() for method, images in outputs.items()}
+        arrays[f"{name}/HR"] = quantize(hr).to(torch.uint8).numpy()
+        paths.append(os.path.join(folder, outputs_file(name)))
+        np.savez_compressed(paths[-1], **arrays)
+    return paths
 
 
 def unseen_crops(folder: str, size: int, count: int, seed: int) -> torch.Tensor:
@@ -283,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument(
         "--save-outputs",
         action="store_true",
-        help=f"also write every set's HR and outputs, 8-bit, to {OUTPUTS} (FID elsewhere: gpu_quality.py --fid-of)",
+        help="also write every set's HR and outputs, 8-bit, to outputs_<set>.npz (FID elsewhere: gpu_quality.py "
+        "--fid-of)",
     )
     parser.add_argument("--write-card", action="store_true", help="also write README.md into the model folder")
     parser.add_argument("--training-command", default=None, help="the command that trained the model (card)")
@@ -320,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
     if args.save_outputs:
-        save_outputs(sets, os.path.join(args.output, OUTPUTS))
+        save_outputs(sets, args.output)
     figure = picture(sets, rows_per_set=3, magnify=args.magnify)
     figure.save(os.path.join(args.output, "evaluation.png"))
     print(table)

@@ -352,12 +352,14 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     assert report["training"]["width"] == 32 and report["training"]["steps"] == 2
     assert set(report["sets"]) == {"held-out photos", "never-seen photos"}
     assert report["sets"]["never-seen photos"]["images"] == 3
-    assert {path.name for path in out.iterdir()} == {"report.json", "report.md", "evaluation.png", "outputs.npz"}
-    saved = np.load(out / "outputs.npz")
+    outputs = ["outputs_held-out-photos.npz", "outputs_never-seen-photos.npz"]  # one per set: each under 16 MiB
+    assert {path.name for path in out.iterdir()} == {"report.json", "report.md", "evaluation.png", *outputs}
     methods = ["bicubic", "SR3 fidelity", "SR3 detail", "HR"]
-    assert sorted(saved.files) == sorted(f"{name}/{method}" for name in report["sets"] for method in methods)
-    assert saved["never-seen photos/HR"].shape == (3, 3, 64, 64) and saved["never-seen photos/HR"].dtype == np.uint8
-    table = gpu_quality.main(["--fid-of", str(out / "outputs.npz"), "--output", str(tmp_path / "here")])
+    for name, file in zip(report["sets"], outputs):
+        saved = np.load(out / file)
+        assert sorted(saved.files) == sorted(f"{name}/{method}" for method in methods)
+        assert saved[f"{name}/HR"].shape == (3, 3, 64, 64) and saved[f"{name}/HR"].dtype == np.uint8
+    table = gpu_quality.main(["--fid-of", *(str(out / file) for file in outputs), "--output", str(tmp_path / "here")])
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
     returned = json.loads((out / "report.json").read_text())
     assert json.loads((tmp_path / "here" / "report.json").read_text()) == dict(returned, fid=table)
