@@ -15,7 +15,7 @@ device, is computed back here:
         multiprocess==0.70.19
     cp raccoon_face.png insightface_t1.jpg .gpu/photos/        # the training photographs beyond the packaged ones
     cp pyiqa_ref_dir/*.bmp .gpu/unseen/ && cp -r ../shared/data/original_samples/* .gpu/faces/
-    # on the device: one call, carry [".gpu"], timeout 600 (about 9 minutes: 6 of training)
+    # on the device: one call, carry [".gpu"], timeout 600 (about 8 minutes: 5 of training)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
         && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --photos .gpu/photos --unseen .gpu/unseen \
         --faces .gpu/faces --output $OUT
@@ -112,7 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
-    parser.add_argument("--minutes", type=float, default=6.0, help="training time")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time (the call must end in 10)")
     parser.add_argument("--max-steps", type=int, default=200_000, help="training steps, if the minutes allow")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="the recipe study's fastest start")
