@@ -32,10 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ import model_report  # noqa: E402  (sibling scripts: the shipped model's tiles, 
 import package_model  # noqa: E402
 import photo_tiles  # noqa: E402
 
+from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.metrics import frechet_inception_distance  # noqa: E402
 from diffusers_sr3.presets import NEW_MODEL_RECIPE, get_preset  # noqa: E402
 
@@ -108,7 +108,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "the report.json beside them, with the FIDs added, goes there",
     )
     parser.add_argument("--output", help="folder for the report, the picture and the outputs_<set>.npz files")
-    parser.add_argument("--photos", nargs="*", default=[], help="extra training photographs (files or folders)")
+    parser.add_argument("--photos", nargs="*", default=[], help="extra training photographs (files, folders or globs)")
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
@@ -126,22 +126,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def photo_paths(entries: List[str]) -> List[str]:
-    """Files as given, and the photographs inside folders."""
-    paths = []
-    for entry in entries:
-        entry_path = pathlib.Path(entry)
-        if entry_path.is_dir():
-            paths += sorted(
-                str(p) for p in entry_path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")
-            )
-        elif entry_path.is_file():
-            paths.append(str(entry_path))
-        else:
-            raise FileNotFoundError(f"no such photograph or folder: {entry}")
-    return paths
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.fid_of:
@@ -157,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     os.makedirs(args.output, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         tiles = os.path.join(work, "tiles")
-        photo_tiles.main(["--output", tiles, "--extra", *photo_paths(args.photos)])
+        photo_tiles.main(["--output", tiles, "--extra", *(find_images(args.photos) if args.photos else [])])
         trained = train_wide_model(tiles, os.path.join(work, "trained"), args)
         model = os.path.join(work, "model")
         package_model.main(["--trained", trained, "--output", model])  # as the shipped model: DDIM, bf16 weights

@@ -191,9 +191,8 @@ def picture(columns: List[torch.Tensor], texture: torch.Tensor, magnify: int) ->
     """bicubic | each entry | HR, magnified with nearest neighbour: the 4 most detailed texture crops (where samplers
     differ most) and the flattest crop (where grain would show)."""
     hr = columns[-1]
-    detail = hr.flatten(1).std(dim=1)
     texture_indices = texture.nonzero().flatten()
-    rows = texture_indices[detail[texture_indices].argsort(descending=True)[:4]].tolist() + [int(detail.argmin())]
+    rows = [int(texture_indices[i]) for i in model_report.busiest(hr[texture_indices], 4)] + [model_report.flattest(hr)]
     size = (hr.shape[-1] * magnify, hr.shape[-2] * magnify)
     return grid(
         [[tensor_to_pil(column[i : i + 1])[0].resize(size, PIL.Image.NEAREST) for column in columns] for i in rows]
