@@ -30,7 +30,7 @@ import torch
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.backends import BACKENDS, resolve_backend, use_backend
-from diffusers_sr3.image_io import open_image
+from diffusers_sr3.image_io import find_images, open_image
 from diffusers_sr3.image_processing import (
     degrade,
     grid,
@@ -251,10 +251,7 @@ def save_outputs(sets: Dict[str, Dict[str, Any]], folder: str) -> List[str]:
 
 def unseen_crops(folder: str, size: int, count: int, seed: int) -> torch.Tensor:
     """Random crops of photos the project never trained or validated on (e.g. pyiqa's reference BMPs)."""
-    paths = sorted(path for path in pathlib.Path(folder).iterdir() if path.suffix.lower() in (".bmp", ".png", ".jpg"))
-    if not paths:
-        raise FileNotFoundError(f"no .bmp/.png/.jpg photos in {folder}")
-    return photo_crops(paths, size, count=count, seed=seed, output_type="pt")
+    return photo_crops(find_images([folder]), size, count=count, seed=seed, output_type="pt")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
