@@ -405,3 +405,32 @@ def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
     assert sorted(path.name for path in plain.iterdir()) == ["halves_128_0000.png", "halves_128_0001.png"]
     with pytest.raises(SystemExit):
         photo_tiles.main(arguments + ["--texture-copies", "-1"])
+
+
+@pytest.mark.slow
+def test_fid_references_score_the_saved_outputs_beside_references_made_from_the_hr(tmp_path):
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    detail = rng.integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    arrays = {"photos/HR": hr, "photos/bicubic": hr // 2 + 64, "photos/SR3 fidelity": hr, "photos/SR3 detail": detail}
+    np.savez(tmp_path / "outputs_photos.npz", **arrays)
+    report = load("fid_references").main(
+        [str(tmp_path / "outputs_photos.npz"), "--gains", "1", "2", "--sigmas", "1.2", "--output", str(tmp_path / "r")]
+    )
+    rows = {row["output"]: row for row in report["rows"]}
+    assert list(rows) == [
+        "bicubic", "SR3 fidelity", "SR3 detail", "texture gain 1", "texture gain 2", "HR blurred, sigma 1.2",
+        "fidelity + another crop's HR detail", "fidelity + its own HR detail",
+    ]  # fmt: skip
+    assert rows["bicubic"]["fid_x_first"] == 1.0 and rows["SR3 detail"]["fid"] > 0
+    # Gain 1 is the detail sample itself; a fidelity answer equal to the HR gets its own detail back exactly.
+    assert rows["texture gain 1"]["psnr"] == rows["SR3 detail"]["psnr"]
+    assert rows["fidelity + its own HR detail"]["edges"] == pytest.approx(1.0, abs=0.01)
+    assert rows["fidelity + its own HR detail"]["psnr"] > 45
+    assert rows["HR blurred, sigma 1.2"]["edges"] < 0.5 and rows["fidelity + another crop's HR detail"]["psnr"] < 20
+    assert {path.name for path in (tmp_path / "r").iterdir()} == {
+        "fid_references.json", "fid_references.md", "fid_references.png"
+    }  # fmt: skip
+    np.savez(tmp_path / "two_sets.npz", **arrays, **{"faces/HR": hr})
+    with pytest.raises(ValueError, match="not one set"):
+        load("fid_references").main([str(tmp_path / "two_sets.npz"), "--output", str(tmp_path / "r2")])
