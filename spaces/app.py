@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
 from diffusers_sr3.backends import use_backend  # noqa: E402
-from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, open_image  # noqa: E402
+from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, is_grayscale, open_image  # noqa: E402
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
     images_to_tensor,
@@ -231,9 +231,11 @@ def super_resolve(
     if process_frames:
         condition = tensor_to_pil(sampler.prepare_condition(image))
         process = grid([condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]])
+    # A black-and-white photo stays black and white, as `sr3 upscale` writes it: the network's answer can be tinted.
+    sr3_image = tensor_to_pil(sr3)[0]
     return Result(
         bicubic=tensor_to_pil(bicubic)[0],
-        sr3=tensor_to_pil(sr3)[0],
+        sr3=sr3_image.convert("L") if is_grayscale(image) else sr3_image,
         process=process,
         output_size=output_size,
         tiles=tiles,

@@ -434,3 +434,19 @@ def test_fid_references_score_the_saved_outputs_beside_references_made_from_the_
     np.savez(tmp_path / "two_sets.npz", **arrays, **{"faces/HR": hr})
     with pytest.raises(ValueError, match="not one set"):
         load("fid_references").main([str(tmp_path / "two_sets.npz"), "--output", str(tmp_path / "r2")])
+
+
+def test_output_formats_measures_what_each_format_loses(tmp_path):
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    noisy = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "o.npz", **{"s/HR": hr, "s/bicubic": noisy, "s/SR3 fidelity": hr})
+    report = load("output_formats").main([str(tmp_path / "o.npz"), "--output", str(tmp_path / "r")])
+    rows = {(row["format"], row["quality"], row["method"]): row for row in report["rows"]}
+    assert len(rows) == 10 and report["crops"] == 5
+    assert rows[("PNG", "Pillow's default", "SR3 fidelity")]["psnr"] == float("inf")  # lossless: the HR itself
+    assert rows[("PNG", "Pillow's default", "bicubic")]["lost_to_format"] == 0
+    # Noise-like detail: Pillow's default JPEG loses more of it than quality 95 with full-resolution colour.
+    default, high = rows[("JPEG", "Pillow's default", "bicubic")], rows[("JPEG", 95, "bicubic")]
+    assert default["lost_to_format"] > high["lost_to_format"] > 0 and default["kib"] < high["kib"]
+    assert (tmp_path / "r" / "output_formats.md").read_text().count("| WEBP |") == 4

@@ -8,6 +8,7 @@ from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
+from diffusers_sr3.image_io import is_grayscale
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 LR_SAMPLE = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"
@@ -210,6 +211,62 @@ def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_p
     assert main(["upscale", str(tmp_path / "sticker.png"), "--output", str(tmp_path / "s.png")] + options) == 0
     kept = np.asarray(PIL.Image.open(tmp_path / "s.png").getchannel("A"))
     assert (kept[:, :12] == 0).all() and (kept[:, 20:] == 255).all()
+
+
+def test_upscale_keeps_black_and_white_photos_gray(model_dir, tmp_path):
+    """A tiny untrained network tints gray inputs; the written result is gray again, colour inputs stay colour."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    PIL.Image.fromarray(gray).save(tmp_path / "bw.png")
+    PIL.Image.fromarray(np.dstack([gray] * 3)).save(tmp_path / "bw_as_rgb.png")  # a B&W photo stored as RGB
+    PIL.Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "bw16.png")  # 16-bit gray
+    PIL.Image.fromarray(np.dstack([gray, gray[::-1]]), "LA").save(tmp_path / "bw_alpha.png")
+    PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "colour.png")
+    options = ["--model", str(model_dir), "--steps", "1", "--quiet"]
+    assert main(["upscale", str(tmp_path / "colour.png"), "--output", str(tmp_path / "colour_sr.png")] + options) == 0
+    tinted = np.asarray(PIL.Image.open(tmp_path / "colour_sr.png")).astype(int)
+    assert PIL.Image.open(tmp_path / "colour_sr.png").mode == "RGB" and np.ptp(tinted, axis=2).max() > 0
+    results = []
+    for name in ("bw", "bw_as_rgb", "bw16"):  # one call each: the same seed draws the same noise
+        assert (
+            main(["upscale", str(tmp_path / f"{name}.png"), "--output", str(tmp_path / f"{name}_sr.png")] + options)
+            == 0
+        )
+        results.append(PIL.Image.open(tmp_path / f"{name}_sr.png"))
+    assert [result.mode for result in results] == ["L", "L", "L"] and results[0].size == (32, 32)
+    # The same gray picture, however stored, gives the same result: the luma of the network's answer.
+    assert all(np.array_equal(np.asarray(results[0]), np.asarray(result)) for result in results[1:])
+    for extension in (".png", ".webp", ".jpg"):
+        destination = tmp_path / f"bw_alpha_sr{extension}"
+        assert main(["upscale", str(tmp_path / "bw_alpha.png"), "--output", str(destination)] + options) == 0
+        written = PIL.Image.open(destination)
+        if extension == ".jpg":  # no transparency in JPEG
+            assert written.mode == "L"
+        else:
+            assert written.mode in ("LA", "RGBA") and written.getchannel("A").getextrema() == (0, 255)
+            # WebP stores gray as colour, lossily: within a level or two of gray, not the network's tint.
+            spread = np.ptp(np.asarray(written.convert("RGB")).astype(int), axis=2).max()
+            assert is_grayscale(written.convert("RGB")) if extension == ".png" else spread <= 2
+
+
+def test_upscale_writes_jpeg_and_webp_at_the_chosen_quality(model_dir, tmp_path, capsys):
+    import PIL.JpegImagePlugin
+
+    write_image(tmp_path / "photo.png", (16, 16))
+    options = ["--model", str(model_dir), "--steps", "1", "--quiet"]
+    sizes = {}
+    for extension, quality in ((".jpg", None), (".jpg", "75"), (".webp", None), (".webp", "75")):
+        destination = tmp_path / f"out_{quality}{extension}"
+        chosen = ["--quality", quality] if quality else []
+        assert main(["upscale", str(tmp_path / "photo.png"), "--output", str(destination)] + options + chosen) == 0
+        sizes[extension, quality] = destination.stat().st_size
+    # The default, 95, keeps more than Pillow's own defaults; JPEG keeps colour at full resolution (4:4:4).
+    assert sizes[".jpg", None] > sizes[".jpg", "75"] and sizes[".webp", None] > sizes[".webp", "75"]
+    assert PIL.JpegImagePlugin.get_sampling(PIL.Image.open(tmp_path / "out_None.jpg")) == 0
+    for bad in ("0", "101"):
+        bad_run = ["upscale", str(tmp_path / "photo.png"), "--output", str(tmp_path / "bad.jpg"), "--quality", bad]
+        assert main(bad_run) == 2
+        assert "--quality must lie in 1-100" in capsys.readouterr().err and not (tmp_path / "bad.jpg").exists()
 
 
 def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):

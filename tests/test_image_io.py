@@ -14,6 +14,7 @@ from diffusers_sr3.image_io import (
     UnreadableImageError,
     find_images,
     image_size,
+    is_grayscale,
     open_image,
     walk_images,
 )
@@ -174,3 +175,16 @@ def test_training_data_applies_the_exif_orientation(tmp_path):
     np.testing.assert_array_equal(from_folder["hr"].numpy(), plain["hr"].numpy())
     from_bytes = build_training_data(train_dataset=[{"image": {"bytes": tagged.read_bytes()}}], **options)
     np.testing.assert_array_equal(from_bytes.dataset.sample(0, augment=False)["hr"].numpy(), plain["hr"].numpy())
+
+
+def test_is_grayscale_knows_gray_modes_and_equal_channels():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    assert is_grayscale(PIL.Image.fromarray(gray))
+    assert is_grayscale(PIL.Image.fromarray(gray.astype(np.uint16) * 257))
+    assert is_grayscale(PIL.Image.fromarray(np.dstack([gray] * 3)))
+    assert is_grayscale(PIL.Image.fromarray(np.dstack([gray] * 3 + [gray[::-1]]), "RGBA"))
+    assert is_grayscale(PIL.Image.fromarray(gray).convert("P"))
+    tinted = np.dstack([gray] * 3)
+    tinted[2, 3, 1] ^= 1  # one pixel, one level off gray
+    assert not is_grayscale(PIL.Image.fromarray(tinted))

@@ -202,7 +202,9 @@ def test_progress_follows_the_refinement_steps(served):
     image = PIL.Image.open(PHOTO).convert("RGB")
     result = app.super_resolve(pipeline, image, 4, 4, "unipc", seed=0, progress=reported.append)
     assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert result.sr3.size == (64, 64) and result.process is None
+    assert result.sr3.size == (64, 64) and result.process is None and result.sr3.mode == "RGB"
+    gray = app.super_resolve(pipeline, image.convert("L").convert("RGB"), 4, 1, "ddim", seed=0)
+    assert gray.sr3.mode == "L" and gray.sr3.size == (64, 64)  # black and white stays so, untinted
     assert type(pipeline.scheduler).__name__ == "DDPMScheduler"  # the served pipeline keeps its own sampler
     with pytest.raises(ValueError, match="scale x3 is neither the model's factor x4"):
         app.super_resolve(pipeline, image, 3, 1, "ddim", seed=0)

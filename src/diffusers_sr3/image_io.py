@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
+import PIL.ImageChops
 import PIL.ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
@@ -151,6 +152,24 @@ def open_image(
             image.draft("RGB", (draft_size, draft_size))
         image.load()
         return _upright_rgb(image)
+
+
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def is_grayscale(image: PIL.Image.Image) -> bool:
+    """Whether `image` is a black-and-white picture: a gray mode, or colour channels that are all equal (a
+    black-and-white photo saved as RGB, or the RGB [`open_image`] makes of a gray file).
+
+    The networks see RGB and may tint such a picture slightly; a caller writing the result turns it back to gray.
+    """
+    if image.mode in GRAYSCALE_MODES:
+        return True
+    red, green, blue = to_rgb(image).split()
+    return (
+        PIL.ImageChops.difference(red, green).getbbox() is None
+        and PIL.ImageChops.difference(green, blue).getbbox() is None
+    )
 
 
 def open_alpha(path: Union[str, os.PathLike]) -> Optional[PIL.Image.Image]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, use_backend
-from ..image_io import IMAGE_EXTENSIONS, find_images, open_alpha, open_image
+from ..image_io import IMAGE_EXTENSIONS, find_images, is_grayscale, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
@@ -39,6 +39,9 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
 The progress bar counts every tile of every step and shows the remaining time from the first second.
 """
 STARTUP_SECONDS = 9
+# JPEG and WebP quality: Pillow's defaults (75 with 4:2:0 chroma, 80) discard much of what SR3 restores
+# (benchmarks/output_formats.py measures it).
+DEFAULT_QUALITY = 95
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.75
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 2.9
 
@@ -134,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'Runtime fp32 on the CPU, exported once and cached (pip install "diffusers-sr3[onnx]")',
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    parser.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY,
+        help=f"JPEG and WebP quality, 1-100 (default {DEFAULT_QUALITY}; JPEG keeps colour at full resolution). "
+        "Pillow's defaults (75 and 80) discard much of the restored detail; PNG and TIFF are lossless",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no per-file lines")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_save_process_argument(
@@ -164,11 +174,21 @@ def _check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
             )
 
 
-def save_atomically(image: PIL.Image.Image, destination: str) -> None:
+def lossy_options(image_format: str, quality: int) -> Dict[str, int]:
+    """Pillow save options of the lossy formats: `quality`, and JPEG's colour kept at full resolution (4:4:4)."""
+    if image_format == "JPEG":
+        return {"quality": quality, "subsampling": 0}
+    if image_format == "WEBP":
+        return {"quality": quality}
+    return {}
+
+
+def save_atomically(image: PIL.Image.Image, destination: str, quality: int = DEFAULT_QUALITY) -> None:
     """Write `image` to `destination` through a temporary file in the same folder, then rename it into place.
 
     An interrupted or failing write leaves `destination` as it was (absent, or the previous file), never a
-    truncated image; the rename is atomic on one filesystem.
+    truncated image; the rename is atomic on one filesystem. JPEG and WebP are written at `quality`, JPEG without
+    chroma subsampling.
     """
     folder = os.path.dirname(destination) or "."
     os.makedirs(folder, exist_ok=True)
@@ -178,7 +198,7 @@ def save_atomically(image: PIL.Image.Image, destination: str) -> None:
     temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(temporary, "xb") as stream:
-            image.save(stream, format=image_format)
+            image.save(stream, format=image_format, **lossy_options(image_format, quality))
         os.replace(temporary, destination)
     except BaseException:
         if os.path.exists(temporary):
@@ -215,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--save-process takes a positive number of frames")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be at least 1")
@@ -229,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
     images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
     # The networks see RGB; transparency is resized on its own and put back where the output format keeps it.
     alphas = [open_alpha(path) if _keeps_alpha(destination) else None for path, destination in zip(paths, destinations)]
+    # Black-and-white photos stay black and white: the network's RGB answer can carry a faint tint.
+    grays = [is_grayscale(image) for image in images]
     packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
@@ -290,14 +314,16 @@ def run(args: argparse.Namespace) -> int:
                 )
             for offset, result in enumerate(output.images):
                 path, destination = paths[start + offset], destinations[start + offset]
+                if grays[start + offset]:
+                    result = result.convert("L")
                 if alphas[start + offset] is not None:
                     result = result.copy()
                     result.putalpha(alphas[start + offset].resize(result.size, PIL.Image.BICUBIC))
-                save_atomically(result, destination)
+                save_atomically(result, destination, args.quality)
                 if args.save_process:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
                     frames = [condition] + [snapshot[offset] for snapshot in output.intermediates]
-                    save_atomically(grid([frames]), _process_path(destination))
+                    save_atomically(grid([frames]), _process_path(destination), args.quality)
                 if not args.quiet:
                     overall.write(f"{path} -> {destination} ({result.width}x{result.height})")
                 overall.update(1)
