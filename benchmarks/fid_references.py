@@ -27,7 +27,6 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import PIL.Image
 import torch
 from torchvision.transforms.functional import gaussian_blur
@@ -127,13 +126,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
-    arrays = dict(np.load(args.outputs))
-    set_names = sorted({key.split("/")[0] for key in arrays})
-    if len(set_names) != 1 or f"{set_names[0]}/HR" not in arrays:
-        raise ValueError(f"{args.outputs} is not one set of `model_report.py --save-outputs` (sets: {set_names})")
-    set_name = set_names[0]
+    set_name, arrays = model_report.load_outputs(args.outputs)
     # Back to [-1, 1]: model_report.fids quantizes exactly to the saved bytes.
-    saved = {key.split("/", 1)[1]: torch.from_numpy(array).float() / 127.5 - 1 for key, array in arrays.items()}
+    saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
     hr = saved["HR"]
     rows = references(saved, args.gains, args.sigmas, args.seed)
     table = score(rows, hr)

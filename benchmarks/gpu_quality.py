@@ -83,17 +83,16 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
 def fid_of_outputs(paths: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """FID of each method saved in `paths` (`model_report.py --save-outputs`) against its set's HR, and as a
     multiple of bicubic's."""
-    saved = {key: array for path in paths for key, array in np.load(path).items()}
-    names = sorted({key.split("/")[0] for key in saved})
+    sets = dict(model_report.load_outputs(path) for path in paths)
     metric = frechet_inception_distance()
     table: Dict[str, Dict[str, float]] = {}
 
-    def images(key: str) -> torch.Tensor:  # back to [-1, 1], which model_report.fids quantizes exactly as saved
-        return torch.from_numpy(saved[key]).float() / 127.5 - 1
+    def images(array: np.ndarray) -> torch.Tensor:  # back to [-1, 1], which model_report.fids quantizes as saved
+        return torch.from_numpy(array).float() / 127.5 - 1
 
-    for name in names:
-        methods = [key.split("/", 1)[1] for key in saved if key.startswith(f"{name}/") and key != f"{name}/HR"]
-        values = model_report.fids(metric, images(f"{name}/HR"), [images(f"{name}/{m}") for m in methods])
+    for name in sorted(sets):
+        methods = [method for method in sets[name] if method != "HR"]
+        values = model_report.fids(metric, images(sets[name]["HR"]), [images(sets[name][m]) for m in methods])
         fids = dict(zip(methods, values))
         table[name] = dict(fids, **{f"{method} / bicubic": value / fids["bicubic"] for method, value in fids.items()})
     return table

@@ -22,7 +22,7 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
@@ -247,6 +247,15 @@ def save_outputs(sets: Dict[str, Dict[str, Any]], folder: str) -> List[str]:
         paths.append(os.path.join(folder, outputs_file(name)))
         np.savez_compressed(paths[-1], **arrays)
     return paths
+
+
+def load_outputs(path: str) -> Tuple[str, Dict[str, np.ndarray]]:
+    """One file of [`save_outputs`]: its set's name and its arrays keyed by method (and `HR`)."""
+    saved = dict(np.load(path))
+    set_names = sorted({key.split("/")[0] for key in saved})
+    if len(set_names) != 1 or f"{set_names[0]}/HR" not in saved:
+        raise ValueError(f"{path} is not one set of `model_report.py --save-outputs` (sets: {set_names})")
+    return set_names[0], {key.split("/", 1)[1]: array for key, array in saved.items()}
 
 
 def unseen_crops(folder: str, size: int, count: int, seed: int) -> torch.Tensor:

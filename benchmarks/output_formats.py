@@ -17,12 +17,16 @@ import io
 import json
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
 
-from diffusers_sr3.commands.upscale import DEFAULT_QUALITY, lossy_options
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_report  # noqa: E402  (a sibling script: the outputs it saves)
+
+from diffusers_sr3.commands.upscale import DEFAULT_QUALITY, lossy_options  # noqa: E402
 
 # (format, quality): None is Pillow's own default options, what `sr3 upscale` wrote before --quality.
 SETTINGS: Tuple[Tuple[str, Optional[int]], ...] = (
@@ -106,17 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("outputs", help="one outputs_<set>.npz of `model_report.py --save-outputs`")
     parser.add_argument("--output", required=True, help="folder for output_formats.json and .md")
     args = parser.parse_args(argv)
-    saved = dict(np.load(args.outputs))
-    set_names = sorted({key.split("/")[0] for key in saved})
-    if len(set_names) != 1 or f"{set_names[0]}/bicubic" not in saved:
-        raise ValueError(f"{args.outputs} is not one set of `model_report.py --save-outputs` (sets: {set_names})")
-    arrays = {key.split("/", 1)[1]: array for key, array in saved.items()}
+    set_name, arrays = model_report.load_outputs(args.outputs)
     rows = measure(arrays)
-    report = {"set": set_names[0], "crops": int(arrays["HR"].shape[0]), "rows": rows}
+    report = {"set": set_name, "crops": int(arrays["HR"].shape[0]), "rows": rows}
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "output_formats.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
-    text = markdown(set_names[0], rows)
+    text = markdown(set_name, rows)
     with open(os.path.join(args.output, "output_formats.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
     print(text)
