@@ -76,14 +76,16 @@ def references(
 def score(rows: Dict[str, torch.Tensor], hr: torch.Tensor) -> List[Dict[str, object]]:
     """PSNR, edge energy relative to the HR and FID of each row, FID also as a multiple of the first row's."""
     fids = model_report.fids(frechet_inception_distance(), hr, list(rows.values()))
-    hr_edges = edge_energy(quantize(hr)).sum()
+    hr_uint8 = quantize(hr)
+    hr_edges = edge_energy(hr_uint8).sum()
     table = []
     for (name, images), fid in zip(rows.items(), fids):
+        images_uint8 = quantize(images)
         table.append(
             {
                 "output": name,
-                "psnr": float(psnr_uint8(quantize(images), quantize(hr)).mean()),
-                "edges": float(edge_energy(quantize(images)).sum() / hr_edges),
+                "psnr": float(psnr_uint8(images_uint8, hr_uint8).mean()),
+                "edges": float(edge_energy(images_uint8).sum() / hr_edges),
                 "fid": fid,
                 "fid_x_first": fid / fids[0],
             }

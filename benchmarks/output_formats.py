@@ -67,12 +67,12 @@ def measure(arrays: Dict[str, np.ndarray]) -> List[Dict[str, object]]:
     """One row per (format, quality, method): PSNR against the HR, the PSNR lost to the format (against the
     lossless PNG of the same method) and the file size. The first setting must be lossless."""
     hr = mosaic(arrays["HR"])
-    methods = [name for name in arrays if name != "HR"]
+    pictures = {name: mosaic(array) for name, array in arrays.items() if name != "HR"}
     rows, lossless = [], {}
     for image_format, quality in SETTINGS:
-        for method in methods:
-            picture, size = written(mosaic(arrays[method]), image_format, quality)
-            value = psnr(picture, hr)
+        for method, picture in pictures.items():
+            read_back, size = written(picture, image_format, quality)
+            value = psnr(read_back, hr)
             lossless.setdefault(method, value)
             rows.append(
                 {
