@@ -77,7 +77,8 @@ def super_resolve(
         mode=mode, num_inference_steps=steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
     )
     if mode == "detail":
-        options.update({name: getattr(args, name) for name in ("eta", "strength") if getattr(args, name) is not None})
+        detail_names = ("eta", "strength", "guidance_scale")
+        options.update({name: getattr(args, name) for name in detail_names if getattr(args, name) is not None})
     outputs = []
     for start in range(0, lr.shape[0], args.batch_size):
         batch = (lr[start : start + args.batch_size] + 1) / 2
@@ -192,6 +193,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"{report['steps']} steps"
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
+        + (f", guidance scale {report['guidance_scale']:g}" if report.get("guidance_scale") is not None else "")
         + (
             "; self-ensemble: the fidelity answers for the input's 8 flips and quarter-turns, averaged"
             if report.get("self_ensemble")
@@ -282,6 +284,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM)")
     parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (below 1: from fidelity)")
     parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="detail-mode autoguidance scale, for models saved with a guidance UNet (default: the model's own)",
+    )
+    parser.add_argument(
         "--self-ensemble", action="store_true", help="also fidelity mode averaged over the 8 flips and quarter-turns"
     )
     parser.add_argument("--batch-size", type=int, default=16)
@@ -305,6 +313,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
+    # The detail mode's guidance as run (the model's own unless --guidance-scale); None: an unguided model.
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
+    guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
     crops, heldout_paths = heldout_crops(
         args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
     )
@@ -323,6 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "fidelity_steps": args.fidelity_steps,
         "eta": args.eta,
         "strength": args.strength,
+        "guidance_scale": guidance_scale,
         "self_ensemble": args.self_ensemble,
         "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
@@ -372,16 +384,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 if summary.get(key) is not None
             }
             or None,
-            extra_sections=[modes_section(args.steps, args.eta, args.strength), "## All results\n\n" + table],
+            extra_sections=[
+                modes_section(args.steps, args.eta, args.strength, guidance_scale),
+                "## All results\n\n" + table,
+            ],
         )
     return report
 
 
-def modes_section(steps: int, eta: Optional[float], strength: Optional[float]) -> str:
+def modes_section(
+    steps: int, eta: Optional[float], strength: Optional[float], guidance_scale: Optional[float] = None
+) -> str:
     """The card's "Two ways to sample", quoting the detail settings the report measured."""
+    named = (("eta", eta), ("strength", strength), ("guidance_scale", guidance_scale))
     settings = ", ".join(
-        [f"num_inference_steps={steps}"]
-        + [f"{name}={value:g}" for name, value in (("eta", eta), ("strength", strength)) if value is not None]
+        [f"num_inference_steps={steps}"] + [f"{name}={value:g}" for name, value in named if value is not None]
     )
     if strength is not None and strength < 1:
         refinement = (
@@ -392,6 +409,13 @@ def modes_section(steps: int, eta: Optional[float], strength: Optional[float]) -
         )
     else:
         refinement = "It refines from pure noise; `strength` below 1 refines the fidelity answer instead."
+    guidance = ""
+    if guidance_scale is not None:
+        guidance = (
+            f" `guidance_scale` {guidance_scale:g} (autoguidance) extrapolates each step's prediction away from the "
+            "pipeline's `guidance_unet`, a weaker model of the same task, for sharper, more photographic texture at "
+            "twice the network evaluations per step; `guidance_scale=1` turns it off."
+        )
     return f"""## Two ways to sample
 
 - **Fidelity** (`pipe(image, mode="fidelity")`, `sr3 upscale` by default): a few deterministic DDIM steps from
@@ -400,7 +424,7 @@ def modes_section(steps: int, eta: Optional[float], strength: Optional[float]) -
   documents, faces you must not invent on. `self_ensemble=True` (`sr3 upscale --self-ensemble`) averages the
   answers for the 8 flips and quarter-turns of the input: a little higher PSNR and SSIM for 8 times the time.
 - **Detail** (`pipe(image, mode="detail", {settings})`, `sr3 upscale --mode detail`): SR3's iterative
-  refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.
+  refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.{guidance}
 """
 
 

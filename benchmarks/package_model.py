@@ -7,6 +7,9 @@ What it changes, and why:
   requires). They load as float32 by default: bf16 convolutions are slow on CPUs without bf16 units;
 - the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
   in 4 (the step-count and recipe studies);
+- with `--guidance-unet` (an earlier checkpoint of the same run: its `unet` folder, or the pipeline or checkpoint
+  folder holding one) and `--guidance-scale`, the pipeline carries a guide for detail mode's autoguidance, also in
+  bfloat16;
 - the training summary is kept (the model card quotes it); checkpoints, logs and the training-time card are not
   (the card is rewritten by `benchmarks/model_report.py --write-card` from the held-out evaluation).
 The output folder is replaced as a whole, after the new one is complete.
@@ -21,25 +24,46 @@ import tempfile
 
 import torch
 
-from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.noise import swap_scheduler
+
+
+def to_bfloat16(unet: SR3UNet2DModel) -> SR3UNet2DModel:
+    """`unet` in bfloat16, but for the modules the model keeps in float32 (the noise-level embeddings)."""
+    unet.to(torch.bfloat16)
+    for name in unet._keep_in_fp32_modules:
+        module = getattr(unet, name, None)
+        if module is not None:
+            module.float()
+    return unet
+
+
+def load_unet(folder: str) -> SR3UNet2DModel:
+    """The SR3 UNet in `folder`: a UNet folder, or a pipeline or checkpoint folder with a `unet` subfolder."""
+    nested = os.path.join(folder, "unet")
+    return SR3UNet2DModel.from_pretrained(nested if os.path.isdir(nested) else folder)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trained", required=True, help="the pipeline folder the training script wrote")
     parser.add_argument("--output", required=True, help="the packaged folder to (re)write")
+    parser.add_argument("--guidance-unet", help="the guide for autoguidance: an earlier checkpoint's UNet folder")
+    parser.add_argument("--guidance-scale", type=float, help="detail mode's default guidance scale (with a guide)")
     args = parser.parse_args(argv)
+    if (args.guidance_unet is None) != (args.guidance_scale is None):
+        parser.error("--guidance-unet and --guidance-scale go together")
 
-    pipeline = SR3Pipeline.from_pretrained(args.trained)
+    guidance = {}
+    if args.guidance_unet:
+        guidance = {"guidance_unet": load_unet(args.guidance_unet), "guidance_scale": args.guidance_scale}
+    pipeline = SR3Pipeline.from_pretrained(args.trained, **guidance)
     if not pipeline.config.get("residual") or pipeline.scheduler.config.prediction_type != "sample":
         raise ValueError(f"{args.trained} is not a residual x0-prediction model: not the shipped recipe")
     pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
-    pipeline.unet.to(torch.bfloat16)
-    for name in pipeline.unet._keep_in_fp32_modules:
-        module = getattr(pipeline.unet, name, None)
-        if module is not None:
-            module.float()
+    for unet in (pipeline.unet, pipeline.guidance_unet):
+        if unet is not None:
+            to_bfloat16(unet)
     parent = os.path.dirname(os.path.abspath(args.output))
     staging = tempfile.mkdtemp(prefix=".package-", dir=parent)
     try:

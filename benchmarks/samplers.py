@@ -8,16 +8,17 @@
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
 the split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of
 photos never trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
-`scheduler:steps[:eta=E][:temperature=T][:strength=S]` entry on the model's training schedule (or `fidelity:steps`:
-the pipeline's fidelity mode), all from the same seed,
+`scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G]` entry on the model's training schedule (or
+`fidelity:steps`: the pipeline's fidelity mode), all from the same seed,
 and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture
 crops, where bicubic keeps under 45% of the HR's edge energy), FID (with --fid; few images make it only indicative)
 and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
 the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
-ties. Writes samplers.json, samplers.md and samplers.png (bicubic | each entry | HR on the most detailed texture crops
-and the flattest crop, magnified) to --output.
+ties. `guidance_scale` (autoguidance) needs a model saved with a guidance UNet, or one given by --guidance-unet;
+entries without it run unguided, whatever the model's default. Writes samplers.json, samplers.md and samplers.png
+(bicubic | each entry | HR on the most detailed texture crops and the flattest crop, magnified) to --output.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_report  # noqa: E402  (a sibling script: its never-seen crops)
 
-from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
 from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import (
@@ -71,7 +72,7 @@ PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
 
 
-DETAIL_OPTIONS = ("eta", "temperature", "strength")
+DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale")
 
 
 def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
@@ -79,8 +80,8 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     `("fidelity", 4, {})`; refusing unknown schedulers and options and step counts below 1."""
     name, steps, *options = entry.split(":") + ([""] if ":" not in entry else [])
     expected = (
-        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S] with a scheduler in "
-        f"{sorted(SCHEDULERS)} or fidelity, and steps >= 1"
+        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G] with a "
+        f"scheduler in {sorted(SCHEDULERS)} or fidelity, and steps >= 1"
     )
     if (name not in SCHEDULERS and name != "fidelity") or not steps.isdigit() or int(steps) < 1:
         raise ValueError(expected)
@@ -114,7 +115,10 @@ def sample(
     """
     fidelity = scheduler == "fidelity"
     pipeline.scheduler = saved if fidelity else swap_scheduler(saved, scheduler)
-    mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **(options or {}))
+    options = dict(options or {})
+    if not fidelity and pipeline.guidance_unet is not None:
+        options.setdefault("guidance_scale", 1.0)  # entries name their guidance: none means unguided
+    mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **options)
     generator = torch.Generator().manual_seed(seed)
     outputs = []
     started = time.perf_counter()
@@ -123,10 +127,10 @@ def sample(
             low = (lr[start : start + batch_size] + 1) / 2
             images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
             outputs.append(images * 2 - 1)
-    # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep. Detail below
-    # strength 1 also runs the fidelity answer it starts from.
-    evaluations = pipeline.num_timesteps
-    if not fidelity and (options or {}).get("strength", 1.0) < 1:
+    # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep, two with the
+    # guide beside the UNet. Detail below strength 1 also runs the fidelity answer it starts from.
+    evaluations = pipeline.num_timesteps * (2 if not fidelity and pipeline.guided(options.get("guidance_scale")) else 1)
+    if not fidelity and options.get("strength", 1.0) < 1:
         evaluations += FIDELITY_STEPS
     return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
 
@@ -202,6 +206,9 @@ def picture(columns: List[torch.Tensor], texture: torch.Tensor, magnify: int) ->
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="SR3Pipeline folder (default: the packaged model)")
+    parser.add_argument(
+        "--guidance-unet", default=None, help="a UNet folder to guide the model by (for guidance_scale entries)"
+    )
     parser.add_argument("--entries", nargs="+", default=list(DEFAULT_ENTRIES), help="scheduler:steps, reference first")
     parser.add_argument("--crops", type=int, default=8, help="photo crops")
     parser.add_argument(
@@ -233,7 +240,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     model = args.model or default_model_path()
-    pipeline = SR3Pipeline.from_pretrained(model)
+    guide = {"guidance_unet": SR3UNet2DModel.from_pretrained(args.guidance_unet)} if args.guidance_unet else {}
+    pipeline = SR3Pipeline.from_pretrained(model, **guide)
     pipeline.set_progress_bar_config(disable=True)
     if args.photos:
         hr = model_report.unseen_crops(args.photos, args.crop_size, args.crops, args.seed + 2)

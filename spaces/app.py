@@ -202,7 +202,9 @@ def super_resolve(
     tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
     tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
     detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
-    evaluations = evaluations_per_crop(mode, steps if mode == "detail" else None, strength, sampler.scheduler)
+    evaluations = evaluations_per_crop(
+        mode, steps if mode == "detail" else None, strength, sampler.scheduler, sampler.guided()
+    )
     crops = crops_per_step(pipeline, image.size, self_ensemble=self_ensemble, max_tile_pixels=MAX_TILE_PIXELS)
     counter = EvaluationCounter(progress or (lambda done: None), evaluations * crops)
     started = time.perf_counter()

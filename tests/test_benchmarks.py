@@ -243,6 +243,50 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
     assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table
 
 
+def test_sampler_study_and_packaging_take_a_guide(tmp_path, x0_model_dir):
+    """--guidance-unet attaches a guide for `guidance_scale` entries; package_model ships one in bfloat16."""
+    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
+
+    guide = SR3UNet2DModel.from_pretrained(x0_model_dir / "unet")
+    for parameter in guide.parameters():
+        parameter.data.mul_(0.9)
+    guide.save_pretrained(tmp_path / "guide")
+    report = load("samplers").main(
+        [
+            "--model", str(x0_model_dir), "--guidance-unet", str(tmp_path / "guide"), "--entries", "ddim:3",
+            "ddim:3:guidance_scale=2", "ddim:10:strength=0.3:guidance_scale=2", "--crops", "2", "--crop-size", "32",
+            "--output", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    # The guide runs beside the UNet at each refinement step, not in the fidelity answer a strength below 1 starts from.
+    assert [row["evaluations"] for row in report["rows"]] == [3, 6, 4 + 2 * 3]
+    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 3
+    unguided = load("samplers").main(
+        ["--model", str(x0_model_dir), "--entries", "ddim:3", "--crops", "2", "--crop-size", "32"]
+        + ["--output", str(tmp_path / "plain")]
+    )
+    assert unguided["rows"][0]["psnr"] == report["rows"][0]["psnr"]  # entries without a scale run unguided
+    with pytest.raises(ValueError, match="scheduler:steps"):
+        load("samplers").parse_entry("fidelity:4:guidance_scale=2")
+
+    package = load("package_model")
+    package.main(
+        ["--trained", str(x0_model_dir), "--output", str(tmp_path / "packaged")]
+        + ["--guidance-unet", str(tmp_path / "guide"), "--guidance-scale", "2.5"]
+    )
+    packaged = SR3Pipeline.from_pretrained(tmp_path / "packaged")
+    assert packaged.config.guidance_scale == 2.5 and packaged.guided()
+    weights = (tmp_path / "packaged" / "guidance_unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert weights < 0.6 * (tmp_path / "guide" / "diffusion_pytorch_model.safetensors").stat().st_size  # bfloat16
+    for name, value in packaged.guidance_unet.state_dict().items():
+        original = guide.state_dict()[name]  # bfloat16-rounded, but for the float32 noise-level embeddings
+        assert torch.equal(value, original.to(torch.bfloat16).float()) or torch.equal(value, original)
+    with pytest.raises(SystemExit):
+        package.main(["--trained", str(x0_model_dir), "--output", str(tmp_path / "x"), "--guidance-scale", "2"])
+    section = load("model_report").modes_section(10, 1.0, 1.0, 2.5)
+    assert "guidance_scale=2.5)" in section and "autoguidance" in section
+
+
 def test_compare_models_pictures_every_model_on_the_reports_crops(tmp_path, x0_model_dir, capsys):
     from conftest import SAMPLES
 

@@ -467,11 +467,14 @@ def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, mo
         return np.asarray(PIL.Image.open(tmp_path / name)).astype(float)
 
     fidelity = upscale("fidelity.png")
+    # The packaged model's guide (autoguidance) runs beside its UNet at every detail step.
     detail = upscale("detail.png", "--mode", "detail", "--strength", "1")
-    assert len(calls) == DEFAULT_STEPS and totals[-1] == DEFAULT_STEPS
+    assert len(calls) == 2 * DEFAULT_STEPS and totals[-1] == 2 * DEFAULT_STEPS
     light = upscale("light.png", "--mode", "detail")  # the packaged model's detail strength
     assert DEFAULT_DETAIL_OPTIONS["strength"] == 0.6
-    # Its 10 detail steps: the fidelity answer's FIDELITY_STEPS, then the last 6 of 10.
+    # Its 10 detail steps: the fidelity answer's FIDELITY_STEPS (unguided), then the last 6 of 10, guided.
+    assert len(calls) == FIDELITY_STEPS + 2 * 6 and totals[-1] == FIDELITY_STEPS + 2 * 6
+    upscale("unguided.png", "--mode", "detail", "--guidance-scale", "1")
     assert len(calls) == FIDELITY_STEPS + 6 and totals[-1] == FIDELITY_STEPS + 6
     # Between the fidelity answer and a full refinement from noise.
     assert 0 < np.abs(light - fidelity).mean() < np.abs(detail - fidelity).mean()

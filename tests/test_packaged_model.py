@@ -36,6 +36,10 @@ def test_it_is_the_low_resolution_residual_model_with_its_sampler(packaged):
     with open(os.path.join(default_model_path(), "training_summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     assert summary["global_step"] == 62500 and summary["residual_scale"] == packaged.config.residual_scale
+    # Detail mode's guide (autoguidance): the same network, earlier in the same run.
+    public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
+    assert public(packaged.guidance_unet.config) == public(unet)
+    assert packaged.config.guidance_scale == 2.0 and packaged.guided()
     card = default_model_card()
     assert "model-index" in card and "--preset photos_x4" in card and "Two ways to sample" in card
 

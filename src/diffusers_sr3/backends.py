@@ -39,6 +39,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from .pipelines.base import step_networks
+
 BACKENDS = ("auto", "torch", "bf16", "onnx")
 
 
@@ -304,7 +306,8 @@ def swap_unet(pipeline: Any, unet: Any) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = None) -> Iterator[Any]:
-    """Run `pipeline`'s UNet on `backend` inside the block.
+    """Run `pipeline`'s UNet (and its guidance UNet, if it has one) on `backend` inside the block; yields the UNet's
+    stand-in.
 
     `"torch"`: unchanged; `"bf16"`: [`AutocastUNet`]; `"onnx"`: [`OnnxUNet`]; `"auto"`: see [`resolve_backend`].
     """
@@ -312,17 +315,22 @@ def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = 
     if backend == "torch":
         yield pipeline.unet
         return
-    if backend == "bf16":
-        unet = pipeline.unet
-        try:
-            with swap_unet(pipeline, AutocastUNet(unet)) as network:
-                yield network
-        finally:
-            unet.to(memory_format=torch.contiguous_format)
-        return
-    if pipeline.unet.device.type != "cpu":
-        raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
-    if pipeline.unet.dtype != torch.float32:
-        raise ValueError("the onnx backend runs in float32: load the pipeline in float32")
-    with swap_unet(pipeline, OnnxUNet.from_unet(pipeline.unet, threads=threads)) as unet:
-        yield unet
+    networks = step_networks(pipeline)
+    if backend == "onnx":
+        if pipeline.unet.device.type != "cpu":
+            raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
+        if any(network.dtype != torch.float32 for network in networks.values()):
+            raise ValueError("the onnx backend runs in float32: load the pipeline in float32")
+
+    def stand_in(network: torch.nn.Module) -> Any:
+        return OnnxUNet.from_unet(network, threads=threads) if backend == "onnx" else AutocastUNet(network)
+
+    try:
+        stand_ins = {name: stand_in(network) for name, network in networks.items()}
+        vars(pipeline).update(stand_ins)
+        yield stand_ins["unet"]
+    finally:
+        vars(pipeline).update(networks)
+        if backend == "bf16":
+            for network in networks.values():
+                network.to(memory_format=torch.contiguous_format)

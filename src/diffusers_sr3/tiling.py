@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from .image_processing import ImageInput
+from .pipelines.base import step_networks
 
 
 def _check_tiles(tile: int, overlap: int) -> None:
@@ -273,18 +274,21 @@ def tiled_unet(
     max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
     progress: Optional[Any] = None,
 ) -> Iterator[TiledNetwork]:
-    """Let `pipeline` refine in tiles for the duration of the `with` block.
+    """Let `pipeline` refine in tiles for the duration of the `with` block; yields the UNet's tiled stand-in.
 
-    The UNet is swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
-    save_pretrained writes) never sees the wrapper.
+    A pipeline's guidance UNet (autoguidance) is tiled the same way, counting into the same `progress`. The
+    networks are swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
+    save_pretrained writes) never sees the wrappers.
     """
-    network = pipeline.unet
-    wrapper = TiledNetwork(network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress)
-    vars(pipeline)["unet"] = wrapper
+    originals = step_networks(pipeline)
+    for name, network in originals.items():
+        vars(pipeline)[name] = TiledNetwork(
+            network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress
+        )
     try:
-        yield wrapper
+        yield pipeline.unet
     finally:
-        vars(pipeline)["unet"] = network
+        vars(pipeline).update(originals)
 
 
 def model_tile_size(pipeline: Any) -> int:

@@ -7,6 +7,7 @@ recorded the way Diffusers loads third-party code:
     pipeline_sr3.py         from diffusers_sr3 import SR3Pipeline
     unet/unet_sr3.py        from diffusers_sr3 import SR3UNet2DModel
     unet/config.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json
+    guidance_unet/...       optional (SR3Pipeline's autoguidance guide), laid out as unet/
 
 `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` runs those one-line files, which
 import the installed package. `SR3Pipeline.from_pretrained(...)` never runs code from the folder: it builds
@@ -49,6 +50,10 @@ PICKLE_WEIGHT_PATTERNS = ["*/*.bin", "*/*/*.bin"]
 # `from_pretrained` options passed on to every model component's `ModelMixin.from_pretrained`.
 MODEL_LOADING_OPTIONS = ("low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict")
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "trust_remote_code")
+
+# The networks a pipeline evaluates at every refinement step: its UNet and, for autoguidance, the guide. Tiling and
+# the backends stand in for each of them alike.
+STEP_NETWORKS = ("unet", "guidance_unet")
 
 GeneratorInput = Optional[Union[torch.Generator, List[torch.Generator]]]
 StepCallback = Union[Callable[..., Optional[Dict[str, Any]]], PipelineCallback, MultiPipelineCallbacks]
@@ -143,6 +148,11 @@ def _move_into(staging: str, target: str) -> None:
         os.replace(source, destination)
 
 
+def step_networks(pipeline: Any) -> Dict[str, Any]:
+    """The `STEP_NETWORKS` that `pipeline` has, by name, as its instance dictionary holds them (stand-ins included)."""
+    return {name: vars(pipeline)[name] for name in STEP_NETWORKS if vars(pipeline).get(name) is not None}
+
+
 def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
     """Scheduler steps a refinement of `strength` runs: the last `strength` of `num_inference_steps`, at least one."""
     return max(1, round(num_inference_steps * strength))
@@ -199,6 +209,8 @@ class SR3BasePipeline(DiffusionPipeline):
         latents: Optional[torch.Tensor] = None,
         init_sample: Optional[torch.Tensor] = None,
         strength: float = 1.0,
+        guide: Optional[Any] = None,
+        guidance_scale: float = 1.0,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterative refinement from noise of `shape` (or the given `latents`), conditioned on `condition`.
 
@@ -209,8 +221,9 @@ class SR3BasePipeline(DiffusionPipeline):
         `MultiPipelineCallbacks`) may replace `"latents"` and `"condition"`; setting `pipeline._interrupt` skips the
         remaining steps. With `init_sample` (a clean estimate in the network's scale) and `strength` below 1, only
         the last `strength` of the schedule runs, from `init_sample` noised to that level (Diffusers' image-to-image
-        `strength`). Returns the final image and the requested snapshots (float32, the scale the network works
-        in).
+        `strength`). With a `guide` network (autoguidance), each step's prediction is extrapolated away from the
+        guide's: `guide + guidance_scale * (unet - guide)`. Returns the final image and the requested snapshots
+        (float32, the scale the network works in).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -274,6 +287,9 @@ class SR3BasePipeline(DiffusionPipeline):
             # 2. The network takes the step's signal level (or timestep), not the scheduler's timestep value.
             signal_level = signal_levels[i].expand(shape[0])
             model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+            if guide is not None:
+                guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                model_output = guide_output + guidance_scale * (model_output - guide_output)
             # 3. The scheduler's update.
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             # 4. The callback may replace the noisy image and the condition.

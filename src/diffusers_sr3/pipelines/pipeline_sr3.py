@@ -29,13 +29,15 @@ def evaluations_per_crop(
     num_inference_steps: Optional[int] = None,
     strength: float = 1.0,
     scheduler: Optional[SchedulerMixin] = None,
+    guided: bool = False,
 ) -> int:
     """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments.
 
     Fidelity mode runs its steps; detail mode runs its steps from noise, or below strength 1 the fidelity answer's
     `FIDELITY_STEPS` and then the last `strength` of its steps. Detail mode counts the timesteps that `scheduler`
     (the pipeline's) lists, one evaluation each: a second-order scheduler (Heun) lists most steps twice. Without a
-    scheduler, one evaluation per step. Progress bars and time estimates count with it.
+    scheduler, one evaluation per step. `guided` (a guidance scale other than 1 with a `guidance_unet`) doubles
+    detail mode's refinement steps: the guide runs beside the UNet. Progress bars and time estimates count with it.
     """
     if mode == "fidelity":
         return FIDELITY_STEPS if num_inference_steps is None else num_inference_steps
@@ -45,9 +47,35 @@ def evaluations_per_crop(
         trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
         trial.set_timesteps(steps)
         listed, order = len(trial.timesteps), scheduler.order
+    per_step = 2 if guided else 1
     if strength >= 1:
-        return listed
-    return FIDELITY_STEPS + listed - (steps - steps_to_run(steps, strength)) * order
+        return per_step * listed
+    return FIDELITY_STEPS + per_step * (listed - (steps - steps_to_run(steps, strength)) * order)
+
+
+# What a guide must share with the UNet it guides: the same inputs and outputs, read the same way.
+_GUIDE_MUST_MATCH = ("in_channels", "out_channels", "conditioning_type", "condition_noise_embedding")
+
+
+def _check_guidance(unet: SR3UNet2DModel, guidance_unet: Optional[SR3UNet2DModel], guidance_scale: float) -> None:
+    """Refuse a guide that cannot stand beside `unet`, or a guidance scale with nothing to guide by."""
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be at least 0, got {guidance_scale}")
+    if guidance_unet is None:
+        if guidance_scale != 1:
+            raise ValueError(f"guidance_scale {guidance_scale:g} needs a guidance_unet; without one it must be 1")
+        return
+    for key in _GUIDE_MUST_MATCH:
+        if unet.config.get(key) != guidance_unet.config.get(key):
+            raise ValueError(
+                f"the guidance_unet has {key}={guidance_unet.config.get(key)!r} where the unet has "
+                f"{unet.config.get(key)!r}: a guide must take the same inputs as the model it guides"
+            )
+    if guidance_unet.downsampling_factor != unet.downsampling_factor:
+        raise ValueError(
+            f"the guidance_unet divides sizes by {guidance_unet.downsampling_factor}, the unet by "
+            f"{unet.downsampling_factor}: a guide must have the same downsampling factor"
+        )
 
 
 EXAMPLE_DOC_STRING = """
@@ -84,9 +112,18 @@ class SR3Pipeline(SR3BasePipeline):
         residual_scale (`float`, defaults to 1.0): Residual models diffuse `residual_scale * (HR - upsample)`, so
             that the residual has about unit variance, as the noise schedule assumes; the refined result is divided
             by it before it is added to the upsample. Measured from the training data by the training script.
+        guidance_unet ([`SR3UNet2DModel`], optional): A weaker model of the same task for autoguidance (Karras et
+            al., *Guiding a Diffusion Model with a Bad Version of Itself*, 2024): an earlier checkpoint of the same
+            training run, or a smaller network trained on the same data. Detail mode then extrapolates each step's
+            prediction away from the guide's, towards what the better model knows and the weaker one does not:
+            sharper, more photographic texture. Same input and output channels, conditioning and downsampling
+            factor as `unet`.
+        guidance_scale (`float`, defaults to 1.0): Detail mode's default guidance scale: `guide + guidance_scale *
+            (unet - guide)` at every step; 1 runs `unet` alone. Above 1 needs a `guidance_unet`.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->guidance_unet"
+    _optional_components = ["guidance_unet"]
     _callback_tensor_inputs = ["latents", "condition"]
 
     def __init__(
@@ -97,10 +134,13 @@ class SR3Pipeline(SR3BasePipeline):
         condition_noise_level: float = 0.0,
         residual: bool = False,
         residual_scale: float = 1.0,
+        guidance_unet: Optional[SR3UNet2DModel] = None,
+        guidance_scale: float = 1.0,
     ):
         super().__init__()
         if not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
+        _check_guidance(unet, guidance_unet, guidance_scale)
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
         condition_channels = unet.config.in_channels - unet.config.out_channels
@@ -109,12 +149,13 @@ class SR3Pipeline(SR3BasePipeline):
                 f"SR3Pipeline needs a conditional UNet (in_channels = out_channels + 3); this one has "
                 f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
             )
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, guidance_unet=guidance_unet)
         self.register_to_config(
             upscale_factor=int(upscale_factor),
             condition_noise_level=float(condition_noise_level),
             residual=bool(residual),
             residual_scale=float(residual_scale),
+            guidance_scale=float(guidance_scale),
         )
 
     def prepare_condition(
@@ -223,6 +264,11 @@ class SR3Pipeline(SR3BasePipeline):
                 total = total + torch.rot90(answer.flip(dims) if dims else answer, -turns, dims=(-2, -1))
         return postprocess(total / SELF_ENSEMBLE_SIZE * 2 - 1, output_type)
 
+    def guided(self, guidance_scale: Optional[float] = None) -> bool:
+        """Whether detail mode at `guidance_scale` (default: the pipeline's) runs the guidance UNet beside the UNet."""
+        scale = self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        return self.guidance_unet is not None and scale != 1
+
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
         if not self.config.get("residual", False):
@@ -249,6 +295,7 @@ class SR3Pipeline(SR3BasePipeline):
         latents: Optional[torch.Tensor] = None,
         strength: float = 1.0,
         self_ensemble: bool = False,
+        guidance_scale: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -301,6 +348,10 @@ class SR3Pipeline(SR3BasePipeline):
                 quarter-turns of the input, each turned back (EDSR's geometric self-ensemble). The network's
                 orientation-dependent errors partly cancel: higher PSNR/SSIM (+0.1 to +0.2 dB on photos) for 8 times
                 the network evaluations. Not with `num_intermediates`, `latents` or a step callback.
+            guidance_scale (`float`, optional): Detail mode, pipelines with a `guidance_unet`: autoguidance. Each
+                step's prediction becomes `guide + guidance_scale * (unet - guide)`, at twice the network
+                evaluations of those steps. 1 runs the UNet alone; above 1 draws sharper texture, too high
+                oversharpens. Defaults to the pipeline's `guidance_scale` (1 without a guide).
 
         Examples:
 
@@ -329,15 +380,20 @@ class SR3Pipeline(SR3BasePipeline):
         if not 0 < strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         init_sample = None
+        guide = None
         if mode == "detail":
+            guidance_scale = self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+            _check_guidance(self.unet, self.guidance_unet, guidance_scale)
+            guide = self.guidance_unet if self.guided(guidance_scale) else None
             steps, scheduler = DETAIL_STEPS if num_inference_steps is None else num_inference_steps, None
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1")
                 init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            if eta or temperature != 1.0 or strength != 1.0:
+            if eta or temperature != 1.0 or strength != 1.0 or guidance_scale not in (None, 1):
                 raise ValueError(
-                    "eta, temperature and strength apply to detail mode; fidelity mode is eta 0, temperature 0"
+                    "eta, temperature, strength and guidance_scale apply to detail mode; fidelity mode is eta 0, "
+                    "temperature 0, unguided"
                 )
             self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature = (
@@ -363,6 +419,8 @@ class SR3Pipeline(SR3BasePipeline):
             scheduler=scheduler,
             init_sample=init_sample,
             strength=strength,
+            guide=guide,
+            guidance_scale=1.0 if guide is None else guidance_scale,
         )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
