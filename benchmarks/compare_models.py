@@ -62,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PIL.Image.Image:
     parser.add_argument("--fidelity-steps", type=int, default=model_report.FIDELITY_STEPS)
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--strength", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="detail mode (default: each model's own)")
     parser.add_argument("--backend", default="auto", choices=model_report.BACKENDS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
