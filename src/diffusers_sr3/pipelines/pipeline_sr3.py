@@ -264,10 +264,13 @@ class SR3Pipeline(SR3BasePipeline):
                 total = total + torch.rot90(answer.flip(dims) if dims else answer, -turns, dims=(-2, -1))
         return postprocess(total / SELF_ENSEMBLE_SIZE * 2 - 1, output_type)
 
+    def _guidance_scale(self, guidance_scale: Optional[float]) -> float:
+        """Detail mode's guidance scale for a call's `guidance_scale`: the pipeline's own when it is None."""
+        return self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+
     def guided(self, guidance_scale: Optional[float] = None) -> bool:
         """Whether detail mode at `guidance_scale` (default: the pipeline's) runs the guidance UNet beside the UNet."""
-        scale = self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-        return self.guidance_unet is not None and scale != 1
+        return self.guidance_unet is not None and self._guidance_scale(guidance_scale) != 1
 
     def _to_image(self, result: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         """The image, in [-1, 1] scale, of what the network works on (the image, or the scaled residual)."""
@@ -382,7 +385,7 @@ class SR3Pipeline(SR3BasePipeline):
         init_sample = None
         guide = None
         if mode == "detail":
-            guidance_scale = self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+            guidance_scale = self._guidance_scale(guidance_scale)
             _check_guidance(self.unet, self.guidance_unet, guidance_scale)
             guide = self.guidance_unet if self.guided(guidance_scale) else None
             steps, scheduler = DETAIL_STEPS if num_inference_steps is None else num_inference_steps, None
