@@ -7,9 +7,9 @@ What it changes, and why:
   requires). They load as float32 by default: bf16 convolutions are slow on CPUs without bf16 units;
 - the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
   in 4 (the step-count and recipe studies);
-- with `--guidance-unet` (an earlier checkpoint of the same run: its `unet` folder, or the pipeline or checkpoint
-  folder holding one) and `--guidance-scale`, the pipeline carries a guide for detail mode's autoguidance, also in
-  bfloat16;
+- with `--guidance-unet` (an earlier checkpoint of the same run, `OUTPUT_DIR/checkpoint-<step>`: its EMA weights;
+  or a `unet` folder, or a pipeline folder holding one) and `--guidance-scale`, the pipeline carries a guide for
+  detail mode's autoguidance, also in bfloat16;
 - the training summary is kept (the model card quotes it); checkpoints, logs and the training-time card are not
   (the card is rewritten by `benchmarks/model_report.py --write-card` from the held-out evaluation).
 The output folder is replaced as a whole, after the new one is complete.
@@ -26,6 +26,7 @@ import torch
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.noise import swap_scheduler
+from diffusers_sr3.training.checkpointing import STATE_FILE, load_checkpoint_unet
 
 
 def to_bfloat16(unet: SR3UNet2DModel) -> SR3UNet2DModel:
@@ -39,7 +40,10 @@ def to_bfloat16(unet: SR3UNet2DModel) -> SR3UNet2DModel:
 
 
 def load_unet(folder: str) -> SR3UNet2DModel:
-    """The SR3 UNet in `folder`: a UNet folder, or a pipeline or checkpoint folder with a `unet` subfolder."""
+    """The SR3 UNet in `folder`: a UNet folder, a pipeline folder with a `unet` subfolder, or a training checkpoint
+    (`OUTPUT_DIR/checkpoint-<step>`: its EMA weights)."""
+    if os.path.isfile(os.path.join(folder, STATE_FILE)):
+        return load_checkpoint_unet(folder)
     nested = os.path.join(folder, "unet")
     return SR3UNet2DModel.from_pretrained(nested if os.path.isdir(nested) else folder)
 
@@ -48,7 +52,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trained", required=True, help="the pipeline folder the training script wrote")
     parser.add_argument("--output", required=True, help="the packaged folder to (re)write")
-    parser.add_argument("--guidance-unet", help="the guide for autoguidance: an earlier checkpoint's UNet folder")
+    parser.add_argument(
+        "--guidance-unet",
+        help="the guide for autoguidance: an earlier training checkpoint of the run, or a UNet or pipeline folder",
+    )
     parser.add_argument("--guidance-scale", type=float, help="detail mode's default guidance scale (with a guide)")
     args = parser.parse_args(argv)
     if (args.guidance_unet is None) != (args.guidance_scale is None):

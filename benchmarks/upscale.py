@@ -14,7 +14,8 @@ Rows (`--rows`):
 - `bicubic`: the condition alone (the package's antialiased bicubic), timed in-process.
 - `fidelity`, `detail`: the model (`--model`, default the packaged one) with the default settings
   (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX),
-  `--mode fidelity` / `--mode detail --steps STEPS`.
+  `--mode fidelity` / `--mode detail --steps STEPS` (detail mode with the model's guide, if it has one).
+- `detail, unguided`: the same without autoguidance (`--guidance-scale 1`): half the evaluations per refinement step.
 - `fidelity, self-ensemble`: the same with `--self-ensemble` (the 8 orientations' answers averaged).
 - `fidelity, float32`, `detail, float32`: the same in eager float32 (`--backend torch`): the untouched precision
   the default's PSNR is checked against (within 0.1 dB).
@@ -62,6 +63,7 @@ ROWS = (
     "bicubic",
     "fidelity",
     "detail",
+    "detail, unguided",
     "fidelity, self-ensemble",
     "fidelity, float32",
     "detail, float32",
@@ -157,6 +159,8 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
         arguments += ["--threads", "1"]
     if "self-ensemble" in row:
         arguments += ["--self-ensemble"]
+    if "unguided" in row:
+        arguments += ["--guidance-scale", "1"]
     return arguments
 
 

@@ -3,7 +3,7 @@
     accelerate launch examples/train_sr3.py --train_data_dir faces/ --preset sr_16_128 --use_ema \
         --train_batch_size 16 --max_train_steps 1000000 --mixed_precision bf16 --output_dir sr3-faces-16-128
 
-Every option is a field of `diffusers_sr3.training.TrainingConfig`: see `--help` and docs/training.md.
+Every option is a field of `diffusers_sr3.training.TrainingConfig`: see `--help` and README's "Training" section.
 """
 
 import sys

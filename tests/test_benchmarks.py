@@ -324,6 +324,7 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
         "bicubic",
         "fidelity",
         "detail",
+        "detail, unguided",
         "fidelity, self-ensemble",
         "fidelity, old tiling",
         "old model, old settings",
@@ -346,6 +347,13 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     # Detail: 3 steps measured at 1 and 2 and extrapolated; the old settings: 10 steps likewise.
     assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [1, 2]
     assert measured["old model, old settings"]["steps"] == 10 and not measured["fidelity"]["extrapolated"]
+    # The unguided row is the detail row with autoguidance turned off.
+    module = load("upscale")
+    options = argparse.Namespace(model="m", old_model="o")
+    assert module.row_arguments("detail, unguided", options, 10) == module.row_arguments("detail", options, 10) + [
+        "--guidance-scale",
+        "1",
+    ]
     study = report["tile_study"]
     assert [row["tile"] for row in study] == ["untiled", 16] and study[1]["psnr_vs_untiled"] > 5
     written = json.loads((tmp_path / "out" / "upscale.json").read_text())

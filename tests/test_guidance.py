@@ -200,3 +200,52 @@ def test_upscale_guidance_scale_option(tmp_path, capsys):
     assert main(bad + ["--mode", "fidelity", "--guidance-scale", "2"]) == 2
     assert "--guidance-scale" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_training_checkpoint_loads_as_the_guide_of_its_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_benchmarks import load
+    from test_training_resume import resume_options
+
+    from diffusers_sr3.training import load_checkpoint_unet, train
+
+    output = tmp_path / "run"
+    train(resume_options(tmp_path, output))  # 8 steps, EMA, checkpoints at steps 4 and 8
+    final = SR3Pipeline.from_pretrained(output)
+    last = load_checkpoint_unet(str(output / "checkpoint-8"))
+    # A checkpoint's EMA weights are what the run saves as its model at that step; use_ema=False gives the trained ones.
+    for name, value in final.unet.state_dict().items():
+        torch.testing.assert_close(last.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    trained = load_file(str(output / "checkpoint-8" / "model.safetensors"))
+    raw = load_checkpoint_unet(str(output / "checkpoint-8"), use_ema=False).state_dict()
+    assert all(torch.equal(raw[name], value) for name, value in trained.items())
+    assert not all(torch.equal(raw[name], value) for name, value in last.state_dict().items())
+
+    # The earlier checkpoint guides the final model; package_model takes the checkpoint folder as its guide too.
+    guide = load_checkpoint_unet(str(output / "checkpoint-4"))
+    assert not all(torch.equal(guide.state_dict()[name], value) for name, value in last.state_dict().items())
+    pipeline = SR3Pipeline.from_pretrained(output, guidance_unet=guide, guidance_scale=2.0)
+    pipeline.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 8, 8)
+    guided, unguided = (sample(pipeline, image, eta=None, guidance_scale=scale) for scale in (2.0, 1.0))  # DDPM
+    assert torch.isfinite(guided).all() and not torch.equal(guided, unguided)
+    packaged = load("package_model").load_unet(str(output / "checkpoint-4"))
+    assert all(torch.equal(packaged.state_dict()[name], value) for name, value in guide.state_dict().items())
+
+    # A checkpoint carries its config: a copy away from its run loads alone.
+    config = json.loads((output / "checkpoint-8" / "unet_config.json").read_text())
+    assert config["block_out_channels"] == final.unet.config.block_out_channels
+    alone = load_checkpoint_unet(shutil.copytree(output / "checkpoint-8", tmp_path / "elsewhere" / "checkpoint-8"))
+    assert all(torch.equal(alone.state_dict()[name], value) for name, value in last.state_dict().items())
+
+    # Checkpoints of earlier versions have no unet_config.json: the run's saved pipeline gives the config.
+    (output / "checkpoint-4" / "unet_config.json").unlink()
+    older = load_checkpoint_unet(str(output / "checkpoint-4"))
+    assert all(torch.equal(older.state_dict()[name], value) for name, value in guide.state_dict().items())
+    moved = shutil.move(str(output / "checkpoint-4"), str(tmp_path / "checkpoint-4"))
+    with pytest.raises(FileNotFoundError, match="unet_config.json"):
+        load_checkpoint_unet(moved)
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        load_checkpoint_unet(str(output / "unet"))

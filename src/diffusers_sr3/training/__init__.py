@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import TrainingConfig, add_training_arguments, config_from_args
 
-__all__ = ["Trainer", "TrainingConfig", "add_training_arguments", "config_from_args", "train"]
+__all__ = ["Trainer", "TrainingConfig", "add_training_arguments", "config_from_args", "load_checkpoint_unet", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from . import trainer
 
         return getattr(trainer, name)
+    if name == "load_checkpoint_unet":
+        from .checkpointing import load_checkpoint_unet
+
+        return load_checkpoint_unet
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

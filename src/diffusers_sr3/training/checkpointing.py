@@ -1,9 +1,10 @@
 """Resumable checkpoints that are never half-written.
 
 A checkpoint is a folder `checkpoint-<step>` in the output folder holding accelerate's state (model, optimizer,
-LR schedule, RNG states of every process), the EMA weights (safetensors) and `training_state.json`. It is
-written under a temporary name and renamed into place only when complete, so a run killed while saving leaves
-the previous checkpoints, and `latest`, intact.
+LR schedule, RNG states of every process), the EMA weights (safetensors), the UNet's config (`unet_config.json`)
+and `training_state.json`. It is written under a temporary name and renamed into place only when complete, so a
+run killed while saving leaves the previous checkpoints, and `latest`, intact. `load_checkpoint_unet` turns one
+into an `SR3UNet2DModel` (an earlier checkpoint of a run is the autoguidance guide of its final model).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models.unet_sr3 import convert_legacy_parameter_list
+from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_parameter_list
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
+UNET_CONFIG_FILE = "unet_config.json"
+# accelerate's copy of the trained (not averaged) weights, and the prefixes its wrappers may add to their names.
+MODEL_FILE = "model.safetensors"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _TEMPORARY_PREFIX = ".tmp-checkpoint-"
 
@@ -74,12 +79,22 @@ def remove_stale_temporaries(output_dir: str) -> None:
 
 
 def finish_checkpoint(
-    temporary: str, output_dir: str, step: int, state: Dict[str, Any], ema: Optional[Any], total_limit: Optional[int]
+    temporary: str,
+    output_dir: str,
+    step: int,
+    state: Dict[str, Any],
+    ema: Optional[Any],
+    total_limit: Optional[int],
+    unet_config: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """Write the EMA and the step counter into `temporary`, rename it to `checkpoint-<step>`, prune old ones.
+    """Write the EMA, the UNet config and the step counter into `temporary`, rename it to `checkpoint-<step>`, prune
+    old ones.
 
     Call on the main process after every process has written its part of accelerate's state.
     """
+    if unet_config is not None:
+        with open(os.path.join(temporary, UNET_CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(dict(unet_config), handle, indent=2, sort_keys=True)
     if ema is not None:
         shadow = {f"{index:05d}": tensor.detach().cpu().contiguous() for index, tensor in enumerate(ema.shadow_params)}
         save_file(shadow, os.path.join(temporary, EMA_FILE))
@@ -123,3 +138,57 @@ def load_checkpoint_extras(path: str, ema: Optional[Any], model: Optional[Any] =
             for index, param in enumerate(ema.shadow_params):
                 param.copy_(shadow[f"{index:05d}"].to(param.device, param.dtype))
     return state
+
+
+def load_checkpoint_unet(path: str, use_ema: bool = True) -> SR3UNet2DModel:
+    """The UNet of a training checkpoint (`OUTPUT_DIR/checkpoint-<step>`), in float32 and eval mode.
+
+    Args:
+        path: a complete checkpoint folder.
+        use_ema: take the EMA weights (what the run saves as its model) when the checkpoint has them; False, or a
+            run without `--use_ema`, takes the trained weights.
+
+    Returns:
+        An `SR3UNet2DModel`, e.g. the guide of the run's final model:
+        `SR3Pipeline.from_pretrained(OUTPUT_DIR, guidance_unet=load_checkpoint_unet(...), guidance_scale=2)`.
+
+    The config is the checkpoint's `unet_config.json`; checkpoints saved before it was written take the config of the
+    pipeline the same run saved in its output folder.
+    """
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
+    config_file = os.path.join(path, UNET_CONFIG_FILE)
+    if not os.path.isfile(config_file):
+        config_file = os.path.join(os.path.dirname(os.path.abspath(path)), "unet", "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{path} has no {UNET_CONFIG_FILE} (checkpoints of earlier versions lack it), and its "
+                "output folder holds no saved pipeline (unet/config.json) to take the config from"
+            )
+    unet = SR3UNet2DModel.from_config(SR3UNet2DModel.load_config(config_file))
+    parameters = list(unet.parameters())
+    ema_path = os.path.join(path, EMA_FILE)
+    if use_ema and os.path.isfile(ema_path):
+        shadow = load_file(ema_path)
+        values = [shadow[f"{index:05d}"] for index in range(len(shadow))]
+        if len(values) != len(parameters):
+            values = convert_legacy_parameter_list(unet, values)
+        with torch.no_grad():
+            for parameter, value in zip(parameters, values):
+                if parameter.shape != value.shape:
+                    raise ValueError(f"{ema_path} does not fit the config in {config_file}")
+                parameter.copy_(value)
+    else:
+        model_path = os.path.join(path, MODEL_FILE)
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"{path} has no {MODEL_FILE}: not a checkpoint of a single-UNet training run")
+        weights = {}
+        for name, value in load_file(model_path).items():
+            for prefix in _WRAPPER_PREFIXES:
+                name = name[len(prefix) :] if name.startswith(prefix) else name
+            weights[name] = value
+        try:
+            unet.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ValueError(f"{model_path} does not fit the config in {config_file}: {error}") from None
+    return unet.eval()

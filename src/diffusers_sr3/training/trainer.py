@@ -789,7 +789,10 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = dict(global_step=step, epoch=epoch, batches_in_epoch=batches)
-            path = finish_checkpoint(temporary, config.output_dir, step, state, ema, config.checkpoints_total_limit)
+            unet_config = accelerator.unwrap_model(self.model).config
+            path = finish_checkpoint(
+                temporary, config.output_dir, step, state, ema, config.checkpoints_total_limit, unet_config
+            )
             logger.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
 
