@@ -4,9 +4,11 @@ The shipped `sr3-photos-x4` restores about half the HR's edge energy on texture,
 stay at FID 0.92x bicubic's in detail mode (docs/quality.md): at 2-core CPU budgets every recipe change, loss and
 sampler was tried. What is left is capacity and steps: this script trains the `photos_x4` network at `--width`
 (default 128: 4x the multiply-adds of the shipped 64) from scratch on the training photographs' tiles for `--minutes`,
-with the shipped recipe at a large batch, then runs `model_report.py` on it (held-out photos, never-seen photos,
-the original's faces) and saves every output as 8-bit so that FID, whose Inception network does not travel to the
-device, is computed back here:
+with the shipped recipe at a large batch, packages it as the shipped model is packaged (its guide for autoguidance:
+the run's own checkpoint nearest `--guide-fraction` of the steps, at `--guidance-scale`, as the shipped step 26,063 of
+62,500 at scale 2), then runs `model_report.py` on it (held-out photos, never-seen photos, the original's faces) and
+saves every output as 8-bit so that FID, whose Inception network does not travel to the device, is computed back
+here:
 
     # here, once: what the device lacks, in a folder that git ignores and the call carries (about 15 MB of 64 MiB)
     echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/photos .gpu/unseen .gpu/faces
@@ -69,7 +71,7 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         max_train_steps=args.max_steps,
         max_train_minutes=args.minutes,
-        checkpointing_steps=0,
+        checkpointing_steps=args.checkpoint_every,
         validation_steps=0,
         dataloader_num_workers=args.workers,
         seed=0,
@@ -78,6 +80,16 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
     )
     train(config)
     return output_dir
+
+
+def guide_checkpoint(output_dir: str, steps: int, fraction: float) -> Optional[str]:
+    """The run's checkpoint nearest `fraction` of its `steps` (the final step excluded), or None if it saved none."""
+    from diffusers_sr3.training.checkpointing import list_checkpoints
+
+    earlier = [path for path in list_checkpoints(output_dir) if int(path.rsplit("-", 1)[1]) < steps]
+    if not earlier:
+        return None
+    return min(earlier, key=lambda path: abs(int(path.rsplit("-", 1)[1]) - fraction * steps))
 
 
 def fid_of_outputs(paths: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -117,6 +129,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="the recipe study's fastest start")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8, help="data loader processes")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=1000, help="training checkpoints, the candidates for the guide"
+    )
+    parser.add_argument(
+        "--guide-fraction", type=float, default=0.42, help="the guide: the checkpoint nearest this share of the steps"
+    )
+    parser.add_argument("--guidance-scale", type=float, default=2.0, help="detail mode's autoguidance scale")
     parser.add_argument("--crops", type=int, default=256, help="held-out crops (model_report.py)")
     parser.add_argument("--unseen-crops", type=int, default=256, help="never-seen crops (model_report.py)")
     args = parser.parse_args(argv)
@@ -143,7 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         photo_tiles.main(["--output", tiles, "--extra", *(find_images(args.photos) if args.photos else [])])
         trained = train_wide_model(tiles, os.path.join(work, "trained"), args)
         model = os.path.join(work, "model")
-        package_model.main(["--trained", trained, "--output", model])  # as the shipped model: DDIM, bf16 weights
+        summary = json.load(open(os.path.join(trained, "training_summary.json"), encoding="utf-8"))
+        guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
+        guidance = ["--guidance-unet", guide, "--guidance-scale", str(args.guidance_scale)] if guide else []
+        # As the shipped model: DDIM, bf16 weights, an earlier checkpoint of the run as the guide.
+        package_model.main(["--trained", trained, "--output", model, *guidance])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         report_args = ["--model", model, "--output", args.output, "--no-fid", "--save-outputs", "--device", device]
         report_args += ["--crops", str(args.crops), "--strength", "0.6", "--eta", "1"]
@@ -152,13 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.faces:
             report_args += ["--faces", args.faces]
         report = model_report.main(report_args)
-        summary = json.load(open(os.path.join(model, "training_summary.json"), encoding="utf-8"))
     report["training"] = dict(
         width=args.width,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         steps=summary["global_step"],
         steps_per_second=summary["steps_per_second"],
         batch_size=args.batch_size,
+        guide_step=int(guide.rsplit("-", 1)[1]) if guide else None,
     )
     with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)

@@ -398,10 +398,12 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     out = tmp_path / "out"
     gpu_quality = load("gpu_quality")
     report = gpu_quality.main(
-        ["--output", str(out), "--width", "32", "--max-steps", "2", "--batch-size", "2", "--workers", "0"]
-        + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3"]
+        ["--output", str(out), "--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0"]
+        + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3", "--checkpoint-every", "1"]
     )
-    assert report["training"]["width"] == 32 and report["training"]["steps"] == 2
+    assert report["training"]["width"] == 32 and report["training"]["steps"] == 3
+    # The guide: the checkpoint nearest 42% of the 3 steps, and detail mode guided at the shipped scale.
+    assert report["training"]["guide_step"] == 1 and report["guidance_scale"] == 2.0
     assert set(report["sets"]) == {"held-out photos", "never-seen photos"}
     assert report["sets"]["never-seen photos"]["images"] == 3
     outputs = ["outputs_held-out-photos.npz", "outputs_never-seen-photos.npz"]  # one per set: each under 16 MiB
