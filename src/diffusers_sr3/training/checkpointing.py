@@ -126,18 +126,25 @@ def load_checkpoint_extras(path: str, ema: Optional[Any], model: Optional[Any] =
         ema_path = os.path.join(path, EMA_FILE)
         if not os.path.isfile(ema_path):
             raise FileNotFoundError(f"{path} has no EMA weights ({EMA_FILE}): it was saved without --use_ema")
-        shadow = load_file(ema_path)
-        if model is not None and len(shadow) != len(ema.shadow_params):
-            legacy = [shadow[f"{index:05d}"] for index in range(len(shadow))]
-            shadow = {f"{i:05d}": value for i, value in enumerate(convert_legacy_parameter_list(model, legacy))}
-        if len(shadow) != len(ema.shadow_params):
-            raise ValueError(f"{ema_path} holds {len(shadow)} tensors, the model has {len(ema.shadow_params)}")
+        weights = _read_ema_weights(ema_path, len(ema.shadow_params), model)
         settings = dict(state.get("ema", {}))
         ema.load_state_dict(settings)
         with torch.no_grad():
-            for index, param in enumerate(ema.shadow_params):
-                param.copy_(shadow[f"{index:05d}"].to(param.device, param.dtype))
+            for param, value in zip(ema.shadow_params, weights):
+                param.copy_(value.to(param.device, param.dtype))
     return state
+
+
+def _read_ema_weights(ema_path: str, parameter_count: int, model: Optional[Any] = None) -> List[torch.Tensor]:
+    """The EMA weights in `ema_path`, in the model's parameter order; with `model`, those saved by diffusers-sr3
+    0.1.0 (attention before Diffusers' `Attention`) are converted."""
+    shadow = load_file(ema_path)
+    weights = [shadow[f"{index:05d}"] for index in range(len(shadow))]
+    if model is not None and len(weights) != parameter_count:
+        weights = convert_legacy_parameter_list(model, weights)
+    if len(weights) != parameter_count:
+        raise ValueError(f"{ema_path} holds {len(weights)} tensors, the model has {parameter_count}")
+    return weights
 
 
 def load_checkpoint_unet(path: str, use_ema: bool = True) -> SR3UNet2DModel:
@@ -169,12 +176,8 @@ def load_checkpoint_unet(path: str, use_ema: bool = True) -> SR3UNet2DModel:
     parameters = list(unet.parameters())
     ema_path = os.path.join(path, EMA_FILE)
     if use_ema and os.path.isfile(ema_path):
-        shadow = load_file(ema_path)
-        values = [shadow[f"{index:05d}"] for index in range(len(shadow))]
-        if len(values) != len(parameters):
-            values = convert_legacy_parameter_list(unet, values)
         with torch.no_grad():
-            for parameter, value in zip(parameters, values):
+            for parameter, value in zip(parameters, _read_ema_weights(ema_path, len(parameters), unet)):
                 if parameter.shape != value.shape:
                     raise ValueError(f"{ema_path} does not fit the config in {config_file}")
                 parameter.copy_(value)
