@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,14 +82,17 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
     return output_dir
 
 
-def guide_checkpoint(output_dir: str, steps: int, fraction: float) -> Optional[str]:
-    """The run's checkpoint nearest `fraction` of its `steps` (the final step excluded), or None if it saved none."""
+def guide_checkpoint(output_dir: str, steps: int, fraction: float) -> Optional[Tuple[int, str]]:
+    """The step and folder of the run's checkpoint nearest `fraction` of its `steps` (the final step excluded), or
+    None if it saved none before."""
     from diffusers_sr3.training.checkpointing import list_checkpoints
 
-    earlier = [path for path in list_checkpoints(output_dir) if int(path.rsplit("-", 1)[1]) < steps]
+    earlier = {int(path.rsplit("-", 1)[1]): path for path in list_checkpoints(output_dir)}
+    earlier = {step: path for step, path in earlier.items() if step < steps}
     if not earlier:
         return None
-    return min(earlier, key=lambda path: abs(int(path.rsplit("-", 1)[1]) - fraction * steps))
+    step = min(earlier, key=lambda step: abs(step - fraction * steps))
+    return step, earlier[step]
 
 
 def fid_of_outputs(paths: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -164,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model = os.path.join(work, "model")
         summary = json.load(open(os.path.join(trained, "training_summary.json"), encoding="utf-8"))
         guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
-        guidance = ["--guidance-unet", guide, "--guidance-scale", str(args.guidance_scale)] if guide else []
+        guidance = ["--guidance-unet", guide[1], "--guidance-scale", str(args.guidance_scale)] if guide else []
         # As the shipped model: DDIM, bf16 weights, an earlier checkpoint of the run as the guide.
         package_model.main(["--trained", trained, "--output", model, *guidance])
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps=summary["global_step"],
         steps_per_second=summary["steps_per_second"],
         batch_size=args.batch_size,
-        guide_step=int(guide.rsplit("-", 1)[1]) if guide else None,
+        guide_step=guide[0] if guide else None,
     )
     with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
