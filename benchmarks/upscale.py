@@ -14,7 +14,8 @@ Rows (`--rows`):
 - `bicubic`: the condition alone (the package's antialiased bicubic), timed in-process.
 - `fidelity`, `detail`: the model (`--model`, default the packaged one) with the default settings
   (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX),
-  `--mode fidelity` / `--mode detail --steps STEPS` (detail mode with the model's guide, if it has one).
+  `--mode fidelity` / `--mode detail --steps STEPS` at the packaged model's detail settings (`--eta 1 --strength
+  0.6`, which `--model` alone would not apply), with the model's guide if it has one.
 - `detail, unguided`: the same without autoguidance (`--guidance-scale 1`): half the evaluations per refinement step.
 - `fidelity, self-ensemble`: the same with `--self-ensemble` (the 8 orientations' answers averaged).
 - `fidelity, float32`, `detail, float32`: the same in eager float32 (`--backend torch`): the untouched precision
@@ -57,7 +58,7 @@ from diffusers_sr3.image_processing import degrade, images_to_tensor, tensor_to_
 from diffusers_sr3.metrics import psnr
 from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_name, photo_split
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
-from diffusers_sr3.pretrained import DEFAULT_STEPS, default_model_path
+from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_path
 
 ROWS = (
     "bicubic",
@@ -148,7 +149,11 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
     if row == "old model, old settings":
         return ["--model", args.old_model, "--mode", "detail", "--steps", str(steps), "--backend", "torch", *OLD_TILING]
     arguments = ["--model", args.model]
-    arguments += ["--mode", "fidelity"] if row.startswith("fidelity") else ["--mode", "detail", "--steps", str(steps)]
+    if row.startswith("fidelity"):
+        arguments += ["--mode", "fidelity"]
+    else:  # `--model` turns off the packaged model's own detail settings: these rows time them on any model
+        arguments += ["--mode", "detail", "--steps", str(steps)]
+        arguments += [f"--{name}={value:g}" for name, value in DEFAULT_DETAIL_OPTIONS.items()]
     if "onnx" in row:
         arguments += ["--backend", "onnx"]
     if "float32" in row:

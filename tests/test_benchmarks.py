@@ -347,9 +347,13 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     # Detail: 3 steps measured at 1 and 2 and extrapolated; the old settings: 10 steps likewise.
     assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [1, 2]
     assert measured["old model, old settings"]["steps"] == 10 and not measured["fidelity"]["extrapolated"]
-    # The unguided row is the detail row with autoguidance turned off.
+    # Detail rows run the packaged model's detail settings; the unguided row turns autoguidance off on top.
     module = load("upscale")
     options = argparse.Namespace(model="m", old_model="o")
+    assert module.row_arguments("detail", options, 10) == ["--model", "m", "--mode", "detail", "--steps", "10"] + [
+        "--eta=1",
+        "--strength=0.6",
+    ]
     assert module.row_arguments("detail, unguided", options, 10) == module.row_arguments("detail", options, 10) + [
         "--guidance-scale",
         "1",
