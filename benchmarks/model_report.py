@@ -3,11 +3,15 @@
     python benchmarks/model_report.py --model src/diffusers_sr3/pretrained/sr3-photos-x4 \
         --faces ../shared/data/original_samples --output report/ --write-card
 
-Two test sets, neither seen in training:
+Test sets, none seen in training:
 - held-out photos: random crops of the packaged photographs that `diffusers_sr3.photos.photo_split` holds out
   (the split the training run used: whole photos, so no held-out pixel was trained on);
+- never-seen photos (`--unseen`): random crops of photos of another collection, neither trained on nor held out;
 - faces: the high-resolution sample faces of the original SR3 project (`--faces`, their `hr_*` folders), resized
   to --face-size, degraded x4 and super-resolved (in tiles when larger than the model's training size).
+Each photo crop is degraded and super-resolved on its own; with --whole-photos each held-out and never-seen photo is
+degraded and super-resolved whole, as `sr3 upscale` runs it, and the crops are cut from every output at the same
+places.
 For SR3 (the pipeline's saved scheduler, --steps) and for bicubic: PSNR, SSIM, consistency, per-channel colour
 error, edge energy relative to HR and FID (offline Inception; with few images FID is only indicative).
 Writes report.json, report.md and evaluation.png (LR | bicubic | SR3 | HR) to --output; --write-card also writes
@@ -22,7 +26,7 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -47,7 +51,14 @@ from diffusers_sr3.metrics import (
     quantize,
 )
 from diffusers_sr3.model_card import write_model_card
-from diffusers_sr3.photos import heldout_crops, photo_crops, photo_name
+from diffusers_sr3.photos import (
+    heldout_crops,
+    load_photo,
+    packaged_photo_paths,
+    photo_crops,
+    photo_name,
+    photo_split,
+)
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.tiling import tiled_super_resolve
 
@@ -104,21 +115,38 @@ def fids(metric: Any, real: torch.Tensor, fakes: Sequence[torch.Tensor]) -> List
     return values
 
 
-def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespace, fid: Any) -> Dict[str, Any]:
-    """Both sampling modes and bicubic on one test set: metrics, FID, and the images for the pictures."""
-    factor = pipeline.config.upscale_factor
-    lr, bicubic = degrade(hr, factor)
-    # The model sees what a user's file holds: the low-resolution input quantised to 8 bits, as bicubic does.
-    lr = quantize(lr).float() / 127.5 - 1
-    bicubic = upsample_condition(lr, tuple(hr.shape[-2:]))
-    outputs = {"bicubic": bicubic.clamp(-1, 1)}
+def low_resolution_input(hr: torch.Tensor, factor: int) -> torch.Tensor:
+    """The x`factor` input of `hr` as a user's file holds it: downsampled, then quantised to 8 bits."""
+    lr, _ = degrade(hr, factor)
+    return quantize(lr).float() / 127.5 - 1
+
+
+def run_methods(
+    pipeline: SR3Pipeline, lr: torch.Tensor, size: Tuple[int, int], args: argparse.Namespace
+) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Bicubic and the SR3 modes on `lr`, and detail mode again with the next seed (None without detail mode)."""
+    outputs = {"bicubic": upsample_condition(lr, size).clamp(-1, 1)}
     for mode in args.modes:
         outputs[f"SR3 {mode}"] = super_resolve(pipeline, lr, mode, args)
         if mode == "fidelity" and args.self_ensemble:
             outputs[SELF_ENSEMBLE] = super_resolve(pipeline, lr, mode, args, self_ensemble=True)
+    other_seed = super_resolve(pipeline, lr, "detail", args, seed=args.seed + 1) if "detail" in args.modes else None
+    return outputs, other_seed
+
+
+def score_set(
+    hr: torch.Tensor,
+    lr: torch.Tensor,
+    outputs: Dict[str, torch.Tensor],
+    other_seed: Optional[torch.Tensor],
+    fid: Any,
+    consistency: Optional[Dict[str, float]] = None,
+) -> Dict[str, Any]:
+    """Metrics, FID and edges by kind of crop of each method's outputs; `consistency` replaces the crops' own."""
     results = {name: image_quality(images, hr, lr) for name, images in outputs.items()}
-    if "detail" in args.modes:
-        other_seed = super_resolve(pipeline, lr, "detail", args, seed=args.seed + 1)
+    for name, value in (consistency or {}).items():
+        results[name]["consistency"] = value
+    if other_seed is not None:
         results["SR3 detail"]["two_seeds_differ_255"] = float((other_seed - outputs["SR3 detail"]).abs().mean()) * 127.5
     if fid is not None:
         for name, value in zip(outputs, fids(fid, hr, list(outputs.values()))):
@@ -130,6 +158,81 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
         "edges_by_content": edges_by_content(hr, outputs),
         "tensors": (lr, outputs, hr),
     }
+
+
+def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespace, fid: Any) -> Dict[str, Any]:
+    """Both sampling modes and bicubic on one test set, each crop degraded and super-resolved on its own."""
+    lr = low_resolution_input(hr, pipeline.config.upscale_factor)
+    outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
+    return score_set(hr, lr, outputs, other_seed, fid)
+
+
+def crop_positions(
+    sizes: Sequence[Tuple[int, int]], size: int, count: int, seed: int, step: int
+) -> List[Tuple[int, int, int]]:
+    """`count` random `(photo, top, left)` of `size` crops on a grid of `step` pixels, every position of every
+    photo equally likely."""
+    places = [((height - size) // step + 1, (width - size) // step + 1) for height, width in sizes]
+    totals = np.array([max(rows, 0) * max(columns, 0) for rows, columns in places], dtype=np.float64)
+    if not totals.sum():
+        raise ValueError(f"no photo is at least {size}x{size} pixels")
+    rng = np.random.default_rng(seed)
+    positions = []
+    for photo in rng.choice(len(sizes), size=count, p=totals / totals.sum()):
+        rows, columns = places[photo]
+        positions.append((int(photo), int(rng.integers(rows)) * step, int(rng.integers(columns)) * step))
+    return positions
+
+
+def evaluate_whole_photos(
+    pipeline: SR3Pipeline,
+    paths: Sequence[Union[str, pathlib.Path]],
+    count: int,
+    seed: int,
+    args: argparse.Namespace,
+    fid: Any,
+    max_side: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Both modes and bicubic on whole photos, as `sr3 upscale` runs them, scored on `count` crops cut at the same
+    places from every output: the network sees each crop's surroundings, as it does for a user.
+
+    A crop's consistency is measured on its photo's downsampled output: the downsample of the crop alone would
+    differ from the photo's along the crop's border, for every method.
+    """
+    factor, size = pipeline.config.upscale_factor, args.crop_size
+    photos = []
+    for path in paths:
+        hr = images_to_tensor(load_photo(path, max_side))
+        photos.append(hr[..., : hr.shape[-2] // factor * factor, : hr.shape[-1] // factor * factor])
+    positions = crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, factor)
+    crops: Dict[str, List[torch.Tensor]] = {}
+    consistency: Dict[str, List[torch.Tensor]] = {}
+
+    def cut(name: str, image: torch.Tensor, top: int, left: int, side: int) -> None:
+        crops.setdefault(name, []).append(image[..., top : top + side, left : left + side])
+
+    for index, hr in enumerate(photos):
+        lr = low_resolution_input(hr, factor)
+        outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
+        whole = dict(outputs, hr=hr, **({} if other_seed is None else {"other seed": other_seed}))
+        downsampled = {
+            name: resize_bicubic(quantize(image).float() / 127.5 - 1, tuple(lr.shape[-2:]))
+            for name, image in outputs.items()
+        }
+        for photo, top, left in positions:
+            if photo != index:
+                continue
+            for name, image in whole.items():
+                cut(name, image, top, left, size)
+            low_top, low_left, low_size = top // factor, left // factor, size // factor
+            cut("lr", lr, low_top, low_left, low_size)
+            for name, image in downsampled.items():
+                error = (image - lr)[..., low_top : low_top + low_size, low_left : low_left + low_size]
+                consistency.setdefault(name, []).append((error.double() / 2).pow(2).mean())
+    stacked = {name: torch.cat(parts) for name, parts in crops.items()}
+    hr, lr, other_seed = stacked.pop("hr"), stacked.pop("lr"), stacked.pop("other seed", None)
+    mean_consistency = {name: float(torch.stack(values).mean()) for name, values in consistency.items()}
+    return score_set(hr, lr, stacked, other_seed, fid, mean_consistency)
 
 
 # Crops grouped by the share of the HR's edge energy that bicubic keeps: little where the detail is finer than the
@@ -198,6 +301,12 @@ def markdown(report: Dict[str, Any]) -> str:
             "; self-ensemble: the fidelity answers for the input's 8 flips and quarter-turns, averaged"
             if report.get("self_ensemble")
             else ""
+        )
+        + (
+            ". Photos super-resolved whole, as `sr3 upscale` does, and the crops cut from the outputs (consistency "
+            "on the photo's downsampled output)"
+            if report.get("whole_photos")
+            else ". Each crop degraded and super-resolved on its own"
         )
         + ". LR inputs are 8-bit for every method. Consistency: MSE between the input and the downsampled output "
         "(images in [0, 1]), shown x1e-5. FID from the offline Inception; below ~1000 images it is indicative.",
@@ -292,6 +401,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument(
         "--self-ensemble", action="store_true", help="also fidelity mode averaged over the 8 flips and quarter-turns"
     )
+    parser.add_argument(
+        "--whole-photos",
+        action="store_true",
+        help="super-resolve the held-out and never-seen photos whole, as `sr3 upscale` does, and cut the crops from "
+        "the outputs (default: each crop is degraded and super-resolved on its own, without its surroundings)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--backend", default="auto", choices=BACKENDS, help="as `sr3 upscale --backend` (auto: bf16 autocast on AMX)"
@@ -316,12 +431,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # The detail mode's guidance as run (the model's own unless --guidance-scale); None: an unguided model.
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
     guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
-    crops, heldout_paths = heldout_crops(
-        args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
-    )
     fid = None if args.no_fid else frechet_inception_distance()
-    sets = {"held-out photos": evaluate_set(pipeline, crops, args, fid)}
-    if args.unseen:
+    if args.whole_photos:
+        _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
+        heldout = evaluate_whole_photos(pipeline, heldout_paths, args.crops, args.seed + 1, args, fid, args.max_side)
+    else:
+        crops, heldout_paths = heldout_crops(
+            args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side
+        )
+        heldout = evaluate_set(pipeline, crops, args, fid)
+    sets = {"held-out photos": heldout}
+    if args.unseen and args.whole_photos:
+        unseen_paths = find_images([args.unseen])
+        sets["never-seen photos"] = evaluate_whole_photos(
+            pipeline, unseen_paths, args.unseen_crops, args.seed + 2, args, fid
+        )
+    elif args.unseen:
         unseen = unseen_crops(args.unseen, args.crop_size, args.unseen_crops, args.seed + 2)
         sets["never-seen photos"] = evaluate_set(pipeline, unseen, args, fid)
     if args.faces:
@@ -336,6 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "strength": args.strength,
         "guidance_scale": guidance_scale,
         "self_ensemble": args.self_ensemble,
+        "whole_photos": args.whole_photos,
         "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
     }
@@ -376,7 +502,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 for name, values in photos.items()
             },
             reported_method=reported,
-            evaluation_dataset=f"held-out photos, {args.crops} crops of {args.crop_size}px",
+            evaluation_dataset=f"held-out photos, {args.crops} crops of {args.crop_size}px"
+            + (", cut from the photos super-resolved whole" if args.whole_photos else ""),
             training_command=args.training_command,
             training_summary={
                 key: round(summary[key], 4) if isinstance(summary[key], float) else summary[key]

@@ -142,6 +142,69 @@ def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_
     assert not torch.allclose(reported, two_steps, atol=1e-4)
 
 
+def test_model_report_crop_positions_cover_every_photo_on_the_input_grid():
+    positions = load("model_report").crop_positions([(100, 72), (64, 64)], 32, 400, seed=0, step=4)
+    # 18 x 11 places in the first photo, 9 x 9 in the second: drawn in proportion, all on the 4-pixel grid.
+    assert all(top % 4 == 0 and left % 4 == 0 for _, top, left in positions)
+    assert all(top + 32 <= (100, 64)[photo] and left + 32 <= (72, 64)[photo] for photo, top, left in positions)
+    share = sum(photo == 0 for photo, _, _ in positions) / len(positions)
+    assert abs(share - 198 / 279) < 0.07
+    with pytest.raises(ValueError, match="at least 128x128"):
+        load("model_report").crop_positions([(100, 72)], 128, 1, seed=0, step=4)
+
+
+def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny_unet):
+    from conftest import SAMPLES
+
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+    from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, upsample_condition
+    from diffusers_sr3.metrics import quantize
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=10.0)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=5.0)
+    pipeline.set_progress_bar_config(disable=True)
+    faces = sorted(SAMPLES.glob("*/hr_128/*.png"))[:2]
+    paths = []
+    for index, (face, size) in enumerate(zip(faces, [(126, 90), (70, 66)])):  # trimmed to multiples of 4
+        paths.append(tmp_path / f"photo{index}.png")
+        PIL.Image.open(face).convert("RGB").resize(size).save(paths[-1])
+    model_report = load("model_report")
+    args = argparse.Namespace(
+        crop_size=32, modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS,
+        seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None,
+    )  # fmt: skip
+    evaluated = model_report.evaluate_whole_photos(pipeline, paths, 6, 0, args, fid=None)
+    lr, outputs, hr = evaluated["tensors"]
+    assert evaluated["images"] == 6 and hr.shape[1:] == (3, 32, 32) and lr.shape[1:] == (3, 8, 8)
+    assert set(outputs) == {"bicubic", "SR3 fidelity", "SR3 detail"}
+    assert "two_seeds_differ_255" in evaluated["results"]["SR3 detail"]
+    # Each crop is the same window of the photo, of its 8-bit input and of the photo's bicubic upsample, on the
+    # input's grid.
+    photos = [images_to_tensor(PIL.Image.open(path))[..., : size[1] // 4 * 4, : size[0] // 4 * 4]
+              for path, size in zip(paths, [(126, 90), (70, 66)])]  # fmt: skip
+
+    def window(crop):
+        for photo in photos:
+            for y in range(0, photo.shape[-2] - 31, 4):
+                for x in range(0, photo.shape[-1] - 31, 4):
+                    if torch.equal(photo[..., y : y + 32, x : x + 32], crop):
+                        return photo, y, x
+        raise AssertionError("a crop that is no window of the photos on the input's grid")
+
+    consistencies = []
+    for index in range(6):
+        photo, y, x = window(hr[index : index + 1])
+        whole_lr = model_report.low_resolution_input(photo, 4)
+        torch.testing.assert_close(lr[index : index + 1], whole_lr[..., y // 4 : y // 4 + 8, x // 4 : x // 4 + 8])
+        whole_bicubic = upsample_condition(whole_lr, tuple(photo.shape[-2:])).clamp(-1, 1)
+        torch.testing.assert_close(outputs["bicubic"][index : index + 1], whole_bicubic[..., y : y + 32, x : x + 32])
+        # Consistency is measured on the photo's downsampled output, in the crop's window.
+        downsampled = resize_bicubic(quantize(whole_bicubic).float() / 127.5 - 1, tuple(whole_lr.shape[-2:]))
+        window_error = (downsampled - whole_lr)[..., y // 4 : y // 4 + 8, x // 4 : x // 4 + 8]
+        consistencies.append(float((window_error.double() / 2).pow(2).mean()))
+    assert evaluated["results"]["bicubic"]["consistency"] == pytest.approx(np.mean(consistencies), rel=1e-6)
+
+
 def test_sampler_study_compares_against_the_reference():
     samplers = load("samplers")
     rows = [
