@@ -58,6 +58,7 @@ from diffusers_sr3.photos import (
     photo_crops,
     photo_name,
     photo_split,
+    random_crop_positions,
 )
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.tiling import tiled_super_resolve
@@ -167,23 +168,6 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
     return score_set(hr, lr, outputs, other_seed, fid)
 
 
-def crop_positions(
-    sizes: Sequence[Tuple[int, int]], size: int, count: int, seed: int, step: int
-) -> List[Tuple[int, int, int]]:
-    """`count` random `(photo, top, left)` of `size` crops on a grid of `step` pixels, every position of every
-    photo equally likely."""
-    places = [((height - size) // step + 1, (width - size) // step + 1) for height, width in sizes]
-    totals = np.array([max(rows, 0) * max(columns, 0) for rows, columns in places], dtype=np.float64)
-    if not totals.sum():
-        raise ValueError(f"no photo is at least {size}x{size} pixels")
-    rng = np.random.default_rng(seed)
-    positions = []
-    for photo in rng.choice(len(sizes), size=count, p=totals / totals.sum()):
-        rows, columns = places[photo]
-        positions.append((int(photo), int(rng.integers(rows)) * step, int(rng.integers(columns)) * step))
-    return positions
-
-
 def evaluate_whole_photos(
     pipeline: SR3Pipeline,
     paths: Sequence[Union[str, pathlib.Path]],
@@ -204,7 +188,7 @@ def evaluate_whole_photos(
     for path in paths:
         hr = images_to_tensor(load_photo(path, max_side))
         photos.append(hr[..., : hr.shape[-2] // factor * factor, : hr.shape[-1] // factor * factor])
-    positions = crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, factor)
+    positions = random_crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, step=factor)
     crops: Dict[str, List[torch.Tensor]] = {}
     consistency: Dict[str, List[torch.Tensor]] = {}
 

@@ -142,17 +142,6 @@ def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_
     assert not torch.allclose(reported, two_steps, atol=1e-4)
 
 
-def test_model_report_crop_positions_cover_every_photo_on_the_input_grid():
-    positions = load("model_report").crop_positions([(100, 72), (64, 64)], 32, 400, seed=0, step=4)
-    # 18 x 11 places in the first photo, 9 x 9 in the second: drawn in proportion, all on the 4-pixel grid.
-    assert all(top % 4 == 0 and left % 4 == 0 for _, top, left in positions)
-    assert all(top + 32 <= (100, 64)[photo] and left + 32 <= (72, 64)[photo] for photo, top, left in positions)
-    share = sum(photo == 0 for photo, _, _ in positions) / len(positions)
-    assert abs(share - 198 / 279) < 0.07
-    with pytest.raises(ValueError, match="at least 128x128"):
-        load("model_report").crop_positions([(100, 72)], 128, 1, seed=0, step=4)
-
-
 def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny_unet):
     from conftest import SAMPLES
 

@@ -17,6 +17,7 @@ from diffusers_sr3.photos import (
     photo_crops,
     photo_name,
     photo_split,
+    random_crop_positions,
     register_photo_source,
     study_crops,
 )
@@ -117,6 +118,18 @@ def test_random_crops_are_seeded_and_skip_small_photos(tmp_path):
     assert not torch.equal(first, photo_crops(paths, size=16, count=12, seed=4, output_type="pt"))
     with pytest.raises(ValueError, match="at least 32x32"):
         photo_crops([paths[1]], size=32, count=1)
+
+
+def test_random_crop_positions_on_a_grid_cover_every_photo_in_proportion():
+    positions = random_crop_positions([(100, 72), (64, 64)], 32, 400, seed=0, step=4)
+    # 18 x 11 places in the first photo, 9 x 9 in the second: drawn in proportion, all on the 4-pixel grid.
+    assert all(top % 4 == 0 and left % 4 == 0 for _, top, left in positions)
+    assert all(top + 32 <= (100, 64)[photo] and left + 32 <= (72, 64)[photo] for photo, top, left in positions)
+    share = sum(photo == 0 for photo, _, _ in positions) / len(positions)
+    assert abs(share - 198 / 279) < 0.07
+    assert random_crop_positions([(100, 72), (64, 64)], 32, 400, seed=0, step=4) == positions
+    with pytest.raises(ValueError, match="at least 128x128"):
+        random_crop_positions([(100, 72)], 128, 1, seed=0)
 
 
 def test_max_side_downscales_before_cropping(tmp_path):

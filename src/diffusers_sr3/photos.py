@@ -264,6 +264,24 @@ def load_photo(path: Union[str, pathlib.Path], max_side: Optional[int] = None) -
     return image
 
 
+def random_crop_positions(
+    sizes: Sequence[Tuple[int, int]], size: int, count: int, seed: int, step: int = 1
+) -> List[Tuple[int, int, int]]:
+    """`count` random places `(photo, top, left)` of `size` crops in photos of `sizes` (height, width), on a grid of
+    `step` pixels: every place of every photo equally likely, and the same `seed` gives the same places."""
+    places = [((height - size) // step + 1, (width - size) // step + 1) for height, width in sizes]
+    totals = np.array([max(rows, 0) * max(columns, 0) for rows, columns in places], dtype=np.float64)
+    if not totals.sum():
+        raise ValueError(f"no photo is at least {size}x{size} pixels")
+    rng = np.random.default_rng(seed)
+    positions = []
+    for photo in rng.choice(len(sizes), size=count, p=totals / totals.sum()):
+        rows, columns = places[photo]
+        left = int(rng.integers(0, columns)) * step
+        positions.append((int(photo), int(rng.integers(0, rows)) * step, left))
+    return positions
+
+
 def photo_crops(
     paths: Sequence[Union[str, pathlib.Path]],
     size: int,
@@ -310,14 +328,8 @@ def photo_crops(
                 for left in range(0, photo.width - size + 1, stride):
                     crops.append(photo.crop((left, top, left + size, top + size)))
     else:
-        rng = np.random.default_rng(seed)
-        positions = np.array([(p.width - size + 1) * (p.height - size + 1) for p in usable], dtype=np.float64)
-        choices = rng.choice(len(usable), size=count, p=positions / positions.sum())
-        for index in choices:
-            photo = usable[index]
-            left = int(rng.integers(0, photo.width - size + 1))
-            top = int(rng.integers(0, photo.height - size + 1))
-            crops.append(photo.crop((left, top, left + size, top + size)))
+        for index, top, left in random_crop_positions([(p.height, p.width) for p in usable], size, count, seed):
+            crops.append(usable[index].crop((left, top, left + size, top + size)))
     if output_type == "pil":
         return crops
     return images_to_tensor(crops, what="crop")
