@@ -370,12 +370,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--heldout", type=float, default=0.25, help="the training run's held-out photo fraction")
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
     parser.add_argument("--modes", nargs="+", default=["fidelity", "detail"], choices=["fidelity", "detail"])
-    parser.add_argument("--steps", type=int, default=10, help="detail-mode steps with the saved scheduler")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="detail-mode steps with the saved scheduler (default: the model's own)"
+    )
     parser.add_argument(
         "--fidelity-steps", type=int, default=FIDELITY_STEPS, help="fidelity-mode steps (default: the pipeline's)"
     )
-    parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM)")
-    parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (below 1: from fidelity)")
+    parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM; default: the model's own)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="detail-mode strength (below 1: from fidelity; default: the model's)",
+    )
     parser.add_argument(
         "--guidance-scale",
         type=float,
@@ -412,6 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
+    # Detail mode as run, and recorded: what the command line gives, else the model's own settings (its config).
+    detail = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale)
+    own_settings = detail == pipeline.detail_settings()
+    args.steps, args.strength, args.eta = detail["num_inference_steps"], detail["strength"], detail["eta"]
     # The detail mode's guidance as run (the model's own unless --guidance-scale); None: an unguided model.
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
     guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
@@ -496,7 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             }
             or None,
             extra_sections=[
-                modes_section(args.steps, args.eta, args.strength, guidance_scale),
+                modes_section(args.steps, args.eta, args.strength, guidance_scale, own_settings),
                 "## All results\n\n" + table,
             ],
         )
@@ -504,13 +515,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def modes_section(
-    steps: int, eta: Optional[float], strength: Optional[float], guidance_scale: Optional[float] = None
+    steps: int,
+    eta: Optional[float],
+    strength: Optional[float],
+    guidance_scale: Optional[float] = None,
+    own_settings: bool = False,
 ) -> str:
-    """The card's "Two ways to sample", quoting the detail settings the report measured."""
+    """The card's "Two ways to sample", quoting the detail settings the report measured; `own_settings`: they are the
+    pipeline's own (its config's), which a call that leaves them out runs."""
     named = (("eta", eta), ("strength", strength), ("guidance_scale", guidance_scale))
     settings = ", ".join(
         [f"num_inference_steps={steps}"] + [f"{name}={value:g}" for name, value in named if value is not None]
     )
+    call = f'`pipe(image, mode="detail", {settings})`'
+    if own_settings:
+        call = f'`pipe(image, mode="detail")`, which runs this pipeline\'s own detail settings (its config): {call}'
     if strength is not None and strength < 1:
         refinement = (
             f"`strength` {strength:g} (this report's setting) refines the fidelity answer over the last {strength:.0%} "
@@ -534,7 +553,7 @@ def modes_section(
   PSNR and SSIM, fastest; texture stays smooth where the input cannot tell. Use it for measurements, text,
   documents, faces you must not invent on. `self_ensemble=True` (`sr3 upscale --self-ensemble`) averages the
   answers for the 8 flips and quarter-turns of the input: a little higher PSNR and SSIM for 8 times the time.
-- **Detail** (`pipe(image, mode="detail", {settings})`, `sr3 upscale --mode detail`): SR3's iterative
+- **Detail** ({call}; `sr3 upscale --mode detail`): SR3's iterative
   refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.{guidance}
 """
 

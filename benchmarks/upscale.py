@@ -151,7 +151,7 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
     arguments = ["--model", args.model]
     if row.startswith("fidelity"):
         arguments += ["--mode", "fidelity"]
-    else:  # `--model` turns off the packaged model's own detail settings: these rows time them on any model
+    else:  # the packaged model's detail settings, named: these rows time them on any model, whatever it saved
         arguments += ["--mode", "detail", "--steps", str(steps)]
         arguments += [f"--{name}={value:g}" for name, value in DEFAULT_DETAIL_OPTIONS.items()]
     if "onnx" in row:

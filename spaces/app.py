@@ -42,7 +42,7 @@ from diffusers_sr3.image_processing import (  # noqa: E402
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
 from diffusers_sr3.pipelines.pipeline_sr3 import SELF_ENSEMBLE_SIZE, evaluations_per_crop  # noqa: E402
-from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, default_model_path  # noqa: E402
+from diffusers_sr3.pretrained import default_model_path  # noqa: E402
 from diffusers_sr3.progress import EvaluationCounter  # noqa: E402
 from diffusers_sr3.tiling import (  # noqa: E402
     DEFAULT_MAX_TILE_PIXELS,
@@ -56,7 +56,6 @@ DEMO_SCHEDULERS = ["ddim", "dpmsolver", "unipc", "euler", "ddpm"]
 DEFAULT_MAX_PIXELS = 256 * 256
 # Network-grid pixels per evaluation (memory budget), as `sr3 upscale --max-tile-pixels` defaults to.
 MAX_TILE_PIXELS = DEFAULT_MAX_TILE_PIXELS
-DEFAULT_STEPS = 50
 MAX_PROCESS_FRAMES = 12
 # Uploads are refused by the server above this size, before any decoding.
 MAX_UPLOAD_SIZE = "25mb"
@@ -182,7 +181,8 @@ def super_resolve(
         mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the
             average answer: deterministic DDIM from the noise's mean in a few steps; `scheduler`, `steps`, `seed`,
             `eta` and `strength` do not apply).
-        eta: detail mode with DDIM: fresh noise per step (0 to 1; None: the scheduler's default, 0).
+        eta: detail mode with DDIM: fresh noise per step (0 to 1; None: the pipeline's `detail_eta` where the
+            sampler takes one, else its default, 0).
         strength: detail mode: the part of the refinement that runs (below 1: from the fidelity answer, noised).
         self_ensemble: fidelity mode: average the answers for the input's 8 flips and quarter-turns (slightly
             more faithful, 8 times the evaluations).
@@ -273,7 +273,7 @@ def _strength(value: Any, default: float) -> float:
 def build_demo(
     pipeline: SR3Pipeline,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    default_steps: int = DEFAULT_STEPS,
+    default_steps: Optional[int] = None,
     examples: Sequence[str] = (),
     detail_defaults: Optional[Dict[str, float]] = None,
 ) -> gr.Blocks:
@@ -282,10 +282,12 @@ def build_demo(
     Args:
         pipeline: the SR3 pipeline to serve.
         max_pixels: uploads with more pixels are refused with an error naming both sizes.
-        default_steps: the refinement steps preselected.
+        default_steps: the refinement steps preselected; defaults to the pipeline's own `detail_steps` (10 for the
+            packaged model, 50 for models saved without one).
         examples: image files offered as examples.
-        detail_defaults: detail mode's `strength` (preselected) and `eta` (used with DDIM), e.g. the packaged
-            model's `diffusers_sr3.pretrained.DEFAULT_DETAIL_OPTIONS`; default strength 1, the scheduler's eta.
+        detail_defaults: detail mode's `strength` (preselected) and `eta` (used with DDIM), in place of the
+            pipeline's own `detail_strength` and `detail_eta` (for models saved without them: strength 1, the
+            scheduler's eta).
     """
     factor = pipeline.config.upscale_factor
     scales = scale_choices(factor)
@@ -296,7 +298,13 @@ def build_demo(
     # Models that predict the clean image are shown in both modes side by side; others in detail mode only.
     clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
     modes = ("fidelity", "detail") if clean_image_model else ("detail",)
-    detail_defaults = dict(detail_defaults or {})
+    detail_defaults = {
+        "strength": pipeline.config.get("detail_strength", 1.0),
+        "eta": pipeline.config.get("detail_eta"),
+        **(detail_defaults or {}),
+    }
+    if default_steps is None:
+        default_steps = pipeline.detail_settings()["num_inference_steps"]
 
     def run(
         upload: Optional[Dict[str, Any]],
@@ -320,7 +328,7 @@ def build_demo(
         steps = _whole_number(steps, "steps", 1, max_steps)
         seed = _whole_number(seed, "seed", 0, MAX_SEED)
         process_frames = _whole_number(process_frames, "process frames", 0, MAX_PROCESS_FRAMES)
-        strength = _strength(strength, detail_defaults.get("strength", 1.0))
+        strength = _strength(strength, detail_defaults["strength"])
         strength = strength if clean_image_model else 1.0  # detail on top of fidelity needs a fidelity answer
         if self_ensemble not in (None, True, False):
             raise gr.Error(f"self-ensemble must be true or false, got {self_ensemble!r}")
@@ -341,7 +349,7 @@ def build_demo(
                 process_frames if mode == "detail" else 0,
                 lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="evaluations"),
                 mode=mode,
-                eta=detail_defaults.get("eta") if scheduler == "ddim" else None,
+                eta=detail_defaults["eta"] if scheduler == "ddim" else None,
                 strength=strength,
                 self_ensemble=self_ensemble and mode == "fidelity",
             )
@@ -397,7 +405,7 @@ def build_demo(
                 strength = gr.Slider(
                     0.05,
                     1.0,
-                    value=detail_defaults.get("strength", 1.0),
+                    value=detail_defaults["strength"],
                     step=0.05,
                     label="detail strength (1: from pure noise; lower: detail added on top of the fidelity answer)",
                     visible=clean_image_model,
@@ -471,16 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model = resolve_model(args.model)
     except FileNotFoundError as error:
         parser.error(str(error))
-    try:
-        packaged = os.path.samefile(model, default_model_path())
-    except OSError:  # a Hub id, or no packaged model
-        packaged = False
-    demo = build_demo(
-        load_pipeline(model, args.device),
-        args.max_pixels,
-        examples=example_images(),
-        detail_defaults=DEFAULT_DETAIL_OPTIONS if packaged else None,
-    )
+    demo = build_demo(load_pipeline(model, args.device), args.max_pixels, examples=example_images())
     launch(demo)
 
 

@@ -85,7 +85,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
     assert "held-out photos" in card and "original's sample faces" in card and "train.py --x 1" in card
     assert "Two ways to sample" in card and "SR3 detail" in card
-    assert 'mode="detail", num_inference_steps=2)' in card  # the detail settings this report ran
+    assert 'mode="detail", num_inference_steps=2, strength=1)' in card  # the detail settings this report ran
     # The fidelity mode is the model's reported result, under its own name; the picture says what it shows.
     fidelity = report["sets"]["held-out photos"]["results"]["SR3 fidelity"]
     psnr = next(m for m in metadata["model-index"][0]["results"][0]["metrics"] if m["type"] == "psnr")
@@ -122,6 +122,10 @@ def test_model_report_card_quotes_the_detail_settings_it_measured():
     from_noise = modes_section(25, None, 1.0)
     assert "num_inference_steps=25, strength=1)" in from_noise and "refines from pure noise" in from_noise
     assert "last 100%" not in from_noise
+    assert "own detail settings" not in refined
+    own = modes_section(10, 1.0, 0.6, 2.0, own_settings=True)
+    assert '`pipe(image, mode="detail")`, which runs this pipeline\'s own detail settings' in own
+    assert "num_inference_steps=10, eta=1, strength=0.6, guidance_scale=2)" in own
 
 
 def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_unet):

@@ -96,6 +96,13 @@ def test_cascade_starts_from_an_image_and_checks_its_arguments():
     assert images.shape == (2, 32, 32, 3)
     generated = cascade(batch_size=1, num_inference_steps=1, output_type="pt").images
     assert generated.shape == (1, 3, 64, 64)
+    # Steps left unset: each SR stage samples with its own detail settings.
+    own = SR3Pipeline(stage.unet, stage.scheduler, upscale_factor=2, detail_steps=3)
+    evaluations = []
+    hook = stage.unet.register_forward_hook(lambda module, args, output: evaluations.append(1))
+    SR3CascadePipeline.from_stages(None, [own])(image=torch.rand(1, 3, 8, 8))
+    hook.remove()
+    assert len(evaluations) == 3
     with pytest.raises(ValueError, match="2 entries for 3 stages"):
         cascade(num_inference_steps=[1, 1])
     with pytest.raises(ValueError, match="no base generator"):

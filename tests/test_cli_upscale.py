@@ -1,12 +1,14 @@
 """`sr3 upscale` and `sr3 sample` on real files with tiny saved pipelines."""
 
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from conftest import SAMPLES, tiny_unet_config
 
-from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
 from diffusers_sr3.image_io import is_grayscale
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
@@ -158,9 +160,11 @@ def test_upscale_defaults_to_the_packaged_model(tmp_path):
     assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
 
 
-def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path, monkeypatch, model_dir):
+def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypatch, model_dir):
+    import json
+
     from diffusers_sr3.commands import upscale
-    from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
+    from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_path
 
     seen, options = [], []
     real = upscale.tiled_super_resolve
@@ -173,18 +177,42 @@ def test_upscale_samples_the_packaged_model_with_its_studied_step_count(tmp_path
     monkeypatch.setattr(upscale, "tiled_super_resolve", recording)
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)
-    assert main(["upscale", str(photo), "--output", str(tmp_path / "a")]) == 0
-    assert main(["upscale", str(photo), "--output", str(tmp_path / "b"), "--model", str(model_dir)]) == 0
-    assert main(["upscale", str(photo), "--output", str(tmp_path / "c"), "--scheduler", "ddpm"]) == 0
+    packaged = default_model_path()
+    # A copy of the test model saved by an earlier version: no detail keys in its model_index.json.
+    earlier = tmp_path / "earlier"
+    shutil.copytree(model_dir, earlier)
+    index = json.loads((earlier / "model_index.json").read_text())
+    index = {key: value for key, value in index.items() if not key.startswith("detail_")}
+    (earlier / "model_index.json").write_text(json.dumps(index))
     detail = ["--mode", "detail"]
-    assert main(["upscale", str(photo), "--output", str(tmp_path / "d")] + detail) == 0
-    assert main(["upscale", str(photo), "--output", str(tmp_path / "e"), "--scheduler", "ddpm"] + detail) == 0
-    # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps whatever the
-    # sampler. The test model predicts epsilon: detail mode, 50 steps. Detail mode of the packaged model with its own
-    # sampler takes the step-count study's pick; with another sampler, 50.
-    assert seen == [FIDELITY_STEPS, 50, FIDELITY_STEPS, DEFAULT_STEPS, 50] and DEFAULT_STEPS == 10
-    # ... and its studied detail settings, which another sampler does not inherit.
-    assert options == [{}, {}, {}, DEFAULT_DETAIL_OPTIONS, {}]
+    runs = {
+        "packaged": [],
+        "test model": ["--model", str(model_dir)],
+        "earlier test model": ["--model", str(earlier)],
+        "packaged, another sampler": ["--scheduler", "ddpm"],
+        "packaged, detail": detail,
+        "packaged by path, detail": ["--model", packaged] + detail,
+        "packaged, another sampler, detail": ["--scheduler", "ddpm"] + detail,
+        "packaged, detail, told": detail + ["--steps", "3", "--strength", "1", "--eta", "0"],
+    }
+    for name, extra in runs.items():
+        output = tmp_path / name.replace(" ", "_").replace(",", "")
+        assert main(["upscale", str(photo), "--output", str(output), "--quiet"] + extra) == 0, name
+    # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps whatever the sampler.
+    # The test models predict epsilon: detail mode at 50 steps, strength 1, the sampler's eta (DDPM takes none). The
+    # packaged model's detail mode runs the settings its pipeline config stores, also loaded by path (as `--model`
+    # finds it) and with another sampler, which keeps the steps and strength and drops eta where it takes none.
+    # The command line overrides each of them.
+    plain = {"eta": None, "strength": 1.0}
+    studied = dict(DEFAULT_DETAIL_OPTIONS)
+    assert seen == [FIDELITY_STEPS, 50, 50, FIDELITY_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, 3]
+    assert options == [{}, plain, plain, {}, studied, studied, {**studied, "eta": None}, {"eta": 0.0, "strength": 1.0}]
+    config = SR3Pipeline.load_config(packaged)
+    assert (config["detail_steps"], config["detail_eta"], config["detail_strength"]) == (
+        DEFAULT_STEPS,
+        DEFAULT_DETAIL_OPTIONS["eta"],
+        DEFAULT_DETAIL_OPTIONS["strength"],
+    )
 
 
 def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_path):
@@ -433,7 +461,7 @@ def test_upscale_detail_knobs_eta_and_temperature(model_dir, tmp_path, monkeypat
         return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
 
     plain = upscale("plain.png")
-    assert "eta" not in seen[-1] and "temperature" not in seen[-1]  # the pipeline's own defaults
+    assert seen[-1]["eta"] is None and "temperature" not in seen[-1]  # the pipeline's own defaults (no detail_eta)
     stochastic = upscale("eta.png", "--eta", "1")
     assert seen[-1]["eta"] == 1.0 and not np.array_equal(stochastic, plain)
     cool = upscale("cool.png", "--temperature", "0.5")

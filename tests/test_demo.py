@@ -66,6 +66,10 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     # Detail mode runs with the packaged model's detail settings (DDIM eta 1, from the fidelity answer).
     details = [kw for kw in sr3_options if kw.get("mode") == "detail"]
     assert details and all(kw["eta"] == 1.0 and kw["strength"] == DEFAULT_DETAIL_OPTIONS["strength"] for kw in details)
+    # ... which the saved model keeps, with the sampler they were measured with.
+    saved = SR3Pipeline.load_config(out / "model")
+    assert (saved["detail_steps"], saved["detail_eta"], saved["detail_strength"]) == (2, 1.0, 0.6)
+    assert saved["scheduler"] == ["diffusers", "DDIMScheduler"]
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2
     capsys.readouterr()

@@ -69,6 +69,8 @@ def test_fine_tuning_the_packaged_model_keeps_its_objective_and_quality(tmp_path
         assert tuned.config.residual_scale == pytest.approx(packaged.config.residual_scale)
     assert tuned.scheduler.config.prediction_type == packaged.scheduler.config.prediction_type
     assert type(tuned.scheduler) is type(packaged.scheduler)  # it samples the way it did
+    for key in ("detail_steps", "detail_strength", "detail_eta"):  # ... with its studied detail settings
+        assert tuned.config[key] == packaged.config[key], key
     torch.testing.assert_close(training_betas(tuned.scheduler), training_betas(packaged.scheduler))
     public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
     assert public(tuned.unet.config) == public(packaged.unet.config)
@@ -92,10 +94,14 @@ def test_explicit_objective_changes_are_refused_unless_allowed(tmp_path):
             build_model(TrainingConfig(**fine_tune_options(tmp_path, **change)))
         setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, allow_objective_change=True, **change)))
         assert getattr(setup, name) == next(iter(change.values()))
+        assert setup.detail_settings == {}  # studied for the old objective: the new model starts from the defaults
     # Options equal to the model's own, and the sampling default condition_noise_level, are no change.
     same = dict(residual=packaged.config.residual, prediction_type=own_prediction, condition_noise_level=0.0)
     setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, **same)))
     assert (setup.residual, setup.prediction_type) == (packaged.config.residual, own_prediction)
+    assert setup.detail_settings == {
+        key: packaged.config[key] for key in ("detail_steps", "detail_strength", "detail_eta")
+    }
 
 
 def test_unset_objective_options_mean_inherit_or_new_model_defaults():

@@ -201,3 +201,76 @@ def test_residual_models_refine_the_upsample(tiny_unet):
     plain.set_progress_bar_config(disable=True)
     zero_image = run(plain, image, output_type="pt", callback_on_step_end=zero_residual).images
     torch.testing.assert_close(zero_image, torch.full_like(zero_image, 0.5))
+
+
+def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(tiny_unet, tmp_path):
+    """`detail_steps`, `detail_strength` and `detail_eta` are what `pipe(image, mode="detail")` runs with; models saved
+    before these keys existed load with 50 steps, strength 1 and the scheduler's eta; a scheduler without eta runs."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, detail_steps=4, detail_strength=0.5, detail_eta=1.0)
+    pipeline.set_progress_bar_config(disable=True)
+    evaluations = []
+    tiny_unet.register_forward_hook(lambda module, args, output: evaluations.append(1))
+    image = torch.rand(3, 8, 8)
+
+    def detail(pipe, **kwargs):
+        evaluations.clear()
+        generator = torch.Generator().manual_seed(0)
+        return pipe(image, mode="detail", generator=generator, output_type="pt", **kwargs).images
+
+    by_default = detail(pipeline)
+    assert len(evaluations) == FIDELITY_STEPS + 2  # the fidelity answer, then the last half of 4 steps
+    torch.testing.assert_close(by_default, detail(pipeline, num_inference_steps=4, strength=0.5, eta=1.0))
+    assert not torch.equal(by_default, detail(pipeline, eta=0.0))  # the saved eta was applied
+    assert len(evaluations) == FIDELITY_STEPS + 2
+    detail(pipeline, num_inference_steps=6, strength=1.0)  # call arguments win over the config
+    assert len(evaluations) == 6
+    assert pipeline.detail_settings(strength=0.25) == {
+        "num_inference_steps": 4,
+        "strength": 0.25,
+        "eta": 1.0,
+        "guidance_scale": 1.0,
+    }
+
+    pipeline.save_pretrained(tmp_path / "new")
+    reloaded = SR3Pipeline.from_pretrained(tmp_path / "new")
+    reloaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(detail(reloaded), by_default)
+
+    # A model saved by an earlier version has no detail keys in its model_index.json.
+    index_path = tmp_path / "new" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for key in ("detail_steps", "detail_strength", "detail_eta"):
+        del index[key]
+    index_path.write_text(json.dumps(index))
+    earlier = SR3Pipeline.from_pretrained(tmp_path / "new")
+    assert earlier.detail_settings() == {"num_inference_steps": 50, "strength": 1.0, "eta": None, "guidance_scale": 1.0}
+
+    # A sampler without eta keeps the other settings and leaves the saved eta out; an explicit eta is refused.
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    assert pipeline.detail_settings()["eta"] is None
+    detail(pipeline)
+    assert len(evaluations) == FIDELITY_STEPS + 2
+    with pytest.raises(ValueError, match="eta applies to schedulers that take it"):
+        detail(pipeline, eta=1.0)
+
+
+def test_bad_detail_defaults_are_named(tiny_unet):
+    clean_image = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    for settings, message in (
+        ({"detail_steps": 0}, "detail_steps must be a positive integer"),
+        ({"detail_steps": 2.5}, "detail_steps must be a positive integer"),
+        ({"detail_strength": 0.0}, r"detail_strength must lie in \(0, 1\]"),
+        ({"detail_strength": 1.5}, r"detail_strength must lie in \(0, 1\]"),
+        ({"detail_eta": -1.0}, "detail_eta must be at least 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SR3Pipeline(tiny_unet, clean_image, **settings)
+    with pytest.raises(ValueError, match="detail_strength 0.5 starts detail mode from the fidelity answer"):
+        SR3Pipeline(tiny_unet, make_scheduler("ddim", n_timestep=100), detail_strength=0.5)

@@ -310,6 +310,12 @@ def test_models_that_predict_the_clean_image_are_shown_in_both_modes(monkeypatch
     assert len(sliders) == 1 and sliders[0].value == 0.3 and sliders[0].visible
     boxes = [block for block in page.blocks.values() if "self-ensemble" in (getattr(block, "label", "") or "")]
     assert len(boxes) == 1 and boxes[0].value is False and boxes[0].visible
+    # Without them, the page preselects the model's own detail settings (its pipeline config), as any loader does.
+    studied = SR3Pipeline(pipeline.unet, pipeline.scheduler, detail_steps=7, detail_strength=0.4, detail_eta=1.0)
+    page = app.build_demo(studied)
+    chosen = {getattr(block, "label", None): getattr(block, "value", None) for block in page.blocks.values()}
+    strength_label = next(label for label in chosen if label and "detail strength" in label)
+    assert chosen["steps"] == 7 and chosen[strength_label] == 0.4
     # An epsilon model has no fidelity mode: the page shows detail mode only.
     epsilon = SR3Pipeline(pipeline.unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
     page = app.build_demo(epsilon)

@@ -32,8 +32,9 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
-    """--model (required unless `default_model` names a fallback), --scheduler, --steps, --seed, --device, --dtype."""
+def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, default_model: Optional[str] = None) -> None:
+    """--model (required unless `default_model` names a fallback), --scheduler, --steps (`steps_help`), --seed,
+    --device, --dtype."""
     if default_model:
         parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
     else:
@@ -43,7 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional
         "--steps",
         type=at_least_one,
         default=None,
-        help="refinement steps (default: 50; 10 with the packaged model and its sampler)",
+        help=steps_help,
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")

@@ -12,7 +12,8 @@ degradation, and one whole held-out photo upscaled in seamless tiles. Written to
                      (with --self-ensemble, a fidelity self-ensemble column after each model's fidelity column)
     metrics.md       PSNR / SSIM / consistency of both SR3 modes and bicubic (means over the crops), and a verdict
     metrics.json     the same per image, plus the run's settings and timings
-    model/           the trained pipeline (load it with SR3Pipeline.from_pretrained or `sr3 upscale --model`)
+    model/           the trained pipeline (load it with SR3Pipeline.from_pretrained or `sr3 upscale --model`), saved
+                     with the DDIM sampler and detail settings measured here
 """
 
 from __future__ import annotations
@@ -243,9 +244,12 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(model_dir, SUMMARY_FILE), encoding="utf-8") as handle:
         steps = json.load(handle)["global_step"]  # fewer than planned when the clock stopped the run
 
-    # 3. Super-resolve held-out crops and one whole held-out photo in both modes; compare with bicubic.
-    pipeline = SR3Pipeline.from_pretrained(model_dir)
+    # 3. Super-resolve held-out crops and one whole held-out photo in both modes; compare with bicubic. The saved
+    # model samples as measured here (DDIM, these detail settings), also through `sr3 upscale --model`.
+    detail_config = {f"detail_{name}": value for name, value in detail.items()}
+    pipeline = SR3Pipeline.from_pretrained(model_dir, detail_steps=args.inference_steps, **detail_config)
     pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
+    pipeline.save_pretrained(model_dir)
     pipeline.set_progress_bar_config(disable=True)
     lr_pil, lr, bicubic = low_resolution_inputs(hr)
     models = {"SR3": pipeline}

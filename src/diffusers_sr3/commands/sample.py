@@ -13,9 +13,11 @@ from ..image_processing import grid
 from ..pipelines import SR3UnconditionalPipeline
 from .common import add_model_arguments, add_save_process_argument, load_pipeline
 
+SAMPLE_STEPS = 100
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, steps_help=f"sampling steps (default: {SAMPLE_STEPS})")
     parser.add_argument("-n", "--num-images", type=int, default=16, help="number of images")
     parser.add_argument("--output", required=True, help="grid image file (PNG)")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             count = min(args.batch_size, args.num_images - len(images))
             output = pipeline(
                 batch_size=count,
-                num_inference_steps=args.steps or 100,
+                num_inference_steps=args.steps or SAMPLE_STEPS,
                 generator=generator,
                 height=args.size,
                 width=args.size,

@@ -15,7 +15,7 @@ from ..backends import BACKENDS, use_backend
 from ..image_io import IMAGE_EXTENSIONS, find_images, is_grayscale, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
-from ..pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
+from ..pipelines.pipeline_sr3 import DETAIL_STEPS, FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
@@ -68,7 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
-    add_model_arguments(parser, default_model="the x4 photo model that ships with the package")
+    add_model_arguments(
+        parser,
+        steps_help=f"refinement steps (default: {FIDELITY_STEPS} in fidelity mode; in detail mode the model's own "
+        f"detail_steps: {DEFAULT_STEPS} for the packaged model, {DETAIL_STEPS} for models saved without one)",
+        default_model="the x4 photo model that ships with the package",
+    )
     parser.add_argument(
         "--mode",
         choices=("auto", "detail", "fidelity"),
@@ -82,9 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eta",
         type=float,
         default=None,
-        help="detail mode with a DDIM sampler (the packaged model's): 0 (default) deterministic from the starting "
-        "noise, up to 1 fresh noise at every step (on the packaged model at 10 steps, eta 1 scored higher PSNR and "
-        "FID than 0 with a little less edge energy: docs/quality.md)",
+        help="detail mode with a DDIM sampler (the packaged model's): 0 deterministic from the starting noise, up to "
+        "1 fresh noise at every step (default: the model's own detail_eta, "
+        f"{DEFAULT_DETAIL_OPTIONS['eta']:g} for the packaged model, else 0; on the packaged model eta 1 scored a "
+        "higher PSNR and a lower FID than 0 with a little less edge energy: docs/quality.md)",
     )
     parser.add_argument(
         "--temperature",
@@ -96,9 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strength",
         type=float,
         default=None,
-        help="detail mode: how much of the refinement runs, in (0, 1] (default 1: from pure noise). Below 1 it "
+        help="detail mode: how much of the refinement runs, in (0, 1]; 1 refines from pure noise. Below 1 it "
         "starts from the fidelity answer, noised part of the way: detail on top of fidelity, less invented the "
-        "lower it is (models that predict the clean image)",
+        "lower it is (models that predict the clean image). Default: the model's own detail_strength, "
+        f"{DEFAULT_DETAIL_OPTIONS['strength']:g} for the packaged model, 1 for models saved without one",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -261,7 +268,6 @@ def run(args: argparse.Namespace) -> int:
     alphas = [open_alpha(path) if _keeps_alpha(destination) else None for path, destination in zip(paths, destinations)]
     # Black-and-white photos stay black and white: the network's RGB answer can carry a faint tint.
     grays = [is_grayscale(image) for image in images]
-    packaged = args.model is None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
     mode = args.mode
@@ -269,21 +275,23 @@ def run(args: argparse.Namespace) -> int:
         clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
         mode = "fidelity" if clean_image_model else "detail"
     detail_names = ("eta", "temperature", "strength", "guidance_scale")
-    detail_options = {name: getattr(args, name) for name in detail_names if getattr(args, name) is not None}
-    if mode == "fidelity" and detail_options:
+    if mode == "fidelity" and any(getattr(args, name) is not None for name in detail_names):
         raise ValueError("--eta, --temperature, --strength and --guidance-scale apply to detail mode")
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
     if args.self_ensemble and args.save_process:
         raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
     if mode == "fidelity":
-        steps = args.steps or FIDELITY_STEPS
+        steps, detail_options = args.steps or FIDELITY_STEPS, {}
+        evaluations = evaluations_per_crop(mode, steps)
     else:
-        steps = args.steps or (DEFAULT_STEPS if packaged and not args.scheduler else 50)
-        if packaged and not args.scheduler:
-            detail_options = {**DEFAULT_DETAIL_OPTIONS, **detail_options}
-    guided = pipeline.guided(detail_options.get("guidance_scale"))
-    evaluations = evaluations_per_crop(mode, steps, detail_options.get("strength", 1.0), pipeline.scheduler, guided)
+        # What the command line leaves out, the model's own detail settings (its pipeline config) fill in.
+        detail_options = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale)
+        steps = detail_options.pop("num_inference_steps")
+        if args.temperature is not None:
+            detail_options["temperature"] = args.temperature
+        guided = pipeline.guided(detail_options["guidance_scale"])
+        evaluations = evaluations_per_crop(mode, steps, detail_options["strength"], pipeline.scheduler, guided)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,

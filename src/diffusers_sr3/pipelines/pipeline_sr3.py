@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DDIMScheduler
@@ -15,9 +16,12 @@ from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
-# Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps).
+# Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps). Detail mode's
+# is the default of pipelines saved without their own `detail_steps`.
 DETAIL_STEPS = 50
 FIDELITY_STEPS = 4
+# The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
+DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta")
 # The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
 # these dims; a flip is its own inverse).
 _MIRRORS = ((), (-1,), (-2,), (-2, -1))
@@ -120,6 +124,14 @@ class SR3Pipeline(SR3BasePipeline):
             factor as `unet`.
         guidance_scale (`float`, defaults to 1.0): Detail mode's default guidance scale: `guide + guidance_scale *
             (unet - guide)` at every step; 1 runs `unet` alone. Above 1 needs a `guidance_unet`.
+        detail_steps (`int`, defaults to 50): Detail mode's default `num_inference_steps`. A model saved with its
+            sampler's studied step count (the packaged one: 10 DDIM steps) samples at that count unless told
+            otherwise.
+        detail_strength (`float`, defaults to 1.0): Detail mode's default `strength`, in (0, 1]; below 1 needs a
+            model that predicts the clean image.
+        detail_eta (`float`, optional): Detail mode's default `eta`, given to schedulers whose `step` takes it
+            (DDIM) and left out for the others, so a scheduler swapped in later still runs. None: the scheduler's own
+            default (0 for DDIM).
     """
 
     model_cpu_offload_seq = "unet->guidance_unet"
@@ -136,10 +148,19 @@ class SR3Pipeline(SR3BasePipeline):
         residual_scale: float = 1.0,
         guidance_unet: Optional[SR3UNet2DModel] = None,
         guidance_scale: float = 1.0,
+        detail_steps: int = DETAIL_STEPS,
+        detail_strength: float = 1.0,
+        detail_eta: Optional[float] = None,
     ):
         super().__init__()
         if not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
+        if int(detail_steps) != detail_steps or detail_steps < 1:
+            raise ValueError(f"detail_steps must be a positive integer, got {detail_steps}")
+        if not 0 < detail_strength <= 1:
+            raise ValueError(f"detail_strength must lie in (0, 1], got {detail_strength}")
+        if detail_eta is not None and not detail_eta >= 0:
+            raise ValueError(f"detail_eta must be at least 0 (or None: the scheduler's default), got {detail_eta}")
         _check_guidance(unet, guidance_unet, guidance_scale)
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
@@ -149,6 +170,12 @@ class SR3Pipeline(SR3BasePipeline):
                 f"SR3Pipeline needs a conditional UNet (in_channels = out_channels + 3); this one has "
                 f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
             )
+        if detail_strength < 1 and scheduler.config.get("prediction_type", "epsilon") not in ("sample", "v_prediction"):
+            raise ValueError(
+                f"detail_strength {detail_strength:g} starts detail mode from the fidelity answer, which needs a model "
+                "that predicts the clean image; this scheduler's prediction_type is "
+                f"{scheduler.config.get('prediction_type', 'epsilon')!r}"
+            )
         self.register_modules(unet=unet, scheduler=scheduler, guidance_unet=guidance_unet)
         self.register_to_config(
             upscale_factor=int(upscale_factor),
@@ -156,6 +183,9 @@ class SR3Pipeline(SR3BasePipeline):
             residual=bool(residual),
             residual_scale=float(residual_scale),
             guidance_scale=float(guidance_scale),
+            detail_steps=int(detail_steps),
+            detail_strength=float(detail_strength),
+            detail_eta=None if detail_eta is None else float(detail_eta),
         )
 
     def prepare_condition(
@@ -268,6 +298,35 @@ class SR3Pipeline(SR3BasePipeline):
         """Detail mode's guidance scale for a call's `guidance_scale`: the pipeline's own when it is None."""
         return self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
 
+    def detail_settings(
+        self,
+        num_inference_steps: Optional[int] = None,
+        strength: Optional[float] = None,
+        eta: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """The settings detail mode runs with for a call with these arguments.
+
+        Each argument left None takes the pipeline's own: `detail_steps`, `detail_strength`, `detail_eta` and
+        `guidance_scale` of its config (models saved before these keys existed: 50 steps, strength 1, the scheduler's
+        eta, unguided). The pipeline's eta is kept only for a scheduler whose `step` takes it; an explicit `eta` is
+        kept as given, so a scheduler without one refuses it.
+
+        Returns:
+            `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default) and
+            `guidance_scale`, ready to pass to the pipeline call as keywords.
+        """
+        if eta is None and "eta" in inspect.signature(self.scheduler.step).parameters:
+            eta = self.config.get("detail_eta")
+        return {
+            "num_inference_steps": self.config.get("detail_steps", DETAIL_STEPS)
+            if num_inference_steps is None
+            else num_inference_steps,
+            "strength": self.config.get("detail_strength", 1.0) if strength is None else strength,
+            "eta": eta,
+            "guidance_scale": self._guidance_scale(guidance_scale),
+        }
+
     def guided(self, guidance_scale: Optional[float] = None) -> bool:
         """Whether detail mode at `guidance_scale` (default: the pipeline's) runs the guidance UNet beside the UNet."""
         return self.guidance_unet is not None and self._guidance_scale(guidance_scale) != 1
@@ -296,7 +355,7 @@ class SR3Pipeline(SR3BasePipeline):
         eta: Optional[float] = None,
         temperature: float = 1.0,
         latents: Optional[torch.Tensor] = None,
-        strength: float = 1.0,
+        strength: Optional[float] = None,
         self_ensemble: bool = False,
         guidance_scale: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
@@ -307,8 +366,8 @@ class SR3Pipeline(SR3BasePipeline):
                 one size. PIL images of any mode are converted to RGB (gray repeated, alpha discarded); numpy
                 arrays are `(H, W[, C])` or `(B, H, W, C)`, uint8 or float in [0, 1]; tensors are `(C, H, W)` or
                 `(B, C, H, W)` float in [0, 1]; C may be 1, 3 or 4.
-            num_inference_steps (`int`, optional): Refinement steps (scheduler steps); defaults to 50 in detail mode
-                and 4 in fidelity mode.
+            num_inference_steps (`int`, optional): Refinement steps (scheduler steps); defaults to the pipeline's
+                `detail_steps` in detail mode (50 unless the model was saved with its own) and 4 in fidelity mode.
             generator (`torch.Generator` or a list of them, one per image): Makes sampling deterministic. Without
                 one the global torch RNG is used, which reproduces the original code under the same seed.
             output_size (`int` or `(height, width)`, optional): Output size; defaults to the input size times
@@ -337,13 +396,15 @@ class SR3Pipeline(SR3BasePipeline):
                 sharp. Fidelity needs a model that predicts the clean image (`sample` or `v_prediction`).
             eta (`float`, optional): Detail mode, schedulers that take it (DDIM): 0 samples deterministically from
                 the starting noise; up to 1 adds fresh noise at every step (DDPM-like): grainier, sharper texture.
+                Defaults to the pipeline's `detail_eta` where the scheduler takes one (else the scheduler's default).
             temperature (`float`, defaults to 1.0): Detail mode: scales the starting noise. Below 1 trades texture
                 for fidelity (0 is the fidelity mode's start).
             latents (`torch.Tensor`, optional): The starting noise, `(batch, 3, height, width)` at the output size
                 padded to the UNet's downsampling factor, unit variance (scaled by the scheduler's `init_noise_sigma`
                 and `temperature` here); drawn from `generator` when not given. Fidelity mode starts from zeros.
-            strength (`float`, defaults to 1.0): Detail mode: how much of the refinement to run, as Diffusers'
-                image-to-image `strength`. 1 refines from pure noise (SR3). Below 1, the fidelity answer is noised
+            strength (`float`, optional): Detail mode: how much of the refinement to run, as Diffusers'
+                image-to-image `strength`; defaults to the pipeline's `detail_strength` (1 unless the model was saved
+                with its own). 1 refines from pure noise (SR3). Below 1, the fidelity answer is noised
                 to that point of the schedule and only the last `strength` of the `num_inference_steps` run: detail
                 is added on top of the fidelity answer, and less is invented the lower it is. Needs a model that
                 predicts the clean image, like fidelity mode.
@@ -380,30 +441,37 @@ class SR3Pipeline(SR3BasePipeline):
 
         # 2. Refine from noise (detail), or from the noise's mean with deterministic DDIM steps (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
-        if not 0 < strength <= 1:
+        if strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         init_sample = None
         guide = None
         if mode == "detail":
-            guidance_scale = self._guidance_scale(guidance_scale)
+            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
+            steps, strength, eta, guidance_scale = (
+                settings["num_inference_steps"],
+                settings["strength"],
+                settings["eta"],
+                settings["guidance_scale"],
+            )
+            scheduler = None
             _check_guidance(self.unet, self.guidance_unet, guidance_scale)
             guide = self.guidance_unet if self.guided(guidance_scale) else None
-            steps, scheduler = DETAIL_STEPS if num_inference_steps is None else num_inference_steps, None
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1")
                 init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            if eta or temperature != 1.0 or strength != 1.0 or guidance_scale not in (None, 1):
+            if eta or temperature != 1.0 or strength not in (None, 1) or guidance_scale not in (None, 1):
                 raise ValueError(
                     "eta, temperature, strength and guidance_scale apply to detail mode; fidelity mode is eta 0, "
                     "temperature 0, unguided"
                 )
             self._check_predicts_clean_image("fidelity mode")
-            steps, scheduler, eta, temperature = (
+            steps, scheduler, eta, temperature, strength = (
                 FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
                 self._fidelity_scheduler(),
                 0.0,
                 0.0,
+                1.0,
             )
         else:
             raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")

@@ -176,7 +176,8 @@ class SR3CascadePipeline(SR3BasePipeline):
                 the generator is then skipped. Without it the `base` generator starts from noise.
             batch_size (`int`, defaults to 1): Images to generate when starting from noise.
             num_inference_steps (`int` or a list, one per stage run): Steps per stage; None keeps each stage's
-                default (100 for the generator, 50 for SR stages).
+                default (100 for the generator; an SR stage's own detail settings, `detail_steps` (50 unless saved
+                with its own), `detail_strength` and `detail_eta`).
             generator (`torch.Generator` or a list, one per image): Random source for every stage.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`, for the final (and, with
                 `return_all_stages`, every stage's) images. Between stages images stay float tensors.
@@ -221,7 +222,7 @@ class SR3CascadePipeline(SR3BasePipeline):
 
         # 3. Every super-resolution stage, on float tensors.
         for stage, stage_steps, level in zip(self.stages, steps, levels):
-            call = dict(num_inference_steps=stage_steps or 50, generator=generator, output_type="pt")
+            call = dict(num_inference_steps=stage_steps, generator=generator, output_type="pt")
             if tile_size:
                 current = tiled_super_resolve(stage, current, tile_size=tile_size, condition_noise_level=level, **call)
             else:

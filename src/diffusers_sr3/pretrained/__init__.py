@@ -21,6 +21,8 @@ DEFAULT_STEPS = 10
 # from pure noise invents texture that is not the photos' texture. Its guidance scale (autoguidance by the same run's
 # earlier UNet, 2) is stored in the pipeline's own config: scale 2 at this strength lowered FID and raised edge
 # energy a little on held-out and never-seen photos alike (docs/quality.md, "Autoguidance").
+# The packaged pipeline's config stores these settings too (`detail_steps`, `detail_eta`, `detail_strength`, written by
+# benchmarks/package_model.py), so that every way of loading it samples with them; a test keeps the two equal.
 DEFAULT_DETAIL_OPTIONS = {"eta": 1.0, "strength": 0.6}
 
 

@@ -27,6 +27,7 @@ from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_t
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, swap_scheduler, training_betas
+from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
@@ -74,8 +75,10 @@ class ModelSetup:
     residual: bool = False
     prediction_type: str = "epsilon"
     condition_noise_level: float = 0.0
-    # The sampler a fine-tuned pipeline was saved with (a `SCHEDULERS` key): the saved result samples the same way.
+    # The sampler a fine-tuned pipeline was saved with (a `SCHEDULERS` key), and its detail-mode defaults (the
+    # `SR3Pipeline` config's `DETAIL_CONFIG_KEYS`, kept when the objective is): the saved result samples the same way.
     sampler: Optional[str] = None
+    detail_settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -181,6 +184,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     weights: Optional[Dict[str, torch.Tensor]] = None
     pretrained_scheduler = None
     pretrained_residual_scale = None
+    detail_settings: Dict[str, Any] = {}
     upscale_factor = config.upscale_factor
     preset = None
     if config.pretrained_model_name_or_path or config.resume_from_original:
@@ -200,6 +204,11 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         weights = pipeline.unet.state_dict()
         pretrained_scheduler = pipeline.scheduler
         pretrained_residual_scale = objective["residual_scale"]
+        same_objective = objective["residual"] == pipeline.config.get("residual", False) and objective[
+            "prediction_type"
+        ] == pipeline.scheduler.config.get("prediction_type", "epsilon")
+        if same_objective:
+            detail_settings = {key: pipeline.config[key] for key in DETAIL_CONFIG_KEYS if key in pipeline.config}
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
     elif config.unet_config is not None:
@@ -275,6 +284,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         prediction_type=objective["prediction_type"],
         condition_noise_level=objective["condition_noise_level"],
         sampler=sampler,
+        detail_settings=detail_settings,
     )
 
 
@@ -848,6 +858,7 @@ class Trainer:
             config.condition_noise_level,
             config.residual,
             self.residual_scale,
+            setup.detail_settings if setup.upscale_factor else None,
         )
         pipeline.save_pretrained(config.output_dir)
         if ema is not None:
