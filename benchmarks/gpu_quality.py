@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         package_model.main(["--trained", trained, "--output", model, *guidance])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         report_args = ["--model", model, "--output", args.output, "--no-fid", "--save-outputs", "--device", device]
-        report_args += ["--crops", str(args.crops), "--strength", "0.6", "--eta", "1"]
+        report_args += ["--crops", str(args.crops)]  # detail mode at the settings packaging stored, as shipped
         if args.unseen:
             report_args += ["--unseen", args.unseen, "--unseen-crops", str(args.unseen_crops)]
         if args.faces:

@@ -160,7 +160,7 @@ def test_upscale_defaults_to_the_packaged_model(tmp_path):
     assert PIL.Image.open(tmp_path / "upscaled" / "photo_sr.png").size == (64, 64)
 
 
-def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypatch, model_dir):
+def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypatch, model_dir, capsys):
     import json
 
     from diffusers_sr3.commands import upscale
@@ -195,9 +195,11 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
         "packaged, another sampler, detail": ["--scheduler", "ddpm"] + detail,
         "packaged, detail, told": detail + ["--steps", "3", "--strength", "1", "--eta", "0"],
     }
+    printed = []
     for name, extra in runs.items():
         output = tmp_path / name.replace(" ", "_").replace(",", "")
-        assert main(["upscale", str(photo), "--output", str(output), "--quiet"] + extra) == 0, name
+        assert main(["upscale", str(photo), "--output", str(output)] + extra) == 0, name
+        printed.append(capsys.readouterr().out.splitlines()[0])
     # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps whatever the sampler.
     # The test models predict epsilon: detail mode at 50 steps, strength 1, the sampler's eta (DDPM takes none). The
     # packaged model's detail mode runs the settings its pipeline config stores, also loaded by path (as `--model`
@@ -207,6 +209,11 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     studied = dict(DEFAULT_DETAIL_OPTIONS)
     assert seen == [FIDELITY_STEPS, 50, 50, FIDELITY_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, 3]
     assert options == [{}, plain, plain, {}, studied, studied, {**studied, "eta": None}, {"eta": 0.0, "strength": 1.0}]
+    # Each run says what it runs (the packaged model's guide doubles its refinement steps).
+    fidelity = f"fidelity mode: {FIDELITY_STEPS} deterministic DDIM steps"
+    assert printed[0] == f"{fidelity} ({FIDELITY_STEPS} network evaluations per tile)"
+    studied_line = "detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1, guidance scale 2"
+    assert printed[4] == printed[5] == f"{studied_line} (16 network evaluations per tile)"
     config = SR3Pipeline.load_config(packaged)
     assert (config["detail_steps"], config["detail_eta"], config["detail_strength"]) == (
         DEFAULT_STEPS,
@@ -356,6 +363,8 @@ def test_upscale_progress_quiet_mode_help_and_onnx_backend(model_dir, tmp_path, 
     assert main(base + ["--output", str(tmp_path / "a.png")]) == 0
     captured = capsys.readouterr()
     assert "photo_sr" not in captured.out and "a.png (48x40)" in captured.out
+    # What it runs, said once: the test model's own detail settings (saved without a detail_eta, unguided).
+    assert "detail mode: 2 DDIMScheduler steps, strength 1 (2 network evaluations per tile)" in captured.out
     assert "step 2/2" in captured.err and "100%" in captured.err  # the bar: steps (and tiles) with elapsed<ETA
     assert main(base + ["--output", str(tmp_path / "b.png"), "--quiet", "--threads", "1"]) == 0
     captured = capsys.readouterr()

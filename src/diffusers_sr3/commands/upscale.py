@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import PIL.Image
 import torch
@@ -225,6 +225,26 @@ def _process_path(destination: str) -> str:
     return os.path.splitext(destination)[0] + "_process.png"
 
 
+def describe_settings(
+    mode: str, steps: int, detail_options: Dict[str, Any], sampler: str, evaluations: int, self_ensemble: bool
+) -> str:
+    """One line saying how the images are sampled, e.g. `detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1,
+    guidance scale 2 (16 network evaluations per tile)`."""
+    if mode == "fidelity":
+        how = f"fidelity mode: {steps} deterministic DDIM steps" + (
+            f", averaged over {SELF_ENSEMBLE_SIZE} flips and quarter-turns" if self_ensemble else ""
+        )
+        evaluations *= SELF_ENSEMBLE_SIZE if self_ensemble else 1
+    else:
+        named = [
+            f"{name.replace('_', ' ')} {value:g}"
+            for name, value in detail_options.items()
+            if value is not None and not (name == "guidance_scale" and value == 1)  # unguided
+        ]
+        how = f"detail mode: {steps} {sampler} steps" + "".join(f", {setting}" for setting in named)
+    return f"{how} ({evaluations} network evaluations per tile)"
+
+
 def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, int]]:
     """`(start, stop)` ranges of consecutive images of one size, at most `batch_size` long."""
     ranges, start = [], 0
@@ -292,6 +312,12 @@ def run(args: argparse.Namespace) -> int:
             detail_options["temperature"] = args.temperature
         guided = pipeline.guided(detail_options["guidance_scale"])
         evaluations = evaluations_per_crop(mode, steps, detail_options["strength"], pipeline.scheduler, guided)
+    if not args.quiet:
+        print(
+            describe_settings(
+                mode, steps, detail_options, type(pipeline.scheduler).__name__, evaluations, args.self_ensemble
+            )
+        )
     generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,
