@@ -85,3 +85,25 @@ def test_model_cards_state_consistency_in_the_unit_they_name(tmp_path):
     assert consistency["name"] == "Consistency (MSE in units of 1e-5, lower is better)"
     assert consistency["value"] == pytest.approx(8.6)
     assert "| Consistency (MSE in units of 1e-5, lower is better) | 8.60 |" in card
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_model_cards_usage_runs_as_written(tmp_path, tiny_unet, monkeypatch, prediction_type):
+    """The card's Python example loads the folder and samples at the model's own settings; models that predict the
+    clean image also show fidelity mode."""
+    import re
+
+    import PIL.Image
+
+    scheduler = make_scheduler("ddim", n_timestep=50, prediction_type=prediction_type)
+    folder = tmp_path / "model"
+    SR3Pipeline(tiny_unet, scheduler, detail_steps=2).save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
+    card = (folder / "README.md").read_text()
+    usage = re.search(r"```python\n(from PIL import Image.*?)```", card, re.S).group(1)
+    assert ('mode="fidelity"' in usage) == (prediction_type == "sample")
+    monkeypatch.chdir(tmp_path)
+    PIL.Image.new("RGB", (8, 8), (90, 120, 200)).save("input.png")
+    exec(compile(usage.replace('"model"', repr(str(folder))), "card", "exec"), {})
+    assert PIL.Image.open("output.png").size == (32, 32)
+    assert (tmp_path / "output_fidelity.png").exists() == (prediction_type == "sample")

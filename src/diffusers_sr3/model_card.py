@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -78,7 +79,7 @@ def write_model_card(
     lines += _limitations(limitations)
     for section in extra_sections or []:
         lines += [section.strip(), ""]
-    lines += _usage(name, super_resolution)
+    lines += _usage(name, super_resolution, _predicts_clean_image(output_dir))
     # 6. Write README.md: YAML metadata, then the text.
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
@@ -204,16 +205,31 @@ def _limitations(limitations: Optional[str]) -> List[str]:
     ]
 
 
-def _usage(name: str, super_resolution: bool) -> List[str]:
+def _predicts_clean_image(output_dir: str) -> bool:
+    """Whether the pipeline saved in `output_dir` predicts the clean image (so it has a fidelity mode)."""
+    path = os.path.join(output_dir, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("prediction_type") in ("sample", "v_prediction")
+
+
+def _usage(name: str, super_resolution: bool, clean_image_model: bool = False) -> List[str]:
     if super_resolution:
         usage = (
             "from PIL import Image\n"
             "from diffusers_sr3 import SR3Pipeline\n\n"
             f'pipe = SR3Pipeline.from_pretrained("{name}")\n'
             'low_res = Image.open("input.png")\n'
-            "image = pipe(low_res, num_inference_steps=50).images[0]\n"
+            "# SR3 sampling (detail mode) at the model's own settings: steps, strength, eta saved in its config\n"
+            "image = pipe(low_res).images[0]\n"
             'image.save("output.png")'
         )
+        if clean_image_model:
+            usage += (
+                "\n# the model's estimate of the average answer: highest PSNR, no invented texture, 4 steps\n"
+                'pipe(low_res, mode="fidelity").images[0].save("output_fidelity.png")'
+            )
     else:
         usage = (
             "from diffusers_sr3 import SR3UnconditionalPipeline\n\n"
