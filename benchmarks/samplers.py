@@ -16,14 +16,16 @@ and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
 the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
-ties. `guidance_scale` (autoguidance) needs a model saved with a guidance UNet, or one given by --guidance-unet;
-entries without it run unguided, whatever the model's default. Writes samplers.json, samplers.md and samplers.png
+ties. `guidance_scale` (autoguidance) needs a model saved with a guidance UNet, or one given by --guidance-unet.
+What an entry leaves out is the sampler's default, whatever the model saved: strength 1 (from noise), the
+scheduler's eta (DDIM: 0), unguided. Writes samplers.json, samplers.md and samplers.png
 (bicubic | each entry | HR on the most detailed texture crops and the flattest crop, magnified) to --output.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -116,8 +118,15 @@ def sample(
     fidelity = scheduler == "fidelity"
     pipeline.scheduler = saved if fidelity else swap_scheduler(saved, scheduler)
     options = dict(options or {})
-    if not fidelity and pipeline.guidance_unet is not None:
-        options.setdefault("guidance_scale", 1.0)  # entries name their guidance: none means unguided
+    if not fidelity:
+        # Entries name their settings: what one leaves out is the sampler's own default (from noise, the scheduler's
+        # eta, unguided), not the model's saved detail settings.
+        options.setdefault("strength", 1.0)
+        step_eta = inspect.signature(pipeline.scheduler.step).parameters.get("eta")
+        if step_eta is not None:
+            options.setdefault("eta", step_eta.default)
+        if pipeline.guidance_unet is not None:
+            options.setdefault("guidance_scale", 1.0)
     mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **options)
     generator = torch.Generator().manual_seed(seed)
     outputs = []

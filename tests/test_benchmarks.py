@@ -299,6 +299,24 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
     assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table
 
 
+def test_sampler_study_entries_ignore_the_models_saved_detail_settings(tmp_path, x0_model_dir):
+    """An entry is what it names: a model saved with its own detail settings samples `ddim:3` from noise at eta 0."""
+    from diffusers_sr3 import SR3Pipeline
+
+    studied = SR3Pipeline.from_pretrained(x0_model_dir, detail_steps=5, detail_strength=0.5, detail_eta=1.0)
+    studied.save_pretrained(tmp_path / "studied")
+    reports = [
+        load("samplers").main(
+            ["--model", str(model), "--entries", "ddim:3", "ddim:3:eta=1", "--crops", "2", "--crop-size", "32"]
+            + ["--output", str(tmp_path / f"out{index}")]
+        )
+        for index, model in enumerate((x0_model_dir, tmp_path / "studied"))
+    ]
+    assert [row["evaluations"] for row in reports[1]["rows"]] == [3, 3]  # from noise: no fidelity answer first
+    assert [row["psnr"] for row in reports[1]["rows"]] == [row["psnr"] for row in reports[0]["rows"]]
+    assert reports[1]["rows"][0]["psnr"] != reports[1]["rows"][1]["psnr"]  # eta 0, not the saved 1
+
+
 def test_sampler_study_and_packaging_take_a_guide(tmp_path, x0_model_dir):
     """--guidance-unet attaches a guide for `guidance_scale` entries; package_model ships one in bfloat16."""
     from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
