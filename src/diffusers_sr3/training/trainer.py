@@ -204,10 +204,8 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         weights = pipeline.unet.state_dict()
         pretrained_scheduler = pipeline.scheduler
         pretrained_residual_scale = objective["residual_scale"]
-        same_objective = objective["residual"] == pipeline.config.get("residual", False) and objective[
-            "prediction_type"
-        ] == pipeline.scheduler.config.get("prediction_type", "epsilon")
-        if same_objective:
+        own_objective = (pipeline.config.get("residual", False), pipeline.scheduler.config.get("prediction_type"))
+        if (objective["residual"], objective["prediction_type"]) == own_objective:  # settings studied for it
             detail_settings = {key: pipeline.config[key] for key in DETAIL_CONFIG_KEYS if key in pipeline.config}
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
