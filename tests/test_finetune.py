@@ -102,6 +102,12 @@ def test_explicit_objective_changes_are_refused_unless_allowed(tmp_path):
     assert setup.detail_settings == {
         key: packaged.config[key] for key in ("detail_steps", "detail_strength", "detail_eta")
     }
+    # An option given wins over the model's own; the others are kept.
+    setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, detail_steps=7)))
+    assert setup.detail_settings == {
+        "detail_steps": 7,
+        **{key: packaged.config[key] for key in ("detail_strength", "detail_eta")},
+    }
 
 
 def test_unset_objective_options_mean_inherit_or_new_model_defaults():

@@ -437,3 +437,37 @@ def test_a_unet_config_dict_needs_no_file(tmp_path):
         TrainingConfig(unet_config=config, model_config_name_or_path="cfg/")
     parser = add_training_arguments(__import__("argparse").ArgumentParser())
     assert "--unet_config" not in parser.format_help()
+
+
+def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    from diffusers_sr3.training.trainer import build_model
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    chosen = dict(sampler="ddim", detail_steps=5, detail_strength=0.5, detail_eta=1.0)
+    options = fast_options(tmp_path / "out", residual=True, prediction_type="sample", **chosen)
+    assert run_script(SR_SCRIPT, as_argv(dict(options, train_data_dir=str(data))), monkeypatch) in (0, None)
+    pipeline = SR3Pipeline.from_pretrained(tmp_path / "out")
+    assert type(pipeline.scheduler) is DDIMScheduler
+    assert pipeline.scheduler.config.prediction_type == "sample"
+    assert pipeline.detail_settings() == dict(num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0)
+    # Unset, the saved pipeline keeps the defaults (the training DDPM, 50 steps from noise).
+    assert build_model(TrainingConfig(preset="tiny")).detail_settings == {}
+
+    # Settings the saved pipeline would refuse are refused before any training, naming the option.
+    refused = {
+        "detail_strength 0.5 starts detail mode from the fidelity answer": dict(detail_strength=0.5),
+        "--detail_eta applies to samplers that take eta": dict(prediction_type="sample", detail_eta=1.0),
+        "detail_steps must be a positive integer": dict(detail_steps=0),
+        "EulerAncestralDiscreteScheduler cannot sample a model that predicts 'sample'": dict(
+            sampler="euler_ancestral", prediction_type="sample"
+        ),
+        "--sampler 'fast' is not a scheduler": dict(sampler="fast"),
+    }
+    for message, change in refused.items():
+        with pytest.raises(ValueError, match=message):
+            build_model(TrainingConfig(**fast_options(tmp_path / "refused", **change)))
+    with pytest.raises(ValueError, match="--detail_steps apply to super-resolution only"):
+        TrainingConfig(task="uncond", preset="tiny_uncond", detail_steps=5)
+    assert not (tmp_path / "refused").exists()

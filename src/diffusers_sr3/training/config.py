@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..noise import SCHEDULERS
+from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
 from ..redaction import REDACTED, is_secret_name, redact, redact_argv
 
 TASKS = ("sr", "uncond")
@@ -208,6 +210,22 @@ class TrainingConfig:
     logging_dir: str = _option("logs", "tracker folder, relative to --output_dir")
     tracker_project_name: Optional[str] = _option(None, "tracker project / run name (default sr3 or sr3-uncond)")
 
+    # How the saved pipeline samples by default (unset: a fine-tuned pipeline's own, else the pipeline's defaults).
+    sampler: Optional[str] = _option(
+        None,
+        "the scheduler the pipeline is saved with: ddpm, ddim, dpmsolver, ... (default: a fine-tuned pipeline's own, "
+        "else the training schedule's DDPM)",
+    )
+    detail_steps: Optional[int] = _option(None, "super-resolution: detail mode's default number of steps (50)")
+    detail_strength: Optional[float] = _option(
+        None,
+        "super-resolution: detail mode's default strength, in (0, 1]; below 1 starts from the fidelity answer "
+        "(models that predict the clean image or v) (1)",
+    )
+    detail_eta: Optional[float] = _option(
+        None, "super-resolution: detail mode's default eta, for samplers that take one (ddim) (the sampler's own)"
+    )
+
     # Hub.
     push_to_hub: bool = _option(False, "upload the final pipeline and model card (never the checkpoints)")
     hub_model_id: Optional[str] = _option(None, "repo id to push to (default: the output folder's name)")
@@ -279,6 +297,11 @@ class TrainingConfig:
             raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate:g}")
         if self.discriminator_learning_rate is not None and not self.adversarial_loss_weight:
             raise ValueError("--discriminator_learning_rate applies with --adversarial_loss_weight only")
+        if self.sampler is not None and self.sampler not in SCHEDULERS:
+            raise ValueError(f"--sampler {self.sampler!r} is not a scheduler; expected one of {sorted(SCHEDULERS)}")
+        detail_options = [f"--{name}" for name in DETAIL_CONFIG_KEYS if getattr(self, name) is not None]
+        if self.task == "uncond" and detail_options:
+            raise ValueError(f"{', '.join(detail_options)} apply to super-resolution only")
 
 
 def _argument_type(annotation: Any) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -75,8 +76,9 @@ class ModelSetup:
     residual: bool = False
     prediction_type: str = "epsilon"
     condition_noise_level: float = 0.0
-    # The sampler a fine-tuned pipeline was saved with (a `SCHEDULERS` key), and its detail-mode defaults (the
-    # `SR3Pipeline` config's `DETAIL_CONFIG_KEYS`, kept when the objective is): the saved result samples the same way.
+    # How the saved pipeline samples: its sampler (a `SCHEDULERS` key; --sampler, else the fine-tuned pipeline's)
+    # and its detail-mode defaults (`SR3Pipeline`'s `DETAIL_CONFIG_KEYS`: the options given, over the fine-tuned
+    # pipeline's own, which are kept when the objective is), so a fine-tuned model samples the way it did.
     sampler: Optional[str] = None
     detail_settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -271,7 +273,10 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     sampler = None
     if pretrained_scheduler is not None:
         sampler = next((name for name, kind in SCHEDULERS.items() if type(pretrained_scheduler) is kind), None)
-    return ModelSetup(
+    detail_settings.update(
+        {key: getattr(config, key) for key in DETAIL_CONFIG_KEYS if getattr(config, key) is not None}
+    )
+    setup = ModelSetup(
         unet,
         scheduler,
         upscale_factor,
@@ -281,8 +286,35 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         residual=objective["residual"],
         prediction_type=objective["prediction_type"],
         condition_noise_level=objective["condition_noise_level"],
-        sampler=sampler,
+        sampler=config.sampler or sampler,
         detail_settings=detail_settings,
+    )
+    _check_saved_pipeline(setup, config)
+    return setup
+
+
+def _saved_scheduler(setup: ModelSetup) -> Any:
+    """The scheduler the trained pipeline is saved with: the chosen (or fine-tuned model's) sampler, else DDPM."""
+    return swap_scheduler(setup.scheduler, setup.sampler) if setup.sampler else setup.scheduler
+
+
+def _check_saved_pipeline(setup: ModelSetup, config: TrainingConfig) -> None:
+    """Refuse, before any training, sampling settings that the pipeline saved at the end would refuse."""
+    scheduler = _saved_scheduler(setup)  # a sampler that cannot sample this prediction type raises here
+    if not setup.upscale_factor:
+        return
+    if config.detail_eta is not None and "eta" not in inspect.signature(scheduler.step).parameters:
+        raise ValueError(
+            f"--detail_eta applies to samplers that take eta (ddim); the pipeline is saved with "
+            f"{type(scheduler).__name__} (choose one with --sampler)"
+        )
+    build_pipeline(
+        setup.unet,
+        scheduler,
+        setup.upscale_factor,
+        setup.condition_noise_level,
+        setup.residual,
+        detail_settings=setup.detail_settings,
     )
 
 
@@ -851,7 +883,7 @@ class Trainer:
         picture.save(os.path.join(config.output_dir, "validation.png"))
         pipeline = build_pipeline(
             model,
-            swap_scheduler(setup.scheduler, setup.sampler) if setup.sampler else setup.scheduler,
+            _saved_scheduler(setup),
             setup.upscale_factor,
             config.condition_noise_level,
             config.residual,
