@@ -7,6 +7,7 @@ network at any step of a Diffusers scheduler, and draws training levels the way 
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Union
@@ -177,6 +178,11 @@ def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any
     swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
     check_scheduler_fits(swapped)
     return swapped
+
+
+def scheduler_takes_eta(scheduler: SchedulerMixin) -> bool:
+    """Whether the scheduler's `step` takes an `eta` (DDIM's stochasticity), so a saved eta applies to it."""
+    return "eta" in inspect.signature(scheduler.step).parameters
 
 
 # (scheduler class, settings) pairs that `check_scheduler_fits` has seen take a step.

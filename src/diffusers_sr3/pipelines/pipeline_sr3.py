@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import augment_condition, swap_scheduler
+from ..noise import augment_condition, scheduler_takes_eta, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
 # Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps). Detail mode's
@@ -316,7 +315,7 @@ class SR3Pipeline(SR3BasePipeline):
             `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default) and
             `guidance_scale`, ready to pass to the pipeline call as keywords.
         """
-        if eta is None and "eta" in inspect.signature(self.scheduler.step).parameters:
+        if eta is None and scheduler_takes_eta(self.scheduler):
             eta = self.config.get("detail_eta")
         return {
             "num_inference_steps": self.config.get("detail_steps", DETAIL_STEPS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
-from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, swap_scheduler, training_betas
+from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
 from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
@@ -303,7 +302,7 @@ def _check_saved_pipeline(setup: ModelSetup, config: TrainingConfig) -> None:
     scheduler = _saved_scheduler(setup)  # a sampler that cannot sample this prediction type raises here
     if not setup.upscale_factor:
         return
-    if config.detail_eta is not None and "eta" not in inspect.signature(scheduler.step).parameters:
+    if config.detail_eta is not None and not scheduler_takes_eta(scheduler):
         raise ValueError(
             f"--detail_eta applies to samplers that take eta (ddim); the pipeline is saved with "
             f"{type(scheduler).__name__} (choose one with --sampler)"
