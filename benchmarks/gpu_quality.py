@@ -6,9 +6,11 @@ sampler was tried. What is left is capacity and steps: this script trains the `p
 (default 128: 4x the multiply-adds of the shipped 64) from scratch on the training photographs' tiles for `--minutes`,
 with the shipped recipe at a large batch, packages it as the shipped model is packaged (its guide for autoguidance:
 the run's own checkpoint nearest `--guide-fraction` of the steps, at `--guidance-scale`, as the shipped step 26,063 of
-62,500 at scale 2), then runs `model_report.py` on it (held-out photos, never-seen photos, the original's faces) and
-saves every output as 8-bit so that FID, whose Inception network does not travel to the device, is computed back
-here:
+62,500 at scale 2), then runs `model_report.py` on it (held-out photos, never-seen photos, the original's faces;
+the photos super-resolved whole, as `sr3 upscale` runs them, since detail mode draws less texture on whole photos than
+on 64-pixel crops alone: docs/quality.md, "Whole photos") and saves every output as 8-bit so that FID, whose Inception
+network does not travel to the device, is computed back here. `--resolution` sets the training crop size (the shipped
+64; larger crops let the network see at training time more of what a whole photo shows it):
 
     # here, once: what the device lacks, in a folder that git ignores and the call carries (about 15 MB of 64 MiB)
     echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/photos .gpu/unseen .gpu/faces
@@ -61,7 +63,7 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
     config = TrainingConfig(
         train_data_dir=tiles,
         unet_config=unet,
-        resolution=64,
+        resolution=args.resolution,
         upscale_factor=4,
         random_crop=True,
         random_rotate=True,
@@ -126,6 +128,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
+    parser.add_argument("--resolution", type=int, default=64, help="training crop size (shipped: 64)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time (the call must end in 10)")
     parser.add_argument("--max-steps", type=int, default=200_000, help="training steps, if the minutes allow")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -141,6 +144,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="detail mode's autoguidance scale")
     parser.add_argument("--crops", type=int, default=256, help="held-out crops (model_report.py)")
     parser.add_argument("--unseen-crops", type=int, default=256, help="never-seen crops (model_report.py)")
+    parser.add_argument(
+        "--crops-alone",
+        action="store_true",
+        help='score each crop super-resolved on its own, as reports before docs/quality.md\'s "Whole photos" did '
+        "(default: the photos whole)",
+    )
+    parser.add_argument("--max-side", type=int, default=512, help="held-out photos downscaled to this longer side")
     args = parser.parse_args(argv)
     if not args.fid_of and not args.output:
         parser.error("give --output (train and evaluate) or --fid-of (FID of returned outputs)")
@@ -172,7 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         package_model.main(["--trained", trained, "--output", model, *guidance])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         report_args = ["--model", model, "--output", args.output, "--no-fid", "--save-outputs", "--device", device]
-        report_args += ["--crops", str(args.crops)]  # detail mode at the settings packaging stored, as shipped
+        # Detail mode at the settings packaging stored, as shipped.
+        report_args += ["--crops", str(args.crops), "--max-side", str(args.max_side)]
+        report_args += [] if args.crops_alone else ["--whole-photos"]
         if args.unseen:
             report_args += ["--unseen", args.unseen, "--unseen-crops", str(args.unseen_crops)]
         if args.faces:
@@ -180,6 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         report = model_report.main(report_args)
     report["training"] = dict(
         width=args.width,
+        resolution=args.resolution,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         steps=summary["global_step"],
         steps_per_second=summary["steps_per_second"],

@@ -168,6 +168,41 @@ def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespa
     return score_set(hr, lr, outputs, other_seed, fid)
 
 
+def load_whole_photos(
+    paths: Sequence[Union[str, pathlib.Path]], factor: int, max_side: Optional[int] = None
+) -> List[torch.Tensor]:
+    """Each photo as a `(1, 3, H, W)` HR in [-1, 1], cropped to a multiple of `factor`."""
+    photos = []
+    for path in paths:
+        hr = images_to_tensor(load_photo(path, max_side))
+        photos.append(hr[..., : hr.shape[-2] // factor * factor, : hr.shape[-1] // factor * factor])
+    return photos
+
+
+def whole_photo_positions(photos: Sequence[torch.Tensor], size: int, count: int, seed: int, factor: int):
+    """`count` crop places `(photo, top, left)` in `photos`, on the input's pixel grid (multiples of `factor`)."""
+    return random_crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, step=factor)
+
+
+def photo_consistency(
+    output: torch.Tensor, lr: torch.Tensor, places: Sequence[Tuple[int, int]], size: int, factor: int
+):
+    """Consistency of a whole photo's output at each crop place `(top, left)`: MSE (images in [0, 1]) between the
+    8-bit output's downsample and `lr`, over the crop's input pixels. The downsample of the crop alone would differ
+    from the photo's along the crop's border, for every method."""
+    downsampled = resize_bicubic(quantize(output).float() / 127.5 - 1, tuple(lr.shape[-2:]))
+    low = size // factor
+    return [
+        (
+            (downsampled - lr)[..., top // factor : top // factor + low, left // factor : left // factor + low].double()
+            / 2
+        )
+        .pow(2)
+        .mean()
+        for top, left in places
+    ]
+
+
 def evaluate_whole_photos(
     pipeline: SR3Pipeline,
     paths: Sequence[Union[str, pathlib.Path]],
@@ -178,17 +213,11 @@ def evaluate_whole_photos(
     max_side: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Both modes and bicubic on whole photos, as `sr3 upscale` runs them, scored on `count` crops cut at the same
-    places from every output: the network sees each crop's surroundings, as it does for a user.
-
-    A crop's consistency is measured on its photo's downsampled output: the downsample of the crop alone would
-    differ from the photo's along the crop's border, for every method.
-    """
+    places from every output: the network sees each crop's surroundings, as it does for a user. A crop's consistency
+    is measured on its photo's downsampled output (`photo_consistency`)."""
     factor, size = pipeline.config.upscale_factor, args.crop_size
-    photos = []
-    for path in paths:
-        hr = images_to_tensor(load_photo(path, max_side))
-        photos.append(hr[..., : hr.shape[-2] // factor * factor, : hr.shape[-1] // factor * factor])
-    positions = random_crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, step=factor)
+    photos = load_whole_photos(paths, factor, max_side)
+    positions = whole_photo_positions(photos, size, count, seed, factor)
     crops: Dict[str, List[torch.Tensor]] = {}
     consistency: Dict[str, List[torch.Tensor]] = {}
 
@@ -199,20 +228,13 @@ def evaluate_whole_photos(
         lr = low_resolution_input(hr, factor)
         outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
         whole = dict(outputs, hr=hr, **({} if other_seed is None else {"other seed": other_seed}))
-        downsampled = {
-            name: resize_bicubic(quantize(image).float() / 127.5 - 1, tuple(lr.shape[-2:]))
-            for name, image in outputs.items()
-        }
-        for photo, top, left in positions:
-            if photo != index:
-                continue
+        places = [(top, left) for photo, top, left in positions if photo == index]
+        for top, left in places:
             for name, image in whole.items():
                 cut(name, image, top, left, size)
-            low_top, low_left, low_size = top // factor, left // factor, size // factor
-            cut("lr", lr, low_top, low_left, low_size)
-            for name, image in downsampled.items():
-                error = (image - lr)[..., low_top : low_top + low_size, low_left : low_left + low_size]
-                consistency.setdefault(name, []).append((error.double() / 2).pow(2).mean())
+            cut("lr", lr, top // factor, left // factor, size // factor)
+        for name, image in outputs.items():
+            consistency.setdefault(name, []).extend(photo_consistency(image, lr, places, size, factor))
     stacked = {name: torch.cat(parts) for name, parts in crops.items()}
     hr, lr, other_seed = stacked.pop("hr"), stacked.pop("lr"), stacked.pop("other seed", None)
     mean_consistency = {name: float(torch.stack(values).mean()) for name, values in consistency.items()}

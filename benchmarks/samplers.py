@@ -4,6 +4,7 @@
     python benchmarks/samplers.py --model my-model --entries ddpm:2000 ddim:25 unipc:10 --crops 64 --fid
     python benchmarks/samplers.py --entries fidelity:4 ddim:10 ddim:10:eta=1 ddim:25:eta=1 --crops 256 --fid
     python benchmarks/samplers.py --photos pyiqa_ref_dir/ --entries fidelity:4 ddim:10:eta=1 ddim:50:eta=1 --fid
+    python benchmarks/samplers.py --whole-photos --crops 256 --entries ddim:10:eta=1:strength=0.6:guidance_scale=2 --fid
 
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
 the split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of
@@ -16,7 +17,11 @@ and the wall time per image. The first entry
 is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
 the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
-ties. `guidance_scale` (autoguidance) needs a model saved with a guidance UNet, or one given by --guidance-unet.
+ties. With --whole-photos each photo is super-resolved whole, as `sr3 upscale` runs it, and the crops are cut from
+every output at the same places (`model_report.py --whole-photos`'s crops for the same seed and count): the network's
+output depends on the size of the image it runs on, and detail settings compared on crops alone can rank and score
+differently on whole photos (docs/quality.md). `guidance_scale` (autoguidance) needs a model saved with a guidance
+UNet, or one given by --guidance-unet.
 What an entry leaves out is the sampler's default, whatever the model saved: strength 1 (from noise), the
 scheduler's eta (DDIM: 0), unguided. Writes samplers.json, samplers.md and samplers.png
 (bicubic | each entry | HR on the most detailed texture crops and the flattest crop, magnified) to --output.
@@ -25,6 +30,7 @@ scheduler's eta (DDIM: 0), unguided. Writes samplers.json, samplers.md and sampl
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -40,7 +46,8 @@ import model_report  # noqa: E402  (a sibling script: its never-seen crops)
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
-from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
+from diffusers_sr3.image_io import find_images
+from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil, upsample_condition
 from diffusers_sr3.metrics import (
     TEXTURE_KEPT_EDGE_SHARE,
     edge_energy,
@@ -50,9 +57,10 @@ from diffusers_sr3.metrics import (
     quantize,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
-from diffusers_sr3.photos import heldout_crops
+from diffusers_sr3.photos import heldout_crops, packaged_photo_paths, photo_split
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.pretrained import default_model_path
+from diffusers_sr3.tiling import tiled_super_resolve
 
 DEFAULT_ENTRIES = (
     "ddpm:2000",
@@ -109,8 +117,12 @@ def sample(
     seed: int,
     options: Optional[Dict[str, float]] = None,
     backend: str = "torch",
+    tile_size: Optional[int] = None,
 ) -> Tuple[torch.Tensor, float, int]:
     """SR3 outputs in [-1, 1] for `lr` in [-1, 1] with one sampler, the wall time and network evaluations per image.
+
+    `tile_size` runs the network in overlapping tiles of that size, as `sr3 upscale --tile-size` does (None: the
+    whole input at once); the evaluations count refinement steps, not tiles.
 
     Every sampler is built from the model's `saved` scheduler, so settings such as clipping carry over unchanged.
     `scheduler="fidelity"` runs the pipeline's fidelity mode (deterministic DDIM from the noise's mean).
@@ -134,7 +146,10 @@ def sample(
     with use_backend(pipeline, backend):
         for start in range(0, lr.shape[0], batch_size):
             low = (lr[start : start + batch_size] + 1) / 2
-            images = pipeline(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
+            run = (
+                pipeline if tile_size is None else functools.partial(tiled_super_resolve, pipeline, tile_size=tile_size)
+            )
+            images = run(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
             outputs.append(images * 2 - 1)
     # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep, two with the
     # guide beside the UNet. Detail below strength 1 also runs the fidelity answer it starts from.
@@ -142,6 +157,33 @@ def sample(
     if not fidelity and options.get("strength", 1.0) < 1:
         evaluations += FIDELITY_STEPS
     return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
+
+
+class WholePhotos:
+    """Photos super-resolved whole and scored on crops cut from every output at the same places."""
+
+    def __init__(self, hr: List[torch.Tensor], size: int, count: int, seed: int, factor: int):
+        self.hr, self.size, self.factor = hr, size, factor
+        self.positions = model_report.whole_photo_positions(hr, size, count, seed, factor)
+        self.lr = [model_report.low_resolution_input(photo, factor) for photo in hr]
+        self.bicubic = [upsample_condition(lr, tuple(photo.shape[-2:])).clamp(-1, 1) for lr, photo in zip(self.lr, hr)]
+
+    def cut(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """The crops of per-photo `images` (HR or LR grid, read from their size) at the places, in one batch."""
+        crops = []
+        for photo, top, left in self.positions:
+            scale = self.hr[photo].shape[-1] // images[photo].shape[-1]
+            side, top, left = self.size // scale, top // scale, left // scale
+            crops.append(images[photo][..., top : top + side, left : left + side])
+        return torch.cat(crops)
+
+    def consistency(self, outputs: List[torch.Tensor]) -> float:
+        """Mean consistency of the crops, each measured on its photo's downsampled output."""
+        errors = []
+        for index, (output, lr) in enumerate(zip(outputs, self.lr)):
+            places = [(top, left) for photo, top, left in self.positions if photo == index]
+            errors += model_report.photo_consistency(output, lr, places, self.size, self.factor)
+        return float(torch.stack(errors).mean())
 
 
 def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
@@ -160,8 +202,10 @@ def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
 def markdown(report: Dict[str, Any]) -> str:
     has_fid = "fid" in report["rows"][0]
     lines = [
-        f"Model: {report['model']}. {report['images']} crops of {report['size']}px of {report['photos']}, seed "
-        f"{report['seed']}, "
+        f"Model: {report['model']}. {report['images']} crops of {report['size']}px of {report['photos']}"
+        + (" (the photos super-resolved whole, the crops cut from the outputs)" if report.get("whole_photos") else "")
+        + (f", the network in {report['tile_size']}px tiles" if report.get("tile_size") else "")
+        + f", seed {report['seed']}, "
         f"{report['machine']}. Reference: {report['rows'][0]['entry']}; equal quality = PSNR within "
         f"{PSNR_TOLERANCE_DB} dB and SSIM within {SSIM_TOLERANCE} of it.",
         "",
@@ -224,6 +268,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--photos", default=None, help="a folder of photos never trained on, instead of the held-out photos"
     )
     parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size")
+    parser.add_argument(
+        "--whole-photos",
+        action="store_true",
+        help="super-resolve each photo whole, as `sr3 upscale` does, and cut the crops from the outputs (default: "
+        "each crop is degraded and super-resolved on its own)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="with --whole-photos: run the network in overlapping tiles of this size, as `sr3 upscale --tile-size` "
+        "does (default: each photo at once)",
+    )
     parser.add_argument("--heldout", type=float, default=0.25, help="fraction of whole photos held out")
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -243,6 +300,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(str(error))
     if args.crops < 1:
         parser.error(f"--crops must be at least 1, got {args.crops}")
+    if args.tile_size is not None and not args.whole_photos:
+        parser.error("--tile-size tiles whole photos: it needs --whole-photos")
     return args
 
 
@@ -252,11 +311,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     guide = {"guidance_unet": SR3UNet2DModel.from_pretrained(args.guidance_unet)} if args.guidance_unet else {}
     pipeline = SR3Pipeline.from_pretrained(model, **guide)
     pipeline.set_progress_bar_config(disable=True)
-    if args.photos:
+    factor = pipeline.config.upscale_factor
+    photos = None
+    if args.whole_photos:
+        # As model_report.py --whole-photos: held-out photos at --max-side, others at their own size.
+        if args.photos:
+            paths, max_side, seed = find_images([args.photos]), None, args.seed + 2
+        else:
+            paths, max_side, seed = (
+                photo_split(packaged_photo_paths(), heldout=args.heldout)[1],
+                args.max_side,
+                args.seed + 1,
+            )
+        photos = WholePhotos(
+            model_report.load_whole_photos(paths, factor, max_side), args.crop_size, args.crops, seed, factor
+        )
+        hr, lr, bicubic = photos.cut(photos.hr), photos.cut(photos.lr), photos.cut(photos.bicubic)
+    elif args.photos:
         hr = model_report.unseen_crops(args.photos, args.crop_size, args.crops, args.seed + 2)
     else:
         hr, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
-    lr, bicubic = degrade(hr, pipeline.config.upscale_factor)
+    if photos is None:
+        lr, bicubic = degrade(hr, factor)
     texture = kept_edge_share(hr, pipeline.config.upscale_factor) < TEXTURE_KEPT_EDGE_SHARE
     texture_hr_edges = edge_energy(quantize(hr[texture])).sum()
     fid = frechet_inception_distance() if args.fid else None
@@ -264,8 +340,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         fid.update(quantize(hr), real=True)
         fid.reset_real_features = False
 
-    def quality(images: torch.Tensor) -> Dict[str, Any]:
+    def quality(images: torch.Tensor, consistency: Optional[float] = None) -> Dict[str, Any]:
         values = image_quality(images, hr, lr)
+        if consistency is not None:
+            values["consistency"] = consistency
         # Where the detail is finer than the input's pixels: how much of it a sampler restores.
         values["texture_edge_ratio"] = (
             float(edge_energy(quantize(images[texture])).sum() / texture_hr_edges) if texture.any() else None
@@ -280,10 +358,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows = []
     pictured = [bicubic]
     for entry, (scheduler, steps, options) in zip(args.entries, args.parsed_entries):
-        sr, seconds, evaluations = sample(
-            pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed, options, args.backend
-        )
-        rows.append(dict(entry=entry, evaluations=evaluations, seconds_per_image=seconds, **quality(sr)))
+        if photos is None:
+            sr, seconds, evaluations = sample(
+                pipeline, saved, lr, scheduler, steps, args.batch_size, args.seed, options, args.backend
+            )
+            values = quality(sr)
+        else:
+            outputs, seconds = [], 0.0
+            for photo_lr in photos.lr:
+                output, photo_seconds, evaluations = sample(
+                    pipeline, saved, photo_lr, scheduler, steps, 1, args.seed, options, args.backend, args.tile_size
+                )
+                outputs.append(output)
+                seconds += photo_seconds / len(photos.lr)
+            sr = photos.cut(outputs)
+            values = quality(sr, photos.consistency(outputs))
+        rows.append(dict(entry=entry, evaluations=evaluations, seconds_per_image=seconds, **values))
         pictured.append(sr)
         print(json.dumps(rows[-1]), flush=True)
     report = dict(
@@ -294,7 +384,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         size=args.crop_size,
         seed=args.seed,
         machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, backend {args.backend}",
-        bicubic=quality(bicubic),
+        bicubic=quality(bicubic, None if photos is None else photos.consistency(photos.bicubic)),
+        whole_photos=photos is not None,
+        tile_size=args.tile_size,
         rows=rows,
     )
     report["recommended"] = compare(rows)

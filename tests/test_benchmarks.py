@@ -270,6 +270,60 @@ def test_sampler_study_on_a_folder_of_photos_reports_texture_crops(tmp_path, tin
     assert PIL.Image.open(tmp_path / "out" / "samplers.png").size == (3 * 96, rows * 96)
 
 
+def test_sampler_study_on_whole_photos_cuts_the_report_crops_from_whole_outputs(tmp_path, tiny_pipeline, monkeypatch):
+    """--whole-photos: each photo super-resolved whole, as `sr3 upscale` does; the crops model_report.py cuts."""
+    from diffusers_sr3.image_io import find_images
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (72, 96)), ("b.png", (64, 68))):
+        coarse = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+        PIL.Image.fromarray(coarse).resize(size[::-1], PIL.Image.BICUBIC).save(photos / name)
+    samplers = load("samplers")
+    inputs = []
+    real_sample = samplers.sample
+
+    def recording(pipeline, saved, lr, *args, **kwargs):
+        inputs.append(tuple(lr.shape))
+        return real_sample(pipeline, saved, lr, *args, **kwargs)
+
+    monkeypatch.setattr(samplers, "sample", recording)
+    command = ["--model", str(tmp_path / "model"), "--photos", str(photos), "--entries", "ddim:2", "--crops", "5"]
+    command += ["--crop-size", "32", "--output", str(tmp_path / "out")]
+    report = samplers.main(command + ["--whole-photos"])
+    assert inputs == [(1, 3, 18, 24), (1, 3, 16, 17)]  # each photo's whole input, once per entry
+    assert report["whole_photos"] and report["images"] == 5 and report["rows"][0]["evaluations"] == 2
+    assert "super-resolved whole" in (tmp_path / "out" / "samplers.md").read_text()
+    # The bicubic row scores model_report.py --whole-photos's crops: the same places, consistency on the whole photo.
+    model_report = load("model_report")
+    args = argparse.Namespace(crop_size=32, modes=[], self_ensemble=False, seed=0)
+    pipeline = samplers.SR3Pipeline.from_pretrained(tmp_path / "model")
+    expected = model_report.evaluate_whole_photos(pipeline, find_images([str(photos)]), 5, 2, args, fid=None)
+    for metric in ("psnr", "ssim", "consistency", "edge_ratio"):
+        assert report["bicubic"][metric] == pytest.approx(expected["results"]["bicubic"][metric], rel=1e-6), metric
+    # On crops alone the entry sees 8x8 inputs instead, and scores differently.
+    inputs.clear()
+    alone = samplers.main(command)
+    assert inputs == [(5, 3, 8, 8)] and alone["rows"][0]["psnr"] != report["rows"][0]["psnr"]
+    # --tile-size runs the network on tiles of that size, as `sr3 upscale --tile-size` does.
+    sizes = []
+    monkeypatch.setattr(samplers, "sample", real_sample)
+    network = samplers.SR3UNet2DModel.forward
+    monkeypatch.setattr(
+        samplers.SR3UNet2DModel,
+        "forward",
+        lambda self, sample, *a, **k: sizes.append(sample.shape[-1]) or network(self, sample, *a, **k),
+    )
+    tiled = samplers.main(command + ["--whole-photos", "--tile-size", "32"])
+    assert set(sizes) == {32} and tiled["tile_size"] == 32
+    assert "32px tiles" in (tmp_path / "out" / "samplers.md").read_text()
+    assert tiled["rows"][0]["psnr"] != report["rows"][0]["psnr"]
+    with pytest.raises(SystemExit):
+        samplers.parse_args(command + ["--tile-size", "32"])
+
+
 @pytest.fixture
 def x0_model_dir(tmp_path, tiny_unet):
     """A tiny residual pipeline that predicts the clean image (fidelity mode needs one), saved to a folder."""
@@ -478,8 +532,10 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     report = gpu_quality.main(
         ["--output", str(out), "--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0"]
         + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3", "--checkpoint-every", "1"]
+        + ["--resolution", "32", "--max-side", "128"]
     )
     assert report["training"]["width"] == 32 and report["training"]["steps"] == 3
+    assert report["training"]["resolution"] == 32 and report["whole_photos"]  # the photos whole, as users run them
     # The guide: the checkpoint nearest 42% of the 3 steps, and detail mode guided at the shipped scale.
     assert report["training"]["guide_step"] == 1 and report["guidance_scale"] == 2.0
     # ... at the detail settings packaging stored in its config, the shipped model's.
