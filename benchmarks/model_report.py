@@ -179,28 +179,41 @@ def load_whole_photos(
     return photos
 
 
-def whole_photo_positions(photos: Sequence[torch.Tensor], size: int, count: int, seed: int, factor: int):
-    """`count` crop places `(photo, top, left)` in `photos`, on the input's pixel grid (multiples of `factor`)."""
-    return random_crop_positions([tuple(hr.shape[-2:]) for hr in photos], size, count, seed, step=factor)
+class WholePhotos:
+    """Photos super-resolved whole and scored on crops cut from every output at the same places."""
 
-
-def photo_consistency(
-    output: torch.Tensor, lr: torch.Tensor, places: Sequence[Tuple[int, int]], size: int, factor: int
-):
-    """Consistency of a whole photo's output at each crop place `(top, left)`: MSE (images in [0, 1]) between the
-    8-bit output's downsample and `lr`, over the crop's input pixels. The downsample of the crop alone would differ
-    from the photo's along the crop's border, for every method."""
-    downsampled = resize_bicubic(quantize(output).float() / 127.5 - 1, tuple(lr.shape[-2:]))
-    low = size // factor
-    return [
-        (
-            (downsampled - lr)[..., top // factor : top // factor + low, left // factor : left // factor + low].double()
-            / 2
+    def __init__(self, hr: List[torch.Tensor], size: int, count: int, seed: int, factor: int):
+        self.hr, self.size, self.factor = hr, size, factor
+        self.positions = random_crop_positions(
+            [tuple(photo.shape[-2:]) for photo in hr], size, count, seed, step=factor
         )
-        .pow(2)
-        .mean()
-        for top, left in places
-    ]
+        self.lr = [low_resolution_input(photo, factor) for photo in hr]
+        self.bicubic = [upsample_condition(lr, tuple(photo.shape[-2:])).clamp(-1, 1) for lr, photo in zip(self.lr, hr)]
+
+    def cut(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """The crops of per-photo `images` (HR or LR grid, read from their size) at the places, in one batch."""
+        crops = []
+        for photo, top, left in self.positions:
+            scale = self.hr[photo].shape[-1] // images[photo].shape[-1]
+            side, top, left = self.size // scale, top // scale, left // scale
+            crops.append(images[photo][..., top : top + side, left : left + side])
+        return torch.cat(crops)
+
+    def consistency(self, outputs: List[torch.Tensor]) -> float:
+        """Mean consistency of the crops, each measured on its photo's downsampled 8-bit output over the crop's input
+        pixels: the downsample of a crop alone would differ from the photo's along the crop's border, for every
+        method."""
+        differences = [
+            resize_bicubic(quantize(output).float() / 127.5 - 1, tuple(lr.shape[-2:])) - lr
+            for output, lr in zip(outputs, self.lr)
+        ]
+        errors = []
+        low = self.size // self.factor
+        for photo, top, left in self.positions:
+            top, left = top // self.factor, left // self.factor
+            error = differences[photo][..., top : top + low, left : left + low]
+            errors.append((error.double() / 2).pow(2).mean())
+        return float(torch.stack(errors).mean())
 
 
 def evaluate_whole_photos(
@@ -213,32 +226,20 @@ def evaluate_whole_photos(
     max_side: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Both modes and bicubic on whole photos, as `sr3 upscale` runs them, scored on `count` crops cut at the same
-    places from every output: the network sees each crop's surroundings, as it does for a user. A crop's consistency
-    is measured on its photo's downsampled output (`photo_consistency`)."""
-    factor, size = pipeline.config.upscale_factor, args.crop_size
-    photos = load_whole_photos(paths, factor, max_side)
-    positions = whole_photo_positions(photos, size, count, seed, factor)
-    crops: Dict[str, List[torch.Tensor]] = {}
-    consistency: Dict[str, List[torch.Tensor]] = {}
-
-    def cut(name: str, image: torch.Tensor, top: int, left: int, side: int) -> None:
-        crops.setdefault(name, []).append(image[..., top : top + side, left : left + side])
-
-    for index, hr in enumerate(photos):
-        lr = low_resolution_input(hr, factor)
+    places from every output ([`WholePhotos`]): the network sees each crop's surroundings, as it does for a user."""
+    factor = pipeline.config.upscale_factor
+    photos = WholePhotos(load_whole_photos(paths, factor, max_side), args.crop_size, count, seed, factor)
+    whole: Dict[str, List[torch.Tensor]] = {}
+    other_seeds: List[torch.Tensor] = []
+    for lr, hr in zip(photos.lr, photos.hr):
         outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
-        whole = dict(outputs, hr=hr, **({} if other_seed is None else {"other seed": other_seed}))
-        places = [(top, left) for photo, top, left in positions if photo == index]
-        for top, left in places:
-            for name, image in whole.items():
-                cut(name, image, top, left, size)
-            cut("lr", lr, top // factor, left // factor, size // factor)
         for name, image in outputs.items():
-            consistency.setdefault(name, []).extend(photo_consistency(image, lr, places, size, factor))
-    stacked = {name: torch.cat(parts) for name, parts in crops.items()}
-    hr, lr, other_seed = stacked.pop("hr"), stacked.pop("lr"), stacked.pop("other seed", None)
-    mean_consistency = {name: float(torch.stack(values).mean()) for name, values in consistency.items()}
-    return score_set(hr, lr, stacked, other_seed, fid, mean_consistency)
+            whole.setdefault(name, []).append(image)
+        other_seeds += [] if other_seed is None else [other_seed]
+    outputs = {name: photos.cut(images) for name, images in whole.items()}
+    consistency = {name: photos.consistency(images) for name, images in whole.items()}
+    other_seed = photos.cut(other_seeds) if other_seeds else None
+    return score_set(photos.cut(photos.hr), photos.cut(photos.lr), outputs, other_seed, fid, consistency)
 
 
 # Crops grouped by the share of the HR's edge energy that bicubic keeps: little where the detail is finer than the

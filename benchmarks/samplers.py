@@ -47,7 +47,7 @@ import model_report  # noqa: E402  (a sibling script: its never-seen crops)
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
 from diffusers_sr3.image_io import find_images
-from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil, upsample_condition
+from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import (
     TEXTURE_KEPT_EDGE_SHARE,
     edge_energy,
@@ -143,12 +143,10 @@ def sample(
     generator = torch.Generator().manual_seed(seed)
     outputs = []
     started = time.perf_counter()
+    run = pipeline if tile_size is None else functools.partial(tiled_super_resolve, pipeline, tile_size=tile_size)
     with use_backend(pipeline, backend):
         for start in range(0, lr.shape[0], batch_size):
             low = (lr[start : start + batch_size] + 1) / 2
-            run = (
-                pipeline if tile_size is None else functools.partial(tiled_super_resolve, pipeline, tile_size=tile_size)
-            )
             images = run(low, num_inference_steps=steps, generator=generator, output_type="pt", **mode).images
             outputs.append(images * 2 - 1)
     # Second-order samplers (Heun) list each step twice: one network evaluation per listed timestep, two with the
@@ -157,33 +155,6 @@ def sample(
     if not fidelity and options.get("strength", 1.0) < 1:
         evaluations += FIDELITY_STEPS
     return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
-
-
-class WholePhotos:
-    """Photos super-resolved whole and scored on crops cut from every output at the same places."""
-
-    def __init__(self, hr: List[torch.Tensor], size: int, count: int, seed: int, factor: int):
-        self.hr, self.size, self.factor = hr, size, factor
-        self.positions = model_report.whole_photo_positions(hr, size, count, seed, factor)
-        self.lr = [model_report.low_resolution_input(photo, factor) for photo in hr]
-        self.bicubic = [upsample_condition(lr, tuple(photo.shape[-2:])).clamp(-1, 1) for lr, photo in zip(self.lr, hr)]
-
-    def cut(self, images: List[torch.Tensor]) -> torch.Tensor:
-        """The crops of per-photo `images` (HR or LR grid, read from their size) at the places, in one batch."""
-        crops = []
-        for photo, top, left in self.positions:
-            scale = self.hr[photo].shape[-1] // images[photo].shape[-1]
-            side, top, left = self.size // scale, top // scale, left // scale
-            crops.append(images[photo][..., top : top + side, left : left + side])
-        return torch.cat(crops)
-
-    def consistency(self, outputs: List[torch.Tensor]) -> float:
-        """Mean consistency of the crops, each measured on its photo's downsampled output."""
-        errors = []
-        for index, (output, lr) in enumerate(zip(outputs, self.lr)):
-            places = [(top, left) for photo, top, left in self.positions if photo == index]
-            errors += model_report.photo_consistency(output, lr, places, self.size, self.factor)
-        return float(torch.stack(errors).mean())
 
 
 def compare(rows: List[Dict[str, Any]]) -> Optional[str]:
@@ -323,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 args.max_side,
                 args.seed + 1,
             )
-        photos = WholePhotos(
+        photos = model_report.WholePhotos(
             model_report.load_whole_photos(paths, factor, max_side), args.crop_size, args.crops, seed, factor
         )
         hr, lr, bicubic = photos.cut(photos.hr), photos.cut(photos.lr), photos.cut(photos.bicubic)
