@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -553,6 +554,21 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
     returned = json.loads((out / "report.json").read_text())
     assert json.loads((tmp_path / "here" / "report.json").read_text()) == dict(returned, fid=table)
+
+
+def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_available(tmp_path):
+    """Under a real `accelerate launch` (which sets OMP_NUM_THREADS=1), the default arm trains on every core."""
+    report = load("training_launch").main(
+        ["--preset", "tiny", "--steps", "2", "--batch", "2", "--resolution", "32", "--photos", "2"]
+        + ["--arms", "one thread", "default", "--output", str(tmp_path)]
+    )
+    assert [(row["arm"], row["cpu_threads"]) for row in report["rows"]] == [
+        ("one thread", 1),
+        ("default", len(os.sched_getaffinity(0))),
+    ]
+    assert report["rows"][0]["speedup"] == 1.0 and all(row["steps_per_second"] > 0 for row in report["rows"])
+    table = (tmp_path / "training_launch.md").read_text()
+    assert "| one thread | 1 |" in table and json.loads((tmp_path / "training_launch.json").read_text()) == report
 
 
 def test_training_throughput_times_every_network_and_precision(tmp_path):

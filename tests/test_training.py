@@ -377,6 +377,50 @@ def test_channels_last_and_fused_optimizer_train_the_same_model(tmp_path):
         torch.testing.assert_close(outputs["fast"][key], value, atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_training_takes_the_cores_that_accelerate_launch_left_it_one_of(tmp_path, monkeypatch):
+    """`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which would train on one core: training on CPU then
+    uses the cores this process may run on, shared among the machine's processes; `num_threads` decides when given; a
+    plain Python call keeps torch's setting; the caller's thread count is restored afterwards."""
+    data = make_image_folder(tmp_path / "images", count=4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    caller_threads = torch.get_num_threads()
+
+    def trained_with(name, starting_threads, **overrides):
+        torch.set_num_threads(starting_threads)
+        try:
+            output = train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / name, **overrides)))
+            assert torch.get_num_threads() == starting_threads
+        finally:
+            torch.set_num_threads(caller_threads)
+        return json.loads(open(os.path.join(output, "training_summary.json")).read())["cpu_threads"]
+
+    assert trained_with("plain-call", 1) == 1
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert trained_with("launched", 1) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert trained_with("two-processes-per-machine", 1) == 2
+    assert trained_with("asked-for-three", 1, num_threads=3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert trained_with("launched-with-threads-given", 2) == 2
+    with pytest.raises(ValueError, match="num_threads must be at least 1"):
+        TrainingConfig(num_threads=0)
+
+
+def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypatch, caplog):
+    """bfloat16 autocast is emulated on CPUs without AMX, many times slower than float32: the run says so."""
+    import diffusers_sr3.training.trainer as trainer
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    for fast, name in ((True, "amx"), (False, "avx2")):
+        monkeypatch.setattr(trainer, "fast_bfloat16", lambda device, fast=fast: fast)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=trainer.logger.name):
+            train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / name, mixed_precision="bf16")))
+        warned = [record.getMessage() for record in caplog.records if "bfloat16 is emulated" in record.getMessage()]
+        assert len(warned) == (0 if fast else 1)
+
+
 def test_residual_training_targets_the_detail_and_is_saved(tmp_path):
     from test_data import make_image_folder
 

@@ -161,6 +161,12 @@ class TrainingConfig:
         "also stop after this many minutes of training (the steps and epochs still bound the run; the model is "
         "saved as at a normal end, with a checkpoint when checkpointing is on)",
     )
+    num_threads: Optional[int] = _option(
+        None,
+        "CPU threads of each training process, when training on CPU (default: torch's; under `accelerate launch`, "
+        "which sets OMP_NUM_THREADS=1 unless given --cpu or --num_cpu_threads_per_process, the cores available "
+        "divided among the machine's processes)",
+    )
     gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _option(False, "trade compute for memory")
     channels_last: bool = _option(
@@ -246,6 +252,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

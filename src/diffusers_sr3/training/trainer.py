@@ -23,6 +23,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..backends import cpu_name, fast_bfloat16
 from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
@@ -380,9 +381,11 @@ class Trainer:
 
     def run(self) -> str:
         """Train, save the pipeline (EMA weights when used) with a model card, push if asked; return the folder."""
+        threads_before = torch.get_num_threads()
         try:
             return self._run()
         finally:
+            torch.set_num_threads(threads_before)
             # Accelerate keeps its settings in process-wide singletons; clearing them (not the process group) lets
             # another `train()` in this process (a benchmark sweep, the demo) use other settings.
             from accelerate.state import AcceleratorState, GradientState
@@ -421,6 +424,7 @@ class Trainer:
         install_log_redaction()
         accelerator = self.accelerator = self._make_accelerator()
         self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
+        self.cpu_threads = self._set_cpu_threads(accelerator)
         self.distributed_type = str(accelerator.distributed_type)
         # The data order and augmentation depend on `seed` only, identically on every process (so the shards
         # partition each epoch). Noise and dropout draws must differ between processes: their RNG is seeded per
@@ -436,6 +440,22 @@ class Trainer:
             os.makedirs(config.output_dir, exist_ok=True)
             remove_stale_temporaries(config.output_dir)
         return seed
+
+    def _set_cpu_threads(self, accelerator: Accelerator) -> Optional[int]:
+        """Set the threads this process trains with on CPU (`--num_threads`, else see `_launcher_cpu_threads`)."""
+        if accelerator.device.type != "cpu":
+            return None
+        threads = self.config.num_threads or _launcher_cpu_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        logger.info("training on CPU with %d threads per process", torch.get_num_threads())
+        if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
+            logger.warning(
+                "--mixed_precision bf16 on a CPU without bfloat16 matrix units (%s): bfloat16 is emulated here and "
+                "trains many times slower than float32 (benchmarks/training_launch.py); leave it out on this machine",
+                cpu_name(),
+            )
+        return torch.get_num_threads()
 
     def _prepare_model(self) -> ModelSetup:
         """Build the UNet and scheduler, in training mode with the configured memory options."""
@@ -760,6 +780,7 @@ class Trainer:
                 epochs=loop.epoch + 1,
                 resumed_from=loop.resumed_from,
                 num_processes=accelerator.num_processes,
+                cpu_threads=self.cpu_threads,
                 total_batch_size=loop.total_batch,
                 final_loss=sum(loop.recent_losses) / len(loop.recent_losses) if loop.recent_losses else None,
                 skipped_at_scan=dict(data.skipped_at_scan),
@@ -929,7 +950,9 @@ class Trainer:
             "",
             f"Training finished: {summary['global_step']} steps ({summary['steps_this_run']} in this run, "
             f"{summary['train_seconds']} s, {summary['steps_per_second']} steps/s) on {summary['num_processes']} "
-            f"process(es), total batch {summary['total_batch_size']}"
+            f"process(es)"
+            + (f" of {summary['cpu_threads']} CPU threads" if summary["cpu_threads"] else "")
+            + f", total batch {summary['total_batch_size']}"
             + (" (stopped by --max_train_minutes)." if summary["stopped_by_time_limit"] else "."),
             f"  final loss (mean of last steps): {summary['final_loss']:.5f}"
             if summary["final_loss"] is not None
@@ -943,6 +966,19 @@ class Trainer:
             lines.append(f"  checkpoints: {', '.join(summary['checkpoints'])}")
         lines.append(f"  pipeline saved to {summary['output_dir']} (model card README.md, validation.png)")
         print(redact("\n".join(lines)), flush=True)
+
+
+def _launcher_cpu_threads() -> Optional[int]:
+    """The threads a CPU training process should use when `accelerate launch` left it its default of one; else None.
+
+    Without `--cpu` or `--num_cpu_threads_per_process`, `accelerate launch` sets OMP_NUM_THREADS=1 (a default meant
+    for GPU jobs), which on a CPU-only machine trains on one core however many there are. Then the cores this process
+    may run on are shared among the machine's training processes.
+    """
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _broadcast_path(accelerator: Accelerator, path: Optional[str]) -> str:
