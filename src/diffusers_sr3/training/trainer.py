@@ -424,7 +424,7 @@ class Trainer:
         install_log_redaction()
         accelerator = self.accelerator = self._make_accelerator()
         self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
-        self.cpu_threads = self._set_cpu_threads(accelerator)
+        self.cpu_threads = self._configure_cpu(accelerator)
         self.distributed_type = str(accelerator.distributed_type)
         # The data order and augmentation depend on `seed` only, identically on every process (so the shards
         # partition each epoch). Noise and dropout draws must differ between processes: their RNG is seeded per
@@ -441,8 +441,9 @@ class Trainer:
             remove_stale_temporaries(config.output_dir)
         return seed
 
-    def _set_cpu_threads(self, accelerator: Accelerator) -> Optional[int]:
-        """Set the threads this process trains with on CPU (`--num_threads`, else see `_launcher_cpu_threads`)."""
+    def _configure_cpu(self, accelerator: Accelerator) -> Optional[int]:
+        """On CPU: set this process's threads (`--num_threads`, else `_launcher_cpu_threads`), warn when bfloat16
+        autocast would be emulated, and return the thread count; None on an accelerator."""
         if accelerator.device.type != "cpu":
             return None
         threads = self.config.num_threads or _launcher_cpu_threads()
@@ -975,6 +976,7 @@ def _launcher_cpu_threads() -> Optional[int]:
     for GPU jobs), which on a CPU-only machine trains on one core however many there are. Then the cores this process
     may run on are shared among the machine's training processes.
     """
+    # Every `accelerate launch` launcher sets ACCELERATE_DYNAMO_BACKEND: the mark of a process it started.
     if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
