@@ -122,36 +122,73 @@ def low_resolution_input(hr: torch.Tensor, factor: int) -> torch.Tensor:
     return quantize(lr).float() / 127.5 - 1
 
 
+def further_seeds(args: argparse.Namespace) -> List[int]:
+    """Detail mode's seeds after `args.seed`: the rest of its --detail-seeds draws, and at least the next one (the
+    two-seed difference); none without detail mode."""
+    if "detail" not in args.modes:
+        return []
+    return [args.seed + offset for offset in range(1, max(args.detail_seeds, 2))]
+
+
 def run_methods(
     pipeline: SR3Pipeline, lr: torch.Tensor, size: Tuple[int, int], args: argparse.Namespace
-) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-    """Bicubic and the SR3 modes on `lr`, and detail mode again with the next seed (None without detail mode)."""
+) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
+    """Bicubic and the SR3 modes on `lr`, and detail mode again with each of `further_seeds`."""
     outputs = {"bicubic": upsample_condition(lr, size).clamp(-1, 1)}
     for mode in args.modes:
         outputs[f"SR3 {mode}"] = super_resolve(pipeline, lr, mode, args)
         if mode == "fidelity" and args.self_ensemble:
             outputs[SELF_ENSEMBLE] = super_resolve(pipeline, lr, mode, args, self_ensemble=True)
-    other_seed = super_resolve(pipeline, lr, "detail", args, seed=args.seed + 1) if "detail" in args.modes else None
-    return outputs, other_seed
+    further = [super_resolve(pipeline, lr, "detail", args, seed=seed) for seed in further_seeds(args)]
+    return outputs, further
+
+
+def mean_of_draws(draws: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Metrics averaged over detail mode's draws (lists, such as the colour error, element by element)."""
+    averaged: Dict[str, Any] = {}
+    for key, value in draws[0].items():
+        values = [draw[key] for draw in draws]
+        averaged[key] = [float(np.mean(v)) for v in zip(*values)] if isinstance(value, list) else float(np.mean(values))
+    return averaged
 
 
 def score_set(
     hr: torch.Tensor,
     lr: torch.Tensor,
     outputs: Dict[str, torch.Tensor],
-    other_seed: Optional[torch.Tensor],
+    further: Sequence[torch.Tensor],
     fid: Any,
     consistency: Optional[Dict[str, float]] = None,
+    further_consistency: Optional[Sequence[float]] = None,
+    detail_seeds: int = 1,
 ) -> Dict[str, Any]:
-    """Metrics, FID and edges by kind of crop of each method's outputs; `consistency` replaces the crops' own."""
+    """Metrics, FID and edges by kind of crop of each method's outputs; `consistency` replaces the crops' own.
+
+    `further`: detail mode's draws with the following seeds (`further_consistency` their consistency). The first
+    gives the two-seed difference; with `detail_seeds` above 1, detail mode's metrics and FID are the means over its
+    first `detail_seeds` draws (the FID of each in `fid_per_seed`): one draw of a few images is a noisy FID.
+    """
     results = {name: image_quality(images, hr, lr) for name, images in outputs.items()}
     for name, value in (consistency or {}).items():
         results[name]["consistency"] = value
-    if other_seed is not None:
-        results["SR3 detail"]["two_seeds_differ_255"] = float((other_seed - outputs["SR3 detail"]).abs().mean()) * 127.5
+    draws = list(further[: detail_seeds - 1])
+    draw_results = [image_quality(images, hr, lr) for images in draws]
+    for result, value in zip(draw_results, further_consistency or []):
+        result["consistency"] = value
     if fid is not None:
-        for name, value in zip(outputs, fids(fid, hr, list(outputs.values()))):
+        values = fids(fid, hr, list(outputs.values()) + draws)
+        for name, value in zip(outputs, values):
             results[name]["fid"] = value
+        for result, value in zip(draw_results, values[len(outputs) :]):
+            result["fid"] = value
+    if draw_results:
+        first = results["SR3 detail"]
+        results["SR3 detail"] = mean_of_draws([first] + draw_results)
+        results["SR3 detail"]["seeds"] = 1 + len(draw_results)
+        if fid is not None:
+            results["SR3 detail"]["fid_per_seed"] = [first["fid"]] + [result["fid"] for result in draw_results]
+    if further:
+        results["SR3 detail"]["two_seeds_differ_255"] = float((further[0] - outputs["SR3 detail"]).abs().mean()) * 127.5
     return {
         "images": hr.shape[0],
         "size": hr.shape[-1],
@@ -164,8 +201,8 @@ def score_set(
 def evaluate_set(pipeline: SR3Pipeline, hr: torch.Tensor, args: argparse.Namespace, fid: Any) -> Dict[str, Any]:
     """Both sampling modes and bicubic on one test set, each crop degraded and super-resolved on its own."""
     lr = low_resolution_input(hr, pipeline.config.upscale_factor)
-    outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
-    return score_set(hr, lr, outputs, other_seed, fid)
+    outputs, further = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
+    return score_set(hr, lr, outputs, further, fid, detail_seeds=args.detail_seeds)
 
 
 def load_whole_photos(
@@ -230,16 +267,25 @@ def evaluate_whole_photos(
     factor = pipeline.config.upscale_factor
     photos = WholePhotos(load_whole_photos(paths, factor, max_side), args.crop_size, count, seed, factor)
     whole: Dict[str, List[torch.Tensor]] = {}
-    other_seeds: List[torch.Tensor] = []
+    further_whole: List[List[torch.Tensor]] = [[] for _ in further_seeds(args)]  # per seed, per photo
     for lr, hr in zip(photos.lr, photos.hr):
-        outputs, other_seed = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
+        outputs, further = run_methods(pipeline, lr, tuple(hr.shape[-2:]), args)
         for name, image in outputs.items():
             whole.setdefault(name, []).append(image)
-        other_seeds += [] if other_seed is None else [other_seed]
+        for images, image in zip(further_whole, further):
+            images.append(image)
     outputs = {name: photos.cut(images) for name, images in whole.items()}
     consistency = {name: photos.consistency(images) for name, images in whole.items()}
-    other_seed = photos.cut(other_seeds) if other_seeds else None
-    return score_set(photos.cut(photos.hr), photos.cut(photos.lr), outputs, other_seed, fid, consistency)
+    return score_set(
+        photos.cut(photos.hr),
+        photos.cut(photos.lr),
+        outputs,
+        [photos.cut(images) for images in further_whole],
+        fid,
+        consistency,
+        [photos.consistency(images) for images in further_whole],
+        detail_seeds=args.detail_seeds,
+    )
 
 
 # Crops grouped by the share of the HR's edge energy that bicubic keeps: little where the detail is finer than the
@@ -304,6 +350,11 @@ def markdown(report: Dict[str, Any]) -> str:
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
         + (f", guidance scale {report['guidance_scale']:g}" if report.get("guidance_scale") is not None else "")
+        + (
+            f", its metrics and FID the means over {report['detail_seeds']} seeds"
+            if report.get("detail_seeds", 1) > 1
+            else ""
+        )
         + (
             "; self-ensemble: the fidelity answers for the input's 8 flips and quarter-turns, averaged"
             if report.get("self_ensemble")
@@ -416,6 +467,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "--self-ensemble", action="store_true", help="also fidelity mode averaged over the 8 flips and quarter-turns"
     )
     parser.add_argument(
+        "--detail-seeds",
+        type=int,
+        default=1,
+        help="detail mode drawn with this many seeds (--seed onwards), its metrics and FID the means over them: the "
+        "faces' FID from one draw of 5 to 9 images moves by several points from seed to seed (pictures: the first)",
+    )
+    parser.add_argument(
         "--whole-photos",
         action="store_true",
         help="super-resolve the held-out and never-seen photos whole, as `sr3 upscale` does, and cut the crops from "
@@ -439,6 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--write-card", action="store_true", help="also write README.md into the model folder")
     parser.add_argument("--training-command", default=None, help="the command that trained the model (card)")
     args = parser.parse_args(argv)
+    if args.detail_seeds < 1:
+        parser.error(f"--detail-seeds must be at least 1, got {args.detail_seeds}")
 
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -479,6 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "strength": args.strength,
         "guidance_scale": guidance_scale,
         "self_ensemble": args.self_ensemble,
+        "detail_seeds": args.detail_seeds,
         "whole_photos": args.whole_photos,
         "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},

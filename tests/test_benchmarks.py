@@ -165,7 +165,7 @@ def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny
     model_report = load("model_report")
     args = argparse.Namespace(
         crop_size=32, modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS,
-        seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None,
+        seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None, detail_seeds=1,
     )  # fmt: skip
     evaluated = model_report.evaluate_whole_photos(pipeline, paths, 6, 0, args, fid=None)
     lr, outputs, hr = evaluated["tensors"]
@@ -197,6 +197,103 @@ def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny
         window_error = (downsampled - whole_lr)[..., y // 4 : y // 4 + 8, x // 4 : x // 4 + 8]
         consistencies.append(float((window_error.double() / 2).pow(2).mean()))
     assert evaluated["results"]["bicubic"]["consistency"] == pytest.approx(np.mean(consistencies), rel=1e-6)
+
+
+def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monkeypatch):
+    """--detail-seeds N: detail mode's metrics and FID are the means of N draws, each what a one-seed report of that
+    seed measures; the picture and the other methods are the first seed's."""
+    from conftest import SAMPLES
+
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=10.0)
+    SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=5.0).save_pretrained(tmp_path / "model")
+    model_report = load("model_report")
+
+    # A stand-in for the Inception FID (the distance of mean colours; the averaging is under test, not FID), as
+    # `fids` drives it: real statistics kept across resets.
+    class MeanColourDistance:
+        reset_real_features = True
+
+        def __init__(self):
+            self.real, self.fake = [], []
+
+        def reset(self):
+            self.fake = []
+            if self.reset_real_features:
+                self.real = []
+
+        def update(self, images, real):
+            (self.real if real else self.fake).append(images.double().mean(dim=(0, 2, 3)))
+
+        def compute(self):
+            return (torch.stack(self.real).mean(0) - torch.stack(self.fake).mean(0)).norm()
+
+    monkeypatch.setattr(model_report, "frechet_inception_distance", MeanColourDistance)
+    command = ["--model", str(tmp_path / "model"), "--faces", str(SAMPLES), "--face-size", "32", "--crop-size", "32"]
+    command += ["--crops", "2", "--steps", "2", "--eta", "1", "--output", str(tmp_path / "r")]
+    report = model_report.main(command + ["--detail-seeds", "3"])
+    averaged = report["sets"]["original's sample faces"]["results"]
+    assert report["detail_seeds"] == 3 and averaged["SR3 detail"]["seeds"] == 3
+    assert "means over 3 seeds" in (tmp_path / "r" / "report.md").read_text()
+    per_seed = averaged["SR3 detail"]["fid_per_seed"]
+    assert len(per_seed) == 3 and len(set(per_seed)) == 3  # three different draws
+    assert averaged["SR3 detail"]["fid"] == pytest.approx(np.mean(per_seed))
+
+    # Each draw is what a one-seed evaluation of the same faces with that seed measures.
+    pipeline = SR3Pipeline.from_pretrained(tmp_path / "model")
+    pipeline.set_progress_bar_config(disable=True)
+    faces = model_report.face_images(str(SAMPLES), 32)
+
+    def evaluate(seed):
+        args = argparse.Namespace(
+            modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
+            batch_size=16, backend="auto", eta=1.0, strength=1.0, guidance_scale=None, detail_seeds=1,
+        )  # fmt: skip
+        return model_report.evaluate_set(pipeline, faces, args, fid=None)["results"]
+
+    singles = [evaluate(seed) for seed in range(3)]
+    for metric in ("psnr", "ssim", "consistency", "edge_ratio"):
+        expected = np.mean([single["SR3 detail"][metric] for single in singles])
+        assert averaged["SR3 detail"][metric] == pytest.approx(expected, rel=1e-6), metric
+    assert averaged["SR3 detail"]["colour_error"] == pytest.approx(
+        np.mean([single["SR3 detail"]["colour_error"] for single in singles], axis=0), rel=1e-6
+    )
+    # The other methods, and the two-seed difference (seeds 0 and 1), are those of a one-seed report.
+    assert averaged["SR3 fidelity"]["psnr"] == pytest.approx(singles[0]["SR3 fidelity"]["psnr"], rel=1e-6)
+    assert "seeds" not in singles[0]["SR3 detail"]
+    differ = singles[0]["SR3 detail"]["two_seeds_differ_255"]
+    assert averaged["SR3 detail"]["two_seeds_differ_255"] == pytest.approx(differ, rel=1e-6)
+    with pytest.raises(SystemExit):
+        model_report.main(command + ["--detail-seeds", "0"])
+
+
+def test_model_report_averages_whole_photo_detail_over_seeds(tmp_path, tiny_unet):
+    """The same with the photos super-resolved whole: each draw's consistency on its own whole output."""
+    from conftest import SAMPLES
+
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=10.0)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=5.0)
+    pipeline.set_progress_bar_config(disable=True)
+    paths = sorted(SAMPLES.glob("*/hr_128/*.png"))[:1]
+    model_report = load("model_report")
+
+    def evaluate(seed, detail_seeds):
+        args = argparse.Namespace(
+            crop_size=32, modes=["detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
+            batch_size=2, backend="torch", eta=1.0, strength=None, guidance_scale=None, detail_seeds=detail_seeds,
+        )  # fmt: skip
+        return model_report.evaluate_whole_photos(pipeline, paths, 4, 0, args, fid=None)["results"]["SR3 detail"]
+
+    both = evaluate(0, 2)
+    singles = [evaluate(seed, 1) for seed in (0, 1)]
+    assert both["seeds"] == 2
+    for metric in ("psnr", "consistency", "edge_ratio"):
+        expected = np.mean([single[metric] for single in singles])
+        assert both[metric] == pytest.approx(expected, rel=1e-6), metric
+    assert singles[0]["consistency"] != singles[1]["consistency"]
 
 
 def test_sampler_study_compares_against_the_reference():
@@ -299,7 +396,7 @@ def test_sampler_study_on_whole_photos_cuts_the_report_crops_from_whole_outputs(
     assert "super-resolved whole" in (tmp_path / "out" / "samplers.md").read_text()
     # The bicubic row scores model_report.py --whole-photos's crops: the same places, consistency on the whole photo.
     model_report = load("model_report")
-    args = argparse.Namespace(crop_size=32, modes=[], self_ensemble=False, seed=0)
+    args = argparse.Namespace(crop_size=32, modes=[], self_ensemble=False, seed=0, detail_seeds=1)
     pipeline = samplers.SR3Pipeline.from_pretrained(tmp_path / "model")
     expected = model_report.evaluate_whole_photos(pipeline, find_images([str(photos)]), 5, 2, args, fid=None)
     for metric in ("psnr", "ssim", "consistency", "edge_ratio"):
