@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
+
 STAGES = (("uncond_64", None), ("sr_64_256", 64), ("sr_256_1024", 256))
 
 
@@ -96,11 +99,7 @@ def main() -> None:
     )
     table = f"Batch 1, {args.dtype}, {args.threads} threads, {args.steps} DPM-Solver steps per stage.\n\n{header}{rows}"
     print("\n" + table)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "cascade.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    with open(os.path.join(args.output, "cascade.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
+    write_report(args.output, "cascade", results, table)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ fidelity | SR3 detail | the highest texture gain | HR blurred at the largest sig
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_report  # noqa: E402  (a sibling script: its FID helper and crop picks)
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 from diffusers_sr3.image_processing import grid, tensor_to_pil  # noqa: E402
 from diffusers_sr3.metrics import edge_energy, frechet_inception_distance, psnr_uint8, quantize  # noqa: E402
@@ -135,12 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     rows = references(saved, args.gains, args.sigmas, args.seed)
     table = score(rows, hr)
     report = {"set": set_name, "crops": hr.shape[0], "outputs": args.outputs, "rows": table}
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "fid_references.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(set_name, table, hr.shape[0])
-    with open(os.path.join(args.output, "fid_references.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "fid_references", report, markdown(set_name, table, hr.shape[0]))
     shown = ["bicubic", FIDELITY, DETAIL]
     shown += [f"texture gain {max(args.gains):g}"] if args.gains else []
     shown += [f"HR blurred, sigma {max(args.sigmas):g}"] if args.sigmas else []

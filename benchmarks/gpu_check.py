@@ -15,7 +15,6 @@ Three parts, written as one JSON + markdown report (gpu_check.json, gpu_check.md
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -25,6 +24,9 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -212,12 +214,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         report["upscale"] = upscale_photo(str(device), upscale_size, args.model, env, work)
     report["seconds"] = time.perf_counter() - started
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "gpu_check.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(report)
-    with open(os.path.join(args.output, "gpu_check.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "gpu_check", report, markdown(report))
     print("\n" + text)
     return report
 

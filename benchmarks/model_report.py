@@ -26,6 +26,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -62,6 +63,9 @@ from diffusers_sr3.photos import (
 )
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.tiling import tiled_super_resolve
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 
 def face_images(folder: str, size: int) -> torch.Tensor:
@@ -544,12 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "heldout_photos": [photo_name(path) for path in heldout_paths],
         "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
     }
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    table = markdown(report)
-    with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
+    table = write_report(args.output, "report", report, markdown(report))
     if args.save_outputs:
         save_outputs(sets, args.output)
     figure = picture(sets, rows_per_set=3, magnify=args.magnify)

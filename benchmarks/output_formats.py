@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import PIL.Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_report  # noqa: E402  (a sibling script: the outputs it saves)
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 from diffusers_sr3.commands.upscale import DEFAULT_QUALITY, lossy_options  # noqa: E402
 
@@ -113,12 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     set_name, arrays = model_report.load_outputs(args.outputs)
     rows = measure(arrays)
     report = {"set": set_name, "crops": int(arrays["HR"].shape[0]), "rows": rows}
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "output_formats.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(set_name, rows)
-    with open(os.path.join(args.output, "output_formats.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "output_formats", report, markdown(set_name, rows))
     print(text)
     return report
 

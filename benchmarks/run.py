@@ -38,6 +38,9 @@ from diffusers_sr3.noise import swap_scheduler, training_betas
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.training.objective import diffusion_loss, noise_batch, predict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -423,12 +426,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print("scaling:", flush=True)
         report["scaling"] = benchmark_scaling(args, variant)
 
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "run.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(report)
-    with open(os.path.join(args.output, "run.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "run", report, markdown(report))
     print("\n" + text)
     return report
 

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_report  # noqa: E402  (a sibling script: its never-seen crops)
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.backends import BACKENDS, cpu_name, use_backend
@@ -361,12 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         rows=rows,
     )
     report["recommended"] = compare(rows)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "samplers.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    table = markdown(report)
-    with open(os.path.join(args.output, "samplers.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
+    table = write_report(args.output, "samplers", report, markdown(report))
     picture(pictured + [hr], texture, args.magnify).save(os.path.join(args.output, "samplers.png"))
     print(table)
     return report

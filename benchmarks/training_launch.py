@@ -29,6 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from diffusers_sr3.backends import cpu_name, fast_bfloat16
 from diffusers_sr3.photos import load_photo, packaged_photo_paths
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {
     "one thread": ["--num_threads", "1"],
@@ -125,12 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps=args.steps,
         rows=rows,
     )
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "training_launch.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(report)
-    with open(os.path.join(args.output, "training_launch.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "training_launch", report, markdown(report))
     print(text)
     return report
 

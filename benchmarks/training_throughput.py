@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -34,6 +34,9 @@ from diffusers_sr3.backends import cpu_name
 from diffusers_sr3.noise import training_betas
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.training.objective import diffusion_loss, noise_batch, predict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 # The packaged model's UNet config before the low-resolution network (git history of pretrained/sr3-photos-x4).
 PREVIOUS_PACKAGED = dict(
@@ -150,12 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps=args.steps,
         rows=rows,
     )
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "training_throughput.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(report)
-    with open(os.path.join(args.output, "training_throughput.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    text = write_report(args.output, "training_throughput", report, markdown(report))
     print(text)
     return report
 

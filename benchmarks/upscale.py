@@ -60,6 +60,9 @@ from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_name, p
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
+
 ROWS = (
     "bicubic",
     "fidelity",
@@ -357,23 +360,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         max_steps = args.max_measured_steps[min(index, len(args.max_measured_steps) - 1)]
         rows = args.rows if index == 0 or not args.large_rows else args.large_rows
         report["rows"] += measure(args, rows, pairs, size, max_steps, work, env)
-        write_report(report, args.output)  # after every size: a long run that is stopped keeps what it measured
+        # after every size: a long run that is stopped keeps what it measured
+        write_report(args.output, "upscale", report, markdown(report))
     if args.tile_study:
         pipeline = SR3Pipeline.from_pretrained(args.model)
         pipeline.set_progress_bar_config(disable=True)
         report["tile_study"] = tile_study(pipeline, first_pair, args.tile_study)
 
-    print("\n" + write_report(report, args.output))
+    print("\n" + write_report(args.output, "upscale", report, markdown(report)))
     return report
-
-
-def write_report(report: Dict, output: str) -> str:
-    with open(os.path.join(output, "upscale.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    text = markdown(report)
-    with open(os.path.join(output, "upscale.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return text
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ def load(name):
     return module
 
 
+def test_benchmark_results_are_written_whole(tmp_path):
+    """Every benchmark writes `<name>.json` and `<name>.md` through one helper; a write that fails keeps the previous
+    results and leaves no partial file."""
+    write_report = load("report_files").write_report
+    folder = tmp_path / "new" / "folder"
+    assert write_report(str(folder), "study", {"rows": [1, 2]}, "| a |\n") == "| a |\n"
+    assert json.loads((folder / "study.json").read_text()) == {"rows": [1, 2]}
+    assert (folder / "study.md").read_text() == "| a |\n"
+    with pytest.raises(TypeError):
+        write_report(str(folder), "study", {"rows": object()}, "| b |\n")  # not JSON: fails half-way through
+    assert json.loads((folder / "study.json").read_text()) == {"rows": [1, 2]}
+    assert sorted(path.name for path in folder.iterdir()) == ["study.json", "study.md"]
+
+
 @pytest.mark.slow
 def test_speed_benchmark_reports_every_section(tmp_path):
     run = load("run")
