@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_report  # noqa: E402  (sibling scripts: the shipped model's tiles, packaging and evaluation)
 import package_model  # noqa: E402
 import photo_tiles  # noqa: E402
+from report_files import write_json  # noqa: E402
 
 from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.metrics import frechet_inception_distance  # noqa: E402
@@ -166,8 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.output and os.path.isfile(returned):  # the returned files are read-only: the report goes elsewhere
             report = dict(json.load(open(returned, encoding="utf-8")), fid=table)
             os.makedirs(args.output, exist_ok=True)
-            with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as handle:
-                json.dump(report, handle, indent=2)
+            write_json(os.path.join(args.output, "report.json"), report)
         return table
     os.makedirs(args.output, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -199,8 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         batch_size=args.batch_size,
         guide_step=guide[0] if guide else None,
     )
-    with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    write_json(os.path.join(args.output, "report.json"), report)  # model_report's, with the training added
     return report
 
 

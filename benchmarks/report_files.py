@@ -23,10 +23,15 @@ def write_whole(path: str, write: Callable[[IO[str]], Any]) -> None:
             os.remove(partial)
 
 
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON at `path`, written whole."""
+    write_whole(path, lambda handle: json.dump(value, handle, indent=2))
+
+
 def write_report(folder: str, name: str, report: Any, table: str) -> str:
     """Write `report` to `folder/<name>.json` and `table` to `folder/<name>.md` (the folder made if needed); return
     `table`."""
     os.makedirs(folder, exist_ok=True)
-    write_whole(os.path.join(folder, f"{name}.json"), lambda handle: json.dump(report, handle, indent=2))
+    write_json(os.path.join(folder, f"{name}.json"), report)
     write_whole(os.path.join(folder, f"{name}.md"), lambda handle: handle.write(table))
     return table
