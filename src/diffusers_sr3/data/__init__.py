@@ -27,7 +27,7 @@ from .building import TrainingData, build_training_data
 from .caching import open_lmdb
 from .dataset import EpochSampler, PairDataset
 from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, decode_image, extract_image
-from .pairs import PairMaker, gaussian_blur, sample_generator
+from .pairs import PairMaker, batch_generator, cut_into_crops, gaussian_blur, sample_generator
 from .sources import (
     LOCAL_BUILDERS,
     FileListSource,
@@ -57,7 +57,9 @@ __all__ = [
     "SubsetSource",
     "TorchDatasetSource",
     "TrainingData",
+    "batch_generator",
     "build_training_data",
+    "cut_into_crops",
     "decode_image",
     "extract_image",
     "gaussian_blur",

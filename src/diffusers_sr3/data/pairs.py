@@ -147,7 +147,45 @@ def film_grain(shape: torch.Size, std: float, generator: Optional[torch.Generato
     return grain * (std / grain.std().clamp(min=1e-12))
 
 
+def _position_seed(seed: int, epoch: int, position: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_000_007 + position
+
+
 def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     """The random source of one sample's augmentation: a function of (seed, epoch, position) only, so a
     resumed run, any number of dataloader workers and any process count give every sample the same draws."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)
+    return torch.Generator().manual_seed(_position_seed(seed, epoch, position))
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The random source of choices made per batch (its crop size), like [`sample_generator`] a function of
+    (seed, epoch, batch index) only, and distinct from every sample's (their seeds are not negative)."""
+    return torch.Generator().manual_seed(-1 - _position_seed(seed, epoch, batch_index))
+
+
+def cut_into_crops(batch: Dict[str, torch.Tensor], size: int, upscale_factor: Optional[int]) -> Dict[str, torch.Tensor]:
+    """Cut a batch of square training samples into their `(R / size)**2` crops of `size`, row by row.
+
+    Every image entry of the batch is cut: `"hr"` into `size` crops, `"lr"` into `size / upscale_factor` crops,
+    and the condition is the bicubic upsample of each LR crop, as [`PairMaker`] makes it for a sample of `size`.
+    The LR crops are cut from the whole sample's LR, so their pixels near the cut keep their context (as in a
+    large photo), and a stored or blurred LR stays what it was. Other entries (`"skipped"`) are kept as they are.
+    """
+    resolution = batch["hr"].shape[-1]
+    if resolution % size or (upscale_factor and size % upscale_factor):
+        raise ValueError(
+            f"crops of {size} do not tile samples of {resolution}"
+            + (f" at the LR's scale (x{upscale_factor})" if upscale_factor else "")
+        )
+    count = resolution // size
+
+    def cut(images: torch.Tensor, crop: int) -> torch.Tensor:
+        batch_size, channels = images.shape[:2]
+        crops = images.reshape(batch_size, channels, count, crop, count, crop).permute(0, 2, 4, 1, 3, 5)
+        return crops.reshape(batch_size * count * count, channels, crop, crop)
+
+    cut_batch = dict(batch, hr=cut(batch["hr"], size))
+    if batch.get("lr") is not None:
+        cut_batch["lr"] = cut(batch["lr"], size // upscale_factor)
+        cut_batch["condition"] = upsample_condition(cut_batch["lr"], (size, size))
+    return cut_batch

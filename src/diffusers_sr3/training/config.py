@@ -133,6 +133,12 @@ class TrainingConfig:
     random_rotate: bool = _option(
         False, "random quarter-turns; with --random_flip, all 8 flips and rotations of the square crop (EDSR's)"
     )
+    small_crop_size: Optional[int] = _option(
+        None,
+        "train on two crop sizes: cut a --small_crop_fraction of the batches of --resolution crops into crops of "
+        "this smaller size (the same pixels per step, e.g. 4 x 128 -> 16 x 64), each with its own part of the LR",
+    )
+    small_crop_fraction: float = _option(0.5, "the fraction of batches that --small_crop_size cuts up")
     lr_blur_sigma: float = _option(0.0, "Gaussian-blur the LR input with sigma uniform in [0, this] (cascades)")
     film_grain_max: float = _option(
         0.0,
@@ -282,6 +288,10 @@ class TrainingConfig:
             )
         if self.task == "uncond" and self.film_grain_max:
             raise ValueError("--film_grain_max applies to super-resolution only")
+        if self.small_crop_size is not None and self.small_crop_size < 1:
+            raise ValueError(f"small_crop_size must be positive, got {self.small_crop_size}")
+        if not 0 <= self.small_crop_fraction <= 1:
+            raise ValueError(f"small_crop_fraction must lie in [0, 1], got {self.small_crop_fraction}")
         if not 0 <= self.condition_noise_max < 1 or not 0 <= (self.condition_noise_level or 0.0) < 1:
             raise ValueError("--condition_noise_max and --condition_noise_level must lie in [0, 1)")
         if self.task == "uncond" and self.residual:

@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backends import cpu_name, fast_bfloat16
-from ..data import FileListSource, PairDataset, PairMaker, TrainingData, build_training_data
+from ..data import (
+    FileListSource,
+    PairDataset,
+    PairMaker,
+    TrainingData,
+    batch_generator,
+    build_training_data,
+    cut_into_crops,
+)
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
@@ -257,6 +265,15 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     resolution = config.resolution or (preset.resolution if preset else unet.config.sample_size)
     if resolution % unet.downsampling_factor:
         raise ValueError(f"resolution {resolution} is not divisible by the UNet's factor {unet.downsampling_factor}")
+    small = config.small_crop_size
+    if small is not None and (
+        small >= resolution or resolution % small or small % unet.downsampling_factor or small % (upscale_factor or 1)
+    ):
+        raise ValueError(
+            f"small_crop_size {small} must be smaller than the resolution {resolution}, divide it, and be divisible "
+            f"by the UNet's factor {unet.downsampling_factor}"
+            + (f" and the upscale factor {upscale_factor}" if upscale_factor else "")
+        )
 
     schedule_options = dict(
         beta_schedule=config.beta_schedule,
@@ -401,6 +418,7 @@ class Trainer:
         setup = self._prepare_model()
         # 3. The training data, and what is measured on it before training: residual scale, validation samples.
         data = self._load_data(setup, seed)
+        self.data_seed = seed
         self.residual_scale = self._residual_scale(data, setup)
         validation_samples = self._validation_samples(data, setup)
         # 4. Dataloader, optimizer, LR schedule and EMA, prepared for the processes.
@@ -665,7 +683,7 @@ class Trainer:
                 saw_batch = True
                 batches_in_epoch += 1
                 skipped += batch["skipped"].sum()
-                step_loss = self._train_step(loop, batch)
+                step_loss = self._train_step(loop, self._crop_size_of(batch, setup, loop.epoch, batches_in_epoch))
                 if not accelerator.sync_gradients:
                     continue
                 self._after_optimizer_step(setup, loop, progress, step_loss, batches_in_epoch, validation_samples)
@@ -688,6 +706,17 @@ class Trainer:
         progress.close()
         loop.train_seconds = time.time() - loop_started
         loop.skipped_total = int(accelerator.reduce(skipped, reduction="sum").item())
+
+    def _crop_size_of(self, batch: Dict[str, Any], setup: ModelSetup, epoch: int, batch_index: int) -> Dict[str, Any]:
+        """With --small_crop_size, a --small_crop_fraction of the batches cut into the smaller crops. The draw is a
+        function of (seed, epoch, batch index) only, so a resumed run and every process make the same choice."""
+        size = self.config.small_crop_size
+        if size is None:
+            return batch
+        chosen = torch.rand((), generator=batch_generator(self.data_seed, epoch, batch_index)) < (
+            self.config.small_crop_fraction
+        )
+        return cut_into_crops(batch, size, setup.upscale_factor) if chosen else batch
 
     def _out_of_time(self, loop_started: float) -> bool:
         """Whether `max_train_minutes` have passed; every process stops at the same step if any one's clock says so."""
@@ -938,6 +967,12 @@ class Trainer:
                 + (f", texture loss x{config.texture_loss_weight:g}" if config.texture_loss_weight else "")
                 + (f", adversarial loss x{config.adversarial_loss_weight:g}" if config.adversarial_loss_weight else "")
                 + (f", on the residual x {self.residual_scale:g}" if config.residual else ""),
+                "crops": f"{setup.resolution} px"
+                + (
+                    f", {config.small_crop_fraction:g} of the batches cut into {config.small_crop_size} px"
+                    if config.small_crop_size
+                    else ""
+                ),
                 "EMA": f"decay {config.ema_decay:g}" if config.use_ema else "no",
                 "mixed precision": accelerator.mixed_precision,
                 "validation sampler": f"{config.validation_scheduler}, {config.validation_steps_count} steps",
