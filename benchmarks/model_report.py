@@ -93,7 +93,7 @@ def super_resolve(
         mode=mode, num_inference_steps=steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
     )
     if mode == "detail":
-        detail_names = ("eta", "strength", "guidance_scale")
+        detail_names = ("eta", "strength", "guidance_scale", "window_size")
         options.update({name: getattr(args, name) for name in detail_names if getattr(args, name) is not None})
     outputs = []
     for start in range(0, lr.shape[0], args.batch_size):
@@ -354,6 +354,7 @@ def markdown(report: Dict[str, Any]) -> str:
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
         + (f", guidance scale {report['guidance_scale']:g}" if report.get("guidance_scale") is not None else "")
+        + (f", in {report['window_size']}-pixel windows" if report.get("window_size") else "")
         + (
             f", its metrics and FID the means over {report['detail_seeds']} seeds"
             if report.get("detail_seeds", 1) > 1
@@ -468,6 +469,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         help="detail-mode autoguidance scale, for models saved with a guidance UNet (default: the model's own)",
     )
     parser.add_argument(
+        "--window-size",
+        type=int,
+        default=None,
+        help="detail mode: the texture of windows of this size at every step (0: off; default: the model's own)",
+    )
+    parser.add_argument(
         "--self-ensemble", action="store_true", help="also fidelity mode averaged over the 8 flips and quarter-turns"
     )
     parser.add_argument(
@@ -507,9 +514,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
     # Detail mode as run, and recorded: what the command line gives, else the model's own settings (its config).
-    detail = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale)
+    detail = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale, args.window_size)
     own_settings = detail == pipeline.detail_settings()
     args.steps, args.strength, args.eta = detail["num_inference_steps"], detail["strength"], detail["eta"]
+    args.window_size = detail["window_size"]
     # The detail mode's guidance as run (the model's own unless --guidance-scale); None: an unguided model.
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
     guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
@@ -542,6 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "eta": args.eta,
         "strength": args.strength,
         "guidance_scale": guidance_scale,
+        "window_size": args.window_size,
         "self_ensemble": args.self_ensemble,
         "detail_seeds": args.detail_seeds,
         "whole_photos": args.whole_photos,

@@ -9,21 +9,20 @@
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
 the split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of
 photos never trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
-`scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G]` entry on the model's training schedule (or
-`fidelity:steps`: the pipeline's fidelity mode), all from the same seed,
-and reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture
-crops, where bicubic keeps under 45% of the HR's edge energy), FID (with --fid; few images make it only indicative)
-and the wall time per image. The first entry
-is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
-0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with
-the fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking
-ties. With --whole-photos each photo is super-resolved whole, as `sr3 upscale` runs it, and the crops are cut from
-every output at the same places (`model_report.py --whole-photos`'s crops for the same seed and count): the network's
-output depends on the size of the image it runs on, and detail settings compared on crops alone can rank and score
-differently on whole photos (docs/quality.md). `guidance_scale` (autoguidance) needs a model saved with a guidance
-UNet, or one given by --guidance-unet.
+`scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G][:window_size=W]` entry on the model's
+training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed, and reports PSNR,
+SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture crops, where bicubic
+keeps under 45% of the HR's edge energy), FID (with --fid; few images make it only indicative) and the wall time per
+image. The first entry is the reference (the original's 2000-step DDPM by default): an entry has *equal quality*
+when its PSNR is within 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry
+of equal quality with the fewest network evaluations (the cost that does not depend on the machine's load), the
+higher PSNR breaking ties. With --whole-photos each photo is super-resolved whole, as `sr3 upscale` runs it, and the
+crops are cut from every output at the same places (`model_report.py --whole-photos`'s crops for the same seed and
+count): the network's output depends on the size of the image it runs on, and detail settings compared on crops
+alone can rank and score differently on whole photos (docs/quality.md). `guidance_scale` (autoguidance) needs a
+model saved with a guidance UNet, or one given by --guidance-unet.
 What an entry leaves out is the sampler's default, whatever the model saved: strength 1 (from noise), the
-scheduler's eta (DDIM: 0), unguided. Writes samplers.json, samplers.md and samplers.png
+scheduler's eta (DDIM: 0), unguided, no windows. Writes samplers.json, samplers.md and samplers.png
 (bicubic | each entry | HR on the most detailed texture crops and the flattest crop, magnified) to --output.
 """
 
@@ -83,7 +82,7 @@ PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
 
 
-DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale")
+DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale", "window_size")
 
 
 def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
@@ -91,8 +90,8 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     `("fidelity", 4, {})`; refusing unknown schedulers and options and step counts below 1."""
     name, steps, *options = entry.split(":") + ([""] if ":" not in entry else [])
     expected = (
-        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G] with a "
-        f"scheduler in {sorted(SCHEDULERS)} or fidelity, and steps >= 1"
+        f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G]"
+        f"[:window_size=W] with a scheduler in {sorted(SCHEDULERS)} or fidelity, and steps >= 1"
     )
     if (name not in SCHEDULERS and name != "fidelity") or not steps.isdigit() or int(steps) < 1:
         raise ValueError(expected)
@@ -100,7 +99,7 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     for option in options:
         key, _, value = option.partition("=")
         try:
-            parsed[key] = float(value)
+            parsed[key] = int(value) if key == "window_size" else float(value)
         except ValueError:
             raise ValueError(expected) from None
         if key not in DETAIL_OPTIONS or name == "fidelity":
@@ -140,6 +139,7 @@ def sample(
             options.setdefault("eta", step_eta.default)
         if pipeline.guidance_unet is not None:
             options.setdefault("guidance_scale", 1.0)
+        options.setdefault("window_size", 0)
     mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **options)
     generator = torch.Generator().manual_seed(seed)
     outputs = []

@@ -179,7 +179,8 @@ def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny
     model_report = load("model_report")
     args = argparse.Namespace(
         crop_size=32, modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS,
-        seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None, detail_seeds=1,
+        seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None, window_size=None,
+        detail_seeds=1,
     )  # fmt: skip
     evaluated = model_report.evaluate_whole_photos(pipeline, paths, 6, 0, args, fid=None)
     lr, outputs, hr = evaluated["tensors"]
@@ -262,7 +263,7 @@ def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monke
     def evaluate(seed):
         args = argparse.Namespace(
             modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
-            batch_size=16, backend="auto", eta=1.0, strength=1.0, guidance_scale=None, detail_seeds=1,
+            batch_size=16, backend="auto", eta=1.0, strength=1.0, guidance_scale=None, window_size=None, detail_seeds=1,
         )  # fmt: skip
         return model_report.evaluate_set(pipeline, faces, args, fid=None)["results"]
 
@@ -297,7 +298,8 @@ def test_model_report_averages_whole_photo_detail_over_seeds(tmp_path, tiny_unet
     def evaluate(seed, detail_seeds):
         args = argparse.Namespace(
             crop_size=32, modes=["detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
-            batch_size=2, backend="torch", eta=1.0, strength=None, guidance_scale=None, detail_seeds=detail_seeds,
+            batch_size=2, backend="torch", eta=1.0, strength=None, guidance_scale=None, window_size=None,
+            detail_seeds=detail_seeds,
         )  # fmt: skip
         return model_report.evaluate_whole_photos(pipeline, paths, 4, 0, args, fid=None)["results"]["SR3 detail"]
 
@@ -332,6 +334,7 @@ def test_sampler_study_compares_against_the_reference():
     assert samplers.parse_entry("ddim:10:eta=1:temperature=0.5") == ("ddim", 10, {"eta": 1.0, "temperature": 0.5})
     assert samplers.parse_entry("fidelity:4") == ("fidelity", 4, {})
     assert samplers.parse_entry("ddim:10:strength=0.3") == ("ddim", 10, {"strength": 0.3})
+    assert samplers.parse_entry("ddim:10:window_size=64") == ("ddim", 10, {"window_size": 64})
 
 
 @pytest.mark.slow

@@ -236,6 +236,7 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
         "strength": 0.25,
         "eta": 1.0,
         "guidance_scale": 1.0,
+        "window_size": 0,
     }
 
     pipeline.save_pretrained(tmp_path / "new")
@@ -246,11 +247,17 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
     # A model saved by an earlier version has no detail keys in its model_index.json.
     index_path = tmp_path / "new" / "model_index.json"
     index = json.loads(index_path.read_text())
-    for key in ("detail_steps", "detail_strength", "detail_eta"):
+    for key in ("detail_steps", "detail_strength", "detail_eta", "detail_window_size"):
         del index[key]
     index_path.write_text(json.dumps(index))
     earlier = SR3Pipeline.from_pretrained(tmp_path / "new")
-    assert earlier.detail_settings() == {"num_inference_steps": 50, "strength": 1.0, "eta": None, "guidance_scale": 1.0}
+    assert earlier.detail_settings() == {
+        "num_inference_steps": 50,
+        "strength": 1.0,
+        "eta": None,
+        "guidance_scale": 1.0,
+        "window_size": 0,
+    }
 
     # A sampler without eta keeps the other settings and leaves the saved eta out; an explicit eta is refused.
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)

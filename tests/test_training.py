@@ -489,13 +489,15 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
     from diffusers_sr3.training.trainer import build_model
 
     data = make_image_folder(tmp_path / "images", count=4)
-    chosen = dict(sampler="ddim", detail_steps=5, detail_strength=0.5, detail_eta=1.0)
+    chosen = dict(sampler="ddim", detail_steps=5, detail_strength=0.5, detail_eta=1.0, detail_window_size=16)
     options = fast_options(tmp_path / "out", residual=True, prediction_type="sample", **chosen)
     assert run_script(SR_SCRIPT, as_argv(dict(options, train_data_dir=str(data))), monkeypatch) in (0, None)
     pipeline = SR3Pipeline.from_pretrained(tmp_path / "out")
     assert type(pipeline.scheduler) is DDIMScheduler
     assert pipeline.scheduler.config.prediction_type == "sample"
-    assert pipeline.detail_settings() == dict(num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0)
+    assert pipeline.detail_settings() == dict(
+        num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0, window_size=16
+    )
     # Unset, the saved pipeline keeps the defaults (the training DDPM, 50 steps from noise).
     assert build_model(TrainingConfig(preset="tiny")).detail_settings == {}
 
@@ -504,6 +506,7 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
         "detail_strength 0.5 starts detail mode from the fidelity answer": dict(detail_strength=0.5),
         "--detail_eta applies to samplers that take eta": dict(prediction_type="sample", detail_eta=1.0),
         "detail_steps must be a positive integer": dict(detail_steps=0),
+        "detail_window_size must be 0 \\(off\\) or a positive multiple": dict(detail_window_size=6),
         "EulerAncestralDiscreteScheduler cannot sample a model that predicts 'sample'": dict(
             sampler="euler_ancestral", prediction_type="sample"
         ),

@@ -116,6 +116,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "evaluations per step (default: the model's own setting; 1 turns guidance off)",
     )
     parser.add_argument(
+        "--window-size",
+        type=int,
+        default=None,
+        help="detail mode: also run the network on windows of this many pixels at every step and take the fine "
+        "texture from them, the coarse structure from the whole image: the texture a network trained on small "
+        "crops draws on them (use its training crop size, 64 for the packaged model), at about twice the network "
+        "work (default: the model's own detail_window_size; 0 turns windows off)",
+    )
+    parser.add_argument(
         "--self-ensemble",
         action="store_true",
         help=f"fidelity mode: average the answers for the {SELF_ENSEMBLE_SIZE} flips and quarter-turns of the input "
@@ -239,7 +248,10 @@ def describe_settings(
         named = [
             f"{name.replace('_', ' ')} {value:g}"
             for name, value in detail_options.items()
-            if value is not None and not (name == "guidance_scale" and value == 1)  # unguided
+            # Unguided, or on the whole image only: nothing to say.
+            if value is not None
+            and not (name == "guidance_scale" and value == 1)
+            and not (name == "window_size" and not value)
         ]
         how = f"detail mode: {steps} {sampler} steps" + "".join(f", {setting}" for setting in named)
     return f"{how} ({evaluations} network evaluations per tile)"
@@ -294,9 +306,9 @@ def run(args: argparse.Namespace) -> int:
     if mode == "auto":
         clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
         mode = "fidelity" if clean_image_model else "detail"
-    detail_names = ("eta", "temperature", "strength", "guidance_scale")
+    detail_names = ("eta", "temperature", "strength", "guidance_scale", "window_size")
     if mode == "fidelity" and any(getattr(args, name) is not None for name in detail_names):
-        raise ValueError("--eta, --temperature, --strength and --guidance-scale apply to detail mode")
+        raise ValueError("--eta, --temperature, --strength, --guidance-scale and --window-size apply to detail mode")
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
     if args.self_ensemble and args.save_process:
@@ -306,7 +318,9 @@ def run(args: argparse.Namespace) -> int:
         evaluations = evaluations_per_crop(mode, steps)
     else:
         # What the command line leaves out, the model's own detail settings (its pipeline config) fill in.
-        detail_options = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale)
+        detail_options = pipeline.detail_settings(
+            args.steps, args.strength, args.eta, args.guidance_scale, args.window_size
+        )
         steps = detail_options.pop("num_inference_steps")
         if args.temperature is not None:
             detail_options["temperature"] = args.temperature

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,6 +11,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..detail_windows import lowpass_sigma, windowed_networks
 from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, scheduler_takes_eta, swap_scheduler
@@ -20,7 +22,7 @@ from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallba
 DETAIL_STEPS = 50
 FIDELITY_STEPS = 4
 # The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
-DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta")
+DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
 # The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
 # these dims; a flip is its own inverse).
 _MIRRORS = ((), (-1,), (-2,), (-2, -1))
@@ -81,6 +83,16 @@ def _check_guidance(unet: SR3UNet2DModel, guidance_unet: Optional[SR3UNet2DModel
         )
 
 
+def _check_window_size(unet: SR3UNet2DModel, window_size: int, name: str) -> None:
+    """Refuse a window size the UNet cannot run: 0 (off) or a positive multiple of its downsampling factor."""
+    factor = unet.downsampling_factor
+    if int(window_size) != window_size or window_size < 0 or window_size % factor:
+        raise ValueError(
+            f"{name} must be 0 (off) or a positive multiple of the UNet's downsampling factor {factor}, "
+            f"got {window_size}"
+        )
+
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -131,6 +143,9 @@ class SR3Pipeline(SR3BasePipeline):
         detail_eta (`float`, optional): Detail mode's default `eta`, given to schedulers whose `step` takes it
             (DDIM) and left out for the others, so a scheduler swapped in later still runs. None: the scheduler's own
             default (0 for DDIM).
+        detail_window_size (`int`, defaults to 0): Detail mode's default `window_size`: 0 runs the network on the
+            whole image only; the training crop's size (`unet.config.sample_size`) adds the texture the network
+            draws on crops of that size (see `__call__`). A multiple of the UNet's downsampling factor.
     """
 
     model_cpu_offload_seq = "unet->guidance_unet"
@@ -150,6 +165,7 @@ class SR3Pipeline(SR3BasePipeline):
         detail_steps: int = DETAIL_STEPS,
         detail_strength: float = 1.0,
         detail_eta: Optional[float] = None,
+        detail_window_size: int = 0,
     ):
         super().__init__()
         if not residual_scale > 0:
@@ -161,6 +177,7 @@ class SR3Pipeline(SR3BasePipeline):
         if detail_eta is not None and not detail_eta >= 0:
             raise ValueError(f"detail_eta must be at least 0 (or None: the scheduler's default), got {detail_eta}")
         _check_guidance(unet, guidance_unet, guidance_scale)
+        _check_window_size(unet, detail_window_size, "detail_window_size")
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
         condition_channels = unet.config.in_channels - unet.config.out_channels
@@ -185,6 +202,7 @@ class SR3Pipeline(SR3BasePipeline):
             detail_steps=int(detail_steps),
             detail_strength=float(detail_strength),
             detail_eta=None if detail_eta is None else float(detail_eta),
+            detail_window_size=int(detail_window_size),
         )
 
     def prepare_condition(
@@ -303,17 +321,18 @@ class SR3Pipeline(SR3BasePipeline):
         strength: Optional[float] = None,
         eta: Optional[float] = None,
         guidance_scale: Optional[float] = None,
+        window_size: Optional[int] = None,
     ) -> Dict[str, Any]:
         """The settings detail mode runs with for a call with these arguments.
 
-        Each argument left None takes the pipeline's own: `detail_steps`, `detail_strength`, `detail_eta` and
-        `guidance_scale` of its config (models saved before these keys existed: 50 steps, strength 1, the scheduler's
-        eta, unguided). The pipeline's eta is kept only for a scheduler whose `step` takes it; an explicit `eta` is
-        kept as given, so a scheduler without one refuses it.
+        Each argument left None takes the pipeline's own: `detail_steps`, `detail_strength`, `detail_eta`,
+        `guidance_scale` and `detail_window_size` of its config (models saved before these keys existed: 50 steps,
+        strength 1, the scheduler's eta, unguided, no windows). The pipeline's eta is kept only for a scheduler
+        whose `step` takes it; an explicit `eta` is kept as given, so a scheduler without one refuses it.
 
         Returns:
-            `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default) and
-            `guidance_scale`, ready to pass to the pipeline call as keywords.
+            `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default), `guidance_scale`
+            and `window_size`, ready to pass to the pipeline call as keywords.
         """
         if eta is None and scheduler_takes_eta(self.scheduler):
             eta = self.config.get("detail_eta")
@@ -324,6 +343,7 @@ class SR3Pipeline(SR3BasePipeline):
             "strength": self.config.get("detail_strength", 1.0) if strength is None else strength,
             "eta": eta,
             "guidance_scale": self._guidance_scale(guidance_scale),
+            "window_size": self.config.get("detail_window_size", 0) if window_size is None else window_size,
         }
 
     def guided(self, guidance_scale: Optional[float] = None) -> bool:
@@ -357,6 +377,7 @@ class SR3Pipeline(SR3BasePipeline):
         strength: Optional[float] = None,
         self_ensemble: bool = False,
         guidance_scale: Optional[float] = None,
+        window_size: Optional[int] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -415,6 +436,14 @@ class SR3Pipeline(SR3BasePipeline):
                 step's prediction becomes `guide + guidance_scale * (unet - guide)`, at twice the network
                 evaluations of those steps. 1 runs the UNet alone; above 1 draws sharper texture, too high
                 oversharpens. Defaults to the pipeline's `guidance_scale` (1 without a guide).
+            window_size (`int`, optional): Detail mode: at every refinement step, also run the network (and its
+                guide) on non-overlapping windows of this many pixels, on a grid that moves from step to step, and
+                take the prediction's fine detail from the windows and its coarse structure and colour from the
+                whole image (split by a Gaussian low-pass of half an input pixel). A network trained on small crops
+                draws its texture near a crop's border, so on a large image it draws less than on its training
+                crops; windows of the training crop's size (`unet.config.sample_size`) give the whole image that
+                texture, at about twice the network work. 0 runs the whole image only. Defaults to the pipeline's
+                `detail_window_size` (0 unless the model was saved with one).
 
         Examples:
 
@@ -443,26 +472,34 @@ class SR3Pipeline(SR3BasePipeline):
         if strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         init_sample = None
-        guide = None
+        guided = False
         if mode == "detail":
-            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
-            steps, strength, eta, guidance_scale = (
+            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale, window_size)
+            steps, strength, eta, guidance_scale, window_size = (
                 settings["num_inference_steps"],
                 settings["strength"],
                 settings["eta"],
                 settings["guidance_scale"],
+                settings["window_size"],
             )
             scheduler = None
             _check_guidance(self.unet, self.guidance_unet, guidance_scale)
-            guide = self.guidance_unet if self.guided(guidance_scale) else None
+            _check_window_size(self.unet, window_size, "window_size")
+            guided = self.guided(guidance_scale)
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1")
                 init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            if eta or temperature != 1.0 or strength not in (None, 1) or guidance_scale not in (None, 1):
+            if (
+                eta
+                or temperature != 1.0
+                or strength not in (None, 1)
+                or guidance_scale not in (None, 1)
+                or window_size not in (None, 0)
+            ):
                 raise ValueError(
-                    "eta, temperature, strength and guidance_scale apply to detail mode; fidelity mode is eta 0, "
-                    "temperature 0, unguided"
+                    "eta, temperature, strength, guidance_scale and window_size apply to detail mode; fidelity mode "
+                    "is eta 0, temperature 0, unguided, on the whole image"
                 )
             self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature, strength = (
@@ -472,26 +509,36 @@ class SR3Pipeline(SR3BasePipeline):
                 0.0,
                 1.0,
             )
+            window_size = 0
         else:
             raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
-        result, snapshots = self._denoise(
-            shape,
-            condition,
-            steps,
-            generator,
-            num_intermediates,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            condition_noise_level,
-            eta=eta,
-            latents=latents,
-            temperature=temperature,
-            scheduler=scheduler,
-            init_sample=init_sample,
-            strength=strength,
-            guide=guide,
-            guidance_scale=1.0 if guide is None else guidance_scale,
+        # The fidelity answer a refinement below strength 1 starts from is the whole image's; only the refinement
+        # runs in windows.
+        windows = (
+            windowed_networks(self, window_size, lowpass_sigma(self.config.upscale_factor))
+            if window_size
+            else contextlib.nullcontext()
         )
+        with windows:
+            guide = self.guidance_unet if guided else None
+            result, snapshots = self._denoise(
+                shape,
+                condition,
+                steps,
+                generator,
+                num_intermediates,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                condition_noise_level,
+                eta=eta,
+                latents=latents,
+                temperature=temperature,
+                scheduler=scheduler,
+                init_sample=init_sample,
+                strength=strength,
+                guide=guide,
+                guidance_scale=1.0 if guide is None else guidance_scale,
+            )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
         def finish(refined: torch.Tensor):

@@ -237,6 +237,11 @@ class TrainingConfig:
     detail_eta: Optional[float] = _option(
         None, "super-resolution: detail mode's default eta, for samplers that take one (ddim) (the sampler's own)"
     )
+    detail_window_size: Optional[int] = _option(
+        None,
+        "super-resolution: detail mode's default window size, the texture of training-sized windows at every step "
+        "(the training crop size, --resolution; 0: off) (0)",
+    )
 
     # Hub.
     push_to_hub: bool = _option(False, "upload the final pipeline and model card (never the checkpoints)")

@@ -27,7 +27,7 @@ def build_pipeline(
 
     `condition_noise_level` is the sampling default for models trained with noise-conditioning augmentation;
     `residual` marks models trained on the residual HR - upsample, multiplied by `residual_scale`;
-    `detail_settings` are detail mode's defaults (`SR3Pipeline`'s `detail_steps`, `detail_strength`, `detail_eta`).
+    `detail_settings` are detail mode's defaults (`SR3Pipeline`'s `DETAIL_CONFIG_KEYS`).
     """
     if upscale_factor is None:
         pipeline: SR3BasePipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)

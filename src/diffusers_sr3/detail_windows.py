@@ -1,0 +1,164 @@
+"""Detail mode in training-sized windows: the texture a network draws on its training crops, inside a large image.
+
+A UNet trained on small crops draws texture where its coarsest features feel the zero-padded border: everywhere on a
+training crop, only near the edges of a large photo (docs/quality.md, "Why the network draws more on small inputs").
+Run on training-sized windows alone, it draws the texture but each window settles its own colours and outlines
+(blotches, colour shifts, dark edges). `WindowedNetwork` takes each part from where it is right: at every refinement
+step the network runs on the whole input and on non-overlapping windows of the training crop's size (one batch, each
+window normalised on its own, exactly as a crop alone), and the prediction is the whole input's below a Gaussian
+low-pass and the windows' above it. The window grid moves from step to step, so no window border stays in place.
+
+The grid of a step is drawn from that step's noise level, so the UNet and its guide see the same windows, and a call
+with a seeded generator gives the same image every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .pipelines.base import step_networks
+from .tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, _unshuffle_factor
+
+
+def lowpass_sigma(upscale_factor: int) -> float:
+    """The low-pass that splits whole image from windows: half an input pixel, in output pixels.
+
+    What the input shows (down to a few of its pixels) stays the whole image's; detail finer than it, which the input
+    cannot show and the network invents, comes from the windows. Measured at x4 (docs/quality.md).
+    """
+    return upscale_factor / 2
+
+
+def lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of `images` `(B, C, H, W)` with standard deviation `sigma` pixels, reflection at the borders."""
+    radius = max(1, math.ceil(3 * sigma))
+    radius = min(radius, images.shape[-2] - 1, images.shape[-1] - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64, device=images.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def window_offset(signal_level: Any, window_size: int, factor: int) -> Tuple[int, int]:
+    """Where the window grid of the step at `signal_level` starts: `(top, left)`, multiples of `factor` below
+    `window_size`, drawn from the level (the same for every network of that step, different from step to step)."""
+    level = float(signal_level.flatten()[0]) if isinstance(signal_level, torch.Tensor) else float(signal_level)
+    generator = torch.Generator().manual_seed(int(level * 2**30))
+    top, left = torch.randint(0, window_size // factor, (2,), generator=generator).tolist()
+    return top * factor, left * factor
+
+
+class WindowedNetwork(torch.nn.Module):
+    """Stands in for an SR3 UNet in detail mode: the whole input's coarse prediction, the windows' fine detail.
+
+    Same `config`, `dtype`, `device`, `downsampling_factor` and call signature as the network.
+
+    Args:
+        network: the SR3 UNet, or a stand-in for it (a [`TiledNetwork`], whose own network then runs the windows,
+            or a backend).
+        window_size: the windows' side in pixels: the network's training crop (`unet.config.sample_size`); a multiple
+            of its downsampling factor. An input smaller than a window runs whole.
+        sigma: the Gaussian low-pass's standard deviation in output pixels; detail finer than it comes from the
+            windows.
+        max_pixels: network-grid pixels per evaluation of windows (as [`TiledNetwork`]'s budget).
+    """
+
+    def __init__(self, network: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS):
+        super().__init__()
+        factor = network.downsampling_factor
+        if window_size < factor or window_size % factor:
+            raise ValueError(
+                f"window_size {window_size} is not a positive multiple of the UNet's downsampling factor {factor}"
+            )
+        if not sigma > 0:
+            raise ValueError(f"the low-pass sigma must be positive, got {sigma}")
+        self.network = network
+        self.local_network = network.network if isinstance(network, TiledNetwork) else network
+        self.window_size = int(window_size)
+        self.sigma = float(sigma)
+        per_window = (self.window_size // _unshuffle_factor(network)) ** 2
+        self.windows_per_batch = max(1, max_pixels // per_window)
+
+    @property
+    def config(self):
+        return self.network.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.network.downsampling_factor
+
+    def windows(self, sample: torch.Tensor, signal_level: Any, kwargs: Dict[str, Any]) -> torch.Tensor:
+        """The network's prediction for `sample` run as windows of `window_size` on the step's grid."""
+        batch, channels, height, width = sample.shape
+        size = self.window_size
+        top, left = window_offset(signal_level, size, self.downsampling_factor)
+        bottom, right = -(height + top) % size, -(width + left) % size
+        # Reflection keeps the photo's edges inside a window's content; a window's own border is zero-padded by the
+        # network, as a training crop's is.
+        padded = F.pad(sample, (left, right, top, bottom), mode="reflect")
+        rows, columns = padded.shape[-2] // size, padded.shape[-1] // size
+        windows = (
+            padded.view(batch, channels, rows, size, columns, size)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch * rows * columns, channels, size, size)
+        )
+        per_sample = {"signal_level": signal_level, **kwargs}
+        repeated = {
+            name: value.repeat_interleave(rows * columns, dim=0)
+            for name, value in per_sample.items()
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
+        }
+        outputs = []
+        for start in range(0, windows.shape[0], self.windows_per_batch):
+            chunk = slice(start, start + self.windows_per_batch)
+            arguments = {**per_sample, **{name: value[chunk] for name, value in repeated.items()}}
+            level = arguments.pop("signal_level")
+            outputs.append(self.local_network(windows[chunk], level, return_dict=False, **arguments)[0].float())
+        predicted = torch.cat(outputs)
+        predicted = (
+            predicted.view(batch, rows, columns, -1, size, size)
+            .permute(0, 3, 1, 4, 2, 5)
+            .reshape(batch, -1, rows * size, columns * size)
+        )
+        return predicted[..., top : top + height, left : left + width]
+
+    def forward(self, sample: torch.Tensor, signal_level: Any = None, return_dict: bool = False, **kwargs: Any):
+        """The whole input's prediction below the low-pass plus the windows' above it; returns `(output,)`."""
+        whole = self.network(sample, signal_level, return_dict=False, **kwargs)[0].float()
+        if min(sample.shape[-2:]) < self.window_size:
+            return (whole.to(sample.dtype),)
+        local = self.windows(sample, signal_level, kwargs)
+        return ((lowpass(whole, self.sigma) + local - lowpass(local, self.sigma)).to(sample.dtype),)
+
+
+@contextlib.contextmanager
+def windowed_networks(
+    pipeline: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS
+) -> Iterator[None]:
+    """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block.
+
+    Swapped in the instance dictionary, as [`diffusers_sr3.tiling.tiled_unet`] does, so the config never sees them.
+    """
+    originals = step_networks(pipeline)
+    for name, network in originals.items():
+        vars(pipeline)[name] = WindowedNetwork(network, window_size, sigma, max_pixels)
+    try:
+        yield
+    finally:
+        vars(pipeline).update(originals)
