@@ -88,7 +88,7 @@ def test_fidelity_mode_is_unguided():
     plain.set_progress_bar_config(disable=True)
     fidelity = pipeline(image, mode="fidelity", output_type="pt").images
     assert torch.equal(fidelity, plain(image, mode="fidelity", output_type="pt").images) and not calls
-    with pytest.raises(ValueError, match="guidance_scale apply to detail mode"):
+    with pytest.raises(ValueError, match="guidance_scale and window_size apply to detail mode"):
         pipeline(image, mode="fidelity", guidance_scale=2.0)
 
 
