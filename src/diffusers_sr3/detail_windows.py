@@ -21,8 +21,8 @@ from typing import Any, Dict, Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
-from .pipelines.base import step_networks
-from .tiling import DEFAULT_MAX_TILE_PIXELS, TiledNetwork, _unshuffle_factor
+from .pipelines.base import stand_ins
+from .tiling import DEFAULT_MAX_TILE_PIXELS, NetworkStandIn, TiledNetwork, _unshuffle_factor
 
 
 def lowpass_sigma(upscale_factor: int) -> float:
@@ -56,7 +56,7 @@ def window_offset(signal_level: Any, window_size: int, factor: int) -> Tuple[int
     return top * factor, left * factor
 
 
-class WindowedNetwork(torch.nn.Module):
+class WindowedNetwork(NetworkStandIn):
     """Stands in for an SR3 UNet in detail mode: the whole input's coarse prediction, the windows' fine detail.
 
     Same `config`, `dtype`, `device`, `downsampling_factor` and call signature as the network.
@@ -72,7 +72,7 @@ class WindowedNetwork(torch.nn.Module):
     """
 
     def __init__(self, network: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS):
-        super().__init__()
+        super().__init__(network)
         factor = network.downsampling_factor
         if window_size < factor or window_size % factor:
             raise ValueError(
@@ -80,28 +80,11 @@ class WindowedNetwork(torch.nn.Module):
             )
         if not sigma > 0:
             raise ValueError(f"the low-pass sigma must be positive, got {sigma}")
-        self.network = network
         self.local_network = network.network if isinstance(network, TiledNetwork) else network
         self.window_size = int(window_size)
         self.sigma = float(sigma)
         per_window = (self.window_size // _unshuffle_factor(network)) ** 2
         self.windows_per_batch = max(1, max_pixels // per_window)
-
-    @property
-    def config(self):
-        return self.network.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.network.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.device
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.network.downsampling_factor
 
     def windows(self, sample: torch.Tensor, signal_level: Any, kwargs: Dict[str, Any]) -> torch.Tensor:
         """The network's prediction for `sample` run as windows of `window_size` on the step's grid."""
@@ -151,14 +134,7 @@ class WindowedNetwork(torch.nn.Module):
 def windowed_networks(
     pipeline: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS
 ) -> Iterator[None]:
-    """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block.
-
-    Swapped in the instance dictionary, as [`diffusers_sr3.tiling.tiled_unet`] does, so the config never sees them.
-    """
-    originals = step_networks(pipeline)
-    for name, network in originals.items():
-        vars(pipeline)[name] = WindowedNetwork(network, window_size, sigma, max_pixels)
-    try:
+    """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block (neither
+    reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`])."""
+    with stand_ins(pipeline, lambda network: WindowedNetwork(network, window_size, sigma, max_pixels)):
         yield
-    finally:
-        vars(pipeline).update(originals)

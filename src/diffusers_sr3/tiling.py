@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from .image_processing import ImageInput
-from .pipelines.base import step_networks
+from .pipelines.base import stand_ins
 
 
 def _check_tiles(tile: int, overlap: int) -> None:
@@ -128,10 +128,33 @@ def plan_tiles(
     return TilePlan(int(tile_size), int(overlap), int(batch_size))
 
 
-class TiledNetwork(torch.nn.Module):
-    """Runs an SR3 UNet over overlapping tiles of its input and blends the outputs (see the module docstring).
+class NetworkStandIn(torch.nn.Module):
+    """Stands in for an SR3 UNet (`network`) during a pipeline call: same `config`, `dtype`, `device`,
+    `downsampling_factor` and call signature; subclasses decide how `forward` runs the network."""
 
-    Stands in for the pipeline's UNet during one call: same `config`, `dtype`, `device` and call signature.
+    def __init__(self, network: Any):
+        super().__init__()
+        self.network = network
+
+    @property
+    def config(self):
+        return self.network.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.network.downsampling_factor
+
+
+class TiledNetwork(NetworkStandIn):
+    """Runs an SR3 UNet over overlapping tiles of its input and blends the outputs (see the module docstring).
 
     Args:
         network: the SR3 UNet (or a stand-in with the same call signature, such as an ONNX Runtime backend).
@@ -153,7 +176,7 @@ class TiledNetwork(torch.nn.Module):
         max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
         progress: Optional[Any] = None,
     ):
-        super().__init__()
+        super().__init__(network)
         factor = network.downsampling_factor
         if tile_size is not None:
             if tile_size % factor:
@@ -163,29 +186,12 @@ class TiledNetwork(torch.nn.Module):
             raise ValueError(f"the tile batch size must be at least 1, got {batch_size}")
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-        self.network = network
         self.tile_size = tile_size
         self.overlap = overlap
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.progress = progress
         self._layouts: Dict[Tuple[int, int, str], Tuple[TilePlan, list, torch.Tensor]] = {}
-
-    @property
-    def config(self):
-        return self.network.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.network.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.device
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.network.downsampling_factor
 
     def plan(self, height: int, width: int) -> TilePlan:
         """The tile size, overlap and batch size used for a `height x width` input."""
@@ -276,19 +282,15 @@ def tiled_unet(
 ) -> Iterator[TiledNetwork]:
     """Let `pipeline` refine in tiles for the duration of the `with` block; yields the UNet's tiled stand-in.
 
-    A pipeline's guidance UNet (autoguidance) is tiled the same way, counting into the same `progress`. The
-    networks are swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
-    save_pretrained writes) never sees the wrappers.
+    A pipeline's guidance UNet (autoguidance) is tiled the same way, counting into the same `progress`; neither
+    stand-in reaches the pipeline's config ([`diffusers_sr3.pipelines.base.stand_ins`]).
     """
-    originals = step_networks(pipeline)
-    for name, network in originals.items():
-        vars(pipeline)[name] = TiledNetwork(
-            network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress
-        )
-    try:
+
+    def tiled(network: Any) -> TiledNetwork:
+        return TiledNetwork(network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress)
+
+    with stand_ins(pipeline, tiled):
         yield pipeline.unet
-    finally:
-        vars(pipeline).update(originals)
 
 
 def model_tile_size(pipeline: Any) -> int:

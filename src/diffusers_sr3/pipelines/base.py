@@ -16,13 +16,14 @@ the SR3 components itself and loads only configs and safetensors weights.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -151,6 +152,22 @@ def _move_into(staging: str, target: str) -> None:
 def step_networks(pipeline: Any) -> Dict[str, Any]:
     """The `STEP_NETWORKS` that `pipeline` has, by name, as its instance dictionary holds them (stand-ins included)."""
     return {name: vars(pipeline)[name] for name in STEP_NETWORKS if vars(pipeline).get(name) is not None}
+
+
+@contextlib.contextmanager
+def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
+    """Run `pipeline` with `stand_in(network)` in place of each of its step networks inside the `with` block.
+
+    The networks are swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
+    save_pretrained writes) never sees the stand-ins; the originals come back however the block ends.
+    """
+    originals = step_networks(pipeline)
+    for name, network in originals.items():
+        vars(pipeline)[name] = stand_in(network)
+    try:
+        yield
+    finally:
+        vars(pipeline).update(originals)
 
 
 def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
