@@ -358,3 +358,10 @@ def test_self_ensemble_is_a_fidelity_mode_option():
         pipeline(image, mode="detail", self_ensemble=True)
     with pytest.raises(ValueError, match="no num_intermediates"):
         pipeline(image, mode="fidelity", self_ensemble=True, num_intermediates=2)
+    # Detail mode's settings are refused, not ignored, before any network runs.
+    calls = []
+    pipeline.unet.register_forward_hook(lambda *args: calls.append(1))
+    for setting in (dict(eta=1.0), dict(temperature=0.5), dict(strength=0.6), dict(window_size=16)):
+        with pytest.raises(ValueError, match="apply to detail mode"):
+            pipeline(image, mode="fidelity", self_ensemble=True, **setting)
+    assert not calls

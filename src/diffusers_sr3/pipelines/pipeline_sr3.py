@@ -83,6 +83,27 @@ def _check_guidance(unet: SR3UNet2DModel, guidance_unet: Optional[SR3UNet2DModel
         )
 
 
+def _refuse_detail_settings(
+    eta: Optional[float],
+    temperature: float,
+    strength: Optional[float],
+    guidance_scale: Optional[float],
+    window_size: Optional[int],
+) -> None:
+    """Refuse detail mode's settings in a fidelity call (and its self-ensemble), rather than ignore them."""
+    if (
+        eta
+        or temperature != 1.0
+        or strength not in (None, 1)
+        or guidance_scale not in (None, 1)
+        or window_size not in (None, 0)
+    ):
+        raise ValueError(
+            "eta, temperature, strength, guidance_scale and window_size apply to detail mode; fidelity mode "
+            "is eta 0, temperature 0, unguided, on the whole image"
+        )
+
+
 def _check_window_size(unet: SR3UNet2DModel, window_size: int, name: str) -> None:
     """Refuse a window size the UNet cannot run: 0 (off) or a positive multiple of its downsampling factor."""
     factor = unet.downsampling_factor
@@ -455,6 +476,7 @@ class SR3Pipeline(SR3BasePipeline):
                 raise ValueError("self_ensemble averages fidelity answers: it needs mode='fidelity'")
             if num_intermediates or latents is not None or callback_on_step_end is not None:
                 raise ValueError("self_ensemble takes no num_intermediates, latents or callback_on_step_end")
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size)
             images = self._self_ensemble(
                 image, output_size, num_inference_steps, generator, condition_noise_level, output_type
             )
@@ -490,17 +512,7 @@ class SR3Pipeline(SR3BasePipeline):
                 self._check_predicts_clean_image("strength below 1")
                 init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            if (
-                eta
-                or temperature != 1.0
-                or strength not in (None, 1)
-                or guidance_scale not in (None, 1)
-                or window_size not in (None, 0)
-            ):
-                raise ValueError(
-                    "eta, temperature, strength, guidance_scale and window_size apply to detail mode; fidelity mode "
-                    "is eta 0, temperature 0, unguided, on the whole image"
-                )
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size)
             self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature, strength = (
                 FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
