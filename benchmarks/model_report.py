@@ -35,6 +35,7 @@ import torch
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.backends import BACKENDS, resolve_backend, use_backend
+from diffusers_sr3.detail_windows import MIN_WINDOWS_ACROSS
 from diffusers_sr3.image_io import find_images, open_image
 from diffusers_sr3.image_processing import (
     degrade,
@@ -354,7 +355,12 @@ def markdown(report: Dict[str, Any]) -> str:
         + (f", eta {report['eta']}" if report.get("eta") is not None else "")
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
         + (f", guidance scale {report['guidance_scale']:g}" if report.get("guidance_scale") is not None else "")
-        + (f", in {report['window_size']}-pixel windows" if report.get("window_size") else "")
+        + (
+            f", in {report['window_size']}-pixel windows on images at least "
+            f"{MIN_WINDOWS_ACROSS * report['window_size']} pixels on their shorter side"
+            if report.get("window_size")
+            else ""
+        )
         + (
             f", its metrics and FID the means over {report['detail_seeds']} seeds"
             if report.get("detail_seeds", 1) > 1
@@ -599,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             }
             or None,
             extra_sections=[
-                modes_section(args.steps, args.eta, args.strength, guidance_scale, own_settings),
+                modes_section(args.steps, args.eta, args.strength, guidance_scale, own_settings, args.window_size),
                 "## All results\n\n" + table,
             ],
         )
@@ -612,10 +618,16 @@ def modes_section(
     strength: Optional[float],
     guidance_scale: Optional[float] = None,
     own_settings: bool = False,
+    window_size: int = 0,
 ) -> str:
     """The card's "Two ways to sample", quoting the detail settings the report measured; `own_settings`: they are the
     pipeline's own (its config's), which a call that leaves them out runs."""
-    named = (("eta", eta), ("strength", strength), ("guidance_scale", guidance_scale))
+    named = (
+        ("eta", eta),
+        ("strength", strength),
+        ("guidance_scale", guidance_scale),
+        ("window_size", window_size or None),
+    )
     settings = ", ".join(
         [f"num_inference_steps={steps}"] + [f"{name}={value:g}" for name, value in named if value is not None]
     )
@@ -637,6 +649,14 @@ def modes_section(
             f" `guidance_scale` {guidance_scale:g} (autoguidance) extrapolates each step's prediction away from the "
             "pipeline's `guidance_unet`, a weaker model of the same task, for sharper, more photographic texture at "
             "twice the network evaluations per step; `guidance_scale=1` turns it off."
+        )
+    if window_size:
+        guidance += (
+            f" `window_size` {window_size} also runs the network on {window_size}-pixel windows (its training crop) at "
+            "every step, on a grid that moves from step to step, and takes the fine texture from them and the coarse "
+            "structure and colour from the whole image: a network trained on small crops draws less texture inside a "
+            f"large image than on its crops. Images under {MIN_WINDOWS_ACROSS * window_size} pixels on their shorter "
+            "side (a face a window cannot hold) run whole; `window_size=0` turns it off."
         )
     return f"""## Two ways to sample
 

@@ -141,6 +141,9 @@ def test_model_report_card_quotes_the_detail_settings_it_measured():
     own = modes_section(10, 1.0, 0.6, 2.0, own_settings=True)
     assert '`pipe(image, mode="detail")`, which runs this pipeline\'s own detail settings' in own
     assert "num_inference_steps=10, eta=1, strength=0.6, guidance_scale=2)" in own
+    assert "window_size" not in own
+    windowed = modes_section(10, 1.0, 0.6, 2.0, own_settings=True, window_size=64)
+    assert "guidance_scale=2, window_size=64)" in windowed and "under 256 pixels on their shorter side" in windowed
 
 
 def test_model_report_runs_fidelity_mode_at_its_own_steps_not_detail_modes(tiny_unet):

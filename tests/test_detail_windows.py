@@ -53,13 +53,14 @@ def test_windows_give_the_fine_detail_and_the_whole_image_the_coarse():
     the low-pass) is kept; for a network that does the same on any input the result is its own output."""
     sample = torch.randn(1, 6, 64, 96)
     level = torch.tensor([0.5])
-    plain = WindowedNetwork(SizeDependentNetwork(), 32, sigma=2.0)(sample, level)[0]
+    plain = WindowedNetwork(SizeDependentNetwork(), 32, sigma=2.0, min_windows_across=2)(sample, level)[0]
     torch.testing.assert_close(plain, sample[:, 3:])
 
-    offset = WindowedNetwork(SizeDependentNetwork(offset=0.5), 32, sigma=2.0)(sample, level)[0]
+    offset = WindowedNetwork(SizeDependentNetwork(offset=0.5), 32, sigma=2.0, min_windows_across=2)(sample, level)[0]
     torch.testing.assert_close(offset, sample[:, 3:], atol=1e-5, rtol=0)
 
-    detail = WindowedNetwork(SizeDependentNetwork(detail=0.25), 32, sigma=2.0)(sample, level)[0] - sample[:, 3:]
+    windowed = WindowedNetwork(SizeDependentNetwork(detail=0.25), 32, sigma=2.0, min_windows_across=2)
+    detail = windowed(sample, level)[0] - sample[:, 3:]
     rows, columns = torch.arange(64), torch.arange(96)
     checkerboard = (rows[:, None] + columns[None, :]) % 2 * 2 - 1
     interior = detail[..., 8:-8, 8:-8]  # the low-pass reflects at the image's edges
@@ -69,12 +70,19 @@ def test_windows_give_the_fine_detail_and_the_whole_image_the_coarse():
     torch.testing.assert_close(interior, 0.25 * checkerboard[8:-8, 8:-8].expand_as(interior).float(), atol=2e-3, rtol=0)
 
 
-def test_an_input_smaller_than_a_window_runs_whole():
+def test_an_input_under_four_windows_across_runs_whole():
+    """Windows are for images many training crops large; a smaller one (a 128-pixel face, two 64-pixel windows
+    across) runs whole, whatever its other side."""
+    level = torch.tensor([0.5])
+    for height, width in ((24, 64), (96, 320)):
+        network = SizeDependentNetwork(detail=1.0)
+        sample = torch.randn(1, 6, height, width)
+        torch.testing.assert_close(WindowedNetwork(network, 32, sigma=2.0)(sample, level)[0], sample[:, 3:])
+        assert network.shapes == [(1, 6, height, width)]
     network = SizeDependentNetwork(detail=1.0)
-    sample = torch.randn(1, 6, 24, 64)
-    output = WindowedNetwork(network, 32, sigma=2.0)(sample, torch.tensor([0.5]))[0]
-    torch.testing.assert_close(output, sample[:, 3:])
-    assert network.shapes == [(1, 6, 24, 64)]
+    sample = torch.randn(1, 6, 128, 128)
+    assert not torch.allclose(WindowedNetwork(network, 32, sigma=2.0)(sample, level)[0], sample[:, 3:])
+    assert (1, 6, 128, 128) in network.shapes and any(shape[-2:] == (32, 32) for shape in network.shapes)
 
 
 def test_lowpass_keeps_constants_and_removes_the_finest_pattern():
@@ -132,7 +140,7 @@ def test_pipeline_runs_the_unet_and_its_guide_on_the_same_windows_and_only_in_th
     calls = []
     _spy(guided_pipeline.unet, calls, "unet")
     _spy(guided_pipeline.guidance_unet, calls, "guide")
-    image = torch.rand(3, 24, 40)  # a 96x160 output: 64-pixel windows on a moving grid
+    image = torch.rand(3, 32, 48)  # a 128x192 output: 32-pixel windows on a moving grid
 
     def detail(**kwargs):
         calls.clear()
@@ -140,41 +148,41 @@ def test_pipeline_runs_the_unet_and_its_guide_on_the_same_windows_and_only_in_th
         return guided_pipeline(image, generator=generator, output_type="pt", **kwargs).images
 
     whole = detail()
-    assert {shape for _, shape, _ in calls} == {(1, 6, 96, 160)}
-    windowed = detail(window_size=64)
+    assert {shape for _, shape, _ in calls} == {(1, 6, 128, 192)}
+    windowed = detail(window_size=32)
     assert not torch.allclose(windowed, whole)
-    torch.testing.assert_close(detail(window_size=64), windowed, rtol=0, atol=0)
+    torch.testing.assert_close(detail(window_size=32), windowed, rtol=0, atol=0)
     steps = sorted({level for _, _, level in calls})
     assert len(steps) == 4
     for level in steps:
         step_calls = [(name, shape) for name, shape, seen in calls if seen == level]
         for name in ("unet", "guide"):
-            assert (name, (1, 6, 96, 160)) in step_calls
-            window_shapes = {shape[1:] for who, shape in step_calls if who == name and shape[-1] == 64}
-            assert window_shapes == {(6, 64, 64)}
-        top, left = window_offset(torch.tensor(level), 64, guided_pipeline.unet.downsampling_factor)
-        windows = -(-(96 + top) // 64) * -(-(160 + left) // 64)
+            assert (name, (1, 6, 128, 192)) in step_calls
+            window_shapes = {shape[1:] for who, shape in step_calls if who == name and shape[-1] == 32}
+            assert window_shapes == {(6, 32, 32)}
+        top, left = window_offset(torch.tensor(level), 32, guided_pipeline.unet.downsampling_factor)
+        windows = -(-(128 + top) // 32) * -(-(192 + left) // 32)
         for name in ("unet", "guide"):
-            assert sum(shape[0] for who, shape in step_calls if who == name and shape[-1] == 64) == windows
-    assert len({window_offset(torch.tensor(level), 64, 16) for level in steps}) > 1
+            assert sum(shape[0] for who, shape in step_calls if who == name and shape[-1] == 32) == windows
+    assert len({window_offset(torch.tensor(level), 32, 16) for level in steps}) > 1
 
-    detail(window_size=64, strength=0.5)
+    detail(window_size=32, strength=0.5)
     from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
-    assert all(shape == (1, 6, 96, 160) for _, shape, _ in calls[:FIDELITY_STEPS])
-    assert any(shape[-1] == 64 for _, shape, _ in calls[FIDELITY_STEPS:])
+    assert all(shape == (1, 6, 128, 192) for _, shape, _ in calls[:FIDELITY_STEPS])
+    assert any(shape[-1] == 32 for _, shape, _ in calls[FIDELITY_STEPS:])
 
 
 def test_window_size_is_a_saved_detail_default_refused_where_it_cannot_apply(guided_pipeline, tmp_path):
-    image = torch.rand(3, 24, 40)
-    guided_pipeline.register_to_config(detail_window_size=64)
-    assert guided_pipeline.detail_settings()["window_size"] == 64
+    image = torch.rand(3, 32, 48)
+    guided_pipeline.register_to_config(detail_window_size=32)
+    assert guided_pipeline.detail_settings()["window_size"] == 32
     generator = torch.Generator().manual_seed(0)
     by_default = guided_pipeline(image, generator=generator, output_type="pt").images
     guided_pipeline.save_pretrained(tmp_path / "saved")
     reloaded = SR3Pipeline.from_pretrained(tmp_path / "saved")
     reloaded.set_progress_bar_config(disable=True)
-    assert reloaded.config.detail_window_size == 64
+    assert reloaded.config.detail_window_size == 32
     generator = torch.Generator().manual_seed(0)
     torch.testing.assert_close(reloaded(image, generator=generator, output_type="pt").images, by_default)
 
@@ -186,7 +194,7 @@ def test_window_size_is_a_saved_detail_default_refused_where_it_cannot_apply(gui
     assert SR3Pipeline.from_pretrained(tmp_path / "saved").detail_settings()["window_size"] == 0
 
     with pytest.raises(ValueError, match="window_size apply to detail mode"):
-        guided_pipeline(image, mode="fidelity", window_size=64)
+        guided_pipeline(image, mode="fidelity", window_size=32)
     with pytest.raises(ValueError, match="window_size must be 0 \\(off\\) or a positive multiple .* factor 16, got 40"):
         guided_pipeline(image, window_size=40)
     with pytest.raises(ValueError, match="detail_window_size must be 0 \\(off\\) or a positive multiple"):
@@ -196,12 +204,12 @@ def test_window_size_is_a_saved_detail_default_refused_where_it_cannot_apply(gui
 def test_tiled_super_resolve_runs_the_windows_on_the_network_itself(guided_pipeline):
     """With tiles (sr3 upscale's path for large images), the whole image runs in tiles and the windows run on the
     UNet itself: the result equals the untiled one for tiles that cover the image in one."""
-    image = torch.rand(3, 24, 40)
+    image = torch.rand(3, 32, 48)
     generator = torch.Generator().manual_seed(0)
-    untiled = guided_pipeline(image, generator=generator, output_type="pt", window_size=64).images
+    untiled = guided_pipeline(image, generator=generator, output_type="pt", window_size=32).images
     generator = torch.Generator().manual_seed(0)
     tiled = tiled_super_resolve(
-        guided_pipeline, image, tile_size=160, generator=generator, output_type="pt", window_size=64
+        guided_pipeline, image, tile_size=192, generator=generator, output_type="pt", window_size=32
     ).images
     torch.testing.assert_close(tiled, untiled)
     assert WindowedNetwork(TiledNetwork(guided_pipeline.unet, 64), 64, 2.0).local_network is guided_pipeline.unet
@@ -215,7 +223,7 @@ def test_upscale_command_line_takes_window_size_in_detail_mode_only(tmp_path, ca
 
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
-    PIL.Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(photo)
+    PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photo)
 
     def upscale(name, *extra):
         arguments = ["upscale", str(photo), "--output", str(tmp_path / name), "--backend", "torch", "--steps", "2"]
@@ -224,10 +232,10 @@ def test_upscale_command_line_takes_window_size_in_detail_mode_only(tmp_path, ca
 
     whole = upscale("whole.png")
     capsys.readouterr()
-    windowed = upscale("windowed.png", "--window-size", "64")
-    assert "window size 64" in capsys.readouterr().out
-    assert windowed.shape == whole.shape == (96, 128, 3) and np.abs(windowed - whole).mean() > 0.5
-    torch.testing.assert_close(upscale("again.png", "--window-size", "64"), windowed)
+    windowed = upscale("windowed.png", "--window-size", "32")
+    assert "window size 32" in capsys.readouterr().out
+    assert windowed.shape == whole.shape == (128, 128, 3) and np.abs(windowed - whole).mean() > 0.5
+    torch.testing.assert_close(upscale("again.png", "--window-size", "32"), windowed)
     for bad, message in ((["--mode", "fidelity", "--window-size", "64"], "--window-size apply to detail mode"),
                          (["--mode", "detail", "--window-size", "40"], "window_size must be 0 (off)")):  # fmt: skip
         assert main(["upscale", str(photo), "--output", str(tmp_path / "bad.png"), *bad]) == 2

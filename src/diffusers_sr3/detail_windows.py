@@ -10,6 +10,10 @@ low-pass and the windows' above it. The window grid moves from step to step, so 
 
 The grid of a step is drawn from that step's noise level, so the UNet and its guide see the same windows, and a call
 with a seeded generator gives the same image every time.
+
+Windows are for images many training crops large. An image under `MIN_WINDOWS_ACROSS` windows on its shorter side runs
+whole: it has little interior for the border to miss, and its subject may not fit a window (a 128-pixel face is two
+64-pixel windows across, and windows drew each half of it on its own: docs/quality.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from .pipelines.base import stand_ins
 from .tiling import DEFAULT_MAX_TILE_PIXELS, NetworkStandIn, TiledNetwork, _unshuffle_factor
+
+MIN_WINDOWS_ACROSS = 4
 
 
 def lowpass_sigma(upscale_factor: int) -> float:
@@ -60,13 +66,21 @@ class WindowedNetwork(NetworkStandIn):
         network: the SR3 UNet, or a stand-in for it (a [`TiledNetwork`], whose own network then runs the windows,
             or a backend).
         window_size: the windows' side in pixels: the network's training crop (`unet.config.sample_size`); a multiple
-            of its downsampling factor. An input smaller than a window runs whole.
+            of its downsampling factor.
         sigma: the Gaussian low-pass's standard deviation in output pixels; detail finer than it comes from the
             windows.
         max_pixels: network-grid pixels per evaluation of windows (as [`TiledNetwork`]'s budget).
+        min_windows_across: an input with fewer windows than this on its shorter side runs whole.
     """
 
-    def __init__(self, network: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS):
+    def __init__(
+        self,
+        network: Any,
+        window_size: int,
+        sigma: float,
+        max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+        min_windows_across: int = MIN_WINDOWS_ACROSS,
+    ):
         super().__init__(network)
         factor = network.downsampling_factor
         if window_size < factor or window_size % factor:
@@ -78,6 +92,7 @@ class WindowedNetwork(NetworkStandIn):
         self.local_network = network.network if isinstance(network, TiledNetwork) else network
         self.window_size = int(window_size)
         self.sigma = float(sigma)
+        self.min_windows_across = int(min_windows_across)
         per_window = (self.window_size // _unshuffle_factor(network)) ** 2
         self.windows_per_batch = max(1, max_pixels // per_window)
 
@@ -119,7 +134,7 @@ class WindowedNetwork(NetworkStandIn):
     def forward(self, sample: torch.Tensor, signal_level: Any = None, return_dict: bool = False, **kwargs: Any):
         """The whole input's prediction below the low-pass plus the windows' above it; returns `(output,)`."""
         whole = self.network(sample, signal_level, return_dict=False, **kwargs)[0].float()
-        if min(sample.shape[-2:]) < self.window_size:
+        if min(sample.shape[-2:]) < self.min_windows_across * self.window_size:
             return (whole.to(sample.dtype),)
         local = self.windows(sample, signal_level, kwargs)
         return ((lowpass(whole, self.sigma) + local - lowpass(local, self.sigma)).to(sample.dtype),)

@@ -463,7 +463,8 @@ class SR3Pipeline(SR3BasePipeline):
                 whole image (split by a Gaussian low-pass of half an input pixel). A network trained on small crops
                 draws its texture near a crop's border, so on a large image it draws less than on its training
                 crops; windows of the training crop's size (`unet.config.sample_size`) give the whole image that
-                texture, at about twice the network work. 0 runs the whole image only. Defaults to the pipeline's
+                texture, at about twice the network work. An image under four windows on its shorter side runs
+                whole (a face a window cannot hold). 0 runs the whole image only. Defaults to the pipeline's
                 `detail_window_size` (0 unless the model was saved with one).
 
         Examples:
