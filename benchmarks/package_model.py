@@ -7,9 +7,9 @@ What it changes, and why:
   requires). They load as float32 by default: bf16 convolutions are slow on CPUs without bf16 units;
 - the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
   in 4 (the step-count and recipe studies);
-- detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6) go into the
-  pipeline's config (`detail_steps`, `detail_eta`, `detail_strength`), so that every way of loading the model
-  samples with them: `sr3 upscale --model`, `from_pretrained`, the Space;
+- detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6, 64-pixel windows) go
+  into the pipeline's config (`detail_steps`, `detail_eta`, `detail_strength`, `detail_window_size`), so that every
+  way of loading the model samples with them: `sr3 upscale --model`, `from_pretrained`, the Space;
 - with `--guidance-unet` (an earlier checkpoint of the same run, `OUTPUT_DIR/checkpoint-<step>`: its EMA weights;
   or a `unet` folder, or a pipeline folder holding one) and `--guidance-scale`, the pipeline carries a guide for
   detail mode's autoguidance, also in bfloat16;
@@ -29,7 +29,7 @@ import torch
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.noise import swap_scheduler
-from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
+from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from diffusers_sr3.training.checkpointing import STATE_FILE, load_checkpoint_unet
 
 
@@ -72,6 +72,7 @@ def main(argv=None) -> None:
         "detail_steps": DEFAULT_STEPS,
         "detail_eta": DEFAULT_DETAIL_OPTIONS["eta"],
         "detail_strength": DEFAULT_DETAIL_OPTIONS["strength"],
+        "detail_window_size": DEFAULT_DETAIL_WINDOW_SIZE,
     }
     pipeline = SR3Pipeline.from_pretrained(args.trained, **guidance, **detail)
     if not pipeline.config.get("residual") or pipeline.scheduler.config.prediction_type != "sample":

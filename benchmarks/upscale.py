@@ -17,6 +17,8 @@ Rows (`--rows`):
   `--mode fidelity` / `--mode detail --steps STEPS` at the packaged model's detail settings (`--eta 1 --strength
   0.6`, which `--model` alone would not apply), with the model's guide if it has one.
 - `detail, unguided`: the same without autoguidance (`--guidance-scale 1`): half the evaluations per refinement step.
+- `detail, whole image`: the same without training-sized windows (`--window-size 0`; the packaged model's own
+  `detail_window_size` is 64): the network on the whole image only.
 - `fidelity, self-ensemble`: the same with `--self-ensemble` (the 8 orientations' answers averaged).
 - `fidelity, float32`, `detail, float32`: the same in eager float32 (`--backend torch`): the untouched precision
   the default's PSNR is checked against (within 0.1 dB).
@@ -68,6 +70,7 @@ ROWS = (
     "fidelity",
     "detail",
     "detail, unguided",
+    "detail, whole image",
     "fidelity, self-ensemble",
     "fidelity, float32",
     "detail, float32",
@@ -169,6 +172,8 @@ def row_arguments(row: str, args, steps: int) -> Optional[List[str]]:
         arguments += ["--self-ensemble"]
     if "unguided" in row:
         arguments += ["--guidance-scale", "1"]
+    if "whole image" in row:
+        arguments += ["--window-size", "0"]
     return arguments
 
 

@@ -522,6 +522,7 @@ def test_sampler_study_and_packaging_take_a_guide(tmp_path, x0_model_dir):
     )
     packaged = SR3Pipeline.from_pretrained(tmp_path / "packaged")
     assert packaged.config.guidance_scale == 2.5 and packaged.guided()
+    assert (packaged.config.detail_strength, packaged.config.detail_window_size) == (0.6, 64)
     weights = (tmp_path / "packaged" / "guidance_unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert weights < 0.6 * (tmp_path / "guide" / "diffusion_pytorch_model.safetensors").stat().st_size  # bfloat16
     for name, value in packaged.guidance_unet.state_dict().items():
@@ -593,7 +594,8 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     # Detail: 3 steps measured at 1 and 2 and extrapolated; the old settings: 10 steps likewise.
     assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [1, 2]
     assert measured["old model, old settings"]["steps"] == 10 and not measured["fidelity"]["extrapolated"]
-    # Detail rows run the packaged model's detail settings; the unguided row turns autoguidance off on top.
+    # Detail rows run the packaged model's detail settings; the unguided row turns autoguidance off on top, the
+    # whole-image row its training-sized windows.
     module = load("upscale")
     options = argparse.Namespace(model="m", old_model="o")
     assert module.row_arguments("detail", options, 10) == ["--model", "m", "--mode", "detail", "--steps", "10"] + [
@@ -604,6 +606,8 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
         "--guidance-scale",
         "1",
     ]
+    whole_image = module.row_arguments("detail, whole image", options, 10)
+    assert whole_image == module.row_arguments("detail", options, 10) + ["--window-size", "0"]
     study = report["tile_study"]
     assert [row["tile"] for row in study] == ["untiled", 16] and study[1]["psnr_vs_untiled"] > 5
     written = json.loads((tmp_path / "out" / "upscale.json").read_text())

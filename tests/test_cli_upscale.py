@@ -164,7 +164,12 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     import json
 
     from diffusers_sr3.commands import upscale
-    from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_path
+    from diffusers_sr3.pretrained import (
+        DEFAULT_DETAIL_OPTIONS,
+        DEFAULT_DETAIL_WINDOW_SIZE,
+        DEFAULT_STEPS,
+        default_model_path,
+    )
 
     seen, options = [], []
     real = upscale.tiled_super_resolve
@@ -212,13 +217,14 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     # Each run says what it runs (the packaged model's guide doubles its refinement steps).
     fidelity = f"fidelity mode: {FIDELITY_STEPS} deterministic DDIM steps"
     assert printed[0] == f"{fidelity} ({FIDELITY_STEPS} network evaluations per tile)"
-    studied_line = "detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1, guidance scale 2"
+    studied_line = "detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1, guidance scale 2, window size 64"
     assert printed[4] == printed[5] == f"{studied_line} (16 network evaluations per tile)"
     config = SR3Pipeline.load_config(packaged)
-    assert (config["detail_steps"], config["detail_eta"], config["detail_strength"]) == (
+    assert (config["detail_steps"], config["detail_eta"], config["detail_strength"], config["detail_window_size"]) == (
         DEFAULT_STEPS,
         DEFAULT_DETAIL_OPTIONS["eta"],
         DEFAULT_DETAIL_OPTIONS["strength"],
+        DEFAULT_DETAIL_WINDOW_SIZE,
     )
 
 

@@ -12,11 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, use_backend
+from ..detail_windows import MIN_WINDOWS_ACROSS
 from ..image_io import IMAGE_EXTENSIONS, find_images, is_grayscale, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pipelines.pipeline_sr3 import DETAIL_STEPS, FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
-from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS
+from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
 from .common import add_model_arguments, add_save_process_argument, load_pipeline
@@ -31,7 +32,9 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
   default (fidelity mode, {fidelity_steps} steps): about {bf16_fidelity:.0f} s for 1 megapixel
     ({fp32_fidelity:.0f} s in float32); --self-ensemble: {ensemble} times the evaluations, about {bf16_ensemble:.0f} s;
   --mode detail ({steps} steps at strength {strength:g}, guided: {detail_evaluations} network evaluations): about
-    {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32)
+    {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32); in {window_size}-pixel windows (the packaged model's
+    default on images {window_minimum} pixels or more a side) about {windows_factor:g} times that (measured in
+    float32 on an AMD EPYC)
   memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles within the
     same budget (--max-tile-pixels): 1.6 GB for a 3.3-megapixel output
   GPU: well under 1 s per megapixel per step (an estimate from the network's FLOPs, not measured:
@@ -44,6 +47,8 @@ STARTUP_SECONDS = 9
 DEFAULT_QUALITY = 95
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.75
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 2.9
+# Detail mode in training-sized windows against the whole image only (benchmarks/upscale.py, one run).
+WINDOWS_TIME_FACTOR = 1.4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         steps=DEFAULT_STEPS,
         strength=strength,
         detail_evaluations=detail_evaluations,
+        window_size=DEFAULT_DETAIL_WINDOW_SIZE,
+        window_minimum=MIN_WINDOWS_ACROSS * DEFAULT_DETAIL_WINDOW_SIZE,
+        windows_factor=WINDOWS_TIME_FACTOR,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
