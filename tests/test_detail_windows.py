@@ -114,6 +114,8 @@ def test_windowed_network_refuses_sizes_the_network_cannot_run():
         WindowedNetwork(SizeDependentNetwork(), 20, sigma=1.0)
     with pytest.raises(ValueError, match="sigma must be positive"):
         WindowedNetwork(SizeDependentNetwork(), 32, sigma=0.0)
+    with pytest.raises(ValueError, match="min_windows_across must be at least 1, got 0"):
+        WindowedNetwork(SizeDependentNetwork(), 32, sigma=1.0, min_windows_across=0)
 
 
 @pytest.fixture

@@ -89,6 +89,8 @@ class WindowedNetwork(NetworkStandIn):
             )
         if not sigma > 0:
             raise ValueError(f"the low-pass sigma must be positive, got {sigma}")
+        if min_windows_across < 1:
+            raise ValueError(f"min_windows_across must be at least 1, got {min_windows_across}")
         self.local_network = network.network if isinstance(network, TiledNetwork) else network
         self.window_size = int(window_size)
         self.sigma = float(sigma)
