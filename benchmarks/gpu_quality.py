@@ -178,8 +178,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         summary = json.load(open(os.path.join(trained, "training_summary.json"), encoding="utf-8"))
         guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
         guidance = ["--guidance-unet", guide[1], "--guidance-scale", str(args.guidance_scale)] if guide else []
-        # As the shipped model: DDIM, bf16 weights, an earlier checkpoint of the run as the guide.
-        package_model.main(["--trained", trained, "--output", model, *guidance])
+        # As the shipped model: DDIM, bf16 weights, an earlier checkpoint of the run as the guide, detail mode in
+        # windows of the training crop's size.
+        windows = ["--window-size", str(args.resolution)]
+        package_model.main(["--trained", trained, "--output", model, *guidance, *windows])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         report_args = ["--model", model, "--output", args.output, "--no-fid", "--save-outputs", "--device", device]
         # Detail mode at the settings packaging stored, as shipped.

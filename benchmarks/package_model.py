@@ -7,7 +7,8 @@ What it changes, and why:
   requires). They load as float32 by default: bf16 convolutions are slow on CPUs without bf16 units;
 - the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
   in 4 (the step-count and recipe studies);
-- detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6, 64-pixel windows) go
+- detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6, windows of the training
+  crop's size, `--window-size`, 64 by default) go
   into the pipeline's config (`detail_steps`, `detail_eta`, `detail_strength`, `detail_window_size`), so that every
   way of loading the model samples with them: `sr3 upscale --model`, `from_pretrained`, the Space;
 - with `--guidance-unet` (an earlier checkpoint of the same run, `OUTPUT_DIR/checkpoint-<step>`: its EMA weights;
@@ -61,6 +62,12 @@ def main(argv=None) -> None:
         help="the guide for autoguidance: an earlier training checkpoint of the run, or a UNet or pipeline folder",
     )
     parser.add_argument("--guidance-scale", type=float, help="detail mode's default guidance scale (with a guide)")
+    parser.add_argument(
+        "--window-size",
+        type=int,
+        default=DEFAULT_DETAIL_WINDOW_SIZE,
+        help="detail mode's default windows: the training crop size (0: the whole image only)",
+    )
     args = parser.parse_args(argv)
     if (args.guidance_unet is None) != (args.guidance_scale is None):
         parser.error("--guidance-unet and --guidance-scale go together")
@@ -72,7 +79,7 @@ def main(argv=None) -> None:
         "detail_steps": DEFAULT_STEPS,
         "detail_eta": DEFAULT_DETAIL_OPTIONS["eta"],
         "detail_strength": DEFAULT_DETAIL_OPTIONS["strength"],
-        "detail_window_size": DEFAULT_DETAIL_WINDOW_SIZE,
+        "detail_window_size": args.window_size,
     }
     pipeline = SR3Pipeline.from_pretrained(args.trained, **guidance, **detail)
     if not pipeline.config.get("residual") or pipeline.scheduler.config.prediction_type != "sample":

@@ -662,6 +662,7 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     assert report["training"]["guide_step"] == 1 and report["guidance_scale"] == 2.0
     # ... at the detail settings packaging stored in its config, the shipped model's.
     assert (report["steps"], report["eta"], report["strength"]) == (10, 1.0, 0.6)
+    assert report["window_size"] == 32  # windows of the training crop's size
     assert set(report["sets"]) == {"held-out photos", "never-seen photos"}
     assert report["sets"]["never-seen photos"]["images"] == 3
     outputs = ["outputs_held-out-photos.npz", "outputs_never-seen-photos.npz"]  # one per set: each under 16 MiB
