@@ -8,9 +8,9 @@ What it changes, and why:
 - the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
   in 4 (the step-count and recipe studies);
 - detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6, windows of the training
-  crop's size, `--window-size`, 64 by default) go
-  into the pipeline's config (`detail_steps`, `detail_eta`, `detail_strength`, `detail_window_size`), so that every
-  way of loading the model samples with them: `sr3 upscale --model`, `from_pretrained`, the Space;
+  crop's size, `--window-size`, 64 by default) go into the pipeline's config (`detail_steps`, `detail_eta`,
+  `detail_strength`, `detail_window_size`), so that every way of loading the model samples with them: `sr3 upscale
+  --model`, `from_pretrained`, the Space;
 - with `--guidance-unet` (an earlier checkpoint of the same run, `OUTPUT_DIR/checkpoint-<step>`: its EMA weights;
   or a `unet` folder, or a pipeline folder holding one) and `--guidance-scale`, the pipeline carries a guide for
   detail mode's autoguidance, also in bfloat16;
