@@ -650,8 +650,9 @@ def modes_section(
             "pipeline's `guidance_unet`, a weaker model of the same task, for sharper, more photographic texture at "
             "twice the network evaluations per step; `guidance_scale=1` turns it off."
         )
+    windows = ""
     if window_size:
-        guidance += (
+        windows = (
             f" `window_size` {window_size} also runs the network on {window_size}-pixel windows (its training crop) at "
             "every step, on a grid that moves from step to step, and takes the fine texture from them and the coarse "
             "structure and colour from the whole image: a network trained on small crops draws less texture inside a "
@@ -666,7 +667,7 @@ def modes_section(
   documents, faces you must not invent on. `self_ensemble=True` (`sr3 upscale --self-ensemble`) averages the
   answers for the 8 flips and quarter-turns of the input: a little higher PSNR and SSIM for 8 times the time.
 - **Detail** ({call}; `sr3 upscale --mode detail`): SR3's iterative
-  refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.{guidance}
+  refinement draws one plausible image. {refinement} `eta` (DDIM) adds fresh noise per step.{guidance}{windows}
 """
 
 

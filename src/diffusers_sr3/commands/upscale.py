@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="detail mode: also run the network on windows of this many pixels at every step and take the fine "
         "texture from them, the coarse structure from the whole image: the texture a network trained on small "
         "crops draws on them (use its training crop size, 64 for the packaged model), at about twice the network "
-        "work; images under four windows on their shorter side run whole (default: the model's own "
+        f"work; images under {MIN_WINDOWS_ACROSS} windows on their shorter side run whole (default: the model's own "
         "detail_window_size; 0 turns windows off)",
     )
     parser.add_argument(
