@@ -63,6 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> PIL.Image.Image:
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (default: each model's own)")
     parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (default: each model's own)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="detail mode (default: each model's own)")
+    parser.add_argument(
+        "--parallel-guidance-weight", type=float, default=None, help="detail mode (default: each model's own)"
+    )
     parser.add_argument("--window-size", type=int, default=None, help="detail mode (default: each model's own)")
     parser.add_argument("--backend", default="auto", choices=model_report.BACKENDS)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -94,7 +94,7 @@ def super_resolve(
         mode=mode, num_inference_steps=steps, generator=generator, output_type="pt", self_ensemble=self_ensemble
     )
     if mode == "detail":
-        detail_names = ("eta", "strength", "guidance_scale", "window_size")
+        detail_names = ("eta", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
         options.update({name: getattr(args, name) for name in detail_names if getattr(args, name) is not None})
     outputs = []
     for start in range(0, lr.shape[0], args.batch_size):
@@ -356,6 +356,11 @@ def markdown(report: Dict[str, Any]) -> str:
         + (f", strength {report['strength']}" if report.get("strength") is not None else "")
         + (f", guidance scale {report['guidance_scale']:g}" if report.get("guidance_scale") is not None else "")
         + (
+            f", parallel guidance weight {report['parallel_guidance_weight']:g}"
+            if report.get("parallel_guidance_weight") not in (None, 1)
+            else ""
+        )
+        + (
             f", in {report['window_size']}-pixel windows on images at least "
             f"{MIN_WINDOWS_ACROSS * report['window_size']} pixels on their shorter side"
             if report.get("window_size")
@@ -475,6 +480,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         help="detail-mode autoguidance scale, for models saved with a guidance UNet (default: the model's own)",
     )
     parser.add_argument(
+        "--parallel-guidance-weight",
+        type=float,
+        default=None,
+        help="detail-mode weight of the guidance update along the model's own prediction (default: the model's own)",
+    )
+    parser.add_argument(
         "--window-size",
         type=int,
         default=None,
@@ -520,10 +531,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
     # Detail mode as run, and recorded: what the command line gives, else the model's own settings (its config).
-    detail = pipeline.detail_settings(args.steps, args.strength, args.eta, args.guidance_scale, args.window_size)
+    detail = pipeline.detail_settings(
+        args.steps, args.strength, args.eta, args.guidance_scale, args.window_size, args.parallel_guidance_weight
+    )
     own_settings = detail == pipeline.detail_settings()
     args.steps, args.strength, args.eta = detail["num_inference_steps"], detail["strength"], detail["eta"]
-    args.window_size = detail["window_size"]
+    args.window_size, args.parallel_guidance_weight = detail["window_size"], detail["parallel_guidance_weight"]
     # The detail mode's guidance as run (the model's own unless --guidance-scale); None: an unguided model.
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
     guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
@@ -556,6 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "eta": args.eta,
         "strength": args.strength,
         "guidance_scale": guidance_scale,
+        "parallel_guidance_weight": args.parallel_guidance_weight if guidance_scale is not None else None,
         "window_size": args.window_size,
         "self_ensemble": args.self_ensemble,
         "detail_seeds": args.detail_seeds,

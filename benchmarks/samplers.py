@@ -82,7 +82,7 @@ PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
 
 
-DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale", "window_size")
+DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
 
 
 def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
@@ -91,7 +91,8 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     name, steps, *options = entry.split(":") + ([""] if ":" not in entry else [])
     expected = (
         f"{entry!r}: expected scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G]"
-        f"[:window_size=W] with a scheduler in {sorted(SCHEDULERS)} or fidelity, and steps >= 1"
+        f"[:parallel_guidance_weight=P][:window_size=W] with a scheduler in {sorted(SCHEDULERS)} or fidelity, and "
+        "steps >= 1"
     )
     if (name not in SCHEDULERS and name != "fidelity") or not steps.isdigit() or int(steps) < 1:
         raise ValueError(expected)
@@ -139,6 +140,7 @@ def sample(
             options.setdefault("eta", step_eta.default)
         if pipeline.guidance_unet is not None:
             options.setdefault("guidance_scale", 1.0)
+            options.setdefault("parallel_guidance_weight", 1.0)
         options.setdefault("window_size", 0)
     mode = dict(mode="fidelity") if fidelity else dict(mode="detail", **options)
     generator = torch.Generator().manual_seed(seed)

@@ -183,7 +183,7 @@ def test_model_report_scores_crops_of_photos_super_resolved_whole(tmp_path, tiny
     args = argparse.Namespace(
         crop_size=32, modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS,
         seed=0, batch_size=2, backend="torch", eta=None, strength=None, guidance_scale=None, window_size=None,
-        detail_seeds=1,
+        parallel_guidance_weight=None, detail_seeds=1,
     )  # fmt: skip
     evaluated = model_report.evaluate_whole_photos(pipeline, paths, 6, 0, args, fid=None)
     lr, outputs, hr = evaluated["tensors"]
@@ -267,6 +267,7 @@ def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monke
         args = argparse.Namespace(
             modes=["fidelity", "detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
             batch_size=16, backend="auto", eta=1.0, strength=1.0, guidance_scale=None, window_size=None, detail_seeds=1,
+            parallel_guidance_weight=None,
         )  # fmt: skip
         return model_report.evaluate_set(pipeline, faces, args, fid=None)["results"]
 
@@ -302,7 +303,7 @@ def test_model_report_averages_whole_photo_detail_over_seeds(tmp_path, tiny_unet
         args = argparse.Namespace(
             crop_size=32, modes=["detail"], self_ensemble=False, steps=2, fidelity_steps=FIDELITY_STEPS, seed=seed,
             batch_size=2, backend="torch", eta=1.0, strength=None, guidance_scale=None, window_size=None,
-            detail_seeds=detail_seeds,
+            parallel_guidance_weight=None, detail_seeds=detail_seeds,
         )  # fmt: skip
         return model_report.evaluate_whole_photos(pipeline, paths, 4, 0, args, fid=None)["results"]["SR3 detail"]
 
@@ -338,6 +339,8 @@ def test_sampler_study_compares_against_the_reference():
     assert samplers.parse_entry("fidelity:4") == ("fidelity", 4, {})
     assert samplers.parse_entry("ddim:10:strength=0.3") == ("ddim", 10, {"strength": 0.3})
     assert samplers.parse_entry("ddim:10:window_size=64") == ("ddim", 10, {"window_size": 64})
+    entry = "ddim:10:guidance_scale=4:parallel_guidance_weight=0.7"
+    assert samplers.parse_entry(entry) == ("ddim", 10, {"guidance_scale": 4.0, "parallel_guidance_weight": 0.7})
 
 
 @pytest.mark.slow
@@ -500,13 +503,14 @@ def test_sampler_study_and_packaging_take_a_guide(tmp_path, x0_model_dir):
     report = load("samplers").main(
         [
             "--model", str(x0_model_dir), "--guidance-unet", str(tmp_path / "guide"), "--entries", "ddim:3",
-            "ddim:3:guidance_scale=2", "ddim:10:strength=0.3:guidance_scale=2", "--crops", "2", "--crop-size", "32",
+            "ddim:3:guidance_scale=2", "ddim:10:strength=0.3:guidance_scale=2",
+            "ddim:3:guidance_scale=2:parallel_guidance_weight=0", "--crops", "2", "--crop-size", "32",
             "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
     # The guide runs beside the UNet at each refinement step, not in the fidelity answer a strength below 1 starts from.
-    assert [row["evaluations"] for row in report["rows"]] == [3, 6, 4 + 2 * 3]
-    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 3
+    assert [row["evaluations"] for row in report["rows"]] == [3, 6, 4 + 2 * 3, 6]
+    assert len({round(row["psnr"], 6) for row in report["rows"]}) == 4
     unguided = load("samplers").main(
         ["--model", str(x0_model_dir), "--entries", "ddim:3", "--crops", "2", "--crop-size", "32"]
         + ["--output", str(tmp_path / "plain")]

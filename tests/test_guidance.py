@@ -11,6 +11,7 @@ from test_quality_recipe import ConstantNetwork, RecordingNetwork, bicubic_of, l
 from diffusers_sr3 import SR3Pipeline, make_scheduler
 from diffusers_sr3.backends import AutocastUNet, use_backend
 from diffusers_sr3.cli import main
+from diffusers_sr3.pipelines.base import guided_prediction
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, evaluations_per_crop
 from diffusers_sr3.tiling import TiledNetwork, tiled_unet
 
@@ -45,6 +46,53 @@ def test_each_step_extrapolates_the_prediction_away_from_the_guide():
     # A scale of 0 is the guide alone; a call's scale overrides the pipeline's.
     result = sample(pipeline, image, eta=0.0, guidance_scale=0.0)
     assert torch.allclose(result, (bicubic_of(image) + 0.2 / 8 / 2).clamp(0, 1), atol=1e-6)
+
+
+def test_the_parallel_weight_scales_only_the_update_along_the_prediction():
+    torch.manual_seed(0)
+    prediction, guide = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    # Weight 1 is plain autoguidance, to the bit.
+    assert torch.equal(guided_prediction(prediction, guide, 3.0, 1.0), guide + 3.0 * (prediction - guide))
+    # Per image, the update splits into a multiple of the prediction and a rest orthogonal to it.
+    dot = lambda a, b: (a * b).sum((1, 2, 3))  # noqa: E731
+    update = prediction - guide
+    along = (dot(update, prediction) / dot(prediction, prediction)).view(2, 1, 1, 1) * prediction
+    perpendicular = guided_prediction(prediction, guide, 3.0, 0.0) - prediction
+    assert dot(perpendicular, prediction).abs().max() < 1e-3
+    torch.testing.assert_close(perpendicular, 2.0 * (update - along))
+    torch.testing.assert_close(
+        guided_prediction(prediction, guide, 3.0, 0.25), prediction + 2.0 * (update - 0.75 * along)
+    )
+    # An all-zero prediction has no direction: the update stays whole.
+    zero = torch.zeros(1, 3, 8, 8)
+    torch.testing.assert_close(guided_prediction(zero, guide[:1], 3.0, 0.0), -2.0 * guide[:1])
+
+
+def test_the_parallel_weight_steers_every_guided_step_and_is_saved(tmp_path):
+    image = torch.rand(1, 3, 8, 8)
+    pipeline = guided_pipeline(parallel_guidance_weight=0.5)
+    vars(pipeline).update(
+        unet=ConstantNetwork(pipeline.unet, 0.8), guidance_unet=ConstantNetwork(pipeline.guidance_unet, 0.2)
+    )
+    # A constant update along a constant prediction is all parallel: 0.8 + (2 - 1) x 0.5 x 0.6 at each step, and
+    # deterministic DDIM ends at the prediction; weight 0 is the UNet alone, a call's weight overrides the saved one.
+    for weight, expected in ((None, 1.1), (0.0, 0.8), (1.0, 1.4)):
+        result = sample(pipeline, image, eta=0.0, parallel_guidance_weight=weight)
+        assert torch.allclose(result, (bicubic_of(image) + expected / 8 / 2).clamp(0, 1), atol=1e-6)
+    saved = guided_pipeline(parallel_guidance_weight=0.5)
+    expected = sample(saved, image, guidance_scale=3.0)
+    assert not torch.equal(expected, sample(saved, image, guidance_scale=3.0, parallel_guidance_weight=1.0))
+    saved.save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["parallel_guidance_weight"] == 0.5
+    loaded = SR3Pipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.detail_settings()["parallel_guidance_weight"] == 0.5
+    assert torch.equal(sample(loaded, image, guidance_scale=3.0), expected)
+    # Folders saved before the key existed guide as before: weight 1.
+    del index["parallel_guidance_weight"]
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    assert SR3Pipeline.from_pretrained(tmp_path / "model").config.parallel_guidance_weight == 1.0
 
 
 def test_scale_one_never_runs_the_guide_and_a_guide_equal_to_the_unet_changes_nothing():
@@ -88,8 +136,10 @@ def test_fidelity_mode_is_unguided():
     plain.set_progress_bar_config(disable=True)
     fidelity = pipeline(image, mode="fidelity", output_type="pt").images
     assert torch.equal(fidelity, plain(image, mode="fidelity", output_type="pt").images) and not calls
-    with pytest.raises(ValueError, match="guidance_scale and window_size apply to detail mode"):
+    with pytest.raises(ValueError, match="guidance_scale, parallel_guidance_weight and window_size apply to detail"):
         pipeline(image, mode="fidelity", guidance_scale=2.0)
+    with pytest.raises(ValueError, match="parallel_guidance_weight and window_size apply to detail mode"):
+        pipeline(image, mode="fidelity", parallel_guidance_weight=0.0)
 
 
 def test_bad_guidance_is_refused_with_the_reason():
@@ -101,6 +151,16 @@ def test_bad_guidance_is_refused_with_the_reason():
         SR3Pipeline(unet, scheduler)(torch.rand(1, 3, 8, 8), guidance_scale=2.0)
     with pytest.raises(ValueError, match="at least 0"):
         sample(pipeline, torch.rand(1, 3, 8, 8), guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="parallel_guidance_weight must be at least 0"):
+        sample(pipeline, torch.rand(1, 3, 8, 8), parallel_guidance_weight=-0.5)
+    with pytest.raises(ValueError, match="parallel_guidance_weight 0.5 needs a guidance_unet"):
+        SR3Pipeline(unet, scheduler, parallel_guidance_weight=0.5)
+    epsilon = make_scheduler("ddim", n_timestep=100, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="needs a model that predicts it .*predicts 'epsilon'"):
+        SR3Pipeline(unet, epsilon, guidance_unet=pipeline.guidance_unet, guidance_scale=2.0, parallel_guidance_weight=0)
+    plain_epsilon = SR3Pipeline(unet, epsilon, guidance_unet=pipeline.guidance_unet, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+        plain_epsilon(torch.rand(1, 3, 8, 8), parallel_guidance_weight=0.0)
     with pytest.raises(ValueError, match="in_channels=7 where the unet has 6"):
         SR3Pipeline(unet, scheduler, guidance_unet=lowres_unet(in_channels=7, out_channels=4))
     with pytest.raises(ValueError, match="downsampling factor"):
@@ -196,9 +256,16 @@ def test_upscale_guidance_scale_option(tmp_path, capsys):
         upscale("c.png", "--guidance-scale", "2"),
     )
     assert np.array_equal(default, saved) and not np.array_equal(default, off)
+    projected = upscale("d.png", "--guidance-scale", "3", "--parallel-guidance-weight", "0")
+    assert not np.array_equal(projected, upscale("e.png", "--guidance-scale", "3"))
+    arguments = ["upscale", str(photo), "--output", str(tmp_path / "f.png"), "--model", str(tmp_path / "model")]
+    assert main(arguments + ["--mode", "detail", "--steps", "3", "--parallel-guidance-weight", "0.5"]) == 0
+    assert "guidance scale 2, parallel guidance weight 0.5" in capsys.readouterr().out
     bad = ["upscale", str(photo), "--output", str(tmp_path / "bad.png"), "--model", str(tmp_path / "model")]
     assert main(bad + ["--mode", "fidelity", "--guidance-scale", "2"]) == 2
     assert "--guidance-scale" in capsys.readouterr().err
+    assert main(bad + ["--mode", "fidelity", "--parallel-guidance-weight", "0"]) == 2
+    assert "--parallel-guidance-weight" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
 
 

@@ -237,6 +237,7 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
         "eta": 1.0,
         "guidance_scale": 1.0,
         "window_size": 0,
+        "parallel_guidance_weight": 1.0,
     }
 
     pipeline.save_pretrained(tmp_path / "new")
@@ -257,6 +258,7 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
         "eta": None,
         "guidance_scale": 1.0,
         "window_size": 0,
+        "parallel_guidance_weight": 1.0,
     }
 
     # A sampler without eta keeps the other settings and leaves the saved eta out; an explicit eta is refused.

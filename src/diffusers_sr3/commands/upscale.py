@@ -124,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "evaluations per step (default: the model's own setting; 1 turns guidance off)",
     )
     parser.add_argument(
+        "--parallel-guidance-weight",
+        type=float,
+        default=None,
+        help="detail mode, guided: weight of the guidance update's part along the model's own prediction, which "
+        "only raises contrast and draws dark outlines (projected guidance); below 1, with a higher --guidance-scale, "
+        "draws texture with fewer outlines (default: the model's own setting; 1 is plain autoguidance)",
+    )
+    parser.add_argument(
         "--window-size",
         type=int,
         default=None,
@@ -260,6 +268,7 @@ def describe_settings(
             # Unguided, or on the whole image only: nothing to say.
             if value is not None
             and not (name == "guidance_scale" and value == 1)
+            and not (name == "parallel_guidance_weight" and (value == 1 or detail_options["guidance_scale"] == 1))
             and not (name == "window_size" and not value)
         ]
         how = f"detail mode: {steps} {sampler} steps" + "".join(f", {setting}" for setting in named)
@@ -315,9 +324,12 @@ def run(args: argparse.Namespace) -> int:
     if mode == "auto":
         clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
         mode = "fidelity" if clean_image_model else "detail"
-    detail_names = ("eta", "temperature", "strength", "guidance_scale", "window_size")
+    detail_names = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
     if mode == "fidelity" and any(getattr(args, name) is not None for name in detail_names):
-        raise ValueError("--eta, --temperature, --strength, --guidance-scale and --window-size apply to detail mode")
+        raise ValueError(
+            "--eta, --temperature, --strength, --guidance-scale, --parallel-guidance-weight and --window-size apply "
+            "to detail mode"
+        )
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
     if args.self_ensemble and args.save_process:
@@ -328,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         # What the command line leaves out, the model's own detail settings (its pipeline config) fill in.
         detail_options = pipeline.detail_settings(
-            args.steps, args.strength, args.eta, args.guidance_scale, args.window_size
+            args.steps, args.strength, args.eta, args.guidance_scale, args.window_size, args.parallel_guidance_weight
         )
         steps = detail_options.pop("num_inference_steps")
         if args.temperature is not None:

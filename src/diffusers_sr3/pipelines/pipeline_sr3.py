@@ -62,13 +62,33 @@ def evaluations_per_crop(
 _GUIDE_MUST_MATCH = ("in_channels", "out_channels", "conditioning_type", "condition_noise_embedding")
 
 
-def _check_guidance(unet: SR3UNet2DModel, guidance_unet: Optional[SR3UNet2DModel], guidance_scale: float) -> None:
-    """Refuse a guide that cannot stand beside `unet`, or a guidance scale with nothing to guide by."""
+def _check_guidance(
+    unet: SR3UNet2DModel,
+    guidance_unet: Optional[SR3UNet2DModel],
+    guidance_scale: float,
+    parallel_guidance_weight: float = 1.0,
+    scheduler: Optional[SchedulerMixin] = None,
+) -> None:
+    """Refuse a guide that cannot stand beside `unet`, or guidance settings with nothing to guide by."""
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale must be at least 0, got {guidance_scale}")
+    if not parallel_guidance_weight >= 0:
+        raise ValueError(f"parallel_guidance_weight must be at least 0, got {parallel_guidance_weight}")
+    if parallel_guidance_weight != 1 and scheduler is not None:
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type != "sample":
+            raise ValueError(
+                f"parallel_guidance_weight {parallel_guidance_weight:g} weighs the guidance update along the "
+                f"predicted clean image, which needs a model that predicts it (prediction_type 'sample'); this one "
+                f"predicts {prediction_type!r}"
+            )
     if guidance_unet is None:
         if guidance_scale != 1:
             raise ValueError(f"guidance_scale {guidance_scale:g} needs a guidance_unet; without one it must be 1")
+        if parallel_guidance_weight != 1:
+            raise ValueError(
+                f"parallel_guidance_weight {parallel_guidance_weight:g} needs a guidance_unet; without one it must be 1"
+            )
         return
     for key in _GUIDE_MUST_MATCH:
         if unet.config.get(key) != guidance_unet.config.get(key):
@@ -89,6 +109,7 @@ def _refuse_detail_settings(
     strength: Optional[float],
     guidance_scale: Optional[float],
     window_size: Optional[int],
+    parallel_guidance_weight: Optional[float] = None,
 ) -> None:
     """Refuse detail mode's settings in a fidelity call (and its self-ensemble), rather than ignore them."""
     if (
@@ -97,10 +118,11 @@ def _refuse_detail_settings(
         or strength not in (None, 1)
         or guidance_scale not in (None, 1)
         or window_size not in (None, 0)
+        or parallel_guidance_weight not in (None, 1)
     ):
         raise ValueError(
-            "eta, temperature, strength, guidance_scale and window_size apply to detail mode; fidelity mode "
-            "is eta 0, temperature 0, unguided, on the whole image"
+            "eta, temperature, strength, guidance_scale, parallel_guidance_weight and window_size apply to detail "
+            "mode; fidelity mode is eta 0, temperature 0, unguided, on the whole image"
         )
 
 
@@ -156,6 +178,9 @@ class SR3Pipeline(SR3BasePipeline):
             factor as `unet`.
         guidance_scale (`float`, defaults to 1.0): Detail mode's default guidance scale: `guide + guidance_scale *
             (unet - guide)` at every step; 1 runs `unet` alone. Above 1 needs a `guidance_unet`.
+        parallel_guidance_weight (`float`, defaults to 1.0): Detail mode's default weight of the guidance update's
+            component along the UNet's own prediction (see `__call__`); 1 is plain autoguidance. Other values need a
+            `guidance_unet` and a model that predicts the clean image (`prediction_type` `"sample"`).
         detail_steps (`int`, defaults to 50): Detail mode's default `num_inference_steps`. A model saved with its
             sampler's studied step count (the packaged one: 10 DDIM steps) samples at that count unless told
             otherwise.
@@ -183,6 +208,7 @@ class SR3Pipeline(SR3BasePipeline):
         residual_scale: float = 1.0,
         guidance_unet: Optional[SR3UNet2DModel] = None,
         guidance_scale: float = 1.0,
+        parallel_guidance_weight: float = 1.0,
         detail_steps: int = DETAIL_STEPS,
         detail_strength: float = 1.0,
         detail_eta: Optional[float] = None,
@@ -197,7 +223,7 @@ class SR3Pipeline(SR3BasePipeline):
             raise ValueError(f"detail_strength must lie in (0, 1], got {detail_strength}")
         if detail_eta is not None and not detail_eta >= 0:
             raise ValueError(f"detail_eta must be at least 0 (or None: the scheduler's default), got {detail_eta}")
-        _check_guidance(unet, guidance_unet, guidance_scale)
+        _check_guidance(unet, guidance_unet, guidance_scale, parallel_guidance_weight, scheduler)
         _check_window_size(unet, detail_window_size, "detail_window_size")
         if upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
@@ -220,6 +246,7 @@ class SR3Pipeline(SR3BasePipeline):
             residual=bool(residual),
             residual_scale=float(residual_scale),
             guidance_scale=float(guidance_scale),
+            parallel_guidance_weight=float(parallel_guidance_weight),
             detail_steps=int(detail_steps),
             detail_strength=float(detail_strength),
             detail_eta=None if detail_eta is None else float(detail_eta),
@@ -336,6 +363,12 @@ class SR3Pipeline(SR3BasePipeline):
         """Detail mode's guidance scale for a call's `guidance_scale`: the pipeline's own when it is None."""
         return self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
 
+    def _parallel_guidance_weight(self, parallel_guidance_weight: Optional[float]) -> float:
+        """Detail mode's parallel guidance weight for a call's: the pipeline's own (1 before the key existed)."""
+        if parallel_guidance_weight is None:
+            return self.config.get("parallel_guidance_weight", 1.0)
+        return parallel_guidance_weight
+
     def detail_settings(
         self,
         num_inference_steps: Optional[int] = None,
@@ -343,17 +376,19 @@ class SR3Pipeline(SR3BasePipeline):
         eta: Optional[float] = None,
         guidance_scale: Optional[float] = None,
         window_size: Optional[int] = None,
+        parallel_guidance_weight: Optional[float] = None,
     ) -> Dict[str, Any]:
         """The settings detail mode runs with for a call with these arguments.
 
         Each argument left None takes the pipeline's own: `detail_steps`, `detail_strength`, `detail_eta`,
-        `guidance_scale` and `detail_window_size` of its config (models saved before these keys existed: 50 steps,
-        strength 1, the scheduler's eta, unguided, no windows). The pipeline's eta is kept only for a scheduler
-        whose `step` takes it; an explicit `eta` is kept as given, so a scheduler without one refuses it.
+        `guidance_scale`, `detail_window_size` and `parallel_guidance_weight` of its config (models saved before
+        these keys existed: 50 steps, strength 1, the scheduler's eta, unguided, no windows, weight 1). The
+        pipeline's eta is kept only for a scheduler whose `step` takes it; an explicit `eta` is kept as given, so a
+        scheduler without one refuses it.
 
         Returns:
-            `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default), `guidance_scale`
-            and `window_size`, ready to pass to the pipeline call as keywords.
+            `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default), `guidance_scale`,
+            `window_size` and `parallel_guidance_weight`, ready to pass to the pipeline call as keywords.
         """
         if eta is None and scheduler_takes_eta(self.scheduler):
             eta = self.config.get("detail_eta")
@@ -365,6 +400,7 @@ class SR3Pipeline(SR3BasePipeline):
             "eta": eta,
             "guidance_scale": self._guidance_scale(guidance_scale),
             "window_size": self.config.get("detail_window_size", 0) if window_size is None else window_size,
+            "parallel_guidance_weight": self._parallel_guidance_weight(parallel_guidance_weight),
         }
 
     def guided(self, guidance_scale: Optional[float] = None) -> bool:
@@ -399,6 +435,7 @@ class SR3Pipeline(SR3BasePipeline):
         self_ensemble: bool = False,
         guidance_scale: Optional[float] = None,
         window_size: Optional[int] = None,
+        parallel_guidance_weight: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
 
@@ -457,6 +494,13 @@ class SR3Pipeline(SR3BasePipeline):
                 step's prediction becomes `guide + guidance_scale * (unet - guide)`, at twice the network
                 evaluations of those steps. 1 runs the UNet alone; above 1 draws sharper texture, too high
                 oversharpens. Defaults to the pipeline's `guidance_scale` (1 without a guide).
+            parallel_guidance_weight (`float`, optional): Detail mode, guided: weighs the part of each step's
+                guidance update `unet - guide` that lies along the UNet's own clean-image prediction (per image):
+                `unet + (guidance_scale - 1) * (perpendicular + parallel_guidance_weight * parallel)`, as adaptive
+                projected guidance does (Sadat et al., 2024). That part only scales the predicted image up (more
+                contrast, dark outlines); the perpendicular rest changes its structure. 1 is plain autoguidance;
+                below 1 with a higher `guidance_scale` draws as much texture with fewer outlines. Needs a model that
+                predicts the clean image. Defaults to the pipeline's `parallel_guidance_weight` (1 unless saved).
             window_size (`int`, optional): Detail mode: at every refinement step, also run the network (and its
                 guide) on non-overlapping windows of this many pixels, on a grid that moves from step to step, and
                 take the prediction's fine detail from the windows and its coarse structure and colour from the
@@ -477,7 +521,7 @@ class SR3Pipeline(SR3BasePipeline):
                 raise ValueError("self_ensemble averages fidelity answers: it needs mode='fidelity'")
             if num_intermediates or latents is not None or callback_on_step_end is not None:
                 raise ValueError("self_ensemble takes no num_intermediates, latents or callback_on_step_end")
-            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size)
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
             images = self._self_ensemble(
                 image, output_size, num_inference_steps, generator, condition_noise_level, output_type
             )
@@ -497,23 +541,26 @@ class SR3Pipeline(SR3BasePipeline):
         init_sample = None
         guided = False
         if mode == "detail":
-            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale, window_size)
-            steps, strength, eta, guidance_scale, window_size = (
+            settings = self.detail_settings(
+                num_inference_steps, strength, eta, guidance_scale, window_size, parallel_guidance_weight
+            )
+            steps, strength, eta, guidance_scale, window_size, parallel_guidance_weight = (
                 settings["num_inference_steps"],
                 settings["strength"],
                 settings["eta"],
                 settings["guidance_scale"],
                 settings["window_size"],
+                settings["parallel_guidance_weight"],
             )
             scheduler = None
-            _check_guidance(self.unet, self.guidance_unet, guidance_scale)
+            _check_guidance(self.unet, self.guidance_unet, guidance_scale, parallel_guidance_weight, self.scheduler)
             _check_window_size(self.unet, window_size, "window_size")
             guided = self.guided(guidance_scale)
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1")
                 init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
         elif mode == "fidelity":
-            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size)
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
             self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature, strength = (
                 FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
@@ -551,6 +598,7 @@ class SR3Pipeline(SR3BasePipeline):
                 strength=strength,
                 guide=guide,
                 guidance_scale=1.0 if guide is None else guidance_scale,
+                parallel_guidance_weight=1.0 if guide is None else parallel_guidance_weight,
             )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
