@@ -128,8 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="detail mode, guided: weight of the guidance update's part along the model's own prediction, which "
-        "only raises contrast and draws dark outlines (projected guidance); below 1, with a higher --guidance-scale, "
-        "draws texture with fewer outlines (default: the model's own setting; 1 is plain autoguidance)",
+        "only scales it, raising contrast and drawing dark outlines (projected guidance); below 1 draws fewer "
+        "outlines and less edge contrast (default: the model's own setting; 1 is plain autoguidance)",
     )
     parser.add_argument(
         "--window-size",

@@ -184,7 +184,7 @@ def guided_prediction(
     With `parallel_weight` other than 1, the update's component along the prediction itself (per image) is weighted
     by it, as adaptive projected guidance does (Sadat et al., *Eliminating Oversaturation and Artifacts of High
     Guidance Scales in Diffusion Models*, 2024). For a clean-image prediction that component only scales the
-    prediction up: it raises contrast and draws dark outlines, where the perpendicular rest changes structure.
+    prediction: it raises contrast and draws dark outlines, where the perpendicular rest changes structure.
     """
     if parallel_weight == 1:
         return guide_prediction + guidance_scale * (prediction - guide_prediction)

@@ -363,12 +363,6 @@ class SR3Pipeline(SR3BasePipeline):
         """Detail mode's guidance scale for a call's `guidance_scale`: the pipeline's own when it is None."""
         return self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
 
-    def _parallel_guidance_weight(self, parallel_guidance_weight: Optional[float]) -> float:
-        """Detail mode's parallel guidance weight for a call's: the pipeline's own (1 before the key existed)."""
-        if parallel_guidance_weight is None:
-            return self.config.get("parallel_guidance_weight", 1.0)
-        return parallel_guidance_weight
-
     def detail_settings(
         self,
         num_inference_steps: Optional[int] = None,
@@ -400,7 +394,9 @@ class SR3Pipeline(SR3BasePipeline):
             "eta": eta,
             "guidance_scale": self._guidance_scale(guidance_scale),
             "window_size": self.config.get("detail_window_size", 0) if window_size is None else window_size,
-            "parallel_guidance_weight": self._parallel_guidance_weight(parallel_guidance_weight),
+            "parallel_guidance_weight": self.config.get("parallel_guidance_weight", 1.0)
+            if parallel_guidance_weight is None
+            else parallel_guidance_weight,
         }
 
     def guided(self, guidance_scale: Optional[float] = None) -> bool:
@@ -497,10 +493,10 @@ class SR3Pipeline(SR3BasePipeline):
             parallel_guidance_weight (`float`, optional): Detail mode, guided: weighs the part of each step's
                 guidance update `unet - guide` that lies along the UNet's own clean-image prediction (per image):
                 `unet + (guidance_scale - 1) * (perpendicular + parallel_guidance_weight * parallel)`, as adaptive
-                projected guidance does (Sadat et al., 2024). That part only scales the predicted image up (more
-                contrast, dark outlines); the perpendicular rest changes its structure. 1 is plain autoguidance;
-                below 1 with a higher `guidance_scale` draws as much texture with fewer outlines. Needs a model that
-                predicts the clean image. Defaults to the pipeline's `parallel_guidance_weight` (1 unless saved).
+                projected guidance does (Sadat et al., 2024). That part only scales the predicted image (contrast,
+                dark outlines); the perpendicular rest changes its structure. 1 is plain autoguidance; below 1 draws
+                fewer outlines and less edge contrast (0: none from guidance). Needs a model that predicts the clean
+                image. Defaults to the pipeline's `parallel_guidance_weight` (1 unless saved).
             window_size (`int`, optional): Detail mode: at every refinement step, also run the network (and its
                 guide) on non-overlapping windows of this many pixels, on a grid that moves from step to step, and
                 take the prediction's fine detail from the windows and its coarse structure and colour from the
