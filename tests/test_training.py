@@ -496,7 +496,7 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
     assert type(pipeline.scheduler) is DDIMScheduler
     assert pipeline.scheduler.config.prediction_type == "sample"
     assert pipeline.detail_settings() == dict(
-        num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0, window_size=16
+        num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0, window_size=16, parallel_guidance_weight=1.0
     )
     # Unset, the saved pipeline keeps the defaults (the training DDPM, 50 steps from noise).
     assert build_model(TrainingConfig(preset="tiny")).detail_settings == {}
