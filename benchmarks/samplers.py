@@ -6,21 +6,22 @@
     python benchmarks/samplers.py --photos pyiqa_ref_dir/ --entries fidelity:4 ddim:10:eta=1 ddim:50:eta=1 --fid
     python benchmarks/samplers.py --whole-photos --crops 256 --entries ddim:10:eta=1:strength=0.6:guidance_scale=2 --fid
 
-Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training,
-the split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of
-photos never trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
-`scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G][:window_size=W]` entry on the model's
-training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed, and reports PSNR,
-SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture crops, where bicubic
-keeps under 45% of the HR's edge energy), FID (with --fid; few images make it only indicative) and the wall time per
-image. The first entry is the reference (the original's 2000-step DDPM by default): an entry has *equal quality*
-when its PSNR is within 0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry
-of equal quality with the fewest network evaluations (the cost that does not depend on the machine's load), the
-higher PSNR breaking ties. With --whole-photos each photo is super-resolved whole, as `sr3 upscale` runs it, and the
-crops are cut from every output at the same places (`model_report.py --whole-photos`'s crops for the same seed and
-count): the network's output depends on the size of the image it runs on, and detail settings compared on crops
-alone can rank and score differently on whole photos (docs/quality.md). `guidance_scale` (autoguidance) needs a
-model saved with a guidance UNet, or one given by --guidance-unet.
+Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training, the
+split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of photos never
+trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
+`scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G][:parallel_guidance_weight=P][:window_size=W]`
+entry on the model's training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed, and
+reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture crops, where
+bicubic keeps under 45% of the HR's edge energy), grain on the flattest tenth of the crops (`diffusers_sr3.metrics`; the
+HR's own in the header), FID (with --fid; few images make it only indicative) and the wall time per image. The first
+entry is the reference (the original's 2000-step DDPM by default): an entry has *equal quality* when its PSNR is within
+0.3 dB and its SSIM within 0.01 of the reference's, and the recommended sampler is the entry of equal quality with the
+fewest network evaluations (the cost that does not depend on the machine's load), the higher PSNR breaking ties. With
+--whole-photos each photo is super-resolved whole, as `sr3 upscale` runs it, and the crops are cut from every output at
+the same places (`model_report.py --whole-photos`'s crops for the same seed and count): the network's output depends on
+the size of the image it runs on, and detail settings compared on crops alone can rank and score differently on whole
+photos (docs/quality.md). `guidance_scale` (autoguidance) needs a model saved with a guidance UNet, or one given by
+--guidance-unet.
 What an entry leaves out is the sampler's default, whatever the model saved: strength 1 (from noise), the
 scheduler's eta (DDIM: 0), unguided, no windows. Writes samplers.json, samplers.md and samplers.png
 (bicubic | each entry | HR on the most detailed texture crops and the flattest crop, magnified) to --output.
@@ -51,6 +52,8 @@ from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import (
     TEXTURE_KEPT_EDGE_SHARE,
     edge_energy,
+    fine_detail_rms,
+    flattest_crops,
     frechet_inception_distance,
     image_quality,
     kept_edge_share,
@@ -58,7 +61,7 @@ from diffusers_sr3.metrics import (
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 from diffusers_sr3.photos import heldout_crops, packaged_photo_paths, photo_split
-from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
+from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS, FIDELITY_STEPS
 from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.tiling import tiled_super_resolve
 
@@ -82,9 +85,6 @@ PSNR_TOLERANCE_DB = 0.3
 SSIM_TOLERANCE = 0.01
 
 
-DETAIL_OPTIONS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
-
-
 def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
     """`"ddim:50"` -> `("ddim", 50, {})`, `"ddim:10:eta=1"` -> `("ddim", 10, {"eta": 1.0})`, `"fidelity:4"` ->
     `("fidelity", 4, {})`; refusing unknown schedulers and options and step counts below 1."""
@@ -103,7 +103,7 @@ def parse_entry(entry: str) -> Tuple[str, int, Dict[str, float]]:
             parsed[key] = int(value) if key == "window_size" else float(value)
         except ValueError:
             raise ValueError(expected) from None
-        if key not in DETAIL_OPTIONS or name == "fidelity":
+        if key not in DETAIL_ARGUMENTS or name == "fidelity":
             raise ValueError(expected)
     return name, int(steps), parsed
 
@@ -184,10 +184,9 @@ def markdown(report: Dict[str, Any]) -> str:
         f"{PSNR_TOLERANCE_DB} dB and SSIM within {SSIM_TOLERANCE} of it.",
         "",
         "| sampler | steps | PSNR | SSIM | consistency (x1e-5) | colour err R/G/B (/255) | edges / HR "
-        f"| texture edges / HR ({report['texture_crops']} crops) |"
-        + (" FID |" if has_fid else "")
-        + " s / image | speed-up | equal quality |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
+        f"| texture edges / HR ({report['texture_crops']} crops) | grain on flat crops (/255; HR "
+        f"{report['hr_flat_grain']:.2f}) |" + (" FID |" if has_fid else "") + " s / image | speed-up | equal quality |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else "") + "---|---|---|",
     ]
     for row in report["rows"] + [dict(report["bicubic"], entry="bicubic:-")]:
         name, steps, *options = row["entry"].split(":")
@@ -202,6 +201,7 @@ def markdown(report: Dict[str, Any]) -> str:
             colour,
             f"{row['edge_ratio']:.3f}",
             f"{row['texture_edge_ratio']:.3f}" if row["texture_edge_ratio"] is not None else "-",
+            f"{row['flat_grain']:.2f}",
         ]
         cells += [f"{row['fid']:.1f}"] if has_fid else []
         if "seconds_per_image" in row:
@@ -355,6 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         photos=args.photos or "held-out photos",
         images=hr.shape[0],
         texture_crops=int(texture.sum()),
+        hr_flat_grain=float(fine_detail_rms(hr[flattest_crops(hr)], factor).mean()),
         size=args.crop_size,
         seed=args.seed,
         machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, backend {args.backend}",

@@ -85,10 +85,12 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     faces = report["sets"]["original's sample faces"]
     assert faces["images"] == 5 and faces["size"] == 64  # 64px output from a 32px-trained model: tiled
     assert report["sets"]["never-seen photos"]["images"] == 3
+    report_table = (tmp_path / "r" / "report.md").read_text()
     for evaluated in report["sets"].values():
         for method in ("SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail", "bicubic"):
             values = evaluated["results"][method]
-            assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "fid"} <= set(values)
+            assert {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "flat_grain", "fid"} <= set(values)
+            assert f"| {values['flat_grain']:.2f} ({evaluated['hr_flat_grain']:.2f}) |" in report_table
         assert "two_seeds_differ_255" in evaluated["results"]["SR3 detail"]
         assert sum(values["crops"] for values in evaluated["edges_by_content"].values()) == evaluated["images"]
     # Magnified crops: LR | bicubic | fidelity (single, self-ensemble) | detail | HR, 3 busiest crops per set and
@@ -385,7 +387,11 @@ def test_sampler_study_on_a_folder_of_photos_reports_texture_crops(tmp_path, tin
     assert all(row["texture_edge_ratio"] > 0 for row in report["rows"])
     # Each texture crop's bicubic keeps under 45% of its HR's edge energy, so their sum does too.
     assert 0 < report["bicubic"]["texture_edge_ratio"] < 0.45
-    assert f"texture edges / HR ({report['texture_crops']} crops)" in (tmp_path / "out" / "samplers.md").read_text()
+    table = (tmp_path / "out" / "samplers.md").read_text()
+    assert f"texture edges / HR ({report['texture_crops']} crops)" in table
+    # Grain on the flattest crop (the ramp's): bicubic draws none, the HR's own is in the header.
+    assert report["bicubic"]["flat_grain"] < 0.5 and all(row["flat_grain"] >= 0 for row in report["rows"])
+    assert f"grain on flat crops (/255; HR {report['hr_flat_grain']:.2f})" in table
     # bicubic | the entry | HR, magnified x3: the texture crops (at most 4) and the flattest crop.
     rows = min(report["texture_crops"], 4) + 1
     assert PIL.Image.open(tmp_path / "out" / "samplers.png").size == (3 * 96, rows * 96)

@@ -111,7 +111,7 @@ def test_tiny_end_to_end_run_reports_every_column_and_saves_a_pipeline(convergen
     assert (first["steps"], run["steps"]) == (2, 3)
     assert json.loads((output / "training_summary.json").read_text())["steps_this_run"] == 1
     for values in (run["sr3"], results["bicubic"]):
-        assert set(values) == {"psnr", "ssim", "consistency", "colour_error", "edge_ratio"}
+        assert set(values) == {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "flat_grain"}
         assert len(values["colour_error"]) == 3
     assert run["seconds_per_step"] > 0 and len(run["targets"]) == 5
     assert run["settings"]["prediction_type"] == "v_prediction"

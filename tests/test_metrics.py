@@ -278,3 +278,38 @@ def test_kept_edge_share_is_low_for_texture_and_near_one_for_smooth_edges():
     upsampled = degrade(ramp, 4)[1]
     expected = metrics.edge_energy(metrics.quantize(upsampled)) / metrics.edge_energy(metrics.quantize(ramp))
     assert shares[2] == pytest.approx(float(expected[0]))
+
+
+def test_fine_detail_rms_reads_grain_and_ignores_what_the_input_shows():
+    generator = torch.Generator().manual_seed(0)
+    gray = torch.full((1, 3, 64, 64), 0.1)
+    ramp = torch.linspace(-0.6, 0.6, 64).expand(1, 3, 64, 64)  # smooth: no detail finer than the input's pixels
+    grain = 4 / 127.5 * torch.randn(1, 1, 64, 64, generator=generator).expand(1, 3, 64, 64)  # 4 levels, shared
+    rms = metrics.fine_detail_rms(torch.cat([gray, ramp, gray + grain]), 4)
+    assert rms.shape == (3,)
+    assert rms[0] < 1e-3 and rms[1] < 0.3  # a ramp leaves only the 8-bit rounding
+    # White grain keeps nearly all of its variance above the cut; quantization adds about 0.3 levels in quadrature.
+    assert 3.7 < rms[2] < 4.2
+    # Coarser grain (blobs of a few input pixels) lies below the cut: the input could show it.
+    coarse = torch.nn.functional.interpolate(torch.randn(1, 1, 8, 8, generator=generator), size=64, mode="bicubic")
+    blobs = metrics.fine_detail_rms(gray + 4 / 127.5 * (coarse / coarse.std()).expand(1, 3, 64, 64), 4)
+    assert blobs < rms[2] / 4
+
+
+def test_flat_grain_is_measured_on_the_flattest_crops():
+    generator = torch.Generator().manual_seed(1)
+    detailed = torch.rand(18, 3, 32, 32, generator=generator) * 1.6 - 0.8
+    flat = torch.linspace(-0.3, 0.3, 32).expand(2, 3, 32, 32)
+    hr = torch.cat([detailed[:9], flat, detailed[9:]])
+    assert sorted(metrics.flattest_crops(hr).tolist()) == [9, 10]  # a tenth of 20 crops
+    assert len(metrics.flattest_crops(hr[:3])) == 1  # at least one crop
+    lr, _ = degrade(hr, 4)
+    clean = metrics.image_quality(hr, hr, lr)
+    assert clean["flat_grain"] == pytest.approx(float(metrics.fine_detail_rms(hr[9:11], 4).mean()))
+    grainy = hr.clone()
+    grainy[9:11] += 2 / 127.5 * torch.randn(2, 1, 32, 32, generator=generator)
+    assert metrics.image_quality(grainy, hr, lr)["flat_grain"] > clean["flat_grain"] + 1.5
+    # Grain on the detailed crops does not count: it is not where a viewer would see it.
+    busy = hr.clone()
+    busy[:9] += 2 / 127.5 * torch.randn(9, 1, 32, 32, generator=generator)
+    assert metrics.image_quality(busy, hr, lr)["flat_grain"] == pytest.approx(clean["flat_grain"])

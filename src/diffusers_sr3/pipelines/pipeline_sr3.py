@@ -23,6 +23,8 @@ DETAIL_STEPS = 50
 FIDELITY_STEPS = 4
 # The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
 DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
+# The call arguments that only detail mode takes; a fidelity call refuses them.
+DETAIL_ARGUMENTS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
 # The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
 # these dims; a flip is its own inverse).
 _MIRRORS = ((), (-1,), (-2,), (-2, -1))
@@ -121,8 +123,8 @@ def _refuse_detail_settings(
         or parallel_guidance_weight not in (None, 1)
     ):
         raise ValueError(
-            "eta, temperature, strength, guidance_scale, parallel_guidance_weight and window_size apply to detail "
-            "mode; fidelity mode is eta 0, temperature 0, unguided, on the whole image"
+            f"{', '.join(DETAIL_ARGUMENTS[:-1])} and {DETAIL_ARGUMENTS[-1]} apply to detail mode; fidelity mode is "
+            "eta 0, temperature 0, unguided, on the whole image"
         )
 
 
