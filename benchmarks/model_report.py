@@ -13,7 +13,8 @@ Each photo crop is degraded and super-resolved on its own; with --whole-photos e
 degraded and super-resolved whole, as `sr3 upscale` runs it, and the crops are cut from every output at the same
 places.
 For SR3 (the pipeline's saved scheduler, --steps) and for bicubic: PSNR, SSIM, consistency, per-channel colour
-error, edge energy relative to HR and FID (offline Inception; with few images FID is only indicative).
+error, edge energy relative to HR, grain on the flattest tenth of the crops beside the HR's own, and FID (offline
+Inception; with few images FID is only indicative).
 Writes report.json, report.md and evaluation.png (LR | bicubic | SR3 | HR) to --output; --write-card also writes
 the model card README.md (and evaluation.png) into the model folder.
 """

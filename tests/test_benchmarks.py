@@ -98,6 +98,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     picture = PIL.Image.open(tmp_path / "r" / "evaluation.png")
     assert picture.width == 6 * 3 * 64 and (tmp_path / "model" / "evaluation.png").exists()
     card = (tmp_path / "model" / "README.md").read_text()
+    assert "| Grain on flat crops (/255) |" in card
     metadata = yaml.safe_load(card.split("---")[1])
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
     assert "held-out photos" in card and "original's sample faces" in card and "train.py --x 1" in card

@@ -17,6 +17,7 @@ _METRIC_NAMES = {
     "ssim": ("SSIM", 1.0, "{:.4f}"),
     "consistency": ("Consistency (MSE in units of 1e-5, lower is better)", 1e5, "{:.2f}"),
     "edge_ratio": ("Edge energy relative to HR", 1.0, "{:.3f}"),
+    "flat_grain": ("Grain on flat crops (/255)", 1.0, "{:.2f}"),
     "fid": ("FID (few images: indicative only)", 1.0, "{:.1f}"),
 }
 
