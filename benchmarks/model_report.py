@@ -49,8 +49,7 @@ from diffusers_sr3.image_processing import (
 from diffusers_sr3.metrics import (
     TEXTURE_KEPT_EDGE_SHARE,
     edge_energy,
-    fine_detail_rms,
-    flattest_crops,
+    flat_grain,
     frechet_inception_distance,
     image_quality,
     quantize,
@@ -162,11 +161,6 @@ def mean_of_draws(draws: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return averaged
 
 
-def hr_flat_grain(hr: torch.Tensor, lr: torch.Tensor) -> float:
-    """The HR's own `flat_grain`: what the outputs' is compared with."""
-    return float(fine_detail_rms(hr[flattest_crops(hr)], hr.shape[-1] // lr.shape[-1]).mean())
-
-
 def score_set(
     hr: torch.Tensor,
     lr: torch.Tensor,
@@ -207,7 +201,7 @@ def score_set(
     return {
         "images": hr.shape[0],
         "size": hr.shape[-1],
-        "hr_flat_grain": hr_flat_grain(hr, lr),
+        "hr_flat_grain": flat_grain(hr, hr, hr.shape[-1] // lr.shape[-1]),
         "results": results,
         "edges_by_content": edges_by_content(hr, outputs),
         "tensors": (lr, outputs, hr),

@@ -52,8 +52,7 @@ from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil
 from diffusers_sr3.metrics import (
     TEXTURE_KEPT_EDGE_SHARE,
     edge_energy,
-    fine_detail_rms,
-    flattest_crops,
+    flat_grain,
     frechet_inception_distance,
     image_quality,
     kept_edge_share,
@@ -355,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         photos=args.photos or "held-out photos",
         images=hr.shape[0],
         texture_crops=int(texture.sum()),
-        hr_flat_grain=float(fine_detail_rms(hr[flattest_crops(hr)], factor).mean()),
+        hr_flat_grain=flat_grain(hr, hr, factor),
         size=args.crop_size,
         seed=args.seed,
         machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, backend {args.backend}",

@@ -306,6 +306,7 @@ def test_flat_grain_is_measured_on_the_flattest_crops():
     lr, _ = degrade(hr, 4)
     clean = metrics.image_quality(hr, hr, lr)
     assert clean["flat_grain"] == pytest.approx(float(metrics.fine_detail_rms(hr[9:11], 4).mean()))
+    assert metrics.flat_grain(hr, hr, 4) == clean["flat_grain"]  # the HR's own, which reports print beside it
     grainy = hr.clone()
     grainy[9:11] += 2 / 127.5 * torch.randn(2, 1, 32, 32, generator=generator)
     assert metrics.image_quality(grainy, hr, lr)["flat_grain"] > clean["flat_grain"] + 1.5

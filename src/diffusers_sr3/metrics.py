@@ -261,6 +261,12 @@ def flattest_crops(high_resolution: torch.Tensor, share: float = FLAT_CROP_SHARE
     return edge_energy(quantize(high_resolution)).argsort()[:count]
 
 
+def flat_grain(images: torch.Tensor, high_resolution: torch.Tensor, upscale_factor: int) -> float:
+    """The mean `fine_detail_rms` of `images` on the `flattest_crops` of their ground truth `high_resolution`, 1/255
+    units: an output's grain, or with `images` the ground truth itself, the photo's own to compare it with."""
+    return float(fine_detail_rms(images[flattest_crops(high_resolution)], upscale_factor).mean())
+
+
 def image_quality(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> Dict[str, Union[float, List[float]]]:
     """Mean PSNR, SSIM and consistency of a batch, its per-channel colour error, its edge energy relative to HR and
     its grain on the flattest crops.
@@ -271,19 +277,16 @@ def image_quality(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> Dict[
 
     Returns:
         `psnr`, `ssim`, `consistency` (means), `colour_error` (R, G, B means over images, 1/255 units),
-        `edge_ratio` (total edge energy of `sr` over that of `hr`) and `flat_grain` (the mean `fine_detail_rms` of
-        `sr` on the `flattest_crops` of `hr`, 1/255 units: compare it with the HR's own).
+        `edge_ratio` (total edge energy of `sr` over that of `hr`) and `flat_grain` (of `sr`; compare it with
+        `flat_grain(hr, hr, factor)`, the HR's own).
     """
     per_image = evaluate_batch(sr, hr, lr)
     sr_uint8, hr_uint8 = quantize(sr), quantize(hr)
     colour = (sr_uint8.mean(dim=(2, 3)) - hr_uint8.mean(dim=(2, 3))).abs().mean(dim=0)
     edges = edge_energy(sr_uint8).sum() / edge_energy(hr_uint8).sum().clamp(min=1e-12)
     means = {name: float(torch.tensor(values, dtype=torch.float64).mean()) for name, values in per_image.items()}
-    flat = flattest_crops(hr)
-    grain = fine_detail_rms(sr[flat], sr.shape[-1] // lr.shape[-1]).mean()
-    return dict(
-        means, colour_error=[round(float(c), 3) for c in colour], edge_ratio=float(edges), flat_grain=float(grain)
-    )
+    grain = flat_grain(sr, hr, sr.shape[-1] // lr.shape[-1])
+    return dict(means, colour_error=[round(float(c), 3) for c in colour], edge_ratio=float(edges), flat_grain=grain)
 
 
 def inception_weights_path() -> str:
