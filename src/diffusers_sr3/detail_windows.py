@@ -19,13 +19,12 @@ whole: it has little interior for the border to miss, and its subject may not fi
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
+from .image_processing import lowpass
 from .pipelines.base import stand_ins
 from .tiling import DEFAULT_MAX_TILE_PIXELS, NetworkStandIn, TiledNetwork, _unshuffle_factor
 
@@ -40,12 +39,6 @@ def lowpass_sigma(upscale_factor: int) -> float:
     docs/quality.md; other factors and sigmas are untested.
     """
     return upscale_factor / 2
-
-
-def lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of `images` `(B, C, H, W)` with standard deviation `sigma` pixels, reflection at the borders."""
-    radius = min(max(1, math.ceil(3 * sigma)), images.shape[-2] - 1, images.shape[-1] - 1)
-    return gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[sigma] * 2)
 
 
 def window_offset(signal_level: Any, window_size: int, factor: int) -> Tuple[int, int]:

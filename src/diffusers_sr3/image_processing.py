@@ -7,12 +7,14 @@ original project's PIL-made `sr_*` images see the same condition here.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from .image_io import open_image, to_rgb
 
@@ -179,3 +181,9 @@ def grid(rows: Sequence[Sequence[PIL.Image.Image]], size: Optional[Tuple[int, in
         for c, image in enumerate(row):
             canvas.paste(image.convert("RGB").resize((width, height), PIL.Image.NEAREST), (c * width, r * height))
     return canvas
+
+
+def lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of `images` `(B, C, H, W)` with standard deviation `sigma` pixels, reflection at the borders."""
+    radius = min(max(1, math.ceil(3 * sigma)), images.shape[-2] - 1, images.shape[-1] - 1)
+    return gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[sigma] * 2)

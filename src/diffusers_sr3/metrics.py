@@ -43,10 +43,9 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from .image_io import to_rgb
-from .image_processing import degrade, resize_bicubic
+from .image_processing import degrade, lowpass, resize_bicubic
 
 ArrayImage = Union[np.ndarray, PIL.Image.Image]
 
@@ -247,8 +246,9 @@ def fine_detail_rms(images: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     rgb = quantize(images).double()
     luma = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).float()
     sigma = upscale_factor / 2
-    radius = max(1, min(math.ceil(3 * sigma), luma.shape[-2] - 1, luma.shape[-1] - 1))
-    fine = luma - gaussian_blur(luma, kernel_size=[2 * radius + 1] * 2, sigma=[sigma] * 2)
+    fine = luma - lowpass(luma, sigma)
+    # Where the image is wider than the kernel, `lowpass`'s kernel reaches `radius` pixels.
+    radius = math.ceil(3 * sigma)
     if min(fine.shape[-2:]) > 2 * radius:
         fine = fine[..., radius:-radius, radius:-radius]
     return fine.double().pow(2).mean(dim=(1, 2, 3)).sqrt()
