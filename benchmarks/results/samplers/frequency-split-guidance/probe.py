@@ -12,7 +12,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from diffusers_sr3.detail_windows import lowpass
+from diffusers_sr3.image_processing import lowpass
 from diffusers_sr3.pipelines import base
 
 BENCHMARKS = Path(__file__).resolve().parents[3]
