@@ -789,3 +789,36 @@ def test_output_formats_measures_what_each_format_loses(tmp_path):
     default, high = rows[("JPEG", "Pillow's default", "bicubic")], rows[("JPEG", 95, "bicubic")]
     assert default["lost_to_format"] > high["lost_to_format"] > 0 and default["kib"] < high["kib"]
     assert (tmp_path / "r" / "output_formats.md").read_text().count("| WEBP |") == 4
+
+
+def test_guidance_probes_run_a_benchmark_with_their_rule_and_put_the_pipeline_back(tmp_path, tiny_unet, monkeypatch):
+    """`guidance_probe.run_with_guidance`: the harness of the probes under results/samplers/ runs the named benchmark
+    with every guided step made by the probe's rule, refuses projected guidance, and restores the pipeline after."""
+    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+    from diffusers_sr3.pipelines import base
+
+    torch.manual_seed(1)
+    guide = SR3UNet2DModel(**tiny_unet.config).eval()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    SR3Pipeline(tiny_unet, scheduler, guidance_unet=guide).save_pretrained(tmp_path / "m")
+    harness = load("guidance_probe")
+    monkeypatch.setenv("PROBE_SETTING", "3=0.5;2.5=1")
+    setting = harness.setting_per_scale("PROBE_SETTING")
+    assert (setting(3.0), setting(2.5)) == (0.5, 1.0)
+    scales = []
+
+    def unguided(prediction, guide_prediction, guidance_scale):
+        scales.append(guidance_scale)
+        return prediction
+
+    plain = base.guided_prediction
+    command = ["--model", str(tmp_path / "m"), "--crops", "2", "--crop-size", "32", "--output", str(tmp_path / "out")]
+    harness.run_with_guidance(unguided, ["samplers", *command, "--entries", "ddim:3", "ddim:3:guidance_scale=3"])
+    assert scales == [3.0] * 3  # the guided entry's 3 steps, and none of the unguided entry's
+    rows = json.loads((tmp_path / "out" / "samplers.json").read_text())["rows"]
+    assert rows[0]["psnr"] == pytest.approx(rows[1]["psnr"])  # a rule that drops the guidance samples unguided
+    assert base.guided_prediction is plain
+    projected = ["samplers", *command, "--entries", "ddim:3:guidance_scale=3:parallel_guidance_weight=0.5"]
+    with pytest.raises(ValueError, match="plain autoguidance only"):
+        harness.run_with_guidance(unguided, projected)
+    assert base.guided_prediction is plain

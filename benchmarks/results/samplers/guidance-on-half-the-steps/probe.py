@@ -9,23 +9,17 @@ that many steps); 1 leaves a step unguided. The entry's guidance_scale must diff
 
 import itertools
 import os
-import runpy
 import sys
 from pathlib import Path
 
-from diffusers_sr3.pipelines import base
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from guidance_probe import run_with_guidance  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parents[3]
 SCALES = itertools.cycle(float(scale) for scale in os.environ["SCALES"].split(","))
 
 
-def scale_per_step(prediction, guide_prediction, guidance_scale, parallel_weight=1.0):
-    if parallel_weight != 1:
-        raise ValueError("the probe schedules plain autoguidance only (parallel_guidance_weight 1)")
+def scale_per_step(prediction, guide_prediction, guidance_scale):
     return guide_prediction + next(SCALES) * (prediction - guide_prediction)
 
 
-base.guided_prediction = scale_per_step
-sys.path.insert(0, str(BENCHMARKS))
-sys.argv = [str(BENCHMARKS / f"{sys.argv[1]}.py")] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+run_with_guidance(scale_per_step)
