@@ -791,8 +791,10 @@ def test_output_formats_measures_what_each_format_loses(tmp_path):
     assert (tmp_path / "r" / "output_formats.md").read_text().count("| WEBP |") == 4
 
 
-def test_guidance_probes_run_a_benchmark_with_their_rule_and_put_the_pipeline_back(tmp_path, tiny_unet, monkeypatch):
-    """`guidance_probe.run_with_guidance`: the harness of the probes under results/samplers/ runs the named benchmark
+def test_sampler_probes_run_a_benchmark_with_their_replacement_and_put_the_pipeline_back(
+    tmp_path, tiny_unet, monkeypatch
+):
+    """`sampler_probe.run_with_guidance`: the harness of the probes under results/samplers/ runs the named benchmark
     with every guided step made by the probe's rule, refuses projected guidance, and restores the pipeline after."""
     from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
     from diffusers_sr3.pipelines import base
@@ -801,7 +803,7 @@ def test_guidance_probes_run_a_benchmark_with_their_rule_and_put_the_pipeline_ba
     guide = SR3UNet2DModel(**tiny_unet.config).eval()
     scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
     SR3Pipeline(tiny_unet, scheduler, guidance_unet=guide).save_pretrained(tmp_path / "m")
-    harness = load("guidance_probe")
+    harness = load("sampler_probe")
     monkeypatch.setenv("PROBE_SETTING", "3=0.5;2.5=1")
     setting = harness.setting_per_scale("PROBE_SETTING")
     assert (setting(3.0), setting(2.5)) == (0.5, 1.0)

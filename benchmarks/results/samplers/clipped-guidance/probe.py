@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from guidance_probe import run_with_guidance, setting_per_scale  # noqa: E402
+from sampler_probe import run_with_guidance, setting_per_scale  # noqa: E402
 
 LIMIT = setting_per_scale("LIMIT")
 

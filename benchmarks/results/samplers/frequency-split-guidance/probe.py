@@ -14,7 +14,7 @@ from pathlib import Path
 from diffusers_sr3.image_processing import lowpass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from guidance_probe import run_with_guidance, setting_per_scale  # noqa: E402
+from sampler_probe import run_with_guidance, setting_per_scale  # noqa: E402
 
 COARSE_SCALE = setting_per_scale("FDG")
 SIGMA = float(os.environ.get("FDG_SIGMA", 2))

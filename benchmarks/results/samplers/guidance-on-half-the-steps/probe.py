@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from guidance_probe import run_with_guidance  # noqa: E402
+from sampler_probe import run_with_guidance  # noqa: E402
 
 SCALES = itertools.cycle(float(scale) for scale in os.environ["SCALES"].split(","))
 
