@@ -327,13 +327,14 @@ def edges_by_content(hr: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> Dict
 
 
 def flattest(hr: torch.Tensor) -> int:
-    """Index of the crop with the least detail (where grain would show)."""
-    return int(hr.flatten(1).std(dim=1).argmin())
+    """Index of the crop with the least edge energy (where grain would show)."""
+    return int(edge_energy(quantize(hr)).argmin())
 
 
 def busiest(hr: torch.Tensor, count: int) -> List[int]:
-    """Indices of the `count` crops with the most detail (where restored detail would show)."""
-    return hr.flatten(1).std(dim=1).argsort(descending=True)[:count].tolist()
+    """Indices of the `count` crops with the most edge energy (where restored detail would show). Not the widest
+    spread of values: a smooth gradient has that, and nothing to restore."""
+    return edge_energy(quantize(hr)).argsort(descending=True)[:count].tolist()
 
 
 def picture(sets: Dict[str, Dict[str, Any]], rows_per_set: int, magnify: int) -> PIL.Image.Image:

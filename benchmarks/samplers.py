@@ -8,7 +8,9 @@
 
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training, the
 split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of photos never
-trained on (`model_report.py --unseen`'s crops for the same seed and count), with each
+trained on (`model_report.py --unseen`'s crops for the same seed and count), or with --training-photos random crops of
+the training side of the split at --max-side (the pixels the packaged model learned from: a gap between them and the
+held-out photos is a generalisation gap, its absence is not), with each
 `scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G][:parallel_guidance_weight=P][:window_size=W]`
 entry on the model's training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed, and
 reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture crops, where
@@ -59,7 +61,7 @@ from diffusers_sr3.metrics import (
     quantize,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
-from diffusers_sr3.photos import heldout_crops, packaged_photo_paths, photo_split
+from diffusers_sr3.photos import heldout_crops, packaged_photo_paths, photo_crops, photo_split
 from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS, FIDELITY_STEPS
 from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.tiling import tiled_super_resolve
@@ -237,8 +239,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--entries", nargs="+", default=list(DEFAULT_ENTRIES), help="scheduler:steps, reference first")
     parser.add_argument("--crops", type=int, default=8, help="photo crops")
-    parser.add_argument(
+    photos = parser.add_mutually_exclusive_group()
+    photos.add_argument(
         "--photos", default=None, help="a folder of photos never trained on, instead of the held-out photos"
+    )
+    photos.add_argument(
+        "--training-photos",
+        action="store_true",
+        help="the training side of the split instead of the held-out photos, at --max-side as the shipped model's "
+        "tiles are cut: what the model draws on pixels it has learned from",
     )
     parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size")
     parser.add_argument(
@@ -287,12 +296,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     factor = pipeline.config.upscale_factor
     photos = None
     if args.whole_photos:
-        # As model_report.py --whole-photos: held-out photos at --max-side, others at their own size.
+        # As model_report.py --whole-photos: held-out (or training) photos at --max-side, others at their own size.
         if args.photos:
             paths, max_side, seed = find_images([args.photos]), None, args.seed + 2
         else:
             paths, max_side, seed = (
-                photo_split(packaged_photo_paths(), heldout=args.heldout)[1],
+                photo_split(packaged_photo_paths(), heldout=args.heldout)[0 if args.training_photos else 1],
                 args.max_side,
                 args.seed + 1,
             )
@@ -302,6 +311,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         hr, lr, bicubic = photos.cut(photos.hr), photos.cut(photos.lr), photos.cut(photos.bicubic)
     elif args.photos:
         hr = model_report.unseen_crops(args.photos, args.crop_size, args.crops, args.seed + 2)
+    elif args.training_photos:
+        training = photo_split(packaged_photo_paths(), heldout=args.heldout)[0]
+        hr = photo_crops(
+            training, args.crop_size, count=args.crops, seed=args.seed + 1, max_side=args.max_side, output_type="pt"
+        )
     else:
         hr, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
     if photos is None:
@@ -351,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(json.dumps(rows[-1]), flush=True)
     report = dict(
         model=str(model),
-        photos=args.photos or "held-out photos",
+        photos=args.photos or ("training photos" if args.training_photos else "held-out photos"),
         images=hr.shape[0],
         texture_crops=int(texture.sum()),
         hr_flat_grain=flat_grain(hr, hr, factor),

@@ -132,6 +132,20 @@ def test_model_report_splits_edge_energy_by_how_much_detail_bicubic_keeps():
     assert alone["texture"]["crops"] == 1 and alone["edges"]["crops"] == 1
 
 
+def test_pictured_crops_are_chosen_by_edge_energy_not_by_the_spread_of_their_values():
+    """A smooth ramp has a wider spread of values than fine grain and nothing to restore: the pictures show
+    the crop with fine texture as the most detailed, and a uniform crop (not the ramp) as the flattest."""
+    model_report = load("model_report")
+    generator = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-0.3, 0.3, 32).expand(1, 3, 32, 32)
+    texture = (torch.rand(1, 3, 32, 32, generator=generator) - 0.5) * 0.4  # fine grain, a narrower spread
+    uniform = torch.full((1, 3, 32, 32), 0.3)
+    crops = torch.cat([ramp, texture, uniform])
+    assert crops.flatten(1).std(dim=1).argmax() == 0  # the ramp spreads widest
+    assert model_report.busiest(crops, 2) == [1, 0]
+    assert model_report.flattest(crops) == 2
+
+
 def test_model_report_card_quotes_the_detail_settings_it_measured():
     modes_section = load("model_report").modes_section
     refined = modes_section(10, 1.0, 0.6)
@@ -450,6 +464,38 @@ def test_sampler_study_on_whole_photos_cuts_the_report_crops_from_whole_outputs(
     assert tiled["rows"][0]["psnr"] != report["rows"][0]["psnr"]
     with pytest.raises(SystemExit):
         samplers.parse_args(command + ["--tile-size", "32"])
+
+
+def test_sampler_study_on_the_training_photos_draws_from_the_training_side(tmp_path, tiny_pipeline, monkeypatch):
+    """--training-photos: the same study on crops of the split's training side at --max-side, whole or alone."""
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(4):
+        paths.append(tmp_path / f"photo{index}.png")
+        PIL.Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(paths[-1])
+    samplers = load("samplers")
+    monkeypatch.setattr(samplers, "packaged_photo_paths", lambda: paths)
+    training, held = samplers.photo_split(paths, heldout=0.25)
+    cropped, whole = [], []
+    real_crops, real_whole = samplers.photo_crops, samplers.model_report.load_whole_photos
+    monkeypatch.setattr(
+        samplers, "photo_crops", lambda photos, *a, **k: cropped.append(photos) or real_crops(photos, *a, **k)
+    )
+    monkeypatch.setattr(
+        samplers.model_report,
+        "load_whole_photos",
+        lambda photos, factor, max_side: whole.append((photos, max_side)) or real_whole(photos, factor, max_side),
+    )
+    command = ["--model", str(tmp_path / "model"), "--training-photos", "--entries", "ddim:2", "--crops", "3"]
+    command += ["--crop-size", "32", "--max-side", "64", "--output", str(tmp_path / "out")]
+    report = samplers.main(command)
+    assert cropped == [training] and report["photos"] == "training photos" and report["images"] == 3
+    assert "of training photos" in (tmp_path / "out" / "samplers.md").read_text()
+    samplers.main(command + ["--whole-photos"])
+    assert whole == [(training, 64)] and not set(held) & set(training)
+    with pytest.raises(SystemExit):
+        samplers.parse_args(command + ["--photos", str(tmp_path)])
 
 
 @pytest.fixture
