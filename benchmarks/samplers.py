@@ -9,8 +9,8 @@
 Super-resolves held-out photo crops (whole photos that `diffusers_sr3.photos.photo_split` keeps out of training, the
 split the packaged model and `benchmarks/convergence.py` use), or with --photos random crops of a folder of photos never
 trained on (`model_report.py --unseen`'s crops for the same seed and count), or with --training-photos random crops of
-the training side of the split at --max-side (the pixels the packaged model learned from: a gap between them and the
-held-out photos is a generalisation gap, its absence is not), with each
+the training side of the split at --max-side (pixels the packaged model learned from: what it misses there, it misses
+for want of fitting, not of generalising), with each
 `scheduler:steps[:eta=E][:temperature=T][:strength=S][:guidance_scale=G][:parallel_guidance_weight=P][:window_size=W]`
 entry on the model's training schedule (or `fidelity:steps`: the pipeline's fidelity mode), all from the same seed, and
 reports PSNR, SSIM, consistency, colour error, edge energy relative to HR (of all crops, and of the texture crops, where
