@@ -24,6 +24,7 @@ from diffusers_sr3.pipelines import base
 BENCHMARKS = Path(__file__).resolve().parent
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 Replacements = Dict[Tuple[Any, str], Any]
+_INHERITED = object()  # an attribute the owner does not hold itself (a class's inherited method)
 
 
 def setting_per_scale(variable: str) -> Callable[[float], float]:
@@ -36,10 +37,13 @@ def setting_per_scale(variable: str) -> Callable[[float], float]:
 
 def run_benchmark(argv: Optional[Sequence[str]] = None, replacements: Optional[Replacements] = None) -> None:
     """Run the benchmark script named by `argv[0]` (default: this process's arguments) on the rest of `argv`, with
-    each `(owner, attribute)` of `replacements` set to its value for the run and put back after it."""
+    each `(owner, attribute)` of `replacements` (a module's function, a class's method or classmethod) set to its
+    value for the run and put back after it."""
     name, *arguments = sys.argv[1:] if argv is None else argv
     replacements = replacements or {}
-    originals = {key: getattr(*key) for key in replacements}
+    # From the owner's own namespace, not getattr: an inherited classmethod comes back from getattr bound, and
+    # setting that back would leave the owner a bound copy instead of its inherited method.
+    originals = {(owner, attribute): vars(owner).get(attribute, _INHERITED) for owner, attribute in replacements}
     command_line = sys.argv
     for (owner, attribute), value in replacements.items():
         setattr(owner, attribute, value)
@@ -49,7 +53,10 @@ def run_benchmark(argv: Optional[Sequence[str]] = None, replacements: Optional[R
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
         for (owner, attribute), value in originals.items():
-            setattr(owner, attribute, value)
+            if value is _INHERITED:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, value)
         sys.argv = command_line
         sys.path.remove(str(BENCHMARKS))
 

@@ -870,3 +870,18 @@ def test_sampler_probes_run_a_benchmark_with_their_replacement_and_put_the_pipel
     with pytest.raises(ValueError, match="plain autoguidance only"):
         harness.run_with_guidance(unguided, projected)
     assert base.guided_prediction is plain
+
+    # An inherited classmethod (the full-resolution-head probe replaces SR3Pipeline.from_pretrained) is inherited
+    # again after the run, not left behind as a bound copy.
+    loaded = []
+    inherited = SR3Pipeline.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loaded.append(cls)
+        return inherited(cls, *args, **kwargs)
+
+    harness.run_benchmark(
+        ["samplers", *command, "--entries", "ddim:3"], {(SR3Pipeline, "from_pretrained"): classmethod(from_pretrained)}
+    )
+    assert loaded == [SR3Pipeline]
+    assert "from_pretrained" not in vars(SR3Pipeline)
