@@ -28,6 +28,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import PIL.Image
@@ -38,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffusers_sr3 import SR3Pipeline
-from diffusers_sr3.image_processing import degrade
+from diffusers_sr3.data.pairs import PairMaker
 from diffusers_sr3.noise import training_betas
 from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.training.objective import diffusion_loss, noise_batch
@@ -82,16 +83,13 @@ def load_tiles(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 128, 128)
 
 
-def random_batch(tiles: torch.Tensor, size: int, count: int, generator: torch.Generator) -> torch.Tensor:
+def random_batch(
+    tiles: torch.Tensor, pairs: PairMaker, count: int, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`count` training pairs `(hr, condition)` from random tiles, made as the training script makes them."""
     picks = torch.randint(0, tiles.shape[0], (count,), generator=generator)
-    crops = []
-    for index in picks.tolist():
-        top, left = torch.randint(0, tiles.shape[-1] - size + 1, (2,), generator=generator).tolist()
-        crop = tiles[index, :, top : top + size, left : left + size]
-        if torch.rand((), generator=generator) < 0.5:
-            crop = crop.flip(-1)
-        crops.append(torch.rot90(crop, int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1)))
-    return torch.stack(crops).float() / 127.5 - 1
+    samples = [pairs(tiles[index].float() / 127.5 - 1, generator=generator) for index in picks.tolist()]
+    return torch.stack([sample["hr"] for sample in samples]), torch.stack([sample["condition"] for sample in samples])
 
 
 def main() -> None:
@@ -114,7 +112,7 @@ def main() -> None:
     unet = pipeline.unet.float().train()
     betas = training_betas(pipeline.scheduler)
     residual_scale = pipeline.config.residual_scale
-    factor = pipeline.config.upscale_factor
+    pairs = PairMaker(64, upscale_factor=pipeline.config.upscale_factor, random_crop=True, random_rotate=True)
     head = head_for(unet, args.head_width).train() if args.arm == "head" else None
     groups = [dict(params=list(unet.parameters()), lr=args.lr)]
     if head is not None:
@@ -132,8 +130,7 @@ def main() -> None:
         remaining = 1 - elapsed / budget
         for group, base in zip(optimizer.param_groups, [args.lr, args.head_lr]):
             group["lr"] = base * remaining
-        hr = random_batch(tiles, 64, 16, generator)
-        _, condition = degrade(hr, factor)
+        hr, condition = random_batch(tiles, pairs, 16, generator)
         batch = noise_batch(
             unet,
             betas,
