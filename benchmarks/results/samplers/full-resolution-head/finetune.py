@@ -12,13 +12,13 @@ the same wall-clock time, on one thread each (run the two arms side by side):
 
 Both arms use the shipped objective (x0 of the residual scaled by the model's `residual_scale`, L1, per-sample levels
 of the training schedule, batch 16 of 64-pixel crops with flips and quarter-turns; float32, as CPUs without
-bfloat16 instructions run bfloat16 autocast ~15x slower), AdamW 1e-4
+bfloat16 instructions run bfloat16 autocast ~17x slower), AdamW 1e-4
 decaying linearly to 0 over `--minutes` of wall-clock time (the head's own parameters at `--head-lr`), EMA 0.999.
 Each writes an `SR3Pipeline` folder (the packaged one with the arm's EMA UNet) and, for `head`, `head.safetensors`,
 which `probe.py` beside this file adds to the UNet for `benchmarks/samplers.py`.
 
-    python finetune.py --arm plain --tiles TILES --minutes 40 --output OUT/plain
-    python finetune.py --arm head --tiles TILES --minutes 40 --output OUT/head
+    python finetune.py --arm plain --tiles TILES --minutes 45 --output OUT/plain
+    python finetune.py --arm head --tiles TILES --minutes 45 --output OUT/head
 """
 
 from __future__ import annotations
