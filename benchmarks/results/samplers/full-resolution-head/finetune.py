@@ -19,6 +19,11 @@ which `probe.py` beside this file adds to the UNet for `benchmarks/samplers.py`.
 
     python finetune.py --arm plain --tiles TILES --minutes 45 --output OUT/plain
     python finetune.py --arm head --tiles TILES --minutes 45 --output OUT/head
+
+A later probe reuses it: `--band FIRST LAST SHARE` draws SHARE of the training levels from steps FIRST..LAST of the
+schedule, where the model decides texture, and `--steps` fixes the step count instead of the time
+(`../deciding-band-finetune/`: `--arm plain --band 900 1500 0.75 --steps 2072`, the plain arm's step count). Without
+`--band` the draws are the same as before it existed, so the published arms rerun unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -40,7 +45,7 @@ from torch import nn
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.data.pairs import PairMaker
-from diffusers_sr3.noise import training_betas
+from diffusers_sr3.noise import sample_training_noise_levels, sqrt_alphas_cumprod_prev, training_betas
 from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.training.objective import diffusion_loss, noise_batch
 
@@ -92,18 +97,48 @@ def random_batch(
     return torch.stack([sample["hr"] for sample in samples]), torch.stack([sample["condition"] for sample in samples])
 
 
+def training_levels(
+    betas: torch.Tensor, count: int, band: Optional[Tuple[int, int, float]], generator: torch.Generator
+) -> torch.Tensor:
+    """SR3's training levels, per sample; with `band = (first, last, share)`, `share` of them drawn from steps
+    `first..last` of the schedule instead (between neighbouring table entries, as SR3 draws)."""
+    levels = sample_training_noise_levels(betas, count, generator=generator, per_sample_timestep=True)
+    if band is None:
+        return levels
+    first, last, share = band
+    table = sqrt_alphas_cumprod_prev(betas)
+    steps = torch.randint(first, last + 1, (count,), generator=generator)
+    within = table[steps] + torch.rand(count, generator=generator, dtype=torch.float64) * (
+        table[steps - 1] - table[steps]
+    )
+    chosen = torch.rand(count, generator=generator) < share
+    return torch.where(chosen, within.float(), levels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=("plain", "head"), required=True)
     parser.add_argument("--tiles", type=Path, required=True, help="benchmarks/photo_tiles.py output")
-    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--minutes", type=float)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--head-width", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--head-lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--band",
+        nargs=3,
+        type=float,
+        metavar=("FIRST", "LAST", "SHARE"),
+        help="draw SHARE of the training levels from schedule steps FIRST..LAST (docs/quality.md, 'Where the texture "
+        "is decided')",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="train this many steps (the learning rate decays over them) instead of --minutes"
+    )
     args = parser.parse_args()
+    band = (int(args.band[0]), int(args.band[1]), args.band[2]) if args.band else None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -123,13 +158,18 @@ def main() -> None:
     tiles = load_tiles(args.tiles)
     generator = torch.Generator().manual_seed(args.seed)
 
-    budget = args.minutes * 60
+    if (args.minutes is None) == (args.steps is None):
+        parser.error("give one of --minutes and --steps")
+    budget = args.minutes * 60 if args.steps is None else None
     started = time.perf_counter()
     step, losses = 0, []
-    while (elapsed := time.perf_counter() - started) < budget:
-        remaining = 1 - elapsed / budget
+    while True:
+        elapsed = time.perf_counter() - started
+        progress = step / args.steps if args.steps else elapsed / budget
+        if progress >= 1:
+            break
         for group, base in zip(optimizer.param_groups, [args.lr, args.head_lr]):
-            group["lr"] = base * remaining
+            group["lr"] = base * (1 - progress)
         hr, condition = random_batch(tiles, pairs, 16, generator)
         batch = noise_batch(
             unet,
@@ -137,6 +177,7 @@ def main() -> None:
             hr,
             condition,
             prediction_type="sample",
+            noise_level=training_levels(betas, 16, band, generator),
             generator=generator,
             residual=True,
             residual_scale=residual_scale,
@@ -163,8 +204,9 @@ def main() -> None:
     summary = dict(
         arm=args.arm,
         steps=step,
-        minutes=args.minutes,
-        steps_per_second=round(step / budget, 3),
+        minutes=round((time.perf_counter() - started) / 60, 1),
+        steps_per_second=round(step / (time.perf_counter() - started), 3),
+        band=args.band,
         final_loss=float(np.mean(losses[-500:])),
         head_width=args.head_width if head is not None else None,
         head_parameters=sum(p.numel() for p in head.parameters()) if head is not None else 0,
