@@ -13,7 +13,8 @@ their edge energy; 64-pixel crops super-resolved alone, drawn as `benchmarks/sam
    themselves): how much of the estimate's squared error that removes. If a sizeable share, the estimate is
    miscalibrated and a sampler could fix it; if not, what it misses is not in reach of a linear filter.
 3. *Residual amplitude.* The standard deviation of each crop's residual (HR - bicubic, in the network's scale) on
-   the training photos, the held-out photos and the set measured, as quantiles.
+   the training photos and on the set measured, as quantiles. The training photos are cropped at 512 pixels on the
+   longer side, as the held-out ones are; the shipped tiles were cut at 512 and 1024, and the 1024 ones are softer.
 
     python benchmarks/results/samplers/where-texture-is-decided/probe.py --output OUT            # held-out photos
     python benchmarks/results/samplers/where-texture-is-decided/probe.py --photos pyiqa_ref_dir --output OUT
@@ -144,14 +145,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
     scheduler.set_timesteps(10)
     starts: List[Optional[int]] = [None] + scheduler.timesteps.tolist()[:-1]
-    sampled, from_truth = {}, []
+    sampled, sampled_rows = {}, []
     for start in starts:
         residual = sample_from(pipeline, condition, clean, start, args.seed, args.batch_size)
         sampled[start] = residual
         row = dict(start="noise" if start is None else start, texture_edges=edges(residual))
         if start is not None:
             row["level"] = float(noise_level_for_step(scheduler, start))
-        from_truth.append(row)
+        sampled_rows.append(row)
         print(row, flush=True)
     corrections = []
     for t in scheduler.timesteps.tolist()[:-1]:
@@ -168,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         crops=args.crops,
         texture_crops=int(texture.sum()),
         bicubic_texture_edges=edges(torch.zeros_like(clean)),
-        sampled_from=from_truth,
+        sampled_from=sampled_rows,
         linear_correction=corrections,
         residual_std_quantiles=dict(quantiles=list(QUANTILES), **amplitudes),
     )
@@ -177,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.output, "probe.md"), "w") as f:
         f.write(markdown(report))
-    columns = [condition / 1.0, condition + sampled[None] / scale]
+    columns = [condition, condition + sampled[None] / scale]
     columns += [condition + sampled[level] / scale for level in args.picture_levels] + [hr]
     size = (64 * args.magnify, 64 * args.magnify)
     rows = model_report.busiest(hr, 4)
