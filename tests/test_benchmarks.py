@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import os
 
 import numpy as np
@@ -885,3 +886,31 @@ def test_sampler_probes_run_a_benchmark_with_their_replacement_and_put_the_pipel
     )
     assert loaded == [SR3Pipeline]
     assert "from_pretrained" not in vars(SR3Pipeline)
+
+
+def test_widened_network_probe_doubles_the_width_and_keeps_the_function():
+    """`results/samplers/widened-network/widen.py`: every channel doubled (Net2WiderNet), the sinusoidal encoding's
+    frequencies mapped, the attention logits kept, so the wide network predicts what the narrow one does."""
+    from conftest import low_resolution_unet
+
+    spec = importlib.util.spec_from_file_location(
+        "widen_probe", REPO / "benchmarks" / "results" / "samplers" / "widened-network" / "widen.py"
+    )
+    widen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(widen)
+    narrow = low_resolution_unet()
+    with torch.no_grad():  # a network fresh from init has zero output layers: give every weight a value to carry
+        for parameter in narrow.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    wide = widen.widen(narrow, split_noise=0.01, seed=0)
+    assert wide.config.block_out_channels == 2 * narrow.config.block_out_channels
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
+    assert widen.prediction_difference(narrow, wide, seed=0) < 1e-4
+    # Without the attention fix or the encoding map the function changes: the test can tell.
+    shapes = {name: value.shape for name, value in wide.state_dict().items()}
+    state = widen.widen_state_dict(narrow.state_dict(), shapes, narrow.config.block_out_channels, 0.01, 0)
+    state = {
+        name: value * math.sqrt(2) if name.endswith("attention.to_q.weight") else value for name, value in state.items()
+    }
+    wide.load_state_dict(state)
+    assert widen.prediction_difference(narrow, wide, seed=0) > 1e-3

@@ -23,7 +23,8 @@ which `probe.py` beside this file adds to the UNet for `benchmarks/samplers.py`.
 A later probe reuses it: `--band FIRST LAST SHARE` draws SHARE of the training levels from steps FIRST..LAST of the
 schedule, where the model decides texture, and `--steps` fixes the step count instead of the time
 (`../deciding-band-finetune/`: `--arm plain --band 900 1500 0.75 --steps 2072`, the plain arm's step count). Without
-`--band` the draws are the same as before it existed, so the published arms rerun unchanged.
+`--band` the draws are the same as before it existed, so the published arms rerun unchanged. `--base` fine-tunes another
+`SR3Pipeline` folder than the packaged one (`../widened-network/`: the packaged network widened).
 """
 
 from __future__ import annotations
@@ -137,12 +138,13 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, help="train this many steps (the learning rate decays over them) instead of --minutes"
     )
+    parser.add_argument("--base", type=Path, help="SR3Pipeline folder to fine-tune (default: the packaged model)")
     args = parser.parse_args()
     band = (int(args.band[0]), int(args.band[1]), args.band[2]) if args.band else None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    source = Path(default_model_path())
+    source = args.base or Path(default_model_path())
     pipeline = SR3Pipeline.from_pretrained(source)
     unet = pipeline.unet.float().train()
     betas = training_betas(pipeline.scheduler)
