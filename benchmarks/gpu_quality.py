@@ -12,17 +12,18 @@ on 64-pixel crops alone: docs/quality.md, "Whole photos") and saves every output
 network does not travel to the device, is computed back here. `--resolution` sets the training crop size (the shipped
 64; larger crops let the network see at training time more of what a whole photo shows it):
 
-    # here, once: what the device lacks, in a folder that git ignores and the call carries (about 15 MB of 64 MiB)
-    echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/photos .gpu/unseen .gpu/faces
+    # here, once: what the device lacks, in a folder that git ignores and the call carries (about 41 MB; the call
+    # also carries the tracked tree, so the packaged weights and benchmarks/results/ must stay behind: 64 MiB in all)
+    echo /.gpu/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .gpu/wheels diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 \
         multiprocess==0.70.19
-    cp raccoon_face.png insightface_t1.jpg .gpu/photos/        # the training photographs beyond the packaged ones
+    python benchmarks/shipped_photos.py --output .gpu    # .gpu/packaged, .gpu/photos: the shipped run's 78
     cp pyiqa_ref_dir/*.bmp .gpu/unseen/ && cp -r ../shared/data/original_samples/* .gpu/faces/
-    # on the device: one call, carry [".gpu"], timeout 600 (about 8 minutes: 5 of training)
+    # on the device: one call, carry [".gpu"], timeout 590 (about 8 minutes: 4 of training)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
-        && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --photos .gpu/photos --unseen .gpu/unseen \
-        --faces .gpu/faces --output $OUT
+        && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged \
+        --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --minutes 4 --workers 12 --output $OUT
     # back here, on the files it returns (report.json, report.md, evaluation.png, one outputs_<set>.npz per test
     # set, each under the 16 MiB a returned file may have): FID, into a report
     python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
@@ -49,6 +50,7 @@ import package_model  # noqa: E402
 import photo_tiles  # noqa: E402
 from report_files import write_json  # noqa: E402
 
+from diffusers_sr3 import photos  # noqa: E402
 from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.metrics import frechet_inception_distance  # noqa: E402
 from diffusers_sr3.presets import NEW_MODEL_RECIPE, get_preset  # noqa: E402
@@ -126,6 +128,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", help="folder for the report, the picture and the outputs_<set>.npz files")
     parser.add_argument("--photos", nargs="*", default=[], help="extra training photographs (files, folders or globs)")
+    parser.add_argument(
+        "--packaged-photos",
+        help="a folder standing in for the packaged photographs (`diffusers_sr3.photos.PHOTO_SOURCES`), each file "
+        "named by its `photo_name`, so that a machine without the Debian wallpapers splits them as this one does",
+    )
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
@@ -170,6 +177,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             write_json(os.path.join(args.output, "report.json"), report)
         return table
     os.makedirs(args.output, exist_ok=True)
+    if args.packaged_photos:
+        if not os.path.isdir(args.packaged_photos):
+            raise FileNotFoundError(f"--packaged-photos {args.packaged_photos} is not a folder")
+        # In place: photo_tiles and model_report read the list when they split the photographs.
+        photos.PHOTO_SOURCES[:] = [photos.PhotoSource("--packaged-photos", os.path.abspath(args.packaged_photos))]
     with tempfile.TemporaryDirectory() as work:
         tiles = os.path.join(work, "tiles")
         photo_tiles.main(["--output", tiles, "--extra", *(find_images(args.photos) if args.photos else [])])

@@ -699,21 +699,32 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
 
 
 @pytest.mark.slow
-def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu(tmp_path):
+def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu(tmp_path, monkeypatch):
     """The device call's whole path, tiny: tiles, a wider network trained, packaged, evaluated, outputs saved; then
-    FID of the returned outputs here."""
-    unseen = tmp_path / "unseen"
+    FID of the returned outputs here. The packaged photographs are a carried folder, split as here by name."""
+    from diffusers_sr3 import photos
+
+    monkeypatch.setattr(photos, "PHOTO_SOURCES", list(photos.PHOTO_SOURCES))  # the run replaces the list in place
+    unseen, packaged = tmp_path / "unseen", tmp_path / "packaged"
     unseen.mkdir()
+    packaged.mkdir()
     rng = np.random.default_rng(0)
     for index in range(2):
         PIL.Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(unseen / f"photo{index}.png")
+    for name in ("aspen", "birch", "cedar", "maple"):
+        PIL.Image.fromarray(rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)).save(packaged / f"{name}.png")
     out = tmp_path / "out"
     gpu_quality = load("gpu_quality")
+    with pytest.raises(FileNotFoundError, match="--packaged-photos"):
+        gpu_quality.main(["--output", str(out), "--packaged-photos", str(tmp_path / "missing")])
     report = gpu_quality.main(
         ["--output", str(out), "--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0"]
         + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3", "--checkpoint-every", "1"]
-        + ["--resolution", "32", "--max-side", "128"]
+        + ["--resolution", "32", "--max-side", "128", "--packaged-photos", str(packaged)]
     )
+    held_out = photos.photo_split(sorted(packaged.iterdir()), heldout=0.25)[1]
+    assert photos.packaged_photo_paths() == sorted(packaged.iterdir())
+    assert report["heldout_photos"] == [photos.photo_name(path) for path in held_out]
     assert report["training"]["width"] == 32 and report["training"]["steps"] == 3
     assert report["training"]["resolution"] == 32 and report["whole_photos"]  # the photos whole, as users run them
     # The guide: the checkpoint nearest 42% of the 3 steps, and detail mode guided at the shipped scale.
