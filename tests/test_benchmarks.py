@@ -925,3 +925,45 @@ def test_widened_network_probe_doubles_the_width_and_keeps_the_function():
     }
     wide.load_state_dict(state)
     assert widen.prediction_difference(narrow, wide, seed=0) > 1e-3
+
+
+def test_shipped_photos_names_splits_and_shrinks_what_the_device_call_carries(tmp_path, monkeypatch):
+    """`shipped_photos.py`: the packaged photographs by `photo_name`, held-out ones byte for byte and training ones
+    at 1024 pixels; a package's photographs as `extra_<name>.jpg`, and a clear error for one it lacks."""
+    from diffusers_sr3 import photos
+
+    shipped = load("shipped_photos")
+    installed = tmp_path / "installed"
+    (installed / "Kite" / "contents" / "images").mkdir(parents=True)  # a Plasma wallpaper's layout
+    rng = np.random.default_rng(0)
+    files = [installed / f"{name}.png" for name in ("aspen", "birch", "cedar")]
+    files.append(installed / "Kite" / "contents" / "images" / "2560x1600.png")
+    for path in files:
+        PIL.Image.fromarray(rng.integers(0, 256, (600, 1500, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(photos, "PHOTO_SOURCES", [photos.PhotoSource("test photographs", str(installed))])
+    split = shipped.write_packaged(tmp_path / "out" / "packaged")
+    assert sorted(split["training"] + split["held_out"]) == ["Kite", "aspen", "birch", "cedar"]
+    assert len(split["held_out"]) == 1
+    for path in files:
+        name = photos.photo_name(path)
+        if name in split["held_out"]:
+            assert (tmp_path / "out" / "packaged" / f"{name}.png").read_bytes() == path.read_bytes()
+        else:
+            with PIL.Image.open(tmp_path / "out" / "packaged" / f"{name}.jpg") as image:
+                assert image.size == (1024, 410)
+    # The carried folder splits as the installed photographs do.
+    carried = photos.PhotoSource("carried", str(tmp_path / "out" / "packaged"))
+    assert [photos.photo_name(p) for p in photos.photo_split(carried.paths(), heldout=0.25)[1]] == split["held_out"]
+
+    downloads = tmp_path / "downloads"
+    (downloads / "fakepkg__1.0" / "fakepkg" / "data").mkdir(parents=True)  # as `fetch` leaves an unpacked package
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(
+        downloads / "fakepkg__1.0" / "fakepkg" / "data" / "quokka.png"
+    )
+    sources = [("pip", "fakepkg==1.0", [("fakepkg/data/quokka.png", "quokka")])]
+    assert shipped.write_extras(tmp_path / "out" / "photos", downloads, sources) == ["quokka"]
+    with PIL.Image.open(tmp_path / "out" / "photos" / "extra_quokka.jpg") as image:
+        assert image.size == (80, 64)  # never enlarged
+    missing = [("pip", "fakepkg==1.0", [("fakepkg/data/wombat.png", "wombat")])]
+    with pytest.raises(FileNotFoundError, match="fakepkg==1.0 has no fakepkg/data/wombat.png"):
+        shipped.write_extras(tmp_path / "out" / "photos", downloads, missing)

@@ -1,0 +1,44 @@
+"""Two models' outputs on the same crops, side by side: bicubic | A fidelity | B fidelity | A detail | B detail | HR.
+
+    python results/gpu-quality/side_by_side.py A_FOLDER B_FOLDER --output results/gpu-quality/side-by-side.png
+
+A and B are `model_report.py --save-outputs` folders of the same crops (one `outputs_<set>.npz` per set); the rows
+are the three crops of each set with the most HR edge energy, magnified x3.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from model_report import load_outputs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("first", type=Path)
+    parser.add_argument("second", type=Path)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=3, help="crops per set")
+    args = parser.parse_args()
+    rows = []
+    for path in sorted(args.first.glob("outputs_*.npz")):
+        name, first = load_outputs(str(path))
+        _, second = load_outputs(str(args.second / path.name))
+        if not np.array_equal(first["HR"], second["HR"]):
+            raise ValueError(f"{path.name}: the two folders hold different crops")
+        luma = first["HR"].astype(np.float64).mean(axis=1)
+        edges = np.abs(np.diff(luma, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(luma, axis=2)).mean(axis=(1, 2))
+        for index in np.argsort(-edges)[: args.rows]:
+            columns = [first["bicubic"], first["SR3 fidelity"], second["SR3 fidelity"]]
+            columns += [first["SR3 detail"], second["SR3 detail"], first["HR"]]
+            rows.append(np.concatenate([column[index].transpose(1, 2, 0) for column in columns], axis=1))
+    picture = Image.fromarray(np.concatenate(rows, axis=0).astype(np.uint8))
+    picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST).save(args.output)
+
+
+if __name__ == "__main__":
+    main()
