@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from model_report import load_outputs  # noqa: E402
+from model_report import busiest, load_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +31,8 @@ def main() -> None:
         _, second = load_outputs(str(args.second / path.name))
         if not np.array_equal(first["HR"], second["HR"]):
             raise ValueError(f"{path.name}: the two folders hold different crops")
-        luma = first["HR"].astype(np.float64).mean(axis=1)
-        edges = np.abs(np.diff(luma, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(luma, axis=2)).mean(axis=(1, 2))
-        for index in np.argsort(-edges)[: args.rows]:
+        hr = torch.from_numpy(first["HR"]).float() / 127.5 - 1  # as saved: 8 bits of [-1, 1]
+        for index in busiest(hr, args.rows):
             columns = [first["bicubic"], first["SR3 fidelity"], second["SR3 fidelity"]]
             columns += [first["SR3 detail"], second["SR3 detail"], first["HR"]]
             rows.append(np.concatenate([column[index].transpose(1, 2, 0) for column in columns], axis=1))
