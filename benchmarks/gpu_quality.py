@@ -22,13 +22,22 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
         multiprocess==0.70.19
     python benchmarks/shipped_photos.py --output .gpu    # .gpu/packaged, .gpu/photos: the shipped run's 78
     cp pyiqa_ref_dir/*.bmp .gpu/unseen/ && cp -r ../shared/data/original_samples/* .gpu/faces/
+    # for the calls, a throwaway branch without the packaged weights, benchmarks/results/ and tests/fixtures/ (2.4 MB
+    # tracked); afterwards `git checkout main && git branch -D device-slim` puts them back
+    git checkout -b device-slim && git rm -r -q benchmarks/results tests/fixtures \
+        src/diffusers_sr3/pretrained/sr3-photos-x4/*/diffusion_pytorch_model.safetensors && git commit -qm slim
     # on the device: one call, carry [".gpu"], timeout 600 (8.5 minutes: 6 of training; a cold start adds 1)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
         && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged \
-        --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --workers 12 --output $OUT
+        --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --workers 12 --keep-model /tmp/kept \
+        --output $OUT
+    # then at once, while the machine is warm (it keeps what a call wrote outside the tree for 30 s after it), one
+    # call per part it printed (4 at width 128, 1 at 64), carrying nothing, timeout 60:
+    python3 benchmarks/model_parts.py send /tmp/kept --part 1 --output $OUT
     # back here, on the files it returns (report.json, report.md, evaluation.png, one outputs_<set>.npz per test
-    # set, each under the 16 MiB a returned file may have): FID, into a report
+    # set, each under the 16 MiB a returned file may have): FID, into a report; and the trained model, whole
     python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
+    python benchmarks/model_parts.py unpack RETURNED_PART_* --output /work/probe/gpu/model
 
 On a CPU (no GPU found), `--width 32 --max-steps 3 --crops 4 --unseen-crops 4` runs every part in about a minute:
 the test suite does, so the device call is not the first time the script runs.
@@ -47,7 +56,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model_report  # noqa: E402  (sibling scripts: the shipped model's tiles, packaging and evaluation)
+import model_parts  # noqa: E402  (sibling scripts: the shipped model's tiles, packaging and evaluation)
+import model_report  # noqa: E402
 import package_model  # noqa: E402
 import photo_tiles  # noqa: E402
 from report_files import write_json  # noqa: E402
@@ -169,9 +179,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "(default: the photos whole)",
     )
     parser.add_argument("--max-side", type=int, default=512, help="held-out photos downscaled to this longer side")
+    parser.add_argument(
+        "--keep-model",
+        help="a new folder outside the tree (the device keeps it while warm) for the packaged model in parts that "
+        "each fit one call's return (model_parts.py), for the calls that follow at once to send",
+    )
     args = parser.parse_args(argv)
     if not args.fid_of and not args.output:
         parser.error("give --output (train and evaluate) or --fid-of (FID of returned outputs)")
+    if args.keep_model and os.path.exists(args.keep_model):  # before minutes of training, not after
+        parser.error(f"--keep-model {args.keep_model} exists: give a new folder")
     return args
 
 
@@ -204,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # windows of the training crop's size.
         windows = ["--window-size", str(args.resolution)]
         package_model.main(["--trained", trained, "--output", model, *guidance, *windows])
+        kept = model_parts.pack(model, args.keep_model) if args.keep_model else None
         device = "cuda" if torch.cuda.is_available() else "cpu"
         report_args = ["--model", model, "--output", args.output, "--no-fid", "--save-outputs", "--device", device]
         # Detail mode at the settings packaging stored, as shipped.
@@ -222,8 +240,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps_per_second=summary["steps_per_second"],
         batch_size=args.batch_size,
         guide_step=guide[0] if guide else None,
+        kept_model_parts=len(kept["parts"]) if kept else None,
     )
     write_json(os.path.join(args.output, "report.json"), report)  # model_report's, with the training added
+    for part in range(1, len(kept["parts"]) + 1) if kept else ():
+        print(f"python3 benchmarks/model_parts.py send {args.keep_model} --part {part} --output $OUT")
     return report
 
 

