@@ -719,16 +719,17 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     gpu_quality = load("gpu_quality")
     with pytest.raises(FileNotFoundError, match="--packaged-photos"):
         gpu_quality.main(["--output", str(out), "--packaged-photos", str(tmp_path / "missing")])
+    tiny = ["--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0", "--checkpoint-every", "1"]
+    tiny += ["--resolution", "32", "--max-side", "128", "--packaged-photos", str(packaged)]
     report = gpu_quality.main(
-        ["--output", str(out), "--width", "32", "--max-steps", "3", "--batch-size", "2", "--workers", "0"]
-        + ["--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3", "--checkpoint-every", "1"]
-        + ["--resolution", "32", "--max-side", "128", "--packaged-photos", str(packaged)]
+        ["--output", str(out), *tiny, "--crops", "3", "--unseen", str(unseen), "--unseen-crops", "3"]
         + ["--keep-model", str(tmp_path / "kept")]
     )
     held_out = photos.photo_split(sorted(packaged.iterdir()), heldout=0.25)[1]
     assert photos.packaged_photo_paths() == sorted(packaged.iterdir())
     assert report["heldout_photos"] == [photos.photo_name(path) for path in held_out]
     assert report["training"]["width"] == 32 and report["training"]["steps"] == 3
+    assert 0 <= report["training"]["data_wait_fraction"] <= 1
     assert report["training"]["resolution"] == 32 and report["whole_photos"]  # the photos whole, as users run them
     # The guide: the checkpoint nearest 42% of the 3 steps, and detail mode guided at the shipped scale.
     assert report["training"]["guide_step"] == 1 and report["guidance_scale"] == 2.0
@@ -751,6 +752,14 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     assert SR3Pipeline.from_pretrained(tmp_path / "model").unet.config.block_out_channels == 32
     with pytest.raises(SystemExit):  # before the training, not after
         gpu_quality.main(["--output", str(out), "--keep-model", str(tmp_path / "kept")])
+    # Training only: the call's minutes go to training, and the kept model is evaluated here.
+    with pytest.raises(SystemExit):
+        gpu_quality.main(["--output", str(out), "--no-report"])
+    trained = gpu_quality.main(
+        ["--output", str(tmp_path / "trained"), *tiny, "--no-report", "--keep-model", str(tmp_path / "kept2")]
+    )
+    assert list(trained) == ["training"] and trained["training"]["kept_model_parts"] == 1
+    assert [path.name for path in (tmp_path / "trained").iterdir()] == ["report.json"]
     table = gpu_quality.main(["--fid-of", *(str(out / file) for file in outputs), "--output", str(tmp_path / "here")])
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
     returned = json.loads((out / "report.json").read_text())

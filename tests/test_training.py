@@ -230,6 +230,26 @@ def test_programmatic_sources_and_options(tmp_path):
     assert Image.open(os.path.join(output, "validation.png")).size == (4 * 32, 32)
 
 
+def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):
+    """`data_wait_fraction`: the share of the training time spent waiting for the data loader's next batch, which
+    tells a device starved by its loader (more --dataloader_num_workers) from a busy one."""
+    import time
+
+    from test_data import random_image
+
+    class SlowImages(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            time.sleep(0.25)
+            return random_image(40, 40, index)
+
+    output = train(TrainingConfig(**fast_options(tmp_path / "out", train_dataset=SlowImages(), max_train_steps=2)))
+    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    assert summary["global_step"] == 2 and 0.5 < summary["data_wait_fraction"] <= 1
+
+
 def test_model_sources(tmp_path):
     """--model_config_name_or_path, --pretrained_model_name_or_path and --resume_from_original."""
     from conftest import FIXTURES, tiny_unet_config

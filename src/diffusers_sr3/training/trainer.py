@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -110,6 +110,7 @@ class _LoopState:
     first_step: int = 0
     recent_losses: List[float] = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # of train_seconds, spent waiting for the data loader's next batch
     out_of_time: bool = False  # stopped by `max_train_minutes` before `max_train_steps`
     skipped_total: int = 0
     discriminator: Any = None  # with --adversarial_loss_weight: prepared like the unet, checkpointed, never saved
@@ -679,7 +680,7 @@ class Trainer:
             batches_in_epoch = loop.batches_done
             loop.batches_done = 0
             saw_batch = False
-            for batch in epoch_loader:
+            for batch in self._timed(epoch_loader, loop):
                 saw_batch = True
                 batches_in_epoch += 1
                 skipped += batch["skipped"].sum()
@@ -706,6 +707,19 @@ class Trainer:
         progress.close()
         loop.train_seconds = time.time() - loop_started
         loop.skipped_total = int(accelerator.reduce(skipped, reduction="sum").item())
+
+    @staticmethod
+    def _timed(batches: Iterable[Dict[str, Any]], loop: _LoopState) -> Iterator[Dict[str, Any]]:
+        """`batches`, the time spent waiting for each added to `loop.data_wait_seconds`: a loop that waits long
+        is bound by its data loader, not its device (more `--dataloader_num_workers`)."""
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            batch = next(iterator, None)
+            loop.data_wait_seconds += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
 
     def _crop_size_of(self, batch: Dict[str, Any], setup: ModelSetup, epoch: int, batch_index: int) -> Dict[str, Any]:
         """With --small_crop_size, a --small_crop_fraction of the batches cut into the smaller crops. The draw is a
@@ -818,6 +832,7 @@ class Trainer:
                 train_seconds=round(seconds, 2),
                 stopped_by_time_limit=loop.out_of_time,
                 steps_per_second=round(steps_this_run / seconds, 3) if seconds else None,
+                data_wait_fraction=round(loop.data_wait_seconds / seconds, 3) if seconds else None,
                 checkpoints=[os.path.basename(path) for path in list_checkpoints(config.output_dir)],
                 residual_scale=self.residual_scale if config.residual else None,
             )
@@ -985,7 +1000,8 @@ class Trainer:
         lines = [
             "",
             f"Training finished: {summary['global_step']} steps ({summary['steps_this_run']} in this run, "
-            f"{summary['train_seconds']} s, {summary['steps_per_second']} steps/s) on {summary['num_processes']} "
+            f"{summary['train_seconds']} s, {summary['steps_per_second']} steps/s, "
+            f"{summary['data_wait_fraction'] or 0:.0%} of it waiting for data) on {summary['num_processes']} "
             f"process(es)"
             + (f" of {summary['cpu_threads']} CPU threads" if summary["cpu_threads"] else "")
             + f", total batch {summary['total_batch_size']}"
