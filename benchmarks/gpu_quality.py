@@ -26,11 +26,13 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     # tracked); afterwards `git checkout main && git branch -D device-slim` puts them back
     git checkout -b device-slim && git rm -r -q benchmarks/results tests/fixtures \
         src/diffusers_sr3/pretrained/sr3-photos-x4/*/diffusion_pytorch_model.safetensors && git commit -qm slim
-    # on the device: one call, carry [".gpu"], timeout 600 (8.5 minutes: 6 of training; a cold start adds 1)
+    # on the device: one call, carry [".gpu"], timeout 600 (9 minutes: 6 of training; a cold start adds 1); first
+    # half a minute of training_throughput.py, which says whether batch 512 cost little more per step than 128
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
-        && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged \
-        --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --workers 12 --keep-model /tmp/kept \
-        --output $OUT
+        && export PYTHONPATH=/tmp/site:src && python3 benchmarks/training_throughput.py --device cuda \
+        --networks photos_x4 --width 128 --precisions bf16 --batch 128 512 1024 --steps 10 --output $OUT/throughput \
+        && python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged --photos .gpu/photos \
+        --unseen .gpu/unseen --faces .gpu/faces --keep-model /tmp/kept --output $OUT
     # then at once, while the machine is warm (it keeps what a call wrote outside the tree for 30 s after it), one
     # call per part it printed (4 at width 128, 1 at 64), carrying nothing, timeout 60:
     python3 benchmarks/model_parts.py send /tmp/kept --part 1 --output $OUT
@@ -155,7 +157,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--minutes", type=float, default=6.0, help="training time (the whole call takes about 2.5 minutes more)"
     )
     parser.add_argument("--max-steps", type=int, default=200_000, help="training steps, if the minutes allow")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=512,
+        help="call 2 ran 128 at 9.8 steps/s, 2%% of an H200's bfloat16 rate (training_throughput.py's GFLOP per "
+        "image): its steps were bound by their overhead, so a larger batch should cost little time per step",
+    )
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -164,9 +172,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "batch 128 (benchmarks/results/gpu-quality/)",
     )
     parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=8, help="data loader processes")
+    parser.add_argument("--workers", type=int, default=15, help="data loader processes (the H200 machine has 16 cores)")
     parser.add_argument(
-        "--checkpoint-every", type=int, default=1000, help="training checkpoints, the candidates for the guide"
+        "--checkpoint-every", type=int, default=500, help="training checkpoints, the candidates for the guide"
     )
     parser.add_argument(
         "--guide-fraction", type=float, default=0.42, help="the guide: the checkpoint nearest this share of the steps"

@@ -12,9 +12,16 @@ both shipped networks) for each network and precision:
 - any other preset name (`tiny` for the tests);
 
 each in float32 and under bfloat16 autocast (what `--mixed_precision bf16` does; fast only on hardware with
-bfloat16 matrix units, e.g. CPUs with AMX). Reports seconds per step (median after a warm-up step), steps/s,
-images/s and the speed-up over the first row. Timings on shared machines are noisy: compare the ratios within one
-run. Writes training_throughput.json and .md to --output.
+bfloat16 matrix units, e.g. CPUs with AMX), at each `--batch`. Reports seconds per step (median after a warm-up
+step), steps/s, images/s, the network's GFLOP per image for a forward and backward pass (`torch.utils.flop_counter`)
+and the TFLOP/s that makes, and the speed-up over the first row. Timings on shared machines are noisy: compare the
+ratios within one run. Writes training_throughput.json and .md to --output.
+
+On a GPU, whether a larger batch is nearly free (the steps bound by their overhead, not by arithmetic; the GPU run's
+width-128 network at batch 128 used about 2% of an H200's bfloat16 rate):
+
+    python3 benchmarks/training_throughput.py --device cuda --networks photos_x4 --width 128 --precisions bf16 \
+        --batch 128 512 1024 --steps 10 --output $OUT/throughput
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_sr3 import SR3UNet2DModel, make_scheduler
 from diffusers_sr3.backends import cpu_name
@@ -53,23 +61,27 @@ PREVIOUS_PACKAGED = dict(
 RESIDUAL_SCALE = 14.2  # the shipped run's measured scale (any value costs the same)
 
 
-def network_config(name: str) -> Dict[str, Any]:
-    return dict(PREVIOUS_PACKAGED) if name == "previous" else get_preset(name).unet_config()
+def network_config(name: str, width: Optional[int] = None) -> Dict[str, Any]:
+    """The UNet config of `name`, at base width `width` if given."""
+    config = dict(PREVIOUS_PACKAGED) if name == "previous" else get_preset(name).unet_config()
+    return config if width is None else dict(config, block_out_channels=width)
 
 
-def time_steps(name: str, bfloat16: bool, batch: int, steps: int, seed: int = 0) -> float:
-    """Median seconds per optimizer step (after one warm-up step) of network `name`."""
+def training_step(config: Dict[str, Any], bfloat16: bool, batch: int, device: str, seed: int = 0) -> Callable[[], Any]:
+    """One optimizer step of the shipped objective on a fixed batch of random crops, as a function."""
     torch.manual_seed(seed)
-    unet = SR3UNet2DModel(**network_config(name)).train()
+    unet = SR3UNet2DModel(**config).train().to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4)
-    betas = training_betas(make_scheduler("ddpm"))
-    generator = torch.Generator().manual_seed(seed)
+    betas = training_betas(make_scheduler("ddpm")).to(device)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the trainer draws its noise there too
     size = unet.config.sample_size
     hr = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
     condition = (hr + 0.1 * torch.randn(hr.shape, generator=generator)).clamp(-1, 1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bfloat16 else contextlib.nullcontext()
+    hr, condition = hr.to(device), condition.to(device)
+    device_type = torch.device(device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bfloat16 else contextlib.nullcontext()
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         noised = noise_batch(
             unet,
             betas,
@@ -87,72 +99,131 @@ def time_steps(name: str, bfloat16: bool, batch: int, steps: int, seed: int = 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
+    return step
+
+
+def time_steps(config: Dict[str, Any], bfloat16: bool, batch: int, steps: int, device: str = "cpu") -> float:
+    """Median seconds per optimizer step (after one warm-up step) of the network of `config`."""
+    step = training_step(config, bfloat16, batch, device)
     step()
     timings = []
     for _ in range(steps):
         started = time.perf_counter()
-        step()
+        step().item()  # waits for the device
         timings.append(time.perf_counter() - started)
     return statistics.median(timings)
+
+
+def gflop_per_image(config: Dict[str, Any]) -> float:
+    """Forward and backward GFLOP of one image through the network of `config` (a batch of 2, counted on the CPU)."""
+    step = training_step(config, False, 2, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def loader_samples_per_second(folder: str, samples: int, resolution: int = 64, seed: int = 0) -> float:
+    """Training samples per second that one thread cuts from the images in `folder` as the shipped recipe does (x4
+    random crops, rotations and flips; what each data loader worker does)."""
+    from diffusers_sr3.data.building import build_training_data
+
+    data = build_training_data(
+        resolution=resolution, upscale_factor=4, train_data_dir=folder, random_crop=True, random_rotate=True, seed=seed
+    )
+    order = list(iter(data.sampler))
+    data.dataset[order[0]]  # the first image opened
+    started = time.perf_counter()
+    for index in range(samples):
+        data.dataset[order[(1 + index) % len(order)]]
+    return samples / (time.perf_counter() - started)
 
 
 def markdown(report: Dict[str, Any]) -> str:
     lines = [
         f"# Training throughput ({report['machine']})",
         "",
-        f"Batch {report['batch']} of crops at each network's sample size (64x64 for both shipped networks), median "
-        f"of {report['steps']} steps after a warm-up step, the "
-        "training objective of the shipped recipe (scaled residual, x0 prediction, AdamW).",
+        "Batches of crops at each network's sample size (64x64 for both shipped networks), median of "
+        f"{report['steps']} steps after a warm-up step, the training objective of the shipped recipe (scaled "
+        "residual, x0 prediction, AdamW). GFLOP per image: forward and backward (torch.utils.flop_counter).",
         "",
-        "| network | parameters | precision | s / step | steps / s | images / s | vs first row |",
-        "|---|---|---|---|---|---|---|",
+        "| network | parameters | batch | precision | s / step | steps / s | images / s | GFLOP / image | TFLOP/s "
+        "| vs first row |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['network']} | {row['parameters'] / 1e6:.1f}M | {row['precision']} | {row['seconds_per_step']:.3f} "
-            f"| {row['steps_per_second']:.2f} | {row['images_per_second']:.1f} | {row['speedup']:.2f}x |"
+            f"| {row['network']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['precision']} "
+            f"| {row['seconds_per_step']:.3f} | {row['steps_per_second']:.2f} | {row['images_per_second']:.1f} "
+            f"| {row['gflop_per_image']:.2f} | {row['tflop_per_second']:.2f} | {row['speedup']:.2f}x |"
         )
+    if report.get("loader"):
+        loader = report["loader"]
+        lines += [
+            "",
+            f"Data loader: one thread cuts {loader['samples_per_second']:.0f} training samples per second from "
+            f"{loader['folder']} (what each of `--dataloader_num_workers` does).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", default=["previous", "photos_x4"], help="previous or preset names")
+    parser.add_argument("--width", type=int, default=None, help="every network at this base width (default: its own)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--loader", help="also time the data path on this folder of training images (one thread)")
+    parser.add_argument("--loader-samples", type=int, default=600)
     parser.add_argument("--output", default="benchmarks/results/training_throughput")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
+    if args.steps < 1 or min(args.batch) < 1:
         parser.error("--steps and --batch must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []
     for name in args.networks:
-        parameters = sum(p.numel() for p in SR3UNet2DModel(**network_config(name)).parameters())
-        for precision in args.precisions:
-            seconds = time_steps(name, precision == "bf16", args.batch, args.steps)
-            rows.append(
-                dict(
-                    network=name,
-                    parameters=parameters,
-                    precision=precision,
-                    seconds_per_step=seconds,
-                    steps_per_second=1 / seconds,
-                    images_per_second=args.batch / seconds,
+        config = network_config(name, args.width)
+        parameters = sum(p.numel() for p in SR3UNet2DModel(**config).parameters())
+        gflop = gflop_per_image(config)
+        for batch in args.batch:
+            for precision in args.precisions:
+                seconds = time_steps(config, precision == "bf16", batch, args.steps, args.device)
+                rows.append(
+                    dict(
+                        network=name,
+                        parameters=parameters,
+                        batch=batch,
+                        precision=precision,
+                        seconds_per_step=seconds,
+                        steps_per_second=1 / seconds,
+                        images_per_second=batch / seconds,
+                        gflop_per_image=gflop,
+                        tflop_per_second=gflop * batch / seconds / 1000,
+                    )
                 )
-            )
-            print(f"{name} {precision}: {seconds:.3f} s/step", flush=True)
+                print(f"{name} batch {batch} {precision}: {seconds:.3f} s/step", flush=True)
     for row in rows:
         row["speedup"] = rows[0]["seconds_per_step"] / row["seconds_per_step"]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     report = dict(
-        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        batch=args.batch,
+        machine=f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        width=args.width,
         steps=args.steps,
         rows=rows,
     )
+    if args.loader:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a loader worker
+        try:
+            rate = loader_samples_per_second(args.loader, args.loader_samples)
+        finally:
+            torch.set_num_threads(previous)
+        report["loader"] = dict(folder=os.path.basename(os.path.normpath(args.loader)), samples_per_second=rate)
     text = write_report(args.output, "training_throughput", report, markdown(report))
     print(text)
     return report

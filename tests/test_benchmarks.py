@@ -781,17 +781,34 @@ def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_
     assert "| one thread | 1 |" in table and json.loads((tmp_path / "training_launch.json").read_text()) == report
 
 
-def test_training_throughput_times_every_network_and_precision(tmp_path):
-    report = load("training_throughput").main(
-        ["--networks", "tiny", "--steps", "1", "--batch", "2", "--threads", "1", "--output", str(tmp_path)]
+def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
+    throughput = load("training_throughput")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        PIL.Image.fromarray(np.random.default_rng(index).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(
+            photos / f"{index}.png"
+        )
+    report = throughput.main(
+        ["--networks", "tiny", "--steps", "1", "--batch", "2", "3", "--threads", "1", "--output", str(tmp_path)]
+        + ["--loader", str(photos), "--loader-samples", "5"]
     )
-    assert [(row["network"], row["precision"]) for row in report["rows"]] == [("tiny", "float32"), ("tiny", "bf16")]
+    assert report["loader"]["folder"] == "photos" and report["loader"]["samples_per_second"] > 0
+    rows = [(row["network"], row["batch"], row["precision"]) for row in report["rows"]]
+    assert rows == [("tiny", 2, "float32"), ("tiny", 2, "bf16"), ("tiny", 3, "float32"), ("tiny", 3, "bf16")]
     for row in report["rows"]:
-        assert row["seconds_per_step"] > 0 and row["images_per_second"] == pytest.approx(2 / row["seconds_per_step"])
+        assert row["seconds_per_step"] > 0
+        assert row["images_per_second"] == pytest.approx(row["batch"] / row["seconds_per_step"])
+        assert row["tflop_per_second"] == pytest.approx(row["gflop_per_image"] * row["images_per_second"] / 1000)
     assert report["rows"][0]["speedup"] == 1.0
-    assert load("training_throughput").network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
+    assert throughput.network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
+    # Twice the width, about four times the arithmetic per image.
+    tiny = throughput.network_config("tiny")
+    wide = throughput.network_config("tiny", width=2 * tiny["block_out_channels"])
+    assert 3.5 < throughput.gflop_per_image(wide) / report["rows"][0]["gflop_per_image"] < 4.5
     table = (tmp_path / "training_throughput.md").read_text()
-    assert "| tiny | 0.1M | bf16 |" in table and json.loads((tmp_path / "training_throughput.json").read_text())
+    assert "| tiny | 0.1M | 3 | bf16 |" in table and "one thread cuts" in table
+    assert json.loads((tmp_path / "training_throughput.json").read_text()) == report
 
 
 def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):

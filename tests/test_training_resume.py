@@ -181,13 +181,16 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
 
 
 def test_max_train_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    import time
     import types
 
     import diffusers_sr3.training.trainer as trainer_module
 
-    # A clock that advances one minute per reading: the limit of 4.5 minutes is crossed after the 5th step.
+    # A clock that advances one minute per reading: the limit of 4.5 minutes is crossed after the 5th step. (The
+    # data-wait timer keeps its own, real clock.)
     readings = iter(range(0, 10**6, 60))
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=lambda: float(next(readings))))
+    clock = types.SimpleNamespace(time=lambda: float(next(readings)), perf_counter=time.perf_counter)
+    monkeypatch.setattr(trainer_module, "time", clock)
     limited = tmp_path / "limited"
     trainer = Trainer(resume_options(tmp_path, limited, max_train_minutes=4.5))
     trainer.run()
