@@ -72,8 +72,8 @@ def training_step(config: Dict[str, Any], bfloat16: bool, batch: int, device: st
     torch.manual_seed(seed)
     unet = SR3UNet2DModel(**config).train().to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4)
-    betas = training_betas(make_scheduler("ddpm")).to(device)
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the trainer draws its noise there too
+    betas = training_betas(make_scheduler("ddpm"))  # on the CPU, as in the trainer
+    generator = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     hr = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
     condition = (hr + 0.1 * torch.randn(hr.shape, generator=generator)).clamp(-1, 1)
@@ -91,8 +91,7 @@ def training_step(config: Dict[str, Any], bfloat16: bool, batch: int, device: st
             per_sample_timestep=True,
             residual=True,
             residual_scale=RESIDUAL_SCALE,
-            generator=generator,
-        )
+        )  # from the global RNGs, as the trainer draws: the noise on the device
         with autocast:
             prediction = predict(unet, noised)
         loss = diffusion_loss(prediction.float(), noised, "l1", None, "sample")
