@@ -41,7 +41,7 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
     python benchmarks/model_parts.py unpack RETURNED_PART_* --output /work/probe/gpu/model
     # or, for 1.5 more minutes of training in the same call: `--no-report --minutes 7.5` (no --unseen, --faces), then
-    # model_report.py here on the unpacked model (about 4 times the shipped model's time at width 128)
+    # model_report.py here on the unpacked model (at width 128, sr3 upscale takes 2.4-3.3x the shipped model's time)
 
 On a CPU (no GPU found), `--width 32 --max-steps 3 --crops 4 --unseen-crops 4` runs every part in about a minute:
 the test suite does, so the device call is not the first time the script runs.
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model_parts  # noqa: E402  (sibling scripts: the shipped model's tiles, packaging and evaluation)
+import model_parts  # noqa: E402  (sibling scripts: the shipped model's tiles, packaging, evaluation and return)
 import model_report  # noqa: E402
 import package_model  # noqa: E402
 import photo_tiles  # noqa: E402
