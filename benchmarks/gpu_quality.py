@@ -11,7 +11,7 @@ the run's own checkpoint nearest `--guide-fraction` of the steps, at `--guidance
 the photos super-resolved whole, as `sr3 upscale` runs them, since detail mode draws less texture on whole photos than
 on 64-pixel crops alone: docs/quality.md, "Whole photos") and saves every output as 8-bit so that FID, whose Inception
 network does not travel to the device, is computed back here. `--resolution` sets the training crop size (the shipped
-64; larger crops let the network see at training time more of what a whole photo shows it). What two device calls
+64; larger crops let the network see at training time more of what a whole photo shows it). What three device calls
 measured, and what the next should change, is in `benchmarks/results/gpu-quality/README.md`:
 
     # here, once: what the device lacks, in a folder that git ignores and the call carries (about 41 MB; the call
@@ -26,13 +26,11 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     # tracked); afterwards `git checkout main && git branch -D device-slim` puts them back
     git checkout -b device-slim && git rm -r -q benchmarks/results tests/fixtures \
         src/diffusers_sr3/pretrained/sr3-photos-x4/*/diffusion_pytorch_model.safetensors && git commit -qm slim
-    # on the device: one call, carry [".gpu"], timeout 600 (9 minutes: 6 of training; a cold start adds 1); first
-    # half a minute of training_throughput.py, which says whether batch 512 cost little more per step than 128
+    # on the device: one call, carry [".gpu"], timeout 600 (call 3 ran 506 s: 5 minutes of training, the rest the
+    # tiles, packaging, the report and 40 s of training_throughput.py, measured now; a cold start adds about 40 s)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
-        && export PYTHONPATH=/tmp/site:src && python3 benchmarks/training_throughput.py --device cuda \
-        --networks photos_x4 --width 128 --precisions bf16 --batch 128 512 1024 --steps 10 --output $OUT/throughput \
-        && python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged --photos .gpu/photos \
-        --unseen .gpu/unseen --faces .gpu/faces --keep-model /tmp/kept --output $OUT
+        && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged \
+        --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --keep-model /tmp/kept --output $OUT
     # then at once, while the machine is warm (it keeps what a call wrote outside the tree for 30 s after it), one
     # call per part it printed (4 at width 128, 1 at 64), carrying nothing, timeout 60:
     python3 benchmarks/model_parts.py send /tmp/kept --part 1 --output $OUT
@@ -40,7 +38,7 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     # set, each under the 16 MiB a returned file may have): FID, into a report; and the trained model, whole
     python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
     python benchmarks/model_parts.py unpack RETURNED_PART_* --output /work/probe/gpu/model
-    # or, for 1.5 more minutes of training in the same call: `--no-report --minutes 7.5` (no --unseen, --faces), then
+    # or, for 1.5 more minutes of training in the same call: `--no-report --minutes 7` (no --unseen, --faces), then
     # model_report.py here on the unpacked model (at width 128, sr3 upscale takes 2.4-3.3x the shipped model's time)
 
 On a CPU (no GPU found), `--width 32 --max-steps 3 --crops 4 --unseen-crops 4` runs every part in about a minute:
@@ -95,6 +93,7 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
         checkpointing_steps=args.checkpoint_every,
         validation_steps=0,
         dataloader_num_workers=args.workers,
+        dataset_repeats=args.dataset_repeats,
         seed=0,
         output_dir=output_dir,
         **recipe,
@@ -154,7 +153,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
     parser.add_argument("--resolution", type=int, default=64, help="training crop size (shipped: 64)")
     parser.add_argument(
-        "--minutes", type=float, default=6.0, help="training time (the whole call takes about 2.5 minutes more)"
+        "--minutes", type=float, default=5.5, help="training time (the whole call takes about 2.8 minutes more)"
     )
     parser.add_argument("--max-steps", type=int, default=200_000, help="training steps, if the minutes allow")
     parser.add_argument(
@@ -173,6 +172,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=15, help="data loader processes (the H200 machine has 16 cores)")
+    parser.add_argument(
+        "--dataset-repeats",
+        type=int,
+        default=10,
+        help="passes over the tiles per epoch (--dataset_repeats): call 3's epochs were 21 batches of 512, and its "
+        "loader, refilling at each epoch's start, left the GPU waiting 52%% of the time",
+    )
     parser.add_argument(
         "--checkpoint-every", type=int, default=500, help="training checkpoints, the candidates for the guide"
     )
@@ -259,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps_per_second=summary["steps_per_second"],
         data_wait_fraction=summary["data_wait_fraction"],  # high: the loader, not the GPU, bounds the steps/s
         batch_size=args.batch_size,
+        dataset_repeats=args.dataset_repeats,
         guide_step=guide[0] if guide else None,
         kept_model_parts=len(kept["parts"]) if kept else None,
     )

@@ -139,18 +139,76 @@ def loader_samples_per_second(folder: str, samples: int, resolution: int = 64, s
     return samples / (time.perf_counter() - started)
 
 
+def loader_epochs(folder: str, workers: int, batch: int, repeats: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """The trainer's data loader with `workers` processes over `2 * repeats` passes of the images in `folder`, three
+    ways: as before (its workers restarted at every epoch), as now (persistent workers), and with `--dataset_repeats
+    repeats`. Each row: samples/s, and the mean wait for an epoch's first batch (the loader refilling: on a small
+    dataset at a large batch, a whole epoch is about as many batches as the workers hold in flight)."""
+    from torch.utils.data import DataLoader
+
+    from diffusers_sr3.data.building import build_training_data
+    from diffusers_sr3.training.trainer import training_dataloader
+
+    rows = []
+    for label, passes_per_epoch, persistent in (
+        ("workers restart every epoch (before)", 1, False),
+        ("persistent workers", 1, True),
+        (f"persistent workers, --dataset_repeats {repeats}", repeats, True),
+    ):
+        data = build_training_data(
+            resolution=64,
+            upscale_factor=4,
+            train_data_dir=folder,
+            random_crop=True,
+            random_rotate=True,
+            seed=seed,
+            repeats=passes_per_epoch,
+        )
+        loader = training_dataloader(data, batch, workers, seed)
+        if not persistent:
+            loader = DataLoader(
+                data.dataset, batch_size=batch, sampler=data.sampler, num_workers=workers, drop_last=True
+            )
+        epochs, batches, first_waits = 2 * repeats // passes_per_epoch, 0, []
+        started = time.perf_counter()
+        for epoch in range(epochs):
+            data.sampler.set_epoch(epoch)
+            asked = time.perf_counter()
+            for index, _ in enumerate(loader):
+                if index == 0:
+                    first_waits.append(time.perf_counter() - asked)
+                batches += 1
+        seconds = time.perf_counter() - started
+        rows.append(
+            dict(
+                loader=label,
+                workers=workers,
+                batch=batch,
+                epochs=epochs,
+                batches_per_epoch=len(loader),
+                samples_per_second=batches * batch / seconds,
+                first_batch_wait=statistics.mean(first_waits),
+            )
+        )
+        print(f"{label}: {rows[-1]['samples_per_second']:.0f} samples/s", flush=True)
+    for row in rows:
+        row["speedup"] = row["samples_per_second"] / rows[0]["samples_per_second"]
+    return rows
+
+
 def markdown(report: Dict[str, Any]) -> str:
-    lines = [
-        f"# Training throughput ({report['machine']})",
-        "",
-        "Batches of crops at each network's sample size (64x64 for both shipped networks), median of "
-        f"{report['steps']} steps after a warm-up step, the training objective of the shipped recipe (scaled "
-        "residual, x0 prediction, AdamW). GFLOP per image: forward and backward (torch.utils.flop_counter).",
-        "",
-        "| network | parameters | batch | precision | s / step | steps / s | images / s | GFLOP / image | TFLOP/s "
-        "| vs first row |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"# Training throughput ({report['machine']})"]
+    if report["rows"]:
+        lines += [
+            "",
+            "Batches of crops at each network's sample size (64x64 for both shipped networks), median of "
+            f"{report['steps']} steps after a warm-up step, the training objective of the shipped recipe (scaled "
+            "residual, x0 prediction, AdamW). GFLOP per image: forward and backward (torch.utils.flop_counter).",
+            "",
+            "| network | parameters | batch | precision | s / step | steps / s | images / s | GFLOP / image | TFLOP/s "
+            "| vs first row |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for row in report["rows"]:
         lines.append(
             f"| {row['network']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['precision']} "
@@ -164,12 +222,31 @@ def markdown(report: Dict[str, Any]) -> str:
             f"Data loader: one thread cuts {loader['samples_per_second']:.0f} training samples per second from "
             f"{loader['folder']} (what each of `--dataloader_num_workers` does).",
         ]
+    if report.get("loader", {}).get("epochs"):
+        lines += [
+            "",
+            "The trainer's data loader epoch after epoch (`training_dataloader`), the same passes over the folder in "
+            "each row; the wait for an epoch's first batch is the loader refilling:",
+            "",
+            "| loader | workers | batch | epochs | batches / epoch | samples / s | first-batch wait (s) | vs first |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in report["loader"]["epochs"]:
+            lines.append(
+                f"| {row['loader']} | {row['workers']} | {row['batch']} | {row['epochs']} | {row['batches_per_epoch']} "
+                f"| {row['samples_per_second']:.0f} | {row['first_batch_wait']:.2f} | {row['speedup']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--networks", nargs="+", default=["previous", "photos_x4"], help="previous or preset names")
+    parser.add_argument(
+        "--networks",
+        nargs="*",
+        default=["previous", "photos_x4"],
+        help="previous or preset names (none: time the --loader only)",
+    )
     parser.add_argument("--width", type=int, default=None, help="every network at this base width (default: its own)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes")
@@ -178,6 +255,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--loader", help="also time the data path on this folder of training images (one thread)")
     parser.add_argument("--loader-samples", type=int, default=600)
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="with --loader, also time the trainer's loader with this many processes, epoch after epoch",
+    )
+    parser.add_argument("--loader-batch", type=int, default=64, help="its batch size")
+    parser.add_argument("--loader-repeats", type=int, default=4, help="its --dataset_repeats row")
     parser.add_argument("--output", default="benchmarks/results/training_throughput")
     args = parser.parse_args(argv)
     if args.steps < 1 or min(args.batch) < 1:
@@ -223,6 +308,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         finally:
             torch.set_num_threads(previous)
         report["loader"] = dict(folder=os.path.basename(os.path.normpath(args.loader)), samples_per_second=rate)
+        if args.loader_workers:
+            report["loader"]["epochs"] = loader_epochs(
+                args.loader, args.loader_workers, args.loader_batch, args.loader_repeats
+            )
     text = write_report(args.output, "training_throughput", report, markdown(report))
     print(text)
     return report

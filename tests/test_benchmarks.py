@@ -729,7 +729,7 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
     assert photos.packaged_photo_paths() == sorted(packaged.iterdir())
     assert report["heldout_photos"] == [photos.photo_name(path) for path in held_out]
     assert report["training"]["width"] == 32 and report["training"]["steps"] == 3
-    assert 0 <= report["training"]["data_wait_fraction"] <= 1
+    assert 0 <= report["training"]["data_wait_fraction"] <= 1 and report["training"]["dataset_repeats"] == 10
     assert report["training"]["resolution"] == 32 and report["whole_photos"]  # the photos whole, as users run them
     # The guide: the checkpoint nearest 42% of the 3 steps, and detail mode guided at the shipped scale.
     assert report["training"]["guide_step"] == 1 and report["guidance_scale"] == 2.0
@@ -792,8 +792,14 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     report = throughput.main(
         ["--networks", "tiny", "--steps", "1", "--batch", "2", "3", "--threads", "1", "--output", str(tmp_path)]
         + ["--loader", str(photos), "--loader-samples", "5"]
+        + ["--loader-workers", "1", "--loader-batch", "2", "--loader-repeats", "2"]
     )
     assert report["loader"]["folder"] == "photos" and report["loader"]["samples_per_second"] > 0
+    # The same passes over the 3 photos in each loader row: 4 epochs of 1 batch, or 2 epochs of 3 with 2 passes each.
+    epochs = [(row["epochs"], row["batches_per_epoch"]) for row in report["loader"]["epochs"]]
+    assert epochs == [(4, 1), (4, 1), (2, 3)]
+    assert all(row["samples_per_second"] > 0 and row["first_batch_wait"] > 0 for row in report["loader"]["epochs"])
+    assert "--dataset_repeats 2 | 1 | 2 | 2 | 3 |" in (tmp_path / "training_throughput.md").read_text()
     rows = [(row["network"], row["batch"], row["precision"]) for row in report["rows"]]
     assert rows == [("tiny", 2, "float32"), ("tiny", 2, "bf16"), ("tiny", 3, "float32"), ("tiny", 3, "bf16")]
     for row in report["rows"]:

@@ -165,6 +165,22 @@ def test_epoch_sampler_orders_by_seed_and_epoch():
     assert [index for _, index in sampler] != [index for _, index in first]
 
 
+def test_epoch_sampler_repeats_passes_as_epochs_of_their_own():
+    single = EpochSampler(10, seed=1)
+    repeated = EpochSampler(10, seed=1, repeats=3)
+    assert len(repeated) == 30
+    plain_epochs = []
+    for epoch in range(6):
+        single.set_epoch(epoch)
+        plain_epochs += list(single)
+    # Epoch e of the repeated sampler is plain epochs 3e to 3e + 2, in order: each pass shuffled and keyed anew.
+    for epoch in range(2):
+        repeated.set_epoch(epoch)
+        assert list(repeated) == plain_epochs[30 * epoch : 30 * (epoch + 1)]
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        EpochSampler(10, seed=1, repeats=0)
+
+
 def test_pair_maker_flip_keeps_the_pair_aligned():
     hr = images_to_tensor(random_image(32, 32, 4))[0]
     maker = PairMaker(32, 4, random_flip=True)

@@ -172,6 +172,12 @@ def test_streamed_local_datasets(tmp_path, kind):
     assert SR3Pipeline.from_pretrained(output).config.upscale_factor == 4
     with pytest.raises(ValueError, match="--max_train_steps"):
         train(TrainingConfig(**fast_options(tmp_path / "o2", streaming=True, max_train_steps=None, **source)))
+    with pytest.raises(ValueError, match="--dataset_repeats 2: .*streamed.* has no passes to repeat"):
+        train(
+            TrainingConfig(
+                **fast_options(tmp_path / "o3", streaming=True, max_train_steps=3, dataset_repeats=2, **source)
+            )
+        )
 
 
 @pytest.mark.parametrize("layout", ["folders", "lmdb"])

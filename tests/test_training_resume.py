@@ -46,15 +46,13 @@ def assert_same(first, second):
         torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_resume_gives_the_same_weights(tmp_path):
-    straight = tmp_path / "straight"
-    train(resume_options(tmp_path, straight))
+def stop_after_first_checkpoint(config):
+    """Run `config` until it has written its first checkpoint, then stop as a killed job would."""
 
-    # The interrupted run: it stops right after its step-4 checkpoint, as a killed job would.
     class Stop(Exception):
         pass
 
-    trainer = Trainer(resume_options(tmp_path, tmp_path / "resumed"))
+    trainer = Trainer(config)
     save = trainer._save_checkpoint
 
     def save_then_stop(*args, **kwargs):
@@ -64,7 +62,14 @@ def test_resume_gives_the_same_weights(tmp_path):
     trainer._save_checkpoint = save_then_stop
     with pytest.raises(Stop):
         trainer.run()
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    train(resume_options(tmp_path, straight))
+
     resumed = tmp_path / "resumed"
+    stop_after_first_checkpoint(resume_options(tmp_path, resumed))
     assert [os.path.basename(path) for path in list_checkpoints(str(resumed))] == ["checkpoint-4"]
     assert not (resumed / "model_index.json").exists()
 
@@ -109,6 +114,29 @@ def test_a_finished_run_extends_from_an_epoch_boundary(tmp_path):
     trainer.run()
     assert trainer.summary["resumed_from"].endswith("checkpoint-3") and trainer.summary["steps_this_run"] == 3
     assert_same(weights(straight / "checkpoint-6"), weights(extended / "checkpoint-6"))
+
+
+def test_repeated_passes_and_persistent_workers_train_as_plain_epochs(tmp_path):
+    # --dataset_repeats 2 makes one epoch of two passes (6 steps here), each keyed as an epoch of its own: the same
+    # batches as two plain epochs, so the same weights. Its two loader workers persist into the second epoch (step 7)
+    # and serve a resume that skips into the middle of the first.
+    plain = tmp_path / "plain"
+    train(resume_options(tmp_path, plain))
+    repeated = tmp_path / "repeated"
+    options = dict(dataset_repeats=2, dataloader_num_workers=2)
+    train(resume_options(tmp_path, repeated, **options))
+    summaries = [json.loads((folder / "training_summary.json").read_text()) for folder in (plain, repeated)]
+    assert [summary["epochs"] for summary in summaries] == [3, 2]
+    assert_same(weights(plain / "checkpoint-8"), weights(repeated / "checkpoint-8"))
+
+    resumed = tmp_path / "resumed"
+    stop_after_first_checkpoint(resume_options(tmp_path, resumed, **options))
+    trainer = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest", **options))
+    trainer.run()
+    assert trainer.summary["resumed_from"].endswith("checkpoint-4") and trainer.summary["steps_this_run"] == 4
+    assert_same(weights(plain / "checkpoint-8"), weights(resumed / "checkpoint-8"))
+    with pytest.raises(ValueError, match="dataset_repeats must be at least 1"):
+        resume_options(tmp_path, tmp_path / "none", dataset_repeats=0)
 
 
 def test_interrupted_checkpoint_never_becomes_latest(tmp_path, monkeypatch):

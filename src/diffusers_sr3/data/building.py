@@ -76,11 +76,13 @@ def build_training_data(
     random_rotate: bool = False,
     film_grain_max: float = 0.0,
     film_grain_probability: float = 0.5,
+    repeats: int = 1,
 ) -> TrainingData:
     """Pick the data source from the options and wrap it for training (see the module docstring).
 
     Exactly one of `train_images`, `train_dataset`, `dataset_name` / `train_data_files`, or `train_data_dir` is
     used, in that order of precedence (`train_data_dir` is the `data_dir` of `dataset_name` when both are given).
+    `repeats` passes over map-style data make one epoch ([`EpochSampler`]); a stream has no passes to repeat.
     """
     pair_maker = PairMaker(
         resolution,
@@ -94,6 +96,12 @@ def build_training_data(
     )
     if upscale_factor is not None and resolution % upscale_factor:
         raise ValueError(f"resolution {resolution} is not divisible by the upscale factor {upscale_factor}")
+
+    def streamed(stream: StreamingPairDataset, description: str) -> TrainingData:
+        if repeats != 1:
+            raise ValueError(f"--dataset_repeats {repeats}: {description} has no passes to repeat")
+        return TrainingData(stream, None, description)
+
     scan: Counter = Counter()
     source: Optional[ImageSource] = None
     if train_images is not None:
@@ -101,7 +109,7 @@ def build_training_data(
     elif train_dataset is not None:
         if isinstance(train_dataset, IterableDataset) or not hasattr(train_dataset, "__len__"):
             stream = StreamingPairDataset(train_dataset, image_column, pair_maker, seed, description="train_dataset")
-            return TrainingData(stream, None, "train_dataset (iterable)")
+            return streamed(stream, "train_dataset (iterable)")
         source = TorchDatasetSource(train_dataset, image_column, "train_dataset")
     elif dataset_name is not None or train_data_files or (streaming and train_data_dir is not None):
         loaded, name = load_datasets_source(
@@ -121,7 +129,7 @@ def build_training_data(
             if max_train_samples is not None:
                 loaded = loaded.take(max_train_samples)
             stream = StreamingPairDataset(loaded, image_column, pair_maker, seed, description=f"{name} (streamed)")
-            return TrainingData(stream, None, f"{name} (streamed)")
+            return streamed(stream, f"{name} (streamed)")
         source = TorchDatasetSource(loaded, image_column, name)
     elif train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
@@ -147,5 +155,8 @@ def build_training_data(
     if not len(source):
         raise ValueError(f"{source.description} is empty")
     return TrainingData(
-        PairDataset(source, pair_maker, seed), EpochSampler(len(source), seed), source.description, scan
+        PairDataset(source, pair_maker, seed),
+        EpochSampler(len(source), seed, repeats=repeats),
+        source.description,
+        scan,
     )

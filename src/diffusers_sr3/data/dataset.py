@@ -16,23 +16,34 @@ logger = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler):
-    """A shuffled order fixed by (seed, epoch), yielding `(epoch, index)` keys so samples know their epoch."""
+    """A shuffled order fixed by (seed, epoch), yielding `(epoch, index)` keys so samples know their epoch.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+    With `repeats` above 1, one epoch of the loader is that many passes over the data, each shuffled and keyed (so
+    augmented) as an epoch of its own: pass `p` of epoch `e` is data epoch `e * repeats + p`. A small dataset at a
+    large batch then makes epochs long enough that data loader workers rarely stand idle at an epoch's end.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, repeats: int = 1):
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self.size, self.seed, self.shuffle, self.repeats, self.epoch = size, seed, shuffle, repeats, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.size * self.repeats
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
+        first = self.epoch * self.repeats  # read now: the keys are made as the loader asks for them
+        return (key for data_epoch in range(first, first + self.repeats) for key in self._pass(data_epoch))
+
+    def _pass(self, data_epoch: int) -> Iterator[Tuple[int, int]]:
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + data_epoch))
         else:
             order = torch.arange(self.size)
-        return iter([(self.epoch, int(index)) for index in order])
+        return ((data_epoch, index) for index in order.tolist())
 
 
 class PairDataset(Dataset):

@@ -157,6 +157,12 @@ class TrainingConfig:
         "for a new model, a fine-tuned model's own)",
     )
     dataloader_num_workers: int = _option(0, "dataloader worker processes")
+    dataset_repeats: int = _option(
+        1,
+        "passes over the training images per epoch, each shuffled and augmented anew (not for streamed data): at a "
+        "large batch on a small dataset, longer epochs keep the data loader workers from idling at every epoch's end "
+        "(--num_epochs counts these longer epochs)",
+    )
 
     # Optimisation.
     train_batch_size: int = _option(16, "batch size per device")
@@ -254,7 +260,13 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        positive = ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_validation_images")
+        positive = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "num_epochs",
+            "num_validation_images",
+            "dataset_repeats",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

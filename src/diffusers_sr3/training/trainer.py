@@ -347,6 +347,23 @@ def _tracker_config(config: TrainingConfig) -> Dict[str, Any]:
     return flat
 
 
+def training_dataloader(data: TrainingData, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """The loader of `data`'s training batches, before `accelerate.prepare` shards it."""
+    return DataLoader(
+        data.dataset,
+        batch_size=batch_size,
+        sampler=data.sampler,
+        num_workers=num_workers,
+        drop_last=data.sampler is not None,
+        # Its own generator: creating an iterator must not consume the global RNG (exact resumes).
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        # Workers that outlive an epoch do not restart at every epoch's start. Only where the sampler's keys carry
+        # the epoch: a streamed dataset learns its epoch from `set_epoch`, which a persistent worker's copy misses.
+        persistent_workers=num_workers > 0 and data.sampler is not None,
+    )
+
+
 class Trainer:
     """Runs one training job described by a [`TrainingConfig`]; `train(config)` is `Trainer(config).run()`.
 
@@ -380,19 +397,6 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             log_with=report_to,
             project_config=project,
-        )
-
-    def _make_dataloader(self, data: TrainingData, seed: int) -> DataLoader:
-        config = self.config
-        return DataLoader(
-            data.dataset,
-            batch_size=config.train_batch_size,
-            sampler=data.sampler,
-            num_workers=config.dataloader_num_workers,
-            drop_last=data.sampler is not None,
-            # Its own generator: creating an iterator must not consume the global RNG (exact resumes).
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=torch.cuda.is_available(),
         )
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -523,6 +527,7 @@ class Trainer:
                 random_rotate=config.random_rotate,
                 film_grain_max=config.film_grain_max,
                 film_grain_probability=config.film_grain_probability,
+                repeats=config.dataset_repeats,
             )
         if data.skipped_at_scan:
             listed = ", ".join(f"{count} {reason}" for reason, count in sorted(data.skipped_at_scan.items()))
@@ -541,7 +546,7 @@ class Trainer:
     def _prepare_optimization(self, setup: ModelSetup, data: TrainingData, seed: int) -> _LoopState:
         """Dataloader, AdamW, the LR schedule over the run's length and EMA, passed through `accelerator.prepare`."""
         config, accelerator, model = self.config, self.accelerator, self.model
-        dataloader = self._make_dataloader(data, seed)
+        dataloader = training_dataloader(data, config.train_batch_size, config.dataloader_num_workers, seed)
         learning_rate = config.learning_rate
         if config.scale_lr:
             learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
