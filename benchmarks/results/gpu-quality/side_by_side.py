@@ -3,7 +3,8 @@
     python results/gpu-quality/side_by_side.py A_FOLDER B_FOLDER --output results/gpu-quality/side-by-side.png
 
 A and B are `model_report.py --save-outputs` folders of the same crops (one `outputs_<set>.npz` per set); the rows
-are the three crops of each set with the most HR edge energy, magnified x3.
+are the three crops of each set with the most HR edge energy, magnified x3. Sets whose crops differ in size from the
+first set's (the original's 128-pixel faces beside 64-pixel photo crops) are left out, with a note.
 """
 
 import argparse
@@ -31,6 +32,9 @@ def main() -> None:
         _, second = load_outputs(str(args.second / path.name))
         if not np.array_equal(first["HR"], second["HR"]):
             raise ValueError(f"{path.name}: the two folders hold different crops")
+        if rows and first["HR"].shape[-1] != rows[0].shape[0]:
+            print(f"left out {name}: {first['HR'].shape[-1]}-pixel crops, not {rows[0].shape[0]}")
+            continue
         hr = torch.from_numpy(first["HR"]).float() / 127.5 - 1  # as saved: 8 bits of [-1, 1]
         for index in busiest(hr, args.rows):
             columns = [first["bicubic"], first["SR3 fidelity"], second["SR3 fidelity"]]
