@@ -123,14 +123,25 @@ def gflop_per_image(config: Dict[str, Any]) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def loader_samples_per_second(folder: str, samples: int, resolution: int = 64, seed: int = 0) -> float:
-    """Training samples per second that one thread cuts from the images in `folder` as the shipped recipe does (x4
-    random crops, rotations and flips; what each data loader worker does)."""
+def training_data(folder: str, seed: int = 0, **options: Any) -> Any:
+    """The shipped recipe's training data from the images in `folder` (x4, random 64-pixel crops, rotations, flips)."""
     from diffusers_sr3.data.building import build_training_data
 
-    data = build_training_data(
-        resolution=resolution, upscale_factor=4, train_data_dir=folder, random_crop=True, random_rotate=True, seed=seed
+    return build_training_data(
+        resolution=64,
+        upscale_factor=4,
+        train_data_dir=folder,
+        random_crop=True,
+        random_rotate=True,
+        seed=seed,
+        **options,
     )
+
+
+def loader_samples_per_second(folder: str, samples: int, cache_images: bool = False) -> float:
+    """Training samples per second that one thread cuts from the images in `folder` as the shipped recipe does (what
+    each data loader worker does), decoding each image's file, or with `cache_images` from memory."""
+    data = training_data(folder, cache_images=cache_images)
     order = list(iter(data.sampler))
     data.dataset[order[0]]  # the first image opened
     started = time.perf_counter()
@@ -146,24 +157,16 @@ def loader_epochs(folder: str, workers: int, batch: int, repeats: int, seed: int
     dataset at a large batch, a whole epoch is about as many batches as the workers hold in flight)."""
     from torch.utils.data import DataLoader
 
-    from diffusers_sr3.data.building import build_training_data
     from diffusers_sr3.training.trainer import training_dataloader
 
     rows = []
-    for label, passes_per_epoch, persistent in (
-        ("workers restart every epoch (before)", 1, False),
-        ("persistent workers", 1, True),
-        (f"persistent workers, --dataset_repeats {repeats}", repeats, True),
+    for label, passes_per_epoch, persistent, cache_images in (
+        ("workers restart every epoch (before)", 1, False, False),
+        ("persistent workers", 1, True, False),
+        (f"persistent workers, --dataset_repeats {repeats}", repeats, True, False),
+        (f"persistent workers, --dataset_repeats {repeats} --cache_images", repeats, True, True),
     ):
-        data = build_training_data(
-            resolution=64,
-            upscale_factor=4,
-            train_data_dir=folder,
-            random_crop=True,
-            random_rotate=True,
-            seed=seed,
-            repeats=passes_per_epoch,
-        )
+        data = training_data(folder, seed, repeats=passes_per_epoch, cache_images=cache_images)
         loader = training_dataloader(data, batch, workers, seed)
         if not persistent:
             loader = DataLoader(
@@ -220,7 +223,8 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += [
             "",
             f"Data loader: one thread cuts {loader['samples_per_second']:.0f} training samples per second from "
-            f"{loader['folder']} (what each of `--dataloader_num_workers` does).",
+            f"{loader['folder']} (what each of `--dataloader_num_workers` does), "
+            f"{loader['cached_samples_per_second']:.0f} from images decoded into memory (`--cache_images`).",
         ]
     if report.get("loader", {}).get("epochs"):
         lines += [
@@ -304,10 +308,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a loader worker
         try:
-            rate = loader_samples_per_second(args.loader, args.loader_samples)
+            rates = [loader_samples_per_second(args.loader, args.loader_samples, cache) for cache in (False, True)]
         finally:
             torch.set_num_threads(previous)
-        report["loader"] = dict(folder=os.path.basename(os.path.normpath(args.loader)), samples_per_second=rate)
+        report["loader"] = dict(
+            folder=os.path.basename(os.path.normpath(args.loader)),
+            samples_per_second=rates[0],
+            cached_samples_per_second=rates[1],
+        )
         if args.loader_workers:
             report["loader"]["epochs"] = loader_epochs(
                 args.loader, args.loader_workers, args.loader_batch, args.loader_repeats

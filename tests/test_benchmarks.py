@@ -797,9 +797,9 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     assert report["loader"]["folder"] == "photos" and report["loader"]["samples_per_second"] > 0
     # The same passes over the 3 photos in each loader row: 4 epochs of 1 batch, or 2 epochs of 3 with 2 passes each.
     epochs = [(row["epochs"], row["batches_per_epoch"]) for row in report["loader"]["epochs"]]
-    assert epochs == [(4, 1), (4, 1), (2, 3)]
+    assert epochs == [(4, 1), (4, 1), (2, 3), (2, 3)] and report["loader"]["cached_samples_per_second"] > 0
     assert all(row["samples_per_second"] > 0 and row["first_batch_wait"] > 0 for row in report["loader"]["epochs"])
-    assert "--dataset_repeats 2 | 1 | 2 | 2 | 3 |" in (tmp_path / "training_throughput.md").read_text()
+    assert "--dataset_repeats 2 --cache_images | 1 | 2 | 2 | 3 |" in (tmp_path / "training_throughput.md").read_text()
     rows = [(row["network"], row["batch"], row["precision"]) for row in report["rows"]]
     assert rows == [("tiny", 2, "float32"), ("tiny", 2, "bf16"), ("tiny", 3, "float32"), ("tiny", 3, "bf16")]
     for row in report["rows"]:

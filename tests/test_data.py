@@ -3,6 +3,7 @@ parquet/imagefolder datasets, torch datasets; pair making and bad-image skipping
 
 import io
 import os
+import re
 import time
 
 import numpy as np
@@ -179,6 +180,39 @@ def test_epoch_sampler_repeats_passes_as_epochs_of_their_own():
         assert list(repeated) == plain_epochs[30 * epoch : 30 * (epoch + 1)]
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         EpochSampler(10, seed=1, repeats=0)
+
+
+def test_memory_cached_source_loads_what_decoding_gave(tmp_path):
+    from diffusers_sr3.data.decoding import BadImageError
+    from diffusers_sr3.data.sources import FileListSource, MemoryCachedSource, TorchDatasetSource
+
+    folder = make_image_folder(str(tmp_path / "images"))  # with a truncated image, which passes the header scan
+    source = FileListSource(find_images([folder]), folder)
+    source.scan(min_size=16)
+    cached = MemoryCachedSource(source)
+    assert len(cached) == len(source) and cached.name(1) == source.name(1)
+    failures = 0
+    for index in range(len(source)):
+        try:
+            expected = source.load(index)
+        except BadImageError as error:
+            failures += 1
+            for _ in range(2):
+                with pytest.raises(BadImageError, match=re.escape(str(error))):
+                    cached.load(index)
+            continue
+        loaded = cached.load(index)
+        assert torch.equal(loaded[0], expected[0]) and loaded[1] is None
+        loaded[0].fill_(0)  # what a caller does to its copy does not reach the cache
+        assert torch.equal(cached.load(index)[0], expected[0])
+    assert failures == 1
+    pixels = [image for image in cached.images if isinstance(image, tuple)]
+    assert len(pixels) == len(source) - 1 and all(image[0].dtype == np.uint8 for image in pixels)
+    assert cached.nbytes == sum(image[0].nbytes for image in pixels)
+    # Images that are not 8-bit (float tensors in a torch dataset) are kept as decoded, not rounded to 8 bits.
+    floats = MemoryCachedSource(TorchDatasetSource([torch.rand(3, 20, 24)], "image", "floats"))
+    assert isinstance(floats.images[0][0], torch.Tensor) and floats.nbytes == 3 * 20 * 24 * 4
+    assert torch.equal(floats.load(0)[0], floats.source.load(0)[0])
 
 
 def test_pair_maker_flip_keeps_the_pair_aligned():

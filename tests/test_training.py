@@ -178,6 +178,12 @@ def test_streamed_local_datasets(tmp_path, kind):
                 **fast_options(tmp_path / "o3", streaming=True, max_train_steps=3, dataset_repeats=2, **source)
             )
         )
+    with pytest.raises(ValueError, match="--cache_images: .*streamed.* has no end to cache up to"):
+        train(
+            TrainingConfig(
+                **fast_options(tmp_path / "o4", streaming=True, max_train_steps=3, cache_images=True, **source)
+            )
+        )
 
 
 @pytest.mark.parametrize("layout", ["folders", "lmdb"])

@@ -116,7 +116,7 @@ def test_a_finished_run_extends_from_an_epoch_boundary(tmp_path):
     assert_same(weights(straight / "checkpoint-6"), weights(extended / "checkpoint-6"))
 
 
-def test_repeated_passes_and_persistent_workers_train_as_plain_epochs(tmp_path):
+def test_repeated_passes_persistent_workers_and_cached_images_train_as_plain_epochs(tmp_path):
     # --dataset_repeats 2 makes one epoch of two passes (6 steps here), each keyed as an epoch of its own: the same
     # batches as two plain epochs, so the same weights. Its two loader workers persist into the second epoch (step 7)
     # and serve a resume that skips into the middle of the first.
@@ -135,6 +135,10 @@ def test_repeated_passes_and_persistent_workers_train_as_plain_epochs(tmp_path):
     trainer.run()
     assert trainer.summary["resumed_from"].endswith("checkpoint-4") and trainer.summary["steps_this_run"] == 4
     assert_same(weights(plain / "checkpoint-8"), weights(resumed / "checkpoint-8"))
+    # Images decoded once into memory, shared by the workers: the same samples, so the same weights.
+    cached = tmp_path / "cached"
+    train(resume_options(tmp_path, cached, cache_images=True, **options))
+    assert_same(weights(plain / "checkpoint-8"), weights(cached / "checkpoint-8"))
     with pytest.raises(ValueError, match="dataset_repeats must be at least 1"):
         resume_options(tmp_path, tmp_path / "none", dataset_repeats=0)
 

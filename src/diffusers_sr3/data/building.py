@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -16,6 +18,7 @@ from .pairs import PairMaker
 from .sources import (
     FileListSource,
     ImageSource,
+    MemoryCachedSource,
     SubsetSource,
     TorchDatasetSource,
     load_datasets_source,
@@ -23,6 +26,8 @@ from .sources import (
     prepared_source,
 )
 from .streaming import StreamingPairDataset
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,12 +82,14 @@ def build_training_data(
     film_grain_max: float = 0.0,
     film_grain_probability: float = 0.5,
     repeats: int = 1,
+    cache_images: bool = False,
 ) -> TrainingData:
     """Pick the data source from the options and wrap it for training (see the module docstring).
 
     Exactly one of `train_images`, `train_dataset`, `dataset_name` / `train_data_files`, or `train_data_dir` is
     used, in that order of precedence (`train_data_dir` is the `data_dir` of `dataset_name` when both are given).
-    `repeats` passes over map-style data make one epoch ([`EpochSampler`]); a stream has no passes to repeat.
+    `repeats` passes over map-style data make one epoch ([`EpochSampler`]); `cache_images` decodes its images once,
+    into memory ([`MemoryCachedSource`]). A stream has neither passes to repeat nor an end to cache up to.
     """
     pair_maker = PairMaker(
         resolution,
@@ -100,6 +107,8 @@ def build_training_data(
     def streamed(stream: StreamingPairDataset, description: str) -> TrainingData:
         if repeats != 1:
             raise ValueError(f"--dataset_repeats {repeats}: {description} has no passes to repeat")
+        if cache_images:
+            raise ValueError(f"--cache_images: {description} has no end to cache up to")
         return TrainingData(stream, None, description)
 
     scan: Counter = Counter()
@@ -154,6 +163,16 @@ def build_training_data(
         source = SubsetSource(source, max_train_samples)
     if not len(source):
         raise ValueError(f"{source.description} is empty")
+    if cache_images:
+        started = time.perf_counter()
+        source = MemoryCachedSource(source)
+        logger.info(
+            "decoded %d images of %s into memory (%.0f MB) in %.1f s",
+            len(source),
+            source.description,
+            source.nbytes / 2**20,
+            time.perf_counter() - started,
+        )
     return TrainingData(
         PairDataset(source, pair_maker, seed),
         EpochSampler(len(source), seed, repeats=repeats),

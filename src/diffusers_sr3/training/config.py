@@ -163,6 +163,12 @@ class TrainingConfig:
         "large batch on a small dataset, longer epochs keep the data loader workers from idling at every epoch's end "
         "(--num_epochs counts these longer epochs)",
     )
+    cache_images: bool = _option(
+        False,
+        "decode the training images once, before training, and keep their pixels in memory (about height x width x 3 "
+        "bytes each, shared by the loader's workers): samples are cut from memory instead of decoding a file each, "
+        "most of a worker's time on small tiles (not for streamed data)",
+    )
 
     # Optimisation.
     train_batch_size: int = _option(16, "batch size per device")

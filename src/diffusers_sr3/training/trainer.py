@@ -528,6 +528,7 @@ class Trainer:
                 film_grain_max=config.film_grain_max,
                 film_grain_probability=config.film_grain_probability,
                 repeats=config.dataset_repeats,
+                cache_images=config.cache_images,
             )
         if data.skipped_at_scan:
             listed = ", ".join(f"{count} {reason}" for reason, count in sorted(data.skipped_at_scan.items()))
