@@ -182,7 +182,7 @@ def test_epoch_sampler_repeats_passes_as_epochs_of_their_own():
         EpochSampler(10, seed=1, repeats=0)
 
 
-def test_memory_cached_source_loads_what_decoding_gave(tmp_path):
+def test_memory_cached_source_loads_what_decoding_gave(tmp_path, monkeypatch):
     from diffusers_sr3.data.decoding import BadImageError
     from diffusers_sr3.data.sources import FileListSource, MemoryCachedSource, TorchDatasetSource
 
@@ -213,6 +213,10 @@ def test_memory_cached_source_loads_what_decoding_gave(tmp_path):
     floats = MemoryCachedSource(TorchDatasetSource([torch.rand(3, 20, 24)], "image", "floats"))
     assert isinstance(floats.images[0][0], torch.Tensor) and floats.nbytes == 3 * 20 * 24 * 4
     assert torch.equal(floats.load(0)[0], floats.source.load(0)[0])
+    # More than the machine has: a clear error once the images cached so far pass 80% of what was available.
+    monkeypatch.setattr("diffusers_sr3.data.sources.available_memory", lambda: 2 * pixels[0][0].nbytes)
+    with pytest.raises(MemoryError, match=r"--cache_images: the first 2 of 6 images of .* take .* GiB, over 80%"):
+        MemoryCachedSource(source)
 
 
 def test_pair_maker_flip_keeps_the_pair_aligned():

@@ -180,16 +180,41 @@ class SubsetSource(ImageSource):
         return self.source.load(index)
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory available now (psutil, which Accelerate brings), or None where it cannot be told."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
 class MemoryCachedSource(ImageSource):
     """Another source's images decoded once and kept in memory, 8-bit images as their 8-bit pixels (a quarter of the
     decoded size; each loads back bit for bit as decoding gave it), others as decoded. Training then cuts its samples
     from memory instead of decoding a file for each. Built before the data loader's workers fork, which share it. An
     image that failed to decode fails again, with the same error, each time it is asked for.
+
+    Raises:
+        MemoryError: the images decoded so far already take `memory_fraction` of the memory that was available when
+            caching began (a clear error early, instead of the machine running out after a long wait).
     """
 
-    def __init__(self, source: ImageSource):
+    def __init__(self, source: ImageSource, memory_fraction: float = 0.8):
         self.source, self.description = source, source.description
-        self.images: List[Any] = [self._cached(index) for index in range(len(source))]
+        available = available_memory()
+        self.images: List[Any] = []
+        self.nbytes = 0  # the memory the cached pixels take
+        for index in range(len(source)):
+            self.images.append(self._cached(index))
+            if isinstance(self.images[-1], tuple):
+                self.nbytes += sum(self._size(image) for image in self.images[-1] if image is not None)
+            if available is not None and self.nbytes > memory_fraction * available:
+                raise MemoryError(
+                    f"--cache_images: the first {index + 1} of {len(source)} images of {self.description} already "
+                    f"take {self.nbytes / 2**30:.2f} GiB, over {memory_fraction:.0%} of the {available / 2**30:.2f} "
+                    "GiB available; train without --cache_images, or on fewer or smaller images"
+                )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -203,11 +228,9 @@ class MemoryCachedSource(ImageSource):
             raise cached
         return tuple(None if image is None else self._decoded(image) for image in cached)
 
-    @property
-    def nbytes(self) -> int:
-        """The memory the cached pixels take."""
-        images = [image for cached in self.images if isinstance(cached, tuple) for image in cached if image is not None]
-        return sum(image.nbytes if isinstance(image, np.ndarray) else image.numel() * 4 for image in images)
+    @staticmethod
+    def _size(image: Any) -> int:
+        return image.nbytes if isinstance(image, np.ndarray) else image.numel() * image.element_size()
 
     def _cached(self, index: int) -> Any:
         try:
