@@ -14,14 +14,19 @@ network does not travel to the device, is computed back here. `--resolution` set
 64; larger crops let the network see at training time more of what a whole photo shows it). What three device calls
 measured, and what the next should change, is in `benchmarks/results/gpu-quality/README.md`:
 
-    # here, once: what the device lacks, in a folder that git ignores and the call carries (about 41 MB; the call
-    # also carries the tracked tree, so the packaged weights and benchmarks/results/ must stay behind: 64 MiB in all)
-    echo /.gpu/ >> .git/info/exclude
+    # here, once (a fresh machine takes about 3 minutes): what the device lacks, in a folder that git ignores and the
+    # call carries (about 41 MB; the call also carries the tracked tree, so the packaged weights and benchmarks/results/
+    # must stay behind: 64 MiB in all). The packaged photographs must be installed here first, or the held-out split
+    # differs from the shipped run's; pyiqa's 5 never-seen photos come from its source archive.
+    apt-get install -y mate-backgrounds plasma-workspace-wallpapers
+    echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/unseen .gpu/faces
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .gpu/wheels diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 \
         multiprocess==0.70.19
     python benchmarks/shipped_photos.py --output .gpu    # .gpu/packaged, .gpu/photos: the shipped run's 78
-    cp pyiqa_ref_dir/*.bmp .gpu/unseen/ && cp -r ../shared/data/original_samples/* .gpu/faces/
+    python3 -m pip download --no-deps --no-binary=:all: pyiqa==0.1.16 -d /tmp && tar -xzf /tmp/pyiqa-0.1.16.tar.gz \
+        -C /tmp pyiqa-0.1.16/ResultsCalibra/ref_dir && cp /tmp/pyiqa-0.1.16/ResultsCalibra/ref_dir/*.bmp .gpu/unseen/
+    cp -r ../shared/data/original_samples/* .gpu/faces/
     # for the calls, a throwaway branch without the packaged weights, benchmarks/results/ and tests/fixtures/ (2.4 MB
     # tracked); afterwards `git checkout main && git branch -D device-slim` puts them back
     git checkout -b device-slim && git rm -r -q benchmarks/results tests/fixtures \
@@ -37,7 +42,13 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     # back here, on the files it returns (report.json, report.md, evaluation.png, one outputs_<set>.npz per test
     # set, each under the 16 MiB a returned file may have): FID, into a report; and the trained model, whole
     python benchmarks/gpu_quality.py --fid-of RETURNED/outputs_*.npz --output benchmarks/results/gpu-quality
-    python benchmarks/model_parts.py unpack RETURNED_PART_* --output /work/probe/gpu/model
+    python benchmarks/model_parts.py unpack RETURNED_PART_FOLDERS --output /work/probe/gpu/model
+    # the shipped model on the same crops, here (about 10 minutes), then its FID, and the two side by side
+    python benchmarks/model_report.py --model src/diffusers_sr3/pretrained/sr3-photos-x4 --no-fid --save-outputs \
+        --crops 256 --max-side 512 --whole-photos --unseen .gpu/unseen --unseen-crops 256 --faces .gpu/faces \
+        --output SHIPPED && python benchmarks/gpu_quality.py --fid-of SHIPPED/outputs_*.npz
+    python benchmarks/results/gpu-quality/side_by_side.py SHIPPED RETURNED --output FOLDER/side-by-side.png
+    # any other probe on the device prints as it goes (no `| tail`): a call that runs out its time returns only that
     # or, for 1.5 more minutes of training in the same call: `--no-report --minutes 7` (no --unseen, --faces), then
     # model_report.py here on the unpacked model (at width 128, sr3 upscale takes 2.4-3.3x the shipped model's time)
 
