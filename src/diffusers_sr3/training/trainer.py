@@ -717,7 +717,8 @@ class Trainer:
     @staticmethod
     def _timed(batches: Iterable[Dict[str, Any]], loop: _LoopState) -> Iterator[Dict[str, Any]]:
         """`batches`, the time spent waiting for each added to `loop.data_wait_seconds`: a loop that waits long
-        is bound by its data loader, not its device (more `--dataloader_num_workers`)."""
+        is bound by its data loader, not its device (more `--dataloader_num_workers`; on small datasets at large
+        batches `--dataset_repeats`; on small images `--cache_images`)."""
         iterator = iter(batches)
         while True:
             started = time.perf_counter()
