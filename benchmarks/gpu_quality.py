@@ -31,8 +31,10 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
     # tracked); afterwards `git checkout main && git branch -D device-slim` puts them back
     git checkout -b device-slim && git rm -r -q benchmarks/results tests/fixtures \
         src/diffusers_sr3/pretrained/sr3-photos-x4/*/diffusion_pytorch_model.safetensors && git commit -qm slim
-    # on the device: one call, carry [".gpu"], timeout 600 (call 3 ran 506 s: 5 minutes of training, the rest the
-    # tiles, packaging, the report and 40 s of training_throughput.py, measured now; a cold start adds about 40 s)
+    # on the device: one call, carry [".gpu"], timeout 600. The script ends within `--finish-within` (540 s) of its
+    # start, cutting the training to fit: call 4, before that option, spent 3.6 minutes cutting tiles in one process
+    # (now on every core) and ran out of time in training. Its output is not piped: `| tail` and `| grep` buffer, and
+    # a call that runs out of time returns only what it printed (call 4 and the loader probe before it returned nothing)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl \
         && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_quality.py --packaged-photos .gpu/packaged \
         --photos .gpu/photos --unseen .gpu/unseen --faces .gpu/faces --keep-model /tmp/kept --output $OUT
@@ -48,9 +50,23 @@ measured, and what the next should change, is in `benchmarks/results/gpu-quality
         --crops 256 --max-side 512 --whole-photos --unseen .gpu/unseen --unseen-crops 256 --faces .gpu/faces \
         --output SHIPPED && python benchmarks/gpu_quality.py --fid-of SHIPPED/outputs_*.npz
     python benchmarks/results/gpu-quality/side_by_side.py SHIPPED RETURNED --output FOLDER/side-by-side.png
-    # any other probe on the device prints as it goes (no `| tail`): a call that runs out its time returns only that
-    # or, for 1.5 more minutes of training in the same call: `--no-report --minutes 7` (no --unseen, --faces), then
-    # model_report.py here on the unpacked model (at width 128, sr3 upscale takes 2.4-3.3x the shipped model's time)
+    # to fine-tune the shipped model instead (the same network, so no cost in `sr3 upscale`; what the next call should
+    # run, benchmarks/results/gpu-quality/README.md): its pipeline without the guide, the weights xz-compressed (30.5
+    # -> 21.5 MB), carried in place of the faces and never-seen photos, so that all fits 64 MiB (about 56 MiB).
+    # Before the slim branch, which removes the weights:
+    mkdir -p .gpu/shipped/unet /work/gpu-aside && mv .gpu/faces .gpu/unseen /work/gpu-aside/
+    cp -r src/diffusers_sr3/pretrained/sr3-photos-x4/{model_index.json,pipeline_sr3.py,scheduler} .gpu/shipped/
+    cp src/diffusers_sr3/pretrained/sr3-photos-x4/unet/{config.json,unet_sr3.py} .gpu/shipped/unet/
+    xz -9 -c src/diffusers_sr3/pretrained/sr3-photos-x4/unet/diffusion_pytorch_model.safetensors \
+        > .gpu/shipped/unet/diffusion_pytorch_model.safetensors.xz
+    # the call, then one send call (the unguided width-64 model is one part), then here the shipped guide put back:
+    ... gpu_quality.py --fine-tune .gpu/shipped --packaged-photos .gpu/packaged --photos .gpu/photos --no-report \
+        --minutes 7 --keep-model /tmp/kept --output $OUT
+    python benchmarks/package_model.py --trained UNPACKED --output MODEL --guidance-scale 2 \
+        --guidance-unet src/diffusers_sr3/pretrained/sr3-photos-x4/guidance_unet
+    # or, for about 1.5 more minutes of training in the same call: `--no-report --minutes 7` (no --unseen, --faces),
+    # then model_report.py here on the unpacked model (at width 128, sr3 upscale takes 2.4-3.3x the shipped model's
+    # time: the report took 22 minutes on 2 cores)
 
 On a CPU (no GPU found), `--width 32 --max-steps 3 --crops 4 --unseen-crops 4` runs every part in about a minute:
 the test suite does, so the device call is not the first time the script runs.
@@ -60,9 +76,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
+import shutil
 import sys
 import tempfile
+import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -80,17 +99,60 @@ from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.metrics import frechet_inception_distance  # noqa: E402
 from diffusers_sr3.presets import NEW_MODEL_RECIPE, get_preset  # noqa: E402
 
+# What a call spends around its training loop on the H200 machine, kept free by `--finish-within`: call 4 took 40 s
+# from its tiles to its first step (the tiles decoded into memory); call 3 took 164 s for its tiles, the same setup,
+# packaging and the report together.
+SECONDS_BEFORE_TRAINING = 45
+SECONDS_AFTER_TRAINING = {"report": 150, "no report": 45}
+
+
+def training_minutes(args: argparse.Namespace, elapsed: float) -> float:
+    """`--minutes`, cut so that a call that has run `elapsed` seconds ends within `--finish-within` seconds."""
+    if args.finish_within is None:
+        return args.minutes
+    after = SECONDS_AFTER_TRAINING["no report" if args.no_report else "report"]
+    left = (args.finish_within - elapsed - SECONDS_BEFORE_TRAINING - after) / 60
+    if left < 0.5:
+        raise RuntimeError(
+            f"--finish-within {args.finish_within:g} s leaves {max(left, 0):.1f} minutes to train: {elapsed:.0f} s "
+            f"went before it, and {SECONDS_BEFORE_TRAINING + after} s are kept for what surrounds it"
+        )
+    if left < args.minutes:
+        print(f"training cut to {left:.2f} minutes, to finish within {args.finish_within:g} s", flush=True)
+    return min(args.minutes, left)
+
+
+def fine_tune_source(folder: str, work: str) -> str:
+    """A copy of the pipeline `folder` for the trainer to fine-tune: its `*.xz` files decompressed (the shipped weights
+    travel compressed, to fit a call's 64 MiB) and, if its guide's folder was left behind (for the same reason), its
+    guidance off."""
+    copy = os.path.join(work, "fine-tune-source")
+    shutil.copytree(folder, copy)
+    for root, _, files in os.walk(copy):
+        for name in (name for name in files if name.endswith(".xz")):
+            with lzma.open(os.path.join(root, name)) as packed, open(os.path.join(root, name[:-3]), "wb") as unpacked:
+                shutil.copyfileobj(packed, unpacked)
+            os.remove(os.path.join(root, name))
+    index_file = os.path.join(copy, "model_index.json")
+    index = json.load(open(index_file, encoding="utf-8"))
+    if index.get("guidance_unet", [None])[0] and not os.path.isdir(os.path.join(copy, "guidance_unet")):
+        write_json(index_file, dict(index, guidance_unet=[None, None], guidance_scale=1.0))
+    return copy
+
 
 def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> str:
-    """Train the `photos_x4` network at `args.width` on `tiles` with the shipped recipe; the saved pipeline folder."""
+    """Train the `photos_x4` network at `args.width` (or fine-tune `args.fine_tune_source`) on `tiles` with the shipped
+    recipe; the saved pipeline folder."""
     from diffusers_sr3.training import TrainingConfig, train
 
-    unet = get_preset("photos_x4").unet_config()
-    unet["block_out_channels"] = args.width
+    if args.fine_tune:
+        network = dict(pretrained_model_name_or_path=args.fine_tune_source)
+    else:
+        network = dict(unet_config=dict(get_preset("photos_x4").unet_config(), block_out_channels=args.width))
     recipe = {name: value for name, value in NEW_MODEL_RECIPE.items() if name != "noise_level_embedding_scale"}
     config = TrainingConfig(
         train_data_dir=tiles,
-        unet_config=unet,
+        **network,
         resolution=args.resolution,
         upscale_factor=4,
         random_crop=True,
@@ -100,7 +162,7 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
         lr_warmup_steps=args.warmup_steps,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         max_train_steps=args.max_steps,
-        max_train_minutes=args.minutes,
+        max_train_minutes=args.training_minutes,
         checkpointing_steps=args.checkpoint_every,
         validation_steps=0,
         dataloader_num_workers=args.workers,
@@ -163,9 +225,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--unseen", help="folder of photos never trained on (e.g. pyiqa's ref_dir)")
     parser.add_argument("--faces", help="folder of the original's samples (holding hr_*/ folders)")
     parser.add_argument("--width", type=int, default=128, help="the network's base channels (shipped: 64)")
+    parser.add_argument(
+        "--fine-tune",
+        help="a pipeline folder to go on training (a copy of the shipped model: see the docstring) instead of a new "
+        "network at --width; its `*.xz` files are decompressed, and its guide, if it has one, guides the result",
+    )
     parser.add_argument("--resolution", type=int, default=64, help="training crop size (shipped: 64)")
     parser.add_argument(
         "--minutes", type=float, default=5.5, help="training time (the whole call takes about 2.8 minutes more)"
+    )
+    parser.add_argument(
+        "--finish-within",
+        type=float,
+        default=540,
+        help="seconds from the script's start within which it must end: the training minutes are cut to fit (the "
+        "device's commands stop at 600 s; call 4 spent 3.6 minutes cutting tiles and ran out of them). 0: no limit",
     )
     parser.add_argument("--max-steps", type=int, default=200_000, help="training steps, if the minutes allow")
     parser.add_argument(
@@ -219,16 +293,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "training in the same call",
     )
     args = parser.parse_args(argv)
+    args.finish_within = args.finish_within or None
     if args.no_report and not args.keep_model:
         parser.error("--no-report keeps nothing to evaluate without --keep-model")
     if not args.fid_of and not args.output:
         parser.error("give --output (train and evaluate) or --fid-of (FID of returned outputs)")
+    if args.fine_tune and not os.path.isfile(os.path.join(args.fine_tune, "model_index.json")):
+        parser.error(f"--fine-tune {args.fine_tune} is not a pipeline folder (no model_index.json)")
     if args.keep_model and os.path.exists(args.keep_model):  # before minutes of training, not after
         parser.error(f"--keep-model {args.keep_model} exists: give a new folder")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    started = time.monotonic()
     args = parse_args(argv)
     if args.fid_of:
         table = fid_of_outputs(args.fid_of)
@@ -247,11 +325,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         photos.PHOTO_SOURCES[:] = [photos.PhotoSource("--packaged-photos", os.path.abspath(args.packaged_photos))]
     with tempfile.TemporaryDirectory() as work:
         tiles = os.path.join(work, "tiles")
+        if args.fine_tune:
+            args.fine_tune_source = fine_tune_source(args.fine_tune, work)
         photo_tiles.main(["--output", tiles, "--extra", *(find_images(args.photos) if args.photos else [])])
+        tiled = time.monotonic() - started
+        args.training_minutes = training_minutes(args, tiled)
         trained = train_wide_model(tiles, os.path.join(work, "trained"), args)
         model = os.path.join(work, "model")
         summary = json.load(open(os.path.join(trained, "training_summary.json"), encoding="utf-8"))
-        guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
+        width = json.load(open(os.path.join(trained, "unet", "config.json"), encoding="utf-8"))["block_out_channels"]
+        if args.fine_tune:  # the source's own guide, a weaker model still; none if it came without one
+            source_guide = os.path.join(args.fine_tune_source, "guidance_unet")
+            guide = (None, source_guide) if os.path.isdir(source_guide) else None
+        else:
+            guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
         guidance = ["--guidance-unet", guide[1], "--guidance-scale", str(args.guidance_scale)] if guide else []
         # As the shipped model: DDIM, bf16 weights, an earlier checkpoint of the run as the guide, detail mode in
         # windows of the training crop's size.
@@ -270,13 +357,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # Without the report, the call's minutes go to training; model_report.py then runs here on the kept model.
         report = {} if args.no_report else model_report.main(report_args)
     report["training"] = dict(
-        width=args.width,
+        width=width,
+        fine_tuned=bool(args.fine_tune),
         resolution=args.resolution,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         steps=summary["global_step"],
         steps_per_second=summary["steps_per_second"],
         data_wait_fraction=summary["data_wait_fraction"],  # high: the loader, not the GPU, bounds the steps/s
         batch_size=args.batch_size,
+        minutes=round(args.training_minutes, 2),
+        seconds_before_training=round(tiled, 1),  # the tiles, mostly
+        seconds=round(time.monotonic() - started, 1),
         dataset_repeats=args.dataset_repeats,
         guide_step=guide[0] if guide else None,
         kept_model_parts=len(kept["parts"]) if kept else None,

@@ -7,7 +7,7 @@ plans the files into parts that each fit one call's return: four at width 128, o
 part carries `manifest.json` (every file's size and SHA-256, the parts, and the SHA-256 of each model's weights file),
 and `unpack` rebuilds the folder byte for byte, checked against it. The weights travel as they are: int8 with a scale
 per output channel would halve the parts, but it moved the shipped model's detail mode by -0.46 dB on the held-out
-photos (docs/quality.md, "The GPU run, three times").
+photos (docs/quality.md, "The GPU run").
 
     # on the device, in the call that trains (gpu_quality.py --keep-model /tmp/kept does this), then one short call
     # per part, at once (a warm machine keeps what a call wrote for 30 s after it; a fresh one holds nothing):

@@ -3,9 +3,11 @@
 import argparse
 import importlib.util
 import json
+import lzma
 import math
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -757,9 +759,49 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
         gpu_quality.main(["--output", str(out), "--no-report"])
     trained = gpu_quality.main(
         ["--output", str(tmp_path / "trained"), *tiny, "--no-report", "--keep-model", str(tmp_path / "kept2")]
+        + ["--finish-within", "300"]  # the training cut to end the call in time: less the 90 s kept around it
     )
+    assert report["training"]["minutes"] == 5.5 and 3.0 < trained["training"]["minutes"] <= 3.5
+    assert 0 < trained["training"]["seconds_before_training"] < trained["training"]["seconds"]
+    with pytest.raises(RuntimeError, match="--finish-within 120 s leaves 0.0 minutes to train"):
+        gpu_quality.main(["--output", str(tmp_path / "late"), *tiny, "--finish-within", "120"])
     assert list(trained) == ["training"] and trained["training"]["kept_model_parts"] == 1
     assert [path.name for path in (tmp_path / "trained").iterdir()] == ["report.json"]
+
+    # Fine-tuning a packaged model as the shipped one travels to the device (its weights xz-compressed, its guide left
+    # behind): the network is the model's, not --width's, and it comes back trained and unguided.
+    def kept_model(name):
+        load("model_parts").send(str(tmp_path / name), 1, str(tmp_path / f"{name}-part1"))
+        load("model_parts").unpack([str(tmp_path / f"{name}-part1")], str(tmp_path / f"{name}-model"))
+        return SR3Pipeline.from_pretrained(tmp_path / f"{name}-model")
+
+    source = tmp_path / "source"
+    shutil.copytree(tmp_path / "model", source)
+    shutil.rmtree(source / "guidance_unet")
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    (source / "unet" / f"{weights.name}.xz").write_bytes(lzma.compress(weights.read_bytes()))
+    weights.unlink()
+    with pytest.raises(SystemExit):
+        gpu_quality.main(["--output", str(tmp_path / "tuned"), "--fine-tune", str(tmp_path / "missing")])
+    tune = [*tiny, "--width", "64", "--no-report"]
+    tuned = gpu_quality.main(
+        ["--output", str(tmp_path / "tuned"), *tune, "--fine-tune", str(source), "--keep-model", str(tmp_path / "k3")]
+    )
+    assert tuned["training"]["fine_tuned"] and tuned["training"]["width"] == 32 and tuned["training"]["steps"] == 3
+    start, result = SR3Pipeline.from_pretrained(tmp_path / "model"), kept_model("k3")
+    assert result.guidance_unet is None and result.config.guidance_scale == 1.0
+    assert result.config.residual_scale == start.config.residual_scale
+    moved = [not torch.equal(a, b) for a, b in zip(start.unet.state_dict().values(), result.unet.state_dict().values())]
+    assert len(moved) == len(start.unet.state_dict()) and any(moved)
+    # A source that keeps its guide: the guide, a weaker model still, guides the fine-tuned one as it did the source.
+    gpu_quality.main(
+        ["--output", str(tmp_path / "tuned2"), *tune, "--fine-tune", str(tmp_path / "model")]
+        + ["--keep-model", str(tmp_path / "k4")]
+    )
+    guided = kept_model("k4")
+    assert guided.config.guidance_scale == 2.0
+    for a, b in zip(start.guidance_unet.state_dict().values(), guided.guidance_unet.state_dict().values()):
+        assert torch.equal(a, b)
     table = gpu_quality.main(["--fid-of", *(str(out / file) for file in outputs), "--output", str(tmp_path / "here")])
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
     returned = json.loads((out / "report.json").read_text())
@@ -844,6 +886,25 @@ def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
     assert sorted(path.name for path in plain.iterdir()) == ["halves_128_0000.png", "halves_128_0001.png"]
     with pytest.raises(SystemExit):
         photo_tiles.main(arguments + ["--texture-copies", "-1"])
+    # In forked processes, a photograph each: the same tiles, byte for byte, and the same summary.
+    second = tmp_path / "second.png"
+    second.write_bytes(photo.read_bytes())
+    grid = arguments[4:]  # the tile, stride and scale
+    serial, forked = tmp_path / "serial", tmp_path / "forked"
+    photo_tiles.main(["--output", str(serial), "--extra", str(photo), str(second), *grid, "--jobs", "1"])
+    photo_tiles.main(["--output", str(forked), "--extra", str(photo), str(second), *grid, "--jobs", "2"])
+    assert sorted(path.name for path in forked.iterdir()) == sorted(path.name for path in serial.iterdir())
+    assert len(list(forked.iterdir())) == 4
+    assert all((forked / path.name).read_bytes() == path.read_bytes() for path in serial.iterdir())
+    assert (tmp_path / "forked.json").read_text() == (tmp_path / "serial.json").read_text()
+    # A corrupt photograph stops the run with its name, from a worker process as from this one.
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    for jobs in ("1", "2"):
+        with pytest.raises((RuntimeError, ValueError), match="corrupt.png"):
+            photo_tiles.main(
+                ["--output", str(tmp_path / f"bad{jobs}"), "--extra", str(photo), str(tmp_path / "corrupt.png")]
+                + [*grid, "--jobs", jobs]
+            )
 
 
 @pytest.mark.slow
