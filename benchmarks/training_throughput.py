@@ -35,6 +35,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from diffusers.training_utils import EMAModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_sr3 import SR3UNet2DModel, make_scheduler
@@ -113,6 +114,22 @@ def time_steps(config: Dict[str, Any], bfloat16: bool, batch: int, steps: int, d
         step().item()  # waits for the device
         timings.append(time.perf_counter() - started)
     return statistics.median(timings)
+
+
+def time_ema_update(config: Dict[str, Any], device: str, foreach: bool, steps: int = 20) -> float:
+    """Median seconds (after a warm-up update) of one update of diffusers' `EMAModel` of the network of `config`, as
+    the trainer keeps it at every optimizer step: a loop over the parameters, or one multi-tensor (`foreach`) update."""
+    unet = SR3UNet2DModel(**config).to(device)
+    parameters = list(unet.parameters())
+    ema = EMAModel(parameters, decay=0.999, use_ema_warmup=True, foreach=foreach)
+    timings = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        ema.step(parameters)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings[1:])
 
 
 def gflop_per_image(config: Dict[str, Any]) -> float:
@@ -218,6 +235,21 @@ def markdown(report: Dict[str, Any]) -> str:
             f"| {row['seconds_per_step']:.3f} | {row['steps_per_second']:.2f} | {row['images_per_second']:.1f} "
             f"| {row['gflop_per_image']:.2f} | {row['tflop_per_second']:.2f} | {row['speedup']:.2f}x |"
         )
+    if report.get("ema"):
+        lines += [
+            "",
+            "The EMA update the trainer makes after every optimizer step (diffusers' `EMAModel`, median of 20), over "
+            "the parameters one at a time (three kernels each) or in one multi-tensor update (`foreach=True`, what "
+            "the trainer uses):",
+            "",
+            "| network | parameter tensors | loop (ms) | foreach (ms) | foreach speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for row in report["ema"]:
+            lines.append(
+                f"| {row['network']} | {row['tensors']} | {row['loop_seconds'] * 1000:.2f} "
+                f"| {row['foreach_seconds'] * 1000:.2f} | {row['loop_seconds'] / row['foreach_seconds']:.2f}x |"
+            )
     if report.get("loader"):
         loader = report["loader"]
         lines += [
@@ -274,9 +306,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []
+    ema_rows: List[Dict[str, Any]] = []
     for name in args.networks:
         config = network_config(name, args.width)
-        parameters = sum(p.numel() for p in SR3UNet2DModel(**config).parameters())
+        tensors = list(SR3UNet2DModel(**config).parameters())
+        parameters = sum(tensor.numel() for tensor in tensors)
+        loop, foreach = (time_ema_update(config, args.device, foreach) for foreach in (False, True))
+        ema_rows.append(dict(network=name, tensors=len(tensors), loop_seconds=loop, foreach_seconds=foreach))
+        print(f"{name} EMA update: {loop * 1000:.2f} ms in a loop, {foreach * 1000:.2f} ms foreach", flush=True)
         gflop = gflop_per_image(config)
         for batch in args.batch:
             for precision in args.precisions:
@@ -303,6 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         width=args.width,
         steps=args.steps,
         rows=rows,
+        ema=ema_rows,
     )
     if args.loader:
         previous = torch.get_num_threads()

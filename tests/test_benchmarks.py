@@ -825,6 +825,7 @@ def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_
 
 def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     throughput = load("training_throughput")
+    tiny_config = throughput.network_config("tiny")
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
@@ -849,6 +850,16 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
         assert row["images_per_second"] == pytest.approx(row["batch"] / row["seconds_per_step"])
         assert row["tflop_per_second"] == pytest.approx(row["gflop_per_image"] * row["images_per_second"] / 1000)
     assert report["rows"][0]["speedup"] == 1.0
+    # The trainer's EMA update, timed as a loop over the parameters and as one multi-tensor update.
+    [ema] = report["ema"]
+    assert ema["network"] == "tiny" and ema["tensors"] == len(
+        list(throughput.SR3UNet2DModel(**tiny_config).parameters())
+    )
+    assert ema["loop_seconds"] > 0 and ema["foreach_seconds"] > 0
+    assert (
+        f"| tiny | {ema['tensors']} | {ema['loop_seconds'] * 1000:.2f} |"
+        in (tmp_path / "training_throughput.md").read_text()
+    )
     assert throughput.network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
     # Twice the width, about four times the arithmetic per image.
     tiny = throughput.network_config("tiny")

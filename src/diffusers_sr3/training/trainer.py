@@ -603,6 +603,9 @@ class Trainer:
                 use_ema_warmup=config.ema_use_warmup,
                 inv_gamma=config.ema_inv_gamma,
                 power=config.ema_power,
+                # One multi-tensor update instead of three kernels per parameter: on a GPU, hundreds of tiny launches
+                # at every step (the H200 run took 0.096 s per step against the network's 0.065 s alone).
+                foreach=True,
                 model_cls=SR3UNet2DModel,
                 model_config=model.config,
             )
