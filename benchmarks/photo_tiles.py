@@ -49,7 +49,8 @@ def main(argv: List[str] = None) -> None:
         type=int,
         default=len(os.sched_getaffinity(0)),
         help="photographs tiled at once, one process each (default: every core); the tiles are the same for any "
-        "number. One process on the H200 machine's 16 cores took 3.6 minutes (the GPU run's fourth call)",
+        "number. The shipped run's 78 photographs: 92 s in one process and 44 s in two on a 2-core machine; 3.6 "
+        "minutes in one on the H200 machine's 16 cores (the GPU run's fourth call)",
     )
     args = parser.parse_args(argv)
 
