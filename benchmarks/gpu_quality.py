@@ -140,13 +140,15 @@ def fine_tune_source(folder: str, work: str) -> str:
     return copy
 
 
-def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> str:
-    """Train the `photos_x4` network at `args.width` (or fine-tune `args.fine_tune_source`) on `tiles` with the shipped
-    recipe; the saved pipeline folder."""
+def train_wide_model(
+    tiles: str, output_dir: str, args: argparse.Namespace, minutes: float, source: Optional[str] = None
+) -> str:
+    """Train the `photos_x4` network at `args.width` (or fine-tune the pipeline `source`) on `tiles` with the shipped
+    recipe for at most `minutes`; the saved pipeline folder."""
     from diffusers_sr3.training import TrainingConfig, train
 
-    if args.fine_tune:
-        network = dict(pretrained_model_name_or_path=args.fine_tune_source)
+    if source:
+        network = dict(pretrained_model_name_or_path=source)
     else:
         network = dict(unet_config=dict(get_preset("photos_x4").unet_config(), block_out_channels=args.width))
     recipe = {name: value for name, value in NEW_MODEL_RECIPE.items() if name != "noise_level_embedding_scale"}
@@ -162,7 +164,7 @@ def train_wide_model(tiles: str, output_dir: str, args: argparse.Namespace) -> s
         lr_warmup_steps=args.warmup_steps,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         max_train_steps=args.max_steps,
-        max_train_minutes=args.training_minutes,
+        max_train_minutes=minutes,
         checkpointing_steps=args.checkpoint_every,
         validation_steps=0,
         dataloader_num_workers=args.workers,
@@ -325,17 +327,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         photos.PHOTO_SOURCES[:] = [photos.PhotoSource("--packaged-photos", os.path.abspath(args.packaged_photos))]
     with tempfile.TemporaryDirectory() as work:
         tiles = os.path.join(work, "tiles")
-        if args.fine_tune:
-            args.fine_tune_source = fine_tune_source(args.fine_tune, work)
+        source = fine_tune_source(args.fine_tune, work) if args.fine_tune else None
         photo_tiles.main(["--output", tiles, "--extra", *(find_images(args.photos) if args.photos else [])])
         tiled = time.monotonic() - started
-        args.training_minutes = training_minutes(args, tiled)
-        trained = train_wide_model(tiles, os.path.join(work, "trained"), args)
+        minutes = training_minutes(args, tiled)
+        trained = train_wide_model(tiles, os.path.join(work, "trained"), args, minutes, source)
         model = os.path.join(work, "model")
         summary = json.load(open(os.path.join(trained, "training_summary.json"), encoding="utf-8"))
         width = json.load(open(os.path.join(trained, "unet", "config.json"), encoding="utf-8"))["block_out_channels"]
-        if args.fine_tune:  # the source's own guide, a weaker model still; none if it came without one
-            source_guide = os.path.join(args.fine_tune_source, "guidance_unet")
+        if source:  # the source's own guide, a weaker model still; none if it came without one
+            source_guide = os.path.join(source, "guidance_unet")
             guide = (None, source_guide) if os.path.isdir(source_guide) else None
         else:
             guide = guide_checkpoint(trained, summary["global_step"], args.guide_fraction)
@@ -365,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         steps_per_second=summary["steps_per_second"],
         data_wait_fraction=summary["data_wait_fraction"],  # high: the loader, not the GPU, bounds the steps/s
         batch_size=args.batch_size,
-        minutes=round(args.training_minutes, 2),
+        minutes=round(minutes, 2),
         seconds_before_training=round(tiled, 1),  # the tiles, mostly
         seconds=round(time.monotonic() - started, 1),
         dataset_repeats=args.dataset_repeats,
