@@ -184,11 +184,11 @@ def loader_epochs(folder: str, workers: int, batch: int, repeats: int, seed: int
         (f"persistent workers, --dataset_repeats {repeats} --cache_images", repeats, True, True),
     ):
         data = training_data(folder, seed, repeats=passes_per_epoch, cache_images=cache_images)
-        loader = training_dataloader(data, batch, workers, seed)
-        if not persistent:
-            loader = DataLoader(
-                data.dataset, batch_size=batch, sampler=data.sampler, num_workers=workers, drop_last=True
-            )
+        loader = (
+            training_dataloader(data, batch, workers, seed)
+            if persistent
+            else DataLoader(data.dataset, batch_size=batch, sampler=data.sampler, num_workers=workers, drop_last=True)
+        )
         epochs, batches, first_waits = 2 * repeats // passes_per_epoch, 0, []
         started = time.perf_counter()
         for epoch in range(epochs):
