@@ -1,12 +1,12 @@
 """Probe: FreeU (Si et al., *FreeU: Free Lunch in Diffusion U-Net*, CVPR 2024) in the SR3 UNet and its guide, run
 through a benchmark script (see README.md beside this file).
 
-On the way up, at the two lowest-resolution levels, the first half of the backbone's channels is scaled by B (FreeU_v2:
-by `1 + (B - 1) * m`, with `m` the channel mean normalised to [0, 1] per image) and the skip connection's lowest
-frequencies (the centre 2x2 of its Fourier transform, FreeU's threshold 1) by S. FREEU="B1,B2,S1,S2", level 0 the
-lowest resolution.
+On the way up, at each of the first levels named (FreeU's recipe: the two lowest resolutions), the first half of the
+backbone's channels is scaled by B (FreeU_v2: by `1 + (B - 1) * m`, with `m` the channel mean normalised to [0, 1] per
+image) and the skip connection's lowest frequencies (the centre 2x2 of its Fourier transform, FreeU's threshold 1) by
+S. FREEU="B0,B1[,B2];S0,S1[,S2]", level 0 the lowest resolution.
 
-    FREEU="1.1,1.05,0.9,0.95" python probe.py samplers <benchmarks/samplers.py arguments>
+    FREEU="1.3,1.4;0.9,0.2" python probe.py samplers <benchmarks/samplers.py arguments>
 """
 
 import os
@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sampler_probe import run_benchmark  # noqa: E402
 
-from diffusers_sr3.models.unet_sr3 import SR3UNet2DModel, SR3UNet2DOutput  # noqa: E402
+from diffusers_sr3.models.unet_sr3 import SR3UNet2DModel  # noqa: E402
 
 BACKBONE, SKIP = ([float(value) for value in part.split(",")] for part in os.environ["FREEU"].split(";"))
 
@@ -45,37 +44,43 @@ def scaled_backbone(hidden_states: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.cat([hidden_states[:, :half] * weight, hidden_states[:, half:]], dim=1)
 
 
-def freeu_forward(self, sample, signal_level=None, condition_noise_level=None, return_dict=True):
-    batch = sample.shape[0]
-    signal_level = self._per_sample(signal_level, batch, sample.device, "signal_level")
-    embedding = self.noise_level_embedding(signal_level).to(sample.dtype)
-    unshuffle = self.config.get("pixel_unshuffle_factor", 1)
-    if unshuffle > 1:
-        sample = F.pixel_unshuffle(sample, unshuffle)
-    hidden_states = self.conv_in(sample)
-    skips = [hidden_states]
-    for level in self.down_levels:
+def install_freeu(model: SR3UNet2DModel) -> None:
+    """Hooks on `model`'s way up: each block of the first `len(BACKBONE)` levels gets its input, the backbone and the
+    skip concatenated, with FreeU applied to each side. Where the two split is the channel count of what ran just
+    before the block (the middle, the previous block or an upsampler), recorded by the other hooks."""
+    backbone_channels = {}
+
+    def record(module, inputs, output):
+        backbone_channels["last"] = output.shape[1]
+
+    def freeu(index):
+        def pre_hook(module, args):
+            joined, embedding = args
+            split = backbone_channels["last"]
+            backbone = scaled_backbone(joined[:, :split], BACKBONE[index])
+            skip = fourier_filter(joined[:, split:], SKIP[index])
+            return torch.cat([backbone, skip], dim=1), embedding
+
+        return pre_hook
+
+    model.mid_blocks[-1].register_forward_hook(record)
+    for index, level in enumerate(model.up_levels):
         for block in level.blocks:
-            hidden_states = block(hidden_states, embedding)
-            skips.append(hidden_states)
-        if level.downsampler is not None:
-            hidden_states = level.downsampler(hidden_states)
-            skips.append(hidden_states)
-    for block in self.mid_blocks:
-        hidden_states = block(hidden_states, embedding)
-    for index, level in enumerate(self.up_levels):
-        for block in level.blocks:
-            skip = skips.pop()
             if index < len(BACKBONE):
-                hidden_states = scaled_backbone(hidden_states, BACKBONE[index])
-                skip = fourier_filter(skip, SKIP[index])
-            hidden_states = block(torch.cat([hidden_states, skip], dim=1), embedding)
+                block.register_forward_pre_hook(freeu(index))
+            block.register_forward_hook(record)
         if level.upsampler is not None:
-            hidden_states = level.upsampler(hidden_states)
-    output = self.conv_out(hidden_states)
-    if unshuffle > 1:
-        output = F.pixel_shuffle(output, unshuffle)
-    return SR3UNet2DOutput(sample=output) if return_dict else (output,)
+            level.upsampler.register_forward_hook(record)
 
 
-run_benchmark(replacements={(SR3UNet2DModel, "forward"): freeu_forward})
+unhooked_forward = SR3UNet2DModel.forward
+
+
+def forward_with_freeu(self, *args, **kwargs):
+    if not getattr(self, "freeu_installed", False):
+        install_freeu(self)
+        self.freeu_installed = True
+    return unhooked_forward(self, *args, **kwargs)
+
+
+run_benchmark(replacements={(SR3UNet2DModel, "forward"): forward_with_freeu})
