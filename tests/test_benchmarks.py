@@ -825,7 +825,7 @@ def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_
 
 def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     throughput = load("training_throughput")
-    tiny_config = throughput.network_config("tiny")
+    tiny = throughput.network_config("tiny")
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
@@ -850,22 +850,16 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
         assert row["images_per_second"] == pytest.approx(row["batch"] / row["seconds_per_step"])
         assert row["tflop_per_second"] == pytest.approx(row["gflop_per_image"] * row["images_per_second"] / 1000)
     assert report["rows"][0]["speedup"] == 1.0
+    table = (tmp_path / "training_throughput.md").read_text()
     # The trainer's EMA update, timed as a loop over the parameters and as one multi-tensor update.
     [ema] = report["ema"]
-    assert ema["network"] == "tiny" and ema["tensors"] == len(
-        list(throughput.SR3UNet2DModel(**tiny_config).parameters())
-    )
+    assert ema["network"] == "tiny" and ema["tensors"] == len(list(throughput.SR3UNet2DModel(**tiny).parameters()))
     assert ema["loop_seconds"] > 0 and ema["foreach_seconds"] > 0
-    assert (
-        f"| tiny | {ema['tensors']} | {ema['loop_seconds'] * 1000:.2f} |"
-        in (tmp_path / "training_throughput.md").read_text()
-    )
+    assert f"| tiny | {ema['tensors']} | {ema['loop_seconds'] * 1000:.2f} |" in table
     assert throughput.network_config("previous")["channel_multipliers"] == (1, 2, 4, 8)
     # Twice the width, about four times the arithmetic per image.
-    tiny = throughput.network_config("tiny")
     wide = throughput.network_config("tiny", width=2 * tiny["block_out_channels"])
     assert 3.5 < throughput.gflop_per_image(wide) / report["rows"][0]["gflop_per_image"] < 4.5
-    table = (tmp_path / "training_throughput.md").read_text()
     assert "| tiny | 0.1M | 3 | bf16 |" in table and "one thread cuts" in table
     assert json.loads((tmp_path / "training_throughput.json").read_text()) == report
 
