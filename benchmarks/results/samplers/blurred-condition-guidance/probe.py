@@ -47,8 +47,10 @@ def denoise_with_blurred_guide(self, *args, guide=None, guidance_scale=1.0, **kw
         network = self.unet if GUIDE == "self" else guide
         sigma = sigma_for(guidance_scale)
 
-        def guide(model_input, signal_level, *rest, **options):  # noqa: F811
+        def blurred_input_guide(model_input, signal_level, *rest, **options):
             return network(blurred_condition(model_input, sigma), signal_level, *rest, **options)
+
+        guide = blurred_input_guide
 
     return original_denoise(self, *args, guide=guide, guidance_scale=guidance_scale, **kwargs)
 
