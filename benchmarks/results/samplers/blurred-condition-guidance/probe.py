@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sampler_probe import run_benchmark, setting_per_scale  # noqa: E402
 
+from diffusers_sr3.image_processing import lowpass  # noqa: E402
 from diffusers_sr3.pipelines.base import SR3BasePipeline  # noqa: E402
 
 GUIDE = os.environ.get("GUIDE", "self")
@@ -34,8 +34,7 @@ CONDITION_CHANNELS = 3
 
 def blurred_condition(model_input: torch.Tensor, sigma: float) -> torch.Tensor:
     """`model_input` (condition first, then the noisy image) with its condition blurred."""
-    radius = max(1, int(3 * sigma + 0.5))
-    condition = gaussian_blur(model_input[:, :CONDITION_CHANNELS], [2 * radius + 1] * 2, [sigma, sigma])
+    condition = lowpass(model_input[:, :CONDITION_CHANNELS], sigma)
     return torch.cat([condition, model_input[:, CONDITION_CHANNELS:]], dim=1)
 
 
