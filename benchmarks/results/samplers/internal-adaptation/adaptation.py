@@ -9,7 +9,7 @@ such pairs, cut from the input at a few scales and in its 8 orientations and deg
 the model's own training objective (SR3's L1 loss), and puts its own weights back when the block ends.
 
 The cost does not depend on the image's size: `steps` batches of `batch_size` training crops (300 x 16 crops of 64
-pixels take about a minute on 2 CPU cores).
+pixels took about 80 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def adapted_to(
         pipeline: an `SR3Pipeline` (super-resolution).
         image: the low-resolution input, one image in any form `SR3Pipeline` takes, at least `crop_size` pixels on
             each side: it is the high-resolution side of the pairs.
-        steps: optimizer steps (AdamW); 300 measured best on photos unlike the training ones (docs/quality.md).
+        steps: optimizer steps (AdamW); the probe's runs took 300 (docs/quality.md).
         learning_rate: AdamW learning rate, from the model's own weights.
         batch_size: crops per step.
         seed: draws the crops, the noise levels and the noise: the same seed adapts to the same weights.
