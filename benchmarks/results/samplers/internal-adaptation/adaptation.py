@@ -75,6 +75,11 @@ def internal_training_crops(
     return torch.cat(crops).clamp(-1, 1)
 
 
+def weights_copy(unet: torch.nn.Module) -> dict:
+    """A copy of `unet`'s weights (its state dict), detached, to load back later."""
+    return {name: value.detach().clone() for name, value in unet.state_dict().items()}
+
+
 def bfloat16_training(device: torch.device) -> bool:
     """Whether adaptation runs under bfloat16 autocast on `device`: where bfloat16 is native (`fast_bfloat16`), and on
     CPUs with AVX-512 bfloat16 instructions, where a training step measured 1.4x faster than in float32."""
@@ -152,7 +157,7 @@ def adapted_to(
     generator = torch.Generator().manual_seed(seed)
     internal_training_crops(source, 1, crop_size, torch.Generator())  # refuses a too small input before any work
 
-    original_weights = {name: value.detach().clone() for name, value in unet.state_dict().items()}
+    original_weights = weights_copy(unet)
     original_requires_grad = [parameter.requires_grad for parameter in unet.parameters()]
     was_training = unet.training
     autocast = (
