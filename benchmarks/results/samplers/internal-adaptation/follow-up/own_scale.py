@@ -20,6 +20,7 @@ import model_report  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
 from diffusers_sr3.image_io import find_images  # noqa: E402
+from diffusers_sr3.image_processing import upsample_condition  # noqa: E402
 from diffusers_sr3.metrics import edge_energy, quantize  # noqa: E402
 from diffusers_sr3.photos import packaged_photo_paths, photo_name, photo_split  # noqa: E402
 from diffusers_sr3.pretrained import default_model_path  # noqa: E402
@@ -39,7 +40,7 @@ def noise_sigma(image: torch.Tensor) -> float:
 def edges_against(target: torch.Tensor, low_resolution: torch.Tensor) -> str:
     """Bicubic and detail-mode edge energy of `low_resolution` upscaled, against `target`'s."""
     reference = edge_energy(target)
-    bicubic = model_report.WholePhotos([target], 64, 1, 0, 4).bicubic[0]
+    bicubic = upsample_condition(low_resolution, tuple(target.shape[-2:])).clamp(-1, 1)
     generator = torch.Generator().manual_seed(0)
     detail = pipeline((low_resolution + 1) / 2, mode="detail", generator=generator, output_type="pt").images * 2 - 1
     return f"{float(edge_energy(bicubic) / reference):.3f} | {float(edge_energy(detail) / reference):.3f}"
@@ -51,7 +52,7 @@ print("set | photo | real scale: bicubic | detail | own scale: bicubic | detail 
 for name, (paths, max_side) in sets.items():
     for path, hr in zip(paths, model_report.load_whole_photos(paths, 4, max_side)):
         lr = model_report.low_resolution_input(hr, 4)
-        lr = lr[..., : lr.shape[-2] // 4 * 4, : lr.shape[-1] // 4 * 4]
-        own_scale = edges_against(lr, model_report.low_resolution_input(lr, 4))
+        own_high = lr[..., : lr.shape[-2] // 4 * 4, : lr.shape[-1] // 4 * 4]  # x4 of a whole downsample
+        own_scale = edges_against(own_high, model_report.low_resolution_input(own_high, 4))
         real_scale = edges_against(hr, lr)
         print(f"{name} | {photo_name(path)} | {real_scale} | {own_scale} | {noise_sigma(lr):.2f}", flush=True)

@@ -28,7 +28,7 @@ from pictures import CROP, MAGNIFY, crop_places  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
 from diffusers_sr3.image_io import find_images  # noqa: E402
-from diffusers_sr3.image_processing import grid, tensor_to_pil  # noqa: E402
+from diffusers_sr3.image_processing import grid, tensor_to_pil, upsample_condition  # noqa: E402
 from diffusers_sr3.metrics import edge_energy, psnr_uint8, quantize  # noqa: E402
 from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split  # noqa: E402
 from diffusers_sr3.pretrained import default_model_path  # noqa: E402
@@ -69,7 +69,7 @@ photos = list(zip(never_seen, model_report.load_whole_photos(never_seen, 4))) + 
 print("photo | bicubic | weights: detail (packaged setting) / detail at guidance 1 (PSNR / edges of the HR's)")
 for path, hr in photos:
     lr = model_report.low_resolution_input(hr, 4)
-    bicubic = model_report.WholePhotos([hr], 64, 1, 0, 4).bicubic[0]
+    bicubic = upsample_condition(lr, tuple(hr.shape[-2:])).clamp(-1, 1)
     packaged = detail(lr)
     columns = [bicubic, packaged]
     row = [
