@@ -46,7 +46,7 @@ def edges_against(target: torch.Tensor, low_resolution: torch.Tensor) -> str:
     return f"{float(edge_energy(bicubic) / reference):.3f} | {float(edge_energy(detail) / reference):.3f}"
 
 
-training, heldout = photo_split(packaged_photo_paths(), heldout=0.25)
+heldout = photo_split(packaged_photo_paths(), heldout=0.25)[1]
 sets = {"never-seen": (find_images(["pyiqa_ref_dir"]), None), "held-out": (heldout, 512)}
 print("set | photo | real scale: bicubic | detail | own scale: bicubic | detail | input's noise sigma (/255)")
 for name, (paths, max_side) in sets.items():

@@ -30,7 +30,7 @@ from diffusers_sr3 import SR3Pipeline  # noqa: E402
 from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.image_processing import grid, tensor_to_pil, upsample_condition  # noqa: E402
 from diffusers_sr3.metrics import edge_energy, psnr_uint8, quantize  # noqa: E402
-from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split  # noqa: E402
+from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_name, photo_split  # noqa: E402
 from diffusers_sr3.pretrained import default_model_path  # noqa: E402
 
 pipeline = SR3Pipeline.from_pretrained(default_model_path())
@@ -61,8 +61,11 @@ parser.add_argument("photos", nargs="+", help="never-seen or held-out photos by 
 parser.add_argument("--pictures", type=pathlib.Path, help="folder for the pictures")
 args = parser.parse_args()
 names = args.photos
-never_seen = [path for path in find_images(["pyiqa_ref_dir"]) if pathlib.Path(path).stem in names]
-held = [path for path in heldout if pathlib.Path(path).stem in names]
+never_seen = [path for path in find_images(["pyiqa_ref_dir"]) if photo_name(path) in names]
+held = [path for path in heldout if photo_name(path) in names]
+unknown = set(names) - {photo_name(path) for path in never_seen + held}
+if unknown:
+    parser.error(f"no never-seen or held-out photo named {', '.join(sorted(unknown))}")
 photos = list(zip(never_seen, model_report.load_whole_photos(never_seen, 4))) + list(
     zip(held, model_report.load_whole_photos(held, 4, 512))
 )
@@ -73,7 +76,7 @@ for path, hr in photos:
     packaged = detail(lr)
     columns = [bicubic, packaged]
     row = [
-        pathlib.Path(path).stem,
+        photo_name(path),
         scores(bicubic, hr),
         f"packaged {scores(packaged, hr)} / {scores(detail(lr, guidance_scale=1.0), hr)}",
     ]
@@ -95,4 +98,4 @@ for path, hr in photos:
             [tensor_to_pil(image[..., top : top + CROP, left : left + CROP])[0] for image in columns + [hr]]
             for top, left in crop_places(hr)
         ]
-        grid(pictures, (CROP * MAGNIFY, CROP * MAGNIFY)).save(args.pictures / f"{pathlib.Path(path).stem}.png")
+        grid(pictures, (CROP * MAGNIFY, CROP * MAGNIFY)).save(args.pictures / f"{photo_name(path)}.png")
