@@ -519,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
-        "--backend", default="auto", choices=BACKENDS, help="as `sr3 upscale --backend` (auto: bf16 autocast on AMX)"
+        "--backend", default="auto", choices=BACKENDS, help="as `sr3 upscale --backend` (auto: bf16 where native)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fid", action="store_true", help="skip FID (it needs the [fid] extra)")

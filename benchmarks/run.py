@@ -10,7 +10,9 @@ Prints, and writes as JSON and a markdown table to --output:
 - end-to-end images per second of the pipeline for each scheduler and step count (measured up to
   --max-measured-steps, beyond that extrapolated from the measured per-step time and marked so);
 - one training step (batch --train-batch) per training variant: time, samples/s and peak memory (each in a fresh
-  process so peak memory is its own);
+  process so peak memory is its own), and what the peak is made of: the runtime, the parameters' four copies
+  (weights, gradients, Adam's moments) and the activations saved for the backward pass (under bf16 autocast these
+  include the weights' bfloat16 copies);
 - a scaling table of per-evaluation time over resolution and batch for the fastest inference variant.
 
 Timings on shared machines are noisy: compare the ratios within one run, not absolute numbers across runs.
@@ -210,8 +212,35 @@ TRAINING_VARIANTS = {
 }
 
 
+def gib(nbytes: float) -> float:
+    return nbytes / 2**30
+
+
+def resident_bytes(field: str) -> int:
+    """This process's resident memory from /proc/self/status: `VmRSS` (now) or `VmHWM` (its peak).
+
+    Not getrusage's ru_maxrss: Linux carries that over an exec from the process that started this one, so a training
+    worker would report at least the parent's resident memory. Elsewhere ru_maxrss is all there is.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def training_worker(preset_name: str, variant: Dict, batch: int, steps: int) -> Dict:
-    """Time `steps` training steps (after one warm-up) of one variant; runs in its own process."""
+    """Time `steps` training steps (after one warm-up) of one variant; runs in its own process.
+
+    Besides the time and the peak resident memory, it reports what that peak is made of: the runtime (the process
+    before the model exists), the parameters (weights, gradients and the optimizer's two moments: four copies), and the
+    activations autograd keeps for the backward pass (measured in the warm-up step: unique storages saved, parameters
+    excluded), the part that gradient checkpointing and the batch size change.
+    """
+    runtime = resident_bytes("VmRSS")
     preset = get_preset(preset_name)
     unet = build_unet(preset_name, torch.float32, variant["channels_last"]).train()
     if variant["checkpointing"]:
@@ -227,19 +256,34 @@ def training_worker(preset_name: str, variant: Dict, batch: int, steps: int) -> 
         condition = None if condition is None else condition.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if variant["autocast"] else contextlib.nullcontext()
 
-    def step():
+    parameter_storages = {parameter.untyped_storage().data_ptr() for parameter in unet.parameters()}
+    saved: Dict[int, int] = {}
+
+    def remember(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def step(measure: bool = False):
         batch_noised = noise_batch(unet, betas, target, condition, generator=generator)
-        with autocast:
+        hooks = torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor)
+        with autocast, hooks if measure else contextlib.nullcontext():
             loss = diffusion_loss(predict(unet, batch_noised), batch_noised)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = median_seconds(step, steps, 1)
+    step(measure=True)  # the warm-up
+    seconds = median_seconds(step, steps, 0)
+    parameter_bytes = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
     return {
         "seconds_per_step": seconds,
         "samples_per_second": batch / seconds,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": gib(resident_bytes("VmHWM")),
+        "runtime_gib": gib(runtime),
+        "parameters_gib": gib(4 * parameter_bytes),
+        "activations_gib": gib(sum(saved.values())),
     }
 
 
@@ -319,12 +363,17 @@ def markdown(report: Dict) -> str:
             )
     if report.get("training"):
         lines += ["", f"Training step, batch {report['train_batch']}:", ""]
-        lines += ["| variant | s / step | samples / s | speed-up | peak memory (GiB) | memory vs plain |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| variant | s / step | samples / s | speed-up | peak memory (GiB) | memory vs plain | of which runtime / "
+            "parameters x4 / activations saved (GiB) |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         for row in report["training"]:
             lines.append(
                 f"| {row['variant']} | {row['seconds_per_step']:.2f} | {row['samples_per_second']:.2f} | "
-                f"x{row['speedup_vs_plain_fp32']:.2f} | {row['peak_rss_gib']:.2f} | {row['memory_vs_plain_fp32']:.0%} |"
+                f"x{row['speedup_vs_plain_fp32']:.2f} | {row['peak_rss_gib']:.2f} | "
+                f"{row['memory_vs_plain_fp32']:.0%} | {row['runtime_gib']:.2f} / {row['parameters_gib']:.2f} / "
+                f"{row['activations_gib']:.2f} |"
             )
     if report.get("scaling"):
         lines += ["", f"Scaling ({report['fastest_variant']}), seconds per evaluation:", ""]

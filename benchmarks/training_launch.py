@@ -9,7 +9,7 @@ photographs downscaled to 256 pixels (so that decoding large JPEGs does not domi
 - `one thread`: `--num_threads 1`, the one thread `accelerate launch` leaves a process it does not know to be a CPU
   job (OMP_NUM_THREADS=1), which every CPU training under `accelerate launch` had before `--num_threads`;
 - `default`: `--num_threads` unset, so training takes the cores this process may run on;
-- `default, bf16`: the same under `--mixed_precision bf16`, fast only on CPUs with bfloat16 matrix units (AMX).
+- `default, bf16`: the same under `--mixed_precision bf16`, fast only on CPUs with native bfloat16 (AMX, AVX512-BF16).
 
 Steps/s come from each run's training_summary.json (its training seconds, the first step included, which is the
 same for every arm). Timings on shared machines are noisy: compare the ratios within one run. Writes

@@ -12,10 +12,10 @@ both shipped networks) for each network and precision:
 - any other preset name (`tiny` for the tests);
 
 each in float32 and under bfloat16 autocast (what `--mixed_precision bf16` does; fast only on hardware with
-bfloat16 matrix units, e.g. CPUs with AMX), at each `--batch`. Reports seconds per step (median after a warm-up
-step), steps/s, images/s, the network's GFLOP per image for a forward and backward pass (`torch.utils.flop_counter`)
-and the TFLOP/s that makes, and the speed-up over the first row. Timings on shared machines are noisy: compare the
-ratios within one run. Writes training_throughput.json and .md to --output.
+native bfloat16, e.g. CPUs with AMX or AVX512-BF16), at each `--batch`. Reports seconds per step (median after a
+warm-up step), steps/s, images/s, the network's GFLOP per image for a forward and backward pass
+(`torch.utils.flop_counter`) and the TFLOP/s that makes, and the speed-up over the first row. Timings on shared
+machines are noisy: compare the ratios within one run. Writes training_throughput.json and .md to --output.
 
 On a GPU, whether a larger batch is nearly free (the steps bound by their overhead, not by arithmetic; the GPU run's
 width-128 network at batch 128 used about 2% of an H200's bfloat16 rate):

@@ -13,7 +13,7 @@ against the HR (PSNR, uint8).
 Rows (`--rows`):
 - `bicubic`: the condition alone (the package's antialiased bicubic), timed in-process.
 - `fidelity`, `detail`: the model (`--model`, default the packaged one) with the default settings
-  (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX),
+  (untiled when it fits the memory budget; `--backend auto`: bfloat16 autocast on CPUs with AMX or AVX512-BF16),
   `--mode fidelity` / `--mode detail --steps STEPS` at the packaged model's detail settings (`--eta 1 --strength
   0.6`, which `--model` alone would not apply), with the model's guide if it has one.
 - `detail, unguided`: the same without autoguidance (`--guidance-scale 1`): half the evaluations per refinement step.

@@ -80,11 +80,13 @@ def test_auto_picks_bf16_only_for_float32_networks_on_fast_hardware(monkeypatch)
         resolve_backend("tensorrt", unet)
 
 
-def test_fast_bfloat16_asks_the_hardware(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert backends.fast_bfloat16("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not backends.fast_bfloat16("cpu")
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, fast", [(True, True, True), (True, False, True), (False, True, True), (False, False, False)]
+)
+def test_fast_bfloat16_asks_the_hardware(monkeypatch, amx, avx512_bf16, fast):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert backends.fast_bfloat16("cpu") is fast
     assert not backends.fast_bfloat16("meta")
 
 

@@ -61,7 +61,10 @@ def test_speed_benchmark_reports_every_section(tmp_path):
     assert all(row["relative_error_vs_fp32"] < 0.05 for row in report["inference"])
     assert [row["measured"] for row in report["pipeline"]] == [True, False]
     assert len(report["training"]) == 2 and report["training"][0]["speedup_vs_plain_fp32"] == 1.0
-    assert all(row["peak_rss_gib"] > 0 for row in report["training"])
+    assert all(row["peak_rss_gib"] > row["runtime_gib"] > 0 for row in report["training"])
+    plain, checkpointed = report["training"]
+    assert plain["parameters_gib"] == checkpointed["parameters_gib"] > 0
+    assert 0 < checkpointed["activations_gib"] < plain["activations_gib"]  # checkpointing keeps block inputs only
     assert {(row["resolution"], row["batch"]) for row in report["scaling"]} == {(32, 1), (32, 2), (64, 1), (64, 2)}
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["fastest_variant"] == report["fastest_variant"]

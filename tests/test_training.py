@@ -440,7 +440,7 @@ def test_cpu_training_takes_the_cores_that_accelerate_launch_left_it_one_of(tmp_
 
 
 def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypatch, caplog):
-    """bfloat16 autocast is emulated on CPUs without AMX, many times slower than float32: the run says so."""
+    """bfloat16 autocast is emulated on AVX2-only CPUs, many times slower than float32: the run says so."""
     import diffusers_sr3.training.trainer as trainer
 
     data = make_image_folder(tmp_path / "images", count=4)

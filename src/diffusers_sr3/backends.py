@@ -1,11 +1,11 @@
 """Runtimes for the SR3 UNet other than eager float32 PyTorch.
 
-- `"bf16"`: PyTorch under bfloat16 autocast with channels-last activations: matrix units (Intel AMX, recent
-  GPUs) run the convolutions, attention and linear layers in bfloat16 while normalisations and the output stay
-  float32. 3.2x per evaluation on a 2-core Sapphire Rapids CPU, 0.01 dB from float32 on photos
-  (benchmarks/upscale.py). [`AutocastUNet`].
+- `"bf16"`: PyTorch under bfloat16 autocast with channels-last activations: native bfloat16 hardware (Intel AMX,
+  AVX512-BF16, recent GPUs) runs the convolutions, attention and linear layers in bfloat16 while normalisations and
+  the output stay float32. 3.2x per evaluation on a 2-core Sapphire Rapids CPU (AMX); 1.4-1.5x end to end on a
+  2-core AMD EPYC with AVX512-BF16; 0.01 dB from float32 on photos (benchmarks/upscale.py). [`AutocastUNet`].
 - `"onnx"`: ONNX Runtime (fp32, CPU), an optional extra: `pip install "diffusers-sr3[onnx]"`. [`OnnxUNet`].
-- `"auto"` (what `sr3 upscale` uses by default): `"bf16"` on hardware with bfloat16 matrix units (see
+- `"auto"` (what `sr3 upscale` uses by default): `"bf16"` on hardware that multiplies bfloat16 natively (see
   [`fast_bfloat16`]), else `"torch"`.
 
 ```py
@@ -45,13 +45,17 @@ BACKENDS = ("auto", "torch", "bf16", "onnx")
 
 
 def fast_bfloat16(device: Union[str, torch.device]) -> bool:
-    """Whether `device` multiplies bfloat16 matrices natively: a CPU with AMX tiles, or a CUDA GPU with bf16 support.
+    """Whether `device` multiplies bfloat16 matrices natively: a CPU with AMX tiles or with AVX512-BF16 dot products
+    (Intel Cooper Lake and later, AMD Zen 4 and later), or a CUDA GPU with bf16 support.
 
-    Elsewhere (AVX2-only CPUs, older GPUs) bfloat16 is emulated and slower than float32.
+    AMX runs bfloat16 convolutions many times faster than float32; AVX512-BF16 twice as fast (its dot products do
+    twice the float32 multiply-adds per instruction). Elsewhere (AVX2-only CPUs, older GPUs) bfloat16 is emulated and
+    slower than float32.
     """
     device = torch.device(device)
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported())
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return bool(torch.backends.mkldnn.is_available() and native)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False

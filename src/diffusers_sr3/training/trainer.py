@@ -475,8 +475,9 @@ class Trainer:
         logger.info("training on CPU with %d threads per process", torch.get_num_threads())
         if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
             logger.warning(
-                "--mixed_precision bf16 on a CPU without bfloat16 matrix units (%s): bfloat16 is emulated here and "
-                "trains many times slower than float32 (benchmarks/training_launch.py); leave it out on this machine",
+                "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
+                "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave it "
+                "out on this machine",
                 cpu_name(),
             )
         return torch.get_num_threads()
