@@ -267,8 +267,10 @@ def training_worker(preset_name: str, variant: Dict, batch: int, steps: int) -> 
 
     def step(measure: bool = False):
         batch_noised = noise_batch(unet, betas, target, condition, generator=generator)
-        hooks = torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor)
-        with autocast, hooks if measure else contextlib.nullcontext():
+        saved_activations = contextlib.nullcontext()
+        if measure:
+            saved_activations = torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor)
+        with autocast, saved_activations:
             loss = diffusion_loss(predict(unet, batch_noised), batch_noised)
         loss.backward()
         optimizer.step()
