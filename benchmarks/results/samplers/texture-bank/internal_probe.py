@@ -99,7 +99,7 @@ def main(argv: Optional[list] = None) -> None:
     table = probe.score(rows, hr, degrade(hr, probe.FACTOR)[0])
     report = {"set": set_name, "crops": hr.shape[0], "correlation": correlation, "rows": table}
     print(write_report(args.output, "texture_bank", report, probe.markdown(set_name, hr.shape[0], correlation, table)))
-    probe.picture(rows, hr, 3).save(os.path.join(args.output, "texture_bank.png"))
+    probe.fid_references.picture(rows, hr, list(rows), 3).save(os.path.join(args.output, "texture_bank.png"))
 
 
 if __name__ == "__main__":

@@ -23,30 +23,24 @@ what the network drew counts first. The same luma detail goes into the three cha
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
 sys.path.insert(0, BENCHMARKS)
-import model_report  # noqa: E402  (its FID helper, saved outputs and crop picks)
+import fid_references  # noqa: E402  (its scores and picture)
+import model_report  # noqa: E402  (its saved outputs)
 from report_files import write_report  # noqa: E402
 
-from diffusers_sr3.image_processing import degrade, grid, tensor_to_pil  # noqa: E402
+from diffusers_sr3.image_processing import degrade  # noqa: E402
 from diffusers_sr3.metrics import (  # noqa: E402
     consistency_unit,
-    edge_energy,
     flat_grain,
-    frechet_inception_distance,
-    psnr_uint8,
-    quantize,
 )
 from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_split  # noqa: E402
 
@@ -56,10 +50,6 @@ KEY_SIGMA, ENERGY_SIGMA = 2.0, 2.0
 KEY_DIMENSIONS = 32
 # Windows flatter than this (RMS of the key band, [-1, 1] units) get no texture: there is none to match.
 MIN_CONTRAST = 0.01
-
-
-def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    return gaussian_blur(images, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:
@@ -73,7 +63,7 @@ def invisible(residual: torch.Tensor) -> torch.Tensor:
 
 def key_windows(upsampled: torch.Tensor) -> torch.Tensor:
     """`(B, L, KEY_WINDOW^2)` windows of the band the input shows, centred on the value windows."""
-    band = luma(upsampled) - blur(luma(upsampled), KEY_SIGMA)
+    band = luma(upsampled) - fid_references.blur(luma(upsampled), KEY_SIGMA)
     pad = (KEY_WINDOW - VALUE_WINDOW) // 2
     band = F.pad(band, (pad, pad, pad, pad), mode="reflect")
     return F.unfold(band, KEY_WINDOW, stride=STRIDE).transpose(1, 2)
@@ -123,29 +113,18 @@ def bank_detail(upsampled: torch.Tensor, bank: Tuple[torch.Tensor, ...], chunk: 
 
 def with_texture(upsampled: torch.Tensor, output: torch.Tensor, detail: torch.Tensor, gain: float) -> torch.Tensor:
     """`output` with `gain` x the bank's detail where its own invisible detail falls short of it."""
-    own = blur(invisible(luma(output) - luma(upsampled)).pow(2), ENERGY_SIGMA)
-    wanted = blur(detail.pow(2), ENERGY_SIGMA)
+    own = fid_references.blur(invisible(luma(output) - luma(upsampled)).pow(2), ENERGY_SIGMA)
+    wanted = fid_references.blur(detail.pow(2), ENERGY_SIGMA)
     amplitude = ((gain**2 * wanted - own).clamp(min=0) / wanted.clamp(min=1e-8)).sqrt()
     return (output + amplitude * detail).clamp(-1, 1)
 
 
 def score(rows: Dict[str, torch.Tensor], hr: torch.Tensor, lr: torch.Tensor) -> List[Dict[str, object]]:
-    fids = model_report.fids(frechet_inception_distance(), hr, list(rows.values()))
-    hr_uint8 = quantize(hr)
-    table = []
-    for (name, images), fid in zip(rows.items(), fids):
-        images_uint8 = quantize(images)
-        table.append(
-            {
-                "output": name,
-                "psnr": float(psnr_uint8(images_uint8, hr_uint8).mean()),
-                "edges": float(edge_energy(images_uint8).sum() / edge_energy(hr_uint8).sum()),
-                "fid": fid,
-                "fid_x_bicubic": fid / fids[0],
-                "consistency_1e5": float(consistency_unit(images, lr).mean()) * 1e5,
-                "flat_grain": flat_grain(images, hr, FACTOR),
-            }
-        )
+    """`fid_references.score` (PSNR, edges, FID as a multiple of the first row's), with consistency and flat grain."""
+    table = fid_references.score(rows, hr)
+    for row, images in zip(table, rows.values()):
+        row["consistency_1e5"] = float(consistency_unit(images, lr).mean()) * 1e5
+        row["flat_grain"] = flat_grain(images, hr, FACTOR)
     return table
 
 
@@ -161,17 +140,9 @@ def markdown(set_name: str, crops: int, correlation: float, table: List[Dict[str
     for row in table:
         lines.append(
             f"| {row['output']} | {row['psnr']:.2f} | {row['edges']:.3f} | {row['fid']:.1f} "
-            f"({row['fid_x_bicubic']:.3f}x) | {row['consistency_1e5']:.2f} | {row['flat_grain']:.2f} |"
+            f"({row['fid_x_first']:.3f}x) | {row['consistency_1e5']:.2f} | {row['flat_grain']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def picture(rows: Dict[str, torch.Tensor], hr: torch.Tensor, magnify: int) -> PIL.Image.Image:
-    """The most detailed crops and the flattest: each row's output, then the HR."""
-    chosen = model_report.busiest(hr, 4) + [model_report.flattest(hr)]
-    columns = list(rows.values()) + [hr]
-    size = (hr.shape[-1] * magnify, hr.shape[-2] * magnify)
-    return grid([[tensor_to_pil(c[i : i + 1])[0].resize(size, PIL.Image.NEAREST) for c in columns] for i in chosen])
 
 
 def main(argv: Sequence[str] = None) -> None:
@@ -197,7 +168,7 @@ def main(argv: Sequence[str] = None) -> None:
     table = score(rows, hr, lr)
     report = {"set": set_name, "crops": hr.shape[0], "correlation": correlation, "rows": table}
     print(write_report(args.output, "texture_bank", report, markdown(set_name, hr.shape[0], correlation, table)))
-    picture(rows, hr, 3).save(os.path.join(args.output, "texture_bank.png"))
+    fid_references.picture(rows, hr, list(rows), 3).save(os.path.join(args.output, "texture_bank.png"))
 
 
 if __name__ == "__main__":
