@@ -36,21 +36,12 @@ from diffusers_sr3.photos import packaged_photo_paths, photo_split  # noqa: E402
 
 def internal_bank(low_resolution: torch.Tensor):
     """`probe.build_bank`'s bank from the 8 orientations of one `(1, 3, h, w)` LR."""
-    keys, values = [], []
-    for flipped in (low_resolution, low_resolution.flip(-1)):
-        for turns in range(4):
-            image = torch.rot90(flipped, turns, (-2, -1))
-            image = image[..., : image.shape[-2] // 4 * 4, : image.shape[-1] // 4 * 4]
-            upsampled = degrade(image, probe.FACTOR)[1]
-            keys.append(probe.key_windows(upsampled)[0])
-            values.append(probe.value_windows(probe.invisible(probe.luma(image) - probe.luma(upsampled)))[0])
-    keys, values = torch.cat(keys), torch.cat(values)
-    contrast = keys.pow(2).mean(1).sqrt()
-    keep = contrast > probe.MIN_CONTRAST
-    keys, values, contrast = keys[keep] / contrast[keep, None], values[keep] / contrast[keep, None], contrast[keep]
-    _, _, basis = torch.linalg.svd(keys - keys.mean(0), full_matrices=False)
-    projection = basis[: probe.KEY_DIMENSIONS].T
-    return keys @ projection, values, projection
+    windows = [
+        probe.example_windows(torch.rot90(flipped, turns, (-2, -1)))
+        for flipped in (low_resolution, low_resolution.flip(-1))
+        for turns in range(4)
+    ]
+    return probe.normalised_bank(torch.cat([k for k, _ in windows]), torch.cat([v for _, v in windows]))
 
 
 def main(argv: Optional[list] = None) -> None:

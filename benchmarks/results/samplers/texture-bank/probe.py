@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -79,18 +79,33 @@ def build_bank(max_side: int, size: int, seed: int) -> Tuple[torch.Tensor, torch
     keys, values = [], []
     for path in train:
         hr = torch.from_numpy(np.array(load_photo(path, max_side))).permute(2, 0, 1).float()[None] / 127.5 - 1
-        hr = hr[..., : hr.shape[-2] // FACTOR * FACTOR, : hr.shape[-1] // FACTOR * FACTOR]
-        upsampled = degrade(hr, FACTOR)[1]
-        keys.append(key_windows(upsampled)[0])
-        values.append(value_windows(invisible(luma(hr) - luma(upsampled)))[0])
-    keys, values = torch.cat(keys), torch.cat(values)
+        photo_keys, photo_values = example_windows(hr)
+        keys.append(photo_keys)
+        values.append(photo_values)
+    bank = normalised_bank(torch.cat(keys), torch.cat(values), size, seed)
+    print(f"bank: {len(train)} training photos, {bank[0].shape[0]} windows", flush=True)
+    return bank
+
+
+def example_windows(hr: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The key and value windows of one `(1, 3, H, W)` example HR (cropped to a multiple of the factor)."""
+    hr = hr[..., : hr.shape[-2] // FACTOR * FACTOR, : hr.shape[-1] // FACTOR * FACTOR]
+    upsampled = degrade(hr, FACTOR)[1]
+    return key_windows(upsampled)[0], value_windows(invisible(luma(hr) - luma(upsampled)))[0]
+
+
+def normalised_bank(
+    keys: torch.Tensor, values: torch.Tensor, size: Optional[int] = None, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows above MIN_CONTRAST (`size` of them at random, if given) divided by their contrast, the keys projected
+    on their first KEY_DIMENSIONS principal components: `(keys, values, projection)`."""
     contrast = keys.pow(2).mean(1).sqrt()
     keep = torch.nonzero(contrast > MIN_CONTRAST)[:, 0]
-    keep = keep[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(seed))[:size]]
+    if size is not None:
+        keep = keep[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(seed))[:size]]
     keys, values, contrast = keys[keep] / contrast[keep, None], values[keep] / contrast[keep, None], contrast[keep]
     _, _, basis = torch.linalg.svd(keys - keys.mean(0), full_matrices=False)
     projection = basis[:KEY_DIMENSIONS].T
-    print(f"bank: {len(train)} training photos, {keys.shape[0]} windows", flush=True)
     return keys @ projection, values, projection
 
 
