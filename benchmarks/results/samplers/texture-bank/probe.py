@@ -109,16 +109,28 @@ def normalised_bank(
     return keys @ projection, values, projection
 
 
-def bank_detail(upsampled: torch.Tensor, bank: Tuple[torch.Tensor, ...], chunk: int = 4096) -> torch.Tensor:
-    """The bank's detail `(B, 1, H, W)` for bicubic upsamples `(B, 3, H, W)`."""
+def bank_detail(
+    upsampled: torch.Tensor, bank: Tuple[torch.Tensor, ...], chunk: int = 4096, max_distance: Optional[float] = None
+) -> torch.Tensor:
+    """The bank's detail `(B, 1, H, W)` for bicubic upsamples `(B, 3, H, W)`. With `max_distance`, each window's value
+    is weighted by `1 - d / max_distance` (clamped to [0, 1]), d the squared distance of its key from the nearest one
+    relative to its own squared norm, both in the projection: texture only where the bank holds a close match."""
     bank_keys, bank_values, projection = bank
     batch, _, height, width = upsampled.shape
     keys = key_windows(upsampled)
     contrast = keys.pow(2).mean(2, keepdim=True).sqrt()
     queries = (keys / contrast.clamp(min=1e-4)).reshape(-1, keys.shape[-1]) @ projection
     bank_norms = bank_keys.pow(2).sum(1)
-    nearest = torch.cat([(bank_norms[None] - 2 * q @ bank_keys.T).argmin(1) for q in queries.split(chunk)])
-    windows = bank_values[nearest].reshape(batch, -1, bank_values.shape[-1]) * contrast * (contrast > MIN_CONTRAST)
+    nearest, distances = [], []
+    for q in queries.split(chunk):
+        closest = (bank_norms[None] - 2 * q @ bank_keys.T).min(1)
+        nearest.append(closest.indices)
+        norms = q.pow(2).sum(1)
+        distances.append((closest.values + norms) / norms.clamp(min=1e-8))
+    windows = bank_values[torch.cat(nearest)].reshape(batch, -1, bank_values.shape[-1])
+    windows = windows * contrast * (contrast > MIN_CONTRAST)
+    if max_distance is not None:
+        windows = windows * (1 - torch.cat(distances).reshape(batch, -1, 1) / max_distance).clamp(0, 1)
 
     def fold(x: torch.Tensor) -> torch.Tensor:
         return F.fold(x.transpose(1, 2), (height, width), VALUE_WINDOW, stride=STRIDE)
@@ -143,10 +155,17 @@ def score(rows: Dict[str, torch.Tensor], hr: torch.Tensor, lr: torch.Tensor) -> 
     return table
 
 
-def markdown(set_name: str, crops: int, correlation: float, table: List[Dict[str, object]]) -> str:
+def markdown(set_name: str, crops: int, correlation: Optional[float], table: List[Dict[str, object]]) -> str:
+    """The rows as a table, under a line saying what they measure (and, where given, the correlation of the bank's
+    detail with the truth)."""
+    said = (
+        ""
+        if correlation is None
+        else "Correlation of the bank's detail (on the bicubic upsample) with the HR's invisible detail: "
+        f"{correlation:.3f}. "
+    )
     lines = [
-        f"{set_name}, {crops} crops. Correlation of the bank's detail (on the bicubic upsample) with the HR's "
-        f"invisible detail: {correlation:.3f}. Consistency on the crops (MSE / 1e-5); flat grain: fine-detail RMS "
+        f"{set_name}, {crops} crops. {said}Consistency on the crops (MSE / 1e-5); flat grain: fine-detail RMS "
         "(/255) on the flattest tenth of the crops.",
         "",
         "| output | PSNR | edges / HR | FID (x bicubic) | consistency | flat grain |",
