@@ -12,6 +12,8 @@ the input shows, its windows stamped blobs and streaks along oars and slats. Two
   `1 - coherence / max_coherence`, clamped to [0, 1], on the photo's bicubic upsample whole, cut at the crops.
 - by match (`--max-distance`): each window's value is weighted by how close the bank's nearest key lies
   (`probe.bank_detail`'s `max_distance`), as Glasner et al. keep only confident internal matches.
+A third rule keeps only the texture's finest band (`--fine-sigma`: the texture minus its Gaussian blur), where film
+grain lies, and drops the coarser part that stamps shapes.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--tensor-sigma", type=float, default=6.0)
     parser.add_argument("--max-coherence", type=float, nargs="*", default=[])
     parser.add_argument("--max-distance", type=float, nargs="*", default=[])
+    parser.add_argument("--fine-sigma", type=float, nargs="*", default=[], help="the finest band only, above a blur")
     parser.add_argument("--diagnose", action="store_true", help="print the gates' means by kind of crop; no FID")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
@@ -120,11 +123,16 @@ def main(argv: Optional[list] = None) -> None:
         kept = by_kind(matched.pow(2), texture_crops, ungated.pow(2))
         print(f"{set_name}, max distance {max_distance:g}: texture energy kept {kept}", flush=True)
         gated.update({f"gain {gain:g}, max distance {max_distance:g}": (matched, gain) for gain in args.gains})
+    for sigma in args.fine_sigma:
+        finest = probe.invisible(ungated - probe.fid_references.blur(ungated, sigma))
+        kept = by_kind(finest.pow(2), texture_crops, ungated.pow(2))
+        print(f"{set_name}, finest band above sigma {sigma:g}: texture energy kept {kept}", flush=True)
+        gated.update({f"finest band above sigma {sigma:g}, gain {gain:g}": (finest, gain) for gain in args.gains})
     if args.diagnose:
         return
     rows = {"bicubic": upsampled, "SR3 detail": detail_mode}
     for name, (texture, gain) in gated.items():
-        kind = "own-input texture" if texture is ungated else "gated own-input texture"
+        kind = "gated own-input texture" if "max" in name else "own-input texture"
         rows[f"SR3 detail + {kind}, {name}"] = probe.with_texture(upsampled, detail_mode, texture, gain)
     table = probe.score(rows, hr, degrade(hr, probe.FACTOR)[0])
     truth = probe.invisible(probe.luma(hr) - probe.luma(upsampled))
