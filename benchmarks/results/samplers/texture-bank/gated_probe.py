@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,8 @@ import model_report  # noqa: E402
 import probe  # noqa: E402
 from report_files import write_report  # noqa: E402
 
-from diffusers_sr3.image_io import find_images  # noqa: E402
 from diffusers_sr3.image_processing import degrade  # noqa: E402
 from diffusers_sr3.metrics import TEXTURE_KEPT_EDGE_SHARE, edge_energy, quantize  # noqa: E402
-from diffusers_sr3.photos import packaged_photo_paths, photo_split  # noqa: E402
 
 
 def coherence(upsampled: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -49,21 +47,6 @@ def coherence(upsampled: torch.Tensor, sigma: float) -> torch.Tensor:
     jxx, jyy, jxy = (probe.fid_references.blur(g, sigma) for g in (gx * gx, gy * gy, gx * gy))
     spread = ((jxx - jyy).pow(2) + 4 * jxy.pow(2)).sqrt()
     return (spread / (jxx + jyy).clamp(min=1e-10)).pow(2).clamp(0, 1)
-
-
-def whole_photos(
-    args: argparse.Namespace, hr: torch.Tensor, upsampled: torch.Tensor
-) -> Tuple[List[torch.Tensor], List[torch.Tensor], Callable[[List[torch.Tensor]], torch.Tensor]]:
-    """Each photo's bicubic upsample and LR, whole, and the function that cuts per-photo maps at the crops."""
-    if args.whole_images:
-        return list(upsampled.split(1)), list(degrade(hr, probe.FACTOR)[0].split(1)), torch.cat
-    paths = find_images([args.photos]) if args.photos else photo_split(packaged_photo_paths(), heldout=0.25)[1]
-    photos = model_report.WholePhotos(
-        model_report.load_whole_photos(paths, probe.FACTOR, args.max_side), 64, hr.shape[0], args.seed, 4
-    )
-    if not torch.equal(quantize(photos.cut(photos.hr)), quantize(hr)):
-        raise SystemExit("the crops differ from the report's: check --seed, --max-side and the photos")
-    return photos.bicubic, photos.lr, photos.cut
 
 
 def by_kind(maps: torch.Tensor, texture_crops: torch.Tensor, weights: Optional[torch.Tensor] = None) -> str:
@@ -84,13 +67,7 @@ def by_kind(maps: torch.Tensor, texture_crops: torch.Tensor, weights: Optional[t
 
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outputs")
-    photos_group = parser.add_mutually_exclusive_group(required=True)
-    photos_group.add_argument("--photos", help="the never-seen photos' folder")
-    photos_group.add_argument("--heldout-photos", action="store_true", help="the packaged held-out photos")
-    photos_group.add_argument("--whole-images", action="store_true", help="each saved image is whole (the faces)")
-    parser.add_argument("--seed", type=int, default=None, help="the report's seed for the set (photos only)")
-    parser.add_argument("--max-side", type=int, default=None)
+    internal_probe.add_photo_arguments(parser)
     parser.add_argument("--gains", type=float, nargs="*", default=[2.0, 3.0])
     parser.add_argument("--ungated", action="store_true", help="also internal_probe.py's rows, at the same gains")
     parser.add_argument("--tensor-sigma", type=float, default=6.0)
@@ -104,7 +81,7 @@ def main(argv: Optional[list] = None) -> None:
     set_name, arrays = model_report.load_outputs(args.outputs)
     saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
     hr, upsampled, detail_mode = saved["HR"], saved["bicubic"], saved["SR3 detail"]
-    bicubic, low_resolution, cut = whole_photos(args, hr, upsampled)
+    bicubic, low_resolution, cut = internal_probe.whole_photos(args, hr, upsampled)
     banks = [internal_probe.internal_bank(lr) for lr in low_resolution]
 
     def detail(max_distance: Optional[float] = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -44,9 +44,9 @@ def internal_bank(low_resolution: torch.Tensor):
     return probe.normalised_bank(torch.cat([k for k, _ in windows]), torch.cat([v for _, v in windows]))
 
 
-def main(argv: Optional[list] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outputs")
+def add_photo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name the saved outputs' photos and the report's crops."""
+    parser.add_argument("outputs", help="one outputs_<set>.npz of `model_report.py --whole-photos --save-outputs`")
     photos_group = parser.add_mutually_exclusive_group(required=True)
     photos_group.add_argument("--photos", help="the never-seen photos' folder")
     photos_group.add_argument("--heldout-photos", action="store_true", help="the packaged held-out photos")
@@ -56,6 +56,31 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="the report's seed for the set (photos only)")
     parser.add_argument("--max-side", type=int, default=None)
     parser.add_argument("--crop-size", type=int, default=64)
+
+
+def whole_photos(
+    args: argparse.Namespace, hr: torch.Tensor, upsampled: torch.Tensor
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], Callable[[List[torch.Tensor]], torch.Tensor]]:
+    """Each photo's bicubic upsample and LR, whole, and the function that cuts per-photo maps at the report's crops
+    (`hr` and `upsampled` are the saved crops; with `--whole-images` they are the images whole)."""
+    if args.whole_images:
+        return list(upsampled.split(1)), list(degrade(hr, probe.FACTOR)[0].split(1)), torch.cat
+    paths = find_images([args.photos]) if args.photos else photo_split(packaged_photo_paths(), heldout=0.25)[1]
+    photos = model_report.WholePhotos(
+        model_report.load_whole_photos(paths, probe.FACTOR, args.max_side),
+        args.crop_size,
+        hr.shape[0],
+        args.seed,
+        probe.FACTOR,
+    )
+    if not torch.equal(quantize(photos.cut(photos.hr)), quantize(hr)):
+        raise SystemExit("the crops differ from the report's: check --seed, --max-side and the photos")
+    return photos.bicubic, photos.lr, photos.cut
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_photo_arguments(parser)
     parser.add_argument("--gains", type=float, nargs="*", default=[1.0, 1.5, 2.0])
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
@@ -63,24 +88,8 @@ def main(argv: Optional[list] = None) -> None:
     set_name, arrays = model_report.load_outputs(args.outputs)
     saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
     hr, upsampled, detail_mode = saved["HR"], saved["bicubic"], saved["SR3 detail"]
-    if args.whole_images:
-        low_resolution = degrade(hr, probe.FACTOR)[0]
-        detail = torch.cat(
-            [probe.bank_detail(up, internal_bank(lr)) for up, lr in zip(upsampled.split(1), low_resolution.split(1))]
-        )
-    else:
-        paths = find_images([args.photos]) if args.photos else photo_split(packaged_photo_paths(), heldout=0.25)[1]
-        photos = model_report.WholePhotos(
-            model_report.load_whole_photos(paths, probe.FACTOR, args.max_side),
-            args.crop_size,
-            hr.shape[0],
-            args.seed,
-            4,
-        )
-        if not torch.equal(quantize(photos.cut(photos.hr)), quantize(hr)):
-            raise SystemExit("the crops differ from the report's: check --seed, --max-side and the photos")
-        details = [probe.bank_detail(bicubic, internal_bank(lr)) for bicubic, lr in zip(photos.bicubic, photos.lr)]
-        detail = photos.cut(details)
+    bicubic, low_resolution, cut = whole_photos(args, hr, upsampled)
+    detail = cut([probe.bank_detail(b, internal_bank(lr)) for b, lr in zip(bicubic, low_resolution)])
     truth = probe.invisible(probe.luma(hr) - probe.luma(upsampled))
     correlation = float((detail * truth).sum() / (detail.norm() * truth.norm()))
     rows = {"bicubic": upsampled, "SR3 detail": detail_mode}
