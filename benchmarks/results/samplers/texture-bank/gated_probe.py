@@ -31,7 +31,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE))
 import internal_probe  # noqa: E402
-import model_report  # noqa: E402
 import probe  # noqa: E402
 from report_files import write_report  # noqa: E402
 
@@ -78,8 +77,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    set_name, arrays = model_report.load_outputs(args.outputs)
-    saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
+    set_name, saved = probe.saved_outputs(args.outputs)
     hr, upsampled, detail_mode = saved["HR"], saved["bicubic"], saved["SR3 detail"]
     bicubic, low_resolution, cut = internal_probe.whole_photos(args, hr, upsampled)
     banks = [internal_probe.internal_bank(lr) for lr in low_resolution]

@@ -85,8 +85,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    set_name, arrays = model_report.load_outputs(args.outputs)
-    saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
+    set_name, saved = probe.saved_outputs(args.outputs)
     hr, upsampled, detail_mode = saved["HR"], saved["bicubic"], saved["SR3 detail"]
     bicubic, low_resolution, cut = whole_photos(args, hr, upsampled)
     detail = cut([probe.bank_detail(b, internal_bank(lr)) for b, lr in zip(bicubic, low_resolution)])

@@ -146,6 +146,13 @@ def with_texture(upsampled: torch.Tensor, output: torch.Tensor, detail: torch.Te
     return (output + amplitude * detail).clamp(-1, 1)
 
 
+def saved_outputs(path: str) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """The set's name and its saved images by method, in [-1, 1], from one outputs_<set>.npz of
+    `model_report.py --save-outputs`."""
+    set_name, arrays = model_report.load_outputs(path)
+    return set_name, {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
+
+
 def score(rows: Dict[str, torch.Tensor], hr: torch.Tensor, lr: torch.Tensor) -> List[Dict[str, object]]:
     """`fid_references.score` (PSNR, edges, FID as a multiple of the first row's), with consistency and flat grain."""
     table = fid_references.score(rows, hr)
@@ -189,8 +196,7 @@ def main(argv: Sequence[str] = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     bank = build_bank(args.max_side, args.bank_size, seed=0)
-    set_name, arrays = model_report.load_outputs(args.outputs)
-    saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
+    set_name, saved = saved_outputs(args.outputs)
     hr, upsampled, detail_mode = saved["HR"], saved["bicubic"], saved["SR3 detail"]
     lr = degrade(hr, FACTOR)[0]
     detail = bank_detail(upsampled, bank)

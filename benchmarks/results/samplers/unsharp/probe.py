@@ -25,7 +25,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE.parent / "texture-bank"))
-import model_report  # noqa: E402
 import probe  # noqa: E402
 from report_files import write_report  # noqa: E402
 
@@ -40,8 +39,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    set_name, arrays = model_report.load_outputs(args.outputs)
-    saved = {name: torch.from_numpy(array).float() / 127.5 - 1 for name, array in arrays.items()}
+    set_name, saved = probe.saved_outputs(args.outputs)
     hr, detail_mode = saved["HR"], saved["SR3 detail"]
     fine = detail_mode - probe.fid_references.blur(detail_mode, args.sigma)
     rows = {"bicubic": saved["bicubic"], "SR3 detail": detail_mode}
