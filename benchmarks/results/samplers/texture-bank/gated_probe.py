@@ -88,27 +88,29 @@ def main(argv: Optional[list] = None) -> None:
     ungated = detail()
     texture_crops = edge_energy(quantize(upsampled)) / edge_energy(quantize(hr)).clamp(min=1e-12)
     texture_crops = texture_crops < TEXTURE_KEPT_EDGE_SHARE
-    gated = {f"gain {gain:g}": (ungated, gain) for gain in args.gains if args.ungated}
+    own, gated_own = "own-input texture", "gated own-input texture"
+    added = {f"{own}, gain {gain:g}": (ungated, gain) for gain in args.gains if args.ungated}
     for threshold in args.max_coherence:
         gates = cut([(1 - coherence(image, args.tensor_sigma) / threshold).clamp(0, 1) for image in bicubic])
         print(f"{set_name}, max coherence {threshold:g}: gate {by_kind(gates, texture_crops)}", flush=True)
-        gated.update({f"gain {gain:g}, max coherence {threshold:g}": (ungated * gates, gain) for gain in args.gains})
+        added.update(
+            {f"{gated_own}, gain {g:g}, max coherence {threshold:g}": (ungated * gates, g) for g in args.gains}
+        )
     for max_distance in args.max_distance:
         matched = detail(max_distance)
         kept = by_kind(matched.pow(2), texture_crops, ungated.pow(2))
         print(f"{set_name}, max distance {max_distance:g}: texture energy kept {kept}", flush=True)
-        gated.update({f"gain {gain:g}, max distance {max_distance:g}": (matched, gain) for gain in args.gains})
+        added.update({f"{gated_own}, gain {g:g}, max distance {max_distance:g}": (matched, g) for g in args.gains})
     for sigma in args.fine_sigma:
         finest = probe.invisible(ungated - probe.fid_references.blur(ungated, sigma))
         kept = by_kind(finest.pow(2), texture_crops, ungated.pow(2))
         print(f"{set_name}, finest band above sigma {sigma:g}: texture energy kept {kept}", flush=True)
-        gated.update({f"finest band above sigma {sigma:g}, gain {gain:g}": (finest, gain) for gain in args.gains})
+        added.update({f"{own}, finest band above sigma {sigma:g}, gain {g:g}": (finest, g) for g in args.gains})
     if args.diagnose:
         return
     rows = {"bicubic": upsampled, "SR3 detail": detail_mode}
-    for name, (texture, gain) in gated.items():
-        kind = "gated own-input texture" if "max" in name else "own-input texture"
-        rows[f"SR3 detail + {kind}, {name}"] = probe.with_texture(upsampled, detail_mode, texture, gain)
+    for name, (texture, gain) in added.items():
+        rows[f"SR3 detail + {name}"] = probe.with_texture(upsampled, detail_mode, texture, gain)
     table = probe.score(rows, hr, degrade(hr, probe.FACTOR)[0])
     truth = probe.invisible(probe.luma(hr) - probe.luma(upsampled))
     correlation = float((ungated * truth).sum() / (ungated.norm() * truth.norm()))
