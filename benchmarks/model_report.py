@@ -111,16 +111,22 @@ def super_resolve(
 SELF_ENSEMBLE = "SR3 fidelity (self-ensemble)"
 
 
+# Images per Inception run: thousands at once (the 299-pixel inputs and their activations) exhaust the memory.
+FID_BATCH = 64
+
+
 def fids(metric: Any, real: torch.Tensor, fakes: Sequence[torch.Tensor]) -> List[float]:
     """FID of each fake set against `real`, with one Inception network and the real statistics computed once."""
     metric.reset_real_features = True
     metric.reset()
     metric.reset_real_features = False
-    metric.update(quantize(real), real=True)
+    for batch in quantize(real).split(FID_BATCH):
+        metric.update(batch, real=True)
     values = []
     for fake in fakes:
         metric.reset()
-        metric.update(quantize(fake), real=False)
+        for batch in quantize(fake).split(FID_BATCH):
+            metric.update(batch, real=False)
         values.append(float(metric.compute()))
     return values
 
@@ -205,6 +211,7 @@ def score_set(
         "results": results,
         "edges_by_content": edges_by_content(hr, outputs),
         "tensors": (lr, outputs, hr),
+        "draws": draws,
     }
 
 
@@ -433,11 +440,16 @@ def outputs_file(set_name: str) -> str:
 def save_outputs(sets: Dict[str, Dict[str, Any]], folder: str) -> List[str]:
     """Every set's HR and outputs as uint8 arrays, keyed `<set>/<method>` and `<set>/HR`, one file per set (see
     [`outputs_file`]), so FID can be computed on another machine (the Inception network need not be where the model
-    runs). Returns the paths written."""
+    runs). Detail mode's further draws that `--detail-seeds` averages are saved as `SR3 detail, draw 2`, `... 3`.
+    Returns the paths written."""
     paths = []
     for name, evaluated in sets.items():
         _, outputs, hr = evaluated["tensors"]
-        arrays = {f"{name}/{method}": quantize(images).to(torch.uint8).numpy() for method, images in outputs.items()}
+        draws = {f"SR3 detail, draw {index}": images for index, images in enumerate(evaluated.get("draws", []), 2)}
+        arrays = {
+            f"{name}/{method}": quantize(images).to(torch.uint8).numpy()
+            for method, images in {**outputs, **draws}.items()
+        }
         arrays[f"{name}/HR"] = quantize(hr).to(torch.uint8).numpy()
         paths.append(os.path.join(folder, outputs_file(name)))
         np.savez_compressed(paths[-1], **arrays)
@@ -585,7 +597,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "detail_seeds": args.detail_seeds,
         "whole_photos": args.whole_photos,
         "heldout_photos": [photo_name(path) for path in heldout_paths],
-        "sets": {name: {k: v for k, v in evaluated.items() if k != "tensors"} for name, evaluated in sets.items()},
+        "sets": {
+            name: {key: value for key, value in evaluated.items() if key not in ("tensors", "draws")}
+            for name, evaluated in sets.items()
+        },
     }
     table = write_report(args.output, "report", report, markdown(report))
     if args.save_outputs:

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO
 
 from diffusers_sr3.image_processing import degrade
+from diffusers_sr3.metrics import frechet_distance
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 
@@ -265,7 +266,10 @@ def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monke
             if self.reset_real_features:
                 self.real = []
 
+        largest_batch = 0
+
         def update(self, images, real):
+            MeanColourDistance.largest_batch = max(MeanColourDistance.largest_batch, images.shape[0])
             (self.real if real else self.fake).append(images.double().mean(dim=(0, 2, 3)))
 
         def compute(self):
@@ -274,8 +278,15 @@ def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monke
     monkeypatch.setattr(model_report, "frechet_inception_distance", MeanColourDistance)
     command = ["--model", str(tmp_path / "model"), "--faces", str(SAMPLES), "--face-size", "32", "--crop-size", "32"]
     command += ["--crops", "2", "--steps", "2", "--eta", "1", "--output", str(tmp_path / "r")]
-    report = model_report.main(command + ["--detail-seeds", "3"])
+    monkeypatch.setattr(model_report, "FID_BATCH", 1)  # the Inception network sees one image at a time
+    report = model_report.main(command + ["--detail-seeds", "3", "--save-outputs"])
+    assert MeanColourDistance.largest_batch == 1
     averaged = report["sets"]["original's sample faces"]["results"]
+    # The saved outputs hold every draw the means are over, for FID elsewhere.
+    _, saved = model_report.load_outputs(str(tmp_path / "r" / "outputs_original-s-sample-faces.npz"))
+    assert list(saved) == ["bicubic", "SR3 fidelity", "SR3 detail", "SR3 detail, draw 2", "SR3 detail, draw 3", "HR"]
+    assert not np.array_equal(saved["SR3 detail"], saved["SR3 detail, draw 2"])
+    assert not np.array_equal(saved["SR3 detail, draw 2"], saved["SR3 detail, draw 3"])
     assert report["detail_seeds"] == 3 and averaged["SR3 detail"]["seeds"] == 3
     assert "means over 3 seeds" in (tmp_path / "r" / "report.md").read_text()
     per_seed = averaged["SR3 detail"]["fid_per_seed"]
@@ -1129,3 +1140,53 @@ def test_model_parts_bring_a_packaged_model_back_in_parts_that_fit_a_device_retu
     with pytest.raises(ValueError, match="SHA-256"):
         parts_module.unpack(returned, str(tmp_path / "broken"))
     assert not any(path.name.startswith((".unpack-", "partial", "broken")) for path in tmp_path.iterdir())
+
+
+class _SharpnessFeatures(torch.nn.Module):
+    """A fast stand-in for the Inception network: each channel's mean, spread and mean gradient magnitude."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.double()
+        gradients = (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(2, 3))
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3)), gradients], dim=1)
+
+
+class _NoNetwork(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the features should have come from the cache")
+
+
+def test_fid_infinity_benchmark_scores_every_saved_method_against_the_hr(tmp_path, monkeypatch):
+    script = load("fid_infinity")
+    monkeypatch.setattr(script, "InceptionFeatures", _SharpnessFeatures)
+    generator = torch.Generator().manual_seed(0)
+    hr = torch.randint(0, 256, (48, 3, 16, 16), generator=generator, dtype=torch.uint8)
+    blurred = torch.nn.functional.avg_pool2d(hr.double(), 3, stride=1, padding=1).round().to(torch.uint8)
+    outputs = tmp_path / "outputs_toy.npz"
+    np.savez_compressed(outputs, **{"toy/bicubic": blurred.numpy(), "toy/copy": hr.numpy(), "toy/HR": hr.numpy()})
+
+    cache = tmp_path / "features"
+    report = script.main([str(outputs), "--draws", "2", "--cache", str(cache), "--output", str(tmp_path / "fid")])
+
+    (scored,) = report["sets"]
+    assert scored["set"] == "toy" and scored["crops"] == 48
+    bicubic, copy = scored["rows"]
+    assert [bicubic["method"], copy["method"]] == ["bicubic", "copy"]
+    features = script.inception_features(blurred, network=_SharpnessFeatures())
+    reference = script.inception_features(hr, network=_SharpnessFeatures())
+    assert bicubic["fid"] == pytest.approx(frechet_distance(features, reference))
+    assert bicubic["fid"] > 1 and bicubic["fid_x_first"] == 1 and bicubic["fid_infinity_x_first"] == 1
+    assert [size for size, _ in bicubic["points"]] == [12, 12, 18, 18, 24, 24, 30, 30, 36, 36, 42, 42, 48]
+    assert abs(copy["fid"]) < 1e-6 and abs(copy["fid_infinity"]) < 1e-6  # the HR itself, at every size
+    saved = json.loads((tmp_path / "fid" / "fid_infinity.json").read_text())
+    assert saved["sets"][0]["rows"][0]["fid_infinity"] == pytest.approx(bicubic["fid_infinity"])
+    table = (tmp_path / "fid" / "fid_infinity.md").read_text()
+    assert "| toy (48 crops) | bicubic |" in table and "| toy: crops | bicubic | copy |" in table
+    assert f"| 48 | {bicubic['fid']:.1f} (1.000x) | " in table  # by crop count: all 48, the FID over every crop
+
+    # A rerun over other sizes takes the features from the cache: the network is not run again.
+    assert len(list(cache.iterdir())) == 2  # the HR and its copy are the same images: one entry
+    monkeypatch.setattr(script, "InceptionFeatures", _NoNetwork)
+    again = script.main([str(outputs), "--sizes", "24", "48", "--cache", str(cache), "--output", str(tmp_path / "b")])
+    assert again["sets"][0]["rows"][0]["fid"] == pytest.approx(bicubic["fid"])
+    assert [size for size, _ in again["sets"][0]["rows"][0]["points"]] == [24, 24, 24, 24, 48]

@@ -195,6 +195,61 @@ def test_fid_with_the_offline_inception_network():
     assert different > 50
 
 
+class _ChannelMoments(torch.nn.Module):
+    """A stand-in feature network: each channel's mean and standard deviation (6 features of any image size)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.double()
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+def test_frechet_distance_on_features_is_torchmetrics_fid():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (40, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    fake = (real.double() * 0.7 + 30).round().to(torch.uint8)
+    network = _ChannelMoments()
+    fid = FrechetInceptionDistance(feature=network, normalize=False)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    features = metrics.inception_features(fake, batch_size=16, network=network)
+    reference = metrics.inception_features(real, batch_size=16, network=network)
+    assert features.dtype == torch.float64 and features.shape == (40, 6)
+    assert metrics.frechet_distance(features, reference) == pytest.approx(float(fid.compute()), rel=1e-6)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_fid_infinity_removes_the_sample_size_bias(paired):
+    # Two Gaussians with a known Frechet distance: means 1 apart along one axis, standard deviations 1 and 1.5 in 64
+    # dimensions, so 1 + 64 x (1 + 2.25 - 2 x 1.5) = 17. Over 512 samples FID overestimates it by about a third.
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(512, 64, generator=generator, dtype=torch.float64)
+    reference = 1.5 * torch.randn(512, 64, generator=generator, dtype=torch.float64)
+    reference[:, 0] += 1
+    true_distance = 17.0
+
+    estimate = metrics.fid_infinity(features, reference, paired=paired)
+    over_all_samples = metrics.frechet_distance(features, reference)
+
+    assert over_all_samples > 1.2 * true_distance
+    assert estimate.value == pytest.approx(true_distance, rel=0.08)
+    assert estimate.slope > 0
+    assert [size for size, _ in estimate.points][0] == 128
+    assert estimate.points[-1] == (512, pytest.approx(over_all_samples))
+    assert len(estimate.points) == 6 * 4 + 1  # 4 draws per size, one of all the samples
+
+
+def test_fid_infinity_refuses_sizes_it_cannot_fit():
+    features = torch.randn(20, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="two subset sizes"):
+        metrics.fid_infinity(features, features, sizes=[10])
+    with pytest.raises(ValueError, match="two subset sizes"):
+        metrics.fid_infinity(features, features, sizes=[10, 40])
+    with pytest.raises(ValueError, match="as many rows"):
+        metrics.fid_infinity(features, features[:10])
+
+
 def test_image_quality_diagnostics():
     from diffusers_sr3.image_processing import degrade
 
