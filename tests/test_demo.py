@@ -102,7 +102,7 @@ def test_verdict_states_what_was_measured_in_plain_words():
     )
 
 
-def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch):
+def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     pytest.importorskip("skimage")
     for bfloat16 in (False, True):
         measured = demo._seconds_per_step(demo.unet_config(32, 4), batch_size=2, bfloat16=bfloat16)
@@ -114,9 +114,29 @@ def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch):
     arguments = ["demo", "--output", str(out), "--minutes", "0.13", "--width", "4", "--crop-size", "32"]
     arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2"]) == 0
-    # 0.13 min = 7.8 s at 1 s per step, x2 headroom -> a plan of 15 steps, which these tiny steps finish in time
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 15
+    # 0.13 min = 7.8 s at 1 s per step, x2 headroom -> a plan of 15 steps, which these tiny steps finish early
+    assert "training for 0.13 min (at most 15 steps)" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["steps"] >= 15
     assert "| mixed precision | bf16 |" in (out / "model" / "README.md").read_text()
+
+
+def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeypatch):
+    # The timed step says 100 s (a plan of 10 steps); the real steps are far faster, so the run resumes from its
+    # checkpoint and trains on until the clock, and no training state is left in the model folder.
+    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: 100.0)
+    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: False)
+    out = tmp_path / "demo"
+    arguments = ["demo", "--output", str(out), "--minutes", "0.25", "--width", "4", "--crop-size", "32"]
+    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
+    assert main(arguments + ["--batch-size", "2", "--no-packaged"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["steps"] > 10
+    assert report["training_seconds"] > 0.9 * 0.25 * 60
+    summary = json.loads((out / "model" / demo.SUMMARY_FILE).read_text())
+    assert summary["resumed_from"] is not None and summary["global_step"] == report["steps"]
+    assert summary["checkpoints"] == []
+    assert not [path.name for path in (out / "model").iterdir() if path.name.startswith("checkpoint")]
+    assert SR3Pipeline.from_pretrained(str(out / "model")).unet is not None
 
 
 def test_the_clock_stops_a_slower_than_estimated_run(tmp_path, monkeypatch):
