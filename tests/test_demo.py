@@ -102,18 +102,23 @@ def test_verdict_states_what_was_measured_in_plain_words():
     )
 
 
+def _run_timed_demo(monkeypatch, out, *extra, minutes, timed_step, bfloat16):
+    """`sr3 demo` of a tiny network for `minutes`, its step timed at `timed_step` seconds whatever it really takes."""
+    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: timed_step)
+    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: bfloat16)
+    arguments = ["demo", "--output", str(out), "--minutes", str(minutes), "--width", "4", "--crop-size", "32"]
+    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
+    assert main(arguments + ["--batch-size", "2", *extra]) == 0
+
+
 def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     pytest.importorskip("skimage")
     for bfloat16 in (False, True):
         measured = demo._seconds_per_step(demo.unet_config(32, 4), batch_size=2, bfloat16=bfloat16)
         assert 0 < measured < 60
     assert demo.unet_config(64, 32)["pixel_unshuffle_factor"] == 4  # the network runs at the low-resolution grid
-    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: 0.5)
-    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: True)  # trains in mixed bfloat16 where that is fast
     out = tmp_path / "demo"
-    arguments = ["demo", "--output", str(out), "--minutes", "0.13", "--width", "4", "--crop-size", "32"]
-    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
-    assert main(arguments + ["--batch-size", "2"]) == 0
+    _run_timed_demo(monkeypatch, out, minutes=0.13, timed_step=0.5, bfloat16=True)  # bf16 where that is fast
     # 0.13 min = 7.8 s at 0.5 s per step, x0.8 -> a plan of 12 steps, which these tiny steps finish early
     assert "training for 0.13 min (at most 12 steps)" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["steps"] >= 12
@@ -123,12 +128,8 @@ def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
 def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeypatch):
     # The timed step says 100 s (a plan of 10 steps, the least); the real steps are far faster, so the run resumes
     # from its checkpoint and trains on until the clock, and no training state is left in the model folder.
-    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: 100.0)
-    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: False)
     out = tmp_path / "demo"
-    arguments = ["demo", "--output", str(out), "--minutes", "0.25", "--width", "4", "--crop-size", "32"]
-    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
-    assert main(arguments + ["--batch-size", "2", "--no-packaged"]) == 0
+    _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.25, timed_step=100.0, bfloat16=False)
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] > 10
     assert report["training_seconds"] > 0.9 * 0.25 * 60
@@ -141,12 +142,8 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
 
 def test_the_clock_stops_a_slower_than_estimated_run(tmp_path, monkeypatch):
     # The estimate says 0.001 s per step (a plan of 480 steps for 0.6 s); the real steps are slower: the clock wins.
-    monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: 0.001)
-    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: False)
     out = tmp_path / "demo"
-    arguments = ["demo", "--output", str(out), "--minutes", "0.01", "--width", "4", "--crop-size", "32"]
-    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
-    assert main(arguments + ["--batch-size", "2", "--no-packaged"]) == 0
+    _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.01, timed_step=0.001, bfloat16=False)
     report = json.loads((out / "metrics.json").read_text())
     assert 1 <= report["steps"] < 480
     assert report["training_seconds"] < 30

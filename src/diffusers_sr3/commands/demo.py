@@ -51,8 +51,9 @@ PACKAGED = "SR3 (packaged model)"
 # end: a training step takes about 1.3 times the timed one (data, EMA; 0.118 s against 0.091 here). The clock ends the
 # run; a plan that ends first with time left is extended (`_train`).
 PLAN_SHARE = 0.8
-# A run that ends its plan with more than this share of --minutes left goes on from its checkpoint: the timing was
-# taken while other work held the cores (one such demo trained 1 of its 4.5 minutes and stayed at bicubic's level).
+# A run that ends its plan with more than this share of --minutes left goes on from its checkpoint: the step was timed
+# while other work held the cores (one such demo trained 1 of its 4.5 minutes and stayed at bicubic's level), or the
+# run trains on a GPU, which the step timed on the CPU does not see.
 GO_ON_IF_LEFT = 0.1
 # The training recipe for new models (the convergence study's), minus the UNet option set in `unet_config`.
 RECIPE: Dict[str, Any] = {key: value for key, value in NEW_MODEL_RECIPE.items() if key != "noise_level_embedding_scale"}
@@ -137,8 +138,9 @@ def _seconds_per_step(config: Dict[str, Any], batch_size: int, bfloat16: bool) -
 def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_dir: str, bfloat16: bool) -> int:
     """Train the demo's model into `model_dir` for `--steps`, or for `--minutes` by the clock; returns its steps.
 
-    The timed step sizes the plan and the LR warm-up. Where the plan ends with time left (the machine was busy while
-    the step was timed), the run resumes from its checkpoint, exactly, with a plan from the speed it measured.
+    The step timed on the CPU sizes the plan and the LR warm-up. Where the plan ends with time left (the machine was
+    busy while the step was timed, or training runs on a GPU), the run resumes from its checkpoint, exactly, with a
+    plan from the speed it measured.
     """
     options: Dict[str, Any] = dict(
         batch_size=args.batch_size,
