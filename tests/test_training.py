@@ -159,6 +159,26 @@ def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
             assert "pip install wandb" in capsys.readouterr().err
 
 
+def test_ctrl_c_says_where_to_resume(tmp_path, monkeypatch, capsys):
+    import diffusers_sr3.training.trainer as trainer
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    output = tmp_path / "out"
+    argv = as_argv(fast_options(output, train_data_dir=str(tmp_path)))
+    assert run_script(SR_SCRIPT, argv, monkeypatch) == 130
+    assert "holds no complete checkpoint yet, so a new run starts over" in capsys.readouterr().err
+    for step in (20, 40):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+    (output / "checkpoint-20" / "training_state.json").write_text("{}")  # checkpoint-40 is half-written
+    assert run_script(SR_SCRIPT, argv, monkeypatch) == 130
+    message = capsys.readouterr().err
+    assert f"the last complete checkpoint is {output / 'checkpoint-20'}: go on from it with " in message
+    assert "--resume_from_checkpoint latest" in message
+
+
 @pytest.mark.parametrize("kind", ["parquet", "imagefolder"])
 def test_streamed_local_datasets(tmp_path, kind):
     if kind == "parquet":

@@ -8,12 +8,14 @@ import sys
 from typing import List, Optional
 
 from ..redaction import install_log_redaction, redact
+from .checkpointing import list_checkpoints
 from .config import add_training_arguments, config_from_args
 from .hub import HubUploadError
 
 
 def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
-    """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed)."""
+    """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed; 130: stopped
+    with Ctrl-C, saying where to resume from)."""
     from .trainer import train
 
     parser = argparse.ArgumentParser(
@@ -30,4 +32,16 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
         return 1
     except (ValueError, FileNotFoundError, ConnectionError, ImportError) as error:
         parser.error(redact(str(error)))
+    except KeyboardInterrupt:
+        # On a line of its own: the progress bar of the interrupted run still holds the cursor.
+        print(f"\n{parser.prog}: interrupted; {_where_to_resume(args.output_dir)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _where_to_resume(output_dir: str) -> str:
+    """One sentence on the newest complete checkpoint in `output_dir`: what an interrupted run goes on from."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return f"{output_dir} holds no complete checkpoint yet, so a new run starts over (see --checkpointing_steps)"
+    return f"the last complete checkpoint is {checkpoints[-1]}: go on from it with --resume_from_checkpoint latest"
