@@ -129,6 +129,9 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     # The timed step says 100 s (a plan of 10 steps, the least); the real steps are far faster, so the run resumes
     # from its checkpoint and trains on until the clock, and no training state is left in the model folder.
     out = tmp_path / "demo"
+    stale = out / "model" / "checkpoint-99999"  # left by an interrupted earlier demo in the same folder
+    stale.mkdir(parents=True)
+    (stale / "training_state.json").write_text("{}")
     _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.25, timed_step=100.0, bfloat16=False)
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] > 10

@@ -185,9 +185,10 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         # The speed this run measured, a tenth over: the clock, not the plan, ends the next part.
         plan = summary["global_step"] + max(1, int(1.1 * left * summary["steps_per_second"]))
         print(f"{left / 60:.1f} min left after {summary['global_step']} steps: going on (at most {plan} steps)")
-        resume = "latest"
+        # This run's own checkpoint, not `latest`: an interrupted demo overwritten here may have left a later one.
+        resume = os.path.join(model_dir, f"checkpoint-{summary['global_step']}")
     checkpoints = list_checkpoints(model_dir)
-    if checkpoints:  # the demo's model folder holds the pipeline, not training state
+    if checkpoints:  # the demo's model folder holds the pipeline, not training state (nor an earlier demo's)
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
         summary["checkpoints"] = []
