@@ -174,7 +174,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
             config,
             steps=plan,
             checkpointing_steps=plan,
-            max_train_minutes=left / 60,
+            max_train_minutes=float(f"{left / 60:.3g}"),  # as the model card records it
             resume_from_checkpoint=resume,
             **options,
         )
