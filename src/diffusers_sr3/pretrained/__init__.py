@@ -1,8 +1,8 @@
 """Models that ship inside the package, so a fresh install can upscale a photo with no download.
 
-`sr3-photos-x4`: a 4x natural-photo SR3 model trained by this project on photographs that ship with Python and
-Debian packages (see its model card, `default_model_card()`). It is fully convolutional: `sr3 upscale` applies it
-to photos of any size through tiled upscaling.
+`sr3-photos-x4`: a 4x natural-photo SR3 model trained by this project on photographs that ship with Python,
+Debian and npm packages (see its model card, `default_model_card()`). It is fully convolutional: `sr3 upscale`
+applies it to photos of any size through tiled upscaling.
 """
 
 from __future__ import annotations
