@@ -125,7 +125,7 @@ def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     assert "| mixed precision | bf16 |" in (out / "model" / "README.md").read_text()
 
 
-def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeypatch):
+def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeypatch, capsys):
     # The timed step says 100 s (a plan of 10 steps, the least); the real steps are far faster, so the run resumes
     # from its checkpoint and trains on until the clock, and no training state is left in the model folder.
     out = tmp_path / "demo"
@@ -140,6 +140,7 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     assert summary["resumed_from"] is not None and summary["global_step"] == report["steps"]
     assert summary["checkpoints"] == []
     assert not [path.name for path in (out / "model").iterdir() if path.name.startswith("checkpoint")]
+    assert "checkpoint-99999: " in capsys.readouterr().out  # the run says what it removed
     assert SR3Pipeline.from_pretrained(str(out / "model")).unet is not None
 
 

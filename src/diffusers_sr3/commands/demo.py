@@ -191,6 +191,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
     if checkpoints:  # the demo's model folder holds the pipeline, not training state (nor an earlier demo's)
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
+        print(f"removed {', '.join(os.path.basename(path) for path in checkpoints)}: {model_dir} keeps the pipeline")
         summary["checkpoints"] = []
         with open(os.path.join(model_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
