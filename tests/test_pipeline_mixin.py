@@ -6,9 +6,6 @@ save/load round trips (variants, pickle weights, Diffusers' loading options), dt
 progress-bar configuration and given starting noise (`latents=`).
 """
 
-import os
-from types import SimpleNamespace
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -265,35 +262,6 @@ class TestSR3Pipeline(PipelineTesterMixin):
         other_seed = torch.Generator().manual_seed(5)
         given = self.run(pipeline, mode="fidelity", latents=latents, generator=other_seed, output_type="pt").images
         torch.testing.assert_close(given, reference)
-
-    def test_save_pretrained_push_to_hub_goes_through_diffusers(self, tmp_path, monkeypatch):
-        from diffusers.utils import hub_utils
-        from huggingface_hub import ModelCard
-
-        uploads = []
-
-        def fake_upload(self, working_dir, repo_id, token=None, commit_message=None, create_pr=False, subfolder=None):
-            files = sorted(
-                os.path.relpath(os.path.join(root, name), working_dir)
-                for root, _, names in os.walk(working_dir)
-                for name in names
-            )
-            uploads.append((repo_id, files))
-            return f"https://hub.example/{repo_id}/commit/1"
-
-        monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
-        monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **k: ModelCard("---\n---\nSR3\n"))
-        monkeypatch.setattr(hub_utils.PushToHubMixin, "_upload_folder", fake_upload)
-        target = tmp_path / "out"
-        (target / "checkpoint-1").mkdir(parents=True)
-        (target / "checkpoint-1" / "optimizer.bin").write_bytes(b"state")
-        self.pipeline().save_pretrained(target, push_to_hub=True, repo_id="someone/sr3", variant="fp16")
-        [(repo_id, files)] = uploads
-        assert repo_id == "someone/sr3"
-        assert {"model_index.json", "pipeline_sr3.py", "unet/unet_sr3.py", "README.md"} <= set(files)
-        assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
-        assert not [name for name in files if name.startswith("checkpoint-")]
-        assert (target / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()  # saved locally too
 
 
 class TestSR3UnconditionalPipeline(PipelineTesterMixin):

@@ -104,6 +104,8 @@ def test_intermediates_and_callbacks(tiny_pipeline):
     torch.testing.assert_close(output.images, torch.full_like(output.images, 0.5))
     images, intermediates = run(tiny_pipeline, image, return_dict=False)
     assert len(images) == 1 and intermediates is None
+    # More snapshots asked for than steps run: one after every step.
+    assert len(run(tiny_pipeline, image, num_intermediates=STEPS + 5, output_type="pt").intermediates) == STEPS
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         run(tiny_pipeline, image, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
 
@@ -113,6 +115,28 @@ def test_schedulers_swap_with_from_config(tiny_pipeline, name):
     tiny_pipeline.scheduler = swap_scheduler(tiny_pipeline.scheduler, name)
     result = run(tiny_pipeline, PIL.Image.new("RGB", (8, 8), "pink"), num_inference_steps=4, output_type="np")
     assert result.images.shape == (1, 32, 32, 3) and np.isfinite(result.images).all()
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("EDMEulerScheduler", "no DDPM noise schedule"),
+        ("EDMDPMSolverMultistepScheduler", "no DDPM noise schedule"),
+        ("CMStochasticIterativeScheduler", "no DDPM noise schedule"),
+        ("FlowMatchEulerDiscreteScheduler", "no DDPM noise schedule"),
+        ("DDIMInverseScheduler", "backwards"),
+    ],
+)
+def test_a_scheduler_of_another_noise_process_is_refused_before_any_evaluation(tiny_pipeline, name, problem):
+    # These accept an SR3 config and would sample silently wrong levels (or fail deep inside a step).
+    import diffusers
+
+    tiny_pipeline.scheduler = getattr(diffusers, name).from_config(tiny_pipeline.scheduler.config)
+    evaluations = []
+    tiny_pipeline.unet.register_forward_hook(lambda *_: evaluations.append(1))
+    with pytest.raises(ValueError, match=f"{name} cannot sample an SR3 model: .*{problem}"):
+        run(tiny_pipeline, PIL.Image.new("RGB", (8, 8)), mode="detail")
+    assert evaluations == []
 
 
 def test_a_scheduler_that_cannot_sample_the_prediction_type_is_refused_before_any_evaluation(tiny_pipeline):
@@ -149,6 +173,10 @@ def test_bad_arguments_are_named(tiny_pipeline, tiny_unet):
         run(tiny_pipeline, image, num_inference_steps=0)
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
         run(tiny_pipeline, torch.full((3, 8, 8), 2.0))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run(tiny_pipeline, torch.full((3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="num_intermediates must be 0 or more"):
+        run(tiny_pipeline, image, num_intermediates=-1)
     with pytest.raises(TypeError, match="PIL image, numpy array or torch tensor"):
         run(tiny_pipeline, "face.png")
     with pytest.raises(ValueError, match="conditional UNet"):

@@ -1,5 +1,6 @@
 """Pipeline folders: the custom-code layout, both loaders, atomic saves and clear refusals."""
 
+import copy
 import json
 
 import PIL.Image
@@ -130,3 +131,31 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
     assert (target / "checkpoint-10" / "state.txt").exists()
+
+
+def test_variants_are_saved_side_by_side_and_a_resave_leaves_no_stale_weights(tmp_path, tiny_pipeline):
+    tiny_pipeline.save_pretrained(tmp_path)
+    main_weight = tiny_pipeline.unet.conv_in.weight.clone()
+    variant = copy.deepcopy(tiny_pipeline)
+    with torch.no_grad():
+        variant.unet.conv_in.weight.add_(1.0)
+    variant.save_pretrained(tmp_path, variant="fp16")
+    unet_files = {path.name for path in (tmp_path / "unet").iterdir()}
+    assert {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"} <= unet_files
+    torch.testing.assert_close(SR3Pipeline.from_pretrained(tmp_path).unet.conv_in.weight, main_weight)
+    loaded_variant = SR3Pipeline.from_pretrained(tmp_path, variant="fp16")
+    torch.testing.assert_close(loaded_variant.unet.conv_in.weight, main_weight + 1)
+
+    # The variant again, sharded: its single file goes, the main weights stay.
+    variant.save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    variant_files = sorted(path.name for path in (tmp_path / "unet").glob("*.fp16*"))
+    assert len(variant_files) > 2 and "diffusion_pytorch_model.fp16.safetensors" not in variant_files
+    loaded_variant = SR3Pipeline.from_pretrained(tmp_path, variant="fp16")
+    torch.testing.assert_close(loaded_variant.unet.conv_in.weight, main_weight + 1)
+    # The main weights as pickles: the safetensors that Diffusers would load first are gone.
+    tiny_pipeline.save_pretrained(tmp_path, safe_serialization=False)
+    assert not (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    assert sorted(path.name for path in (tmp_path / "unet").glob("*.fp16*")) == variant_files
+    loaded = SR3Pipeline.from_pretrained(tmp_path, use_safetensors=False)
+    torch.testing.assert_close(loaded.unet.conv_in.weight, main_weight)

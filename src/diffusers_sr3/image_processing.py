@@ -69,6 +69,8 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
     else:
         raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
     tensor = _rgb_from_channels(tensor, what)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what}: holds NaN or infinite values")
     if tensor.numel() and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
         raise ValueError(f"{what}: float values must lie in [0, 1], found [{tensor.min():.3f}, {tensor.max():.3f}]")
     return tensor.clamp(0, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -89,6 +90,38 @@ def write_model_card(
     return path
 
 
+def write_pipeline_card(output_dir: str, pipeline: object, repo_id: Optional[str] = None) -> Optional[str]:
+    """Write the card of a pipeline pushed without one (no training facts known): what it is and how to load it.
+
+    Returns its path, or None for a pipeline this card does not describe (a cascade: its stages have cards of their
+    own).
+    """
+    unet = getattr(pipeline, "unet", None)
+    if unet is None:
+        return None
+    upscale_factor = pipeline.config.get("upscale_factor")
+    return write_model_card(
+        output_dir,
+        task="sr" if upscale_factor else "uncond",
+        repo_id=repo_id,
+        upscale_factor=upscale_factor,
+        resolution=unet.config.get("sample_size"),
+    )
+
+
+def images_shown(folder: str) -> List[str]:
+    """The pictures inside `folder` that its `README.md` shows (Markdown images with relative paths)."""
+    with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
+        targets = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", handle.read())
+    return sorted(
+        {
+            target
+            for target in targets
+            if "://" not in target and not os.path.isabs(target) and os.path.isfile(os.path.join(folder, target))
+        }
+    )
+
+
 def _card_data(
     name: str,
     super_resolution: bool,
@@ -131,10 +164,13 @@ def _introduction(
     sample_caption: Optional[str] = None,
 ) -> List[str]:
     if super_resolution:
-        low = resolution // upscale_factor if resolution and upscale_factor else "?"
-        title = f"SR3 x{upscale_factor} super-resolution ({low}px -> {resolution}px)"
+        title = f"SR3 x{upscale_factor} super-resolution"
+        if resolution and upscale_factor:
+            title += f" ({resolution // upscale_factor}px -> {resolution}px)"
     else:
-        title = f"SR3 unconditional {resolution}x{resolution} image generation"
+        title = (
+            f"SR3 unconditional {resolution}x{resolution} image generation" if resolution else "SR3 image generation"
+        )
     lines = [
         f"# {title}",
         "",
@@ -171,7 +207,7 @@ def _results(
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         return lines + [""]
     if metrics:
-        lines = ["## Validation metrics", "", "| Metric | Value |", "|---|---|"]
+        lines = [f"## Validation metrics ({evaluation_dataset})", "", "| Metric | Value |", "|---|---|"]
         lines += [
             f"| {_METRIC_NAMES.get(key, (key,))[0]} | {_formatted(key, value)} |" for key, value in metrics.items()
         ]

@@ -196,7 +196,23 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
     SR3's photo models predict) and say so only inside `step`, after the network's first evaluation. One step of a
     copy on a single pixel finds out up front, whatever the installed Diffusers supports. Remembered per scheduler
     class and settings (the betas aside): the tiled upscaler samples many times with one scheduler.
+
+    Schedulers of another noise process are refused by what they are: SR3 networks are trained on a DDPM schedule
+    (`alphas_cumprod`, from which every step's noise level is read), which EDM, consistency-model and
+    flow-matching schedulers do not have, and inverse schedulers run it backwards (image to noise).
     """
+    name = type(scheduler).__name__
+    if not hasattr(scheduler, "alphas_cumprod"):
+        problem = "it has no DDPM noise schedule (alphas_cumprod), it samples another noise process"
+    elif name.endswith("InverseScheduler"):
+        problem = "it runs the schedule backwards, from image to noise"
+    else:
+        problem = None
+    if problem:
+        raise ValueError(
+            f"{name} cannot sample an SR3 model: {problem}; pick a DDPM-family scheduler, e.g. ddim, ddpm, "
+            "dpmsolver, unipc or euler"
+        )
     settings = (type(scheduler), repr(sorted((k, v) for k, v in scheduler.config.items() if k != "trained_betas")))
     if settings in _FITTING_SCHEDULERS:
         return

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..noise import check_scheduler_fits, network_inputs_for_schedule
 
@@ -139,13 +141,53 @@ def _write_reexport(path: str, class_name: str) -> None:
         )
 
 
+# A network's weights as Diffusers names them: diffusion_pytorch_model[.<variant>][-00001-of-00002].safetensors (or
+# .bin), and the index of sharded ones, diffusion_pytorch_model.safetensors.index[.<variant>].json.
+_WEIGHT_FILE = re.compile(
+    r"diffusion_pytorch_model(?:\.(?P<variant>[^.-]+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
+    r"|diffusion_pytorch_model\.(?:safetensors|bin)\.index(?:\.(?P<index_variant>[^.-]+))?\.json"
+)
+
+
+def _weights_variant(name: str) -> Tuple[bool, Optional[str]]:
+    """Whether `name` is a network's weight file, and of which variant (None: the main weights)."""
+    match = _WEIGHT_FILE.fullmatch(name)
+    return (False, None) if match is None else (True, match["variant"] or match["index_variant"])
+
+
+def _files_under(folder: str) -> List[str]:
+    """Every file below `folder`, as `/`-separated paths relative to it (the Hub's form)."""
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+
+
 def _move_into(staging: str, target: str) -> None:
-    """Move every entry of `staging` into `target`, replacing entries of the same name and keeping others."""
+    """Move every entry of `staging` into `target`: files replace those of the same name, folders are merged.
+
+    Other files in `target` are kept, and so are other variants' weights, so that main and fp16 weights can be saved
+    side by side as Diffusers saves them. Weights of a variant being saved that the new save does not hold (another
+    format, other shards) are removed: a folder never mixes two saves of one variant.
+    """
     os.makedirs(target, exist_ok=True)
-    for entry in sorted(os.listdir(staging)):
+    incoming = os.listdir(staging)
+    saved_variants = {variant for is_weights, variant in map(_weights_variant, incoming) if is_weights}
+    for entry in os.listdir(target):
+        is_weights, variant = _weights_variant(entry)
+        if is_weights and variant in saved_variants and entry not in incoming:
+            os.remove(os.path.join(target, entry))
+    for entry in sorted(incoming):
         source, destination = os.path.join(staging, entry), os.path.join(target, entry)
-        if os.path.isdir(destination) and not os.path.islink(destination):
+        destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
+        if os.path.isdir(source) and destination_is_folder:
+            _move_into(source, destination)
+            continue
+        if destination_is_folder:
             shutil.rmtree(destination)
+        elif os.path.isdir(source) and os.path.lexists(destination):
+            os.remove(destination)
         os.replace(source, destination)
 
 
@@ -314,7 +356,10 @@ class SR3BasePipeline(DiffusionPipeline):
                 raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(scheduler).__name__}")
             step_kwargs["eta"] = float(eta)
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
-        # Evenly spaced and always ending at the last step (10 of 100 are steps 0, 11, ..., 99, as the original's).
+        if num_intermediates < 0:
+            raise ValueError(f"num_intermediates must be 0 or more, got {num_intermediates}")
+        # Evenly spaced and always ending at the last step (10 of 100 are steps 0, 11, ..., 99, as the original's);
+        # every step when fewer run than asked for (a `strength` below 1 runs only the last part of the schedule).
         snapshot_steps = set(np.linspace(len(timesteps) - 1, 0, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
@@ -360,9 +405,10 @@ class SR3BasePipeline(DiffusionPipeline):
         The folder is written in a temporary sibling first, so an interrupted save leaves the previous
         contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
-        pipeline is then uploaded by Diffusers' `push_to_hub` (`repo_id`, defaulting to the folder's name, `token`,
-        `private`, `commit_message`, `create_pr`): the pipeline's files and a model card, never the other files
-        of `save_directory`.
+        files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
+        the pictures it shows), or an SR3 card written there when neither the folder nor the repo has one; never
+        the other files of `save_directory`.
         """
         save_directory = os.fspath(save_directory)
         hub_kwargs = {
@@ -383,12 +429,62 @@ class SR3BasePipeline(DiffusionPipeline):
             )
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
+            saved = _files_under(staging)
             _move_into(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
+            self._upload(save_directory, saved, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+    ) -> str:
+        """Upload the pipeline to the Hub repo `repo_id` (created if needed), as Diffusers' `push_to_hub` does, in the
+        SR3 folder layout; a repo without a model card gets an SR3 card saying what the model is and how to load it
+        (Diffusers would write an empty template). Returns the commit URL."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._upload(
+                folder, _files_under(folder), repo_id, commit_message, private, token=token, create_pr=create_pr
+            )
+
+    def _upload(
+        self,
+        folder: str,
+        files: List[str],
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload `files` of the saved `folder` and its model card (written first when neither it nor the repo has
+        one); return the commit URL."""
+        from huggingface_hub import HfApi
+
+        from ..model_card import images_shown, write_pipeline_card
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
+            write_pipeline_card(folder, self, repo_id)
+        if os.path.isfile(os.path.join(folder, "README.md")):
+            files = [*files, "README.md", *images_shown(folder)]
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=files,
+            commit_message=commit_message or f"Upload {type(self).__name__}",
+            create_pr=create_pr,
+        ).commit_url
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
@@ -422,6 +518,11 @@ class SR3BasePipeline(DiffusionPipeline):
         import diffusers
 
         source = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(source):
+            try:
+                validate_repo_id(source)
+            except HFValidationError:
+                raise FileNotFoundError(f"{source}: no such folder (nor a Hub repo id)") from None
         folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
@@ -462,16 +563,18 @@ class SR3BasePipeline(DiffusionPipeline):
                     )
                 component_class = getattr(diffusers, class_name)
             subfolder = os.path.join(folder, name)
+            # A dict names this pipeline's components (a cascade's: its stages, whose value may be a dict again).
+            component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
             if issubclass(component_class, DiffusionPipeline):
                 init_kwargs[name] = component_class.from_pretrained(
-                    subfolder, dtype=dtype, variant=variant, use_safetensors=use_safetensors, **model_options
+                    subfolder, dtype=component_dtype, variant=variant, use_safetensors=use_safetensors, **model_options
                 )
             elif issubclass(component_class, SchedulerMixin):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
             else:
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
-                    dtype=dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype,
+                    dtype=component_dtype,
                     variant=variant,
                     use_safetensors=True if use_safetensors is None else use_safetensors,
                     **model_options,

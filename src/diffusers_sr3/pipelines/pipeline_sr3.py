@@ -452,7 +452,8 @@ class SR3Pipeline(SR3BasePipeline):
                 (`(B, 3, H, W)` in [0, 1]).
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
             num_intermediates (`int`, defaults to 0): Also return the noisy image after this many evenly spaced
-                steps (the last one is the result), to draw the refinement process.
+                steps (the last one is the result), to draw the refinement process; after every step when the call
+                runs fewer (`strength` below 1 runs only the last part of the schedule).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, optional): Called after
                 each step as `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a
                 dict with a replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale) and/or

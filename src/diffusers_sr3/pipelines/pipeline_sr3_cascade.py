@@ -211,7 +211,7 @@ class SR3CascadePipeline(SR3BasePipeline):
         if run_base:
             current = self.base(
                 batch_size=batch_size,
-                num_inference_steps=steps[0] or 100,
+                num_inference_steps=100 if steps[0] is None else steps[0],
                 generator=generator,
                 output_type="pt",
             ).images

@@ -69,7 +69,8 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
                 of the UNet's downsampling factor.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"` (see [`SR3Pipeline`]).
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
-            num_intermediates (`int`, defaults to 0): Also return this many evenly spaced snapshots.
+            num_intermediates (`int`, defaults to 0): Also return this many evenly spaced snapshots (every step's
+                when there are fewer steps).
             callback_on_step_end, callback_on_step_end_tensor_inputs: As in [`SR3Pipeline`] (`"latents"` only).
             latents (`torch.Tensor`, optional): The starting noise, `(batch_size, 3, height, width)`, unit variance;
                 drawn from `generator` when not given.
