@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from diffusers_sr3.commands.common import find_images
-from diffusers_sr3.data import EpochSampler, PairMaker, build_training_data, decode_image, prepared_resolutions
+from diffusers_sr3.data import (
+    EpochSampler,
+    PairMaker,
+    UnusableDataError,
+    build_training_data,
+    decode_image,
+    prepared_resolutions,
+)
 from diffusers_sr3.data.pairs import film_grain
 from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
 
@@ -136,7 +143,14 @@ def test_runtime_failures_are_skipped_until_the_limit(tmp_path):
     for index in range(3):
         (folder / f"t{index}.png").write_bytes(data[: len(data) // 2])
     training = build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
-    with pytest.raises(RuntimeError, match="in a row .* unusable"):
+    # A ValueError (the training scripts print it as one line), counting the images there are, naming the last.
+    with pytest.raises(UnusableDataError, match=r"none of the 3 images .* usable \(the last: .*t2.png: cannot decode"):
+        training.dataset[(0, 0)]
+    for index in range(3, 70):
+        (folder / f"t{index}.png").write_bytes(data[: len(data) // 2])
+    (folder / "zz_good.png").write_bytes(data)
+    training = build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
+    with pytest.raises(UnusableDataError, match="64 images in a row .* unusable"):
         training.dataset[(0, 0)]
 
 

@@ -123,6 +123,8 @@ def test_train_sr3_script_end_to_end(tmp_path, monkeypatch):
     card = (output / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "super-resolution" in card
     assert "PSNR" in card and "validation.png" in card and "SR3Pipeline.from_pretrained" in card
+    # Without --validation_images they are training images: the card must not present them as held out.
+    assert "## Validation metrics (the first 2 training images, not held out)" in card
     assert (output / "validation.png").is_file()
 
 
@@ -157,6 +159,85 @@ def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
             options = fast_options(tmp_path / "out", train_data_dir=str(tmp_path), report_to="wandb")
             assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
             assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_bad_values_files_and_data_are_one_line_errors_before_training(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for index in range(3):
+        good = open(os.path.join(data, sorted(os.listdir(data))[0]), "rb").read()
+        (corrupt / f"c{index}.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "a_file").write_text("not a folder")
+    output = tmp_path / "out"
+    refused = {
+        "upscale_factor must be at least 1, got 0": dict(upscale_factor=0),
+        "resolution must be at least 1, got -32": dict(resolution=-32),
+        "validation_steps_count must be at least 1, got 0": dict(validation_steps_count=0),
+        "--validation_scheduler 'nosuch' is not a scheduler": dict(validation_scheduler="nosuch"),
+        "EulerAncestralDiscreteScheduler cannot sample a model that predicts 'sample'": dict(
+            prediction_type="sample", validation_scheduler="euler_ancestral"
+        ),
+        f"--validation_images: {tmp_path / 'nothere.png'}: file not found": dict(
+            validation_images=[str(tmp_path / "nothere.png")]
+        ),
+        "none of the 3 images of": dict(train_data_dir=str(corrupt)),
+        f"--output_dir {tmp_path / 'a_file'} is a file, not a folder": dict(output_dir=str(tmp_path / "a_file")),
+    }
+    for message, overrides in refused.items():
+        overrides = {"train_data_dir": data, "checkpointing_steps": 1, **overrides}
+        options = fast_options(overrides.pop("output_dir", output), **overrides)
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2, message
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "usage:" not in err and "Traceback" not in err  # the options parsed: no usage text, one line
+        assert not output.exists(), f"{message}: a failed run left {list(output.iterdir())}"
+
+
+def test_a_new_run_does_not_write_into_an_earlier_runs_checkpoints(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    earlier = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=2)
+    assert run_script(SR_SCRIPT, as_argv(earlier), monkeypatch) == 0
+    before = (output / "checkpoint-2" / "model.safetensors").read_bytes()
+    # Before, this overwrote checkpoint-2, and the limit then pruned the new run's checkpoint-1 for the old one.
+    again = fast_options(output, train_data_dir=data, checkpointing_steps=1, checkpoints_total_limit=2)
+    assert run_script(SR_SCRIPT, as_argv(again), monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"{output} holds checkpoints of an earlier run (the newest: checkpoint-2)" in err
+    assert "--resume_from_checkpoint latest" in err
+    assert (output / "checkpoint-2" / "model.safetensors").read_bytes() == before
+    assert run_script(SR_SCRIPT, as_argv({**again, "resume_from_checkpoint": "latest"}), monkeypatch) == 0
+
+
+def test_resuming_refuses_another_models_or_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    source = tmp_path / "uncond"
+    options = fast_options(source, preset="tiny_uncond", train_data_dir=data, max_train_steps=1, checkpointing_steps=1)
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
+    checkpoint = source / "checkpoint-1"
+
+    def resume(expected):
+        options = fast_options(tmp_path / "sr", train_data_dir=data, resume_from_checkpoint=str(checkpoint))
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+
+    resume(f"{checkpoint} was saved by a run of another model (in_channels 3 there, 6 here")
+    # The super-resolution run's own checkpoint, damaged in three ways.
+    checkpoint = tmp_path / "sr" / "checkpoint-1"
+    options = fast_options(tmp_path / "sr", train_data_dir=data, max_train_steps=1, checkpointing_steps=1)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+    random_states = (checkpoint / "random_states_0.pkl").read_bytes()
+    (checkpoint / "random_states_0.pkl").unlink()  # resumed without it, the run would not be exact
+    resume(f"{checkpoint} is incomplete, it has no random_states_0.pkl")
+    (checkpoint / "random_states_0.pkl").write_bytes(random_states)
+    model = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(model[:100])
+    resume(f"cannot resume from {checkpoint}: a file in it is damaged")
+    (checkpoint / "model.safetensors").write_bytes(model)
+    (checkpoint / "training_state.json").write_text("{}")
+    resume(f"cannot resume from {checkpoint}: a file in it is damaged")
 
 
 def test_ctrl_c_says_where_to_resume(tmp_path, monkeypatch, capsys):
@@ -260,6 +341,7 @@ def test_programmatic_sources_and_options(tmp_path):
     from PIL import Image
 
     assert Image.open(os.path.join(output, "validation.png")).size == (4 * 32, 32)
+    assert "## Validation metrics (validation images)" in open(os.path.join(output, "README.md")).read()
 
 
 def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):

@@ -151,6 +151,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         mixed_precision="bf16" if bfloat16 else "no",
         **RECIPE,
     )
+    _remove_checkpoints(model_dir, "an interrupted earlier demo's: a new run there would be refused")
     if args.steps is not None:
         train_on_crops(
             train_crops,
@@ -185,17 +186,23 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         # The speed this run measured, a tenth over: the clock, not the plan, ends the next part.
         plan = summary["global_step"] + max(1, int(1.1 * left * summary["steps_per_second"]))
         print(f"{left / 60:.1f} min left after {summary['global_step']} steps: going on (at most {plan} steps)")
-        # This run's own checkpoint, not `latest`: an interrupted demo overwritten here may have left a later one.
         resume = os.path.join(model_dir, f"checkpoint-{summary['global_step']}")
-    checkpoints = list_checkpoints(model_dir)
-    if checkpoints:  # the demo's model folder holds the pipeline, not training state (nor an earlier demo's)
-        for checkpoint in checkpoints:
-            shutil.rmtree(checkpoint)
-        print(f"removed {', '.join(os.path.basename(path) for path in checkpoints)}: {model_dir} keeps the pipeline")
+    if _remove_checkpoints(model_dir, f"{model_dir} keeps the pipeline"):
         summary["checkpoints"] = []
         with open(os.path.join(model_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
     return summary["global_step"]
+
+
+def _remove_checkpoints(model_dir: str, why: str) -> List[str]:
+    """Remove the training checkpoints in the demo's model folder (it holds the pipeline, not training state), saying
+    which and `why`; return them."""
+    checkpoints = list_checkpoints(model_dir)
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
+    if checkpoints:
+        print(f"removed {', '.join(os.path.basename(path) for path in checkpoints)}: {why}")
+    return checkpoints
 
 
 def _training_summary(model_dir: str) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ The package is split by job (every name is importable from `diffusers_sr3.data` 
 from .building import TrainingData, build_training_data
 from .caching import open_lmdb
 from .dataset import EpochSampler, PairDataset
-from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, decode_image, extract_image
+from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError, decode_image, extract_image
 from .pairs import PairMaker, batch_generator, cut_into_crops, gaussian_blur, sample_generator
 from .sources import (
     LOCAL_BUILDERS,
@@ -46,6 +46,7 @@ __all__ = [
     "LOCAL_BUILDERS",
     "MAX_CONSECUTIVE_BAD",
     "BadImageError",
+    "UnusableDataError",
     "EpochSampler",
     "FileListSource",
     "ImageSource",

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterator, Tuple, Union
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .decoding import MAX_CONSECUTIVE_BAD, BadImageError
+from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError
 from .pairs import PairMaker, sample_generator
 from .sources import ImageSource
 
@@ -60,22 +60,26 @@ class PairDataset(Dataset):
         return len(self.source)
 
     def sample(self, index: int, epoch: int = 0, augment: bool = True) -> Dict[str, Any]:
-        skipped = 0
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            position = (index + attempt) % len(self.source)
+        attempts = min(MAX_CONSECUTIVE_BAD, len(self.source))
+        for skipped in range(attempts):
+            position = (index + skipped) % len(self.source)
             try:
                 high, low = self.source.load(position)
                 generator = sample_generator(self.seed, epoch, position)
                 sample = self.pair_maker(high, low, generator, augment, self.source.name(position))
             except BadImageError as error:
                 logger.warning("skipping %s", error)
-                skipped += 1
+                last_error = error
                 continue
             sample["skipped"] = skipped
             return sample
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_BAD} images in a row of {self.source.description} are unusable (from index {index}); "
-            "check the data"
+        if attempts == len(self.source):
+            raise UnusableDataError(
+                f"none of the {attempts} images of {self.source.description} is usable (the last: {last_error})"
+            )
+        raise UnusableDataError(
+            f"{attempts} images in a row of {self.source.description} are unusable (from index {index}; the last: "
+            f"{last_error}); check the data"
         )
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, Any]:

@@ -16,6 +16,10 @@ from ..image_processing import images_to_tensor
 MAX_CONSECUTIVE_BAD = 64
 
 
+class UnusableDataError(ValueError):
+    """The data has too few usable images to go on: raised instead of skipping forever."""
+
+
 class BadImageError(ValueError):
     """One image cannot be used (unreadable, truncated, too small); `reason` is a short category."""
 

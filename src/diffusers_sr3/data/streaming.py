@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterator, Tuple
 
 from torch.utils.data import IterableDataset
 
-from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, decode_image, extract_image
+from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError, decode_image, extract_image
 from .pairs import PairMaker, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ class StreamingPairDataset(IterableDataset):
                 logger.warning("skipping %s", error)
                 skipped += 1
                 if skipped >= MAX_CONSECUTIVE_BAD:
-                    raise RuntimeError(f"{skipped} images in a row of {self.description} are unusable") from None
+                    raise UnusableDataError(
+                        f"{skipped} images in a row of {self.description} are unusable (the last: {error})"
+                    ) from None
                 continue
             sample["skipped"] = skipped
             skipped = 0

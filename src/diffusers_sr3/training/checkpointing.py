@@ -61,6 +61,33 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Optional
     return path
 
 
+def check_checkpoint_fits(path: str, unet_config: Dict[str, Any], process_index: int = 0) -> None:
+    """Refuse, before loading anything, a checkpoint that misses a file of its state or that a run of another model
+    saved (its `unet_config.json` differs from `unet_config` in a setting both name)."""
+    expected = ["optimizer.bin", "scheduler.bin", f"random_states_{process_index}.pkl"]
+    missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (MODEL_FILE, "pytorch_model.bin")):
+        missing.insert(0, MODEL_FILE)
+    if missing:
+        raise FileNotFoundError(f"{path} is incomplete, it has no {', '.join(missing)}: resume from another checkpoint")
+    config_file = os.path.join(path, UNET_CONFIG_FILE)
+    if not os.path.isfile(config_file):  # checkpoints of earlier versions: the weights' shapes decide
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    current = json.loads(json.dumps(dict(unet_config)))  # tuples as the saved lists
+    differences = [
+        f"{key} {saved[key]} there, {current[key]} here"
+        for key in sorted(saved.keys() & current.keys())
+        if not key.startswith("_") and saved[key] != current[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{path} was saved by a run of another model ({'; '.join(differences)}): resume it with the options it "
+            "was trained with, or start a new run in another --output_dir"
+        )
+
+
 def temporary_checkpoint_dir(output_dir: str, step: int) -> str:
     """Where a checkpoint is written before it is renamed into place (stale leftovers are removed first)."""
     path = os.path.join(output_dir, f"{_TEMPORARY_PREFIX}{step}")

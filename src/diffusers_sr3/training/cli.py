@@ -30,8 +30,10 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
     except HubUploadError as error:
         print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ConnectionError, ImportError) as error:
-        parser.error(redact(str(error)))
+    except (ValueError, OSError, ImportError) as error:
+        # One line, without the usage: the options parsed, so what is wrong is a value, a file or the data.
+        print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # On a line of its own: the progress bar of the interrupted run still holds the cursor.
         print(f"\n{parser.prog}: interrupted; {_where_to_resume(args.output_dir)}", file=sys.stderr)

@@ -271,6 +271,7 @@ class TrainingConfig:
             "gradient_accumulation_steps",
             "num_epochs",
             "num_validation_images",
+            "validation_steps_count",
             "dataset_repeats",
         )
         for name in positive:
@@ -279,6 +280,9 @@ class TrainingConfig:
         for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("resolution", "upscale_factor"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -338,8 +342,10 @@ class TrainingConfig:
             raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate:g}")
         if self.discriminator_learning_rate is not None and not self.adversarial_loss_weight:
             raise ValueError("--discriminator_learning_rate applies with --adversarial_loss_weight only")
-        if self.sampler is not None and self.sampler not in SCHEDULERS:
-            raise ValueError(f"--sampler {self.sampler!r} is not a scheduler; expected one of {sorted(SCHEDULERS)}")
+        for option in ("sampler", "validation_scheduler"):
+            name = getattr(self, option)
+            if name is not None and name not in SCHEDULERS:
+                raise ValueError(f"--{option} {name!r} is not a scheduler; expected one of {sorted(SCHEDULERS)}")
         detail_options = [f"--{name}" for name in DETAIL_CONFIG_KEYS if getattr(self, name) is not None]
         if self.task == "uncond" and detail_options:
             raise ValueError(f"{', '.join(detail_options)} apply to super-resolution only")

@@ -8,30 +8,34 @@ model card, and the Hub upload.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import math
 import os
+import pickle
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backends import cpu_name, fast_bfloat16
 from ..data import (
-    FileListSource,
-    PairDataset,
+    BadImageError,
     PairMaker,
     TrainingData,
     batch_generator,
     build_training_data,
     cut_into_crops,
+    decode_image,
+    sample_generator,
 )
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
@@ -41,6 +45,7 @@ from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
+    check_checkpoint_fits,
     finish_checkpoint,
     list_checkpoints,
     load_checkpoint_extras,
@@ -54,6 +59,16 @@ from .objective import diffusion_loss, measure_residual_scale, noise_batch, pred
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
+
+# What loading a truncated or corrupted checkpoint file raises (safetensors, json, torch.load, pickle, accelerate).
+_DAMAGED_CHECKPOINT_ERRORS = (
+    SafetensorError,
+    json.JSONDecodeError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    pickle.UnpicklingError,
+)
 
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
@@ -317,7 +332,8 @@ def _saved_scheduler(setup: ModelSetup) -> Any:
 
 
 def _check_saved_pipeline(setup: ModelSetup, config: TrainingConfig) -> None:
-    """Refuse, before any training, sampling settings that the pipeline saved at the end would refuse."""
+    """Refuse, before any training, sampling settings that validation or the pipeline saved at the end would refuse."""
+    swap_scheduler(setup.scheduler, config.validation_scheduler)  # raises for one that cannot sample the model
     scheduler = _saved_scheduler(setup)  # a sampler that cannot sample this prediction type raises here
     if not setup.upscale_factor:
         return
@@ -404,8 +420,14 @@ class Trainer:
     def run(self) -> str:
         """Train, save the pipeline (EMA weights when used) with a model card, push if asked; return the folder."""
         threads_before = torch.get_num_threads()
+        new_folder = not os.path.exists(self.config.output_dir)
         try:
             return self._run()
+        except BaseException:
+            if new_folder:  # a run that fails before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.config.output_dir)
+            raise
         finally:
             torch.set_num_threads(threads_before)
             # Accelerate keeps its settings in process-wide singletons; clearing them (not the process group) lets
@@ -442,6 +464,15 @@ class Trainer:
     def _start(self) -> int:
         """Create the accelerator, seed the random sources and prepare the output folder; return the data seed."""
         config = self.config
+        if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+            raise ValueError(f"--output_dir {config.output_dir} is a file, not a folder")
+        earlier = list_checkpoints(config.output_dir)
+        if earlier and not config.resume_from_checkpoint:
+            # A new run would overwrite them step by step, and --checkpoints_total_limit would prune its own first.
+            raise ValueError(
+                f"{config.output_dir} holds checkpoints of an earlier run (the newest: {os.path.basename(earlier[-1])})"
+                ": go on with it with --resume_from_checkpoint latest, or start the new run in another --output_dir"
+            )
         # The token may be any string: known literally, it is redacted wherever it would be written or logged.
         register_secret(config.hub_token)
         install_log_redaction()
@@ -643,10 +674,14 @@ class Trainer:
                 + ("a positive --adversarial_loss_weight" if saved_discriminator else "--adversarial_loss_weight 0")
                 + ", or fine-tune its weights with --pretrained_model_name_or_path instead"
             )
-        self.accelerator.load_state(loop.resumed_from)
-        state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
-        loop.global_step, loop.epoch = state["global_step"], state["epoch"]
-        loop.batches_done = state["batches_in_epoch"]
+        check_checkpoint_fits(loop.resumed_from, self.model.config, self.process_index)
+        try:
+            self.accelerator.load_state(loop.resumed_from)
+            state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
+            loop.global_step, loop.epoch = state["global_step"], state["epoch"]
+            loop.batches_done = state["batches_in_epoch"]
+        except _DAMAGED_CHECKPOINT_ERRORS as error:
+            raise ValueError(f"cannot resume from {loop.resumed_from}: a file in it is damaged ({error!r})") from None
         logger.info("resumed from %s at step %d (epoch %d)", loop.resumed_from, loop.global_step, loop.epoch)
 
     def _start_tracking(self, setup: ModelSetup, data: TrainingData, loop: _LoopState) -> None:
@@ -892,9 +927,15 @@ class Trainer:
         if setup.upscale_factor is None:
             return []
         if config.validation_images:
+            # Each given image or a clear error, before any training: never silently the next image instead.
             maker = PairMaker(setup.resolution, setup.upscale_factor)
-            dataset = PairDataset(FileListSource(config.validation_images, "validation_images"), maker)
-            return [dataset.sample(index, augment=False) for index in range(len(config.validation_images))]
+            samples = []
+            for index, path in enumerate(config.validation_images):
+                try:
+                    samples.append(maker(decode_image(path, path), None, sample_generator(0, 0, index), False, path))
+                except BadImageError as error:
+                    raise ValueError(f"--validation_images: {error}") from None
+            return samples
         return data.validation_samples(config.num_validation_images)
 
     def _save_checkpoint(self, accelerator: Accelerator, ema: Any, step: int, epoch: int, batches: int) -> None:
@@ -980,6 +1021,11 @@ class Trainer:
             datasets=[hub_dataset] if hub_dataset else None,
             data_description=data.description if not hub_dataset else hub_dataset,
             metrics=metrics,
+            evaluation_dataset=(
+                "validation images"
+                if config.validation_images
+                else f"the first {len(samples)} training images, not held out"
+            ),
             sample_image="validation.png",
             training_command=training_command(self.options),
             base_model=_hub_id(config.pretrained_model_name_or_path),
