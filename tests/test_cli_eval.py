@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import PIL.Image
 import pytest
 from conftest import PAIRS, SAMPLES
@@ -121,3 +122,71 @@ def test_fid_option(tmp_path):
     arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--fid", "--json"]
     assert main(arguments + [str(report_path)]) == 0
     assert json.loads(report_path.read_text())["fid"] > 1
+
+
+def write_noise(path, size, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_lr_images_must_be_the_hr_shrunk_by_a_whole_factor(tmp_path, monkeypatch, capsys):
+    lr_sizes = {"a": (16, 16), "b": (48, 48), "c": (20, 20), "d": (96, 96), "e": (24, 12), "f": (24, 24)}
+    for index, (name, lr_size) in enumerate(lr_sizes.items()):
+        write_noise(tmp_path / "hr" / f"{name}.png", (48, 48), index)
+        write_noise(tmp_path / "sr" / f"{name}.png", (48, 48), index + 10)
+        write_noise(tmp_path / "lr" / f"{name}.png", lr_size, index + 20)
+    arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--lr", str(tmp_path / "lr")]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "4 LR image(s) are not their HR image shrunk by a whole factor:" in error
+    for name in "bcde":
+        assert f"{name} (hr 48x48, sr 48x48, lr {lr_sizes[name][0]}x{lr_sizes[name][1]})" in error
+    assert "a (" not in error and "f (" not in error
+    for name in "bcde":
+        (tmp_path / "lr" / f"{name}.png").unlink()
+        (tmp_path / "hr" / f"{name}.png").unlink()
+        (tmp_path / "sr" / f"{name}.png").unlink()
+    assert main(arguments + ["--quiet"]) == 0  # x3 and x2 are fine
+    assert "consistency" in capsys.readouterr().out
+
+
+def test_results_lr_images_of_the_hr_size_are_the_originals_stand_in(tmp_path, capsys):
+    # Without an LR input the original saves its bicubic image as <id>_lr.png: no consistency, and no error.
+    write_noise(tmp_path / "1_hr.png", (32, 32), 1)
+    write_noise(tmp_path / "1_sr.png", (32, 32), 2)
+    write_noise(tmp_path / "1_lr.png", (32, 32), 3)
+    assert main(["eval", "--results", str(tmp_path)]) == 0
+    assert "consistency" not in capsys.readouterr().out
+
+
+def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("metrics computed before the --json destination was checked")
+
+    monkeypatch.setattr(metrics, "pair_metrics", no_work)
+    arguments = ["eval", "--hr", str(pair_folders / "hr"), "--sr", str(pair_folders / "sr"), "--json"]
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    assert main(arguments + [str(folder)]) == 2
+    assert f"--json {folder} is a folder" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("a file")
+    assert main(arguments + [str(tmp_path / "notes.txt" / "r.json")]) == 2
+    assert "notes.txt is not a writable folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+
+
+def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_folders, tmp_path, monkeypatch):
+    report_path = tmp_path / "reports" / "r.json"
+    report_path.parent.mkdir()
+    report_path.write_text("the previous report")
+
+    def failing_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", failing_dump)
+    arguments = ["eval", "--hr", str(pair_folders / "hr"), "--sr", str(pair_folders / "sr"), "--quiet", "--json"]
+    with pytest.raises(OSError, match="disk full"):
+        main(arguments + [str(report_path)])
+    assert [path.name for path in report_path.parent.iterdir()] == ["r.json"]
+    assert report_path.read_text() == "the previous report"

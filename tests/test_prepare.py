@@ -188,3 +188,42 @@ def test_bad_arguments(source, tmp_path, capsys):
     empty.mkdir()
     assert main(["prepare", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_an_output_folder_inside_the_source_is_not_read_as_source(source, tmp_path, capsys):
+    out = source / "prep"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "0"]
+    assert main(arguments) == 0
+    first = {path: path.read_bytes() for path in out.rglob("*.png")}
+    # A rerun finds the same sources (its own outputs are not among them) and has nothing to do.
+    assert main(arguments) == 0
+    assert "already complete: 4 images" in capsys.readouterr().out
+    # --overwrite with other sizes reads the four sources again, not the twelve images written above.
+    assert main(arguments[:-4] + ["--sizes", "8,32", "--n_worker", "0", "--overwrite"]) == 0
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["written"] == 4 and state["settings"]["files"] == 5
+    assert {path: path.read_bytes() for path in (out / "hr_32").iterdir()} == {
+        path: data for path, data in first.items() if path.parent.name == "hr_32"
+    }
+    # Through a link to the same folder, too.
+    (tmp_path / "link").symlink_to(source)
+    assert main(["prepare", str(source), "--out", str(tmp_path / "link" / "prep"), "--sizes", "8,32"]) == 0
+    assert main(["prepare", str(source), "--out", str(source), "--n_worker", "0"]) == 2
+    assert "is the source folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["{bad", '{"settings": 5}', "[1]", '{"settings": {"sizes": [8]}}', "\xff"])
+def test_a_damaged_state_file_is_named_and_overwrite_starts_afresh(source, tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "0"]
+    assert main(arguments) == 0
+    state_file = out / ".sr3_prepare.json"
+    state_file.write_bytes(damage.encode("latin-1"))
+    capsys.readouterr()
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert f"{state_file} is damaged" in error and "--overwrite to start afresh" in error
+    assert len(error.strip().splitlines()) == 1 and (out / "hr_32" / "00000.png").exists()
+    assert main(arguments + ["--overwrite"]) == 0
+    state = json.loads(state_file.read_text())
+    assert state["complete"] and state["written"] == 4 and len(list((out / "hr_32").iterdir())) == 4

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import os
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -69,3 +70,19 @@ def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> 
     if args.scheduler:
         pipeline.scheduler = swap_scheduler(pipeline.scheduler, args.scheduler)
     return pipeline.to(device)
+
+
+def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
+    """Refuse, before any work, `(input, output)` writes to existing files (unless `overwrite`) or one file twice."""
+    seen = {}
+    for path, destination in writes:
+        if destination in seen:
+            raise ValueError(
+                f"{seen[destination]} and {path} would both be written to {destination}; write them into "
+                "separate --output folders"
+            )
+        seen[destination] = path
+        if os.path.exists(destination) and not overwrite:
+            raise FileExistsError(
+                f"{destination} already exists; pass --overwrite to replace it, or choose another --output"
+            )

@@ -124,8 +124,43 @@ def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]
 
 
+def _lr_fits(lr: np.ndarray, hr: np.ndarray) -> bool:
+    """Whether `lr` is `hr` shrunk by one whole factor of at least 2, the same across and down."""
+    (lr_height, lr_width), (hr_height, hr_width) = lr.shape[:2], hr.shape[:2]
+    factor = hr_width // lr_width
+    return factor >= 2 and (lr_width * factor, lr_height * factor) == (hr_width, hr_height)
+
+
+def _check_json_destination(path: str) -> None:
+    """Refuse, before any work, a --json path that cannot be written: a folder, or below a file."""
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'metrics.json')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # missing folders are created when the report is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--json {path} cannot be written: {parent} is not a writable folder")
+
+
+def _write_json(report: Dict, path: str) -> None:
+    """Write `report` through a temporary file beside `path`, removed again if anything fails."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     pairs = gather(args)
+    if args.json:
+        _check_json_destination(args.json)
     fid = inception = None
     try:
         if args.fid:
@@ -139,13 +174,19 @@ def run(args: argparse.Namespace) -> int:
 
     rows: Dict[str, Dict[str, float]] = {}
     size_problems: List[str] = []
+    scale_problems: List[str] = []
     for key, paths in tqdm(pairs.items(), desc="evaluating", unit="image", disable=args.quiet):
         images = {kind: metrics.to_uint8_rgb(open_image(path), path) for kind, path in paths.items()}
         hr, sr = images["hr"], images["sr"]
+        if "lr" in images and args.results and not args.lr and images["lr"].shape == hr.shape:
+            del images["lr"]  # the original saves its bicubic image as <id>_lr.png when it had no LR input
+        sizes = ", ".join(f"{kind} {image.shape[1]}x{image.shape[0]}" for kind, image in images.items())
         if sr.shape != hr.shape or ("inf" in images and images["inf"].shape != hr.shape):
-            sizes = ", ".join(f"{kind} {image.shape[1]}x{image.shape[0]}" for kind, image in images.items())
             size_problems.append(f"{key} ({sizes})")
-            continue
+        if "lr" in images and not _lr_fits(images["lr"], hr):
+            scale_problems.append(f"{key} ({sizes})")
+        if size_problems or scale_problems:
+            continue  # the run fails: only the sizes of the remaining pairs are worth checking
         row = metrics.pair_metrics(sr, hr, images.get("lr"))
         if "inf" in images:
             row["bicubic_psnr"] = metrics.psnr(images["inf"], hr)
@@ -156,8 +197,16 @@ def run(args: argparse.Namespace) -> int:
             fid.update(_uint8_tensor(sr).to(args.device), real=False)
         if inception is not None:
             inception.update(_uint8_tensor(sr).to(args.device))
+    problems = []
     if size_problems:
-        raise ValueError(f"{len(size_problems)} pair(s) differ in size: {_listed(size_problems)}")
+        problems.append(f"{len(size_problems)} pair(s) differ in size: {_listed(size_problems)}")
+    if scale_problems:
+        problems.append(
+            f"{len(scale_problems)} LR image(s) are not their HR image shrunk by a whole factor: "
+            + _listed(scale_problems)
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
 
     columns = list(dict.fromkeys(name for row in rows.values() for name in row))
     means = metrics.summarize({name: [row[name] for row in rows.values() if name in row] for name in columns})
@@ -185,11 +234,5 @@ def run(args: argparse.Namespace) -> int:
             **{name: _json_value(value) for name, value in extra.items()},
             "images": {key: {name: _json_value(value) for name, value in row.items()} for key, row in rows.items()},
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        temporary = args.json + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, args.json)
+        _write_json(report, args.json)
     return 0

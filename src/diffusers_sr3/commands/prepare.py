@@ -101,14 +101,27 @@ def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, byt
     return {"lr": _png(lr), "hr": _png(hr), "sr": _png(sr)}, None
 
 
-def source_files(folder: str) -> List[str]:
-    """Image files under `folder`, recursively, as sorted paths relative to it (hidden folders skipped)."""
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def source_files(folder: str, output: Optional[str] = None) -> List[str]:
+    """Image files under `folder`, recursively, as sorted paths relative to it (hidden folders skipped).
+
+    The `output` folder is left out when it lies inside `folder`: its images are results, not sources (a rerun
+    would otherwise see a changed listing, and --overwrite would read back what it just wrote).
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"source folder not found: {folder}")
-    found = [os.path.relpath(path, folder) for path in walk_images(folder)]
+    found = walk_images(folder)
+    if output is not None:
+        skip = os.path.realpath(output)
+        if skip == os.path.realpath(folder):
+            raise ValueError(f"--out {output} is the source folder; choose another output folder")
+        found = [path for path in found if not _inside(os.path.realpath(os.path.dirname(path)), skip)]
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    return found
+    return [os.path.relpath(path, folder) for path in found]
 
 
 def layout(fmt: str, low: int, high: int) -> List[str]:
@@ -208,6 +221,26 @@ def _save_state(output: str, state: Dict) -> None:
     _write_atomic(os.path.join(output, STATE_FILE), (json.dumps(state, indent=2) + "\n").encode("utf-8"))
 
 
+def _read_state(path: str) -> Tuple[Optional[Dict], Optional[str]]:
+    """`(state, None)`, or `(None, problem)` when the file is not a state `sr3 prepare` wrote (damaged, edited)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as error:  # JSON and UTF-8 errors are ValueErrors
+        return None, f"unreadable: {error}"
+    settings = state.get("settings") if isinstance(state, dict) else None
+    sizes = settings.get("sizes") if isinstance(settings, dict) else None
+    valid = (
+        isinstance(sizes, list)
+        and len(sizes) == 2
+        and all(isinstance(size, int) for size in sizes)
+        and all(isinstance(state.get(key), int) for key in ("position", "written"))
+        and isinstance(state.get("skipped"), dict)
+        and isinstance(state.get("complete"), bool)
+    )
+    return (state, None) if valid else (None, "not the progress record sr3 prepare writes")
+
+
 def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) -> Dict:
     """The progress to resume from; refuses (without --overwrite) an output folder holding anything else."""
     fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
@@ -216,9 +249,10 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
     state_path = os.path.join(output, STATE_FILE)
     state = None
     if os.path.isfile(state_path):
-        with open(state_path, encoding="utf-8") as handle:
-            state = json.load(handle)
-        if state.get("settings") == settings:
+        state, problem = _read_state(state_path)
+        if problem and not overwrite:
+            raise ValueError(f"{state_path} is damaged ({problem}); pass --overwrite to start afresh")
+        if state is not None and state["settings"] == settings:
             return state
     if not overwrite:
         if state is not None:
@@ -255,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = "lmdb" if args.lmdb else (args.format or "folder")
     if args.n_worker < 0 or args.shard_size < 1:
         raise ValueError("--n_worker must be >= 0 and --shard-size >= 1")
-    files = source_files(source)
+    files = source_files(source, args.output)
     if os.path.isfile(args.output):
         raise FileExistsError(f"--out {args.output} is a file, not a folder")
     settings = _settings(args, source, files, fmt, low, high)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from ..image_processing import grid
 from ..pipelines import SR3UnconditionalPipeline
-from .common import add_model_arguments, add_save_process_argument, load_pipeline
+from .common import add_model_arguments, add_save_process_argument, check_destinations, load_pipeline
+from .upscale import save_atomically
 
 SAMPLE_STEPS = 100
 
@@ -19,7 +22,8 @@ SAMPLE_STEPS = 100
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, steps_help=f"sampling steps (default: {SAMPLE_STEPS})")
     parser.add_argument("-n", "--num-images", type=int, default=16, help="number of images")
-    parser.add_argument("--output", required=True, help="grid image file (PNG)")
+    parser.add_argument("--output", required=True, help="grid image file (PNG, JPEG, WebP, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together")
     parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
     add_save_process_argument(
@@ -28,11 +32,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_output(output: str) -> None:
+    """Refuse, before any sampling, an --output that is a folder, lies below a file, or has no extension of a
+    format Pillow can write an RGB image in."""
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a folder; give an image file name such as {output}/grid.png")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):  # missing folders are created when the grid is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output {output} cannot be written: {parent} is a file")
+    image_format = PIL.Image.registered_extensions().get(os.path.splitext(output)[1].lower())
+    try:
+        # Some registered formats only read, or only write other modes (XBM), or need a plugin (BUFR): try one pixel.
+        PIL.Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    except (KeyError, OSError, ValueError):
+        raise ValueError(
+            f"--output {output} needs an image file extension Pillow can write, such as .png or .jpg"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
     if args.save_process < 0:
         raise ValueError("--save-process takes a positive number of frames")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be at least 1, got {args.size}")
+    _check_output(args.output)
+    process_path = os.path.splitext(args.output)[0] + "_process.png"
+    writes = [("the grid", args.output)] + ([("the process strip", process_path)] if args.save_process else [])
+    check_destinations(writes, args.overwrite)
     pipeline = load_pipeline(args, SR3UnconditionalPipeline)
     pipeline.set_progress_bar_config(leave=False)
     generator = torch.Generator("cpu").manual_seed(args.seed)
@@ -54,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
             progress.update(count)
     columns = math.ceil(math.sqrt(len(images)))
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    grid(rows).save(args.output)
+    save_atomically(grid(rows), args.output)
     if processes:
-        grid(processes).save(os.path.splitext(args.output)[0] + "_process.png")
+        save_atomically(grid(processes), process_path)
     print(f"wrote {len(images)} images to {args.output}")
     return 0

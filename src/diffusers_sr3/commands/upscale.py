@@ -26,7 +26,7 @@ from ..pipelines.pipeline_sr3 import (
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
-from .common import add_model_arguments, add_save_process_argument, load_pipeline
+from .common import add_model_arguments, add_save_process_argument, check_destinations, load_pipeline
 
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
 EXPECTED_TIME = """\
@@ -207,22 +207,6 @@ def _output_path(output: str, source: str, single: bool) -> str:
     return os.path.join(output, os.path.splitext(os.path.basename(source))[0] + "_sr.png")
 
 
-def _check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
-    """Refuse, before any work, `(input, output)` writes to existing files (unless `overwrite`) or one file twice."""
-    seen = {}
-    for path, destination in writes:
-        if destination in seen:
-            raise ValueError(
-                f"{seen[destination]} and {path} would both be written to {destination}; upscale them into "
-                "separate --output folders"
-            )
-        seen[destination] = path
-        if os.path.exists(destination) and not overwrite:
-            raise FileExistsError(
-                f"{destination} already exists; pass --overwrite to replace it, or choose another --output"
-            )
-
-
 def lossy_options(image_format: str, quality: int) -> Dict[str, int]:
     """Pillow save options of the lossy formats: `quality`, and JPEG's colour kept at full resolution (4:4:4)."""
     if image_format == "JPEG":
@@ -320,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     writes = list(zip(paths, destinations))
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
-    _check_destinations(writes, args.overwrite)
+    check_destinations(writes, args.overwrite)
     images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
     # The networks see RGB; transparency is resized on its own and put back where the output format keeps it.
     alphas = [open_alpha(path) if _keeps_alpha(destination) else None for path, destination in zip(paths, destinations)]
