@@ -108,9 +108,12 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
         # Upright by its EXIF orientation (phone photos), as the browser shows it.
         return open_image(path, name, max_pixels=max_pixels)
     except ImageTooLargeError as error:
-        width, height = error.size
+        if error.size is None:  # too large for Pillow to open at all
+            size = f"over {2 * PIL.Image.MAX_IMAGE_PIXELS:,} pixels"
+        else:
+            size = f"{error.size[0]}x{error.size[1]} = {error.size[0] * error.size[1]:,} pixels"
         raise gr.Error(
-            f"{name} is {width}x{height} = {width * height:,} pixels; this demo accepts images of at most "
+            f"{name} is {size}; this demo accepts images of at most "
             f"{max_pixels:,} pixels (e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}). "
             "Crop or downscale it first."
         ) from None
@@ -148,7 +151,7 @@ class Result:
     process: Optional[PIL.Image.Image]
     output_size: Tuple[int, int]
     tiles: int
-    tile_size: int
+    tile: Tuple[int, int]  # (width, height): square tiles, clipped to the (padded) image
     seconds: float
 
 
@@ -201,6 +204,7 @@ def super_resolve(
     padded = [-(-length * factor // multiple) * multiple for length in (height, width)]
     tiling = TiledNetwork(pipeline.unet, None, None, None, max_pixels=MAX_TILE_PIXELS)
     tiles, tile_size = tiling.count_evaluations(*padded)[0], tiling.plan(*padded).tile_size
+    tile = (min(tile_size, padded[1]), min(tile_size, padded[0]))
     detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
     evaluations = evaluations_per_crop(
         mode, steps if mode == "detail" else None, strength, sampler.scheduler, sampler.guided()
@@ -241,7 +245,7 @@ def super_resolve(
         process=process,
         output_size=output_size,
         tiles=tiles,
-        tile_size=tile_size,
+        tile=tile,
         seconds=seconds,
     )
 
@@ -369,8 +373,9 @@ def build_demo(
             + (f" (detail strength {strength:g})" if strength < 1 else "")
             + (f", fidelity averaged over {SELF_ENSEMBLE_SIZE} orientations" if self_ensemble else "")
             + ", "
-            f"seed {seed} · {result.tiles} tile{'s' if result.tiles > 1 else ''} of "
-            f"{result.tile_size}x{result.tile_size} · "
+            f"seed {seed} · "
+            + (f"{result.tiles} tiles of {result.tile[0]}x{result.tile[1]}" if result.tiles > 1 else "untiled")
+            + " · "
             f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
         )
         process = gr.Image(value=result.process, visible=result.process is not None)

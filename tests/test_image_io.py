@@ -1,6 +1,9 @@
 """One image walker and one image opener: EXIF orientation, RGB, clear errors, through every entry point."""
 
+import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -67,6 +70,25 @@ def test_open_image_converts_to_rgb_and_names_the_file_in_errors(tmp_path):
     with pytest.raises(ImageTooLargeError, match="64x64 = 4,096 pixels") as caught:
         open_image(tmp_path / "whole.png", max_pixels=4000)
     assert caught.value.size == (64, 64)
+    # Beyond Pillow's decompression-bomb limit Pillow will not even open it: too large where a limit is set.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming_size(20000, 20000))
+    with pytest.raises(ImageTooLargeError, match=r"bomb.png is over 178,956,970 pixels, more than 4,000") as caught:
+        open_image(bomb, max_pixels=4000)
+    assert caught.value.size is None
+    with pytest.raises(UnreadableImageError, match="bomb.png: Image size"):
+        open_image(bomb)
+
+
+def png_claiming_size(width, height):
+    """A tiny PNG whose header claims `width` x `height` pixels."""
+    stream = io.BytesIO()
+    PIL.Image.new("L", (1, 1)).save(stream, format="PNG")
+    data = bytearray(stream.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
 
 
 def test_16_bit_and_float_images_keep_their_brightness_everywhere(tmp_path, tiny_pipeline):

@@ -19,6 +19,7 @@ from conftest import REPO, SAMPLES, tiny_unet_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
+from test_image_io import png_claiming_size
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
@@ -135,7 +136,7 @@ def test_api_super_resolves_a_photo(served):
     strip = pixels(process["value"])
     assert strip.shape == (64, 3 * 64, 3)
     assert np.abs(strip[:, 128:] - sr3).max() <= 1
-    assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "1 tile of 64x64" in info
+    assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "seed 0 · untiled ·" in info
 
 
 def test_api_x2_is_the_x4_result_downscaled(served):
@@ -175,6 +176,12 @@ def test_api_refuses_an_image_over_the_pixel_limit(served, tmp_path):
         AppError, match=r"large\.png is 40x30 = 1,200 pixels; this demo accepts images of at most 1,024"
     ):
         predict(client, large)
+    # Beyond Pillow's decompression-bomb limit too: too large, not "damaged".
+    bomb = tmp_path / "panorama.png"
+    bomb.write_bytes(png_claiming_size(20000, 20000))
+    refused = r"panorama\.png is over 178,956,970 pixels; this demo accepts images of at most"
+    with pytest.raises(AppError, match=refused):
+        predict(client, bomb)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +366,7 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     image = PIL.Image.open(PHOTO).convert("RGB").resize((40, 24))
     monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
     float32 = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity")
-    assert (float32.tiles, float32.tile_size) == (1, 160)  # 160x96 output: one whole-image evaluation
+    assert (float32.tiles, float32.tile) == (1, (160, 96))  # 160x96 output: one whole-image evaluation
     direct = tiled_super_resolve(pipeline, image, mode="fidelity").images[0]
     assert np.array_equal(np.asarray(float32.sr3), np.asarray(direct))
     monkeypatch.setattr(backends, "fast_bfloat16", lambda device: True)
@@ -370,7 +377,7 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     monkeypatch.setattr(app, "MAX_TILE_PIXELS", 256)  # a 16x16 network grid per evaluation: 160x96 needs tiles
     reported = []
     tiled = app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="fidelity", progress=reported.append)
-    assert tiled.tiles > 1 and tiled.tile_size < 160
+    assert tiled.tiles > 1 and tiled.tile[0] < 160
     # Progress counts every tile of every evaluation, and ends at its total.
     total = FIDELITY_STEPS * tiled.tiles
     assert reported[-1] == (total, total) and len(reported) > FIDELITY_STEPS

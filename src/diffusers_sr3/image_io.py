@@ -39,9 +39,10 @@ class UnreadableImageError(ValueError):
 
 
 class ImageTooLargeError(ValueError):
-    """The image has more pixels than allowed (checked from the header, before decoding); `size` is `(W, H)`."""
+    """The image has more pixels than allowed (checked from the header, before decoding); `size` is `(W, H)`, or None
+    for an image beyond Pillow's decompression-bomb limit, whose size Pillow does not tell."""
 
-    def __init__(self, message: str, size: Tuple[int, int]):
+    def __init__(self, message: str, size: Optional[Tuple[int, int]]):
         super().__init__(message)
         self.size = size
 
@@ -113,8 +114,14 @@ def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[
         raise FileNotFoundError(f"image file not found: {name}") from None
     except PIL.UnidentifiedImageError as error:
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error), not_an_image=True) from None
-    except (PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+    except PIL.Image.DecompressionBombError as error:
+        raise _TooLargeToOpen(f"cannot read image {name}: {error}", str(error)) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error)) from None
+
+
+class _TooLargeToOpen(UnreadableImageError):
+    """Beyond Pillow's decompression-bomb limit: unreadable, and too large wherever a pixel limit is set."""
 
 
 def open_image(
@@ -136,22 +143,29 @@ def open_image(
     Raises:
         FileNotFoundError: no such file.
         UnreadableImageError: not an image, or a damaged one (a `ValueError`).
-        ImageTooLargeError: more than `max_pixels` pixels (a `ValueError`).
+        ImageTooLargeError: more than `max_pixels` pixels (a `ValueError`), also for images too large for Pillow to
+            open at all.
     """
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image"
     if isinstance(source, PIL.Image.Image):
         return _upright_rgb(source)
-    with _opened(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, name) as image:
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"{name} is {width}x{height} = {width * height:,} pixels, more than {max_pixels:,}", image.size
-            )
-        if draft_size is not None:
-            image.draft("RGB", (draft_size, draft_size))
-        image.load()
-        return _upright_rgb(image)
+    try:
+        with _opened(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, name) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name} is {width}x{height} = {width * height:,} pixels, more than {max_pixels:,}", image.size
+                )
+            if draft_size is not None:
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            return _upright_rgb(image)
+    except _TooLargeToOpen:
+        if max_pixels is None:
+            raise
+        bomb_limit = 2 * PIL.Image.MAX_IMAGE_PIXELS  # Pillow refuses to open images over twice its warning limit
+        raise ImageTooLargeError(f"{name} is over {bomb_limit:,} pixels, more than {max_pixels:,}", None) from None
 
 
 GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
