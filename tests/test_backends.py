@@ -87,3 +87,21 @@ def test_pipeline_on_the_onnx_backend_matches_eager(mode):
     with pytest.raises(ValueError, match="backend must be"):
         with use_backend(pipeline, "tensorrt"):
             pass
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "onnx"])
+def test_a_missing_onnx_package_is_one_line_naming_the_extra(missing, monkeypatch, tmp_path, capsys):
+    import sys
+
+    import PIL.Image
+
+    from diffusers_sr3.cli import main
+
+    pipeline = SR3Pipeline(low_resolution_unet(), make_scheduler("ddim", n_timestep=100), upscale_factor=4)
+    pipeline.save_pretrained(tmp_path / "model")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    argv = ["upscale", str(tmp_path / "small.png"), "--model", str(tmp_path / "model"), "--backend", "onnx"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert f'the ONNX backend needs {missing}: pip install "diffusers-sr3[onnx]"' in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -167,6 +167,15 @@ def test_bad_inputs_are_named():
         metrics.ssim(np.zeros((8, 40, 3), np.uint8), np.zeros((8, 40, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         metrics.psnr(image.astype(np.float32), image)
+    # Consistency needs the output's low-resolution input: sr3 eval and the library refuse the same files.
+    for low in (image[:5, :7], image[:16, :8], image, np.zeros((64, 64, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"not the 32x32 output shrunk by a whole factor"):
+            metrics.consistency(image, low)
+    assert metrics.consistency(image, image[::4, ::4]) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="1 low_resolution images for 2 predictions"):
+        metrics.image_set_metrics([image, image], [image, image], [image[::4, ::4]])
+    with pytest.raises(ValueError, match="batch sizes differ: 2 outputs vs 1 references"):
+        metrics.evaluate_batch(torch.zeros(2, 3, 16, 16), torch.zeros(1, 3, 16, 16))
 
 
 def test_inception_score_explains_why_it_is_unavailable():
@@ -289,6 +298,16 @@ def test_evaluate_module_loads_offline_from_the_installed_package(monkeypatch, t
         module.add(predictions=prediction, references=reference)
     detailed = module.compute(per_image=True)
     assert detailed["psnr"] == pytest.approx(results["psnr"], abs=1e-12) and len(detailed["ssim_per_image"]) == 3
+    # Other than uint8 arrays are refused, as the functions refuse them: `datasets` would wrap 16-bit values.
+    sixteen_bit = sr[0].astype(np.uint16) * 257
+    for call in (
+        lambda: module.compute(predictions=[sixteen_bit], references=[sr[0]]),
+        lambda: module.add_batch(predictions=[sr[0]], references=[sixteen_bit]),
+        lambda: module.add(prediction=sixteen_bit, reference=sr[0]),
+        lambda: module.add(predictions=sixteen_bit, references=sr[0]),
+    ):
+        with pytest.raises(ValueError, match=r"metrics take uint8 images, got dtype uint16"):
+            call()
 
 
 def test_evaluate_module_sr3_eval_and_validation_agree(tmp_path, capsys):

@@ -226,3 +226,14 @@ def test_progress_advances_inside_an_evaluation_and_snaps_to_whole_crops(tiny_pi
     # Mid-evaluation the bar already moved past the last whole count (the ETA exists before a call ends).
     assert seen and 0 < seen[0] < 2 and any(value % 1 for value in seen)
     assert not unet.mid_blocks[0]._forward_hooks  # hooks removed on close
+
+
+def test_a_budget_tile_shorter_than_the_default_overlap_still_tiles(tiny_pipeline):
+    # A 16x116 output whose tiles (8x8 grid pixels) are shorter than the default overlap: the overlap is cut to fit
+    # the tile (it divided by zero).
+    plan = plan_tiles(tiny_pipeline.unet, 16, 116, max_pixels=64)
+    assert 0 <= plan.overlap < plan.tile_size
+    output = tiled_super_resolve(
+        tiny_pipeline, torch.rand(1, 3, 4, 29), max_tile_pixels=64, num_inference_steps=2, output_type="pt"
+    )
+    assert output.images.shape == (1, 3, 16, 116) and torch.isfinite(output.images).all()

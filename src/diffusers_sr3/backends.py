@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -88,14 +89,14 @@ def cache_dir() -> str:
     return os.environ.get("SR3_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diffusers-sr3")
 
 
-def _require_onnxruntime():
+def _require(module: str) -> Any:
+    """Import one of the ONNX backend's packages (onnx exports, onnxruntime runs), or say how to install them."""
     try:
-        import onnxruntime
+        return importlib.import_module(module)
     except ImportError:
         raise ImportError(
-            'the ONNX backend needs ONNX Runtime: pip install "diffusers-sr3[onnx]" (onnxruntime and onnx)'
+            f'the ONNX backend needs {module}: pip install "diffusers-sr3[onnx]" (onnxruntime and onnx)'
         ) from None
-    return onnxruntime
 
 
 class _Exportable(torch.nn.Module):
@@ -131,6 +132,7 @@ def export_onnx(unet: torch.nn.Module, path: Union[str, os.PathLike], opset: int
     """
     import copy
 
+    _require("onnx")  # torch's exporter writes the file with it
     path = os.fspath(path)
     network = copy.deepcopy(unet).eval()
     if network.device.type != "cpu" or network.dtype != torch.float32:
@@ -183,7 +185,7 @@ class OnnxUNet:
     """
 
     def __init__(self, path: str, config: Any, threads: Optional[int] = None, providers: Optional[list] = None):
-        onnxruntime = _require_onnxruntime()
+        onnxruntime = _require("onnxruntime")
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -202,7 +204,7 @@ class OnnxUNet:
         providers: Optional[list] = None,
     ) -> OnnxUNet:
         """Export `unet` (to `path`, or to the cache keyed by its fingerprint, reusing an earlier export)."""
-        _require_onnxruntime()
+        _require("onnxruntime")
         if path is None:
             path = os.path.join(cache_dir(), "onnx", f"{type(unet).__name__}-{unet_fingerprint(unet)}.onnx")
         if not os.path.isfile(path):

@@ -36,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ImportError) as error:
         print(f"sr3 {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -93,8 +93,16 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
+    if sr.shape[0] != hr.shape[0]:
+        raise ValueError(f"batch sizes differ: {sr.shape[0]} outputs vs {hr.shape[0]} references")
     if sr.shape != hr.shape:
         raise ValueError(f"image sizes differ: {tuple(sr.shape[-2:])} vs {tuple(hr.shape[-2:])} (HxW)")
+
+
+def downscale_factor(high: Sequence[int], low: Sequence[int]) -> Optional[int]:
+    """The whole factor (2 or more) by which the `(H, W)` size `low` is `high` shrunk in both directions, or None."""
+    factor = high[1] // low[1] if low[1] else 0
+    return factor if factor >= 2 and (low[0] * factor, low[1] * factor) == tuple(high) else None
 
 
 def psnr_uint8(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -136,6 +144,12 @@ def consistency_unit(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
     """
     if sr.shape[:2] != lr.shape[:2]:
         raise ValueError(f"batch shapes differ: {tuple(sr.shape)} vs {tuple(lr.shape)}")
+    if downscale_factor(sr.shape[-2:], lr.shape[-2:]) is None:
+        (height, width), (low_height, low_width) = sr.shape[-2:], lr.shape[-2:]
+        raise ValueError(
+            f"the low-resolution input is {low_width}x{low_height}: not the {width}x{height} output shrunk by a "
+            "whole factor"
+        )
     downsampled = resize_bicubic(sr.float(), tuple(lr.shape[-2:])).double()
     return ((downsampled - lr.double()) / 2).pow(2).mean(dim=(1, 2, 3))
 
@@ -174,6 +188,8 @@ def image_set_metrics(
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     lows = [None] * len(predictions) if low_resolution is None else list(low_resolution)
+    if len(lows) != len(predictions):
+        raise ValueError(f"{len(lows)} low_resolution images for {len(predictions)} predictions")
     per_image: Dict[str, List[float]] = {}
     for index, (sr, hr, lr) in enumerate(zip(predictions, references, lows)):
         sr, hr = to_uint8_rgb(sr, f"prediction {index}"), to_uint8_rgb(hr, f"reference {index}")

@@ -111,6 +111,7 @@ def plan_tiles(
             tile_size = math.ceil(max(height, width) / factor) * factor
         else:
             largest = max(factor, int(math.isqrt(budget)) // factor * factor)
+            overlap = max(0, min(overlap, largest - factor))  # tiles overlap by less than their own length
             needed = []
             for length in (height, width):
                 if length <= largest:

@@ -124,13 +124,6 @@ def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]
 
 
-def _lr_fits(lr: np.ndarray, hr: np.ndarray) -> bool:
-    """Whether `lr` is `hr` shrunk by one whole factor of at least 2, the same across and down."""
-    (lr_height, lr_width), (hr_height, hr_width) = lr.shape[:2], hr.shape[:2]
-    factor = hr_width // lr_width
-    return factor >= 2 and (lr_width * factor, lr_height * factor) == (hr_width, hr_height)
-
-
 def _check_json_destination(path: str) -> None:
     """Refuse, before any work, a --json path that cannot be written: a folder, or below a file."""
     if os.path.isdir(path):
@@ -183,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{kind} {image.shape[1]}x{image.shape[0]}" for kind, image in images.items())
         if sr.shape != hr.shape or ("inf" in images and images["inf"].shape != hr.shape):
             size_problems.append(f"{key} ({sizes})")
-        if "lr" in images and not _lr_fits(images["lr"], hr):
+        if "lr" in images and metrics.downscale_factor(hr.shape[:2], images["lr"].shape[:2]) is None:
             scale_problems.append(f"{key} ({sizes})")
         if size_problems or scale_problems:
             continue  # the run fails: only the sizes of the remaining pairs are worth checking

@@ -14,6 +14,7 @@ The numbers come from `diffusers_sr3.metrics`, the same code as `sr3 eval` and t
 
 import datasets
 import evaluate
+import numpy as np
 
 from diffusers_sr3 import metrics
 
@@ -64,6 +65,26 @@ class Sr3Metrics(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2104.07636"],
         )
 
+    # `datasets.Image` would store other arrays as uint8 by wrapping their values (16-bit 300 -> 44): refuse them
+    # first, as `diffusers_sr3.metrics` does.
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one prediction and its reference (uint8 arrays or PIL images)."""
+        _check_uint8([prediction, kwargs.get("predictions")], "prediction")  # `evaluate` takes either name
+        _check_uint8([reference, kwargs.get("references")], "reference")
+        return super().add(prediction=prediction, reference=reference, **kwargs)
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of predictions and references (uint8 arrays or PIL images)."""
+        _check_uint8(predictions, "predictions")
+        _check_uint8(references, "references")
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """The metrics of the images added and given (uint8 arrays or PIL images)."""
+        _check_uint8(predictions, "predictions")
+        _check_uint8(references, "references")
+        return super().compute(predictions=predictions, references=references, **kwargs)
+
     def _compute(self, predictions, references, low_resolution=None, per_image=False):
         if low_resolution is not None and len(low_resolution) != len(predictions):
             raise ValueError(f"{len(low_resolution)} low_resolution images for {len(predictions)} predictions")
@@ -72,3 +93,12 @@ class Sr3Metrics(evaluate.Metric):
         if per_image:
             results.update({f"{name}_per_image": values for name, values in per_image_values.items()})
         return results
+
+
+def _check_uint8(images, name):
+    for index, image in enumerate(images if images is not None else []):
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            raise ValueError(
+                f"{name}[{index}]: metrics take uint8 images, got dtype {image.dtype} (16-bit: "
+                "`(image / 257).round().astype(np.uint8)`)"
+            )
