@@ -5,7 +5,8 @@ state. At each refinement step the network sees overlapping `tile_size` crops of
 condition), in batches, and its per-tile predictions are blended back into one full-size prediction with
 raised-cosine weights that fall smoothly to zero towards the inner tile edges. The scheduler then updates the whole
 image at once, so overlapping tiles cannot drift apart and no seam forms (MultiDiffusion-style blending).
-For a network whose output at a pixel depends only on nearby pixels, the result equals the untiled one.
+For a pointwise network the result equals the untiled one; for a network that sees a few pixels around each, it
+is close, not equal: a tile's blending weight is small but not zero where its crop edge cuts that reach.
 
 Speed: the network is convolutional, so an image that fits the memory budget (`DEFAULT_MAX_TILE_PIXELS` network-grid
 pixels per evaluation) runs untiled, in one evaluation per step; a larger one is cut into as few evenly sized
