@@ -151,7 +151,8 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         mixed_precision="bf16" if bfloat16 else "no",
         **RECIPE,
     )
-    _remove_checkpoints(model_dir, "an interrupted earlier demo's: a new run there would be refused")
+    # An interrupted earlier demo's: the trainer refuses to start a new run over them.
+    _remove_checkpoints(model_dir, f"an earlier demo was interrupted and left them in {model_dir}")
     if args.steps is not None:
         train_on_crops(
             train_crops,
