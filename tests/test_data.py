@@ -1,9 +1,11 @@
 """Training data sources (diffusers_sr3.data): folders, the original's prepared layout and LMDB, streamed
 parquet/imagefolder datasets, torch datasets; pair making and bad-image skipping."""
 
+import glob
 import io
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -308,6 +310,30 @@ def test_film_grain_goes_into_the_hr_before_its_lr_is_made(tmp_path):
     options = dict(resolution=32, upscale_factor=4, train_data_dir=str(folder), random_crop=True, film_grain_max=6)
     assert build_training_data(film_grain_probability=1, **options).dataset[(0, 0)]["hr"].std() > 0
     assert build_training_data(film_grain_probability=0, **options).dataset[(0, 0)]["hr"].std() == 0
+
+
+def test_a_prepared_folder_without_its_hr_images_is_refused(tmp_path):
+    # Read as a plain image folder, its bicubic sr_8_32 images would have become the high-resolution targets.
+    root = make_prepared_layout(str(tmp_path / "ffhq_8_32"))
+    shutil.rmtree(os.path.join(root, "hr_32"))
+    with pytest.raises(ValueError, match=r"prepared layout \(lr_ / sr_ images\) without its hr_<size> images"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_dir=root)
+
+
+def test_data_files_are_told_apart_by_extension_and_load_errors_name_their_cause(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"), count=4, size=(40, 40), bad=False, nested=False)
+    images = sorted(glob.glob(os.path.join(folder, "*.png")))
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_files=images)  # an imagefolder
+    assert len(data.dataset) == len(images)
+    with pytest.raises(ValueError, match=r"cannot tell the format of .*notes.txt; pass --dataset_name \(parquet"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_files=[str(tmp_path / "notes.txt")])
+    # Parquet files whose columns differ: the cause, not `datasets`' generic "An error occurred".
+    import datasets
+
+    first = make_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_dict({"other": [1, 2]}).to_parquet(str(tmp_path / "b.parquet"))
+    with pytest.raises(ValueError, match=r"cannot load dataset 'parquet': (?!An error occurred)"):
+        build_training_data(resolution=32, upscale_factor=4, train_data_files=[first, str(tmp_path / "b.parquet")])
 
 
 def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):

@@ -182,6 +182,7 @@ def test_bad_values_files_and_data_are_one_line_errors_before_training(tmp_path,
             validation_images=[str(tmp_path / "nothere.png")]
         ),
         "none of the 3 images of": dict(train_data_dir=str(corrupt)),
+        "max_train_samples must be at least 1, got 0": dict(max_train_samples=0),
         f"--output_dir {tmp_path / 'a_file'} is a file, not a folder": dict(output_dir=str(tmp_path / "a_file")),
     }
     for message, overrides in refused.items():
@@ -192,6 +193,14 @@ def test_bad_values_files_and_data_are_one_line_errors_before_training(tmp_path,
         assert message in err, err
         assert "usage:" not in err and "Traceback" not in err  # the options parsed: no usage text, one line
         assert not output.exists(), f"{message}: a failed run left {list(output.iterdir())}"
+    # An empty stream: the trainer's message, not Accelerate's "Batch does not contain any data".
+    import datasets
+
+    empty = str(tmp_path / "empty.parquet")
+    datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()})).to_parquet(empty)
+    options = fast_options(output, train_data_files=[empty], streaming=True)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    assert "(streamed) gave no batch in epoch 0: no usable training images" in capsys.readouterr().err
 
 
 def test_a_new_run_does_not_write_into_an_earlier_runs_checkpoints(tmp_path, monkeypatch, capsys):

@@ -42,6 +42,21 @@ def test_bad_configs_are_named():
         SR3UNet2DModel(**tiny_unet_config(norm_groups=3))
     with pytest.raises(ValueError, match="sample_size=30"):
         SR3UNet2DModel(**tiny_unet_config(sample_size=30))
+    # At construction, not as a shape error deep inside the first forward pass.
+    refused = {
+        "block_out_channels must be even": dict(block_out_channels=5, norm_groups=1),
+        r"norm_groups=8 does not divide the width 12 \(block_out_channels=12 x multiplier 1\)": dict(
+            block_out_channels=12, channel_multipliers=(2, 4), norm_groups=8
+        ),
+        "norm_groups must be a positive integer, got 0": dict(norm_groups=0),
+        "attention_heads must be a positive integer, got 0": dict(attention_heads=0),
+        "out_channels must be a positive integer, got 0": dict(out_channels=0),
+        r"channel_multipliers must be one or more positive integers, got \(1, 0\)": dict(channel_multipliers=(1, 0)),
+        r"channel_multipliers must be one or more positive integers, got \(\)": dict(channel_multipliers=()),
+    }
+    for message, overrides in refused.items():
+        with pytest.raises(ValueError, match=message):
+            SR3UNet2DModel(**tiny_unet_config(**overrides))
 
 
 def test_non_square_inputs():

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..image_io import UnreadableImageError, image_size, is_image_file
+from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, image_size, is_image_file
 from ..image_processing import images_to_tensor
 from .caching import open_lmdb
 from .decoding import BadImageError, decode_image, extract_image
@@ -259,6 +259,12 @@ def prepared_resolutions(folder: str) -> Optional[Tuple[List[int], List[int]]]:
         return None
     high = sorted({int(m.group(1)) for key in keys if (m := re.fullmatch(r"hr_(\d+)_.*", key))})
     low = sorted({int(m.group(1)) for key in keys if (m := re.fullmatch(r"lr_(\d+)_.*", key))})
+    if not high and (low or any(re.fullmatch(r"sr_\d+_\d+_.*", key) for key in keys)):
+        # Read as a plain image folder, its bicubic sr_ images would become the high-resolution targets.
+        raise ValueError(
+            f"{folder} holds the original's prepared layout (lr_ / sr_ images) without its hr_<size> images, the "
+            "high-resolution targets; prepare it again with `sr3 prepare`"
+        )
     return (high, low) if high else None
 
 
@@ -315,9 +321,14 @@ def load_datasets_source(
     if dataset_name is None:
         if data_files:
             extension = os.path.splitext(data_files[0])[1].lstrip(".").lower()
-            dataset_name = {"parquet": "parquet", "arrow": "arrow", "tar": "webdataset"}.get(extension)
+            builders = {"parquet": "parquet", "arrow": "arrow", "tar": "webdataset", "json": "json", "jsonl": "json"}
+            builders.update({suffix.lstrip("."): "imagefolder" for suffix in IMAGE_EXTENSIONS})
+            dataset_name = builders.get(extension)
             if dataset_name is None:
-                raise ValueError(f"cannot tell the format of {data_files[0]}; pass --dataset_name parquet (or arrow)")
+                raise ValueError(
+                    f"cannot tell the format of {data_files[0]}; pass --dataset_name (parquet, arrow, json, "
+                    "imagefolder, webdataset)"
+                )
         else:
             dataset_name = "imagefolder"
     local = dataset_name in LOCAL_BUILDERS or os.path.isdir(dataset_name)
@@ -332,4 +343,6 @@ def load_datasets_source(
         loaded = datasets.load_dataset(dataset_name, dataset_config_name, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
         raise ValueError(f"cannot load dataset {dataset_name!r}: {error}") from None
+    except datasets.exceptions.DatasetGenerationError as error:  # its message is generic: the cause says what
+        raise ValueError(f"cannot load dataset {dataset_name!r}: {error.__cause__ or error}") from None
     return loaded, dataset_name

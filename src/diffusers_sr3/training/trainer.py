@@ -761,7 +761,13 @@ class Trainer:
         iterator = iter(batches)
         while True:
             started = time.perf_counter()
-            batch = next(iterator, None)
+            try:
+                batch = next(iterator, None)
+            except ValueError as error:
+                # Accelerate's word for a streamed loader that yields nothing; the caller names the empty data.
+                if "does not contain any data" not in str(error):
+                    raise
+                batch = None
             loop.data_wait_seconds += time.perf_counter() - started
             if batch is None:
                 return
