@@ -33,6 +33,8 @@ def test_bad_inputs_are_named(tiny_unet):
         tiny_unet(torch.randn(1, 6, 30, 32), 0.5)
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
         tiny_unet(torch.randn(2, 6, 32, 32), torch.rand(3))
+    with pytest.raises(ValueError, match=r"sample must be \(batch, channels, height, width\), got shape \(6, 32, 32\)"):
+        tiny_unet(torch.randn(6, 32, 32), 0.5)
 
 
 def test_bad_configs_are_named():

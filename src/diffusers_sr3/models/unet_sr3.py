@@ -646,6 +646,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         """
         # 1. Check the input and broadcast the level to one value per sample.
         signal_level = self._deprecated_level_keyword(signal_level, deprecated_kwargs)
+        if sample.ndim != 4:
+            raise ValueError(f"sample must be (batch, channels, height, width), got shape {tuple(sample.shape)}")
         batch, channels, height, width = sample.shape
         if channels != self.config.in_channels:
             raise ValueError(f"sample has {channels} channels but the model expects {self.config.in_channels}")
