@@ -349,3 +349,9 @@ def test_save_and_load_round_trip_with_safetensors_and_bfloat16(tmp_path, tiny_u
         out = bf16(sample.bfloat16(), 0.4).sample.float()
         reference = tiny_unet(sample, 0.4).sample
     assert (out - reference).abs().max() < 0.05 * reference.abs().max() + 0.05
+
+
+def test_attention_resolutions_that_match_no_level_are_warned_about(caplog):
+    with caplog.at_level("WARNING"):
+        SR3UNet2DModel(**tiny_unet_config(attention_resolutions=(7, 8)))
+    assert "attention_resolutions [7] match no level (at sample_size 32 the levels are [32, 16, 8])" in caplog.text

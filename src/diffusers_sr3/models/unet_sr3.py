@@ -19,8 +19,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from torch import nn
+
+logger = logging.get_logger(__name__)
 
 CONDITIONING_TYPES = ("noise_level", "timestep")
 
@@ -475,6 +477,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         )
         grid_size = sample_size // pixel_unshuffle_factor
         level_has_attention = [grid_size // 2**level in attention_resolutions for level in range(num_levels)]
+        level_sizes = [grid_size // 2**level for level in range(num_levels)]
+        unused = sorted(set(attention_resolutions) - set(level_sizes))
+        if unused:
+            logger.warning(
+                f"attention_resolutions {unused} match no level (at sample_size {sample_size} the levels are "
+                f"{level_sizes}): no attention there"
+            )
 
         # Stage 1: embedding and input conv.
         self.noise_level_embedding = NoiseLevelEmbedding(width, noise_level_embedding_scale)
