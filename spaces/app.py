@@ -20,7 +20,7 @@ import inspect
 import os
 import pathlib
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 # Set before gradio is imported: no usage analytics and no version check from any Blocks built in this process.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -31,7 +31,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
-from diffusers_sr3.backends import use_backend  # noqa: E402
+from diffusers_sr3.backends import resolve_device, use_backend  # noqa: E402
 from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, is_grayscale, open_image  # noqa: E402
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
@@ -77,7 +77,7 @@ def example_images() -> List[str]:
     return sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
 
 
-def load_pipeline(model: str, device: Optional[str] = None) -> SR3Pipeline:
+def load_pipeline(model: str, device: Optional[Union[str, torch.device]] = None) -> SR3Pipeline:
     """Load an `SR3Pipeline` folder or Hub repo id onto `device` (default: CUDA when available)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = SR3Pipeline.from_pretrained(model)
@@ -484,7 +484,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model = resolve_model(args.model)
     except FileNotFoundError as error:
         parser.error(str(error))
-    demo = build_demo(load_pipeline(model, args.device), args.max_pixels, examples=example_images())
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    demo = build_demo(load_pipeline(model, device), args.max_pixels, examples=example_images())
     launch(demo)
 
 

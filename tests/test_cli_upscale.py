@@ -525,3 +525,18 @@ def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, mo
         assert main(["upscale", str(photo), "--output", str(tmp_path / "bad.png"), *bad]) == 2
         assert "strength" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
+    source = write_image(tmp_path / "in.png", (8, 8))
+    missing_cuda = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    for device, message in (
+        (missing_cuda, f"--device {missing_cuda}: this machine has"),
+        ("toaster", "--device toaster:"),
+    ):
+        arguments = ["upscale", str(source), "--model", str(model_dir), "--output", str(tmp_path / "out")]
+        assert main([*arguments, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["eval", "--hr", str(tmp_path), "--sr", str(tmp_path), "--device", missing_cuda]) == 2
+    assert f"--device {missing_cuda}: this machine has" in capsys.readouterr().err

@@ -383,3 +383,14 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     assert reported[-1] == (total, total) and len(reported) > FIDELITY_STEPS
     direct = tiled_super_resolve(pipeline, image, mode="fidelity", max_tile_pixels=256).images[0]
     assert np.array_equal(np.asarray(tiled.sr3), np.asarray(direct))
+
+
+def test_the_command_line_refuses_a_device_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    app = load_app()
+    launched = []
+    monkeypatch.setattr(app, "launch", launched.append)
+    missing_cuda = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", save_tiny_model(tmp_path / "model"), "--device", missing_cuda])
+    assert exit_info.value.code == 2 and f"--device {missing_cuda}: this machine has" in capsys.readouterr().err
+    assert launched == []

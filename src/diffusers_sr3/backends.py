@@ -89,6 +89,23 @@ def cache_dir() -> str:
     return os.environ.get("SR3_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diffusers-sr3")
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """A `--device` option as a device this machine has (default: cuda if available, else cpu), or a one-line error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: {error}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} usable CUDA device(s); try --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; try --device cpu")
+    return device
+
+
 def _require(module: str) -> Any:
     """Import one of the ONNX backend's packages (onnx exports, onnxruntime runs), or say how to install them."""
     try:

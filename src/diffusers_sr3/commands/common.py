@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..backends import resolve_device
 from ..image_io import IMAGE_EXTENSIONS, find_images  # noqa: F401 (re-exported: they lived here before)
 from ..noise import SCHEDULERS, swap_scheduler
 from ..pipelines import SR3BasePipeline
@@ -59,7 +60,7 @@ def add_save_process_argument(parser: argparse.ArgumentParser, help_text: str) -
 
 def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> SR3BasePipeline:
     """Load `args.model` with the requested scheduler, device and dtype."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.model is None:
         from ..pretrained import default_model_path
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..backends import resolve_device
 from ..image_io import is_image_file, open_image, walk_images
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
@@ -151,6 +152,7 @@ def _write_json(report: Dict, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.device = resolve_device(args.device)
     pairs = gather(args)
     if args.json:
         _check_json_destination(args.json)
