@@ -92,6 +92,10 @@ def test_three_stage_cascade_makes_a_1024_image_and_round_trips(tmp_path):
     nested = SR3CascadePipeline.from_pretrained(tmp_path, dtype={"stage_2": {"unet": torch.bfloat16}})
     assert nested.stage_2.unet.conv_in.weight.dtype == torch.bfloat16
     assert nested.stage_1.unet.conv_in.weight.dtype == torch.float32
+    # Keyed by the stages' own components: every stage's.
+    by_component = SR3CascadePipeline.from_pretrained(tmp_path, dtype={"unet": torch.bfloat16})
+    assert by_component.base.unet.conv_in.weight.dtype == by_component.stage_2.unet.conv_in.weight.dtype
+    assert by_component.stage_1.unet.conv_in.weight.dtype == torch.bfloat16
 
 
 def test_cascade_starts_from_an_image_and_checks_its_arguments():

@@ -90,8 +90,13 @@ def test_pipelines_push_their_files_and_an_sr3_card(tiny_pipeline, hub, tmp_path
     # push_to_hub(): the same layout; a repo that has a card keeps it.
     tiny_pipeline.push_to_hub("someone/trained", commit_message="new weights")
     assert hub.repos["someone/trained"]["README.md"].decode() == own_card
-    commit_url = tiny_pipeline.push_to_hub("someone/fresh")
-    assert commit_url.startswith(hub.url + "/someone/fresh/commit/")
+    commit = tiny_pipeline.push_to_hub("someone/fresh")
+    assert commit.startswith(hub.url + "/someone/fresh/commit/") and commit.commit_url == commit  # a CommitInfo
+    # Into a subfolder, as Diffusers' push_to_hub takes it: the pipeline there, no card of its own.
+    tiny_pipeline.push_to_hub("someone/models", subfolder="x4")
+    uploaded = hub.repos["someone/models"]
+    assert {"x4/model_index.json", "x4/unet/diffusion_pytorch_model.safetensors"} <= set(uploaded)
+    assert not [name for name in uploaded if name.endswith("README.md")]
     assert "# SR3 x4 super-resolution" in hub.repos["someone/fresh"]["README.md"].decode()
     assert SR3Pipeline.from_pretrained("someone/fresh").config.upscale_factor == 4
 

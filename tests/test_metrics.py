@@ -168,10 +168,13 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="uint8"):
         metrics.psnr(image.astype(np.float32), image)
     # Consistency needs the output's low-resolution input: sr3 eval and the library refuse the same files.
-    for low in (image[:5, :7], image[:16, :8], image, np.zeros((64, 64, 3), np.uint8)):
+    for low in (image[:5, :7], image[:16, :8], np.zeros((64, 64, 3), np.uint8)):
         with pytest.raises(ValueError, match=r"not the 32x32 output shrunk by a whole factor"):
             metrics.consistency(image, low)
     assert metrics.consistency(image, image[::4, ::4]) == pytest.approx(0, abs=1e-9)
+    # x1 models (the training validation of `--upscale_factor 1` among them): the input is the output's size.
+    same_size = torch.zeros(1, 3, 16, 16)
+    assert metrics.evaluate_batch(same_size, same_size, same_size)["consistency"][0] == pytest.approx(0, abs=1e-9)
     with pytest.raises(ValueError, match="1 low_resolution images for 2 predictions"):
         metrics.image_set_metrics([image, image], [image, image], [image[::4, ::4]])
     with pytest.raises(ValueError, match="batch sizes differ: 2 outputs vs 1 references"):

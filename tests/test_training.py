@@ -661,3 +661,11 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
     with pytest.raises(ValueError, match="--detail_steps apply to super-resolution only"):
         TrainingConfig(task="uncond", preset="tiny_uncond", detail_steps=5)
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_x1_model_trains_validates_and_saves(tmp_path, monkeypatch):
+    # Its validation input is the output's size: consistency takes a factor of 1 (a refusal lost the whole run).
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    options = fast_options(tmp_path / "x1", train_data_dir=data, upscale_factor=1, max_train_steps=1)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+    assert SR3Pipeline.from_pretrained(str(tmp_path / "x1")).config.upscale_factor == 1

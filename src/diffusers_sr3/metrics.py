@@ -100,9 +100,10 @@ def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
 
 
 def downscale_factor(high: Sequence[int], low: Sequence[int]) -> Optional[int]:
-    """The whole factor (2 or more) by which the `(H, W)` size `low` is `high` shrunk in both directions, or None."""
+    """The whole factor (1 for x1 models) by which the `(H, W)` size `low` is `high` shrunk in both directions, or
+    None."""
     factor = high[1] // low[1] if low[1] else 0
-    return factor if factor >= 2 and (low[0] * factor, low[1] * factor) == tuple(high) else None
+    return factor if factor >= 1 and (low[0] * factor, low[1] * factor) == tuple(high) else None
 
 
 def psnr_uint8(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:

@@ -446,14 +446,23 @@ class SR3BasePipeline(DiffusionPipeline):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: Optional[str] = None,
-    ) -> str:
+        subfolder: Optional[str] = None,
+    ) -> Any:
         """Upload the pipeline to the Hub repo `repo_id` (created if needed), as Diffusers' `push_to_hub` does, in the
-        SR3 folder layout; a repo without a model card gets an SR3 card saying what the model is and how to load it
-        (Diffusers would write an empty template). Returns the commit URL."""
+        SR3 folder layout (into `subfolder` of the repo, if given); a repo without a model card gets an SR3 card
+        saying what the model is and how to load it (Diffusers would write an empty template). Returns the commit's
+        `CommitInfo` (a `str`: its URL)."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
             return self._upload(
-                folder, _files_under(folder), repo_id, commit_message, private, token=token, create_pr=create_pr
+                folder,
+                _files_under(folder),
+                repo_id,
+                commit_message,
+                private,
+                token=token,
+                create_pr=create_pr,
+                subfolder=subfolder,
             )
 
     def _upload(
@@ -465,26 +474,29 @@ class SR3BasePipeline(DiffusionPipeline):
         private: Optional[bool] = None,
         token: Optional[str] = None,
         create_pr: bool = False,
-    ) -> str:
-        """Upload `files` of the saved `folder` and its model card (written first when neither it nor the repo has
-        one); return the commit URL."""
+        subfolder: Optional[str] = None,
+    ) -> Any:
+        """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
+        nor the repo has one); return the `CommitInfo`."""
         from huggingface_hub import HfApi
 
         from ..model_card import images_shown, write_pipeline_card
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
-            write_pipeline_card(folder, self, repo_id)
-        if os.path.isfile(os.path.join(folder, "README.md")):
-            files = [*files, "README.md", *images_shown(folder)]
+        if not subfolder:  # a pipeline pushed into a subfolder is part of a repo whose card describes the whole
+            if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
+                write_pipeline_card(folder, self, repo_id)
+            if os.path.isfile(os.path.join(folder, "README.md")):
+                files = [*files, "README.md", *images_shown(folder)]
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
+            path_in_repo=subfolder,
             allow_patterns=files,
             commit_message=commit_message or f"Upload {type(self).__name__}",
             create_pr=create_pr,
-        ).commit_url
+        )
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
@@ -566,6 +578,8 @@ class SR3BasePipeline(DiffusionPipeline):
             # A dict names this pipeline's components (a cascade's: its stages, whose value may be a dict again).
             component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
             if issubclass(component_class, DiffusionPipeline):
+                if isinstance(dtype, dict) and name not in dtype:  # names the stages' own components, or "default"
+                    component_dtype = dtype
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder, dtype=component_dtype, variant=variant, use_safetensors=use_safetensors, **model_options
                 )

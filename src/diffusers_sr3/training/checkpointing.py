@@ -61,10 +61,11 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Optional
     return path
 
 
-def check_checkpoint_fits(path: str, unet_config: Dict[str, Any], process_index: int = 0) -> None:
+def check_checkpoint_fits(path: str, unet_config: Dict[str, Any]) -> None:
     """Refuse, before loading anything, a checkpoint that misses a file of its state or that a run of another model
     saved (its `unet_config.json` differs from `unet_config` in a setting both name)."""
-    expected = ["optimizer.bin", "scheduler.bin", f"random_states_{process_index}.pkl"]
+    # Process 0's random states at least: a run resumed on more processes than it was saved with has no others.
+    expected = ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"]
     missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
     if not any(os.path.isfile(os.path.join(path, name)) for name in (MODEL_FILE, "pytorch_model.bin")):
         missing.insert(0, MODEL_FILE)

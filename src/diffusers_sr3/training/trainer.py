@@ -674,14 +674,17 @@ class Trainer:
                 + ("a positive --adversarial_loss_weight" if saved_discriminator else "--adversarial_loss_weight 0")
                 + ", or fine-tune its weights with --pretrained_model_name_or_path instead"
             )
-        check_checkpoint_fits(loop.resumed_from, self.model.config, self.process_index)
+        check_checkpoint_fits(loop.resumed_from, self.model.config)
         try:
             self.accelerator.load_state(loop.resumed_from)
             state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
             loop.global_step, loop.epoch = state["global_step"], state["epoch"]
             loop.batches_done = state["batches_in_epoch"]
         except _DAMAGED_CHECKPOINT_ERRORS as error:
-            raise ValueError(f"cannot resume from {loop.resumed_from}: a file in it is damaged ({error!r})") from None
+            raise ValueError(
+                f"cannot resume from {loop.resumed_from}: a file in it is damaged or does not fit this model "
+                f"({error!r})"
+            ) from None
         logger.info("resumed from %s at step %d (epoch %d)", loop.resumed_from, loop.global_step, loop.epoch)
 
     def _start_tracking(self, setup: ModelSetup, data: TrainingData, loop: _LoopState) -> None:
