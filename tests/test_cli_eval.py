@@ -184,7 +184,7 @@ def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_fo
     def failing_dump(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", failing_dump)
+    monkeypatch.setattr(json, "dumps", failing_dump)  # inside the write: the temporary file exists by then
     arguments = ["eval", "--hr", str(pair_folders / "hr"), "--sr", str(pair_folders / "sr"), "--quiet", "--json"]
     with pytest.raises(OSError, match="disk full"):
         main(arguments + [str(report_path)])

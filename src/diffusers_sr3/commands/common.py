@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import List, Optional, Tuple
+import uuid
+from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -87,3 +89,20 @@ def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
             raise FileExistsError(
                 f"{destination} already exists; pass --overwrite to replace it, or choose another --output"
             )
+
+
+@contextlib.contextmanager
+def atomic_file(destination: str) -> Iterator[BinaryIO]:
+    """A binary file to write `destination` through: a fresh temporary beside it (same filesystem, so the rename is
+    atomic), renamed into place when the block ends, removed when it fails. An interrupted or failing write leaves
+    `destination` as it was (absent, or the previous file), never a truncated one."""
+    folder = os.path.dirname(destination) or "."
+    temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temporary, "xb") as stream:
+            yield stream
+        os.replace(temporary, destination)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..backends import resolve_device
 from ..image_io import is_image_file, open_image, walk_images
+from .common import atomic_file
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
 MAX_LISTED = 10
@@ -136,21 +137,6 @@ def _check_json_destination(path: str) -> None:
         raise ValueError(f"--json {path} cannot be written: {parent} is not a writable folder")
 
 
-def _write_json(report: Dict, path: str) -> None:
-    """Write `report` through a temporary file beside `path`, removed again if anything fails."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     pairs = gather(args)
@@ -229,5 +215,7 @@ def run(args: argparse.Namespace) -> int:
             **{name: _json_value(value) for name, value in extra.items()},
             "images": {key: {name: _json_value(value) for name, value in row.items()} for key, row in rows.items()},
         }
-        _write_json(report, args.json)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with atomic_file(args.json) as stream:
+            stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return 0

@@ -33,6 +33,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
+from .common import atomic_file
 
 STATE_FILE = ".sr3_prepare.json"
 RESAMPLE = {
@@ -131,13 +132,6 @@ def layout(fmt: str, low: int, high: int) -> List[str]:
     return ["data.mdb", "lock.mdb"] if fmt == "lmdb" else ["data"]
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
-
-
 class _Writer:
     """Writes numbered (lr, hr, sr) triples in one of the three formats."""
 
@@ -159,7 +153,8 @@ class _Writer:
     def add(self, index: int, images: Dict[str, bytes], source: str) -> None:
         if self.format == "folder":
             for kind, data in images.items():
-                _write_atomic(os.path.join(self.output, self.names[kind], f"{index:05d}.png"), data)
+                with atomic_file(os.path.join(self.output, self.names[kind], f"{index:05d}.png")) as stream:
+                    stream.write(data)
         elif self.format == "lmdb":
             with self.environment.begin(write=True) as transaction:  # one atomic transaction per image
                 for kind, data in images.items():
@@ -193,9 +188,8 @@ class _Writer:
             features=features,
         )
         path = os.path.join(self.output, "data", f"train-{rows[0]['index']:05d}.parquet")
-        temporary = os.path.join(self.output, "data", f".{os.path.basename(path)}.tmp")
-        table.to_parquet(temporary)
-        os.replace(temporary, path)
+        with atomic_file(path) as stream:
+            table.to_parquet(stream)
         self.rows = []
         return True
 
@@ -218,7 +212,8 @@ def _settings(args: argparse.Namespace, source: str, files: Sequence[str], fmt: 
 
 
 def _save_state(output: str, state: Dict) -> None:
-    _write_atomic(os.path.join(output, STATE_FILE), (json.dumps(state, indent=2) + "\n").encode("utf-8"))
+    with atomic_file(os.path.join(output, STATE_FILE)) as stream:
+        stream.write((json.dumps(state, indent=2) + "\n").encode("utf-8"))
 
 
 def _read_state(path: str) -> Tuple[Optional[Dict], Optional[str]]:

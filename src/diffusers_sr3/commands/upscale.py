@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import uuid
 from typing import Any, Dict, List, Tuple
 
 import PIL.Image
@@ -26,7 +25,7 @@ from ..pipelines.pipeline_sr3 import (
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
-from .common import add_model_arguments, add_save_process_argument, check_destinations, load_pipeline
+from .common import add_model_arguments, add_save_process_argument, atomic_file, check_destinations, load_pipeline
 
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
 EXPECTED_TIME = """\
@@ -223,20 +222,11 @@ def save_atomically(image: PIL.Image.Image, destination: str, quality: int = DEF
     truncated image; the rename is atomic on one filesystem. JPEG and WebP are written at `quality`, JPEG without
     chroma subsampling.
     """
-    folder = os.path.dirname(destination) or "."
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
     extension = os.path.splitext(destination)[1].lower()
     image_format = PIL.Image.registered_extensions().get(extension, "PNG")
-    # A fresh name beside the destination (same filesystem: the rename is atomic), created with the usual permissions.
-    temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            image.save(stream, format=image_format, **lossy_options(image_format, quality))
-        os.replace(temporary, destination)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_file(destination) as stream:
+        image.save(stream, format=image_format, **lossy_options(image_format, quality))
 
 
 def _process_path(destination: str) -> str:
