@@ -91,6 +91,18 @@ def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
             )
 
 
+def check_file_destination(path: str, option: str, example: str) -> None:
+    """Refuse, before any work, a file destination (`option`'s value) that is a folder, lies below a file or in a
+    folder without write access. Missing folders are fine: they are created when the file is written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; give a file name such as {os.path.join(path, example)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
+
+
 @contextlib.contextmanager
 def atomic_file(destination: str) -> Iterator[BinaryIO]:
     """A binary file to write `destination` through: a fresh temporary beside it (same filesystem, so the rename is

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..backends import resolve_device
 from ..image_io import is_image_file, open_image, walk_images
-from .common import atomic_file
+from .common import atomic_file, check_file_destination
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
 MAX_LISTED = 10
@@ -126,22 +126,11 @@ def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]
 
 
-def _check_json_destination(path: str) -> None:
-    """Refuse, before any work, a --json path that cannot be written: a folder, or below a file."""
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'metrics.json')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # missing folders are created when the report is written
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--json {path} cannot be written: {parent} is not a writable folder")
-
-
 def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     pairs = gather(args)
     if args.json:
-        _check_json_destination(args.json)
+        check_file_destination(args.json, "--json", "metrics.json")
     fid = inception = None
     try:
         if args.fid:

@@ -13,7 +13,13 @@ from tqdm.auto import tqdm
 
 from ..image_processing import grid
 from ..pipelines import SR3UnconditionalPipeline
-from .common import add_model_arguments, add_save_process_argument, check_destinations, load_pipeline
+from .common import (
+    add_model_arguments,
+    add_save_process_argument,
+    check_destinations,
+    check_file_destination,
+    load_pipeline,
+)
 from .upscale import save_atomically
 
 SAMPLE_STEPS = 100
@@ -33,15 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_output(output: str) -> None:
-    """Refuse, before any sampling, an --output that is a folder, lies below a file, or has no extension of a
-    format Pillow can write an RGB image in."""
-    if os.path.isdir(output):
-        raise ValueError(f"--output {output} is a folder; give an image file name such as {output}/grid.png")
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(parent):  # missing folders are created when the grid is written
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--output {output} cannot be written: {parent} is a file")
+    """Refuse, before any sampling, an --output that cannot be written (`check_file_destination`) or has no
+    extension of a format Pillow can write an RGB image in."""
+    check_file_destination(output, "--output", "grid.png")
     image_format = PIL.Image.registered_extensions().get(os.path.splitext(output)[1].lower())
     try:
         # Some registered formats only read, or only write other modes (XBM), or need a plugin (BUFR): try one pixel.
