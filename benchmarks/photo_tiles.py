@@ -9,6 +9,10 @@ writes `--tile`-pixel tiles on a grid of step `--stride` as PNG files. Tiles tha
 standard deviation below `--min-std`, in [0, 1] units) are skipped: wallpapers have large bokeh areas that would
 otherwise dominate. Training then takes a random crop of each tile at every visit, so many steps see few repeats.
 
+The photographs come from `diffusers_sr3.photos.PHOTO_SOURCES`, those of each source that is installed here: the
+script names every source it skipped (not installed, or missing some photographs) and what provides it, on stderr and
+in the summary (`missing_photo_sources`), since without them the tiles are another dataset than the shipped model's.
+
 `--texture-copies N` writes N more copies of each texture tile (one whose bicubic-upsampled LR keeps under
 `TEXTURE_KEPT_EDGE_SHARE` of its edge energy: foliage, hair, fabric), so training visits texture N + 1 times as often.
 A model draws the least of its missing detail on texture, and photographs have less texture than edges.
@@ -23,12 +27,14 @@ import os
 import pathlib
 import queue
 import shutil
+import sys
 import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
+from diffusers_sr3 import photos as photo_sources
 from diffusers_sr3.image_io import UnreadableImageError
 from diffusers_sr3.metrics import TEXTURE_KEPT_EDGE_SHARE, kept_edge_share
 from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_name, photo_split
@@ -54,6 +60,15 @@ def main(argv: List[str] = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    missing = missing_photo_sources()
+    for line in missing:
+        print(f"photo_tiles: skipped photo source {line}", file=sys.stderr)
+    if missing:
+        print(
+            "photo_tiles: these tiles are not the shipped model's training data: install what provides the skipped "
+            "sources to tile it",
+            file=sys.stderr,
+        )
     train, held = photo_split(packaged_photo_paths(), heldout=0.25)
     photos = train + [pathlib.Path(path) for path in args.extra]
     output = pathlib.Path(args.output)
@@ -75,12 +90,29 @@ def main(argv: List[str] = None) -> None:
         texture_copies=args.texture_copies,
         training_photos=[photo_name(path) for path in photos],
         heldout_photos=[photo_name(path) for path in held],
+        missing_photo_sources=missing,
     )
     (output.parent / f"{output.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(
         f"{written} tiles from {len(photos)} photographs in {time.perf_counter() - started:.1f} s, {jobs} process(es)"
     )
+
+
+def missing_photo_sources() -> List[str]:
+    """One line for each of `diffusers_sr3.photos.PHOTO_SOURCES` that is not installed or misses some of its
+    photographs, naming what provides it: `packaged_photo_paths` skips those silently."""
+    lines = []
+    for source in photo_sources.PHOTO_SOURCES:
+        found = len(source.paths())
+        provider = source.provider or f"the folder {source.folder}"
+        if not found:
+            lines.append(f"{source.name!r}: not installed (provided by {provider})")
+        elif source.files is not None and found < len(source.files):
+            lines.append(
+                f"{source.name!r}: only {found} of its {len(source.files)} photographs found (provided by {provider})"
+            )
+    return lines
 
 
 def tile_in_processes(

@@ -28,8 +28,9 @@ Rows (`--rows`):
   untouched path the speed-ups are checked against (PSNR within 0.1 dB).
 - `old model, old settings`: today's packaged model (`--old-model`) on today's settings (10 DDIM steps,
   64px tiles, overlap 16, one tile per batch, float32).
-Detail runs longer than `--max-measured-steps` (per size, at least 2) are measured at one step and at that many
-steps and extrapolated linearly to the full count (every step costs one evaluation); such rows are marked, and
+Detail runs longer than `--max-measured-steps` (per size, at least 3) are measured at the fewest steps that run
+one refinement step (2 at strength 0.6: Diffusers' image-to-image count, `int(steps * strength)`) and at that many
+steps, and extrapolated linearly to the full count (every step costs one evaluation); such rows are marked, and
 their PSNR is that of the shorter run. Timings on shared machines are noisy: compare ratios within one run.
 
 A tile study (`--tile-study 64 128 256 512`) super-resolves the first photo of the first size in fidelity mode
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,8 +189,11 @@ def measure(args, names, pairs: List[Dict[str, Any]], low_size: int, max_steps: 
             full_steps = DEFAULT_STEPS if row.startswith("old model") else args.steps
         else:
             full_steps = FIDELITY_STEPS
-        # Longer runs: measured at max_steps and at one step, extrapolated linearly (each step costs the same).
-        step_counts = [full_steps] if full_steps <= max_steps or not is_detail else [1, max_steps]
+        # Longer runs: measured at max_steps and at the fewest steps that refine, extrapolated linearly (each step
+        # costs the same). Below strength 1 a step count must leave a step: int(steps * strength) >= 1.
+        strength = 1.0 if row.startswith("old model") else DEFAULT_DETAIL_OPTIONS["strength"]
+        fewest = math.ceil(1 / strength)
+        step_counts = [full_steps] if full_steps <= max_steps or not is_detail else [fewest, max_steps]
         result = dict(row=row, size=low_size, steps=full_steps, measured_steps=step_counts)
         seconds, peaks, scores, megapixels = {count: [] for count in step_counts}, [], [], []
         for pair in pairs:
@@ -214,8 +219,9 @@ def measure(args, names, pairs: List[Dict[str, Any]], low_size: int, max_steps: 
             per_photo = mean[step_counts[0]]
         else:
             # Noise can make the longer run the faster one: a step never costs less than nothing.
-            per_step = max(0.0, (mean[max_steps] - mean[1]) / (max_steps - 1))
-            per_photo = max(mean[max_steps], mean[1] + (full_steps - 1) * per_step)
+            fewest = step_counts[0]
+            per_step = max(0.0, (mean[max_steps] - mean[fewest]) / (max_steps - fewest))
+            per_photo = max(mean[max_steps], mean[fewest] + (full_steps - fewest) * per_step)
             result["measured_seconds_per_photo"] = mean
         result.update(
             extrapolated=len(step_counts) > 1,
@@ -314,8 +320,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default="benchmarks/results/upscale")
     args = parser.parse_args(argv)
-    if min(args.max_measured_steps) < 2:
-        parser.error("--max-measured-steps must be at least 2 (extrapolation needs two step counts)")
+    if min(args.max_measured_steps) < 3:
+        parser.error("--max-measured-steps must be at least 3 (extrapolation needs two step counts, from 2)")
     if args.new_weights:
         if args.residual_scale is None:
             parser.error("--new-weights needs --residual-scale (the training log's 'residual scale' line)")

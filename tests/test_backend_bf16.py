@@ -107,3 +107,30 @@ def test_cli_backend_choices(tmp_path, monkeypatch):
     assert np.array_equal(upscale("auto_slow.png"), float32)  # the default is auto
     monkeypatch.setattr(backends, "fast_bfloat16", lambda device: True)
     assert np.array_equal(upscale("auto_fast.png"), mixed)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "bf16"])
+def test_use_backend_applies_to_every_stage_of_a_cascade(backend, tmp_path, monkeypatch):
+    from conftest import tiny_unet_config
+
+    from diffusers_sr3 import SR3CascadePipeline, SR3UnconditionalPipeline, SR3UNet2DModel
+    from diffusers_sr3.backends import OnnxUNet
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("SR3_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    base = SR3UnconditionalPipeline(
+        SR3UNet2DModel(**tiny_unet_config(in_channels=3)).eval(), make_scheduler("ddim", n_timestep=100)
+    )
+    stage = SR3Pipeline(low_resolution_unet(), make_scheduler("ddim", n_timestep=100), upscale_factor=4)
+    cascade = SR3CascadePipeline.from_stages(base, [stage])
+    cascade.set_progress_bar_config(disable=True)
+    networks = [base.unet, stage.unet]
+    expected = cascade(num_inference_steps=[2, 2], generator=torch.Generator().manual_seed(0), output_type="pt")
+    with use_backend(cascade, backend) as stand_ins:
+        kind = OnnxUNet if backend == "onnx" else AutocastUNet
+        assert [base.unet, stage.unet] == stand_ins and all(isinstance(network, kind) for network in stand_ins)
+        got = cascade(num_inference_steps=[2, 2], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert [base.unet, stage.unet] == networks
+    assert (got.images - expected.images).abs().max() < (1e-5 if backend == "onnx" else 8 / 255)

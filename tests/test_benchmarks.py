@@ -537,8 +537,8 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
             "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
-    # Strength 0.3 of 10 steps: the fidelity answer (4 evaluations), then the last 3 steps.
-    assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2, 4 + 3]
+    # Strength 0.3 of 10 steps: the fidelity answer (FIDELITY_STEPS evaluations), then the last 3 steps.
+    assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2, FIDELITY_STEPS + 3]
     assert len({round(row["psnr"], 6) for row in report["rows"]}) == 5  # each knob changes the images
     assert "backend bf16" in report["machine"]
     table = (tmp_path / "out" / "samplers.md").read_text()
@@ -580,7 +580,7 @@ def test_sampler_study_and_packaging_take_a_guide(tmp_path, x0_model_dir):
         ]
     )  # fmt: skip
     # The guide runs beside the UNet at each refinement step, not in the fidelity answer a strength below 1 starts from.
-    assert [row["evaluations"] for row in report["rows"]] == [3, 6, 4 + 2 * 3, 6]
+    assert [row["evaluations"] for row in report["rows"]] == [3, 6, FIDELITY_STEPS + 2 * 3, 6]
     assert len({round(row["psnr"], 6) for row in report["rows"]}) == 4
     unguided = load("samplers").main(
         ["--model", str(x0_model_dir), "--entries", "ddim:3", "--crops", "2", "--crop-size", "32"]
@@ -655,7 +655,7 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     report = load("upscale").main(
         [
             "--model", str(x0_model_dir), "--old-model", str(x0_model_dir), "--sizes", "8", "--photos", "1",
-            "--steps", "3", "--max-measured-steps", "2", "--rows", *rows, "--tile-study", "16",
+            "--steps", "4", "--max-measured-steps", "3", "--rows", *rows, "--tile-study", "16",
             "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
@@ -666,8 +666,10 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
         assert (row["peak_rss_gib"] is None) == (name == "bicubic")
         if name != "bicubic":
             assert 0.05 < row["peak_rss_gib"] < 8
-    # Detail: 3 steps measured at 1 and 2 and extrapolated; the old settings: 10 steps likewise.
-    assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [1, 2]
+    # Detail: 4 steps measured at 2 (the fewest that strength 0.6 refines) and 3 and extrapolated; the old
+    # settings (strength 1): 10 steps at 1 and 3.
+    assert measured["detail"]["extrapolated"] and measured["detail"]["measured_steps"] == [2, 3]
+    assert measured["old model, old settings"]["measured_steps"] == [1, 3]
     assert measured["old model, old settings"]["steps"] == 10 and not measured["fidelity"]["extrapolated"]
     # Detail rows run the packaged model's detail settings; the unguided row turns autoguidance off on top, the
     # whole-image row its training-sized windows.
@@ -688,7 +690,7 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     written = json.loads((tmp_path / "out" / "upscale.json").read_text())
     assert [row["row"] for row in written["rows"]] == rows
     table = (tmp_path / "out" / "upscale.md").read_text()
-    assert "| 8->32 (0.0 MP) | detail, 3 steps |" in table and "(extrapolated)" in table and "Tile study" in table
+    assert "| 8->32 (0.0 MP) | detail, 4 steps |" in table and "(extrapolated)" in table and "Tile study" in table
 
 
 @pytest.mark.slow
@@ -1190,3 +1192,36 @@ def test_fid_infinity_benchmark_scores_every_saved_method_against_the_hr(tmp_pat
     again = script.main([str(outputs), "--sizes", "24", "48", "--cache", str(cache), "--output", str(tmp_path / "b")])
     assert again["sets"][0]["rows"][0]["fid"] == pytest.approx(bicubic["fid"])
     assert [size for size, _ in again["sets"][0]["rows"][0]["points"]] == [24, 24, 24, 24, 48]
+
+
+def test_photo_tiles_names_the_photo_sources_it_skipped(tmp_path, monkeypatch, capsys):
+    """Without some photo sources the tiles are another dataset: the script says which, and what provides each."""
+    from diffusers_sr3 import photos
+
+    present, partial = tmp_path / "present", tmp_path / "partial"
+    rng = np.random.default_rng(0)
+    for path in (present / "a.png", present / "b.png", present / "c.png", partial / "d.png"):
+        path.parent.mkdir(exist_ok=True)
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    sources = [
+        photos.PhotoSource("present photos", str(present)),
+        photos.PhotoSource("partial photos", str(partial), ("d.png", "gone.png"), provider="the partial kit"),
+        photos.PhotoSource(
+            "a package's photos", "data", ("x.jpg",), package="no_such_sr3_package", provider="pip install nosuch"
+        ),
+        photos.PhotoSource("wallpapers", str(tmp_path / "absent"), ("y.jpg",), provider="the Debian package walls"),
+    ]
+    monkeypatch.setattr(photos, "PHOTO_SOURCES", sources)
+    output = tmp_path / "tiles"
+    load("photo_tiles").main(
+        ["--output", str(output), "--tile", "64", "--stride", "64", "--scales", "64", "--jobs", "1"]
+    )
+    error = capsys.readouterr().err
+    assert "'present photos'" not in error
+    assert "skipped photo source 'partial photos': only 1 of its 2 photographs found (provided by the partial kit)" in (
+        error
+    )
+    assert 'skipped photo source "a package\'s photos": not installed (provided by pip install nosuch)' in error
+    assert "skipped photo source 'wallpapers': not installed (provided by the Debian package walls)" in error
+    summary = json.loads((tmp_path / "tiles.json").read_text())
+    assert len(summary["missing_photo_sources"]) == 3 and summary["tiles"] > 0

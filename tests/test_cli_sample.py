@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -82,3 +83,32 @@ def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         sample(model_dir, tmp_path / "out" / "grid.png")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_image_depends_on_the_seed_and_its_place_not_on_the_batch_size(model_dir, tmp_path):
+    grids = {}
+    for batch_size in ("1", "2", "3"):
+        output = tmp_path / f"grid_{batch_size}.png"
+        assert sample(model_dir, output, "-n", "3", "--batch-size", batch_size, "--seed", "7") == 0
+        grids[batch_size] = np.asarray(PIL.Image.open(output))
+    assert grids["1"].shape == (32, 32, 3)  # a 2x2 grid of 16x16 images
+    assert np.array_equal(grids["1"], grids["2"]) and np.array_equal(grids["1"], grids["3"])
+    # The first image is the pipeline's with a generator seeded with --seed; the others differ from it.
+    pipeline = SR3UnconditionalPipeline.from_pretrained(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    first = pipeline(num_inference_steps=2, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(grids["1"][:16, :16], np.asarray(first))
+    assert not np.array_equal(grids["1"][:16, :16], grids["1"][:16, 16:])
+    assert sample(model_dir, tmp_path / "other.png", "-n", "3", "--seed", "8") == 0
+    assert not np.array_equal(grids["1"], np.asarray(PIL.Image.open(tmp_path / "other.png")))
+
+
+def test_a_gray_model_samples_a_grid_and_a_process_strip(tmp_path):
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config(in_channels=1, out_channels=1, sample_size=16))
+    SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50)).save_pretrained(tmp_path / "gray")
+    output = tmp_path / "grid.png"
+    assert sample(tmp_path / "gray", output, "-n", "2", "--save-process", "2") == 0
+    grid = np.asarray(PIL.Image.open(output).convert("RGB"))
+    assert grid.shape == (16, 32, 3) and np.array_equal(grid[..., 0], grid[..., 2])  # gray, in an RGB grid
+    assert PIL.Image.open(tmp_path / "grid_process.png").size == (32, 32)

@@ -10,7 +10,7 @@ from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
-from diffusers_sr3.image_io import is_grayscale
+from diffusers_sr3.image_io import is_grayscale, open_image
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
 LR_SAMPLE = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"
@@ -39,8 +39,14 @@ def test_upscale_files_folders_and_globs(model_dir, tmp_path, capsys):
     arguments = ["upscale", str(inputs), str(tmp_path / "other" / "*.png"), str(LR_SAMPLE)]
     arguments += ["--model", str(model_dir), "--output", str(out), "--steps", "2", "--batch-size", "2"]
     assert main(arguments + ["--scheduler", "ddim", "--device", "cpu", "--dtype", "float32"]) == 0
-    sizes = {path.name: PIL.Image.open(path).size for path in out.iterdir()}
-    assert sizes == {"a_sr.png": (32, 32), "b_sr.png": (32, 32), "c_sr.png": (24, 20), "00031_sr.png": (64, 64)}
+    sizes = {path.relative_to(out).as_posix(): PIL.Image.open(path).size for path in out.rglob("*.png")}
+    # Files found in a folder keep their subfolder under --output.
+    assert sizes == {
+        "a_sr.png": (32, 32),
+        "nested/b_sr.png": (32, 32),
+        "c_sr.png": (24, 20),
+        "00031_sr.png": (64, 64),
+    }
     assert "00031_sr.png (64x64)" in capsys.readouterr().out
     # Same seed, same result; another seed, another.
     first = np.asarray(PIL.Image.open(out / "a_sr.png"))
@@ -177,7 +183,8 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     def recording(*args, **kwargs):
         seen.append(kwargs["num_inference_steps"])
         options.append({name: kwargs[name] for name in ("eta", "strength") if name in kwargs})
-        return real(*args, **dict(kwargs, num_inference_steps=1))
+        # 3 steps: the fewest that strength 0.6 leaves a step of and that start from noise on leading spacing.
+        return real(*args, **dict(kwargs, num_inference_steps=3))
 
     monkeypatch.setattr(upscale, "tiled_super_resolve", recording)
     photo = tmp_path / "photo.png"
@@ -218,7 +225,8 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     fidelity = f"fidelity mode: {FIDELITY_STEPS} deterministic DDIM steps"
     assert printed[0] == f"{fidelity} ({FIDELITY_STEPS} network evaluations per tile)"
     studied_line = "detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1, guidance scale 2, window size 64"
-    assert printed[4] == printed[5] == f"{studied_line} (16 network evaluations per tile)"
+    evaluations = FIDELITY_STEPS + 2 * 6  # the fidelity answer, then the last 6 of 10 steps, each also the guide's
+    assert printed[4] == printed[5] == f"{studied_line} ({evaluations} network evaluations per tile)"
     config = SR3Pipeline.load_config(packaged)
     assert (config["detail_steps"], config["detail_eta"], config["detail_strength"], config["detail_window_size"]) == (
         DEFAULT_STEPS,
@@ -274,9 +282,11 @@ def test_upscale_keeps_black_and_white_photos_gray(model_dir, tmp_path):
             == 0
         )
         results.append(PIL.Image.open(tmp_path / f"{name}_sr.png"))
-    assert [result.mode for result in results] == ["L", "L", "L"] and results[0].size == (32, 32)
+    # 16-bit gray is written 16-bit (see test_upscale_keeps_16_bit_gray_at_16_bits).
+    assert [result.mode for result in results] == ["L", "L", "I;16"] and results[0].size == (32, 32)
     # The same gray picture, however stored, gives the same result: the luma of the network's answer.
-    assert all(np.array_equal(np.asarray(results[0]), np.asarray(result)) for result in results[1:])
+    assert np.array_equal(np.asarray(results[0]), np.asarray(results[1]))
+    assert np.abs(np.asarray(results[2]) / 257 - np.asarray(results[0])).max() <= 1
     for extension in (".png", ".webp", ".jpg"):
         destination = tmp_path / f"bw_alpha_sr{extension}"
         assert main(["upscale", str(tmp_path / "bw_alpha.png"), "--output", str(destination)] + options) == 0
@@ -540,3 +550,138 @@ def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
         assert message in err and "Traceback" not in err
     assert main(["eval", "--hr", str(tmp_path), "--sr", str(tmp_path), "--device", missing_cuda]) == 2
     assert f"--device {missing_cuda}: this machine has" in capsys.readouterr().err
+
+
+def _arguments(inputs, out, model_dir, *extra):
+    return ["upscale", *map(str, inputs), "--model", str(model_dir), "--output", str(out), "--steps", "1", *extra]
+
+
+def test_upscale_mirrors_subfolders_and_skips_hidden_files_and_its_own_results(model_dir, tmp_path, capsys):
+    photos = tmp_path / "t"
+    write_image(photos / "2023" / "IMG_0001.png", (8, 8), 1)
+    write_image(photos / "2024" / "IMG_0001.png", (8, 8), 2)
+    (photos / "2024" / "._IMG_0001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    out = tmp_path / "t_out"
+    assert main(_arguments([photos], out, model_dir, "--quiet")) == 0
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*")) == [
+        "2023",
+        "2023/IMG_0001_sr.png",
+        "2024",
+        "2024/IMG_0001_sr.png",
+    ]
+    # Two files of one folder that still meet on one name are refused, saying how to resolve it.
+    write_image(tmp_path / "same" / "a.png", (8, 8))
+    write_image(tmp_path / "same" / "a.jpg", (8, 8))
+    assert main(_arguments([tmp_path / "same"], tmp_path / "same_out", model_dir)) == 2
+    assert "rename one of them" in capsys.readouterr().err and not (tmp_path / "same_out").exists()
+    # Upscaling a folder into itself twice: the first run's results (and strips) are not inputs the second time.
+    mixed = tmp_path / "m"
+    write_image(mixed / "a.png", (8, 8))
+    for _ in range(2):
+        assert main(_arguments([mixed], mixed, model_dir, "--overwrite", "--save-process", "1")) == 0
+    assert sorted(path.name for path in mixed.iterdir()) == ["a.png", "a_sr.png", "a_sr_process.png"]
+    assert "left out 2 file(s)" in capsys.readouterr().err
+
+
+def test_upscale_output_file_names_in_any_format_pillow_writes(model_dir, tmp_path, capsys):
+    source = write_image(tmp_path / "s.png", (8, 8))
+    writable = PIL.Image.registered_extensions()
+    for extension in (".jfif", ".tga", ".avif"):
+        if writable.get(extension) not in PIL.Image.SAVE:
+            continue
+        destination = tmp_path / f"x{extension}"
+        assert main(_arguments([source], destination, model_dir, "--quiet")) == 0
+        assert destination.is_file() and PIL.Image.open(destination).size == (32, 32)
+    # A file name for several inputs is refused before any work, not made into a folder called result.png.
+    write_image(tmp_path / "two" / "a.png", (8, 8))
+    write_image(tmp_path / "two" / "b.png", (8, 8))
+    assert main(_arguments([tmp_path / "two"], tmp_path / "result.png", model_dir)) == 2
+    assert "names one file, but 2 images were given" in capsys.readouterr().err
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_upscale_says_what_the_output_loses(model_dir, tmp_path, capsys):
+    PIL.Image.new("RGBA", (8, 8), (200, 10, 10, 0)).save(tmp_path / "logo.png")
+    frames = [PIL.Image.new("RGB", (8, 8), (80 * index, 0, 0)) for index in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert main(_arguments([tmp_path / "logo.png"], tmp_path / "logo.jpg", model_dir, "--quiet")) == 0
+    assert "logo.png has transparency, which .jpg cannot store" in capsys.readouterr().err
+    assert main(_arguments([tmp_path / "anim.gif"], tmp_path / "anim.png", model_dir, "--quiet")) == 0
+    assert "anim.gif has 3 frames: only the first is upscaled" in capsys.readouterr().err
+
+
+def test_upscale_keeps_16_bit_gray_at_16_bits(model_dir, tmp_path, capsys):
+    """A dark smooth 16-bit scan was rounded to 8 bits (a few bands); it is upscaled and written at 16 bits."""
+    ramp = np.tile(np.linspace(0, 1000, 16).round().astype(np.uint16), (16, 1))  # under 4 levels in 8 bits
+    PIL.Image.fromarray(ramp).save(tmp_path / "scan16.png")
+    PIL.Image.fromarray(ramp).save(tmp_path / "scan16.tif")
+    for name in ("scan16.png", "scan16.tif"):
+        destination = tmp_path / name.replace("scan16", "out")
+        assert main(_arguments([tmp_path / name], destination, model_dir)) == 0
+        written = PIL.Image.open(destination)
+        assert written.mode == "I;16" and written.size == (64, 64) and len(np.unique(np.asarray(written))) > 50
+        assert "(64x64, 16-bit)" in capsys.readouterr().out
+    assert main(_arguments([tmp_path / "scan16.png"], tmp_path / "out.jpg", model_dir, "--quiet")) == 0
+    assert PIL.Image.open(tmp_path / "out.jpg").mode == "L"
+    assert "scan16.png is 16-bit; .jpg holds 8 bits" in capsys.readouterr().err
+
+
+def test_upscale_decodes_each_batch_when_it_runs_after_checking_them_all(model_dir, tmp_path, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    for index in range(3):
+        write_image(tmp_path / "in" / f"{index}.png", (8, 8), index)
+    (tmp_path / "in" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    events = []
+    monkeypatch.setattr(upscale, "open_image", lambda *a, **k: events.append("decode") or open_image(*a, **k))
+    original = upscale.tiled_super_resolve
+    monkeypatch.setattr(upscale, "tiled_super_resolve", lambda *a, **k: events.append("run") or original(*a, **k))
+    assert main(_arguments([tmp_path / "in"], tmp_path / "out", model_dir)) == 2  # the broken file, before any work
+    assert events == [] and not (tmp_path / "out").exists()
+    (tmp_path / "in" / "3.png").unlink()
+    assert main(_arguments([tmp_path / "in"], tmp_path / "out", model_dir, "--quiet")) == 0
+    assert events == ["decode", "run"] * 3
+
+
+def test_upscale_checks_options_before_decoding_or_loading(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("decoded or loaded before the options were checked")
+
+    monkeypatch.setattr(upscale, "inspect_image", no_work)
+    monkeypatch.setattr(upscale, "load_pipeline", no_work)
+    source = write_image(tmp_path / "a.png", (8, 8))
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--mode", "fidelity", "--eta", "1")) == 2
+    assert "apply to detail mode" in capsys.readouterr().err
+    # --mode auto: the saved scheduler config tells the mode (the tiny model predicts noise: detail).
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--self-ensemble")) == 2
+    assert "use it with --mode fidelity" in capsys.readouterr().err
+
+
+def test_upscale_results_do_not_depend_on_the_batch_size(model_dir, tmp_path):
+    for index in range(3):
+        write_image(tmp_path / "in" / f"{index}.png", (8, 8), index)
+    results = {}
+    for batch_size in ("1", "3"):
+        out = tmp_path / f"out{batch_size}"
+        assert main(_arguments([tmp_path / "in"], out, model_dir, "--batch-size", batch_size, "--seed", "7")) == 0
+        results[batch_size] = [np.asarray(PIL.Image.open(out / f"{index}_sr.png")) for index in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(results["1"], results["3"]))
+    # Image i of a run draws from seed + i: the same as upscaling it alone with that seed.
+    alone = tmp_path / "alone.png"
+    assert main(_arguments([tmp_path / "in" / "2.png"], alone, model_dir, "--seed", "9")) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(alone)), results["1"][2])
+
+
+def test_upscale_converts_colour_profiles_to_srgb(model_dir, tmp_path):
+    from test_image_io import swapped_primaries_profile
+
+    colours = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    PIL.Image.fromarray(colours).save(tmp_path / "tagged.png", icc_profile=swapped_primaries_profile())
+    open_image(tmp_path / "tagged.png").save(tmp_path / "srgb.png")
+    for name in ("tagged", "srgb"):
+        assert main(_arguments([tmp_path / f"{name}.png"], tmp_path / f"{name}_sr.png", model_dir)) == 0
+    written = PIL.Image.open(tmp_path / "tagged_sr.png")
+    assert "icc_profile" not in written.info
+    assert np.array_equal(np.asarray(written), np.asarray(PIL.Image.open(tmp_path / "srgb_sr.png")))

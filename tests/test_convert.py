@@ -175,3 +175,138 @@ def test_convert_command(tmp_path, capsys):
     assert main(bad) == 2
     assert "optimizer-state file" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_text_files_are_refused_as_checkpoints(tmp_path):
+    """The weights-only unpickler fails on arbitrary bytes with errors of many kinds (KeyError, IndexError...)."""
+    cases = (("notes.csv", "a,b\n1,2\n", "IndexError"), ("hello.txt", "hello world", "KeyError"), ("empty.pth", "", ""))
+    for name, text, reason in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(CheckpointError, match=f"{name} is not an original SR3 checkpoint: .* \\({reason}"):
+            convert_original_checkpoint(tmp_path / name, FIXTURES / "sr3_tiny_config.json")
+
+
+@pytest.mark.parametrize(
+    "setting, value, tensors",
+    [
+        ("attn_res", [], "unexpected tensors down_levels.2.blocks.0.attention."),
+        ("image_size", 64, "unexpected tensors down_levels.2.blocks.0.attention."),
+        ("attn_res", [8, 16], "missing tensors down_levels.1.blocks.0.attention."),
+    ],
+    ids=["no attention", "attention at no level", "more attention"],
+)
+def test_a_config_with_other_attention_layers_than_the_weights_is_refused(setting, value, tensors):
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config["model"]["unet" if setting == "attn_res" else "diffusion"][setting] = value
+    with pytest.raises(CheckpointError, match="check model.unet.attn_res and model.diffusion.image_size") as error:
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+    assert tensors in str(error.value)
+
+
+def _without_schedule_setting(config, key):
+    for schedule in config["model"]["beta_schedule"].values():
+        del schedule[key]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: _without_schedule_setting(c, "n_timestep"), "no model.beta_schedule.val.n_timestep"),
+        (lambda c: _without_schedule_setting(c, "schedule"), "no model.beta_schedule.val.schedule"),
+        (lambda c: c["model"]["beta_schedule"]["val"].update(n_timestep="100"), "val.n_timestep must be a whole"),
+        (lambda c: c["model"].pop("beta_schedule"), "no model.beta_schedule"),
+        (lambda c: c["model"]["beta_schedule"].update(val=None, train=None), "no model.beta_schedule"),
+        (lambda c: c.update(datasets=None), "no datasets l_resolution/r_resolution"),
+        (lambda c: c.update(datasets=[]), "datasets must be a JSON object"),
+        (lambda c: c["datasets"].update(val="x"), "datasets.val must be a JSON object"),
+        (
+            lambda c: c["datasets"]["val"].update(l_resolution="eight"),
+            "datasets.val.l_resolution and r_resolution must be whole numbers",
+        ),
+        (lambda c: c.update(model=[]), "model must be a JSON object"),
+        (lambda c: c.pop("model"), "no model section"),
+        (lambda c: c["model"].update(unet=None), "no model.unet section"),
+        (lambda c: c["model"].update(diffusion="x"), "model.diffusion must be a JSON object"),
+        (lambda c: c["model"]["unet"].pop("in_channel"), "no model.unet.in_channel"),
+        (lambda c: c["model"]["unet"].update(attn_res=16), "model.unet.attn_res must be a list"),
+    ],
+)
+def test_config_gaps_are_named(change, message):
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    change(config)
+    with pytest.raises(CheckpointError, match=message):
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+
+
+def _convert_arguments(
+    output, checkpoint=FIXTURES / "sr3_tiny_I10_E1_gen.pth", config=FIXTURES / "sr3_tiny_config.json"
+):
+    return ["convert", "--checkpoint", str(checkpoint), "--config", str(config), "--output", str(output)]
+
+
+def test_convert_command_names_a_swapped_config(tmp_path, capsys):
+    checkpoint = FIXTURES / "sr3_tiny_I10_E1_gen.pth"
+    assert main(_convert_arguments(tmp_path / "out", FIXTURES / "sr3_tiny_config.json", checkpoint)) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint} is not a JSON config but a binary file" in error
+    assert error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_checks_the_output_before_loading_anything(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    missing = tmp_path / "missing_gen.pth"
+    cases = {
+        str(tmp_path / "afile"): "is a file, not a folder",
+        str(tmp_path / "afile" / "sub"): f"cannot be created: {tmp_path / 'afile'} is a file",
+        "": "--output is empty",
+    }
+    for output, message in cases.items():
+        assert main(_convert_arguments(output, checkpoint=missing)) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def _trained_folder(folder):
+    """A pipeline folder as training leaves it: its model card, the picture the card shows, the run's summary."""
+    assert main(_convert_arguments(folder)) == 0
+    (folder / "README.md").write_text(
+        "# SR3 x8 trained\n\n![LR | SR3 | HR](validation.png)\n![again](./validation.png)\n![up](../outside.png)\n"
+    )
+    for name in ("validation.png", "training_summary.json", "notes.txt", "../outside.png"):
+        (folder / name).write_text("old")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events").write_text("old")
+
+
+def test_convert_overwrite_removes_the_replaced_models_description(tmp_path, capsys):
+    folder = tmp_path / "model"
+    _trained_folder(folder)
+    capsys.readouterr()
+    # A failed conversion leaves the folder as it was.
+    assert main(_convert_arguments(folder, checkpoint=FIXTURES / "sr3_tiny_I10_E1_opt.pth") + ["--overwrite"]) == 2
+    assert all((folder / name).exists() for name in ("README.md", "validation.png", "training_summary.json"))
+    assert main(_convert_arguments(folder) + ["--overwrite"]) == 0
+    assert "removed README.md, training_summary.json, validation.png" in capsys.readouterr().out
+    for name in ("README.md", "validation.png", "training_summary.json"):
+        assert not (folder / name).exists()
+    # Not the card's own: the user's notes, the training logs, a picture outside the folder.
+    for name in ("notes.txt", "logs/events", "../outside.png", "model_index.json"):
+        assert (folder / name).exists()
+    assert isinstance(SR3Pipeline.from_pretrained(folder), SR3Pipeline)
+
+
+def test_convert_refuses_a_folder_with_training_checkpoints(tmp_path, capsys):
+    folder = tmp_path / "run"
+    _trained_folder(folder)
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "training_state.json").write_text("{}")
+    capsys.readouterr()
+    before = sorted(path.name for path in folder.iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(_convert_arguments(folder) + extra) == 2
+        assert "holds training checkpoints (checkpoint-500)" in capsys.readouterr().err
+    assert sorted(path.name for path in folder.iterdir()) == before
+    (folder / "model_index.json").unlink()  # a run that has not saved its pipeline yet
+    assert main(_convert_arguments(folder)) == 2
+    assert (folder / "checkpoint-500" / "training_state.json").exists()

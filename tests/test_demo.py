@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import PIL.Image
 import pytest
@@ -80,7 +81,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
 def test_demo_self_ensemble_adds_a_fidelity_column(tmp_path):
     out = tmp_path / "demo"
     arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "8", "--crop-size", "32", "--no-packaged"]
-    arguments += ["--train-crops", "8", "--eval-crops", "2", "--inference-steps", "1", "--photo-size", "32"]
+    arguments += ["--train-crops", "8", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2", "--self-ensemble"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert list(report["mean"]) == ["bicubic", "SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail"]
@@ -107,7 +108,7 @@ def _run_timed_demo(monkeypatch, out, *extra, minutes, timed_step, bfloat16):
     monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: timed_step)
     monkeypatch.setattr(demo, "fast_bfloat16", lambda device: bfloat16)
     arguments = ["demo", "--output", str(out), "--minutes", str(minutes), "--width", "4", "--crop-size", "32"]
-    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "1", "--photo-size", "32"]
+    arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "2", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2", *extra]) == 0
 
 
@@ -152,3 +153,12 @@ def test_the_clock_stops_a_slower_than_estimated_run(tmp_path, monkeypatch):
     assert 1 <= report["steps"] < 480
     assert report["training_seconds"] < 30
     assert "| mixed precision | no |" in (out / "model" / "README.md").read_text()
+
+
+def test_a_detail_setting_that_runs_no_step_is_refused_before_training(tmp_path):
+    from diffusers_sr3.cli import main
+
+    started = time.perf_counter()
+    # strength 0.3 of 3 steps is int(0.9) = 0 steps, as Diffusers' image-to-image counts them
+    code = main(["demo", "--output", str(tmp_path / "demo"), "--inference-steps", "3", "--strength", "0.3"])
+    assert code == 2 and time.perf_counter() - started < 30 and not (tmp_path / "demo").exists()

@@ -232,7 +232,7 @@ def test_the_onnx_backend_exports_and_runs_the_guide_too(tmp_path, monkeypatch):
     pipeline = guided_pipeline()
     expected = sample(pipeline, image)
     with use_backend(pipeline, "onnx"):
-        assert isinstance(pipeline.unet, OnnxUNet) and isinstance(pipeline.guidance_unet, OnnxUNet)
+        assert isinstance(pipeline.unet, OnnxUNet)  # the guide is exported when it first runs
         onnx = sample(pipeline, image)
     assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2  # one export per network
     assert not isinstance(pipeline.guidance_unet, OnnxUNet)

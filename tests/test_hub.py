@@ -204,3 +204,41 @@ def test_no_token_is_written_logged_or_uploaded(hub, tmp_path, monkeypatch, caps
     # The card still says how the model was trained, with the token's place marked.
     card = uploaded["README.md"].decode()
     assert "--hub_token '<redacted>'" in card and "--max_train_steps 4" in card
+
+
+def test_a_trained_folder_pushed_later_names_its_repo_in_the_uploaded_card(tiny_pipeline, hub, tmp_path):
+    """A card written at training time names the output folder ("run"); pushed from that folder, the uploaded copy
+    names the repo (metadata and loading examples), and the local card stays as it was."""
+    import yaml
+
+    from diffusers_sr3.model_card import write_model_card
+
+    run = tmp_path / "run"
+    tiny_pipeline.save_pretrained(run)
+    write_model_card(
+        str(run),
+        task="sr",
+        upscale_factor=4,
+        resolution=32,
+        metrics={"psnr": 30.0},
+        training_command="accelerate launch examples/train_sr3.py --output_dir run",
+    )
+    local = (run / "README.md").read_text()
+    assert 'SR3Pipeline.from_pretrained("run")' in local
+    SR3Pipeline.from_pretrained(run).save_pretrained(run, push_to_hub=True, repo_id="alice/sr3-faces")
+    card = hub.repos["alice/sr3-faces"]["README.md"].decode()
+    assert yaml.safe_load(card.split("---")[1])["model-index"][0]["name"] == "alice/sr3-faces"
+    assert 'SR3Pipeline.from_pretrained("alice/sr3-faces")' in card
+    assert 'DiffusionPipeline.from_pretrained("alice/sr3-faces", trust_remote_code=True)' in card
+    assert 'from_pretrained("run"' not in card and "--output_dir run" in card  # the command is left as it ran
+    assert card.replace("alice/sr3-faces", "run") == local
+    assert (run / "README.md").read_text() == local
+
+    # A card without results names the model in `model_name`: the same.
+    plain = tmp_path / "plain"
+    tiny_pipeline.save_pretrained(plain)
+    write_model_card(str(plain), task="sr", upscale_factor=4, resolution=32)
+    SR3Pipeline.from_pretrained(plain).save_pretrained(plain, push_to_hub=True, repo_id="alice/plain-sr3")
+    card = hub.repos["alice/plain-sr3"]["README.md"].decode()
+    assert yaml.safe_load(card.split("---")[1])["model_name"] == "alice/plain-sr3"
+    assert 'from_pretrained("alice/plain-sr3"' in card and 'from_pretrained("plain"' not in card

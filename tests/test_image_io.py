@@ -13,10 +13,13 @@ import torch
 from diffusers_sr3.cli import main
 from diffusers_sr3.data import build_training_data
 from diffusers_sr3.image_io import (
+    IMAGE_EXTENSIONS,
     ImageTooLargeError,
     UnreadableImageError,
+    find_image_sources,
     find_images,
     image_size,
+    inspect_image,
     is_grayscale,
     open_image,
     walk_images,
@@ -121,7 +124,8 @@ def test_16_bit_and_float_images_keep_their_brightness_everywhere(tmp_path, tiny
     assert (
         main(["upscale", str(tmp_path / "gray16.png"), "--model", str(tmp_path / "model"), "--output", str(out)]) == 0
     )
-    assert abs(np.asarray(PIL.Image.open(out)).mean() - 30000 / 257) < 40  # an untrained network adds noise only
+    # Written 16-bit, as read; an untrained network adds noise only.
+    assert PIL.Image.open(out).mode == "I;16" and abs(np.asarray(PIL.Image.open(out)).mean() - 30000) < 40 * 257
 
 
 def test_one_walker_for_folders_files_and_globs(tmp_path):
@@ -210,3 +214,88 @@ def test_is_grayscale_knows_gray_modes_and_equal_channels():
     tinted = np.dstack([gray] * 3)
     tinted[2, 3, 1] ^= 1  # one pixel, one level off gray
     assert not is_grayscale(PIL.Image.fromarray(tinted))
+
+
+def swapped_primaries_profile():
+    """ICC profile bytes of an RGB space whose red and blue primaries are sRGB's blue and red: Pillow makes only
+    sRGB, LAB and XYZ profiles in memory, and this one makes a wrong reading obvious (red comes out blue)."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    entries = {}
+    for index in range(struct.unpack(">I", data[128:132])[0]):
+        start = 132 + 12 * index
+        entries[bytes(data[start : start + 4])] = start
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    data[red + 4 : red + 12], data[blue + 4 : blue + 12] = data[blue + 4 : blue + 12], data[red + 4 : red + 12]
+    return bytes(data)
+
+
+def test_open_image_converts_colour_profiles_to_srgb(tmp_path):
+    """An Adobe RGB or Display P3 photo read as sRGB shifts colour: pixels are converted by their ICC profile."""
+    from PIL import ImageCms
+
+    red = PIL.Image.new("RGB", (4, 4), (200, 30, 30))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    red.save(tmp_path / "swapped.png", icc_profile=swapped_primaries_profile())
+    red.save(tmp_path / "swapped.jpg", icc_profile=swapped_primaries_profile(), quality=100, subsampling=0)
+    red.save(tmp_path / "srgb.png", icc_profile=srgb)
+    red.save(tmp_path / "damaged.png", icc_profile=b"not a profile" * 10)
+    for name in ("swapped.png", "swapped.jpg"):
+        pixel = np.asarray(open_image(tmp_path / name))[0, 0].astype(int)
+        assert pixel[2] > 150 and pixel[0] < 80, (name, pixel)  # the file's red channel is sRGB blue
+    # sRGB-tagged pixels are unchanged; an unreadable profile is read as sRGB, as browsers do.
+    for name in ("srgb.png", "damaged.png"):
+        assert (np.asarray(open_image(tmp_path / name)) == (200, 30, 30)).all()
+    # Transparency stays readable beside the converted colours.
+    PIL.Image.new("RGBA", (4, 4), (200, 30, 30, 128)).save(tmp_path / "a.png", icc_profile=swapped_primaries_profile())
+    assert open_image(tmp_path / "a.png").mode == "RGB" and inspect_image(tmp_path / "a.png").transparent
+
+
+def test_open_image_keeps_16_bit_gray_on_request_and_inspect_image_reports(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16) * 7).reshape(8, 8)  # dark: all under 8-bit level 2
+    for name in ("dark16.png", "dark16.tif"):
+        PIL.Image.fromarray(ramp).save(tmp_path / name)
+        kept = open_image(tmp_path / name, keep_16bit=True)
+        assert kept.mode == "I;16" and np.array_equal(np.asarray(kept), ramp)
+        assert open_image(tmp_path / name).mode == "RGB"  # the default is unchanged
+        facts = inspect_image(tmp_path / name)
+        assert facts.sixteen_bit and facts.grayscale and facts.size == (8, 8) and facts.frames == 1
+    assert np.array_equal(
+        np.asarray(open_image(PIL.Image.fromarray(ramp.astype(np.int32) * 100), keep_16bit=True)), ramp * 100
+    )
+    frames = [PIL.Image.new("RGB", (6, 4), (80 * index, 0, 0)) for index in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    PIL.Image.new("RGBA", (6, 4), (1, 2, 3, 255)).save(tmp_path / "opaque.png")
+    assert inspect_image(tmp_path / "anim.gif").frames == 3
+    opaque = inspect_image(tmp_path / "opaque.png")
+    assert not opaque.transparent and not opaque.sixteen_bit and not opaque.grayscale
+    (tmp_path / "cut.png").write_bytes((tmp_path / "opaque.png").read_bytes()[:-30])
+    with pytest.raises(UnreadableImageError, match="cut.png"):
+        inspect_image(tmp_path / "cut.png")
+
+
+def test_folder_walks_skip_hidden_files_and_name_files_below_their_input(tmp_path):
+    for relative in ("2023/IMG_0001.png", "2024/IMG_0001.png", "2024/._IMG_0001.png", "top.png"):
+        (tmp_path / "t" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "t" / relative).write_bytes(b"")
+    (tmp_path / "alone.png").write_bytes(b"")
+    # macOS AppleDouble files (._name) are no images: a folder walk skips them, a named file is still listed.
+    assert [path.split("/t/")[-1] for path in walk_images(tmp_path / "t")] == [
+        "2023/IMG_0001.png",
+        "2024/IMG_0001.png",
+        "top.png",
+    ]
+    hidden = str(tmp_path / "t" / "2024" / "._IMG_0001.png")
+    assert hidden in find_images([hidden])
+    sources = dict(find_image_sources([str(tmp_path / "t"), str(tmp_path / "alone.png")]))
+    assert sorted(sources.values()) == ["2023/IMG_0001.png", "2024/IMG_0001.png", "alone.png", "top.png"]
+    assert sorted(dict(find_image_sources([str(tmp_path / "t" / "**" / "*.png")])).values()) == [
+        "2023/IMG_0001.png",
+        "2024/IMG_0001.png",
+        "top.png",
+    ]
+    # Formats this Pillow reads are walked too.
+    for extension in (".jfif", ".avif"):
+        readable = PIL.Image.registered_extensions().get(extension) in PIL.Image.OPEN
+        assert (extension in IMAGE_EXTENSIONS) == readable

@@ -92,3 +92,16 @@ def test_load_image_names_the_problem(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot read image .*text.png"):
         load_image(str(tmp_path / "text.png"))
+
+
+def test_outputs_keep_the_channel_count_and_one_channel_is_gray():
+    array = np.random.default_rng(0).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+    gray = postprocess(tensor, "pil")
+    assert [image.mode for image in gray] == ["L", "L"] and gray[0].size == (5, 6)
+    assert np.array_equal(np.stack([np.asarray(image) for image in gray]), array[..., 0])
+    np.testing.assert_allclose(postprocess(tensor, "np"), array / 255, atol=1e-6)
+    assert postprocess(tensor, "pt").shape == (2, 1, 6, 5)
+    assert postprocess(torch.zeros(1, 4, 2, 2), "pil")[0].mode == "RGBA"
+    with pytest.raises(ValueError, match="5-channel images cannot be PIL images .* use output_type 'np'"):
+        postprocess(torch.zeros(1, 5, 2, 2), "pil")

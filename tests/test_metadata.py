@@ -107,3 +107,21 @@ def test_model_cards_usage_runs_as_written(tmp_path, tiny_unet, monkeypatch, pre
     exec(compile(usage.replace('"model"', repr(str(folder))), "card", "exec"), {})
     assert PIL.Image.open("output.png").size == (32, 32)
     assert (tmp_path / "output_fidelity.png").exists() == (prediction_type == "sample")
+
+
+def test_cards_install_from_source_and_load_with_diffusers(tmp_path, tiny_pipeline):
+    """diffusers-sr3 is not on PyPI: no card may send users to a name there that anyone could register. Its
+    Diffusers loading example runs as written."""
+    import re
+
+    folder = tmp_path / "model"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
+    card = (folder / "README.md").read_text()
+    for text in (card, default_model_card()):
+        assert "pypi.org" not in text and "pip install diffusers-sr3" not in text
+        assert "not on PyPI" in text and "```bash\npip install -e .\n```" in text
+    diffusers_usage = re.search(r"```python\n(from diffusers import DiffusionPipeline.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(compile(diffusers_usage.replace('"model"', repr(str(folder))), "card", "exec"), namespace)
+    assert type(namespace["pipe"]).__name__ == "SR3Pipeline"

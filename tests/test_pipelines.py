@@ -311,3 +311,27 @@ def test_bad_detail_defaults_are_named(tiny_unet):
             SR3Pipeline(tiny_unet, clean_image, **settings)
     with pytest.raises(ValueError, match="detail_strength 0.5 starts detail mode from the fidelity answer"):
         SR3Pipeline(tiny_unet, make_scheduler("ddim", n_timestep=100), detail_strength=0.5)
+
+
+def test_a_one_channel_unconditional_model_gives_gray_images():
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=8,
+        channel_multipliers=(1, 2),
+        attention_resolutions=(),
+        norm_groups=4,
+        sample_size=16,
+    )
+    pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50))
+    pipeline.set_progress_bar_config(disable=True)
+    output = pipeline(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+    assert [image.mode for image in output.images] == ["L", "L"] and output.images[0].size == (16, 16)
+    unit = pipeline(
+        batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    assert unit.shape == (2, 1, 16, 16)
+    np.testing.assert_allclose(np.asarray(output.images[1]), unit[1, 0].numpy() * 255, atol=0.51)
+    array = pipeline(num_inference_steps=STEPS, output_type="np", num_intermediates=2)
+    assert array.images.shape == (1, 16, 16, 1) and array.intermediates[0].shape == (1, 16, 16, 1)

@@ -11,7 +11,7 @@ from test_training import fast_options
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.noise import network_inputs_for_schedule, swap_scheduler, training_betas
-from diffusers_sr3.pipelines.pipeline_sr3 import evaluations_per_crop
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, evaluations_per_crop
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.tiling import tiled_super_resolve
 from diffusers_sr3.training import TrainingConfig, train
@@ -131,10 +131,14 @@ def test_fidelity_mode_is_deterministic_ddim_from_the_noise_mean_scaled_back():
     image = torch.rand(1, 3, 8, 8)
     pipeline, network = residual_pipeline(value=0.8, scheduler="ddpm")
     result = pipeline(image, mode="fidelity", output_type="pt").images
-    assert len(network.levels) == 4  # FIDELITY_STEPS DDIM steps, though the pipeline's own scheduler is DDPM
-    ddim = swap_scheduler(pipeline.scheduler, "ddim")
+    # One DDIM step (FIDELITY_STEPS), though the pipeline's own scheduler is DDPM, at the schedule's noisiest level:
+    # there the x0-predicting network's answer is its posterior mean.
+    assert network.levels == pytest.approx([float(pipeline.scheduler.alphas_cumprod[-1].sqrt())])
+    four = pipeline(image, mode="fidelity", num_inference_steps=4, output_type="pt").images
+    ddim = swap_scheduler(pipeline.scheduler, "ddim", timestep_spacing="trailing")
     ddim.set_timesteps(4)
-    assert network.levels == pytest.approx(network_inputs_for_schedule(ddim, "noise_level").tolist())
+    assert network.levels[1:] == pytest.approx(network_inputs_for_schedule(ddim, "noise_level").tolist())
+    torch.testing.assert_close(four, result, atol=1e-5, rtol=0)
     # The network predicts the scaled residual 0.8: the image is the upsample plus 0.8 / 8 in [-1, 1] units.
     expected = (bicubic_of(image) + 0.8 / 8 / 2).clamp(0, 1)
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
@@ -142,9 +146,7 @@ def test_fidelity_mode_is_deterministic_ddim_from_the_noise_mean_scaled_back():
     again = pipeline(image, mode="fidelity", output_type="pt", generator=torch.Generator().manual_seed(5)).images
     torch.testing.assert_close(again, result)
     assert isinstance(pipeline.scheduler, type(make_scheduler("ddpm")))  # the pipeline keeps its scheduler
-    one = pipeline(image, mode="fidelity", num_inference_steps=1, output_type="pt").images
-    assert len(network.levels) == 4 + 4 + 1
-    torch.testing.assert_close(one, expected, atol=1e-5, rtol=0)
+    assert len(network.levels) == 1 + 4 + 1
 
 
 def test_temperature_scales_the_starting_noise_of_detail_mode():
@@ -189,7 +191,7 @@ class RecordingNetwork(ConstantNetwork):
         ("fidelity", 6, 1.0, "ddim"),
         ("detail", 5, 1.0, "ddim"),
         ("detail", 10, 0.3, "ddim"),
-        ("detail", 10, 0.05, "ddim"),
+        ("detail", 10, 0.15, "ddim"),  # one step, as Diffusers counts it: int(1.5)
         ("detail", 5, 1.0, "heun"),  # second order: most steps evaluate twice
         ("detail", 10, 0.3, "heun"),
     ],
@@ -212,15 +214,16 @@ def test_strength_refines_the_fidelity_answer_over_the_last_part_of_the_schedule
     network = RecordingNetwork(pipeline.unet.inner, 0.6)
     vars(pipeline)["unet"] = network
     result = pipeline(image, num_inference_steps=10, strength=0.3, temperature=0.0, output_type="pt").images
-    # The fidelity answer (4 DDIM steps), then the last 3 of the 10 detail steps: 7 evaluations, not 10.
-    assert len(network.levels) == 4 + 3
+    # The fidelity answer (FIDELITY_STEPS DDIM steps), then the last 3 of the 10 detail steps: not 10 evaluations.
+    assert len(network.levels) == FIDELITY_STEPS + 3
     detail = swap_scheduler(pipeline.scheduler, scheduler)
     detail.set_timesteps(10)
-    assert network.levels[4:] == pytest.approx(network_inputs_for_schedule(detail, "noise_level")[7:].tolist())
+    refinement = network.levels[FIDELITY_STEPS:]
+    assert refinement == pytest.approx(network_inputs_for_schedule(detail, "noise_level")[7:].tolist())
     # Without noise (temperature 0) the refinement starts from the fidelity answer (0.6, the scaled residual)
     # noised to its first step, which the network sees as sqrt(alpha_bar) * 0.6 (Euler: after its input scaling).
-    first = network.inputs[4]
-    torch.testing.assert_close(first, torch.full_like(first, 0.6 * network.levels[4]), atol=1e-5, rtol=1e-4)
+    first = network.inputs[FIDELITY_STEPS]
+    torch.testing.assert_close(first, torch.full_like(first, 0.6 * refinement[0]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result, (bicubic_of(image) + 0.6 / 8 / 2).clamp(0, 1), atol=1e-4, rtol=0)
     # With noise, the start is the fidelity answer plus noise from the generator: the same seed repeats it.
     for seed in (1, 1, 2):
@@ -231,8 +234,9 @@ def test_strength_refines_the_fidelity_answer_over_the_last_part_of_the_schedule
             output_type="pt",
             generator=torch.Generator().manual_seed(seed),
         )
-    assert len(network.levels) == 7 + 3 * (4 + 5)
-    starts = [network.inputs[7 + run * 9 + 4] for run in range(3)]
+    first_run = FIDELITY_STEPS + 3
+    assert len(network.levels) == first_run + 3 * (FIDELITY_STEPS + 5)
+    starts = [network.inputs[first_run + run * (FIDELITY_STEPS + 5) + FIDELITY_STEPS] for run in range(3)]
     torch.testing.assert_close(starts[0], starts[1])
     assert (starts[0] - starts[2]).abs().max() > 0.1
 

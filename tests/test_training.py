@@ -1,11 +1,13 @@
 """The training scripts and the shared training core, end to end on CPU with tiny models."""
 
+import argparse
 import glob
 import json
 import os
 import runpy
 import sys
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -669,3 +671,85 @@ def test_an_x1_model_trains_validates_and_saves(tmp_path, monkeypatch):
     options = fast_options(tmp_path / "x1", train_data_dir=data, upscale_factor=1, max_train_steps=1)
     assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
     assert SR3Pipeline.from_pretrained(str(tmp_path / "x1")).config.upscale_factor == 1
+
+
+def test_a_cascade_is_refused_naming_the_stage_folders_to_fine_tune(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_unet_config
+
+    from diffusers_sr3 import SR3CascadePipeline, SR3UNet2DModel, make_scheduler
+
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    scheduler = make_scheduler("ddpm")
+    base = SR3UnconditionalPipeline(SR3UNet2DModel(**tiny_unet_config(in_channels=3)), scheduler)
+    stage = SR3Pipeline(SR3UNet2DModel(**tiny_unet_config()), scheduler, upscale_factor=4)
+    cascade = tmp_path / "cascade"
+    SR3CascadePipeline.from_stages(base, [stage, stage]).save_pretrained(cascade)
+    for script, expected in (
+        (UNCOND_SCRIPT, f"fine-tune one of its models instead: {cascade / 'base'}"),
+        (SR_SCRIPT, f"instead: {cascade / 'stage_1'} or {cascade / 'stage_2'}"),
+    ):
+        options = fast_options(tmp_path / "out", pretrained_model_name_or_path=str(cascade), train_data_dir=data)
+        del options["preset"]
+        assert run_script(script, as_argv(options), monkeypatch) == 2
+        error = capsys.readouterr().err.strip()
+        assert "holds a SR3CascadePipeline" in error and error.endswith(expected) and "\n" not in error
+    # The folders it names are what to fine-tune.
+    options = fast_options(tmp_path / "out", preset=None, pretrained_model_name_or_path=str(cascade / "stage_1"))
+    assert SR3Pipeline.from_pretrained(train(TrainingConfig(**dict(options, train_data_dir=data, max_train_steps=1))))
+    SR3CascadePipeline.from_stages(None, [stage]).save_pretrained(tmp_path / "sr_only")
+    options = fast_options(tmp_path / "out2", preset=None, pretrained_model_name_or_path=str(tmp_path / "sr_only"))
+    with pytest.raises(ValueError, match="it has no unconditional generator to fine-tune here .*sr_only.stage_1"):
+        train(TrainingConfig(**dict(options, train_data_dir=data, task="uncond")))
+
+
+def test_an_unconditional_model_trained_at_another_resolution_validates_and_is_shown_at_it(tmp_path, monkeypatch):
+    """--resolution below the preset's sample_size: validation samples and the card's snippet use the trained size."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, preset="tiny_uncond", train_data_dir=data, resolution=16)
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
+    # Two 16x16 samples side by side.
+    assert PIL.Image.open(output / "validation.png").size == (32, 16)
+    card = (output / "README.md").read_text()
+    assert "unconditional 16x16" in card and "pipe(batch_size=4, num_inference_steps=100, height=16, width=16)" in card
+    # At its own sample_size the snippet needs no size.
+    output = tmp_path / "own"
+    options = fast_options(output, preset="tiny_uncond", train_data_dir=data, max_train_steps=1)
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
+    assert "pipe(batch_size=4, num_inference_steps=100).images" in (output / "README.md").read_text()
+
+
+def test_a_python_script_card_records_its_python_call(tmp_path, monkeypatch):
+    """`python t.py` calling train(TrainingConfig(...)): the card shows that call, not `accelerate launch t.py`,
+    which would record no option and claim a launcher that was never used."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "t.py")])
+    output = train(TrainingConfig(train_data_dir=data, **fast_options(tmp_path / "out")))
+    card = open(os.path.join(output, "README.md"), encoding="utf-8").read()
+    assert "accelerate launch" not in card and "t.py" not in card
+    assert "```python\nfrom diffusers_sr3.training import TrainingConfig, train" in card
+    assert "train(TrainingConfig(" in card and "preset='tiny'," in card and f"train_data_dir={data!r}," in card
+
+
+def test_only_the_command_line_that_was_parsed_is_recorded(monkeypatch):
+    from diffusers_sr3.training.config import training_command
+
+    parser = add_training_arguments(argparse.ArgumentParser())
+    monkeypatch.setattr(sys, "argv", ["examples/train_sr3.py", "--preset", "tiny", "--train_data_dir", "faces/"])
+    command = training_command(config_from_args(parser.parse_args(), task="sr"))
+    assert command == "accelerate launch examples/train_sr3.py --preset tiny --train_data_dir faces/"
+    # A Python caller's own arguments, not the process's: its command line would not train this.
+    command = training_command(config_from_args(parser.parse_args(["--preset", "photos_x4"]), task="sr"))
+    assert "accelerate launch" not in command and "preset='photos_x4'" in command
+    # A config built in Python, in a process started as a .py script.
+    monkeypatch.setattr(sys, "argv", ["t.py"])
+    command = training_command(TrainingConfig(train_data_dir="faces/", preset="tiny"))
+    assert "accelerate launch" not in command and "train_data_dir='faces/'" in command
+
+
+def test_help_lists_every_preset(monkeypatch, capsys):
+    assert run_script(SR_SCRIPT, ["--help"], monkeypatch) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    options = help_text.split("options:", 1)[1]
+    listed = options.split("--preset PRESET", 1)[1].split("--model_config_name_or_path", 1)[0]
+    assert all(name in listed.replace(",", " ").split() for name in PRESETS), listed

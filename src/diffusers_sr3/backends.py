@@ -4,7 +4,7 @@
   AVX512-BF16, recent GPUs) runs the convolutions, attention and linear layers in bfloat16 while normalisations and
   the output stay float32. 3.2x per evaluation on a 2-core Sapphire Rapids CPU (AMX); 1.4-1.5x end to end on a
   2-core AMD EPYC with AVX512-BF16; 0.01 dB from float32 on photos (benchmarks/upscale.py). [`AutocastUNet`].
-- `"onnx"`: ONNX Runtime (fp32, CPU), an optional extra: `pip install "diffusers-sr3[onnx]"`. [`OnnxUNet`].
+- `"onnx"`: ONNX Runtime (fp32, CPU), an optional extra: `pip install -e ".[onnx]"`. [`OnnxUNet`].
 - `"auto"` (what `sr3 upscale` uses by default): `"bf16"` on hardware that multiplies bfloat16 natively (see
   [`fast_bfloat16`]), else `"torch"`.
 
@@ -24,7 +24,9 @@ takes any batch, height and width (multiples of the downsampling factor); its ou
 ~1e-6 relative (tests/test_backends.py).
 
 Exports are cached by a hash of the UNet's config and weights in `$SR3_CACHE_DIR/onnx` (default
-`~/.cache/diffusers-sr3/onnx`), so only the first run pays the export (seconds to tens of seconds on a CPU).
+`$XDG_CACHE_HOME/diffusers-sr3/onnx`, else `~/.cache/diffusers-sr3/onnx`), so only the first run pays the export
+(seconds to tens of seconds on a CPU). Each export records that hash in its metadata: a file exported from other
+weights, or damaged, is exported again.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ import importlib
 import json
 import os
 import platform
-import tempfile
+import re
+import socket
 from typing import Any, Iterator, Optional, Union
 
 import torch
+from diffusers.utils.torch_utils import is_compiled_module
 
 from .pipelines.base import step_networks
+from .pipelines.pipeline_sr3_cascade import SR3CascadePipeline
 
 BACKENDS = ("auto", "torch", "bf16", "onnx")
+# The metadata key of an ONNX export that records the unet_fingerprint of the UNet it was exported from.
+FINGERPRINT_KEY = "sr3_fingerprint"
 
 
 def fast_bfloat16(device: Union[str, torch.device]) -> bool:
@@ -85,8 +92,14 @@ def resolve_backend(backend: str, unet: Any) -> str:
 
 
 def cache_dir() -> str:
-    """Where exported networks are cached: `$SR3_CACHE_DIR`, else `~/.cache/diffusers-sr3`."""
-    return os.environ.get("SR3_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diffusers-sr3")
+    """Where exported networks are cached: `$SR3_CACHE_DIR`, else `$XDG_CACHE_HOME/diffusers-sr3`, else
+    `~/.cache/diffusers-sr3`."""
+    if os.environ.get("SR3_CACHE_DIR"):
+        return os.environ["SR3_CACHE_DIR"]
+    caches = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(caches):  # the XDG spec: a relative path is invalid and ignored
+        caches = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(caches, "diffusers-sr3")
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -101,9 +114,24 @@ def resolve_device(name: Optional[str]) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             raise ValueError(f"--device {name}: this machine has {count} usable CUDA device(s); try --device cpu")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; try --device cpu")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available here; try --device cpu")
+    elif device.type != "cpu":
+        # Other accelerators (xpu, ...) have a torch module of their own; meta and unknown types have none to run on.
+        module = getattr(torch, device.type, None)
+        if not (callable(getattr(module, "is_available", None)) and module.is_available()):
+            raise ValueError(f"--device {name}: this machine has no usable {device.type} device; try --device cpu")
+        count = module.device_count() if callable(getattr(module, "device_count", None)) else 1
+        if (device.index or 0) >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} usable {device.type} device(s); try --device cpu"
+            )
     return device
+
+
+class UnwritableFolderError(OSError, ValueError):
+    """A folder an export cannot be written to: an OSError, and a ValueError so that commands print it in one line."""
 
 
 def _require(module: str) -> Any:
@@ -112,7 +140,7 @@ def _require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(
-            f'the ONNX backend needs {module}: pip install "diffusers-sr3[onnx]" (onnxruntime and onnx)'
+            f'the ONNX backend needs {module}: pip install -e ".[onnx]" in the checkout (onnxruntime and onnx)'
         ) from None
 
 
@@ -130,10 +158,16 @@ class _Exportable(torch.nn.Module):
 
 
 def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """A hash of the UNet's class, config and float32 weights (and the torch version that exports it)."""
+    """A hash of the UNet's class, config and float32 weights (and the torch version that exports it).
+
+    Config keys that start with `_` (the folder the UNet was loaded from, the Diffusers version that saved it) are
+    left out: they do not change what it computes, and a copied model folder should reuse its export.
+    """
+    unet = _unwrapped(unet)
+    config = {key: value for key, value in dict(unet.config).items() if not key.startswith("_")}
     digest = hashlib.sha256()
     digest.update(type(unet).__name__.encode())
-    digest.update(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(torch.__version__.encode())
     for name, tensor in sorted(unet.state_dict().items()):
         digest.update(name.encode())
@@ -141,37 +175,88 @@ def unet_fingerprint(unet: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def export_onnx(unet: torch.nn.Module, path: Union[str, os.PathLike], opset: int = 17) -> str:
+def _unwrapped(unet: Any) -> Any:
+    """The module a `torch.compile`d UNet wraps: the ONNX exporter cannot trace a dynamo-optimized one."""
+    return unet._orig_mod if is_compiled_module(unet) else unet
+
+
+def _staging_path(path: str) -> str:
+    """Where `path` is written before it is moved into place: named by host and process, so that what a killed
+    export leaves can be recognised and removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _remove_dead_staging_files(folder: str) -> None:
+    """Remove the staging files of this machine's exports whose process has ended (killed before they finished)."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows rather than probing it
+        return
+    pattern = re.compile(rf"\..+\.{re.escape(socket.gethostname())}\.(\d+)\.tmp")
+    for name in os.listdir(folder):
+        match = pattern.fullmatch(name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        except OSError:  # alive, but another user's
+            pass
+
+
+def export_onnx(
+    unet: torch.nn.Module, path: Union[str, os.PathLike], opset: int = 17, fingerprint: Optional[str] = None
+) -> str:
     """Export an SR3 UNet (float32, CPU copy) to an ONNX file with dynamic batch, height and width.
 
     Inputs: `sample` `(B, in_channels, H, W)`, `noise_level` `(B,)` and, for UNets with condition_noise_embedding,
-    `condition_noise_level` `(B,)`; output: `prediction` `(B, out_channels, H, W)`. Written atomically.
+    `condition_noise_level` `(B,)`; output: `prediction` `(B, out_channels, H, W)`. Written atomically, with the
+    permissions the umask gives new files (a cache may be shared) and the UNet's [`unet_fingerprint`] in the model's
+    metadata (`sr3_fingerprint`). A `torch.compile`d UNet is exported as the module it compiles.
+
+    Args:
+        unet: the SR3 UNet.
+        path: the `.onnx` file to write; its folder is created.
+        opset: the ONNX opset.
+        fingerprint: `unet_fingerprint(unet)`, where the caller has it already.
+
+    Raises:
+        UnwritableFolderError: the folder cannot be created or written to.
     """
     import copy
+    import warnings
 
-    _require("onnx")  # torch's exporter writes the file with it
+    onnx = _require("onnx")
+    unet = _unwrapped(unet)
     path = os.fspath(path)
-    network = copy.deepcopy(unet).eval()
-    if network.device.type != "cpu" or network.dtype != torch.float32:
-        network = network.to("cpu", torch.float32)
-    condition_noise = bool(network.config.get("condition_noise_embedding", False))
-    size = network.config.sample_size
-    size = int(max(size) if isinstance(size, (tuple, list)) else size)
-    # Batch 2: a batch of 1 could let the tracer bake the batch size in as a constant.
-    inputs = [torch.zeros(2, network.config.in_channels, size, size), torch.full((2,), 0.5)]
-    names = ["sample", "noise_level"]
-    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "noise_level": {0: "batch"}}
-    if condition_noise:
-        inputs.append(torch.zeros(2))
-        names.append("condition_noise_level")
-        axes["condition_noise_level"] = {0: "batch"}
-    axes["prediction"] = {0: "batch", 2: "height", 3: "width"}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handle, staging = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
+    folder = os.path.dirname(os.path.abspath(path))
+    staging = _staging_path(path)
     try:
-        import warnings
-
+        os.makedirs(folder, exist_ok=True)
+        _remove_dead_staging_files(folder)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staging)  # left by a killed process that had this one's id
+        os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask, as open() makes
+    except OSError as error:
+        raise UnwritableFolderError(f"cannot write to {folder}: {error.strerror or error}") from None
+    try:
+        fingerprint = fingerprint or unet_fingerprint(unet)
+        network = copy.deepcopy(unet).eval()
+        if network.device.type != "cpu" or network.dtype != torch.float32:
+            network = network.to("cpu", torch.float32)
+        condition_noise = bool(network.config.get("condition_noise_embedding", False))
+        size = network.config.sample_size
+        size = int(max(size) if isinstance(size, (tuple, list)) else size)
+        # Batch 2: a batch of 1 could let the tracer bake the batch size in as a constant.
+        inputs = [torch.zeros(2, network.config.in_channels, size, size), torch.full((2,), 0.5)]
+        names = ["sample", "noise_level"]
+        axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "noise_level": {0: "batch"}}
+        if condition_noise:
+            inputs.append(torch.zeros(2))
+            names.append("condition_noise_level")
+            axes["condition_noise_level"] = {0: "batch"}
+        axes["prediction"] = {0: "batch", 2: "height", 3: "width"}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about the shape checks, which hold for any size
             torch.onnx.export(
@@ -184,6 +269,9 @@ def export_onnx(unet: torch.nn.Module, path: Union[str, os.PathLike], opset: int
                 opset_version=opset,
                 dynamo=False,
             )
+        model = onnx.load(staging)
+        model.metadata_props.add(key=FINGERPRINT_KEY, value=fingerprint)
+        onnx.save(model, staging)
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):
@@ -220,13 +308,36 @@ class OnnxUNet:
         threads: Optional[int] = None,
         providers: Optional[list] = None,
     ) -> OnnxUNet:
-        """Export `unet` (to `path`, or to the cache keyed by its fingerprint, reusing an earlier export)."""
+        """Export `unet` (to `path`, or to the cache under its [`unet_fingerprint`]), or reuse the export there.
+
+        A file there that ONNX Runtime cannot load (empty, truncated), or whose recorded fingerprint is missing or
+        another UNet's, is exported again. Raises [`UnwritableFolderError`] where the file cannot be written.
+        """
         _require("onnxruntime")
-        if path is None:
-            path = os.path.join(cache_dir(), "onnx", f"{type(unet).__name__}-{unet_fingerprint(unet)}.onnx")
-        if not os.path.isfile(path):
-            export_onnx(unet, path)
+        unet = _unwrapped(unet)
+        fingerprint = unet_fingerprint(unet)
+        cached = path is None
+        if cached:
+            path = os.path.join(cache_dir(), "onnx", f"{type(unet).__name__}-{fingerprint}.onnx")
+        if os.path.isfile(path):
+            try:
+                onnx_unet = cls(path, unet.config, threads=threads, providers=providers)
+            except Exception:  # ONNX Runtime's load errors (InvalidProtobuf, InvalidArgument, ...) share no base
+                onnx_unet = None
+            if onnx_unet is not None and onnx_unet.fingerprint == fingerprint:
+                return onnx_unet
+        try:
+            export_onnx(unet, path, fingerprint=fingerprint)
+        except UnwritableFolderError as error:
+            if not cached:
+                raise
+            raise UnwritableFolderError(f"{error}; set SR3_CACHE_DIR to a writable folder") from None
         return cls(path, unet.config, threads=threads, providers=providers)
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """The [`unet_fingerprint`] of the UNet the file was exported from (None where the file does not say)."""
+        return self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -327,13 +438,53 @@ def swap_unet(pipeline: Any, unet: Any) -> Iterator[Any]:
         vars(pipeline)["unet"] = original
 
 
+class _DeferredOnnxUNet:
+    """An [`OnnxUNet`] exported on its first evaluation, for a network a pipeline may never run: the guidance UNet
+    (fidelity mode and unguided detail mode leave it out), whose export would otherwise cost as much as the UNet's.
+
+    Args:
+        unet: the UNet to export.
+        threads: intra-op threads of its ONNX Runtime session.
+    """
+
+    def __init__(self, unet: torch.nn.Module, threads: Optional[int] = None):
+        self.unet = unet
+        self.threads = threads
+        self.config = unet.config
+        self._onnx_unet: Optional[OnnxUNet] = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.unet.downsampling_factor
+
+    def __call__(self, *args, **kwargs):
+        if self._onnx_unet is None:
+            self._onnx_unet = OnnxUNet.from_unet(self.unet, threads=self.threads)
+        return self._onnx_unet(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = None) -> Iterator[Any]:
     """Run `pipeline`'s UNet (and its guidance UNet, if it has one) on `backend` inside the block; yields the UNet's
-    stand-in.
+    stand-in. On an [`SR3CascadePipeline`], every pipeline it holds (generator first, then the stages) runs on
+    `backend` (`"auto"` decides for each), and the block yields their stand-ins in that order.
 
-    `"torch"`: unchanged; `"bf16"`: [`AutocastUNet`]; `"onnx"`: [`OnnxUNet`]; `"auto"`: see [`resolve_backend`].
+    `"torch"`: unchanged; `"bf16"`: [`AutocastUNet`]; `"onnx"`: [`OnnxUNet`], the UNet exported on entering the block
+    and the guidance UNet on its first evaluation; `"auto"`: see [`resolve_backend`].
     """
+    if isinstance(pipeline, SR3CascadePipeline):
+        stages = ([pipeline.base] if pipeline.base is not None else []) + pipeline.stages
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(use_backend(stage, backend, threads=threads)) for stage in stages]
+        return
     backend = resolve_backend(backend, pipeline.unet)
     if backend == "torch":
         yield pipeline.unet
@@ -343,13 +494,17 @@ def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = 
         if pipeline.unet.device.type != "cpu":
             raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
         if any(network.dtype != torch.float32 for network in networks.values()):
-            raise ValueError("the onnx backend runs in float32: load the pipeline in float32")
+            raise ValueError("the onnx backend runs in float32: load the pipeline in float32 (--dtype float32)")
 
-    def stand_in(network: torch.nn.Module) -> Any:
-        return OnnxUNet.from_unet(network, threads=threads) if backend == "onnx" else AutocastUNet(network)
+    def stand_in(name: str, network: torch.nn.Module) -> Any:
+        if backend == "bf16":
+            return AutocastUNet(network)
+        if name == "unet":
+            return OnnxUNet.from_unet(network, threads=threads)
+        return _DeferredOnnxUNet(network, threads=threads)
 
     try:
-        stand_ins = {name: stand_in(network) for name, network in networks.items()}
+        stand_ins = {name: stand_in(name, network) for name, network in networks.items()}
         vars(pipeline).update(stand_ins)
         yield stand_ins["unet"]
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -69,8 +68,13 @@ def load_original_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dic
     path = os.fspath(config)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        text = "".join(_strip_line_comment(line) for line in handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = "".join(_strip_line_comment(line) for line in handle)
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{path} is not a JSON config but a binary file (the checkpoint given as the config?)"
+        ) from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as error:
@@ -103,10 +107,14 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    # The weights-only unpickler runs nothing from the file but fails on arbitrary bytes with errors of any kind
+    # (KeyError, IndexError, UnpicklingError...): each means the file is not a checkpoint of plain tensors.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+    except Exception as error:
+        # The type too: the unpickler's KeyError or IndexError says only `101` or `pop from empty list`.
+        message = str(error).strip()
+        reason = error.__class__.__name__ + (f": {message.splitlines()[0]}" if message else "")
         raise CheckpointError(
             f"{path} is not an original SR3 checkpoint: it cannot be loaded as plain tensors ({reason})"
         ) from None
@@ -122,21 +130,58 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
     return state
 
 
+def _section(parent: Dict[str, Any], key: str, path: str, required: bool = True) -> Dict[str, Any]:
+    """The JSON object `parent[key]`, at `path` in the config; {} for an optional one that is absent or null.
+
+    Raises:
+        CheckpointError: a required section is absent or null, or the value is not a JSON object.
+    """
+    value = parent.get(key)
+    if value is None and not required:
+        return {}
+    if value is None:
+        raise CheckpointError(f"the config has no {path} section")
+    if not isinstance(value, dict):
+        raise CheckpointError(f"the config's {path} must be a JSON object, got {json.dumps(value)}")
+    return value
+
+
+_KINDS = {int: "a whole number", list: "a list", str: "a string"}
+
+
+def _setting(section: Dict[str, Any], key: str, path: str, kind: type) -> Any:
+    """`section[key]`, at `path` in the config: present, not null and a `kind` (int, list or str).
+
+    Raises:
+        CheckpointError: the setting is absent, null or of another type (named by its JSON path).
+    """
+    value = section.get(key)
+    if value is None:
+        raise CheckpointError(f"the config has no {path}.{key}")
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CheckpointError(f"the config's {path}.{key} must be {_KINDS[kind]}, got {json.dumps(value)}")
+    return value
+
+
 def unet_config_from_original(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The `SR3UNet2DModel` config equivalent to an original config's network."""
-    model = config["model"]
-    unet = model["unet"]
+    """The `SR3UNet2DModel` config equivalent to an original config's network.
+
+    Raises:
+        CheckpointError: a setting the network needs is missing or of the wrong type (named by its JSON path).
+    """
+    model = _section(config, "model", "model")
+    unet = _section(model, "unet", "model.unet")
     kind = model.get("which_model_G", "sr3")
     if kind not in ("sr3", "ddpm"):
         raise CheckpointError(f"which_model_G must be 'sr3' or 'ddpm', got {kind!r}")
     return dict(
-        in_channels=unet["in_channel"],
-        out_channels=unet["out_channel"],
-        block_out_channels=unet["inner_channel"],
-        channel_multipliers=tuple(unet["channel_multiplier"]),
-        layers_per_block=unet["res_blocks"],
-        attention_resolutions=tuple(unet["attn_res"]),
-        sample_size=model["diffusion"]["image_size"],
+        in_channels=_setting(unet, "in_channel", "model.unet", int),
+        out_channels=_setting(unet, "out_channel", "model.unet", int),
+        block_out_channels=_setting(unet, "inner_channel", "model.unet", int),
+        channel_multipliers=tuple(_setting(unet, "channel_multiplier", "model.unet", list)),
+        layers_per_block=_setting(unet, "res_blocks", "model.unet", int),
+        attention_resolutions=tuple(_setting(unet, "attn_res", "model.unet", list)),
+        sample_size=_setting(_section(model, "diffusion", "model.diffusion"), "image_size", "model.diffusion", int),
         norm_groups=unet.get("norm_groups") or 32,
         dropout=unet.get("dropout") or 0.0,
         conditioning_type="noise_level" if kind == "sr3" else "timestep",
@@ -211,25 +256,44 @@ def _listing(keys, limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _schedule_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    schedules = config["model"].get("beta_schedule", {})
-    schedule = schedules.get("val") or schedules.get("train")
-    if not schedule:
-        raise CheckpointError("the config has no model.beta_schedule")
-    return dict(
-        beta_schedule=schedule["schedule"],
-        num_train_timesteps=schedule["n_timestep"],
-        beta_start=schedule.get("linear_start", 1e-4),  # the original's defaults when its config omits them
-        beta_end=schedule.get("linear_end", 2e-2),
+def _attention_hint(keys) -> str:
+    """What to check when the tensors that the config and the weights disagree on are all attention layers'."""
+    if not all(".attention." in key for key in keys):
+        return ""
+    # Attention is placed by resolution: an attn_res that names no level at this image_size places none.
+    return (
+        " (they place attention layers differently: check model.unet.attn_res and model.diffusion.image_size, the "
+        "image size attn_res resolutions are counted from)"
     )
 
 
-def _upscale_factor(config: Dict[str, Any]) -> int:
-    datasets = config.get("datasets", {})
+def _schedule_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    schedules = _section(config["model"], "beta_schedule", "model.beta_schedule")
     for phase in ("val", "train"):
-        dataset = datasets.get(phase) or {}
+        schedule = _section(schedules, phase, f"model.beta_schedule.{phase}", required=False)
+        if schedule:
+            path = f"model.beta_schedule.{phase}"
+            return dict(
+                beta_schedule=_setting(schedule, "schedule", path, str),
+                num_train_timesteps=_setting(schedule, "n_timestep", path, int),
+                beta_start=schedule.get("linear_start", 1e-4),  # the original's defaults when its config omits them
+                beta_end=schedule.get("linear_end", 2e-2),
+            )
+    raise CheckpointError("the config has no model.beta_schedule.val (or .train) noise schedule")
+
+
+def _upscale_factor(config: Dict[str, Any]) -> int:
+    datasets = _section(config, "datasets", "datasets", required=False)
+    for phase in ("val", "train"):
+        dataset = _section(datasets, phase, f"datasets.{phase}", required=False)
         if dataset.get("l_resolution") and dataset.get("r_resolution"):
-            low, high = int(dataset["l_resolution"]), int(dataset["r_resolution"])
+            try:
+                low, high = int(dataset["l_resolution"]), int(dataset["r_resolution"])
+            except (TypeError, ValueError):
+                raise CheckpointError(
+                    f"the config's datasets.{phase}.l_resolution and r_resolution must be whole numbers, got "
+                    f"{json.dumps(dataset['l_resolution'])} and {json.dumps(dataset['r_resolution'])}"
+                ) from None
             if high % low:
                 raise CheckpointError(f"r_resolution {high} is not a multiple of l_resolution {low}")
             return high // low
@@ -257,16 +321,15 @@ def convert_original_checkpoint(
     """
     config = load_original_config(config)
     state = load_original_state_dict(checkpoint)
-    try:
-        unet_config = unet_config_from_original(config)
-    except KeyError as error:
-        raise CheckpointError(f"the config lacks model setting {error}") from None
+    unet_config = unet_config_from_original(config)
     weights = convert_state_dict(state, unet_config)
     unet = SR3UNet2DModel(**unet_config)
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise CheckpointError(f"the config does not match the weights: missing tensors {_listing(missing)}")
+        raise CheckpointError(
+            f"the config does not match the weights{_attention_hint(missing)}: missing tensors {_listing(missing)}"
+        )
     wrong = [
         f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}"
         for key, value in expected.items()
@@ -274,11 +337,17 @@ def convert_original_checkpoint(
     ]
     if wrong:
         raise CheckpointError(f"the config does not match the weights: shapes differ for {_listing(wrong, 3)}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"the config does not match the weights{_attention_hint(unexpected)}: unexpected tensors "
+            f"{_listing(unexpected, 3)}"
+        )
     unet.load_state_dict(weights, strict=True)
     unet.eval()
 
     scheduler = make_scheduler("ddpm", **_schedule_config(config))
-    conditional = config["model"].get("diffusion", {}).get("conditional", True)
+    conditional = config["model"]["diffusion"].get("conditional", True)
     if conditional:
         pipeline: SR3BasePipeline = SR3Pipeline(unet=unet, scheduler=scheduler, upscale_factor=_upscale_factor(config))
     else:

@@ -2,16 +2,18 @@
 
 `sr3 upscale`, `sr3 prepare`, `sr3 eval`, the training data, `photos` and the Space all list images with
 [`find_images`] / [`walk_images`] and open them with [`open_image`], so they agree on which files are images,
-turn phone photos upright (EXIF orientation), convert to RGB, and fail with errors that name the file.
+turn phone photos upright (EXIF orientation), convert colour-managed images (Adobe RGB, Display P3, CMYK with a
+profile) to sRGB, convert to RGB, and fail with errors that name the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.ExifTags
@@ -19,7 +21,12 @@ import PIL.Image
 import PIL.ImageChops
 import PIL.ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif") + tuple(
+    # Formats only some Pillow builds read (AVIF since Pillow 11.2).
+    extension
+    for extension in (".jfif", ".avif")
+    if PIL.Image.registered_extensions().get(extension) in PIL.Image.OPEN
+)
 
 ImageData = Union[str, os.PathLike, bytes, bytearray, PIL.Image.Image]
 
@@ -53,30 +60,56 @@ def is_image_file(name: Union[str, os.PathLike]) -> bool:
 
 
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
-    """Image files under `folder`, recursively, as sorted paths (hidden folders such as `.cache/` are skipped)."""
+    """Image files under `folder`, recursively, as sorted paths.
+
+    Hidden folders such as `.cache/` and hidden files are skipped: macOS writes `._IMG_0001.png` (AppleDouble
+    metadata, no image) beside every file it copies to a foreign disk.
+    """
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(os.path.join(root, name) for name in files if is_image_file(name))
+        found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
     return sorted(found)
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder part of a glob pattern before its first wildcard (`photos/**/*.png` -> `photos`)."""
+    root = pattern
+    while glob.escape(root) != root:
+        root = os.path.dirname(root)
+    return root
+
+
+def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[str, str]]:
+    """Like [`find_images`], each file with its name relative to the input that found it: its path below a folder
+    input (`2023/IMG_0001.png` for the folder `photos`) or below the fixed part of a glob, its file name for a file
+    input. Outputs written under these names keep same-named files of different subfolders apart.
+
+    Returns:
+        `(path, relative_name)` pairs sorted by path; a file found by several inputs is listed once, with the
+        name the first of them gives it.
+    """
+    found = {}
+    for item in map(os.fspath, inputs):
+        if os.path.isdir(item):
+            matches, root = walk_images(item), item
+        elif os.path.isfile(item):
+            matches, root = [item], os.path.dirname(item)
+        else:
+            matches = sorted(path for path in glob.glob(item, recursive=True) if os.path.isfile(path))
+            if not matches:
+                raise FileNotFoundError(f"no such file, folder or matching glob: {item}")
+            root = _glob_root(item)
+        for path in matches:
+            found.setdefault(path, os.path.relpath(path, root or os.curdir))
+    if not found:
+        raise FileNotFoundError(f"no images found in {' '.join(map(os.fspath, inputs))}")
+    return sorted(found.items())
 
 
 def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     """Expand files, folders (recursively, see [`walk_images`]) and glob patterns into a sorted list of files."""
-    found: List[str] = []
-    for item in map(os.fspath, inputs):
-        if os.path.isdir(item):
-            found.extend(walk_images(item))
-        elif os.path.isfile(item):
-            found.append(item)
-        else:
-            matches = [path for path in glob.glob(item, recursive=True) if os.path.isfile(path)]
-            if not matches:
-                raise FileNotFoundError(f"no such file, folder or matching glob: {item}")
-            found.extend(matches)
-    if not found:
-        raise FileNotFoundError(f"no images found in {' '.join(map(os.fspath, inputs))}")
-    return sorted(dict.fromkeys(found))
+    return [path for path, _ in find_image_sources(inputs)]
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -97,9 +130,57 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def _upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+# The ICC colour space a profile must describe for images of each mode to be converted through it.
+_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "CMYK": "CMYK"}
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(icc_profile: bytes, mode: str):
+    """A LittleCMS transform from `mode` pixels in `icc_profile` to sRGB, or None where there is none to make."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without LittleCMS: colours are read as sRGB, as before
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        if profile.profile.xcolor_space.strip() != _PROFILE_SPACES[mode]:
+            return None
+        return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None  # a damaged profile: read as sRGB, as browsers do
+
+
+def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` converted to sRGB (as `RGB`) when it carries an ICC colour profile (`info["icc_profile"]`) for its
+    mode (RGB, RGBA, CMYK); otherwise, or when the profile cannot be read, `image` itself.
+
+    The networks work in sRGB: an Adobe RGB or Display P3 photo read as sRGB comes out with shifted colours, and
+    outputs are written without a profile (which viewers take as sRGB). An sRGB-tagged image converts to itself
+    (checked with the IEC 61966-2.1 profile). Alpha is dropped, as [`to_rgb`] drops it.
+    """
+    icc_profile = image.info.get("icc_profile")
+    if not icc_profile or image.mode not in _PROFILE_SPACES:
+        return image
+    source = image if image.mode in ("RGB", "CMYK") else image.convert("RGB")
+    transform = _srgb_transform(bytes(icc_profile), source.mode)
+    if transform is None:
+        return image
+    from PIL import ImageCms
+
+    return ImageCms.applyTransform(source, transform)
+
+
+def _is_16bit_gray(image: PIL.Image.Image) -> bool:
+    # Mode "I" holds 16-bit PNGs in older Pillow versions; its values tell 16-bit from 8-bit, as in `to_rgb`.
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255)
+
+
+def _upright_rgb(image: PIL.Image.Image, keep_16bit: bool = False) -> PIL.Image.Image:
     # Phone photos record their orientation in EXIF: turn them upright, as image viewers and browsers show them.
-    return to_rgb(PIL.ImageOps.exif_transpose(image))
+    upright = PIL.ImageOps.exif_transpose(image)
+    if keep_16bit and _is_16bit_gray(upright):
+        return upright if upright.mode == "I;16" else PIL.Image.fromarray(np.asarray(upright).astype(np.uint16))
+    return to_rgb(to_srgb(upright))
 
 
 @contextlib.contextmanager
@@ -130,8 +211,10 @@ def open_image(
     *,
     max_pixels: Optional[int] = None,
     draft_size: Optional[int] = None,
+    keep_16bit: bool = False,
 ) -> PIL.Image.Image:
-    """Open an image fully (so truncated files fail here), upright by its EXIF orientation, as RGB.
+    """Open an image fully (so truncated files fail here), upright by its EXIF orientation, in sRGB (see
+    [`to_srgb`]), as RGB.
 
     Args:
         source: a file path, encoded bytes, or a PIL image (only turned upright and converted).
@@ -139,6 +222,8 @@ def open_image(
         max_pixels: refuse images with more pixels, from the header, before decoding.
         draft_size: let the decoder reduce the image while keeping both sides at least this (JPEG decodes much
             faster at a reduced scale; other formats ignore it).
+        keep_16bit: return 16-bit gray images (PNG, TIFF) as `I;16` at full precision instead of 8-bit RGB (the
+            pipelines take `I;16`).
 
     Raises:
         FileNotFoundError: no such file.
@@ -149,7 +234,7 @@ def open_image(
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image"
     if isinstance(source, PIL.Image.Image):
-        return _upright_rgb(source)
+        return _upright_rgb(source, keep_16bit)
     try:
         with _opened(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, name) as image:
             width, height = image.size
@@ -160,7 +245,7 @@ def open_image(
             if draft_size is not None:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            return _upright_rgb(image)
+            return _upright_rgb(image, keep_16bit)
     except _TooLargeToOpen:
         if max_pixels is None:
             raise
@@ -168,6 +253,7 @@ def open_image(
         raise ImageTooLargeError(f"{name} is over {bomb_limit:,} pixels, more than {max_pixels:,}", None) from None
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -194,10 +280,43 @@ def open_alpha(path: Union[str, os.PathLike]) -> Optional[PIL.Image.Image]:
     """
     name = os.fspath(path)
     with _opened(path, name) as image:
-        if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in image.info:
+        if image.mode not in ALPHA_MODES and "transparency" not in image.info:
             return None
         image.load()
         return PIL.ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+
+
+class ImageFacts(NamedTuple):
+    """What [`inspect_image`] found out about an image file.
+
+    Attributes:
+        size: `(width, height)` as displayed (EXIF orientation applied).
+        frames: frames in the file (animated GIF, WebP, multi-page TIFF); readers take the first.
+        transparent: whether some pixel is less than fully opaque.
+        grayscale: whether it is a black-and-white picture ([`is_grayscale`]).
+        sixteen_bit: whether it is 16-bit gray ([`open_image`] with `keep_16bit` keeps its precision).
+    """
+
+    size: Tuple[int, int]
+    frames: int
+    transparent: bool
+    grayscale: bool
+    sixteen_bit: bool
+
+
+def inspect_image(path: Union[str, os.PathLike]) -> ImageFacts:
+    """Decode an image file fully (so damaged files fail here, with [`open_image`]'s errors), note what a caller
+    writing a result needs to know, and drop the pixels: a folder of photos can be checked before any work without
+    holding them all in memory."""
+    name = os.fspath(path)
+    with _opened(path, name) as image:
+        frames = getattr(image, "n_frames", 1)
+        image.load()
+        transparent = (image.mode in ALPHA_MODES or "transparency" in image.info) and (
+            image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+        )
+        picture = _upright_rgb(image, keep_16bit=True)
+    return ImageFacts(picture.size, frames, transparent, is_grayscale(picture), picture.mode == "I;16")
 
 
 def image_size(path: Union[str, os.PathLike]) -> Tuple[int, int]:

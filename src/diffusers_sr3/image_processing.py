@@ -144,16 +144,20 @@ def pad_to_multiple(images: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, 
 
 
 def tensor_to_pil(images: torch.Tensor) -> List[PIL.Image.Image]:
-    """`(B, 3, H, W)` in [-1, 1] -> list of RGB PIL images (rounded to uint8)."""
+    """`(B, C, H, W)` in [-1, 1] -> list of PIL images (rounded to uint8), by channel count as Diffusers' pipelines
+    write them: 3 "RGB", 1 "L" (gray), 2 "LA", 4 "RGBA"; other counts raise a `ValueError`."""
+    channels = images.shape[1]
+    if not 1 <= channels <= 4:
+        raise ValueError(f"{channels}-channel images cannot be PIL images (1 to 4 channels); use output_type 'np'")
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [PIL.Image.fromarray(item) for item in array]
+    return [PIL.Image.fromarray(item[..., 0] if channels == 1 else item) for item in array]
 
 
 def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]:
-    """Convert `(B, 3, H, W)` in [-1, 1] to the pipelines' output types.
+    """Convert `(B, C, H, W)` in [-1, 1] to the pipelines' output types, keeping the channel count `C`.
 
-    `"pil"`: list of PIL images; `"np"`: `(B, H, W, 3)` float32 in [0, 1]; `"pt"`: `(B, 3, H, W)` float32 in
-    [0, 1].
+    `"pil"`: list of PIL images (RGB; "L" for one channel, see [`tensor_to_pil`]); `"np"`: `(B, H, W, C)` float32
+    in [0, 1]; `"pt"`: `(B, C, H, W)` float32 in [0, 1].
     """
     if output_type == "pil":
         return tensor_to_pil(images)

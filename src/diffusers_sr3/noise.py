@@ -7,6 +7,7 @@ network at any step of a Diffusers scheduler, and draws training levels the way 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from types import MappingProxyType
@@ -185,6 +186,9 @@ def scheduler_takes_eta(scheduler: SchedulerMixin) -> bool:
     return "eta" in inspect.signature(scheduler.step).parameters
 
 
+# Schedulers of consistency-distilled networks (a few large jumps along the schedule), refused by name.
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
+
 # (scheduler class, settings) pairs that `check_scheduler_fits` has seen take a step.
 _FITTING_SCHEDULERS: set = set()
 
@@ -199,13 +203,26 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
 
     Schedulers of another noise process are refused by what they are: SR3 networks are trained on a DDPM schedule
     (`alphas_cumprod`, from which every step's noise level is read), which EDM, consistency-model and
-    flow-matching schedulers do not have, and inverse schedulers run it backwards (image to noise).
+    flow-matching schedulers do not have, and inverse schedulers run it backwards (image to noise). So are the
+    schedulers of consistency-distilled models (LCM, TCD): they have the schedule, but their steps assume a network
+    distilled to jump along it, and an SR3 network's samples stay over-smoothed at any step count. And so are
+    schedulers whose `step` needs more than the network's output, the timestep and the sample (video schedulers).
     """
     name = type(scheduler).__name__
+    required = [
+        parameter
+        for parameter in list(inspect.signature(scheduler.step).parameters.values())[3:]
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
     if not hasattr(scheduler, "alphas_cumprod"):
         problem = "it has no DDPM noise schedule (alphas_cumprod), it samples another noise process"
     elif name.endswith("InverseScheduler"):
         problem = "it runs the schedule backwards, from image to noise"
+    elif name in CONSISTENCY_SCHEDULERS:
+        problem = "it samples consistency-distilled models, which SR3 networks are not"
+    elif required:
+        problem = f"its step needs {', '.join(p.name for p in required)} besides the network's output"
     else:
         problem = None
     if problem:
@@ -248,11 +265,32 @@ def _levels(scheduler: SchedulerMixin, timesteps: torch.Tensor, step_indices: to
     `scheduler.sigmas`. Integer-timestep schedulers without sigmas (DDPM, DDIM) are at `sqrt(alphas_cumprod[t])`.
     """
     sigmas = getattr(scheduler, "sigmas", None)
+    if hasattr(scheduler, "sigmas_interpol"):
+        return _interleaved_levels(scheduler)[step_indices]
     if sigmas is not None and hasattr(scheduler, "index_for_timestep"):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()[step_indices]
         return (1.0 / torch.sqrt(1.0 + sigmas**2)).float()
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).cpu().double()
     return alphas_cumprod[timesteps.round().long()].sqrt().float()
+
+
+def _interleaved_levels(scheduler: SchedulerMixin) -> torch.Tensor:
+    """The levels of KDPM2-type schedulers, which evaluate the network twice a step, the second time at an
+    interpolated sigma (`sigmas_interpol`) that `scheduler.sigmas` does not list, chosen by the scheduler's state.
+
+    A copy runs the schedule dry (a zero network output) and reads the input scale `1 / sqrt(1 + sigma**2)` that its
+    `scale_model_input` applies at each evaluation: that scale is the level.
+    """
+    dry = copy.deepcopy(scheduler)
+    dry.set_timesteps(scheduler.num_inference_steps)  # from the first evaluation, whatever the run's state
+    probe = torch.ones(1, dtype=torch.float64)
+    levels = []
+    # An ancestral step draws noise: the dry run must not change what the real run draws.
+    with torch.random.fork_rng(devices=[]):
+        for timestep in dry.timesteps:
+            levels.append(dry.scale_model_input(probe, timestep))
+            dry.step(torch.zeros_like(probe), timestep, probe)
+    return torch.cat(levels).cpu().float()
 
 
 def network_inputs_for_schedule(scheduler: SchedulerMixin, conditioning_type: str) -> torch.Tensor:

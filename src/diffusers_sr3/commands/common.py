@@ -50,7 +50,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, defaul
         default=None,
         help=steps_help,
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: image i of the run draws from seed + i, so results do not depend on --batch-size",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network precision")
 
@@ -58,6 +63,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, defaul
 def add_save_process_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """`--save-process [N]`: also write N snapshots along the refinement (8 when N is omitted, 0 = off)."""
     parser.add_argument("--save-process", type=int, nargs="?", const=8, default=0, metavar="N", help=help_text)
+
+
+def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
+    """One CPU generator per image of a run's batch (images `start` to `stop`), image `i` seeded with `seed + i`.
+
+    The pipelines draw each image's noise from its own generator of a list, so an image is the same whatever
+    `--batch-size` puts beside it, and the same as that image run alone with seed `seed + i`.
+    """
+    return [torch.Generator("cpu").manual_seed(seed + index) for index in range(start, stop)]
 
 
 def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> SR3BasePipeline:

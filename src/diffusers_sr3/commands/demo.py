@@ -33,6 +33,7 @@ from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil, u
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import swap_scheduler
 from ..pipelines import SR3Pipeline
+from ..pipelines.base import steps_to_run
 from ..presets import NEW_MODEL_RECIPE
 from ..pretrained import DEFAULT_DETAIL_OPTIONS
 from ..tiling import tiled_super_resolve
@@ -281,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--minutes, --eval-crops and --inference-steps must be positive")
     if not 0 < args.strength <= 1:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
+    steps_to_run(args.inference_steps, args.strength)  # a strength that leaves no step fails now, not after training
     detail = dict(DEFAULT_DETAIL_OPTIONS, strength=args.strength)
     modes = ("fidelity", SELF_ENSEMBLE, "detail") if args.self_ensemble else MODES
     config = unet_config(args.crop_size, args.width)

@@ -8,7 +8,6 @@ import math
 import os
 
 import PIL.Image
-import torch
 from tqdm.auto import tqdm
 
 from ..image_processing import grid
@@ -18,6 +17,7 @@ from .common import (
     add_save_process_argument,
     check_destinations,
     check_file_destination,
+    image_generators,
     load_pipeline,
 )
 from .upscale import save_atomically
@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     check_destinations(writes, args.overwrite)
     pipeline = load_pipeline(args, SR3UnconditionalPipeline)
     pipeline.set_progress_bar_config(leave=False)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
     images, processes = [], []
     with tqdm(total=args.num_images, desc="sampling", unit="image") as progress:
         while len(images) < args.num_images:
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             output = pipeline(
                 batch_size=count,
                 num_inference_steps=args.steps or SAMPLE_STEPS,
-                generator=generator,
+                generator=image_generators(args.seed, len(images), len(images) + count),
                 height=args.size,
                 width=args.size,
                 num_intermediates=args.save_process,

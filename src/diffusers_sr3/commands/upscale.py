@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from typing import Any, Dict, List, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, use_backend
 from ..detail_windows import MIN_WINDOWS_ACROSS
-from ..image_io import IMAGE_EXTENSIONS, find_images, is_grayscale, open_alpha, open_image
+from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..pipelines import SR3Pipeline
 from ..pipelines.pipeline_sr3 import (
@@ -25,7 +28,14 @@ from ..pipelines.pipeline_sr3 import (
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
-from .common import add_model_arguments, add_save_process_argument, atomic_file, check_destinations, load_pipeline
+from .common import (
+    add_model_arguments,
+    add_save_process_argument,
+    atomic_file,
+    check_destinations,
+    image_generators,
+    load_pipeline,
+)
 
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
 EXPECTED_TIME = """\
@@ -81,7 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         windows_factor=WINDOWS_TIME_FACTOR,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    parser.add_argument("--output", required=True, help="output folder (or a file name for a single input)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="output folder: <name>_sr.png per input, in the input's subfolder for files found in a folder input "
+        "(or a file name for a single input, its format from the extension: .png, .jpg, .webp, .tif, ...)",
+    )
     add_model_arguments(
         parser,
         steps_help=f"refinement steps (default: {FIDELITY_STEPS} in fidelity mode; in detail mode the model's own "
@@ -182,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with AMX or AVX512-BF16, recent GPUs), else torch; torch: PyTorch at --dtype; bf16: PyTorch under bfloat16 "
         "autocast, channels-last (about 3x faster per evaluation on AMX CPUs, 1.5x end to end with AVX512-BF16, "
         "outputs within 1/255 of float32); onnx: ONNX "
-        'Runtime fp32 on the CPU, exported once and cached (pip install "diffusers-sr3[onnx]")',
+        'Runtime fp32 on the CPU, exported once and cached (pip install -e ".[onnx]")',
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     parser.add_argument(
@@ -200,10 +215,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _output_path(output: str, source: str, single: bool) -> str:
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
+def _writable_extensions() -> set:
+    """File extensions of the formats this Pillow can write (`.avif`, `.jfif`, `.qoi`, ... where built in)."""
+    return {extension for extension, name in PIL.Image.registered_extensions().items() if name in PIL.Image.SAVE}
+
+
+def _names_a_file(output: str) -> bool:
+    """Whether --output names one output file (an extension Pillow writes, and no existing folder of that name)."""
+    return os.path.splitext(output)[1].lower() in _writable_extensions() and not os.path.isdir(output)
+
+
+def _output_path(output: str, relative: str, to_file: bool) -> str:
+    """Where the result of the input named `relative` (below its folder input, see `find_image_sources`) goes."""
+    if to_file:
         return output
-    return os.path.join(output, os.path.splitext(os.path.basename(source))[0] + "_sr.png")
+    return os.path.join(output, os.path.splitext(relative)[0] + "_sr.png")
 
 
 def lossy_options(image_format: str, quality: int) -> Dict[str, int]:
@@ -257,11 +283,12 @@ def describe_settings(
     return f"{how} ({evaluations} network evaluations per tile)"
 
 
-def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, int]]:
-    """`(start, stop)` ranges of consecutive images of one size, at most `batch_size` long."""
+def _batches(keys: Sequence[Any], batch_size: int) -> List[Tuple[int, int]]:
+    """`(start, stop)` ranges of consecutive images of one key (their size and bit depth), at most `batch_size`
+    long."""
     ranges, start = [], 0
-    for index in range(1, len(images) + 1):
-        if index == len(images) or index - start == batch_size or images[index].size != images[start].size:
+    for index in range(1, len(keys) + 1):
+        if index == len(keys) or index - start == batch_size or keys[index] != keys[start]:
             ranges.append((start, index))
             start = index
     return ranges
@@ -269,10 +296,102 @@ def _batches(images: List[PIL.Image.Image], batch_size: int) -> List[Tuple[int, 
 
 # Output formats that store transparency (JPEG has none; GIF's is one bit).
 ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+# Output formats that store 16-bit gray: a 16-bit scan keeps its smooth gradients.
+SIXTEEN_BIT_EXTENSIONS = (".png", ".tif", ".tiff")
 
 
 def _keeps_alpha(destination: str) -> bool:
     return os.path.splitext(destination)[1].lower() in ALPHA_EXTENSIONS
+
+
+def _keeps_16bit(destination: str) -> bool:
+    return os.path.splitext(destination)[1].lower() in SIXTEEN_BIT_EXTENSIONS
+
+
+def _mode_for(prediction_type: Optional[str]) -> str:
+    """What --mode auto picks: fidelity for models that predict the clean image, else detail."""
+    return "fidelity" if prediction_type in ("sample", "v_prediction") else "detail"
+
+
+def _saved_mode(model: Optional[str]) -> Optional[str]:
+    """The mode --mode auto picks for `model`, read from a model folder's scheduler config before loading it; None
+    when that cannot be told without loading (a Hub id)."""
+    if model is None:
+        from ..pretrained import default_model_path
+
+        model = default_model_path()
+    try:
+        with open(os.path.join(model, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
+            return _mode_for(json.load(handle).get("prediction_type"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
+    """Refuse options that do not apply to `mode`."""
+    if mode == "fidelity" and any(getattr(args, name) is not None for name in DETAIL_ARGUMENTS):
+        flags = [f"--{name.replace('_', '-')}" for name in DETAIL_ARGUMENTS]
+        raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
+    if args.self_ensemble and mode != "fidelity":
+        raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
+
+
+def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[str], int]:
+    """The input files, their destinations, and how many files were left out as this run's own outputs.
+
+    Refuses a file-like `output` for several inputs and two inputs written to one file.
+    """
+    sources = find_image_sources(inputs)
+    to_file = _names_a_file(output)
+    if to_file and len(sources) > 1:
+        raise ValueError(f"--output {output} names one file, but {len(sources)} images were given: give a folder")
+    destinations = [_output_path(output, relative, to_file) for _, relative in sources]
+    # An earlier run's results inside an input folder (`sr3 upscale m --output m` again) are not new inputs.
+    written_to = {}
+    for index, destination in enumerate(destinations):
+        for written in (destination, _process_path(destination)):
+            written_to.setdefault(os.path.realpath(written), set()).add(index)
+    kept = [
+        index for index, (path, _) in enumerate(sources) if not written_to.get(os.path.realpath(path), set()) - {index}
+    ]
+    paths = [sources[index][0] for index in kept]
+    destinations = [destinations[index] for index in kept]
+    seen: Dict[str, str] = {}
+    for path, destination in zip(paths, destinations):
+        if destination in seen:
+            raise ValueError(
+                f"{seen[destination]} and {path} would both be written to {destination}; rename one of them, or "
+                "upscale them in separate runs with separate --output folders"
+            )
+        seen[destination] = path
+    return paths, destinations, len(sources) - len(kept)
+
+
+def _notes(path: str, facts: ImageFacts, destination: str) -> List[str]:
+    """What the written result loses of the input, one line each."""
+    notes = []
+    extension = os.path.splitext(destination)[1].lower()
+    if facts.frames > 1:
+        notes.append(f"{path} has {facts.frames} frames: only the first is upscaled")
+    if facts.transparent and not _keeps_alpha(destination):
+        notes.append(
+            f"{path} has transparency, which {extension} cannot store: it was dropped, transparent areas show the "
+            f"colour stored under them (often black); write {', '.join(ALPHA_EXTENSIONS)} to keep it"
+        )
+    if facts.sixteen_bit and not _keeps_16bit(destination):
+        notes.append(f"{path} is 16-bit; {extension} holds 8 bits: write .png or .tif to keep 16")
+    return notes
+
+
+def _to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """`(H, W, 3)` in [0, 1] -> 8-bit RGB, rounded as the pipeline's own PIL output is."""
+    return PIL.Image.fromarray(np.rint(array * 255).astype(np.uint8))
+
+
+def _gray16(array: np.ndarray) -> PIL.Image.Image:
+    """`(H, W, 3)` in [0, 1] -> 16-bit gray (`I;16`): the luma of the network's answer, with PIL's `L` weights."""
+    luma = array[..., 0] * 0.299 + array[..., 1] * 0.587 + array[..., 2] * 0.114
+    return PIL.Image.fromarray(np.rint(np.clip(luma, 0, 1) * 65535).astype(np.uint16))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,35 +403,36 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
+    if args.self_ensemble and args.save_process:
+        raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
+    # Options are checked before any image is decoded or the model loaded (seconds of work), where the mode is
+    # known from the model folder.
+    mode = args.mode if args.mode != "auto" else _saved_mode(args.model)
+    if mode is not None:
+        _check_mode_options(args, mode)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    paths = find_images(args.inputs)
+    paths, destinations, skipped = _plan_writes(args.inputs, args.output)
+    if skipped and not args.quiet:
+        print(f"left out {skipped} file(s) that this run writes (results of an earlier run)", file=sys.stderr)
     single = len(paths) == 1
-    destinations = [_output_path(args.output, path, single) for path in paths]
     writes = list(zip(paths, destinations))
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     check_destinations(writes, args.overwrite)
-    images = [open_image(path) for path in paths]  # read everything first: bad files fail before any work
-    # The networks see RGB; transparency is resized on its own and put back where the output format keeps it.
-    alphas = [open_alpha(path) if _keeps_alpha(destination) else None for path, destination in zip(paths, destinations)]
-    # Black-and-white photos stay black and white: the network's RGB answer can carry a faint tint.
-    grays = [is_grayscale(image) for image in images]
+    # Every file is decoded once before any work, so bad files fail first, and dropped: each image is decoded
+    # again when its batch runs, holding one batch in memory, not the whole folder.
+    facts = [inspect_image(path) for path in paths]
+    for path, fact, destination in zip(paths, facts, destinations):
+        for note in _notes(path, fact, destination):
+            print(f"note: {note}", file=sys.stderr)
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
-    mode = args.mode
-    if mode == "auto":
-        clean_image_model = pipeline.scheduler.config.get("prediction_type") in ("sample", "v_prediction")
-        mode = "fidelity" if clean_image_model else "detail"
-    if mode == "fidelity" and any(getattr(args, name) is not None for name in DETAIL_ARGUMENTS):
-        flags = [f"--{name.replace('_', '-')}" for name in DETAIL_ARGUMENTS]
-        raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
-    if args.self_ensemble and mode != "fidelity":
-        raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
-    if args.self_ensemble and args.save_process:
-        raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
+    if mode is None:
+        mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
+        _check_mode_options(args, mode)
     if mode == "fidelity":
         steps, detail_options = args.steps or FIDELITY_STEPS, {}
         evaluations = evaluations_per_crop(mode, steps)
@@ -332,7 +452,6 @@ def run(args: argparse.Namespace) -> int:
                 mode, steps, detail_options, type(pipeline.scheduler).__name__, evaluations, args.self_ensemble
             )
         )
-    generator = torch.Generator("cpu").manual_seed(args.seed)
     tiling = dict(
         tile_size=args.tile_size,
         overlap=args.tile_overlap,
@@ -343,9 +462,11 @@ def run(args: argparse.Namespace) -> int:
         use_backend(pipeline, args.backend, threads=args.threads) as network,
         tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
     ):
-        for start, stop in _batches(images, args.batch_size):
+        for start, stop in _batches([(fact.size, fact.sixteen_bit) for fact in facts], args.batch_size):
+            images = [open_image(path, keep_16bit=True) for path in paths[start:stop]]
+            sixteen_bit = facts[start].sixteen_bit
             crops = crops_per_step(
-                pipeline, images[start].size, stop - start, args.self_ensemble, network=network, **tiling
+                pipeline, images[0].size, stop - start, args.self_ensemble, network=network, **tiling
             )
             name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
             with UpscaleProgress(
@@ -359,29 +480,40 @@ def run(args: argparse.Namespace) -> int:
             ) as progress:
                 output = tiled_super_resolve(
                     pipeline,
-                    images[start:stop],
+                    images,
                     progress=progress,
                     num_inference_steps=steps,
                     mode=mode,
-                    generator=generator,
+                    generator=image_generators(args.seed, start, stop),
                     num_intermediates=args.save_process,
                     self_ensemble=args.self_ensemble,
+                    # 16-bit inputs come back as floats, to write 16 bits; others as the pipeline's own 8-bit PIL.
+                    output_type="np" if sixteen_bit else "pil",
                     **detail_options,
                     **tiling,
                 )
             for offset, result in enumerate(output.images):
-                path, destination = paths[start + offset], destinations[start + offset]
-                if grays[start + offset]:
-                    result = result.convert("L")
-                if alphas[start + offset] is not None:
+                path, destination, fact = paths[start + offset], destinations[start + offset], facts[start + offset]
+                depth = ""
+                if sixteen_bit and _keeps_16bit(destination):
+                    result, depth = _gray16(result), ", 16-bit"
+                else:
+                    result = _to_pil(result) if sixteen_bit else result
+                    # Black-and-white photos stay black and white: the network's RGB answer can carry a faint tint.
+                    if fact.grayscale:
+                        result = result.convert("L")
+                # The networks see RGB; transparency is resized on its own and put back where the format keeps it.
+                alpha = open_alpha(path) if _keeps_alpha(destination) else None
+                if alpha is not None:
                     result = result.copy()
-                    result.putalpha(alphas[start + offset].resize(result.size, PIL.Image.BICUBIC))
+                    result.putalpha(alpha.resize(result.size, PIL.Image.BICUBIC))
                 save_atomically(result, destination, args.quality)
                 if args.save_process:
-                    condition = tensor_to_pil(pipeline.prepare_condition(images[start + offset]))[0]
-                    frames = [condition] + [snapshot[offset] for snapshot in output.intermediates]
+                    condition = tensor_to_pil(pipeline.prepare_condition(images[offset]))[0]
+                    snapshots = [snapshot[offset] for snapshot in output.intermediates]
+                    frames = [condition] + [_to_pil(frame) if sixteen_bit else frame for frame in snapshots]
                     save_atomically(grid([frames]), _process_path(destination), args.quality)
                 if not args.quiet:
-                    overall.write(f"{path} -> {destination} ({result.width}x{result.height})")
+                    overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth})")
                 overall.update(1)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -136,7 +137,8 @@ def _write_reexport(path: str, class_name: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(
-            f'"""Loads {class_name} from the installed diffusers-sr3 package (pip install diffusers-sr3)."""\n\n'
+            f'"""Loads {class_name} from the installed diffusers-sr3 package (not on PyPI: pip install -e . in a '
+            'checkout)."""\n\n'
             f"from diffusers_sr3 import {class_name}  # noqa: F401\n"
         )
 
@@ -212,9 +214,35 @@ def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
         vars(pipeline).update(originals)
 
 
+def _holds_only_pickles(folder: str) -> bool:
+    """Whether a local component folder has `.bin` weights and no safetensors (`safe_serialization=False`)."""
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
+
+
 def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
-    """Scheduler steps a refinement of `strength` runs: the last `strength` of `num_inference_steps`, at least one."""
-    return max(1, round(num_inference_steps * strength))
+    """Scheduler steps a refinement of `strength` runs: the last `strength` of `num_inference_steps`, counted as
+    Diffusers' image-to-image pipelines count them (`int(num_inference_steps * strength)`).
+
+    Raises:
+        ValueError: when that is no step at all.
+    """
+    steps = min(int(num_inference_steps * strength), num_inference_steps)
+    if steps < 1:
+        raise ValueError(
+            f"strength {strength} of {num_inference_steps} steps runs no step: raise num_inference_steps to at least "
+            f"{math.ceil(1 / strength)} or the strength to at least {1 / num_inference_steps:g}"
+        )
+    return steps
+
+
+# A refinement from pure noise must start where the schedule is noisiest: a first step at a signal level this much
+# above the schedule's last tells the network the noise is mostly an image, and the "sample" comes back as noise.
+# Diffusers' "leading" and "linspace" timestep spacings put the only step of 1 at t = 0 (level 1). Short of that,
+# a late start only costs quality ("leading" starts 2 steps at level 0.28 where SR3's schedule ends at 0.007).
+MAX_START_LEVEL_ABOVE_NOISIEST = 0.5
 
 
 def guided_prediction(
@@ -329,9 +357,22 @@ class SR3BasePipeline(DiffusionPipeline):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scheduler = self.scheduler if scheduler is None else scheduler
         check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        try:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
+            raise ValueError(f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {error}") from None
         # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
         signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
+        if init_sample is None:
+            start_level = float(network_inputs_for_schedule(scheduler, "noise_level")[0])
+            noisiest = float(torch.as_tensor(scheduler.alphas_cumprod)[-1].sqrt())
+            if start_level > noisiest + MAX_START_LEVEL_ABOVE_NOISIEST:
+                raise ValueError(
+                    f"{type(scheduler).__name__} with timestep_spacing={scheduler.config.get('timestep_spacing')!r} "
+                    f"starts {num_inference_steps} step(s) at timestep {int(scheduler.timesteps[0])}, where the "
+                    f"image is mostly signal (level {start_level:.2f}), not pure noise: use more steps or a scheduler "
+                    "with timestep_spacing='trailing'"
+                )
         latents = self.prepare_latents(shape, generator, device, latents)
         skipped = 0
         if init_sample is None:
@@ -389,6 +430,12 @@ class SR3BasePipeline(DiffusionPipeline):
                     condition = callback_outputs.pop("condition").to(device=device, dtype=dtype)
             if i in snapshot_steps:
                 snapshots.append(latents.clone())
+        if not torch.isfinite(latents).all():
+            settings = {k: v for k, v in scheduler.config.items() if k != "trained_betas" and not k.startswith("_")}
+            raise ValueError(
+                f"{type(scheduler).__name__} ({num_inference_steps} steps) produced NaN or infinite values on this "
+                f"model's schedule; try another scheduler or other settings (its settings: {settings})"
+            )
         return latents, snapshots
 
     def save_pretrained(
@@ -411,6 +458,18 @@ class SR3BasePipeline(DiffusionPipeline):
         the other files of `save_directory`.
         """
         save_directory = os.fspath(save_directory)
+        # Inside `use_backend` / `swap_unet` the step networks are stand-ins (ONNX sessions, autocast wrappers) that
+        # Diffusers would record as missing components, writing a folder that cannot be loaded.
+        stand_ins_now = {
+            name: type(network).__name__
+            for name, network in step_networks(self).items()
+            if not isinstance(network, ModelMixin)
+        }
+        if stand_ins_now:
+            raise ValueError(
+                f"cannot save while {', '.join(stand_ins_now)} runs as {', '.join(stand_ins_now.values())}: save the "
+                "pipeline outside the use_backend / swap_unet block"
+            )
         hub_kwargs = {
             key: kwargs.pop(key)
             for key in ("repo_id", "token", "private", "commit_message", "create_pr")
@@ -477,23 +536,32 @@ class SR3BasePipeline(DiffusionPipeline):
         subfolder: Optional[str] = None,
     ) -> Any:
         """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
-        nor the repo has one); return the `CommitInfo`."""
-        from huggingface_hub import HfApi
+        nor the repo has one; a card `write_model_card` wrote under another name, e.g. at training time, names the
+        repo in the uploaded copy: `model_card.card_for_repo`); return the `CommitInfo`."""
+        from huggingface_hub import CommitOperationAdd, HfApi
 
-        from ..model_card import images_shown, write_pipeline_card
+        from ..model_card import card_for_repo, images_shown, write_pipeline_card
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in files}
         if not subfolder:  # a pipeline pushed into a subfolder is part of a repo whose card describes the whole
             if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
                 write_pipeline_card(folder, self, repo_id)
             if os.path.isfile(os.path.join(folder, "README.md")):
-                files = [*files, "README.md", *images_shown(folder)]
-        return api.upload_folder(
+                uploads.update({name: os.path.join(folder, name) for name in images_shown(folder)})
+                renamed = card_for_repo(folder, repo_id)
+                uploads["README.md"] = os.path.join(folder, "README.md") if renamed is None else renamed.encode("utf-8")
+        # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
+        # cannot send); never the folder's other files.
+        return api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
-            path_in_repo=subfolder,
-            allow_patterns=files,
+            operations=[
+                CommitOperationAdd(
+                    path_in_repo=f"{subfolder.strip('/')}/{name}" if subfolder else name, path_or_fileobj=source
+                )
+                for name, source in sorted(uploads.items())
+            ],
             commit_message=commit_message or f"Upload {type(self).__name__}",
             create_pr=create_pr,
         )
@@ -586,6 +654,11 @@ class SR3BasePipeline(DiffusionPipeline):
             elif issubclass(component_class, SchedulerMixin):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
             else:
+                if use_safetensors is None and _holds_only_pickles(subfolder):
+                    raise ValueError(
+                        f"{subfolder} holds pickled weights (.bin) and no safetensors: pass use_safetensors=False to "
+                        "load them (read with torch.load(weights_only=True))"
+                    )
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
                     dtype=component_dtype,

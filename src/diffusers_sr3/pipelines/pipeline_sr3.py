@@ -6,7 +6,6 @@ import contextlib
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -17,10 +16,11 @@ from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, scheduler_takes_eta, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
-# Default steps of the two sampling modes (the quality study: fidelity gains little beyond 4 DDIM steps). Detail mode's
-# is the default of pipelines saved without their own `detail_steps`.
+# Default steps of the two sampling modes. Fidelity mode's one DDIM step from the noisiest level measured as well as 4
+# or more on the packaged model (docs/quality.md, "Fidelity in one evaluation"). Detail mode's is the default of
+# pipelines saved without their own `detail_steps`.
 DETAIL_STEPS = 50
-FIDELITY_STEPS = 4
+FIDELITY_STEPS = 1
 # The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
 DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
 # The call arguments that only detail mode takes; a fidelity call refuses them.
@@ -294,10 +294,13 @@ class SR3Pipeline(SR3BasePipeline):
         return augment_condition(condition.to(noise.device), level, noise=noise), level
 
     def _fidelity_scheduler(self) -> SchedulerMixin:
-        """DDIM on the pipeline's training schedule (the pipeline's own scheduler when it is DDIM)."""
-        if isinstance(self.scheduler, DDIMScheduler):
-            return self.scheduler
-        return swap_scheduler(self.scheduler, "ddim")
+        """DDIM on the pipeline's training schedule, its steps ending at the noisiest level ("trailing" spacing).
+
+        The first step must be the noisiest: from there an x0-predicting network's answer is its posterior mean,
+        which is what fidelity mode returns. Diffusers' default "leading" spacing starts a few steps below it (the
+        first of 4 steps at three quarters of the schedule, the only one of 1 step at its clean end).
+        """
+        return swap_scheduler(self.scheduler, "ddim", timestep_spacing="trailing")
 
     def _check_predicts_clean_image(self, feature: str) -> None:
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")

@@ -67,13 +67,15 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
                 one the global torch RNG is used, as the original code does.
             height, width (`int`, optional): Output size; defaults to the UNet's `sample_size`. Must be multiples
                 of the UNet's downsampling factor.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"` (see [`SR3Pipeline`]).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"` (see [`SR3Pipeline`]), with the
+                UNet's `out_channels` channels: a one-channel model gives gray ("L") PIL images, `(B, H, W, 1)` numpy
+                arrays and `(B, 1, H, W)` tensors.
             return_dict (`bool`, defaults to True): Return an [`SR3PipelineOutput`] instead of a tuple.
             num_intermediates (`int`, defaults to 0): Also return this many evenly spaced snapshots (every step's
                 when there are fewer steps).
             callback_on_step_end, callback_on_step_end_tensor_inputs: As in [`SR3Pipeline`] (`"latents"` only).
-            latents (`torch.Tensor`, optional): The starting noise, `(batch_size, 3, height, width)`, unit variance;
-                drawn from `generator` when not given.
+            latents (`torch.Tensor`, optional): The starting noise, `(batch_size, out_channels, height, width)`, unit
+                variance; drawn from `generator` when not given.
 
         Examples:
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from ..noise import SCHEDULERS
 from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
+from ..presets import PRESETS
 from ..redaction import REDACTED, is_secret_name, redact, redact_argv
 
 TASKS = ("sr", "uncond")
@@ -45,8 +46,10 @@ class TrainingConfig:
     )
     preset: Optional[str] = _option(
         None,
-        "network configuration of the original project: sr_16_128, sr_64_512, uncond_128, tiny, tiny_uncond "
-        "(default: sr_16_128 / uncond_128 unless --model_config_name_or_path or --resume_from_original is given)",
+        # From the registry, so that a new preset is listed without editing this text.
+        f"network configuration, one of the presets {', '.join(PRESETS)} "
+        "(default: sr_16_128 / uncond_128 unless --model_config_name_or_path, --pretrained_model_name_or_path or "
+        "--resume_from_original is given)",
     )
     model_config_name_or_path: Optional[str] = _option(
         None, "SR3UNet2DModel config.json, or a folder holding one (a pipeline folder's unet/ is found too)"
@@ -384,11 +387,42 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:
-    """The `TrainingConfig` of parsed arguments (`overrides` win, e.g. Python-only fields)."""
+    """The `TrainingConfig` of parsed arguments (`overrides` win, e.g. Python-only fields).
+
+    When `args` are the process's own command line parsed (a training script's `sys.argv`), the config remembers
+    that command line for `training_command` (the model card's "Training command").
+    """
     names = {item.name for item in dataclasses.fields(TrainingConfig)}
     values = {name: value for name, value in vars(args).items() if name in names}
     values.update(overrides)
-    return TrainingConfig(**values)
+    config = TrainingConfig(**values)
+    if _parsed_from_command_line(args):
+        # Not a field: it describes how the run was started, not what it trains (trackers log the fields).
+        config._command_line = list(sys.argv)
+    return config
+
+
+class _ParseError(Exception):
+    pass
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """A parser that raises instead of printing the usage and exiting: it checks a command line, it serves none."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _ParseError(message)
+
+
+def _parsed_from_command_line(args: argparse.Namespace) -> bool:
+    """Whether the training options in `args` are what `sys.argv` gives: not so for a parser that a Python caller
+    gave its own list of arguments, whose process's command line says nothing of the run."""
+    parser = add_training_arguments(_QuietParser(add_help=False))
+    try:
+        parsed, _ = parser.parse_known_args(sys.argv[1:])
+    except _ParseError:
+        return False
+    names = set(vars(parsed)) & set(vars(args))
+    return bool(names) and all(getattr(parsed, name) == getattr(args, name) for name in names)
 
 
 def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -> str:
@@ -399,9 +433,11 @@ def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -
 
     Args:
         config: the run's configuration.
-        argv: the process's arguments (default `sys.argv`); used when the run was started from a script.
+        argv: the arguments of the script that started the run; default: those `config_from_args` recorded when it
+            made `config` from a script's command line. Without them (a config built in Python), or when the first
+            is no `.py` script, the command is the Python call that builds `config`.
     """
-    argv = list(sys.argv if argv is None else argv)
+    argv = list(getattr(config, "_command_line", []) if argv is None else argv)
     if argv and argv[0].endswith(".py"):
         script = os.path.relpath(argv[0]) if not os.path.relpath(argv[0]).startswith("..") else argv[0]
         return redact("accelerate launch " + shlex.join(redact_argv([script, *argv[1:]])))

@@ -205,6 +205,24 @@ def _unet_config_file(path: str) -> str:
     raise FileNotFoundError(f"--model_config_name_or_path {path}: no config.json there (nor in unet/)")
 
 
+def _not_one_model(source: str, pipeline: Any, task: str) -> str:
+    """Why `pipeline` (a cascade: several models) cannot be fine-tuned, naming its saved models that can for `task`."""
+    from ..pipelines.pipeline_sr3_cascade import STAGE_NAMES
+
+    generator = ["base"] if getattr(pipeline, "base", None) is not None else []
+    stages = [name for name in STAGE_NAMES if getattr(pipeline, name, None) is not None]
+    # Each model is a complete pipeline in its own subfolder, which loads alone from a folder (not from the Hub).
+    where = source if os.path.isdir(source) else f"<a local copy of {source}>"
+    fitting = generator if task == "uncond" else stages
+    if fitting:
+        advice = "fine-tune one of its models instead: " + " or ".join(os.path.join(where, name) for name in fitting)
+    else:
+        kind = "unconditional generator" if task == "uncond" else "super-resolution stage"
+        models = ", ".join(os.path.join(where, name) for name in generator + stages)
+        advice = f"it has no {kind} to fine-tune here (its models: {models})"
+    return f"--pretrained_model_name_or_path {source} holds a {type(pipeline).__name__}, which chains models: {advice}"
+
+
 def build_model(config: TrainingConfig) -> ModelSetup:
     """The UNet (fresh from a preset or config, or with pretrained / converted-original weights) and scheduler."""
     weights: Optional[Dict[str, torch.Tensor]] = None
@@ -220,9 +238,11 @@ def build_model(config: TrainingConfig) -> ModelSetup:
             pipeline = convert_original_checkpoint(config.resume_from_original, config.original_config)
             description = f"fine-tuned from the original checkpoint {os.path.basename(config.resume_from_original)}"
         else:
-            from ..pipelines import SR3BasePipeline
+            from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
             pipeline = SR3BasePipeline.from_pretrained(config.pretrained_model_name_or_path)
+            if not isinstance(pipeline, (SR3Pipeline, SR3UnconditionalPipeline)):
+                raise ValueError(_not_one_model(config.pretrained_model_name_or_path, pipeline, config.task))
             description = f"fine-tuned from {config.pretrained_model_name_or_path}"
         source = config.resume_from_original or config.pretrained_model_name_or_path
         objective = resolve_objective(config, pipeline, source)
@@ -996,6 +1016,7 @@ class Trainer:
             condition_noise_level=config.condition_noise_level,
             residual=config.residual,
             residual_scale=self.residual_scale,
+            resolution=setup.resolution,
         )
 
     def _save_final(self, accelerator, model, ema, setup, data, samples, step) -> None:

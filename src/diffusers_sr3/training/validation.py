@@ -58,6 +58,7 @@ def run_validation(
     condition_noise_level: float = 0.0,
     residual: bool = False,
     residual_scale: float = 1.0,
+    resolution: Optional[int] = None,
 ) -> Tuple[Dict[str, float], PIL.Image.Image]:
     """Super-resolve the validation samples (or draw unconditional samples) and measure them.
 
@@ -71,6 +72,7 @@ def run_validation(
         seed: fixes the sampling noise, so successive validations are comparable.
         condition_noise_level: noise-conditioning augmentation level at sampling (models trained with it).
         residual, residual_scale: the model diffuses the residual HR - upsample, times `residual_scale`.
+        resolution: the size of unconditional samples, the size trained at (default: the UNet's `sample_size`).
 
     Returns:
         `(metrics, grid)`: mean PSNR / SSIM / consistency (super-resolution only) and a picture with one row per
@@ -82,7 +84,12 @@ def run_validation(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if upscale_factor is None:
         images = pipeline(
-            batch_size=num_images, num_inference_steps=num_inference_steps, generator=generator, output_type="pt"
+            batch_size=num_images,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            height=resolution,
+            width=resolution,
+            output_type="pt",
         ).images
         pictures = tensor_to_pil(images * 2 - 1)
         columns = math.ceil(math.sqrt(len(pictures)))

@@ -1,0 +1,145 @@
+"""Sampling settings that cannot give the right image are refused before (or instead of) a wrong result.
+
+Each case here once ran silently: a single "leading" step from pure noise at the clean end of the schedule, a strength
+that rounds to steps Diffusers' image-to-image would not run, KDPM2's midpoint evaluations at the wrong level,
+schedulers of consistency-distilled networks, a loop that ends in NaN, a save while the UNet is a backend's stand-in,
+and a folder of pickled weights that the default loader could only say "no file named ... safetensors" about.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import low_resolution_unet
+from diffusers import (
+    CogVideoXDPMScheduler,
+    DDIMScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    TCDScheduler,
+)
+
+from diffusers_sr3 import SR3Pipeline, make_scheduler
+from diffusers_sr3.backends import use_backend
+from diffusers_sr3.noise import check_scheduler_fits, network_inputs_for_schedule, noise_level_for_step
+from diffusers_sr3.pipelines.base import steps_to_run
+
+
+def pipeline_with(scheduler, unet=None):
+    pipeline = SR3Pipeline(unet or low_resolution_unet(), scheduler, upscale_factor=4)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_strength_counts_steps_as_diffusers_image_to_image():
+    # int(num_inference_steps * strength), as Diffusers' img2img pipelines: round() gave 4 and 8 here.
+    assert steps_to_run(10, 0.35) == 3 and steps_to_run(10, 0.75) == 7 and steps_to_run(10, 0.6) == 6
+    assert steps_to_run(4, 1.0) == 4
+    with pytest.raises(ValueError, match="runs no step: raise num_inference_steps to at least 2"):
+        steps_to_run(1, 0.6)
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100, prediction_type="sample"))
+    with pytest.raises(ValueError, match="runs no step"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=1, strength=0.5, output_type="pt")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_a_first_step_at_the_clean_end_of_the_schedule_is_refused(spacing):
+    # Diffusers puts the only step of 1 at t = 0 with these spacings: "sampling" from pure noise there returns it.
+    scheduler = DDIMScheduler.from_config(make_scheduler("ddim").config, timestep_spacing=spacing)
+    pipeline = pipeline_with(scheduler)
+    image = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"starts 1 step\(s\) at timestep 0.*timestep_spacing='trailing'"):
+        pipeline(image, num_inference_steps=1, output_type="pt")
+    pipeline(image, num_inference_steps=10, output_type="pt")  # the first of 10 is near the noisiest level
+    pipeline.scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+    assert pipeline(image, num_inference_steps=1, output_type="pt").images.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("scheduler_class", [KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler])
+def test_kdpm2_midpoint_evaluations_get_the_level_the_scheduler_scales_by(scheduler_class):
+    # KDPM2 evaluates twice a step, the second time at an interpolated sigma that `sigmas` does not list; its
+    # input scale 1 / sqrt(1 + sigma^2) at each evaluation is the level the network must be told.
+    scheduler = scheduler_class.from_config(make_scheduler("ddim", n_timestep=200).config)
+    scheduler.set_timesteps(5)
+    precomputed = network_inputs_for_schedule(scheduler, "noise_level")
+    probe = torch.ones(1, 1, 1, 1)
+    scales, looked_up = [], []
+    for t in scheduler.timesteps:
+        scales.append(scheduler.scale_model_input(probe, t).reshape(()))
+        looked_up.append(noise_level_for_step(scheduler, t))
+        scheduler.step(torch.zeros_like(probe), t, probe)
+    torch.testing.assert_close(precomputed, torch.stack(scales), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.stack(looked_up), torch.stack(scales), rtol=1e-5, atol=0)
+    if scheduler_class is KDPM2DiscreteScheduler:  # its midpoints are far from the listed sigmas
+        listed = 1 / (1 + scheduler.sigmas[: len(precomputed)] ** 2).sqrt()
+        assert (precomputed - listed).abs().max() > 0.01
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, problem",
+    [
+        (LCMScheduler, "consistency-distilled"),
+        (TCDScheduler, "consistency-distilled"),
+        (CogVideoXDPMScheduler, "its step needs timestep_back"),
+    ],
+)
+def test_schedulers_that_cannot_sample_an_sr3_network_are_refused(scheduler_class, problem):
+    scheduler = scheduler_class.from_config(make_scheduler("ddim", n_timestep=100).config)
+    with pytest.raises(ValueError, match=problem):
+        check_scheduler_fits(scheduler)
+
+
+class NaNNetwork(torch.nn.Module):
+    """Stands in for a UNet whose output overflows."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.inner = unet
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, sample, noise_level, return_dict=True, **kwargs):
+        return (torch.full_like(sample[:, -3:], float("nan")),)
+
+
+def test_a_run_that_ends_in_nan_is_an_error_not_a_black_image():
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
+    vars(pipeline)["unet"] = NaNNetwork(pipeline.unet)
+    with pytest.raises(ValueError, match=r"DDIMScheduler \(3 steps\) produced NaN or infinite values"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=3)
+
+
+def test_saving_inside_a_backend_block_is_refused_and_the_folder_kept(tmp_path):
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
+    pipeline.save_pretrained(tmp_path / "model")
+    index = (tmp_path / "model" / "model_index.json").read_text()
+    with use_backend(pipeline, "bf16"):
+        with pytest.raises(ValueError, match="save the pipeline outside the use_backend"):
+            pipeline.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "model_index.json").read_text() == index
+    assert json.loads(index)["unet"][1] == "SR3UNet2DModel"
+    assert pipeline.config.unet[1] == "SR3UNet2DModel"  # Diffusers' save did not record the stand-in as missing
+    SR3Pipeline.from_pretrained(tmp_path / "model")
+
+
+def test_a_folder_of_pickled_weights_names_the_option_that_loads_it(tmp_path):
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
+    pipeline.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(ValueError, match=r"unet holds pickled weights \(.bin\).*use_safetensors=False"):
+        SR3Pipeline.from_pretrained(tmp_path / "pickled")
+    loaded = SR3Pipeline.from_pretrained(tmp_path / "pickled", use_safetensors=False)
+    for name, tensor in pipeline.unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[name], tensor)
+
+
+def test_a_step_count_the_scheduler_cannot_take_is_named():
+    # PNDM's warm-up needs 4 steps; Diffusers fails inside numpy ("operands could not be broadcast").
+    scheduler = PNDMScheduler.from_config(make_scheduler("ddim").config, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="PNDMScheduler cannot take 2 steps"):
+        pipeline_with(scheduler)(torch.rand(1, 3, 16, 16), num_inference_steps=2)
