@@ -624,6 +624,11 @@ def test_upscale_keeps_16_bit_gray_at_16_bits(model_dir, tmp_path, capsys):
     assert main(_arguments([tmp_path / "scan16.png"], tmp_path / "out.jpg", model_dir, "--quiet")) == 0
     assert PIL.Image.open(tmp_path / "out.jpg").mode == "L"
     assert "scan16.png is 16-bit; .jpg holds 8 bits" in capsys.readouterr().err
+    # With a transparent level (tRNS) the alpha is kept: Pillow has no 16-bit gray with alpha, so 8-bit gray + alpha.
+    PIL.Image.fromarray(ramp).save(tmp_path / "clear16.png", transparency=1234)
+    assert main(_arguments([tmp_path / "clear16.png"], tmp_path / "clear.png", model_dir, "--quiet")) == 0
+    assert PIL.Image.open(tmp_path / "clear.png").mode == "LA"
+    assert "clear16.png is 16-bit with transparency: written 8-bit" in capsys.readouterr().err
 
 
 def test_upscale_decodes_each_batch_when_it_runs_after_checking_them_all(model_dir, tmp_path, monkeypatch):

@@ -37,8 +37,11 @@ def test_strength_counts_steps_as_diffusers_image_to_image():
     # int(num_inference_steps * strength), as Diffusers' img2img pipelines: round() gave 4 and 8 here.
     assert steps_to_run(10, 0.35) == 3 and steps_to_run(10, 0.75) == 7 and steps_to_run(10, 0.6) == 6
     assert steps_to_run(4, 1.0) == 4
-    with pytest.raises(ValueError, match="runs no step: raise num_inference_steps to at least 2"):
+    with pytest.raises(ValueError, match="runs no step .*give at least 2 steps at this strength"):
         steps_to_run(1, 0.6)
+    # 3 * 0.333333 rounds down: the advice is a count that runs a step, not the one given.
+    with pytest.raises(ValueError, match="give at least 4 steps"):
+        steps_to_run(3, 0.333333)
     pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100, prediction_type="sample"))
     with pytest.raises(ValueError, match="runs no step"):
         pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=1, strength=0.5, output_type="pt")
@@ -143,3 +146,46 @@ def test_a_step_count_the_scheduler_cannot_take_is_named():
     scheduler = PNDMScheduler.from_config(make_scheduler("ddim").config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="PNDMScheduler cannot take 2 steps"):
         pipeline_with(scheduler)(torch.rand(1, 3, 16, 16), num_inference_steps=2)
+
+
+def test_a_compiled_unet_is_saved_as_the_model_it_wraps(tmp_path):
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
+    pipeline.unet = torch.compile(pipeline.unet)  # compiles on first call: saving must not need it
+    pipeline.save_pretrained(tmp_path / "compiled")
+    loaded = SR3Pipeline.from_pretrained(tmp_path / "compiled")
+    assert type(loaded.unet).__name__ == "SR3UNet2DModel"
+
+
+def test_kdpm2_levels_are_computed_once_per_schedule(monkeypatch):
+    import copy
+
+    from diffusers_sr3 import noise
+
+    copies, deepcopy = [], copy.deepcopy
+
+    def counting(obj, memo=None):
+        if isinstance(obj, KDPM2DiscreteScheduler):  # the dry run's copy; nested objects are copied too
+            copies.append(1)
+        return deepcopy(obj, memo)
+
+    monkeypatch.setattr(noise.copy, "deepcopy", counting)
+    scheduler = KDPM2DiscreteScheduler.from_config(make_scheduler("ddim", n_timestep=200).config)
+    scheduler.set_timesteps(8)
+    probe = torch.ones(1, 1, 1, 1)
+    for t in scheduler.timesteps:
+        scheduler.scale_model_input(probe, t)
+        noise_level_for_step(scheduler, t)
+        scheduler.step(torch.zeros_like(probe), t, probe)
+    assert len(copies) == 1  # one dry run for the schedule, not one per step
+    scheduler.set_timesteps(5)
+    network_inputs_for_schedule(scheduler, "noise_level")
+    assert len(copies) == 2  # a new schedule, a new dry run
+
+
+def test_the_fidelity_line_of_a_written_card_names_one_evaluation(tmp_path):
+    from diffusers_sr3.model_card import write_pipeline_card
+
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100, prediction_type="sample"))
+    pipeline.save_pretrained(tmp_path / "model")
+    card = open(write_pipeline_card(str(tmp_path / "model"), pipeline, "me/x"), encoding="utf-8").read()
+    assert "no invented texture, one evaluation" in card and "4 steps" not in card

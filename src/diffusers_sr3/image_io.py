@@ -134,6 +134,22 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 _PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "CMYK": "CMYK"}
 
 
+# Every level of each channel alone and of gray, and a colour cube: what a profile that changes nothing must keep.
+_PROBE = PIL.Image.fromarray(
+    np.concatenate(
+        [
+            np.stack([np.arange(256), np.zeros(256), np.zeros(256)], -1),
+            np.stack([np.zeros(256), np.arange(256), np.zeros(256)], -1),
+            np.stack([np.zeros(256), np.zeros(256), np.arange(256)], -1),
+            np.stack([np.arange(256)] * 3, -1),
+            np.stack(np.meshgrid(*[np.linspace(0, 255, 16)] * 3, indexing="ij"), -1).reshape(-1, 3)[: 256 * 16],
+        ]
+    )
+    .round()
+    .astype(np.uint8)[None]
+)
+
+
 @functools.lru_cache(maxsize=16)
 def _srgb_transform(icc_profile: bytes, mode: str):
     """A LittleCMS transform from `mode` pixels in `icc_profile` to sRGB, or None where there is none to make."""
@@ -145,7 +161,14 @@ def _srgb_transform(icc_profile: bytes, mode: str):
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
         if profile.profile.xcolor_space.strip() != _PROFILE_SPACES[mode]:
             return None
-        return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, "RGB")
+        transform = ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, "RGB")
+        if mode == "RGB":
+            moved = np.abs(np.asarray(ImageCms.applyTransform(_PROBE, transform), np.int16) - np.asarray(_PROBE))
+            # An sRGB profile (most tagged photos carry one; LittleCMS rounds a few levels of its own by one):
+            # converting would cost 3x the decoding and change nothing.
+            if moved.max() <= 1:
+                return None
+        return transform
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None  # a damaged profile: read as sRGB, as browsers do
 

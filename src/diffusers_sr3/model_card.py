@@ -298,7 +298,7 @@ def _usage(name: str, super_resolution: bool, clean_image_model: bool = False, s
         )
         if clean_image_model:
             usage += (
-                "\n# the model's estimate of the average answer: highest PSNR, no invented texture, 4 steps\n"
+                "\n# the model's estimate of the average answer: highest PSNR, no invented texture, one evaluation\n"
                 'pipe(low_res, mode="fidelity").images[0].save("output_fidelity.png")'
             )
     else:

@@ -281,6 +281,11 @@ def _interleaved_levels(scheduler: SchedulerMixin) -> torch.Tensor:
     A copy runs the schedule dry (a zero network output) and reads the input scale `1 / sqrt(1 + sigma**2)` that its
     `scale_model_input` applies at each evaluation: that scale is the level.
     """
+    # Kept on the scheduler for its current timesteps: a per-step lookup must not rerun the schedule each step.
+    key = (scheduler.num_inference_steps, tuple(scheduler.timesteps.tolist()))
+    cached = getattr(scheduler, "_sr3_interleaved_levels", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     dry = copy.deepcopy(scheduler)
     dry.set_timesteps(scheduler.num_inference_steps)  # from the first evaluation, whatever the run's state
     probe = torch.ones(1, dtype=torch.float64)
@@ -290,7 +295,9 @@ def _interleaved_levels(scheduler: SchedulerMixin) -> torch.Tensor:
         for timestep in dry.timesteps:
             levels.append(dry.scale_model_input(probe, timestep))
             dry.step(torch.zeros_like(probe), timestep, probe)
-    return torch.cat(levels).cpu().float()
+    levels = torch.cat(levels).cpu().float()
+    scheduler._sr3_interleaved_levels = (key, levels)
+    return levels
 
 
 def network_inputs_for_schedule(scheduler: SchedulerMixin, conditioning_type: str) -> torch.Tensor:

@@ -495,15 +495,17 @@ def run(args: argparse.Namespace) -> int:
             for offset, result in enumerate(output.images):
                 path, destination, fact = paths[start + offset], destinations[start + offset], facts[start + offset]
                 depth = ""
-                if sixteen_bit and _keeps_16bit(destination):
+                # The networks see RGB; transparency is resized on its own and put back where the format keeps it.
+                alpha = open_alpha(path) if _keeps_alpha(destination) else None
+                if sixteen_bit and _keeps_16bit(destination) and alpha is None:
                     result, depth = _gray16(result), ", 16-bit"
                 else:
+                    if sixteen_bit and _keeps_16bit(destination):  # Pillow has no 16-bit gray with alpha
+                        print(f"note: {path} is 16-bit with transparency: written 8-bit to keep it", file=sys.stderr)
                     result = _to_pil(result) if sixteen_bit else result
                     # Black-and-white photos stay black and white: the network's RGB answer can carry a faint tint.
                     if fact.grayscale:
                         result = result.convert("L")
-                # The networks see RGB; transparency is resized on its own and put back where the format keeps it.
-                alpha = open_alpha(path) if _keeps_alpha(destination) else None
                 if alpha is not None:
                     result = result.copy()
                     result.putalpha(alpha.resize(result.size, PIL.Image.BICUBIC))

@@ -231,9 +231,12 @@ def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
     """
     steps = min(int(num_inference_steps * strength), num_inference_steps)
     if steps < 1:
+        fewest = math.ceil(1 / strength)
+        while int(fewest * strength) < 1:  # 1 / strength can round below the count that runs a step
+            fewest += 1
         raise ValueError(
-            f"strength {strength} of {num_inference_steps} steps runs no step: raise num_inference_steps to at least "
-            f"{math.ceil(1 / strength)} or the strength to at least {1 / num_inference_steps:g}"
+            f"strength {strength:g} of {num_inference_steps} steps runs no step (Diffusers' image-to-image count, "
+            f"int(steps * strength)): give at least {fewest} steps at this strength, or a higher strength"
         )
     return steps
 
@@ -364,7 +367,10 @@ class SR3BasePipeline(DiffusionPipeline):
         # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
         signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
         if init_sample is None:
-            start_level = float(network_inputs_for_schedule(scheduler, "noise_level")[0])
+            noise_levels = signal_levels if self.unet.config.conditioning_type != "timestep" else None
+            if noise_levels is None:
+                noise_levels = network_inputs_for_schedule(scheduler, "noise_level")
+            start_level = float(noise_levels[0])
             noisiest = float(torch.as_tensor(scheduler.alphas_cumprod)[-1].sqrt())
             if start_level > noisiest + MAX_START_LEVEL_ABOVE_NOISIEST:
                 raise ValueError(
@@ -463,7 +469,8 @@ class SR3BasePipeline(DiffusionPipeline):
         stand_ins_now = {
             name: type(network).__name__
             for name, network in step_networks(self).items()
-            if not isinstance(network, ModelMixin)
+            # A torch.compile'd model is saved unwrapped by Diffusers; a backend's stand-in is not a model at all.
+            if not isinstance(getattr(network, "_orig_mod", network), ModelMixin)
         }
         if stand_ins_now:
             raise ValueError(
