@@ -19,6 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
+# The user the loopback token belongs to: repos created under a bare name land in this namespace.
+LOOPBACK_USER = "loopback-user"
+
 
 class HubServer:
     """The in-memory Hub. Start with `with HubServer() as hub:` (or `start()` / `stop()`)."""
@@ -161,7 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if path == "/api/repos/create":
             payload = json.loads(body or b"{}")
-            repo = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            # A bare name goes to the token's own namespace, as on the Hub.
+            namespace = payload.get("organization") or (None if "/" in payload["name"] else LOOPBACK_USER)
+            repo = f"{namespace}/{payload['name']}" if namespace else payload["name"]
             with hub.lock:
                 hub.repos.setdefault(repo, {})
             return self._json(200, {"url": f"{hub.url}/{repo}", "name": repo})

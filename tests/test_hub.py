@@ -124,6 +124,24 @@ def test_training_script_pushes_the_pipeline_but_never_checkpoints(hub, tmp_path
     )
 
 
+def test_a_run_pushed_without_a_repo_id_names_its_repo_in_the_card(hub, tmp_path, monkeypatch):
+    # As Diffusers' training examples: --push_to_hub alone pushes to the user's namespace, under the folder's name.
+    from hub_server import LOOPBACK_USER
+
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "faces-run"
+    options = fast_options(output, train_data_dir=data, checkpointing_steps=2, push_to_hub=True)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0, hub.requests
+    repo_id = f"{LOOPBACK_USER}/faces-run"
+    uploaded = hub.repos[repo_id]
+    card = uploaded["README.md"].decode()
+    assert f'SR3Pipeline.from_pretrained("{repo_id}")' in card and 'from_pretrained("faces-run"' not in card
+    assert "unet/diffusion_pytorch_model.safetensors" in uploaded
+    assert not [path for path in uploaded if path.startswith(("checkpoint-", ".tmp", "logs/"))]
+    assert 'from_pretrained("faces-run"' in (output / "README.md").read_text()  # the local card is untouched
+    SR3Pipeline.from_pretrained(repo_id)
+
+
 def test_failed_upload_keeps_the_local_save_and_says_why(hub, tmp_path, monkeypatch, capsys):
     data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
     output = tmp_path / "out"
