@@ -183,10 +183,11 @@ def test_bad_arguments_are_named(tiny_pipeline, tiny_unet):
         SR3Pipeline(SR3UNet2DModel(**{**tiny_unet.config, "in_channels": 3}), tiny_pipeline.scheduler)
 
 
-def test_unconditional_pipeline():
+def unconditional_pipeline(channels=3):
     torch.manual_seed(0)
     unet = SR3UNet2DModel(
-        in_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=8,
         channel_multipliers=(1, 2),
         attention_resolutions=(),
@@ -195,6 +196,11 @@ def test_unconditional_pipeline():
     )
     pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50))
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_unconditional_pipeline():
+    pipeline = unconditional_pipeline()
     generator = [torch.Generator().manual_seed(i) for i in range(2)]
     output = pipeline(
         batch_size=2, num_inference_steps=STEPS, generator=generator, output_type="np", num_intermediates=3
@@ -314,18 +320,7 @@ def test_bad_detail_defaults_are_named(tiny_unet):
 
 
 def test_a_one_channel_unconditional_model_gives_gray_images():
-    torch.manual_seed(0)
-    unet = SR3UNet2DModel(
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=8,
-        channel_multipliers=(1, 2),
-        attention_resolutions=(),
-        norm_groups=4,
-        sample_size=16,
-    )
-    pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50))
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = unconditional_pipeline(channels=1)
     output = pipeline(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
     assert [image.mode for image in output.images] == ["L", "L"] and output.images[0].size == (16, 16)
     unit = pipeline(

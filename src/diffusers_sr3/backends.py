@@ -279,7 +279,19 @@ def export_onnx(
     return path
 
 
-class OnnxUNet:
+class _OnnxStandIn:
+    """What a pipeline reads of its UNet's placement: ONNX Runtime runs fp32 on the CPU."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class OnnxUNet(_OnnxStandIn):
     """An SR3 UNet run by ONNX Runtime (fp32, CPU): a stand-in for `pipeline.unet`.
 
     Args:
@@ -338,14 +350,6 @@ class OnnxUNet:
     def fingerprint(self) -> Optional[str]:
         """The [`unet_fingerprint`] of the UNet the file was exported from (None where the file does not say)."""
         return self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     @property
     def downsampling_factor(self) -> int:
@@ -438,7 +442,7 @@ def swap_unet(pipeline: Any, unet: Any) -> Iterator[Any]:
         vars(pipeline)["unet"] = original
 
 
-class _DeferredOnnxUNet:
+class _DeferredOnnxUNet(_OnnxStandIn):
     """An [`OnnxUNet`] exported on its first evaluation, for a network a pipeline may never run: the guidance UNet
     (fidelity mode and unguided detail mode leave it out), whose export would otherwise cost as much as the UNet's.
 
@@ -452,14 +456,6 @@ class _DeferredOnnxUNet:
         self.threads = threads
         self.config = unet.config
         self._onnx_unet: Optional[OnnxUNet] = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     @property
     def downsampling_factor(self) -> int:
