@@ -59,7 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> PIL.Image.Image:
         parser.add_argument(f"--{name}", type=int, default=default, help="as in model_report.py")
     parser.add_argument("--heldout", type=float, default=0.25, help="as in model_report.py")
     parser.add_argument("--steps", type=int, default=None, help="detail-mode steps (default: each model's own)")
-    parser.add_argument("--fidelity-steps", type=int, default=model_report.FIDELITY_STEPS)
+    parser.add_argument(
+        "--fidelity-steps", type=int, default=None, help="fidelity-mode steps (default: each model's own)"
+    )
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (default: each model's own)")
     parser.add_argument("--strength", type=float, default=None, help="detail-mode strength (default: each model's own)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="detail mode (default: each model's own)")

@@ -64,7 +64,7 @@ from diffusers_sr3.photos import (
     photo_split,
     random_crop_positions,
 )
-from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS, FIDELITY_STEPS
+from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS
 from diffusers_sr3.tiling import tiled_super_resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -486,7 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "--steps", type=int, default=None, help="detail-mode steps with the saved scheduler (default: the model's own)"
     )
     parser.add_argument(
-        "--fidelity-steps", type=int, default=FIDELITY_STEPS, help="fidelity-mode steps (default: the pipeline's)"
+        "--fidelity-steps", type=int, default=None, help="fidelity-mode steps (default: the pipeline's own)"
     )
     parser.add_argument("--eta", type=float, default=None, help="detail-mode eta (DDIM; default: the model's own)")
     parser.add_argument(
@@ -587,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "sampler": type(pipeline.scheduler).__name__,
         "backend": resolve_backend(args.backend, pipeline.unet),
         "steps": args.steps,
-        "fidelity_steps": args.fidelity_steps,
+        "fidelity_steps": args.fidelity_steps or pipeline.config.fidelity_steps,
         "eta": args.eta,
         "strength": args.strength,
         "guidance_scale": guidance_scale,

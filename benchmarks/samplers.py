@@ -62,7 +62,7 @@ from diffusers_sr3.metrics import (
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 from diffusers_sr3.photos import heldout_crops, packaged_photo_paths, photo_crops, photo_split
-from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS, FIDELITY_STEPS
+from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS
 from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.tiling import tiled_super_resolve
 
@@ -157,7 +157,7 @@ def sample(
     # guide beside the UNet. Detail below strength 1 also runs the fidelity answer it starts from.
     evaluations = pipeline.num_timesteps * (2 if not fidelity and pipeline.guided(options.get("guidance_scale")) else 1)
     if not fidelity and options.get("strength", 1.0) < 1:
-        evaluations += FIDELITY_STEPS
+        evaluations += pipeline.config.fidelity_steps
     return torch.cat(outputs), (time.perf_counter() - started) / lr.shape[0], evaluations
 
 

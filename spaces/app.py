@@ -207,7 +207,12 @@ def super_resolve(
     tile = (min(tile_size, padded[1]), min(tile_size, padded[0]))
     detail = {"strength": strength} if eta is None else {"strength": strength, "eta": eta}
     evaluations = evaluations_per_crop(
-        mode, steps if mode == "detail" else None, strength, sampler.scheduler, sampler.guided()
+        mode,
+        steps if mode == "detail" else None,
+        strength,
+        sampler.scheduler,
+        sampler.guided(),
+        fidelity_steps=pipeline.config.fidelity_steps,
     )
     crops = crops_per_step(pipeline, image.size, self_ensemble=self_ensemble, max_tile_pixels=MAX_TILE_PIXELS)
     counter = EvaluationCounter(progress or (lambda done: None), evaluations * crops)

@@ -412,7 +412,7 @@ def test_upscale_help_states_the_expected_time(capsys):
     assert "per output megapixel" in text and "GPU" in text and "--backend" in text and "--quiet" in text
 
 
-def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkeypatch):
+def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkeypatch, capsys):
     import diffusers_sr3.tiling as tiling
 
     calls = []
@@ -431,6 +431,19 @@ def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkey
     assert len(calls) == FIDELITY_STEPS and PIL.Image.open(tmp_path / "o.png").size == (48, 40)
     assert main(arguments + ["--mode", "fidelity", "--steps", "2", "--quiet", "--overwrite"]) == 0
     assert len(calls) == FIDELITY_STEPS + 2
+
+    # A model saved with its own fidelity_steps answers in them, also where detail mode starts from its answer.
+    SR3Pipeline(pipeline.unet, scheduler, upscale_factor=4, fidelity_steps=3).save_pretrained(tmp_path / "x0")
+    calls.clear()
+    assert main(arguments + ["--overwrite"]) == 0
+    assert len(calls) == 3
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "fidelity mode: 3 deterministic DDIM steps (3 network evaluations per tile)"
+    )
+    calls.clear()
+    assert main(arguments + ["--mode", "detail", "--steps", "4", "--strength", "0.5", "--overwrite"]) == 0
+    assert len(calls) == 3 + 2
+    assert "(5 network evaluations per tile)" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_upscale_self_ensemble_averages_eight_orientations_and_counts_them(model_dir, tmp_path, monkeypatch, capsys):

@@ -70,6 +70,8 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     # ... which the saved model keeps, with the sampler they were measured with.
     saved = SR3Pipeline.load_config(out / "model")
     assert (saved["detail_steps"], saved["detail_eta"], saved["detail_strength"]) == (2, 1.0, 0.6)
+    assert saved["fidelity_steps"] == demo.DEMO_FIDELITY_STEPS == 4  # a model trained for minutes gains from them
+    assert "4 steps for the model trained here, 1 for the packaged one" in (out / "metrics.md").read_text()
     assert saved["scheduler"] == ["diffusers", "DDIMScheduler"]
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2

@@ -15,7 +15,7 @@ from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import image_quality
 from diffusers_sr3.noise import training_betas
 from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
-from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
+from diffusers_sr3.pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from diffusers_sr3.pretrained import DEFAULT_STEPS, default_model_path
 from diffusers_sr3.training import TrainingConfig, add_training_arguments, config_from_args, train
 from diffusers_sr3.training.trainer import build_model
@@ -70,7 +70,7 @@ def test_fine_tuning_the_packaged_model_keeps_its_objective_and_quality(tmp_path
         assert tuned.config.residual_scale == pytest.approx(packaged.config.residual_scale)
     assert tuned.scheduler.config.prediction_type == packaged.scheduler.config.prediction_type
     assert type(tuned.scheduler) is type(packaged.scheduler)  # it samples the way it did
-    for key in DETAIL_CONFIG_KEYS:  # ... with its studied detail settings
+    for key in SAMPLING_CONFIG_KEYS:  # ... with its studied detail settings
         assert tuned.config[key] == packaged.config[key], key
     torch.testing.assert_close(training_betas(tuned.scheduler), training_betas(packaged.scheduler))
     public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
@@ -95,17 +95,17 @@ def test_explicit_objective_changes_are_refused_unless_allowed(tmp_path):
             build_model(TrainingConfig(**fine_tune_options(tmp_path, **change)))
         setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, allow_objective_change=True, **change)))
         assert getattr(setup, name) == next(iter(change.values()))
-        assert setup.detail_settings == {}  # studied for the old objective: the new model starts from the defaults
+        assert setup.sampling_settings == {}  # studied for the old objective: the new model starts from the defaults
     # Options equal to the model's own, and the sampling default condition_noise_level, are no change.
     same = dict(residual=packaged.config.residual, prediction_type=own_prediction, condition_noise_level=0.0)
     setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, **same)))
     assert (setup.residual, setup.prediction_type) == (packaged.config.residual, own_prediction)
-    assert setup.detail_settings == {key: packaged.config[key] for key in DETAIL_CONFIG_KEYS}
+    assert setup.sampling_settings == {key: packaged.config[key] for key in SAMPLING_CONFIG_KEYS}
     # An option given wins over the model's own; the others are kept.
     setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, detail_steps=7)))
-    assert setup.detail_settings == {
+    assert setup.sampling_settings == {
         "detail_steps": 7,
-        **{key: packaged.config[key] for key in DETAIL_CONFIG_KEYS if key != "detail_steps"},
+        **{key: packaged.config[key] for key in SAMPLING_CONFIG_KEYS if key != "detail_steps"},
     }
 
 

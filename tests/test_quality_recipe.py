@@ -369,3 +369,38 @@ def test_self_ensemble_is_a_fidelity_mode_option():
         with pytest.raises(ValueError, match="apply to detail mode"):
             pipeline(image, mode="fidelity", self_ensemble=True, **setting)
     assert not calls
+
+
+def test_a_pipeline_saves_its_own_fidelity_steps_and_older_ones_load_with_one(tmp_path):
+    schedule = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    SR3Pipeline(unet=lowres_unet(), scheduler=schedule, residual=True, fidelity_steps=3).save_pretrained(tmp_path)
+    pipeline = SR3Pipeline.from_pretrained(tmp_path)
+    assert pipeline.config.fidelity_steps == 3
+    network = ConstantNetwork(pipeline.unet, 0.6)
+    vars(pipeline)["unet"] = network
+    pipeline.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 8, 8)
+    pipeline(image, mode="fidelity", output_type="pt")
+    trailing = swap_scheduler(pipeline.scheduler, "ddim", timestep_spacing="trailing")
+    trailing.set_timesteps(3)
+    assert network.levels == pytest.approx(network_inputs_for_schedule(trailing, "noise_level").tolist())
+    assert len(network.levels) == evaluations_per_crop("fidelity", fidelity_steps=3)
+    network.levels.clear()
+    pipeline(image, num_inference_steps=10, strength=0.3, output_type="pt")  # starts from the 3-step answer
+    assert len(network.levels) == 3 + 3 == evaluations_per_crop("detail", 10, 0.3, fidelity_steps=3)
+    network.levels.clear()
+    pipeline(image, mode="fidelity", num_inference_steps=1, output_type="pt")  # a call's own count wins
+    assert len(network.levels) == 1
+
+    # A pipeline saved before the key existed answers in one step.
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    del index["fidelity_steps"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert SR3Pipeline.from_pretrained(tmp_path).config.fidelity_steps == FIDELITY_STEPS == 1
+
+
+@pytest.mark.parametrize("steps", [0, 1.5])
+def test_fidelity_steps_must_be_a_positive_integer(steps):
+    schedule = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    with pytest.raises(ValueError, match="fidelity_steps must be a positive integer"):
+        SR3Pipeline(unet=lowres_unet(), scheduler=schedule, fidelity_steps=steps)

@@ -628,13 +628,15 @@ def test_a_unet_config_dict_needs_no_file(tmp_path):
     assert "--unet_config" not in parser.format_help()
 
 
-def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(tmp_path, monkeypatch):
+def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_sampling_settings(tmp_path, monkeypatch):
     from diffusers import DDIMScheduler
 
     from diffusers_sr3.training.trainer import build_model
 
     data = make_image_folder(tmp_path / "images", count=4)
-    chosen = dict(sampler="ddim", detail_steps=5, detail_strength=0.5, detail_eta=1.0, detail_window_size=16)
+    chosen = dict(
+        sampler="ddim", fidelity_steps=3, detail_steps=5, detail_strength=0.5, detail_eta=1.0, detail_window_size=16
+    )
     options = fast_options(tmp_path / "out", residual=True, prediction_type="sample", **chosen)
     assert run_script(SR_SCRIPT, as_argv(dict(options, train_data_dir=str(data))), monkeypatch) in (0, None)
     pipeline = SR3Pipeline.from_pretrained(tmp_path / "out")
@@ -643,14 +645,16 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
     assert pipeline.detail_settings() == dict(
         num_inference_steps=5, strength=0.5, eta=1.0, guidance_scale=1.0, window_size=16, parallel_guidance_weight=1.0
     )
+    assert pipeline.config.fidelity_steps == 3
     # Unset, the saved pipeline keeps the defaults (the training DDPM, 50 steps from noise).
-    assert build_model(TrainingConfig(preset="tiny")).detail_settings == {}
+    assert build_model(TrainingConfig(preset="tiny")).sampling_settings == {}
 
     # Settings the saved pipeline would refuse are refused before any training, naming the option.
     refused = {
         "detail_strength 0.5 starts detail mode from the fidelity answer": dict(detail_strength=0.5),
         "--detail_eta applies to samplers that take eta": dict(prediction_type="sample", detail_eta=1.0),
         "detail_steps must be a positive integer": dict(detail_steps=0),
+        "fidelity_steps must be a positive integer": dict(fidelity_steps=0),
         "detail_window_size must be 0 \\(off\\) or a positive multiple": dict(detail_window_size=6),
         "EulerAncestralDiscreteScheduler cannot sample a model that predicts 'sample'": dict(
             sampler="euler_ancestral", prediction_type="sample"
@@ -662,6 +666,8 @@ def test_the_saved_pipeline_samples_with_the_chosen_sampler_and_detail_settings(
             build_model(TrainingConfig(**fast_options(tmp_path / "refused", **change)))
     with pytest.raises(ValueError, match="--detail_steps apply to super-resolution only"):
         TrainingConfig(task="uncond", preset="tiny_uncond", detail_steps=5)
+    with pytest.raises(ValueError, match="--fidelity_steps apply to super-resolution only"):
+        TrainingConfig(task="uncond", preset="tiny_uncond", fidelity_steps=2)
     assert not (tmp_path / "refused").exists()
 
 

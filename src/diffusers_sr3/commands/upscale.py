@@ -99,8 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(
         parser,
-        steps_help=f"refinement steps (default: {FIDELITY_STEPS} in fidelity mode; in detail mode the model's own "
-        f"detail_steps: {DEFAULT_STEPS} for the packaged model, {DETAIL_STEPS} for models saved without one)",
+        steps_help=f"refinement steps (default: the model's own, in fidelity mode its fidelity_steps: "
+        f"{FIDELITY_STEPS} for the packaged model and models saved without one; in detail mode its detail_steps: "
+        f"{DEFAULT_STEPS} for the packaged model, {DETAIL_STEPS} for models saved without one)",
         default_model="the x4 photo model that ships with the package",
     )
     parser.add_argument(
@@ -109,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default): fidelity for models that predict the clean image (the packaged one), else detail; "
         "detail: iterative refinement (--steps network evaluations; sharp, plausible texture); fidelity: "
-        f"deterministic DDIM from the noise's mean in {FIDELITY_STEPS} steps unless --steps: the model's estimate of "
+        "deterministic DDIM from the noise's mean in the model's fidelity_steps unless --steps: its estimate of "
         "the average answer (highest PSNR, smoother texture, faster; models that predict the clean image)",
     )
     parser.add_argument(
@@ -434,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
     if mode == "fidelity":
-        steps, detail_options = args.steps or FIDELITY_STEPS, {}
+        steps, detail_options = args.steps or pipeline.config.fidelity_steps, {}
         evaluations = evaluations_per_crop(mode, steps)
     else:
         # What the command line leaves out, the model's own detail settings (its pipeline config) fill in.
@@ -445,7 +446,14 @@ def run(args: argparse.Namespace) -> int:
         if args.temperature is not None:
             detail_options["temperature"] = args.temperature
         guided = pipeline.guided(detail_options["guidance_scale"])
-        evaluations = evaluations_per_crop(mode, steps, detail_options["strength"], pipeline.scheduler, guided)
+        evaluations = evaluations_per_crop(
+            mode,
+            steps,
+            detail_options["strength"],
+            pipeline.scheduler,
+            guided,
+            fidelity_steps=pipeline.config.fidelity_steps,
+        )
     if not args.quiet:
         print(
             describe_settings(

@@ -16,13 +16,15 @@ from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, scheduler_takes_eta, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
-# Default steps of the two sampling modes. Fidelity mode's one DDIM step from the noisiest level measured as well as 4
-# or more on the packaged model (docs/quality.md, "Fidelity in one evaluation"). Detail mode's is the default of
-# pipelines saved without their own `detail_steps`.
+# Default steps of the two sampling modes, for pipelines saved without their own `fidelity_steps` / `detail_steps`.
+# Fidelity mode's one DDIM step from the noisiest level measured as well as 4 or more on the packaged model
+# (docs/quality.md, "Fidelity in one evaluation"); a model trained for minutes gains from a few more.
 DETAIL_STEPS = 50
 FIDELITY_STEPS = 1
 # The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
 DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
+# All of its sampling defaults: detail mode's and the fidelity answer's number of steps.
+SAMPLING_CONFIG_KEYS = ("fidelity_steps",) + DETAIL_CONFIG_KEYS
 # The call arguments that only detail mode takes; a fidelity call refuses them.
 DETAIL_ARGUMENTS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
 # The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
@@ -37,17 +39,19 @@ def evaluations_per_crop(
     strength: float = 1.0,
     scheduler: Optional[SchedulerMixin] = None,
     guided: bool = False,
+    fidelity_steps: int = FIDELITY_STEPS,
 ) -> int:
     """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments.
 
-    Fidelity mode runs its steps; detail mode runs its steps from noise, or below strength 1 the fidelity answer's
-    `FIDELITY_STEPS` and then the last `strength` of its steps. Detail mode counts the timesteps that `scheduler`
+    Fidelity mode runs its steps (by default the pipeline's `fidelity_steps`, passed here); detail mode runs its
+    steps from noise, or below strength 1 the fidelity answer's `fidelity_steps` and then the last `strength` of its
+    steps. Detail mode counts the timesteps that `scheduler`
     (the pipeline's) lists, one evaluation each: a second-order scheduler (Heun) lists most steps twice. Without a
     scheduler, one evaluation per step. `guided` (a guidance scale other than 1 with a `guidance_unet`) doubles
     detail mode's refinement steps: the guide runs beside the UNet. Progress bars and time estimates count with it.
     """
     if mode == "fidelity":
-        return FIDELITY_STEPS if num_inference_steps is None else num_inference_steps
+        return fidelity_steps if num_inference_steps is None else num_inference_steps
     steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
     listed, order = steps, 1
     if scheduler is not None:
@@ -57,7 +61,7 @@ def evaluations_per_crop(
     per_step = 2 if guided else 1
     if strength >= 1:
         return per_step * listed
-    return FIDELITY_STEPS + per_step * (listed - (steps - steps_to_run(steps, strength)) * order)
+    return fidelity_steps + per_step * (listed - (steps - steps_to_run(steps, strength)) * order)
 
 
 # What a guide must share with the UNet it guides: the same inputs and outputs, read the same way.
@@ -194,6 +198,10 @@ class SR3Pipeline(SR3BasePipeline):
         detail_window_size (`int`, defaults to 0): Detail mode's default `window_size`: 0 runs the network on the
             whole image only; the training crop's size (`unet.config.sample_size`) adds the texture the network
             draws on crops of that size (see `__call__`). A multiple of the UNet's downsampling factor.
+        fidelity_steps (`int`, defaults to 1): Fidelity mode's default `num_inference_steps`, also the steps of the
+            fidelity answer that detail mode below strength 1 starts from. One evaluation at the noisiest level is
+            the network's estimate of the average answer, as good as more steps once the model is well trained; a
+            model trained for minutes (`sr3 demo`'s) gains from a few more.
     """
 
     model_cpu_offload_seq = "unet->guidance_unet"
@@ -215,12 +223,15 @@ class SR3Pipeline(SR3BasePipeline):
         detail_strength: float = 1.0,
         detail_eta: Optional[float] = None,
         detail_window_size: int = 0,
+        fidelity_steps: int = FIDELITY_STEPS,
     ):
         super().__init__()
         if not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if int(detail_steps) != detail_steps or detail_steps < 1:
             raise ValueError(f"detail_steps must be a positive integer, got {detail_steps}")
+        if int(fidelity_steps) != fidelity_steps or fidelity_steps < 1:
+            raise ValueError(f"fidelity_steps must be a positive integer, got {fidelity_steps}")
         if not 0 < detail_strength <= 1:
             raise ValueError(f"detail_strength must lie in (0, 1], got {detail_strength}")
         if detail_eta is not None and not detail_eta >= 0:
@@ -253,6 +264,7 @@ class SR3Pipeline(SR3BasePipeline):
             detail_strength=float(detail_strength),
             detail_eta=None if detail_eta is None else float(detail_eta),
             detail_window_size=int(detail_window_size),
+            fidelity_steps=int(fidelity_steps),
         )
 
     def prepare_condition(
@@ -446,7 +458,8 @@ class SR3Pipeline(SR3BasePipeline):
                 arrays are `(H, W[, C])` or `(B, H, W, C)`, uint8 or float in [0, 1]; tensors are `(C, H, W)` or
                 `(B, C, H, W)` float in [0, 1]; C may be 1, 3 or 4.
             num_inference_steps (`int`, optional): Refinement steps (scheduler steps); defaults to the pipeline's
-                `detail_steps` in detail mode (50 unless the model was saved with its own) and 4 in fidelity mode.
+                `detail_steps` in detail mode (50 unless the model was saved with its own) and its `fidelity_steps` in
+                fidelity mode (1 unless saved with its own).
             generator (`torch.Generator` or a list of them, one per image): Makes sampling deterministic. Without
                 one the global torch RNG is used, which reproduces the original code under the same seed.
             output_size (`int` or `(height, width)`, optional): Output size; defaults to the input size times
@@ -471,9 +484,10 @@ class SR3Pipeline(SR3BasePipeline):
             mode (`str`, defaults to `"detail"`): `"detail"` samples by iterative refinement (SR3) with the pipeline's
                 scheduler: sharp, plausible texture, invented where the input is ambiguous. `"fidelity"` estimates the
                 average answer instead: deterministic DDIM (eta 0, on the same schedule) from the mean of the starting
-                noise (temperature 0), in a few steps. Highest PSNR/SSIM, smoother texture, and fast. Use fidelity for
-                measurements, documents and faces you must not invent detail on; detail for photos that should look
-                sharp. Fidelity needs a model that predicts the clean image (`sample` or `v_prediction`).
+                noise (temperature 0), in the pipeline's `fidelity_steps` (1 unless saved with its own). Highest
+                PSNR/SSIM, smoother texture, and fast. Use fidelity for measurements, documents and faces you must
+                not invent detail on; detail for photos that should look sharp. Fidelity needs a model that predicts
+                the clean image (`sample` or `v_prediction`).
             eta (`float`, optional): Detail mode, schedulers that take it (DDIM): 0 samples deterministically from
                 the starting noise; up to 1 adds fresh noise at every step (DDPM-like): grainier, sharper texture.
                 Defaults to the pipeline's `detail_eta` where the scheduler takes one (else the scheduler's default).
@@ -560,12 +574,14 @@ class SR3Pipeline(SR3BasePipeline):
             guided = self.guided(guidance_scale)
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1")
-                init_sample = self._fidelity_estimate(shape, condition, FIDELITY_STEPS, condition_noise_level)
+                init_sample = self._fidelity_estimate(
+                    shape, condition, self.config.fidelity_steps, condition_noise_level
+                )
         elif mode == "fidelity":
             _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
             self._check_predicts_clean_image("fidelity mode")
             steps, scheduler, eta, temperature, strength = (
-                FIDELITY_STEPS if num_inference_steps is None else num_inference_steps,
+                self.config.fidelity_steps if num_inference_steps is None else num_inference_steps,
                 self._fidelity_scheduler(),
                 0.0,
                 0.0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..noise import SCHEDULERS
-from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
+from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import PRESETS
 from ..redaction import REDACTED, is_secret_name, redact, redact_argv
 
@@ -243,6 +243,10 @@ class TrainingConfig:
         "the scheduler the pipeline is saved with: ddpm, ddim, dpmsolver, ... (default: a fine-tuned pipeline's own, "
         "else the training schedule's DDPM)",
     )
+    fidelity_steps: Optional[int] = _option(
+        None,
+        "super-resolution: fidelity mode's default number of steps; more than 1 helps models trained for minutes (1)",
+    )
     detail_steps: Optional[int] = _option(None, "super-resolution: detail mode's default number of steps (50)")
     detail_strength: Optional[float] = _option(
         None,
@@ -349,9 +353,9 @@ class TrainingConfig:
             name = getattr(self, option)
             if name is not None and name not in SCHEDULERS:
                 raise ValueError(f"--{option} {name!r} is not a scheduler; expected one of {sorted(SCHEDULERS)}")
-        detail_options = [f"--{name}" for name in DETAIL_CONFIG_KEYS if getattr(self, name) is not None]
-        if self.task == "uncond" and detail_options:
-            raise ValueError(f"{', '.join(detail_options)} apply to super-resolution only")
+        sampling_options = [f"--{name}" for name in SAMPLING_CONFIG_KEYS if getattr(self, name) is not None]
+        if self.task == "uncond" and sampling_options:
+            raise ValueError(f"{', '.join(sampling_options)} apply to super-resolution only")
 
 
 def _argument_type(annotation: Any) -> tuple:

@@ -40,7 +40,7 @@ from ..data import (
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
-from ..pipelines.pipeline_sr3 import DETAIL_CONFIG_KEYS
+from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
@@ -100,10 +100,10 @@ class ModelSetup:
     prediction_type: str = "epsilon"
     condition_noise_level: float = 0.0
     # How the saved pipeline samples: its sampler (a `SCHEDULERS` key; --sampler, else the fine-tuned pipeline's)
-    # and its detail-mode defaults (`SR3Pipeline`'s `DETAIL_CONFIG_KEYS`: the options given, over the fine-tuned
+    # and its sampling defaults (`SR3Pipeline`'s `SAMPLING_CONFIG_KEYS`: the options given, over the fine-tuned
     # pipeline's own, which are kept when the objective is), so a fine-tuned model samples the way it did.
     sampler: Optional[str] = None
-    detail_settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampling_settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -228,7 +228,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     weights: Optional[Dict[str, torch.Tensor]] = None
     pretrained_scheduler = None
     pretrained_residual_scale = None
-    detail_settings: Dict[str, Any] = {}
+    sampling_settings: Dict[str, Any] = {}
     upscale_factor = config.upscale_factor
     preset = None
     if config.pretrained_model_name_or_path or config.resume_from_original:
@@ -252,7 +252,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         pretrained_residual_scale = objective["residual_scale"]
         own_objective = (pipeline.config.get("residual", False), pipeline.scheduler.config.get("prediction_type"))
         if (objective["residual"], objective["prediction_type"]) == own_objective:  # settings studied for it
-            detail_settings = {key: pipeline.config[key] for key in DETAIL_CONFIG_KEYS if key in pipeline.config}
+            sampling_settings = {key: pipeline.config[key] for key in SAMPLING_CONFIG_KEYS if key in pipeline.config}
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
     elif config.unet_config is not None:
@@ -326,8 +326,8 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     sampler = None
     if pretrained_scheduler is not None:
         sampler = next((name for name, kind in SCHEDULERS.items() if type(pretrained_scheduler) is kind), None)
-    detail_settings.update(
-        {key: getattr(config, key) for key in DETAIL_CONFIG_KEYS if getattr(config, key) is not None}
+    sampling_settings.update(
+        {key: getattr(config, key) for key in SAMPLING_CONFIG_KEYS if getattr(config, key) is not None}
     )
     setup = ModelSetup(
         unet,
@@ -340,7 +340,7 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         prediction_type=objective["prediction_type"],
         condition_noise_level=objective["condition_noise_level"],
         sampler=config.sampler or sampler,
-        detail_settings=detail_settings,
+        sampling_settings=sampling_settings,
     )
     _check_saved_pipeline(setup, config)
     return setup
@@ -368,7 +368,7 @@ def _check_saved_pipeline(setup: ModelSetup, config: TrainingConfig) -> None:
         setup.upscale_factor,
         setup.condition_noise_level,
         setup.residual,
-        detail_settings=setup.detail_settings,
+        sampling_settings=setup.sampling_settings,
     )
 
 
@@ -1035,7 +1035,7 @@ class Trainer:
             config.condition_noise_level,
             config.residual,
             self.residual_scale,
-            setup.detail_settings if setup.upscale_factor else None,
+            setup.sampling_settings if setup.upscale_factor else None,
         )
         pipeline.save_pretrained(config.output_dir)
         if ema is not None:

@@ -21,13 +21,13 @@ def build_pipeline(
     condition_noise_level: float = 0.0,
     residual: bool = False,
     residual_scale: float = 1.0,
-    detail_settings: Optional[Dict[str, Any]] = None,
+    sampling_settings: Optional[Dict[str, Any]] = None,
 ) -> SR3BasePipeline:
     """The SR3 pipeline of a trained UNet: super-resolution when `upscale_factor` is set, else unconditional.
 
     `condition_noise_level` is the sampling default for models trained with noise-conditioning augmentation;
     `residual` marks models trained on the residual HR - upsample, multiplied by `residual_scale`;
-    `detail_settings` are detail mode's defaults (`SR3Pipeline`'s `DETAIL_CONFIG_KEYS`).
+    `sampling_settings` are its sampling defaults (`SR3Pipeline`'s `SAMPLING_CONFIG_KEYS`).
     """
     if upscale_factor is None:
         pipeline: SR3BasePipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
@@ -39,7 +39,7 @@ def build_pipeline(
             condition_noise_level=condition_noise_level,
             residual=residual,
             residual_scale=residual_scale,
-            **(detail_settings or {}),
+            **(sampling_settings or {}),
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
