@@ -374,6 +374,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             low-resolution grid, about 5x faster per evaluation at the same width. `sample_size` and
             `attention_resolutions` stay in image pixels and feature-map sizes (the first level is
             `sample_size // f`). 1 is the original architecture.
+        upscale_factor (`int`, optional), residual (`bool`, optional), residual_scale (`float`, optional): What a
+            super-resolution network's output means, recorded by [`SR3Pipeline`] when it saves it: the factor it was
+            trained for and whether it predicts the residual HR - bicubic multiplied by `residual_scale` rather than
+            the image (as a VAE's `scaling_factor` says how to read its latents). A pipeline built from the UNet
+            alone, `SR3Pipeline(unet=..., scheduler=...)` or `SR3Pipeline(**pipe.components)`, reads them; the
+            network itself never does. None: not recorded (UNets saved before these keys, unconditional ones).
 
     Config names and Diffusers' [`UNet2DModel`]: this model keeps the names of its first release, because they are
     written into the `config.json` of every saved model (a public contract: renaming them would break loading of
@@ -429,8 +435,15 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         film_affine: bool = False,
         condition_noise_embedding: bool = False,
         pixel_unshuffle_factor: int = 1,
+        upscale_factor: Optional[int] = None,
+        residual: Optional[bool] = None,
+        residual_scale: Optional[float] = None,
     ):
         super().__init__()
+        if upscale_factor is not None and upscale_factor < 1:
+            raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
+        if residual_scale is not None and not residual_scale > 0:
+            raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if pixel_unshuffle_factor < 1:
             raise ValueError(f"pixel_unshuffle_factor must be a positive integer, got {pixel_unshuffle_factor}")
         if conditioning_type not in CONDITIONING_TYPES:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -62,6 +64,18 @@ def evaluations_per_crop(
     if strength >= 1:
         return per_step * listed
     return fidelity_steps + per_step * (listed - (steps - steps_to_run(steps, strength)) * order)
+
+
+# What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
+OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")
+
+
+def _recorded(unet: SR3UNet2DModel, name: str, value: Any, default: Any) -> Any:
+    """`value` if given, else what `unet`'s config records under `name`, else `default`."""
+    if value is not None:
+        return value
+    recorded = getattr(unet, "config", {}).get(name)
+    return default if recorded is None else recorded
 
 
 # What a guide must share with the UNet it guides: the same inputs and outputs, read the same way.
@@ -166,16 +180,21 @@ class SR3Pipeline(SR3BasePipeline):
         unet ([`SR3UNet2DModel`]): A conditional SR3 UNet (`in_channels = out_channels + 3`).
         scheduler ([`SchedulerMixin`]): Any Diffusers scheduler for epsilon/v/sample prediction; DDPM reproduces
             the original sampler, DDIM, DPM-Solver, UniPC and Euler need far fewer steps.
-        upscale_factor (`int`, defaults to 4): The model's super-resolution factor (output size = input size x
-            factor unless `output_size` is given).
+        upscale_factor (`int`, optional): The model's super-resolution factor (output size = input size x
+            factor unless `output_size` is given). Defaults to the one the UNet's config records (every pipeline
+            records its `upscale_factor`, `residual` and `residual_scale` in its UNet's config when it saves it),
+            else 4.
         condition_noise_level (`float`, defaults to 0.0): For UNets with `condition_noise_embedding`: the default
             noise level added to the upsampled input before refinement (noise-conditioning augmentation).
-        residual (`bool`, defaults to False): The model diffuses the residual between the high-resolution image and
+        residual (`bool`, optional): The model diffuses the residual between the high-resolution image and
             the bicubic upsample (as SRDiff does) instead of the image itself: the result is the upsample plus the
             refined residual. Set by training with `residual=True`; the original SR3 models diffuse the image.
-        residual_scale (`float`, defaults to 1.0): Residual models diffuse `residual_scale * (HR - upsample)`, so
+            Defaults to what the UNet's config records, else False: so `SR3Pipeline(**pipe.components)` and a
+            pipeline built from a saved `unet` folder read a residual model's output as it was trained.
+        residual_scale (`float`, optional): Residual models diffuse `residual_scale * (HR - upsample)`, so
             that the residual has about unit variance, as the noise schedule assumes; the refined result is divided
             by it before it is added to the upsample. Measured from the training data by the training script.
+            Defaults to what the UNet's config records, else 1.
         guidance_unet ([`SR3UNet2DModel`], optional): A weaker model of the same task for autoguidance (Karras et
             al., *Guiding a Diffusion Model with a Bad Version of Itself*, 2024): an earlier checkpoint of the same
             training run, or a smaller network trained on the same data. Detail mode then extrapolates each step's
@@ -212,10 +231,10 @@ class SR3Pipeline(SR3BasePipeline):
         self,
         unet: SR3UNet2DModel,
         scheduler: SchedulerMixin,
-        upscale_factor: int = 4,
+        upscale_factor: Optional[int] = None,
         condition_noise_level: float = 0.0,
-        residual: bool = False,
-        residual_scale: float = 1.0,
+        residual: Optional[bool] = None,
+        residual_scale: Optional[float] = None,
         guidance_unet: Optional[SR3UNet2DModel] = None,
         guidance_scale: float = 1.0,
         parallel_guidance_weight: float = 1.0,
@@ -226,6 +245,15 @@ class SR3Pipeline(SR3BasePipeline):
         fidelity_steps: int = FIDELITY_STEPS,
     ):
         super().__init__()
+        # What the UNet records of its own output fills in what is not given (an argument given wins).
+        upscale_factor, residual, residual_scale = (
+            _recorded(unet, name, value, default)
+            for name, value, default in (
+                ("upscale_factor", upscale_factor, 4),
+                ("residual", residual, False),
+                ("residual_scale", residual_scale, 1.0),
+            )
+        )
         if not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if int(detail_steps) != detail_steps or detail_steps < 1:
@@ -266,6 +294,26 @@ class SR3Pipeline(SR3BasePipeline):
             detail_window_size=int(detail_window_size),
             fidelity_steps=int(fidelity_steps),
         )
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        """[`SR3BasePipeline.save_pretrained`], with the UNet's (and guide's) config recording what its output means
+        (`upscale_factor`, `residual`, `residual_scale`), so that a pipeline built from the saved networks alone reads
+        it right. The networks in memory keep their own config: a training run compares it with its checkpoints'."""
+        meaning = {key: self.config[key] for key in OUTPUT_MEANING_KEYS}
+        networks = [
+            getattr(network, "_orig_mod", network)  # a torch.compile'd network's config is its module's
+            for network in (self.unet, self.guidance_unet)
+            if network is not None
+        ]
+        networks = [network for network in networks if isinstance(network, ModelMixin)]  # not a backend's stand-in
+        before = [{key: network.config.get(key) for key in OUTPUT_MEANING_KEYS} for network in networks]
+        for network in networks:
+            network.register_to_config(**meaning)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for network, config in zip(networks, before):
+                network.register_to_config(**config)
 
     def prepare_condition(
         self, image: ImageInput, output_size: Optional[Union[int, Tuple[int, int]]] = None
