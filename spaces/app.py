@@ -41,6 +41,7 @@ from diffusers_sr3.image_processing import (  # noqa: E402
     upsample_condition,
 )
 from diffusers_sr3.noise import SCHEDULERS, swap_scheduler  # noqa: E402
+from diffusers_sr3.pipelines.base import steps_to_run  # noqa: E402
 from diffusers_sr3.pipelines.pipeline_sr3 import SELF_ENSEMBLE_SIZE, evaluations_per_crop  # noqa: E402
 from diffusers_sr3.pretrained import default_model_path  # noqa: E402
 from diffusers_sr3.progress import EvaluationCounter  # noqa: E402
@@ -342,6 +343,10 @@ def build_demo(
         if self_ensemble not in (None, True, False):
             raise gr.Error(f"self-ensemble must be true or false, got {self_ensemble!r}")
         self_ensemble = bool(self_ensemble) and clean_image_model
+        try:  # a steps/strength pair that runs no step fails here, before any mode runs, with the reason shown
+            steps_to_run(steps, strength)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
 
@@ -478,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--max-pixels",
         type=int,
-        default=int(os.environ.get("SR3_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+        default=os.environ.get("SR3_MAX_PIXELS", DEFAULT_MAX_PIXELS),  # argparse converts (and names) a string
         help=f"largest upload in pixels (default: $SR3_MAX_PIXELS, else {DEFAULT_MAX_PIXELS})",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -491,9 +496,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(str(error))
     try:
         device = resolve_device(args.device)
-    except ValueError as error:
+        pipeline = load_pipeline(model, device)
+    except (ValueError, OSError) as error:  # a missing folder, not a pipeline, a pipeline of another kind
         parser.error(str(error))
-    demo = build_demo(load_pipeline(model, device), args.max_pixels, examples=example_images())
+    demo = build_demo(pipeline, args.max_pixels, examples=example_images())
     launch(demo)
 
 

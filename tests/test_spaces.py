@@ -395,3 +395,44 @@ def test_the_command_line_refuses_a_device_this_machine_lacks(tmp_path, monkeypa
         app.main(["--model", save_tiny_model(tmp_path / "model"), "--device", missing_cuda])
     assert exit_info.value.code == 2 and f"--device {missing_cuda}: this machine has" in capsys.readouterr().err
     assert launched == []
+
+
+def test_a_steps_and_strength_pair_that_runs_no_step_is_named_before_any_mode_runs(monkeypatch):
+    app = load_app()
+    ran = []
+    monkeypatch.setattr(app, "super_resolve", lambda *args, **kwargs: ran.append(kwargs))
+    demo = app.build_demo(tiny_clean_image_pipeline())
+    run = next(function.fn for function in demo.fns.values() if function.api_name == "super_resolve")
+    upload = {"path": str(PHOTO), "orig_name": "photo.png"}
+    with pytest.raises(gradio.Error, match=r"strength 0\.6 of 1 steps runs no step .* give at least 2 steps"):
+        run(upload, "x4", 1, "ddim", 0, 0, 0.6, False)
+    assert ran == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "{missing}"], "no such folder"),
+        (["--model", "{unconditional}"], "not a SR3Pipeline"),
+    ],
+)
+def test_the_command_line_names_a_model_it_cannot_serve(tmp_path, monkeypatch, capsys, argv, message):
+    app = load_app()
+    monkeypatch.setattr(app, "launch", lambda demo: pytest.fail("launched"))
+    from diffusers_sr3 import SR3UnconditionalPipeline
+
+    unconditional = tmp_path / "unconditional"
+    unet = SR3UNet2DModel(**tiny_unet_config(in_channels=3))
+    SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=10)).save_pretrained(unconditional)
+    folders = {"missing": tmp_path / "missing", "unconditional": unconditional}
+    with pytest.raises(SystemExit) as exit_info:
+        app.main([part.format(**folders) for part in argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_command_line_names_a_pixel_limit_that_is_no_number(monkeypatch, capsys):
+    app = load_app()
+    monkeypatch.setenv("SR3_MAX_PIXELS", "1e5")
+    with pytest.raises(SystemExit) as exit_info:
+        app.main([])
+    assert exit_info.value.code == 2 and "--max-pixels: invalid int value: '1e5'" in capsys.readouterr().err

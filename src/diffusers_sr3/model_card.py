@@ -334,8 +334,9 @@ def _usage(name: str, super_resolution: bool, clean_image_model: bool = False, s
         f'pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)',
         "```",
         "",
-        "Any Diffusers scheduler fits: "
-        "`pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` samples well in "
+        "Diffusers schedulers for this model's prediction type fit (those of another noise process are refused): "
+        "`from diffusers import DPMSolverMultistepScheduler; "
+        "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` samples well in "
         "20-50 steps.",
         "",
     ]
