@@ -108,7 +108,7 @@ def test_bad_arguments(pair_folders, tmp_path, capsys):
     assert main(["eval", "--hr", str(hr), "--sr", str(pair_folders / "sr")]) == 2
     error = capsys.readouterr().err
     assert "cannot read image" in error and "blur_r2_128.png" in error
-    assert main(["eval", "--hr", str(hr), "--sr", str(hr), "--inception-score"]) == 2
+    assert main(["eval", "--hr", str(hr), "--sr", str(pair_folders / "sr"), "--inception-score"]) == 2
     assert "classifier" in capsys.readouterr().err
 
 
@@ -176,7 +176,7 @@ def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path,
     assert list(folder.iterdir()) == []
 
 
-def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_folders, tmp_path, monkeypatch):
+def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_folders, tmp_path, monkeypatch, capsys):
     report_path = tmp_path / "reports" / "r.json"
     report_path.parent.mkdir()
     report_path.write_text("the previous report")
@@ -186,7 +186,85 @@ def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_fo
 
     monkeypatch.setattr(json, "dumps", failing_dump)  # inside the write: the temporary file exists by then
     arguments = ["eval", "--hr", str(pair_folders / "hr"), "--sr", str(pair_folders / "sr"), "--quiet", "--json"]
-    with pytest.raises(OSError, match="disk full"):
-        main(arguments + [str(report_path)])
+    assert main(arguments + [str(report_path)]) == 2
+    assert "disk full" in capsys.readouterr().err
     assert [path.name for path in report_path.parent.iterdir()] == ["r.json"]
     assert report_path.read_text() == "the previous report"
+
+
+def eval_report(tmp_path, *arguments):
+    report_path = tmp_path / "report.json"
+    assert main(["eval", *map(str, arguments), "--quiet", "--json", str(report_path)]) == 0
+    return json.loads(report_path.read_text())["images"]
+
+
+def test_upscale_output_names_match_their_sources(tmp_path, capsys):
+    hr, sr = tmp_path / "hr", tmp_path / "sr"
+    for index, (hr_name, sr_name) in enumerate(
+        [
+            ("a.png", "a_sr.png"),
+            ("b_hr.png", "b_lr_sr.png"),  # an input named `<name>_lr`
+            ("0801.png", "0801x4_sr.png"),  # DIV2K: `0801x4.png` is the x4 input of `0801.png`
+            ("box4.png", "box4_sr.png"),  # a name that only looks like DIV2K's keeps its own match
+        ]
+    ):
+        write_noise(hr / hr_name, (16, 16), index)
+        write_noise(sr / sr_name, (16, 16), index)
+    write_noise(sr / "a_sr_process.png", (48, 16), 9)  # `sr3 upscale --save-process` frames: no SR image
+    write_noise(tmp_path / "lr" / "0801x4.png", (4, 4), 10)
+    write_noise(tmp_path / "lr" / "a.png", (4, 4), 11)
+    write_noise(tmp_path / "lr" / "b_lr.png", (4, 4), 12)
+    write_noise(tmp_path / "lr" / "box4.png", (4, 4), 13)
+    images = eval_report(tmp_path, "--hr", hr, "--sr", sr, "--lr", tmp_path / "lr")
+    assert sorted(images) == ["0801", "a", "b", "box4"]
+    assert all(values["psnr"] == "inf" and "consistency" in values for values in images.values())
+
+    # Two SR images that now match one name are refused by name, not paired silently.
+    write_noise(sr / "0801_sr.png", (16, 16), 2)
+    assert main(["eval", "--hr", str(hr), "--sr", str(sr)]) == 2
+    assert (
+        f"--sr: {sr / '0801_sr.png'} and {sr / '0801x4_sr.png'} both match the name '0801'" in capsys.readouterr().err
+    )
+    (sr / "0801_sr.png").unlink()
+    write_noise(sr / "b_sr.png", (16, 16), 1)
+    assert main(["eval", "--hr", str(hr), "--sr", str(sr)]) == 2
+    assert f"{sr / 'b_lr_sr.png'} and {sr / 'b_sr.png'} both match the name 'b'" in capsys.readouterr().err
+
+
+def test_outputs_inside_the_hr_folder_or_beside_their_sources(tmp_path):
+    photos = tmp_path / "photos"
+    for index, name in enumerate(["a", "trip/b"]):
+        write_noise(photos / f"{name}.png", (16, 16), index)
+        write_noise(photos / "upscaled" / f"{name}_sr.png", (16, 16), index)  # `--output photos/upscaled`
+    write_noise(photos / "lr" / "a.png", (4, 4), 30)  # an --lr folder inside --hr is left out of it too
+    write_noise(photos / "lr" / "trip" / "b.png", (4, 4), 31)
+    nested = eval_report(tmp_path, "--hr", photos, "--sr", photos / "upscaled", "--lr", photos / "lr")
+    assert sorted(nested) == ["a", "trip/b"] and all(values["psnr"] == "inf" for values in nested.values())
+
+    shutil.rmtree(photos / "upscaled")
+    shutil.rmtree(photos / "lr")
+    for index, name in enumerate(["a", "trip/b"]):  # `sr3 upscale photos --output photos --save-process`
+        write_noise(photos / f"{name}_sr.png", (16, 16), index + 10)
+        write_noise(photos / f"{name}_sr_process.png", (48, 16), index + 20)
+    beside = eval_report(tmp_path, "--hr", photos, "--sr", photos)
+    assert sorted(beside) == ["a", "trip/b"] and all(values["psnr"] != "inf" for values in beside.values())
+
+
+def test_results_folder_skips_hidden_files_and_refuses_two_files_of_one_id(tmp_path, capsys):
+    write_noise(tmp_path / "1_hr.png", (16, 16), 1)
+    write_noise(tmp_path / "1_sr.png", (16, 16), 2)
+    (tmp_path / "._1_sr.png").write_bytes(b"macOS metadata, no image")
+    assert main(["eval", "--results", str(tmp_path), "--quiet"]) == 0
+    write_noise(tmp_path / "1_sr.webp", (16, 16), 3)
+    assert main(["eval", "--results", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"--results: {tmp_path / '1_sr.png'} and {tmp_path / '1_sr.webp'} both match the name '1_sr'" in error
+
+
+def test_images_too_small_for_ssim_are_named(tmp_path, capsys):
+    write_noise(tmp_path / "hr" / "tiny.png", (8, 8), 1)
+    write_noise(tmp_path / "sr" / "tiny.png", (8, 8), 2)
+    assert main(["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr")]) == 2
+    error = capsys.readouterr().err
+    sr, hr = tmp_path / "sr" / "tiny.png", tmp_path / "hr" / "tiny.png"
+    assert f"{sr} and {hr}: SSIM needs images of at least 11x11 pixels, got 8x8" in error

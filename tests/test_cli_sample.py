@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_unet_config
 
-from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3CascadePipeline, SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
 
 
@@ -47,7 +47,6 @@ def test_bad_sizes_and_counts_are_refused(tmp_path, capsys):
     for options, message in (
         (["--size", "-8"], "--size must be at least 1, got -8"),
         (["--size", "0"], "--size must be at least 1, got 0"),
-        (["--save-process", "-1"], "--save-process takes a positive number"),
         (["-n", "0"], "--num-images and --batch-size must be at least 1"),
     ):
         assert sample(tmp_path / "no_model", tmp_path / "g.png", *options) == 2
@@ -71,7 +70,7 @@ def test_existing_files_are_replaced_only_with_overwrite(model_dir, tmp_path, ca
     assert process.read_bytes() == b"an earlier strip" and not (tmp_path / "new.png").exists()
 
 
-def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch, capsys):
     real_save = PIL.Image.Image.save
 
     def failing_save(self, fp, *args, **kwargs):
@@ -80,8 +79,8 @@ def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch)
             raise OSError("disk full")
 
     monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        sample(model_dir, tmp_path / "out" / "grid.png")
+    assert sample(model_dir, tmp_path / "out" / "grid.png") == 2  # the one-line error, no traceback
+    assert capsys.readouterr().err.splitlines()[-1] == "sr3 sample: error: disk full"
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -112,3 +111,60 @@ def test_a_gray_model_samples_a_grid_and_a_process_strip(tmp_path):
     grid = np.asarray(PIL.Image.open(output).convert("RGB"))
     assert grid.shape == (16, 32, 3) and np.array_equal(grid[..., 0], grid[..., 2])  # gray, in an RGB grid
     assert PIL.Image.open(tmp_path / "grid_process.png").size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--save-process", "-1"], "argument --save-process: must be at least 0, got -1"),
+        (["--seed", str(2**64)], f"argument --seed: must be from {-(2**63)} to {2**63 - 1}, got {2**64}"),
+        (["--steps", "2,0"], "argument --steps: must be at least 1, got 0"),
+    ],
+)
+def test_out_of_range_options_are_named_before_any_work(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as stopped:
+        sample(tmp_path / "no_model", tmp_path / "g.png", *option)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def _tiny_unet(in_channels, sample_size):
+    torch.manual_seed(0)
+    config = dict(block_out_channels=8, channel_multipliers=(1, 2), layers_per_block=1, attention_resolutions=())
+    config.update(mid_attention=False, norm_groups=4, in_channels=in_channels, sample_size=sample_size)
+    return SR3UNet2DModel(**config)
+
+
+@pytest.fixture(scope="module")
+def cascade_dirs(tmp_path_factory):
+    """An 8x8 generator then an 8 -> 16 stage, saved as one cascade folder; and the stage alone as a cascade."""
+    folder = tmp_path_factory.mktemp("cascades")
+    base = SR3UnconditionalPipeline(_tiny_unet(3, 8), make_scheduler("ddim", n_timestep=50))
+    stage = SR3Pipeline(_tiny_unet(6, 16), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    SR3CascadePipeline.from_stages(base, [stage]).save_pretrained(folder / "cascade")
+    SR3CascadePipeline.from_stages(None, [stage]).save_pretrained(folder / "no_base")
+    return folder / "cascade", folder / "no_base"
+
+
+def test_a_cascade_with_a_generator_samples_through_its_stages(cascade_dirs, model_dir, tmp_path, capsys):
+    cascade, no_base = cascade_dirs
+    output = tmp_path / "grid.png"
+    arguments = ["sample", "--model", str(cascade), "--output", str(output), "-n", "3", "--batch-size", "2"]
+    assert main(arguments + ["--steps", "2,1", "--scheduler", "ddpm"]) == 0
+    assert PIL.Image.open(output).size == (32, 32)  # three 16x16 images (the last stage's size), two a row
+    first = np.asarray(PIL.Image.open(output))
+    assert main(arguments[:-1] + ["1", "--steps", "2,1", "--overwrite", "--scheduler", "ddpm"]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(output)), first)  # the same images, whatever the batch
+    assert main(arguments + ["--steps", "1", "--overwrite"]) == 0  # one count for every stage
+    capsys.readouterr()
+    for model, options, message in (
+        (cascade, ["--steps", "2,1,1"], "--steps gives 3 step counts for the 2 stages of"),
+        (cascade, ["--size", "8"], "--size and --save-process do not apply to the cascade"),
+        (cascade, ["--save-process", "2"], "--size and --save-process do not apply to the cascade"),
+        (no_base, [], "is a cascade without a base generator"),
+        (model_dir, ["--steps", "2,1"], "--steps takes one step count for"),
+    ):
+        command = ["sample", "--model", str(model), "--output", str(tmp_path / "refused.png"), *options]
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("sr3 sample: error: ") and message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "refused.png").exists()

@@ -201,7 +201,6 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
         "packaged": [],
         "test model": ["--model", str(model_dir)],
         "earlier test model": ["--model", str(earlier)],
-        "packaged, another sampler": ["--scheduler", "ddpm"],
         "packaged, detail": detail,
         "packaged by path, detail": ["--model", packaged] + detail,
         "packaged, another sampler, detail": ["--scheduler", "ddpm"] + detail,
@@ -212,21 +211,24 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
         output = tmp_path / name.replace(" ", "_").replace(",", "")
         assert main(["upscale", str(photo), "--output", str(output)] + extra) == 0, name
         printed.append(capsys.readouterr().out.splitlines()[0])
-    # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps whatever the sampler.
+    # The packaged model predicts the clean image: fidelity mode by default, FIDELITY_STEPS steps.
     # The test models predict epsilon: detail mode at 50 steps, strength 1, the sampler's eta (DDPM takes none). The
     # packaged model's detail mode runs the settings its pipeline config stores, also loaded by path (as `--model`
     # finds it) and with another sampler, which keeps the steps and strength and drops eta where it takes none.
     # The command line overrides each of them.
     plain = {"eta": None, "strength": 1.0}
     studied = dict(DEFAULT_DETAIL_OPTIONS)
-    assert seen == [FIDELITY_STEPS, 50, 50, FIDELITY_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, 3]
-    assert options == [{}, plain, plain, {}, studied, studied, {**studied, "eta": None}, {"eta": 0.0, "strength": 1.0}]
+    assert seen == [FIDELITY_STEPS, 50, 50, DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_STEPS, 3]
+    assert options == [{}, plain, plain, studied, studied, {**studied, "eta": None}, {"eta": 0.0, "strength": 1.0}]
     # Each run says what it runs (the packaged model's guide doubles its refinement steps).
     fidelity = f"fidelity mode: {FIDELITY_STEPS} deterministic DDIM steps"
     assert printed[0] == f"{fidelity} ({FIDELITY_STEPS} network evaluations per tile)"
     studied_line = "detail mode: 10 DDIMScheduler steps, strength 0.6, eta 1, guidance scale 2, window size 64"
     evaluations = FIDELITY_STEPS + 2 * 6  # the fidelity answer, then the last 6 of 10 steps, each also the guide's
-    assert printed[4] == printed[5] == f"{studied_line} ({evaluations} network evaluations per tile)"
+    assert printed[3] == printed[4] == f"{studied_line} ({evaluations} network evaluations per tile)"
+    # Fidelity mode always runs DDIM: another sampler is refused there, not silently ignored.
+    assert main(["upscale", str(photo), "--output", str(tmp_path / "refused"), "--scheduler", "ddpm"]) == 2
+    assert "--scheduler applies to detail mode (--mode detail)" in capsys.readouterr().err
     config = SR3Pipeline.load_config(packaged)
     assert (config["detail_steps"], config["detail_eta"], config["detail_strength"], config["detail_window_size"]) == (
         DEFAULT_STEPS,
@@ -324,8 +326,14 @@ def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)
     out = tmp_path / "out"
-    assert main(["upscale", str(photo), "--output", str(out), "--scheduler", "euler_ancestral"]) == 2
+    detail = ["upscale", str(photo), "--output", str(out), "--mode", "detail"]
+    assert main(detail + ["--scheduler", "euler_ancestral"]) == 2
     assert "cannot sample a model that predicts 'sample'" in capsys.readouterr().err
+    assert not out.exists()
+    # DDIM's eta above 1 asks for more step noise than the schedule leaves: NaN after the whole run, refused first.
+    for eta in ("-0.5", "5"):
+        assert main(detail + ["--eta", eta]) == 2
+        assert f"--eta must lie in [0, 1], got {float(eta):g}" in capsys.readouterr().err
     assert not out.exists()
     for steps in ("0", "-3", "ten"):
         with pytest.raises(SystemExit) as stopped:  # argparse's usage error
@@ -361,11 +369,14 @@ def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, t
         raise OSError("No space left on device")
 
     monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
-        main(arguments + ["--seed", "2", "--overwrite"])
+    assert main(arguments + ["--seed", "2", "--overwrite"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
     assert sorted(path.name for path in out.iterdir()) == ["a_sr.png"] and (out / "a_sr.png").read_bytes() == replaced
-    with pytest.raises(OSError, match="No space left"):
+    assert (
         main(["upscale", str(source), "--model", str(model_dir), "--output", str(tmp_path / "new"), "--steps", "1"])
+        == 2
+    )
+    assert "No space left on device" in capsys.readouterr().err
     assert list((tmp_path / "new").iterdir()) == []
     with pytest.raises(OSError):
         upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "direct.png"))
@@ -703,3 +714,33 @@ def test_upscale_converts_colour_profiles_to_srgb(model_dir, tmp_path):
     written = PIL.Image.open(tmp_path / "tagged_sr.png")
     assert "icc_profile" not in written.info
     assert np.array_equal(np.asarray(written), np.asarray(PIL.Image.open(tmp_path / "srgb_sr.png")))
+
+
+def test_upscale_checks_tile_options_before_decoding_or_loading(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("decoded or loaded before the options were checked")
+
+    source = write_image(tmp_path / "a.png", (8, 8))
+    # The tiny model's downsampling factor is 4; a 256x256 tile fills the default budget (no pixel-unshuffle).
+    refused = [
+        (["--tile-overlap", "-5"], "--tile-overlap must be at least 0, got -5"),
+        (["--tile-overlap", "100000"], "--tile-overlap 100000 is too large: at most 252 (the largest tile"),
+        (["--tile-size", "32", "--tile-overlap", "30"], "--tile-overlap 30 is too large: at most 28 (--tile-size"),
+        (["--tile-size", "0"], "--tile-size must be at least 1, got 0"),
+        (["--tile-size", "30"], "--tile-size 30 is not a multiple of the model's downsampling factor 4"),
+        (["--tile-batch-size", "0"], "--tile-batch-size must be at least 1, got 0"),
+        (["--max-tile-pixels", "0"], "--max-tile-pixels must be at least 1, got 0"),
+    ]
+    with monkeypatch.context() as patched:
+        patched.setattr(upscale, "inspect_image", no_work)
+        patched.setattr(upscale, "load_pipeline", no_work)
+        for options, message in refused:
+            assert main(_arguments([source], tmp_path / "out", model_dir, *options)) == 2
+            assert message in capsys.readouterr().err
+    # A model whose folder cannot be read before loading (a Hub id) is checked once loaded, before any refinement.
+    monkeypatch.setattr(upscale, "_saved_unet", lambda model: None)
+    monkeypatch.setattr(upscale, "tiled_super_resolve", no_work)
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--tile-size", "32", "--tile-overlap", "30")) == 2
+    assert "--tile-overlap 30 is too large: at most 28" in capsys.readouterr().err

@@ -526,3 +526,42 @@ def test_the_data_package_is_split_by_job_and_keeps_every_name():
     image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(3, 8, 8)
     crop = PairMaker(4, random_crop=True).crop(image, None, "x")
     torch.testing.assert_close(crop, image[:, 2:6, 2:6])
+
+
+def test_validation_samples_are_distinct_images_when_the_first_are_unreadable(tmp_path):
+    # Two truncated files first: their headers pass the scan, their pixels fail when decoded, and each is replaced by
+    # the next usable image, which must not then be taken again for the following validation slot.
+    data = png_bytes(random_image(64, 64, 99))
+    paths = []
+    for index in range(2):
+        paths.append(str(tmp_path / f"truncated{index}.png"))
+        with open(paths[-1], "wb") as handle:
+            handle.write(data[: len(data) // 2])
+    for index in range(3):
+        paths.append(str(tmp_path / f"good{index}.png"))
+        random_image(32, 32, index).save(paths[-1])
+    training = build_training_data(resolution=32, upscale_factor=4, train_images=paths, random_flip=False)
+    samples = training.validation_samples(3)
+    expected = [training.dataset.sample(index, augment=False)["hr"] for index in (2, 3, 4)]
+    assert len(samples) == 3
+    for sample, hr in zip(samples, expected):
+        torch.testing.assert_close(sample["hr"], hr)
+    # More asked for than there are usable images: each usable one once.
+    assert len(training.validation_samples(5)) == 3
+
+
+def test_a_dataset_saved_with_save_to_disk_loads(tmp_path):
+    import datasets
+
+    rows = [{"bytes": png_bytes(random_image(32, 32, index)), "path": None} for index in range(3)]
+    saved = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    saved.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict(train=saved).save_to_disk(str(tmp_path / "splits"))
+    for folder in ("single", "splits"):
+        data = build_training_data(resolution=32, upscale_factor=4, dataset_name=str(tmp_path / folder))
+        assert len(data.dataset) == 3
+        assert data.dataset.sample(0, augment=False)["hr"].shape == (3, 32, 32)
+    streamed = build_training_data(
+        resolution=32, upscale_factor=4, dataset_name=str(tmp_path / "single"), streaming=True
+    )
+    assert len(streamed.validation_samples(5)) == 3

@@ -12,6 +12,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import demo
 from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
+from diffusers_sr3.photos import study_crops
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS
 
 
@@ -135,6 +136,7 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     stale = out / "model" / "checkpoint-99999"  # left by an interrupted earlier demo in the same folder
     stale.mkdir(parents=True)
     (stale / "training_state.json").write_text("{}")
+    (out / "model" / "model_index.json").write_text("{}")  # ... and a finished one's pipeline, which no run trains over
     _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.25, timed_step=100.0, bfloat16=False)
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] > 10
@@ -143,7 +145,7 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     assert summary["resumed_from"] is not None and summary["global_step"] == report["steps"]
     assert summary["checkpoints"] == []
     assert not [path.name for path in (out / "model").iterdir() if path.name.startswith("checkpoint")]
-    assert "checkpoint-99999: " in capsys.readouterr().out  # the run says what it removed
+    assert f"removed the earlier demo's model in {out / 'model'}" in capsys.readouterr().out
     assert SR3Pipeline.from_pretrained(str(out / "model")).unet is not None
 
 
@@ -164,3 +166,48 @@ def test_a_detail_setting_that_runs_no_step_is_refused_before_training(tmp_path)
     # strength 0.3 of 3 steps is int(0.9) = 0 steps, as Diffusers' image-to-image counts them
     code = main(["demo", "--output", str(tmp_path / "demo"), "--inference-steps", "3", "--strength", "0.3"])
     assert code == 2 and time.perf_counter() - started < 30 and not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--photo-size", "0"], "argument --photo-size: must be at least 1, got 0"),
+        (["--photo-size", "-5"], "argument --photo-size: must be at least 1, got -5"),
+        (["--threads", "-1"], "argument --threads: must be at least 1, got -1"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--width", "0"], "argument --width: must be at least 1, got 0"),
+        (["--train-crops", "0"], "argument --train-crops: must be at least 1, got 0"),
+        (["--seed", "-1"], f"argument --seed: must be from 0 to {2**32 - 1}, got -1"),
+    ],
+)
+def test_out_of_range_options_are_named_before_any_work(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--output", str(tmp_path / "demo"), *option])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [(["--minutes", text], f"--minutes must be a positive number, got {text}") for text in ("inf", "nan", "-1", "0")]
+    + [(["--width", text], f"--width must be 2, 4, 6 or a multiple of 8, got {text}") for text in ("3", "12")],
+)
+def test_settings_the_run_cannot_use_are_refused_before_any_work(tmp_path, capsys, option, message):
+    assert main(["demo", "--output", str(tmp_path / "demo"), *option]) == 2
+    assert capsys.readouterr().err == f"sr3 demo: error: {message}\n"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_photo_size_too_small_to_downscale_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("trained before checking --photo-size"))
+    arguments = ["demo", "--output", str(tmp_path / "demo"), "--train-crops", "4", "--eval-crops", "1"]
+    assert main(arguments + ["--photo-size", "3"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sr3 demo: error: --photo-size 3 makes the held-out photo") and error.count("\n") == 1
+    # The size named is the least that works for this photo.
+    least = int(error.split("give at least ")[1])
+    heldout = study_crops(32, 1, 1).heldout_photos[0]
+    assert min(demo._whole_photo(heldout, least).size) == demo.UPSCALE_FACTOR
+    with pytest.raises(ValueError, match=f"--photo-size {least - 1} makes"):
+        demo._whole_photo(heldout, least - 1)

@@ -243,3 +243,14 @@ def test_upscale_command_line_takes_window_size_in_detail_mode_only(tmp_path, ca
         assert main(["upscale", str(photo), "--output", str(tmp_path / "bad.png"), *bad]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_windows_batch_within_the_budget_of_the_tiled_network_they_wrap():
+    network = SizeDependentNetwork()
+    # sr3 upscale --max-tile-pixels: a TiledNetwork's budget of 2 windows per evaluation holds for the windows too.
+    tiled = TiledNetwork(network, tile_size=None, batch_size=None, max_pixels=2 * 32 * 32)
+    assert WindowedNetwork(tiled, 32, sigma=1.0).windows_per_batch == 2
+    assert WindowedNetwork(tiled, 32, sigma=1.0, max_pixels=5 * 32 * 32).windows_per_batch == 5
+    assert WindowedNetwork(network, 32, sigma=1.0).windows_per_batch == 64
+    WindowedNetwork(tiled, 32, sigma=1.0).windows(torch.randn(1, 6, 64, 64), torch.tensor([0.5]), {})
+    assert max(shape[0] for shape in network.shapes) == 2

@@ -391,3 +391,39 @@ def test_flat_grain_is_measured_on_the_flattest_crops():
     busy = hr.clone()
     busy[:9] += 2 / 127.5 * torch.randn(9, 1, 32, 32, generator=generator)
     assert metrics.image_quality(busy, hr, lr)["flat_grain"] == pytest.approx(clean["flat_grain"])
+
+
+def test_evaluate_module_scores_pil_images_as_the_metrics_functions_do(tmp_path):
+    """`datasets.Image` re-encodes JPEGs held in memory at quality 75 and re-reads files from disk: the module must
+    score the pixels it was given, as `metrics.psnr` does."""
+    import io
+
+    evaluate = pytest.importorskip("evaluate")
+    module = evaluate.load(metrics.evaluate_module_path())
+    rng = np.random.default_rng(0)
+    stream = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(stream, "JPEG", quality=95)
+    jpeg = PIL.Image.open(io.BytesIO(stream.getvalue()))  # no file name: `datasets` would encode it again
+    PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    edited = PIL.Image.open(tmp_path / "photo.png")
+    edited.paste((255, 0, 0), (0, 0, 16, 16))  # in memory only: the file keeps the old pixels
+    predictions, references = [metrics.to_uint8_rgb(jpeg), np.array(edited)], [jpeg, edited]
+    results = module.compute(predictions=predictions, references=references, per_image=True)
+    assert results["psnr_per_image"] == [math.inf, math.inf] and results["ssim_per_image"] == [1.0, 1.0]
+    module.add(prediction=predictions[0], reference=jpeg)
+    module.add_batch(predictions=[jpeg, edited], references=[predictions[0], predictions[1]])
+    assert module.compute()["psnr"] == math.inf
+
+
+def test_evaluate_module_errors_name_the_image_and_the_right_conversion():
+    evaluate = pytest.importorskip("evaluate")
+    module = evaluate.load(metrics.evaluate_module_path())
+    image = np.zeros((16, 16, 3), np.uint8)
+    # Diffusers' `output_type="np"` gives floats in [0, 1]: dividing them by 257 would make them black.
+    with pytest.raises(ValueError, match=r"predictions\[0\]: .*float32 \(\[0, 1\] floats: `\(image \* 255\)"):
+        module.compute(predictions=[image.astype(np.float32)], references=[image])
+    with pytest.raises(ValueError, match=r"references\[0\]: .*uint16 \(16-bit: `\(image / 257\)"):
+        module.compute(predictions=[image], references=[image.astype(np.uint16)])
+    small = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"^prediction 1: SSIM needs images of at least 11x11 pixels, got 8x8$"):
+        module.compute(predictions=[image, small], references=[image, small])

@@ -330,3 +330,29 @@ def test_a_one_channel_unconditional_model_gives_gray_images():
     np.testing.assert_allclose(np.asarray(output.images[1]), unit[1, 0].numpy() * 255, atol=0.51)
     array = pipeline(num_inference_steps=STEPS, output_type="np", num_intermediates=2)
     assert array.images.shape == (1, 16, 16, 1) and array.intermediates[0].shape == (1, 16, 16, 1)
+
+
+@pytest.mark.parametrize("output_type", ["latent", "PIL", "numpy"])
+def test_an_unsupported_output_type_is_refused_before_any_evaluation(tiny_pipeline, output_type, monkeypatch):
+    from diffusers_sr3 import SR3CascadePipeline
+
+    evaluations = []
+
+    def count(network):
+        monkeypatch.setattr(network, "forward", lambda *args, **kwargs: evaluations.append(1))
+
+    unconditional = unconditional_pipeline()
+    cascade = SR3CascadePipeline.from_stages(unconditional, [tiny_pipeline])
+    count(tiny_pipeline.unet)
+    count(unconditional.unet)
+    calls = [
+        lambda: run(tiny_pipeline, PIL.Image.new("RGB", (8, 8)), output_type=output_type),
+        lambda: run(tiny_pipeline, PIL.Image.new("RGB", (8, 8)), output_type=output_type, mode="fidelity"),
+        lambda: unconditional(num_inference_steps=STEPS, output_type=output_type),
+        lambda: cascade(num_inference_steps=STEPS, output_type=output_type),
+        lambda: cascade(PIL.Image.new("RGB", (8, 8)), num_inference_steps=STEPS, output_type=output_type),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"output_type must be 'pil', 'np' or 'pt', got '{output_type}'"):
+            call()
+    assert not evaluations

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -227,3 +228,76 @@ def test_a_damaged_state_file_is_named_and_overwrite_starts_afresh(source, tmp_p
     assert main(arguments + ["--overwrite"]) == 0
     state = json.loads(state_file.read_text())
     assert state["complete"] and state["written"] == 4 and len(list((out / "hr_32").iterdir())) == 4
+
+
+def test_overwrite_prepares_a_finished_dataset_again_and_a_changed_source_is_not_resumed(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "0"]
+    assert main(arguments) == 0
+    first = (out / "hr_32" / "00000.png").read_bytes()
+    # a.png fixed in place: same name, other content (and size)
+    PIL.Image.new("RGB", (64, 64), (200, 30, 30)).save(source / "a.png")
+    capsys.readouterr()
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "other settings (source file sizes or modification times differ)" in error
+    assert "--overwrite" in error and (out / "hr_32" / "00000.png").read_bytes() == first
+    assert main(arguments + ["--overwrite"]) == 0
+    assert "already complete" not in capsys.readouterr().out
+    assert read(out / "hr_32" / "00000.png").tolist() == [[[200, 30, 30]] * 32] * 32
+    # A finished dataset of unchanged sources: --overwrite prepares it again (it was "already complete" before).
+    (out / "hr_32" / "00000.png").write_bytes(b"damaged by hand")
+    assert main(arguments) == 0 and "already complete" in capsys.readouterr().out
+    assert main(arguments + ["--overwrite"]) == 0
+    assert read(out / "hr_32" / "00000.png").tolist() == [[[200, 30, 30]] * 32] * 32
+
+
+def test_a_state_written_before_sizes_and_times_were_recorded_still_resumes(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "0"]
+    assert main(arguments) == 0
+    state_file = out / ".sr3_prepare.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["files_size_mtime_sha256"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(arguments) == 0 and "already complete: 4 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["folder", "lmdb"])
+def test_a_folder_without_a_readable_image_fails_and_leaves_nothing(tmp_path, capsys, fmt):
+    if fmt == "lmdb":
+        pytest.importorskip("lmdb")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("a.png", "b.jpg", "c.webp"):
+        (source / name).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["prepare", str(source), "--out", str(out), "--format", fmt, "--n_worker", "0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
+    assert error.startswith(f"sr3 prepare: error: none of the 3 image files under {source} could be read")
+    assert "a.png" in error and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("kept")
+    assert main(["prepare", str(source), "--out", str(out), "--format", fmt, "--overwrite", "--n_worker", "0"]) == 2
+    assert sorted(path.name for path in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "parquet"])
+def test_file_names_that_are_not_utf8_are_prepared(source, tmp_path, capsys, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("datasets")
+    shutil.copy(source / "a.png", os.path.join(os.fsencode(source), b"caf\xe9.png"))
+    unreadable = os.path.join(os.fsencode(source / "sub"), b"\xff.png")
+    os.rename(os.fsencode(source / "sub" / "d.png"), unreadable)
+    out = tmp_path / "out"
+    assert main(["prepare", str(source), "--out", str(out), "--format", fmt, "--n_worker", "0"]) == 0
+    output = capsys.readouterr()
+    assert "skipped unreadable" in output.err + output.out and "sub/\ufffd.png" in output.err + output.out
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["complete"] and state["written"] == 5
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_table(next((out / "data").iterdir())).column("name").to_pylist()
+        assert names == ["a.png", "b.jpg", "caf\ufffd.png", "sub/c.png", "sub/e.webp"]

@@ -14,10 +14,12 @@ from conftest import low_resolution_unet
 from diffusers import (
     CogVideoXDPMScheduler,
     DDIMScheduler,
+    DDPMScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
+    ScoreSdeVeScheduler,
     TCDScheduler,
 )
 
@@ -189,3 +191,24 @@ def test_the_fidelity_line_of_a_written_card_names_one_evaluation(tmp_path):
     pipeline.save_pretrained(tmp_path / "model")
     card = open(write_pipeline_card(str(tmp_path / "model"), pipeline, "me/x"), encoding="utf-8").read()
     assert "no invented texture, one evaluation" in card and "4 steps" not in card
+
+
+def test_a_scheduler_of_another_noise_process_is_refused_in_one_line_in_detail_mode():
+    # ScoreSdeVeScheduler has no `step` (it predicts and corrects): reading its signature first was an AttributeError.
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
+    pipeline.scheduler = ScoreSdeVeScheduler()
+    with pytest.raises(ValueError, match="ScoreSdeVeScheduler cannot sample an SR3 model: it has no DDPM noise"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt")
+    with pytest.raises(ValueError, match="no DDPM noise schedule"):
+        check_scheduler_fits(ScoreSdeVeScheduler())
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_a_learned_variance_is_refused_before_the_network_runs(variance_type, monkeypatch):
+    pipeline = pipeline_with(make_scheduler("ddpm", n_timestep=100))
+    pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, variance_type=variance_type)
+    evaluations = []
+    monkeypatch.setattr(pipeline.unet, "forward", lambda *args, **kwargs: evaluations.append(1))
+    with pytest.raises(ValueError, match=f"variance_type='{variance_type}' cannot sample an SR3 model"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt")
+    assert not evaluations

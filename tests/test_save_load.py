@@ -1,7 +1,9 @@
 """Pipeline folders: the custom-code layout, both loaders, atomic saves and clear refusals."""
 
 import copy
+import errno
 import json
+import os
 
 import PIL.Image
 import pytest
@@ -33,6 +35,7 @@ def test_layout_on_disk(tmp_path, tiny_pipeline):
     assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text()
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.parent.glob(".sr3-save-*"))
+    assert not list(tmp_path.glob(".sr3-save-*"))
 
 
 def test_both_loaders_give_the_same_pipeline(tmp_path, tiny_pipeline):
@@ -126,7 +129,7 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
         tiny_pipeline.save_pretrained(target)
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert (target / "checkpoint-10" / "state.txt").read_text() == "keep me"
-    assert not list(tmp_path.glob(".sr3-save-*"))
+    assert not list(tmp_path.glob(".sr3-save-*")) and not list(target.glob(".sr3-save-*"))
     monkeypatch.undo()
     tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
@@ -159,3 +162,76 @@ def test_variants_are_saved_side_by_side_and_a_resave_leaves_no_stale_weights(tm
     assert sorted(path.name for path in (tmp_path / "unet").glob("*.fp16*")) == variant_files
     loaded = SR3Pipeline.from_pretrained(tmp_path, use_safetensors=False)
     torch.testing.assert_close(loaded.unet.conv_in.weight, main_weight)
+
+
+def test_a_save_stays_inside_its_folder(tmp_path, tiny_pipeline, monkeypatch):
+    """A mount point (or a symlink to another disk) cannot take a rename from its parent, and a read-only parent
+    takes no staging folder: the save must write nothing outside `save_directory`."""
+    target = tmp_path / "mount"
+    target.mkdir()
+    inside = str(target) + os.sep
+    real_replace, real_mkdtemp = os.replace, base.tempfile.mkdtemp
+
+    def same_filesystem_only(source, destination):
+        if not os.path.abspath(source).startswith(inside):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", source)
+        return real_replace(source, destination)
+
+    def writable_folder_only(*args, dir=None, **kwargs):
+        if not os.path.abspath(dir).startswith(str(target)):
+            raise OSError(errno.EROFS, "Read-only file system", dir)
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "replace", same_filesystem_only)
+    monkeypatch.setattr(base.tempfile, "mkdtemp", writable_folder_only)
+    tiny_pipeline.save_pretrained(target)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*")) and not list(target.glob(".sr3-save-*"))
+    torch.testing.assert_close(
+        SR3Pipeline.from_pretrained(target).unet.conv_in.weight, tiny_pipeline.unet.conv_in.weight
+    )
+
+
+def test_a_killed_saves_staging_folder_is_removed_by_the_next_save(tmp_path, tiny_pipeline, monkeypatch):
+    stale = tmp_path / ".sr3-save-killed"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half a model")
+    tiny_pipeline.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob(".sr3-save-*"))
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > len(b"half a model")
+
+    def crash(folder):
+        raise OSError("disk full")
+
+    # A failed first save into a new folder leaves no folder behind.
+    monkeypatch.setattr(base, "write_remote_code_layout", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_pipeline.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_both_loaders_take_a_passed_guide_or_none(tmp_path, tiny_pipeline, tiny_unet):
+    guide, other = (SR3UNet2DModel.from_config(tiny_unet.config) for _ in range(2))
+    guided = SR3Pipeline(tiny_unet, tiny_pipeline.scheduler, guidance_unet=guide)
+    assert SR3Pipeline(tiny_unet, tiny_pipeline.scheduler).guidance_unet is None
+    assert SR3Pipeline.from_pipe(guided).guidance_unet is guide
+    guided.save_pretrained(tmp_path)
+    for load in (
+        SR3Pipeline.from_pretrained,
+        lambda folder, **kwargs: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, **kwargs),
+    ):
+        assert isinstance(load(tmp_path).guidance_unet, SR3UNet2DModel)
+        assert load(tmp_path, guidance_unet=other).guidance_unet is other
+        assert load(tmp_path, guidance_unet=None).guidance_unet is None
+        assert load(tmp_path, unet=other).unet is other
+
+
+def test_the_generic_loader_takes_a_passed_cascade_stage_or_none(tmp_path, tiny_pipeline):
+    from diffusers_sr3 import SR3CascadePipeline
+
+    SR3CascadePipeline.from_stages(None, [tiny_pipeline, tiny_pipeline]).save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, stage_2=None)
+    assert loaded.stage_1 is not None and loaded.stage_2 is None
+    assert DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, stage_2=tiny_pipeline).stage_2 is (
+        tiny_pipeline
+    )

@@ -237,3 +237,49 @@ def test_a_budget_tile_shorter_than_the_default_overlap_still_tiles(tiny_pipelin
         tiny_pipeline, torch.rand(1, 3, 4, 29), max_tile_pixels=64, num_inference_steps=2, output_type="pt"
     )
     assert output.images.shape == (1, 3, 16, 116) and torch.isfinite(output.images).all()
+
+
+def test_an_overlap_the_factor_grid_cannot_meet_is_refused_and_never_duplicates_tiles():
+    network = low_resolution_unet()  # downsampling factor 16
+    # Starts on multiples of 16 overlap by at most tile - 16: 56 on 64-pixel tiles planned 65536 tiles.
+    with pytest.raises(ValueError, match="overlap must lie in 0-48 for 64-pixel tiles .* got 56"):
+        TiledNetwork(network, tile_size=64, overlap=56)
+    with pytest.raises(ValueError, match="overlap <= tile_size - 16"):
+        tile_starts(1024, 64, 56, align=16)
+    # The default overlap (a quarter of the tile) fits the grid: 16-pixel tiles tile without overlap.
+    tiled = TiledNetwork(network, tile_size=16)
+    assert tiled.plan(64, 64).overlap == 0 and len(tiled.tiles(64, 64)) == 16
+    assert plan_tiles(network, 1024, 1024, tile_size=64).overlap == 16
+    # A length off the grid rounds two starts together: one tile of them is kept.
+    assert tile_starts(33, 16, 0, align=16) == [0, 16]
+
+
+def test_a_given_overlap_is_checked_not_clamped():
+    network = low_resolution_unet()
+    for overlap in (-5, 100000):
+        with pytest.raises(ValueError, match=f"overlap must lie in 0-1008 .* got {overlap}"):
+            TiledNetwork(network, tile_size=None, overlap=overlap)
+        with pytest.raises(ValueError, match="overlap must lie in"):
+            plan_tiles(network, 2048, 2048, overlap=overlap)
+    with pytest.raises(ValueError, match="0 <= overlap"):
+        tile_starts(64, 32, -1)
+    with pytest.raises(ValueError, match="tile_size 0 is not a positive multiple"):
+        TiledNetwork(network, tile_size=0)
+
+
+def test_an_untiled_batch_larger_than_the_budget_runs_in_budget_sized_calls():
+    network = LocalNetwork(**tiny_unet_config()).eval()
+    network.window = 3
+    shapes = []
+    handle = network.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    # A 32x32 image (pixel-unshuffle 1) fills a budget of 2 images: a batch of 5 runs as 2 + 2 + 1.
+    tiled = TiledNetwork(network, tile_size=None, batch_size=None, max_pixels=2 * 32 * 32)
+    sample, level = torch.rand(5, 6, 32, 32) * 2 - 1, torch.linspace(0.1, 0.9, 5)
+    try:
+        output = tiled(sample, level)[0]
+        assert [shape[0] for shape in shapes] == [2, 2, 1]
+        assert tiled.count_evaluations(32, 32, 5) == (5, 3)
+        assert tiled.count_evaluations(32, 32, 2) == (2, 1)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(output, network(sample, level)[0])

@@ -186,6 +186,8 @@ def test_bad_values_files_and_data_are_one_line_errors_before_training(tmp_path,
         "none of the 3 images of": dict(train_data_dir=str(corrupt)),
         "max_train_samples must be at least 1, got 0": dict(max_train_samples=0),
         f"--output_dir {tmp_path / 'a_file'} is a file, not a folder": dict(output_dir=str(tmp_path / "a_file")),
+        # Validation measures SSIM, with an 11x11 window: before, this trained, then failed at the first validation.
+        "resolution 8 is too small for super-resolution": dict(resolution=8),
     }
     for message, overrides in refused.items():
         overrides = {"train_data_dir": data, "checkpointing_steps": 1, **overrides}
@@ -219,6 +221,82 @@ def test_a_new_run_does_not_write_into_an_earlier_runs_checkpoints(tmp_path, mon
     assert "--resume_from_checkpoint latest" in err
     assert (output / "checkpoint-2" / "model.safetensors").read_bytes() == before
     assert run_script(SR_SCRIPT, as_argv({**again, "resume_from_checkpoint": "latest"}), monkeypatch) == 0
+
+
+def test_a_trained_pipeline_without_checkpoints_is_not_trained_over(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, train_data_dir=data, max_train_steps=1)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+    weights = output / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    # Before, both started from scratch and overwrote the trained model, with an INFO line at most.
+    for again in (options, {**options, "resume_from_checkpoint": "latest"}):
+        assert run_script(SR_SCRIPT, as_argv(again), monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert f"{output} holds a trained pipeline and no checkpoint to resume" in err, err
+        assert f"--pretrained_model_name_or_path {output} --output_dir <another folder>" in err
+        assert "Traceback" not in err
+    assert weights.read_bytes() == before
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "read-only"
+    output.mkdir()
+    output.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders: make the write fail as it would for anyone else
+
+        def denied(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", dir)
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    started = []
+    monkeypatch.setattr("diffusers_sr3.training.trainer.build_model", lambda config: started.append(config))
+    try:
+        options = fast_options(output, train_data_dir=data, checkpointing_steps=2)
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    finally:
+        output.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"--output_dir {output} is not writable (Permission denied)" in err, err
+    assert not started and "Traceback" not in err
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    def disk_full(self, output_dir=None, **kwargs):
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "model.safetensors"), "wb") as handle:
+            handle.write(b"part of a file")
+        # What torch.save raises when the disk fills up.
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write "
+            "failed"
+        )
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full)
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    output.mkdir()  # kept after the failure, to look into
+    options = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=1)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write checkpoint-1 in {output} (" in err and " GiB free there): [enforce fail" in err, err
+    assert "Traceback" not in err
+    assert not [name for name in os.listdir(output) if "checkpoint" in name]
+
+
+def test_image_options_of_super_resolution_are_refused_for_unconditional_training(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    image = os.path.join(data, sorted(name for name in os.listdir(data) if name.endswith(".png"))[0])
+    options = fast_options(tmp_path / "out", preset="tiny_uncond", train_data_dir=data, validation_images=[image])
+    assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 2
+    assert "--validation_images applies to super-resolution only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_resuming_refuses_another_models_or_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
@@ -759,3 +837,14 @@ def test_help_lists_every_preset(monkeypatch, capsys):
     options = help_text.split("options:", 1)[1]
     listed = options.split("--preset PRESET", 1)[1].split("--model_config_name_or_path", 1)[0]
     assert all(name in listed.replace(",", " ").split() for name in PRESETS), listed
+
+
+def test_training_help_states_each_default_once():
+    import argparse
+    import re
+
+    parser = add_training_arguments(argparse.ArgumentParser())
+    for action in parser._actions:
+        if action.help and action.dest != "help":
+            assert len(re.findall(r"\(default", action.help)) <= 1, action.help
+            assert "(default: None)" not in action.help, action.help

@@ -11,7 +11,12 @@ from test_data import make_image_folder
 from test_training import fast_options
 
 from diffusers_sr3.training import Trainer, TrainingConfig, train
-from diffusers_sr3.training.checkpointing import list_checkpoints, resolve_checkpoint
+from diffusers_sr3.training.checkpointing import (
+    finish_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+    temporary_checkpoint_dir,
+)
 
 
 def resume_options(tmp_path, output, **overrides):
@@ -239,3 +244,73 @@ def test_max_train_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path
     assert_same(weights(straight / "checkpoint-8"), weights(limited / "checkpoint-8"))
     with pytest.raises(ValueError, match="max_train_minutes"):
         resume_options(tmp_path, tmp_path / "bad", max_train_minutes=0)
+
+
+def test_resuming_refuses_settings_that_change_what_the_weights_mean(tmp_path):
+    output = tmp_path / "out"
+    trained = dict(prediction_type="v_prediction", max_train_steps=2, checkpointing_steps=2)
+    train(resume_options(tmp_path, output, **trained))
+    resume = dict(trained, max_train_steps=3, resume_from_checkpoint="latest")
+    checkpoint = output / "checkpoint-2"
+    # Before, each of these went on silently and saved a model whose weights mean something else.
+    refused = {
+        "--prediction_type v_prediction there, epsilon here": dict(prediction_type=None),
+        "--residual False there, True here": dict(residual=True),
+        "--use_ema True there, False here": dict(use_ema=False),
+        "--beta_end 0.01 there, 0.02 here": dict(beta_end=0.02),
+        "--condition_noise_level 0 there, 0.1 here": dict(condition_noise_level=0.1),
+    }
+    for message, change in refused.items():
+        with pytest.raises(ValueError, match="trained with other settings") as error:
+            train(resume_options(tmp_path, output, **dict(resume, **change)))
+        assert f"{checkpoint} was trained with other settings ({message}" in str(error.value)
+        assert list_checkpoints(str(output))[-1].endswith("checkpoint-2")
+    # Checkpoints written before the settings were recorded resume as they did.
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["objective"]["prediction_type"] == "v_prediction" and state["objective"]["residual_scale"] is None
+    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "objective"}))
+    trainer = Trainer(resume_options(tmp_path, output, **resume))
+    trainer.run()
+    assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["global_step"] == 3
+
+
+def test_resuming_an_older_checkpoint_refuses_while_later_ones_remain(tmp_path):
+    output = tmp_path / "out"
+    train(resume_options(tmp_path, output, max_train_steps=3, checkpointing_steps=1, use_ema=False))
+    assert [os.path.basename(path) for path in list_checkpoints(str(output))] == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    # Before, this replaced checkpoint-2, pruned it as the oldest, and left the abandoned run's checkpoint-3 to be
+    # `latest`.
+    older = resume_options(
+        tmp_path,
+        output,
+        max_train_steps=2,
+        checkpointing_steps=1,
+        checkpoints_total_limit=1,
+        use_ema=False,
+        resume_from_checkpoint="checkpoint-1",
+    )
+    with pytest.raises(ValueError, match=r"saved after checkpoint-1 \(checkpoint-2, checkpoint-3\): move or delete"):
+        train(older)
+    assert len(list_checkpoints(str(output))) == 3
+    shutil.rmtree(output / "checkpoint-2")
+    shutil.rmtree(output / "checkpoint-3")
+    trainer = Trainer(older)
+    trainer.run()
+    assert trainer.summary["global_step"] == 2
+    assert [os.path.basename(path) for path in list_checkpoints(str(output))] == ["checkpoint-2"]
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    output = tmp_path / "out"
+    for step in (4, 8):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / "training_state.json").write_text(json.dumps({"global_step": step}))
+    temporary = temporary_checkpoint_dir(str(output), 6)
+    os.makedirs(temporary)
+    finish_checkpoint(temporary, str(output), 6, {"global_step": 6}, None, 1)
+    assert [os.path.basename(path) for path in list_checkpoints(str(output))] == ["checkpoint-6"]

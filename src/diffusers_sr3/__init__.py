@@ -18,6 +18,9 @@ from .pipelines import (
     SR3PipelineOutput,
     SR3UnconditionalPipeline,
 )
+from .pipelines.base import register_remote_code_modules
+
+register_remote_code_modules()
 
 __version__ = "0.1.0"
 

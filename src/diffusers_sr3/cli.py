@@ -30,17 +30,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether `error` is torch running out of accelerator memory (CUDA, MPS) or the CPU allocator failing."""
+    import torch  # here, not at the top: a Ctrl-C while torch loads is then caught in `main`
+
+    message = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (2 with a one-line message for bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
+    interrupted, also while the subcommands are imported)."""
+    prog = "sr3"
     try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ImportError) as error:
-        print(f"sr3 {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        prog = f"sr3 {args.command}"
+        try:
+            return int(args.run(args) or 0)
+        except (ValueError, OSError, ImportError) as error:
+            # OSError: unwritable or full outputs, and the EnvironmentError (several lines, joined) that Diffusers
+            # raises for a damaged model folder.
+            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        except RuntimeError as error:
+            if not _out_of_memory(error):
+                raise
+            hint = "lower --batch-size or the image size" if hasattr(args, "batch_size") else "use smaller images"
+            print(f"{prog}: error: out of memory; {hint} ({_one_line(error)})", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print(f"sr3 {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -19,7 +19,7 @@ whole: it has little interior for the border to miss, and its subject may not fi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,8 @@ class WindowedNetwork(NetworkStandIn):
             of its downsampling factor.
         sigma: the Gaussian low-pass's standard deviation in output pixels; detail finer than it comes from the
             windows.
-        max_pixels: network-grid pixels per evaluation of windows (as [`TiledNetwork`]'s budget).
+        max_pixels: network-grid pixels per evaluation of windows; defaults to the budget of the [`TiledNetwork`]
+            it wraps (`sr3 upscale --max-tile-pixels`), else `DEFAULT_MAX_TILE_PIXELS`.
         min_windows_across: an input with fewer windows than this on its shorter side runs whole.
     """
 
@@ -71,7 +72,7 @@ class WindowedNetwork(NetworkStandIn):
         network: Any,
         window_size: int,
         sigma: float,
-        max_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+        max_pixels: Optional[int] = None,
         min_windows_across: int = MIN_WINDOWS_ACROSS,
     ):
         super().__init__(network)
@@ -84,7 +85,10 @@ class WindowedNetwork(NetworkStandIn):
             raise ValueError(f"the low-pass sigma must be positive, got {sigma}")
         if min_windows_across < 1:
             raise ValueError(f"min_windows_across must be at least 1, got {min_windows_across}")
-        self.local_network = network.network if isinstance(network, TiledNetwork) else network
+        tiled = isinstance(network, TiledNetwork)
+        if max_pixels is None:
+            max_pixels = network.max_pixels if tiled else DEFAULT_MAX_TILE_PIXELS
+        self.local_network = network.network if tiled else network
         self.window_size = int(window_size)
         self.sigma = float(sigma)
         self.min_windows_across = int(min_windows_across)
@@ -137,9 +141,9 @@ class WindowedNetwork(NetworkStandIn):
 
 @contextlib.contextmanager
 def windowed_networks(
-    pipeline: Any, window_size: int, sigma: float, max_pixels: int = DEFAULT_MAX_TILE_PIXELS
+    pipeline: Any, window_size: int, sigma: float, max_pixels: Optional[int] = None
 ) -> Iterator[None]:
     """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block (neither
-    reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`])."""
+    reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`]); `max_pixels` as there."""
     with stand_ins(pipeline, lambda network: WindowedNetwork(network, window_size, sigma, max_pixels)):
         yield

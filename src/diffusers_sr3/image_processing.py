@@ -153,20 +153,36 @@ def tensor_to_pil(images: torch.Tensor) -> List[PIL.Image.Image]:
     return [PIL.Image.fromarray(item[..., 0] if channels == 1 else item) for item in array]
 
 
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def check_output_type(output_type: str) -> None:
+    """Refuse an `output_type` that [`postprocess`] cannot give, before a pipeline spends its refinement on it.
+
+    Raises:
+        ValueError: for anything but "pil", "np" and "pt". SR3 refines pixels, so Diffusers' "latent" has nothing to
+            return: "pt" is the result as a tensor.
+    """
+    if output_type not in OUTPUT_TYPES:
+        hint = (
+            " (SR3 refines pixels, not latents: 'pt' gives the result as a tensor)" if output_type == "latent" else ""
+        )
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}{hint}")
+
+
 def postprocess(images: torch.Tensor, output_type: str) -> Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]:
     """Convert `(B, C, H, W)` in [-1, 1] to the pipelines' output types, keeping the channel count `C`.
 
     `"pil"`: list of PIL images (RGB; "L" for one channel, see [`tensor_to_pil`]); `"np"`: `(B, H, W, C)` float32
     in [0, 1]; `"pt"`: `(B, C, H, W)` float32 in [0, 1].
     """
+    check_output_type(output_type)
     if output_type == "pil":
         return tensor_to_pil(images)
     unit = ((images.float() + 1) / 2).clamp(0, 1)
     if output_type == "pt":
         return unit
-    if output_type == "np":
-        return unit.permute(0, 2, 3, 1).cpu().numpy()
-    raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+    return unit.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def load_image(path: str) -> PIL.Image.Image:

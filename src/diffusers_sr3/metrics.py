@@ -198,7 +198,12 @@ def image_set_metrics(
             raise ValueError(
                 f"prediction {index} is {sr.shape[1]}x{sr.shape[0]}, its reference {hr.shape[1]}x{hr.shape[0]}"
             )
-        for name, value in pair_metrics(sr, hr, lr).items():
+        lr = None if lr is None else to_uint8_rgb(lr, f"low_resolution {index}")
+        try:
+            values = pair_metrics(sr, hr, lr)
+        except ValueError as error:  # SSIM's minimum size, a low-resolution input of the wrong size: say which
+            raise ValueError(f"prediction {index}: {error}") from None
+        for name, value in values.items():
             per_image.setdefault(name, []).append(value)
     return per_image
 

@@ -11,7 +11,7 @@ import copy
 import inspect
 import math
 from types import MappingProxyType
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import diffusers
 import numpy as np
@@ -189,8 +189,21 @@ def scheduler_takes_eta(scheduler: SchedulerMixin) -> bool:
 # Schedulers of consistency-distilled networks (a few large jumps along the schedule), refused by name.
 CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
 
+# Scheduler variance types whose variance the network outputs beside its prediction (improved DDPM, DeepFloyd IF).
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
 # (scheduler class, settings) pairs that `check_scheduler_fits` has seen take a step.
 _FITTING_SCHEDULERS: set = set()
+
+
+def _extra_step_arguments(scheduler: SchedulerMixin) -> List[str]:
+    """The arguments without a default that the scheduler's `step` takes besides the output, timestep and sample."""
+    return [
+        parameter.name
+        for parameter in list(inspect.signature(scheduler.step).parameters.values())[3:]
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
 
 
 def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
@@ -206,29 +219,31 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
     flow-matching schedulers do not have, and inverse schedulers run it backwards (image to noise). So are the
     schedulers of consistency-distilled models (LCM, TCD): they have the schedule, but their steps assume a network
     distilled to jump along it, and an SR3 network's samples stay over-smoothed at any step count. And so are
-    schedulers whose `step` needs more than the network's output, the timestep and the sample (video schedulers).
+    schedulers whose `step` needs more than the network's output, the timestep and the sample (video schedulers),
+    and learned variance types (`variance_type` "learned" / "learned_range"), which read a variance from output
+    channels that SR3 networks do not have.
     """
     name = type(scheduler).__name__
-    required = [
-        parameter
-        for parameter in list(inspect.signature(scheduler.step).parameters.values())[3:]
-        if parameter.default is inspect.Parameter.empty
-        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-    ]
     if not hasattr(scheduler, "alphas_cumprod"):
         problem = "it has no DDPM noise schedule (alphas_cumprod), it samples another noise process"
     elif name.endswith("InverseScheduler"):
         problem = "it runs the schedule backwards, from image to noise"
     elif name in CONSISTENCY_SCHEDULERS:
         problem = "it samples consistency-distilled models, which SR3 networks are not"
-    elif required:
-        problem = f"its step needs {', '.join(p.name for p in required)} besides the network's output"
+    elif required := _extra_step_arguments(scheduler):  # read after the tests above: SDE schedulers have no step
+        problem = f"its step needs {', '.join(required)} besides the network's output"
     else:
         problem = None
     if problem:
         raise ValueError(
             f"{name} cannot sample an SR3 model: {problem}; pick a DDPM-family scheduler, e.g. ddim, ddpm, "
             "dpmsolver, unipc or euler"
+        )
+    variance_type = scheduler.config.get("variance_type")
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        raise ValueError(
+            f"{name} with variance_type={variance_type!r} cannot sample an SR3 model: it reads a variance from extra "
+            "output channels, which SR3 networks do not have; use variance_type='fixed_small' (SR3's)"
         )
     settings = (type(scheduler), repr(sorted((k, v) for k, v in scheduler.config.items() if k != "trained_betas")))
     if settings in _FITTING_SCHEDULERS:

@@ -27,25 +27,31 @@ from .image_processing import ImageInput
 from .pipelines.base import stand_ins
 
 
-def _check_tiles(tile: int, overlap: int) -> None:
-    if tile < 1 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got {tile} and {overlap}")
+def _check_tiles(tile: int, overlap: int, align: int = 1) -> None:
+    # Distinct starts on a grid of `align` lie at least `align` apart, so neighbours overlap by `tile - align` at most.
+    if tile < 1 or not 0 <= overlap <= tile - align:
+        raise ValueError(
+            f"need tile_size >= 1 and 0 <= overlap <= tile_size - {align} (tile starts are multiples of {align}), "
+            f"got {tile} and {overlap}"
+        )
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> List[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, evenly spread, neighbours overlapping >= `overlap`.
 
     A length that fits in one tile gives `[0]` (the tile is then clipped to `length`). With `align`, every start is
-    a multiple of `align` (`length` and `tile` should then be multiples of it, so the last tile ends at `length`).
+    a multiple of `align` (`length` and `tile` should then be multiples of it, so the last tile ends at `length`);
+    `overlap` is then at most `tile - align`. No start appears twice.
     """
-    _check_tiles(tile, overlap)
+    _check_tiles(tile, overlap, align)
     if length <= tile:
         return [0]
     count = math.ceil((length - overlap) / (tile - overlap))
     while True:
         starts = [align * round(index * (length - tile) / (count - 1) / align) for index in range(count)]
         if all(left + tile - right >= overlap for left, right in zip(starts, starts[1:])) or count >= length:
-            return starts
+            # Rounding to the grid can put two tiles at one start (a length off the grid): one of them does.
+            return list(dict.fromkeys(starts))
         count += 1
 
 
@@ -81,6 +87,38 @@ def _unshuffle_factor(network: Any) -> int:
     return int(network.config.get("pixel_unshuffle_factor", 1) or 1)
 
 
+def _largest_tile(network: Any, max_pixels: int) -> int:
+    """Side of the largest square tile, on the downsampling factor's grid, within `max_pixels` network-grid pixels."""
+    factor = network.downsampling_factor
+    return max(factor, int(math.isqrt(max_pixels * _unshuffle_factor(network) ** 2)) // factor * factor)
+
+
+def largest_overlap(network: Any, tile_size: Optional[int] = None, max_pixels: int = DEFAULT_MAX_TILE_PIXELS) -> int:
+    """The largest tile overlap `network` can run: `tile_size` minus its downsampling factor (tile starts are
+    multiples of the factor), or, without `tile_size`, that of the largest tile [`plan_tiles`] plans within
+    `max_pixels`."""
+    return (_largest_tile(network, max_pixels) if tile_size is None else tile_size) - network.downsampling_factor
+
+
+def _check_settings(network: Any, tile_size: Optional[int], overlap: Optional[int], max_pixels: int) -> None:
+    """Refuse tile settings `network` cannot run, whatever the image size."""
+    factor = network.downsampling_factor
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if tile_size is not None and (tile_size < 1 or tile_size % factor):
+        raise ValueError(f"tile_size {tile_size} is not a positive multiple of the UNet's downsampling factor {factor}")
+    if overlap is not None:
+        limit = largest_overlap(network, tile_size, max_pixels)
+        tiles = (
+            f"{tile_size}-pixel tiles" if tile_size is not None else f"the largest tile max_pixels {max_pixels} allows"
+        )
+        if not 0 <= overlap <= limit:
+            raise ValueError(
+                f"the tile overlap must lie in 0-{limit} for {tiles} (tile size minus the UNet's downsampling factor "
+                f"{factor}), got {overlap}"
+            )
+
+
 def default_overlap(network: Any) -> int:
     """Overlap of automatically planned tiles: half the training crop (`sample_size // 2`), on the factor grid."""
     factor = network.downsampling_factor
@@ -102,8 +140,10 @@ def plan_tiles(
 
     Without `tile_size`, the image runs untiled when it holds at most `max_pixels` network-grid pixels; otherwise
     it is cut into the fewest evenly sized tiles that each fit the budget. Without `batch_size`, as many tiles as fit
-    the budget run together. `overlap` defaults to [`default_overlap`] (a quarter of an explicit `tile_size`).
+    the budget run together. `overlap` defaults to [`default_overlap`] (a quarter of an explicit `tile_size`, at most
+    `tile_size` minus the downsampling factor); a given one is at most [`largest_overlap`].
     """
+    _check_settings(network, tile_size, overlap, max_pixels)
     factor = network.downsampling_factor
     budget = max_pixels * _unshuffle_factor(network) ** 2  # image pixels per evaluation
     if tile_size is None:
@@ -111,8 +151,8 @@ def plan_tiles(
         if height * width <= budget:
             tile_size = math.ceil(max(height, width) / factor) * factor
         else:
-            largest = max(factor, int(math.isqrt(budget)) // factor * factor)
-            overlap = max(0, min(overlap, largest - factor))  # tiles overlap by less than their own length
+            largest = _largest_tile(network, max_pixels)
+            overlap = min(overlap, largest - factor)  # only a default can be larger: tiles overlap by less than a tile
             needed = []
             for length in (height, width):
                 if length <= largest:
@@ -124,7 +164,7 @@ def plan_tiles(
         # One tile covers a small image whole, so its overlap never applies; it only has to be a valid one.
         overlap = max(0, min(overlap, tile_size - factor))
     elif overlap is None:
-        overlap = tile_size // 4
+        overlap = min(tile_size // 4, tile_size - factor)
     if batch_size is None:
         batch_size = max(1, budget // (min(tile_size, height) * min(tile_size, width)))
     return TilePlan(int(tile_size), int(overlap), int(batch_size))
@@ -162,7 +202,8 @@ class TiledNetwork(NetworkStandIn):
         network: the SR3 UNet (or a stand-in with the same call signature, such as an ONNX Runtime backend).
         tile_size: tile height and width (a multiple of its downsampling factor); None plans tiles per image size
             with [`plan_tiles`] (untiled when the image fits `max_pixels`).
-        overlap: minimum overlap of neighbouring tiles in pixels; blending happens across it.
+        overlap: minimum overlap of neighbouring tiles in pixels; blending happens across it. At most
+            [`largest_overlap`]: `tile_size` minus the downsampling factor.
         batch_size: tiles run through the network together; None fills `max_pixels`.
         max_pixels: network-grid pixels per evaluation for planned tiles and batches.
         progress: an object with an `evaluation(count)` context manager, entered around every network call with
@@ -179,15 +220,9 @@ class TiledNetwork(NetworkStandIn):
         progress: Optional[Any] = None,
     ):
         super().__init__(network)
-        factor = network.downsampling_factor
-        if tile_size is not None:
-            if tile_size % factor:
-                raise ValueError(f"tile_size {tile_size} is not a multiple of the UNet's downsampling factor {factor}")
-            _check_tiles(tile_size, tile_size // 4 if overlap is None else overlap)
+        _check_settings(network, tile_size, overlap, max_pixels)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"the tile batch size must be at least 1, got {batch_size}")
-        if max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.tile_size = tile_size
         self.overlap = overlap
         self.batch_size = batch_size
@@ -234,10 +269,10 @@ class TiledNetwork(NetworkStandIn):
 
     def count_evaluations(self, height: int, width: int, images: int = 1) -> Tuple[int, int]:
         """`(crops, network calls)` per refinement step for `images` inputs of `height x width`."""
-        tiles = len(self.tiles(height, width))
-        if tiles == 1:
+        tiles, batch_size = len(self.tiles(height, width)), self.plan(height, width).batch_size
+        if tiles == 1 and images <= batch_size:
             return images, 1
-        return images * tiles, math.ceil(images * tiles / self.plan(height, width).batch_size)
+        return images * tiles, math.ceil(images * tiles / batch_size)
 
     def _evaluation(self, count: int):
         return self.progress.evaluation(count) if self.progress is not None else contextlib.nullcontext()
@@ -246,7 +281,8 @@ class TiledNetwork(NetworkStandIn):
         """Blend the network's outputs over the tiles of `sample` `(B, C, H, W)`; returns `(output,)`."""
         batch, _, height, width = sample.shape
         plan, tiles, total = self._layout(height, width, sample.device)
-        if len(tiles) == 1:
+        # A batch larger than the plan's would exceed the budget in one call: it runs in chunks like tiles do.
+        if len(tiles) == 1 and batch <= plan.batch_size:
             with self._evaluation(batch):
                 return (self.network(sample, noise_level, return_dict=False, **kwargs)[0],)
         per_sample = {
@@ -346,8 +382,8 @@ def tiled_super_resolve(
         image: the low-resolution input(s), anything the pipeline accepts.
         tile_size: tile size at the output resolution; defaults to the whole image when it holds at most
             `max_tile_pixels` network-grid pixels, else the fewest evenly sized tiles that fit ([`plan_tiles`]).
-        overlap: overlap of neighbouring tiles; defaults to half the UNet's `sample_size` (a quarter of an explicit
-            `tile_size`).
+        overlap: overlap of neighbouring tiles, at most [`largest_overlap`]; defaults to half the UNet's
+            `sample_size` (a quarter of an explicit `tile_size`).
         tile_batch_size: tiles run through the UNet together; defaults to as many as fit `max_tile_pixels`.
         max_tile_pixels: network-grid pixels (image pixels / pixel_unshuffle_factor**2) per evaluation.
         progress: see [`TiledNetwork`].

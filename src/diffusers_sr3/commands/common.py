@@ -6,14 +6,14 @@ import argparse
 import contextlib
 import os
 import uuid
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 
 from ..backends import resolve_device
 from ..image_io import IMAGE_EXTENSIONS, find_images  # noqa: F401 (re-exported: they lived here before)
 from ..noise import SCHEDULERS, swap_scheduler
-from ..pipelines import SR3BasePipeline
+from ..pipelines import SR3BasePipeline, SR3CascadePipeline
 
 DTYPES = {
     "float32": torch.float32,
@@ -36,9 +36,45 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, default_model: Optional[str] = None) -> None:
-    """--model (required unless `default_model` names a fallback), --scheduler, --steps (`steps_help`), --seed,
-    --device, --dtype."""
+def step_counts(text: str) -> Union[int, List[int]]:
+    """An argparse type: a step count of at least 1 (`at_least_one`), or a comma list of them, one per stage of a
+    cascade (`100,50,25`)."""
+    if "," not in text:
+        return at_least_one(text)
+    return [at_least_one(part) for part in text.split(",")]
+
+
+def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (inclusive; no upper bound when None).
+
+    Argparse names the option in front of the message, so an out-of-range value is refused before any work, not
+    met later as an error of the code it reaches (a seed past 64 bits: "Overflow when unpacking long long")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+# A generator's seed is 64 bits; image i of a run takes seed + i, which stays within them from any seed in this range.
+SEED = whole_number(-(2**63), 2**63 - 1)
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    steps_help: str,
+    default_model: Optional[str] = None,
+    steps_type: Callable[[str], object] = at_least_one,
+) -> None:
+    """--model (required unless `default_model` names a fallback), --scheduler, --steps (`steps_help`, parsed by
+    `steps_type`), --seed, --device, --dtype."""
     if default_model:
         parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
     else:
@@ -46,13 +82,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, defaul
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the saved one")
     parser.add_argument(
         "--steps",
-        type=at_least_one,
+        type=steps_type,
         default=None,
         help=steps_help,
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=SEED,
         default=0,
         help="random seed: image i of the run draws from seed + i, so results do not depend on --batch-size",
     )
@@ -62,7 +98,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, steps_help: str, defaul
 
 def add_save_process_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """`--save-process [N]`: also write N snapshots along the refinement (8 when N is omitted, 0 = off)."""
-    parser.add_argument("--save-process", type=int, nargs="?", const=8, default=0, metavar="N", help=help_text)
+    parser.add_argument(
+        "--save-process", type=whole_number(0), nargs="?", const=8, default=0, metavar="N", help=help_text
+    )
 
 
 def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
@@ -74,8 +112,11 @@ def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(start, stop)]
 
 
-def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> SR3BasePipeline:
-    """Load `args.model` with the requested scheduler, device and dtype."""
+def load_pipeline(
+    args: argparse.Namespace, expected: Optional[Union[Type, Tuple[Type, ...]]] = None
+) -> SR3BasePipeline:
+    """Load `args.model` with the requested scheduler, device and dtype; refuse one that is not of the `expected`
+    class (or of one of a tuple of classes)."""
     device = resolve_device(args.device)
     if args.model is None:
         from ..pretrained import default_model_path
@@ -83,9 +124,14 @@ def load_pipeline(args: argparse.Namespace, expected: Optional[type] = None) -> 
         args.model = default_model_path()
     pipeline = SR3BasePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     if expected is not None and not isinstance(pipeline, expected):
-        raise ValueError(f"{args.model} holds a {type(pipeline).__name__}; this command needs a {expected.__name__}")
+        names = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
+        raise ValueError(f"{args.model} holds a {type(pipeline).__name__}; this command needs a {names}")
     if args.scheduler:
-        pipeline.scheduler = swap_scheduler(pipeline.scheduler, args.scheduler)
+        # A cascade has no scheduler of its own: each of its pipelines has one.
+        parts = [pipeline.base, *pipeline.stages] if isinstance(pipeline, SR3CascadePipeline) else [pipeline]
+        for part in parts:
+            if part is not None:
+                part.scheduler = swap_scheduler(part.scheduler, args.scheduler)
     return pipeline.to(device)
 
 

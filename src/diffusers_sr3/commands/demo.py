@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
 from typing import Any, Dict, List
 
+import PIL.Image
 import torch
 
 from .. import metrics
@@ -40,6 +42,7 @@ from ..tiling import tiled_super_resolve
 from ..training.checkpointing import list_checkpoints
 from ..training.crops import crop_unet_config, train_on_crops
 from ..training.trainer import SUMMARY_FILE
+from .common import at_least_one, whole_number
 
 UPSCALE_FACTOR = 4
 MODES = ("fidelity", "detail")
@@ -68,14 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minutes", type=float, default=4.5, help="training time (default: 4.5; the whole demo takes about 5)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
+    parser.add_argument("--steps", type=at_least_one, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--crop-size", type=int, default=64, help="high-resolution crop size; LR is a quarter")
-    parser.add_argument("--width", type=int, default=32, help="UNet inner width (channels of the first level)")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    parser.add_argument("--train-crops", type=int, default=8192, help="random crops drawn from the training photos")
-    parser.add_argument("--eval-crops", type=int, default=32, help="random held-out crops to evaluate")
-    parser.add_argument("--photo-size", type=int, default=128, help="longer side of the whole held-out photo (HR)")
-    parser.add_argument("--inference-steps", type=int, default=10, help="detail-mode refinement steps (DDIM)")
+    parser.add_argument("--width", type=at_least_one, default=32, help="UNet inner width (channels of the first level)")
+    parser.add_argument("--batch-size", type=at_least_one, default=16, help="training batch size")
+    parser.add_argument(
+        "--train-crops", type=at_least_one, default=8192, help="random crops drawn from the training photos"
+    )
+    parser.add_argument("--eval-crops", type=at_least_one, default=32, help="random held-out crops to evaluate")
+    parser.add_argument(
+        "--photo-size", type=at_least_one, default=128, help="longer side of the whole held-out photo (HR)"
+    )
+    parser.add_argument("--inference-steps", type=at_least_one, default=10, help="detail-mode refinement steps (DDIM)")
     parser.add_argument(
         "--strength",
         type=float,
@@ -88,10 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also evaluate fidelity mode averaged over the input's 8 flips and quarter-turns (8x its evaluations)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=at_least_one,
         default=None,
         help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)",
     )
@@ -110,6 +117,10 @@ def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
     a network at the output resolution, so a few CPU minutes train it past bicubic."""
     if crop_size % 16 or crop_size < 32:
         raise ValueError(f"--crop-size must be a multiple of 16 and at least 32, got {crop_size}")
+    # The network's rules, checked before any work: an even width (sin/cos pairs of the level embedding) that its
+    # min(8, width) normalisation groups divide.
+    if width % 2 or (width > 8 and width % 8):
+        raise ValueError(f"--width must be 2, 4, 6 or a multiple of 8, got {width}")
     config = crop_unet_config(
         crop_size // UPSCALE_FACTOR,
         width,
@@ -155,8 +166,11 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         mixed_precision="bf16" if bfloat16 else "no",
         **RECIPE,
     )
-    # An interrupted earlier demo's: the trainer refuses to start a new run over them.
-    _remove_checkpoints(model_dir, f"an earlier demo was interrupted and left them in {model_dir}")
+    # An earlier demo's model (its pipeline, or the checkpoints an interrupted one left): the trainer refuses to
+    # train over either. `run` has already refused an earlier demo's folder without --overwrite.
+    if os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)
+        print(f"removed the earlier demo's model in {model_dir}")
     if args.steps is not None:
         train_on_crops(
             train_crops,
@@ -246,6 +260,28 @@ def low_resolution_inputs(high_resolution: torch.Tensor):
     return low_pil, low, upsample_condition(low, tuple(high_resolution.shape[-2:]))
 
 
+def _whole_photo(path, photo_size: int) -> PIL.Image.Image:
+    """The held-out photo the demo upscales whole: its longer side `photo_size` (`--photo-size`), cropped to a
+    multiple of the upscale factor. Refuses a size that leaves a side below the factor (no low-resolution pixel),
+    naming the least size that works for this photo's shape."""
+    from ..photos import load_photo, photo_name
+
+    photo = load_photo(path, max_side=photo_size)
+    photo = photo.crop((0, 0, photo.width - photo.width % UPSCALE_FACTOR, photo.height - photo.height % UPSCALE_FACTOR))
+    if min(photo.size) >= UPSCALE_FACTOR:
+        return photo
+    with PIL.Image.open(path) as full:
+        shorter, longer = sorted(full.size)
+    # load_photo's rounding of the shorter side: the least longer side that leaves it UPSCALE_FACTOR pixels
+    sizes = range(UPSCALE_FACTOR, longer + 1)
+    least = next((size for size in sizes if round(shorter * size / longer) >= UPSCALE_FACTOR), None)
+    raise ValueError(
+        f"--photo-size {photo_size} makes the held-out photo {photo_name(path)} {photo.width}x{photo.height} "
+        f"pixels, too small to downscale x{UPSCALE_FACTOR}; "
+        + (f"give at least {least}" if least else "the photo itself is too small")
+    )
+
+
 def _mode_options(mode: str, inference_steps: int, detail: Dict[str, float]) -> Dict[str, Any]:
     """The pipeline arguments of one of the demo's modes."""
     if mode == "detail":
@@ -277,12 +313,11 @@ def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..photos import load_photo, photo_name, study_crops
+    from ..photos import photo_name, study_crops
 
-    if args.steps is not None and args.steps < 1:
-        raise ValueError("--steps must be at least 1")
-    if args.minutes <= 0 or args.eval_crops < 1 or args.inference_steps < 1:
-        raise ValueError("--minutes, --eval-crops and --inference-steps must be positive")
+    # Not just positive: the clock's seconds must be finite (inf overflows the step plan; nan passes a comparison).
+    if not (args.minutes > 0 and math.isfinite(args.minutes * 60)):
+        raise ValueError(f"--minutes must be a positive number, got {args.minutes:g}")
     if not 0 < args.strength <= 1:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
     steps_to_run(args.inference_steps, args.strength)  # a strength that leaves no step fails now, not after training
@@ -293,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(os.path.join(args.output, "metrics.json")) and not args.overwrite:
         raise FileExistsError(f"{args.output} already holds a demo; pass --overwrite or choose another --output")
     os.makedirs(args.output, exist_ok=True)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -302,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
     train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
     print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
+    photo = _whole_photo(heldout_paths[0], args.photo_size)  # a --photo-size too small fails now, not after training
 
     # 2. Train through the training core, for --steps or for --minutes.
     # Mixed bfloat16 where the hardware multiplies it natively: about 1.4x the steps in the same minutes.
@@ -346,8 +382,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [[tensor_to_pil(part[i : i + 1])[0].resize(magnified, 0) for part in columns] for i in range(len(hr))]
     grid(rows).save(os.path.join(args.output, "comparison.png"))
 
-    photo = load_photo(heldout_paths[0], max_side=args.photo_size)
-    photo = photo.crop((0, 0, photo.width - photo.width % 4, photo.height - photo.height % 4))
     photo_hr = images_to_tensor(photo)
     photo_lr_pil, photo_lr, photo_bicubic = low_resolution_inputs(photo_hr)
     photo_outputs = [photo_bicubic]

@@ -1,8 +1,12 @@
 """`sr3 eval`: PSNR/SSIM (the original's definitions), consistency and FID of super-resolved images.
 
 Two ways to give the images:
-- `--hr DIR --sr DIR [--lr DIR]`: files matched by name. The extension and a trailing `_hr`/`_sr`/`_lr`
-  suffix are ignored, so `sr3 upscale` outputs (`<name>_sr.png`) match their sources (`<name>.png`).
+- `--hr DIR --sr DIR [--lr DIR]`: files matched by name. The extension and trailing `_hr`/`_sr`/`_lr`/`_inf`
+  suffixes are ignored, so `sr3 upscale` outputs (`<name>_sr.png`, `<name>_lr_sr.png`) match their sources
+  (`<name>.png`, `<name>_hr.png`), and an input named DIV2K's way (`0801x4.png`, so `0801x4_sr.png`) matches the
+  HR image of its name without `x<factor>` (`0801.png`) when none has its own name. `sr3 upscale --save-process`
+  frames (`<name>_sr_process.png`) are left out, as is any of the given folders found inside another; given one
+  folder as `--hr` and `--sr`, the `<name>_sr` files in it are the SR images and the others the HR images.
 - `--results DIR`: the original project's results folder, `<id>_hr.png` and `<id>_sr.png` (plus `<id>_lr.png`,
   and `<id>_inf.png`, the bicubic upsample, which is then scored as a baseline).
 """
@@ -13,7 +17,8 @@ import argparse
 import json
 import math
 import os
-from typing import Dict, List, Optional
+import re
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +30,10 @@ from ..image_io import is_image_file, open_image, walk_images
 from .common import atomic_file, check_file_destination
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
+# Appended by `sr3 upscale --save-process` to the output's name: a grid of frames, not an SR image.
+PROCESS_SUFFIX = "_process"
+# DIV2K and the EDSR benchmark sets name the bicubic inputs of `0801.png` `0801x2.png`, `0801x3.png`, `0801x4.png`.
+DOWNSCALED_SUFFIX = re.compile(r"(?<=.)x[2-8]$")
 MAX_LISTED = 10
 
 
@@ -46,26 +55,75 @@ def _listed(names: List[str]) -> str:
 
 
 def _key(relative_path: str) -> str:
+    """The name a file is matched by: its path without the extension and every trailing suffix of `SUFFIXES`
+    (`a/x_lr_sr.png` -> `a/x`)."""
     stem = os.path.splitext(relative_path)[0]
-    for suffix in SUFFIXES:
-        if stem.endswith(suffix) and len(stem) > len(suffix):
-            return stem[: -len(suffix)]
-    return stem
+    while True:
+        suffix = next((suffix for suffix in SUFFIXES if stem.endswith(suffix) and len(stem) > len(suffix)), None)
+        if suffix is None:
+            return stem
+        stem = stem[: -len(suffix)]
 
 
-def _folder_images(folder: str, what: str) -> Dict[str, str]:
-    """Images under `folder` (recursively) by matching key; duplicate keys are an error."""
+def _inner_folders(folder: str, others: Sequence[str]) -> List[str]:
+    """The paths, relative to `folder`, of the folders of `others` that lie inside it (not `folder` itself)."""
+    root = os.path.realpath(folder)
+    inner = []
+    for other in others:
+        relative = os.path.relpath(os.path.realpath(other), root)
+        if relative != os.curdir and relative.split(os.sep)[0] != os.pardir:
+            inner.append(relative + os.sep)
+    return inner
+
+
+def _folder_images(
+    folder: str, what: str, others: Sequence[str] = (), sr_outputs: Optional[bool] = None
+) -> Dict[str, str]:
+    """Images under `folder` (recursively) by matching key; duplicate keys are an error.
+
+    Args:
+        folder: the folder given as `--{what}`.
+        what: `hr`, `sr` or `lr`, for the messages.
+        others: the other folders given: those inside `folder` hold the other kinds of images and are left out.
+        sr_outputs: True to read only the `<name>_sr` files, False to leave them out (the `--hr` and `--sr` folder
+            is one folder), None to read every image. `<name>_sr_process` frames are never SR images.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--{what} folder not found: {folder}")
+    inner = _inner_folders(folder, others)
     found: Dict[str, str] = {}
     for path in walk_images(folder):
-        key = _key(os.path.relpath(path, folder))
+        relative = os.path.relpath(path, folder)
+        stem = os.path.splitext(relative)[0]
+        if relative.startswith(tuple(inner)):
+            continue
+        if stem.endswith("_sr" + PROCESS_SUFFIX) and (what == "sr" or sr_outputs is not None):
+            continue
+        if sr_outputs is not None and stem.endswith("_sr") != sr_outputs:
+            continue
+        key = _key(relative)
         if key in found:
             raise ValueError(f"--{what}: {found[key]} and {path} both match the name {key!r}")
         found[key] = path
     if not found:
-        raise FileNotFoundError(f"no images in the --{what} folder {folder}")
+        named = {True: " named <name>_sr", False: " not named <name>_sr", None: ""}[sr_outputs]
+        raise FileNotFoundError(f"no images{named} in the --{what} folder {folder}")
     return found
+
+
+def _match_downscaled_names(reference: Dict[str, str], images: Dict[str, str], what: str) -> Dict[str, str]:
+    """`images` with each key that names no reference image but does without a DIV2K `x<factor>` suffix
+    (`0801x4`, reference `0801`) renamed to that; two images renamed to one key are an error."""
+    matched: Dict[str, str] = {}
+    for key, path in images.items():
+        folder, name = os.path.split(key)
+        full_size_key = os.path.join(folder, DOWNSCALED_SUFFIX.sub("", name))
+        if key not in reference and full_size_key in reference:
+            key = full_size_key
+        if key in matched:
+            raise ValueError(f"--{what}: {matched[key]} and {path} both match the name {key!r}")
+        matched[key] = path
+    return matched
 
 
 def _results_images(folder: str) -> Dict[str, Dict[str, str]]:
@@ -74,12 +132,15 @@ def _results_images(folder: str) -> Dict[str, Dict[str, str]]:
         raise FileNotFoundError(f"--results folder not found: {folder}")
     kinds: Dict[str, Dict[str, str]] = {"hr": {}, "sr": {}, "lr": {}, "inf": {}}
     for name in sorted(os.listdir(folder)):
-        if not is_image_file(name):
+        if not is_image_file(name) or name.startswith("."):  # `._1_hr.png`: macOS metadata, as in `walk_images`
             continue
         stem = os.path.splitext(name)[0]
-        for kind in kinds:
+        for kind, found in kinds.items():
             if stem.endswith(f"_{kind}") and len(stem) > len(kind) + 1:
-                kinds[kind][stem[: -len(kind) - 1]] = os.path.join(folder, name)
+                image_id, path = stem[: -len(kind) - 1], os.path.join(folder, name)
+                if image_id in found:
+                    raise ValueError(f"--results: {found[image_id]} and {path} both match the name {stem!r}")
+                found[image_id] = path
     if not kinds["hr"] and not kinds["sr"]:
         raise FileNotFoundError(f"no <id>_hr.png / <id>_sr.png images in the --results folder {folder}")
     return kinds
@@ -101,16 +162,25 @@ def gather(args: argparse.Namespace) -> Dict[str, Dict[str, str]]:
     """`{id: {"hr": path, "sr": path[, "lr": path][, "inf": path]}}` from the command-line options."""
     if args.results and (args.hr or args.sr):
         raise ValueError("give either --results or --hr/--sr, not both")
+    folders = {kind: getattr(args, kind) for kind in ("hr", "sr", "lr") if getattr(args, kind)}
+
+    def read(kind: str, sr_outputs: Optional[bool] = None) -> Dict[str, str]:
+        others = [folder for other, folder in folders.items() if other != kind]
+        return _folder_images(folders[kind], kind, others, sr_outputs)
+
     if args.results:
         kinds = _results_images(args.results)
-        if args.lr:
-            kinds["lr"] = _folder_images(args.lr, "lr")
     elif args.hr and args.sr:
-        kinds = {"hr": _folder_images(args.hr, "hr"), "sr": _folder_images(args.sr, "sr")}
-        if args.lr:
-            kinds["lr"] = _folder_images(args.lr, "lr")
+        # `sr3 upscale photos --output photos` writes `<name>_sr.png` beside `<name>.png`.
+        same_folder = os.path.isdir(args.hr) and os.path.isdir(args.sr) and os.path.samefile(args.hr, args.sr)
+        kinds = {"hr": read("hr", False if same_folder else None), "sr": read("sr", True if same_folder else None)}
     else:
         raise ValueError("give --hr and --sr folders, or a --results folder")
+    if args.lr:
+        kinds["lr"] = read("lr")
+    for kind in ("sr", "lr"):
+        if kind in folders:
+            kinds[kind] = _match_downscaled_names(kinds["hr"], kinds[kind], kind)
     _check_matching(kinds["hr"], kinds["sr"], ("HR", "SR"))
     for kind in ("lr", "inf"):
         if kinds.get(kind):
@@ -157,10 +227,13 @@ def run(args: argparse.Namespace) -> int:
             scale_problems.append(f"{key} ({sizes})")
         if size_problems or scale_problems:
             continue  # the run fails: only the sizes of the remaining pairs are worth checking
-        row = metrics.pair_metrics(sr, hr, images.get("lr"))
-        if "inf" in images:
-            row["bicubic_psnr"] = metrics.psnr(images["inf"], hr)
-            row["bicubic_ssim"] = metrics.ssim(images["inf"], hr)
+        try:
+            row = metrics.pair_metrics(sr, hr, images.get("lr"))
+            if "inf" in images:
+                row["bicubic_psnr"] = metrics.psnr(images["inf"], hr)
+                row["bicubic_ssim"] = metrics.ssim(images["inf"], hr)
+        except ValueError as error:  # SSIM's minimum size, the one limit left to the metrics: name the files
+            raise ValueError(f"{paths['sr']} and {paths['hr']}: {error}") from None
         rows[key] = row
         if fid is not None:
             fid.update(_uint8_tensor(hr).to(args.device), real=True)

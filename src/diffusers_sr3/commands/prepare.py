@@ -12,7 +12,8 @@ Like the original's prepare.py, every image is resized (shorter side, bicubic) a
 Images are numbered 0, 1, 2, ... in the sorted order of the readable source files (unreadable ones are reported
 and skipped), so numbers are contiguous as the original's data loader needs. Progress is recorded in
 OUT/.sr3_prepare.json after the outputs it covers are on disk (each file written under a temporary name and
-renamed), so an interrupted run continues where it stopped when run again with the same arguments.
+renamed), so an interrupted run continues where it stopped when run again with the same arguments and unchanged
+sources (the same names, sizes and modification times); --overwrite always starts afresh.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import PIL.Image
 from torchvision.transforms import InterpolationMode
@@ -43,6 +44,14 @@ RESAMPLE = {
     "nearest": InterpolationMode.NEAREST,
 }
 SAVE_EVERY_SECONDS = 2.0
+# Settings an earlier version's state lacks: such a state is compared without them.
+NEWER_SETTINGS = ("files_size_mtime_sha256",)
+# How the settings that hash the sources are named when they differ.
+SETTING_LABELS = {
+    "files": "number of source files",
+    "files_sha256": "source file names",
+    "files_size_mtime_sha256": "source file sizes or modification times",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,10 +211,22 @@ class _Writer:
             self.environment.close()
 
 
+def _shown(name: str) -> str:
+    """`name` as text that prints and stores as UTF-8: a file name's undecodable bytes (which Python keeps as
+    surrogates) become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
+
+
 def _settings(args: argparse.Namespace, source: str, files: Sequence[str], fmt: str, low: int, high: int) -> Dict:
-    listing = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
+    # The names' bytes, so that names that are not UTF-8 hash too.
+    listing = hashlib.sha256(b"\n".join(os.fsencode(name) for name in files)).hexdigest()
+    # Separate from the names' hash, so that a state written before it was recorded still resumes.
+    stats = hashlib.sha256()
+    for name in files:
+        status = os.stat(os.path.join(source, name))
+        stats.update(f"{status.st_size} {status.st_mtime_ns}\n".encode())
     settings = {"format": fmt, "sizes": [low, high], "resample": args.resample, "source": os.path.abspath(source)}
-    settings.update(files=len(files), files_sha256=listing)
+    settings.update(files=len(files), files_sha256=listing, files_size_mtime_sha256=stats.hexdigest())
     if fmt == "parquet":
         settings["shard_size"] = args.shard_size
     return settings
@@ -236,8 +257,29 @@ def _read_state(path: str) -> Tuple[Optional[Dict], Optional[str]]:
     return (state, None) if valid else (None, "not the progress record sr3 prepare writes")
 
 
+def _remove(output: str, names: Set[str]) -> None:
+    for name in names:
+        path = os.path.join(output, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _differing(saved: Dict, settings: Dict) -> List[str]:
+    """The settings (by `SETTING_LABELS`) that a saved state's `saved` settings differ in."""
+    missing = object()
+    changed = []
+    for key, value in settings.items():
+        old = saved.get(key, missing)
+        if old != value and not (old is missing and key in NEWER_SETTINGS):
+            changed.append(SETTING_LABELS.get(key, key))
+    return sorted(changed)
+
+
 def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) -> Dict:
-    """The progress to resume from; refuses (without --overwrite) an output folder holding anything else."""
+    """The progress to resume from; refuses (without --overwrite) an output folder holding anything else. With
+    `overwrite`, always a fresh start, even over a finished dataset of the same settings."""
     fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
     if not os.path.isdir(output) or not os.listdir(output):
         return fresh
@@ -247,11 +289,11 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
         state, problem = _read_state(state_path)
         if problem and not overwrite:
             raise ValueError(f"{state_path} is damaged ({problem}); pass --overwrite to start afresh")
-        if state is not None and state["settings"] == settings:
-            return state
+        if state is not None and not overwrite and not _differing(state["settings"], settings):
+            return dict(state, settings=settings)
     if not overwrite:
         if state is not None:
-            changed = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+            changed = _differing(state["settings"], settings)
             raise FileExistsError(
                 f"{output} holds a dataset prepared with other settings ({', '.join(changed)} differ); pass "
                 "--overwrite to replace it, or choose another output folder"
@@ -265,12 +307,7 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
     if state is not None:
         low, high = state["settings"]["sizes"]
         stale |= {name for fmt in ("folder", "lmdb", "parquet") for name in layout(fmt, low, high)}
-    for name in stale:
-        path = os.path.join(output, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    _remove(output, stale)
     return fresh
 
 
@@ -292,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if state["complete"]:
         print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped)")
         return 0
+    created = not os.path.isdir(args.output)
     os.makedirs(args.output, exist_ok=True)
 
     writer = _Writer(args.output, fmt, low, high, args.shard_size)
@@ -308,9 +346,9 @@ def run(args: argparse.Namespace) -> int:
             for name, (images, error) in zip(files[state["position"] :], results):
                 if images is None:
                     state["skipped"][name] = error
-                    progress.write(f"skipped unreadable {os.path.join(source, name)} ({error})")
+                    progress.write(_shown(f"skipped unreadable {os.path.join(source, name)} ({error})"))
                 else:
-                    writer.add(state["written"], images, name)
+                    writer.add(state["written"], images, _shown(name))
                     state["written"] += 1
                 state["position"] += 1
                 progress.update(1)
@@ -327,6 +365,16 @@ def run(args: argparse.Namespace) -> int:
             pool.terminate()
         writer.close()
         _save_state(args.output, state if not writer.pending() else committed)
+    if not state["written"]:
+        # Not a dataset marked complete with no image (training would fail on it later): nothing is left behind.
+        _remove(args.output, set(layout(fmt, low, high)) | {STATE_FILE})
+        if created and not os.listdir(args.output):
+            os.rmdir(args.output)
+        first = _shown(next(iter(state["skipped"].values())))
+        raise ValueError(
+            f"none of the {len(files)} image files under {source} could be read (the first: {first}); nothing was "
+            "written"
+        )
     kinds = {"folder": "PNG folders", "lmdb": "LMDB", "parquet": "parquet dataset"}[fmt]
     print(f"wrote {state['written']} images ({low} -> {high}) to {args.output} as {kinds}", end="")
     print(f"; skipped {len(state['skipped'])} unreadable file(s)" if state["skipped"] else "")

@@ -1,4 +1,4 @@
-"""`sr3 sample`: generate images with an unconditional pipeline, written as a grid."""
+"""`sr3 sample`: generate images with an unconditional pipeline, or a cascade that starts with one, as a grid."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import io
 import math
 import os
+from typing import Any, Dict
 
 import PIL.Image
 from tqdm.auto import tqdm
 
 from ..image_processing import grid
-from ..pipelines import SR3UnconditionalPipeline
+from ..pipelines import SR3BasePipeline, SR3CascadePipeline, SR3UnconditionalPipeline
 from .common import (
     add_model_arguments,
     add_save_process_argument,
@@ -19,6 +20,7 @@ from .common import (
     check_file_destination,
     image_generators,
     load_pipeline,
+    step_counts,
 )
 from .upscale import save_atomically
 
@@ -26,15 +28,21 @@ SAMPLE_STEPS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, steps_help=f"sampling steps (default: {SAMPLE_STEPS})")
+    add_model_arguments(
+        parser,
+        steps_help=f"sampling steps (default: {SAMPLE_STEPS}); for a cascade, one count for every stage or one per "
+        "stage, generator first, such as 100,50,25 (default: each stage's own)",
+        steps_type=step_counts,
+    )
     parser.add_argument("-n", "--num-images", type=int, default=16, help="number of images")
     parser.add_argument("--output", required=True, help="grid image file (PNG, JPEG, WebP, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together")
-    parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
+    parser.add_argument("--size", type=int, default=None, help="output size (default: the model's; not for a cascade)")
     add_save_process_argument(
         parser,
-        "also write <output>_process.png: N noisy images along the sampling of each image (default N: 8)",
+        "also write <output>_process.png: N noisy images along the sampling of each image (default N: 8; not for "
+        "a cascade)",
     )
 
 
@@ -52,18 +60,44 @@ def _check_output(output: str) -> None:
         ) from None
 
 
+def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Dict[str, Any]:
+    """The pipeline arguments of --steps, --size and --save-process, checked against the pipeline loaded."""
+    if not isinstance(pipeline, SR3CascadePipeline):
+        if isinstance(args.steps, list):
+            raise ValueError(f"--steps takes one step count for {args.model}: a list (one per stage) is for a cascade")
+        return dict(
+            num_inference_steps=args.steps or SAMPLE_STEPS,
+            height=args.size,
+            width=args.size,
+            num_intermediates=args.save_process,
+        )
+    if pipeline.base is None:
+        raise ValueError(
+            f"{args.model} is a cascade without a base generator: it only super-resolves images you give it; run "
+            "it in Python, SR3CascadePipeline.from_pretrained(model)(image=...)"
+        )
+    if args.size is not None or args.save_process:
+        raise ValueError(f"--size and --save-process do not apply to the cascade {args.model}: its stages set the size")
+    stages = 1 + len(pipeline.stages)
+    if isinstance(args.steps, list) and len(args.steps) != stages:
+        raise ValueError(
+            f"--steps gives {len(args.steps)} step counts for the {stages} stages of {args.model} (its generator, "
+            f"then {stages - 1} super-resolution): give {stages}, or one for all"
+        )
+    return dict(num_inference_steps=args.steps)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
-    if args.save_process < 0:
-        raise ValueError("--save-process takes a positive number of frames")
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size must be at least 1, got {args.size}")
     _check_output(args.output)
     process_path = os.path.splitext(args.output)[0] + "_process.png"
     writes = [("the grid", args.output)] + ([("the process strip", process_path)] if args.save_process else [])
     check_destinations(writes, args.overwrite)
-    pipeline = load_pipeline(args, SR3UnconditionalPipeline)
+    pipeline = load_pipeline(args, (SR3UnconditionalPipeline, SR3CascadePipeline))
+    options = _sampling_options(pipeline, args)
     pipeline.set_progress_bar_config(leave=False)
     images, processes = [], []
     with tqdm(total=args.num_images, desc="sampling", unit="image") as progress:
@@ -71,11 +105,8 @@ def run(args: argparse.Namespace) -> int:
             count = min(args.batch_size, args.num_images - len(images))
             output = pipeline(
                 batch_size=count,
-                num_inference_steps=args.steps or SAMPLE_STEPS,
                 generator=image_generators(args.seed, len(images), len(images) + count),
-                height=args.size,
-                width=args.size,
-                num_intermediates=args.save_process,
+                **options,
             )
             images += output.images
             if args.save_process:

@@ -6,17 +6,20 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, use_backend
 from ..detail_windows import MIN_WINDOWS_ACROSS
 from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
+from ..models.unet_sr3 import SR3UNet2DModel
 from ..pipelines import SR3Pipeline
 from ..pipelines.pipeline_sr3 import (
     DETAIL_ARGUMENTS,
@@ -27,7 +30,7 @@ from ..pipelines.pipeline_sr3 import (
 )
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..progress import UpscaleProgress
-from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, tiled_super_resolve
+from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, largest_overlap, tiled_super_resolve
 from .common import (
     add_model_arguments,
     add_save_process_argument,
@@ -45,7 +48,7 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
   {bf16_eval} s with the default backend (bf16 autocast on CPUs with AMX), {fp32_eval} s in float32
   (--backend torch; CPUs with AVX512-BF16 but no AMX, such as AMD Zen 4, run bf16 about 1.5x faster than
   float32; AVX2-only CPUs run float32, and older or busier ones more slowly):
-  default (fidelity mode, {fidelity_steps} steps): about {bf16_fidelity:.0f} s for 1 megapixel
+  default (fidelity mode, {fidelity_steps}): about {bf16_fidelity:.0f} s for 1 megapixel
     ({fp32_fidelity:.0f} s in float32); --self-ensemble: {ensemble} times the evaluations, about {bf16_ensemble:.0f} s;
   --mode detail ({steps} steps at strength {strength:g}, guided: {detail_evaluations} network evaluations): about
     {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32); in {window_size}-pixel windows (the packaged model's
@@ -57,12 +60,14 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
     run benchmarks/gpu_check.sh on a GPU)
 The progress bar counts every tile of every step and shows the remaining time from the first second.
 """
-STARTUP_SECONDS = 9
+# Fitted to benchmarks/results/upscale/fidelity-one-step/now.md (the idle machine, end to end at 1 and 3.3 megapixels:
+# 5.0 / 6.6 s by default, 6.1 / 10.4 s in float32, 8.3 / 18.6 s with the self-ensemble).
+STARTUP_SECONDS = 4
 # JPEG and WebP quality: Pillow's defaults (75 with 4:2:0 chroma, 80) discard much of what SR3 restores
 # (benchmarks/output_formats.py measures it).
 DEFAULT_QUALITY = 95
-BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.75
-FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 2.9
+BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
+FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
 # Detail mode in training-sized windows against the whole image only (benchmarks/upscale.py, one run).
 WINDOWS_TIME_FACTOR = 1.4
 
@@ -76,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         startup=STARTUP_SECONDS,
         bf16_eval=bf16,
         fp32_eval=fp32,
-        fidelity_steps=FIDELITY_STEPS,
+        fidelity_steps=f"{FIDELITY_STEPS} step" + ("s" if FIDELITY_STEPS != 1 else ""),
         bf16_fidelity=STARTUP_SECONDS + bf16 * FIDELITY_STEPS,
         fp32_fidelity=STARTUP_SECONDS + fp32 * FIDELITY_STEPS,
         ensemble=SELF_ENSEMBLE_SIZE,
@@ -328,11 +333,54 @@ def _saved_mode(model: Optional[str]) -> Optional[str]:
         return None
 
 
+def _saved_unet(model: Optional[str]) -> Optional[Any]:
+    """A stand-in with the `config` and `downsampling_factor` of a model folder's UNet, read from its config before
+    loading it; None when that cannot be told without loading (a Hub id)."""
+    if model is None:
+        from ..pretrained import default_model_path
+
+        model = default_model_path()
+    try:
+        with open(os.path.join(model, "unet", "config.json"), encoding="utf-8") as handle:
+            unet = SimpleNamespace(config=FrozenDict(json.load(handle)))
+        return SimpleNamespace(config=unet.config, downsampling_factor=SR3UNet2DModel.downsampling_factor.fget(unet))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _check_tile_options(args: argparse.Namespace, network: Optional[Any] = None) -> None:
+    """Refuse tile options no model can run, and, given the UNet (or a stand-in), those it cannot."""
+    for flag, value in (("--tile-size", args.tile_size), ("--tile-batch-size", args.tile_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.max_tile_pixels < 1:
+        raise ValueError(f"--max-tile-pixels must be at least 1, got {args.max_tile_pixels}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        raise ValueError(f"--tile-overlap must be at least 0, got {args.tile_overlap}")
+    if network is None:
+        return
+    factor = network.downsampling_factor
+    if args.tile_size is not None and args.tile_size % factor:
+        raise ValueError(f"--tile-size {args.tile_size} is not a multiple of the model's downsampling factor {factor}")
+    limit = largest_overlap(network, args.tile_size, args.max_tile_pixels)
+    if args.tile_overlap is not None and args.tile_overlap > limit:
+        tiles = "--tile-size" if args.tile_size is not None else "the largest tile --max-tile-pixels allows"
+        raise ValueError(
+            f"--tile-overlap {args.tile_overlap} is too large: at most {limit} ({tiles} minus the model's "
+            f"downsampling factor {factor})"
+        )
+
+
 def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
     """Refuse options that do not apply to `mode`."""
     if mode == "fidelity" and any(getattr(args, name) is not None for name in DETAIL_ARGUMENTS):
         flags = [f"--{name.replace('_', '-')}" for name in DETAIL_ARGUMENTS]
         raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
+    if mode == "fidelity" and args.scheduler is not None:
+        raise ValueError(
+            "--scheduler applies to detail mode (--mode detail): fidelity mode always runs deterministic DDIM on the "
+            "model's schedule"
+        )
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
 
@@ -398,10 +446,11 @@ def _gray16(array: np.ndarray) -> PIL.Image.Image:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    if args.save_process < 0:
-        raise ValueError("--save-process takes a positive number of frames")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
+    # Above 1, DDIM's step noise outgrows what the schedule leaves at the next step: NaN after the whole run.
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must lie in [0, 1], got {args.eta:g}")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.self_ensemble and args.save_process:
@@ -411,6 +460,8 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode if args.mode != "auto" else _saved_mode(args.model)
     if mode is not None:
         _check_mode_options(args, mode)
+    saved_unet = _saved_unet(args.model)
+    _check_tile_options(args, saved_unet)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be at least 1")
@@ -434,6 +485,8 @@ def run(args: argparse.Namespace) -> int:
     if mode is None:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
+    if saved_unet is None:
+        _check_tile_options(args, pipeline.unet)
     if mode == "fidelity":
         steps, detail_options = args.steps or pipeline.config.fidelity_steps, {}
         evaluations = evaluations_per_crop(mode, steps)

@@ -48,7 +48,7 @@ class TrainingData:
         return [self.dataset.sample(index, augment=False) for index in indices]
 
     def validation_samples(self, count: int) -> List[Dict[str, Any]]:
-        """The first `count` usable samples, without augmentation (the fixed validation set)."""
+        """The first `count` usable samples, distinct images without augmentation (the fixed validation set)."""
         if isinstance(self.dataset, StreamingPairDataset):
             samples = []
             for sample in self.dataset.samples(augment=False):
@@ -56,7 +56,17 @@ class TrainingData:
                 if len(samples) == count:
                     break
             return samples
-        return [self.dataset.sample(index, augment=False) for index in range(min(count, len(self.dataset)))]
+        samples: List[Dict[str, Any]] = []
+        index = 0
+        while len(samples) < count and index < len(self.dataset):
+            sample = self.dataset.sample(index, augment=False)
+            # An unreadable image is replaced by the next usable one: go on after that one, never take it twice.
+            position = index + sample["skipped"]
+            if position >= len(self.dataset):  # wrapped around to images already taken
+                break
+            samples.append(sample)
+            index = position + 1
+        return samples
 
 
 def build_training_data(

@@ -339,6 +339,13 @@ def load_datasets_source(
         kwargs["data_dir"] = data_dir
     if data_files:
         kwargs["data_files"] = list(data_files)
+    # A folder that `Dataset.save_to_disk` wrote (its `state.json`), which `load_dataset` refuses to read.
+    if os.path.isfile(os.path.join(dataset_name, "state.json")):
+        try:
+            loaded = datasets.load_from_disk(dataset_name)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise ValueError(f"cannot load dataset {dataset_name!r}: {error}") from None
+        return (loaded.to_iterable_dataset() if streaming else loaded), dataset_name
     try:
         loaded = datasets.load_dataset(dataset_name, dataset_config_name, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:

@@ -15,6 +15,7 @@ The numbers come from `diffusers_sr3.metrics`, the same code as `sr3 eval` and t
 import datasets
 import evaluate
 import numpy as np
+import PIL.Image
 
 from diffusers_sr3 import metrics
 
@@ -66,23 +67,25 @@ class Sr3Metrics(evaluate.Metric):
         )
 
     # `datasets.Image` would store other arrays as uint8 by wrapping their values (16-bit 300 -> 44): refuse them
-    # first, as `diffusers_sr3.metrics` does.
+    # first, as `diffusers_sr3.metrics` does. PIL images go in as the arrays `metrics` reads from them: it would
+    # re-encode a JPEG or WebP image at quality 75, re-read one opened from a file from disk (losing edits made in
+    # memory) and turn it by its EXIF orientation, where `metrics` takes the pixels as they are.
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one prediction and its reference (uint8 arrays or PIL images)."""
-        _check_uint8([prediction, kwargs.get("predictions")], "prediction")  # `evaluate` takes either name
-        _check_uint8([reference, kwargs.get("references")], "reference")
+        for name in ("predictions", "references"):  # `evaluate` takes either name
+            if name in kwargs:
+                kwargs[name] = _as_array(kwargs[name], name[:-1])
+        prediction, reference = _as_array(prediction, "prediction"), _as_array(reference, "reference")
         return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Add a batch of predictions and references (uint8 arrays or PIL images)."""
-        _check_uint8(predictions, "predictions")
-        _check_uint8(references, "references")
+        predictions, references = _as_arrays(predictions, "predictions"), _as_arrays(references, "references")
         return super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def compute(self, *, predictions=None, references=None, **kwargs):
         """The metrics of the images added and given (uint8 arrays or PIL images)."""
-        _check_uint8(predictions, "predictions")
-        _check_uint8(references, "references")
+        predictions, references = _as_arrays(predictions, "predictions"), _as_arrays(references, "references")
         return super().compute(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references, low_resolution=None, per_image=False):
@@ -95,10 +98,20 @@ class Sr3Metrics(evaluate.Metric):
         return results
 
 
-def _check_uint8(images, name):
-    for index, image in enumerate(images if images is not None else []):
-        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
-            raise ValueError(
-                f"{name}[{index}]: metrics take uint8 images, got dtype {image.dtype} (16-bit: "
-                "`(image / 257).round().astype(np.uint8)`)"
-            )
+def _as_array(image, name):
+    """`image` as `metrics` reads it: a PIL image as its uint8 `(H, W, 3)` array; other than uint8 arrays refused."""
+    if isinstance(image, PIL.Image.Image):
+        return metrics.to_uint8_rgb(image, name)
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+        if image.dtype == np.uint16:
+            hint = " (16-bit: `(image / 257).round().astype(np.uint8)`)"
+        elif np.issubdtype(image.dtype, np.floating):  # Diffusers' `output_type="np"`: floats in [0, 1]
+            hint = " ([0, 1] floats: `(image * 255).round().astype(np.uint8)`)"
+        else:
+            hint = ""
+        raise ValueError(f"{name}: metrics take uint8 images, got dtype {image.dtype}{hint}")
+    return image
+
+
+def _as_arrays(images, name):
+    return None if images is None else [_as_array(image, f"{name}[{index}]") for index, image in enumerate(images)]

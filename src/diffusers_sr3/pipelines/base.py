@@ -17,13 +17,16 @@ the SR3 components itself and loads only configs and safetensors weights.
 from __future__ import annotations
 
 import contextlib
+import glob
 import inspect
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -48,8 +51,12 @@ REMOTE_CODE_STEMS = {
     "SR3CascadePipeline": "pipeline_sr3_cascade",
 }
 
+# Hidden folder that `save_pretrained` writes a pipeline in, inside the save directory, before moving it into place.
+STAGING_PREFIX = ".sr3-save-"
+
+# What `download` asks for when it cannot list the repo (offline: the cached snapshot is used as it is).
 WEIGHT_PATTERNS = ["model_index.json", "*.json", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
-# Pickle weights, downloaded only with `use_safetensors=False` (diffusers then loads them with `weights_only=True`).
+# Pickle weights, also asked for offline with `use_safetensors=False` (read with `weights_only=True`).
 PICKLE_WEIGHT_PATTERNS = ["*/*.bin", "*/*/*.bin"]
 # `from_pretrained` options passed on to every model component's `ModelMixin.from_pretrained`.
 MODEL_LOADING_OPTIONS = ("low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict")
@@ -83,6 +90,20 @@ def _classes() -> Dict[str, type]:
     import diffusers_sr3
 
     return {name: getattr(diffusers_sr3, name) for name in REMOTE_CODE_STEMS if hasattr(diffusers_sr3, name)}
+
+
+def register_remote_code_modules() -> None:
+    """Make each `REMOTE_CODE_STEMS` module name importable as what the folder's re-export file holds: the class.
+
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, unet=my_unet)` checks a passed component
+    against the library that model_index.json names for it (`unet_sr3`), looked up in `sys.modules`. Each alias
+    also holds the Diffusers base class that check expects. A module of that name imported before is kept.
+    """
+    for class_name, cls in _classes().items():
+        module = types.ModuleType(REMOTE_CODE_STEMS[class_name], f"{class_name} of the installed diffusers-sr3.")
+        vars(module)[class_name] = cls
+        vars(module).update({base.__name__: base for base in (ModelMixin, DiffusionPipeline) if issubclass(cls, base)})
+        sys.modules.setdefault(module.__name__, module)
 
 
 def write_remote_code_layout(folder: str) -> None:
@@ -155,6 +176,32 @@ def _weights_variant(name: str) -> Tuple[bool, Optional[str]]:
     """Whether `name` is a network's weight file, and of which variant (None: the main weights)."""
     match = _WEIGHT_FILE.fullmatch(name)
     return (False, None) if match is None else (True, match["variant"] or match["index_variant"])
+
+
+def files_to_download(files: Sequence[str], variant: Optional[str] = None, pickles: bool = False) -> List[str]:
+    """The files of a pipeline repo (`/`-separated paths) that loading it needs, as Diffusers chooses them.
+
+    Every JSON config, and in each component folder the weights of one format (safetensors, or `.bin` with
+    `pickles`) and one variant: `variant`'s where the folder has it, else the main weights.
+    """
+    chosen, weights = [], {}
+    for name in files:
+        folder, base = name.rpartition("/")[::2]
+        is_weights, file_variant = _weights_variant(base)
+        if is_weights:
+            if folder and (".bin" in base) == pickles:
+                weights.setdefault(folder, []).append((name, file_variant))
+        elif base.endswith(".json"):
+            chosen.append(name)
+    for candidates in weights.values():
+        wanted = variant if any(file_variant == variant for _, file_variant in candidates) else None
+        chosen += [name for name, file_variant in candidates if file_variant == wanted]
+    return sorted(chosen)
+
+
+def _holds_variant(folder: str, variant: str) -> bool:
+    """Whether any weight file below `folder` is of `variant`."""
+    return any(_weights_variant(name.rpartition("/")[2]) == (True, variant) for name in _files_under(folder))
 
 
 def _files_under(folder: str) -> List[str]:
@@ -271,10 +318,37 @@ def guided_prediction(
     return prediction + (guidance_scale - 1) * (update - parallel + parallel_weight * parallel)
 
 
+def _signature_for_diffusers(init: Callable[..., None], optional_components: Sequence[str]) -> inspect.Signature:
+    """`init`'s signature with the optional components keyword-only and without a default.
+
+    `DiffusionPipeline.from_pretrained` reads a pipeline's components off its `__init__` signature, with
+    `DiffusionPipeline._optional_components` (empty) rather than the loaded class's: a component with a default
+    counts as a config value there, so a component passed to it (or None) was ignored and the saved one loaded.
+    Without a default it is a component; Diffusers still passes None for one the folder does not hold, as it is
+    listed in the class's `_optional_components`. The function itself keeps its defaults.
+    """
+    signature = inspect.signature(init)
+    moved = [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=inspect.Parameter.empty)
+        for parameter in signature.parameters.values()
+        if parameter.name in optional_components and parameter.default is not inspect.Parameter.empty
+    ]
+    kept = [parameter for parameter in signature.parameters.values() if parameter.name not in {p.name for p in moved}]
+    keyword_only = [p for p in kept if p.kind is inspect.Parameter.KEYWORD_ONLY] + moved
+    positional = [p for p in kept if p.kind < inspect.Parameter.KEYWORD_ONLY]
+    rest = [p for p in kept if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=positional + keyword_only + rest)
+
+
 class SR3BasePipeline(DiffusionPipeline):
     """Base class of the SR3 pipelines: the refinement loop, and saving/loading in the SR3 folder layout."""
 
     _callback_tensor_inputs = ["latents"]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls) and cls._optional_components:
+            cls.__init__.__signature__ = _signature_for_diffusers(cls.__init__, cls._optional_components)
 
     @property
     def num_timesteps(self) -> int:
@@ -455,8 +529,9 @@ class SR3BasePipeline(DiffusionPipeline):
     ) -> None:
         """Save the pipeline with Diffusers' `save_pretrained`, in the SR3 folder layout (see the module docstring).
 
-        The folder is written in a temporary sibling first, so an interrupted save leaves the previous
-        contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
+        The pipeline is written in a hidden staging folder inside `save_directory` first (`.sr3-save-*`, removed
+        when the save ends, and by the next save if this one was killed), then moved into place, so a failed save
+        leaves the previous contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
         files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
@@ -482,9 +557,15 @@ class SR3BasePipeline(DiffusionPipeline):
             for key in ("repo_id", "token", "private", "commit_message", "create_pr")
             if key in kwargs
         }
-        parent = os.path.dirname(os.path.abspath(save_directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".sr3-save-", dir=parent)
+        created = not os.path.isdir(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        # Staged inside the folder itself: a move within one folder never crosses filesystems (a mount point, or a
+        # symlink to another disk) and needs no write access to its parent. A save killed before it cleaned up left
+        # its staging folder behind; this save drops it.
+        for entry in os.listdir(save_directory):
+            if entry.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(save_directory, entry), ignore_errors=True)
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
         try:
             super().save_pretrained(
                 staging,
@@ -499,6 +580,9 @@ class SR3BasePipeline(DiffusionPipeline):
             _move_into(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):  # only a folder this save created and left empty
+                    os.rmdir(save_directory)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             self._upload(save_directory, saved, repo_id, **hub_kwargs)
@@ -575,15 +659,23 @@ class SR3BasePipeline(DiffusionPipeline):
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
-        """Download a pipeline repo (configs and safetensors weights only, no code) and return its local folder."""
-        from huggingface_hub import snapshot_download
+        """Download a pipeline repo and return its local folder: its configs and, per component, the weights of
+        `variant` where it has them (else the main ones), as safetensors (`.bin` with `use_safetensors=False`); no
+        code, and no other variant's or format's weights."""
+        from huggingface_hub import HfApi, constants, snapshot_download
 
         download_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             if kwargs.get(key) is not None
         }
-        patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if kwargs.get("use_safetensors") is False else [])
+        pickles = kwargs.get("use_safetensors") is False
+        if download_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
+            patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if pickles else [])
+            return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
+        api = HfApi(token=kwargs.get("token"))
+        listed = api.list_repo_files(pretrained_model_name, revision=kwargs.get("revision"))
+        patterns = [glob.escape(name) for name in files_to_download(listed, kwargs.get("variant"), pickles)]
         return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
 
     @classmethod
@@ -594,8 +686,9 @@ class SR3BasePipeline(DiffusionPipeline):
             pretrained_model_name_or_path: a local folder or a Hub repo id.
             **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), and Diffusers'
                 loading options: `dtype` (or its older name `torch_dtype`; a dtype, or a dict by component name
-                with a `"default"`), `variant`, `use_safetensors` (default True: safetensors only; False also
-                loads `.bin` weights, with `weights_only=True`), `low_cpu_mem_usage`, `device_map`, `max_memory`,
+                with a `"default"`), `variant` (each component's weights of that variant, its main ones where it
+                has none; only those are downloaded), `use_safetensors` (default True: safetensors only; False:
+                `.bin` weights only, read with `weights_only=True`), `low_cpu_mem_usage`, `device_map`, `max_memory`,
                 `offload_folder` (passed to every network's `from_pretrained`), and Hub options (`revision`,
                 `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
 
@@ -627,6 +720,8 @@ class SR3BasePipeline(DiffusionPipeline):
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         dtype = torch_dtype if dtype is None else dtype
         variant = kwargs.pop("variant", None)
+        if variant is not None and not _holds_variant(folder, variant):
+            raise ValueError(f"{source} holds no weights of variant {variant!r}")
         use_safetensors = kwargs.pop("use_safetensors", None)
         model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
         expected, optional = pipeline_class._get_signature_keys(pipeline_class)
@@ -650,13 +745,19 @@ class SR3BasePipeline(DiffusionPipeline):
                     )
                 component_class = getattr(diffusers, class_name)
             subfolder = os.path.join(folder, name)
+            # As Diffusers: a component without the variant's weights loads its main ones.
+            component_variant = variant if variant is not None and _holds_variant(subfolder, variant) else None
             # A dict names this pipeline's components (a cascade's: its stages, whose value may be a dict again).
             component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
             if issubclass(component_class, DiffusionPipeline):
                 if isinstance(dtype, dict) and name not in dtype:  # names the stages' own components, or "default"
                     component_dtype = dtype
                 init_kwargs[name] = component_class.from_pretrained(
-                    subfolder, dtype=component_dtype, variant=variant, use_safetensors=use_safetensors, **model_options
+                    subfolder,
+                    dtype=component_dtype,
+                    variant=component_variant,
+                    use_safetensors=use_safetensors,
+                    **model_options,
                 )
             elif issubclass(component_class, SchedulerMixin):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
@@ -669,7 +770,7 @@ class SR3BasePipeline(DiffusionPipeline):
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
                     dtype=component_dtype,
-                    variant=variant,
+                    variant=component_variant,
                     use_safetensors=True if use_safetensors is None else use_safetensors,
                     **model_options,
                 )

@@ -13,9 +13,16 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..detail_windows import lowpass_sigma, windowed_networks
-from ..image_processing import ImageInput, images_to_tensor, pad_to_multiple, postprocess, upsample_condition
+from ..image_processing import (
+    ImageInput,
+    check_output_type,
+    images_to_tensor,
+    pad_to_multiple,
+    postprocess,
+    upsample_condition,
+)
 from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import augment_condition, scheduler_takes_eta, swap_scheduler
+from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
 
 # Default steps of the two sampling modes, for pipelines saved without their own `fidelity_steps` / `detail_steps`.
@@ -449,6 +456,7 @@ class SR3Pipeline(SR3BasePipeline):
             `dict` with `num_inference_steps`, `strength`, `eta` (None: the scheduler's default), `guidance_scale`,
             `window_size` and `parallel_guidance_weight`, ready to pass to the pipeline call as keywords.
         """
+        check_scheduler_fits(self.scheduler)  # a scheduler of another noise process may have no `step` to inspect
         if eta is None and scheduler_takes_eta(self.scheduler):
             eta = self.config.get("detail_eta")
         return {
@@ -520,9 +528,11 @@ class SR3Pipeline(SR3BasePipeline):
                 runs fewer (`strength` below 1 runs only the last part of the schedule).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, optional): Called after
                 each step as `callback_on_step_end(pipeline, step_index, timestep, callback_kwargs)`; may return a
-                dict with a replacement `"latents"` (the current noisy image, float32 in the [-1, 1] scale) and/or
-                `"condition"` (the upsampled input the next steps are conditioned on, in [-1, 1]). It can read
-                `pipeline.num_timesteps` and stop the refinement early with `pipeline._interrupt = True`.
+                dict with a replacement `"latents"` (what the network refines, noisy, float32, padded to the UNet's
+                downsampling factor: the image in the [-1, 1] scale, or for `residual` models `residual_scale *
+                (image - upsample)`) and/or `"condition"` (the upsampled input the next steps are conditioned on, in
+                [-1, 1]). It can read `pipeline.num_timesteps` and stop the refinement early with
+                `pipeline._interrupt = True`.
             callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Which of
                 `"latents"` and `"condition"` go into `callback_kwargs` (a `PipelineCallback`'s own `tensor_inputs`
                 take its place).
@@ -580,6 +590,7 @@ class SR3Pipeline(SR3BasePipeline):
         Returns:
             [`SR3PipelineOutput`] or `tuple`: `(images, intermediates)` when `return_dict` is False.
         """
+        check_output_type(output_type)  # before the refinement, not after it
         if self_ensemble:
             if mode != "fidelity":
                 raise ValueError("self_ensemble averages fidelity answers: it needs mode='fidelity'")

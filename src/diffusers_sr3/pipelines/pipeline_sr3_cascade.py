@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput, replace_example_docstring
 
-from ..image_processing import ImageInput, images_to_tensor, postprocess
+from ..image_processing import ImageInput, check_output_type, images_to_tensor, postprocess
 from ..tiling import tiled_super_resolve
 from .base import GeneratorInput, SR3BasePipeline
 from .pipeline_sr3 import SR3Pipeline
@@ -196,7 +196,8 @@ class SR3CascadePipeline(SR3BasePipeline):
         Returns:
             [`SR3CascadePipelineOutput`] or `tuple` `(images, stage_images)`.
         """
-        # 1. Decide which stages run.
+        # 1. Decide which stages run (and refuse an output type before any of them runs).
+        check_output_type(output_type)
         run_base = image is None
         if run_base and self.base is None:
             raise ValueError("this cascade has no base generator: pass a low-resolution `image` to start from")

@@ -8,7 +8,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 
-from ..image_processing import postprocess
+from ..image_processing import check_output_type, postprocess
 from ..models.unet_sr3 import SR3UNet2DModel
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
 
@@ -82,7 +82,8 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
         Returns:
             [`SR3PipelineOutput`] or `tuple`: `(images, intermediates)` when `return_dict` is False.
         """
-        # 1. Check the size.
+        # 1. Check the output type and the size.
+        check_output_type(output_type)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         height = height or self.unet.config.sample_size

@@ -2,15 +2,17 @@
 
 A checkpoint is a folder `checkpoint-<step>` in the output folder holding accelerate's state (model, optimizer,
 LR schedule, RNG states of every process), the EMA weights (safetensors), the UNet's config (`unet_config.json`)
-and `training_state.json`. It is written under a temporary name and renamed into place only when complete, so a
-run killed while saving leaves the previous checkpoints, and `latest`, intact. `load_checkpoint_unet` turns one
-into an `SR3UNet2DModel` (an earlier checkpoint of a run is the autoguidance guide of its final model).
+and `training_state.json` (the position, and the settings that say what the weights mean, which a resumed run must
+keep). It is written under a temporary name and renamed into place only when complete, so a run killed while saving
+leaves the previous checkpoints, and `latest`, intact. `load_checkpoint_unet` turns one into an `SR3UNet2DModel` (an
+earlier checkpoint of a run is the autoguidance guide of its final model).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,6 +33,8 @@ MODEL_FILE = "model.safetensors"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _TEMPORARY_PREFIX = ".tmp-checkpoint-"
+# The key of `training_state.json` that holds the settings the weights were trained for (`check_same_objective`).
+OBJECTIVE_KEY = "objective"
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -59,6 +63,57 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Optional
             f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a complete checkpoint (no {STATE_FILE})"
         )
     return path
+
+
+def later_checkpoints(path: str, output_dir: str) -> List[str]:
+    """The complete checkpoints in `output_dir` of steps after the one checkpoint `path` was saved at, oldest first."""
+    match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+    if match:
+        step = int(match.group(1))
+    else:
+        try:
+            with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+                step = json.load(handle)["global_step"]
+        except (ValueError, KeyError, TypeError):  # a damaged state, which resuming reports
+            return []
+    return [
+        checkpoint
+        for checkpoint in list_checkpoints(output_dir)
+        if int(_CHECKPOINT.fullmatch(os.path.basename(checkpoint)).group(1)) > step
+    ]
+
+
+def check_same_objective(path: str, objective: Dict[str, Any]) -> None:
+    """Refuse to resume checkpoint `path` with settings that change what its weights mean.
+
+    Args:
+        path: a complete checkpoint folder.
+        objective: the resumed run's settings, keyed by option name (residual, prediction_type, the noise schedule,
+            use_ema, ...): those the checkpoint recorded under `OBJECTIVE_KEY` must be the same. Checkpoints of
+            earlier versions recorded none and resume as before.
+    """
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        saved = json.load(handle).get(OBJECTIVE_KEY) or {}
+    differences = [
+        f"--{key} {_shown(saved[key])} there, {_shown(objective[key])} here"
+        for key in sorted(saved.keys() & objective.keys())
+        if not _same(saved[key], objective[key])
+    ]
+    if differences:
+        raise ValueError(
+            f"{path} was trained with other settings ({'; '.join(differences)}): resume it with the options it was "
+            "trained with, or start a new run in another --output_dir"
+        )
+
+
+def _same(saved: Any, current: Any) -> bool:
+    # A measured residual scale is compared within rounding; booleans are not numbers here.
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in (saved, current))
+    return math.isclose(saved, current, rel_tol=1e-6) if numbers else saved == current
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_checkpoint_fits(path: str, unet_config: Dict[str, Any]) -> None:
@@ -137,7 +192,9 @@ def finish_checkpoint(
         shutil.rmtree(final)
     os.replace(temporary, final)
     if total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
+        # The oldest go, never the one just written (older than others, it is still what this run resumes from).
+        others = [path for path in list_checkpoints(output_dir) if os.path.basename(path) != os.path.basename(final)]
+        for old in others[: max(0, len(others) - (total_limit - 1))]:
             logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, total_limit)
             shutil.rmtree(old, ignore_errors=True)
     return final

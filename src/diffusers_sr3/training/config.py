@@ -338,6 +338,8 @@ class TrainingConfig:
             raise ValueError(f"residual_scale must be positive, got {self.residual_scale}")
         if self.task == "uncond" and self.condition_noise_max:
             raise ValueError("--condition_noise_max applies to super-resolution only")
+        if self.task == "uncond" and self.validation_images:
+            raise ValueError("--validation_images applies to super-resolution only")
         if self.texture_loss_weight < 0 or self.texture_loss_patch_size < 2:
             raise ValueError(
                 f"texture_loss_weight must not be negative ({self.texture_loss_weight:g}) and texture_loss_patch_size "
@@ -377,7 +379,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
             continue
         default = defaults.get(item.name, item.default if item.default is not dataclasses.MISSING else None)
         base, is_list = _argument_type(hints[item.name])
-        kwargs: dict = {"default": default, "help": f"{item.metadata['help']} (default: {default})"}
+        text = item.metadata["help"]
+        # An unset option's help says what happens then; one that names its default needs no second one.
+        if default is not None and "default" not in text:
+            text = f"{text} (default: {default})"
+        kwargs: dict = {"default": default, "help": text}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import pickle
+import shutil
+import tempfile
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -37,6 +39,7 @@ from ..data import (
     decode_image,
     sample_generator,
 )
+from ..metrics import SSIM_WINDOW
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
@@ -45,8 +48,11 @@ from ..presets import get_preset
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
+    OBJECTIVE_KEY,
     check_checkpoint_fits,
+    check_same_objective,
     finish_checkpoint,
+    later_checkpoints,
     list_checkpoints,
     load_checkpoint_extras,
     remove_stale_temporaries,
@@ -301,6 +307,12 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     resolution = config.resolution or (preset.resolution if preset else unet.config.sample_size)
     if resolution % unet.downsampling_factor:
         raise ValueError(f"resolution {resolution} is not divisible by the UNet's factor {unet.downsampling_factor}")
+    if config.task == "sr" and resolution < SSIM_WINDOW:
+        # Validation, at the end of training at the latest, measures SSIM at the training resolution.
+        raise ValueError(
+            f"resolution {resolution} is too small for super-resolution: validation measures SSIM, which needs "
+            f"images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels"
+        )
     small = config.small_crop_size
     if small is not None and (
         small >= resolution or resolution % small or small % unet.downsampling_factor or small % (upscale_factor or 1)
@@ -467,6 +479,7 @@ class Trainer:
         data = self._load_data(setup, seed)
         self.data_seed = seed
         self.residual_scale = self._residual_scale(data, setup)
+        self.objective = self._objective(setup)
         validation_samples = self._validation_samples(data, setup)
         # 4. Dataloader, optimizer, LR schedule and EMA, prepared for the processes.
         loop = self._prepare_optimization(setup, data, seed)
@@ -493,6 +506,26 @@ class Trainer:
                 f"{config.output_dir} holds checkpoints of an earlier run (the newest: {os.path.basename(earlier[-1])})"
                 ": go on with it with --resume_from_checkpoint latest, or start the new run in another --output_dir"
             )
+        self.resume_path = (
+            resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+            if config.resume_from_checkpoint
+            else None
+        )
+        if self.resume_path is not None:
+            later = later_checkpoints(self.resume_path, config.output_dir)
+            if later:
+                # This run would replace some of them and prune its own, and `latest` would go on with the others.
+                raise ValueError(
+                    f"{config.output_dir} holds checkpoints saved after {os.path.basename(self.resume_path)} "
+                    f"({', '.join(os.path.basename(path) for path in later)}): move or delete them to resume from it"
+                )
+        elif os.path.isfile(os.path.join(config.output_dir, "model_index.json")):
+            # Nothing to resume: a new run would overwrite the trained pipeline in it.
+            raise ValueError(
+                f"{config.output_dir} holds a trained pipeline and no checkpoint to resume: to go on training it, "
+                f"pass --pretrained_model_name_or_path {config.output_dir} --output_dir <another folder>"
+            )
+        _check_writable(config.output_dir)
         # The token may be any string: known literally, it is redacted wherever it would be written or logged.
         register_secret(config.hub_token)
         install_log_redaction()
@@ -511,7 +544,6 @@ class Trainer:
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
         if accelerator.is_main_process:
-            os.makedirs(config.output_dir, exist_ok=True)
             remove_stale_temporaries(config.output_dir)
         return seed
 
@@ -682,7 +714,7 @@ class Trainer:
         config = self.config
         if not config.resume_from_checkpoint:
             return
-        loop.resumed_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        loop.resumed_from = self.resume_path
         if loop.resumed_from is None:
             logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
             return
@@ -696,6 +728,7 @@ class Trainer:
             )
         check_checkpoint_fits(loop.resumed_from, self.model.config)
         try:
+            check_same_objective(loop.resumed_from, self.objective)
             self.accelerator.load_state(loop.resumed_from)
             state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
             loop.global_step, loop.epoch = state["global_step"], state["epoch"]
@@ -951,6 +984,23 @@ class Trainer:
             setup.scheduler = swap_scheduler(setup.scheduler, "ddpm", clip_sample_range=2.0 * scale)
         return float(scale)
 
+    def _objective(self, setup: ModelSetup) -> Dict[str, Any]:
+        """The settings that say what the weights mean, by option name: recorded in every checkpoint, and a resumed
+        run must have the same."""
+        config, schedule = self.config, setup.scheduler.config
+        return dict(
+            residual=config.residual,
+            residual_scale=self.residual_scale if config.residual else None,
+            prediction_type=config.prediction_type,
+            beta_schedule=schedule.beta_schedule,
+            beta_start=float(schedule.beta_start),
+            beta_end=float(schedule.beta_end),
+            num_train_timesteps=int(schedule.num_train_timesteps),
+            condition_noise_max=config.condition_noise_max,
+            condition_noise_level=config.condition_noise_level,
+            use_ema=config.use_ema,
+        )
+
     def _validation_samples(self, data: TrainingData, setup: ModelSetup):
         config = self.config
         if setup.upscale_factor is None:
@@ -971,16 +1021,32 @@ class Trainer:
         config = self.config
         temporary = temporary_checkpoint_dir(config.output_dir, step) if accelerator.is_main_process else None
         temporary = _broadcast_path(accelerator, temporary)
-        accelerator.save_state(temporary)
+        try:
+            accelerator.save_state(temporary)
+        except (RuntimeError, OSError) as error:
+            # What torch raises when the disk is full; the half-written folder must not stay.
+            raise self._checkpoint_error(accelerator, temporary, step, error) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = dict(global_step=step, epoch=epoch, batches_in_epoch=batches)
+            state = dict(global_step=step, epoch=epoch, batches_in_epoch=batches, **{OBJECTIVE_KEY: self.objective})
             unet_config = accelerator.unwrap_model(self.model).config
-            path = finish_checkpoint(
-                temporary, config.output_dir, step, state, ema, config.checkpoints_total_limit, unet_config
-            )
+            try:
+                path = finish_checkpoint(
+                    temporary, config.output_dir, step, state, ema, config.checkpoints_total_limit, unet_config
+                )
+            except (RuntimeError, OSError) as error:
+                raise self._checkpoint_error(accelerator, temporary, step, error) from None
             logger.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
+
+    def _checkpoint_error(self, accelerator: Accelerator, temporary: str, step: int, error: Exception) -> OSError:
+        """Remove the half-written checkpoint; the one-line error that says which could not be written, and why."""
+        output_dir = self.config.output_dir
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return OSError(f"cannot write checkpoint-{step} in {output_dir} ({free / 2**30:.2f} GiB free there): {reason}")
 
     def _validate(
         self, accelerator: Accelerator, model: SR3UNet2DModel, ema: Any, setup: ModelSetup, samples, step: int
@@ -1119,6 +1185,18 @@ def _launcher_cpu_threads() -> Optional[int]:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _check_writable(folder: str) -> None:
+    """Create `folder` and a file in it: an unwritable output folder fails now, not at the first checkpoint or after
+    the whole training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"--output_dir {folder} is not writable ({error.strerror or error})") from None
 
 
 def _broadcast_path(accelerator: Accelerator, path: Optional[str]) -> str:

@@ -1,0 +1,75 @@
+"""`sr3`'s error handling, common to every subcommand: one line and exit status 2 for errors of the input or the
+system (OSError included), an out-of-memory hint, and 130 for Ctrl-C, also while the subcommands are imported."""
+
+import errno
+
+import pytest
+import torch
+from conftest import tiny_unet_config
+
+from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, cli, make_scheduler
+from diffusers_sr3.commands import prepare
+
+
+def _failing_run(error):
+    def run(args):
+        raise error
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/data/out"), "[Errno 13] Permission denied: '/data/out'"),
+        (OSError(errno.ENOSPC, "No space left on device"), "[Errno 28] No space left on device"),
+        (OSError(errno.EROFS, "Read-only file system"), "[Errno 30] Read-only file system"),
+        # Diffusers' error for a damaged model folder, over several lines: one line here
+        (
+            OSError("no file named model.bin\n  found in directory m."),
+            "no file named model.bin found in directory m.",
+        ),
+    ],
+)
+def test_system_errors_are_one_line_and_exit_2(monkeypatch, capsys, error, message):
+    monkeypatch.setattr(prepare, "run", _failing_run(error))
+    assert cli.main(["prepare", "src", "--out", "out"]) == 2
+    assert capsys.readouterr().err == f"sr3 prepare: error: {message}\n"
+
+
+def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config(in_channels=3, sample_size=16))
+    SR3UnconditionalPipeline(unet, make_scheduler("ddpm", n_timestep=50)).save_pretrained(tmp_path / "model")
+    for weights in (tmp_path / "model" / "unet").glob("diffusion_pytorch_model*"):
+        weights.write_bytes(b"damaged")
+    arguments = ["sample", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "g.png"), "-n", "1"]
+    assert cli.main(arguments + ["--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sr3 sample: error: ") and error.count("\n") == 1 and not (tmp_path / "g.png").exists()
+
+
+def test_running_out_of_memory_names_the_remedy(monkeypatch, capsys):
+    message = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."
+    monkeypatch.setattr(prepare, "run", _failing_run(RuntimeError(message)))
+    assert cli.main(["prepare", "src", "--out", "out"]) == 2
+    assert capsys.readouterr().err == f"sr3 prepare: error: out of memory; use smaller images ({message})\n"
+    monkeypatch.setattr(prepare, "run", _failing_run(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    assert cli.main(["prepare", "src", "--out", "out"]) == 2
+    assert "out of memory; use smaller images (CUDA out of memory.)" in capsys.readouterr().err
+    monkeypatch.setattr(prepare, "run", _failing_run(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
+        cli.main(["prepare", "src", "--out", "out"])
+
+
+def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "run", _failing_run(KeyboardInterrupt()))
+    assert cli.main(["prepare", "src", "--out", "out"]) == 130
+    assert capsys.readouterr().err == "sr3 prepare: interrupted\n"
+
+    def interrupted_import(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted_import)  # Ctrl-C while torch is imported
+    assert cli.main(["prepare", "src", "--out", "out"]) == 130
+    assert capsys.readouterr().err == "sr3: interrupted\n"
