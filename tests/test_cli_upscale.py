@@ -302,7 +302,7 @@ def test_upscale_keeps_black_and_white_photos_gray(model_dir, tmp_path):
             assert is_grayscale(written.convert("RGB")) if extension == ".png" else spread <= 2
 
 
-def test_upscale_writes_jpeg_and_webp_at_the_chosen_quality(model_dir, tmp_path, capsys):
+def test_upscale_writes_jpeg_webp_and_avif_at_the_chosen_quality(model_dir, tmp_path, capsys):
     import PIL.JpegImagePlugin
 
     write_image(tmp_path / "photo.png", (16, 16))
@@ -316,6 +316,13 @@ def test_upscale_writes_jpeg_and_webp_at_the_chosen_quality(model_dir, tmp_path,
     # The default, 95, keeps more than Pillow's own defaults; JPEG keeps colour at full resolution (4:4:4).
     assert sizes[".jpg", None] > sizes[".jpg", "75"] and sizes[".webp", None] > sizes[".webp", "75"]
     assert PIL.JpegImagePlugin.get_sampling(PIL.Image.open(tmp_path / "out_None.jpg")) == 0
+    if PIL.Image.registered_extensions().get(".avif") in PIL.Image.SAVE:  # Pillow builds with AVIF (11.2 and later)
+        for quality in (None, "75"):
+            destination = tmp_path / f"out_{quality}.avif"
+            chosen = ["--quality", quality] if quality else []
+            assert main(["upscale", str(tmp_path / "photo.png"), "--output", str(destination)] + options + chosen) == 0
+            sizes[".avif", quality] = destination.stat().st_size
+        assert sizes[".avif", None] > sizes[".avif", "75"]
     for bad in ("0", "101"):
         bad_run = ["upscale", str(tmp_path / "photo.png"), "--output", str(tmp_path / "bad.jpg"), "--quality", bad]
         assert main(bad_run) == 2
