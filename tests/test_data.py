@@ -548,6 +548,12 @@ def test_validation_samples_are_distinct_images_when_the_first_are_unreadable(tm
         torch.testing.assert_close(sample["hr"], hr)
     # More asked for than there are usable images: each usable one once.
     assert len(training.validation_samples(5)) == 3
+    # The samples the residual scale is measured on too: the two truncated files' stand-in is the first good image,
+    # which its own index would take again.
+    spread = training.spread_samples(5)
+    assert len(spread) == 3
+    for sample, hr in zip(spread, expected):
+        torch.testing.assert_close(sample["hr"], hr)
 
 
 def test_a_dataset_saved_with_save_to_disk_loads(tmp_path):

@@ -184,7 +184,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the fewest evenly sized tiles that do)",
     )
     parser.add_argument(
-        "--tile-overlap", type=int, default=None, help="tile overlap in pixels (default: half the model's sample_size)"
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="tile overlap in pixels, at most the tile size minus the model's downsampling factor (default: half the "
+        "model's sample_size; a quarter of --tile-size when given)",
     )
     parser.add_argument(
         "--tile-batch-size", type=int, default=None, help="tiles run together (default: as many as fit the budget)"

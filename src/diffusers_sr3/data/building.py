@@ -40,12 +40,21 @@ class TrainingData:
     skipped_at_scan: Counter = field(default_factory=Counter)
 
     def spread_samples(self, count: int) -> List[Dict[str, Any]]:
-        """`count` usable samples evenly spread over the dataset (the first ones when streamed), unaugmented."""
+        """Up to `count` usable samples evenly spread over the dataset (the first ones when streamed), unaugmented,
+        each image once."""
         if isinstance(self.dataset, StreamingPairDataset):
             return self.validation_samples(count)
         size = len(self.dataset)
         indices = sorted({int(index) for index in np.linspace(0, size - 1, min(count, size)).round()})
-        return [self.dataset.sample(index, augment=False) for index in indices]
+        samples, taken = [], set()
+        for index in indices:
+            sample = self.dataset.sample(index, augment=False)
+            # An unreadable image is replaced by the next usable one, which a later index may also land on.
+            position = (index + sample["skipped"]) % size
+            if position not in taken:
+                taken.add(position)
+                samples.append(sample)
+        return samples
 
     def validation_samples(self, count: int) -> List[Dict[str, Any]]:
         """The first `count` usable samples, distinct images without augmentation (the fixed validation set)."""
