@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, cli, make_scheduler
-from diffusers_sr3.commands import prepare
+from diffusers_sr3.commands import prepare, upscale
 
 
 def _failing_run(error):
@@ -57,9 +57,16 @@ def test_running_out_of_memory_names_the_remedy(monkeypatch, capsys):
     monkeypatch.setattr(prepare, "run", _failing_run(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
     assert cli.main(["prepare", "src", "--out", "out"]) == 2
     assert "out of memory; use smaller images (CUDA out of memory.)" in capsys.readouterr().err
+    monkeypatch.setattr(prepare, "run", _failing_run(MemoryError()))  # Python's, numpy's or Pillow's allocations
+    assert cli.main(["prepare", "src", "--out", "out"]) == 2
+    assert "sr3 prepare: error: out of memory; use smaller images" in capsys.readouterr().err
     monkeypatch.setattr(prepare, "run", _failing_run(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         cli.main(["prepare", "src", "--out", "out"])
+    # sr3 upscale's memory is its tile budget's, whatever the image size.
+    monkeypatch.setattr(upscale, "run", _failing_run(RuntimeError("CUDA out of memory.")))
+    assert cli.main(["upscale", "photo.png", "--output", "out"]) == 2
+    assert "out of memory; lower --max-tile-pixels (or --batch-size)" in capsys.readouterr().err
 
 
 def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):

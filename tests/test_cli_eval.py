@@ -248,6 +248,15 @@ def test_outputs_inside_the_hr_folder_or_beside_their_sources(tmp_path):
         write_noise(photos / f"{name}_sr_process.png", (48, 16), index + 20)
     beside = eval_report(tmp_path, "--hr", photos, "--sr", photos)
     assert sorted(beside) == ["a", "trip/b"] and all(values["psnr"] != "inf" for values in beside.values())
+    # The inputs beside them too (`sr3 upscale photos/a_lr.png --output photos` writes a_lr_sr.png): one folder for
+    # all three kinds, each file's last suffix saying which it is.
+    for index, name in enumerate(["a", "trip/b"]):
+        (photos / f"{name}_sr.png").unlink()
+        write_noise(photos / f"{name}_lr.png", (4, 4), index + 30)
+        write_noise(photos / f"{name}_lr_sr.png", (16, 16), index)
+    shared = eval_report(tmp_path, "--hr", photos, "--sr", photos, "--lr", photos)
+    assert sorted(shared) == ["a", "trip/b"] and all(values["psnr"] == "inf" for values in shared.values())
+    assert all("consistency" in values for values in shared.values())
 
 
 def test_results_folder_skips_hidden_files_and_refuses_two_files_of_one_id(tmp_path, capsys):

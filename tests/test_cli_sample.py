@@ -101,6 +101,11 @@ def test_an_image_depends_on_the_seed_and_its_place_not_on_the_batch_size(model_
     assert sample(model_dir, tmp_path / "other.png", "-n", "3", "--seed", "8") == 0
     assert not np.array_equal(grids["1"], np.asarray(PIL.Image.open(tmp_path / "other.png")))
 
+    # Any seed torch takes, up to 2**64 - 1, as long as the last image's seed + i stays within it.
+    assert sample(model_dir, tmp_path / "top.png", "--seed", str(2**64 - 1)) == 0
+    assert sample(model_dir, tmp_path / "beyond.png", "-n", "2", "--seed", str(2**64 - 1)) == 2
+    assert not (tmp_path / "beyond.png").exists()
+
 
 def test_a_gray_model_samples_a_grid_and_a_process_strip(tmp_path):
     torch.manual_seed(0)
@@ -117,7 +122,7 @@ def test_a_gray_model_samples_a_grid_and_a_process_strip(tmp_path):
     "option, message",
     [
         (["--save-process", "-1"], "argument --save-process: must be at least 0, got -1"),
-        (["--seed", str(2**64)], f"argument --seed: must be from {-(2**63)} to {2**63 - 1}, got {2**64}"),
+        (["--seed", str(2**64)], f"argument --seed: must be from {-(2**63)} to {2**64 - 1}, got {2**64}"),
         (["--steps", "2,0"], "argument --steps: must be at least 1, got 0"),
     ],
 )

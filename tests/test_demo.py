@@ -137,7 +137,7 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     stale.mkdir(parents=True)
     (stale / "training_state.json").write_text("{}")
     (out / "model" / "model_index.json").write_text("{}")  # ... and a finished one's pipeline, which no run trains over
-    _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.25, timed_step=100.0, bfloat16=False)
+    _run_timed_demo(monkeypatch, out, "--no-packaged", "--overwrite", minutes=0.25, timed_step=100.0, bfloat16=False)
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] > 10
     assert report["training_seconds"] > 0.9 * 0.25 * 60
@@ -211,3 +211,14 @@ def test_a_photo_size_too_small_to_downscale_is_refused_before_training(tmp_path
     assert min(demo._whole_photo(heldout, least).size) == demo.UPSCALE_FACTOR
     with pytest.raises(ValueError, match=f"--photo-size {least - 1} makes"):
         demo._whole_photo(heldout, least - 1)
+
+
+def test_a_model_folder_in_the_output_is_kept_without_overwrite(tmp_path, capsys):
+    from diffusers_sr3.cli import main
+
+    kept = tmp_path / "demo" / "model" / "diffusion_pytorch_model.safetensors"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"someone's weights")
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1"]) == 2
+    assert "already holds a demo (or a model folder); pass --overwrite" in capsys.readouterr().err
+    assert kept.read_bytes() == b"someone's weights"

@@ -68,3 +68,27 @@ def test_files_to_download_choose_one_format_and_variant_per_folder():
         configs + [name for name in files if ".fp16" in name] + ["stage_1/unet/diffusion_pytorch_model.safetensors"]
     )
     assert files_to_download(files, pickles=True) == sorted(configs + ["unet/diffusion_pytorch_model.bin"])
+
+
+def test_a_cached_repo_loads_when_the_hub_cannot_be_reached(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    tiny_pipeline.save_pretrained(tmp_path / "saved")
+    hub.repos["someone/sr3"] = {
+        path.relative_to(tmp_path / "saved").as_posix(): path.read_bytes()
+        for path in (tmp_path / "saved").rglob("*")
+        if path.is_file()
+    }
+    cached = SR3Pipeline.from_pretrained("someone/sr3", cache_dir=tmp_path / "cache")
+    hub.stop()  # the Hub goes away (a flaky or air-gapped machine), not offline mode: the listing fails to connect
+    again = SR3Pipeline.from_pretrained("someone/sr3", cache_dir=tmp_path / "cache")
+    torch.testing.assert_close(again.unet.conv_in.weight, cached.unet.conv_in.weight)
+
+
+def test_a_killed_saves_leftover_is_not_a_variant_of_the_folder(tiny_pipeline, tmp_path):
+    from diffusers_sr3.pipelines.base import STAGING_PREFIX
+
+    tiny_pipeline.save_pretrained(tmp_path)
+    leftover = tmp_path / f"{STAGING_PREFIX}killed" / "unet"
+    leftover.mkdir(parents=True)
+    (leftover / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"half-written")
+    with pytest.raises(ValueError, match="holds no weights of variant 'fp16'"):
+        SR3Pipeline.from_pretrained(tmp_path, variant="fp16")

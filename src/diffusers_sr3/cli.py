@@ -42,6 +42,15 @@ def _out_of_memory(error: RuntimeError) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
 
 
+def _memory_hint(args: argparse.Namespace) -> str:
+    """What to lower when a command runs out of memory."""
+    if hasattr(args, "max_tile_pixels"):  # sr3 upscale: the tile budget bounds each network evaluation
+        return "lower --max-tile-pixels (or --batch-size)"
+    if hasattr(args, "batch_size"):
+        return "lower --batch-size or the image size"
+    return "use smaller images"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
     interrupted, also while the subcommands are imported)."""
@@ -56,11 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             # raises for a damaged model folder.
             print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
             return 2
-        except RuntimeError as error:
-            if not _out_of_memory(error):
+        except (RuntimeError, MemoryError) as error:
+            if isinstance(error, RuntimeError) and not _out_of_memory(error):
                 raise
-            hint = "lower --batch-size or the image size" if hasattr(args, "batch_size") else "use smaller images"
-            print(f"{prog}: error: out of memory; {hint} ({_one_line(error)})", file=sys.stderr)
+            print(f"{prog}: error: out of memory; {_memory_hint(args)} ({_one_line(error)})", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

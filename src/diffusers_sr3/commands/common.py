@@ -63,8 +63,8 @@ def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:
     return parse
 
 
-# A generator's seed is 64 bits; image i of a run takes seed + i, which stays within them from any seed in this range.
-SEED = whole_number(-(2**63), 2**63 - 1)
+# What `torch.Generator.manual_seed` takes; image i of a run takes seed + i (`image_generators` checks the last).
+SEED = whole_number(-(2**63), 2**64 - 1)
 
 
 def add_model_arguments(
@@ -109,6 +109,10 @@ def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
     The pipelines draw each image's noise from its own generator of a list, so an image is the same whatever
     `--batch-size` puts beside it, and the same as that image run alone with seed `seed + i`.
     """
+    if seed + stop - 1 > 2**64 - 1:
+        raise ValueError(
+            f"--seed {seed} + image {stop - 1} is beyond 2**64 - 1, the largest seed: choose a smaller one"
+        )
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(start, stop)]
 
 

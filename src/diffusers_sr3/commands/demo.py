@@ -167,7 +167,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         **RECIPE,
     )
     # An earlier demo's model (its pipeline, or the checkpoints an interrupted one left): the trainer refuses to
-    # train over either. `run` has already refused an earlier demo's folder without --overwrite.
+    # train over either. `run` has already refused it without --overwrite.
     if os.path.isdir(model_dir):
         shutil.rmtree(model_dir)
         print(f"removed the earlier demo's model in {model_dir}")
@@ -325,8 +325,11 @@ def run(args: argparse.Namespace) -> int:
     modes = ("fidelity", SELF_ENSEMBLE, "detail") if args.self_ensemble else MODES
     config = unet_config(args.crop_size, args.width)
     model_dir = os.path.join(args.output, "model")
-    if os.path.exists(os.path.join(args.output, "metrics.json")) and not args.overwrite:
-        raise FileExistsError(f"{args.output} already holds a demo; pass --overwrite or choose another --output")
+    # An earlier demo's model folder (a finished one, or an interrupted one's checkpoints) is replaced only when told.
+    if (os.path.exists(os.path.join(args.output, "metrics.json")) or os.path.exists(model_dir)) and not args.overwrite:
+        raise FileExistsError(
+            f"{args.output} already holds a demo (or a model folder); pass --overwrite or choose another --output"
+        )
     os.makedirs(args.output, exist_ok=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

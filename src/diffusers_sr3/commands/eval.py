@@ -76,17 +76,21 @@ def _inner_folders(folder: str, others: Sequence[str]) -> List[str]:
     return inner
 
 
-def _folder_images(
-    folder: str, what: str, others: Sequence[str] = (), sr_outputs: Optional[bool] = None
-) -> Dict[str, str]:
+def _role(stem: str) -> str:
+    """What a file in a folder given for several kinds is, by its last suffix: `sr`, `lr`, `inf` or else `hr`."""
+    return next((kind for kind in ("sr", "lr", "inf") if stem.endswith(f"_{kind}")), "hr")
+
+
+def _folder_images(folder: str, what: str, others: Sequence[str] = (), shared: bool = False) -> Dict[str, str]:
     """Images under `folder` (recursively) by matching key; duplicate keys are an error.
 
     Args:
         folder: the folder given as `--{what}`.
         what: `hr`, `sr` or `lr`, for the messages.
         others: the other folders given: those inside `folder` hold the other kinds of images and are left out.
-        sr_outputs: True to read only the `<name>_sr` files, False to leave them out (the `--hr` and `--sr` folder
-            is one folder), None to read every image. `<name>_sr_process` frames are never SR images.
+        shared: `folder` is also given for another kind (`sr3 upscale photos --output photos` writes `<name>_sr`
+            beside `<name>` and its `<name>_lr` input): read only the files whose last suffix names `what` (no
+            suffix: `hr`). `<name>_sr_process` frames are never SR images.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--{what} folder not found: {folder}")
@@ -97,16 +101,16 @@ def _folder_images(
         stem = os.path.splitext(relative)[0]
         if relative.startswith(tuple(inner)):
             continue
-        if stem.endswith("_sr" + PROCESS_SUFFIX) and (what == "sr" or sr_outputs is not None):
+        if stem.endswith("_sr" + PROCESS_SUFFIX) and (what == "sr" or shared):
             continue
-        if sr_outputs is not None and stem.endswith("_sr") != sr_outputs:
+        if shared and _role(stem) != what:
             continue
         key = _key(relative)
         if key in found:
             raise ValueError(f"--{what}: {found[key]} and {path} both match the name {key!r}")
         found[key] = path
     if not found:
-        named = {True: " named <name>_sr", False: " not named <name>_sr", None: ""}[sr_outputs]
+        named = (f" named <name>_{what}" if what != "hr" else " without a _sr, _lr or _inf suffix") if shared else ""
         raise FileNotFoundError(f"no images{named} in the --{what} folder {folder}")
     return found
 
@@ -164,16 +168,17 @@ def gather(args: argparse.Namespace) -> Dict[str, Dict[str, str]]:
         raise ValueError("give either --results or --hr/--sr, not both")
     folders = {kind: getattr(args, kind) for kind in ("hr", "sr", "lr") if getattr(args, kind)}
 
-    def read(kind: str, sr_outputs: Optional[bool] = None) -> Dict[str, str]:
+    def read(kind: str) -> Dict[str, str]:
         others = [folder for other, folder in folders.items() if other != kind]
-        return _folder_images(folders[kind], kind, others, sr_outputs)
+        shared = os.path.isdir(folders[kind]) and any(
+            os.path.isdir(folder) and os.path.samefile(folders[kind], folder) for folder in others
+        )
+        return _folder_images(folders[kind], kind, others, shared)
 
     if args.results:
         kinds = _results_images(args.results)
     elif args.hr and args.sr:
-        # `sr3 upscale photos --output photos` writes `<name>_sr.png` beside `<name>.png`.
-        same_folder = os.path.isdir(args.hr) and os.path.isdir(args.sr) and os.path.samefile(args.hr, args.sr)
-        kinds = {"hr": read("hr", False if same_folder else None), "sr": read("sr", True if same_folder else None)}
+        kinds = {"hr": read("hr"), "sr": read("sr")}
     else:
         raise ValueError("give --hr and --sr folders, or a --results folder")
     if args.lr:

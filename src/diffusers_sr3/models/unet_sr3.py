@@ -378,8 +378,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             super-resolution network's output means, recorded by [`SR3Pipeline`] when it saves it: the factor it was
             trained for and whether it predicts the residual HR - bicubic multiplied by `residual_scale` rather than
             the image (as a VAE's `scaling_factor` says how to read its latents). A pipeline built from the UNet
-            alone, `SR3Pipeline(unet=..., scheduler=...)` or `SR3Pipeline(**pipe.components)`, reads them; the
-            network itself never does. None: not recorded (UNets saved before these keys, unconditional ones).
+            alone, `SR3Pipeline(unet=..., scheduler=...)` or `SR3Pipeline(**pipe.components)` of a loaded one,
+            reads them; the network itself never does. None: not recorded (UNets saved before these keys,
+            unconditional ones, a UNet whose pipeline has not saved it).
 
     Config names and Diffusers' [`UNet2DModel`]: this model keeps the names of its first release, because they are
     written into the `config.json` of every saved model (a public contract: renaming them would break loading of

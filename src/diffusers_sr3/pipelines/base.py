@@ -205,12 +205,13 @@ def _holds_variant(folder: str, variant: str) -> bool:
 
 
 def _files_under(folder: str) -> List[str]:
-    """Every file below `folder`, as `/`-separated paths relative to it (the Hub's form)."""
-    return sorted(
-        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-        for root, _, names in os.walk(folder)
-        for name in names
-    )
+    """Every file below `folder`, as `/`-separated paths relative to it (the Hub's form), but a killed save's
+    staging folder's."""
+    files = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(STAGING_PREFIX)]
+        files += [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/") for name in names]
+    return sorted(files)
 
 
 def _move_into(staging: str, target: str) -> None:
@@ -662,7 +663,9 @@ class SR3BasePipeline(DiffusionPipeline):
         """Download a pipeline repo and return its local folder: its configs and, per component, the weights of
         `variant` where it has them (else the main ones), as safetensors (`.bin` with `use_safetensors=False`); no
         code, and no other variant's or format's weights."""
+        import httpx
         from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
 
         download_kwargs = {
             key: kwargs[key]
@@ -673,9 +676,18 @@ class SR3BasePipeline(DiffusionPipeline):
         if download_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
             patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if pickles else [])
             return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
-        api = HfApi(token=kwargs.get("token"))
-        listed = api.list_repo_files(pretrained_model_name, revision=kwargs.get("revision"))
-        patterns = [glob.escape(name) for name in files_to_download(listed, kwargs.get("variant"), pickles)]
+        try:
+            listed = HfApi(token=kwargs.get("token")).list_repo_files(
+                pretrained_model_name, revision=kwargs.get("revision")
+            )
+        except (HfHubHTTPError, OSError, httpx.HTTPError):
+            # The Hub cannot be reached (or refuses the listing): `snapshot_download` then takes the cached
+            # snapshot, as Diffusers' loader does, or names the problem.
+            listed = None
+        if listed is None:
+            patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if pickles else [])
+        else:
+            patterns = [glob.escape(name) for name in files_to_download(listed, kwargs.get("variant"), pickles)]
         return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
 
     @classmethod

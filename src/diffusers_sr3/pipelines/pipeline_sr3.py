@@ -196,8 +196,9 @@ class SR3Pipeline(SR3BasePipeline):
         residual (`bool`, optional): The model diffuses the residual between the high-resolution image and
             the bicubic upsample (as SRDiff does) instead of the image itself: the result is the upsample plus the
             refined residual. Set by training with `residual=True`; the original SR3 models diffuse the image.
-            Defaults to what the UNet's config records, else False: so `SR3Pipeline(**pipe.components)` and a
-            pipeline built from a saved `unet` folder read a residual model's output as it was trained.
+            Defaults to what the UNet's config records, else False: so `SR3Pipeline(**pipe.components)` of a loaded
+            pipeline and a pipeline built from a saved `unet` folder read a residual model's output as it was
+            trained (a pipeline built in memory records it on its UNet when it saves).
         residual_scale (`float`, optional): Residual models diffuse `residual_scale * (HR - upsample)`, so
             that the residual has about unit variance, as the noise schedule assumes; the refined result is divided
             by it before it is added to the upsample. Measured from the training data by the training script.

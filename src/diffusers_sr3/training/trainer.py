@@ -997,7 +997,6 @@ class Trainer:
             beta_end=float(schedule.beta_end),
             num_train_timesteps=int(schedule.num_train_timesteps),
             condition_noise_max=config.condition_noise_max,
-            condition_noise_level=config.condition_noise_level,
             use_ema=config.use_ema,
         )
 
