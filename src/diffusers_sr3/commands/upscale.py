@@ -328,32 +328,37 @@ def _mode_for(prediction_type: Optional[str]) -> str:
     return "fidelity" if prediction_type in ("sample", "v_prediction") else "detail"
 
 
-def _saved_mode(model: Optional[str]) -> Optional[str]:
-    """The mode --mode auto picks for `model`, read from a model folder's scheduler config before loading it; None
-    when that cannot be told without loading (a Hub id)."""
+def _saved_config(model: Optional[str], relative_path: str) -> Optional[Dict[str, Any]]:
+    """A JSON config of a model folder (default: the packaged model), read before loading the model; None when it
+    cannot be told without loading (a Hub id) or is no config."""
     if model is None:
         from ..pretrained import default_model_path
 
         model = default_model_path()
     try:
-        with open(os.path.join(model, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
-            return _mode_for(json.load(handle).get("prediction_type"))
-    except (OSError, ValueError, AttributeError):
+        with open(os.path.join(model, relative_path), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None
+
+
+def _saved_mode(model: Optional[str]) -> Optional[str]:
+    """The mode --mode auto picks for `model`, read from its scheduler config before loading it (None: unknown)."""
+    config = _saved_config(model, os.path.join("scheduler", "scheduler_config.json"))
+    return None if config is None else _mode_for(config.get("prediction_type"))
 
 
 def _saved_unet(model: Optional[str]) -> Optional[Any]:
-    """A stand-in with the `config` and `downsampling_factor` of a model folder's UNet, read from its config before
-    loading it; None when that cannot be told without loading (a Hub id)."""
-    if model is None:
-        from ..pretrained import default_model_path
-
-        model = default_model_path()
+    """A stand-in with the `config` and `downsampling_factor` of `model`'s UNet, read from its config before loading
+    it (None: unknown)."""
+    config = _saved_config(model, os.path.join("unet", "config.json"))
+    if config is None:
+        return None
+    unet = SimpleNamespace(config=FrozenDict(config))
     try:
-        with open(os.path.join(model, "unet", "config.json"), encoding="utf-8") as handle:
-            unet = SimpleNamespace(config=FrozenDict(json.load(handle)))
         return SimpleNamespace(config=unet.config, downsampling_factor=SR3UNet2DModel.downsampling_factor.fget(unet))
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return None
 
 

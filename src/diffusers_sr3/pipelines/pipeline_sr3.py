@@ -23,7 +23,7 @@ from ..image_processing import (
 )
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, steps_to_run
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks, steps_to_run
 
 # Default steps of the two sampling modes, for pipelines saved without their own `fidelity_steps` / `detail_steps`.
 # Fidelity mode's one DDIM step from the noisiest level measured as well as 4 or more on the packaged model
@@ -310,8 +310,7 @@ class SR3Pipeline(SR3BasePipeline):
         meaning = {key: self.config[key] for key in OUTPUT_MEANING_KEYS}
         networks = [
             getattr(network, "_orig_mod", network)  # a torch.compile'd network's config is its module's
-            for network in (self.unet, self.guidance_unet)
-            if network is not None
+            for network in step_networks(self).values()
         ]
         networks = [network for network in networks if isinstance(network, ModelMixin)]  # not a backend's stand-in
         before = [{key: network.config.get(key) for key in OUTPUT_MEANING_KEYS} for network in networks]
