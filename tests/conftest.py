@@ -65,3 +65,17 @@ def tiny_pipeline(tiny_unet):
     pipeline = SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100), upscale_factor=4)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def guided_pipeline():
+    """A low-resolution pipeline with an autoguidance guide (as the packaged model), 4 detail steps, seeded."""
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    unet = low_resolution_unet()
+    torch.manual_seed(1)
+    guide = low_resolution_unet()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    pipeline = SR3Pipeline(unet, scheduler, residual=True, guidance_unet=guide, guidance_scale=2.0, detail_steps=4)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

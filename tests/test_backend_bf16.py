@@ -134,3 +134,41 @@ def test_use_backend_applies_to_every_stage_of_a_cascade(backend, tmp_path, monk
         got = cascade(num_inference_steps=[2, 2], generator=torch.Generator().manual_seed(0), output_type="pt")
     assert [base.unet, stage.unet] == networks
     assert (got.images - expected.images).abs().max() < (1e-5 if backend == "onnx" else 8 / 255)
+
+
+def test_samples_one_deepest_pixel_across_run_in_float32():
+    """oneDNN's bfloat16 stride-2 convolution with a one-pixel-wide output reads garbage (errors of 2, NaN through
+    the packaged network): samples at most the downsampling factor high or wide must give float32's answer."""
+    unet = low_resolution_unet()
+    factor = unet.downsampling_factor
+    network = AutocastUNet(unet)
+    level = torch.tensor([0.5])
+    for height, width in ((factor, 3 * factor), (3 * factor, factor), (factor, factor)):
+        sample = torch.randn(1, 6, height, width, generator=torch.Generator().manual_seed(height + width))
+        assert not network.mixed_precision(sample)
+        with torch.no_grad():
+            got, expected = network(sample, level).sample, unet(sample, level).sample
+        torch.testing.assert_close(got, expected)  # float32's answer, not only a finite one
+    # Two pixels across at the deepest level: bfloat16 is right there, and keeps its speed.
+    sample = torch.randn(1, 6, 2 * factor, 2 * factor, generator=torch.Generator().manual_seed(0))
+    assert network.mixed_precision(sample)
+    with torch.no_grad():
+        got, expected = network(sample, level).sample, unet(sample, level).sample
+    assert 0 < (got - expected).abs().max() / expected.abs().max() < 0.05
+
+
+def test_use_backend_gives_each_network_back_in_the_memory_format_it_had():
+    """A UNet the user keeps channels-last stays channels-last after a bf16 block; a contiguous one stays
+    contiguous (the block converted both to contiguous)."""
+    torch.manual_seed(1)
+    guide = low_resolution_unet()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    pipeline = SR3Pipeline(low_resolution_unet(), scheduler, residual=True, guidance_unet=guide, guidance_scale=2.0)
+    pipeline.unet.to(memory_format=torch.channels_last)
+    weight = pipeline.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    with use_backend(pipeline, "bf16"):
+        pass
+    weight = pipeline.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert all(parameter.is_contiguous() for parameter in pipeline.guidance_unet.parameters())

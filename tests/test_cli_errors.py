@@ -63,10 +63,14 @@ def test_running_out_of_memory_names_the_remedy(monkeypatch, capsys):
     monkeypatch.setattr(prepare, "run", _failing_run(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         cli.main(["prepare", "src", "--out", "out"])
-    # sr3 upscale's memory is its tile budget's, whatever the image size.
+    # sr3 upscale's memory is its tile budget's activations plus the full-size images, which no tile option lowers.
     monkeypatch.setattr(upscale, "run", _failing_run(RuntimeError("CUDA out of memory.")))
     assert cli.main(["upscale", "photo.png", "--output", "out"]) == 2
-    assert "out of memory; lower --max-tile-pixels (or --batch-size)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "about 140 bytes per output pixel whatever the tiles" in error
+    assert "upscale smaller images; --max-tile-pixels lowers the network's activations" in error
+    assert cli.main(["upscale", "photo.png", "--output", "out", "--batch-size", "4"]) == 2
+    assert "upscale one image at a time (--batch-size 1) or smaller images" in capsys.readouterr().err
 
 
 def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):
@@ -80,3 +84,18 @@ def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib, "import_module", interrupted_import)  # Ctrl-C while torch is imported
     assert cli.main(["prepare", "src", "--out", "out"]) == 130
     assert capsys.readouterr().err == "sr3: interrupted\n"
+
+
+@pytest.mark.parametrize("backend", ["bf16", "onnx"])
+def test_a_float32_backend_with_another_dtype_is_refused_before_the_model_loads(monkeypatch, capsys, backend):
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the options were checked after loading the model")
+
+    monkeypatch.setattr(upscale, "load_pipeline", load_pipeline)
+    arguments = ["upscale", "photo.png", "--output", "out.png", "--backend", backend, "--dtype", "bf16"]
+    assert cli.main(arguments) == 2
+    assert capsys.readouterr().err == (
+        f"sr3 upscale: error: --backend {backend} runs "
+        + ("a float32 model under bfloat16 autocast" if backend == "bf16" else "the model in float32")
+        + ": use --dtype float32, or --backend torch\n"
+    )

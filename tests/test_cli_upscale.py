@@ -751,3 +751,41 @@ def test_upscale_checks_tile_options_before_decoding_or_loading(model_dir, tmp_p
     monkeypatch.setattr(upscale, "tiled_super_resolve", no_work)
     assert main(_arguments([source], tmp_path / "out", model_dir, "--tile-size", "32", "--tile-overlap", "30")) == 2
     assert "--tile-overlap 30 is too large: at most 28" in capsys.readouterr().err
+
+
+def test_the_self_ensemble_help_gives_the_gains_measured_in_the_readme():
+    from diffusers_sr3.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if action.choices and "upscale" in action.choices)
+    options = commands.choices["upscale"]._option_string_actions
+    assert "+0.05 to +0.15 dB on photos" in options["--self-ensemble"].help  # README: +0.15, +0.06, +0.05 dB
+    assert "runnable now" in options["--threads"].help
+
+
+def test_float16_on_the_cpu_runs_without_diffusers_will_fail_warning(model_dir, tmp_path):
+    import logging
+
+    # Diffusers warns once per network that float16 on the CPU "will fail"; the networks run there.
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)  # Diffusers' own logger does not propagate
+    try:
+        source = write_image(tmp_path / "in.png", (8, 8))
+        arguments = ["upscale", str(source), "--model", str(model_dir), "--output", str(tmp_path / "out.png")]
+        assert main(arguments + ["--dtype", "float16", "--device", "cpu", "--backend", "torch", "--steps", "2"]) == 0
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [message for message in warnings if "float16" in message]
+    assert PIL.Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+def test_upscale_help_gives_the_memory_of_the_full_size_images_beside_the_tile_budget(capsys):
+    from diffusers_sr3.commands.upscale import BYTES_PER_OUTPUT_PIXEL
+
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "within the same budget" not in text
+    assert f"those cost about {BYTES_PER_OUTPUT_PIXEL} bytes per output pixel whatever the tiles" in text
+    assert "(and detail mode's windows)" in text

@@ -2,13 +2,15 @@
 
 import json
 import math
+import os
 import time
 
 import PIL.Image
 import pytest
 import torch
+from conftest import low_resolution_unet
 
-from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3 import SR3Pipeline, backends, make_scheduler
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import demo
 from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
@@ -222,3 +224,63 @@ def test_a_model_folder_in_the_output_is_kept_without_overwrite(tmp_path, capsys
     assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1"]) == 2
     assert "already holds a demo (or a model folder); pass --overwrite" in capsys.readouterr().err
     assert kept.read_bytes() == b"someone's weights"
+
+
+def test_a_run_the_busy_machine_cut_short_says_so_instead_of_train_longer(tmp_path, monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(backends, "TORCH_THREADS_AT_START", 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(backends, "runnable_tasks_besides_this_one", lambda: 6)  # other processes hold both cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    out = tmp_path / "demo"
+    try:
+        # A plan of 4800 steps for 0.6 s: the clock stops it far short, as a busy machine's slow steps do.
+        _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.01, timed_step=0.0001, bfloat16=False)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert threads == 1 and "1 CPU thread(s) for torch: other processes keep the cores busy" in printed
+    report = json.loads((out / "metrics.json").read_text())
+    planned = int(demo.PLAN_SHARE * 0.01 * 60 / 0.0001)
+    assert report["planned_steps"] == planned and report["steps"] < planned / 2 and report["cpu_threads"] == 1
+    busy = f"The machine was busy: training reached {report['steps']} of its {planned} planned steps (rerun on an "
+    busy += "idle machine)."
+    assert report["verdict"].endswith(busy) and "train longer" not in report["verdict"]
+    assert busy in (out / "metrics.md").read_text()
+
+
+def test_the_busy_note_replaces_the_advice_to_train_longer():
+    bicubic = {"psnr": 25.0, "ssim": 0.7, "consistency": 1e-4}
+    worse = {"psnr": 24.77, "ssim": 0.6, "consistency": 1e-3}
+    assert demo._busy_note(60, 1995, threads=2) == (
+        "The machine was busy: training reached 60 of its 1995 planned steps (rerun on an idle machine or with "
+        "--threads 1)."
+    )
+    assert demo._busy_note(998, 1995, threads=2) is None  # half the plan: the step timing was only off
+    assert demo._busy_note(5, None, threads=2) is None  # --steps: no plan by the clock
+    busy = demo._busy_note(60, 1995, threads=2)
+    assert demo._verdict(worse, bicubic, "It", busy) == f"It does not beat bicubic in fidelity mode (-0.23 dB). {busy}"
+    assert demo._verdict(worse, bicubic, "It").endswith("at this training budget (-0.23 dB); train longer.")
+    better = {"psnr": 26.0, "ssim": 0.8, "consistency": 5e-5}
+    assert demo._verdict(better, bicubic, "It", busy).endswith(f"better SSIM and consistency. {busy}")
+
+
+def test_the_demo_models_card_names_its_fidelity_steps(tmp_path):
+    from diffusers_sr3.model_card import write_pipeline_card
+
+    for steps, cost in ((demo.DEMO_FIDELITY_STEPS, "4 deterministic DDIM steps"), (1, "one evaluation")):
+        scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+        pipeline = SR3Pipeline(low_resolution_unet(), scheduler, upscale_factor=4, fidelity_steps=steps)
+        pipeline.save_pretrained(tmp_path / str(steps))
+        card = open(write_pipeline_card(str(tmp_path / str(steps)), pipeline, "me/x"), encoding="utf-8").read()
+        assert f"highest PSNR, no invented texture, {cost}\n" in card
+    # The demo's own model is saved with its steps by the training core, which writes its card.
+    out = tmp_path / "demo"
+    arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "4", "--crop-size", "32", "--no-packaged"]
+    arguments += ["--train-crops", "4", "--eval-crops", "1", "--inference-steps", "2", "--photo-size", "32"]
+    assert main(arguments + ["--batch-size", "2", "--threads", str(torch.get_num_threads())]) == 0
+    card = (out / "model" / "README.md").read_text()
+    assert "no invented texture, 4 deterministic DDIM steps" in card and "one evaluation" not in card
+    assert SR3Pipeline.load_config(out / "model")["fidelity_steps"] == 4

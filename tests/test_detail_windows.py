@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import low_resolution_unet
 
-from diffusers_sr3 import SR3Pipeline, make_scheduler
+from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.detail_windows import WindowedNetwork, lowpass, window_offset
 from diffusers_sr3.tiling import TiledNetwork, tiled_super_resolve
 
@@ -116,17 +115,6 @@ def test_windowed_network_refuses_sizes_the_network_cannot_run():
         WindowedNetwork(SizeDependentNetwork(), 32, sigma=0.0)
     with pytest.raises(ValueError, match="min_windows_across must be at least 1, got 0"):
         WindowedNetwork(SizeDependentNetwork(), 32, sigma=1.0, min_windows_across=0)
-
-
-@pytest.fixture
-def guided_pipeline():
-    unet = low_resolution_unet()
-    torch.manual_seed(1)
-    guide = low_resolution_unet()
-    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
-    pipeline = SR3Pipeline(unet, scheduler, residual=True, guidance_unet=guide, guidance_scale=2.0, detail_steps=4)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def _spy(network, calls, name):

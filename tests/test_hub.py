@@ -109,14 +109,17 @@ def test_training_script_pushes_the_pipeline_but_never_checkpoints(hub, tmp_path
         train_data_dir=data,
         checkpointing_steps=1,
         report_to="tensorboard",
+        # Not the default "logs": the trainer tells the upload which folder its logs are in, here the tracker
+        # project's folder beside the pipeline's.
+        logging_dir=".",
         push_to_hub=True,
         hub_model_id="someone/trained-sr3",
     )
     assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0, hub.requests
-    assert len(os.listdir(output / "checkpoint-4")) > 0 and (output / "logs").is_dir()
+    assert len(os.listdir(output / "checkpoint-4")) > 0 and (output / "sr3").is_dir()
     uploaded = [path for commit in hub.commits for path in commit["paths"]]
     assert "README.md" in uploaded and "unet/diffusion_pytorch_model.safetensors" in uploaded
-    assert not [path for path in uploaded if path.startswith(("checkpoint-", ".tmp", "logs/"))]
+    assert not [path for path in uploaded if path.startswith(("checkpoint-", ".tmp", "sr3/"))]
     card = hub.repos["someone/trained-sr3"]["README.md"].decode()
     assert 'SR3Pipeline.from_pretrained("someone/trained-sr3")' in card
     torch.testing.assert_close(

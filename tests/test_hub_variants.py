@@ -1,11 +1,32 @@
 """Loading a variant from the Hub fetches that variant's weights only (main ones where a component has none)."""
 
+import types
+
 import pytest
 import torch
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
 from diffusers_sr3.pipelines.base import files_to_download
+
+CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: every connection is refused
+
+
+def hub_down(monkeypatch):
+    """Point huggingface_hub at a port nobody listens on (not offline mode), without its ~20 s of back-off between
+    retries."""
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED_PORT)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", CLOSED_PORT + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(hf_api.api, "endpoint", CLOSED_PORT)
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
 
 
 def fetched(server, repo_id):
@@ -70,7 +91,7 @@ def test_files_to_download_choose_one_format_and_variant_per_folder():
     assert files_to_download(files, pickles=True) == sorted(configs + ["unet/diffusion_pytorch_model.bin"])
 
 
-def test_a_cached_repo_loads_when_the_hub_cannot_be_reached(tiny_pipeline, hub, tmp_path):  # noqa: F811
+def test_a_cached_repo_loads_when_the_hub_cannot_be_reached(tiny_pipeline, hub, tmp_path, monkeypatch):  # noqa: F811
     tiny_pipeline.save_pretrained(tmp_path / "saved")
     hub.repos["someone/sr3"] = {
         path.relative_to(tmp_path / "saved").as_posix(): path.read_bytes()
@@ -78,8 +99,12 @@ def test_a_cached_repo_loads_when_the_hub_cannot_be_reached(tiny_pipeline, hub, 
         if path.is_file()
     }
     cached = SR3Pipeline.from_pretrained("someone/sr3", cache_dir=tmp_path / "cache")
-    hub.stop()  # the Hub goes away (a flaky or air-gapped machine), not offline mode: the listing fails to connect
+    requests_before = len(hub.requests)
+    # The Hub goes away (a flaky or air-gapped machine), not offline mode: the listing fails to connect. (Stopping the
+    # loopback Hub is not enough: huggingface_hub's kept-alive connection still answers it.)
+    hub_down(monkeypatch)
     again = SR3Pipeline.from_pretrained("someone/sr3", cache_dir=tmp_path / "cache")
+    assert not [request for request in hub.requests[requests_before:] if "someone/sr3" in request]
     torch.testing.assert_close(again.unet.conv_in.weight, cached.unet.conv_in.weight)
 
 

@@ -105,3 +105,14 @@ def test_outputs_keep_the_channel_count_and_one_channel_is_gray():
     assert postprocess(torch.zeros(1, 4, 2, 2), "pil")[0].mode == "RGBA"
     with pytest.raises(ValueError, match="5-channel images cannot be PIL images .* use output_type 'np'"):
         postprocess(torch.zeros(1, 5, 2, 2), "pil")
+
+
+def test_an_empty_batch_is_refused_as_no_image(tiny_pipeline):
+    """A batch of 0 passed the size checks and failed deep in the attention layers (cannot reshape 0 elements)."""
+    empty = (torch.zeros(0, 3, 8, 8), np.zeros((0, 8, 8, 3), np.uint8), [torch.zeros(0, 3, 8, 8)])
+    for images in empty:
+        with pytest.raises(ValueError, match=r"^no image given \(an empty batch\)$"):
+            images_to_tensor(images)
+    with pytest.raises(ValueError, match=r"^no image given \(an empty batch\)$"):
+        tiny_pipeline(torch.zeros(0, 3, 8, 8), num_inference_steps=2)
+    assert images_to_tensor([torch.zeros(0, 3, 8, 8), torch.zeros(1, 3, 8, 8)]).shape == (1, 3, 8, 8)

@@ -87,6 +87,18 @@ def test_model_cards_state_consistency_in_the_unit_they_name(tmp_path):
     assert "| Consistency (MSE in units of 1e-5, lower is better) | 8.60 |" in card
 
 
+def test_unconditional_cards_state_an_unconditional_models_limitations(tmp_path):
+    """A generator has no degradation and no high-resolution truth; its card says what it can get wrong instead."""
+    for task, data_description in (("uncond", "32x32 flowers"), ("uncond", ""), ("sr", "photos")):
+        folder = tmp_path / f"{task}-{bool(data_description)}"
+        folder.mkdir()
+        write_model_card(str(folder), task=task, resolution=32, data_description=data_description)
+        limitations = (folder / "README.md").read_text().split("## Limitations")[1].split("##")[0]
+        assert ("degradation" in limitations) == (task == "sr")
+        assert ("generates new images like" in limitations) == (task == "uncond")
+        assert ("the data above" in limitations) == bool(data_description)
+
+
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
 def test_model_cards_usage_runs_as_written(tmp_path, tiny_unet, monkeypatch, prediction_type):
     """The card's Python example loads the folder and samples at the model's own settings; models that predict the

@@ -120,3 +120,18 @@ def test_the_base_install_upscales_with_the_packaged_model(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "out" / "small_sr.png").size == (64, 48)
+
+
+def test_its_card_loads_it_as_written(packaged):
+    """No Hub repo holds the packaged model: the card's examples load it from the package."""
+    import re
+
+    card = default_model_card()
+    assert 'from_pretrained("sr3-photos-x4"' not in card
+    usage = re.search(r"```python\n(from PIL import Image.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(compile(usage.split("low_res = ")[0], "card", "exec"), namespace)
+    assert namespace["pipe"].config.residual_scale == packaged.config.residual_scale
+    diffusers_usage = re.search(r"```python\n(from diffusers import DiffusionPipeline.*?)```", card, re.S).group(1)
+    assert "from_pretrained(default_model_path(), trust_remote_code=True)" in diffusers_usage
+    assert "from diffusers_sr3.pretrained import default_model_path" in diffusers_usage

@@ -304,6 +304,21 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
         detail(pipeline, eta=1.0)
 
 
+def test_eta_outside_zero_one_is_refused(tiny_unet):
+    """Above 1, DDIM's last step takes the square root of a negative number and returns NaN images."""
+    pipeline = SR3Pipeline(unet=tiny_unet, scheduler=make_scheduler("ddim", n_timestep=100, prediction_type="sample"))
+    low_resolution = torch.rand(1, 3, 8, 8)
+    for eta in (1.5, -0.5):
+        with pytest.raises(ValueError, match="eta must lie in \\[0, 1\\]"):
+            pipeline(low_resolution, mode="detail", num_inference_steps=2, eta=eta, output_type="pt")
+    # A pipeline saved with a detail_eta above 1 still loads (a DDPM sampler ignores it); DDIM refuses it when it runs.
+    saved = SR3Pipeline(unet=tiny_unet, scheduler=pipeline.scheduler, detail_eta=1.5)
+    with pytest.raises(ValueError, match="eta must lie in \\[0, 1\\]"):
+        saved(low_resolution, mode="detail", num_inference_steps=2, output_type="pt")
+    image = pipeline(low_resolution, mode="detail", num_inference_steps=2, eta=1.0, output_type="pt").images
+    assert torch.isfinite(image).all()
+
+
 def test_bad_detail_defaults_are_named(tiny_unet):
     clean_image = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
     for settings, message in (

@@ -24,7 +24,7 @@ from test_image_io import png_claiming_size
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
 from diffusers_sr3.noise import SCHEDULERS
-from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE
+from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS, SELF_ENSEMBLE_SIZE, evaluations_per_crop
 from diffusers_sr3.tiling import tiled_super_resolve
 
 PHOTO = SAMPLES / "celebahq_16_128" / "lr_16" / "00031.png"  # a real 16x16 face
@@ -384,6 +384,27 @@ def test_the_space_runs_like_sr3_upscale(monkeypatch):
     assert reported[-1] == (total, total) and len(reported) > FIDELITY_STEPS
     direct = tiled_super_resolve(pipeline, image, mode="fidelity", max_tile_pixels=256).images[0]
     assert np.array_equal(np.asarray(tiled.sr3), np.asarray(direct))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_progress_counts_detail_modes_windows_and_ends_on_its_total(strength):
+    """A model saved with detail windows (as the packaged one) runs them in each refinement evaluation: the Space's
+    bar counts them, so it neither stops short nor sits at 100% while they run."""
+    from conftest import low_resolution_unet
+
+    app = load_app()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    pipeline = SR3Pipeline(low_resolution_unet(), scheduler, residual=True, detail_steps=3, detail_window_size=32)
+    pipeline.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    reported = []
+    app.super_resolve(pipeline, image, 4, 3, "ddim", seed=0, strength=strength, progress=reported.append)
+    # Untiled, each evaluation is one crop, and each refinement evaluation's windows fill one crop more.
+    evaluations = evaluations_per_crop("detail", 3, strength, scheduler, False, FIDELITY_STEPS)
+    windowed = evaluations - (FIDELITY_STEPS if strength < 1 else 0)
+    total = evaluations + windowed
+    assert reported[-1] == (total, total) and type(reported[-1][1]) is int
+    assert [done for done, _ in reported] == list(range(1, total + 1))
 
 
 def test_the_command_line_refuses_a_device_this_machine_lacks(tmp_path, monkeypatch, capsys):

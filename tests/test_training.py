@@ -848,3 +848,17 @@ def test_training_help_states_each_default_once():
         if action.help and action.dest != "help":
             assert len(re.findall(r"\(default", action.help)) <= 1, action.help
             assert "(default: None)" not in action.help, action.help
+
+
+def test_super_resolution_model_options_are_refused_for_unconditional_training():
+    import dataclasses
+
+    parser = add_training_arguments(argparse.ArgumentParser())
+    for option, value in (("upscale_factor", "4"), ("condition_noise_level", "0.1")):
+        args = parser.parse_args([f"--{option}", value])
+        with pytest.raises(ValueError, match=f"--{option} applies to super-resolution only"):
+            config_from_args(args, task="uncond")
+        assert config_from_args(args, task="sr").task == "sr"
+    # Training records level 0 for every unconditional model (dataclasses.replace checks the config again).
+    config = dataclasses.replace(TrainingConfig(task="uncond"), condition_noise_level=0.0)
+    assert config.condition_noise_level == 0.0 and config.upscale_factor is None

@@ -39,7 +39,9 @@ import os
 import platform
 import re
 import socket
-from typing import Any, Iterator, Optional, Union
+import statistics
+import time
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import torch
 from diffusers.utils.torch_utils import is_compiled_module
@@ -67,6 +69,64 @@ def fast_bfloat16(device: Union[str, torch.device]) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False
+
+
+# Torch's thread count when this module was imported: `default_cpu_threads` starts from it, not from the count an
+# earlier command of the same process set.
+TORCH_THREADS_AT_START = torch.get_num_threads()
+# `/proc/loadavg` is read this many times, this far apart: the tasks runnable at one instant jump about.
+RUNNABLE_SAMPLES, RUNNABLE_SAMPLE_SECONDS = 5, 0.02
+
+
+def runnable_tasks_besides_this_one() -> Optional[float]:
+    """How many tasks (threads) of other processes want a CPU now: the median, over a few samples, of the runnable
+    count in Linux's `/proc/loadavg`, less this process's own thread; None where there is no such file (other
+    systems).
+
+    Not the 1-minute load average: it decays over minutes, so right after a run of this command (or any job that has
+    just ended) an idle machine would still look busy.
+    """
+    samples = []
+    for sample in range(RUNNABLE_SAMPLES):
+        if sample:
+            time.sleep(RUNNABLE_SAMPLE_SECONDS)
+        try:
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                samples.append(int(handle.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+    return max(0.0, statistics.median(samples) - 1)
+
+
+def default_cpu_threads() -> Tuple[int, str]:
+    """The CPU threads to run torch with where none were asked for (`--threads`), and why, in words for a log line.
+
+    Torch's own count (one per core, or `OMP_NUM_THREADS`; as it was at start-up) less the cores other processes
+    keep busy, at least 1: torch's threads wait for each other at every parallel step, so a thread that another
+    process keeps off its core holds up all of them (an SR3 training step took 6.1 s in two threads and 0.24 s in one
+    on a 2-core machine at load 5-7). The busy cores are the tasks of other processes runnable now
+    ([`runnable_tasks_besides_this_one`]), in the share of the machine's cores this process may run on. Where
+    `OMP_NUM_THREADS` is set (the user's own choice) or the system does not say, torch's count.
+
+    Returns:
+        `(threads, why)`: e.g. `(2, "torch's default")`, or `(1, "other processes keep the cores busy (5 runnable
+        tasks besides this one on 2 cores)")`.
+    """
+    threads = TORCH_THREADS_AT_START
+    if os.environ.get("OMP_NUM_THREADS"):
+        return threads, "OMP_NUM_THREADS"
+    others = runnable_tasks_besides_this_one()
+    if others is None:
+        return threads, "torch's default"
+    cores = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    # Tasks are counted over the whole machine: a process held to some of its cores sees their share of them.
+    free = usable - int(others * usable / max(cores, usable))
+    if free >= threads:
+        return threads, "torch's default"
+    return max(
+        1, free
+    ), f"other processes keep the cores busy ({others:g} runnable tasks besides this one on {cores} cores)"
 
 
 def cpu_name() -> str:
@@ -393,9 +453,13 @@ class AutocastUNet:
     Convolutions, attention and linear layers compute in bfloat16; what autocast keeps in float32 (normalisations
     among others) stays float32. Inputs and outputs are float32.
 
+    Samples at most `downsampling_factor` high or wide run in float32 (on every device: they are tiny, so it costs
+    little): their deepest level is one pixel across, and oneDNN's bfloat16 stride-2 convolution with a
+    one-pixel-wide output reads garbage (errors of 2 on unit inputs, NaN through the packaged network).
+
     Args:
         unet: a float32 `SR3UNet2DModel`; its weights are converted to channels-last in place (outputs unchanged;
-            [`use_backend`] converts them back when its block ends).
+            [`use_backend`] restores the memory format they had when its block ends).
         dtype: the autocast compute dtype (`torch.bfloat16`; `torch.float16` on GPUs that prefer it).
     """
 
@@ -418,8 +482,12 @@ class AutocastUNet:
     def downsampling_factor(self) -> int:
         return self.unet.downsampling_factor
 
+    def mixed_precision(self, sample: torch.Tensor) -> bool:
+        """Whether `sample` runs under autocast: false where a level of the UNet would be one pixel across."""
+        return min(sample.shape[-2:]) > self.downsampling_factor
+
     def __call__(self, sample: torch.Tensor, *args, return_dict: bool = True, **kwargs):
-        with torch.autocast(self.device.type, dtype=self.compute_dtype):
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mixed_precision(sample)):
             prediction = self.unet(
                 sample.contiguous(memory_format=torch.channels_last), *args, return_dict=False, **kwargs
             )[0]
@@ -499,6 +567,7 @@ def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = 
             return OnnxUNet.from_unet(network, threads=threads)
         return _DeferredOnnxUNet(network, threads=threads)
 
+    formats = {name: _memory_format(network) for name, network in networks.items()}
     try:
         stand_ins = {name: stand_in(name, network) for name, network in networks.items()}
         vars(pipeline).update(stand_ins)
@@ -506,5 +575,15 @@ def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = 
     finally:
         vars(pipeline).update(networks)
         if backend == "bf16":
-            for network in networks.values():
-                network.to(memory_format=torch.contiguous_format)
+            for name, network in networks.items():
+                network.to(memory_format=formats[name])
+
+
+def _memory_format(network: torch.nn.Module) -> torch.memory_format:
+    """`torch.channels_last` where `network`'s 4-D weights are stored channels-last, else `torch.contiguous_format`
+    (weights that are both, such as 1x1 convolutions', do not tell)."""
+    for parameter in network.parameters():
+        if parameter.dim() == 4 and not parameter.is_contiguous():
+            if parameter.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+    return torch.contiguous_format

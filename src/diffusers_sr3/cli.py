@@ -44,8 +44,15 @@ def _out_of_memory(error: RuntimeError) -> bool:
 
 def _memory_hint(args: argparse.Namespace) -> str:
     """What to lower when a command runs out of memory."""
-    if hasattr(args, "max_tile_pixels"):  # sr3 upscale: the tile budget bounds each network evaluation
-        return "lower --max-tile-pixels (or --batch-size)"
+    if hasattr(args, "max_tile_pixels"):  # sr3 upscale: the tile budget bounds each network evaluation, no more
+        from .commands.upscale import BYTES_PER_OUTPUT_PIXEL
+
+        fewer = "one image at a time (--batch-size 1) or " if getattr(args, "batch_size", 1) > 1 else ""
+        return (
+            f"the full-size images take about {BYTES_PER_OUTPUT_PIXEL} bytes per output pixel whatever the tiles "
+            f"(twice that with detail mode's windows): upscale {fewer}smaller images; --max-tile-pixels lowers the "
+            "network's activations"
+        )
     if hasattr(args, "batch_size"):
         return "lower --batch-size or the image size"
     return "use smaller images"

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .models.unet_sr3 import SR3UNet2DModel, convert_legacy_attention_keys
-from .noise import make_scheduler
+from .noise import make_beta_schedule, make_scheduler
 from .pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
 
 SCHEDULE_BUFFERS = (
@@ -146,21 +147,43 @@ def _section(parent: Dict[str, Any], key: str, path: str, required: bool = True)
     return value
 
 
-_KINDS = {int: "a whole number", list: "a list", str: "a string"}
+_KINDS = {int: "a whole number", float: "a number", list: "a list", str: "a string"}
+_REQUIRED = object()
 
 
-def _setting(section: Dict[str, Any], key: str, path: str, kind: type) -> Any:
-    """`section[key]`, at `path` in the config: present, not null and a `kind` (int, list or str).
+def _setting(section: Dict[str, Any], key: str, path: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """`section[key]`, at `path` in the config: present, not null and a `kind` (int, float, list or str).
+
+    Args:
+        kind: the JSON type wanted; `float` takes any number (`1` as well as `1.0`).
+        default: the value of an optional setting that is absent or null (else the setting is required).
 
     Raises:
-        CheckpointError: the setting is absent, null or of another type (named by its JSON path).
+        CheckpointError: the setting is absent or null without a default, or of another type (named by its JSON
+            path).
     """
     value = section.get(key)
     if value is None:
+        if default is not _REQUIRED:
+            return default
         raise CheckpointError(f"the config has no {path}.{key}")
-    if not isinstance(value, kind) or isinstance(value, bool):
+    wanted = (int, float) if kind is float else kind
+    if not isinstance(value, wanted) or isinstance(value, bool):
         raise CheckpointError(f"the config's {path}.{key} must be {_KINDS[kind]}, got {json.dumps(value)}")
     return value
+
+
+def _whole_numbers(section: Dict[str, Any], key: str, path: str) -> Tuple[int, ...]:
+    """`section[key]`, at `path` in the config: a list of whole numbers (`4.0` or `"4"` are refused by name, not
+    left to fail inside the network's construction).
+
+    Raises:
+        CheckpointError: the setting is absent, not a list, or holds anything but whole numbers.
+    """
+    values = _setting(section, key, path, list)
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        raise CheckpointError(f"the config's {path}.{key} must be a list of whole numbers, got {json.dumps(values)}")
+    return tuple(values)
 
 
 def unet_config_from_original(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -178,12 +201,13 @@ def unet_config_from_original(config: Dict[str, Any]) -> Dict[str, Any]:
         in_channels=_setting(unet, "in_channel", "model.unet", int),
         out_channels=_setting(unet, "out_channel", "model.unet", int),
         block_out_channels=_setting(unet, "inner_channel", "model.unet", int),
-        channel_multipliers=tuple(_setting(unet, "channel_multiplier", "model.unet", list)),
+        channel_multipliers=_whole_numbers(unet, "channel_multiplier", "model.unet"),
         layers_per_block=_setting(unet, "res_blocks", "model.unet", int),
-        attention_resolutions=tuple(_setting(unet, "attn_res", "model.unet", list)),
+        attention_resolutions=_whole_numbers(unet, "attn_res", "model.unet"),
         sample_size=_setting(_section(model, "diffusion", "model.diffusion"), "image_size", "model.diffusion", int),
-        norm_groups=unet.get("norm_groups") or 32,
-        dropout=unet.get("dropout") or 0.0,
+        # The original's defaults when its config omits them.
+        norm_groups=_setting(unet, "norm_groups", "model.unet", int, default=32),
+        dropout=float(_setting(unet, "dropout", "model.unet", float, default=0.0)),
         conditioning_type="noise_level" if kind == "sr3" else "timestep",
     )
 
@@ -273,13 +297,50 @@ def _schedule_config(config: Dict[str, Any]) -> Dict[str, Any]:
         schedule = _section(schedules, phase, f"model.beta_schedule.{phase}", required=False)
         if schedule:
             path = f"model.beta_schedule.{phase}"
-            return dict(
+            settings = dict(
                 beta_schedule=_setting(schedule, "schedule", path, str),
                 num_train_timesteps=_setting(schedule, "n_timestep", path, int),
-                beta_start=schedule.get("linear_start", 1e-4),  # the original's defaults when its config omits them
-                beta_end=schedule.get("linear_end", 2e-2),
+                # The original's defaults when its config omits them.
+                beta_start=_setting(schedule, "linear_start", path, float, default=1e-4),
+                beta_end=_setting(schedule, "linear_end", path, float, default=2e-2),
             )
+            betas = make_beta_schedule(
+                settings["beta_schedule"], settings["num_train_timesteps"], settings["beta_start"], settings["beta_end"]
+            )
+            # Betas are noise variances per step: outside (0, 1] the sampler returns NaN, but only after sampling.
+            if not np.all((betas > 0) & (betas <= 1)):
+                raise CheckpointError(
+                    f"the config's {path} gives betas from {betas.min():g} to {betas.max():g}, outside (0, 1]: check "
+                    f"{path}.linear_start and linear_end"
+                )
+            return settings
     raise CheckpointError("the config has no model.beta_schedule.val (or .train) noise schedule")
+
+
+def _conditional(config: Dict[str, Any], unet_config: Dict[str, Any]) -> bool:
+    """Whether the network is conditional (takes the upsampled low-resolution image beside the noisy one):
+    model.diffusion.conditional, which the original's configs always state; taken from the network's channels where
+    a config leaves it out.
+
+    Raises:
+        CheckpointError: the setting is not true or false, or does not fit model.unet.in_channel.
+    """
+    conditional = config["model"]["diffusion"].get("conditional")
+    if conditional is not None and not isinstance(conditional, bool):
+        raise CheckpointError(
+            f"the config's model.diffusion.conditional must be true or false, got {json.dumps(conditional)}"
+        )
+    in_channels, out_channels = unet_config["in_channels"], unet_config["out_channels"]
+    channels = {True: out_channels + 3, False: out_channels}
+    fitting = [flag for flag, wanted in channels.items() if wanted == in_channels and conditional in (None, flag)]
+    if not fitting:
+        stated = "absent" if conditional is None else json.dumps(conditional)
+        raise CheckpointError(
+            f"the config's model.diffusion.conditional ({stated}) does not fit model.unet.in_channel {in_channels}: a "
+            f"conditional network takes out_channel + 3 = {channels[True]} channels, an unconditional one "
+            f"{channels[False]}"
+        )
+    return fitting[0]
 
 
 def _upscale_factor(config: Dict[str, Any]) -> int:
@@ -347,8 +408,7 @@ def convert_original_checkpoint(
     unet.eval()
 
     scheduler = make_scheduler("ddpm", **_schedule_config(config))
-    conditional = config["model"]["diffusion"].get("conditional", True)
-    if conditional:
+    if _conditional(config, unet_config):
         pipeline: SR3BasePipeline = SR3Pipeline(unet=unet, scheduler=scheduler, upscale_factor=_upscale_factor(config))
     else:
         pipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)

@@ -19,6 +19,7 @@ whole: it has little interior for the border to miss, and its subject may not fi
 from __future__ import annotations
 
 import contextlib
+from fractions import Fraction
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -116,12 +117,19 @@ class WindowedNetwork(NetworkStandIn):
             for name, value in per_sample.items()
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
         }
+        # A progress meter counts the windows as the crops of the whole image's pass their pixels fill: each image's
+        # windows as its area (the padding's overlap is left out, so the count is the same at every step).
+        counting = isinstance(self.network, TiledNetwork) and self.network.progress is not None
+        tiled = self.network if counting else None
+        share = Fraction(height * width, windows.shape[0] // batch * tiled.crop_pixels(height, width)) if tiled else 0
         outputs = []
         for start in range(0, windows.shape[0], self.windows_per_batch):
             chunk = slice(start, start + self.windows_per_batch)
             arguments = {**per_sample, **{name: value[chunk] for name, value in repeated.items()}}
             level = arguments.pop("signal_level")
-            outputs.append(self.local_network(windows[chunk], level, return_dict=False, **arguments)[0].float())
+            counted = tiled._evaluation(share * len(windows[chunk])) if tiled else contextlib.nullcontext()
+            with counted:
+                outputs.append(self.local_network(windows[chunk], level, return_dict=False, **arguments)[0].float())
         predicted = torch.cat(outputs)
         predicted = (
             predicted.view(batch, rows, columns, -1, size, size)
@@ -137,6 +145,35 @@ class WindowedNetwork(NetworkStandIn):
             return (whole.to(sample.dtype),)
         local = self.windows(sample, signal_level, kwargs)
         return ((lowpass(whole, self.sigma) + local - lowpass(local, self.sigma)).to(sample.dtype),)
+
+
+def window_crops_per_step(
+    pipeline: Any,
+    image_size: Tuple[int, int],
+    window_size: int,
+    images: int = 1,
+    network: Any = None,
+    tile_size: Optional[int] = None,
+    overlap: Optional[int] = None,
+    tile_batch_size: Optional[int] = None,
+    max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS,
+    min_windows_across: int = MIN_WINDOWS_ACROSS,
+) -> Fraction:
+    """What a progress meter counts for the windows of one windowed evaluation (one step of the UNet, or of its guide)
+    when `tiled_super_resolve` runs `pipeline` in detail mode with `window_size` on `images` inputs of `image_size`
+    `(width, height)`: the crops of [`diffusers_sr3.tiling.crops_per_step`] that their pixels fill, a fraction
+    (1 per image for an image that runs untiled); 0 without windows (`window_size` 0, or an image under
+    `min_windows_across` windows on its shorter side, which runs whole). Other arguments as `crops_per_step`.
+
+    Windows run in the refinement's evaluations only: not in the fidelity answer a strength below 1 starts from.
+    """
+    network = pipeline.unet if network is None else network
+    factor, multiple = pipeline.config.upscale_factor, network.downsampling_factor
+    width, height = (-(-length * factor // multiple) * multiple for length in image_size)
+    if not window_size or min(height, width) < min_windows_across * window_size:
+        return Fraction(0)
+    tiled = TiledNetwork(network, tile_size, overlap, tile_batch_size, max_pixels=max_tile_pixels)
+    return Fraction(images * height * width, tiled.crop_pixels(height, width))
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import functools
 import glob
 import io
 import os
+import struct
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -59,6 +60,18 @@ def is_image_file(name: Union[str, os.PathLike]) -> bool:
     return os.fspath(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _listed_image(name: str) -> bool:
+    """Whether folder walks list a file of this name: an image, not hidden (see [`walk_images`])."""
+    return is_image_file(name) and not name.startswith(".")
+
+
+def _globbed_image(name: str) -> bool:
+    """Whether a glob's match of this name is read: not hidden, with an extension Pillow reads. Wider than a folder
+    walk: a pattern that names an extension (`scans/*.pgm`) asks for those files."""
+    extension = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (is_image_file(name) or extension in PIL.Image.registered_extensions())
+
+
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     """Image files under `folder`, recursively, as sorted paths.
 
@@ -68,7 +81,7 @@ def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
+        found.extend(os.path.join(root, name) for name in files if _listed_image(name))
     return sorted(found)
 
 
@@ -85,6 +98,9 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
     input (`2023/IMG_0001.png` for the folder `photos`) or below the fixed part of a glob, its file name for a file
     input. Outputs written under these names keep same-named files of different subfolders apart.
 
+    Folders and globs list the files [`walk_images`] would (image extensions, not hidden); a file named as an input
+    is listed whatever its name.
+
     Returns:
         `(path, relative_name)` pairs sorted by path; a file found by several inputs is listed once, with the
         name the first of them gives it.
@@ -96,10 +112,11 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
         elif os.path.isfile(item):
             matches, root = [item], os.path.dirname(item)
         else:
-            matches = sorted(path for path in glob.glob(item, recursive=True) if os.path.isfile(path))
-            if not matches:
+            files = [path for path in glob.glob(item, recursive=True) if os.path.isfile(path)]
+            if not files:
                 raise FileNotFoundError(f"no such file, folder or matching glob: {item}")
-            root = _glob_root(item)
+            # `photos/*` also matches the Thumbs.db and .DS_Store a folder input skips.
+            matches, root = sorted(path for path in files if _globbed_image(os.path.basename(path))), _glob_root(item)
         for path in matches:
             found.setdefault(path, os.path.relpath(path, root or os.curdir))
     if not found:
@@ -112,21 +129,44 @@ def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     return [path for path, _ in find_image_sources(inputs)]
 
 
+def _integer_gray_top(image: PIL.Image.Image) -> int:
+    """The largest value of a 32-bit integer gray (`I`) image, whose values must lie in 0..65535.
+
+    Raises:
+        UnreadableImageError: for values outside 0..65535 (signed or 32-bit data: a depth map, a raw sensor dump),
+            which have no known black and white; reading them as 16-bit wrapped them around, as 8-bit clipped them.
+    """
+    low, high = image.getextrema()
+    if low < 0 or high > 65535:
+        raise UnreadableImageError(
+            f"32-bit integer gray with values {low}..{high}: only 0..255 (8-bit) and 0..65535 (16-bit) have a known "
+            "white; save it as 16-bit, or as float in [0, 1]"
+        )
+    return high
+
+
+def _float_white(image: PIL.Image.Image) -> float:
+    """The value that means white in a float (`F`) image: 1, or 255 when values exceed 1."""
+    return 1.0 if image.getextrema()[1] <= 1 else 255.0
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """`image` as 8-bit RGB, alpha dropped, gray repeated.
 
     PIL's own `convert("RGB")` clips 16- and 32-bit gray and float images at 255: a 16-bit PNG or TIFF comes out
     white. These are scaled from their range instead: 16-bit (`I;16*`, and `I` holding values above 255) by 1/257,
     float (`F`) from [0, 1] (from [0, 255] when values exceed 1).
+
+    Raises:
+        UnreadableImageError: an `I` image with values outside 0..65535 (a `ValueError`).
     """
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image).astype(np.float64)
-        scale = 257.0 if image.mode != "I" or values.max() > 255 else 1.0
+        scale = 257.0 if image.mode != "I" or _integer_gray_top(image) > 255 else 1.0
         image = PIL.Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
-        values = np.asarray(image).astype(np.float64)
-        scale = 255.0 if values.max() <= 1 else 1.0
-        image = PIL.Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+        values = np.asarray(image).astype(np.float64) * (255.0 / _float_white(image))
+        image = PIL.Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
@@ -194,16 +234,28 @@ def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def _is_16bit_gray(image: PIL.Image.Image) -> bool:
-    # Mode "I" holds 16-bit PNGs in older Pillow versions; its values tell 16-bit from 8-bit, as in `to_rgb`.
-    return image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255)
+    # Mode "I" holds 16-bit PNGs in older Pillow versions; its values tell 16-bit from 8-bit, as in `to_rgb`. Float
+    # gray (scientific TIFFs) has more than 8 bits of precision: it is kept at 16 bits too.
+    return image.mode.startswith("I;16") or image.mode == "F" or (image.mode == "I" and _integer_gray_top(image) > 255)
 
 
 def _upright_rgb(image: PIL.Image.Image, keep_16bit: bool = False) -> PIL.Image.Image:
     # Phone photos record their orientation in EXIF: turn them upright, as image viewers and browsers show them.
     upright = PIL.ImageOps.exif_transpose(image)
     if keep_16bit and _is_16bit_gray(upright):
-        return upright if upright.mode == "I;16" else PIL.Image.fromarray(np.asarray(upright).astype(np.uint16))
+        if upright.mode == "I;16":
+            return upright
+        if upright.mode == "F":
+            values = np.rint(np.asarray(upright).astype(np.float64) * (65535.0 / _float_white(upright)))
+            return PIL.Image.fromarray(np.clip(values, 0, 65535).astype(np.uint16))
+        return PIL.Image.fromarray(np.asarray(upright).astype(np.uint16))
     return to_rgb(to_srgb(upright))
+
+
+# What Pillow raises on damaged data: besides OSError and SyntaxError, its parsers let the errors of a truncated or
+# garbled file through as they meet them (seeking a cut GIF: IndexError, struct.error; a TIFF page missing tags:
+# TypeError, KeyError; rewriting garbled EXIF when turning a picture upright: TypeError, struct.error).
+_DECODING_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
 @contextlib.contextmanager
@@ -220,7 +272,7 @@ def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error), not_an_image=True) from None
     except PIL.Image.DecompressionBombError as error:
         raise _TooLargeToOpen(f"cannot read image {name}: {error}", str(error)) from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except _DECODING_ERRORS as error:
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error)) from None
 
 
@@ -246,11 +298,12 @@ def open_image(
         draft_size: let the decoder reduce the image while keeping both sides at least this (JPEG decodes much
             faster at a reduced scale; other formats ignore it).
         keep_16bit: return 16-bit gray images (PNG, TIFF) as `I;16` at full precision instead of 8-bit RGB (the
-            pipelines take `I;16`).
+            pipelines take `I;16`); float gray (`F`, TIFF) too, scaled to 0..65535 as [`to_rgb`] scales it to 0..255.
 
     Raises:
         FileNotFoundError: no such file.
-        UnreadableImageError: not an image, or a damaged one (a `ValueError`).
+        UnreadableImageError: not an image, a damaged one, or 32-bit integer gray outside 0..65535, which has no
+            known white (a `ValueError`).
         ImageTooLargeError: more than `max_pixels` pixels (a `ValueError`), also for images too large for Pillow to
             open at all.
     """
@@ -314,10 +367,11 @@ class ImageFacts(NamedTuple):
 
     Attributes:
         size: `(width, height)` as displayed (EXIF orientation applied).
-        frames: frames in the file (animated GIF, WebP, multi-page TIFF); readers take the first.
+        frames: frames in the file (animated GIF, WebP, multi-page TIFF); readers take the first. 1 where the
+            frames after the first are damaged (they cannot be counted, and are never read).
         transparent: whether some pixel is less than fully opaque.
         grayscale: whether it is a black-and-white picture ([`is_grayscale`]).
-        sixteen_bit: whether it is 16-bit gray ([`open_image`] with `keep_16bit` keeps its precision).
+        sixteen_bit: whether it is 16-bit or float gray ([`open_image`] with `keep_16bit` keeps its precision).
     """
 
     size: Tuple[int, int]
@@ -333,7 +387,11 @@ def inspect_image(path: Union[str, os.PathLike]) -> ImageFacts:
     holding them all in memory."""
     name = os.fspath(path)
     with _opened(path, name) as image:
-        frames = getattr(image, "n_frames", 1)
+        try:
+            frames = getattr(image, "n_frames", 1)
+        except Exception:  # counting seeks through every frame; only the first is read, and it may be whole
+            frames = 1
+            image.seek(0)
         image.load()
         transparent = (image.mode in ALPHA_MODES or "transparency" in image.info) and (
             image.convert("RGBA").getchannel("A").getextrema()[0] < 255

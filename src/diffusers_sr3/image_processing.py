@@ -92,6 +92,8 @@ def images_to_tensor(images: ImageInput, what: str = "image") -> torch.Tensor:
     if len(sizes) > 1:
         listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
         raise ValueError(f"all {what}s in a batch must have the same size; got {listed} (HxW)")
+    if not sum(len(tensor) for tensor in tensors):
+        raise ValueError(f"no {what} given (an empty batch)")
     height, width = tensors[0].shape[-2:]
     if height < 1 or width < 1:
         raise ValueError(f"{what} is empty ({height}x{width})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -43,6 +43,7 @@ def write_model_card(
     evaluation_dataset: str = "validation images",
     limitations: Optional[str] = None,
     extra_sections: Optional[List[str]] = None,
+    trained: bool = True,
 ) -> str:
     """Write `README.md` into a saved pipeline folder and return its path.
 
@@ -52,7 +53,8 @@ def write_model_card(
         repo_id: the Hub repo (used in the loading example; the folder name otherwise).
         upscale_factor, resolution: the model's factor and output size.
         datasets: Hub dataset ids for the metadata.
-        data_description: what it was trained on, in words.
+        data_description: what it was trained on, in words (absolute paths in it are shortened to their last
+            component: the card is published with the model).
         metrics: validation metrics by name (`psnr`, `ssim`, `consistency`).
         sample_image: a picture inside `output_dir` to show (relative path).
         sample_caption: what the picture shows (default: "LR | bicubic | SR3 | HR", or "samples").
@@ -65,6 +67,8 @@ def write_model_card(
         evaluation_dataset: what `evaluation` (or `metrics`) was measured on.
         limitations: what the model cannot do (a default paragraph otherwise).
         extra_sections: Markdown sections appended before the usage section.
+        trained: whether the card describes a training run of this package (False: a pipeline known only by its
+            files, such as one converted from an original SR3 checkpoint).
     """
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     super_resolution = task == "sr"
@@ -72,16 +76,24 @@ def write_model_card(
     reported = (evaluation or {}).get(reported_method) or metrics or {}
     card_data = _card_data(name, super_resolution, reported, evaluation_dataset, datasets, base_model)
     # 2. What the model is: title, training data, a sample picture.
-    lines = _introduction(super_resolution, upscale_factor, resolution, data_description, sample_image, sample_caption)
+    lines = _introduction(
+        super_resolution, upscale_factor, resolution, data_description, sample_image, sample_caption, trained
+    )
     # 3. How well it does: the evaluation table, or the validation metrics.
     lines += _results(evaluation, evaluation_dataset, metrics)
     # 4. How it was trained: the settings and the exact command.
     lines += _training(training_summary, training_command)
     # 5. What it cannot do, the caller's own sections, and how to use it.
-    lines += _limitations(limitations)
+    lines += _limitations(limitations, bool(data_description), super_resolution)
     for section in extra_sections or []:
         lines += [section.strip(), ""]
-    lines += _usage(name, super_resolution, _predicts_clean_image(output_dir), _size_to_pass(output_dir, resolution))
+    lines += _usage(
+        _loading_argument(output_dir, name),
+        super_resolution,
+        _predicts_clean_image(output_dir),
+        _size_to_pass(output_dir, resolution),
+        _fidelity_steps(output_dir),
+    )
     # 6. Write README.md: YAML metadata, then the text.
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
@@ -91,7 +103,8 @@ def write_model_card(
 
 
 def write_pipeline_card(output_dir: str, pipeline: object, repo_id: Optional[str] = None) -> Optional[str]:
-    """Write the card of a pipeline pushed without one (no training facts known): what it is and how to load it.
+    """Write the card of a pipeline pushed without one (no training facts known, e.g. one converted from an original
+    SR3 checkpoint): what it is and how to load it.
 
     Returns its path, or None for a pipeline this card does not describe (a cascade: its stages have cards of their
     own).
@@ -106,6 +119,7 @@ def write_pipeline_card(output_dir: str, pipeline: object, repo_id: Optional[str
         repo_id=repo_id,
         upscale_factor=upscale_factor,
         resolution=unet.config.get("sample_size"),
+        trained=False,
     )
 
 
@@ -132,14 +146,20 @@ def card_for_repo(folder: str, repo_id: str) -> Optional[str]:
 
 
 def images_shown(folder: str) -> List[str]:
-    """The pictures inside `folder` that its `README.md` shows (Markdown images with relative paths)."""
+    """The pictures inside `folder` that its `README.md` shows (Markdown images with relative paths), as
+    `/`-separated paths relative to `folder`; never a file outside it (`../a.png`, or a link out of it), which a
+    repo could not hold."""
     with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
         targets = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", handle.read())
+    inside = os.path.realpath(folder) + os.sep
     return sorted(
         {
-            target
+            os.path.normpath(target).replace(os.sep, "/")  # one file, however the card spells it (`./a.png`)
             for target in targets
-            if "://" not in target and not os.path.isabs(target) and os.path.isfile(os.path.join(folder, target))
+            if "://" not in target
+            and not os.path.isabs(target)
+            and os.path.isfile(os.path.join(folder, target))
+            and os.path.realpath(os.path.join(folder, target)).startswith(inside)
         }
     )
 
@@ -184,6 +204,7 @@ def _introduction(
     data_description: str,
     sample_image: Optional[str],
     sample_caption: Optional[str] = None,
+    trained: bool = True,
 ) -> List[str]:
     if super_resolution:
         title = f"SR3 x{upscale_factor} super-resolution"
@@ -193,20 +214,35 @@ def _introduction(
         title = (
             f"SR3 unconditional {resolution}x{resolution} image generation" if resolution else "SR3 image generation"
         )
-    lines = [
-        f"# {title}",
-        "",
-        "An SR3 model (Saharia et al., *Image Super-Resolution via Iterative Refinement*, 2021) trained with "
-        "diffusers-sr3, an SR3 extension of Diffusers.",
-        "",
-    ]
+    model = "An SR3 model (Saharia et al., *Image Super-Resolution via Iterative Refinement*, 2021)"
+    if trained:
+        model += " trained with diffusers-sr3, an SR3 extension of Diffusers."
+    else:
+        model += (
+            ", saved as a pipeline of diffusers-sr3, an SR3 extension of Diffusers. How it was trained is not recorded "
+            "here (it may have been converted from an original SR3 checkpoint)."
+        )
+    lines = [f"# {title}", "", model, ""]
     if data_description:
-        lines += [f"Training data: {data_description}.", ""]
+        lines += [f"Training data: {_without_machine_paths(data_description)}.", ""]
     if sample_image:
         caption = sample_caption or ("LR | bicubic | SR3 | HR" if super_resolution else "samples")
         alt = caption.split(",")[0]
         lines += [f"![{alt}]({sample_image})", "", f"*{caption}*", ""]
     return lines
+
+
+def _without_machine_paths(text: str) -> str:
+    """`text` with each absolute path (a word) shortened to its last component, as training_summary.json keeps
+    folders: where the data lay on the training machine is no fact about the model."""
+
+    def shortened(word: str) -> str:
+        path = word.rstrip(".,;:)")
+        if not os.path.isabs(path):
+            return word
+        return (os.path.basename(os.path.normpath(path)) or path) + word[len(path) :]
+
+    return " ".join(shortened(word) for word in text.split(" "))
 
 
 def _formatted(key: str, value: float) -> str:
@@ -241,7 +277,7 @@ def _training(training_summary: Optional[Dict[str, object]], training_command: O
     lines: List[str] = []
     if training_summary:
         lines += ["## Training", "", "| Setting | Value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in training_summary.items()]
+        lines += [f"| {key} | {_without_machine_paths(str(value))} |" for key, value in training_summary.items()]
         lines.append("")
     if training_command:
         # A Python call (`training_command` of a run started from Python) or shell commands, one per line.
@@ -251,17 +287,27 @@ def _training(training_summary: Optional[Dict[str, object]], training_command: O
     return lines
 
 
-def _limitations(limitations: Optional[str]) -> List[str]:
-    return [
-        "## Limitations",
-        "",
-        limitations
-        or "A diffusion model samples a plausible high-resolution image, not the true one: details it adds may be "
-        "invented, so do not use it where exact detail matters (forensics, medicine). It was trained on the data "
-        "above only and will do worse on other kinds of images and degradations than the bicubic downsampling it "
-        "was trained on.",
-        "",
-    ]
+def _limitations(limitations: Optional[str], data_known: bool = True, super_resolution: bool = True) -> List[str]:
+    if limitations:
+        return ["## Limitations", "", limitations, ""]
+    if super_resolution:
+        data = (
+            "It was trained on the data above only and will do worse on other kinds of images and degradations than "
+            "the bicubic downsampling it was trained on."
+            if data_known
+            else "It will do worse on images and degradations unlike those it was trained on."
+        )
+        text = (
+            "A diffusion model samples a plausible high-resolution image, not the true one: details it adds may be "
+            f"invented, so do not use it where exact detail matters (forensics, medicine). {data}"
+        )
+    else:
+        data = "the data above" if data_known else "its training data"
+        text = (
+            f"It generates new images like {data}: it can reproduce that data's biases and, from a small dataset, "
+            "near-copies of training images. Its images show no real scene, so do not present them as photographs."
+        )
+    return ["## Limitations", "", text, ""]
 
 
 def _predicts_clean_image(output_dir: str) -> bool:
@@ -285,27 +331,60 @@ def _size_to_pass(output_dir: str, resolution: Optional[int]) -> Optional[int]:
     return None if default == (resolution, resolution) else resolution
 
 
-def _usage(name: str, super_resolution: bool, clean_image_model: bool = False, size: Optional[int] = None) -> List[str]:
+def _fidelity_steps(output_dir: str) -> int:
+    """The steps of fidelity mode of the pipeline saved in `output_dir` (its `fidelity_steps`, else the default)."""
+    from .pipelines.pipeline_sr3 import FIDELITY_STEPS
+
+    path = os.path.join(output_dir, "model_index.json")
+    if not os.path.isfile(path):
+        return FIDELITY_STEPS
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("fidelity_steps", FIDELITY_STEPS)
+
+
+def _loading_argument(output_dir: str, name: str) -> Tuple[str, str]:
+    """What `from_pretrained` is given in the card's examples, and the import that line needs (or ""): the model's
+    name (its repo), or for the model packaged with diffusers_sr3 its folder, which no Hub repo holds."""
+    from .pretrained import default_model_path
+
+    try:
+        packaged = os.path.realpath(output_dir) == os.path.realpath(default_model_path())
+    except FileNotFoundError:  # an install without the packaged model
+        packaged = False
+    if packaged:
+        return "default_model_path()", "from diffusers_sr3.pretrained import default_model_path\n"
+    return f'"{name}"', ""
+
+
+def _usage(
+    loading: Tuple[str, str],
+    super_resolution: bool,
+    clean_image_model: bool = False,
+    size: Optional[int] = None,
+    fidelity_steps: int = 1,
+) -> List[str]:
+    argument, import_line = loading
     if super_resolution:
         usage = (
             "from PIL import Image\n"
-            "from diffusers_sr3 import SR3Pipeline\n\n"
-            f'pipe = SR3Pipeline.from_pretrained("{name}")\n'
+            f"from diffusers_sr3 import SR3Pipeline\n{import_line}\n"
+            f"pipe = SR3Pipeline.from_pretrained({argument})\n"
             'low_res = Image.open("input.png")\n'
             "# SR3 sampling (detail mode) at the model's own settings: steps, strength, eta saved in its config\n"
             "image = pipe(low_res).images[0]\n"
             'image.save("output.png")'
         )
         if clean_image_model:
+            cost = "one evaluation" if fidelity_steps == 1 else f"{fidelity_steps} deterministic DDIM steps"
             usage += (
-                "\n# the model's estimate of the average answer: highest PSNR, no invented texture, one evaluation\n"
+                f"\n# the model's estimate of the average answer: highest PSNR, no invented texture, {cost}\n"
                 'pipe(low_res, mode="fidelity").images[0].save("output_fidelity.png")'
             )
     else:
         size_arguments = f", height={size}, width={size}" if size else ""
         usage = (
-            "from diffusers_sr3 import SR3UnconditionalPipeline\n\n"
-            f'pipe = SR3UnconditionalPipeline.from_pretrained("{name}")\n'
+            f"from diffusers_sr3 import SR3UnconditionalPipeline\n{import_line}\n"
+            f"pipe = SR3UnconditionalPipeline.from_pretrained({argument})\n"
             f"images = pipe(batch_size=4, num_inference_steps=100{size_arguments}).images"
         )
         if size:
@@ -330,8 +409,9 @@ def _usage(name: str, super_resolution: bool, clean_image_model: bool = False, s
         "",
         "```python",
         "from diffusers import DiffusionPipeline",
+        *import_line.splitlines(),
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)',
+        f"pipe = DiffusionPipeline.from_pretrained({argument}, trust_remote_code=True)",
         "```",
         "",
         "Diffusers schedulers for this model's prediction type fit (those of another noise process are refused): "

@@ -4,13 +4,15 @@ One evaluation of a large photo takes seconds on a CPU, so counting whole steps 
 time. [`UpscaleProgress`] counts (image, tile) crops through the network, and for an [`SR3UNet2DModel`] advances
 inside each evaluation too: forward hooks on the UNet's blocks add each block's share of the evaluation's
 convolution work as it finishes, so the bar moves, and tqdm's rate and ETA exist, a fraction of a second after the
-start. Networks without blocks (an ONNX Runtime session) advance once per evaluation.
+start. Networks without blocks (an ONNX Runtime session) advance once per evaluation. Detail mode's windows
+([`diffusers_sr3.detail_windows.WindowedNetwork`]) count too, as the crops their pixels would fill.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Tuple
+from fractions import Fraction
+from typing import Any, Callable, Iterator, List, Tuple, Union
 
 import torch
 
@@ -20,8 +22,10 @@ def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:
 
     A block's share is its convolution and attention-projection weight count divided by the pixels of its level
     relative to the first (a level down has 4x fewer pixels): its multiply-adds up to a common factor. Networks
-    that are not SR3 UNets give an empty list.
+    that are not SR3 UNets give an empty list. A backend's stand-in that runs the UNet itself (`AutocastUNet`,
+    the bf16 backend) gives the blocks of the UNet it wraps.
     """
+    network = getattr(network, "unet", network)
     down_levels = getattr(network, "down_levels", None)
     up_levels = getattr(network, "up_levels", None)
     mid_blocks = getattr(network, "mid_blocks", None)
@@ -43,17 +47,23 @@ def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:
 
 
 class UpscaleProgress:
-    """A tqdm bar over the network evaluations of one upscaling call (`steps x crops` units).
+    """A tqdm bar over the network evaluations of one upscaling call (`steps x crops` units, plus the windows').
 
     Pass it as `progress=` to `tiled_super_resolve` (or `TiledNetwork`); the tiled network enters
-    `evaluation(count)` around every network call with its number of (image, tile) crops.
+    `evaluation(count)` around every network call with its number of (image, tile) crops, and detail mode's windows
+    around each batch of windows with the crops' worth of pixels in it (a fraction).
 
     Args:
-        network: the network that runs (hooks are placed on its blocks when it is an SR3 UNet).
+        network: the network that runs (hooks are placed on its blocks when it is an SR3 UNet, or a backend's
+            stand-in for one).
         steps: evaluations per crop (refinement steps).
         crops_per_step: (image, tile) crops per step.
         description: the bar's label (e.g. the file name).
         disable: no bar at all (`--quiet`).
+        window_crops: detail mode's windows in each windowed evaluation, in crops
+            ([`diffusers_sr3.detail_windows.window_crops_per_step`]); 0 without windows.
+        windowed_steps: how many of the `steps` evaluations, the last ones, run windows (below strength 1 the
+            fidelity answer's evaluations come first and run whole).
         **tqdm_kwargs: passed to tqdm (`position`, `leave`, `file`, ...).
     """
 
@@ -64,16 +74,23 @@ class UpscaleProgress:
         crops_per_step: int,
         description: str = "upscaling",
         disable: bool = False,
+        window_crops: Union[int, Fraction] = 0,
+        windowed_steps: int = 0,
         **tqdm_kwargs: Any,
     ):
         from tqdm.auto import tqdm
 
+        if not 0 <= windowed_steps <= steps:
+            raise ValueError(f"windowed_steps must lie in 0-{steps}, got {windowed_steps}")
         self.steps = steps
         self.crops_per_step = crops_per_step
-        self.total = steps * crops_per_step
+        self.window_crops = window_crops if windowed_steps else 0
+        self.windowed_steps = windowed_steps if window_crops else 0
+        # Exact (a Fraction with windows), so the windows' fractional counts add up to it with no rounding left.
+        self.total = steps * crops_per_step + self.windowed_steps * self.window_crops
         self.done = 0
         self.bar = tqdm(
-            total=self.total,
+            total=float(self.total),
             desc=description,
             unit="tile-step",
             disable=disable,
@@ -96,18 +113,29 @@ class UpscaleProgress:
         return advance
 
     def _describe(self) -> None:
-        # The evaluation in progress (the last one once all are done).
-        position = min(self.done, self.total - 1)
-        step = position // max(1, self.crops_per_step) + 1
-        tile = position % max(1, self.crops_per_step) + 1
-        postfix = f"step {step}/{self.steps}"
-        if self.crops_per_step > 1:
-            postfix += f", tile {tile}/{self.crops_per_step}"
+        # The evaluation in progress (the last one once all are done): the first `steps - windowed_steps` hold
+        # `crops_per_step` crops each, the others their windows too.
+        crops, plain = max(1, self.crops_per_step), self.steps - self.windowed_steps
+        done = min(self.done, self.total)
+        if done < plain * crops or not self.windowed_steps:
+            index = min(int(done // crops), self.steps - 1)
+            offset = done - index * crops
+        else:
+            per_step = crops + self.window_crops
+            windowed = min(int((done - plain * crops) // per_step), self.windowed_steps - 1)
+            index = plain + windowed
+            offset = done - plain * crops - windowed * per_step
+        postfix = f"step {index + 1}/{self.steps}"
+        if offset >= crops and self.windowed_steps:
+            postfix += ", windows"
+        elif self.crops_per_step > 1:
+            postfix += f", tile {min(int(offset), crops - 1) + 1}/{self.crops_per_step}"
         self.bar.set_postfix_str(postfix, refresh=True)
 
     @contextlib.contextmanager
-    def evaluation(self, count: int) -> Iterator[None]:
-        """Around one network call on `count` crops: advances by `count` when it ends (in block shares during)."""
+    def evaluation(self, count: Union[int, Fraction]) -> Iterator[None]:
+        """Around one network call on `count` crops (a fraction for windows): advances by `count` when it ends (in
+        block shares during)."""
         self._count = count
         try:
             yield
@@ -115,7 +143,7 @@ class UpscaleProgress:
             self._count = 0
             self.done += count
             # Snap to the exact count: block shares are floating point, and other networks have no blocks.
-            self.bar.n = min(self.done, self.total)
+            self.bar.n = float(min(self.done, self.total))
             self._describe()
 
     def close(self) -> None:
@@ -135,21 +163,25 @@ class EvaluationCounter:
     """Reports `(crops done, crops in total)` to `report` after every network evaluation: progress for a UI.
 
     Pass it as `progress=` to `tiled_super_resolve` (or `TiledNetwork`), with `total` = evaluations per crop x
-    [`diffusers_sr3.tiling.crops_per_step`]. Unlike a step callback it also counts the tiles of a step and the
-    orientations of a self-ensemble.
+    [`diffusers_sr3.tiling.crops_per_step`], plus in detail mode with windows the windowed evaluations x
+    [`diffusers_sr3.detail_windows.window_crops_per_step`]. Unlike a step callback it also counts the tiles of a
+    step, the orientations of a self-ensemble and the windows (in crops' worth of pixels: a fraction where it is
+    not whole).
     """
 
-    def __init__(self, report: Callable[[Tuple[int, int]], Any], total: int):
+    def __init__(self, report: Callable[[Tuple[int, int]], Any], total: Union[int, Fraction]):
         self.report = report
-        self.total = total
+        # Reported as plain numbers (a UI serializes them): windows can make the total a whole Fraction.
+        self.total = int(total) if total == int(total) else float(total)
         self.done = 0
 
     @contextlib.contextmanager
-    def evaluation(self, count: int) -> Iterator[None]:
+    def evaluation(self, count: Union[int, Fraction]) -> Iterator[None]:
         """Around one network call on `count` crops."""
         yield
         self.done += count
-        self.report((min(self.done, self.total), self.total))
+        done = min(self.done, self.total)
+        self.report((int(done) if done == int(done) else float(done), self.total))
 
 
 __all__ = ["EvaluationCounter", "UpscaleProgress", "block_shares"]

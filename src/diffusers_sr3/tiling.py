@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from fractions import Fraction
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -207,7 +208,8 @@ class TiledNetwork(NetworkStandIn):
         batch_size: tiles run through the network together; None fills `max_pixels`.
         max_pixels: network-grid pixels per evaluation for planned tiles and batches.
         progress: an object with an `evaluation(count)` context manager, entered around every network call with
-            the number of (image, tile) crops in it (see `diffusers_sr3.progress.UpscaleProgress`).
+            the number of (image, tile) crops in it (see `diffusers_sr3.progress.UpscaleProgress`), and by detail
+            mode's windows ([`diffusers_sr3.detail_windows.WindowedNetwork`]) with the crops their pixels fill.
     """
 
     def __init__(
@@ -274,7 +276,12 @@ class TiledNetwork(NetworkStandIn):
             return images, 1
         return images * tiles, math.ceil(images * tiles / batch_size)
 
-    def _evaluation(self, count: int):
+    def crop_pixels(self, height: int, width: int) -> int:
+        """Pixels of one crop the network sees of a `height x width` input: the unit `progress` counts in."""
+        tile_size = self.plan(height, width).tile_size
+        return min(tile_size, height) * min(tile_size, width)
+
+    def _evaluation(self, count: Union[int, Fraction]):
         return self.progress.evaluation(count) if self.progress is not None else contextlib.nullcontext()
 
     def forward(self, sample: torch.Tensor, noise_level: torch.Tensor, return_dict: bool = False, **kwargs: Any):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
-from typing import List
+import shutil
+from typing import List, Optional, Set, Tuple
 
 from ..convert import convert_original_checkpoint
 from ..image_io import IMAGE_EXTENSIONS
 from ..model_card import images_shown
+from ..pipelines.base import REMOTE_CODE_STEMS, _weights_variant
 
 # Written by training beside the pipeline it saves (`training.trainer.SUMMARY_FILE`; importing it loads accelerate).
 _TRAINING_SUMMARY = "training_summary.json"
@@ -22,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a pipeline already in --output; once the conversion has succeeded, the files describing the "
-        "replaced model are removed too (its model card README.md, the pictures the card shows and "
-        "training_summary.json); other files are kept. A folder holding training checkpoints (checkpoint-*) is "
+        help="replace a pipeline already in --output; once the conversion has succeeded, the rest of the replaced "
+        "model is removed too: its other variants' weights (e.g. fp16), its components the new one lacks (a "
+        "cascade's stages, a guidance UNet), its model card README.md, the pictures the card shows and "
+        "training_summary.json; other files are kept. A folder holding training checkpoints (checkpoint-*) is "
         "always refused",
     )
 
@@ -75,14 +79,74 @@ def _check_output(output: str, overwrite: bool) -> List[str]:
     return sorted(described)
 
 
+def _pipeline_layout(output: str) -> Tuple[Set[str], Optional[str]]:
+    """The components (subfolders) that `output`'s model_index.json names, and the pipeline's re-export module
+    (`pipeline_sr3*.py`, or None); nothing from an unreadable index."""
+    try:
+        with open(os.path.join(output, "model_index.json"), encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return set(), None
+    if not isinstance(index, dict):
+        return set(), None
+    components = {
+        name
+        for name, value in index.items()
+        # Plain folder names only: each is deleted, and the index is a file anyone may have edited.
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and any(part is not None for part in value)
+        and name not in (".", "..")
+        and os.path.basename(name) == name
+    }
+    class_name = index.get("_class_name")
+    module = class_name[0] if isinstance(class_name, list) and len(class_name) == 2 else None
+    return components, f"{module}.py" if module in REMOTE_CODE_STEMS.values() else None
+
+
+def _remove_replaced_model(output: str, components: Set[str], module: Optional[str]) -> List[str]:
+    """Remove from `output`, just written by a conversion, what remains of the pipeline it replaced (`components`
+    and `module` from its model_index.json): its components the new pipeline lacks, its re-export module if the new
+    one has another, and every variant's weights in the new pipeline's components (a conversion writes the main
+    weights only, and `save_pretrained` keeps other variants', which would load the replaced model).
+
+    Returns:
+        What was removed, as paths relative to `output` (folders ending with `/`).
+    """
+    new_components, new_module = _pipeline_layout(output)
+    removed = []
+    for name in sorted(components - new_components):
+        path = os.path.join(output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            removed.append(f"{name}/")
+    if module not in (None, new_module) and os.path.isfile(os.path.join(output, module)):
+        os.remove(os.path.join(output, module))
+        removed.append(module)
+    for name in sorted(new_components):
+        folder = os.path.join(output, name)
+        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            is_weights, variant = _weights_variant(entry)
+            if is_weights and variant is not None:
+                os.remove(os.path.join(folder, entry))
+                removed.append(f"{name}/{entry}")
+    return sorted(removed)
+
+
 def run(args: argparse.Namespace) -> int:
     replaced_description = _check_output(args.output, args.overwrite)
+    # `_check_output` let a pipeline in --output through only with --overwrite: this conversion replaces it.
+    replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))
+    replaced_layout = _pipeline_layout(args.output) if replacing else None
     pipeline = convert_original_checkpoint(args.checkpoint, args.config, args.output)
     # Only now that the new pipeline is saved: a failed conversion leaves the folder as it was.
     for name in replaced_description:
         os.remove(os.path.join(args.output, name))
+    replaced_files = _remove_replaced_model(args.output, *replaced_layout) if replacing else []
     parameters = sum(p.numel() for p in pipeline.unet.parameters())
     print(f"wrote {type(pipeline).__name__} ({parameters:,} parameters) to {args.output}")
     if replaced_description:
         print(f"removed {', '.join(replaced_description)}: they described the replaced model")
+    if replaced_files:
+        print(f"removed {', '.join(replaced_files)}: the replaced model's, which the new one does not have")
     return 0

@@ -24,13 +24,13 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import PIL.Image
 import torch
 
 from .. import metrics
-from ..backends import fast_bfloat16, use_backend
+from ..backends import default_cpu_threads, fast_bfloat16, use_backend
 from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil, upsample_condition
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import swap_scheduler
@@ -62,6 +62,9 @@ PLAN_SHARE = 0.8
 # while other work held the cores (one such demo trained 1 of its 4.5 minutes and stayed at bicubic's level), or the
 # run trains on a GPU, which the step timed on the CPU does not see.
 GO_ON_IF_LEFT = 0.1
+# A run by the clock that trains less than this share of its plan ran several times slower than its timed step: other
+# work held the cores (one such demo trained 60 of 1995 planned steps), which more minutes would not mend.
+BUSY_SHARE = 0.5
 # The training recipe for new models (the convergence study's), minus the UNet option set in `unet_config`.
 RECIPE: Dict[str, Any] = {key: value for key, value in NEW_MODEL_RECIPE.items() if key != "noise_level_embedding_scale"}
 
@@ -100,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=at_least_one,
         default=None,
-        help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)",
+        help="CPU threads for torch (default: one per core that the tasks of other processes runnable now leave "
+        "free, at least 1; torch's own count on an idle machine: its threads wait for each other, so on a busy "
+        "machine fewer are faster)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
     parser.add_argument(
@@ -150,12 +155,23 @@ def _seconds_per_step(config: Dict[str, Any], batch_size: int, bfloat16: bool) -
     return min(timings[1:])
 
 
-def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_dir: str, bfloat16: bool) -> int:
-    """Train the demo's model into `model_dir` for `--steps`, or for `--minutes` by the clock; returns its steps.
+def _train(
+    train_crops,
+    config: Dict[str, Any],
+    args: argparse.Namespace,
+    model_dir: str,
+    bfloat16: bool,
+    sampling: Dict[str, Any],
+) -> Tuple[int, Optional[int]]:
+    """Train the demo's model into `model_dir` for `--steps`, or for `--minutes` by the clock.
 
     The step timed on the CPU sizes the plan and the LR warm-up. Where the plan ends with time left (the machine was
     busy while the step was timed, or training runs on a GPU), the run resumes from its checkpoint, exactly, with a
-    plan from the speed it measured.
+    plan from the speed it measured. The pipeline is saved with the sampling settings `sampling` (training options:
+    `sampler`, `fidelity_steps`, `detail_*`), so that its model card describes them.
+
+    Returns:
+        `(steps, planned)`: the steps trained, and those the timed step planned for `--minutes` (None for `--steps`).
     """
     options: Dict[str, Any] = dict(
         batch_size=args.batch_size,
@@ -164,6 +180,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         upscale_factor=UPSCALE_FACTOR,
         learning_rate=DEMO_LEARNING_RATE,
         mixed_precision="bf16" if bfloat16 else "no",
+        **sampling,
         **RECIPE,
     )
     # An earlier demo's model (its pipeline, or the checkpoints an interrupted one left): the trainer refuses to
@@ -180,9 +197,9 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
             lr_warmup_steps=min(100, args.steps // 10),
             **options,
         )
-        return _training_summary(model_dir)["global_step"]
+        return _training_summary(model_dir)["global_step"], None
     per_step = _seconds_per_step(config, args.batch_size, bfloat16 and not torch.cuda.is_available())
-    plan = max(10, int(PLAN_SHARE * args.minutes * 60 / per_step))
+    plan = planned = max(10, int(PLAN_SHARE * args.minutes * 60 / per_step))
     print(f"about {per_step:.2f} s per step here: training for {args.minutes:g} min (at most {plan} steps)")
     options["lr_warmup_steps"] = min(100, plan // 10)  # the same in every part of the run, as resuming requires
     deadline = time.perf_counter() + args.minutes * 60
@@ -210,7 +227,7 @@ def _train(train_crops, config: Dict[str, Any], args: argparse.Namespace, model_
         summary["checkpoints"] = []
         with open(os.path.join(model_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
-    return summary["global_step"]
+    return summary["global_step"], planned
 
 
 def _remove_checkpoints(model_dir: str, why: str) -> List[str]:
@@ -296,8 +313,18 @@ def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
     return lines
 
 
-def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str) -> str:
-    """One plain sentence: does `who`, in fidelity mode, beat bicubic on these crops, and by how much."""
+def _busy_note(steps: int, planned: Optional[int], threads: int) -> Optional[str]:
+    """The sentence that says a busy machine cut training short (under `BUSY_SHARE` of the `planned` steps), and what
+    to do; None where it did not (or `--steps` set the run)."""
+    if planned is None or steps >= BUSY_SHARE * planned:
+        return None
+    remedy = "rerun on an idle machine" + (" or with --threads 1" if threads > 1 else "")
+    return f"The machine was busy: training reached {steps} of its {planned} planned steps ({remedy})."
+
+
+def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str, busy: Optional[str] = None) -> str:
+    """One plain sentence: does `who`, in fidelity mode, beat bicubic on these crops, and by how much; then `busy`
+    (`_busy_note`), which replaces the advice to train longer: more minutes on a busy machine would not help."""
     gain = sr3["psnr"] - bicubic["psnr"]
     better = [
         name
@@ -306,10 +333,14 @@ def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str) -> str:
         and sr3[name.lower()] != bicubic[name.lower()]
     ]
     if len(better) == 3:
-        return f"{who} beats bicubic in fidelity mode: {gain:+.2f} dB PSNR, and better SSIM and consistency."
-    if not better:
+        sentence = f"{who} beats bicubic in fidelity mode: {gain:+.2f} dB PSNR, and better SSIM and consistency."
+    elif better:
+        sentence = f"{who} beats bicubic in fidelity mode on {', '.join(better)} only ({gain:+.2f} dB PSNR)."
+    elif busy:
+        sentence = f"{who} does not beat bicubic in fidelity mode ({gain:+.2f} dB)."
+    else:
         return f"{who} does not beat bicubic in fidelity mode at this training budget ({gain:+.2f} dB); train longer."
-    return f"{who} beats bicubic in fidelity mode on {', '.join(better)} only ({gain:+.2f} dB PSNR)."
+    return f"{sentence} {busy}" if busy else sentence
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.output, exist_ok=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    else:
+        threads, why = default_cpu_threads()
+        torch.set_num_threads(threads)
+        print(f"{threads} CPU thread(s) for torch: {why}; --threads sets them")
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
@@ -345,18 +380,21 @@ def run(args: argparse.Namespace) -> int:
     # 2. Train through the training core, for --steps or for --minutes.
     # Mixed bfloat16 where the hardware multiplies it natively: about 1.4x the steps in the same minutes.
     bfloat16 = fast_bfloat16("cuda" if torch.cuda.is_available() else "cpu")
-    started = time.perf_counter()
-    steps = _train(train_crops, config, args, model_dir, bfloat16)
-    training_seconds = time.perf_counter() - started
-
-    # 3. Super-resolve held-out crops and one whole held-out photo in both modes; compare with bicubic. The saved
-    # model samples as measured here (DDIM, these detail settings), also through `sr3 upscale --model`.
-    detail_config = {f"detail_{name}": value for name, value in detail.items()}
-    pipeline = SR3Pipeline.from_pretrained(
-        model_dir, fidelity_steps=DEMO_FIDELITY_STEPS, detail_steps=args.inference_steps, **detail_config
+    # The saved model samples as measured here (DDIM, these settings), also through `sr3 upscale --model`; saved so
+    # by the training core, its model card describes them.
+    sampling = dict(
+        sampler="ddim",
+        fidelity_steps=DEMO_FIDELITY_STEPS,
+        detail_steps=args.inference_steps,
+        **{f"detail_{name}": value for name, value in detail.items()},
     )
-    pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
-    pipeline.save_pretrained(model_dir)
+    started = time.perf_counter()
+    steps, planned = _train(train_crops, config, args, model_dir, bfloat16, sampling)
+    training_seconds = time.perf_counter() - started
+    busy = _busy_note(steps, planned, torch.get_num_threads())
+
+    # 3. Super-resolve held-out crops and one whole held-out photo in both modes; compare with bicubic.
+    pipeline = SR3Pipeline.from_pretrained(model_dir)
     pipeline.set_progress_bar_config(disable=True)
     lr_pil, lr, bicubic = low_resolution_inputs(hr)
     models = {"SR3": pipeline}
@@ -403,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
     grid([photo_row]).save(os.path.join(args.output, "photo.png"))
 
     # 4. Report what was measured.
-    verdict = _verdict(means["SR3 fidelity"], means["bicubic"], "The SR3 model trained here")
+    verdict = _verdict(means["SR3 fidelity"], means["bicubic"], "The SR3 model trained here", busy)
     if PACKAGED in models:
         verdict += " " + _verdict(means[f"{PACKAGED} fidelity"], means["bicubic"], "The packaged model")
     lines = [
@@ -429,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
         handle.write("\n".join(lines) + "\n")
     report = {
         "steps": steps,
+        "planned_steps": planned,
+        "cpu_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "crop_size": args.crop_size,
         "upscale_factor": UPSCALE_FACTOR,

@@ -15,8 +15,8 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
-from ..backends import BACKENDS, use_backend
-from ..detail_windows import MIN_WINDOWS_ACROSS
+from ..backends import BACKENDS, default_cpu_threads, use_backend
+from ..detail_windows import MIN_WINDOWS_ACROSS, window_crops_per_step
 from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..models.unet_sr3 import SR3UNet2DModel
@@ -32,6 +32,7 @@ from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEF
 from ..progress import UpscaleProgress
 from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, largest_overlap, tiled_super_resolve
 from .common import (
+    DTYPES,
     add_model_arguments,
     add_save_process_argument,
     atomic_file,
@@ -54,11 +55,14 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
     {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32); in {window_size}-pixel windows (the packaged model's
     default on images {window_minimum} pixels or more a side) about {windows_factor:g} times that (measured in
     float32 on an AMD EPYC)
-  memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles within the
-    same budget (--max-tile-pixels): 1.6 GB for a 3.3-megapixel output
+  memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles, which bound
+    the network's activations (--max-tile-pixels), not the full-size images: those cost about {pixel_bytes} bytes
+    per output pixel whatever the tiles (fidelity mode; about twice that with detail mode's windows; times
+    --batch-size): 1.6 GB for a 3.3-megapixel output, 2.8 GB for 12, about 26 GB for 192
   GPU: well under 1 s per megapixel per step (an estimate from the network's FLOPs, not measured:
     run benchmarks/gpu_check.sh on a GPU)
-The progress bar counts every tile of every step and shows the remaining time from the first second.
+The progress bar counts every tile of every step (and detail mode's windows) and shows the remaining time from
+the first second.
 """
 # Fitted to benchmarks/results/upscale/fidelity-one-step/now.md (the idle machine, end to end at 1 and 3.3 megapixels:
 # 5.0 / 6.6 s by default, 6.1 / 10.4 s in float32, 8.3 / 18.6 s with the self-ensemble).
@@ -71,6 +75,10 @@ BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
 # Detail mode in training-sized windows against the whole image only (benchmarks/upscale.py, one run).
 WINDOWS_TIME_FACTOR = 1.4
+# Memory of the full-size tensors (noisy image, condition, blended prediction, scheduler temporaries, output) per
+# output pixel in fidelity mode, on top of the tile budget's activations: peaks of 1.58 and 2.75 GB at 3 and 12
+# megapixels out (/usr/bin/time, the packaged model, default --max-tile-pixels, which does not change them).
+BYTES_PER_OUTPUT_PIXEL = 140
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         window_size=DEFAULT_DETAIL_WINDOW_SIZE,
         window_minimum=MIN_WINDOWS_ACROSS * DEFAULT_DETAIL_WINDOW_SIZE,
         windows_factor=WINDOWS_TIME_FACTOR,
+        pixel_bytes=BYTES_PER_OUTPUT_PIXEL,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument(
@@ -173,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--self-ensemble",
         action="store_true",
         help=f"fidelity mode: average the answers for the {SELF_ENSEMBLE_SIZE} flips and quarter-turns of the input "
-        f"(higher PSNR and SSIM, +0.1 to +0.2 dB on photos, for {SELF_ENSEMBLE_SIZE} times the time)",
+        f"(higher PSNR and SSIM, +0.05 to +0.15 dB on photos, for {SELF_ENSEMBLE_SIZE} times the time)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images of one size refined together")
     parser.add_argument(
@@ -197,8 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tile-pixels",
         type=int,
         default=DEFAULT_MAX_TILE_PIXELS,
-        help=f"memory budget: network-grid pixels per evaluation (default {DEFAULT_MAX_TILE_PIXELS}, activations "
-        "estimated at about 1 GB with the photos_x4 network)",
+        help=f"memory budget of the network's activations: network-grid pixels per evaluation (default "
+        f"{DEFAULT_MAX_TILE_PIXELS}, about 1 GB with the photos_x4 network); the full-size images cost about "
+        f"{BYTES_PER_OUTPUT_PIXEL} bytes per output pixel on top, whatever it is",
     )
     parser.add_argument(
         "--backend",
@@ -210,7 +220,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "outputs within 1/255 of float32); onnx: ONNX "
         'Runtime fp32 on the CPU, exported once and cached (pip install -e ".[onnx]")',
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: one per core that the tasks of other processes runnable now leave free, at least "
+        "1; one per core on an idle machine: torch's threads wait for each other, so on a busy machine fewer are "
+        "faster)",
+    )
     parser.add_argument(
         "--quality",
         type=int,
@@ -469,6 +486,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.self_ensemble and args.save_process:
         raise ValueError("--save-process draws one refinement: it does not combine with --self-ensemble")
+    if args.backend in ("bf16", "onnx") and DTYPES[args.dtype] != torch.float32:
+        runs = "a float32 model under bfloat16 autocast" if args.backend == "bf16" else "the model in float32"
+        raise ValueError(f"--backend {args.backend} runs {runs}: use --dtype float32, or --backend torch")
     # Options are checked before any image is decoded or the model loaded (seconds of work), where the mode is
     # known from the model folder.
     mode = args.mode if args.mode != "auto" else _saved_mode(args.model)
@@ -476,10 +496,14 @@ def run(args: argparse.Namespace) -> int:
         _check_mode_options(args, mode)
     saved_unet = _saved_unet(args.model)
     _check_tile_options(args, saved_unet)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if threads is not None and threads < 1:
+        raise ValueError("--threads must be at least 1")
+    if threads is None:
+        threads, why = default_cpu_threads()
+        if threads < torch.get_num_threads() and not args.quiet:
+            print(f"{threads} CPU thread(s): {why}; --threads sets them")
+    torch.set_num_threads(threads)
     paths, destinations, skipped = _plan_writes(args.inputs, args.output)
     if skipped and not args.quiet:
         print(f"left out {skipped} file(s) that this run writes (results of an earlier run)", file=sys.stderr)
@@ -501,6 +525,7 @@ def run(args: argparse.Namespace) -> int:
         _check_mode_options(args, mode)
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
+    windowed = 0  # evaluations that also run detail mode's windows: the last ones
     if mode == "fidelity":
         steps, detail_options = args.steps or pipeline.config.fidelity_steps, {}
         evaluations = evaluations_per_crop(mode, steps)
@@ -521,6 +546,9 @@ def run(args: argparse.Namespace) -> int:
             guided,
             fidelity_steps=pipeline.config.fidelity_steps,
         )
+        if detail_options["window_size"]:
+            # Below strength 1 the fidelity answer's evaluations come first, on the whole image only.
+            windowed = evaluations - (pipeline.config.fidelity_steps if detail_options["strength"] < 1 else 0)
     if not args.quiet:
         print(
             describe_settings(
@@ -534,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
         max_tile_pixels=args.max_tile_pixels,
     )
     with (
-        use_backend(pipeline, args.backend, threads=args.threads) as network,
+        use_backend(pipeline, args.backend, threads=threads) as network,
         tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
     ):
         for start, stop in _batches([(fact.size, fact.sixteen_bit) for fact in facts], args.batch_size):
@@ -543,6 +571,9 @@ def run(args: argparse.Namespace) -> int:
             crops = crops_per_step(
                 pipeline, images[0].size, stop - start, args.self_ensemble, network=network, **tiling
             )
+            window_crops = window_crops_per_step(
+                pipeline, images[0].size, detail_options.get("window_size", 0), stop - start, network, **tiling
+            )
             name = os.path.basename(paths[start]) + (f" (+{stop - start - 1})" if stop - start > 1 else "")
             with UpscaleProgress(
                 network,
@@ -550,6 +581,8 @@ def run(args: argparse.Namespace) -> int:
                 crops,
                 description=name,
                 disable=args.quiet,
+                window_crops=window_crops,
+                windowed_steps=windowed,
                 leave=single,
                 position=0 if single else 1,
             ) as progress:

@@ -54,7 +54,7 @@ REMOTE_CODE_STEMS = {
 # Hidden folder that `save_pretrained` writes a pipeline in, inside the save directory, before moving it into place.
 STAGING_PREFIX = ".sr3-save-"
 
-# What `download` asks for when it cannot list the repo (offline: the cached snapshot is used as it is).
+# What `download` asks for when neither the Hub nor the cache lists the repo (the cached snapshot is used as it is).
 WEIGHT_PATTERNS = ["model_index.json", "*.json", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
 # Pickle weights, also asked for offline with `use_safetensors=False` (read with `weights_only=True`).
 PICKLE_WEIGHT_PATTERNS = ["*/*.bin", "*/*/*.bin"]
@@ -197,6 +197,35 @@ def files_to_download(files: Sequence[str], variant: Optional[str] = None, pickl
         wanted = variant if any(file_variant == variant for _, file_variant in candidates) else None
         chosen += [name for name, file_variant in candidates if file_variant == wanted]
     return sorted(chosen)
+
+
+def _cached_listing(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[List[str]]:
+    """The files of Hub repo `repo_id` at `revision` as huggingface_hub listed them when it cached them (None where it
+    keeps no listing)."""
+    import huggingface_hub
+
+    # Versions of huggingface_hub without it keep no listing, and take a cached snapshot as it is.
+    get_cached_repo_tree = getattr(huggingface_hub, "get_cached_repo_tree", None)
+    if get_cached_repo_tree is None:
+        return None
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)]
+    except CachedRepoTreeNotFoundError:
+        return None
+
+
+def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type:
+    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it."""
+    saved_class = index.get("_class_name")
+    saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
+    if cls.__name__ not in ("SR3BasePipeline", saved_class):
+        raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
+    pipeline_class = _classes().get(saved_class)
+    if pipeline_class is None:
+        raise ValueError(f"{source} holds a {saved_class}, which is not an SR3 pipeline")
+    return pipeline_class
 
 
 def _holds_variant(folder: str, variant: str) -> bool:
@@ -476,6 +505,9 @@ class SR3BasePipeline(DiffusionPipeline):
         if eta is not None:
             if "eta" not in step_parameters:
                 raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(scheduler).__name__}")
+            # Above 1, DDIM's last step takes the square root of a negative number: the image comes back NaN.
+            if not 0 <= eta <= 1:
+                raise ValueError(f"eta must lie in [0, 1] (0 deterministic, 1 DDPM-like), got {eta:g}")
             step_kwargs["eta"] = float(eta)
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
         if num_intermediates < 0:
@@ -662,33 +694,70 @@ class SR3BasePipeline(DiffusionPipeline):
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
         """Download a pipeline repo and return its local folder: its configs and, per component, the weights of
         `variant` where it has them (else the main ones), as safetensors (`.bin` with `use_safetensors=False`); no
-        code, and no other variant's or format's weights."""
-        import httpx
-        from huggingface_hub import HfApi, constants, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError
+        code, and no other variant's or format's weights. Its model_index.json comes first: a repo of a pipeline that
+        `cls` does not load is refused before any weights are fetched.
 
+        Offline (`local_files_only`, `HF_HUB_OFFLINE`), and as Diffusers' loader where the Hub does not list the repo
+        (unreachable, or refusing), the cached copy is used, the files chosen from the listing cached with it.
+
+        Raises:
+            FileNotFoundError: the repo is not cached and cannot be downloaded, its cached copy lacks files this load
+                needs, or it has no model_index.json.
+            ValueError: it holds a pipeline that `cls` does not load.
+        """
+        from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        name = pretrained_model_name
         download_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             if kwargs.get(key) is not None
         }
         pickles = kwargs.get("use_safetensors") is False
-        if download_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
-            patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if pickles else [])
-            return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
-        try:
-            listed = HfApi(token=kwargs.get("token")).list_repo_files(
-                pretrained_model_name, revision=kwargs.get("revision")
-            )
-        except (HfHubHTTPError, OSError, httpx.HTTPError):
-            # The Hub cannot be reached (or refuses the listing): `snapshot_download` then takes the cached
-            # snapshot, as Diffusers' loader does, or names the problem.
-            listed = None
+        variant, revision = kwargs.get("variant"), kwargs.get("revision")
+        listed, listing_error = None, None
+        if not (download_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE):
+            try:
+                listed = HfApi(token=kwargs.get("token")).list_repo_files(name, revision=revision)
+            # Whatever the error: huggingface_hub's transport errors (httpx2's) are neither OSError nor httpx's.
+            except Exception as error:
+                # No further requests either: each would retry for ~20 s before giving up.
+                listing_error = error
+                download_kwargs["local_files_only"] = True
+        if listed is None:
+            listed = _cached_listing(name, revision, kwargs.get("cache_dir"))
         if listed is None:
             patterns = WEIGHT_PATTERNS + (PICKLE_WEIGHT_PATTERNS if pickles else [])
+        elif "model_index.json" not in listed:
+            raise FileNotFoundError(f"Hub repo {name} is not a pipeline: it has no model_index.json")
         else:
-            patterns = [glob.escape(name) for name in files_to_download(listed, kwargs.get("variant"), pickles)]
-        return snapshot_download(pretrained_model_name, allow_patterns=patterns, **download_kwargs)
+            # Exact files, offline too: huggingface_hub refuses a cached copy that lacks any listed file a pattern
+            # matches, such as another variant's weights that were never downloaded.
+            patterns = [glob.escape(file) for file in files_to_download(listed, variant, pickles)]
+        try:
+            with open(hf_hub_download(name, "model_index.json", **download_kwargs), encoding="utf-8") as handle:
+                _saved_pipeline_class(cls, name, json.load(handle))
+            return snapshot_download(name, allow_patterns=patterns, **download_kwargs)
+        except LocalEntryNotFoundError as error:
+            reason = "offline" if constants.HF_HUB_OFFLINE else "local_files_only=True"
+            if listing_error is not None:
+                first_line = (str(listing_error).strip().splitlines() or [""])[0]
+                reason = f"listing it on the Hub failed: {type(listing_error).__name__}: {first_line}"
+            snapshot = getattr(error, "snapshot_path", None)  # set by huggingface_hub's IncompleteSnapshotError
+            if snapshot is None:
+                raise FileNotFoundError(
+                    f"{name} is not a local folder, and Hub repo {name} is not cached ({reason})"
+                ) from error
+            missing = [
+                file
+                for file in files_to_download(listed or [], variant, pickles)
+                if not os.path.isfile(os.path.join(snapshot, file))
+            ]
+            raise FileNotFoundError(
+                f"Hub repo {name} is cached without {', '.join(missing) or 'files this load needs'} ({reason}): load "
+                "it once with these options while the Hub can be reached"
+            ) from error
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):
@@ -710,6 +779,11 @@ class SR3BasePipeline(DiffusionPipeline):
         import diffusers
 
         source = os.fspath(pretrained_model_name_or_path)
+        if os.path.exists(source) and not os.path.isdir(source):
+            raise NotADirectoryError(
+                f"{source} is a file, not a pipeline folder (an original SR3 checkpoint, `*_gen.pth`: convert it with "
+                "`sr3 convert`)"
+            )
         if not os.path.isdir(source):
             try:
                 validate_repo_id(source)
@@ -721,13 +795,7 @@ class SR3BasePipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{source} is not a pipeline folder: it has no model_index.json")
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)
-        saved_class = index.get("_class_name")
-        saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
-        if cls.__name__ not in ("SR3BasePipeline", saved_class):
-            raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
-        pipeline_class = _classes().get(saved_class)
-        if pipeline_class is None:
-            raise ValueError(f"{source} holds a {saved_class}, which is not an SR3 pipeline")
+        pipeline_class = _saved_pipeline_class(cls, source, index)
 
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         dtype = torch_dtype if dtype is None else dtype
@@ -775,9 +843,15 @@ class SR3BasePipeline(DiffusionPipeline):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
             else:
                 if use_safetensors is None and _holds_only_pickles(subfolder):
+                    # The commands cannot pass use_safetensors: the conversion lets every loader read the folder.
+                    # A Hub repo is saved into a folder of the user's: saved under the repo id, a local folder of
+                    # that name would shadow the repo in later loads from the same directory.
+                    target = source if folder == source else "a-folder-of-yours"
                     raise ValueError(
-                        f"{subfolder} holds pickled weights (.bin) and no safetensors: pass use_safetensors=False to "
-                        "load them (read with torch.load(weights_only=True))"
+                        f"{subfolder} holds pickled weights (.bin) and no safetensors: save it once as safetensors "
+                        f"with `{pipeline_class.__name__}.from_pretrained({source!r}, use_safetensors=False)"
+                        f".save_pretrained({target!r})` (the weights are read with torch.load(weights_only=True)), "
+                        "or pass use_safetensors=False to load them"
                     )
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,

@@ -220,8 +220,8 @@ class SR3Pipeline(SR3BasePipeline):
         detail_strength (`float`, defaults to 1.0): Detail mode's default `strength`, in (0, 1]; below 1 needs a
             model that predicts the clean image.
         detail_eta (`float`, optional): Detail mode's default `eta`, given to schedulers whose `step` takes it
-            (DDIM) and left out for the others, so a scheduler swapped in later still runs. None: the scheduler's own
-            default (0 for DDIM).
+            (DDIM, which refuses more than 1) and left out for the others, so a scheduler swapped in later still
+            runs. None: the scheduler's own default (0 for DDIM).
         detail_window_size (`int`, defaults to 0): Detail mode's default `window_size`: 0 runs the network on the
             whole image only; the training crop's size (`unet.config.sample_size`) adds the texture the network
             draws on crops of that size (see `__call__`). A multiple of the UNet's downsampling factor.
@@ -270,6 +270,8 @@ class SR3Pipeline(SR3BasePipeline):
             raise ValueError(f"fidelity_steps must be a positive integer, got {fidelity_steps}")
         if not 0 < detail_strength <= 1:
             raise ValueError(f"detail_strength must lie in (0, 1], got {detail_strength}")
+        # Not capped at 1 here, so that pipelines saved with more still load (samplers without eta ignore it); a
+        # sampler that takes it refuses more than 1 when it runs.
         if detail_eta is not None and not detail_eta >= 0:
             raise ValueError(f"detail_eta must be at least 0 (or None: the scheduler's default), got {detail_eta}")
         _check_guidance(unet, guidance_unet, guidance_scale, parallel_guidance_weight, scheduler)
@@ -303,10 +305,23 @@ class SR3Pipeline(SR3BasePipeline):
             fidelity_steps=int(fidelity_steps),
         )
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """[`SR3BasePipeline.save_pretrained`], with the UNet's (and guide's) config recording what its output means
         (`upscale_factor`, `residual`, `residual_scale`), so that a pipeline built from the saved networks alone reads
-        it right. The networks in memory keep their own config: a training run compares it with its checkpoints'."""
+        it right. The networks in memory keep their own config: a training run compares it with its checkpoints'.
+
+        The arguments are [`SR3BasePipeline.save_pretrained`]'s, named rather than passed through: a cascade saving
+        this pipeline as a stage passes `safe_serialization`, `variant` and `max_shard_size` only to a save method
+        whose signature names them (else a stage's variant would overwrite its main weights).
+        """
         meaning = {key: self.config[key] for key in OUTPUT_MEANING_KEYS}
         networks = [
             getattr(network, "_orig_mod", network)  # a torch.compile'd network's config is its module's
@@ -317,7 +332,14 @@ class SR3Pipeline(SR3BasePipeline):
         for network in networks:
             network.register_to_config(**meaning)
         try:
-            super().save_pretrained(save_directory, *args, **kwargs)
+            super().save_pretrained(
+                save_directory,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                push_to_hub=push_to_hub,
+                **kwargs,
+            )
         finally:
             for network, config in zip(networks, before):
                 network.register_to_config(**config)
@@ -548,7 +570,8 @@ class SR3Pipeline(SR3BasePipeline):
                 the clean image (`sample` or `v_prediction`).
             eta (`float`, optional): Detail mode, schedulers that take it (DDIM): 0 samples deterministically from
                 the starting noise; up to 1 adds fresh noise at every step (DDPM-like): grainier, sharper texture.
-                Defaults to the pipeline's `detail_eta` where the scheduler takes one (else the scheduler's default).
+                Above 1 is refused (DDIM's last step would return NaN). Defaults to the pipeline's `detail_eta` where
+                the scheduler takes one (else the scheduler's default).
             temperature (`float`, defaults to 1.0): Detail mode: scales the starting noise. Below 1 trades texture
                 for fidelity (0 is the fidelity mode's start).
             latents (`torch.Tensor`, optional): The starting noise, `(batch, 3, height, width)` at the output size
@@ -562,7 +585,7 @@ class SR3Pipeline(SR3BasePipeline):
                 predicts the clean image, like fidelity mode.
             self_ensemble (`bool`, defaults to False): Fidelity mode: average the answers for the 8 flips and
                 quarter-turns of the input, each turned back (EDSR's geometric self-ensemble). The network's
-                orientation-dependent errors partly cancel: higher PSNR/SSIM (+0.1 to +0.2 dB on photos) for 8 times
+                orientation-dependent errors partly cancel: higher PSNR/SSIM (+0.05 to +0.15 dB) for 8 times
                 the network evaluations. Not with `num_intermediates`, `latents` or a step callback.
             guidance_scale (`float`, optional): Detail mode, pipelines with a `guidance_unet`: autoguidance. Each
                 step's prediction becomes `guide + guidance_scale * (unet - guide)`, at twice the network

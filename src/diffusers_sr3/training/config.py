@@ -338,6 +338,11 @@ class TrainingConfig:
             raise ValueError(f"residual_scale must be positive, got {self.residual_scale}")
         if self.task == "uncond" and self.condition_noise_max:
             raise ValueError("--condition_noise_max applies to super-resolution only")
+        # 0 is what training records for every unconditional model (`resolve_objective`), so only a level is refused.
+        if self.task == "uncond" and self.condition_noise_level:
+            raise ValueError("--condition_noise_level applies to super-resolution only")
+        if self.task == "uncond" and self.upscale_factor is not None:
+            raise ValueError("--upscale_factor applies to super-resolution only")
         if self.task == "uncond" and self.validation_images:
             raise ValueError("--validation_images applies to super-resolution only")
         if self.texture_loss_weight < 0 or self.texture_loss_patch_size < 2:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
-from typing import Optional
+import shlex
+from typing import List, Optional
 
 from ..redaction import redact
 
-# Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each).
+# Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each), and the default tracker
+# folder (`push_folder` adds another `--logging_dir`).
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*", ".tmp-*/**", ".*", "logs/**"]
 
 
@@ -16,18 +20,31 @@ class HubUploadError(RuntimeError):
 
 
 def push_folder(
-    output_dir: str, repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False
+    output_dir: str,
+    repo_id: Optional[str] = None,
+    token: Optional[str] = None,
+    private: bool = False,
+    logging_dir: str = "logs",
 ) -> str:
-    """Create the repo if needed and upload `output_dir` to it; return the commit URL.
+    """Create the repo if needed and upload `output_dir` to it, but its checkpoints and tracker logs; return the
+    commit URL.
+
+    Args:
+        output_dir: the training run's folder.
+        repo_id: the repo; default: the folder's name, in the token's namespace.
+        token: the Hub token; default: huggingface_hub's (`HF_TOKEN`, `hf auth login`).
+        private: create the repo private.
+        logging_dir: the trackers' folder (`--logging_dir`): relative to `output_dir`, or absolute.
 
     Raises:
-        HubUploadError: naming the reason and the intact local folder.
+        HubUploadError: naming the reason, the intact local folder and how to retry.
     """
     from huggingface_hub import HfApi
 
     from ..model_card import card_for_repo
 
     repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
+    ignore_patterns = _ignore_patterns(output_dir, logging_dir)
     api = HfApi(token=token)
     message = "Upload SR3 pipeline trained with diffusers-sr3"
     try:
@@ -36,24 +53,47 @@ def push_folder(
         card = card_for_repo(output_dir, repo_id) if os.path.isfile(os.path.join(output_dir, "README.md")) else None
         if card is None:
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=output_dir, commit_message=message, ignore_patterns=UPLOAD_IGNORE_PATTERNS
+                repo_id=repo_id, folder_path=output_dir, commit_message=message, ignore_patterns=ignore_patterns
             )
         else:
             commit = api.create_commit(
-                repo_id=repo_id, operations=_upload_operations(output_dir, card), commit_message=message
+                repo_id=repo_id,
+                operations=_upload_operations(output_dir, card, ignore_patterns),
+                commit_message=message,
             )
     except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
         reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
+        # Through push_folder again, not `hf upload`: it leaves out the same files and names the repo in the card.
+        options = ", private=True" if private else ""
+        if logging_dir != "logs":
+            options += f", logging_dir={_literal(logging_dir)}"
+        retry = (
+            "from diffusers_sr3.training.hub import push_folder; "
+            f"push_folder({_literal(output_dir)}, {_literal(repo_id)}{options})"
+        )
         raise HubUploadError(
             f"upload to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); the trained pipeline "
-            f"is saved and intact in {output_dir}; retry with `hf upload {repo_id} {output_dir} "
-            "--exclude 'checkpoint-*/**' --exclude 'logs/**'`"
+            f"is saved and intact in {output_dir}; retry with `python -c {shlex.quote(retry)}`"
         ) from error
     return commit.commit_url
 
 
-def _upload_operations(output_dir: str, card: str) -> list:
-    """What `upload_folder` would upload from `output_dir` (the same ignore patterns), with `card` as README.md."""
+def _literal(text: str) -> str:
+    """`text` as a double-quoted Python string literal, which a single-quoted shell word holds as it is."""
+    return json.dumps(text)
+
+
+def _ignore_patterns(output_dir: str, logging_dir: str) -> List[str]:
+    """`UPLOAD_IGNORE_PATTERNS`, and the tracker folder `logging_dir` where it lies inside `output_dir`."""
+    logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
+    if logs == os.curdir or logs.split(os.sep)[0] == os.pardir:
+        return UPLOAD_IGNORE_PATTERNS
+    # Escaped: a folder named `runs[1]` is a name, not a pattern.
+    return UPLOAD_IGNORE_PATTERNS + [glob.escape(logs.replace(os.sep, "/")) + "/**"]
+
+
+def _upload_operations(output_dir: str, card: str, ignore_patterns: List[str]) -> list:
+    """What `upload_folder` would upload from `output_dir` (`ignore_patterns` left out), with `card` as README.md."""
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.utils import filter_repo_objects
 
@@ -67,5 +107,5 @@ def _upload_operations(output_dir: str, card: str) -> list:
             path_in_repo=name,
             path_or_fileobj=card.encode("utf-8") if name == "README.md" else os.path.join(output_dir, name),
         )
-        for name in sorted(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
+        for name in sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
     ]

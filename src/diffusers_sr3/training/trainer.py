@@ -85,7 +85,7 @@ RESIDUAL_SCALE_SAMPLES = 256
 
 
 def _hub_id(name_or_path: Optional[str]) -> Optional[str]:
-    """A Hub repo id (`owner/name`), or None for local folders and nothing."""
+    """A Hub repo or dataset id (`owner/name`), or None for local folders and nothing."""
     if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
         return None
     return name_or_path
@@ -744,10 +744,7 @@ class Trainer:
         """Start the trackers (main process) and log what is being trained."""
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
-            accelerator.init_trackers(
-                config.tracker_project_name or ("sr3" if config.task == "sr" else "sr3-uncond"),
-                config=_tracker_config(config),
-            )
+            accelerator.init_trackers(_tracker_project(config), config=_tracker_config(config))
         logger.info(
             "training %s (%.2fM parameters) on %s: %d steps, batch %d (%d per device x %d processes x %d accumulation)",
             setup.description,
@@ -957,7 +954,13 @@ class Trainer:
         accelerator.end_training()
         if accelerator.is_main_process and config.push_to_hub:
             self.summary["hub_commit"] = push_folder(
-                config.output_dir, config.hub_model_id, config.hub_token, config.hub_private
+                config.output_dir,
+                config.hub_model_id,
+                config.hub_token,
+                config.hub_private,
+                # The trackers write in the project's folder of --logging_dir (with `--logging_dir .`, a folder
+                # beside the pipeline's).
+                logging_dir=os.path.join(config.logging_dir, _tracker_project(config)),
             )
             logger.info("uploaded to %s", self.summary["hub_commit"])
 
@@ -1106,7 +1109,7 @@ class Trainer:
         if ema is not None:
             ema.restore(model.parameters())
         self.summary["validation"] = metrics
-        hub_dataset = config.dataset_name if config.dataset_name and "/" in config.dataset_name else None
+        hub_dataset = _hub_id(config.dataset_name)  # a local dataset (a path) is no Hub metadata
         write_model_card(
             config.output_dir,
             task=config.task,
@@ -1170,6 +1173,11 @@ class Trainer:
             lines.append(f"  checkpoints: {', '.join(summary['checkpoints'])}")
         lines.append(f"  pipeline saved to {summary['output_dir']} (model card README.md, validation.png)")
         print(redact("\n".join(lines)), flush=True)
+
+
+def _tracker_project(config: TrainingConfig) -> str:
+    """The trackers' project name: also the folder of `--logging_dir` they write in."""
+    return config.tracker_project_name or ("sr3" if config.task == "sr" else "sr3-uncond")
 
 
 def _launcher_cpu_threads() -> Optional[int]:

@@ -1,0 +1,44 @@
+"""A cascade's save options reach its stages (each stage is a pipeline saved by its own `save_pretrained`)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_cascade import small_cascade
+
+from diffusers_sr3 import SR3CascadePipeline
+
+PIPELINES = ("base", "stage_1", "stage_2")
+
+
+def first_dtype(path):
+    with safe_open(str(path), "pt") as weights:
+        return weights.get_tensor(next(iter(weights.keys()))).dtype
+
+
+@pytest.mark.filterwarnings("ignore:There are modules in SR3UNet2DModel")
+def test_cascade_variant_save_keeps_every_stages_main_weights(tmp_path):
+    cascade = small_cascade()
+    cascade.save_pretrained(tmp_path)
+    cascade.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    for name in PIPELINES:
+        unet = tmp_path / name / "unet"
+        assert first_dtype(unet / "diffusion_pytorch_model.safetensors") == torch.float32, name
+        assert first_dtype(unet / "diffusion_pytorch_model.fp16.safetensors") == torch.float16, name
+    assert SR3CascadePipeline.from_pretrained(tmp_path).stage_2.unet.dtype == torch.float32
+    half = SR3CascadePipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    assert half.stage_2.unet.dtype == torch.float16
+
+
+def test_cascade_saves_every_stage_as_pickle_or_in_shards_when_asked(tmp_path):
+    cascade = small_cascade()
+    cascade.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    for name in PIPELINES:
+        assert sorted(path.name for path in (tmp_path / "bin" / name / "unet").glob("diffusion_pytorch_model*")) == [
+            "diffusion_pytorch_model.bin"
+        ], name
+    loaded = SR3CascadePipeline.from_pretrained(tmp_path / "bin", use_safetensors=False)
+    torch.testing.assert_close(loaded.stage_1.unet.state_dict(), cascade.stage_1.unet.state_dict())
+
+    cascade.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    for name in PIPELINES:
+        assert (tmp_path / "shards" / name / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists(), name

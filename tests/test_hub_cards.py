@@ -1,0 +1,73 @@
+"""What the model cards written for the Hub say, and the pictures that go up with them (the loopback Hub of
+tests/hub_server.py)."""
+
+import os
+
+import PIL.Image
+import pytest
+from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
+
+from diffusers_sr3 import pretrained
+from diffusers_sr3.model_card import images_shown, write_model_card
+
+
+def test_only_pictures_inside_the_folder_go_up_with_its_card(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    folder = tmp_path / "pimg"
+    tiny_pipeline.save_pretrained(folder)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "pic.png")
+    PIL.Image.new("RGB", (8, 8)).save(folder / "val.png")
+    os.symlink(tmp_path / "pic.png", folder / "linked.png")  # inside by name, outside in fact
+    (folder / "README.md").write_text("# my model\n\n![a](../pic.png) ![b](./val.png) ![c](linked.png)\n")
+    assert images_shown(str(folder)) == ["val.png"]
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/x")
+    uploaded = set(hub.repos["me/x"])
+    assert "val.png" in uploaded and not {"pic.png", "../pic.png", "linked.png"} & uploaded
+
+
+def test_a_pushed_pipeline_without_training_facts_is_not_said_to_be_trained_here(tiny_pipeline, hub):  # noqa: F811
+    tiny_pipeline.push_to_hub("someone/converted")
+    card = hub.repos["someone/converted"]["README.md"].decode()
+    assert "trained with diffusers-sr3" not in card and "the data above" not in card
+    assert "How it was trained is not recorded here" in card
+
+
+@pytest.mark.parametrize(
+    "description, shown",
+    [
+        ("/home/me/runs/imgs", "imgs"),
+        ("prepared folder /data/faces/", "prepared folder faces"),
+        ("LMDB /data/ffhq.lmdb, 3 images", "LMDB ffhq.lmdb, 3 images"),
+        ("crops of photos in extra-photos/", "crops of photos in extra-photos/"),
+    ],
+)
+def test_the_training_data_is_named_without_machine_paths(tmp_path, description, shown):
+    write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, data_description=description)
+    assert f"Training data: {shown}." in (tmp_path / "README.md").read_text()
+
+
+def test_the_training_table_names_local_folders_without_machine_paths(tmp_path):
+    summary = {"model": "fine-tuned from /home/alice/models/base", "steps": 4}
+    write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, training_summary=summary)
+    card = (tmp_path / "README.md").read_text()
+    assert "| model | fine-tuned from base |" in card and "/home/alice" not in card
+
+
+def test_a_local_dataset_is_no_hub_dataset_in_the_cards_metadata(tmp_path):
+    from diffusers_sr3.training.trainer import _hub_id
+
+    saved = tmp_path / "datasets" / "faces_saved"
+    saved.mkdir(parents=True)
+    assert _hub_id(str(saved)) is None and _hub_id("/home/alice/faces") is None
+    assert _hub_id("someone/faces") == "someone/faces"
+
+
+def test_the_packaged_models_card_loads_it_from_the_package(tiny_pipeline, tmp_path, monkeypatch):
+    folder = tmp_path / "sr3-photos-x4"
+    tiny_pipeline.save_pretrained(folder)
+    monkeypatch.setattr(pretrained, "default_model_path", lambda: str(folder))
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
+    card = (folder / "README.md").read_text()
+    assert "from diffusers_sr3.pretrained import default_model_path" in card
+    assert "SR3Pipeline.from_pretrained(default_model_path())" in card
+    assert "DiffusionPipeline.from_pretrained(default_model_path(), trust_remote_code=True)" in card
+    assert 'from_pretrained("sr3-photos-x4"' not in card

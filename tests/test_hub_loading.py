@@ -1,0 +1,141 @@
+"""Loading from the Hub's cache: offline, with the Hub down, and what each wrong `--model` is told (the loopback Hub of
+tests/hub_server.py; no network leaves the machine)."""
+
+import PIL.Image
+import pytest
+import torch
+from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
+from test_hub_variants import fetched, hub_down
+
+from diffusers_sr3 import SR3Pipeline, cli
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_cache(tmp_path, monkeypatch):
+    """huggingface_hub's default cache, which `sr3 upscale --model` uses, read at import time: one per test here."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+
+
+def publish(server, repo_id, folder):
+    """Put the saved pipeline `folder` on the loopback Hub as `repo_id`."""
+    server.repos[repo_id] = {
+        path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()
+    }
+
+
+def go_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def with_fp16(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    """A repo with main and fp16 weights, loaded once (main weights only, as documented) into the cache."""
+    folder = tmp_path / "saved"
+    tiny_pipeline.save_pretrained(folder)
+    tiny_pipeline.save_pretrained(folder, variant="fp16")
+    publish(hub, "someone/cached-sr3", folder)
+    loaded = SR3Pipeline.from_pretrained("someone/cached-sr3")
+    assert not [name for name in fetched(hub, "someone/cached-sr3") if ".fp16." in name]
+    return loaded
+
+
+def test_a_cached_repo_with_a_variant_loads_offline_and_with_the_hub_down(with_fp16, monkeypatch, tmp_path, capsys):
+    go_offline(monkeypatch)
+    offline = SR3Pipeline.from_pretrained("someone/cached-sr3")
+    torch.testing.assert_close(offline.unet.conv_in.weight, with_fp16.unet.conv_in.weight)
+    # The variant was never downloaded: named, with what to do.
+    with pytest.raises(FileNotFoundError, match=r"cached without unet/diffusion_pytorch_model\.fp16\.safetensors"):
+        SR3Pipeline.from_pretrained("someone/cached-sr3", variant="fp16")
+
+    hub_down(monkeypatch)
+    down = SR3Pipeline.from_pretrained("someone/cached-sr3")
+    torch.testing.assert_close(down.unet.conv_in.weight, with_fp16.unet.conv_in.weight)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "lr.png")
+    arguments = ["upscale", str(tmp_path / "lr.png"), "--model", "someone/cached-sr3", "--steps", "2"]
+    assert cli.main(arguments + ["--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "lr_sr.png").exists()
+
+
+def test_an_uncached_repo_says_so_in_one_line(hub, monkeypatch, tmp_path, capsys):  # noqa: F811
+    hub_down(monkeypatch)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"someone/elsewhere is not a local folder, and Hub repo someone/"
+        r"elsewhere is not cached \(listing it on the Hub failed: ConnectError",
+    ):
+        SR3Pipeline.from_pretrained("someone/elsewhere")
+    go_offline(monkeypatch)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "lr.png")
+    assert cli.main(["upscale", str(tmp_path / "lr.png"), "--model", "someone/elsewhere", "--output", "o"]) == 2
+    assert capsys.readouterr().err == (
+        "sr3 upscale: error: someone/elsewhere is not a local folder, and Hub repo someone/elsewhere is not cached "
+        "(offline)\n"
+    )
+
+
+def test_another_pipelines_repo_is_refused_before_its_weights_are_fetched(hub, tmp_path):  # noqa: F811
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "ddpm")
+    publish(hub, "google/ddpm-like", tmp_path / "ddpm")
+    with pytest.raises(ValueError, match="holds a DDPMPipeline, not a SR3Pipeline"):
+        SR3Pipeline.from_pretrained("google/ddpm-like")
+    with pytest.raises(ValueError, match="holds a DDPMPipeline, which is not an SR3 pipeline"):
+        SR3Pipeline.__mro__[1].from_pretrained("google/ddpm-like")
+    assert set(fetched(hub, "google/ddpm-like")) == {"model_index.json"}
+
+
+def test_a_file_or_a_mistyped_folder_given_as_model_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fx").mkdir()
+    (tmp_path / "fx" / "model_gen.pth").write_bytes(b"pickle")
+    for model in ("fx/model_gen.pth", str(tmp_path / "fx" / "model_gen.pth")):
+        with pytest.raises(NotADirectoryError, match=r"model_gen\.pth is a file, not a pipeline folder .*sr3 convert"):
+            SR3Pipeline.from_pretrained(model)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^fx/nonexist is not a local folder, and Hub repo fx/nonexist is not "
+        r"cached \(offline\)$",
+    ):
+        SR3Pipeline.from_pretrained("fx/nonexist")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "lr.png")
+    assert cli.main(["upscale", "lr.png", "--model", "fx/model_gen.pth", "--output", "o"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sr3 upscale: error: fx/model_gen.pth is a file") and error.count("\n") == 1
+
+
+def test_a_folder_of_pickled_weights_says_how_to_convert_it(tiny_pipeline, tmp_path):
+    folder = tmp_path / "binpipe"
+    tiny_pipeline.save_pretrained(folder, safe_serialization=False)
+    with pytest.raises(ValueError, match=r"holds pickled weights") as raised:
+        SR3Pipeline.from_pretrained(folder)
+    # The remedy it names, as it names it.
+    remedy = str(raised.value).split("save it once as safetensors with `", 1)[1].split("`", 1)[0]
+    exec(remedy, {"SR3Pipeline": SR3Pipeline})
+    converted = SR3Pipeline.from_pretrained(folder)
+    torch.testing.assert_close(converted.unet.conv_in.weight, tiny_pipeline.unet.conv_in.weight)
+
+
+def test_a_hub_repo_of_pickled_weights_is_saved_into_a_folder_of_the_users(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    """Saved under the repo id, the converted copy would be a local folder that shadows the repo in later loads."""
+    tiny_pipeline.push_to_hub("someone/binsr3", safe_serialization=False)
+    SR3Pipeline.from_pretrained("someone/binsr3", use_safetensors=False)
+    with pytest.raises(ValueError, match=r"holds pickled weights") as raised:
+        SR3Pipeline.from_pretrained("someone/binsr3")
+    remedy = str(raised.value).split("save it once as safetensors with `", 1)[1].split("`", 1)[0]
+    assert remedy == (
+        "SR3Pipeline.from_pretrained('someone/binsr3', use_safetensors=False).save_pretrained('a-folder-of-yours')"
+    )

@@ -1,0 +1,61 @@
+"""What `push_folder` leaves out of a training run's upload, and the retry it suggests when the upload fails (the
+loopback Hub of tests/hub_server.py)."""
+
+import shlex
+
+import pytest
+from hub_server import LOOPBACK_USER
+from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
+
+from diffusers_sr3.model_card import write_model_card
+from diffusers_sr3.training.hub import HubUploadError, push_folder
+
+
+def training_run(tiny_pipeline, folder):
+    """A run's folder: the pipeline, checkpoints and TensorBoard logs in `tb` (`--logging_dir tb`)."""
+    tiny_pipeline.save_pretrained(folder)
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "optimizer.bin").write_bytes(b"state")
+    (folder / "tb" / "sr3" / "1").mkdir(parents=True)
+    (folder / "tb" / "sr3" / "events.out.tfevents.1.host").write_bytes(b"events")
+    (folder / "tb" / "sr3" / "1" / "hparams.yml").write_text(f"output_dir: {folder}\n")
+    return folder
+
+
+def test_a_custom_logging_dir_is_never_uploaded(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    run = training_run(tiny_pipeline, tmp_path / "run")
+    push_folder(str(run), "someone/plain", logging_dir="tb")  # no card: upload_folder
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32)
+    push_folder(str(run), "someone/carded", logging_dir=str(run / "tb"))  # a card: one commit, absolute folder
+    for repo in ("someone/plain", "someone/carded"):
+        uploaded = set(hub.repos[repo])
+        assert "unet/diffusion_pytorch_model.safetensors" in uploaded
+        assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))], uploaded
+    assert "README.md" in hub.repos["someone/carded"]
+
+
+def test_a_logging_dir_whose_name_looks_like_a_pattern_is_left_out_by_name(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    run = training_run(tiny_pipeline, tmp_path / "run")
+    (run / "tb").rename(run / "runs[1]")
+    (run / "runs1").mkdir()
+    (run / "runs1" / "notes.txt").write_text("kept: `runs[1]` is a name, not the pattern runs1")
+    push_folder(str(run), "someone/brackets", logging_dir="runs[1]")
+    uploaded = set(hub.repos["someone/brackets"])
+    assert not [path for path in uploaded if path.startswith("runs[1]/")] and "runs1/notes.txt" in uploaded
+
+
+def test_the_suggested_retry_uploads_a_card_naming_the_repo(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    run = training_run(tiny_pipeline, tmp_path / "run2")
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32)
+    hub.fail_commits = 403
+    with pytest.raises(HubUploadError, match="saved and intact") as raised:
+        push_folder(str(run), logging_dir="tb")  # no repo id: the token's namespace, under the folder's name
+    retry = str(raised.value).split("retry with `", 1)[1].rsplit("`", 1)[0]
+    assert "hf upload" not in retry
+    program, option, code = shlex.split(retry)
+    assert (program, option) == ("python", "-c")
+    hub.fail_commits = None
+    exec(code, {})
+    uploaded = hub.repos[f"{LOOPBACK_USER}/run2"]
+    assert f'SR3Pipeline.from_pretrained("{LOOPBACK_USER}/run2")' in uploaded["README.md"].decode()
+    assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))]
