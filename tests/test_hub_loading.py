@@ -61,6 +61,20 @@ def test_a_cached_repo_with_a_variant_loads_offline_and_with_the_hub_down(with_f
     assert (tmp_path / "out" / "lr_sr.png").exists()
 
 
+def test_proxies_the_installed_huggingface_hub_no_longer_takes_are_named(hub, tiny_pipeline):  # noqa: F811
+    """huggingface_hub 2.x (2.4 here) dropped `proxies` (its transport reads HTTPS_PROXY): passed on, a TypeError."""
+    import inspect
+
+    from huggingface_hub import snapshot_download
+
+    if "proxies" in inspect.signature(snapshot_download).parameters:
+        pytest.skip("this huggingface_hub still takes proxies")
+    tiny_pipeline.push_to_hub("someone/proxied")
+    with pytest.raises(ValueError, match=r"takes no `proxies`: set the HTTPS_PROXY"):
+        SR3Pipeline.from_pretrained("someone/proxied", proxies={"https": "http://proxy.example:3128"})
+    SR3Pipeline.from_pretrained("someone/proxied")
+
+
 def test_an_uncached_repo_says_so_in_one_line(hub, monkeypatch, tmp_path, capsys):  # noqa: F811
     hub_down(monkeypatch)
     with pytest.raises(

@@ -714,6 +714,13 @@ class SR3BasePipeline(DiffusionPipeline):
             for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             if kwargs.get(key) is not None
         }
+        if "proxies" in download_kwargs and "proxies" not in inspect.signature(snapshot_download).parameters:
+            import huggingface_hub
+
+            raise ValueError(
+                f"huggingface_hub {huggingface_hub.__version__} takes no `proxies`: set the HTTPS_PROXY (or "
+                "HTTP_PROXY) environment variable instead"
+            )
         pickles = kwargs.get("use_safetensors") is False
         variant, revision = kwargs.get("variant"), kwargs.get("revision")
         listed, listing_error = None, None
