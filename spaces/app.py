@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline  # noqa: E402
 from diffusers_sr3.backends import resolve_device, use_backend  # noqa: E402
-from diffusers_sr3.detail_windows import window_crops_per_step  # noqa: E402
+from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations  # noqa: E402
 from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, is_grayscale, open_image  # noqa: E402
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
@@ -218,11 +218,13 @@ def super_resolve(
     )
     crops = crops_per_step(pipeline, image.size, self_ensemble=self_ensemble, max_tile_pixels=MAX_TILE_PIXELS)
     total = evaluations * crops
-    window_size = sampler.config.get("detail_window_size") or 0  # the call leaves detail mode's windows at the model's
-    if mode == "detail" and window_size:
-        # Below strength 1 the fidelity answer's evaluations come first, on the whole image only.
-        windowed = evaluations - (pipeline.config.fidelity_steps if strength < 1 else 0)
-        total += windowed * window_crops_per_step(pipeline, image.size, window_size, max_tile_pixels=MAX_TILE_PIXELS)
+    if mode == "detail":
+        window_size = sampler.config.get("detail_window_size") or 0  # the call leaves the windows at the model's
+        windowed = windowed_evaluations(evaluations, strength, pipeline.config.fidelity_steps, window_size)
+        if windowed:
+            total += windowed * window_crops_per_step(
+                pipeline, image.size, window_size, max_tile_pixels=MAX_TILE_PIXELS
+            )
     counter = EvaluationCounter(progress or (lambda done: None), total)
     started = time.perf_counter()
     with use_backend(sampler, "auto"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusers_sr3.backends import AutocastUNet, use_backend
-from diffusers_sr3.detail_windows import window_crops_per_step
+from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations
 from diffusers_sr3.pipelines.pipeline_sr3 import evaluations_per_crop
 from diffusers_sr3.progress import EvaluationCounter, UpscaleProgress, block_shares
 from diffusers_sr3.tiling import crops_per_step, tiled_super_resolve
@@ -40,6 +40,8 @@ def test_windows_count_towards_an_exact_total(guided_pipeline, tile_size, streng
         "detail", 3, strength, guided_pipeline.scheduler, True, guided_pipeline.config.fidelity_steps
     )
     windowed = evaluations - (guided_pipeline.config.fidelity_steps if strength < 1 else 0)
+    assert windowed_evaluations(evaluations, strength, guided_pipeline.config.fidelity_steps, 32) == windowed
+    assert windowed_evaluations(evaluations, strength, guided_pipeline.config.fidelity_steps, 0) == 0
     crops = crops_per_step(guided_pipeline, size, tile_size=tile_size)
     window_crops = window_crops_per_step(guided_pipeline, size, 32, tile_size=tile_size)
     # Untiled, the windows fill one crop; in 64-pixel tiles (12 of them, overlapping) the image's 6 tiles' area.

@@ -176,6 +176,14 @@ def window_crops_per_step(
     return Fraction(images * height * width, tiled.crop_pixels(height, width))
 
 
+def windowed_evaluations(evaluations: int, strength: float, fidelity_steps: int, window_size: int) -> int:
+    """How many of a detail-mode call's `evaluations` per crop also run the windows: the last ones. Below strength 1
+    the fidelity answer's `fidelity_steps` come first, on the whole image only; none without windows."""
+    if not window_size:
+        return 0
+    return evaluations - (fidelity_steps if strength < 1 else 0)
+
+
 @contextlib.contextmanager
 def windowed_networks(
     pipeline: Any, window_size: int, sigma: float, max_pixels: Optional[int] = None

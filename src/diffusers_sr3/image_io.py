@@ -60,11 +60,6 @@ def is_image_file(name: Union[str, os.PathLike]) -> bool:
     return os.fspath(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _listed_image(name: str) -> bool:
-    """Whether folder walks list a file of this name: an image, not hidden (see [`walk_images`])."""
-    return is_image_file(name) and not name.startswith(".")
-
-
 def _globbed_image(name: str) -> bool:
     """Whether a glob's match of this name is read: not hidden, with an extension Pillow reads. Wider than a folder
     walk: a pattern that names an extension (`scans/*.pgm`) asks for those files."""
@@ -81,7 +76,7 @@ def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(os.path.join(root, name) for name in files if _listed_image(name))
+        found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
     return sorted(found)
 
 
@@ -98,8 +93,8 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
     input (`2023/IMG_0001.png` for the folder `photos`) or below the fixed part of a glob, its file name for a file
     input. Outputs written under these names keep same-named files of different subfolders apart.
 
-    Folders and globs list the files [`walk_images`] would (image extensions, not hidden); a file named as an input
-    is listed whatever its name.
+    Folders list the files [`walk_images`] would (image extensions, not hidden); globs their matches that are not
+    hidden and have an extension Pillow reads; a file named as an input is listed whatever its name.
 
     Returns:
         `(path, relative_name)` pairs sorted by path; a file found by several inputs is listed once, with the

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, default_cpu_threads, use_backend
-from ..detail_windows import MIN_WINDOWS_ACROSS, window_crops_per_step
+from ..detail_windows import MIN_WINDOWS_ACROSS, window_crops_per_step, windowed_evaluations
 from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..image_processing import grid, tensor_to_pil
 from ..models.unet_sr3 import SR3UNet2DModel
@@ -546,9 +546,9 @@ def run(args: argparse.Namespace) -> int:
             guided,
             fidelity_steps=pipeline.config.fidelity_steps,
         )
-        if detail_options["window_size"]:
-            # Below strength 1 the fidelity answer's evaluations come first, on the whole image only.
-            windowed = evaluations - (pipeline.config.fidelity_steps if detail_options["strength"] < 1 else 0)
+        windowed = windowed_evaluations(
+            evaluations, detail_options["strength"], pipeline.config.fidelity_steps, detail_options["window_size"]
+        )
     if not args.quiet:
         print(
             describe_settings(
