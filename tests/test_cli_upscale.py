@@ -169,7 +169,7 @@ def test_upscale_defaults_to_the_packaged_model(tmp_path):
 def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypatch, model_dir, capsys):
     import json
 
-    from diffusers_sr3.commands import upscale
+    from diffusers_sr3 import tiling
     from diffusers_sr3.pretrained import (
         DEFAULT_DETAIL_OPTIONS,
         DEFAULT_DETAIL_WINDOW_SIZE,
@@ -178,7 +178,7 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     )
 
     seen, options = [], []
-    real = upscale.tiled_super_resolve
+    real = tiling.tiled_super_resolve  # `sr3 upscale` imports it when it runs
 
     def recording(*args, **kwargs):
         seen.append(kwargs["num_inference_steps"])
@@ -186,7 +186,7 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
         # 3 steps: the fewest that strength 0.6 leaves a step of and that start from noise on leading spacing.
         return real(*args, **dict(kwargs, num_inference_steps=3))
 
-    monkeypatch.setattr(upscale, "tiled_super_resolve", recording)
+    monkeypatch.setattr(tiling, "tiled_super_resolve", recording)
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (16, 16), (90, 120, 200)).save(photo)
     packaged = default_model_path()
@@ -663,6 +663,7 @@ def test_upscale_keeps_16_bit_gray_at_16_bits(model_dir, tmp_path, capsys):
 
 
 def test_upscale_decodes_each_batch_when_it_runs_after_checking_them_all(model_dir, tmp_path, monkeypatch):
+    from diffusers_sr3 import tiling
     from diffusers_sr3.commands import upscale
 
     for index in range(3):
@@ -670,8 +671,8 @@ def test_upscale_decodes_each_batch_when_it_runs_after_checking_them_all(model_d
     (tmp_path / "in" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     events = []
     monkeypatch.setattr(upscale, "open_image", lambda *a, **k: events.append("decode") or open_image(*a, **k))
-    original = upscale.tiled_super_resolve
-    monkeypatch.setattr(upscale, "tiled_super_resolve", lambda *a, **k: events.append("run") or original(*a, **k))
+    original = tiling.tiled_super_resolve
+    monkeypatch.setattr(tiling, "tiled_super_resolve", lambda *a, **k: events.append("run") or original(*a, **k))
     assert main(_arguments([tmp_path / "in"], tmp_path / "out", model_dir)) == 2  # the broken file, before any work
     assert events == [] and not (tmp_path / "out").exists()
     (tmp_path / "in" / "3.png").unlink()
@@ -724,6 +725,7 @@ def test_upscale_converts_colour_profiles_to_srgb(model_dir, tmp_path):
 
 
 def test_upscale_checks_tile_options_before_decoding_or_loading(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3 import tiling
     from diffusers_sr3.commands import upscale
 
     def no_work(*args, **kwargs):
@@ -748,7 +750,7 @@ def test_upscale_checks_tile_options_before_decoding_or_loading(model_dir, tmp_p
             assert message in capsys.readouterr().err
     # A model whose folder cannot be read before loading (a Hub id) is checked once loaded, before any refinement.
     monkeypatch.setattr(upscale, "_saved_unet", lambda model: None)
-    monkeypatch.setattr(upscale, "tiled_super_resolve", no_work)
+    monkeypatch.setattr(tiling, "tiled_super_resolve", no_work)
     assert main(_arguments([source], tmp_path / "out", model_dir, "--tile-size", "32", "--tile-overlap", "30")) == 2
     assert "--tile-overlap 30 is too large: at most 28" in capsys.readouterr().err
 

@@ -10,24 +10,25 @@ import pytest
 import torch
 from conftest import low_resolution_unet
 
-from diffusers_sr3 import SR3Pipeline, backends, make_scheduler
+from diffusers_sr3 import SR3Pipeline, backends, make_scheduler, metrics
 from diffusers_sr3.cli import main
 from diffusers_sr3.commands import demo
 from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
 from diffusers_sr3.photos import study_crops
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS
+from diffusers_sr3.training.trainer import SUMMARY_FILE
 
 
 def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatch):
     # What each method is given: SR3's low-resolution input, and the arguments of every evaluation.
     sr3_inputs, sr3_options, evaluated = [], [], []
-    real_call, real_evaluate = SR3Pipeline.__call__, demo.metrics.evaluate_batch
+    real_call, real_evaluate = SR3Pipeline.__call__, metrics.evaluate_batch
     monkeypatch.setattr(
         SR3Pipeline,
         "__call__",
         lambda self, image, **kw: sr3_inputs.append(image) or sr3_options.append(kw) or real_call(self, image, **kw),
     )
-    monkeypatch.setattr(demo.metrics, "evaluate_batch", lambda *a: evaluated.append(a) or real_evaluate(*a))
+    monkeypatch.setattr(metrics, "evaluate_batch", lambda *a: evaluated.append(a) or real_evaluate(*a))
     out = tmp_path / "demo"
     arguments = ["demo", "--output", str(out), "--steps", "2", "--width", "8", "--crop-size", "32"]
     arguments += ["--train-crops", "16", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "40"]
@@ -111,7 +112,7 @@ def test_verdict_states_what_was_measured_in_plain_words():
 def _run_timed_demo(monkeypatch, out, *extra, minutes, timed_step, bfloat16):
     """`sr3 demo` of a tiny network for `minutes`, its step timed at `timed_step` seconds whatever it really takes."""
     monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: timed_step)
-    monkeypatch.setattr(demo, "fast_bfloat16", lambda device: bfloat16)
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: bfloat16)  # `sr3 demo` imports it when it runs
     arguments = ["demo", "--output", str(out), "--minutes", str(minutes), "--width", "4", "--crop-size", "32"]
     arguments += ["--train-crops", "8", "--eval-crops", "1", "--inference-steps", "2", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2", *extra]) == 0
@@ -143,7 +144,7 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] > 10
     assert report["training_seconds"] > 0.9 * 0.25 * 60
-    summary = json.loads((out / "model" / demo.SUMMARY_FILE).read_text())
+    summary = json.loads((out / "model" / SUMMARY_FILE).read_text())
     assert summary["resumed_from"] is not None and summary["global_step"] == report["steps"]
     assert summary["checkpoints"] == []
     assert not [path.name for path in (out / "model").iterdir() if path.name.startswith("checkpoint")]

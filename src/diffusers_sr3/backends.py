@@ -46,10 +46,10 @@ from typing import Any, Iterator, Optional, Tuple, Union
 import torch
 from diffusers.utils.torch_utils import is_compiled_module
 
+from .defaults import BACKENDS
 from .pipelines.base import step_networks
 from .pipelines.pipeline_sr3_cascade import SR3CascadePipeline
 
-BACKENDS = ("auto", "torch", "bf16", "onnx")
 # The metadata key of an ONNX export that records the unet_fingerprint of the UNet it was exported from.
 FINGERPRINT_KEY = "sr3_fingerprint"
 

@@ -1,4 +1,8 @@
-"""The `sr3` command line (also `python -m diffusers_sr3`). Each subcommand lives in `diffusers_sr3.commands`."""
+"""The `sr3` command line (also `python -m diffusers_sr3`). Each subcommand lives in `diffusers_sr3.commands`.
+
+The subcommand modules are light to import (torch, Diffusers and the pipelines are imported by their `run`), so
+`--help` and argument errors print at once.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def _memory_hint(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
-    interrupted, also while the subcommands are imported)."""
+    interrupted, also while the subcommands are imported or their `run` imports torch and the pipelines)."""
     prog = "sr3"
     try:
         args = build_parser().parse_args(argv)

@@ -25,11 +25,10 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .defaults import MIN_WINDOWS_ACROSS
 from .image_processing import lowpass
 from .pipelines.base import stand_ins
 from .tiling import DEFAULT_MAX_TILE_PIXELS, NetworkStandIn, TiledNetwork, _unshuffle_factor
-
-MIN_WINDOWS_ACROSS = 4
 
 
 def lowpass_sigma(upscale_factor: int) -> float:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import diffusers
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .defaults import SCHEDULER_CLASS_NAMES, SR3_SCHEDULE
 
 BETA_SCHEDULES = ("linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd")
 
@@ -27,16 +28,7 @@ class _SchedulerClasses(Mapping):
     Several Diffusers schedulers import `scipy.stats` (1.5 s); `sr3 upscale` with a DDIM model needs none of them.
     """
 
-    _CLASS_NAMES = {
-        "ddpm": "DDPMScheduler",
-        "ddim": "DDIMScheduler",
-        "dpmsolver": "DPMSolverMultistepScheduler",
-        "unipc": "UniPCMultistepScheduler",
-        "deis": "DEISMultistepScheduler",
-        "euler": "EulerDiscreteScheduler",
-        "euler_ancestral": "EulerAncestralDiscreteScheduler",
-        "heun": "HeunDiscreteScheduler",
-    }
+    _CLASS_NAMES = SCHEDULER_CLASS_NAMES
 
     def __getitem__(self, name: str) -> type:
         return getattr(diffusers, self._CLASS_NAMES[name])
@@ -96,12 +88,7 @@ def make_beta_schedule(
     raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
-# The SR3 noise schedule (the paper's and the original code's default): linear betas 1e-6..1e-2 over 2000 steps.
-# The one definition; keys are Diffusers' scheduler-config names, the spelling for new code.
-SR3_SCHEDULE: Mapping[str, Any] = MappingProxyType(
-    dict(beta_schedule="linear", num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2)
-)
-# The original code's names for the same four settings (its config's `beta_schedule` section).
+# The original code's names for the four settings of `SR3_SCHEDULE` (its config's `beta_schedule` section).
 ORIGINAL_SCHEDULE_NAMES = {
     "schedule": "beta_schedule",
     "n_timestep": "num_train_timesteps",

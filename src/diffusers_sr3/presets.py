@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from .noise import SR3_SCHEDULE
+from .defaults import SR3_SCHEDULE
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .defaults import DEFAULT_MAX_TILE_PIXELS
 from .image_processing import ImageInput
 from .pipelines.base import stand_ins
 
@@ -68,12 +69,6 @@ def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
         if fall:
             weights[-ramp:] = edge.flip(0)
     return weights
-
-
-# Network-grid pixels (image pixels / pixel_unshuffle_factor**2) per evaluation: a tile's area times the tiles in
-# one batch. 256x256 is a whole 1024x1024 output of the x4 photo model (pixel_unshuffle_factor 4) in one
-# evaluation (activations estimated at about 1 GB; benchmarks/upscale.py measures the peak).
-DEFAULT_MAX_TILE_PIXELS = 256 * 256
 
 
 class TilePlan(NamedTuple):

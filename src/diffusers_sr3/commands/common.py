@@ -1,4 +1,7 @@
-"""Helpers shared by the subcommands: loading pipelines, choosing devices and dtypes."""
+"""Helpers shared by the subcommands: loading pipelines, choosing devices and dtypes.
+
+Light at import (torch, Diffusers and the pipelines are imported where used): every command's parser uses it.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,41 @@ import argparse
 import contextlib
 import os
 import uuid
-from typing import BinaryIO, Callable, Iterator, List, Optional, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, List, Mapping, Optional, Tuple, Type, Union
 
-import torch
+from ..defaults import DTYPE_NAMES, SCHEDULER_CLASS_NAMES
 
-from ..backends import resolve_device
-from ..image_io import IMAGE_EXTENSIONS, find_images  # noqa: F401 (re-exported: they lived here before)
-from ..noise import SCHEDULERS, swap_scheduler
-from ..pipelines import SR3BasePipeline, SR3CascadePipeline
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+    from ..pipelines import SR3BasePipeline
+
+
+class _Dtypes(Mapping):
+    """`--dtype` name -> torch dtype, torch imported on first use."""
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        import torch
+
+        return getattr(torch, DTYPE_NAMES[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DTYPE_NAMES)
+
+    def __len__(self) -> int:
+        return len(DTYPE_NAMES)
+
+
+DTYPES: Mapping[str, torch.dtype] = _Dtypes()
+
+
+def __getattr__(name: str) -> Any:
+    # Re-exported (they lived here before) on first use: image_io imports numpy and Pillow, which parsers do not need.
+    if name in ("IMAGE_EXTENSIONS", "find_images"):
+        from .. import image_io
+
+        return getattr(image_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def at_least_one(text: str) -> int:
@@ -79,7 +100,9 @@ def add_model_arguments(
         parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
     else:
         parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the saved one")
+    parser.add_argument(
+        "--scheduler", choices=sorted(SCHEDULER_CLASS_NAMES), help="sampler to use instead of the saved one"
+    )
     parser.add_argument(
         "--steps",
         type=steps_type,
@@ -109,6 +132,8 @@ def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
     The pipelines draw each image's noise from its own generator of a list, so an image is the same whatever
     `--batch-size` puts beside it, and the same as that image run alone with seed `seed + i`.
     """
+    import torch
+
     if seed + stop - 1 > 2**64 - 1:
         raise ValueError(
             f"--seed {seed} + image {stop - 1} is beyond 2**64 - 1, the largest seed: choose a smaller one"
@@ -121,6 +146,10 @@ def load_pipeline(
 ) -> SR3BasePipeline:
     """Load `args.model` with the requested scheduler, device and dtype; refuse one that is not of the `expected`
     class (or of one of a tuple of classes)."""
+    from ..backends import resolve_device
+    from ..noise import swap_scheduler
+    from ..pipelines import SR3BasePipeline, SR3CascadePipeline
+
     device = resolve_device(args.device)
     if args.model is None:
         from ..pretrained import default_model_path

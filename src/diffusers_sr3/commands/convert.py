@@ -9,11 +9,6 @@ import re
 import shutil
 from typing import List, Optional, Set, Tuple
 
-from ..convert import convert_original_checkpoint
-from ..image_io import IMAGE_EXTENSIONS
-from ..model_card import images_shown
-from ..pipelines.base import REMOTE_CODE_STEMS, _weights_variant
-
 # Written by training beside the pipeline it saves (`training.trainer.SUMMARY_FILE`; importing it loads accelerate).
 _TRAINING_SUMMARY = "training_summary.json"
 
@@ -68,6 +63,9 @@ def _check_output(output: str, overwrite: bool) -> List[str]:
         raise FileExistsError(f"{output} already holds a pipeline; pass --overwrite to replace it")
     described = [name for name in ("README.md", _TRAINING_SUMMARY) if os.path.isfile(os.path.join(output, name))]
     if "README.md" in described:
+        from ..image_io import IMAGE_EXTENSIONS
+        from ..model_card import images_shown
+
         # Pictures only, and only inside the folder: a card may also link files that are not its own.
         inside = os.path.realpath(output) + os.sep
         described += {
@@ -82,6 +80,8 @@ def _check_output(output: str, overwrite: bool) -> List[str]:
 def _pipeline_layout(output: str) -> Tuple[Set[str], Optional[str]]:
     """The components (subfolders) that `output`'s model_index.json names, and the pipeline's re-export module
     (`pipeline_sr3*.py`, or None); nothing from an unreadable index."""
+    from ..pipelines.base import REMOTE_CODE_STEMS
+
     try:
         with open(os.path.join(output, "model_index.json"), encoding="utf-8") as handle:
             index = json.load(handle)
@@ -113,6 +113,8 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
     Returns:
         What was removed, as paths relative to `output` (folders ending with `/`).
     """
+    from ..pipelines.base import _weights_variant
+
     new_components, new_module = _pipeline_layout(output)
     removed = []
     for name in sorted(components - new_components):
@@ -134,6 +136,8 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..convert import convert_original_checkpoint
+
     replaced_description = _check_output(args.output, args.overwrite)
     # `_check_output` let a pipeline in --output through only with --overwrite: this conversion replaces it.
     replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))

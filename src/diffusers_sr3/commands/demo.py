@@ -24,25 +24,17 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import PIL.Image
-import torch
 
-from .. import metrics
-from ..backends import default_cpu_threads, fast_bfloat16, use_backend
-from ..image_processing import degrade, grid, images_to_tensor, tensor_to_pil, upsample_condition
-from ..models.unet_sr3 import SR3UNet2DModel
-from ..noise import swap_scheduler
-from ..pipelines import SR3Pipeline
-from ..pipelines.base import steps_to_run
+from ..defaults import steps_to_run
 from ..presets import NEW_MODEL_RECIPE
 from ..pretrained import DEFAULT_DETAIL_OPTIONS
-from ..tiling import tiled_super_resolve
-from ..training.checkpointing import list_checkpoints
-from ..training.crops import crop_unet_config, train_on_crops
-from ..training.trainer import SUMMARY_FILE
 from .common import at_least_one, whole_number
+
+if TYPE_CHECKING:
+    import torch
 
 UPSCALE_FACTOR = 4
 MODES = ("fidelity", "detail")
@@ -126,6 +118,8 @@ def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
     # min(8, width) normalisation groups divide.
     if width % 2 or (width > 8 and width % 8):
         raise ValueError(f"--width must be 2, 4, 6 or a multiple of 8, got {width}")
+    from ..training.crops import crop_unet_config
+
     config = crop_unet_config(
         crop_size // UPSCALE_FACTOR,
         width,
@@ -139,6 +133,10 @@ def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
 def _seconds_per_step(config: Dict[str, Any], batch_size: int, bfloat16: bool) -> float:
     """Time one optimizer step of the network on a training batch: the fastest of four, after a warm-up step (other
     work on the machine only ever slows a step down)."""
+    import torch
+
+    from ..models.unet_sr3 import SR3UNet2DModel
+
     network = SR3UNet2DModel(**config)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     size = config["sample_size"]
@@ -173,6 +171,11 @@ def _train(
     Returns:
         `(steps, planned)`: the steps trained, and those the timed step planned for `--minutes` (None for `--steps`).
     """
+    import torch
+
+    from ..training.crops import train_on_crops
+    from ..training.trainer import SUMMARY_FILE
+
     options: Dict[str, Any] = dict(
         batch_size=args.batch_size,
         output_dir=model_dir,
@@ -233,6 +236,8 @@ def _train(
 def _remove_checkpoints(model_dir: str, why: str) -> List[str]:
     """Remove the training checkpoints in the demo's model folder (it holds the pipeline, not training state), saying
     which and `why`; return them."""
+    from ..training.checkpointing import list_checkpoints
+
     checkpoints = list_checkpoints(model_dir)
     for checkpoint in checkpoints:
         shutil.rmtree(checkpoint)
@@ -242,12 +247,16 @@ def _remove_checkpoints(model_dir: str, why: str) -> List[str]:
 
 
 def _training_summary(model_dir: str) -> Dict[str, Any]:
+    from ..training.trainer import SUMMARY_FILE
+
     with open(os.path.join(model_dir, SUMMARY_FILE), encoding="utf-8") as handle:
         return json.load(handle)
 
 
 def _packaged_pipeline():
     """The x4 photo model that ships inside the package (DDIM sampling), or None with a note when it is missing."""
+    from ..noise import swap_scheduler
+    from ..pipelines import SR3Pipeline
     from ..pretrained import default_model_path
 
     try:
@@ -271,6 +280,8 @@ def low_resolution_inputs(high_resolution: torch.Tensor):
         `(low_resolution_pil, low_resolution, bicubic)`: the PIL images, the same as a `(B, 3, h, w)` tensor in
         [-1, 1], and their bicubic upsample to the high-resolution size.
     """
+    from ..image_processing import degrade, images_to_tensor, tensor_to_pil, upsample_condition
+
     low, _ = degrade(high_resolution, UPSCALE_FACTOR)
     low_pil = tensor_to_pil(low)
     low = images_to_tensor(low_pil)
@@ -344,7 +355,14 @@ def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str, busy: O
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import metrics
+    from ..backends import default_cpu_threads, fast_bfloat16, use_backend
+    from ..image_processing import grid, images_to_tensor, tensor_to_pil
     from ..photos import photo_name, study_crops
+    from ..pipelines import SR3Pipeline
+    from ..tiling import tiled_super_resolve
 
     # Not just positive: the clock's seconds must be finite (inf overflows the step plan; nan passes a comparison).
     if not (args.minutes > 0 and math.isfinite(args.minutes * 60)):

@@ -18,16 +18,15 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .. import metrics
-from ..backends import resolve_device
 from ..image_io import is_image_file, open_image, walk_images
 from .common import atomic_file, check_file_destination
+
+if TYPE_CHECKING:
+    import torch
 
 SUFFIXES = ("_hr", "_sr", "_lr", "_inf")
 # Appended by `sr3 upscale --save-process` to the output's name: a grid of frames, not an SR image.
@@ -198,10 +197,17 @@ def _json_value(value: float):
 
 
 def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(image).permute(2, 0, 1)[None]
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .. import metrics
+    from ..backends import resolve_device
+
     args.device = resolve_device(args.device)
     pairs = gather(args)
     if args.json:

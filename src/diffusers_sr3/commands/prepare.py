@@ -26,23 +26,19 @@ import multiprocessing
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 import PIL.Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
-from tqdm.auto import tqdm
 
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
 from .common import atomic_file
 
+if TYPE_CHECKING:
+    from torchvision.transforms import InterpolationMode
+
 STATE_FILE = ".sr3_prepare.json"
-RESAMPLE = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "lanczos": InterpolationMode.LANCZOS,
-    "nearest": InterpolationMode.NEAREST,
-}
+# The resize filters, by the value of torchvision's `InterpolationMode` (imported where used: it imports torch).
+RESAMPLE = ("bicubic", "bilinear", "lanczos", "nearest")
 SAVE_EVERY_SECONDS = 2.0
 # Settings an earlier version's state lacks: such a state is compared without them.
 NEWER_SETTINGS = ("files_size_mtime_sha256",)
@@ -62,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", "--size", default="16,128", help="LR,HR sizes, e.g. 16,128 or 64,512 (default: 16,128)"
     )
     parser.add_argument("--n_worker", "--workers", type=int, default=3, help="worker processes (0: none)")
-    parser.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="resize filter")
+    parser.add_argument("--resample", choices=RESAMPLE, default="bicubic", help="resize filter")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-l", "--lmdb", action="store_true", help="write the original's LMDB instead of PNG folders")
     group.add_argument("--format", choices=("folder", "lmdb", "parquet"), default=None, help="output format")
@@ -85,6 +81,8 @@ def parse_sizes(text: str) -> Tuple[int, int]:
 
 def resize_and_convert(image: PIL.Image.Image, size: int, resample: InterpolationMode) -> PIL.Image.Image:
     """The original's resize: shorter side to `size`, then the centre `size` x `size` crop."""
+    from torchvision.transforms import functional as TF
+
     if image.size != (size, size):
         image = TF.resize(image, size, resample)
         image = TF.center_crop(image, size)
@@ -104,7 +102,9 @@ def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, byt
         image = open_image(path)
     except (FileNotFoundError, UnreadableImageError) as error:
         return None, str(error)
-    mode = RESAMPLE[resample]
+    from torchvision.transforms import InterpolationMode
+
+    mode = InterpolationMode(resample)
     lr = resize_and_convert(image, low, mode)
     hr = resize_and_convert(image, high, mode)
     sr = resize_and_convert(lr, high, mode)
@@ -312,6 +312,8 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     source = args.path or args.path_option
     if not source:
         raise ValueError("give the source image folder (sr3 prepare PATH --out OUT)")

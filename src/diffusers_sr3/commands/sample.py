@@ -6,13 +6,10 @@ import argparse
 import io
 import math
 import os
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import PIL.Image
-from tqdm.auto import tqdm
 
-from ..image_processing import grid
-from ..pipelines import SR3BasePipeline, SR3CascadePipeline, SR3UnconditionalPipeline
 from .common import (
     add_model_arguments,
     add_save_process_argument,
@@ -23,6 +20,9 @@ from .common import (
     step_counts,
 )
 from .upscale import save_atomically
+
+if TYPE_CHECKING:
+    from ..pipelines import SR3BasePipeline
 
 SAMPLE_STEPS = 100
 
@@ -62,6 +62,8 @@ def _check_output(output: str) -> None:
 
 def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Dict[str, Any]:
     """The pipeline arguments of --steps, --size and --save-process, checked against the pipeline loaded."""
+    from ..pipelines import SR3CascadePipeline
+
     if not isinstance(pipeline, SR3CascadePipeline):
         if isinstance(args.steps, list):
             raise ValueError(f"--steps takes one step count for {args.model}: a list (one per stage) is for a cascade")
@@ -88,6 +90,11 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..image_processing import grid
+    from ..pipelines import SR3CascadePipeline, SR3UnconditionalPipeline
+
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
     if args.size is not None and args.size < 1:

@@ -11,26 +11,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
-import torch
-from diffusers.configuration_utils import FrozenDict
-from tqdm.auto import tqdm
 
-from ..backends import BACKENDS, default_cpu_threads, use_backend
-from ..detail_windows import MIN_WINDOWS_ACROSS, window_crops_per_step, windowed_evaluations
-from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
-from ..image_processing import grid, tensor_to_pil
-from ..models.unet_sr3 import SR3UNet2DModel
-from ..pipelines import SR3Pipeline
-from ..pipelines.pipeline_sr3 import (
+from ..defaults import (
+    BACKENDS,
+    DEFAULT_MAX_TILE_PIXELS,
     DETAIL_ARGUMENTS,
     DETAIL_STEPS,
     FIDELITY_STEPS,
+    MIN_WINDOWS_ACROSS,
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
+from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
-from ..progress import UpscaleProgress
-from ..tiling import DEFAULT_MAX_TILE_PIXELS, crops_per_step, largest_overlap, tiled_super_resolve
 from .common import (
     DTYPES,
     add_model_arguments,
@@ -369,6 +362,10 @@ def _saved_mode(model: Optional[str]) -> Optional[str]:
 def _saved_unet(model: Optional[str]) -> Optional[Any]:
     """A stand-in with the `config` and `downsampling_factor` of `model`'s UNet, read from its config before loading
     it (None: unknown)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from ..models.unet_sr3 import SR3UNet2DModel
+
     config = _saved_config(model, os.path.join("unet", "config.json"))
     if config is None:
         return None
@@ -390,6 +387,8 @@ def _check_tile_options(args: argparse.Namespace, network: Optional[Any] = None)
         raise ValueError(f"--tile-overlap must be at least 0, got {args.tile_overlap}")
     if network is None:
         return
+    from ..tiling import largest_overlap
+
     factor = network.downsampling_factor
     if args.tile_size is not None and args.tile_size % factor:
         raise ValueError(f"--tile-size {args.tile_size} is not a multiple of the model's downsampling factor {factor}")
@@ -475,6 +474,16 @@ def _gray16(array: np.ndarray) -> PIL.Image.Image:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..backends import default_cpu_threads, use_backend
+    from ..detail_windows import window_crops_per_step, windowed_evaluations
+    from ..image_processing import grid, tensor_to_pil
+    from ..pipelines import SR3Pipeline
+    from ..progress import UpscaleProgress
+    from ..tiling import crops_per_step, tiled_super_resolve
+
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     if args.strength is not None and not 0 < args.strength <= 1:

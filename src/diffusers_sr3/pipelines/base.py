@@ -20,7 +20,6 @@ import contextlib
 import glob
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -40,6 +39,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..defaults import steps_to_run
 from ..noise import check_scheduler_fits, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
@@ -297,25 +297,6 @@ def _holds_only_pickles(folder: str) -> bool:
         return False
     names = os.listdir(folder)
     return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
-
-
-def steps_to_run(num_inference_steps: int, strength: float = 1.0) -> int:
-    """Scheduler steps a refinement of `strength` runs: the last `strength` of `num_inference_steps`, counted as
-    Diffusers' image-to-image pipelines count them (`int(num_inference_steps * strength)`).
-
-    Raises:
-        ValueError: when that is no step at all.
-    """
-    steps = min(int(num_inference_steps * strength), num_inference_steps)
-    if steps < 1:
-        fewest = math.ceil(1 / strength)
-        while int(fewest * strength) < 1:  # 1 / strength can round below the count that runs a step
-            fewest += 1
-        raise ValueError(
-            f"strength {strength:g} of {num_inference_steps} steps runs no step (Diffusers' image-to-image count, "
-            f"int(steps * strength)): give at least {fewest} steps at this strength, or a higher strength"
-        )
-    return steps
 
 
 # A refinement from pure noise must start where the schedule is noisiest: a first step at a signal level this much

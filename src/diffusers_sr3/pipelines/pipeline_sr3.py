@@ -12,6 +12,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..defaults import (  # noqa: F401 (evaluations_per_crop: re-exported, it lived here before)
+    DETAIL_ARGUMENTS,
+    DETAIL_STEPS,
+    FIDELITY_STEPS,
+    MIRRORS,
+    SELF_ENSEMBLE_SIZE,
+    evaluations_per_crop,
+)
 from ..detail_windows import lowpass_sigma, windowed_networks
 from ..image_processing import (
     ImageInput,
@@ -23,55 +31,12 @@ from ..image_processing import (
 )
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks, steps_to_run
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks
 
-# Default steps of the two sampling modes, for pipelines saved without their own `fidelity_steps` / `detail_steps`.
-# Fidelity mode's one DDIM step from the noisiest level measured as well as 4 or more on the packaged model
-# (docs/quality.md, "Fidelity in one evaluation"); a model trained for minutes gains from a few more.
-DETAIL_STEPS = 50
-FIDELITY_STEPS = 1
 # The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
 DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
 # All of its sampling defaults: detail mode's and the fidelity answer's number of steps.
 SAMPLING_CONFIG_KEYS = ("fidelity_steps",) + DETAIL_CONFIG_KEYS
-# The call arguments that only detail mode takes; a fidelity call refuses them.
-DETAIL_ARGUMENTS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
-# The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of
-# these dims; a flip is its own inverse).
-_MIRRORS = ((), (-1,), (-2,), (-2, -1))
-SELF_ENSEMBLE_SIZE = 2 * len(_MIRRORS)
-
-
-def evaluations_per_crop(
-    mode: str,
-    num_inference_steps: Optional[int] = None,
-    strength: float = 1.0,
-    scheduler: Optional[SchedulerMixin] = None,
-    guided: bool = False,
-    fidelity_steps: int = FIDELITY_STEPS,
-) -> int:
-    """Network evaluations of one crop in one [`SR3Pipeline`] call with these arguments.
-
-    Fidelity mode runs its steps (by default the pipeline's `fidelity_steps`, passed here); detail mode runs its
-    steps from noise, or below strength 1 the fidelity answer's `fidelity_steps` and then the last `strength` of its
-    steps. Detail mode counts the timesteps that `scheduler`
-    (the pipeline's) lists, one evaluation each: a second-order scheduler (Heun) lists most steps twice. Without a
-    scheduler, one evaluation per step. `guided` (a guidance scale other than 1 with a `guidance_unet`) doubles
-    detail mode's refinement steps: the guide runs beside the UNet. Progress bars and time estimates count with it.
-    """
-    if mode == "fidelity":
-        return fidelity_steps if num_inference_steps is None else num_inference_steps
-    steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
-    listed, order = steps, 1
-    if scheduler is not None:
-        trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
-        trial.set_timesteps(steps)
-        listed, order = len(trial.timesteps), scheduler.order
-    per_step = 2 if guided else 1
-    if strength >= 1:
-        return per_step * listed
-    return fidelity_steps + per_step * (listed - (steps - steps_to_run(steps, strength)) * order)
-
 
 # What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
 OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")
@@ -440,7 +405,7 @@ class SR3Pipeline(SR3BasePipeline):
         # One orientation at a time: the peak memory stays that of a single call.
         for turns in (0, 1):
             turned = torch.rot90(low_resolution, turns, dims=(-2, -1))
-            for dims in _MIRRORS:
+            for dims in MIRRORS:
                 answer = self(
                     turned.flip(dims) if dims else turned,
                     num_inference_steps=num_inference_steps,
