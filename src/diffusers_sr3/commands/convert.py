@@ -12,7 +12,7 @@ from typing import List, Optional, Set, Tuple
 from ..convert import convert_original_checkpoint
 from ..image_io import IMAGE_EXTENSIONS
 from ..model_card import images_shown
-from ..pipelines.base import REMOTE_CODE_STEMS, _weights_variant
+from ..pipelines.base import REMOTE_CODE_STEMS, weight_file_variant
 
 # Written by training beside the pipeline it saves (`training.trainer.SUMMARY_FILE`; importing it loads accelerate).
 _TRAINING_SUMMARY = "training_summary.json"
@@ -126,7 +126,7 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
     for name in sorted(new_components):
         folder = os.path.join(output, name)
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            is_weights, variant = _weights_variant(entry)
+            is_weights, variant = weight_file_variant(entry)
             if is_weights and variant is not None:
                 os.remove(os.path.join(folder, entry))
                 removed.append(f"{name}/{entry}")
