@@ -42,3 +42,18 @@ def test_cascade_saves_every_stage_as_pickle_or_in_shards_when_asked(tmp_path):
     cascade.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
     for name in PIPELINES:
         assert (tmp_path / "shards" / name / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists(), name
+
+
+def test_a_cascade_of_pickled_weights_names_every_stage_and_one_conversion(tmp_path):
+    cascade = small_cascade()
+    folder = str(tmp_path / "bin")
+    cascade.save_pretrained(folder, safe_serialization=False)
+    with pytest.raises(ValueError, match="pickled weights") as raised:
+        SR3CascadePipeline.from_pretrained(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}/base/unet, {folder}/stage_1/unet and {folder}/stage_2/unet hold pickled")
+    remedy = message.split("save it once as safetensors with `", 1)[1].split("`", 1)[0]
+    assert remedy.startswith("SR3CascadePipeline.from_pretrained(")
+    exec(remedy, {"SR3CascadePipeline": SR3CascadePipeline})
+    converted = SR3CascadePipeline.from_pretrained(folder)
+    torch.testing.assert_close(converted.stage_2.unet.state_dict(), cascade.stage_2.unet.state_dict())

@@ -149,6 +149,11 @@ def test_a_folder_of_pickled_weights_says_how_to_convert_it(tiny_pipeline, tmp_p
 def test_a_hub_repo_of_pickled_weights_is_saved_into_a_folder_of_the_users(tiny_pipeline, hub, tmp_path):  # noqa: F811
     """Saved under the repo id, the converted copy would be a local folder that shadows the repo in later loads."""
     tiny_pipeline.push_to_hub("someone/binsr3", safe_serialization=False)
+    # Never loaded before: the repo's listing tells, before any weights are fetched (there would be none to fetch).
+    with pytest.raises(ValueError, match=r"^someone/binsr3/unet holds pickled weights"):
+        SR3Pipeline.from_pretrained("someone/binsr3")
+    cached = [path.name for path in (tmp_path / "hub_cache").rglob("*") if path.is_file()]
+    assert "model_index.json" in cached and not [name for name in cached if name.endswith(".bin")]
     SR3Pipeline.from_pretrained("someone/binsr3", use_safetensors=False)
     with pytest.raises(ValueError, match=r"holds pickled weights") as raised:
         SR3Pipeline.from_pretrained("someone/binsr3")

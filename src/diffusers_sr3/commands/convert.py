@@ -113,7 +113,7 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
     Returns:
         What was removed, as paths relative to `output` (folders ending with `/`).
     """
-    from ..pipelines.base import _weights_variant
+    from ..pipelines.base import weight_file_variant
 
     new_components, new_module = _pipeline_layout(output)
     removed = []
@@ -128,7 +128,7 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
     for name in sorted(new_components):
         folder = os.path.join(output, name)
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            is_weights, variant = _weights_variant(entry)
+            is_weights, variant = weight_file_variant(entry)
             if is_weights and variant is not None:
                 os.remove(os.path.join(folder, entry))
                 removed.append(f"{name}/{entry}")

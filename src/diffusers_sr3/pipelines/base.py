@@ -27,7 +27,7 @@ import sys
 import tempfile
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -172,7 +172,7 @@ _WEIGHT_FILE = re.compile(
 )
 
 
-def _weights_variant(name: str) -> Tuple[bool, Optional[str]]:
+def weight_file_variant(name: str) -> Tuple[bool, Optional[str]]:
     """Whether `name` is a network's weight file, and of which variant (None: the main weights)."""
     match = _WEIGHT_FILE.fullmatch(name)
     return (False, None) if match is None else (True, match["variant"] or match["index_variant"])
@@ -187,7 +187,7 @@ def files_to_download(files: Sequence[str], variant: Optional[str] = None, pickl
     chosen, weights = [], {}
     for name in files:
         folder, base = name.rpartition("/")[::2]
-        is_weights, file_variant = _weights_variant(base)
+        is_weights, file_variant = weight_file_variant(base)
         if is_weights:
             if folder and (".bin" in base) == pickles:
                 weights.setdefault(folder, []).append((name, file_variant))
@@ -230,7 +230,7 @@ def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type
 
 def _holds_variant(folder: str, variant: str) -> bool:
     """Whether any weight file below `folder` is of `variant`."""
-    return any(_weights_variant(name.rpartition("/")[2]) == (True, variant) for name in _files_under(folder))
+    return any(weight_file_variant(name.rpartition("/")[2]) == (True, variant) for name in _files_under(folder))
 
 
 def _files_under(folder: str) -> List[str]:
@@ -252,9 +252,9 @@ def _move_into(staging: str, target: str) -> None:
     """
     os.makedirs(target, exist_ok=True)
     incoming = os.listdir(staging)
-    saved_variants = {variant for is_weights, variant in map(_weights_variant, incoming) if is_weights}
+    saved_variants = {variant for is_weights, variant in map(weight_file_variant, incoming) if is_weights}
     for entry in os.listdir(target):
-        is_weights, variant = _weights_variant(entry)
+        is_weights, variant = weight_file_variant(entry)
         if is_weights and variant in saved_variants and entry not in incoming:
             os.remove(os.path.join(target, entry))
     for entry in sorted(incoming):
@@ -291,12 +291,33 @@ def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
         vars(pipeline).update(originals)
 
 
-def _holds_only_pickles(folder: str) -> bool:
-    """Whether a local component folder has `.bin` weights and no safetensors (`safe_serialization=False`)."""
-    if not os.path.isdir(folder):
-        return False
-    names = os.listdir(folder)
-    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
+def pickle_only_folders(files: Sequence[str]) -> List[str]:
+    """The folders among `files` (`/`-separated paths, a repo's or a folder's) whose network weights are all
+    pickled (`.bin`, as `safe_serialization=False` saves them), in order."""
+    formats: Dict[str, Set[bool]] = {}
+    for name in files:
+        folder, base = name.rpartition("/")[::2]
+        if folder and weight_file_variant(base)[0]:
+            formats.setdefault(folder, set()).add(".bin" in base)
+    return sorted(folder for folder, pickled in formats.items() if pickled == {True})
+
+
+def pickled_weights_error(pipeline_class: type, source: str, folders: Sequence[str], local: bool) -> ValueError:
+    """The error for loading `source` (a folder if `local`, else a Hub repo id) without `use_safetensors=False` when
+    its component `folders` hold pickled weights only: it names every such folder and one conversion of the whole
+    pipeline, a cascade's stages included."""
+    # The commands cannot pass use_safetensors: the conversion lets every loader read the folder. A Hub repo is saved
+    # into a folder of the user's: saved under the repo id, a local folder of that name would shadow the repo in
+    # later loads from the same directory.
+    target = source if local else "a-folder-of-yours"
+    paths = [f"{source}/{folder}" for folder in folders]
+    named = paths[0] if len(paths) == 1 else ", ".join(paths[:-1]) + " and " + paths[-1]
+    return ValueError(
+        f"{named} {'holds' if len(paths) == 1 else 'hold'} pickled weights (.bin) and no safetensors: save it once "
+        f"as safetensors with `{pipeline_class.__name__}.from_pretrained({source!r}, use_safetensors=False)"
+        f".save_pretrained({target!r})` (the weights are read with torch.load(weights_only=True)), or pass "
+        "use_safetensors=False to load them"
+    )
 
 
 # A refinement from pure noise must start where the schedule is noisiest: a first step at a signal level this much
@@ -725,7 +746,11 @@ class SR3BasePipeline(DiffusionPipeline):
             patterns = [glob.escape(file) for file in files_to_download(listed, variant, pickles)]
         try:
             with open(hf_hub_download(name, "model_index.json", **download_kwargs), encoding="utf-8") as handle:
-                _saved_pipeline_class(cls, name, json.load(handle))
+                pipeline_class = _saved_pipeline_class(cls, name, json.load(handle))
+            # Before any weights: the safetensors-only download would fetch none of theirs.
+            pickled = [] if pickles or listed is None else pickle_only_folders(listed)
+            if pickled:
+                raise pickled_weights_error(pipeline_class, name, pickled, local=False)
             return snapshot_download(name, allow_patterns=patterns, **download_kwargs)
         except LocalEntryNotFoundError as error:
             reason = "offline" if constants.HF_HUB_OFFLINE else "local_files_only=True"
@@ -792,6 +817,10 @@ class SR3BasePipeline(DiffusionPipeline):
             raise ValueError(f"{source} holds no weights of variant {variant!r}")
         use_safetensors = kwargs.pop("use_safetensors", None)
         model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
+        if use_safetensors is None:
+            pickled = pickle_only_folders(_files_under(folder))
+            if pickled:
+                raise pickled_weights_error(pipeline_class, source, pickled, local=folder == source)
         expected, optional = pipeline_class._get_signature_keys(pipeline_class)
         init_kwargs: Dict[str, Any] = {}
         for name in expected:
@@ -830,17 +859,6 @@ class SR3BasePipeline(DiffusionPipeline):
             elif issubclass(component_class, SchedulerMixin):
                 init_kwargs[name] = component_class.from_pretrained(subfolder)
             else:
-                if use_safetensors is None and _holds_only_pickles(subfolder):
-                    # The commands cannot pass use_safetensors: the conversion lets every loader read the folder.
-                    # A Hub repo is saved into a folder of the user's: saved under the repo id, a local folder of
-                    # that name would shadow the repo in later loads from the same directory.
-                    target = source if folder == source else "a-folder-of-yours"
-                    raise ValueError(
-                        f"{subfolder} holds pickled weights (.bin) and no safetensors: save it once as safetensors "
-                        f"with `{pipeline_class.__name__}.from_pretrained({source!r}, use_safetensors=False)"
-                        f".save_pretrained({target!r})` (the weights are read with torch.load(weights_only=True)), "
-                        "or pass use_safetensors=False to load them"
-                    )
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
                     dtype=component_dtype,
