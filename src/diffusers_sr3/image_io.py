@@ -255,14 +255,14 @@ def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return ImageCms.applyTransform(source, transform)
 
 
-def _is_16bit_gray(image: PIL.Image.Image) -> bool:
+def is_16bit_gray(image: PIL.Image.Image) -> bool:
     # Mode "I" holds 16-bit PNGs in older Pillow versions; its values tell 16-bit from 8-bit, as in `to_rgb`. Float
     # gray (scientific TIFFs) has more than 8 bits of precision: it is kept at 16 bits too.
     return image.mode.startswith("I;16") or image.mode == "F" or (image.mode == "I" and _integer_gray_top(image) > 255)
 
 
-def _to_gray16(image: PIL.Image.Image) -> PIL.Image.Image:
-    """A 16-bit or float gray image (one `_is_16bit_gray` accepts: it refuses `I` values outside 0..65535) as `I;16`
+def to_gray16(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit or float gray image (one `is_16bit_gray` accepts: it refuses `I` values outside 0..65535) as `I;16`
     at full precision, float (`F`) scaled to 0..65535 from its white as [`to_rgb`] scales it to 0..255: what files
     are read as with `keep_16bit`, and what the pipelines make of such PIL images."""
     if image.mode == "I;16":
@@ -326,8 +326,8 @@ def _upright_rgb(image: PIL.Image.Image, name: str, keep_16bit: bool = False) ->
     """`image` upright, as 8-bit RGB in sRGB, or as `I;16` with `keep_16bit` where it is 16-bit or float gray;
     warnings name it `name`."""
     upright = _upright(image, name)
-    if keep_16bit and _is_16bit_gray(upright):
-        return _to_gray16(upright)
+    if keep_16bit and is_16bit_gray(upright):
+        return to_gray16(upright)
     return to_rgb(to_srgb(upright))
 
 

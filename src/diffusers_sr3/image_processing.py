@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from .image_io import FLOAT_OVERSHOOT, UnreadableImageError, _is_16bit_gray, _to_gray16, open_image, to_rgb
+from .image_io import FLOAT_OVERSHOOT, UnreadableImageError, is_16bit_gray, open_image, to_gray16, to_rgb
 
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
@@ -39,9 +39,9 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
     """One input (a single image or a batch) -> (B, 3, H, W) float32 in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
         try:
-            if _is_16bit_gray(image):
+            if is_16bit_gray(image):
                 # 16-bit and float gray keep their precision (uint16 below), read as the file readers read them.
-                image = np.asarray(_to_gray16(image))
+                image = np.asarray(to_gray16(image))
             else:
                 image = np.asarray(image if image.mode in ("RGB", "L") else to_rgb(image))  # RGBA, palette, CMYK, ...
         except UnreadableImageError as error:  # 32-bit or float gray outside its range
