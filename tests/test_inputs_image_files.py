@@ -2,18 +2,25 @@
 non-image files a glob matches. Every entry point reads through `image_io`, so `sr3 upscale` stands for them all."""
 
 import io
+import logging
 import struct
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
+import torch
 
 from diffusers_sr3.cli import main
+from diffusers_sr3.data.decoding import BadImageError, decode_image
 from diffusers_sr3.image_io import (
+    FLOAT_OVERSHOOT,
     UnreadableImageError,
     find_image_sources,
     find_images,
+    image_size,
     inspect_image,
+    open_alpha,
     open_image,
     to_rgb,
 )
@@ -67,9 +74,51 @@ def test_a_tiff_whose_second_page_lacks_its_size_reads_its_first_page(tmp_path):
     assert open_image(tmp_path / "two_pages.tif").getpixel((0, 0)) == (128, 128, 128)
 
 
-def test_damaged_metadata_is_an_error_that_names_the_file(tmp_path):
-    """EXIF whose Make tag was garbled into XPosition (a rational): turning the picture upright rewrites the
-    metadata, and Pillow raised TypeError on the text it found there."""
+def _garbled_exif_jpeg(path, pixels):
+    """A JPEG whose EXIF (orientation 6) has its byte order garbled: Pillow's EXIF reader raises SyntaxError, the
+    pixels decode. (The JFIF resolution keeps Pillow from reading the EXIF, and swallowing the error, on opening.)"""
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6
+    data = _encoded(PIL.Image.fromarray(pixels), format="JPEG", exif=exif, dpi=(72, 72), quality=95)
+    path.write_bytes(data.replace(b"Exif\0\0MM", b"Exif\0\0XX"))
+    return path
+
+
+def _orientation_warnings(caplog, path):
+    return [r for r in caplog.records if str(path) in r.getMessage() and "EXIF orientation could not" in r.getMessage()]
+
+
+def test_unreadable_exif_is_read_as_stored_with_one_warning(tmp_path, tiny_pipeline, caplog):
+    """Garbled EXIF was refused ("cannot read image ...: not a TIFF file") though its pixels decode and viewers show
+    it: it is read as stored, with one warning per file, and every reader (sizes for plans included) agrees."""
+    caplog.set_level(logging.WARNING)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 12, 3), dtype=np.uint8)
+    path = _garbled_exif_jpeg(tmp_path / "garbled.jpg", pixels)
+    with pytest.raises(SyntaxError):
+        PIL.Image.open(path).getexif()
+    stored = np.asarray(PIL.Image.open(path).convert("RGB"))
+    for image in (open_image(path), open_image(path, keep_16bit=True), open_image(path.read_bytes(), str(path))):
+        assert image.size == (12, 6) and np.array_equal(np.asarray(image), stored)
+    assert image_size(path) == inspect_image(path).size == (12, 6)
+    [warning] = _orientation_warnings(caplog, path)
+    assert warning.getMessage().startswith(f"{path}: its EXIF orientation could not be read (not a TIFF file")
+    assert "\n" not in warning.getMessage()
+    # Damaged pixels are still refused.
+    (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:-60])
+    with pytest.raises(UnreadableImageError, match="cannot read image .*cut.jpg: "):
+        open_image(tmp_path / "cut.jpg")
+    # sr3 upscale checks, decodes and upscales it: one warning, the size planned is the size decoded.
+    photo = _garbled_exif_jpeg(tmp_path / "photo.jpg", pixels)
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    out = tmp_path / "photo_sr.png"
+    command = ["upscale", str(photo), "--model", str(tmp_path / "model"), "--output", str(out), "--steps", "2"]
+    assert main(command + ["--quiet"]) == 0 and PIL.Image.open(out).size == (48, 24)
+    assert len(_orientation_warnings(caplog, photo)) == 1
+
+
+def test_garbled_exif_with_a_readable_orientation_is_turned_upright(tmp_path, caplog):
+    """EXIF whose Make tag was garbled into XPosition (a rational): rewriting the metadata when turning the picture
+    upright raised TypeError, and the file was refused. Its orientation reads: it is turned by it, without a word."""
     exif = PIL.Image.Exif()
     exif[PIL.Image.ExifTags.Base.Orientation] = 6
     exif[PIL.Image.ExifTags.Base.Make] = "Cam"
@@ -77,10 +126,18 @@ def test_damaged_metadata_is_an_error_that_names_the_file(tmp_path):
     x_position = 0x011E  # a TIFF tag Pillow knows as rational
     garbled = exif.tobytes().replace(ascii_make, struct.pack(">HH", x_position, 2))
     path = tmp_path / "garbled.png"
-    PIL.Image.new("RGB", (4, 3)).save(path, exif=garbled)
-    for read in (open_image, inspect_image):
-        with pytest.raises(UnreadableImageError, match="cannot read image .*garbled.png: "):
-            read(path)
+    stored = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8))
+    stored.save(path, exif=garbled)
+    with pytest.raises(TypeError):
+        PIL.ImageOps.exif_transpose(PIL.Image.open(path))
+    upright = np.asarray(stored.transpose(PIL.Image.Transpose.ROTATE_270))
+    assert np.array_equal(np.asarray(open_image(path)), upright)
+    assert image_size(path) == inspect_image(path).size == (3, 4)
+    assert open_alpha(path) is None and not _orientation_warnings(caplog, path)
+    alpha = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    stored.putalpha(PIL.Image.fromarray(alpha))
+    stored.save(path, exif=garbled)
+    assert np.array_equal(np.asarray(open_alpha(path)), np.rot90(alpha, -1))  # turned as the pixels are
 
 
 def test_32_bit_gray_beyond_16_bits_is_refused_not_wrapped_or_clipped(tmp_path, tiny_pipeline, capsys):
@@ -127,6 +184,65 @@ def test_float_gray_is_kept_at_16_bits(tmp_path, tiny_pipeline):
     command = ["upscale", str(tmp_path / "unit.tif"), "--model", str(tmp_path / "model"), "--output", str(out)]
     assert main(command + ["--steps", "2", "--quiet"]) == 0
     assert PIL.Image.open(out).mode == "I;16" and PIL.Image.open(out).size == (64, 48)
+
+
+def test_float_gray_outside_its_range_is_refused_and_rounding_overshoot_clipped(tmp_path, tiny_pipeline, capsys):
+    """Float gray beyond 0..255 (HDR, linear light) was clipped without a word, NaN came out black, and a 0..1 image
+    overshooting 1 by a rounding error was read as 0..255 (black). Files, PIL images and arrays agree."""
+    overshoot = np.array([[0, 0.5, 1 + 0.8 * FLOAT_OVERSHOOT, -0.8 * FLOAT_OVERSHOOT]], np.float32)
+    PIL.Image.fromarray(overshoot).save(tmp_path / "overshoot.tif")
+    kept = np.asarray(open_image(tmp_path / "overshoot.tif", keep_16bit=True))
+    assert np.array_equal(kept, [[0, 32768, 65535, 0]])
+    assert torch.equal(images_to_tensor(overshoot)[0, 0], torch.tensor(overshoot).clamp(0, 1) * 2 - 1)
+    hdr = np.array([[-3, 0.5, 1000, 4]], np.float32)
+    cases = {
+        "hdr.tif": (hdr, "float gray with values -3..1000: only 0..1 "),
+        "bright.tif": (hdr.clip(0, 256), "float gray with values 0..256: only 0..1 "),
+        "dark.tif": (np.array([[-0.01, 0.5]], np.float32), "float gray with values -0.01..0.5: only 0..1 "),
+        "nan.tif": (np.array([[np.nan, 0.5]], np.float32), "float gray holding NaN or infinite values"),
+    }
+    for name, (values, message) in cases.items():
+        PIL.Image.fromarray(values).save(tmp_path / name)
+        for read in (open_image, inspect_image):
+            with pytest.raises(UnreadableImageError, match=f"cannot read image .*{name}: {message}"):
+                read(tmp_path / name)
+        with pytest.raises(UnreadableImageError, match=f"image 1: {message}"):
+            images_to_tensor([PIL.Image.new("L", values.shape[::-1]), PIL.Image.fromarray(values)])
+        with pytest.raises(ValueError, match="image: (float values must lie in|holds NaN)"):
+            images_to_tensor(values)
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    command = ["upscale", str(tmp_path / "hdr.tif"), "--model", str(tmp_path / "model")]
+    assert main(command + ["--output", str(tmp_path / "out.tif"), "--quiet"]) == 2
+    assert "hdr.tif: float gray with values -3..1000" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_16_bit_and_float_pil_images_reach_the_pipeline_at_16_bits(tmp_path):
+    """`pipe(image=PIL.Image.open("x16.png"))`: mode I (and F) went through 8 bits; I;16 alone kept 16."""
+    ramp = np.tile(np.arange(0, 65536, 64, dtype=np.int32), (2, 1))  # 1024 levels
+    PIL.Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "ramp.png")
+    from_file = images_to_tensor(open_image(tmp_path / "ramp.png", keep_16bit=True))
+    for image in (
+        PIL.Image.open(tmp_path / "ramp.png"),
+        PIL.Image.fromarray(ramp.astype(np.uint16)),
+        PIL.Image.fromarray(ramp),
+        PIL.Image.fromarray((ramp / 65535).astype(np.float32)),
+        PIL.Image.fromarray((ramp / 257).astype(np.float32)),  # float in 0..255
+    ):
+        tensor = images_to_tensor(image)
+        assert len(torch.unique(tensor)) == 1024, image.mode
+        assert torch.allclose(tensor, from_file, atol=1 / 65535), image.mode
+    assert len(torch.unique(images_to_tensor(PIL.Image.fromarray(ramp // 256)))) == 256  # 8-bit values in an I
+    pil_batch = images_to_tensor([PIL.Image.fromarray(ramp), PIL.Image.fromarray(ramp.astype(np.uint16))])
+    assert torch.equal(pil_batch[0], pil_batch[1])
+
+
+def test_in_memory_images_out_of_range_are_errors_with_a_detail():
+    """A PIL image given to the training data's decoder: its error said "cannot decode image ()"."""
+    with pytest.raises(BadImageError, match=r"record 7: cannot decode image \(32-bit integer gray with values 0\.\.7"):
+        decode_image(PIL.Image.fromarray(np.array([[0, 70000]], np.int32)), "record 7")
+    with pytest.raises(UnreadableImageError, match="cannot read image image: float gray with values 0..300"):
+        open_image(PIL.Image.fromarray(np.array([[0, 300]], np.float32)))
 
 
 def test_a_glob_lists_the_files_a_folder_walk_lists(tmp_path):

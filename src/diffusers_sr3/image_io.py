@@ -12,6 +12,7 @@ import contextlib
 import functools
 import glob
 import io
+import logging
 import os
 import struct
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -30,6 +31,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 )
 
 ImageData = Union[str, os.PathLike, bytes, bytearray, PIL.Image.Image]
+
+logger = logging.getLogger(__name__)
+
+# Float pixels this far outside their range (half an 8-bit step) are rounding overshoot, from resampling or
+# converting an image: clipped. Beyond it they hold what clipping loses (HDR or linear-light highlights).
+FLOAT_OVERSHOOT = 0.5 / 255
 
 
 class UnreadableImageError(ValueError):
@@ -141,8 +148,27 @@ def _integer_gray_top(image: PIL.Image.Image) -> int:
 
 
 def _float_white(image: PIL.Image.Image) -> float:
-    """The value that means white in a float (`F`) image: 1, or 255 when values exceed 1."""
-    return 1.0 if image.getextrema()[1] <= 1 else 255.0
+    """The value that means white in a float (`F`) image: 1, or 255 when values exceed 1 (by more than
+    `FLOAT_OVERSHOOT`).
+
+    Raises:
+        UnreadableImageError: for NaN or infinite values, and values outside 0..1 (0..255) by more than
+            `FLOAT_OVERSHOOT` of white (an HDR or linear-light image, a depth map): clipping them lost their
+            highlights and shadows without a word, and NaN came out black.
+    """
+    values = np.asarray(image)
+    if not values.size:
+        return 1.0
+    if not np.isfinite(values).all():
+        raise UnreadableImageError("float gray holding NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    white = 1.0 if high <= 1 + FLOAT_OVERSHOOT else 255.0
+    if low < -FLOAT_OVERSHOOT * white or high > white * (1 + FLOAT_OVERSHOOT):
+        raise UnreadableImageError(
+            f"float gray with values {low:g}..{high:g}: only 0..1 (or 0..255, where values exceed 1) has a known "
+            "white; scale it into 0..1 (tone-map an HDR image)"
+        )
+    return white
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -153,7 +179,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     float (`F`) from [0, 1] (from [0, 255] when values exceed 1).
 
     Raises:
-        UnreadableImageError: an `I` image with values outside 0..65535 (a `ValueError`).
+        UnreadableImageError: an `I` image with values outside 0..65535, an `F` image with values outside its range
+            or not finite (a `ValueError`, see `_float_white`).
     """
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image).astype(np.float64)
@@ -228,28 +255,85 @@ def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return ImageCms.applyTransform(source, transform)
 
 
-def _is_16bit_gray(image: PIL.Image.Image) -> bool:
+def is_16bit_gray(image: PIL.Image.Image) -> bool:
     # Mode "I" holds 16-bit PNGs in older Pillow versions; its values tell 16-bit from 8-bit, as in `to_rgb`. Float
     # gray (scientific TIFFs) has more than 8 bits of precision: it is kept at 16 bits too.
     return image.mode.startswith("I;16") or image.mode == "F" or (image.mode == "I" and _integer_gray_top(image) > 255)
 
 
-def _upright_rgb(image: PIL.Image.Image, keep_16bit: bool = False) -> PIL.Image.Image:
-    # Phone photos record their orientation in EXIF: turn them upright, as image viewers and browsers show them.
-    upright = PIL.ImageOps.exif_transpose(image)
-    if keep_16bit and _is_16bit_gray(upright):
-        if upright.mode == "I;16":
-            return upright
-        if upright.mode == "F":
-            values = np.rint(np.asarray(upright).astype(np.float64) * (65535.0 / _float_white(upright)))
-            return PIL.Image.fromarray(np.clip(values, 0, 65535).astype(np.uint16))
-        return PIL.Image.fromarray(np.asarray(upright).astype(np.uint16))
+def to_gray16(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit or float gray image (one `is_16bit_gray` accepts: it refuses `I` values outside 0..65535) as `I;16`
+    at full precision, float (`F`) scaled to 0..65535 from its white as [`to_rgb`] scales it to 0..255: what files
+    are read as with `keep_16bit`, and what the pipelines make of such PIL images."""
+    if image.mode == "I;16":
+        return image
+    if image.mode == "F":
+        values = np.rint(np.asarray(image).astype(np.float64) * (65535.0 / _float_white(image)))
+        return PIL.Image.fromarray(np.clip(values, 0, 65535).astype(np.uint16))
+    return PIL.Image.fromarray(np.asarray(image).astype(np.uint16))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    # A file is read several times (checked before any work, then decoded; every epoch of training): one warning.
+    logger.warning(message)
+
+
+_TRANSPOSITIONS = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
+    3: PIL.Image.Transpose.ROTATE_180,
+    4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE,
+    6: PIL.Image.Transpose.ROTATE_270,
+    7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
+_SIDEWAYS = tuple(_TRANSPOSITIONS[orientation] for orientation in (5, 6, 7, 8))  # they swap width and height
+
+
+def _orientation(image: PIL.Image.Image, name: str) -> Optional[PIL.Image.Transpose]:
+    """How to turn `image` upright by its EXIF orientation, or None where it is stored upright.
+
+    Garbled EXIF that cannot be read (Pillow raises SyntaxError, TypeError, struct.error, ...) gives None, with a
+    warning naming `name` (once per name): viewers show such a photo as stored, and its pixels may be whole.
+    """
+    try:
+        orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    except _DECODING_ERRORS as error:
+        _warn_once(f"{name}: its EXIF orientation could not be read ({error}); read as stored, not turned upright")
+        return None
+    return _TRANSPOSITIONS.get(orientation) if isinstance(orientation, int) else None
+
+
+def _upright(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """A copy of `image` turned upright by its EXIF orientation (see `_orientation`): phone photos record how the
+    camera was held, and viewers and browsers show them turned."""
+    image.load()  # damaged pixels fail here, as such, not as damaged metadata below
+    method = _orientation(image, name)
+    if method is None:
+        return image.copy()
+    try:
+        # Also drops the orientation from the copy's metadata: saved with it, the copy is not turned twice.
+        return PIL.ImageOps.exif_transpose(image)
+    except _DECODING_ERRORS:
+        # Rewriting the metadata without the orientation fails on garbled tags; the orientation itself was read.
+        upright = image.transpose(method)
+        upright.info.pop("exif", None)
+        return upright
+
+
+def _upright_rgb(image: PIL.Image.Image, name: str, keep_16bit: bool = False) -> PIL.Image.Image:
+    """`image` upright, as 8-bit RGB in sRGB, or as `I;16` with `keep_16bit` where it is 16-bit or float gray;
+    warnings name it `name`."""
+    upright = _upright(image, name)
+    if keep_16bit and is_16bit_gray(upright):
+        return to_gray16(upright)
     return to_rgb(to_srgb(upright))
 
 
 # What Pillow raises on damaged data: besides OSError and SyntaxError, its parsers let the errors of a truncated or
 # garbled file through as they meet them (seeking a cut GIF: IndexError, struct.error; a TIFF page missing tags:
-# TypeError, KeyError; rewriting garbled EXIF when turning a picture upright: TypeError, struct.error).
+# TypeError, KeyError; reading or rewriting garbled EXIF: SyntaxError, TypeError, struct.error).
 _DECODING_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
@@ -297,15 +381,20 @@ def open_image(
 
     Raises:
         FileNotFoundError: no such file.
-        UnreadableImageError: not an image, a damaged one, or 32-bit integer gray outside 0..65535, which has no
-            known white (a `ValueError`).
+        UnreadableImageError: not an image, a damaged one, 32-bit integer gray outside 0..65535 or float gray
+            outside 0..1 (0..255) or not finite, which have no known white (a `ValueError`). Garbled EXIF whose
+            orientation cannot be read is no error: the image is read as stored, with a warning (logged once per
+            `name`).
         ImageTooLargeError: more than `max_pixels` pixels (a `ValueError`), also for images too large for Pillow to
             open at all.
     """
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image"
     if isinstance(source, PIL.Image.Image):
-        return _upright_rgb(source, keep_16bit)
+        try:
+            return _upright_rgb(source, name, keep_16bit)
+        except UnreadableImageError as error:  # 32-bit or float gray out of range: named, with a detail, as files are
+            raise UnreadableImageError(f"cannot read image {name}: {error}", str(error)) from None
     try:
         with _opened(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, name) as image:
             width, height = image.size
@@ -316,7 +405,7 @@ def open_image(
             if draft_size is not None:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            return _upright_rgb(image, keep_16bit)
+            return _upright_rgb(image, name, keep_16bit)
     except _TooLargeToOpen:
         if max_pixels is None:
             raise
@@ -353,8 +442,7 @@ def open_alpha(path: Union[str, os.PathLike]) -> Optional[PIL.Image.Image]:
     with _opened(path, name) as image:
         if image.mode not in ALPHA_MODES and "transparency" not in image.info:
             return None
-        image.load()
-        return PIL.ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+        return _upright(image, name).convert("RGBA").getchannel("A")
 
 
 class ImageFacts(NamedTuple):
@@ -391,20 +479,19 @@ def inspect_image(path: Union[str, os.PathLike]) -> ImageFacts:
         transparent = (image.mode in ALPHA_MODES or "transparency" in image.info) and (
             image.convert("RGBA").getchannel("A").getextrema()[0] < 255
         )
-        picture = _upright_rgb(image, keep_16bit=True)
+        picture = _upright_rgb(image, name, keep_16bit=True)
     return ImageFacts(picture.size, frames, transparent, is_grayscale(picture), picture.mode == "I;16")
 
 
 def image_size(path: Union[str, os.PathLike]) -> Tuple[int, int]:
-    """`(width, height)` of an image file as displayed (EXIF orientation applied), without decoding the pixels.
+    """`(width, height)` of an image file as displayed (EXIF orientation applied, as [`open_image`] applies it: not
+    where the EXIF cannot be read), without decoding the pixels.
 
     Raises the same errors as [`open_image`] for files that are no image; damaged pixel data is found only when
     the image is opened.
     """
-    with _opened(path, os.fspath(path)) as image:
+    name = os.fspath(path)
+    with _opened(path, name) as image:
         width, height = image.size
-        try:
-            orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
-        except (OSError, SyntaxError, ValueError):  # metadata past a truncation: the decoder reports it later
-            orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        method = _orientation(image, name)
+    return (height, width) if method in _SIDEWAYS else (width, height)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from .image_io import open_image, to_rgb
+from .image_io import FLOAT_OVERSHOOT, UnreadableImageError, is_16bit_gray, open_image, to_gray16, to_rgb
 
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
@@ -38,10 +38,14 @@ def _rgb_from_channels(image: torch.Tensor, what: str) -> torch.Tensor:
 def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what: str) -> torch.Tensor:
     """One input (a single image or a batch) -> (B, 3, H, W) float32 in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
-        if image.mode.startswith("I;16"):
-            image = np.asarray(image).astype(np.uint16)  # 16-bit gray keeps its precision (uint16 below)
-        else:
-            image = np.asarray(image if image.mode in ("RGB", "L") else to_rgb(image))  # RGBA, palette, CMYK, ...
+        try:
+            if is_16bit_gray(image):
+                # 16-bit and float gray keep their precision (uint16 below), read as the file readers read them.
+                image = np.asarray(to_gray16(image))
+            else:
+                image = np.asarray(image if image.mode in ("RGB", "L") else to_rgb(image))  # RGBA, palette, CMYK, ...
+        except UnreadableImageError as error:  # 32-bit or float gray outside its range
+            raise UnreadableImageError(f"{what}: {error}", str(error)) from None
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8:
             tensor = torch.from_numpy(image.astype(np.float32) / 255.0)
@@ -71,7 +75,7 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
     tensor = _rgb_from_channels(tensor, what)
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{what}: holds NaN or infinite values")
-    if tensor.numel() and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
+    if tensor.numel() and (tensor.min() < -FLOAT_OVERSHOOT or tensor.max() > 1 + FLOAT_OVERSHOOT):
         raise ValueError(f"{what}: float values must lie in [0, 1], found [{tensor.min():.3f}, {tensor.max():.3f}]")
     return tensor.clamp(0, 1)
 
@@ -79,10 +83,12 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
 def images_to_tensor(images: ImageInput, what: str = "image") -> torch.Tensor:
     """Convert user images to one `(B, 3, H, W)` float32 batch in [-1, 1].
 
-    Accepted: a PIL image (any mode: gray is repeated to RGB, alpha is discarded), a numpy array
-    (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in [0, 65535], float in [0, 1]), a torch
-    tensor (`(C, H, W)` or `(B, C, H, W)`, float in [0, 1]), or a list of these. C may be 1, 3 or 4. All images
-    must have the same size.
+    Accepted: a PIL image (any mode: gray is repeated to RGB, alpha is discarded; 16-bit gray and float gray
+    (`I;16`, `I`, `F`) keep 16 bits, with the white points files are read with: `F` in [0, 1], or [0, 255] where
+    values exceed 1), a numpy array (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in
+    [0, 65535], float in [0, 1]), a torch tensor (`(C, H, W)` or `(B, C, H, W)`, float in [0, 1]), or a list of
+    these. C may be 1, 3 or 4. All images must have the same size. Floats within half an 8-bit step
+    (`FLOAT_OVERSHOOT`) of their range are clipped to it; beyond it, and NaN or infinite values, are refused.
     """
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
