@@ -449,9 +449,9 @@ class OnnxUNet(_OnnxStandIn):
 
 
 # PyTorch's CPU GroupNorm on channels-last input costs about 150 us per sample of 16x16 pixels or fewer on one core,
-# 15-25x its NCHW kernel, and no more on larger samples: detail mode's windows (64 pixels, a 16x16 grid and smaller
-# at the packaged network's levels, hundreds per batch) took 2.2x their pixel share of the time under bf16, and the
-# progress bar's early ETA was 1.6x short (benchmarks/window_cost.py).
+# 12-26x its NCHW kernel (on larger samples about the same): detail mode's windows (64 pixels, a 16x16 grid and
+# smaller at the packaged network's levels, hundreds per batch) took 2.2x their pixel share of the time under bf16,
+# and the progress bar's early ETA was 1.6x short (benchmarks/window_cost.py).
 NCHW_GROUP_NORM_PIXELS = 16 * 16
 
 
