@@ -172,3 +172,32 @@ def test_use_backend_gives_each_network_back_in_the_memory_format_it_had():
     weight = pipeline.unet.conv_in.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert all(parameter.is_contiguous() for parameter in pipeline.guidance_unet.parameters())
+
+
+def test_small_samples_group_normalise_in_nchw_on_the_cpu(monkeypatch):
+    # Channels-last GroupNorm on the CPU costs ~150 us per small sample: detail mode's windows (many 16x16 grids)
+    # ran 2.2x their pixel share. The formats are what is checked here; benchmarks/window_cost.py times them.
+    unet = low_resolution_unet()
+    network = AutocastUNet(unet)
+    norms = [module for module in unet.modules() if isinstance(module, torch.nn.GroupNorm)]
+    seen = []
+    hooks = [norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0])) for norm in norms]
+    windows = torch.randn(8, 6, 64, 64, generator=torch.Generator().manual_seed(0))  # 16x16 grids and below
+    whole = torch.randn(1, 6, 128, 128, generator=torch.Generator().manual_seed(1))  # a 32x32 grid on top
+    with torch.no_grad():
+        fast = network(windows, 0.5, return_dict=False)[0]
+        assert seen and all(states.is_contiguous() for states in seen)
+        seen.clear()
+        network(whole, 0.5, return_dict=False)
+        large = [states for states in seen if states[0, 0].numel() > backends.NCHW_GROUP_NORM_PIXELS]
+        assert large and all(states.is_contiguous(memory_format=torch.channels_last) for states in large)
+        assert all(states.is_contiguous() for states in seen if states[0, 0].numel() <= 16 * 16)
+        monkeypatch.setattr(backends, "NCHW_GROUP_NORM_PIXELS", 0)
+        seen.clear()
+        channels_last = network(windows, 0.5, return_dict=False)[0]
+        assert not all(states.is_contiguous() for states in seen)
+    for hook in hooks:
+        hook.remove()
+    # The same values either way, and no hook left on the UNet once a call is over.
+    torch.testing.assert_close(fast, channels_last, atol=2e-2, rtol=0)
+    assert all(not norm._forward_pre_hooks for norm in norms)

@@ -9,7 +9,7 @@ import torch
 from conftest import SAMPLES, tiny_unet_config
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.cli import main
+from diffusers_sr3.cli import build_parser, main
 from diffusers_sr3.image_io import is_grayscale, open_image
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 
@@ -791,3 +791,98 @@ def test_upscale_help_gives_the_memory_of_the_full_size_images_beside_the_tile_b
     assert "within the same budget" not in text
     assert f"those cost about {BYTES_PER_OUTPUT_PIXEL} bytes per output pixel whatever the tiles" in text
     assert "(and detail mode's windows)" in text
+
+
+def _refuse_work(monkeypatch, events):
+    from diffusers_sr3.commands import upscale
+
+    for name in ("inspect_image", "open_image", "load_pipeline", "tiled_super_resolve"):
+        original = getattr(upscale, name)
+        monkeypatch.setattr(upscale, name, lambda *a, _o=original, _n=name, **k: events.append(_n) or _o(*a, **k))
+
+
+def test_upscale_refuses_an_image_too_large_for_the_memory_before_decoding_it(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    need = upscale.MIN_BYTES_PER_OUTPUT_PIXEL * 32 * 32  # an 8x8 input's 32x32 output
+    monkeypatch.setattr(upscale, "available_memory", lambda device: (need - 1, "available"))
+    events = []
+    _refuse_work(monkeypatch, events)
+    write_image(tmp_path / "in" / "a.png", (4, 4))
+    big = write_image(tmp_path / "in" / "b.png", (8, 8))
+    out = tmp_path / "out"
+    # Like an unreadable file, a file too large stops the run before any work: no file is half done.
+    assert main(_arguments([tmp_path / "in"], out, model_dir)) == 2
+    error = capsys.readouterr().err
+    assert events == [] and not out.exists()
+    assert f"{big}: a 32x32 output needs at least 0.0 GB of memory" in error
+    assert "available: try a smaller input;" in error
+    assert "--batch-size 1" not in error and "--mode fidelity" not in error
+    assert "--no-memory-check starts it anyway" in error and len(error.strip().splitlines()) == 1
+    # Enough: it runs; the override starts it whatever the check would say.
+    monkeypatch.setattr(upscale, "available_memory", lambda device: (need, "available"))
+    assert main(_arguments([tmp_path / "in"], out, model_dir, "--quiet")) == 0
+    monkeypatch.setattr(upscale, "available_memory", lambda device: (0, "available"))
+    assert main(_arguments([big], tmp_path / "again.png", model_dir, "--quiet", "--no-memory-check")) == 0
+
+
+def test_upscale_memory_check_counts_the_batch_and_detail_windows(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    need = upscale.MIN_BYTES_PER_OUTPUT_PIXEL * 32 * 32
+    monkeypatch.setattr(upscale, "available_memory", lambda device: (need, "available"))
+    for index in range(2):
+        write_image(tmp_path / "in" / f"{index}.png", (8, 8), index)
+    assert main(_arguments([tmp_path / "in"], tmp_path / "out", model_dir, "--batch-size", "2")) == 2
+    error = capsys.readouterr().err
+    assert "0.png (+1 of its size, refined together): a 32x32 output" in error and "or --batch-size 1;" in error
+    # Windows 8 pixels across fit four times across the 32-pixel output: twice the memory.
+    assert main(_arguments([tmp_path / "in" / "0.png"], tmp_path / "out", model_dir, "--window-size", "8")) == 2
+    assert "or --mode fidelity (detail mode's windows double it)" in capsys.readouterr().err
+    # Under four windows across the image runs whole: no more than without windows.
+    assert main(_arguments([tmp_path / "in" / "0.png"], tmp_path / "o.png", model_dir, "--window-size", "16")) == 0
+    # 16-bit networks hold half-size images (the blending's float32 sums are left out: the estimate stays below).
+    per_pixel = upscale.MIN_BYTES_PER_OUTPUT_PIXEL
+    assert upscale.full_size_bytes((40, 30), 3, windows=True) == 2 * per_pixel * 40 * 30 * 3
+    assert upscale.full_size_bytes((40, 30), dtype=torch.float16) == per_pixel * 40 * 30 // 2
+
+
+def test_upscale_memory_check_waits_for_the_model_where_its_folder_does_not_tell(model_dir, tmp_path, monkeypatch):
+    import json
+
+    from diffusers_sr3.commands import upscale
+
+    # A model saved before its pipeline recorded the upscale factor (its UNet's config has it): known once loaded.
+    index_file = model_dir / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["upscale_factor"] = None
+    index_file.write_text(json.dumps(index))
+    available = upscale.MIN_BYTES_PER_OUTPUT_PIXEL * 32 * 32 - 1
+    monkeypatch.setattr(upscale, "available_memory", lambda device: (available, "available"))
+    events = []
+    _refuse_work(monkeypatch, events)
+    source = write_image(tmp_path / "a.png", (8, 8))
+    with pytest.raises(upscale.NotEnoughMemoryError, match="a 32x32 output"):
+        upscale.run(build_parser().parse_args(_arguments([source], tmp_path / "out", model_dir)))
+    assert events == ["inspect_image", "load_pipeline"]
+
+
+def test_available_memory_reads_meminfo_and_cuda_and_skips_what_it_cannot_tell(monkeypatch):
+    import io
+
+    from diffusers_sr3.commands import upscale
+
+    meminfo = "MemTotal:       24683772 kB\nMemFree:          1000 kB\nMemAvailable:   23841272 kB\n"
+    monkeypatch.setattr(upscale, "open", lambda *a, **k: io.StringIO(meminfo), raising=False)
+    assert upscale.available_memory(torch.device("cpu")) == (23841272 * 1024, "available")
+    monkeypatch.setattr(upscale, "open", lambda *a, **k: io.StringIO("MemTotal: 1 kB\n"), raising=False)
+    assert upscale.available_memory(torch.device("cpu")) is None  # kernels before 3.14 have no MemAvailable
+
+    def unreadable(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")  # macOS, Windows
+
+    monkeypatch.setattr(upscale, "open", unreadable, raising=False)
+    assert upscale.available_memory(torch.device("cpu")) is None
+    assert upscale.available_memory(torch.device("mps")) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
+    assert upscale.available_memory(torch.device("cuda:1")) == (5 * 2**30, "free on cuda:1")

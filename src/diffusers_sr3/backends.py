@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -447,6 +448,23 @@ class OnnxUNet(_OnnxStandIn):
         return SR3UNet2DOutput(sample=prediction)
 
 
+# PyTorch's CPU GroupNorm on channels-last input costs about 150 us per sample of 16x16 pixels or fewer on one core,
+# 12-26x its NCHW kernel (on larger samples about the same): detail mode's windows (64 pixels, a 16x16 grid and
+# smaller at the packaged network's levels, hundreds per batch) took 2.2x their pixel share of the time under bf16,
+# and the progress bar's early ETA was 1.6x short (benchmarks/window_cost.py).
+NCHW_GROUP_NORM_PIXELS = 16 * 16
+
+
+def _nchw_group_norm_input(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Optional[Tuple[Any, ...]]:
+    """A GroupNorm's forward pre-hook: small channels-last samples are normalised in NCHW (the next convolution,
+    whose weights are channels-last, turns them back)."""
+    hidden_states = inputs[0]
+    small = math.prod(hidden_states.shape[2:]) <= NCHW_GROUP_NORM_PIXELS  # attention's norms see (B, C, pixels)
+    if small and not hidden_states.is_contiguous():
+        return (hidden_states.contiguous(), *inputs[1:])
+    return None
+
+
 class AutocastUNet:
     """An SR3 UNet run under bfloat16 autocast with channels-last activations: a stand-in for `pipeline.unet`.
 
@@ -456,6 +474,9 @@ class AutocastUNet:
     Samples at most `downsampling_factor` high or wide run in float32 (on every device: they are tiny, so it costs
     little): their deepest level is one pixel across, and oneDNN's bfloat16 stride-2 convolution with a
     one-pixel-wide output reads garbage (errors of 2 on unit inputs, NaN through the packaged network).
+
+    On the CPU, group normalisation of levels `NCHW_GROUP_NORM_PIXELS` or fewer pixels runs in NCHW (the same values,
+    many times faster for detail mode's windows).
 
     Args:
         unet: a float32 `SR3UNet2DModel`; its weights are converted to channels-last in place (outputs unchanged;
@@ -469,6 +490,7 @@ class AutocastUNet:
         self.unet = unet.to(memory_format=torch.channels_last)
         self.compute_dtype = dtype
         self.config = unet.config
+        self._group_norms = [module for module in unet.modules() if isinstance(module, torch.nn.GroupNorm)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -487,10 +509,17 @@ class AutocastUNet:
         return min(sample.shape[-2:]) > self.downsampling_factor
 
     def __call__(self, sample: torch.Tensor, *args, return_dict: bool = True, **kwargs):
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mixed_precision(sample)):
-            prediction = self.unet(
-                sample.contiguous(memory_format=torch.channels_last), *args, return_dict=False, **kwargs
-            )[0]
+        # Hooked for this call only: the UNet goes back to its own use when the backend's block ends.
+        cpu = self.device.type == "cpu"
+        hooks = [norm.register_forward_pre_hook(_nchw_group_norm_input) for norm in self._group_norms if cpu]
+        try:
+            with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mixed_precision(sample)):
+                prediction = self.unet(
+                    sample.contiguous(memory_format=torch.channels_last), *args, return_dict=False, **kwargs
+                )[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
         prediction = prediction.to(torch.float32).contiguous()
         if not return_dict:
             return (prediction,)

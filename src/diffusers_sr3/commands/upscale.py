@@ -7,10 +7,13 @@ import json
 import os
 import sys
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
+
+if TYPE_CHECKING:
+    import torch
 
 from ..defaults import (
     BACKENDS,
@@ -22,7 +25,7 @@ from ..defaults import (
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
-from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
+from ..image_io import ImageFacts, find_image_sources, image_size, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from .common import (
     DTYPES,
@@ -72,6 +75,12 @@ WINDOWS_TIME_FACTOR = 1.4
 # output pixel in fidelity mode, on top of the tile budget's activations: peaks of 1.58 and 2.75 GB at 3 and 12
 # megapixels out (/usr/bin/time, the packaged model, default --max-tile-pixels, which does not change them).
 BYTES_PER_OUTPUT_PIXEL = 140
+# What the peak grows by per output pixel at the least (the slope between two sizes, without the model, activations
+# and Python that BYTES_PER_OUTPUT_PIXEL spreads over them), at float32: 123 bytes in fidelity mode with the packaged
+# model (peaks of 1.57 and 2.65 GB at 3.2 and 11.9 megapixels out), 128 in detail mode without windows and 263 with
+# them with the tests' tiny model (/usr/bin/time). The memory check estimates with it, so that an image it refuses
+# cannot fit.
+MIN_BYTES_PER_OUTPUT_PIXEL = 120
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +211,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"memory budget of the network's activations: network-grid pixels per evaluation (default "
         f"{DEFAULT_MAX_TILE_PIXELS}, about 1 GB with the photos_x4 network); the full-size images cost about "
         f"{BYTES_PER_OUTPUT_PIXEL} bytes per output pixel on top, whatever it is",
+    )
+    parser.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start images whose full-size images need more memory than is available (MemAvailable on Linux, the "
+        "free memory of a CUDA device), which are refused before any work by default: with swap, or memory that "
+        "will be freed meanwhile",
     )
     parser.add_argument(
         "--backend",
@@ -473,11 +489,106 @@ def _gray16(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.rint(np.clip(luma, 0, 1) * 65535).astype(np.uint16))
 
 
+class NotEnoughMemoryError(ValueError):
+    """An image (or a batch) whose full-size images alone need more memory than the machine has available."""
+
+
+def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
+    """`(bytes, where)` the refinement's full-size images can take on `device`, or None where it cannot be told.
+
+    They live on the pipeline's device: on a CUDA device its free memory (`torch.cuda.mem_get_info`), on the CPU
+    Linux's MemAvailable (what can be allocated without swapping; swap is not counted). Other devices and systems,
+    or a /proc/meminfo that cannot be read, give None: no check.
+    """
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device}"
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if name == "MemAvailable":
+                    return int(value.split()[0]) * 1024, "available"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def full_size_bytes(
+    output_size: Tuple[int, int], images: int = 1, windows: bool = False, dtype: Optional[torch.dtype] = None
+) -> int:
+    """The least memory the full-size images of a refinement of `images` outputs of `output_size` `(width, height)`
+    take: `MIN_BYTES_PER_OUTPUT_PIXEL` per output pixel, twice that with detail mode's windows, half at a 16-bit
+    `dtype` (None: float32). The model, the network's activations (the tile budget) and Python come on top:
+    leaving them out keeps the estimate below the real need, so an image it refuses cannot fit."""
+    width, height = output_size
+    per_pixel = MIN_BYTES_PER_OUTPUT_PIXEL * (2 if windows else 1) * (4 if dtype is None else dtype.itemsize) // 4
+    return per_pixel * width * height * images
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB"
+
+
+def check_memory(
+    paths: Sequence[str],
+    sizes: Sequence[Tuple[int, int]],
+    batch_size: int,
+    upscale_factor: int,
+    window_size: int,
+    available: Tuple[int, str],
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Refuse, before any pixel is decoded, the first batch of `batch_size` same-sized inputs (`sizes` from the
+    headers) whose full-size images ([`full_size_bytes`]) need more than `available` (from [`available_memory`]).
+
+    `window_size` is detail mode's (0 in fidelity mode or without windows); images under `MIN_WINDOWS_ACROSS`
+    windows on their shorter side run whole, at the fidelity cost. `dtype` is the pipeline's (`--dtype`).
+
+    Raises:
+        NotEnoughMemoryError: one line naming the file, its output size, the need, what is available and the remedy.
+    """
+    free, where = available
+    for start, stop in _batches(list(sizes), batch_size):
+        width, height = (length * upscale_factor for length in sizes[start])
+        windows = bool(window_size) and min(width, height) >= MIN_WINDOWS_ACROSS * window_size
+        need = full_size_bytes((width, height), stop - start, windows, dtype)
+        if need <= free:
+            continue
+        images = f" (+{stop - start - 1} of its size, refined together)" if stop - start > 1 else ""
+        remedies = ["a smaller input"] + (["--batch-size 1"] if stop - start > 1 else [])
+        remedies += ["--mode fidelity (detail mode's windows double it)"] if windows else []
+        raise NotEnoughMemoryError(
+            f"{paths[start]}{images}: a {width}x{height} output needs at least {_gigabytes(need)} of memory for its "
+            f"full-size images, {_gigabytes(free)} {where}: try {', or '.join(remedies)}; --no-memory-check starts "
+            "it anyway (with swap, or memory freed meanwhile)"
+        )
+
+
+def _memory_settings(
+    args: argparse.Namespace, mode: Optional[str], pipeline_config: Optional[Dict[str, Any]]
+) -> Optional[Tuple[int, int]]:
+    """`(upscale_factor, window_size)` of a run in `mode`, from the pipeline's config and the command line (as
+    `SR3Pipeline.detail_settings` picks the window size; 0 in fidelity mode); None while either is unknown (a model
+    saved before its pipeline recorded the factor tells it once loaded)."""
+    factor = None if pipeline_config is None else pipeline_config.get("upscale_factor")
+    if mode is None or not isinstance(factor, int):
+        return None
+    window_size = 0
+    if mode == "detail":
+        window_size = pipeline_config.get("detail_window_size", 0) if args.window_size is None else args.window_size
+    return factor, window_size or 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..backends import default_cpu_threads, use_backend
+    from ..backends import default_cpu_threads, resolve_device, use_backend
     from ..detail_windows import window_crops_per_step, windowed_evaluations
     from ..image_processing import grid, tensor_to_pil
     from ..pipelines import SR3Pipeline
@@ -521,6 +632,14 @@ def run(args: argparse.Namespace) -> int:
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     check_destinations(writes, args.overwrite)
+    # Sizes from the headers: an image too large for this machine is refused before any decoding, where the model
+    # folder tells the upscale factor and window size, else once the model is loaded.
+    sizes = [image_size(path) for path in paths]
+    available = None if args.no_memory_check else available_memory(resolve_device(args.device))
+    settings = _memory_settings(args, mode, _saved_config(args.model, "model_index.json"))
+    if available is not None and settings is not None:
+        check_memory(paths, sizes, args.batch_size, *settings, available, DTYPES[args.dtype])
+        available = None
     # Every file is decoded once before any work, so bad files fail first, and dropped: each image is decoded
     # again when its batch runs, holding one batch in memory, not the whole folder.
     facts = [inspect_image(path) for path in paths]
@@ -534,6 +653,9 @@ def run(args: argparse.Namespace) -> int:
         _check_mode_options(args, mode)
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
+    if available is not None:
+        settings = _memory_settings(args, mode, pipeline.config)
+        check_memory(paths, sizes, args.batch_size, *settings, available, DTYPES[args.dtype])
     windowed = 0  # evaluations that also run detail mode's windows: the last ones
     if mode == "fidelity":
         steps, detail_options = args.steps or pipeline.config.fidelity_steps, {}
