@@ -794,11 +794,15 @@ def test_upscale_help_gives_the_memory_of_the_full_size_images_beside_the_tile_b
 
 
 def _refuse_work(monkeypatch, events):
+    from diffusers_sr3 import tiling
     from diffusers_sr3.commands import upscale
 
-    for name in ("inspect_image", "open_image", "load_pipeline", "tiled_super_resolve"):
-        original = getattr(upscale, name)
-        monkeypatch.setattr(upscale, name, lambda *a, _o=original, _n=name, **k: events.append(_n) or _o(*a, **k))
+    # `run` imports the refinement when it starts: it is recorded where it is defined.
+    for module, name in [(upscale, "inspect_image"), (upscale, "open_image"), (upscale, "load_pipeline")] + [
+        (tiling, "tiled_super_resolve")
+    ]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: events.append(_n) or _o(*a, **k))
 
 
 def test_upscale_refuses_an_image_too_large_for_the_memory_before_decoding_it(model_dir, tmp_path, capsys, monkeypatch):
