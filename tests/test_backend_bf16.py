@@ -196,8 +196,11 @@ def test_small_samples_group_normalise_in_nchw_on_the_cpu(monkeypatch):
         seen.clear()
         channels_last = network(windows, 0.5, return_dict=False)[0]
         assert not all(states.is_contiguous() for states in seen)
+        reference = unet(windows, 0.5, return_dict=False)[0]  # float32
     for hook in hooks:
         hook.remove()
-    # The same values either way, and no hook left on the UNet once a call is over.
-    torch.testing.assert_close(fast, channels_last, atol=2e-2, rtol=0)
+    # As accurate against float32 either way (bf16 rounds differently in the two layouts), and no hook left on the
+    # UNet once a call is over.
+    error, channels_last_error = (fast - reference).abs(), (channels_last - reference).abs()
+    assert error.max() < 0.05 and error.mean() < 1.25 * channels_last_error.mean()
     assert all(not norm._forward_pre_hooks for norm in norms)

@@ -798,14 +798,12 @@ def _refuse_work(monkeypatch, events):
     from diffusers_sr3.commands import upscale
 
     # `run` imports the refinement when it starts: it is recorded where it is defined.
-    for module, name in [(upscale, "inspect_image"), (upscale, "open_image"), (upscale, "load_pipeline")] + [
-        (tiling, "tiled_super_resolve")
-    ]:
+    for module, name in [(upscale, "open_image"), (upscale, "load_pipeline"), (tiling, "tiled_super_resolve")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: events.append(_n) or _o(*a, **k))
 
 
-def test_upscale_refuses_an_image_too_large_for_the_memory_before_decoding_it(model_dir, tmp_path, capsys, monkeypatch):
+def test_upscale_refuses_an_image_too_large_for_the_memory_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
     from diffusers_sr3.commands import upscale
 
     need = upscale.MIN_BYTES_PER_OUTPUT_PIXEL * 32 * 32  # an 8x8 input's 32x32 output
@@ -815,7 +813,7 @@ def test_upscale_refuses_an_image_too_large_for_the_memory_before_decoding_it(mo
     write_image(tmp_path / "in" / "a.png", (4, 4))
     big = write_image(tmp_path / "in" / "b.png", (8, 8))
     out = tmp_path / "out"
-    # Like an unreadable file, a file too large stops the run before any work: no file is half done.
+    # Like an unreadable file, a file too large stops the run before the model loads: no file is half done.
     assert main(_arguments([tmp_path / "in"], out, model_dir)) == 2
     error = capsys.readouterr().err
     assert events == [] and not out.exists()
@@ -842,9 +840,14 @@ def test_upscale_memory_check_counts_the_batch_and_detail_windows(model_dir, tmp
     assert "0.png (+1 of its size, refined together): a 32x32 output" in error and "or --batch-size 1;" in error
     # Windows 8 pixels across fit four times across the 32-pixel output: twice the memory.
     assert main(_arguments([tmp_path / "in" / "0.png"], tmp_path / "out", model_dir, "--window-size", "8")) == 2
-    assert "or --mode fidelity (detail mode's windows double it)" in capsys.readouterr().err
+    assert "or --window-size 0 (detail mode's windows double it)" in capsys.readouterr().err
     # Under four windows across the image runs whole: no more than without windows.
     assert main(_arguments([tmp_path / "in" / "0.png"], tmp_path / "o.png", model_dir, "--window-size", "16")) == 0
+    # A 16-bit scan of the same size is refined in a batch of its own, and counted so.
+    scan = PIL.Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    write_image(tmp_path / "mixed" / "0.png", (8, 8))
+    scan.save(tmp_path / "mixed" / "1.png")
+    assert main(_arguments([tmp_path / "mixed"], tmp_path / "mixed_out", model_dir, "--batch-size", "2")) == 0
     # 16-bit networks hold half-size images (the blending's float32 sums are left out: the estimate stays below).
     per_pixel = upscale.MIN_BYTES_PER_OUTPUT_PIXEL
     assert upscale.full_size_bytes((40, 30), 3, windows=True) == 2 * per_pixel * 40 * 30 * 3
@@ -868,7 +871,7 @@ def test_upscale_memory_check_waits_for_the_model_where_its_folder_does_not_tell
     source = write_image(tmp_path / "a.png", (8, 8))
     with pytest.raises(upscale.NotEnoughMemoryError, match="a 32x32 output"):
         upscale.run(build_parser().parse_args(_arguments([source], tmp_path / "out", model_dir)))
-    assert events == ["inspect_image", "load_pipeline"]
+    assert events == ["load_pipeline"]
 
 
 def test_available_memory_reads_meminfo_and_cuda_and_skips_what_it_cannot_tell(monkeypatch):

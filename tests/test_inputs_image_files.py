@@ -200,6 +200,11 @@ def test_float_gray_outside_its_range_is_refused_and_rounding_overshoot_clipped(
         "bright.tif": (hdr.clip(0, 256), "float gray with values 0..256: only 0..1 "),
         "dark.tif": (np.array([[-0.01, 0.5]], np.float32), "float gray with values -0.01..0.5: only 0..1 "),
         "nan.tif": (np.array([[np.nan, 0.5]], np.float32), "float gray holding NaN or infinite values"),
+        # A 0..1 edge that bicubic resampling overshot: read as 0..255, it came out black.
+        "ringing.tif": (
+            np.array([[-0.0625, 1.0625]], np.float32),
+            r"float gray with values -0.0625..1.0625: only 0..1 ",
+        ),
     }
     for name, (values, message) in cases.items():
         PIL.Image.fromarray(values).save(tmp_path / name)

@@ -475,8 +475,9 @@ class AutocastUNet:
     little): their deepest level is one pixel across, and oneDNN's bfloat16 stride-2 convolution with a
     one-pixel-wide output reads garbage (errors of 2 on unit inputs, NaN through the packaged network).
 
-    On the CPU, group normalisation of levels `NCHW_GROUP_NORM_PIXELS` or fewer pixels runs in NCHW (the same values,
-    many times faster for detail mode's windows).
+    On the CPU, group normalisation of levels `NCHW_GROUP_NORM_PIXELS` or fewer pixels runs in NCHW: many times
+    faster for detail mode's windows, as accurate against float32 (bf16 rounding differs, so seeded outputs change in
+    the last bits).
 
     Args:
         unet: a float32 `SR3UNet2DModel`; its weights are converted to channels-last in place (outputs unchanged;

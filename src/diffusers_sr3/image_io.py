@@ -148,13 +148,14 @@ def _integer_gray_top(image: PIL.Image.Image) -> int:
 
 
 def _float_white(image: PIL.Image.Image) -> float:
-    """The value that means white in a float (`F`) image: 1, or 255 when values exceed 1 (by more than
-    `FLOAT_OVERSHOOT`).
+    """The value that means white in a float (`F`) image: 1, or 255 when values reach 2 or more.
 
     Raises:
-        UnreadableImageError: for NaN or infinite values, and values outside 0..1 (0..255) by more than
+        UnreadableImageError: for NaN or infinite values; values outside 0..1 (0..255) by more than
             `FLOAT_OVERSHOOT` of white (an HDR or linear-light image, a depth map): clipping them lost their
-            highlights and shadows without a word, and NaN came out black.
+            highlights and shadows without a word, and NaN came out black; and a largest value between 1 and 2,
+            which is a 0..1 image that resampling overshot (ringing) far more often than a 0..255 one with no light
+            in it: read as 0..255 it came out black.
     """
     values = np.asarray(image)
     if not values.size:
@@ -163,10 +164,10 @@ def _float_white(image: PIL.Image.Image) -> float:
         raise UnreadableImageError("float gray holding NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     white = 1.0 if high <= 1 + FLOAT_OVERSHOOT else 255.0
-    if low < -FLOAT_OVERSHOOT * white or high > white * (1 + FLOAT_OVERSHOOT):
+    if low < -FLOAT_OVERSHOOT * white or high > white * (1 + FLOAT_OVERSHOOT) or 1 + FLOAT_OVERSHOOT < high < 2:
         raise UnreadableImageError(
-            f"float gray with values {low:g}..{high:g}: only 0..1 (or 0..255, where values exceed 1) has a known "
-            "white; scale it into 0..1 (tone-map an HDR image)"
+            f"float gray with values {low:g}..{high:g}: only 0..1 (or 0..255, where values reach 2) has a known "
+            "white; clip a 0..1 image that resampling overshot, scale others into 0..1 (tone-map an HDR image)"
         )
     return white
 
@@ -176,7 +177,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
     PIL's own `convert("RGB")` clips 16- and 32-bit gray and float images at 255: a 16-bit PNG or TIFF comes out
     white. These are scaled from their range instead: 16-bit (`I;16*`, and `I` holding values above 255) by 1/257,
-    float (`F`) from [0, 1] (from [0, 255] when values exceed 1).
+    float (`F`) from [0, 1] (from [0, 255] when values reach 2).
 
     Raises:
         UnreadableImageError: an `I` image with values outside 0..65535, an `F` image with values outside its range

@@ -25,7 +25,7 @@ from ..defaults import (
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
-from ..image_io import ImageFacts, find_image_sources, image_size, inspect_image, open_alpha, open_image
+from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from .common import (
     DTYPES,
@@ -536,15 +536,16 @@ def _gigabytes(count: int) -> str:
 
 def check_memory(
     paths: Sequence[str],
-    sizes: Sequence[Tuple[int, int]],
+    batch_keys: Sequence[Tuple[Any, ...]],
     batch_size: int,
     upscale_factor: int,
     window_size: int,
     available: Tuple[int, str],
     dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Refuse, before any pixel is decoded, the first batch of `batch_size` same-sized inputs (`sizes` from the
-    headers) whose full-size images ([`full_size_bytes`]) need more than `available` (from [`available_memory`]).
+    """Refuse, before any image is refined, the first batch whose full-size images ([`full_size_bytes`]) need more
+    than `available` (from [`available_memory`]): batches of up to `batch_size` consecutive inputs of one key in
+    `batch_keys`, the keys the run batches by, whose first item is the input's `(width, height)`.
 
     `window_size` is detail mode's (0 in fidelity mode or without windows); images under `MIN_WINDOWS_ACROSS`
     windows on their shorter side run whole, at the fidelity cost. `dtype` is the pipeline's (`--dtype`).
@@ -553,15 +554,15 @@ def check_memory(
         NotEnoughMemoryError: one line naming the file, its output size, the need, what is available and the remedy.
     """
     free, where = available
-    for start, stop in _batches(list(sizes), batch_size):
-        width, height = (length * upscale_factor for length in sizes[start])
+    for start, stop in _batches(batch_keys, batch_size):
+        width, height = (length * upscale_factor for length in batch_keys[start][0])
         windows = bool(window_size) and min(width, height) >= MIN_WINDOWS_ACROSS * window_size
         need = full_size_bytes((width, height), stop - start, windows, dtype)
         if need <= free:
             continue
         images = f" (+{stop - start - 1} of its size, refined together)" if stop - start > 1 else ""
         remedies = ["a smaller input"] + (["--batch-size 1"] if stop - start > 1 else [])
-        remedies += ["--mode fidelity (detail mode's windows double it)"] if windows else []
+        remedies += ["--window-size 0 (detail mode's windows double it)"] if windows else []
         raise NotEnoughMemoryError(
             f"{paths[start]}{images}: a {width}x{height} output needs at least {_gigabytes(need)} of memory for its "
             f"full-size images, {_gigabytes(free)} {where}: try {', or '.join(remedies)}; --no-memory-check starts "
@@ -632,20 +633,20 @@ def run(args: argparse.Namespace) -> int:
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     check_destinations(writes, args.overwrite)
-    # Sizes from the headers: an image too large for this machine is refused before any decoding, where the model
-    # folder tells the upscale factor and window size, else once the model is loaded.
-    sizes = [image_size(path) for path in paths]
-    available = None if args.no_memory_check else available_memory(resolve_device(args.device))
-    settings = _memory_settings(args, mode, _saved_config(args.model, "model_index.json"))
-    if available is not None and settings is not None:
-        check_memory(paths, sizes, args.batch_size, *settings, available, DTYPES[args.dtype])
-        available = None
     # Every file is decoded once before any work, so bad files fail first, and dropped: each image is decoded
     # again when its batch runs, holding one batch in memory, not the whole folder.
     facts = [inspect_image(path) for path in paths]
     for path, fact, destination in zip(paths, facts, destinations):
         for note in _notes(path, fact, destination):
             print(f"note: {note}", file=sys.stderr)
+    batch_keys = [(fact.size, fact.sixteen_bit) for fact in facts]  # a batch refines images of one size and depth
+    # A run too large for this machine is refused before any refinement: before the model loads where its folder
+    # tells the upscale factor and window size, else once it is loaded.
+    available = None if args.no_memory_check else available_memory(resolve_device(args.device))
+    settings = _memory_settings(args, mode, _saved_config(args.model, "model_index.json"))
+    if available is not None and settings is not None:
+        check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
+        available = None
     pipeline = load_pipeline(args, SR3Pipeline)
     pipeline.set_progress_bar_config(disable=True)  # our own bar counts steps and tiles
     if mode is None:
@@ -655,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
         _check_tile_options(args, pipeline.unet)
     if available is not None:
         settings = _memory_settings(args, mode, pipeline.config)
-        check_memory(paths, sizes, args.batch_size, *settings, available, DTYPES[args.dtype])
+        check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
     windowed = 0  # evaluations that also run detail mode's windows: the last ones
     if mode == "fidelity":
         steps, detail_options = args.steps or pipeline.config.fidelity_steps, {}
@@ -696,7 +697,7 @@ def run(args: argparse.Namespace) -> int:
         use_backend(pipeline, args.backend, threads=threads) as network,
         tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
     ):
-        for start, stop in _batches([(fact.size, fact.sixteen_bit) for fact in facts], args.batch_size):
+        for start, stop in _batches(batch_keys, args.batch_size):
             images = [open_image(path, keep_16bit=True) for path in paths[start:stop]]
             sixteen_bit = facts[start].sixteen_bit
             crops = crops_per_step(
