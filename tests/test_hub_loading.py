@@ -146,6 +146,19 @@ def test_a_folder_of_pickled_weights_says_how_to_convert_it(tiny_pipeline, tmp_p
     torch.testing.assert_close(converted.unet.conv_in.weight, tiny_pipeline.unet.conv_in.weight)
 
 
+def test_pickled_weights_the_load_does_not_read_are_no_error(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    """Only the folders a load reads count: not a component passed in, nor a folder beside the components."""
+    folder = tmp_path / "binpipe"
+    tiny_pipeline.save_pretrained(folder, safe_serialization=False)
+    assert SR3Pipeline.from_pretrained(folder, unet=tiny_pipeline.unet).unet is tiny_pipeline.unet
+    tiny_pipeline.push_to_hub("someone/binsr3", safe_serialization=False)
+    assert SR3Pipeline.from_pretrained("someone/binsr3", unet=tiny_pipeline.unet).unet is tiny_pipeline.unet
+    kept = tmp_path / "kept"
+    tiny_pipeline.save_pretrained(kept)
+    (folder / "unet").rename(kept / "unet_backup")  # a copy of an old network, in .bin
+    torch.testing.assert_close(SR3Pipeline.from_pretrained(kept).unet.state_dict(), tiny_pipeline.unet.state_dict())
+
+
 def test_a_hub_repo_of_pickled_weights_is_saved_into_a_folder_of_the_users(tiny_pipeline, hub, tmp_path):  # noqa: F811
     """Saved under the repo id, the converted copy would be a local folder that shadows the repo in later loads."""
     tiny_pipeline.push_to_hub("someone/binsr3", safe_serialization=False)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from .defaults import MIN_WINDOWS_ACROSS
 from .image_processing import lowpass
-from .pipelines.base import stand_ins
 from .tiling import DEFAULT_MAX_TILE_PIXELS, NetworkStandIn, TiledNetwork, _unshuffle_factor
 
 
@@ -189,5 +188,8 @@ def windowed_networks(
 ) -> Iterator[None]:
     """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block (neither
     reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`]); `max_pixels` as there."""
+    # Here: the pipelines import this module, so importing them at its top is circular when it is imported first.
+    from .pipelines.base import stand_ins
+
     with stand_ins(pipeline, lambda network: WindowedNetwork(network, window_size, sigma, max_pixels)):
         yield

@@ -26,7 +26,6 @@ import torch
 
 from .defaults import DEFAULT_MAX_TILE_PIXELS
 from .image_processing import ImageInput
-from .pipelines.base import stand_ins
 
 
 def _check_tiles(tile: int, overlap: int, align: int = 1) -> None:
@@ -328,6 +327,9 @@ def tiled_unet(
 
     def tiled(network: Any) -> TiledNetwork:
         return TiledNetwork(network, tile_size, overlap, batch_size, max_pixels=max_pixels, progress=progress)
+
+    # Here: the pipelines import this module, so importing them at its top is circular when it is imported first.
+    from .pipelines.base import stand_ins
 
     with stand_ins(pipeline, tiled):
         yield pipeline.unet

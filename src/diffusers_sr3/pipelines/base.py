@@ -17,6 +17,7 @@ the SR3 components itself and loads only configs and safetensors weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import inspect
 import json
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -228,6 +229,15 @@ def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type
     return pipeline_class
 
 
+def _local_index(folder: str, component: str) -> Optional[Dict[str, Any]]:
+    """The model_index.json of `folder`'s `component` folder (a nested pipeline's), None where it has none."""
+    path = os.path.join(folder, component, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _holds_variant(folder: str, variant: str) -> bool:
     """Whether any weight file below `folder` is of `variant`."""
     return any(weight_file_variant(name.rpartition("/")[2]) == (True, variant) for name in _files_under(folder))
@@ -300,6 +310,29 @@ def pickle_only_folders(files: Sequence[str]) -> List[str]:
         if folder and weight_file_variant(base)[0]:
             formats.setdefault(folder, set()).add(".bin" in base)
     return sorted(folder for folder, pickled in formats.items() if pickled == {True})
+
+
+def loaded_component_folders(
+    index: Dict[str, Any], passed: Collection[str], nested_index: Callable[[str], Optional[Dict[str, Any]]]
+) -> List[str]:
+    """The component folders (`/`-separated, relative to the pipeline's) whose weights loading a pipeline saved with
+    `index` (its model_index.json) reads: its components but those `passed` in, and a nested pipeline's own (a
+    cascade's stage), recursively. `nested_index(folder)` gives a component folder's model_index.json, None for a
+    network's or a scheduler's. Other folders beside them (a backup, a killed save's leftover) are not read."""
+    folders = []
+    for name, entry in index.items():
+        if name.startswith("_") or name in passed or not isinstance(entry, list) or entry[0] is None:
+            continue
+        nested = nested_index(name)
+        if nested is None:
+            folders.append(name)
+            continue
+
+        def inner_index(inner: str, outer: str = name) -> Optional[Dict[str, Any]]:
+            return nested_index(f"{outer}/{inner}")
+
+        folders += [f"{name}/{inner}" for inner in loaded_component_folders(nested, (), inner_index)]
+    return folders
 
 
 def pickled_weights_error(pipeline_class: type, source: str, folders: Sequence[str], local: bool) -> ValueError:
@@ -746,9 +779,21 @@ class SR3BasePipeline(DiffusionPipeline):
             patterns = [glob.escape(file) for file in files_to_download(listed, variant, pickles)]
         try:
             with open(hf_hub_download(name, "model_index.json", **download_kwargs), encoding="utf-8") as handle:
-                pipeline_class = _saved_pipeline_class(cls, name, json.load(handle))
+                index = json.load(handle)
+            pipeline_class = _saved_pipeline_class(cls, name, index)
             # Before any weights: the safetensors-only download would fetch none of theirs.
-            pickled = [] if pickles or listed is None else pickle_only_folders(listed)
+            pickled = []
+            if not pickles and listed is not None:
+
+                def nested_index(folder: str) -> Optional[Dict[str, Any]]:
+                    if f"{folder}/model_index.json" not in listed:
+                        return None
+                    nested = hf_hub_download(name, f"{folder}/model_index.json", **download_kwargs)
+                    with open(nested, encoding="utf-8") as handle:
+                        return json.load(handle)
+
+                loaded = set(loaded_component_folders(index, kwargs, nested_index))
+                pickled = [folder for folder in pickle_only_folders(listed) if folder in loaded]
             if pickled:
                 raise pickled_weights_error(pipeline_class, name, pickled, local=False)
             return snapshot_download(name, allow_patterns=patterns, **download_kwargs)
@@ -818,7 +863,8 @@ class SR3BasePipeline(DiffusionPipeline):
         use_safetensors = kwargs.pop("use_safetensors", None)
         model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
         if use_safetensors is None:
-            pickled = pickle_only_folders(_files_under(folder))
+            loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
+            pickled = [name for name in pickle_only_folders(_files_under(folder)) if name in loaded]
             if pickled:
                 raise pickled_weights_error(pipeline_class, source, pickled, local=folder == source)
         expected, optional = pipeline_class._get_signature_keys(pipeline_class)
