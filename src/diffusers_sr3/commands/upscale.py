@@ -49,8 +49,7 @@ model (photos_x4 network), measured by benchmarks/upscale.py on 2 cores of an In
     ({fp32_fidelity:.0f} s in float32); --self-ensemble: {ensemble} times the evaluations, about {bf16_ensemble:.0f} s;
   --mode detail ({steps} steps at strength {strength:g}, guided: {detail_evaluations} network evaluations): about
     {bf16_detail:.0f} s ({fp32_detail:.0f} s in float32); in {window_size}-pixel windows (the packaged model's
-    default on images {window_minimum} pixels or more a side) about {windows_factor:g} times that (measured in
-    float32 on an AMD EPYC)
+    default on images {window_minimum} pixels or more a side) about {windows_factor:g} times that
   memory: up to 1 megapixel runs untiled (peak 1.4 GB measured); larger images run in tiles, which bound
     the network's activations (--max-tile-pixels), not the full-size images: those cost about {pixel_bytes} bytes
     per output pixel whatever the tiles (fidelity mode; about twice that with detail mode's windows; times
@@ -69,8 +68,10 @@ STARTUP_SECONDS = 4
 DEFAULT_QUALITY = 95
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
-# Detail mode in training-sized windows against the whole image only (benchmarks/upscale.py, one run).
-WINDOWS_TIME_FACTOR = 1.4
+# Detail mode in training-sized windows against the whole image only, end to end with the default backend:
+# 20.0 / 11.4 s (benchmarks/results/upscale/detail-windows-bf16/now.md; 26.5 / 12.5 s before small GroupNorms ran in
+# NCHW, before.md; in float32 on an AMD EPYC 1.4, detail-windows/).
+WINDOWS_TIME_FACTOR = 1.75
 # Memory of the full-size tensors (noisy image, condition, blended prediction, scheduler temporaries, output) per
 # output pixel in fidelity mode, on top of the tile budget's activations: peaks of 1.58 and 2.75 GB at 3 and 12
 # megapixels out (/usr/bin/time, the packaged model, default --max-tile-pixels, which does not change them).
