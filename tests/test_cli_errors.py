@@ -99,3 +99,14 @@ def test_a_float32_backend_with_another_dtype_is_refused_before_the_model_loads(
         + ("a float32 model under bfloat16 autocast" if backend == "bf16" else "the model in float32")
         + ": use --dtype float32, or --backend torch\n"
     )
+
+
+def test_an_unknown_option_is_named_by_its_subcommand(capsys):
+    """It printed the top-level usage and `sr3: error:`, unlike every other error of a subcommand."""
+    with pytest.raises(SystemExit) as leaving:
+        cli.main(["upscale", "photo.png", "--output", "out", "--bogus"])
+    assert leaving.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: sr3 upscale ") and error.endswith(
+        "sr3 upscale: error: unrecognized arguments: --bogus\n"
+    )

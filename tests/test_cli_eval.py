@@ -257,6 +257,10 @@ def test_outputs_inside_the_hr_folder_or_beside_their_sources(tmp_path):
     shared = eval_report(tmp_path, "--hr", photos, "--sr", photos, "--lr", photos)
     assert sorted(shared) == ["a", "trip/b"] and all(values["psnr"] == "inf" for values in shared.values())
     assert all("consistency" in values for values in shared.values())
+    # `sr3 upscale photos --output photos` upscaled the HR images too: scored are the LR inputs' results.
+    for index, name in enumerate(["a", "trip/b"]):
+        write_noise(photos / f"{name}_sr.png", (64, 64), index + 40)
+    assert eval_report(tmp_path, "--hr", photos, "--sr", photos, "--lr", photos) == shared
 
 
 def test_results_folder_skips_hidden_files_and_refuses_two_files_of_one_id(tmp_path, capsys):

@@ -132,12 +132,18 @@ def test_files_that_are_not_original_checkpoints_are_refused(tmp_path):
     cases["no 'denoise_fn"] = tmp_path / "renamed.pth"
     with open(tmp_path / "code.pth", "wb") as handle:
         pickle.dump({"denoise_fn.x": _Payload()}, handle)
-    cases["cannot be loaded as plain tensors"] = tmp_path / "code.pth"
+    cases["is no checkpoint of plain tensors"] = tmp_path / "code.pth"
+    torch.save({"denoise_fn.x": _Payload()}, tmp_path / "code_saved.pth")
+    cases["holds pickled Python objects, not only tensors, and loading them could run code"] = (
+        tmp_path / "code_saved.pth"
+    )
+    cases["is no checkpoint of plain tensors "] = sr3_config  # torch's own words advise weights_only=False
     (tmp_path / "truncated.pth").write_bytes((FIXTURES / "sr3_tiny_I10_E1_gen.pth").read_bytes()[:5000])
     cases["cannot be loaded as plain tensors "] = tmp_path / "truncated.pth"
     for message, path in cases.items():
-        with pytest.raises(CheckpointError, match=message.strip()):
+        with pytest.raises(CheckpointError, match=message.strip()) as raised:
             convert_original_checkpoint(path, sr3_config)
+        assert "weights_only" not in str(raised.value) and "\x1b" not in str(raised.value)
     assert not os.path.exists("/tmp/sr3-should-not-exist")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         convert_original_checkpoint(tmp_path / "missing_gen.pth", sr3_config)
@@ -149,10 +155,18 @@ def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="config does not match the weights"):
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
     config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
-    config["model"]["unet"]["inner_channel"] = 16
     config["model"]["unet"]["norm_groups"] = 8
-    with pytest.raises(CheckpointError, match="shapes differ"):
-        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+    # The line names the JSON setting to fix, not only the tensors it changes.
+    for setting, value, message in [
+        ("inner_channel", 16, "model.unet.inner_channel is 16, the weights' is 8: shapes differ"),
+        ("in_channel", 3, "model.unet.in_channel is 3, the weights take 6 channels: shapes differ"),
+        ("out_channel", 1, "model.unet.out_channel is 1, the weights give 3 channels: shapes differ"),
+        ("channel_multiplier", [1, 2, 2], r"the levels' widths differ \(model.unet.channel_multiplier\): shapes"),
+    ]:
+        wrong = json.loads(json.dumps(config))
+        wrong["model"]["unet"][setting] = value
+        with pytest.raises(CheckpointError, match=message):
+            convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", wrong)
     with pytest.raises(CheckpointError, match="'ddpm' network but the config says which_model_G 'sr3'"):
         convert_original_checkpoint(FIXTURES / "ddpm_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
     (tmp_path / "broken.json").write_text("{ not json")

@@ -107,6 +107,20 @@ assert not failed, failed
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_every_submodule_is_an_attribute_of_the_package():
+    """`diffusers_sr3.backends.use_backend(...)` as README writes it: served on first use, as the eager import of
+    every submodule would have bound them; other names stay missing, for Diffusers' getattr(library, name, None)."""
+    code = """
+import diffusers_sr3
+assert "diffusers_sr3.redaction" not in sys.modules
+assert callable(diffusers_sr3.redaction.redact) and callable(diffusers_sr3.backends.use_backend)
+assert callable(diffusers_sr3.pretrained.default_model_path)
+assert getattr(diffusers_sr3, "ModelMixin", None) is None and getattr(diffusers_sr3, "_private", None) is None
+"""
+    done = _python(code, heavy=())
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_a_pipeline_module_registers_the_remote_code_aliases_however_it_is_reached():
     code = """
 import diffusers_sr3.pipelines.pipeline_sr3

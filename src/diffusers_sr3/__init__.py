@@ -90,13 +90,18 @@ if TYPE_CHECKING:  # for type checkers and editors, which do not run `__getattr_
 
 def __getattr__(name: str) -> Any:
     """Import a public name's submodule on first use, or a submodule asked for as an attribute
-    (`diffusers_sr3.pipelines`, as after the eager import before)."""
+    (`diffusers_sr3.pipelines`, `diffusers_sr3.backends`)."""
     if name in _LAZY_NAMES:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}"), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    if name in _EAGER_SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
+    if not name.startswith("_"):
+        # Any submodule (`diffusers_sr3.backends.use_backend`), as an eager import of all of them would bind it.
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":  # a submodule that exists, missing a dependency of its own
+                raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `parser`'s subcommand `command`."""
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[command]
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
@@ -67,7 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     interrupted, also while the subcommands are imported or their `run` imports torch and the pipelines)."""
     prog = "sr3"
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # told by the subcommand's parser: its usage, and `sr3 <command>: error:` as every other error
+            _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
         prog = f"sr3 {args.command}"
         try:
             return int(args.run(args) or 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -112,6 +113,13 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
     # (KeyError, IndexError, UnpicklingError...): each means the file is not a checkpoint of plain tensors.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Not torch's own text: it advises loading with weights_only=False, which could run code from the file.
+        if "global" in str(error).lower():  # "Unsupported global", "unsupported GLOBAL", "not an allowed global"
+            reason = "it holds pickled Python objects, not only tensors, and loading them could run code from it"
+        else:
+            reason = "it is no checkpoint of plain tensors (torch's safe loader cannot read it)"
+        raise CheckpointError(f"{path} is not an original SR3 checkpoint: {reason}") from None
     except Exception as error:
         # The type too: the unpickler's KeyError or IndexError says only `101` or `pop from empty list`.
         message = str(error).strip()
@@ -280,6 +288,23 @@ def _listing(keys, limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _channels_hint(weights: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> str:
+    """The JSON setting that shapes differing between the converted weights and the config's network point at: the
+    network's first and last convolutions tell its input, output and base widths; other widths are the levels'."""
+    (saved_out, saved_in), (built_out, built_in) = (
+        weights["conv_in.weight"].shape[:2],
+        expected["conv_in.weight"].shape[:2],
+    )
+    if saved_in != built_in:
+        return f": model.unet.in_channel is {built_in}, the weights take {saved_in} channels"
+    if saved_out != built_out:
+        return f": model.unet.inner_channel is {built_out}, the weights' is {saved_out}"
+    saved_final, built_final = weights["conv_out.conv.weight"].shape[0], expected["conv_out.conv.weight"].shape[0]
+    if saved_final != built_final:
+        return f": model.unet.out_channel is {built_final}, the weights give {saved_final} channels"
+    return ": the levels' widths differ (model.unet.channel_multiplier)"
+
+
 def _attention_hint(keys) -> str:
     """What to check when the tensors that the config and the weights disagree on are all attention layers'."""
     if not all(".attention." in key for key in keys):
@@ -397,7 +422,10 @@ def convert_original_checkpoint(
         if weights[key].shape != value.shape
     ]
     if wrong:
-        raise CheckpointError(f"the config does not match the weights: shapes differ for {_listing(wrong, 3)}")
+        raise CheckpointError(
+            f"the config does not match the weights{_channels_hint(weights, expected)}: shapes differ for "
+            f"{_listing(wrong, 3)}"
+        )
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise CheckpointError(

@@ -80,6 +80,11 @@ def _role(stem: str) -> str:
     return next((kind for kind in ("sr", "lr", "inf") if stem.endswith(f"_{kind}")), "hr")
 
 
+def _upscaled_input(path: str) -> bool:
+    """Whether `path` is what `sr3 upscale` wrote for a `<name>_lr` input (`<name>_lr_sr`)."""
+    return os.path.splitext(path)[0].endswith("_lr_sr")
+
+
 def _folder_images(folder: str, what: str, others: Sequence[str] = (), shared: bool = False) -> Dict[str, str]:
     """Images under `folder` (recursively) by matching key; duplicate keys are an error.
 
@@ -89,7 +94,8 @@ def _folder_images(folder: str, what: str, others: Sequence[str] = (), shared: b
         others: the other folders given: those inside `folder` hold the other kinds of images and are left out.
         shared: `folder` is also given for another kind (`sr3 upscale photos --output photos` writes `<name>_sr`
             beside `<name>` and its `<name>_lr` input): read only the files whose last suffix names `what` (no
-            suffix: `hr`). `<name>_sr_process` frames are never SR images.
+            suffix: `hr`). `<name>_sr_process` frames are never SR images, and where the HR image was upscaled too,
+            its `<name>_sr` gives way to the LR input's `<name>_lr_sr`.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--{what} folder not found: {folder}")
@@ -106,6 +112,12 @@ def _folder_images(folder: str, what: str, others: Sequence[str] = (), shared: b
             continue
         key = _key(relative)
         if key in found:
+            # `sr3 upscale photos --output photos` upscales the HR files too: their `<name>_sr` (`<name>_hr_sr`)
+            # is no result to score, `<name>_lr_sr`, from the LR input, is.
+            from_lr = [_upscaled_input(candidate) for candidate in (found[key], path)]
+            if shared and what == "sr" and from_lr.count(True) == 1:
+                found[key] = path if from_lr[1] else found[key]
+                continue
             raise ValueError(f"--{what}: {found[key]} and {path} both match the name {key!r}")
         found[key] = path
     if not found:
