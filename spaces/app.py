@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import logging
 import os
 import pathlib
 import time
@@ -30,7 +31,7 @@ import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_sr3 import SR3Pipeline  # noqa: E402
+from diffusers_sr3 import SR3Pipeline, image_io  # noqa: E402
 from diffusers_sr3.backends import resolve_device, use_backend  # noqa: E402
 from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations  # noqa: E402
 from diffusers_sr3.image_io import (  # noqa: E402
@@ -106,15 +107,31 @@ def scale_choices(upscale_factor: int) -> Dict[str, int]:
     return choices
 
 
+class _Recorder(logging.Handler):
+    """Keeps the warnings logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
     """Open an uploaded file as an RGB image, refusing files that are no image or have more than `max_pixels`.
 
     The size is checked from the header, before the pixels are decoded. Errors are `gr.Error`s naming `name`
-    (the file name the user uploaded), shown in the page and returned to API clients.
+    (the file name the user uploaded), shown in the page and returned to API clients; warnings about the file (EXIF
+    that cannot be read) are shown as `gr.Warning`s, not only logged on the server.
     """
+    recorder = _Recorder()
+    image_io.logger.addHandler(recorder)
+    # The library warns once per file and message; here every upload is news to whoever sent it.
+    image_io._warn_once.cache_clear()
     try:
         # Upright by its EXIF orientation (phone photos), as the browser shows it.
-        return open_image(path, name, max_pixels=max_pixels)
+        image = open_image(path, name, max_pixels=max_pixels)
     except ImageTooLargeError as error:
         if error.size is None:  # too large for Pillow to open at all
             size = f"over {2 * PIL.Image.MAX_IMAGE_PIXELS:,} pixels"
@@ -131,6 +148,11 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
         raise gr.Error(f"{name} is a damaged or unsupported image: {error.detail}") from None
     except FileNotFoundError:
         raise gr.Error(f"{name} was not received; upload it again") from None
+    finally:
+        image_io.logger.removeHandler(recorder)
+    for record in recorder.records:
+        gr.Warning(record.getMessage())
+    return image
 
 
 def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
 from test_image_io import png_claiming_size
-from test_inputs_image_files import float_rgb_tiff
+from test_inputs_image_files import _garbled_exif_jpeg, float_rgb_tiff
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
@@ -492,3 +492,16 @@ def test_an_undecodable_tiff_is_named_as_such(tmp_path):
     path.write_bytes(float_rgb_tiff())
     with pytest.raises(gradio.Error, match=r"render\.tif is .*: a TIFF layout Pillow cannot decode \(such as 32-bit"):
         app.read_upload(str(path), "render.tif", 1000)
+
+
+def test_garbled_exif_is_shown_to_the_user_at_every_upload(tmp_path, monkeypatch):
+    """The warning that a photo's EXIF orientation could not be read reached only the server log."""
+    app = load_app()
+    shown = []
+    monkeypatch.setattr(gradio, "Warning", shown.append)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 12, 3), dtype=np.uint8)
+    path = _garbled_exif_jpeg(tmp_path / "upload.jpg", pixels)
+    for _ in range(2):  # the same photo uploaded again (another visitor): warned again
+        assert app.read_upload(str(path), "IMG_0001.jpg", 1000).size == (12, 6)
+    assert len(shown) == 2 and shown[0].startswith("IMG_0001.jpg: its EXIF orientation could not be read (")
+    assert app.read_upload(str(PHOTO), "face.png", 1000) and len(shown) == 2
