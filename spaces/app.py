@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import logging
 import os
 import pathlib
 import time
@@ -30,10 +31,16 @@ import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_sr3 import SR3Pipeline  # noqa: E402
+from diffusers_sr3 import SR3Pipeline, image_io  # noqa: E402
 from diffusers_sr3.backends import resolve_device, use_backend  # noqa: E402
 from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations  # noqa: E402
-from diffusers_sr3.image_io import ImageTooLargeError, UnreadableImageError, is_grayscale, open_image  # noqa: E402
+from diffusers_sr3.image_io import (  # noqa: E402
+    ImageTooLargeError,
+    UnreadableImageError,
+    is_grayscale,
+    open_alpha,
+    open_image,
+)
 from diffusers_sr3.image_processing import (  # noqa: E402
     grid,
     images_to_tensor,
@@ -100,15 +107,31 @@ def scale_choices(upscale_factor: int) -> Dict[str, int]:
     return choices
 
 
+class _Recorder(logging.Handler):
+    """Keeps the warnings logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
     """Open an uploaded file as an RGB image, refusing files that are no image or have more than `max_pixels`.
 
     The size is checked from the header, before the pixels are decoded. Errors are `gr.Error`s naming `name`
-    (the file name the user uploaded), shown in the page and returned to API clients.
+    (the file name the user uploaded), shown in the page and returned to API clients; warnings about the file (EXIF
+    that cannot be read) are shown as `gr.Warning`s, not only logged on the server.
     """
+    recorder = _Recorder()
+    image_io.logger.addHandler(recorder)
+    # The library warns once per file and message; here every upload is news to whoever sent it.
+    image_io._warn_once.cache_clear()
     try:
         # Upright by its EXIF orientation (phone photos), as the browser shows it.
-        return open_image(path, name, max_pixels=max_pixels)
+        image = open_image(path, name, max_pixels=max_pixels)
     except ImageTooLargeError as error:
         if error.size is None:  # too large for Pillow to open at all
             size = f"over {2 * PIL.Image.MAX_IMAGE_PIXELS:,} pixels"
@@ -125,6 +148,11 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
         raise gr.Error(f"{name} is a damaged or unsupported image: {error.detail}") from None
     except FileNotFoundError:
         raise gr.Error(f"{name} was not received; upload it again") from None
+    finally:
+        image_io.logger.removeHandler(recorder)
+    for record in recorder.records:
+        gr.Warning(record.getMessage())
+    return image
 
 
 def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
@@ -358,6 +386,15 @@ def build_demo(
             raise gr.Error(str(error)) from None
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
+        # The networks see RGB; transparency is resized on its own and put back, as `sr3 upscale` does for PNG.
+        alpha = open_alpha(upload["path"])
+
+        def transparent(picture: PIL.Image.Image, resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
+            if alpha is None:
+                return picture
+            picture = picture.copy()
+            picture.putalpha(alpha.resize(picture.size, resample))
+            return picture
 
         progress((0, 1), desc="refining", unit="evaluations")
         results = {}
@@ -378,15 +415,17 @@ def build_demo(
             )
         result = results["detail"]
         height, width = result.output_size
-        nearest = image.resize((width, height), PIL.Image.NEAREST)
+        nearest = transparent(image.resize((width, height), PIL.Image.NEAREST), PIL.Image.NEAREST)
+        bicubic = transparent(result.bicubic)
+        sr3 = {mode: transparent(outcome.sr3) for mode, outcome in results.items()}
         gallery = [
             (nearest, f"input {image.width}x{image.height} (nearest neighbour)"),
-            (result.bicubic, f"bicubic {width}x{height}"),
+            (bicubic, f"bicubic {width}x{height}"),
         ]
-        for mode, outcome in results.items():
+        for mode in results:
             label = f"SR3 {mode}" if len(modes) > 1 else "SR3"
             label += " (self-ensemble)" if self_ensemble and mode == "fidelity" else ""
-            gallery.append((outcome.sr3, f"{label} {width}x{height}"))
+            gallery.append((sr3[mode], f"{label} {width}x{height}"))
         info = (
             f"**{scale_label}**: {image.width}x{image.height} → {width}x{height} · {scheduler}, {steps} steps"
             + (f" (detail strength {strength:g})" if strength < 1 else "")
@@ -398,7 +437,7 @@ def build_demo(
             f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
         )
         process = gr.Image(value=result.process, visible=result.process is not None)
-        return gallery, (result.bicubic, result.sr3), process, info
+        return gallery, (bicubic, sr3["detail"]), process, info
 
     # A public Space runs for days: drop uploads and results an hour old, every hour.
     with gr.Blocks(title="SR3 super-resolution", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:

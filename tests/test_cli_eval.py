@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import PAIRS, SAMPLES
 
 from diffusers_sr3 import metrics
@@ -122,6 +123,29 @@ def test_fid_option(tmp_path):
     arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--fid", "--json"]
     assert main(arguments + [str(report_path)]) == 0
     assert json.loads(report_path.read_text())["fid"] > 1
+
+
+def test_fid_is_never_negative_and_names_its_image_count(pair_folders, monkeypatch, capsys):
+    """Identical sets of 3 printed a bare `fid: -4.6e-05`: a distance below 0, and no word that FID over a few images
+    compares only with FIDs over as many."""
+
+    class RoundingFID:
+        def update(self, images, real):
+            pass
+
+        def compute(self):
+            return torch.tensor(-4.6e-05)
+
+    monkeypatch.setattr(metrics, "frechet_inception_distance", lambda device: RoundingFID())
+    report_path = pair_folders / "r.json"
+    arguments = ["eval", "--hr", str(pair_folders / "hr"), "--sr", str(pair_folders / "sr"), "--fid", "--quiet"]
+    assert main(arguments + ["--json", str(report_path)]) == 0
+    count = len(list((pair_folders / "hr").glob("*.png")))
+    output = capsys.readouterr().out
+    assert "fid: 0\n" in output
+    assert f"(fid over {count} image pairs, fewer than the 2048 features: biased upward, it compares only" in output
+    report = json.loads(report_path.read_text())
+    assert report["fid"] == 0.0 and report["fid_images"] == count
 
 
 def write_noise(path, size, seed=0):

@@ -188,7 +188,8 @@ def test_float_gray_is_kept_at_16_bits(tmp_path, tiny_pipeline):
 
 def test_float_gray_outside_its_range_is_refused_and_rounding_overshoot_clipped(tmp_path, tiny_pipeline, capsys):
     """Float gray beyond 0..255 (HDR, linear light) was clipped without a word, NaN came out black, and a 0..1 image
-    overshooting 1 by a rounding error was read as 0..255 (black). Files, PIL images and arrays agree."""
+    overshooting 1 by a rounding error, or linear light reaching a few units, was read as 0..255 (black). Files, PIL
+    images and arrays agree."""
     overshoot = np.array([[0, 0.5, 1 + 0.8 * FLOAT_OVERSHOOT, -0.8 * FLOAT_OVERSHOOT]], np.float32)
     PIL.Image.fromarray(overshoot).save(tmp_path / "overshoot.tif")
     kept = np.asarray(open_image(tmp_path / "overshoot.tif", keep_16bit=True))
@@ -203,8 +204,11 @@ def test_float_gray_outside_its_range_is_refused_and_rounding_overshoot_clipped(
         # A 0..1 edge that bicubic resampling overshot: read as 0..255, it came out black.
         "ringing.tif": (
             np.array([[-0.0625, 1.0625]], np.float32),
-            r"float gray with values -0.0625..1.0625: only 0..1 ",
+            r"float gray with values -0.0625..1.0625: only 0..1 \(or 0..255, where values reach 16\)",
         ),
+        # Linear light whose highlights reach a few units: read as 0..255 (it reached 2), it came out black.
+        "linear.tif": (np.array([[0.016, 0.5, 3]], np.float32), r"float gray with values 0.016..3: only 0..1 "),
+        "dim.tif": (np.array([[0, 15.9]], np.float32), r"float gray with values 0..15.9: only 0..1 "),
     }
     for name, (values, message) in cases.items():
         PIL.Image.fromarray(values).save(tmp_path / name)
@@ -220,6 +224,53 @@ def test_float_gray_outside_its_range_is_refused_and_rounding_overshoot_clipped(
     assert main(command + ["--output", str(tmp_path / "out.tif"), "--quiet"]) == 2
     assert "hdr.tif: float gray with values -3..1000" in capsys.readouterr().err
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_float_gray_reaching_16_is_read_as_0_to_255():
+    values = np.array([[0, 16, 255]], np.float32)
+    assert np.array_equal(np.asarray(open_image(PIL.Image.fromarray(values)))[..., 0], [[0, 16, 255]])
+
+
+def float_rgb_tiff(width=4, height=3):
+    """A little-endian TIFF of 32-bit float RGB (one strip), a layout Pillow cannot decode, built by hand."""
+    pixels = np.linspace(0, 1, width * height * 3, dtype="<f4").tobytes()
+    arrays = 8 + 2 + 12 * 10 + 4  # after the header and the directory of 10 entries: the two 3-SHORT arrays, pixels
+    entries = [  # tag, type (3: SHORT, 4: LONG), count, value or offset
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 3, arrays),  # BitsPerSample: 32, 32, 32
+        (262, 3, 1, 2),  # RGB
+        (273, 4, 1, arrays + 12),  # StripOffsets
+        (277, 3, 1, 3),  # SamplesPerPixel
+        (278, 4, 1, height),  # RowsPerStrip
+        (279, 4, 1, len(pixels)),
+        (284, 3, 1, 1),  # PlanarConfiguration: chunky
+        (339, 3, 3, arrays + 6),  # SampleFormat: IEEE float
+    ]
+    # (Little-endian: a SHORT value left-justified in its 4 bytes packs as a LONG does.)
+    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    return b"II*\0" + struct.pack("<I", 8) + directory + struct.pack("<I6H", 0, 32, 32, 32, 3, 3, 3) + pixels
+
+
+def test_a_tiff_layout_pillow_cannot_decode_is_named(tmp_path, tiny_pipeline, capsys):
+    """A 32-bit float RGB TIFF was "not an image": a user sent to check the file's format finds it is a TIFF."""
+    path = tmp_path / "render.tif"
+    path.write_bytes(float_rgb_tiff())
+    message = r"cannot read image .*render\.tif: a TIFF layout Pillow cannot decode \(such as 32-bit float RGB\)"
+    for read in (open_image, inspect_image, lambda source: open_image(source.read_bytes(), "render.tif")):
+        with pytest.raises(UnreadableImageError, match=message) as caught:
+            read(path)
+        assert not caught.value.not_an_image
+    (tmp_path / "notes.tif").write_bytes(b"not a TIFF at all")
+    with pytest.raises(UnreadableImageError, match="cannot identify image file") as caught:
+        open_image(tmp_path / "notes.tif")
+    assert caught.value.not_an_image
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    command = ["upscale", str(path), "--model", str(tmp_path / "model"), "--output", str(tmp_path / "out.png")]
+    assert main(command + ["--quiet"]) == 2
+    assert "render.tif: a TIFF layout Pillow cannot decode (such as 32-bit float RGB): save it as 8- or 16-bit" in (
+        capsys.readouterr().err
+    )
 
 
 def test_16_bit_and_float_pil_images_reach_the_pipeline_at_16_bits(tmp_path):

@@ -20,6 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
 from test_image_io import png_claiming_size
+from test_inputs_image_files import _garbled_exif_jpeg, float_rgb_tiff
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
 from diffusers_sr3.image_processing import images_to_tensor, resize_bicubic, tensor_to_pil
@@ -457,3 +458,50 @@ def test_the_command_line_names_a_pixel_limit_that_is_no_number(monkeypatch, cap
     with pytest.raises(SystemExit) as exit_info:
         app.main([])
     assert exit_info.value.code == 2 and "--max-pixels: invalid int value: '1e5'" in capsys.readouterr().err
+
+
+def test_transparent_uploads_keep_their_transparency_in_every_picture(tmp_path, monkeypatch):
+    """The Space read the RGB only: transparent areas showed the black stored under them, with SR3 speckle on top.
+    Every picture it returns keeps the alpha, resized as `sr3 upscale` resizes it (nearest for the input shown)."""
+    app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    demo = app.build_demo(tiny_clean_image_pipeline())
+    run = next(function.fn for function in demo.fns.values() if function.api_name == "super_resolve")
+    alpha = np.full((16, 16), 255, np.uint8)
+    alpha[:, 8:] = 0  # the right half transparent, black under it
+    rgba = np.asarray(PIL.Image.open(PHOTO).convert("RGB")) * (alpha[..., None] > 0)
+    PIL.Image.fromarray(np.dstack([rgba, alpha]).astype(np.uint8)).save(tmp_path / "logo.png")
+    upload = {"path": str(tmp_path / "logo.png"), "orig_name": "logo.png"}
+    gallery, slider, _, _ = run(upload, "x4", 1, "ddim", 0, 0, 1.0, False)
+    bicubic_alpha = np.asarray(PIL.Image.fromarray(alpha).resize((64, 64), PIL.Image.BICUBIC))
+    nearest_alpha = np.asarray(PIL.Image.fromarray(alpha).resize((64, 64), PIL.Image.NEAREST))
+    assert len(gallery) == 4  # input, bicubic, SR3 fidelity, SR3 detail
+    for index, (picture, label) in enumerate(gallery):
+        assert picture.mode == "RGBA", label
+        expected = nearest_alpha if index == 0 else bicubic_alpha
+        assert np.array_equal(np.asarray(picture.getchannel("A")), expected), label
+    for picture in slider:
+        assert np.array_equal(np.asarray(picture.getchannel("A")), bicubic_alpha)
+    assert np.asarray(slider[1])[:, :16, 3].min() == 255 and np.asarray(slider[1])[:, 48:, 3].max() == 0
+
+
+def test_an_undecodable_tiff_is_named_as_such(tmp_path):
+    """A 32-bit float RGB TIFF was reported as "not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)"."""
+    app = load_app()
+    path = tmp_path / "render.tif"
+    path.write_bytes(float_rgb_tiff())
+    with pytest.raises(gradio.Error, match=r"render\.tif is .*: a TIFF layout Pillow cannot decode \(such as 32-bit"):
+        app.read_upload(str(path), "render.tif", 1000)
+
+
+def test_garbled_exif_is_shown_to_the_user_at_every_upload(tmp_path, monkeypatch):
+    """The warning that a photo's EXIF orientation could not be read reached only the server log."""
+    app = load_app()
+    shown = []
+    monkeypatch.setattr(gradio, "Warning", shown.append)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 12, 3), dtype=np.uint8)
+    path = _garbled_exif_jpeg(tmp_path / "upload.jpg", pixels)
+    for _ in range(2):  # the same photo uploaded again (another visitor): warned again
+        assert app.read_upload(str(path), "IMG_0001.jpg", 1000).size == (12, 6)
+    assert len(shown) == 2 and shown[0].startswith("IMG_0001.jpg: its EXIF orientation could not be read (")
+    assert app.read_upload(str(PHOTO), "face.png", 1000) and len(shown) == 2

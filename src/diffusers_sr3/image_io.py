@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # Float pixels this far outside their range (half an 8-bit step) are rounding overshoot, from resampling or
 # converting an image: clipped. Beyond it they hold what clipping loses (HDR or linear-light highlights).
 FLOAT_OVERSHOOT = 0.5 / 255
+# Float pixels are read as 0..255 only where the largest value reaches this: an HDR or linear-light image's highlights
+# reach a few units, while a 0..255 image whose brightest pixel is below it is nearly black.
+FLOAT_WHITE_255_FROM = 16.0
 
 
 class UnreadableImageError(ValueError):
@@ -148,14 +151,15 @@ def _integer_gray_top(image: PIL.Image.Image) -> int:
 
 
 def _float_white(image: PIL.Image.Image) -> float:
-    """The value that means white in a float (`F`) image: 1, or 255 when values reach 2 or more.
+    """The value that means white in a float (`F`) image: 1, or 255 when values reach `FLOAT_WHITE_255_FROM` (16).
 
     Raises:
         UnreadableImageError: for NaN or infinite values; values outside 0..1 (0..255) by more than
             `FLOAT_OVERSHOOT` of white (an HDR or linear-light image, a depth map): clipping them lost their
-            highlights and shadows without a word, and NaN came out black; and a largest value between 1 and 2,
-            which is a 0..1 image that resampling overshot (ringing) far more often than a 0..255 one with no light
-            in it: read as 0..255 it came out black.
+            highlights and shadows without a word, and NaN came out black; and a largest value above 1 but below
+            16: a 0..1 image that resampling overshot (ringing), or an HDR or linear-light image whose highlights
+            reach a few units, far more often than a 0..255 one whose brightest pixel is under 16/255 (nearly
+            black): read as 0..255 it came out black.
     """
     values = np.asarray(image)
     if not values.size:
@@ -164,9 +168,14 @@ def _float_white(image: PIL.Image.Image) -> float:
         raise UnreadableImageError("float gray holding NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     white = 1.0 if high <= 1 + FLOAT_OVERSHOOT else 255.0
-    if low < -FLOAT_OVERSHOOT * white or high > white * (1 + FLOAT_OVERSHOOT) or 1 + FLOAT_OVERSHOOT < high < 2:
+    if (
+        low < -FLOAT_OVERSHOOT * white
+        or high > white * (1 + FLOAT_OVERSHOOT)
+        or 1 + FLOAT_OVERSHOOT < high < FLOAT_WHITE_255_FROM
+    ):
         raise UnreadableImageError(
-            f"float gray with values {low:g}..{high:g}: only 0..1 (or 0..255, where values reach 2) has a known "
+            f"float gray with values {low:g}..{high:g}: only 0..1 (or 0..255, where values reach "
+            f"{FLOAT_WHITE_255_FROM:g}) has a known "
             "white; clip a 0..1 image that resampling overshot, scale others into 0..1 (tone-map an HDR image)"
         )
     return white
@@ -177,7 +186,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
     PIL's own `convert("RGB")` clips 16- and 32-bit gray and float images at 255: a 16-bit PNG or TIFF comes out
     white. These are scaled from their range instead: 16-bit (`I;16*`, and `I` holding values above 255) by 1/257,
-    float (`F`) from [0, 1] (from [0, 255] when values reach 2).
+    float (`F`) from [0, 1] (from [0, 255] when values reach 16).
 
     Raises:
         UnreadableImageError: an `I` image with values outside 0..65535, an `F` image with values outside its range
@@ -338,6 +347,24 @@ def _upright_rgb(image: PIL.Image.Image, name: str, keep_16bit: bool = False) ->
 _DECODING_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
+# TIFF's magic bytes: little- and big-endian, classic and BigTIFF.
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+_UNDECODABLE_TIFF = (
+    "a TIFF layout Pillow cannot decode (such as 32-bit float RGB): save it as 8- or 16-bit RGB or float gray"
+)
+
+
+def _is_tiff(source: Union[str, os.PathLike, io.BytesIO]) -> bool:
+    """Whether the data starts with TIFF's magic bytes."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:4] in _TIFF_MAGIC
+    try:
+        with open(source, "rb") as handle:
+            return handle.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[PIL.Image.Image]:
     """`PIL.Image.open(source)`, with every decoding failure turned into an error that names the image."""
@@ -349,6 +376,8 @@ def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {name}") from None
     except PIL.UnidentifiedImageError as error:
+        if _is_tiff(source):  # an image, in a layout Pillow lacks: "not an image" would send the user astray
+            raise UnreadableImageError(f"cannot read image {name}: {_UNDECODABLE_TIFF}", _UNDECODABLE_TIFF) from None
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error), not_an_image=True) from None
     except PIL.Image.DecompressionBombError as error:
         raise _TooLargeToOpen(f"cannot read image {name}: {error}", str(error)) from None

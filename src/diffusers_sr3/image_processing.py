@@ -85,7 +85,7 @@ def images_to_tensor(images: ImageInput, what: str = "image") -> torch.Tensor:
 
     Accepted: a PIL image (any mode: gray is repeated to RGB, alpha is discarded; 16-bit gray and float gray
     (`I;16`, `I`, `F`) keep 16 bits, with the white points files are read with: `F` in [0, 1], or [0, 255] where
-    values reach 2), a numpy array (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in
+    values reach 16), a numpy array (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in
     [0, 65535], float in [0, 1]), a torch tensor (`(C, H, W)` or `(B, C, H, W)`, float in [0, 1]), or a list of
     these. C may be 1, 3 or 4. All images must have the same size. Floats within half an 8-bit step
     (`FLOAT_OVERSHOOT`) of their range are clipped to it; beyond it, and NaN or infinite values, are refused.
