@@ -1173,7 +1173,7 @@ class Trainer:
             f"  final loss (mean of last steps): {summary['final_loss']:.5f}"
             if summary["final_loss"] is not None
             else "  no step ran in this run",
-            f"  skipped images: {sum(scan.values())} at scan {scan or ''}, "
+            f"  skipped images: {sum(scan.values())} at scan{f' {scan}' if scan else ''}, "
             f"{summary['skipped_during_training']} read failures during training",
         ]
         if summary.get("validation"):
