@@ -1,5 +1,6 @@
-"""How long the command line takes to start: the wall time of `sr3 --help`, `sr3 upscale --help` and
-`python -c "import diffusers_sr3"`, and of `python -c "import torch"` for reference (the median of --runs fresh
+"""How long the command line takes to start: the wall time of `sr3 --help`, `sr3 upscale --help`,
+`python -c "import diffusers_sr3"` and `python examples/train_sr3.py --help`, and of `python -c "import torch"` for
+reference (the median of --runs fresh
 processes each, after one unmeasured run that warms the file cache).
 
     python benchmarks/startup.py                               # the diffusers_sr3 that Python finds
@@ -18,6 +19,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+TRAIN_SR3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "train_sr3.py")
+
 
 def _sr3() -> List[str]:
     script = os.path.join(os.path.dirname(sys.executable), "sr3")
@@ -30,6 +33,7 @@ def commands() -> Dict[str, List[str]]:
         "sr3 --help": [*_sr3(), "--help"],
         "sr3 upscale --help": [*_sr3(), "upscale", "--help"],
         'python -c "import diffusers_sr3"': [sys.executable, "-c", "import diffusers_sr3"],
+        "python examples/train_sr3.py --help": [sys.executable, TRAIN_SR3, "--help"],
         'python -c "import torch" (reference)': [sys.executable, "-c", "import torch"],
     }
 

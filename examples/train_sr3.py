@@ -1,4 +1,4 @@
-"""Train an SR3 super-resolution model with Accelerate.
+r"""Train an SR3 super-resolution model with Accelerate.
 
     accelerate launch examples/train_sr3.py --train_data_dir faces/ --preset sr_16_128 --use_ema \
         --train_batch_size 16 --max_train_steps 1000000 --mixed_precision bf16 --output_dir sr3-faces-16-128

@@ -1,4 +1,4 @@
-"""Train an unconditional SR3 image generator (the original's 128x128 faces model) with Accelerate.
+r"""Train an unconditional SR3 image generator (the original's 128x128 faces model) with Accelerate.
 
     accelerate launch examples/train_uncond.py --train_data_dir faces/ --preset uncond_128 --use_ema \
         --train_batch_size 16 --max_train_steps 1000000 --mixed_precision bf16 --output_dir sr3-faces-128

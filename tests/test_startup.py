@@ -165,6 +165,42 @@ assert cli.main(["upscale", "photo.png", "--output", "out"]) == 130
     assert done.stderr == "sr3 upscale: interrupted\n"
 
 
+def test_the_training_scripts_parse_without_torch():
+    # Before, the training options imported the pipelines and the command line the trainer: 5 s to print --help.
+    code = f"""
+import contextlib, io, runpy
+for script in ("train_sr3.py", "train_uncond.py"):
+    for arguments, status in ((["--help"], 0), (["--no-such-option"], 2), (["--sampler", "nope"], 2)):
+        sys.argv = [script, *arguments]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as errors:
+            try:
+                runpy.run_path({str(REPO / "examples")!r} + "/" + script, run_name="__main__")
+            except SystemExit as leaving:
+                assert leaving.code == status, (script, arguments, leaving.code, errors.getvalue())
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == []
+
+
+def test_ctrl_c_while_a_training_script_imports_torch_exits_130(tmp_path):
+    code = f"""
+from diffusers_sr3.training import cli
+
+class Interrupted:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupted())
+arguments = ["--train_data_dir", {str(tmp_path)!r}, "--output_dir", {str(tmp_path / "out")!r}]
+assert cli.main(arguments, prog="train_sr3.py") == 130
+"""
+    done = _python(code, heavy=())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == "train_sr3.py: interrupted\n"
+
+
 def test_the_parsers_show_the_figures_of_the_modules_that_use_them():
     from diffusers_sr3 import backends, defaults, noise, tiling
     from diffusers_sr3.commands import common, prepare
@@ -173,6 +209,7 @@ def test_the_parsers_show_the_figures_of_the_modules_that_use_them():
     assert backends.BACKENDS is defaults.BACKENDS and tiling.DEFAULT_MAX_TILE_PIXELS is defaults.DEFAULT_MAX_TILE_PIXELS
     assert pipeline_sr3.evaluations_per_crop is defaults.evaluations_per_crop
     assert base.steps_to_run is defaults.steps_to_run
+    assert pipeline_sr3.SAMPLING_CONFIG_KEYS is defaults.SAMPLING_CONFIG_KEYS
     assert sorted(noise.SCHEDULERS) == sorted(defaults.SCHEDULER_CLASS_NAMES)
     assert {name: str(dtype) for name, dtype in common.DTYPES.items()} == {
         name: f"torch.{dtype}" for name, dtype in defaults.DTYPE_NAMES.items()
@@ -196,13 +233,14 @@ def test_the_startup_benchmark_prints_the_median_of_each_command(monkeypatch, ca
         "sr3 --help",
         "sr3 upscale --help",
         'python -c "import diffusers_sr3"',
+        "python examples/train_sr3.py --help",
         'python -c "import torch" (reference)',
     ]
     # torch's own start-up, only a reference, is left out here: seconds.
-    monkeypatch.setattr(startup, "commands", lambda: {label: timed[label] for label in list(timed)[:3]})
+    monkeypatch.setattr(startup, "commands", lambda: {label: timed[label] for label in list(timed)[:4]})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     medians = startup.main(["--runs", "1"])
     printed = capsys.readouterr().out
-    assert list(medians) == list(timed)[:3] and all(seconds > 0 for seconds in medians.values())
+    assert list(medians) == list(timed)[:4] and all(seconds > 0 for seconds in medians.values())
     assert f"diffusers_sr3 from {REPO / 'src' / 'diffusers_sr3' / '__init__.py'}" in printed
     assert "| `sr3 upscale --help` |" in printed

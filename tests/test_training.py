@@ -15,7 +15,7 @@ from test_data import make_image_folder, make_lmdb, make_parquet, make_prepared_
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline
 from diffusers_sr3.presets import PRESETS, get_preset
-from diffusers_sr3.training import TrainingConfig, add_training_arguments, config_from_args, train
+from diffusers_sr3.training import Trainer, TrainingConfig, add_training_arguments, config_from_args, train
 from diffusers_sr3.training.checkpointing import list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -837,6 +837,38 @@ def test_help_lists_every_preset(monkeypatch, capsys):
     options = help_text.split("options:", 1)[1]
     listed = options.split("--preset PRESET", 1)[1].split("--model_config_name_or_path", 1)[0]
     assert all(name in listed.replace(",", " ").split() for name in PRESETS), listed
+
+
+def test_help_shows_the_example_command_as_typed(monkeypatch, capsys):
+    # A plain docstring's backslash-newline ran the command's two lines together ("--use_ema         --train...").
+    for script in (SR_SCRIPT, UNCOND_SCRIPT):
+        assert run_script(script, ["--help"], monkeypatch) == 0
+        assert " --use_ema \\\n        --train_batch_size 16 " in capsys.readouterr().out
+
+
+def test_the_end_of_run_summary_names_the_images_skipped_at_scan(tmp_path, capsys):
+    trainer = Trainer(TrainingConfig(**fast_options(tmp_path)))
+    trainer.summary = dict(
+        global_step=4,
+        steps_this_run=4,
+        train_seconds=1.0,
+        steps_per_second=4.0,
+        data_wait_fraction=0.1,
+        num_processes=1,
+        cpu_threads=2,
+        total_batch_size=2,
+        stopped_by_time_limit=False,
+        final_loss=0.5,
+        skipped_at_scan={},
+        skipped_during_training=0,
+        checkpoints=[],
+        output_dir=str(tmp_path),
+    )
+    trainer._print_summary()
+    assert "  skipped images: 0 at scan, 0 read failures during training\n" in capsys.readouterr().out
+    trainer.summary["skipped_at_scan"] = {"small": 2}
+    trainer._print_summary()
+    assert "  skipped images: 2 at scan {'small': 2}, 0 read failures during training\n" in capsys.readouterr().out
 
 
 def test_training_help_states_each_default_once():

@@ -12,6 +12,7 @@ from test_training import fast_options
 
 from diffusers_sr3.training import Trainer, TrainingConfig, train
 from diffusers_sr3.training.checkpointing import (
+    check_same_objective,
     finish_checkpoint,
     list_checkpoints,
     resolve_checkpoint,
@@ -104,6 +105,25 @@ def test_resume_gives_the_same_weights(tmp_path):
     train(resume_options(tmp_path, other, seed=1, max_train_steps=4, checkpointing_steps=4))
     with pytest.raises(AssertionError):
         assert_same(weights(straight / "checkpoint-4"), weights(other / "checkpoint-4"))
+
+
+def test_a_streamed_run_resumes_to_the_same_weights(tmp_path):
+    # Accelerate drops the loader's own generator from a streamed loader, so starting an epoch's iterator drew from
+    # the global RNG: before the checkpoint in the straight run, after its restore in the resumed one.
+    streamed = dict(
+        dataset_name="imagefolder", streaming=True, random_flip=False, max_train_steps=4, checkpointing_steps=2
+    )
+    straight = tmp_path / "straight"
+    train(resume_options(tmp_path, straight, **streamed))
+    resumed = tmp_path / "resumed"
+    stop_after_first_checkpoint(resume_options(tmp_path, resumed, **streamed))
+    trainer = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest", **streamed))
+    trainer.run()
+    assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["steps_this_run"] == 2
+    assert_same(weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4"))
+    assert_same(
+        weights(straight / "checkpoint-4", "ema.safetensors"), weights(resumed / "checkpoint-4", "ema.safetensors")
+    )
 
 
 def test_a_finished_run_extends_from_an_epoch_boundary(tmp_path):
@@ -258,6 +278,7 @@ def test_resuming_refuses_settings_that_change_what_the_weights_mean(tmp_path):
         "--residual False there, True here": dict(residual=True),
         "--use_ema True there, False here": dict(use_ema=False),
         "--beta_end 0.01 there, 0.02 here": dict(beta_end=0.02),
+        "--upscale_factor 4 there, 2 here": dict(upscale_factor=2),
     }
     for message, change in refused.items():
         with pytest.raises(ValueError, match="trained with other settings") as error:
@@ -268,6 +289,11 @@ def test_resuming_refuses_settings_that_change_what_the_weights_mean(tmp_path):
     state_file = checkpoint / "training_state.json"
     state = json.loads(state_file.read_text())
     assert state["objective"]["prediction_type"] == "v_prediction" and state["objective"]["residual_scale"] is None
+    # Those recorded before the upscale factor was compare the rest and accept any factor.
+    state_file.write_text(
+        json.dumps(dict(state, objective={k: v for k, v in state["objective"].items() if k != "upscale_factor"}))
+    )
+    check_same_objective(str(checkpoint), dict(state["objective"], upscale_factor=2))
     state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "objective"}))
     trainer = Trainer(resume_options(tmp_path, output, **resume))
     trainer.run()

@@ -57,6 +57,10 @@ MIN_WINDOWS_ACROSS = 4
 # (docs/quality.md, "Fidelity in one evaluation"); a model trained for minutes gains from a few more.
 DETAIL_STEPS = 50
 FIDELITY_STEPS = 1
+# The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
+DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
+# All of its sampling defaults: detail mode's and the fidelity answer's number of steps.
+SAMPLING_CONFIG_KEYS = ("fidelity_steps",) + DETAIL_CONFIG_KEYS
 # The call arguments that only detail mode takes; a fidelity call refuses them.
 DETAIL_ARGUMENTS = ("eta", "temperature", "strength", "guidance_scale", "parallel_guidance_weight", "window_size")
 # The self-ensemble's 8 orientations: the input and its quarter-turn, each with its three mirror images (flips of

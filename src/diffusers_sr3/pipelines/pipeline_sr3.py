@@ -12,11 +12,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..defaults import (  # noqa: F401 (evaluations_per_crop: re-exported, it lived here before)
+from ..defaults import (  # noqa: F401 (evaluations_per_crop and the config keys: re-exported, they lived here before)
     DETAIL_ARGUMENTS,
+    DETAIL_CONFIG_KEYS,
     DETAIL_STEPS,
     FIDELITY_STEPS,
     MIRRORS,
+    SAMPLING_CONFIG_KEYS,
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
@@ -32,11 +34,6 @@ from ..image_processing import (
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
 from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks
-
-# The pipeline config's detail-mode defaults (a model's studied sampling settings, kept when it is fine-tuned).
-DETAIL_CONFIG_KEYS = ("detail_steps", "detail_strength", "detail_eta", "detail_window_size")
-# All of its sampling defaults: detail mode's and the fidelity answer's number of steps.
-SAMPLING_CONFIG_KEYS = ("fidelity_steps",) + DETAIL_CONFIG_KEYS
 
 # What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
 OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")

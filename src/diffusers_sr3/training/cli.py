@@ -8,16 +8,13 @@ import sys
 from typing import List, Optional
 
 from ..redaction import install_log_redaction, redact
-from .checkpointing import list_checkpoints
 from .config import add_training_arguments, config_from_args
 from .hub import HubUploadError
 
 
 def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
     """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed; 130: stopped
-    with Ctrl-C, saying where to resume from)."""
-    from .trainer import train
-
+    with Ctrl-C, saying where to resume from, also while the trainer is imported)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -26,7 +23,16 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     install_log_redaction()
     try:
-        train(config_from_args(args, task=task))
+        config = config_from_args(args, task=task)
+        try:
+            # Imported once the options are checked: `--help` and bad options answer without the seconds that
+            # torch, Diffusers and Accelerate take to load.
+            from .trainer import train
+        except KeyboardInterrupt:
+            # Nothing ran yet, so there is nothing to resume (and the checkpoint listing would import torch again).
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return 130
+        train(config)
     except HubUploadError as error:
         print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
         return 1
@@ -43,6 +49,8 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
 
 def _where_to_resume(output_dir: str) -> str:
     """One sentence on the newest complete checkpoint in `output_dir`: what an interrupted run goes on from."""
+    from .checkpointing import list_checkpoints
+
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
         return f"{output_dir} holds no complete checkpoint yet, so a new run starts over (see --checkpointing_steps)"

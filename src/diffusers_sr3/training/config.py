@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..noise import SCHEDULERS
-from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
+# Only torch-free modules: the example scripts' `--help` and option errors must not wait for torch and Diffusers.
+from ..defaults import SAMPLING_CONFIG_KEYS, SCHEDULER_CLASS_NAMES
 from ..presets import PRESETS
 from ..redaction import REDACTED, is_secret_name, redact, redact_argv
 
@@ -358,8 +358,10 @@ class TrainingConfig:
             raise ValueError("--discriminator_learning_rate applies with --adversarial_loss_weight only")
         for option in ("sampler", "validation_scheduler"):
             name = getattr(self, option)
-            if name is not None and name not in SCHEDULERS:
-                raise ValueError(f"--{option} {name!r} is not a scheduler; expected one of {sorted(SCHEDULERS)}")
+            if name is not None and name not in SCHEDULER_CLASS_NAMES:
+                raise ValueError(
+                    f"--{option} {name!r} is not a scheduler; expected one of {sorted(SCHEDULER_CLASS_NAMES)}"
+                )
         sampling_options = [f"--{name}" for name in SAMPLING_CONFIG_KEYS if getattr(self, name) is not None]
         if self.task == "uncond" and sampling_options:
             raise ValueError(f"{', '.join(sampling_options)} apply to super-resolution only")

@@ -812,10 +812,18 @@ class Trainer:
         is bound by its data loader, not its device (more `--dataloader_num_workers`; on small datasets at large
         batches `--dataset_repeats`; on small images `--cache_images`)."""
         iterator = iter(batches)
+        first = True
         while True:
             started = time.perf_counter()
+            # The first fetch creates the torch iterator, which draws a seed from the global RNG when the loader has
+            # no generator: Accelerate drops ours from a streamed loader. That draw is undone, or a resumed run (its
+            # epoch starts after the checkpoint's RNG state is restored, the straight run's before it was saved)
+            # shifts every later draw.
+            fetching = torch.random.fork_rng(devices=[]) if first else contextlib.nullcontext()
+            first = False
             try:
-                batch = next(iterator, None)
+                with fetching:
+                    batch = next(iterator, None)
             except ValueError as error:
                 # Accelerate's word for a streamed loader that yields nothing; the caller names the empty data.
                 if "does not contain any data" not in str(error):
@@ -1001,6 +1009,7 @@ class Trainer:
             num_train_timesteps=int(schedule.num_train_timesteps),
             condition_noise_max=config.condition_noise_max,
             use_ema=config.use_ema,
+            upscale_factor=setup.upscale_factor,
         )
 
     def _validation_samples(self, data: TrainingData, setup: ModelSetup):
@@ -1164,7 +1173,7 @@ class Trainer:
             f"  final loss (mean of last steps): {summary['final_loss']:.5f}"
             if summary["final_loss"] is not None
             else "  no step ran in this run",
-            f"  skipped images: {sum(scan.values())} at scan {scan or ''}, "
+            f"  skipped images: {sum(scan.values())} at scan{f' {scan}' if scan else ''}, "
             f"{summary['skipped_during_training']} read failures during training",
         ]
         if summary.get("validation"):
