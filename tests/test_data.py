@@ -404,6 +404,21 @@ def test_streamed_imagefolder(tmp_path):
     assert len(data.validation_samples(2)) == 2
 
 
+def test_a_bad_image_of_a_datasets_imagefolder_is_named_by_its_file(tmp_path, caplog):
+    """Named `imagefolder[3]` alone, one bad image among thousands could not be found."""
+    folder = make_image_folder(str(tmp_path / "images"), count=3, bad=False, nested=False)
+    random_image(12, 12, 7).save(tmp_path / "images" / "a_tiny.png")  # too small: a reason that names no file
+    for streaming in (False, True):
+        data = build_training_data(
+            resolution=32, upscale_factor=4, dataset_name="imagefolder", train_data_dir=folder, streaming=streaming
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            samples = [data.dataset[(0, i)] for i in range(len(data.dataset))] if not streaming else list(data.dataset)
+        assert sum(int(sample["skipped"]) for sample in samples) == 1, streaming
+        assert re.search(r"skipping imagefolder[^\n]*\[\d\] \([^\n]*tiny\.png\): ", caplog.text), caplog.text
+
+
 def test_torch_dataset_and_path_list_sources(tmp_path):
     images = [random_image(36, 36, index) for index in range(3)]
     data = build_training_data(resolution=32, upscale_factor=4, train_dataset=images)

@@ -70,6 +70,14 @@ def stop_after_first_checkpoint(config):
         trainer.run()
 
 
+def stop_and_resume(tmp_path, output_dir, **options):
+    """Run until the first checkpoint, stop, then resume from `latest` to the end: the resumed run's trainer."""
+    stop_after_first_checkpoint(resume_options(tmp_path, output_dir, **options))
+    trainer = Trainer(resume_options(tmp_path, output_dir, resume_from_checkpoint="latest", **options))
+    trainer.run()
+    return trainer
+
+
 def test_resume_gives_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     train(resume_options(tmp_path, straight))
@@ -116,9 +124,7 @@ def test_a_streamed_run_resumes_to_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     train(resume_options(tmp_path, straight, **streamed))
     resumed = tmp_path / "resumed"
-    stop_after_first_checkpoint(resume_options(tmp_path, resumed, **streamed))
-    trainer = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest", **streamed))
-    trainer.run()
+    trainer = stop_and_resume(tmp_path, resumed, **streamed)
     assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["steps_this_run"] == 2
     assert_same(weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4"))
     assert_same(
@@ -155,9 +161,7 @@ def test_repeated_passes_persistent_workers_and_cached_images_train_as_plain_epo
     assert_same(weights(plain / "checkpoint-8"), weights(repeated / "checkpoint-8"))
 
     resumed = tmp_path / "resumed"
-    stop_after_first_checkpoint(resume_options(tmp_path, resumed, **options))
-    trainer = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest", **options))
-    trainer.run()
+    trainer = stop_and_resume(tmp_path, resumed, **options)
     assert trainer.summary["resumed_from"].endswith("checkpoint-4") and trainer.summary["steps_this_run"] == 4
     assert_same(weights(plain / "checkpoint-8"), weights(resumed / "checkpoint-8"))
     # Images decoded once into memory, shared by the workers: the same samples, so the same weights.

@@ -43,6 +43,14 @@ def decode_image(data: Union[bytes, str, PIL.Image.Image, np.ndarray, torch.Tens
         raise BadImageError(f"{name}: {error}", "unreadable") from None
 
 
+def item_name(name: str, item: Any, image_column: str) -> str:
+    """`name` (`dataset[3]`), with the file a `datasets` item was read from where it records one: one bad image
+    among thousands of an imagefolder is found by its path, not its position."""
+    image = item.get(image_column) if isinstance(item, dict) else None
+    path = image.get("path") if isinstance(image, dict) else None
+    return f"{name} ({path})" if isinstance(path, str) and path else name
+
+
 def extract_image(item: Any, image_column: str) -> Any:
     """The image of a dataset item: the item itself, or `item[image_column]` (a `datasets` `Image` value)."""
     if isinstance(item, dict):

@@ -19,7 +19,7 @@ import torch
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, image_size, is_image_file
 from ..image_processing import images_to_tensor
 from .caching import open_lmdb
-from .decoding import BadImageError, decode_image, extract_image
+from .decoding import BadImageError, decode_image, extract_image, item_name
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,15 @@ class TorchDatasetSource(ImageSource):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def name(self, index: int) -> str:
+        # With the file the item came from, as `load` found it last: reading the item again would copy its bytes.
+        loaded = getattr(self, "_loaded_name", None)
+        return loaded[1] if loaded is not None and loaded[0] == index else super().name(index)
+
     def load(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return decode_image(extract_image(self.dataset[index], self.image_column), self.name(index)), None
+        item = self.dataset[index]
+        self._loaded_name = (index, item_name(super().name(index), item, self.image_column))
+        return decode_image(extract_image(item, self.image_column), self._loaded_name[1]), None
 
 
 class SubsetSource(ImageSource):

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterator, Tuple
 
 from torch.utils.data import IterableDataset
 
-from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError, decode_image, extract_image
+from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError, decode_image, extract_image, item_name
 from .pairs import PairMaker, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -31,18 +31,22 @@ class StreamingPairDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def items(self, shuffle: bool) -> Iterator[Tuple[int, Any]]:
+    def items(self, shuffle: bool) -> Iterator[Tuple[int, str, Any]]:
+        """`(position, name, image)` of every item of this epoch's stream (shuffled with `shuffle`)."""
         stream = self.stream
         if shuffle and hasattr(stream, "shuffle"):  # a `datasets` stream; plain torch iterables keep their order
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(self.epoch)
         for position, item in enumerate(stream):
-            yield position, extract_image(item, self.image_column)
+            yield (
+                position,
+                item_name(f"{self.description}[{position}]", item, self.image_column),
+                extract_image(item, self.image_column),
+            )
 
     def samples(self, augment: bool) -> Iterator[Dict[str, Any]]:
         skipped = 0
-        for position, image in self.items(shuffle=augment):
-            name = f"{self.description}[{position}]"
+        for position, name, image in self.items(shuffle=augment):
             try:
                 sample = self.pair_maker(
                     decode_image(image, name), None, sample_generator(self.seed, self.epoch, position), augment, name
