@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import pathlib
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -151,7 +152,8 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
     finally:
         image_io.logger.removeHandler(recorder)
     for record in recorder.records:
-        gr.Warning(record.getMessage())
+        if record.thread == threading.get_ident():  # not another visitor's upload, read at the same time
+            gr.Warning(record.getMessage())
     return image
 
 
