@@ -748,7 +748,8 @@ def test_upscale_checks_tile_options_before_decoding_or_loading(model_dir, tmp_p
         for options, message in refused:
             assert main(_arguments([source], tmp_path / "out", model_dir, *options)) == 2
             assert message in capsys.readouterr().err
-    # A model whose folder cannot be read before loading (a Hub id) is checked once loaded, before any refinement.
+    # A model whose configs cannot be read before loading (a Hub repo, offline and not cached) is checked once
+    # loaded, before any refinement.
     monkeypatch.setattr(upscale, "_saved_unet", lambda model: None)
     monkeypatch.setattr(tiling, "tiled_super_resolve", no_work)
     assert main(_arguments([source], tmp_path / "out", model_dir, "--tile-size", "32", "--tile-overlap", "30")) == 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -355,35 +357,87 @@ def _mode_for(prediction_type: Optional[str]) -> str:
     return "fidelity" if prediction_type in ("sample", "v_prediction") else "detail"
 
 
-def _saved_config(model: Optional[str], relative_path: str) -> Optional[Dict[str, Any]]:
-    """A JSON config of a model folder (default: the packaged model), read before loading the model; None when it
-    cannot be told without loading (a Hub id) or is no config."""
-    if model is None:
-        from ..pretrained import default_model_path
+class _SavedConfigs:
+    """The JSON configs of a model (a folder, a Hub repo id, or None: the packaged model) that a run reads before it
+    loads the model, each read at most once.
 
-        model = default_model_path()
+    A Hub repo's come through huggingface_hub with the settings the load uses (its token, cache and offline mode):
+    online the first read asks the Hub for the current revision, so a stale cache is never read; the others take the
+    same commit, from the cache where it holds them, without another request.
+    """
+
+    def __init__(self, model: Optional[str]) -> None:
+        if model is None:
+            from ..pretrained import default_model_path
+
+            model = default_model_path()
+        self.model = model
+        self._configs: Dict[str, Optional[Dict[str, Any]]] = {}
+        self._revision: Optional[str] = None  # the commit of the first Hub read
+        self._hub_failed = False
+
+    def get(self, relative_path: str) -> Optional[Dict[str, Any]]:
+        """The config at `relative_path` (`/`-separated) in the model; None where it cannot be read before loading
+        (no such file or repo, offline and not cached, the Hub unreachable, no JSON object): the load then reports
+        the problem in its own words."""
+        if relative_path not in self._configs:
+            if os.path.isdir(self.model):
+                path = os.path.join(self.model, *relative_path.split("/"))
+            else:
+                path = self._download(relative_path)
+            self._configs[relative_path] = None if path is None else _read_config(path)
+        return self._configs[relative_path]
+
+    def _download(self, relative_path: str) -> Optional[str]:
+        """The cached file of `relative_path` in the Hub repo `model`, downloaded where needed; None on failure."""
+        if self._hub_failed:
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = hf_hub_download(self.model, relative_path, revision=self._revision)
+        except LocalEntryNotFoundError:  # offline or unreachable, and not cached: so is the rest
+            self._hub_failed = True
+            return None
+        except EntryNotFoundError:  # this file alone
+            return None
+        # Whatever else (no repo id, no such repo, transport errors of any HTTP library): the load tells it, and
+        # further reads would only repeat the request.
+        except Exception:
+            self._hub_failed = True
+            return None
+        snapshot = Path(path).parents[relative_path.count("/")].name
+        if self._revision is None and re.fullmatch("[0-9a-f]{40}", snapshot):
+            self._revision = snapshot
+        return path
+
+
+def _read_config(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in the file at `path`; None where it cannot be read or holds no object."""
     try:
-        with open(os.path.join(model, relative_path), encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
 
 
-def _saved_mode(model: Optional[str]) -> Optional[str]:
-    """The mode --mode auto picks for `model`, read from its scheduler config before loading it (None: unknown)."""
-    config = _saved_config(model, os.path.join("scheduler", "scheduler_config.json"))
+def _saved_mode(configs: _SavedConfigs) -> Optional[str]:
+    """The mode --mode auto picks for the model of `configs`, read from its scheduler config before loading it (None:
+    unknown)."""
+    config = configs.get("scheduler/scheduler_config.json")
     return None if config is None else _mode_for(config.get("prediction_type"))
 
 
-def _saved_unet(model: Optional[str]) -> Optional[Any]:
-    """A stand-in with the `config` and `downsampling_factor` of `model`'s UNet, read from its config before loading
-    it (None: unknown)."""
+def _saved_unet(configs: _SavedConfigs) -> Optional[Any]:
+    """A stand-in with the `config` and `downsampling_factor` of the UNet of the model of `configs`, read from its
+    config before loading it (None: unknown)."""
     from diffusers.configuration_utils import FrozenDict
 
     from ..models.unet_sr3 import SR3UNet2DModel
 
-    config = _saved_config(model, os.path.join("unet", "config.json"))
+    config = configs.get("unet/config.json")
     if config is None:
         return None
     unet = SimpleNamespace(config=FrozenDict(config))
@@ -611,12 +665,13 @@ def run(args: argparse.Namespace) -> int:
     if args.backend in ("bf16", "onnx") and DTYPES[args.dtype] != torch.float32:
         runs = "a float32 model under bfloat16 autocast" if args.backend == "bf16" else "the model in float32"
         raise ValueError(f"--backend {args.backend} runs {runs}: use --dtype float32, or --backend torch")
-    # Options are checked before any image is decoded or the model loaded (seconds of work), where the mode is
-    # known from the model folder.
-    mode = args.mode if args.mode != "auto" else _saved_mode(args.model)
+    # Options are checked before any image is decoded or the model loaded (seconds of work, minutes of download),
+    # where the mode is known from the model's configs (its folder's, or its Hub repo's).
+    configs = _SavedConfigs(args.model)
+    mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)
-    saved_unet = _saved_unet(args.model)
+    saved_unet = _saved_unet(configs)
     _check_tile_options(args, saved_unet)
     threads = args.threads
     if threads is not None and threads < 1:
@@ -641,10 +696,10 @@ def run(args: argparse.Namespace) -> int:
         for note in _notes(path, fact, destination):
             print(f"note: {note}", file=sys.stderr)
     batch_keys = [(fact.size, fact.sixteen_bit) for fact in facts]  # a batch refines images of one size and depth
-    # A run too large for this machine is refused before any refinement: before the model loads where its folder
-    # tells the upscale factor and window size, else once it is loaded.
+    # A run too large for this machine is refused before any refinement: before the model loads where its configs
+    # tell the upscale factor and window size, else once it is loaded.
     available = None if args.no_memory_check else available_memory(resolve_device(args.device))
-    settings = _memory_settings(args, mode, _saved_config(args.model, "model_index.json"))
+    settings = _memory_settings(args, mode, configs.get("model_index.json"))
     if available is not None and settings is not None:
         check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
         available = None
