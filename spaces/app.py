@@ -200,6 +200,7 @@ def super_resolve(
     eta: Optional[float] = None,
     strength: float = 1.0,
     self_ensemble: bool = False,
+    alpha: Optional[PIL.Image.Image] = None,
 ) -> Result:
     """Super-resolve `image` by `scale` (the model's factor or one it divides into) with SR3 and with bicubic.
 
@@ -221,6 +222,8 @@ def super_resolve(
         strength: detail mode: the part of the refinement that runs (below 1: from the fidelity answer, noised).
         self_ensemble: fidelity mode: average the answers for the input's 8 flips and quarter-turns (slightly
             more faithful, 8 times the evaluations).
+        alpha: the upload's transparency (`open_alpha`; None: it has none), given to the process strip's frames
+            resized bicubic, as the Space gives it to its other pictures.
     """
     factor = pipeline.config.upscale_factor
     if scale < 1 or factor % scale:
@@ -281,7 +284,11 @@ def super_resolve(
     process = None
     if process_frames:
         condition = tensor_to_pil(sampler.prepare_condition(image))
-        process = grid([condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]])
+        frames = condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]
+        process = grid([frames])
+        if alpha is not None:
+            # `grid` pastes RGB: the frames' transparency is laid out in the same cells and put on the strip.
+            process.putalpha(grid([[alpha.resize(frame.size, PIL.Image.BICUBIC) for frame in frames]]).convert("L"))
     # A black-and-white photo stays black and white, as `sr3 upscale` writes it: the network's answer can be tinted.
     sr3_image = tensor_to_pil(sr3)[0]
     return Result(
@@ -414,6 +421,7 @@ def build_demo(
                 eta=detail_defaults["eta"] if scheduler == "ddim" else None,
                 strength=strength,
                 self_ensemble=self_ensemble and mode == "fidelity",
+                alpha=alpha,
             )
         result = results["detail"]
         height, width = result.output_size

@@ -472,7 +472,7 @@ def test_transparent_uploads_keep_their_transparency_in_every_picture(tmp_path, 
     rgba = np.asarray(PIL.Image.open(PHOTO).convert("RGB")) * (alpha[..., None] > 0)
     PIL.Image.fromarray(np.dstack([rgba, alpha]).astype(np.uint8)).save(tmp_path / "logo.png")
     upload = {"path": str(tmp_path / "logo.png"), "orig_name": "logo.png"}
-    gallery, slider, _, _ = run(upload, "x4", 1, "ddim", 0, 0, 1.0, False)
+    gallery, slider, process, _ = run(upload, "x4", 1, "ddim", 0, 1, 1.0, False)
     bicubic_alpha = np.asarray(PIL.Image.fromarray(alpha).resize((64, 64), PIL.Image.BICUBIC))
     nearest_alpha = np.asarray(PIL.Image.fromarray(alpha).resize((64, 64), PIL.Image.NEAREST))
     assert len(gallery) == 4  # input, bicubic, SR3 fidelity, SR3 detail
@@ -483,6 +483,11 @@ def test_transparent_uploads_keep_their_transparency_in_every_picture(tmp_path, 
     for picture in slider:
         assert np.array_equal(np.asarray(picture.getchannel("A")), bicubic_alpha)
     assert np.asarray(slider[1])[:, :16, 3].min() == 255 and np.asarray(slider[1])[:, 48:, 3].max() == 0
+    # The refinement strip (the upsampled input, then 1 snapshot) showed the colour stored under the transparency.
+    strip = PIL.Image.open(process.value["path"])  # as gradio wrote it for the page
+    assert strip.mode == "RGBA" and strip.size == (128, 64)
+    for cell in (0, 64):
+        assert np.array_equal(np.asarray(strip.getchannel("A"))[:, cell : cell + 64], bicubic_alpha)
 
 
 def test_an_undecodable_tiff_is_named_as_such(tmp_path):

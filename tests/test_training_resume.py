@@ -80,7 +80,8 @@ def stop_and_resume(tmp_path, output_dir, **options):
 
 def test_resume_gives_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
-    train(resume_options(tmp_path, straight))
+    uninterrupted = Trainer(resume_options(tmp_path, straight))
+    uninterrupted.run()
 
     resumed = tmp_path / "resumed"
     stop_after_first_checkpoint(resume_options(tmp_path, resumed))
@@ -90,6 +91,10 @@ def test_resume_gives_the_same_weights(tmp_path):
     rerun = Trainer(resume_options(tmp_path, resumed, resume_from_checkpoint="latest"))
     rerun.run()
     assert rerun.summary["resumed_from"].endswith("checkpoint-4") and rerun.summary["steps_this_run"] == 4
+    # Before, the resumed run's final loss averaged only its own 4 steps, not all 8 as the straight run's does.
+    summaries = [json.loads((folder / "training_summary.json").read_text()) for folder in (straight, resumed)]
+    assert summaries[1]["final_loss"] == pytest.approx(summaries[0]["final_loss"], rel=1e-5)
+    assert rerun.summary["final_loss"] == pytest.approx(uninterrupted.summary["final_loss"], rel=1e-5)
 
     # Raw weights, EMA weights, optimizer-driven LR and the saved (EMA) pipeline all agree.
     assert_same(weights(straight / "checkpoint-8"), weights(resumed / "checkpoint-8"))
@@ -302,6 +307,27 @@ def test_resuming_refuses_settings_that_change_what_the_weights_mean(tmp_path):
     trainer = Trainer(resume_options(tmp_path, output, **resume))
     trainer.run()
     assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["global_step"] == 3
+
+
+def test_checkpoints_without_recorded_losses_still_resume(tmp_path):
+    trained = dict(max_train_steps=2, checkpointing_steps=1, use_ema=False)
+    resume = dict(trained, max_train_steps=3, resume_from_checkpoint="latest")
+    recorded, older = tmp_path / "recorded", tmp_path / "older"
+    train(resume_options(tmp_path, recorded, **trained))
+    shutil.copytree(recorded, older)
+    losses = json.loads((recorded / "checkpoint-2" / "training_state.json").read_text())["recent_losses"]
+    assert len(losses) == 2
+    train(resume_options(tmp_path, recorded, **resume))
+    state = json.loads((recorded / "checkpoint-3" / "training_state.json").read_text())
+    assert state["recent_losses"][:2] == losses and len(state["recent_losses"]) == 3
+    # Saved before the losses were recorded: the resumed run averages its own steps, as it did.
+    state_file = older / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "recent_losses"}))
+    trainer = Trainer(resume_options(tmp_path, older, **resume))
+    trainer.run()
+    last = json.loads((older / "checkpoint-3" / "training_state.json").read_text())["recent_losses"]
+    assert trainer.summary["global_step"] == 3 and len(last) == 1 and trainer.summary["final_loss"] == last[0]
 
 
 def test_resuming_an_older_checkpoint_refuses_while_later_ones_remain(tmp_path):

@@ -142,6 +142,9 @@ class _LoopState:
 # accelerate's name for the second optimizer of a checkpoint: the discriminator's, when one was trained.
 DISCRIMINATOR_OPTIMIZER_FILE = "optimizer_1.bin"
 
+# The key of `training_state.json` that holds the losses the summary's `final_loss` averages.
+RECENT_LOSSES_KEY = "recent_losses"
+
 # What a new model trains with when the options leave the objective unset.
 NEW_MODEL_OBJECTIVE = dict(residual=False, prediction_type="epsilon", condition_noise_level=0.0)
 
@@ -733,6 +736,9 @@ class Trainer:
             state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
             loop.global_step, loop.epoch = state["global_step"], state["epoch"]
             loop.batches_done = state["batches_in_epoch"]
+            # The summary's final loss then averages the same steps as a run that was never stopped; checkpoints
+            # saved before the losses were recorded start the average afresh.
+            loop.recent_losses = list(state.get(RECENT_LOSSES_KEY, []))
         except _DAMAGED_CHECKPOINT_ERRORS as error:
             raise ValueError(
                 f"cannot resume from {loop.resumed_from}: a file in it is damaged or does not fit this model "
@@ -795,7 +801,7 @@ class Trainer:
                     )
                     if self.config.checkpointing_steps and loop.global_step % self.config.checkpointing_steps:
                         # A checkpoint where the run stopped, so a resume goes on exactly from here.
-                        self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
+                        self._save_checkpoint(accelerator, loop, batches_in_epoch)
                     break
             # A run resumed exactly at the end of an epoch skips every batch of it: that is not an empty dataset.
             if not saw_batch and batches_in_epoch == 0:
@@ -920,7 +926,7 @@ class Trainer:
             logs["train/discriminator_loss"] = loop.last_discriminator_loss
         accelerator.log(logs, step=loop.global_step)
         if config.checkpointing_steps and loop.global_step % config.checkpointing_steps == 0:
-            self._save_checkpoint(accelerator, loop.ema, loop.global_step, loop.epoch, batches_in_epoch)
+            self._save_checkpoint(accelerator, loop, batches_in_epoch)
         if config.validation_steps and loop.global_step % config.validation_steps == 0:
             self._validate(accelerator, self.model, loop.ema, setup, samples, loop.global_step)
 
@@ -1028,8 +1034,8 @@ class Trainer:
             return samples
         return data.validation_samples(config.num_validation_images)
 
-    def _save_checkpoint(self, accelerator: Accelerator, ema: Any, step: int, epoch: int, batches: int) -> None:
-        config = self.config
+    def _save_checkpoint(self, accelerator: Accelerator, loop: _LoopState, batches: int) -> None:
+        config, ema, step = self.config, loop.ema, loop.global_step
         temporary = temporary_checkpoint_dir(config.output_dir, step) if accelerator.is_main_process else None
         temporary = _broadcast_path(accelerator, temporary)
         try:
@@ -1039,7 +1045,12 @@ class Trainer:
             raise self._checkpoint_error(accelerator, temporary, step, error) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = dict(global_step=step, epoch=epoch, batches_in_epoch=batches, **{OBJECTIVE_KEY: self.objective})
+            state = dict(
+                global_step=step,
+                epoch=loop.epoch,
+                batches_in_epoch=batches,
+                **{OBJECTIVE_KEY: self.objective, RECENT_LOSSES_KEY: loop.recent_losses},
+            )
             unet_config = accelerator.unwrap_model(self.model).config
             try:
                 path = finish_checkpoint(
