@@ -43,8 +43,8 @@ from diffusers_sr3.image_io import (  # noqa: E402
     open_image,
 )
 from diffusers_sr3.image_processing import (  # noqa: E402
-    grid,
     images_to_tensor,
+    process_strip,
     resize_bicubic,
     tensor_to_pil,
     upsample_condition,
@@ -285,10 +285,7 @@ def super_resolve(
     if process_frames:
         condition = tensor_to_pil(sampler.prepare_condition(image))
         frames = condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]
-        process = grid([frames])
-        if alpha is not None:
-            # `grid` pastes RGB: the frames' transparency is laid out in the same cells and put on the strip.
-            process.putalpha(grid([[alpha.resize(frame.size, PIL.Image.BICUBIC) for frame in frames]]).convert("L"))
+        process = process_strip(frames, alpha)
     # A black-and-white photo stays black and white, as `sr3 upscale` writes it: the network's answer can be tinted.
     sr3_image = tensor_to_pil(sr3)[0]
     return Result(

@@ -253,6 +253,13 @@ def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_p
     assert main(["upscale", str(tmp_path / "opaque.png"), "--output", str(tmp_path / "opaque_sr.png")] + options) == 0
     opaque = PIL.Image.open(tmp_path / "opaque_sr.png")
     assert opaque.mode == "RGB" and np.array_equal(np.asarray(result.convert("RGB")), np.asarray(opaque))
+    # The process strip is a PNG whatever the result's format: its frames keep the transparency, cell by cell.
+    process = ["--output", str(tmp_path / "strip.jpg"), "--save-process", "2", "--mode", "detail"]
+    assert main(["upscale", str(tmp_path / "logo.png")] + options + process) == 0
+    strip = PIL.Image.open(tmp_path / "strip_process.png")
+    frames = strip.width // 32  # the upsampled input and the snapshots of the one step
+    assert strip.mode == "RGBA" and strip.size == (frames * 32, 32) and frames >= 2
+    assert np.array_equal(np.asarray(strip.getchannel("A")), np.tile(np.asarray(expected), (1, frames)))
     # JPEG has no transparency: RGB, as before. A palette PNG's transparent index is transparency too.
     assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.jpg")] + options) == 0
     assert PIL.Image.open(tmp_path / "logo_sr.jpg").mode == "RGB"

@@ -213,6 +213,16 @@ def grid(rows: Sequence[Sequence[PIL.Image.Image]], size: Optional[Tuple[int, in
     return canvas
 
 
+def process_strip(frames: Sequence[PIL.Image.Image], alpha: Optional[PIL.Image.Image] = None) -> PIL.Image.Image:
+    """The refinement process as one row: `frames` side by side (`grid`), with `alpha` (an image's transparency, or
+    None) resized bicubic to each frame and put on the strip, as the image's own result gets it."""
+    strip = grid([frames])
+    if alpha is not None:
+        # `grid` pastes RGB: the frames' transparency is laid out in the same cells and put on the strip.
+        strip.putalpha(grid([[alpha.resize(frame.size, PIL.Image.BICUBIC) for frame in frames]]).convert("L"))
+    return strip
+
+
 def lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of `images` `(B, C, H, W)` with standard deviation `sigma` pixels, reflection at the borders."""
     radius = min(max(1, math.ceil(3 * sigma)), images.shape[-2] - 1, images.shape[-1] - 1)

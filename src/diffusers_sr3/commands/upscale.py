@@ -646,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backends import default_cpu_threads, resolve_device, use_backend
     from ..detail_windows import window_crops_per_step, windowed_evaluations
-    from ..image_processing import grid, tensor_to_pil
+    from ..image_processing import process_strip, tensor_to_pil
     from ..pipelines import SR3Pipeline
     from ..progress import UpscaleProgress
     from ..tiling import crops_per_step, tiled_super_resolve
@@ -810,7 +810,9 @@ def run(args: argparse.Namespace) -> int:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[offset]))[0]
                     snapshots = [snapshot[offset] for snapshot in output.intermediates]
                     frames = [condition] + [_to_pil(frame) if sixteen_bit else frame for frame in snapshots]
-                    save_atomically(grid([frames]), _process_path(destination), args.quality)
+                    # The strip is a PNG whatever the result's format: it keeps the input's transparency.
+                    strip = process_strip(frames, open_alpha(path))
+                    save_atomically(strip, _process_path(destination), args.quality)
                 if not args.quiet:
                     overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth})")
                 overall.update(1)
