@@ -94,12 +94,18 @@ def add_model_arguments(
     default_model: Optional[str] = None,
     steps_type: Callable[[str], object] = at_least_one,
 ) -> None:
-    """--model (required unless `default_model` names a fallback), --scheduler, --steps (`steps_help`, parsed by
-    `steps_type`), --seed, --device, --dtype."""
+    """--model (required unless `default_model` names a fallback), --variant, --scheduler, --steps (`steps_help`,
+    parsed by `steps_type`), --seed, --device, --dtype."""
     if default_model:
         parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
     else:
         parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="weights variant to load, e.g. fp16 (saved with save_pretrained(variant=...)); a network without it "
+        "loads its main weights (default: the main weights)",
+    )
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULER_CLASS_NAMES), help="sampler to use instead of the saved one"
     )
@@ -149,13 +155,17 @@ def load_pipeline(
     from ..backends import resolve_device
     from ..noise import swap_scheduler
     from ..pipelines import SR3BasePipeline, SR3CascadePipeline
+    from ..pipelines.base import VariantOnlyError
 
     device = resolve_device(args.device)
     if args.model is None:
         from ..pretrained import default_model_path
 
         args.model = default_model_path()
-    pipeline = SR3BasePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    try:
+        pipeline = SR3BasePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
+    except VariantOnlyError as error:
+        raise VariantOnlyError(error.path, error.variants, "--variant {}") from None
     if expected is not None and not isinstance(pipeline, expected):
         names = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
         raise ValueError(f"{args.model} holds a {type(pipeline).__name__}; this command needs a {names}")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -166,10 +166,12 @@ def _write_reexport(path: str, class_name: str) -> None:
 
 
 # A network's weights as Diffusers names them: diffusion_pytorch_model[.<variant>][-00001-of-00002].safetensors (or
-# .bin), and the index of sharded ones, diffusion_pytorch_model.safetensors.index[.<variant>].json.
+# .bin), and the index of sharded ones, diffusion_pytorch_model.safetensors.index[.<variant>].json. A variant name may
+# hold hyphens (`non-ema`): the shortest one before an optional shard number, as Diffusers' variant_compatible_siblings
+# reads `<variant>-00001-of-00002`.
 _WEIGHT_FILE = re.compile(
-    r"diffusion_pytorch_model(?:\.(?P<variant>[^.-]+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
-    r"|diffusion_pytorch_model\.(?:safetensors|bin)\.index(?:\.(?P<index_variant>[^.-]+))?\.json"
+    r"diffusion_pytorch_model(?:\.(?P<variant>[^.]+?))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
+    r"|diffusion_pytorch_model\.(?:safetensors|bin)\.index(?:\.(?P<index_variant>[^.]+))?\.json"
 )
 
 
@@ -301,15 +303,48 @@ def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
         vars(pipeline).update(originals)
 
 
-def pickle_only_folders(files: Sequence[str]) -> List[str]:
-    """The folders among `files` (`/`-separated paths, a repo's or a folder's) whose network weights are all
-    pickled (`.bin`, as `safe_serialization=False` saves them), in order."""
-    formats: Dict[str, Set[bool]] = {}
+def _weights_by_folder(files: Sequence[str]) -> Dict[str, Dict[Optional[str], List[str]]]:
+    """The network weight files among `files` (`/`-separated paths), by folder and variant (None: the main ones)."""
+    weights: Dict[str, Dict[Optional[str], List[str]]] = {}
     for name in files:
         folder, base = name.rpartition("/")[::2]
-        if folder and weight_file_variant(base)[0]:
-            formats.setdefault(folder, set()).add(".bin" in base)
-    return sorted(folder for folder, pickled in formats.items() if pickled == {True})
+        is_weights, variant = weight_file_variant(base)
+        if folder and is_weights:
+            weights.setdefault(folder, {}).setdefault(variant, []).append(base)
+    return weights
+
+
+def pickle_only_folders(files: Sequence[str], variant: Optional[str] = None) -> List[str]:
+    """The folders among `files` (`/`-separated paths, a repo's or a folder's) whose network weights that a load of
+    `variant` reads (`variant`'s where the folder has them, else the main ones) are all pickled (`.bin`, as
+    `safe_serialization=False` saves them), in order."""
+    pickled = []
+    for folder, variants in sorted(_weights_by_folder(files).items()):
+        loaded = variants.get(variant if variant in variants else None, [])
+        if loaded and all(".bin" in base for base in loaded):
+            pickled.append(folder)
+    return pickled
+
+
+def variant_only_folders(files: Sequence[str], variant: Optional[str] = None) -> Dict[str, List[str]]:
+    """The folders among `files` (`/`-separated paths) that hold neither `variant`'s weights nor the main ones, only
+    other variants': by folder, those variants, sorted."""
+    return {
+        folder: sorted(variants)
+        for folder, variants in sorted(_weights_by_folder(files).items())
+        if variant not in variants and None not in variants
+    }
+
+
+class VariantOnlyError(ValueError):
+    """A component folder (`path`) holds only variants' weights (`variants`), none that the load asked for."""
+
+    def __init__(self, path: str, variants: Sequence[str], option: str = "variant={!r}") -> None:
+        """`option` formats one variant as the caller passes it (a command's `--variant {}`)."""
+        self.path, self.variants = path, list(variants)
+        named = " and ".join(repr(variant) for variant in self.variants)
+        choices = " or ".join(option.format(variant) for variant in self.variants)
+        super().__init__(f"{path} holds only variant {named} weights: pass {choices}")
 
 
 def loaded_component_folders(
@@ -414,6 +449,18 @@ class SR3BasePipeline(DiffusionPipeline):
         super().__init_subclass__(**kwargs)
         if "__init__" in vars(cls) and cls._optional_components:
             cls.__init__.__signature__ = _signature_for_diffusers(cls.__init__, cls._optional_components)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
+        """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s components (`kwargs`: components
+        and config values to use instead); optional components that `pipeline` lacks (the guide, from an
+        `SR3UnconditionalPipeline` or a Diffusers `DDPMPipeline`) are None."""
+        # Diffusers takes an __init__ parameter without a default for a required component, and
+        # `_signature_for_diffusers` removes the optional components' defaults.
+        for name in cls._optional_components:
+            if name not in kwargs and name not in pipeline.components:
+                kwargs[name] = None
+        return super().from_pipe(pipeline, **kwargs)
 
     @property
     def num_timesteps(self) -> int:
@@ -781,9 +828,8 @@ class SR3BasePipeline(DiffusionPipeline):
             with open(hf_hub_download(name, "model_index.json", **download_kwargs), encoding="utf-8") as handle:
                 index = json.load(handle)
             pipeline_class = _saved_pipeline_class(cls, name, index)
-            # Before any weights: the safetensors-only download would fetch none of theirs.
-            pickled = []
-            if not pickles and listed is not None:
+            # Before any weights: the download would fetch none of theirs, and the load fail on a missing file.
+            if listed is not None:
 
                 def nested_index(folder: str) -> Optional[Dict[str, Any]]:
                     if f"{folder}/model_index.json" not in listed:
@@ -793,9 +839,12 @@ class SR3BasePipeline(DiffusionPipeline):
                         return json.load(handle)
 
                 loaded = set(loaded_component_folders(index, kwargs, nested_index))
-                pickled = [folder for folder in pickle_only_folders(listed) if folder in loaded]
-            if pickled:
-                raise pickled_weights_error(pipeline_class, name, pickled, local=False)
+                pickled = [] if pickles else [f for f in pickle_only_folders(listed, variant) if f in loaded]
+                if pickled:
+                    raise pickled_weights_error(pipeline_class, name, pickled, local=False)
+                for folder, variants in variant_only_folders(listed, variant).items():
+                    if folder in loaded:
+                        raise VariantOnlyError(f"{name}/{folder}", variants)
             return snapshot_download(name, allow_patterns=patterns, **download_kwargs)
         except LocalEntryNotFoundError as error:
             reason = "offline" if constants.HF_HUB_OFFLINE else "local_files_only=True"
@@ -826,10 +875,11 @@ class SR3BasePipeline(DiffusionPipeline):
             **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), and Diffusers'
                 loading options: `dtype` (or its older name `torch_dtype`; a dtype, or a dict by component name
                 with a `"default"`), `variant` (each component's weights of that variant, its main ones where it
-                has none; only those are downloaded), `use_safetensors` (default True: safetensors only; False:
-                `.bin` weights only, read with `weights_only=True`), `low_cpu_mem_usage`, `device_map`, `max_memory`,
-                `offload_folder` (passed to every network's `from_pretrained`), and Hub options (`revision`,
-                `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
+                has none; only those are downloaded; a component with neither, only other variants' weights, is
+                refused with a `VariantOnlyError` naming them), `use_safetensors` (default True: safetensors only;
+                False: `.bin` weights only, read with `weights_only=True`), `low_cpu_mem_usage`, `device_map`,
+                `max_memory`, `offload_folder` (passed to every network's `from_pretrained`), and Hub options
+                (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
 
         Returns:
             The pipeline, of class `cls`.
@@ -862,11 +912,15 @@ class SR3BasePipeline(DiffusionPipeline):
             raise ValueError(f"{source} holds no weights of variant {variant!r}")
         use_safetensors = kwargs.pop("use_safetensors", None)
         model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
+        loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
+        files = _files_under(folder)
         if use_safetensors is None:
-            loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
-            pickled = [name for name in pickle_only_folders(_files_under(folder)) if name in loaded]
+            pickled = [name for name in pickle_only_folders(files, variant) if name in loaded]
             if pickled:
                 raise pickled_weights_error(pipeline_class, source, pickled, local=folder == source)
+        for name, variants in variant_only_folders(files, variant).items():
+            if name in loaded:
+                raise VariantOnlyError(f"{source}/{name}", variants)
         expected, optional = pipeline_class._get_signature_keys(pipeline_class)
         init_kwargs: Dict[str, Any] = {}
         for name in expected:
