@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import PIL.Image
@@ -156,6 +157,51 @@ def test_an_interrupted_run_completes_when_run_again(source, tmp_path, monkeypat
                 assert (out / relative).read_bytes() == (tmp_path / "clean" / relative).read_bytes()
             elif relative.suffix == ".parquet":
                 assert PIL.Image.open(io.BytesIO(_first_image(out / relative))).size == (32, 32)
+
+
+class Killed(BaseException):
+    """Stands for kill -9 or the OOM killer: nothing after it runs."""
+
+
+@pytest.mark.parametrize("fmt", ["folder", "parquet", "lmdb"])
+def test_a_run_killed_as_it_creates_the_layout_completes_when_run_again(source, tmp_path, monkeypatch, fmt):
+    out = tmp_path / "out"
+    arguments = ["prepare", str(source), "--sizes", "16,32", "--n_worker", "0", "--format", fmt, "--out", str(out)]
+    real = prepare._Writer.__init__
+
+    def killed_after_the_layout(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.environment is not None:
+            self.environment.close()  # the kernel closes it for a killed process
+        raise Killed
+
+    monkeypatch.setattr(prepare._Writer, "__init__", killed_after_the_layout)
+    with pytest.raises(Killed):
+        main(arguments)
+    monkeypatch.setattr(prepare._Writer, "__init__", real)
+    assert main(arguments) == 0
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["complete"] and state["written"] == 4 and list(state["skipped"]) == ["sub/d.png"]
+
+
+_process_file = prepare.process_file
+
+
+def _reporting_the_workers_sigint_handler(job):
+    """`process_file`, giving how the worker handles SIGINT as the reason an unreadable file was skipped."""
+    images, error = _process_file(job)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    return images, None if images is not None else f"SIGINT {'ignored' if ignored else 'handled'} in the worker"
+
+
+def test_workers_leave_ctrl_c_to_the_main_process(source, tmp_path, monkeypatch):
+    # Ctrl-C signals the whole process group: workers handling it would each print a KeyboardInterrupt traceback.
+    monkeypatch.setattr(prepare, "process_file", _reporting_the_workers_sigint_handler)
+    out = tmp_path / "out"
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "2"]) == 0
+    state = json.loads((out / ".sr3_prepare.json").read_text())
+    assert state["skipped"] == {"sub/d.png": "SIGINT ignored in the worker"}, state
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _first_image(path):

@@ -349,6 +349,104 @@ def test_ctrl_c_says_where_to_resume(tmp_path, monkeypatch, capsys):
     assert "--resume_from_checkpoint latest" in message
 
 
+# What safetensors raises when the disk fills up: no OSError.
+DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_under_safetensors_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    save_state = Accelerator.save_state
+
+    def full_at_step_2(self, output_dir=None, **kwargs):
+        if output_dir.endswith("-2"):
+            raise SafetensorError(DISK_FULL)
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_step_2)
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=1)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write checkpoint-2 in {output} (" in err and f" GiB free there): {DISK_FULL}" in err, err
+    assert "Traceback" not in err
+    assert sorted(name for name in os.listdir(output) if "checkpoint" in name) == ["checkpoint-1"]
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_naming_the_checkpoint_to_go_on_from(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from diffusers_sr3 import SR3UNet2DModel
+
+    def disk_full(self, *args, **kwargs):
+        raise SafetensorError(DISK_FULL)
+
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(SR3UNet2DModel, "save_pretrained", disk_full)
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the trained pipeline in {output} (" in err and f" GiB free there): {DISK_FULL}" in err, err
+    assert f"go on from {output / 'checkpoint-2'} with --resume_from_checkpoint latest" in err, err
+    assert "Traceback" not in err
+    # Going on as the message says writes the pipeline.
+    assert run_script(SR_SCRIPT, as_argv(dict(options, resume_from_checkpoint="latest")), monkeypatch) == 0
+    assert (output / "model_index.json").is_file() and (output / "unet").is_dir()
+
+
+def test_a_safetensors_error_outside_the_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import diffusers_sr3.training.trainer as trainer
+
+    def disk_full(config):
+        raise SafetensorError(DISK_FULL)
+
+    monkeypatch.setattr(trainer, "train", disk_full)
+    argv = as_argv(fast_options(tmp_path / "out", train_data_dir=str(tmp_path)))
+    assert run_script(SR_SCRIPT, argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"error: {DISK_FULL}" in err and "Traceback" not in err, err
+
+
+def test_sigterm_stops_training_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from diffusers_sr3.training.trainer import Trainer
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):
+        raise Unhandled("SIGTERM reached the handler that was there before the run")
+
+    train_step, steps = Trainer._train_step, []
+
+    def terminated_at_step_2(self, loop, batch):
+        steps.append(loop.global_step)
+        if len(steps) == 2:  # what a scheduler sends before killing the job
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, loop, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", terminated_at_step_2)
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, train_data_dir=data, max_train_steps=4, checkpointing_steps=1)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the run's handler is gone with it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert f"interrupted; the last complete checkpoint is {output / 'checkpoint-1'}: go on from it with " in err, err
+    assert not (output / "model_index.json").exists() and "Traceback" not in err
+
+
 @pytest.mark.parametrize("kind", ["parquet", "imagefolder"])
 def test_streamed_local_datasets(tmp_path, kind):
     if kind == "parquet":

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -333,12 +334,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     created = not os.path.isdir(args.output)
     os.makedirs(args.output, exist_ok=True)
+    # Before the writer creates the layout: a run killed at any moment leaves a folder the next run resumes (without
+    # the state, it would be refused as not made by sr3 prepare).
+    _save_state(args.output, state)
 
     writer = _Writer(args.output, fmt, low, high, args.shard_size)
     jobs = [(os.path.join(source, name), low, high, args.resample) for name in files[state["position"] :]]
     # Fork where possible: the workers only run PIL, and spawned ones would re-import torch (seconds each).
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = context.Pool(args.n_worker) if args.n_worker > 0 and jobs else None
+    # Ctrl-C signals the whole process group: the workers ignore it (no traceback from each), the main process stops
+    # and terminates them.
+    pool = (
+        context.Pool(args.n_worker, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+        if args.n_worker > 0 and jobs
+        else None
+    )
     results = pool.imap(process_file, jobs, chunksize=4) if pool else map(process_file, jobs)
     # The state on disk always describes outputs that are on disk: rows held for a parquet shard are not counted.
     committed = dict(state)

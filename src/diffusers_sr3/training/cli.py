@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Iterator, List, Optional
 
 from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
@@ -14,7 +17,7 @@ from .hub import HubUploadError
 
 def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
     """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed; 130: stopped
-    with Ctrl-C, saying where to resume from, also while the trainer is imported)."""
+    with Ctrl-C, saying where to resume from, also while the trainer is imported; 143: stopped by SIGTERM, likewise)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -32,7 +35,14 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
             # Nothing ran yet, so there is nothing to resume (and the checkpoint listing would import torch again).
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
-        train(config)
+        from safetensors import SafetensorError  # loaded with the trainer: no start-up cost
+
+        try:
+            with _sigterm_as_interrupt():
+                train(config)
+        except SafetensorError as error:
+            # An I/O error (a full disk) that safetensors does not raise as one.
+            raise OSError(str(error)) from None
     except HubUploadError as error:
         print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
         return 1
@@ -40,11 +50,35 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
         # One line, without the usage: the options parsed, so what is wrong is a value, a file or the data.
         print(f"{parser.prog}: error: {redact(str(error))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # On a line of its own: the progress bar of the interrupted run still holds the cursor.
         print(f"\n{parser.prog}: interrupted; {_where_to_resume(args.output_dir)}", file=sys.stderr)
-        return 130
+        # The shell's status of a process ended by the signal (128 + its number), which schedulers look for.
+        return 128 + signal.SIGTERM if isinstance(interrupt, _Terminated) else 130
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the run as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (what SLURM and other schedulers send before killing a job) stops the run as
+    Ctrl-C does: the same clean-up and "where to resume" line, then exit status 143. Signal handlers can only be set
+    in the main thread; elsewhere SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _where_to_resume(output_dir: str) -> str:

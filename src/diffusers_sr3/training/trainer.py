@@ -76,6 +76,10 @@ _DAMAGED_CHECKPOINT_ERRORS = (
     pickle.UnpicklingError,
 )
 
+# What writing weights raises when the disk is full: torch.save a RuntimeError, safetensors a SafetensorError (an
+# I/O error that is no OSError).
+_WRITE_ERRORS = (RuntimeError, OSError, SafetensorError)
+
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
 
@@ -1040,8 +1044,8 @@ class Trainer:
         temporary = _broadcast_path(accelerator, temporary)
         try:
             accelerator.save_state(temporary)
-        except (RuntimeError, OSError) as error:
-            # What torch raises when the disk is full; the half-written folder must not stay.
+        except _WRITE_ERRORS as error:
+            # The half-written folder must not stay.
             raise self._checkpoint_error(accelerator, temporary, step, error) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -1056,7 +1060,7 @@ class Trainer:
                 path = finish_checkpoint(
                     temporary, config.output_dir, step, state, ema, config.checkpoints_total_limit, unet_config
                 )
-            except (RuntimeError, OSError) as error:
+            except _WRITE_ERRORS as error:
                 raise self._checkpoint_error(accelerator, temporary, step, error) from None
             logger.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
@@ -1069,6 +1073,23 @@ class Trainer:
         free = shutil.disk_usage(output_dir).free
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return OSError(f"cannot write checkpoint-{step} in {output_dir} ({free / 2**30:.2f} GiB free there): {reason}")
+
+    def _final_save_error(self, error: Exception) -> OSError:
+        """The one-line error when the trained pipeline cannot be written: where, why, and what to go on from (the
+        checkpoints are left as they are)."""
+        output_dir = self.config.output_dir
+        free = shutil.disk_usage(output_dir).free
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        checkpoints = list_checkpoints(output_dir)
+        resume = (
+            f"its checkpoints are intact: free some space and go on from {checkpoints[-1]} with "
+            "--resume_from_checkpoint latest"
+            if checkpoints
+            else "it holds no checkpoint to go on from (see --checkpointing_steps)"
+        )
+        return OSError(
+            f"cannot write the trained pipeline in {output_dir} ({free / 2**30:.2f} GiB free there): {reason}; {resume}"
+        )
 
     def _validate(
         self, accelerator: Accelerator, model: SR3UNet2DModel, ema: Any, setup: ModelSetup, samples, step: int
@@ -1125,7 +1146,10 @@ class Trainer:
             self.residual_scale,
             setup.sampling_settings if setup.upscale_factor else None,
         )
-        pipeline.save_pretrained(config.output_dir)
+        try:
+            pipeline.save_pretrained(config.output_dir)
+        except _WRITE_ERRORS as error:
+            raise self._final_save_error(error) from None
         if ema is not None:
             ema.restore(model.parameters())
         self.summary["validation"] = metrics
