@@ -6,8 +6,9 @@
 
 The crops of one set saved by `model_report.py --save-outputs` are tiled into one picture per method (a photo-sized
 image, as a user's output), written in each format and setting with `sr3 upscale`'s own writer options
-(`commands.upscale.lossy_options`), read back and compared with the HR over the crops' pixels (not the mosaic's padding): the picture's PSNR, and the PSNR each method
-loses to the format against its lossless PNG. Writes output_formats.json and .md.
+(`commands.upscale.lossy_options`), read back and compared with the HR over the crops' pixels (not the mosaic's
+padding): the picture's PSNR, and the PSNR each method loses to the format against its lossless PNG. Writes
+output_formats.json and .md.
 """
 
 from __future__ import annotations
