@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import pathlib
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -40,6 +39,9 @@ from diffusers_sr3.noise import swap_scheduler
 from diffusers_sr3.photos import study_crops
 from diffusers_sr3.presets import NEW_MODEL_RECIPE
 from diffusers_sr3.training.crops import crop_unet_config, train_on_crops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_whole  # noqa: E402  (a sibling script: where results are written)
 
 UPSCALE_FACTOR = 4
 CHANNEL_MULTIPLIERS = (1, 2, 4, 8)
@@ -158,6 +160,15 @@ def targets(sr: Dict[str, Any], bicubic: Dict[str, Any], steps: int) -> Dict[str
     }
 
 
+def saved_summary(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The training summary of the pipeline saved in `output_dir`, None before its first run."""
+    path = os.path.join(output_dir, "training_summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def run_one(
     name: str, settings: Dict[str, Any], args: argparse.Namespace, train_crops: List[Any], output_dir: str, steps: int
 ) -> SR3Pipeline:
@@ -217,7 +228,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]], bicubic: Dict[str, Any]) -> s
 
     lines = [line(COLUMNS), line(["---"] * len(COLUMNS))]
     for row in rows:
-        lines.append(line([row["run"], str(row["steps"]), f"{row['seconds_per_step']:.2f}"] + metric_cells(row["sr3"])))
+        seconds = "n/a" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.2f}"
+        lines.append(line([row["run"], str(row["steps"]), seconds] + metric_cells(row["sr3"])))
     lines.append(line(["bicubic", "-", "-"] + metric_cells(bicubic)))
     return "\n".join(lines)
 
@@ -260,6 +272,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--crop-size must be a multiple of 8, at least 16, got {args.crop_size}")
     if args.output and args.ablation and len(args.ablation) > 1:
         parser.error("--output keeps one trained pipeline: give at most one --ablation with it")
+    # Resuming cannot go back: a model trained further would be reported as trained for fewer steps.
+    saved = saved_summary(args.output) if args.output else None
+    if saved and saved["global_step"] > args.steps[0]:
+        parser.error(
+            f"--output {args.output} holds a model trained for {saved['global_step']} steps, more than --steps "
+            f"{args.steps[0]}: give at least that many or another --output"
+        )
     return args
 
 
@@ -288,16 +307,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, settings in runs:
             output_dir = args.output or os.path.join(scratch, name)
             for steps in args.steps:
+                earlier = saved_summary(output_dir)
                 pipeline = run_one(name, settings, args, train_crops, output_dir, steps)
-                with open(os.path.join(output_dir, "training_summary.json"), encoding="utf-8") as handle:
-                    summary = json.load(handle)
+                summary = saved_summary(output_dir)
+                if not summary["steps_this_run"] and earlier:
+                    # A rerun on a finished run trains nothing: its speed and loss are the earlier run's.
+                    summary = dict(
+                        summary, steps_per_second=earlier["steps_per_second"], final_loss=earlier["final_loss"]
+                    )
                 sr_metrics, bicubic, sr = evaluate(
                     pipeline, heldout, args.inference_steps, args.eval_batch_size, args.seed
                 )
                 row = dict(
                     run=name,
                     steps=steps,
-                    seconds_per_step=1.0 / summary["steps_per_second"],
+                    seconds_per_step=1.0 / summary["steps_per_second"] if summary["steps_per_second"] else None,
                     final_loss=summary["final_loss"],
                     settings=settings,
                     sampler=f"{type(pipeline.scheduler).__name__}, {args.inference_steps} steps",
@@ -312,8 +336,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     if args.report:
         report = dict(args={k: v for k, v in vars(args).items()}, photos=photos, bicubic=bicubic, runs=rows)
-        pathlib.Path(args.report, "results.json").write_text(json.dumps(report, indent=2, default=str))
-        pathlib.Path(args.report, "results.md").write_text(table + "\n")
+        write_whole(
+            os.path.join(args.report, "results.json"),
+            lambda handle: json.dump(report, handle, indent=2, default=str),
+        )
+        write_whole(os.path.join(args.report, "results.md"), lambda handle: handle.write(table + "\n"))
     return 0
 
 

@@ -71,12 +71,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report_files import write_report  # noqa: E402  (a sibling script: where results are written)
 
 
-def face_images(folder: str, size: int) -> torch.Tensor:
-    """The original project's high-resolution sample faces (`hr_*/*.png`), resized to `size`, in [-1, 1]."""
+def face_paths(folder: str) -> List[pathlib.Path]:
+    """The original project's high-resolution sample faces (`hr_*/*.png`) under `folder`; none is an error."""
     paths = sorted(pathlib.Path(folder).glob("*/hr_*/*.png"))
     if not paths:
         raise FileNotFoundError(f"no hr_*/*.png faces under {folder}")
-    faces = [resize_bicubic(images_to_tensor(open_image(path)), (size, size)) for path in paths]
+    return paths
+
+
+def face_images(folder: str, size: int) -> torch.Tensor:
+    """The original project's high-resolution sample faces (`hr_*/*.png`), resized to `size`, in [-1, 1]."""
+    faces = [resize_bicubic(images_to_tensor(open_image(path)), (size, size)) for path in face_paths(folder)]
     return torch.cat(faces)
 
 
@@ -549,6 +554,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     if args.detail_seeds < 1:
         parser.error(f"--detail-seeds must be at least 1, got {args.detail_seeds}")
+    # Checked now, not when their turn comes after the long evaluation of the held-out photos.
+    if args.faces:
+        try:
+            face_paths(args.faces)
+        except OSError as error:
+            parser.error(f"--faces: {error}")
+    if args.unseen:
+        try:
+            find_images([args.unseen])
+        except OSError as error:
+            parser.error(f"--unseen: {error}")
 
     pipeline = SR3Pipeline.from_pretrained(args.model).to(args.device)
     pipeline.set_progress_bar_config(disable=True)

@@ -6,8 +6,9 @@
 
 The crops of one set saved by `model_report.py --save-outputs` are tiled into one picture per method (a photo-sized
 image, as a user's output), written in each format and setting with `sr3 upscale`'s own writer options
-(`commands.upscale.lossy_options`), read back and compared with the HR: the picture's PSNR, and the PSNR each method
-loses to the format against its lossless PNG. Writes output_formats.json and .md.
+(`commands.upscale.lossy_options`), read back and compared with the HR over the crops' pixels (not the mosaic's
+padding): the picture's PSNR, and the PSNR each method loses to the format against its lossless PNG. Writes
+output_formats.json and .md.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def written(picture: np.ndarray, image_format: str, quality: Optional[int]) -> T
     return np.asarray(PIL.Image.open(buffer).convert("RGB")), size
 
 
-def psnr(picture: np.ndarray, reference: np.ndarray) -> float:
-    mse = float(np.mean((picture.astype(np.float64) - reference) ** 2))
+def psnr(picture: np.ndarray, reference: np.ndarray, real: np.ndarray) -> float:
+    """PSNR over the pixels where `real` is set: the mosaic's padding would count as error-free pixels."""
+    mse = float(np.mean((picture.astype(np.float64) - reference)[real.astype(bool)] ** 2))
     return 10 * math.log10(255**2 / mse) if mse > 0 else float("inf")
 
 
@@ -67,12 +69,13 @@ def measure(arrays: Dict[str, np.ndarray]) -> List[Dict[str, object]]:
     """One row per (format, quality, method): PSNR against the HR, the PSNR lost to the format (against the
     lossless PNG of the same method) and the file size. The first setting must be lossless."""
     hr = mosaic(arrays["HR"])
+    real = mosaic(np.ones_like(arrays["HR"]))
     pictures = {name: mosaic(array) for name, array in arrays.items() if name != "HR"}
     rows, lossless = [], {}
     for image_format, quality in SETTINGS:
         for method, picture in pictures.items():
             read_back, size = written(picture, image_format, quality)
-            value = psnr(read_back, hr)
+            value = psnr(read_back, hr, real)
             lossless.setdefault(method, value)
             rows.append(
                 {

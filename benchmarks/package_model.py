@@ -5,8 +5,9 @@
 What it changes, and why:
 - weights in bfloat16 (half the size in the wheel; the noise-level embeddings stay float32, as the model
   requires). They load as float32 by default: bf16 convolutions are slow on CPUs without bf16 units;
-- the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps, fidelity mode
-  in 4 (the step-count and recipe studies);
+- the scheduler becomes DDIM on the same training schedule: detail mode samples in 10 steps (the step-count and
+  recipe studies); fidelity mode keeps the trained pipeline's `fidelity_steps`, 1 unless it was saved with its own
+  (one step measured as well as 4 on the packaged model: docs/quality.md, "Fidelity in one evaluation");
 - detail mode's studied settings (`diffusers_sr3.pretrained`: 10 steps, eta 1, strength 0.6, windows of the training
   crop's size, `--window-size`, 64 by default) go into the pipeline's config (`detail_steps`, `detail_eta`,
   `detail_strength`, `detail_window_size`), so that every way of loading the model samples with them: `sr3 upscale

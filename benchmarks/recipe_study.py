@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Dict, List
 
@@ -44,7 +45,15 @@ from diffusers_sr3.photos import packaged_photo_paths, photo_crops, photo_split
 from diffusers_sr3.presets import get_preset
 from diffusers_sr3.training.objective import diffusion_loss, measure_residual_scale, noise_batch, predict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_files import write_json, write_whole  # noqa: E402  (a sibling script: where results are written)
+
 UPSCALE = 4
+# Fidelity mode's steps, given explicitly: the committed tables (benchmarks/results/recipe_study, docs/quality.md)
+# were measured with 4, and the pipeline's default has since become 1.
+FIDELITY_STEPS = 4
+# Evaluation crops shown in each arm's picture: every sixth of the first 48.
+PICTURED_CROPS = 48
 # The shipped recipe. `residual_scale` None = measured from the training crops.
 BASE: Dict[str, Any] = dict(
     unet=get_preset("photos_x4").unet_config(),
@@ -163,7 +172,13 @@ def run_arm(name: str, cpu_seconds: float, args: argparse.Namespace, held: torch
 
 @torch.no_grad()
 def evaluate(unet, scheduler, scale, held, args, name) -> Dict[str, Any]:
-    pipeline = SR3Pipeline(unet=unet, scheduler=swap_scheduler(scheduler, "ddim"), residual=True, residual_scale=scale)
+    pipeline = SR3Pipeline(
+        unet=unet,
+        scheduler=swap_scheduler(scheduler, "ddim"),
+        residual=True,
+        residual_scale=scale,
+        fidelity_steps=FIDELITY_STEPS,
+    )
     pipeline.set_progress_bar_config(disable=True)
     low, bicubic = degrade(held, UPSCALE)
     inputs = (low + 1) / 2
@@ -204,7 +219,10 @@ def evaluate(unet, scheduler, scale, held, args, name) -> Dict[str, Any]:
     )
     if args.report:
         columns = [bicubic] + [pictures[mode] for mode in modes] + [held]
-        rows = [[tensor_to_pil(column[i : i + 1])[0] for column in columns] for i in range(0, 48, 6)]
+        rows = [
+            [tensor_to_pil(column[i : i + 1])[0] for column in columns]
+            for i in range(0, min(PICTURED_CROPS, held.shape[0]), 6)
+        ]
         picture = grid(rows)
         picture = picture.resize((picture.width * 3, picture.height * 3), 0)
         picture.save(os.path.join(args.report, f"{name}.png"))
@@ -235,6 +253,43 @@ def markdown(results: List[Dict[str, Any]], cpu_minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """What makes two runs' arms comparable, as results.json records it."""
+    return dict(
+        cpu_minutes=args.cpu_minutes,
+        base=str(BASE),
+        fidelity_steps=FIDELITY_STEPS,
+        detail_steps=args.detail_steps,
+        train_crops=args.train_crops,
+        eval_crops=args.eval_crops,
+        extra=list(args.extra),
+    )
+
+
+def earlier_report(folder: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The earlier run's `folder/results.json` (empty without one; its arms are merged into this run's, its notes
+    kept); a run of other settings is refused.
+
+    Settings an older results.json does not record are not compared: it predates them.
+    """
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        earlier = json.load(handle)
+    differ = sorted(key for key in settings if key in earlier and earlier[key] != settings[key])
+    if differ:
+        raise ValueError(f"{path} holds a run with other settings ({', '.join(differ)}): give another --report folder")
+    return earlier
+
+
+def merged(earlier: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The earlier arms with this run's in place of the same names, then this run's new arms."""
+    new = {r["name"]: r for r in results}
+    kept = [new.pop(r["name"], r) for r in earlier]
+    return kept + list(new.values())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -250,9 +305,15 @@ def main(argv=None) -> None:
         for name, (changes, _) in ARMS.items():
             print(f"{name:20s} {changes}")
         return
-    torch.set_num_threads(1)
+    settings = study_settings(args)
+    earlier: Dict[str, Any] = {}
     if args.report:
+        try:
+            earlier = earlier_report(args.report, settings)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
         os.makedirs(args.report, exist_ok=True)
+    torch.set_num_threads(1)
     _, held_paths = photo_split(packaged_photo_paths(), heldout=0.25)
     held = photo_crops(held_paths, 64, count=args.eval_crops, seed=1, max_side=512, output_type="pt")
     results = []
@@ -260,10 +321,10 @@ def main(argv=None) -> None:
         results.append(run_arm(name, args.cpu_minutes * 60, args, held))
         print(json.dumps(results[-1]), flush=True)
         if args.report:
-            with open(os.path.join(args.report, "results.json"), "w") as handle:
-                json.dump(dict(cpu_minutes=args.cpu_minutes, base=str(BASE), results=results), handle, indent=1)
-            with open(os.path.join(args.report, "results.md"), "w") as handle:
-                handle.write(markdown(results, args.cpu_minutes))
+            every_arm = merged(earlier.get("results", []), results)
+            write_json(os.path.join(args.report, "results.json"), dict(earlier, **settings, results=every_arm))
+            table = markdown(every_arm, args.cpu_minutes)
+            write_whole(os.path.join(args.report, "results.md"), lambda handle, text=table: handle.write(text))
     print(markdown(results, args.cpu_minutes))
 
 

@@ -303,6 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps < 1 or min(args.batch) < 1:
         parser.error("--steps and --batch must be at least 1")
+    if not args.networks and not args.loader:
+        parser.error("nothing to time: give --networks names or a --loader folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []

@@ -1,0 +1,187 @@
+"""The benchmark scripts measure what they say and fail early and cleanly: tiny data, the slow parts replaced."""
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from diffusers_sr3.image_processing import degrade, upsample_condition
+from diffusers_sr3.metrics import image_quality, quantize
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def x0_model_dir(tmp_path, tiny_unet):
+    """A tiny residual pipeline that predicts the clean image (fidelity mode needs one), saved to a folder."""
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample_range=4.0)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, upscale_factor=4, residual=True, residual_scale=2.0)
+    pipeline.save_pretrained(tmp_path / "x0-model")
+    return tmp_path / "x0-model"
+
+
+def test_recipe_study_scores_fidelity_at_the_steps_of_its_tables_and_pictures_few_crops(tmp_path, monkeypatch):
+    from diffusers_sr3 import make_scheduler
+
+    recipe_study = load("recipe_study")
+    built, real = [], recipe_study.SR3Pipeline
+
+    def pipeline(**kwargs):
+        built.append(real(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(recipe_study, "SR3Pipeline", pipeline)
+    from conftest import tiny_unet_config
+
+    torch.manual_seed(0)
+    unet = recipe_study.SR3UNet2DModel(**tiny_unet_config()).eval()
+    scheduler = make_scheduler("ddpm", prediction_type="sample", n_timestep=100)
+    held = torch.rand(3, 3, 32, 32) * 2 - 1  # fewer evaluation crops than the picture's 48
+    args = argparse.Namespace(detail_steps=1, report=str(tmp_path))
+    outputs = recipe_study.evaluate(unet, scheduler, 1.0, held, args, "base")
+    assert [p.config.fidelity_steps for p in built] == [recipe_study.FIDELITY_STEPS] == [4]
+    assert set(outputs) == {"fidelity", "detail", "bicubic"} and (tmp_path / "base.png").is_file()
+
+
+def test_recipe_study_merges_its_arms_into_an_earlier_report_of_the_same_settings(tmp_path, monkeypatch):
+    recipe_study = load("recipe_study")
+    monkeypatch.setattr(recipe_study, "photo_split", lambda paths, heldout: ([], []))
+    monkeypatch.setattr(recipe_study, "photo_crops", lambda *args, **kwargs: torch.zeros(2, 3, 64, 64))
+    runs = []
+
+    def run_arm(name, cpu_seconds, args, held):
+        runs.append(name)
+        detail = dict(psnr_gain_db=len(runs), ssim_gain=0, edge_ratio=1, consistency_vs_bicubic=1)
+        detail["two_seeds_differ_255"] = 1
+        return dict(
+            name=name,
+            changes=name,
+            steps=1,
+            cpu_s_per_step=1,
+            detail=detail,
+            bicubic=dict(psnr=30, ssim=0.9, edge_ratio=0.6),
+        )
+
+    monkeypatch.setattr(recipe_study, "run_arm", run_arm)
+    report = tmp_path / "report"
+    recipe_study.main(["--arms", "base", "epsilon", "--report", str(report), "--cpu-minutes", "0.5"])
+    (report / "results.json").write_text(
+        json.dumps(dict(json.loads((report / "results.json").read_text()), note="kept"))
+    )
+    recipe_study.main(["--arms", "base", "width_32", "--report", str(report), "--cpu-minutes", "0.5"])
+    results = json.loads((report / "results.json").read_text())
+    # base rerun in place, epsilon kept, width_32 added; the settings and the note recorded.
+    assert [(r["name"], r["detail"]["psnr_gain_db"]) for r in results["results"]] == [
+        ("base", 3),
+        ("epsilon", 2),
+        ("width_32", 4),
+    ]
+    assert results["fidelity_steps"] == 4 and results["cpu_minutes"] == 0.5 and results["note"] == "kept"
+    assert "| epsilon |" in (report / "results.md").read_text()
+    assert sorted(path.name for path in report.iterdir()) == ["results.json", "results.md"]
+    with pytest.raises(SystemExit):
+        recipe_study.main(["--arms", "base", "--report", str(report), "--cpu-minutes", "1"])
+    assert len(runs) == 4  # refused before training
+
+
+def test_compare_models_prints_the_reports_psnr_and_none_for_the_hr(tmp_path, x0_model_dir, monkeypatch, capsys):
+    compare_models = load("compare_models")
+    generator = torch.Generator().manual_seed(0)
+    # Crops of very different difficulty: a pooled MSE and the mean of per-crop PSNRs disagree.
+    hr = torch.cat([torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, torch.full((2, 3, 32, 32), 0.1)])
+    hr[2:] += 0.05 * torch.randn(2, 3, 32, 32, generator=generator)  # no crop reproduced exactly: no inf PSNR
+    monkeypatch.setattr(compare_models, "heldout_crops", lambda *args, **kwargs: (hr, []))
+    compare_models.main(
+        ["--model", f"m={x0_model_dir}", "--rows", "2", "--steps", "1", "--output", f"{tmp_path}/c.png"]
+    )
+    lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines() if "edge" in line}
+    shown = compare_models.chosen_crops(hr, 2, flattest=True)
+    lr = quantize(degrade(shown, 4)[0]).float() / 127.5 - 1
+    bicubic = upsample_condition(lr, (32, 32)).clamp(-1, 1)
+    assert f"PSNR {image_quality(bicubic, shown, lr)['psnr']:6.2f} dB" in lines["bicubic"]
+    assert "PSNR" in lines["m"] and "PSNR" not in lines["HR"]
+
+
+def test_output_formats_measures_the_real_pixels_not_the_mosaics_padding(tmp_path):
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)  # 2 x 2 mosaic: one tile of padding
+    noisy = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "o.npz", **{"s/HR": hr, "s/bicubic": noisy})
+    report = load("output_formats").main([str(tmp_path / "o.npz"), "--output", str(tmp_path / "r")])
+    [png] = [row for row in report["rows"] if row["format"] == "PNG"]
+    mse = np.mean((noisy.astype(float) - hr) ** 2)
+    assert png["psnr"] == pytest.approx(10 * math.log10(255**2 / mse))
+
+
+def test_training_launch_compares_with_the_one_thread_arm_wherever_it_ran(tmp_path, monkeypatch):
+    training_launch = load("training_launch")
+    speeds = {"default": 4.0, "one thread": 2.0}
+    monkeypatch.setattr(training_launch, "write_photos", lambda folder, count: folder)
+    monkeypatch.setattr(training_launch, "launch", lambda arm, *args: dict(cpu_threads=1, steps_per_second=speeds[arm]))
+    common = ["--preset", "tiny", "--batch", "1", "--photos", "1"]
+    report = training_launch.main(common + ["--arms", "default", "one thread", "--output", str(tmp_path / "a")])
+    assert [row["speedup"] for row in report["rows"]] == [2.0, 1.0] and report["speedup_against"] == "one thread"
+    assert "| vs one thread |" in (tmp_path / "a" / "training_launch.md").read_text()
+    report = training_launch.main(common + ["--arms", "default", "--output", str(tmp_path / "b")])
+    assert report["rows"][0]["speedup"] == 1.0
+    assert "| vs default |" in (tmp_path / "b" / "training_launch.md").read_text()
+
+
+def test_convergence_refuses_a_saved_model_trained_further_than_asked(tmp_path, capsys):
+    convergence = load("convergence")
+    (tmp_path / "training_summary.json").write_text(json.dumps(dict(global_step=3)))
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--steps", "1", "3", "--output", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained for 3 steps, more than --steps 1" in error
+    assert convergence.parse_args(["--steps", "3", "--output", str(tmp_path)]).steps == [3]
+
+
+def test_convergence_rerun_on_a_finished_run_reports_the_earlier_runs_speed(tmp_path):
+    convergence = load("convergence")
+    output, report = tmp_path / "model", tmp_path / "report"
+    argv = ["--steps", "2", "--crop-size", "16", "--width", "8", "--train-crops", "4", "--eval-crops", "1"]
+    argv += ["--batch-size", "2"]
+    argv += ["--inference-steps", "2", "--output", str(output), "--report", str(report)]
+    assert convergence.main(argv) == 0
+    [first] = json.loads((report / "results.json").read_text())["runs"]
+    assert convergence.main(argv) == 0  # resumes at step 2 of 2: trains nothing
+    assert json.loads((output / "training_summary.json").read_text())["steps_this_run"] == 0
+    [again] = json.loads((report / "results.json").read_text())["runs"]
+    assert again["seconds_per_step"] == first["seconds_per_step"] > 0 and again["final_loss"] == first["final_loss"]
+
+
+def test_model_report_checks_the_faces_and_unseen_folders_before_evaluating(tmp_path, capsys):
+    model_report = load("model_report")
+    common = ["--model", str(tmp_path / "not-loaded-yet"), "--output", str(tmp_path / "report")]
+    for option in ("--faces", "--unseen"):
+        with pytest.raises(SystemExit):
+            model_report.main(common + [option, str(tmp_path)])
+        assert f"error: {option}: no " in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_training_throughput_refuses_to_time_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("training_throughput").main(["--networks", "--output", str(tmp_path / "report")])
+    assert "nothing to time" in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
+def test_every_table_of_the_quality_notes_has_its_separator_line():
+    lines = (REPO / "docs" / "quality.md").read_text().splitlines()
+    for number, (previous, line, following) in enumerate(zip([""] + lines, lines, lines[1:] + [""]), start=1):
+        if line.startswith("|") and not previous.startswith("|"):
+            assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", following), f"docs/quality.md:{number}: a table header"
