@@ -2,13 +2,16 @@
 system (OSError included), an out-of-memory hint, and 130 for Ctrl-C, also while the subcommands are imported."""
 
 import errno
+import signal
+import threading
 
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import FIXTURES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, cli, make_scheduler
 from diffusers_sr3.commands import prepare, upscale
+from diffusers_sr3.commands.common import atomic_file
 
 
 def _failing_run(error):
@@ -84,6 +87,52 @@ def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib, "import_module", interrupted_import)  # Ctrl-C while torch is imported
     assert cli.main(["prepare", "src", "--out", "out"]) == 130
     assert capsys.readouterr().err == "sr3: interrupted\n"
+
+
+def test_main_runs_outside_the_main_thread_without_a_sigterm_handler(monkeypatch, capsys):
+    """Signal handlers can be set in the main thread only: elsewhere main runs without its SIGTERM handler."""
+    monkeypatch.setattr(prepare, "run", _failing_run(ValueError("bad input")))
+    before = signal.getsignal(signal.SIGTERM)
+    statuses = []
+    thread = threading.Thread(target=lambda: statuses.append(cli.main(["prepare", "src", "--out", "out"])))
+    thread.start()
+    thread.join()
+    assert statuses == [2] and capsys.readouterr().err == "sr3 prepare: error: bad input\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_full_disk_while_saving_weights_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    arguments = ["convert", "--checkpoint", str(FIXTURES / "sr3_tiny_I10_E1_gen.pth")]
+    arguments += ["--config", str(FIXTURES / "sr3_tiny_config.json"), "--output", str(tmp_path / "pipeline")]
+    assert cli.main(arguments) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sr3 convert: error: Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+    # Other errors of a kind the command line does not expect keep their traceback.
+    monkeypatch.setattr(prepare, "run", _failing_run(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["prepare", "src", "--out", "out"])
+
+
+def test_atomic_file_names_the_destination_of_an_error_that_names_no_file(tmp_path):
+    destination = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as raised:
+        with atomic_file(str(destination)) as stream:
+            stream.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as json or Pillow writing to the stream
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"[Errno 28] cannot write {destination}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PermissionError) as raised:  # one that names its file is left as it is
+        with atomic_file(str(destination)):
+            raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
+    assert raised.value.filename == "/elsewhere" and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("backend", ["bf16", "onnx"])

@@ -80,8 +80,28 @@ def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch,
 
     monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
     assert sample(model_dir, tmp_path / "out" / "grid.png") == 2  # the one-line error, no traceback
-    assert capsys.readouterr().err.splitlines()[-1] == "sr3 sample: error: disk full"
+    # Pillow writes to a stream, so its error names no file: the message names the one being written.
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == f"sr3 sample: error: cannot write {tmp_path / 'out' / 'grid.png'}: disk full"
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_grid_another_run_wrote_meanwhile_is_kept_without_overwrite(model_dir, tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import sample as sample_command
+
+    output = tmp_path / "grid.png"
+    checked = sample_command.check_destinations
+
+    def another_run_writes_after_the_check(writes, overwrite):
+        checked(writes, overwrite)
+        output.write_bytes(b"the other run's grid")
+
+    monkeypatch.setattr(sample_command, "check_destinations", another_run_writes_after_the_check)
+    assert sample(model_dir, output) == 2
+    assert f"{output} already exists; pass --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == b"the other run's grid" and sorted(tmp_path.iterdir()) == [output]
+    assert sample(model_dir, output, "--overwrite") == 0
+    assert PIL.Image.open(output).size == (16, 16)
 
 
 def test_an_image_depends_on_the_seed_and_its_place_not_on_the_batch_size(model_dir, tmp_path):

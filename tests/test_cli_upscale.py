@@ -1,6 +1,10 @@
 """`sr3 upscale` and `sr3 sample` on real files with tiny saved pipelines."""
 
+import errno
+import os
 import shutil
+import signal
+import time
 
 import numpy as np
 import PIL.Image
@@ -395,6 +399,94 @@ def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, t
     with pytest.raises(OSError):
         upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "direct.png"))
     assert not list(tmp_path.glob("*direct*"))
+
+
+def test_upscale_keeps_a_result_another_run_wrote_meanwhile(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    sources = [write_image(tmp_path / "in" / f"{name}.png", (8, 8)) for name in "ab"]
+    out = tmp_path / "out"
+    arguments = ["upscale", *map(str, sources), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
+    checked = upscale.check_destinations
+
+    # Another run into the same folder writes b_sr.png after this one checked its destinations.
+    def another_run_writes_after_the_check(writes, overwrite):
+        checked(writes, overwrite)
+        out.mkdir(exist_ok=True)
+        (out / "b_sr.png").write_bytes(b"the other run's result")
+
+    monkeypatch.setattr(upscale, "check_destinations", another_run_writes_after_the_check)
+    assert main(arguments) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 upscale: error: {out / 'b_sr.png'} already exists; pass --overwrite to replace it, or choose another "
+        "--output"
+    )
+    assert (out / "b_sr.png").read_bytes() == b"the other run's result"
+    assert sorted(path.name for path in out.iterdir()) == ["a_sr.png", "b_sr.png"]  # no temporary left
+    assert main(arguments + ["--overwrite"]) == 0
+    assert PIL.Image.open(out / "b_sr.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EXDEV, errno.ENOTSUP])
+def test_without_hard_links_a_result_written_meanwhile_is_still_kept(tmp_path, monkeypatch, code):
+    from diffusers_sr3.commands import upscale
+
+    def no_hard_links(source, destination):
+        raise OSError(code, os.strerror(code), source, None, destination)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    image, destination = PIL.Image.new("RGB", (4, 4)), tmp_path / "a.png"
+    upscale.save_atomically(image, str(destination), overwrite=False)
+    assert PIL.Image.open(destination).size == (4, 4)
+    with pytest.raises(FileExistsError, match=f"{destination} already exists; pass --overwrite"):
+        upscale.save_atomically(PIL.Image.new("RGB", (8, 8)), str(destination), overwrite=False)
+    assert PIL.Image.open(destination).size == (4, 4) and sorted(tmp_path.iterdir()) == [destination]
+    upscale.save_atomically(PIL.Image.new("RGB", (8, 8)), str(destination), overwrite=True)
+    assert PIL.Image.open(destination).size == (8, 8) and sorted(tmp_path.iterdir()) == [destination]
+
+
+def test_a_full_disk_names_the_file_being_written(model_dir, tmp_path, capsys, monkeypatch):
+    source = write_image(tmp_path / "in" / "a.png", (8, 8))
+    out = tmp_path / "out"
+
+    def full_disk(self, stream, format=None, **kwargs):
+        stream.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
+    assert main(["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 upscale: error: [Errno 28] cannot write {out / 'a_sr.png'}: No space left on device"
+    )
+    assert list(out.iterdir()) == []
+
+
+def test_sigterm_exits_143_and_removes_the_temporary_file(model_dir, tmp_path, capsys, monkeypatch):
+    source = write_image(tmp_path / "in" / "a.png", (8, 8))
+    out = tmp_path / "out"
+
+    class NotHandled(Exception):
+        pass
+
+    def not_handled(signum, frame):
+        raise NotHandled("sr3 left SIGTERM to its previous handler")
+
+    # The handler of whatever runs main: without sr3's own, SIGTERM reaches it (pytest survives, the test fails).
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        # SIGTERM while the result is half-written: the handler runs at once, inside the write.
+        def terminated_mid_write(self, stream, format=None, **kwargs):
+            stream.write(b"\x89PNG partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: a Python signal handler runs as soon as os.kill returns
+
+        monkeypatch.setattr(PIL.Image.Image, "save", terminated_mid_write)
+        assert main(["upscale", str(source), "--model", str(model_dir), "--output", str(out), "--steps", "1"]) == 143
+        assert capsys.readouterr().err.splitlines()[-1] == "sr3 upscale: terminated"
+        assert list(out.iterdir()) == []
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # put back when main returns
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_upscale_progress_quiet_mode_help_and_onnx_backend(model_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import uuid
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, List, Mapping, Optional, Tuple, Type, Union
@@ -191,9 +192,7 @@ def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
             )
         seen[destination] = path
         if os.path.exists(destination) and not overwrite:
-            raise FileExistsError(
-                f"{destination} already exists; pass --overwrite to replace it, or choose another --output"
-            )
+            raise _already_exists(destination)
 
 
 def check_file_destination(path: str, option: str, example: str) -> None:
@@ -208,17 +207,64 @@ def check_file_destination(path: str, option: str, example: str) -> None:
         raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
 
 
+# What `os.link` raises where the filesystem has no hard links (FAT, some network mounts) or refuses them.
+_NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+
+
+def _already_exists(destination: str) -> FileExistsError:
+    return FileExistsError(f"{destination} already exists; pass --overwrite to replace it, or choose another --output")
+
+
+def _put_in_place(temporary: str, destination: str, overwrite: bool) -> None:
+    """Move the finished `temporary` to `destination`; without `overwrite`, never over a file that appeared there
+    since the run checked (another run writing into the same folder)."""
+    if overwrite:
+        os.replace(temporary, destination)
+        return
+    try:
+        # A hard link fails if `destination` exists, atomically: a check then a rename could replace a file that
+        # another run put there in between.
+        os.link(temporary, destination)
+    except FileExistsError:
+        raise _already_exists(destination) from None
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        # Best-effort only: another run can still write `destination` between this check and the rename.
+        if os.path.lexists(destination):
+            raise _already_exists(destination) from None
+        os.replace(temporary, destination)
+        return
+    os.remove(temporary)
+
+
 @contextlib.contextmanager
-def atomic_file(destination: str) -> Iterator[BinaryIO]:
+def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write `destination` through: a fresh temporary beside it (same filesystem, so the rename is
-    atomic), renamed into place when the block ends, removed when it fails. An interrupted or failing write leaves
-    `destination` as it was (absent, or the previous file), never a truncated one."""
+    atomic), put in place when the block ends, removed when it fails. An interrupted or failing write leaves
+    `destination` as it was (absent, or the previous file), never a truncated one.
+
+    Args:
+        destination: the file to write.
+        overwrite: replace a file already at `destination`. When False, a file there (also one another process
+            wrote while this one worked) is kept and FileExistsError names it.
+
+    An OSError without a file name (Pillow and json write to the stream, so a full disk names no file) is raised
+    again naming `destination`, with its errno.
+    """
     folder = os.path.dirname(destination) or "."
     temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(temporary, "xb") as stream:
-            yield stream
-        os.replace(temporary, destination)
+        try:
+            with open(temporary, "xb") as stream:
+                yield stream
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            if error.errno is None:
+                raise OSError(f"cannot write {destination}: {error}") from error
+            raise OSError(error.errno, f"cannot write {destination}: {error.strerror}") from error
+        _put_in_place(temporary, destination, overwrite)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
             progress.update(count)
     columns = math.ceil(math.sqrt(len(images)))
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]
-    save_atomically(grid(rows), args.output)
+    save_atomically(grid(rows), args.output, overwrite=args.overwrite)
     if processes:
-        save_atomically(grid(processes), process_path)
+        save_atomically(grid(processes), process_path, overwrite=args.overwrite)
     print(f"wrote {len(images)} images to {args.output}")
     return 0

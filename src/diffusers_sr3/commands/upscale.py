@@ -285,17 +285,20 @@ def lossy_options(image_format: str, quality: int) -> Dict[str, Any]:
     return {}
 
 
-def save_atomically(image: PIL.Image.Image, destination: str, quality: int = DEFAULT_QUALITY) -> None:
+def save_atomically(
+    image: PIL.Image.Image, destination: str, quality: int = DEFAULT_QUALITY, overwrite: bool = True
+) -> None:
     """Write `image` to `destination` through a temporary file in the same folder, then rename it into place.
 
     An interrupted or failing write leaves `destination` as it was (absent, or the previous file), never a
     truncated image; the rename is atomic on one filesystem. JPEG and WebP are written at `quality`, JPEG without
-    chroma subsampling.
+    chroma subsampling. Without `overwrite`, a file already at `destination` (one another run wrote meanwhile
+    included) is kept and FileExistsError names it (`atomic_file`).
     """
     os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
     extension = os.path.splitext(destination)[1].lower()
     image_format = PIL.Image.registered_extensions().get(extension, "PNG")
-    with atomic_file(destination) as stream:
+    with atomic_file(destination, overwrite) as stream:
         image.save(stream, format=image_format, **lossy_options(image_format, quality))
 
 
@@ -805,14 +808,14 @@ def run(args: argparse.Namespace) -> int:
                 if alpha is not None:
                     result = result.copy()
                     result.putalpha(alpha.resize(result.size, PIL.Image.BICUBIC))
-                save_atomically(result, destination, args.quality)
+                save_atomically(result, destination, args.quality, args.overwrite)
                 if args.save_process:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[offset]))[0]
                     snapshots = [snapshot[offset] for snapshot in output.intermediates]
                     frames = [condition] + [_to_pil(frame) if sixteen_bit else frame for frame in snapshots]
                     # The strip is a PNG whatever the result's format: it keeps the input's transparency.
                     strip = process_strip(frames, open_alpha(path))
-                    save_atomically(strip, _process_path(destination), args.quality)
+                    save_atomically(strip, _process_path(destination), args.quality, args.overwrite)
                 if not args.quiet:
                     overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth})")
                 overall.update(1)
