@@ -28,15 +28,21 @@ def _first_weight(pipeline):
     return pipeline.unet.conv_in.weight.flatten()[0].item()
 
 
+def _converted_and_another(folder):
+    """`sr3 convert` into `folder`: the converted pipeline, and another model (its weights moved) to save there."""
+    assert main(_convert_arguments(folder, "uncond")) == 0
+    converted = SR3UnconditionalPipeline.from_pretrained(folder)
+    other = SR3UnconditionalPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        for parameter in other.unet.parameters():
+            parameter.add_(1.0)
+    return converted, other
+
+
 @pytest.mark.filterwarnings("ignore:There are modules in SR3UNet2DModel")
 def test_convert_overwrite_drops_the_replaced_models_other_variants(tmp_path, capsys):
     folder = tmp_path / "model"
-    assert main(_convert_arguments(folder, "uncond")) == 0
-    converted = SR3UnconditionalPipeline.from_pretrained(folder)
-    old = SR3UnconditionalPipeline.from_pretrained(folder)
-    with torch.no_grad():
-        for parameter in old.unet.parameters():
-            parameter.add_(1.0)
+    converted, old = _converted_and_another(folder)
     old.save_pretrained(folder)
     old.to(torch.float16).save_pretrained(folder, variant="fp16")
     (folder / "notes.txt").write_text("mine")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_unet_config
 from diffusers import DDPMPipeline
-from test_convert_overwrite_and_types import _convert_arguments, _first_weight
+from test_convert_overwrite_and_types import _convert_arguments, _converted_and_another, _first_weight
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
@@ -56,12 +56,7 @@ def test_a_hyphenated_variant_loads_and_is_downloaded(tiny_pipeline, tmp_path):
 
 def test_convert_overwrite_drops_a_hyphenated_variant_of_the_replaced_model(tmp_path):
     folder = tmp_path / "model"
-    assert main(_convert_arguments(folder, "uncond")) == 0
-    converted = SR3UnconditionalPipeline.from_pretrained(folder)
-    old = SR3UnconditionalPipeline.from_pretrained(folder)
-    with torch.no_grad():
-        for parameter in old.unet.parameters():
-            parameter.add_(1.0)
+    converted, old = _converted_and_another(folder)
     old.save_pretrained(folder, variant="non-ema")
     assert main(_convert_arguments(folder, "uncond") + ["--overwrite"]) == 0
     assert not list((folder / "unet").glob("*non-ema*"))
