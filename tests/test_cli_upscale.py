@@ -267,6 +267,10 @@ def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_p
     # JPEG has no transparency: RGB, as before. A palette PNG's transparent index is transparency too.
     assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.jpg")] + options) == 0
     assert PIL.Image.open(tmp_path / "logo_sr.jpg").mode == "RGB"
+    # AVIF stores transparency (this Pillow writes AVIF), lossily at --quality 95: within a level of it.
+    assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.avif")] + options) == 0
+    avif = PIL.Image.open(tmp_path / "logo_sr.avif")
+    assert avif.mode == "RGBA" and np.abs(np.asarray(avif.getchannel("A"), int) - np.asarray(expected)).max() <= 1
     palette = PIL.Image.fromarray(np.repeat(np.array([[0] * 4 + [1] * 4], dtype=np.uint8), 8, axis=0), "P")
     palette.putpalette([0, 0, 0, 255, 0, 0])
     palette.save(tmp_path / "sticker.png", transparency=0)  # index 0, the left half, is transparent

@@ -341,8 +341,11 @@ def _batches(keys: Sequence[Any], batch_size: int) -> List[Tuple[int, int]]:
     return ranges
 
 
-# Output formats that store transparency (JPEG has none; GIF's is one bit).
-ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+# Output formats that store transparency (JPEG has none; GIF's is one bit). AVIF where this Pillow writes it
+# (since Pillow 11.2): RGBA and LA go through `lossy_options` as they are.
+ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff") + tuple(
+    extension for extension in (".avif",) if extension in _writable_extensions()
+)
 # Output formats that store 16-bit gray: a 16-bit scan keeps its smooth gradients.
 SIXTEEN_BIT_EXTENSIONS = (".png", ".tif", ".tiff")
 
