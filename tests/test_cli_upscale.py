@@ -356,6 +356,10 @@ def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):
     for eta in ("-0.5", "5"):
         assert main(detail + ["--eta", eta]) == 2
         assert f"--eta must lie in [0, 1], got {float(eta):g}" in capsys.readouterr().err
+    # Infinite or NaN starting noise ran the whole refinement before the scheduler was blamed for the NaN.
+    for temperature in ("-1", "inf", "nan"):
+        assert main(detail + ["--temperature", temperature]) == 2
+        assert f"--temperature must be finite and at least 0, got {temperature}" in capsys.readouterr().err
     assert not out.exists()
     for steps in ("0", "-3", "ten"):
         with pytest.raises(SystemExit) as stopped:  # argparse's usage error

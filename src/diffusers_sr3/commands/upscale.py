@@ -664,6 +664,9 @@ def run(args: argparse.Namespace) -> int:
     # Above 1, DDIM's step noise outgrows what the schedule leaves at the next step: NaN after the whole run.
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must lie in [0, 1], got {args.eta:g}")
+    # 0 is meaningful: the mean of the starting noise, as fidelity mode starts.
+    if args.temperature is not None and not 0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be finite and at least 0, got {args.temperature:g}")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.self_ensemble and args.save_process:
