@@ -801,6 +801,26 @@ def test_upscale_checks_options_before_decoding_or_loading(model_dir, tmp_path, 
     # --mode auto: the saved scheduler config tells the mode (the tiny model predicts noise: detail).
     assert main(_arguments([source], tmp_path / "out", model_dir, "--self-ensemble")) == 2
     assert "use it with --mode fidelity" in capsys.readouterr().err
+    # What needs a model that predicts the clean image is refused in the command line's words, not the pipeline's.
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--mode", "fidelity")) == 2
+    assert "--mode fidelity needs a model that predicts the clean image" in (err := capsys.readouterr().err)
+    assert "predicts 'epsilon': use --mode detail\n" in err
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--mode", "detail", "--strength", "0.6")) == 2
+    assert "--strength 0.6 needs a model that predicts the clean image" in (err := capsys.readouterr().err)
+    assert "predicts 'epsilon': use --strength 1\n" in err
+
+
+def test_upscale_checks_the_prediction_type_once_loaded_where_the_configs_do_not_tell(model_dir, tmp_path, capsys):
+    from diffusers_sr3.commands import upscale
+
+    # A Hub model whose configs cannot be read before loading (offline, not cached) is checked once loaded.
+    source = write_image(tmp_path / "a.png", (8, 8))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(upscale._SavedConfigs, "get", lambda self, relative_path: None)
+        for options, remedy in ((["--mode", "fidelity"], "--mode detail"), (["--strength", "0.6"], "--strength 1")):
+            assert main(_arguments([source], tmp_path / "out", model_dir, *options)) == 2
+            assert f"predicts 'epsilon': use {remedy}\n" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_upscale_results_do_not_depend_on_the_batch_size(model_dir, tmp_path):

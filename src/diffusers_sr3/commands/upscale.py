@@ -492,6 +492,24 @@ def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
 
 
+def _check_prediction_type(args: argparse.Namespace, mode: str, prediction_type: str) -> None:
+    """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
+    pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
+    own strength below 1: loading refuses it.)"""
+    if prediction_type in ("sample", "v_prediction"):
+        return
+    if mode == "fidelity":
+        feature, remedy = "--mode fidelity", "--mode detail"
+    elif args.strength is not None and args.strength < 1:
+        feature, remedy = f"--strength {args.strength:g}", "--strength 1"
+    else:
+        return
+    raise ValueError(
+        f"{feature} needs a model that predicts the clean image (prediction_type 'sample' or 'v_prediction'); "
+        f"this model predicts {prediction_type!r}: use {remedy}"
+    )
+
+
 def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[str], int]:
     """The input files, their destinations, and how many files were left out as this run's own outputs.
 
@@ -680,6 +698,9 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)
+    scheduler_config = configs.get("scheduler/scheduler_config.json")
+    if mode is not None and scheduler_config is not None:
+        _check_prediction_type(args, mode, scheduler_config.get("prediction_type", "epsilon"))
     saved_unet = _saved_unet(configs)
     _check_tile_options(args, saved_unet)
     threads = args.threads
@@ -717,6 +738,7 @@ def run(args: argparse.Namespace) -> int:
     if mode is None:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
+    _check_prediction_type(args, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
     if available is not None:
