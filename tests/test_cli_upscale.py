@@ -675,6 +675,39 @@ def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, mo
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_upscale_guidance_options_change_the_result_or_are_refused(guided_pipeline, tmp_path, capsys):
+    guided_pipeline.save_pretrained(tmp_path / "guided")
+    photo = write_image(tmp_path / "photo.png", (8, 8))
+
+    def upscale(name, *options):
+        arguments = ["--model", str(tmp_path / "guided"), "--mode", "detail", "--steps", "2", "--quiet"]
+        assert main(["upscale", str(photo), "--output", str(tmp_path / name), *arguments, *options]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
+
+    # The guide has its own weights: each setting changes the result (a guide equal to the UNet changed nothing).
+    unguided = upscale("unguided.png", "--guidance-scale", "1")
+    guided = upscale("guided.png", "--guidance-scale", "3")
+    weighed = upscale("weighed.png", "--guidance-scale", "3", "--parallel-guidance-weight", "0.5")
+    assert np.abs(guided - unguided).max() > 0 and np.abs(weighed - guided).max() > 0
+    # Unguided, a parallel guidance weight would be ignored: refused, given guidance scale 1 or the model's own.
+    bad = [
+        "upscale",
+        str(photo),
+        "--output",
+        str(tmp_path / "bad.png"),
+        "--model",
+        str(tmp_path / "guided"),
+        "--mode",
+        "detail",
+    ]
+    assert main(bad + ["--guidance-scale", "1", "--parallel-guidance-weight", "0.5"]) == 2
+    assert "--parallel-guidance-weight 0.5 weighs guidance, which guidance scale 1 turns off" in capsys.readouterr().err
+    guided_pipeline.register_to_config(guidance_scale=1.0)
+    guided_pipeline.save_pretrained(tmp_path / "guided")
+    assert main(bad + ["--parallel-guidance-weight", "0.5"]) == 2
+    assert "guidance scale 1 turns off" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+
+
 def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
     source = write_image(tmp_path / "in.png", (8, 8))
     missing_cuda = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"

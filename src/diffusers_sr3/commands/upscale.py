@@ -492,6 +492,17 @@ def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
 
 
+def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Optional[float]) -> None:
+    """Refuse --parallel-guidance-weight where the run's `guidance_scale` (the command line's, else the model's own;
+    None while unknown) is 1: unguided, the weight would be ignored without a word."""
+    weight = args.parallel_guidance_weight
+    if weight is not None and weight != 1 and guidance_scale == 1:
+        raise ValueError(
+            f"--parallel-guidance-weight {weight:g} weighs guidance, which guidance scale 1 turns off: leave it out, "
+            "or guide with a --guidance-scale other than 1"
+        )
+
+
 def _check_prediction_type(args: argparse.Namespace, mode: str, prediction_type: str) -> None:
     """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
     pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
@@ -698,6 +709,7 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)
+    _check_parallel_guidance_weight(args, args.guidance_scale)
     scheduler_config = configs.get("scheduler/scheduler_config.json")
     if mode is not None and scheduler_config is not None:
         _check_prediction_type(args, mode, scheduler_config.get("prediction_type", "epsilon"))
@@ -754,6 +766,9 @@ def run(args: argparse.Namespace) -> int:
             args.steps, args.strength, args.eta, args.guidance_scale, args.window_size, args.parallel_guidance_weight
         )
         steps = detail_options.pop("num_inference_steps")
+        # Without a guide the pipeline refuses the weight itself, saying a guide is what it needs.
+        if pipeline.guidance_unet is not None:
+            _check_parallel_guidance_weight(args, detail_options["guidance_scale"])
         if args.temperature is not None:
             detail_options["temperature"] = args.temperature
         guided = pipeline.guided(detail_options["guidance_scale"])
