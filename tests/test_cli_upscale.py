@@ -537,6 +537,19 @@ def test_upscale_help_states_the_expected_time(capsys):
     assert "per output megapixel" in text and "GPU" in text and "--backend" in text and "--quiet" in text
 
 
+def test_upscale_help_names_the_process_strip_as_it_is_written(capsys):
+    from diffusers_sr3.commands.upscale import _output_path, _process_path
+
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # Named after the result, not the input: a.png's strip is a_sr_process.png in a folder, x_process.png for x.jpg.
+    assert _process_path(_output_path("out", "a.png", False)) == os.path.join("out", "a_sr_process.png")
+    assert _process_path(_output_path("x.jpg", "a.png", True)) == "x_process.png"
+    assert "(a_sr_process.png beside a_sr.png; x_process.png for --output x.jpg)" in text
+    assert "<name>_process.png" not in text
+
+
 def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkeypatch, capsys):
     import diffusers_sr3.tiling as tiling
 

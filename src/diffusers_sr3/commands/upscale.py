@@ -252,7 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_save_process_argument(
         parser,
-        "also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
+        "also write, beside each result, a PNG named after it with _process (a_sr_process.png beside a_sr.png; "
+        "x_process.png for --output x.jpg): the condition and N noisy images along the refinement (default N: 8)",
     )
 
 
