@@ -267,6 +267,10 @@ def test_upscale_keeps_transparency_where_the_output_format_can(model_dir, tmp_p
     # JPEG has no transparency: RGB, as before. A palette PNG's transparent index is transparency too.
     assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.jpg")] + options) == 0
     assert PIL.Image.open(tmp_path / "logo_sr.jpg").mode == "RGB"
+    # AVIF stores transparency (this Pillow writes AVIF), lossily at --quality 95: within a level of it.
+    assert main(["upscale", str(tmp_path / "logo.png"), "--output", str(tmp_path / "logo_sr.avif")] + options) == 0
+    avif = PIL.Image.open(tmp_path / "logo_sr.avif")
+    assert avif.mode == "RGBA" and np.abs(np.asarray(avif.getchannel("A"), int) - np.asarray(expected)).max() <= 1
     palette = PIL.Image.fromarray(np.repeat(np.array([[0] * 4 + [1] * 4], dtype=np.uint8), 8, axis=0), "P")
     palette.putpalette([0, 0, 0, 255, 0, 0])
     palette.save(tmp_path / "sticker.png", transparency=0)  # index 0, the left half, is transparent
@@ -352,6 +356,10 @@ def test_upscale_refuses_a_scheduler_the_model_cannot_use(tmp_path, capsys):
     for eta in ("-0.5", "5"):
         assert main(detail + ["--eta", eta]) == 2
         assert f"--eta must lie in [0, 1], got {float(eta):g}" in capsys.readouterr().err
+    # Infinite or NaN starting noise ran the whole refinement before the scheduler was blamed for the NaN.
+    for temperature in ("-1", "inf", "nan"):
+        assert main(detail + ["--temperature", temperature]) == 2
+        assert f"--temperature must be finite and at least 0, got {temperature}" in capsys.readouterr().err
     assert not out.exists()
     for steps in ("0", "-3", "ten"):
         with pytest.raises(SystemExit) as stopped:  # argparse's usage error
@@ -529,6 +537,19 @@ def test_upscale_help_states_the_expected_time(capsys):
     assert "per output megapixel" in text and "GPU" in text and "--backend" in text and "--quiet" in text
 
 
+def test_upscale_help_names_the_process_strip_as_it_is_written(capsys):
+    from diffusers_sr3.commands.upscale import _output_path, _process_path
+
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # Named after the result, not the input: a.png's strip is a_sr_process.png in a folder, x_process.png for x.jpg.
+    assert _process_path(_output_path("out", "a.png", False)) == os.path.join("out", "a_sr_process.png")
+    assert _process_path(_output_path("x.jpg", "a.png", True)) == "x_process.png"
+    assert "(a_sr_process.png beside a_sr.png; x_process.png for --output x.jpg)" in text
+    assert "<name>_process.png" not in text
+
+
 def test_upscale_fidelity_mode_takes_few_evaluations(model_dir, tmp_path, monkeypatch, capsys):
     import diffusers_sr3.tiling as tiling
 
@@ -667,6 +688,39 @@ def test_upscale_detail_strength_adds_detail_to_the_fidelity_answer(tmp_path, mo
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_upscale_guidance_options_change_the_result_or_are_refused(guided_pipeline, tmp_path, capsys):
+    guided_pipeline.save_pretrained(tmp_path / "guided")
+    photo = write_image(tmp_path / "photo.png", (8, 8))
+
+    def upscale(name, *options):
+        arguments = ["--model", str(tmp_path / "guided"), "--mode", "detail", "--steps", "2", "--quiet"]
+        assert main(["upscale", str(photo), "--output", str(tmp_path / name), *arguments, *options]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name)).astype(int)
+
+    # The guide has its own weights: each setting changes the result (a guide equal to the UNet changed nothing).
+    unguided = upscale("unguided.png", "--guidance-scale", "1")
+    guided = upscale("guided.png", "--guidance-scale", "3")
+    weighed = upscale("weighed.png", "--guidance-scale", "3", "--parallel-guidance-weight", "0.5")
+    assert np.abs(guided - unguided).max() > 0 and np.abs(weighed - guided).max() > 0
+    # Unguided, a parallel guidance weight would be ignored: refused, given guidance scale 1 or the model's own.
+    bad = [
+        "upscale",
+        str(photo),
+        "--output",
+        str(tmp_path / "bad.png"),
+        "--model",
+        str(tmp_path / "guided"),
+        "--mode",
+        "detail",
+    ]
+    assert main(bad + ["--guidance-scale", "1", "--parallel-guidance-weight", "0.5"]) == 2
+    assert "--parallel-guidance-weight 0.5 weighs guidance, which guidance scale 1 turns off" in capsys.readouterr().err
+    guided_pipeline.register_to_config(guidance_scale=1.0)
+    guided_pipeline.save_pretrained(tmp_path / "guided")
+    assert main(bad + ["--parallel-guidance-weight", "0.5"]) == 2
+    assert "guidance scale 1 turns off" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+
+
 def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
     source = write_image(tmp_path / "in.png", (8, 8))
     missing_cuda = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
@@ -793,6 +847,26 @@ def test_upscale_checks_options_before_decoding_or_loading(model_dir, tmp_path, 
     # --mode auto: the saved scheduler config tells the mode (the tiny model predicts noise: detail).
     assert main(_arguments([source], tmp_path / "out", model_dir, "--self-ensemble")) == 2
     assert "use it with --mode fidelity" in capsys.readouterr().err
+    # What needs a model that predicts the clean image is refused in the command line's words, not the pipeline's.
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--mode", "fidelity")) == 2
+    assert "--mode fidelity needs a model that predicts the clean image" in (err := capsys.readouterr().err)
+    assert "predicts 'epsilon': use --mode detail\n" in err
+    assert main(_arguments([source], tmp_path / "out", model_dir, "--mode", "detail", "--strength", "0.6")) == 2
+    assert "--strength 0.6 needs a model that predicts the clean image" in (err := capsys.readouterr().err)
+    assert "predicts 'epsilon': use --strength 1\n" in err
+
+
+def test_upscale_checks_the_prediction_type_once_loaded_where_the_configs_do_not_tell(model_dir, tmp_path, capsys):
+    from diffusers_sr3.commands import upscale
+
+    # A Hub model whose configs cannot be read before loading (offline, not cached) is checked once loaded.
+    source = write_image(tmp_path / "a.png", (8, 8))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(upscale._SavedConfigs, "get", lambda self, relative_path: None)
+        for options, remedy in ((["--mode", "fidelity"], "--mode detail"), (["--strength", "0.6"], "--strength 1")):
+            assert main(_arguments([source], tmp_path / "out", model_dir, *options)) == 2
+            assert f"predicts 'epsilon': use {remedy}\n" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_upscale_results_do_not_depend_on_the_batch_size(model_dir, tmp_path):

@@ -301,6 +301,20 @@ def test_folder_walks_skip_hidden_files_and_name_files_below_their_input(tmp_pat
         assert (extension in IMAGE_EXTENSIONS) == readable
 
 
+def test_one_file_spelled_several_ways_is_one_source(tmp_path, monkeypatch):
+    """`./mixed` and `mixed/*.png`, `a.png` and its absolute path name one file: listed once, as first spelled,
+    not as two inputs whose outputs clash."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "gray16.png").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    assert find_image_sources(["./mixed", "mixed/*.png"]) == [("./mixed/gray16.png", "gray16.png")]
+    assert find_image_sources(["a.png", "./a.png", str(tmp_path / "a.png")]) == [("a.png", "a.png")]
+    # A symlink is another name for its file.
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    assert find_image_sources(["link.png", "a.png"]) == [("link.png", "link.png")]
+
+
 def test_an_srgb_profile_takes_no_colour_conversion():
     """Most tagged photos carry an sRGB profile: converting through it changes nothing and cost 3x the decoding."""
     from PIL import ImageCms

@@ -252,7 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     add_save_process_argument(
         parser,
-        "also write <name>_process.png: the condition and N noisy images along the refinement (default N: 8)",
+        "also write, beside each result, a PNG named after it with _process (a_sr_process.png beside a_sr.png; "
+        "x_process.png for --output x.jpg): the condition and N noisy images along the refinement (default N: 8)",
     )
 
 
@@ -341,8 +342,11 @@ def _batches(keys: Sequence[Any], batch_size: int) -> List[Tuple[int, int]]:
     return ranges
 
 
-# Output formats that store transparency (JPEG has none; GIF's is one bit).
-ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+# Output formats that store transparency (JPEG has none; GIF's is one bit). AVIF where this Pillow writes it
+# (since Pillow 11.2): RGBA and LA go through `lossy_options` as they are.
+ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff") + tuple(
+    extension for extension in (".avif",) if extension in _writable_extensions()
+)
 # Output formats that store 16-bit gray: a 16-bit scan keeps its smooth gradients.
 SIXTEEN_BIT_EXTENSIONS = (".png", ".tif", ".tiff")
 
@@ -487,6 +491,35 @@ def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
         )
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
+
+
+def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Optional[float]) -> None:
+    """Refuse --parallel-guidance-weight where the run's `guidance_scale` (the command line's, else the model's own;
+    None while unknown) is 1: unguided, the weight would be ignored without a word."""
+    weight = args.parallel_guidance_weight
+    if weight is not None and weight != 1 and guidance_scale == 1:
+        raise ValueError(
+            f"--parallel-guidance-weight {weight:g} weighs guidance, which guidance scale 1 turns off: leave it out, "
+            "or guide with a --guidance-scale other than 1"
+        )
+
+
+def _check_prediction_type(args: argparse.Namespace, mode: str, prediction_type: str) -> None:
+    """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
+    pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
+    own strength below 1: loading refuses it.)"""
+    if prediction_type in ("sample", "v_prediction"):
+        return
+    if mode == "fidelity":
+        feature, remedy = "--mode fidelity", "--mode detail"
+    elif args.strength is not None and args.strength < 1:
+        feature, remedy = f"--strength {args.strength:g}", "--strength 1"
+    else:
+        return
+    raise ValueError(
+        f"{feature} needs a model that predicts the clean image (prediction_type 'sample' or 'v_prediction'); "
+        f"this model predicts {prediction_type!r}: use {remedy}"
+    )
 
 
 def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[str], int]:
@@ -661,6 +694,9 @@ def run(args: argparse.Namespace) -> int:
     # Above 1, DDIM's step noise outgrows what the schedule leaves at the next step: NaN after the whole run.
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must lie in [0, 1], got {args.eta:g}")
+    # 0 is meaningful: the mean of the starting noise, as fidelity mode starts.
+    if args.temperature is not None and not 0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be finite and at least 0, got {args.temperature:g}")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.self_ensemble and args.save_process:
@@ -674,6 +710,10 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)
+    _check_parallel_guidance_weight(args, args.guidance_scale)
+    scheduler_config = configs.get("scheduler/scheduler_config.json")
+    if mode is not None and scheduler_config is not None:
+        _check_prediction_type(args, mode, scheduler_config.get("prediction_type", "epsilon"))
     saved_unet = _saved_unet(configs)
     _check_tile_options(args, saved_unet)
     threads = args.threads
@@ -711,6 +751,7 @@ def run(args: argparse.Namespace) -> int:
     if mode is None:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
+    _check_prediction_type(args, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
     if available is not None:
@@ -726,6 +767,9 @@ def run(args: argparse.Namespace) -> int:
             args.steps, args.strength, args.eta, args.guidance_scale, args.window_size, args.parallel_guidance_weight
         )
         steps = detail_options.pop("num_inference_steps")
+        # Without a guide the pipeline refuses the weight itself, saying a guide is what it needs.
+        if pipeline.guidance_unet is not None:
+            _check_parallel_guidance_weight(args, detail_options["guidance_scale"])
         if args.temperature is not None:
             detail_options["temperature"] = args.temperature
         guided = pipeline.guided(detail_options["guidance_scale"])

@@ -353,12 +353,13 @@ class SR3Pipeline(SR3BasePipeline):
         """
         return swap_scheduler(self.scheduler, "ddim", timestep_spacing="trailing")
 
-    def _check_predicts_clean_image(self, feature: str) -> None:
+    def _check_predicts_clean_image(self, feature: str, remedy: str) -> None:
+        """Refuse `feature` on a model that does not predict the clean image; `remedy` says what to use instead."""
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction_type not in ("sample", "v_prediction"):
             raise ValueError(
                 f"{feature} needs a model that predicts the clean image (prediction_type 'sample' or "
-                f"'v_prediction'); this one predicts {prediction_type!r}: use mode='detail' with strength 1"
+                f"'v_prediction'); this one predicts {prediction_type!r}: use {remedy}"
             )
 
     def _fidelity_estimate(
@@ -617,13 +618,13 @@ class SR3Pipeline(SR3BasePipeline):
             _check_window_size(self.unet, window_size, "window_size")
             guided = self.guided(guidance_scale)
             if strength < 1:
-                self._check_predicts_clean_image("strength below 1")
+                self._check_predicts_clean_image("strength below 1", "strength 1")
                 init_sample = self._fidelity_estimate(
                     shape, condition, self.config.fidelity_steps, condition_noise_level
                 )
         elif mode == "fidelity":
             _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
-            self._check_predicts_clean_image("fidelity mode")
+            self._check_predicts_clean_image("fidelity mode", "mode='detail' with strength 1")
             steps, scheduler, eta, temperature, strength = (
                 self.config.fidelity_steps if num_inference_steps is None else num_inference_steps,
                 self._fidelity_scheduler(),
