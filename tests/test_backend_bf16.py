@@ -160,8 +160,7 @@ def test_samples_one_deepest_pixel_across_run_in_float32():
 def test_use_backend_gives_each_network_back_in_the_memory_format_it_had():
     """A UNet the user keeps channels-last stays channels-last after a bf16 block; a contiguous one stays
     contiguous (the block converted both to contiguous)."""
-    torch.manual_seed(1)
-    guide = low_resolution_unet()
+    guide = low_resolution_unet(seed=1)
     scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
     pipeline = SR3Pipeline(low_resolution_unet(), scheduler, residual=True, guidance_unet=guide, guidance_scale=2.0)
     pipeline.unet.to(memory_format=torch.channels_last)
