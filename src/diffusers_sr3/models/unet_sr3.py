@@ -8,6 +8,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -263,6 +264,23 @@ def _legacy_attention_pre_hook(module, state_dict, prefix, *args) -> None:
         state_dict.update(convert_legacy_attention_keys(legacy))
 
 
+@torch.no_grad()
+def _sync_fused_projections(module: nn.Module, *args: Any) -> None:
+    """Copy each fused attention layer's `to_qkv` into its to_q/to_k/to_v (what the fused processor trains is
+    `to_qkv` only). Also a `state_dict` pre-hook: saves and checkpoints of a fused model keep its weights."""
+    for attention in module.modules():
+        if isinstance(attention, Attention) and getattr(attention, "fused_projections", False):
+            fused = getattr(attention, "to_qkv", None)
+            if fused is None:
+                continue
+            projections = (attention.to_q, attention.to_k, attention.to_v)
+            for projection, weight in zip(projections, fused.weight.chunk(3, dim=0)):
+                projection.weight.copy_(weight)
+            if fused.bias is not None:
+                for projection, bias in zip(projections, fused.bias.chunk(3)):
+                    projection.bias.copy_(bias)
+
+
 class ResnetAttentionBlock(nn.Module):
     """A ResNet block, optionally followed by self-attention (the original's `ResnetBlocWithAttn`)."""
 
@@ -325,6 +343,11 @@ class UpLevel(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.upsampler = upsampler
+
+
+def _is_integer(value: Any) -> bool:
+    """An int (numpy's too, as configs read back may hold), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # Bytes: PyTorch's CPU allocator aligns every allocation to this; SIMD kernels assume it.
@@ -414,7 +437,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # device); the forward moves skip connections to the device of the block that consumes them.
     _no_split_modules = ["ResnetAttentionBlock", "ConvBlock", "Downsample", "Upsample", "NoiseLevelEmbedding"]
     _repeated_blocks = ["ResnetAttentionBlock"]
-    # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it.
+    # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it (its
+    # to_q/to_k/to_v are synced from `to_qkv` whenever a state dict is taken, so nothing trained while fused is lost).
     _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
 
     @register_to_config
@@ -441,8 +465,35 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         residual_scale: Optional[float] = None,
     ):
         super().__init__()
+        integers = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            sample_size=sample_size,
+            norm_groups=norm_groups,
+            attention_heads=attention_heads,
+            pixel_unshuffle_factor=pixel_unshuffle_factor,
+            upscale_factor=1 if upscale_factor is None else upscale_factor,
+        )
+        for name, value in integers.items():
+            # Checked before use: a float width or a tuple size otherwise fails deep in torch, far from its key.
+            if not _is_integer(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        sequences = dict(channel_multipliers=channel_multipliers, attention_resolutions=attention_resolutions)
+        for name, value in sequences.items():
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(map(_is_integer, value)):
+                raise ValueError(f"{name} must be a list of integers, got {value!r}")
         if upscale_factor is not None and upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
+        if layers_per_block < 0:
+            raise ValueError(f"layers_per_block must be 0 or more, got {layers_per_block}")
+        scale = noise_level_embedding_scale
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale == 0:
+            # 0 encodes every level alike (the network ignores it); inf/NaN make every output non-finite.
+            raise ValueError(
+                f"noise_level_embedding_scale must be a finite non-zero number, got {noise_level_embedding_scale}"
+            )
         if residual_scale is not None and not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if pixel_unshuffle_factor < 1:
@@ -553,6 +604,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         # Weights saved before attention went through Diffusers' `Attention` load through `load_state_dict` too.
         self.register_load_state_dict_pre_hook(_legacy_attention_pre_hook)
+        self.register_state_dict_pre_hook(_sync_fused_projections)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -584,6 +636,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         The output is unchanged (to rounding). `unfuse_qkv_projections` restores the processors used before.
         """
+        if getattr(self, "original_attn_processors", None) is not None:
+            return  # already fused: keep the processors to restore, which a second call would overwrite
         self.original_attn_processors = self.attn_processors
         for module in self.modules():
             if isinstance(module, Attention):
@@ -591,14 +645,16 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.set_attn_processor(FusedAttnProcessor2_0())
 
     def unfuse_qkv_projections(self) -> None:
-        """Undo `fuse_qkv_projections`: the separate projections and the previous processors again."""
+        """Undo `fuse_qkv_projections`: the separate projections (with the fused weights, trained or not) and the
+        previous processors again."""
         original = getattr(self, "original_attn_processors", None)
         if original is not None:
             self.set_attn_processor(original)
             self.original_attn_processors = None
+        _sync_fused_projections(self)
         for module in self.modules():
             if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-                # The fused copy is a cache of to_q/to_k/to_v: drop it so state dicts keep one set of weights.
+                # Synced back above: drop the fused copy so state dicts keep one set of weights.
                 if hasattr(module, "to_qkv"):
                     del module.to_qkv
                 module.fused_projections = False
@@ -626,6 +682,29 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         if signal_level is None:
             raise TypeError("SR3UNet2DModel.forward needs signal_level (sqrt(alpha_bar) per sample, or the timestep)")
         return signal_level
+
+    @staticmethod
+    def _check_signal_level(signal_level: Any) -> None:
+        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models.
+
+        `for t in scheduler.timesteps: unet(x, t)` passes integer timesteps (e.g. 75), which the embedding would
+        otherwise read as a level far outside [0, 1], silently. Tensor values are not range-checked: that would be
+        a device sync per call and data-dependent control flow, which `torch.compile(fullgraph=True)` and the ONNX
+        export cannot trace.
+        """
+        if isinstance(signal_level, torch.Tensor):
+            wrong = not signal_level.is_floating_point()
+        elif isinstance(signal_level, numbers.Real):
+            wrong = not 0 <= signal_level <= 1
+        else:  # lists, numpy arrays
+            wrong = not torch.as_tensor(signal_level).is_floating_point()
+        if wrong:
+            value = signal_level.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
+            raise ValueError(
+                f"signal_level must be sqrt(alpha_bar) in [0, 1] for conditioning_type='noise_level' models, got "
+                f"{value}: a scheduler timestep is not a level; map steps to levels with "
+                "diffusers_sr3.noise.noise_level_for_step (or network_inputs_for_schedule)"
+            )
 
     @staticmethod
     def _per_sample(values, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -679,6 +758,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(
                 f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
             )
+        if self.config.conditioning_type == "noise_level":
+            self._check_signal_level(signal_level)
         signal_level = self._per_sample(signal_level, batch, sample.device, "signal_level")
 
         # 2. Embed the signal level (and the condition's augmentation level).
