@@ -665,7 +665,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return self.config.get("pixel_unshuffle_factor", 1) * 2 ** (len(self.config.channel_multipliers) - 1)
 
     @staticmethod
-    def _deprecated_level_keyword(signal_level: Any, deprecated_kwargs: Dict[str, Any]) -> Any:
+    def _deprecated_level_keyword(signal_level: Any, deprecated_kwargs: Dict[str, Any], stacklevel: int) -> Any:
         """`noise_level=` (the name before 0.2) still works, with a FutureWarning; anything else is a TypeError."""
         if "noise_level" in deprecated_kwargs:
             if signal_level is not None:
@@ -674,7 +674,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 "SR3UNet2DModel(noise_level=...) is renamed signal_level (sqrt(alpha_bar), 1 = clean), so that it "
                 "cannot be confused with condition_noise_level (0 = clean); the old keyword will be removed",
                 FutureWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             signal_level = deprecated_kwargs.pop("noise_level")
         if deprecated_kwargs:
@@ -682,6 +682,36 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         if signal_level is None:
             raise TypeError("SR3UNet2DModel.forward needs signal_level (sqrt(alpha_bar) per sample, or the timestep)")
         return signal_level
+
+    @classmethod
+    def checked_inputs(
+        cls, config: Any, sample: torch.Tensor, signal_level: Any, deprecated_kwargs: Dict[str, Any]
+    ) -> torch.Tensor:
+        """`forward`'s checks of its input, shared with the stand-ins that run this model elsewhere (ONNX, bf16).
+
+        Args:
+            config: the model's config.
+            sample: the `(batch, in_channels, height, width)` input.
+            signal_level: the level argument as given (None where only `noise_level=` was).
+            deprecated_kwargs: the other keyword arguments (`noise_level=` is taken out of it).
+
+        Returns:
+            The signal level, one value per sample, on the sample's device.
+        """
+        signal_level = cls._deprecated_level_keyword(signal_level, deprecated_kwargs, stacklevel=4)
+        if sample.ndim != 4:
+            raise ValueError(f"sample must be (batch, channels, height, width), got shape {tuple(sample.shape)}")
+        batch, channels, height, width = sample.shape
+        if channels != config["in_channels"]:
+            raise ValueError(f"sample has {channels} channels but the model expects {config['in_channels']}")
+        factor = config.get("pixel_unshuffle_factor", 1) * 2 ** (len(config["channel_multipliers"]) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
+            )
+        if config.get("conditioning_type", "noise_level") == "noise_level":
+            cls._check_signal_level(signal_level)
+        return cls._per_sample(signal_level, batch, sample.device, "signal_level")
 
     @staticmethod
     def _check_signal_level(signal_level: Any) -> None:
@@ -747,20 +777,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             [`SR3UNet2DOutput`] or `tuple`: the prediction, `(batch, out_channels, height, width)`.
         """
         # 1. Check the input and broadcast the level to one value per sample.
-        signal_level = self._deprecated_level_keyword(signal_level, deprecated_kwargs)
-        if sample.ndim != 4:
-            raise ValueError(f"sample must be (batch, channels, height, width), got shape {tuple(sample.shape)}")
-        batch, channels, height, width = sample.shape
-        if channels != self.config.in_channels:
-            raise ValueError(f"sample has {channels} channels but the model expects {self.config.in_channels}")
-        factor = self.downsampling_factor
-        if height % factor or width % factor:
-            raise ValueError(
-                f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
-            )
-        if self.config.conditioning_type == "noise_level":
-            self._check_signal_level(signal_level)
-        signal_level = self._per_sample(signal_level, batch, sample.device, "signal_level")
+        signal_level = self.checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
+        batch = sample.shape[0]
 
         # 2. Embed the signal level (and the condition's augmentation level).
         embedding = self.noise_level_embedding(signal_level)
