@@ -434,3 +434,24 @@ def test_attention_resolutions_that_match_no_level_are_warned_about(caplog):
     with caplog.at_level("WARNING"):
         SR3UNet2DModel(**tiny_unet_config(attention_resolutions=(7, 8)))
     assert "attention_resolutions [7] match no level (at sample_size 32 the levels are [32, 16, 8])" in caplog.text
+
+
+def test_compile_repeated_blocks_with_fullgraph_matches_eager(monkeypatch):
+    import torch._dynamo
+
+    # The tiny model's 11 blocks: more structures than dynamo's default limit of 8 recompilations.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    sample, levels = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 0.8])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            expected = unet(sample, levels).sample
+            unet.compile_repeated_blocks(fullgraph=True)
+            torch.testing.assert_close(unet(sample, levels).sample, expected, atol=1e-5, rtol=1e-5)
+        assert torch._dynamo.config.recompile_limit == 11
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+        unet.compile_repeated_blocks(fullgraph=True)
+        assert torch._dynamo.config.recompile_limit == 64  # raised where needed, never lowered
+    finally:
+        torch._dynamo.reset()

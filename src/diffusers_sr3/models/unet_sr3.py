@@ -622,6 +622,19 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                     tensor.data = tensor.data.clone()
         return loaded
 
+    def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
+        """Diffusers' regional compilation of every `ResnetAttentionBlock` (`torch.compile` arguments as there).
+
+        The blocks share one code object but differ in structure (widths, skip convs, attention or not), so each
+        compiles once: `torch._dynamo.config.recompile_limit` is raised (never lowered) to the number of blocks,
+        which with `fullgraph=True` would otherwise fail once the limit (8 by default) is reached.
+        """
+        import torch._dynamo
+
+        blocks = sum(type(module).__name__ in self._repeated_blocks for module in self.modules())
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, blocks)
+        super().compile_repeated_blocks(*args, **kwargs)
+
     def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """`from_pretrained`'s hook for renamed weights: converts the legacy attention keys."""
         state_dict = super()._fix_state_dict_keys_on_load(state_dict)
