@@ -1,6 +1,7 @@
 """SR3UNet2DModel: shapes, both conditioning kinds, Diffusers attention and memory features, save/load."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -455,3 +456,13 @@ def test_compile_repeated_blocks_with_fullgraph_matches_eager(monkeypatch):
         assert torch._dynamo.config.recompile_limit == 64  # raised where needed, never lowered
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_uncond"])
+def test_tiny_preset_descriptions_give_their_parameter_count(name):
+    from diffusers_sr3.presets import get_preset
+
+    preset = get_preset(name)
+    stated = int(re.search(r"~(\d+)k-parameter", preset.description).group(1)) * 1000
+    actual = sum(parameter.numel() for parameter in SR3UNet2DModel(**preset.unet_config()).parameters())
+    assert abs(actual - stated) < 0.05 * actual, (stated, actual)
