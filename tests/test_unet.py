@@ -466,3 +466,32 @@ def test_tiny_preset_descriptions_give_their_parameter_count(name):
     stated = int(re.search(r"~(\d+)k-parameter", preset.description).group(1)) * 1000
     actual = sum(parameter.numel() for parameter in SR3UNet2DModel(**preset.unet_config()).parameters())
     assert abs(actual - stated) < 0.05 * actual, (stated, actual)
+
+
+def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(tmp_path, tiny_unet, monkeypatch):
+    import json
+
+    import diffusers.configuration_utils
+    from diffusers import AutoModel
+
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    warned = []
+    monkeypatch.setattr(
+        diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
+    )
+    SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModel": "unet_sr3.SR3UNet2DModel"}
+    loaded = AutoModel.from_pretrained(str(tmp_path / "unet"), trust_remote_code=True)
+    assert type(loaded).__name__ == "SR3UNet2DModel"
+    reloaded = SR3UNet2DModel.from_pretrained(tmp_path / "unet")
+    SR3UNet2DModel.from_config(SR3UNet2DModel.load_config(tmp_path / "unet"))
+    assert "auto_map" not in reloaded.config and not warned
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
+    # Folders saved before the key load as they did.
+    del config["auto_map"]
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path / "unet").config and not warned

@@ -440,6 +440,10 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it (its
     # to_q/to_k/to_v are synced from `to_qkv` whenever a state dict is taken, so nothing trained while fused is lost).
     _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
+    # Saved configs get `"auto_map": {"AutoModel": "unet_sr3.SR3UNet2DModel"}` (Diffusers' `register_for_auto_class`),
+    # so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a UNet folder that holds the
+    # `unet_sr3.py` re-export (pipeline saves write one). Loading strips the key again (`extract_init_dict`).
+    _auto_class = "AutoModel"
 
     @register_to_config
     def __init__(
@@ -621,6 +625,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
                     tensor.data = tensor.data.clone()
         return loaded
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
+        """Diffusers' split of a config into `__init__` arguments and the rest, without the `auto_map` that saves
+        write for AutoModel: it is no argument (Diffusers would warn that it is ignored) and no setting."""
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
         """Diffusers' regional compilation of every `ResnetAttentionBlock` (`torch.compile` arguments as there).
