@@ -427,7 +427,7 @@ class OnnxUNet(_OnnxStandIn):
         """[`SR3UNet2DModel.forward`]'s arguments (`noise_level=` included), checks and output, run by ONNX Runtime."""
         from .models.unet_sr3 import SR3UNet2DModel, SR3UNet2DOutput
 
-        signal_level = SR3UNet2DModel.checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
+        signal_level = SR3UNet2DModel._checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
 
         def per_sample(values, name: str) -> Any:
             values = SR3UNet2DModel._per_sample(values, sample.shape[0], torch.device("cpu"), name)

@@ -369,15 +369,17 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             resolution level; the input is downsampled `len(channel_multipliers) - 1` times, so height and
             width must be divisible by `2 ** (len(channel_multipliers) - 1)`.
         layers_per_block (`int`, defaults to 2): ResNet blocks per level on the way down (the original's
-            `res_blocks`); the way up has one more per level.
+            `res_blocks`); the way up has one more per level. 0 is valid: no blocks on the way down (its levels
+            only downsample), one per level on the way up.
         attention_resolutions (`Tuple[int]`, defaults to `(16,)`): Feature-map sizes, for an input of
             `sample_size`, at which self-attention follows each ResNet block (the original's `attn_res`).
             The choice is fixed per level, so other input sizes use the same levels.
         mid_attention (`bool`, defaults to True): Self-attention in the middle block, as the original always has.
             Its cost grows with the fourth power of the input size: models that run at high resolution with few
             levels (e.g. a 256->1024 stage) may turn it off.
-        sample_size (`int`, defaults to 128): The training resolution; it places `attention_resolutions` and is
-            the default output size of unconditional sampling and the tile size of tiled upscaling.
+        sample_size (`int`, defaults to 128): The training resolution (one integer, for height and width); it places
+            `attention_resolutions` and is the default output size of unconditional sampling and the tile size of
+            tiled upscaling.
         norm_groups (`int`, defaults to 32): Groups of every GroupNorm.
         dropout (`float`, defaults to 0.0): Dropout in the second conv block of every ResNet block.
         attention_heads (`int`, defaults to 1): Heads of every self-attention layer.
@@ -385,7 +387,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             continuous noise level `sqrt(alpha_bar)` in [0, 1]); `"timestep"` for the original's DDPM network
             (an integer timestep, with a Swish in front of each block's embedding projection).
         noise_level_embedding_scale (`float`, defaults to 1.0): Multiplies the level (or timestep) before the
-            sinusoidal encoding. 1.0 reproduces the original networks.
+            sinusoidal encoding (finite and non-zero). 1.0 reproduces the original networks.
         film_affine (`bool`, defaults to False): Inject the embedding as scale and shift (`(1 + s) * h + b`)
             instead of the original's additive FiLM without affine.
         condition_noise_embedding (`bool`, defaults to False): Noise-conditioning augmentation (Ho et al.,
@@ -708,7 +710,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return signal_level
 
     @classmethod
-    def checked_inputs(
+    def _checked_inputs(
         cls, config: Any, sample: torch.Tensor, signal_level: Any, deprecated_kwargs: Dict[str, Any]
     ) -> torch.Tensor:
         """`forward`'s checks of its input, shared with the stand-ins that run this model elsewhere (ONNX, bf16).
@@ -801,7 +803,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             [`SR3UNet2DOutput`] or `tuple`: the prediction, `(batch, out_channels, height, width)`.
         """
         # 1. Check the input and broadcast the level to one value per sample.
-        signal_level = self.checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
+        signal_level = self._checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
         batch = sample.shape[0]
 
         # 2. Embed the signal level (and the condition's augmentation level).
