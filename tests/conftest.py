@@ -34,7 +34,7 @@ def _isolated_hub_cache(tmp_path, monkeypatch):
 
 
 def tiny_unet_config(**overrides):
-    """The `tiny` preset's ~30k-parameter SR3 UNet config (x4, 32x32, 3 levels, attention at 8), for fast tests."""
+    """The `tiny` preset's ~67k-parameter SR3 UNet config (x4, 32x32, 3 levels, attention at 8), for fast tests."""
     from diffusers_sr3.presets import get_preset
 
     config = get_preset("tiny").unet_config()

@@ -44,6 +44,14 @@ def test_autocast_unet_computes_in_bfloat16_and_answers_in_float32():
         AutocastUNet(low_resolution_unet().to(torch.bfloat16))
 
 
+def test_autocast_unet_gives_the_unets_input_errors():
+    network = AutocastUNet(low_resolution_unet())
+    with pytest.raises(ValueError, match=r"sample must be \(batch, channels, height, width\), got shape \(6, 32, 32\)"):
+        network(torch.randn(6, 32, 32), 0.5)
+    with pytest.raises(ValueError, match="signal_level has 2 values for a batch of 1"):
+        network(torch.randn(1, 6, 32, 32), signal_level=torch.tensor([0.3, 0.8]))
+
+
 @pytest.mark.parametrize("mode", ["fidelity", "detail"])
 def test_pipeline_on_the_bf16_backend_stays_close_to_float32(mode):
     pipeline = make_pipeline()

@@ -48,6 +48,25 @@ def test_condition_noise_models_export_their_second_level():
     assert torch.allclose(onnx_unet(sample, level, torch.tensor([0.0, 0.2]))[0], expected, atol=1e-5)
 
 
+def test_onnx_unet_takes_the_unets_arguments_and_gives_its_errors():
+    unet = low_resolution_unet()
+    onnx_unet = OnnxUNet.from_unet(unet)
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        expected = unet(sample, 0.5).sample
+    assert torch.allclose(onnx_unet(sample, signal_level=0.5).sample, expected, atol=1e-5)
+    with pytest.warns(FutureWarning, match="renamed signal_level"):
+        assert torch.allclose(onnx_unet(sample, noise_level=0.5).sample, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="signal_level has 2 values for a batch of 1"):
+        onnx_unet(sample, torch.tensor([0.3, 0.8]))
+    with pytest.raises(ValueError, match=r"sample must be \(batch, channels, height, width\)"):
+        onnx_unet(sample[0], 0.5)
+    with pytest.raises(ValueError, match="sample has 3 channels but the model expects 6"):
+        onnx_unet(sample[:, :3], 0.5)
+    with pytest.raises(ValueError, match="conditioning_type='noise_level'"):
+        onnx_unet(sample, torch.tensor([75]))
+
+
 def test_exports_are_cached_by_weights(tmp_path):
     unet = low_resolution_unet()
     first = OnnxUNet.from_unet(unet)

@@ -1,7 +1,9 @@
 """SR3UNet2DModel: shapes, both conditioning kinds, Diffusers attention and memory features, save/load."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_unet_config
@@ -61,10 +63,88 @@ def test_bad_configs_are_named():
             SR3UNet2DModel(**tiny_unet_config(**overrides))
 
 
+def test_scheduler_timesteps_are_refused_as_levels(tiny_unet):
+    sample = torch.randn(2, 6, 32, 32)
+    message = r"signal_level must be sqrt\(alpha_bar\) in \[0, 1\] for conditioning_type='noise_level'.*noise_level_for"
+    for timestep in (torch.tensor([75, 50]), torch.tensor(75), 75, 1.5, -0.1, [75, 50]):
+        with pytest.raises(ValueError, match=message):
+            tiny_unet(sample, timestep)
+    with torch.no_grad():  # the ends of the range as Python numbers, ints included, are levels
+        torch.testing.assert_close(tiny_unet(sample, 1).sample, tiny_unet(sample, 1.0).sample)
+        tiny_unet(sample, 0)
+    timestep_unet = SR3UNet2DModel(**tiny_unet_config(conditioning_type="timestep")).eval()
+    with torch.no_grad():
+        assert timestep_unet(sample, torch.tensor([75, 50])).sample.shape == (2, 3, 32, 32)
+
+
+def test_config_values_of_the_wrong_kind_are_named():
+    refused = {
+        "noise_level_embedding_scale must be a finite non-zero number, got 0": dict(noise_level_embedding_scale=0),
+        "noise_level_embedding_scale must be a finite non-zero number, got inf": dict(
+            noise_level_embedding_scale=float("inf")
+        ),
+        "noise_level_embedding_scale must be a finite non-zero number, got nan": dict(
+            noise_level_embedding_scale=float("nan")
+        ),
+        "layers_per_block must be 0 or more, got -1": dict(layers_per_block=-1),
+        r"sample_size must be an integer, got \(32, 32\)": dict(sample_size=(32, 32)),
+        "attention_resolutions must be a list of integers, got 8": dict(attention_resolutions=8),
+        "block_out_channels must be an integer, got 8.0": dict(block_out_channels=8.0),
+        "pixel_unshuffle_factor must be an integer, got 2.0": dict(pixel_unshuffle_factor=2.0),
+        "upscale_factor must be an integer, got 2.5": dict(upscale_factor=2.5),
+        r"channel_multipliers must be a list of integers, got \(1, 2.0\)": dict(channel_multipliers=(1, 2.0)),
+    }
+    for message, overrides in refused.items():
+        with pytest.raises(ValueError, match=message):
+            SR3UNet2DModel(**tiny_unet_config(**overrides))
+    # Lists (JSON configs) and numpy integers stay fine.
+    SR3UNet2DModel(**tiny_unet_config(channel_multipliers=[1, 2, 2], sample_size=np.int64(32)))
+
+
+def test_layers_per_block_0_keeps_the_blocks_of_the_way_up():
+    unet = SR3UNet2DModel(**tiny_unet_config(layers_per_block=0)).eval()
+    assert all(len(level.blocks) == 0 for level in unet.down_levels)
+    assert all(len(level.blocks) == 1 for level in unet.up_levels)
+    assert sum(isinstance(module, Attention) for module in unet.modules()) == 2  # the 8x8 level on the way up, mid
+    with torch.no_grad():
+        assert unet(torch.randn(1, 6, 32, 32), 0.5).sample.shape == (1, 3, 32, 32)
+
+
 def test_non_square_inputs():
     unet = SR3UNet2DModel(**tiny_unet_config()).eval()
     with torch.no_grad():
         assert unet(torch.randn(1, 6, 16, 40), 0.5).sample.shape == (1, 3, 16, 40)
+
+
+def test_weights_trained_while_fused_are_kept_by_unfuse_and_by_save(tmp_path):
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    unet.fuse_qkv_projections()
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.5)
+    sample = torch.randn(2, 6, 32, 32)
+    for _ in range(2):
+        optimizer.zero_grad()
+        unet(sample, 0.5).sample.square().mean().backward()
+        optimizer.step()
+    unet.eval()
+    with torch.no_grad():
+        trained = unet(sample, 0.5).sample
+        unet.save_pretrained(tmp_path)
+        reloaded = SR3UNet2DModel.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(sample, 0.5).sample, trained)
+        unet.unfuse_qkv_projections()
+        torch.testing.assert_close(unet(sample, 0.5).sample, trained)
+
+
+def test_fusing_twice_then_unfusing_restores_the_model(tiny_unet):
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        reference = tiny_unet(sample, 0.5).sample
+        tiny_unet.fuse_qkv_projections()
+        tiny_unet.fuse_qkv_projections()
+        tiny_unet.unfuse_qkv_projections()
+        assert all(isinstance(p, AttnProcessor2_0) for p in tiny_unet.attn_processors.values())
+        torch.testing.assert_close(tiny_unet(sample, 0.5).sample, reference)
 
 
 def _reference_attention(attention, hidden_states):
@@ -355,3 +435,63 @@ def test_attention_resolutions_that_match_no_level_are_warned_about(caplog):
     with caplog.at_level("WARNING"):
         SR3UNet2DModel(**tiny_unet_config(attention_resolutions=(7, 8)))
     assert "attention_resolutions [7] match no level (at sample_size 32 the levels are [32, 16, 8])" in caplog.text
+
+
+def test_compile_repeated_blocks_with_fullgraph_matches_eager(monkeypatch):
+    import torch._dynamo
+
+    # The tiny model's 11 blocks: more structures than dynamo's default limit of 8 recompilations.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    sample, levels = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 0.8])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            expected = unet(sample, levels).sample
+            unet.compile_repeated_blocks(fullgraph=True)
+            torch.testing.assert_close(unet(sample, levels).sample, expected, atol=1e-5, rtol=1e-5)
+        assert torch._dynamo.config.recompile_limit == 11
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+        unet.compile_repeated_blocks(fullgraph=True)
+        assert torch._dynamo.config.recompile_limit == 64  # raised where needed, never lowered
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_uncond"])
+def test_tiny_preset_descriptions_give_their_parameter_count(name):
+    from diffusers_sr3.presets import get_preset
+
+    preset = get_preset(name)
+    stated = int(re.search(r"~(\d+)k-parameter", preset.description).group(1)) * 1000
+    actual = sum(parameter.numel() for parameter in SR3UNet2DModel(**preset.unet_config()).parameters())
+    assert abs(actual - stated) < 0.05 * actual, (stated, actual)
+
+
+def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(tmp_path, tiny_unet, monkeypatch):
+    import json
+
+    import diffusers.configuration_utils
+    from diffusers import AutoModel
+
+    from diffusers_sr3 import SR3Pipeline, make_scheduler
+
+    warned = []
+    monkeypatch.setattr(
+        diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
+    )
+    SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModel": "unet_sr3.SR3UNet2DModel"}
+    loaded = AutoModel.from_pretrained(str(tmp_path / "unet"), trust_remote_code=True)
+    assert type(loaded).__name__ == "SR3UNet2DModel"
+    reloaded = SR3UNet2DModel.from_pretrained(tmp_path / "unet")
+    SR3UNet2DModel.from_config(SR3UNet2DModel.load_config(tmp_path / "unet"))
+    assert "auto_map" not in reloaded.config and not warned
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
+    # Folders saved before the key load as they did.
+    del config["auto_map"]
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path / "unet").config and not warned

@@ -419,32 +419,33 @@ class OnnxUNet(_OnnxStandIn):
     def __call__(
         self,
         sample: torch.Tensor,
-        noise_level: Union[torch.Tensor, float, int],
+        signal_level: Optional[Union[torch.Tensor, float, int]] = None,
         condition_noise_level: Optional[Union[torch.Tensor, float]] = None,
         return_dict: bool = True,
+        **deprecated_kwargs: Any,
     ):
-        batch = sample.shape[0]
-        factor = self.downsampling_factor
-        if sample.shape[-2] % factor or sample.shape[-1] % factor:
-            raise ValueError(f"sample size {tuple(sample.shape[-2:])} is not divisible by {factor}")
+        """[`SR3UNet2DModel.forward`]'s arguments (`noise_level=` included), checks and output, run by ONNX Runtime."""
+        from .models.unet_sr3 import SR3UNet2DModel, SR3UNet2DOutput
 
-        def per_sample(values) -> Any:
-            values = torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu()
-            return values.expand(batch).contiguous().numpy() if values.numel() == 1 else values.numpy()
+        signal_level = SR3UNet2DModel._checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
 
+        def per_sample(values, name: str) -> Any:
+            values = SR3UNet2DModel._per_sample(values, sample.shape[0], torch.device("cpu"), name)
+            return values.to(torch.float32).contiguous().numpy()
+
+        # The exported graph's input keeps its old name, `noise_level`: files exported before still load.
         feeds = {
             "sample": sample.detach().to("cpu", torch.float32).contiguous().numpy(),
-            "noise_level": per_sample(noise_level),
+            "noise_level": signal_level.detach().to("cpu", torch.float32).contiguous().numpy(),
         }
         if "condition_noise_level" in self._inputs:
-            feeds["condition_noise_level"] = per_sample(0.0 if condition_noise_level is None else condition_noise_level)
+            condition = 0.0 if condition_noise_level is None else condition_noise_level
+            feeds["condition_noise_level"] = per_sample(condition, "condition_noise_level")
         elif condition_noise_level is not None:
             raise ValueError("condition_noise_level was given, but this model has no condition_noise_embedding")
         prediction = torch.from_numpy(self.session.run(["prediction"], feeds)[0]).to(sample.device)
         if not return_dict:
             return (prediction,)
-        from .models.unet_sr3 import SR3UNet2DOutput
-
         return SR3UNet2DOutput(sample=prediction)
 
 
@@ -515,9 +516,9 @@ class AutocastUNet:
         hooks = [norm.register_forward_pre_hook(_nchw_group_norm_input) for norm in self._group_norms if cpu]
         try:
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.mixed_precision(sample)):
-                prediction = self.unet(
-                    sample.contiguous(memory_format=torch.channels_last), *args, return_dict=False, **kwargs
-                )[0]
+                if sample.ndim == 4:  # anything else goes to the UNet as it is, for its own error message
+                    sample = sample.contiguous(memory_format=torch.channels_last)
+                prediction = self.unet(sample, *args, return_dict=False, **kwargs)[0]
         finally:
             for hook in hooks:
                 hook.remove()

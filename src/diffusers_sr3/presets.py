@@ -197,7 +197,7 @@ PRESETS: Dict[str, Preset] = {
         ),
         resolution=32,
         upscale_factor=4,
-        description="a ~30k-parameter x4 model for tests and smoke runs (8x8 -> 32x32)",
+        description="a ~67k-parameter x4 model for tests and smoke runs (8x8 -> 32x32)",
         scheduler=dict(SR3_SCHEDULE, num_train_timesteps=100),
     ),
     "tiny_uncond": Preset(
@@ -214,7 +214,7 @@ PRESETS: Dict[str, Preset] = {
         ),
         resolution=32,
         upscale_factor=None,
-        description="a ~30k-parameter 32x32 unconditional model for tests and smoke runs",
+        description="a ~67k-parameter 32x32 unconditional model for tests and smoke runs",
         scheduler=dict(SR3_SCHEDULE, num_train_timesteps=100),
     ),
 }

@@ -8,6 +8,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -263,6 +264,23 @@ def _legacy_attention_pre_hook(module, state_dict, prefix, *args) -> None:
         state_dict.update(convert_legacy_attention_keys(legacy))
 
 
+@torch.no_grad()
+def _sync_fused_projections(module: nn.Module, *args: Any) -> None:
+    """Copy each fused attention layer's `to_qkv` into its to_q/to_k/to_v (what the fused processor trains is
+    `to_qkv` only). Also a `state_dict` pre-hook: saves and checkpoints of a fused model keep its weights."""
+    for attention in module.modules():
+        if isinstance(attention, Attention) and getattr(attention, "fused_projections", False):
+            fused = getattr(attention, "to_qkv", None)
+            if fused is None:
+                continue
+            projections = (attention.to_q, attention.to_k, attention.to_v)
+            for projection, weight in zip(projections, fused.weight.chunk(3, dim=0)):
+                projection.weight.copy_(weight)
+            if fused.bias is not None:
+                for projection, bias in zip(projections, fused.bias.chunk(3)):
+                    projection.bias.copy_(bias)
+
+
 class ResnetAttentionBlock(nn.Module):
     """A ResNet block, optionally followed by self-attention (the original's `ResnetBlocWithAttn`)."""
 
@@ -327,6 +345,11 @@ class UpLevel(nn.Module):
         self.upsampler = upsampler
 
 
+def _is_integer(value: Any) -> bool:
+    """An int (numpy's too, as configs read back may hold), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 # Bytes: PyTorch's CPU allocator aligns every allocation to this; SIMD kernels assume it.
 _ALIGNMENT = 64
 
@@ -346,15 +369,17 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             resolution level; the input is downsampled `len(channel_multipliers) - 1` times, so height and
             width must be divisible by `2 ** (len(channel_multipliers) - 1)`.
         layers_per_block (`int`, defaults to 2): ResNet blocks per level on the way down (the original's
-            `res_blocks`); the way up has one more per level.
+            `res_blocks`); the way up has one more per level. 0 is valid: no blocks on the way down (its levels
+            only downsample), one per level on the way up.
         attention_resolutions (`Tuple[int]`, defaults to `(16,)`): Feature-map sizes, for an input of
             `sample_size`, at which self-attention follows each ResNet block (the original's `attn_res`).
             The choice is fixed per level, so other input sizes use the same levels.
         mid_attention (`bool`, defaults to True): Self-attention in the middle block, as the original always has.
             Its cost grows with the fourth power of the input size: models that run at high resolution with few
             levels (e.g. a 256->1024 stage) may turn it off.
-        sample_size (`int`, defaults to 128): The training resolution; it places `attention_resolutions` and is
-            the default output size of unconditional sampling and the tile size of tiled upscaling.
+        sample_size (`int`, defaults to 128): The training resolution (one integer, for height and width); it places
+            `attention_resolutions` and is the default output size of unconditional sampling and the tile size of
+            tiled upscaling.
         norm_groups (`int`, defaults to 32): Groups of every GroupNorm.
         dropout (`float`, defaults to 0.0): Dropout in the second conv block of every ResNet block.
         attention_heads (`int`, defaults to 1): Heads of every self-attention layer.
@@ -362,7 +387,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             continuous noise level `sqrt(alpha_bar)` in [0, 1]); `"timestep"` for the original's DDPM network
             (an integer timestep, with a Swish in front of each block's embedding projection).
         noise_level_embedding_scale (`float`, defaults to 1.0): Multiplies the level (or timestep) before the
-            sinusoidal encoding. 1.0 reproduces the original networks.
+            sinusoidal encoding (finite and non-zero). 1.0 reproduces the original networks.
         film_affine (`bool`, defaults to False): Inject the embedding as scale and shift (`(1 + s) * h + b`)
             instead of the original's additive FiLM without affine.
         condition_noise_embedding (`bool`, defaults to False): Noise-conditioning augmentation (Ho et al.,
@@ -414,8 +439,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # device); the forward moves skip connections to the device of the block that consumes them.
     _no_split_modules = ["ResnetAttentionBlock", "ConvBlock", "Downsample", "Upsample", "NoiseLevelEmbedding"]
     _repeated_blocks = ["ResnetAttentionBlock"]
-    # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it.
+    # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it (its
+    # to_q/to_k/to_v are synced from `to_qkv` whenever a state dict is taken, so nothing trained while fused is lost).
     _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
+    # Saved configs get `"auto_map": {"AutoModel": "unet_sr3.SR3UNet2DModel"}` (Diffusers' `register_for_auto_class`),
+    # so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a UNet folder that holds the
+    # `unet_sr3.py` re-export (pipeline saves write one). Loading strips the key again (`extract_init_dict`).
+    _auto_class = "AutoModel"
 
     @register_to_config
     def __init__(
@@ -441,8 +471,35 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         residual_scale: Optional[float] = None,
     ):
         super().__init__()
+        integers = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            sample_size=sample_size,
+            norm_groups=norm_groups,
+            attention_heads=attention_heads,
+            pixel_unshuffle_factor=pixel_unshuffle_factor,
+            upscale_factor=1 if upscale_factor is None else upscale_factor,
+        )
+        for name, value in integers.items():
+            # Checked before use: a float width or a tuple size otherwise fails deep in torch, far from its key.
+            if not _is_integer(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        sequences = dict(channel_multipliers=channel_multipliers, attention_resolutions=attention_resolutions)
+        for name, value in sequences.items():
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(map(_is_integer, value)):
+                raise ValueError(f"{name} must be a list of integers, got {value!r}")
         if upscale_factor is not None and upscale_factor < 1:
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
+        if layers_per_block < 0:
+            raise ValueError(f"layers_per_block must be 0 or more, got {layers_per_block}")
+        scale = noise_level_embedding_scale
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale == 0:
+            # 0 encodes every level alike (the network ignores it); inf/NaN make every output non-finite.
+            raise ValueError(
+                f"noise_level_embedding_scale must be a finite non-zero number, got {noise_level_embedding_scale}"
+            )
         if residual_scale is not None and not residual_scale > 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if pixel_unshuffle_factor < 1:
@@ -553,6 +610,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         # Weights saved before attention went through Diffusers' `Attention` load through `load_state_dict` too.
         self.register_load_state_dict_pre_hook(_legacy_attention_pre_hook)
+        self.register_state_dict_pre_hook(_sync_fused_projections)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -570,6 +628,26 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                     tensor.data = tensor.data.clone()
         return loaded
 
+    @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
+        """Diffusers' split of a config into `__init__` arguments and the rest, without the `auto_map` that saves
+        write for AutoModel: it is no argument (Diffusers would warn that it is ignored) and no setting."""
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
+        """Diffusers' regional compilation of every `ResnetAttentionBlock` (`torch.compile` arguments as there).
+
+        The blocks share one code object but differ in structure (widths, skip convs, attention or not), so each
+        compiles once: `torch._dynamo.config.recompile_limit` is raised (never lowered) to the number of blocks,
+        which with `fullgraph=True` would otherwise fail once the limit (8 by default) is reached.
+        """
+        import torch._dynamo
+
+        blocks = sum(type(module).__name__ in self._repeated_blocks for module in self.modules())
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, blocks)
+        super().compile_repeated_blocks(*args, **kwargs)
+
     def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """`from_pretrained`'s hook for renamed weights: converts the legacy attention keys."""
         state_dict = super()._fix_state_dict_keys_on_load(state_dict)
@@ -584,6 +662,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         The output is unchanged (to rounding). `unfuse_qkv_projections` restores the processors used before.
         """
+        if getattr(self, "original_attn_processors", None) is not None:
+            return  # already fused: keep the processors to restore, which a second call would overwrite
         self.original_attn_processors = self.attn_processors
         for module in self.modules():
             if isinstance(module, Attention):
@@ -591,14 +671,16 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.set_attn_processor(FusedAttnProcessor2_0())
 
     def unfuse_qkv_projections(self) -> None:
-        """Undo `fuse_qkv_projections`: the separate projections and the previous processors again."""
+        """Undo `fuse_qkv_projections`: the separate projections (with the fused weights, trained or not) and the
+        previous processors again."""
         original = getattr(self, "original_attn_processors", None)
         if original is not None:
             self.set_attn_processor(original)
             self.original_attn_processors = None
+        _sync_fused_projections(self)
         for module in self.modules():
             if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-                # The fused copy is a cache of to_q/to_k/to_v: drop it so state dicts keep one set of weights.
+                # Synced back above: drop the fused copy so state dicts keep one set of weights.
                 if hasattr(module, "to_qkv"):
                     del module.to_qkv
                 module.fused_projections = False
@@ -609,7 +691,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return self.config.get("pixel_unshuffle_factor", 1) * 2 ** (len(self.config.channel_multipliers) - 1)
 
     @staticmethod
-    def _deprecated_level_keyword(signal_level: Any, deprecated_kwargs: Dict[str, Any]) -> Any:
+    def _deprecated_level_keyword(signal_level: Any, deprecated_kwargs: Dict[str, Any], stacklevel: int) -> Any:
         """`noise_level=` (the name before 0.2) still works, with a FutureWarning; anything else is a TypeError."""
         if "noise_level" in deprecated_kwargs:
             if signal_level is not None:
@@ -618,7 +700,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 "SR3UNet2DModel(noise_level=...) is renamed signal_level (sqrt(alpha_bar), 1 = clean), so that it "
                 "cannot be confused with condition_noise_level (0 = clean); the old keyword will be removed",
                 FutureWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             signal_level = deprecated_kwargs.pop("noise_level")
         if deprecated_kwargs:
@@ -626,6 +708,59 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         if signal_level is None:
             raise TypeError("SR3UNet2DModel.forward needs signal_level (sqrt(alpha_bar) per sample, or the timestep)")
         return signal_level
+
+    @classmethod
+    def _checked_inputs(
+        cls, config: Any, sample: torch.Tensor, signal_level: Any, deprecated_kwargs: Dict[str, Any]
+    ) -> torch.Tensor:
+        """`forward`'s checks of its input, shared with the stand-ins that run this model elsewhere (ONNX, bf16).
+
+        Args:
+            config: the model's config.
+            sample: the `(batch, in_channels, height, width)` input.
+            signal_level: the level argument as given (None where only `noise_level=` was).
+            deprecated_kwargs: the other keyword arguments (`noise_level=` is taken out of it).
+
+        Returns:
+            The signal level, one value per sample, on the sample's device.
+        """
+        signal_level = cls._deprecated_level_keyword(signal_level, deprecated_kwargs, stacklevel=4)
+        if sample.ndim != 4:
+            raise ValueError(f"sample must be (batch, channels, height, width), got shape {tuple(sample.shape)}")
+        batch, channels, height, width = sample.shape
+        if channels != config["in_channels"]:
+            raise ValueError(f"sample has {channels} channels but the model expects {config['in_channels']}")
+        factor = config.get("pixel_unshuffle_factor", 1) * 2 ** (len(config["channel_multipliers"]) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
+            )
+        if config.get("conditioning_type", "noise_level") == "noise_level":
+            cls._check_signal_level(signal_level)
+        return cls._per_sample(signal_level, batch, sample.device, "signal_level")
+
+    @staticmethod
+    def _check_signal_level(signal_level: Any) -> None:
+        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models.
+
+        `for t in scheduler.timesteps: unet(x, t)` passes integer timesteps (e.g. 75), which the embedding would
+        otherwise read as a level far outside [0, 1], silently. Tensor values are not range-checked: that would be
+        a device sync per call and data-dependent control flow, which `torch.compile(fullgraph=True)` and the ONNX
+        export cannot trace.
+        """
+        if isinstance(signal_level, torch.Tensor):
+            wrong = not signal_level.is_floating_point()
+        elif isinstance(signal_level, numbers.Real):
+            wrong = not 0 <= signal_level <= 1
+        else:  # lists, numpy arrays
+            wrong = not torch.as_tensor(signal_level).is_floating_point()
+        if wrong:
+            value = signal_level.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
+            raise ValueError(
+                f"signal_level must be sqrt(alpha_bar) in [0, 1] for conditioning_type='noise_level' models, got "
+                f"{value}: a scheduler timestep is not a level; map steps to levels with "
+                "diffusers_sr3.noise.noise_level_for_step (or network_inputs_for_schedule)"
+            )
 
     @staticmethod
     def _per_sample(values, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -668,18 +803,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             [`SR3UNet2DOutput`] or `tuple`: the prediction, `(batch, out_channels, height, width)`.
         """
         # 1. Check the input and broadcast the level to one value per sample.
-        signal_level = self._deprecated_level_keyword(signal_level, deprecated_kwargs)
-        if sample.ndim != 4:
-            raise ValueError(f"sample must be (batch, channels, height, width), got shape {tuple(sample.shape)}")
-        batch, channels, height, width = sample.shape
-        if channels != self.config.in_channels:
-            raise ValueError(f"sample has {channels} channels but the model expects {self.config.in_channels}")
-        factor = self.downsampling_factor
-        if height % factor or width % factor:
-            raise ValueError(
-                f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
-            )
-        signal_level = self._per_sample(signal_level, batch, sample.device, "signal_level")
+        signal_level = self._checked_inputs(self.config, sample, signal_level, deprecated_kwargs)
+        batch = sample.shape[0]
 
         # 2. Embed the signal level (and the condition's augmentation level).
         embedding = self.noise_level_embedding(signal_level)
