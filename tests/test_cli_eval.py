@@ -184,6 +184,27 @@ def test_results_lr_images_of_the_hr_size_are_the_originals_stand_in(tmp_path, c
     assert "consistency" not in capsys.readouterr().out
 
 
+def test_a_mean_over_only_some_images_names_its_count(tmp_path, capsys):
+    # Image 1 has only the original's stand-in LR image (the HR size), image 2 a real one: consistency of 2 only.
+    for image_id in "12":
+        write_noise(tmp_path / "results" / f"{image_id}_hr.png", (32, 32), 1)
+        write_noise(tmp_path / "results" / f"{image_id}_sr.png", (32, 32), 2)
+    write_noise(tmp_path / "results" / "1_lr.png", (32, 32), 3)
+    write_noise(tmp_path / "results" / "2_lr.png", (16, 16), 3)
+    report_path = tmp_path / "metrics.json"
+    assert main(["eval", "--results", str(tmp_path / "results"), "--json", str(report_path), "--quiet"]) == 0
+    assert "(consistency over 1 of 2 images)" in capsys.readouterr().out.splitlines()
+    report = json.loads(report_path.read_text())
+    assert report["count"] == 2 and report["counts"] == {"consistency": 1}
+    assert set(report["mean"]) == {"psnr", "ssim", "consistency"}
+    # Every mean over every image: no counts to name.
+    (tmp_path / "results" / "1_lr.png").unlink()
+    shutil.copy(tmp_path / "results" / "2_lr.png", tmp_path / "results" / "1_lr.png")
+    assert main(["eval", "--results", str(tmp_path / "results"), "--json", str(report_path), "--quiet"]) == 0
+    assert " over " not in capsys.readouterr().out
+    assert "counts" not in json.loads(report_path.read_text())
+
+
 def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path, monkeypatch, capsys):
     def no_work(*args, **kwargs):
         raise AssertionError("metrics computed before the --json destination was checked")

@@ -109,6 +109,58 @@ def test_verdict_states_what_was_measured_in_plain_words():
     )
 
 
+def test_the_verdict_compares_the_crops_where_both_psnrs_are_finite():
+    # The first crop is perfectly flat: bicubic reproduces it exactly (PSNR inf), which made the plain mean inf.
+    bicubic = {"psnr": [math.inf, 20.0, 21.0], "ssim": [1.0, 0.5, 0.6], "consistency": [0.0, 3e-5, 2e-5]}
+    sr3 = {"psnr": [60.0, 39.0, 40.0], "ssim": [1.0, 0.9, 0.95], "consistency": [1e-6, 1e-6, 2e-6]}
+    verdict = demo._verdicts({"bicubic": bicubic, "SR3 fidelity": sr3})
+    assert verdict == (
+        "The SR3 model trained here beats bicubic in fidelity mode: +19.00 dB PSNR, and better SSIM and consistency "
+        "(1 crop(s) with an infinite PSNR left out)."
+    )
+    # No crop left to compare, or a metric that is not a number: no judgement, rather than a wrong one.
+    flat = {name: values[:1] for name, values in bicubic.items()}
+    assert demo._verdicts({"bicubic": flat, "SR3 fidelity": {name: v[:1] for name, v in sr3.items()}}) == (
+        "The SR3 model trained here cannot be judged against bicubic in fidelity mode: a mean is not finite "
+        "(1 crop(s) with an infinite PSNR left out)."
+    )
+    nan = {"psnr": math.nan, "ssim": math.nan, "consistency": math.nan}
+    means = {"psnr": 25.0, "ssim": 0.7, "consistency": 2e-5}
+    assert (
+        demo._verdict(nan, means, "It") == "It cannot be judged against bicubic in fidelity mode: a mean is not finite."
+    )
+    assert "cannot be judged" in demo._verdict(dict(means, consistency=math.nan), means, "It")
+
+
+def test_differences_the_table_does_not_show_are_ties():
+    bicubic = {"psnr": 25.0, "ssim": 0.7, "consistency": 2e-5}
+    near = {"psnr": 25.004, "ssim": 0.70004, "consistency": 1.9996e-5}
+    table = demo._table({"bicubic": bicubic, "SR3 fidelity": near})
+    assert table[2].split("|")[2:] == table[3].split("|")[2:]  # the same numbers printed
+    assert demo._verdict(near, bicubic, "It") == (
+        "It does not beat bicubic in fidelity mode at this training budget (+0.00 dB); train longer."
+    )
+    # A difference the table shows in one metric is a win in that one only.
+    assert demo._verdict(dict(near, ssim=0.7001), bicubic, "It") == (
+        "It beats bicubic in fidelity mode on SSIM only (+0.00 dB PSNR)."
+    )
+
+
+def test_the_packaged_models_verdict_gives_no_training_advice():
+    bicubic = {"psnr": [25.0, 26.0], "ssim": [0.7, 0.8], "consistency": [2e-5, 2e-5]}
+    worse = {"psnr": [24.0, 25.0], "ssim": [0.6, 0.7], "consistency": [3e-5, 3e-5]}
+    results = {"bicubic": bicubic, "SR3 fidelity": worse, f"{demo.PACKAGED} fidelity": worse}
+    busy = demo._busy_note(60, 1995, threads=1)
+    assert demo._verdicts(results) == (
+        "The SR3 model trained here does not beat bicubic in fidelity mode at this training budget (-1.00 dB); "
+        "train longer. The packaged model does not beat bicubic in fidelity mode (-1.00 dB)."
+    )
+    assert demo._verdicts(results, busy) == (
+        f"The SR3 model trained here does not beat bicubic in fidelity mode (-1.00 dB). {busy} "
+        "The packaged model does not beat bicubic in fidelity mode (-1.00 dB)."
+    )
+
+
 def _run_timed_demo(monkeypatch, out, *extra, minutes, timed_step, bfloat16):
     """`sr3 demo` of a tiny network for `minutes`, its step timed at `timed_step` seconds whatever it really takes."""
     monkeypatch.setattr(demo, "_seconds_per_step", lambda config, batch_size, bfloat16: timed_step)

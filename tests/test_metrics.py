@@ -262,6 +262,22 @@ def test_fid_infinity_refuses_sizes_it_cannot_fit():
         metrics.fid_infinity(features, features[:10])
 
 
+@pytest.mark.parametrize("count", [3, 4, 5])
+def test_fid_infinity_fits_few_images_with_its_default_sizes(count):
+    features = torch.randn(count, 2, generator=torch.Generator().manual_seed(count), dtype=torch.float64)
+    estimate = metrics.fid_infinity(features, features + 1)
+    assert sorted({size for size, _ in estimate.points}) == list(range(2, count + 1))
+    assert math.isfinite(estimate.value)
+
+
+def test_fid_infinity_names_the_least_number_of_images_its_default_sizes_need():
+    features = torch.randn(2, 2, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"^fid_infinity needs at least 3 images in each set \(two subset sizes\), got 2$"
+    ):
+        metrics.fid_infinity(features, features)
+
+
 def test_image_quality_diagnostics():
     from diffusers_sr3.image_processing import degrade
 

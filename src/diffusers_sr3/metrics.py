@@ -435,7 +435,7 @@ def fid_infinity(
         features: `(N, D)` features of the images judged (`inception_features`).
         reference_features: `(M, D)` features of the reference images (the HR).
         sizes: subset sizes to measure at; defaults to seven sizes evenly spaced from a quarter of the smaller set
-            to all of it. At least two different sizes.
+            (at least 2) to all of it, which needs at least 3 images. At least two different sizes.
         draws: random subsets per size (one where the size is that of both sets, whose every subset is the same).
         seed: seeds the subsets.
         paired: the two sets are paired (an output and the HR it is scored against, row by row): draw the same rows
@@ -450,7 +450,10 @@ def fid_infinity(
             f"paired features need as many rows as the reference: {features.shape[0]} vs {reference_features.shape[0]}"
         )
     if sizes is None:
-        sizes = sorted({round(available / 4 + step * (available - available / 4) / 6) for step in range(7)})
+        if available < 3:
+            raise ValueError(f"fid_infinity needs at least 3 images in each set (two subset sizes), got {available}")
+        # FID needs two images; a quarter of 3 to 7 images rounds below that.
+        sizes = {max(2, round(available / 4 + step * (available - available / 4) / 6)) for step in range(7)}
     sizes = sorted(int(size) for size in sizes)
     if len(set(sizes)) < 2 or sizes[0] < 2 or sizes[-1] > available:
         raise ValueError(f"fid_infinity needs at least two subset sizes in [2, {available}], got {sizes}")

@@ -317,10 +317,20 @@ def _mode_options(mode: str, inference_steps: int, detail: Dict[str, float]) -> 
     return dict(mode="fidelity", self_ensemble=mode == SELF_ENSEMBLE)
 
 
+def _printed(metric: str, value: float) -> str:
+    """`value` of `metric` (`psnr`, `ssim` or `consistency`) as the table prints it."""
+    if metric == "psnr":
+        return f"{value:.2f}"
+    if metric == "ssim":
+        return f"{value:.4f}"
+    return f"{value * 1e5:.2f}"
+
+
 def _table(rows: Dict[str, Dict[str, float]]) -> List[str]:
     lines = ["| method | PSNR (dB) | SSIM | consistency (MSE / 1e-5) |", "|---|---|---|---|"]
     for name, values in rows.items():
-        lines.append(f"| {name} | {values['psnr']:.2f} | {values['ssim']:.4f} | {values['consistency'] * 1e5:.2f} |")
+        printed = [_printed(metric, values[metric]) for metric in ("psnr", "ssim", "consistency")]
+        lines.append(f"| {name} | " + " | ".join(printed) + " |")
     return lines
 
 
@@ -333,25 +343,85 @@ def _busy_note(steps: int, planned: Optional[int], threads: int) -> Optional[str
     return f"The machine was busy: training reached {steps} of its {planned} planned steps ({remedy})."
 
 
-def _verdict(sr3: Dict[str, float], bicubic: Dict[str, float], who: str, busy: Optional[str] = None) -> str:
-    """One plain sentence: does `who`, in fidelity mode, beat bicubic on these crops, and by how much; then `busy`
-    (`_busy_note`), which replaces the advice to train longer: more minutes on a busy machine would not help."""
+def _verdict(
+    sr3: Dict[str, float],
+    bicubic: Dict[str, float],
+    who: str,
+    busy: Optional[str] = None,
+    trained: bool = True,
+    left_out: int = 0,
+) -> str:
+    """One plain sentence: does `who`, in fidelity mode, beat bicubic on these crops, and by how much.
+
+    Args:
+        sr3: mean `psnr`, `ssim` and `consistency` of `who` in fidelity mode.
+        bicubic: the same means of bicubic, over the same crops.
+        who: the model's name, the sentence's subject.
+        busy: `_busy_note`, appended; it replaces the advice to train longer: more minutes on a busy machine would
+            not help.
+        trained: the demo trained `who`: where it does not beat bicubic, advise training longer. The packaged model
+            was not trained by the demo, so no budget of this run explains it.
+        left_out: how many crops the means leave out for an infinite PSNR (`_compared_means`), said in the sentence.
+    """
+    names = {"psnr": "PSNR", "ssim": "SSIM", "consistency": "consistency"}
+    skipped = f" ({left_out} crop(s) with an infinite PSNR left out)" if left_out else ""
+    if not all(math.isfinite(means[metric]) for means in (sr3, bicubic) for metric in names):
+        sentence = f"{who} cannot be judged against bicubic in fidelity mode: a mean is not finite{skipped}."
+        return f"{sentence} {busy}" if busy else sentence
     gain = sr3["psnr"] - bicubic["psnr"]
+    # A difference the table does not show is a tie: the verdict must not contradict the numbers printed above it.
     better = [
         name
-        for name, higher_is_better in (("PSNR", True), ("SSIM", True), ("consistency", False))
-        if (sr3[name.lower()] > bicubic[name.lower()]) == higher_is_better
-        and sr3[name.lower()] != bicubic[name.lower()]
+        for metric, name in names.items()
+        if _printed(metric, sr3[metric]) != _printed(metric, bicubic[metric])
+        and (sr3[metric] > bicubic[metric]) == (metric != "consistency")
     ]
+    advise = trained and not busy and not better
     if len(better) == 3:
-        sentence = f"{who} beats bicubic in fidelity mode: {gain:+.2f} dB PSNR, and better SSIM and consistency."
+        sentence = f"{who} beats bicubic in fidelity mode: {gain:+.2f} dB PSNR, and better SSIM and consistency"
     elif better:
-        sentence = f"{who} beats bicubic in fidelity mode on {', '.join(better)} only ({gain:+.2f} dB PSNR)."
-    elif busy:
-        sentence = f"{who} does not beat bicubic in fidelity mode ({gain:+.2f} dB)."
+        sentence = f"{who} beats bicubic in fidelity mode on {', '.join(better)} only ({gain:+.2f} dB PSNR)"
+    elif advise:
+        sentence = f"{who} does not beat bicubic in fidelity mode at this training budget ({gain:+.2f} dB)"
     else:
-        return f"{who} does not beat bicubic in fidelity mode at this training budget ({gain:+.2f} dB); train longer."
+        sentence = f"{who} does not beat bicubic in fidelity mode ({gain:+.2f} dB)"
+    sentence += skipped + ("; train longer." if advise else ".")
     return f"{sentence} {busy}" if busy else sentence
+
+
+def _compared_means(
+    method: Dict[str, List[float]], bicubic: Dict[str, List[float]]
+) -> Tuple[Dict[str, float], Dict[str, float], int]:
+    """The means of `method`'s and bicubic's per-crop metrics over the crops where both PSNRs are finite, and how
+    many crops those are.
+
+    A PSNR is infinite where a method reproduces its crop exactly (a perfectly flat one, for bicubic): one such crop
+    makes the plain mean infinite whatever the other crops say.
+    """
+    kept = [
+        index
+        for index, pair in enumerate(zip(method["psnr"], bicubic["psnr"]))
+        if all(math.isfinite(value) for value in pair)
+    ]
+
+    def mean(values: Dict[str, List[float]]) -> Dict[str, float]:
+        return {name: sum(v[i] for i in kept) / len(kept) if kept else math.nan for name, v in values.items()}
+
+    return mean(method), mean(bicubic), len(kept)
+
+
+def _verdicts(results: Dict[str, Dict[str, List[float]]], busy: Optional[str] = None) -> str:
+    """The verdict of the model trained here and, where it was measured, of the packaged model, from the per-crop
+    `results` of every method; `busy` (`_busy_note`) concerns only the model trained here."""
+    sentences = []
+    for name, who, trained in (("SR3", "The SR3 model trained here", True), (PACKAGED, "The packaged model", False)):
+        if f"{name} fidelity" not in results:
+            continue
+        method = results[f"{name} fidelity"]
+        sr3, bicubic, kept = _compared_means(method, results["bicubic"])
+        left_out = len(method["psnr"]) - kept
+        sentences.append(_verdict(sr3, bicubic, who, busy if trained else None, trained, left_out))
+    return " ".join(sentences)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,9 +529,7 @@ def run(args: argparse.Namespace) -> int:
     grid([photo_row]).save(os.path.join(args.output, "photo.png"))
 
     # 4. Report what was measured.
-    verdict = _verdict(means["SR3 fidelity"], means["bicubic"], "The SR3 model trained here", busy)
-    if PACKAGED in models:
-        verdict += " " + _verdict(means[f"{PACKAGED} fidelity"], means["bicubic"], "The packaged model")
+    verdict = _verdicts(results, busy)
     lines = [
         f"# SR3 demo: x{UPSCALE_FACTOR} super-resolution, {args.crop_size // UPSCALE_FACTOR} -> {args.crop_size}",
         "",

@@ -276,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
 
     columns = list(dict.fromkeys(name for row in rows.values() for name in row))
     means = metrics.summarize({name: [row[name] for row in rows.values() if name in row] for name in columns})
+    # A mean over fewer images than the others (consistency where only some have an LR image) must say so.
+    counts = {name: sum(name in row for row in rows.values()) for name in columns}
+    partial = {name: count for name, count in counts.items() if count != len(rows)}
     extra: Dict[str, Optional[float]] = {}
     if fid is not None:
         # A distance: the few-image estimate of identical sets lands a rounding error below 0 (-4.6e-05 for 3).
@@ -289,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         for key, row in rows.items():
             print(f"{key:<{width}}  " + "  ".join(f"{row.get(name, math.nan):>12.6g}" for name in columns))
     print(f"{'mean':<{width}}  " + "  ".join(f"{means[name]:>12.6g}" for name in columns))
+    for name, count in partial.items():
+        print(f"({name} over {count} of {len(rows)} images)")
     for name, value in extra.items():
         print(f"{name}: {value:.6g}")
     features = metrics.InceptionFeatures.num_features
@@ -304,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "count": len(rows),
             "mean": {name: _json_value(value) for name, value in means.items()},
+            **({"counts": partial} if partial else {}),
             **{name: _json_value(value) for name, value in extra.items()},
             **({"fid_images": len(rows)} if fid is not None else {}),
             "images": {key: {name: _json_value(value) for name, value in row.items()} for key, row in rows.items()},
