@@ -431,6 +431,23 @@ def test_streamed_samples_read_by_several_workers_draw_their_own_crops(tmp_path,
     assert [(top, left) for _, top, left in alone] == offsets
 
 
+def test_training_reads_16_bit_gray_images_at_16_bits_as_upscaling_does(tmp_path):
+    from diffusers_sr3.image_io import open_image
+
+    levels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 4096 levels, 16 apart
+    path = str(tmp_path / "images" / "gray16.png")
+    os.makedirs(os.path.dirname(path))
+    PIL.Image.fromarray(levels).save(path)
+    decoded = decode_image(path, path)
+    assert torch.equal(decoded, images_to_tensor(open_image(path, keep_16bit=True))[0])
+    assert decoded.unique().numel() > 256
+    for cache_images in (False, True):
+        data = build_training_data(
+            resolution=64, upscale_factor=4, train_data_dir=str(tmp_path / "images"), cache_images=cache_images
+        )
+        assert data.dataset.sample(0, augment=False)["hr"].unique().numel() > 256, cache_images
+
+
 def test_streamed_imagefolder(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"), count=3, bad=False)
     data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, streaming=True)
