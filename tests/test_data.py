@@ -448,6 +448,15 @@ def test_training_reads_16_bit_gray_images_at_16_bits_as_upscaling_does(tmp_path
         assert data.dataset.sample(0, augment=False)["hr"].unique().numel() > 256, cache_images
 
 
+def test_a_replaced_image_draws_its_own_crop_not_its_neighbours(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"))
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, random_crop=True)
+    samples = [data.dataset[(0, index)] for index in range(len(data.dataset))]
+    [replaced] = [index for index, sample in enumerate(samples) if sample["skipped"]]
+    neighbour = samples[(replaced + 1) % len(samples)]
+    assert not torch.equal(samples[replaced]["hr"], neighbour["hr"])
+
+
 def test_streamed_imagefolder(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"), count=3, bad=False)
     data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, streaming=True)
