@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PIL.Image.Image:
     parser.add_argument("--output", required=True, help="the PNG to write")
     for name, default in (("crop-size", 64), ("crops", 256), ("unseen-crops", 128), ("max-side", 512)):
         parser.add_argument(f"--{name}", type=int, default=default, help="as in model_report.py")
-    parser.add_argument("--heldout", type=float, default=0.25, help="as in model_report.py")
+    parser.add_argument("--heldout", type=float, default=None, help="as in model_report.py (for any --model)")
     parser.add_argument("--steps", type=int, default=None, help="detail-mode steps (default: each model's own)")
     parser.add_argument(
         "--fidelity-steps", type=int, default=None, help="fidelity-mode steps (default: each model's own)"
@@ -76,7 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> PIL.Image.Image:
     args = parser.parse_args(argv)
     models = named_models(args.model)
 
-    heldout, _ = heldout_crops(args.crop_size, args.crops, seed=args.seed, heldout=args.heldout, max_side=args.max_side)
+    heldout_names = model_report.heldout_photos(args.heldout, list(models.values()))
+    heldout, _ = heldout_crops(
+        args.crop_size, args.crops, seed=args.seed, heldout=heldout_names, max_side=args.max_side
+    )
     shown: List[torch.Tensor] = []
     if args.unseen:
         unseen = model_report.unseen_crops(args.unseen, args.crop_size, args.unseen_crops, args.seed + 2)

@@ -5,7 +5,8 @@
 
 Test sets, none seen in training:
 - held-out photos: random crops of the packaged photographs that `diffusers_sr3.photos.photo_split` holds out
-  (the split the training run used: whole photos, so no held-out pixel was trained on);
+  (the split the training run used: whole photos, so no held-out pixel was trained on; for the packaged model, the
+  photos its card names, `diffusers_sr3.photos.PACKAGED_MODEL_HELDOUT`, whichever photo packages are installed);
 - never-seen photos (`--unseen`): random crops of photos of another collection, neither trained on nor held out;
 - faces: the high-resolution sample faces of the original SR3 project (`--faces`, their `hr_*` folders), resized
   to --face-size, degraded x4 and super-resolved (in tiles when larger than the model's training size).
@@ -58,6 +59,7 @@ from diffusers_sr3.model_card import write_model_card
 from diffusers_sr3.photos import (
     heldout_crops,
     load_photo,
+    packaged_model_heldout,
     packaged_photo_paths,
     photo_crops,
     photo_name,
@@ -65,6 +67,7 @@ from diffusers_sr3.photos import (
     random_crop_positions,
 )
 from diffusers_sr3.pipelines.pipeline_sr3 import DETAIL_ARGUMENTS
+from diffusers_sr3.pretrained import default_model_path
 from diffusers_sr3.tiling import tiled_super_resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -475,6 +478,18 @@ def unseen_crops(folder: str, size: int, count: int, seed: int) -> torch.Tensor:
     return photo_crops(find_images([folder]), size, count=count, seed=seed, output_type="pt")
 
 
+def heldout_photos(fraction: Optional[float], models: Sequence[str]) -> Union[float, List[str]]:
+    """What `--heldout` holds out for `models`: `fraction` where given; else, when one of them is the packaged model,
+    the names of its held-out photos (a fraction holds out others where other photo packages are installed, some
+    of which it trained on); else 0.25, the fraction training runs hold out."""
+    if fraction is not None:
+        return fraction
+    packaged = default_model_path()
+    if any(os.path.isdir(model) and os.path.samefile(model, packaged) for model in models):
+        return packaged_model_heldout()
+    return 0.25
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SR3Pipeline folder to evaluate")
@@ -484,7 +499,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--unseen-crops", type=int, default=128, help="crops of the --unseen photos")
     parser.add_argument("--crop-size", type=int, default=64, help="held-out photo crop size (HR)")
     parser.add_argument("--crops", type=int, default=256, help="held-out photo crops")
-    parser.add_argument("--heldout", type=float, default=0.25, help="the training run's held-out photo fraction")
+    parser.add_argument(
+        "--heldout",
+        type=float,
+        default=None,
+        help="the training run's held-out photo fraction (default: the packaged model's own held-out photos for "
+        "the packaged model, else 0.25)",
+    )
     parser.add_argument("--max-side", type=int, default=512, help="photos downscaled to this longer side first")
     parser.add_argument("--modes", nargs="+", default=["fidelity", "detail"], choices=["fidelity", "detail"])
     parser.add_argument(
@@ -579,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else pipeline.config.guidance_scale
     guidance_scale = guidance_scale if pipeline.guidance_unet is not None else None
     fid = None if args.no_fid else frechet_inception_distance()
+    args.heldout = heldout_photos(args.heldout, [args.model])
     if args.whole_photos:
         _, heldout_paths = photo_split(packaged_photo_paths(), heldout=args.heldout)
         heldout = evaluate_whole_photos(pipeline, heldout_paths, args.crops, args.seed + 1, args, fid, args.max_side)

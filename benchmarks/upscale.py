@@ -3,8 +3,8 @@
     python benchmarks/upscale.py --output benchmarks/results/upscale                   # the packaged model
     python benchmarks/upscale.py --new-weights RUN/checkpoint-8000/model.safetensors --residual-scale 14.2
 
-Held-out photos (`photo_split(packaged_photo_paths(), heldout=0.25)[1]`, never trained on) are cropped to the
-high-resolution size (1024x1024 for a 256 input; for 512 the largest crop up to 2048x2048 that the photos allow),
+The packaged model's held-out photos (`diffusers_sr3.photos.packaged_model_heldout()`, never trained on) are cropped
+to the high-resolution size (1024x1024 for a 256 input; for 512 the largest crop up to 2048x2048 that the photos allow),
 degraded with the package's antialiased bicubic downsample, saved as PNG, and upscaled by `sr3 upscale` in a fresh
 process per photo and setting: the wall time is what a user waits (Python start, model load, upscaling, writing),
 the peak resident memory is that process's (`getrusage` of a wrapper's only child). Each output is scored
@@ -60,7 +60,7 @@ from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.backends import cpu_name
 from diffusers_sr3.image_processing import degrade, images_to_tensor, tensor_to_pil
 from diffusers_sr3.metrics import psnr
-from diffusers_sr3.photos import load_photo, packaged_photo_paths, photo_name, photo_split
+from diffusers_sr3.photos import load_photo, packaged_model_heldout, packaged_photo_paths, photo_name, photo_split
 from diffusers_sr3.pipelines.pipeline_sr3 import FIDELITY_STEPS
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_path
 
@@ -97,8 +97,9 @@ WRAPPER = (
 def heldout_pairs(low_size: int, count: int, factor: int = 4) -> List[Dict[str, Any]]:
     """`count` held-out photos as (HR crop, LR) pairs for a `low_size` input (see the module docstring)."""
     high = low_size * factor
-    photos = [load_photo(path) for path in photo_split(packaged_photo_paths(), heldout=0.25)[1]]
-    names = [photo_name(path) for path in photo_split(packaged_photo_paths(), heldout=0.25)[1]]
+    held = photo_split(packaged_photo_paths(), heldout=packaged_model_heldout())[1]
+    photos = [load_photo(path) for path in held]
+    names = [photo_name(path) for path in held]
     # Photos at least as wide as the target first (then taller), so the crops are as large as the photos allow.
     order = sorted(range(len(photos)), key=lambda i: (-min(photos[i].width, high), -min(photos[i].height, high)))
     pairs = []

@@ -164,6 +164,26 @@ def test_convergence_rerun_on_a_finished_run_reports_the_earlier_runs_speed(tmp_
     assert again["seconds_per_step"] == first["seconds_per_step"] > 0 and again["final_loss"] == first["final_loss"]
 
 
+def test_the_reports_evaluate_the_packaged_model_on_its_own_heldout_photos(tmp_path, x0_model_dir, monkeypatch):
+    """A held-out fraction picks other photos where other photo packages are installed, some of them trained on."""
+    from diffusers_sr3.photos import packaged_model_heldout
+    from diffusers_sr3.pretrained import default_model_path
+
+    model_report = load("model_report")
+    assert model_report.heldout_photos(None, [x0_model_dir, default_model_path()]) == packaged_model_heldout()
+    assert model_report.heldout_photos(None, [x0_model_dir]) == 0.25
+    assert model_report.heldout_photos(0.5, [default_model_path()]) == 0.5
+    compare_models = load("compare_models")
+    asked = {}
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    monkeypatch.setattr(compare_models, "heldout_crops", lambda *args, **kwargs: asked.update(kwargs) or (hr, []))
+    compare_models.main(
+        ["--model", f"shipped={default_model_path()}", "--model", f"m={x0_model_dir}", "--rows", "1"]
+        + ["--crop-size", "32", "--steps", "1", "--mode", "fidelity", "--output", f"{tmp_path}/c.png"]
+    )
+    assert asked["heldout"] == packaged_model_heldout()
+
+
 def test_model_report_checks_the_faces_and_unseen_folders_before_evaluating(tmp_path, capsys):
     model_report = load("model_report")
     common = ["--model", str(tmp_path / "not-loaded-yet"), "--output", str(tmp_path / "report")]

@@ -396,6 +396,67 @@ def test_streamed_parquet_skips_corrupt_rows(tmp_path):
         build_training_data(resolution=32, upscale_factor=4, train_data_files=[path], image_column="picture")
 
 
+def test_streamed_samples_read_by_several_workers_draw_their_own_crops(tmp_path, monkeypatch):
+    """Each worker numbers its share of the stream from 0: keyed by that place alone, the n-th image of every
+    worker got the same crop (and flip and degradation)."""
+    import datasets
+    from torch.utils.data import DataLoader
+
+    # datasets waits 5 s at the end of a stream of several shards, for Arrow's threads (apache/arrow#45214).
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+    def gradient(shade):
+        y, x = np.mgrid[0:48, 0:48]
+        return PIL.Image.fromarray(np.stack([x * 5, y * 5, np.full_like(x, shade * 20)], -1).astype(np.uint8))
+
+    features = datasets.Features({"image": datasets.Image()})
+    files = []
+    for shard in range(2):  # one shard per worker
+        rows = [{"bytes": png_bytes(gradient(shard * 4 + k)), "path": None} for k in range(4)]
+        files.append(str(tmp_path / f"shard{shard}.parquet"))
+        datasets.Dataset.from_dict({"image": rows}, features=features).to_parquet(files[-1])
+    data = build_training_data(
+        resolution=16, upscale_factor=4, train_data_files=files, streaming=True, random_crop=True, random_flip=False
+    )
+
+    def crops(num_workers):
+        hr = [((batch["hr"][0] + 1) * 127.5).round() for batch in DataLoader(data.dataset, num_workers=num_workers)]
+        return [(int(h[2, 0, 0]) // 20, int(h[1, 0, 0]) // 5, int(h[0, 0, 0]) // 5) for h in hr]
+
+    alone, shared = crops(0), crops(2)
+    assert sorted(image for image, _, _ in shared) == list(range(8))
+    offsets = [(top, left) for _, top, left in shared]
+    assert len(set(offsets)) == len(offsets), shared
+    # Read by one process, a stream draws as before (streamed runs and their resumption are unchanged).
+    assert [(top, left) for _, top, left in alone] == offsets
+
+
+def test_training_reads_16_bit_gray_images_at_16_bits_as_upscaling_does(tmp_path):
+    from diffusers_sr3.image_io import open_image
+
+    levels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 4096 levels, 16 apart
+    path = str(tmp_path / "images" / "gray16.png")
+    os.makedirs(os.path.dirname(path))
+    PIL.Image.fromarray(levels).save(path)
+    decoded = decode_image(path, path)
+    assert torch.equal(decoded, images_to_tensor(open_image(path, keep_16bit=True))[0])
+    assert decoded.unique().numel() > 256
+    for cache_images in (False, True):
+        data = build_training_data(
+            resolution=64, upscale_factor=4, train_data_dir=str(tmp_path / "images"), cache_images=cache_images
+        )
+        assert data.dataset.sample(0, augment=False)["hr"].unique().numel() > 256, cache_images
+
+
+def test_a_replaced_image_draws_its_own_crop_not_its_neighbours(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"))
+    data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, random_crop=True)
+    samples = [data.dataset[(0, index)] for index in range(len(data.dataset))]
+    [replaced] = [index for index, sample in enumerate(samples) if sample["skipped"]]
+    neighbour = samples[(replaced + 1) % len(samples)]
+    assert not torch.equal(samples[replaced]["hr"], neighbour["hr"])
+
+
 def test_streamed_imagefolder(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"), count=3, bad=False)
     data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=folder, streaming=True)

@@ -13,7 +13,7 @@ import torch
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import image_quality
-from diffusers_sr3.photos import heldout_crops
+from diffusers_sr3.photos import heldout_crops, packaged_model_heldout
 from diffusers_sr3.pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_STEPS, default_model_card, default_model_path
 
 
@@ -45,7 +45,8 @@ def test_it_is_the_low_resolution_residual_model_with_its_sampler(packaged):
 
 
 def test_it_beats_bicubic_in_both_modes(packaged):
-    hr, _ = heldout_crops(64, count=8, seed=0)  # the held-out photos' crops, as the benchmarks draw them
+    # The crops of the photos it never trained on, as the benchmarks draw them.
+    hr, _ = heldout_crops(64, count=8, seed=0, heldout=packaged_model_heldout())
     lr, bicubic = degrade(hr, 4)
     baseline = image_quality(bicubic, hr, lr)
     fidelity = packaged((lr + 1) / 2, mode="fidelity", output_type="pt").images * 2 - 1

@@ -10,9 +10,11 @@ import torch
 
 from diffusers_sr3 import photos
 from diffusers_sr3.photos import (
+    PACKAGED_MODEL_HELDOUT,
     PhotoSource,
     heldout_crops,
     load_photo,
+    packaged_model_heldout,
     packaged_photo_paths,
     photo_crops,
     photo_name,
@@ -81,6 +83,19 @@ def test_split_is_deterministic_disjoint_and_whole_photo(tmp_path):
     assert set(held) <= set(photo_split(paths + [tmp_path / "extra.png"], heldout=4)[1]) | {tmp_path / "extra.png"}
     train, held = photo_split(paths, heldout=["photo2", "photo5"])
     assert [photo_name(p) for p in held] == ["photo2", "photo5"]
+
+
+def test_the_packaged_model_is_evaluated_on_its_own_heldout_photos_whichever_are_installed(tmp_path):
+    """A fraction's held-out photos depend on which photo packages are installed: with scikit-image, matplotlib
+    and scikit-learn alone, 0.25 held out 'china', which the packaged model trained on."""
+    skimage = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "ihc", "motorcycle_left", "retina", "rocket"]
+    paths = [tmp_path / f"{name}.jpg" for name in [*skimage, "grace_hopper", "china", "flower"]]
+    assert not {photo_name(p) for p in photo_split(paths, heldout=0.25)[1]} <= set(PACKAGED_MODEL_HELDOUT)
+    assert packaged_model_heldout(paths) == ["chelsea", "coffee"]
+    _, held = photo_split(paths, heldout=packaged_model_heldout(paths))
+    assert [photo_name(p) for p in held] == ["chelsea", "coffee"]
+    with pytest.raises(FileNotFoundError, match="none of the packaged model's held-out photos"):
+        packaged_model_heldout([tmp_path / "china.jpg", tmp_path / "flower.jpg"])
 
 
 @pytest.mark.parametrize(

@@ -206,13 +206,49 @@ def packaged_photo_paths(sources: Optional[Sequence[PhotoSource]] = None) -> Lis
     return sorted(paths, key=photo_name)
 
 
+# The photos the packaged model (pretrained/sr3-photos-x4) never trained on, as its model card names them: the 0.25
+# split of the photos installed where it was trained. Elsewhere (other photo packages installed) that fraction holds
+# out other photos, some of which the model trained on, so every evaluation of the packaged model holds out these.
+PACKAGED_MODEL_HELDOUT = (
+    "Blinds",
+    "ColdRipple",
+    "ColorfulCups",
+    "EveningGlow",
+    "FreshFlower",
+    "GreenMeadow",
+    "chelsea",
+    "coffee",
+)
+
+
+def packaged_model_heldout(paths: Optional[Sequence[Union[str, pathlib.Path]]] = None) -> List[str]:
+    """The names of [`PACKAGED_MODEL_HELDOUT`] among `paths`: the `heldout` argument of [`photo_split`] and
+    [`heldout_crops`] that evaluates the packaged model on photos it never trained on, whichever are installed.
+
+    Args:
+        paths: photographs (default: [`packaged_photo_paths`]).
+
+    Raises:
+        FileNotFoundError: none of the packaged model's held-out photos is among `paths`.
+    """
+    names = {photo_name(path) for path in (packaged_photo_paths() if paths is None else paths)}
+    present = [name for name in PACKAGED_MODEL_HELDOUT if name in names]
+    if not present:
+        raise FileNotFoundError(
+            f"none of the packaged model's held-out photos ({', '.join(PACKAGED_MODEL_HELDOUT)}) is installed: "
+            "install scikit-image or the Debian packages mate-backgrounds and plasma-workspace-wallpapers"
+        )
+    return present
+
+
 def photo_split(
     paths: Sequence[Union[str, pathlib.Path]], heldout: Union[int, float, Iterable[str]] = 0.25
 ) -> Tuple[List[pathlib.Path], List[pathlib.Path]]:
     """Split whole photographs into a training and a held-out list, deterministically.
 
-    The order is a hash of each `photo_name`, so a photo's side of the split does not depend on which other
-    photos are installed beyond the count taken.
+    A count or fraction holds out the first photos in the order of a hash of each `photo_name`: which photos those
+    are depends on which others are installed (another package's photo may come first), so a model's held-out
+    photos are recorded by name (e.g. [`PACKAGED_MODEL_HELDOUT`]) and passed as `heldout` to evaluate it elsewhere.
 
     Args:
         paths: photographs (e.g. from [`packaged_photo_paths`]).

@@ -50,7 +50,8 @@ class PairDataset(Dataset):
     """Map-style training samples: a source's images through a [`PairMaker`], bad images skipped.
 
     An unusable image is replaced by the next usable one (in index order), so batches keep their size and every
-    process keeps the same step count; each sample reports in `"skipped"` how many it stepped over.
+    process keeps the same step count; each sample reports in `"skipped"` how many it stepped over. The draws are
+    keyed by the index asked for, so a replacement is cut and flipped otherwise than its neighbour's own sample.
     """
 
     def __init__(self, source: ImageSource, pair_maker: PairMaker, seed: int = 0):
@@ -65,7 +66,8 @@ class PairDataset(Dataset):
             position = (index + skipped) % len(self.source)
             try:
                 high, low = self.source.load(position)
-                generator = sample_generator(self.seed, epoch, position)
+                # Keyed by the index asked for: a replacement draws its own crop and flip, not its neighbour's.
+                generator = sample_generator(self.seed, epoch, index)
                 sample = self.pair_maker(high, low, generator, augment, self.source.name(position))
             except BadImageError as error:
                 logger.warning("skipping %s", error)

@@ -32,7 +32,7 @@ def decode_image(data: Union[bytes, str, PIL.Image.Image, np.ndarray, torch.Tens
     """Decode an image (encoded bytes, a file path, a PIL image, an array or a tensor) to `(3, H, W)` in [-1, 1]."""
     if isinstance(data, (bytes, bytearray, str, os.PathLike, PIL.Image.Image)):
         try:
-            data = open_image(data, name)
+            data = open_image(data, name, keep_16bit=True)  # as `sr3 upscale` reads it: all of a 16-bit image's levels
         except FileNotFoundError:
             raise BadImageError(f"{name}: file not found", "missing") from None
         except UnreadableImageError as error:

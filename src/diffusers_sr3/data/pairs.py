@@ -152,8 +152,12 @@ def _position_seed(seed: int, epoch: int, position: int) -> int:
 
 
 def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
-    """The random source of one sample's augmentation: a function of (seed, epoch, position) only, so a
-    resumed run, any number of dataloader workers and any process count give every sample the same draws."""
+    """The random source of one sample's augmentation: a function of (seed, epoch, position) only. A map-style
+    dataset's position is the sample's index, so a resumed run, any number of dataloader workers and any process
+    count give every sample the same draws. A stream has no index: its position is the item's place in what one
+    worker reads, interleaved over the workers (`place * num_workers + worker_id`), so each sample draws its own
+    and a resumed run with the same worker count draws as the first; another worker count reads a different
+    share of the stream per worker, and so gives other draws."""
     return torch.Generator().manual_seed(_position_seed(seed, epoch, position))
 
 

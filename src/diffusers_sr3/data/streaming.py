@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Iterator, Tuple
 
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .decoding import MAX_CONSECUTIVE_BAD, BadImageError, UnusableDataError, decode_image, extract_image, item_name
 from .pairs import PairMaker, sample_generator
@@ -45,11 +45,16 @@ class StreamingPairDataset(IterableDataset):
             )
 
     def samples(self, augment: bool) -> Iterator[Dict[str, Any]]:
+        # Each data loader worker numbers its own share of the stream from 0, so the draws are keyed by the worker
+        # too (with no worker, or one, `key == position`: a run's draws do not depend on being read by one worker).
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         skipped = 0
         for position, name, image in self.items(shuffle=augment):
+            key = position * num_workers + worker_id
             try:
                 sample = self.pair_maker(
-                    decode_image(image, name), None, sample_generator(self.seed, self.epoch, position), augment, name
+                    decode_image(image, name), None, sample_generator(self.seed, self.epoch, key), augment, name
                 )
             except BadImageError as error:
                 logger.warning("skipping %s", error)
