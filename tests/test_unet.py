@@ -136,6 +136,22 @@ def test_weights_trained_while_fused_are_kept_by_unfuse_and_by_save(tmp_path):
         torch.testing.assert_close(unet(sample, 0.5).sample, trained)
 
 
+def test_weights_loaded_into_a_fused_model_are_the_ones_it_runs_and_keeps(tmp_path):
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
+    other = SR3UNet2DModel(**tiny_unet_config()).eval()  # other weights, unfused: its state dict has no to_qkv
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        expected = other(sample, 0.5).sample
+        unet.fuse_qkv_projections()
+        assert unet.load_state_dict(other.state_dict()).missing_keys == []  # strict: to_qkv counts as loaded
+        torch.testing.assert_close(unet(sample, 0.5).sample, expected)
+        unet.save_pretrained(tmp_path)
+        torch.testing.assert_close(SR3UNet2DModel.from_pretrained(tmp_path).eval()(sample, 0.5).sample, expected)
+        unet.unfuse_qkv_projections()
+        torch.testing.assert_close(unet(sample, 0.5).sample, expected)
+
+
 def test_fusing_twice_then_unfusing_restores_the_model(tiny_unet):
     sample = torch.randn(1, 6, 32, 32)
     with torch.no_grad():
@@ -437,6 +453,20 @@ def test_attention_resolutions_that_match_no_level_are_warned_about(caplog):
     assert "attention_resolutions [7] match no level (at sample_size 32 the levels are [32, 16, 8])" in caplog.text
 
 
+def test_compile_repeated_blocks_raises_the_limit_under_its_older_name(monkeypatch):
+    import types
+
+    import torch._dynamo
+    from diffusers import ModelMixin
+
+    # Before torch 2.7 the setting was `cache_size_limit`; there is no `recompile_limit` to raise.
+    older = types.SimpleNamespace(cache_size_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", older)
+    monkeypatch.setattr(ModelMixin, "compile_repeated_blocks", lambda self, *args, **kwargs: None)
+    SR3UNet2DModel(**tiny_unet_config()).compile_repeated_blocks(fullgraph=True)
+    assert older.cache_size_limit == 11 and not hasattr(older, "recompile_limit")  # the tiny model's blocks
+
+
 def test_compile_repeated_blocks_with_fullgraph_matches_eager(monkeypatch):
     import torch._dynamo
 
@@ -491,6 +521,9 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
     sample = torch.randn(1, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
+    # A UNet saved alone has no re-export beside it, so no auto_map pointing at one.
+    tiny_unet.save_pretrained(tmp_path / "alone")
+    assert "auto_map" not in json.loads((tmp_path / "alone" / "config.json").read_text())
     # Folders saved before the key load as they did.
     del config["auto_map"]
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))

@@ -281,6 +281,25 @@ def _sync_fused_projections(module: nn.Module, *args: Any) -> None:
                     projection.bias.copy_(bias)
 
 
+@torch.no_grad()
+def _rebuild_fused_projections(module: nn.Module, incompatible_keys: Any) -> None:
+    """`load_state_dict` post-hook: each fused attention layer's `to_qkv` is rebuilt from the to_q/to_k/to_v just
+    loaded, so that weights loaded into a fused model (an unfused model's state dict has no `to_qkv`) are what it
+    runs and what `_sync_fused_projections` later keeps; its `to_qkv` keys then count as loaded."""
+    rebuilt = set()
+    for name, attention in module.named_modules():
+        fused = getattr(attention, "to_qkv", None)
+        if not isinstance(attention, Attention) or not getattr(attention, "fused_projections", False) or fused is None:
+            continue
+        projections = (attention.to_q, attention.to_k, attention.to_v)
+        fused.weight.copy_(torch.cat([projection.weight for projection in projections]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([projection.bias for projection in projections]))
+        rebuilt.update(f"{name}.to_qkv.{parameter}" for parameter in ("weight", "bias"))
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not any(key == name or key.endswith("." + name) for name in rebuilt)]
+
+
 class ResnetAttentionBlock(nn.Module):
     """A ResNet block, optionally followed by self-attention (the original's `ResnetBlocWithAttn`)."""
 
@@ -442,10 +461,11 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it (its
     # to_q/to_k/to_v are synced from `to_qkv` whenever a state dict is taken, so nothing trained while fused is lost).
     _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
-    # Saved configs get `"auto_map": {"AutoModel": "unet_sr3.SR3UNet2DModel"}` (Diffusers' `register_for_auto_class`),
-    # so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a UNet folder that holds the
-    # `unet_sr3.py` re-export (pipeline saves write one). Loading strips the key again (`extract_init_dict`).
-    _auto_class = "AutoModel"
+    # A pipeline save gives the UNet's config `"auto_map": {"AutoModel": "unet_sr3.SR3UNet2DModel"}` beside the
+    # `unet_sr3.py` re-export it writes (`pipelines.base.write_remote_code_layout`), so that
+    # `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it; loading strips the key
+    # (`extract_init_dict`).
+    # A UNet saved alone has no re-export, so no `auto_map` either.
 
     @register_to_config
     def __init__(
@@ -611,6 +631,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         # Weights saved before attention went through Diffusers' `Attention` load through `load_state_dict` too.
         self.register_load_state_dict_pre_hook(_legacy_attention_pre_hook)
         self.register_state_dict_pre_hook(_sync_fused_projections)
+        self.register_load_state_dict_post_hook(_rebuild_fused_projections)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -645,7 +666,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         import torch._dynamo
 
         blocks = sum(type(module).__name__ in self._repeated_blocks for module in self.modules())
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, blocks)
+        # `cache_size_limit` is the setting's name before torch 2.7.
+        setting = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, setting, max(getattr(torch._dynamo.config, setting), blocks))
         super().compile_repeated_blocks(*args, **kwargs)
 
     def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

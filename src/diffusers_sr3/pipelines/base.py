@@ -121,6 +121,7 @@ def write_remote_code_layout(folder: str) -> None:
         if isinstance(value, list) and len(value) == 2 and value[1] in REMOTE_CODE_STEMS and not name.startswith("_"):
             index[name] = [REMOTE_CODE_STEMS[value[1]], value[1]]
             _write_reexport(os.path.join(folder, name, f"{REMOTE_CODE_STEMS[value[1]]}.py"), value[1])
+            _add_auto_map(os.path.join(folder, name, "config.json"), f"{REMOTE_CODE_STEMS[value[1]]}.{value[1]}")
     with open(index_path, "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -153,6 +154,20 @@ def write_truthful_configs(folder: str) -> None:
                 with open(path, "w", encoding="utf-8") as handle:
                     json.dump(config, handle, indent=2, sort_keys=True)
                     handle.write("\n")
+
+
+def _add_auto_map(config_path: str, reference: str) -> None:
+    """Give a model's saved config (a network folder's config.json; a nested pipeline's folder has none) the
+    `auto_map` with which `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` finds its class in
+    the re-export beside it."""
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["auto_map"] = {"AutoModel": reference}
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 def _write_reexport(path: str, class_name: str) -> None:
