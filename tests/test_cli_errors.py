@@ -2,8 +2,11 @@
 system (OSError included), an out-of-memory hint, and 130 for Ctrl-C, also while the subcommands are imported."""
 
 import errno
+import multiprocessing
+import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from conftest import FIXTURES, tiny_unet_config
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, cli, make_scheduler
 from diffusers_sr3.commands import prepare, upscale
 from diffusers_sr3.commands.common import atomic_file
+from diffusers_sr3.interrupts import Terminated, sigterm_as_interrupt
 
 
 def _failing_run(error):
@@ -99,6 +103,28 @@ def test_main_runs_outside_the_main_thread_without_a_sigterm_handler(monkeypatch
     thread.join()
     assert statuses == [2] and capsys.readouterr().err == "sr3 prepare: error: bad input\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _wait_for_sigterm(ready):
+    ready.set()
+    time.sleep(30)
+
+
+def test_a_process_forked_under_the_sigterm_handler_ends_on_sigterm_as_by_default():
+    """`sr3 prepare`'s pool stops its workers with SIGTERM: a worker forked while `main` holds SIGTERM must end,
+    not raise the interrupt inside the pool's queue (tracebacks, or a pool waiting on a worker forever)."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    with sigterm_as_interrupt():
+        worker = context.Process(target=_wait_for_sigterm, args=(ready,))
+        worker.start()
+        assert ready.wait(10)
+        worker.terminate()
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+        with pytest.raises(Terminated):  # in the process that holds it, SIGTERM is the interrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
 
 
 def test_a_full_disk_while_saving_weights_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

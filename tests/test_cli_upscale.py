@@ -409,6 +409,18 @@ def test_upscale_never_overwrites_silently_nor_leaves_partial_files(model_dir, t
     assert not list(tmp_path.glob("*direct*"))
 
 
+def test_a_dangling_symlink_at_a_destination_is_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    source = write_image(tmp_path / "in.png", (8, 8))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "in_sr.png").symlink_to(tmp_path / "nowhere.png")
+    monkeypatch.setattr(upscale, "load_pipeline", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    arguments = ["upscale", str(source), "--model", str(model_dir), "--output", str(tmp_path / "out")]
+    assert main(arguments) == 2
+    assert "in_sr.png already exists; pass --overwrite" in capsys.readouterr().err
+
+
 def test_upscale_keeps_a_result_another_run_wrote_meanwhile(model_dir, tmp_path, capsys, monkeypatch):
     from diffusers_sr3.commands import upscale
 

@@ -310,9 +310,11 @@ def test_one_file_spelled_several_ways_is_one_source(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"")
     assert find_image_sources(["./mixed", "mixed/*.png"]) == [("./mixed/gray16.png", "gray16.png")]
     assert find_image_sources(["a.png", "./a.png", str(tmp_path / "a.png")]) == [("a.png", "a.png")]
-    # A symlink is another name for its file.
-    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
-    assert find_image_sources(["link.png", "a.png"]) == [("link.png", "link.png")]
+    # Symlinks of other names to one file stay inputs of their own (distinct outputs, a dataset repeating an image).
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "pool" / "c.png").symlink_to(tmp_path / "a.png")
+    assert find_image_sources(["pool"]) == [("pool/b.png", "b.png"), ("pool/c.png", "c.png")]
 
 
 def test_an_srgb_profile_takes_no_colour_conversion():

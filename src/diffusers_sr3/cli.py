@@ -10,8 +10,9 @@ import argparse
 import importlib
 import signal
 import sys
-import threading
 from typing import List, Optional
+
+from .interrupts import Terminated, sigterm_as_interrupt
 
 # Subcommand name -> module in diffusers_sr3.commands with `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -40,15 +41,6 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argpars
     """The parser of `parser`'s subcommand `command`."""
     subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     return subparsers.choices[command]
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler), raised where the program is: a KeyboardInterrupt, so the cleanup that
-    Ctrl-C gets (temporary files removed, partial results left as they were) runs for it too."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated()
 
 
 def _safetensors_error(error: Exception) -> bool:
@@ -91,16 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
     interrupted, also while the subcommands are imported or their `run` imports torch and the pipelines, 143 when
     terminated by SIGTERM, which gets Ctrl-C's cleanup)."""
-    # Signal handlers can be set in the main thread only; the previous one is put back, as tests run main in-process.
-    handles_sigterm = threading.current_thread() is threading.main_thread()
-    if handles_sigterm:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
+    with sigterm_as_interrupt():
         return _main(argv)
-    finally:
-        if handles_sigterm:
-            # None: a handler not set from Python, which cannot be put back; the default is what it was.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(argv: Optional[List[str]]) -> int:
@@ -130,7 +114,7 @@ def _main(argv: Optional[List[str]]) -> int:
             print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
             return 2
     except KeyboardInterrupt as interrupt:
-        if isinstance(interrupt, _Terminated):
+        if isinstance(interrupt, Terminated):
             print(f"{prog}: terminated", file=sys.stderr)
             return 128 + signal.SIGTERM
         print(f"{prog}: interrupted", file=sys.stderr)

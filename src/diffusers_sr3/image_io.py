@@ -108,11 +108,11 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
 
     Returns:
         `(path, relative_name)` pairs sorted by path; a file found by several inputs is listed once, with the
-        path and name the first of them gives it. Files are told apart by their real paths, so `a.png`,
-        `./a.png` and its absolute path are one file, and so are a symlink and the file it points to: two names
-        for one file make one input, upscaled once.
+        path and name the first of them gives it. A file is told by its real path and its name: `a.png`, `./a.png`
+        and its absolute path are one input, upscaled once, and so are a folder and a glob over it; symlinks of
+        other names to one file stay inputs of their own (a dataset may repeat an image so).
     """
-    # Keyed by real path: written to the same output name, two spellings of one file would read as a name clash.
+    # Keyed by real path and name: two spellings of one file would otherwise read as a name clash in the outputs.
     found = {}
     for item in map(os.fspath, inputs):
         if os.path.isdir(item):
@@ -126,7 +126,8 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
             # `photos/*` also matches the Thumbs.db and .DS_Store a folder input skips.
             matches, root = sorted(path for path in files if _globbed_image(os.path.basename(path))), _glob_root(item)
         for path in matches:
-            found.setdefault(os.path.normcase(os.path.realpath(path)), (path, os.path.relpath(path, root or os.curdir)))
+            relative = os.path.relpath(path, root or os.curdir)
+            found.setdefault((os.path.normcase(os.path.realpath(path)), relative), (path, relative))
     if not found:
         raise FileNotFoundError(f"no images found in {' '.join(map(os.fspath, inputs))}")
     return sorted(found.values())

@@ -191,7 +191,8 @@ def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
                 "separate --output folders"
             )
         seen[destination] = path
-        if os.path.exists(destination) and not overwrite:
+        # lexists: a dangling symlink there is refused now, as putting the result in place would refuse it later.
+        if os.path.lexists(destination) and not overwrite:
             raise _already_exists(destination)
 
 

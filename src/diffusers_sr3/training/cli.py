@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
-import threading
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
+from ..interrupts import Terminated, sigterm_as_interrupt
 from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
 from .hub import HubUploadError
@@ -38,7 +37,7 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
         from safetensors import SafetensorError  # loaded with the trainer: no start-up cost
 
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 train(config)
         except SafetensorError as error:
             # An I/O error (a full disk) that safetensors does not raise as one.
@@ -54,31 +53,8 @@ def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = 
         # On a line of its own: the progress bar of the interrupted run still holds the cursor.
         print(f"\n{parser.prog}: interrupted; {_where_to_resume(args.output_dir)}", file=sys.stderr)
         # The shell's status of a process ended by the signal (128 + its number), which schedulers look for.
-        return 128 + signal.SIGTERM if isinstance(interrupt, _Terminated) else 130
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
     return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, stopping the run as Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (what SLURM and other schedulers send before killing a job) stops the run as
-    Ctrl-C does: the same clean-up and "where to resume" line, then exit status 143. Signal handlers can only be set
-    in the main thread; elsewhere SIGTERM keeps its handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminated(signum, frame):
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _where_to_resume(output_dir: str) -> str:
