@@ -526,17 +526,10 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"pixel_unshuffle_factor must be a positive integer, got {pixel_unshuffle_factor}")
         if conditioning_type not in CONDITIONING_TYPES:
             raise ValueError(f"conditioning_type must be one of {CONDITIONING_TYPES}, got {conditioning_type!r}")
-        sizes = dict(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            block_out_channels=block_out_channels,
-            sample_size=sample_size,
-            norm_groups=norm_groups,
-            attention_heads=attention_heads,
-        )
-        for name, value in sizes.items():
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        sizes = ("in_channels", "out_channels", "block_out_channels", "sample_size", "norm_groups", "attention_heads")
+        for name in sizes:
+            if integers[name] < 1:
+                raise ValueError(f"{name} must be a positive integer, got {integers[name]}")
         if not channel_multipliers or min(channel_multipliers) < 1:
             raise ValueError(f"channel_multipliers must be one or more positive integers, got {channel_multipliers}")
         if block_out_channels % 2:
