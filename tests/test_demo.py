@@ -337,3 +337,13 @@ def test_the_demo_models_card_names_its_fidelity_steps(tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "no invented texture, 4 deterministic DDIM steps" in card and "one evaluation" not in card
     assert SR3Pipeline.load_config(out / "model")["fidelity_steps"] == 4
+
+
+def test_the_demo_holds_out_the_packaged_models_own_heldout_photos_whichever_are_installed():
+    """The demo scores the packaged model too: on a machine with other photo packages, a quarter of the photos there
+    would take photos it trained on (`china` with scikit-image, matplotlib and scikit-learn alone)."""
+    installed = ["astronaut", "chelsea", "coffee", "china", "flower", "grace_hopper", "motorcycle_left", "rocket"]
+    paths = [f"/photos/{name}.png" for name in installed]
+    assert demo.demo_heldout(paths) == (["chelsea", "coffee"], None)
+    heldout, note = demo.demo_heldout([path for path in paths if "chelsea" not in path and "coffee" not in path])
+    assert heldout == 0.25 and "may include photos it trained on" in note

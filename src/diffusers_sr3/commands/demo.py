@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 
@@ -343,6 +343,22 @@ def _busy_note(steps: int, planned: Optional[int], threads: int) -> Optional[str
     return f"The machine was busy: training reached {steps} of its {planned} planned steps ({remedy})."
 
 
+def demo_heldout(paths: Sequence[Any]) -> Tuple[Any, Optional[str]]:
+    """The demo's held-out photos among `paths`, and a note where they cannot be trusted: the packaged model's own
+    held-out photos (`photos.PACKAGED_MODEL_HELDOUT`, the 0.25 split where it was trained), since the demo scores the
+    packaged model on them too; where none of those is installed, a quarter of the photos, with a note that the
+    packaged model's rows may then include photos it trained on."""
+    from ..photos import packaged_model_heldout
+
+    try:
+        return packaged_model_heldout(paths), None
+    except FileNotFoundError:
+        return 0.25, (
+            "none of the packaged model's held-out photos is installed: a quarter of the photos is held out, and the "
+            "packaged model's rows may include photos it trained on"
+        )
+
+
 def _verdict(
     sr3: Dict[str, float],
     bicubic: Dict[str, float],
@@ -430,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import metrics
     from ..backends import default_cpu_threads, fast_bfloat16, use_backend
     from ..image_processing import grid, images_to_tensor, tensor_to_pil
-    from ..photos import photo_name, study_crops
+    from ..photos import packaged_photo_paths, photo_name, study_crops
     from ..pipelines import SR3Pipeline
     from ..tiling import tiled_super_resolve
 
@@ -459,7 +475,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
-    crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed)
+    heldout, note = demo_heldout(packaged_photo_paths())
+    if note:
+        print(f"note: {note}")
+    crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed, heldout=heldout)
     train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
     print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
