@@ -751,7 +751,8 @@ def run(args: argparse.Namespace) -> int:
     if mode is None:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
-    _check_prediction_type(args, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
+    if scheduler_config is None:
+        _check_prediction_type(args, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
     if available is not None:
@@ -838,8 +839,10 @@ def run(args: argparse.Namespace) -> int:
             for offset, result in enumerate(output.images):
                 path, destination, fact = paths[start + offset], destinations[start + offset], facts[start + offset]
                 depth = ""
-                # The networks see RGB; transparency is resized on its own and put back where the format keeps it.
-                alpha = open_alpha(path) if _keeps_alpha(destination) else None
+                # The networks see RGB; transparency is resized on its own and put back where the format keeps it,
+                # and on the process strip, a PNG whatever the result's format. The file is read for it once.
+                transparency = open_alpha(path) if _keeps_alpha(destination) or args.save_process else None
+                alpha = transparency if _keeps_alpha(destination) else None
                 if sixteen_bit and _keeps_16bit(destination) and alpha is None:
                     result, depth = _gray16(result), ", 16-bit"
                 else:
@@ -857,8 +860,7 @@ def run(args: argparse.Namespace) -> int:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[offset]))[0]
                     snapshots = [snapshot[offset] for snapshot in output.intermediates]
                     frames = [condition] + [_to_pil(frame) if sixteen_bit else frame for frame in snapshots]
-                    # The strip is a PNG whatever the result's format: it keeps the input's transparency.
-                    strip = process_strip(frames, open_alpha(path))
+                    strip = process_strip(frames, transparency)
                     save_atomically(strip, _process_path(destination), args.quality, args.overwrite)
                 if not args.quiet:
                     overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth})")
