@@ -40,3 +40,29 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         # None: a handler not set from Python, which cannot be put back; the default is what it was.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are recorded, not acted on; after it, the first one recorded is raised
+    again with the handlers put back, so it does then what it would have done (Ctrl-C's KeyboardInterrupt, a
+    `sigterm_as_interrupt` block's [`Terminated`], or the process's end).
+
+    For steps that must not be cut in two (a folder's final renames). Main thread only: elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if received:
+            signal.raise_signal(received[0])

@@ -41,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..defaults import steps_to_run
+from ..interrupts import interrupts_deferred
 from ..noise import check_scheduler_fits, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
@@ -284,7 +285,11 @@ def _move_into(staging: str, target: str) -> None:
         is_weights, variant = weight_file_variant(entry)
         if is_weights and variant in saved_variants and entry not in incoming:
             os.remove(os.path.join(target, entry))
-    for entry in sorted(incoming):
+    # model_index.json marks a complete pipeline: the replaced one goes first and the new one comes last, so a move
+    # cut short leaves a folder that refuses to load, never new components beside old ones under either index.
+    if "model_index.json" in incoming and os.path.isfile(os.path.join(target, "model_index.json")):
+        os.remove(os.path.join(target, "model_index.json"))
+    for entry in sorted(incoming, key=lambda name: (name == "model_index.json", name)):
         source, destination = os.path.join(staging, entry), os.path.join(target, entry)
         destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
         if os.path.isdir(source) and destination_is_folder:
@@ -707,7 +712,9 @@ class SR3BasePipeline(DiffusionPipeline):
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
             saved = _files_under(staging)
-            _move_into(staging, save_directory)
+            # Ctrl-C or SIGTERM waits for the moves: the folder is then the new pipeline, not a mix of two.
+            with interrupts_deferred():
+                _move_into(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if created:

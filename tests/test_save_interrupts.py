@@ -1,0 +1,87 @@
+"""An interrupt during save_pretrained's final moves never leaves a folder that loads a mix of two saves."""
+
+import os
+import signal
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+import diffusers_sr3.pipelines.base as base
+from diffusers_sr3 import SR3Pipeline
+from diffusers_sr3.convert import convert_original_checkpoint
+from diffusers_sr3.interrupts import Terminated, sigterm_as_interrupt
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    """The converted tiny pipeline, and another (its weights moved) that an older save holds."""
+    new = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
+    old = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
+    with torch.no_grad():
+        for parameter in old.unet.parameters():
+            parameter.add_(1.0)
+    old.scheduler.register_to_config(beta_start=0.0005)
+    return new, old
+
+
+def _replaces(monkeypatch, at, action):
+    """Make base.py's n-th `os.replace` run `action` first (n = `at`); returns the list of calls made."""
+    real, calls = os.replace, []
+
+    def replace(source, destination):
+        calls.append(destination)
+        if len(calls) == at:
+            action()
+        return real(source, destination)
+
+    monkeypatch.setattr(base.os, "replace", replace)
+    return calls
+
+
+def _first_weight(pipeline):
+    return pipeline.unet.conv_in.weight.flatten()[0].item()
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_a_save_cut_short_between_moves_leaves_no_loadable_mix(tmp_path, monkeypatch, pipelines, replacing):
+    new, old = pipelines
+    calls = _replaces(monkeypatch, 0, _interrupt)
+    new.save_pretrained(tmp_path / "count")
+    moves = len(calls)
+    assert calls[-1].endswith("model_index.json")
+    for at in range(1, moves + 1):
+        folder = tmp_path / f"cut{at}"
+        if replacing:
+            monkeypatch.undo()
+            old.save_pretrained(folder)
+        _replaces(monkeypatch, at, _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            new.save_pretrained(folder)
+        monkeypatch.undo()
+        # No index: the folder refuses to load rather than pairing new and old components.
+        assert not (folder / "model_index.json").exists(), at
+        with pytest.raises((OSError, ValueError)):
+            SR3Pipeline.from_pretrained(folder)
+        new.save_pretrained(folder)  # a rerun completes it
+        loaded = SR3Pipeline.from_pretrained(folder)
+        assert _first_weight(loaded) == _first_weight(new)
+        assert loaded.scheduler.config.beta_start == new.scheduler.config.beta_start
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_moves_waits_for_them(tmp_path, monkeypatch, pipelines, signum):
+    new, old = pipelines
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    _replaces(monkeypatch, 2, lambda: os.kill(os.getpid(), signum))
+    with sigterm_as_interrupt(), pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+        new.save_pretrained(folder)
+    monkeypatch.undo()
+    loaded = SR3Pipeline.from_pretrained(folder)
+    assert _first_weight(loaded) == _first_weight(new)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
