@@ -104,11 +104,37 @@ def _strip_line_comment(line: str) -> str:
     return line
 
 
-def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Load an original `_gen.pth` safely (`weights_only=True`: never runs code from the file)."""
+def checkpoint_file(path: Union[str, os.PathLike]) -> str:
+    """The `_gen.pth` file that `path` names: the file itself, or `path + "_gen.pth"` for the stem the original
+    code's `resume_state` setting takes (`.../I10_E1`).
+
+    Raises:
+        FileNotFoundError: neither exists; `path` is a folder (its one `_gen.pth` named, where it holds one).
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith("_gen.pth"))
+        hint = ""
+        if len(found) == 1:
+            hint = f": pass the checkpoint file in it, {os.path.join(path, found[0])}"
+        elif found:
+            hint = f": pass one of its _gen.pth files ({', '.join(found)})"
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not an I{{iter}}_E{{epoch}}_gen.pth file{hint}")
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(path + "_gen.pth"):
+        return path + "_gen.pth"
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Load an original `_gen.pth` safely (`weights_only=True`: never runs code from the file).
+
+    Args:
+        path: the `_gen.pth` file, or its stem (`checkpoint_file`). The state dict may also be wrapped in a dict
+            of one entry (`{"state_dict": ...}`, `{"netG": ...}`), or be the bare network's (no `denoise_fn.`).
+    """
+    path = checkpoint_file(path)
     # The weights-only unpickler runs nothing from the file but fails on arbitrary bytes with errors of any kind
     # (KeyError, IndexError, UnpicklingError...): each means the file is not a checkpoint of plain tensors.
     try:
@@ -129,11 +155,17 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
         ) from None
     if isinstance(state, dict) and {"optimizer", "iter", "epoch"} <= set(state):
         raise CheckpointError(f"{path} is an optimizer-state file (_opt.pth); pass the matching _gen.pth")
+    # Other training code saves the state dict under one key ("state_dict", "model", "netG").
+    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"{path} is not an original SR3 checkpoint: expected a dict of named tensors")
     state = {key[len("module.") :] if key.startswith("module.") else key: value for key, value in state.items()}
+    if "downs.0.weight" in state and not any(key.startswith("denoise_fn.") for key in state):
+        # The network's own state dict, saved without the diffusion wrapper (its schedule comes from the config).
+        state = {f"denoise_fn.{key}": value for key, value in state.items()}
     if not any(key.startswith("denoise_fn.") for key in state):
         raise CheckpointError(f"{path} is not an original SR3 checkpoint: it has no 'denoise_fn.*' weights")
     return state
@@ -390,13 +422,17 @@ def convert_original_checkpoint(
     checkpoint: Union[str, os.PathLike],
     config: Union[str, os.PathLike, Dict[str, Any]],
     output_dir: Optional[Union[str, os.PathLike]] = None,
+    variant: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> SR3BasePipeline:
     """Turn an original `_gen.pth` checkpoint and its JSON config into an SR3 pipeline.
 
     Args:
-        checkpoint: path of the `I{iter}_E{epoch}_gen.pth` file.
+        checkpoint: path of the `I{iter}_E{epoch}_gen.pth` file, or its stem (`load_original_state_dict`).
         config: the original JSON config (path or parsed dict); `//` comments are allowed.
         output_dir: if given, the pipeline is saved there (`save_pretrained`).
+        variant: the weights variant to save as (`save_pretrained`'s, e.g. "fp16"); None: the main weights.
+        dtype: the precision of the returned (and saved) network; None: float32, the original's.
 
     Returns:
         An [`SR3Pipeline`] (conditional models) or [`SR3UnconditionalPipeline`], with a DDPM scheduler that runs
@@ -440,6 +476,8 @@ def convert_original_checkpoint(
         pipeline: SR3BasePipeline = SR3Pipeline(unet=unet, scheduler=scheduler, upscale_factor=_upscale_factor(config))
     else:
         pipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
+    if dtype is not None:
+        pipeline.to(dtype=dtype)
     if output_dir is not None:
-        pipeline.save_pretrained(output_dir)
+        pipeline.save_pretrained(output_dir, variant=variant)
     return pipeline

@@ -7,14 +7,21 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import List, Optional, Set, Tuple
+
+from .common import DTYPES
 
 # Written by training beside the pipeline it saves (`training.trainer.SUMMARY_FILE`; importing it loads accelerate).
 _TRAINING_SUMMARY = "training_summary.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="the original I{iter}_E{epoch}_gen.pth file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the original I{iter}_E{epoch}_gen.pth file (or its stem, as the original config's resume_state names it)",
+    )
     parser.add_argument("--config", required=True, help="the original JSON config it was trained with")
     parser.add_argument("--output", required=True, help="folder to write the pipeline to")
     parser.add_argument(
@@ -25,6 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cascade's stages, a guidance UNet), its model card README.md, the pictures the card shows and "
         "training_summary.json; other files are kept. A folder holding training checkpoints (checkpoint-*) is "
         "always refused",
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="save the weights as this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors; load it with "
+        "--variant fp16); default: the main weights",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="precision to save the weights in (default float32)"
     )
 
 
@@ -104,11 +120,14 @@ def _pipeline_layout(output: str) -> Tuple[Set[str], Optional[str]]:
     return components, f"{module}.py" if module in REMOTE_CODE_STEMS.values() else None
 
 
-def _remove_replaced_model(output: str, components: Set[str], module: Optional[str]) -> List[str]:
+def _remove_replaced_model(
+    output: str, components: Set[str], module: Optional[str], variant: Optional[str] = None
+) -> List[str]:
     """Remove from `output`, just written by a conversion, what remains of the pipeline it replaced (`components`
     and `module` from its model_index.json): its components the new pipeline lacks, its re-export module if the new
-    one has another, and every variant's weights in the new pipeline's components (a conversion writes the main
-    weights only, and `save_pretrained` keeps other variants', which would load the replaced model).
+    one has another, and the weights of every variant but `variant` (the one the conversion wrote; None: the main
+    weights) in the new pipeline's components (`save_pretrained` keeps other variants', which would load the replaced
+    model).
 
     Returns:
         What was removed, as paths relative to `output` (folders ending with `/`).
@@ -128,25 +147,32 @@ def _remove_replaced_model(output: str, components: Set[str], module: Optional[s
     for name in sorted(new_components):
         folder = os.path.join(output, name)
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            is_weights, variant = weight_file_variant(entry)
-            if is_weights and variant is not None:
+            is_weights, entry_variant = weight_file_variant(entry)
+            if is_weights and entry_variant != variant:
                 os.remove(os.path.join(folder, entry))
                 removed.append(f"{name}/{entry}")
     return sorted(removed)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert_original_checkpoint
+    from ..convert import checkpoint_file, convert_original_checkpoint
 
+    if args.variant is not None and not args.variant:
+        raise ValueError("--variant is empty: give a variant name such as fp16, or leave the option out")
     replaced_description = _check_output(args.output, args.overwrite)
+    checkpoint = checkpoint_file(args.checkpoint)
+    if checkpoint != args.checkpoint:
+        print(f"note: converting {checkpoint} (the checkpoint of --checkpoint {args.checkpoint})", file=sys.stderr)
     # `_check_output` let a pipeline in --output through only with --overwrite: this conversion replaces it.
     replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))
     replaced_layout = _pipeline_layout(args.output) if replacing else None
-    pipeline = convert_original_checkpoint(args.checkpoint, args.config, args.output)
+    pipeline = convert_original_checkpoint(
+        checkpoint, args.config, args.output, variant=args.variant, dtype=DTYPES[args.dtype]
+    )
     # Only now that the new pipeline is saved: a failed conversion leaves the folder as it was.
     for name in replaced_description:
         os.remove(os.path.join(args.output, name))
-    replaced_files = _remove_replaced_model(args.output, *replaced_layout) if replacing else []
+    replaced_files = _remove_replaced_model(args.output, *replaced_layout, args.variant) if replacing else []
     parameters = sum(p.numel() for p in pipeline.unet.parameters())
     print(f"wrote {type(pipeline).__name__} ({parameters:,} parameters) to {args.output}")
     if replaced_description:
