@@ -242,3 +242,18 @@ def test_windows_batch_within_the_budget_of_the_tiled_network_they_wrap():
     assert WindowedNetwork(network, 32, sigma=1.0).windows_per_batch == 64
     WindowedNetwork(tiled, 32, sigma=1.0).windows(torch.randn(1, 6, 64, 64), torch.tensor([0.5]), {})
     assert max(shape[0] for shape in network.shapes) == 2
+
+
+def test_windows_count_the_unpadded_output_size(guided_pipeline):
+    """A 124-pixel output (padded to 128 for the UNet) is under four 32-pixel windows across and runs whole; a
+    128-pixel one runs windows; the progress count agrees."""
+    from diffusers_sr3.detail_windows import window_crops_per_step
+
+    calls = []
+    _spy(guided_pipeline.unet, calls, "unet")
+    for side, windowed in ((31, False), (32, True)):
+        calls.clear()
+        guided_pipeline(torch.rand(3, side, side), window_size=32, generator=torch.Generator().manual_seed(0))
+        assert any(shape[-1] == 32 for _, shape, _ in calls) is windowed, side
+        assert {shape for _, shape, _ in calls if shape[-1] != 32} == {(1, 6, 128, 128)}
+        assert (window_crops_per_step(guided_pipeline, (side, side), 32) > 0) is windowed, side

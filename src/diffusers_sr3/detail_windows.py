@@ -64,6 +64,8 @@ class WindowedNetwork(NetworkStandIn):
         max_pixels: network-grid pixels per evaluation of windows; defaults to the budget of the [`TiledNetwork`]
             it wraps (`sr3 upscale --max-tile-pixels`), else `DEFAULT_MAX_TILE_PIXELS`.
         min_windows_across: an input with fewer windows than this on its shorter side runs whole.
+        image_size: `(height, width)` of the output that the inputs are padded from (to the network's multiple):
+            what `min_windows_across` counts windows across, so padding never turns windows on; None: the input's.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class WindowedNetwork(NetworkStandIn):
         sigma: float,
         max_pixels: Optional[int] = None,
         min_windows_across: int = MIN_WINDOWS_ACROSS,
+        image_size: Optional[Tuple[int, int]] = None,
     ):
         super().__init__(network)
         factor = network.downsampling_factor
@@ -91,6 +94,7 @@ class WindowedNetwork(NetworkStandIn):
         self.window_size = int(window_size)
         self.sigma = float(sigma)
         self.min_windows_across = int(min_windows_across)
+        self.image_size = image_size
         per_window = (self.window_size // _unshuffle_factor(network)) ** 2
         self.windows_per_batch = max(1, max_pixels // per_window)
 
@@ -139,7 +143,7 @@ class WindowedNetwork(NetworkStandIn):
     def forward(self, sample: torch.Tensor, signal_level: Any = None, return_dict: bool = False, **kwargs: Any):
         """The whole input's prediction below the low-pass plus the windows' above it; returns `(output,)`."""
         whole = self.network(sample, signal_level, return_dict=False, **kwargs)[0].float()
-        if min(sample.shape[-2:]) < self.min_windows_across * self.window_size:
+        if min(self.image_size or sample.shape[-2:]) < self.min_windows_across * self.window_size:
             return (whole.to(sample.dtype),)
         local = self.windows(sample, signal_level, kwargs)
         return ((lowpass(whole, self.sigma) + local - lowpass(local, self.sigma)).to(sample.dtype),)
@@ -167,9 +171,9 @@ def window_crops_per_step(
     """
     network = pipeline.unet if network is None else network
     factor, multiple = pipeline.config.upscale_factor, network.downsampling_factor
-    width, height = (-(-length * factor // multiple) * multiple for length in image_size)
-    if not window_size or min(height, width) < min_windows_across * window_size:
+    if not window_size or min(image_size) * factor < min_windows_across * window_size:
         return Fraction(0)
+    width, height = (-(-length * factor // multiple) * multiple for length in image_size)
     tiled = TiledNetwork(network, tile_size, overlap, tile_batch_size, max_pixels=max_tile_pixels)
     return Fraction(images * height * width, tiled.crop_pixels(height, width))
 
@@ -184,12 +188,19 @@ def windowed_evaluations(evaluations: int, strength: float, fidelity_steps: int,
 
 @contextlib.contextmanager
 def windowed_networks(
-    pipeline: Any, window_size: int, sigma: float, max_pixels: Optional[int] = None
+    pipeline: Any,
+    window_size: int,
+    sigma: float,
+    max_pixels: Optional[int] = None,
+    image_size: Optional[Tuple[int, int]] = None,
 ) -> Iterator[None]:
     """Let `pipeline`'s UNet and guide run as [`WindowedNetwork`]s for the duration of the `with` block (neither
-    reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`]); `max_pixels` as there."""
+    reaches the pipeline's config: [`diffusers_sr3.pipelines.base.stand_ins`]); `max_pixels` and `image_size` (the
+    unpadded output's `(height, width)`) as there."""
     # Here: the pipelines import this module, so importing them at its top is circular when it is imported first.
     from .pipelines.base import stand_ins
 
-    with stand_ins(pipeline, lambda network: WindowedNetwork(network, window_size, sigma, max_pixels)):
+    with stand_ins(
+        pipeline, lambda network: WindowedNetwork(network, window_size, sigma, max_pixels, image_size=image_size)
+    ):
         yield

@@ -638,7 +638,7 @@ class SR3Pipeline(SR3BasePipeline):
         # The fidelity answer a refinement below strength 1 starts from is the whole image's; only the refinement
         # runs in windows.
         windows = (
-            windowed_networks(self, window_size, lowpass_sigma(self.config.upscale_factor))
+            windowed_networks(self, window_size, lowpass_sigma(self.config.upscale_factor), image_size=(height, width))
             if window_size
             else contextlib.nullcontext()
         )
