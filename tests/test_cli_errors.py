@@ -14,7 +14,7 @@ from conftest import FIXTURES, tiny_unet_config
 
 from diffusers_sr3 import SR3UnconditionalPipeline, SR3UNet2DModel, cli, make_scheduler
 from diffusers_sr3.commands import prepare, upscale
-from diffusers_sr3.commands.common import atomic_file
+from diffusers_sr3.commands.common import atomic_file, check_destinations
 from diffusers_sr3.interrupts import Terminated, sigterm_as_interrupt
 
 
@@ -159,6 +159,18 @@ def test_atomic_file_names_the_destination_of_an_error_that_names_no_file(tmp_pa
         with atomic_file(str(destination)):
             raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
     assert raised.value.filename == "/elsewhere" and list(tmp_path.iterdir()) == []
+
+
+def test_destinations_differing_only_in_case_are_refused_on_every_platform(tmp_path):
+    # `sr3 sample` and `sr3 upscale` check their writes here: one file on macOS and Windows filesystems.
+    writes = [("the grid", str(tmp_path / "Grid.png")), ("the process strip", str(tmp_path / "grid.PNG"))]
+    with pytest.raises(ValueError) as raised:
+        check_destinations(writes, overwrite=True)
+    assert str(raised.value) == (
+        f"the grid and the process strip would be written to {tmp_path / 'Grid.png'} and {tmp_path / 'grid.PNG'}, "
+        "one file on case-insensitive filesystems (macOS, Windows); write them into separate --output folders"
+    )
+    check_destinations(writes[:1] + [("another", str(tmp_path / "grid-2.png"))], overwrite=False)
 
 
 @pytest.mark.parametrize("backend", ["bf16", "onnx"])

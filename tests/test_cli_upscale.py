@@ -447,12 +447,28 @@ def test_upscale_keeps_a_result_another_run_wrote_meanwhile(model_dir, tmp_path,
     assert PIL.Image.open(out / "b_sr.png").size == (32, 32)
 
 
-@pytest.mark.parametrize("code", [errno.EPERM, errno.EXDEV, errno.ENOTSUP])
-def test_without_hard_links_a_result_written_meanwhile_is_still_kept(tmp_path, monkeypatch, code):
+def _windows_incorrect_function(source, destination):
+    """What os.link raises on Windows for an exFAT/FAT32 volume: [WinError 1] Incorrect function."""
+    error = OSError(None, "Incorrect function", source, None, destination)
+    error.winerror = 1
+    return error
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        *(
+            lambda source, destination, code=code: OSError(code, os.strerror(code), source, None, destination)
+            for code in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EINVAL)
+        ),
+        _windows_incorrect_function,
+    ],
+)
+def test_without_hard_links_a_result_written_meanwhile_is_still_kept(tmp_path, monkeypatch, refusal):
     from diffusers_sr3.commands import upscale
 
     def no_hard_links(source, destination):
-        raise OSError(code, os.strerror(code), source, None, destination)
+        raise refusal(source, destination)
 
     monkeypatch.setattr(os, "link", no_hard_links)
     image, destination = PIL.Image.new("RGB", (4, 4)), tmp_path / "a.png"
@@ -463,6 +479,51 @@ def test_without_hard_links_a_result_written_meanwhile_is_still_kept(tmp_path, m
     assert PIL.Image.open(destination).size == (4, 4) and sorted(tmp_path.iterdir()) == [destination]
     upscale.save_atomically(PIL.Image.new("RGB", (8, 8)), str(destination), overwrite=True)
     assert PIL.Image.open(destination).size == (8, 8) and sorted(tmp_path.iterdir()) == [destination]
+
+
+def test_an_output_name_near_the_filesystem_limit_is_written(tmp_path):
+    from diffusers_sr3.commands import upscale
+
+    destination = tmp_path / ("a" * 236 + ".png")  # 240 bytes, within the usual 255-byte limit
+    upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(destination), overwrite=False)
+    assert sorted(tmp_path.iterdir()) == [destination]
+
+
+def test_outputs_differing_only_in_case_are_refused_before_any_work(model_dir, tmp_path, capsys):
+    # One file on the case-insensitive filesystems of macOS and Windows: refused everywhere, from the names alone.
+    first = write_image(tmp_path / "in" / "a.png", (8, 8))
+    second = write_image(tmp_path / "in" / "A.png", (8, 8), seed=1)
+    if len(list((tmp_path / "in").iterdir())) < 2:
+        pytest.skip("this filesystem is case-insensitive: a.png and A.png are one file")
+    out = tmp_path / "out"
+    arguments = ["upscale", str(tmp_path / "in"), "--model", str(model_dir), "--output", str(out), "--steps", "1"]
+    for extra in ([], ["--overwrite"]):
+        assert main(arguments + extra) == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith("sr3 upscale: error: ") and "case-insensitive filesystems" in error
+        assert str(first) in error and str(second) in error
+        assert not out.exists()
+
+
+def test_a_tilde_in_path_options_is_the_home_folder(model_dir, tmp_path, monkeypatch):
+    # As given by a shell that does not expand it: `--output=~/...`, a quoted "~/...", cmd.exe.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))
+    write_image(tmp_path / "in" / "a.png", (8, 8))
+    monkeypatch.chdir(tmp_path / "in")
+    assert main(["upscale", "~/in/a.png", "--model", str(model_dir), "--output=~/out/a.png", "--steps", "1"]) == 0
+    assert PIL.Image.open(tmp_path / "out" / "a.png").size == (32, 32)
+    assert not (tmp_path / "in" / "~").exists()
+    parsed = build_parser().parse_args(
+        ["eval", "--hr", "~/hr", "--sr=~/sr", "--lr", "~/lr", "--results", "~/r", "--json", "~/m.json"]
+    )
+    assert [parsed.hr, parsed.sr, parsed.lr, parsed.results, parsed.json] == [
+        str(tmp_path / name) for name in ("hr", "sr", "lr", "r", "m.json")
+    ]
+    parsed = build_parser().parse_args(["prepare", "~/photos", "--out", "~/prepared", "--size", "16,64"])
+    assert [parsed.path, parsed.output] == [str(tmp_path / "photos"), str(tmp_path / "prepared")]
+    parsed = build_parser().parse_args(["sample", "--model", "~/m", "--output", "~/grid.png"])
+    assert [parsed.model, parsed.output] == [str(tmp_path / "m"), str(tmp_path / "grid.png")]
 
 
 def test_a_full_disk_names_the_file_being_written(model_dir, tmp_path, capsys, monkeypatch):

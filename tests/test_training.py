@@ -651,6 +651,21 @@ def test_command_line_maps_onto_the_config():
         TrainingConfig(train_batch_size=0)
 
 
+def test_a_tilde_in_path_options_is_the_home_folder(tmp_path, monkeypatch):
+    # As given by a shell that does not expand it: `--output_dir=~/...`, a quoted "~/...", cmd.exe.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))
+    parser = add_training_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--output_dir=~/run", "--train_data_dir", "~/photos", "--validation_images", "~/a.png", "~/b.png"]
+    )
+    config = config_from_args(args)
+    assert config.output_dir == str(tmp_path / "run") and config.train_data_dir == str(tmp_path / "photos")
+    assert config.validation_images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    # Not a path: a value that merely starts with `~` is kept.
+    assert parser.parse_args(["--tracker_project_name", "~mine"]).tracker_project_name == "~mine"
+
+
 def test_film_grain_options_are_checked_and_reach_the_config():
     import argparse
 

@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import List, Optional
 
+from .commands.common import expand_user_in_paths
 from .interrupts import Terminated, sigterm_as_interrupt
 
 # Subcommand name -> module in diffusers_sr3.commands with `add_arguments(parser)` and `run(args) -> int`.
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"diffusers_sr3.commands.{name}")
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(subparser)
+        expand_user_in_paths(subparser)
         subparser.set_defaults(run=module.run)
     return parser
 

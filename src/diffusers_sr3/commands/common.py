@@ -10,7 +10,20 @@ import contextlib
 import errno
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, List, Mapping, Optional, Tuple, Type, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
 
 from ..defaults import DTYPE_NAMES, SCHEDULER_CLASS_NAMES
 
@@ -87,6 +100,25 @@ def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:
 
 # What `torch.Generator.manual_seed` takes; image i of a run takes seed + i (`image_generators` checks the last).
 SEED = whole_number(-(2**63), 2**64 - 1)
+
+
+# The options (argparse dests) of the sr3 commands that name files or folders. Hub repo ids never start with `~`,
+# so --model is one.
+PATH_OPTIONS = frozenset(
+    {"inputs", "output", "model", "json", "hr", "sr", "lr", "results", "checkpoint", "config", "path", "path_option"}
+)
+
+
+def expand_user_in_paths(parser: argparse.ArgumentParser) -> None:
+    """Expand `~` in the values of `parser`'s `PATH_OPTIONS`: no shell does it in `--output=~/out`, a quoted
+    "~/out" or on Windows, and the result would go to a folder named `~` in the current one.
+
+    Args:
+        parser: a command's parser, its arguments added.
+    """
+    for action in parser._actions:
+        if action.dest in PATH_OPTIONS and action.type is None:
+            action.type = os.path.expanduser
 
 
 def add_model_arguments(
@@ -181,16 +213,34 @@ def load_pipeline(
     return pipeline.to(device, silence_dtype_warnings=True)
 
 
-def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
-    """Refuse, before any work, `(input, output)` writes to existing files (unless `overwrite`) or one file twice."""
-    seen = {}
+def destination_clash(writes: Iterable[Tuple[str, str]]) -> Optional[str]:
+    """Why two of the `(input, output)` writes would end in one file, or None.
+
+    Names that differ only in case (a.png, A.png) count as one file on every platform: they are one on the
+    case-insensitive filesystems of macOS and Windows, where one result would replace the other.
+    """
+    seen: dict = {}
     for path, destination in writes:
-        if destination in seen:
-            raise ValueError(
-                f"{seen[destination]} and {path} would both be written to {destination}; write them into "
-                "separate --output folders"
+        key = os.path.normcase(destination).casefold()
+        if key in seen:
+            first, written = seen[key]
+            if written == destination:
+                return f"{first} and {path} would both be written to {destination}"
+            return (
+                f"{first} and {path} would be written to {written} and {destination}, one file on "
+                "case-insensitive filesystems (macOS, Windows)"
             )
-        seen[destination] = path
+        seen[key] = (path, destination)
+    return None
+
+
+def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
+    """Refuse, before any work, `(input, output)` writes to existing files (unless `overwrite`) or one file twice
+    (also under names that differ only in case: see `destination_clash`)."""
+    clash = destination_clash(writes)
+    if clash is not None:
+        raise ValueError(f"{clash}; write them into separate --output folders")
+    for _, destination in writes:
         # lexists: a dangling symlink there is refused now, as putting the result in place would refuse it later.
         if os.path.lexists(destination) and not overwrite:
             raise _already_exists(destination)
@@ -208,8 +258,10 @@ def check_file_destination(path: str, option: str, example: str) -> None:
         raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
 
 
-# What `os.link` raises where the filesystem has no hard links (FAT, some network mounts) or refuses them.
-_NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+# What `os.link` raises where the filesystem has no hard links (FAT, some network mounts) or refuses them. EINVAL:
+# Windows on exFAT/FAT32 ("[WinError 1] Incorrect function").
+_NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EINVAL}
+_NO_HARD_LINKS_WINERRORS = {1}  # ERROR_INVALID_FUNCTION
 
 
 def _already_exists(destination: str) -> FileExistsError:
@@ -229,7 +281,7 @@ def _put_in_place(temporary: str, destination: str, overwrite: bool) -> None:
     except FileExistsError:
         raise _already_exists(destination) from None
     except OSError as error:
-        if error.errno not in _NO_HARD_LINKS:
+        if error.errno not in _NO_HARD_LINKS and getattr(error, "winerror", None) not in _NO_HARD_LINKS_WINERRORS:
             raise
         # Best-effort only: another run can still write `destination` between this check and the rename.
         if os.path.lexists(destination):
@@ -254,7 +306,8 @@ def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
     again naming `destination`, with its errno.
     """
     folder = os.path.dirname(destination) or "."
-    temporary = os.path.join(folder, f".{os.path.basename(destination)}.{uuid.uuid4().hex[:12]}.tmp")
+    # Not named after `destination`: a name near the filesystem's limit (255 bytes) would leave no room for more.
+    temporary = os.path.join(folder, f".sr3-{uuid.uuid4().hex[:12]}.tmp")
     try:
         try:
             with open(temporary, "xb") as stream:

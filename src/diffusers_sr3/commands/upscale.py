@@ -35,6 +35,7 @@ from .common import (
     add_save_process_argument,
     atomic_file,
     check_destinations,
+    destination_clash,
     image_generators,
     load_pipeline,
 )
@@ -525,7 +526,7 @@ def _check_prediction_type(args: argparse.Namespace, mode: str, prediction_type:
 def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[str], int]:
     """The input files, their destinations, and how many files were left out as this run's own outputs.
 
-    Refuses a file-like `output` for several inputs and two inputs written to one file.
+    Refuses a file-like `output` for several inputs and two inputs written to one file (see `destination_clash`).
     """
     sources = find_image_sources(inputs)
     to_file = _names_a_file(output)
@@ -542,14 +543,11 @@ def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[st
     ]
     paths = [sources[index][0] for index in kept]
     destinations = [destinations[index] for index in kept]
-    seen: Dict[str, str] = {}
-    for path, destination in zip(paths, destinations):
-        if destination in seen:
-            raise ValueError(
-                f"{seen[destination]} and {path} would both be written to {destination}; rename one of them, or "
-                "upscale them in separate runs with separate --output folders"
-            )
-        seen[destination] = path
+    clash = destination_clash(zip(paths, destinations))
+    if clash is not None:
+        raise ValueError(
+            f"{clash}; rename one of them, or upscale them in separate runs with separate --output folders"
+        )
     return paths, destinations, len(sources) - len(kept)
 
 

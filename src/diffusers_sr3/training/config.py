@@ -25,8 +25,12 @@ TASKS = ("sr", "uncond")
 REPORT_TARGETS = ("tensorboard", "wandb", "none", "all")
 
 
-def _option(default: Any, help: str, cli: bool = True, choices: Optional[tuple] = None, **kwargs: Any) -> Any:
-    metadata = {"help": help, "cli": cli, "choices": choices}
+def _option(
+    default: Any, help: str, cli: bool = True, choices: Optional[tuple] = None, path: bool = False, **kwargs: Any
+) -> Any:
+    # `path`: the option names files or folders, where the command line expands `~` (no shell does in
+    # `--output_dir=~/run`, a quoted "~/run" or on Windows).
+    metadata = {"help": help, "cli": cli, "choices": choices, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -52,18 +56,18 @@ class TrainingConfig:
         "--resume_from_original is given)",
     )
     model_config_name_or_path: Optional[str] = _option(
-        None, "SR3UNet2DModel config.json, or a folder holding one (a pipeline folder's unet/ is found too)"
+        None, "SR3UNet2DModel config.json, or a folder holding one (a pipeline folder's unet/ is found too)", path=True
     )
     unet_config: Optional[Dict[str, Any]] = _option(
         None, "an SR3UNet2DModel config as a dict (Python only; like --model_config_name_or_path)", cli=False
     )
     pretrained_model_name_or_path: Optional[str] = _option(
-        None, "fine-tune the weights of a saved SR3 pipeline (folder or Hub repo id)"
+        None, "fine-tune the weights of a saved SR3 pipeline (folder or Hub repo id)", path=True
     )
     resume_from_original: Optional[str] = _option(
-        None, "fine-tune from an original SR3 checkpoint (I*_E*_gen.pth); needs --original_config"
+        None, "fine-tune from an original SR3 checkpoint (I*_E*_gen.pth); needs --original_config", path=True
     )
-    original_config: Optional[str] = _option(None, "the original JSON config of --resume_from_original")
+    original_config: Optional[str] = _option(None, "the original JSON config of --resume_from_original", path=True)
     resolution: Optional[int] = _option(None, "training (high-resolution) image size; default: the model's")
     upscale_factor: Optional[int] = _option(None, "super-resolution factor; default: the preset's, else 4")
     noise_level_embedding_scale: Optional[float] = _option(
@@ -117,19 +121,19 @@ class TrainingConfig:
 
     # Data.
     train_data_dir: Optional[str] = _option(
-        None, "image folder (recursive), or the original's prepared layout (hr_N/lr_M folders or its LMDB)"
+        None, "image folder (recursive), or the original's prepared layout (hr_N/lr_M folders or its LMDB)", path=True
     )
-    train_images: Optional[List[str]] = _option(None, "image files to train on")
+    train_images: Optional[List[str]] = _option(None, "image files to train on", path=True)
     train_dataset: Any = _option(None, "a torch Dataset of high-resolution images (Python only)", cli=False)
     dataset_name: Optional[str] = _option(
         None, "a Hub dataset, or a datasets builder for local files (imagefolder, parquet)"
     )
     dataset_config_name: Optional[str] = _option(None, "the dataset's configuration name")
-    train_data_files: Optional[List[str]] = _option(None, "local data files (e.g. *.parquet) for datasets")
+    train_data_files: Optional[List[str]] = _option(None, "local data files (e.g. *.parquet) for datasets", path=True)
     dataset_split: str = _option("train", "dataset split")
     image_column: str = _option("image", "dataset column holding the images")
     streaming: bool = _option(False, "stream the dataset instead of downloading/converting it first")
-    cache_dir: Optional[str] = _option(None, "datasets cache folder")
+    cache_dir: Optional[str] = _option(None, "datasets cache folder", path=True)
     max_train_samples: Optional[int] = _option(None, "use only this many training images")
     random_flip: bool = _option(True, "random horizontal flips")
     random_crop: bool = _option(False, "random full-scale crops instead of resize + centre crop")
@@ -222,19 +226,19 @@ class TrainingConfig:
     ema_power: float = _option(0.75, "EMA warm-up power (3/4 for shorter runs, 2/3 for 1M+ steps)")
 
     # Output, checkpoints, validation, logging.
-    output_dir: str = _option("sr3-model", "where the pipeline, checkpoints and logs go")
+    output_dir: str = _option("sr3-model", "where the pipeline, checkpoints and logs go", path=True)
     checkpointing_steps: int = _option(500, "save a resumable checkpoint every this many steps (0: never)")
     checkpoints_total_limit: Optional[int] = _option(None, "keep at most this many checkpoints")
-    resume_from_checkpoint: Optional[str] = _option(None, "a checkpoint folder, or `latest` in --output_dir")
+    resume_from_checkpoint: Optional[str] = _option(None, "a checkpoint folder, or `latest` in --output_dir", path=True)
     validation_steps: int = _option(500, "validate every this many steps (0: only at the end)")
     validation_images: Optional[List[str]] = _option(
-        None, "high-resolution validation images (default: the first training images)"
+        None, "high-resolution validation images (default: the first training images)", path=True
     )
     num_validation_images: int = _option(4, "how many validation images / samples")
     validation_scheduler: str = _option("dpmsolver", "scheduler for validation sampling (ddpm, ddim, dpmsolver, ...)")
     validation_steps_count: int = _option(20, "sampling steps at validation")
     report_to: str = _option("tensorboard", "tracker", choices=REPORT_TARGETS)
-    logging_dir: str = _option("logs", "tracker folder, relative to --output_dir")
+    logging_dir: str = _option("logs", "tracker folder, relative to --output_dir", path=True)
     tracker_project_name: Optional[str] = _option(None, "tracker project / run name (default sr3 or sr3-uncond)")
 
     # How the saved pipeline samples by default (unset: a fine-tuned pipeline's own, else the pipeline's defaults).
@@ -394,7 +398,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = base
+            kwargs["type"] = os.path.expanduser if item.metadata["path"] else base
             if is_list:
                 kwargs["nargs"] = "+"
             if item.metadata.get("choices"):
