@@ -7,10 +7,12 @@ The subcommand modules are light to import (torch, Diffusers and the pipelines a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import signal
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .commands.common import expand_user_in_paths
 from .interrupts import Terminated, sigterm_as_interrupt
@@ -81,11 +83,35 @@ def _memory_hint(args: argparse.Namespace) -> str:
     return "use smaller images"
 
 
+@contextlib.contextmanager
+def printable_file_names() -> Iterator[None]:
+    """Let sys.stdout and sys.stderr print any text, in their encoding, while the block runs.
+
+    A console or redirected output whose encoding lacks a file name's characters (cp1252 on Windows, for `写真.png`),
+    or a name's undecodable bytes (kept by Python as surrogates), would otherwise stop a run part-way on a line that
+    only reports progress: those characters print as backslash escapes instead. Only strict streams change (a POSIX
+    locale's `surrogateescape` already writes a name's own bytes), and their handler comes back afterwards, so a
+    caller's streams (pytest's captures, a notebook's) are left as they were.
+    """
+    restore = []
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and not stream.closed and stream.errors == "strict":
+            restore.append((stream, stream.errors))
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        for stream, errors in restore:
+            if not stream.closed:
+                stream.reconfigure(errors=errors)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
     interrupted, also while the subcommands are imported or their `run` imports torch and the pipelines, 143 when
-    terminated by SIGTERM, which gets Ctrl-C's cleanup)."""
-    with sigterm_as_interrupt():
+    terminated by SIGTERM, which gets Ctrl-C's cleanup). File names print whatever the console's encoding
+    (`printable_file_names`)."""
+    with printable_file_names(), sigterm_as_interrupt():
         return _main(argv)
 
 

@@ -69,7 +69,10 @@ def _inner_folders(folder: str, others: Sequence[str]) -> List[str]:
     root = os.path.realpath(folder)
     inner = []
     for other in others:
-        relative = os.path.relpath(os.path.realpath(other), root)
+        try:
+            relative = os.path.relpath(os.path.realpath(other), root)
+        except ValueError:  # on another Windows drive: not inside
+            continue
         if relative != os.curdir and relative.split(os.sep)[0] != os.pardir:
             inner.append(relative + os.sep)
     return inner
@@ -286,6 +289,20 @@ def run(args: argparse.Namespace) -> int:
     if inception is not None:
         extra["inception_score"] = float(inception.compute()[0])
 
+    # Before the table: a console that cannot print it (a closed pipe, an encoding) no longer loses the report.
+    if args.json:
+        report = {
+            "count": len(rows),
+            "mean": {name: _json_value(value) for name, value in means.items()},
+            **({"counts": partial} if partial else {}),
+            **{name: _json_value(value) for name, value in extra.items()},
+            **({"fid_images": len(rows)} if fid is not None else {}),
+            "images": {key: {name: _json_value(value) for name, value in row.items()} for key, row in rows.items()},
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with atomic_file(args.json) as stream:
+            stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
+
     width = max([len("mean")] + [len(key) for key in rows])
     if not args.quiet:
         print(f"{'image':<{width}}  " + "  ".join(f"{name:>12}" for name in columns))
@@ -305,16 +322,4 @@ def run(args: argparse.Namespace) -> int:
     if "consistency" in means:
         print(f"(consistency: MSE in [0, 1] units; the SR3 paper reports it x1e5: {means['consistency'] * 1e5:.4g})")
 
-    if args.json:
-        report = {
-            "count": len(rows),
-            "mean": {name: _json_value(value) for name, value in means.items()},
-            **({"counts": partial} if partial else {}),
-            **{name: _json_value(value) for name, value in extra.items()},
-            **({"fid_images": len(rows)} if fid is not None else {}),
-            "images": {key: {name: _json_value(value) for name, value in row.items()} for key, row in rows.items()},
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with atomic_file(args.json) as stream:
-            stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return 0

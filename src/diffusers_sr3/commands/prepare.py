@@ -113,7 +113,10 @@ def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, byt
 
 
 def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # on another Windows drive
+        return False
 
 
 def source_files(folder: str, output: Optional[str] = None) -> List[str]:

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import List, Optional
 
+from ..cli import printable_file_names
 from ..interrupts import Terminated, sigterm_as_interrupt
 from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
@@ -16,7 +17,14 @@ from .hub import HubUploadError
 
 def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
     """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed; 130: stopped
-    with Ctrl-C, saying where to resume from, also while the trainer is imported; 143: stopped by SIGTERM, likewise)."""
+    with Ctrl-C, saying where to resume from, also while the trainer is imported; 143: stopped by SIGTERM, likewise).
+    Paths print whatever the console's encoding (`diffusers_sr3.cli.printable_file_names`)."""
+    with printable_file_names():
+        return _main(argv, task, description, prog)
+
+
+def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional[str]) -> int:
+    """`main` with the console's streams made to print any path."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -460,7 +460,10 @@ def training_command(config: TrainingConfig, argv: Optional[List[str]] = None) -
     """
     argv = list(getattr(config, "_command_line", []) if argv is None else argv)
     if argv and argv[0].endswith(".py"):
-        script = os.path.relpath(argv[0]) if not os.path.relpath(argv[0]).startswith("..") else argv[0]
+        try:
+            script = os.path.relpath(argv[0]) if not os.path.relpath(argv[0]).startswith("..") else argv[0]
+        except ValueError:  # on another Windows drive than the working folder
+            script = argv[0]
         return redact("accelerate launch " + shlex.join(redact_argv([script, *argv[1:]])))
     changed = []
     for item in dataclasses.fields(TrainingConfig):

@@ -130,8 +130,10 @@ def measure_residual_scale(high_resolution: torch.Tensor, condition: torch.Tenso
 
 
 def min_snr_weights(noise_level: torch.Tensor, prediction_type: str, snr_gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the chosen prediction target."""
-    alpha_bar = noise_level.double() ** 2
+    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the chosen prediction target, on the device of
+    `noise_level`."""
+    # In float64 on the CPU: Apple's MPS has no float64, and the CPU gives what CUDA's float64 gives.
+    alpha_bar = noise_level.to("cpu", torch.float64) ** 2
     snr = alpha_bar / (1 - alpha_bar).clamp(min=1e-12)
     clipped = snr.clamp(max=snr_gamma)
     if prediction_type == "epsilon":
@@ -140,7 +142,7 @@ def min_snr_weights(noise_level: torch.Tensor, prediction_type: str, snr_gamma: 
         weights = clipped / (snr + 1)
     else:
         weights = clipped
-    return weights.float()
+    return weights.float().to(noise_level.device)
 
 
 def predicted_clean(prediction: torch.Tensor, batch: NoisedBatch, prediction_type: str) -> torch.Tensor:
