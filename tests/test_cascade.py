@@ -1,7 +1,9 @@
 """SR3CascadePipeline and noise-conditioning augmentation."""
 
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -116,7 +118,7 @@ def test_cascade_starts_from_an_image_and_checks_its_arguments():
     assert len(evaluations) == 3
     with pytest.raises(ValueError, match="2 entries for 3 stages"):
         cascade(num_inference_steps=[1, 1])
-    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+    with pytest.raises(ValueError, match=r"base: num_inference_steps must lie in \[1, 50\], got 0"):
         cascade(num_inference_steps=[0, 1, 1])  # the base generator too, not its default of 100 steps
     with pytest.raises(ValueError, match="no base generator"):
         SR3CascadePipeline.from_stages(None, [stage])()
@@ -275,3 +277,111 @@ def test_cascade_hands_tensors_between_stages_without_a_cpu_round_trip(monkeypat
     assert calls == []
     run_cascade(cascade, output_type="np")
     assert calls == [(1, 64, 64, 3)]  # the final conversion to numpy only
+
+
+def counting_evaluations(cascade):
+    """A list that grows by one at every network evaluation of any of the cascade's pipelines."""
+    evaluations = []
+    for pipeline in cascade._pipelines():
+        pipeline.unet.register_forward_hook(lambda module, args, output: evaluations.append(1))
+    return evaluations
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(num_inference_steps=[1, 1, 0]), r"stage_2: num_inference_steps must lie in \[1, 50\], got 0"),
+        (dict(num_inference_steps=[1, 1, 100]), r"stage_2: num_inference_steps must lie in \[1, 50\], got 100"),
+        (dict(num_inference_steps=[1, 1.5, 1]), "stage_1: num_inference_steps must be an integer, got 1.5"),
+        (dict(num_inference_steps=[1, 1, "2"]), "stage_2: num_inference_steps must be an integer, got '2'"),
+        (dict(condition_noise_level=[0.2, None]), "stage_1: condition_noise_level needs a UNet trained with"),
+        (dict(condition_noise_level=[None, 1.5]), r"stage_2: condition noise levels must lie in \[0, 1\), got 1.5"),
+        (dict(condition_noise_level=1.0), r"stage_2: condition noise levels must lie in \[0, 1\)"),
+        (dict(tile_size=5), "stage_1: tile_size 5 is not a positive multiple"),
+        (dict(mode=[None, "sharp"]), "stage_2: mode must be 'detail' or 'fidelity', got 'sharp'"),
+        (dict(mode="fidelity"), "stage_1: fidelity mode needs a model that predicts the clean image"),
+        (dict(eta=[None, 1.5]), r"stage_2: eta must lie in \[0, 1\]"),
+        (dict(strength=0), r"stage_1: strength must lie in \(0, 1\], got 0"),
+        (dict(guidance_scale=[1, 2]), "stage_2: guidance_scale 2 needs a guidance_unet"),
+        (dict(mode="fidelity", temperature=0.5), "stage_1: .* apply to detail mode"),
+        (dict(eta=[0.1, 0.2, 0.3]), "eta has 3 entries for 2 stages"),
+    ],
+)
+def test_cascade_checks_every_stage_before_any_work(arguments, message):
+    cascade = small_cascade()
+    evaluations = counting_evaluations(cascade)
+    arguments = {"num_inference_steps": [1, 1, 1], **arguments}
+    with pytest.raises(ValueError, match=message):
+        cascade(output_type="pt", **arguments)
+    assert evaluations == []  # not the generator, nor an earlier stage
+
+
+def test_cascade_gives_one_condition_noise_level_to_the_stages_trained_with_it():
+    cascade = small_cascade()  # stage_1 without condition_noise_embedding, stage_2 with it
+    levels = []
+    for stage in cascade.stages:
+        stage.unet.register_forward_hook(
+            lambda module, args, kwargs, output: levels.append(kwargs.get("condition_noise_level")), with_kwargs=True
+        )
+    images = cascade(num_inference_steps=[1, 1, 1], condition_noise_level=0.3, output_type="pt").images
+    assert images.shape == (1, 3, 64, 64)
+    assert levels == [None, 0.3]
+    cascade.stage_2.unet.register_to_config(condition_noise_embedding=False)
+    with pytest.raises(ValueError, match="condition_noise_level 0.3 needs an SR stage trained with"):
+        cascade(num_inference_steps=[1, 1, 1], condition_noise_level=0.3)
+
+
+def test_cascade_passes_per_stage_call_arguments(monkeypatch):
+    cascade = small_cascade()
+    calls = []
+    original = SR3Pipeline.__call__
+
+    def recording(stage, *args, **kwargs):
+        calls.append({key: kwargs.get(key) for key in ("mode", "eta", "temperature", "strength", "guidance_scale")})
+        return original(stage, *args, **kwargs)
+
+    monkeypatch.setattr(SR3Pipeline, "__call__", recording)
+    evaluations = counting_evaluations(cascade)
+    cascade(num_inference_steps=np.array([1, 2, 3]), eta=[0.5, None], temperature=0.9, output_type="pt")
+    assert len(evaluations) == 1 + 2 + 3  # a numpy array gives one step count per stage
+    assert calls == [
+        dict(mode=None, eta=0.5, temperature=0.9, strength=None, guidance_scale=None),
+        dict(mode=None, eta=None, temperature=0.9, strength=None, guidance_scale=None),  # None: the stage's default
+    ]
+    calls.clear()
+    cascade(image=torch.rand(1, 3, 16, 16), num_inference_steps=[1, 1], mode=["detail", "detail"], strength=1)
+    assert [call["mode"] for call in calls] == ["detail", "detail"] and calls[0]["strength"] == 1
+
+
+def test_cascade_warns_when_stage_sizes_do_not_chain(caplog):
+    stages = small_cascade()
+    with caplog.at_level(logging.WARNING, logger="diffusers_sr3.pipelines.pipeline_sr3_cascade"):
+        SR3CascadePipeline.from_stages(stages.base, [stages.stage_1, stages.stage_2])
+        assert caplog.records == []  # 16 -> 32 -> 64
+        SR3CascadePipeline.from_stages(stages.base, [stages.stage_2, stages.stage_1])
+    assert [record.getMessage() for record in caplog.records] == [
+        "stage_1 was trained to upscale 32-pixel images x2 to 64 (sample_size 64), but base makes 16-pixel images: "
+        "are the stages in order?",
+        "stage_2 was trained to upscale 16-pixel images x2 to 32 (sample_size 32), but stage_1 makes 64-pixel "
+        "images: are the stages in order?",
+    ]
+
+
+def test_from_stages_takes_one_stage_or_any_iterable():
+    stages = small_cascade().stages
+    assert SR3CascadePipeline.from_stages(None, stages[0]).stages == [stages[0]]
+    assert SR3CascadePipeline.from_stages(None, (stage for stage in stages)).stages == stages
+    for bad in (None, 3, "stage_1"):
+        with pytest.raises(TypeError, match="stages must be an SR3Pipeline or an iterable of them"):
+            SR3CascadePipeline.from_stages(None, bad)
+
+
+@pytest.mark.parametrize("steps", [1.5, "2", np.array([1, 2])])
+def test_single_pipelines_refuse_steps_that_are_not_integers(steps):
+    cascade = small_cascade()
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer, got"):
+        cascade.stage_1(torch.rand(1, 3, 8, 8), num_inference_steps=steps)
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer, got"):
+        cascade.base(num_inference_steps=steps)
+    images = cascade.base(num_inference_steps=np.int64(1), output_type="pt").images  # numpy integers are integers
+    assert images.shape == (1, 3, 16, 16)

@@ -183,6 +183,7 @@ def test_a_cascade_with_a_generator_samples_through_its_stages(cascade_dirs, mod
     capsys.readouterr()
     for model, options, message in (
         (cascade, ["--steps", "2,1,1"], "--steps gives 3 step counts for the 2 stages of"),
+        (cascade, ["--steps", "1,100"], "stage_1: num_inference_steps must lie in [1, 50], got 100"),
         (cascade, ["--size", "8"], "--size and --save-process do not apply to the cascade"),
         (cascade, ["--save-process", "2"], "--size and --save-process do not apply to the cascade"),
         (no_base, [], "is a cascade without a base generator"),

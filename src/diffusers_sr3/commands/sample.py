@@ -86,6 +86,7 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
             f"--steps gives {len(args.steps)} step counts for the {stages} stages of {args.model} (its generator, "
             f"then {stages - 1} super-resolution): give {stages}, or one for all"
         )
+    pipeline.check_arguments(num_inference_steps=args.steps)  # every stage's, before the first batch's bar starts
     return dict(num_inference_steps=args.steps)
 
 

@@ -17,10 +17,12 @@ the SR3 components itself and loads only configs and safetensors weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import glob
 import inspect
 import json
+import operator
 import os
 import re
 import shutil
@@ -415,6 +417,49 @@ def pickled_weights_error(pipeline_class: type, source: str, folders: Sequence[s
 MAX_START_LEVEL_ABOVE_NOISIEST = 0.5
 
 
+def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: Any = None) -> None:
+    """`scheduler.set_timesteps`, its refusal of the step count (a bare numpy or Diffusers error) named as such."""
+    try:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
+        raise ValueError(f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {error}") from None
+
+
+def check_num_inference_steps(num_inference_steps: Any, scheduler: Optional[SchedulerMixin] = None) -> int:
+    """`num_inference_steps` as an `int`, refused unless it is a positive integer (numpy's integers included).
+
+    With a `scheduler`, also refused unless that scheduler takes it, tried on a copy so that nothing runs before a
+    call's networks do: a count outside `[1, num_train_timesteps]` that it refuses is named by that range.
+    """
+    try:
+        steps = operator.index(num_inference_steps)
+    except TypeError:
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}") from None
+    limit = None if scheduler is None else scheduler.config.get("num_train_timesteps")
+    if steps < 1:
+        bounds = "be at least 1" if limit is None else f"lie in [1, {limit}]"
+        raise ValueError(f"num_inference_steps must {bounds}, got {steps}")
+    if scheduler is not None:
+        try:
+            _set_timesteps(copy.deepcopy(scheduler), steps)
+        except ValueError:
+            if limit is not None and steps > limit:
+                raise ValueError(f"num_inference_steps must lie in [1, {limit}], got {steps}") from None
+            raise
+    return steps
+
+
+def check_eta(scheduler: SchedulerMixin, eta: Optional[float]) -> None:
+    """Refuse an `eta` that `scheduler` does not take, or one outside [0, 1]; None (its default) always passes."""
+    if eta is None:
+        return
+    if "eta" not in inspect.signature(scheduler.step).parameters:
+        raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(scheduler).__name__}")
+    # Above 1, DDIM's last step takes the square root of a negative number: the image comes back NaN.
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1] (0 deterministic, 1 DDPM-like), got {eta:g}")
+
+
 def guided_prediction(
     prediction: torch.Tensor, guide_prediction: torch.Tensor, guidance_scale: float, parallel_weight: float = 1.0
 ) -> torch.Tensor:
@@ -546,8 +591,7 @@ class SR3BasePipeline(DiffusionPipeline):
         weighted by `parallel_guidance_weight` (`guided_prediction`). Returns the final image and the requested
         snapshots (float32, the scale the network works in).
         """
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        num_inference_steps = check_num_inference_steps(num_inference_steps)
         if isinstance(generator, list) and len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -566,10 +610,7 @@ class SR3BasePipeline(DiffusionPipeline):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scheduler = self.scheduler if scheduler is None else scheduler
         check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
-        try:
-            scheduler.set_timesteps(num_inference_steps, device=device)
-        except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
-            raise ValueError(f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {error}") from None
+        _set_timesteps(scheduler, num_inference_steps, device)
         # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
         signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
         if init_sample is None:
@@ -604,12 +645,8 @@ class SR3BasePipeline(DiffusionPipeline):
             condition = condition.to(device=device, dtype=dtype)
         step_parameters = inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
+        check_eta(scheduler, eta)
         if eta is not None:
-            if "eta" not in step_parameters:
-                raise ValueError(f"eta applies to schedulers that take it (DDIM), not {type(scheduler).__name__}")
-            # Above 1, DDIM's last step takes the square root of a negative number: the image comes back NaN.
-            if not 0 <= eta <= 1:
-                raise ValueError(f"eta must lie in [0, 1] (0 deterministic, 1 DDPM-like), got {eta:g}")
             step_kwargs["eta"] = float(eta)
         unet_kwargs = {} if condition_noise_level is None else {"condition_noise_level": condition_noise_level}
         if num_intermediates < 0:

@@ -33,7 +33,15 @@ from ..image_processing import (
 )
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks
+from .base import (
+    GeneratorInput,
+    SR3BasePipeline,
+    SR3PipelineOutput,
+    StepCallback,
+    check_eta,
+    check_num_inference_steps,
+    step_networks,
+)
 
 # What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
 OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")
@@ -330,11 +338,9 @@ class SR3Pipeline(SR3BasePipeline):
         self, condition: torch.Tensor, level: Optional[float], generator: GeneratorInput
     ) -> Tuple[torch.Tensor, Optional[float]]:
         """Noise the condition for UNets trained with noise-conditioning augmentation; others take it clean."""
-        if not self.unet.config.get("condition_noise_embedding", False):
-            if level:
-                raise ValueError("condition_noise_level needs a UNet trained with condition_noise_embedding=True")
+        level = self._condition_noise_level(level)
+        if level is None:
             return condition, None
-        level = self.config.condition_noise_level if level is None else float(level)
         if level == 0:
             return condition, 0.0
         if isinstance(generator, list) and len(generator) != condition.shape[0]:
@@ -343,6 +349,59 @@ class SR3Pipeline(SR3BasePipeline):
         # gives the same noise everywhere, a CUDA generator draws on CUDA), one image per generator of a list.
         noise = randn_tensor(condition.shape, generator=generator, device=self._execution_device, dtype=torch.float32)
         return augment_condition(condition.to(noise.device), level, noise=noise), level
+
+    def _condition_noise_level(self, level: Optional[float]) -> Optional[float]:
+        """The augmentation level a call with `level` runs at: None for a UNet without `condition_noise_embedding`
+        (which refuses a nonzero one), else `level` or the pipeline's default, refused outside [0, 1)."""
+        if not self.unet.config.get("condition_noise_embedding", False):
+            if level:
+                raise ValueError("condition_noise_level needs a UNet trained with condition_noise_embedding=True")
+            return None
+        level = self.config.condition_noise_level if level is None else float(level)
+        if not 0 <= level < 1:
+            raise ValueError(f"condition noise levels must lie in [0, 1), got {level:g}")
+        return level
+
+    def check_arguments(
+        self,
+        num_inference_steps: Optional[int] = None,
+        condition_noise_level: Optional[float] = None,
+        mode: str = "detail",
+        eta: Optional[float] = None,
+        temperature: float = 1.0,
+        strength: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+    ) -> None:
+        """Refuse, before any network runs, call arguments that do not depend on the image and that this pipeline
+        would refuse during the call (a cascade checks every stage's this way before its first stage runs).
+
+        Args:
+            num_inference_steps, condition_noise_level, mode, eta, temperature, strength, guidance_scale: as in
+                `__call__`; checked against this pipeline's scheduler, networks and saved defaults.
+        """
+        self._condition_noise_level(condition_noise_level)
+        if strength is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        if mode == "detail":
+            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
+            check_num_inference_steps(settings["num_inference_steps"], self.scheduler)
+            check_eta(self.scheduler, settings["eta"])
+            _check_guidance(
+                self.unet,
+                self.guidance_unet,
+                settings["guidance_scale"],
+                settings["parallel_guidance_weight"],
+                self.scheduler,
+            )
+            if settings["strength"] < 1:
+                self._check_predicts_clean_image("strength below 1", "strength 1")
+        elif mode == "fidelity":
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, None)
+            self._check_predicts_clean_image("fidelity mode", "mode='detail' with strength 1")
+            steps = self.config.fidelity_steps if num_inference_steps is None else num_inference_steps
+            check_num_inference_steps(steps, self._fidelity_scheduler())
+        else:
+            raise ValueError(f"mode must be 'detail' or 'fidelity', got {mode!r}")
 
     def _fidelity_scheduler(self) -> SchedulerMixin:
         """DDIM on the pipeline's training schedule, its steps ending at the noisiest level ("trailing" spacing).

@@ -6,22 +6,29 @@ stage is a complete pipeline with its own UNet and scheduler, saved in its own s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 
+from ..defaults import DEFAULT_MAX_TILE_PIXELS
 from ..image_processing import ImageInput, check_output_type, images_to_tensor, postprocess
+from ..tiling import _check_settings as check_tile_settings
 from ..tiling import tiled_super_resolve
-from .base import GeneratorInput, SR3BasePipeline
+from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps
 from .pipeline_sr3 import SR3Pipeline
 from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
 
 MAX_STAGES = 4
 STAGE_NAMES = tuple(f"stage_{index}" for index in range(1, MAX_STAGES + 1))
+# The SR stages' per-call arguments a cascade passes on: one value for every SR stage, or one per SR stage.
+STAGE_ARGUMENTS = ("condition_noise_level", "mode", "eta", "temperature", "strength", "guidance_scale")
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -85,10 +92,40 @@ class SR3CascadePipeline(SR3BasePipeline):
             if stage is not None and not isinstance(stage, SR3Pipeline):
                 raise TypeError(f"{name} must be an SR3Pipeline, got {type(stage).__name__}")
         self.register_modules(base=base, stage_1=stage_1, stage_2=stage_2, stage_3=stage_3, stage_4=stage_4)
+        self._warn_unchained_sizes()
+
+    def _warn_unchained_sizes(self) -> None:
+        """Warn of neighbouring stages whose training sizes do not chain (the previous one's output size is not the
+        next one's `sample_size / upscale_factor`): stages swapped, or from different cascades. Not refused: the SR
+        networks are convolutional and run at any size, but at another scale than trained they draw worse detail."""
+        previous = ("base", self.base.unet.config.sample_size) if self.base is not None else None
+        for name, stage in zip(STAGE_NAMES, self.stages):
+            size, factor = stage.unet.config.sample_size, stage.config.upscale_factor
+            if previous is not None and previous[1] * factor != size:
+                logger.warning(
+                    f"{name} was trained to upscale {size / factor:g}-pixel images x{factor} to {size} (sample_size "
+                    f"{size}), but {previous[0]} makes {previous[1]}-pixel images: are the stages in order?"
+                )
+            previous = (name, size)
 
     @classmethod
-    def from_stages(cls, base: Optional[SR3UnconditionalPipeline], stages: Sequence[SR3Pipeline]) -> SR3CascadePipeline:
-        """Build a cascade from a generator (or None) and a list of super-resolution pipelines."""
+    def from_stages(
+        cls,
+        base: Optional[SR3UnconditionalPipeline],
+        stages: Union[SR3Pipeline, Iterable[SR3Pipeline]],
+    ) -> SR3CascadePipeline:
+        """Build a cascade from a generator (or None) and super-resolution pipelines.
+
+        Args:
+            base ([`SR3UnconditionalPipeline`], optional): The generator; None for a cascade that only upscales.
+            stages ([`SR3Pipeline`] or an iterable of them): The super-resolution stages, in order.
+        """
+        if isinstance(stages, SR3Pipeline):
+            stages = [stages]
+        elif isinstance(stages, Iterable) and not isinstance(stages, (str, bytes)):
+            stages = list(stages)
+        else:
+            raise TypeError(f"stages must be an SR3Pipeline or an iterable of them, got {type(stages).__name__}")
         if len(stages) > MAX_STAGES:
             raise ValueError(f"a cascade holds at most {MAX_STAGES} super-resolution stages, got {len(stages)}")
         return cls(base=base, **dict(zip(STAGE_NAMES, stages)))
@@ -148,12 +185,89 @@ class SR3CascadePipeline(SR3BasePipeline):
             pipeline.set_progress_bar_config(**kwargs)
 
     @staticmethod
-    def _per_stage(value, count: int, name: str) -> list:
-        if isinstance(value, (list, tuple)):
+    def _is_per_stage(value: Any) -> bool:
+        """Whether `value` holds one value per stage: a sequence other than a string, or a numpy array."""
+        if isinstance(value, np.ndarray):
+            return value.ndim > 0
+        return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+    @classmethod
+    def _per_stage(cls, value, count: int, name: str) -> list:
+        """`value` as `count` per-stage values: its entries when it holds one per stage, else `value` for each."""
+        if cls._is_per_stage(value):
             if len(value) != count:
                 raise ValueError(f"{name} has {len(value)} entries for {count} stages to run")
             return list(value)
         return [value] * count
+
+    def check_arguments(
+        self,
+        start_from_image: bool = False,
+        num_inference_steps: Optional[Union[int, Sequence[Optional[int]]]] = None,
+        condition_noise_level: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        tile_size: Optional[int] = None,
+        mode: Optional[Union[str, Sequence[Optional[str]]]] = None,
+        eta: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        temperature: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        strength: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        guidance_scale: Optional[Union[float, Sequence[Optional[float]]]] = None,
+    ) -> Dict[str, list]:
+        """Refuse, before any stage runs, arguments that any stage to run would refuse, naming the stage.
+
+        `__call__` checks its arguments with this; a caller with work of its own to start first (`sr3 sample`'s
+        progress bar) may check them earlier.
+
+        Args:
+            start_from_image (`bool`, defaults to False): Whether the call gives an `image` (the generator is skipped).
+            num_inference_steps, condition_noise_level, tile_size, mode, eta, temperature, strength, guidance_scale:
+                As in `__call__`.
+
+        Returns:
+            `dict` with `num_inference_steps` (one per stage to run, generator first) and `stage_calls` (for each SR
+            stage, the keyword arguments of `STAGE_ARGUMENTS` given for it).
+        """
+        run_base = not start_from_image
+        if run_base and self.base is None:
+            raise ValueError("this cascade has no base generator: pass a low-resolution `image` to start from")
+        if not run_base and not self.stages:
+            raise ValueError("this cascade has no super-resolution stage to apply to `image`")
+        runs = ([self.base] if run_base else []) + self.stages
+        names = (["base"] if run_base else []) + list(STAGE_NAMES[: len(self.stages)])
+        steps = self._per_stage(num_inference_steps, len(runs), "num_inference_steps")
+        given = dict(
+            condition_noise_level=condition_noise_level,
+            mode=mode,
+            eta=eta,
+            temperature=temperature,
+            strength=strength,
+            guidance_scale=guidance_scale,
+        )
+        values = {name: self._per_stage(given[name], len(self.stages), name) for name in STAGE_ARGUMENTS}
+        if condition_noise_level is not None and not self._is_per_stage(condition_noise_level):
+            # One level is for the stages trained with noise-conditioning augmentation; the others take none.
+            embedded = [stage.unet.config.get("condition_noise_embedding", False) for stage in self.stages]
+            if not any(embedded):
+                raise ValueError(
+                    f"condition_noise_level {condition_noise_level:g} needs an SR stage trained with "
+                    "condition_noise_embedding=True; this cascade has none"
+                )
+            values["condition_noise_level"] = [condition_noise_level if e else None for e in embedded]
+        stage_calls = []
+        for index, (name, pipeline, stage_steps) in enumerate(zip(names, runs, steps)):
+            try:
+                if run_base and index == 0:
+                    if stage_steps is not None:
+                        check_num_inference_steps(stage_steps, pipeline.scheduler)
+                    continue
+                call = {key: values[key][len(stage_calls)] for key in STAGE_ARGUMENTS}
+                call = {key: value for key, value in call.items() if value is not None}
+                pipeline.check_arguments(num_inference_steps=stage_steps, **call)
+                if tile_size:
+                    check_tile_settings(pipeline.unet, tile_size, None, DEFAULT_MAX_TILE_PIXELS)
+                stage_calls.append(call)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        return {"num_inference_steps": steps, "stage_calls": stage_calls}
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -168,6 +282,11 @@ class SR3CascadePipeline(SR3BasePipeline):
         return_all_stages: bool = False,
         condition_noise_level: Optional[Union[float, Sequence[Optional[float]]]] = None,
         tile_size: Optional[int] = None,
+        mode: Optional[Union[str, Sequence[Optional[str]]]] = None,
+        eta: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        temperature: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        strength: Optional[Union[float, Sequence[Optional[float]]]] = None,
+        guidance_scale: Optional[Union[float, Sequence[Optional[float]]]] = None,
     ) -> Union[SR3CascadePipelineOutput, tuple]:
         r"""Generate (or start from `image`) and super-resolve through every stage.
 
@@ -177,16 +296,28 @@ class SR3CascadePipeline(SR3BasePipeline):
             batch_size (`int`, defaults to 1): Images to generate when starting from noise.
             num_inference_steps (`int` or a list, one per stage run): Steps per stage; None keeps each stage's
                 default (100 for the generator; an SR stage's own detail settings, `detail_steps` (50 unless saved
-                with its own), `detail_strength` and `detail_eta`).
+                with its own), `detail_strength` and `detail_eta`, or its `fidelity_steps` in fidelity mode). Each
+                must be an integer the stage's scheduler takes (at most its `num_train_timesteps`).
             generator (`torch.Generator` or a list, one per image): Random source for every stage.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`, for the final (and, with
                 `return_all_stages`, every stage's) images. Between stages images stay float tensors.
             return_dict (`bool`, defaults to True): Return an [`SR3CascadePipelineOutput`] instead of a tuple.
             return_all_stages (`bool`, defaults to False): Also return each stage's output.
-            condition_noise_level (`float` or a list, one per SR stage): Noise-conditioning augmentation level
-                for the SR stages that were trained with it (None: each stage's saved default).
+            condition_noise_level (`float` or a list, one per SR stage): Noise-conditioning augmentation level, in
+                [0, 1). One value applies to the SR stages trained with it (`condition_noise_embedding`), the others
+                taking none; a list gives each SR stage its own, and a stage trained without it takes only None or
+                0. None: each stage's saved default.
             tile_size (`int`, optional): Refine SR stages whose output is larger than this in overlapping tiles of
-                this size (seamless; `diffusers_sr3.tiling`), to bound memory at high resolution.
+                this size (seamless; `diffusers_sr3.tiling`), to bound memory at high resolution. A multiple of
+                every SR stage's downsampling factor.
+            mode (`str` or a list, one per SR stage): [`SR3Pipeline`]'s `mode`, `"detail"` or `"fidelity"`; None:
+                `"detail"`.
+            eta, temperature, strength, guidance_scale (`float` or a list, one per SR stage): [`SR3Pipeline`]'s
+                detail-mode arguments of those names, one value for every SR stage or one per SR stage; None: the
+                stage's saved default.
+
+        Every stage's arguments are checked before the first stage runs; an error names the stage (`base`,
+        `stage_1`, ...).
 
         Between stages images stay tensors on the stages' device (no round trip through the CPU); only the final
         conversion to `output_type` (`"pil"`, `"np"`) moves them to the CPU.
@@ -196,16 +327,21 @@ class SR3CascadePipeline(SR3BasePipeline):
         Returns:
             [`SR3CascadePipelineOutput`] or `tuple` `(images, stage_images)`.
         """
-        # 1. Decide which stages run (and refuse an output type before any of them runs).
+        # 1. Decide which stages run, and refuse the output type and every stage's arguments before any of them runs.
         check_output_type(output_type)
         run_base = image is None
-        if run_base and self.base is None:
-            raise ValueError("this cascade has no base generator: pass a low-resolution `image` to start from")
-        if not run_base and not self.stages:
-            raise ValueError("this cascade has no super-resolution stage to apply to `image`")
-        runs = ([self.base] if run_base else []) + self.stages
-        steps = self._per_stage(num_inference_steps, len(runs), "num_inference_steps")
-        levels = self._per_stage(condition_noise_level, len(self.stages), "condition_noise_level")
+        checked = self.check_arguments(
+            start_from_image=not run_base,
+            num_inference_steps=num_inference_steps,
+            condition_noise_level=condition_noise_level,
+            tile_size=tile_size,
+            mode=mode,
+            eta=eta,
+            temperature=temperature,
+            strength=strength,
+            guidance_scale=guidance_scale,
+        )
+        steps = checked["num_inference_steps"]
 
         # 2. The first images: generated, or the user's input as a [0, 1] tensor batch.
         stage_outputs = []
@@ -222,12 +358,12 @@ class SR3CascadePipeline(SR3BasePipeline):
             current = (images_to_tensor(image) + 1) / 2
 
         # 3. Every super-resolution stage, on float tensors.
-        for stage, stage_steps, level in zip(self.stages, steps, levels):
-            call = dict(num_inference_steps=stage_steps, generator=generator, output_type="pt")
+        for stage, stage_steps, stage_call in zip(self.stages, steps, checked["stage_calls"]):
+            call = dict(num_inference_steps=stage_steps, generator=generator, output_type="pt", **stage_call)
             if tile_size:
-                current = tiled_super_resolve(stage, current, tile_size=tile_size, condition_noise_level=level, **call)
+                current = tiled_super_resolve(stage, current, tile_size=tile_size, **call)
             else:
-                current = stage(current, condition_noise_level=level, **call)
+                current = stage(current, **call)
             current = current.images
             stage_outputs.append(current)
 
