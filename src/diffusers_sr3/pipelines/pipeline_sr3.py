@@ -33,7 +33,7 @@ from ..image_processing import (
 )
 from ..models.unet_sr3 import SR3UNet2DModel
 from ..noise import augment_condition, check_scheduler_fits, scheduler_takes_eta, swap_scheduler
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, step_networks
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, serialised, step_networks
 
 # What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
 OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")
@@ -469,6 +469,7 @@ class SR3Pipeline(SR3BasePipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @serialised
     def __call__(
         self,
         image: ImageInput,
@@ -492,6 +493,10 @@ class SR3Pipeline(SR3BasePipeline):
         parallel_guidance_weight: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
+
+        Calls on one pipeline object are serialised (a call from another thread waits for the running one); for
+        parallel requests use one pipeline per worker, e.g. `SR3Pipeline.from_pipe(pipeline)`, which shares the
+        weights.
 
         Args:
             image (PIL image, numpy array, torch tensor, or a list of them): The low-resolution input(s); all of

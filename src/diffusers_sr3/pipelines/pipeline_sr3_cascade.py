@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 
 from ..image_processing import ImageInput, check_output_type, images_to_tensor, postprocess
 from ..tiling import tiled_super_resolve
-from .base import GeneratorInput, SR3BasePipeline
+from .base import GeneratorInput, SR3BasePipeline, serialised
 from .pipeline_sr3 import SR3Pipeline
 from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
 
@@ -157,6 +157,7 @@ class SR3CascadePipeline(SR3BasePipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @serialised
     def __call__(
         self,
         image: Optional[ImageInput] = None,
