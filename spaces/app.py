@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import pathlib
@@ -160,16 +159,9 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
 def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
     """A pipeline like `pipeline`, sharing its UNet, that samples with `scheduler` (a `SCHEDULERS` name).
 
-    Each request gets its own, so the served pipeline never changes. (`from_pipe` would do this too, but it casts
-    the UNet, which warns about its float32-only modules on every call.)
+    Each request gets its own, so the served pipeline never changes and requests run in parallel.
     """
-    options = {
-        key: pipeline.config[key]
-        for key in inspect.signature(type(pipeline).__init__).parameters
-        if key in pipeline.config and key not in pipeline.components
-    }
-    components = {**pipeline.components, "scheduler": swap_scheduler(pipeline.scheduler, scheduler)}
-    sampler = type(pipeline)(**components, **options)
+    sampler = type(pipeline).from_pipe(pipeline, scheduler=swap_scheduler(pipeline.scheduler, scheduler))
     sampler.set_progress_bar_config(disable=True)
     return sampler
 

@@ -48,7 +48,7 @@ import torch
 from diffusers.utils.torch_utils import is_compiled_module
 
 from .defaults import BACKENDS
-from .pipelines.base import step_networks
+from .pipelines.base import call_lock, step_networks
 from .pipelines.pipeline_sr3_cascade import SR3CascadePipeline
 
 # The metadata key of an ONNX export that records the unet_fingerprint of the UNet it was exported from.
@@ -532,13 +532,15 @@ class AutocastUNet:
 
 @contextlib.contextmanager
 def swap_unet(pipeline: Any, unet: Any) -> Iterator[Any]:
-    """Run `pipeline` with `unet` in place of its UNet inside the `with` block (its config never sees it)."""
-    original = pipeline.unet
-    vars(pipeline)["unet"] = unet
-    try:
-        yield unet
-    finally:
-        vars(pipeline)["unet"] = original
+    """Run `pipeline` with `unet` in place of its UNet inside the `with` block (its config never sees it); the block
+    holds the pipeline's `call_lock`, so another thread's call on it waits for the block to end."""
+    with call_lock(pipeline):
+        original = pipeline.unet
+        vars(pipeline)["unet"] = unet
+        try:
+            yield unet
+        finally:
+            vars(pipeline)["unet"] = original
 
 
 class _DeferredOnnxUNet(_OnnxStandIn):
@@ -573,41 +575,45 @@ def use_backend(pipeline: Any, backend: str = "torch", threads: Optional[int] = 
     `backend` (`"auto"` decides for each), and the block yields their stand-ins in that order.
 
     `"torch"`: unchanged; `"bf16"`: [`AutocastUNet`]; `"onnx"`: [`OnnxUNet`], the UNet exported on entering the block
-    and the guidance UNet on its first evaluation; `"auto"`: see [`resolve_backend`].
+    and the guidance UNet on its first evaluation; `"auto"`: see [`resolve_backend`]. The block holds the pipeline's
+    `call_lock`.
     """
-    if isinstance(pipeline, SR3CascadePipeline):
-        stages = ([pipeline.base] if pipeline.base is not None else []) + pipeline.stages
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(use_backend(stage, backend, threads=threads)) for stage in stages]
-        return
-    backend = resolve_backend(backend, pipeline.unet)
-    if backend == "torch":
-        yield pipeline.unet
-        return
-    networks = step_networks(pipeline)
-    if backend == "onnx":
-        if pipeline.unet.device.type != "cpu":
-            raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
-        if any(network.dtype != torch.float32 for network in networks.values()):
-            raise ValueError("the onnx backend runs in float32: load the pipeline in float32 (--dtype float32)")
+    # Held through the block: another thread's call on the pipeline would run on (and a second block restore)
+    # this block's stand-ins.
+    with call_lock(pipeline):
+        if isinstance(pipeline, SR3CascadePipeline):
+            stages = ([pipeline.base] if pipeline.base is not None else []) + pipeline.stages
+            with contextlib.ExitStack() as stack:
+                yield [stack.enter_context(use_backend(stage, backend, threads=threads)) for stage in stages]
+            return
+        backend = resolve_backend(backend, pipeline.unet)
+        if backend == "torch":
+            yield pipeline.unet
+            return
+        networks = step_networks(pipeline)
+        if backend == "onnx":
+            if pipeline.unet.device.type != "cpu":
+                raise ValueError("the onnx backend runs on the CPU: use --device cpu (or the torch backend on a GPU)")
+            if any(network.dtype != torch.float32 for network in networks.values()):
+                raise ValueError("the onnx backend runs in float32: load the pipeline in float32 (--dtype float32)")
 
-    def stand_in(name: str, network: torch.nn.Module) -> Any:
-        if backend == "bf16":
-            return AutocastUNet(network)
-        if name == "unet":
-            return OnnxUNet.from_unet(network, threads=threads)
-        return _DeferredOnnxUNet(network, threads=threads)
+        def stand_in(name: str, network: torch.nn.Module) -> Any:
+            if backend == "bf16":
+                return AutocastUNet(network)
+            if name == "unet":
+                return OnnxUNet.from_unet(network, threads=threads)
+            return _DeferredOnnxUNet(network, threads=threads)
 
-    formats = {name: _memory_format(network) for name, network in networks.items()}
-    try:
-        stand_ins = {name: stand_in(name, network) for name, network in networks.items()}
-        vars(pipeline).update(stand_ins)
-        yield stand_ins["unet"]
-    finally:
-        vars(pipeline).update(networks)
-        if backend == "bf16":
-            for name, network in networks.items():
-                network.to(memory_format=formats[name])
+        formats = {name: _memory_format(network) for name, network in networks.items()}
+        try:
+            stand_ins = {name: stand_in(name, network) for name, network in networks.items()}
+            vars(pipeline).update(stand_ins)
+            yield stand_ins["unet"]
+        finally:
+            vars(pipeline).update(networks)
+            if backend == "bf16":
+                for name, network in networks.items():
+                    network.to(memory_format=formats[name])
 
 
 def _memory_format(network: torch.nn.Module) -> torch.memory_format:

@@ -28,7 +28,9 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -309,20 +311,55 @@ def step_networks(pipeline: Any) -> Dict[str, Any]:
     return {name: vars(pipeline)[name] for name in STEP_NETWORKS if vars(pipeline).get(name) is not None}
 
 
+# One re-entrant lock per pipeline object, kept out of the instance so that pipelines still deep-copy and pickle (a
+# lock does neither); weak keys, so a pipeline's lock goes with it.
+_CALL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+def call_lock(pipeline: Any) -> threading.RLock:
+    """The re-entrant lock that serialises the calls on `pipeline`: its `__call__`, and every swap of its step networks
+    for stand-ins ([`stand_ins`], `swap_unet`, `use_backend`), hold it.
+
+    A call changes the pipeline while it runs (stand-ins in its instance dictionary, the scheduler's timesteps and
+    step index, `_interrupt`), so two overlapping calls would mix each other's state. Re-entrant: a cascade's call
+    holds its own lock while its stages (pipelines themselves) take theirs, and a call may run inside a stand-in block.
+    """
+    with _CALL_LOCKS_GUARD:
+        lock = _CALL_LOCKS.get(pipeline)
+        if lock is None:
+            lock = _CALL_LOCKS[pipeline] = threading.RLock()
+        return lock
+
+
+def serialised(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a pipeline method hold the pipeline's [`call_lock`] while it runs."""
+
+    @functools.wraps(method)
+    def serialised_method(self, *args: Any, **kwargs: Any) -> Any:
+        with call_lock(self):
+            return method(self, *args, **kwargs)
+
+    return serialised_method
+
+
 @contextlib.contextmanager
 def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
     """Run `pipeline` with `stand_in(network)` in place of each of its step networks inside the `with` block.
 
     The networks are swapped in the instance dictionary, not with `setattr`, so the pipeline's config (what
-    save_pretrained writes) never sees the stand-ins; the originals come back however the block ends.
+    save_pretrained writes) never sees the stand-ins; the originals come back however the block ends. The block holds
+    the pipeline's [`call_lock`]: another thread's call waits for it rather than running on (and recording as
+    originals) this block's stand-ins.
     """
-    originals = step_networks(pipeline)
-    for name, network in originals.items():
-        vars(pipeline)[name] = stand_in(network)
-    try:
-        yield
-    finally:
-        vars(pipeline).update(originals)
+    with call_lock(pipeline):
+        originals = step_networks(pipeline)
+        for name, network in originals.items():
+            vars(pipeline)[name] = stand_in(network)
+        try:
+            yield
+        finally:
+            vars(pipeline).update(originals)
 
 
 def _weights_by_folder(files: Sequence[str]) -> Dict[str, Dict[Optional[str], List[str]]]:
@@ -505,6 +542,10 @@ def _signature_for_diffusers(init: Callable[..., None], optional_components: Seq
     return signature.replace(parameters=positional + keyword_only + rest)
 
 
+# Set (per thread) while `SR3BasePipeline.from_pipe` builds a pipeline without a dtype asked for.
+_UNCAST = threading.local()
+
+
 class SR3BasePipeline(DiffusionPipeline):
     """Base class of the SR3 pipelines: the refinement loop, and saving/loading in the SR3 folder layout."""
 
@@ -517,15 +558,38 @@ class SR3BasePipeline(DiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
-        """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s components (`kwargs`: components
+        """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s networks (`kwargs`: components
         and config values to use instead); optional components that `pipeline` lacks (the guide, from an
-        `SR3UnconditionalPipeline` or a Diffusers `DDPMPipeline`) are None."""
+        `SR3UnconditionalPipeline` or a Diffusers `DDPMPipeline`) are None.
+
+        Unlike Diffusers' (which casts the shared networks to float32 unless given a dtype, changing `pipeline`'s
+        too), the networks keep their dtype unless `dtype` (or `torch_dtype`) is given. The new pipeline gets its own
+        copy of `pipeline`'s scheduler unless one is passed: a scheduler holds the state of the refinement that runs
+        it, so the two pipelines can run at the same time (one per worker thread).
+        """
         # Diffusers takes an __init__ parameter without a default for a required component, and
         # `_signature_for_diffusers` removes the optional components' defaults.
         for name in cls._optional_components:
             if name not in kwargs and name not in pipeline.components:
                 kwargs[name] = None
-        return super().from_pipe(pipeline, **kwargs)
+        # Under the source's lock: during a call of another thread its components are that call's stand-ins.
+        with call_lock(pipeline):
+            scheduler = pipeline.components.get("scheduler")
+            if "scheduler" not in kwargs and scheduler is not None and "scheduler" in inspect.signature(cls).parameters:
+                kwargs["scheduler"] = copy.deepcopy(scheduler)
+            if "dtype" in kwargs or "torch_dtype" in kwargs:
+                return super().from_pipe(pipeline, **kwargs)
+            _UNCAST.active = True
+            try:
+                return super().from_pipe(pipeline, **kwargs)
+            finally:
+                _UNCAST.active = False
+
+    def to(self, *args: Any, **kwargs: Any):
+        """Diffusers' `to`; a no-op for the float32 cast that Diffusers' `from_pipe` applies when no dtype is asked."""
+        if getattr(_UNCAST, "active", False) and not args and kwargs == {"dtype": torch.float32}:
+            return self
+        return super().to(*args, **kwargs)
 
     @property
     def num_timesteps(self) -> int:

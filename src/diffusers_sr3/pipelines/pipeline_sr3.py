@@ -40,6 +40,7 @@ from .base import (
     StepCallback,
     check_eta,
     check_num_inference_steps,
+    serialised,
     step_networks,
 )
 
@@ -528,6 +529,7 @@ class SR3Pipeline(SR3BasePipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @serialised
     def __call__(
         self,
         image: ImageInput,
@@ -551,6 +553,10 @@ class SR3Pipeline(SR3BasePipeline):
         parallel_guidance_weight: Optional[float] = None,
     ) -> Union[SR3PipelineOutput, Tuple]:
         r"""Super-resolve one or more images.
+
+        Calls on one pipeline object are serialised (a call from another thread waits for the running one); for
+        parallel requests use one pipeline per worker, e.g. `SR3Pipeline.from_pipe(pipeline)`, which shares the
+        weights.
 
         Args:
             image (PIL image, numpy array, torch tensor, or a list of them): The low-resolution input(s); all of

@@ -19,7 +19,7 @@ from ..defaults import DEFAULT_MAX_TILE_PIXELS
 from ..image_processing import ImageInput, check_output_type, images_to_tensor, postprocess
 from ..tiling import _check_settings as check_tile_settings
 from ..tiling import tiled_super_resolve
-from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps
+from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps, serialised
 from .pipeline_sr3 import SR3Pipeline
 from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
 
@@ -271,6 +271,7 @@ class SR3CascadePipeline(SR3BasePipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @serialised
     def __call__(
         self,
         image: Optional[ImageInput] = None,

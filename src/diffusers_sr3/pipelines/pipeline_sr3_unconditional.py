@@ -10,7 +10,7 @@ from diffusers.utils import replace_example_docstring
 
 from ..image_processing import check_output_type, postprocess
 from ..models.unet_sr3 import SR3UNet2DModel
-from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback
+from .base import GeneratorInput, SR3BasePipeline, SR3PipelineOutput, StepCallback, serialised
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -44,6 +44,7 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @serialised
     def __call__(
         self,
         batch_size: int = 1,
