@@ -171,6 +171,8 @@ def test_destinations_differing_only_in_case_are_refused_on_every_platform(tmp_p
         "one file on case-insensitive filesystems (macOS, Windows); write them into separate --output folders"
     )
     check_destinations(writes[:1] + [("another", str(tmp_path / "grid-2.png"))], overwrite=False)
+    # Case, not full Unicode case folding: those file systems keep ß and ss apart.
+    check_destinations([("a", str(tmp_path / "straße.png")), ("b", str(tmp_path / "strasse.png"))], overwrite=False)
 
 
 @pytest.mark.parametrize("backend", ["bf16", "onnx"])

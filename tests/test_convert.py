@@ -129,7 +129,7 @@ def test_files_that_are_not_original_checkpoints_are_refused(tmp_path):
     state = torch.load(FIXTURES / "sr3_tiny_I10_E1_gen.pth", weights_only=True)
     renamed = {key.replace("denoise_fn.", "net."): value for key, value in state.items()}
     torch.save(renamed, tmp_path / "renamed.pth")
-    cases["no 'denoise_fn"] = tmp_path / "renamed.pth"
+    cases["neither 'denoise_fn"] = tmp_path / "renamed.pth"
     with open(tmp_path / "code.pth", "wb") as handle:
         pickle.dump({"denoise_fn.x": _Payload()}, handle)
     cases["is no checkpoint of plain tensors"] = tmp_path / "code.pth"

@@ -57,21 +57,22 @@ def test_wrapped_and_bare_state_dicts_convert(tmp_path, form, reference):
     assert _first_weight(convert_original_checkpoint(tmp_path / "other.pth", CONFIG)) == reference
 
 
-@pytest.mark.filterwarnings("ignore:There are modules in SR3UNet2DModel")
-def test_convert_saves_a_variant_in_a_dtype(tmp_path, reference):
+def test_convert_saves_a_variant_in_a_dtype(tmp_path, capfd, reference):
     output = tmp_path / "out"
     assert _convert(CHECKPOINT, output, "--variant", "fp16", "--dtype", "fp16") == 0
+    assert "kept in float32" not in capfd.readouterr().err
     assert [path.name for path in (output / "unet").glob("*.safetensors")] == [
         "diffusion_pytorch_model.fp16.safetensors"
     ]
     saved = load_file(output / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     assert saved["conv_in.weight"].dtype == torch.float16
+    # As from_pretrained(torch_dtype=torch.float16) keeps them, and Diffusers saves them.
+    assert saved["noise_level_embedding.linear_1.weight"].dtype == torch.float32
     loaded = SR3Pipeline.from_pretrained(output, variant="fp16", torch_dtype=torch.float16)
     assert loaded.unet.conv_in.weight.dtype == torch.float16
     assert _first_weight(loaded) == torch.tensor(reference).half().item()
 
 
-@pytest.mark.filterwarnings("ignore:There are modules in SR3UNet2DModel")
 def test_overwrite_with_a_variant_drops_the_replaced_main_weights(tmp_path, capsys):
     output = tmp_path / "out"
     assert _convert(CHECKPOINT, output) == 0
@@ -80,3 +81,16 @@ def test_overwrite_with_a_variant_drops_the_replaced_main_weights(tmp_path, caps
     assert [path.name for path in (output / "unet").glob("*.safetensors")] == [
         "diffusion_pytorch_model.fp16.safetensors"
     ]
+
+
+@pytest.mark.parametrize("variant", ["fp16.x", "x/y", "x\\y"])
+def test_a_variant_name_no_loader_reads_is_refused_before_any_work(tmp_path, capsys, variant):
+    assert _convert(CHECKPOINT, tmp_path / "out", "--variant", variant) == 2
+    assert f"--variant {variant}: a variant name cannot hold" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_conversion_casts_nothing_and_logs_no_float32_warning(tmp_path, capfd, reference):
+    assert _convert(CHECKPOINT, tmp_path / "out") == 0
+    assert "kept in float32" not in capfd.readouterr().err
+    assert _first_weight(SR3Pipeline.from_pretrained(tmp_path / "out")) == reference

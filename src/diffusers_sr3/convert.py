@@ -109,7 +109,8 @@ def checkpoint_file(path: Union[str, os.PathLike]) -> str:
     code's `resume_state` setting takes (`.../I10_E1`).
 
     Raises:
-        FileNotFoundError: neither exists; `path` is a folder (its one `_gen.pth` named, where it holds one).
+        FileNotFoundError: neither exists.
+        IsADirectoryError: `path` is a folder (its `_gen.pth` files named, where it holds some).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -167,7 +168,10 @@ def load_original_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.T
         # The network's own state dict, saved without the diffusion wrapper (its schedule comes from the config).
         state = {f"denoise_fn.{key}": value for key, value in state.items()}
     if not any(key.startswith("denoise_fn.") for key in state):
-        raise CheckpointError(f"{path} is not an original SR3 checkpoint: it has no 'denoise_fn.*' weights")
+        raise CheckpointError(
+            f"{path} is not an original SR3 checkpoint: it has neither 'denoise_fn.*' weights nor the bare network's "
+            "('downs.0.weight', ...)"
+        )
     return state
 
 
@@ -476,8 +480,13 @@ def convert_original_checkpoint(
         pipeline: SR3BasePipeline = SR3Pipeline(unet=unet, scheduler=scheduler, upscale_factor=_upscale_factor(config))
     else:
         pipeline = SR3UnconditionalPipeline(unet=unet, scheduler=scheduler)
-    if dtype is not None:
-        pipeline.to(dtype=dtype)
+    if dtype is not None and dtype != torch.float32:
+        # As from_pretrained(torch_dtype=...) loads it: the noise-level embeddings stay float32 (ModelMixin.to would
+        # cast them too, and warn that it does).
+        torch.nn.Module.to(unet, dtype=dtype)
+        for name in unet._keep_in_fp32_modules:
+            if getattr(unet, name, None) is not None:
+                getattr(unet, name).to(torch.float32)
     if output_dir is not None:
         pipeline.save_pretrained(output_dir, variant=variant)
     return pipeline

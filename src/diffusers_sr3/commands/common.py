@@ -221,7 +221,8 @@ def destination_clash(writes: Iterable[Tuple[str, str]]) -> Optional[str]:
     """
     seen: dict = {}
     for path, destination in writes:
-        key = os.path.normcase(destination).casefold()
+        # lower(), not casefold(): those file systems keep ß and ss apart.
+        key = os.path.normcase(destination).lower()
         if key in seen:
             first, written = seen[key]
             if written == destination:

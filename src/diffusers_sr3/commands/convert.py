@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variant fp16); default: the main weights",
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="precision to save the weights in (default float32)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="precision to save the weights in (default float32, the original's; the noise-level embeddings stay "
+        "float32, as from_pretrained(torch_dtype=...) loads them)",
     )
 
 
@@ -159,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variant is not None and not args.variant:
         raise ValueError("--variant is empty: give a variant name such as fp16, or leave the option out")
+    if args.variant is not None and any(character in args.variant for character in "./\\"):
+        # Loaders read the variant between the dots of diffusion_pytorch_model.<variant>.safetensors.
+        raise ValueError(f"--variant {args.variant}: a variant name cannot hold '.', '/' or '\\'")
     replaced_description = _check_output(args.output, args.overwrite)
     checkpoint = checkpoint_file(args.checkpoint)
     if checkpoint != args.checkpoint:
@@ -167,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))
     replaced_layout = _pipeline_layout(args.output) if replacing else None
     pipeline = convert_original_checkpoint(
-        checkpoint, args.config, args.output, variant=args.variant, dtype=DTYPES[args.dtype]
+        checkpoint, args.config, args.output, variant=args.variant, dtype=DTYPES[args.dtype] if args.dtype else None
     )
     # Only now that the new pipeline is saved: a failed conversion leaves the folder as it was.
     for name in replaced_description:

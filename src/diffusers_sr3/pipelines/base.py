@@ -332,6 +332,24 @@ def call_lock(pipeline: Any) -> threading.RLock:
         return lock
 
 
+def share_call_lock(pipelines: Sequence[Any]) -> None:
+    """Make `pipelines` (a cascade and the pipelines it holds) take one [`call_lock`], joined with the locks they
+    already share with others (a stage held by two cascades).
+
+    A cascade's call holds its lock while each stage takes its own, and a block on one stage (`swap_unet`) may call
+    the cascade: with a lock each, two threads could take them in opposite orders and wait for each other forever.
+    Build a cascade before its pipelines are called from other threads: a lock held while this runs is not joined.
+    """
+    with _CALL_LOCKS_GUARD:
+        joined = {id(_CALL_LOCKS[pipeline]) for pipeline in pipelines if pipeline in _CALL_LOCKS}
+        shared = threading.RLock()
+        for pipeline, lock in list(_CALL_LOCKS.items()):
+            if id(lock) in joined:
+                _CALL_LOCKS[pipeline] = shared
+        for pipeline in pipelines:
+            _CALL_LOCKS[pipeline] = shared
+
+
 def serialised(method: Callable[..., Any]) -> Callable[..., Any]:
     """Make a pipeline method hold the pipeline's [`call_lock`] while it runs."""
 
@@ -463,11 +481,14 @@ def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: 
 
 
 def check_num_inference_steps(num_inference_steps: Any, scheduler: Optional[SchedulerMixin] = None) -> int:
-    """`num_inference_steps` as an `int`, refused unless it is a positive integer (numpy's integers included).
+    """`num_inference_steps` as an `int`, refused unless it is a positive integer (numpy's integers, and floats with
+    no fraction such as a JSON config's or a number field's 4.0, included).
 
     With a `scheduler`, also refused unless that scheduler takes it, tried on a copy so that nothing runs before a
     call's networks do: a count outside `[1, num_train_timesteps]` that it refuses is named by that range.
     """
+    if isinstance(num_inference_steps, (float, np.floating)) and float(num_inference_steps).is_integer():
+        num_inference_steps = int(num_inference_steps)
     try:
         steps = operator.index(num_inference_steps)
     except TypeError:

@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils import BaseOutput, replace_example_docstring
 
 from ..defaults import DEFAULT_MAX_TILE_PIXELS
 from ..image_processing import ImageInput, check_output_type, images_to_tensor, postprocess
 from ..tiling import _check_settings as check_tile_settings
 from ..tiling import tiled_super_resolve
-from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps, serialised
+from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps, serialised, share_call_lock
 from .pipeline_sr3 import SR3Pipeline
 from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
 
@@ -28,7 +28,6 @@ STAGE_NAMES = tuple(f"stage_{index}" for index in range(1, MAX_STAGES + 1))
 # The SR stages' per-call arguments a cascade passes on: one value for every SR stage, or one per SR stage.
 STAGE_ARGUMENTS = ("condition_noise_level", "mode", "eta", "temperature", "strength", "guidance_scale")
 
-logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -92,21 +91,7 @@ class SR3CascadePipeline(SR3BasePipeline):
             if stage is not None and not isinstance(stage, SR3Pipeline):
                 raise TypeError(f"{name} must be an SR3Pipeline, got {type(stage).__name__}")
         self.register_modules(base=base, stage_1=stage_1, stage_2=stage_2, stage_3=stage_3, stage_4=stage_4)
-        self._warn_unchained_sizes()
-
-    def _warn_unchained_sizes(self) -> None:
-        """Warn of neighbouring stages whose training sizes do not chain (the previous one's output size is not the
-        next one's `sample_size / upscale_factor`): stages swapped, or from different cascades. Not refused: the SR
-        networks are convolutional and run at any size, but at another scale than trained they draw worse detail."""
-        previous = ("base", self.base.unet.config.sample_size) if self.base is not None else None
-        for name, stage in zip(STAGE_NAMES, self.stages):
-            size, factor = stage.unet.config.sample_size, stage.config.upscale_factor
-            if previous is not None and previous[1] * factor != size:
-                logger.warning(
-                    f"{name} was trained to upscale {size / factor:g}-pixel images x{factor} to {size} (sample_size "
-                    f"{size}), but {previous[0]} makes {previous[1]}-pixel images: are the stages in order?"
-                )
-            previous = (name, size)
+        share_call_lock([self, *self._pipelines()])
 
     @classmethod
     def from_stages(
@@ -246,7 +231,8 @@ class SR3CascadePipeline(SR3BasePipeline):
         if condition_noise_level is not None and not self._is_per_stage(condition_noise_level):
             # One level is for the stages trained with noise-conditioning augmentation; the others take none.
             embedded = [stage.unet.config.get("condition_noise_embedding", False) for stage in self.stages]
-            if not any(embedded):
+            # 0 is no augmentation, which every stage takes.
+            if condition_noise_level and not any(embedded):
                 raise ValueError(
                     f"condition_noise_level {condition_noise_level:g} needs an SR stage trained with "
                     "condition_noise_embedding=True; this cascade has none"
