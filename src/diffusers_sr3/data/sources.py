@@ -129,6 +129,17 @@ class LmdbSource(ImageSource):
             self.length = int(length.decode("utf-8"))
         except ValueError:
             raise ValueError(f"{path}: the 'length' key holds {length[:20]!r}, not a count") from None
+        if self.length <= 0:
+            raise ValueError(f"{path}: the 'length' key holds {self.length}, not a positive count")
+        # A length beyond the images (edited or damaged) would have training draw indices of images that are not
+        # there, and a huge one allocate gigabytes for the epoch's order: the last key must exist.
+        last = [f"hr_{high}_{self.length - 1:05d}"] + ([] if low is None else [f"lr_{low}_{self.length - 1:05d}"])
+        with open_lmdb(path).begin(write=False) as txn:
+            missing = [key for key in last if txn.get(key.encode("utf-8")) is None]
+        if missing:
+            raise ValueError(
+                f"{path}: the 'length' key holds {self.length}, but its last image {missing[0]!r} is missing"
+            )
 
     def __len__(self) -> int:
         return self.length
