@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import re
 import struct
 import zlib
 
@@ -22,6 +24,7 @@ from diffusers_sr3.image_io import (
     inspect_image,
     is_grayscale,
     open_image,
+    read_formats,
     walk_images,
 )
 
@@ -329,3 +332,69 @@ def test_an_srgb_profile_takes_no_colour_conversion():
     buffer = io.BytesIO()
     image.save(buffer, "PNG", icc_profile=srgb)
     assert open_image(buffer.getvalue()).getpixel((0, 0)) == (200, 30, 90)
+
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n"
+
+
+def fake_ghostscript(tmp_path, monkeypatch):
+    """Puts a `gs` first on PATH that leaves a marker file wherever it is run (even for `gs --version`); returns the
+    marker's path. Pillow's cached Ghostscript lookup is forgotten, so this `gs` is the one it would find."""
+    import PIL.EpsImagePlugin
+
+    marker = tmp_path / "gs_ran"
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    script = bin_folder / "gs"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\necho 10.02.1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(PIL.EpsImagePlugin, "gs_binary", None)
+    return marker
+
+
+def test_postscript_named_as_an_image_is_refused_unread(tmp_path, monkeypatch, tiny_pipeline, capsys):
+    """An EPS file named pic.png (or LMDB bytes holding one) would have Pillow run Ghostscript on it: it is refused
+    as no image this reads, in one line naming it, and no `gs` runs."""
+    from diffusers_sr3.data.decoding import decode_image
+
+    marker = fake_ghostscript(tmp_path, monkeypatch)
+
+    picture = tmp_path / "pic.png"
+    picture.write_bytes(POSTSCRIPT)
+    refusal = f"cannot read image {picture}: EPS data, not a format this reads (PNG, JPEG, "
+    with pytest.raises(UnreadableImageError, match=re.escape(refusal)) as info:
+        open_image(picture)
+    assert info.value.not_an_image and "\n" not in str(info.value)
+    with pytest.raises(UnreadableImageError, match=re.escape(refusal)):
+        image_size(picture)
+    with pytest.raises(ValueError, match=r"lmdb:hr_32_00000: cannot decode image \(EPS data, not a format this reads"):
+        decode_image(POSTSCRIPT, "lmdb:hr_32_00000")
+    model = tmp_path / "model"
+    tiny_pipeline.save_pretrained(model)
+    arguments = ["upscale", str(picture), "--model", str(model), "--output", str(tmp_path / "out.png")]
+    assert main(arguments + ["--steps", "2", "--device", "cpu"]) != 0
+    assert "pic.png: EPS data, not a format this reads" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "extension, mode",
+    [(".png", "RGB"), (".jpg", "RGB"), (".jfif", "RGB"), (".webp", "RGB"), (".bmp", "RGB"), (".tif", "RGB")]
+    + [(".gif", "P"), (".ppm", "RGB"), (".pgm", "L"), (".pbm", "1"), (".pfm", "F"), (".avif", "RGB")],
+)
+def test_every_format_read_opens(tmp_path, extension, mode):
+    if PIL.Image.registered_extensions().get(extension) not in PIL.Image.SAVE:
+        pytest.skip(f"this Pillow writes no {extension}")
+    path = tmp_path / f"picture{extension}"
+    PIL.Image.new(mode, (6, 4), 1 if mode in ("1", "F") else 200).save(path)
+    assert PIL.Image.registered_extensions()[extension] in read_formats()
+    assert open_image(path).size == (6, 4) and image_size(path) == (6, 4)
+
+
+def test_formats_pillow_reads_but_this_does_not_are_refused_and_not_globbed(tmp_path):
+    PIL.Image.new("RGB", (6, 4)).save(tmp_path / "scan.pcx")
+    with pytest.raises(UnreadableImageError, match=r"scan\.pcx: PCX data, not a format this reads \(PNG, "):
+        open_image(tmp_path / "scan.pcx")
+    PIL.Image.new("RGB", (6, 4)).save(tmp_path / "scan.png")
+    assert find_images([str(tmp_path / "*")]) == [str(tmp_path / "scan.png")]

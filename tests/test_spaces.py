@@ -19,7 +19,7 @@ from conftest import REPO, SAMPLES, tiny_unet_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
-from test_image_io import png_claiming_size
+from test_image_io import POSTSCRIPT, fake_ghostscript, png_claiming_size
 from test_inputs_image_files import _garbled_exif_jpeg, float_rgb_tiff
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, backends, make_scheduler
@@ -233,6 +233,15 @@ def test_uploads_are_read_upright_as_rgb(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(gradio.Error, match="truncated.png is a damaged or unsupported image"):
         app.read_upload(str(truncated), "truncated.png", 1000)
+
+
+def test_a_postscript_upload_named_png_is_refused_unread(tmp_path, monkeypatch):
+    marker = fake_ghostscript(tmp_path, monkeypatch)
+    upload = tmp_path / "pic.png"
+    upload.write_bytes(POSTSCRIPT)
+    with pytest.raises(gradio.Error, match="pic.png is not an image this demo can read"):
+        load_app().read_upload(str(upload), "pic.png", 1000)
+    assert not marker.exists()
 
 
 def test_scale_choices_and_samplers():

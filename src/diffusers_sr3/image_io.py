@@ -30,6 +30,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
     if PIL.Image.registered_extensions().get(extension) in PIL.Image.OPEN
 )
 
+# The formats `open_image` decodes: those of `IMAGE_EXTENSIONS` (PPM also reads .pgm, .pbm, .pnm and .pfm). Pillow
+# otherwise tries every plugin it has on whatever the file holds, whatever its name: PostScript (EPS) runs
+# Ghostscript, and rarely used parsers (FLI, PCX, SGI, ...) meet untrusted uploads and datasets.
+_READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "PPM", "GIF")
+# Formats read where a plugin registered them (AVIF is built into Pillow 11.2 and later; pillow-heif and
+# pillow-avif-plugin register HEIF and AVIF when imported, which may be after this module).
+_PLUGIN_FORMATS = ("AVIF", "HEIF")
+
+
+def read_formats() -> Tuple[str, ...]:
+    """The Pillow format names [`open_image`] reads: PNG, JPEG, WEBP, BMP, TIFF, PPM (also PGM, PBM), GIF, and
+    AVIF and HEIF where this Pillow or a plugin reads them. Files in any other format are refused unread."""
+    PIL.Image.init()
+    return _READ_FORMATS + tuple(name for name in _PLUGIN_FORMATS if name in PIL.Image.OPEN)
+
+
 ImageData = Union[str, os.PathLike, bytes, bytearray, PIL.Image.Image]
 
 logger = logging.getLogger(__name__)
@@ -72,9 +88,10 @@ def is_image_file(name: Union[str, os.PathLike]) -> bool:
 
 def _globbed_image(name: str) -> bool:
     """Whether a glob's match of this name is read: not hidden, with an extension Pillow reads. Wider than a folder
-    walk: a pattern that names an extension (`scans/*.pgm`) asks for those files."""
+    walk: a pattern that names an extension (`scans/*.pgm`) asks for those files, of the formats [`read_formats`]."""
     extension = os.path.splitext(name)[1].lower()
-    return not name.startswith(".") and (is_image_file(name) or extension in PIL.Image.registered_extensions())
+    readable = PIL.Image.registered_extensions().get(extension) in read_formats()
+    return not name.startswith(".") and (is_image_file(name) or readable)
 
 
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
@@ -358,6 +375,25 @@ _UNDECODABLE_TIFF = (
 )
 
 
+def _format_of(source: Union[str, os.PathLike, io.BytesIO]) -> Optional[str]:
+    """The format Pillow would take the data for, from its first bytes only (no plugin parses more), or None."""
+    try:
+        if isinstance(source, io.BytesIO):
+            prefix = source.getvalue()[:16]
+        else:
+            with open(source, "rb") as handle:
+                prefix = handle.read(16)
+    except OSError:
+        return None
+    for name, (_, accept) in PIL.Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except _DECODING_ERRORS:  # a check written for longer data
+            continue
+    return None
+
+
 def _is_tiff(source: Union[str, os.PathLike, io.BytesIO]) -> bool:
     """Whether the data starts with TIFF's magic bytes."""
     if isinstance(source, io.BytesIO):
@@ -371,9 +407,11 @@ def _is_tiff(source: Union[str, os.PathLike, io.BytesIO]) -> bool:
 
 @contextlib.contextmanager
 def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[PIL.Image.Image]:
-    """`PIL.Image.open(source)`, with every decoding failure turned into an error that names the image."""
+    """`PIL.Image.open(source)` of the formats [`read_formats`] reads, with every decoding failure turned into an
+    error that names the image."""
+    formats = read_formats()
     try:
-        with PIL.Image.open(source) as image:
+        with PIL.Image.open(source, formats=formats) as image:
             yield image
     except ImageTooLargeError:
         raise
@@ -382,6 +420,10 @@ def _opened(source: Union[str, os.PathLike, io.BytesIO], name: str) -> Iterator[
     except PIL.UnidentifiedImageError as error:
         if _is_tiff(source):  # an image, in a layout Pillow lacks: "not an image" would send the user astray
             raise UnreadableImageError(f"cannot read image {name}: {_UNDECODABLE_TIFF}", _UNDECODABLE_TIFF) from None
+        image_format = _format_of(source)
+        if image_format is not None and image_format not in formats:  # one of them, damaged: Pillow's message
+            detail = f"{image_format} data, not a format this reads ({', '.join(formats)})"
+            raise UnreadableImageError(f"cannot read image {name}: {detail}", detail, not_an_image=True) from None
         raise UnreadableImageError(f"cannot read image {name}: {error}", str(error), not_an_image=True) from None
     except PIL.Image.DecompressionBombError as error:
         raise _TooLargeToOpen(f"cannot read image {name}: {error}", str(error)) from None

@@ -292,14 +292,14 @@ def _whole_photo(path, photo_size: int) -> PIL.Image.Image:
     """The held-out photo the demo upscales whole: its longer side `photo_size` (`--photo-size`), cropped to a
     multiple of the upscale factor. Refuses a size that leaves a side below the factor (no low-resolution pixel),
     naming the least size that works for this photo's shape."""
+    from ..image_io import image_size
     from ..photos import load_photo, photo_name
 
     photo = load_photo(path, max_side=photo_size)
     photo = photo.crop((0, 0, photo.width - photo.width % UPSCALE_FACTOR, photo.height - photo.height % UPSCALE_FACTOR))
     if min(photo.size) >= UPSCALE_FACTOR:
         return photo
-    with PIL.Image.open(path) as full:
-        shorter, longer = sorted(full.size)
+    shorter, longer = sorted(image_size(path))
     # load_photo's rounding of the shorter side: the least longer side that leaves it UPSCALE_FACTOR pixels
     sizes = range(UPSCALE_FACTOR, longer + 1)
     least = next((size for size in sizes if round(shorter * size / longer) >= UPSCALE_FACTOR), None)
