@@ -2,6 +2,7 @@
 system (OSError included), an out-of-memory hint, and 130 for Ctrl-C, also while the subcommands are imported."""
 
 import errno
+import json
 import multiprocessing
 import os
 import signal
@@ -78,6 +79,40 @@ def test_running_out_of_memory_names_the_remedy(monkeypatch, capsys):
     assert "upscale smaller images; --max-tile-pixels lowers the network's activations" in error
     assert cli.main(["upscale", "photo.png", "--output", "out", "--batch-size", "4"]) == 2
     assert "upscale one image at a time (--batch-size 1) or smaller images" in capsys.readouterr().err
+
+
+def _upscale_model(tmp_path, tiny_pipeline, **unet_overrides):
+    """A small image and a saved tiny pipeline, its unet's config.json changed by `unet_overrides`."""
+    from PIL import Image
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    config_file = tmp_path / "model" / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **unet_overrides}))
+    Image.new("RGB", (8, 8), "gray").save(tmp_path / "small.png")
+    return ["upscale", str(tmp_path / "small.png"), "--model", str(tmp_path / "model"), "--output", str(tmp_path / "o")]
+
+
+def test_a_model_config_of_absurd_size_is_refused_in_one_line(tmp_path, tiny_pipeline, capsys):
+    assert cli.main(_upscale_model(tmp_path, tiny_pipeline, block_out_channels=1000000) + ["--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sr3 upscale: error: block_out_channels=1000000, ") and error.count("\n") == 1, error
+    assert "over the 20 billion any SR3 model may have" in error and "out of memory" not in error
+
+
+def test_running_out_of_memory_while_loading_the_model_names_the_model(tmp_path, tiny_pipeline, monkeypatch, capsys):
+    from diffusers_sr3.pipelines import SR3BasePipeline
+
+    arguments = _upscale_model(tmp_path, tiny_pipeline) + ["--steps", "1", "--no-memory-check"]
+    for error in (RuntimeError("CUDA out of memory. Tried to allocate 16.00 TiB"), MemoryError()):
+
+        def failing_load(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(SR3BasePipeline, "from_pretrained", failing_load)
+        assert cli.main(arguments) == 2
+        message = capsys.readouterr().err
+        assert message.startswith(f"sr3 upscale: error: {tmp_path / 'model'} needs more memory than there is"), message
+        assert "smaller images" not in message and message.count("\n") == 1
 
 
 def test_ctrl_c_exits_130_while_starting_and_while_running(monkeypatch, capsys):

@@ -313,13 +313,19 @@ def test_resuming_refuses_another_models_or_a_damaged_checkpoint(tmp_path, monke
         assert expected in err and "Traceback" not in err, err
 
     resume(f"{checkpoint} was saved by a run of another model (in_channels 3 there, 6 here")
-    # The super-resolution run's own checkpoint, damaged in three ways.
+    # The super-resolution run's own checkpoint, damaged in four ways.
     checkpoint = tmp_path / "sr" / "checkpoint-1"
     options = fast_options(tmp_path / "sr", train_data_dir=data, max_train_steps=1, checkpointing_steps=1)
     assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
     random_states = (checkpoint / "random_states_0.pkl").read_bytes()
     (checkpoint / "random_states_0.pkl").unlink()  # resumed without it, the run would not be exact
     resume(f"{checkpoint} is incomplete, it has no random_states_0.pkl")
+    # accelerate would only log that it could not load them, and go on with other randomness.
+    (checkpoint / "random_states_0.pkl").write_bytes(random_states[: len(random_states) // 2])
+    resume(
+        f"cannot resume from {checkpoint}: a file in it is damaged or does not fit this model "
+        "(UnpicklingError('random_states_0.pkl is damaged"
+    )
     (checkpoint / "random_states_0.pkl").write_bytes(random_states)
     model = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(model[:100])

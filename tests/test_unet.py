@@ -10,6 +10,8 @@ from conftest import REPO, tiny_unet_config
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from diffusers_sr3 import SR3UNet2DModel
+from diffusers_sr3.models import unet_sr3
+from diffusers_sr3.presets import PRESETS
 
 
 def test_forward_shapes_and_level_forms(tiny_unet):
@@ -75,6 +77,38 @@ def test_scheduler_timesteps_are_refused_as_levels(tiny_unet):
     timestep_unet = SR3UNet2DModel(**tiny_unet_config(conditioning_type="timestep")).eval()
     with torch.no_grad():
         assert timestep_unet(sample, torch.tensor([75, 50])).sample.shape == (2, 3, 32, 32)
+
+
+def test_absurd_sizes_are_refused_before_building():
+    # A config.json asking for a model no memory holds: refused at once, not by the allocator (or after minutes).
+    message = "make a model of .* parameters, over the 20 billion any SR3 model may have"
+    with pytest.raises(ValueError, match=r"block_out_channels=1000000, .*" + message):
+        SR3UNet2DModel.from_config(tiny_unet_config(block_out_channels=1000000))
+    with pytest.raises(ValueError, match=r"layers_per_block=1000000 " + message):
+        SR3UNet2DModel.from_config(tiny_unet_config(block_out_channels=64, layers_per_block=1000000))
+
+
+def test_the_parameter_count_checked_is_that_of_the_model_built(monkeypatch):
+    counted, count = [], unet_sr3._parameter_count
+
+    def counting(*args):
+        counted.append(count(*args))
+        return counted[-1]
+
+    monkeypatch.setattr(unet_sr3, "_parameter_count", counting)
+    configs = [preset.unet_config() for preset in PRESETS.values()] + [
+        tiny_unet_config(**overrides)
+        for overrides in (
+            dict(layers_per_block=0),
+            dict(layers_per_block=3, channel_multipliers=(1, 3, 2), film_affine=True),
+            dict(condition_noise_embedding=True, mid_attention=False, attention_resolutions=(32, 8)),
+            dict(pixel_unshuffle_factor=2, in_channels=1, out_channels=1, conditioning_type="timestep"),
+        )
+    ]
+    for config in configs:
+        with torch.device("meta"):  # the count, without the memory or time of the weights
+            model = SR3UNet2DModel(**config)
+        assert counted[-1] == sum(parameter.numel() for parameter in model.parameters()), config
 
 
 def test_config_values_of_the_wrong_kind_are_named():

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Iterator, List, Optional
 
-from .commands.common import expand_user_in_paths
+from .commands.common import ModelOutOfMemoryError, expand_user_in_paths, is_out_of_memory
 from .interrupts import Terminated, sigterm_as_interrupt
 
 # Subcommand name -> module in diffusers_sr3.commands with `add_arguments(parser)` and `run(args) -> int`.
@@ -57,14 +57,6 @@ def _safetensors_error(error: Exception) -> bool:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def _out_of_memory(error: RuntimeError) -> bool:
-    """Whether `error` is torch running out of accelerator memory (CUDA, MPS) or the CPU allocator failing."""
-    import torch  # here, not at the top: a Ctrl-C while torch loads is then caught in `main`
-
-    message = str(error)
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
 
 
 def _memory_hint(args: argparse.Namespace) -> str:
@@ -132,9 +124,12 @@ def _main(argv: Optional[List[str]]) -> int:
             print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
             return 2
         except (RuntimeError, MemoryError) as error:
-            if isinstance(error, RuntimeError) and not _out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
-            print(f"{prog}: error: out of memory; {_memory_hint(args)} ({_one_line(error)})", file=sys.stderr)
+            if isinstance(error, ModelOutOfMemoryError):  # smaller images would not help
+                print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+            else:
+                print(f"{prog}: error: out of memory; {_memory_hint(args)} ({_one_line(error)})", file=sys.stderr)
             return 2
         except Exception as error:
             if not _safetensors_error(error):

@@ -180,11 +180,44 @@ def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(start, stop)]
 
 
+class ModelOutOfMemoryError(MemoryError):
+    """Loading a model ran out of memory: the model is too large for this machine, whatever the images."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch running out of accelerator memory (CUDA, MPS), the CPU allocator failing or Python's
+    MemoryError."""
+    import torch  # here, not at the top: this module stays light, and a Ctrl-C while torch loads is caught in `main`
+
+    if isinstance(error, MemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and (
+        isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
+    )
+
+
 def load_pipeline(
     args: argparse.Namespace, expected: Optional[Union[Type, Tuple[Type, ...]]] = None
 ) -> SR3BasePipeline:
     """Load `args.model` with the requested scheduler, device and dtype; refuse one that is not of the `expected`
-    class (or of one of a tuple of classes)."""
+    class (or of one of a tuple of classes).
+
+    Raises:
+        ModelOutOfMemoryError: the model does not fit this machine's memory (on `args.device`).
+    """
+    try:
+        return _load_pipeline(args, expected)
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise ModelOutOfMemoryError(
+            f"{args.model} needs more memory than there is on this machine to load ({error})"
+        ) from None
+
+
+def _load_pipeline(args: argparse.Namespace, expected: Optional[Union[Type, Tuple[Type, ...]]]) -> SR3BasePipeline:
+    """`load_pipeline`, out-of-memory errors as they come."""
     from ..backends import resolve_device
     from ..noise import swap_scheduler
     from ..pipelines import SR3BasePipeline, SR3CascadePipeline

@@ -373,6 +373,70 @@ def _is_integer(value: Any) -> bool:
 _ALIGNMENT = 64
 
 
+# Far above any model that fits a GPU (SR3's largest is under 1 billion): a config.json asking for more is damaged or
+# hostile, and is refused before building rather than failing once memory runs out (or after minutes of building).
+MAX_PARAMETERS = 20_000_000_000
+
+
+def _parameter_count(
+    in_channels: int,
+    out_channels: int,
+    width: int,
+    channel_multipliers: Sequence[int],
+    layers_per_block: int,
+    level_has_attention: Sequence[bool],
+    mid_attention: bool,
+    film_affine: bool,
+    condition_noise_embedding: bool,
+    folded: int,
+) -> int:
+    """The number of parameters `SR3UNet2DModel.__init__` builds for these settings, counted in closed form (the
+    same structure, without building a module), in time independent of `layers_per_block`."""
+
+    def block(inputs: int, outputs: int, attention: bool) -> int:
+        count = 2 * inputs + 9 * inputs * outputs + outputs  # block1: GroupNorm, Conv3x3
+        count += (width + 1) * outputs * (2 if film_affine else 1)  # embedding_proj
+        count += 2 * outputs + 9 * outputs * outputs + outputs  # block2
+        count += (inputs + 1) * outputs if inputs != outputs else 0  # 1x1 skip conv
+        return count + (4 * outputs * outputs + 3 * outputs if attention else 0)  # GroupNorm, q, k, v, out
+
+    def resample(channels: int) -> int:
+        return 9 * channels * channels + channels
+
+    embedding = 8 * width * width + 5 * width
+    total = embedding * (2 if condition_noise_embedding else 1) + 9 * in_channels * folded * width + width
+    num_levels = len(channel_multipliers)
+    skips = [[width, 1]]  # the skip connections' widths as [channels, count] runs, in the order they are kept
+    channels = width
+    for level, multiplier in enumerate(channel_multipliers):
+        outputs = width * multiplier
+        if layers_per_block:
+            attention = level_has_attention[level]
+            total += block(channels, outputs, attention) + (layers_per_block - 1) * block(outputs, outputs, attention)
+            channels = outputs
+            skips.append([channels, layers_per_block])
+        if level < num_levels - 1:
+            total += resample(channels)
+            skips.append([channels, 1])
+    total += block(channels, channels, mid_attention) + block(channels, channels, False)
+    for level in reversed(range(num_levels)):
+        outputs, attention = width * channel_multipliers[level], level_has_attention[level]
+        remaining = layers_per_block + 1
+        while remaining:  # each block consumes the last skip connection kept
+            run = skips[-1]
+            taken = min(run[1], remaining)
+            total += block(channels + run[0], outputs, attention)
+            channels = outputs
+            total += (taken - 1) * block(outputs + run[0], outputs, attention)
+            remaining -= taken
+            run[1] -= taken
+            if not run[1]:
+                skips.pop()
+        if level > 0:
+            total += resample(channels)
+    return total + 2 * channels + 9 * channels * out_channels * folded + out_channels * folded  # conv_out
+
+
 class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     r"""The SR3 UNet: a DDPM-style UNet conditioned on a continuous noise level (or an integer timestep).
 
@@ -567,6 +631,25 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             logger.warning(
                 f"attention_resolutions {unused} match no level (at sample_size {sample_size} the levels are "
                 f"{level_sizes}): no attention there"
+            )
+
+        parameters = _parameter_count(
+            in_channels,
+            out_channels,
+            width,
+            channel_multipliers,
+            layers_per_block,
+            level_has_attention,
+            mid_attention,
+            film_affine,
+            condition_noise_embedding,
+            folded,
+        )
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"block_out_channels={block_out_channels}, channel_multipliers={list(channel_multipliers)} and "
+                f"layers_per_block={layers_per_block} make a model of {parameters:.3g} parameters, over the "
+                f"{MAX_PARAMETERS // 10**9} billion any SR3 model may have: a damaged or wrong config"
             )
 
         # Stage 1: embedding and input conv.

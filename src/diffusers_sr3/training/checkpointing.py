@@ -14,11 +14,16 @@ import json
 import logging
 import math
 import os
+import pickle
+import random
 import re
 import shutil
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
+from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_parameter_list
@@ -142,6 +147,41 @@ def check_checkpoint_fits(path: str, unet_config: Dict[str, Any]) -> None:
             f"{path} was saved by a run of another model ({'; '.join(differences)}): resume it with the options it "
             "was trained with, or start a new run in another --output_dir"
         )
+
+
+def check_random_states(path: str, process_index: int) -> None:
+    """Refuse a checkpoint whose random states for this process cannot be restored.
+
+    accelerate's `load_state` only logs (at INFO) when it cannot restore them and goes on with other randomness, so
+    the resumed run would silently not be the one that was stopped.
+
+    Args:
+        path: a complete checkpoint folder.
+        process_index: the index of this process; its `random_states_<index>.pkl` is checked. When absent, as on a
+            process a run saved on fewer processes never had, accelerate keeps this run's seeded states as before.
+
+    Raises:
+        pickle.UnpicklingError: the file is damaged, or holds no random states accelerate saved.
+    """
+    name = f"{RNG_STATE_NAME}_{process_index}.pkl"
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return
+    try:
+        # accelerate's own loader (weights_only, numpy allowed), as load_state reads it; restored into throwaway
+        # generators so that nothing changes before load_state restores them for real. A device's generator state
+        # is only restored by accelerate when present, so it is not required here.
+        states = accelerate_load(file)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except PermissionError:
+        raise
+    # Whatever a damaged or foreign file makes torch.load (an OSError for a truncated one) or the generators raise.
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise pickle.UnpicklingError(f"{name} is damaged ({detail})") from None
 
 
 def temporary_checkpoint_dir(output_dir: str, step: int) -> str:

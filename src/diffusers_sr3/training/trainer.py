@@ -50,6 +50,7 @@ from .adversarial import PatchDiscriminator, discriminator_loss, generator_adver
 from .checkpointing import (
     OBJECTIVE_KEY,
     check_checkpoint_fits,
+    check_random_states,
     check_same_objective,
     finish_checkpoint,
     later_checkpoints,
@@ -736,6 +737,7 @@ class Trainer:
         check_checkpoint_fits(loop.resumed_from, self.model.config)
         try:
             check_same_objective(loop.resumed_from, self.objective)
+            check_random_states(loop.resumed_from, self.accelerator.process_index)
             self.accelerator.load_state(loop.resumed_from)
             state = load_checkpoint_extras(loop.resumed_from, loop.ema, self.model)
             loop.global_step, loop.epoch = state["global_step"], state["epoch"]
