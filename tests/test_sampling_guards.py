@@ -15,6 +15,7 @@ from diffusers import (
     CogVideoXDPMScheduler,
     DDIMScheduler,
     DDPMScheduler,
+    HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
@@ -25,7 +26,12 @@ from diffusers import (
 
 from diffusers_sr3 import SR3Pipeline, make_scheduler
 from diffusers_sr3.backends import use_backend
-from diffusers_sr3.noise import check_scheduler_fits, network_inputs_for_schedule, noise_level_for_step
+from diffusers_sr3.noise import (
+    check_scheduler_fits,
+    network_inputs_for_schedule,
+    noise_level_for_step,
+    swap_scheduler,
+)
 from diffusers_sr3.pipelines.base import steps_to_run
 
 
@@ -212,3 +218,86 @@ def test_a_learned_variance_is_refused_before_the_network_runs(variance_type, mo
     with pytest.raises(ValueError, match=f"variance_type='{variance_type}' cannot sample an SR3 model"):
         pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt")
     assert not evaluations
+
+
+def count_evaluations(pipeline, monkeypatch):
+    evaluations = []
+    monkeypatch.setattr(pipeline.unet, "forward", lambda *args, **kwargs: evaluations.append(1))
+    return evaluations
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, prediction_type",
+    [
+        (HeunDiscreteScheduler, "sample"),
+        (HeunDiscreteScheduler, "v_prediction"),
+        (KDPM2DiscreteScheduler, "v_prediction"),
+        (KDPM2AncestralDiscreteScheduler, "v_prediction"),
+    ],
+)
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_a_second_order_scheduler_ending_at_timestep_0_is_refused_for_a_clean_image_model(
+    scheduler_class, prediction_type, spacing, monkeypatch
+):
+    # Its last correction divides the network's clean-image error by sigma(0), about 0.03 here, 0.001 in SR3's.
+    pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100, prediction_type=prediction_type))
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, timestep_spacing=spacing)
+    evaluations = count_evaluations(pipeline, monkeypatch)
+    with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' cannot .* use timestep_spacing='trailing'$"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt")
+    assert not evaluations
+    check_scheduler_fits(scheduler_class.from_config(pipeline.scheduler.config, timestep_spacing="trailing"))
+
+
+def test_a_second_order_scheduler_at_any_spacing_samples_an_epsilon_model():
+    config = make_scheduler("ddim", n_timestep=100, prediction_type="epsilon").config
+    for spacing in ("leading", "linspace", "trailing"):
+        check_scheduler_fits(HeunDiscreteScheduler.from_config(config, timestep_spacing=spacing))
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_heun_is_swapped_in_and_built_with_trailing_spacing_unless_told_otherwise(prediction_type):
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type=prediction_type)
+    assert scheduler.config.timestep_spacing == "leading"
+    assert swap_scheduler(scheduler, "heun").config.timestep_spacing == "trailing"
+    assert make_scheduler("heun", n_timestep=100, prediction_type=prediction_type).config.timestep_spacing == "trailing"
+    assert make_scheduler("heun", n_timestep=100, timestep_spacing="linspace").config.timestep_spacing == "linspace"
+    if prediction_type == "epsilon":
+        assert swap_scheduler(scheduler, "heun", timestep_spacing="leading").config.timestep_spacing == "leading"
+    else:
+        with pytest.raises(ValueError, match="use timestep_spacing='trailing'"):
+            swap_scheduler(scheduler, "heun", timestep_spacing="leading")
+
+
+@pytest.mark.parametrize("name", ["dpmsolver", "unipc", "euler", "ddim"])
+def test_more_steps_than_training_timesteps_are_refused_before_the_network_runs(name, monkeypatch):
+    # DPM-Solver and UniPC would repeat timesteps, divide 0 by 0 and end in NaN; Euler would repeat evaluations.
+    pipeline = pipeline_with(make_scheduler(name, n_timestep=100, prediction_type="sample"))
+    evaluations = count_evaluations(pipeline, monkeypatch)
+    with pytest.raises(ValueError, match=r"^num_inference_steps must lie in \[1, 100\], got 101$"):
+        pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=101, output_type="pt")
+    assert not evaluations
+
+
+def test_trained_betas_that_disagree_with_the_step_count_are_refused_before_the_scheduler_is_built(
+    tmp_path, monkeypatch
+):
+    pipeline_with(make_scheduler("ddim", n_timestep=100)).save_pretrained(tmp_path)
+    path = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    # Diffusers would allocate a timestep table of this length (745 GiB at 1e11) before any check of its own.
+    path.write_text(json.dumps(dict(config, num_train_timesteps=1000)))
+    built = []
+    original_init = DDIMScheduler.__init__
+    monkeypatch.setattr(
+        DDIMScheduler, "__init__", lambda self, *a, **k: built.append(1) or original_init(self, *a, **k)
+    )
+    with pytest.raises(ValueError, match="has 100 trained_betas but num_train_timesteps=1000; they must agree$"):
+        SR3Pipeline.from_pretrained(tmp_path)
+    assert not built
+
+
+def test_a_built_scheduler_whose_trained_betas_disagree_with_the_step_count_is_refused():
+    betas = make_scheduler("ddim", n_timestep=100).config.trained_betas
+    with pytest.raises(ValueError, match="has 100 trained_betas but num_train_timesteps=200"):
+        check_scheduler_fits(DDIMScheduler(num_train_timesteps=200, trained_betas=betas))

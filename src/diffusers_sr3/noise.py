@@ -150,6 +150,8 @@ def make_scheduler(
         config.update(clip_sample=True, clip_sample_range=1.0)
     if name == "ddpm":
         config.update(variance_type="fixed_small")
+    if SCHEDULER_CLASS_NAMES[name] in SECOND_ORDER_SIGMA_SCHEDULERS:
+        config.update(timestep_spacing="trailing")
     config.update(scheduler_kwargs)
     return SCHEDULERS[name].from_config(config)
 
@@ -157,12 +159,17 @@ def make_scheduler(
 def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any) -> SchedulerMixin:
     """A scheduler of another kind (a `SCHEDULERS` key) on the same training schedule as `scheduler`.
 
+    A second-order sigma scheduler (`heun`) gets `timestep_spacing="trailing"` unless `scheduler_kwargs` name
+    one: see [`check_scheduler_fits`].
+
     Raises:
         ValueError: for an unknown name, or a scheduler that cannot sample the model's prediction type (see
             [`check_scheduler_fits`]).
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    if SCHEDULER_CLASS_NAMES[name] in SECOND_ORDER_SIGMA_SCHEDULERS:
+        scheduler_kwargs.setdefault("timestep_spacing", "trailing")
     swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
     check_scheduler_fits(swapped)
     return swapped
@@ -179,6 +186,14 @@ CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
 # Scheduler variance types whose variance the network outputs beside its prediction (improved DDPM, DeepFloyd IF).
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
+# Second-order schedulers whose correction divides the network's clean-image error by the next step's sigma: with
+# leading or linspace spacing their last correction lands at timestep 0 (sigma about 0.001 on SR3's schedule), and
+# a model predicting the clean image (or v) gets its error amplified hundreds of times.
+SECOND_ORDER_SIGMA_SCHEDULERS = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+# Prediction types whose clean-image estimate those corrections divide by sigma (epsilon's noise estimate is not).
+CLEAN_IMAGE_PREDICTION_TYPES = ("sample", "v_prediction")
+
 # (scheduler class, settings) pairs that `check_scheduler_fits` has seen take a step.
 _FITTING_SCHEDULERS: set = set()
 
@@ -191,6 +206,20 @@ def _extra_step_arguments(scheduler: SchedulerMixin) -> List[str]:
         if parameter.default is inspect.Parameter.empty
         and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
     ]
+
+
+def check_trained_betas(config: Mapping[str, Any]) -> None:
+    """Refuse a scheduler config whose `trained_betas` are not `num_train_timesteps` long.
+
+    Diffusers builds the betas from the list but its timestep table from the count: a hand-edited config with 100
+    betas and `num_train_timesteps` 1e11 would allocate 745 GiB. Check the config before building a scheduler.
+    """
+    betas = config.get("trained_betas")
+    count = config.get("num_train_timesteps")
+    if betas is not None and count is not None and len(betas) != count:
+        raise ValueError(
+            f"the scheduler config has {len(betas)} trained_betas but num_train_timesteps={count!r}; they must agree"
+        )
 
 
 def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
@@ -209,6 +238,11 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
     schedulers whose `step` needs more than the network's output, the timestep and the sample (video schedulers),
     and learned variance types (`variance_type` "learned" / "learned_range"), which read a variance from output
     channels that SR3 networks do not have.
+
+    A second-order sigma scheduler (Heun, KDPM2) is refused for a `sample` or `v_prediction` model unless its
+    `timestep_spacing` is "trailing": otherwise its last correction divides by the sigma of timestep 0 (measured
+    on the packaged x4 photo model: 16.4 dB PSNR against 27.9 dB with trailing spacing). And a config whose
+    `trained_betas` and `num_train_timesteps` disagree is refused (see [`check_trained_betas`]).
     """
     name = type(scheduler).__name__
     if not hasattr(scheduler, "alphas_cumprod"):
@@ -226,6 +260,7 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
             f"{name} cannot sample an SR3 model: {problem}; pick a DDPM-family scheduler, e.g. ddim, ddpm, "
             "dpmsolver, unipc or euler"
         )
+    check_trained_betas(scheduler.config)
     variance_type = scheduler.config.get("variance_type")
     if variance_type in LEARNED_VARIANCE_TYPES:
         raise ValueError(
@@ -233,8 +268,22 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
             "output channels, which SR3 networks do not have; use variance_type='fixed_small' (SR3's)"
         )
     settings = (type(scheduler), repr(sorted((k, v) for k, v in scheduler.config.items() if k != "trained_betas")))
-    if settings in _FITTING_SCHEDULERS:
-        return
+    if settings not in _FITTING_SCHEDULERS:
+        _check_one_step(scheduler, settings)
+    spacing = scheduler.config.get("timestep_spacing")
+    prediction_type = scheduler.config.get("prediction_type")
+    if name in SECOND_ORDER_SIGMA_SCHEDULERS and prediction_type in CLEAN_IMAGE_PREDICTION_TYPES:
+        if spacing != "trailing":
+            raise ValueError(
+                f"{name} with timestep_spacing={spacing!r} cannot sample a model that predicts {prediction_type!r}: "
+                "its last correction divides the network's error by the near-zero sigma of timestep 0; use "
+                "timestep_spacing='trailing'"
+            )
+
+
+def _check_one_step(scheduler: SchedulerMixin, settings: tuple) -> None:
+    """One step of a copy of `scheduler` on a single pixel (see [`check_scheduler_fits`]); `settings` are
+    remembered when it takes it."""
     trial = type(scheduler).from_config(scheduler.config)
     pixel = torch.zeros(1, 1, 1, 1)
     # A stochastic step draws from the global generator: the trial must not change what the real run draws.

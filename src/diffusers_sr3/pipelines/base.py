@@ -46,7 +46,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..defaults import steps_to_run
 from ..interrupts import interrupts_deferred
-from ..noise import check_scheduler_fits, network_inputs_for_schedule
+from ..noise import check_scheduler_fits, check_trained_betas, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
@@ -473,7 +473,14 @@ MAX_START_LEVEL_ABOVE_NOISIEST = 0.5
 
 
 def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: Any = None) -> None:
-    """`scheduler.set_timesteps`, its refusal of the step count (a bare numpy or Diffusers error) named as such."""
+    """`scheduler.set_timesteps`, its refusal of the step count (a bare numpy or Diffusers error) named as such.
+
+    More steps than `num_train_timesteps` are refused for every scheduler: some take them but repeat timesteps (the
+    multistep solvers then divide 0 by 0 and end in NaN; Euler evaluates the network twice at one level).
+    """
+    limit = scheduler.config.get("num_train_timesteps")
+    if limit is not None and num_inference_steps > limit:
+        raise ValueError(f"num_inference_steps must lie in [1, {limit}], got {num_inference_steps}")
     try:
         scheduler.set_timesteps(num_inference_steps, device=device)
     except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
@@ -485,7 +492,7 @@ def check_num_inference_steps(num_inference_steps: Any, scheduler: Optional[Sche
     no fraction such as a JSON config's or a number field's 4.0, included).
 
     With a `scheduler`, also refused unless that scheduler takes it, tried on a copy so that nothing runs before a
-    call's networks do: a count outside `[1, num_train_timesteps]` that it refuses is named by that range.
+    call's networks do: never more than its `num_train_timesteps`.
     """
     if isinstance(num_inference_steps, (float, np.floating)) and float(num_inference_steps).is_integer():
         num_inference_steps = int(num_inference_steps)
@@ -498,12 +505,7 @@ def check_num_inference_steps(num_inference_steps: Any, scheduler: Optional[Sche
         bounds = "be at least 1" if limit is None else f"lie in [1, {limit}]"
         raise ValueError(f"num_inference_steps must {bounds}, got {steps}")
     if scheduler is not None:
-        try:
-            _set_timesteps(copy.deepcopy(scheduler), steps)
-        except ValueError:
-            if limit is not None and steps > limit:
-                raise ValueError(f"num_inference_steps must lie in [1, {limit}], got {steps}") from None
-            raise
+        _set_timesteps(copy.deepcopy(scheduler), steps)
     return steps
 
 
@@ -1101,7 +1103,13 @@ class SR3BasePipeline(DiffusionPipeline):
                     **model_options,
                 )
             elif issubclass(component_class, SchedulerMixin):
-                init_kwargs[name] = component_class.from_pretrained(subfolder)
+                # Checked before Diffusers builds it: the constructor allocates num_train_timesteps entries.
+                scheduler_config = component_class.load_config(subfolder)
+                try:
+                    check_trained_betas(scheduler_config)
+                except ValueError as error:
+                    raise ValueError(f"{source}/{name}: {error}") from None
+                init_kwargs[name] = component_class.from_config(scheduler_config)
             else:
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
