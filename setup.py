@@ -50,8 +50,9 @@ setup(
     },
     python_requires=">=3.10",
     install_requires=[
-        # Diffusers loads models that keep modules in float32 (the UNet's level embeddings) only with accelerate.
-        "accelerate>=1.0",
+        # Diffusers loads models that keep modules in float32 (the UNet's level embeddings) only with accelerate;
+        # 1.1 brought the loader that resuming reads a checkpoint's random states with.
+        "accelerate>=1.1",
         "torch>=2.1",
         "torchvision",
         "diffusers>=0.42,<0.43",

@@ -1,6 +1,8 @@
 """SR3CascadePipeline and noise-conditioning augmentation."""
 
+import copy
 import json
+import pickle
 import threading
 import time
 
@@ -329,6 +331,8 @@ def test_cascade_gives_one_condition_noise_level_to_the_stages_trained_with_it()
     assert images.shape == (1, 3, 64, 64)
     assert levels == [None, 0.3]
     cascade.stage_2.unet.register_to_config(condition_noise_embedding=False)
+    with pytest.raises(ValueError, match=r"^base: num_inference_steps must lie in \[1, 50\], got 100$"):
+        cascade()  # the generator's default step count, checked before any stage runs
     with pytest.raises(ValueError, match="condition_noise_level 0.3 needs an SR stage trained with"):
         cascade(num_inference_steps=[1, 1, 1], condition_noise_level=0.3)
     # 0 is no augmentation, which a stage without the embedding takes (as it did before levels were given per stage).
@@ -366,10 +370,12 @@ def test_from_stages_takes_one_stage_or_any_iterable():
             SR3CascadePipeline.from_stages(None, bad)
 
 
-def test_a_block_on_one_stage_and_a_cascade_call_in_two_threads_do_not_wait_for_each_other():
+@pytest.mark.parametrize("copied", [None, copy.deepcopy, lambda cascade: pickle.loads(pickle.dumps(cascade))])
+def test_a_block_on_one_stage_and_a_cascade_call_in_two_threads_do_not_wait_for_each_other(copied):
     # Thread A's cascade call is in stage_1 when thread B holds a block on stage_2 and calls the cascade: with a lock
-    # per pipeline, A (holding the cascade's) waits for stage_2's and B (holding stage_2's) for the cascade's.
-    cascade = small_cascade()
+    # per pipeline, A (holding the cascade's) waits for stage_2's and B (holding stage_2's) for the cascade's. A copy
+    # is not built by __init__, and must share its lock too.
+    cascade = small_cascade() if copied is None else copied(small_cascade())
     image = torch.rand(1, 3, 8, 8)
     b_trying, errors = threading.Event(), []
 

@@ -398,3 +398,16 @@ def test_formats_pillow_reads_but_this_does_not_are_refused_and_not_globbed(tmp_
         open_image(tmp_path / "scan.pcx")
     PIL.Image.new("RGB", (6, 4)).save(tmp_path / "scan.png")
     assert find_images([str(tmp_path / "*")]) == [str(tmp_path / "scan.png")]
+    # A TGA has no magic bytes, and its header starts as a CUR's: no format is named rather than the wrong one.
+    PIL.Image.new("RGB", (6, 4)).save(tmp_path / "render.tga")
+    with pytest.raises(UnreadableImageError) as refused:
+        open_image(tmp_path / "render.tga")
+    assert "CUR" not in str(refused.value)
+
+
+def test_a_camera_mpo_is_read_and_globbed(tmp_path):
+    # Cameras write a second picture into some JPEGs (MPO); Pillow opens those through its JPEG reader.
+    first, second = PIL.Image.new("RGB", (6, 4), "red"), PIL.Image.new("RGB", (6, 4), "blue")
+    first.save(tmp_path / "IMG_0001.mpo", format="MPO", save_all=True, append_images=[second])
+    assert find_images([str(tmp_path / "*.mpo")]) == [str(tmp_path / "IMG_0001.mpo")]
+    assert open_image(tmp_path / "IMG_0001.mpo").size == (6, 4)

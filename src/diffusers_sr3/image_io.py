@@ -90,7 +90,9 @@ def _globbed_image(name: str) -> bool:
     """Whether a glob's match of this name is read: not hidden, with an extension Pillow reads. Wider than a folder
     walk: a pattern that names an extension (`scans/*.pgm`) asks for those files, of the formats [`read_formats`]."""
     extension = os.path.splitext(name)[1].lower()
-    readable = PIL.Image.registered_extensions().get(extension) in read_formats()
+    image_format = PIL.Image.registered_extensions().get(extension)
+    # A camera's MPO (a JPEG with a second picture) opens through JPEG's reader, which is not registered as MPO's.
+    readable = ("JPEG" if image_format == "MPO" else image_format) in read_formats()
     return not name.startswith(".") and (is_image_file(name) or readable)
 
 
@@ -376,22 +378,28 @@ _UNDECODABLE_TIFF = (
 
 
 def _format_of(source: Union[str, os.PathLike, io.BytesIO]) -> Optional[str]:
-    """The format Pillow would take the data for, from its first bytes only (no plugin parses more), or None."""
+    """The format Pillow would take the data for, from its first bytes only (no plugin parses more), or None where
+    no format, or more than one, accepts them, or the file's extension names a format without magic bytes to check
+    (TGA, whose header starts as CUR's)."""
     try:
         if isinstance(source, io.BytesIO):
             prefix = source.getvalue()[:16]
         else:
+            named = PIL.Image.registered_extensions().get(os.path.splitext(os.fspath(source))[1].lower())
+            if named in PIL.Image.OPEN and PIL.Image.OPEN[named][1] is None:
+                return None
             with open(source, "rb") as handle:
                 prefix = handle.read(16)
     except OSError:
         return None
+    accepting = []
     for name, (_, accept) in PIL.Image.OPEN.items():
         try:
             if accept is not None and accept(prefix):
-                return name
+                accepting.append(name)
         except _DECODING_ERRORS:  # a check written for longer data
             continue
-    return None
+    return accepting[0] if len(accepting) == 1 else None
 
 
 def _is_tiff(source: Union[str, os.PathLike, io.BytesIO]) -> bool:

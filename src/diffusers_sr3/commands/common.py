@@ -211,8 +211,9 @@ def load_pipeline(
     except (RuntimeError, MemoryError) as error:
         if not is_out_of_memory(error):
             raise
+        cause = f" ({error})" if str(error) else ""
         raise ModelOutOfMemoryError(
-            f"{args.model} needs more memory than there is on this machine to load ({error})"
+            f"{args.model} needs more memory than there is on this machine to load{cause}"
         ) from None
 
 

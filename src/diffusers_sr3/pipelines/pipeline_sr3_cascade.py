@@ -21,7 +21,7 @@ from ..tiling import _check_settings as check_tile_settings
 from ..tiling import tiled_super_resolve
 from .base import GeneratorInput, SR3BasePipeline, check_num_inference_steps, serialised, share_call_lock
 from .pipeline_sr3 import SR3Pipeline
-from .pipeline_sr3_unconditional import SR3UnconditionalPipeline
+from .pipeline_sr3_unconditional import DEFAULT_NUM_INFERENCE_STEPS, SR3UnconditionalPipeline
 
 MAX_STAGES = 4
 STAGE_NAMES = tuple(f"stage_{index}" for index in range(1, MAX_STAGES + 1))
@@ -91,6 +91,11 @@ class SR3CascadePipeline(SR3BasePipeline):
             if stage is not None and not isinstance(stage, SR3Pipeline):
                 raise TypeError(f"{name} must be an SR3Pipeline, got {type(stage).__name__}")
         self.register_modules(base=base, stage_1=stage_1, stage_2=stage_2, stage_3=stage_3, stage_4=stage_4)
+        share_call_lock([self, *self._pipelines()])
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # A copy or an unpickled cascade is not built by __init__: its lock is shared with its stages' here.
+        self.__dict__.update(state)
         share_call_lock([self, *self._pipelines()])
 
     @classmethod
@@ -242,8 +247,8 @@ class SR3CascadePipeline(SR3BasePipeline):
         for index, (name, pipeline, stage_steps) in enumerate(zip(names, runs, steps)):
             try:
                 if run_base and index == 0:
-                    if stage_steps is not None:
-                        check_num_inference_steps(stage_steps, pipeline.scheduler)
+                    default = DEFAULT_NUM_INFERENCE_STEPS if stage_steps is None else stage_steps
+                    check_num_inference_steps(default, pipeline.scheduler)
                     continue
                 call = {key: values[key][len(stage_calls)] for key in STAGE_ARGUMENTS}
                 call = {key: value for key, value in call.items() if value is not None}

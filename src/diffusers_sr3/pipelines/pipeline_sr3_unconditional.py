@@ -23,6 +23,10 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+# Steps of a call that gives none: the original's sampling loop at a fraction of its 2000.
+DEFAULT_NUM_INFERENCE_STEPS = 100
+
+
 class SR3UnconditionalPipeline(SR3BasePipeline):
     r"""Unconditional generation with an SR3 (noise-level) or DDPM (timestep) UNet.
 
@@ -48,7 +52,7 @@ class SR3UnconditionalPipeline(SR3BasePipeline):
     def __call__(
         self,
         batch_size: int = 1,
-        num_inference_steps: int = 100,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         generator: GeneratorInput = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
