@@ -8,7 +8,7 @@ import pytest
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
 from diffusers_sr3 import pretrained
-from diffusers_sr3.model_card import images_shown, write_model_card
+from diffusers_sr3.model_card import images_shown, is_package_card, write_model_card
 
 
 def test_only_pictures_inside_the_folder_go_up_with_its_card(tiny_pipeline, hub, tmp_path):  # noqa: F811
@@ -71,3 +71,34 @@ def test_the_packaged_models_card_loads_it_from_the_package(tiny_pipeline, tmp_p
     assert "SR3Pipeline.from_pretrained(default_model_path())" in card
     assert "DiffusionPipeline.from_pretrained(default_model_path(), trust_remote_code=True)" in card
     assert 'from_pretrained("sr3-photos-x4"' not in card
+
+
+def test_pushing_a_saved_folder_again_keeps_the_card_edited_on_the_hub(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    folder = tmp_path / "model"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 20.0})
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/edited")
+    assert is_package_card(hub.repos["me/edited"]["README.md"].decode())
+    edited = hub.repos["me/edited"]["README.md"].decode().replace("# SR3", "# My SR3 for faces", 1)
+    hub.repos["me/edited"]["README.md"] = edited.encode()
+    assert not is_package_card(edited)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 21.0})
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/edited", commit_message="new weights")
+    assert hub.repos["me/edited"]["README.md"].decode() == edited
+    assert hub.commits[-1]["paths"] and "README.md" not in hub.commits[-1]["paths"]  # the weights went up
+
+
+def test_a_metric_that_is_not_a_number_stays_out_of_the_model_index(tmp_path):
+    # A diverged run's validation (NaN), or PSNR of an exact match (inf): JSON, which the Hub serves metadata as, has
+    # no such numbers, and a model-index result must be a number.
+    import json
+
+    import yaml
+
+    metrics = {"psnr": float("inf"), "ssim": float("nan"), "consistency": 2e-4}
+    write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, metrics=metrics)
+    card = (tmp_path / "README.md").read_text()
+    results = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    json.dumps(results, allow_nan=False)
+    assert [metric["type"] for metric in results[0]["metrics"]] == ["consistency"]
+    assert "| PSNR (dB) | inf |" in card  # the table still shows what the run measured

@@ -59,3 +59,20 @@ def test_the_suggested_retry_uploads_a_card_naming_the_repo(tiny_pipeline, hub, 
     uploaded = hub.repos[f"{LOOPBACK_USER}/run2"]
     assert f'SR3Pipeline.from_pretrained("{LOOPBACK_USER}/run2")' in uploaded["README.md"].decode()
     assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))]
+
+
+def test_a_second_training_push_keeps_the_card_the_user_edited_on_the_hub(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    run = training_run(tiny_pipeline, tmp_path / "run3")
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 20.0})
+    push_folder(str(run), "someone/edited", logging_dir="tb")
+    first = hub.repos["someone/edited"]["README.md"].decode()
+    edited = first.replace("## How to use", "## Notes\n\nMy own words about this model.\n\n## How to use")
+    hub.repos["someone/edited"]["README.md"] = edited.encode()
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 21.0})
+    push_folder(str(run), "someone/edited", logging_dir="tb")
+    assert hub.repos["someone/edited"]["README.md"].decode() == edited
+    # An unedited card of an earlier push is the package's own: the new run's card replaces it.
+    push_folder(str(run), "someone/fresh", logging_dir="tb")
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 22.0})
+    push_folder(str(run), "someone/fresh", logging_dir="tb")
+    assert "22.00" in hub.repos["someone/fresh"]["README.md"].decode()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 from typing import Dict, List, Optional, Tuple
@@ -21,6 +23,10 @@ _METRIC_NAMES = {
     "flat_grain": ("Grain on flat crops (/255)", 1.0, "{:.2f}"),
     "fid": ("FID (few images: indicative only)", 1.0, "{:.1f}"),
 }
+
+# The last line of a card this package wrote: the digest of the card above it. A repo's card that still matches its
+# digest is the package's own, which a later push may replace; one that does not was edited (on the Hub, say).
+_STAMP = re.compile(r"\n*<!-- diffusers-sr3 card sha256:(?P<digest>[0-9a-f]{64}) -->\s*\Z")
 
 
 def write_model_card(
@@ -98,7 +104,8 @@ def write_model_card(
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
     path = os.path.join(output_dir, "README.md")
-    card.save(path)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        handle.write(_stamped(str(card)))
     return path
 
 
@@ -140,9 +147,47 @@ def card_for_repo(folder: str, repo_id: str) -> Optional[str]:
     loading = f'from_pretrained("{name}"'
     if not isinstance(name, str) or name == repo_id or loading not in card.text:
         return None
+    stamped = is_package_card(text)
     card.data.model_name = repo_id
     card.text = card.text.replace(loading, f'from_pretrained("{repo_id}"')
-    return str(card)
+    # Renamed, the package's card is still its own (a later push may replace it); an edited one stays edited.
+    return _stamped(str(card)) if stamped else str(card)
+
+
+def is_package_card(text: str) -> bool:
+    """Whether the card `text` is one `write_model_card` wrote (or `card_for_repo` renamed), unedited since."""
+    match = _STAMP.search(text)
+    return match is not None and match.group("digest") == _digest(text[: match.start()])
+
+
+def hub_card_kept(api: object, repo_id: str) -> bool:
+    """Whether the Hub repo `repo_id` has a model card that an upload must keep: any but an unedited one of this
+    package's (as Diffusers' `load_or_create_model_card` keeps a repo's card), so that what its author wrote on the
+    Hub is never overwritten by a later push.
+
+    Args:
+        api: the `HfApi` of the upload (its token and endpoint).
+        repo_id: the repo, which exists.
+    """
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = api.hf_hub_download(repo_id, "README.md")
+    except EntryNotFoundError:
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return not is_package_card(handle.read())
+
+
+def _digest(text: str) -> str:
+    # Trailing blank lines do not count: editors add or drop them without changing the card.
+    return hashlib.sha256(_STAMP.sub("", text).rstrip().encode("utf-8")).hexdigest()
+
+
+def _stamped(text: str) -> str:
+    """`text` ending in the stamp of a card this package wrote (in place of any stamp it had)."""
+    body = _STAMP.sub("", text).rstrip()
+    return f"{body}\n\n<!-- diffusers-sr3 card sha256:{_digest(body)} -->\n"
 
 
 def images_shown(folder: str) -> List[str]:
@@ -182,7 +227,8 @@ def _card_data(
             metric_value=round(float(value) * _METRIC_NAMES.get(key, (key, 1.0))[1], 6),
         )
         for key, value in reported.items()
-        if isinstance(value, (int, float))
+        # NaN or infinity (a diverged run, PSNR of an exact match) is no number in the Hub's JSON metadata.
+        if isinstance(value, (int, float)) and math.isfinite(value)
     ]
     return ModelCardData(
         model_name=name,
