@@ -194,3 +194,131 @@ def test_a_cascade_with_a_generator_samples_through_its_stages(cascade_dirs, mod
         error = capsys.readouterr().err
         assert error.startswith("sr3 sample: error: ") and message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "refused.png").exists()
+
+
+@pytest.fixture(scope="module")
+def two_stage_cascade(tmp_path_factory):
+    """An 8x8 generator, an 8 -> 16 stage predicting the noise, then a 16 -> 32 one predicting the clean image."""
+    folder = tmp_path_factory.mktemp("two_stages") / "cascade"
+    base = SR3UnconditionalPipeline(_tiny_unet(3, 8), make_scheduler("ddim", n_timestep=50))
+    stage_1 = SR3Pipeline(_tiny_unet(6, 16), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    scheduler = make_scheduler("ddim", n_timestep=50, prediction_type="sample")
+    stage_2 = SR3Pipeline(_tiny_unet(6, 32), scheduler, upscale_factor=2)
+    SR3CascadePipeline.from_stages(base, [stage_1, stage_2]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """The keyword arguments of every SR stage's call, in order."""
+    calls = []
+    real_call = SR3Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append({key: value for key, value in kwargs.items() if key not in ("generator", "output_type")})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SR3Pipeline, "__call__", spy)
+    return calls
+
+
+def test_sr_stage_options_reach_each_stage(two_stage_cascade, tmp_path, stage_calls):
+    output = tmp_path / "grid.png"
+    options = ["--mode", ",detail", "--eta", "0.5,1", "--temperature", "0.8", "--strength", ",0.5"]
+    assert sample(two_stage_cascade, output, "--steps", "2,1,2", "--seed", "3", *options) == 0
+    # Empty entries keep stage_1's defaults (a stage's default mode is detail); one --temperature is every stage's.
+    assert stage_calls == [
+        dict(num_inference_steps=1, eta=0.5, temperature=0.8),
+        dict(num_inference_steps=2, mode="detail", eta=1.0, temperature=0.8, strength=0.5),
+    ]
+    # The same image as the cascade's own call with those arguments, seeded as `sr3 sample` seeds image 0.
+    cascade = SR3CascadePipeline.from_pretrained(two_stage_cascade)
+    cascade.set_progress_bar_config(disable=True)
+    expected = cascade(
+        num_inference_steps=[2, 1, 2],
+        generator=[torch.Generator().manual_seed(3)],
+        mode=[None, "detail"],
+        eta=[0.5, 1],
+        temperature=0.8,
+        strength=[None, 0.5],
+    ).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(output)), np.asarray(expected))
+
+
+def test_one_value_is_every_sr_stages(two_stage_cascade, tmp_path, stage_calls):
+    assert sample(two_stage_cascade, tmp_path / "grid.png", "--steps", "1", "--eta", "0", "--mode", "detail") == 0
+    assert stage_calls == [dict(num_inference_steps=1, mode="detail", eta=0.0)] * 2
+
+
+def test_bad_sr_stage_options_are_refused_before_any_network_runs(two_stage_cascade, tmp_path, capsys):
+    evaluations = []
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: evaluations.append(1))
+    try:
+        for options, message in (
+            (["--eta", "0.5,0.5,0.5"], "--eta gives 3 values for the 2 super-resolution stages of"),
+            (["--mode", "fidelity"], "stage_1: fidelity mode needs a model that predicts"),
+            (["--strength", "1,0"], "stage_2: --strength must lie in (0, 1], got 0"),
+            (["--eta", ",2"], "stage_2: --eta must lie in [0, 1], got 2"),
+            (["--temperature=-1,"], "stage_1: --temperature must be finite and at least 0, got -1"),
+            (["--strength", "0.5"], "stage_1: strength below 1 needs a model that predicts the clean image"),
+            (["--steps", "1", "--strength", "1,0.5"], "stage_2: strength 0.5 of 1 steps runs no step"),
+            (["--guidance-scale", "1,2"], "stage_2: guidance_scale 2 needs a guidance_unet"),
+            (["--mode", "detail,fidelity", "--eta", "0.5"], "stage_2: "),
+        ):
+            assert sample(two_stage_cascade, tmp_path / "refused.png", *options) == 2
+            error = capsys.readouterr().err
+            assert error.startswith("sr3 sample: error: ") and message in error and len(error.splitlines()) == 1
+    finally:
+        hook.remove()
+    assert evaluations == [] and not (tmp_path / "refused.png").exists()
+
+
+def test_the_one_sr_stage_of_the_tiny_cascade_is_counted_in_the_error(cascade_dirs, tmp_path, capsys):
+    assert sample(cascade_dirs[0], tmp_path / "g.png", "--temperature", "1,1") == 2
+    error = capsys.readouterr().err
+    assert "--temperature gives 2 values for the 1 super-resolution stage of" in error and "give 1," in error
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--mode", "sharp"], "argument --mode: invalid choice: 'sharp' (choose from 'auto', 'detail', 'fidelity')"),
+        (["--mode", "detail,sharp"], "argument --mode: invalid choice: 'sharp'"),
+        (["--eta", "0.5,x"], "argument --eta: invalid float value: '0.5,x'"),
+        (["--steps", "2,,x"], "argument --steps: expected a whole number, got 'x'"),
+    ],
+)
+def test_unparseable_sr_stage_options_are_named(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as stopped:
+        sample(tmp_path / "no_model", tmp_path / "g.png", *option)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_empty_steps_entry_keeps_that_stages_default_and_auto_picks_each_stages_mode(
+    two_stage_cascade, tmp_path, stage_calls
+):
+    assert sample(two_stage_cascade, tmp_path / "grid.png", "--steps", "1,,1", "--mode", "auto") == 0
+    # stage_1 runs its own detail_steps; auto is detail for the stage predicting the noise, fidelity for the other.
+    assert stage_calls == [
+        dict(num_inference_steps=None, mode="detail"),
+        dict(num_inference_steps=1, mode="fidelity"),
+    ]
+
+
+def test_an_unconditional_model_refuses_the_sr_stage_options(model_dir, tmp_path, capsys):
+    assert sample(model_dir, tmp_path / "g.png", "--eta", "0", "--guidance-scale", "1") == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"sr3 sample: error: --eta, --guidance-scale set a cascade's super-resolution stages: {model_dir} is an "
+        "unconditional generator, which has none\n"
+    )
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_help_lists_the_sr_stage_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--mode", "--eta", "--temperature", "--strength", "--guidance-scale"):
+        assert flag in text
+    assert "for a cascade's super-resolution stages (not its generator)" in text

@@ -71,12 +71,28 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def step_counts(text: str) -> Union[int, List[int]]:
+def per_stage(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: one value by `parse`, or a comma list of them, one per stage of a cascade (`0.6,,1`), where
+    an empty entry keeps that stage's default (None).
+
+    Args:
+        parse: the argparse type of one value.
+    """
+
+    def parse_per_stage(text: str) -> Any:
+        if "," not in text:
+            return parse(text)
+        return [parse(part) if part.strip() else None for part in text.split(",")]
+
+    # Argparse names the type in its message for a ValueError: "invalid float value: 'x'".
+    parse_per_stage.__name__ = getattr(parse, "__name__", "value")
+    return parse_per_stage
+
+
+def step_counts(text: str) -> Union[int, List[Optional[int]]]:
     """An argparse type: a step count of at least 1 (`at_least_one`), or a comma list of them, one per stage of a
-    cascade (`100,50,25`)."""
-    if "," not in text:
-        return at_least_one(text)
-    return [at_least_one(part) for part in text.split(",")]
+    cascade (`100,50,25`; `100,,25` keeps the second stage's default)."""
+    return per_stage(at_least_one)(text)
 
 
 def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:

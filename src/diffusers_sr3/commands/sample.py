@@ -6,7 +6,7 @@ import argparse
 import io
 import math
 import os
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import PIL.Image
 
@@ -17,22 +17,77 @@ from .common import (
     check_file_destination,
     image_generators,
     load_pipeline,
+    per_stage,
     step_counts,
 )
-from .upscale import save_atomically
+from .upscale import _mode_for, check_detail_values, save_atomically
 
 if TYPE_CHECKING:
-    from ..pipelines import SR3BasePipeline
+    from ..pipelines import SR3BasePipeline, SR3CascadePipeline
 
 SAMPLE_STEPS = 100
+MODES = ("auto", "detail", "fidelity")
+# The SR stages' sampling options (argparse dests, the cascade's argument names), in the order --help lists them.
+STAGE_OPTIONS = ("mode", "eta", "temperature", "strength", "guidance_scale")
+PER_STAGE = (
+    "; for a cascade's super-resolution stages (not its generator): one value for every SR stage, or a comma list "
+    "with one per SR stage, an empty entry keeping that stage's default"
+)
+
+
+def _mode(text: str) -> str:
+    """An argparse type: one of `MODES` (argparse's own `choices` would refuse a per-stage list)."""
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(repr, MODES))})")
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(
         parser,
         steps_help=f"sampling steps (default: {SAMPLE_STEPS}); for a cascade, one count for every stage or one per "
-        "stage, generator first, such as 100,50,25 (default: each stage's own)",
+        "stage, generator first, such as 100,50,25, an empty entry keeping that stage's default (default: each "
+        "stage's own)",
         steps_type=step_counts,
+    )
+    parser.add_argument(
+        "--mode",
+        type=per_stage(_mode),
+        default=None,
+        metavar="{auto,detail,fidelity}",
+        help="detail (default): iterative refinement (--steps network evaluations; sharp, plausible texture); "
+        "fidelity: deterministic DDIM from the noise's mean in the stage's fidelity_steps unless --steps: its "
+        "estimate of the average answer (highest PSNR, smoother texture; models that predict the clean image); "
+        "auto: fidelity for stages whose model predicts the clean image, else detail" + PER_STAGE,
+    )
+    parser.add_argument(
+        "--eta",
+        type=per_stage(float),
+        default=None,
+        help="detail mode with a DDIM sampler: 0 deterministic from the starting noise, up to 1 fresh noise at every "
+        "step (default: the stage's own detail_eta, else 0)" + PER_STAGE,
+    )
+    parser.add_argument(
+        "--temperature",
+        type=per_stage(float),
+        default=None,
+        help="detail mode: scale of the starting noise (default 1; below 1 trades texture for fidelity)" + PER_STAGE,
+    )
+    parser.add_argument(
+        "--strength",
+        type=per_stage(float),
+        default=None,
+        help="detail mode: how much of the refinement runs, in (0, 1]; 1 refines from pure noise. Below 1 it "
+        "starts from the fidelity answer, noised part of the way (models that predict the clean image). Default: "
+        "the stage's own detail_strength, 1 for models saved without one" + PER_STAGE,
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=per_stage(float),
+        default=None,
+        help="detail mode, stages saved with a guidance UNet: autoguidance scale; each step extrapolates the "
+        "model's prediction away from its weaker guide's, for sharper texture at twice the evaluations per step "
+        "(default: the stage's own setting; 1 turns guidance off)" + PER_STAGE,
     )
     parser.add_argument("-n", "--num-images", type=int, default=16, help="number of images")
     parser.add_argument("--output", required=True, help="grid image file (PNG, JPEG, WebP, ...)")
@@ -64,7 +119,13 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
     """The pipeline arguments of --steps, --size and --save-process, checked against the pipeline loaded."""
     from ..pipelines import SR3CascadePipeline
 
+    given = [f"--{name.replace('_', '-')}" for name in STAGE_OPTIONS if getattr(args, name) is not None]
     if not isinstance(pipeline, SR3CascadePipeline):
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} a cascade's super-resolution stages: "
+                f"{args.model} is an unconditional generator, which has none"
+            )
         if isinstance(args.steps, list):
             raise ValueError(f"--steps takes one step count for {args.model}: a list (one per stage) is for a cascade")
         return dict(
@@ -86,8 +147,49 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
             f"--steps gives {len(args.steps)} step counts for the {stages} stages of {args.model} (its generator, "
             f"then {stages - 1} super-resolution): give {stages}, or one for all"
         )
-    pipeline.check_arguments(num_inference_steps=args.steps)  # every stage's, before the first batch's bar starts
-    return dict(num_inference_steps=args.steps)
+    options = dict(num_inference_steps=args.steps, **_stage_options(pipeline, args))
+    pipeline.check_arguments(**options)  # every stage's, before the first batch's bar starts
+    return options
+
+
+def _stage_options(pipeline: SR3CascadePipeline, args: argparse.Namespace) -> Dict[str, Any]:
+    """The cascade arguments of --mode, --eta, --temperature, --strength and --guidance-scale that were given, each
+    one value for every SR stage or a list with one per SR stage (--mode auto resolved for each stage).
+
+    Args:
+        pipeline: the cascade loaded, with a generator.
+        args: the command line.
+    """
+    from ..pipelines.pipeline_sr3_cascade import STAGE_NAMES
+
+    stages = pipeline.stages
+    options: Dict[str, Any] = {}
+    for name in STAGE_OPTIONS:
+        value = getattr(args, name)
+        if isinstance(value, list) and len(value) != len(stages):
+            counted = f"{len(stages)} super-resolution stage{'s' if len(stages) > 1 else ''}"
+            raise ValueError(
+                f"--{name.replace('_', '-')} gives {len(value)} values for the {counted} of {args.model} (its "
+                f"generator takes none): give {len(stages)}, or one for all"
+            )
+        if value is not None:
+            options[name] = value
+    if "mode" in options:
+        modes: List[Optional[str]] = pipeline._per_stage(options["mode"], len(stages), "mode")
+        options["mode"] = [
+            _mode_for(stage.scheduler.config.get("prediction_type")) if mode == "auto" else mode
+            for stage, mode in zip(stages, modes)
+        ]
+    # Values no model takes, in the options' words; the stages check the rest against their models.
+    ranged = {
+        key: pipeline._per_stage(options.get(key), len(stages), key) for key in ("strength", "eta", "temperature")
+    }
+    for index, name in enumerate(STAGE_NAMES[: len(stages)]):
+        try:
+            check_detail_values(**{key: values[index] for key, values in ranged.items()})
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    return options
 
 
 def run(args: argparse.Namespace) -> int:

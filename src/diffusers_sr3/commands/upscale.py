@@ -494,6 +494,22 @@ def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
 
 
+def check_detail_values(strength: Optional[float], eta: Optional[float], temperature: Optional[float]) -> None:
+    """Refuse a --strength, --eta or --temperature that no model takes (`sr3 sample` checks each SR stage's).
+
+    Args:
+        strength, eta, temperature: the options' values; None where not given.
+    """
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {strength:g}")
+    # Above 1, DDIM's step noise outgrows what the schedule leaves at the next step: NaN after the whole run.
+    if eta is not None and not 0 <= eta <= 1:
+        raise ValueError(f"--eta must lie in [0, 1], got {eta:g}")
+    # 0 is meaningful: the mean of the starting noise, as fidelity mode starts.
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise ValueError(f"--temperature must be finite and at least 0, got {temperature:g}")
+
+
 def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Optional[float]) -> None:
     """Refuse --parallel-guidance-weight where the run's `guidance_scale` (the command line's, else the model's own;
     None while unknown) is 1: unguided, the weight would be ignored without a word."""
@@ -687,14 +703,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    if args.strength is not None and not 0 < args.strength <= 1:
-        raise ValueError(f"--strength must lie in (0, 1], got {args.strength:g}")
-    # Above 1, DDIM's step noise outgrows what the schedule leaves at the next step: NaN after the whole run.
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise ValueError(f"--eta must lie in [0, 1], got {args.eta:g}")
-    # 0 is meaningful: the mean of the starting noise, as fidelity mode starts.
-    if args.temperature is not None and not 0 <= args.temperature < float("inf"):
-        raise ValueError(f"--temperature must be finite and at least 0, got {args.temperature:g}")
+    check_detail_values(args.strength, args.eta, args.temperature)
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in 1-100, got {args.quality}")
     if args.self_ensemble and args.save_process:

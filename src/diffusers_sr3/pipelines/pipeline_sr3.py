@@ -21,6 +21,7 @@ from ..defaults import (  # noqa: F401 (evaluations_per_crop and the config keys
     SAMPLING_CONFIG_KEYS,
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
+    steps_to_run,
 )
 from ..detail_windows import lowpass_sigma, windowed_networks
 from ..image_processing import (
@@ -386,6 +387,8 @@ class SR3Pipeline(SR3BasePipeline):
         if mode == "detail":
             settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
             check_num_inference_steps(settings["num_inference_steps"], self.scheduler)
+            # A strength that runs none of the steps would only be met after the cascade's earlier stages ran.
+            steps_to_run(settings["num_inference_steps"], settings["strength"])
             check_eta(self.scheduler, settings["eta"])
             _check_guidance(
                 self.unet,
