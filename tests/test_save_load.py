@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
 from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.pipelines import base
@@ -235,3 +236,18 @@ def test_the_generic_loader_takes_a_passed_cascade_stage_or_none(tmp_path, tiny_
     assert DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, stage_2=tiny_pipeline).stage_2 is (
         tiny_pipeline
     )
+
+
+def test_a_unet_pushed_alone_uploads_its_reexport_and_loads_through_automodel(tmp_path, tiny_unet, hub):  # noqa: F811
+    from diffusers import AutoModel
+
+    tiny_unet.push_to_hub("someone/unet")
+    tiny_unet.save_pretrained(str(tmp_path), push_to_hub=True, repo_id="someone/saved", variant="fp16")
+    for repo in ("someone/unet", "someone/saved"):
+        uploaded = hub.repos[repo]
+        assert b"from diffusers_sr3 import SR3UNet2DModel" in uploaded["unet_sr3.py"]
+        assert json.loads(uploaded["config.json"])["auto_map"] == {"AutoModel": "unet_sr3.SR3UNet2DModel"}
+    loaded = AutoModel.from_pretrained("someone/unet", trust_remote_code=True)
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample, rtol=0, atol=0)

@@ -79,13 +79,56 @@ def test_scheduler_timesteps_are_refused_as_levels(tiny_unet):
         assert timestep_unet(sample, torch.tensor([75, 50])).sample.shape == (2, 3, 32, 32)
 
 
+def test_float_levels_outside_the_range_are_refused_on_the_cpu(tiny_unet, monkeypatch):
+    sample = torch.randn(2, 6, 32, 32)
+    message = r"signal_level must be sqrt\(alpha_bar\) in \[0, 1\] for conditioning_type='noise_level' models, got "
+    refused = {
+        "999.0": torch.tensor([999.0]),
+        "1.5": torch.tensor([0.5, 1.5]),
+        "-0.25": torch.tensor([[-0.25], [0.5]], dtype=torch.float64),
+        "nan": torch.tensor(float("nan")),
+        "2.0": torch.tensor([2.0], dtype=torch.bfloat16),
+        "75.0": [75.0, 0.5],
+    }
+    for shown, level in refused.items():
+        with pytest.raises(ValueError, match=message + shown + ": a scheduler timestep is not a level"):
+            tiny_unet(sample, level)
+    with torch.no_grad():  # the ends of the range are levels
+        torch.testing.assert_close(
+            tiny_unet(sample, torch.tensor([0.0, 1.0])).sample, tiny_unet(sample, [0.0, 1.0]).sample
+        )
+        # Compiling (or tracing for ONNX) reads no values: a data-dependent branch would break the graph.
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        tiny_unet(sample, torch.tensor([999.0]))
+
+
 def test_absurd_sizes_are_refused_before_building():
     # A config.json asking for a model no memory holds: refused at once, not by the allocator (or after minutes).
     message = "make a model of .* parameters, over the 20 billion any SR3 model may have"
     with pytest.raises(ValueError, match=r"block_out_channels=1000000, .*" + message):
         SR3UNet2DModel.from_config(tiny_unet_config(block_out_channels=1000000))
-    with pytest.raises(ValueError, match=r"layers_per_block=1000000 " + message):
-        SR3UNet2DModel.from_config(tiny_unet_config(block_out_channels=64, layers_per_block=1000000))
+    with pytest.raises(ValueError, match=r"layers_per_block=100 " + message):
+        SR3UNet2DModel.from_config(tiny_unet_config(block_out_channels=1024, layers_per_block=100))
+
+
+def test_enormous_block_counts_are_refused_before_building():
+    # Tiny widths stay under the parameter cap however many blocks there are, which would take hours to build.
+    message = r"make (\d+) blocks, over the 1000 any SR3 model may have: a damaged or wrong config"
+    tiny = dict(block_out_channels=2, norm_groups=1, attention_resolutions=())
+    with pytest.raises(ValueError, match=r"^layers_per_block=1000000 and 3 channel_multipliers " + message):
+        SR3UNet2DModel.from_config(tiny_unet_config(layers_per_block=10**6, **tiny))
+    many_levels = dict(channel_multipliers=[1] * 10**6, sample_size=2**20, layers_per_block=0)
+    with pytest.raises(ValueError, match=r"^layers_per_block=0 and 1000000 channel_multipliers " + message):
+        SR3UNet2DModel.from_config(tiny_unet_config(**many_levels, **tiny))
+    # Every preset (the original's configs among them) is far below the limit, counted as built.
+    built = (unet_sr3.ResnetAttentionBlock, unet_sr3.Downsample, unet_sr3.Upsample)
+    for preset in PRESETS.values():
+        config = preset.unet_config()
+        with torch.device("meta"):
+            model = SR3UNet2DModel(**config)
+        blocks = sum(isinstance(module, built) for module in model.modules())
+        assert blocks == unet_sr3._block_count(len(config["channel_multipliers"]), config["layers_per_block"])
+        assert blocks * 10 < unet_sr3.MAX_BLOCKS
 
 
 def test_the_parameter_count_checked_is_that_of_the_model_built(monkeypatch):
@@ -555,10 +598,33 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
     sample = torch.randn(1, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
-    # A UNet saved alone has no re-export beside it, so no auto_map pointing at one.
+    # A UNet saved alone has the same re-export and auto_map (tested in test_automodel_loads_a_unet_saved_alone).
     tiny_unet.save_pretrained(tmp_path / "alone")
-    assert "auto_map" not in json.loads((tmp_path / "alone" / "config.json").read_text())
+    assert json.loads((tmp_path / "alone" / "config.json").read_text())["auto_map"] == config["auto_map"]
     # Folders saved before the key load as they did.
     del config["auto_map"]
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path / "unet").config and not warned
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"variant": "fp16"}, {"safe_serialization": False}], ids=["default", "variant", "pickle"]
+)
+def test_automodel_loads_a_unet_saved_alone(tmp_path, tiny_unet, monkeypatch, options):
+    import diffusers.configuration_utils
+    from diffusers import AutoModel
+
+    warned = []
+    monkeypatch.setattr(
+        diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
+    )
+    tiny_unet.save_pretrained(tmp_path, **options)
+    assert (tmp_path / "unet_sr3.py").read_text().endswith("from diffusers_sr3 import SR3UNet2DModel  # noqa: F401\n")
+    variant = {"variant": options["variant"]} if "variant" in options else {}
+    loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True, **variant)
+    assert type(loaded) is SR3UNet2DModel and "auto_map" not in loaded.config
+    sample = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample, rtol=0, atol=0)
+    # This package's own loader drops the key without a word.
+    assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path, **variant).config and not warned

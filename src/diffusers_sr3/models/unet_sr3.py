@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -377,6 +378,16 @@ _ALIGNMENT = 64
 # hostile, and is refused before building rather than failing once memory runs out (or after minutes of building).
 MAX_PARAMETERS = 20_000_000_000
 
+# ResNet blocks and resamplers. Building one takes ~4.4 ms at the smallest width (measured on one CPU thread), which
+# the parameter cap does not bound: millions of 2-channel blocks are few parameters but hours of building. The largest
+# preset has 49, the original's configs and Diffusers' UNets a few dozen; this limit builds in seconds.
+MAX_BLOCKS = 1000
+
+
+def _block_count(num_levels: int, layers_per_block: int) -> int:
+    """The ResNet blocks (down, middle, up) and resamplers `SR3UNet2DModel.__init__` builds."""
+    return num_levels * layers_per_block + 2 + num_levels * (layers_per_block + 1) + 2 * (num_levels - 1)
+
 
 def _parameter_count(
     in_channels: int,
@@ -525,11 +536,11 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # `fuse_qkv_projections` adds a fused copy of q/k/v (`to_qkv`); a model saved while fused loads without it (its
     # to_q/to_k/to_v are synced from `to_qkv` whenever a state dict is taken, so nothing trained while fused is lost).
     _keys_to_ignore_on_load_unexpected = [r"\.to_qkv\."]
-    # A pipeline save gives the UNet's config `"auto_map": {"AutoModel": "unet_sr3.SR3UNet2DModel"}` beside the
-    # `unet_sr3.py` re-export it writes (`pipelines.base.write_remote_code_layout`), so that
-    # `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it; loading strips the key
-    # (`extract_init_dict`).
-    # A UNet saved alone has no re-export, so no `auto_map` either.
+    # Diffusers' `register_for_auto_class`: every saved config gets `"auto_map": {"AutoModel":
+    # "unet_sr3.SR3UNet2DModel"}` (this module's name), and `save_config` writes the `unet_sr3.py` re-export it names
+    # beside it, so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a UNet saved alone or in a
+    # pipeline; loading strips the key (`extract_init_dict`).
+    _auto_class = "AutoModel"
 
     @register_to_config
     def __init__(
@@ -578,6 +589,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"upscale_factor must be a positive integer, got {upscale_factor}")
         if layers_per_block < 0:
             raise ValueError(f"layers_per_block must be 0 or more, got {layers_per_block}")
+        blocks = _block_count(len(channel_multipliers), layers_per_block)
+        if blocks > MAX_BLOCKS:  # before anything that takes time per level
+            raise ValueError(
+                f"layers_per_block={layers_per_block} and {len(channel_multipliers)} channel_multipliers make "
+                f"{blocks} blocks, over the {MAX_BLOCKS} any SR3 model may have: a damaged or wrong config"
+            )
         scale = noise_level_embedding_scale
         if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale == 0:
             # 0 encodes every level alike (the network ignores it); inf/NaN make every output non-finite.
@@ -725,6 +742,23 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                     tensor.data = tensor.data.clone()
         return loaded
 
+    def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Diffusers' `save_config` (which `save_pretrained` and `push_to_hub` call), with the one-line re-export that
+        the config's `auto_map` names (`unet_sr3.py`: `from diffusers_sr3 import SR3UNet2DModel`) written first, so
+        that an upload (`push_to_hub=True` here or in `save_pretrained`) includes it.
+
+        Args:
+            save_directory: the folder to write `config.json` and the re-export in (created if needed).
+            push_to_hub: upload the folder afterwards, as Diffusers does (`kwargs`: `repo_id`, `token`, ...).
+        """
+        # Imported here: the pipelines import this module.
+        from ..pipelines.base import REMOTE_CODE_STEMS, _write_reexport
+
+        stem = REMOTE_CODE_STEMS.get(type(self).__name__)
+        if stem is not None:  # a subclass of another name has no re-export in this package
+            _write_reexport(os.path.join(os.fspath(save_directory), f"{stem}.py"), type(self).__name__)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     @classmethod
     def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
         """Diffusers' split of a config into `__init__` arguments and the rest, without the `auto_map` that saves
@@ -843,18 +877,25 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models.
 
         `for t in scheduler.timesteps: unet(x, t)` passes integer timesteps (e.g. 75), which the embedding would
-        otherwise read as a level far outside [0, 1], silently. Tensor values are not range-checked: that would be
-        a device sync per call and data-dependent control flow, which `torch.compile(fullgraph=True)` and the ONNX
-        export cannot trace.
+        otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`) too.
+        Integer tensors are refused by their dtype. Float values are range-checked on the CPU only: elsewhere reading
+        them is a device sync per call. And not while tracing or compiling: the branch on the values would break
+        `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's trace would record it.
         """
-        if isinstance(signal_level, torch.Tensor):
-            wrong = not signal_level.is_floating_point()
-        elif isinstance(signal_level, numbers.Real):
-            wrong = not 0 <= signal_level <= 1
-        else:  # lists, numpy arrays
-            wrong = not torch.as_tensor(signal_level).is_floating_point()
-        if wrong:
-            value = signal_level.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
+        value = None
+        if isinstance(signal_level, numbers.Real):
+            if not 0 <= signal_level <= 1:
+                value = repr(signal_level)
+        else:  # tensors, lists, numpy arrays
+            levels = signal_level if isinstance(signal_level, torch.Tensor) else torch.as_tensor(signal_level)
+            if not levels.is_floating_point():
+                value = levels.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
+            elif levels.device.type == "cpu" and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+                levels = levels.detach().reshape(-1)
+                outside = levels[~((levels >= 0) & (levels <= 1))]  # NaN too
+                if outside.numel():
+                    value = repr(outside[0].item())
+        if value is not None:
             raise ValueError(
                 f"signal_level must be sqrt(alpha_bar) in [0, 1] for conditioning_type='noise_level' models, got "
                 f"{value}: a scheduler timestep is not a level; map steps to levels with "

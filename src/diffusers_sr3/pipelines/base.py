@@ -113,7 +113,8 @@ def register_remote_code_modules() -> None:
 
 
 def write_remote_code_layout(folder: str) -> None:
-    """Rewrite a saved pipeline folder's model_index.json into the custom-code layout and add the re-exports."""
+    """Rewrite a saved pipeline folder's model_index.json into the custom-code layout and add the pipeline's re-export
+    (each SR3 component's own save wrote its re-export, and a network's `auto_map`, in its folder)."""
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path, encoding="utf-8") as handle:
         index = json.load(handle)
@@ -125,8 +126,6 @@ def write_remote_code_layout(folder: str) -> None:
     for name, value in index.items():
         if isinstance(value, list) and len(value) == 2 and value[1] in REMOTE_CODE_STEMS and not name.startswith("_"):
             index[name] = [REMOTE_CODE_STEMS[value[1]], value[1]]
-            _write_reexport(os.path.join(folder, name, f"{REMOTE_CODE_STEMS[value[1]]}.py"), value[1])
-            _add_auto_map(os.path.join(folder, name, "config.json"), f"{REMOTE_CODE_STEMS[value[1]]}.{value[1]}")
     with open(index_path, "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -159,20 +158,6 @@ def write_truthful_configs(folder: str) -> None:
                 with open(path, "w", encoding="utf-8") as handle:
                     json.dump(config, handle, indent=2, sort_keys=True)
                     handle.write("\n")
-
-
-def _add_auto_map(config_path: str, reference: str) -> None:
-    """Give a model's saved config (a network folder's config.json; a nested pipeline's folder has none) the
-    `auto_map` with which `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` finds its class in
-    the re-export beside it."""
-    if not os.path.isfile(config_path):
-        return
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    config["auto_map"] = {"AutoModel": reference}
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
 
 
 def _write_reexport(path: str, class_name: str) -> None:
