@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import types
 
 import gradio
@@ -519,3 +520,65 @@ def test_garbled_exif_is_shown_to_the_user_at_every_upload(tmp_path, monkeypatch
         assert app.read_upload(str(path), "IMG_0001.jpg", 1000).size == (12, 6)
     assert len(shown) == 2 and shown[0].startswith("IMG_0001.jpg: its EXIF orientation could not be read (")
     assert app.read_upload(str(PHOTO), "face.png", 1000) and len(shown) == 2
+
+
+def test_a_cancelled_request_stops_refining_and_the_next_runs_as_on_a_fresh_pipeline(tmp_path, monkeypatch):
+    with serving(tmp_path, max_pixels=MAX_PIXELS) as (app, pipeline, demo, url):
+        evaluations, cancelled, ended = [], threading.Event(), threading.Event()
+
+        def evaluated(*args):
+            evaluations.append(threading.get_ident())
+            if len(evaluations) == 2:  # the second evaluation ends only once the request has been cancelled
+                assert cancelled.wait(30)
+
+        def super_resolve(*args, **kwargs):
+            try:
+                return run_alone(*args, **kwargs)
+            finally:
+                ended.set()
+
+        run_alone = app.super_resolve
+        monkeypatch.setattr(app, "super_resolve", super_resolve)
+        hook = pipeline.unet.register_forward_hook(evaluated)
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        job = client.submit(handle_file(str(PHOTO)), "x4", 100, "ddpm", 0, 0, 1.0, False, api_name="/super_resolve")
+        while len(evaluations) < 2:
+            assert not job.done(), job.exception()
+            threading.Event().wait(0.01)
+        job.cancel()
+        while demo._queue.event_ids_to_events:  # the server has dropped the event
+            threading.Event().wait(0.01)
+        cancelled.set()
+        assert ended.wait(30)
+        assert len(evaluations) == 2  # not the 100 steps, run for nobody
+        hook.remove()
+
+        # The next request is the fresh pipeline's result.
+        gallery = predict(client, PHOTO)[0]
+        fresh = app.load_pipeline(save_tiny_model(tmp_path / "fresh"), device="cpu")
+        direct = tiled_super_resolve(
+            app.with_scheduler(fresh, "ddim"),
+            PIL.Image.open(PHOTO).convert("RGB"),
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+        assert np.abs(pixels(gallery[2]["image"]) - np.asarray(direct, dtype=np.int16)).max() <= 1
+
+
+def test_a_request_over_the_memory_available_is_refused_before_any_evaluation(served, monkeypatch):
+    app, pipeline = served.app, served.pipeline
+    evaluations = []
+    hook = pipeline.unet.register_forward_hook(lambda *args: evaluations.append(1))
+    # A 64x64 output needs full_size_bytes((64, 64)) = 491,520 bytes, + 49,152 per process frame.
+    monkeypatch.setattr(app, "available_memory", lambda device: (500_000, "available"), raising=False)
+    try:
+        with pytest.raises(
+            AppError,
+            match=r"00031\.png: a 64x64 output needs at least 0\.0 GB of memory, 0\.0 GB "
+            r"available on this server now: try a smaller photo or fewer refinement-process frames",
+        ):
+            predict(served.client, PHOTO, frames=1)
+        assert not evaluations
+        assert len(predict(served.client, PHOTO)[0]) == 3  # without frames it fits
+    finally:
+        hook.remove()
