@@ -364,7 +364,7 @@ def _cancellation() -> Callable[[], bool]:
     event = events.get(event_id) if events is not None and event_id is not None else None
     if event is None:
         return lambda: False
-    return lambda: not event.alive or events.get(event_id) is not event
+    return lambda: not getattr(event, "alive", True) or events.get(event_id) is not event
 
 
 def build_demo(
