@@ -4,9 +4,11 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import re
 import socket
 import sys
+import tempfile
 import threading
 import types
 
@@ -56,10 +58,13 @@ def save_tiny_model(folder) -> str:
 def serving(folder, **build_kwargs):
     """Serve the demo of a fresh tiny model in `folder` on a free port: yields (app, pipeline, demo, url).
 
-    Uploads and results go under `folder` too, not into the machine's shared gradio cache.
+    Uploads and results go under `folder` too, not into the machine's shared gradio cache, and so do the folders
+    that gradio_client downloads each result through: it makes one in the system temp folder per file and leaves it.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(folder / "gradio"))
+        (folder / "tmp").mkdir()
+        patch.setattr(tempfile, "tempdir", str(folder / "tmp"))
         # float32 everywhere, so results compare with the pipeline's own to a rounding step on any CPU
         patch.setattr(backends, "fast_bfloat16", lambda device: False)
         app = load_app()
@@ -139,6 +144,13 @@ def test_api_super_resolves_a_photo(served):
     assert strip.shape == (64, 3 * 64, 3)
     assert np.abs(strip[:, 128:] - sr3).max() <= 1
     assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "seed 0 · untiled ·" in info
+
+
+def test_downloads_stage_in_the_tests_folder_not_the_systems_temp_folder(served):
+    predict(served.client, PHOTO)
+    staged = pathlib.Path(tempfile.gettempdir())
+    assert staged.name == "tmp" and (staged.parent / "model").is_dir()  # the served folder
+    assert any(staged.iterdir())  # gradio_client's download folders, left behind
 
 
 def test_api_x2_is_the_x4_result_downscaled(served):
