@@ -30,9 +30,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
+from gradio.context import LocalContext  # noqa: E402
 
 from diffusers_sr3 import SR3Pipeline, image_io  # noqa: E402
 from diffusers_sr3.backends import resolve_device, use_backend  # noqa: E402
+from diffusers_sr3.commands.upscale import available_memory, full_size_bytes  # noqa: E402
+from diffusers_sr3.defaults import MIN_WINDOWS_ACROSS  # noqa: E402
 from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations  # noqa: E402
 from diffusers_sr3.image_io import (  # noqa: E402
     ImageTooLargeError,
@@ -315,6 +318,55 @@ def _strength(value: Any, default: float) -> float:
     return number
 
 
+def check_memory(pipeline: SR3Pipeline, name: str, input_size: Tuple[int, int], process_frames: int) -> None:
+    """Refuse, before any work, a request whose full-size images need more memory than `pipeline`'s device has
+    available now, with a `gr.Error` naming the need: a run that fails halfway takes the Space down for everyone.
+
+    The need is `sr3 upscale`'s estimate (`full_size_bytes`: measured peak per output pixel, doubled with detail
+    mode's windows) of the model's output for `input_size` `(width, height)`, plus `process_frames` float32
+    snapshots of it. Devices whose free memory cannot be told are not checked.
+
+    Args:
+        pipeline: the served pipeline.
+        name: the uploaded file's name, for the message.
+        input_size: the upload's `(width, height)`.
+        process_frames: refinement-process frames asked for.
+    """
+    available = available_memory(pipeline.device)
+    if available is None:
+        return
+    factor = pipeline.config.upscale_factor
+    width, height = (length * factor for length in input_size)
+    window_size = pipeline.config.get("detail_window_size") or 0
+    windows = bool(window_size) and min(width, height) >= MIN_WINDOWS_ACROSS * window_size
+    dtype = pipeline.unet.dtype
+    need = full_size_bytes((width, height), windows=windows, dtype=None if dtype == torch.float32 else dtype)
+    need += process_frames * 3 * 4 * width * height
+    free, where = available
+    if need > free:
+        raise gr.Error(
+            f"{name}: a {width}x{height} output needs at least {need / 1e9:.1f} GB of memory, "
+            f"{free / 1e9:.1f} GB {where} on this server now: try a smaller photo"
+            + (" or fewer refinement-process frames" if process_frames else "")
+            + ", or try again later"
+        )
+
+
+def _cancellation() -> Callable[[], bool]:
+    """A check that says whether the gradio event this thread runs has ended without it: cancelled (the stop
+    button, `cancels=`, an API client's `Job.cancel`), or its visitor gone (tab closed). Never outside an event.
+
+    Gradio stops waiting for a cancelled function but cannot stop its thread: unchecked, the refinement would run to
+    its end for nobody, beside the next visitor's run that the freed queue slot has started.
+    """
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    event = events.get(event_id) if events is not None and event_id is not None else None
+    if event is None:
+        return lambda: False
+    return lambda: not getattr(event, "alive", True) or events.get(event_id) is not event
+
+
 def build_demo(
     pipeline: SR3Pipeline,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -384,6 +436,7 @@ def build_demo(
             raise gr.Error(str(error)) from None
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
+        check_memory(pipeline, name, image.size, process_frames)
         # The networks see RGB; transparency is resized on its own and put back, as `sr3 upscale` does for PNG.
         alpha = open_alpha(upload["path"])
 
@@ -393,6 +446,13 @@ def build_demo(
             picture = picture.copy()
             picture.putalpha(alpha.resize(picture.size, resample))
             return picture
+
+        cancelled = _cancellation()
+
+        def report(done: Tuple[int, int], mode: str) -> None:
+            if cancelled():
+                raise gr.Error("the request was cancelled")
+            progress(done, desc=f"{mode} mode", unit="evaluations")
 
         progress((0, 1), desc="refining", unit="evaluations")
         results = {}
@@ -405,7 +465,7 @@ def build_demo(
                 scheduler,
                 seed,
                 process_frames if mode == "detail" else 0,
-                lambda done, mode=mode: progress(done, desc=f"{mode} mode", unit="evaluations"),
+                lambda done, mode=mode: report(done, mode),
                 mode=mode,
                 eta=detail_defaults["eta"] if scheduler == "ddim" else None,
                 strength=strength,

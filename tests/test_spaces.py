@@ -4,9 +4,12 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import re
 import socket
 import sys
+import tempfile
+import threading
 import types
 
 import gradio
@@ -55,10 +58,13 @@ def save_tiny_model(folder) -> str:
 def serving(folder, **build_kwargs):
     """Serve the demo of a fresh tiny model in `folder` on a free port: yields (app, pipeline, demo, url).
 
-    Uploads and results go under `folder` too, not into the machine's shared gradio cache.
+    Uploads and results go under `folder` too, not into the machine's shared gradio cache, and so do the folders
+    that gradio_client downloads each result through: it makes one in the system temp folder per file and leaves it.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(folder / "gradio"))
+        (folder / "tmp").mkdir()
+        patch.setattr(tempfile, "tempdir", str(folder / "tmp"))
         # float32 everywhere, so results compare with the pipeline's own to a rounding step on any CPU
         patch.setattr(backends, "fast_bfloat16", lambda device: False)
         app = load_app()
@@ -138,6 +144,13 @@ def test_api_super_resolves_a_photo(served):
     assert strip.shape == (64, 3 * 64, 3)
     assert np.abs(strip[:, 128:] - sr3).max() <= 1
     assert "16x16 → 64x64" in info and "ddim, 3 steps, seed 0" in info and "seed 0 · untiled ·" in info
+
+
+def test_downloads_stage_in_the_tests_folder_not_the_systems_temp_folder(served):
+    predict(served.client, PHOTO)
+    staged = pathlib.Path(tempfile.gettempdir())
+    assert staged.name == "tmp" and (staged.parent / "model").is_dir()  # the served folder
+    assert any(staged.iterdir())  # gradio_client's download folders, left behind
 
 
 def test_api_x2_is_the_x4_result_downscaled(served):
@@ -519,3 +532,65 @@ def test_garbled_exif_is_shown_to_the_user_at_every_upload(tmp_path, monkeypatch
         assert app.read_upload(str(path), "IMG_0001.jpg", 1000).size == (12, 6)
     assert len(shown) == 2 and shown[0].startswith("IMG_0001.jpg: its EXIF orientation could not be read (")
     assert app.read_upload(str(PHOTO), "face.png", 1000) and len(shown) == 2
+
+
+def test_a_cancelled_request_stops_refining_and_the_next_runs_as_on_a_fresh_pipeline(tmp_path, monkeypatch):
+    with serving(tmp_path, max_pixels=MAX_PIXELS) as (app, pipeline, demo, url):
+        evaluations, cancelled, ended = [], threading.Event(), threading.Event()
+
+        def evaluated(*args):
+            evaluations.append(threading.get_ident())
+            if len(evaluations) == 2:  # the second evaluation ends only once the request has been cancelled
+                assert cancelled.wait(30)
+
+        def super_resolve(*args, **kwargs):
+            try:
+                return run_alone(*args, **kwargs)
+            finally:
+                ended.set()
+
+        run_alone = app.super_resolve
+        monkeypatch.setattr(app, "super_resolve", super_resolve)
+        hook = pipeline.unet.register_forward_hook(evaluated)
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        job = client.submit(handle_file(str(PHOTO)), "x4", 100, "ddpm", 0, 0, 1.0, False, api_name="/super_resolve")
+        while len(evaluations) < 2:
+            assert not job.done(), job.exception()
+            threading.Event().wait(0.01)
+        job.cancel()
+        while demo._queue.event_ids_to_events:  # the server has dropped the event
+            threading.Event().wait(0.01)
+        cancelled.set()
+        assert ended.wait(30)
+        assert len(evaluations) == 2  # not the 100 steps, run for nobody
+        hook.remove()
+
+        # The next request is the fresh pipeline's result.
+        gallery = predict(client, PHOTO)[0]
+        fresh = app.load_pipeline(save_tiny_model(tmp_path / "fresh"), device="cpu")
+        direct = tiled_super_resolve(
+            app.with_scheduler(fresh, "ddim"),
+            PIL.Image.open(PHOTO).convert("RGB"),
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+        assert np.abs(pixels(gallery[2]["image"]) - np.asarray(direct, dtype=np.int16)).max() <= 1
+
+
+def test_a_request_over_the_memory_available_is_refused_before_any_evaluation(served, monkeypatch):
+    app, pipeline = served.app, served.pipeline
+    evaluations = []
+    hook = pipeline.unet.register_forward_hook(lambda *args: evaluations.append(1))
+    # A 64x64 output needs full_size_bytes((64, 64)) = 491,520 bytes, + 49,152 per process frame.
+    monkeypatch.setattr(app, "available_memory", lambda device: (500_000, "available"), raising=False)
+    try:
+        with pytest.raises(
+            AppError,
+            match=r"00031\.png: a 64x64 output needs at least 0\.0 GB of memory, 0\.0 GB "
+            r"available on this server now: try a smaller photo or fewer refinement-process frames",
+        ):
+            predict(served.client, PHOTO, frames=1)
+        assert not evaluations
+        assert len(predict(served.client, PHOTO)[0]) == 3  # without frames it fits
+    finally:
+        hook.remove()
