@@ -31,6 +31,9 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
     add_training_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # At INFO, Accelerate logs each of the five files of every checkpoint, under the temporary folder that is then
+    # renamed; the trainer's own line names the checkpoint. Its warnings still show.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     install_log_redaction()
     try:
         config = config_from_args(args, task=task)
