@@ -1,6 +1,8 @@
 """Clean console output: no library warnings that this package's own calls trigger, no log lines repeated per file."""
 
 import logging
+import re
+import sys
 
 import PIL.Image
 import pytest
@@ -60,3 +62,27 @@ def test_a_checkpoint_is_logged_once_not_once_per_file(tmp_path, caplog):
     assert [record.getMessage() for record in caplog.records].count(
         f"saved checkpoint {tmp_path / 'out'}/checkpoint-1"
     ) == 1
+
+
+def test_training_log_lines_print_above_the_progress_bar_not_into_it(tmp_path, capsys):
+    """A checkpoint's log line, logged while the steps bar shows, starts a line of its own."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    options = dict(preset="tiny", output_dir=str(tmp_path / "out"), train_data_dir=data, train_batch_size=2)
+    options.update(max_train_steps=2, checkpointing_steps=1, validation_steps=0, num_validation_images=1)
+    options.update(validation_steps_count=2, report_to="none", lr_warmup_steps=1, seed=0)
+    argv = [item for name, value in options.items() for item in (f"--{name}", str(value))]
+    # What the command's logging.basicConfig installs outside pytest, which holds the root logger's handlers here.
+    console = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    root.addHandler(console)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        assert train_main(argv) == 0
+    finally:
+        root.removeHandler(console)
+        root.setLevel(level)
+        logging.getLogger("accelerate").setLevel(logging.NOTSET)
+    shown = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert [line for line in shown if "saved checkpoint" in line]
+    assert not [line for line in shown if "saved checkpoint" in line and "steps:" in line]

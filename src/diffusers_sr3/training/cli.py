@@ -46,9 +46,11 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
         from safetensors import SafetensorError  # loaded with the trainer: no start-up cost
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         try:
-            with sigterm_as_interrupt():
+            # Log lines go through tqdm while its bar shows: above the bar, not appended to it.
+            with sigterm_as_interrupt(), logging_redirect_tqdm():
                 train(config)
         except SafetensorError as error:
             # An I/O error (a full disk) that safetensors does not raise as one.
