@@ -31,6 +31,9 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
     add_training_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # At INFO, Accelerate logs each of the five files of every checkpoint, under the temporary folder that is then
+    # renamed; the trainer's own line names the checkpoint. Its warnings still show.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     install_log_redaction()
     try:
         config = config_from_args(args, task=task)
@@ -43,9 +46,11 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
         from safetensors import SafetensorError  # loaded with the trainer: no start-up cost
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         try:
-            with sigterm_as_interrupt():
+            # Log lines go through tqdm while its bar shows: above the bar, not appended to it.
+            with sigterm_as_interrupt(), logging_redirect_tqdm():
                 train(config)
         except SafetensorError as error:
             # An I/O error (a full disk) that safetensors does not raise as one.
