@@ -318,19 +318,28 @@ def _strength(value: Any, default: float) -> float:
     return number
 
 
-def check_memory(pipeline: SR3Pipeline, name: str, input_size: Tuple[int, int], process_frames: int) -> None:
+def check_memory(
+    pipeline: SR3Pipeline,
+    name: str,
+    input_size: Tuple[int, int],
+    process_frames: int,
+    steps: int,
+    strength: float = 1.0,
+) -> None:
     """Refuse, before any work, a request whose full-size images need more memory than `pipeline`'s device has
     available now, with a `gr.Error` naming the need: a run that fails halfway takes the Space down for everyone.
 
     The need is `sr3 upscale`'s estimate (`full_size_bytes`: measured peak per output pixel, doubled with detail
-    mode's windows) of the model's output for `input_size` `(width, height)`, plus `process_frames` float32
-    snapshots of it. Devices whose free memory cannot be told are not checked.
+    mode's windows) of the model's output for `input_size` `(width, height)`, plus the float32 snapshots of it that
+    detail mode stores: `process_frames`, but never more than the steps that run. Devices whose free memory cannot be
+    told are not checked.
 
     Args:
         pipeline: the served pipeline.
         name: the uploaded file's name, for the message.
         input_size: the upload's `(width, height)`.
         process_frames: refinement-process frames asked for.
+        steps, strength: detail mode's refinement steps and strength (below 1, fewer steps run).
     """
     available = available_memory(pipeline.device)
     if available is None:
@@ -341,7 +350,7 @@ def check_memory(pipeline: SR3Pipeline, name: str, input_size: Tuple[int, int], 
     windows = bool(window_size) and min(width, height) >= MIN_WINDOWS_ACROSS * window_size
     dtype = pipeline.unet.dtype
     need = full_size_bytes((width, height), windows=windows, dtype=None if dtype == torch.float32 else dtype)
-    need += process_frames * 3 * 4 * width * height
+    need += min(process_frames, steps_to_run(steps, strength)) * 3 * 4 * width * height
     free, where = available
     if need > free:
         raise gr.Error(
@@ -436,7 +445,7 @@ def build_demo(
             raise gr.Error(str(error)) from None
         name = os.path.basename(upload.get("orig_name") or upload["path"])
         image = read_upload(upload["path"], name, max_pixels)
-        check_memory(pipeline, name, image.size, process_frames)
+        check_memory(pipeline, name, image.size, process_frames, steps, strength)
         # The networks see RGB; transparency is resized on its own and put back, as `sr3 upscale` does for PNG.
         alpha = open_alpha(upload["path"])
 

@@ -1140,3 +1140,35 @@ def test_available_memory_reads_meminfo_and_cuda_and_skips_what_it_cannot_tell(m
     assert upscale.available_memory(torch.device("mps")) is None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
     assert upscale.available_memory(torch.device("cuda:1")) == (5 * 2**30, "free on cuda:1")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_available_memory_in_a_container_is_what_its_cgroup_limit_leaves(tmp_path, monkeypatch, version):
+    from diffusers_sr3.commands import upscale
+
+    (tmp_path / "meminfo").write_text("MemTotal:       24683772 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(upscale, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+    limit, usage, stat = (
+        ("memory.max", "memory.current", "memory.stat")
+        if version == 2
+        else ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat")
+    )
+    inactive = "inactive_file" if version == 2 else "total_inactive_file"
+    (tmp_path / "cgroup" / "memory").mkdir(parents=True)
+    (tmp_path / "cgroup" / limit).write_text(f"{16 * 2**30}\n")
+    (tmp_path / "cgroup" / usage).write_text(f"{12 * 2**30}\n")
+    (tmp_path / "cgroup" / stat).write_text(f"anon 1\n{inactive} {2**30}\nactive_file 5\n")
+    # 16 GB limit, 12 GB used of which 1 GB inactive page cache (reclaimed first): 5 GB left, not the host's 19 GB.
+    assert upscale.available_memory(torch.device("cpu")) == (5 * 2**30, "available in this container")
+    (tmp_path / "cgroup" / limit).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")  # no limit
+    assert upscale.available_memory(torch.device("cpu")) == (20000000 * 1024, "available")
+
+
+def test_available_memory_on_cuda_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * 2**30)
+    assert upscale.available_memory(torch.device("cuda:0")) == (8 * 2**30, "free on cuda:0")

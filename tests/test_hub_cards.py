@@ -102,3 +102,63 @@ def test_a_metric_that_is_not_a_number_stays_out_of_the_model_index(tmp_path):
     json.dumps(results, allow_nan=False)
     assert [metric["type"] for metric in results[0]["metrics"]] == ["consistency"]
     assert "| PSNR (dB) | inf |" in card  # the table still shows what the run measured
+
+
+def test_a_card_the_user_wrote_in_the_folder_goes_up_at_every_push(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    from diffusers_sr3.training.hub import push_folder
+
+    folder = tmp_path / "own"
+    tiny_pipeline.save_pretrained(folder)
+    (folder / "README.md").write_text("# My model\n\nversion 1\n")
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/own")
+    (folder / "README.md").write_text("# My model\n\nversion 2 (typo fixed)\n")
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/own")
+    assert hub.repos["me/own"]["README.md"].decode() == "# My model\n\nversion 2 (typo fixed)\n"
+    (folder / "README.md").write_text("# My model\n\nversion 3\n")
+    push_folder(str(folder), "me/own")
+    assert hub.repos["me/own"]["README.md"].decode() == "# My model\n\nversion 3\n"
+
+
+def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_it(
+    tiny_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    from diffusers_sr3.model_card import _STAMP
+    from diffusers_sr3.training.hub import push_folder
+
+    folder = tmp_path / "run"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 20})
+    # The card an earlier diffusers-sr3 pushed: the same, without the stamp.
+    old = _STAMP.sub("", (folder / "README.md").read_text()).rstrip() + "\n"
+    hub.repos["me/run"] = {"README.md": old.encode()}
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 25})
+    command = f"`hf upload me/run {folder / 'README.md'} README.md`"
+    for push in (
+        lambda: push_folder(str(folder), "me/run"),
+        lambda: tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run"),
+    ):
+        caplog.clear()
+        push()
+        assert hub.repos["me/run"]["README.md"].decode() == old
+        assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["me/run"]  # the rest went up
+        warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+        assert len(warnings) == 1 and "or pushed by an earlier diffusers-sr3" in warnings[0], warnings
+        assert command in warnings[0]
+
+
+def test_a_hub_card_that_is_not_utf8_is_kept_and_no_push_fails(tiny_pipeline, hub, tmp_path):  # noqa: F811
+    from diffusers_sr3.training.hub import push_folder
+
+    notepad = "# Modèle SR3\n".encode("utf-16")
+    hub.repos["me/utf16"] = {"README.md": notepad}
+    tiny_pipeline.push_to_hub("me/utf16")
+    folder = tmp_path / "run"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/utf16")
+    push_folder(str(folder), "me/utf16")
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/utf16")
+    assert hub.repos["me/utf16"]["README.md"] == notepad
+    assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["me/utf16"]

@@ -594,3 +594,17 @@ def test_a_request_over_the_memory_available_is_refused_before_any_evaluation(se
         assert len(predict(served.client, PHOTO)[0]) == 3  # without frames it fits
     finally:
         hook.remove()
+
+
+def test_the_memory_check_counts_only_the_process_frames_the_refinement_stores(monkeypatch):
+    # super_resolve keeps at most one snapshot per step that runs: fewer steps than frames, or a strength below 1,
+    # store fewer frames than asked for.
+    app = load_app()
+    torch.manual_seed(0)
+    pipeline = SR3Pipeline(SR3UNet2DModel(**tiny_unet_config()).eval(), make_scheduler("ddpm"), upscale_factor=4)
+    # A 16x16 upload: a 64x64 output needs full_size_bytes((64, 64)) = 491,520 bytes, + 49,152 per stored frame.
+    monkeypatch.setattr(app, "available_memory", lambda device: (600_000, "available"))
+    app.check_memory(pipeline, "a.png", (16, 16), 10, 2)  # 2 steps: 2 frames
+    app.check_memory(pipeline, "a.png", (16, 16), 10, 4, strength=0.5)  # 2 of the 4 steps run
+    with pytest.raises(gradio.Error, match=r"a\.png: a 64x64 output needs at least 0\.0 GB of memory"):
+        app.check_memory(pipeline, "a.png", (16, 16), 10, 4)  # 4 frames: 688,128 bytes

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import shlex
 from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .redaction import redact
+
+logger = logging.getLogger(__name__)
 
 # name, the factor from the measured value to the unit the name states, table format. The model-index stores the
 # value in that unit too: consistency is an MSE of about 1e-4, reported (as in the SR3 paper) in units of 1e-5.
@@ -163,7 +167,8 @@ def is_package_card(text: str) -> bool:
 def hub_card_kept(api: object, repo_id: str) -> bool:
     """Whether the Hub repo `repo_id` has a model card that an upload must keep: any but an unedited one of this
     package's (as Diffusers' `load_or_create_model_card` keeps a repo's card), so that what its author wrote on the
-    Hub is never overwritten by a later push.
+    Hub is never overwritten by a later push. A card that is not UTF-8 text (a UTF-16 one from Notepad) is no card
+    of this package's: kept.
 
     Args:
         api: the `HfApi` of the upload (its token and endpoint).
@@ -175,8 +180,43 @@ def hub_card_kept(api: object, repo_id: str) -> bool:
         path = api.hf_hub_download(repo_id, "README.md")
     except EntryNotFoundError:
         return False
-    with open(path, encoding="utf-8") as handle:
-        return not is_package_card(handle.read())
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return not is_package_card(handle.read())
+    except UnicodeDecodeError:
+        return True
+
+
+def local_card_withheld(api: object, repo_id: str, folder: str) -> bool:
+    """Whether an upload of `folder` to the Hub repo `repo_id` must leave out its `README.md`, logging why and how
+    to upload it anyway: only a card this package wrote (`is_package_card`) defers, to a repo's card that
+    `hub_card_kept` keeps; one the user wrote in the folder goes up as it is. False where the folder has no card.
+
+    Args:
+        api: the `HfApi` of the upload (its token and endpoint).
+        repo_id: the repo, which exists.
+        folder: the folder uploaded.
+    """
+    card = os.path.join(folder, "README.md")
+    try:
+        with open(card, encoding="utf-8") as handle:
+            written_here = is_package_card(handle.read())
+    except (OSError, UnicodeDecodeError):  # no card, or not one this package wrote (which is UTF-8)
+        return False
+    if not written_here or not hub_card_kept(api, repo_id):
+        return False
+    # A Hub card without a valid stamp may be a hand-written one, one edited on the Hub, or one pushed before cards
+    # were stamped: the user, not this push, can tell which.
+    logger.warning(
+        "%s keeps the model card it has on the Hub (written by hand, edited on the Hub, or pushed by an earlier "
+        "diffusers-sr3 that did not stamp its cards); this push's card is %s; to replace the Hub's card with it, run "
+        "`hf upload %s %s README.md`",
+        repo_id,
+        card,
+        shlex.quote(repo_id),
+        shlex.quote(os.path.abspath(card)),
+    )
+    return True
 
 
 def _digest(text: str) -> str:

@@ -85,6 +85,16 @@ BYTES_PER_OUTPUT_PIXEL = 140
 # them with the tests' tiny model (/usr/bin/time). The memory check estimates with it, so that an image it refuses
 # cannot fit.
 MIN_BYTES_PER_OUTPUT_PIXEL = 120
+# Linux's memory facts: the machine's, and those of the cgroup this process runs in (a container: Docker, Hub Spaces),
+# whose limit MemAvailable does not know.
+MEMINFO = "/proc/meminfo"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# Per cgroup version (v2, then v1's memory controller): the limit, the usage, and the statistics with the usage's
+# inactive page cache (which the kernel reclaims before the limit is hit) under that name.
+_CGROUP_MEMORY_FILES = (
+    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -601,25 +611,62 @@ class NotEnoughMemoryError(ValueError):
 def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
     """`(bytes, where)` the refinement's full-size images can take on `device`, or None where it cannot be told.
 
-    They live on the pipeline's device: on a CUDA device its free memory (`torch.cuda.mem_get_info`), on the CPU
-    Linux's MemAvailable (what can be allocated without swapping; swap is not counted). Other devices and systems,
-    or a /proc/meminfo that cannot be read, give None: no check.
+    They live on the pipeline's device: on a CUDA device its free memory (`torch.cuda.mem_get_info`) and what
+    PyTorch's caching allocator holds unused (freed by this process, handed out again before any new memory); on the
+    CPU Linux's MemAvailable (what can be allocated without swapping; swap is not counted), or less where the
+    container's cgroup memory limit (`CGROUP_ROOT`) leaves less. Other devices and systems, or a /proc/meminfo
+    that cannot be read, give None: no check.
     """
     if device.type == "cuda":
         import torch
 
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free, f"free on {device}"
     if device.type != "cpu":
         return None
+    available = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
+        with open(MEMINFO, encoding="ascii") as handle:
             for line in handle:
                 name, _, value = line.partition(":")
                 if name == "MemAvailable":
-                    return int(value.split()[0]) * 1024, "available"
+                    available = int(value.split()[0]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if available is None:
+        return None
+    room = _cgroup_room(CGROUP_ROOT)
+    if room is not None and room < available:
+        return room, "available in this container"
+    return available, "available"
+
+
+def _cgroup_room(root: str) -> Optional[int]:
+    """Bytes the memory limit of the cgroup at `root` (this process's, in a container) leaves: the limit less the
+    usage, not counting the inactive page cache in it; None without a limit (`max`), or where none can be read."""
+    for limit_file, usage_file, stat_file, inactive_name in _CGROUP_MEMORY_FILES:
+        try:
+            with open(os.path.join(root, limit_file), encoding="ascii") as handle:
+                limit = handle.read().strip()
+            if limit == "max":
+                return None
+            with open(os.path.join(root, usage_file), encoding="ascii") as handle:
+                usage = int(handle.read().strip())
+            limit = int(limit)
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            with open(os.path.join(root, stat_file), encoding="ascii") as handle:
+                for line in handle:
+                    name, _, value = line.partition(" ")
+                    if name == inactive_name:
+                        inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(limit - max(usage - inactive, 0), 0)
     return None
 
 

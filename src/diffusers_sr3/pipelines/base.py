@@ -881,21 +881,22 @@ class SR3BasePipeline(DiffusionPipeline):
     ) -> Any:
         """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
         nor the repo has one; a card `write_model_card` wrote under another name, e.g. at training time, names the
-        repo in the uploaded copy: `model_card.card_for_repo`; none where the repo's card is its author's, as
-        `model_card.hub_card_kept` tells); return the `CommitInfo`."""
+        repo in the uploaded copy: `model_card.card_for_repo`; none where a card this package wrote would replace the
+        repo's card that its author wrote or edited, as `model_card.local_card_withheld` tells and logs); return the
+        `CommitInfo`."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        from ..model_card import card_for_repo, hub_card_kept, images_shown, write_pipeline_card
+        from ..model_card import card_for_repo, images_shown, local_card_withheld, write_pipeline_card
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in files}
         # A pipeline pushed into a subfolder is part of a repo whose card describes the whole; a card its author
-        # wrote or edited on the Hub is never replaced by the folder's.
-        if not subfolder and not hub_card_kept(api, repo_id):
+        # wrote or edited on the Hub is never replaced by one this package wrote (a card the user wrote goes up).
+        if not subfolder:
             if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
                 write_pipeline_card(folder, self, repo_id)
-            if os.path.isfile(os.path.join(folder, "README.md")):
+            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(api, repo_id, folder):
                 uploads.update({name: os.path.join(folder, name) for name in images_shown(folder)})
                 renamed = card_for_repo(folder, repo_id)
                 uploads["README.md"] = os.path.join(folder, "README.md") if renamed is None else renamed.encode("utf-8")

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import shlex
 from typing import List, Optional
 
 from ..redaction import redact
-
-logger = logging.getLogger(__name__)
 
 # Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each), and the default tracker
 # folder (`push_folder` adds another `--logging_dir`).
@@ -30,8 +27,9 @@ def push_folder(
     logging_dir: str = "logs",
 ) -> str:
     """Create the repo if needed and upload `output_dir` to it, but its checkpoints and tracker logs; return the
-    commit URL. A repo's model card that this package did not write, or that was edited since (on the Hub), is kept:
-    the run's card then stays in `output_dir` only.
+    commit URL. Where the run's card is one this package wrote, a repo's model card that this package did not write,
+    or that was edited since (on the Hub), is kept: the run's card then stays in `output_dir` only
+    (`model_card.local_card_withheld`, which logs how to upload it anyway).
 
     Args:
         output_dir: the training run's folder.
@@ -45,7 +43,7 @@ def push_folder(
     """
     from huggingface_hub import HfApi
 
-    from ..model_card import card_for_repo, hub_card_kept
+    from ..model_card import card_for_repo, local_card_withheld
 
     repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     ignore_patterns = _ignore_patterns(output_dir, logging_dir)
@@ -54,18 +52,11 @@ def push_folder(
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
         card = None
-        if os.path.isfile(os.path.join(output_dir, "README.md")):
-            if hub_card_kept(api, repo_id):
-                # The repo's card is its author's: what they wrote on the Hub outweighs this run's generated one.
-                logger.warning(
-                    "%s keeps its own model card (not one diffusers-sr3 wrote, or edited since); this run's card is %s",
-                    repo_id,
-                    os.path.join(output_dir, "README.md"),
-                )
-                ignore_patterns = ignore_patterns + ["README.md"]
-            else:
-                # Without --hub_model_id the card was written naming the output folder; the repo is `user/folder`.
-                card = card_for_repo(output_dir, repo_id)
+        if local_card_withheld(api, repo_id, output_dir):
+            ignore_patterns = ignore_patterns + ["README.md"]
+        elif os.path.isfile(os.path.join(output_dir, "README.md")):
+            # Without --hub_model_id the card was written naming the output folder; the repo is `user/folder`.
+            card = card_for_repo(output_dir, repo_id)
         if card is None:
             commit = api.upload_folder(
                 repo_id=repo_id, folder_path=output_dir, commit_message=message, ignore_patterns=ignore_patterns
