@@ -16,11 +16,14 @@ import torch
 from diffusers_sr3.commands.common import find_images
 from diffusers_sr3.data import (
     EpochSampler,
+    FileListSource,
+    PairDataset,
     PairMaker,
     UnusableDataError,
     build_training_data,
     decode_image,
     prepared_resolutions,
+    prepared_source,
 )
 from diffusers_sr3.data.pairs import film_grain
 from diffusers_sr3.image_processing import degrade, images_to_tensor, upsample_condition
@@ -154,6 +157,15 @@ def test_runtime_failures_are_skipped_until_the_limit(tmp_path):
     training = build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
     with pytest.raises(UnusableDataError, match="64 images in a row .* unusable"):
         training.dataset[(0, 0)]
+
+
+def test_a_dataset_of_no_images_and_a_folder_not_prepared_are_refused_in_words(tmp_path):
+    with pytest.raises(UnusableDataError, match="image files holds no images"):
+        PairDataset(FileListSource([]), PairMaker(resolution=32, upscale_factor=4))
+    folder = make_image_folder(str(tmp_path / "plain"), count=1, size=(64, 64), bad=False)
+    assert prepared_resolutions(folder) is None
+    with pytest.raises(ValueError, match="is not a prepared folder .*sr3 prepare"):
+        prepared_source(folder, 64, 4)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):

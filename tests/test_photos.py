@@ -85,6 +85,16 @@ def test_split_is_deterministic_disjoint_and_whole_photo(tmp_path):
     assert [photo_name(p) for p in held] == ["photo2", "photo5"]
 
 
+def test_split_takes_numpy_counts_and_one_name_and_refuses_a_bool(tmp_path):
+    paths = [tmp_path / f"photo{i}.png" for i in range(10)]
+    assert photo_split(paths, heldout=np.int64(3)) == photo_split(paths, heldout=3)
+    assert photo_split(paths, heldout=np.float64(0.3)) == photo_split(paths, heldout=0.3)
+    # One name is that photo, not a set of its characters.
+    assert [photo_name(p) for p in photo_split(paths, heldout="photo2")[1]] == ["photo2"]
+    with pytest.raises(ValueError, match="count, a fraction or photo names, not True"):
+        photo_split(paths, heldout=True)
+
+
 def test_the_packaged_model_is_evaluated_on_its_own_heldout_photos_whichever_are_installed(tmp_path):
     """A fraction's held-out photos depend on which photo packages are installed: with scikit-image, matplotlib
     and scikit-learn alone, 0.25 held out 'china', which the packaged model trained on."""

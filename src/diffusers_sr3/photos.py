@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import numbers
 import pathlib
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -252,8 +253,8 @@ def photo_split(
 
     Args:
         paths: photographs (e.g. from [`packaged_photo_paths`]).
-        heldout: how many photos to hold out (int), which fraction (float in (0, 1), rounded, at least one),
-            or the names (see [`photo_name`]) of the photos to hold out.
+        heldout: how many photos to hold out (an integer, numpy's too), which fraction (a float in (0, 1),
+            rounded, at least one), or the name (see [`photo_name`]) or names of the photos to hold out.
 
     Returns:
         `(train, heldout)` lists of paths, each sorted by `photo_name`; both non-empty.
@@ -264,13 +265,17 @@ def photo_split(
         raise ValueError("photo_split needs photos with distinct names")
     if len(paths) < 2:
         raise ValueError(f"need at least 2 photos to split into training and held-out sets, got {len(paths)}")
-    if isinstance(heldout, (int, float)) and not isinstance(heldout, bool):
-        if isinstance(heldout, float):
+    if isinstance(heldout, bool):
+        raise ValueError(f"heldout takes a count, a fraction or photo names, not {heldout}")
+    if isinstance(heldout, str):
+        heldout = [heldout]  # one photo's name, not its characters
+    if isinstance(heldout, numbers.Real):
+        if not isinstance(heldout, numbers.Integral):
             if not 0 < heldout < 1:
                 raise ValueError(f"a held-out fraction must lie in (0, 1), got {heldout}")
             count = max(1, round(heldout * len(paths)))
         else:
-            count = heldout
+            count = int(heldout)
         if not 1 <= count < len(paths):
             raise ValueError(f"cannot hold out {count} of {len(paths)} photos; keep at least one on each side")
         order = sorted(range(len(paths)), key=lambda i: hashlib.sha256(names[i].encode()).hexdigest())

@@ -55,6 +55,8 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, source: ImageSource, pair_maker: PairMaker, seed: int = 0):
+        if len(source) == 0:
+            raise UnusableDataError(f"{source.description} holds no images")
         self.source, self.pair_maker, self.seed = source, pair_maker, seed
 
     def __len__(self) -> int:

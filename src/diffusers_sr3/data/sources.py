@@ -286,7 +286,13 @@ def prepared_resolutions(folder: str) -> Optional[Tuple[List[int], List[int]]]:
 
 
 def prepared_source(folder: str, resolution: int, upscale_factor: Optional[int]) -> ImageSource:
-    high_sizes, low_sizes = prepared_resolutions(folder)
+    sizes = prepared_resolutions(folder)
+    if sizes is None:
+        raise ValueError(
+            f"{folder} is not a prepared folder (no hr_<size> images, or no such folder); run `sr3 prepare` on your "
+            "images first, or train on them as a plain image folder"
+        )
+    high_sizes, low_sizes = sizes
     if resolution not in high_sizes:
         raise ValueError(
             f"{folder} holds the original prepared layout with hr sizes {high_sizes}, not the training "
