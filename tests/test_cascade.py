@@ -306,6 +306,8 @@ def counting_evaluations(cascade):
         (dict(mode="fidelity"), "stage_1: fidelity mode needs a model that predicts the clean image"),
         (dict(eta=[None, 1.5]), r"stage_2: eta must lie in \[0, 1\]"),
         (dict(strength=0), r"stage_1: strength must lie in \(0, 1\], got 0"),
+        # The model's refusal, not "give more steps", which would only lead to it.
+        (dict(strength=[0.5, None]), "stage_1: strength below 1 needs a model that predicts the clean image"),
         (dict(guidance_scale=[1, 2]), "stage_2: guidance_scale 2 needs a guidance_unet"),
         (dict(mode="fidelity", temperature=0.5), "stage_1: .* apply to detail mode"),
         (dict(eta=[0.1, 0.2, 0.3]), "eta has 3 entries for 2 stages"),

@@ -256,14 +256,19 @@ def test_bad_sr_stage_options_are_refused_before_any_network_runs(two_stage_casc
     try:
         for options, message in (
             (["--eta", "0.5,0.5,0.5"], "--eta gives 3 values for the 2 super-resolution stages of"),
-            (["--mode", "fidelity"], "stage_1: fidelity mode needs a model that predicts"),
+            # In the command's words, naming its options, not the pipeline's (`use mode='detail'`).
+            (["--mode", "fidelity,"], "stage_1: --mode fidelity needs a model that predicts the clean image"),
+            (["--mode", "fidelity"], "predicts 'epsilon': use --mode detail"),
             (["--strength", "1,0"], "stage_2: --strength must lie in (0, 1], got 0"),
             (["--eta", ",2"], "stage_2: --eta must lie in [0, 1], got 2"),
             (["--temperature=-1,"], "stage_1: --temperature must be finite and at least 0, got -1"),
-            (["--strength", "0.5"], "stage_1: strength below 1 needs a model that predicts the clean image"),
+            (["--strength", "0.5"], "stage_1: --strength 0.5 needs a model that predicts the clean image"),
+            (["--strength", "0.5"], "predicts 'epsilon': use --strength 1"),
+            (["--steps", "1", "--strength", "0.5,"], "stage_1: --strength 0.5 needs a model that predicts"),
             (["--steps", "1", "--strength", "1,0.5"], "stage_2: strength 0.5 of 1 steps runs no step"),
             (["--guidance-scale", "1,2"], "stage_2: guidance_scale 2 needs a guidance_unet"),
-            (["--mode", "detail,fidelity", "--eta", "0.5"], "stage_2: "),
+            (["--mode", "detail,fidelity", "--eta", "0.5"], "stage_2: --eta, --temperature, --strength and --guid"),
+            (["--mode", ",auto", "--temperature", "0.5"], "and --guidance-scale apply to detail mode"),
         ):
             assert sample(two_stage_cascade, tmp_path / "refused.png", *options) == 2
             error = capsys.readouterr().err
@@ -271,6 +276,14 @@ def test_bad_sr_stage_options_are_refused_before_any_network_runs(two_stage_casc
     finally:
         hook.remove()
     assert evaluations == [] and not (tmp_path / "refused.png").exists()
+
+
+def test_fidelity_stages_take_the_detail_options_values_that_change_nothing(two_stage_cascade, tmp_path, stage_calls):
+    """As the pipelines do: one --eta 0 or --temperature 1 for every stage also reaches a stage in fidelity mode.
+    Spaces around a --mode entry are ignored, as around the numbers'."""
+    options = ["--mode", " detail , auto", "--eta", "0", "--temperature", "1"]
+    assert sample(two_stage_cascade, tmp_path / "grid.png", "--steps", "1", *options) == 0
+    assert [call["mode"] for call in stage_calls] == ["detail", "fidelity"]
 
 
 def test_the_one_sr_stage_of_the_tiny_cascade_is_counted_in_the_error(cascade_dirs, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import logging
 import re
 import sys
+import warnings
 
 import PIL.Image
 import pytest
@@ -64,8 +65,20 @@ def test_a_checkpoint_is_logged_once_not_once_per_file(tmp_path, caplog):
     ) == 1
 
 
+class _AlsoOnCheckpoint(logging.Filter):
+    """On the trainer's checkpoint line, logged while the steps bar shows, also log through Diffusers' own logger
+    (its console handler, not propagating) and warn as Python code does."""
+
+    def filter(self, record):
+        if record.getMessage().startswith("saved checkpoint"):
+            logging.getLogger("diffusers").warning("diffusers says")
+            warnings.warn("python warns", UserWarning)
+        return True
+
+
 def test_training_log_lines_print_above_the_progress_bar_not_into_it(tmp_path, capsys):
-    """A checkpoint's log line, logged while the steps bar shows, starts a line of its own."""
+    """A checkpoint's log line, Diffusers' log lines and Python's warnings, while the steps bar shows, each start a
+    line of their own; the handlers' streams and the warnings' printer come back afterwards."""
     data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
     options = dict(preset="tiny", output_dir=str(tmp_path / "out"), train_data_dir=data, train_batch_size=2)
     options.update(max_train_steps=2, checkpointing_steps=1, validation_steps=0, num_validation_images=1)
@@ -77,12 +90,47 @@ def test_training_log_lines_print_above_the_progress_bar_not_into_it(tmp_path, c
     root.addHandler(console)
     level = root.level
     root.setLevel(logging.INFO)
+    # Diffusers' handler writes to the stderr of when Diffusers was imported: here, to pytest's capture.
+    diffusers_console = logging.getLogger("diffusers").handlers[0]
+    diffusers_stream = diffusers_console.setStream(sys.stderr)
+    trainer_logger = logging.getLogger("diffusers_sr3.training.trainer")
+    also = _AlsoOnCheckpoint()
+    trainer_logger.addFilter(also)
+    show_warning = warnings.showwarning
     try:
         assert train_main(argv) == 0
     finally:
+        trainer_logger.removeFilter(also)
         root.removeHandler(console)
         root.setLevel(level)
         logging.getLogger("accelerate").setLevel(logging.NOTSET)
+        after = diffusers_console.setStream(diffusers_stream)
+    assert after is sys.stderr and console.stream is sys.stderr and warnings.showwarning is show_warning
     shown = re.split(r"[\r\n]", capsys.readouterr().err)
-    assert [line for line in shown if "saved checkpoint" in line]
-    assert not [line for line in shown if "saved checkpoint" in line and "steps:" in line]
+    for text in ("saved checkpoint", "diffusers says", "python warns"):
+        assert [line for line in shown if text in line]
+        assert not [line for line in shown if text in line and "steps:" in line]
+
+
+def test_training_that_logs_to_a_file_only_prints_no_log_lines(tmp_path, capsys):
+    """A program that runs the training command with the root logger writing to a file (so basicConfig adds no
+    console handler) gets its log lines in the file, and none on the console."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    options = dict(preset="tiny", output_dir=str(tmp_path / "out"), train_data_dir=data, train_batch_size=2)
+    options.update(max_train_steps=1, validation_steps=0, report_to="none", lr_warmup_steps=1, seed=0)
+    argv = [item for name, value in options.items() for item in (f"--{name}", str(value))]
+    log_file = logging.FileHandler(tmp_path / "train.log")
+    root = logging.getLogger()
+    root.addHandler(log_file)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        assert train_main(argv) == 0
+    finally:
+        root.removeHandler(log_file)
+        log_file.close()
+        root.setLevel(level)
+        logging.getLogger("accelerate").setLevel(logging.NOTSET)
+    logged = (tmp_path / "train.log").read_text().splitlines()
+    shown = capsys.readouterr().err
+    assert logged and not [line for line in logged if line in shown]

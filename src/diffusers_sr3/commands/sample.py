@@ -20,7 +20,7 @@ from .common import (
     per_stage,
     step_counts,
 )
-from .upscale import _mode_for, check_detail_values, save_atomically
+from .upscale import _check_prediction_type, _mode_for, check_detail_values, refuse_detail_options, save_atomically
 
 if TYPE_CHECKING:
     from ..pipelines import SR3BasePipeline, SR3CascadePipeline
@@ -29,6 +29,8 @@ SAMPLE_STEPS = 100
 MODES = ("auto", "detail", "fidelity")
 # The SR stages' sampling options (argparse dests, the cascade's argument names), in the order --help lists them.
 STAGE_OPTIONS = ("mode", "eta", "temperature", "strength", "guidance_scale")
+# What each detail-mode option is in fidelity mode: the pipelines take these values there, so the command does too.
+FIDELITY_VALUES = {"eta": 0, "temperature": 1, "strength": 1, "guidance_scale": 1}
 PER_STAGE = (
     "; for a cascade's super-resolution stages (not its generator): one value for every SR stage, or a comma list "
     "with one per SR stage, an empty entry keeping that stage's default"
@@ -36,7 +38,9 @@ PER_STAGE = (
 
 
 def _mode(text: str) -> str:
-    """An argparse type: one of `MODES` (argparse's own `choices` would refuse a per-stage list)."""
+    """An argparse type: one of `MODES` (argparse's own `choices` would refuse a per-stage list), spaces around it
+    ignored as the numbers' types ignore them (`--mode "auto, detail"`)."""
+    text = text.strip()
     if text not in MODES:
         raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(repr, MODES))})")
     return text
@@ -174,19 +178,27 @@ def _stage_options(pipeline: SR3CascadePipeline, args: argparse.Namespace) -> Di
             )
         if value is not None:
             options[name] = value
+    modes: List[Optional[str]] = pipeline._per_stage(options.get("mode"), len(stages), "mode")
+    modes = [
+        _mode_for(stage.scheduler.config.get("prediction_type")) if mode == "auto" else mode
+        for stage, mode in zip(stages, modes)
+    ]
     if "mode" in options:
-        modes: List[Optional[str]] = pipeline._per_stage(options["mode"], len(stages), "mode")
-        options["mode"] = [
-            _mode_for(stage.scheduler.config.get("prediction_type")) if mode == "auto" else mode
-            for stage, mode in zip(stages, modes)
-        ]
-    # Values no model takes, in the options' words; the stages check the rest against their models.
-    ranged = {
-        key: pipeline._per_stage(options.get(key), len(stages), key) for key in ("strength", "eta", "temperature")
-    }
-    for index, name in enumerate(STAGE_NAMES[: len(stages)]):
+        options["mode"] = modes
+    # Values no model takes, and options a stage's mode or model does not take, in the options' words: the
+    # pipelines' own name their arguments (`mode='detail'`, and options this command does not have). The stages
+    # check the rest against their models.
+    given = {key: pipeline._per_stage(options.get(key), len(stages), key) for key in FIDELITY_VALUES}
+    for index, (name, stage) in enumerate(zip(STAGE_NAMES, stages)):
+        values = {key: stage_values[index] for key, stage_values in given.items()}
+        mode = modes[index] or "detail"  # a stage's default
         try:
-            check_detail_values(**{key: values[index] for key, values in ranged.items()})
+            check_detail_values(values["strength"], values["eta"], values["temperature"])
+            if mode == "fidelity":
+                refuse_detail_options(
+                    {key: None if value == FIDELITY_VALUES[key] else value for key, value in values.items()}
+                )
+            _check_prediction_type(values["strength"], mode, stage.scheduler.config.get("prediction_type", "epsilon"))
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
     return options

@@ -492,9 +492,8 @@ def _check_tile_options(args: argparse.Namespace, network: Optional[Any] = None)
 
 def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
     """Refuse options that do not apply to `mode`."""
-    if mode == "fidelity" and any(getattr(args, name) is not None for name in DETAIL_ARGUMENTS):
-        flags = [f"--{name.replace('_', '-')}" for name in DETAIL_ARGUMENTS]
-        raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
+    if mode == "fidelity":
+        refuse_detail_options({name: getattr(args, name) for name in DETAIL_ARGUMENTS})
     if mode == "fidelity" and args.scheduler is not None:
         raise ValueError(
             "--scheduler applies to detail mode (--mode detail): fidelity mode always runs deterministic DDIM on the "
@@ -502,6 +501,18 @@ def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
         )
     if args.self_ensemble and mode != "fidelity":
         raise ValueError("--self-ensemble averages fidelity answers: use it with --mode fidelity")
+
+
+def refuse_detail_options(values: Dict[str, Any]) -> None:
+    """Refuse, for fidelity mode, detail mode's options where any was given (`sr3 sample` checks each SR stage's).
+
+    Args:
+        values: each detail option's value by its argparse dest, in the order the message names them; None where
+            not given.
+    """
+    if any(value is not None for value in values.values()):
+        flags = [f"--{name.replace('_', '-')}" for name in values]
+        raise ValueError(f"{', '.join(flags[:-1])} and {flags[-1]} apply to detail mode")
 
 
 def check_detail_values(strength: Optional[float], eta: Optional[float], temperature: Optional[float]) -> None:
@@ -531,16 +542,22 @@ def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Op
         )
 
 
-def _check_prediction_type(args: argparse.Namespace, mode: str, prediction_type: str) -> None:
+def _check_prediction_type(strength: Optional[float], mode: str, prediction_type: str) -> None:
     """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
     pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
-    own strength below 1: loading refuses it.)"""
+    own strength below 1: loading refuses it.) `sr3 sample` checks each SR stage's.
+
+    Args:
+        strength: --strength; None where not given.
+        mode: the mode the model runs, "detail" or "fidelity".
+        prediction_type: what the model's scheduler says it predicts.
+    """
     if prediction_type in ("sample", "v_prediction"):
         return
     if mode == "fidelity":
         feature, remedy = "--mode fidelity", "--mode detail"
-    elif args.strength is not None and args.strength < 1:
-        feature, remedy = f"--strength {args.strength:g}", "--strength 1"
+    elif strength is not None and strength < 1:
+        feature, remedy = f"--strength {strength:g}", "--strength 1"
     else:
         return
     raise ValueError(
@@ -767,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
     _check_parallel_guidance_weight(args, args.guidance_scale)
     scheduler_config = configs.get("scheduler/scheduler_config.json")
     if mode is not None and scheduler_config is not None:
-        _check_prediction_type(args, mode, scheduler_config.get("prediction_type", "epsilon"))
+        _check_prediction_type(args.strength, mode, scheduler_config.get("prediction_type", "epsilon"))
     saved_unet = _saved_unet(configs)
     _check_tile_options(args, saved_unet)
     threads = args.threads
@@ -806,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
         mode = args.mode if args.mode != "auto" else _mode_for(pipeline.scheduler.config.get("prediction_type"))
         _check_mode_options(args, mode)
     if scheduler_config is None:
-        _check_prediction_type(args, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
+        _check_prediction_type(args.strength, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
     if available is not None:

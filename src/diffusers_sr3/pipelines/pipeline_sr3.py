@@ -387,8 +387,6 @@ class SR3Pipeline(SR3BasePipeline):
         if mode == "detail":
             settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
             check_num_inference_steps(settings["num_inference_steps"], self.scheduler)
-            # A strength that runs none of the steps would only be met after the cascade's earlier stages ran.
-            steps_to_run(settings["num_inference_steps"], settings["strength"])
             check_eta(self.scheduler, settings["eta"])
             _check_guidance(
                 self.unet,
@@ -398,7 +396,10 @@ class SR3Pipeline(SR3BasePipeline):
                 self.scheduler,
             )
             if settings["strength"] < 1:
+                # The model first, as `__call__` checks: more steps would not help a model that takes no strength.
                 self._check_predicts_clean_image("strength below 1", "strength 1")
+                # A strength that runs none of the steps would only be met after the cascade's earlier stages ran.
+                steps_to_run(settings["num_inference_steps"], settings["strength"])
         elif mode == "fidelity":
             _refuse_detail_settings(eta, temperature, strength, guidance_scale, None)
             self._check_predicts_clean_image("fidelity mode", "mode='detail' with strength 1")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
-from typing import List, Optional
+import warnings
+from typing import Iterator, List, Optional, TextIO
 
 from ..cli import printable_file_names
 from ..interrupts import Terminated, sigterm_as_interrupt
@@ -46,11 +48,9 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
         from safetensors import SafetensorError  # loaded with the trainer: no start-up cost
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         try:
-            # Log lines go through tqdm while its bar shows: above the bar, not appended to it.
-            with sigterm_as_interrupt(), logging_redirect_tqdm():
+            with sigterm_as_interrupt(), _print_above_progress_bars():
                 train(config)
         except SafetensorError as error:
             # An I/O error (a full disk) that safetensors does not raise as one.
@@ -68,6 +68,59 @@ def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional
         # The shell's status of a process ended by the signal (128 + its number), which schedulers look for.
         return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
     return 0
+
+
+class _AboveProgressBars:
+    """A console stream whose writes go through `tqdm.write`: above the progress bars showing, not into their line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _print_above_progress_bars() -> Iterator[None]:
+    """While the block runs, print the console's log lines and Python's warnings above the steps bar, not appended
+    to its line: the console handlers of the root logger and of Diffusers' (which does not propagate) write through
+    `tqdm.write`, keeping their level, formatter and filters, and so do warnings while Python's own printer shows
+    them. A program that logs to files only, or shows warnings its own way, prints nothing new."""
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    # Once each: a handler on both loggers would otherwise be given back the wrapper it was given.
+    handlers = list(
+        dict.fromkeys(
+            handler
+            for logger in (logging.getLogger(), logging.getLogger("diffusers"))
+            for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler) and handler.stream in consoles
+        )
+    )
+    streams = [handler.setStream(_AboveProgressBars(handler.stream)) for handler in handlers]
+    show_warning = warnings.showwarning
+
+    def show_above_progress_bars(message, category, filename, lineno, file=None, line=None) -> None:
+        file = sys.stderr if file is None else file
+        if file is not None:  # no console (pythonw): Python's own printer shows nothing either
+            _AboveProgressBars(file).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    # Replaced only where it is Python's own: `logging.captureWarnings` already sends them through the handlers.
+    replace_warnings = show_warning is getattr(warnings, "_showwarning_orig", None)
+    if replace_warnings:
+        warnings.showwarning = show_above_progress_bars
+    try:
+        yield
+    finally:
+        if replace_warnings and warnings.showwarning is show_above_progress_bars:
+            warnings.showwarning = show_warning
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
 
 
 def _where_to_resume(output_dir: str) -> str:
