@@ -1,47 +1,133 @@
 """Clean console output: no library warnings that this package's own calls trigger, no log lines repeated per file."""
 
+import json
 import logging
+import os
 import re
+import subprocess
 import sys
+import threading
 import warnings
 
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import REPO, tiny_unet_config
+from diffusers import DDIMScheduler
 from test_data import make_image_folder
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.defaults import evaluations_per_crop
-from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
 from diffusers_sr3.training.cli import main as train_main
 
-# The project's pytest settings ignore these warnings everywhere: the tests here turn them back into errors.
+# The project's pytest settings ignore these warnings everywhere: the tests here turn them back into errors. pytest
+# puts its filters in front of the two that diffusers_sr3.noise installs, so those two are repeated after them.
 pytestmark = [
     pytest.mark.filterwarnings("error::DeprecationWarning"),
     pytest.mark.filterwarnings("error::FutureWarning"),
+    *[
+        pytest.mark.filterwarnings(rf"ignore:{message}:DeprecationWarning:diffusers\.schedulers\.")
+        for message in ("__array__ implementation doesn't accept a copy keyword", "__array_wrap__ must accept context")
+    ],
 ]
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-@pytest.mark.parametrize("how", ["make", "swap"])
-def test_every_sampler_builds_loads_and_runs_without_deprecation_warnings(name, how, tmp_path):
+# Builds, saves, loads and runs every sampler, made and swapped in: run by `python -W error::DeprecationWarning`, not
+# under pytest, whose own warning filters (set per test, in front of all others) would decide instead.
+EVERY_SAMPLER_SCRIPT = """
+import json, sys, tempfile
+import PIL.Image, torch
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3.defaults import evaluations_per_crop
+from diffusers_sr3.noise import SCHEDULERS, swap_scheduler
+
+for name in sorted(SCHEDULERS):
+    for how in ("make", "swap"):
+        torch.manual_seed(0)
+        unet = SR3UNet2DModel(**json.loads(sys.argv[1])).eval()
+        if how == "make":
+            scheduler = make_scheduler(name, n_timestep=50)
+        else:
+            scheduler = swap_scheduler(make_scheduler("ddpm", n_timestep=50), name)
+        pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4)
+        with tempfile.TemporaryDirectory() as folder:
+            pipeline.save_pretrained(folder)
+            pipeline = SR3Pipeline.from_pretrained(folder)
+        pipeline.set_progress_bar_config(disable=True)
+        assert evaluations_per_crop("detail", 3, 1.0, pipeline.scheduler) >= 3
+        image = pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=3, mode="detail").images[0]
+        assert image.size == (32, 32), (name, how, image.size)
+"""
+
+
+def test_every_sampler_builds_loads_and_runs_under_deprecation_warnings_as_errors():
     """Diffusers' sigma schedulers call numpy on torch tensors (numpy 2 warns that `Tensor.__array__` takes no
-    `copy`, DEIS's `np.log` that `__array_wrap__` takes no `context`): building, loading and sampling stay quiet."""
-    torch.manual_seed(0)
-    unet = SR3UNet2DModel(**tiny_unet_config()).eval()
-    if how == "make":
-        scheduler = make_scheduler(name, n_timestep=50)
-    else:
-        scheduler = swap_scheduler(make_scheduler("ddpm", n_timestep=50), name)
-    pipeline = SR3Pipeline(unet, scheduler, upscale_factor=4)
-    pipeline.set_progress_bar_config(disable=True)
-    pipeline.save_pretrained(tmp_path / "model")
-    pipeline = SR3Pipeline.from_pretrained(tmp_path / "model")
-    pipeline.set_progress_bar_config(disable=True)
-    assert evaluations_per_crop("detail", 3, 1.0, pipeline.scheduler) >= 3
-    image = pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=3, mode="detail").images[0]
-    assert image.size == (32, 32)
+    `copy`, DEIS's `np.log` that `__array_wrap__` takes no `context`): building (by `make_scheduler` and by
+    `swap_scheduler`), loading and sampling stay quiet. One process for all: importing torch and Diffusers is most of
+    its time."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c"]
+    command += [EVERY_SAMPLER_SCRIPT, json.dumps(tiny_unet_config())]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+
+
+class _LockstepDDIMScheduler(DDIMScheduler):
+    """DDIM whose steps in two threads run together: each waits inside `step` until the other thread's is there."""
+
+    barrier = threading.Barrier(2, timeout=30)
+
+    def step(self, *args, **kwargs):
+        self.barrier.wait()
+        return super().step(*args, **kwargs)
+
+
+def test_pipelines_sampling_in_two_threads_leave_the_warning_filters_as_they_were():
+    """Saving and restoring the process-wide filter list around each step from two threads at once leaves one
+    thread's filters installed for good (or drops a filter another thread sets)."""
+    pipelines = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        scheduler = _LockstepDDIMScheduler.from_config(make_scheduler("ddim", n_timestep=50).config)
+        pipeline = SR3Pipeline(SR3UNet2DModel(**tiny_unet_config()).eval(), scheduler, upscale_factor=4)
+        pipeline.set_progress_bar_config(disable=True)
+        pipelines.append(pipeline)
+    before, errors = list(warnings.filters), []
+
+    def sample(pipeline):
+        try:
+            pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=10, mode="detail")
+        except Exception as error:  # the test reports it, not the thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=sample, args=(pipeline,)) for pipeline in pipelines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert warnings.filters == before
+
+
+class _StepWarning(UserWarning):
+    pass
+
+
+def test_a_once_per_location_warning_in_the_sampling_loop_shows_once(tiny_pipeline):
+    """Changing the warning filters resets every module's record of warnings shown: done each step, a warning
+    meant once per location would show every step."""
+
+    def callback(pipeline, step, timestep, callback_kwargs):
+        warnings.warn("a warning of the callback's", _StepWarning, stacklevel=1)
+        return callback_kwargs
+
+    tiny_pipeline.scheduler = make_scheduler("ddim", n_timestep=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", _StepWarning)
+        tiny_pipeline(
+            PIL.Image.new("RGB", (8, 8)), num_inference_steps=10, mode="detail", callback_on_step_end=callback
+        )
+    assert [type(warning.message) for warning in caught].count(_StepWarning) == 1
 
 
 def test_a_checkpoint_is_logged_once_not_once_per_file(tmp_path, caplog):

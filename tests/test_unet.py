@@ -102,6 +102,15 @@ def test_float_levels_outside_the_range_are_refused_on_the_cpu(tiny_unet, monkey
         tiny_unet(sample, torch.tensor([999.0]))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: attention loops
+def test_the_unet_runs_under_vmap(tiny_unet):
+    """`torch.func.vmap` batches no data-dependent indexing or `.item()`: the level check is skipped for its tensors."""
+    sample, levels = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        mapped = torch.func.vmap(lambda x, level: tiny_unet(x[None], level[None]).sample[0])(sample, levels)
+        torch.testing.assert_close(mapped, tiny_unet(sample, levels).sample, rtol=1e-4, atol=1e-5)
+
+
 def test_absurd_sizes_are_refused_before_building():
     # A config.json asking for a model no memory holds: refused at once, not by the allocator (or after minutes).
     message = "make a model of .* parameters, over the 20 billion any SR3 model may have"
@@ -628,3 +637,35 @@ def test_automodel_loads_a_unet_saved_alone(tmp_path, tiny_unet, monkeypatch, op
         torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample, rtol=0, atol=0)
     # This package's own loader drops the key without a word.
     assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path, **variant).config and not warned
+
+
+def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
+    """`auto_map` names this package's `unet_sr3.SR3UNet2DModel`: a subclass (of any name, in any module) is not that
+    class, and has no re-export that could load it."""
+    import json
+
+    class MyUNet(SR3UNet2DModel):
+        pass
+
+    class Renamed(SR3UNet2DModel):
+        pass
+
+    Renamed.__name__ = Renamed.__qualname__ = "SR3UNet2DModel"  # a same-named subclass in another module
+    for cls in (MyUNet, Renamed):
+        torch.manual_seed(0)
+        folder = tmp_path / cls.__name__ / str(id(cls))
+        cls(**tiny_unet_config()).save_pretrained(folder)
+        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert sorted(path.name for path in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    # A subclass that registers itself gets Diffusers' own auto_map, as any model does.
+    MyUNet.register_for_auto_class("AutoModel")
+    MyUNet(**tiny_unet_config()).save_config(tmp_path / "registered")
+    assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text())
+
+
+def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):
+    path = tmp_path / "config"
+    path.write_text("")
+    with pytest.raises(AssertionError, match=r"Provided path \(.*config\) should be a directory, not a file"):
+        tiny_unet.save_config(path)
+    assert path.read_text() == ""

@@ -110,11 +110,8 @@ def evaluations_per_crop(
     steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
     listed, order = steps, 1
     if scheduler is not None:
-        from .noise import numpy_tensor_warnings_ignored  # torch-free module: imported once a scheduler is given
-
-        with numpy_tensor_warnings_ignored():
-            trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
-            trial.set_timesteps(steps)
+        trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
+        trial.set_timesteps(steps)
         listed, order = len(trial.timesteps), scheduler.order
     per_step = 2 if guided else 1
     if strength >= 1:

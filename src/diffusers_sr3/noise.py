@@ -7,12 +7,12 @@ network at any step of a Diffusers scheduler, and draws training levels the way 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import math
+import re
 import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import diffusers
 import numpy as np
@@ -24,19 +24,16 @@ from .defaults import SCHEDULER_CLASS_NAMES, SR3_SCHEDULE
 BETA_SCHEDULES = ("linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd")
 
 
-@contextlib.contextmanager
-def numpy_tensor_warnings_ignored() -> Iterator[None]:
-    """Build a Diffusers scheduler, set its timesteps or take its step without numpy 2's DeprecationWarnings about
-    torch tensors: `Tensor.__array__` takes no `copy` keyword, `Tensor.__array_wrap__` no `context`.
-
-    Diffusers' sigma schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS) call `np.array` or `np.log` on their own torch
-    tensors, so the warnings fire on every run in code that callers cannot change (and fail runs under
-    `-W error::DeprecationWarning`); only these two messages are ignored, only while the block runs.
-    """
-    with warnings.catch_warnings():
-        for message in ("__array__ implementation doesn't accept a copy keyword", "__array_wrap__ must accept context"):
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        yield
+# Diffusers' sigma schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS) call `np.array` or `np.log` on their own torch
+# tensors, so numpy 2 warns on every run that `Tensor.__array__` takes no `copy` keyword and `Tensor.__array_wrap__` no
+# `context`, from code that no caller can change (and `-W error::DeprecationWarning` would fail every run). These two
+# messages are ignored, from Diffusers' scheduler modules only, by filters installed once here: a `catch_warnings`
+# around each call would swap the process-wide filter list from several threads at once (leaking or dropping filters)
+# and reset every module's once-per-location registry each step. At the front, so that `-W error` does not win.
+for _message in ("__array__ implementation doesn't accept a copy keyword", "__array_wrap__ must accept context"):
+    warnings.filterwarnings(
+        "ignore", message=re.escape(_message), category=DeprecationWarning, module=r"diffusers\.schedulers\."
+    )
 
 
 class _SchedulerClasses(Mapping):
@@ -170,8 +167,7 @@ def make_scheduler(
     if SCHEDULER_CLASS_NAMES[name] in SECOND_ORDER_SIGMA_SCHEDULERS:
         config.update(timestep_spacing="trailing")
     config.update(scheduler_kwargs)
-    with numpy_tensor_warnings_ignored():
-        return SCHEDULERS[name].from_config(config)
+    return SCHEDULERS[name].from_config(config)
 
 
 def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any) -> SchedulerMixin:
@@ -188,8 +184,7 @@ def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
     if SCHEDULER_CLASS_NAMES[name] in SECOND_ORDER_SIGMA_SCHEDULERS:
         scheduler_kwargs.setdefault("timestep_spacing", "trailing")
-    with numpy_tensor_warnings_ignored():
-        swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
+    swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
     check_scheduler_fits(swapped)
     return swapped
 
@@ -303,11 +298,10 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
 def _check_one_step(scheduler: SchedulerMixin, settings: tuple) -> None:
     """One step of a copy of `scheduler` on a single pixel (see [`check_scheduler_fits`]); `settings` are
     remembered when it takes it."""
-    with numpy_tensor_warnings_ignored():
-        trial = type(scheduler).from_config(scheduler.config)
+    trial = type(scheduler).from_config(scheduler.config)
     pixel = torch.zeros(1, 1, 1, 1)
     # A stochastic step draws from the global generator: the trial must not change what the real run draws.
-    with torch.random.fork_rng(devices=[]), numpy_tensor_warnings_ignored():
+    with torch.random.fork_rng(devices=[]):
         try:
             trial.set_timesteps(10)
             timestep = trial.timesteps[0]
@@ -358,12 +352,11 @@ def _interleaved_levels(scheduler: SchedulerMixin) -> torch.Tensor:
     if cached is not None and cached[0] == key:
         return cached[1]
     dry = copy.deepcopy(scheduler)
-    with numpy_tensor_warnings_ignored():
-        dry.set_timesteps(scheduler.num_inference_steps)  # from the first evaluation, whatever the run's state
+    dry.set_timesteps(scheduler.num_inference_steps)  # from the first evaluation, whatever the run's state
     probe = torch.ones(1, dtype=torch.float64)
     levels = []
     # An ancestral step draws noise: the dry run must not change what the real run draws.
-    with torch.random.fork_rng(devices=[]), numpy_tensor_warnings_ignored():
+    with torch.random.fork_rng(devices=[]):
         for timestep in dry.timesteps:
             levels.append(dry.scale_model_input(probe, timestep))
             dry.step(torch.zeros_like(probe), timestep, probe)

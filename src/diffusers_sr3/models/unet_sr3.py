@@ -36,6 +36,19 @@ _LEGACY_ATTENTION_KEY = re.compile(
 )
 
 
+class _OwnClassAttribute:
+    """A class attribute that reads as `value` on its own class (and its instances) and as None on a subclass."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.owner = owner
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
+        return self.value if (owner if owner is not None else type(instance)) is self.owner else None
+
+
 @dataclass
 class SR3UNet2DOutput(BaseOutput):
     """Output of [`SR3UNet2DModel`].
@@ -365,6 +378,12 @@ class UpLevel(nn.Module):
         self.upsampler = upsampler
 
 
+# Whether a tensor is one of `torch.func`'s wrappers (vmap's batched tensors, grad's); older torch cannot say.
+_is_functorch_wrapped_tensor = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
+)
+
+
 def _is_integer(value: Any) -> bool:
     """An int (numpy's too, as configs read back may hold), not a bool or a float."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -539,8 +558,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # Diffusers' `register_for_auto_class`: every saved config gets `"auto_map": {"AutoModel":
     # "unet_sr3.SR3UNet2DModel"}` (this module's name), and `save_config` writes the `unet_sr3.py` re-export it names
     # beside it, so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a UNet saved alone or in a
-    # pipeline; loading strips the key (`extract_init_dict`).
-    _auto_class = "AutoModel"
+    # pipeline; loading strips the key (`extract_init_dict`). Not inherited: Diffusers would name a subclass's own
+    # module (`__main__.MyUNet`), which has no re-export; a subclass may still `register_for_auto_class` itself.
+    _auto_class = _OwnClassAttribute("AutoModel")
 
     @register_to_config
     def __init__(
@@ -754,9 +774,11 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         # Imported here: the pipelines import this module.
         from ..pipelines.base import REMOTE_CODE_STEMS, _write_reexport
 
-        stem = REMOTE_CODE_STEMS.get(type(self).__name__)
-        if stem is not None:  # a subclass of another name has no re-export in this package
-            _write_reexport(os.path.join(os.fspath(save_directory), f"{stem}.py"), type(self).__name__)
+        if os.path.isfile(save_directory):  # Diffusers' own check and error, before the re-export would fail on it
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if type(self) is SR3UNet2DModel:  # a subclass gets no auto_map naming it (`_auto_class`), so no re-export
+            stem = REMOTE_CODE_STEMS[SR3UNet2DModel.__name__]
+            _write_reexport(os.path.join(os.fspath(save_directory), f"{stem}.py"), SR3UNet2DModel.__name__)
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
@@ -880,7 +902,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`) too.
         Integer tensors are refused by their dtype. Float values are range-checked on the CPU only: elsewhere reading
         them is a device sync per call. And not while tracing or compiling: the branch on the values would break
-        `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's trace would record it.
+        `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's trace would record it; nor inside
+        `torch.func` transforms (`vmap`), which cannot batch the boolean-mask indexing or `.item()` of the check.
         """
         value = None
         if isinstance(signal_level, numbers.Real):
@@ -890,7 +913,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             levels = signal_level if isinstance(signal_level, torch.Tensor) else torch.as_tensor(signal_level)
             if not levels.is_floating_point():
                 value = levels.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
-            elif levels.device.type == "cpu" and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            elif levels.device.type == "cpu" and not (
+                torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_functorch_wrapped_tensor(levels)
+            ):
                 levels = levels.detach().reshape(-1)
                 outside = levels[~((levels >= 0) & (levels <= 1))]  # NaN too
                 if outside.numel():

@@ -46,12 +46,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..defaults import steps_to_run
 from ..interrupts import interrupts_deferred
-from ..noise import (
-    check_scheduler_fits,
-    check_trained_betas,
-    network_inputs_for_schedule,
-    numpy_tensor_warnings_ignored,
-)
+from ..noise import check_scheduler_fits, check_trained_betas, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
@@ -472,8 +467,7 @@ def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: 
     if limit is not None and num_inference_steps > limit:
         raise ValueError(f"num_inference_steps must lie in [1, {limit}], got {num_inference_steps}")
     try:
-        with numpy_tensor_warnings_ignored():
-            scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
     except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
         raise ValueError(f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {error}") from None
 
@@ -749,8 +743,7 @@ class SR3BasePipeline(DiffusionPipeline):
                 guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
                 model_output = guided_prediction(model_output, guide_output, guidance_scale, parallel_guidance_weight)
             # 3. The scheduler's update.
-            with numpy_tensor_warnings_ignored():
-                latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
+            latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             # 4. The callback may replace the noisy image and the condition.
             if callback_on_step_end is not None:
                 available = {"latents": latents, "condition": condition}
@@ -1105,8 +1098,7 @@ class SR3BasePipeline(DiffusionPipeline):
                     check_trained_betas(scheduler_config)
                 except ValueError as error:
                     raise ValueError(f"{source}/{name}: {error}") from None
-                with numpy_tensor_warnings_ignored():
-                    init_kwargs[name] = component_class.from_config(scheduler_config)
+                init_kwargs[name] = component_class.from_config(scheduler_config)
             else:
                 init_kwargs[name] = component_class.from_pretrained(
                     subfolder,
