@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from conftest import tiny_unet_config
 
 from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.tiling import TiledNetwork, TilePlan, default_overlap, plan_tiles, tile_starts, tiled_super_resolve
+from diffusers_sr3.tiling import (
+    TiledNetwork,
+    TilePlan,
+    default_overlap,
+    model_tile_size,
+    plan_tiles,
+    tile_starts,
+    tiled_super_resolve,
+)
 
 
 class LocalNetwork(SR3UNet2DModel):
@@ -283,3 +291,10 @@ def test_an_untiled_batch_larger_than_the_budget_runs_in_budget_sized_calls():
     finally:
         handle.remove()
     torch.testing.assert_close(output, network(sample, level)[0])
+
+
+def test_model_tile_size_is_the_size_the_unet_was_trained_at(tiny_pipeline):
+    # Kept for code written against earlier versions: the larger side of a (height, width) pair.
+    assert model_tile_size(tiny_pipeline) == tiny_pipeline.unet.config.sample_size
+    tiny_pipeline.unet.register_to_config(sample_size=(16, 24))
+    assert model_tile_size(tiny_pipeline) == 24

@@ -335,6 +335,13 @@ def tiled_unet(
         yield pipeline.unet
 
 
+def model_tile_size(pipeline: Any) -> int:
+    """The size the pipeline's UNet was trained at (`unet.config.sample_size`, the larger side if a pair). Kept for
+    code written against earlier versions (the Space called it); the tiling reads the size itself."""
+    size = pipeline.unet.config.sample_size
+    return int(max(size) if isinstance(size, (tuple, list)) else size)
+
+
 def crops_per_step(
     pipeline: Any,
     image_size: Tuple[int, int],
