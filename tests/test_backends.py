@@ -122,8 +122,10 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(missing, monkeypatc
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
     argv = ["upscale", str(tmp_path / "small.png"), "--model", str(tmp_path / "model"), "--backend", "onnx"]
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
-    # The distribution's extra, which a wheel install can use too (no source checkout needed).
-    assert f'the ONNX backend needs {missing}: pip install "diffusers-sr3[onnx]"' in capsys.readouterr().err
+    # Commands that work for a wheel install too (no source checkout needed).
+    error = capsys.readouterr().err
+    assert f"the ONNX backend needs {missing}: pip install onnxruntime onnx (" in error
+    assert 'pip install "diffusers-sr3[onnx]"' in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

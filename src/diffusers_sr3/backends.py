@@ -212,8 +212,9 @@ def _require(module: str) -> Any:
         name = error.name if isinstance(error, ModuleNotFoundError) else None
         if name is not None and (module == name or module.startswith(f"{name}.")):
             raise ImportError(
-                f'the ONNX backend needs {module}: pip install "diffusers-sr3[onnx]" (or pip install onnxruntime '
-                'onnx; pip install -e ".[onnx]" in a checkout)'
+                # diffusers-sr3 is not on PyPI: the extra resolves against the installed distribution (a wheel).
+                f"the ONNX backend needs {module}: pip install onnxruntime onnx (or its extra: pip install "
+                '"diffusers-sr3[onnx]" beside an installed diffusers-sr3, pip install -e ".[onnx]" in a checkout)'
             ) from None
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImportError(f"{module} is installed but fails to import: {detail}") from None
