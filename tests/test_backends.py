@@ -122,8 +122,39 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(missing, monkeypatc
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
     argv = ["upscale", str(tmp_path / "small.png"), "--model", str(tmp_path / "model"), "--backend", "onnx"]
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
-    assert f'the ONNX backend needs {missing}: pip install -e ".[onnx]"' in capsys.readouterr().err
+    # Commands that work for a wheel install too (no source checkout needed).
+    error = capsys.readouterr().err
+    assert f"the ONNX backend needs {missing}: pip install onnxruntime onnx (" in error
+    assert 'pip install "diffusers-sr3[onnx]"' in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        # onnxruntime before 1.19 beside numpy 2.
+        (
+            "raise ImportError('numpy.core.multiarray failed to import\\n_ARRAY_API not found')",
+            "numpy.core.multiarray failed to import",
+        ),
+        # A module that the package imports is missing: the package is there, so "install it" would not help.
+        ("import a_dependency_that_is_not_installed", "No module named 'a_dependency_that_is_not_installed'"),
+    ],
+    ids=["numpy_abi", "missing_dependency"],
+)
+def test_an_onnx_package_that_fails_to_import_is_reported_with_its_own_error(failure, message, monkeypatch, tmp_path):
+    import sys
+
+    from diffusers_sr3.backends import _require
+
+    package = tmp_path / "site" / "onnxruntime"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(failure + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    with pytest.raises(ImportError) as raised:
+        _require("onnxruntime")
+    assert str(raised.value) == f"onnxruntime is installed but fails to import: {message}"
 
 
 def fine_tuned(unet):

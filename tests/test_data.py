@@ -437,7 +437,7 @@ def test_streamed_samples_read_by_several_workers_draw_their_own_crops(tmp_path,
     from torch.utils.data import DataLoader
 
     # datasets waits 5 s at the end of a stream of several shards, for Arrow's threads (apache/arrow#45214).
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # from datasets 5
 
     def gradient(shade):
         y, x = np.mgrid[0:48, 0:48]
@@ -681,3 +681,30 @@ def test_a_dataset_saved_with_save_to_disk_loads(tmp_path):
         resolution=32, upscale_factor=4, dataset_name=str(tmp_path / "single"), streaming=True
     )
     assert len(streamed.validation_samples(5)) == 3
+
+
+def test_a_dataset_dict_saved_with_save_to_disk_gives_the_chosen_split(tmp_path, monkeypatch):
+    """`load_dataset` before datasets 5 reads a `DatasetDict.save_to_disk` folder as JSON data (its
+    `dataset_dict.json`), so such a folder is read with `load_from_disk` whatever the installed version."""
+    import datasets
+
+    def image_rows(count):
+        rows = [{"bytes": png_bytes(random_image(32, 32, index)), "path": None} for index in range(count)]
+        return datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+
+    folder = str(tmp_path / "splits")
+    datasets.DatasetDict(train=image_rows(3), validation=image_rows(2)).save_to_disk(folder)
+
+    def older_load_dataset(*args, **kwargs):
+        raise AssertionError("load_dataset does not read save_to_disk folders before datasets 5")
+
+    monkeypatch.setattr(datasets, "load_dataset", older_load_dataset)
+    for split, count in (("train", 3), ("validation", 2)):
+        data = build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split=split)
+        assert len(data.dataset) == count
+    streamed = build_training_data(
+        resolution=32, upscale_factor=4, dataset_name=folder, dataset_split="validation", streaming=True
+    )
+    assert len(streamed.validation_samples(5)) == 2
+    with pytest.raises(ValueError, match=r"has no split 'test' \(its splits: train, validation\)$"):
+        build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split="test")

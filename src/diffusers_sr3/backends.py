@@ -196,13 +196,28 @@ class UnwritableFolderError(OSError, ValueError):
 
 
 def _require(module: str) -> Any:
-    """Import one of the ONNX backend's packages (onnx exports, onnxruntime runs), or say how to install them."""
+    """Import one of the ONNX backend's packages (onnx exports, onnxruntime runs), or say why it cannot be used.
+
+    Args:
+        module: the name of the package to import (`onnx` or `onnxruntime`).
+
+    Raises:
+        ImportError: the package is not installed (with how to install it), or is installed but fails to import
+            (a broken install, a build for another numpy), with the first line of its own error.
+    """
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(
-            f'the ONNX backend needs {module}: pip install -e ".[onnx]" in the checkout (onnxruntime and onnx)'
-        ) from None
+    except ImportError as error:
+        # A module that the package itself imports being missing is a broken install too, not a missing package.
+        name = error.name if isinstance(error, ModuleNotFoundError) else None
+        if name is not None and (module == name or module.startswith(f"{name}.")):
+            raise ImportError(
+                # diffusers-sr3 is not on PyPI: the extra resolves against the installed distribution (a wheel).
+                f"the ONNX backend needs {module}: pip install onnxruntime onnx (or its extra: pip install "
+                '"diffusers-sr3[onnx]" beside an installed diffusers-sr3, pip install -e ".[onnx]" in a checkout)'
+            ) from None
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ImportError(f"{module} is installed but fails to import: {detail}") from None
 
 
 class _Exportable(torch.nn.Module):

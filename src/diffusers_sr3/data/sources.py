@@ -362,12 +362,17 @@ def load_datasets_source(
         kwargs["data_dir"] = data_dir
     if data_files:
         kwargs["data_files"] = list(data_files)
-    # A folder that `Dataset.save_to_disk` wrote (its `state.json`), which `load_dataset` refuses to read.
-    if os.path.isfile(os.path.join(dataset_name, "state.json")):
+    # A folder that `Dataset.save_to_disk` wrote (its `state.json`), which `load_dataset` refuses to read, or one that
+    # `DatasetDict.save_to_disk` wrote (its `dataset_dict.json`), which `load_dataset` before datasets 5 reads as JSON.
+    if any(os.path.isfile(os.path.join(dataset_name, name)) for name in ("state.json", "dataset_dict.json")):
         try:
             loaded = datasets.load_from_disk(dataset_name)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise ValueError(f"cannot load dataset {dataset_name!r}: {error}") from None
+        if isinstance(loaded, datasets.DatasetDict):  # the split is picked as from a Hub dataset
+            if split not in loaded:
+                raise ValueError(f"dataset {dataset_name!r} has no split {split!r} (its splits: {', '.join(loaded)})")
+            loaded = loaded[split]
         return (loaded.to_iterable_dataset() if streaming else loaded), dataset_name
     try:
         loaded = datasets.load_dataset(dataset_name, dataset_config_name, **kwargs)
