@@ -1149,6 +1149,7 @@ def test_available_memory_in_a_container_is_what_its_cgroup_limit_leaves(tmp_pat
     (tmp_path / "meminfo").write_text("MemTotal:       24683772 kB\nMemAvailable:   20000000 kB\n")
     monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
     monkeypatch.setattr(upscale, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "cgroup-of-self"))  # unreadable: the top
     limit, usage, stat = (
         ("memory.max", "memory.current", "memory.stat")
         if version == 2
@@ -1158,11 +1159,64 @@ def test_available_memory_in_a_container_is_what_its_cgroup_limit_leaves(tmp_pat
     (tmp_path / "cgroup" / "memory").mkdir(parents=True)
     (tmp_path / "cgroup" / limit).write_text(f"{16 * 2**30}\n")
     (tmp_path / "cgroup" / usage).write_text(f"{12 * 2**30}\n")
-    (tmp_path / "cgroup" / stat).write_text(f"anon 1\n{inactive} {2**30}\nactive_file 5\n")
-    # 16 GB limit, 12 GB used of which 1 GB inactive page cache (reclaimed first): 5 GB left, not the host's 19 GB.
-    assert upscale.available_memory(torch.device("cpu")) == (5 * 2**30, "available in this container")
+    active = "active_file" if version == 2 else "total_active_file"
+    (tmp_path / "cgroup" / stat).write_text(f"anon 1\n{inactive} {2**30}\n{active} {2**30}\nfile 5\n")
+    # 16 GB limit, 12 GB used of which 2 GB page cache, active and inactive (the kernel reclaims both before it
+    # kills): 6 GB left, not the host's 19 GB.
+    assert upscale.available_memory(torch.device("cpu")) == (6 * 2**30, "available in this container")
     (tmp_path / "cgroup" / limit).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")  # no limit
     assert upscale.available_memory(torch.device("cpu")) == (20000000 * 1024, "available")
+
+
+def _cgroup_v2(folder, limit, usage, cache=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "memory.max").write_text(f"{limit}\n")
+    (folder / "memory.current").write_text(f"{usage}\n")
+    (folder / "memory.stat").write_text(f"anon {usage - cache}\nactive_file {cache}\ninactive_file 0\n")
+
+
+def test_available_memory_reads_this_processs_own_cgroup_and_its_ancestors_limits(tmp_path, monkeypatch):
+    """Without a cgroup namespace (Slurm, `--cgroupns=host`) the limit is on the process's cgroup, deep in the
+    hierarchy; a parent's limit binds it too; inside a namespace the path ("/") is the top."""
+    from diffusers_sr3.commands import upscale
+
+    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
+    root = tmp_path / "cgroup"
+    monkeypatch.setattr(upscale, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "self"))
+    (tmp_path / "self").write_text("0::/slurm/job_7/step_0\n")
+    root.mkdir()
+    (root / "memory.stat").write_text("anon 1\n")  # the top has no limit files
+    job, step = root / "slurm" / "job_7", root / "slurm" / "job_7" / "step_0"
+    _cgroup_v2(job, 8 * 2**30, 3 * 2**30, cache=2**30)  # 6 GB left
+    _cgroup_v2(step, 10 * 2**30, 3 * 2**30)
+    (step / "memory.max").write_text("max\n")
+    assert upscale.available_memory(torch.device("cpu")) == (6 * 2**30, "available in this container")
+    _cgroup_v2(step, 4 * 2**30, 3 * 2**30, cache=2**29)  # the step's own limit leaves less: 1.5 GB
+    assert upscale.available_memory(torch.device("cpu")) == (3 * 2**29, "available in this container")
+    (tmp_path / "self").write_text("0::/\n")  # a namespace: the top's files, which have no limit
+    assert upscale.available_memory(torch.device("cpu")) == (20000000 * 1024, "available")
+    (tmp_path / "self").write_text("0::/elsewhere\n")  # a folder not seen from here: the top
+    _cgroup_v2(root, 2 * 2**30, 2**30)
+    assert upscale.available_memory(torch.device("cpu")) == (2**30, "available in this container")
+
+
+def test_available_memory_reads_the_cgroup_v1_memory_controllers_path(tmp_path, monkeypatch):
+    from diffusers_sr3.commands import upscale
+
+    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(upscale, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "self"))
+    (tmp_path / "self").write_text("12:cpu,cpuacct:/other\n4:memory:/docker/abc\n1:name=systemd:/x\n")
+    memory = tmp_path / "cgroup" / "memory"
+    for folder, limit in ((memory, 2**63 - 4096), (memory / "docker" / "abc", 4 * 2**30)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{3 * 2**30}\n")
+        (folder / "memory.stat").write_text(f"cache 9\ntotal_active_file {2**30}\ntotal_inactive_file {2**30}\n")
+    assert upscale.available_memory(torch.device("cpu")) == (3 * 2**30, "available in this container")
 
 
 def test_available_memory_on_cuda_counts_what_the_caching_allocator_holds_unused(monkeypatch):

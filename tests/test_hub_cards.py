@@ -135,7 +135,8 @@ def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_i
     old = _STAMP.sub("", (folder / "README.md").read_text()).rstrip() + "\n"
     hub.repos["me/run"] = {"README.md": old.encode()}
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 25})
-    command = f"`hf upload me/run {folder / 'README.md'} README.md`"
+    command = "`python -c 'from diffusers_sr3.training.hub import push_folder; "
+    command += f'push_folder("{folder}", "me/run", replace_card=True)\'`'
     for push in (
         lambda: push_folder(str(folder), "me/run"),
         lambda: tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run"),
@@ -147,6 +148,33 @@ def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_i
         warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
         assert len(warnings) == 1 and "or pushed by an earlier diffusers-sr3" in warnings[0], warnings
         assert command in warnings[0]
+
+
+def test_the_suggested_replacement_uploads_the_card_naming_the_repo_and_its_pictures(
+    tiny_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    """A training-style card (naming the folder, showing a sample) withheld by `save_pretrained`'s push: the warning's
+    command, run as it says, puts the card up naming the repo, with the sample, over the hand-written one."""
+    import shlex
+
+    folder = tmp_path / "run"
+    tiny_pipeline.save_pretrained(folder)
+    PIL.Image.new("RGB", (8, 8)).save(folder / "sample.png")
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, sample_image="sample.png")
+    hub.repos["me/run"] = {"README.md": b"# My words\n"}
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run")
+    assert hub.repos["me/run"]["README.md"] == b"# My words\n" and "sample.png" not in hub.repos["me/run"]
+    warning = next(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    program, option, code = shlex.split(warning.split("run `", 1)[1].rsplit("`", 1)[0])
+    assert (program, option) == ("python", "-c")
+    exec(code, {})
+    card = hub.repos["me/run"]["README.md"].decode()
+    assert 'from_pretrained("me/run")' in card and 'from_pretrained("run")' not in card
+    assert hub.repos["me/run"]["sample.png"] == (folder / "sample.png").read_bytes()
+    assert is_package_card(card)  # the package's own again: a later push replaces it
 
 
 def test_a_hub_card_that_is_not_utf8_is_kept_and_no_push_fails(tiny_pipeline, hub, tmp_path):  # noqa: F811

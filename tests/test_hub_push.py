@@ -76,3 +76,23 @@ def test_a_second_training_push_keeps_the_card_the_user_edited_on_the_hub(tiny_p
     write_model_card(str(run), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 22.0})
     push_folder(str(run), "someone/fresh", logging_dir="tb")
     assert "22.00" in hub.repos["someone/fresh"]["README.md"].decode()
+
+
+def test_replace_card_puts_the_runs_card_over_a_hand_written_one_and_the_warning_says_so(
+    tiny_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    run = training_run(tiny_pipeline, tmp_path / "run4")
+    write_model_card(str(run), task="sr", upscale_factor=4, resolution=32)
+    hub.repos["someone/own"] = {"README.md": b"# Mine\n"}
+    push_folder(str(run), "someone/own", logging_dir="tb")
+    assert hub.repos["someone/own"]["README.md"] == b"# Mine\n"
+    warning = next(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    program, option, code = shlex.split(warning.split("run `", 1)[1].rsplit("`", 1)[0])
+    assert code.endswith(f'push_folder("{run}", "someone/own", logging_dir="tb", replace_card=True)')
+    exec(code, {})
+    uploaded = hub.repos["someone/own"]
+    assert 'SR3Pipeline.from_pretrained("someone/own")' in uploaded["README.md"].decode()
+    assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))]

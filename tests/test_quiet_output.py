@@ -72,6 +72,43 @@ def test_every_sampler_builds_loads_and_runs_under_deprecation_warnings_as_error
     assert "Warning" not in result.stderr, result.stderr
 
 
+# The package imported first inside `catch_warnings` (as pytest's collection does), whose exit drops the filters
+# noise.py installs at import: an Euler pipeline still runs quietly under `-W error::DeprecationWarning`.
+IMPORTED_INSIDE_CATCH_WARNINGS_SCRIPT = """
+import json, sys, warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler  # noise.py among them
+import PIL.Image
+pipeline = SR3Pipeline(SR3UNet2DModel(**json.loads(sys.argv[1])).eval(), make_scheduler("euler", n_timestep=50))
+pipeline.set_progress_bar_config(disable=True)
+pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=3, mode="detail")
+"""
+
+
+def test_an_import_inside_catch_warnings_still_samples_quietly():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-W", "error::DeprecationWarning", "-c", IMPORTED_INSIDE_CATCH_WARNINGS_SCRIPT]
+    result = subprocess.run(command + [json.dumps(tiny_unet_config())], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+
+
+def test_a_pipeline_call_after_the_filters_were_reset_puts_them_back(tiny_pipeline):
+    """A call sets and steps the scheduler with the two filters in front again (a test runner's reset or `-W error`
+    filters added after the import dropped or outranked them); other filters stay as they were."""
+    tiny_pipeline.scheduler = make_scheduler("euler", n_timestep=50)
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("error", DeprecationWarning)
+        tiny_pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=3, mode="detail")
+        assert warnings.filters[2:] == [("error", None, DeprecationWarning, None, 0)]
+        warnings.simplefilter("error", DeprecationWarning, append=False)  # in front of them now, without a reset
+        warnings.simplefilter("error", UserWarning)
+        tiny_pipeline(PIL.Image.new("RGB", (8, 8)), num_inference_steps=3, mode="detail")
+        assert ("error", None, UserWarning, None, 0) in warnings.filters
+
+
 class _LockstepDDIMScheduler(DDIMScheduler):
     """DDIM whose steps in two threads run together: each waits inside `step` until the other thread's is there."""
 

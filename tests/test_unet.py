@@ -657,10 +657,18 @@ def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
         cls(**tiny_unet_config()).save_pretrained(folder)
         assert "auto_map" not in json.loads((folder / "config.json").read_text())
         assert sorted(path.name for path in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    # A subclass that registers itself gets Diffusers' own auto_map, as any model does.
+    # Registering SR3UNet2DModel itself (as Diffusers' docs show for any model) changes neither.
+    SR3UNet2DModel.register_for_auto_class("AutoModel")
+    assert SR3UNet2DModel._auto_class == "AutoModel" and MyUNet._auto_class is None
+    MyUNet(**tiny_unet_config()).save_config(tmp_path / "after")
+    assert "auto_map" not in json.loads((tmp_path / "after" / "config.json").read_text())
+    # A subclass that registers itself gets Diffusers' own auto_map, as any model does; its siblings do not.
     MyUNet.register_for_auto_class("AutoModel")
     MyUNet(**tiny_unet_config()).save_config(tmp_path / "registered")
     assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text())
+    assert Renamed._auto_class is None and SR3UNet2DModel._auto_class == "AutoModel"
+    with pytest.raises(ValueError, match="AutoModel"):
+        SR3UNet2DModel.register_for_auto_class("AutoModelForSomething")
 
 
 def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import re
-import shlex
 from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -187,15 +186,17 @@ def hub_card_kept(api: object, repo_id: str) -> bool:
         return True
 
 
-def local_card_withheld(api: object, repo_id: str, folder: str) -> bool:
+def local_card_withheld(api: object, repo_id: str, folder: str, logging_dir: str = "logs") -> bool:
     """Whether an upload of `folder` to the Hub repo `repo_id` must leave out its `README.md`, logging why and how
-    to upload it anyway: only a card this package wrote (`is_package_card`) defers, to a repo's card that
+    to upload it anyway (`training.hub.push_folder` with `replace_card=True`, which names the repo in the card and
+    uploads the pictures it shows): only a card this package wrote (`is_package_card`) defers, to a repo's card that
     `hub_card_kept` keeps; one the user wrote in the folder goes up as it is. False where the folder has no card.
 
     Args:
         api: the `HfApi` of the upload (its token and endpoint).
         repo_id: the repo, which exists.
         folder: the folder uploaded.
+        logging_dir: a training run's tracker folder, which the suggested upload leaves out (`push_folder`'s).
     """
     card = os.path.join(folder, "README.md")
     try:
@@ -207,14 +208,15 @@ def local_card_withheld(api: object, repo_id: str, folder: str) -> bool:
         return False
     # A Hub card without a valid stamp may be a hand-written one, one edited on the Hub, or one pushed before cards
     # were stamped: the user, not this push, can tell which.
+    from .training.hub import push_folder_command
+
     logger.warning(
         "%s keeps the model card it has on the Hub (written by hand, edited on the Hub, or pushed by an earlier "
         "diffusers-sr3 that did not stamp its cards); this push's card is %s; to replace the Hub's card with it, run "
-        "`hf upload %s %s README.md`",
+        "`%s`",
         repo_id,
         card,
-        shlex.quote(repo_id),
-        shlex.quote(os.path.abspath(card)),
+        push_folder_command(os.path.abspath(folder), repo_id, logging_dir=logging_dir, replace_card=True),
     )
     return True
 

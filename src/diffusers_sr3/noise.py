@@ -27,13 +27,50 @@ BETA_SCHEDULES = ("linear", "quad", "cosine", "warmup10", "warmup50", "const", "
 # Diffusers' sigma schedulers (Euler, Heun, DPM-Solver, UniPC, DEIS) call `np.array` or `np.log` on their own torch
 # tensors, so numpy 2 warns on every run that `Tensor.__array__` takes no `copy` keyword and `Tensor.__array_wrap__` no
 # `context`, from code that no caller can change (and `-W error::DeprecationWarning` would fail every run). These two
-# messages are ignored, from Diffusers' scheduler modules only, by filters installed once here: a `catch_warnings`
-# around each call would swap the process-wide filter list from several threads at once (leaking or dropping filters)
+# messages are ignored, from Diffusers' scheduler modules only, by filters in the process-wide list: a
+# `catch_warnings` around each call would swap that list from several threads at once (leaking or dropping filters)
 # and reset every module's once-per-location registry each step. At the front, so that `-W error` does not win.
-for _message in ("__array__ implementation doesn't accept a copy keyword", "__array_wrap__ must accept context"):
-    warnings.filterwarnings(
-        "ignore", message=re.escape(_message), category=DeprecationWarning, module=r"diffusers\.schedulers\."
-    )
+_SCHEDULER_WARNING_MESSAGES = (
+    "__array__ implementation doesn't accept a copy keyword",
+    "__array_wrap__ must accept context",
+)
+_SCHEDULER_MODULES = r"diffusers\.schedulers\."
+_A_SCHEDULER_MODULE = "diffusers.schedulers.scheduling_euler_discrete"
+# The entries `warnings.filterwarnings` makes of them (compiled patterns compare by pattern and flags).
+_SCHEDULER_WARNING_FILTERS = tuple(
+    ("ignore", re.compile(re.escape(message), re.I), DeprecationWarning, re.compile(_SCHEDULER_MODULES), 0)
+    for message in _SCHEDULER_WARNING_MESSAGES
+)
+
+
+def ignore_scheduler_warnings() -> None:
+    """Put the filters for numpy's two scheduler warnings (above) back in front of any filter that would catch them
+    first, where they are not: the package may have been imported inside `warnings.catch_warnings()` (as pytest
+    collects tests), whose exit restored the list without them, or `warnings.resetwarnings()` dropped them, or a
+    filter such as `simplefilter("error")` was put in front of them since. Called wherever this package builds, sets
+    or steps a scheduler; in place, they are found among the list's first entries, and nothing changes (changing the
+    list resets every module's once-per-location record of warnings shown)."""
+    missing = list(_SCHEDULER_WARNING_FILTERS)
+    for entry in warnings.filters:
+        if entry in missing:
+            missing.remove(entry)
+            if not missing:
+                return
+            continue
+        action, _, category, module, _ = entry
+        # A plain string (Python's own `default::DeprecationWarning:__main__`) names a module exactly.
+        in_schedulers = module is None or (
+            module == _A_SCHEDULER_MODULE if isinstance(module, str) else module.match(_A_SCHEDULER_MODULE)
+        )
+        if action != "ignore" and issubclass(DeprecationWarning, category) and in_schedulers:
+            break  # it would see the warnings first
+    for message in _SCHEDULER_WARNING_MESSAGES:
+        warnings.filterwarnings(
+            "ignore", message=re.escape(message), category=DeprecationWarning, module=_SCHEDULER_MODULES
+        )
+
+
+ignore_scheduler_warnings()
 
 
 class _SchedulerClasses(Mapping):
@@ -139,6 +176,7 @@ def make_scheduler(
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    ignore_scheduler_warnings()
     given = dict(
         beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end
     )
@@ -182,6 +220,7 @@ def swap_scheduler(scheduler: SchedulerMixin, name: str, **scheduler_kwargs: Any
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    ignore_scheduler_warnings()
     if SCHEDULER_CLASS_NAMES[name] in SECOND_ORDER_SIGMA_SCHEDULERS:
         scheduler_kwargs.setdefault("timestep_spacing", "trailing")
     swapped = SCHEDULERS[name].from_config(scheduler.config, **scheduler_kwargs)
@@ -298,6 +337,7 @@ def check_scheduler_fits(scheduler: SchedulerMixin) -> None:
 def _check_one_step(scheduler: SchedulerMixin, settings: tuple) -> None:
     """One step of a copy of `scheduler` on a single pixel (see [`check_scheduler_fits`]); `settings` are
     remembered when it takes it."""
+    ignore_scheduler_warnings()
     trial = type(scheduler).from_config(scheduler.config)
     pixel = torch.zeros(1, 1, 1, 1)
     # A stochastic step draws from the global generator: the trial must not change what the real run draws.
@@ -351,6 +391,7 @@ def _interleaved_levels(scheduler: SchedulerMixin) -> torch.Tensor:
     cached = getattr(scheduler, "_sr3_interleaved_levels", None)
     if cached is not None and cached[0] == key:
         return cached[1]
+    ignore_scheduler_warnings()
     dry = copy.deepcopy(scheduler)
     dry.set_timesteps(scheduler.num_inference_steps)  # from the first evaluation, whatever the run's state
     probe = torch.ones(1, dtype=torch.float64)

@@ -89,11 +89,21 @@ MIN_BYTES_PER_OUTPUT_PIXEL = 120
 # whose limit MemAvailable does not know.
 MEMINFO = "/proc/meminfo"
 CGROUP_ROOT = "/sys/fs/cgroup"
-# Per cgroup version (v2, then v1's memory controller): the limit, the usage, and the statistics with the usage's
-# inactive page cache (which the kernel reclaims before the limit is hit) under that name.
+# The cgroups this process is in, one line per hierarchy: "0::<path>" (v2), "<id>:<controllers>:<path>" (v1), each path
+# under that hierarchy's folder in CGROUP_ROOT (in a cgroup namespace, a container's, the path is "/").
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+# Per cgroup version (v2, then v1's memory controller): the hierarchy's folder in CGROUP_ROOT, the limit, the usage,
+# and the statistics with the usage's page cache (active and inactive, both reclaimed by the kernel before it kills
+# for the limit) under those names.
 _CGROUP_MEMORY_FILES = (
-    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ("", "memory.max", "memory.current", "memory.stat", ("active_file", "inactive_file")),
+    (
+        "memory",
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        "memory.stat",
+        ("total_active_file", "total_inactive_file"),
+    ),
 )
 
 
@@ -630,8 +640,9 @@ def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
 
     They live on the pipeline's device: on a CUDA device its free memory (`torch.cuda.mem_get_info`) and what
     PyTorch's caching allocator holds unused (freed by this process, handed out again before any new memory); on the
-    CPU Linux's MemAvailable (what can be allocated without swapping; swap is not counted), or less where the
-    container's cgroup memory limit (`CGROUP_ROOT`) leaves less. Other devices and systems, or a /proc/meminfo
+    CPU Linux's MemAvailable (what can be allocated without swapping; swap is not counted), or less where a cgroup
+    memory limit (a container's, a Slurm job's: this process's cgroup under `CGROUP_ROOT`, or an ancestor's) leaves
+    less. Other devices and systems, or a /proc/meminfo
     that cannot be read, give None: no check.
     """
     if device.type == "cuda":
@@ -661,30 +672,71 @@ def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
 
 
 def _cgroup_room(root: str) -> Optional[int]:
-    """Bytes the memory limit of the cgroup at `root` (this process's, in a container) leaves: the limit less the
-    usage, not counting the inactive page cache in it; None without a limit (`max`), or where none can be read."""
-    for limit_file, usage_file, stat_file, inactive_name in _CGROUP_MEMORY_FILES:
-        try:
-            with open(os.path.join(root, limit_file), encoding="ascii") as handle:
-                limit = handle.read().strip()
-            if limit == "max":
-                return None
-            with open(os.path.join(root, usage_file), encoding="ascii") as handle:
-                usage = int(handle.read().strip())
-            limit = int(limit)
-        except (OSError, ValueError):
-            continue
-        inactive = 0
-        try:
-            with open(os.path.join(root, stat_file), encoding="ascii") as handle:
-                for line in handle:
-                    name, _, value = line.partition(" ")
-                    if name == inactive_name:
-                        inactive = int(value)
-        except (OSError, ValueError):
-            pass
-        return max(limit - max(usage - inactive, 0), 0)
+    """Bytes the memory limits of this process's cgroup and its ancestors (in the hierarchy at `root`) leave: the
+    least, over the cgroups with a limit, of the limit less the usage, not counting the page cache in it; None
+    without a limit (`max`), or where none can be read. The process's cgroup is the one `PROC_SELF_CGROUP` names,
+    or the hierarchy's top where that folder does not exist (as from inside a cgroup namespace)."""
+    own = _own_cgroups()
+    for hierarchy, limit_file, usage_file, stat_file, cache_names in _CGROUP_MEMORY_FILES:
+        top = os.path.normpath(os.path.join(root, hierarchy))
+        folder = os.path.normpath(os.path.join(top, own.get(hierarchy, "/").lstrip("/")))
+        if not folder.startswith(top + os.sep) or not os.path.isdir(folder):
+            folder = top
+        rooms = []
+        while True:
+            room = _room_in(folder, limit_file, usage_file, stat_file, cache_names)
+            if room is not None:
+                rooms.append(room)
+            if folder == top:
+                break
+            folder = os.path.dirname(folder)  # a parent's limit binds its children too
+        if rooms:
+            return min(rooms)
     return None
+
+
+def _own_cgroups() -> Dict[str, str]:
+    """This process's cgroup path per `_CGROUP_MEMORY_FILES` hierarchy folder (`""`: v2, `"memory"`: v1's memory
+    controller), from `PROC_SELF_CGROUP`; empty where it cannot be read."""
+    paths = {}
+    try:
+        with open(PROC_SELF_CGROUP, encoding="utf-8") as handle:
+            for line in handle:
+                hierarchy_id, _, rest = line.rstrip("\n").partition(":")
+                controllers, _, path = rest.partition(":")
+                if hierarchy_id == "0" and not controllers:
+                    paths[""] = path
+                elif "memory" in controllers.split(","):
+                    paths["memory"] = path
+    except (OSError, ValueError):
+        pass
+    return paths
+
+
+def _room_in(
+    folder: str, limit_file: str, usage_file: str, stat_file: str, cache_names: Tuple[str, ...]
+) -> Optional[int]:
+    """What the limit of the cgroup at `folder` leaves (see `_cgroup_room`); None without a limit or its files."""
+    try:
+        with open(os.path.join(folder, limit_file), encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(folder, usage_file), encoding="ascii") as handle:
+            usage = int(handle.read().strip())
+        limit = int(limit)
+    except (OSError, ValueError):
+        return None
+    cache = 0
+    try:
+        with open(os.path.join(folder, stat_file), encoding="ascii") as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name in cache_names:
+                    cache += int(value)
+    except (OSError, ValueError):
+        pass
+    return max(limit - max(usage - cache, 0), 0)
 
 
 def full_size_bytes(

@@ -562,6 +562,21 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     # module (`__main__.MyUNet`), which has no re-export; a subclass may still `register_for_auto_class` itself.
     _auto_class = _OwnClassAttribute("AutoModel")
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Diffusers' `register_for_auto_class`: saved configs of `cls` get an `auto_map` entry for `auto_class`.
+        Registered on `SR3UNet2DModel` itself, subclasses still save none (Diffusers' plain class attribute would be
+        inherited, naming a subclass's module that has no re-export); a subclass registers itself alone.
+
+        Args:
+            auto_class: the auto class; Diffusers takes only `"AutoModel"`.
+        """
+        super().register_for_auto_class(auto_class)  # Diffusers' checks; it sets `cls._auto_class` plainly
+        if cls is SR3UNet2DModel:
+            attribute = _OwnClassAttribute(auto_class)
+            attribute.__set_name__(cls, "_auto_class")
+            cls._auto_class = attribute
+
     @register_to_config
     def __init__(
         self,

@@ -46,7 +46,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..defaults import steps_to_run
 from ..interrupts import interrupts_deferred
-from ..noise import check_scheduler_fits, check_trained_betas, network_inputs_for_schedule
+from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
 
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
@@ -466,6 +466,7 @@ def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: 
     limit = scheduler.config.get("num_train_timesteps")
     if limit is not None and num_inference_steps > limit:
         raise ValueError(f"num_inference_steps must lie in [1, {limit}], got {num_inference_steps}")
+    ignore_scheduler_warnings()
     try:
         scheduler.set_timesteps(num_inference_steps, device=device)
     except ValueError as error:  # e.g. PNDM's warm-up below 4 steps: numpy's "operands could not be broadcast"
@@ -663,6 +664,7 @@ class SR3BasePipeline(DiffusionPipeline):
         weighted by `parallel_guidance_weight` (`guided_prediction`). Returns the final image and the requested
         snapshots (float32, the scale the network works in).
         """
+        ignore_scheduler_warnings()  # before the steps: the filters may have been dropped since the last call
         num_inference_steps = check_num_inference_steps(num_inference_steps)
         if isinstance(generator, list) and len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
@@ -1098,6 +1100,7 @@ class SR3BasePipeline(DiffusionPipeline):
                     check_trained_betas(scheduler_config)
                 except ValueError as error:
                     raise ValueError(f"{source}/{name}: {error}") from None
+                ignore_scheduler_warnings()
                 init_kwargs[name] = component_class.from_config(scheduler_config)
             else:
                 init_kwargs[name] = component_class.from_pretrained(

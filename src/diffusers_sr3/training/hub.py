@@ -25,11 +25,13 @@ def push_folder(
     token: Optional[str] = None,
     private: bool = False,
     logging_dir: str = "logs",
+    replace_card: bool = False,
 ) -> str:
     """Create the repo if needed and upload `output_dir` to it, but its checkpoints and tracker logs; return the
     commit URL. Where the run's card is one this package wrote, a repo's model card that this package did not write,
-    or that was edited since (on the Hub), is kept: the run's card then stays in `output_dir` only
-    (`model_card.local_card_withheld`, which logs how to upload it anyway).
+    or that was edited since (on the Hub), is kept unless `replace_card`: the run's card then stays in `output_dir`
+    only (`model_card.local_card_withheld`, which logs the command that uploads it anyway: this function's, with
+    `replace_card=True`).
 
     Args:
         output_dir: the training run's folder.
@@ -37,6 +39,8 @@ def push_folder(
         token: the Hub token; default: huggingface_hub's (`HF_TOKEN`, `hf auth login`).
         private: create the repo private.
         logging_dir: the trackers' folder (`--logging_dir`): relative to `output_dir`, or absolute.
+        replace_card: upload the folder's card (naming `repo_id`, with the pictures it shows) in place of the one the
+            repo has, whoever wrote that.
 
     Raises:
         HubUploadError: naming the reason, the intact local folder and how to retry.
@@ -52,7 +56,7 @@ def push_folder(
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
         card = None
-        if local_card_withheld(api, repo_id, output_dir):
+        if not replace_card and local_card_withheld(api, repo_id, output_dir, logging_dir):
             ignore_patterns = ignore_patterns + ["README.md"]
         elif os.path.isfile(os.path.join(output_dir, "README.md")):
             # Without --hub_model_id the card was written naming the output folder; the repo is `user/folder`.
@@ -69,19 +73,32 @@ def push_folder(
             )
     except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
         reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
-        # Through push_folder again, not `hf upload`: it leaves out the same files and names the repo in the card.
-        options = ", private=True" if private else ""
-        if logging_dir != "logs":
-            options += f", logging_dir={_literal(logging_dir)}"
-        retry = (
-            "from diffusers_sr3.training.hub import push_folder; "
-            f"push_folder({_literal(output_dir)}, {_literal(repo_id)}{options})"
-        )
+        retry = push_folder_command(output_dir, repo_id, private, logging_dir, replace_card)
         raise HubUploadError(
             f"upload to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); the trained pipeline "
-            f"is saved and intact in {output_dir}; retry with `python -c {shlex.quote(retry)}`"
+            f"is saved and intact in {output_dir}; retry with `{retry}`"
         ) from error
     return commit.commit_url
+
+
+def push_folder_command(
+    output_dir: str, repo_id: str, private: bool = False, logging_dir: str = "logs", replace_card: bool = False
+) -> str:
+    """The shell command (`python -c ...`) that runs `push_folder` with these arguments.
+
+    Through push_folder, not `hf upload`: it leaves out the same files, names the repo in the card and uploads the
+    pictures the card shows.
+    """
+    options = ", private=True" if private else ""
+    if logging_dir != "logs":
+        options += f", logging_dir={_literal(logging_dir)}"
+    if replace_card:
+        options += ", replace_card=True"
+    code = (
+        "from diffusers_sr3.training.hub import push_folder; "
+        f"push_folder({_literal(output_dir)}, {_literal(repo_id)}{options})"
+    )
+    return f"python -c {shlex.quote(code)}"
 
 
 def _literal(text: str) -> str:
