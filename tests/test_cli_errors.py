@@ -167,6 +167,17 @@ def test_a_process_forked_under_the_sigterm_handler_ends_on_sigterm_as_by_defaul
             time.sleep(1)
 
 
+def test_a_process_forked_under_the_sigterm_handler_starts_with_sigterms_default():
+    """Not the handler: a Python-level handler runs only when the worker next runs bytecode, so a SIGTERM arriving just
+    before it blocks in C (a pool queue's semaphore) went unhandled, and `sr3 prepare` waited on that worker forever."""
+    with sigterm_as_interrupt():
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_a_full_disk_while_saving_weights_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     import safetensors.torch
 

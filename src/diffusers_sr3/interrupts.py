@@ -9,6 +9,21 @@ import threading
 from typing import Iterator
 
 
+def _default_sigterm_in_child() -> None:
+    # A forked process (a pool or data loader worker) must end on SIGTERM as by default, the moment it arrives: a
+    # Python-level handler runs only when the interpreter next gets to bytecode, so a worker that receives it just
+    # before it blocks in C (a queue's semaphore) would wait forever, and the pool that stops it with SIGTERM with it.
+    if getattr(signal.getsignal(signal.SIGTERM), "_sr3_sigterm_as_interrupt", False):
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # forked from a thread other than the main one: the handler, when it runs, ends it
+            pass
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is: a KeyboardInterrupt, so the clean-up that Ctrl-C gets (temporary files
     removed, partial results left as they were, the "where to resume" line) runs for it too."""
@@ -19,8 +34,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises [`Terminated`] in this process; the previous handler is put back after it.
 
     Signal handlers can be set in the main thread only: elsewhere SIGTERM keeps its handler. A process forked inside
-    the block (a pool or data loader worker) inherits the handler; there SIGTERM ends the process as by default, as
-    the pool that sends it to stop its workers expects.
+    the block (a pool or data loader worker) gets SIGTERM's default back as it starts, so SIGTERM ends it, as the
+    pool that sends it to stop its workers expects.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -34,6 +49,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
             return
         raise Terminated()
 
+    terminated._sr3_sigterm_as_interrupt = True  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
