@@ -37,7 +37,9 @@ def test_the_sdist_carries_the_whole_test_suite_without_bytecode(tmp_path):
     assert {"tests/conftest.py", "tests/hub_server.py", "tests/fixtures/README.md"} <= tests <= shipped
     (tmp_path / "tests" / "fixtures").mkdir(parents=True)
     (tmp_path / "tests" / "__pycache__").mkdir()
-    for name in ("conftest.py", "fixtures/pair.png", "__pycache__/conftest.cpython-311.pyc", "helper.pyc"):
+    (tmp_path / "tests" / ".pytest_cache" / "v").mkdir(parents=True)
+    junk = ["__pycache__/conftest.cpython-311.pyc", "helper.pyc", ".pytest_cache/v/lastfailed", "conftest.py~"]
+    for name in ("conftest.py", "fixtures/pair.png", *junk, "fixtures/.pair.png.swp", "fixtures/.DS_Store"):
         (tmp_path / "tests" / name).write_bytes(b"")
     assert sorted(sdist_files(tmp_path)) == ["tests/conftest.py", "tests/fixtures/pair.png"]
 

@@ -109,6 +109,17 @@ def test_a_pipeline_call_after_the_filters_were_reset_puts_them_back(tiny_pipeli
         assert ("error", None, UserWarning, None, 0) in warnings.filters
 
 
+def test_counting_a_schedulers_evaluations_puts_the_filters_back():
+    """`sr3 upscale` and the Space count evaluations with a copy of the scheduler, set before the pipeline runs."""
+    from diffusers_sr3.defaults import evaluations_per_crop
+
+    scheduler = make_scheduler("euler", n_timestep=50)
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("error", DeprecationWarning)
+        assert evaluations_per_crop("detail", 3, 1.0, scheduler) == 3
+
+
 class _LockstepDDIMScheduler(DDIMScheduler):
     """DDIM whose steps in two threads run together: each waits inside `step` until the other thread's is there."""
 

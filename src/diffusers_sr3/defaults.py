@@ -110,6 +110,9 @@ def evaluations_per_crop(
     steps = DETAIL_STEPS if num_inference_steps is None else num_inference_steps
     listed, order = steps, 1
     if scheduler is not None:
+        from .noise import ignore_scheduler_warnings  # here: this module stays free of torch for a fast start
+
+        ignore_scheduler_warnings()
         trial = type(scheduler).from_config(scheduler.config)  # set_timesteps must not touch the pipeline's own
         trial.set_timesteps(steps)
         listed, order = len(trial.timesteps), scheduler.order
