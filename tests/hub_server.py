@@ -17,7 +17,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 # The user the loopback token belongs to: repos created under a bare name land in this namespace.
 LOOPBACK_USER = "loopback-user"
@@ -28,7 +28,7 @@ class HubServer:
 
     def __init__(self) -> None:
         self.repos: Dict[str, Dict[str, bytes]] = {}
-        self.commits: List[Dict[str, object]] = []  # every accepted commit: repo, paths
+        self.commits: List[Dict[str, object]] = []  # every accepted commit: repo, paths, deleted, create_pr
         self.requests: List[str] = []  # "METHOD path" of every request, for assertions
         self.fail_commits: Optional[int] = None
         self.lock = threading.Lock()
@@ -203,9 +203,14 @@ class _Handler(BaseHTTPRequestHandler):
                     for existing in [p for p in files if p == name or p.startswith(name.rstrip("/") + "/")]:
                         del files[existing]
                 files.update(added)
-                hub.commits.append({"repo": repo, "paths": sorted(added), "deleted": deleted})
+                # A pull request's files land in the repo too: tests read `create_pr` to tell it from a commit to main.
+                create_pr = parse_qs(urlparse(self.path).query).get("create_pr") == ["1"]
+                hub.commits.append({"repo": repo, "paths": sorted(added), "deleted": deleted, "create_pr": create_pr})
                 sha = hub.sha(repo)
-            return self._json(200, {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha})
+            answer = {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha}
+            if create_pr:
+                answer["pullRequestUrl"] = f"{hub.url}/{repo}/discussions/{len(hub.commits)}"
+            return self._json(200, answer)
         self._not_found("EntryNotFound", f"no route for POST {path}")
 
     def _validate_yaml(self, content: str):

@@ -683,21 +683,30 @@ def test_a_dataset_saved_with_save_to_disk_loads(tmp_path):
     assert len(streamed.validation_samples(5)) == 3
 
 
-def test_a_dataset_dict_saved_with_save_to_disk_gives_the_chosen_split(tmp_path, monkeypatch):
-    """`load_dataset` before datasets 5 reads a `DatasetDict.save_to_disk` folder as JSON data (its
-    `dataset_dict.json`), so such a folder is read with `load_from_disk` whatever the installed version."""
+def saved_dataset_dict(folder, train=3, validation=2):
     import datasets
 
     def image_rows(count):
         rows = [{"bytes": png_bytes(random_image(32, 32, index)), "path": None} for index in range(count)]
         return datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
 
-    folder = str(tmp_path / "splits")
-    datasets.DatasetDict(train=image_rows(3), validation=image_rows(2)).save_to_disk(folder)
+    datasets.DatasetDict(train=image_rows(train), validation=image_rows(validation)).save_to_disk(folder)
+    return folder
+
+
+def test_a_dataset_dict_saved_with_save_to_disk_gives_the_chosen_split(tmp_path, monkeypatch):
+    """`load_dataset` before datasets 5 reads a `DatasetDict.save_to_disk` folder as JSON data (its
+    `dataset_dict.json`), so there such a folder is read with `load_from_disk`, one split name at a time."""
+    import datasets
+
+    from diffusers_sr3.data import sources
+
+    folder = saved_dataset_dict(str(tmp_path / "splits"))
 
     def older_load_dataset(*args, **kwargs):
         raise AssertionError("load_dataset does not read save_to_disk folders before datasets 5")
 
+    monkeypatch.setattr(sources, "load_dataset_reads_saved_dicts", lambda: False)
     monkeypatch.setattr(datasets, "load_dataset", older_load_dataset)
     for split, count in (("train", 3), ("validation", 2)):
         data = build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split=split)
@@ -708,3 +717,22 @@ def test_a_dataset_dict_saved_with_save_to_disk_gives_the_chosen_split(tmp_path,
     assert len(streamed.validation_samples(5)) == 2
     with pytest.raises(ValueError, match=r"has no split 'test' \(its splits: train, validation\)$"):
         build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split="test")
+    for spec in ("train[:2]", "train+validation"):
+        with pytest.raises(ValueError, match=r"slices and combinations of a save_to_disk folder need datasets>=5"):
+            build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split=spec)
+
+
+def test_a_dataset_dict_saved_with_save_to_disk_takes_split_slices_and_combinations(tmp_path):
+    """From datasets 5 on, `load_dataset` reads such a folder itself, so slices and "+" combinations keep working."""
+    import datasets
+
+    if int(datasets.__version__.split(".")[0]) < 5:
+        pytest.skip("load_dataset reads save_to_disk folders from datasets 5 on")
+    folder = saved_dataset_dict(str(tmp_path / "splits"))
+    for split, count in (("validation", 2), ("train[:2]", 2), ("train+validation", 5), ("train[1:]+validation[:1]", 3)):
+        data = build_training_data(resolution=32, upscale_factor=4, dataset_name=folder, dataset_split=split)
+        assert len(data.dataset) == count, split
+    streamed = build_training_data(
+        resolution=32, upscale_factor=4, dataset_name=folder, dataset_split="train+validation", streaming=True
+    )
+    assert len(streamed.validation_samples(10)) == 5

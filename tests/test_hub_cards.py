@@ -2,6 +2,7 @@
 tests/hub_server.py)."""
 
 import os
+import re
 
 import PIL.Image
 import pytest
@@ -135,8 +136,8 @@ def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_i
     old = _STAMP.sub("", (folder / "README.md").read_text()).rstrip() + "\n"
     hub.repos["me/run"] = {"README.md": old.encode()}
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 25})
-    command = "`python -c 'from diffusers_sr3.training.hub import push_folder; "
-    command += f'push_folder("{folder}", "me/run", replace_card=True)\'`'
+    command = "`python -c 'from diffusers_sr3.training.hub import push_model_card; "
+    command += f'push_model_card("{folder}", "me/run")\'`'
     for push in (
         lambda: push_folder(str(folder), "me/run"),
         lambda: tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run"),
@@ -150,6 +151,15 @@ def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_i
         assert command in warnings[0]
 
 
+def run_suggested_command(warning):
+    """Run the command a warning suggests (`python -c '...'`) as a shell would, in this process (the loopback Hub)."""
+    import shlex
+
+    program, option, code = shlex.split(warning.split("run `", 1)[1].rsplit("`", 1)[0])
+    assert (program, option) == ("python", "-c")
+    exec(code, {})
+
+
 def test_the_suggested_replacement_uploads_the_card_naming_the_repo_and_its_pictures(
     tiny_pipeline,
     hub,  # noqa: F811
@@ -157,24 +167,53 @@ def test_the_suggested_replacement_uploads_the_card_naming_the_repo_and_its_pict
     caplog,
 ):
     """A training-style card (naming the folder, showing a sample) withheld by `save_pretrained`'s push: the warning's
-    command, run as it says, puts the card up naming the repo, with the sample, over the hand-written one."""
-    import shlex
-
+    command, run as it says, puts the card up naming the repo, with the sample, over the hand-written one, in one
+    commit of those two files only (not the folder's other files, which the push did not upload either)."""
     folder = tmp_path / "run"
     tiny_pipeline.save_pretrained(folder)
     PIL.Image.new("RGB", (8, 8)).save(folder / "sample.png")
+    (folder / "private_notes.txt").write_text("not for the Hub\n")
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, sample_image="sample.png")
     hub.repos["me/run"] = {"README.md": b"# My words\n"}
     tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run")
     assert hub.repos["me/run"]["README.md"] == b"# My words\n" and "sample.png" not in hub.repos["me/run"]
-    warning = next(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
-    program, option, code = shlex.split(warning.split("run `", 1)[1].rsplit("`", 1)[0])
-    assert (program, option) == ("python", "-c")
-    exec(code, {})
+    run_suggested_command(next(record.getMessage() for record in caplog.records if record.levelname == "WARNING"))
     card = hub.repos["me/run"]["README.md"].decode()
     assert 'from_pretrained("me/run")' in card and 'from_pretrained("run")' not in card
     assert hub.repos["me/run"]["sample.png"] == (folder / "sample.png").read_bytes()
     assert is_package_card(card)  # the package's own again: a later push replaces it
+    assert hub.commits[-1]["paths"] == ["README.md", "sample.png"] and not hub.commits[-1]["create_pr"]
+    assert "private_notes.txt" not in hub.repos["me/run"]
+
+
+def test_the_suggested_replacement_of_a_push_opening_a_pull_request_opens_one_too(
+    tiny_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    from diffusers_sr3.training.hub import HubUploadError, push_model_card
+
+    folder = tmp_path / "run"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/pr")
+    hub.repos["me/pr"] = {"README.md": b"# My words\n"}
+    tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/pr", create_pr=True)
+    assert hub.commits[-1]["create_pr"] and "README.md" not in hub.commits[-1]["paths"]
+    warning = next(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert f'push_model_card("{folder}", "me/pr", create_pr=True)' in warning
+    run_suggested_command(warning)
+    assert hub.commits[-1]["paths"] == ["README.md"] and hub.commits[-1]["create_pr"]
+    assert hub.repos["me/pr"]["README.md"] == (folder / "README.md").read_bytes()  # named the repo already
+    hub.fail_commits = 403
+    retry = "retry with `python -c 'from diffusers_sr3.training.hub import push_model_card; "
+    retry += f'push_model_card("{folder}", "me/pr", create_pr=True)\'`'
+    with pytest.raises(HubUploadError, match=re.escape(retry) + "$"):
+        push_model_card(str(folder), "me/pr", create_pr=True)
+    hub.fail_commits = None
+    (folder / "README.md").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no model card \(README.md\) to upload$"):
+        push_model_card(str(folder), "me/pr")
 
 
 def test_a_hub_card_that_is_not_utf8_is_kept_and_no_push_fails(tiny_pipeline, hub, tmp_path):  # noqa: F811

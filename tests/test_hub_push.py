@@ -91,8 +91,12 @@ def test_replace_card_puts_the_runs_card_over_a_hand_written_one_and_the_warning
     assert hub.repos["someone/own"]["README.md"] == b"# Mine\n"
     warning = next(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
     program, option, code = shlex.split(warning.split("run `", 1)[1].rsplit("`", 1)[0])
-    assert code.endswith(f'push_folder("{run}", "someone/own", logging_dir="tb", replace_card=True)')
+    assert code.endswith(f'push_model_card("{run}", "someone/own")')
     exec(code, {})
     uploaded = hub.repos["someone/own"]
+    assert 'SR3Pipeline.from_pretrained("someone/own")' in uploaded["README.md"].decode()
+    assert hub.commits[-1]["paths"] == ["README.md"]  # the push had uploaded the rest
+    uploaded["README.md"] = b"# Mine\n"
+    push_folder(str(run), "someone/own", logging_dir="tb", replace_card=True)
     assert 'SR3Pipeline.from_pretrained("someone/own")' in uploaded["README.md"].decode()
     assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))]

@@ -186,17 +186,17 @@ def hub_card_kept(api: object, repo_id: str) -> bool:
         return True
 
 
-def local_card_withheld(api: object, repo_id: str, folder: str, logging_dir: str = "logs") -> bool:
+def local_card_withheld(api: object, repo_id: str, folder: str, create_pr: bool = False) -> bool:
     """Whether an upload of `folder` to the Hub repo `repo_id` must leave out its `README.md`, logging why and how
-    to upload it anyway (`training.hub.push_folder` with `replace_card=True`, which names the repo in the card and
-    uploads the pictures it shows): only a card this package wrote (`is_package_card`) defers, to a repo's card that
+    to upload it anyway (`training.hub.push_model_card`, which names the repo in the card and uploads it with the
+    pictures it shows, nothing else): only a card this package wrote (`is_package_card`) defers, to a repo's card that
     `hub_card_kept` keeps; one the user wrote in the folder goes up as it is. False where the folder has no card.
 
     Args:
         api: the `HfApi` of the upload (its token and endpoint).
         repo_id: the repo, which exists.
         folder: the folder uploaded.
-        logging_dir: a training run's tracker folder, which the suggested upload leaves out (`push_folder`'s).
+        create_pr: whether the upload opens a pull request, as the suggested one then does too.
     """
     card = os.path.join(folder, "README.md")
     try:
@@ -208,7 +208,7 @@ def local_card_withheld(api: object, repo_id: str, folder: str, logging_dir: str
         return False
     # A Hub card without a valid stamp may be a hand-written one, one edited on the Hub, or one pushed before cards
     # were stamped: the user, not this push, can tell which.
-    from .training.hub import push_folder_command
+    from .training.hub import push_model_card_command
 
     logger.warning(
         "%s keeps the model card it has on the Hub (written by hand, edited on the Hub, or pushed by an earlier "
@@ -216,7 +216,7 @@ def local_card_withheld(api: object, repo_id: str, folder: str, logging_dir: str
         "`%s`",
         repo_id,
         card,
-        push_folder_command(os.path.abspath(folder), repo_id, logging_dir=logging_dir, replace_card=True),
+        push_model_card_command(os.path.abspath(folder), repo_id, create_pr),
     )
     return True
 

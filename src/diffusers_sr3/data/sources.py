@@ -330,6 +330,14 @@ def check_hub_reachable(dataset_name: str) -> None:
         ) from None
 
 
+def load_dataset_reads_saved_dicts() -> bool:
+    """Whether the installed `datasets.load_dataset` reads a `DatasetDict.save_to_disk` folder (datasets>=5)."""
+    import datasets
+    from packaging.version import Version
+
+    return Version(datasets.__version__).major >= 5
+
+
 def load_datasets_source(
     dataset_name: Optional[str],
     dataset_config_name: Optional[str],
@@ -363,13 +371,21 @@ def load_datasets_source(
     if data_files:
         kwargs["data_files"] = list(data_files)
     # A folder that `Dataset.save_to_disk` wrote (its `state.json`), which `load_dataset` refuses to read, or one that
-    # `DatasetDict.save_to_disk` wrote (its `dataset_dict.json`), which `load_dataset` before datasets 5 reads as JSON.
-    if any(os.path.isfile(os.path.join(dataset_name, name)) for name in ("state.json", "dataset_dict.json")):
+    # `DatasetDict.save_to_disk` wrote (its `dataset_dict.json`), which `load_dataset` before datasets 5 reads as JSON;
+    # from datasets 5 on, `load_dataset` reads the latter itself, split slices and combinations included.
+    saved_dataset = os.path.isfile(os.path.join(dataset_name, "state.json"))
+    saved_dict = os.path.isfile(os.path.join(dataset_name, "dataset_dict.json"))
+    if saved_dataset or (saved_dict and not load_dataset_reads_saved_dicts()):
         try:
             loaded = datasets.load_from_disk(dataset_name)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise ValueError(f"cannot load dataset {dataset_name!r}: {error}") from None
         if isinstance(loaded, datasets.DatasetDict):  # the split is picked as from a Hub dataset
+            if split not in loaded and any(mark in split for mark in "[+"):
+                raise ValueError(
+                    f"--dataset_split {split!r}: split slices and combinations of a save_to_disk folder need "
+                    f"datasets>=5 (installed: {datasets.__version__}); pass one split name ({', '.join(loaded)})"
+                )
             if split not in loaded:
                 raise ValueError(f"dataset {dataset_name!r} has no split {split!r} (its splits: {', '.join(loaded)})")
             loaded = loaded[split]

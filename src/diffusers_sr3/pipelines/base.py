@@ -891,7 +891,9 @@ class SR3BasePipeline(DiffusionPipeline):
         if not subfolder:
             if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
                 write_pipeline_card(folder, self, repo_id)
-            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(api, repo_id, folder):
+            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(
+                api, repo_id, folder, create_pr
+            ):
                 uploads.update({name: os.path.join(folder, name) for name in images_shown(folder)})
                 renamed = card_for_repo(folder, repo_id)
                 uploads["README.md"] = os.path.join(folder, "README.md") if renamed is None else renamed.encode("utf-8")

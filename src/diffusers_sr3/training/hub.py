@@ -30,8 +30,7 @@ def push_folder(
     """Create the repo if needed and upload `output_dir` to it, but its checkpoints and tracker logs; return the
     commit URL. Where the run's card is one this package wrote, a repo's model card that this package did not write,
     or that was edited since (on the Hub), is kept unless `replace_card`: the run's card then stays in `output_dir`
-    only (`model_card.local_card_withheld`, which logs the command that uploads it anyway: this function's, with
-    `replace_card=True`).
+    only (`model_card.local_card_withheld`, which logs the command that uploads it anyway: `push_model_card`'s).
 
     Args:
         output_dir: the training run's folder.
@@ -56,7 +55,7 @@ def push_folder(
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
         card = None
-        if not replace_card and local_card_withheld(api, repo_id, output_dir, logging_dir):
+        if not replace_card and local_card_withheld(api, repo_id, output_dir):
             ignore_patterns = ignore_patterns + ["README.md"]
         elif os.path.isfile(os.path.join(output_dir, "README.md")):
             # Without --hub_model_id the card was written naming the output folder; the repo is `user/folder`.
@@ -94,10 +93,67 @@ def push_folder_command(
         options += f", logging_dir={_literal(logging_dir)}"
     if replace_card:
         options += ", replace_card=True"
-    code = (
-        "from diffusers_sr3.training.hub import push_folder; "
-        f"push_folder({_literal(output_dir)}, {_literal(repo_id)}{options})"
-    )
+    return _call_command("push_folder", f"{_literal(output_dir)}, {_literal(repo_id)}{options}")
+
+
+def push_model_card(folder: str, repo_id: str, create_pr: bool = False, token: Optional[str] = None) -> str:
+    """Upload the model card of `folder` to the Hub repo `repo_id` in place of the one it has, whoever wrote that:
+    one commit of the card (naming `repo_id` where it was written under another name: `model_card.card_for_repo`)
+    and the pictures it shows (`model_card.images_shown`), none of the folder's other files.
+
+    Args:
+        folder: the folder holding the card (`README.md`): a training run's or a `save_pretrained` one.
+        repo_id: the repo, which exists.
+        create_pr: open a pull request with the commit instead of committing to the main branch.
+        token: the Hub token; default: huggingface_hub's (`HF_TOKEN`, `hf auth login`).
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        FileNotFoundError: `folder` has no `README.md`.
+        HubUploadError: naming the reason and how to retry.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from ..model_card import card_for_repo, images_shown
+
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
+        raise FileNotFoundError(f"{folder} has no model card (README.md) to upload")
+    renamed = card_for_repo(folder, repo_id)
+    uploads = {name: os.path.join(folder, name) for name in images_shown(folder)}
+    uploads["README.md"] = card if renamed is None else renamed.encode("utf-8")
+    api = HfApi(token=token)
+    try:
+        commit = api.create_commit(
+            repo_id=repo_id,
+            operations=[
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=source)
+                for name, source in sorted(uploads.items())
+            ],
+            commit_message="Upload the model card written by diffusers-sr3",
+            create_pr=create_pr,
+        )
+    except Exception as error:  # as push_folder: any failure (HTTP, network, auth) is reported the same way
+        reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
+        retry = push_model_card_command(folder, repo_id, create_pr)
+        raise HubUploadError(
+            f"upload of {card} to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); "
+            f"retry with `{retry}`"
+        ) from error
+    return commit.commit_url
+
+
+def push_model_card_command(folder: str, repo_id: str, create_pr: bool = False) -> str:
+    """The shell command (`python -c ...`) that runs `push_model_card` with these arguments."""
+    options = ", create_pr=True" if create_pr else ""
+    return _call_command("push_model_card", f"{_literal(folder)}, {_literal(repo_id)}{options}")
+
+
+def _call_command(function: str, arguments: str) -> str:
+    """The shell command (`python -c ...`) that calls this module's `function` with `arguments` (Python source)."""
+    code = f"from diffusers_sr3.training.hub import {function}; {function}({arguments})"
     return f"python -c {shlex.quote(code)}"
 
 
