@@ -66,6 +66,9 @@ from diffusers_sr3.tiling import (  # noqa: E402
 # The samplers offered, fastest-converging first; DDPM is the original SR3 sampler (needs hundreds of steps).
 DEMO_SCHEDULERS = ["ddim", "dpmsolver", "unipc", "euler", "ddpm"]
 DEFAULT_MAX_PIXELS = 256 * 256
+# Requests waiting beyond the one running: more are turned away at once ("queue is full") instead of waiting tens of
+# minutes for a single worker, or piling up without bound on a busy public Space.
+DEFAULT_MAX_QUEUE = 20
 # Network-grid pixels per evaluation (memory budget), as `sr3 upscale --max-tile-pixels` defaults to.
 MAX_TILE_PIXELS = DEFAULT_MAX_TILE_PIXELS
 MAX_PROCESS_FRAMES = 12
@@ -382,6 +385,7 @@ def build_demo(
     default_steps: Optional[int] = None,
     examples: Sequence[str] = (),
     detail_defaults: Optional[Dict[str, float]] = None,
+    max_queue: Optional[int] = DEFAULT_MAX_QUEUE,
 ) -> gr.Blocks:
     """The demo's page for `pipeline`: upload, settings, the comparison and the refinement process.
 
@@ -394,6 +398,7 @@ def build_demo(
         detail_defaults: detail mode's `strength` (preselected) and `eta` (used with DDIM), in place of the
             pipeline's own `detail_strength` and `detail_eta` (for models saved without them: strength 1, the
             scheduler's eta).
+        max_queue: requests that may wait while one runs; more are refused at once (None: no limit).
     """
     factor = pipeline.config.upscale_factor
     scales = scale_choices(factor)
@@ -570,7 +575,7 @@ def build_demo(
             api_name="super_resolve",
             preprocess=False,
         )
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo
 
 
@@ -602,10 +607,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         default=os.environ.get("SR3_MAX_PIXELS", DEFAULT_MAX_PIXELS),  # argparse converts (and names) a string
         help=f"largest upload in pixels (default: $SR3_MAX_PIXELS, else {DEFAULT_MAX_PIXELS})",
     )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=os.environ.get("SR3_MAX_QUEUE", DEFAULT_MAX_QUEUE),
+        help=f"requests that may wait while one runs, 0 for no limit (default: $SR3_MAX_QUEUE, else "
+        f"{DEFAULT_MAX_QUEUE})",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args(argv)
     if args.max_pixels < 1:
         parser.error("--max-pixels must be positive")
+    if args.max_queue < 0:
+        parser.error("--max-queue must be 0 (no limit) or more")
     try:
         model = resolve_model(args.model)
     except FileNotFoundError as error:
@@ -615,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         pipeline = load_pipeline(model, device)
     except (ValueError, OSError) as error:  # a missing folder, not a pipeline, a pipeline of another kind
         parser.error(str(error))
-    demo = build_demo(pipeline, args.max_pixels, examples=example_images())
+    demo = build_demo(pipeline, args.max_pixels, examples=example_images(), max_queue=args.max_queue or None)
     launch(demo)
 
 

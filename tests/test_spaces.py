@@ -474,6 +474,23 @@ def test_the_command_line_names_a_model_it_cannot_serve(tmp_path, monkeypatch, c
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_queue_turns_away_requests_beyond_its_limit(tmp_path, monkeypatch, capsys):
+    """A single worker with an unbounded queue let a busy Space pile up requests without end."""
+    app = load_app()
+    assert app.build_demo(tiny_clean_image_pipeline(), max_queue=3)._queue.max_size == 3
+    assert app.build_demo(tiny_clean_image_pipeline())._queue.max_size == app.DEFAULT_MAX_QUEUE
+    launched = []
+    monkeypatch.setattr(app, "launch", launched.append)
+    model = save_tiny_model(tmp_path / "model")
+    app.main(["--model", model, "--max-queue", "0"])
+    monkeypatch.setenv("SR3_MAX_QUEUE", "7")
+    app.main(["--model", model])
+    assert [demo._queue.max_size for demo in launched] == [None, 7]
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", model, "--max-queue", "-1"])
+    assert exit_info.value.code == 2 and "--max-queue must be 0 (no limit) or more" in capsys.readouterr().err
+
+
 def test_the_command_line_names_a_pixel_limit_that_is_no_number(monkeypatch, capsys):
     app = load_app()
     monkeypatch.setenv("SR3_MAX_PIXELS", "1e5")
