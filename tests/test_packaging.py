@@ -35,6 +35,12 @@ def test_the_sdist_carries_the_whole_test_suite_without_bytecode(tmp_path):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")
     }
     assert {"tests/conftest.py", "tests/hub_server.py", "tests/fixtures/README.md"} <= tests <= shipped
+    # And what the tests read beside the package, not the benchmarks' pictures and reports.
+    beside = ["docs/quality.md", "spaces/app.py", "spaces/README.md", "examples/train_sr3.py", "CHANGELOG.md"]
+    scripts = ["benchmarks/upscale.py", "benchmarks/gpu_check.sh"]
+    scripts += ["benchmarks/results/samplers/widened-network/widen.py"]
+    assert set(beside + scripts) <= set(shipped)
+    assert not [name for name in shipped if name.startswith("benchmarks/") and name.endswith((".png", ".json", ".md"))]
     (tmp_path / "tests" / "fixtures").mkdir(parents=True)
     (tmp_path / "tests" / "__pycache__").mkdir()
     (tmp_path / "tests" / ".pytest_cache" / "v").mkdir(parents=True)
