@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -575,7 +576,8 @@ def build_demo(
             api_name="super_resolve",
             preprocess=False,
         )
-    demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    # No limit as a number: gradio reads None as 1 on ZeroGPU Spaces.
+    demo.queue(default_concurrency_limit=1, max_size=sys.maxsize if max_queue is None else max_queue)
     return demo
 
 

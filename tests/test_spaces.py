@@ -485,7 +485,9 @@ def test_the_queue_turns_away_requests_beyond_its_limit(tmp_path, monkeypatch, c
     app.main(["--model", model, "--max-queue", "0"])
     monkeypatch.setenv("SR3_MAX_QUEUE", "7")
     app.main(["--model", model])
-    assert [demo._queue.max_size for demo in launched] == [None, 7]
+    assert [demo._queue.max_size for demo in launched] == [sys.maxsize, 7]
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # where gradio reads no limit (None) as 1
+    assert app.build_demo(tiny_clean_image_pipeline(), max_queue=None)._queue.max_size == sys.maxsize
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", model, "--max-queue", "-1"])
     assert exit_info.value.code == 2 and "--max-queue must be 0 (no limit) or more" in capsys.readouterr().err

@@ -13,11 +13,9 @@ def _default_sigterm_in_child() -> None:
     # A forked process (a pool or data loader worker) must end on SIGTERM as by default, the moment it arrives: a
     # Python-level handler runs only when the interpreter next gets to bytecode, so a worker that receives it just
     # before it blocks in C (a queue's semaphore) would wait forever, and the pool that stops it with SIGTERM with it.
+    # (The forking thread is the child's main thread by now, wherever the fork came from: this may set handlers.)
     if getattr(signal.getsignal(signal.SIGTERM), "_sr3_sigterm_as_interrupt", False):
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        except ValueError:  # forked from a thread other than the main one: the handler, when it runs, ends it
-            pass
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
