@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -230,6 +230,16 @@ def _stamped(text: str) -> str:
     """`text` ending in the stamp of a card this package wrote (in place of any stamp it had)."""
     body = _STAMP.sub("", text).rstrip()
     return f"{body}\n\n<!-- diffusers-sr3 card sha256:{_digest(body)} -->\n"
+
+
+def card_uploads(folder: str, repo_id: str) -> Dict[str, Union[str, bytes]]:
+    """The files that put `folder`'s card on the Hub repo `repo_id`: path in the repo -> local path, or the card's
+    bytes where it names the repo only once uploaded ([`card_for_repo`]); with the pictures it shows
+    ([`images_shown`])."""
+    uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in images_shown(folder)}
+    renamed = card_for_repo(folder, repo_id)
+    uploads["README.md"] = os.path.join(folder, "README.md") if renamed is None else renamed.encode("utf-8")
+    return uploads
 
 
 def images_shown(folder: str) -> List[str]:

@@ -881,7 +881,7 @@ class SR3BasePipeline(DiffusionPipeline):
         `CommitInfo`."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        from ..model_card import card_for_repo, images_shown, local_card_withheld, write_pipeline_card
+        from ..model_card import card_uploads, local_card_withheld, write_pipeline_card
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -894,9 +894,7 @@ class SR3BasePipeline(DiffusionPipeline):
             if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(
                 api, repo_id, folder, create_pr
             ):
-                uploads.update({name: os.path.join(folder, name) for name in images_shown(folder)})
-                renamed = card_for_repo(folder, repo_id)
-                uploads["README.md"] = os.path.join(folder, "README.md") if renamed is None else renamed.encode("utf-8")
+                uploads.update(card_uploads(folder, repo_id))
         # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
         # cannot send); never the folder's other files.
         return api.create_commit(

@@ -116,14 +116,12 @@ def push_model_card(folder: str, repo_id: str, create_pr: bool = False, token: O
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from ..model_card import card_for_repo, images_shown
+    from ..model_card import card_uploads
 
     card = os.path.join(folder, "README.md")
     if not os.path.isfile(card):
         raise FileNotFoundError(f"{folder} has no model card (README.md) to upload")
-    renamed = card_for_repo(folder, repo_id)
-    uploads = {name: os.path.join(folder, name) for name in images_shown(folder)}
-    uploads["README.md"] = card if renamed is None else renamed.encode("utf-8")
+    uploads = card_uploads(folder, repo_id)
     api = HfApi(token=token)
     try:
         commit = api.create_commit(
