@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_sr3 import SR3Pipeline
-from diffusers_sr3.detail_windows import WindowedNetwork, lowpass, window_offset
+from diffusers_sr3.detail_windows import WindowedNetwork, lowpass, lowpass_sigma, window_offset
 from diffusers_sr3.tiling import TiledNetwork, tiled_super_resolve
 
 
@@ -257,3 +257,17 @@ def test_windows_count_the_unpadded_output_size(guided_pipeline):
         assert any(shape[-1] == 32 for _, shape, _ in calls) is windowed, side
         assert {shape for _, shape, _ in calls if shape[-1] != 32} == {(1, 6, 128, 128)}
         assert (window_crops_per_step(guided_pipeline, (side, side), 32) > 0) is windowed, side
+
+
+def test_the_low_pass_is_half_an_input_pixel():
+    # docs/quality.md measured detail mode at x4 with sigma 2 output pixels.
+    assert lowpass_sigma(4) == 2.0 and lowpass_sigma(2) == 1.0
+
+
+def test_windows_larger_than_the_budget_run_one_per_evaluation():
+    network = SizeDependentNetwork()
+    windowed = WindowedNetwork(network, 32, sigma=1.0, max_pixels=16 * 16)
+    assert windowed.windows_per_batch == 1
+    sample = torch.randn(1, 6, 64, 64)
+    torch.testing.assert_close(windowed.windows(sample, torch.tensor([0.5]), {}), sample[:, 3:], rtol=0, atol=0)
+    assert network.shapes and {shape[0] for shape in network.shapes} == {1}

@@ -443,3 +443,13 @@ def test_evaluate_module_errors_name_the_image_and_the_right_conversion():
     small = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match=r"^prediction 1: SSIM needs images of at least 11x11 pixels, got 8x8$"):
         module.compute(predictions=[image, small], references=[image, small])
+
+
+def test_a_sharp_edge_the_low_resolution_shows_is_not_texture():
+    # The bicubic upsample keeps a step edge's total rise, so its share is far above the texture threshold, and the
+    # threshold sits between it and grain finer than the LR's pixels.
+    step = torch.full((1, 3, 32, 32), -0.6)
+    step[..., 16:] = 0.6
+    grain = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    edge_share, grain_share = metrics.kept_edge_share(torch.cat([step, grain]), 4).tolist()
+    assert grain_share < metrics.TEXTURE_KEPT_EDGE_SHARE < edge_share

@@ -9,6 +9,7 @@ from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.tiling import (
     TiledNetwork,
     TilePlan,
+    crops_per_step,
     default_overlap,
     model_tile_size,
     plan_tiles,
@@ -298,3 +299,46 @@ def test_model_tile_size_is_the_size_the_unet_was_trained_at(tiny_pipeline):
     assert model_tile_size(tiny_pipeline) == tiny_pipeline.unet.config.sample_size
     tiny_pipeline.unet.register_to_config(sample_size=(16, 24))
     assert model_tile_size(tiny_pipeline) == 24
+
+
+def test_blending_weights_sum_to_one_where_tiles_overlap_by_exactly_the_overlap():
+    # Raised-cosine ramps sampled at pixel centres are complementary: neighbours that overlap by exactly `overlap`
+    # hand over with weights summing to 1, and a tile keeps full weight up to the image's own edges.
+    network = SR3UNet2DModel(**tiny_unet_config())
+    assert tile_starts(56, 32, 8, align=network.downsampling_factor) == [0, 24]  # the fewest tiles, 8 apart
+    tiled = TiledNetwork(network, tile_size=32, overlap=8)
+    total = torch.zeros(56, 80, dtype=torch.float64)
+    for rows, columns, weights in tiled.tiles(56, 80):
+        assert weights.min() > 0 and weights.max() == 1
+        total[rows, columns] += weights
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-12)
+
+
+def test_a_tile_batch_of_one_runs_every_crop_alone():
+    network = LocalNetwork(**tiny_unet_config()).eval()
+    network.window = 1
+    shapes = []
+    handle = network.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    tiled = TiledNetwork(network, tile_size=32, overlap=8, batch_size=1)
+    sample, level = torch.rand(1, 6, 56, 80) * 2 - 1, torch.tensor([0.4])
+    try:
+        output = tiled(sample, level)[0]
+        assert shapes == [(1, 6, 32, 32)] * 6 and tiled.count_evaluations(56, 80) == (6, 6)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(output, network(sample, level)[0])
+
+
+def test_default_overlap_is_half_the_larger_side_of_a_rectangular_training_crop():
+    network = SR3UNet2DModel(**tiny_unet_config())
+    assert default_overlap(network) == 16
+    network.register_to_config(sample_size=(16, 24))
+    assert default_overlap(network) == 12
+
+
+def test_a_self_ensemble_counts_the_crops_of_all_eight_orientations(tiny_pipeline):
+    # A 14x20 input is a 56x80 output: 2 x 3 tiles of 32, and 3 x 2 turned a quarter; 4 orientations of each.
+    assert crops_per_step(tiny_pipeline, (20, 14), tile_size=32, overlap=8) == 6
+    assert crops_per_step(tiny_pipeline, (20, 14), self_ensemble=True, tile_size=32, overlap=8) == 8 * 6
+    # Untiled, every orientation is one crop.
+    assert crops_per_step(tiny_pipeline, (20, 14), self_ensemble=True) == 8
