@@ -422,3 +422,25 @@ def test_single_pipelines_refuse_steps_that_are_not_integers(steps):
     assert images.shape == (1, 3, 16, 16)
     images = cascade.stage_1(torch.rand(1, 3, 8, 8), num_inference_steps=2.0, output_type="pt").images  # so is 2.0
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_a_cascade_fidelity_stage_does_not_depend_on_the_seed():
+    noised = SR3Pipeline(
+        unet(6, 32, condition_noise_embedding=True),
+        make_scheduler("ddim", n_timestep=50, prediction_type="sample", clip_sample=False),
+        upscale_factor=2,
+        condition_noise_level=0.1,
+    )
+    detail = SR3Pipeline(unet(6, 64), make_scheduler("ddim", n_timestep=50), upscale_factor=2)
+    cascade = SR3CascadePipeline.from_stages(None, [noised, detail])
+    cascade.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def stages(seed):
+        generator = torch.Generator().manual_seed(seed)
+        call = dict(mode=["fidelity", "detail"], num_inference_steps=[1, 1], output_type="pt", return_all_stages=True)
+        return cascade(image=image, generator=generator, **call).stage_images
+
+    one, two = stages(1), stages(2)
+    assert torch.equal(one[0], two[0])  # the fidelity stage, seed-independent
+    assert not torch.equal(one[1], two[1])  # the detail stage after it still follows the seed

@@ -1226,3 +1226,40 @@ def test_available_memory_on_cuda_counts_what_the_caching_allocator_holds_unused
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * 2**30)
     assert upscale.available_memory(torch.device("cuda:0")) == (8 * 2**30, "free on cuda:0")
+
+
+def test_upscale_fidelity_ignores_the_seed_and_detail_lines_name_each_files_seed(tmp_path, capsys):
+    # A model trained with noise-conditioning augmentation noises its condition in both modes.
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config(condition_noise_embedding=True)).eval()
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample", clip_sample=False)
+    SR3Pipeline(unet, scheduler, upscale_factor=4, condition_noise_level=0.1).save_pretrained(tmp_path / "model")
+    for index in range(2):
+        write_image(tmp_path / "in" / f"{index}.png", (8, 8), index)
+
+    def upscale(out, *extra):
+        assert main(_arguments([tmp_path / "in"], tmp_path / out, tmp_path / "model", *extra)) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if " -> " in line]
+        return [np.asarray(PIL.Image.open(tmp_path / out / f"{index}_sr.png")) for index in range(2)], lines
+
+    fidelity, lines = upscale("f0", "--mode", "fidelity", "--seed", "0")
+    assert len(lines) == 2 and not any("seed" in line for line in lines)  # fidelity mode draws from no seed
+    assert all(np.array_equal(a, b) for a, b in zip(fidelity, upscale("f1", "--mode", "fidelity", "--seed", "1")[0]))
+    detail, lines = upscale("d", "--mode", "detail", "--seed", "7", "--scheduler", "ddim")
+    assert [line.split(" -> ")[0] for line in lines] == [str(tmp_path / "in" / f"{i}.png") for i in range(2)]
+    assert lines[0].endswith("(32x32) (seed 7)") and lines[1].endswith("(32x32) (seed 8)")
+    # The seed a line names reproduces that file alone.
+    alone = tmp_path / "alone.png"
+    assert (
+        main(_arguments([tmp_path / "in" / "1.png"], alone, tmp_path / "model", "--mode", "detail", "--seed", "8")) == 0
+    )
+    assert np.array_equal(np.asarray(PIL.Image.open(alone)), detail[1])
+
+
+def test_upscale_seed_help_names_the_files_seed_and_the_batch_sizes_rounding(capsys):
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert "(in detail mode, each file's line ends with its seed), and a run of that image alone with that seed" in text
+    assert "the batched network can change a pixel by a rounding step: use the same --batch-size" in text
+    assert "so results do not depend on --batch-size" not in text

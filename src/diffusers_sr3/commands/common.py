@@ -142,9 +142,11 @@ def add_model_arguments(
     steps_help: str,
     default_model: Optional[str] = None,
     steps_type: Callable[[str], object] = at_least_one,
+    seed_note: str = "",
 ) -> None:
     """--model (required unless `default_model` names a fallback), --variant, --scheduler, --steps (`steps_help`,
-    parsed by `steps_type`), --seed, --device, --dtype."""
+    parsed by `steps_type`), --seed (its help says where the command shows an image's seed: `seed_note`, such as
+    " (shown in ...)"), --device, --dtype."""
     if default_model:
         parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
     else:
@@ -168,7 +170,9 @@ def add_model_arguments(
         "--seed",
         type=SEED,
         default=0,
-        help="random seed: image i of the run draws from seed + i, so results do not depend on --batch-size",
+        help=f"random seed: image i of the run draws from seed + i{seed_note}, and a run of that image alone with "
+        "that seed reproduces it; the draws do not depend on --batch-size, but the batched network can change a "
+        "pixel by a rounding step: use the same --batch-size and thread count where runs must match bit for bit",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network precision")
@@ -184,8 +188,14 @@ def add_save_process_argument(parser: argparse.ArgumentParser, help_text: str) -
 def image_generators(seed: int, start: int, stop: int) -> List[torch.Generator]:
     """One CPU generator per image of a run's batch (images `start` to `stop`), image `i` seeded with `seed + i`.
 
-    The pipelines draw each image's noise from its own generator of a list, so an image is the same whatever
-    `--batch-size` puts beside it, and the same as that image run alone with seed `seed + i`.
+    The pipelines draw each image's noise from its own generator of a list, so an image's noise is the same whatever
+    `--batch-size` puts beside it, and the same as that image's run alone with seed `seed + i`. The result may still
+    differ by a rounding step in a pixel: the network's batched forward does not round as its single passes do.
+
+    Args:
+        seed: the run's `--seed`.
+        start: the index in the run of the batch's first image.
+        stop: the index after the batch's last image.
     """
     import torch
 

@@ -144,6 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{FIDELITY_STEPS} for the packaged model and models saved without one; in detail mode its detail_steps: "
         f"{DEFAULT_STEPS} for the packaged model, {DETAIL_STEPS} for models saved without one)",
         default_model="the x4 photo model that ships with the package",
+        seed_note=" (in detail mode, each file's line ends with its seed)",
     )
     parser.add_argument(
         "--mode",
@@ -986,6 +987,8 @@ def run(args: argparse.Namespace) -> int:
                     strip = process_strip(frames, transparency)
                     save_atomically(strip, _process_path(destination), args.quality, args.overwrite)
                 if not args.quiet:
-                    overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth})")
+                    # A file's noise depends on its place in the run: the seed lets one file be rerun alone.
+                    seed = f" (seed {args.seed + start + offset})" if mode == "detail" else ""
+                    overall.write(f"{path} -> {destination} ({result.width}x{result.height}{depth}){seed}")
                 overall.update(1)
     return 0

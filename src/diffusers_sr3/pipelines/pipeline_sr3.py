@@ -48,6 +48,11 @@ from .base import (
 # What a super-resolution UNet's config records of its output (`SR3Pipeline.save_pretrained` writes them).
 OUTPUT_MEANING_KEYS = ("upscale_factor", "residual", "residual_scale")
 
+# The seed of fidelity mode's noise-conditioning augmentation (models with `condition_noise_embedding`): each image's
+# condition is noised from its own CPU generator seeded with it, never from the call's generator, so a fidelity answer
+# is the same for every seed, in a batch or alone, on every device.
+FIDELITY_CONDITION_NOISE_SEED = 0
+
 
 def _recorded(unet: SR3UNet2DModel, name: str, value: Any, default: Any) -> Any:
     """`value` if given, else what `unet`'s config records under `name`, else `default`."""
@@ -164,7 +169,9 @@ class SR3Pipeline(SR3BasePipeline):
             records its `upscale_factor`, `residual` and `residual_scale` in its UNet's config when it saves it),
             else 4.
         condition_noise_level (`float`, defaults to 0.0): For UNets with `condition_noise_embedding`: the default
-            noise level added to the upsampled input before refinement (noise-conditioning augmentation).
+            noise level added to the upsampled input before refinement (noise-conditioning augmentation). Detail
+            mode draws that noise from the call's generator; fidelity mode from a fixed seed
+            (`FIDELITY_CONDITION_NOISE_SEED`, 0), so its answer does not depend on the seed.
         residual (`bool`, optional): The model diffuses the residual between the high-resolution image and
             the bicubic upsample (as SRDiff does) instead of the image itself: the result is the upsample plus the
             refined residual. Set by training with `residual=True`; the original SR3 models diffuse the image.
@@ -337,9 +344,17 @@ class SR3Pipeline(SR3BasePipeline):
         return tuple(output_size)
 
     def _augment_condition(
-        self, condition: torch.Tensor, level: Optional[float], generator: GeneratorInput
+        self, condition: torch.Tensor, level: Optional[float], generator: GeneratorInput, fixed: bool = False
     ) -> Tuple[torch.Tensor, Optional[float]]:
-        """Noise the condition for UNets trained with noise-conditioning augmentation; others take it clean."""
+        """Noise the condition for UNets trained with noise-conditioning augmentation; others take it clean.
+
+        Args:
+            condition: the upsampled input batch, `(B, 3, H, W)` in [-1, 1].
+            level: the call's `condition_noise_level` (None: the pipeline's default).
+            generator: the call's generator(s), which the noise is drawn from unless `fixed`.
+            fixed: draw each image's noise from a generator seeded with `FIDELITY_CONDITION_NOISE_SEED` instead
+                (fidelity mode, whose answer must not depend on the seed).
+        """
         level = self._condition_noise_level(level)
         if level is None:
             return condition, None
@@ -347,6 +362,12 @@ class SR3Pipeline(SR3BasePipeline):
             return condition, 0.0
         if isinstance(generator, list) and len(generator) != condition.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {condition.shape[0]} images")
+        if fixed:
+            # One per image, so that an image's noise is the same in a batch as alone; on the CPU, so that it is
+            # the same on every device.
+            generator = [
+                torch.Generator("cpu").manual_seed(FIDELITY_CONDITION_NOISE_SEED) for _ in range(condition.shape[0])
+            ]
         # Drawn for the execution device as Diffusers pipelines draw: on the generator's device (a CPU generator
         # gives the same noise everywhere, a CUDA generator draws on CUDA), one image per generator of a list.
         noise = randn_tensor(condition.shape, generator=generator, device=self._execution_device, dtype=torch.float32)
@@ -592,12 +613,16 @@ class SR3Pipeline(SR3BasePipeline):
                 take its place).
             condition_noise_level (`float`, optional): Noise-conditioning augmentation level for UNets with
                 `condition_noise_embedding` (defaults to the pipeline's `condition_noise_level`); the upsampled
-                input is noised at this level (drawn from `generator`) and the level is passed to the network.
+                input is noised at this level and the level is passed to the network. Detail mode draws the noise
+                from `generator`; fidelity mode (and its self-ensemble) from one CPU generator per image seeded with
+                `FIDELITY_CONDITION_NOISE_SEED` (0), so its answer is the same for every seed and batch.
             mode (`str`, defaults to `"detail"`): `"detail"` samples by iterative refinement (SR3) with the pipeline's
                 scheduler: sharp, plausible texture, invented where the input is ambiguous. `"fidelity"` estimates the
                 average answer instead: deterministic DDIM (eta 0, on the same schedule) from the mean of the starting
                 noise (temperature 0), in the pipeline's `fidelity_steps` (1 unless saved with its own). Highest
-                PSNR/SSIM, smoother texture, and fast. Use fidelity for measurements, documents and faces you must
+                PSNR/SSIM, smoother texture, and fast; deterministic, and the same for every `generator` (the
+                condition noise of models trained with noise-conditioning augmentation comes from a fixed seed, see
+                `condition_noise_level`). Use fidelity for measurements, documents and faces you must
                 not invent detail on; detail for photos that should look sharp. Fidelity needs a model that predicts
                 the clean image (`sample` or `v_prediction`).
             eta (`float`, optional): Detail mode, schedulers that take it (DDIM): 0 samples deterministically from
@@ -662,7 +687,9 @@ class SR3Pipeline(SR3BasePipeline):
         condition, (height, width) = pad_to_multiple(condition, self.unet.downsampling_factor)
         batch, _, padded_height, padded_width = condition.shape
         upsampled = condition
-        condition, condition_noise_level = self._augment_condition(condition, condition_noise_level, generator)
+        condition, condition_noise_level = self._augment_condition(
+            condition, condition_noise_level, generator, fixed=mode == "fidelity"
+        )
 
         # 2. Refine from noise (detail), or from the noise's mean with deterministic DDIM steps (fidelity).
         shape = (batch, self.unet.config.out_channels, padded_height, padded_width)
