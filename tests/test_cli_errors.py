@@ -189,7 +189,8 @@ def test_a_full_disk_while_saving_weights_is_one_line_and_exit_2(tmp_path, monke
     arguments += ["--config", str(FIXTURES / "sr3_tiny_config.json"), "--output", str(tmp_path / "pipeline")]
     assert cli.main(arguments) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "sr3 convert: error: Error while serializing: I/O error: No space left on device (os error 28)"
+        f"sr3 convert: error: cannot write the converted pipeline in {tmp_path / 'pipeline'}: Error while serializing: "
+        "I/O error: No space left on device (os error 28)"
     )
     # Other errors of a kind the command line does not expect keep their traceback.
     monkeypatch.setattr(prepare, "run", _failing_run(TypeError("a bug")))

@@ -217,7 +217,7 @@ def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path,
     assert f"--json {folder} is a folder" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("a file")
     assert main(arguments + [str(tmp_path / "notes.txt" / "r.json")]) == 2
-    assert "notes.txt is not a writable folder" in capsys.readouterr().err
+    assert "notes.txt is a file, not a folder" in capsys.readouterr().err
     assert list(folder.iterdir()) == []
 
 

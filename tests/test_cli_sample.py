@@ -34,7 +34,7 @@ def test_the_output_is_checked_before_the_model_is_loaded(tmp_path, capsys):
         tmp_path / "smp" / "a": "needs an image file extension Pillow can write",
         tmp_path / "smp" / "a.xyz": "needs an image file extension Pillow can write",
         tmp_path / "smp" / "a.xbm": "needs an image file extension Pillow can write",  # XBM is black and white only
-        tmp_path / "notes.txt" / "a.png": "notes.txt is not a writable folder",
+        tmp_path / "notes.txt" / "a.png": "notes.txt is a file, not a folder",
     }
     for output, message in expected.items():
         assert sample(missing_model, output) == 2

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .file_writes import atomic_file
 from .redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ def write_model_card(
         extra_sections: Markdown sections appended before the usage section.
         trained: whether the card describes a training run of this package (False: a pipeline known only by its
             files, such as one converted from an original SR3 checkpoint).
+
+    Raises:
+        OSError: the card cannot be written (a full disk, a read-only folder); it names the README.md, and a card
+            already there is left as it was.
     """
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     super_resolution = task == "sr"
@@ -107,8 +112,9 @@ def write_model_card(
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
     path = os.path.join(output_dir, "README.md")
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        handle.write(_stamped(str(card)))
+    # Never in place: a full disk would leave the previous card truncated.
+    with atomic_file(path) as stream:
+        stream.write(_stamped(str(card)).encode("utf-8"))
     return path
 
 

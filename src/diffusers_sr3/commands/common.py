@@ -6,14 +6,10 @@ Light at import (torch, Diffusers and the pipelines are imported where used): ev
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import os
-import uuid
 from typing import (
     TYPE_CHECKING,
     Any,
-    BinaryIO,
     Callable,
     Iterable,
     Iterator,
@@ -26,6 +22,9 @@ from typing import (
 )
 
 from ..defaults import DTYPE_NAMES, SCHEDULER_CLASS_NAMES
+
+# atomic_file lived here before: still imported from here by the commands and by others.
+from ..file_writes import _already_exists, atomic_file  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -315,72 +314,7 @@ def check_file_destination(path: str, option: str, example: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
         raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
-
-
-# What `os.link` raises where the filesystem has no hard links (FAT, some network mounts) or refuses them. EINVAL:
-# Windows on exFAT/FAT32 ("[WinError 1] Incorrect function").
-_NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EINVAL}
-_NO_HARD_LINKS_WINERRORS = {1}  # ERROR_INVALID_FUNCTION
-
-
-def _already_exists(destination: str) -> FileExistsError:
-    return FileExistsError(f"{destination} already exists; pass --overwrite to replace it, or choose another --output")
-
-
-def _put_in_place(temporary: str, destination: str, overwrite: bool) -> None:
-    """Move the finished `temporary` to `destination`; without `overwrite`, never over a file that appeared there
-    since the run checked (another run writing into the same folder)."""
-    if overwrite:
-        os.replace(temporary, destination)
-        return
-    try:
-        # A hard link fails if `destination` exists, atomically: a check then a rename could replace a file that
-        # another run put there in between.
-        os.link(temporary, destination)
-    except FileExistsError:
-        raise _already_exists(destination) from None
-    except OSError as error:
-        if error.errno not in _NO_HARD_LINKS and getattr(error, "winerror", None) not in _NO_HARD_LINKS_WINERRORS:
-            raise
-        # Best-effort only: another run can still write `destination` between this check and the rename.
-        if os.path.lexists(destination):
-            raise _already_exists(destination) from None
-        os.replace(temporary, destination)
-        return
-    os.remove(temporary)
-
-
-@contextlib.contextmanager
-def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
-    """A binary file to write `destination` through: a fresh temporary beside it (same filesystem, so the rename is
-    atomic), put in place when the block ends, removed when it fails. An interrupted or failing write leaves
-    `destination` as it was (absent, or the previous file), never a truncated one.
-
-    Args:
-        destination: the file to write.
-        overwrite: replace a file already at `destination`. When False, a file there (also one another process
-            wrote while this one worked) is kept and FileExistsError names it.
-
-    An OSError without a file name (Pillow and json write to the stream, so a full disk names no file) is raised
-    again naming `destination`, with its errno.
-    """
-    folder = os.path.dirname(destination) or "."
-    # Not named after `destination`: a name near the filesystem's limit (255 bytes) would leave no room for more.
-    temporary = os.path.join(folder, f".sr3-{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        try:
-            with open(temporary, "xb") as stream:
-                yield stream
-        except OSError as error:
-            if error.filename is not None:
-                raise
-            if error.errno is None:
-                raise OSError(f"cannot write {destination}: {error}") from error
-            raise OSError(error.errno, f"cannot write {destination}: {error.strerror}") from error
-        _put_in_place(temporary, destination, overwrite)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

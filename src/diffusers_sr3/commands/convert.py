@@ -158,7 +158,16 @@ def _remove_replaced_model(
     return sorted(removed)
 
 
+def _save_error(output: str, error: Exception) -> OSError:
+    """The one-line error when the converted pipeline cannot be written (a full or read-only disk), naming `output`:
+    safetensors' error names no file."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return OSError(f"cannot write the converted pipeline in {output}: {reason}")
+
+
 def run(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     from ..convert import checkpoint_file, convert_original_checkpoint
 
     if args.variant is not None and not args.variant:
@@ -173,9 +182,11 @@ def run(args: argparse.Namespace) -> int:
     # `_check_output` let a pipeline in --output through only with --overwrite: this conversion replaces it.
     replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))
     replaced_layout = _pipeline_layout(args.output) if replacing else None
-    pipeline = convert_original_checkpoint(
-        checkpoint, args.config, args.output, variant=args.variant, dtype=DTYPES[args.dtype] if args.dtype else None
-    )
+    pipeline = convert_original_checkpoint(checkpoint, args.config, dtype=DTYPES[args.dtype] if args.dtype else None)
+    try:
+        pipeline.save_pretrained(args.output, variant=args.variant)
+    except (OSError, SafetensorError) as error:
+        raise _save_error(args.output, error) from None
     # Only now that the new pipeline is saved: a failed conversion leaves the folder as it was.
     for name in replaced_description:
         os.remove(os.path.join(args.output, name))

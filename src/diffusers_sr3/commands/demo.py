@@ -19,16 +19,19 @@ degradation, and one whole held-out photo upscaled in seamless tiles. Written to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 
 from ..defaults import steps_to_run
+from ..file_writes import atomic_file
 from ..presets import NEW_MODEL_RECIPE
 from ..pretrained import DEFAULT_DETAIL_OPTIONS
 from .common import at_least_one, whole_number
@@ -186,11 +189,6 @@ def _train(
         **sampling,
         **RECIPE,
     )
-    # An earlier demo's model (its pipeline, or the checkpoints an interrupted one left): the trainer refuses to
-    # train over either. `run` has already refused it without --overwrite.
-    if os.path.isdir(model_dir):
-        shutil.rmtree(model_dir)
-        print(f"removed the earlier demo's model in {model_dir}")
     if args.steps is not None:
         train_on_crops(
             train_crops,
@@ -443,12 +441,8 @@ def _verdicts(results: Dict[str, Dict[str, List[float]]], busy: Optional[str] = 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import metrics
-    from ..backends import default_cpu_threads, fast_bfloat16, use_backend
-    from ..image_processing import grid, images_to_tensor, tensor_to_pil
+    from ..backends import default_cpu_threads
     from ..photos import packaged_photo_paths, photo_name, study_crops
-    from ..pipelines import SR3Pipeline
-    from ..tiling import tiled_super_resolve
 
     # Not just positive: the clock's seconds must be finite (inf overflows the step plan; nan passes a comparison).
     if not (args.minutes > 0 and math.isfinite(args.minutes * 60)):
@@ -479,10 +473,59 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed, heldout=heldout)
-    train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
+    train_paths, heldout_paths = crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
     print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
     photo = _whole_photo(heldout_paths[0], args.photo_size)  # a --photo-size too small fails now, not after training
+    # An earlier demo's model (a finished one, or an interrupted one's checkpoints) waits aside while the new one
+    # trains in its place (the card records the folder it was trained in), and comes back if the run fails: a run
+    # that fails keeps all of the earlier one, a run that succeeds leaves nothing of it.
+    earlier = os.path.join(args.output, f".sr3-earlier-model-{uuid.uuid4().hex[:12]}")
+    if os.path.isdir(model_dir):
+        os.rename(model_dir, earlier)
+    try:
+        _train_and_report(args, config, detail, modes, crops, photo, model_dir)
+    except BaseException:
+        if os.path.isdir(earlier):
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.rename(earlier, model_dir)
+        raise
+    if os.path.isdir(earlier):
+        shutil.rmtree(earlier)
+        print(f"removed the earlier demo's model in {model_dir}")
+    return 0
+
+
+def _train_and_report(
+    args: argparse.Namespace,
+    config: Dict[str, Any],
+    detail: Dict[str, Any],
+    modes: Sequence[str],
+    crops: Any,
+    photo: PIL.Image.Image,
+    model_dir: str,
+) -> None:
+    """Train the demo's model into `model_dir`, compare it with bicubic, and write the report into --output.
+
+    Args:
+        args: the command's options.
+        config: the UNet's config.
+        detail: detail mode's settings.
+        modes: the modes compared.
+        crops: the training and held-out crops, and their photos (`study_crops`).
+        photo: the whole held-out photo super-resolved.
+        model_dir: the model's folder (absent: an earlier demo's is aside until this run is complete).
+    """
+    import torch
+
+    from .. import metrics
+    from ..backends import fast_bfloat16, use_backend
+    from ..image_processing import grid, images_to_tensor, tensor_to_pil
+    from ..photos import photo_name
+    from ..pipelines import SR3Pipeline
+    from ..tiling import tiled_super_resolve
+
+    train_crops, hr, train_paths, heldout_paths = crops.train, crops.heldout, crops.train_photos, crops.heldout_photos
 
     # 2. Train through the training core, for --steps or for --minutes.
     # Mixed bfloat16 where the hardware multiplies it natively: about 1.4x the steps in the same minutes.
@@ -528,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
     magnified = (args.crop_size * 2, args.crop_size * 2)
     columns = [lr] + list(outputs.values()) + [hr]
     rows = [[tensor_to_pil(part[i : i + 1])[0].resize(magnified, 0) for part in columns] for i in range(len(hr))]
-    grid(rows).save(os.path.join(args.output, "comparison.png"))
+    comparison = grid(rows)
 
     photo_hr = images_to_tensor(photo)
     photo_lr_pil, photo_lr, photo_bicubic = low_resolution_inputs(photo_hr)
@@ -545,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
                 ).images
             photo_outputs.append(photo_sr * 2 - 1)
     photo_row = tensor_to_pil(photo_lr) + tensor_to_pil(torch.cat(photo_outputs + [photo_hr]))
-    grid([photo_row]).save(os.path.join(args.output, "photo.png"))
+    photo_grid = grid([photo_row])
 
     # 4. Report what was measured.
     verdict = _verdicts(results, busy)
@@ -568,8 +611,6 @@ def run(args: argparse.Namespace) -> int:
         "",
         "Consistency is the SR3 paper's: MSE between the LR input and the bicubic downsample of the output.",
     ]
-    with open(os.path.join(args.output, "metrics.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
     report = {
         "steps": steps,
         "planned_steps": planned,
@@ -585,9 +626,16 @@ def run(args: argparse.Namespace) -> int:
         "per_image": results,
         "verdict": verdict,
     }
-    with open(os.path.join(args.output, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
+    writes = {
+        "comparison.png": lambda stream: comparison.save(stream, format="PNG"),
+        "photo.png": lambda stream: photo_grid.save(stream, format="PNG"),
+        "metrics.md": lambda stream: stream.write(("\n".join(lines) + "\n").encode("utf-8")),
+        "metrics.json": lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8")),
+    }
+    # Every file is written before any is put in place (as the stack closes): a full disk fails before any of the
+    # earlier demo's is replaced.
+    with contextlib.ExitStack() as stack:
+        for name, write in writes.items():
+            write(stack.enter_context(atomic_file(os.path.join(args.output, name))))
     print("\n".join(lines[2:]))
     print(f"wrote comparison.png, photo.png, metrics.md, metrics.json and the model to {args.output}")
-    return 0

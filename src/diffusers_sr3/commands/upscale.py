@@ -35,6 +35,7 @@ from .common import (
     add_save_process_argument,
     atomic_file,
     check_destinations,
+    check_file_destination,
     destination_clash,
     image_generators,
     load_pipeline,
@@ -316,9 +317,18 @@ def save_atomically(
     An interrupted or failing write leaves `destination` as it was (absent, or the previous file), never a
     truncated image; the rename is atomic on one filesystem. JPEG and WebP are written at `quality`, JPEG without
     chroma subsampling. Without `overwrite`, a file already at `destination` (one another run wrote meanwhile
-    included) is kept and FileExistsError names it (`atomic_file`).
+    included) is kept and FileExistsError names it (`atomic_file`). A file where a folder of `destination` should be
+    is refused with NotADirectoryError naming it.
     """
-    os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+    folder = os.path.dirname(destination) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # What makedirs names is the folder it tried to make, not the file in the way.
+        blocking = folder
+        while not os.path.exists(blocking):
+            blocking = os.path.dirname(blocking)
+        raise NotADirectoryError(f"cannot write {destination}: {blocking} is a file, not a folder") from None
     extension = os.path.splitext(destination)[1].lower()
     image_format = PIL.Image.registered_extensions().get(extension, "PNG")
     with atomic_file(destination, overwrite) as stream:
@@ -856,6 +866,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save_process:
         writes += [(path, _process_path(destination)) for path, destination in writes]
     check_destinations(writes, args.overwrite)
+    # A read-only folder, or a file where a folder is needed, fails now, not after the model has run.
+    for _, destination in writes:
+        check_file_destination(destination, "--output", "out.png")
     # Every file is decoded once before any work, so bad files fail first, and dropped: each image is decoded
     # again when its batch runs, holding one batch in memory, not the whole folder.
     facts = [inspect_image(path) for path in paths]

@@ -39,6 +39,7 @@ from ..data import (
     decode_image,
     sample_generator,
 )
+from ..file_writes import atomic_file
 from ..metrics import SSIM_WINDOW
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
@@ -967,8 +968,11 @@ class Trainer:
             written = dict(self.summary, output_dir=os.path.basename(os.path.abspath(config.output_dir)))
             if loop.resumed_from:
                 written["resumed_from"] = os.path.basename(os.path.normpath(loop.resumed_from))
-            with open(os.path.join(config.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-                json.dump(redact_value(written), handle, indent=2)
+            try:
+                with atomic_file(os.path.join(config.output_dir, SUMMARY_FILE)) as stream:
+                    stream.write(json.dumps(redact_value(written), indent=2).encode("utf-8"))
+            except OSError as error:
+                raise self._final_save_error(error) from None
             self._print_summary()
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -1138,7 +1142,11 @@ class Trainer:
         model.eval()
         metrics, picture = self._run_validation(model, setup, samples)
         log_validation(accelerator, metrics, picture, step)
-        picture.save(os.path.join(config.output_dir, "validation.png"))
+        try:
+            with atomic_file(os.path.join(config.output_dir, "validation.png")) as stream:
+                picture.save(stream, format="PNG")
+        except OSError as error:
+            raise self._final_save_error(error) from None
         pipeline = build_pipeline(
             model,
             _saved_scheduler(setup),
@@ -1155,6 +1163,14 @@ class Trainer:
         if ema is not None:
             ema.restore(model.parameters())
         self.summary["validation"] = metrics
+        try:
+            self._write_card(accelerator, setup, data, samples, step, metrics)
+        except OSError as error:
+            raise self._final_save_error(error) from None
+
+    def _write_card(self, accelerator, setup, data, samples, step, metrics) -> None:
+        """Write the trained pipeline's model card (README.md) into --output_dir."""
+        config = self.config
         hub_dataset = _hub_id(config.dataset_name)  # a local dataset (a path) is no Hub metadata
         write_model_card(
             config.output_dir,

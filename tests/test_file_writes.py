@@ -1,0 +1,206 @@
+"""Writes that fail (a full disk, a read-only folder) leave the earlier file as it was, no temporary, and an error
+naming the file: results, reports, model cards, the training run's final files and the demo's model."""
+
+import builtins
+import errno
+import json
+import os
+
+import PIL.Image
+import pytest
+from test_data import make_image_folder
+from test_training import SR_SCRIPT, as_argv, fast_options, run_script
+
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel
+from diffusers_sr3.cli import main
+from diffusers_sr3.commands import common
+from diffusers_sr3.file_writes import atomic_file
+from diffusers_sr3.model_card import write_model_card
+from diffusers_sr3.noise import make_scheduler
+
+
+class _FullDisk:
+    """A file whose write stores half of the data, then fails as a full disk does."""
+
+    def __init__(self, handle, code):
+        self._handle, self._code = handle, code
+
+    def write(self, data):
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        raise OSError(self._code, os.strerror(self._code))
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+def _fill_disk(monkeypatch, folder, first_data, code=errno.ENOSPC):
+    """Make writes into `folder` whose first data `first_data` accepts fail with `code` (a full disk: ENOSPC; a file
+    size limit, `ulimit -f`: EFBIG); other opens are left as they are."""
+    real_open = builtins.open
+
+    def opening(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if not any(flag in mode for flag in "wxa") or not os.path.abspath(str(file)).startswith(str(folder)):
+            return handle
+
+        class Writer(_FullDisk):
+            def write(self, data):
+                if first_data(data if isinstance(data, bytes) else data.encode()):
+                    return super().write(data)
+                return self._handle.write(data)
+
+        return Writer(handle, code)
+
+    monkeypatch.setattr(builtins, "open", opening)
+
+
+def _leftovers(folder):
+    return [name for name in os.listdir(folder) if name.startswith(".sr3-")]
+
+
+def test_an_unwritable_folder_names_the_destination_not_the_temporary(tmp_path, monkeypatch):
+    destination = tmp_path / "out.png"
+    destination.write_bytes(b"earlier")
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if "x" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", file)
+        return real_open(file, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", read_only)
+        with pytest.raises(OSError) as raised:
+            with atomic_file(str(destination)):
+                pass
+    assert raised.value.errno == errno.EROFS
+    assert str(raised.value) == f"[Errno 30] cannot write {destination}: Read-only file system"
+
+    def refused(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", source, None, target)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError, match=rf"^\[Errno 13\] cannot write {destination}: Permission denied$"):
+        with atomic_file(str(destination)) as stream:
+            stream.write(b"new")
+    assert destination.read_bytes() == b"earlier" and _leftovers(tmp_path) == []
+    # The old name still imports it.
+    assert common.atomic_file is atomic_file
+
+
+def test_a_full_disk_keeps_the_earlier_model_card(tmp_path, monkeypatch):
+    path = write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=64, data_description="x")
+    earlier = open(path, "rb").read()
+    _fill_disk(monkeypatch, tmp_path, lambda data: data.startswith(b"---"))
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] cannot write {path}: No space left on device$"):
+        write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=64, data_description="y" * 2000)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == earlier and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "name, first_data, code",
+    [
+        ("validation.png", lambda data: data.startswith(b"\x89PNG"), errno.EFBIG),
+        ("README.md", lambda data: data.startswith(b"---"), errno.ENOSPC),
+        ("training_summary.json", lambda data: b'"global_step"' in data, errno.ENOSPC),
+    ],
+)
+def test_a_full_disk_at_the_final_save_keeps_the_earlier_files_and_names_the_one(
+    tmp_path, monkeypatch, capsys, name, first_data, code
+):
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / name).write_bytes(b"the earlier run's")
+    options = fast_options(output, train_data_dir=data, max_train_steps=1)
+    _fill_disk(monkeypatch, output, first_data, code)
+    assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the trained pipeline in {output} (" in err, err
+    assert f"cannot write {output / name}: {os.strerror(code)}" in err, err
+    assert "Traceback" not in err
+    assert (output / name).read_bytes() == b"the earlier run's" and _leftovers(output) == []
+
+
+def _quick_training(train_crops, config, args, model_dir, bfloat16, sampling):
+    """The demo's `_train`, without training: the untrained tiny model, saved as the demo saves it."""
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="sample")
+    SR3Pipeline(SR3UNet2DModel(**config), scheduler, upscale_factor=4).save_pretrained(model_dir)
+    return 1, None
+
+
+def _earlier_demo(out):
+    (out / "model" / "checkpoint-5").mkdir(parents=True)
+    (out / "model" / "model_index.json").write_text("the earlier model")
+    (out / "metrics.json").write_text("the earlier report")
+    (out / "comparison.png").write_bytes(b"the earlier picture")
+
+
+DEMO = ["--steps", "1", "--width", "8", "--crop-size", "32", "--train-crops", "4", "--eval-crops", "1"]
+DEMO += ["--inference-steps", "2", "--photo-size", "32", "--no-packaged", "--batch-size", "2", "--overwrite"]
+
+
+def test_a_demo_rerun_that_fails_keeps_the_earlier_model_and_report(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(out)
+    monkeypatch.setattr(demo, "_train", _quick_training)
+    _fill_disk(monkeypatch, out, lambda data: b'"per_image"' in data)  # metrics.json, written last
+    assert main(["demo", "--output", str(out), *DEMO]) == 2
+    monkeypatch.undo()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 demo: error: [Errno 28] cannot write {out / 'metrics.json'}: No space left on device"
+    )
+    assert (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert (out / "model" / "checkpoint-5").is_dir() and len(os.listdir(out / "model")) == 2
+    assert (out / "metrics.json").read_text() == "the earlier report"
+    assert (out / "comparison.png").read_bytes() == b"the earlier picture"
+    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "model"]
+
+
+def test_a_demo_rerun_that_succeeds_leaves_nothing_of_the_earlier_model(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(out)
+    monkeypatch.setattr(demo, "_train", _quick_training)
+    assert main(["demo", "--output", str(out), *DEMO]) == 0
+    assert f"removed the earlier demo's model in {out / 'model'}" in capsys.readouterr().out
+    assert not (out / "model" / "checkpoint-5").exists()
+    assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"][-1] == "SR3Pipeline"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert PIL.Image.open(out / "comparison.png").size[1] == 64
+    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "metrics.md", "model", "photo.png"]
+
+
+def test_upscale_refuses_an_unwritable_output_before_the_model_runs(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import upscale
+
+    source = tmp_path / "in.png"
+    PIL.Image.new("RGB", (8, 8)).save(source)
+    blocking = tmp_path / "in2.png"
+    blocking.write_bytes(b"a file")
+    monkeypatch.setattr(upscale, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["upscale", str(source), "--output", str(blocking / "x.png"), "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 upscale: error: --output {blocking / 'x.png'} cannot be written: {blocking} is a file, not a folder"
+    )
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("ro"))  # a read-only mount
+    assert main(["upscale", str(source), "--output", str(tmp_path / "ro" / "out.png"), "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 upscale: error: --output {tmp_path / 'ro' / 'out.png'} cannot be written: {tmp_path / 'ro'} is not a "
+        "writable folder"
+    )
+    # Written past the check (another program made the file meanwhile), the file in the way is named too.
+    with pytest.raises(NotADirectoryError, match=f"^cannot write {blocking / 'y' / 'x.png'}: {blocking} is a file"):
+        upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(blocking / "y" / "x.png"))
