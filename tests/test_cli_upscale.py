@@ -794,6 +794,33 @@ def test_upscale_guidance_options_change_the_result_or_are_refused(guided_pipeli
     assert "guidance scale 1 turns off" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
 
 
+def test_detail_options_the_model_cannot_run_are_refused_before_the_settings_line(model_dir, tmp_path, capsys):
+    """Window sizes and guidance the loaded model cannot run are refused in the options' words before the settings
+    line and the progress bar, as --eta or --strength out of range are (the unguided, noise-predicting model)."""
+    photo = write_image(tmp_path / "in.png", (8, 8))
+    factor = SR3UNet2DModel.from_pretrained(model_dir / "unet").downsampling_factor
+    base = ["upscale", str(photo), "--output", str(tmp_path / "out.png"), "--model", str(model_dir)]
+    base += ["--mode", "detail", "--steps", "2"]
+    for bad, message in (
+        (
+            ["--window-size", str(factor + 2)],
+            f"--window-size must be 0 (off) or a positive multiple of the UNet's downsampling factor {factor}, "
+            f"got {factor + 2}",
+        ),
+        (["--guidance-scale", "2"], "--guidance-scale 2 needs a guidance_unet"),
+        (["--parallel-guidance-weight", "0.5"], "--parallel-guidance-weight 0.5 needs a guidance_unet"),
+    ):
+        assert main(base + bad) == 2, bad
+        out, err = capsys.readouterr()
+        assert "detail mode:" not in out and message in err, (bad, out, err)
+    assert not (tmp_path / "out.png").exists()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--window-size", str(-factor)])
+    assert f"--window-size: must be at least 0, got {-factor}" in capsys.readouterr().err
+    assert main(base + ["--window-size", str(factor)]) == 0
+    assert f"window size {factor}" in capsys.readouterr().out
+
+
 def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
     source = write_image(tmp_path / "in.png", (8, 8))
     missing_cuda = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"

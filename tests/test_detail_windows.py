@@ -187,6 +187,12 @@ def test_window_size_is_a_saved_detail_default_refused_where_it_cannot_apply(gui
         guided_pipeline(image, mode="fidelity", window_size=32)
     with pytest.raises(ValueError, match="window_size must be 0 \\(off\\) or a positive multiple .* factor 16, got 40"):
         guided_pipeline(image, window_size=40)
+    # The same refusals before any work (sr3 upscale checks its options this way before it prints them).
+    with pytest.raises(ValueError, match="window_size must be 0 \\(off\\) or a positive multiple .* factor 16, got 40"):
+        guided_pipeline.check_arguments(window_size=40)
+    with pytest.raises(ValueError, match="window_size apply to detail mode"):
+        guided_pipeline.check_arguments(mode="fidelity", window_size=32)
+    guided_pipeline.check_arguments(window_size=32)
     with pytest.raises(ValueError, match="detail_window_size must be 0 \\(off\\) or a positive multiple"):
         SR3Pipeline(guided_pipeline.unet, guided_pipeline.scheduler, detail_window_size=-16)
 
@@ -227,7 +233,7 @@ def test_upscale_command_line_takes_window_size_in_detail_mode_only(tmp_path, ca
     assert windowed.shape == whole.shape == (128, 128, 3) and np.abs(windowed - whole).mean() > 0.5
     torch.testing.assert_close(upscale("again.png", "--window-size", "32"), windowed)
     for bad, message in ((["--mode", "fidelity", "--window-size", "64"], "--window-size apply to detail mode"),
-                         (["--mode", "detail", "--window-size", "40"], "window_size must be 0 (off)")):  # fmt: skip
+                         (["--mode", "detail", "--window-size", "40"], "--window-size must be 0 (off)")):  # fmt: skip
         assert main(["upscale", str(photo), "--output", str(tmp_path / "bad.png"), *bad]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

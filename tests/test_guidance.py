@@ -161,6 +161,13 @@ def test_bad_guidance_is_refused_with_the_reason():
     plain_epsilon = SR3Pipeline(unet, epsilon, guidance_unet=pipeline.guidance_unet, guidance_scale=2.0)
     with pytest.raises(ValueError, match="predicts 'epsilon'"):
         plain_epsilon(torch.rand(1, 3, 8, 8), parallel_guidance_weight=0.0)
+    # Without a guide, that it needs one comes first: a model that predicts the clean image would need one too.
+    with pytest.raises(ValueError, match="parallel_guidance_weight 0.5 needs a guidance_unet"):
+        SR3Pipeline(unet, epsilon)(torch.rand(1, 3, 8, 8), parallel_guidance_weight=0.5)
+    with pytest.raises(ValueError, match="parallel_guidance_weight 0.5 needs a guidance_unet"):
+        SR3Pipeline(unet, epsilon).check_arguments(parallel_guidance_weight=0.5)
+    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+        plain_epsilon.check_arguments(parallel_guidance_weight=0.0)
     with pytest.raises(ValueError, match="in_channels=7 where the unet has 6"):
         SR3Pipeline(unet, scheduler, guidance_unet=lowres_unet(in_channels=7, out_channels=4))
     with pytest.raises(ValueError, match="downsampling factor"):

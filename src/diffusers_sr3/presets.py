@@ -24,6 +24,9 @@ class Preset:
         resolution: the training (high-resolution) image size.
         upscale_factor: super-resolution factor, or None for unconditional models.
         description: one line for `--help` and model cards.
+        scheduler: the noise schedule a model of this preset trains with, as `make_scheduler` keywords
+            (`beta_schedule`, `num_train_timesteps`, `beta_start`, `beta_end`); defaults to `SR3_SCHEDULE`. Training
+            takes from it each of these its config leaves unset (a fine-tuned model setting none keeps its own).
     """
 
     unet: Dict[str, Any]

@@ -39,6 +39,7 @@ from .common import (
     destination_clash,
     image_generators,
     load_pipeline,
+    whole_number,
 )
 
 # Shown by `sr3 upscale --help`; from benchmarks/upscale.py (README "Speed": model, machine and conditions).
@@ -70,6 +71,14 @@ STARTUP_SECONDS = 4
 # restores (benchmarks/output_formats.py measures it; AVIF: 37.6 dB at its defaults, 42.9 at 95 and 4:4:4, on a
 # 256-pixel photo crop).
 DEFAULT_QUALITY = 95
+# The pipeline's arguments that its refusals name, as this command's options (`SR3Pipeline.check_arguments`).
+PIPELINE_OPTIONS = {
+    "num_inference_steps": "--steps",
+    "eta": "--eta",
+    "guidance_scale": "--guidance-scale",
+    "parallel_guidance_weight": "--parallel-guidance-weight",
+    "window_size": "--window-size",
+}
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
 # Detail mode in training-sized windows against the whole image only, end to end with the default backend:
@@ -198,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--window-size",
-        type=int,
+        type=whole_number(0),
         default=None,
         help="detail mode: also run the network on windows of this many pixels at every step and take the fine "
         "texture from them, the coarse structure from the whole image: the texture a network trained on small "
@@ -563,6 +572,13 @@ def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Op
         )
 
 
+def _in_option_words(error: ValueError) -> ValueError:
+    """`error`, a refusal of `SR3Pipeline.check_arguments`, naming this command's options where it names the
+    pipeline's arguments (`window_size` as --window-size), as its own checks word their refusals."""
+    pattern = r"\b(" + "|".join(PIPELINE_OPTIONS) + r")\b"
+    return ValueError(re.sub(pattern, lambda match: PIPELINE_OPTIONS[match.group(1)], str(error)))
+
+
 def _check_prediction_type(strength: Optional[float], mode: str, prediction_type: str) -> None:
     """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
     pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
@@ -892,6 +908,20 @@ def run(args: argparse.Namespace) -> int:
         _check_prediction_type(args.strength, mode, pipeline.scheduler.config.get("prediction_type", "epsilon"))
     if saved_unet is None:
         _check_tile_options(args, pipeline.unet)
+    try:
+        # What only the loaded model tells (its guide, its downsampling factor, its scheduler's step limit), before
+        # the settings line and the progress bar. Fidelity mode has no detail option left here: refused above.
+        pipeline.check_arguments(
+            num_inference_steps=args.steps,
+            mode=mode,
+            eta=args.eta,
+            strength=args.strength,
+            guidance_scale=args.guidance_scale,
+            window_size=args.window_size,
+            parallel_guidance_weight=args.parallel_guidance_weight,
+        )
+    except ValueError as error:
+        raise _in_option_words(error) from None
     if available is not None:
         settings = _memory_settings(args, mode, pipeline.config)
         check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
@@ -905,9 +935,7 @@ def run(args: argparse.Namespace) -> int:
             args.steps, args.strength, args.eta, args.guidance_scale, args.window_size, args.parallel_guidance_weight
         )
         steps = detail_options.pop("num_inference_steps")
-        # Without a guide the pipeline refuses the weight itself, saying a guide is what it needs.
-        if pipeline.guidance_unet is not None:
-            _check_parallel_guidance_weight(args, detail_options["guidance_scale"])
+        _check_parallel_guidance_weight(args, detail_options["guidance_scale"])
         if args.temperature is not None:
             detail_options["temperature"] = args.temperature
         guided = pipeline.guided(detail_options["guidance_scale"])

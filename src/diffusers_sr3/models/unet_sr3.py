@@ -491,8 +491,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             Its cost grows with the fourth power of the input size: models that run at high resolution with few
             levels (e.g. a 256->1024 stage) may turn it off.
         sample_size (`int`, defaults to 128): The training resolution (one integer, for height and width); it places
-            `attention_resolutions` and is the default output size of unconditional sampling and the tile size of
-            tiled upscaling.
+            `attention_resolutions`, is the default output size of unconditional sampling, and sets the default
+            overlap of tiled upscaling's tiles (half of it; the tiles' size comes from the memory budget,
+            `max_tile_pixels`, not from it).
         norm_groups (`int`, defaults to 32): Groups of every GroupNorm.
         dropout (`float`, defaults to 0.0): Dropout in the second conv block of every ResNet block.
         attention_heads (`int`, defaults to 1): Heads of every self-attention layer.

@@ -1014,9 +1014,10 @@ class SR3BasePipeline(DiffusionPipeline):
                 with a `"default"`), `variant` (each component's weights of that variant, its main ones where it
                 has none; only those are downloaded; a component with neither, only other variants' weights, is
                 refused with a `VariantOnlyError` naming them), `use_safetensors` (default True: safetensors only;
-                False: `.bin` weights only, read with `weights_only=True`), `low_cpu_mem_usage`, `device_map`,
-                `max_memory`, `offload_folder` (passed to every network's `from_pretrained`), and Hub options
-                (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
+                False: `.bin` weights only, read with `weights_only=True`), `low_cpu_mem_usage` (True or None only:
+                the UNets keep their noise-level embeddings in float32, which Diffusers loads only that way),
+                `device_map`, `max_memory`, `offload_folder` (passed to every network's `from_pretrained`), and Hub
+                options (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`).
 
         Returns:
             The pipeline, of class `cls`.
@@ -1049,6 +1050,14 @@ class SR3BasePipeline(DiffusionPipeline):
             raise ValueError(f"{source} holds no weights of variant {variant!r}")
         use_safetensors = kwargs.pop("use_safetensors", None)
         model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
+        low_cpu_mem_usage = model_options.get("low_cpu_mem_usage")
+        if low_cpu_mem_usage is not None and not low_cpu_mem_usage:
+            # Diffusers' own refusal blames `keep_in_fp32_modules`, which the caller never passed.
+            raise ValueError(
+                f"low_cpu_mem_usage={low_cpu_mem_usage!r} cannot load these UNets: they keep their noise-level "
+                "embeddings in float32 (_keep_in_fp32_modules), which Diffusers loads only with low_cpu_mem_usage "
+                "True or None"
+            )
         loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
         files = _files_under(folder)
         if use_safetensors is None:

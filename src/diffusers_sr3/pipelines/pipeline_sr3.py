@@ -78,14 +78,7 @@ def _check_guidance(
         raise ValueError(f"guidance_scale must be at least 0, got {guidance_scale}")
     if not parallel_guidance_weight >= 0:
         raise ValueError(f"parallel_guidance_weight must be at least 0, got {parallel_guidance_weight}")
-    if parallel_guidance_weight != 1 and scheduler is not None:
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type != "sample":
-            raise ValueError(
-                f"parallel_guidance_weight {parallel_guidance_weight:g} weighs the guidance update along the "
-                f"predicted clean image, which needs a model that predicts it (prediction_type 'sample'); this one "
-                f"predicts {prediction_type!r}"
-            )
+    # The missing guide first: a model that predicts the clean image would still need one for either setting.
     if guidance_unet is None:
         if guidance_scale != 1:
             raise ValueError(f"guidance_scale {guidance_scale:g} needs a guidance_unet; without one it must be 1")
@@ -94,6 +87,14 @@ def _check_guidance(
                 f"parallel_guidance_weight {parallel_guidance_weight:g} needs a guidance_unet; without one it must be 1"
             )
         return
+    if parallel_guidance_weight != 1 and scheduler is not None:
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type != "sample":
+            raise ValueError(
+                f"parallel_guidance_weight {parallel_guidance_weight:g} weighs the guidance update along the "
+                f"predicted clean image, which needs a model that predicts it (prediction_type 'sample'); this one "
+                f"predicts {prediction_type!r}"
+            )
     for key in _GUIDE_MUST_MATCH:
         if unet.config.get(key) != guidance_unet.config.get(key):
             raise ValueError(
@@ -394,19 +395,25 @@ class SR3Pipeline(SR3BasePipeline):
         temperature: float = 1.0,
         strength: Optional[float] = None,
         guidance_scale: Optional[float] = None,
+        window_size: Optional[int] = None,
+        parallel_guidance_weight: Optional[float] = None,
     ) -> None:
         """Refuse, before any network runs, call arguments that do not depend on the image and that this pipeline
-        would refuse during the call (a cascade checks every stage's this way before its first stage runs).
+        would refuse during the call (a cascade checks every stage's this way before its first stage runs; `sr3
+        upscale` checks its options this way before it prints them as settings).
 
         Args:
-            num_inference_steps, condition_noise_level, mode, eta, temperature, strength, guidance_scale: as in
-                `__call__`; checked against this pipeline's scheduler, networks and saved defaults.
+            num_inference_steps, condition_noise_level, mode, eta, temperature, strength, guidance_scale,
+                window_size, parallel_guidance_weight: as in `__call__`; checked against this pipeline's scheduler,
+                networks and saved defaults.
         """
         self._condition_noise_level(condition_noise_level)
         if strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         if mode == "detail":
-            settings = self.detail_settings(num_inference_steps, strength, eta, guidance_scale)
+            settings = self.detail_settings(
+                num_inference_steps, strength, eta, guidance_scale, window_size, parallel_guidance_weight
+            )
             check_num_inference_steps(settings["num_inference_steps"], self.scheduler)
             check_eta(self.scheduler, settings["eta"])
             _check_guidance(
@@ -416,13 +423,14 @@ class SR3Pipeline(SR3BasePipeline):
                 settings["parallel_guidance_weight"],
                 self.scheduler,
             )
+            _check_window_size(self.unet, settings["window_size"], "window_size")
             if settings["strength"] < 1:
                 # The model first, as `__call__` checks: more steps would not help a model that takes no strength.
                 self._check_predicts_clean_image("strength below 1", "strength 1")
                 # A strength that runs none of the steps would only be met after the cascade's earlier stages ran.
                 steps_to_run(settings["num_inference_steps"], settings["strength"])
         elif mode == "fidelity":
-            _refuse_detail_settings(eta, temperature, strength, guidance_scale, None)
+            _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
             self._check_predicts_clean_image("fidelity mode", "mode='detail' with strength 1")
             steps = self.config.fidelity_steps if num_inference_steps is None else num_inference_steps
             check_num_inference_steps(steps, self._fidelity_scheduler())
@@ -585,9 +593,11 @@ class SR3Pipeline(SR3BasePipeline):
 
         Args:
             image (PIL image, numpy array, torch tensor, or a list of them): The low-resolution input(s); all of
-                one size. PIL images of any mode are converted to RGB (gray repeated, alpha discarded); numpy
-                arrays are `(H, W[, C])` or `(B, H, W, C)`, uint8 or float in [0, 1]; tensors are `(C, H, W)` or
-                `(B, C, H, W)` float in [0, 1]; C may be 1, 3 or 4.
+                one size. A PIL image of any mode (gray is repeated to RGB, alpha is discarded; 16-bit gray and
+                float gray (`I;16`, `I`, `F`) keep 16 bits, with the white points files are read with: `F` in
+                [0, 1], or [0, 255] where values reach 16), a numpy array (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`;
+                uint8 in [0, 255], uint16 in [0, 65535], float in [0, 1]), or a torch tensor (`(C, H, W)` or
+                `(B, C, H, W)`, float in [0, 1]); C may be 1, 3 or 4 (`images_to_tensor`).
             num_inference_steps (`int`, optional): Refinement steps (scheduler steps); defaults to the pipeline's
                 `detail_steps` in detail mode (50 unless the model was saved with its own) and its `fidelity_steps` in
                 fidelity mode (1 unless saved with its own).
