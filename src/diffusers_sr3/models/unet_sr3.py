@@ -7,6 +7,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -770,6 +771,19 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         differently on unaligned memory: a reloaded model then differed from the one saved in the last bit of its
         outputs (seen on an AMD EPYC). Copying the unaligned ones (a few ms) makes save -> load bit-exact.
         """
+        # Imported here: the pipelines import this module.
+        from ..pipelines.base import finish_interrupted_saves, staging_folders
+
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "") if source is not None else ""
+        if os.path.isdir(folder):
+            finish_interrupted_saves(folder)
+            unfinished = staging_folders(folder)
+            if unfinished and not os.path.isfile(os.path.join(folder, "config.json")):
+                raise FileNotFoundError(
+                    f"{folder} is not a UNet folder: it has no config.json (only {', '.join(unfinished)}, a save that "
+                    "stopped before it was complete)"
+                )
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
         with torch.no_grad():
@@ -777,6 +791,35 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
                     tensor.data = tensor.data.clone()
         return loaded
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        """Diffusers' `save_pretrained`, staged as a pipeline's save (`pipelines.base.staged_save`): the files are
+        written in a hidden `.sr3-save-*` folder inside `save_directory`, then moved into place, so a save that fails
+        or is killed while writing (a full disk) leaves the previous UNet intact, and one killed while moving is
+        finished by the next `from_pretrained` or save of the folder. With `push_to_hub=True` the files just saved are
+        uploaded, to `repo_id` (default: the folder's name) as Diffusers does, before they are moved into place
+        (a failed upload leaves the previous UNet in place).
+
+        Args:
+            save_directory: the folder to save into (created if needed).
+            *args, **kwargs: Diffusers' `save_pretrained` arguments (`safe_serialization`, `variant`, `push_to_hub`...).
+        """
+        # Imported here: the pipelines import this module.
+        from ..pipelines.base import staged_save
+
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):  # Diffusers logs its error and saves nothing
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            # Diffusers names the repo after the folder it saves in: this one, not the staging folder.
+            kwargs.setdefault("repo_id", save_directory.split(os.path.sep)[-1])
+        staged_save(
+            save_directory, lambda staging: super(SR3UNet2DModel, self).save_pretrained(staging, *args, **kwargs)
+        )
+
+    # A pipeline's save passes its components only the options that their `save_pretrained` signature names
+    # (`variant`, `safe_serialization`, ...): this one names those of the installed Diffusers.
+    save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)
 
     def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any) -> None:
         """Diffusers' `save_config` (which `save_pretrained` and `push_to_hub` call), with the one-line re-export that

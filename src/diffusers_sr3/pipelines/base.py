@@ -22,6 +22,7 @@ import functools
 import glob
 import inspect
 import json
+import logging
 import operator
 import os
 import re
@@ -48,6 +49,8 @@ from ..defaults import steps_to_run
 from ..interrupts import interrupts_deferred
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
 
+logger = logging.getLogger(__name__)
+
 # Module file stems of the classes this package writes into pipeline folders. Never rename these:
 # they are recorded in model_index.json of every saved pipeline.
 REMOTE_CODE_STEMS = {
@@ -59,6 +62,14 @@ REMOTE_CODE_STEMS = {
 
 # Hidden folder that `save_pretrained` writes a pipeline in, inside the save directory, before moving it into place.
 STAGING_PREFIX = ".sr3-save-"
+# Written last into a staging folder (renamed into place, so never half-written): the save's files, as a JSON list of
+# `/`-separated paths. A staging folder that holds it is complete, and a save killed while moving it into place is
+# finished by the next load or save of the folder; one without it is an unfinished save, discarded by the next save.
+STAGED_LISTING = ".sr3-staged-files.json"
+# The file that makes a folder loadable (a pipeline's index, a network's config): the replaced one is removed before
+# the folder's other moves and the new one moved in last, so a folder cut short mid-move is refused, never loaded as a
+# mix of two saves.
+INDEX_FILES = ("model_index.json", "config.json")
 
 # What `download` asks for when neither the Hub nor the cache lists the repo (the cached snapshot is used as it is).
 WEIGHT_PATTERNS = ["model_index.json", "*.json", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
@@ -260,35 +271,112 @@ def _files_under(folder: str) -> List[str]:
     return sorted(files)
 
 
-def _move_into(staging: str, target: str) -> None:
+def _move_into(staging: str, target: str, saved: Sequence[str]) -> None:
     """Move every entry of `staging` into `target`: files replace those of the same name, folders are merged.
 
-    Other files in `target` are kept, and so are other variants' weights, so that main and fp16 weights can be saved
-    side by side as Diffusers saves them. Weights of a variant being saved that the new save does not hold (another
-    format, other shards) are removed: a folder never mixes two saves of one variant.
+    `saved` lists the files of the whole save (`/`-separated, relative to `staging`), some of which an interrupted
+    move may already have moved: moving again finishes it. Other files in `target` are kept, and so are other
+    variants' weights, so that main and fp16 weights can be saved side by side as Diffusers saves them. Weights of a
+    variant being saved that the new save does not hold (another format, other shards) are removed: a folder never
+    mixes two saves of one variant.
     """
     os.makedirs(target, exist_ok=True)
-    incoming = os.listdir(staging)
-    saved_variants = {variant for is_weights, variant in map(weight_file_variant, incoming) if is_weights}
+    incoming = [entry for entry in os.listdir(staging) if entry != STAGED_LISTING]
+    here = {path.split("/", 1)[0] for path in saved}
+    saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
     for entry in os.listdir(target):
         is_weights, variant = weight_file_variant(entry)
-        if is_weights and variant in saved_variants and entry not in incoming:
+        if is_weights and variant in saved_variants and entry not in here:
             os.remove(os.path.join(target, entry))
-    # model_index.json marks a complete pipeline: the replaced one goes first and the new one comes last, so a move
-    # cut short leaves a folder that refuses to load, never new components beside old ones under either index.
-    if "model_index.json" in incoming and os.path.isfile(os.path.join(target, "model_index.json")):
-        os.remove(os.path.join(target, "model_index.json"))
-    for entry in sorted(incoming, key=lambda name: (name == "model_index.json", name)):
+    for index in INDEX_FILES:
+        if index in incoming and os.path.isfile(os.path.join(target, index)):
+            os.remove(os.path.join(target, index))
+    for entry in sorted(incoming, key=lambda name: (name in INDEX_FILES, name)):
         source, destination = os.path.join(staging, entry), os.path.join(target, entry)
         destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
         if os.path.isdir(source) and destination_is_folder:
-            _move_into(source, destination)
+            below = [path.split("/", 1)[1] for path in saved if path.startswith(f"{entry}/")]
+            _move_into(source, destination, below)
             continue
         if destination_is_folder:
             shutil.rmtree(destination)
         elif os.path.isdir(source) and os.path.lexists(destination):
             os.remove(destination)
         os.replace(source, destination)
+
+
+def _staged_listing(staging: str) -> Optional[List[str]]:
+    """The files of the complete save in `staging` (its `STAGED_LISTING`); None where the save did not complete."""
+    try:
+        with open(os.path.join(staging, STAGED_LISTING), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def staging_folders(folder: str) -> List[str]:
+    """The names of the staging folders of saves into `folder` that did not end (killed, or failing to move)."""
+    return sorted(entry for entry in os.listdir(folder) if entry.startswith(STAGING_PREFIX))
+
+
+def finish_interrupted_saves(folder: str, discard_unfinished: bool = False) -> None:
+    """Finish moving into `folder` a complete save that was interrupted while moving into place (logging it), and,
+    with `discard_unfinished`, remove the staging folders of saves that did not complete (`folder` holds its previous
+    files: such a save moved nothing)."""
+    for entry in staging_folders(folder):
+        staging = os.path.join(folder, entry)
+        saved = _staged_listing(staging)
+        if saved is None:
+            if discard_unfinished:
+                shutil.rmtree(staging, ignore_errors=True)
+            continue
+        logger.warning(
+            "%s: finishing the save that was interrupted while moving it into place (from %s)", folder, entry
+        )
+        with interrupts_deferred():
+            _move_into(staging, folder, saved)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
+    """Save into `save_directory` what `write(staging)` writes, so that at every instant the folder holds the previous
+    save, the new one, or a complete new one that its next load or save finishes moving into place.
+
+    `write` writes into a hidden staging folder inside `save_directory` (`STAGING_PREFIX`; a move within one folder
+    never crosses filesystems, a mount point or a symlink to another disk, and needs no write access to its parent).
+    Its listing (`STAGED_LISTING`) then marks it complete, and its files are moved into place. A save that fails or
+    is killed before that leaves the previous files untouched; its staging folder is removed now, or by the next save.
+
+    Args:
+        save_directory: the folder to save into (created if needed, and removed again if the save fails there).
+        write: writes the save into the folder it is given.
+
+    Returns:
+        The saved files, as `/`-separated paths relative to `save_directory`.
+    """
+    created = not os.path.isdir(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    finish_interrupted_saves(save_directory, discard_unfinished=True)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+    try:
+        write(staging)
+        saved = _files_under(staging)
+        listing = os.path.join(staging, f"{STAGED_LISTING}.part")
+        with open(listing, "w", encoding="utf-8") as handle:
+            json.dump(saved, handle)
+        os.replace(listing, os.path.join(staging, STAGED_LISTING))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only a folder this save created and left empty
+                os.rmdir(save_directory)
+        raise
+    # From here the staging folder is the new save: a move that fails or is killed leaves it for the next load or
+    # save to finish. Ctrl-C or SIGTERM waits for the moves.
+    with interrupts_deferred():
+        _move_into(staging, save_directory, saved)
+    shutil.rmtree(staging, ignore_errors=True)
+    return saved
 
 
 def step_networks(pipeline: Any) -> Dict[str, Any]:
@@ -775,9 +863,10 @@ class SR3BasePipeline(DiffusionPipeline):
     ) -> None:
         """Save the pipeline with Diffusers' `save_pretrained`, in the SR3 folder layout (see the module docstring).
 
-        The pipeline is written in a hidden staging folder inside `save_directory` first (`.sr3-save-*`, removed
-        when the save ends, and by the next save if this one was killed), then moved into place, so a failed save
-        leaves the previous contents intact. Other files already in `save_directory` (checkpoints, logs) are kept.
+        The pipeline is written in a hidden staging folder inside `save_directory` first (`.sr3-save-*`), then
+        moved into place (`staged_save`): a save that fails or is killed while writing leaves the previous pipeline
+        intact (its staging folder is removed by the next save), and one killed while moving is finished by the next
+        `from_pretrained` or save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
         files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
@@ -803,17 +892,9 @@ class SR3BasePipeline(DiffusionPipeline):
             for key in ("repo_id", "token", "private", "commit_message", "create_pr")
             if key in kwargs
         }
-        created = not os.path.isdir(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
-        # Staged inside the folder itself: a move within one folder never crosses filesystems (a mount point, or a
-        # symlink to another disk) and needs no write access to its parent. A save killed before it cleaned up left
-        # its staging folder behind; this save drops it.
-        for entry in os.listdir(save_directory):
-            if entry.startswith(STAGING_PREFIX):
-                shutil.rmtree(os.path.join(save_directory, entry), ignore_errors=True)
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
-        try:
-            super().save_pretrained(
+
+        def write(staging: str) -> None:
+            super(SR3BasePipeline, self).save_pretrained(
                 staging,
                 safe_serialization=safe_serialization,
                 variant=variant,
@@ -822,15 +903,8 @@ class SR3BasePipeline(DiffusionPipeline):
             )
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
-            saved = _files_under(staging)
-            # Ctrl-C or SIGTERM waits for the moves: the folder is then the new pipeline, not a mix of two.
-            with interrupts_deferred():
-                _move_into(staging, save_directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created:
-                with contextlib.suppress(OSError):  # only a folder this save created and left empty
-                    os.rmdir(save_directory)
+
+        saved = staged_save(save_directory, write)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             self._upload(save_directory, saved, repo_id, **hub_kwargs)
@@ -1035,10 +1109,18 @@ class SR3BasePipeline(DiffusionPipeline):
                 validate_repo_id(source)
             except HFValidationError:
                 raise FileNotFoundError(f"{source}: no such folder (nor a Hub repo id)") from None
-        folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
+        if os.path.isdir(source):
+            folder = source
+            finish_interrupted_saves(folder)
+        else:
+            folder = cls.download(source, **kwargs)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
-            raise FileNotFoundError(f"{source} is not a pipeline folder: it has no model_index.json")
+            unfinished = staging_folders(folder) if folder == source else []
+            raise FileNotFoundError(
+                f"{source} is not a pipeline folder: it has no model_index.json"
+                + (f" (only {', '.join(unfinished)}, a save that stopped before it was complete)" if unfinished else "")
+            )
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)
         pipeline_class = _saved_pipeline_class(cls, source, index)
