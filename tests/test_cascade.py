@@ -1,6 +1,7 @@
 """SR3CascadePipeline and noise-conditioning augmentation."""
 
 import copy
+import dataclasses
 import json
 import pickle
 import threading
@@ -172,7 +173,11 @@ def test_noise_conditioning_augmentation_in_training():
     assert levels.shape == (4,) and torch.all((levels >= 0) & (levels < 0.5)) and levels.std() > 0
     # The condition the network sees is the augmented one.
     assert not torch.allclose(batch.network_input[:, :3], condition)
-    loss = diffusion_loss(predict(model, batch), batch)
+    # The network is told each sample's condition noise level (a clean condition is level 0, not these).
+    prediction = predict(model, batch)
+    told_clean = predict(model, dataclasses.replace(batch, condition_noise_level=torch.zeros(4)))
+    assert not torch.allclose(prediction, told_clean)
+    loss = diffusion_loss(prediction, batch)
     loss.backward()
     assert model.condition_noise_level_embedding.linear_1.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="condition_noise_max needs"):

@@ -56,6 +56,7 @@ def test_scheduler_keeps_the_float64_betas_through_from_config():
         np.testing.assert_array_equal(training_betas(swapped).numpy(), expected, err_msg=name)
     with pytest.raises(ValueError, match="unknown scheduler 'plms'"):
         make_scheduler("plms")
+    assert len(SCHEDULERS) == len(set(SCHEDULERS)) > 1
 
 
 def test_ddpm_noise_level_is_the_one_the_original_feeds():
@@ -154,3 +155,24 @@ def test_the_scheduler_trial_leaves_the_global_generator_alone():
     torch.manual_seed(0)
     check_scheduler_fits(make_scheduler("ddpm", n_timestep=37))  # settings no other test checks: the trial runs
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_training_betas_of_a_scheduler_built_without_trained_betas():
+    """A plain Diffusers scheduler (no `trained_betas` in its config) trains on the betas it computed itself."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_schedule="scaled_linear", beta_start=1e-3, beta_end=0.1)
+    betas = training_betas(scheduler)
+    assert betas.dtype == torch.float64
+    expected = torch.linspace(1e-3**0.5, 0.1**0.5, 10, dtype=torch.float32) ** 2
+    torch.testing.assert_close(betas, expected.double())
+
+
+def test_only_schedulers_whose_step_takes_an_eta_are_given_one():
+    """A saved DDIM eta is passed to a step that takes it, and to no other (their `step` has no such argument)."""
+    from diffusers_sr3.noise import scheduler_takes_eta
+
+    base = make_scheduler("ddpm", n_timestep=20)
+    assert scheduler_takes_eta(swap_scheduler(base, "ddim")) is True
+    assert scheduler_takes_eta(base) is False
+    assert scheduler_takes_eta(swap_scheduler(base, "euler")) is False

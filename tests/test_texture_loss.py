@@ -55,6 +55,8 @@ def test_local_spectra_cover_whole_patches_and_drop_their_means():
     assert spectra[0, 0, 0, 0].pow(2).sum().item() == pytest.approx(half.sum().item(), rel=1e-5)
     with pytest.raises(ValueError, match="patches of 32 pixels do not fit in 20x17 images"):
         local_amplitude_spectra(images, 32)
+    # An image one patch wide fits exactly.
+    assert local_amplitude_spectra(images[..., :8, :8], 8).shape == (2, 3, 1, 1, 8 * 5 - 1)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
