@@ -176,3 +176,60 @@ def test_only_schedulers_whose_step_takes_an_eta_are_given_one():
     assert scheduler_takes_eta(swap_scheduler(base, "ddim")) is True
     assert scheduler_takes_eta(base) is False
     assert scheduler_takes_eta(swap_scheduler(base, "euler")) is False
+
+
+class _StepRaises:
+    """A DDIM scheduler whose `step` raises `error`, standing for a scheduler the one-pixel trial trips on."""
+
+    @staticmethod
+    def scheduler(error: Exception):
+        from diffusers import DDIMScheduler
+
+        class Failing(DDIMScheduler):
+            def step(self, *args, **kwargs):
+                raise error
+
+        return Failing.from_config(make_scheduler("ddim", n_timestep=23).config)
+
+
+def test_the_scheduler_trial_refuses_only_prediction_type_errors():
+    """Diffusers' own "prediction type" errors are turned into a refusal naming the scheduler; anything else the trial
+    trips on is the real run's to report, not a refusal of the scheduler."""
+    from diffusers_sr3.noise import check_scheduler_fits
+
+    check_scheduler_fits(_StepRaises.scheduler(ValueError("the pixel is too small")))  # not refused
+    with pytest.raises(ValueError, match="Failing cannot sample a model that predicts 'epsilon'"):
+        check_scheduler_fits(_StepRaises.scheduler(ValueError("prediction_type sample is not supported")))
+
+
+def test_putting_the_scheduler_warning_filters_back_changes_nothing_when_they_are_in_place():
+    """Changing the filter list resets every module's record of warnings already shown (a "default" warning would
+    print again at the same place), so a call that finds the filters in front must leave the list as it is, also
+    beside Python's plain-string module filters; and the filters must silence the scheduler warnings."""
+    import warnings
+
+    from diffusers_sr3.noise import ignore_scheduler_warnings
+
+    shown = []
+    registry = {}
+
+    def warn(message, category=UserWarning, module="user_module"):
+        warnings.warn_explicit(message, category, "user_module.py", 7, module=module, registry=registry)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+        warnings.resetwarnings()
+        warnings.filters.insert(0, ("default", None, DeprecationWarning, "__main__", 0))  # Python's, a plain string
+        warnings.simplefilter("default", UserWarning)
+        ignore_scheduler_warnings()
+        in_place = list(warnings.filters)
+        warn("shown once")
+        ignore_scheduler_warnings()
+        warn("shown once")
+        assert shown == ["shown once"] and warnings.filters == in_place
+        warn(
+            "__array__ implementation doesn't accept a copy keyword, so passing copy=False failed.",
+            DeprecationWarning,
+            "diffusers.schedulers.scheduling_euler_discrete",
+        )
+        assert shown == ["shown once"]
