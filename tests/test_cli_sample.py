@@ -1,5 +1,6 @@
 """`sr3 sample`: the --output checks before any sampling, --overwrite, atomic writes and bad sizes."""
 
+import errno
 import io
 
 import numpy as np
@@ -76,13 +77,15 @@ def test_a_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch,
     def failing_save(self, fp, *args, **kwargs):
         real_save(self, fp, *args, **kwargs)
         if not isinstance(fp, io.BytesIO):  # files only: a full disk leaves them truncated
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
     assert sample(model_dir, tmp_path / "out" / "grid.png") == 2  # the one-line error, no traceback
     # Pillow writes to a stream, so its error names no file: the message names the one being written.
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error == f"sr3 sample: error: cannot write {tmp_path / 'out' / 'grid.png'}: disk full"
+    assert (
+        error == f"sr3 sample: error: [Errno 28] cannot write {tmp_path / 'out' / 'grid.png'}: No space left on device"
+    )
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -204,3 +204,144 @@ def test_upscale_refuses_an_unwritable_output_before_the_model_runs(tmp_path, mo
     # Written past the check (another program made the file meanwhile), the file in the way is named too.
     with pytest.raises(NotADirectoryError, match=f"^cannot write {blocking / 'y' / 'x.png'}: {blocking} is a file"):
         upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), str(blocking / "y" / "x.png"))
+
+
+def test_a_dangling_link_where_a_folder_should_be_is_named_before_the_model_runs(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import sample, upscale
+
+    source = tmp_path / "in.png"
+    PIL.Image.new("RGB", (8, 8)).save(source)
+    (tmp_path / "results").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(upscale, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.chdir(tmp_path)
+    for command, name in (("upscale", "in_sr.png"), ("sample", "grid.png")):
+        output = os.path.join("results", name)  # relative: the walk up once never ended
+        arguments = [command, *([str(source)] if command == "upscale" else []), "--output", output]
+        assert main([*arguments, "--model", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"sr3 {command}: error: --output {output} cannot be written: {tmp_path / 'results'} is a link to nothing"
+        )
+    # Written past the check (the link made meanwhile), the link is named, not the folder above it.
+    for destination in ("results/in_sr.png", str(tmp_path / "results" / "deeper" / "in_sr.png")):
+        with pytest.raises(NotADirectoryError, match=f"^cannot write {destination}: {tmp_path / 'results'} is a link"):
+            upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), destination)
+    # Nothing in the way (a folder another run made meanwhile): makedirs' own error, not a made-up blocker.
+    (tmp_path / "made").mkdir()
+
+    def made_meanwhile(folder, exist_ok=False):
+        raise FileExistsError(errno.EEXIST, "File exists", folder)
+
+    monkeypatch.setattr(os, "makedirs", made_meanwhile)
+    with pytest.raises(FileExistsError, match=r"^\[Errno 17\] File exists: 'made'$"):
+        upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), os.path.join("made", "x.png"))
+
+
+def test_errors_not_about_the_write_pass_through_unwrapped(tmp_path):
+    outer, inner = tmp_path / "outer.json", tmp_path / "inner.png"
+    inner.write_bytes(b"another run's")
+    with pytest.raises(FileExistsError, match=f"^{inner} already exists; pass --overwrite"):
+        with atomic_file(str(outer)):
+            with atomic_file(str(inner), overwrite=False) as stream:
+                stream.write(b"new")
+    # An input image cut short fails while the output is written: the error is the input's, with no errno.
+    whole = tmp_path / "whole.png"
+    PIL.Image.effect_noise((64, 64), 50).save(whole)
+    (tmp_path / "cut.png").write_bytes(whole.read_bytes()[:-200])
+    with pytest.raises(OSError, match="^image file is truncated"):
+        with atomic_file(str(tmp_path / "out.png")) as stream:
+            PIL.Image.open(tmp_path / "cut.png").save(stream, format="PNG")
+    assert inner.read_bytes() == b"another run's" and not outer.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_symlinked_demo_model_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(tmp_path / "elsewhere")
+    out.mkdir()
+    (out / "model").symlink_to(tmp_path / "elsewhere" / "model")
+    monkeypatch.setattr(demo, "_train", lambda *a: pytest.fail("trained first"))
+    assert main(["demo", "--output", str(out), *DEMO]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sr3 demo: error: {out / 'model'} is a symbolic link; sr3 demo writes its model into a folder of its own: "
+        "remove the link (what it points to is kept) or choose another --output"
+    )
+    assert os.listdir(out) == ["model"] and (out / "model" / "model_index.json").read_text() == "the earlier model"
+
+
+def test_a_demo_rerun_that_succeeds_warns_when_the_earlier_model_cannot_be_removed(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(out)
+    monkeypatch.setattr(demo, "_train", _quick_training)
+    real_rmtree = shutil.rmtree
+
+    def refused(path, *args, **kwargs):
+        if ".sr3-earlier-model-" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    assert main(["demo", "--output", str(out), *DEMO]) == 0
+    (left,) = [name for name in os.listdir(out) if name.startswith(".sr3-earlier-model-")]
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            f"warning: could not remove the earlier demo's model, left in {out / left}: [Errno 13] Permission denied"
+        )
+    )
+    assert (out / left / "model_index.json").read_text() == "the earlier model"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("moving", ["the new photo.png in place", "the earlier photo.png aside"])
+def test_a_demo_rerun_that_fails_putting_its_report_in_place_keeps_the_earlier_report(
+    tmp_path, monkeypatch, capsys, moving
+):
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(out)
+    (out / "photo.png").write_bytes(b"the earlier photo")
+    monkeypatch.setattr(demo, "_train", _quick_training)
+    real_replace = os.replace
+    new = moving.startswith("the new")
+
+    def photo_open_in_a_viewer(source, target):  # Windows: neither replaced nor moved
+        if str(target if new else source).endswith("photo.png") and str(source).endswith(".tmp") == new:
+            raise PermissionError(errno.EACCES, "Permission denied", source, None, target)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", photo_open_in_a_viewer)
+    assert main(["demo", "--output", str(out), *DEMO]) == 2
+    monkeypatch.undo()
+    error = capsys.readouterr().err.splitlines()[-1]
+    if new:
+        assert error == f"sr3 demo: error: [Errno 13] cannot write {out / 'photo.png'}: Permission denied"
+    else:
+        assert error.startswith(f"sr3 demo: error: [Errno 13] Permission denied: '{out / 'photo.png'}' -> ")
+    assert (out / "metrics.json").read_text() == "the earlier report"
+    assert (out / "comparison.png").read_bytes() == b"the earlier picture"
+    assert (out / "photo.png").read_bytes() == b"the earlier photo"
+    assert (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "model", "photo.png"]  # no metrics.md
+
+
+def test_a_demo_names_the_model_a_killed_rerun_set_aside_and_leaves_it(tmp_path, monkeypatch, capsys):
+    from diffusers_sr3.commands import demo
+
+    out = tmp_path / "demo"
+    (out / ".sr3-earlier-model-0123456789ab" / "checkpoint-9").mkdir(parents=True)
+    monkeypatch.setattr(demo, "_train", _quick_training)
+    assert main(["demo", "--output", str(out), *DEMO]) == 0
+    aside = out / ".sr3-earlier-model-0123456789ab"
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"note: {aside}: the model of an earlier demo, set aside while a rerun trained and left there when that run "
+        f"was killed; rename it to {out / 'model'} to get it back"
+    )
+    assert (aside / "checkpoint-9").is_dir()

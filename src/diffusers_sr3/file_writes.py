@@ -16,7 +16,10 @@ _NO_HARD_LINKS_WINERRORS = {1}  # ERROR_INVALID_FUNCTION
 
 
 def _already_exists(destination: str) -> FileExistsError:
-    return FileExistsError(f"{destination} already exists; pass --overwrite to replace it, or choose another --output")
+    error = FileExistsError(f"{destination} already exists; pass --overwrite to replace it, or choose another --output")
+    # Named already: an `atomic_file` around the one that raised it passes it on as it is.
+    error.destination = destination  # type: ignore[attr-defined]
+    return error
 
 
 def _put_in_place(temporary: str, destination: str, overwrite: bool) -> None:
@@ -65,9 +68,10 @@ def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
         overwrite: replace a file already at `destination`. When False, a file there (also one another process
             wrote while this one worked) is kept and FileExistsError names it.
 
-    An OSError of the write names `destination`, with its errno: one that names no file (Pillow and json write to
-    the stream, so a full disk names none) or the hidden temporary (a read-only folder). One the block raises about
-    another file (an input it read) is left as it is.
+    An OSError of the write names `destination`, with its errno: one with an errno that names no file (Pillow and
+    json write to the stream, so a full disk names none) or the hidden temporary (a read-only folder). Others are
+    left as they are: one about another file (an input it read), or one without an errno (Pillow's "image file is
+    truncated" about an input it decodes while it writes).
     """
     folder = os.path.dirname(destination) or "."
     # Not named after `destination`: a name near the filesystem's limit (255 bytes) would leave no room for more.
@@ -77,7 +81,8 @@ def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
             with open(temporary, "xb") as stream:
                 yield stream
         except OSError as error:
-            if error.filename not in (None, temporary) or hasattr(error, "destination"):
+            about_the_write = error.filename == temporary or (error.filename is None and error.errno is not None)
+            if not about_the_write or hasattr(error, "destination"):
                 raise
             raise _naming(destination, error) from error
         try:

@@ -306,15 +306,28 @@ def check_destinations(writes: List[Tuple[str, str]], overwrite: bool) -> None:
             raise _already_exists(destination)
 
 
+def nearest_entry(folder: str) -> str:
+    """The absolute path of `folder`, or of the nearest folder above it, that is there: a dangling symbolic link
+    counts, so that it can be named (a walk that follows links would pass over it). At worst the root."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def not_a_folder(path: str) -> str:
+    """Why `path`, there but not a folder, cannot hold a file: a file, or a link to nothing."""
+    return f"{path} is a file, not a folder" if os.path.exists(path) else f"{path} is a link to nothing"
+
+
 def check_file_destination(path: str, option: str, example: str) -> None:
-    """Refuse, before any work, a file destination (`option`'s value) that is a folder, lies below a file or in a
-    folder without write access. Missing folders are fine: they are created when the file is written."""
+    """Refuse, before any work, a file destination (`option`'s value) that is a folder, lies below a file or a
+    dangling link, or in a folder without write access. Missing folders are fine: they are created when the file is
+    written."""
     if os.path.isdir(path):
         raise ValueError(f"{option} {path} is a folder; give a file name such as {os.path.join(path, example)}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_entry(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
-        raise ValueError(f"{option} {path} cannot be written: {parent} is a file, not a folder")
+        raise ValueError(f"{option} {path} cannot be written: {not_a_folder(parent)}")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")

@@ -24,9 +24,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 
@@ -49,6 +50,10 @@ DEMO_LEARNING_RATE = 1e-3
 # its 256 held-out crops 33.05 dB in 1, 33.11 in 2, 33.16 in 4 (bicubic 32.85; docs/quality.md). Saved with it.
 DEMO_FIDELITY_STEPS = 4
 PACKAGED = "SR3 (packaged model)"
+# An earlier demo's model waits under this name (plus a random suffix) in --output while a rerun trains.
+EARLIER_MODEL_PREFIX = ".sr3-earlier-model-"
+# The report files, set aside under this name plus a random suffix and their own while a rerun puts its own in place.
+EARLIER_REPORT_PREFIX = ".sr3-earlier-report-"
 # The step plan is this share of what the timed step says fits in --minutes, so that the progress bar ends near its
 # end: a training step takes about 1.3 times the timed one (data, EMA; 0.118 s against 0.091 here). The clock ends the
 # run; a plan that ends first with time left is extended (`_train`).
@@ -454,6 +459,14 @@ def run(args: argparse.Namespace) -> int:
     modes = ("fidelity", SELF_ENSEMBLE, "detail") if args.self_ensemble else MODES
     config = unet_config(args.crop_size, args.width)
     model_dir = os.path.join(args.output, "model")
+    _note_set_aside_models(args.output, model_dir)
+    # Replacing what a link points to would delete files outside --output; replacing the link would move the model
+    # off the disk it points to. Refused before training, so the user chooses.
+    if os.path.islink(model_dir):
+        raise ValueError(
+            f"{model_dir} is a symbolic link; sr3 demo writes its model into a folder of its own: remove the link "
+            "(what it points to is kept) or choose another --output"
+        )
     # An earlier demo's model folder (a finished one, or an interrupted one's checkpoints) is replaced only when told.
     if (os.path.exists(os.path.join(args.output, "metrics.json")) or os.path.exists(model_dir)) and not args.overwrite:
         raise FileExistsError(
@@ -480,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
     # An earlier demo's model (a finished one, or an interrupted one's checkpoints) waits aside while the new one
     # trains in its place (the card records the folder it was trained in), and comes back if the run fails: a run
     # that fails keeps all of the earlier one, a run that succeeds leaves nothing of it.
-    earlier = os.path.join(args.output, f".sr3-earlier-model-{uuid.uuid4().hex[:12]}")
+    earlier = os.path.join(args.output, f"{EARLIER_MODEL_PREFIX}{uuid.uuid4().hex[:12]}")
     if os.path.isdir(model_dir):
         os.rename(model_dir, earlier)
     try:
@@ -491,9 +504,27 @@ def run(args: argparse.Namespace) -> int:
             os.rename(earlier, model_dir)
         raise
     if os.path.isdir(earlier):
-        shutil.rmtree(earlier)
-        print(f"removed the earlier demo's model in {model_dir}")
+        try:
+            shutil.rmtree(earlier)
+        except OSError as error:
+            # The run is complete: what is left of the earlier model is only disk space.
+            print(f"warning: could not remove the earlier demo's model, left in {earlier}: {error}", file=sys.stderr)
+        else:
+            print(f"removed the earlier demo's model in {model_dir}")
     return 0
+
+
+def _note_set_aside_models(output: str, model_dir: str) -> None:
+    """Say where earlier models set aside by reruns that were killed (`EARLIER_MODEL_PREFIX`) are: left alone, as
+    another demo running into `output` may be training beside its own."""
+    if not os.path.isdir(output):
+        return
+    aside = sorted(name for name in os.listdir(output) if name.startswith(EARLIER_MODEL_PREFIX))
+    if aside:
+        print(
+            f"note: {', '.join(os.path.join(output, name) for name in aside)}: the model of an earlier demo, set aside "
+            f"while a rerun trained and left there when that run was killed; rename it to {model_dir} to get it back"
+        )
 
 
 def _train_and_report(
@@ -632,10 +663,45 @@ def _train_and_report(
         "metrics.md": lambda stream: stream.write(("\n".join(lines) + "\n").encode("utf-8")),
         "metrics.json": lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8")),
     }
-    # Every file is written before any is put in place (as the stack closes): a full disk fails before any of the
-    # earlier demo's is replaced.
-    with contextlib.ExitStack() as stack:
-        for name, write in writes.items():
-            write(stack.enter_context(atomic_file(os.path.join(args.output, name))))
+    _write_report(args.output, writes)
     print("\n".join(lines[2:]))
     print(f"wrote comparison.png, photo.png, metrics.md, metrics.json and the model to {args.output}")
+
+
+def _write_report(output: str, writes: Dict[str, Callable[[BinaryIO], Any]]) -> None:
+    """Write the report files into `output` together: all of them, or, on a failure, none (the earlier demo's stay).
+
+    Args:
+        output: the demo's folder.
+        writes: file name -> function writing the file's data into a stream.
+    """
+    # Every file is written before any is put in place (as the stack closes): a full disk fails before any of the
+    # earlier demo's is replaced. The earlier demo's wait aside while the new ones are put in place, and come back if
+    # one fails (Windows: a file open in a viewer).
+    aside: Dict[str, str] = {}
+    placing = False
+
+    def set_aside() -> None:
+        nonlocal placing
+        suffix = uuid.uuid4().hex[:12]
+        for name in writes:
+            if os.path.lexists(os.path.join(output, name)):
+                kept = os.path.join(output, f"{EARLIER_REPORT_PREFIX}{suffix}-{name}")
+                os.replace(os.path.join(output, name), kept)
+                aside[name] = kept  # only once moved: a file that could not be is still in its place
+        placing = True
+
+    try:
+        with contextlib.ExitStack() as stack:
+            for name, write in writes.items():
+                write(stack.enter_context(atomic_file(os.path.join(output, name))))
+            stack.callback(set_aside)  # the last one in: the first to run as the stack closes
+    except BaseException:
+        for name in writes:
+            if name in aside:
+                os.replace(aside[name], os.path.join(output, name))
+            elif placing and os.path.lexists(os.path.join(output, name)):
+                os.remove(os.path.join(output, name))
+        raise
+    for earlier in aside.values():
+        os.remove(earlier)

@@ -39,6 +39,8 @@ from .common import (
     destination_clash,
     image_generators,
     load_pipeline,
+    nearest_entry,
+    not_a_folder,
     whole_number,
 )
 
@@ -326,18 +328,19 @@ def save_atomically(
     An interrupted or failing write leaves `destination` as it was (absent, or the previous file), never a
     truncated image; the rename is atomic on one filesystem. JPEG and WebP are written at `quality`, JPEG without
     chroma subsampling. Without `overwrite`, a file already at `destination` (one another run wrote meanwhile
-    included) is kept and FileExistsError names it (`atomic_file`). A file where a folder of `destination` should be
-    is refused with NotADirectoryError naming it.
+    included) is kept and FileExistsError names it (`atomic_file`). A file or a dangling link where a folder of
+    `destination` should be is refused with NotADirectoryError naming it.
     """
     folder = os.path.dirname(destination) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        # What makedirs names is the folder it tried to make, not the file in the way.
-        blocking = folder
-        while not os.path.exists(blocking):
-            blocking = os.path.dirname(blocking)
-        raise NotADirectoryError(f"cannot write {destination}: {blocking} is a file, not a folder") from None
+    except (FileExistsError, NotADirectoryError, FileNotFoundError):
+        # What makedirs names is the folder it tried to make, not the file (or dangling link) in the way; below a
+        # dangling link it fails with FileNotFoundError.
+        blocking = nearest_entry(folder)
+        if os.path.isdir(blocking):
+            raise
+        raise NotADirectoryError(f"cannot write {destination}: {not_a_folder(blocking)}") from None
     extension = os.path.splitext(destination)[1].lower()
     image_format = PIL.Image.registered_extensions().get(extension, "PNG")
     with atomic_file(destination, overwrite) as stream:
