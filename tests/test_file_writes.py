@@ -237,20 +237,21 @@ def test_a_dangling_link_where_a_folder_should_be_is_named_before_the_model_runs
         upscale.save_atomically(PIL.Image.new("RGB", (4, 4)), os.path.join("made", "x.png"))
 
 
-def test_errors_not_about_the_write_pass_through_unwrapped(tmp_path):
+def test_errors_naming_another_file_pass_through_and_errors_naming_none_name_the_destination(tmp_path):
     outer, inner = tmp_path / "outer.json", tmp_path / "inner.png"
     inner.write_bytes(b"another run's")
     with pytest.raises(FileExistsError, match=f"^{inner} already exists; pass --overwrite"):
         with atomic_file(str(outer)):
             with atomic_file(str(inner), overwrite=False) as stream:
                 stream.write(b"new")
-    # An input image cut short fails while the output is written: the error is the input's, with no errno.
-    whole = tmp_path / "whole.png"
-    PIL.Image.effect_noise((64, 64), 50).save(whole)
-    (tmp_path / "cut.png").write_bytes(whole.read_bytes()[:-200])
-    with pytest.raises(OSError, match="^image file is truncated"):
+    # An input that cannot be read names itself, and stays the input's error.
+    with pytest.raises(FileNotFoundError, match="missing.png"):
         with atomic_file(str(tmp_path / "out.png")) as stream:
-            PIL.Image.open(tmp_path / "cut.png").save(stream, format="PNG")
+            PIL.Image.open(tmp_path / "missing.png").save(stream, format="PNG")
+    # Pillow's refusal of a mode the format cannot hold has no errno and no name: it is the output's.
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'out.jpg'}: cannot write mode I;16 as JPEG"):
+        with atomic_file(str(tmp_path / "out.jpg")) as stream:
+            PIL.Image.new("I;16", (4, 4)).save(stream, format="JPEG")
     assert inner.read_bytes() == b"another run's" and not outer.exists() and _leftovers(tmp_path) == []
 
 

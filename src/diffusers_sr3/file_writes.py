@@ -68,10 +68,12 @@ def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
         overwrite: replace a file already at `destination`. When False, a file there (also one another process
             wrote while this one worked) is kept and FileExistsError names it.
 
-    An OSError of the write names `destination`, with its errno: one with an errno that names no file (Pillow and
-    json write to the stream, so a full disk names none) or the hidden temporary (a read-only folder). Others are
-    left as they are: one about another file (an input it read), or one without an errno (Pillow's "image file is
-    truncated" about an input it decodes while it writes).
+    An OSError of the write names `destination`, with its errno where it has one: one that names no file (Pillow
+    and json write to the stream, so a full disk names none; Pillow's "cannot write mode I;16 as JPEG" has no errno
+    either) or names the hidden temporary (a read-only folder). One about another file (an input it read, with its
+    name) is left as it is. So is one already naming its destination (an `atomic_file` inside this one). An error
+    without a name from an input decoded while the block writes (Pillow's "image file is truncated" of an image
+    loaded lazily) cannot be told from one of the write, and names `destination` too.
     """
     folder = os.path.dirname(destination) or "."
     # Not named after `destination`: a name near the filesystem's limit (255 bytes) would leave no room for more.
@@ -81,8 +83,7 @@ def atomic_file(destination: str, overwrite: bool = True) -> Iterator[BinaryIO]:
             with open(temporary, "xb") as stream:
                 yield stream
         except OSError as error:
-            about_the_write = error.filename == temporary or (error.filename is None and error.errno is not None)
-            if not about_the_write or hasattr(error, "destination"):
+            if error.filename not in (None, temporary) or hasattr(error, "destination"):
                 raise
             raise _naming(destination, error) from error
         try:
