@@ -820,6 +820,15 @@ def test_detail_options_the_model_cannot_run_are_refused_before_the_settings_lin
     assert main(base + ["--window-size", str(factor)]) == 0
     assert f"window size {factor}" in capsys.readouterr().out
 
+    # A step count the model saved is its own, not --steps: the refusal names it as the pipeline does.
+    pipeline = SR3Pipeline.from_pretrained(model_dir)
+    too_many = pipeline.scheduler.config.num_train_timesteps + 1
+    SR3Pipeline(pipeline.unet, pipeline.scheduler, detail_steps=too_many).save_pretrained(tmp_path / "saved")
+    saved = ["upscale", str(photo), "--output", str(tmp_path / "s.png"), "--model", str(tmp_path / "saved")]
+    assert main(saved + ["--mode", "detail"]) == 2
+    err = capsys.readouterr().err
+    assert f"num_inference_steps must lie in [1, {too_many - 1}], got {too_many}" in err and "--steps" not in err
+
 
 def test_a_device_this_machine_lacks_is_one_line(model_dir, tmp_path, capsys):
     source = write_image(tmp_path / "in.png", (8, 8))
@@ -1290,3 +1299,18 @@ def test_upscale_seed_help_names_the_files_seed_and_the_batch_sizes_rounding(cap
     assert "(in detail mode, each file's line ends with its seed), and a run of that image alone with that seed" in text
     assert "the batched network can change a pixel by a rounding step: use the same --batch-size" in text
     assert "so results do not depend on --batch-size" not in text
+
+
+def test_pipeline_refusals_name_only_the_options_given():
+    """A refusal of the pipeline's arguments names the command's option where the value came from the command line,
+    and the pipeline's own name where the model saved it."""
+    import argparse
+
+    from diffusers_sr3.commands.upscale import _in_option_words
+
+    refusal = ValueError("strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]")
+    given = argparse.Namespace(strength=0.01, steps=None, eta=None, window_size=None)
+    assert str(_in_option_words(refusal, given)) == (
+        "--strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]"
+    )
+    assert str(_in_option_words(refusal, argparse.Namespace(strength=None, steps=None))) == str(refusal)

@@ -77,6 +77,7 @@ DEFAULT_QUALITY = 95
 PIPELINE_OPTIONS = {
     "num_inference_steps": "--steps",
     "eta": "--eta",
+    "strength": "--strength",
     "guidance_scale": "--guidance-scale",
     "parallel_guidance_weight": "--parallel-guidance-weight",
     "window_size": "--window-size",
@@ -575,11 +576,20 @@ def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Op
         )
 
 
-def _in_option_words(error: ValueError) -> ValueError:
+def _in_option_words(error: ValueError, args: argparse.Namespace) -> ValueError:
     """`error`, a refusal of `SR3Pipeline.check_arguments`, naming this command's options where it names the
-    pipeline's arguments (`window_size` as --window-size), as its own checks word their refusals."""
-    pattern = r"\b(" + "|".join(PIPELINE_OPTIONS) + r")\b"
-    return ValueError(re.sub(pattern, lambda match: PIPELINE_OPTIONS[match.group(1)], str(error)))
+    pipeline's arguments (`window_size` as --window-size), as its own checks word their refusals; only the options
+    given, since a value the model saved (its `detail_steps`) is none of the command line's."""
+    given = {name: option for name, option in PIPELINE_OPTIONS.items() if vars(args).get(_dest(option)) is not None}
+    if not given:
+        return error
+    pattern = r"\b(" + "|".join(given) + r")\b"
+    return ValueError(re.sub(pattern, lambda match: given[match.group(1)], str(error)))
+
+
+def _dest(option: str) -> str:
+    """The `args` attribute of `option` (`--guidance-scale`: guidance_scale)."""
+    return option.lstrip("-").replace("-", "_")
 
 
 def _check_prediction_type(strength: Optional[float], mode: str, prediction_type: str) -> None:
@@ -924,7 +934,7 @@ def run(args: argparse.Namespace) -> int:
             parallel_guidance_weight=args.parallel_guidance_weight,
         )
     except ValueError as error:
-        raise _in_option_words(error) from None
+        raise _in_option_words(error, args) from None
     if available is not None:
         settings = _memory_settings(args, mode, pipeline.config)
         check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
