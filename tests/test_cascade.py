@@ -449,3 +449,10 @@ def test_a_cascade_fidelity_stage_does_not_depend_on_the_seed():
     one, two = stages(1), stages(2)
     assert torch.equal(one[0], two[0])  # the fidelity stage, seed-independent
     assert not torch.equal(one[1], two[1])  # the detail stage after it still follows the seed
+    # ... with the draws it had before fidelity mode stopped using the generator: the fidelity stage still draws its
+    # condition noise from it (left unused) and its starting noise, as it did.
+    generator = torch.Generator().manual_seed(1)
+    for _ in ("condition noise", "starting noise"):
+        torch.randn(1, 3, 32, 32, generator=generator)
+    alone = detail(one[0], generator=generator, num_inference_steps=1, output_type="pt").images
+    torch.testing.assert_close(one[1], alone, rtol=0, atol=1e-6)

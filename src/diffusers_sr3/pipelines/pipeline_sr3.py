@@ -363,15 +363,17 @@ class SR3Pipeline(SR3BasePipeline):
             return condition, 0.0
         if isinstance(generator, list) and len(generator) != condition.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {condition.shape[0]} images")
-        if fixed:
-            # One per image, so that an image's noise is the same in a batch as alone; on the CPU, so that it is
-            # the same on every device.
-            generator = [
-                torch.Generator("cpu").manual_seed(FIDELITY_CONDITION_NOISE_SEED) for _ in range(condition.shape[0])
-            ]
         # Drawn for the execution device as Diffusers pipelines draw: on the generator's device (a CPU generator
         # gives the same noise everywhere, a CUDA generator draws on CUDA), one image per generator of a list.
         noise = randn_tensor(condition.shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+        if fixed:
+            # Drawn above all the same, and left unused, so that what the caller's generator draws next (a cascade's
+            # later stages) is what it was before fidelity mode stopped using it. One generator per image, so that an
+            # image's noise is the same in a batch as alone; on the CPU, so that it is the same on every device.
+            fixed_generators = [
+                torch.Generator("cpu").manual_seed(FIDELITY_CONDITION_NOISE_SEED) for _ in range(condition.shape[0])
+            ]
+            noise = randn_tensor(condition.shape, generator=fixed_generators, device=noise.device, dtype=torch.float32)
         return augment_condition(condition.to(noise.device), level, noise=noise), level
 
     def _condition_noise_level(self, level: Optional[float]) -> Optional[float]:
