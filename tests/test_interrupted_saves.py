@@ -1,7 +1,9 @@
 """Saves over an existing pipeline or UNet folder that are killed or run out of disk never lose the folder."""
 
 import errno
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -12,8 +14,8 @@ import torch
 from conftest import tiny_unet_config
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.pipelines.base import STAGED_LISTING, STAGING_PREFIX
+from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, finish_interrupted_save, make_scheduler
+from diffusers_sr3.pipelines.base import STAGED_LISTING, STAGING_LOCK, STAGING_PREFIX, UnsafeStagingError
 
 
 class Killed(BaseException):
@@ -21,14 +23,29 @@ class Killed(BaseException):
 
 
 def contents(folder):
-    """Every file below `folder` by relative path, with a hash of its bytes."""
-    return {
-        os.path.relpath(os.path.join(root, name), folder): hashlib.sha256(
-            open(os.path.join(root, name), "rb").read()
-        ).hexdigest()
-        for root, _, names in os.walk(folder)
-        for name in names
-    }
+    """Every file below `folder` by relative path, with a hash of its bytes, but those of staging folders."""
+    files = {}
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(STAGING_PREFIX)]
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                files[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return files
+
+
+def tree(folder):
+    """Everything below `folder`, staging folders included, with its `lstat` (any write changes it)."""
+    entries = {}
+    for root, folders, names in os.walk(folder):
+        for name in folders + names:
+            status = os.lstat(os.path.join(root, name))
+            entries[os.path.relpath(os.path.join(root, name), folder)] = (
+                status.st_mode,
+                status.st_ino,
+                status.st_size,
+                status.st_mtime_ns,
+            )
+    return entries
 
 
 def conv_in(model):
@@ -45,6 +62,11 @@ def kind(request):
         schedule = make_scheduler("ddpm", n_timestep=100)
         return SR3Pipeline(old, schedule), SR3Pipeline(new, schedule), SR3Pipeline.from_pretrained
     return old, new, SR3UNet2DModel.from_pretrained
+
+
+def index_of(folder):
+    """The file that makes a saved folder loadable: a pipeline's index, or a UNet's config."""
+    return "model_index.json" if (folder / "model_index.json").exists() else "config.json"
 
 
 class KillAfter:
@@ -96,22 +118,33 @@ def test_a_save_killed_at_any_point_loses_neither_pipeline(tmp_path, kind, phase
         shutil.copytree(template, folder)
         with KillAfter(kills):
             new.save_pretrained(folder)
-        staged = [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
-        unmoved = any((path / STAGED_LISTING).exists() for path in staged)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="diffusers_sr3.pipelines.base"):
-            loaded = load(folder)
-        # A save whose staging folder is complete is the new one from then on: the load finishes its moves.
-        completed = kills > uninterrupted.completed_at
-        torch.testing.assert_close(conv_in(loaded), conv_in(new if completed else old))
-        assert ("finishing the save that was interrupted" in caplog.text) == unmoved
-        if completed:
-            finished += unmoved
+        before = tree(folder)
+        if (folder / index_of(template)).exists():
+            # The previous save, untouched, or the new one, wholly moved (its staging folder not yet removed).
+            assert contents(folder) in (contents(template), contents(expected)), kills
+            completed = contents(folder) == contents(expected)
+            torch.testing.assert_close(conv_in(load(folder)), conv_in(new if completed else old))
+            assert finish_interrupted_save(folder) == []  # a complete save beside its index: nothing to finish
+            assert tree(folder) == before
+        else:
+            # Cut short within the moves: refused, never a mix, until the one call that finishes it.
+            with pytest.raises(
+                FileNotFoundError,
+                match=r"interrupted while moving \.sr3-save-.*\.finish_interrupted_save\(",
+            ):
+                load(folder)
+            assert tree(folder) == before  # the load wrote nothing
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="diffusers_sr3.pipelines.base"):
+                assert len(finish_interrupted_save(folder)) == 1
+            assert "finishing the save that was interrupted" in caplog.text
             assert contents(folder) == contents(expected)
+            torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+            finished += 1
         # The next save drops what is left of an incomplete one, and leaves the folder as a save from scratch does.
         new.save_pretrained(folder)
         assert contents(folder) == contents(expected)
-    assert phase == "writing" or finished > 2  # kills fell between the staging folder's completion and its removal
+    assert phase == "writing" or finished > 2  # kills fell between the index's removal and the new one's move
 
 
 def test_the_next_save_finishes_a_killed_saves_moves_first(tmp_path, kind):
@@ -172,3 +205,132 @@ def test_a_unet_pushed_from_its_save_is_named_after_its_folder(tmp_path, tiny_un
         "diffusion_pytorch_model.safetensors",
         "unet_sr3.py",
     ]
+
+
+def stage(folder, name, files, listing):
+    """A staging folder `name` in `folder` holding `files` (path -> bytes) and, unless None, `listing` (raw text)."""
+    staging = folder / name
+    staging.mkdir()
+    for path, data in files.items():
+        (staging / path).parent.mkdir(parents=True, exist_ok=True)
+        (staging / path).write_bytes(data)
+    if listing is not None:
+        (staging / STAGED_LISTING).write_text(listing)
+    return staging
+
+
+@pytest.mark.parametrize("craft", ["linked folder", "linked file", "parent path", "absolute path", "unlisted file"])
+def test_a_crafted_staging_folder_never_moves_anything(tmp_path, kind, craft):
+    old, _, load = kind
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "config.json").write_text("{}")
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    index = index_of(folder)
+    listed = {
+        "linked folder": [index, "sub/config.json"],
+        "linked file": [index, "weights.bin"],
+        "parent path": [index, "../elsewhere/config.json"],
+        "absolute path": [index, str(victim / "config.json")],
+        "unlisted file": [index],
+    }[craft]
+    staging = stage(folder, ".sr3-save-x", {index: b"{}", "extra.txt": b""} if craft == "unlisted file" else {}, "")
+    (staging / STAGED_LISTING).write_text(json.dumps(listed))
+    if craft == "linked folder":
+        (staging / "sub").symlink_to(victim)
+    elif craft == "linked file":
+        (staging / "weights.bin").symlink_to(victim / "config.json")
+    # Beside its index the folder loads as it is, and the crafted folder is left alone.
+    before, outside = tree(folder), tree(victim)
+    load(folder)
+    assert finish_interrupted_save(folder) == []
+    assert tree(folder) == before
+    # Without it, finishing refuses, moving nothing in or out.
+    os.remove(folder / index)
+    before = tree(folder)
+    with pytest.raises(UnsafeStagingError, match=r"\.sr3-save-x"):
+        finish_interrupted_save(folder)
+    assert tree(folder) == before and tree(victim) == outside
+
+
+def test_a_staging_folder_that_is_a_link_is_refused(tmp_path, kind):
+    old, _, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    outside = stage(tmp_path, "outside", {"config.json": b"{}"}, json.dumps(["config.json"]))
+    (folder / ".sr3-save-x").symlink_to(outside)
+    os.remove(folder / index_of(folder))
+    with pytest.raises(UnsafeStagingError, match="not a folder"):
+        finish_interrupted_save(folder)
+    with pytest.raises(UnsafeStagingError, match="not a folder"):
+        old.save_pretrained(folder)
+    assert sorted(os.listdir(outside)) == [STAGED_LISTING, "config.json"]
+
+
+def test_a_stale_staging_folder_beside_a_newer_folder_is_never_rolled_forward(tmp_path, kind):
+    old, new, load = kind
+    folder, stale = tmp_path / "model", tmp_path / "stale"
+    new.save_pretrained(stale)
+    old.save_pretrained(folder)
+    # An old crash left `stale` complete beside the folder; a newer save was then copied in by other means (rsync).
+    shutil.copytree(stale, folder / ".sr3-save-old")
+    (folder / ".sr3-save-old" / STAGED_LISTING).write_text(json.dumps(sorted(contents(stale))))
+    before = tree(folder)
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+    assert finish_interrupted_save(folder) == []
+    assert tree(folder) == before
+    # The next save discards it instead.
+    old.save_pretrained(folder)
+    assert not (folder / ".sr3-save-old").exists()
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+
+
+def test_a_staging_folder_whose_save_is_alive_is_left_to_it(tmp_path, kind):
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    index = index_of(folder)
+    # Another process's save (Diffusers' `is_main_process=False` ranks save alongside): still writing, or moving.
+    writing = stage(folder, ".sr3-save-writing", {"partial.bin": b"..."}, None)
+    moving = stage(folder, ".sr3-save-moving", {index: (folder / index).read_bytes()}, json.dumps([index]))
+    held = []
+    for staging in (writing, moving):
+        descriptor = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # its own open file description: held against this process's too
+        held.append(descriptor)
+    try:
+        new.save_pretrained(folder)
+        assert writing.exists() and moving.exists()
+        torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+        os.remove(folder / index)  # mid-move
+        assert finish_interrupted_save(folder) == []
+        with pytest.raises(FileNotFoundError, match=r"a save is moving \.sr3-save-moving into place"):
+            load(folder)
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+    # Its process ended: the moving save is finished, and the unfinished one discarded by the next save.
+    assert finish_interrupted_save(folder) == [".sr3-save-moving"]
+    assert writing.exists()
+    old.save_pretrained(folder)
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+
+
+@pytest.mark.parametrize("listing", ["{", '{"a": 1}', "[1]", "\xff"])
+def test_a_malformed_listing_is_an_unfinished_save(tmp_path, kind, listing):
+    old, _, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    stage(folder, ".sr3-save-y", {}, None)
+    (folder / ".sr3-save-y" / STAGED_LISTING).write_bytes(listing.encode("latin-1"))
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+    assert finish_interrupted_save(folder) == []
+    index = index_of(folder)
+    os.rename(folder / index, tmp_path / index)
+    with pytest.raises(FileNotFoundError, match=r"only \.sr3-save-y, a save that stopped before it was complete"):
+        load(folder)
+    os.rename(tmp_path / index, folder / index)
+    old.save_pretrained(folder)  # discards it
+    assert not (folder / ".sr3-save-y").exists()

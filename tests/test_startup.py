@@ -24,6 +24,7 @@ PUBLIC_NAMES = [
     "SR3UnconditionalPipeline",
     "convert_original_checkpoint",
     "degrade",
+    "finish_interrupted_save",
     "images_to_tensor",
     "make_beta_schedule",
     "make_scheduler",
@@ -47,7 +48,7 @@ def test_the_package_and_every_parser_import_no_torch():
     code = """
 import contextlib, io
 import diffusers_sr3
-assert diffusers_sr3.__version__ and len(diffusers_sr3.__all__) == 18 and "SR3Pipeline" in dir(diffusers_sr3)
+assert diffusers_sr3.__version__ and len(diffusers_sr3.__all__) == 19 and "SR3Pipeline" in dir(diffusers_sr3)
 from diffusers_sr3 import cli
 cli.build_parser()
 for command in [None, *cli.COMMANDS]:

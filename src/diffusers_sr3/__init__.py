@@ -30,6 +30,7 @@ _LAZY_NAMES = {
     "SR3Pipeline": "pipelines",
     "SR3PipelineOutput": "pipelines",
     "SR3UnconditionalPipeline": "pipelines",
+    "finish_interrupted_save": "pipelines.base",
     "register_remote_code_modules": "pipelines.base",
 }
 
@@ -45,6 +46,7 @@ __all__ = [
     "SR3UnconditionalPipeline",
     "convert_original_checkpoint",
     "degrade",
+    "finish_interrupted_save",
     "images_to_tensor",
     "make_beta_schedule",
     "make_scheduler",
@@ -85,7 +87,10 @@ if TYPE_CHECKING:  # for type checkers and editors, which do not run `__getattr_
         SR3PipelineOutput,
         SR3UnconditionalPipeline,
     )
-    from .pipelines.base import register_remote_code_modules  # noqa: F401 (public, not in __all__, as before)
+    from .pipelines.base import (
+        finish_interrupted_save,
+        register_remote_code_modules,  # noqa: F401 (public, not in __all__, as before)
+    )
 
 
 def __getattr__(name: str) -> Any:

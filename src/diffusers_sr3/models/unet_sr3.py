@@ -772,18 +772,15 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         outputs (seen on an AMD EPYC). Copying the unaligned ones (a few ms) makes save -> load bit-exact.
         """
         # Imported here: the pipelines import this module.
-        from ..pipelines.base import finish_interrupted_saves, staging_folders
+        from ..pipelines.base import unloadable_reason
 
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "") if source is not None else ""
-        if os.path.isdir(folder):
-            finish_interrupted_saves(folder)
-            unfinished = staging_folders(folder)
-            if unfinished and not os.path.isfile(os.path.join(folder, "config.json")):
-                raise FileNotFoundError(
-                    f"{folder} is not a UNet folder: it has no config.json (only {', '.join(unfinished)}, a save that "
-                    "stopped before it was complete)"
-                )
+        # Writes nothing (see `SR3BasePipeline.from_pretrained`): an interrupted save is only named.
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+            reason = unloadable_reason(folder, "config.json")
+            if reason:
+                raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
         with torch.no_grad():
@@ -796,9 +793,10 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         """Diffusers' `save_pretrained`, staged as a pipeline's save (`pipelines.base.staged_save`): the files are
         written in a hidden `.sr3-save-*` folder inside `save_directory`, then moved into place, so a save that fails
         or is killed while writing (a full disk) leaves the previous UNet intact, and one killed while moving is
-        finished by the next `from_pretrained` or save of the folder. With `push_to_hub=True` the files just saved are
-        uploaded, to `repo_id` (default: the folder's name) as Diffusers does, before they are moved into place
-        (a failed upload leaves the previous UNet in place).
+        finished by `diffusers_sr3.finish_interrupted_save(save_directory)` or the next save of the folder (a load
+        refuses it until then). With `push_to_hub=True` the files just saved are uploaded, to `repo_id` (default: the
+        folder's name) as Diffusers does, before they are moved into place (a failed upload leaves the previous UNet
+        in place).
 
         Args:
             save_directory: the folder to save into (created if needed).

@@ -27,6 +27,7 @@ import operator
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -44,6 +45,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from ..defaults import steps_to_run
 from ..interrupts import interrupts_deferred
@@ -64,8 +70,12 @@ REMOTE_CODE_STEMS = {
 STAGING_PREFIX = ".sr3-save-"
 # Written last into a staging folder (renamed into place, so never half-written): the save's files, as a JSON list of
 # `/`-separated paths. A staging folder that holds it is complete, and a save killed while moving it into place is
-# finished by the next load or save of the folder; one without it is an unfinished save, discarded by the next save.
+# finished by `finish_interrupted_save` or the next save of the folder; one without it is an unfinished save,
+# discarded by the next save.
 STAGED_LISTING = ".sr3-staged-files.json"
+# Locked (flock) by the save writing or moving a staging folder, from its creation to its removal: other saves leave
+# a locked staging folder alone, and discard or finish one only once its lock is free (its process ended).
+STAGING_LOCK = ".sr3-save.lock"
 # The file that makes a folder loadable (a pipeline's index, a network's config): the replaced one is removed before
 # the folder's other moves and the new one moved in last, so a folder cut short mid-move is refused, never loaded as a
 # mix of two saves.
@@ -278,40 +288,117 @@ def _move_into(staging: str, target: str, saved: Sequence[str]) -> None:
     move may already have moved: moving again finishes it. Other files in `target` are kept, and so are other
     variants' weights, so that main and fp16 weights can be saved side by side as Diffusers saves them. Weights of a
     variant being saved that the new save does not hold (another format, other shards) are removed: a folder never
-    mixes two saves of one variant.
+    mixes two saves of one variant. Symbolic links are moved or replaced as links, never followed.
     """
     os.makedirs(target, exist_ok=True)
-    incoming = [entry for entry in os.listdir(staging) if entry != STAGED_LISTING]
+    incoming = [entry for entry in os.listdir(staging) if entry not in (STAGED_LISTING, STAGING_LOCK)]
+    # The replaced index goes before anything else changes: a folder that still has its index is the previous save,
+    # untouched, so a load of it never sees a mix (and an interrupted move is told by the index it lacks).
+    for index in INDEX_FILES:
+        if index in incoming and os.path.isfile(os.path.join(target, index)):
+            os.remove(os.path.join(target, index))
     here = {path.split("/", 1)[0] for path in saved}
     saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
     for entry in os.listdir(target):
         is_weights, variant = weight_file_variant(entry)
         if is_weights and variant in saved_variants and entry not in here:
             os.remove(os.path.join(target, entry))
-    for index in INDEX_FILES:
-        if index in incoming and os.path.isfile(os.path.join(target, index)):
-            os.remove(os.path.join(target, index))
     for entry in sorted(incoming, key=lambda name: (name in INDEX_FILES, name)):
         source, destination = os.path.join(staging, entry), os.path.join(target, entry)
+        source_is_folder = stat.S_ISDIR(os.lstat(source).st_mode)
         destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
-        if os.path.isdir(source) and destination_is_folder:
+        if source_is_folder and destination_is_folder:
             below = [path.split("/", 1)[1] for path in saved if path.startswith(f"{entry}/")]
             _move_into(source, destination, below)
             continue
         if destination_is_folder:
             shutil.rmtree(destination)
-        elif os.path.isdir(source) and os.path.lexists(destination):
+        elif source_is_folder and os.path.lexists(destination):
             os.remove(destination)
         os.replace(source, destination)
 
 
+class UnsafeStagingError(ValueError):
+    """A staging folder that does not hold what a save of this package writes (links, paths outside it, files it
+    does not list): it is never moved into place."""
+
+
 def _staged_listing(staging: str) -> Optional[List[str]]:
-    """The files of the complete save in `staging` (its `STAGED_LISTING`); None where the save did not complete."""
+    """The files of the complete save in `staging` (its `STAGED_LISTING`); None where the save did not complete (no
+    listing, or one that is not a JSON list of paths)."""
     try:
         with open(os.path.join(staging, STAGED_LISTING), encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
+            saved = json.load(handle)
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(saved, list) or not all(isinstance(path, str) for path in saved):
+        return None
+    return saved
+
+
+def _check_staging(staging: str, saved: List[str]) -> None:
+    """Raise `UnsafeStagingError` unless the complete save in `staging`, listing `saved`, holds only what a save
+    writes: the listing's paths are relative and stay inside it, nothing in it is a link, and every file in it is
+    listed (some may have been moved already)."""
+    for path in saved:
+        parts = path.split("/")
+        if "\\" in path or os.path.isabs(path) or any(part in ("", ".", "..") for part in parts):
+            raise UnsafeStagingError(f"{staging}: its listing names {path!r}, not a path inside it: remove the folder")
+    present = []
+    for root, folders, names in os.walk(staging):  # os.walk never follows links by default
+        for name in folders + names:
+            if os.path.islink(os.path.join(root, name)):
+                raise UnsafeStagingError(f"{os.path.join(root, name)} is a link: remove {staging}, no save writes it")
+        present += [os.path.relpath(os.path.join(root, name), staging).replace(os.sep, "/") for name in names]
+    unlisted = sorted(set(present) - set(saved) - {STAGED_LISTING, STAGING_LOCK})
+    if unlisted:
+        raise UnsafeStagingError(f"{staging} holds {unlisted[0]}, which its listing does not name: remove the folder")
+
+
+def _lock_staging(staging: str) -> Optional[int]:
+    """A file descriptor holding `staging`'s exclusive lock (`STAGING_LOCK`), or None where another process (or
+    another save in this one) holds it, or the folder was removed meanwhile. The lock lasts until the descriptor is
+    closed (`_unlock`), or its process ends, however it ends. -1 (no lock) where there is no `fcntl` (Windows: a
+    file open there cannot be deleted, which already keeps a live save's folder in place)."""
+    if fcntl is None:
+        return -1
+    path = os.path.join(staging, STAGING_LOCK)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Locked, but maybe a file that a discarding save removed with its folder just before: not this folder's.
+        if os.fstat(descriptor).st_ino == os.lstat(path).st_ino:
+            return descriptor
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(descriptor)
+    return None
+
+
+def _unlock(descriptor: int) -> None:
+    """Release a lock that `_lock_staging` took."""
+    if descriptor >= 0:
+        os.close(descriptor)
+
+
+def _locked(staging: str) -> bool:
+    """Whether a live save holds `staging`'s lock; asked without writing anything (a load's question)."""
+    if fcntl is None:
+        return False
+    try:
+        descriptor = os.open(os.path.join(staging, STAGING_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file: no save made it since this version, or it is gone
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def staging_folders(folder: str) -> List[str]:
@@ -319,33 +406,90 @@ def staging_folders(folder: str) -> List[str]:
     return sorted(entry for entry in os.listdir(folder) if entry.startswith(STAGING_PREFIX))
 
 
-def finish_interrupted_saves(folder: str, discard_unfinished: bool = False) -> None:
-    """Finish moving into `folder` a complete save that was interrupted while moving into place (logging it), and,
-    with `discard_unfinished`, remove the staging folders of saves that did not complete (`folder` holds its previous
-    files: such a save moved nothing)."""
+def unloadable_reason(folder: str, index: str) -> str:
+    """Why `folder`, which lacks its `index` file, holds no model, as the end of a load's error: the staging folders
+    of saves into it, and the call that finishes the one interrupted while moving into place. Writes nothing."""
+    entries = staging_folders(folder) if os.path.isdir(folder) else []
+    complete = [entry for entry in entries if index in (_staged_listing(os.path.join(folder, entry)) or ())]
+    if complete and _locked(os.path.join(folder, complete[0])):
+        return f" (a save is moving {complete[0]} into place: load it once the save ends)"
+    if complete:
+        return (
+            f" (a save was interrupted while moving {complete[0]} into place: finish it with "
+            f"diffusers_sr3.finish_interrupted_save({folder!r}))"
+        )
+    if entries:
+        return f" (only {', '.join(entries)}, a save that stopped before it was complete)"
+    return ""
+
+
+def _interrupted(folder: str, saved: Optional[List[str]]) -> bool:
+    """Whether the complete save listing `saved` (None: not complete) was interrupted while moving into `folder`: its
+    moves remove the folder's index first and move the save's in last, so the folder lacks that index."""
+    indexes = [index for index in INDEX_FILES if index in (saved or ())]
+    return bool(indexes) and not any(os.path.isfile(os.path.join(folder, index)) for index in indexes)
+
+
+def finish_interrupted_save(folder: Union[str, os.PathLike], discard_unfinished: bool = False) -> List[str]:
+    """Finish moving into `folder` the save that was interrupted while moving into place (killed, or a full disk):
+    a load refuses such a folder, which lacks its index file (`model_index.json`, or a UNet's `config.json`), and
+    names its staging folder. The next `save_pretrained` into the folder calls this first.
+
+    Only a complete save (one whose listing `STAGED_LISTING` names its files) is moved, and only into a folder
+    without the index the save holds (the move removes it first): beside a present index, the folder holds a whole
+    save, and a staging folder is a stale one, never rolled forward over a newer folder. A staging folder is checked
+    first (`UnsafeStagingError` for links, paths outside it or unlisted files), and one that another process holds
+    (a save still writing or moving it) is left alone.
+
+    Args:
+        folder: the folder that a pipeline or a UNet was being saved into.
+        discard_unfinished: also remove the staging folders of saves that did not complete, and stale complete ones
+            (what a save does: `folder` holds its previous files, and those saves moved nothing).
+
+    Returns:
+        The names of the staging folders whose saves were finished.
+    """
+    folder = os.fspath(folder)
+    finished = []
     for entry in staging_folders(folder):
         staging = os.path.join(folder, entry)
+        if not stat.S_ISDIR(os.lstat(staging).st_mode):
+            raise UnsafeStagingError(f"{staging} is not a folder (a link?): remove it, it is no save of this package")
         saved = _staged_listing(staging)
-        if saved is None:
-            if discard_unfinished:
-                shutil.rmtree(staging, ignore_errors=True)
+        if _interrupted(folder, saved):
+            _check_staging(staging, saved)  # before the lock file too: a refused folder is left as it is
+        elif not discard_unfinished:
             continue
-        logger.warning(
-            "%s: finishing the save that was interrupted while moving it into place (from %s)", folder, entry
-        )
-        with interrupts_deferred():
-            _move_into(staging, folder, saved)
-        shutil.rmtree(staging, ignore_errors=True)
+        descriptor = _lock_staging(staging)
+        if descriptor is None:  # a live save: its process finishes or discards it
+            continue
+        try:
+            saved = _staged_listing(staging)
+            if _interrupted(folder, saved):  # again, under the lock: the save may have ended meanwhile
+                _check_staging(staging, saved)
+                logger.warning(
+                    "%s: finishing the save that was interrupted while moving it into place (from %s)", folder, entry
+                )
+                with interrupts_deferred():
+                    _move_into(staging, folder, saved)
+                finished.append(entry)
+            elif not discard_unfinished:
+                continue
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            _unlock(descriptor)
+    return finished
 
 
 def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     """Save into `save_directory` what `write(staging)` writes, so that at every instant the folder holds the previous
-    save, the new one, or a complete new one that its next load or save finishes moving into place.
+    save, the new one, or a complete new one that `finish_interrupted_save` (or the next save) moves into place.
 
     `write` writes into a hidden staging folder inside `save_directory` (`STAGING_PREFIX`; a move within one folder
     never crosses filesystems, a mount point or a symlink to another disk, and needs no write access to its parent).
     Its listing (`STAGED_LISTING`) then marks it complete, and its files are moved into place. A save that fails or
     is killed before that leaves the previous files untouched; its staging folder is removed now, or by the next save.
+    The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone.
 
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
@@ -356,26 +500,32 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     """
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    finish_interrupted_saves(save_directory, discard_unfinished=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+    finish_interrupted_save(save_directory, discard_unfinished=True)
+    descriptor = None
+    while descriptor is None:  # another save may discard a staging folder between its creation and its lock
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+        descriptor = _lock_staging(staging)
     try:
-        write(staging)
-        saved = _files_under(staging)
-        listing = os.path.join(staging, f"{STAGED_LISTING}.part")
-        with open(listing, "w", encoding="utf-8") as handle:
-            json.dump(saved, handle)
-        os.replace(listing, os.path.join(staging, STAGED_LISTING))
-    except BaseException:
+        try:
+            write(staging)
+            saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
+            listing = os.path.join(staging, f"{STAGED_LISTING}.part")
+            with open(listing, "w", encoding="utf-8") as handle:
+                json.dump(saved, handle)
+            os.replace(listing, os.path.join(staging, STAGED_LISTING))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):  # only a folder this save created and left empty
+                    os.rmdir(save_directory)
+            raise
+        # From here the staging folder is the new save: a move that fails or is killed leaves it for
+        # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves.
+        with interrupts_deferred():
+            _move_into(staging, save_directory, saved)
         shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):  # only a folder this save created and left empty
-                os.rmdir(save_directory)
-        raise
-    # From here the staging folder is the new save: a move that fails or is killed leaves it for the next load or
-    # save to finish. Ctrl-C or SIGTERM waits for the moves.
-    with interrupts_deferred():
-        _move_into(staging, save_directory, saved)
-    shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        _unlock(descriptor)
     return saved
 
 
@@ -865,8 +1015,9 @@ class SR3BasePipeline(DiffusionPipeline):
 
         The pipeline is written in a hidden staging folder inside `save_directory` first (`.sr3-save-*`), then
         moved into place (`staged_save`): a save that fails or is killed while writing leaves the previous pipeline
-        intact (its staging folder is removed by the next save), and one killed while moving is finished by the next
-        `from_pretrained` or save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
+        intact (its staging folder is removed by the next save), and one killed while moving is finished by
+        `diffusers_sr3.finish_interrupted_save(save_directory)` (a load refuses the folder until then, naming it) or
+        the next save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
         files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
@@ -1109,17 +1260,14 @@ class SR3BasePipeline(DiffusionPipeline):
                 validate_repo_id(source)
             except HFValidationError:
                 raise FileNotFoundError(f"{source}: no such folder (nor a Hub repo id)") from None
-        if os.path.isdir(source):
-            folder = source
-            finish_interrupted_saves(folder)
-        else:
-            folder = cls.download(source, **kwargs)
+        # A load writes nothing, not even to finish an interrupted save: the folder may be read-only, a Hub cache's
+        # snapshot, or being saved into by another process.
+        folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
-            unfinished = staging_folders(folder) if folder == source else []
             raise FileNotFoundError(
                 f"{source} is not a pipeline folder: it has no model_index.json"
-                + (f" (only {', '.join(unfinished)}, a save that stopped before it was complete)" if unfinished else "")
+                + (unloadable_reason(folder, "model_index.json") if folder == source else "")
             )
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)
