@@ -9,9 +9,16 @@ os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# A suite started in the background by a shell without job control (`pytest &` in a script) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler: the Ctrl-C tests would fail for the runner's reason, not the
+# code's.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Everything the tests read lives in the repository (tests/fixtures/README.md says where each file came from), so a
