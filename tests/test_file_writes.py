@@ -313,10 +313,10 @@ def test_a_demo_rerun_that_fails_putting_its_report_in_place_keeps_the_earlier_r
     real_replace = os.replace
     new = moving.startswith("the new")
 
-    def photo_open_in_a_viewer(source, target):  # Windows: neither replaced nor moved
+    def photo_open_in_a_viewer(source, target, **kwargs):  # Windows: neither replaced nor moved
         if str(target if new else source).endswith("photo.png") and str(source).endswith(".tmp") == new:
             raise PermissionError(errno.EACCES, "Permission denied", source, None, target)
-        return real_replace(source, target)
+        return real_replace(source, target, **kwargs)
 
     monkeypatch.setattr(os, "replace", photo_open_in_a_viewer)
     assert main(["demo", "--output", str(out), *DEMO]) == 2

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 
 import diffusers.models.modeling_utils
@@ -169,7 +170,9 @@ def test_a_load_of_a_folder_with_only_a_killed_saves_staging_names_it(tmp_path, 
         new.save_pretrained(tmp_path / "new")
     (staged,) = (tmp_path / "new").iterdir()
     assert staged.name.startswith(STAGING_PREFIX)
-    with pytest.raises(FileNotFoundError, match=f"has no .*json \\(only {staged.name}, a save that stopped before"):
+    # Named as given, without a trailing separator.
+    folder = re.escape(str(tmp_path / "new"))
+    with pytest.raises(FileNotFoundError, match=f"^{folder} is not .*has no .*json \\(only {staged.name}, a save that"):
         load(tmp_path / "new")
 
 
@@ -334,3 +337,95 @@ def test_a_malformed_listing_is_an_unfinished_save(tmp_path, kind, listing):
     os.rename(tmp_path / index, folder / index)
     old.save_pretrained(folder)  # discards it
     assert not (folder / ".sr3-save-y").exists()
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL])
+def test_a_filesystem_without_locks_saves_loads_and_finishes_as_without_fcntl(tmp_path, kind, monkeypatch, code):
+    old, new, load = kind
+    folder = tmp_path / "model"
+
+    def no_locks(descriptor, operation):  # NFS mounted nolock, some FUSE and CIFS mounts
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = open_descriptors()
+    old.save_pretrained(folder)
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+    index = index_of(folder)
+    stage(folder, ".sr3-save-x", {index: (folder / index).read_bytes()}, json.dumps([index]))
+    (folder / ".sr3-save-x" / STAGING_LOCK).touch()
+    os.remove(folder / index)
+    with pytest.raises(FileNotFoundError, match=r"interrupted while moving \.sr3-save-x .*finish_interrupted_save\("):
+        load(folder)
+    assert finish_interrupted_save(folder) == [".sr3-save-x"]
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+    new.save_pretrained(folder)
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert open_descriptors() == before
+
+
+def test_a_subfolder_swapped_for_a_link_while_moving_moves_nothing_from_outside(tmp_path, monkeypatch):
+    folder, victim = tmp_path / "model", tmp_path / "victim"
+    (folder / "unet").mkdir(parents=True)
+    victim.mkdir()
+    (victim / "secret.txt").write_text("outside")
+    staging = stage(
+        folder, ".sr3-save-x", {"config.json": b"{}", "unet/a.json": b"{}"}, '["config.json", "unet/a.json"]'
+    )
+    real_listdir, swapped = os.listdir, []
+
+    def listdir(path=None):
+        # Another process swaps the checked `unet` for a link just before the move lists it (by path or descriptor).
+        unet = staging / "unet"
+        if not swapped and not unet.is_symlink() and unet.is_dir():
+            if path == str(unet) or isinstance(path, int) and os.path.samestat(os.fstat(path), os.lstat(unet)):
+                swapped.append(path)
+                shutil.rmtree(unet)
+                unet.symlink_to(victim)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    finish_interrupted_save(folder)
+    monkeypatch.undo()
+    assert swapped
+    assert os.listdir(victim) == ["secret.txt"] and "secret.txt" not in os.listdir(folder / "unet")
+
+
+def test_a_lock_file_that_is_a_link_is_refused_naming_its_folder(tmp_path, kind):
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    stage(folder, ".sr3-save-x", {}, None)
+    (folder / ".sr3-save-x" / STAGING_LOCK).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UnsafeStagingError, match=r"\.sr3-save\.lock is a link: remove .*\.sr3-save-x"):
+        new.save_pretrained(folder)
+    assert not (tmp_path / "nowhere").exists()
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+
+
+@pytest.mark.parametrize("fifo", [STAGED_LISTING, STAGING_LOCK])
+def test_a_listing_or_lock_file_that_is_a_fifo_never_blocks(tmp_path, kind, fifo):
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    index = index_of(folder)
+    stage(folder, ".sr3-save-f", {index: (folder / index).read_bytes()}, json.dumps([index]))
+    (folder / ".sr3-save-f" / fifo).unlink(missing_ok=True)
+    os.mkfifo(folder / ".sr3-save-f" / fifo)
+    os.remove(folder / index)
+    # A FIFO listing is an unfinished save; a FIFO lock file is no save's, refused when finishing it.
+    reason = "a save that stopped before" if fifo == STAGED_LISTING else "finish_interrupted_save"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(folder))} is not .*{reason}"):
+        load(folder)
+    if fifo == STAGING_LOCK:
+        with pytest.raises(UnsafeStagingError, match=r"\.sr3-save\.lock is not a file: remove .*\.sr3-save-f"):
+            finish_interrupted_save(folder)
+    else:
+        assert finish_interrupted_save(folder) == []
+        new.save_pretrained(folder)  # discards it
+        torch.testing.assert_close(conv_in(load(folder)), conv_in(new))

@@ -29,11 +29,11 @@ def _replaces(monkeypatch, at, action):
     """Make base.py's n-th `os.replace` run `action` first (n = `at`); returns the list of calls made."""
     real, calls = os.replace, []
 
-    def replace(source, destination):
+    def replace(source, destination, **kwargs):
         calls.append(destination)
         if len(calls) == at:
             action()
-        return real(source, destination)
+        return real(source, destination, **kwargs)
 
     monkeypatch.setattr(base.os, "replace", replace)
     return calls
@@ -106,4 +106,5 @@ def test_a_signal_during_the_moves_waits_for_them(tmp_path, monkeypatch, pipelin
     monkeypatch.undo()
     loaded = SR3Pipeline.from_pretrained(folder)
     assert _first_weight(loaded) == _first_weight(new)
+    assert not [path for path in folder.iterdir() if path.name.startswith(base.STAGING_PREFIX)]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

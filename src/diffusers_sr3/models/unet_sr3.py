@@ -775,7 +775,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         from ..pipelines.base import unloadable_reason
 
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "") if source is not None else ""
+        folder = os.fspath(source) if source is not None else ""
+        if folder and kwargs.get("subfolder"):  # joined only when given: a refusal names the folder, no trailing `/`
+            folder = os.path.join(folder, kwargs["subfolder"])
         # Writes nothing (see `SR3BasePipeline.from_pretrained`): an interrupted save is only named.
         if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
             reason = unloadable_reason(folder, "config.json")

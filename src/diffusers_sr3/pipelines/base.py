@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import glob
 import inspect
@@ -76,6 +77,20 @@ STAGED_LISTING = ".sr3-staged-files.json"
 # Locked (flock) by the save writing or moving a staging folder, from its creation to its removal: other saves leave
 # a locked staging folder alone, and discard or finish one only once its lock is free (its process ended).
 STAGING_LOCK = ".sr3-save.lock"
+# flock's errors on a filesystem without locks (NFS mounted nolock, some FUSE and CIFS mounts): saves there lock
+# nothing, as on Windows.
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+# Whether `_move_into` moves relative to folder descriptors (`os.replace` shares `os.rename`'s `dir_fd` support).
+_BY_DESCRIPTOR = (
+    {os.open, os.stat, os.rename} <= os.supports_dir_fd
+    and os.listdir in os.supports_fd
+    and hasattr(os, "O_DIRECTORY")
+    and hasattr(os, "O_NOFOLLOW")
+)
+_FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+# Opening a FIFO blocks until it has a writer: the listing and the lock file are opened without waiting, and only
+# regular files are read.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 # The file that makes a folder loadable (a pipeline's index, a network's config): the replaced one is removed before
 # the folder's other moves and the new one moved in last, so a folder cut short mid-move is refused, never loaded as a
 # mix of two saves.
@@ -281,7 +296,7 @@ def _files_under(folder: str) -> List[str]:
     return sorted(files)
 
 
-def _move_into(staging: str, target: str, saved: Sequence[str]) -> None:
+def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: Optional[int] = None) -> None:
     """Move every entry of `staging` into `target`: files replace those of the same name, folders are merged.
 
     `saved` lists the files of the whole save (`/`-separated, relative to `staging`), some of which an interrupted
@@ -289,33 +304,52 @@ def _move_into(staging: str, target: str, saved: Sequence[str]) -> None:
     variants' weights, so that main and fp16 weights can be saved side by side as Diffusers saves them. Weights of a
     variant being saved that the new save does not hold (another format, other shards) are removed: a folder never
     mixes two saves of one variant. Symbolic links are moved or replaced as links, never followed.
+
+    Args:
+        staging: the folder to move from (a name relative to `staging_parent` where that is given).
+        target: the folder to move into (created if needed).
+        saved: the save's files, as above.
+        staging_parent: a descriptor of the folder holding `staging` (the recursion into its subfolders).
     """
     os.makedirs(target, exist_ok=True)
-    incoming = [entry for entry in os.listdir(staging) if entry not in (STAGED_LISTING, STAGING_LOCK)]
-    # The replaced index goes before anything else changes: a folder that still has its index is the previous save,
-    # untouched, so a load of it never sees a mix (and an interrupted move is told by the index it lacks).
-    for index in INDEX_FILES:
-        if index in incoming and os.path.isfile(os.path.join(target, index)):
-            os.remove(os.path.join(target, index))
-    here = {path.split("/", 1)[0] for path in saved}
-    saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
-    for entry in os.listdir(target):
-        is_weights, variant = weight_file_variant(entry)
-        if is_weights and variant in saved_variants and entry not in here:
-            os.remove(os.path.join(target, entry))
-    for entry in sorted(incoming, key=lambda name: (name in INDEX_FILES, name)):
-        source, destination = os.path.join(staging, entry), os.path.join(target, entry)
-        source_is_folder = stat.S_ISDIR(os.lstat(source).st_mode)
-        destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
-        if source_is_folder and destination_is_folder:
-            below = [path.split("/", 1)[1] for path in saved if path.startswith(f"{entry}/")]
-            _move_into(source, destination, below)
-            continue
-        if destination_is_folder:
-            shutil.rmtree(destination)
-        elif source_is_folder and os.path.lexists(destination):
-            os.remove(destination)
-        os.replace(source, destination)
+    # Each source folder is opened once, never through a link, and its entries are listed, statted and moved relative
+    # to that descriptor: a subfolder that another process swaps for a link after its check moves nothing from outside
+    # in. Without descriptor-relative calls (Windows) `source` is None and the same calls take paths.
+    source = os.open(staging, _FOLDER_FLAGS, dir_fd=staging_parent) if _BY_DESCRIPTOR else None
+
+    def at(entry: str) -> str:
+        return entry if source is not None else os.path.join(staging, entry)
+
+    try:
+        listed = os.listdir(staging if source is None else source)
+        incoming = [entry for entry in listed if entry not in (STAGED_LISTING, STAGING_LOCK)]
+        # The replaced index goes before anything else changes: a folder that still has its index is the previous
+        # save, untouched, so a load of it never sees a mix (and an interrupted move is told by the index it lacks).
+        for index in INDEX_FILES:
+            if index in incoming and os.path.isfile(os.path.join(target, index)):
+                os.remove(os.path.join(target, index))
+        here = {path.split("/", 1)[0] for path in saved}
+        saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
+        for entry in os.listdir(target):
+            is_weights, variant = weight_file_variant(entry)
+            if is_weights and variant in saved_variants and entry not in here:
+                os.remove(os.path.join(target, entry))
+        for entry in sorted(incoming, key=lambda name: (name in INDEX_FILES, name)):
+            destination = os.path.join(target, entry)
+            source_is_folder = stat.S_ISDIR(os.stat(at(entry), dir_fd=source, follow_symlinks=False).st_mode)
+            destination_is_folder = os.path.isdir(destination) and not os.path.islink(destination)
+            if source_is_folder and destination_is_folder:
+                below = [path.split("/", 1)[1] for path in saved if path.startswith(f"{entry}/")]
+                _move_into(at(entry), destination, below, source)
+                continue
+            if destination_is_folder:
+                shutil.rmtree(destination)
+            elif source_is_folder and os.path.lexists(destination):
+                os.remove(destination)
+            os.replace(at(entry), destination, src_dir_fd=source)
+    finally:
+        if source is not None:
+            os.close(source)
 
 
 class UnsafeStagingError(ValueError):
@@ -325,12 +359,18 @@ class UnsafeStagingError(ValueError):
 
 def _staged_listing(staging: str) -> Optional[List[str]]:
     """The files of the complete save in `staging` (its `STAGED_LISTING`); None where the save did not complete (no
-    listing, or one that is not a JSON list of paths)."""
+    listing, or one that is not a regular file holding a JSON list of paths)."""
     try:
-        with open(os.path.join(staging, STAGED_LISTING), encoding="utf-8") as handle:
-            saved = json.load(handle)
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        descriptor = os.open(os.path.join(staging, STAGED_LISTING), os.O_RDONLY | _O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    with open(descriptor, encoding="utf-8") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        try:
+            saved = json.load(handle)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
     if not isinstance(saved, list) or not all(isinstance(path, str) for path in saved):
         return None
     return saved
@@ -359,23 +399,36 @@ def _lock_staging(staging: str) -> Optional[int]:
     """A file descriptor holding `staging`'s exclusive lock (`STAGING_LOCK`), or None where another process (or
     another save in this one) holds it, or the folder was removed meanwhile. The lock lasts until the descriptor is
     closed (`_unlock`), or its process ends, however it ends. -1 (no lock) where there is no `fcntl` (Windows: a
-    file open there cannot be deleted, which already keeps a live save's folder in place)."""
+    file open there cannot be deleted, which already keeps a live save's folder in place) or the filesystem has no
+    locks (`_NO_LOCKING`). `UnsafeStagingError` where the lock file is a link or not a regular file."""
     if fcntl is None:
         return -1
     path = os.path.join(staging, STAGING_LOCK)
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_NONBLOCK, 0o644)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError:
+        if os.path.islink(path):  # O_NOFOLLOW's ELOOP
+            raise UnsafeStagingError(f"{path} is a link: remove {staging}, no save writes it") from None
+        raise
+    held = False
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise UnsafeStagingError(f"{path} is not a file: remove {staging}, no save writes it")
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # Locked, but maybe a file that a discarding save removed with its folder just before: not this folder's.
-        if os.fstat(descriptor).st_ino == os.lstat(path).st_ino:
-            return descriptor
+        held = os.fstat(descriptor).st_ino == os.lstat(path).st_ino
     except (BlockingIOError, FileNotFoundError):
         pass
-    os.close(descriptor)
-    return None
+    except OSError as error:
+        if error.errno not in _NO_LOCKING:
+            raise
+        return -1
+    finally:
+        if not held:
+            os.close(descriptor)
+    return descriptor if held else None
 
 
 def _unlock(descriptor: int) -> None:
@@ -389,13 +442,17 @@ def _locked(staging: str) -> bool:
     if fcntl is None:
         return False
     try:
-        descriptor = os.open(os.path.join(staging, STAGING_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        descriptor = os.open(os.path.join(staging, STAGING_LOCK), os.O_RDONLY | os.O_NOFOLLOW | _O_NONBLOCK)
     except OSError:  # no lock file: no save made it since this version, or it is gone
         return False
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):  # else no save's: finishing it refuses it
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError as error:
+        if error.errno not in _NO_LOCKING:
+            raise
     finally:
         os.close(descriptor)
     return False
@@ -470,12 +527,12 @@ def finish_interrupted_save(folder: Union[str, os.PathLike], discard_unfinished:
                 logger.warning(
                     "%s: finishing the save that was interrupted while moving it into place (from %s)", folder, entry
                 )
-                with interrupts_deferred():
+                with interrupts_deferred():  # the staging folder's removal too: a Ctrl-C there would leave it
                     _move_into(staging, folder, saved)
+                    shutil.rmtree(staging, ignore_errors=True)
                 finished.append(entry)
-            elif not discard_unfinished:
-                continue
-            shutil.rmtree(staging, ignore_errors=True)
+            elif discard_unfinished:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             _unlock(descriptor)
     return finished
@@ -501,12 +558,12 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     finish_interrupted_save(save_directory, discard_unfinished=True)
-    descriptor = None
-    while descriptor is None:  # another save may discard a staging folder between its creation and its lock
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
-        descriptor = _lock_staging(staging)
+    descriptor = staging = None
     try:
         try:
+            while descriptor is None:  # another save may discard a staging folder between its creation and its lock
+                staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+                descriptor = _lock_staging(staging)
             write(staging)
             saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
             listing = os.path.join(staging, f"{STAGED_LISTING}.part")
@@ -514,18 +571,21 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
                 json.dump(saved, handle)
             os.replace(listing, os.path.join(staging, STAGED_LISTING))
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             if created:
                 with contextlib.suppress(OSError):  # only a folder this save created and left empty
                     os.rmdir(save_directory)
             raise
         # From here the staging folder is the new save: a move that fails or is killed leaves it for
-        # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves.
+        # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves and the staging folder's
+        # removal (raised after it, it would leave the folder behind).
         with interrupts_deferred():
             _move_into(staging, save_directory, saved)
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        _unlock(descriptor)
+        if descriptor is not None:
+            _unlock(descriptor)
     return saved
 
 
