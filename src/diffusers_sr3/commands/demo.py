@@ -444,6 +444,15 @@ def _verdicts(results: Dict[str, Dict[str, List[float]]], busy: Optional[str] = 
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo into --output, which it holds for its whole run: a second demo (or a training run) into the same
+    folder is refused at once, rather than both writing there. Its training holds the model folder's own lock."""
+    from ..training.output_lock import claim_output_folder
+
+    with claim_output_folder(args.output, "--output"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..backends import default_cpu_threads

@@ -64,6 +64,7 @@ from .checkpointing import (
 from .config import TrainingConfig, training_command
 from .hub import push_folder
 from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict, predicted_clean
+from .output_lock import claim_output_folder
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -463,7 +464,11 @@ class Trainer:
         threads_before = torch.get_num_threads()
         new_folder = not os.path.exists(self.config.output_dir)
         try:
-            return self._run()
+            # Before anything in the folder changes (`remove_stale_temporaries` deletes the staging folders a live
+            # run would be writing). Only the main process locks: the others' locks would conflict with its own.
+            main = os.environ.get("RANK", "0") == "0"
+            with claim_output_folder(self.config.output_dir) if main else contextlib.nullcontext():
+                return self._run()
         except BaseException:
             if new_folder:  # a run that fails before writing anything leaves no empty folder behind
                 with contextlib.suppress(OSError):
@@ -1075,6 +1080,14 @@ class Trainer:
         """Remove the half-written checkpoint; the one-line error that says which could not be written, and why."""
         output_dir = self.config.output_dir
         if accelerator.is_main_process:
+            # torch.save reports a missing folder as a RuntimeError naming it.
+            missing = isinstance(error, FileNotFoundError) or os.path.basename(temporary) in str(error)
+            if missing and not os.path.isdir(temporary):
+                # Removed by something else while written: no disk problem, and another such removal may follow.
+                return OSError(
+                    f"cannot write checkpoint-{step} in {output_dir}: its staging folder {os.path.basename(temporary)} "
+                    "was removed while the run wrote it (another program or run changed the folder under this run)"
+                )
             shutil.rmtree(temporary, ignore_errors=True)
         free = shutil.disk_usage(output_dir).free
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]

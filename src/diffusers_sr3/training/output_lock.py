@@ -1,0 +1,117 @@
+"""One writer per output folder: a training run (or `sr3 demo`) holds an exclusive lock on `LOCK_FILE` in its folder.
+
+Two runs into one folder would replace each other's checkpoints, prune them, and delete each other's half-written
+ones; the second one is refused at once instead. The lock is `fcntl.flock`'s, so it ends with its process however
+that ends, and a stale lock file never blocks a later run. Where there is no flock (Windows) or the filesystem has no
+locks (NFS mounted nolock), nothing is locked, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+# A dot file: the Hub uploads (`UPLOAD_IGNORE_PATTERNS`' ".*") leave it out, and it is no `checkpoint-<step>`.
+LOCK_FILE = ".sr3-train.lock"
+# flock's errors on a filesystem without locks (NFS mounted nolock, some FUSE and CIFS mounts).
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+# A FIFO put in the lock file's place must not block the open.
+_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class OutputFolderBusyError(ValueError):
+    """Another live run holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def claim_output_folder(folder: str, option: str = "--output_dir") -> Iterator[None]:
+    """Hold `folder`'s exclusive lock while the block runs (the folder is created if needed).
+
+    Args:
+        folder: the output folder.
+        option: the command-line option that named it, for the messages.
+
+    Raises:
+        OutputFolderBusyError: another process holds the lock (nothing in `folder` is changed).
+        ValueError: `folder` is a file, or its lock file is a link or not a regular file.
+        OSError: `folder` or its lock file cannot be created.
+
+    The lock file records the holder's process id, which a refused run names. It stays after the run; a folder this
+    call created is removed again when the block fails and leaves it otherwise empty.
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{option} {folder} is a file, not a folder")
+    new_folder = not os.path.exists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"{option} {folder} is not writable ({error.strerror or error})") from None
+    descriptor = _lock(folder, option)
+    try:
+        yield
+    except BaseException:
+        if new_folder:  # a failed run leaves no folder of its own behind, its lock file included
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, LOCK_FILE))
+                os.rmdir(folder)
+        raise
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _lock(folder: str, option: str) -> Optional[int]:
+    """A descriptor holding `folder`'s lock, with this process's id written in; None where nothing can be locked."""
+    if fcntl is None:
+        return None
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        try:
+            descriptor = os.open(path, _FLAGS, 0o644)
+        except OSError as error:
+            if os.path.islink(path):  # O_NOFOLLOW's ELOOP
+                raise ValueError(f"{path} is a link, not the lock file a run writes: remove it") from None
+            raise OSError(f"{option} {folder} is not writable ({error.strerror or error})") from None
+        held = False
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ValueError(f"{path} is not a file, not the lock file a run writes: remove it")
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputFolderBusyError(
+                    f"{folder} is being written by another training run (pid {_holder(descriptor)}); wait for it or "
+                    f"choose another {option}"
+                ) from None
+            except OSError as error:
+                if error.errno in _NO_LOCKING:
+                    return None
+                raise
+            # Locked, but maybe a file that a failed run removed with its new folder just before: lock the new one.
+            with contextlib.suppress(FileNotFoundError):
+                held = os.fstat(descriptor).st_ino == os.lstat(path).st_ino
+            if held:
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+        finally:
+            if not held:
+                os.close(descriptor)
+        if held:
+            return descriptor
+
+
+def _holder(descriptor: int) -> str:
+    """The process id the lock's holder wrote ("unknown" while it has not yet)."""
+    try:
+        text = os.pread(descriptor, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+    return text if text.isdigit() else "unknown"

@@ -1,0 +1,136 @@
+"""One writer per output folder: a training run or `sr3 demo` into a folder another live run holds is refused."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from test_data import make_image_folder
+from test_training import fast_options
+
+from diffusers_sr3.training import Trainer, TrainingConfig, train
+from diffusers_sr3.training.output_lock import LOCK_FILE, OutputFolderBusyError, claim_output_folder
+
+pytest.importorskip("fcntl")
+
+HOLD = (
+    "import sys; from diffusers_sr3.training.output_lock import claim_output_folder\n"
+    "with claim_output_folder(sys.argv[1]):\n"
+    "    print('held', flush=True); sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def held():
+    """Hold a folder's lock from another process until the test ends; yields (start, pid)."""
+    holders = []
+
+    def start(folder):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        holders.append(holder)
+        assert holder.stdout.readline() == "held\n"
+        return holder.pid
+
+    yield start
+    for holder in holders:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def contents(folder):
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+    )
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_left_as_it_is(tmp_path, held):
+    pid = held(tmp_path / "out")
+    before = contents(tmp_path / "out")
+    with pytest.raises(OutputFolderBusyError) as refused:
+        with claim_output_folder(str(tmp_path / "out")):
+            pytest.fail("claimed a held folder")
+    assert str(refused.value) == (
+        f"{tmp_path / 'out'} is being written by another training run (pid {pid}); wait for it or choose another "
+        "--output_dir"
+    )
+    assert contents(tmp_path / "out") == before == [LOCK_FILE]
+
+
+def test_a_failed_claim_of_a_new_folder_leaves_no_folder(tmp_path):
+    with pytest.raises(KeyError):
+        with claim_output_folder(str(tmp_path / "new")):
+            raise KeyError("failed")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_held_folder_refuses_a_run_and_a_resume_before_anything_changes(tmp_path, held):
+    output = tmp_path / "out"
+    (output / ".tmp-checkpoint-3").mkdir(parents=True)  # the live run's half-written checkpoint
+    (output / ".tmp-checkpoint-3" / "model.safetensors").write_bytes(b"being written")
+    (output / "checkpoint-2").mkdir()
+    (output / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}')
+    pid = held(output)
+    before = contents(output)
+    data = str(tmp_path / "images")
+    make_image_folder(data, count=2, size=(48, 48), bad=False)
+    for resume in (None, "latest"):
+        config = TrainingConfig(**fast_options(output, train_data_dir=data, resume_from_checkpoint=resume))
+        with pytest.raises(OutputFolderBusyError, match=rf"\(pid {pid}\); wait for it or choose another --output_dir"):
+            train(config)
+        assert contents(output) == before
+
+
+def test_a_finished_run_releases_its_folder(tmp_path):
+    data = str(tmp_path / "images")
+    make_image_folder(data, count=2, size=(48, 48), bad=False)
+    output = tmp_path / "out"
+    train(TrainingConfig(**fast_options(output, train_data_dir=data, max_train_steps=1)))
+    assert (output / LOCK_FILE).is_file()
+    # Another process can take the lock now (a second run into the folder would start).
+    claim = (
+        "import sys; from diffusers_sr3.training.output_lock import claim_output_folder as c\nwith c(sys.argv[1]): pass"
+    )
+    subprocess.run([sys.executable, "-c", claim, str(output)], check=True, timeout=60)
+
+
+def test_a_second_demo_into_a_held_output_is_refused_in_one_line(tmp_path, held, capsys, monkeypatch):
+    from diffusers_sr3.cli import main
+    from diffusers_sr3.commands import demo
+
+    monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("trained into a held --output"))
+    pid = held(tmp_path / "demo")
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1", "--overwrite"]) == 2
+    assert capsys.readouterr().err == (
+        f"sr3 demo: error: {tmp_path / 'demo'} is being written by another training run (pid {pid}); wait for it or "
+        "choose another --output\n"
+    )
+    assert contents(tmp_path / "demo") == [LOCK_FILE]
+
+
+def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_path):
+    trainer = Trainer(TrainingConfig(**fast_options(tmp_path, train_data_dir=str(tmp_path))))
+    missing = str(tmp_path / ".tmp-checkpoint-3")
+    error = trainer._checkpoint_error(
+        SimpleNamespace(is_main_process=True), missing, 3, RuntimeError(f"Parent directory {missing} does not exist.")
+    )
+    assert "GiB free" not in str(error)
+    assert str(error).startswith(f"cannot write checkpoint-3 in {tmp_path}: its staging folder .tmp-checkpoint-3 was")
+    # A real write error still names the space left.
+    os.mkdir(missing)
+    error = trainer._checkpoint_error(SimpleNamespace(is_main_process=True), missing, 3, OSError(28, "No space"))
+    assert "GiB free there" in str(error) and not os.path.exists(missing)
+
+
+def test_the_lock_file_is_never_uploaded(tmp_path):
+    from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations
+
+    with claim_output_folder(str(tmp_path)):
+        (tmp_path / "model_index.json").write_text("{}")
+        uploaded = [
+            operation.path_in_repo
+            for operation in _upload_operations(str(tmp_path), "card", _ignore_patterns(str(tmp_path), "logs"))
+        ]
+    assert uploaded == ["model_index.json"]
