@@ -168,3 +168,17 @@ def test_a_unet_load_holds_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "folder_loading", recorded)
     SR3UNet2DModel.from_pretrained(folder)
     assert held == [(os.fspath(folder), "config.json")]
+
+
+def test_a_move_whose_replaced_index_another_save_removed_first_goes_on(tmp_path, monkeypatch):
+    # Where locks do not hold, another save's move may remove the index between a check of it and its removal.
+    staging, target = tmp_path / "staging", tmp_path / "target"
+    staging.mkdir()
+    target.mkdir()
+    (staging / "model_index.json").write_text("{}")
+    isfile = os.path.isfile
+    monkeypatch.setattr(
+        os.path, "isfile", lambda path: path == os.path.join(target, "model_index.json") or isfile(path)
+    )
+    base._move_into(str(staging), str(target), ["model_index.json"])
+    assert (target / "model_index.json").read_text() == "{}"
