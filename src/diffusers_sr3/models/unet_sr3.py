@@ -7,6 +7,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -772,18 +773,21 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         outputs (seen on an AMD EPYC). Copying the unaligned ones (a few ms) makes save -> load bit-exact.
         """
         # Imported here: the pipelines import this module.
-        from ..pipelines.base import unloadable_reason
+        from ..pipelines.base import folder_loading, unloadable_reason
 
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         folder = os.fspath(source) if source is not None else ""
         if folder and kwargs.get("subfolder"):  # joined only when given: a refusal names the folder, no trailing `/`
             folder = os.path.join(folder, kwargs["subfolder"])
-        # Writes nothing (see `SR3BasePipeline.from_pretrained`): an interrupted save is only named.
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
-            reason = unloadable_reason(folder, "config.json")
-            if reason:
-                raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
-        loaded = super().from_pretrained(*args, **kwargs)
+        # Writes nothing (see `SR3BasePipeline.from_pretrained`): an interrupted save is only named. A save into a
+        # local folder waits for the load to end, and one moving into it now ends first (`folder_loading`).
+        local = os.path.isdir(folder)
+        with folder_loading(folder, "config.json") if local else contextlib.nullcontext():
+            if local and not os.path.isfile(os.path.join(folder, "config.json")):
+                reason = unloadable_reason(folder, "config.json")
+                if reason:
+                    raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
+            loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

@@ -326,8 +326,9 @@ def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: 
         # The replaced index goes before anything else changes: a folder that still has its index is the previous
         # save, untouched, so a load of it never sees a mix (and an interrupted move is told by the index it lacks).
         for index in INDEX_FILES:
-            if index in incoming and os.path.isfile(os.path.join(target, index)):
-                os.remove(os.path.join(target, index))
+            if index in incoming:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(target, index))
         here = {path.split("/", 1)[0] for path in saved}
         saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
         for entry in os.listdir(target):
@@ -458,6 +459,109 @@ def _locked(staging: str) -> bool:
     return False
 
 
+class _FolderLock:
+    """This process's hold of one folder's lock: the threads holding it take turns (the one holding it re-enters),
+    and one descriptor holds the flock for all of them."""
+
+    def __init__(self) -> None:
+        self.turn = threading.RLock()
+        self.users = 0  # threads holding or waiting for `turn`: the entry is dropped when none is left
+        self.depth = 0  # `folder_locked` calls inside one another in the thread holding `turn`
+        self.descriptor: Optional[int] = None
+        self.exclusive = False
+
+
+# flock locks belong to an open file description: a second descriptor of a folder that this process has locked
+# would wait for this process itself. Keyed by the folder's (st_dev, st_ino).
+_FOLDER_LOCKS: Dict[Tuple[int, int], _FolderLock] = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+
+
+def _flock(descriptor: int, exclusive: bool) -> None:
+    """Lock `descriptor` (`folder_locked`), waiting for it; nothing where there are no locks."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError as error:
+        if error.errno not in _NO_LOCKING:
+            raise
+
+
+@contextlib.contextmanager
+def folder_locked(folder: str, exclusive: bool) -> Iterator[None]:
+    """Hold `folder`'s own lock (flock on a descriptor of the folder: no file is created in it), waiting for it.
+
+    Saves hold it exclusively while they move a staging folder into place, loads shared while they read the index
+    and the components, so that a load never sees a mix of two saves and two saves' moves never interleave. It is
+    re-entrant within a process: a shared hold taken inside an exclusive one keeps it exclusive, an exclusive one
+    inside a shared one makes it exclusive. Without `fcntl` (Windows) or on a filesystem without locks
+    (`_NO_LOCKING`), only this process's threads take turns.
+
+    Args:
+        folder: an existing folder.
+        exclusive: whether to exclude every other holder (a save) or only exclusive ones (a load).
+    """
+    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        status = os.fstat(descriptor)
+        key = (status.st_dev, status.st_ino)
+        with _FOLDER_LOCKS_GUARD:
+            entry = _FOLDER_LOCKS.setdefault(key, _FolderLock())
+            entry.users += 1
+        try:
+            with entry.turn:
+                if entry.depth == 0 or (exclusive and not entry.exclusive):
+                    if entry.descriptor is None:
+                        entry.descriptor, descriptor = descriptor, -1
+                    try:
+                        _flock(entry.descriptor, exclusive)
+                    except BaseException:  # Ctrl-C while waiting too
+                        if entry.depth == 0:
+                            descriptor, entry.descriptor = entry.descriptor, None
+                        raise
+                    entry.exclusive = entry.exclusive or exclusive
+                entry.depth += 1
+                try:
+                    yield
+                finally:
+                    entry.depth -= 1
+                    if entry.depth == 0:
+                        descriptor, entry.descriptor, entry.exclusive = entry.descriptor, None, False
+        finally:
+            with _FOLDER_LOCKS_GUARD:
+                entry.users -= 1
+                if not entry.users:
+                    del _FOLDER_LOCKS[key]
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)  # releases the flock
+
+
+def _index_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """What tells one save's index file from another's; None where there is none."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+@contextlib.contextmanager
+def folder_loading(folder: str, index: str) -> Iterator[None]:
+    """Load from the local `folder`, whose loadable files `index` names, holding its shared lock (`folder_locked`),
+    and refuse the load if the index changed or vanished meanwhile: a save moved into the folder where locks do not
+    hold (another host on NFS without locks, Windows), and the load may mix two saves. Writes nothing."""
+    with folder_locked(folder, exclusive=False):
+        path = os.path.join(folder, index)
+        before = _index_identity(path)
+        try:
+            yield
+        finally:
+            if _index_identity(path) != before:
+                raise OSError(f"{folder} changed while it loaded: a save is moving into it: load it once the save ends")
+
+
 def staging_folders(folder: str) -> List[str]:
     """The names of the staging folders of saves into `folder` that did not end (killed, or failing to move)."""
     return sorted(entry for entry in os.listdir(folder) if entry.startswith(STAGING_PREFIX))
@@ -507,6 +611,12 @@ def finish_interrupted_save(folder: Union[str, os.PathLike], discard_unfinished:
         The names of the staging folders whose saves were finished.
     """
     folder = os.fspath(folder)
+    with folder_locked(folder, exclusive=True):
+        return _finish_interrupted_save(folder, discard_unfinished)
+
+
+def _finish_interrupted_save(folder: str, discard_unfinished: bool) -> List[str]:
+    """`finish_interrupted_save`, under the folder's lock."""
     finished = []
     for entry in staging_folders(folder):
         staging = os.path.join(folder, entry)
@@ -546,7 +656,8 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     never crosses filesystems, a mount point or a symlink to another disk, and needs no write access to its parent).
     Its listing (`STAGED_LISTING`) then marks it complete, and its files are moved into place. A save that fails or
     is killed before that leaves the previous files untouched; its staging folder is removed now, or by the next save.
-    The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone.
+    The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone, and
+    `save_directory`'s own lock (`folder_locked`, as `finish_interrupted_save` does) while it moves the files.
 
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
@@ -579,8 +690,9 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
             raise
         # From here the staging folder is the new save: a move that fails or is killed leaves it for
         # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves and the staging folder's
-        # removal (raised after it, it would leave the folder behind).
-        with interrupts_deferred():
+        # removal (raised after it, it would leave the folder behind). The folder's lock keeps other saves' moves
+        # and loads out until these have ended.
+        with folder_locked(save_directory, exclusive=True), interrupts_deferred():
             _move_into(staging, save_directory, saved)
             shutil.rmtree(staging, ignore_errors=True)
     finally:
@@ -1323,92 +1435,94 @@ class SR3BasePipeline(DiffusionPipeline):
         # A load writes nothing, not even to finish an interrupted save: the folder may be read-only, a Hub cache's
         # snapshot, or being saved into by another process.
         folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
-        index_path = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise FileNotFoundError(
-                f"{source} is not a pipeline folder: it has no model_index.json"
-                + (unloadable_reason(folder, "model_index.json") if folder == source else "")
-            )
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-        pipeline_class = _saved_pipeline_class(cls, source, index)
+        # A save into the folder waits for the load to end, and one moving into it now ends first (`folder_locked`).
+        with folder_loading(folder, "model_index.json") if folder == source else contextlib.nullcontext():
+            index_path = os.path.join(folder, "model_index.json")
+            if not os.path.isfile(index_path):
+                raise FileNotFoundError(
+                    f"{source} is not a pipeline folder: it has no model_index.json"
+                    + (unloadable_reason(folder, "model_index.json") if folder == source else "")
+                )
+            with open(index_path, encoding="utf-8") as handle:
+                index = json.load(handle)
+            pipeline_class = _saved_pipeline_class(cls, source, index)
 
-        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
-        dtype = torch_dtype if dtype is None else dtype
-        variant = kwargs.pop("variant", None)
-        if variant is not None and not _holds_variant(folder, variant):
-            raise ValueError(f"{source} holds no weights of variant {variant!r}")
-        use_safetensors = kwargs.pop("use_safetensors", None)
-        model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
-        low_cpu_mem_usage = model_options.get("low_cpu_mem_usage")
-        if low_cpu_mem_usage is not None and not low_cpu_mem_usage:
-            # Diffusers' own refusal blames `keep_in_fp32_modules`, which the caller never passed.
-            raise ValueError(
-                f"low_cpu_mem_usage={low_cpu_mem_usage!r} cannot load these UNets: they keep their noise-level "
-                "embeddings in float32 (_keep_in_fp32_modules), which Diffusers loads only with low_cpu_mem_usage "
-                "True or None"
-            )
-        loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
-        files = _files_under(folder)
-        if use_safetensors is None:
-            pickled = [name for name in pickle_only_folders(files, variant) if name in loaded]
-            if pickled:
-                raise pickled_weights_error(pipeline_class, source, pickled, local=folder == source)
-        for name, variants in variant_only_folders(files, variant).items():
-            if name in loaded:
-                raise VariantOnlyError(f"{source}/{name}", variants)
-        expected, optional = pipeline_class._get_signature_keys(pipeline_class)
-        init_kwargs: Dict[str, Any] = {}
-        for name in expected:
-            if name in kwargs:
-                init_kwargs[name] = kwargs.pop(name)
-                continue
-            entry = index.get(name)
-            if not isinstance(entry, list) or entry[0] is None:
-                if name in pipeline_class._optional_components:
-                    init_kwargs[name] = None
+            dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+            dtype = torch_dtype if dtype is None else dtype
+            variant = kwargs.pop("variant", None)
+            if variant is not None and not _holds_variant(folder, variant):
+                raise ValueError(f"{source} holds no weights of variant {variant!r}")
+            use_safetensors = kwargs.pop("use_safetensors", None)
+            model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
+            low_cpu_mem_usage = model_options.get("low_cpu_mem_usage")
+            if low_cpu_mem_usage is not None and not low_cpu_mem_usage:
+                # Diffusers' own refusal blames `keep_in_fp32_modules`, which the caller never passed.
+                raise ValueError(
+                    f"low_cpu_mem_usage={low_cpu_mem_usage!r} cannot load these UNets: they keep their noise-level "
+                    "embeddings in float32 (_keep_in_fp32_modules), which Diffusers loads only with low_cpu_mem_usage "
+                    "True or None"
+                )
+            loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
+            files = _files_under(folder)
+            if use_safetensors is None:
+                pickled = [name for name in pickle_only_folders(files, variant) if name in loaded]
+                if pickled:
+                    raise pickled_weights_error(pipeline_class, source, pickled, local=folder == source)
+            for name, variants in variant_only_folders(files, variant).items():
+                if name in loaded:
+                    raise VariantOnlyError(f"{source}/{name}", variants)
+            expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+            init_kwargs: Dict[str, Any] = {}
+            for name in expected:
+                if name in kwargs:
+                    init_kwargs[name] = kwargs.pop(name)
                     continue
-                raise ValueError(f"{source}/model_index.json does not name the component {name!r}")
-            library, class_name = entry
-            component_class = _classes().get(class_name)
-            if component_class is None:
-                if library != "diffusers" or not hasattr(diffusers, class_name):
-                    raise ValueError(
-                        f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
+                entry = index.get(name)
+                if not isinstance(entry, list) or entry[0] is None:
+                    if name in pipeline_class._optional_components:
+                        init_kwargs[name] = None
+                        continue
+                    raise ValueError(f"{source}/model_index.json does not name the component {name!r}")
+                library, class_name = entry
+                component_class = _classes().get(class_name)
+                if component_class is None:
+                    if library != "diffusers" or not hasattr(diffusers, class_name):
+                        raise ValueError(
+                            f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
+                        )
+                    component_class = getattr(diffusers, class_name)
+                subfolder = os.path.join(folder, name)
+                # As Diffusers: a component without the variant's weights loads its main ones.
+                component_variant = variant if variant is not None and _holds_variant(subfolder, variant) else None
+                # A dict names this pipeline's components (a cascade's: its stages, whose value may be a dict again).
+                component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+                if issubclass(component_class, DiffusionPipeline):
+                    if isinstance(dtype, dict) and name not in dtype:  # names the stages' own components, or "default"
+                        component_dtype = dtype
+                    init_kwargs[name] = component_class.from_pretrained(
+                        subfolder,
+                        dtype=component_dtype,
+                        variant=component_variant,
+                        use_safetensors=use_safetensors,
+                        **model_options,
                     )
-                component_class = getattr(diffusers, class_name)
-            subfolder = os.path.join(folder, name)
-            # As Diffusers: a component without the variant's weights loads its main ones.
-            component_variant = variant if variant is not None and _holds_variant(subfolder, variant) else None
-            # A dict names this pipeline's components (a cascade's: its stages, whose value may be a dict again).
-            component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
-            if issubclass(component_class, DiffusionPipeline):
-                if isinstance(dtype, dict) and name not in dtype:  # names the stages' own components, or "default"
-                    component_dtype = dtype
-                init_kwargs[name] = component_class.from_pretrained(
-                    subfolder,
-                    dtype=component_dtype,
-                    variant=component_variant,
-                    use_safetensors=use_safetensors,
-                    **model_options,
-                )
-            elif issubclass(component_class, SchedulerMixin):
-                # Checked before Diffusers builds it: the constructor allocates num_train_timesteps entries.
-                scheduler_config = component_class.load_config(subfolder)
-                try:
-                    check_trained_betas(scheduler_config)
-                except ValueError as error:
-                    raise ValueError(f"{source}/{name}: {error}") from None
-                ignore_scheduler_warnings()
-                init_kwargs[name] = component_class.from_config(scheduler_config)
-            else:
-                init_kwargs[name] = component_class.from_pretrained(
-                    subfolder,
-                    dtype=component_dtype,
-                    variant=component_variant,
-                    use_safetensors=True if use_safetensors is None else use_safetensors,
-                    **model_options,
-                )
+                elif issubclass(component_class, SchedulerMixin):
+                    # Checked before Diffusers builds it: the constructor allocates num_train_timesteps entries.
+                    scheduler_config = component_class.load_config(subfolder)
+                    try:
+                        check_trained_betas(scheduler_config)
+                    except ValueError as error:
+                        raise ValueError(f"{source}/{name}: {error}") from None
+                    ignore_scheduler_warnings()
+                    init_kwargs[name] = component_class.from_config(scheduler_config)
+                else:
+                    init_kwargs[name] = component_class.from_pretrained(
+                        subfolder,
+                        dtype=component_dtype,
+                        variant=component_variant,
+                        use_safetensors=True if use_safetensors is None else use_safetensors,
+                        **model_options,
+                    )
         for name in optional:
             if name in kwargs:
                 init_kwargs[name] = kwargs.pop(name)
