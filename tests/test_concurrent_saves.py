@@ -182,3 +182,20 @@ def test_a_move_whose_replaced_index_another_save_removed_first_goes_on(tmp_path
     )
     base._move_into(str(staging), str(target), ["model_index.json"])
     assert (target / "model_index.json").read_text() == "{}"
+
+
+def test_a_folder_that_can_be_entered_but_not_listed_still_loads(tmp_path, monkeypatch):
+    """Mode 711 (shared model folders, read by others): the folder cannot be opened to lock, as it could not be
+    listed; its loads go on as before locks came, the UNet's subfolder too."""
+    folder = tmp_path / "shared"
+    pipeline(1).save_pretrained(folder)
+    real_open = os.open
+
+    def unreadable(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECTORY", 0) and os.path.realpath(path).startswith(str(folder)):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", unreadable)
+    assert saved_value(SR3Pipeline.from_pretrained(folder)) == 1
+    SR3UNet2DModel.from_pretrained(folder, subfolder="unet")

@@ -479,7 +479,7 @@ _FOLDER_LOCKS_GUARD = threading.Lock()
 
 def _flock(descriptor: int, exclusive: bool) -> None:
     """Lock `descriptor` (`folder_locked`), waiting for it; nothing where there are no locks."""
-    if fcntl is None:
+    if fcntl is None or descriptor < 0:
         return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -502,9 +502,14 @@ def folder_locked(folder: str, exclusive: bool) -> Iterator[None]:
         folder: an existing folder.
         exclusive: whether to exclude every other holder (a save) or only exclusive ones (a load).
     """
-    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        status = os.fstat(descriptor)
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:
+        # A folder one may enter but not list (mode 711, shared model folders) cannot be opened to lock, and loaded
+        # before locks came: there only this process's threads take turns (and loads still check their index).
+        descriptor = -1
+    try:
+        status = os.fstat(descriptor) if descriptor >= 0 else os.stat(folder)
         key = (status.st_dev, status.st_ino)
         with _FOLDER_LOCKS_GUARD:
             entry = _FOLDER_LOCKS.setdefault(key, _FolderLock())
