@@ -61,8 +61,18 @@ def _fill_disk(monkeypatch, folder, first_data, code=errno.ENOSPC):
     monkeypatch.setattr(builtins, "open", opening)
 
 
+def _listing(folder):
+    """`folder`'s entries, sorted, without the output folder's training lock (which stays by design)."""
+    from diffusers_sr3.training.output_lock import LOCK_FILE
+
+    return sorted(name for name in os.listdir(folder) if name != LOCK_FILE)
+
+
 def _leftovers(folder):
-    return [name for name in os.listdir(folder) if name.startswith(".sr3-")]
+    """Hidden files a write left behind: not the output folder's training lock, which stays by design."""
+    from diffusers_sr3.training.output_lock import LOCK_FILE
+
+    return [name for name in os.listdir(folder) if name.startswith(".sr3-") and name != LOCK_FILE]
 
 
 def test_an_unwritable_folder_names_the_destination_not_the_temporary(tmp_path, monkeypatch):
@@ -161,10 +171,10 @@ def test_a_demo_rerun_that_fails_keeps_the_earlier_model_and_report(tmp_path, mo
         f"sr3 demo: error: [Errno 28] cannot write {out / 'metrics.json'}: No space left on device"
     )
     assert (out / "model" / "model_index.json").read_text() == "the earlier model"
-    assert (out / "model" / "checkpoint-5").is_dir() and len(os.listdir(out / "model")) == 2
+    assert (out / "model" / "checkpoint-5").is_dir() and len(_listing(out / "model")) == 2
     assert (out / "metrics.json").read_text() == "the earlier report"
     assert (out / "comparison.png").read_bytes() == b"the earlier picture"
-    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "model"]
+    assert _listing(out) == ["comparison.png", "metrics.json", "model"]
 
 
 def test_a_demo_rerun_that_succeeds_leaves_nothing_of_the_earlier_model(tmp_path, monkeypatch, capsys):
@@ -179,7 +189,7 @@ def test_a_demo_rerun_that_succeeds_leaves_nothing_of_the_earlier_model(tmp_path
     assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"][-1] == "SR3Pipeline"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 1
     assert PIL.Image.open(out / "comparison.png").size[1] == 64
-    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "metrics.md", "model", "photo.png"]
+    assert _listing(out) == ["comparison.png", "metrics.json", "metrics.md", "model", "photo.png"]
 
 
 def test_upscale_refuses_an_unwritable_output_before_the_model_runs(tmp_path, monkeypatch, capsys):
@@ -268,7 +278,7 @@ def test_a_symlinked_demo_model_is_refused_before_training(tmp_path, monkeypatch
         f"sr3 demo: error: {out / 'model'} is a symbolic link; sr3 demo writes its model into a folder of its own: "
         "remove the link (what it points to is kept) or choose another --output"
     )
-    assert os.listdir(out) == ["model"] and (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert _listing(out) == ["model"] and (out / "model" / "model_index.json").read_text() == "the earlier model"
 
 
 def test_a_demo_rerun_that_succeeds_warns_when_the_earlier_model_cannot_be_removed(tmp_path, monkeypatch, capsys):
@@ -330,7 +340,7 @@ def test_a_demo_rerun_that_fails_putting_its_report_in_place_keeps_the_earlier_r
     assert (out / "comparison.png").read_bytes() == b"the earlier picture"
     assert (out / "photo.png").read_bytes() == b"the earlier photo"
     assert (out / "model" / "model_index.json").read_text() == "the earlier model"
-    assert sorted(os.listdir(out)) == ["comparison.png", "metrics.json", "model", "photo.png"]  # no metrics.md
+    assert _listing(out) == ["comparison.png", "metrics.json", "model", "photo.png"]  # no metrics.md
 
 
 def test_a_demo_names_the_model_a_killed_rerun_set_aside_and_leaves_it(tmp_path, monkeypatch, capsys):

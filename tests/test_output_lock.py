@@ -110,6 +110,26 @@ def test_a_second_demo_into_a_held_output_is_refused_in_one_line(tmp_path, held,
     assert contents(tmp_path / "demo") == [LOCK_FILE]
 
 
+def test_a_demo_rerun_leaves_a_model_folder_a_training_run_holds(tmp_path, held, capsys, monkeypatch):
+    """`sr3 demo --overwrite` sets the earlier model aside: not one that a training run (`--output_dir OUT/model`) is
+    writing, whose lock moves with the folder."""
+    from diffusers_sr3.cli import main
+    from diffusers_sr3.commands import demo
+
+    model = tmp_path / "demo" / "model"
+    model.mkdir(parents=True)
+    (model / "model_index.json").write_text("the earlier model")
+    monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("set the live run's folder aside"))
+    pid = held(model)
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1", "--overwrite"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"sr3 demo: error: {model} is being written by another training run (pid {pid}); wait for it or choose "
+        "another --output\n"
+    )
+    assert sorted(os.listdir(tmp_path / "demo")) == [LOCK_FILE, "model"]
+    assert (model / "model_index.json").read_text() == "the earlier model"
+
+
 def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_path):
     trainer = Trainer(TrainingConfig(**fast_options(tmp_path, train_data_dir=str(tmp_path))))
     missing = str(tmp_path / ".tmp-checkpoint-3")

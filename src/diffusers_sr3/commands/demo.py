@@ -457,6 +457,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..backends import default_cpu_threads
     from ..photos import packaged_photo_paths, photo_name, study_crops
+    from ..training.output_lock import LOCK_FILE, OutputFolderBusyError, claim_output_folder
 
     # Not just positive: the clock's seconds must be finite (inf overflows the step plan; nan passes a comparison).
     if not (args.minutes > 0 and math.isfinite(args.minutes * 60)):
@@ -505,6 +506,14 @@ def _run(args: argparse.Namespace) -> int:
     earlier = os.path.join(args.output, f"{EARLIER_MODEL_PREFIX}{uuid.uuid4().hex[:12]}")
     if os.path.isdir(model_dir):
         os.rename(model_dir, earlier)
+        try:
+            # A training run writing into it (`--output_dir OUT/model`) holds its lock, which moved with it.
+            if os.path.isfile(os.path.join(earlier, LOCK_FILE)):
+                with claim_output_folder(earlier, "--output"):
+                    pass
+        except OutputFolderBusyError as error:
+            os.rename(earlier, model_dir)
+            raise OutputFolderBusyError(str(error).replace(earlier, model_dir)) from None
     try:
         _train_and_report(args, config, detail, modes, crops, photo, model_dir)
     except BaseException:
