@@ -549,12 +549,13 @@ def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):
             return 4
 
         def __getitem__(self, index):
-            time.sleep(0.25)
+            time.sleep(0.5)
             return random_image(40, 40, index)
 
     output = train(TrainingConfig(**fast_options(tmp_path / "out", train_dataset=SlowImages(), max_train_steps=2)))
     summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
-    assert summary["global_step"] == 2 and 0.5 < summary["data_wait_fraction"] <= 1
+    # Most of the time on an idle machine (about 0.8); a loaded one (CI beside other jobs) computes slower.
+    assert summary["global_step"] == 2 and 0.3 < summary["data_wait_fraction"] <= 1
 
 
 def test_model_sources(tmp_path):
