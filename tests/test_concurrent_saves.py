@@ -187,7 +187,7 @@ def test_a_move_whose_replaced_index_another_save_removed_first_goes_on(tmp_path
 def test_a_folder_that_can_be_entered_but_not_listed_still_loads(tmp_path, monkeypatch):
     """Mode 711 (shared model folders, read by others): the folder cannot be opened to lock, as it could not be
     listed; its loads go on as before locks came, the UNet's subfolder too."""
-    folder = tmp_path / "shared"
+    folder = tmp_path / "enter-only"
     pipeline(1).save_pretrained(folder)
     real_open = os.open
 
