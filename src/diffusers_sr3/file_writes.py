@@ -13,6 +13,9 @@ from typing import BinaryIO, Iterator
 # Windows on exFAT/FAT32 ("[WinError 1] Incorrect function").
 _NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EINVAL}
 _NO_HARD_LINKS_WINERRORS = {1}  # ERROR_INVALID_FUNCTION
+# What `fcntl.flock` raises on filesystems without locks (NFS mounted `nolock`, some FUSE and CIFS mounts): there the
+# saves' and the training runs' locks lock nothing, as on Windows, which has no `fcntl`.
+NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 
 def _already_exists(destination: str) -> FileExistsError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import functools
 import glob
 import inspect
@@ -53,6 +52,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..defaults import steps_to_run
+from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
 
@@ -77,9 +77,6 @@ STAGED_LISTING = ".sr3-staged-files.json"
 # Locked (flock) by the save writing or moving a staging folder, from its creation to its removal: other saves leave
 # a locked staging folder alone, and discard or finish one only once its lock is free (its process ended).
 STAGING_LOCK = ".sr3-save.lock"
-# flock's errors on a filesystem without locks (NFS mounted nolock, some FUSE and CIFS mounts): saves there lock
-# nothing, as on Windows.
-_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 # Whether `_move_into` moves relative to folder descriptors (`os.replace` shares `os.rename`'s `dir_fd` support).
 _BY_DESCRIPTOR = (
     {os.open, os.stat, os.rename} <= os.supports_dir_fd
@@ -401,7 +398,7 @@ def _lock_staging(staging: str) -> Optional[int]:
     another save in this one) holds it, or the folder was removed meanwhile. The lock lasts until the descriptor is
     closed (`_unlock`), or its process ends, however it ends. -1 (no lock) where there is no `fcntl` (Windows: a
     file open there cannot be deleted, which already keeps a live save's folder in place) or the filesystem has no
-    locks (`_NO_LOCKING`). `UnsafeStagingError` where the lock file is a link or not a regular file."""
+    locks (`NO_LOCKING`). `UnsafeStagingError` where the lock file is a link or not a regular file."""
     if fcntl is None:
         return -1
     path = os.path.join(staging, STAGING_LOCK)
@@ -423,7 +420,7 @@ def _lock_staging(staging: str) -> Optional[int]:
     except (BlockingIOError, FileNotFoundError):
         pass
     except OSError as error:
-        if error.errno not in _NO_LOCKING:
+        if error.errno not in NO_LOCKING:
             raise
         return -1
     finally:
@@ -452,7 +449,7 @@ def _locked(staging: str) -> bool:
     except BlockingIOError:
         return True
     except OSError as error:
-        if error.errno not in _NO_LOCKING:
+        if error.errno not in NO_LOCKING:
             raise
     finally:
         os.close(descriptor)
@@ -484,7 +481,7 @@ def _flock(descriptor: int, exclusive: bool) -> None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     except OSError as error:
-        if error.errno not in _NO_LOCKING:
+        if error.errno not in NO_LOCKING:
             raise
 
 
@@ -496,7 +493,7 @@ def folder_locked(folder: str, exclusive: bool) -> Iterator[None]:
     and the components, so that a load never sees a mix of two saves and two saves' moves never interleave. It is
     re-entrant within a process: a shared hold taken inside an exclusive one keeps it exclusive, an exclusive one
     inside a shared one makes it exclusive. Without `fcntl` (Windows) or on a filesystem without locks
-    (`_NO_LOCKING`), only this process's threads take turns.
+    (`NO_LOCKING`), only this process's threads take turns.
 
     Args:
         folder: an existing folder.

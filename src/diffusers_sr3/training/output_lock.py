@@ -9,10 +9,11 @@ locks (NFS mounted nolock), nothing is locked, as before.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from typing import Iterator, Optional
+
+from ..file_writes import NO_LOCKING
 
 try:
     import fcntl
@@ -21,8 +22,6 @@ except ImportError:  # Windows
 
 # A dot file: the Hub uploads (`UPLOAD_IGNORE_PATTERNS`' ".*") leave it out, and it is no `checkpoint-<step>`.
 LOCK_FILE = ".sr3-train.lock"
-# flock's errors on a filesystem without locks (NFS mounted nolock, some FUSE and CIFS mounts).
-_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 # A FIFO put in the lock file's place must not block the open.
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -92,7 +91,7 @@ def _lock(folder: str, option: str) -> Optional[int]:
                     f"choose another {option}"
                 ) from None
             except OSError as error:
-                if error.errno in _NO_LOCKING:
+                if error.errno in NO_LOCKING:
                     return None
                 raise
             # Locked, but maybe a file that a failed run removed with its new folder just before: lock the new one.
