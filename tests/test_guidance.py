@@ -174,6 +174,9 @@ def test_bad_guidance_is_refused_with_the_reason():
         SR3Pipeline(unet, scheduler, guidance_unet=lowres_unet(factor=2))
     with pytest.raises(ValueError, match="conditioning_type"):
         SR3Pipeline(unet, scheduler, guidance_unet=lowres_unet(conditioning_type="timestep"))
+    # A guide that takes (or lacks) the condition's noise level would read the augmented condition otherwise.
+    with pytest.raises(ValueError, match="condition_noise_embedding=True where the unet has False"):
+        SR3Pipeline(unet, scheduler, guidance_unet=lowres_unet(condition_noise_embedding=True))
 
 
 def test_the_guide_and_its_scale_are_saved_with_the_pipeline_and_older_folders_still_load(tmp_path):

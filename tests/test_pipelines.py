@@ -38,6 +38,11 @@ def test_gray_and_rgba_inputs_are_converted(tiny_pipeline):
     outputs = [run(tiny_pipeline, image, output_type="np").images for image in (gray, rgba, rgb)]
     np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-5)
     np.testing.assert_allclose(outputs[1], outputs[2], atol=1e-5)
+    # Arrays and tensors with alpha drop the fourth channel, whatever the other three hold.
+    colours = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    reference = run(tiny_pipeline, colours[..., :3], output_type="np").images
+    for with_alpha in (colours, torch.from_numpy(colours).permute(2, 0, 1).float() / 255):
+        np.testing.assert_allclose(run(tiny_pipeline, with_alpha, output_type="np").images, reference, atol=1e-5)
     two_channel = np.zeros((8, 8, 2), dtype=np.uint8)
     with pytest.raises(ValueError, match="2 channels"):
         run(tiny_pipeline, two_channel)
@@ -410,3 +415,55 @@ def test_fidelity_mode_does_not_depend_on_the_seed_for_condition_noise_models():
     one = pipeline(images[0], generator=torch.Generator().manual_seed(1), **detail).images
     two = pipeline(images[0], generator=torch.Generator().manual_seed(2), **detail).images
     assert not np.array_equal(one, two)
+
+
+def test_zero_scales_factors_and_sizes_are_refused(tiny_unet):
+    """Only positive values mean something here: the refined residual is divided by the residual scale, and the
+    output size is the input's times the upscale factor."""
+    scheduler = make_scheduler("ddpm", n_timestep=100)
+    with pytest.raises(ValueError, match="residual_scale must be positive, got 0"):
+        SR3Pipeline(tiny_unet, scheduler, residual=True, residual_scale=0.0)
+    with pytest.raises(ValueError, match="upscale_factor must be a positive integer, got 0"):
+        SR3Pipeline(tiny_unet, scheduler, upscale_factor=0)
+    pipeline = SR3Pipeline(tiny_unet, scheduler, upscale_factor=4)
+    for size in (0, (0, 32), (32, 0)):
+        with pytest.raises(ValueError, match="output_size must be positive"):
+            run(pipeline, PIL.Image.new("RGB", (8, 8)), output_size=size)
+
+
+def test_a_v_prediction_model_can_default_to_a_strength_below_one(tiny_unet):
+    """v-prediction models predict the clean image too: they start detail mode from the fidelity answer."""
+    scheduler = make_scheduler("ddim", n_timestep=100, prediction_type="v_prediction")
+    pipeline = SR3Pipeline(tiny_unet, scheduler, upscale_factor=4, detail_strength=0.5, detail_steps=4)
+    pipeline.set_progress_bar_config(disable=True)
+    steps = []
+    image = torch.rand(3, 8, 8)
+    pipeline(image, output_type="pt", callback_on_step_end=lambda pipe, i, t, tensors: steps.append(i) or {})
+    assert pipeline.detail_settings()["strength"] == 0.5 and steps == [0, 1]  # the last half of the 4 steps
+
+
+def test_fidelity_mode_noises_each_images_condition_from_the_documented_seed():
+    """`FIDELITY_CONDITION_NOISE_SEED` (0) seeds one CPU generator per image: a fidelity answer saved by one version
+    is the next version's, whatever the call's generator."""
+    from diffusers_sr3.image_processing import images_to_tensor, upsample_condition
+    from diffusers_sr3.noise import augment_condition
+
+    pipeline = condition_noise_pipeline()
+    images = torch.rand(2, 3, 16, 16)
+    conditions = []
+
+    def keep_condition(pipe, step, timestep, tensors):
+        conditions.append(tensors["condition"].clone())
+        return {}
+
+    pipeline(
+        images,
+        mode="fidelity",
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+        callback_on_step_end=keep_condition,
+        callback_on_step_end_tensor_inputs=["condition"],
+    )
+    clean = upsample_condition(images_to_tensor(images), (64, 64))
+    noise = torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(0))  # the same for both images
+    torch.testing.assert_close(conditions[0], augment_condition(clean, 0.1, noise=noise.expand_as(clean)))
