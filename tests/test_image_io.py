@@ -411,3 +411,25 @@ def test_a_camera_mpo_is_read_and_globbed(tmp_path):
     first.save(tmp_path / "IMG_0001.mpo", format="MPO", save_all=True, append_images=[second])
     assert find_images([str(tmp_path / "*.mpo")]) == [str(tmp_path / "IMG_0001.mpo")]
     assert open_image(tmp_path / "IMG_0001.mpo").size == (6, 4)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_every_sideways_exif_orientation_swaps_the_sides_image_size_reports(tmp_path, orientation):
+    """Transpose (5) and transverse (7) turn a photo sideways as the quarter-turns (6, 8) do."""
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = orientation
+    PIL.Image.fromarray(_pixels(6, 4)).save(tmp_path / "photo.png", exif=exif)
+    assert image_size(tmp_path / "photo.png") == open_image(tmp_path / "photo.png").size == (4, 6)
+
+
+def test_a_draft_size_decodes_a_jpeg_reduced_but_no_smaller_than_asked(tmp_path):
+    PIL.Image.fromarray(_pixels(256, 192)).save(tmp_path / "photo.jpg")
+    # JPEG decodes at 1/2, 1/4 or 1/8: a quarter would make the shorter side 48.
+    assert open_image(tmp_path / "photo.jpg", draft_size=64).size == (128, 96)
+    assert open_image(tmp_path / "photo.jpg").size == (256, 192)
+
+
+def test_is_grayscale_compares_blue_too():
+    pixels = np.full((4, 4, 3), 100, dtype=np.uint8)
+    pixels[1, 2, 2] = 101  # red and green gray, blue one level off
+    assert not is_grayscale(PIL.Image.fromarray(pixels))

@@ -116,3 +116,27 @@ def test_an_empty_batch_is_refused_as_no_image(tiny_pipeline):
     with pytest.raises(ValueError, match=r"^no image given \(an empty batch\)$"):
         tiny_pipeline(torch.zeros(0, 3, 8, 8), num_inference_steps=2)
     assert images_to_tensor([torch.zeros(0, 3, 8, 8), torch.zeros(1, 3, 8, 8)]).shape == (1, 3, 8, 8)
+
+
+def test_degrading_a_non_square_image_keeps_its_aspect():
+    high = torch.rand(1, 3, 16, 32) * 2 - 1
+    low, condition = degrade(high, 4)
+    assert low.shape == (1, 3, 4, 8) and condition.shape == high.shape
+    torch.testing.assert_close(low, resize_bicubic(high, (4, 8)))
+
+
+def test_padding_replicates_along_a_side_too_short_to_reflect():
+    """A strip one pixel high cannot be reflected four pixels down: it is replicated, whatever its width."""
+    strip = torch.rand(1, 3, 1, 8)
+    padded, size = pad_to_multiple(strip, 4)
+    assert padded.shape == (1, 3, 4, 8) and size == (1, 8)
+    assert torch.equal(padded, strip.expand(-1, -1, 4, -1))
+
+
+def test_lowpass_blurs_images_smaller_than_its_kernel():
+    from diffusers_sr3.image_processing import lowpass
+
+    image = torch.rand(1, 3, 4, 6)
+    blurred = lowpass(image, 2.0)  # a 13-pixel kernel at this sigma
+    assert blurred.shape == image.shape and bool(torch.isfinite(blurred).all())
+    assert float(blurred.std()) < float(image.std())
