@@ -1,5 +1,6 @@
 """`sr3 convert` takes the checkpoint forms other code saves, says what to pass otherwise, and saves variants."""
 
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.cli import main
-from diffusers_sr3.convert import convert_original_checkpoint
+from diffusers_sr3.convert import convert_original_checkpoint, load_original_config
 
 CHECKPOINT = FIXTURES / "sr3_tiny_I10_E1_gen.pth"
 CONFIG = FIXTURES / "sr3_tiny_config.json"
@@ -45,12 +46,14 @@ def test_a_folder_is_named_as_one_with_its_checkpoint(tmp_path, capsys):
     assert f"pass the checkpoint file in it, {folder / 'I10_E1_gen.pth'}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("form", ["state_dict", "model", "netG", "bare"])
+@pytest.mark.parametrize("form", ["state_dict", "model", "netG", "bare", "data_parallel"])
 def test_wrapped_and_bare_state_dicts_convert(tmp_path, form, reference):
     state = torch.load(CHECKPOINT, weights_only=True)
     if form == "bare":
         state = {key[len("denoise_fn.") :]: value for key, value in state.items() if key.startswith("denoise_fn.")}
         assert "downs.0.weight" in state
+    elif form == "data_parallel":  # saved from a `DataParallel` / `DistributedDataParallel` wrapper
+        state = {f"module.{key}": value for key, value in state.items()}
     else:
         state = {form: state}
     torch.save(state, tmp_path / "other.pth")
@@ -94,3 +97,10 @@ def test_a_plain_conversion_casts_nothing_and_logs_no_float32_warning(tmp_path, 
     assert _convert(CHECKPOINT, tmp_path / "out") == 0
     assert "kept in float32" not in capfd.readouterr().err
     assert _first_weight(SR3Pipeline.from_pretrained(tmp_path / "out")) == reference
+
+
+def test_a_double_slash_after_an_escaped_quote_is_inside_the_string(tmp_path):
+    config = json.loads(CONFIG.read_text())
+    config["name"] = 'the "tiny // model'  # written as "the \\"tiny // model": the string goes on past the quote
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    assert load_original_config(tmp_path / "config.json") == config

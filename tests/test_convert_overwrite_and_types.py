@@ -94,6 +94,7 @@ def _set_schedule(key, value):
         ("sr3", _set("unet", "attn_res", [True]), "model.unet.attn_res must be a list of whole numbers"),
         ("uncond", _set("unet", "norm_groups", "4"), 'model.unet.norm_groups must be a whole number, got "4"'),
         ("uncond", _set("unet", "dropout", "0.1"), 'model.unet.dropout must be a number, got "0.1"'),
+        ("uncond", _set("unet", "dropout", True), "model.unet.dropout must be a number, got true"),
         ("uncond", _set_schedule("linear_start", "1e-6"), "model.beta_schedule.val.linear_start must be a number"),
         ("uncond", _set_schedule("linear_end", 2.0), r"val gives betas from 1e-06 to 2, outside \(0, 1\]"),
         ("sr3", _set_schedule("linear_start", 0), r"val gives betas from 0 to 0.01, outside \(0, 1\]"),
@@ -133,3 +134,19 @@ def test_absent_optional_settings_take_the_originals_defaults(variant, kind):
     config["model"]["unet"]["norm_groups"] = 4
     pipeline = convert_original_checkpoint(FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", config)
     assert type(pipeline) is kind and pipeline.unet.config.dropout == 0.0
+
+
+def test_resolutions_that_are_no_whole_factor_apart_are_refused():
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config["datasets"]["val"]["r_resolution"] = 36
+    with pytest.raises(CheckpointError, match="r_resolution 36 is not a multiple of l_resolution 8"):
+        convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
+
+
+def test_an_absent_linear_range_takes_the_originals_defaults():
+    """The original's make_beta_schedule: linear_start 1e-4, linear_end 2e-2."""
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    for schedule in config["model"]["beta_schedule"].values():
+        del schedule["linear_start"], schedule["linear_end"]
+    betas = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config).scheduler.betas
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(2e-2)

@@ -485,6 +485,43 @@ def test_timestep_conditioning_and_film_affine_change_the_network():
     assert out.shape == (2, 3, 32, 32)
 
 
+def test_affine_film_scales_by_one_plus_its_first_half_and_shifts_by_its_second():
+    """The order and form that saved film_affine weights were trained with: a zero scale passes the features through."""
+    from diffusers_sr3.models.unet_sr3 import ResnetBlock
+
+    settings = dict(
+        in_channels=8,
+        out_channels=8,
+        embedding_channels=4,
+        norm_groups=4,
+        dropout=0.0,
+        embedding_act=False,
+    )
+    torch.manual_seed(0)
+    affine = ResnetBlock(**settings, film_affine=True).eval()
+    additive = ResnetBlock(**settings, film_affine=False).eval()
+    shared = {key: value for key, value in affine.state_dict().items() if not key.startswith("embedding_proj.")}
+    additive.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        for block in (affine, additive):
+            block.embedding_proj.weight.zero_()
+            block.embedding_proj.bias.zero_()
+        affine.embedding_proj.bias[8:] = 0.5  # shift; the scale half stays 0
+        additive.embedding_proj.bias[:] = 0.5
+        features, embedding = torch.randn(2, 8, 4, 4), torch.randn(2, 4)
+        torch.testing.assert_close(affine(features, embedding), additive(features, embedding))
+
+
+def test_both_level_embeddings_stay_float32_in_a_half_precision_load(tmp_path):
+    """The condition's level embedding must resolve nearby levels as the signal level's does."""
+    torch.manual_seed(0)
+    SR3UNet2DModel(**tiny_unet_config(condition_noise_embedding=True)).save_pretrained(tmp_path)
+    loaded = SR3UNet2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.conv_in.weight.dtype == torch.bfloat16
+    for embedding in (loaded.noise_level_embedding, loaded.condition_noise_level_embedding):
+        assert {parameter.dtype for parameter in embedding.parameters()} == {torch.float32}
+
+
 def test_embedding_scale_separates_nearby_levels():
     torch.manual_seed(0)
     plain = SR3UNet2DModel(**tiny_unet_config()).noise_level_embedding
