@@ -283,6 +283,43 @@ def test_pair_maker_rotations_draw_all_eight_orientations_and_keep_stored_pairs_
     assert torch.equal(unaugmented["hr"], hr)
 
 
+def test_random_crops_reach_every_position_and_unaugmented_crops_are_centred():
+    rows, columns = torch.meshgrid(torch.arange(5.0), torch.arange(7.0), indexing="ij")
+    image = (rows * 10 + columns).expand(3, -1, -1)  # each pixel tells where it is
+    maker = PairMaker(4, None, random_flip=False, random_crop=True)
+    corners = {int(maker(image, generator=torch.Generator().manual_seed(seed))["hr"][0, 0, 0]) for seed in range(64)}
+    assert corners == {top * 10 + left for top in range(2) for left in range(4)}
+    assert torch.equal(maker(image, augment=False)["hr"], image[:, 0:4, 1:5])
+
+
+def test_lr_blur_draws_its_strength_and_fits_small_images():
+    from diffusers_sr3.data.pairs import gaussian_blur
+
+    hr = images_to_tensor(random_image(16, 16, 6))[0]
+    maker = PairMaker(16, 4, random_flip=False, lr_blur_sigma=3.0)
+    lrs = [maker(hr, generator=torch.Generator().manual_seed(seed))["lr"] for seed in range(3)]
+    assert not torch.allclose(lrs[0], lrs[1]) and not torch.allclose(lrs[1], lrs[2])
+    small = torch.rand(3, 4, 4)
+    blurred = gaussian_blur(small, 3.0)  # the kernel is cut to the image
+    assert blurred.shape == small.shape and float(blurred.std()) < float(small.std())
+
+
+def test_grain_keeps_the_hr_in_range():
+    white = torch.ones(3, 16, 16)
+    maker = PairMaker(16, 4, random_flip=False, film_grain_max=40, film_grain_probability=1)
+    hr = maker(white, generator=torch.Generator().manual_seed(0))["hr"]
+    assert float(hr.max()) == 1 and float(hr.min()) < 1
+
+
+def test_a_stored_pair_of_the_wrong_sizes_is_a_bad_image():
+    from diffusers_sr3.data import BadImageError
+
+    maker = PairMaker(8, 2)
+    for high, low in ((torch.rand(3, 10, 10), torch.rand(3, 4, 4)), (torch.rand(3, 8, 8), torch.rand(3, 5, 5))):
+        with pytest.raises(BadImageError, match="stored pair is"):
+            maker(high, low, generator=torch.Generator())
+
+
 def neighbour_correlation(grain):
     return float(torch.corrcoef(torch.stack([grain[..., :-1].flatten(), grain[..., 1:].flatten()]))[0, 1])
 

@@ -12,9 +12,14 @@ from test_training import fast_options
 
 from diffusers_sr3.training import Trainer, TrainingConfig, train
 from diffusers_sr3.training.checkpointing import (
+    STATE_FILE,
+    UNET_CONFIG_FILE,
+    check_random_states,
     check_same_objective,
     finish_checkpoint,
     list_checkpoints,
+    load_checkpoint_extras,
+    load_checkpoint_unet,
     resolve_checkpoint,
     temporary_checkpoint_dir,
 )
@@ -369,3 +374,77 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     os.makedirs(temporary)
     finish_checkpoint(temporary, str(output), 6, {"global_step": 6}, None, 1)
     assert [os.path.basename(path) for path in list_checkpoints(str(output))] == ["checkpoint-6"]
+
+
+def _state_only_checkpoint(output_dir, step, state=None):
+    folder = os.path.join(str(output_dir), f"checkpoint-{step}")
+    os.makedirs(folder)
+    with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"global_step": step, **(state or {})}, handle)
+    return folder
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    for step in (9, 100, 10):
+        _state_only_checkpoint(tmp_path, step)
+    assert [os.path.basename(path) for path in list_checkpoints(str(tmp_path))] == [
+        "checkpoint-9",
+        "checkpoint-10",
+        "checkpoint-100",
+    ]
+    assert resolve_checkpoint("latest", str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-100")
+
+
+def test_a_measured_residual_scale_resumes_within_rounding(tmp_path):
+    folder = _state_only_checkpoint(tmp_path, 4, {"objective": {"residual": True, "residual_scale": 14.2}})
+    check_same_objective(folder, {"residual": True, "residual_scale": 14.2 * (1 + 1e-9)})
+    with pytest.raises(ValueError, match="--residual_scale 14.2 there, 15 here"):
+        check_same_objective(folder, {"residual": True, "residual_scale": 15.0})
+
+
+def test_damaged_random_states_are_refused_before_resuming(tmp_path):
+    import pickle
+    import random
+
+    import numpy as np
+
+    folder = _state_only_checkpoint(tmp_path, 4)
+    states = {
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+    }
+    file = os.path.join(folder, "random_states_0.pkl")
+    torch.save(states, file)
+    check_random_states(folder, 0)
+    torch.save({**states, "torch_manual_seed": torch.get_rng_state()[:100]}, file)  # cut short
+    with pytest.raises(pickle.UnpicklingError, match="random_states_0.pkl is damaged"):
+        check_random_states(folder, 0)
+
+
+def test_resuming_with_ema_refuses_a_checkpoint_saved_without_it(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    folder = _state_only_checkpoint(tmp_path, 4)
+    ema = EMAModel(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(FileNotFoundError, match="has no EMA weights .*saved without --use_ema"):
+        load_checkpoint_extras(folder, ema)
+    assert load_checkpoint_extras(folder, None)["global_step"] == 4
+
+
+def test_a_checkpoint_of_a_wrapped_model_loads_its_trained_weights(tmp_path):
+    """accelerate saves a DDP or torch.compile'd model's weights under their wrappers' prefixes."""
+    from conftest import tiny_unet_config
+    from safetensors.torch import save_file
+
+    from diffusers_sr3 import SR3UNet2DModel
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    folder = _state_only_checkpoint(tmp_path, 4)
+    with open(os.path.join(folder, UNET_CONFIG_FILE), "w", encoding="utf-8") as handle:
+        json.dump(dict(unet.config), handle)
+    wrapped = {f"module._orig_mod.{name}": value.contiguous() for name, value in unet.state_dict().items()}
+    save_file(wrapped, os.path.join(folder, "model.safetensors"))
+    loaded = load_checkpoint_unet(folder, use_ema=False)
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in unet.state_dict().items())
