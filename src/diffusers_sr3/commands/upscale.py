@@ -38,9 +38,11 @@ from .common import (
     check_file_destination,
     destination_clash,
     image_generators,
+    in_option_words,
     load_pipeline,
     nearest_entry,
     not_a_folder,
+    options_given,
     whole_number,
 )
 
@@ -73,15 +75,6 @@ STARTUP_SECONDS = 4
 # restores (benchmarks/output_formats.py measures it; AVIF: 37.6 dB at its defaults, 42.9 at 95 and 4:4:4, on a
 # 256-pixel photo crop).
 DEFAULT_QUALITY = 95
-# The pipeline's arguments that its refusals name, as this command's options (`SR3Pipeline.check_arguments`).
-PIPELINE_OPTIONS = {
-    "num_inference_steps": "--steps",
-    "eta": "--eta",
-    "strength": "--strength",
-    "guidance_scale": "--guidance-scale",
-    "parallel_guidance_weight": "--parallel-guidance-weight",
-    "window_size": "--window-size",
-}
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
 # Detail mode in training-sized windows against the whole image only, end to end with the default backend:
@@ -576,22 +569,6 @@ def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Op
         )
 
 
-def _in_option_words(error: ValueError, args: argparse.Namespace) -> ValueError:
-    """`error`, a refusal of `SR3Pipeline.check_arguments`, naming this command's options where it names the
-    pipeline's arguments (`window_size` as --window-size), as its own checks word their refusals; only the options
-    given, since a value the model saved (its `detail_steps`) is none of the command line's."""
-    given = {name: option for name, option in PIPELINE_OPTIONS.items() if vars(args).get(_dest(option)) is not None}
-    if not given:
-        return error
-    pattern = r"\b(" + "|".join(given) + r")\b"
-    return ValueError(re.sub(pattern, lambda match: given[match.group(1)], str(error)))
-
-
-def _dest(option: str) -> str:
-    """The `args` attribute of `option` (`--guidance-scale`: guidance_scale)."""
-    return option.lstrip("-").replace("-", "_")
-
-
 def _check_prediction_type(strength: Optional[float], mode: str, prediction_type: str) -> None:
     """Refuse fidelity mode, and --strength below 1, for a model that does not predict the clean image, before the
     pipeline refuses them in its own arguments' words (`mode='detail'`). (Such a model cannot be saved with its
@@ -934,7 +911,7 @@ def run(args: argparse.Namespace) -> int:
             parallel_guidance_weight=args.parallel_guidance_weight,
         )
     except ValueError as error:
-        raise _in_option_words(error, args) from None
+        raise in_option_words(error, options_given(args)) from None
     if available is not None:
         settings = _memory_settings(args, mode, pipeline.config)
         check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])
