@@ -800,25 +800,71 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         written in a hidden `.sr3-save-*` folder inside `save_directory`, then moved into place, so a save that fails
         or is killed while writing (a full disk) leaves the previous UNet intact, and one killed while moving is
         finished by `diffusers_sr3.finish_interrupted_save(save_directory)` or the next save of the folder (a load
-        refuses it until then). With `push_to_hub=True` the files just saved are uploaded, to `repo_id` (default: the
-        folder's name) as Diffusers does, before they are moved into place (a failed upload leaves the previous UNet
-        in place).
+        refuses it until then). With `push_to_hub=True` the files just saved are also uploaded, as Diffusers does, to
+        `repo_id` (default: the folder's name), with the repo's model card (Diffusers' template where it has none),
+        which is written into the folder too. The upload sends the save from its staging folder, before it moves
+        into place; the local save is kept however the upload ends, and a failed upload raises
+        `training.hub.HubUploadError` saying so.
 
         Args:
             save_directory: the folder to save into (created if needed).
             *args, **kwargs: Diffusers' `save_pretrained` arguments (`safe_serialization`, `variant`, `push_to_hub`...).
         """
         # Imported here: the pipelines import this module.
-        from ..pipelines.base import staged_save
+        from ..pipelines.base import saved_not_uploaded, staged_save
 
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):  # Diffusers logs its error and saves nothing
             return super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("push_to_hub"):
+        upload = None
+        if kwargs.pop("push_to_hub", False):
+            hub = {key: kwargs.pop(key) for key in ("token", "private", "commit_message", "create_pr") if key in kwargs}
             # Diffusers names the repo after the folder it saves in: this one, not the staging folder.
-            kwargs.setdefault("repo_id", save_directory.split(os.path.sep)[-1])
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+
+            def upload(staging: str, saved: List[str]) -> None:
+                try:
+                    self._upload_saved(staging, saved, repo_id, save_directory, **hub)
+                except Exception as error:
+                    raise saved_not_uploaded(error, repo_id, save_directory) from error
+
         staged_save(
-            save_directory, lambda staging: super(SR3UNet2DModel, self).save_pretrained(staging, *args, **kwargs)
+            save_directory,
+            lambda staging: super(SR3UNet2DModel, self).save_pretrained(staging, *args, **kwargs),
+            upload,
+        )
+
+    def _upload_saved(
+        self,
+        staging: str,
+        saved: List[str],
+        repo_id: str,
+        card_folder: str,
+        token: Optional[str] = None,
+        private: Optional[bool] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+    ) -> None:
+        """Diffusers' upload of a saved model (`ModelMixin.save_pretrained(push_to_hub=True)`), of the files `saved`
+        in `staging` only: the repo created if needed, and its card (Diffusers' template where it has none, tagged as
+        Diffusers tags it) written into `card_folder` and uploaded with them."""
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        from ..file_writes import atomic_file
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card = str(populate_model_card(load_or_create_model_card(repo_id, token=token))).encode("utf-8")
+        with atomic_file(os.path.join(card_folder, "README.md")) as stream:
+            stream.write(card)
+        uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(staging, name) for name in saved}
+        uploads["README.md"] = card
+        api.create_commit(
+            repo_id=repo_id,
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in uploads.items()],
+            commit_message=commit_message or "Upload model",
+            create_pr=create_pr,
         )
 
     # A pipeline's save passes its components only the options that their `save_pretrained` signature names

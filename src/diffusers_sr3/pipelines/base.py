@@ -650,7 +650,9 @@ def _finish_interrupted_save(folder: str, discard_unfinished: bool) -> List[str]
     return finished
 
 
-def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
+def staged_save(
+    save_directory: str, write: Callable[[str], None], upload: Optional[Callable[[str, List[str]], None]] = None
+) -> List[str]:
     """Save into `save_directory` what `write(staging)` writes, so that at every instant the folder holds the previous
     save, the new one, or a complete new one that `finish_interrupted_save` (or the next save) moves into place.
 
@@ -661,9 +663,14 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone, and
     `save_directory`'s own lock (`folder_locked`, as `finish_interrupted_save` does) while it moves the files.
 
+    With `upload`, `upload(staging, saved)` sends the complete save from its staging folder, which no other save
+    writes or moves (so no upload sends a half-moved folder), before it moves into place; it moves into place however
+    the upload ends (the local save is kept), and the upload's error is raised after.
+
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
         write: writes the save into the folder it is given.
+        upload: uploads the save, given its staging folder and its files (as returned).
 
     Returns:
         The saved files, as `/`-separated paths relative to `save_directory`.
@@ -694,13 +701,31 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
         # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves and the staging folder's
         # removal (raised after it, it would leave the folder behind). The folder's lock keeps other saves' moves
         # and loads out until these have ended.
-        with folder_locked(save_directory, exclusive=True), interrupts_deferred():
-            _move_into(staging, save_directory, saved)
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if upload is not None:
+                upload(staging, saved)
+        finally:
+            with folder_locked(save_directory, exclusive=True), interrupts_deferred():
+                _move_into(staging, save_directory, saved)
+                shutil.rmtree(staging, ignore_errors=True)
     finally:
         if descriptor is not None:
             _unlock(descriptor)
     return saved
+
+
+def saved_not_uploaded(error: Exception, repo_id: str, save_directory: str) -> Exception:
+    """The error of a `save_pretrained(push_to_hub=True)` whose upload failed (`training.hub.HubUploadError`): why,
+    and that the save itself is complete in `save_directory`."""
+    from huggingface_hub import constants
+
+    from ..training.hub import upload_failure
+
+    return upload_failure(
+        error,
+        f"to {constants.ENDPOINT}/{repo_id}",
+        f"the save in {save_directory} is complete, only its upload failed: save with push_to_hub=True again to retry",
+    )
 
 
 def step_networks(pipeline: Any) -> Dict[str, Any]:
@@ -1193,10 +1218,12 @@ class SR3BasePipeline(DiffusionPipeline):
         `diffusers_sr3.finish_interrupted_save(save_directory)` (a load refuses the folder until then, naming it) or
         the next save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
-        files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        files just saved are also uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
         the pictures it shows), or an SR3 card written there when neither the folder nor the repo has one; never
-        the other files of `save_directory`.
+        the other files of `save_directory`. The upload sends the save from its staging folder, before it moves into
+        place; the local save is kept however the upload ends, and a failed upload raises
+        `training.hub.HubUploadError` saying so.
         """
         save_directory = os.fspath(save_directory)
         # Inside `use_backend` / `swap_unet` the step networks are stand-ins (ONNX sessions, autocast wrappers) that
@@ -1229,10 +1256,17 @@ class SR3BasePipeline(DiffusionPipeline):
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
 
-        saved = staged_save(save_directory, write)
+        upload = None
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            self._upload(save_directory, saved, repo_id, **hub_kwargs)
+
+            def upload(staging: str, saved: List[str]) -> None:
+                try:
+                    self._upload(staging, saved, repo_id, card_folder=save_directory, **hub_kwargs)
+                except Exception as error:
+                    raise saved_not_uploaded(error, repo_id, save_directory) from error
+
+        staged_save(save_directory, write, upload)
 
     def push_to_hub(
         self,
@@ -1272,12 +1306,13 @@ class SR3BasePipeline(DiffusionPipeline):
         token: Optional[str] = None,
         create_pr: bool = False,
         subfolder: Optional[str] = None,
+        card_folder: Optional[str] = None,
     ) -> Any:
-        """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
-        nor the repo has one; a card `write_model_card` wrote under another name, e.g. at training time, names the
-        repo in the uploaded copy: `model_card.card_for_repo`; none where a card this package wrote would replace the
-        repo's card that its author wrote or edited, as `model_card.local_card_withheld` tells and logs); return the
-        `CommitInfo`."""
+        """Upload `files` of the saved `folder` and, at the repo's top, the model card of `card_folder` (default:
+        `folder`; written first when neither it nor the repo has one; a card `write_model_card` wrote under another
+        name, e.g. at training time, names the repo in the uploaded copy: `model_card.card_for_repo`; none where a card
+        this package wrote would replace the repo's card that its author wrote or edited, as
+        `model_card.local_card_withheld` tells and logs); return the `CommitInfo`."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
         from ..model_card import card_uploads, local_card_withheld, write_pipeline_card
@@ -1285,15 +1320,15 @@ class SR3BasePipeline(DiffusionPipeline):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in files}
+        card_folder = folder if card_folder is None else card_folder
         # A pipeline pushed into a subfolder is part of a repo whose card describes the whole; a card its author
         # wrote or edited on the Hub is never replaced by one this package wrote (a card the user wrote goes up).
         if not subfolder:
-            if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
-                write_pipeline_card(folder, self, repo_id)
-            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(
-                api, repo_id, folder, create_pr
-            ):
-                uploads.update(card_uploads(folder, repo_id))
+            card = os.path.join(card_folder, "README.md")
+            if not os.path.isfile(card) and not api.file_exists(repo_id, "README.md"):
+                write_pipeline_card(card_folder, self, repo_id)
+            if os.path.isfile(card) and not local_card_withheld(api, repo_id, card_folder, create_pr):
+                uploads.update(card_uploads(card_folder, repo_id))
         # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
         # cannot send); never the folder's other files.
         return api.create_commit(
