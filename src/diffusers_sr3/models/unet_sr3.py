@@ -8,6 +8,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 import numbers
@@ -15,7 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -384,6 +385,21 @@ class UpLevel(nn.Module):
 _is_functorch_wrapped_tensor = getattr(
     getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
 )
+
+# True inside `levels_checked`: the caller checked the levels it passes (a pipeline's sampling loop).
+_LEVELS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("sr3_levels_checked", default=False)
+
+
+@contextlib.contextmanager
+def levels_checked() -> Iterator[None]:
+    """Inside the block, the signal levels that `SR3UNet2DModel` calls take on an accelerator are not range-checked
+    again: the caller checked them once (`SR3UNet2DModel.check_signal_levels`), and reading them at every call would
+    wait for the device at every step. Levels on the CPU are checked all the same (reading them costs nothing)."""
+    token = _LEVELS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _LEVELS_CHECKED.reset(token)
 
 
 def _is_integer(value: Any) -> bool:
@@ -1000,19 +1016,22 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
             )
         if config.get("conditioning_type", "noise_level") == "noise_level":
-            cls._check_signal_level(signal_level)
+            cls.check_signal_levels(signal_level)
         return cls._per_sample(signal_level, batch, sample.device, "signal_level")
 
     @staticmethod
-    def _check_signal_level(signal_level: Any) -> None:
-        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models.
+    def check_signal_levels(signal_level: Any) -> None:
+        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models (`forward` checks its
+        `signal_level` with this).
 
         `for t in scheduler.timesteps: unet(x, t)` passes integer timesteps (e.g. 75), which the embedding would
-        otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`) too.
-        Integer tensors are refused by their dtype. Float values are range-checked on the CPU only: elsewhere reading
-        them is a device sync per call. And not while tracing or compiling: the branch on the values would break
-        `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's trace would record it; nor inside
-        `torch.func` transforms (`vmap`), which cannot batch the boolean-mask indexing or `.item()` of the check.
+        otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`, or an
+        Euler scheduler's float timesteps) too. Integer tensors are refused by their dtype, float values by their
+        range, on every device: on an accelerator the read waits for the device, once per call, which a sampling loop
+        avoids by checking its levels once and calling inside [`levels_checked`]. Not while tracing or compiling: the
+        branch on the values would break `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's
+        trace would record it; nor inside `torch.func` transforms (`vmap`), which cannot batch the boolean-mask
+        indexing or `.item()` of the check; nor on the meta device, which holds no values.
         """
         value = None
         if isinstance(signal_level, numbers.Real):
@@ -1022,8 +1041,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             levels = signal_level if isinstance(signal_level, torch.Tensor) else torch.as_tensor(signal_level)
             if not levels.is_floating_point():
                 value = levels.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
-            elif levels.device.type == "cpu" and not (
-                torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_functorch_wrapped_tensor(levels)
+            elif not (
+                torch.jit.is_tracing()
+                or torch.compiler.is_compiling()
+                or _is_functorch_wrapped_tensor(levels)
+                or levels.device.type == "meta"
+                or (levels.device.type != "cpu" and _LEVELS_CHECKED.get())
             ):
                 levels = levels.detach().reshape(-1)
                 outside = levels[~((levels >= 0) & (levels <= 1))]  # NaN too

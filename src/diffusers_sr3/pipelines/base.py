@@ -54,6 +54,7 @@ except ImportError:  # Windows
 from ..defaults import steps_to_run
 from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
+from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
 
 logger = logging.getLogger(__name__)
@@ -1122,8 +1123,12 @@ class SR3BasePipeline(DiffusionPipeline):
         scheduler = self.scheduler if scheduler is None else scheduler
         check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
         _set_timesteps(scheduler, num_inference_steps, device)
-        # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
-        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
+        # The signal level (or timestep) the network takes at each step, computed and checked once on the CPU: the
+        # network's calls take them unread (`levels_checked`), so no step waits for the device.
+        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type)
+        if self.unet.config.conditioning_type == "noise_level":
+            SR3UNet2DModel.check_signal_levels(signal_levels)
+        signal_levels = signal_levels.to(device)
         if init_sample is None:
             noise_levels = signal_levels if self.unet.config.conditioning_type != "timestep" else None
             if noise_levels is None:
@@ -1177,10 +1182,13 @@ class SR3BasePipeline(DiffusionPipeline):
             model_input = model_input.contiguous(memory_format=memory_format)
             # 2. The network takes the step's signal level (or timestep), not the scheduler's timestep value.
             signal_level = signal_levels[i].expand(shape[0])
-            model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-            if guide is not None:
-                guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-                model_output = guided_prediction(model_output, guide_output, guidance_scale, parallel_guidance_weight)
+            with levels_checked():
+                model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                if guide is not None:
+                    guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                    model_output = guided_prediction(
+                        model_output, guide_output, guidance_scale, parallel_guidance_weight
+                    )
             # 3. The scheduler's update.
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             # 4. The callback may replace the noisy image and the condition.
