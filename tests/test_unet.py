@@ -719,3 +719,22 @@ def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):
     with pytest.raises(AssertionError, match=r"Provided path \(.*config\) should be a directory, not a file"):
         tiny_unet.save_config(path)
     assert path.read_text() == ""
+
+
+def test_training_steps_wait_for_no_device_for_their_levels():
+    """The training objective draws its levels in [0, 1] itself: its network calls take them unread, as a sampling
+    loop's do, or every training step on a GPU would wait for the device to read them back."""
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch, predict
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    checked_by_caller = []
+    hook = unet.register_forward_pre_hook(lambda *_: checked_by_caller.append(unet_sr3._LEVELS_CHECKED.get()))
+    try:
+        predict(unet, noise_batch(unet, betas, hr, condition))
+    finally:
+        hook.remove()
+    assert checked_by_caller == [True]
