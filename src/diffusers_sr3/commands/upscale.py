@@ -27,6 +27,7 @@ from ..defaults import (
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
+from ..disk_format import check_format
 from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from .common import (
@@ -847,6 +848,10 @@ def run(args: argparse.Namespace) -> int:
     # Options are checked before any image is decoded or the model loaded (seconds of work, minutes of download),
     # where the mode is known from the model's configs (its folder's, or its Hub repo's).
     configs = _SavedConfigs(args.model)
+    for relative_path in ("model_index.json", "unet/config.json"):  # a newer format's keys mean what this cannot know
+        config = configs.get(relative_path)
+        if config is not None:
+            check_format(config, f"{configs.model}/{relative_path}")
     mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)

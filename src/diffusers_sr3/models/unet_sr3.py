@@ -27,6 +27,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
 
+from ..disk_format import FORMAT_KEY, NewerFormatError, check_format
+
 logger = logging.get_logger(__name__)
 
 CONDITIONING_TYPES = ("noise_level", "timestep")
@@ -803,7 +805,10 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 reason = unloadable_reason(folder, "config.json")
                 if reason:
                     raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
-            loaded = super().from_pretrained(*args, **kwargs)
+            try:
+                loaded = super().from_pretrained(*args, **kwargs)
+            except NewerFormatError as error:
+                raise NewerFormatError(f"{folder}: {error}") from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -908,9 +913,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
-        """Diffusers' split of a config into `__init__` arguments and the rest, without the `auto_map` that saves
-        write for AutoModel: it is no argument (Diffusers would warn that it is ignored) and no setting."""
-        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        """Diffusers' split of a config into `__init__` arguments and the rest, for every way of building the model
+        from a config (`from_pretrained`, `from_config`, `AutoModel`): a config saved in a newer on-disk format than
+        this version reads is refused (`disk_format.check_format`). Without the `auto_map` that saves write for
+        AutoModel, and the format version: they are no arguments (Diffusers would warn that they are ignored) and no
+        settings."""
+        check_format(config_dict, f"the {cls.__name__} config")
+        config_dict = {key: value for key, value in config_dict.items() if key not in ("auto_map", FORMAT_KEY)}
         return super().extract_init_dict(config_dict, **kwargs)
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:

@@ -51,7 +51,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from .. import __version__
 from ..defaults import steps_to_run
+from ..disk_format import FORMAT_KEY, UPGRADE, check_format
 from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
 from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
@@ -258,10 +260,23 @@ def _cached_listing(repo_id: str, revision: Optional[str], cache_dir: Optional[s
         return None
 
 
+def _newer_class(class_name: Any) -> Optional[str]:
+    """Why a folder naming `class_name` is refused where it is an SR3 class that this version does not have, which a
+    newer version saved; None for a class this version has, or another library's."""
+    if isinstance(class_name, str) and class_name.startswith("SR3") and class_name not in _classes():
+        return f"{class_name}, which diffusers-sr3 {__version__} does not have (saved by a newer version?): {UPGRADE}"
+    return None
+
+
 def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type:
-    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it."""
+    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it and
+    this version reads its on-disk format."""
+    check_format(index, f"{source}/model_index.json")
     saved_class = index.get("_class_name")
     saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
+    newer = _newer_class(saved_class)
+    if newer:
+        raise ValueError(f"{source} holds a {newer}")
     if cls.__name__ not in ("SR3BasePipeline", saved_class):
         raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
     pipeline_class = _classes().get(saved_class)
@@ -1004,6 +1019,16 @@ class SR3BasePipeline(DiffusionPipeline):
             cls.__init__.__signature__ = _signature_for_diffusers(cls.__init__, cls._optional_components)
 
     @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
+        """Diffusers' split of a model_index.json into `__init__` arguments and the rest, which
+        `DiffusionPipeline.from_pretrained` makes before loading any component: a folder saved in a newer on-disk
+        format than this version reads is refused there too (`disk_format.check_format`), and the format version is
+        no argument."""
+        check_format(config_dict, f"the {cls.__name__}'s model_index.json")
+        config_dict = {key: value for key, value in config_dict.items() if key != FORMAT_KEY}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
         """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s networks (`kwargs`: components
         and config values to use instead); optional components that `pipeline` lacks (the guide, from an
@@ -1517,6 +1542,16 @@ class SR3BasePipeline(DiffusionPipeline):
                 if name in loaded:
                     raise VariantOnlyError(f"{source}/{name}", variants)
             expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+            unknown = sorted(set(index) - set(expected) - set(optional) - {FORMAT_KEY})
+            unknown = [key for key in unknown if not key.startswith("_")]  # Diffusers' own records
+            if unknown:
+                # As Diffusers' loader warns. A key that would change what the model means comes with a newer format
+                # (refused above); these keep their meaning when ignored, or were added by hand.
+                logger.warning(
+                    f"{source}/model_index.json holds {', '.join(unknown)}, which {pipeline_class.__name__} of "
+                    f"diffusers-sr3 {__version__} does not take and ignores (keys of a newer version, or added by "
+                    "hand)"
+                )
             init_kwargs: Dict[str, Any] = {}
             for name in expected:
                 if name in kwargs:
@@ -1532,6 +1567,9 @@ class SR3BasePipeline(DiffusionPipeline):
                 component_class = _classes().get(class_name)
                 if component_class is None:
                     if library != "diffusers" or not hasattr(diffusers, class_name):
+                        newer = _newer_class(class_name)
+                        if newer:
+                            raise ValueError(f"{source}: component {name!r} is {library}.{newer}")
                         raise ValueError(
                             f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
                         )
