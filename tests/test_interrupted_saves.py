@@ -458,7 +458,7 @@ def test_a_push_uploads_its_own_save_whatever_moves_into_the_folder_meanwhile(
     hub,  # noqa: F811
     monkeypatch,
 ):
-    """The upload sends the save from its staging folder, which no other save touches: another save moving into the
+    """The upload sends the save from a folder of its own, which no other save touches: another save moving into the
     folder while it uploads (here, as the commit starts) changes nothing it sends, and no save's lock or listing goes
     up with it."""
     from huggingface_hub import HfApi
@@ -480,4 +480,54 @@ def test_a_push_uploads_its_own_save_whatever_moves_into_the_folder_meanwhile(
     new.save_pretrained(tmp_path / "alone")
     assert uploaded[weights] == (tmp_path / "alone" / weights).read_bytes()
     assert set(uploaded) == set(contents(tmp_path / "alone")) | {"README.md"}
-    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))  # the last save moved into place
+    # The push's save moved into place before its upload, the other save over it after.
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+
+
+def test_a_push_killed_while_it_uploads_keeps_the_new_save(tmp_path, kind, hub, monkeypatch):  # noqa: F811
+    """The upload read the save from its staging folder, which moved into place only after it: a process killed
+    during a long upload (SIGTERM, a restarted kernel) left the new save in a staging folder beside the previous
+    save's index, which loads ignore and the next save discards. The save moves into place first now."""
+    from huggingface_hub import HfApi
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    killed = KillAfter(0)
+
+    def killed_while_uploading(api, *args, **kwargs):
+        killed.__enter__()  # nothing of the save runs after this
+        raise Killed
+
+    monkeypatch.setattr(HfApi, "create_commit", killed_while_uploading)
+    try:
+        with pytest.raises(Killed):
+            new.save_pretrained(folder, push_to_hub=True, repo_id="someone/killed")
+    finally:
+        killed.__exit__(None, None, None)
+    monkeypatch.undo()
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert finish_interrupted_save(folder) == []  # nothing to finish: the save is in place
+    new.save_pretrained(folder)  # the next save removes what the killed one left
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+
+
+def test_a_push_where_files_cannot_be_linked_uploads_its_save_before_it_moves(tmp_path, kind, hub, monkeypatch):  # noqa: F811
+    """Where the filesystem makes no hard links (FAT, some network filesystems), the upload reads the staging folder
+    before the save moves into place: the same files go up, and the save is in place after."""
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    new.save_pretrained(folder, push_to_hub=True, repo_id="someone/unlinked")
+    monkeypatch.undo()
+    new.save_pretrained(tmp_path / "alone")
+    uploaded = hub.repos["someone/unlinked"]
+    assert set(uploaded) == set(contents(tmp_path / "alone")) | {"README.md"}
+    assert all(uploaded[path] == (tmp_path / "alone" / path).read_bytes() for path in contents(tmp_path / "alone"))
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]

@@ -823,9 +823,9 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         finished by `diffusers_sr3.finish_interrupted_save(save_directory)` or the next save of the folder (a load
         refuses it until then). With `push_to_hub=True` the files just saved are also uploaded, as Diffusers does, to
         `repo_id` (default: the folder's name), with the repo's model card (Diffusers' template where it has none),
-        which is written into the folder too. The upload sends the save from its staging folder, before it moves
-        into place; the local save is kept however the upload ends, and a failed upload raises
-        `training.hub.HubUploadError` saying so.
+        which is written into the folder too. The save moves into place before the upload, which sends it from a
+        hidden folder of its own (`staged_save`); the local save is kept however the upload ends, and a failed upload
+        raises `training.hub.HubUploadError` saying so.
 
         Args:
             save_directory: the folder to save into (created if needed).

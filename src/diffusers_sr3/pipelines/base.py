@@ -679,14 +679,16 @@ def staged_save(
     The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone, and
     `save_directory`'s own lock (`folder_locked`, as `finish_interrupted_save` does) while it moves the files.
 
-    With `upload`, `upload(staging, saved)` sends the complete save from its staging folder, which no other save
-    writes or moves (so no upload sends a half-moved folder), before it moves into place; it moves into place however
-    the upload ends (the local save is kept), and the upload's error is raised after.
+    With `upload`, the save moves into place first, and `upload(folder, saved)` then sends it from hard links to its
+    files in another hidden folder (`_linked_copy`), which no other save writes or moves: another save moving into
+    `save_directory` meanwhile changes nothing it sends, and a process killed during a long upload keeps the new save.
+    Where the filesystem makes no hard links, it sends the staging folder before the move; the save moves into place
+    however the upload ends, and the upload's error is raised after.
 
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
         write: writes the save into the folder it is given.
-        upload: uploads the save, given its staging folder and its files (as returned).
+        upload: uploads the save, given a folder holding it and its files (as returned).
 
     Returns:
         The saved files, as `/`-separated paths relative to `save_directory`.
@@ -694,12 +696,10 @@ def staged_save(
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     finish_interrupted_save(save_directory, discard_unfinished=True)
-    descriptor = staging = None
+    descriptor = staging = linked = None
     try:
         try:
-            while descriptor is None:  # another save may discard a staging folder between its creation and its lock
-                staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
-                descriptor = _lock_staging(staging)
+            staging, descriptor = _new_staging_folder(save_directory)
             write(staging)
             saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
             listing = os.path.join(staging, f"{STAGED_LISTING}.part")
@@ -719,15 +719,55 @@ def staged_save(
         # and loads out until these have ended.
         try:
             if upload is not None:
-                upload(staging, saved)
+                linked = _linked_copy(staging, saved, save_directory)
+                if linked is None:
+                    upload(staging, saved)
         finally:
             with folder_locked(save_directory, exclusive=True), interrupts_deferred():
                 _move_into(staging, save_directory, saved)
                 shutil.rmtree(staging, ignore_errors=True)
+        if linked is not None:
+            upload(linked[0], saved)
     finally:
         if descriptor is not None:
             _unlock(descriptor)
+        if linked is not None:
+            try:
+                shutil.rmtree(linked[0], ignore_errors=True)
+            finally:
+                _unlock(linked[1])
     return saved
+
+
+def _new_staging_folder(save_directory: str) -> Tuple[str, int]:
+    """A new hidden folder (`STAGING_PREFIX`) in `save_directory`, and the descriptor holding its lock."""
+    while True:  # another save may discard a staging folder between its creation and its lock
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+        descriptor = _lock_staging(staging)
+        if descriptor is not None:
+            return staging, descriptor
+
+
+def _linked_copy(staging: str, saved: List[str], save_directory: str) -> Optional[Tuple[str, int]]:
+    """A copy of the complete save in `staging` (its files `saved`) made of hard links, in a new hidden folder of
+    `save_directory`, and the descriptor holding that folder's lock; None where the filesystem makes no hard links.
+
+    The save's upload reads it after the save has moved into place: no save changes a file once written (each one
+    writes new files and moves them in), so it holds this save whatever moves into `save_directory` meanwhile. Held
+    like a staging folder that never completes, so other saves leave it alone while it is held and the next save
+    removes it if this process dies."""
+    folder, descriptor = _new_staging_folder(save_directory)
+    try:
+        for path in saved:
+            os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
+            os.link(os.path.join(staging, path), os.path.join(folder, path))
+    except BaseException as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        _unlock(descriptor)
+        if isinstance(error, OSError):  # no hard links here (FAT, some network and FUSE filesystems)
+            return None
+        raise
+    return folder, descriptor
 
 
 def saved_not_uploaded(error: Exception, repo_id: str, save_directory: str) -> Exception:
@@ -1254,9 +1294,9 @@ class SR3BasePipeline(DiffusionPipeline):
         files just saved are also uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
         the pictures it shows), or an SR3 card written there when neither the folder nor the repo has one; never
-        the other files of `save_directory`. The upload sends the save from its staging folder, before it moves into
-        place; the local save is kept however the upload ends, and a failed upload raises
-        `training.hub.HubUploadError` saying so.
+        the other files of `save_directory`. The save moves into place before the upload, which sends it from a
+        hidden folder of its own (`staged_save`); the local save is kept however the upload ends, and a failed upload
+        raises `training.hub.HubUploadError` saying so.
         """
         save_directory = os.fspath(save_directory)
         # Inside `use_backend` / `swap_unet` the step networks are stand-ins (ONNX sessions, autocast wrappers) that
