@@ -211,3 +211,31 @@ def test_a_refused_claim_leaves_no_lock_file_in_a_folder_it_did_not_write(tmp_pa
     assert prepare(source, out) == 2
     assert "is not empty and was not made by sr3 prepare" in capsys.readouterr().err
     assert contents(out) == ["notes.txt"]
+
+
+def test_a_prepare_rerun_over_a_finished_dataset_it_cannot_write_says_it_is_complete(tmp_path, monkeypatch, capsys):
+    """Rerunning the same `sr3 prepare` over a finished dataset on a read-only mount said it was complete; taking the
+    lock, which needs its file opened for writing, made it fail. A folder it cannot write is still refused where the
+    run would have to write into it."""
+    import errno
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    before = contents(out)
+    real_open = os.open
+
+    def read_only_lock_file(path, flags, *args, **kwargs):  # as on a read-only mount
+        if os.path.basename(path) == LOCK_FILE and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_lock_file)
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    assert capsys.readouterr().out == f"{out} is already complete: 2 images (0 skipped)\n"
+    for options in (["--sizes", "16,32"], ["--sizes", "8,16", "--overwrite"]):
+        assert prepare(source, out, *options) == 2
+        assert capsys.readouterr().err == f"sr3 prepare: error: --out {out} is not writable (Read-only file system)\n"
+    monkeypatch.undo()
+    assert contents(out) == before

@@ -22,6 +22,7 @@ second prepare into OUT, or one into a folder a training run writes, is refused 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -335,8 +336,24 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, source, files, fmt, low, high)
     # Held from before the folder is read: two runs into it (two --overwrite runs of different sizes) would remove
     # and replace each other's images. A run that fails leaves no folder or lock file of its own.
-    with claim_output_folder(args.output, "--out", "sr3 prepare"):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(claim_output_folder(args.output, "--out", "sr3 prepare"))
+        except OSError:
+            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened: a
+            # finished dataset of these settings is reported complete, as before there was a lock; this run writes
+            # nothing there.
+            if args.overwrite or not _complete(args.output, settings):
+                raise
         return _prepare(args, source, files, settings, fmt, low, high)
+
+
+def _complete(output: str, settings: Dict) -> bool:
+    """Whether `output` holds a finished dataset of `settings`; reads only."""
+    try:
+        return _load_state(output, settings, False, [])["complete"]
+    except (OSError, ValueError):
+        return False
 
 
 def _prepare(
