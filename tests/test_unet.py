@@ -144,6 +144,25 @@ def test_a_pipeline_checks_its_levels_once_and_its_steps_wait_for_no_device(tiny
     assert checked_by_caller == [True, True, True, False]
 
 
+def test_a_pipeline_refuses_a_level_table_outside_the_range_before_any_step(tiny_pipeline, monkeypatch):
+    """The once-per-call check is what stands for the steps' own on an accelerator: a table with a level outside
+    [0, 1] (a scheduler's timestep) is refused before the network runs, not by the network at the first step."""
+    from diffusers_sr3.pipelines import base
+
+    real = base.network_inputs_for_schedule
+    monkeypatch.setattr(
+        base, "network_inputs_for_schedule", lambda *args: torch.cat([real(*args)[:-1], torch.tensor([999.0])])
+    )
+    calls = []
+    hook = tiny_pipeline.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"got 999.0: a scheduler timestep is not a level"):
+            tiny_pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=3, output_type="pt")
+    finally:
+        hook.remove()
+    assert calls == []
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: attention loops
 def test_the_unet_runs_under_vmap(tiny_unet):
     """`torch.func.vmap` batches no data-dependent indexing or `.item()`: the level check is skipped for its tensors."""
