@@ -757,3 +757,18 @@ def test_training_steps_wait_for_no_device_for_their_levels():
     finally:
         hook.remove()
     assert checked_by_caller == [True]
+
+
+def test_training_levels_given_to_the_objective_are_checked_where_they_enter():
+    """The objective's network call takes its levels unread (`levels_checked`), as it draws them in [0, 1]: levels a
+    caller gives it instead (`noise_level=`) went in unchecked on an accelerator. `noise_batch` checks those."""
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch
+
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    timesteps = torch.tensor([999.0, 0.5]).as_subclass(OnAnAccelerator)
+    with pytest.raises(ValueError, match=r"got 999.0: a scheduler timestep is not a level"):
+        noise_batch(unet, betas, hr, condition, noise_level=timesteps)
+    noise_batch(unet, betas, hr, condition, noise_level=torch.tensor([0.0, 1.0]))
