@@ -105,6 +105,13 @@ def test_explicit_objective_changes_are_refused_unless_allowed(tmp_path):
         setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, allow_objective_change=True, **change)))
         assert getattr(setup, name) == next(iter(change.values()))
         assert setup.sampling_settings == {}  # studied for the old objective: the new model starts from the defaults
+    # The scale the network reads its noise level through (a UNet setting, so its own check).
+    own_scale = packaged.unet.config.noise_level_embedding_scale
+    with pytest.raises(ValueError, match=r"--noise_level_embedding_scale 1 \(the model's own: .*would change"):
+        build_model(TrainingConfig(**fine_tune_options(tmp_path, noise_level_embedding_scale=1.0)))
+    options = fine_tune_options(tmp_path, noise_level_embedding_scale=1.0, allow_objective_change=True)
+    assert build_model(TrainingConfig(**options)).unet.config.noise_level_embedding_scale == 1.0
+    assert build_model(TrainingConfig(**fine_tune_options(tmp_path, noise_level_embedding_scale=own_scale)))
     # Options equal to the model's own, and the sampling default condition_noise_level, are no change.
     same = dict(residual=packaged.config.residual, prediction_type=own_prediction, condition_noise_level=0.0)
     setup = build_model(TrainingConfig(**fine_tune_options(tmp_path, **same)))

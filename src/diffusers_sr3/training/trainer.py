@@ -161,7 +161,8 @@ def resolve_objective(config: TrainingConfig, pipeline: Any = None, source: str 
     a new model's defaults.
 
     A fine-tuned model's weights only make sense for the objective they were trained on: an explicit option that
-    changes it (residual <-> image, another prediction type, residual scale or upscale factor) is refused unless
+    changes it (residual <-> image, another prediction type, residual scale, upscale factor or noise-level embedding
+    scale) is refused unless
     `allow_objective_change` says the retraining is meant. The sampling default `condition_noise_level` may change.
 
     Returns:
@@ -193,6 +194,17 @@ def resolve_objective(config: TrainingConfig, pipeline: Any = None, source: str 
             resolved[key] = value
     if config.condition_noise_level is not None:
         resolved["condition_noise_level"] = config.condition_noise_level
+    own_embedding_scale = pipeline.unet.config.get("noise_level_embedding_scale")
+    given_embedding_scale = config.noise_level_embedding_scale
+    if (
+        given_embedding_scale is not None
+        and own_embedding_scale is not None
+        and not math.isclose(given_embedding_scale, own_embedding_scale)
+    ):
+        # The network reads its noise level through this scale: another one feeds it levels it never saw.
+        changes.append(
+            f"--noise_level_embedding_scale {given_embedding_scale:g} (the model's own: {own_embedding_scale:g})"
+        )
     own_factor = pipeline.config.get("upscale_factor")  # None for unconditional models
     if config.upscale_factor is not None and own_factor is not None and config.upscale_factor != own_factor:
         # The network learnt the detail one factor's inputs lack; another factor's bicubic input lacks other detail.
