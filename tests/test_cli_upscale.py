@@ -1306,11 +1306,14 @@ def test_pipeline_refusals_name_only_the_options_given():
     and the pipeline's own name where the model saved it."""
     import argparse
 
-    from diffusers_sr3.commands.upscale import _in_option_words
+    from diffusers_sr3.commands.common import in_option_words, options_given
 
     refusal = ValueError("strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]")
     given = argparse.Namespace(strength=0.01, steps=None, eta=None, window_size=None)
-    assert str(_in_option_words(refusal, given)) == (
+    assert str(in_option_words(refusal, options_given(given))) == (
         "--strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]"
     )
-    assert str(_in_option_words(refusal, argparse.Namespace(strength=None, steps=None))) == str(refusal)
+    assert str(in_option_words(refusal, options_given(argparse.Namespace(strength=None, steps=None)))) == str(refusal)
+    assert str(in_option_words(refusal, options_given(argparse.Namespace(strength=None, steps=2)))) == (
+        "strength 0.01 of 3 steps runs no step; --steps must lie in [1, 2]"
+    )

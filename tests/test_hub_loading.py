@@ -115,6 +115,24 @@ def test_another_pipelines_repo_is_refused_before_its_weights_are_fetched(hub, t
     assert set(fetched(hub, "google/ddpm-like")) == {"model_index.json"}
 
 
+def test_a_newer_formats_repo_is_refused_before_its_weights_are_fetched(tiny_pipeline, hub, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
+
+    tiny_pipeline.save_pretrained(tmp_path / "newer")
+    index = json.loads((tmp_path / "newer" / "model_index.json").read_text())
+    (tmp_path / "newer" / "model_index.json").write_text(json.dumps({**index, FORMAT_KEY: FORMAT_VERSION + 1}))
+    publish(hub, "someone/newer-sr3", tmp_path / "newer")
+    with pytest.raises(NewerFormatError, match="someone/newer-sr3/model_index.json was saved in .* format 2"):
+        SR3Pipeline.from_pretrained("someone/newer-sr3")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "lr.png")
+    arguments = ["upscale", str(tmp_path / "lr.png"), "--model", "someone/newer-sr3", "--output", str(tmp_path / "o")]
+    assert cli.main(arguments) == 2
+    assert "pip install -U diffusers-sr3" in capsys.readouterr().err
+    assert not [name for name in fetched(hub, "someone/newer-sr3") if name.endswith(".safetensors")]
+
+
 def test_a_file_or_a_mistyped_folder_given_as_model_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fx").mkdir()

@@ -429,3 +429,55 @@ def test_a_listing_or_lock_file_that_is_a_fifo_never_blocks(tmp_path, kind, fifo
         assert finish_interrupted_save(folder) == []
         new.save_pretrained(folder)  # discards it
         torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+
+
+def test_a_failed_push_keeps_the_new_save_and_says_only_the_upload_failed(tmp_path, kind, hub):  # noqa: F811
+    """A UNet's save whose upload failed kept the previous UNet (a pipeline's kept the new one), and both raised the
+    Hub's error alone. Both keep the new save now, and the error says that only the upload failed."""
+    from diffusers_sr3.training.hub import HubUploadError
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    hub.fail_commits = 403  # a token without write access (not retried, unlike 5xx answers)
+    with pytest.raises(HubUploadError) as failed:
+        new.save_pretrained(folder, push_to_hub=True, repo_id="someone/failing")
+    message = str(failed.value)
+    assert message.startswith(f"upload to {hub.url}/someone/failing failed (HfHubHTTPError: 403 Forbidden")
+    assert message.endswith(
+        f"the save in {folder} is complete, only its upload failed: save with push_to_hub=True again to retry"
+    )
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+    assert hub.repos["someone/failing"] == {}
+
+
+def test_a_push_uploads_its_own_save_whatever_moves_into_the_folder_meanwhile(
+    tmp_path,
+    kind,
+    hub,  # noqa: F811
+    monkeypatch,
+):
+    """The upload sends the save from its staging folder, which no other save touches: another save moving into the
+    folder while it uploads (here, as the commit starts) changes nothing it sends, and no save's lock or listing goes
+    up with it."""
+    from huggingface_hub import HfApi
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    real_commit = HfApi.create_commit
+
+    def commit_while_another_save_moves_in(api, *args, **kwargs):
+        old.save_pretrained(folder)
+        return real_commit(api, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", commit_while_another_save_moves_in)
+    new.save_pretrained(folder, push_to_hub=True, repo_id="someone/pushed")
+    monkeypatch.undo()
+    uploaded = hub.repos["someone/pushed"]
+    weights = "unet/diffusion_pytorch_model.safetensors" if index_of(folder) == "model_index.json" else ""
+    weights = weights or "diffusion_pytorch_model.safetensors"
+    new.save_pretrained(tmp_path / "alone")
+    assert uploaded[weights] == (tmp_path / "alone" / weights).read_bytes()
+    assert set(uploaded) == set(contents(tmp_path / "alone")) | {"README.md"}
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))  # the last save moved into place

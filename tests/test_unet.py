@@ -102,6 +102,48 @@ def test_float_levels_outside_the_range_are_refused_on_the_cpu(tiny_unet, monkey
         tiny_unet(sample, torch.tensor([999.0]))
 
 
+class OnAnAccelerator(torch.Tensor):
+    """A CPU tensor that says it lies on a GPU: the level check takes the path it takes on an accelerator."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_float_levels_outside_the_range_are_refused_on_an_accelerator_too(tiny_unet):
+    """They were range-checked on the CPU only (reading them elsewhere waits for the device), so on a GPU an Euler
+    scheduler's float timesteps went in as levels without a word. Now one read per call checks them everywhere, but
+    for a caller that checked its levels once and calls inside `levels_checked` (a pipeline's sampling loop)."""
+    sample = torch.randn(2, 6, 32, 32)
+    timesteps = torch.tensor([999.0, 0.5]).as_subclass(OnAnAccelerator)
+    assert timesteps.device.type == "cuda"
+    message = (
+        r"signal_level must be sqrt\(alpha_bar\) in \[0, 1\] for conditioning_type='noise_level' models, got 999.0: "
+    )
+    with pytest.raises(ValueError, match=message + "a scheduler timestep is not a level"):
+        tiny_unet(sample, timesteps)
+    with unet_sr3.levels_checked():
+        SR3UNet2DModel.check_signal_levels(timesteps)  # not read: the caller checked them
+        with pytest.raises(ValueError, match=message):  # reading CPU levels waits for nothing: checked all the same
+            tiny_unet(sample, torch.tensor([999.0, 0.5]))
+    with pytest.raises(ValueError, match=message):
+        SR3UNet2DModel.check_signal_levels(timesteps)
+    SR3UNet2DModel.check_signal_levels(torch.full((2,), 999.0, device="meta"))  # no values to read
+
+
+def test_a_pipeline_checks_its_levels_once_and_its_steps_wait_for_no_device(tiny_pipeline):
+    checked_by_caller = []
+    hook = tiny_pipeline.unet.register_forward_pre_hook(
+        lambda *_: checked_by_caller.append(unet_sr3._LEVELS_CHECKED.get())
+    )
+    try:
+        tiny_pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=3, output_type="pt")
+        tiny_pipeline.unet(torch.randn(1, 6, 32, 32), 0.5)
+    finally:
+        hook.remove()
+    assert checked_by_caller == [True, True, True, False]
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: attention loops
 def test_the_unet_runs_under_vmap(tiny_unet):
     """`torch.func.vmap` batches no data-dependent indexing or `.item()`: the level check is skipped for its tensors."""
@@ -677,3 +719,22 @@ def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):
     with pytest.raises(AssertionError, match=r"Provided path \(.*config\) should be a directory, not a file"):
         tiny_unet.save_config(path)
     assert path.read_text() == ""
+
+
+def test_training_steps_wait_for_no_device_for_their_levels():
+    """The training objective draws its levels in [0, 1] itself: its network calls take them unread, as a sampling
+    loop's do, or every training step on a GPU would wait for the device to read them back."""
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch, predict
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    checked_by_caller = []
+    hook = unet.register_forward_pre_hook(lambda *_: checked_by_caller.append(unet_sr3._LEVELS_CHECKED.get()))
+    try:
+        predict(unet, noise_batch(unet, betas, hr, condition))
+    finally:
+        hook.remove()
+    assert checked_by_caller == [True]

@@ -51,9 +51,12 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from .. import __version__
 from ..defaults import steps_to_run
+from ..disk_format import FORMAT_KEY, UPGRADE, check_format
 from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
+from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
 from ..pretrained import resolve_packaged_name
 
@@ -258,10 +261,23 @@ def _cached_listing(repo_id: str, revision: Optional[str], cache_dir: Optional[s
         return None
 
 
+def _newer_class(class_name: Any) -> Optional[str]:
+    """Why a folder naming `class_name` is refused where it is an SR3 class that this version does not have, which a
+    newer version saved; None for a class this version has, or another library's."""
+    if isinstance(class_name, str) and class_name.startswith("SR3") and class_name not in _classes():
+        return f"{class_name}, which diffusers-sr3 {__version__} does not have (saved by a newer version?): {UPGRADE}"
+    return None
+
+
 def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type:
-    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it."""
+    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it and
+    this version reads its on-disk format."""
+    check_format(index, f"{source}/model_index.json")
     saved_class = index.get("_class_name")
     saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
+    newer = _newer_class(saved_class)
+    if newer:
+        raise ValueError(f"{source} holds a {newer}")
     if cls.__name__ not in ("SR3BasePipeline", saved_class):
         raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
     pipeline_class = _classes().get(saved_class)
@@ -651,7 +667,9 @@ def _finish_interrupted_save(folder: str, discard_unfinished: bool) -> List[str]
     return finished
 
 
-def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
+def staged_save(
+    save_directory: str, write: Callable[[str], None], upload: Optional[Callable[[str, List[str]], None]] = None
+) -> List[str]:
     """Save into `save_directory` what `write(staging)` writes, so that at every instant the folder holds the previous
     save, the new one, or a complete new one that `finish_interrupted_save` (or the next save) moves into place.
 
@@ -662,9 +680,14 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone, and
     `save_directory`'s own lock (`folder_locked`, as `finish_interrupted_save` does) while it moves the files.
 
+    With `upload`, `upload(staging, saved)` sends the complete save from its staging folder, which no other save
+    writes or moves (so no upload sends a half-moved folder), before it moves into place; it moves into place however
+    the upload ends (the local save is kept), and the upload's error is raised after.
+
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
         write: writes the save into the folder it is given.
+        upload: uploads the save, given its staging folder and its files (as returned).
 
     Returns:
         The saved files, as `/`-separated paths relative to `save_directory`.
@@ -695,13 +718,31 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
         # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves and the staging folder's
         # removal (raised after it, it would leave the folder behind). The folder's lock keeps other saves' moves
         # and loads out until these have ended.
-        with folder_locked(save_directory, exclusive=True), interrupts_deferred():
-            _move_into(staging, save_directory, saved)
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if upload is not None:
+                upload(staging, saved)
+        finally:
+            with folder_locked(save_directory, exclusive=True), interrupts_deferred():
+                _move_into(staging, save_directory, saved)
+                shutil.rmtree(staging, ignore_errors=True)
     finally:
         if descriptor is not None:
             _unlock(descriptor)
     return saved
+
+
+def saved_not_uploaded(error: Exception, repo_id: str, save_directory: str) -> Exception:
+    """The error of a `save_pretrained(push_to_hub=True)` whose upload failed (`training.hub.HubUploadError`): why,
+    and that the save itself is complete in `save_directory`."""
+    from huggingface_hub import constants
+
+    from ..training.hub import upload_failure
+
+    return upload_failure(
+        error,
+        f"to {constants.ENDPOINT}/{repo_id}",
+        f"the save in {save_directory} is complete, only its upload failed: save with push_to_hub=True again to retry",
+    )
 
 
 def step_networks(pipeline: Any) -> Dict[str, Any]:
@@ -979,6 +1020,16 @@ class SR3BasePipeline(DiffusionPipeline):
             cls.__init__.__signature__ = _signature_for_diffusers(cls.__init__, cls._optional_components)
 
     @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
+        """Diffusers' split of a model_index.json into `__init__` arguments and the rest, which
+        `DiffusionPipeline.from_pretrained` makes before loading any component: a folder saved in a newer on-disk
+        format than this version reads is refused there too (`disk_format.check_format`), and the format version is
+        no argument."""
+        check_format(config_dict, f"the {cls.__name__}'s model_index.json")
+        config_dict = {key: value for key, value in config_dict.items() if key != FORMAT_KEY}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
         """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s networks (`kwargs`: components
         and config values to use instead); optional components that `pipeline` lacks (the guide, from an
@@ -1098,8 +1149,12 @@ class SR3BasePipeline(DiffusionPipeline):
         scheduler = self.scheduler if scheduler is None else scheduler
         check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
         _set_timesteps(scheduler, num_inference_steps, device)
-        # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
-        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
+        # The signal level (or timestep) the network takes at each step, computed and checked once on the CPU: the
+        # network's calls take them unread (`levels_checked`), so no step waits for the device.
+        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type)
+        if self.unet.config.conditioning_type == "noise_level":
+            SR3UNet2DModel.check_signal_levels(signal_levels)
+        signal_levels = signal_levels.to(device)
         if init_sample is None:
             noise_levels = signal_levels if self.unet.config.conditioning_type != "timestep" else None
             if noise_levels is None:
@@ -1153,10 +1208,13 @@ class SR3BasePipeline(DiffusionPipeline):
             model_input = model_input.contiguous(memory_format=memory_format)
             # 2. The network takes the step's signal level (or timestep), not the scheduler's timestep value.
             signal_level = signal_levels[i].expand(shape[0])
-            model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-            if guide is not None:
-                guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-                model_output = guided_prediction(model_output, guide_output, guidance_scale, parallel_guidance_weight)
+            with levels_checked():
+                model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                if guide is not None:
+                    guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                    model_output = guided_prediction(
+                        model_output, guide_output, guidance_scale, parallel_guidance_weight
+                    )
             # 3. The scheduler's update.
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             # 4. The callback may replace the noisy image and the condition.
@@ -1194,10 +1252,12 @@ class SR3BasePipeline(DiffusionPipeline):
         `diffusers_sr3.finish_interrupted_save(save_directory)` (a load refuses the folder until then, naming it) or
         the next save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
-        files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        files just saved are also uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
         the pictures it shows), or an SR3 card written there when neither the folder nor the repo has one; never
-        the other files of `save_directory`.
+        the other files of `save_directory`. The upload sends the save from its staging folder, before it moves into
+        place; the local save is kept however the upload ends, and a failed upload raises
+        `training.hub.HubUploadError` saying so.
         """
         save_directory = os.fspath(save_directory)
         # Inside `use_backend` / `swap_unet` the step networks are stand-ins (ONNX sessions, autocast wrappers) that
@@ -1230,10 +1290,17 @@ class SR3BasePipeline(DiffusionPipeline):
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
 
-        saved = staged_save(save_directory, write)
+        upload = None
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            self._upload(save_directory, saved, repo_id, **hub_kwargs)
+
+            def upload(staging: str, saved: List[str]) -> None:
+                try:
+                    self._upload(staging, saved, repo_id, card_folder=save_directory, **hub_kwargs)
+                except Exception as error:
+                    raise saved_not_uploaded(error, repo_id, save_directory) from error
+
+        staged_save(save_directory, write, upload)
 
     def push_to_hub(
         self,
@@ -1273,12 +1340,13 @@ class SR3BasePipeline(DiffusionPipeline):
         token: Optional[str] = None,
         create_pr: bool = False,
         subfolder: Optional[str] = None,
+        card_folder: Optional[str] = None,
     ) -> Any:
-        """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
-        nor the repo has one; a card `write_model_card` wrote under another name, e.g. at training time, names the
-        repo in the uploaded copy: `model_card.card_for_repo`; none where a card this package wrote would replace the
-        repo's card that its author wrote or edited, as `model_card.local_card_withheld` tells and logs); return the
-        `CommitInfo`."""
+        """Upload `files` of the saved `folder` and, at the repo's top, the model card of `card_folder` (default:
+        `folder`; written first when neither it nor the repo has one; a card `write_model_card` wrote under another
+        name, e.g. at training time, names the repo in the uploaded copy: `model_card.card_for_repo`; none where a card
+        this package wrote would replace the repo's card that its author wrote or edited, as
+        `model_card.local_card_withheld` tells and logs); return the `CommitInfo`."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
         from ..model_card import card_uploads, local_card_withheld, write_pipeline_card
@@ -1286,15 +1354,15 @@ class SR3BasePipeline(DiffusionPipeline):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in files}
+        card_folder = folder if card_folder is None else card_folder
         # A pipeline pushed into a subfolder is part of a repo whose card describes the whole; a card its author
         # wrote or edited on the Hub is never replaced by one this package wrote (a card the user wrote goes up).
         if not subfolder:
-            if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
-                write_pipeline_card(folder, self, repo_id)
-            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(
-                api, repo_id, folder, create_pr
-            ):
-                uploads.update(card_uploads(folder, repo_id))
+            card = os.path.join(card_folder, "README.md")
+            if not os.path.isfile(card) and not api.file_exists(repo_id, "README.md"):
+                write_pipeline_card(card_folder, self, repo_id)
+            if os.path.isfile(card) and not local_card_withheld(api, repo_id, card_folder, create_pr):
+                uploads.update(card_uploads(card_folder, repo_id))
         # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
         # cannot send); never the folder's other files.
         return api.create_commit(
@@ -1476,6 +1544,16 @@ class SR3BasePipeline(DiffusionPipeline):
                 if name in loaded:
                     raise VariantOnlyError(f"{source}/{name}", variants)
             expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+            unknown = sorted(set(index) - set(expected) - set(optional) - {FORMAT_KEY})
+            unknown = [key for key in unknown if not key.startswith("_")]  # Diffusers' own records
+            if unknown:
+                # As Diffusers' loader warns. A key that would change what the model means comes with a newer format
+                # (refused above); these keep their meaning when ignored, or were added by hand.
+                logger.warning(
+                    f"{source}/model_index.json holds {', '.join(unknown)}, which {pipeline_class.__name__} of "
+                    f"diffusers-sr3 {__version__} does not take and ignores (keys of a newer version, or added by "
+                    "hand)"
+                )
             init_kwargs: Dict[str, Any] = {}
             for name in expected:
                 if name in kwargs:
@@ -1491,6 +1569,9 @@ class SR3BasePipeline(DiffusionPipeline):
                 component_class = _classes().get(class_name)
                 if component_class is None:
                     if library != "diffusers" or not hasattr(diffusers, class_name):
+                        newer = _newer_class(class_name)
+                        if newer:
+                            raise ValueError(f"{source}: component {name!r} is {library}.{newer}")
                         raise ValueError(
                             f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
                         )
