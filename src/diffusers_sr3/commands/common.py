@@ -160,9 +160,13 @@ def add_model_arguments(
     parsed by `steps_type`), --seed (its help says where the command shows an image's seed: `seed_note`, such as
     " (shown in ...)"), --device, --dtype."""
     if default_model:
-        parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
+        parser.add_argument(
+            "--model", help=f"pipeline folder, Hub repo id, or sr3-photos-x4 (default: {default_model})"
+        )
     else:
-        parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+        parser.add_argument(
+            "--model", required=True, help="pipeline folder, Hub repo id, or sr3-photos-x4 (the packaged model)"
+        )
     parser.add_argument(
         "--variant",
         default=None,

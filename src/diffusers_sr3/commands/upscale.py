@@ -413,11 +413,9 @@ class _SavedConfigs:
     """
 
     def __init__(self, model: Optional[str]) -> None:
-        if model is None:
-            from ..pretrained import default_model_path
+        from ..pretrained import default_model_path, resolve_packaged_name
 
-            model = default_model_path()
-        self.model = model
+        self.model = default_model_path() if model is None else resolve_packaged_name(model)
         self._configs: Dict[str, Optional[Dict[str, Any]]] = {}
         self._revision: Optional[str] = None  # the commit of the first Hub read
         self._hub_failed = False

@@ -58,6 +58,7 @@ from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
 from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
+from ..pretrained import resolve_packaged_name
 
 logger = logging.getLogger(__name__)
 
@@ -1515,7 +1516,8 @@ class SR3BasePipeline(DiffusionPipeline):
         """Load a pipeline saved by this package, from a folder or a Hub repo id, without running its code.
 
         Args:
-            pretrained_model_name_or_path: a local folder or a Hub repo id.
+            pretrained_model_name_or_path: a local folder, a Hub repo id, or `"sr3-photos-x4"`, the model that ships
+                inside the package (unless a folder of that name is in the working directory).
             **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), and Diffusers'
                 loading options: `dtype` (or its older name `torch_dtype`; a dtype, or a dict by component name
                 with a `"default"`), `variant` (each component's weights of that variant, its main ones where it
@@ -1531,7 +1533,7 @@ class SR3BasePipeline(DiffusionPipeline):
         """
         import diffusers
 
-        source = os.fspath(pretrained_model_name_or_path)
+        source = resolve_packaged_name(os.fspath(pretrained_model_name_or_path))
         if os.path.exists(source) and not os.path.isdir(source):
             raise NotADirectoryError(
                 f"{source} is a file, not a pipeline folder (an original SR3 checkpoint, `*_gen.pth`: convert it with "
