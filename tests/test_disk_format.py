@@ -3,6 +3,7 @@ does not know are named, and folders of this format load as before, with the for
 
 import json
 import logging
+import re
 
 import numpy as np
 import PIL.Image
@@ -11,7 +12,7 @@ import torch
 from conftest import low_resolution_unet
 from diffusers import DiffusionPipeline
 
-from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, SR3UNet2DModel, make_scheduler
+from diffusers_sr3 import SR3BasePipeline, SR3CascadePipeline, SR3Pipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.cli import main
 from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
 
@@ -64,13 +65,15 @@ def test_a_folder_in_a_newer_format_is_refused_by_every_loader_and_the_command_l
     # What a newer version writes when it adds a key that this one would ignore, reading another model.
     edit(folder / recorded_in, **{FORMAT_KEY: FORMAT_VERSION + 1, "output_gain": 2.0})
     newer = rf"on-disk format {FORMAT_VERSION + 1}; diffusers-sr3 \S+ reads formats up to {FORMAT_VERSION} .*{UPGRADE}"
-    named = "model_index.json" if recorded_in == "model_index.json" else f"{folder / 'unet'}: the SR3UNet2DModel config"
     for name, load in LOADERS.items():
         with pytest.raises(NewerFormatError, match=newer) as refusal:
             load(folder)
         if name != "DiffusionPipeline":  # Diffusers' loader gives no folder to the pipeline class's config check
-            assert str(folder) in str(refusal.value), name
-        assert named in str(refusal.value), name
+            assert f"{folder}/{recorded_in} was saved in" in str(refusal.value), name
+        elif recorded_in == "model_index.json":
+            assert "model_index.json" in str(refusal.value)
+        else:  # the UNet's own check, where Diffusers loads it
+            assert f"{folder / 'unet'}: the SR3UNet2DModel config" in str(refusal.value)
     if recorded_in == "unet/config.json":
         with pytest.raises(NewerFormatError, match=newer):
             SR3UNet2DModel.from_pretrained(folder, subfolder="unet")
@@ -146,3 +149,21 @@ def test_another_librarys_pipeline_is_still_named_as_not_sr3(folder):
         SR3Pipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match="holds a StableDiffusionPipeline, which is not an SR3 pipeline$"):
         SR3BasePipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "recorded_in", ["guidance_unet/config.json", "stage_2/unet/config.json", "stage_2/model_index.json"]
+)
+def test_a_component_in_a_newer_format_is_refused_before_any_weights_are_read(guided_pipeline, tmp_path, recorded_in):
+    """A network may record the format in its own config.json alone (a nested pipeline in its model_index.json): the
+    pipeline loaders check every component's before reading any weights (here unreadable: reading them fails)."""
+    model = tmp_path / "model"
+    cascade = recorded_in.startswith("stage_2")
+    saved = SR3CascadePipeline.from_stages(None, [guided_pipeline, guided_pipeline]) if cascade else guided_pipeline
+    saved.save_pretrained(model)
+    edit(model / recorded_in, **{FORMAT_KEY: FORMAT_VERSION + 1})
+    for weights in model.rglob("*.safetensors"):
+        weights.write_bytes(b"weights that a load must not read")
+    for loader in (SR3BasePipeline, SR3CascadePipeline if cascade else SR3Pipeline):
+        with pytest.raises(NewerFormatError, match=f"^{re.escape(str(model / recorded_in))} was saved in .*{UPGRADE}"):
+            loader.from_pretrained(model)

@@ -411,6 +411,16 @@ def _is_integer(value: Any) -> bool:
 
 # Bytes: PyTorch's CPU allocator aligns every allocation to this; SIMD kernels assume it.
 _ALIGNMENT = 64
+# The `from_pretrained` options that say where the config comes from (`ConfigMixin.load_config` takes them).
+_CONFIG_SOURCE_OPTIONS = (
+    "subfolder",
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
 
 
 # Far above any model that fits a GPU (SR3's largest is under 1 billion): a config.json asking for more is damaged or
@@ -806,6 +816,11 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 if reason:
                     raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
             try:
+                if source is not None and not local:
+                    # Diffusers downloads a Hub repo's weights before it builds the model from the config, where
+                    # `extract_init_dict` checks the format: the config alone is read first.
+                    options = {key: kwargs[key] for key in _CONFIG_SOURCE_OPTIONS if key in kwargs}
+                    check_format(cls.load_config(source, **options), f"the {cls.__name__} config")
                 loaded = super().from_pretrained(*args, **kwargs)
             except NewerFormatError as error:
                 raise NewerFormatError(f"{folder}: {error}") from None

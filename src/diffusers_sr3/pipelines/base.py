@@ -286,15 +286,6 @@ def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type
     return pipeline_class
 
 
-def _local_index(folder: str, component: str) -> Optional[Dict[str, Any]]:
-    """The model_index.json of `folder`'s `component` folder (a nested pipeline's), None where it has none."""
-    path = os.path.join(folder, component, "model_index.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def _holds_variant(folder: str, variant: str) -> bool:
     """Whether any weight file below `folder` is of `variant`."""
     return any(weight_file_variant(name.rpartition("/")[2]) == (True, variant) for name in _files_under(folder))
@@ -926,6 +917,48 @@ def loaded_component_folders(
     return folders
 
 
+def format_checked_folders(
+    source: str, index: Dict[str, Any], passed: Collection[str], read_json: Callable[[str], Any]
+) -> List[str]:
+    """`loaded_component_folders`, each nested pipeline's model_index.json and each network's config.json among them
+    refused where saved in a newer on-disk format (`disk_format.check_format`): a network that needs a newer reader
+    may record it in its own config.json alone, which its own load reads only after the weights of the components
+    loaded before it (and, from the Hub, after Diffusers downloaded its weights).
+
+    Args:
+        source: the folder or Hub repo id that refusals name.
+        index: the pipeline's model_index.json.
+        passed: the components passed in, whose folders are not read.
+        read_json: the JSON in the file at a `/`-separated path inside the pipeline's folder, None where there is
+            no such file.
+    """
+
+    def nested_index(folder: str) -> Optional[Dict[str, Any]]:
+        nested = read_json(f"{folder}/model_index.json")
+        if isinstance(nested, dict):
+            check_format(nested, f"{source}/{folder}/model_index.json")
+        return nested
+
+    folders = loaded_component_folders(index, passed, nested_index)
+    for folder in folders:
+        try:
+            config = read_json(f"{folder}/config.json")
+        except (OSError, ValueError):  # the network's own load says what is wrong with it
+            continue
+        if isinstance(config, dict):
+            check_format(config, f"{source}/{folder}/config.json")
+    return folders
+
+
+def _local_json(folder: str, path: str) -> Any:
+    """The JSON in `folder`'s file at the `/`-separated `path`, None where there is no such file."""
+    path = os.path.join(folder, *path.split("/"))
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def pickled_weights_error(pipeline_class: type, source: str, folders: Sequence[str], local: bool) -> ValueError:
     """The error for loading `source` (a folder if `local`, else a Hub repo id) without `use_safetensors=False` when
     its component `folders` hold pickled weights only: it names every such folder and one conversion of the whole
@@ -1476,14 +1509,13 @@ class SR3BasePipeline(DiffusionPipeline):
             # Before any weights: the download would fetch none of theirs, and the load fail on a missing file.
             if listed is not None:
 
-                def nested_index(folder: str) -> Optional[Dict[str, Any]]:
-                    if f"{folder}/model_index.json" not in listed:
+                def read_json(path: str) -> Any:
+                    if path not in listed:
                         return None
-                    nested = hf_hub_download(name, f"{folder}/model_index.json", **download_kwargs)
-                    with open(nested, encoding="utf-8") as handle:
+                    with open(hf_hub_download(name, path, **download_kwargs), encoding="utf-8") as handle:
                         return json.load(handle)
 
-                loaded = set(loaded_component_folders(index, kwargs, nested_index))
+                loaded = set(format_checked_folders(name, index, kwargs, read_json))
                 pickled = [] if pickles else [f for f in pickle_only_folders(listed, variant) if f in loaded]
                 if pickled:
                     raise pickled_weights_error(pipeline_class, name, pickled, local=False)
@@ -1574,7 +1606,7 @@ class SR3BasePipeline(DiffusionPipeline):
                     "embeddings in float32 (_keep_in_fp32_modules), which Diffusers loads only with low_cpu_mem_usage "
                     "True or None"
                 )
-            loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
+            loaded = set(format_checked_folders(source, index, kwargs, functools.partial(_local_json, folder)))
             files = _files_under(folder)
             if use_safetensors is None:
                 pickled = [name for name in pickle_only_folders(files, variant) if name in loaded]
