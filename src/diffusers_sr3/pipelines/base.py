@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import glob
 import inspect
@@ -350,6 +351,23 @@ def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: 
             os.close(source)
 
 
+def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
+    """Raise PermissionError naming the first folder of `target` that the save's files (`saved`, `/`-separated) would
+    be moved into and that this process cannot write (a read-only subfolder of a copied model).
+
+    Checked before the move starts: the move removes the replaced index first, so one stopped by such a folder would
+    leave `target` unloadable until the folder is made writable, and finishing it would fail the same way."""
+    folders = {""}
+    for path in saved:
+        parts = path.split("/")[:-1]
+        folders.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
+    for folder in sorted(folders):
+        destination = os.path.join(target, *folder.split("/")) if folder else target
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            if not os.access(destination, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
+
+
 class UnsafeStagingError(ValueError):
     """A staging folder that does not hold what a save of this package writes (links, paths outside it, files it
     does not list): it is never moved into place."""
@@ -679,6 +697,7 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
                 descriptor = _lock_staging(staging)
             write(staging)
             saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
+            _check_folders_writable(save_directory, saved)
             listing = os.path.join(staging, f"{STAGED_LISTING}.part")
             with open(listing, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle)
