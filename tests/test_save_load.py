@@ -138,6 +138,22 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     assert (target / "checkpoint-10" / "state.txt").exists()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits to compare")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_saved_files_get_the_permissions_of_new_files(tmp_path, tiny_pipeline, umask):
+    """Weights readable by their owner alone beside a readable config (safetensors writes a 0600 temporary): another
+    user of a shared model folder could list the model but not load it."""
+    previous = os.umask(umask)
+    try:
+        tiny_pipeline.save_pretrained(tmp_path / "pipeline")
+        tiny_pipeline.unet.save_pretrained(tmp_path / "unet")
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*.*")}
+    assert "pipeline/unet/diffusion_pytorch_model.safetensors" in modes and "unet/config.json" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 def test_a_read_only_subfolder_stops_a_resave_before_it_changes_the_folder(tmp_path, tiny_pipeline, monkeypatch):
     """A model copied from a read-only place keeps its read-only subfolders: a save over it must fail before its move
     removes the index, not leave a folder that neither loads nor finishes its save until the mode is changed."""
