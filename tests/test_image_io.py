@@ -1,5 +1,6 @@
 """One image walker and one image opener: EXIF orientation, RGB, clear errors, through every entry point."""
 
+import errno
 import io
 import json
 import os
@@ -302,6 +303,36 @@ def test_folder_walks_skip_hidden_files_and_name_files_below_their_input(tmp_pat
     for extension in (".jfif", ".avif"):
         readable = PIL.Image.registered_extensions().get(extension) in PIL.Image.OPEN
         assert (extension in IMAGE_EXTENSIONS) == readable
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch, capsys):
+    """Another user's private subfolder (mode 700) inside a folder input: `os.walk` skips it silently, and a run
+    would report success without its images; the run must stop and name it, before writing anything."""
+    photos = tmp_path / "photos"
+    for relative in ("mine/a.png", "theirs/b.png"):
+        (photos / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(photos / relative)
+    private = photos / "theirs"
+    private.chmod(0)
+    if os.geteuid() == 0:  # root lists any folder: refuse the listing as for anyone else
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(private):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(f"cannot list the folder {private}: Permission denied")):
+            walk_images(photos)
+        for target in (photos, private):
+            assert main(["upscale", str(target), "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+            error = capsys.readouterr().err
+            assert f"cannot list the folder {private}: Permission denied" in error and "Traceback" not in error
+    finally:
+        private.chmod(0o755)
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_file_spelled_several_ways_is_one_source(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import copy
 import errno
 import json
 import os
+import re
 
 import PIL.Image
 import pytest
@@ -135,6 +136,65 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
     assert (target / "checkpoint-10" / "state.txt").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits to compare")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_saved_files_get_the_permissions_of_new_files(tmp_path, tiny_pipeline, umask):
+    """Weights readable by their owner alone beside a readable config (safetensors writes a 0600 temporary): another
+    user of a shared model folder could list the model but not load it."""
+    previous = os.umask(umask)
+    try:
+        tiny_pipeline.save_pretrained(tmp_path / "pipeline")
+        tiny_pipeline.unet.save_pretrained(tmp_path / "unet")
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*.*")}
+    assert "pipeline/unet/diffusion_pytorch_model.safetensors" in modes and "unet/config.json" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_read_only_subfolder_stops_a_resave_before_it_changes_the_folder(tmp_path, tiny_pipeline, monkeypatch):
+    """A model copied from a read-only place keeps its read-only subfolders: a save over it must fail before its move
+    removes the index, not leave a folder that neither loads nor finishes its save until the mode is changed."""
+    target = tmp_path / "copied"
+    tiny_pipeline.save_pretrained(target)
+    before = {path: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    locked = target / "unet"
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders: refuse the writes there as for anyone else
+        real_access, real_remove, real_replace = os.access, os.remove, os.replace
+
+        def in_locked(path):
+            return os.path.dirname(os.path.abspath(path)) == str(locked)
+
+        def access(path, mode, **kwargs):
+            return not (os.path.abspath(path) == str(locked) and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+        def remove(path, **kwargs):
+            if in_locked(path):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_remove(path, **kwargs)
+
+        def replace(source, destination, **kwargs):
+            if in_locked(destination):
+                raise PermissionError(errno.EACCES, "Permission denied", destination)
+            return real_replace(source, destination, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(os, "remove", remove)
+        monkeypatch.setattr(os, "replace", replace)
+    with torch.no_grad():
+        for parameter in tiny_pipeline.unet.parameters():
+            parameter.add_(1.0)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(f"{locked} is not a writable folder")):
+            tiny_pipeline.save_pretrained(target)
+    finally:
+        locked.chmod(0o755)
+        monkeypatch.undo()
+    assert {path: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
+    SR3Pipeline.from_pretrained(target)  # still the previous save, whole
 
 
 def test_variants_are_saved_side_by_side_and_a_resave_leaves_no_stale_weights(tmp_path, tiny_pipeline):

@@ -101,9 +101,17 @@ def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
 
     Hidden folders such as `.cache/` and hidden files are skipped: macOS writes `._IMG_0001.png` (AppleDouble
     metadata, no image) beside every file it copies to a foreign disk.
+
+    Raises:
+        OSError: naming a folder (`folder` or one below it) that cannot be listed, such as another user's private
+            folder: `os.walk` would skip it without a word, and a run would miss its images as if it had none.
     """
+
+    def unlisted(error: OSError) -> None:
+        raise type(error)(error.errno, f"cannot list the folder {error.filename}: {error.strerror}") from error
+
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=unlisted):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
     return sorted(found)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import glob
 import inspect
@@ -358,6 +359,43 @@ def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: 
             os.close(source)
 
 
+def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
+    """Raise PermissionError naming the first folder of `target` that the save's files (`saved`, `/`-separated) would
+    be moved into and that this process cannot write (a read-only subfolder of a copied model).
+
+    Checked before the move starts: the move removes the replaced index first, so one stopped by such a folder would
+    leave `target` unloadable until the folder is made writable, and finishing it would fail the same way."""
+    folders = {""}
+    for path in saved:
+        parts = path.split("/")[:-1]
+        folders.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
+    for folder in sorted(folders):
+        destination = os.path.join(target, *folder.split("/")) if folder else target
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            if not os.access(destination, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
+
+
+def _give_new_file_modes(staging: str, saved: Sequence[str]) -> None:
+    """Give the files of the save in `staging` (`saved`, `/`-separated) the permissions that the umask gives a new
+    file, as `open` does. safetensors 0.8 writes its files through a temporary of mode 0600, so a saved model's weights
+    were readable by their owner alone, beside a readable config: another user of a shared model folder could list the
+    weights but not load them. The mode is read from a file made here, not from `os.umask`, which can only be read by
+    changing it for every thread of the process."""
+    probe = os.path.join(staging, ".sr3-mode-probe")
+    with open(probe, "x", encoding="utf-8"):
+        pass
+    try:
+        new_file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.remove(probe)
+    for path in saved:
+        name = os.path.join(staging, *path.split("/"))
+        status = os.lstat(name)
+        if stat.S_ISREG(status.st_mode) and stat.S_IMODE(status.st_mode) != new_file_mode:
+            os.chmod(name, new_file_mode)
+
+
 class UnsafeStagingError(ValueError):
     """A staging folder that does not hold what a save of this package writes (links, paths outside it, files it
     does not list): it is never moved into place."""
@@ -694,6 +732,8 @@ def staged_save(
             staging, descriptor = _new_staging_folder(save_directory)
             write(staging)
             saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
+            _check_folders_writable(save_directory, saved)
+            _give_new_file_modes(staging, saved)
             listing = os.path.join(staging, f"{STAGED_LISTING}.part")
             with open(listing, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle)
