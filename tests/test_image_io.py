@@ -335,6 +335,26 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_disks_own_folders_are_not_searched_for_photos(tmp_path, monkeypatch):
+    """A mounted data disk's top holds `lost+found` (mode 700, root's): a walk of it stopped there as at another
+    user's private folder, so no folder input at a disk's top could be upscaled; before, it was skipped unread."""
+    disk = tmp_path / "disk"
+    for relative in ("a.png", "lost+found/#1234.png", "System Volume Information/b.png", "$RECYCLE.BIN/c.png"):
+        (disk / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(disk / relative)
+    private = disk / "lost+found"
+    private.chmod(0o700)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for an ordinary user, root too: lost+found is root's
+        if os.fspath(path) == str(private):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert walk_images(disk) == [str(disk / "a.png")]
+
+
 def test_one_file_spelled_several_ways_is_one_source(tmp_path, monkeypatch):
     """`./mixed` and `mixed/*.png`, `a.png` and its absolute path name one file: listed once, as first spelled,
     not as two inputs whose outputs clash."""
