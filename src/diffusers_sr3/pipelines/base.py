@@ -370,10 +370,14 @@ def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
         parts = path.split("/")[:-1]
         folders.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
     for folder in sorted(folders):
-        destination = os.path.join(target, *folder.split("/")) if folder else target
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            if not os.access(destination, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
+        parts = folder.split("/") if folder else []
+        # A link below `target` (a cascade's stage linked to another copy) is replaced by the move as a link: nothing
+        # is written through it, into a folder it leads to.
+        if any(os.path.islink(os.path.join(target, *parts[: depth + 1])) for depth in range(len(parts))):
+            continue
+        destination = os.path.join(target, *parts)
+        if os.path.isdir(destination) and not os.access(destination, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
 
 
 def _give_new_file_modes(staging: str, saved: Sequence[str]) -> None:
