@@ -223,6 +223,24 @@ def test_a_new_run_does_not_write_into_an_earlier_runs_checkpoints(tmp_path, mon
     assert run_script(SR_SCRIPT, as_argv({**again, "resume_from_checkpoint": "latest"}), monkeypatch) == 0
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits to compare")
+def test_checkpoints_get_the_permissions_of_new_files(tmp_path, monkeypatch):
+    """safetensors writes the trained and the EMA weights of a checkpoint readable by their owner alone, and an
+    earlier checkpoint is loaded as a model (the guide, `load_checkpoint_unet`) by whoever may read the run's folder."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        options = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=2, use_ema=True)
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+    finally:
+        os.umask(previous)
+    checkpoint = output / "checkpoint-2"
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in checkpoint.rglob("*") if path.is_file()}
+    assert "model.safetensors" in modes and "ema.safetensors" in modes
+    assert set(modes.values()) == {oct(0o644)}, modes
+
+
 def test_a_trained_pipeline_without_checkpoints_is_not_trained_over(tmp_path, monkeypatch, capsys):
     data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
     output = tmp_path / "out"
