@@ -13,7 +13,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 SESSION_HF_HOME = tempfile.mkdtemp(prefix="sr3-tests-hf-home-")
 atexit.register(shutil.rmtree, SESSION_HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = SESSION_HF_HOME
-for _cache in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_MODULES_CACHE", "HF_DATASETS_CACHE"):
+for _cache in (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_MODULES_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_EVALUATE_CACHE",
+    "HF_METRICS_CACHE",  # evaluate's: its `compute` writes there
+):
     os.environ.pop(_cache, None)  # each would win over HF_HOME
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")

@@ -56,12 +56,23 @@ def test_the_hugging_face_caches_are_this_runs_own(tmp_path):
     model the user has cached, and a read-only home takes no writes."""
     users = tmp_path / "users-cache"
     probe = (
-        "import conftest, datasets, diffusers.utils.dynamic_modules_utils as modules, huggingface_hub.constants as hub;"
+        "import conftest, datasets, evaluate, diffusers.utils.dynamic_modules_utils as modules,"
+        " huggingface_hub.constants as hub;"
         "print(conftest.SESSION_HF_HOME);"
-        "print(hub.HF_HUB_CACHE); print(modules.HF_MODULES_CACHE); print(datasets.config.HF_DATASETS_CACHE)"
+        "print(hub.HF_HUB_CACHE); print(hub.HF_ASSETS_CACHE); print(modules.HF_MODULES_CACHE);"
+        "print(datasets.config.HF_DATASETS_CACHE); print(evaluate.config.HF_METRICS_CACHE);"
+        "print(evaluate.config.HF_EVALUATE_CACHE)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    for name in ("HF_HOME", "HF_HUB_CACHE", "HF_MODULES_CACHE", "HF_DATASETS_CACHE"):
+    for name in (
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_ASSETS_CACHE",
+        "HF_MODULES_CACHE",
+        "HF_DATASETS_CACHE",
+        "HF_METRICS_CACHE",
+        "HF_EVALUATE_CACHE",
+    ):
         env[name] = str(users / name)
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
