@@ -782,6 +782,21 @@ def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypat
         assert len(warned) == (0 if fast else 1)
 
 
+def test_bf16_training_where_torchs_kernels_are_held_below_avx512_says_so(tmp_path, monkeypatch, caplog):
+    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX: bfloat16 is not fast there (torch's bfloat16 attention fails), but
+    not for want of bfloat16 units, as the warning for AVX2-only CPUs said."""
+    import diffusers_sr3.training.trainer as trainer
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    # Only what torch reports: the kernels it runs stay its own, so this run's bfloat16 attention works.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "out", mixed_precision="bf16")))
+    warned = [record.getMessage() for record in caplog.records if "mixed_precision bf16" in record.getMessage()]
+    assert len(warned) == 1 and "held at AVX2 (ATEN_CPU_CAPABILITY)" in warned[0], warned
+
+
 def test_residual_training_targets_the_detail_and_is_saved(tmp_path):
     from test_data import make_image_folder
 

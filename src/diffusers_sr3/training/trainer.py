@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..backends import cpu_name, fast_bfloat16
+from ..backends import bfloat16_cpu, cpu_name, fast_bfloat16
 from ..data import (
     BadImageError,
     PairMaker,
@@ -621,7 +621,16 @@ class Trainer:
         if threads:
             torch.set_num_threads(threads)
         logger.info("training on CPU with %d threads per process", torch.get_num_threads())
-        if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
+        kernels = torch.backends.cpu.get_cpu_capability()
+        if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu") and bfloat16_cpu() and kernels != "AVX512":
+            logger.warning(
+                "--mixed_precision bf16 with torch's CPU kernels held at %s (ATEN_CPU_CAPABILITY), below the AVX512 "
+                "ones that run bfloat16 natively on this CPU (%s): torch's bfloat16 attention fails there; leave out "
+                "ATEN_CPU_CAPABILITY or --mixed_precision bf16",
+                kernels,
+                cpu_name(),
+            )
+        elif accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
             logger.warning(
                 "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
                 "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave it "
