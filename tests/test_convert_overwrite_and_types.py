@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -133,3 +134,29 @@ def test_absent_optional_settings_take_the_originals_defaults(variant, kind):
     config["model"]["unet"]["norm_groups"] = 4
     pipeline = convert_original_checkpoint(FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", config)
     assert type(pipeline) is kind and pipeline.unet.config.dropout == 0.0
+
+
+def test_convert_overwrite_checks_the_folders_it_removes_before_it_saves(tmp_path, monkeypatch, capsys):
+    """A copied model's read-only guide folder, which the converted pipeline lacks: the command failed after the new
+    pipeline was in place, naming a file without its folder, and left the old guide beside it."""
+    sr3 = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
+    folder = tmp_path / "model"
+    SR3Pipeline(sr3.unet, sr3.scheduler, guidance_unet=copy.deepcopy(sr3.unet), guidance_scale=2.0).save_pretrained(
+        folder
+    )
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    locked = folder / "guidance_unet"
+    locked.chmod(0o555)
+    real_access = os.access
+
+    def access(path, mode, **kwargs):  # read-only for root too
+        return not (os.path.abspath(path) == str(locked) and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    capsys.readouterr()
+    try:
+        assert main(_convert_arguments(folder) + ["--overwrite"]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert capsys.readouterr().err.strip().endswith(f"{locked} is not a writable folder")
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
