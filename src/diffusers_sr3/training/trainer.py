@@ -621,22 +621,23 @@ class Trainer:
         if threads:
             torch.set_num_threads(threads)
         logger.info("training on CPU with %d threads per process", torch.get_num_threads())
-        kernels = torch.backends.cpu.get_cpu_capability()
-        if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu") and bfloat16_cpu() and kernels != "AVX512":
-            logger.warning(
-                "--mixed_precision bf16 with torch's CPU kernels held at %s (ATEN_CPU_CAPABILITY), below the AVX512 "
-                "ones that run bfloat16 natively on this CPU (%s): torch's bfloat16 attention fails there; leave out "
-                "ATEN_CPU_CAPABILITY or --mixed_precision bf16",
-                kernels,
-                cpu_name(),
-            )
-        elif accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
-            logger.warning(
-                "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
-                "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave it "
-                "out on this machine",
-                cpu_name(),
-            )
+        if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
+            kernels = torch.backends.cpu.get_cpu_capability()
+            if bfloat16_cpu() and kernels != "AVX512":
+                logger.warning(
+                    "--mixed_precision bf16 with torch's CPU kernels held at %s (ATEN_CPU_CAPABILITY), below the "
+                    "AVX512 ones that run bfloat16 natively on this CPU (%s): torch's bfloat16 attention fails there; "
+                    "leave out ATEN_CPU_CAPABILITY or --mixed_precision bf16",
+                    kernels,
+                    cpu_name(),
+                )
+            else:
+                logger.warning(
+                    "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
+                    "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave "
+                    "it out on this machine",
+                    cpu_name(),
+                )
         return torch.get_num_threads()
 
     def _prepare_model(self) -> ModelSetup:
