@@ -268,15 +268,26 @@ def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
 def test_a_fine_tune_never_writes_into_the_installed_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     packaged = default_model_path()
-    before = sorted(os.listdir(packaged))
-    for output in (packaged, os.path.join(packaged, "tuned")):
+    package = os.path.dirname(os.path.dirname(packaged))  # diffusers_sr3/, which holds pretrained/sr3-photos-x4
+    os.symlink(os.path.dirname(packaged), "link")
+    before = {folder: sorted(os.listdir(folder)) for folder in (packaged, package)}
+    for output in (
+        packaged,
+        os.path.join(packaged, "tuned"),
+        os.path.join("link", DEFAULT_MODEL, "tuned"),  # through a symlink
+        os.path.join(packaged, "..", "..", "tuned"),  # the package itself, beside its models
+        package,
+    ):
         options = fine_tune_options(
             output, pretrained_model_name_or_path=DEFAULT_MODEL, resume_from_checkpoint="latest"
         )
-        with pytest.raises(ValueError, match="inside the installed package's models .*a folder of its own"):
+        with pytest.raises(ValueError, match="inside the installed package .*a folder of its own"):
             train(TrainingConfig(**options))
-    assert sorted(os.listdir(packaged)) == before  # not even a lock file
-    # A folder named like the packaged model would be loaded in its place by the name it was fine-tuned from.
-    with pytest.raises(ValueError, match="is the name of the packaged model being fine-tuned"):
-        train(TrainingConfig(**fine_tune_options(DEFAULT_MODEL, pretrained_model_name_or_path=DEFAULT_MODEL)))
-    assert not os.path.exists(DEFAULT_MODEL)
+    # not even a lock file
+    assert {folder: sorted(os.listdir(folder)) for folder in (packaged, package)} == before
+    # A folder named like the packaged model would be loaded in its place by the name it was fine-tuned from, however
+    # the output folder is spelt.
+    for output in (DEFAULT_MODEL, os.path.abspath(DEFAULT_MODEL), os.path.join("sub", "..", DEFAULT_MODEL) + os.sep):
+        with pytest.raises(ValueError, match="is the name of the packaged model being fine-tuned"):
+            train(TrainingConfig(**fine_tune_options(output, pretrained_model_name_or_path=DEFAULT_MODEL)))
+        assert not os.path.exists(DEFAULT_MODEL)

@@ -257,18 +257,19 @@ def _not_one_model(source: str, pipeline: Any, task: str) -> str:
 
 def _refuse_packaged_output(config: TrainingConfig) -> None:
     """Refuse, before the run writes anything (its lock file included), an `--output_dir` inside the installed
-    package's models, or one named like the packaged model that is being fine-tuned by that name: such a folder
-    would stand in for the packaged model wherever its name is loaded."""
+    package (its models above all), or the folder named like the packaged model in the working directory while that
+    model is fine-tuned by its name: the run's own folder would be loaded in its place by that name."""
     from ..pretrained import DEFAULT_MODEL, PACKAGED_MODELS_DIR
 
-    output, packaged = os.path.realpath(config.output_dir), os.path.realpath(PACKAGED_MODELS_DIR)
-    if output == packaged or output.startswith(packaged + os.sep):
+    package_dir = os.path.dirname(PACKAGED_MODELS_DIR)
+    output, package = os.path.realpath(config.output_dir), os.path.realpath(package_dir)
+    if output == package or output.startswith(package + os.sep):
         raise ValueError(
-            f"--output_dir {config.output_dir} is inside the installed package's models ({PACKAGED_MODELS_DIR}), "
-            "which training never changes: give the fine-tuned model a folder of its own"
+            f"--output_dir {config.output_dir} is inside the installed package ({package_dir}), which holds its "
+            "packaged models and which training never changes: give the fine-tuned model a folder of its own"
         )
     named = config.pretrained_model_name_or_path == DEFAULT_MODEL and not os.path.lexists(DEFAULT_MODEL)
-    if named and os.path.normpath(config.output_dir) == DEFAULT_MODEL:
+    if named and output == os.path.realpath(DEFAULT_MODEL):
         raise ValueError(
             f"--output_dir {config.output_dir} is the name of the packaged model being fine-tuned: a folder of that "
             "name here would be loaded in its place by that name; give the fine-tuned model another name"
