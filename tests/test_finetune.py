@@ -255,14 +255,52 @@ def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
         train_data_dir=my_photos(str(tmp_path / "photos")),
         lr_warmup_steps=500,
     )
-    with caplog.at_level(logging.WARNING):
+    learning_rates = []  # the rate each optimizer step runs at
+    step = torch.optim.AdamW.step
+    with caplog.at_level(logging.WARNING), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torch.optim.AdamW,
+            "step",
+            lambda self, *a, **k: learning_rates.append(self.param_groups[0]["lr"]) or step(self, *a, **k),
+        )
         train(TrainingConfig(**options))
     warned = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
     assert warned == [
         "--lr_warmup_steps 500 is no shorter than the run's 2 steps: the learning rate never reaches "
-        "--learning_rate 1e-05 (at most 4e-08); give a run this short (a fine-tune, say) a shorter "
+        "--learning_rate 1e-05 (at most 2e-08); give a run this short (a fine-tune, say) a shorter "
         "warm-up"
     ]
+    assert learning_rates == pytest.approx([0, 2e-08])  # the highest is the one said
+    # A warm-up exactly as long as the run never reaches the rate either, and says the highest it reaches.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(TrainingConfig(**dict(options, output_dir=str(tmp_path / "out2"), lr_warmup_steps=2)))
+    assert "--learning_rate 1e-05 (at most 5e-06)" in caplog.text
+
+
+def test_a_run_of_minutes_stopped_inside_its_warm_up_says_so(tmp_path, caplog):
+    # As README's recipe runs: --max_train_minutes ends it long before --max_train_steps.
+    options = fine_tune_options(
+        tmp_path / "out",
+        pretrained_model_name_or_path=save_guided_photo_model(str(tmp_path / "base")),
+        train_data_dir=my_photos(str(tmp_path / "photos")),
+        max_train_steps=100_000,
+        max_train_minutes=1e-9,  # stops after its first step
+        lr_warmup_steps=500,
+    )
+    with caplog.at_level(logging.WARNING):
+        train(TrainingConfig(**options))
+    warned = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    assert warned == [
+        "--max_train_minutes 1e-09 stopped the run at step 1, inside its warm-up of 500 steps (--lr_warmup_steps): "
+        "the learning rate reached at most 0 of --learning_rate 1e-05; give a run of minutes a shorter warm-up"
+    ]
+    # Not when the clock stops it after its warm-up, nor without one.
+    for name, change in (("after", dict(lr_warmup_steps=1)), ("constant", dict(lr_scheduler="constant"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train(TrainingConfig(**dict(options, output_dir=str(tmp_path / name), **change)))
+        assert "--lr_warmup_steps" not in caplog.text
 
 
 def test_a_fine_tune_never_writes_into_the_installed_package(tmp_path, monkeypatch):
