@@ -370,3 +370,5 @@ def test_help_lists_the_sr_stage_options(capsys):
     for flag in ("--mode", "--eta", "--temperature", "--strength", "--guidance-scale"):
         assert flag in text
     assert "for a cascade's super-resolution stages (not its generator)" in text
+    # The packaged model upscales: sample refuses it, so its help does not offer it.
+    assert "sr3-photos-x4" not in text
