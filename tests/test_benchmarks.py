@@ -640,7 +640,12 @@ def test_compare_models_pictures_every_model_on_the_reports_crops(tmp_path, x0_m
 
 
 @pytest.mark.slow
-def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
+def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     onnx = importlib.util.find_spec("onnxruntime") is not None
     rows = [
         "bicubic",
@@ -659,6 +664,7 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
             "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
+    assert not list(scratch.glob("upscale-benchmark-*"))  # its scratch folder (photos, models, cache) is gone
     measured = {row["row"]: row for row in report["rows"]}
     assert list(measured) == rows
     for name, row in measured.items():
