@@ -29,7 +29,7 @@ def sample(model, output, *options):
 def test_the_output_is_checked_before_the_model_is_loaded(tmp_path, capsys):
     missing_model = tmp_path / "no_model"  # reaching the model would fail with another message
     (tmp_path / "folder").mkdir()
-    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
     expected = {
         tmp_path / "folder": "is a folder",
         tmp_path / "smp" / "a": "needs an image file extension Pillow can write",

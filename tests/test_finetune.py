@@ -210,7 +210,7 @@ def test_fine_tuning_a_guided_photo_model_on_a_folder_of_photos_keeps_what_it_ca
     with caplog.at_level(logging.WARNING):
         output = train(TrainingConfig(**options))
     assert any("autoguidance guide" in record.getMessage() for record in caplog.records)
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["global_step"] == 2 and summary["skipped_at_scan"] == {"small": 1}
 
     before, after = (SR3Pipeline.from_pretrained(folder) for folder in (base, output))
@@ -232,7 +232,7 @@ def test_fine_tuning_a_guided_photo_model_on_a_folder_of_photos_keeps_what_it_ca
 
     # An interrupted fine-tune goes on from its latest checkpoint.
     resumed = train(TrainingConfig(**dict(options, max_train_steps=3, resume_from_checkpoint="latest")))
-    summary = json.loads(open(os.path.join(resumed, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(resumed, "training_summary.json"), encoding="utf-8").read())
     assert (summary["global_step"], summary["steps_this_run"]) == (3, 1)
     assert summary["resumed_from"].endswith("checkpoint-2")
 
