@@ -71,7 +71,7 @@ def test_three_stage_cascade_makes_a_1024_image_and_round_trips(tmp_path):
     assert torch.isfinite(output.images).all()
 
     cascade.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3_cascade", "SR3CascadePipeline"]
     assert index["stage_1"] == ["pipeline_sr3", "SR3Pipeline"] and index["stage_3"] == [None, None]
     assert (tmp_path / "stage_2" / "unet" / "unet_sr3.py").exists()

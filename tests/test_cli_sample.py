@@ -29,7 +29,7 @@ def sample(model, output, *options):
 def test_the_output_is_checked_before_the_model_is_loaded(tmp_path, capsys):
     missing_model = tmp_path / "no_model"  # reaching the model would fail with another message
     (tmp_path / "folder").mkdir()
-    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
     expected = {
         tmp_path / "folder": "is a folder",
         tmp_path / "smp" / "a": "needs an image file extension Pillow can write",
@@ -370,3 +370,5 @@ def test_help_lists_the_sr_stage_options(capsys):
     for flag in ("--mode", "--eta", "--temperature", "--strength", "--guidance-scale"):
         assert flag in text
     assert "for a cascade's super-resolution stages (not its generator)" in text
+    # The packaged model upscales: sample refuses it, so its help does not offer it.
+    assert "sr3-photos-x4" not in text

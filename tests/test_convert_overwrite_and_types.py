@@ -46,7 +46,7 @@ def test_convert_overwrite_drops_the_replaced_models_other_variants(tmp_path, ca
     converted, old = _converted_and_another(folder)
     old.save_pretrained(folder)
     old.to(torch.float16).save_pretrained(folder, variant="fp16")
-    (folder / "notes.txt").write_text("mine")
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
     capsys.readouterr()
 
     assert main(_convert_arguments(folder, "uncond") + ["--overwrite"]) == 0
@@ -54,7 +54,7 @@ def test_convert_overwrite_drops_the_replaced_models_other_variants(tmp_path, ca
         "diffusion_pytorch_model.safetensors"
     ]
     assert "removed unet/diffusion_pytorch_model.fp16.safetensors: the replaced model's" in capsys.readouterr().out
-    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "mine"
     loaded = SR3UnconditionalPipeline.from_pretrained(folder)
     assert _first_weight(loaded) == _first_weight(converted)
 
@@ -104,16 +104,16 @@ def _set_schedule(key, value):
     ],
 )
 def test_wrongly_typed_config_values_are_named(variant, change, message):
-    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text(encoding="utf-8"))
     change(config)
     with pytest.raises(CheckpointError, match=message):
         convert_original_checkpoint(FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", config)
 
 
 def test_convert_command_names_a_wrongly_typed_setting_in_one_line(tmp_path, capsys):
-    config = json.loads((FIXTURES / "uncond_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "uncond_tiny_config.json").read_text(encoding="utf-8"))
     config["model"]["unet"]["channel_multiplier"] = [1, 2, "4"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     arguments = _convert_arguments(tmp_path / "out", "uncond")
     arguments[arguments.index("--config") + 1] = str(tmp_path / "config.json")
     assert main(arguments) == 2
@@ -125,7 +125,7 @@ def test_convert_command_names_a_wrongly_typed_setting_in_one_line(tmp_path, cap
 @pytest.mark.parametrize("variant, kind", [("sr3", SR3Pipeline), ("uncond", SR3UnconditionalPipeline)])
 def test_absent_optional_settings_take_the_originals_defaults(variant, kind):
     """The original's configs always state `conditional`; without it the network's channels tell."""
-    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text(encoding="utf-8"))
     del config["model"]["diffusion"]["conditional"]
     config["model"]["unet"]["dropout"] = None
     config["model"]["unet"]["norm_groups"] = None  # 32, which divides no width of 8 channels

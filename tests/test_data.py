@@ -133,7 +133,7 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no usable training images .*1 small, 1 unreadable"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "empty" / "notes.txt").write_text("no images here", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no images"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="not a folder"):

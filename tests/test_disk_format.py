@@ -33,9 +33,9 @@ def folder(tmp_path):
 
 
 def edit(path, **changes):
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     config.update(changes)
-    path.write_text(json.dumps(config, indent=2))
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def fidelity(pipeline):
@@ -98,7 +98,7 @@ def test_a_format_that_is_no_positive_integer_is_refused(folder, value):
 def test_this_format_loads_the_same_recorded_or_not_and_is_not_written(folder, caplog):
     # Nothing in this version's saves needs a newer reader: their files stay as before the format existed.
     for config in ("model_index.json", "unet/config.json"):
-        assert FORMAT_KEY not in json.loads((folder / config).read_text())
+        assert FORMAT_KEY not in json.loads((folder / config).read_text(encoding="utf-8"))
     expected = fidelity(SR3Pipeline.from_pretrained(folder))
     edit(folder / "model_index.json", **{FORMAT_KEY: FORMAT_VERSION})
     edit(folder / "unet" / "config.json", **{FORMAT_KEY: FORMAT_VERSION})

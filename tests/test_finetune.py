@@ -210,7 +210,7 @@ def test_fine_tuning_a_guided_photo_model_on_a_folder_of_photos_keeps_what_it_ca
     with caplog.at_level(logging.WARNING):
         output = train(TrainingConfig(**options))
     assert any("autoguidance guide" in record.getMessage() for record in caplog.records)
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["global_step"] == 2 and summary["skipped_at_scan"] == {"small": 1}
 
     before, after = (SR3Pipeline.from_pretrained(folder) for folder in (base, output))
@@ -232,7 +232,7 @@ def test_fine_tuning_a_guided_photo_model_on_a_folder_of_photos_keeps_what_it_ca
 
     # An interrupted fine-tune goes on from its latest checkpoint.
     resumed = train(TrainingConfig(**dict(options, max_train_steps=3, resume_from_checkpoint="latest")))
-    summary = json.loads(open(os.path.join(resumed, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(resumed, "training_summary.json"), encoding="utf-8").read())
     assert (summary["global_step"], summary["steps_this_run"]) == (3, 1)
     assert summary["resumed_from"].endswith("checkpoint-2")
 
@@ -255,28 +255,77 @@ def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
         train_data_dir=my_photos(str(tmp_path / "photos")),
         lr_warmup_steps=500,
     )
-    with caplog.at_level(logging.WARNING):
+    learning_rates = []  # the rate each optimizer step runs at
+    step = torch.optim.AdamW.step
+    with caplog.at_level(logging.WARNING), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torch.optim.AdamW,
+            "step",
+            lambda self, *a, **k: learning_rates.append(self.param_groups[0]["lr"]) or step(self, *a, **k),
+        )
         train(TrainingConfig(**options))
     warned = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
     assert warned == [
         "--lr_warmup_steps 500 is no shorter than the run's 2 steps: the learning rate never reaches "
-        "--learning_rate 1e-05 (at most 4e-08); give a run this short (a fine-tune, say) a shorter "
+        "--learning_rate 1e-05 (at most 2e-08); give a run this short (a fine-tune, say) a shorter "
         "warm-up"
     ]
+    assert learning_rates == pytest.approx([0, 2e-08])  # the highest is the one said
+    # A warm-up exactly as long as the run never reaches the rate either, and says the highest it reaches.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(TrainingConfig(**dict(options, output_dir=str(tmp_path / "out2"), lr_warmup_steps=2)))
+    assert "--learning_rate 1e-05 (at most 5e-06)" in caplog.text
+
+
+def test_a_run_of_minutes_stopped_inside_its_warm_up_says_so(tmp_path, caplog):
+    # As README's recipe runs: --max_train_minutes ends it long before --max_train_steps.
+    options = fine_tune_options(
+        tmp_path / "out",
+        pretrained_model_name_or_path=save_guided_photo_model(str(tmp_path / "base")),
+        train_data_dir=my_photos(str(tmp_path / "photos")),
+        max_train_steps=100_000,
+        max_train_minutes=1e-9,  # stops after its first step
+        lr_warmup_steps=500,
+    )
+    with caplog.at_level(logging.WARNING):
+        train(TrainingConfig(**options))
+    warned = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    assert warned == [
+        "--max_train_minutes 1e-09 stopped the run at step 1, inside its warm-up of 500 steps (--lr_warmup_steps): "
+        "the learning rate reached at most 0 of --learning_rate 1e-05; give a run of minutes a shorter warm-up"
+    ]
+    # Not when the clock stops it after its warm-up, nor without one.
+    for name, change in (("after", dict(lr_warmup_steps=1)), ("constant", dict(lr_scheduler="constant"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train(TrainingConfig(**dict(options, output_dir=str(tmp_path / name), **change)))
+        assert "--lr_warmup_steps" not in caplog.text
 
 
 def test_a_fine_tune_never_writes_into_the_installed_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     packaged = default_model_path()
-    before = sorted(os.listdir(packaged))
-    for output in (packaged, os.path.join(packaged, "tuned")):
+    package = os.path.dirname(os.path.dirname(packaged))  # diffusers_sr3/, which holds pretrained/sr3-photos-x4
+    os.symlink(os.path.dirname(packaged), "link")
+    before = {folder: sorted(os.listdir(folder)) for folder in (packaged, package)}
+    for output in (
+        packaged,
+        os.path.join(packaged, "tuned"),
+        os.path.join("link", DEFAULT_MODEL, "tuned"),  # through a symlink
+        os.path.join(packaged, "..", "..", "tuned"),  # the package itself, beside its models
+        package,
+    ):
         options = fine_tune_options(
             output, pretrained_model_name_or_path=DEFAULT_MODEL, resume_from_checkpoint="latest"
         )
-        with pytest.raises(ValueError, match="inside the installed package's models .*a folder of its own"):
+        with pytest.raises(ValueError, match="inside the installed package .*a folder of its own"):
             train(TrainingConfig(**options))
-    assert sorted(os.listdir(packaged)) == before  # not even a lock file
-    # A folder named like the packaged model would be loaded in its place by the name it was fine-tuned from.
-    with pytest.raises(ValueError, match="is the name of the packaged model being fine-tuned"):
-        train(TrainingConfig(**fine_tune_options(DEFAULT_MODEL, pretrained_model_name_or_path=DEFAULT_MODEL)))
-    assert not os.path.exists(DEFAULT_MODEL)
+    # not even a lock file
+    assert {folder: sorted(os.listdir(folder)) for folder in (packaged, package)} == before
+    # A folder named like the packaged model would be loaded in its place by the name it was fine-tuned from, however
+    # the output folder is spelt.
+    for output in (DEFAULT_MODEL, os.path.abspath(DEFAULT_MODEL), os.path.join("sub", "..", DEFAULT_MODEL) + os.sep):
+        with pytest.raises(ValueError, match="is the name of the packaged model being fine-tuned"):
+            train(TrainingConfig(**fine_tune_options(output, pretrained_model_name_or_path=DEFAULT_MODEL)))
+        assert not os.path.exists(DEFAULT_MODEL)

@@ -121,8 +121,10 @@ def test_a_newer_formats_repo_is_refused_before_its_weights_are_fetched(tiny_pip
     from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
 
     tiny_pipeline.save_pretrained(tmp_path / "newer")
-    index = json.loads((tmp_path / "newer" / "model_index.json").read_text())
-    (tmp_path / "newer" / "model_index.json").write_text(json.dumps({**index, FORMAT_KEY: FORMAT_VERSION + 1}))
+    index = json.loads((tmp_path / "newer" / "model_index.json").read_text(encoding="utf-8"))
+    (tmp_path / "newer" / "model_index.json").write_text(
+        json.dumps({**index, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
     publish(hub, "someone/newer-sr3", tmp_path / "newer")
     with pytest.raises(NewerFormatError, match="someone/newer-sr3/model_index.json was saved in .* format 2"):
         SR3Pipeline.from_pretrained("someone/newer-sr3")
@@ -209,8 +211,10 @@ def test_a_repo_whose_component_is_in_a_newer_format_is_refused_before_its_weigh
     cascade = recorded_in.startswith("stage_1")
     saved = SR3CascadePipeline.from_stages(None, [tiny_pipeline]) if cascade else tiny_pipeline
     saved.save_pretrained(tmp_path / "newer")
-    config = json.loads((tmp_path / "newer" / recorded_in).read_text())
-    (tmp_path / "newer" / recorded_in).write_text(json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}))
+    config = json.loads((tmp_path / "newer" / recorded_in).read_text(encoding="utf-8"))
+    (tmp_path / "newer" / recorded_in).write_text(
+        json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
     publish(hub, "someone/newer-part", tmp_path / "newer")
     with pytest.raises(NewerFormatError, match=f"^someone/newer-part/{recorded_in} was saved in .* format 2"):
         SR3BasePipeline.from_pretrained("someone/newer-part")
@@ -224,8 +228,10 @@ def test_a_unet_repo_in_a_newer_format_is_refused_before_its_weights_are_fetched
     from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
 
     tiny_unet.save_pretrained(tmp_path / "newer")
-    config = json.loads((tmp_path / "newer" / "config.json").read_text())
-    (tmp_path / "newer" / "config.json").write_text(json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}))
+    config = json.loads((tmp_path / "newer" / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "newer" / "config.json").write_text(
+        json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
     publish(hub, "someone/newer-unet", tmp_path / "newer")
     with pytest.raises(NewerFormatError, match="^someone/newer-unet: the SR3UNet2DModel config was saved in .* 2"):
         SR3UNet2DModel.from_pretrained("someone/newer-unet")

@@ -65,7 +65,7 @@ def test_open_image_converts_to_rgb_and_names_the_file_in_errors(tmp_path):
     assert open_image(tmp_path / "palette.png").mode == open_image(tmp_path / "gray.png").mode == "RGB"
     with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
         open_image(tmp_path / "missing.png")
-    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.png").write_text("not an image", encoding="utf-8")
     with pytest.raises(UnreadableImageError, match="cannot read image .*notes.png") as caught:
         open_image(tmp_path / "notes.png")
     assert caught.value.not_an_image and isinstance(caught.value, ValueError)
@@ -156,7 +156,7 @@ def test_library_modules_do_not_import_the_command_line_layer():
         for path in package.rglob("*.py")
         if "commands" not in path.parts
         and path.name not in ("cli.py", "__main__.py")
-        and re.search(r"^\s*from\s+(\.+|diffusers_sr3\.)commands\b", path.read_text(), re.M)
+        and re.search(r"^\s*from\s+(\.+|diffusers_sr3\.)commands\b", path.read_text(encoding="utf-8"), re.M)
     ]
     assert offenders == []
 
@@ -190,7 +190,7 @@ def test_eval_applies_the_exif_orientation(tmp_path):
     tagged, upright = phone_photo(tmp_path / "phone", "photo", 32, 16)
     report = tmp_path / "report.json"
     assert main(["eval", "--hr", str(upright.parent), "--sr", str(tagged.parent), "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["images"]["photo"]["psnr"] == "inf"  # identical once upright
+    assert json.loads(report.read_text(encoding="utf-8"))["images"]["photo"]["psnr"] == "inf"  # identical once upright
 
 
 def test_training_data_applies_the_exif_orientation(tmp_path):
@@ -397,7 +397,7 @@ def fake_ghostscript(tmp_path, monkeypatch):
     bin_folder = tmp_path / "bin"
     bin_folder.mkdir()
     script = bin_folder / "gs"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\necho 10.02.1\n")
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\necho 10.02.1\n", encoding="utf-8")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setattr(PIL.EpsImagePlugin, "gs_binary", None)

@@ -180,7 +180,7 @@ def test_a_full_disk_keeps_the_previous_folder_and_leaves_nothing_behind(tmp_pat
     old, new, load = kind
     old.save_pretrained(tmp_path)
     (tmp_path / "checkpoint-10").mkdir()
-    (tmp_path / "checkpoint-10" / "state.txt").write_text("keep me")
+    (tmp_path / "checkpoint-10" / "state.txt").write_text("keep me", encoding="utf-8")
     before = contents(tmp_path)
 
     def disk_full(*args, **kwargs):
@@ -218,7 +218,7 @@ def stage(folder, name, files, listing):
         (staging / path).parent.mkdir(parents=True, exist_ok=True)
         (staging / path).write_bytes(data)
     if listing is not None:
-        (staging / STAGED_LISTING).write_text(listing)
+        (staging / STAGED_LISTING).write_text(listing, encoding="utf-8")
     return staging
 
 
@@ -227,7 +227,7 @@ def test_a_crafted_staging_folder_never_moves_anything(tmp_path, kind, craft):
     old, _, load = kind
     victim = tmp_path / "elsewhere"
     victim.mkdir()
-    (victim / "config.json").write_text("{}")
+    (victim / "config.json").write_text("{}", encoding="utf-8")
     folder = tmp_path / "model"
     old.save_pretrained(folder)
     index = index_of(folder)
@@ -239,7 +239,7 @@ def test_a_crafted_staging_folder_never_moves_anything(tmp_path, kind, craft):
         "unlisted file": [index],
     }[craft]
     staging = stage(folder, ".sr3-save-x", {index: b"{}", "extra.txt": b""} if craft == "unlisted file" else {}, "")
-    (staging / STAGED_LISTING).write_text(json.dumps(listed))
+    (staging / STAGED_LISTING).write_text(json.dumps(listed), encoding="utf-8")
     if craft == "linked folder":
         (staging / "sub").symlink_to(victim)
     elif craft == "linked file":
@@ -278,7 +278,7 @@ def test_a_stale_staging_folder_beside_a_newer_folder_is_never_rolled_forward(tm
     old.save_pretrained(folder)
     # An old crash left `stale` complete beside the folder; a newer save was then copied in by other means (rsync).
     shutil.copytree(stale, folder / ".sr3-save-old")
-    (folder / ".sr3-save-old" / STAGED_LISTING).write_text(json.dumps(sorted(contents(stale))))
+    (folder / ".sr3-save-old" / STAGED_LISTING).write_text(json.dumps(sorted(contents(stale))), encoding="utf-8")
     before = tree(folder)
     torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
     assert finish_interrupted_save(folder) == []
@@ -373,7 +373,7 @@ def test_a_subfolder_swapped_for_a_link_while_moving_moves_nothing_from_outside(
     folder, victim = tmp_path / "model", tmp_path / "victim"
     (folder / "unet").mkdir(parents=True)
     victim.mkdir()
-    (victim / "secret.txt").write_text("outside")
+    (victim / "secret.txt").write_text("outside", encoding="utf-8")
     staging = stage(
         folder, ".sr3-save-x", {"config.json": b"{}", "unet/a.json": b"{}"}, '["config.json", "unet/a.json"]'
     )

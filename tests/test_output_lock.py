@@ -76,7 +76,7 @@ def test_a_held_folder_refuses_a_run_and_a_resume_before_anything_changes(tmp_pa
     (output / ".tmp-checkpoint-3").mkdir(parents=True)  # the live run's half-written checkpoint
     (output / ".tmp-checkpoint-3" / "model.safetensors").write_bytes(b"being written")
     (output / "checkpoint-2").mkdir()
-    (output / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}')
+    (output / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}', encoding="utf-8")
     pid = held(output)
     before = contents(output)
     data = str(tmp_path / "images")
@@ -123,7 +123,7 @@ def test_a_demo_rerun_leaves_a_model_folder_a_training_run_holds(tmp_path, held,
 
     model = tmp_path / "demo" / "model"
     model.mkdir(parents=True)
-    (model / "model_index.json").write_text("the earlier model")
+    (model / "model_index.json").write_text("the earlier model", encoding="utf-8")
     monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("set the live run's folder aside"))
     pid = held(model)
     assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1", "--overwrite"]) == 2
@@ -132,7 +132,7 @@ def test_a_demo_rerun_leaves_a_model_folder_a_training_run_holds(tmp_path, held,
         "another --output\n"
     )
     assert os.listdir(tmp_path / "demo") == ["model"]  # as it was: the refused demo's lock file is gone too
-    assert (model / "model_index.json").read_text() == "the earlier model"
+    assert (model / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
 
 
 def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_path):
@@ -153,7 +153,7 @@ def test_the_lock_file_is_never_uploaded(tmp_path):
     from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations
 
     with claim_output_folder(str(tmp_path)):
-        (tmp_path / "model_index.json").write_text("{}")
+        (tmp_path / "model_index.json").write_text("{}", encoding="utf-8")
         uploaded = [
             operation.path_in_repo
             for operation in _upload_operations(str(tmp_path), "card", _ignore_patterns(str(tmp_path), "logs"))
@@ -207,7 +207,7 @@ def test_a_refused_claim_leaves_no_lock_file_in_a_folder_it_did_not_write(tmp_pa
     source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
     out = tmp_path / "notes"
     out.mkdir()
-    (out / "notes.txt").write_text("not a dataset")
+    (out / "notes.txt").write_text("not a dataset", encoding="utf-8")
     assert prepare(source, out) == 2
     assert "is not empty and was not made by sr3 prepare" in capsys.readouterr().err
     assert contents(out) == ["notes.txt"]

@@ -28,13 +28,13 @@ def sample(pipeline, **kwargs):
 
 def test_layout_on_disk(tmp_path, tiny_pipeline):
     tiny_pipeline.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3", "SR3Pipeline"]
     assert index["unet"] == ["unet_sr3", "SR3UNet2DModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["upscale_factor"] == 4
-    assert "from diffusers_sr3 import SR3Pipeline" in (tmp_path / "pipeline_sr3.py").read_text()
-    assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text()
+    assert "from diffusers_sr3 import SR3Pipeline" in (tmp_path / "pipeline_sr3.py").read_text(encoding="utf-8")
+    assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text(encoding="utf-8")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.parent.glob(".sr3-save-*"))
     assert not list(tmp_path.glob(".sr3-save-*"))
@@ -52,7 +52,10 @@ def test_both_loaders_give_the_same_pipeline(tmp_path, tiny_pipeline):
     torch.testing.assert_close(sample(generic), reference)
     # Saving what Diffusers loaded writes the same layout again.
     generic.save_pretrained(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["_class_name"][0] == "pipeline_sr3"
+    assert (
+        json.loads((tmp_path / "again" / "model_index.json").read_text(encoding="utf-8"))["_class_name"][0]
+        == "pipeline_sr3"
+    )
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(str(tmp_path))
 
@@ -92,7 +95,7 @@ def test_unconditional_round_trip_and_wrong_class(tmp_path):
     )
     pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddim", n_timestep=50))
     pipeline.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3_unconditional", "SR3UnconditionalPipeline"]
     loaded = SR3BasePipeline.from_pretrained(tmp_path)
     assert type(loaded) is SR3UnconditionalPipeline and type(loaded.scheduler).__name__ == "DDIMScheduler"
@@ -106,9 +109,9 @@ def test_bad_folders_are_named(tmp_path, tiny_pipeline):
         SR3Pipeline.from_pretrained(tmp_path)
     tiny_pipeline.save_pretrained(tmp_path / "p")
     index_path = tmp_path / "p" / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     index["unet"] = ["somewhere", "EvilModel"]
-    index_path.write_text(json.dumps(index))
+    index_path.write_text(json.dumps(index), encoding="utf-8")
     with pytest.raises(ValueError, match="not a Diffusers or SR3 class"):
         SR3Pipeline.from_pretrained(tmp_path / "p")
 
@@ -117,7 +120,7 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     target = tmp_path / "out"
     tiny_pipeline.save_pretrained(target)
     (target / "checkpoint-10").mkdir()
-    (target / "checkpoint-10" / "state.txt").write_text("keep me")
+    (target / "checkpoint-10" / "state.txt").write_text("keep me", encoding="utf-8")
     before = (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     def crash(folder):
@@ -130,7 +133,7 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     with pytest.raises(OSError, match="disk full"):
         tiny_pipeline.save_pretrained(target)
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
-    assert (target / "checkpoint-10" / "state.txt").read_text() == "keep me"
+    assert (target / "checkpoint-10" / "state.txt").read_text(encoding="utf-8") == "keep me"
     assert not list(tmp_path.glob(".sr3-save-*")) and not list(target.glob(".sr3-save-*"))
     monkeypatch.undo()
     tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint

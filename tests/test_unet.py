@@ -658,7 +658,7 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
         diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
     )
     SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100)).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config = json.loads((tmp_path / "unet" / "config.json").read_text(encoding="utf-8"))
     assert config["auto_map"] == {"AutoModel": "unet_sr3.SR3UNet2DModel"}
     loaded = AutoModel.from_pretrained(str(tmp_path / "unet"), trust_remote_code=True)
     assert type(loaded).__name__ == "SR3UNet2DModel"
@@ -670,10 +670,12 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
         torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
     # A UNet saved alone has the same re-export and auto_map (tested in test_automodel_loads_a_unet_saved_alone).
     tiny_unet.save_pretrained(tmp_path / "alone")
-    assert json.loads((tmp_path / "alone" / "config.json").read_text())["auto_map"] == config["auto_map"]
+    assert (
+        json.loads((tmp_path / "alone" / "config.json").read_text(encoding="utf-8"))["auto_map"] == config["auto_map"]
+    )
     # Folders saved before the key load as they did.
     del config["auto_map"]
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path / "unet").config and not warned
 
 
@@ -689,7 +691,11 @@ def test_automodel_loads_a_unet_saved_alone(tmp_path, tiny_unet, monkeypatch, op
         diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
     )
     tiny_unet.save_pretrained(tmp_path, **options)
-    assert (tmp_path / "unet_sr3.py").read_text().endswith("from diffusers_sr3 import SR3UNet2DModel  # noqa: F401\n")
+    assert (
+        (tmp_path / "unet_sr3.py")
+        .read_text(encoding="utf-8")
+        .endswith("from diffusers_sr3 import SR3UNet2DModel  # noqa: F401\n")
+    )
     variant = {"variant": options["variant"]} if "variant" in options else {}
     loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True, **variant)
     assert type(loaded) is SR3UNet2DModel and "auto_map" not in loaded.config
@@ -716,17 +722,17 @@ def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
         torch.manual_seed(0)
         folder = tmp_path / cls.__name__ / str(id(cls))
         cls(**tiny_unet_config()).save_pretrained(folder)
-        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert "auto_map" not in json.loads((folder / "config.json").read_text(encoding="utf-8"))
         assert sorted(path.name for path in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     # Registering SR3UNet2DModel itself (as Diffusers' docs show for any model) changes neither.
     SR3UNet2DModel.register_for_auto_class("AutoModel")
     assert SR3UNet2DModel._auto_class == "AutoModel" and MyUNet._auto_class is None
     MyUNet(**tiny_unet_config()).save_config(tmp_path / "after")
-    assert "auto_map" not in json.loads((tmp_path / "after" / "config.json").read_text())
+    assert "auto_map" not in json.loads((tmp_path / "after" / "config.json").read_text(encoding="utf-8"))
     # A subclass that registers itself gets Diffusers' own auto_map, as any model does; its siblings do not.
     MyUNet.register_for_auto_class("AutoModel")
     MyUNet(**tiny_unet_config()).save_config(tmp_path / "registered")
-    assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text())
+    assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text(encoding="utf-8"))
     assert Renamed._auto_class is None and SR3UNet2DModel._auto_class == "AutoModel"
     with pytest.raises(ValueError, match="AutoModel"):
         SR3UNet2DModel.register_for_auto_class("AutoModelForSomething")
@@ -734,10 +740,10 @@ def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
 
 def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):
     path = tmp_path / "config"
-    path.write_text("")
+    path.write_text("", encoding="utf-8")
     with pytest.raises(AssertionError, match=r"Provided path \(.*config\) should be a directory, not a file"):
         tiny_unet.save_config(path)
-    assert path.read_text() == ""
+    assert path.read_text(encoding="utf-8") == ""
 
 
 def test_training_steps_wait_for_no_device_for_their_levels():

@@ -164,9 +164,8 @@ def add_model_arguments(
             "--model", help=f"pipeline folder, Hub repo id, or sr3-photos-x4 (default: {default_model})"
         )
     else:
-        parser.add_argument(
-            "--model", required=True, help="pipeline folder, Hub repo id, or sr3-photos-x4 (the packaged model)"
-        )
+        # Only `sr3 sample` asks for a model, which the packaged super-resolution model is not.
+        parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument(
         "--variant",
         default=None,

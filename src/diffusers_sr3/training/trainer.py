@@ -255,20 +255,27 @@ def _not_one_model(source: str, pipeline: Any, task: str) -> str:
     return f"--pretrained_model_name_or_path {source} holds a {type(pipeline).__name__}, which chains models: {advice}"
 
 
+def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
+    """The highest learning rate of a run's first `steps` (at least 1, at most `warmup_steps`) optimizer steps in a
+    linear warm-up: step k runs at `learning_rate * (k - 1) / warmup_steps`, the schedule stepping after it."""
+    return learning_rate * (steps - 1) / warmup_steps
+
+
 def _refuse_packaged_output(config: TrainingConfig) -> None:
     """Refuse, before the run writes anything (its lock file included), an `--output_dir` inside the installed
-    package's models, or one named like the packaged model that is being fine-tuned by that name: such a folder
-    would stand in for the packaged model wherever its name is loaded."""
+    package (its models above all), or the folder named like the packaged model in the working directory while that
+    model is fine-tuned by its name: the run's own folder would be loaded in its place by that name."""
     from ..pretrained import DEFAULT_MODEL, PACKAGED_MODELS_DIR
 
-    output, packaged = os.path.realpath(config.output_dir), os.path.realpath(PACKAGED_MODELS_DIR)
-    if output == packaged or output.startswith(packaged + os.sep):
+    package_dir = os.path.dirname(PACKAGED_MODELS_DIR)
+    output, package = os.path.realpath(config.output_dir), os.path.realpath(package_dir)
+    if output == package or output.startswith(package + os.sep):
         raise ValueError(
-            f"--output_dir {config.output_dir} is inside the installed package's models ({PACKAGED_MODELS_DIR}), "
-            "which training never changes: give the fine-tuned model a folder of its own"
+            f"--output_dir {config.output_dir} is inside the installed package ({package_dir}), which holds its "
+            "packaged models and which training never changes: give the fine-tuned model a folder of its own"
         )
     named = config.pretrained_model_name_or_path == DEFAULT_MODEL and not os.path.lexists(DEFAULT_MODEL)
-    if named and os.path.normpath(config.output_dir) == DEFAULT_MODEL:
+    if named and output == os.path.realpath(DEFAULT_MODEL):
         raise ValueError(
             f"--output_dir {config.output_dir} is the name of the packaged model being fine-tuned: a folder of that "
             "name here would be loaded in its place by that name; give the fine-tuned model another name"
@@ -738,7 +745,7 @@ class Trainer:
                 config.lr_warmup_steps,
                 max_train_steps,
                 learning_rate,
-                learning_rate * max_train_steps / config.lr_warmup_steps,
+                _warm_up_peak(learning_rate, max_train_steps, config.lr_warmup_steps),
             )
         from diffusers.optimization import get_scheduler
 
@@ -885,6 +892,7 @@ class Trainer:
                     logger.info(
                         f"max_train_minutes ({self.config.max_train_minutes:g}) reached at step {loop.global_step}"
                     )
+                    self._warn_if_stopped_in_warm_up(loop)
                     if self.config.checkpointing_steps and loop.global_step % self.config.checkpointing_steps:
                         # A checkpoint where the run stopped, so a resume goes on exactly from here.
                         self._save_checkpoint(accelerator, loop, batches_in_epoch)
@@ -936,6 +944,23 @@ class Trainer:
             self.config.small_crop_fraction
         )
         return cut_into_crops(batch, size, setup.upscale_factor) if chosen else batch
+
+    def _warn_if_stopped_in_warm_up(self, loop: _LoopState) -> None:
+        """A run of minutes (`--max_train_minutes` before a far `--max_train_steps`) that the clock stopped inside its
+        warm-up never reached its learning rate; a warm-up as long as `--max_train_steps` was said at the start."""
+        config, step = self.config, loop.global_step
+        if config.lr_scheduler == "constant" or not step < config.lr_warmup_steps < loop.max_train_steps:
+            return
+        learning_rate = loop.optimizer.param_groups[0]["initial_lr"]  # --learning_rate, scaled by --scale_lr
+        logger.warning(
+            "--max_train_minutes %g stopped the run at step %d, inside its warm-up of %d steps (--lr_warmup_steps): "
+            "the learning rate reached at most %.2g of --learning_rate %g; give a run of minutes a shorter warm-up",
+            config.max_train_minutes,
+            step,
+            config.lr_warmup_steps,
+            _warm_up_peak(learning_rate, step, config.lr_warmup_steps),
+            learning_rate,
+        )
 
     def _out_of_time(self, loop_started: float) -> bool:
         """Whether `max_train_minutes` have passed; every process stops at the same step if any one's clock says so."""
