@@ -92,7 +92,7 @@ def main(argv: List[str] = None) -> None:
         heldout_photos=[photo_name(path) for path in held],
         missing_photo_sources=missing,
     )
-    (output.parent / f"{output.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output.parent / f"{output.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     print(
         f"{written} tiles from {len(photos)} photographs in {time.perf_counter() - started:.1f} s, {jobs} process(es)"

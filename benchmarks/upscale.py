@@ -329,7 +329,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args.old_model = args.old_model or default_model_path()
 
     os.makedirs(args.output, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="upscale-benchmark-")
+    # The photos, the converted model and the cache each run writes are its own: gone when it ends, stopped or not.
+    with tempfile.TemporaryDirectory(prefix="upscale-benchmark-") as work:
+        return measure_all(args, work)
+
+
+def measure_all(args: argparse.Namespace, work: str) -> Dict[str, Any]:
+    """Every row of the report, with `work` as the scratch folder; the report is written after every size."""
     if args.new_weights:
         args.model = build_new_model(args.new_weights, args.residual_scale, os.path.join(work, "new-model"))
     args.model = args.model or default_model_path()

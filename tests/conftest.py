@@ -1,8 +1,30 @@
 """Shared test setup: offline Hub, the fixtures that ship with the tests (tests/fixtures), and tiny models."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Hugging Face libraries read their cache folders once, when imported (huggingface_hub's hub cache, diffusers' modules
+# cache, datasets' cache), so `_isolated_hub_cache` reaches only the processes that tests start. Pointed at this run's
+# own folder before any of them is imported, the suite neither reads the user's caches (an offline load finding a model
+# cached there) nor writes into them (a read-only home, or one shared with another run).
+SESSION_HF_HOME = tempfile.mkdtemp(prefix="sr3-tests-hf-home-")
+atexit.register(shutil.rmtree, SESSION_HF_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = SESSION_HF_HOME
+for _cache in (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_MODULES_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_EVALUATE_CACHE",
+    "HF_METRICS_CACHE",  # evaluate's: its `compute` writes there
+):
+    os.environ.pop(_cache, None)  # each would win over HF_HOME
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 # Tiny test models gain nothing from threads, and OpenMP spinning makes them crawl when processes share cores.

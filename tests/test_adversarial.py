@@ -118,8 +118,8 @@ def test_training_applies_checkpoints_and_exactly_resumes_the_adversarial_term(t
 
     # Same seed and data: only the adversarial term differs.
     assert any(not torch.equal(unet(plain)[name], value) for name, value in unet(straight).items())
-    assert "adversarial loss x0.5" in (straight / "README.md").read_text()
-    assert "adversarial loss" not in (plain / "README.md").read_text()
+    assert "adversarial loss x0.5" in (straight / "README.md").read_text(encoding="utf-8")
+    assert "adversarial loss" not in (plain / "README.md").read_text(encoding="utf-8")
     # The discriminator and its optimizer are in the checkpoints, and nowhere in the saved pipeline.
     assert {"model_1.safetensors", "optimizer_1.bin"} <= set(os.listdir(straight / "checkpoint-4"))
     pipeline_files = [name for folder, _, files in os.walk(straight) if "checkpoint-" not in folder for name in files]
@@ -140,7 +140,7 @@ def test_unconditional_training_uses_an_unconditional_discriminator(tmp_path):
     data = make_image_folder(tmp_path / "images", count=4, bad=False)
     options = fast_options(tmp_path / "out", preset="tiny_uncond", max_train_steps=2)
     train(TrainingConfig(task="uncond", train_data_dir=str(data), adversarial_loss_weight=1.0, **options))
-    assert "adversarial loss x1" in (tmp_path / "out" / "README.md").read_text()
+    assert "adversarial loss x1" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
 
 
 def test_adversarial_options_are_parsed_and_checked():

@@ -89,11 +89,21 @@ def test_auto_picks_bf16_only_for_float32_networks_on_fast_hardware(monkeypatch)
 
 
 @pytest.mark.parametrize(
-    "amx, avx512_bf16, fast", [(True, True, True), (True, False, True), (False, True, True), (False, False, False)]
+    "amx, avx512_bf16, kernels, fast",
+    [
+        (True, True, "AVX512", True),
+        (True, False, "AVX512", True),
+        (False, True, "AVX512", True),
+        (False, False, "AVX512", False),
+        # ATEN_CPU_CAPABILITY=avx2 or default on an AMX CPU: torch's bfloat16 attention fails there.
+        (True, True, "AVX2", False),
+        (True, True, "DEFAULT", False),
+    ],
 )
-def test_fast_bfloat16_asks_the_hardware(monkeypatch, amx, avx512_bf16, fast):
+def test_fast_bfloat16_asks_the_hardware(monkeypatch, amx, avx512_bf16, kernels, fast):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
     assert backends.fast_bfloat16("cpu") is fast
     assert not backends.fast_bfloat16("meta")
 

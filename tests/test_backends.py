@@ -149,7 +149,7 @@ def test_an_onnx_package_that_fails_to_import_is_reported_with_its_own_error(fai
 
     package = tmp_path / "site" / "onnxruntime"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text(failure + "\n")
+    (package / "__init__.py").write_text(failure + "\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     with pytest.raises(ImportError) as raised:

@@ -79,10 +79,11 @@ def test_recipe_study_merges_its_arms_into_an_earlier_report_of_the_same_setting
     report = tmp_path / "report"
     recipe_study.main(["--arms", "base", "epsilon", "--report", str(report), "--cpu-minutes", "0.5"])
     (report / "results.json").write_text(
-        json.dumps(dict(json.loads((report / "results.json").read_text()), note="kept"))
+        json.dumps(dict(json.loads((report / "results.json").read_text(encoding="utf-8")), note="kept")),
+        encoding="utf-8",
     )
     recipe_study.main(["--arms", "base", "width_32", "--report", str(report), "--cpu-minutes", "0.5"])
-    results = json.loads((report / "results.json").read_text())
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
     # base rerun in place, epsilon kept, width_32 added; the settings and the note recorded.
     assert [(r["name"], r["detail"]["psnr_gain_db"]) for r in results["results"]] == [
         ("base", 3),
@@ -90,7 +91,7 @@ def test_recipe_study_merges_its_arms_into_an_earlier_report_of_the_same_setting
         ("width_32", 4),
     ]
     assert results["fidelity_steps"] == 4 and results["cpu_minutes"] == 0.5 and results["note"] == "kept"
-    assert "| epsilon |" in (report / "results.md").read_text()
+    assert "| epsilon |" in (report / "results.md").read_text(encoding="utf-8")
     assert sorted(path.name for path in report.iterdir()) == ["results.json", "results.md"]
     with pytest.raises(SystemExit):
         recipe_study.main(["--arms", "base", "--report", str(report), "--cpu-minutes", "1"])
@@ -134,15 +135,15 @@ def test_training_launch_compares_with_the_one_thread_arm_wherever_it_ran(tmp_pa
     common = ["--preset", "tiny", "--batch", "1", "--photos", "1"]
     report = training_launch.main(common + ["--arms", "default", "one thread", "--output", str(tmp_path / "a")])
     assert [row["speedup"] for row in report["rows"]] == [2.0, 1.0] and report["speedup_against"] == "one thread"
-    assert "| vs one thread |" in (tmp_path / "a" / "training_launch.md").read_text()
+    assert "| vs one thread |" in (tmp_path / "a" / "training_launch.md").read_text(encoding="utf-8")
     report = training_launch.main(common + ["--arms", "default", "--output", str(tmp_path / "b")])
     assert report["rows"][0]["speedup"] == 1.0
-    assert "| vs default |" in (tmp_path / "b" / "training_launch.md").read_text()
+    assert "| vs default |" in (tmp_path / "b" / "training_launch.md").read_text(encoding="utf-8")
 
 
 def test_convergence_refuses_a_saved_model_trained_further_than_asked(tmp_path, capsys):
     convergence = load("convergence")
-    (tmp_path / "training_summary.json").write_text(json.dumps(dict(global_step=3)))
+    (tmp_path / "training_summary.json").write_text(json.dumps(dict(global_step=3)), encoding="utf-8")
     with pytest.raises(SystemExit):
         convergence.parse_args(["--steps", "1", "3", "--output", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -157,10 +158,10 @@ def test_convergence_rerun_on_a_finished_run_reports_the_earlier_runs_speed(tmp_
     argv += ["--batch-size", "2"]
     argv += ["--inference-steps", "2", "--output", str(output), "--report", str(report)]
     assert convergence.main(argv) == 0
-    [first] = json.loads((report / "results.json").read_text())["runs"]
+    [first] = json.loads((report / "results.json").read_text(encoding="utf-8"))["runs"]
     assert convergence.main(argv) == 0  # resumes at step 2 of 2: trains nothing
-    assert json.loads((output / "training_summary.json").read_text())["steps_this_run"] == 0
-    [again] = json.loads((report / "results.json").read_text())["runs"]
+    assert json.loads((output / "training_summary.json").read_text(encoding="utf-8"))["steps_this_run"] == 0
+    [again] = json.loads((report / "results.json").read_text(encoding="utf-8"))["runs"]
     assert again["seconds_per_step"] == first["seconds_per_step"] > 0 and again["final_loss"] == first["final_loss"]
 
 
@@ -201,7 +202,7 @@ def test_training_throughput_refuses_to_time_nothing(tmp_path, capsys):
 
 
 def test_every_table_of_the_quality_notes_has_its_separator_line():
-    lines = (REPO / "docs" / "quality.md").read_text().splitlines()
+    lines = (REPO / "docs" / "quality.md").read_text(encoding="utf-8").splitlines()
     for number, (previous, line, following) in enumerate(zip([""] + lines, lines, lines[1:] + [""]), start=1):
         if line.startswith("|") and not previous.startswith("|"):
             assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", following), f"docs/quality.md:{number}: a table header"

@@ -33,11 +33,11 @@ def test_benchmark_results_are_written_whole(tmp_path):
     write_report = load("report_files").write_report
     folder = tmp_path / "new" / "folder"
     assert write_report(str(folder), "study", {"rows": [1, 2]}, "| a |\n") == "| a |\n"
-    assert json.loads((folder / "study.json").read_text()) == {"rows": [1, 2]}
-    assert (folder / "study.md").read_text() == "| a |\n"
+    assert json.loads((folder / "study.json").read_text(encoding="utf-8")) == {"rows": [1, 2]}
+    assert (folder / "study.md").read_text(encoding="utf-8") == "| a |\n"
     with pytest.raises(TypeError):
         write_report(str(folder), "study", {"rows": object()}, "| b |\n")  # not JSON: fails half-way through
-    assert json.loads((folder / "study.json").read_text()) == {"rows": [1, 2]}
+    assert json.loads((folder / "study.json").read_text(encoding="utf-8")) == {"rows": [1, 2]}
     assert sorted(path.name for path in folder.iterdir()) == ["study.json", "study.md"]
 
 
@@ -67,9 +67,9 @@ def test_speed_benchmark_reports_every_section(tmp_path):
     assert plain["parameters_gib"] == checkpointed["parameters_gib"] > 0
     assert 0 < checkpointed["activations_gib"] < plain["activations_gib"]  # checkpointing keeps block inputs only
     assert {(row["resolution"], row["batch"]) for row in report["scaling"]} == {(32, 1), (32, 2), (64, 1), (64, 2)}
-    written = json.loads((tmp_path / "run.json").read_text())
+    written = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert written["fastest_variant"] == report["fastest_variant"]
-    table = (tmp_path / "run.md").read_text()
+    table = (tmp_path / "run.md").read_text(encoding="utf-8")
     assert "| inference variant |" in table and "Training step" in table and "Scaling" in table
 
 
@@ -93,7 +93,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     faces = report["sets"]["original's sample faces"]
     assert faces["images"] == 5 and faces["size"] == 64  # 64px output from a 32px-trained model: tiled
     assert report["sets"]["never-seen photos"]["images"] == 3
-    report_table = (tmp_path / "r" / "report.md").read_text()
+    report_table = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     for evaluated in report["sets"].values():
         for method in ("SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail", "bicubic"):
             values = evaluated["results"][method]
@@ -105,7 +105,7 @@ def test_model_report_evaluates_and_writes_the_card(tmp_path, tiny_unet):
     # the flattest photo crop.
     picture = PIL.Image.open(tmp_path / "r" / "evaluation.png")
     assert picture.width == 6 * 3 * 64 and (tmp_path / "model" / "evaluation.png").exists()
-    card = (tmp_path / "model" / "README.md").read_text()
+    card = (tmp_path / "model" / "README.md").read_text(encoding="utf-8")
     assert "| Grain on flat crops (/255) |" in card
     metadata = yaml.safe_load(card.split("---")[1])
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} >= {"psnr", "ssim", "fid"}
@@ -288,7 +288,7 @@ def test_model_report_averages_detail_mode_over_seeds(tmp_path, tiny_unet, monke
     assert not np.array_equal(saved["SR3 detail"], saved["SR3 detail, draw 2"])
     assert not np.array_equal(saved["SR3 detail, draw 2"], saved["SR3 detail, draw 3"])
     assert report["detail_seeds"] == 3 and averaged["SR3 detail"]["seeds"] == 3
-    assert "means over 3 seeds" in (tmp_path / "r" / "report.md").read_text()
+    assert "means over 3 seeds" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     per_seed = averaged["SR3 detail"]["fid_per_seed"]
     assert len(per_seed) == 3 and len(set(per_seed)) == 3  # three different draws
     assert averaged["SR3 detail"]["fid"] == pytest.approx(np.mean(per_seed))
@@ -395,9 +395,9 @@ def test_sampler_study_runs_every_entry(tmp_path, tiny_pipeline):
     assert all(row["speedup"] == pytest.approx(reference / row["seconds_per_image"]) for row in report["rows"])
     # Different samplers really give different images from the same seed.
     assert len({round(row["psnr"], 6) for row in report["rows"]}) == 3
-    written = json.loads((tmp_path / "out" / "samplers.json").read_text())
+    written = json.loads((tmp_path / "out" / "samplers.json").read_text(encoding="utf-8"))
     assert written["recommended"] == report["recommended"]
-    table = (tmp_path / "out" / "samplers.md").read_text()
+    table = (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     assert "| ddim | 2 |" in table and "| bicubic | - |" in table and "Recommended:" in table
 
 
@@ -420,7 +420,7 @@ def test_sampler_study_on_a_folder_of_photos_reports_texture_crops(tmp_path, tin
     assert all(row["texture_edge_ratio"] > 0 for row in report["rows"])
     # Each texture crop's bicubic keeps under 45% of its HR's edge energy, so their sum does too.
     assert 0 < report["bicubic"]["texture_edge_ratio"] < 0.45
-    table = (tmp_path / "out" / "samplers.md").read_text()
+    table = (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     assert f"texture edges / HR ({report['texture_crops']} crops)" in table
     # Grain on the flattest crop (the ramp's): bicubic draws none, the HR's own is in the header.
     assert report["bicubic"]["flat_grain"] < 0.5 and all(row["flat_grain"] >= 0 for row in report["rows"])
@@ -455,7 +455,7 @@ def test_sampler_study_on_whole_photos_cuts_the_report_crops_from_whole_outputs(
     report = samplers.main(command + ["--whole-photos"])
     assert inputs == [(1, 3, 18, 24), (1, 3, 16, 17)]  # each photo's whole input, once per entry
     assert report["whole_photos"] and report["images"] == 5 and report["rows"][0]["evaluations"] == 2
-    assert "super-resolved whole" in (tmp_path / "out" / "samplers.md").read_text()
+    assert "super-resolved whole" in (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     # The bicubic row scores model_report.py --whole-photos's crops: the same places, consistency on the whole photo.
     model_report = load("model_report")
     args = argparse.Namespace(crop_size=32, modes=[], self_ensemble=False, seed=0, detail_seeds=1)
@@ -478,7 +478,7 @@ def test_sampler_study_on_whole_photos_cuts_the_report_crops_from_whole_outputs(
     )
     tiled = samplers.main(command + ["--whole-photos", "--tile-size", "32"])
     assert set(sizes) == {32} and tiled["tile_size"] == 32
-    assert "32px tiles" in (tmp_path / "out" / "samplers.md").read_text()
+    assert "32px tiles" in (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     assert tiled["rows"][0]["psnr"] != report["rows"][0]["psnr"]
     with pytest.raises(SystemExit):
         samplers.parse_args(command + ["--tile-size", "32"])
@@ -509,7 +509,7 @@ def test_sampler_study_on_the_training_photos_draws_from_the_training_side(tmp_p
     command += ["--crop-size", "32", "--max-side", "64", "--output", str(tmp_path / "out")]
     report = samplers.main(command)
     assert cropped == [training] and report["photos"] == "training photos" and report["images"] == 3
-    assert "of training photos" in (tmp_path / "out" / "samplers.md").read_text()
+    assert "of training photos" in (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     samplers.main(command + ["--whole-photos"])
     assert whole == [(training, 64)] and not set(held) & set(training)
     with pytest.raises(SystemExit):
@@ -541,7 +541,7 @@ def test_sampler_study_takes_fidelity_mode_and_detail_knobs(tmp_path, x0_model_d
     assert [row["evaluations"] for row in report["rows"]] == [3, 3, 3, 2, FIDELITY_STEPS + 3]
     assert len({round(row["psnr"], 6) for row in report["rows"]}) == 5  # each knob changes the images
     assert "backend bf16" in report["machine"]
-    table = (tmp_path / "out" / "samplers.md").read_text()
+    table = (tmp_path / "out" / "samplers.md").read_text(encoding="utf-8")
     assert "| ddim eta=1 | 3 |" in table and "| fidelity | 2 |" in table
 
 
@@ -640,7 +640,12 @@ def test_compare_models_pictures_every_model_on_the_reports_crops(tmp_path, x0_m
 
 
 @pytest.mark.slow
-def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
+def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     onnx = importlib.util.find_spec("onnxruntime") is not None
     rows = [
         "bicubic",
@@ -659,6 +664,7 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
             "--output", str(tmp_path / "out"),
         ]
     )  # fmt: skip
+    assert not list(scratch.glob("upscale-benchmark-*"))  # its scratch folder (photos, models, cache) is gone
     measured = {row["row"]: row for row in report["rows"]}
     assert list(measured) == rows
     for name, row in measured.items():
@@ -687,9 +693,9 @@ def test_upscale_benchmark_measures_every_row(tmp_path, x0_model_dir):
     assert whole_image == module.row_arguments("detail", options, 10) + ["--window-size", "0"]
     study = report["tile_study"]
     assert [row["tile"] for row in study] == ["untiled", 16] and study[1]["psnr_vs_untiled"] > 5
-    written = json.loads((tmp_path / "out" / "upscale.json").read_text())
+    written = json.loads((tmp_path / "out" / "upscale.json").read_text(encoding="utf-8"))
     assert [row["row"] for row in written["rows"]] == rows
-    table = (tmp_path / "out" / "upscale.md").read_text()
+    table = (tmp_path / "out" / "upscale.md").read_text(encoding="utf-8")
     assert "| 8->32 (0.0 MP) | detail, 4 steps |" in table and "(extrapolated)" in table and "Tile study" in table
 
 
@@ -707,14 +713,14 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, x0_model_dir):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text(encoding="utf-8"))
     assert report["device"] == "cpu" and report["tests"]["passed"] and "1 passed" in report["tests"]["summary"]
     assert [row["variant"] for row in report["evaluations"]] == ["fp32", "bf16", "fp32 channels_last"]
     assert all(row["seconds_per_eval"] > 0 for row in report["evaluations"])
     assert report["evaluations"][2]["relative_error_vs_fp32"] < 1e-4
     assert [row["mode"] for row in report["upscale"]] == ["fidelity", "detail"]
     assert all(row["passed"] and row["output"] == "32x32" for row in report["upscale"])
-    assert "GPU readiness check on cpu" in (tmp_path / "report" / "gpu_check.md").read_text()
+    assert "GPU readiness check on cpu" in (tmp_path / "report" / "gpu_check.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -820,8 +826,8 @@ def test_gpu_quality_run_trains_evaluates_and_returns_outputs_for_fid_on_the_cpu
         assert torch.equal(a, b)
     table = gpu_quality.main(["--fid-of", *(str(out / file) for file in outputs), "--output", str(tmp_path / "here")])
     assert table["never-seen photos"]["bicubic / bicubic"] == 1.0 and table["never-seen photos"]["SR3 detail"] > 0
-    returned = json.loads((out / "report.json").read_text())
-    assert json.loads((tmp_path / "here" / "report.json").read_text()) == dict(returned, fid=table)
+    returned = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "here" / "report.json").read_text(encoding="utf-8")) == dict(returned, fid=table)
 
 
 def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_available(tmp_path):
@@ -835,8 +841,11 @@ def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_
         ("default", len(os.sched_getaffinity(0))),
     ]
     assert report["rows"][0]["speedup"] == 1.0 and all(row["steps_per_second"] > 0 for row in report["rows"])
-    table = (tmp_path / "training_launch.md").read_text()
-    assert "| one thread | 1 |" in table and json.loads((tmp_path / "training_launch.json").read_text()) == report
+    table = (tmp_path / "training_launch.md").read_text(encoding="utf-8")
+    assert (
+        "| one thread | 1 |" in table
+        and json.loads((tmp_path / "training_launch.json").read_text(encoding="utf-8")) == report
+    )
 
 
 def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
@@ -858,7 +867,9 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     epochs = [(row["epochs"], row["batches_per_epoch"]) for row in report["loader"]["epochs"]]
     assert epochs == [(4, 1), (4, 1), (2, 3), (2, 3)] and report["loader"]["cached_samples_per_second"] > 0
     assert all(row["samples_per_second"] > 0 and row["first_batch_wait"] > 0 for row in report["loader"]["epochs"])
-    assert "--dataset_repeats 2 --cache_images | 1 | 2 | 2 | 3 |" in (tmp_path / "training_throughput.md").read_text()
+    assert "--dataset_repeats 2 --cache_images | 1 | 2 | 2 | 3 |" in (tmp_path / "training_throughput.md").read_text(
+        encoding="utf-8"
+    )
     rows = [(row["network"], row["batch"], row["precision"]) for row in report["rows"]]
     assert rows == [("tiny", 2, "float32"), ("tiny", 2, "bf16"), ("tiny", 3, "float32"), ("tiny", 3, "bf16")]
     for row in report["rows"]:
@@ -866,7 +877,7 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
         assert row["images_per_second"] == pytest.approx(row["batch"] / row["seconds_per_step"])
         assert row["tflop_per_second"] == pytest.approx(row["gflop_per_image"] * row["images_per_second"] / 1000)
     assert report["rows"][0]["speedup"] == 1.0
-    table = (tmp_path / "training_throughput.md").read_text()
+    table = (tmp_path / "training_throughput.md").read_text(encoding="utf-8")
     # The trainer's EMA update, timed as a loop over the parameters and as one multi-tensor update.
     [ema] = report["ema"]
     assert ema["network"] == "tiny" and ema["tensors"] == len(list(throughput.SR3UNet2DModel(**tiny).parameters()))
@@ -877,7 +888,7 @@ def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     wide = throughput.network_config("tiny", width=2 * tiny["block_out_channels"])
     assert 3.5 < throughput.gflop_per_image(wide) / report["rows"][0]["gflop_per_image"] < 4.5
     assert "| tiny | 0.1M | 3 | bf16 |" in table and "one thread cuts" in table
-    assert json.loads((tmp_path / "training_throughput.json").read_text()) == report
+    assert json.loads((tmp_path / "training_throughput.json").read_text(encoding="utf-8")) == report
 
 
 def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
@@ -900,7 +911,7 @@ def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
     ]
     copy = PIL.Image.open(output / "halves_128_0000_texture2.png")
     assert torch.equal(torch.from_numpy(np.array(copy)), noise)
-    summary = json.loads((tmp_path / "tiles.json").read_text())
+    summary = json.loads((tmp_path / "tiles.json").read_text(encoding="utf-8"))
     assert (summary["tiles"], summary["texture_tiles"], summary["texture_copies"]) == (2, 1, 2)
     plain = tmp_path / "plain"
     photo_tiles.main(["--output", str(plain), *arguments[2:]])
@@ -917,7 +928,9 @@ def test_photo_tiles_copies_texture_tiles_only(tmp_path, monkeypatch):
     assert sorted(path.name for path in forked.iterdir()) == sorted(path.name for path in serial.iterdir())
     assert len(list(forked.iterdir())) == 4
     assert all((forked / path.name).read_bytes() == path.read_bytes() for path in serial.iterdir())
-    assert (tmp_path / "forked.json").read_text() == (tmp_path / "serial.json").read_text()
+    assert (tmp_path / "forked.json").read_text(encoding="utf-8") == (tmp_path / "serial.json").read_text(
+        encoding="utf-8"
+    )
     # A corrupt photograph stops the run with its name, from a worker process as from this one.
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     for jobs in ("1", "2"):
@@ -970,7 +983,7 @@ def test_output_formats_measures_what_each_format_loses(tmp_path):
     # Noise-like detail: Pillow's default JPEG loses more of it than quality 95 with full-resolution colour.
     default, high = rows[("JPEG", "Pillow's default", "bicubic")], rows[("JPEG", 95, "bicubic")]
     assert default["lost_to_format"] > high["lost_to_format"] > 0 and default["kib"] < high["kib"]
-    assert (tmp_path / "r" / "output_formats.md").read_text().count("| WEBP |") == 4
+    assert (tmp_path / "r" / "output_formats.md").read_text(encoding="utf-8").count("| WEBP |") == 4
 
 
 def test_sampler_probes_run_a_benchmark_with_their_replacement_and_put_the_pipeline_back(
@@ -999,7 +1012,7 @@ def test_sampler_probes_run_a_benchmark_with_their_replacement_and_put_the_pipel
     command = ["--model", str(tmp_path / "m"), "--crops", "2", "--crop-size", "32", "--output", str(tmp_path / "out")]
     harness.run_with_guidance(unguided, ["samplers", *command, "--entries", "ddim:3", "ddim:3:guidance_scale=3"])
     assert scales == [3.0] * 3  # the guided entry's 3 steps, and none of the unguided entry's
-    rows = json.loads((tmp_path / "out" / "samplers.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "out" / "samplers.json").read_text(encoding="utf-8"))["rows"]
     assert rows[0]["psnr"] == pytest.approx(rows[1]["psnr"])  # a rule that drops the guidance samples unguided
     assert base.guided_prediction is plain
     projected = ["samplers", *command, "--entries", "ddim:3:guidance_scale=3:parallel_guidance_weight=0.5"]
@@ -1180,9 +1193,9 @@ def test_fid_infinity_benchmark_scores_every_saved_method_against_the_hr(tmp_pat
     assert bicubic["fid"] > 1 and bicubic["fid_x_first"] == 1 and bicubic["fid_infinity_x_first"] == 1
     assert [size for size, _ in bicubic["points"]] == [12, 12, 18, 18, 24, 24, 30, 30, 36, 36, 42, 42, 48]
     assert abs(copy["fid"]) < 1e-6 and abs(copy["fid_infinity"]) < 1e-6  # the HR itself, at every size
-    saved = json.loads((tmp_path / "fid" / "fid_infinity.json").read_text())
+    saved = json.loads((tmp_path / "fid" / "fid_infinity.json").read_text(encoding="utf-8"))
     assert saved["sets"][0]["rows"][0]["fid_infinity"] == pytest.approx(bicubic["fid_infinity"])
-    table = (tmp_path / "fid" / "fid_infinity.md").read_text()
+    table = (tmp_path / "fid" / "fid_infinity.md").read_text(encoding="utf-8")
     assert "| toy (48 crops) | bicubic |" in table and "| toy: crops | bicubic | copy |" in table
     assert f"| 48 | {bicubic['fid']:.1f} (1.000x) | " in table  # by crop count: all 48, the FID over every crop
 
@@ -1223,5 +1236,5 @@ def test_photo_tiles_names_the_photo_sources_it_skipped(tmp_path, monkeypatch, c
     )
     assert 'skipped photo source "a package\'s photos": not installed (provided by pip install nosuch)' in error
     assert "skipped photo source 'wallpapers': not installed (provided by the Debian package walls)" in error
-    summary = json.loads((tmp_path / "tiles.json").read_text())
+    summary = json.loads((tmp_path / "tiles.json").read_text(encoding="utf-8"))
     assert len(summary["missing_photo_sources"]) == 3 and summary["tiles"] > 0

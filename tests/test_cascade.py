@@ -3,7 +3,9 @@
 import copy
 import dataclasses
 import json
+import os
 import pickle
+import shutil
 import threading
 import time
 
@@ -69,7 +71,7 @@ def test_three_stage_cascade_makes_a_1024_image_and_round_trips(tmp_path):
     assert torch.isfinite(output.images).all()
 
     cascade.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3_cascade", "SR3CascadePipeline"]
     assert index["stage_1"] == ["pipeline_sr3", "SR3Pipeline"] and index["stage_3"] == [None, None]
     assert (tmp_path / "stage_2" / "unet" / "unet_sr3.py").exists()
@@ -456,3 +458,27 @@ def test_a_cascade_fidelity_stage_does_not_depend_on_the_seed():
         torch.randn(1, 3, 32, 32, generator=generator)
     alone = detail(one[0], generator=generator, num_inference_steps=1, output_type="pt").images
     torch.testing.assert_close(one[1], alone, rtol=0, atol=1e-6)
+
+
+def test_a_resave_over_a_stage_linked_to_a_read_only_copy_replaces_the_link(tmp_path, monkeypatch):
+    """A cascade folder whose stage is a link to a read-only copy (another user's, or a shared one): the save replaces
+    the link with the new stage and writes nothing through it, so the copy's read-only folders must not refuse it."""
+    base = SR3UnconditionalPipeline(unet(3, 16), make_scheduler("ddim", n_timestep=50))
+    cascade = SR3CascadePipeline.from_stages(base, [SR3Pipeline(unet(6, 64), make_scheduler("ddim"), upscale_factor=4)])
+    copy_folder, target = tmp_path / "read-only copy", tmp_path / "mine"
+    cascade.save_pretrained(copy_folder)
+    cascade.save_pretrained(target)
+    shutil.rmtree(target / "stage_1")
+    (target / "stage_1").symlink_to(copy_folder / "stage_1", target_is_directory=True)
+    before = {path: path.read_bytes() for path in copy_folder.rglob("*") if path.is_file()}
+    real_access = os.access
+
+    def access(path, mode, **kwargs):  # the copy's folders are read-only, for root too
+        inside = os.path.realpath(path).startswith(str(copy_folder.resolve()))
+        return not (inside and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    cascade.save_pretrained(target)
+    assert not (target / "stage_1").is_symlink() and (target / "stage_1" / "unet" / "config.json").is_file()
+    assert {path: path.read_bytes() for path in copy_folder.rglob("*") if path.is_file()} == before
+    SR3CascadePipeline.from_pretrained(target)

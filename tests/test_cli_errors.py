@@ -87,7 +87,9 @@ def _upscale_model(tmp_path, tiny_pipeline, **unet_overrides):
 
     tiny_pipeline.save_pretrained(tmp_path / "model")
     config_file = tmp_path / "model" / "unet" / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **unet_overrides}))
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text(encoding="utf-8")), **unet_overrides}), encoding="utf-8"
+    )
     Image.new("RGB", (8, 8), "gray").save(tmp_path / "small.png")
     return ["upscale", str(tmp_path / "small.png"), "--model", str(tmp_path / "model"), "--output", str(tmp_path / "o")]
 

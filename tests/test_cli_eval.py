@@ -36,7 +36,7 @@ def test_folders_matched_by_name_table_and_json(pair_folders, capsys):
     hr, sr = pair_folders / "hr", pair_folders / "sr"
     assert main(["eval", "--hr", str(hr), "--sr", str(sr), "--json", str(report_path)]) == 0
     table = capsys.readouterr().out
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["count"] == 8 and set(report["images"]) == {p.stem for p in hr.iterdir()}
     for name, values in report["images"].items():
         expected = metrics.psnr(load(sr / f"{name}.png"), load(hr / f"{name}.png"))
@@ -58,7 +58,7 @@ def test_upscale_outputs_match_their_sources_and_lr_adds_consistency(tmp_path):
     report_path = tmp_path / "r.json"
     arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--lr", str(tmp_path / "lr")]
     assert main(arguments + ["--json", str(report_path), "--quiet"]) == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert set(report["images"]) == {"00030", "00031"}
     for name, values in report["images"].items():
         sr, lr = load(tmp_path / "sr" / f"{name}_sr.png"), load(tmp_path / "lr" / f"{name}.png")
@@ -75,7 +75,7 @@ def test_original_results_layout_with_bicubic_baseline(tmp_path, capsys):
         shutil.copy(FFHQ / "lr_64" / path.name, tmp_path / f"{step_id}_lr.png")
     report_path = tmp_path / "out.json"
     assert main(["eval", "--results", str(tmp_path), "--json", str(report_path)]) == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["count"] == 2
     for values in report["images"].values():
         assert set(values) == {"psnr", "ssim", "consistency", "bicubic_psnr", "bicubic_ssim"}
@@ -122,7 +122,7 @@ def test_fid_option(tmp_path):
     # (FID of a set against itself is ~0: tests/test_metrics.py; one Inception load per test keeps this short.)
     arguments = ["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--fid", "--json"]
     assert main(arguments + [str(report_path)]) == 0
-    assert json.loads(report_path.read_text())["fid"] > 1
+    assert json.loads(report_path.read_text(encoding="utf-8"))["fid"] > 1
 
 
 def test_fid_is_never_negative_and_names_its_image_count(pair_folders, monkeypatch, capsys):
@@ -144,7 +144,7 @@ def test_fid_is_never_negative_and_names_its_image_count(pair_folders, monkeypat
     output = capsys.readouterr().out
     assert "fid: 0\n" in output
     assert f"(fid over {count} image pairs, fewer than the 2048 features: biased upward, it compares only" in output
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["fid"] == 0.0 and report["fid_images"] == count
 
 
@@ -194,7 +194,7 @@ def test_a_mean_over_only_some_images_names_its_count(tmp_path, capsys):
     report_path = tmp_path / "metrics.json"
     assert main(["eval", "--results", str(tmp_path / "results"), "--json", str(report_path), "--quiet"]) == 0
     assert "(consistency over 1 of 2 images)" in capsys.readouterr().out.splitlines()
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["count"] == 2 and report["counts"] == {"consistency": 1}
     assert set(report["mean"]) == {"psnr", "ssim", "consistency"}
     # Every mean over every image: no counts to name.
@@ -202,7 +202,7 @@ def test_a_mean_over_only_some_images_names_its_count(tmp_path, capsys):
     shutil.copy(tmp_path / "results" / "2_lr.png", tmp_path / "results" / "1_lr.png")
     assert main(["eval", "--results", str(tmp_path / "results"), "--json", str(report_path), "--quiet"]) == 0
     assert " over " not in capsys.readouterr().out
-    assert "counts" not in json.loads(report_path.read_text())
+    assert "counts" not in json.loads(report_path.read_text(encoding="utf-8"))
 
 
 def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path, monkeypatch, capsys):
@@ -215,7 +215,7 @@ def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path,
     folder.mkdir()
     assert main(arguments + [str(folder)]) == 2
     assert f"--json {folder} is a folder" in capsys.readouterr().err
-    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
     assert main(arguments + [str(tmp_path / "notes.txt" / "r.json")]) == 2
     assert "notes.txt is a file, not a folder" in capsys.readouterr().err
     assert list(folder.iterdir()) == []
@@ -224,7 +224,7 @@ def test_the_json_destination_is_checked_before_any_work(pair_folders, tmp_path,
 def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_folders, tmp_path, monkeypatch, capsys):
     report_path = tmp_path / "reports" / "r.json"
     report_path.parent.mkdir()
-    report_path.write_text("the previous report")
+    report_path.write_text("the previous report", encoding="utf-8")
 
     def failing_dump(*args, **kwargs):
         raise OSError("disk full")
@@ -234,13 +234,13 @@ def test_a_failed_json_write_leaves_the_old_report_and_no_temporary_file(pair_fo
     assert main(arguments + [str(report_path)]) == 2
     assert "disk full" in capsys.readouterr().err
     assert [path.name for path in report_path.parent.iterdir()] == ["r.json"]
-    assert report_path.read_text() == "the previous report"
+    assert report_path.read_text(encoding="utf-8") == "the previous report"
 
 
 def eval_report(tmp_path, *arguments):
     report_path = tmp_path / "report.json"
     assert main(["eval", *map(str, arguments), "--quiet", "--json", str(report_path)]) == 0
-    return json.loads(report_path.read_text())["images"]
+    return json.loads(report_path.read_text(encoding="utf-8"))["images"]
 
 
 def test_upscale_output_names_match_their_sources(tmp_path, capsys):

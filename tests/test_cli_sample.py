@@ -29,7 +29,7 @@ def sample(model, output, *options):
 def test_the_output_is_checked_before_the_model_is_loaded(tmp_path, capsys):
     missing_model = tmp_path / "no_model"  # reaching the model would fail with another message
     (tmp_path / "folder").mkdir()
-    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
     expected = {
         tmp_path / "folder": "is a folder",
         tmp_path / "smp" / "a": "needs an image file extension Pillow can write",
@@ -186,7 +186,9 @@ def test_a_cascade_with_a_generator_samples_through_its_stages(cascade_dirs, mod
     capsys.readouterr()
     for model, options, message in (
         (cascade, ["--steps", "2,1,1"], "--steps gives 3 step counts for the 2 stages of"),
-        (cascade, ["--steps", "1,100"], "stage_1: num_inference_steps must lie in [1, 50], got 100"),
+        (cascade, ["--steps", "1,100"], "stage_1: --steps must lie in [1, 50], got 100"),
+        (cascade, ["--steps", "100,1"], "base: --steps must lie in [1, 50], got 100"),
+        (cascade, ["--steps", "100"], "base: --steps must lie in [1, 50], got 100"),
         (cascade, ["--size", "8"], "--size and --save-process do not apply to the cascade"),
         (cascade, ["--save-process", "2"], "--size and --save-process do not apply to the cascade"),
         (no_base, [], "is a cascade without a base generator"),
@@ -268,14 +270,44 @@ def test_bad_sr_stage_options_are_refused_before_any_network_runs(two_stage_casc
             (["--strength", "0.5"], "stage_1: --strength 0.5 needs a model that predicts the clean image"),
             (["--strength", "0.5"], "predicts 'epsilon': use --strength 1"),
             (["--steps", "1", "--strength", "0.5,"], "stage_1: --strength 0.5 needs a model that predicts"),
-            (["--steps", "1", "--strength", "1,0.5"], "stage_2: strength 0.5 of 1 steps runs no step"),
-            (["--guidance-scale", "1,2"], "stage_2: guidance_scale 2 needs a guidance_unet"),
+            (["--steps", "1", "--strength", "1,0.5"], "stage_2: --strength 0.5 of 1 steps runs no step"),
+            (["--guidance-scale", "1,2"], "stage_2: --guidance-scale 2 needs a guidance_unet"),
+            (["--guidance-scale", "2"], "stage_1: --guidance-scale 2 needs a guidance_unet"),
+            (["--eta", ",0.5", "--scheduler", "ddpm"], "stage_2: --eta applies to schedulers that take it (DDIM)"),
+            (["--steps", "1,1,100", "--mode", ",fidelity"], "stage_2: --steps must lie in [1, 50], got 100"),
             (["--mode", "detail,fidelity", "--eta", "0.5"], "stage_2: --eta, --temperature, --strength and --guid"),
             (["--mode", ",auto", "--temperature", "0.5"], "and --guidance-scale apply to detail mode"),
         ):
             assert sample(two_stage_cascade, tmp_path / "refused.png", *options) == 2
             error = capsys.readouterr().err
             assert error.startswith("sr3 sample: error: ") and message in error and len(error.splitlines()) == 1
+    finally:
+        hook.remove()
+    assert evaluations == [] and not (tmp_path / "refused.png").exists()
+
+
+def test_a_stage_refusal_names_the_option_only_where_the_command_line_gave_that_stage_its_value(
+    two_stage_cascade, tmp_path, capsys
+):
+    """An empty --steps entry leaves the generator the cascade's default (100 steps, more than its 50): that value is
+    no option's, and keeps the pipeline's name; the SR stages' options never name the generator's."""
+    assert sample(two_stage_cascade, tmp_path / "refused.png", "--steps", ",1,1", "--eta", "0.5") == 2
+    error = capsys.readouterr().err
+    assert error == "sr3 sample: error: base: num_inference_steps must lie in [1, 50], got 100\n"
+
+
+def test_an_unconditional_models_steps_and_size_are_refused_in_the_options_words_before_sampling(
+    model_dir, tmp_path, capsys
+):
+    evaluations = []
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: evaluations.append(1))
+    try:
+        for options, message in (
+            (["--steps", "100"], "--steps must lie in [1, 50], got 100"),  # the scheduler's 50 training steps
+            (["--size", "9"], "--size must be a multiple of 4 (the model's downsampling factor), got 9"),
+        ):
+            assert sample(model_dir, tmp_path / "refused.png", *options) == 2
+            assert capsys.readouterr().err == f"sr3 sample: error: {message}\n"
     finally:
         hook.remove()
     assert evaluations == [] and not (tmp_path / "refused.png").exists()
@@ -338,3 +370,5 @@ def test_help_lists_the_sr_stage_options(capsys):
     for flag in ("--mode", "--eta", "--temperature", "--strength", "--guidance-scale"):
         assert flag in text
     assert "for a cascade's super-resolution stages (not its generator)" in text
+    # The packaged model upscales: sample refuses it, so its help does not offer it.
+    assert "sr3-photos-x4" not in text

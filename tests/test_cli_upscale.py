@@ -197,9 +197,9 @@ def test_upscale_samples_with_the_models_own_detail_settings(tmp_path, monkeypat
     # A copy of the test model saved by an earlier version: no detail keys in its model_index.json.
     earlier = tmp_path / "earlier"
     shutil.copytree(model_dir, earlier)
-    index = json.loads((earlier / "model_index.json").read_text())
+    index = json.loads((earlier / "model_index.json").read_text(encoding="utf-8"))
     index = {key: value for key, value in index.items() if not key.startswith("detail_")}
-    (earlier / "model_index.json").write_text(json.dumps(index))
+    (earlier / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     detail = ["--mode", "detail"]
     runs = {
         "packaged": [],
@@ -1144,9 +1144,9 @@ def test_upscale_memory_check_waits_for_the_model_where_its_folder_does_not_tell
 
     # A model saved before its pipeline recorded the upscale factor (its UNet's config has it): known once loaded.
     index_file = model_dir / "model_index.json"
-    index = json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     index["upscale_factor"] = None
-    index_file.write_text(json.dumps(index))
+    index_file.write_text(json.dumps(index), encoding="utf-8")
     available = upscale.MIN_BYTES_PER_OUTPUT_PIXEL * 32 * 32 - 1
     monkeypatch.setattr(upscale, "available_memory", lambda device: (available, "available"))
     events = []
@@ -1182,7 +1182,7 @@ def test_available_memory_reads_meminfo_and_cuda_and_skips_what_it_cannot_tell(m
 def test_available_memory_in_a_container_is_what_its_cgroup_limit_leaves(tmp_path, monkeypatch, version):
     from diffusers_sr3.commands import upscale
 
-    (tmp_path / "meminfo").write_text("MemTotal:       24683772 kB\nMemAvailable:   20000000 kB\n")
+    (tmp_path / "meminfo").write_text("MemTotal:       24683772 kB\nMemAvailable:   20000000 kB\n", encoding="utf-8")
     monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
     monkeypatch.setattr(upscale, "CGROUP_ROOT", str(tmp_path / "cgroup"))
     monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "cgroup-of-self"))  # unreadable: the top
@@ -1193,22 +1193,26 @@ def test_available_memory_in_a_container_is_what_its_cgroup_limit_leaves(tmp_pat
     )
     inactive = "inactive_file" if version == 2 else "total_inactive_file"
     (tmp_path / "cgroup" / "memory").mkdir(parents=True)
-    (tmp_path / "cgroup" / limit).write_text(f"{16 * 2**30}\n")
-    (tmp_path / "cgroup" / usage).write_text(f"{12 * 2**30}\n")
+    (tmp_path / "cgroup" / limit).write_text(f"{16 * 2**30}\n", encoding="utf-8")
+    (tmp_path / "cgroup" / usage).write_text(f"{12 * 2**30}\n", encoding="utf-8")
     active = "active_file" if version == 2 else "total_active_file"
-    (tmp_path / "cgroup" / stat).write_text(f"anon 1\n{inactive} {2**30}\n{active} {2**30}\nfile 5\n")
+    (tmp_path / "cgroup" / stat).write_text(f"anon 1\n{inactive} {2**30}\n{active} {2**30}\nfile 5\n", encoding="utf-8")
     # 16 GB limit, 12 GB used of which 2 GB page cache, active and inactive (the kernel reclaims both before it
     # kills): 6 GB left, not the host's 19 GB.
     assert upscale.available_memory(torch.device("cpu")) == (6 * 2**30, "available in this container")
-    (tmp_path / "cgroup" / limit).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")  # no limit
+    (tmp_path / "cgroup" / limit).write_text(
+        "max\n" if version == 2 else f"{2**63 - 4096}\n", encoding="utf-8"
+    )  # no limit
     assert upscale.available_memory(torch.device("cpu")) == (20000000 * 1024, "available")
 
 
 def _cgroup_v2(folder, limit, usage, cache=0):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "memory.max").write_text(f"{limit}\n")
-    (folder / "memory.current").write_text(f"{usage}\n")
-    (folder / "memory.stat").write_text(f"anon {usage - cache}\nactive_file {cache}\ninactive_file 0\n")
+    (folder / "memory.max").write_text(f"{limit}\n", encoding="utf-8")
+    (folder / "memory.current").write_text(f"{usage}\n", encoding="utf-8")
+    (folder / "memory.stat").write_text(
+        f"anon {usage - cache}\nactive_file {cache}\ninactive_file 0\n", encoding="utf-8"
+    )
 
 
 def test_available_memory_reads_this_processs_own_cgroup_and_its_ancestors_limits(tmp_path, monkeypatch):
@@ -1216,24 +1220,24 @@ def test_available_memory_reads_this_processs_own_cgroup_and_its_ancestors_limit
     hierarchy; a parent's limit binds it too; inside a namespace the path ("/") is the top."""
     from diffusers_sr3.commands import upscale
 
-    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n")
+    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n", encoding="utf-8")
     monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
     root = tmp_path / "cgroup"
     monkeypatch.setattr(upscale, "CGROUP_ROOT", str(root))
     monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "self"))
-    (tmp_path / "self").write_text("0::/slurm/job_7/step_0\n")
+    (tmp_path / "self").write_text("0::/slurm/job_7/step_0\n", encoding="utf-8")
     root.mkdir()
-    (root / "memory.stat").write_text("anon 1\n")  # the top has no limit files
+    (root / "memory.stat").write_text("anon 1\n", encoding="utf-8")  # the top has no limit files
     job, step = root / "slurm" / "job_7", root / "slurm" / "job_7" / "step_0"
     _cgroup_v2(job, 8 * 2**30, 3 * 2**30, cache=2**30)  # 6 GB left
     _cgroup_v2(step, 10 * 2**30, 3 * 2**30)
-    (step / "memory.max").write_text("max\n")
+    (step / "memory.max").write_text("max\n", encoding="utf-8")
     assert upscale.available_memory(torch.device("cpu")) == (6 * 2**30, "available in this container")
     _cgroup_v2(step, 4 * 2**30, 3 * 2**30, cache=2**29)  # the step's own limit leaves less: 1.5 GB
     assert upscale.available_memory(torch.device("cpu")) == (3 * 2**29, "available in this container")
-    (tmp_path / "self").write_text("0::/\n")  # a namespace: the top's files, which have no limit
+    (tmp_path / "self").write_text("0::/\n", encoding="utf-8")  # a namespace: the top's files, which have no limit
     assert upscale.available_memory(torch.device("cpu")) == (20000000 * 1024, "available")
-    (tmp_path / "self").write_text("0::/elsewhere\n")  # a folder not seen from here: the top
+    (tmp_path / "self").write_text("0::/elsewhere\n", encoding="utf-8")  # a folder not seen from here: the top
     _cgroup_v2(root, 2 * 2**30, 2**30)
     assert upscale.available_memory(torch.device("cpu")) == (2**30, "available in this container")
 
@@ -1241,17 +1245,19 @@ def test_available_memory_reads_this_processs_own_cgroup_and_its_ancestors_limit
 def test_available_memory_reads_the_cgroup_v1_memory_controllers_path(tmp_path, monkeypatch):
     from diffusers_sr3.commands import upscale
 
-    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n")
+    (tmp_path / "meminfo").write_text("MemAvailable:   20000000 kB\n", encoding="utf-8")
     monkeypatch.setattr(upscale, "MEMINFO", str(tmp_path / "meminfo"))
     monkeypatch.setattr(upscale, "CGROUP_ROOT", str(tmp_path / "cgroup"))
     monkeypatch.setattr(upscale, "PROC_SELF_CGROUP", str(tmp_path / "self"))
-    (tmp_path / "self").write_text("12:cpu,cpuacct:/other\n4:memory:/docker/abc\n1:name=systemd:/x\n")
+    (tmp_path / "self").write_text("12:cpu,cpuacct:/other\n4:memory:/docker/abc\n1:name=systemd:/x\n", encoding="utf-8")
     memory = tmp_path / "cgroup" / "memory"
     for folder, limit in ((memory, 2**63 - 4096), (memory / "docker" / "abc", 4 * 2**30)):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
-        (folder / "memory.usage_in_bytes").write_text(f"{3 * 2**30}\n")
-        (folder / "memory.stat").write_text(f"cache 9\ntotal_active_file {2**30}\ntotal_inactive_file {2**30}\n")
+        (folder / "memory.limit_in_bytes").write_text(f"{limit}\n", encoding="utf-8")
+        (folder / "memory.usage_in_bytes").write_text(f"{3 * 2**30}\n", encoding="utf-8")
+        (folder / "memory.stat").write_text(
+            f"cache 9\ntotal_active_file {2**30}\ntotal_inactive_file {2**30}\n", encoding="utf-8"
+        )
     assert upscale.available_memory(torch.device("cpu")) == (3 * 2**30, "available in this container")
 
 
@@ -1306,11 +1312,14 @@ def test_pipeline_refusals_name_only_the_options_given():
     and the pipeline's own name where the model saved it."""
     import argparse
 
-    from diffusers_sr3.commands.upscale import _in_option_words
+    from diffusers_sr3.commands.common import in_option_words, options_given
 
     refusal = ValueError("strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]")
     given = argparse.Namespace(strength=0.01, steps=None, eta=None, window_size=None)
-    assert str(_in_option_words(refusal, given)) == (
+    assert str(in_option_words(refusal, options_given(given))) == (
         "--strength 0.01 of 3 steps runs no step; num_inference_steps must lie in [1, 2]"
     )
-    assert str(_in_option_words(refusal, argparse.Namespace(strength=None, steps=None))) == str(refusal)
+    assert str(in_option_words(refusal, options_given(argparse.Namespace(strength=None, steps=None)))) == str(refusal)
+    assert str(in_option_words(refusal, options_given(argparse.Namespace(strength=None, steps=2)))) == (
+        "strength 0.01 of 3 steps runs no step; --steps must lie in [1, 2]"
+    )

@@ -40,7 +40,7 @@ def cache_configs(cache, repo_id, folder, commit=COMMIT, files=CONFIGS):
     `commit` on main (its configs only, as after an interrupted download: no weights)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
     for name in files:
         target = repo / "snapshots" / commit / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +110,8 @@ def test_online_the_hubs_current_configs_are_read_each_once(saved, hub, hub_cach
     # The cache holds an older commit, whose factor (64) would refuse the image: the Hub's current one (4) fits.
     stale = tmp_path / "stale"
     shutil.copytree(saved, stale)
-    index = json.loads((stale / "model_index.json").read_text())
-    (stale / "model_index.json").write_text(json.dumps({**index, "upscale_factor": 64}))
+    index = json.loads((stale / "model_index.json").read_text(encoding="utf-8"))
+    (stale / "model_index.json").write_text(json.dumps({**index, "upscale_factor": 64}), encoding="utf-8")
     cache_configs(hub_cache, "someone/sr3-tiny", stale)
     publish(hub, "someone/sr3-tiny", saved)
     refuse_loading(monkeypatch)

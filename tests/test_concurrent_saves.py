@@ -175,13 +175,13 @@ def test_a_move_whose_replaced_index_another_save_removed_first_goes_on(tmp_path
     staging, target = tmp_path / "staging", tmp_path / "target"
     staging.mkdir()
     target.mkdir()
-    (staging / "model_index.json").write_text("{}")
+    (staging / "model_index.json").write_text("{}", encoding="utf-8")
     isfile = os.path.isfile
     monkeypatch.setattr(
         os.path, "isfile", lambda path: path == os.path.join(target, "model_index.json") or isfile(path)
     )
     base._move_into(str(staging), str(target), ["model_index.json"])
-    assert (target / "model_index.json").read_text() == "{}"
+    assert (target / "model_index.json").read_text(encoding="utf-8") == "{}"
 
 
 def test_a_folder_that_can_be_entered_but_not_listed_still_loads(tmp_path, monkeypatch):

@@ -100,16 +100,16 @@ def test_tiny_end_to_end_run_reports_every_column_and_saves_a_pipeline(convergen
     argv += ["--inference-steps", "2", "--output", str(output), "--report", str(report), "--ablation", "v_prediction"]
     assert convergence.main(argv) == 0
 
-    table = (report / "results.md").read_text()
+    table = (report / "results.md").read_text(encoding="utf-8")
     header = table.splitlines()[0]
     assert all(column in header for column in convergence.COLUMNS)
     assert "| v_prediction | 2 |" in table and "| v_prediction | 3 |" in table and "| bicubic |" in table
     assert table in capsys.readouterr().out
-    results = json.loads((report / "results.json").read_text())
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
     # One run, measured at 2 steps and then resumed from its checkpoint to 3.
     first, run = results["runs"]
     assert (first["steps"], run["steps"]) == (2, 3)
-    assert json.loads((output / "training_summary.json").read_text())["steps_this_run"] == 1
+    assert json.loads((output / "training_summary.json").read_text(encoding="utf-8"))["steps_this_run"] == 1
     for values in (run["sr3"], results["bicubic"]):
         assert set(values) == {"psnr", "ssim", "consistency", "colour_error", "edge_ratio", "flat_grain"}
         assert len(values["colour_error"]) == 3

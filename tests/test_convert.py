@@ -99,10 +99,10 @@ def test_unconditional_sampling_loop_reproduces_the_original(pipelines):
 
 
 def test_config_comments_are_allowed(tmp_path):
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     text = json.dumps(config, indent=2).replace('"name": "sr3_tiny",', '"name": "sr3_tiny", // a comment\n')
     text = text.replace('"phase": "train",', '"phase": "train", // "quoted // inside a comment"')
-    (tmp_path / "commented.json").write_text("// header comment\n" + text)
+    (tmp_path / "commented.json").write_text("// header comment\n" + text, encoding="utf-8")
     assert load_original_config(tmp_path / "commented.json") == config
     pipeline = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", tmp_path / "commented.json")
     assert isinstance(pipeline, SR3Pipeline)
@@ -150,11 +150,11 @@ def test_files_that_are_not_original_checkpoints_are_refused(tmp_path):
 
 
 def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     config["model"]["unet"]["res_blocks"] = 2
     with pytest.raises(CheckpointError, match="config does not match the weights"):
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     config["model"]["unet"]["norm_groups"] = 8
     # The line names the JSON setting to fix, not only the tensors it changes.
     for setting, value, message in [
@@ -169,7 +169,7 @@ def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
             convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", wrong)
     with pytest.raises(CheckpointError, match="'ddpm' network but the config says which_model_G 'sr3'"):
         convert_original_checkpoint(FIXTURES / "ddpm_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
-    (tmp_path / "broken.json").write_text("{ not json")
+    (tmp_path / "broken.json").write_text("{ not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match="not a valid JSON config"):
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", tmp_path / "broken.json")
 
@@ -195,7 +195,7 @@ def test_text_files_are_refused_as_checkpoints(tmp_path):
     """The weights-only unpickler fails on arbitrary bytes with errors of many kinds (KeyError, IndexError...)."""
     cases = (("notes.csv", "a,b\n1,2\n", "IndexError"), ("hello.txt", "hello world", "KeyError"), ("empty.pth", "", ""))
     for name, text, reason in cases:
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"{name} is not an original SR3 checkpoint: .* \\({reason}"):
             convert_original_checkpoint(tmp_path / name, FIXTURES / "sr3_tiny_config.json")
 
@@ -210,7 +210,7 @@ def test_text_files_are_refused_as_checkpoints(tmp_path):
     ids=["no attention", "attention at no level", "more attention"],
 )
 def test_a_config_with_other_attention_layers_than_the_weights_is_refused(setting, value, tensors):
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     config["model"]["unet" if setting == "attn_res" else "diffusion"][setting] = value
     with pytest.raises(CheckpointError, match="check model.unet.attn_res and model.diffusion.image_size") as error:
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
@@ -246,7 +246,7 @@ def _without_schedule_setting(config, key):
     ],
 )
 def test_config_gaps_are_named(change, message):
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     change(config)
     with pytest.raises(CheckpointError, match=message):
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
@@ -268,7 +268,7 @@ def test_convert_command_names_a_swapped_config(tmp_path, capsys):
 
 
 def test_convert_command_checks_the_output_before_loading_anything(tmp_path, capsys):
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     missing = tmp_path / "missing_gen.pth"
     cases = {
         str(tmp_path / "afile"): "is a file, not a folder",
@@ -278,19 +278,20 @@ def test_convert_command_checks_the_output_before_loading_anything(tmp_path, cap
     for output, message in cases.items():
         assert main(_convert_arguments(output, checkpoint=missing)) == 2
         assert message in capsys.readouterr().err
-    assert (tmp_path / "afile").read_text() == "x"
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "x"
 
 
 def _trained_folder(folder):
     """A pipeline folder as training leaves it: its model card, the picture the card shows, the run's summary."""
     assert main(_convert_arguments(folder)) == 0
     (folder / "README.md").write_text(
-        "# SR3 x8 trained\n\n![LR | SR3 | HR](validation.png)\n![again](./validation.png)\n![up](../outside.png)\n"
+        "# SR3 x8 trained\n\n![LR | SR3 | HR](validation.png)\n![again](./validation.png)\n![up](../outside.png)\n",
+        encoding="utf-8",
     )
     for name in ("validation.png", "training_summary.json", "notes.txt", "../outside.png"):
-        (folder / name).write_text("old")
+        (folder / name).write_text("old", encoding="utf-8")
     (folder / "logs").mkdir()
-    (folder / "logs" / "events").write_text("old")
+    (folder / "logs" / "events").write_text("old", encoding="utf-8")
 
 
 def test_convert_overwrite_removes_the_replaced_models_description(tmp_path, capsys):
@@ -314,7 +315,7 @@ def test_convert_refuses_a_folder_with_training_checkpoints(tmp_path, capsys):
     folder = tmp_path / "run"
     _trained_folder(folder)
     (folder / "checkpoint-500").mkdir()
-    (folder / "checkpoint-500" / "training_state.json").write_text("{}")
+    (folder / "checkpoint-500" / "training_state.json").write_text("{}", encoding="utf-8")
     capsys.readouterr()
     before = sorted(path.name for path in folder.iterdir())
     for extra in ([], ["--overwrite"]):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_convert_overwrite_drops_the_replaced_models_other_variants(tmp_path, ca
     converted, old = _converted_and_another(folder)
     old.save_pretrained(folder)
     old.to(torch.float16).save_pretrained(folder, variant="fp16")
-    (folder / "notes.txt").write_text("mine")
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
     capsys.readouterr()
 
     assert main(_convert_arguments(folder, "uncond") + ["--overwrite"]) == 0
@@ -53,7 +54,7 @@ def test_convert_overwrite_drops_the_replaced_models_other_variants(tmp_path, ca
         "diffusion_pytorch_model.safetensors"
     ]
     assert "removed unet/diffusion_pytorch_model.fp16.safetensors: the replaced model's" in capsys.readouterr().out
-    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "mine"
     loaded = SR3UnconditionalPipeline.from_pretrained(folder)
     assert _first_weight(loaded) == _first_weight(converted)
 
@@ -104,16 +105,16 @@ def _set_schedule(key, value):
     ],
 )
 def test_wrongly_typed_config_values_are_named(variant, change, message):
-    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text(encoding="utf-8"))
     change(config)
     with pytest.raises(CheckpointError, match=message):
         convert_original_checkpoint(FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", config)
 
 
 def test_convert_command_names_a_wrongly_typed_setting_in_one_line(tmp_path, capsys):
-    config = json.loads((FIXTURES / "uncond_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "uncond_tiny_config.json").read_text(encoding="utf-8"))
     config["model"]["unet"]["channel_multiplier"] = [1, 2, "4"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     arguments = _convert_arguments(tmp_path / "out", "uncond")
     arguments[arguments.index("--config") + 1] = str(tmp_path / "config.json")
     assert main(arguments) == 2
@@ -125,7 +126,7 @@ def test_convert_command_names_a_wrongly_typed_setting_in_one_line(tmp_path, cap
 @pytest.mark.parametrize("variant, kind", [("sr3", SR3Pipeline), ("uncond", SR3UnconditionalPipeline)])
 def test_absent_optional_settings_take_the_originals_defaults(variant, kind):
     """The original's configs always state `conditional`; without it the network's channels tell."""
-    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / f"{variant}_tiny_config.json").read_text(encoding="utf-8"))
     del config["model"]["diffusion"]["conditional"]
     config["model"]["unet"]["dropout"] = None
     config["model"]["unet"]["norm_groups"] = None  # 32, which divides no width of 8 channels
@@ -134,6 +135,32 @@ def test_absent_optional_settings_take_the_originals_defaults(variant, kind):
     config["model"]["unet"]["norm_groups"] = 4
     pipeline = convert_original_checkpoint(FIXTURES / f"{variant}_tiny_I10_E1_gen.pth", config)
     assert type(pipeline) is kind and pipeline.unet.config.dropout == 0.0
+
+
+def test_convert_overwrite_checks_the_folders_it_removes_before_it_saves(tmp_path, monkeypatch, capsys):
+    """A copied model's read-only guide folder, which the converted pipeline lacks: the command failed after the new
+    pipeline was in place, naming a file without its folder, and left the old guide beside it."""
+    sr3 = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", FIXTURES / "sr3_tiny_config.json")
+    folder = tmp_path / "model"
+    SR3Pipeline(sr3.unet, sr3.scheduler, guidance_unet=copy.deepcopy(sr3.unet), guidance_scale=2.0).save_pretrained(
+        folder
+    )
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    locked = folder / "guidance_unet"
+    locked.chmod(0o555)
+    real_access = os.access
+
+    def access(path, mode, **kwargs):  # read-only for root too
+        return not (os.path.abspath(path) == str(locked) and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    capsys.readouterr()
+    try:
+        assert main(_convert_arguments(folder) + ["--overwrite"]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert capsys.readouterr().err.strip().endswith(f"{locked} is not a writable folder")
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
 
 
 def test_resolutions_that_are_no_whole_factor_apart_are_refused():

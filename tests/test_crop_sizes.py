@@ -95,7 +95,9 @@ def test_training_cuts_the_drawn_batches_and_resumes_exactly(tmp_path, monkeypat
     resumed = run("resumed", 6, resume_from_checkpoint="latest")
     assert sizes == expected
     assert all(torch.equal(straight[name], value) for name, value in resumed.items())
-    assert "32 px, 0.5 of the batches cut into 16 px" in (tmp_path / "resumed" / "README.md").read_text()
+    assert "32 px, 0.5 of the batches cut into 16 px" in (tmp_path / "resumed" / "README.md").read_text(
+        encoding="utf-8"
+    )
     # With no batch cut, the run is the one-size run.
     sizes.clear()
     run("none", 2, small_crop_fraction=0.0)

@@ -3,6 +3,7 @@ parquet/imagefolder datasets, torch datasets; pair making and bad-image skipping
 
 import glob
 import io
+import logging
 import os
 import re
 import shutil
@@ -132,7 +133,7 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no usable training images .*1 small, 1 unreadable"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(folder))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "empty" / "notes.txt").write_text("no images here", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no images"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -385,7 +386,7 @@ def test_data_files_are_told_apart_by_extension_and_load_errors_name_their_cause
         build_training_data(resolution=32, upscale_factor=4, train_data_files=[first, str(tmp_path / "b.parquet")])
 
 
-def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):
+def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path, caplog):
     root = make_prepared_layout(str(tmp_path / "ffhq_8_32"))
     assert prepared_resolutions(root) == ([32], [8])
     data = build_training_data(resolution=32, upscale_factor=4, train_data_dir=root, random_flip=False)
@@ -396,9 +397,17 @@ def test_original_prepared_folders_use_the_stored_low_resolution(tmp_path):
     torch.testing.assert_close(sample["condition"], upsample_condition(stored_lr[None], (32, 32))[0])
     with pytest.raises(ValueError, match="hr sizes \\[32\\].*--resolution 32"):
         build_training_data(resolution=64, upscale_factor=4, train_data_dir=root)
-    # A factor without a stored LR folder degrades the HR images on the fly.
-    data_x2 = build_training_data(resolution=32, upscale_factor=2, train_data_dir=root, random_flip=False)
+    # A factor without a stored LR folder degrades the HR images on the fly, and says the stored ones go unused.
+    with caplog.at_level(logging.WARNING):
+        data_x2 = build_training_data(resolution=32, upscale_factor=2, train_data_dir=root, random_flip=False)
     assert data_x2.dataset[(0, 0)]["lr"].shape == (3, 16, 16)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{root}: its lr_8 images are not x2 inputs of hr_32; training makes them from the hr images"
+    ]
+    # Pairs of another factor than the model's (x4 pairs for an x2 model at its own crop size): what they are, and
+    # how to prepare pairs of the model's factor.
+    with pytest.raises(ValueError, match=r"--resolution 32 \(but its lr_8 images are not x2 inputs .*--sizes 8,16`"):
+        build_training_data(resolution=16, upscale_factor=2, train_data_dir=root)
     os.remove(os.path.join(root, "lr_8", "00001.png"))
     with pytest.raises(FileNotFoundError, match="no partner in lr_8"):
         build_training_data(resolution=32, upscale_factor=4, train_data_dir=root)

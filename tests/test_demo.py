@@ -39,7 +39,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     assert torch.equal(bicubic_lr, sr3_low) and torch.equal(sr3_lr, sr3_low)
     assert torch.equal(bicubic, upsample_condition(sr3_low, tuple(hr.shape[-2:])))
     printed = capsys.readouterr().out
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert report["steps"] == 2
     assert not set(report["train_photos"]) & set(report["heldout_photos"])
     # Both modes of the model trained here and of the one that ships in the package.
@@ -51,7 +51,7 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
         assert all(math.isfinite(value) for value in report["mean"][method].values())
     # Bicubic on real photo crops is a sane baseline; the verdict states what was measured.
     assert 15 < report["mean"]["bicubic"]["psnr"] < 45
-    assert report["verdict"] in printed and report["verdict"] in (out / "metrics.md").read_text()
+    assert report["verdict"] in printed and report["verdict"] in (out / "metrics.md").read_text(encoding="utf-8")
     assert report["verdict"].startswith("The SR3 model trained here") and "fidelity mode" in report["verdict"]
     # LR | bicubic | SR3 fidelity | SR3 detail | packaged fidelity | packaged detail | HR per row, magnified x2
     assert PIL.Image.open(out / "comparison.png").size == (7 * 64, 2 * 64)
@@ -75,7 +75,9 @@ def test_demo_trains_and_reports_on_held_out_photos(tmp_path, capsys, monkeypatc
     saved = SR3Pipeline.load_config(out / "model")
     assert (saved["detail_steps"], saved["detail_eta"], saved["detail_strength"]) == (2, 1.0, 0.6)
     assert saved["fidelity_steps"] == demo.DEMO_FIDELITY_STEPS == 4  # a model trained for minutes gains from them
-    assert "4 steps for the model trained here, 1 for the packaged one" in (out / "metrics.md").read_text()
+    assert "4 steps for the model trained here, 1 for the packaged one" in (out / "metrics.md").read_text(
+        encoding="utf-8"
+    )
     assert saved["scheduler"] == ["diffusers", "DDIMScheduler"]
     # An existing demo is not overwritten silently.
     assert main(arguments) == 2
@@ -89,10 +91,10 @@ def test_demo_self_ensemble_adds_a_fidelity_column(tmp_path):
     arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "8", "--crop-size", "32", "--no-packaged"]
     arguments += ["--train-crops", "8", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2", "--self-ensemble"]) == 0
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert list(report["mean"]) == ["bicubic", "SR3 fidelity", "SR3 fidelity (self-ensemble)", "SR3 detail"]
     assert report["mean"]["SR3 fidelity (self-ensemble)"] != report["mean"]["SR3 fidelity"]
-    assert "averaged over the input's 8 flips and quarter-turns" in (out / "metrics.md").read_text()
+    assert "averaged over the input's 8 flips and quarter-turns" in (out / "metrics.md").read_text(encoding="utf-8")
     # LR | bicubic | SR3 fidelity | SR3 fidelity (self-ensemble) | SR3 detail | HR per row, magnified x2
     assert PIL.Image.open(out / "comparison.png").size == (6 * 64, 2 * 64)
     assert PIL.Image.open(out / "photo.png").width % 6 == 0
@@ -180,8 +182,8 @@ def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     _run_timed_demo(monkeypatch, out, minutes=0.13, timed_step=0.5, bfloat16=True)  # bf16 where that is fast
     # 0.13 min = 7.8 s at 0.5 s per step, x0.8 -> a plan of 12 steps, which these tiny steps finish early
     assert "training for 0.13 min (at most 12 steps)" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["steps"] >= 12
-    assert "| mixed precision | bf16 |" in (out / "model" / "README.md").read_text()
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["steps"] >= 12
+    assert "| mixed precision | bf16 |" in (out / "model" / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeypatch, capsys):
@@ -190,13 +192,15 @@ def test_a_run_timed_on_a_busy_machine_goes_on_for_its_minutes(tmp_path, monkeyp
     out = tmp_path / "demo"
     stale = out / "model" / "checkpoint-99999"  # left by an interrupted earlier demo in the same folder
     stale.mkdir(parents=True)
-    (stale / "training_state.json").write_text("{}")
-    (out / "model" / "model_index.json").write_text("{}")  # ... and a finished one's pipeline, which no run trains over
+    (stale / "training_state.json").write_text("{}", encoding="utf-8")
+    (out / "model" / "model_index.json").write_text(
+        "{}", encoding="utf-8"
+    )  # ... and a finished one's pipeline, which no run trains over
     _run_timed_demo(monkeypatch, out, "--no-packaged", "--overwrite", minutes=0.25, timed_step=100.0, bfloat16=False)
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert report["steps"] > 10
     assert report["training_seconds"] > 0.9 * 0.25 * 60
-    summary = json.loads((out / "model" / SUMMARY_FILE).read_text())
+    summary = json.loads((out / "model" / SUMMARY_FILE).read_text(encoding="utf-8"))
     assert summary["resumed_from"] is not None and summary["global_step"] == report["steps"]
     assert summary["checkpoints"] == []
     assert not [path.name for path in (out / "model").iterdir() if path.name.startswith("checkpoint")]
@@ -208,10 +212,10 @@ def test_the_clock_stops_a_slower_than_estimated_run(tmp_path, monkeypatch):
     # The estimate says 0.001 s per step (a plan of 480 steps for 0.6 s); the real steps are slower: the clock wins.
     out = tmp_path / "demo"
     _run_timed_demo(monkeypatch, out, "--no-packaged", minutes=0.01, timed_step=0.001, bfloat16=False)
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert 1 <= report["steps"] < 480
     assert report["training_seconds"] < 30
-    assert "| mixed precision | no |" in (out / "model" / "README.md").read_text()
+    assert "| mixed precision | no |" in (out / "model" / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_detail_setting_that_runs_no_step_is_refused_before_training(tmp_path):
@@ -295,13 +299,13 @@ def test_a_run_the_busy_machine_cut_short_says_so_instead_of_train_longer(tmp_pa
         torch.set_num_threads(before)
     printed = capsys.readouterr().out
     assert threads == 1 and "1 CPU thread(s) for torch: other processes keep the cores busy" in printed
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     planned = int(demo.PLAN_SHARE * 0.01 * 60 / 0.0001)
     assert report["planned_steps"] == planned and report["steps"] < planned / 2 and report["cpu_threads"] == 1
     busy = f"The machine was busy: training reached {report['steps']} of its {planned} planned steps (rerun on an "
     busy += "idle machine)."
     assert report["verdict"].endswith(busy) and "train longer" not in report["verdict"]
-    assert busy in (out / "metrics.md").read_text()
+    assert busy in (out / "metrics.md").read_text(encoding="utf-8")
 
 
 def test_the_busy_note_replaces_the_advice_to_train_longer():
@@ -334,7 +338,7 @@ def test_the_demo_models_card_names_its_fidelity_steps(tmp_path):
     arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "4", "--crop-size", "32", "--no-packaged"]
     arguments += ["--train-crops", "4", "--eval-crops", "1", "--inference-steps", "2", "--photo-size", "32"]
     assert main(arguments + ["--batch-size", "2", "--threads", str(torch.get_num_threads())]) == 0
-    card = (out / "model" / "README.md").read_text()
+    card = (out / "model" / "README.md").read_text(encoding="utf-8")
     assert "no invented texture, 4 deterministic DDIM steps" in card and "one evaluation" not in card
     assert SR3Pipeline.load_config(out / "model")["fidelity_steps"] == 4
 

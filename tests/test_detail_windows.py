@@ -178,9 +178,9 @@ def test_window_size_is_a_saved_detail_default_refused_where_it_cannot_apply(gui
 
     # A model saved before the key existed runs its detail mode on the whole image.
     index_path = tmp_path / "saved" / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     del index["detail_window_size"]
-    index_path.write_text(json.dumps(index))
+    index_path.write_text(json.dumps(index), encoding="utf-8")
     assert SR3Pipeline.from_pretrained(tmp_path / "saved").detail_settings()["window_size"] == 0
 
     with pytest.raises(ValueError, match="window_size apply to detail mode"):

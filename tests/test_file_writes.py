@@ -149,8 +149,8 @@ def _quick_training(train_crops, config, args, model_dir, bfloat16, sampling):
 
 def _earlier_demo(out):
     (out / "model" / "checkpoint-5").mkdir(parents=True)
-    (out / "model" / "model_index.json").write_text("the earlier model")
-    (out / "metrics.json").write_text("the earlier report")
+    (out / "model" / "model_index.json").write_text("the earlier model", encoding="utf-8")
+    (out / "metrics.json").write_text("the earlier report", encoding="utf-8")
     (out / "comparison.png").write_bytes(b"the earlier picture")
 
 
@@ -170,9 +170,9 @@ def test_a_demo_rerun_that_fails_keeps_the_earlier_model_and_report(tmp_path, mo
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"sr3 demo: error: [Errno 28] cannot write {out / 'metrics.json'}: No space left on device"
     )
-    assert (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert (out / "model" / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
     assert (out / "model" / "checkpoint-5").is_dir() and len(_listing(out / "model")) == 2
-    assert (out / "metrics.json").read_text() == "the earlier report"
+    assert (out / "metrics.json").read_text(encoding="utf-8") == "the earlier report"
     assert (out / "comparison.png").read_bytes() == b"the earlier picture"
     assert _listing(out) == ["comparison.png", "metrics.json", "model"]
 
@@ -186,8 +186,10 @@ def test_a_demo_rerun_that_succeeds_leaves_nothing_of_the_earlier_model(tmp_path
     assert main(["demo", "--output", str(out), *DEMO]) == 0
     assert f"removed the earlier demo's model in {out / 'model'}" in capsys.readouterr().out
     assert not (out / "model" / "checkpoint-5").exists()
-    assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"][-1] == "SR3Pipeline"
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert (
+        json.loads((out / "model" / "model_index.json").read_text(encoding="utf-8"))["_class_name"][-1] == "SR3Pipeline"
+    )
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["steps"] == 1
     assert PIL.Image.open(out / "comparison.png").size[1] == 64
     assert _listing(out) == ["comparison.png", "metrics.json", "metrics.md", "model", "photo.png"]
 
@@ -278,7 +280,10 @@ def test_a_symlinked_demo_model_is_refused_before_training(tmp_path, monkeypatch
         f"sr3 demo: error: {out / 'model'} is a symbolic link; sr3 demo writes its model into a folder of its own: "
         "remove the link (what it points to is kept) or choose another --output"
     )
-    assert _listing(out) == ["model"] and (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert (
+        _listing(out) == ["model"]
+        and (out / "model" / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
+    )
 
 
 def test_a_demo_rerun_that_succeeds_warns_when_the_earlier_model_cannot_be_removed(tmp_path, monkeypatch, capsys):
@@ -306,8 +311,8 @@ def test_a_demo_rerun_that_succeeds_warns_when_the_earlier_model_cannot_be_remov
             f"warning: could not remove the earlier demo's model, left in {out / left}: [Errno 13] Permission denied"
         )
     )
-    assert (out / left / "model_index.json").read_text() == "the earlier model"
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert (out / left / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["steps"] == 1
 
 
 @pytest.mark.parametrize("moving", ["the new photo.png in place", "the earlier photo.png aside"])
@@ -336,10 +341,10 @@ def test_a_demo_rerun_that_fails_putting_its_report_in_place_keeps_the_earlier_r
         assert error == f"sr3 demo: error: [Errno 13] cannot write {out / 'photo.png'}: Permission denied"
     else:
         assert error.startswith(f"sr3 demo: error: [Errno 13] Permission denied: '{out / 'photo.png'}' -> ")
-    assert (out / "metrics.json").read_text() == "the earlier report"
+    assert (out / "metrics.json").read_text(encoding="utf-8") == "the earlier report"
     assert (out / "comparison.png").read_bytes() == b"the earlier picture"
     assert (out / "photo.png").read_bytes() == b"the earlier photo"
-    assert (out / "model" / "model_index.json").read_text() == "the earlier model"
+    assert (out / "model" / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
     assert _listing(out) == ["comparison.png", "metrics.json", "model", "photo.png"]  # no metrics.md
 
 

@@ -1,6 +1,9 @@
 """A clean clone passes its tests anywhere: every file the tests read ships in tests/fixtures, documented."""
 
+import os
 import re
+import subprocess
+import sys
 
 from conftest import FIXTURE_ROOT, FIXTURES, PAIRS, REPO, SAMPLES
 
@@ -45,3 +48,34 @@ def _expand(pattern):
     return [
         name for option in match.group(1).split(",") for name in _expand(pattern.replace(match.group(0), option, 1))
     ]
+
+
+def test_the_hugging_face_caches_are_this_runs_own(tmp_path):
+    """The caches that the Hugging Face libraries fix when first imported (which in a whole run is while test files
+    are collected, before any fixture) lie in the run's own folder, whatever the user's settings: a test never loads a
+    model the user has cached, and a read-only home takes no writes."""
+    users = tmp_path / "users-cache"
+    probe = (
+        "import conftest, datasets, evaluate, diffusers.utils.dynamic_modules_utils as modules,"
+        " huggingface_hub.constants as hub;"
+        "print(conftest.SESSION_HF_HOME);"
+        "print(hub.HF_HUB_CACHE); print(hub.HF_ASSETS_CACHE); print(modules.HF_MODULES_CACHE);"
+        "print(datasets.config.HF_DATASETS_CACHE); print(evaluate.config.HF_METRICS_CACHE);"
+        "print(evaluate.config.HF_EVALUATE_CACHE)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    for name in (
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_ASSETS_CACHE",
+        "HF_MODULES_CACHE",
+        "HF_DATASETS_CACHE",
+        "HF_METRICS_CACHE",
+        "HF_EVALUATE_CACHE",
+    ):
+        env[name] = str(users / name)
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    session, *caches = done.stdout.splitlines()
+    assert all(os.path.commonpath([session, cache]) == session for cache in caches), done.stdout
+    assert not os.path.exists(session)  # removed when the run ends: here, when the probe's interpreter exits

@@ -83,7 +83,7 @@ def test_the_parallel_weight_steers_every_guided_step_and_is_saved(tmp_path):
     expected = sample(saved, image, guidance_scale=3.0)
     assert not torch.equal(expected, sample(saved, image, guidance_scale=3.0, parallel_guidance_weight=1.0))
     saved.save_pretrained(tmp_path / "model")
-    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text(encoding="utf-8"))
     assert index["parallel_guidance_weight"] == 0.5
     loaded = SR3Pipeline.from_pretrained(tmp_path / "model")
     loaded.set_progress_bar_config(disable=True)
@@ -91,7 +91,7 @@ def test_the_parallel_weight_steers_every_guided_step_and_is_saved(tmp_path):
     assert torch.equal(sample(loaded, image, guidance_scale=3.0), expected)
     # Folders saved before the key existed guide as before: weight 1.
     del index["parallel_guidance_weight"]
-    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     assert SR3Pipeline.from_pretrained(tmp_path / "model").config.parallel_guidance_weight == 1.0
 
 
@@ -186,7 +186,7 @@ def test_the_guide_and_its_scale_are_saved_with_the_pipeline_and_older_folders_s
     pipeline = guided_pipeline(guidance_scale=2.5)
     expected = sample(pipeline, image)
     pipeline.save_pretrained(tmp_path / "guided")
-    index = json.loads((tmp_path / "guided" / "model_index.json").read_text())
+    index = json.loads((tmp_path / "guided" / "model_index.json").read_text(encoding="utf-8"))
     assert index["guidance_unet"] == ["unet_sr3", "SR3UNet2DModel"] and index["guidance_scale"] == 2.5
     assert (tmp_path / "guided" / "guidance_unet" / "diffusion_pytorch_model.safetensors").is_file()
     for loaded in (
@@ -200,10 +200,10 @@ def test_the_guide_and_its_scale_are_saved_with_the_pipeline_and_older_folders_s
     # A folder written before guidance existed names neither: no guide, scale 1.
     plain = SR3Pipeline(pipeline.unet, pipeline.scheduler, residual=True, residual_scale=8.0)
     plain.save_pretrained(tmp_path / "plain")
-    index = json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    index = json.loads((tmp_path / "plain" / "model_index.json").read_text(encoding="utf-8"))
     assert index.pop("guidance_unet") == [None, None]
     del index["guidance_scale"]
-    (tmp_path / "plain" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "plain" / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     for loaded in (
         SR3Pipeline.from_pretrained(tmp_path / "plain"),
         DiffusionPipeline.from_pretrained(tmp_path / "plain", trust_remote_code=True),
@@ -312,7 +312,7 @@ def test_a_training_checkpoint_loads_as_the_guide_of_its_run(tmp_path):
     assert all(torch.equal(packaged.state_dict()[name], value) for name, value in guide.state_dict().items())
 
     # A checkpoint carries its config: a copy away from its run loads alone.
-    config = json.loads((output / "checkpoint-8" / "unet_config.json").read_text())
+    config = json.loads((output / "checkpoint-8" / "unet_config.json").read_text(encoding="utf-8"))
     assert config["block_out_channels"] == final.unet.config.block_out_channels
     alone = load_checkpoint_unet(shutil.copytree(output / "checkpoint-8", tmp_path / "elsewhere" / "checkpoint-8"))
     assert all(torch.equal(alone.state_dict()[name], value) for name, value in last.state_dict().items())

@@ -63,7 +63,7 @@ def test_pipelines_push_their_files_and_an_sr3_card(tiny_pipeline, hub, tmp_path
     target = tmp_path / "out"
     (target / "checkpoint-1").mkdir(parents=True)
     (target / "checkpoint-1" / "optimizer.bin").write_bytes(b"state")
-    (target / "notes.txt").write_text("mine")
+    (target / "notes.txt").write_text("mine", encoding="utf-8")
     tiny_pipeline.save_pretrained(target, push_to_hub=True, repo_id="someone/sr3", variant="fp16")
     uploaded = hub.repos["someone/sr3"]
     assert {"model_index.json", "pipeline_sr3.py", "unet/unet_sr3.py", "README.md"} <= set(uploaded)
@@ -73,7 +73,7 @@ def test_pipelines_push_their_files_and_an_sr3_card(tiny_pipeline, hub, tmp_path
     # Not Diffusers' empty template: what the model is and how to load it.
     assert "# SR3 x4 super-resolution" in card and 'SR3Pipeline.from_pretrained("someone/sr3")' in card
     assert "More Information Needed" not in card
-    assert (target / "README.md").read_text() == card  # written into the folder too, as Diffusers does
+    assert (target / "README.md").read_text(encoding="utf-8") == card  # written into the folder too, as Diffusers does
 
     # A folder with its own card (here a trained model's, with its picture): that card and picture go up.
     trained = tmp_path / "trained"
@@ -81,7 +81,7 @@ def test_pipelines_push_their_files_and_an_sr3_card(tiny_pipeline, hub, tmp_path
     PIL.Image.new("RGB", (8, 8)).save(trained / "validation.png")
     (trained / "unused.png").write_bytes(b"not shown")
     own_card = "---\nlicense: mit\n---\n# My SR3\n\n![grid](validation.png)\n"
-    (trained / "README.md").write_text(own_card)
+    (trained / "README.md").write_text(own_card, encoding="utf-8")
     SR3Pipeline.from_pretrained(trained).save_pretrained(trained, push_to_hub=True, repo_id="someone/trained")
     uploaded = hub.repos["someone/trained"]
     assert uploaded["README.md"].decode() == own_card
@@ -141,7 +141,9 @@ def test_a_run_pushed_without_a_repo_id_names_its_repo_in_the_card(hub, tmp_path
     assert f'SR3Pipeline.from_pretrained("{repo_id}")' in card and 'from_pretrained("faces-run"' not in card
     assert "unet/diffusion_pytorch_model.safetensors" in uploaded
     assert not [path for path in uploaded if path.startswith(("checkpoint-", ".tmp", "logs/"))]
-    assert 'from_pretrained("faces-run"' in (output / "README.md").read_text()  # the local card is untouched
+    assert 'from_pretrained("faces-run"' in (output / "README.md").read_text(
+        encoding="utf-8"
+    )  # the local card is untouched
     SR3Pipeline.from_pretrained(repo_id)
 
 
@@ -154,7 +156,7 @@ def test_failed_upload_keeps_the_local_save_and_says_why(hub, tmp_path, monkeypa
     error = capsys.readouterr().err
     assert "upload to" in error and "someone/failing failed" in error and "403" in error
     assert f"saved and intact in {output}" in error
-    summary = json.loads((output / "training_summary.json").read_text())
+    summary = json.loads((output / "training_summary.json").read_text(encoding="utf-8"))
     assert summary["global_step"] == 4
     assert SR3Pipeline.from_pretrained(str(output)).config.upscale_factor == 4
     assert hub.repos["someone/failing"] == {}
@@ -174,13 +176,15 @@ def test_server_error_after_retries_is_reported(hub, tmp_path):
     """A Hub answering 500: huggingface_hub retries with back-off (~25 s), then the error names the status."""
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text("{}", encoding="utf-8")
     (folder / "checkpoint-1").mkdir()
     (folder / "checkpoint-1" / "optimizer.bin").write_bytes(b"state")
     hub.fail_commits = 500
     with pytest.raises(HubUploadError, match=r"500 Internal Server Error.*saved and intact"):
         push_folder(str(folder), "someone/flaky")
-    assert (folder / "config.json").read_text() == "{}" and (folder / "checkpoint-1" / "optimizer.bin").exists()
+    assert (folder / "config.json").read_text(encoding="utf-8") == "{}" and (
+        folder / "checkpoint-1" / "optimizer.bin"
+    ).exists()
     hub.fail_commits = None
     push_folder(str(folder), "someone/flaky")
     assert set(hub.repos["someone/flaky"]) == {"config.json"}
@@ -244,7 +248,7 @@ def test_a_trained_folder_pushed_later_names_its_repo_in_the_uploaded_card(tiny_
         metrics={"psnr": 30.0},
         training_command="accelerate launch examples/train_sr3.py --output_dir run",
     )
-    local = (run / "README.md").read_text()
+    local = (run / "README.md").read_text(encoding="utf-8")
     assert 'SR3Pipeline.from_pretrained("run")' in local
     SR3Pipeline.from_pretrained(run).save_pretrained(run, push_to_hub=True, repo_id="alice/sr3-faces")
     card = hub.repos["alice/sr3-faces"]["README.md"].decode()
@@ -255,7 +259,7 @@ def test_a_trained_folder_pushed_later_names_its_repo_in_the_uploaded_card(tiny_
     # The same card otherwise, stamped anew as the package's own (a later push may replace it).
     assert card.replace("alice/sr3-faces", "run").rsplit("<!--", 1)[0] == local.rsplit("<!--", 1)[0]
     assert is_package_card(card)
-    assert (run / "README.md").read_text() == local
+    assert (run / "README.md").read_text(encoding="utf-8") == local
 
     # A card without results names the model in `model_name`: the same.
     plain = tmp_path / "plain"

@@ -18,7 +18,9 @@ def test_only_pictures_inside_the_folder_go_up_with_its_card(tiny_pipeline, hub,
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "pic.png")
     PIL.Image.new("RGB", (8, 8)).save(folder / "val.png")
     os.symlink(tmp_path / "pic.png", folder / "linked.png")  # inside by name, outside in fact
-    (folder / "README.md").write_text("# my model\n\n![a](../pic.png) ![b](./val.png) ![c](linked.png)\n")
+    (folder / "README.md").write_text(
+        "# my model\n\n![a](../pic.png) ![b](./val.png) ![c](linked.png)\n", encoding="utf-8"
+    )
     assert images_shown(str(folder)) == ["val.png"]
     tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/x")
     uploaded = set(hub.repos["me/x"])
@@ -43,13 +45,13 @@ def test_a_pushed_pipeline_without_training_facts_is_not_said_to_be_trained_here
 )
 def test_the_training_data_is_named_without_machine_paths(tmp_path, description, shown):
     write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, data_description=description)
-    assert f"Training data: {shown}." in (tmp_path / "README.md").read_text()
+    assert f"Training data: {shown}." in (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
 def test_the_training_table_names_local_folders_without_machine_paths(tmp_path):
     summary = {"model": "fine-tuned from /home/alice/models/base", "steps": 4}
     write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, training_summary=summary)
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert "| model | fine-tuned from base |" in card and "/home/alice" not in card
 
 
@@ -67,7 +69,7 @@ def test_the_packaged_models_card_loads_it_from_the_package(tiny_pipeline, tmp_p
     tiny_pipeline.save_pretrained(folder)
     monkeypatch.setattr(pretrained, "default_model_path", lambda: str(folder))
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text(encoding="utf-8")
     assert "from diffusers_sr3.pretrained import default_model_path" in card
     assert "SR3Pipeline.from_pretrained(default_model_path())" in card
     assert "DiffusionPipeline.from_pretrained(default_model_path(), trust_remote_code=True)" in card
@@ -98,7 +100,7 @@ def test_a_metric_that_is_not_a_number_stays_out_of_the_model_index(tmp_path):
 
     metrics = {"psnr": float("inf"), "ssim": float("nan"), "consistency": 2e-4}
     write_model_card(str(tmp_path), task="sr", upscale_factor=4, resolution=32, metrics=metrics)
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
     results = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
     json.dumps(results, allow_nan=False)
     assert [metric["type"] for metric in results[0]["metrics"]] == ["consistency"]
@@ -110,12 +112,12 @@ def test_a_card_the_user_wrote_in_the_folder_goes_up_at_every_push(tiny_pipeline
 
     folder = tmp_path / "own"
     tiny_pipeline.save_pretrained(folder)
-    (folder / "README.md").write_text("# My model\n\nversion 1\n")
+    (folder / "README.md").write_text("# My model\n\nversion 1\n", encoding="utf-8")
     tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/own")
-    (folder / "README.md").write_text("# My model\n\nversion 2 (typo fixed)\n")
+    (folder / "README.md").write_text("# My model\n\nversion 2 (typo fixed)\n", encoding="utf-8")
     tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/own")
     assert hub.repos["me/own"]["README.md"].decode() == "# My model\n\nversion 2 (typo fixed)\n"
-    (folder / "README.md").write_text("# My model\n\nversion 3\n")
+    (folder / "README.md").write_text("# My model\n\nversion 3\n", encoding="utf-8")
     push_folder(str(folder), "me/own")
     assert hub.repos["me/own"]["README.md"].decode() == "# My model\n\nversion 3\n"
 
@@ -133,7 +135,7 @@ def test_a_card_without_the_stamp_is_kept_with_a_warning_saying_how_to_replace_i
     tiny_pipeline.save_pretrained(folder)
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 20})
     # The card an earlier diffusers-sr3 pushed: the same, without the stamp.
-    old = _STAMP.sub("", (folder / "README.md").read_text()).rstrip() + "\n"
+    old = _STAMP.sub("", (folder / "README.md").read_text(encoding="utf-8")).rstrip() + "\n"
     hub.repos["me/run"] = {"README.md": old.encode()}
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, repo_id="me/run", metrics={"psnr": 25})
     command = "`python -c 'from diffusers_sr3.training.hub import push_model_card; "
@@ -172,7 +174,7 @@ def test_the_suggested_replacement_uploads_the_card_naming_the_repo_and_its_pict
     folder = tmp_path / "run"
     tiny_pipeline.save_pretrained(folder)
     PIL.Image.new("RGB", (8, 8)).save(folder / "sample.png")
-    (folder / "private_notes.txt").write_text("not for the Hub\n")
+    (folder / "private_notes.txt").write_text("not for the Hub\n", encoding="utf-8")
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, sample_image="sample.png")
     hub.repos["me/run"] = {"README.md": b"# My words\n"}
     tiny_pipeline.save_pretrained(folder, push_to_hub=True, repo_id="me/run")

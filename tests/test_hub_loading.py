@@ -115,6 +115,26 @@ def test_another_pipelines_repo_is_refused_before_its_weights_are_fetched(hub, t
     assert set(fetched(hub, "google/ddpm-like")) == {"model_index.json"}
 
 
+def test_a_newer_formats_repo_is_refused_before_its_weights_are_fetched(tiny_pipeline, hub, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
+
+    tiny_pipeline.save_pretrained(tmp_path / "newer")
+    index = json.loads((tmp_path / "newer" / "model_index.json").read_text(encoding="utf-8"))
+    (tmp_path / "newer" / "model_index.json").write_text(
+        json.dumps({**index, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
+    publish(hub, "someone/newer-sr3", tmp_path / "newer")
+    with pytest.raises(NewerFormatError, match="someone/newer-sr3/model_index.json was saved in .* format 2"):
+        SR3Pipeline.from_pretrained("someone/newer-sr3")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "lr.png")
+    arguments = ["upscale", str(tmp_path / "lr.png"), "--model", "someone/newer-sr3", "--output", str(tmp_path / "o")]
+    assert cli.main(arguments) == 2
+    assert "pip install -U diffusers-sr3" in capsys.readouterr().err
+    assert not [name for name in fetched(hub, "someone/newer-sr3") if name.endswith(".safetensors")]
+
+
 def test_a_file_or_a_mistyped_folder_given_as_model_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fx").mkdir()
@@ -174,3 +194,45 @@ def test_a_hub_repo_of_pickled_weights_is_saved_into_a_folder_of_the_users(tiny_
     assert remedy == (
         "SR3Pipeline.from_pretrained('someone/binsr3', use_safetensors=False).save_pretrained('a-folder-of-yours')"
     )
+
+
+@pytest.mark.parametrize("recorded_in", ["unet/config.json", "stage_1/model_index.json", "stage_1/unet/config.json"])
+def test_a_repo_whose_component_is_in_a_newer_format_is_refused_before_its_weights_are_fetched(
+    tiny_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    recorded_in,
+):
+    import json
+
+    from diffusers_sr3 import SR3BasePipeline, SR3CascadePipeline
+    from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
+
+    cascade = recorded_in.startswith("stage_1")
+    saved = SR3CascadePipeline.from_stages(None, [tiny_pipeline]) if cascade else tiny_pipeline
+    saved.save_pretrained(tmp_path / "newer")
+    config = json.loads((tmp_path / "newer" / recorded_in).read_text(encoding="utf-8"))
+    (tmp_path / "newer" / recorded_in).write_text(
+        json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
+    publish(hub, "someone/newer-part", tmp_path / "newer")
+    with pytest.raises(NewerFormatError, match=f"^someone/newer-part/{recorded_in} was saved in .* format 2"):
+        SR3BasePipeline.from_pretrained("someone/newer-part")
+    assert not [name for name in fetched(hub, "someone/newer-part") if name.endswith(".safetensors")]
+
+
+def test_a_unet_repo_in_a_newer_format_is_refused_before_its_weights_are_fetched(tiny_unet, hub, tmp_path):  # noqa: F811
+    import json
+
+    from diffusers_sr3 import SR3UNet2DModel
+    from diffusers_sr3.disk_format import FORMAT_KEY, FORMAT_VERSION, NewerFormatError
+
+    tiny_unet.save_pretrained(tmp_path / "newer")
+    config = json.loads((tmp_path / "newer" / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "newer" / "config.json").write_text(
+        json.dumps({**config, FORMAT_KEY: FORMAT_VERSION + 1}), encoding="utf-8"
+    )
+    publish(hub, "someone/newer-unet", tmp_path / "newer")
+    with pytest.raises(NewerFormatError, match="^someone/newer-unet: the SR3UNet2DModel config was saved in .* 2"):
+        SR3UNet2DModel.from_pretrained("someone/newer-unet")
+    assert not [name for name in fetched(hub, "someone/newer-unet") if name.endswith(".safetensors")]

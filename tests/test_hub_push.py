@@ -18,7 +18,7 @@ def training_run(tiny_pipeline, folder):
     (folder / "checkpoint-2" / "optimizer.bin").write_bytes(b"state")
     (folder / "tb" / "sr3" / "1").mkdir(parents=True)
     (folder / "tb" / "sr3" / "events.out.tfevents.1.host").write_bytes(b"events")
-    (folder / "tb" / "sr3" / "1" / "hparams.yml").write_text(f"output_dir: {folder}\n")
+    (folder / "tb" / "sr3" / "1" / "hparams.yml").write_text(f"output_dir: {folder}\n", encoding="utf-8")
     return folder
 
 
@@ -38,7 +38,7 @@ def test_a_logging_dir_whose_name_looks_like_a_pattern_is_left_out_by_name(tiny_
     run = training_run(tiny_pipeline, tmp_path / "run")
     (run / "tb").rename(run / "runs[1]")
     (run / "runs1").mkdir()
-    (run / "runs1" / "notes.txt").write_text("kept: `runs[1]` is a name, not the pattern runs1")
+    (run / "runs1" / "notes.txt").write_text("kept: `runs[1]` is a name, not the pattern runs1", encoding="utf-8")
     push_folder(str(run), "someone/brackets", logging_dir="runs[1]")
     uploaded = set(hub.repos["someone/brackets"])
     assert not [path for path in uploaded if path.startswith("runs[1]/")] and "runs1/notes.txt" in uploaded

@@ -1,5 +1,6 @@
 """One image walker and one image opener: EXIF orientation, RGB, clear errors, through every entry point."""
 
+import errno
 import io
 import json
 import os
@@ -64,7 +65,7 @@ def test_open_image_converts_to_rgb_and_names_the_file_in_errors(tmp_path):
     assert open_image(tmp_path / "palette.png").mode == open_image(tmp_path / "gray.png").mode == "RGB"
     with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
         open_image(tmp_path / "missing.png")
-    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.png").write_text("not an image", encoding="utf-8")
     with pytest.raises(UnreadableImageError, match="cannot read image .*notes.png") as caught:
         open_image(tmp_path / "notes.png")
     assert caught.value.not_an_image and isinstance(caught.value, ValueError)
@@ -155,7 +156,7 @@ def test_library_modules_do_not_import_the_command_line_layer():
         for path in package.rglob("*.py")
         if "commands" not in path.parts
         and path.name not in ("cli.py", "__main__.py")
-        and re.search(r"^\s*from\s+(\.+|diffusers_sr3\.)commands\b", path.read_text(), re.M)
+        and re.search(r"^\s*from\s+(\.+|diffusers_sr3\.)commands\b", path.read_text(encoding="utf-8"), re.M)
     ]
     assert offenders == []
 
@@ -189,7 +190,7 @@ def test_eval_applies_the_exif_orientation(tmp_path):
     tagged, upright = phone_photo(tmp_path / "phone", "photo", 32, 16)
     report = tmp_path / "report.json"
     assert main(["eval", "--hr", str(upright.parent), "--sr", str(tagged.parent), "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["images"]["photo"]["psnr"] == "inf"  # identical once upright
+    assert json.loads(report.read_text(encoding="utf-8"))["images"]["photo"]["psnr"] == "inf"  # identical once upright
 
 
 def test_training_data_applies_the_exif_orientation(tmp_path):
@@ -304,6 +305,56 @@ def test_folder_walks_skip_hidden_files_and_name_files_below_their_input(tmp_pat
         assert (extension in IMAGE_EXTENSIONS) == readable
 
 
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch, capsys):
+    """Another user's private subfolder (mode 700) inside a folder input: `os.walk` skips it silently, and a run
+    would report success without its images; the run must stop and name it, before writing anything."""
+    photos = tmp_path / "photos"
+    for relative in ("mine/a.png", "theirs/b.png"):
+        (photos / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(photos / relative)
+    private = photos / "theirs"
+    private.chmod(0)
+    if os.geteuid() == 0:  # root lists any folder: refuse the listing as for anyone else
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(private):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(f"cannot list the folder {private}: Permission denied")):
+            walk_images(photos)
+        for target in (photos, private):
+            assert main(["upscale", str(target), "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+            error = capsys.readouterr().err
+            assert f"cannot list the folder {private}: Permission denied" in error and "Traceback" not in error
+    finally:
+        private.chmod(0o755)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_disks_own_folders_are_not_searched_for_photos(tmp_path, monkeypatch):
+    """A mounted data disk's top holds `lost+found` (mode 700, root's): a walk of it stopped there as at another
+    user's private folder, so no folder input at a disk's top could be upscaled; before, it was skipped unread."""
+    disk = tmp_path / "disk"
+    for relative in ("a.png", "lost+found/#1234.png", "System Volume Information/b.png", "$RECYCLE.BIN/c.png"):
+        (disk / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(disk / relative)
+    private = disk / "lost+found"
+    private.chmod(0o700)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for an ordinary user, root too: lost+found is root's
+        if os.fspath(path) == str(private):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert walk_images(disk) == [str(disk / "a.png")]
+
+
 def test_one_file_spelled_several_ways_is_one_source(tmp_path, monkeypatch):
     """`./mixed` and `mixed/*.png`, `a.png` and its absolute path name one file: listed once, as first spelled,
     not as two inputs whose outputs clash."""
@@ -346,7 +397,7 @@ def fake_ghostscript(tmp_path, monkeypatch):
     bin_folder = tmp_path / "bin"
     bin_folder.mkdir()
     script = bin_folder / "gs"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\necho 10.02.1\n")
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\necho 10.02.1\n", encoding="utf-8")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setattr(PIL.EpsImagePlugin, "gs_binary", None)

@@ -89,7 +89,7 @@ def test_load_image_names_the_problem(tmp_path):
     (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
     with pytest.raises(ValueError, match="cannot read image .*truncated.png"):
         load_image(str(tmp_path / "truncated.png"))
-    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "text.png").write_text("not an image", encoding="utf-8")
     with pytest.raises(ValueError, match="cannot read image .*text.png"):
         load_image(str(tmp_path / "text.png"))
 

@@ -180,7 +180,7 @@ def test_a_full_disk_keeps_the_previous_folder_and_leaves_nothing_behind(tmp_pat
     old, new, load = kind
     old.save_pretrained(tmp_path)
     (tmp_path / "checkpoint-10").mkdir()
-    (tmp_path / "checkpoint-10" / "state.txt").write_text("keep me")
+    (tmp_path / "checkpoint-10" / "state.txt").write_text("keep me", encoding="utf-8")
     before = contents(tmp_path)
 
     def disk_full(*args, **kwargs):
@@ -218,7 +218,7 @@ def stage(folder, name, files, listing):
         (staging / path).parent.mkdir(parents=True, exist_ok=True)
         (staging / path).write_bytes(data)
     if listing is not None:
-        (staging / STAGED_LISTING).write_text(listing)
+        (staging / STAGED_LISTING).write_text(listing, encoding="utf-8")
     return staging
 
 
@@ -227,7 +227,7 @@ def test_a_crafted_staging_folder_never_moves_anything(tmp_path, kind, craft):
     old, _, load = kind
     victim = tmp_path / "elsewhere"
     victim.mkdir()
-    (victim / "config.json").write_text("{}")
+    (victim / "config.json").write_text("{}", encoding="utf-8")
     folder = tmp_path / "model"
     old.save_pretrained(folder)
     index = index_of(folder)
@@ -239,7 +239,7 @@ def test_a_crafted_staging_folder_never_moves_anything(tmp_path, kind, craft):
         "unlisted file": [index],
     }[craft]
     staging = stage(folder, ".sr3-save-x", {index: b"{}", "extra.txt": b""} if craft == "unlisted file" else {}, "")
-    (staging / STAGED_LISTING).write_text(json.dumps(listed))
+    (staging / STAGED_LISTING).write_text(json.dumps(listed), encoding="utf-8")
     if craft == "linked folder":
         (staging / "sub").symlink_to(victim)
     elif craft == "linked file":
@@ -278,7 +278,7 @@ def test_a_stale_staging_folder_beside_a_newer_folder_is_never_rolled_forward(tm
     old.save_pretrained(folder)
     # An old crash left `stale` complete beside the folder; a newer save was then copied in by other means (rsync).
     shutil.copytree(stale, folder / ".sr3-save-old")
-    (folder / ".sr3-save-old" / STAGED_LISTING).write_text(json.dumps(sorted(contents(stale))))
+    (folder / ".sr3-save-old" / STAGED_LISTING).write_text(json.dumps(sorted(contents(stale))), encoding="utf-8")
     before = tree(folder)
     torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
     assert finish_interrupted_save(folder) == []
@@ -373,7 +373,7 @@ def test_a_subfolder_swapped_for_a_link_while_moving_moves_nothing_from_outside(
     folder, victim = tmp_path / "model", tmp_path / "victim"
     (folder / "unet").mkdir(parents=True)
     victim.mkdir()
-    (victim / "secret.txt").write_text("outside")
+    (victim / "secret.txt").write_text("outside", encoding="utf-8")
     staging = stage(
         folder, ".sr3-save-x", {"config.json": b"{}", "unet/a.json": b"{}"}, '["config.json", "unet/a.json"]'
     )
@@ -429,3 +429,105 @@ def test_a_listing_or_lock_file_that_is_a_fifo_never_blocks(tmp_path, kind, fifo
         assert finish_interrupted_save(folder) == []
         new.save_pretrained(folder)  # discards it
         torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+
+
+def test_a_failed_push_keeps_the_new_save_and_says_only_the_upload_failed(tmp_path, kind, hub):  # noqa: F811
+    """A UNet's save whose upload failed kept the previous UNet (a pipeline's kept the new one), and both raised the
+    Hub's error alone. Both keep the new save now, and the error says that only the upload failed."""
+    from diffusers_sr3.training.hub import HubUploadError
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    hub.fail_commits = 403  # a token without write access (not retried, unlike 5xx answers)
+    with pytest.raises(HubUploadError) as failed:
+        new.save_pretrained(folder, push_to_hub=True, repo_id="someone/failing")
+    message = str(failed.value)
+    assert message.startswith(f"upload to {hub.url}/someone/failing failed (HfHubHTTPError: 403 Forbidden")
+    assert message.endswith(
+        f"the save in {folder} is complete, only its upload failed: save with push_to_hub=True again to retry"
+    )
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+    assert hub.repos["someone/failing"] == {}
+
+
+def test_a_push_uploads_its_own_save_whatever_moves_into_the_folder_meanwhile(
+    tmp_path,
+    kind,
+    hub,  # noqa: F811
+    monkeypatch,
+):
+    """The upload sends the save from a folder of its own, which no other save touches: another save moving into the
+    folder while it uploads (here, as the commit starts) changes nothing it sends, and no save's lock or listing goes
+    up with it."""
+    from huggingface_hub import HfApi
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    real_commit = HfApi.create_commit
+
+    def commit_while_another_save_moves_in(api, *args, **kwargs):
+        old.save_pretrained(folder)
+        return real_commit(api, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", commit_while_another_save_moves_in)
+    new.save_pretrained(folder, push_to_hub=True, repo_id="someone/pushed")
+    monkeypatch.undo()
+    uploaded = hub.repos["someone/pushed"]
+    weights = "unet/diffusion_pytorch_model.safetensors" if index_of(folder) == "model_index.json" else ""
+    weights = weights or "diffusion_pytorch_model.safetensors"
+    new.save_pretrained(tmp_path / "alone")
+    assert uploaded[weights] == (tmp_path / "alone" / weights).read_bytes()
+    assert set(uploaded) == set(contents(tmp_path / "alone")) | {"README.md"}
+    # The push's save moved into place before its upload, the other save over it after.
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(old))
+
+
+def test_a_push_killed_while_it_uploads_keeps_the_new_save(tmp_path, kind, hub, monkeypatch):  # noqa: F811
+    """The upload read the save from its staging folder, which moved into place only after it: a process killed
+    during a long upload (SIGTERM, a restarted kernel) left the new save in a staging folder beside the previous
+    save's index, which loads ignore and the next save discards. The save moves into place first now."""
+    from huggingface_hub import HfApi
+
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    killed = KillAfter(0)
+
+    def killed_while_uploading(api, *args, **kwargs):
+        killed.__enter__()  # nothing of the save runs after this
+        raise Killed
+
+    monkeypatch.setattr(HfApi, "create_commit", killed_while_uploading)
+    try:
+        with pytest.raises(Killed):
+            new.save_pretrained(folder, push_to_hub=True, repo_id="someone/killed")
+    finally:
+        killed.__exit__(None, None, None)
+    monkeypatch.undo()
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert finish_interrupted_save(folder) == []  # nothing to finish: the save is in place
+    new.save_pretrained(folder)  # the next save removes what the killed one left
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
+
+
+def test_a_push_where_files_cannot_be_linked_uploads_its_save_before_it_moves(tmp_path, kind, hub, monkeypatch):  # noqa: F811
+    """Where the filesystem makes no hard links (FAT, some network filesystems), the upload reads the staging folder
+    before the save moves into place: the same files go up, and the save is in place after."""
+    old, new, load = kind
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    new.save_pretrained(folder, push_to_hub=True, repo_id="someone/unlinked")
+    monkeypatch.undo()
+    new.save_pretrained(tmp_path / "alone")
+    uploaded = hub.repos["someone/unlinked"]
+    assert set(uploaded) == set(contents(tmp_path / "alone")) | {"README.md"}
+    assert all(uploaded[path] == (tmp_path / "alone" / path).read_bytes() for path in contents(tmp_path / "alone"))
+    torch.testing.assert_close(conv_in(load(folder)), conv_in(new))
+    assert not [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]

@@ -49,9 +49,9 @@ def test_a_reloaded_and_resaved_pipeline_states_only_what_it_uses(tiny_pipeline,
     tiny_pipeline.save_pretrained(tmp_path / "first")
     # An older save: Diffusers' default betas beside the trained ones.
     scheduler_path = tmp_path / "first" / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_path.read_text())
+    scheduler = json.loads(scheduler_path.read_text(encoding="utf-8"))
     scheduler.update(beta_start=0.0001, beta_end=0.02)
-    scheduler_path.write_text(json.dumps(scheduler))
+    scheduler_path.write_text(json.dumps(scheduler), encoding="utf-8")
     loaded = SR3Pipeline.from_pretrained(str(tmp_path / "first"))
     assert loaded.config._name_or_path == str(tmp_path / "first")  # known while loaded
     loaded.save_pretrained(tmp_path / "second")
@@ -79,7 +79,7 @@ def test_model_cards_state_consistency_in_the_unit_they_name(tmp_path):
     write_model_card(
         str(tmp_path), task="sr", upscale_factor=4, resolution=32, metrics={"psnr": 30.0, "consistency": 8.6e-5}
     )
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
     metrics = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"][0]["metrics"]
     consistency = next(metric for metric in metrics if metric["type"] == "consistency")
     assert consistency["name"] == "Consistency (MSE in units of 1e-5, lower is better)"
@@ -93,7 +93,7 @@ def test_unconditional_cards_state_an_unconditional_models_limitations(tmp_path)
         folder = tmp_path / f"{task}-{bool(data_description)}"
         folder.mkdir()
         write_model_card(str(folder), task=task, resolution=32, data_description=data_description)
-        limitations = (folder / "README.md").read_text().split("## Limitations")[1].split("##")[0]
+        limitations = (folder / "README.md").read_text(encoding="utf-8").split("## Limitations")[1].split("##")[0]
         assert ("degradation" in limitations) == (task == "sr")
         assert ("generates new images like" in limitations) == (task == "uncond")
         assert ("the data above" in limitations) == bool(data_description)
@@ -111,7 +111,7 @@ def test_model_cards_usage_runs_as_written(tmp_path, tiny_unet, monkeypatch, pre
     folder = tmp_path / "model"
     SR3Pipeline(tiny_unet, scheduler, detail_steps=2).save_pretrained(folder)
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text(encoding="utf-8")
     usage = re.search(r"```python\n(from PIL import Image.*?)```", card, re.S).group(1)
     assert ('mode="fidelity"' in usage) == (prediction_type == "sample")
     monkeypatch.chdir(tmp_path)
@@ -129,7 +129,7 @@ def test_cards_install_from_source_and_load_with_diffusers(tmp_path, tiny_pipeli
     folder = tmp_path / "model"
     tiny_pipeline.save_pretrained(folder)
     write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32)
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text(encoding="utf-8")
     for text in (card, default_model_card()):
         assert "pypi.org" not in text and "pip install diffusers-sr3" not in text
         assert "not on PyPI" in text and "```bash\npip install -e .\n```" in text

@@ -348,7 +348,7 @@ def test_evaluate_module_sr3_eval_and_validation_agree(tmp_path, capsys):
     report = tmp_path / "report.json"
     folders = ["--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--lr", str(tmp_path / "lr")]
     assert main(["eval", *folders, "--json", str(report), "--quiet"]) == 0
-    cli_means = json.loads(report.read_text())["mean"]
+    cli_means = json.loads(report.read_text(encoding="utf-8"))["mean"]
 
     def batch(images):
         return torch.stack([torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1 for image in images])

@@ -1,4 +1,5 @@
-"""One writer per output folder: a training run or `sr3 demo` into a folder another live run holds is refused."""
+"""One writer per output folder: a training run, `sr3 demo` or `sr3 prepare` into a folder another live run holds is
+refused."""
 
 import os
 import subprocess
@@ -16,19 +17,23 @@ pytest.importorskip("fcntl")
 
 HOLD = (
     "import sys; from diffusers_sr3.training.output_lock import claim_output_folder\n"
-    "with claim_output_folder(sys.argv[1]):\n"
+    "with claim_output_folder(*sys.argv[1:]):\n"
     "    print('held', flush=True); sys.stdin.read()\n"
 )
 
 
 @pytest.fixture
 def held():
-    """Hold a folder's lock from another process until the test ends; yields (start, pid)."""
+    """Hold a folder's lock from another process until the test ends (as a training run, or with the given option
+    and writer); yields start, which returns the holder's pid."""
     holders = []
 
-    def start(folder):
+    def start(folder, *option_and_writer):
         holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", HOLD, str(folder), *option_and_writer],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         holders.append(holder)
         assert holder.stdout.readline() == "held\n"
@@ -71,7 +76,7 @@ def test_a_held_folder_refuses_a_run_and_a_resume_before_anything_changes(tmp_pa
     (output / ".tmp-checkpoint-3").mkdir(parents=True)  # the live run's half-written checkpoint
     (output / ".tmp-checkpoint-3" / "model.safetensors").write_bytes(b"being written")
     (output / "checkpoint-2").mkdir()
-    (output / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}')
+    (output / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}', encoding="utf-8")
     pid = held(output)
     before = contents(output)
     data = str(tmp_path / "images")
@@ -118,7 +123,7 @@ def test_a_demo_rerun_leaves_a_model_folder_a_training_run_holds(tmp_path, held,
 
     model = tmp_path / "demo" / "model"
     model.mkdir(parents=True)
-    (model / "model_index.json").write_text("the earlier model")
+    (model / "model_index.json").write_text("the earlier model", encoding="utf-8")
     monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("set the live run's folder aside"))
     pid = held(model)
     assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "1", "--overwrite"]) == 2
@@ -126,8 +131,8 @@ def test_a_demo_rerun_leaves_a_model_folder_a_training_run_holds(tmp_path, held,
         f"sr3 demo: error: {model} is being written by another training run (pid {pid}); wait for it or choose "
         "another --output\n"
     )
-    assert sorted(os.listdir(tmp_path / "demo")) == [LOCK_FILE, "model"]
-    assert (model / "model_index.json").read_text() == "the earlier model"
+    assert os.listdir(tmp_path / "demo") == ["model"]  # as it was: the refused demo's lock file is gone too
+    assert (model / "model_index.json").read_text(encoding="utf-8") == "the earlier model"
 
 
 def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_path):
@@ -148,9 +153,89 @@ def test_the_lock_file_is_never_uploaded(tmp_path):
     from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations
 
     with claim_output_folder(str(tmp_path)):
-        (tmp_path / "model_index.json").write_text("{}")
+        (tmp_path / "model_index.json").write_text("{}", encoding="utf-8")
         uploaded = [
             operation.path_in_repo
             for operation in _upload_operations(str(tmp_path), "card", _ignore_patterns(str(tmp_path), "logs"))
         ]
     assert uploaded == ["model_index.json"]
+
+
+def prepare(source, out, *options):
+    from diffusers_sr3.cli import main
+
+    return main(["prepare", str(source), "--out", str(out), "--n_worker", "0", *options])
+
+
+def test_a_prepare_into_a_folder_another_prepare_holds_is_refused_naming_it(tmp_path, held, capsys):
+    """Two `sr3 prepare --overwrite` runs of different sizes into one folder removed and replaced each other's images;
+    the second is refused before it reads or changes the folder, and says which process holds it."""
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    before = contents(out)
+    pid = held(out, "--out", "sr3 prepare")
+    for options in (["--sizes", "16,32", "--overwrite"], ["--sizes", "8,16"]):
+        assert prepare(source, out, *options) == 2
+        assert capsys.readouterr().err == (
+            f"sr3 prepare: error: {out} is being written by another sr3 prepare (pid {pid}); wait for it or choose "
+            "another --out\n"
+        )
+        assert contents(out) == before
+    assert LOCK_FILE in before  # a finished prepare leaves its (released) lock file, as a training run does
+
+
+def test_a_prepare_into_a_training_runs_folder_is_refused_and_a_training_run_into_a_prepares(tmp_path, held, capsys):
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    pid = held(tmp_path / "run")  # a training run's --output_dir
+    assert prepare(source, tmp_path / "run", "--sizes", "8,16") == 2
+    assert capsys.readouterr().err == (
+        f"sr3 prepare: error: {tmp_path / 'run'} is being written by another training run (pid {pid}); wait for it "
+        "or choose another --out\n"
+    )
+    assert contents(tmp_path / "run") == [LOCK_FILE]
+    pid = held(tmp_path / "dataset", "--out", "sr3 prepare")
+    config = TrainingConfig(**fast_options(tmp_path / "dataset", train_data_dir=source))
+    with pytest.raises(
+        OutputFolderBusyError, match=rf"another sr3 prepare \(pid {pid}\); wait for it or choose another"
+    ):
+        train(config)
+
+
+def test_a_refused_claim_leaves_no_lock_file_in_a_folder_it_did_not_write(tmp_path, capsys):
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a dataset", encoding="utf-8")
+    assert prepare(source, out) == 2
+    assert "is not empty and was not made by sr3 prepare" in capsys.readouterr().err
+    assert contents(out) == ["notes.txt"]
+
+
+def test_a_prepare_rerun_over_a_finished_dataset_it_cannot_write_says_it_is_complete(tmp_path, monkeypatch, capsys):
+    """Rerunning the same `sr3 prepare` over a finished dataset on a read-only mount said it was complete; taking the
+    lock, which needs its file opened for writing, made it fail. A folder it cannot write is still refused where the
+    run would have to write into it."""
+    import errno
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    before = contents(out)
+    real_open = os.open
+
+    def read_only_lock_file(path, flags, *args, **kwargs):  # as on a read-only mount
+        if os.path.basename(path) == LOCK_FILE and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_lock_file)
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    assert capsys.readouterr().out == f"{out} is already complete: 2 images (0 skipped)\n"
+    for options in (["--sizes", "16,32"], ["--sizes", "8,16", "--overwrite"]):
+        assert prepare(source, out, *options) == 2
+        assert capsys.readouterr().err == f"sr3 prepare: error: --out {out} is not writable (Read-only file system)\n"
+    monkeypatch.undo()
+    assert contents(out) == before

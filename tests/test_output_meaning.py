@@ -29,7 +29,7 @@ def test_a_saved_unet_records_its_output_meaning_and_pipelines_built_from_it_rea
     pipeline.save_pretrained(tmp_path)
     meaning = {"upscale_factor": 2, "residual": True, "residual_scale": 6.5}
     for folder in ("unet", "guidance_unet"):
-        saved = json.loads((tmp_path / folder / "config.json").read_text())
+        saved = json.loads((tmp_path / folder / "config.json").read_text(encoding="utf-8"))
         assert {key: saved[key] for key in meaning} == meaning, folder
     # The networks in memory keep their own config (a training run compares it with its checkpoints').
     assert pipeline.unet.config.residual is None and guide.config.residual_scale is None
@@ -59,10 +59,10 @@ def test_arguments_win_over_the_record_and_unrecorded_unets_take_the_defaults(tm
     told = SR3Pipeline(unet, scheduler, upscale_factor=4, residual=False)
     assert (told.config.upscale_factor, told.config.residual, told.config.residual_scale) == (4, False, 6.5)
     # A UNet saved before the record existed: the pipeline's defaults, as before.
-    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config = json.loads((tmp_path / "unet" / "config.json").read_text(encoding="utf-8"))
     for key in ("upscale_factor", "residual", "residual_scale"):
         del config[key]
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     earlier = SR3Pipeline(SR3UNet2DModel.from_pretrained(tmp_path, subfolder="unet"), scheduler)
     assert (earlier.config.upscale_factor, earlier.config.residual, earlier.config.residual_scale) == (4, False, 1.0)
     # ... while its folder's model_index.json still says how to read it.

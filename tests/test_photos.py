@@ -192,7 +192,7 @@ def test_users_register_their_own_photo_sources(monkeypatch, tmp_path):
     (tmp_path / "mine" / "nested").mkdir(parents=True)
     for index in range(4):
         _write_photo(tmp_path / "mine" / "nested" / f"mine{index}.png", 40, 30, seed=index)
-    (tmp_path / "mine" / "notes.txt").write_text("not a photo")
+    (tmp_path / "mine" / "notes.txt").write_text("not a photo", encoding="utf-8")
     register_photo_source(PhotoSource("my photos", folder=tmp_path / "mine"))
     with pytest.raises(ValueError, match="already registered"):
         register_photo_source(PhotoSource("my photos", folder=tmp_path))
@@ -205,7 +205,7 @@ def test_users_register_their_own_photo_sources(monkeypatch, tmp_path):
     (package / "images").mkdir(parents=True)
     _write_photo(package / "images" / "kept.png", 20, 20)
     _write_photo(package / "images" / "other.png", 20, 20)
-    (package / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     source = PhotoSource("package photos", "images", ("kept.png", "absent.png"), package="photo_package")
     assert source.paths() == [package / "images" / "kept.png"]

@@ -288,10 +288,10 @@ def test_detail_mode_defaults_come_from_the_pipeline_config_and_survive_saving(t
 
     # A model saved by an earlier version has no detail keys in its model_index.json.
     index_path = tmp_path / "new" / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     for key in ("detail_steps", "detail_strength", "detail_eta", "detail_window_size"):
         del index[key]
-    index_path.write_text(json.dumps(index))
+    index_path.write_text(json.dumps(index), encoding="utf-8")
     earlier = SR3Pipeline.from_pretrained(tmp_path / "new")
     assert earlier.detail_settings() == {
         "num_inference_steps": 50,

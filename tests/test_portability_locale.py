@@ -104,7 +104,7 @@ def test_eval_writes_its_json_report_with_names_the_console_cannot_print(tmp_pat
         write_image(tmp_path / "sr" / f"{name}.png", 16, seed + 10)
     report = tmp_path / "report.json"
     assert main(["eval", "--hr", str(tmp_path / "hr"), "--sr", str(tmp_path / "sr"), "--json", str(report)]) == 0
-    assert set(json.loads(report.read_text())["images"]) == {CAT, "dog"}
+    assert set(json.loads(report.read_text(encoding="utf-8"))["images"]) == {CAT, "dog"}
     assert "\\u732b" in console.buffer.getvalue().decode("cp1252")
 
 
@@ -122,7 +122,7 @@ def test_eval_writes_the_json_report_before_printing(tmp_path, monkeypatch):
     eval_command.add_arguments(parser)
     with pytest.raises(BrokenPipeError):
         eval_command.run(parser.parse_args(arguments))
-    assert json.loads((tmp_path / "r.json").read_text())["count"] == 2
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["count"] == 2
 
 
 def test_printable_file_names_escapes_for_the_block_and_restores_the_streams(monkeypatch):
@@ -225,3 +225,31 @@ def test_min_snr_weights_make_no_float64_tensor_on_an_mps_device():
         with _NoFloat64OffTheCpu():
             weights = min_snr_weights(level, "epsilon", 5.0)
     assert weights.device.type == "mps" and weights.dtype == torch.float32
+
+
+def _text_calls_without_encoding(path):
+    """`open`, `read_text` and `write_text` calls in one file that read or write text in the locale's encoding."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(keyword.arg == "encoding" for keyword in node.keywords):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name in ("read_text", "write_text"):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+        elif name == "open" and isinstance(node.func, ast.Name):
+            modes = [argument for argument in node.args[1:2]] + [k.value for k in node.keywords if k.arg == "mode"]
+            binary = any(isinstance(mode, ast.Constant) and "b" in str(mode.value) for mode in modes)
+            if not binary and not any(not isinstance(mode, ast.Constant) for mode in modes):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_every_text_file_is_read_and_written_as_utf_8():
+    """Without `encoding=`, text is read in the locale's encoding: cp1252 on Windows, where the README's and the
+    docs' UTF-8 (and a test's own non-ASCII strings) would come back garbled or fail to decode."""
+    folders = ["src", "tests", "examples", "spaces", "benchmarks"]
+    files = [path for folder in folders for path in sorted((REPO / folder).rglob("*.py"))]
+    assert len(files) > 100
+    assert [call for path in files for call in _text_calls_without_encoding(path)] == []

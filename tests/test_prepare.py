@@ -43,7 +43,7 @@ def source(tmp_path):
     PIL.Image.open(photos[2]).crop((0, 100, 512, 300)).save(folder / "sub" / "c.png")  # 512 x 200
     (folder / "sub" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     PIL.Image.open(photos[3]).crop((50, 0, 250, 512)).save(folder / "sub" / "e.webp", lossless=True)  # 200 x 512
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
     return folder
 
 
@@ -66,7 +66,7 @@ def test_folder_layout_matches_the_original_resizing(source, tmp_path, capsys):
         assert np.array_equal(read(out / "hr_128" / f"{index:05d}.png"), np.asarray(reference_resize(image, 128)))
         # sr = the bicubic upsample of the LR image ("fake SR")
         assert np.array_equal(read(out / "sr_16_128" / f"{index:05d}.png"), np.asarray(reference_resize(lr, 128)))
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["complete"] and state["written"] == 4 and list(state["skipped"]) == ["sub/d.png"]
     # Running again finds it complete; worker processes give the same files.
     assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,128"]) == 0
@@ -132,11 +132,11 @@ def test_an_interrupted_run_completes_when_run_again(source, tmp_path, monkeypat
     monkeypatch.setattr(prepare, "process_file", interrupted)
     out = tmp_path / "resumed"
     assert main(arguments + ["--out", str(out)]) == 130
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert not state["complete"] and 0 < state["position"] <= 3
     monkeypatch.setattr(prepare, "process_file", real)
     assert main(arguments + ["--out", str(out)]) == 0
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["complete"] and state["written"] == 4
     if fmt == "lmdb":
         import lmdb
@@ -180,7 +180,7 @@ def test_a_run_killed_as_it_creates_the_layout_completes_when_run_again(source, 
         main(arguments)
     monkeypatch.setattr(prepare._Writer, "__init__", real)
     assert main(arguments) == 0
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["complete"] and state["written"] == 4 and list(state["skipped"]) == ["sub/d.png"]
 
 
@@ -199,7 +199,7 @@ def test_workers_leave_ctrl_c_to_the_main_process(source, tmp_path, monkeypatch)
     monkeypatch.setattr(prepare, "process_file", _reporting_the_workers_sigint_handler)
     out = tmp_path / "out"
     assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "2"]) == 0
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["skipped"] == {"sub/d.png": "SIGINT ignored in the worker"}, state
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -213,11 +213,13 @@ def _first_image(path):
 def test_output_folders_are_not_clobbered(source, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    (out / "precious.txt").write_text("keep me", encoding="utf-8")
     assert main(["prepare", str(source), "--out", str(out), "--n_worker", "0"]) == 2
     assert "not empty" in capsys.readouterr().err and not (out / "lr_16").exists()
     assert main(["prepare", str(source), "--out", str(out), "--n_worker", "0", "--overwrite"]) == 0
-    assert (out / "precious.txt").read_text() == "keep me" and len(list((out / "hr_128").iterdir())) == 4
+    assert (out / "precious.txt").read_text(encoding="utf-8") == "keep me" and len(
+        list((out / "hr_128").iterdir())
+    ) == 4
     assert main(["prepare", str(source), "--out", str(out), "--sizes", "32,128", "--n_worker", "0"]) == 2
     assert "other settings (sizes differ)" in capsys.readouterr().err
     assert main(["prepare", str(source), "--out", str(out), "--sizes", "32,128", "--n_worker", "0", "--overwrite"]) == 0
@@ -247,7 +249,7 @@ def test_an_output_folder_inside_the_source_is_not_read_as_source(source, tmp_pa
     assert "already complete: 4 images" in capsys.readouterr().out
     # --overwrite with other sizes reads the four sources again, not the twelve images written above.
     assert main(arguments[:-4] + ["--sizes", "8,32", "--n_worker", "0", "--overwrite"]) == 0
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["written"] == 4 and state["settings"]["files"] == 5
     assert {path: path.read_bytes() for path in (out / "hr_32").iterdir()} == {
         path: data for path, data in first.items() if path.parent.name == "hr_32"
@@ -272,7 +274,7 @@ def test_a_damaged_state_file_is_named_and_overwrite_starts_afresh(source, tmp_p
     assert f"{state_file} is damaged" in error and "--overwrite to start afresh" in error
     assert len(error.strip().splitlines()) == 1 and (out / "hr_32" / "00000.png").exists()
     assert main(arguments + ["--overwrite"]) == 0
-    state = json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text(encoding="utf-8"))
     assert state["complete"] and state["written"] == 4 and len(list((out / "hr_32").iterdir())) == 4
 
 
@@ -303,9 +305,9 @@ def test_a_state_written_before_sizes_and_times_were_recorded_still_resumes(sour
     arguments = ["prepare", str(source), "--out", str(out), "--sizes", "16,32", "--n_worker", "0"]
     assert main(arguments) == 0
     state_file = out / ".sr3_prepare.json"
-    state = json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text(encoding="utf-8"))
     del state["settings"]["files_size_mtime_sha256"]
-    state_file.write_text(json.dumps(state))
+    state_file.write_text(json.dumps(state), encoding="utf-8")
     capsys.readouterr()
     assert main(arguments) == 0 and "already complete: 4 images" in capsys.readouterr().out
 
@@ -324,7 +326,7 @@ def test_a_folder_without_a_readable_image_fails_and_leaves_nothing(tmp_path, ca
     assert error.startswith(f"sr3 prepare: error: none of the 3 image files under {source} could be read")
     assert "a.png" in error and not out.exists()
     out.mkdir()
-    (out / "keep.txt").write_text("kept")
+    (out / "keep.txt").write_text("kept", encoding="utf-8")
     assert main(["prepare", str(source), "--out", str(out), "--format", fmt, "--overwrite", "--n_worker", "0"]) == 2
     assert sorted(path.name for path in out.iterdir()) == ["keep.txt"]
 
@@ -340,7 +342,7 @@ def test_file_names_that_are_not_utf8_are_prepared(source, tmp_path, capsys, fmt
     assert main(["prepare", str(source), "--out", str(out), "--format", fmt, "--n_worker", "0"]) == 0
     output = capsys.readouterr()
     assert "skipped unreadable" in output.err + output.out and "sub/\ufffd.png" in output.err + output.out
-    state = json.loads((out / ".sr3_prepare.json").read_text())
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
     assert state["complete"] and state["written"] == 5
     if fmt == "parquet":
         import pyarrow.parquet as pq

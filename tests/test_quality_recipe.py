@@ -76,9 +76,9 @@ def test_factor_one_is_the_original_architecture_and_old_configs_load(tmp_path):
     old = SR3UNet2DModel(**config)
     assert old.config.pixel_unshuffle_factor == 1 and old.downsampling_factor == 4
     old.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     del saved["pixel_unshuffle_factor"]  # a config written before the option existed
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
     loaded = SR3UNet2DModel.from_pretrained(tmp_path)
     assert loaded.config.pixel_unshuffle_factor == 1
     x = torch.randn(1, 6, 32, 32)
@@ -300,9 +300,9 @@ def test_training_measures_the_scale_saves_it_and_samples_with_it(tmp_path):
     assert 1.0 < measured < 1000.0
     # The x0 clipping range follows the scale: the scaled residual spans twice the image range.
     assert pipeline.scheduler.config.clip_sample_range == pytest.approx(2 * measured)
-    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text(encoding="utf-8"))
     assert summary["residual_scale"] == measured
-    assert "on the residual x" in (tmp_path / "out" / "README.md").read_text()
+    assert "on the residual x" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     # An explicit scale wins over the measurement.
     options = fast_options(tmp_path / "fixed", residual=True, prediction_type="sample", residual_scale=5.0)
     fixed = train(TrainingConfig(train_data_dir=str(data), **options))
@@ -396,9 +396,9 @@ def test_a_pipeline_saves_its_own_fidelity_steps_and_older_ones_load_with_one(tm
     assert len(network.levels) == 1
 
     # A pipeline saved before the key existed answers in one step.
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     del index["fidelity_steps"]
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     assert SR3Pipeline.from_pretrained(tmp_path).config.fidelity_steps == FIDELITY_STEPS == 1
 
 

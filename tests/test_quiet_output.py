@@ -265,6 +265,6 @@ def test_training_that_logs_to_a_file_only_prints_no_log_lines(tmp_path, capsys)
         log_file.close()
         root.setLevel(level)
         logging.getLogger("accelerate").setLevel(logging.NOTSET)
-    logged = (tmp_path / "train.log").read_text().splitlines()
+    logged = (tmp_path / "train.log").read_text(encoding="utf-8").splitlines()
     shown = capsys.readouterr().err
     assert logged and not [line for line in logged if line in shown]

@@ -7,7 +7,7 @@ from conftest import FIXTURES, REPO, SAMPLES
 
 
 def python_blocks(section):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     text = readme.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
@@ -33,7 +33,7 @@ def test_architecture_section_matches_the_code():
     import importlib
     import inspect
 
-    text = (REPO / "README.md").read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "README.md").read_text(encoding="utf-8").split("## Architecture", 1)[1].split("\n## ", 1)[0]
     package = REPO / "src" / "diffusers_sr3"
     for cell in re.findall(r"^\| (`[^|]+`) \|", text, flags=re.M)[1:]:
         for name in re.findall(r"`([^`]+)`", cell):

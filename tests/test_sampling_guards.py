@@ -129,11 +129,11 @@ def test_a_run_that_ends_in_nan_is_an_error_not_a_black_image():
 def test_saving_inside_a_backend_block_is_refused_and_the_folder_kept(tmp_path):
     pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
     pipeline.save_pretrained(tmp_path / "model")
-    index = (tmp_path / "model" / "model_index.json").read_text()
+    index = (tmp_path / "model" / "model_index.json").read_text(encoding="utf-8")
     with use_backend(pipeline, "bf16"):
         with pytest.raises(ValueError, match="save the pipeline outside the use_backend"):
             pipeline.save_pretrained(tmp_path / "model")
-    assert (tmp_path / "model" / "model_index.json").read_text() == index
+    assert (tmp_path / "model" / "model_index.json").read_text(encoding="utf-8") == index
     assert json.loads(index)["unet"][1] == "SR3UNet2DModel"
     assert pipeline.config.unet[1] == "SR3UNet2DModel"  # Diffusers' save did not record the stand-in as missing
     SR3Pipeline.from_pretrained(tmp_path / "model")
@@ -284,9 +284,9 @@ def test_trained_betas_that_disagree_with_the_step_count_are_refused_before_the_
 ):
     pipeline_with(make_scheduler("ddim", n_timestep=100)).save_pretrained(tmp_path)
     path = tmp_path / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     # Diffusers would allocate a timestep table of this length (745 GiB at 1e11) before any check of its own.
-    path.write_text(json.dumps(dict(config, num_train_timesteps=1000)))
+    path.write_text(json.dumps(dict(config, num_train_timesteps=1000)), encoding="utf-8")
     built = []
     original_init = DDIMScheduler.__init__
     monkeypatch.setattr(

@@ -4,6 +4,7 @@ import copy
 import errno
 import json
 import os
+import re
 
 import PIL.Image
 import pytest
@@ -27,13 +28,13 @@ def sample(pipeline, **kwargs):
 
 def test_layout_on_disk(tmp_path, tiny_pipeline):
     tiny_pipeline.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3", "SR3Pipeline"]
     assert index["unet"] == ["unet_sr3", "SR3UNet2DModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["upscale_factor"] == 4
-    assert "from diffusers_sr3 import SR3Pipeline" in (tmp_path / "pipeline_sr3.py").read_text()
-    assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text()
+    assert "from diffusers_sr3 import SR3Pipeline" in (tmp_path / "pipeline_sr3.py").read_text(encoding="utf-8")
+    assert "from diffusers_sr3 import SR3UNet2DModel" in (tmp_path / "unet" / "unet_sr3.py").read_text(encoding="utf-8")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.parent.glob(".sr3-save-*"))
     assert not list(tmp_path.glob(".sr3-save-*"))
@@ -51,7 +52,10 @@ def test_both_loaders_give_the_same_pipeline(tmp_path, tiny_pipeline):
     torch.testing.assert_close(sample(generic), reference)
     # Saving what Diffusers loaded writes the same layout again.
     generic.save_pretrained(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["_class_name"][0] == "pipeline_sr3"
+    assert (
+        json.loads((tmp_path / "again" / "model_index.json").read_text(encoding="utf-8"))["_class_name"][0]
+        == "pipeline_sr3"
+    )
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(str(tmp_path))
 
@@ -91,7 +95,7 @@ def test_unconditional_round_trip_and_wrong_class(tmp_path):
     )
     pipeline = SR3UnconditionalPipeline(unet, make_scheduler("ddim", n_timestep=50))
     pipeline.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+    index = json.loads((tmp_path / "model_index.json").read_text(encoding="utf-8"))
     assert index["_class_name"] == ["pipeline_sr3_unconditional", "SR3UnconditionalPipeline"]
     loaded = SR3BasePipeline.from_pretrained(tmp_path)
     assert type(loaded) is SR3UnconditionalPipeline and type(loaded.scheduler).__name__ == "DDIMScheduler"
@@ -105,9 +109,9 @@ def test_bad_folders_are_named(tmp_path, tiny_pipeline):
         SR3Pipeline.from_pretrained(tmp_path)
     tiny_pipeline.save_pretrained(tmp_path / "p")
     index_path = tmp_path / "p" / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     index["unet"] = ["somewhere", "EvilModel"]
-    index_path.write_text(json.dumps(index))
+    index_path.write_text(json.dumps(index), encoding="utf-8")
     with pytest.raises(ValueError, match="not a Diffusers or SR3 class"):
         SR3Pipeline.from_pretrained(tmp_path / "p")
 
@@ -116,7 +120,7 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     target = tmp_path / "out"
     tiny_pipeline.save_pretrained(target)
     (target / "checkpoint-10").mkdir()
-    (target / "checkpoint-10" / "state.txt").write_text("keep me")
+    (target / "checkpoint-10" / "state.txt").write_text("keep me", encoding="utf-8")
     before = (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     def crash(folder):
@@ -129,12 +133,71 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path, tiny_pipeline, monkey
     with pytest.raises(OSError, match="disk full"):
         tiny_pipeline.save_pretrained(target)
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
-    assert (target / "checkpoint-10" / "state.txt").read_text() == "keep me"
+    assert (target / "checkpoint-10" / "state.txt").read_text(encoding="utf-8") == "keep me"
     assert not list(tmp_path.glob(".sr3-save-*")) and not list(target.glob(".sr3-save-*"))
     monkeypatch.undo()
     tiny_pipeline.save_pretrained(target)  # a good save replaces the pipeline and keeps the checkpoint
     assert (target / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
     assert (target / "checkpoint-10" / "state.txt").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits to compare")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_saved_files_get_the_permissions_of_new_files(tmp_path, tiny_pipeline, umask):
+    """Weights readable by their owner alone beside a readable config (safetensors writes a 0600 temporary): another
+    user of a shared model folder could list the model but not load it."""
+    previous = os.umask(umask)
+    try:
+        tiny_pipeline.save_pretrained(tmp_path / "pipeline")
+        tiny_pipeline.unet.save_pretrained(tmp_path / "unet")
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*.*")}
+    assert "pipeline/unet/diffusion_pytorch_model.safetensors" in modes and "unet/config.json" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_read_only_subfolder_stops_a_resave_before_it_changes_the_folder(tmp_path, tiny_pipeline, monkeypatch):
+    """A model copied from a read-only place keeps its read-only subfolders: a save over it must fail before its move
+    removes the index, not leave a folder that neither loads nor finishes its save until the mode is changed."""
+    target = tmp_path / "copied"
+    tiny_pipeline.save_pretrained(target)
+    before = {path: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    locked = target / "unet"
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders: refuse the writes there as for anyone else
+        real_access, real_remove, real_replace = os.access, os.remove, os.replace
+
+        def in_locked(path):
+            return os.path.dirname(os.path.abspath(path)) == str(locked)
+
+        def access(path, mode, **kwargs):
+            return not (os.path.abspath(path) == str(locked) and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+        def remove(path, **kwargs):
+            if in_locked(path):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_remove(path, **kwargs)
+
+        def replace(source, destination, **kwargs):
+            if in_locked(destination):
+                raise PermissionError(errno.EACCES, "Permission denied", destination)
+            return real_replace(source, destination, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(os, "remove", remove)
+        monkeypatch.setattr(os, "replace", replace)
+    with torch.no_grad():
+        for parameter in tiny_pipeline.unet.parameters():
+            parameter.add_(1.0)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(f"{locked} is not a writable folder")):
+            tiny_pipeline.save_pretrained(target)
+    finally:
+        locked.chmod(0o755)
+        monkeypatch.undo()
+    assert {path: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
+    SR3Pipeline.from_pretrained(target)  # still the previous save, whole
 
 
 def test_variants_are_saved_side_by_side_and_a_resave_leaves_no_stale_weights(tmp_path, tiny_pipeline):

@@ -177,7 +177,7 @@ def test_api_same_seed_same_result_other_seed_other_result(served):
 def test_api_refuses_a_file_that_is_no_image(served, tmp_path):
     client = served.client
     fake = tmp_path / "holiday.png"
-    fake.write_text("this is a text file with a .png name\n")
+    fake.write_text("this is a text file with a .png name\n", encoding="utf-8")
     with pytest.raises(AppError, match=r"holiday\.png is not an image this demo can read"):
         predict(client, fake)
 
@@ -297,7 +297,7 @@ def test_space_metadata_and_requirements():
     assert len(front_matter["short_description"]) <= 60  # the Hub's limit
 
     # The Space carries the package folder, so it needs the package's own dependencies (and gradio from the SDK).
-    lines = (REPO / "spaces" / "requirements.txt").read_text().splitlines()
+    lines = (REPO / "spaces" / "requirements.txt").read_text(encoding="utf-8").splitlines()
     listed = {Requirement(line).name.lower() for line in lines if line.strip() and not line.startswith("#")}
     needed = {
         Requirement(requirement).name.lower().replace("_", "-")

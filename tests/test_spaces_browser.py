@@ -150,7 +150,7 @@ def test_upload_run_and_read_back_the_result(browser, page):
 def test_a_file_that_is_no_image_gets_a_clear_message(browser, page, tmp_path):
     _, _, url = page
     fake = tmp_path / "notes.png"
-    fake.write_text("this is a text file with a .png name\n")
+    fake.write_text("this is a text file with a .png name\n", encoding="utf-8")
     wait = open_and_upload(browser, url, fake)
     message = "notes.png is not an image this demo can read"
     wait.until(lambda b: message in b.find_element(By.TAG_NAME, "body").text)

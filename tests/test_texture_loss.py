@@ -98,8 +98,8 @@ def test_training_applies_the_texture_loss_and_records_it(tmp_path):
         weights[weight] = SR3Pipeline.from_pretrained(output).unet.state_dict()
     changed = [name for name in weights[0.0] if not torch.equal(weights[0.0][name], weights[5.0][name])]
     assert changed  # same seed, same data: only the loss differs
-    assert "texture loss x5" in (tmp_path / "w5" / "README.md").read_text()
-    assert "texture loss" not in (tmp_path / "w0" / "README.md").read_text()
+    assert "texture loss x5" in (tmp_path / "w5" / "README.md").read_text(encoding="utf-8")
+    assert "texture loss" not in (tmp_path / "w0" / "README.md").read_text(encoding="utf-8")
 
 
 def test_texture_loss_options_are_parsed_and_checked():

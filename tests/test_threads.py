@@ -79,7 +79,7 @@ def test_runnable_tasks_are_read_from_proc_loadavg_less_this_process(monkeypatch
     def fake_open(path, *args, **kwargs):
         if path == "/proc/loadavg":
             loadavg = tmp_path / "loadavg"
-            loadavg.write_text(next(readings))
+            loadavg.write_text(next(readings), encoding="utf-8")
             return real_open(loadavg, *args, **kwargs)
         return real_open(path, *args, **kwargs)
 

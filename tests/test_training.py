@@ -110,7 +110,7 @@ def test_train_sr3_script_end_to_end(tmp_path, monkeypatch):
     for index, (name, _) in enumerate(pipeline.unet.named_parameters()):
         torch.testing.assert_close(saved[name], ema[f"{index:05d}"])
 
-    summary = json.loads((output / "training_summary.json").read_text())
+    summary = json.loads((output / "training_summary.json").read_text(encoding="utf-8"))
     assert summary["global_step"] == 4 and summary["num_processes"] == 1
     assert summary["skipped_at_scan"] == {"unreadable": 1, "small": 1}
     assert summary["skipped_during_training"] >= 1  # the truncated file, found when decoded
@@ -122,7 +122,7 @@ def test_train_sr3_script_end_to_end(tmp_path, monkeypatch):
     assert {"val/ssim", "val/consistency", "train/ema_decay"} <= set(scalars)
     assert "validation" in images
 
-    card = (output / "README.md").read_text()
+    card = (output / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and "library_name: diffusers" in card and "super-resolution" in card
     assert "PSNR" in card and "validation.png" in card and "SR3Pipeline.from_pretrained" in card
     # Without --validation_images they are training images: the card must not present them as held out.
@@ -141,7 +141,7 @@ def test_train_uncond_script_end_to_end(tmp_path, monkeypatch):
     assert pipeline(batch_size=1, num_inference_steps=2, output_type="pt").images.shape == (1, 3, 32, 32)
     _, images = event_contents(str(output / "logs"))
     assert "validation" in images
-    assert "unconditional-image-generation" in (output / "README.md").read_text()
+    assert "unconditional-image-generation" in (output / "README.md").read_text(encoding="utf-8")
     # The unconditional script refuses a super-resolution model with a clear message.
     options = fast_options(tmp_path / "bad", preset="tiny", train_data_dir=data)
     assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 2
@@ -170,7 +170,7 @@ def test_bad_values_files_and_data_are_one_line_errors_before_training(tmp_path,
     for index in range(3):
         good = open(os.path.join(data, sorted(os.listdir(data))[0]), "rb").read()
         (corrupt / f"c{index}.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_file").write_text("not a folder", encoding="utf-8")
     output = tmp_path / "out"
     refused = {
         "upscale_factor must be at least 1, got 0": dict(upscale_factor=0),
@@ -221,6 +221,24 @@ def test_a_new_run_does_not_write_into_an_earlier_runs_checkpoints(tmp_path, mon
     assert "--resume_from_checkpoint latest" in err
     assert (output / "checkpoint-2" / "model.safetensors").read_bytes() == before
     assert run_script(SR_SCRIPT, as_argv({**again, "resume_from_checkpoint": "latest"}), monkeypatch) == 0
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits to compare")
+def test_checkpoints_get_the_permissions_of_new_files(tmp_path, monkeypatch):
+    """safetensors writes the trained and the EMA weights of a checkpoint readable by their owner alone, and an
+    earlier checkpoint is loaded as a model (the guide, `load_checkpoint_unet`) by whoever may read the run's folder."""
+    data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)
+    output = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        options = fast_options(output, train_data_dir=data, max_train_steps=2, checkpointing_steps=2, use_ema=True)
+        assert run_script(SR_SCRIPT, as_argv(options), monkeypatch) == 0
+    finally:
+        os.umask(previous)
+    checkpoint = output / "checkpoint-2"
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in checkpoint.rglob("*") if path.is_file()}
+    assert "model.safetensors" in modes and "ema.safetensors" in modes
+    assert set(modes.values()) == {oct(0o644)}, modes
 
 
 def test_a_trained_pipeline_without_checkpoints_is_not_trained_over(tmp_path, monkeypatch, capsys):
@@ -331,7 +349,7 @@ def test_resuming_refuses_another_models_or_a_damaged_checkpoint(tmp_path, monke
     (checkpoint / "model.safetensors").write_bytes(model[:100])
     resume(f"cannot resume from {checkpoint}: a file in it is damaged")
     (checkpoint / "model.safetensors").write_bytes(model)
-    (checkpoint / "training_state.json").write_text("{}")
+    (checkpoint / "training_state.json").write_text("{}", encoding="utf-8")
     resume(f"cannot resume from {checkpoint}: a file in it is damaged")
 
 
@@ -348,7 +366,9 @@ def test_ctrl_c_says_where_to_resume(tmp_path, monkeypatch, capsys):
     assert "holds no complete checkpoint yet, so a new run starts over" in capsys.readouterr().err
     for step in (20, 40):
         (output / f"checkpoint-{step}").mkdir(parents=True)
-    (output / "checkpoint-20" / "training_state.json").write_text("{}")  # checkpoint-40 is half-written
+    (output / "checkpoint-20" / "training_state.json").write_text(
+        "{}", encoding="utf-8"
+    )  # checkpoint-40 is half-written
     assert run_script(SR_SCRIPT, argv, monkeypatch) == 130
     message = capsys.readouterr().err
     assert f"the last complete checkpoint is {output / 'checkpoint-20'}: go on from it with " in message
@@ -460,7 +480,7 @@ def test_streamed_local_datasets(tmp_path, kind):
     else:
         source = dict(dataset_name="imagefolder", train_data_dir=make_image_folder(str(tmp_path / "i"), bad=False))
     output = train(TrainingConfig(**fast_options(tmp_path / "out", streaming=True, max_train_steps=3, **source)))
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["global_step"] == 3
     assert summary["skipped_during_training"] == (1 if kind == "parquet" else 0)
     assert SR3Pipeline.from_pretrained(output).config.upscale_factor == 4
@@ -489,7 +509,7 @@ def test_original_prepared_layout(tmp_path, layout):
     # Two dataloader workers: each opens the LMDB itself (an environment must not cross a fork).
     options = fast_options(tmp_path / "out", train_data_dir=root, max_train_steps=2, dataloader_num_workers=2)
     output = train(TrainingConfig(**options))
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["global_step"] == 2 and summary["epochs"] == 1
 
 
@@ -527,14 +547,16 @@ def test_programmatic_sources_and_options(tmp_path):
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
     assert pipeline.scheduler.config.num_train_timesteps == 50
     assert pipeline.unet.config.noise_level_embedding_scale == 1000.0
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["total_batch_size"] == 4 and summary["global_step"] == 2
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
     # One validation image given: the grid has one row of LR | bicubic | SR3 | HR cells.
     from PIL import Image
 
     assert Image.open(os.path.join(output, "validation.png")).size == (4 * 32, 32)
-    assert "## Validation metrics (validation images)" in open(os.path.join(output, "README.md")).read()
+    assert (
+        "## Validation metrics (validation images)" in open(os.path.join(output, "README.md"), encoding="utf-8").read()
+    )
 
 
 def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):
@@ -553,7 +575,7 @@ def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):
             return random_image(40, 40, index)
 
     output = train(TrainingConfig(**fast_options(tmp_path / "out", train_dataset=SlowImages(), max_train_steps=2)))
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     # Most of the time on an idle machine; a loaded one (CI beside other jobs) computes slower, so waits less of it.
     assert summary["global_step"] == 2 and 0.3 < summary["data_wait_fraction"] <= 1
 
@@ -566,7 +588,7 @@ def test_model_sources(tmp_path):
     images = [random_image(32, 32, index) for index in range(2)]
     config_dir = tmp_path / "cfg"
     config_dir.mkdir()
-    (config_dir / "config.json").write_text(json.dumps(tiny_unet_config(dropout=0.1)))
+    (config_dir / "config.json").write_text(json.dumps(tiny_unet_config(dropout=0.1)), encoding="utf-8")
     first = train(
         TrainingConfig(
             **fast_options(
@@ -701,7 +723,7 @@ def test_trains_on_what_sr3_prepare_writes(tmp_path, fmt):
     else:
         data = dict(train_data_dir=prepared)
     output = train(TrainingConfig(**fast_options(tmp_path / "out", max_train_steps=2, **data)))
-    summary = json.loads(open(os.path.join(output, "training_summary.json")).read())
+    summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
     assert summary["global_step"] == 2 and summary["skipped_during_training"] == 0
 
 
@@ -735,7 +757,7 @@ def test_cpu_training_takes_the_cores_that_accelerate_launch_left_it_one_of(tmp_
             assert torch.get_num_threads() == starting_threads
         finally:
             torch.set_num_threads(caller_threads)
-        return json.loads(open(os.path.join(output, "training_summary.json")).read())["cpu_threads"]
+        return json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())["cpu_threads"]
 
     assert trained_with("plain-call", 1) == 1
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
@@ -764,6 +786,21 @@ def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypat
         assert len(warned) == (0 if fast else 1)
 
 
+def test_bf16_training_where_torchs_kernels_are_held_below_avx512_says_so(tmp_path, monkeypatch, caplog):
+    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX: bfloat16 is not fast there (torch's bfloat16 attention fails), but
+    not for want of bfloat16 units, as the warning for AVX2-only CPUs said."""
+    import diffusers_sr3.training.trainer as trainer
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    # Only what torch reports: the kernels it runs stay its own, so this run's bfloat16 attention works.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "out", mixed_precision="bf16")))
+    warned = [record.getMessage() for record in caplog.records if "mixed_precision bf16" in record.getMessage()]
+    assert len(warned) == 1 and "held at AVX2 (ATEN_CPU_CAPABILITY)" in warned[0], warned
+
+
 def test_residual_training_targets_the_detail_and_is_saved(tmp_path):
     from test_data import make_image_folder
 
@@ -790,7 +827,7 @@ def test_model_card_has_metadata_results_command_and_both_loaders(tmp_path, monk
     options = fast_options(tmp_path / "out")
     argv = as_argv(dict(options, train_data_dir=str(data)))
     assert run_script(SR_SCRIPT, argv, monkeypatch) in (0, None)
-    card = (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "diffusers" and "sr3" in metadata["tags"]
     assert metadata["license"] == "apache-2.0"
@@ -914,13 +951,13 @@ def test_an_unconditional_model_trained_at_another_resolution_validates_and_is_s
     assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
     # Two 16x16 samples side by side.
     assert PIL.Image.open(output / "validation.png").size == (32, 16)
-    card = (output / "README.md").read_text()
+    card = (output / "README.md").read_text(encoding="utf-8")
     assert "unconditional 16x16" in card and "pipe(batch_size=4, num_inference_steps=100, height=16, width=16)" in card
     # At its own sample_size the snippet needs no size.
     output = tmp_path / "own"
     options = fast_options(output, preset="tiny_uncond", train_data_dir=data, max_train_steps=1)
     assert run_script(UNCOND_SCRIPT, as_argv(options), monkeypatch) == 0
-    assert "pipe(batch_size=4, num_inference_steps=100).images" in (output / "README.md").read_text()
+    assert "pipe(batch_size=4, num_inference_steps=100).images" in (output / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_python_script_card_records_its_python_call(tmp_path, monkeypatch):

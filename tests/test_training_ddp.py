@@ -72,7 +72,7 @@ def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     records = tmp_path / "records"
     records.mkdir()
     recorder = tmp_path / "recorder.py"
-    recorder.write_text(RECORDER)
+    recorder.write_text(RECORDER, encoding="utf-8")
     options = fast_options(
         output, train_data_dir=data, max_train_steps=3, checkpointing_steps=2, use_ema=True, validation_steps=2
     )
@@ -102,7 +102,7 @@ def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
-    info = [json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    info = [json.loads((records / f"rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
     # Two distinct processes really ran, as one DDP job of two.
     assert [item["process_index"] for item in info] == [0, 1]
     assert all(item["num_processes"] == 2 and "MULTI_CPU" in item["distributed_type"] for item in info)
@@ -117,7 +117,7 @@ def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     # Only the main process writes the pipeline, the model card and the checkpoint folders.
     assert sorted(set(info[0]["writes"])) == ["checkpoint", "model_card", "pipeline"]
     assert info[1]["writes"] == []
-    summary = json.loads((output / "training_summary.json").read_text())
+    summary = json.loads((output / "training_summary.json").read_text(encoding="utf-8"))
     assert summary["num_processes"] == 2 and summary["total_batch_size"] == 4 and summary["global_step"] == 3
     checkpoint = list_checkpoints(str(output))[-1]
     # Each process saved its own RNG state into the one checkpoint (what exact multi-process resumes need).

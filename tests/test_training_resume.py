@@ -97,7 +97,9 @@ def test_resume_gives_the_same_weights(tmp_path):
     rerun.run()
     assert rerun.summary["resumed_from"].endswith("checkpoint-4") and rerun.summary["steps_this_run"] == 4
     # Before, the resumed run's final loss averaged only its own 4 steps, not all 8 as the straight run's does.
-    summaries = [json.loads((folder / "training_summary.json").read_text()) for folder in (straight, resumed)]
+    summaries = [
+        json.loads((folder / "training_summary.json").read_text(encoding="utf-8")) for folder in (straight, resumed)
+    ]
     assert summaries[1]["final_loss"] == pytest.approx(summaries[0]["final_loss"], rel=1e-5)
     assert rerun.summary["final_loss"] == pytest.approx(uninterrupted.summary["final_loss"], rel=1e-5)
 
@@ -111,7 +113,8 @@ def test_resume_gives_the_same_weights(tmp_path):
         weights(resumed / "unet", "diffusion_pytorch_model.safetensors"),
     )
     state = [
-        json.loads((folder / "checkpoint-8" / "training_state.json").read_text()) for folder in (straight, resumed)
+        json.loads((folder / "checkpoint-8" / "training_state.json").read_text(encoding="utf-8"))
+        for folder in (straight, resumed)
     ]
     assert state[0] == state[1] and state[0]["global_step"] == 8 and state[0]["ema"]["optimization_step"] == 8
     scheduler = [
@@ -166,7 +169,9 @@ def test_repeated_passes_persistent_workers_and_cached_images_train_as_plain_epo
     repeated = tmp_path / "repeated"
     options = dict(dataset_repeats=2, dataloader_num_workers=2)
     train(resume_options(tmp_path, repeated, **options))
-    summaries = [json.loads((folder / "training_summary.json").read_text()) for folder in (plain, repeated)]
+    summaries = [
+        json.loads((folder / "training_summary.json").read_text(encoding="utf-8")) for folder in (plain, repeated)
+    ]
     assert [summary["epochs"] for summary in summaries] == [3, 2]
     assert_same(weights(plain / "checkpoint-8"), weights(repeated / "checkpoint-8"))
 
@@ -301,14 +306,17 @@ def test_resuming_refuses_settings_that_change_what_the_weights_mean(tmp_path):
         assert list_checkpoints(str(output))[-1].endswith("checkpoint-2")
     # Checkpoints written before the settings were recorded resume as they did.
     state_file = checkpoint / "training_state.json"
-    state = json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text(encoding="utf-8"))
     assert state["objective"]["prediction_type"] == "v_prediction" and state["objective"]["residual_scale"] is None
     # Those recorded before the upscale factor was compare the rest and accept any factor.
     state_file.write_text(
-        json.dumps(dict(state, objective={k: v for k, v in state["objective"].items() if k != "upscale_factor"}))
+        json.dumps(dict(state, objective={k: v for k, v in state["objective"].items() if k != "upscale_factor"})),
+        encoding="utf-8",
     )
     check_same_objective(str(checkpoint), dict(state["objective"], upscale_factor=2))
-    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "objective"}))
+    state_file.write_text(
+        json.dumps({key: value for key, value in state.items() if key != "objective"}), encoding="utf-8"
+    )
     trainer = Trainer(resume_options(tmp_path, output, **resume))
     trainer.run()
     assert trainer.summary["resumed_from"].endswith("checkpoint-2") and trainer.summary["global_step"] == 3
@@ -320,18 +328,22 @@ def test_checkpoints_without_recorded_losses_still_resume(tmp_path):
     recorded, older = tmp_path / "recorded", tmp_path / "older"
     train(resume_options(tmp_path, recorded, **trained))
     shutil.copytree(recorded, older)
-    losses = json.loads((recorded / "checkpoint-2" / "training_state.json").read_text())["recent_losses"]
+    losses = json.loads((recorded / "checkpoint-2" / "training_state.json").read_text(encoding="utf-8"))[
+        "recent_losses"
+    ]
     assert len(losses) == 2
     train(resume_options(tmp_path, recorded, **resume))
-    state = json.loads((recorded / "checkpoint-3" / "training_state.json").read_text())
+    state = json.loads((recorded / "checkpoint-3" / "training_state.json").read_text(encoding="utf-8"))
     assert state["recent_losses"][:2] == losses and len(state["recent_losses"]) == 3
     # Saved before the losses were recorded: the resumed run averages its own steps, as it did.
     state_file = older / "checkpoint-2" / "training_state.json"
-    state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "recent_losses"}))
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state_file.write_text(
+        json.dumps({key: value for key, value in state.items() if key != "recent_losses"}), encoding="utf-8"
+    )
     trainer = Trainer(resume_options(tmp_path, older, **resume))
     trainer.run()
-    last = json.loads((older / "checkpoint-3" / "training_state.json").read_text())["recent_losses"]
+    last = json.loads((older / "checkpoint-3" / "training_state.json").read_text(encoding="utf-8"))["recent_losses"]
     assert trainer.summary["global_step"] == 3 and len(last) == 1 and trainer.summary["final_loss"] == last[0]
 
 
@@ -369,7 +381,9 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     output = tmp_path / "out"
     for step in (4, 8):
         (output / f"checkpoint-{step}").mkdir(parents=True)
-        (output / f"checkpoint-{step}" / "training_state.json").write_text(json.dumps({"global_step": step}))
+        (output / f"checkpoint-{step}" / "training_state.json").write_text(
+            json.dumps({"global_step": step}), encoding="utf-8"
+        )
     temporary = temporary_checkpoint_dir(str(output), 6)
     os.makedirs(temporary)
     finish_checkpoint(temporary, str(output), 6, {"global_step": 6}, None, 1)

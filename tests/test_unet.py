@@ -102,6 +102,67 @@ def test_float_levels_outside_the_range_are_refused_on_the_cpu(tiny_unet, monkey
         tiny_unet(sample, torch.tensor([999.0]))
 
 
+class OnAnAccelerator(torch.Tensor):
+    """A CPU tensor that says it lies on a GPU: the level check takes the path it takes on an accelerator."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_float_levels_outside_the_range_are_refused_on_an_accelerator_too(tiny_unet):
+    """They were range-checked on the CPU only (reading them elsewhere waits for the device), so on a GPU an Euler
+    scheduler's float timesteps went in as levels without a word. Now one read per call checks them everywhere, but
+    for a caller that checked its levels once and calls inside `levels_checked` (a pipeline's sampling loop)."""
+    sample = torch.randn(2, 6, 32, 32)
+    timesteps = torch.tensor([999.0, 0.5]).as_subclass(OnAnAccelerator)
+    assert timesteps.device.type == "cuda"
+    message = (
+        r"signal_level must be sqrt\(alpha_bar\) in \[0, 1\] for conditioning_type='noise_level' models, got 999.0: "
+    )
+    with pytest.raises(ValueError, match=message + "a scheduler timestep is not a level"):
+        tiny_unet(sample, timesteps)
+    with unet_sr3.levels_checked():
+        SR3UNet2DModel.check_signal_levels(timesteps)  # not read: the caller checked them
+        with pytest.raises(ValueError, match=message):  # reading CPU levels waits for nothing: checked all the same
+            tiny_unet(sample, torch.tensor([999.0, 0.5]))
+    with pytest.raises(ValueError, match=message):
+        SR3UNet2DModel.check_signal_levels(timesteps)
+    SR3UNet2DModel.check_signal_levels(torch.full((2,), 999.0, device="meta"))  # no values to read
+
+
+def test_a_pipeline_checks_its_levels_once_and_its_steps_wait_for_no_device(tiny_pipeline):
+    checked_by_caller = []
+    hook = tiny_pipeline.unet.register_forward_pre_hook(
+        lambda *_: checked_by_caller.append(unet_sr3._LEVELS_CHECKED.get())
+    )
+    try:
+        tiny_pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=3, output_type="pt")
+        tiny_pipeline.unet(torch.randn(1, 6, 32, 32), 0.5)
+    finally:
+        hook.remove()
+    assert checked_by_caller == [True, True, True, False]
+
+
+def test_a_pipeline_refuses_a_level_table_outside_the_range_before_any_step(tiny_pipeline, monkeypatch):
+    """The once-per-call check is what stands for the steps' own on an accelerator: a table with a level outside
+    [0, 1] (a scheduler's timestep) is refused before the network runs, not by the network at the first step."""
+    from diffusers_sr3.pipelines import base
+
+    real = base.network_inputs_for_schedule
+    monkeypatch.setattr(
+        base, "network_inputs_for_schedule", lambda *args: torch.cat([real(*args)[:-1], torch.tensor([999.0])])
+    )
+    calls = []
+    hook = tiny_pipeline.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"got 999.0: a scheduler timestep is not a level"):
+            tiny_pipeline(torch.rand(1, 3, 8, 8), num_inference_steps=3, output_type="pt")
+    finally:
+        hook.remove()
+    assert calls == []
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: attention loops
 def test_the_unet_runs_under_vmap(tiny_unet):
     """`torch.func.vmap` batches no data-dependent indexing or `.item()`: the level check is skipped for its tensors."""
@@ -634,7 +695,7 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
         diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
     )
     SR3Pipeline(tiny_unet, make_scheduler("ddpm", n_timestep=100)).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config = json.loads((tmp_path / "unet" / "config.json").read_text(encoding="utf-8"))
     assert config["auto_map"] == {"AutoModel": "unet_sr3.SR3UNet2DModel"}
     loaded = AutoModel.from_pretrained(str(tmp_path / "unet"), trust_remote_code=True)
     assert type(loaded).__name__ == "SR3UNet2DModel"
@@ -646,10 +707,12 @@ def test_automodel_loads_a_saved_unet_and_loading_does_not_warn_about_auto_map(t
         torch.testing.assert_close(loaded(sample, 0.5).sample, tiny_unet(sample, 0.5).sample)
     # A UNet saved alone has the same re-export and auto_map (tested in test_automodel_loads_a_unet_saved_alone).
     tiny_unet.save_pretrained(tmp_path / "alone")
-    assert json.loads((tmp_path / "alone" / "config.json").read_text())["auto_map"] == config["auto_map"]
+    assert (
+        json.loads((tmp_path / "alone" / "config.json").read_text(encoding="utf-8"))["auto_map"] == config["auto_map"]
+    )
     # Folders saved before the key load as they did.
     del config["auto_map"]
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert "auto_map" not in SR3UNet2DModel.from_pretrained(tmp_path / "unet").config and not warned
 
 
@@ -665,7 +728,11 @@ def test_automodel_loads_a_unet_saved_alone(tmp_path, tiny_unet, monkeypatch, op
         diffusers.configuration_utils.logger, "warning", lambda message, *_, **__: warned.append(message)
     )
     tiny_unet.save_pretrained(tmp_path, **options)
-    assert (tmp_path / "unet_sr3.py").read_text().endswith("from diffusers_sr3 import SR3UNet2DModel  # noqa: F401\n")
+    assert (
+        (tmp_path / "unet_sr3.py")
+        .read_text(encoding="utf-8")
+        .endswith("from diffusers_sr3 import SR3UNet2DModel  # noqa: F401\n")
+    )
     variant = {"variant": options["variant"]} if "variant" in options else {}
     loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True, **variant)
     assert type(loaded) is SR3UNet2DModel and "auto_map" not in loaded.config
@@ -692,17 +759,17 @@ def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
         torch.manual_seed(0)
         folder = tmp_path / cls.__name__ / str(id(cls))
         cls(**tiny_unet_config()).save_pretrained(folder)
-        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert "auto_map" not in json.loads((folder / "config.json").read_text(encoding="utf-8"))
         assert sorted(path.name for path in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     # Registering SR3UNet2DModel itself (as Diffusers' docs show for any model) changes neither.
     SR3UNet2DModel.register_for_auto_class("AutoModel")
     assert SR3UNet2DModel._auto_class == "AutoModel" and MyUNet._auto_class is None
     MyUNet(**tiny_unet_config()).save_config(tmp_path / "after")
-    assert "auto_map" not in json.loads((tmp_path / "after" / "config.json").read_text())
+    assert "auto_map" not in json.loads((tmp_path / "after" / "config.json").read_text(encoding="utf-8"))
     # A subclass that registers itself gets Diffusers' own auto_map, as any model does; its siblings do not.
     MyUNet.register_for_auto_class("AutoModel")
     MyUNet(**tiny_unet_config()).save_config(tmp_path / "registered")
-    assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text())
+    assert "auto_map" in json.loads((tmp_path / "registered" / "config.json").read_text(encoding="utf-8"))
     assert Renamed._auto_class is None and SR3UNet2DModel._auto_class == "AutoModel"
     with pytest.raises(ValueError, match="AutoModel"):
         SR3UNet2DModel.register_for_auto_class("AutoModelForSomething")
@@ -710,7 +777,41 @@ def test_a_subclass_saves_no_auto_map_and_no_reexport(tmp_path):
 
 def test_save_config_on_a_file_gives_diffusers_error(tmp_path, tiny_unet):
     path = tmp_path / "config"
-    path.write_text("")
+    path.write_text("", encoding="utf-8")
     with pytest.raises(AssertionError, match=r"Provided path \(.*config\) should be a directory, not a file"):
         tiny_unet.save_config(path)
-    assert path.read_text() == ""
+    assert path.read_text(encoding="utf-8") == ""
+
+
+def test_training_steps_wait_for_no_device_for_their_levels():
+    """The training objective draws its levels in [0, 1] itself: its network calls take them unread, as a sampling
+    loop's do, or every training step on a GPU would wait for the device to read them back."""
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch, predict
+
+    torch.manual_seed(0)
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    checked_by_caller = []
+    hook = unet.register_forward_pre_hook(lambda *_: checked_by_caller.append(unet_sr3._LEVELS_CHECKED.get()))
+    try:
+        predict(unet, noise_batch(unet, betas, hr, condition))
+    finally:
+        hook.remove()
+    assert checked_by_caller == [True]
+
+
+def test_training_levels_given_to_the_objective_are_checked_where_they_enter():
+    """The objective's network call takes its levels unread (`levels_checked`), as it draws them in [0, 1]: levels a
+    caller gives it instead (`noise_level=`) went in unchecked on an accelerator. `noise_batch` checks those."""
+    from diffusers_sr3.noise import make_scheduler, training_betas
+    from diffusers_sr3.training.objective import noise_batch
+
+    unet = SR3UNet2DModel(**tiny_unet_config())
+    betas = training_betas(make_scheduler("ddpm", n_timestep=100))
+    hr, condition = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    timesteps = torch.tensor([999.0, 0.5]).as_subclass(OnAnAccelerator)
+    with pytest.raises(ValueError, match=r"got 999.0: a scheduler timestep is not a level"):
+        noise_batch(unet, betas, hr, condition, noise_level=timesteps)
+    noise_batch(unet, betas, hr, condition, noise_level=torch.tensor([0.0, 1.0]))

@@ -55,18 +55,25 @@ from .pipelines.pipeline_sr3_cascade import SR3CascadePipeline
 FINGERPRINT_KEY = "sr3_fingerprint"
 
 
+def bfloat16_cpu() -> bool:
+    """Whether this CPU has bfloat16 matrix units, AMX tiles or AVX512-BF16 dot products, whichever kernels torch runs
+    (see [`fast_bfloat16`])."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def fast_bfloat16(device: Union[str, torch.device]) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively: a CPU with AMX tiles or with AVX512-BF16 dot products
     (Intel Cooper Lake and later, AMD Zen 4 and later), or a CUDA GPU with bf16 support.
 
     AMX runs bfloat16 convolutions many times faster than float32; AVX512-BF16 twice as fast (its dot products do
     twice the float32 multiply-adds per instruction). Elsewhere (AVX2-only CPUs, older GPUs) bfloat16 is emulated and
-    slower than float32.
+    slower than float32. Not where torch's own kernels are held below AVX512 (`ATEN_CPU_CAPABILITY=avx2`): there its
+    bfloat16 attention fails on such a CPU ("pack_vnni2 is only supported when avx512 is supported").
     """
     device = torch.device(device)
     if device.type == "cpu":
-        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-        return bool(torch.backends.mkldnn.is_available() and native)
+        kernels = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return bool(torch.backends.mkldnn.is_available() and bfloat16_cpu() and kernels)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False

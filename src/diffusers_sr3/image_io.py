@@ -96,15 +96,30 @@ def _globbed_image(name: str) -> bool:
     return not name.startswith(".") and (is_image_file(name) or readable)
 
 
+# Folders that a filesystem makes at a disk's top for itself (ext4's `lost+found`, mode 700 for root; Windows' own on
+# every NTFS or FAT drive, `$RECYCLE.BIN` holding each user's private folder): a walk of a disk's top, such as a
+# mounted data disk or a camera card, would otherwise stop at them as at another user's private folder.
+FILESYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN"})
+
+
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     """Image files under `folder`, recursively, as sorted paths.
 
     Hidden folders such as `.cache/` and hidden files are skipped: macOS writes `._IMG_0001.png` (AppleDouble
-    metadata, no image) beside every file it copies to a foreign disk.
+    metadata, no image) beside every file it copies to a foreign disk. So are the folders a filesystem keeps for
+    itself at a disk's top (`FILESYSTEM_FOLDERS`: `lost+found`, readable by root alone), which hold no one's photos.
+
+    Raises:
+        OSError: naming a folder (`folder` or one below it) that cannot be listed, such as another user's private
+            folder: `os.walk` would skip it without a word, and a run would miss its images as if it had none.
     """
+
+    def unlisted(error: OSError) -> None:
+        raise type(error)(error.errno, f"cannot list the folder {error.filename}: {error.strerror}") from error
+
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+    for root, dirs, files in os.walk(folder, onerror=unlisted):
+        dirs[:] = sorted(name for name in dirs if not name.startswith(".") and name not in FILESYSTEM_FOLDERS)
         found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
     return sorted(found)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -48,6 +49,18 @@ class _Dtypes(Mapping):
 
 
 DTYPES: Mapping[str, torch.dtype] = _Dtypes()
+
+
+# The pipelines' arguments that their refusals name (`SR3Pipeline.check_arguments`, a cascade's for each stage), as
+# the options of `sr3 upscale` and `sr3 sample` that give them.
+PIPELINE_OPTIONS = {
+    "num_inference_steps": "--steps",
+    "eta": "--eta",
+    "strength": "--strength",
+    "guidance_scale": "--guidance-scale",
+    "parallel_guidance_weight": "--parallel-guidance-weight",
+    "window_size": "--window-size",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -147,8 +160,11 @@ def add_model_arguments(
     parsed by `steps_type`), --seed (its help says where the command shows an image's seed: `seed_note`, such as
     " (shown in ...)"), --device, --dtype."""
     if default_model:
-        parser.add_argument("--model", help=f"pipeline folder or Hub repo id (default: {default_model})")
+        parser.add_argument(
+            "--model", help=f"pipeline folder, Hub repo id, or sr3-photos-x4 (default: {default_model})"
+        )
     else:
+        # Only `sr3 sample` asks for a model, which the packaged super-resolution model is not.
         parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument(
         "--variant",
@@ -331,3 +347,28 @@ def check_file_destination(path: str, option: str, example: str) -> None:
         raise ValueError(f"{option} {path} cannot be written: {not_a_folder(parent)}")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
+
+
+def options_given(args: argparse.Namespace) -> List[str]:
+    """The `PIPELINE_OPTIONS` arguments whose options the command line gave (`--guidance-scale`: guidance_scale)."""
+    return [
+        name
+        for name, option in PIPELINE_OPTIONS.items()
+        if vars(args).get(option.lstrip("-").replace("-", "_")) is not None
+    ]
+
+
+def in_option_words(error: ValueError, given: Iterable[str]) -> ValueError:
+    """`error`, a pipeline's refusal of its arguments, naming the command's options where it names the arguments
+    `given` (`window_size 3 ...` as `--window-size 3 ...`), as the commands' own checks word their refusals.
+
+    Args:
+        error: the refusal.
+        given: the `PIPELINE_OPTIONS` arguments whose values came from the command line: a value the model saved
+            (its `detail_steps`) is none of the command line's, and keeps the pipeline's name.
+    """
+    text = str(error)
+    for name in set(given) & set(PIPELINE_OPTIONS):
+        # Where the refusal names the value; later mentions are prose ("give more steps at this strength").
+        text = re.sub(rf"\b{name}\b", PIPELINE_OPTIONS[name], text, count=1)
+    return ValueError(text)

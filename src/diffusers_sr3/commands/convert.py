@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import sys
-from typing import List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .common import DTYPES
 
@@ -97,6 +97,36 @@ def _check_output(output: str, overwrite: bool) -> List[str]:
     return sorted(described)
 
 
+def _component_names(index: Dict[str, Any]) -> Set[str]:
+    """The components (subfolders) that a model_index.json, or a pipeline's config, names."""
+    return {
+        name
+        for name, value in index.items()
+        # Plain folder names only: each is deleted, and the index is a file anyone may have edited.
+        if not name.startswith("_")
+        and isinstance(value, (list, tuple))
+        and any(part is not None for part in value)
+        and name not in (".", "..")
+        and os.path.basename(name) == name
+    }
+
+
+def _check_removable(output: str, described: List[str], components: Set[str]) -> None:
+    """Raise PermissionError naming a folder of `output` that a conversion replacing its pipeline would remove files
+    from, once saved, and cannot: the replaced model's `described` files (its card, the pictures it shows) and its
+    `components` that the new pipeline lacks. Checked before the save, as the save checks the folders it writes: a
+    read-only one (a model copied from a read-only place) failed the command after the new pipeline was in place,
+    naming only a file, with the replaced model's files left beside it."""
+    from ..pipelines.base import _check_folders_writable, _files_under
+
+    files = [path.replace(os.sep, "/") for path in described]
+    for name in sorted(components):
+        folder = os.path.join(output, name)
+        if os.path.isdir(folder) and not os.path.islink(folder):  # a link is left, as `_remove_replaced_model` does
+            files += [f"{name}/{path}" for path in _files_under(folder)]
+    _check_folders_writable(output, files)
+
+
 def _pipeline_layout(output: str) -> Tuple[Set[str], Optional[str]]:
     """The components (subfolders) that `output`'s model_index.json names, and the pipeline's re-export module
     (`pipeline_sr3*.py`, or None); nothing from an unreadable index."""
@@ -109,16 +139,7 @@ def _pipeline_layout(output: str) -> Tuple[Set[str], Optional[str]]:
         return set(), None
     if not isinstance(index, dict):
         return set(), None
-    components = {
-        name
-        for name, value in index.items()
-        # Plain folder names only: each is deleted, and the index is a file anyone may have edited.
-        if not name.startswith("_")
-        and isinstance(value, list)
-        and any(part is not None for part in value)
-        and name not in (".", "..")
-        and os.path.basename(name) == name
-    }
+    components = _component_names(index)
     class_name = index.get("_class_name")
     module = class_name[0] if isinstance(class_name, list) and len(class_name) == 2 else None
     return components, f"{module}.py" if module in REMOTE_CODE_STEMS.values() else None
@@ -183,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     replacing = os.path.isfile(os.path.join(args.output, "model_index.json"))
     replaced_layout = _pipeline_layout(args.output) if replacing else None
     pipeline = convert_original_checkpoint(checkpoint, args.config, dtype=DTYPES[args.dtype] if args.dtype else None)
+    if replacing:
+        _check_removable(args.output, replaced_description, replaced_layout[0] - _component_names(pipeline.config))
     try:
         pipeline.save_pretrained(args.output, variant=args.variant)
     except (OSError, SafetensorError) as error:

@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     folder is refused at once, rather than both writing there. Its training holds the model folder's own lock."""
     from ..training.output_lock import claim_output_folder
 
-    with claim_output_folder(args.output, "--output"):
+    with claim_output_folder(args.output, "--output", "sr3 demo"):
         return _run(args)
 
 
@@ -509,7 +509,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             # A training run writing into it (`--output_dir OUT/model`) holds its lock, which moved with it.
             if os.path.isfile(os.path.join(earlier, LOCK_FILE)):
-                with claim_output_folder(earlier, "--output"):
+                with claim_output_folder(earlier, "--output", "sr3 demo"):
                     pass
         except OutputFolderBusyError as error:
             os.rename(earlier, model_dir)

@@ -14,11 +14,15 @@ and skipped), so numbers are contiguous as the original's data loader needs. Pro
 OUT/.sr3_prepare.json after the outputs it covers are on disk (each file written under a temporary name and
 renamed), so an interrupted run continues where it stopped when run again with the same arguments and unchanged
 sources (the same names, sizes and modification times); --overwrite always starts afresh.
+
+A run holds OUT's lock (`training.output_lock`, the one training runs take) from before it reads OUT until it ends: a
+second prepare into OUT, or one into a folder a training run writes, is refused at once naming the other process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 import PIL.Image
 
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
+from ..training.output_lock import LOCK_FILE, claim_output_folder
 from .common import atomic_file
 
 if TYPE_CHECKING:
@@ -285,7 +290,7 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
     """The progress to resume from; refuses (without --overwrite) an output folder holding anything else. With
     `overwrite`, always a fresh start, even over a finished dataset of the same settings."""
     fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
-    if not os.path.isdir(output) or not os.listdir(output):
+    if not os.path.isdir(output) or not set(os.listdir(output)) - {LOCK_FILE}:
         return fresh
     state_path = os.path.join(output, STATE_FILE)
     state = None
@@ -316,8 +321,6 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     source = args.path or args.path_option
     if not source:
         raise ValueError("give the source image folder (sr3 prepare PATH --out OUT)")
@@ -331,12 +334,38 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isfile(args.output):
         raise FileExistsError(f"--out {args.output} is a file, not a folder")
     settings = _settings(args, source, files, fmt, low, high)
+    # Held from before the folder is read: two runs into it (two --overwrite runs of different sizes) would remove
+    # and replace each other's images. A run that fails leaves no folder or lock file of its own.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(claim_output_folder(args.output, "--out", "sr3 prepare"))
+        except OSError:
+            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened: a
+            # finished dataset of these settings is reported complete, as before there was a lock; this run writes
+            # nothing there.
+            if args.overwrite or not _complete(args.output, settings):
+                raise
+        return _prepare(args, source, files, settings, fmt, low, high)
+
+
+def _complete(output: str, settings: Dict) -> bool:
+    """Whether `output` holds a finished dataset of `settings`; reads only."""
+    try:
+        return _load_state(output, settings, False, [])["complete"]
+    except (OSError, ValueError):
+        return False
+
+
+def _prepare(
+    args: argparse.Namespace, source: str, files: List[str], settings: Dict, fmt: str, low: int, high: int
+) -> int:
+    """`run`'s work, in the output folder it holds."""
+    from tqdm.auto import tqdm
+
     state = _load_state(args.output, settings, args.overwrite, layout(fmt, low, high))
     if state["complete"]:
         print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped)")
         return 0
-    created = not os.path.isdir(args.output)
-    os.makedirs(args.output, exist_ok=True)
     # Before the writer creates the layout: a run killed at any moment leaves a folder the next run resumes (without
     # the state, it would be refused as not made by sr3 prepare).
     _save_state(args.output, state)
@@ -381,10 +410,9 @@ def run(args: argparse.Namespace) -> int:
         writer.close()
         _save_state(args.output, state if not writer.pending() else committed)
     if not state["written"]:
-        # Not a dataset marked complete with no image (training would fail on it later): nothing is left behind.
+        # Not a dataset marked complete with no image (training would fail on it later): nothing is left behind (the
+        # folder too, if this run created it: `claim_output_folder`).
         _remove(args.output, set(layout(fmt, low, high)) | {STATE_FILE})
-        if created and not os.listdir(args.output):
-            os.rmdir(args.output)
         first = _shown(next(iter(state["skipped"].values())))
         raise ValueError(
             f"none of the {len(files)} image files under {source} could be read (the first: {first}); nothing was "

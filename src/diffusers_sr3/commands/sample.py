@@ -16,6 +16,7 @@ from .common import (
     check_destinations,
     check_file_destination,
     image_generators,
+    in_option_words,
     load_pipeline,
     per_stage,
     step_counts,
@@ -132,6 +133,7 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
             )
         if isinstance(args.steps, list):
             raise ValueError(f"--steps takes one step count for {args.model}: a list (one per stage) is for a cascade")
+        _check_generator_options(pipeline, args.steps or SAMPLE_STEPS, args.size)
         return dict(
             num_inference_steps=args.steps or SAMPLE_STEPS,
             height=args.size,
@@ -152,8 +154,48 @@ def _sampling_options(pipeline: SR3BasePipeline, args: argparse.Namespace) -> Di
             f"then {stages - 1} super-resolution): give {stages}, or one for all"
         )
     options = dict(num_inference_steps=args.steps, **_stage_options(pipeline, args))
-    pipeline.check_arguments(**options)  # every stage's, before the first batch's bar starts
+    try:
+        pipeline.check_arguments(**options)  # every stage's, before the first batch's bar starts
+    except ValueError as error:
+        raise in_option_words(error, _given_to_stage(str(error), pipeline, options)) from None
     return options
+
+
+def _check_generator_options(pipeline: SR3BasePipeline, steps: int, size: Optional[int]) -> None:
+    """Refuse, before the first batch, the --steps that the unconditional generator's scheduler does not take and a
+    --size that is no multiple of its downsampling factor, naming the options (the pipeline names its arguments)."""
+    from ..pipelines.base import check_num_inference_steps
+
+    try:
+        check_num_inference_steps(steps, pipeline.scheduler)
+    except ValueError as error:
+        raise in_option_words(error, ["num_inference_steps"]) from None  # --steps, or its default
+    factor = pipeline.unet.downsampling_factor
+    if size is not None and size % factor:
+        raise ValueError(f"--size must be a multiple of {factor} (the model's downsampling factor), got {size}")
+
+
+def _given_to_stage(refusal: str, pipeline: SR3CascadePipeline, options: Dict[str, Any]) -> List[str]:
+    """The cascade arguments in `options` whose values the command line gave the stage that `refusal` names
+    ("stage_2: ..."): an empty entry of a per-stage list leaves that stage its saved default, a value of the model's."""
+    from ..pipelines.pipeline_sr3_cascade import STAGE_NAMES
+
+    names = ["base", *STAGE_NAMES[: len(pipeline.stages)]]
+    stage = refusal.split(":", 1)[0]
+    if stage not in names:  # not one stage's refusal: every value given counts
+        return [name for name, value in options.items() if value is not None]
+    index = names.index(stage)
+    given = []
+    for name, value in options.items():
+        # Steps have an entry for the generator first; the SR stages' options, none for it.
+        entry = index if name == "num_inference_steps" else index - 1
+        if isinstance(value, list):
+            value = value[entry] if 0 <= entry < len(value) else None
+        elif entry < 0:
+            value = None
+        if value is not None:
+            given.append(name)
+    return given
 
 
 def _stage_options(pipeline: SR3CascadePipeline, args: argparse.Namespace) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ from ..defaults import (
     SELF_ENSEMBLE_SIZE,
     evaluations_per_crop,
 )
+from ..disk_format import check_format
 from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from .common import (
@@ -38,9 +39,11 @@ from .common import (
     check_file_destination,
     destination_clash,
     image_generators,
+    in_option_words,
     load_pipeline,
     nearest_entry,
     not_a_folder,
+    options_given,
     whole_number,
 )
 
@@ -73,15 +76,6 @@ STARTUP_SECONDS = 4
 # restores (benchmarks/output_formats.py measures it; AVIF: 37.6 dB at its defaults, 42.9 at 95 and 4:4:4, on a
 # 256-pixel photo crop).
 DEFAULT_QUALITY = 95
-# The pipeline's arguments that its refusals name, as this command's options (`SR3Pipeline.check_arguments`).
-PIPELINE_OPTIONS = {
-    "num_inference_steps": "--steps",
-    "eta": "--eta",
-    "strength": "--strength",
-    "guidance_scale": "--guidance-scale",
-    "parallel_guidance_weight": "--parallel-guidance-weight",
-    "window_size": "--window-size",
-}
 BF16_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 0.6
 FP32_SECONDS_PER_MEGAPIXEL_PER_EVALUATION = 1.9
 # Detail mode in training-sized windows against the whole image only, end to end with the default backend:
@@ -419,11 +413,9 @@ class _SavedConfigs:
     """
 
     def __init__(self, model: Optional[str]) -> None:
-        if model is None:
-            from ..pretrained import default_model_path
+        from ..pretrained import default_model_path, resolve_packaged_name
 
-            model = default_model_path()
-        self.model = model
+        self.model = default_model_path() if model is None else resolve_packaged_name(model)
         self._configs: Dict[str, Optional[Dict[str, Any]]] = {}
         self._revision: Optional[str] = None  # the commit of the first Hub read
         self._hub_failed = False
@@ -574,22 +566,6 @@ def _check_parallel_guidance_weight(args: argparse.Namespace, guidance_scale: Op
             f"--parallel-guidance-weight {weight:g} weighs guidance, which guidance scale 1 turns off: leave it out, "
             "or guide with a --guidance-scale other than 1"
         )
-
-
-def _in_option_words(error: ValueError, args: argparse.Namespace) -> ValueError:
-    """`error`, a refusal of `SR3Pipeline.check_arguments`, naming this command's options where it names the
-    pipeline's arguments (`window_size` as --window-size), as its own checks word their refusals; only the options
-    given, since a value the model saved (its `detail_steps`) is none of the command line's."""
-    given = {name: option for name, option in PIPELINE_OPTIONS.items() if vars(args).get(_dest(option)) is not None}
-    if not given:
-        return error
-    pattern = r"\b(" + "|".join(given) + r")\b"
-    return ValueError(re.sub(pattern, lambda match: given[match.group(1)], str(error)))
-
-
-def _dest(option: str) -> str:
-    """The `args` attribute of `option` (`--guidance-scale`: guidance_scale)."""
-    return option.lstrip("-").replace("-", "_")
 
 
 def _check_prediction_type(strength: Optional[float], mode: str, prediction_type: str) -> None:
@@ -870,6 +846,10 @@ def run(args: argparse.Namespace) -> int:
     # Options are checked before any image is decoded or the model loaded (seconds of work, minutes of download),
     # where the mode is known from the model's configs (its folder's, or its Hub repo's).
     configs = _SavedConfigs(args.model)
+    for relative_path in ("model_index.json", "unet/config.json"):  # a newer format's keys mean what this cannot know
+        config = configs.get(relative_path)
+        if config is not None:
+            check_format(config, f"{configs.model}/{relative_path}")
     mode = args.mode if args.mode != "auto" else _saved_mode(configs)
     if mode is not None:
         _check_mode_options(args, mode)
@@ -934,7 +914,7 @@ def run(args: argparse.Namespace) -> int:
             parallel_guidance_weight=args.parallel_guidance_weight,
         )
     except ValueError as error:
-        raise _in_option_words(error, args) from None
+        raise in_option_words(error, options_given(args)) from None
     if available is not None:
         settings = _memory_settings(args, mode, pipeline.config)
         check_memory(paths, batch_keys, args.batch_size, *settings, available, DTYPES[args.dtype])

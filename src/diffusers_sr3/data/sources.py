@@ -293,14 +293,34 @@ def prepared_source(folder: str, resolution: int, upscale_factor: Optional[int])
             "images first, or train on them as a plain image folder"
         )
     high_sizes, low_sizes = sizes
+    # Pairs of another factor (an x8 dataset for an x4 model) are never trained on: the HR images are degraded by the
+    # model's own factor instead, which is said, since the stored LR images the user prepared then go unused.
+    other_factor = (
+        f"but its lr_{'/'.join(map(str, low_sizes))} images are not x{upscale_factor} inputs of them: training "
+        f"would make its own from the hr images; to train on stored x{upscale_factor} pairs, prepare them with "
+        f"`sr3 prepare PHOTOS --out FOLDER --sizes {resolution // upscale_factor},{resolution}`"
+        if upscale_factor is not None
+        and low_sizes
+        and not any(high // upscale_factor in low_sizes for high in high_sizes if high % upscale_factor == 0)
+        else None
+    )
     if resolution not in high_sizes:
         raise ValueError(
             f"{folder} holds the original prepared layout with hr sizes {high_sizes}, not the training "
             f"resolution {resolution}; pass --resolution {high_sizes[0]}"
+            + (f" ({other_factor})" if other_factor else "")
         )
     low = None
     if upscale_factor is not None and resolution // upscale_factor in low_sizes:
         low = resolution // upscale_factor
+    elif upscale_factor is not None and low_sizes:
+        logger.warning(
+            "%s: its lr_%s images are not x%d inputs of hr_%d; training makes them from the hr images",
+            folder,
+            "/".join(map(str, low_sizes)),
+            upscale_factor,
+            resolution,
+        )
     is_lmdb = os.path.isfile(os.path.join(folder, "data.mdb"))
     return (LmdbSource if is_lmdb else PreparedFolderSource)(folder, resolution, low)
 

@@ -8,6 +8,7 @@ in front of it on the channel axis) and a per-sample noise level. It knows nothi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 import numbers
@@ -15,7 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, Fu
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
+
+from ..disk_format import FORMAT_KEY, NewerFormatError, check_format
 
 logger = logging.get_logger(__name__)
 
@@ -385,6 +388,21 @@ _is_functorch_wrapped_tensor = getattr(
     getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
 )
 
+# True inside `levels_checked`: the caller checked the levels it passes (a pipeline's sampling loop).
+_LEVELS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("sr3_levels_checked", default=False)
+
+
+@contextlib.contextmanager
+def levels_checked() -> Iterator[None]:
+    """Inside the block, the signal levels that `SR3UNet2DModel` calls take on an accelerator are not range-checked
+    again: the caller checked them once (`SR3UNet2DModel.check_signal_levels`), and reading them at every call would
+    wait for the device at every step. Levels on the CPU are checked all the same (reading them costs nothing)."""
+    token = _LEVELS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _LEVELS_CHECKED.reset(token)
+
 
 def _is_integer(value: Any) -> bool:
     """An int (numpy's too, as configs read back may hold), not a bool or a float."""
@@ -393,6 +411,16 @@ def _is_integer(value: Any) -> bool:
 
 # Bytes: PyTorch's CPU allocator aligns every allocation to this; SIMD kernels assume it.
 _ALIGNMENT = 64
+# The `from_pretrained` options that say where the config comes from (`ConfigMixin.load_config` takes them).
+_CONFIG_SOURCE_OPTIONS = (
+    "subfolder",
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
 
 
 # Far above any model that fits a GPU (SR3's largest is under 1 billion): a config.json asking for more is damaged or
@@ -787,7 +815,15 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 reason = unloadable_reason(folder, "config.json")
                 if reason:
                     raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
-            loaded = super().from_pretrained(*args, **kwargs)
+            try:
+                if source is not None and not local:
+                    # Diffusers downloads a Hub repo's weights before it builds the model from the config, where
+                    # `extract_init_dict` checks the format: the config alone is read first.
+                    options = {key: kwargs[key] for key in _CONFIG_SOURCE_OPTIONS if key in kwargs}
+                    check_format(cls.load_config(source, **options), f"the {cls.__name__} config")
+                loaded = super().from_pretrained(*args, **kwargs)
+            except NewerFormatError as error:
+                raise NewerFormatError(f"{folder}: {error}") from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -800,25 +836,71 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         written in a hidden `.sr3-save-*` folder inside `save_directory`, then moved into place, so a save that fails
         or is killed while writing (a full disk) leaves the previous UNet intact, and one killed while moving is
         finished by `diffusers_sr3.finish_interrupted_save(save_directory)` or the next save of the folder (a load
-        refuses it until then). With `push_to_hub=True` the files just saved are uploaded, to `repo_id` (default: the
-        folder's name) as Diffusers does, before they are moved into place (a failed upload leaves the previous UNet
-        in place).
+        refuses it until then). With `push_to_hub=True` the files just saved are also uploaded, as Diffusers does, to
+        `repo_id` (default: the folder's name), with the repo's model card (Diffusers' template where it has none),
+        which is written into the folder too. The save moves into place before the upload, which sends it from a
+        hidden folder of its own (`staged_save`); the local save is kept however the upload ends, and a failed upload
+        raises `training.hub.HubUploadError` saying so.
 
         Args:
             save_directory: the folder to save into (created if needed).
             *args, **kwargs: Diffusers' `save_pretrained` arguments (`safe_serialization`, `variant`, `push_to_hub`...).
         """
         # Imported here: the pipelines import this module.
-        from ..pipelines.base import staged_save
+        from ..pipelines.base import saved_not_uploaded, staged_save
 
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):  # Diffusers logs its error and saves nothing
             return super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("push_to_hub"):
+        upload = None
+        if kwargs.pop("push_to_hub", False):
+            hub = {key: kwargs.pop(key) for key in ("token", "private", "commit_message", "create_pr") if key in kwargs}
             # Diffusers names the repo after the folder it saves in: this one, not the staging folder.
-            kwargs.setdefault("repo_id", save_directory.split(os.path.sep)[-1])
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+
+            def upload(staging: str, saved: List[str]) -> None:
+                try:
+                    self._upload_saved(staging, saved, repo_id, save_directory, **hub)
+                except Exception as error:
+                    raise saved_not_uploaded(error, repo_id, save_directory) from error
+
         staged_save(
-            save_directory, lambda staging: super(SR3UNet2DModel, self).save_pretrained(staging, *args, **kwargs)
+            save_directory,
+            lambda staging: super(SR3UNet2DModel, self).save_pretrained(staging, *args, **kwargs),
+            upload,
+        )
+
+    def _upload_saved(
+        self,
+        staging: str,
+        saved: List[str],
+        repo_id: str,
+        card_folder: str,
+        token: Optional[str] = None,
+        private: Optional[bool] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+    ) -> None:
+        """Diffusers' upload of a saved model (`ModelMixin.save_pretrained(push_to_hub=True)`), of the files `saved`
+        in `staging` only: the repo created if needed, and its card (Diffusers' template where it has none, tagged as
+        Diffusers tags it) written into `card_folder` and uploaded with them."""
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        from ..file_writes import atomic_file
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card = str(populate_model_card(load_or_create_model_card(repo_id, token=token))).encode("utf-8")
+        with atomic_file(os.path.join(card_folder, "README.md")) as stream:
+            stream.write(card)
+        uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(staging, name) for name in saved}
+        uploads["README.md"] = card
+        api.create_commit(
+            repo_id=repo_id,
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in uploads.items()],
+            commit_message=commit_message or "Upload model",
+            create_pr=create_pr,
         )
 
     # A pipeline's save passes its components only the options that their `save_pretrained` signature names
@@ -846,9 +928,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
-        """Diffusers' split of a config into `__init__` arguments and the rest, without the `auto_map` that saves
-        write for AutoModel: it is no argument (Diffusers would warn that it is ignored) and no setting."""
-        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        """Diffusers' split of a config into `__init__` arguments and the rest, for every way of building the model
+        from a config (`from_pretrained`, `from_config`, `AutoModel`): a config saved in a newer on-disk format than
+        this version reads is refused (`disk_format.check_format`). Without the `auto_map` that saves write for
+        AutoModel, and the format version: they are no arguments (Diffusers would warn that they are ignored) and no
+        settings."""
+        check_format(config_dict, f"the {cls.__name__} config")
+        config_dict = {key: value for key, value in config_dict.items() if key not in ("auto_map", FORMAT_KEY)}
         return super().extract_init_dict(config_dict, **kwargs)
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
@@ -954,19 +1040,22 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 f"sample size {height}x{width} is not divisible by {factor}; pad it (the pipelines do this for you)"
             )
         if config.get("conditioning_type", "noise_level") == "noise_level":
-            cls._check_signal_level(signal_level)
+            cls.check_signal_levels(signal_level)
         return cls._per_sample(signal_level, batch, sample.device, "signal_level")
 
     @staticmethod
-    def _check_signal_level(signal_level: Any) -> None:
-        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models.
+    def check_signal_levels(signal_level: Any) -> None:
+        """Refuse what is a scheduler's timestep rather than a level, for `"noise_level"` models (`forward` checks its
+        `signal_level` with this).
 
         `for t in scheduler.timesteps: unet(x, t)` passes integer timesteps (e.g. 75), which the embedding would
-        otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`) too.
-        Integer tensors are refused by their dtype. Float values are range-checked on the CPU only: elsewhere reading
-        them is a device sync per call. And not while tracing or compiling: the branch on the values would break
-        `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's trace would record it; nor inside
-        `torch.func` transforms (`vmap`), which cannot batch the boolean-mask indexing or `.item()` of the check.
+        otherwise read as a level far outside [0, 1], silently; a float tensor of them (`torch.tensor([999.0])`, or an
+        Euler scheduler's float timesteps) too. Integer tensors are refused by their dtype, float values by their
+        range, on every device: on an accelerator the read waits for the device, once per call, which a sampling loop
+        avoids by checking its levels once and calling inside [`levels_checked`]. Not while tracing or compiling: the
+        branch on the values would break `torch.compile(fullgraph=True)` and `torch.export`, and the ONNX export's
+        trace would record it; nor inside `torch.func` transforms (`vmap`), which cannot batch the boolean-mask
+        indexing or `.item()` of the check; nor on the meta device, which holds no values.
         """
         value = None
         if isinstance(signal_level, numbers.Real):
@@ -976,8 +1065,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             levels = signal_level if isinstance(signal_level, torch.Tensor) else torch.as_tensor(signal_level)
             if not levels.is_floating_point():
                 value = levels.dtype if isinstance(signal_level, torch.Tensor) else repr(signal_level)
-            elif levels.device.type == "cpu" and not (
-                torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_functorch_wrapped_tensor(levels)
+            elif not (
+                torch.jit.is_tracing()
+                or torch.compiler.is_compiling()
+                or _is_functorch_wrapped_tensor(levels)
+                or levels.device.type == "meta"
+                or (levels.device.type != "cpu" and _LEVELS_CHECKED.get())
             ):
                 levels = levels.detach().reshape(-1)
                 outside = levels[~((levels >= 0) & (levels <= 1))]  # NaN too

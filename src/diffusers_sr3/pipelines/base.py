@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import glob
 import inspect
@@ -51,10 +52,14 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from .. import __version__
 from ..defaults import steps_to_run
+from ..disk_format import FORMAT_KEY, UPGRADE, check_format
 from ..file_writes import NO_LOCKING
 from ..interrupts import interrupts_deferred
+from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
 from ..noise import check_scheduler_fits, check_trained_betas, ignore_scheduler_warnings, network_inputs_for_schedule
+from ..pretrained import resolve_packaged_name
 
 logger = logging.getLogger(__name__)
 
@@ -257,25 +262,29 @@ def _cached_listing(repo_id: str, revision: Optional[str], cache_dir: Optional[s
         return None
 
 
+def _newer_class(class_name: Any) -> Optional[str]:
+    """Why a folder naming `class_name` is refused where it is an SR3 class that this version does not have, which a
+    newer version saved; None for a class this version has, or another library's."""
+    if isinstance(class_name, str) and class_name.startswith("SR3") and class_name not in _classes():
+        return f"{class_name}, which diffusers-sr3 {__version__} does not have (saved by a newer version?): {UPGRADE}"
+    return None
+
+
 def _saved_pipeline_class(cls: type, source: str, index: Dict[str, Any]) -> type:
-    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it."""
+    """The SR3 pipeline class that `index` (`source`'s model_index.json) names; refused unless `cls` loads it and
+    this version reads its on-disk format."""
+    check_format(index, f"{source}/model_index.json")
     saved_class = index.get("_class_name")
     saved_class = saved_class[-1] if isinstance(saved_class, list) else saved_class
+    newer = _newer_class(saved_class)
+    if newer:
+        raise ValueError(f"{source} holds a {newer}")
     if cls.__name__ not in ("SR3BasePipeline", saved_class):
         raise ValueError(f"{source} holds a {saved_class}, not a {cls.__name__}; load it with {saved_class}")
     pipeline_class = _classes().get(saved_class)
     if pipeline_class is None:
         raise ValueError(f"{source} holds a {saved_class}, which is not an SR3 pipeline")
     return pipeline_class
-
-
-def _local_index(folder: str, component: str) -> Optional[Dict[str, Any]]:
-    """The model_index.json of `folder`'s `component` folder (a nested pipeline's), None where it has none."""
-    path = os.path.join(folder, component, "model_index.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def _holds_variant(folder: str, variant: str) -> bool:
@@ -348,6 +357,47 @@ def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: 
     finally:
         if source is not None:
             os.close(source)
+
+
+def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
+    """Raise PermissionError naming the first folder of `target` that the save's files (`saved`, `/`-separated) would
+    be moved into and that this process cannot write (a read-only subfolder of a copied model).
+
+    Checked before the move starts: the move removes the replaced index first, so one stopped by such a folder would
+    leave `target` unloadable until the folder is made writable, and finishing it would fail the same way."""
+    folders = {""}
+    for path in saved:
+        parts = path.split("/")[:-1]
+        folders.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
+    for folder in sorted(folders):
+        parts = folder.split("/") if folder else []
+        # A link below `target` (a cascade's stage linked to another copy) is replaced by the move as a link: nothing
+        # is written through it, into a folder it leads to.
+        if any(os.path.islink(os.path.join(target, *parts[: depth + 1])) for depth in range(len(parts))):
+            continue
+        destination = os.path.join(target, *parts)
+        if os.path.isdir(destination) and not os.access(destination, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
+
+
+def _give_new_file_modes(staging: str, saved: Sequence[str]) -> None:
+    """Give the files of the save in `staging` (`saved`, `/`-separated) the permissions that the umask gives a new
+    file, as `open` does. safetensors 0.8 writes its files through a temporary of mode 0600, so a saved model's weights
+    were readable by their owner alone, beside a readable config: another user of a shared model folder could list the
+    weights but not load them. The mode is read from a file made here, not from `os.umask`, which can only be read by
+    changing it for every thread of the process."""
+    probe = os.path.join(staging, ".sr3-mode-probe")
+    with open(probe, "x", encoding="utf-8"):
+        pass
+    try:
+        new_file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.remove(probe)
+    for path in saved:
+        name = os.path.join(staging, *path.split("/"))
+        status = os.lstat(name)
+        if stat.S_ISREG(status.st_mode) and stat.S_IMODE(status.st_mode) != new_file_mode:
+            os.chmod(name, new_file_mode)
 
 
 class UnsafeStagingError(ValueError):
@@ -650,7 +700,9 @@ def _finish_interrupted_save(folder: str, discard_unfinished: bool) -> List[str]
     return finished
 
 
-def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
+def staged_save(
+    save_directory: str, write: Callable[[str], None], upload: Optional[Callable[[str, List[str]], None]] = None
+) -> List[str]:
     """Save into `save_directory` what `write(staging)` writes, so that at every instant the folder holds the previous
     save, the new one, or a complete new one that `finish_interrupted_save` (or the next save) moves into place.
 
@@ -661,9 +713,16 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     The save holds its staging folder's lock (`STAGING_LOCK`) throughout, so that other saves leave it alone, and
     `save_directory`'s own lock (`folder_locked`, as `finish_interrupted_save` does) while it moves the files.
 
+    With `upload`, the save moves into place first, and `upload(folder, saved)` then sends it from hard links to its
+    files in another hidden folder (`_linked_copy`), which no other save writes or moves: another save moving into
+    `save_directory` meanwhile changes nothing it sends, and a process killed during a long upload keeps the new save.
+    Where the filesystem makes no hard links, it sends the staging folder before the move; the save moves into place
+    however the upload ends, and the upload's error is raised after.
+
     Args:
         save_directory: the folder to save into (created if needed, and removed again if the save fails there).
         write: writes the save into the folder it is given.
+        upload: uploads the save, given a folder holding it and its files (as returned).
 
     Returns:
         The saved files, as `/`-separated paths relative to `save_directory`.
@@ -671,14 +730,14 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     finish_interrupted_save(save_directory, discard_unfinished=True)
-    descriptor = staging = None
+    descriptor = staging = linked = None
     try:
         try:
-            while descriptor is None:  # another save may discard a staging folder between its creation and its lock
-                staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
-                descriptor = _lock_staging(staging)
+            staging, descriptor = _new_staging_folder(save_directory)
             write(staging)
             saved = [path for path in _files_under(staging) if path != STAGING_LOCK]
+            _check_folders_writable(save_directory, saved)
+            _give_new_file_modes(staging, saved)
             listing = os.path.join(staging, f"{STAGED_LISTING}.part")
             with open(listing, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle)
@@ -694,13 +753,71 @@ def staged_save(save_directory: str, write: Callable[[str], None]) -> List[str]:
         # `finish_interrupted_save` or the next save. Ctrl-C or SIGTERM waits for the moves and the staging folder's
         # removal (raised after it, it would leave the folder behind). The folder's lock keeps other saves' moves
         # and loads out until these have ended.
-        with folder_locked(save_directory, exclusive=True), interrupts_deferred():
-            _move_into(staging, save_directory, saved)
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if upload is not None:
+                linked = _linked_copy(staging, saved, save_directory)
+                if linked is None:
+                    upload(staging, saved)
+        finally:
+            with folder_locked(save_directory, exclusive=True), interrupts_deferred():
+                _move_into(staging, save_directory, saved)
+                shutil.rmtree(staging, ignore_errors=True)
+        if linked is not None:
+            upload(linked[0], saved)
     finally:
         if descriptor is not None:
             _unlock(descriptor)
+        if linked is not None:
+            try:
+                shutil.rmtree(linked[0], ignore_errors=True)
+            finally:
+                _unlock(linked[1])
     return saved
+
+
+def _new_staging_folder(save_directory: str) -> Tuple[str, int]:
+    """A new hidden folder (`STAGING_PREFIX`) in `save_directory`, and the descriptor holding its lock."""
+    while True:  # another save may discard a staging folder between its creation and its lock
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+        descriptor = _lock_staging(staging)
+        if descriptor is not None:
+            return staging, descriptor
+
+
+def _linked_copy(staging: str, saved: List[str], save_directory: str) -> Optional[Tuple[str, int]]:
+    """A copy of the complete save in `staging` (its files `saved`) made of hard links, in a new hidden folder of
+    `save_directory`, and the descriptor holding that folder's lock; None where the filesystem makes no hard links.
+
+    The save's upload reads it after the save has moved into place: no save changes a file once written (each one
+    writes new files and moves them in), so it holds this save whatever moves into `save_directory` meanwhile. Held
+    like a staging folder that never completes, so other saves leave it alone while it is held and the next save
+    removes it if this process dies."""
+    folder, descriptor = _new_staging_folder(save_directory)
+    try:
+        for path in saved:
+            os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
+            os.link(os.path.join(staging, path), os.path.join(folder, path))
+    except BaseException as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        _unlock(descriptor)
+        if isinstance(error, OSError):  # no hard links here (FAT, some network and FUSE filesystems)
+            return None
+        raise
+    return folder, descriptor
+
+
+def saved_not_uploaded(error: Exception, repo_id: str, save_directory: str) -> Exception:
+    """The error of a `save_pretrained(push_to_hub=True)` whose upload failed (`training.hub.HubUploadError`): why,
+    and that the save itself is complete in `save_directory`."""
+    from huggingface_hub import constants
+
+    from ..training.hub import upload_failure
+
+    return upload_failure(
+        error,
+        f"to {constants.ENDPOINT}/{repo_id}",
+        f"the save in {save_directory} is complete, only its upload failed: save with push_to_hub=True again to retry",
+    )
 
 
 def step_networks(pipeline: Any) -> Dict[str, Any]:
@@ -844,6 +961,48 @@ def loaded_component_folders(
     return folders
 
 
+def format_checked_folders(
+    source: str, index: Dict[str, Any], passed: Collection[str], read_json: Callable[[str], Any]
+) -> List[str]:
+    """`loaded_component_folders`, each nested pipeline's model_index.json and each network's config.json among them
+    refused where saved in a newer on-disk format (`disk_format.check_format`): a network that needs a newer reader
+    may record it in its own config.json alone, which its own load reads only after the weights of the components
+    loaded before it (and, from the Hub, after Diffusers downloaded its weights).
+
+    Args:
+        source: the folder or Hub repo id that refusals name.
+        index: the pipeline's model_index.json.
+        passed: the components passed in, whose folders are not read.
+        read_json: the JSON in the file at a `/`-separated path inside the pipeline's folder, None where there is
+            no such file.
+    """
+
+    def nested_index(folder: str) -> Optional[Dict[str, Any]]:
+        nested = read_json(f"{folder}/model_index.json")
+        if isinstance(nested, dict):
+            check_format(nested, f"{source}/{folder}/model_index.json")
+        return nested
+
+    folders = loaded_component_folders(index, passed, nested_index)
+    for folder in folders:
+        try:
+            config = read_json(f"{folder}/config.json")
+        except (OSError, ValueError):  # the network's own load says what is wrong with it
+            continue
+        if isinstance(config, dict):
+            check_format(config, f"{source}/{folder}/config.json")
+    return folders
+
+
+def _local_json(folder: str, path: str) -> Any:
+    """The JSON in `folder`'s file at the `/`-separated `path`, None where there is no such file."""
+    path = os.path.join(folder, *path.split("/"))
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def pickled_weights_error(pipeline_class: type, source: str, folders: Sequence[str], local: bool) -> ValueError:
     """The error for loading `source` (a folder if `local`, else a Hub repo id) without `use_safetensors=False` when
     its component `folders` hold pickled weights only: it names every such folder and one conversion of the whole
@@ -978,6 +1137,16 @@ class SR3BasePipeline(DiffusionPipeline):
             cls.__init__.__signature__ = _signature_for_diffusers(cls.__init__, cls._optional_components)
 
     @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> Tuple[Dict[str, Any], ...]:
+        """Diffusers' split of a model_index.json into `__init__` arguments and the rest, which
+        `DiffusionPipeline.from_pretrained` makes before loading any component: a folder saved in a newer on-disk
+        format than this version reads is refused there too (`disk_format.check_format`), and the format version is
+        no argument."""
+        check_format(config_dict, f"the {cls.__name__}'s model_index.json")
+        config_dict = {key: value for key, value in config_dict.items() if key != FORMAT_KEY}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
         """Diffusers' `from_pipe`: a pipeline of class `cls` sharing `pipeline`'s networks (`kwargs`: components
         and config values to use instead); optional components that `pipeline` lacks (the guide, from an
@@ -1097,8 +1266,12 @@ class SR3BasePipeline(DiffusionPipeline):
         scheduler = self.scheduler if scheduler is None else scheduler
         check_scheduler_fits(scheduler)  # before any network evaluation, also for a scheduler assigned directly
         _set_timesteps(scheduler, num_inference_steps, device)
-        # The signal level (or timestep) the network takes at each step, computed once: no per-step host syncs.
-        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type).to(device)
+        # The signal level (or timestep) the network takes at each step, computed and checked once on the CPU: the
+        # network's calls take them unread (`levels_checked`), so no step waits for the device.
+        signal_levels = network_inputs_for_schedule(scheduler, self.unet.config.conditioning_type)
+        if self.unet.config.conditioning_type == "noise_level":
+            SR3UNet2DModel.check_signal_levels(signal_levels)
+        signal_levels = signal_levels.to(device)
         if init_sample is None:
             noise_levels = signal_levels if self.unet.config.conditioning_type != "timestep" else None
             if noise_levels is None:
@@ -1152,10 +1325,13 @@ class SR3BasePipeline(DiffusionPipeline):
             model_input = model_input.contiguous(memory_format=memory_format)
             # 2. The network takes the step's signal level (or timestep), not the scheduler's timestep value.
             signal_level = signal_levels[i].expand(shape[0])
-            model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-            if guide is not None:
-                guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
-                model_output = guided_prediction(model_output, guide_output, guidance_scale, parallel_guidance_weight)
+            with levels_checked():
+                model_output = self.unet(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                if guide is not None:
+                    guide_output = guide(model_input, signal_level, return_dict=False, **unet_kwargs)[0].float()
+                    model_output = guided_prediction(
+                        model_output, guide_output, guidance_scale, parallel_guidance_weight
+                    )
             # 3. The scheduler's update.
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             # 4. The callback may replace the noisy image and the condition.
@@ -1193,10 +1369,12 @@ class SR3BasePipeline(DiffusionPipeline):
         `diffusers_sr3.finish_interrupted_save(save_directory)` (a load refuses the folder until then, naming it) or
         the next save of the folder. Other files already in `save_directory` (checkpoints, logs) are kept.
         `safe_serialization`, `variant` and `max_shard_size` are Diffusers' own. With `push_to_hub=True` the
-        files just saved are then uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        files just saved are also uploaded (`repo_id`, defaulting to the folder's name, `token`, `private`,
         `commit_message`, `create_pr`) with the folder's model card (`README.md`, e.g. the one training wrote, and
         the pictures it shows), or an SR3 card written there when neither the folder nor the repo has one; never
-        the other files of `save_directory`.
+        the other files of `save_directory`. The save moves into place before the upload, which sends it from a
+        hidden folder of its own (`staged_save`); the local save is kept however the upload ends, and a failed upload
+        raises `training.hub.HubUploadError` saying so.
         """
         save_directory = os.fspath(save_directory)
         # Inside `use_backend` / `swap_unet` the step networks are stand-ins (ONNX sessions, autocast wrappers) that
@@ -1229,10 +1407,17 @@ class SR3BasePipeline(DiffusionPipeline):
             write_remote_code_layout(staging)
             write_truthful_configs(staging)
 
-        saved = staged_save(save_directory, write)
+        upload = None
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            self._upload(save_directory, saved, repo_id, **hub_kwargs)
+
+            def upload(staging: str, saved: List[str]) -> None:
+                try:
+                    self._upload(staging, saved, repo_id, card_folder=save_directory, **hub_kwargs)
+                except Exception as error:
+                    raise saved_not_uploaded(error, repo_id, save_directory) from error
+
+        staged_save(save_directory, write, upload)
 
     def push_to_hub(
         self,
@@ -1272,12 +1457,13 @@ class SR3BasePipeline(DiffusionPipeline):
         token: Optional[str] = None,
         create_pr: bool = False,
         subfolder: Optional[str] = None,
+        card_folder: Optional[str] = None,
     ) -> Any:
-        """Upload `files` of the saved `folder` and, at the repo's top, its model card (written first when neither it
-        nor the repo has one; a card `write_model_card` wrote under another name, e.g. at training time, names the
-        repo in the uploaded copy: `model_card.card_for_repo`; none where a card this package wrote would replace the
-        repo's card that its author wrote or edited, as `model_card.local_card_withheld` tells and logs); return the
-        `CommitInfo`."""
+        """Upload `files` of the saved `folder` and, at the repo's top, the model card of `card_folder` (default:
+        `folder`; written first when neither it nor the repo has one; a card `write_model_card` wrote under another
+        name, e.g. at training time, names the repo in the uploaded copy: `model_card.card_for_repo`; none where a card
+        this package wrote would replace the repo's card that its author wrote or edited, as
+        `model_card.local_card_withheld` tells and logs); return the `CommitInfo`."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
         from ..model_card import card_uploads, local_card_withheld, write_pipeline_card
@@ -1285,15 +1471,15 @@ class SR3BasePipeline(DiffusionPipeline):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         uploads: Dict[str, Union[str, bytes]] = {name: os.path.join(folder, name) for name in files}
+        card_folder = folder if card_folder is None else card_folder
         # A pipeline pushed into a subfolder is part of a repo whose card describes the whole; a card its author
         # wrote or edited on the Hub is never replaced by one this package wrote (a card the user wrote goes up).
         if not subfolder:
-            if not os.path.isfile(os.path.join(folder, "README.md")) and not api.file_exists(repo_id, "README.md"):
-                write_pipeline_card(folder, self, repo_id)
-            if os.path.isfile(os.path.join(folder, "README.md")) and not local_card_withheld(
-                api, repo_id, folder, create_pr
-            ):
-                uploads.update(card_uploads(folder, repo_id))
+            card = os.path.join(card_folder, "README.md")
+            if not os.path.isfile(card) and not api.file_exists(repo_id, "README.md"):
+                write_pipeline_card(card_folder, self, repo_id)
+            if os.path.isfile(card) and not local_card_withheld(api, repo_id, card_folder, create_pr):
+                uploads.update(card_uploads(card_folder, repo_id))
         # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
         # cannot send); never the folder's other files.
         return api.create_commit(
@@ -1367,14 +1553,13 @@ class SR3BasePipeline(DiffusionPipeline):
             # Before any weights: the download would fetch none of theirs, and the load fail on a missing file.
             if listed is not None:
 
-                def nested_index(folder: str) -> Optional[Dict[str, Any]]:
-                    if f"{folder}/model_index.json" not in listed:
+                def read_json(path: str) -> Any:
+                    if path not in listed:
                         return None
-                    nested = hf_hub_download(name, f"{folder}/model_index.json", **download_kwargs)
-                    with open(nested, encoding="utf-8") as handle:
+                    with open(hf_hub_download(name, path, **download_kwargs), encoding="utf-8") as handle:
                         return json.load(handle)
 
-                loaded = set(loaded_component_folders(index, kwargs, nested_index))
+                loaded = set(format_checked_folders(name, index, kwargs, read_json))
                 pickled = [] if pickles else [f for f in pickle_only_folders(listed, variant) if f in loaded]
                 if pickled:
                     raise pickled_weights_error(pipeline_class, name, pickled, local=False)
@@ -1407,7 +1592,8 @@ class SR3BasePipeline(DiffusionPipeline):
         """Load a pipeline saved by this package, from a folder or a Hub repo id, without running its code.
 
         Args:
-            pretrained_model_name_or_path: a local folder or a Hub repo id.
+            pretrained_model_name_or_path: a local folder, a Hub repo id, or `"sr3-photos-x4"`, the model that ships
+                inside the package (unless a folder of that name is in the working directory).
             **kwargs: components to use instead of the saved ones (`unet=...`, `scheduler=...`), and Diffusers'
                 loading options: `dtype` (or its older name `torch_dtype`; a dtype, or a dict by component name
                 with a `"default"`), `variant` (each component's weights of that variant, its main ones where it
@@ -1423,7 +1609,7 @@ class SR3BasePipeline(DiffusionPipeline):
         """
         import diffusers
 
-        source = os.fspath(pretrained_model_name_or_path)
+        source = resolve_packaged_name(os.fspath(pretrained_model_name_or_path))
         if os.path.exists(source) and not os.path.isdir(source):
             raise NotADirectoryError(
                 f"{source} is a file, not a pipeline folder (an original SR3 checkpoint, `*_gen.pth`: convert it with "
@@ -1464,7 +1650,7 @@ class SR3BasePipeline(DiffusionPipeline):
                     "embeddings in float32 (_keep_in_fp32_modules), which Diffusers loads only with low_cpu_mem_usage "
                     "True or None"
                 )
-            loaded = set(loaded_component_folders(index, kwargs, functools.partial(_local_index, folder)))
+            loaded = set(format_checked_folders(source, index, kwargs, functools.partial(_local_json, folder)))
             files = _files_under(folder)
             if use_safetensors is None:
                 pickled = [name for name in pickle_only_folders(files, variant) if name in loaded]
@@ -1474,6 +1660,16 @@ class SR3BasePipeline(DiffusionPipeline):
                 if name in loaded:
                     raise VariantOnlyError(f"{source}/{name}", variants)
             expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+            unknown = sorted(set(index) - set(expected) - set(optional) - {FORMAT_KEY})
+            unknown = [key for key in unknown if not key.startswith("_")]  # Diffusers' own records
+            if unknown:
+                # As Diffusers' loader warns. A key that would change what the model means comes with a newer format
+                # (refused above); these keep their meaning when ignored, or were added by hand.
+                logger.warning(
+                    f"{source}/model_index.json holds {', '.join(unknown)}, which {pipeline_class.__name__} of "
+                    f"diffusers-sr3 {__version__} does not take and ignores (keys of a newer version, or added by "
+                    "hand)"
+                )
             init_kwargs: Dict[str, Any] = {}
             for name in expected:
                 if name in kwargs:
@@ -1489,6 +1685,9 @@ class SR3BasePipeline(DiffusionPipeline):
                 component_class = _classes().get(class_name)
                 if component_class is None:
                     if library != "diffusers" or not hasattr(diffusers, class_name):
+                        newer = _newer_class(class_name)
+                        if newer:
+                            raise ValueError(f"{source}: component {name!r} is {library}.{newer}")
                         raise ValueError(
                             f"{source}: component {name!r} is {library}.{class_name}, not a Diffusers or SR3 class"
                         )

@@ -32,14 +32,28 @@ DEFAULT_DETAIL_OPTIONS = {"eta": 1.0, "strength": 0.6}
 DEFAULT_DETAIL_WINDOW_SIZE = 64
 
 
+# Where the packaged models lie, inside the installed package: read, never written.
+PACKAGED_MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def default_model_path() -> str:
     """The folder of the packaged default pipeline (loadable with `SR3Pipeline.from_pretrained`)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_MODEL)
+    path = os.path.join(PACKAGED_MODELS_DIR, DEFAULT_MODEL)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"the packaged model {DEFAULT_MODEL} is missing from {path}; reinstall diffusers-sr3, or pass --model"
         )
     return path
+
+
+def resolve_packaged_name(name_or_path: str) -> str:
+    """`name_or_path` as given, or the packaged model's folder when it is the packaged model's name (`sr3-photos-x4`)
+    and nothing of that name exists here, so that name loads and fine-tunes the model wherever the package is
+    installed (`SR3Pipeline.from_pretrained("sr3-photos-x4")`, `sr3 upscale --model sr3-photos-x4`,
+    `--pretrained_model_name_or_path sr3-photos-x4`). A folder of that name in the working directory wins."""
+    if name_or_path == DEFAULT_MODEL and not os.path.lexists(name_or_path):
+        return default_model_path()
+    return name_or_path
 
 
 def default_model_card() -> str:

@@ -27,6 +27,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_parameter_list
+from ..pipelines.base import _files_under, _give_new_file_modes
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,9 @@ def finish_checkpoint(
         json.dump(state, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
+    # As a save's: safetensors writes the trained and the EMA weights readable by their owner alone, and an earlier
+    # checkpoint is loaded as a model (a guide, `load_checkpoint_unet`), by whoever may read the run's folder.
+    _give_new_file_modes(temporary, _files_under(temporary))
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if os.path.isdir(final):
         shutil.rmtree(final)

@@ -62,7 +62,10 @@ class TrainingConfig:
         None, "an SR3UNet2DModel config as a dict (Python only; like --model_config_name_or_path)", cli=False
     )
     pretrained_model_name_or_path: Optional[str] = _option(
-        None, "fine-tune the weights of a saved SR3 pipeline (folder or Hub repo id)", path=True
+        None,
+        "fine-tune the weights of a saved SR3 pipeline: a folder, a Hub repo id, or sr3-photos-x4 (the model that "
+        "ships with the package)",
+        path=True,
     )
     resume_from_original: Optional[str] = _option(
         None, "fine-tune from an original SR3 checkpoint (I*_E*_gen.pth); needs --original_config", path=True

@@ -19,6 +19,13 @@ class HubUploadError(RuntimeError):
     """The upload failed; the local save is complete and untouched."""
 
 
+def upload_failure(error: Exception, upload: str, then: str) -> HubUploadError:
+    """The one-line error of a failed upload, whatever failed (HTTP, network, auth): `upload <upload> failed (<the
+    error's type and first line, tokens redacted>); <then>` (`then`: what is kept, how to retry)."""
+    reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
+    return HubUploadError(f"upload {upload} failed ({error.__class__.__name__}: {reason}); {then}")
+
+
 def push_folder(
     output_dir: str,
     repo_id: Optional[str] = None,
@@ -71,11 +78,11 @@ def push_folder(
                 commit_message=message,
             )
     except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
-        reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
         retry = push_folder_command(output_dir, repo_id, private, logging_dir, replace_card)
-        raise HubUploadError(
-            f"upload to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); the trained pipeline "
-            f"is saved and intact in {output_dir}; retry with `{retry}`"
+        raise upload_failure(
+            error,
+            f"to {api.endpoint}/{repo_id}",
+            f"the trained pipeline is saved and intact in {output_dir}; retry with `{retry}`",
         ) from error
     return commit.commit_url
 
@@ -134,12 +141,8 @@ def push_model_card(folder: str, repo_id: str, create_pr: bool = False, token: O
             create_pr=create_pr,
         )
     except Exception as error:  # as push_folder: any failure (HTTP, network, auth) is reported the same way
-        reason = redact(str(error).strip().splitlines()[0]) if str(error).strip() else error.__class__.__name__
         retry = push_model_card_command(folder, repo_id, create_pr)
-        raise HubUploadError(
-            f"upload of {card} to {api.endpoint}/{repo_id} failed ({error.__class__.__name__}: {reason}); "
-            f"retry with `{retry}`"
-        ) from error
+        raise upload_failure(error, f"of {card} to {api.endpoint}/{repo_id}", f"retry with `{retry}`") from error
     return commit.commit_url
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..models.unet_sr3 import SR3UNet2DModel
+from ..models.unet_sr3 import SR3UNet2DModel, levels_checked
 from ..noise import augment_condition, sample_training_noise_levels, sqrt_alphas_cumprod_prev
 
 LOSS_TYPES = ("l1", "l2")
@@ -34,7 +34,10 @@ class NoisedBatch:
 
 def predict(unet: SR3UNet2DModel, batch: NoisedBatch) -> torch.Tensor:
     """The network's prediction for a noised batch."""
-    return unet(batch.network_input, batch.network_level, condition_noise_level=batch.condition_noise_level).sample
+    # The levels come from `noise_batch`, which draws them in [0, 1] (or checks those it is given): reading them back
+    # would wait for an accelerator at every training step.
+    with levels_checked():
+        return unet(batch.network_input, batch.network_level, condition_noise_level=batch.condition_noise_level).sample
 
 
 def noise_batch(
@@ -81,6 +84,8 @@ def noise_batch(
     device = target_images.device
     timestep_network = unet.config.conditioning_type == "timestep"
     if noise_level is not None:
+        if not timestep_network:  # given, not drawn: the network takes the batch's levels unread (`predict`)
+            SR3UNet2DModel.check_signal_levels(noise_level)
         noise_level = noise_level.reshape(-1).float().to(device)
         network_level = noise_level
     elif timestep_network:

@@ -1,9 +1,12 @@
-"""One writer per output folder: a training run (or `sr3 demo`) holds an exclusive lock on `LOCK_FILE` in its folder.
+"""One writer per output folder: a training run (or `sr3 demo`, or `sr3 prepare`) holds an exclusive lock on
+`LOCK_FILE` in its folder.
 
 Two runs into one folder would replace each other's checkpoints, prune them, and delete each other's half-written
-ones; the second one is refused at once instead. The lock is `fcntl.flock`'s, so it ends with its process however
-that ends, and a stale lock file never blocks a later run. Where there is no flock (Windows) or the filesystem has no
-locks (NFS mounted nolock), nothing is locked, as before.
+ones (two `sr3 prepare --overwrite` runs, each other's images); the second one is refused at once instead. They all
+take the one lock file, so a prepare into a training run's folder (or the reverse) is refused too: the two would mix
+their files there. The lock is `fcntl.flock`'s, so it ends with its process however that ends, and a stale lock file
+never blocks a later run. Where there is no flock (Windows) or the filesystem has no locks (NFS mounted nolock),
+nothing is locked, as before.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from ..file_writes import NO_LOCKING
 
@@ -31,20 +34,23 @@ class OutputFolderBusyError(ValueError):
 
 
 @contextlib.contextmanager
-def claim_output_folder(folder: str, option: str = "--output_dir") -> Iterator[None]:
+def claim_output_folder(folder: str, option: str = "--output_dir", writer: str = "training run") -> Iterator[None]:
     """Hold `folder`'s exclusive lock while the block runs (the folder is created if needed).
 
     Args:
         folder: the output folder.
         option: the command-line option that named it, for the messages.
+        writer: what holds it ("training run", "sr3 demo", "sr3 prepare"), recorded for the message that refuses
+            another.
 
     Raises:
         OutputFolderBusyError: another process holds the lock (nothing in `folder` is changed).
         ValueError: `folder` is a file, or its lock file is a link or not a regular file.
         OSError: `folder` or its lock file cannot be created.
 
-    The lock file records the holder's process id, which a refused run names. It stays after the run; a folder this
-    call created is removed again when the block fails and leaves it otherwise empty.
+    The lock file records the holder's process id and `writer`, which a refused run names. It stays after the run;
+    when the block fails, a lock file this call created is removed again (a refused `sr3 prepare` leaves no file in a
+    folder it does not write), and so is a folder this call created, if it is left empty.
     """
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{option} {folder} is a file, not a folder")
@@ -53,13 +59,18 @@ def claim_output_folder(folder: str, option: str = "--output_dir") -> Iterator[N
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise OSError(f"{option} {folder} is not writable ({error.strerror or error})") from None
-    descriptor = _lock(folder, option)
+    # Another claim creating it meanwhile is refused by the lock; a later one opening the removed file locks anew.
+    new_lock_file = not os.path.lexists(os.path.join(folder, LOCK_FILE))
+    descriptor = _lock(folder, option, writer)
     try:
         yield
     except BaseException:
-        if new_folder:  # a failed run leaves no folder of its own behind, its lock file included
+        # A failed run leaves no lock file or folder of its own behind.
+        if new_lock_file:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, LOCK_FILE))
+        if new_folder:
+            with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
     finally:
@@ -67,8 +78,9 @@ def claim_output_folder(folder: str, option: str = "--output_dir") -> Iterator[N
             os.close(descriptor)
 
 
-def _lock(folder: str, option: str) -> Optional[int]:
-    """A descriptor holding `folder`'s lock, with this process's id written in; None where nothing can be locked."""
+def _lock(folder: str, option: str, writer: str) -> Optional[int]:
+    """A descriptor holding `folder`'s lock, with this process's id and `writer` written in; None where nothing can be
+    locked."""
     if fcntl is None:
         return None
     path = os.path.join(folder, LOCK_FILE)
@@ -86,9 +98,9 @@ def _lock(folder: str, option: str) -> Optional[int]:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                pid, holder = _holder(descriptor)
                 raise OutputFolderBusyError(
-                    f"{folder} is being written by another training run (pid {_holder(descriptor)}); wait for it or "
-                    f"choose another {option}"
+                    f"{folder} is being written by another {holder} (pid {pid}); wait for it or choose another {option}"
                 ) from None
             except OSError as error:
                 if error.errno in NO_LOCKING:
@@ -99,7 +111,7 @@ def _lock(folder: str, option: str) -> Optional[int]:
                 held = os.fstat(descriptor).st_ino == os.lstat(path).st_ino
             if held:
                 os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n{writer}\n".encode("ascii"), 0)
         finally:
             if not held:
                 os.close(descriptor)
@@ -107,10 +119,13 @@ def _lock(folder: str, option: str) -> Optional[int]:
             return descriptor
 
 
-def _holder(descriptor: int) -> str:
-    """The process id the lock's holder wrote ("unknown" while it has not yet)."""
+def _holder(descriptor: int) -> Tuple[str, str]:
+    """The process id and the writer that the lock's holder wrote ("unknown" and "run" while it has not yet; a
+    holder before writers were recorded wrote its id only, and was a training run or `sr3 demo`)."""
     try:
-        text = os.pread(descriptor, 32, 0).decode("ascii").strip()
+        lines = os.pread(descriptor, 128, 0).decode("ascii").splitlines()
     except (OSError, UnicodeDecodeError):
-        return "unknown"
-    return text if text.isdigit() else "unknown"
+        return "unknown", "run"
+    pid = lines[0].strip() if lines and lines[0].strip().isdigit() else "unknown"
+    writer = lines[1].strip() if len(lines) > 1 and lines[1].strip().isprintable() and lines[1].strip() else "run"
+    return pid, writer

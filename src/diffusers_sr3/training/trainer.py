@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..backends import cpu_name, fast_bfloat16
+from ..backends import bfloat16_cpu, cpu_name, fast_bfloat16
 from ..data import (
     BadImageError,
     PairMaker,
@@ -161,7 +161,8 @@ def resolve_objective(config: TrainingConfig, pipeline: Any = None, source: str 
     a new model's defaults.
 
     A fine-tuned model's weights only make sense for the objective they were trained on: an explicit option that
-    changes it (residual <-> image, another prediction type, another residual scale) is refused unless
+    changes it (residual <-> image, another prediction type, residual scale, upscale factor or noise-level embedding
+    scale) is refused unless
     `allow_objective_change` says the retraining is meant. The sampling default `condition_noise_level` may change.
 
     Returns:
@@ -193,6 +194,21 @@ def resolve_objective(config: TrainingConfig, pipeline: Any = None, source: str 
             resolved[key] = value
     if config.condition_noise_level is not None:
         resolved["condition_noise_level"] = config.condition_noise_level
+    own_embedding_scale = pipeline.unet.config.get("noise_level_embedding_scale")
+    given_embedding_scale = config.noise_level_embedding_scale
+    if (
+        given_embedding_scale is not None
+        and own_embedding_scale is not None
+        and not math.isclose(given_embedding_scale, own_embedding_scale)
+    ):
+        # The network reads its noise level through this scale: another one feeds it levels it never saw.
+        changes.append(
+            f"--noise_level_embedding_scale {given_embedding_scale:g} (the model's own: {own_embedding_scale:g})"
+        )
+    own_factor = pipeline.config.get("upscale_factor")  # None for unconditional models
+    if config.upscale_factor is not None and own_factor is not None and config.upscale_factor != own_factor:
+        # The network learnt the detail one factor's inputs lack; another factor's bicubic input lacks other detail.
+        changes.append(f"--upscale_factor {config.upscale_factor} (the model's own: {own_factor})")
     if config.residual_scale is not None:
         if own["residual_scale"] is not None and not math.isclose(
             config.residual_scale, own["residual_scale"], rel_tol=1e-6
@@ -239,6 +255,33 @@ def _not_one_model(source: str, pipeline: Any, task: str) -> str:
     return f"--pretrained_model_name_or_path {source} holds a {type(pipeline).__name__}, which chains models: {advice}"
 
 
+def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
+    """The highest learning rate of a run's first `steps` (at least 1, at most `warmup_steps`) optimizer steps in a
+    linear warm-up: step k runs at `learning_rate * (k - 1) / warmup_steps`, the schedule stepping after it."""
+    return learning_rate * (steps - 1) / warmup_steps
+
+
+def _refuse_packaged_output(config: TrainingConfig) -> None:
+    """Refuse, before the run writes anything (its lock file included), an `--output_dir` inside the installed
+    package (its models above all), or the folder named like the packaged model in the working directory while that
+    model is fine-tuned by its name: the run's own folder would be loaded in its place by that name."""
+    from ..pretrained import DEFAULT_MODEL, PACKAGED_MODELS_DIR
+
+    package_dir = os.path.dirname(PACKAGED_MODELS_DIR)
+    output, package = os.path.realpath(config.output_dir), os.path.realpath(package_dir)
+    if output == package or output.startswith(package + os.sep):
+        raise ValueError(
+            f"--output_dir {config.output_dir} is inside the installed package ({package_dir}), which holds its "
+            "packaged models and which training never changes: give the fine-tuned model a folder of its own"
+        )
+    named = config.pretrained_model_name_or_path == DEFAULT_MODEL and not os.path.lexists(DEFAULT_MODEL)
+    if named and output == os.path.realpath(DEFAULT_MODEL):
+        raise ValueError(
+            f"--output_dir {config.output_dir} is the name of the packaged model being fine-tuned: a folder of that "
+            "name here would be loaded in its place by that name; give the fine-tuned model another name"
+        )
+
+
 def build_model(config: TrainingConfig) -> ModelSetup:
     """The UNet (fresh from a preset or config, or with pretrained / converted-original weights) and scheduler."""
     weights: Optional[Dict[str, torch.Tensor]] = None
@@ -266,11 +309,25 @@ def build_model(config: TrainingConfig) -> ModelSetup:
         weights = pipeline.unet.state_dict()
         pretrained_scheduler = pipeline.scheduler
         pretrained_residual_scale = objective["residual_scale"]
-        own_objective = (pipeline.config.get("residual", False), pipeline.scheduler.config.get("prediction_type"))
-        if (objective["residual"], objective["prediction_type"]) == own_objective:  # settings studied for it
-            sampling_settings = {key: pipeline.config[key] for key in SAMPLING_CONFIG_KEYS if key in pipeline.config}
         if upscale_factor is None:
             upscale_factor = getattr(pipeline.config, "upscale_factor", None)
+        own_objective = (
+            pipeline.config.get("residual", False),
+            pipeline.scheduler.config.get("prediction_type"),
+            pipeline.config.get("upscale_factor"),
+        )
+        if (objective["residual"], objective["prediction_type"], upscale_factor) == own_objective:  # studied for it
+            sampling_settings = {key: pipeline.config[key] for key in SAMPLING_CONFIG_KEYS if key in pipeline.config}
+        if getattr(pipeline, "guidance_unet", None) is not None:
+            # A guide is a weaker model of the same task; the fine-tuned UNet is another model, whose guide is an
+            # earlier checkpoint of its own run.
+            logger.warning(
+                "%s's autoguidance guide (guidance_unet, scale %g) is not fine-tuned and not saved with the new model: "
+                "its detail mode runs unguided (guidance_scale 1). To guide it, load a checkpoint of this run as its "
+                'guide (README, "Autoguidance")',
+                source,
+                pipeline.config.get("guidance_scale", 1.0),
+            )
     elif config.unet_config is not None:
         objective = resolve_objective(config)
         unet_config = dict(config.unet_config)
@@ -461,6 +518,7 @@ class Trainer:
 
     def run(self) -> str:
         """Train, save the pipeline (EMA weights when used) with a model card, push if asked; return the folder."""
+        _refuse_packaged_output(self.config)
         threads_before = torch.get_num_threads()
         new_folder = not os.path.exists(self.config.output_dir)
         try:
@@ -571,12 +629,22 @@ class Trainer:
             torch.set_num_threads(threads)
         logger.info("training on CPU with %d threads per process", torch.get_num_threads())
         if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
-            logger.warning(
-                "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
-                "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave it "
-                "out on this machine",
-                cpu_name(),
-            )
+            kernels = torch.backends.cpu.get_cpu_capability()
+            if bfloat16_cpu() and kernels != "AVX512":
+                logger.warning(
+                    "--mixed_precision bf16 with torch's CPU kernels held at %s (ATEN_CPU_CAPABILITY), below the "
+                    "AVX512 ones that run bfloat16 natively on this CPU (%s): torch's bfloat16 attention fails there; "
+                    "leave out ATEN_CPU_CAPABILITY or --mixed_precision bf16",
+                    kernels,
+                    cpu_name(),
+                )
+            else:
+                logger.warning(
+                    "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
+                    "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave "
+                    "it out on this machine",
+                    cpu_name(),
+                )
         return torch.get_num_threads()
 
     def _prepare_model(self) -> ModelSetup:
@@ -635,10 +703,14 @@ class Trainer:
             )
         if data.sampler is None and config.max_train_steps is None:
             raise ValueError("streamed data has no length: give --max_train_steps")
-        if data.sampler is not None and len(data.dataset) < config.train_batch_size:
+        # An epoch of `--dataset_repeats` passes over a few photos fills a batch: each pass draws its own crops.
+        if data.sampler is not None and len(data.sampler) < config.train_batch_size:
+            images, repeats = len(data.dataset), config.dataset_repeats
+            passes = f" x {repeats} passes (--dataset_repeats)" if repeats > 1 else ""
             raise ValueError(
-                f"{data.description} has {len(data.dataset)} usable images, fewer than --train_batch_size "
-                f"{config.train_batch_size}"
+                f"{data.description} has {images} usable images{passes}, fewer than --train_batch_size "
+                f"{config.train_batch_size}: lower --train_batch_size, or give --dataset_repeats "
+                f"{math.ceil(config.train_batch_size / images)} to make each epoch that many passes over them"
             )
         return data
 
@@ -666,6 +738,15 @@ class Trainer:
             batches = math.ceil(len(dataloader) / accelerator.num_processes)
             steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
             max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+        if config.lr_scheduler != "constant" and config.lr_warmup_steps >= max_train_steps:
+            logger.warning(
+                "--lr_warmup_steps %d is no shorter than the run's %d steps: the learning rate never reaches "
+                "--learning_rate %g (at most %.2g); give a run this short (a fine-tune, say) a shorter warm-up",
+                config.lr_warmup_steps,
+                max_train_steps,
+                learning_rate,
+                _warm_up_peak(learning_rate, max_train_steps, config.lr_warmup_steps),
+            )
         from diffusers.optimization import get_scheduler
 
         # The prepared scheduler steps once per process per optimizer step, so its horizon scales the same way.
@@ -811,6 +892,7 @@ class Trainer:
                     logger.info(
                         f"max_train_minutes ({self.config.max_train_minutes:g}) reached at step {loop.global_step}"
                     )
+                    self._warn_if_stopped_in_warm_up(loop)
                     if self.config.checkpointing_steps and loop.global_step % self.config.checkpointing_steps:
                         # A checkpoint where the run stopped, so a resume goes on exactly from here.
                         self._save_checkpoint(accelerator, loop, batches_in_epoch)
@@ -862,6 +944,23 @@ class Trainer:
             self.config.small_crop_fraction
         )
         return cut_into_crops(batch, size, setup.upscale_factor) if chosen else batch
+
+    def _warn_if_stopped_in_warm_up(self, loop: _LoopState) -> None:
+        """A run of minutes (`--max_train_minutes` before a far `--max_train_steps`) that the clock stopped inside its
+        warm-up never reached its learning rate; a warm-up as long as `--max_train_steps` was said at the start."""
+        config, step = self.config, loop.global_step
+        if config.lr_scheduler == "constant" or not step < config.lr_warmup_steps < loop.max_train_steps:
+            return
+        learning_rate = loop.optimizer.param_groups[0]["initial_lr"]  # --learning_rate, scaled by --scale_lr
+        logger.warning(
+            "--max_train_minutes %g stopped the run at step %d, inside its warm-up of %d steps (--lr_warmup_steps): "
+            "the learning rate reached at most %.2g of --learning_rate %g; give a run of minutes a shorter warm-up",
+            config.max_train_minutes,
+            step,
+            config.lr_warmup_steps,
+            _warm_up_peak(learning_rate, step, config.lr_warmup_steps),
+            learning_rate,
+        )
 
     def _out_of_time(self, loop_started: float) -> bool:
         """Whether `max_train_minutes` have passed; every process stops at the same step if any one's clock says so."""
@@ -1213,6 +1312,11 @@ class Trainer:
                 + (f", adversarial loss x{config.adversarial_loss_weight:g}" if config.adversarial_loss_weight else "")
                 + (f", on the residual x {self.residual_scale:g}" if config.residual else ""),
                 "crops": f"{setup.resolution} px"
+                + (
+                    ", random, at the images' full scale"
+                    if config.random_crop
+                    else f", each image's centre, its shorter side resized to {setup.resolution} px"
+                )
                 + (
                     f", {config.small_crop_fraction:g} of the batches cut into {config.small_crop_size} px"
                     if config.small_crop_size

@@ -214,7 +214,7 @@ def main() -> None:
         head_parameters=sum(p.numel() for p in head.parameters()) if head is not None else 0,
         tiles=tiles.shape[0],
     )
-    (partial / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (partial / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(args.output, ignore_errors=True)
     partial.rename(args.output)
     print(json.dumps(summary, indent=2))

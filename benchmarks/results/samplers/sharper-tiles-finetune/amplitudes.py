@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     )
     report = dict(quantiles=list(QUANTILES), residual_scale=scale, crops=args.crops, rows=rows)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "amplitudes.json"), "w") as handle:
+    with open(os.path.join(args.output, "amplitudes.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     lines = [
         f"Residual std per 64-pixel crop ({args.crops} crops, x{factor}, residual scale {scale}), quantiles.",
@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "|---|---|",
         *(f"| {name} | {' / '.join(str(value) for value in values)} |" for name, values in rows.items()),
     ]
-    with open(os.path.join(args.output, "amplitudes.md"), "w") as handle:
+    with open(os.path.join(args.output, "amplitudes.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report

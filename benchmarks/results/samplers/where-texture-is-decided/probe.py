@@ -174,9 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         residual_std_quantiles=dict(quantiles=list(QUANTILES), **amplitudes),
     )
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "probe.json"), "w") as f:
+    with open(os.path.join(args.output, "probe.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(args.output, "probe.md"), "w") as f:
+    with open(os.path.join(args.output, "probe.md"), "w", encoding="utf-8") as f:
         f.write(markdown(report))
     columns = [condition, condition + sampled[None] / scale]
     columns += [condition + sampled[level] / scale for level in args.picture_levels] + [hr]
