@@ -571,13 +571,15 @@ def test_the_summary_says_how_much_of_the_training_waited_for_data(tmp_path):
             return 4
 
         def __getitem__(self, index):
-            time.sleep(0.5)
+            time.sleep(1.5)
             return random_image(40, 40, index)
 
     output = train(TrainingConfig(**fast_options(tmp_path / "out", train_dataset=SlowImages(), max_train_steps=2)))
     summary = json.loads(open(os.path.join(output, "training_summary.json"), encoding="utf-8").read())
-    # Most of the time on an idle machine; a loaded one (CI beside other jobs) computes slower, so waits less of it.
-    assert summary["global_step"] == 2 and 0.3 < summary["data_wait_fraction"] <= 1
+    # Most of the time on an idle machine; a loaded one (CI beside other jobs) computes several times slower, so waits
+    # less of it: with 0.5 s sleeps it measured 0.13-0.27 at loads of 5-7 on 2 cores. A loader that is not timed
+    # measures 0.
+    assert summary["global_step"] == 2 and 0.15 < summary["data_wait_fraction"] <= 1
 
 
 def test_model_sources(tmp_path):
