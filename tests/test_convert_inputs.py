@@ -100,7 +100,7 @@ def test_a_plain_conversion_casts_nothing_and_logs_no_float32_warning(tmp_path, 
 
 
 def test_a_double_slash_after_an_escaped_quote_is_inside_the_string(tmp_path):
-    config = json.loads(CONFIG.read_text())
+    config = json.loads(CONFIG.read_text(encoding="utf-8"))
     config["name"] = 'the "tiny // model'  # written as "the \\"tiny // model": the string goes on past the quote
-    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     assert load_original_config(tmp_path / "config.json") == config

@@ -164,7 +164,7 @@ def test_convert_overwrite_checks_the_folders_it_removes_before_it_saves(tmp_pat
 
 
 def test_resolutions_that_are_no_whole_factor_apart_are_refused():
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     config["datasets"]["val"]["r_resolution"] = 36
     with pytest.raises(CheckpointError, match="r_resolution 36 is not a multiple of l_resolution 8"):
         convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config)
@@ -172,7 +172,7 @@ def test_resolutions_that_are_no_whole_factor_apart_are_refused():
 
 def test_an_absent_linear_range_takes_the_originals_defaults():
     """The original's make_beta_schedule: linear_start 1e-4, linear_end 2e-2."""
-    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text())
+    config = json.loads((FIXTURES / "sr3_tiny_config.json").read_text(encoding="utf-8"))
     for schedule in config["model"]["beta_schedule"].values():
         del schedule["linear_start"], schedule["linear_end"]
     betas = convert_original_checkpoint(FIXTURES / "sr3_tiny_I10_E1_gen.pth", config).scheduler.betas
