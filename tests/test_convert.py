@@ -237,6 +237,16 @@ def _without_schedule_setting(config, key):
             lambda c: c["datasets"]["val"].update(l_resolution="eight"),
             "datasets.val.l_resolution and r_resolution must be whole numbers",
         ),
+        (  # int() read 8.7 as 8, "16" as 16; -8 gave an upscale factor of -4
+            lambda c: c["datasets"]["val"].update(l_resolution=8.7),
+            r"l_resolution and r_resolution must be whole numbers above 0, got 8.7 and",
+        ),
+        (
+            lambda c: c["datasets"]["val"].update(r_resolution="16"),
+            r"must be whole numbers above 0, got \d+ and \"16\"",
+        ),
+        (lambda c: c["datasets"]["val"].update(l_resolution=-8), "must be whole numbers above 0, got -8 and"),
+        (lambda c: c["datasets"]["val"].update(l_resolution=True), "must be whole numbers above 0, got true and"),
         (lambda c: c.update(model=[]), "model must be a JSON object"),
         (lambda c: c.pop("model"), "no model section"),
         (lambda c: c["model"].update(unet=None), "no model.unet section"),

@@ -409,13 +409,14 @@ def _upscale_factor(config: Dict[str, Any]) -> int:
     for phase in ("val", "train"):
         dataset = _section(datasets, phase, f"datasets.{phase}", required=False)
         if dataset.get("l_resolution") and dataset.get("r_resolution"):
-            try:
-                low, high = int(dataset["l_resolution"]), int(dataset["r_resolution"])
-            except (TypeError, ValueError):
+            low, high = dataset["l_resolution"], dataset["r_resolution"]
+            # As the original's data loaders take them: int() would read 8.7 as 8 and "16" as 16, and a size of 0 or
+            # below would give a factor of 0 or below, refused only later and not as the config's.
+            if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in (low, high)):
                 raise CheckpointError(
-                    f"the config's datasets.{phase}.l_resolution and r_resolution must be whole numbers, got "
-                    f"{json.dumps(dataset['l_resolution'])} and {json.dumps(dataset['r_resolution'])}"
-                ) from None
+                    f"the config's datasets.{phase}.l_resolution and r_resolution must be whole numbers above 0, got "
+                    f"{json.dumps(low)} and {json.dumps(high)}"
+                )
             if high % low:
                 raise CheckpointError(f"r_resolution {high} is not a multiple of l_resolution {low}")
             return high // low
