@@ -265,7 +265,7 @@ def _refuse_packaged_output(config: TrainingConfig) -> None:
     """Refuse, before the run writes anything (its lock file included), an `--output_dir` inside the installed
     package (its models above all), or the folder named like the packaged model in the working directory while that
     model is fine-tuned by its name: the run's own folder would be loaded in its place by that name."""
-    from ..pretrained import DEFAULT_MODEL, PACKAGED_MODELS_DIR
+    from ..pretrained import DEFAULT_MODEL, PACKAGED_MODELS_DIR, resolve_packaged_name
 
     package_dir = os.path.dirname(PACKAGED_MODELS_DIR)
     output, package = os.path.realpath(config.output_dir), os.path.realpath(package_dir)
@@ -274,7 +274,8 @@ def _refuse_packaged_output(config: TrainingConfig) -> None:
             f"--output_dir {config.output_dir} is inside the installed package ({package_dir}), which holds its "
             "packaged models and which training never changes: give the fine-tuned model a folder of its own"
         )
-    named = config.pretrained_model_name_or_path == DEFAULT_MODEL and not os.path.lexists(DEFAULT_MODEL)
+    source = config.pretrained_model_name_or_path
+    named = source is not None and resolve_packaged_name(source) != source
     if named and output == os.path.realpath(DEFAULT_MODEL):
         raise ValueError(
             f"--output_dir {config.output_dir} is the name of the packaged model being fine-tuned: a folder of that "
