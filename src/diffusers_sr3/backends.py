@@ -11,8 +11,10 @@
 ```py
 from diffusers_sr3 import SR3Pipeline
 from diffusers_sr3.backends import use_backend
+from diffusers_sr3.photos import load_photo, packaged_photo_paths
 
-pipe = SR3Pipeline.from_pretrained("path/to/pipeline")
+pipe = SR3Pipeline.from_pretrained("sr3-photos-x4")
+low_res = load_photo(packaged_photo_paths()[0], max_side=32)
 with use_backend(pipe, "onnx"):  # exports the UNet once (cached), then ONNX Runtime runs every evaluation
     image = pipe(low_res, mode="fidelity").images[0]
 ```

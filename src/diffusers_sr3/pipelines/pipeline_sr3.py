@@ -144,13 +144,16 @@ def _check_window_size(unet: SR3UNet2DModel, window_size: int, name: str) -> Non
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
-        >>> from PIL import Image
         >>> from diffusers_sr3 import SR3Pipeline
+        >>> from diffusers_sr3.photos import load_photo, packaged_photo_paths
 
-        >>> pipe = SR3Pipeline.from_pretrained("path/to/sr3-pipeline")
-        >>> low_res = Image.open("face_16.png")
-        >>> image = pipe(low_res, num_inference_steps=50).images[0]  # 16x16 -> 128x128 for an x8 model
-        >>> image.save("face_128.png")
+        >>> pipe = SR3Pipeline.from_pretrained("sr3-photos-x4")  # the x4 photo model that ships in the package
+        >>> low_res = load_photo(packaged_photo_paths()[0], max_side=32)  # or PIL.Image.open("your_photo.png")
+        >>> image = pipe(low_res).images[0]  # detail mode, at the steps and settings the model was saved with
+        >>> image.size == (4 * low_res.width, 4 * low_res.height)
+        True
+        >>> image.save("photo_x4.png")
+        >>> pipe(low_res, mode="fidelity").images[0].save("photo_x4_fidelity.png")  # the average answer, no texture
         ```
 """
 

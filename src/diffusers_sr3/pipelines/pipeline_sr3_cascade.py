@@ -39,7 +39,9 @@ EXAMPLE_DOC_STRING = """
         ...     [SR3Pipeline.from_pretrained("faces-64-256"), SR3Pipeline.from_pretrained("faces-256-1024")],
         ... )
         >>> cascade.save_pretrained("faces-cascade-1024")
-        >>> face = cascade(num_inference_steps=[100, 50, 25]).images[0]  # 1024x1024 from noise
+        >>> output = cascade(num_inference_steps=[100, 50, 25], return_all_stages=True)
+        >>> face = output.images[0]  # 1024x1024 from noise
+        >>> face_64 = output.stage_images[0][0]  # the generator's 64x64 face; or a PIL image of your own
         >>> upscaled = cascade(image=face_64, num_inference_steps=[50, 25]).images[0]  # skip the generator
         ```
 """

@@ -17,8 +17,10 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> from diffusers_sr3 import SR3UnconditionalPipeline
 
-        >>> pipe = SR3UnconditionalPipeline.from_pretrained("path/to/sr3-faces-128")
+        >>> pipe = SR3UnconditionalPipeline.from_pretrained("sr3-faces-128")  # e.g. the original's, `sr3 convert`ed
         >>> images = pipe(batch_size=4, num_inference_steps=100).images
+        >>> len(images)
+        4
         ```
 """
 
