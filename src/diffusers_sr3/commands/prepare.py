@@ -16,7 +16,8 @@ renamed), so an interrupted run continues where it stopped when run again with t
 sources (the same names, sizes and modification times); --overwrite always starts afresh.
 
 A run holds OUT's lock (`training.output_lock`, the one training runs take) from before it reads OUT until it ends: a
-second prepare into OUT, or one into a folder a training run writes, is refused at once naming the other process.
+second prepare into OUT, or one into a folder a training run writes, is refused at once naming the other process; so
+is a training run or `sr3 eval` that would read OUT meanwhile, and a prepare into OUT while they read it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 import PIL.Image
 
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
-from ..training.output_lock import LOCK_FILE, claim_output_folder
+from ..training.output_lock import (
+    LOCK_FILE,
+    PREPARE_STATE_FILE,
+    PREPARE_WRITER,
+    FolderBeingReadError,
+    claim_output_folder,
+)
 from .common import atomic_file
 
 if TYPE_CHECKING:
     from torchvision.transforms import InterpolationMode
 
-STATE_FILE = ".sr3_prepare.json"
+STATE_FILE = PREPARE_STATE_FILE
 # The resize filters, by the value of torchvision's `InterpolationMode` (imported where used: it imports torch).
 RESAMPLE = ("bicubic", "bilinear", "lanczos", "nearest")
 SAVE_EVERY_SECONDS = 2.0
@@ -338,11 +345,11 @@ def run(args: argparse.Namespace) -> int:
     # and replace each other's images. A run that fails leaves no folder or lock file of its own.
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(claim_output_folder(args.output, "--out", "sr3 prepare"))
-        except OSError:
-            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened: a
-            # finished dataset of these settings is reported complete, as before there was a lock; this run writes
-            # nothing there.
+            held.enter_context(claim_output_folder(args.output, "--out", PREPARE_WRITER))
+        except (OSError, FolderBeingReadError):
+            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened, or one
+            # that training runs are reading: a finished dataset of these settings is reported complete, as before
+            # there was a lock; this run writes nothing there.
             if args.overwrite or not _complete(args.output, settings):
                 raise
         return _prepare(args, source, files, settings, fmt, low, high)
