@@ -11,7 +11,7 @@ from test_data import make_image_folder
 from test_training import fast_options
 
 from diffusers_sr3.training import Trainer, TrainingConfig, train
-from diffusers_sr3.training.output_lock import LOCK_FILE, OutputFolderBusyError, claim_output_folder
+from diffusers_sr3.training.output_lock import LOCK_FILE, OutputFolderBusyError, claim_output_folder, hold_for_reading
 
 pytest.importorskip("fcntl")
 
@@ -239,3 +239,131 @@ def test_a_prepare_rerun_over_a_finished_dataset_it_cannot_write_says_it_is_comp
         assert capsys.readouterr().err == f"sr3 prepare: error: --out {out} is not writable (Read-only file system)\n"
     monkeypatch.undo()
     assert contents(out) == before
+
+
+READ = (
+    "import sys; from diffusers_sr3.training.output_lock import hold_for_reading\n"
+    "with hold_for_reading(sys.argv[1], '--train_data_dir'):\n"
+    "    print('reading', flush=True); sys.stdin.read()\n"
+)
+
+
+def test_a_training_run_or_eval_on_a_dataset_being_prepared_is_refused_naming_the_prepare(tmp_path, held, capsys):
+    """A training run on a folder that `sr3 prepare` was still writing trained on the images written so far; it and
+    `sr3 eval` of the folder's hr_/lr_ images are refused at once instead, whatever format the prepare writes."""
+    from diffusers_sr3.cli import main
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    folders, parquet = tmp_path / "folders", tmp_path / "parquet"
+    assert prepare(source, folders, "--sizes", "8,16") == 0
+    assert prepare(source, parquet, "--sizes", "8,16", "--format", "parquet") == 0
+    capsys.readouterr()
+    pid = held(folders, "--out", "sr3 prepare")
+    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(folders), resolution=16))
+    with pytest.raises(OutputFolderBusyError) as refused:
+        train(config)
+    assert str(refused.value) == (
+        f"--train_data_dir {folders} is still being written by sr3 prepare (pid {pid}): training on it now would read "
+        "a half-written dataset; wait for the prepare to finish"
+    )
+    assert not (tmp_path / "run").exists()  # the refused run leaves no output folder behind
+    assert main(["eval", "--hr", str(folders / "hr_16"), "--sr", str(folders / "sr_8_16")]) == 2
+    assert capsys.readouterr().err == (
+        f"sr3 eval: error: --hr {folders} is still being written by sr3 prepare (pid {pid}): evaluating it now would "
+        "read a half-written dataset; wait for the prepare to finish\n"
+    )
+    pid = held(parquet, "--out", "sr3 prepare")
+    files = [str(parquet / "data" / "*.parquet")]
+    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_files=files, resolution=16))
+    with pytest.raises(OutputFolderBusyError, match=rf"--train_data_files {parquet} is still .* \(pid {pid}\)"):
+        train(config)
+
+
+def test_a_prepare_into_a_dataset_being_read_is_refused_and_two_readers_share_it(tmp_path, capsys):
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    before = contents(out)
+    with hold_for_reading(str(out), "--train_data_dir"), hold_for_reading(str(out), "--hr", "evaluating it"):
+        for options in (["--sizes", "8,16", "--overwrite"], ["--sizes", "16,32"]):
+            assert prepare(source, out, *options) == 2
+            assert capsys.readouterr().err == (
+                f"sr3 prepare: error: {out} is being read as training or evaluation data (pid {os.getpid()}); wait "
+                "for that to end or choose another --out\n"
+            )
+        # The same prepare again writes nothing: it says the dataset is complete, as without readers.
+        assert prepare(source, out, "--sizes", "8,16") == 0
+        assert capsys.readouterr().out == f"{out} is already complete: 2 images (0 skipped)\n"
+        with pytest.raises(OutputFolderBusyError, match="is being read as training or evaluation data"):
+            with claim_output_folder(str(out)):
+                pytest.fail("a training run wrote into a dataset being read")
+        assert contents(out) == before
+    assert prepare(source, out, "--sizes", "16,32", "--overwrite") == 0  # released
+
+
+def test_a_training_run_holds_its_dataset_until_it_ends_against_a_prepare_in_another_process(tmp_path, monkeypatch):
+    """A prepare started after the training run (here `sr3 prepare --overwrite` in another process, which would have
+    replaced the images under the run) is refused while the run reads them. The original's layout, which has no
+    lock file, gets one."""
+    from diffusers_sr3.commands.prepare import STATE_FILE
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    dataset = tmp_path / "dataset"
+    assert prepare(source, dataset, "--sizes", "8,16") == 0
+    os.remove(dataset / LOCK_FILE)
+    os.remove(dataset / STATE_FILE)  # as the original's prepare.py leaves it
+    command = [sys.executable, "-m", "diffusers_sr3", "prepare", source, "--out", str(dataset), "--sizes", "8,16"]
+    refusals = []
+
+    def run_reading(trainer):
+        prepared = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=120)
+        refusals.append((prepared.returncode, prepared.stderr))
+        return trainer.config.output_dir
+
+    monkeypatch.setattr(Trainer, "_run", run_reading)
+    train(TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(dataset), resolution=16)))
+    assert refusals == [
+        (
+            2,
+            f"sr3 prepare: error: {dataset} is being read as training or evaluation data (pid {os.getpid()}); wait "
+            "for that to end or choose another --out\n",
+        )
+    ]
+    assert sorted(os.listdir(dataset)) == [LOCK_FILE, "hr_16", "lr_8", "sr_8_16"]
+
+
+def test_a_prepare_is_refused_naming_a_reader_in_another_process(tmp_path, capsys):
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READ, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline() == "reading\n"
+        assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"sr3 prepare: error: {out} is being read as training or evaluation data")
+        if os.path.exists("/proc/locks"):
+            assert f"(pid {reader.pid})" in error
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=30)
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 0
+
+
+def test_a_folder_that_is_no_dataset_is_read_unlocked(tmp_path, held):
+    """Images in a training run's own folder may be read (evaluated, trained on) while it runs, and its resume is not
+    refused because something reads them; a plain photo folder gets no lock file."""
+    photos = make_image_folder(str(tmp_path / "photos"), count=2, size=(48, 48), bad=False)
+    with hold_for_reading(photos, "--train_data_dir"):
+        with claim_output_folder(str(tmp_path / "photos")):
+            pass
+    os.remove(os.path.join(photos, LOCK_FILE))
+    with hold_for_reading(photos, "--train_data_dir"):
+        assert LOCK_FILE not in os.listdir(photos)
+    held(tmp_path / "run")
+    with hold_for_reading(str(tmp_path / "run"), "--hr", "evaluating it"):
+        pass

@@ -189,9 +189,10 @@ _process_file = prepare.process_file
 
 def _reporting_the_workers_sigint_handler(job):
     """`process_file`, giving how the worker handles SIGINT as the reason an unreadable file was skipped."""
-    images, error = _process_file(job)
+    images, error, small = _process_file(job)
     ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    return images, None if images is not None else f"SIGINT {'ignored' if ignored else 'handled'} in the worker"
+    reason = None if images is not None else f"SIGINT {'ignored' if ignored else 'handled'} in the worker"
+    return images, reason, small
 
 
 def test_workers_leave_ctrl_c_to_the_main_process(source, tmp_path, monkeypatch):
@@ -307,6 +308,7 @@ def test_a_state_written_before_sizes_and_times_were_recorded_still_resumes(sour
     state_file = out / ".sr3_prepare.json"
     state = json.loads(state_file.read_text(encoding="utf-8"))
     del state["settings"]["files_size_mtime_sha256"]
+    del state["settings"]["upsample_small"], state["small"]  # recorded from the eleventh round on
     state_file.write_text(json.dumps(state), encoding="utf-8")
     capsys.readouterr()
     assert main(arguments) == 0 and "already complete: 4 images" in capsys.readouterr().out
@@ -349,3 +351,65 @@ def test_file_names_that_are_not_utf8_are_prepared(source, tmp_path, capsys, fmt
 
         names = pq.read_table(next((out / "data").iterdir())).column("name").to_pylist()
         assert names == ["a.png", "b.jpg", "caf\ufffd.png", "sub/c.png", "sub/e.webp"]
+
+
+def test_photos_smaller_than_the_hr_size_are_skipped_with_one_warning(source, tmp_path, capsys):
+    """Enlarged to the HR size, as the original's prepare.py does, a small photo became a blurred HR image that a model
+    trained on learns to reproduce; such photos are skipped, counted and named in one line."""
+    out = tmp_path / "out"
+    for index, size in enumerate([(60, 300), (100, 100), (150, 260), (300, 90)]):  # all below 256 on a side
+        PIL.Image.open(source / "a.png").convert("RGB").resize(size).save(source / "sub" / f"small{index}.png")
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "64,256", "--n_worker", "0"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: skipped 6 photo(s) smaller than the HR size 256, which would be enlarged into blurred HR images: "
+        "sub/c.png (512x200), sub/e.webp (200x512), sub/small0.png (60x300) and 3 more; pass --upsample_small to "
+        "enlarge them"
+    ]
+    last = captured.out.splitlines()[-1]  # after the progress bar's note of the unreadable sub/d.png
+    assert last == f"wrote 2 images (64 -> 256) to {out} as PNG folders; skipped 1 unreadable file(s)"
+    # Numbered without gaps, as the original's data loader needs: a.png and b.jpg, the two photos large enough.
+    assert sorted(path.name for path in (out / "hr_256").iterdir()) == ["00000.png", "00001.png"]
+    expected = reference_resize(PIL.Image.open(source / "b.jpg").convert("RGB"), 256)
+    assert np.array_equal(read(out / "hr_256" / "00001.png"), np.asarray(expected))
+    state = json.loads((out / ".sr3_prepare.json").read_text(encoding="utf-8"))
+    assert state["small"]["sub/small1.png"] == "100x100" and len(state["small"]) == 6
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "64,256"]) == 0
+    assert capsys.readouterr().out == f"{out} is already complete: 2 images (1 skipped, 6 smaller than 256 left out)\n"
+    # Enlarging them instead is another dataset: refused over this one.
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "64,256", "--upsample_small"]) == 2
+    assert "(--upsample_small differ)" in capsys.readouterr().err
+
+
+def test_upsample_small_enlarges_small_photos_as_the_original_does(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    arguments = ["prepare", str(source), "--out", str(out), "--sizes", "64,256", "--n_worker", "0"]
+    assert main([*arguments, "--upsample-small"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    names = ["a.png", "b.jpg", "sub/c.png", "sub/e.webp"]
+    assert sorted(path.name for path in (out / "hr_256").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    for index, name in enumerate(names):
+        image = PIL.Image.open(source / name).convert("RGB")
+        assert np.array_equal(read(out / "hr_256" / f"{index:05d}.png"), np.asarray(reference_resize(image, 256)))
+
+
+@pytest.mark.parametrize("unreadable", [False, True])
+def test_a_folder_of_photos_all_too_small_is_refused_and_leaves_nothing(tmp_path, capsys, unreadable):
+    source = tmp_path / "source"
+    source.mkdir()
+    for index in range(2):
+        PIL.Image.new("RGB", (40 + index, 50), (10, 20, 30)).save(source / f"p{index}.png")
+    if unreadable:
+        (source / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["prepare", str(source), "--out", str(out), "--sizes", "16,64", "--n_worker", "0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    count, problem = (3, "1 could not be read (the first: ") if unreadable else (2, "")
+    assert error.startswith(f"sr3 prepare: error: none of the {count} image files under {source} can be used: ")
+    assert problem in error
+    assert error.endswith(
+        "2 photo(s) smaller than the HR size 64, which would be enlarged into blurred HR images: p0.png (40x50), "
+        "p1.png (41x50); nothing was written: choose an HR size they reach, or pass --upsample_small to enlarge them"
+    )
+    assert not out.exists()

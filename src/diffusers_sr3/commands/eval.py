@@ -9,11 +9,15 @@ Two ways to give the images:
   folder as `--hr` and `--sr`, the `<name>_sr` files in it are the SR images and the others the HR images.
 - `--results DIR`: the original project's results folder, `<id>_hr.png` and `<id>_sr.png` (plus `<id>_lr.png`,
   and `<id>_inf.png`, the bicubic upsample, which is then scored as a baseline).
+
+A folder that `sr3 prepare` is still writing (given itself, or one of its `hr_<N>`/`lr_<M>` folders) is refused
+rather than evaluated half-written, and a prepare into it is refused while it is evaluated (`hold_for_reading`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..image_io import is_image_file, open_image, walk_images
+from ..training.output_lock import hold_for_reading
 from .common import atomic_file, check_file_destination
 
 if TYPE_CHECKING:
@@ -218,6 +223,17 @@ def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as locks:
+        for kind in ("hr", "sr", "lr", "results"):
+            folder = getattr(args, kind)
+            if folder and os.path.isdir(folder):
+                # A prepared dataset's lock lies in OUT, above its hr_<N> and lr_<M> folders.
+                for candidate in dict.fromkeys([folder, os.path.dirname(os.path.abspath(folder))]):
+                    locks.enter_context(hold_for_reading(candidate, f"--{kind}", "evaluating it"))
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .. import metrics

@@ -1,7 +1,10 @@
 """`sr3 prepare`: turn a folder of images into the original SR3 project's training layout.
 
 Like the original's prepare.py, every image is resized (shorter side, bicubic) and centre-cropped to the LR size
-`M` and to the HR size `N`, and the LR image is bicubic-upsampled back to `N` (the "fake SR" images):
+`M` and to the HR size `N`, and the LR image is bicubic-upsampled back to `N` (the "fake SR" images). Unlike it,
+photos whose shorter side is below `N` are skipped, with one warning line that counts them: enlarged to `N`, their HR
+images would be blurred, and a model trained on them learns to reproduce the blur (as the training scripts, which
+never enlarge a training image, skip them too). `--upsample_small` enlarges them as the original does.
 
     folder (default)  OUT/lr_<M>/00000.png, OUT/hr_<N>/00000.png, OUT/sr_<M>_<N>/00000.png, ...
     --lmdb / -l       OUT/data.mdb with keys 'length' -> count, 'lr_<M>_00000', 'hr_<N>_00000', 'sr_<M>_<N>_00000'
@@ -16,7 +19,8 @@ renamed), so an interrupted run continues where it stopped when run again with t
 sources (the same names, sizes and modification times); --overwrite always starts afresh.
 
 A run holds OUT's lock (`training.output_lock`, the one training runs take) from before it reads OUT until it ends: a
-second prepare into OUT, or one into a folder a training run writes, is refused at once naming the other process.
+second prepare into OUT, or one into a folder a training run writes, is refused at once naming the other process; so
+is a training run or `sr3 eval` that would read OUT meanwhile, and a prepare into OUT while they read it.
 """
 
 from __future__ import annotations
@@ -30,29 +34,39 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 import PIL.Image
 
 from ..image_io import IMAGE_EXTENSIONS, UnreadableImageError, open_image, walk_images
-from ..training.output_lock import LOCK_FILE, claim_output_folder
+from ..training.output_lock import (
+    LOCK_FILE,
+    PREPARE_STATE_FILE,
+    PREPARE_WRITER,
+    FolderBeingReadError,
+    claim_output_folder,
+)
 from .common import atomic_file
 
 if TYPE_CHECKING:
     from torchvision.transforms import InterpolationMode
 
-STATE_FILE = ".sr3_prepare.json"
+STATE_FILE = PREPARE_STATE_FILE
 # The resize filters, by the value of torchvision's `InterpolationMode` (imported where used: it imports torch).
 RESAMPLE = ("bicubic", "bilinear", "lanczos", "nearest")
 SAVE_EVERY_SECONDS = 2.0
 # Settings an earlier version's state lacks: such a state is compared without them.
-NEWER_SETTINGS = ("files_size_mtime_sha256",)
+NEWER_SETTINGS = ("files_size_mtime_sha256", "upsample_small")
+# How many of the photos skipped as too small the warning names.
+NAMED_SMALL = 3
 # How the settings that hash the sources are named when they differ.
 SETTING_LABELS = {
     "files": "number of source files",
     "files_sha256": "source file names",
     "files_size_mtime_sha256": "source file sizes or modification times",
+    "upsample_small": "--upsample_small",
 }
 
 
@@ -71,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=500, help="rows per parquet file (--format parquet)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a prepared dataset of other settings already in the output"
+    )
+    parser.add_argument(
+        "--upsample_small",
+        "--upsample-small",
+        action="store_true",
+        help="enlarge photos smaller than the HR size to it, as the original's prepare.py does (default: skip them: "
+        "their HR images would be blurred)",
     )
 
 
@@ -101,20 +122,23 @@ def _png(image: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def process_file(job: Tuple[str, int, int, str]) -> Tuple[Optional[Dict[str, bytes]], Optional[str]]:
-    """One source file -> PNG bytes of its `lr`, `hr` and `sr` images, or `(None, reason)` if unreadable."""
-    path, low, high, resample = job
+def process_file(job: Tuple[str, int, int, str, bool]) -> Tuple[Optional[Dict[str, bytes]], Optional[str], bool]:
+    """One source file -> PNG bytes of its `lr`, `hr` and `sr` images, or `(None, reason, small)`: `small` when its
+    shorter side is below the HR size (its size is the reason; with `upsample_small` in the job, it is enlarged)."""
+    path, low, high, resample, upsample_small = job
     try:
         image = open_image(path)
     except (FileNotFoundError, UnreadableImageError) as error:
-        return None, str(error)
+        return None, str(error), False
+    if min(image.size) < high and not upsample_small:
+        return None, f"{image.width}x{image.height}", True
     from torchvision.transforms import InterpolationMode
 
     mode = InterpolationMode(resample)
     lr = resize_and_convert(image, low, mode)
     hr = resize_and_convert(image, high, mode)
     sr = resize_and_convert(lr, high, mode)
-    return {"lr": _png(lr), "hr": _png(hr), "sr": _png(sr)}, None
+    return {"lr": _png(lr), "hr": _png(hr), "sr": _png(sr)}, None, False
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -226,6 +250,18 @@ def _shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", errors="replace")
 
 
+def _small_photos(small: Dict[str, str], high: int) -> str:
+    """What the photos skipped as smaller than the HR size `high` were, in words ("" if none)."""
+    if not small:
+        return ""
+    named = ", ".join(_shown(f"{name} ({size})") for name, size in list(small.items())[:NAMED_SMALL])
+    more = f" and {len(small) - NAMED_SMALL} more" if len(small) > NAMED_SMALL else ""
+    return (
+        f"{len(small)} photo(s) smaller than the HR size {high}, which would be enlarged into blurred HR images: "
+        f"{named}{more}"
+    )
+
+
 def _settings(args: argparse.Namespace, source: str, files: Sequence[str], fmt: str, low: int, high: int) -> Dict:
     # The names' bytes, so that names that are not UTF-8 hash too.
     listing = hashlib.sha256(b"\n".join(os.fsencode(name) for name in files)).hexdigest()
@@ -235,6 +271,7 @@ def _settings(args: argparse.Namespace, source: str, files: Sequence[str], fmt: 
         status = os.stat(os.path.join(source, name))
         stats.update(f"{status.st_size} {status.st_mtime_ns}\n".encode())
     settings = {"format": fmt, "sizes": [low, high], "resample": args.resample, "source": os.path.abspath(source)}
+    settings["upsample_small"] = args.upsample_small
     settings.update(files=len(files), files_sha256=listing, files_size_mtime_sha256=stats.hexdigest())
     if fmt == "parquet":
         settings["shard_size"] = args.shard_size
@@ -261,6 +298,7 @@ def _read_state(path: str) -> Tuple[Optional[Dict], Optional[str]]:
         and all(isinstance(size, int) for size in sizes)
         and all(isinstance(state.get(key), int) for key in ("position", "written"))
         and isinstance(state.get("skipped"), dict)
+        and isinstance(state.get("small", {}), dict)
         and isinstance(state.get("complete"), bool)
     )
     return (state, None) if valid else (None, "not the progress record sr3 prepare writes")
@@ -289,7 +327,7 @@ def _differing(saved: Dict, settings: Dict) -> List[str]:
 def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) -> Dict:
     """The progress to resume from; refuses (without --overwrite) an output folder holding anything else. With
     `overwrite`, always a fresh start, even over a finished dataset of the same settings."""
-    fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "complete": False}
+    fresh = {"settings": settings, "position": 0, "written": 0, "skipped": {}, "small": {}, "complete": False}
     if not os.path.isdir(output) or not set(os.listdir(output)) - {LOCK_FILE}:
         return fresh
     state_path = os.path.join(output, STATE_FILE)
@@ -299,7 +337,7 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
         if problem and not overwrite:
             raise ValueError(f"{state_path} is damaged ({problem}); pass --overwrite to start afresh")
         if state is not None and not overwrite and not _differing(state["settings"], settings):
-            return dict(state, settings=settings)
+            return dict(state, settings=settings, small=state.get("small") or {})  # none before it was recorded
     if not overwrite:
         if state is not None:
             changed = _differing(state["settings"], settings)
@@ -338,11 +376,11 @@ def run(args: argparse.Namespace) -> int:
     # and replace each other's images. A run that fails leaves no folder or lock file of its own.
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(claim_output_folder(args.output, "--out", "sr3 prepare"))
-        except OSError:
-            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened: a
-            # finished dataset of these settings is reported complete, as before there was a lock; this run writes
-            # nothing there.
+            held.enter_context(claim_output_folder(args.output, "--out", PREPARE_WRITER))
+        except (OSError, FolderBeingReadError):
+            # A folder this process cannot write (a read-only mount), where the lock's file cannot be opened, or one
+            # that training runs are reading: a finished dataset of these settings is reported complete, as before
+            # there was a lock; this run writes nothing there.
             if args.overwrite or not _complete(args.output, settings):
                 raise
         return _prepare(args, source, files, settings, fmt, low, high)
@@ -364,14 +402,18 @@ def _prepare(
 
     state = _load_state(args.output, settings, args.overwrite, layout(fmt, low, high))
     if state["complete"]:
-        print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped)")
+        print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped", end="")
+        print(f", {len(state['small'])} smaller than {high} left out)" if state["small"] else ")")
         return 0
     # Before the writer creates the layout: a run killed at any moment leaves a folder the next run resumes (without
     # the state, it would be refused as not made by sr3 prepare).
     _save_state(args.output, state)
 
     writer = _Writer(args.output, fmt, low, high, args.shard_size)
-    jobs = [(os.path.join(source, name), low, high, args.resample) for name in files[state["position"] :]]
+    jobs = [
+        (os.path.join(source, name), low, high, args.resample, args.upsample_small)
+        for name in files[state["position"] :]
+    ]
     # Fork where possible: the workers only run PIL, and spawned ones would re-import torch (seconds each).
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     # Ctrl-C signals the whole process group: the workers ignore it (no traceback from each), the main process stops
@@ -387,8 +429,10 @@ def _prepare(
     last_save = time.monotonic()
     try:
         with tqdm(total=len(files), initial=state["position"], desc="preparing", unit="image") as progress:
-            for name, (images, error) in zip(files[state["position"] :], results):
-                if images is None:
+            for name, (images, error, small) in zip(files[state["position"] :], results):
+                if small:
+                    state["small"][name] = error
+                elif images is None:
                     state["skipped"][name] = error
                     progress.write(_shown(f"skipped unreadable {os.path.join(source, name)} ({error})"))
                 else:
@@ -399,7 +443,7 @@ def _prepare(
                 if writer.flush(final=False) or (
                     not writer.pending() and time.monotonic() - last_save > SAVE_EVERY_SECONDS
                 ):
-                    committed = dict(state, skipped=dict(state["skipped"]))
+                    committed = dict(state, skipped=dict(state["skipped"]), small=dict(state["small"]))
                     _save_state(args.output, committed)
                     last_save = time.monotonic()
         writer.flush(final=True)
@@ -409,15 +453,28 @@ def _prepare(
             pool.terminate()
         writer.close()
         _save_state(args.output, state if not writer.pending() else committed)
+    small = _small_photos(state["small"], high)
     if not state["written"]:
         # Not a dataset marked complete with no image (training would fail on it later): nothing is left behind (the
         # folder too, if this run created it: `claim_output_folder`).
         _remove(args.output, set(layout(fmt, low, high)) | {STATE_FILE})
-        first = _shown(next(iter(state["skipped"].values())))
-        raise ValueError(
-            f"none of the {len(files)} image files under {source} could be read (the first: {first}); nothing was "
-            "written"
+        if not small:
+            first = _shown(next(iter(state["skipped"].values())))
+            raise ValueError(
+                f"none of the {len(files)} image files under {source} could be read (the first: {first}); nothing "
+                "was written"
+            )
+        unreadable = (
+            f"{len(state['skipped'])} could not be read (the first: {_shown(next(iter(state['skipped'].values())))}); "
+            if state["skipped"]
+            else ""
         )
+        raise ValueError(
+            f"none of the {len(files)} image files under {source} can be used: {unreadable}{small}; nothing was "
+            "written: choose an HR size they reach, or pass --upsample_small to enlarge them"
+        )
+    if small:
+        print(f"warning: skipped {small}; pass --upsample_small to enlarge them", file=sys.stderr)
     kinds = {"folder": "PNG folders", "lmdb": "LMDB", "parquet": "parquet dataset"}[fmt]
     print(f"wrote {state['written']} images ({low} -> {high}) to {args.output} as {kinds}", end="")
     print(f"; skipped {len(state['skipped'])} unreadable file(s)" if state["skipped"] else "")

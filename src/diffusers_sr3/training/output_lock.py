@@ -7,14 +7,20 @@ take the one lock file, so a prepare into a training run's folder (or the revers
 their files there. The lock is `fcntl.flock`'s, so it ends with its process however that ends, and a stale lock file
 never blocks a later run. Where there is no flock (Windows) or the filesystem has no locks (NFS mounted nolock),
 nothing is locked, as before.
+
+Readers of a prepared dataset (a training run's `--train_data_dir`, `sr3 eval`'s folders) take the same file's lock
+shared (`hold_for_reading`): a dataset that `sr3 prepare` is still writing is refused to them, and while they read,
+a prepare into the folder (which would replace or add images under them) is refused. Readers do not exclude each
+other: two training runs may read one dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from ..file_writes import NO_LOCKING
 
@@ -25,12 +31,19 @@ except ImportError:  # Windows
 
 # A dot file: the Hub uploads (`UPLOAD_IGNORE_PATTERNS`' ".*") leave it out, and it is no `checkpoint-<step>`.
 LOCK_FILE = ".sr3-train.lock"
+# The progress record `sr3 prepare` keeps in its output folder: it marks a folder as a prepared dataset.
+PREPARE_STATE_FILE = ".sr3_prepare.json"
+PREPARE_WRITER = "sr3 prepare"
 # A FIFO put in the lock file's place must not block the open.
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class OutputFolderBusyError(ValueError):
     """Another live run holds the output folder's lock."""
+
+
+class FolderBeingReadError(OutputFolderBusyError):
+    """Live readers (`hold_for_reading`) hold the folder's lock shared: no writer holds it."""
 
 
 @contextlib.contextmanager
@@ -98,6 +111,13 @@ def _lock(folder: str, option: str, writer: str) -> Optional[int]:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if _only_readers(descriptor):
+                    readers = _reader_pids(descriptor)
+                    raise FolderBeingReadError(
+                        f"{folder} is being read as training or evaluation data"
+                        + (f" (pid {', '.join(readers)})" if readers else "")
+                        + f"; wait for that to end or choose another {option}"
+                    ) from None
                 pid, holder = _holder(descriptor)
                 raise OutputFolderBusyError(
                     f"{folder} is being written by another {holder} (pid {pid}); wait for it or choose another {option}"
@@ -129,3 +149,115 @@ def _holder(descriptor: int) -> Tuple[str, str]:
     pid = lines[0].strip() if lines and lines[0].strip().isdigit() else "unknown"
     writer = lines[1].strip() if len(lines) > 1 and lines[1].strip().isprintable() and lines[1].strip() else "run"
     return pid, writer
+
+
+def _only_readers(descriptor: int) -> bool:
+    """Whether the lock that refused an exclusive claim is held shared only (by readers), not by a writer."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(descriptor, fcntl.LOCK_UN)
+    return True
+
+
+def _reader_pids(descriptor: int) -> List[str]:
+    """The ids of the processes holding shared flocks on `descriptor`'s file, from Linux's /proc/locks; none where it
+    cannot tell (another system, a filesystem whose numbers /proc/locks gives otherwise)."""
+    status = os.fstat(descriptor)
+    file_id = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        with open("/proc/locks", encoding="utf-8") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        # "1: FLOCK  ADVISORY  READ  4242 08:01:1234 0 EOF"; waiting requests are marked "->" and hold nothing.
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "READ" and fields[5] == file_id:
+            pids.append(fields[4])
+    return sorted(set(pids), key=int)
+
+
+def is_prepared_dataset(folder: str) -> bool:
+    """Whether `folder` holds a prepared dataset: `sr3 prepare`'s progress record, or the original's layout (`hr_<N>`
+    folders or an LMDB)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return (
+        PREPARE_STATE_FILE in names
+        or "data.mdb" in names
+        or any(re.fullmatch(r"hr_\d+", name) and os.path.isdir(os.path.join(folder, name)) for name in names)
+    )
+
+
+@contextlib.contextmanager
+def hold_for_reading(folder: str, option: str, use: str = "training on it") -> Iterator[None]:
+    """Read `folder` as data while the block runs, refused while `sr3 prepare` writes it.
+
+    Args:
+        folder: a folder the block reads images from.
+        option: the command-line option that named it, for the message.
+        use: what the block does with it ("training on it", "evaluating it"), for the message.
+
+    Raises:
+        OutputFolderBusyError: an `sr3 prepare` holds the folder's lock: its dataset is half-written.
+
+    A prepared dataset (`is_prepared_dataset`) is held with a shared lock until the block ends, its lock file created
+    if it has none, so that a prepare into it meanwhile is refused (two readers share it). Any other folder is only
+    checked: a lock held there shared would refuse a training run's resume into its own folder while something reads
+    its images. A folder that another kind of writer holds (a training run's output read as images) is read unlocked,
+    as before; so is one whose lock file cannot be opened or created (a read-only mount).
+    """
+    descriptor = _share(folder, option, use, is_prepared_dataset(folder))
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
+    """A descriptor holding `folder`'s lock shared when `keep`; None where nothing is held."""
+    if fcntl is None:
+        return None
+    path = os.path.join(folder, LOCK_FILE)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    while True:
+        try:
+            descriptor = os.open(path, flags | (os.O_CREAT if keep else 0), 0o644)
+        except OSError:
+            # No lock file that no writer has made (a folder only read), a link or one that cannot be created: the
+            # claims refuse such files themselves.
+            return None
+        held = False
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, holder = _holder(descriptor)
+                if holder != PREPARE_WRITER:
+                    return None
+                raise OutputFolderBusyError(
+                    f"{option} {folder} is still being written by sr3 prepare (pid {pid}): {use} now would read a "
+                    "half-written dataset; wait for the prepare to finish"
+                ) from None
+            except OSError as error:
+                if error.errno in NO_LOCKING:
+                    return None
+                raise
+            if not keep:
+                return None
+            # As in `_lock`: a lock file that a failed claim removed just before is no lock; take the new one's.
+            with contextlib.suppress(FileNotFoundError):
+                held = os.fstat(descriptor).st_ino == os.lstat(path).st_ino
+        finally:
+            if not held:
+                os.close(descriptor)
+        if held:
+            return descriptor

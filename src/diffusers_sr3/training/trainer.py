@@ -64,7 +64,7 @@ from .checkpointing import (
 from .config import TrainingConfig, training_command
 from .hub import push_folder
 from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict, predicted_clean
-from .output_lock import claim_output_folder
+from .output_lock import claim_output_folder, hold_for_reading
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -259,6 +259,26 @@ def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
     """The highest learning rate of a run's first `steps` (at least 1, at most `warmup_steps`) optimizer steps in a
     linear warm-up: step k runs at `learning_rate * (k - 1) / warmup_steps`, the schedule stepping after it."""
     return learning_rate * (steps - 1) / warmup_steps
+
+
+def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
+    """The local folders the run reads its data from, each with the option that names it (see `hold_for_reading`).
+
+    A parquet dataset of `sr3 prepare` is named by its files, `OUT/data/*.parquet`; its lock lies in OUT.
+    """
+    if config.train_images is not None or config.train_dataset is not None:
+        return []
+    named = [(config.train_data_dir, "--train_data_dir"), (config.dataset_name, "--dataset_name")]
+    for pattern in config.train_data_files or []:
+        folder = os.path.dirname(os.path.normpath(pattern))
+        named.append((folder or os.curdir, "--train_data_files"))
+        if os.path.basename(folder) == "data":
+            named.append((os.path.dirname(folder) or os.curdir, "--train_data_files"))
+    folders: Dict[str, Tuple[str, str]] = {}
+    for folder, option in named:
+        if folder is not None and os.path.isdir(folder):
+            folders.setdefault(os.path.realpath(folder), (folder, option))
+    return list(folders.values())
 
 
 def _refuse_packaged_output(config: TrainingConfig) -> None:
@@ -526,7 +546,12 @@ class Trainer:
             # Before anything in the folder changes (`remove_stale_temporaries` deletes the staging folders a live
             # run would be writing). Only the main process locks: the others' locks would conflict with its own.
             main = os.environ.get("RANK", "0") == "0"
-            with claim_output_folder(self.config.output_dir) if main else contextlib.nullcontext():
+            with contextlib.ExitStack() as locks:
+                if main:
+                    locks.enter_context(claim_output_folder(self.config.output_dir))
+                    # Until the run ends: data loader workers read the images all along.
+                    for folder, option in _data_folders(self.config):
+                        locks.enter_context(hold_for_reading(folder, option))
                 return self._run()
         except BaseException:
             if new_folder:  # a run that fails before writing anything leaves no empty folder behind
