@@ -367,3 +367,37 @@ def test_a_folder_that_is_no_dataset_is_read_unlocked(tmp_path, held):
     held(tmp_path / "run")
     with hold_for_reading(str(tmp_path / "run"), "--hr", "evaluating it"):
         pass
+
+
+def test_a_training_run_on_a_folder_inside_a_dataset_being_prepared_is_refused_as_eval_is(tmp_path, held, capsys):
+    """`--train_data_dir OUT/hr_16` (the HR images alone, a plain image folder) read a dataset `sr3 prepare` was still
+    writing, which `sr3 eval --hr OUT/hr_16` refused: the run looks for the lock one level up too, and holds it."""
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    pid = held(out, "--out", "sr3 prepare")
+    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(out / "hr_16"), resolution=16))
+    with pytest.raises(OutputFolderBusyError) as refused:
+        train(config)
+    assert str(refused.value) == (
+        f"--train_data_dir {out} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+        "half-written dataset; wait for the prepare to finish"
+    )
+    assert LOCK_FILE not in os.listdir(out / "hr_16")
+
+
+def test_a_training_run_on_a_folder_inside_a_dataset_holds_the_dataset(tmp_path, monkeypatch, capsys):
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    statuses = []
+
+    def run_reading(trainer):
+        statuses.append(prepare(source, out, "--sizes", "8,16", "--overwrite"))
+        return trainer.config.output_dir
+
+    monkeypatch.setattr(Trainer, "_run", run_reading)
+    train(TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(out / "hr_16"), resolution=16)))
+    assert statuses == [2] and "is being read as training or evaluation data" in capsys.readouterr().err

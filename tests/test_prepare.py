@@ -413,3 +413,56 @@ def test_a_folder_of_photos_all_too_small_is_refused_and_leaves_nothing(tmp_path
         "p1.png (41x50); nothing was written: choose an HR size they reach, or pass --upsample_small to enlarge them"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["folder", "lmdb"])
+def test_a_run_an_earlier_version_started_is_finished_enlarging_as_it_began(source, tmp_path, monkeypatch, capsys, fmt):
+    """An earlier version enlarged small photos; resumed by this one, its run skipped the small photos it had not yet
+    reached, a dataset of both kinds whose record said none was enlarged. It is finished as it began."""
+    arguments = ["prepare", str(source), "--sizes", "16,256", "--n_worker", "0", "--format", fmt]
+    assert main([*arguments, "--out", str(tmp_path / "clean"), "--upsample_small"]) == 0
+    calls = []
+    real = prepare.process_file
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 4:  # after a.png, b.jpg and sub/c.png (512x200, enlarged), before sub/e.webp (200x512)
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prepare, "process_file", interrupted)
+    monkeypatch.setattr(prepare, "SAVE_EVERY_SECONDS", 0.0)
+    out = tmp_path / "out"
+    assert main([*arguments, "--out", str(out), "--upsample_small"]) == 130
+    monkeypatch.setattr(prepare, "process_file", real)
+    state_file = out / ".sr3_prepare.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    assert state["position"] == 3 and not state["complete"]
+    del state["settings"]["upsample_small"], state["small"]  # as the earlier version recorded it
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    assert f"note: {out} was started by an earlier sr3 prepare, which enlarged photos smaller than the HR size" in (
+        captured.err
+    )
+    assert captured.out.splitlines()[-1].startswith(f"wrote 4 images (16 -> 256) to {out}")
+    if fmt == "lmdb":
+        import lmdb
+
+        def contents(folder):
+            with lmdb.open(str(folder), readonly=True, lock=False) as environment:
+                with environment.begin() as transaction:
+                    return dict(transaction.cursor())
+
+        assert contents(out) == contents(tmp_path / "clean")
+    else:
+        for index in range(4):
+            name = f"hr_256/{index:05d}.png"
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    assert "upsample_small" not in state["settings"] and state["small"] == {} and state["written"] == 4
+    for options in ([], ["--upsample_small"]):  # the same command again, either way, says it is complete
+        assert main([*arguments, "--out", str(out), *options]) == 0
+        assert capsys.readouterr().out == f"{out} is already complete: 4 images (1 skipped)\n"

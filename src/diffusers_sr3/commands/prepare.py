@@ -337,7 +337,12 @@ def _load_state(output: str, settings: Dict, overwrite: bool, names: List[str]) 
         if problem and not overwrite:
             raise ValueError(f"{state_path} is damaged ({problem}); pass --overwrite to start afresh")
         if state is not None and not overwrite and not _differing(state["settings"], settings):
-            return dict(state, settings=settings, small=state.get("small") or {})  # none before it was recorded
+            resumed = dict(state, settings=settings, small=state.get("small") or {})  # none before it was recorded
+            if "upsample_small" not in state["settings"] and state["position"] and not state["complete"]:
+                # An earlier version's run, which enlarged the small photos it met: the rest are enlarged too, or the
+                # dataset would mix the two. Its record keeps no setting, as that version's (`_upsamples_small`).
+                resumed["settings"] = {key: value for key, value in settings.items() if key != "upsample_small"}
+            return resumed
     if not overwrite:
         if state is not None:
             changed = _differing(state["settings"], settings)
@@ -386,6 +391,12 @@ def run(args: argparse.Namespace) -> int:
         return _prepare(args, source, files, settings, fmt, low, high)
 
 
+def _upsamples_small(settings: Dict) -> bool:
+    """Whether a dataset of these settings enlarges photos smaller than the HR size: versions that did not record the
+    setting always did."""
+    return settings.get("upsample_small", True)
+
+
 def _complete(output: str, settings: Dict) -> bool:
     """Whether `output` holds a finished dataset of `settings`; reads only."""
     try:
@@ -409,10 +420,16 @@ def _prepare(
     # the state, it would be refused as not made by sr3 prepare).
     _save_state(args.output, state)
 
+    upsample_small = _upsamples_small(state["settings"])
+    if upsample_small and not args.upsample_small:
+        print(
+            f"note: {args.output} was started by an earlier sr3 prepare, which enlarged photos smaller than the HR "
+            f"size {high}: the rest are enlarged too (--overwrite prepares it afresh, skipping them)",
+            file=sys.stderr,
+        )
     writer = _Writer(args.output, fmt, low, high, args.shard_size)
     jobs = [
-        (os.path.join(source, name), low, high, args.resample, args.upsample_small)
-        for name in files[state["position"] :]
+        (os.path.join(source, name), low, high, args.resample, upsample_small) for name in files[state["position"] :]
     ]
     # Fork where possible: the workers only run PIL, and spawned ones would re-import torch (seconds each).
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")

@@ -264,20 +264,19 @@ def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
 def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
     """The local folders the run reads its data from, each with the option that names it (see `hold_for_reading`).
 
-    A parquet dataset of `sr3 prepare` is named by its files, `OUT/data/*.parquet`; its lock lies in OUT.
+    Each folder's parent too, as `sr3 eval` does: a prepared dataset's lock lies in OUT, above the folders a run may
+    be given (`--train_data_dir OUT/hr_256`, the parquet files `OUT/data/*.parquet`).
     """
     if config.train_images is not None or config.train_dataset is not None:
         return []
     named = [(config.train_data_dir, "--train_data_dir"), (config.dataset_name, "--dataset_name")]
     for pattern in config.train_data_files or []:
-        folder = os.path.dirname(os.path.normpath(pattern))
-        named.append((folder or os.curdir, "--train_data_files"))
-        if os.path.basename(folder) == "data":
-            named.append((os.path.dirname(folder) or os.curdir, "--train_data_files"))
+        named.append((os.path.dirname(os.path.normpath(pattern)) or os.curdir, "--train_data_files"))
     folders: Dict[str, Tuple[str, str]] = {}
     for folder, option in named:
         if folder is not None and os.path.isdir(folder):
-            folders.setdefault(os.path.realpath(folder), (folder, option))
+            for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+                folders.setdefault(os.path.realpath(candidate), (candidate, option))
     return list(folders.values())
 
 
