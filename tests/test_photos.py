@@ -72,6 +72,21 @@ def test_plasma_wallpaper_name_and_largest_landscape_rendition(monkeypatch, tmp_
     assert photo_name(images / "1280x800.jpg") == "Path"
 
 
+@pytest.mark.parametrize("listing", [sorted, lambda paths: sorted(paths, reverse=True)])
+def test_a_wallpaper_with_two_renditions_of_one_size_gives_the_same_file_in_any_listing_order(
+    monkeypatch, tmp_path, listing
+):
+    images = tmp_path / "wallpapers" / "Path" / "contents" / "images"
+    images.mkdir(parents=True)
+    for name in ("1920x1080.png", "1920x1080.jpg", "640x480.jpg"):
+        _write_photo(images / name, 8, 8)
+    _sources_moved_to(monkeypatch, tmp_path)
+    real_glob = pathlib.Path.glob
+    # Filesystems list a folder in their own order (ext4 by hash, others by creation): both orders are tried.
+    monkeypatch.setattr(pathlib.Path, "glob", lambda self, pattern: iter(listing(real_glob(self, pattern))))
+    assert packaged_photo_paths() == [images / "1920x1080.jpg"]
+
+
 def test_split_is_deterministic_disjoint_and_whole_photo(tmp_path):
     paths = [tmp_path / f"photo{i}.png" for i in range(10)]
     train, held = photo_split(paths, heldout=3)

@@ -107,7 +107,8 @@ def test_upscale_runs_on_the_free_cores_unless_told_and_says_so(machine, tiny_pi
     threads, printed = upscale()
     assert threads == 1
     assert (
-        "1 CPU thread(s): other processes keep the cores busy (6 runnable tasks besides this one on 2 cores)" in printed
+        "1 CPU thread(s): other processes keep the cores busy (6 runnable tasks besides this one on 2 cores); "
+        "--threads sets them (a rerun matches bit for bit at the same count)" in printed
     )
     threads, printed = upscale("--threads", "2")  # the user's count, busy or not
     assert threads == 2 and "CPU thread" not in printed

@@ -128,6 +128,25 @@ def test_resume_gives_the_same_weights(tmp_path):
         assert_same(weights(straight / "checkpoint-4"), weights(other / "checkpoint-4"))
 
 
+def test_runs_with_one_seed_and_thread_count_train_the_same_weights_whatever_the_loader_workers(tmp_path):
+    """The guarantee the README states: the same seed and thread count give bit-identical weights; the data order,
+    crops and degradations come from the seed, not from which worker process loads a sample."""
+    trained = {}
+    for name, workers in (("first", 0), ("again", 0), ("workers", 2)):
+        options = dict(num_threads=1, dataloader_num_workers=workers, max_train_steps=6, checkpointing_steps=6)
+        train(resume_options(tmp_path, tmp_path / name, **options))
+        trained[name] = [
+            weights(tmp_path / name / "checkpoint-6", file) for file in ("model.safetensors", "ema.safetensors")
+        ]
+    for name in ("again", "workers"):
+        for first, other in zip(trained["first"], trained[name]):
+            assert first.keys() == other.keys()
+            assert all(torch.equal(first[key], other[key]) for key in first), name
+    train(resume_options(tmp_path, tmp_path / "seed1", seed=1, num_threads=1, max_train_steps=6, checkpointing_steps=6))
+    other_seed = weights(tmp_path / "seed1" / "checkpoint-6")
+    assert not all(torch.equal(trained["first"][0][key], other_seed[key]) for key in other_seed)
+
+
 def test_a_streamed_run_resumes_to_the_same_weights(tmp_path):
     # Accelerate drops the loader's own generator from a streamed loader, so starting an epoch's iterator drew from
     # the global RNG: before the checkpoint in the straight run, after its restore in the resumed one.

@@ -90,7 +90,9 @@ def _package_dir(package: str) -> Optional[pathlib.Path]:
 def _largest_wallpaper_image(folder: pathlib.Path) -> Optional[pathlib.Path]:
     """The highest-resolution landscape rendition of a Plasma wallpaper (files are named `WxH.ext`)."""
     best, best_area = None, 0
-    for path in (folder / "contents" / "images").glob("*x*.*"):
+    # In name order: of two renditions of one size (1920x1080.jpg and .png) the same one wins on every filesystem,
+    # whatever order it lists them in, so a photo set names the same files everywhere.
+    for path in sorted((folder / "contents" / "images").glob("*x*.*")):
         try:
             width, height = (int(part) for part in path.stem.split("x"))
         except ValueError:

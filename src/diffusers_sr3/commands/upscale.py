@@ -267,7 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads (default: one per core that the tasks of other processes runnable now leave free, at least "
         "1; one per core on an idle machine: torch's threads wait for each other, so on a busy machine fewer are "
-        "faster)",
+        "faster; results can differ by a rounding step between counts: give the same count where reruns must match "
+        "bit for bit)",
     )
     parser.add_argument(
         "--quality",
@@ -865,7 +866,10 @@ def run(args: argparse.Namespace) -> int:
     if threads is None:
         threads, why = default_cpu_threads()
         if threads < torch.get_num_threads() and not args.quiet:
-            print(f"{threads} CPU thread(s): {why}; --threads sets them")
+            # The count follows the load, and results follow the count: a rerun must be told it to match bit for bit.
+            print(
+                f"{threads} CPU thread(s): {why}; --threads sets them (a rerun matches bit for bit at the same count)"
+            )
     torch.set_num_threads(threads)
     paths, destinations, skipped = _plan_writes(args.inputs, args.output)
     if skipped and not args.quiet:
