@@ -1,4 +1,4 @@
-"""LoRA adapters on SR3UNet2DModel (Diffusers' PeftAdapterMixin): add, train, disable, save/load, fuse; peft optional."""
+"""LoRA adapters on SR3UNet2DModel (PeftAdapterMixin): add, train, disable, save/load, fuse; peft is optional."""
 
 import sys
 

@@ -74,6 +74,7 @@ def has_lora_layers(model: nn.Module) -> bool:
 
     return any(isinstance(module, BaseTunerLayer) for module in model.modules())
 
+
 # Attention weights as saved before attention went through Diffusers' `Attention` (diffusers-sr3 <= 0.1.0, and
 # every folder written by it): `<path>.attention.norm` (GroupNorm), `.qkv` (a bias-free 1x1 conv whose output
 # channels are q, k and v as consecutive thirds) and `.proj_out` (1x1 conv).
@@ -894,8 +895,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         (Diffusers would load nothing, silently).
         """
         require_peft()
-        if kwargs.get("weight_name") is None:
-            kwargs.setdefault("use_safetensors", True)  # Diffusers' pipeline loaders' default; its models' look for .bin
+        if kwargs.get("weight_name") is None:  # Diffusers' models look for a .bin then; its pipelines' loaders don't
+            kwargs.setdefault("use_safetensors", True)
         before = set(getattr(self, "peft_config", {}))
         super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
         if set(getattr(self, "peft_config", {})) == before:
