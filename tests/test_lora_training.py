@@ -13,7 +13,7 @@ from test_data import make_image_folder
 from test_training import SR_SCRIPT, UNCOND_SCRIPT, as_argv, fast_options, run_script
 from test_training_resume import assert_same, resume_options, stop_after_first_checkpoint, weights
 
-from diffusers_sr3 import SR3Pipeline, SR3UNet2DModel, SR3UnconditionalPipeline, make_scheduler
+from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.training import Trainer, TrainingConfig, train
 
 pytest.importorskip("peft")
