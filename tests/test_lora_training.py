@@ -14,7 +14,7 @@ from test_training import SR_SCRIPT, UNCOND_SCRIPT, as_argv, fast_options, run_s
 from test_training_resume import assert_same, resume_options, stop_after_first_checkpoint, weights
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
-from diffusers_sr3.training import Trainer, TrainingConfig, train
+from diffusers_sr3.training import Trainer, TrainingConfig, load_checkpoint_unet, train
 
 pytest.importorskip("peft")
 
@@ -102,6 +102,14 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert_same(weights(straight, UNET_FILE), weights(resumed, UNET_FILE))
     lora_file = "pytorch_lora_weights.safetensors"
     assert_same(weights(straight, lora_file), weights(resumed, lora_file))
+
+    # A checkpoint of a LoRA run loads as a plain UNet (an autoguidance guide): the EMA adapter merged into the
+    # frozen weights, as the final save at the same step; or the trained adapter.
+    averaged = load_checkpoint_unet(str(straight / "checkpoint-8"))
+    assert averaged.state_dict().keys() == weights(straight, UNET_FILE).keys()
+    assert_same(averaged.state_dict(), weights(straight, UNET_FILE))
+    trained = load_checkpoint_unet(str(straight / "checkpoint-8"), use_ema=False)
+    assert not torch.allclose(predict(trained), predict(averaged))
 
 
 def test_an_unconditional_model_trains_lora_through_the_same_core(tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ from ..data import (
 from ..file_writes import atomic_file
 from ..metrics import SSIM_WINDOW
 from ..model_card import write_model_card
-from ..models.unet_sr3 import LORA_TARGET_MODULES, SR3UNet2DModel, convert_legacy_optimizer_state, require_peft
+from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state, require_peft
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
 from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import get_preset
@@ -51,6 +51,7 @@ from ..redaction import install_log_redaction, redact, redact_value, register_se
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
     OBJECTIVE_KEY,
+    add_training_adapter,
     check_checkpoint_fits,
     check_random_states,
     check_same_objective,
@@ -153,13 +154,6 @@ DISCRIMINATOR_OPTIMIZER_FILE = "optimizer_1.bin"
 # The key of `training_state.json` that holds the losses the summary's `final_loss` averages.
 RECENT_LOSSES_KEY = "recent_losses"
 
-# The layers `--lora_rank` puts adapters on: every Linear and Conv2d of the blocks but the noise-level embedding's MLP
-# (kept in float32, and shared by every block: a small change there shifts the whole network).
-TRAINING_LORA_TARGETS = [
-    *LORA_TARGET_MODULES["attention"],
-    *LORA_TARGET_MODULES["resnet"],
-    *LORA_TARGET_MODULES["film"],
-]
 # The adapter alone, as Diffusers names it (`save_lora_adapter`, `load_lora_weights`), beside the trained pipeline.
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
@@ -675,16 +669,8 @@ class Trainer:
             condition_noise_level=setup.condition_noise_level,
         )
         model = self.model = setup.unet
-        if config.lora_rank:
-            from peft import LoraConfig
-
-            # PEFT's default initialisation (B = 0): training starts from the pretrained model's outputs exactly.
-            lora = LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha or config.lora_rank,
-                target_modules=TRAINING_LORA_TARGETS,
-            )
-            model.add_adapter(lora)  # freezes every other weight
+        if config.lora_rank:  # training starts from the pretrained model's outputs exactly
+            add_training_adapter(model, config.lora_rank, config.lora_alpha)
         # What the optimizer and the EMA see: every weight, or with --lora_rank the adapters' alone.
         self.trained_parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         model.train()
