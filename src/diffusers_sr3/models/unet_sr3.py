@@ -49,7 +49,7 @@ def require_peft(feature: str = "LoRA adapters") -> None:
     try:
         import peft  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"{feature} need the `peft` package: pip install diffusers-sr3[lora]") from error
+        raise ImportError(f"{feature}: the `peft` package is missing; pip install diffusers-sr3[lora]") from error
 
 
 @contextlib.contextmanager
