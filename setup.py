@@ -12,6 +12,8 @@ extras = {
     # `sr3 upscale --backend onnx` / diffusers_sr3.backends: ONNX Runtime fp32 on the CPU (1.19: the first that
     # imports beside numpy 2).
     "onnx": ["onnxruntime>=1.19", "onnx>=1.15"],
+    # LoRA adapters on SR3UNet2DModel (Diffusers' PeftAdapterMixin) and `--lora_rank` training.
+    "lora": ["peft>=0.17"],
 }
 extras["test"] = sorted(
     {
@@ -20,6 +22,7 @@ extras["test"] = sorted(
         *extras["spaces"],
         *extras["fid"],
         *extras["onnx"],
+        *extras["lora"],
         "selenium>=4.20",
         "pyyaml",
         "packaging",

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
@@ -32,6 +33,47 @@ from ..disk_format import FORMAT_KEY, NewerFormatError, check_format
 logger = logging.get_logger(__name__)
 
 CONDITIONING_TYPES = ("noise_level", "timestep")
+
+# The layers a LoRA adapter can wrap, as `LoraConfig(target_modules=...)` suffixes: attention projections, the
+# ResNet convs, the FiLM projections and the noise-level embedding's MLP.
+LORA_TARGET_MODULES = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "resnet": ("block1.conv", "block2.conv"),
+    "film": ("embedding_proj",),
+    "embedding": ("linear_1", "linear_2"),
+}
+
+
+def require_peft(feature: str = "LoRA adapters") -> None:
+    """Raise an ImportError that says how to install `peft` when it is missing: LoRA is an optional extra."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"{feature}: the `peft` package is missing; pip install diffusers-sr3[lora]") from error
+
+
+@contextlib.contextmanager
+def _dropped_log_records(logger_: Any, text: str) -> Iterator[None]:
+    """Drop `logger_`'s records that contain `text` inside the block."""
+
+    def keep(record: Any) -> bool:
+        return text not in record.getMessage()
+
+    logger_.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger_.removeFilter(keep)
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether PEFT adapter layers are injected in `model` (without importing `peft` when none can be)."""
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
 
 # Attention weights as saved before attention went through Diffusers' `Attention` (diffusers-sr3 <= 0.1.0, and
 # every folder written by it): `<path>.attention.norm` (GroupNorm), `.qkv` (a bias-free 1x1 conv whose output
@@ -497,7 +539,7 @@ def _parameter_count(
     return total + 2 * channels + 9 * channels * out_channels * folded + out_channels * folded  # conv_out
 
 
-class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
+class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""The SR3 UNet: a DDPM-style UNet conditioned on a continuous noise level (or an integer timestep).
 
     For super-resolution the input is the bicubic-upsampled low-resolution image concatenated in front of the
@@ -571,6 +613,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     `set_default_attn_processor`, `fuse_qkv_projections` / `unfuse_qkv_projections` work as on Diffusers' UNets.
     Weights saved before that (`attention.norm`, `attention.qkv`, `attention.proj_out`) are converted on load, by
     `from_pretrained` and by `load_state_dict` ([`convert_legacy_attention_keys`]).
+
+    LoRA adapters (Diffusers' [`PeftAdapterMixin`], with `pip install diffusers-sr3[lora]`): `add_adapter(LoraConfig(
+    target_modules=[...]))` with names from `LORA_TARGET_MODULES`, `set_adapters`, `disable_adapters`,
+    `save_lora_adapter` / `load_lora_adapter` (safetensors, keys without a prefix), `fuse_lora` / `unfuse_lora`,
+    `unload_lora`. `save_pretrained` refuses a model with adapter layers in it (its weights would be saved under
+    PEFT's names, which no loader reads): fuse them and `unload_lora()` first, or save the adapter alone.
     """
 
     _supports_gradient_checkpointing = True
@@ -831,6 +879,38 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                     tensor.data = tensor.data.clone()
         return loaded
 
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """Diffusers' `add_adapter` (a `peft.LoraConfig` whose `target_modules` name layers of this UNet, see
+        `LORA_TARGET_MODULES`), with an error naming the `lora` extra when `peft` is missing."""
+        require_peft()
+        super().add_adapter(adapter_config, adapter_name=adapter_name)
+
+    def load_lora_adapter(
+        self, pretrained_model_name_or_path_or_dict: Any, prefix: Optional[str] = None, **kwargs: Any
+    ) -> None:
+        """Diffusers' `load_lora_adapter` (a folder, Hub repo or state dict; `weight_name`, `adapter_name`...).
+
+        `prefix` defaults to None, not Diffusers' `"transformer"`: `save_lora_adapter` writes this UNet's keys
+        without one, so what it saves loads back as it is. An adapter with no weights under `prefix` is refused
+        (Diffusers would load nothing, silently).
+        """
+        require_peft()
+        if kwargs.get("weight_name") is None:  # Diffusers' models look for a .bin then; its pipelines' loaders don't
+            kwargs.setdefault("use_safetensors", True)
+        before = set(getattr(self, "peft_config", {}))
+        super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+        if set(getattr(self, "peft_config", {})) == before:
+            where = f" under the prefix {prefix!r}" if prefix is not None else ""
+            raise ValueError(f"the LoRA adapter has no weights{where}: nothing was loaded")
+
+    def save_lora_adapter(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        """Diffusers' `save_lora_adapter` (`pytorch_lora_weights.safetensors` in `save_directory`, with the adapter's
+        `LoraConfig` in its header), without the float32 warning that its `self.to(dtype=None)` logs though no
+        dtype changes."""
+        require_peft()
+        with _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"):
+            super().save_lora_adapter(save_directory, *args, **kwargs)
+
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """Diffusers' `save_pretrained`, staged as a pipeline's save (`pipelines.base.staged_save`): the files are
         written in a hidden `.sr3-save-*` folder inside `save_directory`, then moved into place, so a save that fails
@@ -849,6 +929,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         # Imported here: the pipelines import this module.
         from ..pipelines.base import saved_not_uploaded, staged_save
 
+        if has_lora_layers(self):
+            raise ValueError(
+                f"this {type(self).__name__} has LoRA adapter layers ({', '.join(self.peft_config)}), whose weights "
+                "no loader reads: save the adapter with save_lora_adapter(), or fuse_lora() then unload_lora() to "
+                "save a plain UNet"
+            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):  # Diffusers logs its error and saves nothing
             return super().save_pretrained(save_directory, *args, **kwargs)

@@ -26,7 +26,7 @@ from accelerate.utils import RNG_STATE_NAME
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
-from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_parameter_list
+from ..models.unet_sr3 import LORA_TARGET_MODULES, SR3UNet2DModel, convert_legacy_parameter_list, require_peft
 from ..pipelines.base import _files_under, _give_new_file_modes
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,22 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _TEMPORARY_PREFIX = ".tmp-checkpoint-"
 # The key of `training_state.json` that holds the settings the weights were trained for (`check_same_objective`).
 OBJECTIVE_KEY = "objective"
+# The layers `--lora_rank` puts adapters on: every Linear and Conv2d of the blocks but the noise-level embedding's MLP
+# (kept in float32, and shared by every block: a small change there shifts the whole network).
+LORA_TRAINING_TARGETS = [
+    *LORA_TARGET_MODULES["attention"],
+    *LORA_TARGET_MODULES["resnet"],
+    *LORA_TARGET_MODULES["film"],
+]
+
+
+def add_training_adapter(unet: SR3UNet2DModel, rank: int, alpha: Optional[float]) -> None:
+    """Put the adapters a `--lora_rank` run trains on `unet` (PEFT's initialisation: B = 0, outputs unchanged); every
+    other weight is frozen."""
+    require_peft("LoRA training (--lora_rank)")
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TRAINING_TARGETS))
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -302,15 +318,15 @@ def load_checkpoint_unet(path: str, use_ema: bool = True) -> SR3UNet2DModel:
                 "output folder holds no saved pipeline (unet/config.json) to take the config from"
             )
     unet = SR3UNet2DModel.from_config(SR3UNet2DModel.load_config(config_file))
-    parameters = list(unet.parameters())
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        objective = json.load(handle).get(OBJECTIVE_KEY) or {}
+    if objective.get("lora_rank"):
+        # A LoRA run's weights and EMA are its adapters' on top of the frozen ones: merged in once loaded.
+        add_training_adapter(unet, objective["lora_rank"], objective.get("lora_alpha"))
     ema_path = os.path.join(path, EMA_FILE)
-    if use_ema and os.path.isfile(ema_path):
-        with torch.no_grad():
-            for parameter, value in zip(parameters, _read_ema_weights(ema_path, len(parameters), unet)):
-                if parameter.shape != value.shape:
-                    raise ValueError(f"{ema_path} does not fit the config in {config_file}")
-                parameter.copy_(value)
-    else:
+    averaged = use_ema and os.path.isfile(ema_path)
+    # A LoRA run's EMA covers its adapters alone: the frozen weights come from the trained ones.
+    if not averaged or objective.get("lora_rank"):
         model_path = os.path.join(path, MODEL_FILE)
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"{path} has no {MODEL_FILE}: not a checkpoint of a single-UNet training run")
@@ -323,4 +339,15 @@ def load_checkpoint_unet(path: str, use_ema: bool = True) -> SR3UNet2DModel:
             unet.load_state_dict(weights)
         except RuntimeError as error:
             raise ValueError(f"{model_path} does not fit the config in {config_file}: {error}") from None
+    if averaged:
+        parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+        with torch.no_grad():
+            for parameter, value in zip(parameters, _read_ema_weights(ema_path, len(parameters), unet)):
+                if parameter.shape != value.shape:
+                    raise ValueError(f"{ema_path} does not fit the config in {config_file}")
+                parameter.copy_(value)
+    if objective.get("lora_rank"):
+        unet.fuse_lora()
+        unet.unload_lora()
+        unet.requires_grad_(True)  # as any other loaded model
     return unet.eval()

@@ -71,6 +71,16 @@ class TrainingConfig:
         None, "fine-tune from an original SR3 checkpoint (I*_E*_gen.pth); needs --original_config", path=True
     )
     original_config: Optional[str] = _option(None, "the original JSON config of --resume_from_original", path=True)
+    lora_rank: int = _option(
+        0,
+        "fine-tune LoRA adapters of this rank on the attention, ResNet convs and FiLM projections of "
+        "--pretrained_model_name_or_path (or --resume_from_original) instead of every weight; the saved pipeline has "
+        "them fused in, pytorch_lora_weights.safetensors beside it is the adapter alone (0: no LoRA; needs "
+        "pip install diffusers-sr3[lora])",
+    )
+    lora_alpha: Optional[float] = _option(
+        None, "LoRA alpha: the adapters' outputs are scaled by alpha / rank (default: the rank)"
+    )
     resolution: Optional[int] = _option(None, "training (high-resolution) image size; default: the model's")
     upscale_factor: Optional[int] = _option(None, "super-resolution factor; default: the preset's, else 4")
     noise_level_embedding_scale: Optional[float] = _option(
@@ -305,6 +315,17 @@ class TrainingConfig:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank and not (self.pretrained_model_name_or_path or self.resume_from_original):
+            raise ValueError(
+                "--lora_rank trains adapters on top of a trained model's weights: give --pretrained_model_name_or_path "
+                "(or --resume_from_original); a new model trains all its weights, without --lora_rank"
+            )
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ValueError("--lora_alpha applies with --lora_rank only")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha:g}")
         if (self.resume_from_original is None) != (self.original_config is None):
             raise ValueError("--resume_from_original and --original_config go together")
         sources = [

@@ -9,6 +9,7 @@ model card, and the Hub upload.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -42,7 +43,7 @@ from ..data import (
 from ..file_writes import atomic_file
 from ..metrics import SSIM_WINDOW
 from ..model_card import write_model_card
-from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state
+from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state, require_peft
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
 from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import get_preset
@@ -50,6 +51,7 @@ from ..redaction import install_log_redaction, redact, redact_value, register_se
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
     OBJECTIVE_KEY,
+    add_training_adapter,
     check_checkpoint_fits,
     check_random_states,
     check_same_objective,
@@ -151,6 +153,9 @@ DISCRIMINATOR_OPTIMIZER_FILE = "optimizer_1.bin"
 
 # The key of `training_state.json` that holds the losses the summary's `final_loss` averages.
 RECENT_LOSSES_KEY = "recent_losses"
+
+# The adapter alone, as Diffusers names it (`save_lora_adapter`, `load_lora_weights`), beside the trained pipeline.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 # What a new model trains with when the options leave the objective unset.
 NEW_MODEL_OBJECTIVE = dict(residual=False, prediction_type="epsilon", condition_noise_level=0.0)
@@ -539,6 +544,8 @@ class Trainer:
     def run(self) -> str:
         """Train, save the pipeline (EMA weights when used) with a model card, push if asked; return the folder."""
         _refuse_packaged_output(self.config)
+        if self.config.lora_rank:
+            require_peft("LoRA training (--lora_rank)")
         threads_before = torch.get_num_threads()
         new_folder = not os.path.exists(self.config.output_dir)
         try:
@@ -686,6 +693,10 @@ class Trainer:
             condition_noise_level=setup.condition_noise_level,
         )
         model = self.model = setup.unet
+        if config.lora_rank:  # training starts from the pretrained model's outputs exactly
+            add_training_adapter(model, config.lora_rank, config.lora_alpha)
+        # What the optimizer and the EMA see: every weight, or with --lora_rank the adapters' alone.
+        self.trained_parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         model.train()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -747,15 +758,16 @@ class Trainer:
         if config.scale_lr:
             learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
         optimizer = torch.optim.AdamW(
-            model.parameters(),
+            self.trained_parameters,
             lr=learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
             fused=config.fused_optimizer or None,
         )
-        # Optimizer states of checkpoints saved by diffusers-sr3 0.1.0 (other attention parameters) still resume.
-        optimizer.register_load_state_dict_pre_hook(lambda _, state: convert_legacy_optimizer_state(model, state))
+        if not config.lora_rank:
+            # Optimizer states of checkpoints saved by diffusers-sr3 0.1.0 (other attention parameters) still resume.
+            optimizer.register_load_state_dict_pre_hook(lambda _, state: convert_legacy_optimizer_state(model, state))
         if data.sampler is None:
             max_train_steps = config.max_train_steps
         else:
@@ -800,7 +812,7 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             ema = EMAModel(
-                model.parameters(),
+                self.trained_parameters,
                 decay=config.ema_decay,
                 min_decay=config.ema_min_decay,
                 update_after_step=config.ema_update_after_step,
@@ -869,6 +881,14 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             accelerator.init_trackers(_tracker_project(config), config=_tracker_config(config))
+        if config.lora_rank:
+            logger.info(
+                "LoRA rank %d: training %.3fM adapter parameters, the %.2fM of the model stay as they are",
+                config.lora_rank,
+                sum(parameter.numel() for parameter in self.trained_parameters) / 1e6,
+                sum(parameter.numel() for name, parameter in self.model.named_parameters() if "lora_" not in name)
+                / 1e6,
+            )
         logger.info(
             "training %s (%.2fM parameters) on %s: %d steps, batch %d (%d per device x %d processes x %d accumulation)",
             setup.description,
@@ -1050,7 +1070,7 @@ class Trainer:
         """EMA update, progress and logs, then a checkpoint and validation when due."""
         config, accelerator = self.config, self.accelerator
         if loop.ema is not None:
-            loop.ema.step(self.model.parameters())
+            loop.ema.step(self.trained_parameters)
         loop.global_step += 1
         last_lr = loop.lr_scheduler.get_last_lr()[0]
         progress.update(1)
@@ -1089,6 +1109,7 @@ class Trainer:
                 steps_per_second=round(steps_this_run / seconds, 3) if seconds else None,
                 data_wait_fraction=round(loop.data_wait_seconds / seconds, 3) if seconds else None,
                 checkpoints=[os.path.basename(path) for path in list_checkpoints(config.output_dir)],
+                trained_parameters=sum(parameter.numel() for parameter in self.trained_parameters),
                 residual_scale=self.residual_scale if config.residual else None,
             )
             self._save_final(accelerator, self.model, loop.ema, setup, data, samples, loop.global_step)
@@ -1155,6 +1176,10 @@ class Trainer:
             condition_noise_max=config.condition_noise_max,
             use_ema=config.use_ema,
             upscale_factor=setup.upscale_factor,
+            # The checkpoint holds the adapters of this rank and scale: resumed without them, or with others, its
+            # weights would not load or mean something else.
+            lora_rank=config.lora_rank,
+            lora_alpha=(config.lora_alpha or config.lora_rank) if config.lora_rank else None,
         )
 
     def _validation_samples(self, data: TrainingData, setup: ModelSetup):
@@ -1240,13 +1265,13 @@ class Trainer:
         result: Tuple[Dict[str, float], Any] = ({}, None)
         if accelerator.is_main_process:
             if ema is not None:
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
+                ema.store(self.trained_parameters)
+                ema.copy_to(self.trained_parameters)
             model.eval()
             result = self._run_validation(model, setup, samples)
             model.train()
             if ema is not None:
-                ema.restore(model.parameters())
+                ema.restore(self.trained_parameters)
             log_validation(accelerator, result[0], result[1], step)
             if result[0]:
                 logger.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result[0].items()))
@@ -1274,8 +1299,8 @@ class Trainer:
     def _save_final(self, accelerator, model, ema, setup, data, samples, step) -> None:
         config = self.config
         if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
+            ema.store(self.trained_parameters)
+            ema.copy_to(self.trained_parameters)
         model.eval()
         metrics, picture = self._run_validation(model, setup, samples)
         log_validation(accelerator, metrics, picture, step)
@@ -1285,7 +1310,7 @@ class Trainer:
         except OSError as error:
             raise self._final_save_error(error) from None
         pipeline = build_pipeline(
-            model,
+            _fused_copy(model) if config.lora_rank else model,
             _saved_scheduler(setup),
             setup.upscale_factor,
             config.condition_noise_level,
@@ -1295,10 +1320,12 @@ class Trainer:
         )
         try:
             pipeline.save_pretrained(config.output_dir)
+            if config.lora_rank:
+                _save_adapter(model, config.output_dir)
         except _WRITE_ERRORS as error:
             raise self._final_save_error(error) from None
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(self.trained_parameters)
         self.summary["validation"] = metrics
         try:
             self._write_card(accelerator, setup, data, samples, step, metrics)
@@ -1348,6 +1375,14 @@ class Trainer:
                     else ""
                 ),
                 "EMA": f"decay {config.ema_decay:g}" if config.use_ema else "no",
+                **(
+                    {
+                        "LoRA": f"rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank:g}, fused into "
+                        f"the saved UNet; the adapter alone: {LORA_WEIGHTS_FILE}"
+                    }
+                    if config.lora_rank
+                    else {}
+                ),
                 "mixed precision": accelerator.mixed_precision,
                 "validation sampler": f"{config.validation_scheduler}, {config.validation_steps_count} steps",
             },
@@ -1377,6 +1412,25 @@ class Trainer:
             lines.append(f"  checkpoints: {', '.join(summary['checkpoints'])}")
         lines.append(f"  pipeline saved to {summary['output_dir']} (model card README.md, validation.png)")
         print(redact("\n".join(lines)), flush=True)
+
+
+def _fused_copy(model: SR3UNet2DModel) -> SR3UNet2DModel:
+    """A plain UNet whose weights are `model`'s with its LoRA adapters merged in: what every loader reads."""
+    fused = copy.deepcopy(model)
+    fused.fuse_lora()
+    fused.unload_lora()
+    return fused
+
+
+def _save_adapter(model: SR3UNet2DModel, output_dir: str) -> None:
+    """Write `model`'s adapter as `LORA_WEIGHTS_FILE` in `output_dir`, whole or not at all (written beside it, then
+    moved into place)."""
+    staging = tempfile.mkdtemp(prefix=".sr3-lora-", dir=output_dir)
+    try:
+        model.save_lora_adapter(staging, weight_name=LORA_WEIGHTS_FILE)
+        os.replace(os.path.join(staging, LORA_WEIGHTS_FILE), os.path.join(output_dir, LORA_WEIGHTS_FILE))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tracker_project(config: TrainingConfig) -> str:
