@@ -10,6 +10,7 @@ import stat
 import PIL.Image
 import pytest
 import torch
+from conftest import needs_bfloat16_kernels
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
@@ -75,6 +76,7 @@ def test_loaded_weights_are_aligned_so_a_reload_is_bit_exact(tmp_path, tiny_pipe
             assert torch.equal(saved, reloaded)
 
 
+@needs_bfloat16_kernels
 def test_loading_options(tmp_path, tiny_pipeline):
     tiny_pipeline.save_pretrained(tmp_path)
     bf16 = SR3Pipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
