@@ -405,7 +405,7 @@ def _check_sticky_entries_owned(folder: str, saved: Sequence[str]) -> None:
         return
     present = set(os.listdir(folder))
     merged = {path.split("/", 1)[0] for path in saved if "/" in path}  # a folder into a folder: its entries move
-    changed = _stale_weights(present, saved)
+    changed = _stale_weights(sorted(present), saved)
     for entry in sorted({path.split("/", 1)[0] for path in saved} & present):
         path = os.path.join(folder, entry)
         if not (entry in merged and os.path.isdir(path) and not os.path.islink(path)):
