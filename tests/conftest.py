@@ -51,6 +51,20 @@ PAIRS = FIXTURE_ROOT / "metric_pairs"  # HR/SR image pairs with known relations
 SAMPLES = FIXTURE_ROOT / "original_samples"  # the original project's LR/HR/bicubic sample faces
 
 
+def _bfloat16_kernels_held_back():
+    from diffusers_sr3.backends import bfloat16_kernels_held_back
+
+    return bfloat16_kernels_held_back()
+
+
+# For tests that run bfloat16 on the CPU: under ATEN_CPU_CAPABILITY=avx2 (or default) on a CPU with bfloat16 units,
+# torch's bfloat16 attention fails, and the package refuses the bf16 backend and --dtype bf16 there.
+needs_bfloat16_kernels = pytest.mark.skipif(
+    _bfloat16_kernels_held_back() is not None,
+    reason="ATEN_CPU_CAPABILITY holds torch's CPU kernels below the AVX512 ones this CPU's bfloat16 attention needs",
+)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still runs in CI)")
 

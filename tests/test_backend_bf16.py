@@ -5,10 +5,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import low_resolution_unet
+from conftest import low_resolution_unet, needs_bfloat16_kernels
 
 import diffusers_sr3.backends as backends
-from diffusers_sr3 import SR3Pipeline, make_scheduler
+from diffusers_sr3 import SR3BasePipeline, SR3Pipeline, make_scheduler
 from diffusers_sr3.backends import AutocastUNet, resolve_backend, use_backend
 from diffusers_sr3.cli import main
 from diffusers_sr3.tiling import tiled_super_resolve
@@ -53,6 +53,7 @@ def test_autocast_unet_gives_the_unets_input_errors():
 
 
 @pytest.mark.parametrize("mode", ["fidelity", "detail"])
+@needs_bfloat16_kernels
 def test_pipeline_on_the_bf16_backend_stays_close_to_float32(mode):
     pipeline = make_pipeline()
     unet = pipeline.unet
@@ -108,6 +109,7 @@ def test_fast_bfloat16_asks_the_hardware(monkeypatch, amx, avx512_bf16, kernels,
     assert not backends.fast_bfloat16("meta")
 
 
+@needs_bfloat16_kernels
 def test_cli_backend_choices(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     make_pipeline().save_pretrained(folder)
@@ -127,7 +129,7 @@ def test_cli_backend_choices(tmp_path, monkeypatch):
     assert np.array_equal(upscale("auto_fast.png"), mixed)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "bf16"])
+@pytest.mark.parametrize("backend", ["onnx", pytest.param("bf16", marks=needs_bfloat16_kernels)])
 def test_use_backend_applies_to_every_stage_of_a_cascade(backend, tmp_path, monkeypatch):
     from conftest import tiny_unet_config
 
@@ -175,6 +177,7 @@ def test_samples_one_deepest_pixel_across_run_in_float32():
     assert 0 < (got - expected).abs().max() / expected.abs().max() < 0.05
 
 
+@needs_bfloat16_kernels
 def test_use_backend_gives_each_network_back_in_the_memory_format_it_had():
     """A UNet the user keeps channels-last stays channels-last after a bf16 block; a contiguous one stays
     contiguous (the block converted both to contiguous)."""
@@ -191,6 +194,7 @@ def test_use_backend_gives_each_network_back_in_the_memory_format_it_had():
     assert all(parameter.is_contiguous() for parameter in pipeline.guidance_unet.parameters())
 
 
+@needs_bfloat16_kernels
 def test_small_samples_group_normalise_in_nchw_on_the_cpu(monkeypatch):
     # Channels-last GroupNorm on the CPU costs ~150 us per small sample: detail mode's windows (many 16x16 grids)
     # ran 2.2x their pixel share. The formats are what is checked here; benchmarks/window_cost.py times them.
@@ -221,3 +225,51 @@ def test_small_samples_group_normalise_in_nchw_on_the_cpu(monkeypatch):
     error, channels_last_error = (fast - reference).abs(), (channels_last - reference).abs()
     assert error.max() < 0.05 and error.mean() < 1.25 * channels_last_error.mean()
     assert all(not norm._forward_pre_hooks for norm in norms)
+
+
+def hold_kernels_below_avx512(monkeypatch):
+    """Torch as under `ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX (torch read the variable at start: its own kernels
+    stay as they are)."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+
+def test_bfloat16_asked_for_where_torch_cannot_run_it_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX: torch's bfloat16 attention fails ("pack_vnni2 is only supported
+    when avx512 is supported"), and `--backend bf16` ended in its traceback inside the model. Each explicit request
+    says why and what to do instead, before the model loads."""
+    source = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (12, 20)).save(source)
+    hold_kernels_below_avx512(monkeypatch)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(SR3BasePipeline, "from_pretrained", no_load)
+    out = tmp_path / "out.png"
+    for command, fix in (
+        (["upscale", str(source), "--output", str(out), "--backend", "bf16"], "--backend torch"),
+        (["upscale", str(source), "--output", str(out), "--dtype", "bf16"], "--dtype float32"),
+        (["sample", "--model", str(tmp_path), "--output", str(out), "--dtype", "bfloat16"], "--dtype float32"),
+    ):
+        assert main([*command, "--device", "cpu"]) == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+        request = " ".join(command[-2:])
+        assert f"{request}: torch's CPU kernels are held at AVX2 (ATEN_CPU_CAPABILITY=avx2), below" in error, error
+        assert f"unset ATEN_CPU_CAPABILITY, or use {fix}" in error, error
+    assert not out.exists()
+    # From Python too, where the backend is resolved: `auto` goes on in float32.
+    unet = low_resolution_unet()
+    with pytest.raises(ValueError, match="the bf16 backend: torch's CPU kernels are held at AVX2"):
+        resolve_backend("bf16", unet)
+    assert resolve_backend("auto", unet) == "torch"
+    # Torch's own kernels where the CPU has no bfloat16 units, or on another device: nothing to refuse.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    backends.check_bfloat16_runs("cpu", "--backend bf16", "--backend torch")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    backends.check_bfloat16_runs("meta", "--backend bf16", "--backend torch")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    backends.check_bfloat16_runs("cpu", "--backend bf16", "--backend torch")

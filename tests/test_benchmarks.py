@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, needs_bfloat16_kernels
 
 from diffusers_sr3.image_processing import degrade
 from diffusers_sr3.metrics import frechet_distance
@@ -848,6 +848,7 @@ def test_training_launch_runs_the_script_under_accelerate_launch_with_the_cores_
     )
 
 
+@needs_bfloat16_kernels
 def test_training_throughput_times_every_network_batch_and_precision(tmp_path):
     throughput = load("training_throughput")
     tiny = throughput.network_config("tiny")

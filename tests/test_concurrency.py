@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import low_resolution_unet, tiny_unet_config
+from conftest import low_resolution_unet, needs_bfloat16_kernels, tiny_unet_config
 
 from diffusers_sr3 import SR3Pipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
 from diffusers_sr3.backends import swap_unet, use_backend
@@ -127,6 +127,7 @@ def test_two_threads_on_one_unconditional_pipeline_get_the_sequential_results():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@needs_bfloat16_kernels
 def test_a_call_waits_for_another_threads_stand_in_block(guided_pipeline):
     call = _call(guided_pipeline, 1, num_inference_steps=2)
     expected = call()
@@ -167,6 +168,7 @@ def test_a_pipeline_that_has_run_still_copies_and_pickles(guided_pipeline):
     assert torch.equal(_call(pickled, 1, num_inference_steps=2)(), expected)
 
 
+@needs_bfloat16_kernels
 def test_from_pipe_of_a_bfloat16_pipeline_leaves_the_original_as_it_was(guided_pipeline):
     original = guided_pipeline.to(dtype=torch.bfloat16)
     call = _call(original, 1, num_inference_steps=2)

@@ -8,7 +8,7 @@ import time
 import PIL.Image
 import pytest
 import torch
-from conftest import low_resolution_unet
+from conftest import low_resolution_unet, needs_bfloat16_kernels
 
 from diffusers_sr3 import SR3Pipeline, backends, make_scheduler, metrics
 from diffusers_sr3.cli import main
@@ -172,6 +172,7 @@ def _run_timed_demo(monkeypatch, out, *extra, minutes, timed_step, bfloat16):
     assert main(arguments + ["--batch-size", "2", *extra]) == 0
 
 
+@needs_bfloat16_kernels
 def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     pytest.importorskip("skimage")
     for bfloat16 in (False, True):

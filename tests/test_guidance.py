@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import needs_bfloat16_kernels
 from test_quality_recipe import ConstantNetwork, RecordingNetwork, bicubic_of, lowres_unet
 
 from diffusers_sr3 import SR3Pipeline, make_scheduler
@@ -215,6 +216,7 @@ def test_the_guide_and_its_scale_are_saved_with_the_pipeline_and_older_folders_s
     assert torch.equal(sample(attached, image), expected)
 
 
+@needs_bfloat16_kernels
 def test_tiles_and_backends_run_the_guide_too():
     image = torch.rand(1, 3, 12, 12)  # 48x48 output
     pipeline = guided_pipeline()

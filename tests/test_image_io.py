@@ -335,6 +335,46 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_a_glob_cannot_open_is_named_not_skipped(tmp_path, monkeypatch, capsys):
+    """A glob input (`"photos/**/*.png"`, quoted) skipped another user's private subfolder silently, where a folder
+    input stops and names it: globs stop too, whether glob lists the folder (`*`, `**`) or looks a name up in it
+    (`*/raw/*.png`)."""
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    for relative in ("mine/a.png", "mine/raw/c.png", "theirs/raw/b.png"):
+        (photos / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(photos / relative)
+    private = os.path.join("photos", "theirs")
+    real_scandir, real_access = os.scandir, os.access
+
+    def scandir(path="."):  # root lists any folder: refuse the listing as for anyone else
+        if os.path.normpath(os.fspath(path)) == private:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def access(path, mode, **kwargs):
+        return os.path.normpath(os.fspath(path)) != private and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "access", access)
+    for pattern, verb in (
+        ("photos/**/*.png", "list"),
+        ("photos/*/*.png", "list"),
+        ("photos/theirs/*.png", "list"),
+        ("*/*/raw/*.png", "look into"),
+    ):
+        with pytest.raises(PermissionError, match=re.escape(f"cannot {verb} the folder {private}: Permission denied")):
+            find_image_sources([pattern])
+        assert main(["upscale", pattern, "--output", "out", "--device", "cpu"]) == 2
+        error = capsys.readouterr().err
+        assert f"cannot {verb} the folder {private}: Permission denied" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+    # Where the pattern does not reach the folder, it is not looked at.
+    found = os.path.join("photos", "mine", "raw", "c.png")
+    assert find_image_sources(["photos/mine/*/*.png"]) == [(found, os.path.join("raw", "c.png"))]
+    assert find_image_sources(["photos/m*/raw/*.png"]) == [(found, os.path.join("mine", "raw", "c.png"))]
+
+
 def test_a_disks_own_folders_are_not_searched_for_photos(tmp_path, monkeypatch):
     """A mounted data disk's top holds `lost+found` (mode 700, root's): a walk of it stopped there as at another
     user's private folder, so no folder input at a disk's top could be upscaled; before, it was skipped unread."""

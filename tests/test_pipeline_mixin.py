@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import needs_bfloat16_kernels, tiny_unet_config
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -101,6 +101,7 @@ class PipelineTesterMixin:
         with pytest.raises(ValueError, match="low_cpu_mem_usage=False cannot load these UNets: .* in float32"):
             self.pipeline_class.from_pretrained(tmp_path, low_cpu_mem_usage=False)
 
+    @needs_bfloat16_kernels
     def test_dtype(self, tmp_path):
         pipeline = self.pipeline()
         pipeline.save_pretrained(tmp_path)

@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import needs_bfloat16_kernels
 
 from diffusers_sr3.backends import AutocastUNet, use_backend
 from diffusers_sr3.detail_windows import window_crops_per_step, windowed_evaluations
@@ -15,6 +16,7 @@ from diffusers_sr3.progress import EvaluationCounter, UpscaleProgress, block_sha
 from diffusers_sr3.tiling import crops_per_step, tiled_super_resolve
 
 
+@needs_bfloat16_kernels
 def test_the_bar_moves_inside_an_evaluation_on_the_bf16_backend(guided_pipeline):
     """The bf16 backend's stand-in (`--backend auto` on AMX/AVX512-BF16 CPUs and bf16 GPUs) has no blocks of its
     own: the bar hooks the UNet it runs, so it moves before the first evaluation ends."""

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import low_resolution_unet
+from conftest import low_resolution_unet, needs_bfloat16_kernels
 from diffusers import (
     CogVideoXDPMScheduler,
     DDIMScheduler,
@@ -126,6 +126,7 @@ def test_a_run_that_ends_in_nan_is_an_error_not_a_black_image():
         pipeline(torch.rand(1, 3, 16, 16), num_inference_steps=3)
 
 
+@needs_bfloat16_kernels
 def test_saving_inside_a_backend_block_is_refused_and_the_folder_kept(tmp_path):
     pipeline = pipeline_with(make_scheduler("ddim", n_timestep=100))
     pipeline.save_pretrained(tmp_path / "model")

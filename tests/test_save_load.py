@@ -5,10 +5,12 @@ import errno
 import json
 import os
 import re
+import stat
 
 import PIL.Image
 import pytest
 import torch
+from conftest import needs_bfloat16_kernels
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from test_hub import hub  # noqa: F401  (the loopback Hub fixture)
 
@@ -74,6 +76,7 @@ def test_loaded_weights_are_aligned_so_a_reload_is_bit_exact(tmp_path, tiny_pipe
             assert torch.equal(saved, reloaded)
 
 
+@needs_bfloat16_kernels
 def test_loading_options(tmp_path, tiny_pipeline):
     tiny_pipeline.save_pretrained(tmp_path)
     bf16 = SR3Pipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
@@ -198,6 +201,66 @@ def test_a_read_only_subfolder_stops_a_resave_before_it_changes_the_folder(tmp_p
         monkeypatch.undo()
     assert {path: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
     SR3Pipeline.from_pretrained(target)  # still the previous save, whole
+
+
+def test_a_save_into_a_sticky_folder_of_another_user_refuses_files_it_may_not_replace(
+    tmp_path, tiny_pipeline, monkeypatch
+):
+    """In a sticky folder (mode +t) of another user, only a file's owner may rename or remove it, though the folder
+    is writable: the writable check passed, then the move stopped halfway (the index removed, `unet/` not moved),
+    leaving the folder unloadable until `finish_interrupted_save`. The save refuses first, naming the file, and
+    changes nothing; where this user owns the files it replaces, it goes on."""
+    target = tmp_path / "models"
+    tiny_pipeline.save_pretrained(target)
+    before = {path: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    unet_folder = target / "unet"
+    for folder in (target, unet_folder):
+        folder.chmod(0o1777)
+    # This process as another user than the one owning the folders and files (root ignores sticky folders); the
+    # files at the top as its own.
+    user = os.geteuid() + 1000
+    own = {os.path.join(target, entry) for entry in os.listdir(target)}
+    real_lstat, real_remove, real_replace = os.lstat, os.remove, os.replace
+
+    def lstat(path, *args, **kwargs):
+        status = real_lstat(path, *args, **kwargs)
+        if kwargs.get("dir_fd") is None and os.fspath(path) in own:
+            return os.stat_result(tuple(status)[:4] + (user,) + tuple(status)[5:])
+        return status
+
+    def refused(path, **kwargs):  # the kernel's rule for a non-owner in another user's sticky folder
+        if kwargs.get("dir_fd") is not None or not os.path.lexists(path):
+            return False
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+        return folder.st_mode & stat.S_ISVTX and folder.st_uid != user and lstat(path).st_uid != user
+
+    def remove(path, **kwargs):
+        if refused(path, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        return real_remove(path, **kwargs)
+
+    def replace(source, destination, **kwargs):
+        if refused(destination, dir_fd=kwargs.get("dst_dir_fd")):
+            raise PermissionError(errno.EPERM, "Operation not permitted", destination)
+        return real_replace(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "geteuid", lambda: user)
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "remove", remove)
+    monkeypatch.setattr(os, "replace", replace)
+    with torch.no_grad():
+        for parameter in tiny_pipeline.unet.parameters():
+            parameter.add_(1.0)
+    refusal = re.escape(f"{unet_folder}{os.sep}config.json belongs to another user, and {unet_folder} is a sticky")
+    with pytest.raises(PermissionError, match=refusal):
+        tiny_pipeline.save_pretrained(target)
+    assert {path: path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
+    assert base.staging_folders(str(target)) == []
+    SR3Pipeline.from_pretrained(target)  # still the previous save, whole
+    unet_folder.chmod(0o777)  # not sticky: the files in it are replaced as in any writable folder
+    tiny_pipeline.save_pretrained(target)
+    saved = SR3Pipeline.from_pretrained(target).unet.conv_in.weight
+    torch.testing.assert_close(saved, tiny_pipeline.unet.conv_in.weight)
 
 
 def test_variants_are_saved_side_by_side_and_a_resave_leaves_no_stale_weights(tmp_path, tiny_pipeline):

@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import REPO, SAMPLES, tiny_unet_config
+from conftest import REPO, SAMPLES, needs_bfloat16_kernels, tiny_unet_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.requirements import Requirement
@@ -380,6 +380,7 @@ def test_the_fidelity_self_ensemble_is_the_pipelines_with_progress_over_every_or
         app.super_resolve(pipeline, image, 4, STEPS, "ddim", seed=0, mode="detail", self_ensemble=True)
 
 
+@needs_bfloat16_kernels
 def test_the_space_runs_like_sr3_upscale(monkeypatch):
     """Untiled while the output fits the memory budget, in the fewest tiles beyond; bf16 where that is fast."""
     app = load_app()

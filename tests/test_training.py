@@ -10,6 +10,7 @@ import sys
 import PIL.Image
 import pytest
 import torch
+from conftest import needs_bfloat16_kernels
 from safetensors.torch import load_file
 from test_data import make_image_folder, make_lmdb, make_parquet, make_prepared_layout
 
@@ -513,6 +514,7 @@ def test_original_prepared_layout(tmp_path, layout):
     assert summary["global_step"] == 2 and summary["epochs"] == 1
 
 
+@needs_bfloat16_kernels
 def test_programmatic_sources_and_options(tmp_path):
     """A list of PIL images as a torch dataset, with the objective's options, accumulation and checkpointing."""
     from test_data import random_image
@@ -774,6 +776,7 @@ def test_cpu_training_takes_the_cores_that_accelerate_launch_left_it_one_of(tmp_
         TrainingConfig(num_threads=0)
 
 
+@needs_bfloat16_kernels
 def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypatch, caplog):
     """bfloat16 autocast is emulated on AVX2-only CPUs, many times slower than float32: the run says so."""
     import diffusers_sr3.training.trainer as trainer
@@ -788,19 +791,27 @@ def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypat
         assert len(warned) == (0 if fast else 1)
 
 
-def test_bf16_training_where_torchs_kernels_are_held_below_avx512_says_so(tmp_path, monkeypatch, caplog):
-    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX: bfloat16 is not fast there (torch's bfloat16 attention fails), but
-    not for want of bfloat16 units, as the warning for AVX2-only CPUs said."""
+def test_bf16_training_where_torchs_kernels_are_held_below_avx512_is_refused(tmp_path, monkeypatch, caplog):
+    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AMX: torch's bfloat16 attention fails there, so the run stops before
+    the model is built, saying why and what to do, as `sr3 upscale --backend bf16` does; before, it warned and went on
+    to torch's traceback."""
     import diffusers_sr3.training.trainer as trainer
 
     data = make_image_folder(tmp_path / "images", count=4)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # read by torch at start: its own kernels stay as they are
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    # Only what torch reports: the kernels it runs stay its own, so this run's bfloat16 attention works.
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with caplog.at_level("WARNING", logger=trainer.logger.name):
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(trainer.Trainer, "_prepare_model", no_model)
+    message = (
+        r"--mixed_precision bf16: torch's CPU kernels are held at AVX2 \(ATEN_CPU_CAPABILITY=avx2\), .*: unset "
+        r"ATEN_CPU_CAPABILITY, or use --mixed_precision no"
+    )
+    with pytest.raises(ValueError, match=message):
         train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "out", mixed_precision="bf16")))
-    warned = [record.getMessage() for record in caplog.records if "mixed_precision bf16" in record.getMessage()]
-    assert len(warned) == 1 and "held at AVX2 (ATEN_CPU_CAPABILITY)" in warned[0], warned
 
 
 def test_residual_training_targets_the_detail_and_is_saved(tmp_path):

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_unet_config
+from conftest import REPO, needs_bfloat16_kernels, tiny_unet_config
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from diffusers_sr3 import SR3UNet2DModel
@@ -613,6 +613,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@needs_bfloat16_kernels
 def test_save_and_load_round_trip_with_safetensors_and_bfloat16(tmp_path, tiny_unet):
     tiny_unet.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()

@@ -63,19 +63,51 @@ def bfloat16_cpu() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
+def bfloat16_kernels_held_back() -> Optional[str]:
+    """The level torch's CPU kernels are held at (`ATEN_CPU_CAPABILITY`, e.g. `"AVX2"`) where it is below the AVX512
+    ones this CPU's bfloat16 units need ([`bfloat16_cpu`]), else None.
+
+    Torch then still packs bfloat16 operands for those units, but without the AVX512 kernels that pack them: its
+    bfloat16 attention (`scaled_dot_product_attention`, from 64 tokens) fails with "pack_vnni2 is only supported
+    when avx512 is supported" (torch 2.14; convolutions and matrix products still run).
+    """
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return kernels if bfloat16_cpu() and kernels != "AVX512" else None
+
+
+def check_bfloat16_runs(device: Union[str, torch.device], request: str, instead: str) -> None:
+    """Refuse `request` (bfloat16 on `device`, as the user asked for it) where torch cannot run it
+    ([`bfloat16_kernels_held_back`]): a one-line ValueError naming the cause and the fix, before any model work,
+    where otherwise torch's traceback ended the run in the model's first attention.
+
+    Args:
+        request: what asked for bfloat16, for the message (`"--backend bf16"`).
+        instead: what runs without it, for the message (`"--backend torch"`).
+    """
+    if torch.device(device).type != "cpu":
+        return
+    kernels = bfloat16_kernels_held_back()
+    if kernels is not None:
+        setting = os.environ.get("ATEN_CPU_CAPABILITY")
+        override = f"ATEN_CPU_CAPABILITY={setting}" if setting else "ATEN_CPU_CAPABILITY"
+        raise ValueError(
+            f"{request}: torch's CPU kernels are held at {kernels} ({override}), below the AVX512 ones that this "
+            f"CPU's bfloat16 attention needs (torch fails there with \"pack_vnni2 is only supported when avx512 is "
+            f'supported"): unset ATEN_CPU_CAPABILITY, or use {instead}'
+        )
+
+
 def fast_bfloat16(device: Union[str, torch.device]) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively: a CPU with AMX tiles or with AVX512-BF16 dot products
     (Intel Cooper Lake and later, AMD Zen 4 and later), or a CUDA GPU with bf16 support.
 
     AMX runs bfloat16 convolutions many times faster than float32; AVX512-BF16 twice as fast (its dot products do
     twice the float32 multiply-adds per instruction). Elsewhere (AVX2-only CPUs, older GPUs) bfloat16 is emulated and
-    slower than float32. Not where torch's own kernels are held below AVX512 (`ATEN_CPU_CAPABILITY=avx2`): there its
-    bfloat16 attention fails on such a CPU ("pack_vnni2 is only supported when avx512 is supported").
+    slower than float32. Not where torch's own kernels are held below AVX512 ([`bfloat16_kernels_held_back`]).
     """
     device = torch.device(device)
     if device.type == "cpu":
-        kernels = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        return bool(torch.backends.mkldnn.is_available() and bfloat16_cpu() and kernels)
+        return bool(torch.backends.mkldnn.is_available() and bfloat16_cpu() and not bfloat16_kernels_held_back())
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False
@@ -153,9 +185,12 @@ def cpu_name() -> str:
 
 def resolve_backend(backend: str, unet: Any) -> str:
     """The concrete backend `backend` means for `unet`: `"auto"` picks `"bf16"` for a float32 UNet on a device
-    where [`fast_bfloat16`] holds, else `"torch"`."""
+    where [`fast_bfloat16`] holds, else `"torch"`. `"bf16"` asked for where torch cannot run it is refused
+    ([`check_bfloat16_runs`])."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "bf16":
+        check_bfloat16_runs(unet.device, "the bf16 backend", "the torch backend")
     if backend != "auto":
         return backend
     return "bf16" if unet.dtype == torch.float32 and fast_bfloat16(unet.device) else "torch"

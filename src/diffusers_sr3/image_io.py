@@ -9,6 +9,7 @@ profile) to sRGB, convert to RGB, and fail with errors that name the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import glob
 import io
@@ -102,6 +103,11 @@ def _globbed_image(name: str) -> bool:
 FILESYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN"})
 
 
+def _unlisted(error: OSError) -> None:
+    """Raise `error`, a folder's listing that failed, as one that names the folder."""
+    raise type(error)(error.errno, f"cannot list the folder {error.filename}: {error.strerror}") from error
+
+
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     """Image files under `folder`, recursively, as sorted paths.
 
@@ -114,11 +120,8 @@ def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
             folder: `os.walk` would skip it without a word, and a run would miss its images as if it had none.
     """
 
-    def unlisted(error: OSError) -> None:
-        raise type(error)(error.errno, f"cannot list the folder {error.filename}: {error.strerror}") from error
-
     found = []
-    for root, dirs, files in os.walk(folder, onerror=unlisted):
+    for root, dirs, files in os.walk(folder, onerror=_unlisted):
         dirs[:] = sorted(name for name in dirs if not name.startswith(".") and name not in FILESYSTEM_FOLDERS)
         found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
     return sorted(found)
@@ -132,13 +135,52 @@ def _glob_root(pattern: str) -> str:
     return root
 
 
+def _check_glob_folders_open(pattern: str) -> None:
+    """Raise OSError naming a folder that `glob.glob(pattern, recursive=True)` would look into and cannot, as
+    [`walk_images`] does for a folder input: glob skips such a folder (another user's private one) without a word.
+
+    Glob lists the folders that the pattern's part before a wildcard component matches (before `**`: they and every
+    folder below them), and looks a name up in those matched before a plain component. They are found by globbing
+    that part: a folder glob cannot open is still matched, from its parent's listing. `FILESYSTEM_FOLDERS` are left
+    to glob, as a folder walk leaves them out.
+    """
+    root = _glob_root(pattern)
+    parts, head = [], pattern
+    while head != root:
+        head, part = os.path.split(head)
+        parts.insert(0, part)
+    listed, searched = [], []
+    for depth, part in enumerate(parts):
+        above = os.path.join(root, *parts[:depth])
+        if part == "**":  # every folder below `above` too (the matches end in a separator)
+            below = glob.glob(os.path.join(above, "**", ""), recursive=True)
+            listed += [os.path.dirname(match) or os.curdir for match in below]
+            continue
+        above = above or os.curdir
+        if glob.has_magic(part):
+            listed += [match for match in glob.glob(above, recursive=True) if os.path.isdir(match)]
+        elif part and glob.has_magic(above):
+            searched += [match for match in glob.glob(above, recursive=True) if os.path.isdir(match)]
+    for folder in dict.fromkeys(listed):
+        if os.path.basename(folder) not in FILESYSTEM_FOLDERS:
+            try:
+                with os.scandir(folder):
+                    pass
+            except OSError as error:
+                _unlisted(error)
+    for folder in dict.fromkeys(searched):
+        if os.path.basename(folder) not in FILESYSTEM_FOLDERS and not os.access(folder, os.X_OK):
+            raise PermissionError(errno.EACCES, f"cannot look into the folder {folder}: Permission denied")
+
+
 def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[str, str]]:
     """Like [`find_images`], each file with its name relative to the input that found it: its path below a folder
     input (`2023/IMG_0001.png` for the folder `photos`) or below the fixed part of a glob, its file name for a file
     input. Outputs written under these names keep same-named files of different subfolders apart.
 
     Folders list the files [`walk_images`] would (image extensions, not hidden); globs their matches that are not
-    hidden and have an extension Pillow reads; a file named as an input is listed whatever its name.
+    hidden and have an extension Pillow reads; a file named as an input is listed whatever its name. A folder that
+    cannot be listed, under a folder input or where a glob looks, is an error naming it (OSError), not skipped.
 
     Returns:
         `(path, relative_name)` pairs sorted by path; a file found by several inputs is listed once, with the
@@ -154,6 +196,7 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
         elif os.path.isfile(item):
             matches, root = [item], os.path.dirname(item)
         else:
+            _check_glob_folders_open(item)
             files = [path for path in glob.glob(item, recursive=True) if os.path.isfile(path)]
             if not files:
                 raise FileNotFoundError(f"no such file, folder or matching glob: {item}")

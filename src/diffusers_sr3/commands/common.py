@@ -258,6 +258,16 @@ def load_pipeline(
         ) from None
 
 
+def check_dtype_runs(args: argparse.Namespace) -> None:
+    """Refuse `--dtype bf16` on `args.device` where torch cannot run bfloat16 there (`check_bfloat16_runs`)."""
+    import torch
+
+    from ..backends import check_bfloat16_runs, resolve_device
+
+    if DTYPES[args.dtype] == torch.bfloat16:
+        check_bfloat16_runs(resolve_device(args.device), f"--dtype {args.dtype}", "--dtype float32")
+
+
 def _load_pipeline(args: argparse.Namespace, expected: Optional[Union[Type, Tuple[Type, ...]]]) -> SR3BasePipeline:
     """`load_pipeline`, out-of-memory errors as they come."""
     from ..backends import resolve_device
@@ -266,6 +276,7 @@ def _load_pipeline(args: argparse.Namespace, expected: Optional[Union[Type, Tupl
     from ..pipelines.base import VariantOnlyError
 
     device = resolve_device(args.device)
+    check_dtype_runs(args)
     if args.model is None:
         from ..pretrained import default_model_path
 

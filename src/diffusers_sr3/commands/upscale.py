@@ -36,6 +36,7 @@ from .common import (
     add_save_process_argument,
     atomic_file,
     check_destinations,
+    check_dtype_runs,
     check_file_destination,
     destination_clash,
     image_generators,
@@ -827,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..backends import default_cpu_threads, resolve_device, use_backend
+    from ..backends import check_bfloat16_runs, default_cpu_threads, resolve_device, use_backend
     from ..detail_windows import window_crops_per_step, windowed_evaluations
     from ..image_processing import process_strip, tensor_to_pil
     from ..pipelines import SR3Pipeline
@@ -844,6 +845,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend in ("bf16", "onnx") and DTYPES[args.dtype] != torch.float32:
         runs = "a float32 model under bfloat16 autocast" if args.backend == "bf16" else "the model in float32"
         raise ValueError(f"--backend {args.backend} runs {runs}: use --dtype float32, or --backend torch")
+    if args.backend == "bf16":
+        check_bfloat16_runs(resolve_device(args.device), "--backend bf16", "--backend torch")
+    check_dtype_runs(args)
     # Options are checked before any image is decoded or the model loaded (seconds of work, minutes of download),
     # where the mode is known from the model's configs (its folder's, or its Hub repo's).
     configs = _SavedConfigs(args.model)

@@ -302,6 +302,19 @@ def _files_under(folder: str) -> List[str]:
     return sorted(files)
 
 
+def _stale_weights(entries: Collection[str], saved: Sequence[str]) -> List[str]:
+    """The weight files among `entries` (of a folder being saved into) that a save of `saved` (its files, relative
+    to that folder) removes: those of a variant it saves, that it does not hold."""
+    here = {path.split("/", 1)[0] for path in saved}
+    saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
+    stale = []
+    for entry in entries:
+        is_weights, variant = weight_file_variant(entry)
+        if is_weights and variant in saved_variants and entry not in here:
+            stale.append(entry)
+    return stale
+
+
 def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: Optional[int] = None) -> None:
     """Move every entry of `staging` into `target`: files replace those of the same name, folders are merged.
 
@@ -335,12 +348,8 @@ def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: 
             if index in incoming:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(target, index))
-        here = {path.split("/", 1)[0] for path in saved}
-        saved_variants = {variant for is_weights, variant in map(weight_file_variant, here) if is_weights}
-        for entry in os.listdir(target):
-            is_weights, variant = weight_file_variant(entry)
-            if is_weights and variant in saved_variants and entry not in here:
-                os.remove(os.path.join(target, entry))
+        for entry in _stale_weights(os.listdir(target), saved):
+            os.remove(os.path.join(target, entry))
         for entry in sorted(incoming, key=lambda name: (name in INDEX_FILES, name)):
             destination = os.path.join(target, entry)
             source_is_folder = stat.S_ISDIR(os.stat(at(entry), dir_fd=source, follow_symlinks=False).st_mode)
@@ -364,7 +373,8 @@ def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
     be moved into and that this process cannot write (a read-only subfolder of a copied model).
 
     Checked before the move starts: the move removes the replaced index first, so one stopped by such a folder would
-    leave `target` unloadable until the folder is made writable, and finishing it would fail the same way."""
+    leave `target` unloadable until the folder is made writable, and finishing it would fail the same way. So is
+    each file the move replaces or removes in a sticky folder of another user (`_check_sticky_entries_owned`)."""
     folders = {""}
     for path in saved:
         parts = path.split("/")[:-1]
@@ -376,8 +386,38 @@ def _check_folders_writable(target: str, saved: Sequence[str]) -> None:
         if any(os.path.islink(os.path.join(target, *parts[: depth + 1])) for depth in range(len(parts))):
             continue
         destination = os.path.join(target, *parts)
-        if os.path.isdir(destination) and not os.access(destination, os.W_OK | os.X_OK):
+        if not os.path.isdir(destination):
+            continue
+        if not os.access(destination, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, f"{destination} is not a writable folder")
+        below = [path[len(folder) + 1 :] for path in saved if path.startswith(f"{folder}/")] if folder else saved
+        _check_sticky_entries_owned(destination, below)
+
+
+def _check_sticky_entries_owned(folder: str, saved: Sequence[str]) -> None:
+    """Raise PermissionError naming the first entry of `folder` that a save of `saved` (its files relative to
+    `folder`) replaces or removes and that this process may not: in a sticky folder (mode +t, as /tmp or a shared
+    models folder) that is not its own, only an entry's owner renames or removes it, though the folder is writable.
+    Root may change any."""
+    user = os.geteuid() if hasattr(os, "geteuid") else 0  # Windows has no sticky folders
+    status = os.stat(folder)
+    if user == 0 or not status.st_mode & stat.S_ISVTX or status.st_uid == user:
+        return
+    present = set(os.listdir(folder))
+    merged = {path.split("/", 1)[0] for path in saved if "/" in path}  # a folder into a folder: its entries move
+    changed = _stale_weights(sorted(present), saved)
+    for entry in sorted({path.split("/", 1)[0] for path in saved} & present):
+        path = os.path.join(folder, entry)
+        if not (entry in merged and os.path.isdir(path) and not os.path.islink(path)):
+            changed.append(entry)
+    for entry in changed:
+        path = os.path.join(folder, entry)
+        if os.lstat(path).st_uid != user:
+            raise PermissionError(
+                errno.EPERM,
+                f"{path} belongs to another user, and {folder} is a sticky folder (mode +t) of another user: only the "
+                "file's owner can replace it there; ask them to, or save to another folder",
+            )
 
 
 def _give_new_file_modes(staging: str, saved: Sequence[str]) -> None:

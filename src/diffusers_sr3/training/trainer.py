@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..backends import bfloat16_cpu, cpu_name, fast_bfloat16
+from ..backends import check_bfloat16_runs, cpu_name, fast_bfloat16
 from ..data import (
     BadImageError,
     PairMaker,
@@ -652,8 +652,9 @@ class Trainer:
         return seed
 
     def _configure_cpu(self, accelerator: Accelerator) -> Optional[int]:
-        """On CPU: set this process's threads (`--num_threads`, else `_launcher_cpu_threads`), warn when bfloat16
-        autocast would be emulated, and return the thread count; None on an accelerator."""
+        """On CPU: set this process's threads (`--num_threads`, else `_launcher_cpu_threads`), refuse bfloat16
+        autocast where torch cannot run it (`check_bfloat16_runs`), warn where it would be emulated, and return the
+        thread count; None on an accelerator."""
         if accelerator.device.type != "cpu":
             return None
         threads = self.config.num_threads or _launcher_cpu_threads()
@@ -661,22 +662,13 @@ class Trainer:
             torch.set_num_threads(threads)
         logger.info("training on CPU with %d threads per process", torch.get_num_threads())
         if accelerator.mixed_precision == "bf16" and not fast_bfloat16("cpu"):
-            kernels = torch.backends.cpu.get_cpu_capability()
-            if bfloat16_cpu() and kernels != "AVX512":
-                logger.warning(
-                    "--mixed_precision bf16 with torch's CPU kernels held at %s (ATEN_CPU_CAPABILITY), below the "
-                    "AVX512 ones that run bfloat16 natively on this CPU (%s): torch's bfloat16 attention fails there; "
-                    "leave out ATEN_CPU_CAPABILITY or --mixed_precision bf16",
-                    kernels,
-                    cpu_name(),
-                )
-            else:
-                logger.warning(
-                    "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
-                    "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave "
-                    "it out on this machine",
-                    cpu_name(),
-                )
+            check_bfloat16_runs("cpu", "--mixed_precision bf16", "--mixed_precision no")
+            logger.warning(
+                "--mixed_precision bf16 on a CPU without native bfloat16, AMX or AVX512-BF16 (%s): bfloat16 is "
+                "emulated here and trains many times slower than float32 (benchmarks/training_launch.py); leave "
+                "it out on this machine",
+                cpu_name(),
+            )
         return torch.get_num_threads()
 
     def _prepare_model(self) -> ModelSetup:
