@@ -225,7 +225,8 @@ def test_the_commands_that_are_not_run_use_options_their_scripts_have():
 
 def test_the_convergence_pages_recipes_are_the_packages():
     """docs/convergence.md's two settings blocks: the recipe is `NEW_MODEL_RECIPE`, and the full list names only
-    `TrainingConfig` fields, at the values of the study's `RECOMMENDED` where it sets them."""
+    `TrainingConfig` fields, at the values of the study's `RECOMMENDED` where it sets them, and every recommended
+    field whose value is not `TrainingConfig`'s default."""
     import dataclasses
     import importlib.util
 
@@ -248,6 +249,13 @@ def test_the_convergence_pages_recipes_are_the_packages():
         if name in study.RECOMMENDED and study.RECOMMENDED[name] != value
     }
     assert not differing, differing
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    left_out = {
+        name: value
+        for name, value in study.RECOMMENDED.items()
+        if name in fields and value != defaults[name] and name not in namespace["TRAINING"]
+    }
+    assert not left_out, f"the full list leaves out {left_out}"
 
 
 def test_the_packaged_models_card_runs(example_folder):
