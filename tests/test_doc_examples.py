@@ -28,7 +28,12 @@ import diffusers_sr3
 
 FENCE = re.compile(r"^[ \t]*```py(?:thon)?\n(.*?)^[ \t]*```", re.S | re.M)
 SKIP_MARKER = re.compile(r"^<!-- example not run: (?P<reason>\S.*?) -->$")
-MARKDOWN_FILES = [*sorted((REPO / "docs").glob("*.md")), REPO / "spaces" / "README.md"]
+MARKDOWN_FILES = [*sorted((REPO / "docs").rglob("*.md")), REPO / "spaces" / "README.md"]
+# What reads as an example but that neither FENCE nor doctest would run: a fence of another language (or none), an
+# reStructuredText literal block ("Example::", not a directive's ".. note::"), an indented import.
+UNRUN_EXAMPLE = re.compile(r"^[ \t]*```|^(?![ \t]*\.\. ).*\S::[ \t]*$|^[ \t]+(?:import \w|from [\w.]+ import )", re.M)
+# Any fence-like line of Markdown; `markdown_blocks` reads only "```LANGUAGE" and "```" at the line's start.
+MARKDOWN_FENCE = re.compile(r"^[ \t]*(?:```|~~~)")
 PACKAGED_CARD = REPO / "src" / "diffusers_sr3" / "pretrained" / "sr3-photos-x4" / "README.md"
 # The training examples train the original's 16->128 face network for thousands of steps: the tiny preset, 2 steps.
 TEXT_STAND_INS = {
@@ -53,23 +58,27 @@ def _documented_objects(module):
                     yield f"{module.__name__}.{name}.{attribute}", member
 
 
-def docstring_examples():
-    """`(where, code)` of every example in the package's docstrings: each fenced `py` block, and a docstring's
-    `>>>` lines outside any fence as one doctest."""
-    examples, seen = [], set()
+def _docstrings():
     for info in pkgutil.walk_packages(diffusers_sr3.__path__, "diffusers_sr3."):
         if info.name == "diffusers_sr3.__main__":  # runs the command line when imported
             continue
         for where, value in _documented_objects(importlib.import_module(info.name)):
-            docstring = inspect.getdoc(value) or ""
-            codes = [textwrap.dedent(code) for code in FENCE.findall(docstring)]
-            rest = FENCE.sub("", docstring)
-            if ">>>" in rest:
-                codes.append(rest)
-            for code in codes:
-                if code not in seen:  # a shared example docstring (`replace_example_docstring`) runs once
-                    seen.add(code)
-                    examples.append((where, code))
+            yield where, inspect.getdoc(value) or ""
+
+
+def docstring_examples():
+    """`(where, code)` of every example in the package's docstrings: each fenced `py` block, and a docstring's
+    `>>>` lines outside any fence as one doctest."""
+    examples, seen = [], set()
+    for where, docstring in _docstrings():
+        codes = [textwrap.dedent(code) for code in FENCE.findall(docstring)]
+        rest = FENCE.sub("", docstring)
+        if ">>>" in rest:
+            codes.append(rest)
+        for code in codes:
+            if code not in seen:  # a shared example docstring (`replace_example_docstring`) runs once
+                seen.add(code)
+                examples.append((where, code))
     return examples
 
 
@@ -155,6 +164,30 @@ def test_the_docstring_examples_are_found():
     } <= found
 
 
+def unrun_example_lines(docstring):
+    """The lines of a docstring that read as an example but that `docstring_examples` would not run."""
+    return UNRUN_EXAMPLE.findall(FENCE.sub("", docstring))
+
+
+@pytest.mark.parametrize(
+    "docstring",
+    [
+        "Run it:\n\n```pycon\nimport diffusers_sr3\n```\n",
+        "Run it:\n\n```\nfrom diffusers_sr3 import SR3Pipeline\n```\n",
+        "Example::\n\n    sr3_metrics.compute()\n",
+        "Load it offline:\n\n    import evaluate\n    sr3_metrics = evaluate.load(path)\n",
+    ],
+)
+def test_an_example_that_would_not_run_is_noticed(docstring):
+    assert unrun_example_lines(docstring)
+
+
+def test_every_docstring_example_is_one_that_runs():
+    """An example in a form the extractor does not read would never run: it must be a ```py block or `>>>` lines."""
+    unrun = {where: lines for where, docstring in _docstrings() if (lines := unrun_example_lines(docstring))}
+    assert not unrun, f"write these as ```py blocks or >>> lines: {unrun}"
+
+
 @pytest.mark.parametrize(
     "where, code",
     [pytest.param(where, code, id=where) for where, code in EXAMPLES],
@@ -184,7 +217,7 @@ def _markdown_cases():
 
 @pytest.mark.parametrize("language, code", list(_markdown_cases()))
 def test_markdown_example_runs(language, code, example_folder):
-    if language == "python":
+    if language in ("py", "python"):
         _run_python(code, "markdown")
     else:  # shell commands, with this interpreter's scripts (`sr3`) first on the PATH
         assert not re.search(r"\bpip install\b|\bhf upload\b|push_to_hub", code), "mark it: it installs or uploads"
@@ -197,6 +230,11 @@ def test_markdown_example_runs(language, code, example_folder):
 def test_every_markdown_block_is_run_or_says_why_not():
     for path in MARKDOWN_FILES:
         text = path.read_text(encoding="utf-8")
+        fences = [line for line in text.splitlines() if MARKDOWN_FENCE.match(line)]
+        assert len(fences) == 2 * len(markdown_blocks(path)), (
+            f"{path}: a fence the test does not read (indented, text after its language, or ~~~), so its block "
+            "never runs: open it with ```LANGUAGE and close it with ``` at the line's start"
+        )
         markers = [line for line in text.splitlines() if "example not run" in line]
         assert all(SKIP_MARKER.match(line) for line in markers), f"{path}: a marker without its reason"
         assert len(markers) == sum(reason is not None for *_, reason in markdown_blocks(path)), (
@@ -205,27 +243,36 @@ def test_every_markdown_block_is_run_or_says_why_not():
 
 
 def test_the_commands_that_are_not_run_use_options_their_scripts_have():
-    """Blocks too long to run still name only options that their scripts define."""
+    """Blocks too long to run, and the packaged card's record of how it was trained, still name only options that
+    their scripts define (the training scripts' options are `TrainingConfig`'s fields)."""
+    import dataclasses
+
+    from diffusers_sr3.training import TrainingConfig
+
+    training_options = {f"--{field.name}" for field in dataclasses.fields(TrainingConfig)}
+    not_run = [(path, block) for path in MARKDOWN_FILES for block in markdown_blocks(path) if block[3] is not None]
+    not_run += [(PACKAGED_CARD, block) for block in markdown_blocks(PACKAGED_CARD) if block[1] == "bash"]
     checked = 0
-    for path in MARKDOWN_FILES:
-        for line, _, code, reason in markdown_blocks(path):
-            if reason is None:
+    for path, (line, _, code, _) in not_run:
+        for command in re.split(r"\n|&&", code.replace("\\\n", " ")):
+            command = command.split("#")[0]
+            script = re.search(r"(?:python|accelerate launch) (\S+\.py)", command)
+            if not script:
                 continue
-            for command in re.split(r"\n|&&", code.replace("\\\n", " ")):
-                command = command.split("#")[0]
-                script = re.search(r"python (\S+\.py)", command)
-                if not script:
-                    continue
-                source = (REPO / script.group(1)).read_text(encoding="utf-8")
-                for option in re.findall(r"(?<!\S)(--[\w-]+)", command):
-                    assert f'"{option}"' in source, f"{path.name}:{line}: {script.group(1)} has no {option}"
-                    checked += 1
+            source = (REPO / script.group(1)).read_text(encoding="utf-8")
+            for option in re.findall(r"(?<!\S)(--[\w-]+)", command):
+                known = (
+                    option in training_options if script.group(1).startswith("examples/") else f'"{option}"' in source
+                )
+                assert known, f"{path.name}:{line}: {script.group(1)} has no {option}"
+                checked += 1
     assert checked > 20
 
 
 def test_the_convergence_pages_recipes_are_the_packages():
     """docs/convergence.md's two settings blocks: the recipe is `NEW_MODEL_RECIPE`, and the full list names only
-    `TrainingConfig` fields, at the values of the study's `RECOMMENDED` where it sets them."""
+    `TrainingConfig` fields, at the values of the study's `RECOMMENDED` where it sets them, and every recommended
+    field whose value is not `TrainingConfig`'s default."""
     import dataclasses
     import importlib.util
 
@@ -248,6 +295,13 @@ def test_the_convergence_pages_recipes_are_the_packages():
         if name in study.RECOMMENDED and study.RECOMMENDED[name] != value
     }
     assert not differing, differing
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    left_out = {
+        name: value
+        for name, value in study.RECOMMENDED.items()
+        if name in fields and value != defaults[name] and name not in namespace["TRAINING"]
+    }
+    assert not left_out, f"the full list leaves out {left_out}"
 
 
 def test_the_packaged_models_card_runs(example_folder):
