@@ -297,7 +297,7 @@ def test_a_run_the_busy_machine_cut_short_says_so_instead_of_train_longer(tmp_pa
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a note: on stderr, as every command's notes
     assert threads == 1 and "1 CPU thread(s) for torch: other processes keep the cores busy" in printed
     report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     planned = int(demo.PLAN_SHARE * 0.01 * 60 / 0.0001)

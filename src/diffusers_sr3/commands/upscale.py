@@ -865,7 +865,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None:
         threads, why = default_cpu_threads()
         if threads < torch.get_num_threads() and not args.quiet:
-            print(f"{threads} CPU thread(s): {why}; --threads sets them")
+            print(f"{threads} CPU thread(s): {why}; --threads sets them", file=sys.stderr)
     torch.set_num_threads(threads)
     paths, destinations, skipped = _plan_writes(args.inputs, args.output)
     if skipped and not args.quiet:
