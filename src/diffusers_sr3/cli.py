@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import textwrap
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .commands.common import ModelOutOfMemoryError, expand_user_in_paths, is_out_of_memory
 from .interrupts import Terminated, sigterm_as_interrupt
@@ -162,6 +162,22 @@ class _ReaderMayLeave:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._stream, name)
+
+
+def console_streams() -> Tuple[object, ...]:
+    """The streams that are the console: sys.stdout and sys.stderr, the ones `readers_may_leave` wraps (which a log
+    handler set up before it still holds), and the interpreter's own."""
+    current = (sys.stdout, sys.stderr)
+    wrapped = tuple(stream._stream for stream in current if isinstance(stream, _ReaderMayLeave))
+    return current + wrapped + (sys.__stdout__, sys.__stderr__)
+
+
+def as_console(stream: object) -> object:
+    """`stream`, or sys.stdout or sys.stderr where `readers_may_leave` wraps it: what the progress bars write to."""
+    for console in (sys.stdout, sys.stderr):
+        if isinstance(console, _ReaderMayLeave) and console._stream is stream:
+            return console
+    return stream
 
 
 @contextlib.contextmanager

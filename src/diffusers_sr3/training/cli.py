@@ -11,7 +11,7 @@ import textwrap
 import warnings
 from typing import Iterator, List, Optional, TextIO
 
-from ..cli import printable_file_names, readers_may_leave
+from ..cli import as_console, console_streams, printable_file_names, readers_may_leave
 from ..interrupts import Terminated, sigterm_as_interrupt
 from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
@@ -106,7 +106,7 @@ def _print_above_progress_bars() -> Iterator[None]:
     to its line: the console handlers of the root logger and of Diffusers' (which does not propagate) write through
     `tqdm.write`, keeping their level, formatter and filters, and so do warnings while Python's own printer shows
     them. A program that logs to files only, or shows warnings its own way, prints nothing new."""
-    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    consoles = console_streams()
     # Once each: a handler on both loggers would otherwise be given back the wrapper it was given.
     handlers = list(
         dict.fromkeys(
@@ -116,7 +116,7 @@ def _print_above_progress_bars() -> Iterator[None]:
             if isinstance(handler, logging.StreamHandler) and handler.stream in consoles
         )
     )
-    streams = [handler.setStream(_AboveProgressBars(handler.stream)) for handler in handlers]
+    streams = [handler.setStream(_AboveProgressBars(as_console(handler.stream))) for handler in handlers]
     show_warning = warnings.showwarning
 
     def show_above_progress_bars(message, category, filename, lineno, file=None, line=None) -> None:
