@@ -101,7 +101,7 @@ def test_upscale_runs_on_the_free_cores_unless_told_and_says_so(machine, tiny_pi
         arguments = ["upscale", str(tmp_path / "in.png"), "--model", str(tmp_path / "model"), "--steps", "1"]
         assert main(arguments + ["--output", str(tmp_path / "out.png"), "--overwrite", *extra]) == 0
         real_set(2)
-        return chosen.pop(), capsys.readouterr().out
+        return chosen.pop(), capsys.readouterr().err  # a note, as the other notes: stdout lists the outputs
 
     machine(6)
     threads, printed = upscale()

@@ -10,9 +10,11 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import signal
 import sys
-from typing import Iterator, List, Optional
+import textwrap
+from typing import Iterator, List, Optional, Tuple
 
 from .commands.common import ModelOutOfMemoryError, expand_user_in_paths, is_out_of_memory
 from .interrupts import Terminated, sigterm_as_interrupt
@@ -28,14 +30,37 @@ COMMANDS = {
 }
 
 
+# What scripts may rely on, in every command's --help (README's "Exit status and output streams" says it at length).
+EXIT_STATUS = (
+    "Exit status: 0 done; 2 bad options or input (a missing or unreadable file, a model of another kind, an option "
+    "the model refuses, a busy or full output folder, out of memory), said in one line on stderr, with nothing "
+    "half-written left behind; 130 Ctrl-C; 143 SIGTERM; a traceback only for a bug. Results and the files written "
+    "go to stdout; progress bars, notes and errors to stderr. A reader that stops reading (| head) ends no run."
+)
+
+# How each command that reads many inputs treats one it cannot read.
+UNREADABLE_INPUTS = {
+    "upscale": "Every input is read before the model loads: one that cannot be read stops the run with status 2, "
+    "naming it, before any image is written.",
+    "eval": "An image that cannot be read stops the run with status 2, naming it; --json is not written.",
+    "prepare": "Unreadable files are skipped: each is named on stderr, the summary counts them, OUT/.sr3_prepare.json "
+    "lists them, and the run exits 0 (a source where no image can be read exits 2).",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="sr3", description="SR3 super-resolution on Hugging Face Diffusers.")
+    parser = argparse.ArgumentParser(
+        prog="sr3", description="SR3 super-resolution on Hugging Face Diffusers.", epilog=EXIT_STATUS
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"diffusers_sr3.commands.{name}")
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(subparser)
+        # Filled here, after the command's own epilog: a command whose help keeps its line breaks keeps these too.
+        exit_status = textwrap.fill(" ".join(filter(None, [UNREADABLE_INPUTS.get(name), EXIT_STATUS])), width=78)
+        subparser.epilog = "\n\n".join(filter(None, [subparser.epilog, exit_status]))
         expand_user_in_paths(subparser)
         subparser.set_defaults(run=module.run)
     return parser
@@ -98,12 +123,87 @@ def printable_file_names() -> Iterator[None]:
                 stream.reconfigure(errors=errors)
 
 
+class _ReaderMayLeave:
+    """A console stream that drops what it is given once its reader has gone, as `sr3 ... | head -1` does.
+
+    The commands' results are files and their output is a log (`sr3 eval` writes its table last): a reader that
+    stops reading must not stop the work part-way, nor turn into an error. Everything else is the stream's own.
+    """
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self._stream = stream
+        self.reader_left = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_left:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop_from_now_on()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_left:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop_from_now_on()
+
+    def _drop_from_now_on(self) -> None:
+        self.reader_left = True
+        # The interpreter flushes the stream's buffer once more as it exits, which would print "Exception ignored
+        # ... BrokenPipeError" and exit 120: on the null device that flush succeeds.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._stream.fileno())
+            finally:
+                os.close(null)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def console_streams() -> Tuple[object, ...]:
+    """The streams that are the console: sys.stdout and sys.stderr, the ones `readers_may_leave` wraps (which a log
+    handler set up before it still holds), and the interpreter's own."""
+    current = (sys.stdout, sys.stderr)
+    wrapped = tuple(stream._stream for stream in current if isinstance(stream, _ReaderMayLeave))
+    return current + wrapped + (sys.__stdout__, sys.__stderr__)
+
+
+def as_console(stream: object) -> object:
+    """`stream`, or sys.stdout or sys.stderr where `readers_may_leave` wraps it: what the progress bars write to."""
+    for console in (sys.stdout, sys.stderr):
+        if isinstance(console, _ReaderMayLeave) and console._stream is stream:
+            return console
+    return stream
+
+
+@contextlib.contextmanager
+def readers_may_leave() -> Iterator[None]:
+    """While the block runs, sys.stdout and sys.stderr drop their output, without an error, once the program
+    reading them has gone ([`_ReaderMayLeave`]); they are put back afterwards."""
+    streams = sys.stdout, sys.stderr
+    wrapped = [None if stream is None else _ReaderMayLeave(stream) for stream in streams]
+    sys.stdout, sys.stderr = wrapped
+    try:
+        yield
+    finally:
+        # What is still buffered goes out now: a reader that has gone is found while its loss is still handled.
+        for stream in wrapped:
+            if stream is not None:
+                stream.flush()
+        sys.stdout, sys.stderr = streams
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for bad input, 130 when
     interrupted, also while the subcommands are imported or their `run` imports torch and the pipelines, 143 when
     terminated by SIGTERM, which gets Ctrl-C's cleanup). File names print whatever the console's encoding
-    (`printable_file_names`)."""
-    with printable_file_names(), sigterm_as_interrupt():
+    (`printable_file_names`); a reader of the output that goes away (`| head -1`) is no error
+    (`readers_may_leave`): the command finishes its work and its status is its own."""
+    with printable_file_names(), readers_may_leave(), sigterm_as_interrupt():
         return _main(argv)
 
 

@@ -265,7 +265,7 @@ def _packaged_pipeline():
     try:
         path = default_model_path()
     except FileNotFoundError as error:
-        print(f"note: {error}")
+        print(f"note: {error}", file=sys.stderr)
         return None
     pipeline = SR3Pipeline.from_pretrained(path)
     pipeline.scheduler = swap_scheduler(pipeline.scheduler, "ddim")
@@ -488,13 +488,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         threads, why = default_cpu_threads()
         torch.set_num_threads(threads)
-        print(f"{threads} CPU thread(s) for torch: {why}; --threads sets them")
+        print(f"{threads} CPU thread(s) for torch: {why}; --threads sets them", file=sys.stderr)
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
     heldout, note = demo_heldout(packaged_photo_paths())
     if note:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)
     crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed, heldout=heldout)
     train_paths, heldout_paths = crops.train_photos, crops.heldout_photos
     print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")

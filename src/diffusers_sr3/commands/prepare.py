@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", "--size", default="16,128", help="LR,HR sizes, e.g. 16,128 or 64,512 (default: 16,128)"
     )
     parser.add_argument("--n_worker", "--workers", type=int, default=3, help="worker processes (0: none)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (skipped files are still named)")
     parser.add_argument("--resample", choices=RESAMPLE, default="bicubic", help="resize filter")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-l", "--lmdb", action="store_true", help="write the original's LMDB instead of PNG folders")
@@ -445,13 +446,17 @@ def _prepare(
     committed = dict(state)
     last_save = time.monotonic()
     try:
-        with tqdm(total=len(files), initial=state["position"], desc="preparing", unit="image") as progress:
+        with tqdm(
+            total=len(files), initial=state["position"], desc="preparing", unit="image", disable=args.quiet
+        ) as progress:
             for name, (images, error, small) in zip(files[state["position"] :], results):
                 if small:
                     state["small"][name] = error
                 elif images is None:
                     state["skipped"][name] = error
-                    progress.write(_shown(f"skipped unreadable {os.path.join(source, name)} ({error})"))
+                    progress.write(
+                        _shown(f"skipped unreadable {os.path.join(source, name)} ({error})"), file=sys.stderr
+                    )
                 else:
                     writer.add(state["written"], images, _shown(name))
                     state["written"] += 1

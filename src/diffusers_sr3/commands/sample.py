@@ -97,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num-images", type=int, default=16, help="number of images")
     parser.add_argument("--output", required=True, help="grid image file (PNG, JPEG, WebP, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together")
     parser.add_argument("--size", type=int, default=None, help="output size (default: the model's; not for a cascade)")
     add_save_process_argument(
@@ -262,9 +263,9 @@ def run(args: argparse.Namespace) -> int:
     check_destinations(writes, args.overwrite)
     pipeline = load_pipeline(args, (SR3UnconditionalPipeline, SR3CascadePipeline))
     options = _sampling_options(pipeline, args)
-    pipeline.set_progress_bar_config(leave=False)
+    pipeline.set_progress_bar_config(leave=False, disable=args.quiet)
     images, processes = [], []
-    with tqdm(total=args.num_images, desc="sampling", unit="image") as progress:
+    with tqdm(total=args.num_images, desc="sampling", unit="image", disable=args.quiet) as progress:
         while len(images) < args.num_images:
             count = min(args.batch_size, args.num_images - len(images))
             output = pipeline(

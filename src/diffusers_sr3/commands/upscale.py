@@ -872,7 +872,8 @@ def run(args: argparse.Namespace) -> int:
         if threads < torch.get_num_threads() and not args.quiet:
             # The count follows the load, and results follow the count: a rerun must be told it to match bit for bit.
             print(
-                f"{threads} CPU thread(s): {why}; --threads sets them (a rerun matches bit for bit at the same count)"
+                f"{threads} CPU thread(s): {why}; --threads sets them (a rerun matches bit for bit at the same count)",
+                file=sys.stderr,
             )
     torch.set_num_threads(threads)
     paths, destinations, skipped = _plan_writes(args.inputs, args.output)

@@ -7,28 +7,42 @@ import contextlib
 import logging
 import signal
 import sys
+import textwrap
 import warnings
 from typing import Iterator, List, Optional, TextIO
 
-from ..cli import printable_file_names
+from ..cli import as_console, console_streams, printable_file_names, readers_may_leave
 from ..interrupts import Terminated, sigterm_as_interrupt
 from ..redaction import install_log_redaction, redact
 from .config import add_training_arguments, config_from_args
 from .hub import HubUploadError
 
+# As `sr3`'s (README's "Exit status and output streams"), in --help.
+EXIT_STATUS = textwrap.fill(
+    "Exit status: 0 done; 2 bad options, data or files, said in one line on stderr; 1 the run finished and saved, "
+    "but the Hub upload failed; 130 Ctrl-C and 143 SIGTERM, both saying where to resume from; a traceback only for "
+    "a bug. Logs, progress bars and warnings go to stderr; a reader of the output that goes away (| head) does not "
+    "stop the training.",
+    width=78,
+)
+
 
 def main(argv: Optional[List[str]] = None, task: str = "sr", description: str = "", prog: Optional[str] = None) -> int:
     """Parse `argv`, train, return the exit status (2: bad options or data; 1: the Hub upload failed; 130: stopped
     with Ctrl-C, saying where to resume from, also while the trainer is imported; 143: stopped by SIGTERM, likewise).
-    Paths print whatever the console's encoding (`diffusers_sr3.cli.printable_file_names`)."""
-    with printable_file_names():
+    Paths print whatever the console's encoding (`diffusers_sr3.cli.printable_file_names`); a reader of the output
+    that goes away (`| head`) does not stop the training (`diffusers_sr3.cli.readers_may_leave`)."""
+    with printable_file_names(), readers_may_leave():
         return _main(argv, task, description, prog)
 
 
 def _main(argv: Optional[List[str]], task: str, description: str, prog: Optional[str]) -> int:
     """`main` with the console's streams made to print any path."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_training_arguments(parser)
     args = parser.parse_args(argv)
@@ -92,7 +106,7 @@ def _print_above_progress_bars() -> Iterator[None]:
     to its line: the console handlers of the root logger and of Diffusers' (which does not propagate) write through
     `tqdm.write`, keeping their level, formatter and filters, and so do warnings while Python's own printer shows
     them. A program that logs to files only, or shows warnings its own way, prints nothing new."""
-    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    consoles = console_streams()
     # Once each: a handler on both loggers would otherwise be given back the wrapper it was given.
     handlers = list(
         dict.fromkeys(
@@ -102,7 +116,7 @@ def _print_above_progress_bars() -> Iterator[None]:
             if isinstance(handler, logging.StreamHandler) and handler.stream in consoles
         )
     )
-    streams = [handler.setStream(_AboveProgressBars(handler.stream)) for handler in handlers]
+    streams = [handler.setStream(_AboveProgressBars(as_console(handler.stream))) for handler in handlers]
     show_warning = warnings.showwarning
 
     def show_above_progress_bars(message, category, filename, lineno, file=None, line=None) -> None:
