@@ -141,3 +141,65 @@ def test_without_peft_the_error_names_the_lora_extra(monkeypatch, tmp_path):
     ):
         with pytest.raises(ImportError, match=r"pip install diffusers-sr3\[lora\]"):
             call()
+
+
+def test_an_adapter_that_fits_in_part_only_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    from diffusers.utils import logging as diffusers_logging
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    trained_adapter(tiny_model(), alpha=8).save_lora_adapter(tmp_path / "whole")
+    with safe_open(tmp_path / "whole" / "pytorch_lora_weights.safetensors", "pt") as handle:
+        header = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    first_a = sorted(key for key in weights if ".lora_A." in key)[0]
+    partial = {
+        # a layer's lora_A missing: PEFT's random initialisation would stay in its place
+        "missing": {key: value for key, value in weights.items() if key != first_a},
+        # layers this UNet does not have: their weights would be dropped
+        "unexpected": {key.replace("down_levels.", "other_levels."): value for key, value in weights.items()},
+    }
+    expected = predict(tiny_model())
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the refusal must not depend on Diffusers' warnings being shown
+    try:
+        for name, state in partial.items():
+            save_file(state, tmp_path / f"{name}.safetensors", metadata=header)
+            model = tiny_model()
+            with pytest.raises(ValueError, match="does not fit this SR3UNet2DModel, nothing was loaded"):
+                model.load_lora_adapter(tmp_path, weight_name=f"{name}.safetensors")
+            assert not lora_layer_names(model) and not getattr(model, "peft_config", None), name
+            torch.testing.assert_close(predict(model), expected, rtol=0, atol=0)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+    # A load that fails in PEFT (an adapter of another width) leaves no empty adapter layers either: saved, they
+    # would be written under PEFT's names, which no loader reads.
+    wider = SR3UNet2DModel(**tiny_unet_config(block_out_channels=16)).eval()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wider.load_lora_adapter(tmp_path / "whole")
+    assert not lora_layer_names(wider)
+    wider.save_pretrained(tmp_path / "wider")
+    reloaded = SR3UNet2DModel.from_pretrained(tmp_path / "wider")
+    sample, level = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample, level).sample, wider(sample, level).sample, rtol=0, atol=0)
+
+    # A failed second adapter leaves the first one in place.
+    model = trained_adapter(tiny_model())
+    kept = predict(model)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.load_lora_adapter(tmp_path, weight_name="missing.safetensors", adapter_name="second")
+    assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(predict(model), kept, rtol=0, atol=0)
+
+
+def test_save_lora_adapter_refuses_a_pickle_that_would_lose_the_alpha(tmp_path):
+    model = trained_adapter(tiny_model(), alpha=8)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_lora_adapter(tmp_path, safe_serialization=False)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_lora_adapter(tmp_path, "default", False, False)
+    assert not list(tmp_path.iterdir())
+    model.save_lora_adapter(tmp_path, "default", weight_name="adapter.safetensors")
+    assert [path.name for path in tmp_path.iterdir()] == ["adapter.safetensors"]

@@ -112,6 +112,20 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert not torch.allclose(predict(trained), predict(averaged))
 
 
+def test_a_checkpoint_saved_before_lora_existed_is_refused_with_lora_rank(tmp_path):
+    base = pretrained(tmp_path / "base")
+    output = tmp_path / "out"
+    plain = dict(preset=None, pretrained_model_name_or_path=base, learning_rate=1e-2)
+    stop_after_first_checkpoint(resume_options(tmp_path, output, **plain))
+    state_file = output / "checkpoint-4" / "training_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    for key in ("lora_rank", "lora_alpha"):  # as written before --lora_rank existed
+        del state["objective"][key]
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match="--lora_rank 0 there, 2 here"):
+        Trainer(resume_options(tmp_path, output, resume_from_checkpoint="latest", lora_rank=2, **plain)).run()
+
+
 def test_an_unconditional_model_trains_lora_through_the_same_core(tmp_path, monkeypatch):
     base = pretrained(tmp_path / "base", conditional=False)
     data = make_image_folder(str(tmp_path / "images"), count=4, bad=False)

@@ -53,17 +53,29 @@ def require_peft(feature: str = "LoRA adapters") -> None:
 
 
 @contextlib.contextmanager
-def _dropped_log_records(logger_: Any, text: str) -> Iterator[None]:
-    """Drop `logger_`'s records that contain `text` inside the block."""
+def _dropped_log_records(logger_: Any, text: str) -> Iterator[List[str]]:
+    """Drop `logger_`'s warnings that contain `text` inside the block; yield the list of their messages.
+
+    The logger lets warnings through inside the block (their filter runs only then), whatever its level outside.
+    """
+    dropped: List[str] = []
 
     def keep(record: Any) -> bool:
-        return text not in record.getMessage()
+        message = record.getMessage()
+        if text in message:
+            dropped.append(message)
+            return False
+        return True
 
+    level = logger_.level
+    if not logger_.isEnabledFor(logging.WARNING):
+        logger_.setLevel(logging.WARNING)
     logger_.addFilter(keep)
     try:
-        yield
+        yield dropped
     finally:
         logger_.removeFilter(keep)
+        logger_.setLevel(level)
 
 
 def has_lora_layers(model: nn.Module) -> bool:
@@ -892,24 +904,62 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
 
         `prefix` defaults to None, not Diffusers' `"transformer"`: `save_lora_adapter` writes this UNet's keys
         without one, so what it saves loads back as it is. An adapter with no weights under `prefix` is refused
-        (Diffusers would load nothing, silently).
+        (Diffusers would load nothing, silently), as is one that fits in part only (Diffusers would load the rest,
+        with a warning); a load that fails leaves the model as it was.
         """
         require_peft()
         if kwargs.get("weight_name") is None:  # Diffusers' models look for a .bin then; its pipelines' loaders don't
             kwargs.setdefault("use_safetensors", True)
         before = set(getattr(self, "peft_config", {}))
-        super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
-        if set(getattr(self, "peft_config", {})) == before:
-            where = f" under the prefix {prefix!r}" if prefix is not None else ""
-            raise ValueError(f"the LoRA adapter has no weights{where}: nothing was loaded")
+        try:
+            # Diffusers only warns of weights that name layers this UNet lacks, or of layers left without theirs
+            # (a missing lora_A stays random): a partial adapter, refused here.
+            with _dropped_log_records(
+                logging.get_logger("diffusers.utils.peft_utils"), "Loading adapter weights from state_dict led to"
+            ) as unhandled:
+                super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+            if set(getattr(self, "peft_config", {})) == before:
+                where = f" under the prefix {prefix!r}" if prefix is not None else ""
+                raise ValueError(f"the LoRA adapter has no weights{where}: nothing was loaded")
+            if unhandled:
+                raise ValueError(
+                    f"the LoRA adapter does not fit this {type(self).__name__}, nothing was loaded: "
+                    + " ".join(unhandled)
+                )
+        except BaseException:
+            self._remove_adapters_but(before)
+            raise
 
-    def save_lora_adapter(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+    def _remove_adapters_but(self, kept: set) -> None:
+        """Remove the adapters not in `kept`, and with none kept the adapter layers too: a failed load leaves the
+        model as it was (Diffusers leaves them, empty, where `save_pretrained` would save them under PEFT's names)."""
+        if kept:
+            self.delete_adapters([name for name in getattr(self, "peft_config", {}) if name not in kept])
+        else:
+            self.unload_lora()
+
+    def save_lora_adapter(
+        self,
+        save_directory: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: Optional[str] = None,
+    ) -> None:
         """Diffusers' `save_lora_adapter` (`pytorch_lora_weights.safetensors` in `save_directory`, with the adapter's
         `LoraConfig` in its header), without the float32 warning that its `self.to(dtype=None)` logs though no
         dtype changes."""
         require_peft()
+        if not safe_serialization:
+            # A pickle holds no LoraConfig: loaded back, its alpha would become the rank, its outputs others.
+            raise ValueError(
+                "save_lora_adapter saves safetensors only (safe_serialization=False would write a pickle without the "
+                "adapter's LoraConfig, whose alpha a load would lose)"
+            )
         with _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"):
-            super().save_lora_adapter(save_directory, *args, **kwargs)
+            super().save_lora_adapter(
+                save_directory, adapter_name, upcast_before_saving, safe_serialization=True, weight_name=weight_name
+            )
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """Diffusers' `save_pretrained`, staged as a pipeline's save (`pipelines.base.staged_save`): the files are

@@ -105,6 +105,11 @@ def later_checkpoints(path: str, output_dir: str) -> List[str]:
     ]
 
 
+# What checkpoints saved before `--lora_rank` existed were trained with: without LoRA (resumed with it, their weights
+# would be refused as not fitting the adapter's layers, as if damaged).
+_BEFORE_LORA = {"lora_rank": 0, "lora_alpha": None}
+
+
 def check_same_objective(path: str, objective: Dict[str, Any]) -> None:
     """Refuse to resume checkpoint `path` with settings that change what its weights mean.
 
@@ -112,10 +117,10 @@ def check_same_objective(path: str, objective: Dict[str, Any]) -> None:
         path: a complete checkpoint folder.
         objective: the resumed run's settings, keyed by option name (residual, prediction_type, the noise schedule,
             use_ema, ...): those the checkpoint recorded under `OBJECTIVE_KEY` must be the same. Checkpoints of
-            earlier versions recorded none and resume as before.
+            earlier versions recorded none and resume as before, without LoRA.
     """
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        saved = json.load(handle).get(OBJECTIVE_KEY) or {}
+        saved = {**_BEFORE_LORA, **(json.load(handle).get(OBJECTIVE_KEY) or {})}
     differences = [
         f"--{key} {_shown(saved[key])} there, {_shown(objective[key])} here"
         for key in sorted(saved.keys() & objective.keys())
