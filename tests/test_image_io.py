@@ -398,8 +398,9 @@ def test_a_folder_a_glob_lists_but_cannot_look_into_is_named_not_skipped(tmp_pat
 
 
 def test_a_glob_checks_each_folder_in_one_walk(tmp_path, monkeypatch):
-    """The check of a `**` glob listed the whole tree once per component after it (three walks for
-    `photos/**/*.png`, besides glob's own): each folder is listed once, besides the look that it opens."""
+    """The check of a `**` glob walked the whole tree again for each component after it (twice for
+    `photos/**/*.png`, then opened each folder, besides glob's own walk): each folder is listed once, besides the
+    look that it opens."""
     monkeypatch.chdir(tmp_path)
     for relative in ("a/b/c.png", "a/d/e.png", "f/g.png"):
         (tmp_path / "photos" / relative).parent.mkdir(parents=True, exist_ok=True)
