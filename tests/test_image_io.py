@@ -19,6 +19,7 @@ from diffusers_sr3.image_io import (
     IMAGE_EXTENSIONS,
     ImageTooLargeError,
     UnreadableImageError,
+    _check_glob_folders_open,
     find_image_sources,
     find_images,
     image_size,
@@ -373,6 +374,50 @@ def test_a_folder_a_glob_cannot_open_is_named_not_skipped(tmp_path, monkeypatch,
     found = os.path.join("photos", "mine", "raw", "c.png")
     assert find_image_sources(["photos/mine/*/*.png"]) == [(found, os.path.join("raw", "c.png"))]
     assert find_image_sources(["photos/m*/raw/*.png"]) == [(found, os.path.join("mine", "raw", "c.png"))]
+
+
+def test_a_folder_a_glob_lists_but_cannot_look_into_is_named_not_skipped(tmp_path, monkeypatch):
+    """Another user's folder of mode 744 (`r--` for this user): glob lists its names but cannot tell files from
+    folders there, so its images were dropped without a word (`photos/*/*.png`), or the pattern naming it matched
+    "no such file" (`photos/theirs/*.png`). The glob stops and names it."""
+    monkeypatch.chdir(tmp_path)
+    for relative in ("mine/a.png", "theirs/b.png"):
+        (tmp_path / "photos" / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(tmp_path / "photos" / relative)
+    private = os.path.join("photos", "theirs")
+    real_access = os.access
+
+    def access(path, mode, **kwargs):  # root looks into any folder: refuse it as for anyone else
+        searching = mode & os.X_OK and os.path.normpath(os.fspath(path)) == private
+        return not searching and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    for pattern in ("photos/*/*.png", "photos/**/*.png", "photos/theirs/*.png"):
+        with pytest.raises(PermissionError, match=re.escape(f"cannot look into the folder {private}: Permission")):
+            find_image_sources([pattern])
+
+
+def test_a_glob_checks_each_folder_in_one_walk(tmp_path, monkeypatch):
+    """The check of a `**` glob walked the whole tree again for each component after it (twice for
+    `photos/**/*.png`, then opened each folder, besides glob's own walk): each folder is listed once, besides the
+    look that it opens."""
+    monkeypatch.chdir(tmp_path)
+    for relative in ("a/b/c.png", "a/d/e.png", "f/g.png"):
+        (tmp_path / "photos" / relative).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(tmp_path / "photos" / relative)
+    listings = []
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        listings.append(os.path.normpath(os.fspath(path)))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for pattern in ("photos/**/*.png", "photos/**/b/*.png", "photos/*/*/*.png"):
+        listings.clear()
+        _check_glob_folders_open(pattern)
+        counts = {folder: listings.count(folder) for folder in listings}
+        assert counts and max(counts.values()) <= 2, (pattern, counts)
 
 
 def test_a_disks_own_folders_are_not_searched_for_photos(tmp_path, monkeypatch):

@@ -140,37 +140,53 @@ def _check_glob_folders_open(pattern: str) -> None:
     [`walk_images`] does for a folder input: glob skips such a folder (another user's private one) without a word.
 
     Glob lists the folders that the pattern's part before a wildcard component matches (before `**`: they and every
-    folder below them), and looks a name up in those matched before a plain component. They are found by globbing
-    that part: a folder glob cannot open is still matched, from its parent's listing. `FILESYSTEM_FOLDERS` are left
-    to glob, as a folder walk leaves them out.
+    folder below them), and looks a name up in those matched before a plain component. They are followed here one
+    component at a time, as glob does, so that each folder is listed once (a `**` walks the tree once, not once per
+    later component); a folder glob cannot open is still matched, from its parent's listing. A listed folder must
+    also let names be looked up in it: glob lists one of mode `r--` (another user's 744) but cannot tell its files
+    from folders, and they were dropped as if it held none. `FILESYSTEM_FOLDERS` are left to glob, as a folder walk
+    leaves them out.
     """
     root = _glob_root(pattern)
     parts, head = [], pattern
     while head != root:
         head, part = os.path.split(head)
         parts.insert(0, part)
+    # "" stands for the current folder, so that the folders found are named as glob names its matches.
+    folders = [root] if os.path.isdir(root or os.curdir) else []
     listed, searched = [], []
     for depth, part in enumerate(parts):
-        above = os.path.join(root, *parts[:depth])
-        if part == "**":  # every folder below `above` too (the matches end in a separator)
-            below = glob.glob(os.path.join(above, "**", ""), recursive=True)
-            listed += [os.path.dirname(match) or os.curdir for match in below]
-            continue
-        above = above or os.curdir
-        if glob.has_magic(part):
-            listed += [match for match in glob.glob(above, recursive=True) if os.path.isdir(match)]
-        elif part and glob.has_magic(above):
-            searched += [match for match in glob.glob(above, recursive=True) if os.path.isdir(match)]
+        last = depth == len(parts) - 1
+        if part == "**":  # the folders and every folder below them (matches of `folder/**/` end in a separator)
+            below = [
+                os.path.dirname(match)
+                for folder in folders
+                for match in glob.glob(os.path.join(glob.escape(folder), "**", ""), recursive=True)
+            ]
+            folders = list(dict.fromkeys(folders + below))
+            listed += folders
+        elif glob.has_magic(part):
+            listed += folders
+            if not last:  # the folders it matches (a trailing separator matches folders only)
+                folders = [
+                    os.path.dirname(match)
+                    for folder in folders
+                    for match in glob.glob(os.path.join(glob.escape(folder), part, ""))
+                ]
+        elif part:
+            searched += folders
+            folders = [os.path.join(folder, part) for folder in folders if os.path.isdir(os.path.join(folder, part))]
     for folder in dict.fromkeys(listed):
         if os.path.basename(folder) not in FILESYSTEM_FOLDERS:
             try:
-                with os.scandir(folder):
+                with os.scandir(folder or os.curdir):
                     pass
             except OSError as error:
                 _unlisted(error)
+            searched.append(folder)
     for folder in dict.fromkeys(searched):
-        if os.path.basename(folder) not in FILESYSTEM_FOLDERS and not os.access(folder, os.X_OK):
-            raise PermissionError(errno.EACCES, f"cannot look into the folder {folder}: Permission denied")
+        if os.path.basename(folder) not in FILESYSTEM_FOLDERS and not os.access(folder or os.curdir, os.X_OK):
+            raise PermissionError(errno.EACCES, f"cannot look into the folder {folder or os.curdir}: Permission denied")
 
 
 def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[str, str]]:
