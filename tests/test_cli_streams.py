@@ -1,7 +1,10 @@
 """What scripts rely on from `sr3` and the training scripts: the exit status in every command's --help, results on
 stdout and notes on stderr, a reader that goes away (`| head -1`) ending no run, Ctrl-C's 130 in a real process."""
 
+import errno
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +18,7 @@ import PIL.Image
 import pytest
 from conftest import tiny_unet_config
 
-from diffusers_sr3.cli import COMMANDS, build_parser, main
+from diffusers_sr3.cli import COMMANDS, build_parser, main, readers_may_leave
 from diffusers_sr3.training import cli as training_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +101,44 @@ def test_a_reader_that_goes_away_ends_no_training(tmp_path, capsys, monkeypatch)
     assert training_cli.main(arguments, prog="train_sr3.py") == 0
     assert (tmp_path / "after the summary").is_file()
     assert "Broken pipe" not in capsys.readouterr().err
+
+
+def test_a_log_handler_set_up_during_a_run_writes_to_the_console_after_it(tmp_path, capsys, monkeypatch):
+    """The training command's logging.basicConfig (and Diffusers' handler, where Diffusers is first imported in a
+    run) take sys.stderr as it is while the command runs: a second run in the same process (a notebook) must still
+    find that handler's stream among the console's, and print its log lines above the progress bar."""
+    from diffusers_sr3.training import trainer
+
+    made, seen = [], []
+
+    def train(config):
+        if not made:  # as basicConfig does on the first run, in a process whose root logger has no handler yet
+            made.append(logging.StreamHandler())
+            logging.getLogger().addHandler(made[0])
+        seen.append(type(made[0].stream).__name__)
+
+    monkeypatch.setattr(trainer, "train", train)
+    data = write_images(tmp_path / "data", 1, 40)
+    try:
+        for run in ("first", "second"):
+            arguments = ["--train_data_dir", str(data), "--output_dir", str(tmp_path / run), "--preset", "tiny"]
+            assert training_cli.main(arguments, prog="train_sr3.py") == 0
+            assert made[0].stream is sys.stderr  # the console's own, not a wrapper of the run that ended
+    finally:
+        logging.getLogger().removeHandler(made[0])
+    assert seen == ["_ReaderMayLeave", "_AboveProgressBars"]
+
+
+def test_the_console_streams_come_back_when_the_last_flush_fails(monkeypatch):
+    class Unwritable(io.StringIO):  # a disk that fills up as the last line is written out
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream = Unwritable()
+    monkeypatch.setattr(sys, "stdout", stream)
+    with pytest.raises(OSError), readers_may_leave():
+        print("result")
+    assert sys.stdout is stream
 
 
 def _sr3(*arguments, **options):

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import logging
 import os
 import signal
 import sys
@@ -190,11 +191,26 @@ def readers_may_leave() -> Iterator[None]:
     try:
         yield
     finally:
-        # What is still buffered goes out now: a reader that has gone is found while its loss is still handled.
-        for stream in wrapped:
-            if stream is not None:
-                stream.flush()
-        sys.stdout, sys.stderr = streams
+        try:
+            # What is still buffered goes out now: a reader that has gone is found while its loss is still handled.
+            for stream in wrapped:
+                if stream is not None:
+                    stream.flush()
+        finally:
+            sys.stdout, sys.stderr = streams
+            _give_log_handlers_their_streams_back(wrapped)
+
+
+def _give_log_handlers_their_streams_back(wrapped: List[Optional[_ReaderMayLeave]]) -> None:
+    """Log handlers set up while the block ran (the training scripts' `logging.basicConfig`, Diffusers' handler where
+    it was first imported there) took the wrappers as their stream: given theirs back, a handler outlives the block
+    writing to the console, where a later run finds it (`console_streams`), not through a wrapper of a run that
+    ended."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # a placeholder for a logger's children has none
+            if isinstance(handler, logging.StreamHandler) and any(handler.stream is stream for stream in wrapped):
+                handler.setStream(handler.stream._stream)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

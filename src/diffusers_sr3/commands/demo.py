@@ -541,7 +541,8 @@ def _note_set_aside_models(output: str, model_dir: str) -> None:
     if aside:
         print(
             f"note: {', '.join(os.path.join(output, name) for name in aside)}: the model of an earlier demo, set aside "
-            f"while a rerun trained and left there when that run was killed; rename it to {model_dir} to get it back"
+            f"while a rerun trained and left there when that run was killed; rename it to {model_dir} to get it back",
+            file=sys.stderr,
         )
 
 
