@@ -206,3 +206,29 @@ def test_every_table_of_the_quality_notes_has_its_separator_line():
     for number, (previous, line, following) in enumerate(zip([""] + lines, lines, lines[1:] + [""]), start=1):
         if line.startswith("|") and not previous.startswith("|"):
             assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", following), f"docs/quality.md:{number}: a table header"
+
+
+def test_determinism_compares_reruns_pixel_for_pixel_and_counts_what_differs(tmp_path, x0_model_dir, capsys):
+    determinism = load("determinism")
+    first = {"a": np.zeros((2, 2, 3), dtype=np.int64), "b": np.full((2, 2, 3), 9, dtype=np.int64)}
+    second = {"a": first["a"].copy(), "b": first["b"].copy()}
+    assert determinism.compare(first, second) == {"largest": 0, "differing": 0, "values": 24, "psnr": None}
+    second["b"][0, 0, 0] = 11  # one value two levels off: MSE 4/24
+    assert determinism.compare(first, second) == {
+        "largest": 2,
+        "differing": 1,
+        "values": 24,
+        "psnr": pytest.approx(10 * math.log10(255**2 * 6)),
+    }
+    options = ["--model", str(x0_model_dir), "--crops", "2", "--size", "8", "--modes", "fidelity"]
+    results = determinism.main([*options, "--backends", "torch", "--output", str(tmp_path / "report")])
+    compared = results["fidelity, torch"]
+    assert list(compared) == ["1 thread, again", "2 threads", "one batch of 2", "each crop alone, its seed"]
+    assert compared["1 thread, again"]["differing"] == 0  # the guarantee README states
+    assert all(numbers["values"] == 2 * 32 * 32 * 3 for numbers in compared.values())  # both crops, upscaled x4
+    table = (tmp_path / "report" / "determinism.md").read_text(encoding="utf-8")
+    assert "| fidelity, torch | 1 thread, again | 0 | 0 of 6144 (0.00%) | identical |" in table
+    assert table in capsys.readouterr().out + "\n"
+    assert json.loads((tmp_path / "report" / "determinism.json").read_text(encoding="utf-8"))["results"] == results
+    with pytest.raises(SystemExit):
+        determinism.main([*options[:2], "--crops", "1"])
