@@ -401,3 +401,192 @@ def test_a_training_run_on_a_folder_inside_a_dataset_holds_the_dataset(tmp_path,
     monkeypatch.setattr(Trainer, "_run", run_reading)
     train(TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(out / "hr_16"), resolution=16)))
     assert statuses == [2] and "is being read as training or evaluation data" in capsys.readouterr().err
+
+
+def interrupted_prepare(source, out, monkeypatch, *options):
+    """Run `sr3 prepare` of `source` (3 images) into `out` as if killed after its first image (Ctrl-C)."""
+    import diffusers_sr3.commands.prepare as prepare_command
+
+    real_process_file, calls = prepare_command.process_file, []
+
+    def killed_after_one(job):
+        calls.append(job)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_process_file(job)
+
+    monkeypatch.setattr(prepare_command, "process_file", killed_after_one)
+    assert prepare(source, out, "--sizes", "8,16", *options) == 130
+    monkeypatch.undo()
+
+
+def test_a_training_run_eval_or_upscale_of_a_dataset_whose_prepare_stopped_is_refused_naming_the_fix(
+    tmp_path, monkeypatch, capsys
+):
+    """A dataset whose `sr3 prepare` was killed (its record says unfinished, no prepare holds it) was trained on,
+    evaluated and upscaled in part without a word; each is refused, saying how far it got and which command finishes
+    it, and that command does."""
+    import shlex
+
+    from diffusers_sr3.cli import main
+
+    source = make_image_folder(str(tmp_path / "images"), count=3, size=(48, 48), bad=False, nested=False)
+    out = tmp_path / "out"
+    interrupted_prepare(source, out, monkeypatch, "--resample", "bilinear")
+    capsys.readouterr()
+    command = f"sr3 prepare {source} --out {out} --sizes 8,16 --resample bilinear"
+    refusal = (
+        f"{out} holds a dataset that sr3 prepare did not finish (1 image(s) written from the first 1 of its 3 source "
+        f"files): {{}} now would read part of it; rerun the same sr3 prepare command to finish it ({command})"
+    )
+    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(out / "hr_16"), resolution=16))
+    with pytest.raises(ValueError) as refused:
+        train(config)
+    assert str(refused.value) == "--train_data_dir " + refusal.format("training on it")
+    assert not (tmp_path / "run").exists()
+    assert main(["eval", "--hr", str(out / "hr_16"), "--sr", str(out / "sr_8_16")]) == 2
+    assert capsys.readouterr().err == "sr3 eval: error: --hr " + refusal.format("evaluating it") + "\n"
+    for inputs in ([str(out / "lr_8")], [str(out / "lr_8" / "*.png")], [str(out)]):
+        assert main(["upscale", *inputs, "--output", str(tmp_path / "sr")]) == 2
+        assert capsys.readouterr().err == "sr3 upscale: error: input " + refusal.format("upscaling it") + "\n"
+    assert not (tmp_path / "sr").exists()
+    # The command it names finishes the dataset, which is then read.
+    assert main([*shlex.split(command)[1:], "--n_worker", "0"]) == 0
+    assert len(os.listdir(out / "hr_16")) == 3
+    with hold_for_reading(str(out), "--train_data_dir"):
+        pass
+
+
+def test_a_dataset_an_earlier_version_left_unfinished_is_refused_with_the_command_that_resumes_it(
+    tmp_path, monkeypatch
+):
+    """A record of the first sr3 prepare (no `small`, `upsample_small` or size/time hash) is read too; the command
+    it names leaves out --upsample_small, as that version's run is resumed as it prepared (enlarging)."""
+    import json
+    import shlex
+
+    from diffusers_sr3.cli import main
+    from diffusers_sr3.commands.prepare import STATE_FILE
+
+    source = make_image_folder(str(tmp_path / "images"), count=3, size=(48, 48), bad=False, nested=False)
+    out = tmp_path / "out"
+    interrupted_prepare(source, out, monkeypatch, "--upsample_small")
+    record = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    del record["small"], record["settings"]["upsample_small"], record["settings"]["files_size_mtime_sha256"]
+    (out / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        with hold_for_reading(str(out), "--train_data_dir"):
+            pytest.fail("read an unfinished dataset")
+    command = f"sr3 prepare {source} --out {out} --sizes 8,16"
+    assert str(refused.value).endswith(
+        f"of its 3 source files): training on it now would read part of it; rerun "
+        f"the same sr3 prepare command to finish it ({command})"
+    )
+    assert main([*shlex.split(command)[1:], "--n_worker", "0"]) == 0
+    assert json.loads((out / STATE_FILE).read_text(encoding="utf-8"))["complete"] is True
+
+
+def test_an_upscale_of_a_folder_being_prepared_is_refused_and_holds_the_dataset_it_reads(
+    tmp_path, held, monkeypatch, capsys
+):
+    """`sr3 upscale OUT/lr_8` during a prepare upscaled the images written so far; it is refused as `sr3 eval` is, and
+    a prepare into the dataset while it upscales is refused."""
+    import diffusers_sr3.commands.upscale as upscale_command
+    from diffusers_sr3.cli import main
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    statuses = []
+
+    def plan_preparing(inputs, output):  # where the upscale lists its inputs: it is reading them from here on
+        statuses.append(prepare(source, out, "--sizes", "8,16", "--overwrite"))
+        raise ValueError("stopped before the model")
+
+    monkeypatch.setattr(upscale_command, "_plan_writes", plan_preparing)
+    assert main(["upscale", str(out / "lr_8" / "*.png"), "--output", str(tmp_path / "sr")]) == 2
+    error = capsys.readouterr().err
+    assert statuses == [2] and "is being read as training or evaluation data" in error
+    pid = held(out, "--out", "sr3 prepare")
+    assert main(["upscale", str(out / "lr_8"), "--output", str(tmp_path / "sr")]) == 2
+    assert capsys.readouterr().err == (
+        f"sr3 upscale: error: input {out} is still being written by sr3 prepare (pid {pid}): upscaling it now would "
+        "read a half-written dataset; wait for the prepare to finish\n"
+    )
+    assert statuses == [2]
+
+
+def test_a_reader_creates_no_lock_file_in_another_users_dataset(tmp_path, monkeypatch):
+    """A reader of a dataset of the original's layout (no lock file) created one, its own: the dataset's owner's
+    writers could not open it. In a folder of another user it reads as on a read-only mount; in its own it still
+    creates one."""
+    from diffusers_sr3.commands.prepare import STATE_FILE
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    dataset = tmp_path / "dataset"
+    assert prepare(source, dataset, "--sizes", "8,16") == 0
+    os.remove(dataset / LOCK_FILE)
+    os.remove(dataset / STATE_FILE)
+    owner = os.stat(dataset).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with hold_for_reading(str(dataset), "--train_data_dir"):
+        assert LOCK_FILE not in os.listdir(dataset)
+    monkeypatch.undo()
+    with hold_for_reading(str(dataset), "--train_data_dir"):
+        assert LOCK_FILE in os.listdir(dataset)
+
+
+def test_a_writer_takes_over_a_lock_file_of_another_user_that_no_one_holds(tmp_path, monkeypatch, capsys):
+    """A lock file another user's run left in a dataset (0644, theirs) made its owner's `sr3 prepare --overwrite`
+    fail as "not writable" though the folder is. The writer locks it read-only (flock needs no write access): held by
+    a reader, the prepare is refused as such; held by no one, it is replaced by the writer's own. Where it cannot be
+    replaced or read, the message names the lock file and its owner."""
+    import errno
+
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    capsys.readouterr()
+    lock = out / LOCK_FILE
+    lock.write_text("4242\ntraining run\n", encoding="utf-8")  # another user's, left by their run
+    uid = os.stat(lock).st_uid
+    real_open, real_remove = os.open, os.remove
+    foreign, unreadable, removable = [True], [], []
+
+    def another_users_lock_file(path, flags, *args, **kwargs):  # 0644 and not ours: read-only, or not even that
+        if foreign and os.path.basename(path) == LOCK_FILE and os.path.exists(path):
+            if unreadable or flags & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def removed_where_removable(path, *args, **kwargs):
+        if os.path.basename(path) == LOCK_FILE:
+            if not removable:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            foreign.clear()
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", another_users_lock_file)
+    monkeypatch.setattr(os, "remove", removed_where_removable)
+    with hold_for_reading(str(out), "--train_data_dir"):
+        removable.append(True)
+        assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 2
+        assert capsys.readouterr().err.startswith(f"sr3 prepare: error: {out} is being read as training or evaluation")
+        removable.clear()
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 2
+    assert capsys.readouterr().err == (
+        f"sr3 prepare: error: --out {out} is not writable (Permission denied): its lock file {lock} belongs to uid "
+        f"{uid}, and this user can neither write it nor replace it\n"
+    )
+    unreadable.append(True)
+    removable.append(True)
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 2
+    assert capsys.readouterr().err == (
+        f"sr3 prepare: error: --out {out}: its lock file {lock} belongs to uid {uid} and cannot be opened (Permission "
+        "denied): remove it once no run of that user reads or writes the folder\n"
+    )
+    unreadable.clear()
+    assert lock.read_text(encoding="utf-8") == "4242\ntraining run\n" and foreign
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 0
+    assert lock.read_text(encoding="utf-8") == f"{os.getpid()}\nsr3 prepare\n" and not foreign

@@ -226,6 +226,18 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
     return sorted(found.values())
 
 
+def input_folders(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
+    """The folders that [`find_image_sources`] lists files of: each folder input, and the fixed part of each glob (the
+    folder before its first wildcard); a file input is no folder's listing."""
+    folders = []
+    for item in map(os.fspath, inputs):
+        if os.path.isdir(item):
+            folders.append(item)
+        elif not os.path.isfile(item) and os.path.isdir(_glob_root(item) or os.curdir):
+            folders.append(_glob_root(item) or os.curdir)
+    return folders
+
+
 def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     """Expand files, folders (recursively, see [`walk_images`]) and glob patterns into a sorted list of files."""
     return [path for path, _ in find_image_sources(inputs)]

@@ -11,13 +11,13 @@ Two ways to give the images:
   and `<id>_inf.png`, the bicubic upsample, which is then scored as a baseline).
 
 A folder that `sr3 prepare` is still writing (given itself, or one of its `hr_<N>`/`lr_<M>` folders) is refused
-rather than evaluated half-written, and a prepare into it is refused while it is evaluated (`hold_for_reading`).
+rather than evaluated half-written, as is one whose prepare stopped before the end, and a prepare into it is refused
+while it is evaluated (`hold_for_reading`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..image_io import is_image_file, open_image, walk_images
-from ..training.output_lock import hold_for_reading
+from ..training.output_lock import hold_folders_for_reading
 from .common import atomic_file, check_file_destination
 
 if TYPE_CHECKING:
@@ -223,13 +223,8 @@ def _uint8_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as locks:
-        for kind in ("hr", "sr", "lr", "results"):
-            folder = getattr(args, kind)
-            if folder and os.path.isdir(folder):
-                # A prepared dataset's lock lies in OUT, above its hr_<N> and lr_<M> folders.
-                for candidate in dict.fromkeys([folder, os.path.dirname(os.path.abspath(folder))]):
-                    locks.enter_context(hold_for_reading(candidate, f"--{kind}", "evaluating it"))
+    named = [(getattr(args, kind), f"--{kind}") for kind in ("hr", "sr", "lr", "results") if getattr(args, kind)]
+    with hold_folders_for_reading(named, "evaluating it"):
         return _evaluate(args)
 
 

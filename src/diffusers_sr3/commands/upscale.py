@@ -28,8 +28,9 @@ from ..defaults import (
     evaluations_per_crop,
 )
 from ..disk_format import check_format
-from ..image_io import ImageFacts, find_image_sources, inspect_image, open_alpha, open_image
+from ..image_io import ImageFacts, find_image_sources, input_folders, inspect_image, open_alpha, open_image
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
+from ..training.output_lock import hold_folders_for_reading
 from .common import (
     DTYPES,
     add_model_arguments,
@@ -825,6 +826,13 @@ def _memory_settings(
 
 
 def run(args: argparse.Namespace) -> int:
+    # A folder that `sr3 prepare` is still writing (`sr3 upscale OUT/lr_16`) would be upscaled in part, and one it
+    # stopped writing is unfinished: both are refused, and a prepare into a folder being upscaled, as for `sr3 eval`.
+    with hold_folders_for_reading([(folder, "input") for folder in input_folders(args.inputs)], "upscaling it"):
+        return _upscale(args)
+
+
+def _upscale(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 

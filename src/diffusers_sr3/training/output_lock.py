@@ -11,16 +11,24 @@ nothing is locked, as before.
 Readers of a prepared dataset (a training run's `--train_data_dir`, `sr3 eval`'s folders) take the same file's lock
 shared (`hold_for_reading`): a dataset that `sr3 prepare` is still writing is refused to them, and while they read,
 a prepare into the folder (which would replace or add images under them) is refused. Readers do not exclude each
-other: two training runs may read one dataset.
+other: two training runs may read one dataset. A dataset whose prepare stopped before the end (its progress record
+says so) is refused to readers too, naming the command that finishes it.
+
+A reader creates the lock file only in a folder of its own user: one it made in another user's dataset would be its
+own, which that user's writers could not open for writing. A writer that meets such a file anyway (made by another
+user's run) takes it over when no one holds it: flock needs no write access to find that out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import re
+import shlex
 import stat
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from ..file_writes import NO_LOCKING
 
@@ -103,6 +111,9 @@ def _lock(folder: str, option: str, writer: str) -> Optional[int]:
         except OSError as error:
             if os.path.islink(path):  # O_NOFOLLOW's ELOOP
                 raise ValueError(f"{path} is a link, not the lock file a run writes: remove it") from None
+            if error.errno in (errno.EACCES, errno.EPERM) and os.path.isfile(path):
+                _take_over(path, folder, option)
+                continue
             raise OSError(f"{option} {folder} is not writable ({error.strerror or error})") from None
         held = False
         try:
@@ -111,17 +122,7 @@ def _lock(folder: str, option: str, writer: str) -> Optional[int]:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if _only_readers(descriptor):
-                    readers = _reader_pids(descriptor)
-                    raise FolderBeingReadError(
-                        f"{folder} is being read as training or evaluation data"
-                        + (f" (pid {', '.join(readers)})" if readers else "")
-                        + f"; wait for that to end or choose another {option}"
-                    ) from None
-                pid, holder = _holder(descriptor)
-                raise OutputFolderBusyError(
-                    f"{folder} is being written by another {holder} (pid {pid}); wait for it or choose another {option}"
-                ) from None
+                _refuse(descriptor, folder, option)
             except OSError as error:
                 if error.errno in NO_LOCKING:
                     return None
@@ -137,6 +138,62 @@ def _lock(folder: str, option: str, writer: str) -> Optional[int]:
                 os.close(descriptor)
         if held:
             return descriptor
+
+
+def _refuse(descriptor: int, folder: str, option: str) -> None:
+    """Raise the error that refuses a writer the lock that `descriptor`'s file holds for another process."""
+    if _only_readers(descriptor):
+        readers = _reader_pids(descriptor)
+        raise FolderBeingReadError(
+            f"{folder} is being read as training or evaluation data"
+            + (f" (pid {', '.join(readers)})" if readers else "")
+            + f"; wait for that to end or choose another {option}"
+        ) from None
+    pid, holder = _holder(descriptor)
+    raise OutputFolderBusyError(
+        f"{folder} is being written by another {holder} (pid {pid}); wait for it or choose another {option}"
+    ) from None
+
+
+def _take_over(path: str, folder: str, option: str) -> None:
+    """Remove the lock file `path`, which this process cannot open for writing (another user's), where no one holds
+    it, so that the writer creates its own; refuse the writer as `_lock` does where someone does.
+
+    Raises:
+        OutputFolderBusyError: another process holds the lock.
+        OSError: the file cannot be opened even to read, or removed (the folder is not writable), naming it.
+    """
+    try:
+        owner = f"uid {os.stat(path).st_uid}"
+    except OSError:  # removed meanwhile: `_lock` tries again
+        return
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise OSError(
+            f"{option} {folder}: its lock file {path} belongs to {owner} and cannot be opened "
+            f"({error.strerror or error}): remove it once no run of that user reads or writes the folder"
+        ) from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _refuse(descriptor, folder, option)
+        except OSError as error:
+            if error.errno not in NO_LOCKING:
+                raise
+        # Held (or nothing locks here): a process that opened the old file locks a removed one, which it notices.
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise OSError(
+                f"{option} {folder} is not writable ({error.strerror or error}): its lock file {path} belongs to "
+                f"{owner}, and this user can neither write it nor replace it"
+            ) from None
+    finally:
+        os.close(descriptor)
 
 
 def _holder(descriptor: int) -> Tuple[str, str]:
@@ -206,18 +263,98 @@ def hold_for_reading(folder: str, option: str, use: str = "training on it") -> I
     Raises:
         OutputFolderBusyError: an `sr3 prepare` holds the folder's lock: its dataset is half-written.
 
+        ValueError: the folder holds a dataset whose `sr3 prepare` stopped before the end (killed, interrupted).
+
     A prepared dataset (`is_prepared_dataset`) is held with a shared lock until the block ends, its lock file created
-    if it has none, so that a prepare into it meanwhile is refused (two readers share it). Any other folder is only
-    checked: a lock held there shared would refuse a training run's resume into its own folder while something reads
-    its images. A folder that another kind of writer holds (a training run's output read as images) is read unlocked,
-    as before; so is one whose lock file cannot be opened or created (a read-only mount).
+    if it has none and the folder is this user's, so that a prepare into it meanwhile is refused (two readers share
+    it). Any other folder is only checked: a lock held there shared would refuse a training run's resume into its own
+    folder while something reads its images. A folder that another kind of writer holds (a training run's output read
+    as images) is read unlocked, as before; so is one whose lock file cannot be opened or created (a read-only mount,
+    another user's dataset of the original's layout).
     """
     descriptor = _share(folder, option, use, is_prepared_dataset(folder))
     try:
+        # Read under the lock: a prepare that is still running is refused above as such, not as a stopped one.
+        unfinished = _unfinished_prepare(folder, option, use)
+        if unfinished:
+            raise ValueError(unfinished)
         yield
     finally:
         if descriptor is not None:
             os.close(descriptor)
+
+
+def reading_folders(named: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The folders to hold (`hold_for_reading`) for reading the given `(folder, option)` pairs: each folder and its
+    parent, once each (by real path), as a prepared dataset's lock and record lie in OUT, above the folders a reader
+    may be given (`OUT/hr_256`, `OUT/lr_16`, `OUT/data` of its parquet files)."""
+    folders = {}
+    for folder, option in named:
+        if os.path.isdir(folder):
+            for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+                folders.setdefault(os.path.realpath(candidate), (candidate, option))
+    return list(folders.values())
+
+
+@contextlib.contextmanager
+def hold_folders_for_reading(named: Iterable[Tuple[str, str]], use: str) -> Iterator[None]:
+    """`hold_for_reading` for each of `reading_folders(named)` while the block runs."""
+    with contextlib.ExitStack() as held:
+        for folder, option in reading_folders(named):
+            held.enter_context(hold_for_reading(folder, option, use))
+        yield
+
+
+def _unfinished_prepare(folder: str, option: str, use: str) -> Optional[str]:
+    """The message refusing `folder` where its `sr3 prepare` record says the dataset is unfinished; None for any other
+    folder, and where the record is unreadable (`sr3 prepare` itself refuses a damaged one)."""
+    try:
+        with open(os.path.join(folder, PREPARE_STATE_FILE), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("complete") is not False:
+        return None
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    written, position, files = record.get("written"), record.get("position"), settings.get("files")
+    counts = [isinstance(value, int) and not isinstance(value, bool) for value in (written, position, files)]
+    if all(counts):
+        progress = f"{written} image(s) written from the first {position} of its {files} source files"
+    else:
+        progress = f"{written} image(s) written" if counts[0] else "part of it written"
+    return (
+        f"{option} {folder} holds a dataset that sr3 prepare did not finish ({progress}): {use} now would read part "
+        f"of it; rerun the same sr3 prepare command to finish it{_prepare_command(folder, settings)}"
+    )
+
+
+def _prepare_command(folder: str, settings: dict) -> str:
+    """` (sr3 prepare SOURCE --out FOLDER ...)`: the command of `settings` (a prepare record's, of any version) that
+    finishes the dataset, or "" where they do not tell it."""
+    source, sizes, fmt = settings.get("source"), settings.get("sizes"), settings.get("format", "folder")
+    if not isinstance(source, str) or not (
+        isinstance(sizes, list) and len(sizes) == 2 and all(isinstance(size, int) for size in sizes)
+    ):
+        return ""
+    words = ["sr3", "prepare", source, "--out", folder, "--sizes", f"{sizes[0]},{sizes[1]}"]
+    if settings.get("resample", "bicubic") != "bicubic":
+        words += ["--resample", str(settings["resample"])]
+    if fmt != "folder":
+        words += ["--format", str(fmt)]
+    if fmt == "parquet" and settings.get("shard_size", 500) != 500:
+        words += ["--shard-size", str(settings["shard_size"])]
+    # Recorded since the option exists; an earlier version's record, without it, resumes as that version prepared.
+    if settings.get("upsample_small") is True:
+        words.append("--upsample_small")
+    return f" ({shlex.join(words)})"
+
+
+def _owns(folder: str) -> bool:
+    """Whether `folder` belongs to this process's user: a lock file it creates there is not another user's."""
+    try:
+        return os.stat(folder).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
@@ -228,7 +365,7 @@ def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     while True:
         try:
-            descriptor = os.open(path, flags | (os.O_CREAT if keep else 0), 0o644)
+            descriptor = os.open(path, flags | (os.O_CREAT if keep and _owns(folder) else 0), 0o644)
         except OSError:
             # No lock file that no writer has made (a folder only read), a link or one that cannot be created: the
             # claims refuse such files themselves.

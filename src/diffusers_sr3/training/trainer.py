@@ -66,7 +66,7 @@ from .checkpointing import (
 from .config import TrainingConfig, training_command
 from .hub import push_folder
 from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict, predicted_clean
-from .output_lock import claim_output_folder, hold_for_reading
+from .output_lock import claim_output_folder, hold_folders_for_reading
 from .validation import build_pipeline, log_validation, run_validation
 
 logger = logging.getLogger(__name__)
@@ -267,22 +267,14 @@ def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
 
 
 def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
-    """The local folders the run reads its data from, each with the option that names it (see `hold_for_reading`).
-
-    Each folder's parent too, as `sr3 eval` does: a prepared dataset's lock lies in OUT, above the folders a run may
-    be given (`--train_data_dir OUT/hr_256`, the parquet files `OUT/data/*.parquet`).
-    """
+    """The local folders the run reads its data from, each with the option that names it (see
+    `hold_folders_for_reading`, which holds each one's parent too)."""
     if config.train_images is not None or config.train_dataset is not None:
         return []
     named = [(config.train_data_dir, "--train_data_dir"), (config.dataset_name, "--dataset_name")]
     for pattern in config.train_data_files or []:
         named.append((os.path.dirname(os.path.normpath(pattern)) or os.curdir, "--train_data_files"))
-    folders: Dict[str, Tuple[str, str]] = {}
-    for folder, option in named:
-        if folder is not None and os.path.isdir(folder):
-            for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
-                folders.setdefault(os.path.realpath(candidate), (candidate, option))
-    return list(folders.values())
+    return [(folder, option) for folder, option in named if folder is not None]
 
 
 def _refuse_packaged_output(config: TrainingConfig) -> None:
@@ -556,8 +548,7 @@ class Trainer:
                 if main:
                     locks.enter_context(claim_output_folder(self.config.output_dir))
                     # Until the run ends: data loader workers read the images all along.
-                    for folder, option in _data_folders(self.config):
-                        locks.enter_context(hold_for_reading(folder, option))
+                    locks.enter_context(hold_folders_for_reading(_data_folders(self.config), "training on it"))
                 return self._run()
         except BaseException:
             if new_folder:  # a run that fails before writing anything leaves no empty folder behind
