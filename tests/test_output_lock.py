@@ -590,3 +590,40 @@ def test_a_writer_takes_over_a_lock_file_of_another_user_that_no_one_holds(tmp_p
     assert lock.read_text(encoding="utf-8") == "4242\ntraining run\n" and foreign
     assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 0
     assert lock.read_text(encoding="utf-8") == f"{os.getpid()}\nsr3 prepare\n" and not foreign
+
+
+def test_two_writers_taking_over_one_lock_file_of_another_user_do_not_both_hold_the_folder(tmp_path, held):
+    """Two writers met another user's lock file that no one held: the first locked it, removed it and created and
+    locked its own; the second, which had opened the old file meanwhile, then locked the old (removed) file and
+    removed the first one's new file by name, created a third, and both wrote the folder. The second is refused."""
+    import errno
+
+    import diffusers_sr3.training.output_lock as output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    lock.write_text("4242\ntraining run\n", encoding="utf-8")  # another user's, left by their run
+    real_open, real_flock, pids = os.open, output_lock.fcntl.flock, []
+
+    def another_users_lock_file(path, flags, *args, **kwargs):  # every lock file here is not ours: read-only
+        if os.path.basename(path) == LOCK_FILE and os.path.exists(path) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def first_writer_takes_over_meanwhile(descriptor, operation):
+        if not pids:  # between this writer's open of the old file and its lock: the first writer's whole takeover
+            os.remove(lock)
+            pids.append(held(out, "--out", "sr3 prepare"))
+        return real_flock(descriptor, operation)
+
+    with pytest.MonkeyPatch.context() as patches:
+        patches.setattr(os, "open", another_users_lock_file)
+        patches.setattr(output_lock.fcntl, "flock", first_writer_takes_over_meanwhile)
+        with pytest.raises(OutputFolderBusyError) as refused:
+            with claim_output_folder(str(out), "--out", "sr3 prepare"):
+                pytest.fail("two writers hold one folder")
+    assert str(refused.value) == (
+        f"{out} is being written by another sr3 prepare (pid {pids[0]}); wait for it or choose another --out"
+    )
+    assert lock.read_text(encoding="utf-8") == f"{pids[0]}\nsr3 prepare\n"

@@ -17,6 +17,11 @@ says so) is refused to readers too, naming the command that finishes it.
 A reader creates the lock file only in a folder of its own user: one it made in another user's dataset would be its
 own, which that user's writers could not open for writing. A writer that meets such a file anyway (made by another
 user's run) takes it over when no one holds it: flock needs no write access to find that out.
+It removes the file by name only while it holds it and the name is still that file, so that two writers taking
+over one file never both hold the folder. A reader whose lock is refused while the taking writer holds the old
+file (a few system calls) reads that file's last holder, as it reads the previous one in the moment between any
+writer's lock and its writing its own name: where that names no `sr3 prepare` (an empty file a reader made), the
+reader reads unlocked, as beside another kind of writer.
 """
 
 from __future__ import annotations
@@ -183,7 +188,11 @@ def _take_over(path: str, folder: str, option: str) -> None:
             if error.errno not in NO_LOCKING:
                 raise
         # Held (or nothing locks here): a process that opened the old file locks a removed one, which it notices.
+        # Removed by name only while it is the file held: another writer may have taken it over since this one
+        # opened it, and the name now be that writer's own lock file, held (`_lock` tries again).
         try:
+            if os.lstat(path).st_ino != os.fstat(descriptor).st_ino:
+                return
             os.remove(path)
         except FileNotFoundError:
             pass
