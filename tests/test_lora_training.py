@@ -112,6 +112,23 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert not torch.allclose(predict(trained), predict(averaged))
 
 
+def test_a_lora_run_in_channels_last_layout_saves_the_adapter(tmp_path):
+    output = tmp_path / "out"
+    train(TrainingConfig(**lora_options(tmp_path, output, channels_last=True, max_train_steps=2)))
+    adapter = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert adapter and all(".lora_" in name for name in adapter)
+
+
+def test_gradient_checkpointing_trains_every_adapter(tmp_path):
+    # The frozen layers before a checkpointed block give it inputs that need no gradient: a reentrant checkpoint would
+    # give its adapters none. Two steps: the first one's learning rate is 0 (warm-up).
+    output = tmp_path / "out"
+    train(TrainingConfig(**lora_options(tmp_path, output, gradient_checkpointing=True, max_train_steps=2)))
+    adapter = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    untrained = [name for name, value in adapter.items() if ".lora_B." in name and not value.any()]
+    assert any(".lora_B." in name for name in adapter) and not untrained, untrained
+
+
 def test_a_checkpoint_saved_before_lora_existed_is_refused_with_lora_rank(tmp_path):
     base = pretrained(tmp_path / "base")
     output = tmp_path / "out"
