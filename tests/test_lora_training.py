@@ -156,6 +156,28 @@ def test_an_unconditional_model_trains_lora_through_the_same_core(tmp_path, monk
     SR3UnconditionalPipeline.from_pretrained(str(output))
 
 
+@pytest.mark.parametrize("script, conditional", [(UNCOND_SCRIPT, True), (SR_SCRIPT, False)])
+def test_a_model_of_the_other_task_is_refused_naming_its_script(
+    tmp_path, monkeypatch, capsys, caplog, script, conditional
+):
+    base = str(tmp_path / "base")
+    if conditional:  # with an autoguidance guide, as the packaged model has, which is no concern of a refused run
+        unet = SR3UNet2DModel(**tiny_unet_config())
+        scheduler = make_scheduler("ddpm", n_timestep=100)
+        SR3Pipeline(unet, scheduler, upscale_factor=4, guidance_unet=unet, guidance_scale=2.0).save_pretrained(base)
+    else:
+        pretrained(base, conditional=False)
+    data = make_image_folder(str(tmp_path / "images"), count=2, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, preset=None, pretrained_model_name_or_path=base, train_data_dir=data, lora_rank=2)
+    assert run_script(script, as_argv(options), monkeypatch) == 2
+    error = capsys.readouterr().err
+    expected = "train_sr3.py (task='sr')" if conditional else "train_uncond.py (task='uncond')"
+    assert f"{base} is a" in error and expected in error
+    assert not [record for record in caplog.records if "guide" in record.getMessage()]
+    assert not output.exists()
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
