@@ -99,6 +99,27 @@ def test_save_lora_adapter_round_trips_through_safetensors(tmp_path):
     torch.testing.assert_close(predict(reloaded), expected, rtol=0, atol=0)
 
 
+def test_an_adapter_in_channels_last_layout_saves_and_keeps_its_layout(tmp_path):
+    # Training with --channels_last moves the adapters' conv weights to a strided layout, which safetensors refuses.
+    model = trained_adapter(tiny_model(), alpha=2).to(memory_format=torch.channels_last)
+    strided = {name: parameter.data_ptr() for name, parameter in model.named_parameters() if "lora_" in name}
+    strided = {name: pointer for name, pointer in strided.items() if not model.get_parameter(name).is_contiguous()}
+    assert strided, "the conv adapters' weights are channels_last"
+    expected = predict(model)
+    model.save_lora_adapter(tmp_path)
+    reloaded = tiny_model()
+    reloaded.load_lora_adapter(tmp_path)
+    # Not bit for bit: channels_last convolutions sum in another order.
+    torch.testing.assert_close(predict(reloaded), expected, rtol=1e-5, atol=1e-5)
+    for name, pointer in strided.items():  # the weights an optimizer holds, as they were
+        parameter = model.get_parameter(name)
+        assert parameter.data_ptr() == pointer and not parameter.is_contiguous(), name
+
+    # Upcast before saving: every weight float32 afterwards (Diffusers' upcast stays), none put back in bfloat16.
+    model.to(torch.bfloat16).save_lora_adapter(tmp_path / "upcast", upcast_before_saving=True)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+
+
 def test_an_adapter_for_other_layers_is_refused(tmp_path):
     model = trained_adapter(tiny_model())
     model.save_lora_adapter(tmp_path)

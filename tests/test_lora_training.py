@@ -112,6 +112,23 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert not torch.allclose(predict(trained), predict(averaged))
 
 
+def test_a_lora_run_in_channels_last_layout_saves_the_adapter(tmp_path):
+    output = tmp_path / "out"
+    train(TrainingConfig(**lora_options(tmp_path, output, channels_last=True, max_train_steps=2)))
+    adapter = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert adapter and all(".lora_" in name for name in adapter)
+
+
+def test_gradient_checkpointing_trains_every_adapter(tmp_path):
+    # The frozen layers before a checkpointed block give it inputs that need no gradient: a reentrant checkpoint would
+    # give its adapters none. Two steps: the first one's learning rate is 0 (warm-up).
+    output = tmp_path / "out"
+    train(TrainingConfig(**lora_options(tmp_path, output, gradient_checkpointing=True, max_train_steps=2)))
+    adapter = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    untrained = [name for name, value in adapter.items() if ".lora_B." in name and not value.any()]
+    assert any(".lora_B." in name for name in adapter) and not untrained, untrained
+
+
 def test_a_checkpoint_saved_before_lora_existed_is_refused_with_lora_rank(tmp_path):
     base = pretrained(tmp_path / "base")
     output = tmp_path / "out"
@@ -137,6 +154,28 @@ def test_an_unconditional_model_trains_lora_through_the_same_core(tmp_path, monk
     assert load_file(str(output / UNET_FILE)).keys() == load_file(os.path.join(base, UNET_FILE)).keys()
     assert (output / "pytorch_lora_weights.safetensors").is_file()
     SR3UnconditionalPipeline.from_pretrained(str(output))
+
+
+@pytest.mark.parametrize("script, conditional", [(UNCOND_SCRIPT, True), (SR_SCRIPT, False)])
+def test_a_model_of_the_other_task_is_refused_naming_its_script(
+    tmp_path, monkeypatch, capsys, caplog, script, conditional
+):
+    base = str(tmp_path / "base")
+    if conditional:  # with an autoguidance guide, as the packaged model has, which is no concern of a refused run
+        unet = SR3UNet2DModel(**tiny_unet_config())
+        scheduler = make_scheduler("ddpm", n_timestep=100)
+        SR3Pipeline(unet, scheduler, upscale_factor=4, guidance_unet=unet, guidance_scale=2.0).save_pretrained(base)
+    else:
+        pretrained(base, conditional=False)
+    data = make_image_folder(str(tmp_path / "images"), count=2, bad=False)
+    output = tmp_path / "out"
+    options = fast_options(output, preset=None, pretrained_model_name_or_path=base, train_data_dir=data, lora_rank=2)
+    assert run_script(script, as_argv(options), monkeypatch) == 2
+    error = capsys.readouterr().err
+    expected = "train_sr3.py (task='sr')" if conditional else "train_uncond.py (task='uncond')"
+    assert f"{base} is a" in error and expected in error
+    assert not [record for record in caplog.records if "guide" in record.getMessage()]
+    assert not output.exists()
 
 
 @pytest.mark.parametrize(

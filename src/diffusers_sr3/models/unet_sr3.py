@@ -53,6 +53,25 @@ def require_peft(feature: str = "LoRA adapters") -> None:
 
 
 @contextlib.contextmanager
+def _contiguous_adapter_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model`'s LoRA weights that are not contiguous (a model moved to `channels_last`, as
+    training with `--channels_last` does) hold contiguous copies, which safetensors can write (it refuses strided
+    tensors); after it, the weights the model (and its optimizer) had, unchanged."""
+    strided = [
+        (parameter, parameter.data)
+        for name, parameter in model.named_parameters()
+        if "lora_" in name and not parameter.is_contiguous()
+    ]
+    try:
+        for parameter, data in strided:
+            parameter.data = data.contiguous()
+        yield
+    finally:
+        for parameter, data in strided:
+            parameter.data = data
+
+
+@contextlib.contextmanager
 def _dropped_log_records(logger_: Any, text: str) -> Iterator[List[str]]:
     """Drop `logger_`'s warnings that contain `text` inside the block; yield the list of their messages.
 
@@ -956,7 +975,12 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                 "save_lora_adapter saves safetensors only (safe_serialization=False would write a pickle without the "
                 "adapter's LoraConfig, whose alpha a load would lose)"
             )
-        with _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"):
+        if upcast_before_saving:  # first, so that the contiguous copies below are of the upcast weights
+            self.to(dtype=torch.float32)
+        with (
+            _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"),
+            _contiguous_adapter_weights(self),
+        ):
             super().save_lora_adapter(
                 save_directory, adapter_name, upcast_before_saving, safe_serialization=True, weight_name=weight_name
             )

@@ -260,6 +260,19 @@ def _not_one_model(source: str, pipeline: Any, task: str) -> str:
     return f"--pretrained_model_name_or_path {source} holds a {type(pipeline).__name__}, which chains models: {advice}"
 
 
+def _other_task(source: str, pipeline: Any, task: str) -> str:
+    """Why `pipeline`, a model of the other task than `task`, cannot be fine-tuned here, naming the script that can."""
+    kind, script, other = (
+        ("an unconditional generator", "examples/train_uncond.py", "uncond")
+        if task == "sr"
+        else ("a super-resolution model", "examples/train_sr3.py", "sr")
+    )
+    return (
+        f"--pretrained_model_name_or_path {source} is {kind} ({type(pipeline).__name__}): fine-tune it with {script} "
+        f"(task={other!r})"
+    )
+
+
 def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
     """The highest learning rate of a run's first `steps` (at least 1, at most `warmup_steps`) optimizer steps in a
     linear warm-up: step k runs at `learning_rate * (k - 1) / warmup_steps`, the schedule stepping after it."""
@@ -319,6 +332,9 @@ def build_model(config: TrainingConfig) -> ModelSetup:
             pipeline = SR3BasePipeline.from_pretrained(config.pretrained_model_name_or_path)
             if not isinstance(pipeline, (SR3Pipeline, SR3UnconditionalPipeline)):
                 raise ValueError(_not_one_model(config.pretrained_model_name_or_path, pipeline, config.task))
+            if isinstance(pipeline, SR3Pipeline) != (config.task == "sr"):
+                # Before the warnings about its guide: a model of the other task is not fine-tuned at all.
+                raise ValueError(_other_task(config.pretrained_model_name_or_path, pipeline, config.task))
             description = f"fine-tuned from {config.pretrained_model_name_or_path}"
         source = config.resume_from_original or config.pretrained_model_name_or_path
         objective = resolve_objective(config, pipeline, source)
