@@ -94,8 +94,8 @@ def test_save_lora_adapter_round_trips_through_safetensors(tmp_path):
     with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as handle:
         assert all(".lora_" in key and not key.startswith("transformer.") for key in handle.keys())
     reloaded = tiny_model()
-    reloaded.load_lora_adapter(tmp_path, adapter_name="shared")
-    assert reloaded.peft_config["shared"].lora_alpha == 2
+    reloaded.load_lora_adapter(tmp_path, adapter_name="reloaded")
+    assert reloaded.peft_config["reloaded"].lora_alpha == 2
     torch.testing.assert_close(predict(reloaded), expected, rtol=0, atol=0)
 
 
