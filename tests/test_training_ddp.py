@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from test_data import make_image_folder
 from test_training import SR_SCRIPT, as_argv, fast_options
 
+from diffusers_sr3 import SR3UNet2DModel
 from diffusers_sr3.training.checkpointing import list_checkpoints
+from diffusers_sr3.training.trainer import LORA_WEIGHTS_FILE
 
 # Runs the example script unchanged, after wrapping the functions that write files so each process records
 # what it wrote, and its final weights.
@@ -36,6 +38,7 @@ RECORDER = textwrap.dedent(
     SR3BasePipeline.save_pretrained = recording("pipeline", SR3BasePipeline.save_pretrained)
     trainer_module.finish_checkpoint = recording("checkpoint", trainer_module.finish_checkpoint)
     trainer_module.write_model_card = recording("model_card", trainer_module.write_model_card)
+    trainer_module._save_adapter = recording("adapter", trainer_module._save_adapter)
     run = trainer_module.Trainer.run
 
     def recorded_run(self):
@@ -65,8 +68,9 @@ RECORDER = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adversarial_loss_weight", [0.0, 0.5])
-def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
+@pytest.mark.parametrize("variant", ["full", "adversarial", "lora"])
+def test_two_process_ddp_on_cpu(tmp_path, variant):
+    adversarial_loss_weight = 0.5 if variant == "adversarial" else 0.0
     data = make_image_folder(str(tmp_path / "images"), count=8, bad=False)
     output = tmp_path / "out"
     records = tmp_path / "records"
@@ -78,6 +82,12 @@ def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     )
     if adversarial_loss_weight:
         options.update(residual=True, prediction_type="sample", adversarial_loss_weight=adversarial_loss_weight)
+    if variant == "lora":
+        pytest.importorskip("peft")
+        from test_lora_training import pretrained
+
+        base = pretrained(tmp_path / "base")
+        options.update(preset=None, pretrained_model_name_or_path=base, lora_rank=2, learning_rate=1e-2)
     command = [
         sys.executable,
         "-m",
@@ -114,9 +124,20 @@ def test_two_process_ddp_on_cpu(tmp_path, adversarial_loss_weight):
     assert any(name.startswith("discriminator.") for name in first) == bool(adversarial_loss_weight)
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
-    # Only the main process writes the pipeline, the model card and the checkpoint folders.
-    assert sorted(set(info[0]["writes"])) == ["checkpoint", "model_card", "pipeline"]
+    # Only the main process writes the pipeline, the model card, the checkpoint folders and the adapter.
+    expected_writes = ["adapter"] * (variant == "lora") + ["checkpoint", "model_card", "pipeline"]
+    assert sorted(set(info[0]["writes"])) == expected_writes and info[0]["writes"].count("adapter") <= 1
     assert info[1]["writes"] == []
+    if variant == "lora":
+        # The adapters trained alike on both processes; the adapter file, once, names this UNet's layers (not the
+        # DDP wrapper's `module.`), and loads onto the base model.
+        assert any(".lora_A." in name for name in first)
+        adapter = load_file(str(output / LORA_WEIGHTS_FILE))
+        assert adapter and all(".lora_" in name and not name.startswith("module.") for name in adapter)
+        SR3UNet2DModel.from_pretrained(base, subfolder="unet").load_lora_adapter(
+            str(output), weight_name=LORA_WEIGHTS_FILE
+        )
+        assert not [name for name in os.listdir(output) if name.startswith(".sr3-lora-")]
     summary = json.loads((output / "training_summary.json").read_text(encoding="utf-8"))
     assert summary["num_processes"] == 2 and summary["total_batch_size"] == 4 and summary["global_step"] == 3
     checkpoint = list_checkpoints(str(output))[-1]

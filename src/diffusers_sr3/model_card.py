@@ -48,6 +48,7 @@ def write_model_card(
     training_summary: Optional[Dict[str, object]] = None,
     training_command: Optional[str] = None,
     base_model: Optional[str] = None,
+    lora_adapter: Optional[Tuple[str, str]] = None,
     evaluation: Optional[Dict[str, Dict[str, float]]] = None,
     reported_method: str = "SR3",
     evaluation_dataset: str = "validation images",
@@ -71,6 +72,9 @@ def write_model_card(
         training_summary: key facts of the run (steps, batch size, ...), shown as a table.
         training_command: the exact command (or Python call) that trained it.
         base_model: the Hub id of the model it was fine-tuned from.
+        lora_adapter: for a pipeline with a LoRA adapter fused in whose adapter alone lies beside it: the adapter's
+            file name in `output_dir` and what `from_pretrained` loads the model it was fine-tuned from by (a Hub id,
+            the packaged model's name, a folder), for the card's example that puts the adapter on that model.
         evaluation: metrics by method (`{"SR3": {...}, "bicubic": {...}}`); `reported_method`'s become the
             model-index results.
         reported_method: the `evaluation` entry reported as the model's result (e.g. "SR3 fidelity").
@@ -88,7 +92,9 @@ def write_model_card(
     super_resolution = task == "sr"
     # 1. Hub metadata: library, license, tags, datasets, base model and model-index results.
     reported = (evaluation or {}).get(reported_method) or metrics or {}
-    card_data = _card_data(name, super_resolution, reported, evaluation_dataset, datasets, base_model)
+    card_data = _card_data(
+        name, super_resolution, reported, evaluation_dataset, datasets, base_model, lora=lora_adapter is not None
+    )
     # 2. What the model is: title, training data, a sample picture.
     lines = _introduction(
         super_resolution, upscale_factor, resolution, data_description, sample_image, sample_caption, trained
@@ -108,6 +114,8 @@ def write_model_card(
         _size_to_pass(output_dir, resolution),
         _fidelity_steps(output_dir),
     )
+    if lora_adapter:
+        lines += _adapter_usage(name, super_resolution, *lora_adapter)
     # 6. Write README.md: YAML metadata, then the text.
     # A card is published with the model: no token may reach it, whatever a caller passed in (training commands).
     card = ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
@@ -144,8 +152,9 @@ def card_for_repo(folder: str, repo_id: str) -> Optional[str]:
 
     A card that `write_model_card` wrote names the model by the name it was given (for a card written at training
     time without a repo: the output folder's name) in its metadata (`model-index` / `model_name`) and its loading
-    examples (`from_pretrained("name"...)`); uploaded elsewhere, the copy names `repo_id` there instead. Other cards
-    (without those) are the user's own and go up unchanged; the local file is never changed.
+    examples (`from_pretrained("name"...)`, `load_lora_adapter("name"...)`); uploaded elsewhere, the copy names
+    `repo_id` there instead. Other cards (without those) are the user's own and go up unchanged; the local file is
+    never changed.
     """
     with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
         text = handle.read()
@@ -159,6 +168,7 @@ def card_for_repo(folder: str, repo_id: str) -> Optional[str]:
     stamped = is_package_card(text)
     card.data.model_name = repo_id
     card.text = card.text.replace(loading, f'from_pretrained("{repo_id}"')
+    card.text = card.text.replace(f'load_lora_adapter("{name}"', f'load_lora_adapter("{repo_id}"')
     # Renamed, the package's card is still its own (a later push may replace it); an edited one stays edited.
     return _stamped(str(card)) if stamped else str(card)
 
@@ -274,6 +284,7 @@ def _card_data(
     evaluation_dataset: str,
     datasets: Optional[List[str]],
     base_model: Optional[str],
+    lora: bool = False,
 ) -> ModelCardData:
     eval_results = [
         EvalResult(
@@ -292,11 +303,15 @@ def _card_data(
         model_name=name,
         eval_results=eval_results or None,
         base_model=base_model,
+        # Said, not left to the Hub to infer: a repo with a LoRA file in it would be listed as an adapter of the base
+        # model, where it holds a whole pipeline (the adapter fused in) that loads by itself.
+        **({"base_model_relation": "finetune"} if base_model else {}),
         library_name="diffusers",
         license="apache-2.0",
         pipeline_tag="image-to-image" if super_resolution else "unconditional-image-generation",
         tags=["diffusers", "sr3", "diffusers-sr3"]
-        + (["super-resolution", "image-to-image"] if super_resolution else ["unconditional-image-generation"]),
+        + (["super-resolution", "image-to-image"] if super_resolution else ["unconditional-image-generation"])
+        + (["lora"] if lora else []),
         datasets=datasets or None,
     )
 
@@ -522,5 +537,27 @@ def _usage(
         "`from diffusers import DPMSolverMultistepScheduler; "
         "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` samples well in "
         "20-50 steps.",
+        "",
+    ]
+
+
+def _adapter_usage(name: str, super_resolution: bool, weight_name: str, base: str) -> List[str]:
+    """How to put the LoRA adapter saved beside the fused pipeline `name` on the model it was fine-tuned from."""
+    pipeline = "SR3Pipeline" if super_resolution else "SR3UnconditionalPipeline"
+    if os.path.isabs(base):  # where the base model lay on the training machine is no name to load it by elsewhere
+        base = os.path.basename(os.path.normpath(base))
+    return [
+        "### The LoRA adapter alone",
+        "",
+        f"The pipeline above has a LoRA adapter fused into its UNet; `{weight_name}` is that adapter alone, to put on "
+        'the model it was fine-tuned from (with PEFT: `pip install -e ".[lora]"`), where it can be switched off '
+        "(`pipe.unet.disable_adapters()`) or combined with others (`set_adapters`):",
+        "",
+        "```python",
+        f"from diffusers_sr3 import {pipeline}",
+        "",
+        f'pipe = {pipeline}.from_pretrained("{base}")',
+        f'pipe.unet.load_lora_adapter("{name}", weight_name="{weight_name}")',
+        "```",
         "",
     ]

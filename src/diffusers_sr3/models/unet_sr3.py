@@ -97,6 +97,23 @@ def _dropped_log_records(logger_: Any, text: str) -> Iterator[List[str]]:
         logger_.setLevel(level)
 
 
+def _raised_in(error: BaseException, function: str) -> bool:
+    """Whether `error` was raised in a function named `function` (the innermost frame of its traceback)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_name == function
+
+
+def _weights_named(source: Any, weight_name: Optional[str]) -> str:
+    """How an error names the weights `load_lora_adapter` was given."""
+    if isinstance(source, dict):
+        return "the state dict"
+    if weight_name:
+        return f"{source} ({weight_name})"
+    return f"{source} (the .safetensors file Diffusers picked without a weight_name)"
+
+
 def has_lora_layers(model: nn.Module) -> bool:
     """Whether PEFT adapter layers are injected in `model` (without importing `peft` when none can be)."""
     if not getattr(model, "_hf_peft_config_loaded", False):
@@ -936,7 +953,18 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             with _dropped_log_records(
                 logging.get_logger("diffusers.utils.peft_utils"), "Loading adapter weights from state_dict led to"
             ) as unhandled:
-                super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+                try:
+                    super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+                except IndexError as error:
+                    if not _raised_in(error, "get_peft_kwargs"):
+                        raise
+                    # Diffusers finds no LoRA rank in weights without LoRA layers: a model's own weights, which its
+                    # guess of the file picks in a repo of a whole pipeline without an adapter.
+                    source = _weights_named(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"))
+                    raise ValueError(
+                        f"{source} holds no LoRA adapter weights (a whole model's weights?), nothing was loaded; a "
+                        "--lora_rank run saves its adapter as pytorch_lora_weights.safetensors: pass that weight_name"
+                    ) from None
             if set(getattr(self, "peft_config", {})) == before:
                 where = f" under the prefix {prefix!r}" if prefix is not None else ""
                 raise ValueError(f"the LoRA adapter has no weights{where}: nothing was loaded")

@@ -1352,6 +1352,7 @@ class Trainer:
             sample_image="validation.png",
             training_command=training_command(self.options),
             base_model=_hub_id(config.pretrained_model_name_or_path),
+            lora_adapter=(LORA_WEIGHTS_FILE, config.pretrained_model_name_or_path) if config.lora_rank else None,
             training_summary={
                 "model": setup.description,
                 "steps": step,
