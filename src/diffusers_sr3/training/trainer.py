@@ -1321,6 +1321,11 @@ class Trainer:
             pipeline.save_pretrained(config.output_dir)
             if config.lora_rank:
                 _save_adapter(model, config.output_dir)
+            else:
+                # An earlier LoRA run's adapter (an --output_dir resumed from another run's checkpoint) is no part of
+                # this model: left beside it, it would be pushed with it and load as its adapter.
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(config.output_dir, LORA_WEIGHTS_FILE))
         except _WRITE_ERRORS as error:
             raise self._final_save_error(error) from None
         if ema is not None:
