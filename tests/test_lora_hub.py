@@ -2,6 +2,7 @@
 and examples fit a fused pipeline with its adapter beside it, and adapters loaded from Hub repos, online and from the
 cache offline."""
 
+import os
 import re
 
 import PIL.Image
@@ -90,6 +91,17 @@ def test_a_lora_card_written_before_the_repo_was_named_names_it_in_both_examples
     assert 'SR3Pipeline.from_pretrained("someone/renamed")' in renamed
     assert f'load_lora_adapter("someone/renamed", weight_name="{ADAPTER}")' in renamed
     assert 'from_pretrained("my-base")' in renamed
+
+
+@pytest.mark.parametrize("base", [os.path.join("models", "my-base"), os.path.join("models", "my-base", ""), "."])
+def test_a_lora_cards_base_given_by_a_relative_path_is_named_by_its_name(tiny_pipeline, tmp_path, monkeypatch, base):
+    (tmp_path / "models" / "my-base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models" / "my-base" if base == "." else tmp_path)
+    folder = tmp_path / "run"
+    tiny_pipeline.save_pretrained(folder)
+    write_model_card(str(folder), task="sr", upscale_factor=4, resolution=32, lora_adapter=(ADAPTER, base))
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert 'SR3Pipeline.from_pretrained("my-base")' in card and "models" not in card
 
 
 def test_a_plain_fine_tunes_card_is_no_lora_card(tiny_pipeline, tmp_path):

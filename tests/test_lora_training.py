@@ -112,6 +112,21 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert not torch.allclose(predict(trained), predict(averaged))
 
 
+def test_a_run_without_lora_removes_an_earlier_lora_runs_adapter_from_its_output_dir(tmp_path):
+    # A LoRA run's folder, then a run without LoRA saved into it (resumed from another run's checkpoint): the adapter
+    # left there would be pushed with the new pipeline and load as its adapter.
+    output, other = tmp_path / "out", tmp_path / "other"
+    train(TrainingConfig(**lora_options(tmp_path, output, max_train_steps=1)))
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    train(TrainingConfig(**lora_options(tmp_path, other, lora_rank=0, max_train_steps=1, checkpointing_steps=1)))
+    resumed = lora_options(
+        tmp_path, output, lora_rank=0, max_train_steps=2, resume_from_checkpoint=str(other / "checkpoint-1")
+    )
+    train(TrainingConfig(**resumed))
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+    assert "load_lora_adapter" not in (output / "README.md").read_text(encoding="utf-8")
+
+
 def test_a_lora_run_in_channels_last_layout_saves_the_adapter(tmp_path):
     output = tmp_path / "out"
     train(TrainingConfig(**lora_options(tmp_path, output, channels_last=True, max_train_steps=2)))

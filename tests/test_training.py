@@ -644,6 +644,24 @@ def test_model_sources(tmp_path):
         train(TrainingConfig(**fast_options(tmp_path / "d", preset="tiny_uncond", train_dataset=images)))
 
 
+def test_an_original_checkpoint_of_the_other_task_is_refused_naming_its_script(tmp_path):
+    from conftest import FIXTURES
+    from test_data import random_image
+
+    options = fast_options(
+        tmp_path / "out",
+        preset=None,
+        task="uncond",
+        resume_from_original=str(FIXTURES / "sr3_tiny_I10_E1_gen.pth"),
+        original_config=str(FIXTURES / "sr3_tiny_config.json"),
+        train_dataset=[random_image(32, 32, index) for index in range(2)],
+    )
+    message = r"--resume_from_original .*_gen.pth is a super-resolution model .*train_sr3.py \(task='sr'\)"
+    with pytest.raises(ValueError, match=message):
+        train(TrainingConfig(**options))
+    assert not (tmp_path / "out").exists()
+
+
 def test_presets_match_the_original_configurations():
     sr = get_preset("sr_16_128")
     assert sr.unet["channel_multipliers"] == (1, 2, 4, 8, 8) and sr.unet["dropout"] == 0.2

@@ -544,8 +544,10 @@ def _usage(
 def _adapter_usage(name: str, super_resolution: bool, weight_name: str, base: str) -> List[str]:
     """How to put the LoRA adapter saved beside the fused pipeline `name` on the model it was fine-tuned from."""
     pipeline = "SR3Pipeline" if super_resolution else "SR3UnconditionalPipeline"
-    if os.path.isabs(base):  # where the base model lay on the training machine is no name to load it by elsewhere
-        base = os.path.basename(os.path.normpath(base))
+    # Where the base model lay on the training machine (an absolute path, or one relative to where the run was
+    # started) is no name to load it by elsewhere.
+    if os.path.isabs(base) or os.path.isdir(base):
+        base = os.path.basename(os.path.abspath(base))
     return [
         "### The LoRA adapter alone",
         "",

@@ -260,17 +260,15 @@ def _not_one_model(source: str, pipeline: Any, task: str) -> str:
     return f"--pretrained_model_name_or_path {source} holds a {type(pipeline).__name__}, which chains models: {advice}"
 
 
-def _other_task(source: str, pipeline: Any, task: str) -> str:
-    """Why `pipeline`, a model of the other task than `task`, cannot be fine-tuned here, naming the script that can."""
+def _other_task(option: str, source: str, pipeline: Any, task: str) -> str:
+    """Why `pipeline` (given as `option source`), a model of the other task than `task`, cannot be fine-tuned here,
+    naming the script that can."""
     kind, script, other = (
         ("an unconditional generator", "examples/train_uncond.py", "uncond")
         if task == "sr"
         else ("a super-resolution model", "examples/train_sr3.py", "sr")
     )
-    return (
-        f"--pretrained_model_name_or_path {source} is {kind} ({type(pipeline).__name__}): fine-tune it with {script} "
-        f"(task={other!r})"
-    )
+    return f"{option} {source} is {kind} ({type(pipeline).__name__}): fine-tune it with {script} (task={other!r})"
 
 
 def _warm_up_peak(learning_rate: float, steps: int, warmup_steps: int) -> float:
@@ -321,22 +319,23 @@ def build_model(config: TrainingConfig) -> ModelSetup:
     upscale_factor = config.upscale_factor
     preset = None
     if config.pretrained_model_name_or_path or config.resume_from_original:
+        from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
+
         if config.resume_from_original:
             from ..convert import convert_original_checkpoint
 
             pipeline = convert_original_checkpoint(config.resume_from_original, config.original_config)
             description = f"fine-tuned from the original checkpoint {os.path.basename(config.resume_from_original)}"
         else:
-            from ..pipelines import SR3BasePipeline, SR3Pipeline, SR3UnconditionalPipeline
-
             pipeline = SR3BasePipeline.from_pretrained(config.pretrained_model_name_or_path)
             if not isinstance(pipeline, (SR3Pipeline, SR3UnconditionalPipeline)):
                 raise ValueError(_not_one_model(config.pretrained_model_name_or_path, pipeline, config.task))
-            if isinstance(pipeline, SR3Pipeline) != (config.task == "sr"):
-                # Before the warnings about its guide: a model of the other task is not fine-tuned at all.
-                raise ValueError(_other_task(config.pretrained_model_name_or_path, pipeline, config.task))
             description = f"fine-tuned from {config.pretrained_model_name_or_path}"
         source = config.resume_from_original or config.pretrained_model_name_or_path
+        if isinstance(pipeline, SR3Pipeline) != (config.task == "sr"):
+            # Before the warnings about its guide: a model of the other task is not fine-tuned at all.
+            option = "--resume_from_original" if config.resume_from_original else "--pretrained_model_name_or_path"
+            raise ValueError(_other_task(option, source, pipeline, config.task))
         objective = resolve_objective(config, pipeline, source)
         unet_config = dict(pipeline.unet.config)
         weights = pipeline.unet.state_dict()
@@ -1321,6 +1320,11 @@ class Trainer:
             pipeline.save_pretrained(config.output_dir)
             if config.lora_rank:
                 _save_adapter(model, config.output_dir)
+            else:
+                # An earlier LoRA run's adapter (an --output_dir resumed from another run's checkpoint) is no part of
+                # this model: left beside it, it would be pushed with it and load as its adapter.
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(config.output_dir, LORA_WEIGHTS_FILE))
         except _WRITE_ERRORS as error:
             raise self._final_save_error(error) from None
         if ema is not None:
