@@ -926,9 +926,11 @@ def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
     """
     with call_lock(pipeline):
         originals = step_networks(pipeline)
-        for name, network in originals.items():
-            vars(pipeline)[name] = stand_in(network)
         try:
+            # Inside the `try`: a stand-in refused for the guide (tile settings it cannot run), or an interrupt while
+            # one is built, would otherwise leave the UNet's stand-in in place for every later call.
+            for name, network in originals.items():
+                vars(pipeline)[name] = stand_in(network)
             yield
         finally:
             vars(pipeline).update(originals)
