@@ -1,8 +1,11 @@
 """A pipeline kept alive across notebook cells: interrupted calls and failed blocks leave it as it was."""
 
+import io
+
 import pytest
 import torch
 from conftest import low_resolution_unet
+from diffusers import HeunDiscreteScheduler
 
 from diffusers_sr3.pipelines.base import stand_ins
 from diffusers_sr3.tiling import tiled_unet
@@ -57,3 +60,41 @@ def test_a_stand_in_that_fails_for_the_guide_leaves_no_stand_in_for_the_unet(gui
         with tiled_unet(guided_pipeline, 16):
             pass
     assert guided_pipeline.unet is unet
+
+
+def recorded_bars(pipeline, monkeypatch):
+    """The progress bars `pipeline` opens, shown into a string (a disabled bar counts nothing)."""
+    pipeline.set_progress_bar_config(file=io.StringIO())
+    bars = []
+    open_bar = pipeline.progress_bar
+
+    def recording(*args, **kwargs):
+        bars.append(open_bar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(pipeline, "progress_bar", recording)
+    return bars
+
+
+@pytest.mark.parametrize(
+    "options, evaluations",
+    [
+        ({}, 4),
+        ({"strength": 0.5}, 1 + 2),  # the fidelity answer, then the last 2 of 4 steps
+        ({"strength": 0.5, "scheduler": "heun"}, 1 + 2 * 2 - 1),  # Heun: two evaluations a step but the last
+        ({"mode": "fidelity", "self_ensemble": True}, 8),
+    ],
+    ids=["detail", "strength", "heun", "self-ensemble"],
+)
+def test_a_call_shows_one_progress_bar_that_counts_all_its_evaluations(
+    guided_pipeline, monkeypatch, options, evaluations
+):
+    """A notebook shows every bar a call opens (tqdm.auto widgets): one per call, not one per refinement (before, a
+    refinement below strength 1 showed a bar of 1 for its fidelity answer, a self-ensemble 8 of them)."""
+    if options.pop("scheduler", None) == "heun":
+        guided_pipeline.scheduler = HeunDiscreteScheduler.from_config(
+            guided_pipeline.scheduler.config, timestep_spacing="trailing"
+        )
+    bars = recorded_bars(guided_pipeline, monkeypatch)
+    guided_pipeline(torch.rand(1, 3, 16, 16), generator=torch.Generator().manual_seed(0), **options)
+    assert [(bar.n, bar.total) for bar in bars] == [(evaluations, evaluations)]
