@@ -794,6 +794,34 @@ def test_cpu_training_takes_the_cores_that_accelerate_launch_left_it_one_of(tmp_
         TrainingConfig(num_threads=0)
 
 
+def test_allow_tf32_lasts_only_as_long_as_the_run(tmp_path, monkeypatch):
+    """`train(TrainingConfig(allow_tf32=True))` from a notebook leaves the process's float32 matmul precision as the
+    caller had it, after a finished run and after one interrupted (TF32 would go on lowering every later sampling's
+    precision in that kernel)."""
+    import diffusers_sr3.training.trainer as trainer
+
+    data = make_image_folder(tmp_path / "images", count=4)
+    caller_precision = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / precision, allow_tf32=True)))
+            assert torch.get_float32_matmul_precision() == precision
+        torch.set_float32_matmul_precision("highest")
+
+        def interrupted(output_dir):
+            assert torch.backends.cuda.matmul.allow_tf32  # the run had switched TF32 on
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "remove_stale_temporaries", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "stopped", allow_tf32=True)))
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(caller_precision)
+
+
 @needs_bfloat16_kernels
 def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypatch, caplog):
     """bfloat16 autocast is emulated on AVX2-only CPUs, many times slower than float32: the run says so."""

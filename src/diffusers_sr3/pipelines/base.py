@@ -926,9 +926,11 @@ def stand_ins(pipeline: Any, stand_in: Callable[[Any], Any]) -> Iterator[None]:
     """
     with call_lock(pipeline):
         originals = step_networks(pipeline)
-        for name, network in originals.items():
-            vars(pipeline)[name] = stand_in(network)
         try:
+            # Inside the `try`: a stand-in refused for the guide (tile settings it cannot run), or an interrupt while
+            # one is built, would otherwise leave the UNet's stand-in in place for every later call.
+            for name, network in originals.items():
+                vars(pipeline)[name] = stand_in(network)
             yield
         finally:
             vars(pipeline).update(originals)
@@ -1084,6 +1086,14 @@ def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: 
         raise ValueError(f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {error}") from None
 
 
+def refinement_length(scheduler: SchedulerMixin, num_inference_steps: int, strength: float = 1.0) -> int:
+    """Network evaluations of one refinement of `num_inference_steps` at `strength` on `scheduler` (a second-order
+    scheduler's steps count twice, but its last): the length of its loop, worked out on a copy of `scheduler`."""
+    probe = copy.deepcopy(scheduler)
+    _set_timesteps(probe, num_inference_steps)
+    return len(probe.timesteps) - (num_inference_steps - steps_to_run(num_inference_steps, strength)) * probe.order
+
+
 def check_num_inference_steps(num_inference_steps: Any, scheduler: Optional[SchedulerMixin] = None) -> int:
     """`num_inference_steps` as an `int`, refused unless it is a positive integer (numpy's integers, and floats with
     no fraction such as a JSON config's or a number field's 4.0, included).
@@ -1226,6 +1236,33 @@ class SR3BasePipeline(DiffusionPipeline):
         """Scheduler steps of the current (or last) refinement, as Diffusers pipelines report it to callbacks."""
         return getattr(self, "_num_timesteps", 0)
 
+    @contextlib.contextmanager
+    def _one_progress_bar(self, total: int) -> Iterator[None]:
+        """Inside the block, every refinement of this pipeline advances one progress bar of `total` evaluations (with
+        the pipeline's `set_progress_bar_config`) instead of showing its own: a call that refines more than once (the
+        fidelity answer before a refinement below strength 1, a self-ensemble's 8 answers) shows one bar in a
+        notebook, not one per refinement. Inside an enclosing block, that block's bar counts."""
+        if getattr(self, "_call_progress", None) is not None:
+            yield
+            return
+        bar = self.progress_bar(total=total)
+        self._call_progress = bar
+        try:
+            yield
+        finally:
+            self._call_progress = None
+            bar.close()
+
+    def _progress(self, timesteps: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`timesteps`, counted by the bar of an enclosing `_one_progress_bar` block, else by a bar of their own."""
+        bar = getattr(self, "_call_progress", None)
+        if bar is None:
+            yield from self.progress_bar(timesteps)
+            return
+        for timestep in timesteps:
+            yield timestep
+            bar.update()
+
     @property
     def interrupt(self) -> bool:
         """Set `pipeline._interrupt = True` (e.g. in a step callback) to skip the remaining steps of this call."""
@@ -1355,7 +1392,7 @@ class SR3BasePipeline(DiffusionPipeline):
         snapshot_steps = set(np.linspace(len(timesteps) - 1, 0, num_intermediates).round().astype(int).tolist())
         snapshots: List[torch.Tensor] = []
 
-        for i, t in enumerate(self.progress_bar(timesteps)):
+        for i, t in enumerate(self._progress(timesteps)):
             if self.interrupt:
                 continue
             # 1. The scheduler's input scaling applies to the noisy image only, never to the condition.

@@ -41,6 +41,7 @@ from .base import (
     StepCallback,
     check_eta,
     check_num_inference_steps,
+    refinement_length,
     serialised,
     step_networks,
 )
@@ -498,20 +499,25 @@ class SR3Pipeline(SR3BasePipeline):
         low_resolution = (images_to_tensor(image) + 1) / 2
         height, width = self._output_size(low_resolution, output_size)
         total = 0.0
-        # One orientation at a time: the peak memory stays that of a single call.
-        for turns in (0, 1):
-            turned = torch.rot90(low_resolution, turns, dims=(-2, -1))
-            for dims in MIRRORS:
-                answer = self(
-                    turned.flip(dims) if dims else turned,
-                    num_inference_steps=num_inference_steps,
-                    generator=generator,
-                    output_size=(width, height) if turns else (height, width),
-                    output_type="pt",
-                    condition_noise_level=condition_noise_level,
-                    mode="fidelity",
-                ).images
-                total = total + torch.rot90(answer.flip(dims) if dims else answer, -turns, dims=(-2, -1))
+        steps = self.config.fidelity_steps if num_inference_steps is None else num_inference_steps
+        scheduler = self._fidelity_scheduler()
+        # One bar for the 8 answers. One orientation at a time: the peak memory stays that of a single call.
+        with self._one_progress_bar(
+            SELF_ENSEMBLE_SIZE * refinement_length(scheduler, check_num_inference_steps(steps, scheduler))
+        ):
+            for turns in (0, 1):
+                turned = torch.rot90(low_resolution, turns, dims=(-2, -1))
+                for dims in MIRRORS:
+                    answer = self(
+                        turned.flip(dims) if dims else turned,
+                        num_inference_steps=num_inference_steps,
+                        generator=generator,
+                        output_size=(width, height) if turns else (height, width),
+                        output_type="pt",
+                        condition_noise_level=condition_noise_level,
+                        mode="fidelity",
+                    ).images
+                    total = total + torch.rot90(answer.flip(dims) if dims else answer, -turns, dims=(-2, -1))
         return postprocess(total / SELF_ENSEMBLE_SIZE * 2 - 1, output_type)
 
     def _guidance_scale(self, guidance_scale: Optional[float]) -> float:
@@ -712,6 +718,7 @@ class SR3Pipeline(SR3BasePipeline):
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         init_sample = None
         guided = False
+        progress = contextlib.nullcontext()
         if mode == "detail":
             settings = self.detail_settings(
                 num_inference_steps, strength, eta, guidance_scale, window_size, parallel_guidance_weight
@@ -730,8 +737,10 @@ class SR3Pipeline(SR3BasePipeline):
             guided = self.guided(guidance_scale)
             if strength < 1:
                 self._check_predicts_clean_image("strength below 1", "strength 1")
-                init_sample = self._fidelity_estimate(
-                    shape, condition, self.config.fidelity_steps, condition_noise_level
+                # The fidelity answer and the refinement from it advance one progress bar.
+                progress = self._one_progress_bar(
+                    refinement_length(self._fidelity_scheduler(), self.config.fidelity_steps)
+                    + refinement_length(self.scheduler, check_num_inference_steps(steps, self.scheduler), strength)
                 )
         elif mode == "fidelity":
             _refuse_detail_settings(eta, temperature, strength, guidance_scale, window_size, parallel_guidance_weight)
@@ -753,27 +762,32 @@ class SR3Pipeline(SR3BasePipeline):
             if window_size
             else contextlib.nullcontext()
         )
-        with windows:
-            guide = self.guidance_unet if guided else None
-            result, snapshots = self._denoise(
-                shape,
-                condition,
-                steps,
-                generator,
-                num_intermediates,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-                condition_noise_level,
-                eta=eta,
-                latents=latents,
-                temperature=temperature,
-                scheduler=scheduler,
-                init_sample=init_sample,
-                strength=strength,
-                guide=guide,
-                guidance_scale=1.0 if guide is None else guidance_scale,
-                parallel_guidance_weight=1.0 if guide is None else parallel_guidance_weight,
-            )
+        with progress:
+            if strength < 1:
+                init_sample = self._fidelity_estimate(
+                    shape, condition, self.config.fidelity_steps, condition_noise_level
+                )
+            with windows:
+                guide = self.guidance_unet if guided else None
+                result, snapshots = self._denoise(
+                    shape,
+                    condition,
+                    steps,
+                    generator,
+                    num_intermediates,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    condition_noise_level,
+                    eta=eta,
+                    latents=latents,
+                    temperature=temperature,
+                    scheduler=scheduler,
+                    init_sample=init_sample,
+                    strength=strength,
+                    guide=guide,
+                    guidance_scale=1.0 if guide is None else guidance_scale,
+                    parallel_guidance_weight=1.0 if guide is None else parallel_guidance_weight,
+                )
 
         # 3. Residual models: scale the refined residual back and add it to the upsample. Crop the padding off.
         def finish(refined: torch.Tensor):

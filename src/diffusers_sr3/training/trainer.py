@@ -554,6 +554,8 @@ class Trainer:
         if self.config.lora_rank:
             require_peft("LoRA training (--lora_rank)")
         threads_before = torch.get_num_threads()
+        # `allow_tf32` switches TF32 matmuls on for the whole process; the precision setting also holds that switch.
+        matmul_precision_before = torch.get_float32_matmul_precision()
         new_folder = not os.path.exists(self.config.output_dir)
         try:
             # Before anything in the folder changes (`remove_stale_temporaries` deletes the staging folders a live
@@ -572,6 +574,7 @@ class Trainer:
             raise
         finally:
             torch.set_num_threads(threads_before)
+            torch.set_float32_matmul_precision(matmul_precision_before)
             # Accelerate keeps its settings in process-wide singletons; clearing them (not the process group) lets
             # another `train()` in this process (a benchmark sweep, the demo) use other settings.
             from accelerate.state import AcceleratorState, GradientState
