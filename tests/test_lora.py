@@ -1,6 +1,7 @@
 """LoRA adapters on SR3UNet2DModel (PeftAdapterMixin): add, train, disable, save/load, fuse; peft is optional."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -224,3 +225,32 @@ def test_save_lora_adapter_refuses_a_pickle_that_would_lose_the_alpha(tmp_path):
     assert not list(tmp_path.iterdir())
     model.save_lora_adapter(tmp_path, "default", weight_name="adapter.safetensors")
     assert [path.name for path in tmp_path.iterdir()] == ["adapter.safetensors"]
+
+
+def test_adapters_with_short_names_load_side_by_side_and_a_refused_one_leaves_the_active_adapter(tmp_path):
+    # Diffusers picks an adapter's missing keys by its name as a substring of the key: "b" is in "blocks", so the
+    # keys of "a", loaded before, were taken for missing keys of "b" and the second adapter was refused.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for name, steps in (("a", 3), ("b", 5)):
+        trained_adapter(tiny_model(), steps=steps).save_lora_adapter(tmp_path / name)
+    model = tiny_model()
+    model.load_lora_adapter(tmp_path / "a", adapter_name="a")
+    model.load_lora_adapter(tmp_path / "b", adapter_name="b")
+    model.set_adapter("b")
+    expected = predict(model)
+    with safe_open(tmp_path / "a" / "pytorch_lora_weights.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    first_lora_a = next(key for key in weights if ".lora_A." in key)
+    partial = {key: value for key, value in weights.items() if key != first_lora_a}
+    save_file(partial, tmp_path / "partial.safetensors", metadata=metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no note from PEFT that it activated another adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # PEFT's, on any second adapter
+        warnings.filterwarnings("ignore", category=RuntimeWarning)  # PEFT's own note of the misfit
+        with pytest.raises(ValueError, match=r"does not fit .*: missing keys: .*\.lora_A\.c\.weight\.$"):
+            model.load_lora_adapter(tmp_path, weight_name="partial.safetensors", adapter_name="c")
+    assert list(model.peft_config) == ["a", "b"] and model.active_adapters() == ["b"]
+    torch.testing.assert_close(predict(model), expected, rtol=0, atol=0)

@@ -97,6 +97,28 @@ def _dropped_log_records(logger_: Any, text: str) -> Iterator[List[str]]:
         logger_.setLevel(level)
 
 
+_UNHANDLED_KEYS = re.compile(
+    r"Loading adapter weights from state_dict led to (unexpected|missing) keys[^:]*: (.*?)\.(?=\s*(?:Loading|$))"
+)
+
+
+def _keys_of_adapter(message: str, adapter: str) -> List[str]:
+    """The parts of Diffusers' warning of unhandled keys (`message`) about the adapter `adapter` just loaded: every
+    unexpected key, and the missing keys of that adapter alone. Diffusers picks the missing keys by the adapter's name
+    as a substring of the key, so a short name ("a", "up") also picks the keys of the adapters loaded before it."""
+    found = _UNHANDLED_KEYS.findall(message)
+    if not found:  # a wording this code does not know: the whole warning counts as a misfit
+        return [message]
+    parts = []
+    for kind, listed in found:
+        keys = listed.split(", ")
+        if kind == "missing":
+            keys = [key for key in keys if f".{adapter}." in key]
+        if keys:
+            parts.append(f"{kind} keys: {', '.join(keys)}.")
+    return parts
+
+
 def _raised_in(error: BaseException, function: str) -> bool:
     """Whether `error` was raised in a function named `function` (the innermost frame of its traceback)."""
     frame = error.__traceback__
@@ -947,6 +969,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         if kwargs.get("weight_name") is None:  # Diffusers' models look for a .bin then; its pipelines' loaders don't
             kwargs.setdefault("use_safetensors", True)
         before = set(getattr(self, "peft_config", {}))
+        active = self.active_adapters() if before else []
         try:
             # Diffusers only warns of weights that name layers this UNet lacks, or of layers left without theirs
             # (a missing lora_A stays random): a partial adapter, refused here.
@@ -968,22 +991,27 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             if set(getattr(self, "peft_config", {})) == before:
                 where = f" under the prefix {prefix!r}" if prefix is not None else ""
                 raise ValueError(f"the LoRA adapter has no weights{where}: nothing was loaded")
-            if unhandled:
-                raise ValueError(
-                    f"the LoRA adapter does not fit this {type(self).__name__}, nothing was loaded: "
-                    + " ".join(unhandled)
-                )
+            (loaded,) = set(self.peft_config) - before
+            misfits = [part for message in unhandled for part in _keys_of_adapter(message, loaded)]
+            if misfits:
+                unfit = f"the LoRA adapter does not fit this {type(self).__name__}, nothing was loaded: "
+                raise ValueError(unfit + " ".join(misfits))
         except BaseException:
-            self._remove_adapters_but(before)
+            self._remove_adapters_but(before, active)
             raise
 
-    def _remove_adapters_but(self, kept: set) -> None:
-        """Remove the adapters not in `kept`, and with none kept the adapter layers too: a failed load leaves the
-        model as it was (Diffusers leaves them, empty, where `save_pretrained` would save them under PEFT's names)."""
-        if kept:
-            self.delete_adapters([name for name in getattr(self, "peft_config", {}) if name not in kept])
-        else:
+    def _remove_adapters_but(self, kept: set, active: List[str]) -> None:
+        """Remove the adapters not in `kept`, and with none kept the adapter layers too, and make `active` the active
+        adapters again: a failed load leaves the model as it was (Diffusers leaves the layers, empty, where
+        `save_pretrained` would save them under PEFT's names, and PEFT makes the first adapter left active)."""
+        if not kept:
             self.unload_lora()
+            return
+        with warnings.catch_warnings():
+            # PEFT's note that it activates another adapter: the one active before the load is, just below.
+            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            self.delete_adapters([name for name in getattr(self, "peft_config", {}) if name not in kept])
+        self.set_adapter(active)
 
     def save_lora_adapter(
         self,
