@@ -1,6 +1,8 @@
 """A pipeline kept alive across notebook cells: interrupted calls and failed blocks leave it as it was."""
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -98,3 +100,26 @@ def test_a_call_shows_one_progress_bar_that_counts_all_its_evaluations(
     bars = recorded_bars(guided_pipeline, monkeypatch)
     guided_pipeline(torch.rand(1, 3, 16, 16), generator=torch.Generator().manual_seed(0), **options)
     assert [(bar.n, bar.total) for bar in bars] == [(evaluations, evaluations)]
+
+
+def test_a_pipeline_copied_during_a_call_carries_no_progress_bar(guided_pipeline, monkeypatch):
+    """A step callback may deep-copy or pickle the pipeline (a snapshot in a notebook): the call's progress bar is no
+    part of it, and the copy's calls show bars of their own. A call below strength 1 kept its bar in the instance:
+    copying the pipeline failed on the bar (a TypeError for its stderr stream, a RecursionError in tqdm's wrapper of
+    a StringIO one)."""
+    copies = []
+
+    def copy_the_pipeline(pipeline, index, timestep, tensors):
+        copies.append(copy.deepcopy(pipeline))
+        pickle.dumps(pipeline)
+        return tensors
+
+    guided_pipeline.set_progress_bar_config()  # tqdm's own output: stderr
+    upscaled(guided_pipeline, torch.rand(1, 3, 16, 16), strength=0.5, callback_on_step_end=copy_the_pipeline)
+
+    guided_pipeline.set_progress_bar_config(file=io.StringIO())  # a bar that deep-copies
+    copies.clear()
+    upscaled(guided_pipeline, torch.rand(1, 3, 16, 16), strength=0.5, callback_on_step_end=copy_the_pipeline)
+    bars = recorded_bars(copies[0], monkeypatch)
+    upscaled(copies[0], torch.rand(1, 3, 16, 16), strength=0.5)
+    assert [(bar.n, bar.total) for bar in bars] == [(1 + 2, 1 + 2)]

@@ -822,6 +822,31 @@ def test_allow_tf32_lasts_only_as_long_as_the_run(tmp_path, monkeypatch):
         torch.set_float32_matmul_precision(caller_precision)
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch before 2.9 has no per-backend TF32 API"
+)
+def test_a_run_takes_tf32_switched_on_with_torchs_per_backend_api(tmp_path):
+    """torch 2.9's TF32 setting, `torch.backends.cuda.matmul.fp32_precision = "tf32"` (the one its docs recommend),
+    makes `torch.get_float32_matmul_precision()` raise ("mix of the legacy and new APIs"): `train()` must not read
+    it, with or without `allow_tf32`, and puts the per-backend settings back exactly as they were."""
+    data = make_image_folder(tmp_path / "images", count=4)
+    backends = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn, torch.backends.mkldnn.matmul)
+    caller_settings = [backend.fp32_precision for backend in backends]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        settings = [backend.fp32_precision for backend in backends]
+        for allow_tf32 in (False, True):
+            options = fast_options(tmp_path / f"tf32-{allow_tf32}", allow_tf32=allow_tf32, max_train_steps=1)
+            train(TrainingConfig(train_data_dir=str(data), **options))
+            assert [backend.fp32_precision for backend in backends] == settings
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        train(TrainingConfig(train_data_dir=str(data), **fast_options(tmp_path / "ieee", allow_tf32=True)))
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        for backend, setting in zip(backends, caller_settings):
+            backend.fp32_precision = setting
+
+
 @needs_bfloat16_kernels
 def test_bf16_training_on_a_cpu_without_bfloat16_units_warns(tmp_path, monkeypatch, caplog):
     """bfloat16 autocast is emulated on AVX2-only CPUs, many times slower than float32: the run says so."""

@@ -869,6 +869,11 @@ def step_networks(pipeline: Any) -> Dict[str, Any]:
 # lock does neither); weak keys, so a pipeline's lock goes with it.
 _CALL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _CALL_LOCKS_GUARD = threading.Lock()
+# The progress bar of the call running on a pipeline (`_one_progress_bar`), kept out of the instance as its lock is: a
+# pipeline deep-copied or pickled during a call (in a step callback) neither fails on the bar's output stream nor
+# carries the bar into the copy, whose calls would count on it and show none of their own. Only a call, holding the
+# pipeline's lock, sets it.
+_CALL_PROGRESS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def call_lock(pipeline: Any) -> threading.RLock:
@@ -1242,20 +1247,19 @@ class SR3BasePipeline(DiffusionPipeline):
         the pipeline's `set_progress_bar_config`) instead of showing its own: a call that refines more than once (the
         fidelity answer before a refinement below strength 1, a self-ensemble's 8 answers) shows one bar in a
         notebook, not one per refinement. Inside an enclosing block, that block's bar counts."""
-        if getattr(self, "_call_progress", None) is not None:
+        if self in _CALL_PROGRESS:
             yield
             return
-        bar = self.progress_bar(total=total)
-        self._call_progress = bar
+        bar = _CALL_PROGRESS[self] = self.progress_bar(total=total)
         try:
             yield
         finally:
-            self._call_progress = None
+            del _CALL_PROGRESS[self]
             bar.close()
 
     def _progress(self, timesteps: torch.Tensor) -> Iterator[torch.Tensor]:
         """`timesteps`, counted by the bar of an enclosing `_one_progress_bar` block, else by a bar of their own."""
-        bar = getattr(self, "_call_progress", None)
+        bar = _CALL_PROGRESS.get(self)
         if bar is None:
             yield from self.progress_bar(timesteps)
             return

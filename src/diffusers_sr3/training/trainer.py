@@ -20,7 +20,7 @@ import pickle
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -87,6 +87,39 @@ _WRITE_ERRORS = (RuntimeError, OSError, SafetensorError)
 
 DEFAULT_PRESETS = {"sr": "sr_16_128", "uncond": "uncond_128"}
 SUMMARY_FILE = "training_summary.json"
+
+
+def _matmul_precision_put_back() -> Callable[[], None]:
+    """A function that puts the process's float32 matmul precision back as it is now: the legacy setting
+    (`torch.get_float32_matmul_precision`, which `allow_tf32` sets) and the per-backend ones torch 2.9+ keeps beside it
+    (`torch.backends.cuda.matmul.fp32_precision`, mkldnn's), which setting the legacy one overwrites. Once the
+    per-backend API has set a value the legacy one contradicts, torch refuses to read the legacy one ("mix of the
+    legacy and new APIs"): then the per-backend settings come back, and the legacy one where the legacy cuBLAS switch
+    still reads off (the legacy setting is "highest" then)."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = None
+        with contextlib.suppress(RuntimeError):
+            if not torch.backends.cuda.matmul.allow_tf32:
+                legacy = "highest"
+    per_backend = [(backend, backend.fp32_precision) for backend in _PER_BACKEND_MATMUL_PRECISION]
+
+    def put_back() -> None:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for backend, setting in per_backend:
+            backend.fp32_precision = setting
+
+    return put_back
+
+
+# The per-backend float32 matmul precision settings (torch 2.9+) that `set_float32_matmul_precision` overwrites.
+_PER_BACKEND_MATMUL_PRECISION = (
+    (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    else ()
+)
 
 
 # Training images the residual scale is measured on (without augmentation, so resumed runs measure the same).
@@ -554,8 +587,8 @@ class Trainer:
         if self.config.lora_rank:
             require_peft("LoRA training (--lora_rank)")
         threads_before = torch.get_num_threads()
-        # `allow_tf32` switches TF32 matmuls on for the whole process; the precision setting also holds that switch.
-        matmul_precision_before = torch.get_float32_matmul_precision()
+        # `allow_tf32` switches TF32 matmuls on for the whole process: the caller's setting comes back after the run.
+        put_back_matmul_precision = _matmul_precision_put_back() if self.config.allow_tf32 else None
         new_folder = not os.path.exists(self.config.output_dir)
         try:
             # Before anything in the folder changes (`remove_stale_temporaries` deletes the staging folders a live
@@ -574,7 +607,8 @@ class Trainer:
             raise
         finally:
             torch.set_num_threads(threads_before)
-            torch.set_float32_matmul_precision(matmul_precision_before)
+            if put_back_matmul_precision is not None:
+                put_back_matmul_precision()
             # Accelerate keeps its settings in process-wide singletons; clearing them (not the process group) lets
             # another `train()` in this process (a benchmark sweep, the demo) use other settings.
             from accelerate.state import AcceleratorState, GradientState
