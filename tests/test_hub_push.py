@@ -128,8 +128,8 @@ def test_a_run_without_lora_removes_an_earlier_runs_adapter_from_the_repo(tiny_p
 def test_a_push_removes_the_weights_and_components_of_the_repos_earlier_save(
     tiny_pipeline,
     guided_pipeline,
-    hub,
-    tmp_path,  # noqa: F811
+    hub,  # noqa: F811
+    tmp_path,
 ):
     """Shards left beside new single-file weights are what Diffusers loads (it reads a shard index first); a removed
     component's folder is downloaded by every load. A variant pushed after the main weights keeps them, as a local
