@@ -951,12 +951,17 @@ def share_call_lock(pipelines: Sequence[Any]) -> None:
 
 
 def serialised(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Make a pipeline method hold the pipeline's [`call_lock`] while it runs."""
+    """Make a pipeline method hold the pipeline's [`call_lock`] while it runs, and its scheduler's: pipelines built
+    on one scheduler object (`SR3Pipeline(**pipe.components)`, one scheduler passed to two) would otherwise run
+    their calls at once on its per-call state (timesteps, step index) and mix each other's refinements. Taken after
+    the pipeline's, as every call takes them, so two calls never wait for each other's."""
 
     @functools.wraps(method)
     def serialised_method(self, *args: Any, **kwargs: Any) -> Any:
         with call_lock(self):
-            return method(self, *args, **kwargs)
+            scheduler = getattr(self, "scheduler", None)
+            with call_lock(scheduler) if scheduler is not None else contextlib.nullcontext():
+                return method(self, *args, **kwargs)
 
     return serialised_method
 
