@@ -199,3 +199,26 @@ def test_a_plain_from_pipe_logs_no_float32_warning():
         diffusers_logger.removeHandler(handler)
 
     assert not [record for record in records if "float32" in record.getMessage()]
+
+
+@pytest.mark.parametrize("build", ["components", "same_scheduler"])
+def test_two_pipelines_sharing_one_scheduler_get_the_sequential_results_in_two_threads(guided_pipeline, build):
+    """A scheduler holds the state of the refinement running it (timesteps, step index): two pipelines built on one
+    scheduler object (`SR3Pipeline(**pipe.components)`, or one scheduler passed to both) run their calls one at a
+    time, each getting what it gets alone, as calls on one pipeline do."""
+    pipeline = guided_pipeline
+    if build == "components":
+        other = SR3Pipeline(**pipeline.components)
+    else:
+        other = SR3Pipeline(
+            pipeline.unet, pipeline.scheduler, residual=True, guidance_unet=pipeline.guidance_unet, guidance_scale=2.0
+        )
+    other.set_progress_bar_config(disable=True)
+    assert other.scheduler is pipeline.scheduler
+    first, second = _call(pipeline, 1, num_inference_steps=4), _call(other, 2, num_inference_steps=9)
+    expected = first(), second()
+    assert torch.equal(first(), expected[0])  # one after the other: each call sets the timesteps it runs
+
+    got = _overlapping(first, second)
+
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -236,3 +236,27 @@ def test_a_unet_repo_in_a_newer_format_is_refused_before_its_weights_are_fetched
     with pytest.raises(NewerFormatError, match="^someone/newer-unet: the SR3UNet2DModel config was saved in .* 2"):
         SR3UNet2DModel.from_pretrained("someone/newer-unet")
     assert not [name for name in fetched(hub, "someone/newer-unet") if name.endswith(".safetensors")]
+
+
+def test_a_whole_pipeline_loaded_as_a_model_is_refused_naming_the_subfolder(
+    guided_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+):
+    """Diffusers says only that the repo has no config.json; no weights are fetched before the refusal."""
+    from test_hub_variants import fetched
+
+    from diffusers_sr3 import SR3UNet2DModel
+
+    guided_pipeline.push_to_hub("someone/sr3-repo")
+    with pytest.raises(FileNotFoundError, match=r"holds a whole pipeline \(SR3Pipeline") as refused:
+        SR3UNet2DModel.from_pretrained("someone/sr3-repo")
+    for name in ("unet", "guidance_unet"):
+        assert f"SR3UNet2DModel.from_pretrained('someone/sr3-repo', subfolder='{name}')" in str(refused.value)
+    assert not [name for name in fetched(hub, "someone/sr3-repo") if name.endswith(".safetensors")]
+    folder = tmp_path / "saved"
+    guided_pipeline.save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match=r"whole pipeline .*subfolder='unet'"):
+        SR3UNet2DModel.from_pretrained(folder)
+    # As asked: loads.
+    SR3UNet2DModel.from_pretrained("someone/sr3-repo", subfolder="unet")

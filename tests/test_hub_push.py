@@ -100,3 +100,54 @@ def test_replace_card_puts_the_runs_card_over_a_hand_written_one_and_the_warning
     push_folder(str(run), "someone/own", logging_dir="tb", replace_card=True)
     assert 'SR3Pipeline.from_pretrained("someone/own")' in uploaded["README.md"].decode()
     assert not [path for path in uploaded if path.startswith(("tb/", "checkpoint-"))]
+
+
+@pytest.mark.parametrize("with_card", [False, True], ids=["upload_folder", "one-commit"])
+def test_a_run_without_lora_removes_an_earlier_runs_adapter_from_the_repo(tiny_pipeline, hub, tmp_path, with_card):  # noqa: F811
+    """A --lora_rank run pushed its adapter beside the pipeline; a later full run pushed to the same repo (whose
+    trainer removed the adapter locally) must not leave it there, describing another model. A file the repo's
+    owner added stays."""
+    run = training_run(tiny_pipeline, tmp_path / "run")
+    if with_card:
+        write_model_card(str(run), task="sr", upscale_factor=4, resolution=32)
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"an adapter")
+    push_folder(str(run), "someone/reused", logging_dir="tb")
+    hub.repos["someone/reused"]["notes.txt"] = b"added on the Hub"
+    assert "pytorch_lora_weights.safetensors" in hub.repos["someone/reused"]
+
+    (run / "pytorch_lora_weights.safetensors").unlink()
+    push_folder(str(run), "someone/reused", logging_dir="tb")
+    repo = hub.repos["someone/reused"]
+    assert "pytorch_lora_weights.safetensors" not in repo
+    assert {"notes.txt", "unet/diffusion_pytorch_model.safetensors", "model_index.json"} <= set(repo)
+    # In the upload's own commit: the repo never holds the new model beside the old adapter.
+    assert hub.commits[-1]["deleted"] == ["pytorch_lora_weights.safetensors"] and hub.commits[-1]["paths"]
+    assert len(hub.commits) == 2
+
+
+def test_a_push_removes_the_weights_and_components_of_the_repos_earlier_save(
+    tiny_pipeline,
+    guided_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+):
+    """Shards left beside new single-file weights are what Diffusers loads (it reads a shard index first); a removed
+    component's folder is downloaded by every load. A variant pushed after the main weights keeps them, as a local
+    save does."""
+    import torch
+
+    from diffusers_sr3 import SR3Pipeline
+
+    guided_pipeline.save_pretrained(tmp_path / "guided", max_shard_size="50KB", push_to_hub=True, repo_id="someone/re")
+    before = set(hub.repos["someone/re"])
+    assert "unet/diffusion_pytorch_model.safetensors.index.json" in before and "guidance_unet/config.json" in before
+
+    tiny_pipeline.push_to_hub("someone/re")
+    tiny_pipeline.push_to_hub("someone/re", variant="fp16")
+    repo = sorted(hub.repos["someone/re"])
+    assert not [path for path in repo if path.startswith("guidance_unet/")], repo
+    weights = [path for path in repo if path.startswith("unet/diffusion_pytorch_model")]
+    assert weights == ["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors"]
+    loaded = SR3Pipeline.from_pretrained("someone/re")
+    assert loaded.guidance_unet is None
+    torch.testing.assert_close(loaded.unet.conv_in.weight, tiny_pipeline.unet.conv_in.weight)

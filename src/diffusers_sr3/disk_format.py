@@ -10,6 +10,12 @@ Adding a key whose neutral value keeps older versions' behaviour (as every key s
 written on every save and an older version warns that it ignores it. A save whose value of a new key is not neutral,
 or that a reader must not load without understanding, records the next format number, and this module's
 `FORMAT_VERSION` becomes that number.
+
+`DiffusionPipeline.from_pretrained` of a Hub repo downloads all its weights before it calls into this package with
+the repo's model_index.json (`SR3BasePipeline.extract_init_dict`, which refuses a newer format). The only code of
+ours it runs before that download is the repo's `pipeline_sr3.py` (imported to find the pipeline class), which the
+saving version writes: a version that first records format 2 can make older readers refuse before any weights by
+writing a `check_format({FORMAT_KEY: 2}, ...)` call into that file (`pipelines.base.write_remote_code_layout`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import json
 import math
 import numbers
 import os
@@ -535,6 +536,20 @@ _CONFIG_SOURCE_OPTIONS = (
 )
 
 
+def _hub_pipeline_index(repo_id: str, options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The model_index.json of Hub repo `repo_id` (`options`: `from_pretrained`'s Hub options), read alone; None
+    where it has none or it cannot be fetched."""
+    from huggingface_hub import hf_hub_download
+
+    download = {key: value for key, value in options.items() if key not in ("subfolder", "proxies")}
+    try:
+        with open(hf_hub_download(repo_id, "model_index.json", **download), encoding="utf-8") as handle:
+            index = json.load(handle)
+    except Exception:  # whatever the reason (absent, offline, unreachable, not JSON), Diffusers' own error stands
+        return None
+    return index if isinstance(index, dict) else None
+
+
 # Far above any model that fits a GPU (SR3's largest is under 1 billion): a config.json asking for more is damaged or
 # hostile, and is refused before building rather than failing once memory runs out (or after minutes of building).
 MAX_PARAMETERS = 20_000_000_000
@@ -930,6 +945,10 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         local = os.path.isdir(folder)
         with folder_loading(folder, "config.json") if local else contextlib.nullcontext():
             if local and not os.path.isfile(os.path.join(folder, "config.json")):
+                index = os.path.join(folder, "model_index.json")
+                if not kwargs.get("subfolder") and os.path.isfile(index):
+                    with open(index, encoding="utf-8") as handle:
+                        raise cls._whole_pipeline_error(folder, json.load(handle))
                 reason = unloadable_reason(folder, "config.json")
                 if reason:
                     raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
@@ -938,7 +957,14 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                     # Diffusers downloads a Hub repo's weights before it builds the model from the config, where
                     # `extract_init_dict` checks the format: the config alone is read first.
                     options = {key: kwargs[key] for key in _CONFIG_SOURCE_OPTIONS if key in kwargs}
-                    check_format(cls.load_config(source, **options), f"the {cls.__name__} config")
+                    try:
+                        config = cls.load_config(source, **options)
+                    except OSError:
+                        index = None if kwargs.get("subfolder") else _hub_pipeline_index(folder, options)
+                        if index is None:
+                            raise
+                        raise cls._whole_pipeline_error(folder, index) from None
+                    check_format(config, f"the {cls.__name__} config")
                 loaded = super().from_pretrained(*args, **kwargs)
             except NewerFormatError as error:
                 raise NewerFormatError(f"{folder}: {error}") from None
@@ -948,6 +974,20 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
                     tensor.data = tensor.data.clone()
         return loaded
+
+    @classmethod
+    def _whole_pipeline_error(cls, source: str, index: Dict[str, Any]) -> FileNotFoundError:
+        """The refusal of `source`, a folder or repo of a whole pipeline (its model_index.json: `index`) rather than a
+        model, naming the `subfolder` of each of its models of class `cls`."""
+        pipeline_class = index.get("_class_name")
+        pipeline_class = pipeline_class[-1] if isinstance(pipeline_class, list) else pipeline_class
+        folders = [name for name, entry in index.items() if isinstance(entry, list) and entry[-1:] == [cls.__name__]]
+        loads = " or ".join(f"{cls.__name__}.from_pretrained({source!r}, subfolder={name!r})" for name in folders)
+        return FileNotFoundError(
+            f"{source} holds a whole pipeline ({pipeline_class}, model_index.json), not a model: it has no config.json"
+            + (f"; load its {cls.__name__} with {loads}" if loads else "")
+            + f", or the pipeline with {pipeline_class}.from_pretrained({source!r})"
+        )
 
     def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
         """Diffusers' `add_adapter` (a `peft.LoraConfig` whose `target_modules` name layers of this UNet, see

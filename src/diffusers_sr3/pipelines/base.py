@@ -315,6 +315,47 @@ def _stale_weights(entries: Collection[str], saved: Sequence[str]) -> List[str]:
     return stale
 
 
+def stale_hub_files(
+    api: Any,
+    repo_id: str,
+    uploads: Collection[str],
+    folder: str,
+    subfolder: str = "",
+    optional_files: Collection[str] = (),
+) -> List[str]:
+    """The files of Hub repo `repo_id` that an upload of `uploads` (the saved `folder`'s files, `/`-separated, going
+    into `subfolder` of the repo) leaves describing an earlier save, to delete in the same commit: as a local save
+    (`_move_into`), the weights of a variant it uploads that it does not hold (another format, other shards, which
+    Diffusers would load in place of the new ones); the folders of components that the repo's model_index.json
+    named and the uploaded one no longer does (downloaded by every load of the repo, never used); and those of
+    `optional_files` that `uploads` lacks (files a save writes only for some models)."""
+    from huggingface_hub import hf_hub_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    remote = [path[len(prefix) :] for path in api.list_repo_files(repo_id) if path.startswith(prefix)]
+    stale = [path for path in optional_files if path in remote and path not in uploads]
+    for component in {path.rpartition("/")[0] for path in uploads if "/" in path}:
+        here = {path.rpartition("/")[2] for path in uploads if path.rpartition("/")[0] == component}
+        there = [path.rpartition("/")[2] for path in remote if path.rpartition("/")[0] == component]
+        stale += [f"{component}/{name}" for name in _stale_weights(there, list(here))]
+    if "model_index.json" in uploads and "model_index.json" in remote:
+        with open(hf_hub_download(repo_id, f"{prefix}model_index.json", token=api.token), encoding="utf-8") as handle:
+            earlier = _component_folders(json.load(handle))
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
+            removed = earlier - _component_folders(json.load(handle))
+        stale += [path for path in remote if path.split("/", 1)[0] in removed and "/" in path]
+    return sorted(f"{prefix}{path}" for path in set(stale))
+
+
+def _component_folders(index: Dict[str, Any]) -> set:
+    """The component folders that a model_index.json names (an absent optional component is `[null, null]`)."""
+    return {
+        name
+        for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+    }
+
+
 def _move_into(staging: str, target: str, saved: Sequence[str], staging_parent: Optional[int] = None) -> None:
     """Move every entry of `staging` into `target`: files replace those of the same name, folders are merged.
 
@@ -910,12 +951,17 @@ def share_call_lock(pipelines: Sequence[Any]) -> None:
 
 
 def serialised(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Make a pipeline method hold the pipeline's [`call_lock`] while it runs."""
+    """Make a pipeline method hold the pipeline's [`call_lock`] while it runs, and its scheduler's: pipelines built
+    on one scheduler object (`SR3Pipeline(**pipe.components)`, one scheduler passed to two) would otherwise run
+    their calls at once on its per-call state (timesteps, step index) and mix each other's refinements. Taken after
+    the pipeline's, as every call takes them, so two calls never wait for each other's."""
 
     @functools.wraps(method)
     def serialised_method(self, *args: Any, **kwargs: Any) -> Any:
         with call_lock(self):
-            return method(self, *args, **kwargs)
+            scheduler = getattr(self, "scheduler", None)
+            with call_lock(scheduler) if scheduler is not None else contextlib.nullcontext():
+                return method(self, *args, **kwargs)
 
     return serialised_method
 
@@ -1544,8 +1590,9 @@ class SR3BasePipeline(DiffusionPipeline):
         `folder`; written first when neither it nor the repo has one; a card `write_model_card` wrote under another
         name, e.g. at training time, names the repo in the uploaded copy: `model_card.card_for_repo`; none where a card
         this package wrote would replace the repo's card that its author wrote or edited, as
-        `model_card.local_card_withheld` tells and logs); return the `CommitInfo`."""
-        from huggingface_hub import CommitOperationAdd, HfApi
+        `model_card.local_card_withheld` tells and logs); the same commit deletes the repo's files that these replace
+        (`stale_hub_files`). Return the `CommitInfo`."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
         from ..model_card import card_uploads, local_card_withheld, write_pipeline_card
 
@@ -1562,10 +1609,12 @@ class SR3BasePipeline(DiffusionPipeline):
             if os.path.isfile(card) and not local_card_withheld(api, repo_id, card_folder, create_pr):
                 uploads.update(card_uploads(card_folder, repo_id))
         # One commit of the listed files (an uploaded card may differ from the local one, which upload_folder
-        # cannot send); never the folder's other files.
+        # cannot send), never the folder's other files, removing what of the repo's earlier save they replace.
+        stale = stale_hub_files(api, repo_id, files, folder, subfolder or "")
         return api.create_commit(
             repo_id=repo_id,
-            operations=[
+            operations=[CommitOperationDelete(path_in_repo=path) for path in stale]
+            + [
                 CommitOperationAdd(
                     path_in_repo=f"{subfolder.strip('/')}/{name}" if subfolder else name, path_or_fileobj=source
                 )

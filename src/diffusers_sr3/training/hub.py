@@ -13,6 +13,9 @@ from ..redaction import redact
 # Training leftovers that do not belong in a model repo (checkpoints can be tens of GB each), and the default tracker
 # folder (`push_folder` adds another `--logging_dir`).
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*", ".tmp-*/**", ".*", "logs/**"]
+# The adapter alone, as Diffusers names it (`save_lora_adapter`, `load_lora_weights`), beside the trained pipeline of
+# a --lora_rank run; a run without LoRA removes it, from the folder and from the repo it pushes to.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class HubUploadError(RuntimeError):
@@ -51,9 +54,10 @@ def push_folder(
     Raises:
         HubUploadError: naming the reason, the intact local folder and how to retry.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationDelete, HfApi
 
     from ..model_card import card_for_repo, local_card_withheld
+    from ..pipelines.base import stale_hub_files
 
     repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     ignore_patterns = _ignore_patterns(output_dir, logging_dir)
@@ -67,14 +71,24 @@ def push_folder(
         elif os.path.isfile(os.path.join(output_dir, "README.md")):
             # Without --hub_model_id the card was written naming the output folder; the repo is `user/folder`.
             card = card_for_repo(output_dir, repo_id)
+        uploads = _uploaded_files(output_dir, ignore_patterns)
+        # Deleted in the upload's commit: the repo never holds the new model beside an earlier run's adapter (which
+        # `load_lora_weights` would apply to it) or weights.
+        stale = stale_hub_files(api, repo_id, uploads, output_dir, optional_files=[LORA_WEIGHTS_FILE])
         if card is None:
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=output_dir, commit_message=message, ignore_patterns=ignore_patterns
+                repo_id=repo_id,
+                folder_path=output_dir,
+                commit_message=message,
+                ignore_patterns=ignore_patterns,
+                # Exact names (a pattern would match more where a name holds `[`); None: no second listing.
+                delete_patterns=[glob.escape(path) for path in stale] or None,
             )
         else:
             commit = api.create_commit(
                 repo_id=repo_id,
-                operations=_upload_operations(output_dir, card, ignore_patterns),
+                operations=[CommitOperationDelete(path_in_repo=path) for path in stale]
+                + _upload_operations(output_dir, card, uploads),
                 commit_message=message,
             )
     except Exception as error:  # any failure (HTTP, network, auth) is reported the same way: local save is intact
@@ -172,9 +186,8 @@ def _ignore_patterns(output_dir: str, logging_dir: str) -> List[str]:
     return UPLOAD_IGNORE_PATTERNS + [glob.escape(logs.replace(os.sep, "/")) + "/**"]
 
 
-def _upload_operations(output_dir: str, card: str, ignore_patterns: List[str]) -> list:
-    """What `upload_folder` would upload from `output_dir` (`ignore_patterns` left out), with `card` as README.md."""
-    from huggingface_hub import CommitOperationAdd
+def _uploaded_files(output_dir: str, ignore_patterns: List[str]) -> List[str]:
+    """The files that `upload_folder` uploads from `output_dir` (`ignore_patterns` left out), `/`-separated."""
     from huggingface_hub.utils import filter_repo_objects
 
     files = [
@@ -182,10 +195,17 @@ def _upload_operations(output_dir: str, card: str, ignore_patterns: List[str]) -
         for root, _, names in os.walk(output_dir)
         for name in names
     ]
+    return sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+
+
+def _upload_operations(output_dir: str, card: str, files: List[str]) -> list:
+    """The upload of `files` of `output_dir`, with `card` as README.md."""
+    from huggingface_hub import CommitOperationAdd
+
     return [
         CommitOperationAdd(
             path_in_repo=name,
             path_or_fileobj=card.encode("utf-8") if name == "README.md" else os.path.join(output_dir, name),
         )
-        for name in sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        for name in files
     ]

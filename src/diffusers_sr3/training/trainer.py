@@ -64,7 +64,7 @@ from .checkpointing import (
     temporary_checkpoint_dir,
 )
 from .config import TrainingConfig, training_command
-from .hub import push_folder
+from .hub import LORA_WEIGHTS_FILE, push_folder
 from .objective import diffusion_loss, measure_residual_scale, noise_batch, predict, predicted_clean
 from .output_lock import claim_output_folder, hold_folders_for_reading
 from .validation import build_pipeline, log_validation, run_validation
@@ -186,9 +186,6 @@ DISCRIMINATOR_OPTIMIZER_FILE = "optimizer_1.bin"
 
 # The key of `training_state.json` that holds the losses the summary's `final_loss` averages.
 RECENT_LOSSES_KEY = "recent_losses"
-
-# The adapter alone, as Diffusers names it (`save_lora_adapter`, `load_lora_weights`), beside the trained pipeline.
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 # What a new model trains with when the options leave the objective unset.
 NEW_MODEL_OBJECTIVE = dict(residual=False, prediction_type="epsilon", condition_noise_level=0.0)
