@@ -358,9 +358,9 @@ def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """`image` converted to sRGB (as `RGB`) when it carries an ICC colour profile (`info["icc_profile"]`) for its
     mode (RGB, RGBA, CMYK); otherwise, or when the profile cannot be read, `image` itself.
 
-    The networks work in sRGB: an Adobe RGB or Display P3 photo read as sRGB comes out with shifted colours, and
-    outputs are written without a profile (which viewers take as sRGB). An sRGB-tagged image converts to itself
-    (checked with the IEC 61966-2.1 profile). Alpha is dropped, as [`to_rgb`] drops it.
+    The networks work in sRGB: an Adobe RGB or Display P3 photo read as sRGB comes out with shifted colours; outputs
+    are tagged sRGB (`image_metadata.output_profile`), as Pillow tags the converted image. An sRGB-tagged image
+    converts to itself (checked with the IEC 61966-2.1 profile). Alpha is dropped, as [`to_rgb`] drops it.
     """
     icc_profile = image.info.get("icc_profile")
     if not icc_profile or image.mode not in _PROFILE_SPACES:
@@ -625,6 +625,7 @@ class ImageFacts(NamedTuple):
         transparent: whether some pixel is less than fully opaque.
         grayscale: whether it is a black-and-white picture ([`is_grayscale`]).
         sixteen_bit: whether it is 16-bit or float gray ([`open_image`] with `keep_16bit` keeps its precision).
+        sixteen_bit_colour: whether it is colour at 16 bits per channel, which Pillow reads at 8.
     """
 
     size: Tuple[int, int]
@@ -632,6 +633,19 @@ class ImageFacts(NamedTuple):
     transparent: bool
     grayscale: bool
     sixteen_bit: bool
+    sixteen_bit_colour: bool = False
+
+
+def _colour_read_at_8_bits(image: PIL.Image.Image) -> bool:
+    """Whether `image` (opened, not yet loaded) stores colour at 16 bits per channel: Pillow has no such mode and
+    decodes it to 8-bit `RGB` or `RGBA` (its raw mode, such as PNG's `RGB;16B`, tells)."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in image.tile:
+        rawmode = tile.args[0] if isinstance(tile.args, tuple) and tile.args else tile.args
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
 
 
 def inspect_image(path: Union[str, os.PathLike]) -> ImageFacts:
@@ -645,12 +659,15 @@ def inspect_image(path: Union[str, os.PathLike]) -> ImageFacts:
         except Exception:  # counting seeks through every frame; only the first is read, and it may be whole
             frames = 1
             image.seek(0)
+        sixteen_bit_colour = _colour_read_at_8_bits(image)
         image.load()
         transparent = (image.mode in ALPHA_MODES or "transparency" in image.info) and (
             image.convert("RGBA").getchannel("A").getextrema()[0] < 255
         )
         picture = _upright_rgb(image, name, keep_16bit=True)
-    return ImageFacts(picture.size, frames, transparent, is_grayscale(picture), picture.mode == "I;16")
+    return ImageFacts(
+        picture.size, frames, transparent, is_grayscale(picture), picture.mode == "I;16", sixteen_bit_colour
+    )
 
 
 def image_size(path: Union[str, os.PathLike]) -> Tuple[int, int]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from .image_io import FLOAT_OVERSHOOT, UnreadableImageError, is_16bit_gray, open_image, to_gray16, to_rgb
+from .image_io import FLOAT_OVERSHOOT, UnreadableImageError, is_16bit_gray, open_image, to_gray16, to_rgb, to_srgb
 
 ImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
@@ -43,6 +43,9 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
                 # 16-bit and float gray keep their precision (uint16 below), read as the file readers read them.
                 image = np.asarray(to_gray16(image))
             else:
+                # An Adobe RGB or Display P3 photo (an ICC profile in its `info`) is converted to sRGB, which the
+                # networks work in and the untagged outputs are taken as, as the file readers convert it.
+                image = to_srgb(image)
                 image = np.asarray(image if image.mode in ("RGB", "L") else to_rgb(image))  # RGBA, palette, CMYK, ...
         except UnreadableImageError as error:  # 32-bit or float gray outside its range
             raise UnreadableImageError(f"{what}: {error}", str(error)) from None
@@ -83,12 +86,13 @@ def _one_to_tensor(image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], what
 def images_to_tensor(images: ImageInput, what: str = "image") -> torch.Tensor:
     """Convert user images to one `(B, 3, H, W)` float32 batch in [-1, 1].
 
-    Accepted: a PIL image (any mode: gray is repeated to RGB, alpha is discarded; 16-bit gray and float gray
-    (`I;16`, `I`, `F`) keep 16 bits, with the white points files are read with: `F` in [0, 1], or [0, 255] where
-    values reach 16), a numpy array (`(H, W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in
-    [0, 65535], float in [0, 1]), a torch tensor (`(C, H, W)` or `(B, C, H, W)`, float in [0, 1]), or a list of
-    these. C may be 1, 3 or 4. All images must have the same size. Floats within half an 8-bit step
-    (`FLOAT_OVERSHOOT`) of their range are clipped to it; beyond it, and NaN or infinite values, are refused.
+    Accepted: a PIL image (any mode: gray is repeated to RGB, alpha is discarded, colours in the space of an ICC
+    profile in its `info` are converted to sRGB; 16-bit gray and float gray (`I;16`, `I`, `F`) keep 16 bits, with
+    the white points files are read with: `F` in [0, 1], or [0, 255] where values reach 16), a numpy array (`(H,
+    W)`, `(H, W, C)` or `(B, H, W, C)`; uint8 in [0, 255], uint16 in [0, 65535], float in [0, 1]), a torch tensor
+    (`(C, H, W)` or `(B, C, H, W)`, float in [0, 1]), or a list of these. C may be 1, 3 or 4. All images must have
+    the same size. Floats within half an 8-bit step (`FLOAT_OVERSHOOT`) of their range are clipped to it; beyond it,
+    and NaN or infinite values, are refused.
     """
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:

@@ -29,6 +29,7 @@ from ..defaults import (
 )
 from ..disk_format import check_format
 from ..image_io import ImageFacts, find_image_sources, input_folders, inspect_image, open_alpha, open_image
+from ..image_metadata import InputMetadata, read_metadata, save_options
 from ..pretrained import DEFAULT_DETAIL_OPTIONS, DEFAULT_DETAIL_WINDOW_SIZE, DEFAULT_STEPS
 from ..training.output_lock import hold_folders_for_reading
 from .common import (
@@ -145,7 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         required=True,
         help="output folder: <name>_sr.png per input, in the input's subfolder for files found in a folder input "
-        "(or a file name for a single input, its format from the extension: .png, .jpg, .webp, .tif, ...)",
+        "(or a file name for a single input, its format from the extension: .png, .jpg, .webp, .tif, ...). "
+        "Outputs keep the input's EXIF (camera, dates; not its orientation, which is applied, nor its GPS location) "
+        "and its DPI times the upscale factor, and are tagged with the ICC profile their sRGB values are in",
     )
     add_model_arguments(
         parser,
@@ -294,6 +297,23 @@ def _writable_extensions() -> set:
     return {extension for extension, name in PIL.Image.registered_extensions().items() if name in PIL.Image.SAVE}
 
 
+# Image formats this Pillow may not write, beside those it reads only (`.psd`, `.pcx`, ...): an --output ending in one
+# names an image file to write, not a folder to make.
+_IMAGE_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".exr", ".hdr", ".svg", ".dng", ".raw")
+
+
+def _check_output_format(output: str) -> None:
+    """Refuse an --output named as an image of a format this Pillow cannot write (`out.heic`): it was made a folder
+    of that name, with the result inside as `<input>_sr.png`, without a word."""
+    extension = os.path.splitext(output)[1].lower()
+    image_extensions = set(PIL.Image.registered_extensions()) | set(_IMAGE_EXTENSIONS)
+    if extension in image_extensions and extension not in _writable_extensions() and not os.path.isdir(output):
+        raise ValueError(
+            f"--output {output}: this Pillow cannot write {extension} images; name a .png, .jpg, .webp or .tif "
+            "file, or a folder"
+        )
+
+
 def _names_a_file(output: str) -> bool:
     """Whether --output names one output file (an extension Pillow writes, and no existing folder of that name)."""
     return os.path.splitext(output)[1].lower() in _writable_extensions() and not os.path.isdir(output)
@@ -319,7 +339,11 @@ def lossy_options(image_format: str, quality: int) -> Dict[str, Any]:
 
 
 def save_atomically(
-    image: PIL.Image.Image, destination: str, quality: int = DEFAULT_QUALITY, overwrite: bool = True
+    image: PIL.Image.Image,
+    destination: str,
+    quality: int = DEFAULT_QUALITY,
+    overwrite: bool = True,
+    metadata: Optional[InputMetadata] = None,
 ) -> None:
     """Write `image` to `destination` through a temporary file in the same folder, then rename it into place.
 
@@ -342,7 +366,8 @@ def save_atomically(
     extension = os.path.splitext(destination)[1].lower()
     image_format = PIL.Image.registered_extensions().get(extension, "PNG")
     with atomic_file(destination, overwrite) as stream:
-        image.save(stream, format=image_format, **lossy_options(image_format, quality))
+        options = {**lossy_options(image_format, quality), **save_options(metadata, image_format, image)}
+        image.save(stream, format=image_format, **options)
 
 
 def _process_path(destination: str) -> str:
@@ -600,6 +625,7 @@ def _plan_writes(inputs: Sequence[str], output: str) -> Tuple[List[str], List[st
 
     Refuses a file-like `output` for several inputs and two inputs written to one file (see `destination_clash`).
     """
+    _check_output_format(output)
     sources = find_image_sources(inputs)
     to_file = _names_a_file(output)
     if to_file and len(sources) > 1:
@@ -636,6 +662,8 @@ def _notes(path: str, facts: ImageFacts, destination: str) -> List[str]:
         )
     if facts.sixteen_bit and not _keeps_16bit(destination):
         notes.append(f"{path} is 16-bit; {extension} holds 8 bits: write .png or .tif to keep 16")
+    if facts.sixteen_bit_colour:
+        notes.append(f"{path} is 16-bit colour, which Pillow reads at 8 bits: upscaled and written at 8 bits")
     return notes
 
 
@@ -1030,7 +1058,7 @@ def _upscale(args: argparse.Namespace) -> int:
                 if alpha is not None:
                     result = result.copy()
                     result.putalpha(alpha.resize(result.size, PIL.Image.BICUBIC))
-                save_atomically(result, destination, args.quality, args.overwrite)
+                save_atomically(result, destination, args.quality, args.overwrite, read_metadata(path))
                 if args.save_process:
                     condition = tensor_to_pil(pipeline.prepare_condition(images[offset]))[0]
                     snapshots = [snapshot[offset] for snapshot in output.intermediates]
