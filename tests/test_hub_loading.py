@@ -260,3 +260,62 @@ def test_a_whole_pipeline_loaded_as_a_model_is_refused_naming_the_subfolder(
         SR3UNet2DModel.from_pretrained(folder)
     # As asked: loads.
     SR3UNet2DModel.from_pretrained("someone/sr3-repo", subfolder="unet")
+
+
+def test_a_cascade_loaded_as_a_model_is_refused_naming_each_stages_unet(
+    hub,  # noqa: F811
+    tmp_path,
+):
+    """A cascade's UNets are in its stages' folders: the refusal names those (`stage_1/unet`), the main network before
+    the guide (loaded in its place, a guide gives worse images and no error), from its folder and its repo."""
+    from test_cascade import unet
+
+    from diffusers_sr3 import SR3CascadePipeline, SR3UnconditionalPipeline, SR3UNet2DModel, make_scheduler
+
+    guided = SR3Pipeline(
+        unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=4, guidance_unet=unet(6, 32)
+    )
+    base = SR3UnconditionalPipeline(unet(3, 8), make_scheduler("ddim", n_timestep=50))
+    cascade = SR3CascadePipeline.from_stages(base, [guided])
+    cascade.save_pretrained(tmp_path / "cascade")
+    publish(hub, "someone/cascade", tmp_path / "cascade")
+    for source in (str(tmp_path / "cascade"), "someone/cascade"):
+        with pytest.raises(FileNotFoundError, match=r"holds a whole pipeline \(SR3CascadePipeline") as refused:
+            SR3UNet2DModel.from_pretrained(source)
+        loads = [
+            f"SR3UNet2DModel.from_pretrained({source!r}, subfolder={name!r})"
+            for name in ("base/unet", "stage_1/unet", "stage_1/guidance_unet")
+        ]
+        message = str(refused.value)
+        assert [message.index(load) for load in loads] == sorted(message.index(load) for load in loads), message
+        assert message.endswith(f"or the pipeline with SR3CascadePipeline.from_pretrained({source!r})")
+        SR3UNet2DModel.from_pretrained(source, subfolder="stage_1/unet")
+
+
+def test_a_folder_whose_model_index_is_damaged_gets_the_error_of_a_folder_without_a_unet(tiny_pipeline, tmp_path):
+    """A model_index.json that is not an index names no pipeline: the error stays the one naming the missing
+    config.json, not a JSON parser's."""
+    from diffusers_sr3 import SR3UNet2DModel
+
+    tiny_pipeline.save_pretrained(tmp_path / "saved")
+    for damaged in (b"{not json", b"[]", b"\xff\xfe"):
+        (tmp_path / "saved" / "model_index.json").write_bytes(damaged)
+        with pytest.raises(OSError, match="config.json") as refused:
+            SR3UNet2DModel.from_pretrained(tmp_path / "saved")
+        assert "whole pipeline" not in str(refused.value)
+
+
+def test_a_diffusers_pipeline_without_sr3_unets_loaded_as_a_model_is_told_to_load_the_pipeline(tmp_path):
+    """No UNet of this class to name: the error says to load the pipeline, in a sentence that reads."""
+    from diffusers_sr3 import SR3UNet2DModel
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}', encoding="utf-8"
+    )
+    with pytest.raises(FileNotFoundError) as refused:
+        SR3UNet2DModel.from_pretrained(tmp_path / "other")
+    assert str(refused.value).endswith(
+        "it has no config.json; load the pipeline with "
+        f"StableDiffusionPipeline.from_pretrained({str(tmp_path / 'other')!r})"
+    )

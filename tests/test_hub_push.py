@@ -151,3 +151,53 @@ def test_a_push_removes_the_weights_and_components_of_the_repos_earlier_save(
     loaded = SR3Pipeline.from_pretrained("someone/re")
     assert loaded.guidance_unet is None
     torch.testing.assert_close(loaded.unet.conv_in.weight, tiny_pipeline.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("damaged", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["not-json", "not-object", "not-utf8"])
+def test_a_push_replaces_a_damaged_model_index_and_deletes_no_folder_on_its_word(
+    tiny_pipeline,
+    guided_pipeline,
+    hub,  # noqa: F811
+    tmp_path,
+    damaged,
+):
+    """A push is how a damaged repo gets repaired: its earlier model_index.json, unreadable, names no component folder
+    to delete (the earlier guide stays) and fails no push; the pushed save replaces it."""
+    from diffusers_sr3 import SR3Pipeline
+
+    guided_pipeline.push_to_hub("someone/damaged")
+    hub.repos["someone/damaged"]["model_index.json"] = damaged
+    tiny_pipeline.push_to_hub("someone/damaged")
+    assert "guidance_unet/config.json" in hub.repos["someone/damaged"]
+    assert SR3Pipeline.from_pretrained("someone/damaged").guidance_unet is None
+
+    run = training_run(tiny_pipeline, tmp_path / "run")
+    hub.repos["someone/damaged"]["model_index.json"] = damaged
+    push_folder(str(run), "someone/damaged", logging_dir="tb")
+    assert hub.repos["someone/damaged"]["model_index.json"] == (run / "model_index.json").read_bytes()
+
+
+def test_a_cascade_push_removes_a_stages_earlier_guide(hub):  # noqa: F811
+    """A cascade stage's own model_index.json names its components: a guide it no longer has leaves the repo too,
+    and is no longer fetched by every load of the cascade."""
+    from test_cascade import unet
+
+    from diffusers_sr3 import SR3CascadePipeline, SR3Pipeline, SR3UnconditionalPipeline, make_scheduler
+
+    def cascade(guided):
+        guide = dict(guidance_unet=unet(6, 32), guidance_scale=2.0) if guided else {}
+        stage = SR3Pipeline(unet(6, 32), make_scheduler("ddim", n_timestep=50), upscale_factor=4, **guide)
+        base = SR3UnconditionalPipeline(unet(3, 8), make_scheduler("ddim", n_timestep=50))
+        return SR3CascadePipeline.from_stages(base, [stage])
+
+    cascade(guided=True).push_to_hub("someone/cascade")
+    hub.repos["someone/cascade"]["samples/face.png"] = b"a sample"
+    assert "stage_1/guidance_unet/diffusion_pytorch_model.safetensors" in hub.repos["someone/cascade"]
+
+    cascade(guided=False).push_to_hub("someone/cascade")
+    repo = set(hub.repos["someone/cascade"])
+    assert not [path for path in repo if path.startswith("stage_1/guidance_unet/")], sorted(repo)
+    assert {"samples/face.png", "stage_1/unet/diffusion_pytorch_model.safetensors", "base/model_index.json"} <= repo
+    fetched_from = len(hub.requests)
+    assert SR3CascadePipeline.from_pretrained("someone/cascade").stage_1.guidance_unet is None
+    assert not [request for request in hub.requests[fetched_from:] if "guidance_unet" in request]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import json
 import math
@@ -17,7 +18,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -536,16 +537,43 @@ _CONFIG_SOURCE_OPTIONS = (
 )
 
 
-def _hub_pipeline_index(repo_id: str, options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The model_index.json of Hub repo `repo_id` (`options`: `from_pretrained`'s Hub options), read alone; None
-    where it has none or it cannot be fetched."""
+def _hub_pipeline_index(
+    repo_id: str, options: Dict[str, Any], path: str = "model_index.json"
+) -> Optional[Dict[str, Any]]:
+    """The model_index.json at `path` of Hub repo `repo_id` (`options`: `from_pretrained`'s Hub options), read alone;
+    None where it has none or it cannot be fetched."""
     from huggingface_hub import hf_hub_download
 
     download = {key: value for key, value in options.items() if key not in ("subfolder", "proxies")}
     try:
-        with open(hf_hub_download(repo_id, "model_index.json", **download), encoding="utf-8") as handle:
+        return _local_pipeline_index(hf_hub_download(repo_id, path, **download))
+    except Exception:  # whatever the reason (absent, offline, unreachable), Diffusers' own error stands
+        return None
+
+
+def _model_folders(
+    class_name: str, index: Dict[str, Any], read: Callable[[str], Optional[Dict[str, Any]]], prefix: str = ""
+) -> List[str]:
+    """The folders (`/`-separated, below `prefix`) of the models of class `class_name` that the pipeline of
+    model_index.json `index` holds, and those of the pipelines it holds (`read`: their model_index.json, by path)."""
+    folders = []
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or not entry or not isinstance(entry[-1], str):
+            continue
+        if entry[-1] == class_name:
+            folders.append(f"{prefix}{name}")
+        elif entry[-1].endswith("Pipeline"):
+            inner = read(f"{prefix}{name}/model_index.json")
+            folders += _model_folders(class_name, inner, read, f"{prefix}{name}/") if inner is not None else []
+    return folders
+
+
+def _local_pipeline_index(path: str) -> Optional[Dict[str, Any]]:
+    """The model_index.json at `path`; None where it is absent or not an index (not JSON, not an object)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
             index = json.load(handle)
-    except Exception:  # whatever the reason (absent, offline, unreachable, not JSON), Diffusers' own error stands
+    except (OSError, ValueError):
         return None
     return index if isinstance(index, dict) else None
 
@@ -945,10 +973,13 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         local = os.path.isdir(folder)
         with folder_loading(folder, "config.json") if local else contextlib.nullcontext():
             if local and not os.path.isfile(os.path.join(folder, "config.json")):
-                index = os.path.join(folder, "model_index.json")
-                if not kwargs.get("subfolder") and os.path.isfile(index):
-                    with open(index, encoding="utf-8") as handle:
-                        raise cls._whole_pipeline_error(folder, json.load(handle))
+
+                def read(path: str) -> Optional[Dict[str, Any]]:
+                    return _local_pipeline_index(os.path.join(folder, *path.split("/")))
+
+                index = None if kwargs.get("subfolder") else read("model_index.json")
+                if index is not None:
+                    raise cls._whole_pipeline_error(folder, index, read)
                 reason = unloadable_reason(folder, "config.json")
                 if reason:
                     raise FileNotFoundError(f"{folder} is not a UNet folder: it has no config.json{reason}")
@@ -963,7 +994,8 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                         index = None if kwargs.get("subfolder") else _hub_pipeline_index(folder, options)
                         if index is None:
                             raise
-                        raise cls._whole_pipeline_error(folder, index) from None
+                        read = functools.partial(_hub_pipeline_index, folder, options)
+                        raise cls._whole_pipeline_error(folder, index, read) from None
                     check_format(config, f"the {cls.__name__} config")
                 loaded = super().from_pretrained(*args, **kwargs)
             except NewerFormatError as error:
@@ -976,17 +1008,22 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         return loaded
 
     @classmethod
-    def _whole_pipeline_error(cls, source: str, index: Dict[str, Any]) -> FileNotFoundError:
-        """The refusal of `source`, a folder or repo of a whole pipeline (its model_index.json: `index`) rather than a
-        model, naming the `subfolder` of each of its models of class `cls`."""
+    def _whole_pipeline_error(
+        cls, source: str, index: Dict[str, Any], read: Callable[[str], Optional[Dict[str, Any]]]
+    ) -> FileNotFoundError:
+        """The refusal of `source`, a folder or repo of a whole pipeline (its model_index.json: `index`; `read`: the
+        model_index.json at a path of `source`, None where there is none) rather than a model, naming the `subfolder`
+        of each of its models of class `cls`, those of the pipelines it holds (a cascade's stages) included."""
         pipeline_class = index.get("_class_name")
         pipeline_class = pipeline_class[-1] if isinstance(pipeline_class, list) else pipeline_class
-        folders = [name for name, entry in index.items() if isinstance(entry, list) and entry[-1:] == [cls.__name__]]
+        pipeline_class = pipeline_class if isinstance(pipeline_class, str) else "DiffusionPipeline"
+        # The main network first: a guide (`guidance_unet`) loaded in its place gives worse images and no error.
+        folders = sorted(_model_folders(cls.__name__, index, read), key=lambda name: name.rpartition("/")[2] != "unet")
         loads = " or ".join(f"{cls.__name__}.from_pretrained({source!r}, subfolder={name!r})" for name in folders)
+        pipeline = f"the pipeline with {pipeline_class}.from_pretrained({source!r})"
         return FileNotFoundError(
-            f"{source} holds a whole pipeline ({pipeline_class}, model_index.json), not a model: it has no config.json"
-            + (f"; load its {cls.__name__} with {loads}" if loads else "")
-            + f", or the pipeline with {pipeline_class}.from_pretrained({source!r})"
+            f"{source} holds a whole pipeline ({pipeline_class}, model_index.json), not a model: it has no config.json;"
+            + (f" load its {cls.__name__} with {loads}, or {pipeline}" if loads else f" load {pipeline}")
         )
 
     def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:

@@ -326,9 +326,10 @@ def stale_hub_files(
     """The files of Hub repo `repo_id` that an upload of `uploads` (the saved `folder`'s files, `/`-separated, going
     into `subfolder` of the repo) leaves describing an earlier save, to delete in the same commit: as a local save
     (`_move_into`), the weights of a variant it uploads that it does not hold (another format, other shards, which
-    Diffusers would load in place of the new ones); the folders of components that the repo's model_index.json
-    named and the uploaded one no longer does (downloaded by every load of the repo, never used); and those of
-    `optional_files` that `uploads` lacks (files a save writes only for some models)."""
+    Diffusers would load in place of the new ones); the folders of components that a model_index.json of the repo
+    (the pipeline's, or a cascade stage's) named and the uploaded one no longer does (downloaded by every load of
+    the repo, never used); and those of `optional_files` that `uploads` lacks (files a save writes only for some
+    models). An earlier model_index.json that is not an index (damaged) names no folder to delete."""
     from huggingface_hub import hf_hub_download
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
@@ -338,17 +339,27 @@ def stale_hub_files(
         here = {path.rpartition("/")[2] for path in uploads if path.rpartition("/")[0] == component}
         there = [path.rpartition("/")[2] for path in remote if path.rpartition("/")[0] == component]
         stale += [f"{component}/{name}" for name in _stale_weights(there, list(here))]
-    if "model_index.json" in uploads and "model_index.json" in remote:
-        with open(hf_hub_download(repo_id, f"{prefix}model_index.json", token=api.token), encoding="utf-8") as handle:
-            earlier = _component_folders(json.load(handle))
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
-            removed = earlier - _component_folders(json.load(handle))
-        stale += [path for path in remote if path.split("/", 1)[0] in removed and "/" in path]
+    for index in [path for path in uploads if path.rpartition("/")[2] == "model_index.json" and path in remote]:
+        pipeline = index[: -len("model_index.json")]
+        with open(hf_hub_download(repo_id, f"{prefix}{index}", token=api.token), encoding="utf-8") as handle:
+            earlier = _component_folders(handle)
+        with open(os.path.join(folder, *index.split("/")), encoding="utf-8") as handle:
+            now = _component_folders(handle)
+        if earlier is not None and now is not None:
+            removed = tuple(f"{pipeline}{name}/" for name in earlier - now)
+            stale += [path for path in remote if removed and path.startswith(removed)]
     return sorted(f"{prefix}{path}" for path in set(stale))
 
 
-def _component_folders(index: Dict[str, Any]) -> set:
-    """The component folders that a model_index.json names (an absent optional component is `[null, null]`)."""
+def _component_folders(handle: Any) -> Optional[set]:
+    """The component folders that the model_index.json open as `handle` names (an absent optional component is
+    `[null, null]`); None where it is not an index (not JSON, or not an object)."""
+    try:
+        index = json.load(handle)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(index, dict):
+        return None
     return {
         name
         for name, entry in index.items()
