@@ -73,10 +73,19 @@ DEFAULT_MAX_QUEUE = 20
 # Network-grid pixels per evaluation (memory budget), as `sr3 upscale --max-tile-pixels` defaults to.
 MAX_TILE_PIXELS = DEFAULT_MAX_TILE_PIXELS
 MAX_PROCESS_FRAMES = 12
+# The refinement strip's frames are shown at most this tall: at full size 12 snapshots of a 1024x1024 result make a
+# 13312x1024 PNG of up to 30 MB, shown about 60 pixels a frame across a page: too heavy for a phone or a slow link.
+PROCESS_FRAME_HEIGHT = 256
 # Uploads are refused by the server above this size, before any decoding.
 MAX_UPLOAD_SIZE = "25mb"
 MAX_SEED = 2**32 - 1
 EXAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "examples"
+# What each example photo shows, read out in place of its thumbnail (gradio names thumbnails for nobody).
+EXAMPLE_SUBJECTS = {
+    "astronaut_64.png": "an astronaut's portrait",
+    "chelsea_96x64.png": "a cat",
+    "coffee_96x64.png": "a cup of coffee",
+}
 
 
 def resolve_model(model: Optional[str] = None) -> str:
@@ -91,6 +100,14 @@ def resolve_model(model: Optional[str] = None) -> str:
 def example_images() -> List[str]:
     """The example photos next to this file (small low-resolution crops of public-domain/CC0 photographs)."""
     return sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
+
+
+def example_label(path: str) -> str:
+    """The examples gallery's text for the photo at `path`: what it shows and its size in pixels."""
+    name = os.path.basename(path)
+    with PIL.Image.open(path) as image:
+        width, height = image.size
+    return f"{EXAMPLE_SUBJECTS.get(name, pathlib.Path(name).stem)}, {width}x{height}"
 
 
 def load_pipeline(model: str, device: Optional[Union[str, torch.device]] = None) -> SR3Pipeline:
@@ -160,7 +177,19 @@ def read_upload(path: str, name: str, max_pixels: int) -> PIL.Image.Image:
     for record in recorder.records:
         if record.thread == threading.get_ident():  # not another visitor's upload, read at the same time
             gr.Warning(record.getMessage())
+    frames = frame_count(path)
+    if frames > 1:  # `sr3 upscale` says so too: the result would otherwise pass for the whole animation's
+        gr.Warning(f"{name} has {frames} frames (an animation or a multi-page file): only the first is upscaled")
     return image
+
+
+def frame_count(path: str) -> int:
+    """How many frames (animation, pages) the image file at `path` holds; 1 where they cannot be counted."""
+    try:
+        with PIL.Image.open(path) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception:  # counting seeks through every frame; the first one, already read, is what the demo uses
+        return 1
 
 
 def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
@@ -171,6 +200,14 @@ def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
     sampler = type(pipeline).from_pipe(pipeline, scheduler=swap_scheduler(pipeline.scheduler, scheduler))
     sampler.set_progress_bar_config(disable=True)
     return sampler
+
+
+def preview_frame(frame: PIL.Image.Image) -> PIL.Image.Image:
+    """`frame` scaled down (antialiased) to at most `PROCESS_FRAME_HEIGHT` pixels tall, its aspect ratio kept."""
+    if frame.height <= PROCESS_FRAME_HEIGHT:
+        return frame
+    width = max(1, round(frame.width * PROCESS_FRAME_HEIGHT / frame.height))
+    return frame.resize((width, PROCESS_FRAME_HEIGHT), PIL.Image.BICUBIC)
 
 
 @dataclasses.dataclass
@@ -184,6 +221,7 @@ class Result:
     tiles: int
     tile: Tuple[int, int]  # (width, height): square tiles, clipped to the (padded) image
     seconds: float
+    process_snapshots: int = 0  # the refinement's snapshots in `process`, after the upsampled input
 
 
 def super_resolve(
@@ -210,7 +248,8 @@ def super_resolve(
         steps: refinement steps.
         scheduler: a `diffusers_sr3.noise.SCHEDULERS` name.
         seed: seed of the sampling noise.
-        process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none).
+        process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none), each
+            scaled down to at most `PROCESS_FRAME_HEIGHT` pixels tall.
         progress: called with `(done, total)` after every network evaluation, counted in (tile, step) crops: the
             refinement steps of an untiled image.
         mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the
@@ -284,7 +323,7 @@ def super_resolve(
     if process_frames:
         condition = tensor_to_pil(sampler.prepare_condition(image))
         frames = condition + [tensor_to_pil(frame * 2 - 1)[0] for frame in output.intermediates]
-        process = process_strip(frames, alpha)
+        process = process_strip([preview_frame(frame) for frame in frames], alpha)
     # A black-and-white photo stays black and white, as `sr3 upscale` writes it: the network's answer can be tinted.
     sr3_image = tensor_to_pil(sr3)[0]
     return Result(
@@ -295,6 +334,18 @@ def super_resolve(
         tiles=tiles,
         tile=tile,
         seconds=seconds,
+        process_snapshots=len(output.intermediates) if process_frames else 0,
+    )
+
+
+def process_description(result: Result) -> str:
+    """The refinement strip's alt text: what its frames are, left to right (empty without a strip)."""
+    if result.process is None:
+        return ""
+    snapshots = result.process_snapshots
+    return (
+        f"refinement process, left to right: the bicubic-upsampled input, then {snapshots} snapshot"
+        f"{'s' if snapshots != 1 else ''} of SR3's refinement, from its noisy start to the result (the last)"
     )
 
 
@@ -510,7 +561,11 @@ def build_demo(
             + " · "
             f"{sum(outcome.seconds for outcome in results.values()):.1f} s"
         )
-        process = gr.Image(value=result.process, visible=result.process is not None)
+        process = gr.Image(
+            value=result.process,
+            visible=result.process is not None,
+            alt_text=process_description(result),
+        )
         return gallery, (bicubic, sr3["detail"]), process, info
 
     # A public Space runs for days: drop uploads and results an hour old, every hour.
@@ -530,8 +585,22 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(
-                    label="low-resolution photo", type="filepath", sources=["upload", "clipboard"], height=280
+                    label="low-resolution photo",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=280,
+                    alt_text="the photo to super-resolve",
                 )
+                # Under the upload, not under the button: on a phone the columns stack, and the results should follow
+                # the button closely (gradio's scroll_to_output is switched off on Spaces, and did not scroll here).
+                if examples:
+                    gr.Examples(
+                        [[path] for path in examples],
+                        inputs=[image],
+                        cache_examples=False,
+                        label="example photos",
+                        example_labels=[example_label(path) for path in examples],
+                    )
                 scale = gr.Radio(list(scales), value=next(iter(scales)), label="scale")
                 steps = gr.Slider(1, max_steps, value=min(default_steps, max_steps), step=1, label="steps")
                 scheduler = gr.Dropdown(DEMO_SCHEDULERS, value=default_scheduler, label="sampler")
@@ -554,8 +623,6 @@ def build_demo(
                     visible=clean_image_model,
                 )
                 button = gr.Button("Super-resolve", variant="primary", elem_id="run")
-                if examples:
-                    gr.Examples([[path] for path in examples], inputs=[image], cache_examples=False)
             with gr.Column(scale=2):
                 info = gr.Markdown(elem_id="info")
                 gallery = gr.Gallery(
@@ -567,7 +634,9 @@ def build_demo(
                     object_fit="contain",
                     elem_id="gallery",
                 )
-                slider = gr.ImageSlider(label="bicubic ↔ SR3", format="png", elem_id="slider")
+                # Gradio gives the slider's two pictures no alt text: its label says what they are.
+                compared = "SR3 detail" if len(modes) > 1 else "SR3"
+                slider = gr.ImageSlider(label=f"bicubic ↔ {compared} (drag to compare)", format="png", elem_id="slider")
                 process = gr.Image(label="refinement process", format="png", visible=False, elem_id="process")
         button.click(
             run,

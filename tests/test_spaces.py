@@ -628,3 +628,59 @@ def test_the_memory_check_counts_only_the_process_frames_the_refinement_stores(m
     app.check_memory(pipeline, "a.png", (16, 16), 10, 4, strength=0.5)  # 2 of the 4 steps run
     with pytest.raises(gradio.Error, match=r"a\.png: a 64x64 output needs at least 0\.0 GB of memory"):
         app.check_memory(pipeline, "a.png", (16, 16), 10, 4)  # 4 frames: 688,128 bytes
+
+
+def test_the_refinement_strip_is_a_preview_sized_for_a_page(monkeypatch):
+    """At full size, 12 snapshots of a 1024x1024 result made a 13312x1024 PNG of about 30 MB, shown about 60 pixels
+    a frame: too heavy for a phone or a slow link. The strip's frames are scaled down; the results keep their size."""
+    app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    image = PIL.Image.open(PHOTO).convert("RGB").resize((72, 72), PIL.Image.BICUBIC)
+    result = app.super_resolve(tiny_clean_image_pipeline(), image, 4, 1, "ddim", seed=0, process_frames=1)
+    assert result.sr3.size == result.bicubic.size == (288, 288)
+    assert app.PROCESS_FRAME_HEIGHT == 256 and result.process.size == (2 * 256, 256)
+    # The last frame is the result, scaled down.
+    shrunk = np.asarray(result.sr3.resize((256, 256), PIL.Image.BICUBIC), dtype=np.int16)
+    assert np.abs(np.asarray(result.process, dtype=np.int16)[:, 256:] - shrunk).mean() < 1
+    # Taller frames keep their aspect ratio; frames small enough already are left as they are.
+    assert app.preview_frame(result.sr3.resize((600, 400))).size == (384, 256)
+    assert app.preview_frame(result.sr3.resize((100, 400))).size == (64, 256)
+    assert app.preview_frame(result.sr3.resize((300, 200))).size == (300, 200)
+
+
+def test_every_picture_and_example_is_named_for_screen_readers(monkeypatch):
+    """The examples were buttons without a name (a screen reader said "button" three times) and the uploaded photo
+    and the refinement strip had no alt text (gradio marks such pictures decorative)."""
+    app = load_app()
+    monkeypatch.setattr(backends, "fast_bfloat16", lambda device: False)
+    demo = app.build_demo(tiny_clean_image_pipeline(), examples=app.example_images())
+    pictures = [
+        block for block in demo.blocks.values() if isinstance(block, (gradio.Image, gradio.Gallery, gradio.ImageSlider))
+    ]
+    assert len(pictures) == 4 and all(block.label and block.show_label is not False for block in pictures)
+    upload = next(block for block in pictures if block.label == "low-resolution photo")
+    assert upload.alt_text == "the photo to super-resolve"
+    examples = next(block for block in demo.blocks.values() if isinstance(block, gradio.Dataset))
+    assert examples.label == "example photos"
+    assert examples.sample_labels == ["an astronaut's portrait, 64x64", "a cat, 96x64", "a cup of coffee, 96x64"]
+    run = next(function for function in demo.fns.values() if function.api_name == "super_resolve")
+    _, _, process, _ = run.fn({"path": str(PHOTO), "orig_name": "face.png"}, "x4", 2, "ddim", 0, 1, 1.0, False)
+    assert process.alt_text == (
+        "refinement process, left to right: the bicubic-upsampled input, then 1 snapshot of SR3's refinement, "
+        "from its noisy start to the result (the last)"
+    )
+    _, _, process, _ = run.fn({"path": str(PHOTO), "orig_name": "face.png"}, "x4", 2, "ddim", 0, 0, 1.0, False)
+    assert process.visible is False and not process.alt_text
+
+
+def test_an_animation_is_upscaled_from_its_first_frame_and_says_so(tmp_path, monkeypatch):
+    """`sr3 upscale` notes that only an animation's first frame is upscaled; the Space said nothing."""
+    app = load_app()
+    shown = []
+    monkeypatch.setattr(gradio, "Warning", shown.append)
+    first = PIL.Image.open(PHOTO).convert("RGB")
+    first.save(tmp_path / "clip.gif", save_all=True, append_images=[first.rotate(90), first.rotate(180)])
+    assert app.read_upload(str(tmp_path / "clip.gif"), "clip.gif", 1000).size == (16, 16)
+    assert shown == ["clip.gif has 3 frames (an animation or a multi-page file): only the first is upscaled"]
+    app.read_upload(str(PHOTO), "face.png", 1000)
+    assert len(shown) == 1

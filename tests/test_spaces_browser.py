@@ -17,7 +17,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_spaces import PHOTO, serving
+from test_spaces import PHOTO, load_app, serving
 
 INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
 STEPS = 3
@@ -92,7 +92,8 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    with serving(tmp_path_factory.mktemp("space"), default_steps=STEPS) as (app, pipeline, _, url):
+    examples = load_app().example_images()
+    with serving(tmp_path_factory.mktemp("space"), default_steps=STEPS, examples=examples) as (app, pipeline, _, url):
         yield app, pipeline, url
 
 
@@ -155,3 +156,29 @@ def test_a_file_that_is_no_image_gets_a_clear_message(browser, page, tmp_path):
     message = "notes.png is not an image this demo can read"
     wait.until(lambda b: message in b.find_element(By.TAG_NAME, "body").text)
     assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")
+
+
+def test_on_a_phone_the_page_fits_and_the_results_follow_the_button(browser, page):
+    """At a phone's width the columns stack: the examples sat between the button and the results, pushing the results
+    further out of sight of the button. The page must not scroll sideways either, and the pictures carry alt text."""
+    _, _, url = page
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": True}
+    )
+    try:
+        wait = open_and_upload(browser, url, PHOTO)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery img[alt^='SR3']"))
+        page_width, viewport_width = browser.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+        )
+        assert viewport_width == 375 and page_width <= viewport_width
+        button, gallery = browser.find_element(By.ID, "run").rect, browser.find_element(By.ID, "gallery").rect
+        assert gallery["x"] < button["x"] + button["width"] and gallery["y"] > button["y"]  # stacked: a phone layout
+        # Only the run's one-line summary between them (79 px here; 201 with the examples in between).
+        assert gallery["y"] - (button["y"] + button["height"]) < 120
+        uploaded = browser.find_elements(By.CSS_SELECTOR, "img[alt='the photo to super-resolve']")
+        assert uploaded and uploaded[0].is_displayed()
+        examples = [element.accessible_name for element in browser.find_elements(By.CSS_SELECTOR, "button")]
+        assert "a cat, 96x64" in examples
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
