@@ -1,6 +1,7 @@
 """One writer per output folder: a training run, `sr3 demo` or `sr3 prepare` into a folder another live run holds is
 refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -627,3 +628,111 @@ def test_two_writers_taking_over_one_lock_file_of_another_user_do_not_both_hold_
         f"{out} is being written by another sr3 prepare (pid {pids[0]}); wait for it or choose another --out"
     )
     assert lock.read_text(encoding="utf-8") == f"{pids[0]}\nsr3 prepare\n"
+
+
+def prepared_below(tmp_path, capsys, name="datasets"):
+    """`sr3 prepare` of 2 images into `<name>/out` (sizes 8,16) beside a plain photo folder `<name>/photos`."""
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / name / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    make_image_folder(str(tmp_path / name / "photos"), count=2, size=(16, 16), bad=False)
+    capsys.readouterr()
+    return source, out
+
+
+def refused_upscale(inputs, output, capsys):
+    from diffusers_sr3.cli import main
+
+    assert main(["upscale", *map(str, inputs), "--output", str(output)]) == 2
+    return capsys.readouterr().err
+
+
+def test_an_upscale_or_eval_of_a_folder_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
+    """`sr3 upscale datasets/` (or a glob below it) while `sr3 prepare --out datasets/out` ran read the half-written
+    dataset: only the folder given and its parent were held. The listing holds each dataset it meets."""
+    from diffusers_sr3.cli import main
+
+    _, out = prepared_below(tmp_path, capsys)
+    pid = held(out, "--out", "sr3 prepare")
+    busy = (
+        f"folder {out} is still being written by sr3 prepare (pid {pid}): upscaling it now would read a half-written "
+        "dataset; wait for the prepare to finish\n"
+    )
+    datasets = tmp_path / "datasets"
+    for inputs in ([datasets], [datasets / "**" / "*.png"], [datasets / "*" / "lr_8" / "*.png"]):
+        assert refused_upscale(inputs, tmp_path / "sr", capsys) == f"sr3 upscale: error: {busy}"
+    assert not (tmp_path / "sr").exists()
+    assert main(["eval", "--hr", str(datasets), "--sr", str(tmp_path / "images")]) == 2
+    assert capsys.readouterr().err == "sr3 eval: error: " + busy.replace("upscaling it", "evaluating it")
+
+
+def test_a_dataset_below_a_folder_read_is_held_until_the_read_ends_and_other_folders_stay_unlocked(
+    tmp_path, held, monkeypatch, capsys
+):
+    """A prepare into a dataset below the folder an upscale reads is refused while it reads; the plain folders beside
+    it, and a training run's own folder (which it may be writing), get no lock and are not refused."""
+    import diffusers_sr3.commands.upscale as upscale_command
+
+    source, out = prepared_below(tmp_path, capsys)
+    run = tmp_path / "datasets" / "run"
+    held(run)  # a training run writing its folder below the input: read unlocked, as a folder given
+    real_plan_writes, statuses = upscale_command._plan_writes, []
+
+    def plan_preparing(inputs, output):
+        real_plan_writes(inputs, output)
+        statuses.append(prepare(source, out, "--sizes", "8,16", "--overwrite"))
+        raise ValueError("stopped before the model")
+
+    monkeypatch.setattr(upscale_command, "_plan_writes", plan_preparing)
+    assert refused_upscale([tmp_path / "datasets"], tmp_path / "sr", capsys) == (
+        f"sr3 prepare: error: {out} is being read as training or evaluation data (pid {os.getpid()}); wait for that "
+        "to end or choose another --out\nsr3 upscale: error: stopped before the model\n"
+    )
+    assert statuses == [2]
+    assert LOCK_FILE not in os.listdir(tmp_path / "datasets" / "photos")
+    assert LOCK_FILE not in os.listdir(tmp_path / "datasets")
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 0  # released with the upscale
+
+
+def test_a_dataset_whose_prepare_stopped_below_a_folder_read_is_refused(tmp_path, capsys):
+    from diffusers_sr3.commands.prepare import STATE_FILE
+
+    _, out = prepared_below(tmp_path, capsys)
+    record = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    (out / STATE_FILE).write_text(json.dumps({**record, "complete": False}), encoding="utf-8")
+    error = refused_upscale([tmp_path / "datasets"], tmp_path / "sr", capsys)
+    assert error.startswith(f"sr3 upscale: error: folder {out} holds a dataset that sr3 prepare did not finish (")
+
+
+def test_a_dataset_read_through_a_link_is_held_as_the_prepare_into_it_holds_it(tmp_path, held, monkeypatch, capsys):
+    """A link to `OUT/lr_8` (or to one of its files, or a folder of such links) was read while `sr3 prepare` wrote OUT:
+    the parent held was the link's. The reader resolves links and locks OUT's lock file, the one the prepare takes."""
+    _, out = prepared_below(tmp_path, capsys)
+    links = tmp_path / "links"
+    os.makedirs(links / "files")
+    os.symlink(out / "lr_8", links / "lr_8")
+    os.symlink(out / "hr_16", links / "hr_16")
+    first = sorted(os.listdir(out / "lr_8"))[0]
+    os.symlink(out / "lr_8" / first, links / "files" / first)
+    pid = held(out, "--out", "sr3 prepare")
+    busy = f"is still being written by sr3 prepare (pid {pid}): upscaling it now would read a half-written dataset"
+    for inputs in ([links / "lr_8"], [links / "files"], [links / "files" / first], [links / "files" / "*.png"]):
+        error = refused_upscale(inputs, tmp_path / "sr", capsys)
+        assert error.startswith("sr3 upscale: error: ") and f"{out} {busy}" in error, inputs
+    config = TrainingConfig(**fast_options(tmp_path / "train", train_data_dir=str(links / "hr_16"), resolution=16))
+    with pytest.raises(OutputFolderBusyError, match=rf"--train_data_dir {out} is still being written .*\(pid {pid}\)"):
+        train(config)
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_training_run_on_a_folder_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
+    _, out = prepared_below(tmp_path, capsys)
+    pid = held(out, "--out", "sr3 prepare")
+    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(tmp_path / "datasets"), resolution=16))
+    with pytest.raises(OutputFolderBusyError) as refused:
+        train(config)
+    assert str(refused.value) == (
+        f"folder {out} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+        "half-written dataset; wait for the prepare to finish"
+    )
+    assert not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ import os
 import re
 import shlex
 import stat
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..file_writes import NO_LOCKING
 
@@ -296,22 +296,55 @@ def hold_for_reading(folder: str, option: str, use: str = "training on it") -> I
 def reading_folders(named: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """The folders to hold (`hold_for_reading`) for reading the given `(folder, option)` pairs: each folder and its
     parent, once each (by real path), as a prepared dataset's lock and record lie in OUT, above the folders a reader
-    may be given (`OUT/hr_256`, `OUT/lr_16`, `OUT/data` of its parquet files)."""
+    may be given (`OUT/hr_256`, `OUT/lr_16`, `OUT/data` of its parquet files). A folder given through a link has two
+    parents, the link's and its target's (`OUT/hr_256` may link to another dataset's): both are held, so that the
+    lock taken is the one a prepare into either takes."""
     folders = {}
     for folder, option in named:
         if os.path.isdir(folder):
-            for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+            real = os.path.realpath(folder)
+            for candidate in (folder, os.path.dirname(os.path.abspath(folder)), os.path.dirname(real)):
                 folders.setdefault(os.path.realpath(candidate), (candidate, option))
     return list(folders.values())
 
 
+def _names_a_dataset(folder: str, names: Optional[Sequence[str]]) -> bool:
+    """Whether `folder`, whose file names are `names` (None: unknown, looked up), holds a prepare's lock file or
+    record: a dataset being written, or one written."""
+    if names is not None:
+        return LOCK_FILE in names or PREPARE_STATE_FILE in names
+    return any(os.path.lexists(os.path.join(folder, name)) for name in (LOCK_FILE, PREPARE_STATE_FILE))
+
+
 @contextlib.contextmanager
 def hold_folders_for_reading(named: Iterable[Tuple[str, str]], use: str) -> Iterator[None]:
-    """`hold_for_reading` for each of `reading_folders(named)` while the block runs."""
-    with contextlib.ExitStack() as held:
+    """`hold_for_reading` for each of `reading_folders(named)` while the block runs, and for each prepared dataset
+    that the block's listings of images (`image_io.walk_images`, `find_image_sources`: folder walks, globs) meet: one
+    below a folder given (`sr3 upscale datasets/`), or reached through a link. They are held as the listing reaches
+    them, before it lists what lies below (a dataset the listing meets last is refused before any image is read), by
+    their real path, and named "folder" in the messages."""
+    from ..image_io import DATASET_HOLD
+
+    held = set()
+    with contextlib.ExitStack() as holds:
+
+        def hold(folder: str, option: str, names: Optional[Sequence[str]] = None, every: bool = True) -> bool:
+            if not (every or _names_a_dataset(folder, names)):
+                return False
+            real = os.path.realpath(folder)
+            if real in held:
+                return False
+            held.add(real)
+            holds.enter_context(hold_for_reading(folder if every else real, option, use))
+            return True
+
         for folder, option in reading_folders(named):
-            held.enter_context(hold_for_reading(folder, option, use))
-        yield
+            hold(folder, option)
+        token = DATASET_HOLD.set(lambda folder, names: hold(folder, "folder", names, every=False))
+        try:
+            yield
+        finally:
+            DATASET_HOLD.reset(token)
 
 
 def _unfinished_prepare(folder: str, option: str, use: str) -> Optional[str]:
