@@ -725,14 +725,25 @@ def test_a_dataset_read_through_a_link_is_held_as_the_prepare_into_it_holds_it(t
     assert not (tmp_path / "train").exists()
 
 
-def test_a_training_run_on_a_folder_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
-    _, out = prepared_below(tmp_path, capsys)
-    pid = held(out, "--out", "sr3 prepare")
-    config = TrainingConfig(**fast_options(tmp_path / "run", train_data_dir=str(tmp_path / "datasets"), resolution=16))
-    with pytest.raises(OutputFolderBusyError) as refused:
-        train(config)
-    assert str(refused.value) == (
-        f"folder {out} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
-        "half-written dataset; wait for the prepare to finish"
-    )
-    assert not (tmp_path / "run").exists()
+def test_a_training_run_on_a_folder_or_pattern_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
+    """`--train_data_dir datasets/`, `--dataset_name datasets/` and `--train_data_files "datasets/*/data/*.parquet"`
+    read a dataset below them that `sr3 prepare` was writing (the last two are listed by `datasets`, not the run)."""
+    source, out = prepared_below(tmp_path, capsys)
+    parquet = tmp_path / "datasets" / "parquet"
+    assert prepare(source, parquet, "--sizes", "8,16", "--format", "parquet") == 0
+    capsys.readouterr()
+    datasets = str(tmp_path / "datasets")
+    pids = {dataset: held(dataset, "--out", "sr3 prepare") for dataset in (out, parquet)}
+    for dataset, options in (
+        (out, {"train_data_dir": datasets}),
+        (out, {"dataset_name": datasets}),
+        (parquet, {"train_data_files": [str(tmp_path / "datasets" / "*" / "data" / "*.parquet")]}),
+    ):
+        pid = pids[dataset]
+        with pytest.raises(OutputFolderBusyError) as refused:
+            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
+        assert str(refused.value) == (
+            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+            "half-written dataset; wait for the prepare to finish"
+        ), options
+        assert not (tmp_path / "run").exists()

@@ -175,9 +175,9 @@ def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
         if hold is not None and hold(root, files):
             # Listed before its lock: a prepare that ended meanwhile may have written more.
             folders, files, links = _listing(root)
-        pending.extend(
-            os.path.join(root, name) for name in folders if not name.startswith(".") and name not in FILESYSTEM_FOLDERS
-        )
+        # Walked in sorted order, as `os.walk` with sorted folders: the first folder that fails is always the same.
+        below = sorted(name for name in folders if not name.startswith(".") and name not in FILESYSTEM_FOLDERS)
+        pending.extend(os.path.join(root, name) for name in reversed(below))
         found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
         linked.extend(os.path.join(root, name) for name in links if is_image_file(name) and not name.startswith("."))
     _hold_datasets_of([os.path.realpath(path) for path in linked])
@@ -288,6 +288,26 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
     if not found:
         raise FileNotFoundError(f"no images found in {' '.join(map(os.fspath, inputs))}")
     return sorted(found.values())
+
+
+def hold_datasets_in(inputs: Sequence[Union[str, os.PathLike]]) -> None:
+    """Hold the prepared datasets under `inputs` (folders, files, glob patterns) that another library will list and
+    read, as `datasets.load_dataset` does a training run's `--dataset_name` folder or `--train_data_files`: listed
+    here only to find them, while [`DATASET_HOLD`] is set (nothing is listed otherwise).
+
+    Raises:
+        OSError: as [`find_image_sources`], naming a folder that cannot be listed.
+        OutputFolderBusyError, ValueError: a dataset among them is being written, or unfinished.
+    """
+    if DATASET_HOLD.get() is None:
+        return
+    for item in map(os.fspath, inputs):
+        if os.path.isdir(item):
+            walk_images(item)
+            continue
+        if not os.path.isfile(item):
+            _check_glob_folders_open(item)
+        _hold_datasets_of([os.path.realpath(path) for path in glob.glob(item, recursive=True)])
 
 
 def input_folders(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
