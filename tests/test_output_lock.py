@@ -747,3 +747,64 @@ def test_a_training_run_on_a_folder_or_pattern_holding_a_dataset_being_prepared_
             "half-written dataset; wait for the prepare to finish"
         ), options
         assert not (tmp_path / "run").exists()
+
+
+# A writer caught between locking the lock file and recording itself in it: one taking over another user's file
+# (which it cannot write) removes it and locks its own; any other writes its record into the file it holds.
+UNRECORDED_WRITER = (
+    "import fcntl, os, sys\n"
+    "path, take_over = sys.argv[1], sys.argv[2] == 'take over'\n"
+    "old = os.open(path, os.O_RDONLY if take_over else os.O_RDWR)\n"
+    "fcntl.flock(old, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True); sys.stdin.readline()\n"
+    "if take_over:\n"
+    "    os.remove(path)\n"
+    "new = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if take_over else old\n"
+    "fcntl.flock(new, fcntl.LOCK_EX); os.ftruncate(new, 0)\n"
+    "os.pwrite(new, f'{os.getpid()}\\nsr3 prepare\\n'.encode('ascii'), 0)\n"
+    "print('recorded', flush=True); sys.stdin.read()\n"
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="the holder is told from Linux's /proc/locks")
+@pytest.mark.parametrize("previous, how", [("4242\ntraining run\n", "take over"), ("", "write")])
+def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
+    tmp_path, monkeypatch, capsys, previous, how
+):
+    """A reader refused the lock read the holder from the file: in the moment a prepare had locked it but not yet
+    written its record (or held another user's file to take it over, which it never writes), the record was the
+    previous holder's (a training run, or an empty file a reader made), and the reader read the dataset unlocked
+    while the prepare wrote it. A record that is not the holder's (/proc/locks) is read again once it is."""
+    import time
+
+    _, out = prepared_below(tmp_path, capsys)
+    (out / LOCK_FILE).write_text(previous, encoding="utf-8")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", UNRECORDED_WRITER, str(out / LOCK_FILE), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline() == "locked\n"
+    waits = []
+
+    def writer_goes_on(seconds):  # the reader waits: the writer records itself (or takes the file) meanwhile
+        if not waits:
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline() == "recorded\n"
+        waits.append(seconds)
+
+    monkeypatch.setattr(time, "sleep", writer_goes_on)
+    try:
+        with pytest.raises(OutputFolderBusyError) as refused:
+            with hold_for_reading(str(out), "--train_data_dir"):
+                pytest.fail("read a dataset a prepare holds")
+        assert str(refused.value).startswith(
+            f"--train_data_dir {out} is still being written by sr3 prepare (pid {writer.pid})"
+        )
+        assert len(waits) == 1
+    finally:
+        monkeypatch.undo()
+        writer.stdin.close()
+        writer.wait(timeout=30)
