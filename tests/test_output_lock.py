@@ -716,7 +716,13 @@ def test_a_dataset_read_through_a_link_is_held_as_the_prepare_into_it_holds_it(t
     os.symlink(out / "lr_8" / first, links / "files" / first)
     pid = held(out, "--out", "sr3 prepare")
     busy = f"is still being written by sr3 prepare (pid {pid}): upscaling it now would read a half-written dataset"
-    for inputs in ([links / "lr_8"], [links / "files"], [links / "files" / first], [links / "files" / "*.png"]):
+    for inputs in (
+        [links / "lr_8"],
+        [links / "files"],
+        [links / "files" / first],
+        [links / "files" / "*.png"],
+        [out / "lr_8" / first],  # a file of the dataset given directly is held as a link to it is
+    ):
         error = refused_upscale(inputs, tmp_path / "sr", capsys)
         assert error.startswith("sr3 upscale: error: ") and f"{out} {busy}" in error, inputs
     config = TrainingConfig(**fast_options(tmp_path / "train", train_data_dir=str(links / "hr_16"), resolution=16))
