@@ -759,13 +759,15 @@ def test_a_training_run_on_a_folder_or_pattern_holding_a_dataset_being_prepared_
 # (which it cannot write) removes it and locks its own; any other writes its record into the file it holds.
 UNRECORDED_WRITER = (
     "import fcntl, os, sys\n"
-    "path, take_over = sys.argv[1], sys.argv[2] == 'take over'\n"
-    "old = os.open(path, os.O_RDONLY if take_over else os.O_RDWR)\n"
+    "path, how = sys.argv[1:]\n"
+    "old = os.open(path, os.O_RDWR if how == 'write' else os.O_RDONLY)\n"
     "fcntl.flock(old, fcntl.LOCK_EX)\n"
-    "print('locked', flush=True); sys.stdin.readline()\n"
-    "if take_over:\n"
+    "if how == 'removed':\n"
     "    os.remove(path)\n"
-    "new = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if take_over else old\n"
+    "print('locked', flush=True); sys.stdin.readline()\n"
+    "if how == 'take over':\n"
+    "    os.remove(path)\n"
+    "new = old if how == 'write' else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)\n"
     "fcntl.flock(new, fcntl.LOCK_EX); os.ftruncate(new, 0)\n"
     "os.pwrite(new, f'{os.getpid()}\\nsr3 prepare\\n'.encode('ascii'), 0)\n"
     "print('recorded', flush=True); sys.stdin.read()\n"
@@ -773,14 +775,18 @@ UNRECORDED_WRITER = (
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="the holder is told from Linux's /proc/locks")
-@pytest.mark.parametrize("previous, how", [("4242\ntraining run\n", "take over"), ("", "write")])
+@pytest.mark.parametrize(
+    "previous, how", [("4242\ntraining run\n", "take over"), ("", "write"), ("4242\ntraining run\n", "removed")]
+)
 def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
     tmp_path, monkeypatch, capsys, previous, how
 ):
     """A reader refused the lock read the holder from the file: in the moment a prepare had locked it but not yet
     written its record (or held another user's file to take it over, which it never writes), the record was the
     previous holder's (a training run, or an empty file a reader made), and the reader read the dataset unlocked
-    while the prepare wrote it. A record that is not the holder's (/proc/locks) is read again once it is."""
+    while the prepare wrote it; and in the moment the taking writer had removed the old file and not made its own,
+    a reader of another user found no lock file. A record that is not the holder's (/proc/locks) is read again once
+    it is, and a missing lock file of a prepare's dataset is looked for again."""
     import time
 
     _, out = prepared_below(tmp_path, capsys)
@@ -802,6 +808,8 @@ def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
         waits.append(seconds)
 
     monkeypatch.setattr(time, "sleep", writer_goes_on)
+    owner = os.stat(out).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # another user's reader: it creates no lock file there
     try:
         with pytest.raises(OutputFolderBusyError) as refused:
             with hold_for_reading(str(out), "--train_data_dir"):

@@ -25,7 +25,9 @@ not the holder's: between a writer's lock and its writing its own record, and wh
 user's file holds it (it cannot write it, and removes it). The record is then the previous holder's (a training run's,
 or none in an empty file a reader made): read as such, a prepare in that moment would let the reader in, unlocked,
 while it writes. So the reader checks the record against the holder that /proc/locks names, and while they differ it
-looks again, at the file then at the name, for up to `_UNRECORDED_WAIT_S`. Where /proc/locks names no holder of the
+looks again, at the file then at the name, for up to `_UNRECORDED_WAIT_S`; so does a reader that finds no lock file
+in a dataset `sr3 prepare` made (which keeps one), as in the moment between a taking writer's removing the old file
+and its creating its own. Where /proc/locks names no holder of the
 file (another system, a filesystem whose numbers it gives otherwise) the record is taken as it is, as before; where
 it names holders in another pid namespace the reader waits that long, then reads as beside another kind of writer.
 """
@@ -416,6 +418,10 @@ def _prepare_command(folder: str, settings: dict) -> str:
     return f" ({shlex.join(words)})"
 
 
+def _prepare_record_in(folder: str) -> bool:
+    return os.path.lexists(os.path.join(folder, PREPARE_STATE_FILE))
+
+
 def _owns(folder: str) -> bool:
     """Whether `folder` belongs to this process's user: a lock file it creates there is not another user's."""
     try:
@@ -434,7 +440,12 @@ def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
     while True:
         try:
             descriptor = os.open(path, flags | (os.O_CREAT if keep and _owns(folder) else 0), 0o644)
-        except OSError:
+        except OSError as error:
+            # A prepare's dataset keeps its lock file: where it is missing, a writer taking over another user's file
+            # may have removed it and not yet made its own (see `_UNRECORDED_WAIT_S`).
+            if error.errno == errno.ENOENT and time.monotonic() < unrecorded_until and _prepare_record_in(folder):
+                time.sleep(_UNRECORDED_POLL_S)
+                continue
             # No lock file that no writer has made (a folder only read), a link or one that cannot be created: the
             # claims refuse such files themselves.
             return None
