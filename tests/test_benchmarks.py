@@ -1239,3 +1239,12 @@ def test_photo_tiles_names_the_photo_sources_it_skipped(tmp_path, monkeypatch, c
     assert "skipped photo source 'wallpapers': not installed (provided by the Debian package walls)" in error
     summary = json.loads((tmp_path / "tiles.json").read_text(encoding="utf-8"))
     assert len(summary["missing_photo_sources"]) == 3 and summary["tiles"] > 0
+
+
+def test_input_listing_benchmark_times_both_listings(tmp_path, capsys):
+    results = load("input_listing").main(["--files", "30", "--folders", "3", "--runs", "1", "--dir", str(tmp_path)])
+    assert set(results) == {"find_image_sources", "find_image_sources under hold_folders_for_reading"}
+    assert all(set(times) == {"wall_median_s", "cpu_min_s"} for times in results.values())
+    assert all(times["wall_median_s"] > 0 for times in results.values())
+    assert "30 files in 3 folder(s)" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # the tree is removed

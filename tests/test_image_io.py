@@ -397,6 +397,50 @@ def test_a_folder_a_glob_lists_but_cannot_look_into_is_named_not_skipped(tmp_pat
             find_image_sources([pattern])
 
 
+def test_a_walk_lists_a_folder_it_holds_again_and_skips_linked_folders(tmp_path):
+    """A folder whose lock the walk takes (`DATASET_HOLD`, a prepared dataset) was listed before the lock: a prepare
+    that ended meanwhile may have written more, which the walk lists from the folder listed anew. A linked folder is
+    not walked into (as `os.walk`), a linked image file is listed."""
+    from diffusers_sr3.image_io import DATASET_HOLD
+
+    dataset = tmp_path / "datasets" / "out"
+    (dataset / "hr_16").mkdir(parents=True)
+    (dataset / "hr_16" / "0.png").write_bytes(b"")
+    (dataset / ".sr3_prepare.json").write_text("{}", encoding="utf-8")
+    os.symlink(dataset / "hr_16", tmp_path / "datasets" / "linked_folder")
+    os.symlink(dataset / "hr_16" / "0.png", tmp_path / "datasets" / "linked.png")
+    offered = []
+
+    def hold(folder, names):
+        offered.append((os.path.relpath(folder, tmp_path), names is not None))
+        if names is not None and ".sr3_prepare.json" in names:
+            (dataset / "hr_32").mkdir()  # written between the folder's listing and its lock
+            (dataset / "hr_32" / "0.png").write_bytes(b"")
+            return True
+        return False
+
+    token = DATASET_HOLD.set(hold)
+    try:
+        found = walk_images(tmp_path / "datasets")
+    finally:
+        DATASET_HOLD.reset(token)
+    assert [os.path.relpath(path, tmp_path / "datasets") for path in found] == [
+        "linked.png",
+        "out/hr_16/0.png",
+        "out/hr_32/0.png",
+    ]
+    # Each folder walked, in order, with its file names; then the linked file's real folder and its parent.
+    assert offered == [
+        ("datasets", True),
+        ("datasets/out", True),
+        ("datasets/out/hr_16", True),
+        ("datasets/out/hr_32", True),
+        ("datasets/out/hr_16", False),
+        ("datasets/out", False),
+    ]
+    assert walk_images(tmp_path / "datasets") == found  # nothing is offered where no reader holds datasets
+
+
 def test_a_glob_checks_each_folder_in_one_walk(tmp_path, monkeypatch):
     """The check of a `**` glob walked the whole tree again for each component after it (twice for
     `photos/**/*.png`, then opened each folder, besides glob's own walk): each folder is listed once, besides the

@@ -1,6 +1,7 @@
 """One writer per output folder: a training run, `sr3 demo` or `sr3 prepare` into a folder another live run holds is
 refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -627,3 +628,197 @@ def test_two_writers_taking_over_one_lock_file_of_another_user_do_not_both_hold_
         f"{out} is being written by another sr3 prepare (pid {pids[0]}); wait for it or choose another --out"
     )
     assert lock.read_text(encoding="utf-8") == f"{pids[0]}\nsr3 prepare\n"
+
+
+def prepared_below(tmp_path, capsys, name="datasets"):
+    """`sr3 prepare` of 2 images into `<name>/out` (sizes 8,16) beside a plain photo folder `<name>/photos`."""
+    source = make_image_folder(str(tmp_path / "images"), count=2, size=(48, 48), bad=False)
+    out = tmp_path / name / "out"
+    assert prepare(source, out, "--sizes", "8,16") == 0
+    make_image_folder(str(tmp_path / name / "photos"), count=2, size=(16, 16), bad=False)
+    capsys.readouterr()
+    return source, out
+
+
+def refused_upscale(inputs, output, capsys):
+    from diffusers_sr3.cli import main
+
+    assert main(["upscale", *map(str, inputs), "--output", str(output)]) == 2
+    return capsys.readouterr().err
+
+
+def test_an_upscale_or_eval_of_a_folder_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
+    """`sr3 upscale datasets/` (or a glob below it) while `sr3 prepare --out datasets/out` ran read the half-written
+    dataset: only the folder given and its parent were held. The listing holds each dataset it meets."""
+    from diffusers_sr3.cli import main
+
+    _, out = prepared_below(tmp_path, capsys)
+    pid = held(out, "--out", "sr3 prepare")
+    busy = (
+        f"folder {out} is still being written by sr3 prepare (pid {pid}): upscaling it now would read a half-written "
+        "dataset; wait for the prepare to finish\n"
+    )
+    datasets = tmp_path / "datasets"
+    for inputs in ([datasets], [datasets / "**" / "*.png"], [datasets / "*" / "lr_8" / "*.png"]):
+        assert refused_upscale(inputs, tmp_path / "sr", capsys) == f"sr3 upscale: error: {busy}"
+    assert not (tmp_path / "sr").exists()
+    assert main(["eval", "--hr", str(datasets), "--sr", str(tmp_path / "images")]) == 2
+    assert capsys.readouterr().err == "sr3 eval: error: " + busy.replace("upscaling it", "evaluating it")
+
+
+def test_a_dataset_below_a_folder_read_is_held_until_the_read_ends_and_other_folders_stay_unlocked(
+    tmp_path, held, monkeypatch, capsys
+):
+    """A prepare into a dataset below the folder an upscale reads is refused while it reads; the plain folders beside
+    it, and a training run's own folder (which it may be writing), get no lock and are not refused."""
+    import diffusers_sr3.commands.upscale as upscale_command
+
+    source, out = prepared_below(tmp_path, capsys)
+    run = tmp_path / "datasets" / "run"
+    held(run)  # a training run writing its folder below the input: read unlocked, as a folder given
+    real_plan_writes, statuses = upscale_command._plan_writes, []
+
+    def plan_preparing(inputs, output):
+        real_plan_writes(inputs, output)
+        statuses.append(prepare(source, out, "--sizes", "8,16", "--overwrite"))
+        raise ValueError("stopped before the model")
+
+    monkeypatch.setattr(upscale_command, "_plan_writes", plan_preparing)
+    assert refused_upscale([tmp_path / "datasets"], tmp_path / "sr", capsys) == (
+        f"sr3 prepare: error: {out} is being read as training or evaluation data (pid {os.getpid()}); wait for that "
+        "to end or choose another --out\nsr3 upscale: error: stopped before the model\n"
+    )
+    assert statuses == [2]
+    assert LOCK_FILE not in os.listdir(tmp_path / "datasets" / "photos")
+    assert LOCK_FILE not in os.listdir(tmp_path / "datasets")
+    assert prepare(source, out, "--sizes", "8,16", "--overwrite") == 0  # released with the upscale
+
+
+def test_a_dataset_whose_prepare_stopped_below_a_folder_read_is_refused(tmp_path, capsys):
+    from diffusers_sr3.commands.prepare import STATE_FILE
+
+    _, out = prepared_below(tmp_path, capsys)
+    record = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    (out / STATE_FILE).write_text(json.dumps({**record, "complete": False}), encoding="utf-8")
+    error = refused_upscale([tmp_path / "datasets"], tmp_path / "sr", capsys)
+    assert error.startswith(f"sr3 upscale: error: folder {out} holds a dataset that sr3 prepare did not finish (")
+
+
+def test_a_dataset_read_through_a_link_is_held_as_the_prepare_into_it_holds_it(tmp_path, held, monkeypatch, capsys):
+    """A link to `OUT/lr_8` (or to one of its files, or a folder of such links) was read while `sr3 prepare` wrote OUT:
+    the parent held was the link's. The reader resolves links and locks OUT's lock file, the one the prepare takes."""
+    _, out = prepared_below(tmp_path, capsys)
+    links = tmp_path / "links"
+    os.makedirs(links / "files")
+    os.symlink(out / "lr_8", links / "lr_8")
+    os.symlink(out / "hr_16", links / "hr_16")
+    first = sorted(os.listdir(out / "lr_8"))[0]
+    os.symlink(out / "lr_8" / first, links / "files" / first)
+    pid = held(out, "--out", "sr3 prepare")
+    busy = f"is still being written by sr3 prepare (pid {pid}): upscaling it now would read a half-written dataset"
+    for inputs in (
+        [links / "lr_8"],
+        [links / "files"],
+        [links / "files" / first],
+        [links / "files" / "*.png"],
+        [out / "lr_8" / first],  # a file of the dataset given directly is held as a link to it is
+    ):
+        error = refused_upscale(inputs, tmp_path / "sr", capsys)
+        assert error.startswith("sr3 upscale: error: ") and f"{out} {busy}" in error, inputs
+    config = TrainingConfig(**fast_options(tmp_path / "train", train_data_dir=str(links / "hr_16"), resolution=16))
+    with pytest.raises(OutputFolderBusyError, match=rf"--train_data_dir {out} is still being written .*\(pid {pid}\)"):
+        train(config)
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_training_run_on_a_folder_or_pattern_holding_a_dataset_being_prepared_is_refused(tmp_path, held, capsys):
+    """`--train_data_dir datasets/`, `--dataset_name datasets/` and `--train_data_files "datasets/*/data/*.parquet"`
+    read a dataset below them that `sr3 prepare` was writing (the last two are listed by `datasets`, not the run)."""
+    source, out = prepared_below(tmp_path, capsys)
+    parquet = tmp_path / "datasets" / "parquet"
+    assert prepare(source, parquet, "--sizes", "8,16", "--format", "parquet") == 0
+    capsys.readouterr()
+    datasets = str(tmp_path / "datasets")
+    pids = {dataset: held(dataset, "--out", "sr3 prepare") for dataset in (out, parquet)}
+    for dataset, options in (
+        (out, {"train_data_dir": datasets}),
+        (out, {"dataset_name": datasets}),
+        (parquet, {"train_data_files": [str(tmp_path / "datasets" / "*" / "data" / "*.parquet")]}),
+    ):
+        pid = pids[dataset]
+        with pytest.raises(OutputFolderBusyError) as refused:
+            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
+        assert str(refused.value) == (
+            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+            "half-written dataset; wait for the prepare to finish"
+        ), options
+        assert not (tmp_path / "run").exists()
+
+
+# A writer caught between locking the lock file and recording itself in it: one taking over another user's file
+# (which it cannot write) removes it and locks its own; any other writes its record into the file it holds.
+UNRECORDED_WRITER = (
+    "import fcntl, os, sys\n"
+    "path, how = sys.argv[1:]\n"
+    "old = os.open(path, os.O_RDWR if how == 'write' else os.O_RDONLY)\n"
+    "fcntl.flock(old, fcntl.LOCK_EX)\n"
+    "if how == 'removed':\n"
+    "    os.remove(path)\n"
+    "print('locked', flush=True); sys.stdin.readline()\n"
+    "if how == 'take over':\n"
+    "    os.remove(path)\n"
+    "new = old if how == 'write' else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)\n"
+    "fcntl.flock(new, fcntl.LOCK_EX); os.ftruncate(new, 0)\n"
+    "os.pwrite(new, f'{os.getpid()}\\nsr3 prepare\\n'.encode('ascii'), 0)\n"
+    "print('recorded', flush=True); sys.stdin.read()\n"
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="the holder is told from Linux's /proc/locks")
+@pytest.mark.parametrize(
+    "previous, how", [("4242\ntraining run\n", "take over"), ("", "write"), ("4242\ntraining run\n", "removed")]
+)
+def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
+    tmp_path, monkeypatch, capsys, previous, how
+):
+    """A reader refused the lock read the holder from the file: in the moment a prepare had locked it but not yet
+    written its record (or held another user's file to take it over, which it never writes), the record was the
+    previous holder's (a training run, or an empty file a reader made), and the reader read the dataset unlocked
+    while the prepare wrote it; and in the moment the taking writer had removed the old file and not made its own,
+    a reader of another user found no lock file. A record that is not the holder's (/proc/locks) is read again once
+    it is, and a missing lock file of a prepare's dataset is looked for again."""
+    import time
+
+    _, out = prepared_below(tmp_path, capsys)
+    (out / LOCK_FILE).write_text(previous, encoding="utf-8")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", UNRECORDED_WRITER, str(out / LOCK_FILE), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline() == "locked\n"
+    waits = []
+
+    def writer_goes_on(seconds):  # the reader waits: the writer records itself (or takes the file) meanwhile
+        if not waits:
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline() == "recorded\n"
+        waits.append(seconds)
+
+    monkeypatch.setattr(time, "sleep", writer_goes_on)
+    owner = os.stat(out).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # another user's reader: it creates no lock file there
+    try:
+        with pytest.raises(OutputFolderBusyError) as refused:
+            with hold_for_reading(str(out), "--train_data_dir"):
+                pytest.fail("read a dataset a prepare holds")
+        assert str(refused.value).startswith(
+            f"--train_data_dir {out} is still being written by sr3 prepare (pid {writer.pid})"
+        )
+        assert len(waits) == 1
+    finally:
+        monkeypatch.undo()
+        writer.stdin.close()
+        writer.wait(timeout=30)

@@ -9,6 +9,7 @@ profile) to sRGB, convert to RGB, and fail with errors that name the file.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import glob
@@ -16,7 +17,7 @@ import io
 import logging
 import os
 import struct
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.ExifTags
@@ -108,22 +109,78 @@ def _unlisted(error: OSError) -> None:
     raise type(error)(error.errno, f"cannot list the folder {error.filename}: {error.strerror}") from error
 
 
+# Set while a reader holds the prepared datasets it reads (`training.output_lock.hold_folders_for_reading`): called
+# with each folder that a listing of images looks into, and the names of its files where the listing has them, before
+# anything below the folder is listed; True where it took that folder's lock just then. A dataset below an input
+# folder (`sr3 upscale datasets/`) or reached through a link is found by the listing itself, which walks the tree once.
+DATASET_HOLD: contextvars.ContextVar[Optional[Callable[[str, Optional[Sequence[str]]], bool]]] = contextvars.ContextVar(
+    "DATASET_HOLD", default=None
+)
+
+
+def _listing(folder: str) -> Tuple[List[str], List[str], List[str]]:
+    """`folder`'s subfolders to walk into (no links: a walk does not follow them, as `os.walk`), its files, and
+    those of its files that are links, by name."""
+    try:
+        with os.scandir(folder) as listed:
+            entries = list(listed)
+    except OSError as error:
+        _unlisted(error)
+    folders, files, links = [], [], []
+    for entry in entries:
+        try:
+            is_folder = entry.is_dir()
+        except OSError:  # as `os.walk`: what cannot be told a folder is listed as a file
+            is_folder = False
+        if is_folder:
+            if not entry.is_symlink():
+                folders.append(entry.name)
+        else:
+            files.append(entry.name)
+            if entry.is_symlink():
+                links.append(entry.name)
+    return folders, files, links
+
+
+def _hold_datasets_of(real_paths: Sequence[str]) -> None:
+    """Offer [`DATASET_HOLD`] the folder of each of `real_paths` (files, links resolved) and its parent: a link or a
+    file input may reach a prepared dataset (`OUT/hr_16/x.png`) that no folder the listing looked into holds."""
+    hold = DATASET_HOLD.get()
+    if hold is None:
+        return
+    for folder in dict.fromkeys(os.path.dirname(path) for path in real_paths):
+        for candidate in (folder, os.path.dirname(folder)):
+            hold(candidate, None)
+
+
 def walk_images(folder: Union[str, os.PathLike]) -> List[str]:
     """Image files under `folder`, recursively, as sorted paths.
 
     Hidden folders such as `.cache/` and hidden files are skipped: macOS writes `._IMG_0001.png` (AppleDouble
     metadata, no image) beside every file it copies to a foreign disk. So are the folders a filesystem keeps for
     itself at a disk's top (`FILESYSTEM_FOLDERS`: `lost+found`, readable by root alone), which hold no one's photos.
+    Links to folders are not followed; links to image files are listed.
 
     Raises:
         OSError: naming a folder (`folder` or one below it) that cannot be listed, such as another user's private
             folder: `os.walk` would skip it without a word, and a run would miss its images as if it had none.
+        OutputFolderBusyError, ValueError: while a reader holds its datasets ([`DATASET_HOLD`]), a prepared dataset
+            below `folder`, or one a linked file lies in, is being written or unfinished.
     """
-
-    found = []
-    for root, dirs, files in os.walk(folder, onerror=_unlisted):
-        dirs[:] = sorted(name for name in dirs if not name.startswith(".") and name not in FILESYSTEM_FOLDERS)
+    hold = DATASET_HOLD.get()
+    found, linked, pending = [], [], [os.fspath(folder)]
+    while pending:
+        root = pending.pop()
+        folders, files, links = _listing(root)
+        if hold is not None and hold(root, files):
+            # Listed before its lock: a prepare that ended meanwhile may have written more.
+            folders, files, links = _listing(root)
+        # Walked in sorted order, as `os.walk` with sorted folders: the first folder that fails is always the same.
+        below = sorted(name for name in folders if not name.startswith(".") and name not in FILESYSTEM_FOLDERS)
+        pending.extend(os.path.join(root, name) for name in reversed(below))
         found.extend(os.path.join(root, name) for name in files if is_image_file(name) and not name.startswith("."))
+        linked.extend(os.path.join(root, name) for name in links if is_image_file(name) and not name.startswith("."))
+    _hold_datasets_of([os.path.realpath(path) for path in linked])
     return sorted(found)
 
 
@@ -145,7 +202,7 @@ def _check_glob_folders_open(pattern: str) -> None:
     later component); a folder glob cannot open is still matched, from its parent's listing. A listed folder must
     also let names be looked up in it: glob lists one of mode `r--` (another user's 744) but cannot tell its files
     from folders, and they were dropped as if it held none. `FILESYSTEM_FOLDERS` are left to glob, as a folder walk
-    leaves them out.
+    leaves them out. The folders glob will look into are offered to [`DATASET_HOLD`] where it is set.
     """
     root = _glob_root(pattern)
     parts, head = [], pattern
@@ -187,6 +244,10 @@ def _check_glob_folders_open(pattern: str) -> None:
     for folder in dict.fromkeys(searched):
         if os.path.basename(folder) not in FILESYSTEM_FOLDERS and not os.access(folder or os.curdir, os.X_OK):
             raise PermissionError(errno.EACCES, f"cannot look into the folder {folder or os.curdir}: Permission denied")
+    hold = DATASET_HOLD.get()
+    if hold is not None:  # before glob lists their files, as a folder walk holds a dataset before it lists below it
+        for folder in dict.fromkeys(searched):
+            hold(folder or os.curdir, None)
 
 
 def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[str, str]]:
@@ -218,12 +279,35 @@ def find_image_sources(inputs: Sequence[Union[str, os.PathLike]]) -> List[Tuple[
                 raise FileNotFoundError(f"no such file, folder or matching glob: {item}")
             # `photos/*` also matches the Thumbs.db and .DS_Store a folder input skips.
             matches, root = sorted(path for path in files if _globbed_image(os.path.basename(path))), _glob_root(item)
-        for path in matches:
+        real_paths = [os.path.realpath(path) for path in matches]
+        if not os.path.isdir(item):  # a folder's walk held its datasets as it went
+            _hold_datasets_of(real_paths)
+        for path, real_path in zip(matches, real_paths):
             relative = os.path.relpath(path, root or os.curdir)
-            found.setdefault((os.path.normcase(os.path.realpath(path)), relative), (path, relative))
+            found.setdefault((os.path.normcase(real_path), relative), (path, relative))
     if not found:
         raise FileNotFoundError(f"no images found in {' '.join(map(os.fspath, inputs))}")
     return sorted(found.values())
+
+
+def hold_datasets_in(inputs: Sequence[Union[str, os.PathLike]]) -> None:
+    """Hold the prepared datasets under `inputs` (folders, files, glob patterns) that another library will list and
+    read, as `datasets.load_dataset` does a training run's `--dataset_name` folder or `--train_data_files`: listed
+    here only to find them, while [`DATASET_HOLD`] is set (nothing is listed otherwise).
+
+    Raises:
+        OSError: as [`find_image_sources`], naming a folder that cannot be listed.
+        OutputFolderBusyError, ValueError: a dataset among them is being written, or unfinished.
+    """
+    if DATASET_HOLD.get() is None:
+        return
+    for item in map(os.fspath, inputs):
+        if os.path.isdir(item):
+            walk_images(item)
+            continue
+        if not os.path.isfile(item):
+            _check_glob_folders_open(item)
+        _hold_datasets_of([os.path.realpath(path) for path in glob.glob(item, recursive=True)])
 
 
 def input_folders(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:

@@ -10,9 +10,9 @@ Two ways to give the images:
 - `--results DIR`: the original project's results folder, `<id>_hr.png` and `<id>_sr.png` (plus `<id>_lr.png`,
   and `<id>_inf.png`, the bicubic upsample, which is then scored as a baseline).
 
-A folder that `sr3 prepare` is still writing (given itself, or one of its `hr_<N>`/`lr_<M>` folders) is refused
-rather than evaluated half-written, as is one whose prepare stopped before the end, and a prepare into it is refused
-while it is evaluated (`hold_for_reading`).
+A folder that `sr3 prepare` is still writing (given itself, one of its `hr_<N>`/`lr_<M>` folders, a folder holding
+it, or a link to any of these) is refused rather than evaluated half-written, as is one whose prepare stopped
+before the end, and a prepare into it is refused while it is evaluated (`hold_for_reading`).
 """
 
 from __future__ import annotations

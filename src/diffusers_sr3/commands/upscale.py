@@ -856,6 +856,7 @@ def _memory_settings(
 def run(args: argparse.Namespace) -> int:
     # A folder that `sr3 prepare` is still writing (`sr3 upscale OUT/lr_16`) would be upscaled in part, and one it
     # stopped writing is unfinished: both are refused, and a prepare into a folder being upscaled, as for `sr3 eval`.
+    # So is a dataset below an input folder or glob, or behind a link, which the listing of the inputs holds.
     with hold_folders_for_reading([(folder, "input") for folder in input_folders(args.inputs)], "upscaling it"):
         return _upscale(args)
 

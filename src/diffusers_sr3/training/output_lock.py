@@ -18,10 +18,18 @@ A reader creates the lock file only in a folder of its own user: one it made in 
 own, which that user's writers could not open for writing. A writer that meets such a file anyway (made by another
 user's run) takes it over when no one holds it: flock needs no write access to find that out.
 It removes the file by name only while it holds it and the name is still that file, so that two writers taking
-over one file never both hold the folder. A reader whose lock is refused while the taking writer holds the old
-file (a few system calls) reads that file's last holder, as it reads the previous one in the moment between any
-writer's lock and its writing its own name: where that names no `sr3 prepare` (an empty file a reader made), the
-reader reads unlocked, as beside another kind of writer.
+over one file never both hold the folder.
+
+A reader refused the lock reads the holder's record in the file. In two moments of a few system calls that record is
+not the holder's: between a writer's lock and its writing its own record, and while a writer taking over another
+user's file holds it (it cannot write it, and removes it). The record is then the previous holder's (a training run's,
+or none in an empty file a reader made): read as such, a prepare in that moment would let the reader in, unlocked,
+while it writes. So the reader checks the record against the holder that /proc/locks names, and while they differ it
+looks again, at the file then at the name, for up to `_UNRECORDED_WAIT_S`; so does a reader that finds no lock file
+in a dataset `sr3 prepare` made (which keeps one), as in the moment between a taking writer's removing the old file
+and its creating its own. Where /proc/locks names no holder of the
+file (another system, a filesystem whose numbers it gives otherwise) the record is taken as it is, as before; where
+it names holders in another pid namespace the reader waits that long, then reads as beside another kind of writer.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import os
 import re
 import shlex
 import stat
-from typing import Iterable, Iterator, List, Optional, Tuple
+import time
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..file_writes import NO_LOCKING
 
@@ -47,6 +56,10 @@ LOCK_FILE = ".sr3-train.lock"
 # The progress record `sr3 prepare` keeps in its output folder: it marks a folder as a prepared dataset.
 PREPARE_STATE_FILE = ".sr3_prepare.json"
 PREPARE_WRITER = "sr3 prepare"
+# How long a reader waits for a writer holding the lock file whose record is still another's to write its own or
+# remove the file (a few system calls; longer only where /proc/locks names holders in another pid namespace).
+_UNRECORDED_WAIT_S = 0.5
+_UNRECORDED_POLL_S = 0.01
 # A FIFO put in the lock file's place must not block the open.
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -230,20 +243,34 @@ def _only_readers(descriptor: int) -> bool:
 def _reader_pids(descriptor: int) -> List[str]:
     """The ids of the processes holding shared flocks on `descriptor`'s file, from Linux's /proc/locks; none where it
     cannot tell (another system, a filesystem whose numbers /proc/locks gives otherwise)."""
+    return _lock_pids(descriptor, "READ") or []
+
+
+def _lock_pids(descriptor: int, kind: str) -> Optional[List[str]]:
+    """The ids of the processes holding flocks of `kind` ("READ": shared, "WRITE": exclusive) on `descriptor`'s file,
+    from Linux's /proc/locks; None where there is none to read (another system)."""
     status = os.fstat(descriptor)
     file_id = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
     try:
         with open("/proc/locks", encoding="utf-8") as table:
             lines = table.read().splitlines()
     except OSError:
-        return []
+        return None
     pids = []
     for line in lines:
         # "1: FLOCK  ADVISORY  READ  4242 08:01:1234 0 EOF"; waiting requests are marked "->" and hold nothing.
         fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "READ" and fields[5] == file_id:
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == kind and fields[5] == file_id:
             pids.append(fields[4])
     return sorted(set(pids), key=int)
+
+
+def _record_is_the_holders(descriptor: int, pid: str) -> bool:
+    """Whether the lock file's record (its `pid`) names the writer holding it now, as far as /proc/locks tells: not
+    where it names another holder, whose record is not written yet (a writer between its lock and its write) or never
+    will be (one taking over another user's file, which it cannot write, to remove it)."""
+    holders = _lock_pids(descriptor, "WRITE")
+    return not holders or pid in holders
 
 
 def is_prepared_dataset(folder: str) -> bool:
@@ -296,22 +323,55 @@ def hold_for_reading(folder: str, option: str, use: str = "training on it") -> I
 def reading_folders(named: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """The folders to hold (`hold_for_reading`) for reading the given `(folder, option)` pairs: each folder and its
     parent, once each (by real path), as a prepared dataset's lock and record lie in OUT, above the folders a reader
-    may be given (`OUT/hr_256`, `OUT/lr_16`, `OUT/data` of its parquet files)."""
+    may be given (`OUT/hr_256`, `OUT/lr_16`, `OUT/data` of its parquet files). A folder given through a link has two
+    parents, the link's and its target's (`OUT/hr_256` may link to another dataset's): both are held, so that the
+    lock taken is the one a prepare into either takes."""
     folders = {}
     for folder, option in named:
         if os.path.isdir(folder):
-            for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+            real = os.path.realpath(folder)
+            for candidate in (folder, os.path.dirname(os.path.abspath(folder)), os.path.dirname(real)):
                 folders.setdefault(os.path.realpath(candidate), (candidate, option))
     return list(folders.values())
 
 
+def _names_a_dataset(folder: str, names: Optional[Sequence[str]]) -> bool:
+    """Whether `folder`, whose file names are `names` (None: unknown, looked up), holds a prepare's lock file or
+    record: a dataset being written, or one written."""
+    if names is not None:
+        return LOCK_FILE in names or PREPARE_STATE_FILE in names
+    return any(os.path.lexists(os.path.join(folder, name)) for name in (LOCK_FILE, PREPARE_STATE_FILE))
+
+
 @contextlib.contextmanager
 def hold_folders_for_reading(named: Iterable[Tuple[str, str]], use: str) -> Iterator[None]:
-    """`hold_for_reading` for each of `reading_folders(named)` while the block runs."""
-    with contextlib.ExitStack() as held:
+    """`hold_for_reading` for each of `reading_folders(named)` while the block runs, and for each prepared dataset
+    that the block's listings of images (`image_io.walk_images`, `find_image_sources`: folder walks, globs) meet: one
+    below a folder given (`sr3 upscale datasets/`), or reached through a link. They are held as the listing reaches
+    them, before it lists what lies below (a dataset the listing meets last is refused before any image is read), by
+    their real path, and named "folder" in the messages."""
+    from ..image_io import DATASET_HOLD
+
+    held = set()
+    with contextlib.ExitStack() as holds:
+
+        def hold(folder: str, option: str, names: Optional[Sequence[str]] = None, every: bool = True) -> bool:
+            if not (every or _names_a_dataset(folder, names)):
+                return False
+            real = os.path.realpath(folder)
+            if real in held:
+                return False
+            held.add(real)
+            holds.enter_context(hold_for_reading(folder if every else real, option, use))
+            return True
+
         for folder, option in reading_folders(named):
-            held.enter_context(hold_for_reading(folder, option, use))
-        yield
+            hold(folder, option)
+        token = DATASET_HOLD.set(lambda folder, names: hold(folder, "folder", names, every=False))
+        try:
+            yield
+        finally:
+            DATASET_HOLD.reset(token)
 
 
 def _unfinished_prepare(folder: str, option: str, use: str) -> Optional[str]:
@@ -358,6 +418,10 @@ def _prepare_command(folder: str, settings: dict) -> str:
     return f" ({shlex.join(words)})"
 
 
+def _prepare_record_in(folder: str) -> bool:
+    return os.path.lexists(os.path.join(folder, PREPARE_STATE_FILE))
+
+
 def _owns(folder: str) -> bool:
     """Whether `folder` belongs to this process's user: a lock file it creates there is not another user's."""
     try:
@@ -372,10 +436,16 @@ def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
         return None
     path = os.path.join(folder, LOCK_FILE)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    unrecorded_until = time.monotonic() + _UNRECORDED_WAIT_S
     while True:
         try:
             descriptor = os.open(path, flags | (os.O_CREAT if keep and _owns(folder) else 0), 0o644)
-        except OSError:
+        except OSError as error:
+            # A prepare's dataset keeps its lock file: where it is missing, a writer taking over another user's file
+            # may have removed it and not yet made its own (see `_UNRECORDED_WAIT_S`).
+            if error.errno == errno.ENOENT and time.monotonic() < unrecorded_until and _prepare_record_in(folder):
+                time.sleep(_UNRECORDED_POLL_S)
+                continue
             # No lock file that no writer has made (a folder only read), a link or one that cannot be created: the
             # claims refuse such files themselves.
             return None
@@ -387,6 +457,12 @@ def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
                 fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 pid, holder = _holder(descriptor)
+                if holder != PREPARE_WRITER and not _record_is_the_holders(descriptor, pid):
+                    # The record is the previous holder's: a writer that has just locked the file, or holds it to
+                    # take it over, may be a prepare. Look again (the file anew) once it has written or removed it.
+                    if time.monotonic() < unrecorded_until:
+                        time.sleep(_UNRECORDED_POLL_S)
+                        continue
                 if holder != PREPARE_WRITER:
                     return None
                 raise OutputFolderBusyError(

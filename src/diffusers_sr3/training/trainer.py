@@ -41,6 +41,7 @@ from ..data import (
     sample_generator,
 )
 from ..file_writes import atomic_file
+from ..image_io import hold_datasets_in
 from ..metrics import SSIM_WINDOW
 from ..model_card import write_model_card
 from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state, require_peft
@@ -316,6 +317,19 @@ def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
     for pattern in config.train_data_files or []:
         named.append((os.path.dirname(os.path.normpath(pattern)) or os.curdir, "--train_data_files"))
     return [(folder, option) for folder, option in named if folder is not None]
+
+
+def _listed_by_datasets(config: TrainingConfig) -> List[str]:
+    """The local folders and file patterns that `datasets.load_dataset` lists for the run, not the run itself: the
+    prepared datasets below them are held (`hold_datasets_in`) as those the run's own listing meets are."""
+    if config.train_images is not None or config.train_dataset is not None:
+        return []
+    listed = list(config.train_data_files or [])
+    if config.dataset_name is not None and os.path.isdir(config.dataset_name):
+        listed.append(config.dataset_name)
+    if config.streaming and config.train_data_dir is not None and os.path.isdir(config.train_data_dir):
+        listed.append(config.train_data_dir)
+    return listed
 
 
 def _refuse_packaged_output(config: TrainingConfig) -> None:
@@ -596,6 +610,7 @@ class Trainer:
                     locks.enter_context(claim_output_folder(self.config.output_dir))
                     # Until the run ends: data loader workers read the images all along.
                     locks.enter_context(hold_folders_for_reading(_data_folders(self.config), "training on it"))
+                    hold_datasets_in(_listed_by_datasets(self.config))
                 return self._run()
         except BaseException:
             if new_folder:  # a run that fails before writing anything leaves no empty folder behind
