@@ -233,7 +233,8 @@ def run_label(row: Dict[str, Any]) -> str:
 def short_label(row: Dict[str, Any]) -> str:
     """A picture column's name: it has a few pixels per character."""
     name = "full" if row["lora_rank"] == 0 else f"LoRA r{row['lora_rank']}"
-    return f"{name} {row['learning_rate']:g}" + (f" s{row['seed']}" if row["seed"] else "")
+    learning_rate = f"{row['learning_rate']:.0e}".replace("e-0", "e-")
+    return f"{name}, {learning_rate}" + (f", seed {row['seed']}" if row["seed"] else "")
 
 
 def picture(columns: Dict[str, Any], hr, path: str) -> None:
