@@ -255,7 +255,7 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
             )
     options = ["--model", str(x0_model_dir), "--ranks", "0", "2", "--learning_rates", "1e-3", "1e-2", "--steps", "1"]
     options += ["--batch", "2", "--threads", "1", "--train_data_dir", str(train_dir), "--eval_dir", str(held)]
-    options += ["--work_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), "--picture"]
+    options += ["--work_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), "--picture", "--detail"]
     lora_finetune.main(options)
     report = json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))
     assert [(row["lora_rank"], row["learning_rate"]) for row in report["rows"]] == [(0, 1e-3), (2, 1e-2)]
@@ -272,7 +272,10 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
     saved_hr, saved_lr = (quantize(images) / 127.5 - 1 for images in (hr, lr))
     expected = image_quality(upsample_condition(saved_lr, (32, 32)), saved_hr, saved_lr)
     assert scores["bicubic"]["fidelity"]["psnr"] == pytest.approx(expected["psnr"])
-    assert all(set(by_mode) == {"fidelity"} for by_mode in scores.values())  # no --detail
+    assert set(scores["bicubic"]) == {"fidelity"}  # one output for both modes
+    assert all(set(by_mode) == {"fidelity", "detail"} for name, by_mode in scores.items() if name != "bicubic")
+    table = (tmp_path / "report" / "lora_finetune.md").read_text(encoding="utf-8")
+    assert "| model | fidelity PSNR | fidelity SSIM | fidelity edge energy / HR's | detail PSNR |" in table
     picture = PIL.Image.open(tmp_path / "report" / "lora_finetune.png")
     crop = 32 * lora_finetune.PICTURE_MAGNIFY  # the whole 32-pixel image: smaller than the picture's crop
     assert picture.size == (5 * crop, 14 + 2 * crop)  # bicubic, before, two runs, HR; a row per held-out image
