@@ -7,6 +7,7 @@ import math
 import re
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import REPO
@@ -232,3 +233,65 @@ def test_determinism_compares_reruns_pixel_for_pixel_and_counts_what_differs(tmp
     assert json.loads((tmp_path / "report" / "determinism.json").read_text(encoding="utf-8"))["results"] == results
     with pytest.raises(SystemExit):
         determinism.main([*options[:2], "--crops", "1"])
+
+
+@pytest.mark.slow  # trains twice, each run in a process of its own
+def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_runs(tmp_path, x0_model_dir, monkeypatch):
+    pytest.importorskip("peft")
+    from test_data import random_image
+
+    lora_finetune = load("lora_finetune")
+    train_dir, held = tmp_path / "train", tmp_path / "held"
+    for folder in (train_dir, held / "hr_32", held / "lr_8"):
+        folder.mkdir(parents=True)
+    for index in range(2):
+        random_image(40, 40, index).save(train_dir / f"{index}.png")
+    hr = torch.rand(2, 3, 32, 32) * 2 - 1
+    lr, _ = degrade(hr, 4)
+    for index, (high, low) in enumerate(zip(hr, lr)):
+        for folder, image in ((held / "hr_32", high), (held / "lr_8", low)):
+            PIL.Image.fromarray(quantize(image[None])[0].permute(1, 2, 0).numpy().astype(np.uint8)).save(
+                folder / f"{index}.png"
+            )
+    options = ["--model", str(x0_model_dir), "--ranks", "0", "2", "--learning_rates", "1e-3", "1e-2", "--steps", "1"]
+    options += ["--batch", "2", "--threads", "1", "--train_data_dir", str(train_dir), "--eval_dir", str(held)]
+    options += ["--work_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), "--picture", "--detail"]
+    lora_finetune.main(options)
+    report = json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))
+    assert [(row["lora_rank"], row["learning_rate"]) for row in report["rows"]] == [(0, 1e-3), (2, 1e-2)]
+    assert report["rows"][1]["trained_parameters"] < report["rows"][0]["trained_parameters"]
+    assert all(row["peak_memory_mb"] > 0 and row["adapter_mb"] is not None for row in report["rows"][1:])
+    scores = report["scores"]
+    assert list(scores) == [
+        "bicubic",
+        "before fine-tuning",
+        "full fine-tune, lr 0.001, seed 0",
+        "LoRA rank 2, lr 0.01, seed 0",
+    ]
+    # The held-out images as saved (8-bit) are what every model is scored on: bicubic's score is theirs.
+    saved_hr, saved_lr = (quantize(images) / 127.5 - 1 for images in (hr, lr))
+    expected = image_quality(upsample_condition(saved_lr, (32, 32)), saved_hr, saved_lr)
+    assert scores["bicubic"]["fidelity"]["psnr"] == pytest.approx(expected["psnr"])
+    assert set(scores["bicubic"]) == {"fidelity"}  # one output for both modes
+    assert all(set(by_mode) == {"fidelity", "detail"} for name, by_mode in scores.items() if name != "bicubic")
+    table = (tmp_path / "report" / "lora_finetune.md").read_text(encoding="utf-8")
+    assert "| model | fidelity PSNR | fidelity SSIM | fidelity edge energy / HR's | detail PSNR |" in table
+    picture = PIL.Image.open(tmp_path / "report" / "lora_finetune.png")
+    crop = 32 * lora_finetune.PICTURE_MAGNIFY  # the whole 32-pixel image: smaller than the picture's crop
+    assert picture.size == (5 * crop, 14 + 2 * crop)  # bicubic, before, two runs, HR; a row per held-out image
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(lora_finetune.subprocess, "run", no_training)
+    lora_finetune.main(options)
+    assert (
+        json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))["rows"] == report["rows"]
+    )
+    with pytest.raises(SystemExit, match="one value, or one per --ranks entry"):
+        lora_finetune.main([*options, "--seeds", "1", "2", "3"])
+    with pytest.raises(SystemExit, match="holds a run of other settings"):
+        lora_finetune.main([*options, "--steps", "2"])
+    (held / "lr_8" / "1.png").unlink()
+    with pytest.raises(SystemExit, match="HR images without their LR"):
+        lora_finetune.main(options)
