@@ -12,7 +12,7 @@ import pytest
 from PIL import ImageCms
 from test_image_io import swapped_primaries_profile
 
-from diffusers_sr3 import image_metadata
+from diffusers_sr3 import image_io, image_metadata
 from diffusers_sr3.cli import main
 from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import images_to_tensor
@@ -187,3 +187,29 @@ def test_exif_too_long_for_a_jpeg_is_left_out_of_it_with_a_warning(model_dir, tm
     assert "exif" not in PIL.Image.open(tmp_path / "out.jpg").info
     assert upscale(model_dir, tmp_path / "long.png", tmp_path / "out.png", "--quiet") == 0
     assert len(PIL.Image.open(tmp_path / "out.png").getexif()[Base.ImageDescription]) == 70000
+
+
+def bmp_rgb565(width, height):
+    """BMP bytes of a 16-bit-a-pixel (5-6-5 bits) colour image, as old screenshots and embedded cameras write."""
+    rows = struct.pack("<H", 0xF800) * width * height
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 3, len(rows), 2835, 2835, 0, 0)
+    dib += struct.pack("<3I", 0xF800, 0x07E0, 0x001F)
+    return struct.pack("<2sIHHI", b"BM", 14 + len(dib) + len(rows), 0, 0, 14 + len(dib)) + dib + rows
+
+
+def test_a_5_6_5_bmp_is_not_called_16_bit_colour(model_dir, tmp_path, capsys):
+    """Its raw mode `BGR;16` holds 16 bits a pixel, 5 or 6 a channel: nothing is lost reading it at 8."""
+    (tmp_path / "screen.bmp").write_bytes(bmp_rgb565(8, 8))
+    assert upscale(model_dir, tmp_path / "screen.bmp", tmp_path / "out.png", "--quiet") == 0
+    assert "16-bit" not in capsys.readouterr().err
+
+
+def test_16_bit_colour_is_told_from_tiles_as_pillow_before_11_stores_them(tmp_path):
+    """Pillow before 11 keeps `image.tile` as plain tuples, without `.args`: every upscale of an RGB file failed."""
+    (tmp_path / "deep.png").write_bytes(png_16bit_rgb(np.zeros((8, 8, 3), np.uint16)))
+    for name, deep in (("deep.png", True), ("plain.png", False)):
+        if not deep:
+            colours(8, 8).save(tmp_path / name)
+        with PIL.Image.open(tmp_path / name) as image:
+            image.tile = [tuple(tile) for tile in image.tile]
+            assert image_io._colour_read_at_8_bits(image) is deep

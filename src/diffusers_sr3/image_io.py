@@ -638,12 +638,14 @@ class ImageFacts(NamedTuple):
 
 def _colour_read_at_8_bits(image: PIL.Image.Image) -> bool:
     """Whether `image` (opened, not yet loaded) stores colour at 16 bits per channel: Pillow has no such mode and
-    decodes it to 8-bit `RGB` or `RGBA` (its raw mode, such as PNG's `RGB;16B`, tells)."""
+    decodes it to 8-bit `RGB` or `RGBA` (its raw mode, such as PNG's `RGB;16B`, tells; BMP's `BGR;16` is 5-6-5
+    bits a pixel, no loss)."""
     if image.mode not in ("RGB", "RGBA"):
         return False
     for tile in image.tile:
-        rawmode = tile.args[0] if isinstance(tile.args, tuple) and tile.args else tile.args
-        if isinstance(rawmode, str) and ";16" in rawmode:
+        args = tile[3]  # a plain tuple before Pillow 11, which has no `.args`
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and rawmode.endswith((";16B", ";16L", ";16N")):
             return True
     return False
 
