@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
+import PIL.TiffImagePlugin
 import pytest
 from PIL import ImageCms
 from test_image_io import swapped_primaries_profile
@@ -213,3 +214,21 @@ def test_16_bit_colour_is_told_from_tiles_as_pillow_before_11_stores_them(tmp_pa
         with PIL.Image.open(tmp_path / name) as image:
             image.tile = [tuple(tile) for tile in image.tile]
             assert image_io._colour_read_at_8_bits(image) is deep
+
+
+def test_an_exif_resolution_of_0_over_0_is_left_out_not_a_stop_after_the_work(model_dir, tmp_path):
+    """Scaled, 0/0 was NaN, which Pillow cannot write: the run stopped at that file ("cannot convert NaN to integer
+    ratio"), its output and those of the files after it lost."""
+    exif = PIL.Image.Exif()
+    exif[Base.Make] = "Scanner"
+    exif[Base.XResolution] = exif[Base.YResolution] = PIL.TiffImagePlugin.IFDRational(0, 0)
+    (tmp_path / "in").mkdir()
+    colours(8, 8).save(tmp_path / "in" / "a.jpg", exif=exif)
+    colours(8, 8).save(tmp_path / "in" / "b.jpg")
+    assert upscale(model_dir, tmp_path / "in", tmp_path / "out", "--quiet") == 0
+    assert (tmp_path / "out" / "b_sr.png").is_file()
+    for destination in (tmp_path / "out" / "a_sr.png", tmp_path / "a.jpg"):
+        if not destination.exists():
+            assert upscale(model_dir, tmp_path / "in" / "a.jpg", destination, "--quiet") == 0
+        exif = PIL.Image.open(destination).getexif()
+        assert exif[Base.Make] == "Scanner" and Base.XResolution not in exif

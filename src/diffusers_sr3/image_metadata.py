@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
@@ -179,6 +180,15 @@ def output_profile(icc_profile: Optional[bytes], output_mode: str) -> Optional[b
     return None
 
 
+def _positive(value: Any) -> Optional[float]:
+    """`value` as a positive finite number, or None (0/0, zero, a garbled tag holding several values)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def save_options(metadata: Optional[InputMetadata], image_format: str, image: PIL.Image.Image) -> Dict[str, Any]:
     """Pillow save options that write `metadata` (of the input `image` was upscaled from) with `image` in
     `image_format`: as much of it as the format holds, sizes and resolutions scaled to `image`'s size."""
@@ -193,7 +203,13 @@ def save_options(metadata: Optional[InputMetadata], image_format: str, image: PI
         exif.update(metadata.exif)
         for tag, scale in ((_Base.XResolution, scale_x), (_Base.YResolution, scale_y)):
             if tag in exif:
-                exif[tag] = float(exif[tag]) * scale
+                resolution = _positive(exif[tag])
+                # 0/0 (some writers store it for "unknown") scaled was NaN, which Pillow cannot write: the run
+                # stopped after the upscale. A resolution that states nothing is left out.
+                if resolution is None:
+                    del exif[tag]
+                else:
+                    exif[tag] = resolution * scale
         if _IFD.Exif in exif:
             exif_ifd = dict(exif[_IFD.Exif])
             for tag, length in ((_Base.ExifImageWidth, image.width), (_Base.ExifImageHeight, image.height)):
