@@ -232,3 +232,30 @@ def test_an_exif_resolution_of_0_over_0_is_left_out_not_a_stop_after_the_work(mo
             assert upscale(model_dir, tmp_path / "in" / "a.jpg", destination, "--quiet") == 0
         exif = PIL.Image.open(destination).getexif()
         assert exif[Base.Make] == "Scanner" and Base.XResolution not in exif
+
+
+def test_maker_notes_and_a_tiffs_location_layers_and_page_pointers_are_not_carried(model_dir, tmp_path):
+    """Maker notes were copied verbatim to a new place (their offsets then point elsewhere; Nikon's hold a preview of
+    the photo); a GeoTIFF's georeferencing (a location, at the input's pixel scale), its IPTC, its Photoshop layers
+    (the input again) and its SubIFDs pointer (into the input file) went into the output."""
+    preview = b"\xff\xd8 a preview of the photo \xff\xd9"
+    exif = camera_exif()
+    exif[IFD.Exif] = {Base.MakerNote: b"Nikon\0\x02\x10\0\0MM\0*\0\0\0\x08" + preview, Base.ExposureTime: 0.004}
+    colours(8, 8).save(tmp_path / "photo.jpg", exif=exif)
+    tags = PIL.TiffImagePlugin.ImageFileDirectory_v2()
+    tags[Base.Make] = "Scanner"
+    tags[33550], tags[33922] = (0.5, 0.5, 0.0), (0.0, 0.0, 0.0, 2.35, 48.85, 0.0)  # ModelPixelScale, ModelTiepoint
+    tags[34735] = (1, 1, 0, 1, 1024, 0, 1, 2)  # GeoKeyDirectory
+    tags[Base.IPTCNAA] = b"\x1c\x02\x5a\x00\x05Paris"  # City
+    tags[37724] = b"Adobe Photoshop Document Data Block\0"
+    tags[Base.SubIFDs] = (8,)
+    colours(8, 8).save(tmp_path / "map.tif", tiffinfo=tags)
+    for source, extension in (("photo.jpg", ".jpg"), ("photo.jpg", ".png"), ("map.tif", ".tif"), ("map.tif", ".jpg")):
+        destination = tmp_path / f"out_{source}{extension}"
+        assert upscale(model_dir, tmp_path / source, destination, "--quiet") == 0
+        exif = PIL.Image.open(destination).getexif()
+        assert exif[Base.Make] in ("Canon", "Scanner")
+        assert not {33550, 33922, 34735, Base.IPTCNAA, 37724, Base.SubIFDs} & set(exif)
+        assert Base.MakerNote not in exif.get_ifd(IFD.Exif)
+        assert preview not in destination.read_bytes() and b"Paris" not in destination.read_bytes()
+    assert float(PIL.Image.open(tmp_path / "out_photo.jpg.jpg").getexif().get_ifd(IFD.Exif)[Base.ExposureTime]) == 0.004

@@ -6,8 +6,9 @@ wrong size, and is shown in a colour-managed viewer with colours the file no lon
 what an output should keep, and [`save_options`] turns it into Pillow save options for the output's format:
 
 - EXIF: kept (camera, lens, exposure, date), without the orientation (the pixels were turned upright when read), the
-  location (GPS: upscaled photos are shared, and the location would go with them unasked) and the thumbnail (a
-  picture of the input); the image size and resolution tags are set to the output's.
+  location (GPS, a TIFF's GeoTIFF tags and IPTC: upscaled photos are shared, and the location would go with them
+  unasked), the thumbnail (a picture of the input) and the maker notes (which may hold another, and offsets that
+  break when moved); the image size and resolution tags are set to the output's.
 - DPI: multiplied by the upscale factor, so that the output prints at the input's size, as a scan at 4x the DPI.
 - ICC profile: the pixels are converted to sRGB when read (the networks work in sRGB, see `image_io.to_srgb`), so an
   output is tagged with the profile its values are in: the input's own where it is sRGB (or gray, which is not
@@ -40,9 +41,10 @@ DPI_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 JPEG_EXIF_BYTES = 65533
 
 _Base, _IFD = PIL.ExifTags.Base, PIL.ExifTags.IFD
-# Tags of the main directory that describe the input file's layout (a TIFF's EXIF is its own directory: strips,
-# bits per sample, compression), its thumbnail, or what the output gets anew (its orientation, size and resolution;
-# its profile, XMP and Photoshop blocks, which may repeat the orientation and the location): never copied.
+# Tags (of the main and Exif directories) that describe the input file's layout (a TIFF's EXIF is its own directory:
+# strips, bits per sample, compression), its thumbnail, or what the output gets anew (its orientation, size and
+# resolution; its profile, XMP and Photoshop blocks, which may repeat the orientation and the location), and those
+# below: never copied.
 _NOT_CARRIED = frozenset(
     {
         _Base.NewSubfileType,
@@ -76,6 +78,24 @@ _NOT_CARRIED = frozenset(
         _Base.InterColorProfile,
         _IFD.GPSInfo,
         _IFD.Interop,
+        # A pointer into the input file (a TIFF's reduced-resolution pages): in the output it points at other bytes.
+        _Base.SubIFDs,
+        # The camera maker's private block, copied verbatim to another place: Canon's, Olympus's, Sony's offsets
+        # count from the EXIF header and then point at other bytes, and Nikon's and Olympus's hold a preview image
+        # of the photo, as the thumbnail does.
+        _Base.MakerNote,
+        # IPTC (caption, keywords, and the city and country shown), as the XMP and Photoshop blocks that repeat it.
+        _Base.IPTCNAA,
+        # A TIFF's GeoTIFF georeferencing (ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory,
+        # GeoDoubleParams, GeoAsciiParams): a location, and its pixel scale no longer the output's.
+        33550,
+        33922,
+        34264,
+        34735,
+        34736,
+        34737,
+        # Photoshop's layers in a TIFF (ImageSourceData): the whole input again, at its size.
+        37724,
     }
 )
 
