@@ -259,3 +259,21 @@ def test_maker_notes_and_a_tiffs_location_layers_and_page_pointers_are_not_carri
         assert Base.MakerNote not in exif.get_ifd(IFD.Exif)
         assert preview not in destination.read_bytes() and b"Paris" not in destination.read_bytes()
     assert float(PIL.Image.open(tmp_path / "out_photo.jpg.jpg").getexif().get_ifd(IFD.Exif)[Base.ExposureTime]) == 0.004
+
+
+def test_a_palette_image_with_a_colour_profile_is_converted_as_an_rgb_one(model_dir, tmp_path):
+    """A palette PNG's iCCP applies to its colours: they were read unconverted, as sRGB (red where a colour-managed
+    viewer shows the input blue), and the output was tagged sRGB all the same."""
+    red = PIL.Image.new("RGB", (8, 8), (200, 30, 30))
+    red.convert("P", palette=PIL.Image.ADAPTIVE, colors=4).save(
+        tmp_path / "palette.png", icc_profile=swapped_primaries_profile()
+    )
+    red.save(tmp_path / "rgb.png", icc_profile=swapped_primaries_profile())
+    assert open_image(tmp_path / "palette.png").getpixel((0, 0)) == open_image(tmp_path / "rgb.png").getpixel((0, 0))
+    opened = PIL.Image.open(tmp_path / "palette.png")
+    assert np.array_equal(images_to_tensor(opened), images_to_tensor(open_image(tmp_path / "rgb.png")))
+    for name in ("palette", "rgb"):
+        assert upscale(model_dir, tmp_path / f"{name}.png", tmp_path / f"{name}_out.png", "--quiet") == 0
+    palette_out, rgb_out = (PIL.Image.open(tmp_path / f"{name}_out.png") for name in ("palette", "rgb"))
+    assert np.array_equal(np.asarray(palette_out), np.asarray(rgb_out))
+    assert palette_out.info["icc_profile"] == rgb_out.info["icc_profile"]

@@ -312,7 +312,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 # The ICC colour space a profile must describe for images of each mode to be converted through it.
-_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "CMYK": "CMYK"}
+# A palette's colours are in its file's RGB profile too (a PNG's iCCP applies to them).
+_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "P": "RGB", "PA": "RGB", "CMYK": "CMYK"}
 
 
 # Every level of each channel alone and of gray, and a colour cube: what a profile that changes nothing must keep.
@@ -356,7 +357,7 @@ def _srgb_transform(icc_profile: bytes, mode: str):
 
 def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """`image` converted to sRGB (as `RGB`) when it carries an ICC colour profile (`info["icc_profile"]`) for its
-    mode (RGB, RGBA, CMYK); otherwise, or when the profile cannot be read, `image` itself.
+    mode (RGB, RGBA, palette, CMYK); otherwise, or when the profile cannot be read, `image` itself.
 
     The networks work in sRGB: an Adobe RGB or Display P3 photo read as sRGB comes out with shifted colours; outputs
     are tagged sRGB (`image_metadata.output_profile`), as Pillow tags the converted image. An sRGB-tagged image
