@@ -277,3 +277,25 @@ def test_a_palette_image_with_a_colour_profile_is_converted_as_an_rgb_one(model_
     palette_out, rgb_out = (PIL.Image.open(tmp_path / f"{name}_out.png") for name in ("palette", "rgb"))
     assert np.array_equal(np.asarray(palette_out), np.asarray(rgb_out))
     assert palette_out.info["icc_profile"] == rgb_out.info["icc_profile"]
+
+
+def test_a_jpeg_that_states_no_resolution_gives_an_output_without_one(model_dir, tmp_path):
+    """Pillow reads 72 DPI where a JPEG with EXIF states none (its output stated 288), and the EXIF's x resolution
+    for both sides where it states two."""
+    exif = PIL.Image.Exif()
+    exif[Base.Make] = "Phone"
+    colours(8, 8).save(tmp_path / "phone.jpg", exif=exif)
+    assert PIL.Image.open(tmp_path / "phone.jpg").info["dpi"] == (72, 72)  # what Pillow makes of it
+    assert upscale(model_dir, tmp_path / "phone.jpg", tmp_path / "out.png", "--quiet") == 0
+    written = PIL.Image.open(tmp_path / "out.png")
+    assert "dpi" not in written.info and Base.XResolution not in written.getexif()
+    assert image_metadata.read_metadata(tmp_path / "phone.jpg").dpi is None
+    # A JFIF density, or an EXIF resolution (here 300x200 per inch, then 100x50 per cm), is scaled.
+    colours(8, 8).save(tmp_path / "stated.jpg", dpi=(72, 72))
+    colours(8, 8).save(tmp_path / "in_exif.jpg", exif=camera_exif())
+    exif = camera_exif()
+    exif[Base.XResolution], exif[Base.YResolution], exif[Base.ResolutionUnit] = 100.0, 50.0, 3
+    colours(8, 8).save(tmp_path / "per_cm.jpg", exif=exif)
+    for name, dpi in (("stated", (288, 288)), ("in_exif", (1200, 800)), ("per_cm", (1016, 508))):
+        assert upscale(model_dir, tmp_path / f"{name}.jpg", tmp_path / f"{name}.png", "--quiet") == 0
+        assert PIL.Image.open(tmp_path / f"{name}.png").info["dpi"] == pytest.approx(dpi, rel=1e-4)

@@ -143,6 +143,16 @@ def _carried_exif(image: PIL.Image.Image, name: str) -> Optional[PIL.Image.Exif]
     return carried if len(carried) else None
 
 
+def _exif_dpi(exif: Optional[PIL.Image.Exif]) -> Optional[Tuple[float, float]]:
+    """The `(x, y)` dots per inch `exif` states, or None."""
+    if exif is None:
+        return None
+    x, y = _positive(exif.get(_Base.XResolution)), _positive(exif.get(_Base.YResolution))
+    if x is None or y is None:
+        return None
+    return (x * 2.54, y * 2.54) if exif.get(_Base.ResolutionUnit) == 3 else (x, y)  # 3: per centimetre
+
+
 def read_metadata(path: ImageFile) -> InputMetadata:
     """Read what an output of the image file at `path` keeps of its metadata (see the module's docstring), without
     decoding its pixels. Raises [`image_io.open_image`]'s errors for files that are no image."""
@@ -152,6 +162,10 @@ def read_metadata(path: ImageFile) -> InputMetadata:
         sideways = _orientation(image, name) in _SIDEWAYS
         exif = _carried_exif(image, name)
         dpi = image.info.get("dpi")
+        if image.format in ("JPEG", "MPO") and image.info.get("jfif_unit") not in (1, 2):
+            # Without a JFIF density in inches or cm, Pillow takes the EXIF's XResolution for both sides, and 72
+            # where there is none (or 0/0): an output stated 4x a DPI its input never did.
+            dpi = _exif_dpi(exif)
         icc_profile = image.info.get("icc_profile") or None
     if not (isinstance(dpi, tuple) and len(dpi) == 2 and all(float(value) > 0 for value in dpi)):
         dpi = None
