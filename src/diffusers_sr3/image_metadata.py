@@ -218,7 +218,7 @@ def _positive(value: Any) -> Optional[float]:
     """`value` as a positive finite number, or None (0/0, zero, a garbled tag holding several values)."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):  # 0/0: NaN in Pillow 12, ZeroDivisionError in 10
         return None
     return number if math.isfinite(number) and number > 0 else None
 
