@@ -42,8 +42,9 @@ def bar_options(file: Optional[Any] = None) -> Dict[str, Any]:
     notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
     if terminal or notebook or "TQDM_MININTERVAL" in os.environ:
         return {}
-    # maxinterval too: tqdm's monitor would otherwise redraw a bar that waited longer than it (10 s).
-    return {"mininterval": LOG_REFRESH_SECONDS, "maxinterval": LOG_REFRESH_SECONDS}
+    # A fixed miniters of 0: the clock alone decides. tqdm's own adapts it to the rate, and its monitor thread then
+    # redraws a bar whose last state is older than maxinterval (10 s), and the next update redraws it again.
+    return {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
 
 
 def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:
