@@ -48,6 +48,7 @@ from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state, re
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
 from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import get_preset
+from ..progress import bar_options
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
@@ -955,7 +956,8 @@ class Trainer:
             total=loop.max_train_steps,
             initial=loop.global_step,
             desc="steps",
-            disable=not accelerator.is_local_main_process,
+            disable=self.config.quiet or not accelerator.is_local_main_process,
+            **bar_options(),
         )
         skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
         loop.first_step, loop_started = loop.global_step, time.time()
@@ -1120,8 +1122,9 @@ class Trainer:
             loop.ema.step(self.trained_parameters)
         loop.global_step += 1
         last_lr = loop.lr_scheduler.get_last_lr()[0]
+        # Set first, not refreshed: the update shows it, at most as often as the bar redraws (`bar_options`).
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}", refresh=False)
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}")
         logs = {"train/loss": step_loss, "train/lr": last_lr}
         if loop.ema is not None:
             logs["train/ema_decay"] = loop.ema.cur_decay_value
