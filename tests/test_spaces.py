@@ -648,6 +648,23 @@ def test_the_refinement_strip_is_a_preview_sized_for_a_page(monkeypatch):
     assert app.preview_frame(result.sr3.resize((300, 200))).size == (300, 200)
 
 
+def test_the_refinement_strip_of_a_wide_photo_is_a_preview_too():
+    """Frames were bounded in height only: a 1024x64 panorama's 4096x256 result is no taller than 256 pixels, so its
+    13 frames made a 53248x256 strip, as heavy as a 1024x1024 result's at full size. Small frames are not enlarged."""
+    app = load_app()
+    limit = app.PROCESS_FRAME_PIXELS
+    assert limit == 512 * 256
+    for size in [(4096, 256), (1536, 256), (1537, 257), (262144, 4)]:
+        width, height = app.preview_frame(PIL.Image.new("RGB", size)).size
+        assert height <= 256 and width * height <= limit
+    assert app.preview_frame(PIL.Image.new("RGB", (4096, 256))).size == (1448, 90)
+    assert app.preview_frame(PIL.Image.new("RGB", (1536, 256))).size == (886, 147)
+    # Landscape photos up to 2:1 keep the full preview height; frames already small enough are left as they are.
+    assert app.preview_frame(PIL.Image.new("RGB", (2048, 1024))).size == (512, 256)
+    for size in [(240, 4), (4, 240), (512, 256), (1, 1)]:
+        assert app.preview_frame(PIL.Image.new("RGB", size)).size == size
+
+
 def test_every_picture_and_example_is_named_for_screen_readers(monkeypatch):
     """The examples were buttons without a name (a screen reader said "button" three times) and the uploaded photo
     and the refinement strip had no alt text (gradio marks such pictures decorative)."""
