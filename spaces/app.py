@@ -191,7 +191,9 @@ def frame_count(path: str) -> int:
     """How many frames (animation, pages) the image file at `path` holds; 1 where they cannot be counted."""
     try:
         with PIL.Image.open(path) as image:
-            return getattr(image, "n_frames", 1)
+            # A JPEG's multi-picture extras (an Ultra HDR gain map, a large preview, a stereo pair's other eye) are
+            # no frames: its first picture is the photo every viewer shows.
+            return 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
     except Exception:  # counting seeks through every frame; the first one, already read, is what the demo uses
         return 1
 

@@ -701,3 +701,16 @@ def test_an_animation_is_upscaled_from_its_first_frame_and_says_so(tmp_path, mon
     assert shown == ["clip.gif has 3 frames (an animation or a multi-page file): only the first is upscaled"]
     app.read_upload(str(PHOTO), "face.png", 1000)
     assert len(shown) == 1
+
+
+def test_a_jpeg_with_a_gain_map_or_preview_is_no_animation(tmp_path, monkeypatch):
+    """Pillow counts a JPEG's multi-picture extras (an Ultra HDR phone photo's gain map, a camera's preview) as frames:
+    such a photo was announced as "an animation or a multi-page file", though its first picture is the photo."""
+    app = load_app()
+    shown = []
+    monkeypatch.setattr(gradio, "Warning", shown.append)
+    photo = PIL.Image.open(PHOTO).convert("RGB")
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo.convert("L").convert("RGB")])
+    assert PIL.Image.open(tmp_path / "phone.jpg").n_frames == 2
+    assert app.read_upload(str(tmp_path / "phone.jpg"), "phone.jpg", 1000).size == (16, 16)
+    assert shown == []
