@@ -822,3 +822,31 @@ def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
         monkeypatch.undo()
         writer.stdin.close()
         writer.wait(timeout=30)
+
+
+def test_a_training_run_whose_datasets_listing_is_below_train_data_dir_holds_the_datasets_there(
+    tmp_path, held, monkeypatch, capsys
+):
+    """`datasets` lists `--train_data_dir` as the `data_dir` of a builder's `--dataset_name` (`imagefolder`) and of
+    `--train_data_files` patterns, which it reads relative to it: the run listed the folder only when streamed, and
+    the patterns relative to the working folder, and read a dataset below it that `sr3 prepare` was writing."""
+    source, out = prepared_below(tmp_path, capsys)
+    datasets = str(tmp_path / "datasets")
+    monkeypatch.chdir(tmp_path / "images")  # the pattern names nothing here
+
+    def refused(dataset, pid, **options):
+        with pytest.raises(OutputFolderBusyError) as refusal:
+            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
+        assert str(refusal.value) == (
+            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+            "half-written dataset; wait for the prepare to finish"
+        ), options
+        assert not (tmp_path / "run").exists()
+
+    refused(out, held(out, "--out", "sr3 prepare"), dataset_name="imagefolder", train_data_dir=datasets)
+    parquet = tmp_path / "parquets" / "parquet"
+    assert prepare(source, parquet, "--sizes", "8,16", "--format", "parquet") == 0
+    capsys.readouterr()
+    pid = held(parquet, "--out", "sr3 prepare")
+    pattern = os.path.join("*", "data", "*.parquet")
+    refused(parquet, pid, train_data_dir=str(tmp_path / "parquets"), train_data_files=[pattern])
