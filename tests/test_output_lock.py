@@ -1,6 +1,7 @@
 """One writer per output folder: a training run, `sr3 demo` or `sr3 prepare` into a folder another live run holds is
 refused."""
 
+import errno
 import json
 import os
 import subprocess
@@ -850,3 +851,31 @@ def test_a_training_run_whose_datasets_listing_is_below_train_data_dir_holds_the
     pid = held(parquet, "--out", "sr3 prepare")
     pattern = os.path.join("*", "data", "*.parquet")
     refused(parquet, pid, train_data_dir=str(tmp_path / "parquets"), train_data_files=[pattern])
+
+
+HOLD_MANY = (
+    "import resource, sys\n"
+    "from diffusers_sr3.image_io import find_image_sources\n"
+    "from diffusers_sr3.training.output_lock import hold_folders_for_reading\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+    "with hold_folders_for_reading([], 'upscaling it'):\n"
+    "    find_image_sources([sys.argv[1]])\n"
+)
+
+
+def test_more_datasets_read_than_open_files_allowed_is_an_error_that_says_so(tmp_path):
+    """Each prepared dataset a listing meets keeps its lock open while it is read: past the limit of open files one
+    was read unlocked, and a glob's listing then failed without a word (`no such file, folder or matching glob`)."""
+    for index in range(80):
+        dataset = tmp_path / "datasets" / f"{index:03d}"
+        (dataset / "lr_8").mkdir(parents=True)
+        (dataset / "lr_8" / "0.png").write_bytes(b"")
+        (dataset / ".sr3_prepare.json").write_text('{"complete": true}', encoding="utf-8")
+        (dataset / LOCK_FILE).write_text("", encoding="utf-8")
+    listing = str(tmp_path / "datasets" / "*" / "lr_8" / "*.png")
+    ran = subprocess.run([sys.executable, "-c", HOLD_MANY, listing, "64"], capture_output=True, text=True)
+    assert ran.returncode == 1
+    error = ran.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"OSError: [Errno {errno.EMFILE}] cannot hold folder {tmp_path / 'datasets'}"), error
+    assert error.endswith("read fewer datasets at once, or raise the limit (ulimit -n)"), error
+    assert subprocess.run([sys.executable, "-c", HOLD_MANY, listing, "512"]).returncode == 0
