@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..backends import check_bfloat16_runs, cpu_name, fast_bfloat16
 from ..data import (
+    LOCAL_BUILDERS,
     BadImageError,
     PairMaker,
     TrainingData,
@@ -322,14 +323,25 @@ def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
 
 def _listed_by_datasets(config: TrainingConfig) -> List[str]:
     """The local folders and file patterns that `datasets.load_dataset` lists for the run, not the run itself: the
-    prepared datasets below them are held (`hold_datasets_in`) as those the run's own listing meets are."""
+    prepared datasets below them are held (`hold_datasets_in`) as those the run's own listing meets are.
+
+    `--train_data_dir` is the `data_dir` of a builder's (`--dataset_name imagefolder`, or the one the patterns'
+    extension picks) or a local folder's dataset, streamed or not, and the `--train_data_files` patterns are read
+    relative to it: listed as given, they named other files than those read, or none."""
     if config.train_images is not None or config.train_dataset is not None:
         return []
-    listed = list(config.train_data_files or [])
-    if config.dataset_name is not None and os.path.isdir(config.dataset_name):
-        listed.append(config.dataset_name)
-    if config.streaming and config.train_data_dir is not None and os.path.isdir(config.train_data_dir):
-        listed.append(config.train_data_dir)
+    name, data_dir, patterns = config.dataset_name, config.train_data_dir, list(config.train_data_files or [])
+    if name is None and not patterns and not config.streaming:
+        return []  # the run lists --train_data_dir itself
+    local_folder = name is not None and os.path.isdir(name)
+    if name is not None and not local_folder and name not in LOCAL_BUILDERS:
+        return patterns  # a Hub dataset's folder and patterns are the Hub's
+    base = os.path.join(name, data_dir or "") if local_folder else data_dir or ""
+    listed = [pattern if "://" in pattern else os.path.join(base, pattern) for pattern in patterns]
+    if local_folder:
+        listed.append(name)
+    elif not patterns and data_dir is not None and os.path.isdir(data_dir):
+        listed.append(data_dir)
     return listed
 
 
