@@ -152,13 +152,15 @@ def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_pa
 
 
 def test_the_lock_file_is_never_uploaded(tmp_path):
-    from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations
+    from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations, _uploaded_files
 
     with claim_output_folder(str(tmp_path)):
         (tmp_path / "model_index.json").write_text("{}", encoding="utf-8")
         uploaded = [
             operation.path_in_repo
-            for operation in _upload_operations(str(tmp_path), "card", _ignore_patterns(str(tmp_path), "logs"))
+            for operation in _upload_operations(
+                str(tmp_path), "card", _uploaded_files(str(tmp_path), _ignore_patterns(str(tmp_path), "logs"))
+            )
         ]
     assert uploaded == ["model_index.json"]
 
