@@ -76,6 +76,10 @@ MAX_PROCESS_FRAMES = 12
 # The refinement strip's frames are shown at most this tall: at full size 12 snapshots of a 1024x1024 result make a
 # 13312x1024 PNG of up to 30 MB, shown about 60 pixels a frame across a page: too heavy for a phone or a slow link.
 PROCESS_FRAME_HEIGHT = 256
+# ... and at most a 512x256 frame's pixels: a wide result (4096x256 from a 1024x64 panorama) is no taller than the
+# height above, yet its 13 frames made a 53248x256 strip, as heavy as the square's at full size. Landscape photos up
+# to 2:1 stay 256 pixels tall.
+PROCESS_FRAME_PIXELS = 2 * PROCESS_FRAME_HEIGHT**2
 # Uploads are refused by the server above this size, before any decoding.
 MAX_UPLOAD_SIZE = "25mb"
 MAX_SEED = 2**32 - 1
@@ -187,7 +191,9 @@ def frame_count(path: str) -> int:
     """How many frames (animation, pages) the image file at `path` holds; 1 where they cannot be counted."""
     try:
         with PIL.Image.open(path) as image:
-            return getattr(image, "n_frames", 1)
+            # A JPEG's multi-picture extras (an Ultra HDR gain map, a large preview, a stereo pair's other eye) are
+            # no frames: its first picture is the photo every viewer shows.
+            return 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
     except Exception:  # counting seeks through every frame; the first one, already read, is what the demo uses
         return 1
 
@@ -203,11 +209,13 @@ def with_scheduler(pipeline: SR3Pipeline, scheduler: str) -> SR3Pipeline:
 
 
 def preview_frame(frame: PIL.Image.Image) -> PIL.Image.Image:
-    """`frame` scaled down (antialiased) to at most `PROCESS_FRAME_HEIGHT` pixels tall, its aspect ratio kept."""
-    if frame.height <= PROCESS_FRAME_HEIGHT:
+    """`frame` scaled down (antialiased) to at most `PROCESS_FRAME_HEIGHT` pixels tall and `PROCESS_FRAME_PIXELS`
+    pixels, its aspect ratio kept; never enlarged."""
+    shrink = min(PROCESS_FRAME_HEIGHT / frame.height, (PROCESS_FRAME_PIXELS / (frame.width * frame.height)) ** 0.5)
+    if shrink >= 1:
         return frame
-    width = max(1, round(frame.width * PROCESS_FRAME_HEIGHT / frame.height))
-    return frame.resize((width, PROCESS_FRAME_HEIGHT), PIL.Image.BICUBIC)
+    size = (max(1, int(frame.width * shrink)), max(1, int(frame.height * shrink)))  # rounded down: within both
+    return frame.resize(size, PIL.Image.BICUBIC)
 
 
 @dataclasses.dataclass
@@ -249,7 +257,7 @@ def super_resolve(
         scheduler: a `diffusers_sr3.noise.SCHEDULERS` name.
         seed: seed of the sampling noise.
         process_frames: how many snapshots of the refinement to draw after the upsampled input (0: none), each
-            scaled down to at most `PROCESS_FRAME_HEIGHT` pixels tall.
+            scaled down to at most `PROCESS_FRAME_HEIGHT` pixels tall and `PROCESS_FRAME_PIXELS` pixels.
         progress: called with `(done, total)` after every network evaluation, counted in (tile, step) crops: the
             refinement steps of an untiled image.
         mode: `"detail"` (SR3 sampling with `scheduler` and `steps`) or `"fidelity"` (the model's estimate of the

@@ -313,3 +313,15 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
     (held / "lr_8" / "1.png").unlink()
     with pytest.raises(SystemExit, match="HR images without their LR"):
         lora_finetune.main(options)
+
+
+def test_space_examples_times_the_pages_own_request_on_each_example_photo(x0_model_dir, capsys):
+    space_examples = load("space_examples")
+    space = space_examples.load_space()
+    pipeline = space.load_pipeline(str(x0_model_dir), "cpu")
+    pipeline.register_to_config(detail_steps=2)  # the page's default steps: few, to keep the test fast
+    photo = next(path for path in space.example_images() if path.endswith("chelsea_96x64.png"))
+    (row,) = space_examples.time_examples(space, pipeline, [photo])
+    assert row["photo"] == "chelsea_96x64.png" and row["seconds"] > 0 and len(row["load"]) == 2
+    assert "96x64 → 384x256 · ddim, 2 steps" in row["summary"]  # the page's request, at the page's defaults
+    assert "chelsea_96x64.png: " in capsys.readouterr().out

@@ -100,6 +100,27 @@ def test_demo_self_ensemble_adds_a_fidelity_column(tmp_path):
     assert PIL.Image.open(out / "photo.png").width % 6 == 0
 
 
+def test_demo_prints_its_results_on_stdout_and_its_progress_on_stderr_or_none_with_quiet(tmp_path, capsys):
+    out = tmp_path / "demo"
+    arguments = ["demo", "--output", str(out), "--steps", "1", "--width", "8", "--crop-size", "32", "--no-packaged"]
+    arguments += ["--train-crops", "8", "--eval-crops", "2", "--inference-steps", "2", "--photo-size", "32"]
+    arguments += ["--batch-size", "2", "--threads", "1"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr()
+    verdict = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["verdict"]
+    results = printed.out.splitlines()
+    assert results[-1] == f"wrote comparison.png, photo.png, metrics.md, metrics.json and the model to {out}"
+    assert verdict in results and "| bicubic |" in printed.out
+    # How the run went (the photos, the training's bar and summary) is progress: on stderr.
+    for progress in ("training photos (", "held-out photos (", "steps:", "Training finished"):
+        assert progress in printed.err and progress not in printed.out, progress
+    assert main(arguments + ["--overwrite", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    assert f"removed the earlier demo's model in {out / 'model'}" in quiet.out  # the user's files changed: said
+    assert [line for line in quiet.out.splitlines() if not line.startswith("removed")] == results
+
+
 def test_verdict_states_what_was_measured_in_plain_words():
     bicubic = {"psnr": 25.0, "ssim": 0.7, "consistency": 1e-4}
     assert demo._verdict({"psnr": 26.0, "ssim": 0.8, "consistency": 5e-5}, bicubic, "The model") == (
@@ -182,7 +203,7 @@ def test_minutes_size_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     _run_timed_demo(monkeypatch, out, minutes=0.13, timed_step=0.5, bfloat16=True)  # bf16 where that is fast
     # 0.13 min = 7.8 s at 0.5 s per step, x0.8 -> a plan of 12 steps, which these tiny steps finish early
-    assert "training for 0.13 min (at most 12 steps)" in capsys.readouterr().out
+    assert "training for 0.13 min (at most 12 steps)" in capsys.readouterr().err  # progress, not a result
     assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["steps"] >= 12
     assert "| mixed precision | bf16 |" in (out / "model" / "README.md").read_text(encoding="utf-8")
 

@@ -1,6 +1,7 @@
 """One writer per output folder: a training run, `sr3 demo` or `sr3 prepare` into a folder another live run holds is
 refused."""
 
+import errno
 import json
 import os
 import subprocess
@@ -151,13 +152,15 @@ def test_a_staging_folder_removed_under_the_run_is_not_blamed_on_the_disk(tmp_pa
 
 
 def test_the_lock_file_is_never_uploaded(tmp_path):
-    from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations
+    from diffusers_sr3.training.hub import _ignore_patterns, _upload_operations, _uploaded_files
 
     with claim_output_folder(str(tmp_path)):
         (tmp_path / "model_index.json").write_text("{}", encoding="utf-8")
         uploaded = [
             operation.path_in_repo
-            for operation in _upload_operations(str(tmp_path), "card", _ignore_patterns(str(tmp_path), "logs"))
+            for operation in _upload_operations(
+                str(tmp_path), "card", _uploaded_files(str(tmp_path), _ignore_patterns(str(tmp_path), "logs"))
+            )
         ]
     assert uploaded == ["model_index.json"]
 
@@ -822,3 +825,59 @@ def test_a_reader_is_not_let_in_by_the_record_of_a_lock_files_previous_holder(
         monkeypatch.undo()
         writer.stdin.close()
         writer.wait(timeout=30)
+
+
+def test_a_training_run_whose_datasets_listing_is_below_train_data_dir_holds_the_datasets_there(
+    tmp_path, held, monkeypatch, capsys
+):
+    """`datasets` lists `--train_data_dir` as the `data_dir` of a builder's `--dataset_name` (`imagefolder`) and of
+    `--train_data_files` patterns, which it reads relative to it: the run listed the folder only when streamed, and
+    the patterns relative to the working folder, and read a dataset below it that `sr3 prepare` was writing."""
+    source, out = prepared_below(tmp_path, capsys)
+    datasets = str(tmp_path / "datasets")
+    monkeypatch.chdir(tmp_path / "images")  # the pattern names nothing here
+
+    def refused(dataset, pid, **options):
+        with pytest.raises(OutputFolderBusyError) as refusal:
+            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
+        assert str(refusal.value) == (
+            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+            "half-written dataset; wait for the prepare to finish"
+        ), options
+        assert not (tmp_path / "run").exists()
+
+    refused(out, held(out, "--out", "sr3 prepare"), dataset_name="imagefolder", train_data_dir=datasets)
+    parquet = tmp_path / "parquets" / "parquet"
+    assert prepare(source, parquet, "--sizes", "8,16", "--format", "parquet") == 0
+    capsys.readouterr()
+    pid = held(parquet, "--out", "sr3 prepare")
+    pattern = os.path.join("*", "data", "*.parquet")
+    refused(parquet, pid, train_data_dir=str(tmp_path / "parquets"), train_data_files=[pattern])
+
+
+HOLD_MANY = (
+    "import resource, sys\n"
+    "from diffusers_sr3.image_io import find_image_sources\n"
+    "from diffusers_sr3.training.output_lock import hold_folders_for_reading\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+    "with hold_folders_for_reading([], 'upscaling it'):\n"
+    "    find_image_sources([sys.argv[1]])\n"
+)
+
+
+def test_more_datasets_read_than_open_files_allowed_is_an_error_that_says_so(tmp_path):
+    """Each prepared dataset a listing meets keeps its lock open while it is read: past the limit of open files one
+    was read unlocked, and a glob's listing then failed without a word (`no such file, folder or matching glob`)."""
+    for index in range(80):
+        dataset = tmp_path / "datasets" / f"{index:03d}"
+        (dataset / "lr_8").mkdir(parents=True)
+        (dataset / "lr_8" / "0.png").write_bytes(b"")
+        (dataset / ".sr3_prepare.json").write_text('{"complete": true}', encoding="utf-8")
+        (dataset / LOCK_FILE).write_text("", encoding="utf-8")
+    listing = str(tmp_path / "datasets" / "*" / "lr_8" / "*.png")
+    ran = subprocess.run([sys.executable, "-c", HOLD_MANY, listing, "64"], capture_output=True, text=True)
+    assert ran.returncode == 1
+    error = ran.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"OSError: [Errno {errno.EMFILE}] cannot hold folder {tmp_path / 'datasets'}"), error
+    assert error.endswith("read fewer datasets at once, or raise the limit (ulimit -n)"), error
+    assert subprocess.run([sys.executable, "-c", HOLD_MANY, listing, "512"]).returncode == 0

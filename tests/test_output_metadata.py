@@ -8,11 +8,12 @@ import zlib
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
+import PIL.TiffImagePlugin
 import pytest
 from PIL import ImageCms
 from test_image_io import swapped_primaries_profile
 
-from diffusers_sr3 import image_metadata
+from diffusers_sr3 import image_io, image_metadata
 from diffusers_sr3.cli import main
 from diffusers_sr3.image_io import open_image
 from diffusers_sr3.image_processing import images_to_tensor
@@ -187,3 +188,114 @@ def test_exif_too_long_for_a_jpeg_is_left_out_of_it_with_a_warning(model_dir, tm
     assert "exif" not in PIL.Image.open(tmp_path / "out.jpg").info
     assert upscale(model_dir, tmp_path / "long.png", tmp_path / "out.png", "--quiet") == 0
     assert len(PIL.Image.open(tmp_path / "out.png").getexif()[Base.ImageDescription]) == 70000
+
+
+def bmp_rgb565(width, height):
+    """BMP bytes of a 16-bit-a-pixel (5-6-5 bits) colour image, as old screenshots and embedded cameras write."""
+    rows = struct.pack("<H", 0xF800) * width * height
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 3, len(rows), 2835, 2835, 0, 0)
+    dib += struct.pack("<3I", 0xF800, 0x07E0, 0x001F)
+    return struct.pack("<2sIHHI", b"BM", 14 + len(dib) + len(rows), 0, 0, 14 + len(dib)) + dib + rows
+
+
+def test_a_5_6_5_bmp_is_not_called_16_bit_colour(model_dir, tmp_path, capsys):
+    """Its raw mode `BGR;16` holds 16 bits a pixel, 5 or 6 a channel: nothing is lost reading it at 8."""
+    (tmp_path / "screen.bmp").write_bytes(bmp_rgb565(8, 8))
+    assert upscale(model_dir, tmp_path / "screen.bmp", tmp_path / "out.png", "--quiet") == 0
+    assert "16-bit" not in capsys.readouterr().err
+
+
+def test_16_bit_colour_is_told_from_tiles_as_pillow_before_11_stores_them(tmp_path):
+    """Pillow before 11 keeps `image.tile` as plain tuples, without `.args`: every upscale of an RGB file failed."""
+    (tmp_path / "deep.png").write_bytes(png_16bit_rgb(np.zeros((8, 8, 3), np.uint16)))
+    for name, deep in (("deep.png", True), ("plain.png", False)):
+        if not deep:
+            colours(8, 8).save(tmp_path / name)
+        with PIL.Image.open(tmp_path / name) as image:
+            image.tile = [tuple(tile) for tile in image.tile]
+            assert image_io._colour_read_at_8_bits(image) is deep
+
+
+def test_an_exif_resolution_of_0_over_0_is_left_out_not_a_stop_after_the_work(model_dir, tmp_path):
+    """Scaled, 0/0 was NaN, which Pillow cannot write: the run stopped at that file ("cannot convert NaN to integer
+    ratio"), its output and those of the files after it lost."""
+    exif = PIL.Image.Exif()
+    exif[Base.Make] = "Scanner"
+    exif[Base.XResolution] = exif[Base.YResolution] = PIL.TiffImagePlugin.IFDRational(0, 0)
+    (tmp_path / "in").mkdir()
+    colours(8, 8).save(tmp_path / "in" / "a.jpg", exif=exif)
+    colours(8, 8).save(tmp_path / "in" / "b.jpg")
+    assert upscale(model_dir, tmp_path / "in", tmp_path / "out", "--quiet") == 0
+    assert (tmp_path / "out" / "b_sr.png").is_file()
+    for destination in (tmp_path / "out" / "a_sr.png", tmp_path / "a.jpg"):
+        if not destination.exists():
+            assert upscale(model_dir, tmp_path / "in" / "a.jpg", destination, "--quiet") == 0
+        exif = PIL.Image.open(destination).getexif()
+        assert exif[Base.Make] == "Scanner" and Base.XResolution not in exif
+
+
+def test_maker_notes_and_a_tiffs_location_layers_and_page_pointers_are_not_carried(model_dir, tmp_path):
+    """Maker notes were copied verbatim to a new place (their offsets then point elsewhere; Nikon's hold a preview of
+    the photo); a GeoTIFF's georeferencing (a location, at the input's pixel scale), its IPTC, its Photoshop layers
+    (the input again) and its SubIFDs pointer (into the input file) went into the output."""
+    preview = b"\xff\xd8 a preview of the photo \xff\xd9"
+    exif = camera_exif()
+    exif[IFD.Exif] = {Base.MakerNote: b"Nikon\0\x02\x10\0\0MM\0*\0\0\0\x08" + preview, Base.ExposureTime: 0.004}
+    colours(8, 8).save(tmp_path / "photo.jpg", exif=exif)
+    tags = PIL.TiffImagePlugin.ImageFileDirectory_v2()
+    tags[Base.Make] = "Scanner"
+    tags[33550], tags[33922] = (0.5, 0.5, 0.0), (0.0, 0.0, 0.0, 2.35, 48.85, 0.0)  # ModelPixelScale, ModelTiepoint
+    tags[34735] = (1, 1, 0, 1, 1024, 0, 1, 2)  # GeoKeyDirectory
+    tags[Base.IPTCNAA] = b"\x1c\x02\x5a\x00\x05Paris"  # City
+    tags[37724] = b"Adobe Photoshop Document Data Block\0"
+    tags[Base.SubIFDs] = (8,)
+    colours(8, 8).save(tmp_path / "map.tif", tiffinfo=tags)
+    for source, extension in (("photo.jpg", ".jpg"), ("photo.jpg", ".png"), ("map.tif", ".tif"), ("map.tif", ".jpg")):
+        destination = tmp_path / f"out_{source}{extension}"
+        assert upscale(model_dir, tmp_path / source, destination, "--quiet") == 0
+        exif = PIL.Image.open(destination).getexif()
+        assert exif[Base.Make] in ("Canon", "Scanner")
+        assert not {33550, 33922, 34735, Base.IPTCNAA, 37724, Base.SubIFDs} & set(exif)
+        assert Base.MakerNote not in exif.get_ifd(IFD.Exif)
+        assert preview not in destination.read_bytes() and b"Paris" not in destination.read_bytes()
+    assert float(PIL.Image.open(tmp_path / "out_photo.jpg.jpg").getexif().get_ifd(IFD.Exif)[Base.ExposureTime]) == 0.004
+
+
+def test_a_palette_image_with_a_colour_profile_is_converted_as_an_rgb_one(model_dir, tmp_path):
+    """A palette PNG's iCCP applies to its colours: they were read unconverted, as sRGB (red where a colour-managed
+    viewer shows the input blue), and the output was tagged sRGB all the same."""
+    red = PIL.Image.new("RGB", (8, 8), (200, 30, 30))
+    red.convert("P", palette=PIL.Image.ADAPTIVE, colors=4).save(
+        tmp_path / "palette.png", icc_profile=swapped_primaries_profile()
+    )
+    red.save(tmp_path / "rgb.png", icc_profile=swapped_primaries_profile())
+    assert open_image(tmp_path / "palette.png").getpixel((0, 0)) == open_image(tmp_path / "rgb.png").getpixel((0, 0))
+    opened = PIL.Image.open(tmp_path / "palette.png")
+    assert np.array_equal(images_to_tensor(opened), images_to_tensor(open_image(tmp_path / "rgb.png")))
+    for name in ("palette", "rgb"):
+        assert upscale(model_dir, tmp_path / f"{name}.png", tmp_path / f"{name}_out.png", "--quiet") == 0
+    palette_out, rgb_out = (PIL.Image.open(tmp_path / f"{name}_out.png") for name in ("palette", "rgb"))
+    assert np.array_equal(np.asarray(palette_out), np.asarray(rgb_out))
+    assert palette_out.info["icc_profile"] == rgb_out.info["icc_profile"]
+
+
+def test_a_jpeg_that_states_no_resolution_gives_an_output_without_one(model_dir, tmp_path):
+    """Pillow reads 72 DPI where a JPEG with EXIF states none (its output stated 288), and the EXIF's x resolution
+    for both sides where it states two."""
+    exif = PIL.Image.Exif()
+    exif[Base.Make] = "Phone"
+    colours(8, 8).save(tmp_path / "phone.jpg", exif=exif)
+    assert PIL.Image.open(tmp_path / "phone.jpg").info["dpi"] == (72, 72)  # what Pillow makes of it
+    assert upscale(model_dir, tmp_path / "phone.jpg", tmp_path / "out.png", "--quiet") == 0
+    written = PIL.Image.open(tmp_path / "out.png")
+    assert "dpi" not in written.info and Base.XResolution not in written.getexif()
+    assert image_metadata.read_metadata(tmp_path / "phone.jpg").dpi is None
+    # A JFIF density, or an EXIF resolution (here 300x200 per inch, then 100x50 per cm), is scaled.
+    colours(8, 8).save(tmp_path / "stated.jpg", dpi=(72, 72))
+    colours(8, 8).save(tmp_path / "in_exif.jpg", exif=camera_exif())
+    exif = camera_exif()
+    exif[Base.XResolution], exif[Base.YResolution], exif[Base.ResolutionUnit] = 100.0, 50.0, 3
+    colours(8, 8).save(tmp_path / "per_cm.jpg", exif=exif)
+    for name, dpi in (("stated", (288, 288)), ("in_exif", (1200, 800)), ("per_cm", (1016, 508))):
+        assert upscale(model_dir, tmp_path / f"{name}.jpg", tmp_path / f"{name}.png", "--quiet") == 0
+        assert PIL.Image.open(tmp_path / f"{name}.png").info["dpi"] == pytest.approx(dpi, rel=1e-4)

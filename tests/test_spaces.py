@@ -648,6 +648,23 @@ def test_the_refinement_strip_is_a_preview_sized_for_a_page(monkeypatch):
     assert app.preview_frame(result.sr3.resize((300, 200))).size == (300, 200)
 
 
+def test_the_refinement_strip_of_a_wide_photo_is_a_preview_too():
+    """Frames were bounded in height only: a 1024x64 panorama's 4096x256 result is no taller than 256 pixels, so its
+    13 frames made a 53248x256 strip, as heavy as a 1024x1024 result's at full size. Small frames are not enlarged."""
+    app = load_app()
+    limit = app.PROCESS_FRAME_PIXELS
+    assert limit == 512 * 256
+    for size in [(4096, 256), (1536, 256), (1537, 257), (262144, 4)]:
+        width, height = app.preview_frame(PIL.Image.new("RGB", size)).size
+        assert height <= 256 and width * height <= limit
+    assert app.preview_frame(PIL.Image.new("RGB", (4096, 256))).size == (1448, 90)
+    assert app.preview_frame(PIL.Image.new("RGB", (1536, 256))).size == (886, 147)
+    # Landscape photos up to 2:1 keep the full preview height; frames already small enough are left as they are.
+    assert app.preview_frame(PIL.Image.new("RGB", (2048, 1024))).size == (512, 256)
+    for size in [(240, 4), (4, 240), (512, 256), (1, 1)]:
+        assert app.preview_frame(PIL.Image.new("RGB", size)).size == size
+
+
 def test_every_picture_and_example_is_named_for_screen_readers(monkeypatch):
     """The examples were buttons without a name (a screen reader said "button" three times) and the uploaded photo
     and the refinement strip had no alt text (gradio marks such pictures decorative)."""
@@ -684,3 +701,16 @@ def test_an_animation_is_upscaled_from_its_first_frame_and_says_so(tmp_path, mon
     assert shown == ["clip.gif has 3 frames (an animation or a multi-page file): only the first is upscaled"]
     app.read_upload(str(PHOTO), "face.png", 1000)
     assert len(shown) == 1
+
+
+def test_a_jpeg_with_a_gain_map_or_preview_is_no_animation(tmp_path, monkeypatch):
+    """Pillow counts a JPEG's multi-picture extras (an Ultra HDR phone photo's gain map, a camera's preview) as frames:
+    such a photo was announced as "an animation or a multi-page file", though its first picture is the photo."""
+    app = load_app()
+    shown = []
+    monkeypatch.setattr(gradio, "Warning", shown.append)
+    photo = PIL.Image.open(PHOTO).convert("RGB")
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo.convert("L").convert("RGB")])
+    assert PIL.Image.open(tmp_path / "phone.jpg").n_frames == 2
+    assert app.read_upload(str(tmp_path / "phone.jpg"), "phone.jpg", 1000).size == (16, 16)
+    assert shown == []

@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_spaces import PHOTO, load_app, serving
 
@@ -182,3 +183,44 @@ def test_on_a_phone_the_page_fits_and_the_results_follow_the_button(browser, pag
         assert "a cat, 96x64" in examples
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_an_example_photo_named_in_text_loads_into_the_upload_and_runs(browser, page):
+    """The examples are text buttons now (their names, for screen readers): clicking one must still load its photo
+    into the upload. On a desktop the results stay beside the settings, and Tab goes upload, examples, settings,
+    button."""
+    _, _, url = page
+    browser.get(url)
+    wait = WebDriverWait(browser, WAIT_SECONDS)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    button, gallery = browser.find_element(By.ID, "run").rect, browser.find_element(By.ID, "gallery").rect
+    assert gallery["x"] >= button["x"] + button["width"]  # side by side
+    browser.find_element(By.TAG_NAME, "body").click()
+    order = []
+    while not order or order[-1] != "Super-resolve":
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        order.append(browser.switch_to.active_element.accessible_name)
+        assert len(order) < 40, order
+    examples = ["an astronaut's portrait, 64x64", "a cat, 96x64", "a cup of coffee, 96x64"]
+    first = order.index(examples[0])
+    assert order[first : first + 3] == examples
+    assert order.index("Upload file") < first and order.index("x4") > first + 2
+    next(
+        element for element in browser.find_elements(By.TAG_NAME, "button") if element.accessible_name == examples[1]
+    ).click()
+    wait.until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "img[src$='chelsea_96x64.png'][alt='the photo to super-resolve']")
+    )
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda b: "96x64 → 384x256" in b.find_element(By.ID, "info").text)
+
+
+def test_an_animation_says_in_the_page_that_only_its_first_frame_is_upscaled(browser, page, tmp_path):
+    """`gr.Warning` is called in the worker thread that runs the request: it must reach the page as a notice."""
+    _, _, url = page
+    first = PIL.Image.open(PHOTO).convert("RGB")
+    first.save(tmp_path / "clip.gif", save_all=True, append_images=[first.rotate(90)])
+    wait = open_and_upload(browser, url, tmp_path / "clip.gif")
+    message = "clip.gif has 2 frames (an animation or a multi-page file): only the first is upscaled"
+    wait.until(lambda b: message in b.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery img[alt^='SR3']"))

@@ -1,5 +1,6 @@
 """SR3UNet2DModel: shapes, both conditioning kinds, Diffusers attention and memory features, save/load."""
 
+import logging
 import math
 import re
 
@@ -826,3 +827,39 @@ def test_training_levels_given_to_the_objective_are_checked_where_they_enter():
     with pytest.raises(ValueError, match=r"got 999.0: a scheduler timestep is not a level"):
         noise_batch(unet, betas, hr, condition, noise_level=timesteps)
     noise_batch(unet, betas, hr, condition, noise_level=torch.tensor([0.0, 1.0]))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("cast", [lambda pipeline: pipeline.to(torch.bfloat16), lambda p: p.to(dtype=torch.float16)])
+def test_a_cast_to_half_precision_keeps_the_level_embeddings_in_float32_as_loading_does(
+    guided_pipeline, tmp_path, cast
+):
+    from diffusers_sr3 import SR3Pipeline
+
+    guided_pipeline.save_pretrained(tmp_path / "model")
+    records = _Records()
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(records)
+    try:
+        cast(guided_pipeline)
+    finally:
+        diffusers_logger.removeHandler(records)
+    # Diffusers warns of a cast that puts them in half precision; this one keeps them in float32.
+    assert not [message for message in records.messages if "kept in float32" in message]
+    dtype = guided_pipeline.unet.dtype
+    loaded = SR3Pipeline.from_pretrained(tmp_path / "model", torch_dtype=dtype)
+    for name in ("unet", "guidance_unet"):
+        cast_dtypes = {key: value.dtype for key, value in getattr(guided_pipeline, name).state_dict().items()}
+        assert cast_dtypes == {key: value.dtype for key, value in getattr(loaded, name).state_dict().items()}
+        assert cast_dtypes["noise_level_embedding.linear_1.weight"] == torch.float32
+        assert cast_dtypes["conv_in.weight"] == dtype != torch.float32
+    guided_pipeline.to(torch.float32)  # and back: all of it
+    assert {value.dtype for value in guided_pipeline.unet.state_dict().values()} == {torch.float32}

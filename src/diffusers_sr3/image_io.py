@@ -396,7 +396,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 # The ICC colour space a profile must describe for images of each mode to be converted through it.
-_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "CMYK": "CMYK"}
+# A palette's colours are in its file's RGB profile too (a PNG's iCCP applies to them).
+_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "P": "RGB", "PA": "RGB", "CMYK": "CMYK"}
 
 
 # Every level of each channel alone and of gray, and a colour cube: what a profile that changes nothing must keep.
@@ -440,7 +441,7 @@ def _srgb_transform(icc_profile: bytes, mode: str):
 
 def to_srgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """`image` converted to sRGB (as `RGB`) when it carries an ICC colour profile (`info["icc_profile"]`) for its
-    mode (RGB, RGBA, CMYK); otherwise, or when the profile cannot be read, `image` itself.
+    mode (RGB, RGBA, palette, CMYK); otherwise, or when the profile cannot be read, `image` itself.
 
     The networks work in sRGB: an Adobe RGB or Display P3 photo read as sRGB comes out with shifted colours; outputs
     are tagged sRGB (`image_metadata.output_profile`), as Pillow tags the converted image. An sRGB-tagged image
@@ -722,12 +723,14 @@ class ImageFacts(NamedTuple):
 
 def _colour_read_at_8_bits(image: PIL.Image.Image) -> bool:
     """Whether `image` (opened, not yet loaded) stores colour at 16 bits per channel: Pillow has no such mode and
-    decodes it to 8-bit `RGB` or `RGBA` (its raw mode, such as PNG's `RGB;16B`, tells)."""
+    decodes it to 8-bit `RGB` or `RGBA` (its raw mode, such as PNG's `RGB;16B`, tells; BMP's `BGR;16` is 5-6-5
+    bits a pixel, no loss)."""
     if image.mode not in ("RGB", "RGBA"):
         return False
     for tile in image.tile:
-        rawmode = tile.args[0] if isinstance(tile.args, tuple) and tile.args else tile.args
-        if isinstance(rawmode, str) and ";16" in rawmode:
+        args = tile[3]  # a plain tuple before Pillow 11, which has no `.args`
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and rawmode.endswith((";16B", ";16L", ";16N")):
             return True
     return False
 

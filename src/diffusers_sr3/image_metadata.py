@@ -6,8 +6,9 @@ wrong size, and is shown in a colour-managed viewer with colours the file no lon
 what an output should keep, and [`save_options`] turns it into Pillow save options for the output's format:
 
 - EXIF: kept (camera, lens, exposure, date), without the orientation (the pixels were turned upright when read), the
-  location (GPS: upscaled photos are shared, and the location would go with them unasked) and the thumbnail (a
-  picture of the input); the image size and resolution tags are set to the output's.
+  location (GPS, a TIFF's GeoTIFF tags and IPTC: upscaled photos are shared, and the location would go with them
+  unasked), the thumbnail (a picture of the input) and the maker notes (which may hold another, and offsets that
+  break when moved); the image size and resolution tags are set to the output's.
 - DPI: multiplied by the upscale factor, so that the output prints at the input's size, as a scan at 4x the DPI.
 - ICC profile: the pixels are converted to sRGB when read (the networks work in sRGB, see `image_io.to_srgb`), so an
   output is tagged with the profile its values are in: the input's own where it is sRGB (or gray, which is not
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
@@ -39,9 +41,10 @@ DPI_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 JPEG_EXIF_BYTES = 65533
 
 _Base, _IFD = PIL.ExifTags.Base, PIL.ExifTags.IFD
-# Tags of the main directory that describe the input file's layout (a TIFF's EXIF is its own directory: strips,
-# bits per sample, compression), its thumbnail, or what the output gets anew (its orientation, size and resolution;
-# its profile, XMP and Photoshop blocks, which may repeat the orientation and the location): never copied.
+# Tags (of the main and Exif directories) that describe the input file's layout (a TIFF's EXIF is its own directory:
+# strips, bits per sample, compression), its thumbnail, or what the output gets anew (its orientation, size and
+# resolution; its profile, XMP and Photoshop blocks, which may repeat the orientation and the location), and those
+# below: never copied.
 _NOT_CARRIED = frozenset(
     {
         _Base.NewSubfileType,
@@ -75,6 +78,24 @@ _NOT_CARRIED = frozenset(
         _Base.InterColorProfile,
         _IFD.GPSInfo,
         _IFD.Interop,
+        # A pointer into the input file (a TIFF's reduced-resolution pages): in the output it points at other bytes.
+        _Base.SubIFDs,
+        # The camera maker's private block, copied verbatim to another place: Canon's, Olympus's, Sony's offsets
+        # count from the EXIF header and then point at other bytes, and Nikon's and Olympus's hold a preview image
+        # of the photo, as the thumbnail does.
+        _Base.MakerNote,
+        # IPTC (caption, keywords, and the city and country shown), as the XMP and Photoshop blocks that repeat it.
+        _Base.IPTCNAA,
+        # A TIFF's GeoTIFF georeferencing (ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory,
+        # GeoDoubleParams, GeoAsciiParams): a location, and its pixel scale no longer the output's.
+        33550,
+        33922,
+        34264,
+        34735,
+        34736,
+        34737,
+        # Photoshop's layers in a TIFF (ImageSourceData): the whole input again, at its size.
+        37724,
     }
 )
 
@@ -122,6 +143,16 @@ def _carried_exif(image: PIL.Image.Image, name: str) -> Optional[PIL.Image.Exif]
     return carried if len(carried) else None
 
 
+def _exif_dpi(exif: Optional[PIL.Image.Exif]) -> Optional[Tuple[float, float]]:
+    """The `(x, y)` dots per inch `exif` states, or None."""
+    if exif is None:
+        return None
+    x, y = _positive(exif.get(_Base.XResolution)), _positive(exif.get(_Base.YResolution))
+    if x is None or y is None:
+        return None
+    return (x * 2.54, y * 2.54) if exif.get(_Base.ResolutionUnit) == 3 else (x, y)  # 3: per centimetre
+
+
 def read_metadata(path: ImageFile) -> InputMetadata:
     """Read what an output of the image file at `path` keeps of its metadata (see the module's docstring), without
     decoding its pixels. Raises [`image_io.open_image`]'s errors for files that are no image."""
@@ -131,6 +162,10 @@ def read_metadata(path: ImageFile) -> InputMetadata:
         sideways = _orientation(image, name) in _SIDEWAYS
         exif = _carried_exif(image, name)
         dpi = image.info.get("dpi")
+        if image.format in ("JPEG", "MPO") and image.info.get("jfif_unit") not in (1, 2):
+            # Without a JFIF density in inches or cm, Pillow takes the EXIF's XResolution for both sides, and 72
+            # where there is none (or 0/0): an output stated 4x a DPI its input never did.
+            dpi = _exif_dpi(exif)
         icc_profile = image.info.get("icc_profile") or None
     if not (isinstance(dpi, tuple) and len(dpi) == 2 and all(float(value) > 0 for value in dpi)):
         dpi = None
@@ -179,6 +214,15 @@ def output_profile(icc_profile: Optional[bytes], output_mode: str) -> Optional[b
     return None
 
 
+def _positive(value: Any) -> Optional[float]:
+    """`value` as a positive finite number, or None (0/0, zero, a garbled tag holding several values)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):  # 0/0: NaN in Pillow 12, ZeroDivisionError in 10
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def save_options(metadata: Optional[InputMetadata], image_format: str, image: PIL.Image.Image) -> Dict[str, Any]:
     """Pillow save options that write `metadata` (of the input `image` was upscaled from) with `image` in
     `image_format`: as much of it as the format holds, sizes and resolutions scaled to `image`'s size."""
@@ -193,7 +237,13 @@ def save_options(metadata: Optional[InputMetadata], image_format: str, image: PI
         exif.update(metadata.exif)
         for tag, scale in ((_Base.XResolution, scale_x), (_Base.YResolution, scale_y)):
             if tag in exif:
-                exif[tag] = float(exif[tag]) * scale
+                resolution = _positive(exif[tag])
+                # 0/0 (some writers store it for "unknown") scaled was NaN, which Pillow cannot write: the run
+                # stopped after the upscale. A resolution that states nothing is left out.
+                if resolution is None:
+                    del exif[tag]
+                else:
+                    exif[tag] = resolution * scale
         if _IFD.Exif in exif:
             exif_ifd = dict(exif[_IFD.Exif])
             for tag, length in ((_Base.ExifImageWidth, image.width), (_Base.ExifImageHeight, image.height)):

@@ -6,15 +6,45 @@ inside each evaluation too: forward hooks on the UNet's blocks add each block's 
 convolution work as it finishes, so the bar moves, and tqdm's rate and ETA exist, a fraction of a second after the
 start. Networks without blocks (an ONNX Runtime session) advance once per evaluation. Detail mode's windows
 ([`diffusers_sr3.detail_windows.WindowedNetwork`]) count too, as the crops their pixels would fill.
+
+Every progress bar of the commands and the training scripts takes [`bar_options`]: on a terminal tqdm's own
+redrawing, in a log (a file, a pipe, CI) one state every `LOG_REFRESH_SECONDS`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from fractions import Fraction
-from typing import Any, Callable, Iterator, List, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# A bar written to a log instead of a terminal shows its state at most this often (and its first and last): tqdm
+# redraws up to 10 times a second, each redraw a new copy of the bar in a file (a 300-step training run wrote 415 of
+# them, 39 kB; a million steps would write over 100 MB), where a terminal keeps one line.
+LOG_REFRESH_SECONDS = 30.0
+
+
+def bar_options(file: Optional[Any] = None) -> Dict[str, Any]:
+    """tqdm options for a progress bar written to `file` (default: sys.stderr): none on a terminal or in a notebook
+    (whose bars are widgets); elsewhere a state at most every `LOG_REFRESH_SECONDS`. tqdm's own `TQDM_MININTERVAL`
+    environment variable, when set, wins."""
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr if file is None else file
+    try:
+        terminal = bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or closed: not a terminal
+        terminal = False
+    notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    if terminal or notebook or "TQDM_MININTERVAL" in os.environ:
+        return {}
+    # A fixed miniters of 0: the clock alone decides. tqdm's own adapts it to the rate, and its monitor thread then
+    # redraws a bar whose last state is older than maxinterval (10 s), and the next update redraws it again.
+    return {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
 
 
 def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:
@@ -25,6 +55,8 @@ def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:
     that are not SR3 UNets give an empty list. A backend's stand-in that runs the UNet itself (`AutocastUNet`,
     the bf16 backend) gives the blocks of the UNet it wraps.
     """
+    import torch
+
     network = getattr(network, "unet", network)
     down_levels = getattr(network, "down_levels", None)
     up_levels = getattr(network, "up_levels", None)
@@ -89,20 +121,20 @@ class UpscaleProgress:
         # Exact (a Fraction with windows), so the windows' fractional counts add up to it with no rounding left.
         self.total = steps * crops_per_step + self.windowed_steps * self.window_crops
         self.done = 0
+        self._count = 0
         self.bar = tqdm(
             total=float(self.total),
             desc=description,
             unit="tile-step",
             disable=disable,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-            **tqdm_kwargs,
+            postfix=self._postfix(),
+            **{**bar_options(tqdm_kwargs.get("file")), **tqdm_kwargs},
         )
-        self._count = 0
         self._handles = []
         if not disable:
             for block, share in block_shares(network):
                 self._handles.append(block.register_forward_hook(self._hook(share)))
-        self._describe()
 
     def _hook(self, share: float):
         def advance(module, inputs, output):
@@ -112,9 +144,9 @@ class UpscaleProgress:
 
         return advance
 
-    def _describe(self) -> None:
-        # The evaluation in progress (the last one once all are done): the first `steps - windowed_steps` hold
-        # `crops_per_step` crops each, the others their windows too.
+    def _postfix(self) -> str:
+        """The evaluation in progress (the last one once all are done): `step i/N`, and its tile or its windows."""
+        # The first `steps - windowed_steps` evaluations hold `crops_per_step` crops each, the others their windows too.
         crops, plain = max(1, self.crops_per_step), self.steps - self.windowed_steps
         done = min(self.done, self.total)
         if done < plain * crops or not self.windowed_steps:
@@ -130,7 +162,7 @@ class UpscaleProgress:
             postfix += ", windows"
         elif self.crops_per_step > 1:
             postfix += f", tile {min(int(offset), crops - 1) + 1}/{self.crops_per_step}"
-        self.bar.set_postfix_str(postfix, refresh=True)
+        return postfix
 
     @contextlib.contextmanager
     def evaluation(self, count: Union[int, Fraction]) -> Iterator[None]:
@@ -144,7 +176,9 @@ class UpscaleProgress:
             self.done += count
             # Snap to the exact count: block shares are floating point, and other networks have no blocks.
             self.bar.n = float(min(self.done, self.total))
-            self._describe()
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+            # Shown as tqdm shows an update: at most every `mininterval` (a log's bar would show every evaluation).
+            self.bar.update(0)
 
     def close(self) -> None:
         for handle in self._handles:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -114,6 +115,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="also evaluate the x4 model that ships inside the package (default: on)",
     )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no progress lines (the table, the verdict and the paths written still print)",
+    )
+
+
+def _progress(args: argparse.Namespace, text: str) -> None:
+    """Say how the run goes, on stderr with the progress bars (stdout holds the results), unless --quiet."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
 
 
 def unet_config(crop_size: int, width: int) -> Dict[str, Any]:
@@ -191,6 +203,7 @@ def _train(
         upscale_factor=UPSCALE_FACTOR,
         learning_rate=DEMO_LEARNING_RATE,
         mixed_precision="bf16" if bfloat16 else "no",
+        quiet=args.quiet,
         **sampling,
         **RECIPE,
     )
@@ -206,7 +219,7 @@ def _train(
         return _training_summary(model_dir)["global_step"], None
     per_step = _seconds_per_step(config, args.batch_size, bfloat16 and not torch.cuda.is_available())
     plan = planned = max(10, int(PLAN_SHARE * args.minutes * 60 / per_step))
-    print(f"about {per_step:.2f} s per step here: training for {args.minutes:g} min (at most {plan} steps)")
+    _progress(args, f"about {per_step:.2f} s per step here: training for {args.minutes:g} min (at most {plan} steps)")
     options["lr_warmup_steps"] = min(100, plan // 10)  # the same in every part of the run, as resuming requires
     deadline = time.perf_counter() + args.minutes * 60
     resume = None
@@ -227,25 +240,27 @@ def _train(
             break
         # The speed this run measured, a tenth over: the clock, not the plan, ends the next part.
         plan = summary["global_step"] + max(1, int(1.1 * left * summary["steps_per_second"]))
-        print(f"{left / 60:.1f} min left after {summary['global_step']} steps: going on (at most {plan} steps)")
+        _progress(
+            args, f"{left / 60:.1f} min left after {summary['global_step']} steps: going on (at most {plan} steps)"
+        )
         resume = os.path.join(model_dir, f"checkpoint-{summary['global_step']}")
-    if _remove_checkpoints(model_dir, f"{model_dir} keeps the pipeline"):
+    if _remove_checkpoints(model_dir, f"{model_dir} keeps the pipeline", args.quiet):
         summary["checkpoints"] = []
         with open(os.path.join(model_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
     return summary["global_step"], planned
 
 
-def _remove_checkpoints(model_dir: str, why: str) -> List[str]:
+def _remove_checkpoints(model_dir: str, why: str, quiet: bool = False) -> List[str]:
     """Remove the training checkpoints in the demo's model folder (it holds the pipeline, not training state), saying
-    which and `why`; return them."""
+    which and `why` on stderr unless `quiet`; return them."""
     from ..training.checkpointing import list_checkpoints
 
     checkpoints = list_checkpoints(model_dir)
     for checkpoint in checkpoints:
         shutil.rmtree(checkpoint)
-    if checkpoints:
-        print(f"removed {', '.join(os.path.basename(path) for path in checkpoints)}: {why}")
+    if checkpoints and not quiet:
+        print(f"removed {', '.join(os.path.basename(path) for path in checkpoints)}: {why}", file=sys.stderr)
     return checkpoints
 
 
@@ -488,7 +503,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         threads, why = default_cpu_threads()
         torch.set_num_threads(threads)
-        print(f"{threads} CPU thread(s) for torch: {why}; --threads sets them", file=sys.stderr)
+        _progress(args, f"{threads} CPU thread(s) for torch: {why}; --threads sets them")
     torch.manual_seed(args.seed)
 
     # 1. Whole photographs split into training and held-out sets.
@@ -497,8 +512,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     crops = study_crops(args.crop_size, args.train_crops, args.eval_crops, seed=args.seed, heldout=heldout)
     train_paths, heldout_paths = crops.train_photos, crops.heldout_photos
-    print(f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
-    print(f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
+    _progress(args, f"training photos ({len(train_paths)}): {', '.join(photo_name(p) for p in train_paths)}")
+    _progress(args, f"held-out photos ({len(heldout_paths)}): {', '.join(photo_name(p) for p in heldout_paths)}")
     photo = _whole_photo(heldout_paths[0], args.photo_size)  # a --photo-size too small fails now, not after training
     # An earlier demo's model (a finished one, or an interrupted one's checkpoints) waits aside while the new one
     # trains in its place (the card records the folder it was trained in), and comes back if the run fails: a run
@@ -589,7 +604,9 @@ def _train_and_report(
         **{f"detail_{name}": value for name, value in detail.items()},
     )
     started = time.perf_counter()
-    steps, planned = _train(train_crops, config, args, model_dir, bfloat16, sampling)
+    # The training core prints its summary on stdout, a training script's result; here it is how the demo goes.
+    with contextlib.redirect_stdout(io.StringIO() if args.quiet else sys.stderr):
+        steps, planned = _train(train_crops, config, args, model_dir, bfloat16, sampling)
     training_seconds = time.perf_counter() - started
     busy = _busy_note(steps, planned, torch.get_num_threads())
 

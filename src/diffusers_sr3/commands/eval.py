@@ -233,6 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .. import metrics
     from ..backends import resolve_device
+    from ..progress import bar_options
 
     args.device = resolve_device(args.device)
     pairs = gather(args)
@@ -252,7 +253,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rows: Dict[str, Dict[str, float]] = {}
     size_problems: List[str] = []
     scale_problems: List[str] = []
-    for key, paths in tqdm(pairs.items(), desc="evaluating", unit="image", disable=args.quiet):
+    for key, paths in tqdm(pairs.items(), desc="evaluating", unit="image", disable=args.quiet, **bar_options()):
         images = {kind: metrics.to_uint8_rgb(open_image(path), path) for kind, path in paths.items()}
         hr, sr = images["hr"], images["sr"]
         if "lr" in images and args.results and not args.lr and images["lr"].shape == hr.shape:

@@ -412,6 +412,8 @@ def _prepare(
     """`run`'s work, in the output folder it holds."""
     from tqdm.auto import tqdm
 
+    from ..progress import bar_options
+
     state = _load_state(args.output, settings, args.overwrite, layout(fmt, low, high))
     if state["complete"]:
         print(f"{args.output} is already complete: {state['written']} images ({len(state['skipped'])} skipped", end="")
@@ -447,7 +449,12 @@ def _prepare(
     last_save = time.monotonic()
     try:
         with tqdm(
-            total=len(files), initial=state["position"], desc="preparing", unit="image", disable=args.quiet
+            total=len(files),
+            initial=state["position"],
+            desc="preparing",
+            unit="image",
+            disable=args.quiet,
+            **bar_options(),
         ) as progress:
             for name, (images, error, small) in zip(files[state["position"] :], results):
                 if small:

@@ -252,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..image_processing import grid
     from ..pipelines import SR3CascadePipeline, SR3UnconditionalPipeline
+    from ..progress import bar_options
 
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
@@ -263,9 +264,9 @@ def run(args: argparse.Namespace) -> int:
     check_destinations(writes, args.overwrite)
     pipeline = load_pipeline(args, (SR3UnconditionalPipeline, SR3CascadePipeline))
     options = _sampling_options(pipeline, args)
-    pipeline.set_progress_bar_config(leave=False, disable=args.quiet)
+    pipeline.set_progress_bar_config(leave=False, disable=args.quiet, **bar_options())
     images, processes = [], []
-    with tqdm(total=args.num_images, desc="sampling", unit="image", disable=args.quiet) as progress:
+    with tqdm(total=args.num_images, desc="sampling", unit="image", disable=args.quiet, **bar_options()) as progress:
         while len(images) < args.num_images:
             count = min(args.batch_size, args.num_images - len(images))
             output = pipeline(

@@ -869,7 +869,7 @@ def _upscale(args: argparse.Namespace) -> int:
     from ..detail_windows import window_crops_per_step, windowed_evaluations
     from ..image_processing import process_strip, tensor_to_pil
     from ..pipelines import SR3Pipeline
-    from ..progress import UpscaleProgress
+    from ..progress import UpscaleProgress, bar_options
     from ..tiling import crops_per_step, tiled_super_resolve
 
     if args.batch_size < 1:
@@ -1003,7 +1003,7 @@ def _upscale(args: argparse.Namespace) -> int:
     )
     with (
         use_backend(pipeline, args.backend, threads=threads) as network,
-        tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single) as overall,
+        tqdm(total=len(paths), desc="images", unit="image", disable=args.quiet or single, **bar_options()) as overall,
     ):
         for start, stop in _batches(batch_keys, args.batch_size):
             images = [open_image(path, keep_16bit=True) for path in paths[start:stop]]

@@ -1090,6 +1090,21 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             self.delete_adapters([name for name in getattr(self, "peft_config", {}) if name not in kept])
         self.set_adapter(active)
 
+    def to(self, *args: Any, **kwargs: Any) -> SR3UNet2DModel:
+        """Diffusers' `to`, keeping the level embeddings (`_keep_in_fp32_modules`) in float32 in a model cast to a
+        narrower dtype (`model.to(torch.bfloat16)`, `pipeline.to(dtype=torch.float16)`), as
+        `from_pretrained(torch_dtype=...)` loads them: cast with the rest, they would no longer tell apart the levels
+        of late sampling steps. Diffusers' warning about such casts, which it logs for every `to` given a dtype,
+        is dropped: it no longer applies."""
+        with _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"):
+            super().to(*args, **kwargs)
+        if self.dtype.is_floating_point and self.dtype.itemsize < torch.float32.itemsize:
+            for name in self._keep_in_fp32_modules:
+                module = getattr(self, name, None)
+                if module is not None:
+                    module.to(torch.float32)
+        return self
+
     def save_lora_adapter(
         self,
         save_directory: Union[str, os.PathLike],
@@ -1099,8 +1114,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         weight_name: Optional[str] = None,
     ) -> None:
         """Diffusers' `save_lora_adapter` (`pytorch_lora_weights.safetensors` in `save_directory`, with the adapter's
-        `LoraConfig` in its header), without the float32 warning that its `self.to(dtype=None)` logs though no
-        dtype changes."""
+        `LoraConfig` in its header)."""
         require_peft()
         if not safe_serialization:
             # A pickle holds no LoraConfig: loaded back, its alpha would become the rank, its outputs others.
@@ -1110,10 +1124,7 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             )
         if upcast_before_saving:  # first, so that the contiguous copies below are of the upcast weights
             self.to(dtype=torch.float32)
-        with (
-            _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"),
-            _contiguous_adapter_weights(self),
-        ):
+        with _contiguous_adapter_weights(self):  # Diffusers' `self.to(dtype=None)` in it warns no more: our `to`
             super().save_lora_adapter(
                 save_directory, adapter_name, upcast_before_saving, safe_serialization=True, weight_name=weight_name
             )

@@ -251,6 +251,7 @@ class TrainingConfig:
     validation_scheduler: str = _option("dpmsolver", "scheduler for validation sampling (ddpm, ddim, dpmsolver, ...)")
     validation_steps_count: int = _option(20, "sampling steps at validation")
     report_to: str = _option("tensorboard", "tracker", choices=REPORT_TARGETS)
+    quiet: bool = _option(False, "no progress bar (the log lines, warnings and final summary still show)")
     logging_dir: str = _option("logs", "tracker folder, relative to --output_dir", path=True)
     tracker_project_name: Optional[str] = _option(None, "tracker project / run name (default sr3 or sr3-uncond)")
 

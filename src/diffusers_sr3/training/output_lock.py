@@ -446,6 +446,14 @@ def _share(folder: str, option: str, use: str, keep: bool) -> Optional[int]:
             if error.errno == errno.ENOENT and time.monotonic() < unrecorded_until and _prepare_record_in(folder):
                 time.sleep(_UNRECORDED_POLL_S)
                 continue
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                # Each prepared dataset read keeps its lock open: out of descriptors, this one would be read unlocked,
+                # and the listing that follows fail (a glob's without a word, as if it matched nothing).
+                raise OSError(
+                    error.errno,
+                    f"cannot hold {option} {folder} for reading: {error.strerror} (a lock stays open for each "
+                    "prepared dataset read): read fewer datasets at once, or raise the limit (ulimit -n)",
+                ) from None
             # No lock file that no writer has made (a folder only read), a link or one that cannot be created: the
             # claims refuse such files themselves.
             return None

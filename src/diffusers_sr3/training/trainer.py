@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..backends import check_bfloat16_runs, cpu_name, fast_bfloat16
 from ..data import (
+    LOCAL_BUILDERS,
     BadImageError,
     PairMaker,
     TrainingData,
@@ -48,6 +49,7 @@ from ..models.unet_sr3 import SR3UNet2DModel, convert_legacy_optimizer_state, re
 from ..noise import SCHEDULERS, SR3_SCHEDULE, make_scheduler, scheduler_takes_eta, swap_scheduler, training_betas
 from ..pipelines.pipeline_sr3 import SAMPLING_CONFIG_KEYS
 from ..presets import get_preset
+from ..progress import bar_options
 from ..redaction import install_log_redaction, redact, redact_value, register_secret
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_adversarial_loss
 from .checkpointing import (
@@ -321,14 +323,25 @@ def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
 
 def _listed_by_datasets(config: TrainingConfig) -> List[str]:
     """The local folders and file patterns that `datasets.load_dataset` lists for the run, not the run itself: the
-    prepared datasets below them are held (`hold_datasets_in`) as those the run's own listing meets are."""
+    prepared datasets below them are held (`hold_datasets_in`) as those the run's own listing meets are.
+
+    `--train_data_dir` is the `data_dir` of a builder's (`--dataset_name imagefolder`, or the one the patterns'
+    extension picks) or a local folder's dataset, streamed or not, and the `--train_data_files` patterns are read
+    relative to it: listed as given, they named other files than those read, or none."""
     if config.train_images is not None or config.train_dataset is not None:
         return []
-    listed = list(config.train_data_files or [])
-    if config.dataset_name is not None and os.path.isdir(config.dataset_name):
-        listed.append(config.dataset_name)
-    if config.streaming and config.train_data_dir is not None and os.path.isdir(config.train_data_dir):
-        listed.append(config.train_data_dir)
+    name, data_dir, patterns = config.dataset_name, config.train_data_dir, list(config.train_data_files or [])
+    if name is None and not patterns and not config.streaming:
+        return []  # the run lists --train_data_dir itself
+    local_folder = name is not None and os.path.isdir(name)
+    if name is not None and not local_folder and name not in LOCAL_BUILDERS:
+        return patterns  # a Hub dataset's folder and patterns are the Hub's
+    base = os.path.join(name, data_dir or "") if local_folder else data_dir or ""
+    listed = [pattern if "://" in pattern else os.path.join(base, pattern) for pattern in patterns]
+    if local_folder:
+        listed.append(name)
+    elif not patterns and data_dir is not None and os.path.isdir(data_dir):
+        listed.append(data_dir)
     return listed
 
 
@@ -955,7 +968,8 @@ class Trainer:
             total=loop.max_train_steps,
             initial=loop.global_step,
             desc="steps",
-            disable=not accelerator.is_local_main_process,
+            disable=self.config.quiet or not accelerator.is_local_main_process,
+            **bar_options(),
         )
         skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
         loop.first_step, loop_started = loop.global_step, time.time()
@@ -1120,8 +1134,9 @@ class Trainer:
             loop.ema.step(self.trained_parameters)
         loop.global_step += 1
         last_lr = loop.lr_scheduler.get_last_lr()[0]
+        # Set first, not refreshed: the update shows it, at most as often as the bar redraws (`bar_options`).
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}", refresh=False)
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{last_lr:.2e}")
         logs = {"train/loss": step_loss, "train/lr": last_lr}
         if loop.ema is not None:
             logs["train/ema_decay"] = loop.ema.cur_decay_value
