@@ -82,6 +82,7 @@ def run_settings(rank: int, learning_rate: float, seed: int, args: argparse.Name
         batch=args.batch,
         model=args.model,
         train_data_dir=args.train_data_dir,
+        lr_blur_sigma=args.lr_blur_sigma,
     )
 
 
@@ -100,6 +101,7 @@ def measured_run(rank: int, learning_rate: float, seed: int, output: str, args: 
     command = [sys.executable, os.path.abspath(__file__), "--run_dir", output, "--ranks", str(rank)]
     command += ["--learning_rates", repr(learning_rate), "--seeds", str(seed)]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model]
+    command += ["--lr_blur_sigma", repr(args.lr_blur_sigma)]
     for option in ("threads", "train_data_dir"):
         if getattr(args, option) is not None:
             command += [f"--{option}", str(getattr(args, option))]
@@ -141,6 +143,7 @@ def train_run(rank: int, learning_rate: float, seed: int, output: str, args: arg
         seed=seed,
         num_threads=args.threads,
         lora_rank=rank,
+        lr_blur_sigma=args.lr_blur_sigma,
     )
     train(config)
     with open(os.path.join(output, "training_summary.json"), encoding="utf-8") as handle:
@@ -189,6 +192,15 @@ def load_pairs(folder: str):
         for kind in ("lr", "hr")
     )
     return lr, hr, names
+
+
+def blurred(lr, sigma: float):
+    """Each LR image blurred as the trainer's `--lr_blur_sigma` blurs it, at this one sigma."""
+    import torch
+
+    from diffusers_sr3.data.pairs import gaussian_blur
+
+    return torch.stack([gaussian_blur(image, sigma) for image in lr])
 
 
 def super_resolve(pipeline: Any, lr, mode: str):
@@ -265,7 +277,7 @@ def speed_table(rows: List[Dict[str, Any]], args: argparse.Namespace, cpu: str) 
     full = next((row for row in rows if row["lora_rank"] == 0), rows[0])
     lines = [
         f"Fine-tuning {os.path.basename(args.model.rstrip('/'))}, {args.steps} steps of batch {args.batch} "
-        f"(random crops of the model's size), EMA on, {cpu}, {args.threads or 'default'} threads",
+        f"(random crops of the model's size{blurred_inputs(args)}), EMA on, {cpu}, {args.threads or 'default'} threads",
         "",
         "| run | trained parameters | s / step | vs full | peak memory MB | checkpoint MB | saved UNet MB "
         "| adapter MB |",
@@ -281,7 +293,15 @@ def speed_table(rows: List[Dict[str, Any]], args: argparse.Namespace, cpu: str) 
     return lines
 
 
-def quality_table(scores: Dict[str, Dict[str, Dict[str, float]]], count: int, detail: bool) -> List[str]:
+def blurred_inputs(args: argparse.Namespace) -> str:
+    if not args.lr_blur_sigma:
+        return ""
+    return f"; LR inputs blurred, Gaussian sigma uniform in [0, {args.lr_blur_sigma:g}] LR pixels"
+
+
+def quality_table(
+    scores: Dict[str, Dict[str, Dict[str, float]]], count: int, detail: bool, eval_blur: float
+) -> List[str]:
     modes = ["fidelity", "detail"] if detail else ["fidelity"]
     header = (
         "| model | "
@@ -290,7 +310,9 @@ def quality_table(scores: Dict[str, Dict[str, Dict[str, float]]], count: int, de
     )
     lines = [
         "",
-        f"On {count} held-out images, super-resolved whole (edge energy: 1.0 is the HR's; consistency: MSE of the "
+        f"On {count} held-out images"
+        + (f", their LR inputs blurred (Gaussian, sigma {eval_blur:g} LR pixels)," if eval_blur else ",")
+        + " super-resolved whole (edge energy: 1.0 is the HR's; consistency: MSE of the "
         "downsampled output against the LR input, x1e5, as the SR3 paper reports it)",
         "",
         header,
@@ -327,6 +349,18 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument(
         "--train_data_dir", default=None, help="folder of training images (default: the installed photos)"
     )
+    parser.add_argument(
+        "--lr_blur_sigma",
+        type=float,
+        default=0.0,
+        help="a new degradation to adapt to: each training LR blurred, Gaussian sigma uniform in [0, this]",
+    )
+    parser.add_argument(
+        "--eval_lr_blur_sigma",
+        type=float,
+        default=0.0,
+        help="with --eval_dir: blur each held-out LR input by this Gaussian sigma (LR pixels) before scoring",
+    )
     parser.add_argument("--eval_dir", default=None, help="`sr3 prepare` output of held-out images: score every model")
     parser.add_argument("--detail", action="store_true", help="with --eval_dir: score detail mode too")
     parser.add_argument("--picture", action="store_true", help="with --eval_dir: save lora_finetune.png to --output")
@@ -337,8 +371,10 @@ def main(argv: List[str] = None) -> None:
     args = parser.parse_args(argv)
     learning_rates = per_value(args.learning_rates, len(args.ranks), "learning_rates")
     seeds = per_value(args.seeds, len(args.ranks), "seeds")
-    if (args.detail or args.picture) and not args.eval_dir:
-        parser.error("--detail and --picture score on held-out images: give --eval_dir")
+    if (args.detail or args.picture or args.eval_lr_blur_sigma) and not args.eval_dir:
+        parser.error("--detail, --picture and --eval_lr_blur_sigma score on held-out images: give --eval_dir")
+    if args.lr_blur_sigma < 0 or args.eval_lr_blur_sigma < 0:
+        parser.error("blur sigmas must not be negative")
     if args.picture and not args.output:
         parser.error("--picture saves into --output: give it")
 
@@ -351,6 +387,8 @@ def main(argv: List[str] = None) -> None:
         train_run(args.ranks[0], learning_rates[0], seeds[0], args.run_dir, args)
         return
     evaluation = load_pairs(args.eval_dir) if args.eval_dir else None  # a bad folder stops before any training
+    if evaluation is not None and args.eval_lr_blur_sigma:
+        evaluation = (blurred(evaluation[0], args.eval_lr_blur_sigma),) + evaluation[1:]
 
     with contextlib.ExitStack() as stack:
         work_dir = args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sr3-lora-bench-"))
@@ -373,7 +411,7 @@ def main(argv: List[str] = None) -> None:
                 picture(columns, hr, os.path.join(args.output, "lora_finetune.png"))
     lines = speed_table(rows, args, cpu_name())
     if evaluation is not None:
-        lines += quality_table(scores, evaluation[0].shape[0], args.detail)
+        lines += quality_table(scores, evaluation[0].shape[0], args.detail, args.eval_lr_blur_sigma)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -288,6 +288,24 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
     assert (
         json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))["rows"] == report["rows"]
     )
+    # Held-out inputs blurred: the same runs, scored on blurred LR inputs (bicubic's score is the blurred input's).
+    lora_finetune.main([*options, "--eval_lr_blur_sigma", "1.5"])
+    blurred_scores = json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))["scores"]
+    blurred_lr = lora_finetune.blurred(saved_lr, 1.5)
+    expected = image_quality(upsample_condition(blurred_lr, (32, 32)), saved_hr, blurred_lr)
+    assert blurred_scores["bicubic"]["fidelity"]["psnr"] == pytest.approx(expected["psnr"])
+    assert blurred_scores["bicubic"]["fidelity"]["psnr"] < scores["bicubic"]["fidelity"]["psnr"]
+    assert "their LR inputs blurred (Gaussian, sigma 1.5 LR pixels)" in (
+        tmp_path / "report" / "lora_finetune.md"
+    ).read_text(encoding="utf-8")
+    # Training on blurred inputs is a run of other settings, which the trainer is told of.
+    commands = []
+    monkeypatch.setattr(lora_finetune.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    with pytest.raises(FileNotFoundError):  # the recorded run: nothing trained it
+        lora_finetune.main([*options[:-4], "--work_dir", str(tmp_path / "blur-runs"), "--lr_blur_sigma", "2"])
+    assert commands[0][commands[0].index("--lr_blur_sigma") + 1] == "2.0"
+    with pytest.raises(SystemExit, match="holds a run of other settings"):
+        lora_finetune.main([*options, "--lr_blur_sigma", "2"])
     with pytest.raises(SystemExit, match="one value, or one per --ranks entry"):
         lora_finetune.main([*options, "--seeds", "1", "2", "3"])
     with pytest.raises(SystemExit, match="holds a run of other settings"):
