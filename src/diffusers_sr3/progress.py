@@ -40,6 +40,10 @@ def bar_options(file: Optional[Any] = None) -> Dict[str, Any]:
     except (AttributeError, ValueError, OSError):  # no isatty, or closed: not a terminal
         terminal = False
     notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    # Without ipywidgets a notebook's bars are text on the kernel's stream, which says it is no terminal but shows
+    # each redraw in place of the last, as a terminal does.
+    kernel_stream = getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
+    notebook = notebook or (kernel_stream is not None and isinstance(stream, kernel_stream))
     if terminal or notebook or "TQDM_MININTERVAL" in os.environ:
         return {}
     # A fixed miniters of 0: the clock alone decides. tqdm's own adapts it to the rate, and its monitor thread then
