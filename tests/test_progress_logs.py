@@ -81,6 +81,10 @@ def test_a_bar_redraws_as_tqdm_does_on_a_terminal_and_rarely_elsewhere(monkeypat
     assert bar_options(_Stream(False)) == {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
     assert bar_options(object())["mininterval"] == LOG_REFRESH_SECONDS  # no isatty: not a terminal
     monkeypatch.setenv("TQDM_MININTERVAL", "1")  # tqdm's own setting wins
+    # The clock alone still decides: tqdm's adaptive miniters would let its monitor add a state after each interval.
+    assert bar_options(_Stream(False)) == {"miniters": 0}
+    assert bar_options(_Stream(True)) == {}
+    monkeypatch.setenv("TQDM_MINITERS", "5")
     assert bar_options(_Stream(False)) == {}
 
 
