@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -80,4 +81,23 @@ def test_a_bar_redraws_as_tqdm_does_on_a_terminal_and_rarely_elsewhere(monkeypat
     assert bar_options(_Stream(False)) == {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
     assert bar_options(object())["mininterval"] == LOG_REFRESH_SECONDS  # no isatty: not a terminal
     monkeypatch.setenv("TQDM_MININTERVAL", "1")  # tqdm's own setting wins
+    # The clock alone still decides: tqdm's adaptive miniters would let its monitor add a state after each interval.
+    assert bar_options(_Stream(False)) == {"miniters": 0}
+    assert bar_options(_Stream(True)) == {}
+    monkeypatch.setenv("TQDM_MINITERS", "5")
     assert bar_options(_Stream(False)) == {}
+
+
+def test_a_bar_on_a_notebook_kernels_stream_redraws_as_tqdm_does(monkeypatch):
+    # Without ipywidgets, tqdm.auto gives a notebook the text bar, written to ipykernel's OutStream: no terminal by
+    # its isatty, but the notebook shows each redraw in place of the last.
+    kernel_streams = types.ModuleType("ipykernel.iostream")
+
+    class OutStream(_Stream):
+        pass
+
+    kernel_streams.OutStream = OutStream
+    monkeypatch.setitem(sys.modules, "ipykernel.iostream", kernel_streams)
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    assert bar_options(OutStream(False)) == {}
+    assert bar_options(_Stream(False))["mininterval"] == LOG_REFRESH_SECONDS  # another stream: a log

@@ -857,9 +857,19 @@ def test_a_cast_to_half_precision_keeps_the_level_embeddings_in_float32_as_loadi
     dtype = guided_pipeline.unet.dtype
     loaded = SR3Pipeline.from_pretrained(tmp_path / "model", torch_dtype=dtype)
     for name in ("unet", "guidance_unet"):
-        cast_dtypes = {key: value.dtype for key, value in getattr(guided_pipeline, name).state_dict().items()}
-        assert cast_dtypes == {key: value.dtype for key, value in getattr(loaded, name).state_dict().items()}
+        cast_state, loaded_state = getattr(guided_pipeline, name).state_dict(), getattr(loaded, name).state_dict()
+        cast_dtypes = {key: value.dtype for key, value in cast_state.items()}
+        assert cast_dtypes == {key: value.dtype for key, value in loaded_state.items()}
         assert cast_dtypes["noise_level_embedding.linear_1.weight"] == torch.float32
         assert cast_dtypes["conv_in.weight"] == dtype != torch.float32
+        # The same values too: the embeddings' float32 weights, not their half-precision rounding held in float32.
+        assert [key for key, value in cast_state.items() if not torch.equal(value, loaded_state[key])] == []
+    loaded.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+    cast_images, loaded_images = (
+        pipeline(image, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        for pipeline in (guided_pipeline, loaded)
+    )
+    assert torch.equal(cast_images, loaded_images)
     guided_pipeline.to(torch.float32)  # and back: all of it
     assert {value.dtype for value in guided_pipeline.unet.state_dict().values()} == {torch.float32}

@@ -31,7 +31,7 @@ LOG_REFRESH_SECONDS = 30.0
 def bar_options(file: Optional[Any] = None) -> Dict[str, Any]:
     """tqdm options for a progress bar written to `file` (default: sys.stderr): none on a terminal or in a notebook
     (whose bars are widgets); elsewhere a state at most every `LOG_REFRESH_SECONDS`. tqdm's own `TQDM_MININTERVAL`
-    environment variable, when set, wins."""
+    environment variable, when set, wins (and `TQDM_MINITERS`)."""
     from tqdm.auto import tqdm
 
     stream = sys.stderr if file is None else file
@@ -40,11 +40,18 @@ def bar_options(file: Optional[Any] = None) -> Dict[str, Any]:
     except (AttributeError, ValueError, OSError):  # no isatty, or closed: not a terminal
         terminal = False
     notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
-    if terminal or notebook or "TQDM_MININTERVAL" in os.environ:
+    # Without ipywidgets a notebook's bars are text on the kernel's stream, which says it is no terminal but shows
+    # each redraw in place of the last, as a terminal does.
+    kernel_stream = getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
+    notebook = notebook or (kernel_stream is not None and isinstance(stream, kernel_stream))
+    if terminal or notebook:
         return {}
     # A fixed miniters of 0: the clock alone decides. tqdm's own adapts it to the rate, and its monitor thread then
-    # redraws a bar whose last state is older than maxinterval (10 s), and the next update redraws it again.
-    return {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
+    # redraws a bar whose last state is older than maxinterval (10 s), and the next update redraws it again: with
+    # TQDM_MININTERVAL=60 too (states at 0, 60, 80, 120, 140 s). tqdm's environment variables, where set, choose
+    # instead of these options (an argument would override them).
+    options = {"mininterval": LOG_REFRESH_SECONDS, "miniters": 0}
+    return {name: value for name, value in options.items() if f"TQDM_{name.upper()}" not in os.environ}
 
 
 def block_shares(network: Any) -> List[Tuple[torch.nn.Module, float]]:

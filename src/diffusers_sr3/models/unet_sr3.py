@@ -1096,13 +1096,26 @@ class SR3UNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         `from_pretrained(torch_dtype=...)` loads them: cast with the rest, they would no longer tell apart the levels
         of late sampling steps. Diffusers' warning about such casts, which it logs for every `to` given a dtype,
         is dropped: it no longer applies."""
+        kept = {name: getattr(self, name, None) for name in self._keep_in_fp32_modules}
+        kept = {name: module for name, module in kept.items() if module is not None}
+        # Their float32 values as they are now: `super().to` casts them with the rest, and cast back they would hold
+        # the narrower dtype's rounding of them, not the weights `from_pretrained(torch_dtype=...)` loads. (A cast
+        # makes new tensors: these keep the old ones.)
+        float32_values = {
+            (name, key): tensor.detach()
+            for name, module in kept.items()
+            for key, tensor in [*module.named_parameters(), *module.named_buffers()]
+            if tensor.dtype == torch.float32
+        }
         with _dropped_log_records(logging.get_logger("diffusers.models.modeling_utils"), "should be kept in float32"):
             super().to(*args, **kwargs)
         if self.dtype.is_floating_point and self.dtype.itemsize < torch.float32.itemsize:
-            for name in self._keep_in_fp32_modules:
-                module = getattr(self, name, None)
-                if module is not None:
-                    module.to(torch.float32)
+            for name, module in kept.items():
+                module.to(torch.float32)
+                with torch.no_grad():
+                    for key, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                        if (name, key) in float32_values:
+                            tensor.copy_(float32_values[name, key])
         return self
 
     def save_lora_adapter(
