@@ -319,3 +319,17 @@ def test_a_diffusers_pipeline_without_sr3_unets_loaded_as_a_model_is_told_to_loa
         "it has no config.json; load the pipeline with "
         f"StableDiffusionPipeline.from_pretrained({str(tmp_path / 'other')!r})"
     )
+
+
+def test_a_model_index_naming_its_own_folder_as_a_pipeline_is_refused_not_a_recursion_error(tmp_path):
+    """A component named "." or "" (its folder the pipeline's own) was read as a stage over and over: RecursionError
+    in place of the refusal. Diffusers' components are named by their pipeline's arguments, which these cannot be."""
+    from diffusers_sr3 import SR3UNet2DModel
+
+    (tmp_path / "loop").mkdir()
+    for name in (".", ""):
+        (tmp_path / "loop" / "model_index.json").write_text(
+            f'{{"_class_name": "SR3CascadePipeline", "{name}": ["diffusers_sr3", "SR3Pipeline"]}}', encoding="utf-8"
+        )
+        with pytest.raises(FileNotFoundError, match=r"holds a whole pipeline \(SR3CascadePipeline"):
+            SR3UNet2DModel.from_pretrained(tmp_path / "loop")

@@ -881,3 +881,17 @@ def test_more_datasets_read_than_open_files_allowed_is_an_error_that_says_so(tmp
     assert error.startswith(f"OSError: [Errno {errno.EMFILE}] cannot hold folder {tmp_path / 'datasets'}"), error
     assert error.endswith("read fewer datasets at once, or raise the limit (ulimit -n)"), error
     assert subprocess.run([sys.executable, "-c", HOLD_MANY, listing, "512"]).returncode == 0
+
+
+def test_a_training_run_on_a_hub_dataset_leaves_the_working_folders_datasets_alone(tmp_path, held, monkeypatch, capsys):
+    """The `--train_data_dir` and relative `--train_data_files` of a Hub `--dataset_name` are paths in its repo: read
+    in the working folder, they held the datasets there, and an `sr3 prepare` writing one refused a run that never
+    reads it."""
+    source, out = prepared_below(tmp_path, capsys)
+    held(out, "--out", "sr3 prepare")
+    monkeypatch.chdir(tmp_path / "datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    options = fast_options(tmp_path / "run", resolution=16, dataset_name="someone/faces")
+    for repo_paths in ({"train_data_files": [os.path.join("out", "hr_16", "*.png")]}, {"train_data_dir": "out"}):
+        with pytest.raises(ConnectionError, match="'someone/faces' needs the Hugging Face Hub, but offline mode"):
+            train(TrainingConfig(**options, **repo_paths))

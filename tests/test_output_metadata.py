@@ -299,3 +299,37 @@ def test_a_jpeg_that_states_no_resolution_gives_an_output_without_one(model_dir,
     for name, dpi in (("stated", (288, 288)), ("in_exif", (1200, 800)), ("per_cm", (1016, 508))):
         assert upscale(model_dir, tmp_path / f"{name}.jpg", tmp_path / f"{name}.png", "--quiet") == 0
         assert PIL.Image.open(tmp_path / f"{name}.png").info["dpi"] == pytest.approx(dpi, rel=1e-4)
+
+
+def with_jfif_density(jpeg, unit, x, y):
+    """`jpeg` (bytes) with its JFIF header's density unit (0: aspect ratio, 1: per inch, 2: per cm) and density set."""
+    data = bytearray(jpeg)
+    start = data.index(b"JFIF\0")
+    data[start + 7 : start + 12] = struct.pack(">BHH", unit, x, y)
+    return bytes(data)
+
+
+def test_a_jpeg_resolution_without_a_unit_is_no_dpi_and_one_per_cm_or_beside_a_blank_jfif_density_is(
+    model_dir, tmp_path
+):
+    """An EXIF ResolutionUnit of 1 (none) makes its resolutions a pixel aspect ratio: 1/1 came out as 4 DPI. A JFIF
+    density of 0 per inch stated nothing, and its EXIF's 300x200 DPI were lost; Pillow before 11 reads no JFIF
+    density per cm, and such a photo's output stated none."""
+    exif = camera_exif()
+    exif[Base.XResolution], exif[Base.YResolution], exif[Base.ResolutionUnit] = 1.0, 1.0, 1
+    colours(8, 8).save(tmp_path / "aspect.jpg", exif=exif)
+    plain = io.BytesIO()
+    colours(8, 8).save(plain, "JPEG")
+    (tmp_path / "per_cm.jpg").write_bytes(with_jfif_density(plain.getvalue(), 2, 100, 50))
+    stated = io.BytesIO()
+    colours(8, 8).save(stated, "JPEG", exif=camera_exif())
+    (tmp_path / "blank.jpg").write_bytes(with_jfif_density(stated.getvalue(), 1, 0, 0))
+    assert image_metadata.read_metadata(tmp_path / "aspect.jpg").dpi is None
+    for name, dpi in (("per_cm", (254, 127)), ("blank", (300, 200))):
+        assert image_metadata.read_metadata(tmp_path / f"{name}.jpg").dpi == pytest.approx(dpi, rel=1e-4), name
+    assert upscale(model_dir, tmp_path / "aspect.jpg", tmp_path / "aspect.png", "--quiet") == 0
+    written = PIL.Image.open(tmp_path / "aspect.png")
+    assert "dpi" not in written.info
+    assert written.getexif()[Base.ResolutionUnit] == 1 and written.getexif()[Base.XResolution] == 4
+    assert upscale(model_dir, tmp_path / "per_cm.jpg", tmp_path / "per_cm.png", "--quiet") == 0
+    assert PIL.Image.open(tmp_path / "per_cm.png").info["dpi"] == pytest.approx((1016, 508), rel=1e-4)

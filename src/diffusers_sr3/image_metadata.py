@@ -144,13 +144,25 @@ def _carried_exif(image: PIL.Image.Image, name: str) -> Optional[PIL.Image.Exif]
 
 
 def _exif_dpi(exif: Optional[PIL.Image.Exif]) -> Optional[Tuple[float, float]]:
-    """The `(x, y)` dots per inch `exif` states, or None."""
+    """The `(x, y)` dots per inch `exif` states, or None (also where its unit is 1, none: a pixel aspect ratio)."""
     if exif is None:
         return None
     x, y = _positive(exif.get(_Base.XResolution)), _positive(exif.get(_Base.YResolution))
-    if x is None or y is None:
+    inches = {2: 1.0, 3: 2.54}.get(exif.get(_Base.ResolutionUnit, 2))  # 2 (the default): per inch, 3: per cm
+    if x is None or y is None or inches is None:
         return None
-    return (x * 2.54, y * 2.54) if exif.get(_Base.ResolutionUnit) == 3 else (x, y)  # 3: per centimetre
+    return (x * inches, y * inches)
+
+
+def _jfif_dpi(info: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """The `(x, y)` dots per inch a JPEG's JFIF density states (`info`: Pillow's), or None: its unit 0 gives a pixel
+    aspect ratio. Read here, as Pillow before 11 reads no density per centimetre."""
+    inches = {1: 1.0, 2: 2.54}.get(info.get("jfif_unit"))
+    density = info.get("jfif_density")
+    if inches is None or not (isinstance(density, tuple) and len(density) == 2):
+        return None
+    x, y = map(_positive, density)
+    return None if x is None or y is None else (x * inches, y * inches)
 
 
 def read_metadata(path: ImageFile) -> InputMetadata:
@@ -162,10 +174,10 @@ def read_metadata(path: ImageFile) -> InputMetadata:
         sideways = _orientation(image, name) in _SIDEWAYS
         exif = _carried_exif(image, name)
         dpi = image.info.get("dpi")
-        if image.format in ("JPEG", "MPO") and image.info.get("jfif_unit") not in (1, 2):
+        if image.format in ("JPEG", "MPO"):
             # Without a JFIF density in inches or cm, Pillow takes the EXIF's XResolution for both sides, and 72
             # where there is none (or 0/0): an output stated 4x a DPI its input never did.
-            dpi = _exif_dpi(exif)
+            dpi = _jfif_dpi(image.info) or _exif_dpi(exif)
         icc_profile = image.info.get("icc_profile") or None
     if not (isinstance(dpi, tuple) and len(dpi) == 2 and all(float(value) > 0 for value in dpi)):
         dpi = None

@@ -562,7 +562,8 @@ def _model_folders(
             continue
         if entry[-1] == class_name:
             folders.append(f"{prefix}{name}")
-        elif entry[-1].endswith("Pipeline"):
+        elif entry[-1].endswith("Pipeline") and name.isidentifier():
+            # A component is named by an argument of its pipeline: "." or "" would name this index again, forever.
             inner = read(f"{prefix}{name}/model_index.json")
             folders += _model_folders(class_name, inner, read, f"{prefix}{name}/") if inner is not None else []
     return folders

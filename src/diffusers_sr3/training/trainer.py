@@ -315,10 +315,27 @@ def _data_folders(config: TrainingConfig) -> List[Tuple[str, str]]:
     `hold_folders_for_reading`, which holds each one's parent too)."""
     if config.train_images is not None or config.train_dataset is not None:
         return []
-    named = [(config.train_data_dir, "--train_data_dir"), (config.dataset_name, "--dataset_name")]
+    base = _local_data_dir(config)
+    named = [(config.dataset_name, "--dataset_name")]
+    if base is not None and config.train_data_dir is not None:
+        named.append((base, "--train_data_dir"))
     for pattern in config.train_data_files or []:
-        named.append((os.path.dirname(os.path.normpath(pattern)) or os.curdir, "--train_data_files"))
+        if base is not None or os.path.isabs(pattern):
+            path = os.path.join(base or "", pattern)
+            named.append((os.path.dirname(os.path.normpath(path)) or os.curdir, "--train_data_files"))
     return [(folder, option) for folder, option in named if folder is not None]
+
+
+def _local_data_dir(config: TrainingConfig) -> Optional[str]:
+    """The local folder that `datasets` reads as `--train_data_dir` and reads the `--train_data_files` patterns
+    relative to ("" for the working folder): below a local `--dataset_name` folder, else where it names; None for a
+    Hub dataset's, whose folder and relative patterns are paths in its repo (only absolute patterns are local)."""
+    name, data_dir = config.dataset_name, config.train_data_dir
+    if name is not None and os.path.isdir(name):
+        return os.path.join(name, data_dir or "")
+    if name is not None and name not in LOCAL_BUILDERS:
+        return None
+    return data_dir or ""
 
 
 def _listed_by_datasets(config: TrainingConfig) -> List[str]:
@@ -334,9 +351,11 @@ def _listed_by_datasets(config: TrainingConfig) -> List[str]:
     if name is None and not patterns and not config.streaming:
         return []  # the run lists --train_data_dir itself
     local_folder = name is not None and os.path.isdir(name)
-    if name is not None and not local_folder and name not in LOCAL_BUILDERS:
-        return patterns  # a Hub dataset's folder and patterns are the Hub's
-    base = os.path.join(name, data_dir or "") if local_folder else data_dir or ""
+    base = _local_data_dir(config)
+    if base is None:
+        # Globbed here, a Hub dataset's relative patterns held or refused datasets in the working folder that the run
+        # never reads.
+        return [pattern for pattern in patterns if os.path.isabs(pattern)]
     listed = [pattern if "://" in pattern else os.path.join(base, pattern) for pattern in patterns]
     if local_folder:
         listed.append(name)
