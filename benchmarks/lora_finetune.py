@@ -45,6 +45,9 @@ from report_files import write_json, write_report  # noqa: E402  (a sibling scri
 
 # What a run's folder holds once the benchmark has measured it: a later call with the same --work_dir reuses it.
 RUN_RESULTS = "lora_finetune_run.json"
+# Settings that runs recorded by an earlier version of this script lack, as those runs had them: before
+# --lr_blur_sigma, the training inputs were not blurred.
+RECORDED_BEFORE = {"lr_blur_sigma": 0.0}
 # Output pixels per side of each picture crop, and its magnification.
 PICTURE_CROP = 96
 PICTURE_MAGNIFY = 2
@@ -94,8 +97,15 @@ def measured_run(rank: int, learning_rate: float, seed: int, output: str, args: 
     if os.path.isfile(results_file):
         with open(results_file, encoding="utf-8") as handle:
             row = json.load(handle)
-        if row["settings"] != settings:
-            raise SystemExit(f"{output} holds a run of other settings ({row['settings']}): give another --work_dir")
+        recorded = dict(RECORDED_BEFORE, **row["settings"])
+        if recorded != settings:
+            differing = ", ".join(
+                f"{key} {recorded.get(key)!r} there, {settings.get(key)!r} now"
+                for key in sorted(set(recorded) | set(settings))
+                if recorded.get(key) != settings.get(key)
+            )
+            raise SystemExit(f"{output} holds a run of other settings ({differing}): give another --work_dir")
+        row["settings"] = recorded
         print(f"{os.path.basename(output)}: measured earlier, reused", flush=True)
         return row
     command = [sys.executable, os.path.abspath(__file__), "--run_dir", output, "--ranks", str(rank)]

@@ -315,6 +315,31 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
         lora_finetune.main(options)
 
 
+def test_lora_finetune_reuses_runs_recorded_before_lr_blur_sigma_and_names_the_settings_that_differ(
+    tmp_path, monkeypatch
+):
+    lora_finetune = load("lora_finetune")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(lora_finetune.subprocess, "run", no_training)
+    args = argparse.Namespace(steps=40, batch=8, model="sr3-photos-x4", train_data_dir="train", lr_blur_sigma=0.0)
+    # A run recorded by the script before --lr_blur_sigma: trained on unblurred inputs, so the same run as blur 0.
+    older = dict(lora_rank=16, learning_rate=1e-3, seed=0, steps=40, batch=8, model="sr3-photos-x4")
+    run = tmp_path / "rank-16-lr-0.001-seed-0"
+    run.mkdir()
+    (run / lora_finetune.RUN_RESULTS).write_text(
+        json.dumps(dict(settings=dict(older, train_data_dir="train"), lora_rank=16)), encoding="utf-8"
+    )
+    row = lora_finetune.measured_run(16, 1e-3, 0, str(run), args)
+    assert row["settings"] == lora_finetune.run_settings(16, 1e-3, 0, args)
+    # Inputs blurred now: another run, refused with the setting that differs named, not the whole record.
+    args.lr_blur_sigma = 2.0
+    with pytest.raises(SystemExit, match=r"\(lr_blur_sigma 0\.0 there, 2\.0 now\): give another --work_dir"):
+        lora_finetune.measured_run(16, 1e-3, 0, str(run), args)
+
+
 def test_space_examples_times_the_pages_own_request_on_each_example_photo(x0_model_dir, capsys):
     space_examples = load("space_examples")
     space = space_examples.load_space()
