@@ -108,6 +108,12 @@ def measured_run(rank: int, learning_rate: float, seed: int, output: str, args: 
         row["settings"] = recorded
         print(f"{os.path.basename(output)}: measured earlier, reused", flush=True)
         return row
+    stopped = sorted(glob.glob(os.path.join(output, "checkpoint-*")))
+    if stopped:  # the trainer refuses to start over them, and a run resumed at its last step measures no steps
+        raise SystemExit(
+            f"{output} holds a run stopped before the benchmark recorded its results "
+            f"({', '.join(os.path.basename(path) for path in stopped)}): remove the folder to train it again"
+        )
     command = [sys.executable, os.path.abspath(__file__), "--run_dir", output, "--ranks", str(rank)]
     command += ["--learning_rates", repr(learning_rate), "--seeds", str(seed)]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model]

@@ -340,6 +340,22 @@ def test_lora_finetune_reuses_runs_recorded_before_lr_blur_sigma_and_names_the_s
         lora_finetune.measured_run(16, 1e-3, 0, str(run), args)
 
 
+def test_lora_finetune_refuses_a_run_stopped_after_its_checkpoint_before_its_results(tmp_path, monkeypatch):
+    lora_finetune = load("lora_finetune")
+
+    def no_training(command, **kwargs):
+        raise AssertionError(f"trained over a stopped run's checkpoint: {command}")
+
+    monkeypatch.setattr(lora_finetune.subprocess, "run", no_training)
+    args = argparse.Namespace(steps=40, batch=8, model="sr3-photos-x4", train_data_dir="train", lr_blur_sigma=0.0)
+    # The trainer refuses to start over a checkpoint with an option the benchmark does not have, and a run resumed
+    # at its last step would measure no steps.
+    stopped = tmp_path / "rank-4-lr-0.001-seed-0"
+    (stopped / "checkpoint-40").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"stopped before .* \(checkpoint-40\): remove the folder to train it again"):
+        lora_finetune.measured_run(4, 1e-3, 0, str(stopped), args)
+
+
 def test_lora_finetune_keeps_a_row_and_a_column_for_each_run_whose_labels_would_read_alike(
     tmp_path, x0_model_dir, monkeypatch
 ):
