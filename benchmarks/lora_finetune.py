@@ -45,6 +45,9 @@ from report_files import write_json, write_report  # noqa: E402  (a sibling scri
 
 # What a run's folder holds once the benchmark has measured it: a later call with the same --work_dir reuses it.
 RUN_RESULTS = "lora_finetune_run.json"
+# Settings that runs recorded by an earlier version of this script lack, as those runs had them: before
+# --lr_blur_sigma, the training inputs were not blurred.
+RECORDED_BEFORE = {"lr_blur_sigma": 0.0}
 # Output pixels per side of each picture crop, and its magnification.
 PICTURE_CROP = 96
 PICTURE_MAGNIFY = 2
@@ -94,10 +97,23 @@ def measured_run(rank: int, learning_rate: float, seed: int, output: str, args: 
     if os.path.isfile(results_file):
         with open(results_file, encoding="utf-8") as handle:
             row = json.load(handle)
-        if row["settings"] != settings:
-            raise SystemExit(f"{output} holds a run of other settings ({row['settings']}): give another --work_dir")
+        recorded = dict(RECORDED_BEFORE, **row["settings"])
+        if recorded != settings:
+            differing = ", ".join(
+                f"{key} {recorded.get(key)!r} there, {settings.get(key)!r} now"
+                for key in sorted(set(recorded) | set(settings))
+                if recorded.get(key) != settings.get(key)
+            )
+            raise SystemExit(f"{output} holds a run of other settings ({differing}): give another --work_dir")
+        row["settings"] = recorded
         print(f"{os.path.basename(output)}: measured earlier, reused", flush=True)
         return row
+    stopped = sorted(glob.glob(os.path.join(output, "checkpoint-*")))
+    if stopped:  # the trainer refuses to start over them, and a run resumed at its last step measures no steps
+        raise SystemExit(
+            f"{output} holds a run stopped before the benchmark recorded its results "
+            f"({', '.join(os.path.basename(path) for path in stopped)}): remove the folder to train it again"
+        )
     command = [sys.executable, os.path.abspath(__file__), "--run_dir", output, "--ranks", str(rank)]
     command += ["--learning_rates", repr(learning_rate), "--seeds", str(seed)]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model]
@@ -237,16 +253,26 @@ def evaluate(folder: Optional[str], lr, hr, args: argparse.Namespace) -> Dict[st
     return dict(scores={mode: score(sr, hr, lr) for mode, sr in outputs.items()}, outputs=outputs)
 
 
-def run_label(row: Dict[str, Any]) -> str:
+def repeat_of(run_folder: str) -> str:
+    """`, again N` for the Nth repeat of an arm (as `run_name` names its folder), else nothing: the scores and the
+    picture are keyed by label, so a repeat needs its own."""
+    _, again, count = run_folder.rpartition("-again")
+    return f", again {count}" if again else ""
+
+
+def run_label(row: Dict[str, Any], run_folder: str) -> str:
     name = "full fine-tune" if row["lora_rank"] == 0 else f"LoRA rank {row['lora_rank']}"
-    return f"{name}, lr {row['learning_rate']:g}, seed {row['seed']}"
+    return f"{name}, lr {row['learning_rate']:g}, seed {row['seed']}{repeat_of(run_folder)}"
 
 
-def short_label(row: Dict[str, Any]) -> str:
+def short_label(row: Dict[str, Any], run_folder: str) -> str:
     """A picture column's name: it has a few pixels per character."""
     name = "full" if row["lora_rank"] == 0 else f"LoRA r{row['lora_rank']}"
-    learning_rate = f"{row['learning_rate']:.0e}".replace("e-0", "e-")
-    return f"{name}, {learning_rate}" + (f", seed {row['seed']}" if row["seed"] else "")
+    learning_rate = f"{row['learning_rate']:.0e}"
+    if float(learning_rate) != row["learning_rate"]:  # 1.2e-3 is not 1e-3
+        learning_rate = f"{row['learning_rate']:g}"
+    learning_rate = learning_rate.replace("e-0", "e-")
+    return f"{name}, {learning_rate}" + (f", seed {row['seed']}" if row["seed"] else "") + repeat_of(run_folder)
 
 
 def picture(columns: Dict[str, Any], hr, path: str) -> None:
@@ -273,7 +299,7 @@ def picture(columns: Dict[str, Any], hr, path: str) -> None:
     canvas.save(path, optimize=True)
 
 
-def speed_table(rows: List[Dict[str, Any]], args: argparse.Namespace, cpu: str) -> List[str]:
+def speed_table(rows: List[Dict[str, Any]], names: List[str], args: argparse.Namespace, cpu: str) -> List[str]:
     full = next((row for row in rows if row["lora_rank"] == 0), rows[0])
     lines = [
         f"Fine-tuning {os.path.basename(args.model.rstrip('/'))}, {args.steps} steps of batch {args.batch} "
@@ -283,9 +309,9 @@ def speed_table(rows: List[Dict[str, Any]], args: argparse.Namespace, cpu: str) 
         "| adapter MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row, name in zip(rows, names):
         lines.append(
-            f"| {run_label(row)} | {row['trained_parameters']:,} | {row['seconds_per_step']:.3f} | "
+            f"| {run_label(row, name)} | {row['trained_parameters']:,} | {row['seconds_per_step']:.3f} | "
             f"{row['seconds_per_step'] / full['seconds_per_step']:.2f}x | {row['peak_memory_mb']:.0f} | "
             f"{row['checkpoint_mb']} | {row['saved_unet_mb']} | "
             f"{row['adapter_mb'] if row['adapter_mb'] is not None else '-'} |"
@@ -400,7 +426,10 @@ def main(argv: List[str] = None) -> None:
         if evaluation is not None:
             lr, hr, _ = evaluation
             arms = [("bicubic", "bicubic", None), ("before fine-tuning", "before", args.model)]
-            arms += [(run_label(row), short_label(row), os.path.join(work_dir, name)) for row, name in zip(rows, names)]
+            arms += [
+                (run_label(row, name), short_label(row, name), os.path.join(work_dir, name))
+                for row, name in zip(rows, names)
+            ]
             for label, short, folder in arms:
                 evaluated = evaluate(folder, lr, hr, args)
                 scores[label] = evaluated["scores"]
@@ -409,7 +438,7 @@ def main(argv: List[str] = None) -> None:
             if args.picture:
                 os.makedirs(args.output, exist_ok=True)
                 picture(columns, hr, os.path.join(args.output, "lora_finetune.png"))
-    lines = speed_table(rows, args, cpu_name())
+    lines = speed_table(rows, names, args, cpu_name())
     if evaluation is not None:
         lines += quality_table(scores, evaluation[0].shape[0], args.detail, args.eval_lr_blur_sigma)
     text = "\n".join(lines) + "\n"

@@ -315,6 +315,81 @@ def test_lora_finetune_scores_each_run_on_heldout_images_and_reuses_finished_run
         lora_finetune.main(options)
 
 
+def test_lora_finetune_reuses_runs_recorded_before_lr_blur_sigma_and_names_the_settings_that_differ(
+    tmp_path, monkeypatch
+):
+    lora_finetune = load("lora_finetune")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(lora_finetune.subprocess, "run", no_training)
+    args = argparse.Namespace(steps=40, batch=8, model="sr3-photos-x4", train_data_dir="train", lr_blur_sigma=0.0)
+    # A run recorded by the script before --lr_blur_sigma: trained on unblurred inputs, so the same run as blur 0.
+    older = dict(lora_rank=16, learning_rate=1e-3, seed=0, steps=40, batch=8, model="sr3-photos-x4")
+    run = tmp_path / "rank-16-lr-0.001-seed-0"
+    run.mkdir()
+    (run / lora_finetune.RUN_RESULTS).write_text(
+        json.dumps(dict(settings=dict(older, train_data_dir="train"), lora_rank=16)), encoding="utf-8"
+    )
+    row = lora_finetune.measured_run(16, 1e-3, 0, str(run), args)
+    assert row["settings"] == lora_finetune.run_settings(16, 1e-3, 0, args)
+    # Inputs blurred now: another run, refused with the setting that differs named, not the whole record.
+    args.lr_blur_sigma = 2.0
+    with pytest.raises(SystemExit, match=r"\(lr_blur_sigma 0\.0 there, 2\.0 now\): give another --work_dir"):
+        lora_finetune.measured_run(16, 1e-3, 0, str(run), args)
+
+
+def test_lora_finetune_refuses_a_run_stopped_after_its_checkpoint_before_its_results(tmp_path, monkeypatch):
+    lora_finetune = load("lora_finetune")
+
+    def no_training(command, **kwargs):
+        raise AssertionError(f"trained over a stopped run's checkpoint: {command}")
+
+    monkeypatch.setattr(lora_finetune.subprocess, "run", no_training)
+    args = argparse.Namespace(steps=40, batch=8, model="sr3-photos-x4", train_data_dir="train", lr_blur_sigma=0.0)
+    # The trainer refuses to start over a checkpoint with an option the benchmark does not have, and a run resumed
+    # at its last step would measure no steps.
+    stopped = tmp_path / "rank-4-lr-0.001-seed-0"
+    (stopped / "checkpoint-40").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"stopped before .* \(checkpoint-40\): remove the folder to train it again"):
+        lora_finetune.measured_run(4, 1e-3, 0, str(stopped), args)
+
+
+def test_lora_finetune_keeps_a_row_and_a_column_for_each_run_whose_labels_would_read_alike(
+    tmp_path, x0_model_dir, monkeypatch
+):
+    import shutil
+
+    lora_finetune = load("lora_finetune")
+    held = tmp_path / "held"
+    hr = torch.rand(1, 3, 32, 32) * 2 - 1
+    for folder, image in ((held / "hr_32", hr), (held / "lr_8", degrade(hr, 4)[0])):
+        folder.mkdir(parents=True)
+        PIL.Image.fromarray(quantize(image)[0].permute(1, 2, 0).numpy().astype(np.uint8)).save(folder / "0.png")
+
+    def measured_run(rank, learning_rate, seed, output, args):  # the tiny model stands for each run's result
+        shutil.copytree(x0_model_dir, output)
+        sizes = dict(trained_parameters=1, seconds_per_step=1.0, peak_memory_mb=1, checkpoint_mb=1, saved_unet_mb=1)
+        return dict(lora_rank=rank, learning_rate=learning_rate, seed=seed, adapter_mb=None, **sizes)
+
+    monkeypatch.setattr(lora_finetune, "measured_run", measured_run)
+    # An arm listed twice (to see the noise), and two learning rates that one significant digit writes alike.
+    options = ["--model", str(x0_model_dir), "--ranks", "0", "0", "0", "--learning_rates", "1e-3", "1e-3", "1.2e-3"]
+    options += ["--eval_dir", str(held), "--work_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]
+    lora_finetune.main([*options, "--picture"])
+    report = json.loads((tmp_path / "report" / "lora_finetune.json").read_text(encoding="utf-8"))
+    assert list(report["scores"])[2:] == [
+        "full fine-tune, lr 0.001, seed 0",
+        "full fine-tune, lr 0.001, seed 0, again 1",
+        "full fine-tune, lr 0.0012, seed 0",
+    ]
+    table = (tmp_path / "report" / "lora_finetune.md").read_text(encoding="utf-8")
+    assert table.count("| full fine-tune, lr 0.001, seed 0, again 1 |") == 2  # its speed row and its scores row
+    picture = PIL.Image.open(tmp_path / "report" / "lora_finetune.png")
+    assert picture.size[0] == 6 * 32 * lora_finetune.PICTURE_MAGNIFY  # bicubic, before, three runs, HR
+
+
 def test_space_examples_times_the_pages_own_request_on_each_example_photo(x0_model_dir, capsys):
     space_examples = load("space_examples")
     space = space_examples.load_space()
