@@ -748,14 +748,7 @@ def test_a_training_run_on_a_folder_or_pattern_holding_a_dataset_being_prepared_
         (out, {"dataset_name": datasets}),
         (parquet, {"train_data_files": [str(tmp_path / "datasets" / "*" / "data" / "*.parquet")]}),
     ):
-        pid = pids[dataset]
-        with pytest.raises(OutputFolderBusyError) as refused:
-            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
-        assert str(refused.value) == (
-            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
-            "half-written dataset; wait for the prepare to finish"
-        ), options
-        assert not (tmp_path / "run").exists()
+        assert_training_refused(tmp_path / "run", dataset, pids[dataset], **options)
 
 
 # A writer caught between locking the lock file and recording itself in it: one taking over another user's file
@@ -838,13 +831,7 @@ def test_a_training_run_whose_datasets_listing_is_below_train_data_dir_holds_the
     monkeypatch.chdir(tmp_path / "images")  # the pattern names nothing here
 
     def refused(dataset, pid, **options):
-        with pytest.raises(OutputFolderBusyError) as refusal:
-            train(TrainingConfig(**fast_options(tmp_path / "run", resolution=16, **options)))
-        assert str(refusal.value) == (
-            f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
-            "half-written dataset; wait for the prepare to finish"
-        ), options
-        assert not (tmp_path / "run").exists()
+        assert_training_refused(tmp_path / "run", dataset, pid, **options)
 
     refused(out, held(out, "--out", "sr3 prepare"), dataset_name="imagefolder", train_data_dir=datasets)
     parquet = tmp_path / "parquets" / "parquet"
@@ -895,3 +882,15 @@ def test_a_training_run_on_a_hub_dataset_leaves_the_working_folders_datasets_alo
     for repo_paths in ({"train_data_files": [os.path.join("out", "hr_16", "*.png")]}, {"train_data_dir": "out"}):
         with pytest.raises(ConnectionError, match="'someone/faces' needs the Hugging Face Hub, but offline mode"):
             train(TrainingConfig(**options, **repo_paths))
+
+
+def assert_training_refused(output, dataset, pid, **options):
+    """A training run into `output` with `options` is refused, naming `dataset` that prepare `pid` is writing, before
+    it makes `output`."""
+    with pytest.raises(OutputFolderBusyError) as refusal:
+        train(TrainingConfig(**fast_options(output, resolution=16, **options)))
+    assert str(refusal.value) == (
+        f"folder {dataset} is still being written by sr3 prepare (pid {pid}): training on it now would read a "
+        "half-written dataset; wait for the prepare to finish"
+    ), options
+    assert not output.exists()
